@@ -1,0 +1,46 @@
+"""napari-nephi: interactive image registration for napari.
+
+``napari_nephi.register(fixed, moving, method=...)`` is the one entry point; see DESIGN.md.
+"""
+
+try:
+    from ._version import version as __version__
+except ImportError:  # not installed from a git checkout
+    __version__ = "0.0.0"
+
+from .core import (
+    AffineTransform,
+    Cancelled,
+    ComposedTransform,
+    DimensionMismatchError,
+    DisplacementTransform,
+    InputError,
+    OutOfMemoryError,
+    PerSectionTransform,
+    Registration,
+    RegistrationError,
+    Transform,
+    UnsupportedFileError,
+    available_methods,
+    load_transform,
+    register,
+)
+
+__all__ = [
+    "AffineTransform",
+    "Cancelled",
+    "ComposedTransform",
+    "DimensionMismatchError",
+    "DisplacementTransform",
+    "InputError",
+    "OutOfMemoryError",
+    "PerSectionTransform",
+    "Registration",
+    "RegistrationError",
+    "Transform",
+    "UnsupportedFileError",
+    "__version__",
+    "available_methods",
+    "load_transform",
+    "register",
+]

@@ -1,0 +1,72 @@
+"""Device choice and memory guards."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from .errors import InputError, OutOfMemoryError
+
+
+def available_devices() -> list[tuple[str, str]]:
+    """(device string, human name) for every device this machine offers, best first."""
+    out: list[tuple[str, str]] = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            out.append((f"cuda:{i}", f"cuda:{i} ({torch.cuda.get_device_name(i)})"))
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append(("mps", "mps (Apple GPU)"))
+    out.append(("cpu", "cpu"))
+    return out
+
+
+def choose_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Resolve ``"auto"`` to cuda, then mps, then cpu; validate an explicit choice."""
+    if isinstance(device, torch.device):
+        return device
+    if device is None or device == "auto":
+        return torch.device(available_devices()[0][0])
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"Unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"Device {device!r} asked for, but no CUDA GPU is available; use 'auto' or 'cpu'.")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError(f"Device {device!r} asked for, but MPS is not available; use 'auto' or 'cpu'.")
+    return dev
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """Peak allocated bytes on a CUDA device since the last reset; None elsewhere."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+@contextlib.contextmanager
+def memory_guard(what: str = "registration") -> Iterator[None]:
+    """Turn device out-of-memory errors into :class:`OutOfMemoryError` with advice."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise OutOfMemoryError(
+            f"The {what} ran out of GPU memory. Downsample the images, lower the number "
+            "of sampled points, or run on device='cpu'."
+        ) from exc
+    except MemoryError as exc:
+        if isinstance(exc, OutOfMemoryError):
+            raise
+        raise OutOfMemoryError(
+            f"The {what} ran out of memory. Downsample the images or crop them to the region of interest."
+        ) from exc

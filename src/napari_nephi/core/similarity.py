@@ -1,0 +1,112 @@
+"""Similarity measures usable as torch losses and as numpy metrics.
+
+All torch functions take tensors of equal shape ``(B, C, *spatial)`` or flat ``(B, N)`` and return
+a scalar where *higher is more similar* for NCC/LNCC/NMI; :func:`loss` turns them into minimisable
+losses. :func:`metric` evaluates on numpy arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+EPS = 1e-6
+
+
+def ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Global normalised cross-correlation per batch item, averaged; in [-1, 1]."""
+    a = a.reshape(a.shape[0], -1)
+    b = b.reshape(b.shape[0], -1)
+    w = torch.ones_like(a) if mask is None else mask.reshape(a.shape[0], -1).to(a.dtype)
+    n = w.sum(1, keepdim=True).clamp_min(1)
+    am = a - (w * a).sum(1, keepdim=True) / n
+    bm = b - (w * b).sum(1, keepdim=True) / n
+    cov = (w * am * bm).sum(1)
+    var = ((w * am * am).sum(1) * (w * bm * bm).sum(1)).clamp_min(EPS**2)
+    return (cov / var.sqrt()).mean()
+
+
+def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9) -> torch.Tensor:
+    """Local NCC over ``window``-wide boxes, averaged over voxels. Inputs ``(B, C, *spatial)``."""
+    d = a.dim() - 2
+    if d not in (2, 3):
+        raise InputError("Local NCC needs (B, C, H, W) or (B, C, D, H, W) tensors.")
+    pool = F.avg_pool2d if d == 2 else F.avg_pool3d
+    pad = window // 2
+
+    def mean(x):
+        return pool(x, window, stride=1, padding=pad, count_include_pad=False)
+
+    ma, mb = mean(a), mean(b)
+    va = (mean(a * a) - ma * ma).clamp_min(0)
+    vb = (mean(b * b) - mb * mb).clamp_min(0)
+    cov = mean(a * b) - ma * mb
+    return (cov * cov / (va * vb + EPS)).mean()
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((a - b) ** 2).mean()
+
+
+def nmi(a: torch.Tensor, b: torch.Tensor, bins: int = 32) -> torch.Tensor:
+    """Normalised mutual information ``(H(a) + H(b)) / H(a, b)`` with Parzen windows; in [1, 2]."""
+    a = a.reshape(-1)
+    b = b.reshape(-1)
+
+    def scale(x):
+        lo, hi = x.min().detach(), x.max().detach()
+        return (x - lo) / (hi - lo).clamp_min(EPS)
+
+    centres = torch.linspace(0, 1, bins, device=a.device, dtype=a.dtype)
+    sigma = 1.0 / bins
+    wa = torch.exp(-0.5 * ((scale(a)[:, None] - centres) / sigma) ** 2)
+    wb = torch.exp(-0.5 * ((scale(b)[:, None] - centres) / sigma) ** 2)
+    wa = wa / wa.sum(1, keepdim=True).clamp_min(EPS)
+    wb = wb / wb.sum(1, keepdim=True).clamp_min(EPS)
+    joint = wa.T @ wb / a.shape[0]
+    pa, pb = joint.sum(1), joint.sum(0)
+
+    def entropy(p):
+        return -(p * torch.log(p.clamp_min(1e-12))).sum()
+
+    return (entropy(pa) + entropy(pb)) / entropy(joint).clamp_min(EPS)
+
+
+MEASURES = {"ncc": ncc, "lncc": lncc, "mse": mse, "nmi": nmi}
+
+
+def loss(name: str, a: torch.Tensor, b: torch.Tensor, **kw) -> torch.Tensor:
+    """A minimisable loss: ``1 - ncc``, ``1 - lncc``, ``mse`` or ``2 - nmi``."""
+    if name == "ncc":
+        return 1 - ncc(a, b, **kw)
+    if name == "lncc":
+        return 1 - lncc(a, b, **kw)
+    if name == "mse":
+        return mse(a, b)
+    if name == "nmi":
+        return 2 - nmi(a, b, **kw)
+    raise InputError(f"Unknown similarity {name!r}; choose one of {sorted(MEASURES)}.")
+
+
+def metric(name: str, a, b, mask=None, max_voxels: int = 1 << 20) -> float:
+    """Evaluate a measure on numpy arrays (subsampled to ``max_voxels`` for NMI)."""
+    if name not in MEASURES:
+        raise InputError(f"Unknown similarity {name!r}; choose one of {sorted(MEASURES)}.")
+    a = np.asarray(a, dtype=np.float32)
+    b = np.asarray(b, dtype=np.float32)
+    if a.shape != b.shape:
+        raise InputError(f"Shapes differ: {a.shape} vs {b.shape}.")
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    with torch.no_grad():
+        if name == "ncc":
+            m = None if mask is None else torch.from_numpy(np.asarray(mask, bool))[None]
+            return float(ncc(ta[None], tb[None], m))
+        if name == "lncc":
+            return float(lncc(ta[None, None], tb[None, None]))
+        if name == "mse":
+            return float(mse(ta, tb))
+        step = max(1, a.size // max_voxels)
+        return float(nmi(ta.reshape(-1)[::step], tb.reshape(-1)[::step]))

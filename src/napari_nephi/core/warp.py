@@ -1,0 +1,153 @@
+"""Resample images, labels and points through a coordinate map, in chunks.
+
+A *map* is a function taking voxel coordinates of the output (fixed) grid, a torch tensor
+``(N, D)``, and returning voxel coordinates in the input (moving) image. Output is computed a
+slab of rows at a time, so the full coordinate grid is never held in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DimensionMismatchError, InputError
+from .grid import to_grid_sample
+
+PointMap = Callable[[torch.Tensor], torch.Tensor]
+
+#: Output voxels computed per chunk (about 50 MB of float32 coordinates in 3D).
+CHUNK_VOXELS = 1 << 22
+
+
+def iter_slabs(shape: Sequence[int], chunk_voxels: int = CHUNK_VOXELS):
+    """Yield ``(start, stop)`` ranges along axis 0 whose slabs hold about ``chunk_voxels``."""
+    per_row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    rows = max(1, chunk_voxels // max(per_row, 1))
+    for start in range(0, shape[0], rows):
+        yield start, min(shape[0], start + rows)
+
+
+def slab_grid(shape: Sequence[int], start: int, stop: int, device, dtype=torch.float32):
+    """Voxel coordinates ``(n, D)`` of rows ``start:stop`` of a grid of ``shape``."""
+    axes = [torch.arange(start, stop, device=device, dtype=dtype)]
+    axes += [torch.arange(n, device=device, dtype=dtype) for n in shape[1:]]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
+
+
+def sample(volume: torch.Tensor, points: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Sample ``volume`` (C, *spatial) at voxel ``points`` (N, D); zero outside. Returns (C, N)."""
+    d = points.shape[-1]
+    spatial = volume.shape[1:]
+    grid = to_grid_sample(points, spatial).reshape((1,) + (1,) * (d - 1) + (-1, d))
+    out = F.grid_sample(
+        volume[None].to(points.dtype), grid, mode=mode, padding_mode="zeros", align_corners=True
+    )
+    return out.reshape(volume.shape[0], -1)
+
+
+def _as_channels(image: np.ndarray, ndim: int) -> tuple[np.ndarray, bool]:
+    if image.ndim == ndim:
+        return image[None], False
+    if image.ndim == ndim + 1:
+        return np.moveaxis(image, -1, 0), True  # channels last, as RGB histology
+    raise DimensionMismatchError(
+        f"Cannot warp a {image.ndim}D array with a {ndim}D transform; the image must be "
+        f"{ndim}D, or {ndim}D with channels last."
+    )
+
+
+def warp_image(
+    image,
+    point_map: PointMap,
+    ndim: int,
+    output_shape: Sequence[int] | None = None,
+    device: torch.device | str = "cpu",
+    chunk_voxels: int = CHUNK_VOXELS,
+) -> np.ndarray:
+    """Linearly resample ``image`` at ``point_map(x)`` for every voxel ``x`` of the output grid.
+
+    Channels-last images are warped channel by channel. Values outside are 0. Returns float32.
+    """
+    img = np.asarray(image)
+    if img.dtype == bool:
+        img = img.astype(np.float32)
+    chans, has_channels = _as_channels(img, ndim)
+    out_shape = tuple(output_shape) if output_shape is not None else chans.shape[1:]
+    vol = torch.as_tensor(np.ascontiguousarray(chans, dtype=np.float32), device=device)
+    out = np.empty((chans.shape[0], *out_shape), dtype=np.float32)
+    with torch.no_grad():
+        for start, stop in iter_slabs(out_shape, chunk_voxels):
+            pts = point_map(slab_grid(out_shape, start, stop, device))
+            vals = sample(vol, pts)
+            out[:, start:stop] = vals.reshape(chans.shape[0], stop - start, *out_shape[1:]).cpu()
+    return np.moveaxis(out, 0, -1) if has_channels else out[0]
+
+
+def warp_labels(
+    labels,
+    point_map: PointMap,
+    ndim: int,
+    output_shape: Sequence[int] | None = None,
+    device: torch.device | str = "cpu",
+    chunk_voxels: int = CHUNK_VOXELS,
+) -> np.ndarray:
+    """Nearest-neighbour resampling that keeps dtype and label values exactly; 0 outside."""
+    lab = np.asarray(labels)
+    if lab.ndim != ndim:
+        raise DimensionMismatchError(
+            f"Labels are {lab.ndim}D but the transform is {ndim}D; give labels of the moving image."
+        )
+    if lab.dtype.kind not in "biu":
+        if not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
+            raise InputError("Labels must hold integer values; got non-integer numbers.")
+    out_shape = tuple(output_shape) if output_shape is not None else lab.shape
+    out = np.zeros(out_shape, dtype=lab.dtype)
+    flat = lab.reshape(-1)
+    strides = torch.as_tensor([int(np.prod(lab.shape[i + 1 :])) for i in range(ndim)], dtype=torch.int64)
+    upper = torch.as_tensor(lab.shape, dtype=torch.int64)
+    with torch.no_grad():
+        for start, stop in iter_slabs(out_shape, chunk_voxels):
+            pts = point_map(slab_grid(out_shape, start, stop, device)).cpu()
+            idx = torch.floor(pts + 0.5).to(torch.int64)
+            inside = ((idx >= 0) & (idx < upper)).all(dim=1) & torch.isfinite(pts).all(dim=1)
+            lin = (idx.clamp_min(0) * strides).sum(dim=1)
+            slab = np.zeros(lin.shape[0], dtype=lab.dtype)
+            ins = inside.numpy()
+            slab[ins] = flat[lin.numpy()[ins]]
+            out[start:stop] = slab.reshape(stop - start, *out_shape[1:])
+    return out
+
+
+def map_points_chunked(
+    points, point_map: PointMap, device: torch.device | str = "cpu", chunk: int = CHUNK_VOXELS
+) -> np.ndarray:
+    """Apply a map to an ``(N, D)`` array of points, returning float64 numpy."""
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim != 2:
+        raise InputError(f"Points must be an (N, D) array, got shape {pts.shape}.")
+    out = np.empty_like(pts)
+    with torch.no_grad():
+        for s in range(0, len(pts), chunk):
+            t = torch.as_tensor(pts[s : s + chunk], dtype=torch.float32, device=device)
+            out[s : s + chunk] = point_map(t).cpu().numpy()
+    return out
+
+
+def displacement_field(
+    point_map: PointMap,
+    shape: Sequence[int],
+    device: torch.device | str = "cpu",
+    chunk_voxels: int = CHUNK_VOXELS,
+) -> np.ndarray:
+    """``point_map(x) - x`` on every voxel of ``shape``, as ``(D, *shape)`` float32."""
+    shape = tuple(int(s) for s in shape)
+    out = np.empty((len(shape), *shape), dtype=np.float32)
+    with torch.no_grad():
+        for start, stop in iter_slabs(shape, chunk_voxels):
+            x = slab_grid(shape, start, stop, device)
+            u = (point_map(x) - x).T.reshape(len(shape), stop - start, *shape[1:])
+            out[:, start:stop] = u.cpu().numpy()
+    return out

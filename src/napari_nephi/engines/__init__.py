@@ -1,0 +1,3 @@
+"""Registration engines. Importing this package registers every built-in engine."""
+
+from . import affine  # noqa: F401
