@@ -20,17 +20,39 @@ def process_peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def similarity_report(fixed, moving, warped, mask=None) -> dict:
-    """NCC and MSE of the pair before (moving on the fixed grid, unmoved) and after."""
-    before = moving
-    if moving.shape != fixed.shape:
-        before = IdentityTransform(fixed.ndim).warp(moving, output_shape=fixed.shape)
+def overlap_mask(transform: Transform, fixed_shape, moving_shape) -> np.ndarray:
+    """Fixed voxels that the transform maps inside the moving image."""
+    return transform.warp(np.ones(moving_shape, np.float32), output_shape=fixed_shape) > 0.999
+
+
+def similarity_report(fixed, moving, warped, mask=None, transform: Transform | None = None) -> dict:
+    """NCC and MSE of the pair before (moving on the fixed grid, unmoved) and after.
+
+    Only voxels inside ``mask`` and, after registration, inside the overlap with the moving
+    image (when ``transform`` is given) count, so zero padding does not distort the numbers.
+    """
+    identity = IdentityTransform(fixed.ndim)
+    before = moving if moving.shape == fixed.shape else identity.warp(moving, output_shape=fixed.shape)
+    m_before = overlap_mask(identity, fixed.shape, moving.shape)
+    m_after = overlap_mask(transform, fixed.shape, moving.shape) if transform is not None else None
+    if mask is not None:
+        m_before = m_before & mask
+        m_after = mask if m_after is None else m_after & mask
+    if m_after is not None and not m_after.any():
+        m_after = None
+    if not m_before.any():
+        m_before = None
     return {
-        "ncc_before": metric("ncc", fixed, before, mask),
-        "ncc_after": metric("ncc", fixed, warped, mask),
-        "mse_before": metric("mse", fixed, before),
-        "mse_after": metric("mse", fixed, warped),
+        "ncc_before": metric("ncc", fixed, before, m_before),
+        "ncc_after": metric("ncc", fixed, warped, m_after),
+        "mse_before": _masked_mse(fixed, before, m_before),
+        "mse_after": _masked_mse(fixed, warped, m_after),
     }
+
+
+def _masked_mse(a, b, mask) -> float:
+    diff = (np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2
+    return float(diff[mask].mean() if mask is not None else diff.mean())
 
 
 def regularity_report(transform: Transform, shape, mask=None) -> dict:

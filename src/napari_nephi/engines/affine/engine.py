@@ -172,7 +172,7 @@ def register_affine(
         "levels": levels_used,
         "final_loss": pair.progress.history[-1] if pair.progress.history else None,
     }
-    metrics.update(similarity_report(pair.fixed, pair.moving, warped, fmask))
+    metrics.update(similarity_report(pair.fixed, pair.moving, warped, fmask, transform))
     metrics.update(memory_report(device))
     settings = {
         "kind": kind,
