@@ -1,0 +1,91 @@
+"""Registration -> napari layer data, without importing napari or Qt.
+
+Every function returns napari LayerData tuples ``(data, kwargs, layer_type)`` that a widget (or
+``viewer._add_layer_from_data(*t)``) turns into layers: a deformation grid (Shapes, paths), the
+Jacobian determinant (Image), folds (Labels), warped labels (Labels), checkerboard and difference
+images (Image) and landmark residuals (Vectors). Coordinates are voxels of the fixed grid in
+napari axis order; physical voxel size becomes the layer ``scale``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ._common import DIVERGING, LayerData, check_shape, layer_scale, normalise
+from ._grid import deformation_grid
+from ._maps import (
+    checkerboard,
+    difference,
+    folds_layer,
+    jacobian_layer,
+    landmark_residuals,
+    warped_labels_layer,
+)
+
+__all__ = [
+    "DIVERGING",
+    "LayerData",
+    "checkerboard",
+    "deformation_grid",
+    "difference",
+    "folds_layer",
+    "jacobian_layer",
+    "landmark_residuals",
+    "normalise",
+    "registration_layers",
+    "warped_labels_layer",
+]
+
+
+def registration_layers(
+    reg,
+    fixed_shape: Sequence[int],
+    moving_labels=None,
+    fixed_points=None,
+    moving_points=None,
+    scale: Sequence[float] | None = None,
+    name_prefix: str = "",
+    *,
+    fixed=None,
+    spacing_px: float = 16,
+    slice_axis: int = 0,
+    include_warped: bool = False,
+) -> list[LayerData]:
+    """All overlays of a :class:`~napari_nephi.core.registration.Registration`, bottom to top.
+
+    In order: the warped image (only with ``include_warped``), checkerboard and difference (only
+    when the ``fixed`` image is given; hidden at first), the Jacobian determinant (hidden at first),
+    folds, the deformation grid (``"warped"`` convention, see :func:`deformation_grid`), warped
+    labels (when ``moving_labels`` is given) and landmark residuals (when both point sets are
+    given; TRE statistics in that layer's ``metadata["tre"]``). Every layer gets ``scale``, the
+    fixed image's voxel size (default ``reg.transform.spacing``), and a name starting with
+    ``name_prefix``. The displacement field is computed once and shared.
+    """
+    t = reg.transform
+    shape = check_shape(t, fixed_shape)
+    sc = layer_scale(scale, len(shape), t.spacing)
+
+    def named(layer: LayerData, **extra) -> LayerData:
+        data, kwargs, kind = layer
+        kwargs = {**kwargs, **extra, "scale": sc, "name": f"{name_prefix}{kwargs['name']}"}
+        return data, kwargs, kind
+
+    layers: list[LayerData] = []
+    if include_warped:
+        layers.append(named((np.asarray(reg.warped), {"name": "warped", "colormap": "gray"}, "image")))
+    if fixed is not None:
+        layers.append(named(checkerboard(fixed, reg.warped), visible=False))
+        layers.append(named(difference(fixed, reg.warped), visible=False))
+    u = t.displacement(shape)
+    jac = jacobian_layer(t, shape, displacement=u)
+    layers.append(named(jac, visible=False))
+    layers.append(named(folds_layer(jac[0])))
+    layers.append(named(deformation_grid(t, shape, spacing_px, slice_axis=slice_axis, displacement=u)))
+    if moving_labels is not None:
+        layers.append(named(warped_labels_layer(t, moving_labels, shape)))
+    if fixed_points is not None and moving_points is not None:
+        vectors, _ = landmark_residuals(t, fixed_points, moving_points, sc)
+        layers.append(named(vectors))
+    return layers

@@ -1,0 +1,57 @@
+"""A combo box of viewer layers that follows the layer list."""
+
+from __future__ import annotations
+
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import QComboBox
+
+NONE_TEXT = "(none)"
+
+
+class LayerPicker(QComboBox):
+    """Lists the viewer's layers of ``layer_types``; keeps up with adds, removals and renames."""
+
+    layer_changed = Signal(object)
+
+    def __init__(self, viewer, layer_types: tuple, optional: bool = False, parent=None):
+        super().__init__(parent)
+        self.viewer = viewer
+        self.layer_types = layer_types
+        self.optional = optional
+        self._layers: list = []
+        events = viewer.layers.events
+        events.inserted.connect(self.refresh)
+        events.removed.connect(self.refresh)
+        events.reordered.connect(self.refresh)
+        self.currentIndexChanged.connect(lambda _: self.layer_changed.emit(self.layer()))
+        self.refresh()
+
+    def refresh(self, event=None) -> None:
+        current = self.layer()
+        for layer in self._layers:
+            layer.events.name.disconnect(self.refresh)
+        self._layers = [ly for ly in self.viewer.layers if isinstance(ly, self.layer_types)]
+        for layer in self._layers:
+            layer.events.name.connect(self.refresh)
+        self.blockSignals(True)
+        self.clear()
+        if self.optional:
+            self.addItem(NONE_TEXT)
+        for layer in self._layers:
+            self.addItem(layer.name)
+        if current is not None and current in self._layers:
+            self.setCurrentIndex(self._layers.index(current) + int(self.optional))
+        self.blockSignals(False)
+        if self.layer() is not current:
+            self.layer_changed.emit(self.layer())
+
+    def layer(self):
+        """The chosen layer, or None."""
+        i = self.currentIndex() - int(self.optional)
+        if 0 <= i < len(self._layers):
+            return self._layers[i]
+        return None
+
+    def set_layer(self, layer) -> None:
+        if layer in self._layers:
+            self.setCurrentIndex(self._layers.index(layer) + int(self.optional))

@@ -1,0 +1,269 @@
+"""Dock widget "Register (affine and more)": pick layers, set options, run in the background."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from napari.layers import Image, Labels, Points
+from napari.utils import progress as napari_progress
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import (
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .. import overlays
+from ..core.errors import RegistrationError
+from ..core.registration import register
+from ..core.transform_io import load_transform
+from ._options import RegistrationOptions
+from ._pickers import LayerPicker
+from ._results import ResultLayers
+from ._runner import RegistrationRunner
+
+#: Do not push previews to the canvas more often than this (seconds).
+PREVIEW_INTERVAL = 0.5
+
+
+def layer_image(layer) -> np.ndarray:
+    """The full-resolution data of an Image layer as numpy (level 0 of a multiscale)."""
+    data = layer.data[0] if layer.multiscale else layer.data
+    return np.asarray(data)
+
+
+class RegisterWidget(QWidget):
+    """Fixed/moving pickers, options, Run/Cancel, result layers and metrics."""
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.fixed = LayerPicker(napari_viewer, (Image,))
+        self.moving = LayerPicker(napari_viewer, (Image,))
+        self.moving_labels = LayerPicker(napari_viewer, (Labels,), optional=True)
+        self.fixed_points = LayerPicker(napari_viewer, (Points,), optional=True)
+        self.moving_points = LayerPicker(napari_viewer, (Points,), optional=True)
+        self.options = RegistrationOptions()
+        self.run_button = QPushButton("Run")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.save_button = QPushButton("Save transform…")
+        self.save_button.setEnabled(False)
+        self.apply_button = QPushButton("Apply saved transform to layer…")
+        self.status = QLabel("Pick a fixed and a moving image, then Run.")
+        self.status.setWordWrap(True)
+        self.runner = RegistrationRunner(self)
+        self.results = ResultLayers(napari_viewer)
+        self.last = None  # the last Registration
+        self._progress_bar = None
+        self._last_preview = 0.0
+        self._layout()
+        self.run_button.clicked.connect(self.start)
+        self.cancel_button.clicked.connect(self.runner.cancel)
+        self.save_button.clicked.connect(lambda: self.save_transform())
+        self.apply_button.clicked.connect(lambda: self.apply_transform())
+        self.runner.progressed.connect(self._on_progress)
+        self.runner.finished.connect(self._on_finished)
+        self.runner.failed.connect(self._on_failed)
+        self.runner.cancelled.connect(self._on_cancelled)
+        self.runner.stopped.connect(self._on_stopped)
+        if len(napari_viewer.layers) >= 2 and self.moving._layers:
+            images = self.moving._layers
+            self.fixed.set_layer(images[0])
+            self.moving.set_layer(images[1] if len(images) > 1 else images[0])
+
+    def _layout(self):
+        form = QFormLayout()
+        form.addRow("fixed image", self.fixed)
+        form.addRow("moving image", self.moving)
+        form.addRow("moving labels", self.moving_labels)
+        form.addRow("fixed landmarks", self.fixed_points)
+        form.addRow("moving landmarks", self.moving_points)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        box = QVBoxLayout(self)
+        box.addLayout(form)
+        box.addWidget(self.options)
+        box.addLayout(buttons)
+        box.addWidget(self.status)
+        box.addWidget(self.save_button)
+        box.addWidget(self.apply_button)
+        box.addStretch()
+
+    # -- running -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Validate the chosen layers and start the registration in a worker thread."""
+        fixed, moving = self.fixed.layer(), self.moving.layer()
+        if fixed is None or moving is None:
+            show_error("Choose a fixed and a moving image layer first.")
+            return
+        if fixed.rgb != moving.rgb:
+            show_error("One image is RGB and the other is not; convert them to the same kind first.")
+            return
+        f_dim = fixed.ndim - (1 if fixed.rgb else 0)
+        m_dim = moving.ndim - (1 if moving.rgb else 0)
+        if f_dim != m_dim:
+            show_error(
+                f"The fixed image is {f_dim}D and the moving image is {m_dim}D; both must be 2D or 3D."
+            )
+            return
+        opts = self.options.values()
+        spacing = tuple(float(s) for s in fixed.scale[-f_dim:])
+        self._inputs = {
+            "fixed_shape": layer_image(fixed).shape[:f_dim],
+            "fixed": layer_image(fixed) if not fixed.rgb else None,
+            "scale": spacing,
+            "name": moving.name,
+            "labels": self.moving_labels.layer(),
+            "fixed_points": self.fixed_points.layer(),
+            "moving_points": self.moving_points.layer(),
+        }
+        self._settings = {"fixed": fixed.name, "moving": moving.name, **opts}
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.status.setText("Running…")
+        self._progress_bar = napari_progress(total=0, desc=f"Registering {moving.name}")
+        self.runner.run(
+            register,
+            fixed=layer_image(fixed),
+            moving=layer_image(moving),
+            spacing=spacing,
+            rgb=bool(fixed.rgb),
+            **opts,
+        )
+
+    def _on_progress(self, event) -> None:
+        bar = self._progress_bar
+        if bar is not None:
+            if bar.total != event.total:
+                bar.total = event.total
+            bar.n = event.step
+            loss = "" if event.loss is None else f" loss {event.loss:.4f}"
+            bar.set_description(f"{event.stage}{loss}")
+            bar.refresh()
+        now = time.monotonic()
+        if now - self._last_preview >= PREVIEW_INTERVAL:
+            self._last_preview = now
+            loss = "" if event.loss is None else f", loss {event.loss:.4f}"
+            self.status.setText(f"Running: step {event.step}/{event.total}{loss}")
+
+    def _on_finished(self, reg) -> None:
+        self.last = reg
+        inp = self._inputs
+        try:
+            labels = inp["labels"].data if inp["labels"] is not None else None
+            fpts = _points_in_voxels(inp["fixed_points"], inp["scale"])
+            mpts = _points_in_voxels(inp["moving_points"], inp["scale"])
+            if (fpts is None) != (mpts is None) or (fpts is not None and len(fpts) != len(mpts)):
+                fpts = mpts = None
+                show_info("Landmarks need the same number of fixed and moving points; TRE skipped.")
+            layers = overlays.registration_layers(
+                reg,
+                inp["fixed_shape"],
+                moving_labels=labels,
+                fixed_points=fpts,
+                moving_points=mpts,
+                scale=inp["scale"],
+                name_prefix=f"{inp['name']} ",
+                fixed=inp["fixed"],
+                include_warped=True,
+            )
+            for _, kwargs, _kind in layers:
+                tre = kwargs.get("metadata", {}).get("tre")
+                if tre:
+                    reg.metrics.update({k: v for k, v in tre.items() if k != "tre_per_point"})
+        except RegistrationError as exc:
+            show_error(str(exc))
+            layers = [(reg.warped, {"name": f"{inp['name']} warped", "scale": inp["scale"]}, "image")]
+        self.results.show(layers)
+        self.status.setText(_summary(reg.metrics))
+        self.save_button.setEnabled(True)
+
+    def _on_failed(self, message: str) -> None:
+        show_error(message)
+        self.status.setText(f"Failed: {message}")
+
+    def _on_cancelled(self) -> None:
+        self.status.setText("Cancelled; no layers were changed.")
+
+    def _on_stopped(self) -> None:
+        if self._progress_bar is not None:
+            self._progress_bar.close()
+            self._progress_bar = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+
+    # -- saving and applying -------------------------------------------------------------
+    def save_transform(self, folder: str | Path | None = None) -> Path | None:
+        """Save the last transform and the run's settings JSON into ``folder``."""
+        if self.last is None:
+            show_error("Run a registration first.")
+            return None
+        if folder is None:
+            folder = QFileDialog.getSaveFileName(self, "Save transform folder")[0]
+            if not folder:
+                return None
+        folder = Path(folder)
+        self.last.transform.settings = {**self.last.settings, **self._settings}
+        self.last.transform.save(folder)
+        (folder / "run.json").write_text(
+            json.dumps({"settings": self._settings, "metrics": self.last.metrics}, indent=2, default=str)
+        )
+        show_info(f"Transform saved to {folder}")
+        return folder
+
+    def apply_transform(self, folder: str | Path | None = None, layer=None):
+        """Warp ``layer`` (default: the selected layer) with a saved transform; adds a new layer."""
+        if folder is None:
+            folder = QFileDialog.getExistingDirectory(self, "Saved transform folder")
+            if not folder:
+                return None
+        layer = layer if layer is not None else self.viewer.layers.selection.active
+        if layer is None:
+            show_error("Select the layer to transform first.")
+            return None
+        try:
+            t = load_transform(folder)
+            name = f"{layer.name} (transformed)"
+            if isinstance(layer, Labels):
+                return self.viewer.add_labels(
+                    t.warp_labels(np.asarray(layer.data)), name=name, scale=layer.scale
+                )
+            if isinstance(layer, Points):
+                inv = t.inverse()  # points move forward: moving -> fixed coordinates
+                pts = inv.map_points(np.asarray(layer.data) / layer.scale) * layer.scale
+                return self.viewer.add_points(pts, name=name, scale=layer.scale)
+            if isinstance(layer, Image):
+                data = layer_image(layer)
+                return self.viewer.add_image(t.warp(data), name=name, scale=layer.scale, rgb=layer.rgb)
+            show_error(f"Cannot apply a transform to a {type(layer).__name__} layer.")
+        except (RegistrationError, NotImplementedError) as exc:
+            show_error(str(exc))
+        return None
+
+
+def _points_in_voxels(layer, scale):
+    if layer is None or len(layer.data) == 0:
+        return None
+    return np.asarray(layer.data, float) / np.asarray(scale)
+
+
+def _summary(metrics: dict) -> str:
+    parts = []
+    if "ncc_before" in metrics:
+        parts.append(f"NCC {metrics['ncc_before']:.3f} → {metrics['ncc_after']:.3f}")
+    if "fold_percent" in metrics:
+        parts.append(f"folds {metrics['fold_percent']:.3f}%")
+    if "tre_mean" in metrics:
+        parts.append(f"TRE mean {metrics['tre_mean']:.2f}, max {metrics['tre_max']:.2f}")
+    if "seconds" in metrics:
+        parts.append(f"{metrics['seconds']:.1f} s")
+    return "Done: " + ", ".join(parts)

@@ -1,0 +1,205 @@
+"""The registration dock widget and its parts, in a real napari viewer (Xvfb on CI)."""
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import skimage.data
+
+from napari_nephi.core.errors import InputError
+from napari_nephi.core.progress import ProgressEvent
+from napari_nephi.widgets import RegisterWidget
+from napari_nephi.widgets import register_widget as rw
+from napari_nephi.widgets._pickers import NONE_TEXT, LayerPicker
+from napari_nephi.widgets._results import ResultLayers
+from napari_nephi.widgets._runner import RegistrationRunner
+
+
+@pytest.fixture
+def pair():
+    fixed = skimage.data.camera()[::4, ::4].astype(np.float32)
+    m = np.eye(3)
+    m[:2, 2] = (3.0, -2.0)
+    moving = ndi.affine_transform(fixed, np.linalg.inv(m), order=1, mode="reflect")
+    labels = np.zeros(fixed.shape, np.uint16)
+    labels[30:60, 40:80] = 7
+    labels[70:100, 20:50] = 300
+    return fixed, moving.astype(np.float32), labels
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    messages = []
+    monkeypatch.setattr(rw, "show_error", messages.append)
+    return messages
+
+
+def test_layer_picker_follows_layers(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    from napari.layers import Image
+
+    picker = LayerPicker(viewer, (Image,), optional=True)
+    qtbot.addWidget(picker)
+    assert [picker.itemText(i) for i in range(picker.count())] == [NONE_TEXT]
+    a = viewer.add_image(np.zeros((4, 4)), name="a")
+    viewer.add_labels(np.zeros((4, 4), int), name="not an image")
+    b = viewer.add_image(np.ones((4, 4)), name="b")
+    assert [picker.itemText(i) for i in range(picker.count())] == [NONE_TEXT, "a", "b"]
+    picker.set_layer(b)
+    assert picker.layer() is b
+    b.name = "renamed"
+    assert picker.currentText() == "renamed" and picker.layer() is b
+    viewer.layers.remove(b)
+    assert picker.layer() is None or picker.layer() is a
+    assert "renamed" not in [picker.itemText(i) for i in range(picker.count())]
+
+
+def test_result_layers_replace_previous_run(make_napari_viewer):
+    viewer = make_napari_viewer()
+    user = viewer.add_image(np.zeros((5, 5)), name="mine")
+    results = ResultLayers(viewer)
+    results.show(
+        [(np.ones((5, 5)), {"name": "warped"}, "image"), (np.zeros((5, 5), int), {"name": "folds"}, "labels")]
+    )
+    assert len(viewer.layers) == 3
+    results.show([(2 * np.ones((5, 5)), {"name": "warped"}, "image")])
+    assert [ly.name for ly in viewer.layers] == ["mine", "warped"]
+    assert float(viewer.layers["warped"].data.max()) == 2.0
+    assert viewer.layers["mine"] is user
+
+
+def test_runner_signals(qtbot):
+    runner = RegistrationRunner()
+    seen = []
+    runner.progressed.connect(lambda ev: seen.append(ev.step))
+
+    def work(progress, cancel, n):
+        for i in range(n):
+            progress(ProgressEvent(i + 1, n))
+        return "result"
+
+    with qtbot.waitSignal(runner.finished, timeout=10000) as blocker:
+        runner.run(work, n=3)
+    assert blocker.args == ["result"]
+    qtbot.waitUntil(lambda: not runner.busy, timeout=5000)
+    assert seen == [1, 2, 3]
+
+    def bad(progress, cancel):
+        raise InputError("the moving image is constant")
+
+    with qtbot.waitSignal(runner.failed, timeout=10000) as blocker:
+        runner.run(bad)
+    assert "constant" in blocker.args[0]
+    qtbot.waitUntil(lambda: not runner.busy, timeout=5000)
+
+
+def test_runner_cancel(qtbot):
+    import time
+
+    from napari_nephi.core.progress import Progress
+
+    runner = RegistrationRunner()
+
+    def slow(progress, cancel):
+        p = Progress(progress, cancel)
+        for i in range(1000):
+            time.sleep(0.01)
+            p.step(i + 1, 1000)
+
+    with qtbot.waitSignal(runner.cancelled, timeout=10000):
+        runner.run(slow)
+        runner.cancel()
+    qtbot.waitUntil(lambda: not runner.busy, timeout=5000)
+
+
+def _run(widget, qtbot):
+    with qtbot.waitSignal(widget.runner.stopped, timeout=120000):
+        widget.start()
+
+
+def test_end_to_end_affine_run(make_napari_viewer, qtbot, pair, errors, tmp_path):
+    fixed, moving, labels = pair
+    viewer = make_napari_viewer()
+    viewer.add_image(fixed, name="fixed", scale=(2.0, 2.0))
+    mov_layer = viewer.add_image(moving, name="moving", scale=(2.0, 2.0))
+    lab_layer = viewer.add_labels(labels, name="labels", scale=(2.0, 2.0))
+    fpts = viewer.add_points(np.array([[40.0, 40.0], [100.0, 120.0]]) * 2, name="fixed pts", scale=(2.0, 2.0))
+    mpts = viewer.add_points((np.array([[40.0, 40.0], [100.0, 120.0]]) + (3.0, -2.0)) * 2, name="moving pts")
+    before = moving.copy()
+    widget = RegisterWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.fixed.set_layer(viewer.layers["fixed"])
+    widget.moving.set_layer(mov_layer)
+    widget.moving_labels.set_layer(lab_layer)
+    widget.fixed_points.set_layer(fpts)
+    widget.moving_points.set_layer(mpts)
+    widget.options.kind.setCurrentText("translation")
+    widget.options.iterations.setValue(60)
+    widget.options.levels.setValue(2)
+    _run(widget, qtbot)
+    assert errors == []
+    names = [ly.name for ly in viewer.layers]
+    for suffix in ("warped", "Jacobian determinant", "folds", "deformation grid", "warped labels"):
+        assert f"moving {suffix}" in names, names
+    warped = viewer.layers["moving warped"]
+    assert warped.data.shape == fixed.shape
+    assert tuple(warped.scale) == (2.0, 2.0)
+    assert int(viewer.layers["moving folds"].data.sum()) == 0
+    wl = viewer.layers["moving warped labels"].data
+    assert wl.dtype == np.uint16 and set(np.unique(wl)) == {0, 7, 300}
+    assert widget.last.metrics["tre_mean"] < 2.0  # physical units, spacing 2
+    assert "Done" in widget.status.text()
+    np.testing.assert_array_equal(mov_layer.data, before)  # inputs untouched
+    # a second run replaces the result layers instead of adding more
+    count = len(viewer.layers)
+    _run(widget, qtbot)
+    assert len(viewer.layers) == count
+    # save the transform with the settings, load it and apply it to the labels layer
+    folder = widget.save_transform(tmp_path / "t")
+    assert (folder / "transform.json").exists() and (folder / "run.json").exists()
+    new = widget.apply_transform(folder, layer=lab_layer)
+    np.testing.assert_array_equal(new.data, wl)
+
+
+def test_dimension_mismatch_shows_error_and_changes_nothing(make_napari_viewer, qtbot, errors):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((16, 16)), name="2d")
+    viewer.add_image(np.random.default_rng(1).random((8, 16, 16)), name="3d")
+    widget = RegisterWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.fixed.set_layer(viewer.layers["2d"])
+    widget.moving.set_layer(viewer.layers["3d"])
+    widget.start()
+    assert errors and "2D" in errors[0] and "3D" in errors[0]
+    assert [ly.name for ly in viewer.layers] == ["2d", "3d"]
+    assert widget.run_button.isEnabled()
+
+
+def test_engine_error_is_notified(make_napari_viewer, qtbot, errors):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.ones((16, 16)), name="flat")
+    viewer.add_image(np.random.default_rng(1).random((16, 16)), name="noise")
+    widget = RegisterWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.fixed.set_layer(viewer.layers["flat"])
+    widget.moving.set_layer(viewer.layers["noise"])
+    _run(widget, qtbot)
+    assert errors and "constant" in errors[0]
+    assert len(viewer.layers) == 2
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_cancel_keeps_layers(make_napari_viewer, qtbot, pair, errors):
+    fixed, moving, _ = pair
+    viewer = make_napari_viewer()
+    viewer.add_image(fixed, name="fixed")
+    viewer.add_image(moving, name="moving")
+    widget = RegisterWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.options.iterations.setValue(100000)
+    with qtbot.waitSignal(widget.runner.stopped, timeout=60000):
+        widget.start()
+        qtbot.wait(300)
+        widget.cancel_button.click()
+    assert "Cancelled" in widget.status.text()
+    assert [ly.name for ly in viewer.layers] == ["fixed", "moving"]
+    assert errors == []
