@@ -1,0 +1,153 @@
+"""The napari-nephi command line on small files written by the test."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import skimage.data
+import tifffile
+
+from napari_nephi import load_transform
+from napari_nephi.cli import main
+from napari_nephi.io import read_image, write_nifti, write_tiff
+
+
+@pytest.fixture
+def files(tmp_path):
+    fixed = skimage.data.camera()[::4, ::4].astype(np.float32)
+    m = np.eye(3)
+    m[:2, 2] = (4.0, -3.0)
+    moving = ndi.affine_transform(fixed, np.linalg.inv(m), order=1, mode="reflect").astype(np.float32)
+    labels = np.zeros(fixed.shape, np.uint8)
+    labels[40:80, 40:90] = 3
+    write_tiff(tmp_path / "fixed.tif", fixed, spacing=(0.5, 0.5))
+    write_tiff(tmp_path / "moving.tif", moving, spacing=(0.5, 0.5))
+    write_tiff(tmp_path / "labels.tif", labels, spacing=(0.5, 0.5))
+    return tmp_path, m
+
+
+def test_register_writes_everything(files, capsys):
+    tmp, m = files
+    out = tmp / "out"
+    code = main(
+        [
+            "register", str(tmp / "fixed.tif"), str(tmp / "moving.tif"), "-o", str(out),
+            "--kind", "translation", "--iterations", "80", "--levels", "2",
+            "--moving-labels", str(tmp / "labels.tif"),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    for name in (
+        "warped.tif",
+        "jacobian.tif",
+        "folds.tif",
+        "warped_labels.tif",
+        "metrics.json",
+        "settings.json",
+    ):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ncc_after"] > metrics["ncc_before"]
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["method"] == "affine" and settings["kind"] == "translation"
+    t = load_transform(out / "transform")
+    np.testing.assert_allclose(t.matrix[:2, 2], m[:2, 2], atol=0.3)
+    data, meta, _ = read_image(out / "warped.tif")[0]
+    assert data.shape == (128, 128) and tuple(meta["scale"]) == (0.5, 0.5)
+    labels = tifffile.imread(out / "warped_labels.tif")
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) == {0, 3}
+    assert int(tifffile.imread(out / "folds.tif").sum()) == 0
+    assert "Results written" in capsys.readouterr().out
+
+
+def test_register_nifti_3d(tmp_path):
+    rng = np.random.default_rng(0)
+    vol = ndi.gaussian_filter(rng.random((24, 28, 32)), 2).astype(np.float32)
+    moving = ndi.shift(vol, (1.0, -1.5, 2.0), order=1, mode="nearest")
+    write_nifti(tmp_path / "f.nii.gz", vol, spacing=(2.0, 1.0, 1.0))
+    write_nifti(tmp_path / "m.nii.gz", moving, spacing=(2.0, 1.0, 1.0))
+    code = main(
+        ["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o", str(tmp_path / "o"),
+         "--kind", "translation", "--format", ".nii.gz", "-q"]
+    )  # fmt: skip
+    assert code == 0
+    img = nib.load(tmp_path / "o" / "warped.nii.gz")
+    assert img.shape == (32, 28, 24)  # NIfTI order (x, y, z)
+    np.testing.assert_allclose(img.header.get_zooms(), (1.0, 1.0, 2.0))
+    t = load_transform(tmp_path / "o" / "transform")
+    np.testing.assert_allclose(
+        t.matrix[:3, 3], [1.0, -1.5, 2.0], atol=0.3
+    )  # ndi.shift: moving(x + s) = fixed(x)
+
+
+def test_apply_transform_to_labels(files):
+    tmp, _ = files
+    out = tmp / "out"
+    assert main(["register", str(tmp / "fixed.tif"), str(tmp / "moving.tif"), "-o", str(out), "-q",
+                 "--kind", "translation", "--iterations", "40"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "apply",
+                str(out / "transform"),
+                str(tmp / "labels.tif"),
+                "-o",
+                str(tmp / "l.tif"),
+                "--labels",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    applied = tifffile.imread(tmp / "l.tif")
+    assert applied.dtype == np.uint8 and set(np.unique(applied)) == {0, 3}
+
+
+def test_bad_files_give_clear_errors(tmp_path, capsys):
+    (tmp_path / "junk.tif").write_bytes(b"this is not a tiff at all" * 10)
+    code = main(
+        ["register", str(tmp_path / "junk.tif"), str(tmp_path / "junk.tif"), "-o", str(tmp_path / "o")]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "junk.tif" in err
+    assert (
+        main(["register", str(tmp_path / "nope.tif"), str(tmp_path / "nope.tif"), "-o", str(tmp_path / "o")])
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_option_passthrough_and_bad_option(files, capsys):
+    tmp, _ = files
+    code = main(["register", str(tmp / "fixed.tif"), str(tmp / "moving.tif"), "-o", str(tmp / "o"), "-q",
+                 "--option", "kind=rigid", "--option", "iterations=[5, 5, 5]"])  # fmt: skip
+    assert code == 0
+    assert json.loads((tmp / "o" / "settings.json").read_text())["iterations"] == [5, 5, 5]
+    assert (
+        main(
+            [
+                "register",
+                str(tmp / "fixed.tif"),
+                str(tmp / "moving.tif"),
+                "-o",
+                str(tmp / "o"),
+                "--option",
+                "novalue",
+            ]
+        )
+        == 2
+    )
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_console_script_lists_methods():
+    out = subprocess.run(
+        [sys.executable, "-m", "napari_nephi.cli", "methods"], capture_output=True, text=True, check=True
+    )
+    assert "affine" in out.stdout.split()
