@@ -1,0 +1,35 @@
+"""Deterministic generators of test and demo data; nothing is downloaded.
+
+* :func:`random_smooth_displacement`: random diffeomorphic fields with a known bound.
+* :func:`triangles_and_circles`, :func:`tc_pair`: the 2D shapes set of ICON / NePhi.
+* :func:`ihc_pair`, :func:`mri_pair`: bundled real images with a known deformation.
+* :func:`em_stack`: synthetic serial-section EM with mitochondria masks and per-section rotations.
+* :func:`toy_atlas`, :func:`section_from_atlas`: a brain-like 3D atlas and oblique sections.
+
+Conventions: axes ``(y, x)`` / ``(z, y, x)``; displacements are pull-back fields in voxels:
+``DisplacementTransform(u).warp(moving)`` samples ``moving(x + u(x))``.
+"""
+
+from .atlas import ATLAS_REGIONS, section_from_atlas, toy_atlas
+from .bundled import ihc_pair, ihc_stains, mri_pair, mri_path, mri_volume
+from .deformation import integrate_velocity, random_smooth_displacement
+from .em import em_stack, rotation_matrix
+from .shapes import TC_LABELS, tc_pair, triangles_and_circles
+
+__all__ = [
+    "ATLAS_REGIONS",
+    "TC_LABELS",
+    "em_stack",
+    "ihc_pair",
+    "ihc_stains",
+    "integrate_velocity",
+    "mri_pair",
+    "mri_path",
+    "mri_volume",
+    "random_smooth_displacement",
+    "rotation_matrix",
+    "section_from_atlas",
+    "tc_pair",
+    "toy_atlas",
+    "triangles_and_circles",
+]
