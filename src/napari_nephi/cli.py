@@ -163,10 +163,15 @@ def cmd_demo(args) -> int:
     if args.screenshot:
         from qtpy.QtWidgets import QApplication
 
+        viewer.window._qt_window.resize(1400, 900)
         if args.run:
             while widget.runner.busy:
                 QApplication.processEvents()
                 time.sleep(0.05)
+        for _ in range(20):
+            QApplication.processEvents()
+            time.sleep(0.02)
+        viewer.reset_view()
         QApplication.processEvents()
         viewer.screenshot(args.screenshot, canvas_only=False)
         viewer.close()
