@@ -18,8 +18,8 @@ from .grid import to_grid_sample
 
 PointMap = Callable[[torch.Tensor], torch.Tensor]
 
-#: Output voxels computed per chunk (about 50 MB of float32 coordinates in 3D).
-CHUNK_VOXELS = 1 << 22
+#: Output voxels computed per chunk (about 12 MB of float32 coordinates in 3D).
+CHUNK_VOXELS = 1 << 20
 
 
 def iter_slabs(shape: Sequence[int], chunk_voxels: int = CHUNK_VOXELS):
