@@ -15,10 +15,9 @@ import platform
 import numpy as np
 import scipy.ndimage as ndi
 import torch
+from _measure import measure
 
 from napari_nephi.core import AffineTransform, DisplacementTransform
-
-from _measure import measure
 
 
 def affine(ndim: int) -> np.ndarray:
@@ -37,8 +36,8 @@ def run(shape) -> list[dict]:
     ours, t_ours, mem_ours = measure(AffineTransform(m).warp, image)
     ref, t_ref, mem_ref = measure(ndi.affine_transform, image, m, order=1, mode="grid-constant")
     assert np.abs(ours - ref).max() < 1e-2  # float32 coordinates on noise: ~1e-3 px
-    rows.append(dict(shape=shape, map="affine", ours_s=t_ours, ours_mib=mem_ours, peer="scipy affine_transform",
-                     peer_s=t_ref, peer_mib=mem_ref))  # fmt: skip
+    rows.append(dict(shape=shape, map="affine", ours_s=t_ours, ours_mib=mem_ours,
+                     peer="scipy affine_transform", peer_s=t_ref, peer_mib=mem_ref))  # fmt: skip
     del ours, ref
     field = np.zeros((nd, *shape), np.float32)
     field[0] = 1.25
@@ -67,9 +66,11 @@ def main() -> None:
     shapes = [(n, n) for n in args.sizes2d] + [(n, n, n) for n in args.sizes3d]
     for shape in shapes:
         for r in run(shape):
+            ratio = r["peer_mib"] / max(r["ours_mib"], 1)
+            shape_text = "x".join(map(str, r["shape"]))
             print(
-                f"| {'x'.join(map(str, r['shape']))} | {r['map']} | {r['ours_s']:.2f} | {r['ours_mib']:.0f} | "
-                f"{r['peer']} | {r['peer_s']:.2f} | {r['peer_mib']:.0f} | {r['peer_mib'] / max(r['ours_mib'], 1):.1f} |"
+                f"| {shape_text} | {r['map']} | {r['ours_s']:.2f} | {r['ours_mib']:.0f} | "
+                f"{r['peer']} | {r['peer_s']:.2f} | {r['peer_mib']:.0f} | {ratio:.1f} |"
             )
 
 
