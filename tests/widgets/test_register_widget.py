@@ -203,3 +203,39 @@ def test_cancel_keeps_layers(make_napari_viewer, qtbot, pair, errors):
     assert "Cancelled" in widget.status.text()
     assert [ly.name for ly in viewer.layers] == ["fixed", "moving"]
     assert errors == []
+
+
+def test_preview_and_loss_curve(make_napari_viewer, qtbot, pair, errors):
+    fixed, moving, _ = pair
+    viewer = make_napari_viewer()
+    viewer.add_image(fixed, name="fixed", scale=(2.0, 2.0))
+    viewer.add_image(moving, name="moving", scale=(2.0, 2.0))
+    widget = RegisterWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.options.iterations.setValue(40)
+    widget.options.levels.setValue(2)
+    seen = []
+    widget.runner.progressed.connect(lambda ev: seen.append(widget.preview_layer is not None))
+    _run(widget, qtbot)
+    assert len(widget.loss_plot.values) == 80
+    assert widget.loss_plot.values[-1] < widget.loss_plot.values[0]
+    assert any(seen)  # a preview layer was shown while running ...
+    assert not [ly for ly in viewer.layers if "preview" in ly.name]  # ... and removed at the end
+
+
+def test_cancel_can_keep_partial_preview(make_napari_viewer, qtbot, pair, errors):
+    fixed, moving, _ = pair
+    viewer = make_napari_viewer()
+    viewer.add_image(fixed, name="fixed")
+    viewer.add_image(moving, name="moving")
+    widget = RegisterWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.options.iterations.setValue(100000)
+    widget.keep_partial.setChecked(True)
+    with qtbot.waitSignal(widget.runner.stopped, timeout=60000):
+        widget.start()
+        qtbot.waitUntil(lambda: widget.preview_layer is not None, timeout=20000)
+        widget.cancel_button.click()
+    names = [ly.name for ly in viewer.layers]
+    assert names == ["fixed", "moving", "moving preview (partial, cancelled)"]
+    assert viewer.layers[-1].data.ndim == 2

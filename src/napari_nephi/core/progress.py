@@ -13,7 +13,12 @@ from .errors import Cancelled
 
 @dataclass
 class ProgressEvent:
-    """One step of a long computation."""
+    """One step of a long computation.
+
+    ``preview``, when present, is the current warped moving image on the fixed grid, or on that
+    grid downsampled by ``extra["preview_zoom"]`` (one factor per axis; voxel ``i`` of the preview
+    is centred on fixed voxel ``(i + 0.5) * zoom - 0.5``).
+    """
 
     step: int
     total: int

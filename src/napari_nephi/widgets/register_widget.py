@@ -11,6 +11,7 @@ from napari.layers import Image, Labels, Points
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import (
+    QCheckBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -26,6 +27,7 @@ from ..core.registration import register
 from ..core.transform_io import load_transform
 from ._options import RegistrationOptions
 from ._pickers import LayerPicker
+from ._plot import CurvePlot
 from ._results import ResultLayers
 from ._runner import RegistrationRunner
 
@@ -57,6 +59,8 @@ class RegisterWidget(QWidget):
         self.save_button = QPushButton("Save transform…")
         self.save_button.setEnabled(False)
         self.apply_button = QPushButton("Apply saved transform to layer…")
+        self.keep_partial = QCheckBox("keep the partial preview when cancelled")
+        self.loss_plot = CurvePlot("step", "loss at each step")
         self.status = QLabel("Pick a fixed and a moving image, then Run.")
         self.status.setWordWrap(True)
         self.runner = RegistrationRunner(self)
@@ -64,6 +68,7 @@ class RegisterWidget(QWidget):
         self.last = None  # the last Registration
         self._progress_bar = None
         self._last_preview = 0.0
+        self.preview_layer = None
         self._layout()
         self.run_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.runner.cancel)
@@ -93,6 +98,8 @@ class RegisterWidget(QWidget):
         box.addLayout(form)
         box.addWidget(self.options)
         box.addLayout(buttons)
+        box.addWidget(self.keep_partial)
+        box.addWidget(self.loss_plot)
         box.addWidget(self.status)
         box.addWidget(self.save_button)
         box.addWidget(self.apply_button)
@@ -130,6 +137,8 @@ class RegisterWidget(QWidget):
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status.setText("Running…")
+        self.loss_plot.clear()
+        self._remove_preview()
         self._progress_bar = napari_progress(total=0, desc=f"Registering {moving.name}")
         self.runner.run(
             register,
@@ -149,14 +158,43 @@ class RegisterWidget(QWidget):
             loss = "" if event.loss is None else f" loss {event.loss:.4f}"
             bar.set_description(f"{event.stage}{loss}")
             bar.refresh()
+        if event.loss is not None:
+            self.loss_plot.values.append(float(event.loss))
         now = time.monotonic()
-        if now - self._last_preview >= PREVIEW_INTERVAL:
+        if now - self._last_preview >= PREVIEW_INTERVAL or event.step >= event.total:
             self._last_preview = now
+            self.loss_plot.update()
             loss = "" if event.loss is None else f", loss {event.loss:.4f}"
             self.status.setText(f"Running: step {event.step}/{event.total}{loss}")
+            if event.preview is not None:
+                self._show_preview(event)
+
+    def _show_preview(self, event) -> None:
+        """Show the engine's current warped image, on its own (possibly coarser) grid."""
+        spacing = np.asarray(self._inputs["scale"], float)
+        zoom = np.asarray(event.extra.get("preview_zoom", (1.0,) * len(spacing)), float)
+        scale = spacing * zoom
+        translate = spacing * (zoom - 1) / 2
+        data = np.asarray(event.preview)
+        layer = self.preview_layer
+        if layer is not None and layer in self.viewer.layers and layer.data.shape == data.shape:
+            layer.data = data
+            layer.scale, layer.translate = scale, translate
+        else:
+            self._remove_preview()
+            self.preview_layer = self.viewer.add_image(
+                data, name=f"{self._inputs['name']} preview", scale=scale, translate=translate,
+                colormap="magenta", blending="additive",
+            )  # fmt: skip
+
+    def _remove_preview(self) -> None:
+        if self.preview_layer is not None and self.preview_layer in self.viewer.layers:
+            self.viewer.layers.remove(self.preview_layer)
+        self.preview_layer = None
 
     def _on_finished(self, reg) -> None:
         self.last = reg
+        self._remove_preview()
         inp = self._inputs
         try:
             labels = inp["labels"].data if inp["labels"] is not None else None
@@ -192,7 +230,14 @@ class RegisterWidget(QWidget):
         self.status.setText(f"Failed: {message}")
 
     def _on_cancelled(self) -> None:
-        self.status.setText("Cancelled; no layers were changed.")
+        layer = self.preview_layer
+        if self.keep_partial.isChecked() and layer is not None and layer in self.viewer.layers:
+            layer.name = f"{self._inputs['name']} preview (partial, cancelled)"
+            self.preview_layer = None
+            self.status.setText("Cancelled; the partial preview is kept as its own layer.")
+        else:
+            self._remove_preview()
+            self.status.setText("Cancelled; no layers were changed.")
 
     def _on_stopped(self) -> None:
         if self._progress_bar is not None:

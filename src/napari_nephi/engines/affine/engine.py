@@ -160,8 +160,16 @@ def register_affine(
                 opt.step()
                 sched.step()
                 step += 1
+                preview = None
+                if pair.progress.wants_preview:
+                    preview = warped.detach()[0, 0].cpu().numpy()
                 pair.progress.step(
-                    step, total, float(value.detach()), stage=f"level {level + 1}/{levels_used}"
+                    step,
+                    total,
+                    float(value.detach()),
+                    stage=f"level {level + 1}/{levels_used}",
+                    preview=preview,
+                    preview_zoom=tuple(float(z) for z in zoom),
                 )
         m_final = model.matrix().detach().cpu().numpy()
     voxel_matrix = from_moving @ m_final @ to_fixed
