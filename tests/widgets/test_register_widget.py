@@ -122,7 +122,8 @@ def test_end_to_end_affine_run(make_napari_viewer, qtbot, pair, errors, tmp_path
     viewer.add_image(fixed, name="fixed", scale=(2.0, 2.0))
     mov_layer = viewer.add_image(moving, name="moving", scale=(2.0, 2.0))
     lab_layer = viewer.add_labels(labels, name="labels", scale=(2.0, 2.0))
-    fpts = viewer.add_points(np.array([[40.0, 40.0], [100.0, 120.0]]) * 2, name="fixed pts", scale=(2.0, 2.0))
+    # fixed landmarks in voxel units with the image's scale, moving ones in world units
+    fpts = viewer.add_points(np.array([[40.0, 40.0], [100.0, 120.0]]), name="fixed pts", scale=(2.0, 2.0))
     mpts = viewer.add_points((np.array([[40.0, 40.0], [100.0, 120.0]]) + (3.0, -2.0)) * 2, name="moving pts")
     before = moving.copy()
     widget = RegisterWidget(viewer)

@@ -126,7 +126,6 @@ class RegisterWidget(QWidget):
         spacing = tuple(float(s) for s in fixed.scale[-f_dim:])
         self._inputs = {
             "fixed_shape": layer_image(fixed).shape[:f_dim],
-            "fixed": layer_image(fixed) if not fixed.rgb else None,
             "scale": spacing,
             "name": moving.name,
             "labels": self.moving_labels.layer(),
@@ -140,12 +139,20 @@ class RegisterWidget(QWidget):
         self.loss_plot.clear()
         self._remove_preview()
         self._progress_bar = napari_progress(total=0, desc=f"Registering {moving.name}")
+        inp = self._inputs
+        fpts = points_in_voxels(inp["fixed_points"], fixed)
+        mpts = points_in_voxels(inp["moving_points"], moving)
+        labels = inp["labels"].data if inp["labels"] is not None else None
         self.runner.run(
-            register,
+            register_with_overlays,
             fixed=layer_image(fixed),
             moving=layer_image(moving),
             spacing=spacing,
             rgb=bool(fixed.rgb),
+            moving_labels=None if labels is None else np.asarray(labels),
+            fixed_points=fpts,
+            moving_points=mpts,
+            name_prefix=f"{moving.name} ",
             **opts,
         )
 
@@ -192,35 +199,12 @@ class RegisterWidget(QWidget):
             self.viewer.layers.remove(self.preview_layer)
         self.preview_layer = None
 
-    def _on_finished(self, reg) -> None:
+    def _on_finished(self, result) -> None:
+        reg, layers, notes = result
         self.last = reg
         self._remove_preview()
-        inp = self._inputs
-        try:
-            labels = inp["labels"].data if inp["labels"] is not None else None
-            fpts = _points_in_voxels(inp["fixed_points"], inp["scale"])
-            mpts = _points_in_voxels(inp["moving_points"], inp["scale"])
-            if (fpts is None) != (mpts is None) or (fpts is not None and len(fpts) != len(mpts)):
-                fpts = mpts = None
-                show_info("Landmarks need the same number of fixed and moving points; TRE skipped.")
-            layers = overlays.registration_layers(
-                reg,
-                inp["fixed_shape"],
-                moving_labels=labels,
-                fixed_points=fpts,
-                moving_points=mpts,
-                scale=inp["scale"],
-                name_prefix=f"{inp['name']} ",
-                fixed=inp["fixed"],
-                include_warped=True,
-            )
-            for _, kwargs, _kind in layers:
-                tre = kwargs.get("metadata", {}).get("tre")
-                if tre:
-                    reg.metrics.update({k: v for k, v in tre.items() if k != "tre_per_point"})
-        except RegistrationError as exc:
-            show_error(str(exc))
-            layers = [(reg.warped, {"name": f"{inp['name']} warped", "scale": inp["scale"]}, "image")]
+        for note in notes:
+            show_info(note)
         self.results.show(layers)
         self.status.setText(_summary(reg.metrics))
         self.save_button.setEnabled(True)
@@ -295,10 +279,59 @@ class RegisterWidget(QWidget):
         return None
 
 
-def _points_in_voxels(layer, scale):
-    if layer is None or len(layer.data) == 0:
+def register_with_overlays(
+    progress,
+    cancel,
+    fixed,
+    moving,
+    spacing,
+    moving_labels=None,
+    fixed_points=None,
+    moving_points=None,
+    name_prefix="",
+    **options,
+):
+    """Worker-thread job: register, then build every result layer; returns (reg, layers, notes)."""
+    reg = register(fixed, moving, spacing=spacing, progress=progress, cancel=cancel, **options)
+    notes = []
+    if (fixed_points is None) != (moving_points is None) or (
+        fixed_points is not None and len(fixed_points) != len(moving_points)
+    ):
+        fixed_points = moving_points = None
+        notes.append("Landmarks need the same number of fixed and moving points; TRE skipped.")
+    spatial = reg.warped.shape[: len(spacing)]
+    gray_fixed = fixed if fixed.ndim == len(spacing) else None
+    try:
+        layers = overlays.registration_layers(
+            reg,
+            spatial,
+            moving_labels=moving_labels,
+            fixed_points=fixed_points,
+            moving_points=moving_points,
+            scale=spacing,
+            name_prefix=name_prefix,
+            fixed=gray_fixed,
+            include_warped=True,
+        )
+    except RegistrationError as exc:
+        notes.append(f"Some result layers could not be made: {exc}")
+        layers = [(reg.warped, {"name": f"{name_prefix}warped", "scale": spacing}, "image")]
+    for _, kwargs, _kind in layers:
+        tre = kwargs.get("metadata", {}).get("tre")
+        if tre:
+            reg.metrics.update({k: v for k, v in tre.items() if k != "tre_per_point"})
+    return reg, layers, notes
+
+
+def points_in_voxels(points_layer, image_layer):
+    """Points of a Points layer as voxel coordinates of an image layer (through world space)."""
+    if points_layer is None or len(points_layer.data) == 0:
         return None
-    return np.asarray(layer.data, float) / np.asarray(scale)
+    nd = image_layer.ndim - (1 if image_layer.rgb else 0)
+    world = np.asarray(points_layer.data, float)[:, -nd:] * np.asarray(points_layer.scale)[-nd:]
+    world = world + np.asarray(points_layer.translate)[-nd:]
+    scale = np.asarray(image_layer.scale)[-nd:]
+    return (world - np.asarray(image_layer.translate)[-nd:]) / scale
 
 
 def _summary(metrics: dict) -> str:
