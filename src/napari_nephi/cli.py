@@ -158,6 +158,8 @@ def cmd_demo(args) -> int:
         getattr(viewer, f"add_{kind}")(data, **kwargs)
     widget = RegisterWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Register images", area="right")
+    finished = []
+    widget.run_done.connect(lambda: finished.append(True))
     if args.run:
         widget.start()
     if args.screenshot:
@@ -165,7 +167,7 @@ def cmd_demo(args) -> int:
 
         viewer.window._qt_window.resize(1400, 900)
         if args.run:
-            while widget.runner.busy:
+            while not finished:
                 QApplication.processEvents()
                 time.sleep(0.05)
         for _ in range(20):

@@ -112,7 +112,7 @@ def test_runner_cancel(qtbot):
 
 
 def _run(widget, qtbot):
-    with qtbot.waitSignal(widget.runner.stopped, timeout=120000):
+    with qtbot.waitSignal(widget.run_done, timeout=120000):
         widget.start()
 
 
@@ -197,7 +197,7 @@ def test_cancel_keeps_layers(make_napari_viewer, qtbot, pair, errors):
     widget = RegisterWidget(viewer)
     qtbot.addWidget(widget)
     widget.options.iterations.setValue(100000)
-    with qtbot.waitSignal(widget.runner.stopped, timeout=60000):
+    with qtbot.waitSignal(widget.run_done, timeout=60000):
         widget.start()
         qtbot.wait(300)
         widget.cancel_button.click()
@@ -233,7 +233,7 @@ def test_cancel_can_keep_partial_preview(make_napari_viewer, qtbot, pair, errors
     qtbot.addWidget(widget)
     widget.options.iterations.setValue(100000)
     widget.keep_partial.setChecked(True)
-    with qtbot.waitSignal(widget.runner.stopped, timeout=60000):
+    with qtbot.waitSignal(widget.run_done, timeout=60000):
         widget.start()
         qtbot.waitUntil(lambda: widget.preview_layer is not None, timeout=20000)
         widget.cancel_button.click()

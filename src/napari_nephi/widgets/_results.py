@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from qtpy.QtCore import QTimer
+
 
 class ResultLayers:
     """Adds LayerData tuples to a viewer; a later :meth:`show` replaces the earlier layers."""
@@ -34,3 +38,24 @@ class ResultLayers:
             self.viewer.layers.remove(layer)
         self._layers = new
         return new
+
+    def show_gradually(self, layer_data: list, done: Callable[[list], None] | None = None) -> None:
+        """Like :meth:`show`, one layer per turn of the event loop so the GUI keeps responding."""
+        old = self.layers
+        self._layers = []
+        queue = list(layer_data)
+        added: list = []
+
+        def step():
+            if old:
+                self.viewer.layers.remove(old.pop())
+            elif queue:
+                data, kwargs, kind = queue.pop(0)
+                added.append(getattr(self.viewer, f"add_{kind}")(data, **kwargs))
+                self._layers = list(added)
+            if old or queue:
+                QTimer.singleShot(0, step)
+            elif done is not None:
+                done(added)
+
+        step()

@@ -10,6 +10,7 @@ import numpy as np
 from napari.layers import Image, Labels, Points
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QFileDialog,
@@ -44,6 +45,9 @@ def layer_image(layer) -> np.ndarray:
 class RegisterWidget(QWidget):
     """Fixed/moving pickers, options, Run/Cancel, result layers and metrics."""
 
+    #: Emitted when a run is over and its result layers (if any) are all in the viewer.
+    run_done = Signal()
+
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
         self.viewer = napari_viewer
@@ -69,6 +73,7 @@ class RegisterWidget(QWidget):
         self._progress_bar = None
         self._last_preview = 0.0
         self.preview_layer = None
+        self._showing = False
         self._layout()
         self.run_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.runner.cancel)
@@ -205,9 +210,17 @@ class RegisterWidget(QWidget):
         self._remove_preview()
         for note in notes:
             show_info(note)
-        self.results.show(layers)
-        self.status.setText(_summary(reg.metrics))
-        self.save_button.setEnabled(True)
+        self.status.setText("Adding result layers…")
+        self._showing = True
+
+        def shown(_layers):
+            self._showing = False
+            self.status.setText(_summary(reg.metrics))
+            self.save_button.setEnabled(True)
+            self.run_button.setEnabled(True)
+            self.run_done.emit()
+
+        self.results.show_gradually(layers, shown)
 
     def _on_failed(self, message: str) -> None:
         show_error(message)
@@ -227,8 +240,10 @@ class RegisterWidget(QWidget):
         if self._progress_bar is not None:
             self._progress_bar.close()
             self._progress_bar = None
-        self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+        if not self._showing:
+            self.run_button.setEnabled(True)
+            self.run_done.emit()
 
     # -- saving and applying -------------------------------------------------------------
     def save_transform(self, folder: str | Path | None = None) -> Path | None:
