@@ -92,6 +92,9 @@ def cmd_register(args) -> int:
         rgb=True if fmeta.get("rgb") else None,
         **options,
     )
+    world = (fmeta.get("metadata") or {}).get("nifti_affine")
+    if world is not None and len(spacing) == 3:
+        reg.transform.world_affine = np.asarray(world, float)  # keeps the NIfTI orientation on save
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     ext = args.format

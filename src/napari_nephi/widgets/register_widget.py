@@ -133,6 +133,7 @@ class RegisterWidget(QWidget):
             "fixed_shape": layer_image(fixed).shape[:f_dim],
             "scale": spacing,
             "name": moving.name,
+            "world_affine": (fixed.metadata or {}).get("nifti_affine"),
             "labels": self.moving_labels.layer(),
             "fixed_points": self.fixed_points.layer(),
             "moving_points": self.moving_points.layer(),
@@ -257,6 +258,9 @@ class RegisterWidget(QWidget):
                 return None
         folder = Path(folder)
         self.last.transform.settings = {**self.last.settings, **self._settings}
+        world = self._inputs.get("world_affine")
+        if world is not None and self.last.transform.ndim == 3:
+            self.last.transform.world_affine = np.asarray(world, float)
         self.last.transform.save(folder)
         (folder / "run.json").write_text(
             json.dumps({"settings": self._settings, "metrics": self.last.metrics}, indent=2, default=str)
