@@ -25,6 +25,7 @@ from .core import (
     load_transform,
     register,
 )
+from .engines.mito import align_stack
 
 __all__ = [
     "AffineTransform",
@@ -40,6 +41,7 @@ __all__ = [
     "Transform",
     "UnsupportedFileError",
     "__version__",
+    "align_stack",
     "available_methods",
     "load_transform",
     "register",

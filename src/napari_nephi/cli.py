@@ -1,4 +1,4 @@
-"""The ``napari-nephi`` command line: ``demo``, ``register``, ``apply``, ``methods``."""
+"""The ``napari-nephi`` command line: ``demo``, ``register``, ``apply``, ``align-em``, ``methods``."""
 
 from __future__ import annotations
 
@@ -224,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("methods", help="list the registration methods")
     m.set_defaults(func=cmd_methods)
+
+    from .engines.mito.cli import add_parser as add_align_em
+
+    add_align_em(sub)
     return p
 
 

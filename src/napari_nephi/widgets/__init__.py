@@ -1,5 +1,6 @@
 """Dock widgets: thin Qt front ends over the engines (no numerical work here)."""
 
+from .em_widget import EMAlignWidget
 from .register_widget import RegisterWidget
 
-__all__ = ["RegisterWidget"]
+__all__ = ["EMAlignWidget", "RegisterWidget"]

@@ -1,15 +1,50 @@
-"""The options panel of the registration widget: method, parameters and device."""
+"""The options panel of the registration widget: method, its parameters and the device.
+
+Method-specific rows are shown only for their method; ``values()`` returns just the options
+that method takes, ready for ``napari_nephi.register``. A value of 0 in an "auto" spin box means
+"use the engine's default or preset".
+"""
 
 from __future__ import annotations
 
 from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QComboBox, QFormLayout, QSpinBox, QWidget
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
 
 from ..core.device import available_devices
 from ..core.registration import available_methods
 
 AFFINE_KINDS = ("rigid", "similarity", "affine", "translation")
-SIMILARITIES = ("ncc", "mse", "nmi", "lncc")
+AFFINE_SIMILARITIES = ("ncc", "mse", "nmi", "lncc")
+NEPHI_MODES = ("optimize", "predict", "predict+refine")
+NEPHI_PRESETS = ("fast", "accurate")
+NEPHI_REGULARIZERS = ("gradicon", "jacobian", "symmetric_jacobian", "bending", "diffusion", "cycle")
+NEPHI_REPRESENTATIONS = ("modulated", "siren", "relu_fourier")
+
+
+def _combo(items, current=None) -> QComboBox:
+    box = QComboBox()
+    box.addItems(list(items))
+    if current is not None:
+        box.setCurrentText(current)
+    return box
+
+
+def _auto_spin(maximum: int, step: int = 1) -> QSpinBox:
+    box = QSpinBox()
+    box.setRange(0, maximum)
+    box.setSingleStep(step)
+    box.setSpecialValueText("auto")
+    return box
 
 
 class RegistrationOptions(QWidget):
@@ -17,52 +52,108 @@ class RegistrationOptions(QWidget):
 
     changed = Signal()
 
-    def __init__(self, parent=None):
+    def __init__(self, method: str = "affine", parent=None):
         super().__init__(parent)
-        form = QFormLayout(self)
-        self.method = QComboBox()
-        self.method.addItems(available_methods())
-        self.method.setCurrentText("affine")
-        self.kind = QComboBox()
-        self.kind.addItems(AFFINE_KINDS)
-        self.kind.setCurrentText("affine")
-        self.similarity = QComboBox()
-        self.similarity.addItems(SIMILARITIES)
-        self.iterations = QSpinBox()
-        self.iterations.setRange(1, 100000)
-        self.iterations.setValue(150)
-        self.levels = QSpinBox()
-        self.levels.setRange(1, 8)
-        self.levels.setValue(3)
+        self.form = QFormLayout(self)
+        methods = available_methods()
+        self.method = _combo(methods, method if method in methods else methods[0])
+        self.iterations = _auto_spin(100000)
+        self.levels = _auto_spin(8)
         self.device = QComboBox()
         for value, label in [("auto", "auto")] + available_devices():
             self.device.addItem(label, value)
-        form.addRow("method", self.method)
-        form.addRow("transform", self.kind)
-        form.addRow("similarity", self.similarity)
-        form.addRow("iterations / level", self.iterations)
-        form.addRow("resolution levels", self.levels)
-        form.addRow("device", self.device)
-        for w in (self.method, self.kind, self.similarity, self.device):
+        # affine
+        self.kind = _combo(AFFINE_KINDS, "affine")
+        self.similarity = _combo(AFFINE_SIMILARITIES)
+        # nephi
+        self.mode = _combo(NEPHI_MODES)
+        self.preset = _combo(NEPHI_PRESETS)
+        self.regularizer = _combo(NEPHI_REGULARIZERS)
+        self.representation = _combo(NEPHI_REPRESENTATIONS)
+        self.reg_weight = QDoubleSpinBox()
+        self.reg_weight.setRange(0.0, 1000.0)
+        self.reg_weight.setDecimals(4)
+        self.reg_weight.setSingleStep(0.01)
+        self.reg_weight.setSpecialValueText("auto")
+        self.sample_points = _auto_spin(10_000_000, 1024)
+        self.model_path = QLineEdit()
+        self.model_path.setPlaceholderText("trained model (.pt) for predict modes")
+        browse = QPushButton("…")
+        browse.setMaximumWidth(30)
+        browse.clicked.connect(self._browse_model)
+        model_row = QHBoxLayout()
+        model_row.addWidget(self.model_path)
+        model_row.addWidget(browse)
+        self.model_row = QWidget()
+        self.model_row.setLayout(model_row)
+        model_row.setContentsMargins(0, 0, 0, 0)
+
+        self._rows = {
+            "affine": [("transform", self.kind), ("similarity", self.similarity)],
+            "nephi": [
+                ("mode", self.mode),
+                ("preset", self.preset),
+                ("regulariser", self.regularizer),
+                ("regularisation weight", self.reg_weight),
+                ("representation", self.representation),
+                ("sampled points", self.sample_points),
+                ("model file", self.model_row),
+            ],
+        }
+        self.form.addRow("method", self.method)
+        for rows in self._rows.values():
+            for label, widget in rows:
+                self.form.addRow(label, widget)
+        self.form.addRow("iterations", self.iterations)
+        self.form.addRow("resolution levels", self.levels)
+        self.form.addRow("device", self.device)
+        for w in (self.method, self.kind, self.similarity, self.device, self.mode, self.preset,
+                  self.regularizer, self.representation):  # fmt: skip
             w.currentIndexChanged.connect(self._on_change)
-        for w in (self.iterations, self.levels):
+        for w in (self.iterations, self.levels, self.sample_points, self.reg_weight):
             w.valueChanged.connect(self._on_change)
+        self.model_path.textChanged.connect(self._on_change)
         self._on_change()
 
+    def _browse_model(self) -> None:
+        path = QFileDialog.getOpenFileName(self, "Trained NePhi model", filter="PyTorch (*.pt *.pth)")[0]
+        if path:
+            self.model_path.setText(path)
+
     def _on_change(self, *_):
-        affine = self.method.currentText() == "affine"
-        self.kind.setEnabled(affine)
-        self.similarity.setEnabled(affine)
+        method = self.method.currentText()
+        for name, rows in self._rows.items():
+            for _label, widget in rows:
+                self._set_row_visible(widget, name == method)
+        self.model_row.setEnabled(self.mode.currentText() != "optimize")
         self.changed.emit()
 
+    def _set_row_visible(self, widget, visible: bool) -> None:
+        label = self.form.labelForField(widget)
+        widget.setVisible(visible)
+        if label is not None:
+            label.setVisible(visible)
+
     def values(self) -> dict:
-        opts = {
-            "method": self.method.currentText(),
-            "device": self.device.currentData(),
-            "iterations": self.iterations.value(),
-            "levels": self.levels.value(),
-        }
-        if opts["method"] == "affine":
+        """Options for ``register``; "auto" values are left out so the engine decides."""
+        method = self.method.currentText()
+        opts: dict = {"method": method, "device": self.device.currentData()}
+        if self.iterations.value():
+            opts["iterations"] = self.iterations.value()
+        if self.levels.value():
+            opts["levels"] = self.levels.value()
+        if method == "affine":
             opts["kind"] = self.kind.currentText()
             opts["similarity"] = self.similarity.currentText()
+        elif method == "nephi":
+            opts["mode"] = self.mode.currentText()
+            opts["preset"] = self.preset.currentText()
+            opts["regularizer"] = self.regularizer.currentText()
+            opts["representation"] = self.representation.currentText()
+            if self.reg_weight.value() > 0:
+                opts["reg_weight"] = self.reg_weight.value()
+            if self.sample_points.value():
+                opts["sample_points"] = self.sample_points.value()
+            if opts["mode"] != "optimize" and self.model_path.text().strip():
+                opts["weights"] = self.model_path.text().strip()
         return opts

@@ -74,6 +74,7 @@ class RegisterWidget(QWidget):
         self._last_preview = 0.0
         self.preview_layer = None
         self._showing = False
+        self._running = False
         self._layout()
         self.run_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.runner.cancel)
@@ -142,6 +143,7 @@ class RegisterWidget(QWidget):
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status.setText("Running…")
+        self._running = True
         self.loss_plot.clear()
         self._remove_preview()
         self._progress_bar = napari_progress(total=0, desc=f"Registering {moving.name}")
@@ -163,6 +165,8 @@ class RegisterWidget(QWidget):
         )
 
     def _on_progress(self, event) -> None:
+        if not self._running:
+            return  # a late event after the run ended (cancelled or failed)
         bar = self._progress_bar
         if bar is not None:
             if bar.total != event.total:
@@ -206,6 +210,7 @@ class RegisterWidget(QWidget):
         self.preview_layer = None
 
     def _on_finished(self, result) -> None:
+        self._running = False
         reg, layers, notes = result
         self.last = reg
         self._remove_preview()
@@ -224,10 +229,12 @@ class RegisterWidget(QWidget):
         self.results.show_gradually(layers, shown)
 
     def _on_failed(self, message: str) -> None:
+        self._running = False
         show_error(message)
         self.status.setText(f"Failed: {message}")
 
     def _on_cancelled(self) -> None:
+        self._running = False
         layer = self.preview_layer
         if self.keep_partial.isChecked() and layer is not None and layer in self.viewer.layers:
             layer.name = f"{self._inputs['name']} preview (partial, cancelled)"

@@ -1,0 +1,233 @@
+"""MITO benchmark: EM section alignment on the full-size synthetic stack, with a peer.
+
+Generates the Lucchi++-sized synthetic stack (160 sections of 768 x 1024, each rotated by a
+random angle in (-pi, pi) and padded 250 px to 1268 x 1524) with
+:func:`napari_nephi.synthetic.em_stack`, aligns it with every detector/descriptor x BF/FLANN x
+with/without masks row of the MITO paper's table, plus MITO with automatic masks and
+``pystackreg`` rigid (previous-section reference) as a peer, and prints one table.
+
+Columns:
+
+* ``MP/s``: megapixels of stack per second of alignment (features, matching, fitting and
+  composition; the final resampling is timed separately in ``warp s``);
+* ``Dice chain``: mean over sections of the Dice coefficient between the aligned masks and the
+  unrotated ground-truth masks. The aligned stack lives in the reference section's frame, so
+  it is mapped to the unrotated frame with the reference's known rotation first. Errors of the
+  pairwise maps accumulate along the chain of sections;
+* ``Dice pair``: the same, but every section is placed by its own pairwise map composed with
+  the *true* placement of its neighbour: the accuracy of one pairwise step, without
+  accumulation;
+* ``failed``: sections whose primary pair fit failed (fallback used).
+* ``drift``: (once) MITO run on the *unrotated* stack, where the ideal answer is the identity:
+  the Dice that pairwise chaining keeps when the structures themselves move between sections.
+
+Usage::
+
+    .venv/bin/python benchmarks/mito_benchmark.py                      # full 160 sections
+    .venv/bin/python benchmarks/mito_benchmark.py --sections 20        # reduced
+    .venv/bin/python benchmarks/mito_benchmark.py --rows mito,mito-auto --sections 40
+
+Not part of the test run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import cv2
+import numpy as np
+
+from napari_nephi.engines.mito import align_stack
+from napari_nephi.engines.mito.align import warp_sections
+from napari_nephi.engines.mito.masks import detect_mitochondria_section
+from napari_nephi.synthetic import em_stack
+
+# name -> (detector, descriptor, use given masks)
+ROWS = {
+    "mito": ("mito", "brisk", True),
+    "mito-auto": ("mito", "brisk", "auto"),
+    "mito-orb": ("mito", "orb", True),
+    "mito-freak": ("mito", "freak", True),
+    "mito-sift": ("mito", "sift", True),
+    "orb": ("orb", "orb", False),
+    "orb+masks": ("orb", "orb", True),
+    "brisk": ("brisk", "brisk", False),
+    "brisk+masks": ("brisk", "brisk", True),
+    "fast-freak": ("fast", "freak", False),
+    "fast-freak+masks": ("fast", "freak", True),
+    "fast-brisk": ("fast", "brisk", False),
+    "fast-brisk+masks": ("fast", "brisk", True),
+    "sift": ("sift", "sift", False),
+    "sift+masks": ("sift", "sift", True),
+}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    s = int(a.sum()) + int(b.sum())
+    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+
+
+def dice_stack(masks, truth, matrices) -> np.ndarray:
+    warped = warp_sections(masks, matrices, labels=True)
+    return np.array([dice(w, t) for w, t in zip(warped, truth)])
+
+
+def evaluate(matrices, data, ref: int) -> dict:
+    """Chain and pair Dice of ``matrices`` (aligned -> original section, (y, x))."""
+    true = data["matrices"]
+    chain = matrices @ true[ref]  # unrotated frame -> section k
+    pair = np.empty_like(matrices)
+    for k in range(len(matrices)):
+        if k == ref:
+            pair[k] = true[k]
+            continue
+        j = k - 1 if k > ref else k + 1
+        p = matrices[k] @ np.linalg.inv(matrices[j])  # estimated section j -> section k
+        pair[k] = p @ true[j]
+    d_chain = dice_stack(data["masks"], data["unrotated_masks"], chain)
+    d_pair = dice_stack(data["masks"], data["unrotated_masks"], pair)
+    others = np.arange(len(matrices)) != ref
+    return {
+        "dice_chain": float(d_chain.mean()),
+        "dice_chain_min": float(d_chain.min()),
+        "dice_pair": float(d_pair[others].mean()) if others.any() else 1.0,
+    }
+
+
+def run_mito(data, name, matcher, args) -> dict:
+    det, desc, masks = ROWS[name]
+    kw = dict(
+        detector=det, descriptor=desc, matcher=matcher, model=args.model, reference=args.reference,
+        workers=args.workers, warp=True, **args.extra,
+    )  # fmt: skip
+    if masks is True:
+        kw["masks"] = data["masks"]
+    elif masks == "auto":
+        kw["use_masks"] = True
+    else:
+        kw["use_masks"] = False
+    reg = align_stack(data["stack"], **kw)
+    m = reg.metrics
+    res = evaluate(reg.transform.matrices, data, m["reference"])
+    res.update(
+        mp_s=m["megapixels_per_second"],
+        seconds=m["seconds_alignment"],
+        warp_s=m["seconds_warp"],
+        failed=len(m["failed_sections"]),
+        identity=len(m["identity_sections"]),
+        inliers=m["inliers_mean"],
+    )
+    return res
+
+
+def run_pystackreg(data, args) -> dict:
+    from pystackreg import StackReg
+
+    stack = data["stack"].astype(np.float32)
+    t0 = time.perf_counter()
+    sr = StackReg(StackReg.RIGID_BODY)
+    tmats = sr.register_stack(stack, reference="previous", verbose=False)
+    seconds = time.perf_counter() - t0
+    # tmats[k]: (x, y) map from the output (section 0's frame) to section k; reference = 0
+    swap = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1.0]])
+    mats = np.stack([swap @ t @ swap for t in tmats])
+    mats = mats @ np.linalg.inv(mats[0])
+    res = evaluate(mats, data, 0)
+    mp = stack.size / 1e6
+    res.update(mp_s=mp / seconds, seconds=seconds, warp_s=0.0, failed=0, identity=0, inliers=float("nan"))
+    return res
+
+
+def auto_mask_quality(data, sample: int = 8) -> dict:
+    ks = np.linspace(0, len(data["stack"]) - 1, min(sample, len(data["stack"]))).astype(int)
+    t0 = time.perf_counter()
+    d = [dice(detect_mitochondria_section(data["stack"][k]), data["masks"][k]) for k in ks]
+    return {
+        "dice_mean": float(np.mean(d)),
+        "dice_min": float(np.min(d)),
+        "ms_per_section": 1e3 * (time.perf_counter() - t0) / len(ks),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sections", type=int, default=160)
+    p.add_argument("--shape", type=int, nargs=2, default=(768, 1024))
+    p.add_argument("--pad", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows, or 'all'")
+    p.add_argument("--matchers", default="bf,flann")
+    p.add_argument("--model", default="homography")
+    p.add_argument("--reference", default="0")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--no-peer", action="store_true", help="skip pystackreg")
+    p.add_argument("--no-drift", action="store_true", help="skip the drift (unrotated stack) row")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="align_stack option")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    args.reference = int(args.reference) if args.reference.lstrip("-").isdigit() else args.reference
+    rows = list(ROWS) if args.rows == "all" else [r for r in args.rows.split(",") if r]
+    args.extra = {}
+    for item in args.option:
+        key, value = item.split("=", 1)
+        try:
+            args.extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            args.extra[key] = value
+
+    t0 = time.perf_counter()
+    data = em_stack(args.sections, tuple(args.shape), seed=args.seed, pad=args.pad)
+    n, h, w = data["stack"].shape
+    print(
+        f"# stack {n} x {h} x {w} ({n * h * w / 1e6:.0f} MP), generated in {time.perf_counter() - t0:.1f} s; "
+        f"{os.cpu_count()} CPUs, OpenCV {cv2.__version__}, {platform.processor() or platform.machine()}"
+    )
+    aq = auto_mask_quality(data)
+    print(
+        f"# automatic masks vs true masks: Dice {aq['dice_mean']:.3f} (min {aq['dice_min']:.3f}), "
+        f"{aq['ms_per_section']:.0f} ms/section"
+    )
+    header = (
+        f"{'row':<18} {'matcher':<6} {'MP/s':>7} {'align s':>8} {'warp s':>7} {'Dice chain':>10} "
+        f"{'min':>6} {'Dice pair':>9} {'failed':>6} {'inliers':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    results = []
+
+    def show(name, matcher, r):
+        results.append({"row": name, "matcher": matcher, **r})
+        print(
+            f"{name:<18} {matcher:<6} {r['mp_s']:7.1f} {r['seconds']:8.2f} {r['warp_s']:7.2f} "
+            f"{r['dice_chain']:10.3f} {r['dice_chain_min']:6.3f} {r['dice_pair']:9.3f} {r['failed']:6d} "
+            f"{r['inliers']:7.1f}",
+            flush=True,
+        )
+
+    for name in rows:
+        for matcher in args.matchers.split(","):
+            show(name, matcher, run_mito(data, name, matcher, args))
+    if not args.no_drift:
+        flat = dict(data)
+        flat["stack"], flat["masks"] = data["unrotated_stack"], data["unrotated_masks"]
+        flat["matrices"] = np.repeat(np.eye(3)[None], n, axis=0)
+        show("drift (unrotated)", "bf", run_mito(flat, "mito", "bf", args))
+    if not args.no_peer:
+        try:
+            show("pystackreg rigid", "-", run_pystackreg(data, args))
+        except ImportError:
+            print("pystackreg not installed: pip install pystackreg")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"stack": [n, h, w], "auto_masks": aq, "results": results}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

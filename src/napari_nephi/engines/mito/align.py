@@ -1,0 +1,754 @@
+"""MITO: align a stack of 2D EM sections with keypoints detected inside mitochondria.
+
+Pipeline (:func:`align_stack`):
+
+1. every section is read once (one at a time from lazy dask / TIFF-folder stacks), scaled to
+   uint8, reduced to the work resolution (``scale``) and smoothed;
+2. keypoints are detected (``detector``; for ``"mito"``, FAST corners restricted to the
+   mitochondria masks dilated by ``mask_dilation`` px; the masks are given or detected
+   automatically) and described (``descriptor``) once per section;
+3. every section is matched to its neighbour toward the reference section (``matcher`` with
+   Lowe's ratio test) and a ``model`` is fitted by RANSAC with a reprojection threshold of
+   ``ransac_threshold`` pixels of the original section;
+4. a pair that fails (too few inliers, or an implausible map: flip, scale change over 1.5x,
+   strong perspective) is retried with the ``fallback`` detectors on the whole section, then
+   against the section one step further toward the reference; when all fail the section gets
+   the identity relative to its neighbour. Every such case is in the report;
+5. pairwise maps are composed to the reference after all pairs are done.
+
+Steps 1-4 run in ``workers`` threads (OpenCV releases the GIL) over a bounded window of
+sections, so a long stack read lazily from disk never needs to fit in memory.
+
+Convention: ``matrices[k]`` (3x3, ``(y, x)`` order, homogeneous) maps coordinates in the
+aligned stack (the reference section's frame) to coordinates in original section ``k``: a
+pull-back, as :class:`~napari_nephi.core.transform.PerSectionTransform` expects. OpenCV fits
+``(x, y)`` maps; they are converted with :func:`.features.xy_to_yx`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from ...core.errors import DimensionMismatchError, InputError
+from ...core.progress import CancelFlag, Progress, ProgressCallback
+from ...core.registration import Registration
+from ...core.transform import PerSectionTransform
+from . import features as ft
+from .masks import detect_mitochondria_section, intensity_range, to_uint8, valid_region
+
+#: Native descriptor of each detector when it is used as a fallback.
+FALLBACK_DESCRIPTOR = {"sift": "sift", "orb": "orb", "brisk": "brisk", "fast": "brisk"}
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def _read_path(path, what: str):
+    from ...io import read_image
+
+    data, meta, _ = read_image(path)[0]
+    if meta.get("multiscale"):
+        data = data[0]
+    if meta.get("rgb"):
+        raise InputError(f"The {what} {path} is RGB; EM sections must be grayscale (one channel).")
+    return data, meta
+
+
+def as_stack(stack, what: str = "stack"):
+    """A ``(n, y, x)`` array-like (numpy, dask, zarr ...) from an array, a list or a path."""
+    if stack is None:
+        raise InputError(f"No {what} given.")
+    if isinstance(stack, (str, Path)):
+        stack, _ = _read_path(stack, what)
+    elif isinstance(stack, (list, tuple)):
+        if not stack:
+            raise InputError(f"The {what} is empty: pass at least one section.")
+        stack = np.stack([np.asarray(s) for s in stack])
+    elif not (hasattr(stack, "shape") and hasattr(stack, "dtype") and hasattr(stack, "__getitem__")):
+        stack = np.asarray(stack)
+    shape = tuple(int(s) for s in stack.shape)
+    dtype = np.dtype(stack.dtype)
+    if dtype.kind not in "biuf":
+        raise InputError(f"The {what} must be numeric, got dtype {dtype}.")
+    if len(shape) == 2:
+        raise InputError(
+            f"The {what} is a single 2D image {shape}; align_stack needs a stack of sections "
+            "(n, y, x). To align one image onto another use "
+            "napari_nephi.register(fixed, moving, method='mito')."
+        )
+    if len(shape) != 3:
+        raise InputError(
+            f"The {what} must be 3D (sections, y, x), got {len(shape)}D shape {shape}. "
+            "For RGB sections convert them to grayscale first."
+        )
+    if min(shape) == 0:
+        raise InputError(f"The {what} is empty (shape {shape}): it needs sections with pixels.")
+    if min(shape[1:]) < 16:
+        raise InputError(f"Sections of {shape[1:]} pixels are too small to align; 16 x 16 is the minimum.")
+    return stack
+
+
+def read_section(stack, k: int) -> np.ndarray:
+    """Section ``k`` as numpy; dask arrays are computed in the calling thread only."""
+    a = stack[int(k)]
+    if hasattr(a, "compute"):
+        a = a.compute(scheduler="synchronous")
+    return np.asarray(a)
+
+
+def _auto_scale(shape) -> float:
+    side = max(shape)
+    return 1.0 / 2 ** max(0, math.ceil(math.log2(side / 1024))) if side > 1024 else 1.0
+
+
+# -- options --------------------------------------------------------------------------------------
+@dataclass
+class _Options:
+    detector: str
+    descriptor: str
+    matcher: str
+    model: str
+    use_masks: bool
+    ransac_threshold: float
+    ratio: float
+    max_keypoints: int
+    scale: float
+    smooth: float
+    mask_dilation: float
+    border: int
+    min_inliers: int
+    fallback: tuple
+    max_skip: int
+    mito_radius: float | None
+    fast_threshold: int
+    max_scale: float
+    keypoint_size: float | None = None  # original pixels; None: from the mitochondria size
+    model_selection: bool = True
+
+
+@dataclass
+class _PairResult:
+    section: int
+    source: int  # the section the map comes from (toward the reference)
+    matrix: np.ndarray  # (y, x) map from section `source` coordinates to section `section` coordinates
+    row: dict
+
+
+class _Sections:
+    """Per-section preprocessing and cached features, shared by the worker threads."""
+
+    def __init__(self, stack, masks, opts: _Options, intensity):
+        self.stack, self.masks, self.opts, self.intensity = stack, masks, opts, intensity
+        self._fallback: dict[tuple[str, int], ft.Features] = {}
+        self._lock = threading.Lock()
+        self.mask_fraction: dict[int, float] = {}
+        self.keypoint_size = 31.0  # work pixels; set by prepare()
+        self.mito_radius = None  # estimated, work pixels
+
+    def prepare(self, ref: int) -> None:
+        """Fix the keypoint support (work pixels) from the reference section's mitochondria."""
+        o = self.opts
+        if o.keypoint_size is not None:
+            self.keypoint_size = max(4.0, o.keypoint_size * o.scale)
+            return
+        if o.detector not in ("mito", "fast") and "fast" not in o.fallback:
+            return
+        work, _, valid = self.work_image(ref)
+        mask = self._raw_mask(ref, work) & valid
+        r = mean_radius(mask)
+        if r is not None:
+            self.mito_radius = r
+            self.keypoint_size = float(np.clip(2.5 * r, 8.0, 96.0))
+
+    def work_image(self, k: int):
+        """``(raw uint8 section, smoothed work image, valid region at work scale)``."""
+        raw = to_uint8(read_section(self.stack, k), *self.intensity)
+        s = self.opts.scale
+        work = raw
+        if s != 1.0:
+            h, w = raw.shape
+            size = (max(1, int(round(w * s))), max(1, int(round(h * s))))
+            work = cv2.resize(raw, size, interpolation=cv2.INTER_AREA)
+        valid = valid_region(work, self.opts.border)
+        smooth = work
+        if self.opts.smooth > 0:
+            smooth = cv2.GaussianBlur(work, (0, 0), self.opts.smooth)
+        return work, smooth, valid
+
+    def _raw_mask(self, k: int, work: np.ndarray) -> np.ndarray:
+        """Mitochondria of section ``k`` at work scale (given or detected), uint8 0/1."""
+        o = self.opts
+        if self.masks is not None:
+            m = read_section(self.masks, k)
+            if m.dtype not in (np.uint8, np.uint16, np.int16, np.float32):
+                m = (m > 0).astype(np.uint8)
+            if m.shape != work.shape:
+                m = cv2.resize(m, (work.shape[1], work.shape[0]), interpolation=cv2.INTER_NEAREST)
+            return (m > 0).view(np.uint8)
+        radius = None if o.mito_radius is None else o.mito_radius * o.scale
+        return detect_mitochondria_section(work, radius)
+
+    def keypoint_mask(self, k: int, work: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        o = self.opts
+        m = self._raw_mask(k, work)
+        self.mask_fraction[k] = float(m.mean())
+        r = int(round(o.mask_dilation * o.scale))
+        if r > 0 and m.any():
+            m = cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+        return m & valid
+
+    def features(self, k: int) -> ft.Features:
+        o = self.opts
+        work, smooth, valid = self.work_image(k)
+        mask = self.keypoint_mask(k, work, valid) if o.use_masks else valid
+        return ft.features(
+            smooth, o.detector, o.descriptor, mask, o.max_keypoints, o.scale, o.fast_threshold,
+            self.keypoint_size,
+        )  # fmt: skip
+
+    def fallback_features(self, detector: str, k: int) -> ft.Features:
+        key = (detector, k)
+        with self._lock:
+            if key in self._fallback:
+                return self._fallback[key]
+        o = self.opts
+        _, smooth, valid = self.work_image(k)
+        desc = FALLBACK_DESCRIPTOR.get(detector, o.descriptor)
+        f = ft.features(
+            smooth, detector, desc, valid, o.max_keypoints, o.scale, o.fast_threshold, self.keypoint_size
+        )
+        with self._lock:
+            self._fallback[key] = f
+            if len(self._fallback) > 16:  # a few pairs' worth; fallbacks are rare
+                self._fallback.pop(next(iter(self._fallback)))
+        return f
+
+
+def mean_radius(mask: np.ndarray) -> float | None:
+    """Mean half-width of the objects of a binary mask, ``2 * area / perimeter`` (None if empty)."""
+    m = (np.asarray(mask) > 0).astype(np.uint8)
+    area = float(m.sum())
+    if area < 4:
+        return None
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    perimeter = sum(cv2.arcLength(c, True) for c in contours)
+    return 2.0 * area / perimeter if perimeter > 0 else None
+
+
+def _fit_pair(fa: ft.Features, fb: ft.Features, o: _Options, shape) -> dict:
+    """Match section a to b and fit the map a -> b.
+
+    With ``o.model_selection`` the simpler nested models (homography > affine > similarity >
+    rigid) are fitted too, and the simplest one that keeps at least 90 % of the largest
+    inlier count is used: extra degrees of freedom must explain clearly more matches, else
+    they only fit noise (and extrapolate badly far from the keypoints).
+
+    Returns ``matrix`` ((x, y) 3x3, None unless the fit is accepted), ``fit`` (the RANSAC
+    result even when rejected), ``model`` (the one used), ``matches`` (index pairs),
+    ``inliers`` (bool per match) and ``stats`` (counts, mean inlier reprojection error in
+    pixels, model).
+    """
+    idx = ft.match(fa, fb, o.matcher, o.ratio)
+    stats: dict[str, Any] = {
+        "matches": int(len(idx)), "inliers": 0, "reprojection_error": None, "model": o.model,
+    }  # fmt: skip
+    out = {"matrix": None, "fit": None, "matches": idx, "inliers": np.zeros(len(idx), bool), "stats": stats}
+    src, dst = fa.points[idx[:, 0]], fb.points[idx[:, 1]]
+    models = ft.MODELS[ft.MODELS.index(o.model) :] if o.model_selection else (o.model,)
+    fits = []
+    for model in models:
+        if len(idx) <= ft.MIN_POINTS[model]:
+            continue
+        m, inl = ft.fit_model(src, dst, model, o.ransac_threshold)
+        if m is not None:
+            fits.append((model, m, inl))
+    if not fits:
+        return out
+    best = max(int(f[2].sum()) for f in fits)
+    good = [f for f in fits if f[2].sum() >= 0.9 * best and ft.plausible(f[1], shape, o.max_scale)]
+    model, m, inl = good[-1] if good else fits[0]
+    out["fit"], out["inliers"] = m, inl
+    n_in = int(inl.sum())
+    stats.update(inliers=n_in, model=model)
+    if n_in:
+        err = np.linalg.norm(ft.project(m, src[inl]) - dst[inl], axis=1)
+        stats["reprojection_error"] = float(err.mean())
+    if n_in >= o.min_inliers and ft.plausible(m, shape, o.max_scale):
+        out["matrix"] = m
+    return out
+
+
+def _estimate(fa: ft.Features, fb: ft.Features, o: _Options, shape):
+    """``(accepted (x, y) matrix or None, stats)`` of the map from section a to section b."""
+    r = _fit_pair(fa, fb, o, shape)
+    return r["matrix"], r["stats"]
+
+
+def _pair_job(sections: _Sections, futs: dict, k: int, chain: list[int], shape) -> _PairResult:
+    """Align section ``k`` to ``chain[0]`` (its neighbour toward the reference), with fallbacks."""
+    o = sections.opts
+    fk = futs[k].result()
+    label = f"{o.detector}+{o.descriptor}"
+    row: dict[str, Any] = {
+        "section": k,
+        "neighbour": chain[0],
+        "keypoints": len(fk),
+        "matches": 0,
+        "inliers": 0,
+        "reprojection_error": None,
+        "failed": False,
+        "fallback": "",
+        "method": label,
+        "model": o.model,
+    }
+    tried: list[str] = []
+    for step, j in enumerate(chain):
+        fj = futs[j].result()
+        m, stats = _estimate(fj, fk, o, shape)
+        if step == 0:
+            row.update(stats)
+        if m is not None:
+            if step:
+                row.update(stats, fallback=f"skip to {j}", neighbour=j, tried=list(tried))
+            return _PairResult(k, j, ft.xy_to_yx(m), row)
+        row["failed"] = True
+        tried.append(f"{label} vs {j}")
+        for det in o.fallback:
+            if det == "identity":
+                break
+            fa, fb = sections.fallback_features(det, j), sections.fallback_features(det, k)
+            m, stats = _estimate(fa, fb, o, shape)
+            tried.append(f"{det} vs {j}")
+            if m is not None:
+                name = f"{det}+{FALLBACK_DESCRIPTOR.get(det, o.descriptor)}"
+                how = name if not step else f"{name}, skip to {j}"
+                row.update(stats, fallback=how, neighbour=j, method=name, tried=list(tried))
+                return _PairResult(k, j, ft.xy_to_yx(m), row)
+    row.update(fallback="identity", method="identity", model="identity", neighbour=chain[0], tried=tried)
+    return _PairResult(k, chain[0], np.eye(3), row)
+
+
+# -- the engine ---------------------------------------------------------------------------------
+def align_stack(
+    stack,
+    masks=None,
+    detector: str = "mito",
+    descriptor: str = "brisk",
+    matcher: str = "bf",
+    model: str = "homography",
+    reference: int | str = 0,
+    ransac_threshold: float = 3.0,
+    ratio: float = 0.8,
+    workers: int | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelFlag = None,
+    *,
+    use_masks: bool | None = None,
+    max_keypoints: int = 1000,
+    scale: float | None = None,
+    smooth: float = 1.0,
+    mask_dilation: float = 12.0,
+    border: int = 6,
+    min_inliers: int = 10,
+    fallback: Sequence[str] = ("sift", "identity"),
+    max_skip: int = 2,
+    mito_radius: float | None = None,
+    fast_threshold: int = 10,
+    max_scale: float = 1.5,
+    keypoint_size: float | None = None,
+    model_selection: bool = True,
+    warp: bool = True,
+    lazy: bool = False,
+    spacing: Sequence[float] | None = None,
+) -> Registration:
+    """Align the sections of an EM stack to a reference section with keypoints (MITO).
+
+    Parameters
+    ----------
+    stack
+        ``(n, y, x)`` sections: a numpy or dask array (read one section at a time), a list of
+        2D arrays, or a path (multi-page TIFF, folder of section TIFFs, NIfTI).
+    masks
+        Optional mitochondria masks of the same shape (labels or binary; array or path). With
+        ``detector="mito"`` (or ``use_masks=True``) and no masks, mitochondria are detected
+        automatically (:func:`~.masks.detect_mitochondria_section`).
+    detector
+        ``"mito"`` (FAST corners inside the dilated mitochondria masks), ``"orb"``, ``"brisk"``,
+        ``"fast"`` or ``"sift"``.
+    descriptor
+        ``"brisk"``, ``"orb"``, ``"freak"`` (binary, Hamming distance) or ``"sift"`` (float, L2).
+    matcher
+        ``"bf"`` brute force or ``"flann"`` (LSH for binary descriptors, kd-trees for SIFT),
+        both followed by the ratio test with ``ratio``.
+    model
+        ``"homography"``, ``"affine"``, ``"similarity"`` or ``"rigid"``: the most general map
+        allowed. With ``model_selection`` (default) a simpler nested model is used for a pair
+        when it keeps at least 90 % of the inliers of the richer ones; the report's ``model``
+        column says which. ``model_selection=False`` always fits ``model`` itself.
+    reference
+        Index of the section that stays in place (negative counts from the end), or ``"middle"``.
+    ransac_threshold
+        RANSAC reprojection threshold in pixels of the original sections.
+    workers
+        Threads for per-section features and matching (default: the usable CPU cores).
+    progress, cancel
+        A callback receiving :class:`~napari_nephi.core.progress.ProgressEvent` once per
+        section (``extra["row"]`` is that section's report row) and a flag that stops the run.
+    use_masks
+        Restrict keypoints to (dilated) mitochondria masks; default True for ``"mito"`` or when
+        ``masks`` are given, else False. True without ``masks`` detects them automatically.
+    max_keypoints
+        Keypoints kept per section, spread over the section (strongest per grid cell first).
+    scale
+        Work resolution relative to the sections; default 1 up to 1024 px, 0.5 up to 2048 px ...
+        Keypoints are mapped back, so matrices are always in original pixels.
+    smooth
+        Gaussian sigma (work pixels) applied before detection and description.
+    mask_dilation
+        Margin (original pixels) added around the mitochondria masks.
+    border
+        Keypoints closer than this (work pixels) to the zero padding of a section are dropped.
+    min_inliers
+        A pair with fewer RANSAC inliers fails and goes to the fallbacks.
+    fallback
+        Detectors tried on the whole sections when a pair fails, in order; ``"identity"`` ends
+        the list. After them the section is matched one step further toward the reference
+        (``max_skip`` neighbours in all), and finally it gets the identity relative to its
+        neighbour.
+    mito_radius
+        Typical mitochondrion radius in pixels for automatic masks (default: estimated).
+    keypoint_size
+        Support (diameter, original pixels) of the descriptors of FAST / ``"mito"`` keypoints,
+        which have no scale of their own; default 2.5x the mean mitochondrion half-width of
+        the reference section's masks, so a descriptor sees a mitochondrion and its border.
+    spacing
+        ``(z, y, x)`` voxel size kept with the transform (default: from the file for a path,
+        else 1).
+    warp, lazy
+        Compute ``.warped`` (the aligned stack, same dtype as the input where OpenCV can
+        interpolate it, else float32); ``lazy=True`` makes it a dask array computed section by
+        section on access instead. With ``warp=False`` ``.warped`` is None.
+
+    Returns
+    -------
+    Registration
+        ``.warped`` the aligned stack, ``.transform`` a
+        :class:`~napari_nephi.core.transform.PerSectionTransform` whose ``matrices[k]`` maps
+        aligned (reference-frame) coordinates to coordinates of section ``k``, ``.metrics``
+        with ``"report"`` (one dict per section: keypoints, matches, inliers, reprojection
+        error, failed, fallback, method) and a summary; ``.settings`` the options used.
+    """
+    start = time.perf_counter()
+    if isinstance(stack, (str, Path)):
+        stack, meta = _read_path(stack, "stack")
+        file_spacing = meta.get("scale")
+        if spacing is None and file_spacing is not None and len(file_spacing) == 3:
+            spacing = tuple(file_spacing)
+    stack = as_stack(stack)
+    n, h, w = (int(s) for s in stack.shape)
+    if masks is not None:
+        masks = as_stack(masks, "mask stack")
+        if tuple(masks.shape) != (n, h, w):
+            raise DimensionMismatchError(
+                f"The masks have shape {tuple(masks.shape)} but the stack has shape {(n, h, w)}; "
+                "give one mask per section, of the section's size."
+            )
+    opts = build_options(
+        (h, w), detector, descriptor, matcher, model, use_masks, ransac_threshold, ratio,
+        max_keypoints, scale, smooth, mask_dilation, border, min_inliers, fallback, max_skip,
+        mito_radius, fast_threshold, max_scale, keypoint_size, model_selection,
+        masks_given=masks is not None,
+    )  # fmt: skip
+    det, desc, mat, mod, fb = opts.detector, opts.descriptor, opts.matcher, opts.model, opts.fallback
+    ref = _reference(reference, n)
+    workers = int(workers) if workers else _cpu_count()
+    if workers < 1:
+        raise InputError(f"workers must be >= 1, got {workers}.")
+    prog = Progress(progress, cancel)
+    prog.check()
+    intensity = (None, None)
+    if np.dtype(stack.dtype) != np.uint8:
+        intensity = intensity_range(read_section(stack, ref))
+    sections = _Sections(stack, masks, opts, intensity)
+    sections.prepare(ref)
+    total = n + (n if warp and not lazy else 0)
+
+    matrices = np.repeat(np.eye(3)[None], n, axis=0)
+    rows: list[dict | None] = [None] * n
+    t_align = time.perf_counter()
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mito")
+    try:
+        ref_feats = executor.submit(sections.features, ref)
+        f_ref = ref_feats.result()
+        rows[ref] = {
+            "section": ref, "neighbour": None, "keypoints": len(f_ref), "matches": 0, "inliers": 0,
+            "reprojection_error": None, "failed": False, "fallback": "", "method": "reference", "model": "",
+        }  # fmt: skip
+        done = 1
+        prog.step(done, total, stage=f"section {ref + 1}/{n}", section=ref, row=rows[ref])
+        limit = 4 * workers + 2  # pairs in flight: bounds memory for lazily read stacks
+        for direction in (1, -1):
+            order = list(range(ref + direction, n if direction > 0 else -1, direction))
+            futs: dict[int, Future] = {ref: ref_feats}
+            window: deque = deque()
+            for i, k in enumerate(order):
+                prog.check()
+                futs[k] = executor.submit(sections.features, k)
+                chain = ([ref] + order[:i])[::-1][: opts.max_skip]  # toward the reference
+                needed = {j: futs[j] for j in [k, *chain]}
+                window.append(executor.submit(_pair_job, sections, needed, k, chain, (h, w)))
+                for old in [j for j in futs if abs(j - k) > opts.max_skip]:
+                    del futs[old]  # features stay alive only while a queued pair needs them
+                while len(window) > limit or (window and i == len(order) - 1):
+                    res: _PairResult = window.popleft().result()
+                    matrices[res.section] = _normalise(res.matrix @ matrices[res.source])
+                    rows[res.section] = res.row
+                    done += 1
+                    stage = f"section {res.section + 1}/{n}"
+                    prog.step(done, total, stage=stage, section=res.section, row=res.row)
+    except BaseException:
+        executor.shutdown(wait=True, cancel_futures=True)
+        raise
+    executor.shutdown(wait=True)
+    t_align = time.perf_counter() - t_align
+
+    transform = PerSectionTransform(matrices, shape=(n, h, w), spacing=spacing)
+    warped = None
+    t_warp = 0.0
+    if warp:
+        t0 = time.perf_counter()
+        warped = warp_sections(stack, matrices, labels=False, workers=workers, lazy=lazy, progress=prog,
+                               step0=done, total=total)  # fmt: skip
+        t_warp = time.perf_counter() - t0
+    report = [_jsonable(r) for r in rows]
+    failed = [r["section"] for r in report if r["failed"]]
+    identity = [r["section"] for r in report if r["fallback"] == "identity"]
+    inl = [r["inliers"] for r in report if r["section"] != ref]
+    errs = [r["reprojection_error"] for r in report if r["reprojection_error"] is not None]
+    megapixels = n * h * w / 1e6
+    metrics: dict[str, Any] = {
+        "report": report,
+        "sections": n,
+        "reference": ref,
+        "failed_sections": failed,
+        "fallback_sections": [r["section"] for r in report if r["fallback"]],
+        "identity_sections": identity,
+        "inliers_mean": float(np.mean(inl)) if inl else 0.0,
+        "inliers_min": int(min(inl)) if inl else 0,
+        "reprojection_error_mean": float(np.mean(errs)) if errs else None,
+        "mask_source": ("given" if masks is not None else "automatic") if opts.use_masks else "none",
+        "seconds_alignment": t_align,
+        "seconds_warp": t_warp,
+        "megapixels": megapixels,
+        "megapixels_per_second": megapixels / t_align if t_align > 0 else None,
+        "seconds": time.perf_counter() - start,
+    }
+    if opts.use_masks and sections.mask_fraction:
+        metrics["mask_fraction_mean"] = float(np.mean(list(sections.mask_fraction.values())))
+    settings = {
+        "method": "mito",
+        "detector": det, "descriptor": desc, "matcher": mat, "model": mod, "reference": ref,
+        "ransac_threshold": opts.ransac_threshold, "ratio": opts.ratio, "workers": workers,
+        "use_masks": opts.use_masks, "max_keypoints": opts.max_keypoints, "scale": opts.scale,
+        "smooth": opts.smooth, "mask_dilation": opts.mask_dilation, "border": opts.border,
+        "min_inliers": opts.min_inliers, "fallback": list(fb), "max_skip": opts.max_skip,
+        "mito_radius": mito_radius, "fast_threshold": opts.fast_threshold, "max_scale": opts.max_scale,
+        "keypoint_size": sections.keypoint_size / opts.scale,
+        "model_selection": opts.model_selection,
+    }  # fmt: skip
+    transform.settings = dict(settings)
+    return Registration(warped=warped, transform=transform, metrics=metrics, settings=settings)
+
+
+def build_options(
+    shape, detector, descriptor, matcher, model, use_masks, ransac_threshold, ratio, max_keypoints,
+    scale, smooth, mask_dilation, border, min_inliers, fallback, max_skip, mito_radius,
+    fast_threshold, max_scale, keypoint_size=None, model_selection=True, masks_given=False,
+) -> _Options:  # fmt: skip
+    """Validate the options of :func:`align_stack` (shared with :func:`.engine.match_pair`)."""
+    det = ft.check_choice(detector, ft.DETECTORS, "detector")
+    desc = ft.check_choice(descriptor, ft.DESCRIPTORS, "descriptor")
+    mat = ft.check_choice(matcher, ft.MATCHERS, "matcher")
+    mod = ft.check_choice(model, ft.MODELS, "model")
+    fb = tuple(str(f).lower() for f in (fallback or ()))
+    for f in fb:
+        if f != "identity":
+            ft.check_choice(f, ft.DETECTORS[1:], "fallback detector")
+    if use_masks is None:
+        use_masks = det == "mito" or masks_given
+    elif not use_masks and det == "mito":
+        raise InputError("detector='mito' always uses mitochondria masks; choose 'fast' to use none.")
+    if not ransac_threshold > 0:
+        raise InputError(f"ransac_threshold must be > 0 pixels, got {ransac_threshold}.")
+    if not 0 < ratio <= 1:
+        raise InputError(f"ratio must be in (0, 1], got {ratio}.")
+    if scale is None:
+        scale = _auto_scale(shape)
+    if not 0 < scale <= 1:
+        raise InputError(f"scale must be in (0, 1], got {scale}.")
+    if int(max_keypoints) < 4:
+        raise InputError(f"max_keypoints must be at least 4, got {max_keypoints}.")
+    return _Options(
+        detector=det, descriptor=desc, matcher=mat, model=mod, use_masks=bool(use_masks),
+        ransac_threshold=float(ransac_threshold), ratio=float(ratio), max_keypoints=int(max_keypoints),
+        scale=float(scale), smooth=float(smooth), mask_dilation=float(mask_dilation), border=int(border),
+        min_inliers=int(min_inliers), fallback=fb, max_skip=max(1, int(max_skip)),
+        mito_radius=mito_radius, fast_threshold=int(fast_threshold), max_scale=float(max_scale),
+        keypoint_size=None if keypoint_size is None else float(keypoint_size),
+        model_selection=bool(model_selection),
+    )  # fmt: skip
+
+
+def _reference(reference, n: int) -> int:
+    if isinstance(reference, str):
+        if reference.lower() in ("middle", "centre", "center"):
+            return (n - 1) // 2
+        raise InputError(f"reference must be a section index or 'middle', got {reference!r}.")
+    r = int(reference)
+    if r < 0:
+        r += n
+    if not 0 <= r < n:
+        raise InputError(f"reference {reference} is outside the stack of {n} sections.")
+    return r
+
+
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _normalise(m: np.ndarray) -> np.ndarray:
+    return m / m[2, 2] if abs(m[2, 2]) > 1e-12 else m
+
+
+def _jsonable(row: dict) -> dict:
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, (np.integer,)):
+            v = int(v)
+        elif isinstance(v, (np.floating, float)):
+            v = float(v) if math.isfinite(v) else None
+        elif isinstance(v, np.bool_):
+            v = bool(v)
+        out[k] = v
+    return out
+
+
+# -- warping ------------------------------------------------------------------------------------
+_LINEAR_DTYPES = {np.dtype(t) for t in (np.uint8, np.uint16, np.int16, np.float32, np.float64)}
+
+
+def _warp_one(section: np.ndarray, matrix_yx: np.ndarray, labels: bool) -> np.ndarray:
+    h, w = section.shape
+    m = ft.yx_to_xy(matrix_yx)
+    flags = (cv2.INTER_NEAREST if labels else cv2.INTER_LINEAR) | cv2.WARP_INVERSE_MAP
+    if labels:
+        if section.dtype in (np.uint8, np.uint16, np.int16, np.int32):
+            return cv2.warpPerspective(
+                section, m, (w, h), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+            )
+        # other dtypes: warp indices into the sorted label values, then look the values up
+        values, inverse = np.unique(section, return_inverse=True)
+        index = inverse.reshape(section.shape).astype(np.int32)
+        out = cv2.warpPerspective(
+            index, m, (w, h), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=-1
+        )
+        res = np.zeros(out.shape, dtype=section.dtype)
+        inside = out >= 0
+        res[inside] = values[out[inside]]
+        return res
+    src = section if section.dtype in _LINEAR_DTYPES else section.astype(np.float32)
+    return cv2.warpPerspective(src, m, (w, h), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def warp_sections(
+    stack,
+    matrices,
+    labels: bool = False,
+    workers: int | None = None,
+    lazy: bool = False,
+    progress: Progress | None = None,
+    step0: int = 0,
+    total: int | None = None,
+):
+    """Resample every section ``k`` of ``stack`` at ``matrices[k] @ p`` (OpenCV, per section).
+
+    Linear interpolation for images (input dtype kept where OpenCV interpolates it, else
+    float32), nearest neighbour for ``labels`` (dtype and values kept exactly); 0 outside.
+    Equivalent to ``PerSectionTransform(matrices).warp / .warp_labels`` but much faster.
+    ``lazy=True`` returns a dask array computed one section at a time.
+    """
+    stack = as_stack(stack, "labels" if labels else "stack")
+    mats = np.asarray(matrices, dtype=np.float64)
+    n, h, w = (int(s) for s in stack.shape)
+    if mats.shape != (n, 3, 3):
+        raise DimensionMismatchError(f"{mats.shape[0]} matrices for a stack of {n} sections.")
+    dtype = np.dtype(stack.dtype)
+    out_dtype = dtype if (labels or dtype in _LINEAR_DTYPES) else np.dtype(np.float32)
+    if labels and dtype.kind == "b":
+        out_dtype = np.dtype(np.uint8)
+
+    def one(k: int) -> np.ndarray:
+        sec = read_section(stack, k)
+        if sec.dtype == bool:
+            sec = sec.astype(np.uint8)
+        return _warp_one(sec, mats[k], labels).astype(out_dtype, copy=False)
+
+    if lazy:
+        import dask
+        import dask.array as da
+
+        parts = [da.from_delayed(dask.delayed(one)(k), (h, w), out_dtype) for k in range(n)]
+        return da.stack(parts)
+    out = np.empty((n, h, w), dtype=out_dtype)
+    total = total if total is not None else n
+    with ThreadPoolExecutor(max_workers=int(workers) if workers else _cpu_count()) as ex:
+        futs = [ex.submit(one, k) for k in range(n)]
+        try:
+            for k, f in enumerate(futs):
+                out[k] = f.result()
+                if progress is not None:
+                    progress.step(step0 + k + 1, total, stage=f"warping section {k + 1}/{n}")
+        except BaseException:
+            for f in futs:
+                f.cancel()
+            raise
+    return out
+
+
+def warp_masks(reg: Registration, masks, workers: int | None = None, lazy: bool = False):
+    """The masks (labels) aligned with ``reg`` (nearest neighbour; values and dtype kept)."""
+    return warp_sections(masks, reg.transform.matrices, labels=True, workers=workers, lazy=lazy)
+
+
+def detect_mitochondria(stack, radius: float | None = None, workers: int | None = None, labels: bool = True):
+    """Automatic mitochondria masks of every section (see :mod:`.masks`), ``(n, y, x)``.
+
+    ``labels=True`` gives connected-component labels per section (uint16), else 0/1 uint8.
+    """
+    from .masks import label_mask
+
+    stack = as_stack(stack)
+    n = int(stack.shape[0])
+    intensity = (None, None)
+    if np.dtype(stack.dtype) != np.uint8:
+        intensity = intensity_range(read_section(stack, 0))
+
+    def one(k: int) -> np.ndarray:
+        m = detect_mitochondria_section(to_uint8(read_section(stack, k), *intensity), radius)
+        return label_mask(m).astype(np.uint16) if labels else m
+
+    with ThreadPoolExecutor(max_workers=int(workers) if workers else _cpu_count()) as ex:
+        return np.stack(list(ex.map(one, range(n))))

@@ -1,0 +1,396 @@
+"""Keypoints, descriptors, matching and robust model fitting for EM section alignment.
+
+Everything here works on one 2D ``uint8`` section (or a pair) and is pure OpenCV / numpy,
+so it runs in worker threads while OpenCV releases the GIL.
+
+Coordinates: OpenCV keypoints are ``(x, y)``. This module keeps them as ``(x, y)`` float32
+arrays internally and converts fitted models to the project's ``(y, x)`` homogeneous
+convention only at the end, with :func:`xy_to_yx`. A model fitted with
+``fit_model(src, dst)`` maps ``src`` points to ``dst`` points.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from ...core.errors import InputError
+
+DETECTORS = ("mito", "orb", "brisk", "fast", "sift")
+DESCRIPTORS = ("brisk", "orb", "freak", "sift")
+MATCHERS = ("bf", "flann")
+MODELS = ("homography", "affine", "similarity", "rigid")
+
+#: Axis swap between (x, y) and (y, x) homogeneous coordinates (its own inverse).
+SWAP = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+def xy_to_yx(matrix_xy: np.ndarray) -> np.ndarray:
+    """A 3x3 map on ``(x, y, 1)`` as the same map on ``(y, x, 1)`` (and back: the swap is symmetric)."""
+    return SWAP @ np.asarray(matrix_xy, dtype=np.float64) @ SWAP
+
+
+yx_to_xy = xy_to_yx
+
+
+# -- OpenCV objects (created once per thread: they are not documented as thread-safe) --------
+_local = threading.local()
+
+
+def _brisk_factory():
+    if hasattr(cv2, "BRISK_create"):  # OpenCV 4
+        return cv2.BRISK_create
+    return cv2.xfeatures2d.BRISK_create  # OpenCV 5 moved it to contrib
+
+
+def _freak_factory():
+    xf = getattr(cv2, "xfeatures2d", None)
+    if xf is None or not hasattr(xf, "FREAK_create"):
+        raise InputError(
+            "The FREAK descriptor needs opencv-contrib-python(-headless); install it instead of "
+            "opencv-python, or choose descriptor='brisk'."
+        )
+    return xf.FREAK_create
+
+
+def _tool(name: str, key: tuple, make):
+    cache = getattr(_local, "tools", None)
+    if cache is None:
+        cache = _local.tools = {}
+    k = (name, *key)
+    if k not in cache:
+        cache[k] = make()
+    return cache[k]
+
+
+def _fast(threshold: int):
+    return _tool("fast", (threshold,), lambda: cv2.FastFeatureDetector_create(int(threshold), True))
+
+
+def _orb(n: int):
+    return _tool("orb", (n,), lambda: cv2.ORB_create(nfeatures=int(n)))
+
+
+def _brisk(threshold: int):
+    return _tool("brisk", (threshold,), lambda: _brisk_factory()(int(threshold), 3))
+
+
+def _sift(n: int):
+    return _tool("sift", (n,), lambda: cv2.SIFT_create(nfeatures=int(n)))
+
+
+def _freak():
+    return _tool("freak", (), lambda: _freak_factory()())
+
+
+# -- features ----------------------------------------------------------------------------------
+@dataclass
+class Features:
+    """Keypoints of one section: ``points`` (N, 2) float32 ``(x, y)`` in ORIGINAL section pixels."""
+
+    points: np.ndarray
+    descriptors: np.ndarray | None
+    binary: bool
+    detector: str = ""
+    descriptor: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return 0 if self.descriptors is None else len(self.points)
+
+    @staticmethod
+    def empty(detector: str, descriptor: str) -> Features:
+        return Features(np.zeros((0, 2), np.float32), None, descriptor != "sift", detector, descriptor)
+
+
+def check_choice(value: str, allowed: tuple, what: str) -> str:
+    v = str(value).lower()
+    if v not in allowed:
+        raise InputError(f"Unknown {what} {value!r}; choose one of {', '.join(allowed)}.")
+    return v
+
+
+def _strongest(kps, n: int):
+    if len(kps) <= n:
+        return list(kps)
+    return sorted(kps, key=lambda p: -p.response)[:n]
+
+
+def _spread(kps, n: int, shape, cells: int = 8):
+    """Keep at most ``n`` keypoints, the strongest of each cell of a ``cells`` x ``cells`` grid first.
+
+    Without this, strong keypoints crowd into a few high-contrast spots and the model fit is
+    poorly conditioned; with it they cover every structure that has any.
+    """
+    if len(kps) <= n:
+        return list(kps)
+    h, w = shape
+    per_cell: dict[int, list] = {}
+    for kp in sorted(kps, key=lambda p: -p.response):
+        x, y = kp.pt
+        c = min(int(y * cells / h), cells - 1) * cells + min(int(x * cells / w), cells - 1)
+        per_cell.setdefault(c, []).append(kp)
+    out: list = []
+    rank = 0
+    while len(out) < n:
+        added = False
+        for lst in per_cell.values():
+            if rank < len(lst):
+                out.append(lst[rank])
+                added = True
+                if len(out) >= n:
+                    break
+        if not added:
+            break
+        rank += 1
+    return out
+
+
+def _orient(img: np.ndarray, kps, radius: int = 7) -> None:
+    """Set each keypoint's angle from the intensity centroid of a disc (as ORB does)."""
+    if not kps:
+        return
+    r = int(radius)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disc = xx**2 + yy**2 <= r * r
+    dy, dx = yy[disc], xx[disc]
+    pad = cv2.copyMakeBorder(img, r, r, r, r, cv2.BORDER_REFLECT)
+    pts = np.array([kp.pt for kp in kps])
+    cx = np.clip(np.round(pts[:, 0]).astype(int), 0, img.shape[1] - 1) + r
+    cy = np.clip(np.round(pts[:, 1]).astype(int), 0, img.shape[0] - 1) + r
+    vals = pad[cy[:, None] + dy[None], cx[:, None] + dx[None]].astype(np.float32)
+    m10 = vals @ dx.astype(np.float32)
+    m01 = vals @ dy.astype(np.float32)
+    angles = np.degrees(np.arctan2(m01, m10)) % 360.0
+    for kp, a in zip(kps, angles):
+        kp.angle = float(a)
+
+
+def detect(
+    img: np.ndarray,
+    detector: str,
+    mask: np.ndarray | None,
+    max_keypoints: int,
+    fast_threshold: int = 10,
+):
+    """Keypoints of ``detector`` in ``img`` (uint8), only where ``mask`` is non-zero."""
+    m = None if mask is None else (mask > 0).astype(np.uint8)
+    if m is not None and not m.any():
+        return []
+    if detector in ("mito", "fast"):
+        kps = _fast(fast_threshold).detect(img, m)
+        return _spread(kps, max_keypoints, img.shape)
+    if detector == "orb":
+        return list(_orb(max_keypoints).detect(img, m))
+    if detector == "brisk":
+        return _spread(_brisk(20).detect(img, m), max_keypoints, img.shape)
+    if detector == "sift":
+        return list(_sift(max_keypoints).detect(img, m))
+    raise InputError(f"Unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}.")
+
+
+def describe(img: np.ndarray, kps, detector: str, descriptor: str, keypoint_size: float | None = None):
+    """Descriptors of ``kps``; returns ``(keypoints kept, descriptors or None)``.
+
+    ``keypoint_size`` (work pixels) is the support given to FAST keypoints, which have no
+    scale of their own; BRISK and FREAK scale their sampling pattern with it.
+    """
+    if not kps:
+        return [], None
+    if detector in ("mito", "fast") and keypoint_size:
+        for kp in kps:
+            kp.size = float(keypoint_size)
+    native = {"orb": "orb", "sift": "sift", "brisk": "brisk"}.get(detector)
+    if descriptor in ("orb", "sift") and native != descriptor:
+        # FAST (and BRISK) keypoints carry no orientation usable by ORB / SIFT descriptors:
+        # give them the intensity-centroid angle, as ORB does, and a patch they expect.
+        size = float(keypoint_size or 31.0)
+        _orient(img, kps, max(3, int(round(size / 2))))
+        for kp in kps:
+            kp.size = size / 3.0 if descriptor == "sift" else 31.0
+            kp.octave = 0
+    if descriptor == "brisk":
+        ext = _brisk(20)
+    elif descriptor == "orb":
+        ext = _orb(max(len(kps), 1))
+    elif descriptor == "freak":
+        ext = _freak()
+    elif descriptor == "sift":
+        ext = _sift(0)
+    else:
+        raise InputError(f"Unknown descriptor {descriptor!r}; choose one of {', '.join(DESCRIPTORS)}.")
+    kps, desc = ext.compute(img, kps)
+    if desc is None or len(kps) == 0:
+        return [], None
+    return kps, desc
+
+
+def features(
+    img: np.ndarray,
+    detector: str,
+    descriptor: str,
+    mask: np.ndarray | None = None,
+    max_keypoints: int = 1000,
+    scale: float = 1.0,
+    fast_threshold: int = 10,
+    keypoint_size: float | None = None,
+) -> Features:
+    """Detect and describe keypoints of one (already scaled, smoothed) uint8 section.
+
+    ``scale`` is the work resolution relative to the original section: returned points are
+    divided by it, so they are in original section pixels. ``keypoint_size``: see
+    :func:`describe`.
+    """
+    kps = detect(img, detector, mask, max_keypoints, fast_threshold)
+    kps, desc = describe(img, kps, detector, descriptor, keypoint_size)
+    if desc is None:
+        return Features.empty(detector, descriptor)
+    pts = np.array([kp.pt for kp in kps], dtype=np.float32).reshape(-1, 2)
+    # pixel centres: work pixel i covers original [i/s, (i+1)/s), centre (i + 0.5)/s - 0.5
+    pts = (pts + 0.5) / np.float32(scale) - 0.5
+    return Features(pts, desc, desc.dtype == np.uint8, detector, descriptor)
+
+
+# -- matching ------------------------------------------------------------------------------
+def _matcher(kind: str, binary: bool):
+    if kind == "bf":
+        norm = cv2.NORM_HAMMING if binary else cv2.NORM_L2
+        return _tool("bf", (norm,), lambda: cv2.BFMatcher(norm))
+    if kind == "flann":
+        if binary:  # locality-sensitive hashing for binary strings
+            index = {"algorithm": 6, "table_number": 6, "key_size": 12, "multi_probe_level": 1}
+        else:  # randomised kd-trees for float vectors
+            index = {"algorithm": 1, "trees": 4}
+        return cv2.FlannBasedMatcher(index, {"checks": 48})
+    raise InputError(f"Unknown matcher {kind!r}; choose one of {', '.join(MATCHERS)}.")
+
+
+def match(a: Features, b: Features, matcher: str = "bf", ratio: float = 0.8) -> np.ndarray:
+    """Indices ``(M, 2)`` of matches ``a[i] <-> b[j]`` passing Lowe's ratio test."""
+    if len(a) < 2 or len(b) < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    if a.binary != b.binary or a.descriptors.shape[1] != b.descriptors.shape[1]:
+        raise InputError("Cannot match different descriptor kinds; use one descriptor for the stack.")
+    da, db = a.descriptors, b.descriptors
+    if not a.binary:
+        da, db = da.astype(np.float32, copy=False), db.astype(np.float32, copy=False)
+    knn = _matcher(matcher, a.binary).knnMatch(da, db, k=2)
+    out = []
+    for pair in knn:
+        if len(pair) == 2:
+            m, n = pair
+            if m.distance < ratio * n.distance:
+                out.append((m.queryIdx, m.trainIdx))
+        elif len(pair) == 1 and matcher == "flann":
+            pass  # LSH found a single candidate: no ratio test possible, skip it
+    if not out:
+        return np.zeros((0, 2), dtype=np.int64)
+    idx = np.array(out, dtype=np.int64)
+    # keep one match per target keypoint (the first, i.e. in query order) to avoid many-to-one
+    _, first = np.unique(idx[:, 1], return_index=True)
+    return idx[np.sort(first)]
+
+
+# -- model fitting ------------------------------------------------------------------------------
+MIN_POINTS = {"homography": 4, "affine": 3, "similarity": 2, "rigid": 2}
+
+
+def _rigid_lsq(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares rotation + translation (no scale, no reflection) mapping src to dst, (x, y)."""
+    cs, cd = src.mean(0), dst.mean(0)
+    h = (src - cs).T @ (dst - cd)
+    u, _, vt = np.linalg.svd(h)
+    r = vt.T @ u.T
+    if np.linalg.det(r) < 0:
+        vt[-1] *= -1
+        r = vt.T @ u.T
+    m = np.eye(3)
+    m[:2, :2] = r
+    m[:2, 2] = cd - r @ cs
+    return m
+
+
+def project(matrix_xy: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    h = np.c_[pts, np.ones(len(pts))] @ np.asarray(matrix_xy).T
+    return h[:, :2] / h[:, 2:3]
+
+
+def fit_model(
+    src: np.ndarray,
+    dst: np.ndarray,
+    model: str,
+    threshold: float,
+    iterations: int = 2000,
+    confidence: float = 0.999,
+):
+    """RANSAC fit of ``model`` mapping ``src`` (x, y) to ``dst``; ``(3x3 matrix, inlier mask)``.
+
+    ``threshold`` is the RANSAC reprojection threshold in pixels. Returns ``(None, None)`` when
+    there are too few points or no model is found.
+    """
+    src = np.asarray(src, np.float64).reshape(-1, 2)
+    dst = np.asarray(dst, np.float64).reshape(-1, 2)
+    if len(src) < MIN_POINTS[model] + 1:
+        return None, None
+    s32, d32 = src.astype(np.float32), dst.astype(np.float32)
+    try:
+        if model == "homography":
+            m, inl = cv2.findHomography(
+                s32, d32, cv2.RANSAC, threshold, maxIters=iterations, confidence=confidence
+            )
+        elif model == "affine":
+            a, inl = cv2.estimateAffine2D(
+                s32, d32, method=cv2.RANSAC, ransacReprojThreshold=threshold, maxIters=iterations,
+                confidence=confidence, refineIters=10,
+            )  # fmt: skip
+            m = None if a is None else np.vstack([a, [0.0, 0.0, 1.0]])
+        else:  # similarity, and rigid seeded by it
+            a, inl = cv2.estimateAffinePartial2D(
+                s32, d32, method=cv2.RANSAC, ransacReprojThreshold=threshold, maxIters=iterations,
+                confidence=confidence, refineIters=10,
+            )  # fmt: skip
+            m = None if a is None else np.vstack([a, [0.0, 0.0, 1.0]])
+    except cv2.error:
+        return None, None
+    if m is None or inl is None or not np.all(np.isfinite(m)):
+        return None, None
+    inl = inl.ravel().astype(bool)
+    if model == "rigid" and inl.sum() >= 2:
+        for _ in range(2):
+            m = _rigid_lsq(src[inl], dst[inl])
+            err = np.linalg.norm(project(m, src) - dst, axis=1)
+            new = err <= threshold
+            if new.sum() < 2 or np.array_equal(new, inl):
+                break
+            inl = new
+    if abs(m[2, 2]) > 1e-12:
+        m = m / m[2, 2]
+    return m, inl
+
+
+def plausible(matrix_xy: np.ndarray, shape, max_scale: float = 1.5) -> bool:
+    """A section-to-section map: no flip, scale within ``1/max_scale..max_scale``, mild perspective."""
+    m = np.asarray(matrix_xy, dtype=np.float64)
+    if not np.all(np.isfinite(m)):
+        return False
+    a = m[:2, :2]
+    if np.linalg.det(a) <= 0:
+        return False
+    sv = np.linalg.svd(a, compute_uv=False)
+    if sv.max() > max_scale or sv.min() < 1.0 / max_scale:
+        return False
+    h, w = shape
+    corners = np.array([[0, 0], [w, 0], [0, h], [w, h]], dtype=np.float64)
+    denom = corners @ m[2, :2] + m[2, 2]
+    return bool(np.all(denom > 0.5) and np.all(denom < 2.0))
+
+
+def rotation_degrees(matrix_yx: np.ndarray) -> float:
+    """Rotation angle (degrees) of the linear part of a (y, x) matrix, for reports."""
+    a = np.asarray(matrix_yx)[:2, :2]
+    # in (y, x) order a rotation by t is [[c, -s], [s, c]] as in synthetic.rotation_matrix
+    return math.degrees(math.atan2(a[1, 0] - a[0, 1], a[0, 0] + a[1, 1]))

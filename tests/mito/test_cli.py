@@ -1,0 +1,98 @@
+"""``align-em`` through a fresh argparse parser (as the main CLI wires it with add_parser)."""
+
+import argparse
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from napari_nephi import load_transform
+from napari_nephi.core.errors import InputError
+from napari_nephi.engines.mito.cli import add_parser
+from napari_nephi.io import read_image, write_tiff
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="napari-nephi")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    return p.parse_args(argv)
+
+
+def dice(a, b):
+    a, b = a > 0, b > 0
+    return 2.0 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_align_em_writes_stack_masks_matrices_and_report(em, tmp_path, capsys):
+    write_tiff(tmp_path / "stack.tif", em["stack"], spacing=(1.0, 0.5, 0.5))
+    write_tiff(tmp_path / "masks.tif", em["masks"], spacing=(1.0, 0.5, 0.5))
+    out = tmp_path / "out"
+    args = parse(
+        ["align-em", str(tmp_path / "stack.tif"), "-o", str(out), "--masks", str(tmp_path / "masks.tif"),
+         "--model", "rigid", "--option", "max_keypoints=800"]
+    )  # fmt: skip
+    assert args.command == "align-em"
+    assert args.func(args) == 0
+    for name in (
+        "aligned.tif",
+        "aligned_masks.tif",
+        "matrices.npy",
+        "matrices.json",
+        "report.csv",
+        "report.json",
+    ):
+        assert (out / name).exists(), name
+    # the aligned stack: dtype, shape and spacing kept
+    data, meta, _ = read_image(out / "aligned.tif")[0]
+    data = np.asarray(data)
+    assert data.shape == em["stack"].shape and data.dtype == np.uint8
+    assert tuple(meta["scale"])[1:] == (0.5, 0.5)
+    # matrices agree with the saved transform and with the truth (section 0 is the reference)
+    mats = np.load(out / "matrices.npy")
+    np.testing.assert_allclose(np.array(json.loads((out / "matrices.json").read_text())), mats)
+    t = load_transform(out / "transform")
+    np.testing.assert_allclose(t.matrices, mats)
+    truth = em["matrices"] @ np.linalg.inv(em["matrices"][0])
+    c = np.array([180.0, 180.0, 1.0])
+    for k in range(len(mats)):
+        assert np.linalg.norm((mats[k] @ c)[:2] - (truth[k] @ c)[:2]) < 1.0
+    # aligned masks: label values kept, all sections on top of the reference's mitochondria
+    masks, _, _ = read_image(out / "aligned_masks.tif")[0]
+    masks = np.asarray(masks)
+    assert masks.dtype == em["masks"].dtype
+    assert set(np.unique(masks)) <= set(np.unique(em["masks"]))
+    assert dice(masks[1], masks[0]) > 0.8
+    # the report, one row per section
+    with open(out / "report.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["section"]) for r in rows] == list(range(6))
+    assert {"keypoints", "matches", "inliers", "reprojection_error", "failed", "fallback"} <= set(rows[0])
+    assert all(int(r["inliers"]) >= 10 for r in rows[1:])
+    doc = json.loads((out / "report.json").read_text())
+    assert len(doc["report"]) == 6 and doc["settings"]["model"] == "rigid"
+    assert doc["settings"]["max_keypoints"] == 800
+    assert "Aligned 6 sections" in capsys.readouterr().out
+
+
+def test_align_em_section_folder_without_masks(em, tmp_path):
+    folder = tmp_path / "sections"
+    folder.mkdir()
+    for k, sec in enumerate(em["stack"][:4]):
+        write_tiff(folder / f"z{k}.tif", sec)
+    out = tmp_path / "out"
+    args = parse(["align-em", str(folder), "-o", str(out), "--reference", "middle", "-q"])
+    assert args.func(args) == 0
+    auto, _, _ = read_image(out / "aligned_masks.tif")[0]  # automatic mitochondria, aligned
+    auto = np.asarray(auto)
+    assert auto.shape == (4, *em["stack"].shape[1:]) and auto.max() > 0
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["metrics"]["reference"] == 1 and doc["metrics"]["mask_source"] == "automatic"
+
+
+def test_align_em_clear_error_for_2d_input(em, tmp_path):
+    write_tiff(tmp_path / "one.tif", em["stack"][0])
+    args = parse(["align-em", str(tmp_path / "one.tif"), "-o", str(tmp_path / "out"), "-q"])
+    with pytest.raises(InputError, match="2D"):
+        args.func(args)

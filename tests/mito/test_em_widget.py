@@ -1,0 +1,140 @@
+"""The "EM stack alignment" dock widget in a real napari viewer (Xvfb on CI)."""
+
+import numpy as np
+import pytest
+
+from napari_nephi.widgets import em_widget as emw
+from napari_nephi.widgets._em_parts import InliersPlot
+from napari_nephi.widgets.em_widget import EMAlignWidget
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    messages = []
+    monkeypatch.setattr(emw, "show_error", messages.append)
+    return messages
+
+
+def _wait(runner, qtbot, action):
+    with qtbot.waitSignal(runner.stopped, timeout=60000):
+        action()
+
+
+def test_end_to_end_alignment(make_napari_viewer, qtbot, em, errors, tmp_path):
+    viewer = make_napari_viewer()
+    stack = viewer.add_image(em["stack"], name="em", scale=(1.0, 0.5, 0.5))
+    masks = viewer.add_labels(em["masks"], name="mito", scale=(1.0, 0.5, 0.5))
+    before = em["stack"].copy()
+    widget = EMAlignWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.stack.set_layer(stack)
+    widget.masks.set_layer(masks)
+    widget.options.model.setCurrentText("rigid")
+    steps = []
+    widget.runner.progressed.connect(lambda ev: steps.append(ev.step))
+    _wait(widget.runner, qtbot, widget.start)
+    assert errors == []
+    names = [ly.name for ly in viewer.layers]
+    assert "em aligned" in names and "em aligned masks" in names, names
+    aligned = viewer.layers["em aligned"]
+    assert aligned.data.shape == em["stack"].shape and tuple(aligned.scale) == (1.0, 0.5, 0.5)
+    lab = viewer.layers["em aligned masks"].data
+    assert lab.dtype == em["masks"].dtype and set(np.unique(lab)) <= set(np.unique(em["masks"]))
+    # progress per section, the report table and the plot
+    assert len(steps) >= 6
+    assert widget.table.rowCount() == 6
+    assert widget.table.column_values("section") == [str(k) for k in range(6)]
+    inliers = [int(v) for v in widget.table.column_values("inliers")[1:]]
+    assert min(inliers) >= 10
+    assert widget.plot.values == [float(r["inliers"]) for r in widget.last.metrics["report"]]
+    assert widget.progress.value() == widget.progress.maximum() == 6
+    assert "Done" in widget.status.text()
+    np.testing.assert_array_equal(stack.data, before)  # the input is untouched
+    # a second run replaces the result layers
+    count = len(viewer.layers)
+    _wait(widget.runner, qtbot, widget.start)
+    assert len(viewer.layers) == count
+    # keypoint / match overlay for a chosen pair
+    _wait(widget.helper, qtbot, lambda: widget.show_matches(1, 2))
+    pts1, pts2 = viewer.layers["keypoints 1"], viewer.layers["keypoints 2"]
+    assert len(pts1.data) > 10 and np.all(pts1.data[:, 0] == 1) and np.all(pts2.data[:, 0] == 2)
+    assert tuple(pts1.scale) == (1.0, 0.5, 0.5)
+    lines = viewer.layers["matches 1-2"]
+    assert lines.nshapes >= 20 and "inliers" in widget.status.text()
+    # saving the report
+    folder = widget.save_report(tmp_path / "report")
+    for name in ("report.csv", "report.json", "matrices.npy"):
+        assert (folder / name).exists()
+    assert np.load(folder / "matrices.npy").shape == (6, 3, 3)
+
+
+def test_automatic_masks_and_blank_section(make_napari_viewer, qtbot, em, errors):
+    viewer = make_napari_viewer()
+    data = em["stack"].copy()
+    data[4] = 0  # a blank section: reported, not fatal
+    viewer.add_image(data, name="em")
+    widget = EMAlignWidget(viewer)
+    qtbot.addWidget(widget)
+    _wait(widget.helper, qtbot, widget.detect_masks)
+    assert "em mitochondria" in [ly.name for ly in viewer.layers]
+    assert widget.masks.layer() is viewer.layers["em mitochondria"]
+    widget.masks.set_layer(None)  # none: the run detects them itself
+    widget.masks.setCurrentIndex(0)
+    _wait(widget.runner, qtbot, widget.start)
+    assert errors == []
+    assert "em aligned mitochondria (auto)" in [ly.name for ly in viewer.layers]
+    assert widget.table.rowCount() == 6
+    assert widget.table.column_values("fallback")[4] == "identity"
+    assert 4 in widget.plot.failed
+    assert "left in place: 4" in widget.status.text()
+
+
+def test_bad_inputs_show_errors_and_change_nothing(make_napari_viewer, qtbot, em, errors):
+    viewer = make_napari_viewer()
+    viewer.add_image(em["stack"][0], name="one section")
+    widget = EMAlignWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.start()
+    assert errors and "stack of sections" in errors[-1]
+    viewer.add_image(em["stack"], name="em")
+    widget.stack.set_layer(viewer.layers["em"])
+    viewer.add_labels(em["masks"][:3], name="short")
+    widget.masks.set_layer(viewer.layers["short"])
+    widget.start()
+    assert "do not match" in errors[-1]
+    assert [ly.name for ly in viewer.layers] == ["one section", "em", "short"]
+    assert widget.run_button.isEnabled() and not widget.runner.busy
+
+
+def test_cancel_keeps_layers(make_napari_viewer, qtbot, errors):
+    from napari_nephi.synthetic import em_stack
+
+    big = em_stack(40, (256, 256), seed=1)
+    viewer = make_napari_viewer()
+    viewer.add_image(big["stack"], name="em")
+    widget = EMAlignWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.options.workers.setValue(1)
+
+    def start_and_cancel():
+        widget.start()
+        widget.cancel_button.click()
+
+    _wait(widget.runner, qtbot, start_and_cancel)
+    assert "Cancelled" in widget.status.text()
+    assert [ly.name for ly in viewer.layers] == ["em"]
+    assert errors == []
+
+
+def test_inliers_plot_paints(qtbot):
+    plot = InliersPlot()
+    qtbot.addWidget(plot)
+    plot.resize(300, 120)
+    plot.set_data([0, 40, 35, 3, 50], failed=[3], reference=0)
+    image = plot.grab().toImage()
+    assert image.width() == 300
+    # the polyline and the red failed marker are painted (not only the background)
+    colours = {image.pixelColor(x, y).name() for x in range(0, 300, 3) for y in range(0, 120, 3)}
+    assert len(colours) > 3
+    plot.set_data([])
+    plot.grab()

@@ -1,0 +1,277 @@
+"""MITO engine: accuracy against known rotations, masks, failures, labels, errors, lazy input."""
+
+import threading
+
+import cv2
+import numpy as np
+import pytest
+
+import napari_nephi
+from napari_nephi.core.errors import Cancelled, DimensionMismatchError, InputError
+from napari_nephi.core.transform import AffineTransform, PerSectionTransform
+from napari_nephi.engines.mito import (
+    align_stack,
+    detect_mitochondria,
+    match_pair,
+    warp_masks,
+    warp_sections,
+)
+from napari_nephi.engines.mito import features as ft
+from napari_nephi.io import read_section_folder, write_tiff
+
+
+def dice(a, b):
+    a, b = a > 0, b > 0
+    return 2.0 * (a & b).sum() / (a.sum() + b.sum())
+
+
+# -- conventions -----------------------------------------------------------------------------------
+def test_opencv_xy_fit_becomes_yx_pull_back():
+    rng = np.random.default_rng(0)
+    src_yx = rng.uniform(0, 200, (40, 2))
+    dst_yx = src_yx + (3.0, -5.0)  # moved down 3 rows, left 5 columns
+    for model in ft.MODELS:
+        m_xy, inl = ft.fit_model(src_yx[:, ::-1], dst_yx[:, ::-1], model, 1.0)
+        assert inl.all()
+        m = ft.xy_to_yx(m_xy)
+        np.testing.assert_allclose(m[:2, 2], (3.0, -5.0), atol=1e-6)
+        np.testing.assert_allclose(m[:2, :2], np.eye(2), atol=1e-6)
+    # a general homography: our (y, x) matrix maps (y, x) points as OpenCV maps (x, y) ones
+    h_xy = np.array([[1.01, 0.05, 4.0], [-0.03, 0.98, -7.0], [1e-4, -2e-4, 1.0]])
+    moved_xy = cv2.perspectiveTransform(src_yx[:, ::-1].reshape(-1, 1, 2), h_xy).reshape(-1, 2)
+    h_yx = ft.xy_to_yx(h_xy)
+    q = np.c_[src_yx, np.ones(len(src_yx))] @ h_yx.T
+    np.testing.assert_allclose(q[:, :2] / q[:, 2:], moved_xy[:, ::-1], atol=1e-6)
+    # the rotation read from a (y, x) matrix follows synthetic.rotation_matrix's sign
+    from napari_nephi.synthetic import rotation_matrix
+
+    assert ft.rotation_degrees(rotation_matrix(0.5, (64, 64))) == pytest.approx(np.degrees(0.5))
+
+
+# -- accuracy --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model, selection", [("homography", True), ("similarity", False), ("rigid", False)])
+def test_known_rotations_recovered_within_one_pixel(rotated_copies, max_error, model, selection):
+    d = rotated_copies
+    reg = align_stack(d["stack"], d["masks"], model=model, model_selection=selection, workers=2)
+    assert isinstance(reg.transform, PerSectionTransform)
+    assert reg.transform.matrices.shape == (5, 3, 3)
+    err = max_error(reg.transform.matrices, d["matrices"], 0, d["stack"].shape[1:], d["pad"])
+    assert err[0] == 0.0
+    assert err.max() < 1.0, err
+    report = reg.metrics["report"]
+    assert [r["section"] for r in report] == list(range(5))
+    assert not any(r["failed"] for r in report)
+    assert all(r["inliers"] >= 10 for r in report[1:])
+    if not selection:
+        assert all(r["model"] == model for r in report[1:])
+    # the aligned stack is the reference section everywhere (same content, same frame)
+    ref_mask = d["masks"][0]
+    aligned = warp_masks(reg, d["masks"])
+    for k in range(1, 5):
+        assert dice(aligned[k], ref_mask) > 0.97
+
+
+def test_synthetic_stack_rotations_recovered(em, max_error):
+    """The generator's stack: the content changes between sections, the maps are rotations.
+
+    Pairwise errors accumulate along the chain, so the 1 px check uses the middle reference
+    (chains of 2-3 pairs); the default (reference 0, homography) gets 1.5 px.
+    """
+    reg = align_stack(em["stack"], em["masks"], model="rigid", reference="middle")
+    assert reg.metrics["reference"] == 2
+    np.testing.assert_allclose(reg.transform.matrices[2], np.eye(3))
+    err = max_error(reg.transform.matrices, em["matrices"], 2, em["stack"].shape[1:], em["pad"])
+    assert err.max() < 1.0, err
+    default = align_stack(em["stack"], em["masks"], warp=False)
+    assert default.warped is None
+    err = max_error(default.transform.matrices, em["matrices"], 0, em["stack"].shape[1:], em["pad"])
+    assert err.max() < 1.5, err
+    assert reg.warped.shape == em["stack"].shape and reg.warped.dtype == np.uint8
+    # .warped agrees with the generic (torch) per-section warp of the same transform
+    ref = reg.transform.warp(em["stack"].astype(np.float32))
+    inside = ref > 0
+    assert np.abs(reg.warped[inside].astype(np.float32) - ref[inside]).mean() < 1.0
+
+
+@pytest.mark.parametrize(
+    "detector, descriptor, matcher",
+    [
+        ("mito", "orb", "bf"),
+        ("mito", "freak", "flann"),
+        ("mito", "sift", "flann"),
+        ("orb", "orb", "flann"),
+        ("brisk", "brisk", "bf"),
+        ("fast", "freak", "bf"),
+        ("sift", "sift", "bf"),
+    ],
+)
+def test_detectors_descriptors_matchers(rotated_copies, max_error, detector, descriptor, matcher):
+    d = rotated_copies
+    reg = align_stack(
+        d["stack"], d["masks"], detector=detector, descriptor=descriptor, matcher=matcher, warp=False
+    )
+    err = max_error(reg.transform.matrices, d["matrices"], 0, d["stack"].shape[1:], d["pad"])
+    assert err.max() < 1.5, err
+    assert not reg.metrics["failed_sections"]
+
+
+# -- masks -----------------------------------------------------------------------------------------
+def test_masks_really_restrict_keypoints(em):
+    stack, masks = em["stack"], em["masks"]
+    dilation = 12
+    res = match_pair(stack, 0, 1, masks, mask_dilation=dilation)
+    assert len(res["points_a"]) > 30 and len(res["points_b"]) > 30
+    r = dilation + 2  # + rounding of the dilation radius and keypoint positions
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    for k, pts in ((0, res["points_a"]), (1, res["points_b"])):
+        allowed = cv2.dilate((masks[k] > 0).astype(np.uint8), kernel)
+        iy, ix = np.round(pts).astype(int).T
+        assert allowed[iy, ix].all(), f"keypoints outside the dilated masks in section {k}"
+    # the same detector without masks puts most keypoints elsewhere: the check above can fail
+    free = match_pair(stack, 0, 1, masks, detector="fast", use_masks=False)
+    allowed = cv2.dilate((masks[0] > 0).astype(np.uint8), kernel)
+    iy, ix = np.round(free["points_a"]).astype(int).T
+    assert allowed[iy, ix].mean() < 0.5
+    # other detectors use given masks too, unless told not to
+    orb = match_pair(stack, 0, 1, masks, detector="orb", descriptor="orb")
+    iy, ix = np.round(orb["points_a"]).astype(int).T
+    assert len(iy) > 10 and allowed[iy, ix].all()
+    # an empty mask leaves no keypoint at all
+    none = match_pair(stack, 0, 1, np.zeros_like(masks))
+    assert len(none["points_a"]) == 0 and none["matrix"] is None
+
+
+def test_automatic_masks_find_the_mitochondria(em):
+    auto = detect_mitochondria(em["stack"])
+    assert auto.shape == em["stack"].shape and auto.dtype == np.uint16
+    scores = [dice(a, m) for a, m in zip(auto, em["masks"])]
+    assert min(scores) > 0.85, scores
+    # labels: one id per connected component
+    assert auto[0].max() >= 3
+    # a blank section has none
+    assert not detect_mitochondria(np.zeros((1, 64, 64), np.uint8)).any()
+
+
+def test_alignment_with_automatic_masks(em, max_error):
+    reg = align_stack(em["stack"])  # detector "mito", no masks: detected automatically
+    assert reg.metrics["mask_source"] == "automatic"
+    err = max_error(reg.transform.matrices, em["matrices"], 0, em["stack"].shape[1:], em["pad"])
+    assert err.max() < 1.5, err
+
+
+# -- failures --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fill", [0, 128])
+def test_blank_or_featureless_section_is_reported_not_fatal(em, max_error, fill):
+    stack = em["stack"].copy()
+    stack[3] = fill
+    reg = align_stack(stack, em["masks"])
+    report = reg.metrics["report"]
+    assert len(report) == 6
+    row = report[3]
+    assert row["failed"] and row["fallback"] == "identity" and row["method"] == "identity"
+    assert row["tried"]  # what was attempted is listed
+    assert 3 in reg.metrics["failed_sections"] and 3 in reg.metrics["identity_sections"]
+    # the next section skips the blank one and is still placed correctly
+    assert "skip to 2" in report[4]["fallback"] and report[4]["neighbour"] == 2
+    err = max_error(reg.transform.matrices, em["matrices"], 0, stack.shape[1:], em["pad"])
+    assert np.delete(err, 3).max() < 1.5, err
+
+
+def test_failed_pair_falls_back_to_another_detector(rotated_copies, max_error):
+    d = rotated_copies
+    masks = d["masks"].copy()
+    masks[2] = 0  # no mitochondria in section 2: the mito detector finds nothing there
+    reg = align_stack(d["stack"], masks, fallback=("orb", "identity"))
+    rows = reg.metrics["report"]
+    assert rows[2]["failed"] and rows[2]["fallback"] == "orb+orb" and rows[2]["method"] == "orb+orb"
+    err = max_error(reg.transform.matrices, d["matrices"], 0, d["stack"].shape[1:], d["pad"])
+    assert err[2] < 1.5, err
+
+
+# -- labels ----------------------------------------------------------------------------------------
+def test_aligned_labels_keep_values(em):
+    reg = align_stack(em["stack"], em["masks"], warp=False)
+    masks = em["masks"]
+    aligned = warp_masks(reg, masks)
+    assert aligned.dtype == masks.dtype and aligned.shape == masks.shape
+    assert set(np.unique(aligned)) <= set(np.unique(masks))
+    assert len(np.unique(aligned)) >= len(np.unique(masks)) - 1
+    # agrees with the generic nearest-neighbour warp of the transform
+    generic = reg.transform.warp_labels(masks)
+    assert (generic == aligned).mean() > 0.995
+    # any integer dtype, large values, kept exactly
+    big = masks.astype(np.int64) * 1_000_003 + np.where(masks > 0, 10**12, 0)
+    out = warp_sections(big, reg.transform.matrices, labels=True)
+    assert out.dtype == np.int64
+    assert set(np.unique(out)) <= set(np.unique(big))
+    np.testing.assert_array_equal(out > 0, aligned > 0)
+    # the aligned masks match the unrotated ground truth (up to the reference's rotation)
+    truth = warp_sections(em["unrotated_masks"], np.linalg.inv(em["matrices"][0])[None].repeat(6, 0), True)
+    assert np.mean([dice(a, t) for a, t in zip(aligned, truth)]) > 0.9
+
+
+# -- input errors ----------------------------------------------------------------------------------
+def test_clear_errors(em):
+    with pytest.raises(InputError, match="2D"):
+        align_stack(em["stack"][0])
+    with pytest.raises(DimensionMismatchError, match="masks"):
+        align_stack(em["stack"], em["masks"][:, :-1])
+    with pytest.raises(InputError, match="empty"):
+        align_stack(np.zeros((0, 64, 64), np.uint8))
+    with pytest.raises(InputError, match="empty"):
+        align_stack([])
+    with pytest.raises(InputError, match="3D"):
+        align_stack(np.zeros((2, 3, 64, 64), np.uint8))
+    with pytest.raises(InputError, match="detector"):
+        align_stack(em["stack"], detector="surf")
+    with pytest.raises(InputError, match="reference"):
+        align_stack(em["stack"], reference=6)
+    assert issubclass(DimensionMismatchError, InputError)
+
+
+# -- lazy input, progress, cancel ------------------------------------------------------------------
+def test_lazy_section_folder(em, tmp_path):
+    folder = tmp_path / "sections"
+    folder.mkdir()
+    for k, sec in enumerate(em["stack"]):
+        write_tiff(folder / f"s{k}.tif", sec)
+    lazy, _ = read_section_folder(folder)
+    reg = align_stack(lazy, em["masks"], lazy=True)
+    eager = align_stack(em["stack"], em["masks"])
+    np.testing.assert_allclose(reg.transform.matrices, eager.transform.matrices, atol=1e-9)
+    assert hasattr(reg.warped, "dask")  # computed on access, one section at a time
+    np.testing.assert_array_equal(np.asarray(reg.warped), eager.warped)
+    # a path works as well
+    by_path = align_stack(folder, em["masks"], warp=False)
+    np.testing.assert_allclose(by_path.transform.matrices, eager.transform.matrices, atol=1e-9)
+
+
+def test_progress_per_section_and_cancel(em):
+    events = []
+    align_stack(em["stack"], em["masks"], progress=events.append)
+    sections = [e.extra["section"] for e in events if "section" in e.extra]
+    assert sorted(sections) == list(range(6))
+    assert all("row" in e.extra for e in events if "section" in e.extra)
+    assert events[-1].step == events[-1].total == 12  # 6 sections + 6 warped
+    flag = threading.Event()
+
+    def stop_after_two(ev):
+        if ev.step >= 2:
+            flag.set()
+
+    with pytest.raises(Cancelled):
+        align_stack(em["stack"], em["masks"], progress=stop_after_two, cancel=flag)
+
+
+def test_register_pair_engine(rotated_copies):
+    d = rotated_copies
+    fixed, moving = d["stack"][0], d["stack"][1]
+    reg = napari_nephi.register(fixed, moving, method="mito", model="rigid")
+    assert isinstance(reg.transform, AffineTransform)
+    truth = d["matrices"][1] @ np.linalg.inv(d["matrices"][0])  # fixed -> moving coordinates
+    h, w = fixed.shape
+    corners = np.array([[90, 90, 1], [90, w - 90, 1], [h - 90, 90, 1], [h - 90, w - 90, 1.0]]).T
+    np.testing.assert_allclose(reg.transform.matrix @ corners, truth @ corners, atol=1.0)
+    assert reg.metrics["ncc_after"] > reg.metrics["ncc_before"]
+    with pytest.raises(InputError, match="homography"):
+        napari_nephi.register(fixed, moving, method="mito", model="homography")
