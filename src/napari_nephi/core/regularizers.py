@@ -41,6 +41,16 @@ def _check_method(method: str) -> None:
         raise InputError(f"Unknown derivative method {method!r}; choose 'autograd' or 'fd'.")
 
 
+def _grad(out: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """``d out.sum() / d x``; zero where ``out`` does not depend on ``x`` (e.g. a linear map's gradient)."""
+    if not out.requires_grad:
+        return torch.zeros_like(x)
+    (g,) = torch.autograd.grad(
+        out.sum(), x, create_graph=create_graph, retain_graph=True, allow_unused=True, materialize_grads=True
+    )
+    return g
+
+
 def jacobian(
     fn: Map,
     x: torch.Tensor,
@@ -66,10 +76,7 @@ def jacobian(
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         y = fn(xg)
-        rows = []
-        for i in range(d):
-            (g,) = torch.autograd.grad(y[..., i].sum(), xg, create_graph=create_graph, retain_graph=True)
-            rows.append(g)
+        rows = [_grad(y[..., i], xg, create_graph) for i in range(d)]
     return torch.stack(rows, dim=-2)
 
 
@@ -84,12 +91,8 @@ def hessian(fn: Map, x: torch.Tensor, method: str = "autograd", h: float = 1e-2)
         y = fn(xg)
         out = []
         for i in range(d):
-            (g,) = torch.autograd.grad(y[..., i].sum(), xg, create_graph=True, retain_graph=True)
-            rows = []
-            for j in range(d):
-                (hj,) = torch.autograd.grad(g[..., j].sum(), xg, create_graph=True, retain_graph=True)
-                rows.append(hj)
-            out.append(torch.stack(rows, dim=-2))
+            g = _grad(y[..., i], xg, True)
+            out.append(torch.stack([_grad(g[..., j], xg, True) for j in range(d)], dim=-2))
     return torch.stack(out, dim=-3)
 
 
@@ -221,17 +224,17 @@ def _grid_diffs(u: torch.Tensor, spacing=None) -> list[torch.Tensor]:
 
 
 def diffusion_grid(u: torch.Tensor, spacing=None) -> torch.Tensor:
-    """Mean squared forward difference of a dense displacement ``(B, D, *spatial)``."""
-    return sum((g**2).mean() for g in _grid_diffs(u, spacing))
+    """Voxel mean of ``||grad u||_F^2`` by forward differences, ``u`` ``(B, D, *spatial)``."""
+    return sum((g**2).sum(1).mean() for g in _grid_diffs(u, spacing))
 
 
 def bending_grid(u: torch.Tensor, spacing=None) -> torch.Tensor:
-    """Mean squared second differences (pure and mixed) of a dense displacement ``(B, D, *spatial)``."""
+    """Voxel mean of the summed squared second differences (pure and mixed) of ``u`` ``(B, D, *spatial)``."""
     d = u.dim() - 2
     sp = [1.0] * d if spacing is None else list(spacing)
     total = 0.0
     for a, g in enumerate(_grid_diffs(u, spacing)):
         for b in range(d):
             w = 1.0 if a == b else 2.0
-            total = total + w * ((torch.diff(g, dim=2 + b) / sp[b]) ** 2).mean()
+            total = total + w * ((torch.diff(g, dim=2 + b) / sp[b]) ** 2).sum(1).mean()
     return total

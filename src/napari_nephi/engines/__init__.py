@@ -1,3 +1,3 @@
 """Registration engines. Importing this package registers every built-in engine."""
 
-from . import affine, mito  # noqa: F401
+from . import affine, mito, nephi  # noqa: F401

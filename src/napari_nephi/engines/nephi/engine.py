@@ -1,0 +1,327 @@
+"""``method="nephi"``: neural deformation fields (NePhi, Tian et al., ECCV 2024).
+
+``mode="optimize"`` (the default) optimises latent codes and both networks for the pair from the
+identity: no training needed. ``mode="predict"`` runs a trained :class:`.model.NePhiModel` once
+(encoder -> codes -> field); ``"predict+refine"`` then optimises a copy of it from the predicted
+codes for ``iterations`` steps, so the stored model never changes.
+
+In ``optimize`` mode with ``levels > 1`` a cheap coarse stage runs first: a stationary velocity
+field optimised on grids ``2**(levels-1)``, ..., 4, 2 times coarser than the image (scaling and
+squaring, so it cannot fold); the neural field then refines it at full resolution.
+
+The result is a :class:`~napari_nephi.core.transform.DisplacementTransform` holding the forward
+field and the backward field as its inverse, both evaluated on the fixed grid in chunks, in voxel
+units of the fixed grid.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...core.device import choose_device, memory_guard, reset_peak_memory
+from ...core.errors import DimensionMismatchError, InputError
+from ...core.inputs import normalize_intensity
+from ...core.metrics import memory_report, regularity_report, similarity_report
+from ...core.registration import Pair, Registration, register_engine
+from ...core.transform import AffineTransform, DisplacementTransform
+from .coarse import DenseMaps, optimize_velocity, pyramid_shapes
+from .dense import Previewer, dense_displacement, inside_mask, inverse_consistency
+from .field import FieldConfig, NeuralDeformationField, local_grid_shape, zero_codes
+from .mlp import REPRESENTATIONS
+from .model import as_model
+from .optimize import REGULARIZERS, SIMILARITIES, Maps, OptimizeSettings, optimize_field
+
+MODES = ("optimize", "predict", "predict+refine")
+
+#: Parameters each preset fills in when not given explicitly.
+PRESETS: dict[str, dict] = {
+    "fast": {
+        "iterations": 300,
+        "hidden": 64,
+        "layers": 3,
+        "n_frequencies": 32,
+        "levels": 3,
+        "coarse_iterations": 100,
+        "max_sample_points": 1 << 15,
+        "max_reg_points": 200,
+    },
+    "accurate": {
+        "iterations": 600,
+        "hidden": 96,
+        "layers": 3,
+        "n_frequencies": 48,
+        "levels": 4,
+        "coarse_iterations": 150,
+        "max_sample_points": 1 << 17,
+        "max_reg_points": 500,
+    },
+}
+
+#: Default weight of each regulariser (the similarity loss is ``1 - NCC`` in [0, 2]).
+REG_WEIGHTS = {
+    "gradicon": 0.1,
+    "jacobian": 0.1,
+    "symmetric_jacobian": 0.1,
+    "bending": 1e-4,
+    "diffusion": 0.05,
+    "cycle": 10.0,
+}
+
+
+def _resolve(value, preset: dict, key: str):
+    return preset[key] if value is None else value
+
+
+@register_engine("nephi")
+def register_nephi(
+    pair: Pair,
+    mode: str = "optimize",
+    preset: str = "fast",
+    iterations: int | None = None,
+    regularizer: str = "gradicon",
+    reg_weight: float | None = None,
+    representation: str = "modulated",
+    similarity: str = "ncc",
+    sample_fraction: float = 0.02,
+    sample_points: int | None = None,
+    reg_points: int | None = None,
+    levels: int | None = None,
+    coarse_iterations: int | None = None,
+    coarse_reg_weight: float = 0.25,
+    learning_rate: float = 2e-3,
+    code_learning_rate: float = 1e-2,
+    hidden: int | None = None,
+    layers: int | None = None,
+    n_frequencies: int | None = None,
+    fourier_scale: float = 0.5,
+    omega: float = 30.0,
+    first_omega: float = 8.0,
+    global_dim: int = 32,
+    local_dim: int = 8,
+    local_stride: int = 8,
+    cycle_weight: float | None = None,
+    latent_weight: float = 1e-4,
+    derivatives: str = "autograd",
+    seed: int = 0,
+    weights=None,
+) -> Registration:
+    """Register ``pair.moving`` onto ``pair.fixed`` with a neural deformation field.
+
+    Parameters left ``None`` come from ``preset`` (``"fast"`` or ``"accurate"``, see
+    :data:`PRESETS`); ``reg_weight`` defaults by regulariser (:data:`REG_WEIGHTS`). Points for the
+    similarity: ``sample_points``, or ``sample_fraction`` of the voxels (at least 4096 or all of
+    them, at most the preset's cap). Points for the regulariser: ``reg_points``, or 1e-4 of the
+    voxels clipped to [64, the preset's cap (200 or 500)]. ``cycle_weight`` (default: 0 with
+    GradICON or cycle consistency, else the cycle weight) keeps the backward field the inverse.
+    """
+    if mode not in MODES:
+        raise InputError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
+    if mode != "optimize" and weights is None:
+        raise InputError(
+            f"mode={mode!r} needs a trained NePhi model: pass weights=<checkpoint path or NePhiModel>, "
+            "or use mode='optimize', which needs no training."
+        )
+    if preset not in PRESETS:
+        raise InputError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    if regularizer not in REGULARIZERS:
+        raise InputError(f"Unknown regularizer {regularizer!r}; choose one of {', '.join(REGULARIZERS)}.")
+    if representation not in REPRESENTATIONS:
+        raise InputError(
+            f"Unknown representation {representation!r}; choose one of {', '.join(REPRESENTATIONS)}."
+        )
+    if similarity not in SIMILARITIES:
+        raise InputError(f"Unknown similarity {similarity!r}; choose one of {', '.join(SIMILARITIES)}.")
+    if not 0 < sample_fraction <= 1:
+        raise InputError("sample_fraction must be in (0, 1].")
+    p = PRESETS[preset]
+    iterations = int(_resolve(iterations, p, "iterations"))
+    levels = int(_resolve(levels, p, "levels"))
+    coarse_iterations = int(_resolve(coarse_iterations, p, "coarse_iterations"))
+    hidden = int(_resolve(hidden, p, "hidden"))
+    layers = int(_resolve(layers, p, "layers"))
+    n_frequencies = int(_resolve(n_frequencies, p, "n_frequencies"))
+    if levels < 1 or iterations < 0 or coarse_iterations < 0:
+        raise InputError("levels must be >= 1 and iteration counts >= 0.")
+    if local_stride < 1:
+        raise InputError("local_stride must be a positive number of voxels.")
+    reg_weight = REG_WEIGHTS[regularizer] if reg_weight is None else float(reg_weight)
+    if cycle_weight is None:
+        # GradICON and cycle consistency tie the backward field to the forward one; the other
+        # regularisers act on each field alone, so add cycle consistency to keep them inverse.
+        cycle_weight = 0.0 if regularizer in ("gradicon", "cycle") else REG_WEIGHTS["cycle"]
+
+    fshape = pair.fixed.shape
+    d = len(fshape)
+    nvox = math.prod(fshape)
+    if sample_points is None:
+        sample_points = int(min(max(round(sample_fraction * nvox), min(nvox, 4096)), p["max_sample_points"]))
+    if reg_points is None:
+        reg_points = int(min(max(round(1e-4 * nvox), 64), p["max_reg_points"]))
+    settings_opt = OptimizeSettings(
+        iterations=iterations,
+        sample_points=int(sample_points),
+        reg_points=int(reg_points),
+        regularizer=regularizer,
+        reg_weight=reg_weight,
+        cycle_weight=float(cycle_weight),
+        latent_weight=float(latent_weight),
+        learning_rate=float(learning_rate),
+        code_learning_rate=float(code_learning_rate),
+        derivatives=derivatives,
+        similarity=similarity,
+    )
+    cfg = FieldConfig(
+        ndim=d,
+        representation=representation,
+        hidden=hidden,
+        layers=layers,
+        n_frequencies=n_frequencies,
+        fourier_scale=float(fourier_scale),
+        omega=float(omega),
+        first_omega=float(first_omega),
+        global_dim=int(global_dim),
+        local_dim=int(local_dim),
+        seed=int(seed),
+    )
+    device = choose_device(pair.device)
+    reset_peak_memory(device)
+    start = time.perf_counter()
+    moving_on_fixed, offset = _moving_on_fixed_grid(pair, device)
+    notes = []
+    if offset is not None:
+        notes.append(
+            "Fixed and moving grids differ; the moving image was centred on the fixed grid and "
+            "no backward field is stored."
+        )
+    predicting = mode != "optimize"
+    factors = [2**k for k in range(levels - 1, 0, -1)]  # e.g. levels=3 -> [4, 2]
+    shapes = pyramid_shapes(fshape, factors) if levels > 1 and not predicting else []
+    refine = iterations if mode != "predict" else 0
+    total = coarse_iterations * len(shapes) + refine + (1 if predicting else 0)
+    counter = {"step": 0}
+    preview = Previewer(pair, moving_on_fixed, fshape, device)
+
+    def report(stage, loss, point_map):
+        counter["step"] += 1
+        pv = preview.maybe(point_map)
+        pair.progress.step(counter["step"], total, loss, stage=stage, preview=pv)
+
+    with memory_guard("NePhi registration"):
+        fix_t = torch.as_tensor(normalize_intensity(pair.fixed), device=device)[None, None]
+        mov_t = torch.as_tensor(normalize_intensity(moving_on_fixed), device=device)[None, None]
+        fmask = _mask_tensor(pair.fixed_mask, device)
+        mmask = _mask_tensor(pair.moving_mask, device) if offset is None else None
+        coarse: DenseMaps | None = None
+        if predicting:
+            # Work on a copy: neither prediction (eval mode) nor refinement touches the stored model.
+            work = as_model(weights, device).copy().to(device).eval()
+            if work.cfg.ndim != d:
+                raise DimensionMismatchError(
+                    f"The NePhi model is {work.cfg.ndim}D but the images are {d}D; use a {d}D model."
+                )
+            cfg, field = work.cfg, work.field
+            with torch.no_grad():
+                codes = work.codes(fix_t, mov_t).detach_clone()
+            report("predict", None, Maps(field, codes).forward)
+        else:
+            if shapes and coarse_iterations > 0:
+                coarse = optimize_velocity(
+                    fix_t,
+                    mov_t,
+                    shapes,
+                    coarse_iterations,
+                    coarse_reg_weight,
+                    similarity,
+                    lambda loss: report(f"coarse ({len(shapes)} level(s))", loss, None),
+                )
+            field = NeuralDeformationField(cfg).to(device)
+            codes = zero_codes(cfg, local_grid_shape(fshape, local_stride), device=device)
+        history: list[float] = []
+        maps = Maps(field, codes, coarse)
+        if refine > 0:
+            maps, history = optimize_field(
+                field,
+                codes,
+                fix_t,
+                mov_t,
+                replace(settings_opt, iterations=refine),
+                coarse=coarse,
+                on_step=lambda loss, m: report("nephi", loss, m.forward),
+                seed=seed,
+                fixed_mask=fmask,
+                moving_mask=mmask,
+            )
+        pair.progress.check()
+        with torch.no_grad():
+            fwd = dense_displacement(maps.forward, fshape, device)
+            bwd = dense_displacement(maps.backward, fshape, device) if offset is None else None
+    if offset is not None:
+        fwd = fwd + np.asarray(offset, np.float32).reshape((d,) + (1,) * d)
+    transform = DisplacementTransform(fwd, inverse_field=bwd, spacing=pair.spacing)
+    seconds_opt = time.perf_counter() - start
+    warped = transform.warp(pair.moving, output_shape=fshape, device=device)
+    metrics = {
+        "iterations": refine,
+        "coarse_iterations": coarse_iterations * len(shapes),
+        "levels": len(shapes) + 1,
+        "final_loss": history[-1] if history else None,
+        "seconds_optimisation": seconds_opt,
+        "sample_points": settings_opt.sample_points,
+        "reg_points": settings_opt.reg_points,
+    }
+    # Similarity where the map stays inside the moving image (warping pads with zeros outside),
+    # before and after alike; within the fixed mask when one is given.
+    overlap = inside_mask(fwd, pair.moving.shape)
+    if pair.fixed_mask is not None:
+        overlap &= pair.fixed_mask
+    if overlap.sum() < 16:
+        overlap = pair.fixed_mask
+    metrics.update(similarity_report(pair.fixed, pair.moving, warped, overlap))
+    metrics.update(regularity_report(transform, fshape, pair.fixed_mask))
+    if bwd is not None:
+        metrics.update(inverse_consistency(transform))
+    metrics.update(memory_report(device))
+    metrics["seconds"] = time.perf_counter() - start
+    if notes:
+        metrics["engine_notes"] = notes
+    settings = {
+        "mode": mode,
+        "preset": preset,
+        "levels": len(shapes) + 1 if predicting else levels,
+        "coarse_iterations": coarse_iterations,
+        "coarse_reg_weight": coarse_reg_weight,
+        "coarse_shapes": [list(sh) for sh in shapes],
+        "sample_fraction": sample_fraction,
+        "local_stride": local_stride,
+        "seed": seed,
+        **settings_opt.to_dict(),
+        "field": cfg.to_dict(),
+    }
+    if predicting:
+        settings["weights"] = str(weights) if isinstance(weights, (str, Path)) else type(weights).__name__
+    return Registration(warped=warped, transform=transform, metrics=metrics, settings=settings)
+
+
+def _mask_tensor(mask, device):
+    if mask is None:
+        return None
+    return torch.as_tensor(np.asarray(mask, np.float32), device=device)[None, None]
+
+
+def _moving_on_fixed_grid(pair: Pair, device) -> tuple[np.ndarray, tuple | None]:
+    """The moving image on the fixed grid (centres aligned) and the voxel offset, or itself and None."""
+    if pair.moving.shape == pair.fixed.shape:
+        return pair.moving, None
+    fshape, mshape = np.asarray(pair.fixed.shape), np.asarray(pair.moving.shape)
+    offset = (mshape - 1) / 2.0 - (fshape - 1) / 2.0
+    d = len(fshape)
+    mat = np.eye(d + 1)
+    mat[:d, d] = offset
+    shift = AffineTransform(mat)
+    return shift.warp(pair.moving, output_shape=tuple(fshape), device=device), tuple(offset)

@@ -1,0 +1,128 @@
+"""The neural deformation field: a forward and a backward map sharing one latent code.
+
+``phi(x) = x + f(x, z(x))`` with ``z(x) = [global code, local code grid interpolated at x]``
+(hybrid conditioning). ``f`` is one coordinate network per direction (:mod:`.mlp`); the latent codes
+come from an encoder (prediction) or are free parameters (instance optimisation). Coordinates are
+normalised [-1, 1] in the image's axis order; points are batched ``(B, N, D)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from ...core.errors import InputError
+from .interp import interpolate
+from .mlp import REPRESENTATIONS, build_network
+
+DIRECTIONS = ("forward", "backward")
+
+
+@dataclass
+class FieldConfig:
+    """Everything needed to rebuild a field (stored with trained weights)."""
+
+    ndim: int
+    representation: str = "modulated"
+    hidden: int = 64
+    layers: int = 3
+    n_frequencies: int = 32
+    fourier_scale: float = 2.0
+    omega: float = 30.0
+    first_omega: float = 8.0
+    global_dim: int = 32
+    local_dim: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.ndim not in (2, 3):
+            raise InputError(f"A deformation field is 2D or 3D, not {self.ndim}D.")
+        if self.representation not in REPRESENTATIONS:
+            raise InputError(
+                f"Unknown representation {self.representation!r}; choose one of {', '.join(REPRESENTATIONS)}."
+            )
+        if self.hidden < 1 or self.layers < 1:
+            raise InputError("hidden and layers must be positive.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FieldConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class Codes:
+    """Latent codes of a batch of pairs: global ``(B, G)`` and a local grid ``(B, L, *grid)``."""
+
+    global_code: torch.Tensor
+    local_code: torch.Tensor | None
+
+    def detach_clone(self) -> Codes:
+        loc = None if self.local_code is None else self.local_code.detach().clone()
+        return Codes(self.global_code.detach().clone(), loc)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.global_code, self.local_code) if t is not None]
+
+
+def local_grid_shape(shape, stride: int = 8, minimum: int = 2) -> tuple[int, ...]:
+    """Size of a local code grid with about one code every ``stride`` voxels."""
+    return tuple(max(minimum, -(-int(n) // int(stride)) + 1) for n in shape)
+
+
+def zero_codes(cfg: FieldConfig, grid_shape, batch: int = 1, device="cpu") -> Codes:
+    glob = torch.zeros(batch, cfg.global_dim, device=device)
+    loc = torch.zeros(batch, cfg.local_dim, *grid_shape, device=device) if cfg.local_dim > 0 else None
+    return Codes(glob, loc)
+
+
+class NeuralDeformationField(nn.Module):
+    """Forward and backward networks; ``map(x, codes, direction) = x + f_direction(x, z(x))``."""
+
+    def __init__(self, cfg: FieldConfig):
+        super().__init__()
+        self.cfg = cfg
+        latent = cfg.global_dim + cfg.local_dim
+
+        def net(seed):
+            return build_network(
+                cfg.representation,
+                cfg.ndim,
+                latent,
+                cfg.hidden,
+                cfg.layers,
+                cfg.n_frequencies,
+                cfg.fourier_scale,
+                cfg.omega,
+                cfg.first_omega,
+                seed,
+            )
+
+        self.forward_net = net(cfg.seed)
+        self.backward_net = net(cfg.seed + 7919)
+
+    def latent(self, x: torch.Tensor, codes: Codes) -> torch.Tensor | None:
+        """``z(x)``: ``(B, N, G + L)``."""
+        parts = []
+        b, n = x.shape[:2]
+        if codes.global_code is not None and codes.global_code.shape[-1] > 0:
+            parts.append(codes.global_code[:, None, :].expand(b, n, -1))
+        if codes.local_code is not None and codes.local_code.shape[1] > 0:
+            parts.append(interpolate(codes.local_code, x))
+        if not parts:
+            return None
+        return torch.cat(parts, dim=-1).to(x.dtype)
+
+    def displacement(self, x: torch.Tensor, codes: Codes, direction: str = "forward") -> torch.Tensor:
+        if direction not in DIRECTIONS:
+            raise InputError(f"direction must be 'forward' or 'backward', not {direction!r}.")
+        net = self.forward_net if direction == "forward" else self.backward_net
+        return net(x, self.latent(x, codes))
+
+    def map(self, x: torch.Tensor, codes: Codes, direction: str = "forward") -> torch.Tensor:
+        return x + self.displacement(x, codes, direction)

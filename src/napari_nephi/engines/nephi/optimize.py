@@ -1,0 +1,216 @@
+"""Instance optimisation of a neural deformation field for one pair.
+
+Each step draws fresh uniform points: symmetric NCC of ``moving(phi(x))`` vs ``fixed(x)`` and
+``fixed(phi_inv(y))`` vs ``moving(y)`` on ``sample_points`` points, and the regulariser on a much
+sparser set of ``reg_points`` points. The maps may be preceded by a frozen coarse stage
+(:class:`.coarse.DenseMaps`): ``phi = C o N`` and ``phi_inv = N_inv o C_inv``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ...core import regularizers as R
+from ...core.errors import InputError
+from ...core.similarity import lncc, ncc
+from .coarse import DenseMaps, grid_sample_points, normalized_grid
+from .field import Codes, NeuralDeformationField
+
+REGULARIZERS = ("gradicon", "jacobian", "symmetric_jacobian", "bending", "diffusion", "cycle")
+SIMILARITIES = ("ncc", "lncc", "mse")
+#: Dense local NCC is evaluated on every voxel; above this many it is refused.
+LNCC_MAX_VOXELS = 1 << 18
+
+
+@dataclass
+class OptimizeSettings:
+    iterations: int = 300
+    sample_points: int = 4096
+    reg_points: int = 128
+    regularizer: str = "gradicon"
+    reg_weight: float = 1.0
+    cycle_weight: float = 0.0
+    latent_weight: float = 1e-4
+    learning_rate: float = 2e-3
+    code_learning_rate: float = 1e-2
+    final_lr_fraction: float = 0.1
+    derivatives: str = "autograd"
+    similarity: str = "ncc"
+
+    def __post_init__(self):
+        if self.regularizer not in REGULARIZERS:
+            raise InputError(
+                f"Unknown regularizer {self.regularizer!r}; choose one of {', '.join(REGULARIZERS)}."
+            )
+        if self.similarity not in SIMILARITIES:
+            raise InputError(
+                f"Unknown similarity {self.similarity!r}; choose one of {', '.join(SIMILARITIES)}."
+            )
+        if self.derivatives not in R.METHODS:
+            raise InputError("derivatives must be 'autograd' or 'fd'.")
+        if self.iterations < 0 or self.sample_points < 16 or self.reg_points < 1:
+            raise InputError("iterations must be >= 0, sample_points >= 16 and reg_points >= 1.")
+        if self.reg_weight < 0 or self.cycle_weight < 0 or self.latent_weight < 0:
+            raise InputError("Loss weights must not be negative.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Maps:
+    """The full forward and backward maps in normalised coordinates, points ``(B, N, D)``."""
+
+    def __init__(self, field: NeuralDeformationField, codes: Codes, coarse: DenseMaps | None = None):
+        self.field, self.codes, self.coarse = field, codes, coarse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.field.map(x, self.codes, "forward")
+        return y if self.coarse is None else self.coarse.forward(y)
+
+    def backward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x if self.coarse is None else self.coarse.backward(x)
+        return self.field.map(y, self.codes, "backward")
+
+    def residual_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.field.map(x, self.codes, "forward")
+
+    def residual_backward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.field.map(x, self.codes, "backward")
+
+
+def regularization(name: str, maps: Maps, x: torch.Tensor, method: str = "autograd") -> torch.Tensor:
+    """The regulariser ``name`` on points ``x``.
+
+    GradICON and cycle consistency act on the full maps (their composition should be the identity
+    whatever the coarse stage did); the others act on the neural residual only, so they do not pull
+    against the frozen coarse deformation.
+    """
+    if name == "gradicon":
+        return R.gradicon(maps.forward, maps.backward, x, method)
+    if name == "cycle":
+        return R.cycle_consistency(maps.forward, maps.backward, x)
+    both = (maps.residual_forward, maps.residual_backward)
+    if name == "jacobian":
+        terms = [R.jacobian_determinant_loss(f, x, mode="abs", method=method) for f in both]
+    elif name == "symmetric_jacobian":
+        terms = [R.jacobian_determinant_loss(f, x, mode="log", method=method) for f in both]
+    elif name == "bending":
+        terms = [R.bending_energy(f, x, method=method) for f in both]
+    elif name == "diffusion":
+        terms = [R.diffusion(f, x, method=method) for f in both]
+    else:
+        raise InputError(f"Unknown regularizer {name!r}; choose one of {', '.join(REGULARIZERS)}.")
+    return 0.5 * (terms[0] + terms[1])
+
+
+def _point_similarity(name: str, a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    if name == "mse":
+        if w is None:
+            return ((a - b) ** 2).mean()
+        return (w * (a - b) ** 2).sum() / w.sum().clamp_min(1e-6)
+    return 1 - ncc(a, b, w)
+
+
+def uniform_points(b: int, n: int, d: int, generator: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(b, n, d, generator=generator, device=device) * 2 - 1
+
+
+def similarity_loss(
+    maps: Maps,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    settings: OptimizeSettings,
+    generator: torch.Generator,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric similarity on fresh random points (or densely, for local NCC)."""
+    d = fixed.dim() - 2
+    dev = fixed.device
+    if settings.similarity == "lncc":
+        shape = fixed.shape[2:]
+        x = normalized_grid(shape, dev)[None].reshape(1, -1, d)
+        wm = grid_sample_points(moving, maps.forward(x)).reshape(fixed.shape)
+        wf = grid_sample_points(fixed, maps.backward(x)).reshape(moving.shape)
+        return 0.5 * ((1 - lncc(fixed, wm)) + (1 - lncc(moving, wf)))
+    x = uniform_points(1, settings.sample_points, d, generator, dev)
+    y = uniform_points(1, settings.sample_points, d, generator, dev)
+    fx = grid_sample_points(fixed, x)[:, 0]
+    my = grid_sample_points(moving, y)[:, 0]
+    wm = grid_sample_points(moving, maps.forward(x))[:, 0]
+    wf = grid_sample_points(fixed, maps.backward(y))[:, 0]
+    w_f = None if fixed_mask is None else grid_sample_points(fixed_mask, x)[:, 0]
+    w_m = None if moving_mask is None else grid_sample_points(moving_mask, y)[:, 0]
+    return 0.5 * (
+        _point_similarity(settings.similarity, fx, wm, w_f)
+        + _point_similarity(settings.similarity, my, wf, w_m)
+    )
+
+
+def optimize_field(
+    field: NeuralDeformationField,
+    codes: Codes,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    settings: OptimizeSettings,
+    coarse: DenseMaps | None = None,
+    on_step: Callable[[float, Maps], None] | None = None,
+    seed: int = 0,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
+    train_networks: bool = True,
+) -> tuple[Maps, list[float]]:
+    """Optimise ``codes`` (and the networks unless ``train_networks=False``) in place.
+
+    ``fixed`` and ``moving`` are ``(1, 1, *spatial)`` on the same grid, intensities normalised;
+    masks likewise, as float. Returns the final maps and the loss history.
+    """
+    d = fixed.dim() - 2
+    if settings.similarity == "lncc" and math.prod(fixed.shape[2:]) > LNCC_MAX_VOXELS:
+        raise InputError(
+            f"similarity='lncc' is evaluated densely and allowed up to {LNCC_MAX_VOXELS} voxels; "
+            "use similarity='ncc' (sampled points) for this image."
+        )
+    gen = torch.Generator(device=fixed.device).manual_seed(int(seed) + 1)
+    code_params = [t.requires_grad_(True) for t in codes.tensors()]
+    groups = [{"params": code_params, "lr": settings.code_learning_rate}]
+    if train_networks:
+        groups.append({"params": list(field.parameters()), "lr": settings.learning_rate})
+    opt = torch.optim.Adam(groups)
+    n_it = max(settings.iterations, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda k: (
+            settings.final_lr_fraction
+            + (1 - settings.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * min(k, n_it) / n_it))
+        ),
+    )
+    maps = Maps(field, codes, coarse)
+    history: list[float] = []
+    for _ in range(settings.iterations):
+        opt.zero_grad(set_to_none=True)
+        loss = similarity_loss(maps, fixed, moving, settings, gen, fixed_mask, moving_mask)
+        if settings.reg_weight > 0:
+            xr = uniform_points(1, settings.reg_points, d, gen, fixed.device)
+            loss = loss + settings.reg_weight * regularization(
+                settings.regularizer, maps, xr, settings.derivatives
+            )
+        if settings.cycle_weight > 0:
+            xc = uniform_points(1, settings.reg_points, d, gen, fixed.device)
+            loss = loss + settings.cycle_weight * R.cycle_consistency(maps.forward, maps.backward, xc)
+        if settings.latent_weight > 0:
+            loss = loss + settings.latent_weight * sum((t**2).mean() for t in code_params)
+        loss.backward()
+        opt.step()
+        sched.step()
+        value = float(loss.detach())
+        history.append(value)
+        if on_step is not None:
+            on_step(value, maps)
+    for t in code_params:
+        t.requires_grad_(False)
+    return maps, history
