@@ -154,13 +154,15 @@ def cmd_demo(args) -> int:
     import napari
 
     from . import sample_data
-    from .widgets import RegisterWidget
+    from .widgets import NephiWidget, RegisterWidget
 
     viewer = napari.Viewer(title="napari-nephi demo")
     for data, kwargs, kind in getattr(sample_data, f"{args.sample}_sample")():
         getattr(viewer, f"add_{kind}")(data, **kwargs)
-    widget = RegisterWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Register images", area="right")
+    widget = NephiWidget(viewer) if args.method == "nephi" else RegisterWidget(viewer)
+    widget.options.method.setCurrentText(args.method)
+    name = "NePhi registration" if args.method == "nephi" else "Register images"
+    viewer.window.add_dock_widget(widget, name=name, area="right")
     finished = []
     widget.run_done.connect(lambda: finished.append(True))
     if args.run:
@@ -194,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="open napari with a sample pair and the registration widget")
     d.add_argument("--sample", choices=SAMPLES, default="tc")
+    d.add_argument("--method", default="nephi", help="engine selected in the widget (nephi, affine)")
     d.add_argument("--run", action="store_true", help="start the registration right away")
     d.add_argument("--screenshot", help="save a window screenshot to this PNG and exit")
     d.set_defaults(func=cmd_demo)

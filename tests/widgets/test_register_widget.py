@@ -240,3 +240,28 @@ def test_cancel_can_keep_partial_preview(make_napari_viewer, qtbot, pair, errors
     names = [ly.name for ly in viewer.layers]
     assert names == ["fixed", "moving", "moving preview (partial, cancelled)"]
     assert viewer.layers[-1].data.ndim == 2
+
+
+def test_nephi_widget_end_to_end(make_napari_viewer, qtbot, errors):
+    """NePhi in the widget on the T&C sample: layers appear, no folds, labels keep values."""
+    from napari_nephi import sample_data
+    from napari_nephi.widgets import NephiWidget
+
+    viewer = make_napari_viewer()
+    for data, kwargs, kind in sample_data.tc_sample():
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    widget = NephiWidget(viewer)
+    qtbot.addWidget(widget)
+    assert widget.options.method.currentText() == "nephi"
+    widget.fixed.set_layer(viewer.layers["fixed (T&C)"])
+    widget.moving.set_layer(viewer.layers["moving (T&C)"])
+    widget.moving_labels.set_layer(viewer.layers["moving labels (T&C)"])
+    widget.options.iterations.setValue(60)
+    widget.options.levels.setValue(2)
+    _run(widget, qtbot)
+    assert errors == []
+    metrics = widget.last.metrics
+    assert metrics["folds"] == 0 and metrics["ncc_after"] > metrics["ncc_before"]
+    warped_labels = viewer.layers["moving (T&C) warped labels"].data
+    assert set(np.unique(warped_labels)) <= set(np.unique(viewer.layers["moving labels (T&C)"].data))
+    assert int(viewer.layers["moving (T&C) folds"].data.sum()) == 0

@@ -48,6 +48,9 @@ class RegisterWidget(QWidget):
     #: Emitted when a run is over and its result layers (if any) are all in the viewer.
     run_done = Signal()
 
+    #: The method selected when the widget opens.
+    default_method = "affine"
+
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
         self.viewer = napari_viewer
@@ -56,7 +59,7 @@ class RegisterWidget(QWidget):
         self.moving_labels = LayerPicker(napari_viewer, (Labels,), optional=True)
         self.fixed_points = LayerPicker(napari_viewer, (Points,), optional=True)
         self.moving_points = LayerPicker(napari_viewer, (Points,), optional=True)
-        self.options = RegistrationOptions()
+        self.options = RegistrationOptions(self.default_method)
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -167,24 +170,24 @@ class RegisterWidget(QWidget):
     def _on_progress(self, event) -> None:
         if not self._running:
             return  # a late event after the run ended (cancelled or failed)
-        bar = self._progress_bar
-        if bar is not None:
-            if bar.total != event.total:
-                bar.total = event.total
-            bar.n = event.step
-            loss = "" if event.loss is None else f" loss {event.loss:.4f}"
-            bar.set_description(f"{event.stage}{loss}")
-            bar.refresh()
         if event.loss is not None:
             self.loss_plot.values.append(float(event.loss))
         now = time.monotonic()
-        if now - self._last_preview >= PREVIEW_INTERVAL or event.step >= event.total:
-            self._last_preview = now
-            self.loss_plot.update()
-            loss = "" if event.loss is None else f", loss {event.loss:.4f}"
-            self.status.setText(f"Running: step {event.step}/{event.total}{loss}")
-            if event.preview is not None:
-                self._show_preview(event)
+        if now - self._last_preview < PREVIEW_INTERVAL and event.step < event.total:
+            return  # throttled: the GUI is redrawn at most every PREVIEW_INTERVAL seconds
+        self._last_preview = now
+        self.loss_plot.update()
+        loss = "" if event.loss is None else f", loss {event.loss:.4f}"
+        self.status.setText(f"Running: step {event.step}/{event.total}{loss}")
+        if event.preview is not None:
+            self._show_preview(event)
+        bar = self._progress_bar  # updating it may run the event loop: do it last
+        if bar is not None and self._running:
+            if bar.total != event.total:
+                bar.total = event.total
+            bar.n = event.step
+            bar.set_description(f"{event.stage}{loss}")
+            bar.refresh()
 
     def _show_preview(self, event) -> None:
         """Show the engine's current warped image, on its own (possibly coarser) grid."""
@@ -371,3 +374,9 @@ def _summary(metrics: dict) -> str:
     if "seconds" in metrics:
         parts.append(f"{metrics['seconds']:.1f} s")
     return "Done: " + ", ".join(parts)
+
+
+class NephiWidget(RegisterWidget):
+    """The same widget opened on the NePhi engine (neural deformation fields)."""
+
+    default_method = "nephi"
