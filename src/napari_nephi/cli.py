@@ -74,10 +74,14 @@ def cmd_register(args) -> int:
     from .core.registration import register
 
     fixed, fmeta = _read_one(args.fixed)
-    moving, _ = _read_one(args.moving)
+    moving, mmeta = _read_one(args.moving)
     spatial = fixed.ndim - (1 if fmeta.get("rgb") else 0)
     spacing = tuple(fmeta.get("scale") or (1.0,) * spatial)[-spatial:]
     options = _options(args.option)
+    m_spatial = moving.ndim - (1 if mmeta.get("rgb") else 0)
+    moving_spacing = tuple(mmeta.get("scale") or (1.0,) * m_spatial)[-m_spatial:]
+    if args.method == "affine" and moving_spacing != spacing and len(moving_spacing) == len(spacing):
+        options.setdefault("moving_spacing", moving_spacing)
     for key in ("kind", "iterations", "levels", "similarity", "mode", "preset"):
         value = getattr(args, key, None)
         if value is not None:
@@ -130,14 +134,13 @@ def cmd_apply(args) -> int:
     from .core.transform_io import load_transform
 
     t = load_transform(args.transform)
-    image, meta = _read_one(args.image)
-    spacing = tuple(meta.get("scale") or (1.0,) * image.ndim)
+    image, _ = _read_one(args.image)
     shape = t.shape
     if args.labels:
         out = t.warp_labels(image, output_shape=shape)
     else:
         out = t.warp(image, output_shape=shape)
-    _write_image(Path(args.output), out, spacing[-t.ndim :], labels=args.labels)
+    _write_image(Path(args.output), out, t.spacing, labels=args.labels)  # on the fixed grid
     if not args.quiet:
         print(f"Wrote {args.output}")
     return 0

@@ -151,3 +151,22 @@ def test_registration_save(tmp_path, camera):
 
 def test_available_methods():
     assert "affine" in nn.available_methods()
+
+
+def test_moving_spacing_differs(camera):
+    """A moving image sampled twice as coarsely along y is found with rigid + moving_spacing."""
+    moving = camera[::2].copy()  # same field of view, spacing (2, 1)
+    reg = nn.register(
+        camera, moving, method="affine", kind="rigid", spacing=(1.0, 1.0), moving_spacing=(2.0, 1.0)
+    )
+    pts = np.array([[50.0, 60.0], [200.0, 180.0]])
+    expected = pts * [0.5, 1.0]  # moving voxel of the same physical point
+    np.testing.assert_allclose(reg.transform.map_points(pts), expected, atol=0.6)
+
+
+def test_moving_mask_restricts_the_loss(camera):
+    moving = make_moving(camera, known_affine(camera.shape, 0, 1, (3, -2)))
+    mask = np.zeros(camera.shape, bool)
+    mask[40:200, 40:200] = True
+    reg = nn.register(camera, moving, method="affine", kind="translation", moving_mask=mask)
+    np.testing.assert_allclose(reg.transform.matrix[:2, 2], (3, -2), atol=0.5)

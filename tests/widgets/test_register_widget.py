@@ -265,3 +265,36 @@ def test_nephi_widget_end_to_end(make_napari_viewer, qtbot, errors):
     warped_labels = viewer.layers["moving (T&C) warped labels"].data
     assert set(np.unique(warped_labels)) <= set(np.unique(viewer.layers["moving labels (T&C)"].data))
     assert int(viewer.layers["moving (T&C) folds"].data.sum()) == 0
+
+
+def test_rgb_pair_runs(make_napari_viewer, qtbot, errors):
+    rgb = skimage.data.immunohistochemistry()[::4, ::4]
+    shifted = np.roll(rgb, (3, -2), axis=(0, 1))
+    viewer = make_napari_viewer()
+    viewer.add_image(rgb, name="fixed rgb", rgb=True)
+    viewer.add_image(shifted, name="moving rgb", rgb=True)
+    widget = RegisterWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.options.kind.setCurrentText("translation")
+    widget.options.iterations.setValue(60)
+    _run(widget, qtbot)
+    assert errors == []
+    warped = viewer.layers["moving rgb warped"]
+    assert warped.data.shape == rgb.shape[:2]
+    # np.roll: moving(x + (3, -2)) = fixed(x), so the pull-back shifts by (3, -2)
+    np.testing.assert_allclose(widget.last.transform.matrix[:2, 2], (3.0, -2.0), atol=0.5)
+
+
+def test_apply_transform_to_points_with_scale(make_napari_viewer, qtbot, tmp_path):
+    from napari_nephi.core import AffineTransform
+
+    m = np.eye(3)
+    m[:2, 2] = (5.0, 0.0)  # fixed voxel x -> moving voxel x + (5, 0)
+    AffineTransform(m, spacing=(2.0, 2.0)).save(tmp_path / "t")
+    viewer = make_napari_viewer()
+    pts = viewer.add_points(np.array([[15.0, 10.0]]), scale=(2.0, 2.0), name="moving pts")
+    widget = RegisterWidget(viewer)
+    qtbot.addWidget(widget)
+    new = widget.apply_transform(tmp_path / "t", layer=pts)
+    np.testing.assert_allclose(new.data, [[10.0, 10.0]], atol=1e-4)  # moving voxel 15 -> fixed 10
+    np.testing.assert_allclose(new.scale, (2.0, 2.0))

@@ -215,9 +215,11 @@ class DisplacementTransform(Transform):
 
     def _field_on(self, device, dtype) -> torch.Tensor:
         key = (str(device), dtype)
-        if key not in self._cache:
-            self._cache = {key: torch.as_tensor(self.field, device=device, dtype=dtype)}
-        return self._cache[key]
+        tensor = self._cache.get(key)
+        if tensor is None:  # one device at a time; safe when threads use different devices
+            tensor = torch.as_tensor(self.field, device=device, dtype=dtype)
+            self._cache = {key: tensor}
+        return tensor
 
     def _map(self, points):
         u = self._field_on(points.device, points.dtype)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch._dynamo  # noqa: F401  torch.optim imports it on first use: ~1 s holding the GIL
 from napari.layers import Image, Labels, Points
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
@@ -24,7 +25,7 @@ from qtpy.QtWidgets import (
 
 from .. import overlays
 from ..core.errors import RegistrationError
-from ..core.registration import register
+from ..core.registration import atomic_write_bytes, register
 from ..core.transform_io import load_transform
 from ._options import RegistrationOptions
 from ._pickers import LayerPicker
@@ -78,6 +79,7 @@ class RegisterWidget(QWidget):
         self.preview_layer = None
         self._showing = False
         self._running = False
+        self._last_run = {"settings": {}, "world_affine": None}
         self._layout()
         self.run_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.runner.cancel)
@@ -124,8 +126,7 @@ class RegisterWidget(QWidget):
         if fixed.rgb != moving.rgb:
             show_error("One image is RGB and the other is not; convert them to the same kind first.")
             return
-        f_dim = fixed.ndim - (1 if fixed.rgb else 0)
-        m_dim = moving.ndim - (1 if moving.rgb else 0)
+        f_dim, m_dim = fixed.ndim, moving.ndim  # napari's ndim leaves out the RGB axis
         if f_dim != m_dim:
             show_error(
                 f"The fixed image is {f_dim}D and the moving image is {m_dim}D; both must be 2D or 3D."
@@ -133,6 +134,9 @@ class RegisterWidget(QWidget):
             return
         opts = self.options.values()
         spacing = tuple(float(s) for s in fixed.scale[-f_dim:])
+        moving_spacing = tuple(float(s) for s in moving.scale[-m_dim:])
+        if opts["method"] == "affine" and moving_spacing != spacing:
+            opts["moving_spacing"] = moving_spacing
         self._inputs = {
             "fixed_shape": layer_image(fixed).shape[:f_dim],
             "scale": spacing,
@@ -216,6 +220,7 @@ class RegisterWidget(QWidget):
         self._running = False
         reg, layers, notes = result
         self.last = reg
+        self._last_run = {"settings": dict(self._settings), "world_affine": self._inputs.get("world_affine")}
         self._remove_preview()
         for note in notes:
             show_info(note)
@@ -267,14 +272,22 @@ class RegisterWidget(QWidget):
             if not folder:
                 return None
         folder = Path(folder)
-        self.last.transform.settings = {**self.last.settings, **self._settings}
-        world = self._inputs.get("world_affine")
-        if world is not None and self.last.transform.ndim == 3:
-            self.last.transform.world_affine = np.asarray(world, float)
-        self.last.transform.save(folder)
-        (folder / "run.json").write_text(
-            json.dumps({"settings": self._settings, "metrics": self.last.metrics}, indent=2, default=str)
-        )
+        run = self._last_run
+        t = self.last.transform
+        t.settings = {**self.last.settings, **run["settings"]}
+        if run["world_affine"] is not None and t.ndim == 3:
+            t.world_affine = np.asarray(run["world_affine"], float)
+        try:
+            t.save(folder)
+            atomic_write_bytes(
+                folder / "run.json",
+                json.dumps(
+                    {"settings": run["settings"], "metrics": self.last.metrics}, indent=2, default=str
+                ).encode(),
+            )
+        except (RegistrationError, OSError) as exc:
+            show_error(f"Could not save the transform: {exc}")
+            return None
         show_info(f"Transform saved to {folder}")
         return folder
 
@@ -291,17 +304,17 @@ class RegisterWidget(QWidget):
         try:
             t = load_transform(folder)
             name = f"{layer.name} (transformed)"
+            scale = t.spacing  # results lie on the transform's fixed grid
             if isinstance(layer, Labels):
-                return self.viewer.add_labels(
-                    t.warp_labels(np.asarray(layer.data)), name=name, scale=layer.scale
-                )
+                return self.viewer.add_labels(t.warp_labels(np.asarray(layer.data)), name=name, scale=scale)
             if isinstance(layer, Points):
-                inv = t.inverse()  # points move forward: moving -> fixed coordinates
-                pts = inv.map_points(np.asarray(layer.data) / layer.scale) * layer.scale
-                return self.viewer.add_points(pts, name=name, scale=layer.scale)
+                # moving world coordinates -> moving voxels (same spacing assumed) -> fixed voxels
+                world = np.asarray(layer.data, float) * layer.scale + layer.translate
+                fixed_voxels = t.inverse().map_points(world / np.asarray(scale))
+                return self.viewer.add_points(fixed_voxels, name=name, scale=scale)
             if isinstance(layer, Image):
                 data = layer_image(layer)
-                return self.viewer.add_image(t.warp(data), name=name, scale=layer.scale, rgb=layer.rgb)
+                return self.viewer.add_image(t.warp(data), name=name, scale=scale, rgb=layer.rgb)
             show_error(f"Cannot apply a transform to a {type(layer).__name__} layer.")
         except (RegistrationError, NotImplementedError) as exc:
             show_error(str(exc))
@@ -356,7 +369,7 @@ def points_in_voxels(points_layer, image_layer):
     """Points of a Points layer as voxel coordinates of an image layer (through world space)."""
     if points_layer is None or len(points_layer.data) == 0:
         return None
-    nd = image_layer.ndim - (1 if image_layer.rgb else 0)
+    nd = image_layer.ndim  # napari's ndim leaves out the RGB axis
     world = np.asarray(points_layer.data, float)[:, -nd:] * np.asarray(points_layer.scale)[-nd:]
     world = world + np.asarray(points_layer.translate)[-nd:]
     scale = np.asarray(image_layer.scale)[-nd:]

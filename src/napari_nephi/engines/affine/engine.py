@@ -57,24 +57,32 @@ class _LinearMap(torch.nn.Module):
 
     def matrix(self) -> torch.Tensor:
         d = self.d
-        eye = torch.eye(d, dtype=torch.float64)
+        dev = self.t.device
+        eye = torch.eye(d, dtype=torch.float64, device=dev)
         if self.kind == "translation":
             a = eye
         elif self.kind == "affine":
             a = eye + self.delta
         else:
-            skew = torch.zeros(d, d, dtype=torch.float64)
+            skew = torch.zeros(d, d, dtype=torch.float64, device=dev)
             if d == 2:
-                skew = skew.index_put((torch.tensor([0]), torch.tensor([1])), -self.rot[:1])
-                skew = skew.index_put((torch.tensor([1]), torch.tensor([0])), self.rot[:1])
+                zero, one = torch.tensor([0], device=dev), torch.tensor([1], device=dev)
+                skew = skew.index_put((zero, one), -self.rot[:1])
+                skew = skew.index_put((one, zero), self.rot[:1])
             else:
-                i, j = torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2])
+                i, j = torch.tensor([0, 0, 1], device=dev), torch.tensor([1, 2, 2], device=dev)
                 skew = skew.index_put((i, j), -self.rot).index_put((j, i), self.rot)
             a = torch.linalg.matrix_exp(skew)
             if self.kind == "similarity":
                 a = a * torch.exp(self.log_scale)
         top = torch.cat([a, (self.t * self.extent)[:, None]], dim=1)
-        bottom = torch.cat([torch.zeros(1, d, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)], 1)
+        bottom = torch.cat(
+            [
+                torch.zeros(1, d, dtype=torch.float64, device=dev),
+                torch.ones(1, 1, dtype=torch.float64, device=dev),
+            ],
+            1,
+        )
         return torch.cat([top, bottom], dim=0)
 
 
@@ -124,6 +132,15 @@ def register_affine(
         fix_pyr = _pyramid(fix, levels)
         mov_pyr = _pyramid(mov, levels)
         mask_pyr = None if fmask_t is None else _pyramid(fmask_t, levels)
+        mmask = pair.moving_mask
+        mmask_pyr = None
+        if mmask is not None:
+            mmask_t = torch.as_tensor(mmask, device=device, dtype=torch.float32)[None, None]
+            mmask_pyr = _pyramid(mmask_t, levels)
+        n_levels = min(len(fix_pyr), len(mov_pyr))  # align pyramids at the finest level
+        fix_pyr, mov_pyr = fix_pyr[-n_levels:], mov_pyr[-n_levels:]
+        mask_pyr = None if mask_pyr is None else mask_pyr[-n_levels:]
+        mmask_pyr = None if mmask_pyr is None else mmask_pyr[-n_levels:]
         extent = float(np.max(np.asarray(fshape) * fsp) / 2)
         model = _LinearMap(d, kind, extent).to(device)
         if init == "center":
@@ -138,9 +155,10 @@ def register_affine(
             opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(n_it, 1), learning_rate * 0.02)
             shape_l = f_l.shape[2:]
-            zoom = np.asarray(fshape) / np.asarray(shape_l)  # voxel size factor at this level
+            # level voxel i averages fine voxels [i * 2^k, (i + 1) * 2^k): centre (i + 0.5) * 2^k - 0.5
+            zoom = np.full(d, 2.0 ** (levels_used - 1 - level))
             grid = _level_grid(shape_l, zoom, to_fixed, device)
-            mzoom = np.asarray(mshape) / np.asarray(m_l.shape[2:])
+            mzoom = zoom
             weights = None if mask_pyr is None else mask_pyr[level].reshape(1, -1)
             for _ in range(n_it):
                 opt.zero_grad()
@@ -155,6 +173,8 @@ def register_affine(
                 w = ((mvox_l >= 0) & (mvox_l <= upper)).all(1).to(torch.float32)[None]
                 if weights is not None:
                     w = w * weights
+                if mmask_pyr is not None:  # only moving voxels inside the moving mask count
+                    w = w * (sample(mmask_pyr[level][0], mvox_l) > 0.5).to(torch.float32)
                 value = _weighted_loss(similarity, f_l, warped, w)
                 value.backward()
                 opt.step()
