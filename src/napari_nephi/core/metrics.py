@@ -38,15 +38,14 @@ def similarity_report(fixed, moving, warped, mask=None, transform: Transform | N
     if mask is not None:
         m_before = m_before & mask
         m_after = mask if m_after is None else m_after & mask
-    if m_after is not None and not m_after.any():
-        m_after = None
-    if not m_before.any():
-        m_before = None
+    nan = float("nan")  # no voxel to compare: say so rather than fall back to the whole image
+    empty_before = not m_before.any()
+    empty_after = m_after is not None and not m_after.any()
     return {
-        "ncc_before": metric("ncc", fixed, before, m_before),
-        "ncc_after": metric("ncc", fixed, warped, m_after),
-        "mse_before": _masked_mse(fixed, before, m_before),
-        "mse_after": _masked_mse(fixed, warped, m_after),
+        "ncc_before": nan if empty_before else metric("ncc", fixed, before, m_before),
+        "ncc_after": nan if empty_after else metric("ncc", fixed, warped, m_after),
+        "mse_before": nan if empty_before else _masked_mse(fixed, before, m_before),
+        "mse_after": nan if empty_after else _masked_mse(fixed, warped, m_after),
     }
 
 
