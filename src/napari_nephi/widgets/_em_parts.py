@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from qtpy.QtCore import QPointF, QRectF, Qt
-from qtpy.QtGui import QBrush, QColor, QPainter, QPainterPath, QPen
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QBrush, QColor
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -16,6 +16,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..engines.mito.features import DESCRIPTORS, DETECTORS, MATCHERS, MODELS
+from ._plot import CurvePlot
 
 #: (report key, column title) of the report table.
 COLUMNS = (
@@ -160,59 +161,19 @@ class ReportTable(QTableWidget):
         return [self.item(r, c).text() if self.item(r, c) else "" for r in range(self.rowCount())]
 
 
-class InliersPlot(QWidget):
-    """RANSAC inliers per section as a polyline; failed sections as red dots. No dependencies."""
+class InliersPlot(CurvePlot):
+    """RANSAC inliers per section; failed sections as red dots, the reference as a blue one."""
 
     def __init__(self, parent=None):
-        super().__init__(parent)
-        self.values: list[float] = []
+        super().__init__("section", "RANSAC inliers per section (red: failed pair, blue: reference)", parent)
+        self.setMinimumHeight(100)
         self.failed: set[int] = set()
         self.reference: int | None = None
-        self.setMinimumHeight(100)
-        self.setToolTip("RANSAC inliers per section (red: failed pair, blue: reference)")
 
     def set_data(self, values, failed=(), reference: int | None = None) -> None:
-        self.values = [float(v) for v in values]
         self.failed = {int(k) for k in failed}
         self.reference = reference
-        self.update()
-
-    def paintEvent(self, event):  # noqa: N802 (Qt name)
-        p = QPainter(self)
-        p.setRenderHint(QPainter.Antialiasing)
-        pal = self.palette()
-        p.fillRect(self.rect(), pal.base())
-        text = pal.text().color()
-        left, right, top, bottom = 34, 8, 8, 18
-        area = QRectF(left, top, max(1, self.width() - left - right), max(1, self.height() - top - bottom))
-        p.setPen(QPen(text, 1))
-        p.drawRect(area)
-        vmax = max(self.values) if self.values else 0.0
-        p.drawText(QRectF(0, top - 6, left - 4, 14), int(Qt.AlignRight), f"{vmax:.0f}")
-        p.drawText(QRectF(0, area.bottom() - 8, left - 4, 14), int(Qt.AlignRight), "0")
-        n = len(self.values)
-        label = QRectF(left, area.bottom() + 2, area.width(), 14)
-        p.drawText(label, int(Qt.AlignCenter), f"section (n = {n})")
-        if n == 0:
-            p.end()
-            return
-        scale = vmax if vmax > 0 else 1.0
-
-        def pt(i, v):
-            x = area.left() + (area.width() * (i / (n - 1) if n > 1 else 0.5))
-            return QPointF(x, area.bottom() - area.height() * v / scale)
-
-        path = QPainterPath(pt(0, self.values[0]))
-        for i, v in enumerate(self.values[1:], start=1):
-            path.lineTo(pt(i, v))
-        p.setPen(QPen(QColor(60, 160, 90), 2))
-        p.drawPath(path)
-        for k in sorted(self.failed):
-            if 0 <= k < n:
-                p.setPen(Qt.NoPen)
-                p.setBrush(QColor(220, 50, 50))
-                p.drawEllipse(pt(k, self.values[k]), 3.5, 3.5)
-        if self.reference is not None and 0 <= self.reference < n:
-            p.setBrush(QColor(60, 110, 220))
-            p.drawEllipse(pt(self.reference, self.values[self.reference]), 3.5, 3.5)
-        p.end()
+        markers = {k: QColor(220, 50, 50) for k in self.failed}
+        if reference is not None:
+            markers[int(reference)] = QColor(60, 110, 220)
+        self.set_values(values, markers)
