@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.errors import Cancelled, RegistrationError
+from .core.errors import Cancelled, InputError, RegistrationError
 
 SAMPLES = ("tc", "ihc", "mri", "em", "atlas")
 
@@ -44,11 +44,12 @@ def _parse_value(text: str):
         return text
 
 
-def _options(pairs: list[str]) -> dict:
+def parse_options(pairs: list[str] | None) -> dict:
+    """``--option KEY=VALUE`` items as engine keyword arguments (values parsed as JSON when they can be)."""
     out = {}
     for item in pairs or []:
         if "=" not in item:
-            raise RegistrationError(f"--option takes KEY=VALUE, got {item!r}.")
+            raise InputError(f"--option takes KEY=VALUE, got {item!r}.")
         key, value = item.split("=", 1)
         out[key.strip().replace("-", "_")] = _parse_value(value)
     return out
@@ -77,7 +78,7 @@ def cmd_register(args) -> int:
     moving, mmeta = _read_one(args.moving)
     spatial = fixed.ndim - (1 if fmeta.get("rgb") else 0)
     spacing = tuple(fmeta.get("scale") or (1.0,) * spatial)[-spatial:]
-    options = _options(args.option)
+    options = parse_options(args.option)
     m_spatial = moving.ndim - (1 if mmeta.get("rgb") else 0)
     moving_spacing = tuple(mmeta.get("scale") or (1.0,) * m_spatial)[-m_spatial:]
     if args.method == "affine" and moving_spacing != spacing and len(moving_spacing) == len(spacing):

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ...core.errors import InputError
 from ...core.registration import atomic_write_bytes
 from . import features as ft
 
@@ -74,30 +73,6 @@ def add_parser(subparsers):
     return p
 
 
-def _read(path: str, what: str):
-    from ...io import read_image
-
-    data, meta, _ = read_image(path)[0]
-    if meta.get("multiscale"):
-        data = data[0]
-    if meta.get("rgb"):
-        raise InputError(f"The {what} {path} is RGB; EM sections must be grayscale.")
-    return data, meta
-
-
-def _options(pairs) -> dict:
-    out = {}
-    for item in pairs or []:
-        if "=" not in item:
-            raise InputError(f"--option takes KEY=VALUE, got {item!r}.")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip().replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip().replace("-", "_")] = value
-    return out
-
-
 def write_stack_tiff(path: Path, sections, shape, dtype, spacing) -> None:
     """Write ``(n, y, x)`` sections from an iterator into one TIFF (atomically), with spacing."""
     import tifffile
@@ -135,19 +110,22 @@ def write_report(out: Path, reg) -> None:
 
 
 def cmd_align_em(args) -> int:
-    from ...cli import TextProgress  # here, not at import: napari_nephi.cli imports this module
-    from .align import _warp_one, align_stack, read_section
+    from ...cli import (  # here, not at import: napari_nephi.cli imports this module
+        TextProgress,
+        parse_options,
+    )
+    from .align import _read_path, _warp_one, align_stack, read_section
     from .masks import detect_mitochondria_section, intensity_range, label_mask, to_uint8
 
-    stack, meta = _read(args.stack, "stack")
+    stack, meta = _read_path(args.stack, "stack")
     spacing = tuple(meta.get("scale") or (1.0, 1.0, 1.0))
     if len(spacing) != 3:
         spacing = (1.0, 1.0, 1.0)
     masks = None
     if args.masks:
-        masks, _ = _read(args.masks, "mask stack")
+        masks, _ = _read_path(args.masks, "mask stack")
     reference = int(args.reference) if str(args.reference).lstrip("-").isdigit() else args.reference
-    options = _options(args.option)
+    options = parse_options(args.option)
     if args.use_masks:
         options["use_masks"] = True
     if args.no_model_selection:
