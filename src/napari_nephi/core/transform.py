@@ -228,6 +228,14 @@ class DisplacementTransform(Transform):
         disp = _warp.sample(u, inside).T
         return points + disp
 
+    def displacement(
+        self, shape: Sequence[int] | None = None, device: str | torch.device = "cpu"
+    ) -> np.ndarray:
+        """The stored field itself on its own grid (no resampling); elsewhere as for any transform."""
+        if shape is None or tuple(int(n) for n in shape) == self.shape:
+            return self.field.copy()
+        return super().displacement(shape, device)
+
     def inverse(self, iterations: int = 30) -> DisplacementTransform:
         """The stored backward field, or a numerical inverse by fixed-point iteration."""
         if self.inverse_field is not None:
