@@ -233,8 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_methods)
 
     from .engines.mito.cli import add_parser as add_align_em
+    from .engines.nephi.cli import add_parser as add_train
 
     add_align_em(sub)
+    add_train(sub)
     return p
 
 

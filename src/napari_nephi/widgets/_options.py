@@ -29,6 +29,8 @@ NEPHI_MODES = ("optimize", "predict", "predict+refine")
 NEPHI_PRESETS = ("fast", "accurate")
 NEPHI_REGULARIZERS = ("gradicon", "jacobian", "symmetric_jacobian", "bending", "diffusion", "cycle")
 NEPHI_REPRESENTATIONS = ("modulated", "siren", "relu_fourier")
+#: Model used by the predict modes when no file is given (shipped with the package).
+DEFAULT_MODEL = "tc"
 
 
 def _combo(items, current=None) -> QComboBox:
@@ -77,7 +79,7 @@ class RegistrationOptions(QWidget):
         self.reg_weight.setSpecialValueText("auto")
         self.sample_points = _auto_spin(10_000_000, 1024)
         self.model_path = QLineEdit()
-        self.model_path.setPlaceholderText("trained model (.pt) for predict modes")
+        self.model_path.setPlaceholderText("built-in 'tc' (2D triangles and circles), or a model file (.pt)")
         browse = QPushButton("…")
         browse.setMaximumWidth(30)
         browse.clicked.connect(self._browse_model)
@@ -154,6 +156,6 @@ class RegistrationOptions(QWidget):
                 opts["reg_weight"] = self.reg_weight.value()
             if self.sample_points.value():
                 opts["sample_points"] = self.sample_points.value()
-            if opts["mode"] != "optimize" and self.model_path.text().strip():
-                opts["weights"] = self.model_path.text().strip()
+            if opts["mode"] != "optimize":
+                opts["weights"] = self.model_path.text().strip() or DEFAULT_MODEL
         return opts

@@ -8,6 +8,7 @@ field then maps points. Checkpoints are plain dicts of tensors and JSON-able val
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from ...core.errors import InputError, UnsupportedFileError
+from ...core.registration import atomic_write_bytes
 from .encoder import Encoder
 from .field import Codes, FieldConfig, NeuralDeformationField
 
@@ -62,8 +64,10 @@ class NePhiModel(nn.Module):
         }
 
     def save(self, path, extra: dict | None = None) -> Path:
+        """Write config + weights (+ JSON-able/tensor ``extra``) atomically to ``path``."""
         path = Path(path)
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        buf = io.BytesIO()
         torch.save(
             {
                 "format": FORMAT,
@@ -72,8 +76,9 @@ class NePhiModel(nn.Module):
                 "state_dict": state,
                 "extra": extra or {},
             },
-            path,
+            buf,
         )
+        atomic_write_bytes(path, buf.getvalue())
         return path
 
     @classmethod
@@ -101,11 +106,19 @@ class NePhiModel(nn.Module):
 
 
 def as_model(weights, device) -> NePhiModel:
-    """A model from a :class:`NePhiModel` or a checkpoint path."""
+    """A model from a :class:`NePhiModel`, a checkpoint path or a built-in name (``"tc"``)."""
+    from .weights import builtin_path
+
     if isinstance(weights, NePhiModel):
         return weights
     if weights is None:
         raise InputError(
-            "mode='predict' needs a trained model: pass weights=<checkpoint path or NePhiModel>."
+            "mode='predict' needs a trained model: pass weights=<checkpoint path, NePhiModel or 'tc'>."
         )
-    return NePhiModel.load(weights, device)
+    builtin = builtin_path(weights) if isinstance(weights, str) else None
+    if builtin is not None and not builtin.is_file():
+        raise UnsupportedFileError(
+            f"The built-in model {weights!r} is missing from this installation ({builtin}); "
+            "make it with scripts/train_tc_weights.py or pass a model file."
+        )
+    return NePhiModel.load(builtin or weights, device)

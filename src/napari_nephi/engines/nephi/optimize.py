@@ -137,8 +137,9 @@ def similarity_loss(
         wm = grid_sample_points(moving, maps.forward(x)).reshape(fixed.shape)
         wf = grid_sample_points(fixed, maps.backward(x)).reshape(moving.shape)
         return 0.5 * ((1 - lncc(fixed, wm)) + (1 - lncc(moving, wf)))
-    x = uniform_points(1, settings.sample_points, d, generator, dev)
-    y = uniform_points(1, settings.sample_points, d, generator, dev)
+    b = fixed.shape[0]
+    x = uniform_points(b, settings.sample_points, d, generator, dev)
+    y = uniform_points(b, settings.sample_points, d, generator, dev)
     fx = grid_sample_points(fixed, x)[:, 0]
     my = grid_sample_points(moving, y)[:, 0]
     wm = grid_sample_points(moving, maps.forward(x))[:, 0]
@@ -149,6 +150,36 @@ def similarity_loss(
         _point_similarity(settings.similarity, fx, wm, w_f)
         + _point_similarity(settings.similarity, my, wf, w_m)
     )
+
+
+def step_loss(
+    maps: Maps,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    settings: OptimizeSettings,
+    generator: torch.Generator,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The loss of one step for a batch of pairs ``(B, 1, *spatial)``: similarity + regularisers.
+
+    Shared by instance optimisation and training (:mod:`.train`); the latent prior acts on the
+    codes in ``maps.codes``, whether free parameters or predicted by an encoder.
+    """
+    d = fixed.dim() - 2
+    b = fixed.shape[0]
+    loss = similarity_loss(maps, fixed, moving, settings, generator, fixed_mask, moving_mask)
+    if settings.reg_weight > 0:
+        xr = uniform_points(b, settings.reg_points, d, generator, fixed.device)
+        loss = loss + settings.reg_weight * regularization(
+            settings.regularizer, maps, xr, settings.derivatives
+        )
+    if settings.cycle_weight > 0:
+        xc = uniform_points(b, settings.reg_points, d, generator, fixed.device)
+        loss = loss + settings.cycle_weight * R.cycle_consistency(maps.forward, maps.backward, xc)
+    if settings.latent_weight > 0:
+        loss = loss + settings.latent_weight * sum((t**2).mean() for t in maps.codes.tensors())
+    return loss
 
 
 def optimize_field(
@@ -169,7 +200,6 @@ def optimize_field(
     ``fixed`` and ``moving`` are ``(1, 1, *spatial)`` on the same grid, intensities normalised;
     masks likewise, as float. Returns the final maps and the loss history.
     """
-    d = fixed.dim() - 2
     if settings.similarity == "lncc" and math.prod(fixed.shape[2:]) > LNCC_MAX_VOXELS:
         raise InputError(
             f"similarity='lncc' is evaluated densely and allowed up to {LNCC_MAX_VOXELS} voxels; "
@@ -193,17 +223,7 @@ def optimize_field(
     history: list[float] = []
     for _ in range(settings.iterations):
         opt.zero_grad(set_to_none=True)
-        loss = similarity_loss(maps, fixed, moving, settings, gen, fixed_mask, moving_mask)
-        if settings.reg_weight > 0:
-            xr = uniform_points(1, settings.reg_points, d, gen, fixed.device)
-            loss = loss + settings.reg_weight * regularization(
-                settings.regularizer, maps, xr, settings.derivatives
-            )
-        if settings.cycle_weight > 0:
-            xc = uniform_points(1, settings.reg_points, d, gen, fixed.device)
-            loss = loss + settings.cycle_weight * R.cycle_consistency(maps.forward, maps.backward, xc)
-        if settings.latent_weight > 0:
-            loss = loss + settings.latent_weight * sum((t**2).mean() for t in code_params)
+        loss = step_loss(maps, fixed, moving, settings, gen, fixed_mask, moving_mask)
         loss.backward()
         opt.step()
         sched.step()
