@@ -106,3 +106,18 @@ def test_writers_reject_unknown_suffix(tmp_path, name):
     with pytest.raises(UnsupportedFileError, match="not supported"):
         write_image(str(tmp_path / name), np.zeros((3, 3), np.float32), {})
     assert os.listdir(tmp_path) == []
+
+
+def test_written_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    """Atomic writes go through a private temporary file; the result is readable like any file."""
+    import stat
+
+    from napari_nephi.core.registration import atomic_write_bytes
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    expected = 0o666 & ~mask
+    atomic_write_bytes(tmp_path / "a.json", b"{}")
+    write_image(str(tmp_path / "b.tif"), np.zeros((4, 4), np.float32), {})
+    for name in ("a.json", "b.tif"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected

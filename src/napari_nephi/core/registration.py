@@ -46,13 +46,29 @@ class Registration:
         return folder
 
 
+def _file_mode() -> int:
+    mask = os.umask(0o022)  # read once at import, before any worker thread writes files
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
+def publish(tmp, path) -> None:
+    """Give a finished temporary file the usual permissions (mkstemp makes 0600) and move it to ``path``."""
+    os.chmod(tmp, _FILE_MODE)
+    os.replace(tmp, path)
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it (no half-written files)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..core.errors import RegistrationError, UnsupportedFileError
+from ..core.registration import publish
 
 PathLike = str | os.PathLike
 
@@ -113,7 +114,7 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.replace(tmp_path, target)
+        publish(tmp_path, target)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
