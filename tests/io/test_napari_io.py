@@ -121,3 +121,7 @@ def test_written_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
     write_image(str(tmp_path / "b.tif"), np.zeros((4, 4), np.float32), {})
     for name in ("a.json", "b.tif"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected
+    from napari_nephi.core.transform import AffineTransform
+
+    AffineTransform(np.eye(3)).save(tmp_path / "t")
+    assert stat.S_IMODE((tmp_path / "t").stat().st_mode) == 0o777 & ~mask

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .files import atomic_write_bytes, publish  # noqa: F401 (re-exported)
 from .grid import check_spacing
 from .inputs import check_pair, prepare_image, prepare_mask
 from .progress import CancelFlag, Progress, ProgressCallback
@@ -44,35 +44,6 @@ class Registration:
         tifffile.imwrite(tmp, self.warped.astype(np.float32))
         os.replace(tmp, folder / "warped.tif")
         return folder
-
-
-def _file_mode() -> int:
-    mask = os.umask(0o022)  # read once at import, before any worker thread writes files
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_FILE_MODE = _file_mode()
-
-
-def publish(tmp, path) -> None:
-    """Give a finished temporary file the usual permissions (mkstemp makes 0600) and move it to ``path``."""
-    os.chmod(tmp, _FILE_MODE)
-    os.replace(tmp, path)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it (no half-written files)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass

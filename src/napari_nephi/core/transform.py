@@ -3,6 +3,12 @@
 Every kind implements ``_map(points)`` on a torch tensor ``(N, D)``; everything else
 (dense displacement, warping images and labels, mapping points, composition) follows from it.
 The warped moving image at ``x`` is ``moving(phi(x))``.
+
+A transform knows two physical frames: the fixed image's (``spacing``, ``world_affine``), on
+whose grid it is defined, and the moving image's (``moving_spacing``, ``moving_world_affine``),
+in whose voxel coordinates ``phi(x)`` is expressed. The moving frame defaults to the fixed one.
+The frames change nothing in ``_map`` (voxel to voxel); they say where those voxels are in space,
+which is what saving to ITK/ANTs files and applying the map to an image of another resolution need.
 """
 
 from __future__ import annotations
@@ -17,6 +23,73 @@ from . import warp as _warp
 from .errors import DimensionMismatchError, InputError
 from .grid import check_spacing, identity_grid
 
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def default_world_affine(spacing) -> np.ndarray:
+    """NIfTI affine (i, j, k -> RAS) for a napari-order spacing, origin 0."""
+    sp = list(spacing)[::-1] + [1.0] * (3 - len(spacing))
+    return np.diag(sp + [1.0])
+
+
+def check_world_affine(world_affine, what: str = "world_affine") -> np.ndarray | None:
+    """A 4x4 NIfTI affine (index i, j, k -> RAS) as float64, or ``None``."""
+    if world_affine is None:
+        return None
+    a = np.array(world_affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
+        raise InputError(f"{what} must be a finite 4x4 NIfTI affine (i, j, k -> RAS), got shape {a.shape}.")
+    if abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise InputError(f"{what} is singular; give the image's voxel-index-to-world affine.")
+    return a
+
+
+def rescaled_world_affine(world_affine, spacing) -> np.ndarray:
+    """``world_affine`` with its direction and origin kept and its i, j(, k) columns ``spacing`` long.
+
+    ``spacing`` is in napari order; the frame of an image lying where ``world_affine``'s image lies
+    but with another voxel size (the same rule :func:`napari_nephi.io.nifti.write_nifti` uses).
+    """
+    a = np.array(world_affine, dtype=np.float64)
+    sp = list(spacing)[::-1]
+    for col, s in enumerate(sp):
+        norm = np.linalg.norm(a[:3, col])
+        if norm == 0:
+            raise InputError("world_affine has a zero column; give a non-singular affine.")
+        a[:3, col] *= s / norm
+    return a
+
+
+def resolve_moving_world_affine(world_affine, spacing, moving_world_affine, moving_spacing):
+    """The moving frame's NIfTI affine by the defaulting rule (``None`` means ``diag(spacing)``).
+
+    Given explicitly, it is used as is. Without it: with no moving spacing either, the moving frame
+    is the fixed frame; with only a moving spacing, it is the fixed affine rescaled to that spacing
+    (the fixed direction and origin kept), or ``None`` when the fixed frame has no affine.
+    """
+    if moving_world_affine is not None:
+        return moving_world_affine
+    if moving_spacing is None or world_affine is None:
+        return world_affine
+    return rescaled_world_affine(world_affine, moving_spacing)
+
+
+def frame_to_lps(world_affine, spacing, ndim: int) -> np.ndarray:
+    """Homogeneous ``(D+1, D+1)`` map from napari-order voxel coordinates to ITK LPS millimetres.
+
+    ``world_affine`` (4x4, i, j, k -> RAS) defaults to ``diag(spacing)``; NIfTI's index ``i`` is
+    numpy's last axis. In 2D the first two rows and columns (and the translation) are kept.
+    """
+    a = _RAS_TO_LPS @ (
+        np.asarray(world_affine, float) if world_affine is not None else default_world_affine(spacing)
+    )
+    d = int(ndim)
+    perm = np.zeros((4, d + 1))
+    for axis in range(d):
+        perm[axis, d - 1 - axis] = 1.0  # index i (row 0) is numpy's last axis
+    perm[3, d] = 1.0
+    return (a @ perm)[list(range(d)) + [3]]
+
 
 class Transform:
     """Base class and protocol of every transform kind."""
@@ -30,15 +103,115 @@ class Transform:
         spacing: Sequence[float] | None = None,
         settings: dict | None = None,
         world_affine: np.ndarray | None = None,
+        moving_spacing: Sequence[float] | None = None,
+        moving_world_affine: np.ndarray | None = None,
+        moving_shape: Sequence[int] | None = None,
     ):
         self.ndim = int(ndim)
-        self.shape = tuple(int(s) for s in shape) if shape is not None else None
-        if self.shape is not None and len(self.shape) != self.ndim:
-            raise DimensionMismatchError(f"shape {self.shape} does not have {self.ndim} axes.")
+        self.shape = self._check_shape(shape, "shape")
         self.spacing = check_spacing(spacing, self.ndim)
         self.settings = dict(settings or {})
         #: 4x4 NIfTI affine (index i,j,k -> RAS mm) of the fixed image, when known.
-        self.world_affine = None if world_affine is None else np.asarray(world_affine, float)
+        self.world_affine = check_world_affine(world_affine)
+        #: grid shape of the moving image, when known (the grid an inverse lives on).
+        self.moving_shape = self._check_shape(moving_shape, "moving_shape")
+        self.moving_spacing = moving_spacing
+        self.moving_world_affine = moving_world_affine
+
+    def _check_shape(self, shape, what: str) -> tuple[int, ...] | None:
+        if shape is None:
+            return None
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != self.ndim:
+            raise DimensionMismatchError(f"{what} {shape} does not have {self.ndim} axes.")
+        return shape
+
+    # -- the moving frame --------------------------------------------------------------------
+    @property
+    def moving_spacing(self) -> tuple[float, ...]:
+        """Voxel spacing of the moving image (napari order); the fixed ``spacing`` unless given."""
+        return self._moving_spacing if self._moving_spacing is not None else self.spacing
+
+    @moving_spacing.setter
+    def moving_spacing(self, value) -> None:
+        self._moving_spacing = None if value is None else check_spacing(value, self.ndim)
+
+    @property
+    def moving_world_affine(self) -> np.ndarray | None:
+        """4x4 NIfTI affine of the moving image (see :func:`resolve_moving_world_affine`).
+
+        Not given, it follows the fixed frame: ``world_affine`` itself while no moving spacing is
+        given either, else ``world_affine`` rescaled to ``moving_spacing``. ``None`` means
+        ``diag(moving_spacing)`` with the origin at 0, as for ``world_affine``.
+        """
+        return resolve_moving_world_affine(
+            self.world_affine, self.spacing, self._moving_world_affine, self._moving_spacing
+        )
+
+    @moving_world_affine.setter
+    def moving_world_affine(self, value) -> None:
+        self._moving_world_affine = check_world_affine(value, "moving_world_affine")
+
+    @property
+    def has_moving_frame(self) -> bool:
+        """Whether a moving frame was given (else it is the fixed frame, whatever that becomes)."""
+        return self._moving_spacing is not None or self._moving_world_affine is not None
+
+    def fixed_frame(self) -> np.ndarray:
+        """``(D+1, D+1)``: fixed voxel coordinates (napari order) -> LPS physical coordinates."""
+        return frame_to_lps(self.world_affine, self.spacing, self.ndim)
+
+    def moving_frame(self) -> np.ndarray:
+        """``(D+1, D+1)``: moving voxel coordinates (napari order) -> LPS physical coordinates."""
+        return frame_to_lps(self.moving_world_affine, self.moving_spacing, self.ndim)
+
+    def frame_kwargs(self, swap: bool = False) -> dict[str, Any]:
+        """Constructor keywords giving another transform these frames (``swap``: for an inverse)."""
+        if not self.has_moving_frame:
+            return {"spacing": self.spacing, "world_affine": self.world_affine}
+        fixed = (self.spacing, self.world_affine)
+        mw = self.moving_world_affine
+        moving = (self.moving_spacing, mw if mw is not None else default_world_affine(self.moving_spacing))
+        (sp, wa), (msp, mwa) = (moving, fixed) if swap else (fixed, moving)
+        if mwa is None:  # explicit, so that it is not re-derived from the other frame
+            mwa = default_world_affine(msp)
+        return {"spacing": sp, "world_affine": wa, "moving_spacing": msp, "moving_world_affine": mwa}
+
+    def for_moving_image(self, spacing=None, world_affine=None) -> Transform:
+        """This physical map in the voxel coordinates of another image of the moving space.
+
+        For an image (labels at another resolution, another channel) whose frame is ``spacing``
+        (napari order) and/or ``world_affine`` instead of this transform's moving frame. With only
+        ``spacing``, the image lies where the moving image lies (``moving_world_affine`` rescaled,
+        or ``diag(spacing)`` at origin 0, which is how napari places a layer of that ``scale``).
+        Returns ``self`` when nothing differs.
+        """
+        if spacing is None and world_affine is None:
+            return self
+        world = check_world_affine(world_affine, "world_affine")
+        if spacing is None:  # the voxel size of the given affine (column lengths), napari order
+            spacing = tuple(float(v) for v in np.linalg.norm(world[:3, : self.ndim], axis=0)[::-1])
+        spacing = check_spacing(spacing, self.ndim)
+        if world is None and self.moving_world_affine is not None:
+            world = rescaled_world_affine(self.moving_world_affine, spacing)
+        target = frame_to_lps(world, spacing, self.ndim)
+        change = np.linalg.inv(target) @ self.moving_frame()  # our moving voxels -> image voxels
+        if np.array_equal(change, np.eye(self.ndim + 1)):
+            return self
+        frames = self.frame_kwargs()
+        frames.update(moving_spacing=spacing, moving_world_affine=world)
+        if frames["moving_world_affine"] is None:
+            frames["moving_world_affine"] = default_world_affine(spacing)
+        if isinstance(self, AffineTransform):
+            return AffineTransform(change @ self.matrix, shape=self.shape, settings=self.settings, **frames)
+        step = AffineTransform(
+            change,
+            spacing=self.moving_spacing,
+            world_affine=self.moving_world_affine,
+            moving_spacing=frames["moving_spacing"],
+            moving_world_affine=frames["moving_world_affine"],
+        )
+        return ComposedTransform([self, step], shape=self.shape, settings=self.settings, **frames)
 
     # -- the one method a kind must provide -------------------------------------------
     def _map(self, points: torch.Tensor) -> torch.Tensor:
@@ -69,12 +242,19 @@ class Transform:
             )
         return shape
 
-    def map_points(self, points, device: str | torch.device = "cpu") -> np.ndarray:
-        """Map fixed-grid points ``(N, D)`` (napari order, voxel units) into the moving image."""
+    def map_points(
+        self, points, device: str | torch.device = "cpu", *, image_spacing=None, image_world_affine=None
+    ) -> np.ndarray:
+        """Map fixed-grid points ``(N, D)`` (napari order, voxel units) into the moving image.
+
+        ``image_spacing`` / ``image_world_affine``: return voxel coordinates of an image of the
+        moving space whose frame differs from the moving frame (see :meth:`for_moving_image`).
+        """
         pts = np.asarray(points, dtype=np.float64)
         if pts.ndim != 2 or pts.shape[1] != self.ndim:
             raise DimensionMismatchError(f"Points must be an (N, {self.ndim}) array, got shape {pts.shape}.")
-        return _warp.map_points_chunked(pts, self, device)
+        t = self.for_moving_image(image_spacing, image_world_affine)
+        return _warp.map_points_chunked(pts, t, device)
 
     def displacement(
         self, shape: Sequence[int] | None = None, device: str | torch.device = "cpu"
@@ -87,21 +267,36 @@ class Transform:
         image,
         output_shape: Sequence[int] | None = None,
         device: str | torch.device = "cpu",
+        *,
+        image_spacing=None,
+        image_world_affine=None,
     ) -> np.ndarray:
-        """Resample a moving image (channels last allowed) onto the fixed grid, linearly."""
+        """Resample a moving image (channels last allowed) onto the fixed grid, linearly.
+
+        ``image`` is taken to lie in the moving frame; give ``image_spacing`` (napari order) and/or
+        ``image_world_affine`` when it has another (e.g. the same anatomy at another voxel size).
+        """
         img = np.asarray(image)
         spatial = img.shape[: self.ndim]
-        return _warp.warp_image(img, self, self.ndim, self._out_shape(output_shape, spatial), device)
+        t = self.for_moving_image(image_spacing, image_world_affine)
+        return _warp.warp_image(img, t, self.ndim, self._out_shape(output_shape, spatial), device)
 
     def warp_labels(
         self,
         labels,
         output_shape: Sequence[int] | None = None,
         device: str | torch.device = "cpu",
+        *,
+        image_spacing=None,
+        image_world_affine=None,
     ) -> np.ndarray:
-        """Resample moving labels onto the fixed grid by nearest neighbour; dtype and values kept."""
+        """Resample moving labels onto the fixed grid by nearest neighbour; dtype and values kept.
+
+        ``image_spacing`` / ``image_world_affine``: the labels' frame, as for :meth:`warp`.
+        """
         lab = np.asarray(labels)
-        return _warp.warp_labels(lab, self, self.ndim, self._out_shape(output_shape, lab.shape), device)
+        t = self.for_moving_image(image_spacing, image_world_affine)
+        return _warp.warp_labels(lab, t, self.ndim, self._out_shape(output_shape, lab.shape), device)
 
     def inverse(self) -> Transform:
         """The inverse map (moving -> fixed coordinates), where it exists."""
@@ -123,6 +318,11 @@ class Transform:
             "shape": list(self.shape) if self.shape is not None else None,
             "spacing": list(self.spacing),
             "world_affine": None if self.world_affine is None else self.world_affine.tolist(),
+            "moving_shape": list(self.moving_shape) if self.moving_shape is not None else None,
+            "moving_spacing": list(self.moving_spacing),
+            "moving_world_affine": None
+            if self.moving_world_affine is None
+            else self.moving_world_affine.tolist(),
         }
 
     def save(self, path) -> None:
@@ -142,7 +342,9 @@ class IdentityTransform(Transform):
         return points
 
     def inverse(self):
-        return IdentityTransform(self.ndim, self.shape, self.spacing, world_affine=self.world_affine)
+        return IdentityTransform(
+            self.ndim, self.moving_shape, moving_shape=self.shape, **self.frame_kwargs(swap=True)
+        )
 
     def _state(self):
         return {}, {}
@@ -174,7 +376,10 @@ class AffineTransform(Transform):
         if abs(np.linalg.det(self.matrix[:-1, :-1])) < 1e-12:
             raise InputError("This affine is singular and has no inverse.")
         return AffineTransform(
-            np.linalg.inv(self.matrix), spacing=self.spacing, world_affine=self.world_affine
+            np.linalg.inv(self.matrix),
+            shape=self.moving_shape,
+            moving_shape=self.shape,
+            **self.frame_kwargs(swap=True),
         )
 
     def _state(self):
@@ -184,8 +389,11 @@ class AffineTransform(Transform):
 class DisplacementTransform(Transform):
     """``phi(x) = x + u(x)`` with a dense field ``u`` of shape ``(D, *shape)`` in voxel units.
 
-    Between voxels ``u`` is interpolated linearly; outside the grid the border value is used.
-    ``inverse_field``, when given (e.g. a backward NePhi field), is returned by :meth:`inverse`.
+    ``x`` is a fixed voxel and ``x + u(x)`` a moving voxel, so when the two frames differ ``u`` is
+    a moving voxel coordinate minus a fixed one. Between voxels ``u`` is interpolated linearly;
+    outside the grid the border value is used. ``inverse_field``, when given (e.g. a backward
+    NePhi field), is returned by :meth:`inverse`: it lives on the moving grid (``moving_shape``,
+    which it sets when not given) and maps moving voxels to fixed voxels.
     """
 
     kind = "displacement"
@@ -199,18 +407,27 @@ class DisplacementTransform(Transform):
         if not np.all(np.isfinite(f)):
             raise InputError("The displacement field holds NaN or infinite values.")
         kwargs.setdefault("shape", f.shape[1:])
+        inv = None
+        if inverse_field is not None:
+            inv = np.asarray(inverse_field, dtype=np.float32)
+            if inv.ndim != f.ndim or inv.shape[0] != f.shape[0]:
+                raise DimensionMismatchError(
+                    f"inverse_field must have shape (D, *moving_shape) with D = {f.shape[0]}, "
+                    f"got {inv.shape}."
+                )
+            if not np.all(np.isfinite(inv)):
+                raise InputError("The inverse displacement field holds NaN or infinite values.")
+            if kwargs.get("moving_shape") is None:
+                kwargs["moving_shape"] = inv.shape[1:]
         super().__init__(f.shape[0], **kwargs)
         if tuple(f.shape[1:]) != self.shape:
             raise DimensionMismatchError(f"Field grid {f.shape[1:]} differs from shape {self.shape}.")
+        if inv is not None and tuple(inv.shape[1:]) != self.moving_shape:
+            raise DimensionMismatchError(
+                f"inverse_field grid {inv.shape[1:]} differs from moving_shape {self.moving_shape}."
+            )
         self.field = f
-        self.inverse_field = None
-        if inverse_field is not None:
-            inv = np.asarray(inverse_field, dtype=np.float32)
-            if inv.shape != f.shape:
-                raise DimensionMismatchError(
-                    f"inverse_field shape {inv.shape} differs from field shape {f.shape}."
-                )
-            self.inverse_field = inv
+        self.inverse_field = inv
         self._cache: dict = {}
 
     def _field_on(self, device, dtype) -> torch.Tensor:
@@ -240,10 +457,12 @@ class DisplacementTransform(Transform):
         """The stored backward field, or a numerical inverse by fixed-point iteration."""
         if self.inverse_field is not None:
             inv = self.inverse_field
-        else:
+        elif not self.has_moving_frame and self.moving_shape in (None, self.shape):
             inv = invert_field(self.field, iterations)
+        else:  # on the moving grid, preconditioned by the affine part of the map
+            inv = _invert_map(self, self.moving_shape or self.shape, _affine_fit(self), iterations)
         return DisplacementTransform(
-            inv, inverse_field=self.field, spacing=self.spacing, world_affine=self.world_affine
+            inv, inverse_field=self.field, moving_shape=self.shape, **self.frame_kwargs(swap=True)
         )
 
     def _state(self):
@@ -272,6 +491,42 @@ def invert_field(field: np.ndarray, iterations: int = 30, tol: float = 1e-4) -> 
     return v.T.reshape(field.shape).numpy().astype(np.float32)
 
 
+def _affine_fit(t: Transform, max_points: int = 4096) -> np.ndarray:
+    """Least-squares homogeneous affine of ``t`` on a lattice of its grid (at most ``max_points``)."""
+    shape = np.asarray(t._out_shape(None))
+    step = max(1, int(np.ceil((shape.prod() / max_points) ** (1.0 / t.ndim))))
+    axes = [np.arange(0, n, step, dtype=np.float64) for n in shape]
+    x = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, t.ndim)
+    with torch.no_grad():
+        y = t._map(torch.as_tensor(x, dtype=torch.float32)).numpy().astype(np.float64)
+    sol = np.linalg.lstsq(np.c_[x, np.ones(len(x))], y, rcond=None)[0].T
+    return np.vstack([sol, np.r_[np.zeros(t.ndim), 1.0]])
+
+
+def _invert_map(
+    t: Transform, shape, frame: np.ndarray, iterations: int = 30, tol: float = 1e-4
+) -> np.ndarray:
+    """Inverse of ``t`` on a (moving) grid ``shape``: ``v(y)`` with ``t(y + v(y)) = y``.
+
+    Fixed-point iteration preconditioned by ``frame``, a homogeneous affine approximation of ``t``
+    (fixed voxel -> moving voxel): converges while ``t`` stays close to it (no folds, the
+    non-affine part's gradient below 1).
+    """
+    d = t.ndim
+    y = identity_grid(shape).reshape(-1, d)
+    inv = np.linalg.inv(frame)
+    lin = torch.as_tensor(inv[:d, :d], dtype=torch.float32)
+    x = y @ lin.T + torch.as_tensor(inv[:d, d], dtype=torch.float32)
+    with torch.no_grad():
+        for _ in range(iterations):
+            new = x + (y - t._map(x)) @ lin.T
+            done = float((new - x).abs().max()) < tol
+            x = new
+            if done:
+                break
+    return (x - y).T.reshape((d, *shape)).numpy().astype(np.float32)
+
+
 class ComposedTransform(Transform):
     """``x -> t_n(...t_2(t_1(x)))``: the first transform in the list is applied first."""
 
@@ -287,6 +542,14 @@ class ComposedTransform(Transform):
         kwargs.setdefault("shape", ts[0].shape)
         kwargs.setdefault("spacing", ts[0].spacing)
         kwargs.setdefault("world_affine", ts[0].world_affine)
+        kwargs.setdefault("moving_shape", ts[-1].moving_shape)
+        if any(t.has_moving_frame for t in ts):  # the first part's fixed frame, the last part's moving frame
+            last = ts[-1].frame_kwargs()
+            kwargs.setdefault("moving_spacing", last.get("moving_spacing", last["spacing"]))
+            mw = last.get("moving_world_affine", last["world_affine"])
+            kwargs.setdefault(
+                "moving_world_affine", mw if mw is not None else default_world_affine(last["spacing"])
+            )
         super().__init__(ts[0].ndim, **kwargs)
         self.transforms = ts
 
@@ -296,7 +559,12 @@ class ComposedTransform(Transform):
         return points
 
     def inverse(self):
-        return ComposedTransform([t.inverse() for t in reversed(self.transforms)])
+        grids = {"shape": self.moving_shape, "moving_shape": self.shape}
+        return ComposedTransform(
+            [t.inverse() for t in reversed(self.transforms)],
+            **{k: v for k, v in grids.items() if v is not None},
+            **self.frame_kwargs(swap=True),
+        )
 
     def _state(self):
         return {"count": len(self.transforms)}, {}
@@ -337,7 +605,12 @@ class PerSectionTransform(Transform):
         return _Homography2D(self.matrices[k])
 
     def inverse(self):
-        return PerSectionTransform(np.linalg.inv(self.matrices), shape=self.shape, spacing=self.spacing)
+        return PerSectionTransform(
+            np.linalg.inv(self.matrices),
+            shape=self.moving_shape or self.shape,
+            moving_shape=self.shape,
+            **self.frame_kwargs(swap=True),
+        )
 
     def _state(self):
         return {}, {"matrices": self.matrices}

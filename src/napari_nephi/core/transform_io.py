@@ -4,27 +4,34 @@
 half-written result never replaces a good one)::
 
     path/
-      transform.json             kind, ndim, fixed grid shape, spacing, parameters (see below)
+      transform.json             kind, ndim, fixed grid shape, spacing, world_affine, the moving
+                                 frame (moving_shape, moving_spacing, moving_world_affine), parameters
       settings.json              the settings of the run that produced it
       displacement.nii.gz        displacement kinds: the field, ITK/ANTs convention
-      inverse_displacement.nii.gz  when a backward field exists
+      inverse_displacement.nii.gz  when a backward field exists; on the moving grid
       affine.txt                 affine kind: ITK "Insight Transform File V1.0" text
       0/, 1/, ...                composed kind: its parts, applied in that order
 
-Displacement NIfTI (what ITK, ANTs and nitransforms read as a displacement field): data shape
-``(X, Y, Z, 1, D)`` (``(X, Y, 1, 1, 2)`` in 2D) with intent ``NIFTI_INTENT_VECTOR`` (1007). The
-spatial axes are NIfTI's i, j, k, i.e. numpy's last axis first: a napari ``(z, y, x)`` array is
-transposed to ``(x, y, z)``. Vectors are physical displacements (mm, or the spacing's unit) in
-ITK's LPS frame: the voxel displacement is multiplied by the upper-left block of the NIfTI affine
-(voxel index -> RAS), then its first two components are negated (RAS -> LPS). The NIfTI affine is
-the fixed image's own when it was read from NIfTI (``world_affine``), else ``diag(spacing)`` with
-the origin at 0. Loading undoes each step.
+Two frames. A transform maps fixed voxels to moving voxels; each image has its own frame, the
+4x4 NIfTI affine (voxel index i, j, k -> RAS mm) it was read with, else ``diag(spacing)`` with the
+origin at 0. ``P_fixed`` and ``P_moving`` below are these frames followed by RAS -> LPS (negate
+the first two coordinates), as napari-order voxel -> ITK physical maps (:func:`frame_to_lps`).
 
-ITK affine text: ``Parameters`` are the 3x3 (2x2) matrix row by row then the translation, in
-LPS physical coordinates of the same frame, ``FixedParameters`` the centre (0); like every ITK
-transform it maps fixed physical points to moving physical points. ``transform.json`` also holds
-the matrix in voxel coordinates, napari order (``matrix``), which is what :func:`load_transform`
-uses.
+Displacement NIfTI (what ITK, ANTs and nitransforms read as a displacement field): data shape
+``(X, Y, Z, 1, D)`` (``(X, Y, 1, 1, 2)`` in 2D) with intent ``NIFTI_INTENT_VECTOR`` (1007) and the
+affine of the grid it lies on. The spatial axes are NIfTI's i, j, k, i.e. numpy's last axis first:
+a napari ``(z, y, x)`` array is transposed to ``(x, y, z)``. The vector at fixed voxel ``x`` is
+``P_moving(phi(x)) - P_fixed(x)``, the physical displacement in LPS that ITK adds to a fixed
+physical point to get the moving one. With one frame on both sides this is the voxel displacement
+times the affine's linear part, negated in x and y. ``inverse_displacement.nii.gz`` is the same
+with the roles swapped: on the moving grid (moving affine), ``P_fixed(psi(y)) - P_moving(y)``.
+Loading undoes each step with the frames in ``transform.json`` (full precision; the NIfTI header
+keeps its affine in single precision).
+
+ITK affine text: ``Parameters`` are the 3x3 (2x2) matrix row by row then the translation of
+``P_moving @ matrix @ P_fixed^-1``, ``FixedParameters`` the centre (0); like every ITK transform it
+maps fixed physical (LPS) points to moving physical points. ``transform.json`` also holds the
+matrix in voxel coordinates, napari order (``matrix``), which is what :func:`load_transform` uses.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ import nibabel as nib
 import numpy as np
 
 from .errors import UnsupportedFileError
+from .files import DIR_MODE
+from .grid import check_spacing
 from .transform import (
     AffineTransform,
     ComposedTransform,
@@ -46,33 +55,66 @@ from .transform import (
     IdentityTransform,
     PerSectionTransform,
     Transform,
+    default_world_affine,
+    frame_to_lps,
+    resolve_moving_world_affine,
 )
 
 FORMAT = "napari-nephi-transform"
 VERSION = 1
 NIFTI_INTENT_VECTOR = 1007
-_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def default_world_affine(spacing) -> np.ndarray:
-    """NIfTI affine (i, j, k -> RAS) for a napari-order spacing, origin 0."""
-    sp = list(spacing)[::-1] + [1.0] * (3 - len(spacing))
-    return np.diag(sp + [1.0])
 
 
 def _world(t_world, spacing) -> np.ndarray:
     return np.asarray(t_world, float) if t_world is not None else default_world_affine(spacing)
 
 
-def field_to_itk_nifti(field: np.ndarray, world_affine=None, spacing=None) -> nib.Nifti1Image:
-    """A ``(D, *shape)`` voxel displacement (napari order) as an ITK displacement-field NIfTI."""
+def _add_affine_of_grid(out: np.ndarray, m: np.ndarray, sign: float) -> None:
+    """``out += sign * (m[:, :D] @ x + m[:, D])`` for every voxel ``x`` of ``out``'s grid, in place.
+
+    ``out`` is ``(D, *shape)``; the grid is never materialised (one broadcast axis at a time).
+    """
+    d = out.shape[0]
+    for axis, n in enumerate(out.shape[1:]):
+        ramp = np.arange(n, dtype=np.float64).reshape((1,) + (1,) * axis + (n,) + (1,) * (d - 1 - axis))
+        out += sign * m[:, axis].reshape((d,) + (1,) * d) * ramp
+    out += sign * m[:, d].reshape((d,) + (1,) * d)
+
+
+def _apply_linear(m: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,j...->i...", m, v)
+
+
+def field_to_itk_nifti(
+    field: np.ndarray,
+    world_affine=None,
+    spacing=None,
+    moving_world_affine=None,
+    moving_spacing=None,
+) -> nib.Nifti1Image:
+    """A ``(D, *shape)`` voxel displacement (napari order) as an ITK displacement-field NIfTI.
+
+    ``field`` maps voxel ``x`` of the grid it lies on (the frame ``world_affine`` / ``spacing``)
+    to voxel ``x + u(x)`` of the target image (the frame ``moving_world_affine`` /
+    ``moving_spacing``, by default the same frame). The vector written at ``x`` is
+    ``P_target(x + u(x)) - P_grid(x)`` in LPS millimetres, ITK's displacement-field convention.
+    """
     d = field.shape[0]
     spacing = spacing if spacing is not None else (1.0,) * d
     a = _world(world_affine, spacing)
-    u_ijk = np.asarray(field, np.float64)[::-1].transpose(0, *range(d, 0, -1))  # (D, X, Y[, Z])
-    ras = np.einsum("ij,j...->i...", a[:d, :d], u_ijk)
-    ras[:2] *= -1.0  # RAS -> LPS
-    data = np.moveaxis(ras, 0, -1).astype(np.float32)  # (X, Y[, Z], D)
+    grid = frame_to_lps(a, spacing, d)
+    if moving_world_affine is None and moving_spacing is None:
+        target = grid
+    else:
+        msp = moving_spacing if moving_spacing is not None else spacing
+        target = frame_to_lps(
+            resolve_moving_world_affine(a, spacing, moving_world_affine, moving_spacing), msp, d
+        )
+    u = np.asarray(field, np.float64)
+    lps = _apply_linear(target[:d, :d], u)
+    if not np.array_equal(target, grid):  # + P_target(x) - P_grid(x), zero for one frame
+        _add_affine_of_grid(lps, (target - grid)[:d], 1.0)
+    data = np.moveaxis(lps.transpose(0, *range(d, 0, -1)), 0, -1).astype(np.float32)  # (X, Y[, Z], D)
     if d == 2:
         data = data[:, :, None, None, :]
     else:
@@ -85,8 +127,15 @@ def field_to_itk_nifti(field: np.ndarray, world_affine=None, spacing=None) -> ni
     return img
 
 
-def itk_nifti_to_field(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`field_to_itk_nifti`: ``(field (D, *shape) napari order, world affine)``."""
+def itk_nifti_to_field(
+    img: nib.Nifti1Image, world_affine=None, moving_world_affine=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`field_to_itk_nifti`: ``(field (D, *shape) napari order, world affine)``.
+
+    ``world_affine`` is the frame of the field's grid (default: the file's own affine, which is
+    stored in single precision), ``moving_world_affine`` the frame its vectors point into
+    (default: the grid's frame). Both are 4x4 NIfTI affines (i, j, k -> RAS).
+    """
     data = np.asarray(img.dataobj, dtype=np.float64)
     if data.ndim != 5 or data.shape[3] != 1 or data.shape[4] not in (2, 3):
         raise UnsupportedFileError(
@@ -94,30 +143,21 @@ def itk_nifti_to_field(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
         )
     d = data.shape[4]
     data = data[:, :, 0, 0, :] if d == 2 else data[:, :, :, 0, :]
-    a = np.asarray(img.affine, float)
-    vec = np.moveaxis(data, -1, 0)
-    vec[:2] *= -1.0  # LPS -> RAS
-    u_ijk = np.einsum("ij,j...->i...", np.linalg.inv(a[:d, :d]), vec)
-    field = u_ijk[::-1].transpose(0, *range(d, 0, -1))
+    a = np.asarray(world_affine if world_affine is not None else img.affine, float)
+    grid = frame_to_lps(a, None, d)
+    target = grid if moving_world_affine is None else frame_to_lps(moving_world_affine, None, d)
+    lps = np.moveaxis(data, -1, 0).transpose(0, *range(d, 0, -1))  # (D, *napari shape)
+    if not np.array_equal(target, grid):
+        lps = np.array(lps)
+        _add_affine_of_grid(lps, (target - grid)[:d], -1.0)
+    field = _apply_linear(np.linalg.inv(target[:d, :d]), lps)
     return np.ascontiguousarray(field, dtype=np.float32), a
 
 
-def _zyx_to_lps(world_affine, spacing, d: int) -> np.ndarray:
-    """Homogeneous map from napari-order voxel coordinates to LPS physical coordinates."""
-    a = _LPS @ _world(world_affine, spacing)
-    perm = np.zeros((4, d + 1))
-    for axis in range(d):
-        perm[axis, d - 1 - axis] = 1.0  # index i (row 0) is numpy's last axis
-    perm[3, d] = 1.0
-    full = a @ perm  # (4, d+1)
-    keep = list(range(d)) + [3]
-    return full[keep]
-
-
 def affine_to_itk_text(t: AffineTransform) -> str:
+    """``t`` as an ITK affine text: fixed LPS points in, moving LPS points out."""
     d = t.ndim
-    q = _zyx_to_lps(t.world_affine, t.spacing, d)
-    phys = q @ t.matrix @ np.linalg.inv(q)
+    phys = t.moving_frame() @ t.matrix @ np.linalg.inv(t.fixed_frame())
     params = list(phys[:d, :d].ravel()) + list(phys[:d, d])
     fmt = " ".join(repr(float(p)) for p in params)
     return (
@@ -127,8 +167,14 @@ def affine_to_itk_text(t: AffineTransform) -> str:
     )
 
 
-def itk_text_to_affine(text: str, world_affine=None, spacing=None) -> AffineTransform:
-    """Read an ITK affine text (as written by :func:`affine_to_itk_text`) into voxel coordinates."""
+def itk_text_to_affine(
+    text: str, world_affine=None, spacing=None, moving_world_affine=None, moving_spacing=None
+) -> AffineTransform:
+    """Read an ITK affine text into voxel coordinates of the given fixed and moving frames.
+
+    The frames default as for :class:`~napari_nephi.core.transform.Transform`: without a moving
+    frame the fixed one is used on both sides.
+    """
     fields = {}
     for line in text.splitlines():
         if ":" in line and not line.startswith("#"):
@@ -138,14 +184,20 @@ def itk_text_to_affine(text: str, world_affine=None, spacing=None) -> AffineTran
         d = int(fields["Transform"][0].rsplit("_", 1)[-1])
         p = np.array([float(v) for v in fields["Parameters"]])
         c = np.array([float(v) for v in fields.get("FixedParameters", ["0"] * d)])
+        if p.shape != (d * d + d,) or c.shape != (d,):
+            raise ValueError("wrong number of parameters")
     except (KeyError, ValueError, IndexError) as exc:
         raise UnsupportedFileError("Not an ITK affine transform text file.") from exc
     phys = np.eye(d + 1)
     phys[:d, :d] = p[: d * d].reshape(d, d)
     phys[:d, d] = p[d * d : d * d + d] + c - phys[:d, :d] @ c
     spacing = spacing if spacing is not None else (1.0,) * d
-    q = _zyx_to_lps(world_affine, spacing, d)
-    return AffineTransform(np.linalg.inv(q) @ phys @ q, spacing=spacing, world_affine=world_affine)
+    frames = {"spacing": spacing, "world_affine": world_affine}
+    if moving_world_affine is not None or moving_spacing is not None:
+        frames.update(moving_spacing=moving_spacing, moving_world_affine=moving_world_affine)
+    t = AffineTransform(np.eye(d + 1), **frames)
+    t.matrix = np.linalg.inv(t.moving_frame()) @ phys @ t.fixed_frame()
+    return t
 
 
 def _write(t: Transform, folder: Path) -> None:
@@ -153,9 +205,17 @@ def _write(t: Transform, folder: Path) -> None:
     meta = {"format": FORMAT, "version": VERSION, "axis_order": "napari (z, y, x)"}
     meta.update(t.common_state())
     meta.update(params)
+    fixed = (_world(t.world_affine, t.spacing), t.spacing)
+    moving = (_world(t.moving_world_affine, t.moving_spacing), t.moving_spacing)
     for name, arr in arrays.items():
         if name in ("displacement", "inverse_displacement"):
-            nib.save(field_to_itk_nifti(arr, t.world_affine, t.spacing), folder / f"{name}.nii.gz")
+            # the forward field lies on the fixed grid and points into the moving image;
+            # the inverse lies on the moving grid and points into the fixed image
+            (grid, grid_sp), (target, target_sp) = (
+                (fixed, moving) if name == "displacement" else (moving, fixed)
+            )
+            img = field_to_itk_nifti(arr, grid, grid_sp, target, target_sp)
+            nib.save(img, folder / f"{name}.nii.gz")
         else:
             meta[name] = np.asarray(arr).tolist()
     if isinstance(t, AffineTransform):
@@ -176,6 +236,7 @@ def save_transform(t: Transform, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        os.chmod(tmp, DIR_MODE)  # mkdtemp makes 0700; a saved transform is a normal folder
         _write(t, tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -207,18 +268,24 @@ def _read(folder: Path) -> Transform:
         "spacing": meta.get("spacing"),
         "world_affine": meta.get("world_affine"),
         "settings": settings,
+        "moving_shape": meta.get("moving_shape"),
     }
+    common.update(_moving_frame(meta))
+    fixed_world = _world(common["world_affine"], check_spacing(common["spacing"], int(meta["ndim"])))
     kind = meta["kind"]
     if kind == "identity":
         return IdentityTransform(meta["ndim"], shape=meta.get("shape"), **common)
     if kind == "affine":
         return AffineTransform(meta["matrix"], shape=meta.get("shape"), **common)
     if kind == "displacement":
+        frame = IdentityTransform(int(meta["ndim"]), **common)  # resolves the moving frame's defaults
+        moving_world = _world(frame.moving_world_affine, frame.moving_spacing)
         try:
-            field, _ = itk_nifti_to_field(nib.load(folder / "displacement.nii.gz"))
+            field, _ = itk_nifti_to_field(nib.load(folder / "displacement.nii.gz"), fixed_world, moving_world)
             inv = None
             if (folder / "inverse_displacement.nii.gz").exists():
-                inv, _ = itk_nifti_to_field(nib.load(folder / "inverse_displacement.nii.gz"))
+                img = nib.load(folder / "inverse_displacement.nii.gz")
+                inv, _ = itk_nifti_to_field(img, moving_world, fixed_world)
         except (OSError, EOFError, ValueError) as exc:
             raise UnsupportedFileError(f"The displacement field in {folder} is unreadable: {exc}") from exc
         return DisplacementTransform(field, inverse_field=inv, **common)
@@ -228,6 +295,22 @@ def _read(folder: Path) -> Transform:
     if kind == "per_section":
         return PerSectionTransform(meta["matrices"], shape=meta.get("shape"), **common)
     raise UnsupportedFileError(f"Unknown transform kind {kind!r} in {folder}.")
+
+
+def _moving_frame(meta: dict) -> dict:
+    """The moving frame from ``transform.json``; none (the fixed frame) when absent or equal."""
+    msp, mwa = meta.get("moving_spacing"), meta.get("moving_world_affine")
+    if msp is None and mwa is None:
+        return {}
+    nd = int(meta["ndim"])
+    same_spacing = msp is None or check_spacing(msp, nd) == check_spacing(meta.get("spacing"), nd)
+    wa = meta.get("world_affine")
+    same_world = (mwa is None and wa is None) or (
+        mwa is not None and wa is not None and np.array_equal(np.asarray(mwa, float), np.asarray(wa, float))
+    )
+    if same_spacing and same_world:
+        return {}
+    return {"moving_spacing": msp, "moving_world_affine": mwa}
 
 
 def load_transform(path) -> Transform:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..core.errors import RegistrationError, UnsupportedFileError
-from ..core.registration import publish
+from ..core.files import publish
 
 PathLike = str | os.PathLike
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...core.errors import InputError, UnsupportedFileError
-from ...core.registration import atomic_write_bytes
+from ...core.files import atomic_write_bytes
 from .encoder import Encoder
 from .field import Codes, FieldConfig, NeuralDeformationField
 
