@@ -21,7 +21,7 @@ from napari_nephi.engines.nephi.weights import BUILTIN
 
 SETTINGS = {
     "shape": (64, 64),
-    "steps": 1200,
+    "steps": 3000,
     "batch_size": 8,
     "learning_rate": 1e-3,
     "sample_points": 1024,
