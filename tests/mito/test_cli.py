@@ -25,7 +25,7 @@ def dice(a, b):
     return 2.0 * (a & b).sum() / (a.sum() + b.sum())
 
 
-def test_align_em_writes_stack_masks_matrices_and_report(em, tmp_path, capsys):
+def test_align_em_writes_stack_masks_matrices_and_report(em, tmp_path, capfd):
     write_tiff(tmp_path / "stack.tif", em["stack"], spacing=(1.0, 0.5, 0.5))
     write_tiff(tmp_path / "masks.tif", em["masks"], spacing=(1.0, 0.5, 0.5))
     out = tmp_path / "out"
@@ -70,10 +70,15 @@ def test_align_em_writes_stack_masks_matrices_and_report(em, tmp_path, capsys):
     assert [int(r["section"]) for r in rows] == list(range(6))
     assert {"keypoints", "matches", "inliers", "reprojection_error", "failed", "fallback"} <= set(rows[0])
     assert all(int(r["inliers"]) >= 10 for r in rows[1:])
+    assert all(r["refined"] == "True" and float(r["tracking_error"]) < 1.5 for r in rows[1:])
     doc = json.loads((out / "report.json").read_text())
     assert len(doc["report"]) == 6 and doc["settings"]["model"] == "rigid"
-    assert doc["settings"]["max_keypoints"] == 800
-    assert "Aligned 6 sections" in capsys.readouterr().out
+    assert doc["settings"]["max_keypoints"] == 800 and doc["settings"]["refine"] is True
+    captured = capfd.readouterr()
+    assert "Aligned 6 sections" in captured.out
+    # progress bars (stderr): the alignment, section by section, then writing stack and masks
+    assert "6/6 section 6/6" in captured.err
+    assert "12/12 writing aligned masks 6/6" in captured.err
 
 
 def test_align_em_section_folder_without_masks(em, tmp_path):
@@ -82,13 +87,14 @@ def test_align_em_section_folder_without_masks(em, tmp_path):
     for k, sec in enumerate(em["stack"][:4]):
         write_tiff(folder / f"z{k}.tif", sec)
     out = tmp_path / "out"
-    args = parse(["align-em", str(folder), "-o", str(out), "--reference", "middle", "-q"])
+    args = parse(["align-em", str(folder), "-o", str(out), "--reference", "middle", "--no-refine", "-q"])
     assert args.func(args) == 0
     auto, _, _ = read_image(out / "aligned_masks.tif")[0]  # automatic mitochondria, aligned
     auto = np.asarray(auto)
     assert auto.shape == (4, *em["stack"].shape[1:]) and auto.max() > 0
     doc = json.loads((out / "report.json").read_text())
     assert doc["metrics"]["reference"] == 1 and doc["metrics"]["mask_source"] == "automatic"
+    assert doc["settings"]["refine"] is False and not any(r["refined"] for r in doc["report"])
 
 
 def test_align_em_clear_error_for_2d_input(em, tmp_path):

@@ -50,10 +50,16 @@ def test_end_to_end_alignment(make_napari_viewer, qtbot, em, errors, tmp_path):
     assert widget.progress.value() == widget.progress.maximum() == 6
     assert "Done" in widget.status.text()
     np.testing.assert_array_equal(stack.data, before)  # the input is untouched
-    # a second run replaces the result layers
+    assert widget.table.column_values("refined") == [""] + ["yes"] * 5  # sub-pixel refinement on
+    assert all(float(v) < 1.5 for v in widget.table.column_values("tracking_error")[1:])
+    # a second run, without refinement, replaces the result layers
     count = len(viewer.layers)
+    widget.options.refine.setChecked(False)
+    assert widget.options.values()["refine"] is False
     _wait(widget.runner, qtbot, widget.start)
     assert len(viewer.layers) == count
+    assert widget.table.column_values("refined") == [""] * 6
+    assert widget.last.settings["refine"] is False
     # keypoint / match overlay for a chosen pair
     _wait(widget.helper, qtbot, lambda: widget.show_matches(1, 2))
     pts1, pts2 = viewer.layers["keypoints 1"], viewer.layers["keypoints 2"]

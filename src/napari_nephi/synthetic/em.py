@@ -6,9 +6,14 @@ and change slowly:
 
 * cytoplasm: a grey level with slowly varying shading and a fine granular texture;
 * membranes: thin dark curves, the zero set of a smooth 3D random field;
-* vesicles: small dark blobs that persist over a few sections;
+* vesicles: small dark blobs that persist over a few sections (about 70 per section);
 * mitochondria: elongated capsules (darker than cytoplasm) with a dark outer membrane and
-  lighter cristae stripes across the long axis, drifting, turning and tapering through depth;
+  lighter cristae stripes across the long axis, meandering, turning and tapering through depth;
+* no net motion: every organelle moves on its own, along a smooth bounded path (slow
+  sinusoids with random phases), and the least-squares rigid motion of the whole population
+  of mitochondria is removed in every section (vesicle drifts are zero-mean). A common motion
+  of everything between sections would be indistinguishable from misalignment, and a
+  neighbour-to-neighbour aligner would rightly follow it and accumulate it through depth;
 * noise: a slight blur and Gaussian noise per section.
 
 Sizes are given for a 256 x 256 section and scale with ``sqrt(H * W) / 256``, so a larger
@@ -31,39 +36,119 @@ from ..core.errors import InputError
 __all__ = ["em_stack", "rotation_matrix"]
 
 
+#: Sinusoids per wander (path, turn and cristae phase of every mitochondrion).
+_TERMS = 3
+#: Range of the wander periods, in sections: slow enough to look like a smooth path.
+_PERIODS = (25.0, 150.0)
+
+
+def _wander(rng, amplitude: float, dims: int):
+    """Random smooth, bounded, zero-mean wander: ``_TERMS`` sinusoids with random phases.
+
+    Returns ``(amplitudes (K, dims), angular frequencies (K,), phases (K, dims))`` for
+    :func:`_wander_at`; the root-mean-square value of each dimension is ``amplitude``.
+    """
+    freq = 2 * np.pi / rng.uniform(*_PERIODS, _TERMS)
+    amp = rng.uniform(0.5, 1.5, (_TERMS, dims))
+    amp *= amplitude * math.sqrt(2.0 / _TERMS) / np.sqrt((amp**2).mean(0, keepdims=True))
+    return amp, freq, rng.uniform(0, 2 * np.pi, (_TERMS, dims))
+
+
+def _wander_at(w, k: float) -> np.ndarray:
+    amp, freq, phase = w
+    return (amp * np.sin(freq[:, None] * k + phase)).sum(0)
+
+
 @dataclass
 class _Mito:
-    centre: np.ndarray  # (y, x) at section zc
-    drift: np.ndarray  # (y, x) per section
-    wobble: np.ndarray  # amplitude (y, x)
-    wobble_freq: float
-    angle: float
-    turn: float  # radians per section
+    """One mitochondrion: a capsule whose centre, direction and cristae wander through depth.
+
+    Every wander is bounded and zero-mean (sums of slow sinusoids with random phases), as for
+    an organelle that meanders through a tissue block; the motion of the whole population is
+    removed afterwards by :func:`_remove_common_motion` (``correction``), because a net
+    motion of every organelle between two sections is indistinguishable from misalignment.
+    """
+
+    centre: np.ndarray  # (y, x) rest position
+    path: tuple  # _wander of the centre, (y, x) pixels
+    angle: float  # rest direction of the long axis (radians, (y, x) convention)
+    turn: tuple  # _wander of the direction, radians
     half_length: float
     radius: float
     zc: float
     half_extent: float  # sections
     phase: float
-    phase_speed: float
+    cristae: tuple  # _wander of the cristae phase, radians
     period: float
+    #: per-section rigid correction ``(theta (n,), t (n, 2), pivot (2,))``, shared by all
+    correction: tuple | None = None
 
     def at(self, k: float):
         """Centre, angle, half-length, radius and cristae phase in section ``k``."""
         dz = k - self.zc
         taper = float(np.clip((self.half_extent - abs(dz)) / (0.3 * self.half_extent), 0.0, 1.0))
-        centre = self.centre + self.drift * dz + self.wobble * math.sin(self.wobble_freq * dz)
+        centre = self.centre + _wander_at(self.path, k)
+        angle = self.angle + float(_wander_at(self.turn, k)[0])
+        if self.correction is not None:
+            theta, t, pivot = self.correction
+            i = int(np.clip(round(k), 0, len(theta) - 1))
+            co, si = math.cos(theta[i]), math.sin(theta[i])
+            # undo the population's rigid motion: R(theta)^T (centre - pivot - t) + pivot
+            d = centre - pivot - t[i]
+            centre = pivot + np.array([co * d[0] + si * d[1], -si * d[0] + co * d[1]])
+            angle -= float(theta[i])
         return (
             centre,
-            self.angle + self.turn * dz,
+            angle,
             self.half_length * taper,
             self.radius * math.sqrt(taper),
-            self.phase + self.phase_speed * dz,
+            self.phase + float(_wander_at(self.cristae, k)[0]),
         )
 
     def axis_points(self, k: float, count: int = 7) -> np.ndarray:
         centre, angle, half, _, _ = self.at(k)
         t = np.linspace(-half, half, count)[:, None]
         return centre[None] + t * np.array([math.cos(angle), math.sin(angle)])[None]
+
+    def rest_points(self, count: int = 7) -> np.ndarray:
+        """Points on the long axis at the rest position and direction, full length."""
+        t = np.linspace(-self.half_length, self.half_length, count)[:, None]
+        return self.centre[None] + t * np.array([math.cos(self.angle), math.sin(self.angle)])[None]
+
+
+def _rigid_fit(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray]:
+    """Least-squares rotation ``theta`` ((y, x) convention) and translation: ``dst ~ R src + t``."""
+    cs, cd = src.mean(0), dst.mean(0)
+    h = (src - cs).T @ (dst - cd)
+    u, _, vt = np.linalg.svd(h)
+    d = np.sign(np.linalg.det(vt.T @ u.T)) or 1.0
+    r = vt.T @ np.diag([1.0, d]) @ u.T
+    return math.atan2(r[1, 0], r[0, 0]), cd - r @ cs
+
+
+def _remove_common_motion(mitos: list[_Mito], n: int, s: float) -> None:
+    """Make the population of mitochondria free of net rigid motion through depth.
+
+    For every section, the least-squares rigid map from the rest positions of the mitochondria
+    present (points along their long axes, so their own turning counts too) to their
+    positions in that section is fitted, and its inverse is applied to all of them there.
+    What remains is each mitochondrion's own motion relative to the others.
+    """
+    if len(mitos) < 2:
+        return
+    rest = [m.rest_points() for m in mitos]
+    pivot = np.concatenate(rest).mean(0)
+    theta, shift = np.zeros(n), np.zeros((n, 2))
+    for k in range(n):
+        src, dst = [], []
+        for m, r in zip(mitos, rest):
+            if m.at(k)[3] >= 1.5 * s:  # drawn in this section
+                src.append(r - pivot)
+                dst.append(m.axis_points(k) - pivot)
+        if len(src) >= 2:
+            theta[k], shift[k] = _rigid_fit(np.concatenate(src), np.concatenate(dst))
+    for m in mitos:
+        m.correction = (theta, shift, pivot)
 
 
 def rotation_matrix(angle: float, shape: Sequence[int]) -> np.ndarray:
@@ -98,28 +183,26 @@ def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
 def _make_mitos(n_mito, n_sections, shape, s, rng) -> list[_Mito]:
     h, w = shape
     mitos: list[_Mito] = []
-    probes = sorted({0.0, (n_sections - 1) / 2.0, float(n_sections - 1)})
+    probes = np.unique(np.linspace(0, n_sections - 1, min(n_sections, 9)).round())
     tries = 0
     while len(mitos) < n_mito and tries < 60 * max(n_mito, 1):
         tries += 1
         radius = rng.uniform(6.0, 9.5) * s
         half_length = rng.uniform(0.5, 3.5) * radius
-        margin = radius + 0.5 * half_length
+        margin = radius + 0.5 * half_length + 3.0 * s
         if h <= 2 * margin or w <= 2 * margin:
             continue
         m = _Mito(
             centre=np.array([rng.uniform(margin, h - margin), rng.uniform(margin, w - margin)]),
-            drift=rng.normal(0.0, 0.25 * s, 2),
-            wobble=rng.normal(0.0, 1.0 * s, 2),
-            wobble_freq=rng.uniform(0.05, 0.2),
+            path=_wander(rng, 1.2 * s, 2),  # ~0.17 s px per section (rms), 1.2 s px rms per axis
             angle=rng.uniform(-np.pi, np.pi),
-            turn=rng.normal(0.0, 0.01),
+            turn=_wander(rng, 0.08, 1),  # about 0.01 radians per section
             half_length=half_length,
             radius=radius,
             zc=(n_sections - 1) / 2.0 + rng.uniform(-0.35, 0.35) * n_sections,
             half_extent=max(10.0, rng.uniform(0.8, 2.5) * n_sections),
             phase=rng.uniform(0, 2 * np.pi),
-            phase_speed=rng.normal(0.0, 0.15),
+            cristae=_wander(rng, 1.5, 1),  # stripes shift by up to most of a period
             period=rng.uniform(6.0, 9.0) * s,
         )
         # keep capsules apart in every probed section (axis-to-axis distance > radii + gap)
@@ -135,7 +218,30 @@ def _make_mitos(n_mito, n_sections, shape, s, rng) -> list[_Mito]:
                 break
         if ok:
             mitos.append(m)
+    _remove_common_motion(mitos, n_sections, s)
     return mitos
+
+
+def _make_vesicles(n: int, shape, s: float, rng) -> dict:
+    """Vesicles: random positions, each alive for 2-6 sections, drifting slightly.
+
+    Their number grows with the stack so that about 70 are alive in every section whatever
+    its length, and their drifts are zero-mean (no net motion of the population).
+    """
+    h, w = shape
+    count = int(round(18 * (n + 4)))
+    pos = rng.uniform((0, 0), (h, w), (count, 2))
+    start = rng.uniform(-4.0, n, count)
+    stop = start + rng.uniform(2.0, 6.0, count)
+    drift = rng.normal(0.0, 0.3 * s, (count, 2))
+    drift -= drift.mean(0)
+    return {"pos": pos, "start": start, "stop": stop, "drift": drift}
+
+
+def _vesicles_at(v: dict, k: int) -> np.ndarray:
+    """``(m, 2)`` (y, x) centres of the vesicles alive in section ``k``."""
+    alive = (v["start"] <= k) & (k < v["stop"])
+    return v["pos"][alive] + v["drift"][alive] * (k - v["start"][alive])[:, None]
 
 
 def _draw_mito(img, mask, mito: _Mito, k: int, label: int, s: float) -> None:
@@ -252,11 +358,7 @@ def em_stack(
     shading = _grf((n, lh, lw), (3.0, 10.0 * s / fy, 10.0 * s / fx), rng)
 
     mitos = _make_mitos(n_mito, n, (h, w), s, rng)
-    n_ves = 220
-    ves_pos = rng.uniform((0, 0), (h, w), (n_ves, 2))
-    ves_start = rng.uniform(-4.0, n, n_ves)
-    ves_stop = ves_start + rng.uniform(2.0, 6.0, n_ves)
-    ves_drift = rng.normal(0.0, 0.3 * s, (n_ves, 2))
+    vesicles = _make_vesicles(n, (h, w), s, rng)
     ves_sigma = 2.0 * s
     brightness = 1.0 + rng.normal(0.0, 0.02, n)
 
@@ -274,9 +376,8 @@ def em_stack(
         sd = _upsample(membrane_sd[k], (h, w))
         img *= 1.0 - 0.5 * np.exp(-((sd / (1.3 * s)) ** 2))
         # vesicles alive in this section
-        alive = (ves_start <= k) & (k < ves_stop)
-        if np.any(alive):
-            pos = ves_pos[alive] + ves_drift[alive] * (k - ves_start[alive])[:, None]
+        pos = _vesicles_at(vesicles, k)
+        if len(pos):
             iy, ix = np.round(pos).astype(int).T
             keep = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
             imp = np.zeros((h, w), dtype=np.float32)

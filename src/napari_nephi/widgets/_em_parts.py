@@ -27,6 +27,8 @@ COLUMNS = (
     ("inliers", "inliers"),
     ("reprojection_error", "error px"),
     ("model", "model"),
+    ("refined", "refined"),
+    ("tracking_error", "track px"),
     ("failed", "failed"),
     ("fallback", "fallback"),
 )
@@ -49,6 +51,11 @@ class EMOptions(QWidget):
         self.model.addItems(MODELS)
         self.model_selection = QCheckBox("prefer simpler models when as good")
         self.model_selection.setChecked(True)
+        self.refine = QCheckBox("sub-pixel refinement (track keypoints)")
+        self.refine.setChecked(True)
+        self.refine.setToolTip(
+            "Refine each pair map by Lucas-Kanade tracking of the keypoints; keeps long stacks from drifting"
+        )
         self.use_masks = QCheckBox("restrict keypoints to the masks")
         self.middle = QCheckBox("middle section")
         self.reference = QSpinBox()
@@ -74,6 +81,7 @@ class EMOptions(QWidget):
         form.addRow("matcher", self.matcher)
         form.addRow("model", self.model)
         form.addRow("", self.model_selection)
+        form.addRow("", self.refine)
         form.addRow("reference section", self.reference)
         form.addRow("", self.middle)
         form.addRow("RANSAC threshold", self.threshold)
@@ -98,6 +106,7 @@ class EMOptions(QWidget):
             "matcher": self.matcher.currentText(),
             "model": self.model.currentText(),
             "model_selection": self.model_selection.isChecked(),
+            "refine": self.refine.isChecked(),
             "use_masks": self.use_masks.isChecked(),
             "reference": "middle" if self.middle.isChecked() else self.reference.value(),
             "ransac_threshold": self.threshold.value(),

@@ -9,7 +9,8 @@ Pipeline (:func:`align_stack`):
    automatically) and described (``descriptor``) once per section;
 3. every section is matched to its neighbour toward the reference section (``matcher`` with
    Lowe's ratio test) and a ``model`` is fitted by RANSAC with a reprojection threshold of
-   ``ransac_threshold`` pixels of the original section;
+   ``ransac_threshold`` pixels of the original section, then refined to sub-pixel accuracy
+   (``refine``: a's keypoints tracked into b by Lucas-Kanade, the model refitted to them);
 4. a pair that fails (too few inliers, or an implausible map: flip, scale change over 1.5x,
    strong perspective) is retried with the ``fallback`` detectors on the whole section, then
    against the section one step further toward the reference; when all fail the section gets
@@ -134,6 +135,7 @@ class _Options:
     max_scale: float
     keypoint_size: float | None = None  # original pixels; None: from the mitochondria size
     model_selection: bool = True
+    refine: bool = True
 
 
 @dataclass
@@ -154,6 +156,10 @@ class _Sections:
         self.mask_fraction: dict[int, float] = {}
         self.keypoint_size = 31.0  # work pixels; set by prepare()
         self.mito_radius = None  # estimated, work pixels
+        h, w = (int(v) for v in stack.shape[1:])
+        self.work_shape = (max(1, int(round(h * opts.scale))), max(1, int(round(w * opts.scale))))
+        # exact (x, y) work / original ratios: round() makes them differ slightly from `scale`
+        self.work_ratio = np.array([self.work_shape[1] / w, self.work_shape[0] / h])
 
     def prepare(self, ref: int) -> None:
         """Fix the keypoint support (work pixels) from the reference section's mitochondria."""
@@ -173,12 +179,9 @@ class _Sections:
     def work_image(self, k: int):
         """``(raw uint8 section, smoothed work image, valid region at work scale)``."""
         raw = to_uint8(read_section(self.stack, k), *self.intensity)
-        s = self.opts.scale
         work = raw
-        if s != 1.0:
-            h, w = raw.shape
-            size = (max(1, int(round(w * s))), max(1, int(round(h * s))))
-            work = cv2.resize(raw, size, interpolation=cv2.INTER_AREA)
+        if self.work_shape != raw.shape:
+            work = cv2.resize(raw, self.work_shape[::-1], interpolation=cv2.INTER_AREA)
         valid = valid_region(work, self.opts.border)
         smooth = work
         if self.opts.smooth > 0:
@@ -211,10 +214,17 @@ class _Sections:
         o = self.opts
         work, smooth, valid = self.work_image(k)
         mask = self.keypoint_mask(k, work, valid) if o.use_masks else valid
-        return ft.features(
-            smooth, o.detector, o.descriptor, mask, o.max_keypoints, o.scale, o.fast_threshold,
+        f = ft.features(
+            smooth, o.detector, o.descriptor, mask, o.max_keypoints, self.work_ratio, o.fast_threshold,
             self.keypoint_size,
         )  # fmt: skip
+        return self._keep_image(f, smooth, valid)
+
+    def _keep_image(self, f: ft.Features, smooth: np.ndarray, valid: np.ndarray) -> ft.Features:
+        """Attach the work image for the sub-pixel refinement (:func:`.features.refine`)."""
+        if self.opts.refine:
+            f.image, f.valid, f.scale = smooth, valid, self.work_ratio
+        return f
 
     def fallback_features(self, detector: str, k: int) -> ft.Features:
         key = (detector, k)
@@ -225,8 +235,10 @@ class _Sections:
         _, smooth, valid = self.work_image(k)
         desc = FALLBACK_DESCRIPTOR.get(detector, o.descriptor)
         f = ft.features(
-            smooth, detector, desc, valid, o.max_keypoints, o.scale, o.fast_threshold, self.keypoint_size
-        )
+            smooth, detector, desc, valid, o.max_keypoints, self.work_ratio, o.fast_threshold,
+            self.keypoint_size,
+        )  # fmt: skip
+        f = self._keep_image(f, smooth, valid)
         with self._lock:
             self._fallback[key] = f
             if len(self._fallback) > 16:  # a few pairs' worth; fallbacks are rare
@@ -251,7 +263,9 @@ def _fit_pair(fa: ft.Features, fb: ft.Features, o: _Options, shape) -> dict:
     With ``o.model_selection`` the simpler nested models (homography > affine > similarity >
     rigid) are fitted too, and the simplest one that keeps at least 90 % of the largest
     inlier count is used: extra degrees of freedom must explain clearly more matches, else
-    they only fit noise (and extrapolate badly far from the keypoints).
+    they only fit noise (and extrapolate badly far from the keypoints). With ``o.refine`` an
+    accepted map is then refined on sub-pixel tracks (:func:`_refine`), which choose the model
+    again.
 
     Returns ``matrix`` ((x, y) 3x3, None unless the fit is accepted), ``fit`` (the RANSAC
     result even when rejected), ``model`` (the one used), ``matches`` (index pairs),
@@ -261,6 +275,7 @@ def _fit_pair(fa: ft.Features, fb: ft.Features, o: _Options, shape) -> dict:
     idx = ft.match(fa, fb, o.matcher, o.ratio)
     stats: dict[str, Any] = {
         "matches": int(len(idx)), "inliers": 0, "reprojection_error": None, "model": o.model,
+        "refined": False, "tracks": 0, "tracking_error": None,
     }  # fmt: skip
     out = {"matrix": None, "fit": None, "matches": idx, "inliers": np.zeros(len(idx), bool), "stats": stats}
     src, dst = fa.points[idx[:, 0]], fb.points[idx[:, 1]]
@@ -285,7 +300,32 @@ def _fit_pair(fa: ft.Features, fb: ft.Features, o: _Options, shape) -> dict:
         stats["reprojection_error"] = float(err.mean())
     if n_in >= o.min_inliers and ft.plausible(m, shape, o.max_scale):
         out["matrix"] = m
+        if o.refine:
+            _refine(out, fa, fb, src[inl], dst[inl], model, o, shape)
     return out
+
+
+def _refine(out: dict, fa: ft.Features, fb: ft.Features, src, dst, model: str, o: _Options, shape):
+    """Replace the accepted RANSAC map by its sub-pixel refinement when that one is sound.
+
+    With ``model_selection`` the model is chosen again on the tracks (:func:`.features.refine`),
+    among ``model`` and the simpler ones. Sound: plausible, and a solution of the matches
+    themselves: at least half of the RANSAC inliers (``src`` -> ``dst``) within
+    ``ransac_threshold`` of it, so the refinement polishes the fit but never moves it to another
+    solution.
+    """
+    m = out["matrix"]
+    models = ft.MODELS[ft.MODELS.index(o.model) :] if o.model_selection else (model,)
+    chosen, refined, tracks, err = ft.refine(fa, fb, m, models, o.ransac_threshold, o.min_inliers)
+    stats = out["stats"]
+    stats.update(refined=False, tracks=int(tracks), tracking_error=None)
+    if refined is None or not ft.plausible(refined, shape, o.max_scale):
+        return
+    agree = np.linalg.norm(ft.project(refined, src) - dst, axis=1) <= o.ransac_threshold
+    if agree.sum() < max(o.min_inliers, 0.5 * len(src)):
+        return
+    out["matrix"] = refined
+    stats.update(refined=True, tracking_error=err, model=chosen)
 
 
 def _estimate(fa: ft.Features, fb: ft.Features, o: _Options, shape):
@@ -310,6 +350,9 @@ def _pair_job(sections: _Sections, futs: dict, k: int, chain: list[int], shape) 
         "fallback": "",
         "method": label,
         "model": o.model,
+        "refined": False,
+        "tracks": 0,
+        "tracking_error": None,
     }
     tried: list[str] = []
     for step, j in enumerate(chain):
@@ -334,7 +377,10 @@ def _pair_job(sections: _Sections, futs: dict, k: int, chain: list[int], shape) 
                 how = name if not step else f"{name}, skip to {j}"
                 row.update(stats, fallback=how, neighbour=j, method=name, tried=list(tried))
                 return _PairResult(k, j, ft.xy_to_yx(m), row)
-    row.update(fallback="identity", method="identity", model="identity", neighbour=chain[0], tried=tried)
+    row.update(
+        fallback="identity", method="identity", model="identity", neighbour=chain[0], tried=tried,
+        refined=False, tracks=0, tracking_error=None,
+    )  # fmt: skip
     return _PairResult(k, chain[0], np.eye(3), row)
 
 
@@ -367,6 +413,7 @@ def align_stack(
     max_scale: float = 1.5,
     keypoint_size: float | None = None,
     model_selection: bool = True,
+    refine: bool = True,
     warp: bool = True,
     lazy: bool = False,
     spacing: Sequence[float] | None = None,
@@ -393,8 +440,10 @@ def align_stack(
     model
         ``"homography"``, ``"affine"``, ``"similarity"`` or ``"rigid"``: the most general map
         allowed. With ``model_selection`` (default) a simpler nested model is used for a pair
-        when it keeps at least 90 % of the inliers of the richer ones; the report's ``model``
-        column says which. ``model_selection=False`` always fits ``model`` itself.
+        when it keeps at least 90 % of the RANSAC inliers of the richer ones and, with
+        ``refine``, the choice is made again on the sub-pixel tracks (a richer model must lower
+        their RMS residual by 20 %); the report's ``model`` column says which.
+        ``model_selection=False`` always fits ``model`` itself.
     reference
         Index of the section that stays in place (negative counts from the end), or ``"middle"``.
     ransac_threshold
@@ -431,6 +480,14 @@ def align_stack(
         Support (diameter, original pixels) of the descriptors of FAST / ``"mito"`` keypoints,
         which have no scale of their own; default 2.5x the mean mitochondrion half-width of
         the reference section's masks, so a descriptor sees a mitochondrion and its border.
+    refine
+        Sub-pixel refinement of every accepted pair map (:func:`.features.refine`): section
+        a's keypoints are tracked into section b by Lucas-Kanade after resampling a with the
+        RANSAC map, and the same model is refitted by least squares to the tracks. Removes
+        the whole-work-pixel quantisation of FAST keypoints, whose random error per pair
+        otherwise accumulates along long stacks. The report's ``refined`` column says where it
+        was used (it is skipped when it would move the map by more than
+        ``ransac_threshold`` at an inlier).
     spacing
         ``(z, y, x)`` voxel size kept with the transform (default: from the file for a path,
         else 1).
@@ -467,7 +524,7 @@ def align_stack(
         (h, w), detector, descriptor, matcher, model, use_masks, ransac_threshold, ratio,
         max_keypoints, scale, smooth, mask_dilation, border, min_inliers, fallback, max_skip,
         mito_radius, fast_threshold, max_scale, keypoint_size, model_selection,
-        masks_given=masks is not None,
+        masks_given=masks is not None, refine=refine,
     )  # fmt: skip
     det, desc, mat, mod, fb = opts.detector, opts.descriptor, opts.matcher, opts.model, opts.fallback
     ref = _reference(reference, n)
@@ -493,6 +550,7 @@ def align_stack(
         rows[ref] = {
             "section": ref, "neighbour": None, "keypoints": len(f_ref), "matches": 0, "inliers": 0,
             "reprojection_error": None, "failed": False, "fallback": "", "method": "reference", "model": "",
+            "refined": False, "tracks": 0, "tracking_error": None,
         }  # fmt: skip
         done = 1
         prog.step(done, total, stage=f"section {ref + 1}/{n}", section=ref, row=rows[ref])
@@ -546,6 +604,7 @@ def align_stack(
         "inliers_mean": float(np.mean(inl)) if inl else 0.0,
         "inliers_min": int(min(inl)) if inl else 0,
         "reprojection_error_mean": float(np.mean(errs)) if errs else None,
+        "refined_sections": [r["section"] for r in report if r.get("refined")],
         "mask_source": ("given" if masks is not None else "automatic") if opts.use_masks else "none",
         "seconds_alignment": t_align,
         "seconds_warp": t_warp,
@@ -564,7 +623,7 @@ def align_stack(
         "min_inliers": opts.min_inliers, "fallback": list(fb), "max_skip": opts.max_skip,
         "mito_radius": mito_radius, "fast_threshold": opts.fast_threshold, "max_scale": opts.max_scale,
         "keypoint_size": sections.keypoint_size / opts.scale,
-        "model_selection": opts.model_selection,
+        "model_selection": opts.model_selection, "refine": opts.refine,
     }  # fmt: skip
     transform.settings = dict(settings)
     return Registration(warped=warped, transform=transform, metrics=metrics, settings=settings)
@@ -574,6 +633,7 @@ def build_options(
     shape, detector, descriptor, matcher, model, use_masks, ransac_threshold, ratio, max_keypoints,
     scale, smooth, mask_dilation, border, min_inliers, fallback, max_skip, mito_radius,
     fast_threshold, max_scale, keypoint_size=None, model_selection=True, masks_given=False,
+    refine=True,
 ) -> _Options:  # fmt: skip
     """Validate the options of :func:`align_stack` (shared with :func:`.engine.match_pair`)."""
     det = ft.check_choice(detector, ft.DETECTORS, "detector")
@@ -605,7 +665,7 @@ def build_options(
         min_inliers=int(min_inliers), fallback=fb, max_skip=max(1, int(max_skip)),
         mito_radius=mito_radius, fast_threshold=int(fast_threshold), max_scale=float(max_scale),
         keypoint_size=None if keypoint_size is None else float(keypoint_size),
-        model_selection=bool(model_selection),
+        model_selection=bool(model_selection), refine=bool(refine),
     )  # fmt: skip
 
 

@@ -10,6 +10,9 @@ Wire it into the main parser with ``add_parser(subparsers)``. Writes into ``OUT`
 * ``matrices.npy`` and ``matrices.json``: ``(n, 3, 3)`` ``(y, x)`` maps from aligned to original
   section coordinates;
 * ``report.csv`` (one row per section) and ``report.json`` (rows, summary metrics, settings).
+
+Progress goes to stderr: one bar for the alignment (a step per section), one for writing
+the aligned stack and masks (a step per section written).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from . import features as ft
 
 REPORT_COLUMNS = (
     "section", "neighbour", "keypoints", "matches", "inliers", "reprojection_error", "failed",
-    "fallback", "method", "model",
+    "fallback", "method", "model", "refined", "tracks", "tracking_error",
 )  # fmt: skip
 
 
@@ -53,6 +56,11 @@ def add_parser(subparsers):
         "--no-model-selection",
         action="store_true",
         help="always fit --model (default: prefer a simpler model when it explains the matches as well)",
+    )
+    p.add_argument(
+        "--no-refine",
+        action="store_true",
+        help="skip the sub-pixel refinement of each pair map (Lucas-Kanade tracking of the keypoints)",
     )
     p.add_argument("--reference", default="0", help="reference section index, or 'middle'")
     p.add_argument("--ransac-threshold", type=float, default=3.0, help="pixels (default 3)")
@@ -114,6 +122,7 @@ def cmd_align_em(args) -> int:
         TextProgress,
         parse_options,
     )
+    from ...core.progress import Progress
     from .align import _read_path, _warp_one, align_stack, read_section
     from .masks import detect_mitochondria_section, intensity_range, label_mask, to_uint8
 
@@ -130,6 +139,8 @@ def cmd_align_em(args) -> int:
         options["use_masks"] = True
     if args.no_model_selection:
         options["model_selection"] = False
+    if args.no_refine:
+        options["refine"] = False
     kw = {
         "detector": args.detector, "descriptor": args.descriptor, "matcher": args.matcher,
         "model": args.model, "reference": reference, "ransac_threshold": args.ransac_threshold,
@@ -145,11 +156,22 @@ def cmd_align_em(args) -> int:
     n, h, w = (int(s) for s in reg.transform.shape)
     mats = reg.transform.matrices
     warped = reg.warped
+    write_masks = not args.no_masks_out and (masks is not None or reg.settings["use_masks"])
+    writing = Progress(TextProgress(quiet=args.quiet))
+    total = n * (2 if write_masks else 1)
+
+    def reported(sections, first: int, what: str):
+        """Yield the sections, one progress step (a second bar, after the alignment's) each."""
+        for k, section in enumerate(sections):
+            yield section
+            writing.step(first + k + 1, total, stage=f"writing {what} {k + 1}/{n}")
+
     write_stack_tiff(
-        out / "aligned.tif", (warped[k].compute(scheduler="synchronous") for k in range(n)),
+        out / "aligned.tif",
+        reported((warped[k].compute(scheduler="synchronous") for k in range(n)), 0, "aligned section"),
         (n, h, w), warped.dtype, spacing,
     )  # fmt: skip
-    if not args.no_masks_out and (masks is not None or reg.settings["use_masks"]):
+    if write_masks:
         if masks is not None:
             sections = (_warp_one(np.asarray(read_section(masks, k)), mats[k], labels=True) for k in range(n))
             dtype = np.dtype(masks.dtype)
@@ -164,6 +186,7 @@ def cmd_align_em(args) -> int:
 
             sections = (auto(k) for k in range(n))
             dtype = np.dtype(np.uint16)
+        sections = reported(sections, n, "aligned masks")
         write_stack_tiff(out / "aligned_masks.tif", sections, (n, h, w), dtype, spacing)
     reg.transform.save(out / "transform")
     np.save(out / "matrices.npy", mats)

@@ -40,6 +40,7 @@ def match_pair(
     max_scale: float = 1.5,
     keypoint_size: float | None = None,
     model_selection: bool = True,
+    refine: bool = True,
     **_unused: Any,
 ) -> dict:
     """Keypoints, matches and fitted map between sections ``a`` and ``b`` of a stack.
@@ -63,6 +64,7 @@ def match_pair(
         (h, w), detector, descriptor, matcher, model, use_masks, ransac_threshold, ratio,
         max_keypoints, scale, smooth, mask_dilation, border, min_inliers, (), 1, mito_radius,
         fast_threshold, max_scale, keypoint_size, model_selection, masks_given=masks is not None,
+        refine=refine,
     )  # fmt: skip
     intensity = (None, None)
     if np.dtype(stack.dtype) != np.uint8:

@@ -90,7 +90,12 @@ def _freak():
 # -- features ----------------------------------------------------------------------------------
 @dataclass
 class Features:
-    """Keypoints of one section: ``points`` (N, 2) float32 ``(x, y)`` in ORIGINAL section pixels."""
+    """Keypoints of one section: ``points`` (N, 2) float32 ``(x, y)`` in ORIGINAL section pixels.
+
+    ``image`` (the smoothed uint8 work image), ``valid`` (uint8 1 where it holds tissue) and
+    ``scale`` (work / original resolution, a number or ``(x, y)`` ratios) are kept for
+    :func:`refine`; None when not needed.
+    """
 
     points: np.ndarray
     descriptors: np.ndarray | None
@@ -98,6 +103,9 @@ class Features:
     detector: str = ""
     descriptor: str = ""
     extra: dict = field(default_factory=dict)
+    image: np.ndarray | None = None
+    valid: np.ndarray | None = None
+    scale: float | np.ndarray = 1.0
 
     def __len__(self) -> int:
         return 0 if self.descriptors is None else len(self.points)
@@ -235,14 +243,15 @@ def features(
     descriptor: str,
     mask: np.ndarray | None = None,
     max_keypoints: int = 1000,
-    scale: float = 1.0,
+    scale: float | np.ndarray = 1.0,
     fast_threshold: int = 10,
     keypoint_size: float | None = None,
 ) -> Features:
     """Detect and describe keypoints of one (already scaled, smoothed) uint8 section.
 
-    ``scale`` is the work resolution relative to the original section: returned points are
-    divided by it, so they are in original section pixels. ``keypoint_size``: see
+    ``scale`` is the work resolution relative to the original section (a number, or exact
+    ``(x, y)`` ratios of the work and original sizes): returned points are mapped back with it,
+    so they are in original section pixels. ``keypoint_size``: see
     :func:`describe`.
     """
     kps = detect(img, detector, mask, max_keypoints, fast_threshold)
@@ -251,7 +260,7 @@ def features(
         return Features.empty(detector, descriptor)
     pts = np.array([kp.pt for kp in kps], dtype=np.float32).reshape(-1, 2)
     # pixel centres: work pixel i covers original [i/s, (i+1)/s), centre (i + 0.5)/s - 0.5
-    pts = (pts + 0.5) / np.float32(scale) - 0.5
+    pts = (pts + 0.5) / np.asarray(scale, np.float32) - 0.5
     return Features(pts, desc, desc.dtype == np.uint8, detector, descriptor)
 
 
@@ -312,6 +321,160 @@ def _rigid_lsq(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     m[:2, :2] = r
     m[:2, 2] = cd - r @ cs
     return m
+
+
+def lsq_model(src: np.ndarray, dst: np.ndarray, model: str) -> np.ndarray | None:
+    """Least-squares (no RANSAC) ``model`` mapping ``src`` (x, y) to ``dst``; 3x3 or None."""
+    src = np.asarray(src, np.float64).reshape(-1, 2)
+    dst = np.asarray(dst, np.float64).reshape(-1, 2)
+    if len(src) < MIN_POINTS[model] + 1:
+        return None
+    if model == "rigid":
+        return _rigid_lsq(src, dst)
+    if model == "similarity":  # Umeyama: rotation, uniform scale, translation
+        cs, cd = src.mean(0), dst.mean(0)
+        a, b = src - cs, dst - cd
+        var = float((a**2).sum())
+        if var <= 0:
+            return None
+        u, sv, vt = np.linalg.svd(a.T @ b)
+        d = np.diag([1.0, np.sign(np.linalg.det(vt.T @ u.T)) or 1.0])
+        r = vt.T @ d @ u.T
+        c = float((sv * np.diag(d)).sum()) / var
+        m = np.eye(3)
+        m[:2, :2] = c * r
+        m[:2, 2] = cd - c * r @ cs
+        return m
+    if model == "affine":
+        x = np.c_[src, np.ones(len(src))]
+        sol, *_ = np.linalg.lstsq(x, dst, rcond=None)
+        return np.vstack([sol.T, [0.0, 0.0, 1.0]])
+    m, _ = cv2.findHomography(src.astype(np.float32), dst.astype(np.float32), 0)
+    if m is None or not np.all(np.isfinite(m)) or abs(m[2, 2]) < 1e-12:
+        return None
+    return m / m[2, 2]
+
+
+def _work_matrix(scale) -> np.ndarray:
+    """Original -> work pixel (x, y) coordinates (pixel centres: ``w = s (o + 0.5) - 0.5``)."""
+    sx, sy = np.broadcast_to(np.asarray(scale, np.float64), (2,))
+    return np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5], [0.0, 0.0, 1.0]])
+
+
+def track(
+    fa: Features,
+    fb: Features,
+    matrix_xy: np.ndarray,
+    threshold: float,
+    window: int = 11,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-pixel correspondences of a's keypoints in section b, given a fitted map a -> b.
+
+    Section a's work image is resampled into b's frame with ``matrix_xy`` (so what is left
+    to find is a small shift without rotation), and every keypoint of a that lands inside b's
+    tissue is tracked into b by Lucas-Kanade (``window`` x ``window`` work pixels, one level,
+    sub-pixel). Tracks that end more than ``threshold`` original pixels from where the map
+    puts them are dropped. Returns ``(src, dst)``: ``(N, 2)`` float64 ``(x, y)`` points of a
+    and their tracked positions in b, in original pixels (empty without work images).
+    """
+    empty = np.zeros((0, 2)), np.zeros((0, 2))
+    if fa.image is None or fb.image is None or len(fa.points) == 0:
+        return empty
+    m = np.asarray(matrix_xy, np.float64)
+    s = _work_matrix(fa.scale)
+    tw = s @ m @ np.linalg.inv(s)
+    hb, wb = fb.image.shape
+    warped = cv2.warpPerspective(fa.image, tw, (wb, hb), flags=cv2.INTER_LINEAR, borderValue=0)
+    src = fa.points.astype(np.float64)
+    q = project(tw, project(s, src))  # a's keypoints in b's work image
+    r = window // 2 + 1
+    inside = (q[:, 0] >= r) & (q[:, 0] < wb - 1 - r) & (q[:, 1] >= r) & (q[:, 1] < hb - 1 - r)
+    if fb.valid is not None:
+        iq = np.clip(np.round(np.nan_to_num(q)).astype(int), 0, [wb - 1, hb - 1])
+        inside &= fb.valid[iq[:, 1], iq[:, 0]] > 0
+    if not inside.any():
+        return empty
+    src, q = src[inside], q[inside].astype(np.float32).reshape(-1, 1, 2)
+    tracked, status, _ = cv2.calcOpticalFlowPyrLK(
+        warped, fb.image, q, q.copy(), winSize=(window, window), maxLevel=0,
+        criteria=(cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 30, 0.01),
+        flags=cv2.OPTFLOW_USE_INITIAL_FLOW,
+    )  # fmt: skip
+    dst = project(np.linalg.inv(s), tracked.reshape(-1, 2).astype(np.float64))  # original pixels
+    ok = (status.ravel() == 1) & np.all(np.isfinite(dst), axis=1)
+    ok &= np.linalg.norm(dst - project(m, src), axis=1) <= threshold
+    return src[ok], dst[ok]
+
+
+def fit_tracks(src: np.ndarray, dst: np.ndarray, model: str, min_points: int = 10):
+    """Least-squares ``model`` on tracked points, trimming outliers.
+
+    Residuals above ``max(3 * 1.4826 * median residual, 0.25 px)`` are dropped and the fit
+    repeated (at most four times). Returns ``(3x3 (x, y) matrix, kept (N,) bool, RMS residual
+    of the kept points)`` or ``(None, kept, None)`` when fewer than ``min_points`` remain.
+    """
+    keep = np.ones(len(src), bool)
+    fit = None
+    for it in range(5):
+        if keep.sum() < max(min_points, MIN_POINTS[model] + 1):
+            return None, keep, None
+        fit = lsq_model(src[keep], dst[keep], model)
+        if fit is None:
+            return None, keep, None
+        res = np.linalg.norm(project(fit, src) - dst, axis=1)
+        new = res <= max(3.0 * 1.4826 * float(np.median(res[keep])), 0.25)
+        if it == 4 or new.sum() < min_points or np.array_equal(new, keep):
+            break
+        keep = new
+    return fit, keep, float(np.sqrt(np.mean(res[keep] ** 2)))
+
+
+#: A richer model is chosen on the tracks only when it lowers the RMS residual by this factor.
+REFINE_GAIN = 0.8
+
+
+def refine(
+    fa: Features,
+    fb: Features,
+    matrix_xy: np.ndarray,
+    models: tuple,
+    threshold: float,
+    min_points: int = 10,
+    window: int = 11,
+):
+    """Sub-pixel refinement of a fitted map a -> b, with model selection on the tracks.
+
+    a's keypoints are tracked into b (:func:`track`) and every model of ``models`` (nested,
+    richest first) is fitted to the tracks by least squares (:func:`fit_tracks`). The
+    simplest model whose RMS residual, on the points all fits keep, is at most the richest
+    model's divided by :data:`REFINE_GAIN` is used: with sub-pixel tracks a real distortion
+    between sections (compression, shear) lowers the residual many times over, while extra
+    degrees of freedom that only fit noise and the sections' own small differences gain a few
+    per cent and would extrapolate badly far from the keypoints. FAST keypoints sit on whole
+    work pixels (2 original pixels apart at scale 0.5); tracking removes that quantisation,
+    whose random error of a few hundredths of a degree per pair accumulates along a stack.
+
+    Returns ``(model, refined (x, y) 3x3 matrix, tracks used, RMS residual in original pixels)``
+    or ``(None, None, tracks, None)`` when too few tracks survive.
+    """
+    src, dst = track(fa, fb, matrix_xy, threshold, window)
+    fits = []
+    for model in models:
+        fit, keep, rms = fit_tracks(src, dst, model, min_points)
+        if fit is not None:
+            fits.append((model, fit, keep))
+    if not fits:
+        return None, None, len(src), None
+    common = np.logical_and.reduce([k for _, _, k in fits])
+    if common.sum() < min_points:
+        common = fits[0][2]
+    rms = [
+        float(np.sqrt(np.mean(np.sum((project(f, src[common]) - dst[common]) ** 2, 1)))) for _, f, _ in fits
+    ]
+    best = min(rms)
+    i = max(j for j, r in enumerate(rms) if r * REFINE_GAIN <= best or r <= best + 1e-9)
+    model, fit, keep = fits[i]
+    return model, fit, int(keep.sum()), rms[i]
 
 
 def project(matrix_xy: np.ndarray, pts: np.ndarray) -> np.ndarray:

@@ -16,7 +16,8 @@ long side (area averaging):
 Mitochondria are assumed darker than the cytoplasm around them and much thicker than
 membranes, as in osmium-stained EM (Lucchi++). On the synthetic stacks of
 :func:`napari_nephi.synthetic.em_stack` the Dice coefficient against the true masks is
-0.95 (0.94-0.96 per section, full-size and 256 x 256 stacks; ``benchmarks/README.md``). The user
+0.945 on the full-size stack (0.937 at worst, 8 sections sampled) and 0.95-0.96 on 8-section
+256 x 256 stacks (0.949 at worst; ``benchmarks/README.md``). The user
 can always pass or edit masks instead.
 """
 
