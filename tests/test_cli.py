@@ -46,6 +46,8 @@ def test_register_writes_everything(files, capsys):
         "jacobian.tif",
         "folds.tif",
         "warped_labels.tif",
+        "deformation_grid.csv",
+        "deformation_grid.tif",
         "metrics.json",
         "settings.json",
     ):
@@ -62,6 +64,36 @@ def test_register_writes_everything(files, capsys):
     assert labels.dtype == np.uint8 and set(np.unique(labels)) == {0, 3}
     assert int(tifffile.imread(out / "folds.tif").sum()) == 0
     assert "Results written" in capsys.readouterr().out
+
+
+def test_register_writes_the_deformation_grid(files):
+    """The grid overlay as napari shapes CSV and as an image: moving grid lines, moved by -t."""
+    from napari_builtins.io import csv_to_layer_data
+
+    tmp, m = files
+    out = tmp / "out"
+    assert main(["register", str(tmp / "fixed.tif"), str(tmp / "moving.tif"), "-o", str(out), "-q",
+                 "--kind", "translation", "--iterations", "80", "--levels", "2"]) == 0  # fmt: skip
+    t = load_transform(out / "transform").matrix[:2, 2]
+    np.testing.assert_allclose(t, m[:2, 2], atol=0.3)
+    # lines at moving coordinates 0, 16, 32, ... show up at fixed coordinates 16 k - t
+    paths, kwargs, kind = csv_to_layer_data(str(out / "deformation_grid.csv"), require_type="shapes")
+    assert kind == "shapes" and set(kwargs["shape_type"]) == {"path"}
+    constant_axes = []
+    for p in paths:
+        axis = int(np.argmin(np.ptp(p, axis=0)))  # the coordinate that stays fixed along the line
+        level = p[:, axis] + t[axis]
+        np.testing.assert_allclose(level, 16 * np.round(level / 16), atol=0.05)
+        constant_axes.append(axis)
+    assert constant_axes.count(0) >= 6 and constant_axes.count(1) >= 6
+    grid = tifffile.imread(out / "deformation_grid.tif")
+    assert grid.shape == (128, 128)
+    inner = slice(20, 108)
+    on_line = [int(round(16 * k - t[0])) for k in (2, 3, 4, 5)]
+    between = [y + 8 for y in on_line]
+    assert grid[on_line, inner].mean() > 0.6 and grid[between, inner].mean() < 0.15
+    on_col = [int(round(16 * k - t[1])) for k in (2, 3, 4, 5)]
+    assert grid[inner, on_col].mean() > 0.6 and grid[inner, [x + 8 for x in on_col]].mean() < 0.15
 
 
 def test_register_nifti_3d(tmp_path):

@@ -70,6 +70,34 @@ def _write_image(path: Path, data, spacing, labels: bool = False) -> None:
     (write_labels if labels else write_image)(str(path), data, {"scale": list(spacing)})
 
 
+def _write_shapes_csv(path: Path, paths: list) -> None:
+    """Path shapes as napari's shapes CSV (``index, shape-type, vertex-index, axis-0, ...``, voxels)."""
+    from .core.registration import atomic_write_bytes
+
+    d = paths[0].shape[1] if paths else 2
+    lines = [",".join(["index", "shape-type", "vertex-index", *(f"axis-{i}" for i in range(d))])]
+    for i, p in enumerate(paths):
+        lines += [f"{i},path,{j}," + ",".join(f"{v:.4f}" for v in row) for j, row in enumerate(p)]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def _grid_image(reg, moving, mmeta, spacing_px: float) -> np.ndarray:
+    """The deformation grid as an image on the fixed grid: a grid painted on the moving image, warped.
+
+    Planes (lines in 2D) every ``spacing_px`` moving voxels along each axis, value 1, pulled back
+    with the transform (linear, so lines are about one voxel wide): the same lines as the
+    ``deformation_grid.csv`` shapes.
+    """
+    m_shape = moving.shape[: moving.ndim - (1 if mmeta.get("rgb") else 0)]
+    step = max(1, int(round(spacing_px)))
+    painted = np.zeros(m_shape, np.float32)
+    for axis, n in enumerate(m_shape):
+        index = [slice(None)] * len(m_shape)
+        index[axis] = slice(0, n, step)
+        painted[tuple(index)] = 1.0
+    return np.asarray(reg.transform.warp(painted, output_shape=reg.warped.shape[: len(m_shape)]), np.float32)
+
+
 def cmd_register(args) -> int:
     from . import overlays
     from .core.registration import register
@@ -105,10 +133,16 @@ def cmd_register(args) -> int:
     ext = args.format
     _write_image(out / f"warped{ext}", reg.warped, spacing)
     reg.transform.save(out / "transform")
-    det_layer = overlays.jacobian_layer(reg.transform, reg.warped.shape[: len(spacing)], spacing)
+    shape = reg.warped.shape[: len(spacing)]
+    u = reg.transform.displacement(shape)  # shared by the Jacobian and the grid
+    det_layer = overlays.jacobian_layer(reg.transform, shape, spacing, displacement=u)
     _write_image(out / f"jacobian{ext}", det_layer[0], spacing)
     folds = overlays.folds_layer(det_layer[0])
     _write_image(out / f"folds{ext}", folds[0], spacing, labels=True)
+    grid = overlays.deformation_grid(reg.transform, shape, displacement=u)
+    _write_shapes_csv(out / "deformation_grid.csv", grid[0])
+    spacing_px = grid[1]["metadata"]["spacing_px"]
+    _write_image(out / f"deformation_grid{ext}", _grid_image(reg, moving, mmeta, spacing_px), spacing)
     metrics = dict(reg.metrics)
     if args.moving_labels:
         labels, _ = _read_one(args.moving_labels)

@@ -67,6 +67,94 @@ def test_result_layers_replace_previous_run(make_napari_viewer):
     assert viewer.layers["mine"] is user
 
 
+def _show_gradually(results, qtbot, layer_data, **kwargs):
+    done = []
+    results.show_gradually(layer_data, done.append, **kwargs)
+    qtbot.waitUntil(lambda: bool(done), timeout=10000)
+    return done[0]
+
+
+def test_result_layers_update_in_place_and_remove_leftovers(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    user = viewer.add_image(np.zeros((5, 6)), name="mine")
+    results = ResultLayers(viewer)
+
+    def grid(n):
+        paths = [np.array([[i, 0.0], [i, 5.0]]) for i in range(n)]
+        kwargs = {"name": f"run grid {n}", "shape_type": "path", "edge_color": "yellow", "ndim": 2,
+                  "features": {"level": np.arange(n, dtype=float)}}  # fmt: skip
+        return paths, kwargs, "shapes"
+
+    first = [
+        (np.ones((5, 6)), {"name": "a warped", "contrast_limits": (0, 1)}, "image"),
+        (np.zeros((5, 6), np.uint8), {"name": "a folds"}, "labels"),
+        grid(2),
+    ]
+    layers = _show_gradually(results, qtbot, first, roles=["warped", "folds", "grid"])
+    assert [ly.name for ly in viewer.layers] == ["mine", "a warped", "a folds", "run grid 2"]
+    assert viewer.layers.selection.active is user  # results are not selected one after the other
+    warped, folds, shapes = layers
+    second = [
+        (2 * np.ones((5, 6)), {"name": "b warped", "contrast_limits": (0, 2), "scale": (2.0, 2.0)}, "image"),
+        grid(4),
+    ]
+    again = _show_gradually(results, qtbot, second, roles=["warped", "grid"])
+    assert again[0] is warped and again[1] is shapes  # updated in place, not re-added
+    assert folds not in viewer.layers  # the second run has no folds: the old layer goes
+    assert [ly.name for ly in viewer.layers] == ["mine", "b warped", "run grid 4"]
+    assert float(warped.data.max()) == 2.0 and tuple(warped.contrast_limits) == (0, 2)
+    assert tuple(warped.scale) == (2.0, 2.0)
+    assert shapes.nshapes == 4 and list(shapes.features["level"]) == [0.0, 1.0, 2.0, 3.0]
+    np.testing.assert_allclose(shapes.edge_color, np.tile([1.0, 1.0, 0.0, 1.0], (4, 1)))  # yellow
+    assert viewer.layers["mine"] is user and float(user.data.max()) == 0.0
+
+
+def test_result_layers_adopt_an_existing_layer(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    preview = viewer.add_image(np.zeros((3, 4)), name="preview", colormap="magenta", blending="additive")
+    preview.visible = False
+    results = ResultLayers(viewer)
+    data = np.arange(12.0).reshape(3, 4)
+    (warped,) = _show_gradually(
+        results, qtbot, [(data, {"name": "warped", "colormap": "gray"}, "image")], adopt={"warped": preview}
+    )
+    assert warped is preview and len(viewer.layers) == 1
+    assert warped.name == "warped" and warped.colormap.name == "gray" and warped.blending == "translucent"
+    assert warped.visible
+    np.testing.assert_array_equal(warped.data, data)
+
+
+def test_remove_layer_leaves_the_collector_as_it_was(make_napari_viewer):
+    import gc
+
+    from napari_nephi.widgets._results import remove_layer
+
+    viewer = make_napari_viewer()
+    keep = viewer.add_image(np.zeros((4, 4)), name="keep")
+    big = viewer.add_image(np.zeros((80, 256, 256), np.float32), name="big")  # 20 MiB
+    remove_layer(viewer, big)
+    assert list(viewer.layers) == [keep]
+    assert gc.get_freeze_count() == 0
+    assert big.data.size == 1  # a big layer lets go of its data at once
+
+
+def test_warm_up_adds_nothing_that_stays(make_napari_viewer, qtbot):
+    from napari_nephi.widgets._results import warm_up
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((4, 5, 6)), name="volume")
+    inserted = []
+    viewer.layers.events.inserted.connect(lambda e: inserted.append(type(e.value).__name__))
+    done = []
+    warm_up(viewer, done=lambda: done.append(1))
+    qtbot.waitUntil(lambda: bool(done), timeout=10000)
+    assert inserted == ["Labels", "Points"]  # napari's first-of-a-kind costs were paid ...
+    assert [ly.name for ly in viewer.layers] == ["volume"]  # ... and nothing is left behind
+    assert viewer.dims.ndim == 3
+    warm_up(viewer, done=lambda: done.append(2))  # once per viewer
+    assert done == [1, 2] and inserted == ["Labels", "Points"]
+
+
 def test_runner_signals(qtbot):
     runner = RegistrationRunner()
     seen = []
@@ -150,10 +238,11 @@ def test_end_to_end_affine_run(make_napari_viewer, qtbot, pair, errors, tmp_path
     assert widget.last.metrics["tre_mean"] < 2.0  # physical units, spacing 2
     assert "Done" in widget.status.text()
     np.testing.assert_array_equal(mov_layer.data, before)  # inputs untouched
-    # a second run replaces the result layers instead of adding more
-    count = len(viewer.layers)
+    # a second run replaces the result layers instead of adding more: the same layers, new data
+    before_rerun = list(viewer.layers)
     _run(widget, qtbot)
-    assert len(viewer.layers) == count
+    assert list(viewer.layers) == before_rerun
+    assert viewer.layers["moving warped"].data is widget.last.warped
     # save the transform with the settings, load it and apply it to the labels layer
     folder = widget.save_transform(tmp_path / "t")
     assert (folder / "transform.json").exists() and (folder / "run.json").exists()
@@ -189,6 +278,48 @@ def test_engine_error_is_notified(make_napari_viewer, qtbot, errors):
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
 
 
+def test_out_of_memory_is_notified_and_widget_stays_usable(make_napari_viewer, qtbot, pair, monkeypatch):
+    """A GPU out-of-memory error inside the engine: a napari notification says what to do, the
+    previous run's layers stay as they were, and the next run works."""
+    import torch
+    from napari.utils.notifications import notification_manager
+
+    from napari_nephi.engines.affine import engine
+
+    fixed, moving, _ = pair
+    viewer = make_napari_viewer()
+    viewer.add_image(fixed, name="fixed")
+    viewer.add_image(moving, name="moving")
+    widget = RegisterWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.options.iterations.setValue(20)
+    widget.options.levels.setValue(1)
+    _run(widget, qtbot)
+    before = [(ly.name, ly) for ly in viewer.layers]
+    warped = viewer.layers["moving warped"].data.copy()
+    notes = []
+    notification_manager.notification_ready.connect(notes.append)
+    real_pyramid = engine._pyramid
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(engine, "_pyramid", no_memory)
+    try:
+        _run(widget, qtbot)
+    finally:
+        notification_manager.notification_ready.disconnect(notes.append)
+    errors = [n.message for n in notes if n.severity == "error"]
+    assert len(errors) == 1 and "out of GPU memory" in errors[0] and "device='cpu'" in errors[0]
+    assert "Failed" in widget.status.text()
+    assert [(ly.name, ly) for ly in viewer.layers] == before  # same layer objects, none added
+    np.testing.assert_array_equal(viewer.layers["moving warped"].data, warped)
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+    monkeypatch.setattr(engine, "_pyramid", real_pyramid)
+    _run(widget, qtbot)  # still usable
+    assert "Done" in widget.status.text() and len(viewer.layers) == len(before)
+
+
 def test_cancel_keeps_layers(make_napari_viewer, qtbot, pair, errors):
     fixed, moving, _ = pair
     viewer = make_napari_viewer()
@@ -206,6 +337,22 @@ def test_cancel_keeps_layers(make_napari_viewer, qtbot, pair, errors):
     assert errors == []
 
 
+def test_cancel_before_the_worker_starts(make_napari_viewer, qtbot, pair, errors):
+    fixed, moving, _ = pair
+    viewer = make_napari_viewer()
+    viewer.add_image(fixed, name="fixed")
+    viewer.add_image(moving, name="moving")
+    widget = RegisterWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.options.iterations.setValue(100000)
+    with qtbot.waitSignal(widget.run_done, timeout=60000):
+        widget.start()  # the worker starts one event-loop turn later
+        widget.cancel_button.click()
+    assert "Cancelled" in widget.status.text()
+    assert [ly.name for ly in viewer.layers] == ["fixed", "moving"]
+    assert widget.run_button.isEnabled() and errors == []
+
+
 def test_preview_and_loss_curve(make_napari_viewer, qtbot, pair, errors):
     fixed, moving, _ = pair
     viewer = make_napari_viewer()
@@ -215,9 +362,14 @@ def test_preview_and_loss_curve(make_napari_viewer, qtbot, pair, errors):
     qtbot.addWidget(widget)
     widget.options.iterations.setValue(40)
     widget.options.levels.setValue(2)
-    seen = []
+    import gc
+
+    seen, frozen = [], []
     widget.runner.progressed.connect(lambda ev: seen.append(widget.preview_layer is not None))
+    widget.runner.progressed.connect(lambda ev: frozen.append(gc.get_freeze_count()))
     _run(widget, qtbot)
+    assert min(frozen) > 0  # full collections skip the objects older than the run while it runs
+    assert gc.get_freeze_count() == 0  # ... and not after
     assert len(widget.loss_plot.values) == 80
     assert widget.loss_plot.values[-1] < widget.loss_plot.values[0]
     assert any(seen)  # a preview layer was shown while running ...
@@ -235,7 +387,10 @@ def test_cancel_can_keep_partial_preview(make_napari_viewer, qtbot, pair, errors
     widget.keep_partial.setChecked(True)
     with qtbot.waitSignal(widget.run_done, timeout=60000):
         widget.start()
-        qtbot.waitUntil(lambda: widget.preview_layer is not None, timeout=20000)
+        # the preview layer is added (hidden) with Run and shown with the first preview
+        qtbot.waitUntil(
+            lambda: widget.preview_layer is not None and widget.preview_layer.visible, timeout=20000
+        )
         widget.cancel_button.click()
     names = [ly.name for ly in viewer.layers]
     assert names == ["fixed", "moving", "moving preview (partial, cancelled)"]

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import gc
+import importlib
 import json
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch._dynamo  # noqa: F401  torch.optim imports it on first use: ~1 s holding the GIL
-from napari.layers import Image, Labels, Points
+from napari.layers import Image, Labels, Layer, Points
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QFileDialog,
@@ -25,16 +28,20 @@ from qtpy.QtWidgets import (
 
 from .. import overlays
 from ..core.errors import RegistrationError
+from ..core.progress import is_cancelled
 from ..core.registration import atomic_write_bytes, register
 from ..core.transform_io import load_transform
 from ._options import RegistrationOptions
 from ._pickers import LayerPicker
 from ._plot import CurvePlot
-from ._results import ResultLayers
+from ._results import STEP_MS, ResultLayers, not_selected, remove_layer, viewer_open, warm_up
 from ._runner import RegistrationRunner
 
 #: Do not push previews to the canvas more often than this (seconds).
 PREVIEW_INTERVAL = 0.5
+
+#: The worker waits at most this long (seconds) for the GUI to draw a preview it sent.
+PREVIEW_WAIT = 0.5
 
 
 def layer_image(layer) -> np.ndarray:
@@ -54,6 +61,7 @@ class RegisterWidget(QWidget):
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
+        imports = _import_in_background()
         self.viewer = napari_viewer
         self.fixed = LayerPicker(napari_viewer, (Image,))
         self.moving = LayerPicker(napari_viewer, (Image,))
@@ -77,12 +85,17 @@ class RegisterWidget(QWidget):
         self._progress_bar = None
         self._last_preview = 0.0
         self.preview_layer = None
+        self._preview_shown = False
         self._showing = False
         self._running = False
+        self._cancel_requested = False
         self._last_run = {"settings": {}, "world_affine": None}
+        self._gc_pause = FullCollectionPause()
+        self._gui_idle = threading.Event()  # set when the GUI has drawn the last preview
+        self.destroyed.connect(self._gc_pause.end)
         self._layout()
         self.run_button.clicked.connect(self.start)
-        self.cancel_button.clicked.connect(self.runner.cancel)
+        self.cancel_button.clicked.connect(self.cancel)
         self.save_button.clicked.connect(lambda: self.save_transform())
         self.apply_button.clicked.connect(lambda: self.apply_transform())
         self.runner.progressed.connect(self._on_progress)
@@ -94,6 +107,16 @@ class RegisterWidget(QWidget):
             images = self.moving._layers
             self.fixed.set_layer(images[0])
             self.moving.set_layer(images[1] if len(images) > 1 else images[0])
+        self.warmed_up = False  # see warm_up(): napari's once-per-viewer costs, paid now
+        QTimer.singleShot(
+            STEP_MS,
+            lambda: warm_up(
+                napari_viewer, lambda: self._running, self._warm_up_done, ready=lambda: not imports.is_alive()
+            ),
+        )
+
+    def _warm_up_done(self) -> None:
+        self.warmed_up = True
 
     def _layout(self):
         form = QFormLayout()
@@ -151,27 +174,48 @@ class RegisterWidget(QWidget):
         self.cancel_button.setEnabled(True)
         self.status.setText("Running…")
         self._running = True
+        self._cancel_requested = False
+        self._gc_pause.begin()
         self.loss_plot.clear()
         self._remove_preview()
-        self._progress_bar = napari_progress(total=0, desc=f"Registering {moving.name}")
         inp = self._inputs
-        fpts = points_in_voxels(inp["fixed_points"], fixed)
-        mpts = points_in_voxels(inp["moving_points"], moving)
         labels = inp["labels"].data if inp["labels"] is not None else None
-        self.runner.run(
-            register_with_overlays,
-            fixed=layer_image(fixed),
-            moving=layer_image(moving),
-            spacing=spacing,
-            rgb=bool(fixed.rgb),
-            moving_labels=None if labels is None else np.asarray(labels),
-            fixed_points=fpts,
-            moving_points=mpts,
-            name_prefix=f"{moving.name} ",
+        job = {
+            "fixed": layer_image(fixed),
+            "moving": layer_image(moving),
+            "spacing": spacing,
+            "rgb": bool(fixed.rgb),
+            "moving_labels": None if labels is None else np.asarray(labels),
+            "fixed_points": points_in_voxels(inp["fixed_points"], fixed),
+            "moving_points": points_in_voxels(inp["moving_points"], moving),
+            "name_prefix": f"{moving.name} ",
+            "gui_idle": self._gui_idle,
             **opts,
-        )
+        }
+        # this turn adds the preview layer; the next one starts the worker (each ~50 ms of GUI time)
+        self._add_preview_layer(f_dim)
+        QTimer.singleShot(STEP_MS, lambda: self._launch(job))
+
+    def _launch(self, job: dict) -> None:
+        if not viewer_open(self.viewer):
+            self._running = False
+            self._gc_pause.end()
+            return
+        self._progress_bar = napari_progress(total=0, desc=f"Registering {self._inputs['name']}")
+        self.runner.run(register_with_overlays, **job)
+        if self._cancel_requested:  # Cancel came before the worker started: it stops at its first step
+            self.runner.cancel()
+
+    def cancel(self) -> None:
+        """Stop the running registration (the Cancel button)."""
+        if self.runner.busy:
+            self.runner.cancel()
+        elif self._running:
+            self._cancel_requested = True
 
     def _on_progress(self, event) -> None:
+        if event.preview is not None:  # the worker waits until this is drawn (next turn)
+            QTimer.singleShot(1, self._gui_idle.set)
         if not self._running:
             return  # a late event after the run ended (cancelled or failed)
         if event.loss is not None:
@@ -182,46 +226,67 @@ class RegisterWidget(QWidget):
         self._last_preview = now
         self.loss_plot.update()
         loss = "" if event.loss is None else f", loss {event.loss:.4f}"
-        self.status.setText(f"Running: step {event.step}/{event.total}{loss}")
+        stage = f"{event.stage}, " if event.stage else ""
+        self.status.setText(f"Running: {stage}step {event.step}/{event.total}{loss}")
         if event.preview is not None:
             self._show_preview(event)
         bar = self._progress_bar  # updating it may run the event loop: do it last
         if bar is not None and self._running:
             if bar.total != event.total:
                 bar.total = event.total
-            bar.n = event.step
-            bar.set_description(f"{event.stage}{loss}")
+            bar.n = event.step  # the stage and loss are in the status line: set_description costs ~40 ms
             bar.refresh()
 
+    def _add_preview_layer(self, ndim: int) -> None:
+        """The (hidden, empty) layer that will show the previews, added before the worker starts.
+
+        Adding a layer is the most expensive thing napari does for us (~50-100 ms of GUI time);
+        done here it does not compete with the worker, and the first preview only fills it in.
+        """
+        with not_selected(self.viewer):
+            self.preview_layer = self.viewer.add_image(
+                np.zeros((1,) * ndim, np.float32), name=f"{self._inputs['name']} preview",
+                scale=self._inputs["scale"], colormap="magenta", blending="additive", visible=False,
+            )  # fmt: skip
+        self._preview_shown = False
+
     def _show_preview(self, event) -> None:
-        """Show the engine's current warped image, on its own (possibly coarser) grid."""
+        """Show the engine's current warped image, on its own (possibly coarser) grid.
+
+        One layer for the whole run, updated in place; the worker has made the array contiguous
+        float32 and found its contrast limits.
+        """
         spacing = np.asarray(self._inputs["scale"], float)
         zoom = np.asarray(event.extra.get("preview_zoom", (1.0,) * len(spacing)), float)
         scale = spacing * zoom
         translate = spacing * (zoom - 1) / 2
         data = np.asarray(event.preview)
+        limits = event.extra.get("contrast_limits")
         layer = self.preview_layer
-        if layer is not None and layer in self.viewer.layers and layer.data.shape == data.shape:
-            layer.data = data
-            layer.scale, layer.translate = scale, translate
-        else:
+        if layer is None or layer not in self.viewer.layers or layer.data.ndim != data.ndim:
             self._remove_preview()
-            self.preview_layer = self.viewer.add_image(
-                data, name=f"{self._inputs['name']} preview", scale=scale, translate=translate,
-                colormap="magenta", blending="additive",
-            )  # fmt: skip
+            self._add_preview_layer(data.ndim)
+            layer = self.preview_layer
+        layer.data = data
+        if not (np.allclose(layer.scale, scale) and np.allclose(layer.translate, translate)):
+            layer.scale, layer.translate = scale, translate
+        if limits is not None:
+            layer.contrast_limits = limits
+        if not self._preview_shown:
+            self._preview_shown = True
+            layer.visible = True
 
     def _remove_preview(self) -> None:
         if self.preview_layer is not None and self.preview_layer in self.viewer.layers:
-            self.viewer.layers.remove(self.preview_layer)
+            remove_layer(self.viewer, self.preview_layer)
         self.preview_layer = None
 
     def _on_finished(self, result) -> None:
         self._running = False
-        reg, layers, notes = result
+        reg, layers, notes, prebuilt = result
         self.last = reg
         self._last_run = {"settings": dict(self._settings), "world_affine": self._inputs.get("world_affine")}
-        self._remove_preview()
+        preview, self.preview_layer = self.preview_layer, None
         for note in notes:
             show_info(note)
         self.status.setText("Adding result layers…")
@@ -232,19 +297,28 @@ class RegisterWidget(QWidget):
             self.status.setText(_summary(reg.metrics))
             self.save_button.setEnabled(True)
             self.run_button.setEnabled(True)
+            self._gc_pause.end()
             self.run_done.emit()
 
-        self.results.show_gradually(layers, shown)
+        prefix = f"{self._inputs['name']} "
+        roles = [
+            kw["name"][len(prefix) :] if kw["name"].startswith(prefix) else kw["name"] for _, kw, _ in layers
+        ]
+        # the live preview becomes the warped image unless the previous run's warped layer takes it
+        adopt = {"warped": preview} if preview is not None and preview in self.viewer.layers else None
+        self.results.show_gradually(layers, shown, roles=roles, adopt=adopt, prebuilt=prebuilt)
 
     def _on_failed(self, message: str) -> None:
         self._running = False
+        self._remove_preview()
         show_error(message)
         self.status.setText(f"Failed: {message}")
 
     def _on_cancelled(self) -> None:
         self._running = False
         layer = self.preview_layer
-        if self.keep_partial.isChecked() and layer is not None and layer in self.viewer.layers:
+        shown = self._preview_shown and layer is not None and layer in self.viewer.layers
+        if self.keep_partial.isChecked() and shown:
             layer.name = f"{self._inputs['name']} preview (partial, cancelled)"
             self.preview_layer = None
             self.status.setText("Cancelled; the partial preview is kept as its own layer.")
@@ -259,6 +333,7 @@ class RegisterWidget(QWidget):
         self.cancel_button.setEnabled(False)
         if not self._showing:
             self.run_button.setEnabled(True)
+            self._gc_pause.end()
             self.run_done.emit()
 
     # -- saving and applying -------------------------------------------------------------
@@ -331,10 +406,38 @@ def register_with_overlays(
     fixed_points=None,
     moving_points=None,
     name_prefix="",
+    gui_idle: threading.Event | None = None,
     **options,
 ):
-    """Worker-thread job: register, then build every result layer; returns (reg, layers, notes)."""
-    reg = register(fixed, moving, spacing=spacing, progress=progress, cancel=cancel, **options)
+    """Worker-thread job: register, then build every result layer.
+
+    Returns ``(reg, layers, notes, prebuilt)``: the Registration, the result LayerData tuples, notes
+    for the user and the same layers as napari layer objects.
+
+    Everything heavy for the GUI is done here, off the GUI thread: previews are made contiguous
+    float32 with their contrast limits, image layers get contrast limits (napari would scan the
+    data on the GUI thread) and the napari layer objects are made (a Shapes layer triangulates
+    its paths), so the GUI thread only has to insert them.
+    """
+    _import_lazy_dependencies()  # usually done already (the widget starts it when it opens)
+
+    def report(event):
+        if event.preview is None:
+            progress(event)
+            return
+        event.preview = np.ascontiguousarray(event.preview, dtype=np.float32)
+        event.extra.setdefault("contrast_limits", _contrast_limits(event.preview))
+        if gui_idle is None:
+            progress(event)
+            return
+        # while the GUI draws the preview the worker waits instead of competing for the GIL (the
+        # GUI releases and retakes it at every OpenGL call); at most PREVIEW_WAIT seconds
+        gui_idle.clear()
+        progress(event)
+        if not is_cancelled(cancel):
+            gui_idle.wait(PREVIEW_WAIT)
+
+    reg = register(fixed, moving, spacing=spacing, progress=report, cancel=cancel, **options)
     notes = []
     if (fixed_points is None) != (moving_points is None) or (
         fixed_points is not None and len(fixed_points) != len(moving_points)
@@ -357,12 +460,81 @@ def register_with_overlays(
         )
     except RegistrationError as exc:
         notes.append(f"Some result layers could not be made: {exc}")
-        layers = [(reg.warped, {"name": f"{name_prefix}warped", "scale": spacing}, "image")]
-    for _, kwargs, _kind in layers:
+        layers = [
+            (reg.warped, {"name": f"{name_prefix}warped", "scale": spacing, "colormap": "gray"}, "image")
+        ]
+    for data, kwargs, kind in layers:
+        if kind == "image" and np.ndim(data) == len(spacing) and "contrast_limits" not in kwargs:
+            kwargs["contrast_limits"] = _contrast_limits(data)
         tre = kwargs.get("metadata", {}).get("tre")
         if tre:
             reg.metrics.update({k: v for k, v in tre.items() if k != "tre_per_point"})
-    return reg, layers, notes
+    # the napari layer objects too (hidden; shapes triangulate their paths here): the GUI thread
+    # only inserts them (they are used for new layers; a rerun updates its layers in place)
+    prebuilt = [Layer.create(data, {**kwargs, "visible": False}, kind) for data, kwargs, kind in layers]
+    return reg, layers, notes, prebuilt
+
+
+class FullCollectionPause:
+    """Keeps Python's full garbage collections short while a run and its result layers are on.
+
+    With torch and napari loaded a full collection walks ~500 000 objects: 150-270 ms holding
+    the GIL, so the GUI freezes whichever thread it runs on, and a long NePhi run allocates enough
+    to trigger one every minute or so. :meth:`begin` freezes the objects that exist when the run
+    starts (``gc.freeze``: collections skip them) and :meth:`end` puts them back, so collections
+    during the run only look at what the run made. Garbage among the frozen objects is collected
+    after the run, and the first full collection after it (whenever Python decides to run one)
+    still takes its usual time. Nothing is frozen if something else in the process already froze
+    objects (``gc.unfreeze`` would undo its freeze too).
+    """
+
+    def __init__(self):
+        self.active = False
+
+    def begin(self) -> None:
+        if not self.active and gc.get_freeze_count() == 0:
+            gc.freeze()
+            self.active = True
+
+    def end(self) -> None:
+        if self.active:
+            self.active = False
+            gc.unfreeze()
+
+
+def _contrast_limits(data) -> tuple[float, float]:
+    """Finite min and max of ``data`` (napari's default contrast limits), never an empty range."""
+    data = np.asarray(data)
+    finite = data[np.isfinite(data)] if np.issubdtype(data.dtype, np.floating) else data
+    if finite.size == 0:
+        return (0.0, 1.0)
+    lo, hi = float(finite.min()), float(finite.max())
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+#: Modules napari imports on the GUI thread the first time it makes a Labels layer (~0.3 s).
+_LAZY_MODULES = ("pandas", "skimage.color")
+
+_importer: threading.Thread | None = None
+
+
+def _import_lazy_dependencies() -> None:
+    for name in _LAZY_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # pragma: no cover  a napari without them does not need them
+            pass
+
+
+def _import_in_background() -> threading.Thread:
+    """Import :data:`_LAZY_MODULES` in a thread (once per process); the GUI keeps the GIL most of the time."""
+    global _importer
+    if _importer is None:
+        _importer = threading.Thread(
+            target=_import_lazy_dependencies, name="napari-nephi imports", daemon=True
+        )
+        _importer.start()
+    return _importer
 
 
 def points_in_voxels(points_layer, image_layer):
