@@ -128,6 +128,12 @@ def cmd_register(args) -> int:
     world = (fmeta.get("metadata") or {}).get("nifti_affine")
     if world is not None and len(spacing) == 3:
         reg.transform.world_affine = np.asarray(world, float)  # keeps the NIfTI orientation on save
+    # the moving image's own frame, whatever the engine did with it (see docs/transforms.md)
+    if len(moving_spacing) == len(spacing):
+        reg.transform.moving_spacing = moving_spacing
+        mworld = (mmeta.get("metadata") or {}).get("nifti_affine")
+        if mworld is not None and len(spacing) == 3:
+            reg.transform.moving_world_affine = np.asarray(mworld, float)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     ext = args.format
@@ -169,12 +175,18 @@ def cmd_apply(args) -> int:
     from .core.transform_io import load_transform
 
     t = load_transform(args.transform)
-    image, _ = _read_one(args.image)
+    image, imeta = _read_one(args.image)
     shape = t.shape
+    frame = {}
+    if t.has_moving_frame:  # the image may have another spacing than the registered moving image
+        frame["image_spacing"] = tuple(imeta.get("scale") or (1.0,) * t.ndim)[-t.ndim :]
+        iworld = (imeta.get("metadata") or {}).get("nifti_affine")
+        if iworld is not None and t.moving_world_affine is not None:
+            frame["image_world_affine"] = np.asarray(iworld, float)
     if args.labels:
-        out = t.warp_labels(image, output_shape=shape)
+        out = t.warp_labels(image, output_shape=shape, **frame)
     else:
-        out = t.warp(image, output_shape=shape)
+        out = t.warp(image, output_shape=shape, **frame)
     _write_image(Path(args.output), out, t.spacing, labels=args.labels)  # on the fixed grid
     if not args.quiet:
         print(f"Wrote {args.output}")

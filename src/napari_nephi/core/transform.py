@@ -319,9 +319,10 @@ class Transform:
             "spacing": list(self.spacing),
             "world_affine": None if self.world_affine is None else self.world_affine.tolist(),
             "moving_shape": list(self.moving_shape) if self.moving_shape is not None else None,
-            "moving_spacing": list(self.moving_spacing),
+            # only a frame that was given is written: an implicit one follows the fixed frame
+            "moving_spacing": list(self.moving_spacing) if self.has_moving_frame else None,
             "moving_world_affine": None
-            if self.moving_world_affine is None
+            if self.moving_world_affine is None or not self.has_moving_frame
             else self.moving_world_affine.tolist(),
         }
 

@@ -298,17 +298,13 @@ def _read(folder: Path) -> Transform:
 
 
 def _moving_frame(meta: dict) -> dict:
-    """The moving frame from ``transform.json``; none (the fixed frame) when absent or equal."""
+    """The moving frame from ``transform.json``; none (the fixed frame) in files written before it.
+
+    A frame equal to the fixed one is kept: it still says what spacing the moving image had, so
+    applying the transform to a layer of another spacing (``image_spacing=``) rescales correctly.
+    """
     msp, mwa = meta.get("moving_spacing"), meta.get("moving_world_affine")
     if msp is None and mwa is None:
-        return {}
-    nd = int(meta["ndim"])
-    same_spacing = msp is None or check_spacing(msp, nd) == check_spacing(meta.get("spacing"), nd)
-    wa = meta.get("world_affine")
-    same_world = (mwa is None and wa is None) or (
-        mwa is not None and wa is not None and np.array_equal(np.asarray(mwa, float), np.asarray(wa, float))
-    )
-    if same_spacing and same_world:
         return {}
     return {"moving_spacing": msp, "moving_world_affine": mwa}
 

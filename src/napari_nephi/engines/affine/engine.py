@@ -193,7 +193,13 @@ def register_affine(
                 )
         m_final = model.matrix().detach().cpu().numpy()
     voxel_matrix = from_moving @ m_final @ to_fixed
-    transform = AffineTransform(voxel_matrix, shape=fshape, spacing=pair.spacing)
+    transform = AffineTransform(
+        voxel_matrix,
+        shape=fshape,
+        spacing=pair.spacing,
+        moving_spacing=moving_spacing,
+        moving_shape=pair.moving.shape,
+    )
     warped = transform.warp(pair.moving, output_shape=fshape, device=device)
     metrics = {
         "iterations": total,
