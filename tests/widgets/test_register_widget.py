@@ -453,3 +453,31 @@ def test_apply_transform_to_points_with_scale(make_napari_viewer, qtbot, tmp_pat
     new = widget.apply_transform(tmp_path / "t", layer=pts)
     np.testing.assert_allclose(new.data, [[10.0, 10.0]], atol=1e-4)  # moving voxel 15 -> fixed 10
     np.testing.assert_allclose(new.scale, (2.0, 2.0))
+
+
+def test_apply_transform_rescales_layers_of_another_spacing(make_napari_viewer, qtbot, tmp_path):
+    """A transform saved with the moving frame lands a half-resolution channel where the full one lands."""
+    from napari_nephi.core import AffineTransform
+
+    m = np.eye(3)
+    m[:2, 2] = (6.0, -4.0)
+    AffineTransform(m, shape=(64, 64), spacing=(1.0, 1.0), moving_spacing=(1.0, 1.0)).save(tmp_path / "t")
+    rng = np.random.default_rng(0)
+    full = ndi.gaussian_filter(rng.random((64, 64)), 3).astype(np.float32)
+    labels = np.zeros((64, 64), np.uint8)
+    labels[20:40, 24:44] = 7
+    viewer = make_napari_viewer()
+    full_layer = viewer.add_image(full, name="full")
+    half_layer = viewer.add_image(full[::2, ::2].copy(), scale=(2.0, 2.0), name="half")
+    half_labels = viewer.add_labels(labels[::2, ::2].copy(), scale=(2.0, 2.0), name="half labels")
+    widget = RegisterWidget(viewer)
+    qtbot.addWidget(widget)
+    a = widget.apply_transform(tmp_path / "t", layer=full_layer).data
+    b = widget.apply_transform(tmp_path / "t", layer=half_layer).data
+    lab = widget.apply_transform(tmp_path / "t", layer=half_labels).data
+    assert a.shape == b.shape == lab.shape == (64, 64)
+    inner = (slice(8, -8), slice(8, -8))
+    assert np.abs(a[inner] - b[inner]).mean() < 0.1 * np.abs(a[inner]).mean()
+    expected = ndi.shift(labels, (-6, 4), order=0)  # fixed x shows moving x + (6, -4)
+    assert set(np.unique(lab)) == {0, 7}
+    assert (lab == expected).mean() > 0.97

@@ -165,6 +165,8 @@ class RegisterWidget(QWidget):
             "scale": spacing,
             "name": moving.name,
             "world_affine": (fixed.metadata or {}).get("nifti_affine"),
+            "moving_scale": moving_spacing,
+            "moving_world_affine": (moving.metadata or {}).get("nifti_affine"),
             "labels": self.moving_labels.layer(),
             "fixed_points": self.fixed_points.layer(),
             "moving_points": self.moving_points.layer(),
@@ -285,7 +287,10 @@ class RegisterWidget(QWidget):
         self._running = False
         reg, layers, notes, prebuilt = result
         self.last = reg
-        self._last_run = {"settings": dict(self._settings), "world_affine": self._inputs.get("world_affine")}
+        self._last_run = {
+            "settings": dict(self._settings),
+            **{k: self._inputs.get(k) for k in ("world_affine", "moving_scale", "moving_world_affine")},
+        }
         preview, self.preview_layer = self.preview_layer, None
         for note in notes:
             show_info(note)
@@ -352,6 +357,10 @@ class RegisterWidget(QWidget):
         t.settings = {**self.last.settings, **run["settings"]}
         if run["world_affine"] is not None and t.ndim == 3:
             t.world_affine = np.asarray(run["world_affine"], float)
+        if run.get("moving_scale") is not None:  # the moving layer's own frame
+            t.moving_spacing = run["moving_scale"]
+            if run.get("moving_world_affine") is not None and t.ndim == 3:
+                t.moving_world_affine = np.asarray(run["moving_world_affine"], float)
         try:
             t.save(folder)
             atomic_write_bytes(
@@ -380,16 +389,19 @@ class RegisterWidget(QWidget):
             t = load_transform(folder)
             name = f"{layer.name} (transformed)"
             scale = t.spacing  # results lie on the transform's fixed grid
+            # a layer of another spacing than the registered moving image is rescaled to it
+            frame = {"image_spacing": tuple(layer.scale[-t.ndim :])} if t.has_moving_frame else {}
             if isinstance(layer, Labels):
-                return self.viewer.add_labels(t.warp_labels(np.asarray(layer.data)), name=name, scale=scale)
+                warped = t.warp_labels(np.asarray(layer.data), **frame)
+                return self.viewer.add_labels(warped, name=name, scale=scale)
             if isinstance(layer, Points):
-                # moving world coordinates -> moving voxels (same spacing assumed) -> fixed voxels
+                # moving world coordinates -> moving voxels -> fixed voxels
                 world = np.asarray(layer.data, float) * layer.scale + layer.translate
-                fixed_voxels = t.inverse().map_points(world / np.asarray(scale))
+                fixed_voxels = t.inverse().map_points(world / np.asarray(t.moving_spacing))
                 return self.viewer.add_points(fixed_voxels, name=name, scale=scale)
             if isinstance(layer, Image):
                 data = layer_image(layer)
-                return self.viewer.add_image(t.warp(data), name=name, scale=scale, rgb=layer.rgb)
+                return self.viewer.add_image(t.warp(data, **frame), name=name, scale=scale, rgb=layer.rgb)
             show_error(f"Cannot apply a transform to a {type(layer).__name__} layer.")
         except (RegistrationError, NotImplementedError) as exc:
             show_error(str(exc))
