@@ -154,8 +154,11 @@ def test_each_representation_runs_and_lowers_its_loss(small_pair, representation
         {"similarity": "lncc"},
         {"similarity": "mse"},
         {"levels": 2, "coarse_iterations": 5},
+        {"bspline_spacing": 4},
+        {"bspline_spacing": 6, "levels": 2, "coarse_iterations": 5},
+        {"bspline_spacing": 4, "regularizer": "bending"},
     ],
-    ids=["fd+cycle", "lncc", "mse", "coarse"],
+    ids=["fd+cycle", "lncc", "mse", "coarse", "bspline", "bspline+coarse", "bspline+bending"],
 )
 def test_other_options_run_and_lower_their_loss(small_pair, options):
     fixed, moving = small_pair
@@ -243,6 +246,7 @@ def test_bad_inputs_raise_input_error(fixed, moving):
         {"similarity": "mi"},
         {"sample_fraction": 0.0},
         {"levels": 0},
+        {"bspline_spacing": -1},
     ],
 )
 def test_bad_options_raise_input_error(small_pair, option):

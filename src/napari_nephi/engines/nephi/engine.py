@@ -9,6 +9,14 @@ In ``optimize`` mode with ``levels > 1`` a cheap coarse stage runs first: a stat
 field optimised on grids ``2**(levels-1)``, ..., 4, 2 times coarser than the image (scaling and
 squaring, so it cannot fold); the neural field then refines it at full resolution.
 
+``bspline_spacing > 0`` (SINR) evaluates each network on a grid of control points that many voxels
+apart and interpolates the field between them with cubic B-splines (:mod:`.bspline`).
+
+Volumes with more than ``max_voxels`` voxels (or any, with ``chunked=True``) run in
+divide-and-downsample mode (:mod:`.chunked`): a global pass on the downsampled pair, local passes
+on overlapping chunks of the full-resolution grid, fused with smooth weights; memory stays bounded
+by a chunk's tensors plus the output fields.
+
 The result is a :class:`~napari_nephi.core.transform.DisplacementTransform` holding the forward
 field and the backward field as its inverse, both evaluated on the fixed grid in chunks, in voxel
 units of the fixed grid.
@@ -30,6 +38,8 @@ from ...core.inputs import normalize_intensity
 from ...core.metrics import memory_report, regularity_report, similarity_report
 from ...core.registration import Pair, Registration, register_engine
 from ...core.transform import AffineTransform, DisplacementTransform
+from . import chunked as chunking
+from .bspline import intervals_for_spacing
 from .coarse import DenseMaps, optimize_velocity, pyramid_shapes
 from .dense import Previewer, dense_displacement, inside_mask, inverse_consistency
 from .field import FieldConfig, NeuralDeformationField, local_grid_shape, zero_codes
@@ -110,6 +120,13 @@ def register_nephi(
     derivatives: str = "autograd",
     seed: int = 0,
     weights=None,
+    bspline_spacing: float = 0,
+    chunked: bool | None = None,
+    max_voxels: int = 1 << 24,
+    chunk_size: int | None = None,
+    chunk_overlap: int | None = None,
+    global_factor: int | None = None,
+    chunk_iterations: int | None = None,
 ) -> Registration:
     """Register ``pair.moving`` onto ``pair.fixed`` with a neural deformation field.
 
@@ -119,6 +136,18 @@ def register_nephi(
     them, at most the preset's cap). Points for the regulariser: ``reg_points``, or 1e-4 of the
     voxels clipped to [64, the preset's cap (200 or 500)]. ``cycle_weight`` (default: 0 with
     GradICON or cycle consistency, else the cycle weight) keeps the backward field the inverse.
+
+    ``bspline_spacing``: voxels between B-spline control points of a B-spline-smoothed field
+    (SINR); 0 (default) evaluates the network at every point. In ``predict`` modes the model's own
+    configuration decides.
+
+    Divide-and-downsample (``mode="optimize"`` only): ``chunked`` None (default) switches it on when
+    the fixed image has more than ``max_voxels`` voxels (default 2**24, e.g. 256^3), True forces
+    it, False never. ``global_factor`` (default: the smallest integer >= 2 bringing the global pass
+    to ``max_voxels / 8`` voxels) downsamples the global pass, which uses ``levels``,
+    ``coarse_iterations`` and ``iterations``; ``chunk_size`` (default: the edge of a cube of
+    ``max_voxels / 8`` voxels) and ``chunk_overlap`` (default a quarter of it) shape the chunks,
+    each optimised for ``chunk_iterations`` (default ``iterations``) steps.
     """
     if mode not in MODES:
         raise InputError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
@@ -139,6 +168,12 @@ def register_nephi(
         raise InputError(f"Unknown similarity {similarity!r}; choose one of {', '.join(SIMILARITIES)}.")
     if not 0 < sample_fraction <= 1:
         raise InputError("sample_fraction must be in (0, 1].")
+    if not bspline_spacing >= 0:
+        raise InputError("bspline_spacing must be 0 (off) or a positive number of voxels.")
+    if chunked and mode != "optimize":
+        raise InputError("chunked=True (divide-and-downsample) works with mode='optimize' only.")
+    if max_voxels < 4096:
+        raise InputError("max_voxels must be at least 4096.")
     p = PRESETS[preset]
     iterations = int(_resolve(iterations, p, "iterations"))
     levels = int(_resolve(levels, p, "levels"))
@@ -159,6 +194,17 @@ def register_nephi(
     fshape = pair.fixed.shape
     d = len(fshape)
     nvox = math.prod(fshape)
+    use_chunks = mode == "optimize" and (bool(chunked) or (chunked is None and nvox > max_voxels))
+    plan = None
+    if use_chunks:
+        plan = chunking.plan_chunks(fshape, max_voxels, chunk_size, chunk_overlap, global_factor)
+        chunk_iterations = iterations if chunk_iterations is None else int(chunk_iterations)
+        if chunk_iterations < 0:
+            raise InputError("chunk_iterations must be >= 0.")
+        user_points = (sample_points, reg_points)
+        sample_points, reg_points = chunking.point_counts(
+            math.prod(plan.global_shape), sample_fraction, sample_points, reg_points, p
+        )
     if sample_points is None:
         sample_points = int(min(max(round(sample_fraction * nvox), min(nvox, 4096)), p["max_sample_points"]))
     if reg_points is None:
@@ -188,6 +234,7 @@ def register_nephi(
         global_dim=int(global_dim),
         local_dim=int(local_dim),
         seed=int(seed),
+        bspline_intervals=intervals_for_spacing(fshape, bspline_spacing) if bspline_spacing > 0 else None,
     )
     device = choose_device(pair.device)
     reset_peak_memory(device)
@@ -204,6 +251,9 @@ def register_nephi(
     shapes = pyramid_shapes(fshape, factors) if levels > 1 and not predicting else []
     refine = iterations if mode != "predict" else 0
     total = coarse_iterations * len(shapes) + refine + (1 if predicting else 0)
+    if use_chunks:  # the global pass runs the coarse stage on the downsampled pair
+        shapes = pyramid_shapes(plan.global_shape, factors) if levels > 1 else []
+        total = chunking.total_steps(plan, levels, coarse_iterations, iterations, chunk_iterations)
     counter = {"step": 0}
     preview = Previewer(pair, moving_on_fixed, fshape, device)
 
@@ -212,55 +262,85 @@ def register_nephi(
         pv = preview.maybe(point_map)
         pair.progress.step(counter["step"], total, loss, stage=stage, preview=pv)
 
-    with memory_guard("NePhi registration"):
-        fix_t = torch.as_tensor(normalize_intensity(pair.fixed), device=device)[None, None]
-        mov_t = torch.as_tensor(normalize_intensity(moving_on_fixed), device=device)[None, None]
-        fmask = _mask_tensor(pair.fixed_mask, device)
-        mmask = _mask_tensor(pair.moving_mask, device) if offset is None else None
-        coarse: DenseMaps | None = None
-        if predicting:
-            # Work on a copy: neither prediction (eval mode) nor refinement touches the stored model.
-            work = as_model(weights, device).copy().to(device).eval()
-            if work.cfg.ndim != d:
-                raise DimensionMismatchError(
-                    f"The NePhi model is {work.cfg.ndim}D but the images are {d}D; use a {d}D model."
-                )
-            cfg, field = work.cfg, work.field
-            with torch.no_grad():
-                codes = work.codes(fix_t, mov_t).detach_clone()
-            report("predict", None, Maps(field, codes).forward)
-        else:
-            if shapes and coarse_iterations > 0:
-                coarse = optimize_velocity(
+    chunk_info = None
+    if use_chunks:
+        with memory_guard("NePhi registration (divide-and-downsample)"):
+
+            def chunk_settings(voxels: int) -> OptimizeSettings:
+                n_s, n_r = chunking.point_counts(voxels, sample_fraction, *user_points, p)
+                return replace(settings_opt, iterations=chunk_iterations, sample_points=n_s, reg_points=n_r)
+
+            fwd, bwd, chunk_info = chunking.register_chunked(
+                pair.fixed,
+                moving_on_fixed,
+                plan,
+                cfg,
+                settings_opt,
+                chunk_settings,
+                levels,
+                coarse_iterations,
+                coarse_reg_weight,
+                local_stride,
+                float(bspline_spacing),
+                device,
+                lambda stage, loss, _maps: report(stage, loss, None),
+                pair.progress.check,
+                seed=seed,
+                fixed_mask=pair.fixed_mask,
+                moving_mask=pair.moving_mask if offset is None else None,
+                backward=offset is None,
+            )
+        history = [chunk_info.pop("global_final_loss")] if chunk_info["global_final_loss"] is not None else []
+    else:
+        with memory_guard("NePhi registration"):
+            fix_t = torch.as_tensor(normalize_intensity(pair.fixed), device=device)[None, None]
+            mov_t = torch.as_tensor(normalize_intensity(moving_on_fixed), device=device)[None, None]
+            fmask = _mask_tensor(pair.fixed_mask, device)
+            mmask = _mask_tensor(pair.moving_mask, device) if offset is None else None
+            coarse: DenseMaps | None = None
+            if predicting:
+                # Work on a copy: neither prediction (eval mode) nor refinement touches the stored model.
+                work = as_model(weights, device).copy().to(device).eval()
+                if work.cfg.ndim != d:
+                    raise DimensionMismatchError(
+                        f"The NePhi model is {work.cfg.ndim}D but the images are {d}D; use a {d}D model."
+                    )
+                cfg, field = work.cfg, work.field
+                with torch.no_grad():
+                    codes = work.codes(fix_t, mov_t).detach_clone()
+                report("predict", None, Maps(field, codes).forward)
+            else:
+                if shapes and coarse_iterations > 0:
+                    coarse = optimize_velocity(
+                        fix_t,
+                        mov_t,
+                        shapes,
+                        coarse_iterations,
+                        coarse_reg_weight,
+                        similarity,
+                        lambda loss: report(f"coarse ({len(shapes)} level(s))", loss, None),
+                    )
+                field = NeuralDeformationField(cfg).to(device)
+                codes = zero_codes(cfg, local_grid_shape(fshape, local_stride), device=device)
+            history: list[float] = []
+            maps = Maps(field, codes, coarse)
+            if refine > 0:
+                maps, history = optimize_field(
+                    field,
+                    codes,
                     fix_t,
                     mov_t,
-                    shapes,
-                    coarse_iterations,
-                    coarse_reg_weight,
-                    similarity,
-                    lambda loss: report(f"coarse ({len(shapes)} level(s))", loss, None),
+                    replace(settings_opt, iterations=refine),
+                    coarse=coarse,
+                    on_step=lambda loss, m: report("nephi", loss, m.forward),
+                    seed=seed,
+                    fixed_mask=fmask,
+                    moving_mask=mmask,
                 )
-            field = NeuralDeformationField(cfg).to(device)
-            codes = zero_codes(cfg, local_grid_shape(fshape, local_stride), device=device)
-        history: list[float] = []
-        maps = Maps(field, codes, coarse)
-        if refine > 0:
-            maps, history = optimize_field(
-                field,
-                codes,
-                fix_t,
-                mov_t,
-                replace(settings_opt, iterations=refine),
-                coarse=coarse,
-                on_step=lambda loss, m: report("nephi", loss, m.forward),
-                seed=seed,
-                fixed_mask=fmask,
-                moving_mask=mmask,
-            )
-        pair.progress.check()
-        with torch.no_grad():
-            fwd = dense_displacement(maps.forward, fshape, device)
-            bwd = dense_displacement(maps.backward, fshape, device) if offset is None else None
+            pair.progress.check()
+            with torch.no_grad():
+                fwd = dense_displacement(maps.forward, fshape, device)
+                bwd = dense_displacement(maps.backward, fshape, device) if offset is None else None
     if offset is not None:
         fwd = fwd + np.asarray(offset, np.float32).reshape((d,) + (1,) * d)
     transform = DisplacementTransform(fwd, inverse_field=bwd, spacing=pair.spacing)
@@ -275,6 +355,9 @@ def register_nephi(
         "sample_points": settings_opt.sample_points,
         "reg_points": settings_opt.reg_points,
     }
+    if chunk_info is not None:
+        metrics["chunk_iterations"] = chunk_iterations
+        metrics.update({k: v for k, v in chunk_info.items() if k != "global_final_loss"})
     # Similarity where the map stays inside the moving image (warping pads with zeros outside),
     # before and after alike; within the fixed mask when one is given.
     overlap = inside_mask(fwd, pair.moving.shape)
@@ -300,9 +383,13 @@ def register_nephi(
         "sample_fraction": sample_fraction,
         "local_stride": local_stride,
         "seed": seed,
+        "bspline_spacing": bspline_spacing,
+        "chunked": use_chunks,
         **settings_opt.to_dict(),
         "field": cfg.to_dict(),
     }
+    if use_chunks:
+        settings.update(plan.to_dict(), max_voxels=max_voxels, chunk_iterations=chunk_iterations)
     if predicting:
         settings["weights"] = str(weights) if isinstance(weights, (str, Path)) else type(weights).__name__
     return Registration(warped=warped, transform=transform, metrics=metrics, settings=settings)
