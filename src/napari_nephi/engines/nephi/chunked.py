@@ -44,6 +44,8 @@ from .optimize import Maps, OptimizeSettings, optimize_field
 PIECE_FRACTION = 8
 #: Voxels of an input read at once when downsampling or sampling crops.
 SLAB_VOXELS = 1 << 22
+#: A chunk with less of its volume inside the fixed mask keeps the global map (no local pass).
+MIN_MASK_FRACTION = 0.01
 
 
 @dataclass
@@ -430,6 +432,13 @@ def register_chunked(
                 fm_c = torch.as_tensor(np.asarray(fixed_mask[sl], np.float32), device=device)[None, None]
             mm_c = None if moving_mask is None else _sample_crop(moving_mask, y, None).reshape(1, 1, *cshape)
             del y
+        stage = f"chunk {k + 1}/{len(plan.boxes)}"
+        local_settings = chunk_settings(math.prod(cshape))
+        if fm_c is not None and float(fm_c.mean()) < MIN_MASK_FRACTION:
+            # (almost) outside the fixed mask: nothing to align, the global map stands
+            for _ in range(local_settings.iterations):
+                report(stage, None, None)
+            local_settings = replace(local_settings, iterations=0)
         ccfg = replace(cfg, seed=cfg.seed + 1 + k)
         if bspline_spacing > 0:
             ccfg = replace(ccfg, bspline_intervals=intervals_for_spacing(cshape, bspline_spacing))
@@ -437,14 +446,14 @@ def register_chunked(
             fix_c,
             mov_c,
             ccfg,
-            chunk_settings(math.prod(cshape)),
+            local_settings,
             1,
             0,
             coarse_reg_weight,
             local_stride,
             seed + 1 + k,
             report,
-            f"chunk {k + 1}/{len(plan.boxes)}",
+            stage,
             fm_c,
             mm_c,
         )

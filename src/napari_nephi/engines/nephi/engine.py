@@ -247,6 +247,10 @@ def register_nephi(
             "no backward field is stored."
         )
     predicting = mode != "optimize"
+    if predicting and bspline_spacing > 0:
+        notes.append(
+            "bspline_spacing is ignored in predict modes: the trained model's configuration decides."
+        )
     factors = [2**k for k in range(levels - 1, 0, -1)]  # e.g. levels=3 -> [4, 2]
     shapes = pyramid_shapes(fshape, factors) if levels > 1 and not predicting else []
     refine = iterations if mode != "predict" else 0
@@ -290,7 +294,8 @@ def register_nephi(
                 moving_mask=pair.moving_mask if offset is None else None,
                 backward=offset is None,
             )
-        history = [chunk_info.pop("global_final_loss")] if chunk_info["global_final_loss"] is not None else []
+        global_loss = chunk_info.pop("global_final_loss")
+        history = [] if global_loss is None else [global_loss]
     else:
         with memory_guard("NePhi registration"):
             fix_t = torch.as_tensor(normalize_intensity(pair.fixed), device=device)[None, None]
@@ -357,7 +362,7 @@ def register_nephi(
     }
     if chunk_info is not None:
         metrics["chunk_iterations"] = chunk_iterations
-        metrics.update({k: v for k, v in chunk_info.items() if k != "global_final_loss"})
+        metrics.update(chunk_info)
     # Similarity where the map stays inside the moving image (warping pads with zeros outside),
     # before and after alike; within the fixed mask when one is given.
     overlap = inside_mask(fwd, pair.moving.shape)

@@ -165,20 +165,24 @@ class NeuralDeformationField(nn.Module):
         """The network's displacement on the B-spline control grid, ``(B, D, *control_shape)``.
 
         Cached per direction: reused while the parameters, buffers and code tensors are the same
-        objects with the same version counters (an optimiser step or ``load_state_dict`` bumps
-        them) and grad mode, dtype and device match. A backward pass through the cached tensor
-        frees its graph, so a hook drops the cache then.
+        objects with the same storage, version counters (an optimiser step or ``load_state_dict``
+        bumps them) and ``requires_grad``, and grad mode, dtype and device match. A backward pass
+        through the cached tensor frees its graph, so a hook drops the cache then.
         """
         net = self.forward_net if direction == "forward" else self.backward_net
         tensors = [*net.parameters(), *net.buffers(), *codes.tensors()]
-        key = (
-            torch.is_grad_enabled(),
-            dtype,
-            torch.device(device),
-            tuple((t.data_ptr(), t._version) for t in tensors),
-        )
+        try:
+            state = tuple((t.data_ptr(), t._version, t.requires_grad) for t in tensors)
+        except RuntimeError:  # inference-mode tensors have no version counter: no caching
+            state = None
+        key = (torch.is_grad_enabled(), dtype, torch.device(device), state)
         hit = self._control_cache.get(direction)
-        if hit is not None and hit[0] == key and all(a is b for a, b in zip(hit[1], tensors)):
+        if (
+            state is not None
+            and hit is not None
+            and hit[0] == key
+            and all(a is b for a, b in zip(hit[1], tensors))
+        ):
             return hit[2]
         self._control_cache.pop(direction, None)
         pts = control_points(self.cfg.bspline_intervals, device=device, dtype=dtype)
@@ -187,9 +191,10 @@ class NeuralDeformationField(nn.Module):
         flat = pts.reshape(1, -1, self.cfg.ndim).expand(b, -1, -1)
         disp = net(flat, self.latent(flat, codes))  # (B, M, D)
         control = disp.transpose(1, 2).reshape(b, self.cfg.ndim, *shape)
-        if control.requires_grad:
-            control.register_hook(self._drop_cache)
-        self._control_cache[direction] = (key, tensors, control)
+        if state is not None:
+            if control.requires_grad:
+                control.register_hook(self._drop_cache)
+            self._control_cache[direction] = (key, tensors, control)
         return control
 
     def _drop_cache(self, grad):
