@@ -43,7 +43,7 @@ import gc
 import json
 import os
 import platform
-import sys  # noqa: E402
+import sys
 import tempfile
 import time
 

@@ -11,7 +11,8 @@ run, in MiB above the resident size just before ``register`` (inputs already in 
 
 Each subprocess first registers a 24^3 crop, so one-time import costs are not counted.
 Iteration counts are tiny: memory, not accuracy, is measured. Chunked runs use fixed 32^3 chunks
-(overlap 8) and a global pass of about 32^3 voxels, whatever the volume size.
+(overlap 8; ``--chunk-size`` to change) and a global pass of about 32^3 voxels, whatever the
+volume size.
 
     .venv/bin/python benchmarks/nephi_chunked_memory.py --sizes 48 64 96 128
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def one(n: int, chunked: bool) -> dict:
+def one(n: int, chunked: bool, chunk_size: int = 32) -> dict:
     import numpy as np
     import torch
     from _measure import rss_bytes
@@ -49,7 +50,11 @@ def one(n: int, chunked: bool) -> dict:
     opts = dict(method="nephi", device="cpu", levels=2, coarse_iterations=3, iterations=5, hidden=32)
     if chunked:
         opts.update(
-            chunked=True, chunk_size=32, chunk_overlap=8, global_factor=max(2, n // 32), chunk_iterations=3
+            chunked=True,
+            chunk_size=chunk_size,
+            chunk_overlap=8,
+            global_factor=max(2, n // 32),
+            chunk_iterations=3,
         )
     else:
         opts.update(chunked=False)
@@ -108,9 +113,10 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[48, 64, 96, 128])
     ap.add_argument("--one", type=int)
     ap.add_argument("--chunked", action="store_true")
+    ap.add_argument("--chunk-size", type=int, default=32)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.chunked)))
+        print(json.dumps(one(args.one, args.chunked, args.chunk_size)))
         return
     print(
         f"{'size':>6} {'mode':>8} {'chunks':>6} {'peak MiB':>9} {'opt MiB':>8} {'fields MiB':>10} {'s':>7} "
@@ -118,7 +124,8 @@ def main():
     )
     for n in args.sizes:
         for chunked in (False, True):
-            cmd = [sys.executable, __file__, "--one", str(n)] + (["--chunked"] if chunked else [])
+            cmd = [sys.executable, __file__, "--one", str(n), "--chunk-size", str(args.chunk_size)]
+            cmd += ["--chunked"] if chunked else []
             out = (
                 subprocess.run(cmd, capture_output=True, text=True, check=True)
                 .stdout.strip()

@@ -3,6 +3,7 @@
 
     python benchmarks/nephi_memory.py [--sizes2d 256 512 1024 2048] [--sizes3d 64 128 192 256]
         [--methods nephi nephi-l1 dense] [--iterations 3] [--limit-gib 12] [--json out.json]
+    python benchmarks/nephi_memory.py --table out.json     # the table of an earlier run
 
 Every measurement runs in a fresh child process (a clean allocator and a clean baseline); the
 child makes the pair, collects garbage, then samples its resident set size every 5 ms during the
@@ -239,6 +240,43 @@ def measure_one(method, shape, iterations, limit_gib, timeout):
     return dict(error=f"child exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}", load=load)
 
 
+def print_table(rows) -> None:
+    """Markdown table; ratios are dense peak / NePhi peak (whole call, or its optimisation phase)."""
+    by = {(r["shape"], r["method"]): r for r in rows}
+
+    def ok(r):
+        return r is not None and "error" not in r
+
+    def cell(r):
+        if r is None:
+            return "-"
+        if "error" in r:
+            return "failed"
+        if "opt_peak_mib" in r:
+            return f"{r['peak_mib']:.0f} ({r['opt_peak_mib']:.0f} / {r['out_peak_mib']:.0f})"
+        return f"{r['peak_mib']:.0f}"
+
+    def ratio(dn, r, key):
+        return f"{dn['peak_mib'] / max(r[key], 1):.1f}" if ok(dn) and ok(r) else "-"
+
+    def secs(r):
+        return f"{r['seconds']:.0f}" if ok(r) else "-"
+
+    print(
+        "\n| shape | voxels | NePhi MiB (optim. / outputs) | NePhi levels=1 MiB (optim. / outputs) | dense MiB "
+        "| dense / NePhi | dense / NePhi levels=1 | dense / NePhi levels=1 optim. | s: NePhi, levels=1, dense |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        n, l1, dn = by.get((shape, "nephi")), by.get((shape, "nephi-l1")), by.get((shape, "dense"))
+        vox = next(r["voxels"] for r in rows if r["shape"] == shape)
+        print(
+            f"| {shape} | {vox:,} | {cell(n)} | {cell(l1)} | {cell(dn)} | {ratio(dn, n, 'peak_mib')} "
+            f"| {ratio(dn, l1, 'peak_mib')} | {ratio(dn, l1, 'opt_peak_mib')} "
+            f"| {secs(n)}, {secs(l1)}, {secs(dn)} |"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes2d", type=int, nargs="*", default=[256, 512, 1024, 2048])
@@ -247,7 +285,8 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--limit-gib", type=float, default=12.0)
     p.add_argument("--timeout", type=int, default=900, help="seconds per measurement")
-    p.add_argument("--json")
+    p.add_argument("--json", help="write the rows to this file")
+    p.add_argument("--table", metavar="JSON", help="only print the table of an earlier --json file")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "SHAPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -255,6 +294,10 @@ def main() -> None:
         child(method, tuple(int(s) for s in shape.split("x")), args.iterations, args.limit_gib)
         return
 
+    if args.table:
+        with open(args.table) as fh:
+            print_table(json.load(fh))
+        return
     import torch
 
     print(
@@ -281,33 +324,7 @@ def main() -> None:
                     flush=True,
                 )
 
-    by = {(r["shape"], r["method"]): r for r in rows}
-    print(
-        "\n| shape | voxels | NePhi MiB (optim. / outputs) | NePhi levels=1 MiB (optim. / outputs) "
-        "| dense MiB | dense / NePhi | dense / NePhi optim. | NePhi s | dense s |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-
-    def cell(r):
-        if r is None:
-            return "-"
-        if "error" in r:
-            return "failed"
-        if "opt_peak_mib" in r:
-            return f"{r['peak_mib']:.0f} ({r['opt_peak_mib']:.0f} / {r['out_peak_mib']:.0f})"
-        return f"{r['peak_mib']:.0f}"
-
-    for shape in dict.fromkeys(r["shape"] for r in rows):
-        n, l1, dn = by.get((shape, "nephi")), by.get((shape, "nephi-l1")), by.get((shape, "dense"))
-        ok = [r for r in (n, dn) if r is not None and "error" not in r]
-        ratio = f"{dn['peak_mib'] / max(n['peak_mib'], 1):.1f}" if len(ok) == 2 else "-"
-        ratio_opt = f"{dn['peak_mib'] / max(n['opt_peak_mib'], 1):.1f}" if len(ok) == 2 else "-"
-        vox = next(r["voxels"] for r in rows if r["shape"] == shape)
-        ns = f"{n['seconds']:.0f}" if n and "error" not in n else "-"
-        ds = f"{dn['seconds']:.0f}" if dn and "error" not in dn else "-"
-        print(
-            f"| {shape} | {vox:,} | {cell(n)} | {cell(l1)} | {cell(dn)} | {ratio} | {ratio_opt} | {ns} | {ds} |"
-        )
+    print_table(rows)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

@@ -18,8 +18,13 @@ SAMPLES = ("tc", "ihc", "mri", "em", "atlas")
 class TextProgress:
     """A one-line progress bar on stderr, redrawn at most 10 times a second."""
 
-    def __init__(self, stream=sys.stderr, quiet: bool = False):
-        self.stream, self.quiet, self._last = stream, quiet, 0.0
+    def __init__(self, stream=None, quiet: bool = False):
+        self._stream, self.quiet, self._last = stream, quiet, 0.0
+
+    @property
+    def stream(self):
+        """The given stream, else the current ``sys.stderr`` (looked up on each write)."""
+        return self._stream if self._stream is not None else sys.stderr
 
     def __call__(self, ev) -> None:
         now = time.monotonic()

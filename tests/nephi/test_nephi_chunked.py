@@ -179,7 +179,7 @@ def test_chunked_cancel_stops_within_one_step(shapes_volume_pair):
     assert seen[-1] == "chunk 2/8" and seen.count("chunk 2/8") == 1
 
 
-def test_chunked_switches_on_above_max_voxels_in_2d_with_bspline(camera_pair):
+def test_chunked_switches_on_above_max_voxels_in_2d_with_bspline_and_mask(camera_pair):
     fixed, moving, _ = camera_pair  # 96 x 96 = 9216 voxels
     losses = []
     opts = dict(
@@ -195,10 +195,17 @@ def test_chunked_switches_on_above_max_voxels_in_2d_with_bspline(camera_pair):
         hidden=16,
         bspline_spacing=6,
     )
-    reg = napari_nephi.register(fixed, moving, progress=lambda e: losses.append(e.loss), **opts)
+    mask = np.zeros(fixed.shape, bool)
+    mask[:, :40] = True  # the three chunks of columns 48..95 lie outside: they keep the global map
+    reg = napari_nephi.register(
+        fixed, moving, fixed_mask=mask, progress=lambda e: losses.append(e.loss), **opts
+    )
     assert reg.settings["chunked"] is True and reg.settings["chunks"] == 9
     assert reg.settings["global_shape"] == [33, 33]  # factor ceil(sqrt(9216 / 1024)) = 3
-    assert len(losses) == 6 + 9 * 4 and all(np.isfinite(losses))
+    assert len(losses) == 6 + 9 * 4
+    assert sum(loss is None for loss in losses) == 3 * 4
+    assert all(np.isfinite(loss) for loss in losses if loss is not None)
+    assert reg.metrics["chunk_final_losses"].count(None) == 3
     assert reg.metrics["folds"] == 0
     assert reg.transform.displacement().shape == (2, 96, 96)
     plain = napari_nephi.register(fixed, moving, chunked=False, **{**opts, "iterations": 1})

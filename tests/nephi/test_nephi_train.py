@@ -3,6 +3,8 @@
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -139,24 +141,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world, port, folder):
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }  # fmt: skip
-    )
-    torch.set_num_threads(1)
-    result = train("tc", f"{folder}/ddp.pt", steps=2, val_every=100, device="cpu", **TINY)
-    torch.save(result.model.state_dict(), f"{folder}/rank{rank}.pt")
+_RANK_SCRIPT = """
+import sys, torch
+from napari_nephi.engines.nephi.train import train
+folder, rank = sys.argv[1], sys.argv[2]
+torch.set_num_threads(1)
+result = train("tc", f"{folder}/ddp.pt", steps=2, val_every=100, device="cpu", **TINY)
+torch.save(result.model.state_dict(), f"{folder}/rank{rank}.pt")
+"""
 
 
 def test_distributed_training_averages_gradients(tmp_path):
     """Two Gloo processes (as under torchrun) end with identical weights that differ from one process."""
-    torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    script = tmp_path / "rank.py"
+    script.write_text(f"TINY = {TINY!r}\n" + _RANK_SCRIPT)
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        cmd = [sys.executable, str(script), str(tmp_path), str(rank)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for p in procs:
+        out = p.communicate(timeout=300)[0].decode(errors="replace")
+        assert p.returncode == 0, out[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     single = train(

@@ -8,16 +8,18 @@
    moving image is resampled through ``G`` onto the chunk (``moving o G``, read from a crop of the
    moving image around ``G(chunk)``), and a fresh NePhi field ``L_k`` (identity at the start) registers
    the fixed chunk to it: on the chunk, ``phi = G o L_k`` and ``phi_inv = L_k^-1 o G^-1``.
-3. **Fusion.** The residual displacements of ``L_k`` and ``L_k^-1`` on their chunks are blended with
-   smooth weights (a raised-cosine ramp over the overlap, 1 inside and on image borders, normalised
-   to a partition of unity) into ``L`` and ``L^-1``; the result is ``phi = G o L`` and
-   ``phi_inv = L^-1 o G^-1``, evaluated slab by slab.
+3. **Fusion.** The chunk weights are products of per-axis raised-cosine ramps over the overlap (1
+   inside and up to image borders), normalised per axis, so they are a smooth partition of unity.
+   Forward: the residual ``r(x) = sum_k w_k(x) (L_k(x) - x)`` is blended on the fixed grid, then
+   ``phi(x) = G(x + r(x))`` slab by slab, in place. Backward: ``phi_inv(y) = sum_k w_k(x')
+   L_k^-1(x')`` with ``x' = G^-1(y)``, the weights taken at ``x'`` (the frame in which ``L_k^-1`` was
+   optimised), accumulated chunk by chunk over the points ``y`` that can reach the chunk.
 
 Only one chunk's tensors live on the device at a time (its fixed and resampled moving crops, points
 and field); besides them the process holds the inputs, the global pass (``max_voxels / 8`` voxels by
-default) and the output fields (forward and backward residual accumulators, a weight sum, and the
-backward result), so memory stays bounded however large the volume grows. Intensities are
-normalised with percentiles of a strided subsample, identical on every chunk.
+default) and the two output fields, accumulated in place, so memory stays bounded however large
+the volume grows. Intensities are normalised with percentiles of a strided subsample, identical on
+every chunk. A chunk (almost) outside the fixed mask keeps the global map.
 """
 
 from __future__ import annotations
