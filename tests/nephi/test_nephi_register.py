@@ -81,6 +81,7 @@ def test_2d_transform_round_trips_through_files(camera_result, tmp_path):
     reg, _, _ = camera_result
     reg.transform.save(tmp_path / "t")
     back = napari_nephi.load_transform(tmp_path / "t")
+    assert back.moving_shape == reg.transform.moving_shape == reg.transform.shape
     np.testing.assert_allclose(back.displacement(), reg.transform.displacement(), atol=1e-5)
     np.testing.assert_allclose(
         back.inverse().displacement(), reg.transform.inverse().displacement(), atol=1e-5
@@ -180,6 +181,7 @@ def test_masks_and_different_grids(small_pair):
     reg = napari_nephi.register(fixed, bigger, method="nephi", fixed_mask=mask, **{**QUICK, "iterations": 30})
     assert reg.transform.shape == fixed.shape and reg.warped.shape == fixed.shape
     assert reg.transform.inverse_field is None  # the backward field would live on the other grid
+    assert reg.transform.moving_shape == bigger.shape  # the moving frame is kept for other layers
     assert reg.metrics["engine_notes"]
     # identity in the centred frame is a shift by the padding: (3, 1) voxels
     disp = reg.transform.displacement()

@@ -348,7 +348,9 @@ def register_nephi(
                 bwd = dense_displacement(maps.backward, fshape, device) if offset is None else None
     if offset is not None:
         fwd = fwd + np.asarray(offset, np.float32).reshape((d,) + (1,) * d)
-    transform = DisplacementTransform(fwd, inverse_field=bwd, spacing=pair.spacing)
+    transform = DisplacementTransform(
+        fwd, inverse_field=bwd, spacing=pair.spacing, moving_shape=pair.moving.shape
+    )
     seconds_opt = time.perf_counter() - start
     warped = transform.warp(pair.moving, output_shape=fshape, device=device)
     metrics = {
