@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import napari_nephi.core.jacobian as jacobian
 from napari_nephi.core import AffineTransform, DisplacementTransform, fold_statistics, jacobian_determinant
 from napari_nephi.core.errors import DimensionMismatchError, InputError
 
@@ -82,3 +83,20 @@ def test_bad_fields():
         jacobian_determinant(np.zeros((3, 4, 4)))
     with pytest.raises(InputError):
         jacobian_determinant(np.zeros((2, 1, 4)))
+
+
+@pytest.mark.parametrize("shape", [(37, 23), (9, 11, 7)])
+def test_slabs_match_the_whole_array_computation(monkeypatch, shape):
+    """Slab-wise evaluation (bounded memory) gives the whole-array central differences exactly."""
+    u = np.random.default_rng(3).normal(scale=0.4, size=(len(shape), *shape)).astype(np.float32)
+    whole = jacobian_determinant(u)
+    u64 = u.astype(np.float64)
+    grads = [np.gradient(u64[i]) for i in range(len(shape))]
+    jac = np.stack([np.stack(g) for g in grads]) + np.eye(len(shape)).reshape(
+        (len(shape), len(shape)) + (1,) * len(shape)
+    )
+    expected = np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
+    np.testing.assert_allclose(whole, expected, rtol=1e-5, atol=1e-5)
+    for slab in (1, 2 * int(np.prod(shape[1:])) + 1):  # one row per slab; uneven slabs
+        monkeypatch.setattr(jacobian, "SLAB_VOXELS", slab)
+        np.testing.assert_array_equal(jacobian_determinant(u), whole)

@@ -22,7 +22,7 @@ def jacobian_determinant(
     point and its image by the spacing changes ``d phi / d x`` by a similarity. With
     ``units="physical"`` the field is in physical units and differences are divided by ``spacing``.
     """
-    u = np.asarray(displacement, dtype=np.float64)
+    u = np.asarray(displacement)
     d = u.shape[0]
     if u.ndim != d + 1 or d not in (2, 3):
         raise DimensionMismatchError(f"Expected a (D, *shape) field with D = 2 or 3, got {u.shape}.")
@@ -31,20 +31,36 @@ def jacobian_determinant(
     sp = check_spacing(spacing, d) if units == "physical" else (1.0,) * d
     if min(u.shape[1:]) < 2:
         raise InputError("The field needs at least 2 voxels along every axis for derivatives.")
+    # Slabs along the first axis, each with one voxel of halo on either side, so the float64
+    # temporaries stay small on large volumes; the result equals the whole-array computation.
+    n0 = u.shape[1]
+    step = max(1, SLAB_VOXELS // max(1, int(np.prod(u.shape[2:]))))
+    out = np.empty(u.shape[1:], np.float32)
+    for a in range(0, n0, step):
+        b = min(n0, a + step)
+        lo, hi = max(0, a - 1), min(n0, b + 1)
+        out[a:b] = _determinant(np.asarray(u[:, lo:hi], np.float64), sp)[a - lo : a - lo + (b - a)]
+    return out
+
+
+#: Voxels per slab in :func:`jacobian_determinant`.
+SLAB_VOXELS = 1 << 20
+
+
+def _determinant(u: np.ndarray, sp) -> np.ndarray:
+    d = u.shape[0]
     jac = np.empty((d, d) + u.shape[1:], dtype=np.float64)
     for i in range(d):
         grads = np.gradient(u[i], *sp)
         for j in range(d):
             jac[i, j] = grads[j] + (1.0 if i == j else 0.0)
     if d == 2:
-        det = jac[0, 0] * jac[1, 1] - jac[0, 1] * jac[1, 0]
-    else:
-        det = (
-            jac[0, 0] * (jac[1, 1] * jac[2, 2] - jac[1, 2] * jac[2, 1])
-            - jac[0, 1] * (jac[1, 0] * jac[2, 2] - jac[1, 2] * jac[2, 0])
-            + jac[0, 2] * (jac[1, 0] * jac[2, 1] - jac[1, 1] * jac[2, 0])
-        )
-    return det.astype(np.float32)
+        return (jac[0, 0] * jac[1, 1] - jac[0, 1] * jac[1, 0]).astype(np.float32)
+    return (
+        jac[0, 0] * (jac[1, 1] * jac[2, 2] - jac[1, 2] * jac[2, 1])
+        - jac[0, 1] * (jac[1, 0] * jac[2, 2] - jac[1, 2] * jac[2, 0])
+        + jac[0, 2] * (jac[1, 0] * jac[2, 1] - jac[1, 1] * jac[2, 0])
+    ).astype(np.float32)
 
 
 def fold_statistics(jac_det, mask=None) -> dict:

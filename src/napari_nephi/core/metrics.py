@@ -49,9 +49,17 @@ def similarity_report(fixed, moving, warped, mask=None, transform: Transform | N
     }
 
 
-def _masked_mse(a, b, mask) -> float:
-    diff = (np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2
-    return float(diff[mask].mean() if mask is not None else diff.mean())
+def _masked_mse(a, b, mask, slab_voxels: int = 1 << 20) -> float:
+    """Mean squared difference (inside ``mask``), in float64 slab by slab to bound memory."""
+    a, b = np.asarray(a), np.asarray(b)
+    step = max(1, slab_voxels // max(1, int(np.prod(a.shape[1:]))))
+    total, count = 0.0, 0
+    for s in range(0, a.shape[0], step):
+        diff = (a[s : s + step].astype(np.float64) - b[s : s + step].astype(np.float64)) ** 2
+        if mask is not None:
+            diff = diff[np.asarray(mask[s : s + step], bool)]
+        total, count = total + float(diff.sum()), count + diff.size
+    return total / count if count else float("nan")
 
 
 def regularity_report(transform: Transform, shape, mask=None) -> dict:

@@ -9,6 +9,8 @@ through it. Coordinates are normalised [-1, 1] in the image's axis order.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -68,8 +70,25 @@ class DenseMaps:
         return x + interpolate(self.backward_grid.to(x.dtype), x)
 
 
-def pyramid_shapes(shape, factors) -> list[tuple[int, ...]]:
-    return [tuple(max(4, min(int(n), -(-int(n) // int(f)))) for n in shape) for f in factors]
+#: Voxels of the finest coarse grid. The coarse stage keeps autograd tensors for every
+#: scaling-and-squaring step, so a grid half the size of a 256^3 volume would cost more memory than
+#: the neural field; grids above this are replaced by the largest downsampling under it.
+COARSE_MAX_VOXELS = 1 << 18
+
+
+def pyramid_shapes(shape, factors, max_voxels: int = COARSE_MAX_VOXELS) -> list[tuple[int, ...]]:
+    """Coarse grids of ``shape`` downsampled by each factor (coarse first), none above ``max_voxels``."""
+    out: list[tuple[int, ...]] = []
+    for f in factors:
+        f = int(f)
+        while True:
+            s = tuple(max(4, min(int(n), -(-int(n) // f))) for n in shape)
+            if math.prod(s) <= max_voxels or all(n <= 4 for n in s):
+                break
+            f += 1
+        if s not in out:
+            out.append(s)
+    return out
 
 
 def _similarity(name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
