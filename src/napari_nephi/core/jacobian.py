@@ -44,7 +44,7 @@ def jacobian_determinant(
 
 
 #: Voxels per slab in :func:`jacobian_determinant`.
-SLAB_VOXELS = 1 << 20
+SLAB_VOXELS = 1 << 16
 
 
 def _determinant(u: np.ndarray, sp) -> np.ndarray:

@@ -64,7 +64,10 @@ def _masked_mse(a, b, mask, slab_voxels: int = 1 << 20) -> float:
 
 def regularity_report(transform: Transform, shape, mask=None) -> dict:
     """Fold statistics of the transform's displacement on the fixed grid."""
-    det = jacobian_determinant(transform.displacement(shape))
+    field = getattr(transform, "field", None)  # a stored field is read, not copied
+    if field is None or field.shape[1:] != tuple(int(n) for n in shape):
+        field = transform.displacement(shape)
+    det = jacobian_determinant(field)
     stats = fold_statistics(det, mask)
     return {
         "folds": stats["folds"],
