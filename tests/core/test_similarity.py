@@ -89,3 +89,20 @@ def test_batch_ncc_shapes():
     a = torch.rand(3, 50)
     assert ncc(a, a).shape == ()
     assert float(nmi(a[0], a[0])) > float(nmi(a[0], a[1]))
+
+
+@pytest.mark.parametrize("chunk", [1 << 18, 1000, 7])
+def test_numpy_ncc_in_chunks_matches_pearson(chunk):
+    from napari_nephi.core.similarity import _ncc_numpy
+
+    rng = np.random.default_rng(5)
+    a = rng.random((30, 20, 10)).astype(np.float32)
+    b = (a + rng.random(a.shape)).astype(np.float32)
+    mask = rng.random(a.shape) > 0.4
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    inside = pearsonr(a64[mask], b64[mask])[0]
+    assert _ncc_numpy(a, b, mask, chunk=chunk) == pytest.approx(inside, abs=1e-12)
+    assert _ncc_numpy(a, b, None, chunk=chunk) == pytest.approx(
+        pearsonr(a64.ravel(), b64.ravel())[0], abs=1e-12
+    )
+    assert metric("ncc", a, b, mask) == pytest.approx(inside, abs=1e-12)

@@ -277,3 +277,16 @@ def test_coarse_grids_are_capped_so_memory_stays_bounded():
     shapes = pyramid_shapes((300, 500, 700), [8, 4, 2])
     assert all(np.prod(s) <= COARSE_MAX_VOXELS for s in shapes) and len(set(shapes)) == len(shapes)
     assert pyramid_shapes((9, 9), [2], max_voxels=1) == [(4, 4)]  # never below 4 voxels an axis
+
+
+@pytest.mark.parametrize("shape", [(5000, 40), (300, 30, 40)])  # several slabs of 2^16 voxels
+def test_inside_mask_matches_the_direct_computation(shape):
+    from napari_nephi.engines.nephi.dense import inside_mask
+
+    u = (np.random.default_rng(1).normal(size=(len(shape), *shape)) * 6).astype(np.float32)
+    expected = np.ones(shape, bool)
+    for a in range(len(shape)):
+        y = np.indices(shape)[a] + u[a].astype(np.float64)
+        expected &= (y >= 0) & (y <= shape[a] - 1)
+    assert 0.3 < expected.mean() < 0.95
+    np.testing.assert_array_equal(inside_mask(u, shape), expected)

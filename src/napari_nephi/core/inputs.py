@@ -70,7 +70,10 @@ def normalize_intensity(image: np.ndarray, low: float = 0.5, high: float = 99.5)
     lo, hi = np.percentile(image, [low, high])
     if hi <= lo:
         lo, hi = float(image.min()), float(image.max())
-    return np.clip((image - lo) / (hi - lo), 0, 1).astype(np.float32)
+    out = np.array(image, dtype=np.float32, copy=True)  # float32 in place: no float64 temporaries
+    out -= np.float32(lo)
+    out /= np.float32(hi - lo)
+    return np.clip(out, 0, 1, out=out)
 
 
 def check_pair(fixed: np.ndarray, moving: np.ndarray) -> None:

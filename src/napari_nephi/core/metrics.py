@@ -33,7 +33,10 @@ def similarity_report(fixed, moving, warped, mask=None, transform: Transform | N
     """
     identity = IdentityTransform(fixed.ndim)
     before = moving if moving.shape == fixed.shape else identity.warp(moving, output_shape=fixed.shape)
-    m_before = overlap_mask(identity, fixed.shape, moving.shape)
+    if moving.shape == fixed.shape:  # the identity keeps every voxel inside: no need to warp
+        m_before = np.ones(fixed.shape, bool)
+    else:
+        m_before = overlap_mask(identity, fixed.shape, moving.shape)
     m_after = overlap_mask(transform, fixed.shape, moving.shape) if transform is not None else None
     if mask is not None:
         m_before = m_before & mask

@@ -7,6 +7,8 @@ losses. :func:`metric` evaluates on numpy arrays.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -91,6 +93,33 @@ def loss(name: str, a: torch.Tensor, b: torch.Tensor, **kw) -> torch.Tensor:
     raise InputError(f"Unknown similarity {name!r}; choose one of {sorted(MEASURES)}.")
 
 
+def _ncc_numpy(a: np.ndarray, b: np.ndarray, mask=None, chunk: int = 1 << 18) -> float:
+    """:func:`ncc` of two arrays (inside ``mask``), in float64 chunk by chunk to bound memory."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    m = None if mask is None else np.asarray(mask, bool).reshape(-1)
+
+    def pieces():
+        for s in range(0, a.size, chunk):
+            pa, pb = a[s : s + chunk].astype(np.float64), b[s : s + chunk].astype(np.float64)
+            if m is not None:
+                sel = m[s : s + chunk]
+                pa, pb = pa[sel], pb[sel]
+            yield pa, pb
+
+    sa = sb = 0.0
+    n = 0
+    for pa, pb in pieces():
+        sa, sb, n = sa + float(pa.sum()), sb + float(pb.sum()), n + pa.size
+    n = max(n, 1)
+    ma, mb = sa / n, sb / n
+    cov = va = vb = 0.0
+    for pa, pb in pieces():
+        pa -= ma
+        pb -= mb
+        cov, va, vb = cov + float(pa @ pb), va + float(pa @ pa), vb + float(pb @ pb)
+    return cov / math.sqrt(max(va * vb, EPS**2))
+
+
 def metric(name: str, a, b, mask=None, max_voxels: int = 1 << 20) -> float:
     """Evaluate a measure on numpy arrays (subsampled to ``max_voxels`` for NMI)."""
     if name not in MEASURES:
@@ -102,8 +131,7 @@ def metric(name: str, a, b, mask=None, max_voxels: int = 1 << 20) -> float:
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     with torch.no_grad():
         if name == "ncc":
-            m = None if mask is None else torch.from_numpy(np.asarray(mask, bool))[None]
-            return float(ncc(ta[None], tb[None], m))
+            return _ncc_numpy(a, b, mask)
         if name == "lncc":
             return float(lncc(ta[None, None], tb[None, None]))
         if name == "mse":

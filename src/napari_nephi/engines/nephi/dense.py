@@ -75,8 +75,12 @@ def inside_mask(displacement: np.ndarray, shape) -> np.ndarray:
     """Voxels of the fixed grid whose image ``x + u(x)`` lies inside a grid of ``shape``."""
     d = displacement.shape[0]
     ok = np.ones(displacement.shape[1:], bool)
-    for a in range(d):
-        idx = np.arange(displacement.shape[1 + a]).reshape([-1 if k == a else 1 for k in range(d)])
-        y = idx + displacement[a]
-        ok &= (y >= 0) & (y <= shape[a] - 1)
+    step = max(1, (1 << 16) // max(1, int(np.prod(displacement.shape[2:]))))
+    for s in range(0, ok.shape[0], step):  # slabs: float32 temporaries stay small
+        e = min(ok.shape[0], s + step)
+        for a in range(d):
+            n = displacement.shape[1 + a] if a else e - s
+            idx = np.arange(n, dtype=np.float32) + (s if a == 0 else 0)
+            y = idx.reshape([-1 if k == a else 1 for k in range(d)]) + displacement[a, s:e]
+            ok[s:e] &= (y >= 0) & (y <= shape[a] - 1)
     return ok

@@ -343,6 +343,8 @@ def register_nephi(
                     moving_mask=mmask,
                 )
             pair.progress.check()
+            del fix_t, mov_t, fmask, mmask  # the dense outputs below need the memory
+            preview.moving = None
             with torch.no_grad():
                 fwd = dense_displacement(maps.forward, fshape, device)
                 bwd = dense_displacement(maps.backward, fshape, device) if offset is None else None
