@@ -32,6 +32,9 @@ def main() -> None:
     p.add_argument("--option", action="append", default=[], help="KEY=JSON engine option")
     p.add_argument("--runs", type=int, default=1, help="register this many times in the same viewer")
     p.add_argument("--gaps", action="store_true", help="list every gap over 50 ms")
+    p.add_argument(
+        "--trace", action="store_true", help="sample the GUI thread's stack; print what ran in gaps over 80 ms"
+    )
     args = p.parse_args()
     load = os.getloadavg()[0]
     viewer = napari.Viewer(show=True)
@@ -41,6 +44,7 @@ def main() -> None:
     for _ in range(50):  # let the window settle before measuring
         app.processEvents()
         time.sleep(0.01)
+    samples = start_sampler() if args.trace else None
     ticks = [time.perf_counter()]
     timer = QTimer()
     timer.setInterval(10)
@@ -129,7 +133,44 @@ def main() -> None:
     if args.gaps:
         result["gaps_over_50_ms"] = [(round(g * 1000), phase_of(a)) for g, a in gaps if g > 0.05]
     print(json.dumps(result, indent=2))
+    if samples is not None:
+        print_gap_profiles(samples, [(g, a) for g, a in gaps if g > 0.08], phase_of)
     viewer.close()
+
+
+def start_sampler(period: float = 0.002) -> list:
+    """Sample the main thread's Python stack every ``period`` s in a daemon thread: ``[(t, frames)]``."""
+    import sys
+    import threading
+
+    main_id = threading.main_thread().ident
+    samples: list = []
+
+    def run():
+        while True:
+            frame = sys._current_frames().get(main_id)
+            stack = []
+            while frame is not None and len(stack) < 60:
+                code = frame.f_code
+                stack.append(f"{os.path.basename(code.co_filename)}:{code.co_name}")
+                frame = frame.f_back
+            samples.append((time.perf_counter(), tuple(stack)))
+            time.sleep(period)
+
+    threading.Thread(target=run, daemon=True).start()
+    return samples
+
+
+def print_gap_profiles(samples: list, gaps: list, phase_of, top: int = 14) -> None:
+    """For each gap, the functions most often on the GUI thread's stack during it (inclusive)."""
+    from collections import Counter
+
+    for g, a in gaps:
+        inside = [st for t, st in samples if a <= t <= a + g]
+        counts = Counter(f for st in inside for f in dict.fromkeys(st))
+        print(f"\ngap {g * 1000:.0f} ms ({phase_of(a)}), {len(inside)} samples:")
+        for name, n in counts.most_common(top):
+            print(f"  {100 * n / max(1, len(inside)):5.0f}%  {name}")
 
 
 if __name__ == "__main__":
