@@ -270,10 +270,12 @@ def test_same_seed_same_result(small_pair):
 def test_coarse_grids_are_capped_so_memory_stays_bounded():
     from napari_nephi.engines.nephi.coarse import COARSE_MAX_VOXELS, pyramid_shapes
 
-    assert pyramid_shapes((128, 128, 128), [4, 2]) == [(32, 32, 32), (64, 64, 64)]
-    # 128^3 (half of 256^3) is over the cap: the finest coarse grid stays at 64^3, listed once
-    assert pyramid_shapes((256, 256, 256), [4, 2]) == [(64, 64, 64)]
-    assert pyramid_shapes((2048, 2048), [4, 2]) == [(512, 512)]
+    assert pyramid_shapes((96, 96, 96), [4, 2]) == [(24, 24, 24), (48, 48, 48)]
+    # over the cap the finest grid is the largest downsampling under it: 128^3 / 3, 256^3 / 6
+    assert pyramid_shapes((128, 128, 128), [4, 2]) == [(32, 32, 32), (43, 43, 43)]
+    assert pyramid_shapes((256, 256, 256), [4, 2]) == [(43, 43, 43)]  # listed once
+    assert pyramid_shapes((2048, 2048), [4, 2]) == [(342, 342)]
+    assert pyramid_shapes((512, 512), [4, 2]) == [(128, 128), (256, 256)]
     shapes = pyramid_shapes((300, 500, 700), [8, 4, 2])
     assert all(np.prod(s) <= COARSE_MAX_VOXELS for s in shapes) and len(set(shapes)) == len(shapes)
     assert pyramid_shapes((9, 9), [2], max_voxels=1) == [(4, 4)]  # never below 4 voxels an axis

@@ -73,7 +73,7 @@ class DenseMaps:
 #: Voxels of the finest coarse grid. The coarse stage keeps autograd tensors for every
 #: scaling-and-squaring step, so a grid half the size of a 256^3 volume would cost more memory than
 #: the neural field; grids above this are replaced by the largest downsampling under it.
-COARSE_MAX_VOXELS = 1 << 18
+COARSE_MAX_VOXELS = 1 << 17
 
 
 def pyramid_shapes(shape, factors, max_voxels: int = COARSE_MAX_VOXELS) -> list[tuple[int, ...]]:

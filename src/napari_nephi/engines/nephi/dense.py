@@ -14,7 +14,7 @@ from ...core.warp import displacement_field, iter_slabs, slab_grid
 from .coarse import grid_sample_points
 
 #: Points evaluated at once when a field is made dense.
-DENSE_CHUNK = 1 << 16
+DENSE_CHUNK = 1 << 14
 
 
 def dense_displacement(point_map, shape, device, chunk: int = DENSE_CHUNK) -> np.ndarray:

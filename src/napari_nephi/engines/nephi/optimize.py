@@ -169,13 +169,77 @@ def step_loss(
     d = fixed.dim() - 2
     b = fixed.shape[0]
     loss = similarity_loss(maps, fixed, moving, settings, generator, fixed_mask, moving_mask)
+    return loss + _regularization_terms(maps, settings, generator, d, b, fixed.device)
+
+
+#: Similarity points evaluated with autograd at once; more are handled in chunks (bounded memory).
+SIMILARITY_CHUNK = 8192
+
+
+def step_backward(
+    maps: Maps,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    settings: OptimizeSettings,
+    generator: torch.Generator,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
+    chunk: int = SIMILARITY_CHUNK,
+) -> float:
+    """:func:`step_loss` and its backward pass, in memory bounded by ``chunk`` points; the loss.
+
+    Up to ``chunk`` similarity points this is ``step_loss(...).backward()``. Above, the sampled
+    values ``moving(phi(x))`` and ``fixed(phi_inv(y))`` are first computed without autograd, the
+    similarity's gradient with respect to them is taken on those values alone, and the maps are
+    then re-run chunk by chunk and back-propagated with that gradient: the same gradient (same
+    points, same random draws), but autograd never holds more than ``chunk`` points' activations.
+    """
+    n = settings.sample_points
+    if settings.similarity == "lncc" or n <= chunk:
+        loss = step_loss(maps, fixed, moving, settings, generator, fixed_mask, moving_mask)
+        loss.backward()
+        return float(loss.detach())
+    d = fixed.dim() - 2
+    b = fixed.shape[0]
+    x = uniform_points(b, n, d, generator, fixed.device)
+    y = uniform_points(b, n, d, generator, fixed.device)
+    fx = grid_sample_points(fixed, x)[:, 0]
+    my = grid_sample_points(moving, y)[:, 0]
+    w_f = None if fixed_mask is None else grid_sample_points(fixed_mask, x)[:, 0]
+    w_m = None if moving_mask is None else grid_sample_points(moving_mask, y)[:, 0]
+
+    def sampled(volume, point_map, pts):
+        return grid_sample_points(volume, point_map(pts))[:, 0]
+
+    with torch.no_grad():
+        wm = torch.cat([sampled(moving, maps.forward, x[:, s : s + chunk]) for s in range(0, n, chunk)], 1)
+        wf = torch.cat([sampled(fixed, maps.backward, y[:, s : s + chunk]) for s in range(0, n, chunk)], 1)
+    wm.requires_grad_(True)
+    wf.requires_grad_(True)
+    sim = 0.5 * (
+        _point_similarity(settings.similarity, fx, wm, w_f)
+        + _point_similarity(settings.similarity, my, wf, w_m)
+    )
+    sim.backward()
+    for s in range(0, n, chunk):
+        sampled(moving, maps.forward, x[:, s : s + chunk]).backward(wm.grad[:, s : s + chunk])
+        sampled(fixed, maps.backward, y[:, s : s + chunk]).backward(wf.grad[:, s : s + chunk])
+    rest = _regularization_terms(maps, settings, generator, d, b, fixed.device)
+    if torch.is_tensor(rest):
+        rest.backward()
+    return float(sim.detach()) + float(rest.detach() if torch.is_tensor(rest) else rest)
+
+
+def _regularization_terms(maps: Maps, settings: OptimizeSettings, generator, d: int, b: int, device):
+    """Regulariser, cycle consistency and latent prior of one step (0.0 when all are off)."""
+    loss = 0.0
     if settings.reg_weight > 0:
-        xr = uniform_points(b, settings.reg_points, d, generator, fixed.device)
+        xr = uniform_points(b, settings.reg_points, d, generator, device)
         loss = loss + settings.reg_weight * regularization(
             settings.regularizer, maps, xr, settings.derivatives
         )
     if settings.cycle_weight > 0:
-        xc = uniform_points(b, settings.reg_points, d, generator, fixed.device)
+        xc = uniform_points(b, settings.reg_points, d, generator, device)
         loss = loss + settings.cycle_weight * R.cycle_consistency(maps.forward, maps.backward, xc)
     if settings.latent_weight > 0:
         loss = loss + settings.latent_weight * sum((t**2).mean() for t in maps.codes.tensors())
@@ -223,11 +287,9 @@ def optimize_field(
     history: list[float] = []
     for _ in range(settings.iterations):
         opt.zero_grad(set_to_none=True)
-        loss = step_loss(maps, fixed, moving, settings, gen, fixed_mask, moving_mask)
-        loss.backward()
+        value = step_backward(maps, fixed, moving, settings, gen, fixed_mask, moving_mask)
         opt.step()
         sched.step()
-        value = float(loss.detach())
         history.append(value)
         if on_step is not None:
             on_step(value, maps)
