@@ -21,7 +21,8 @@ Methods (CPU, 1 torch thread):
 
 * ``nephi``: ``napari_nephi.register(fixed, moving, method="nephi", preset="fast",
   iterations=N, coarse_iterations=N)``, the whole call: the coarse stationary-velocity stage
-  (dense, on grids 4x and 2x coarser), the neural field on sampled points, then the dense forward
+  (dense, on grids 4x and 2x coarser, none above 2^17 voxels), the neural field on sampled
+  points (autograd on at most 8192 at a time), then the dense forward
   and backward displacements, the warped image and the metrics. The peak is also split by phase:
   optimisation (up to the last progress step) and outputs (dense fields, warp, metrics).
 * ``nephi-l1``: the same with ``levels=1``: no coarse stage, only the neural field.
