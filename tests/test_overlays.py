@@ -19,6 +19,7 @@ from napari_nephi.overlays import (
     deformation_grid,
     difference,
     folds_layer,
+    grid_as_vectors,
     jacobian_layer,
     landmark_residuals,
     registration_layers,
@@ -377,3 +378,26 @@ def test_layer_data_builds_napari_layers():
         grid = deformation_grid(translation((501.0,) * ndim), (5,) * ndim)
         assert grid[0] == []
         assert layers_mod.Shapes(grid[0], **grid[1]).nshapes == 0
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_grid_as_vectors_draws_the_same_segments(ndim):
+    shape = (40, 48) if ndim == 2 else (12, 40, 48)
+    rng = np.random.default_rng(0)
+    field = ndi.gaussian_filter(rng.normal(size=(ndim, *shape)), (0,) + (6,) * ndim) * 20
+    grid = deformation_grid(
+        DisplacementTransform(field.astype(np.float32)), shape, spacing_px=8, slice_step=4
+    )
+    paths, kwargs, _ = grid
+    data, vkw, kind = grid_as_vectors(grid)
+    assert kind == "vectors" and vkw["name"] == kwargs["name"] and vkw["vector_style"] == "line"
+    assert data.shape == (sum(len(p) - 1 for p in paths), 2, ndim)
+    # every segment joins two consecutive vertices of a path, in order, and carries its path's features
+    np.testing.assert_allclose(data[:, 0] + data[:, 1], np.concatenate([p[1:] for p in paths]))
+    np.testing.assert_allclose(data[:, 0], np.concatenate([p[:-1] for p in paths]))
+    owner = np.repeat(np.arange(len(paths)), [len(p) - 1 for p in paths])
+    np.testing.assert_array_equal(vkw["features"]["level"], kwargs["features"]["level"][owner])
+    if ndim == 3:  # each segment stays in its slice, so napari shows it there
+        assert np.all(data[:, 1, 0] == 0)
+    with pytest.raises(InputError, match="Shapes layer data"):
+        grid_as_vectors((data, vkw, kind))

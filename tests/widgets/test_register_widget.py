@@ -481,3 +481,51 @@ def test_apply_transform_rescales_layers_of_another_spacing(make_napari_viewer, 
     expected = ndi.shift(labels, (-6, 4), order=0)  # fixed x shows moving x + (6, -4)
     assert set(np.unique(lab)) == {0, 7}
     assert (lab == expected).mean() > 0.97
+
+
+def _first_run(make_napari_viewer, qtbot, pair):
+    fixed, moving, _ = pair
+    viewer = make_napari_viewer()
+    viewer.add_image(fixed, name="fixed")
+    viewer.add_image(moving, name="moving")
+    widget = RegisterWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.options.iterations.setValue(30)
+    widget.options.levels.setValue(2)
+    _run(widget, qtbot)
+    return viewer, widget
+
+
+def test_second_run_previews_in_the_warped_layer_and_adds_nothing(make_napari_viewer, qtbot, pair, errors):
+    viewer, widget = _first_run(make_napari_viewer, qtbot, pair)
+    warped = viewer.layers["moving warped"]
+    layers_before = list(viewer.layers)
+    changes, previews_in = [], []
+    viewer.layers.events.inserted.connect(lambda e: changes.append("inserted"))
+    viewer.layers.events.removed.connect(lambda e: changes.append("removed"))
+    widget.runner.progressed.connect(lambda ev: previews_in.append(widget.preview_layer is warped))
+    _run(widget, qtbot)
+    assert changes == [] and list(viewer.layers) == layers_before  # no preview layer came or went
+    assert previews_in and all(previews_in)
+    assert warped.data is widget.last.warped and tuple(warped.translate) == (0.0, 0.0)
+    assert errors == []
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_cancelled_second_run_gives_the_warped_layer_back(make_napari_viewer, qtbot, pair, errors, keep):
+    viewer, widget = _first_run(make_napari_viewer, qtbot, pair)
+    warped = viewer.layers["moving warped"]
+    data, limits = warped.data, tuple(warped.contrast_limits)
+    names = [ly.name for ly in viewer.layers]
+    widget.options.iterations.setValue(100000)
+    widget.keep_partial.setChecked(keep)
+    with qtbot.waitSignal(widget.run_done, timeout=120000):
+        widget.start()
+        try:
+            qtbot.waitUntil(lambda: warped.data is not data, timeout=60000)  # a preview arrived
+        finally:
+            widget.cancel_button.click()  # never leave a 100000-step run behind
+    assert warped.data is data and tuple(warped.contrast_limits) == limits
+    expected = names + (["moving preview (partial, cancelled)"] if keep else [])
+    assert [ly.name for ly in viewer.layers] == expected
+    assert errors == []

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..core.errors import InputError
 from ._common import DIVERGING, LayerData, check_shape, layer_scale, normalise
-from ._grid import deformation_grid
+from ._grid import deformation_grid, grid_as_vectors
 from ._maps import (
     checkerboard,
     difference,
@@ -29,6 +30,7 @@ __all__ = [
     "LayerData",
     "checkerboard",
     "deformation_grid",
+    "grid_as_vectors",
     "difference",
     "folds_layer",
     "jacobian_layer",
@@ -52,6 +54,7 @@ def registration_layers(
     spacing_px: float = 16,
     slice_axis: int = 0,
     include_warped: bool = False,
+    grid_style: str = "paths",
 ) -> list[LayerData]:
     """All overlays of a :class:`~napari_nephi.core.registration.Registration`, bottom to top.
 
@@ -59,8 +62,9 @@ def registration_layers(
     when the ``fixed`` image is given; hidden at first), the Jacobian determinant (hidden at first),
     folds, the deformation grid (``"warped"`` convention, see :func:`deformation_grid`), warped
     labels (when ``moving_labels`` is given) and landmark residuals (when both point sets are
-    given; TRE statistics in that layer's ``metadata["tre"]``). Every layer gets ``scale``, the
-    fixed image's voxel size (default ``reg.transform.spacing``), and a name starting with
+    given; TRE statistics in that layer's ``metadata["tre"]``). ``grid_style="vectors"`` gives the
+    grid as a Vectors layer (:func:`grid_as_vectors`, cheaper for napari to draw). Every layer gets
+    ``scale``, the fixed image's voxel size (default ``reg.transform.spacing``), and a name starting with
     ``name_prefix``. The displacement field is computed once and shared.
     """
     t = reg.transform
@@ -82,7 +86,10 @@ def registration_layers(
     jac = jacobian_layer(t, shape, displacement=u)
     layers.append(named(jac, visible=False))
     layers.append(named(folds_layer(jac[0])))
-    layers.append(named(deformation_grid(t, shape, spacing_px, slice_axis=slice_axis, displacement=u)))
+    grid = deformation_grid(t, shape, spacing_px, slice_axis=slice_axis, displacement=u)
+    if grid_style not in ("paths", "vectors"):
+        raise InputError(f"grid_style must be 'paths' or 'vectors', not {grid_style!r}.")
+    layers.append(named(grid_as_vectors(grid) if grid_style == "vectors" else grid))
     if moving_labels is not None:
         layers.append(named(warped_labels_layer(t, moving_labels, shape)))
     if fixed_points is not None and moving_points is not None:

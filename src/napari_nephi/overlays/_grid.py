@@ -135,6 +135,41 @@ def deformation_grid(
     return paths, kwargs, "shapes"
 
 
+def grid_as_vectors(grid: LayerData) -> LayerData:
+    """The same grid lines as a napari Vectors layer: one line segment per pair of path vertices.
+
+    napari draws a Vectors layer with one shader program and builds its mesh with numpy, where a
+    Shapes layer triangulates each path in Python and needs four programs; the picture is the same
+    (segments of ``edge_width`` along the paths). Features are repeated per segment.
+    """
+    paths, kwargs, kind = grid
+    if kind != "shapes":
+        raise InputError(f"Expected the Shapes layer data of a deformation grid, got {kind!r}.")
+    d = int(kwargs.get("ndim", paths[0].shape[1] if paths else 2))
+    counts = np.array([max(len(p) - 1, 0) for p in paths], dtype=np.int64)
+    if counts.sum():
+        starts = np.concatenate([p[:-1] for p in paths if len(p) > 1])
+        steps = np.concatenate([np.diff(p, axis=0) for p in paths if len(p) > 1])
+        data = np.stack([starts, steps], axis=1)
+    else:
+        data = np.zeros((0, 2, d))
+    features = {k: np.repeat(np.asarray(v), counts) for k, v in kwargs.get("features", {}).items()}
+    out = {
+        "name": kwargs["name"],
+        "edge_color": kwargs.get("edge_color", "yellow"),
+        "edge_width": kwargs.get("edge_width", 1.0),
+        "opacity": kwargs.get("opacity", 0.8),
+        "length": 1.0,
+        "vector_style": "line",
+        "ndim": d,
+        "features": features,
+        "metadata": {**kwargs.get("metadata", {}), "paths": len(paths)},
+    }
+    if "scale" in kwargs:
+        out["scale"] = kwargs["scale"]
+    return data, out, "vectors"
+
+
 def _plane_points(shape, ax, s, plane) -> np.ndarray:
     """Voxel coordinates ``(h * w, D)`` of slice ``s`` along ``ax`` (the whole grid in 2D)."""
     h, w = shape[plane[0]], shape[plane[1]]

@@ -224,6 +224,10 @@ class ResultLayers:
     def layers(self) -> list:
         return [ly for ly in self._layers if ly in self.viewer.layers]
 
+    def layer_with_role(self, role: str, kind: str):
+        """The previous run's layer with this role and type that is still in the viewer, or None."""
+        return next((ly for ly in self.layers if self._roles.get(id(ly)) == (role, kind)), None)
+
     def clear(self) -> None:
         for layer in self.layers:
             self.viewer.layers.remove(layer)

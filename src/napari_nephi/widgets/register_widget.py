@@ -86,6 +86,7 @@ class RegisterWidget(QWidget):
         self._last_preview = 0.0
         self.preview_layer = None
         self._preview_shown = False
+        self._reused = None  # the previous run's warped layer showing this run's previews, and its state
         self._showing = False
         self._running = False
         self._cancel_requested = False
@@ -194,8 +195,10 @@ class RegisterWidget(QWidget):
             "gui_idle": self._gui_idle,
             **opts,
         }
-        # this turn adds the preview layer; the next one starts the worker (each ~50 ms of GUI time)
-        self._add_preview_layer(f_dim)
+        # this turn adds the preview layer, or takes the previous run's warped layer for it (adding
+        # a layer costs ~50-100 ms of GUI time); the next turn starts the worker
+        if not self._reuse_warped_for_preview(f_dim):
+            self._add_preview_layer(f_dim)
         QTimer.singleShot(STEP_MS, lambda: self._launch(job))
 
     def _launch(self, job: dict) -> None:
@@ -252,6 +255,34 @@ class RegisterWidget(QWidget):
             )  # fmt: skip
         self._preview_shown = False
 
+    def _reuse_warped_for_preview(self, ndim: int) -> bool:
+        """Show this run's previews in the previous run's warped layer (it is updated in place at the
+        end anyway); what it showed is kept and put back if the run is cancelled or fails."""
+        layer = self.results.layer_with_role("warped", "image")
+        if layer is None or layer.rgb or layer.ndim != ndim or getattr(layer, "multiscale", False):
+            return False
+        self._reused = {
+            "layer": layer,
+            "data": layer.data,
+            "scale": np.array(layer.scale),
+            "translate": np.array(layer.translate),
+            "contrast_limits": tuple(layer.contrast_limits),
+        }
+        self.preview_layer = layer
+        self._preview_shown = True  # already visible
+        return True
+
+    def _restore_reused(self) -> None:
+        """Give the previous run's warped layer back what it showed before this run's previews."""
+        saved, self._reused = self._reused, None
+        layer = saved["layer"]
+        if self.preview_layer is layer:
+            self.preview_layer = None
+        if layer in self.viewer.layers:
+            layer.data = saved["data"]
+            layer.scale, layer.translate = saved["scale"], saved["translate"]
+            layer.contrast_limits = saved["contrast_limits"]
+
     def _show_preview(self, event) -> None:
         """Show the engine's current warped image, on its own (possibly coarser) grid.
 
@@ -279,6 +310,9 @@ class RegisterWidget(QWidget):
             layer.visible = True
 
     def _remove_preview(self) -> None:
+        if self._reused is not None:
+            self._restore_reused()
+            return
         if self.preview_layer is not None and self.preview_layer in self.viewer.layers:
             remove_layer(self.viewer, self.preview_layer)
         self.preview_layer = None
@@ -292,6 +326,7 @@ class RegisterWidget(QWidget):
             **{k: self._inputs.get(k) for k in ("world_affine", "moving_scale", "moving_world_affine")},
         }
         preview, self.preview_layer = self.preview_layer, None
+        reused, self._reused = self._reused is not None, None  # the warped layer takes the result
         for note in notes:
             show_info(note)
         self.status.setText("Adding result layers…")
@@ -311,6 +346,8 @@ class RegisterWidget(QWidget):
         ]
         # the live preview becomes the warped image unless the previous run's warped layer takes it
         adopt = {"warped": preview} if preview is not None and preview in self.viewer.layers else None
+        if reused:
+            adopt = None  # the preview is the previous run's warped layer, updated in place as such
         self.results.show_gradually(layers, shown, roles=roles, adopt=adopt, prebuilt=prebuilt)
 
     def _on_failed(self, message: str) -> None:
@@ -323,6 +360,20 @@ class RegisterWidget(QWidget):
         self._running = False
         layer = self.preview_layer
         shown = self._preview_shown and layer is not None and layer in self.viewer.layers
+        if self._reused is not None:  # the previews were in the previous run's warped layer
+            partial = (layer.data, np.array(layer.scale), np.array(layer.translate))
+            got_preview = shown and partial[0] is not self._reused["data"]
+            self._restore_reused()
+            if self.keep_partial.isChecked() and got_preview:
+                with not_selected(self.viewer):
+                    self.viewer.add_image(
+                        partial[0], name=f"{self._inputs['name']} preview (partial, cancelled)",
+                        scale=partial[1], translate=partial[2], colormap="magenta", blending="additive",
+                    )  # fmt: skip
+                self.status.setText("Cancelled; the partial preview is kept as its own layer.")
+            else:
+                self.status.setText("Cancelled; no layers were changed.")
+            return
         if self.keep_partial.isChecked() and shown:
             layer.name = f"{self._inputs['name']} preview (partial, cancelled)"
             self.preview_layer = None
@@ -469,6 +520,7 @@ def register_with_overlays(
             name_prefix=name_prefix,
             fixed=gray_fixed,
             include_warped=True,
+            grid_style="vectors",  # one shader program and no per-path triangulation in napari
         )
     except RegistrationError as exc:
         notes.append(f"Some result layers could not be made: {exc}")
