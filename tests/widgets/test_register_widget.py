@@ -529,3 +529,25 @@ def test_cancelled_second_run_gives_the_warped_layer_back(make_napari_viewer, qt
     expected = names + (["moving preview (partial, cancelled)"] if keep else [])
     assert [ly.name for ly in viewer.layers] == expected
     assert errors == []
+
+
+def test_a_preview_right_after_a_throttled_step_is_still_shown(make_napari_viewer, qtbot, pair):
+    """Status updates are throttled; previews (already throttled by the engine) never are."""
+    from napari_nephi.core.progress import ProgressEvent
+
+    fixed, moving, _ = pair
+    viewer = make_napari_viewer()
+    viewer.add_image(fixed, name="fixed")
+    viewer.add_image(moving, name="moving")
+    widget = RegisterWidget(viewer)
+    qtbot.addWidget(widget)
+    widget._inputs = {"scale": (1.0, 1.0), "name": "moving"}
+    widget._running = True
+    widget._add_preview_layer(2)
+    widget._on_progress(ProgressEvent(1, 100, 0.5))  # a plain step: shown, starts the throttle
+    preview = np.full(fixed.shape, 0.25, np.float32)
+    widget._on_progress(ProgressEvent(2, 100, 0.4, preview=preview))  # within the same interval
+    assert widget.preview_layer.data is preview and widget.preview_layer.visible
+    widget._on_progress(ProgressEvent(3, 100, 0.3))  # a plain step inside the interval: skipped
+    assert "step 2/100" in widget.status.text()
+    widget._running = False

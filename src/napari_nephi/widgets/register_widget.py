@@ -226,8 +226,11 @@ class RegisterWidget(QWidget):
         if event.loss is not None:
             self.loss_plot.values.append(float(event.loss))
         now = time.monotonic()
-        if now - self._last_preview < PREVIEW_INTERVAL and event.step < event.total:
-            return  # throttled: the GUI is redrawn at most every PREVIEW_INTERVAL seconds
+        if event.preview is None and now - self._last_preview < PREVIEW_INTERVAL and event.step < event.total:
+            # throttled: the GUI is redrawn at most every PREVIEW_INTERVAL seconds. Previews are
+            # never dropped (the engine sends one every 0.5 s at most): with both clocks at the same
+            # period a plain step could otherwise always come just before them and starve them.
+            return
         self._last_preview = now
         self.loss_plot.update()
         loss = "" if event.loss is None else f", loss {event.loss:.4f}"
