@@ -483,13 +483,18 @@ def test_apply_transform_rescales_layers_of_another_spacing(make_napari_viewer, 
     assert (lab == expected).mean() > 0.97
 
 
-def _first_run(make_napari_viewer, qtbot, pair):
+def _viewer_with_widget(make_napari_viewer, qtbot, pair):
     fixed, moving, _ = pair
     viewer = make_napari_viewer()
     viewer.add_image(fixed, name="fixed")
     viewer.add_image(moving, name="moving")
     widget = RegisterWidget(viewer)
     qtbot.addWidget(widget)
+    return viewer, widget
+
+
+def _first_run(make_napari_viewer, qtbot, pair):
+    viewer, widget = _viewer_with_widget(make_napari_viewer, qtbot, pair)
     widget.options.iterations.setValue(30)
     widget.options.levels.setValue(2)
     _run(widget, qtbot)
@@ -535,17 +540,12 @@ def test_a_preview_right_after_a_throttled_step_is_still_shown(make_napari_viewe
     """Status updates are throttled; previews (already throttled by the engine) never are."""
     from napari_nephi.core.progress import ProgressEvent
 
-    fixed, moving, _ = pair
-    viewer = make_napari_viewer()
-    viewer.add_image(fixed, name="fixed")
-    viewer.add_image(moving, name="moving")
-    widget = RegisterWidget(viewer)
-    qtbot.addWidget(widget)
+    _, widget = _viewer_with_widget(make_napari_viewer, qtbot, pair)
     widget._inputs = {"scale": (1.0, 1.0), "name": "moving"}
     widget._running = True
     widget._add_preview_layer(2)
     widget._on_progress(ProgressEvent(1, 100, 0.5))  # a plain step: shown, starts the throttle
-    preview = np.full(fixed.shape, 0.25, np.float32)
+    preview = np.full(pair[0].shape, 0.25, np.float32)
     widget._on_progress(ProgressEvent(2, 100, 0.4, preview=preview))  # within the same interval
     assert widget.preview_layer.data is preview and widget.preview_layer.visible
     widget._on_progress(ProgressEvent(3, 100, 0.3))  # a plain step inside the interval: skipped
