@@ -551,3 +551,16 @@ def test_a_preview_right_after_a_throttled_step_is_still_shown(make_napari_viewe
     widget._on_progress(ProgressEvent(3, 100, 0.3))  # a plain step inside the interval: skipped
     assert "step 2/100" in widget.status.text()
     widget._running = False
+
+
+def test_previous_warped_layer_used_as_input_is_not_overwritten_by_previews(
+    make_napari_viewer, qtbot, pair, errors
+):
+    viewer, widget = _first_run(make_napari_viewer, qtbot, pair)
+    warped = viewer.layers["moving warped"]
+    widget.moving.set_layer(warped)  # register the previous result again
+    previews_in = []
+    widget.runner.progressed.connect(lambda ev: previews_in.append(widget.preview_layer is warped))
+    _run(widget, qtbot)
+    assert previews_in and not any(previews_in)  # the previews had a layer of their own
+    assert errors == []

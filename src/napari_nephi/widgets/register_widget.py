@@ -264,6 +264,8 @@ class RegisterWidget(QWidget):
         layer = self.results.layer_with_role("warped", "image")
         if layer is None or layer.rgb or layer.ndim != ndim or getattr(layer, "multiscale", False):
             return False
+        if layer in (self.fixed.layer(), self.moving.layer()):  # an input of this run: leave it alone
+            return False
         self._reused = {
             "layer": layer,
             "data": layer.data,
