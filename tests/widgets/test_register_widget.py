@@ -199,6 +199,16 @@ def test_runner_cancel(qtbot):
     qtbot.waitUntil(lambda: not runner.busy, timeout=5000)
 
 
+def _viewer_with_widget(make_napari_viewer, qtbot, pair):
+    fixed, moving, _ = pair
+    viewer = make_napari_viewer()
+    viewer.add_image(fixed, name="fixed")
+    viewer.add_image(moving, name="moving")
+    widget = RegisterWidget(viewer)
+    qtbot.addWidget(widget)
+    return viewer, widget
+
+
 def _run(widget, qtbot):
     with qtbot.waitSignal(widget.run_done, timeout=120000):
         widget.start()
@@ -286,12 +296,7 @@ def test_out_of_memory_is_notified_and_widget_stays_usable(make_napari_viewer, q
 
     from napari_nephi.engines.affine import engine
 
-    fixed, moving, _ = pair
-    viewer = make_napari_viewer()
-    viewer.add_image(fixed, name="fixed")
-    viewer.add_image(moving, name="moving")
-    widget = RegisterWidget(viewer)
-    qtbot.addWidget(widget)
+    viewer, widget = _viewer_with_widget(make_napari_viewer, qtbot, pair)
     widget.options.iterations.setValue(20)
     widget.options.levels.setValue(1)
     _run(widget, qtbot)
@@ -321,12 +326,7 @@ def test_out_of_memory_is_notified_and_widget_stays_usable(make_napari_viewer, q
 
 
 def test_cancel_keeps_layers(make_napari_viewer, qtbot, pair, errors):
-    fixed, moving, _ = pair
-    viewer = make_napari_viewer()
-    viewer.add_image(fixed, name="fixed")
-    viewer.add_image(moving, name="moving")
-    widget = RegisterWidget(viewer)
-    qtbot.addWidget(widget)
+    viewer, widget = _viewer_with_widget(make_napari_viewer, qtbot, pair)
     widget.options.iterations.setValue(100000)
     with qtbot.waitSignal(widget.run_done, timeout=60000):
         widget.start()
@@ -338,12 +338,7 @@ def test_cancel_keeps_layers(make_napari_viewer, qtbot, pair, errors):
 
 
 def test_cancel_before_the_worker_starts(make_napari_viewer, qtbot, pair, errors):
-    fixed, moving, _ = pair
-    viewer = make_napari_viewer()
-    viewer.add_image(fixed, name="fixed")
-    viewer.add_image(moving, name="moving")
-    widget = RegisterWidget(viewer)
-    qtbot.addWidget(widget)
+    viewer, widget = _viewer_with_widget(make_napari_viewer, qtbot, pair)
     widget.options.iterations.setValue(100000)
     with qtbot.waitSignal(widget.run_done, timeout=60000):
         widget.start()  # the worker starts one event-loop turn later
@@ -377,12 +372,7 @@ def test_preview_and_loss_curve(make_napari_viewer, qtbot, pair, errors):
 
 
 def test_cancel_can_keep_partial_preview(make_napari_viewer, qtbot, pair, errors):
-    fixed, moving, _ = pair
-    viewer = make_napari_viewer()
-    viewer.add_image(fixed, name="fixed")
-    viewer.add_image(moving, name="moving")
-    widget = RegisterWidget(viewer)
-    qtbot.addWidget(widget)
+    viewer, widget = _viewer_with_widget(make_napari_viewer, qtbot, pair)
     widget.options.iterations.setValue(100000)
     widget.keep_partial.setChecked(True)
     with qtbot.waitSignal(widget.run_done, timeout=60000):
@@ -481,16 +471,6 @@ def test_apply_transform_rescales_layers_of_another_spacing(make_napari_viewer, 
     expected = ndi.shift(labels, (-6, 4), order=0)  # fixed x shows moving x + (6, -4)
     assert set(np.unique(lab)) == {0, 7}
     assert (lab == expected).mean() > 0.97
-
-
-def _viewer_with_widget(make_napari_viewer, qtbot, pair):
-    fixed, moving, _ = pair
-    viewer = make_napari_viewer()
-    viewer.add_image(fixed, name="fixed")
-    viewer.add_image(moving, name="moving")
-    widget = RegisterWidget(viewer)
-    qtbot.addWidget(widget)
-    return viewer, widget
 
 
 def _first_run(make_napari_viewer, qtbot, pair):

@@ -137,19 +137,32 @@ def similarity_loss(
         wm = grid_sample_points(moving, maps.forward(x)).reshape(fixed.shape)
         wf = grid_sample_points(fixed, maps.backward(x)).reshape(moving.shape)
         return 0.5 * ((1 - lncc(fixed, wm)) + (1 - lncc(moving, wf)))
-    b = fixed.shape[0]
-    x = uniform_points(b, settings.sample_points, d, generator, dev)
-    y = uniform_points(b, settings.sample_points, d, generator, dev)
-    fx = grid_sample_points(fixed, x)[:, 0]
-    my = grid_sample_points(moving, y)[:, 0]
-    wm = grid_sample_points(moving, maps.forward(x))[:, 0]
-    wf = grid_sample_points(fixed, maps.backward(y))[:, 0]
-    w_f = None if fixed_mask is None else grid_sample_points(fixed_mask, x)[:, 0]
-    w_m = None if moving_mask is None else grid_sample_points(moving_mask, y)[:, 0]
-    return 0.5 * (
-        _point_similarity(settings.similarity, fx, wm, w_f)
-        + _point_similarity(settings.similarity, my, wf, w_m)
-    )
+    pts = _SimilarityPoints(fixed, moving, settings, generator, fixed_mask, moving_mask)
+    wm = grid_sample_points(moving, maps.forward(pts.x))[:, 0]
+    wf = grid_sample_points(fixed, maps.backward(pts.y))[:, 0]
+    return pts.loss(wm, wf)
+
+
+class _SimilarityPoints:
+    """One step's random points: ``x`` in the fixed image, ``y`` in the moving one, with their
+    intensities and mask weights; :meth:`loss` is the symmetric similarity of the warped values
+    ``moving(phi(x))`` and ``fixed(phi_inv(y))``."""
+
+    def __init__(self, fixed, moving, settings: OptimizeSettings, generator, fixed_mask, moving_mask):
+        b, d, n = fixed.shape[0], fixed.dim() - 2, settings.sample_points
+        self.similarity = settings.similarity
+        self.x = uniform_points(b, n, d, generator, fixed.device)
+        self.y = uniform_points(b, n, d, generator, fixed.device)
+        self.fx = grid_sample_points(fixed, self.x)[:, 0]
+        self.my = grid_sample_points(moving, self.y)[:, 0]
+        self.w_f = None if fixed_mask is None else grid_sample_points(fixed_mask, self.x)[:, 0]
+        self.w_m = None if moving_mask is None else grid_sample_points(moving_mask, self.y)[:, 0]
+
+    def loss(self, wm: torch.Tensor, wf: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (
+            _point_similarity(self.similarity, self.fx, wm, self.w_f)
+            + _point_similarity(self.similarity, self.my, wf, self.w_m)
+        )
 
 
 def step_loss(
@@ -199,32 +212,26 @@ def step_backward(
         loss = step_loss(maps, fixed, moving, settings, generator, fixed_mask, moving_mask)
         loss.backward()
         return float(loss.detach())
-    d = fixed.dim() - 2
-    b = fixed.shape[0]
-    x = uniform_points(b, n, d, generator, fixed.device)
-    y = uniform_points(b, n, d, generator, fixed.device)
-    fx = grid_sample_points(fixed, x)[:, 0]
-    my = grid_sample_points(moving, y)[:, 0]
-    w_f = None if fixed_mask is None else grid_sample_points(fixed_mask, x)[:, 0]
-    w_m = None if moving_mask is None else grid_sample_points(moving_mask, y)[:, 0]
+    pts = _SimilarityPoints(fixed, moving, settings, generator, fixed_mask, moving_mask)
 
-    def sampled(volume, point_map, pts):
-        return grid_sample_points(volume, point_map(pts))[:, 0]
+    def sampled(volume, point_map, p):
+        return grid_sample_points(volume, point_map(p))[:, 0]
 
     with torch.no_grad():
-        wm = torch.cat([sampled(moving, maps.forward, x[:, s : s + chunk]) for s in range(0, n, chunk)], 1)
-        wf = torch.cat([sampled(fixed, maps.backward, y[:, s : s + chunk]) for s in range(0, n, chunk)], 1)
+        wm = torch.cat(
+            [sampled(moving, maps.forward, pts.x[:, s : s + chunk]) for s in range(0, n, chunk)], 1
+        )
+        wf = torch.cat(
+            [sampled(fixed, maps.backward, pts.y[:, s : s + chunk]) for s in range(0, n, chunk)], 1
+        )
     wm.requires_grad_(True)
     wf.requires_grad_(True)
-    sim = 0.5 * (
-        _point_similarity(settings.similarity, fx, wm, w_f)
-        + _point_similarity(settings.similarity, my, wf, w_m)
-    )
+    sim = pts.loss(wm, wf)
     sim.backward()
     for s in range(0, n, chunk):
-        sampled(moving, maps.forward, x[:, s : s + chunk]).backward(wm.grad[:, s : s + chunk])
-        sampled(fixed, maps.backward, y[:, s : s + chunk]).backward(wf.grad[:, s : s + chunk])
-    rest = _regularization_terms(maps, settings, generator, d, b, fixed.device)
+        sampled(moving, maps.forward, pts.x[:, s : s + chunk]).backward(wm.grad[:, s : s + chunk])
+        sampled(fixed, maps.backward, pts.y[:, s : s + chunk]).backward(wf.grad[:, s : s + chunk])
+    rest = _regularization_terms(maps, settings, generator, fixed.dim() - 2, fixed.shape[0], fixed.device)
     if torch.is_tensor(rest):
         rest.backward()
     return float(sim.detach()) + float(rest.detach() if torch.is_tensor(rest) else rest)
