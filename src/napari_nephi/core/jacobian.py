@@ -8,6 +8,7 @@ import numpy as np
 
 from .errors import DimensionMismatchError, InputError
 from .grid import check_spacing
+from .warp import iter_slabs
 
 
 def jacobian_determinant(
@@ -34,10 +35,8 @@ def jacobian_determinant(
     # Slabs along the first axis, each with one voxel of halo on either side, so the float64
     # temporaries stay small on large volumes; the result equals the whole-array computation.
     n0 = u.shape[1]
-    step = max(1, SLAB_VOXELS // max(1, int(np.prod(u.shape[2:]))))
     out = np.empty(u.shape[1:], np.float32)
-    for a in range(0, n0, step):
-        b = min(n0, a + step)
+    for a, b in iter_slabs(out.shape, SLAB_VOXELS):
         lo, hi = max(0, a - 1), min(n0, b + 1)
         out[a:b] = _determinant(np.asarray(u[:, lo:hi], np.float64), sp)[a - lo : a - lo + (b - a)]
     return out

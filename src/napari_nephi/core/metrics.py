@@ -12,6 +12,7 @@ from .device import peak_memory_bytes
 from .jacobian import fold_statistics, jacobian_determinant
 from .similarity import metric
 from .transform import IdentityTransform, Transform
+from .warp import iter_slabs
 
 
 def process_peak_rss_mb() -> float:
@@ -55,12 +56,11 @@ def similarity_report(fixed, moving, warped, mask=None, transform: Transform | N
 def _masked_mse(a, b, mask, slab_voxels: int = 1 << 20) -> float:
     """Mean squared difference (inside ``mask``), in float64 slab by slab to bound memory."""
     a, b = np.asarray(a), np.asarray(b)
-    step = max(1, slab_voxels // max(1, int(np.prod(a.shape[1:]))))
     total, count = 0.0, 0
-    for s in range(0, a.shape[0], step):
-        diff = (a[s : s + step].astype(np.float64) - b[s : s + step].astype(np.float64)) ** 2
+    for s, e in iter_slabs(a.shape, slab_voxels):
+        diff = (a[s:e].astype(np.float64) - b[s:e].astype(np.float64)) ** 2
         if mask is not None:
-            diff = diff[np.asarray(mask[s : s + step], bool)]
+            diff = diff[np.asarray(mask[s:e], bool)]
         total, count = total + float(diff.sum()), count + diff.size
     return total / count if count else float("nan")
 

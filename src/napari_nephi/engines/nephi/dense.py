@@ -75,9 +75,7 @@ def inside_mask(displacement: np.ndarray, shape) -> np.ndarray:
     """Voxels of the fixed grid whose image ``x + u(x)`` lies inside a grid of ``shape``."""
     d = displacement.shape[0]
     ok = np.ones(displacement.shape[1:], bool)
-    step = max(1, (1 << 16) // max(1, int(np.prod(displacement.shape[2:]))))
-    for s in range(0, ok.shape[0], step):  # slabs: float32 temporaries stay small
-        e = min(ok.shape[0], s + step)
+    for s, e in iter_slabs(ok.shape, 1 << 16):  # slabs: float32 temporaries stay small
         for a in range(d):
             n = displacement.shape[1 + a] if a else e - s
             idx = np.arange(n, dtype=np.float32) + (s if a == 0 else 0)
