@@ -262,13 +262,15 @@ def test_bspline_field_recovers_a_known_deformation(small_pair, camera_pair):
         sample_points=1024,
         reg_points=48,
         hidden=32,
+        levels=1,  # the field alone: 48 px is too small for a coarse stage to help
     )
     inner = (slice(None), slice(4, -4), slice(4, -4))
     before = np.linalg.norm(truth[inner], axis=0).mean()
     after = np.linalg.norm(reg.transform.displacement()[inner] - truth[inner], axis=0).mean()
     print(f"B-spline 2D endpoint error {before:.3f} -> {after:.3f} px, {reg.metrics['seconds']:.1f} s")
-    # measured: 0.48 of the initial error; the modulated field without B-splines, same settings: 0.50
-    # (48 px limits both; at 96 px, 120 steps the B-spline field reaches 0.23, the plain one 0.26)
+    # measured: 0.43 of the initial error (with the default 3 levels it was 0.48 with the dense
+    # velocity stage, 0.56 with the B-spline one, whose 12 px knots are coarser than this 6 px
+    # deformation; 48 px limits all of them)
     assert after < 0.55 * before
     assert reg.metrics["folds"] == 0
     assert reg.metrics["inverse_consistency_mean"] < 0.1

@@ -1,6 +1,7 @@
 """The cheap coarse stage: a stationary velocity field on a low-resolution grid.
 
-``v`` lives on a grid a few times coarser than the image; scaling and squaring turns ``v`` into a
+``v`` is a sum of cubic B-splines with knots halving level by level (:func:`optimize_velocity`),
+sampled on a grid a few times coarser than the image; scaling and squaring turns ``v`` into a
 forward displacement and ``-v`` into its inverse, both diffeomorphic, so the stage is fast and
 cannot fold. The result, :class:`DenseMaps`, is interpolated with :func:`.interp.interpolate`
 (differentiable to any order), so the neural field that follows can be regularised by autograd
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from ...core import regularizers as R
 from ...core.similarity import lncc, ncc
+from .bspline import bspline_on_grid, control_shape, grid_weights, intervals_for_spacing
 from .interp import interpolate
 
 
@@ -99,6 +101,42 @@ def _similarity(name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 1 - ncc(a, b)
 
 
+#: Voxels of the grid on which the last coarse level compares the images: the full image up to
+#: this size (1024^2, 101^3), else its finest integer downsampling under it.
+WARP_MAX_VOXELS = 1 << 20
+
+
+def comparison_shape(shape, max_voxels: int = WARP_MAX_VOXELS) -> tuple[int, ...]:
+    """The image ``shape``, or its finest integer downsampling with at most ``max_voxels`` voxels."""
+    f = 1
+    while True:
+        s = tuple(max(1, -(-int(n) // f)) for n in shape)
+        if math.prod(s) <= max_voxels or all(n == 1 for n in s):
+            return s
+        f += 1
+
+
+def knot_spacings(shape, grids) -> list[float]:
+    """Default B-spline knot spacing of each coarse level, in voxels of ``shape``.
+
+    The last level: eight voxels of its grid, but at most a quarter of the shortest axis (so a
+    small volume still gets a few knots) and at least two voxels of its grid; each coarser level
+    scales it by its grid's extra downsampling (the spacing doubles as the grid halves).
+    """
+    if not grids:
+        return []
+    factors = [max(n / m for n, m in zip(shape, g)) for g in grids]
+    last = max(2 * factors[-1], min(8 * factors[-1], (min(shape) - 1) / 4))
+    return [last * f / factors[-1] for f in factors]
+
+
+def _resample(t: torch.Tensor, shape) -> torch.Tensor:
+    if tuple(t.shape[2:]) == tuple(shape):
+        return t
+    mode = "bilinear" if t.dim() == 4 else "trilinear"
+    return F.interpolate(t, size=tuple(shape), mode=mode, align_corners=True)
+
+
 def optimize_velocity(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -107,39 +145,69 @@ def optimize_velocity(
     reg_weight: float,
     similarity: str,
     on_step,
-    learning_rate: float = 0.02,
+    learning_rate: float = 0.005,
     steps: int = 6,
+    spacings: list[float] | None = None,
+    compare_max_voxels: int = WARP_MAX_VOXELS,
 ) -> DenseMaps:
-    """Optimise a velocity field on each grid of ``shapes`` (coarse first), upsampling between.
+    """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
+
+    At each level the velocity is the previous levels' (frozen) plus a cubic B-spline with knots
+    ``spacings[k]`` voxels of the image apart (default :func:`knot_spacings`, halving with the
+    grid), evaluated on the level's grid and integrated there by scaling and squaring. The
+    spline keeps the field smooth, so no explicit penalty is needed: ``reg_weight`` (default 0
+    in the engine) adds the bending energy of ``v`` in voxels of the level's grid.
+
+    Every level warps the images on the full grid (or the finest downsampling with at most
+    ``compare_max_voxels`` voxels, :func:`comparison_shape`) with the displacement upsampled to it,
+    then compares them averaged down to the level's grid (the last level on the fine grid itself,
+    which resolves detail a small volume's coarse grids lose). Warping the downsampled images instead
+    would be cheaper but biased: averaging does not commute with a non-uniform warp, which moves
+    each level's optimum by a fraction of a voxel and lands the next level in a worse basin.
 
     ``fixed`` and ``moving`` are ``(1, 1, *spatial)`` on the same grid; ``on_step(loss)`` is called
-    every iteration (it reports progress and may raise ``Cancelled``). The regulariser is the
-    diffusion energy of ``v`` in voxels of the current grid, which does not depend on the grid size.
+    every iteration (it reports progress and may raise ``Cancelled``).
     """
     d = fixed.dim() - 2
+    full = tuple(fixed.shape[2:])
+    dev = fixed.device
+    spacings = knot_spacings(full, shapes) if spacings is None else list(spacings)
+    fine = comparison_shape(full, compare_max_voxels)
+    f_fine = F.interpolate(fixed, size=fine, mode="area") if fine != full else fixed
+    m_fine = F.interpolate(moving, size=fine, mode="area") if fine != full else moving
+    ident = normalized_grid(fine, dev)[None]
     v = None
-    for shape in shapes:
-        f_l = F.interpolate(fixed, size=shape, mode="area")
-        m_l = F.interpolate(moving, size=shape, mode="area")
-        if v is None:
-            v0 = torch.zeros(1, d, *shape, device=fixed.device)
-        else:
-            mode = "bilinear" if d == 2 else "trilinear"
-            v0 = F.interpolate(v.detach(), size=shape, mode=mode, align_corners=True)
-        v = torch.nn.Parameter(v0)
-        to_vox = torch.as_tensor([(n - 1) / 2 for n in shape], device=fixed.device).reshape(1, d, *[1] * d)
-        ident = normalized_grid(shape, fixed.device)[None]
-        opt = torch.optim.Adam([v], lr=learning_rate)
+    for k, shape in enumerate(shapes):
+        cmp = fine if k == len(shapes) - 1 else tuple(shape)
+        f_l = F.interpolate(f_fine, size=cmp, mode="area")
+        m_l = F.interpolate(m_fine, size=cmp, mode="area")
+        base = torch.zeros(1, d, *shape, device=dev) if v is None else _resample(v, shape)
+        intervals = intervals_for_spacing(full, spacings[k])
+        weights = [grid_weights(n, i, device=dev) for n, i in zip(shape, intervals)]
+        ctrl = torch.nn.Parameter(torch.zeros(1, d, *control_shape(intervals), device=dev))
+        to_vox = torch.as_tensor([(n - 1) / 2 for n in shape], device=dev).reshape(1, d, *[1] * d)
+        opt = torch.optim.Adam([ctrl], lr=learning_rate)
         for _ in range(iterations):
             opt.zero_grad()
-            u_f = integrate_velocity(v, steps)
-            u_b = integrate_velocity(-v, steps)
-            wm = grid_sample_points(m_l, ident + torch.movedim(u_f, 1, -1))
-            wf = grid_sample_points(f_l, ident + torch.movedim(u_b, 1, -1))
-            sim = 0.5 * (_similarity(similarity, f_l, wm) + _similarity(similarity, m_l, wf))
-            loss = sim + reg_weight * R.diffusion_grid(v * to_vox)
+            vk = base + bspline_on_grid(ctrl, weights)
+            u_f = _resample(integrate_velocity(vk, steps), fine)
+            u_b = _resample(integrate_velocity(-vk, steps), fine)
+            wm = F.interpolate(
+                grid_sample_points(m_fine, ident + torch.movedim(u_f, 1, -1)), size=cmp, mode="area"
+            )
+            wf = F.interpolate(
+                grid_sample_points(f_fine, ident + torch.movedim(u_b, 1, -1)), size=cmp, mode="area"
+            )
+            loss = 0.5 * (_similarity(similarity, f_l, wm) + _similarity(similarity, m_l, wf))
+            if reg_weight > 0:
+                loss = loss + reg_weight * R.bending_grid(vk * to_vox)
             loss.backward()
             opt.step()
             on_step(float(loss.detach()))
+        with torch.no_grad():
+            v = base + bspline_on_grid(ctrl.detach(), weights)
+    del f_fine, m_fine, ident
+    if v is None:
+        v = torch.zeros(1, d, *full, device=dev)
     with torch.no_grad():
         return DenseMaps(integrate_velocity(v, steps), integrate_velocity(-v, steps))

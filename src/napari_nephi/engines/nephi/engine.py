@@ -6,8 +6,9 @@ identity: no training needed. ``mode="predict"`` runs a trained :class:`.model.N
 codes for ``iterations`` steps, so the stored model never changes.
 
 In ``optimize`` mode with ``levels > 1`` a cheap coarse stage runs first: a stationary velocity
-field optimised on grids ``2**(levels-1)``, ..., 4, 2 times coarser than the image (scaling and
-squaring, so it cannot fold); the neural field then refines it at full resolution.
+field, a cubic B-spline refined level by level, integrated on grids ``2**(levels-1)``, ..., 4, 2
+times coarser than the image (scaling and squaring, so it cannot fold; :mod:`.coarse`); the neural
+field then refines it at full resolution.
 
 ``bspline_spacing > 0`` (SINR) evaluates each network on a grid of control points that many voxels
 apart and interpolates the field between them with cubic B-splines (:mod:`.bspline`).
@@ -103,7 +104,7 @@ def register_nephi(
     reg_points: int | None = None,
     levels: int | None = None,
     coarse_iterations: int | None = None,
-    coarse_reg_weight: float = 0.25,
+    coarse_reg_weight: float = 0.0,
     learning_rate: float = 2e-3,
     code_learning_rate: float = 1e-2,
     hidden: int | None = None,
