@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -43,6 +45,22 @@ def choose_device(device: str | torch.device | None = "auto") -> torch.device:
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def release_free_memory(device: torch.device) -> None:
+    """Hand memory freed by finished stages back to the system before a memory-heavy one.
+
+    On CUDA that is the caching allocator's free blocks. On Linux (glibc) it is ``malloc_trim``:
+    after a stage has freed many large tensors glibc keeps later, smaller ones on its heap instead
+    of mapping them, and without a trim the freed pages stay resident through the next stage.
+    """
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl, ...): nothing to trim
+            pass
 
 
 def peak_memory_bytes(device: torch.device) -> int | None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...core.device import choose_device, memory_guard, reset_peak_memory
+from ...core.device import choose_device, memory_guard, release_free_memory, reset_peak_memory
 from ...core.errors import DimensionMismatchError, InputError
 from ...core.inputs import normalize_intensity
 from ...core.metrics import memory_report, regularity_report, similarity_report
@@ -346,6 +346,7 @@ def register_nephi(
             pair.progress.check()
             del fix_t, mov_t, fmask, mmask  # the dense outputs below need the memory
             preview.moving = None
+            release_free_memory(device)
             with torch.no_grad():
                 fwd = dense_displacement(maps.forward, fshape, device)
                 bwd = dense_displacement(maps.backward, fshape, device) if offset is None else None
