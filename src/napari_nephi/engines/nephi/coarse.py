@@ -101,8 +101,8 @@ def _similarity(name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 1 - ncc(a, b)
 
 
-#: Voxels of the grid on which the last coarse level compares the images: the full image up to
-#: this size (1024^2, 101^3), else its finest integer downsampling under it.
+#: Voxels of the grid on which the coarse stage warps the images: the full image up to this size
+#: (1024^2, 101^3), else its finest integer downsampling under it.
 WARP_MAX_VOXELS = 1 << 20
 
 
