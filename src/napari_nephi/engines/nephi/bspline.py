@@ -61,6 +61,16 @@ def cubic_weights(t: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _knot_span(x: torch.Tensor, intervals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised positions ``x`` in control-point units: ``first`` (one past the first of the four
+    control points that carry ``x``) and ``frac`` in [0, 1], differentiable in ``x``. The spline is
+    exact on ``[1, intervals + 2 * MARGIN - 1]``; beyond it the position is clamped."""
+    pos = (x + 1) * (0.5 * intervals) + MARGIN
+    pos = torch.minimum(pos.clamp_min(1.0), intervals + (2 * MARGIN - 1))
+    first = torch.minimum(pos.detach().floor(), intervals + (2 * MARGIN - 2))
+    return first, pos - first
+
+
 def bspline_interpolate(control: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Cubic B-spline with control values ``control`` evaluated at normalised ``points``.
 
@@ -90,11 +100,7 @@ def bspline_interpolate(control: torch.Tensor, points: torch.Tensor) -> torch.Te
     c, n = control.shape[1], points.shape[1]
     dev = points.device
     intervals = torch.as_tensor([s - 2 * MARGIN - 1 for s in spatial], dtype=points.dtype, device=dev)
-    # Position in control-point units; the spline is exact on [1, intervals + 2 * MARGIN - 1].
-    pos = (points + 1) * (0.5 * intervals) + MARGIN
-    pos = torch.minimum(pos.clamp_min(1.0), intervals + (2 * MARGIN - 1))
-    first = torch.minimum(pos.detach().floor(), intervals + (2 * MARGIN - 2))
-    frac = pos - first  # in [0, 1], differentiable in the points
+    first, frac = _knot_span(points, intervals)
     weights = cubic_weights(frac)  # (B, N, D, 4)
     base = first.long() - 1  # first of the four control points per axis
     strides = [1] * d
@@ -123,9 +129,8 @@ def grid_weights(n: int, intervals: int, device="cpu", dtype=torch.float32) -> t
     """
     x = torch.linspace(-1, 1, int(n), device=device, dtype=dtype) if n > 1 else torch.zeros(1, device=device)
     k = int(intervals)
-    pos = ((x + 1) * (0.5 * k) + MARGIN).clamp(1.0, k + 2 * MARGIN - 1.0)
-    first = pos.floor().clamp_max(k + 2 * MARGIN - 2.0)
-    w = cubic_weights(pos - first)  # (n, 4)
+    first, frac = _knot_span(x, torch.tensor(float(k), device=device, dtype=x.dtype))
+    w = cubic_weights(frac)  # (n, 4)
     out = torch.zeros(int(n), k + 2 * MARGIN + 1, device=device, dtype=dtype)
     rows = torch.arange(int(n), device=device)
     base = first.long() - 1

@@ -78,16 +78,22 @@ class DenseMaps:
 COARSE_MAX_VOXELS = 1 << 17
 
 
+def _downsampled_under(shape, factor: int, max_voxels: int, minimum: int) -> tuple[int, ...]:
+    """``shape`` downsampled by ``factor`` or more (at least ``minimum`` voxels an axis), the first
+    such grid with at most ``max_voxels`` voxels."""
+    f = int(factor)
+    while True:
+        s = tuple(max(minimum, min(int(n), -(-int(n) // f))) for n in shape)
+        if math.prod(s) <= max_voxels or all(n <= minimum for n in s):
+            return s
+        f += 1
+
+
 def pyramid_shapes(shape, factors, max_voxels: int = COARSE_MAX_VOXELS) -> list[tuple[int, ...]]:
     """Coarse grids of ``shape`` downsampled by each factor (coarse first), none above ``max_voxels``."""
     out: list[tuple[int, ...]] = []
     for f in factors:
-        f = int(f)
-        while True:
-            s = tuple(max(4, min(int(n), -(-int(n) // f))) for n in shape)
-            if math.prod(s) <= max_voxels or all(n <= 4 for n in s):
-                break
-            f += 1
+        s = _downsampled_under(shape, f, max_voxels, 4)
         if s not in out:
             out.append(s)
     return out
@@ -108,12 +114,7 @@ WARP_MAX_VOXELS = 1 << 20
 
 def comparison_shape(shape, max_voxels: int = WARP_MAX_VOXELS) -> tuple[int, ...]:
     """The image ``shape``, or its finest integer downsampling with at most ``max_voxels`` voxels."""
-    f = 1
-    while True:
-        s = tuple(max(1, -(-int(n) // f)) for n in shape)
-        if math.prod(s) <= max_voxels or all(n == 1 for n in s):
-            return s
-        f += 1
+    return _downsampled_under(shape, 1, max_voxels, 1)
 
 
 def knot_spacings(shape, grids) -> list[float]:
@@ -128,6 +129,11 @@ def knot_spacings(shape, grids) -> list[float]:
     factors = [max(n / m for n, m in zip(shape, g)) for g in grids]
     last = max(2 * factors[-1], min(8 * factors[-1], (min(shape) - 1) / 4))
     return [last * f / factors[-1] for f in factors]
+
+
+def _area(t: torch.Tensor, shape) -> torch.Tensor:
+    """``t`` averaged down to ``shape`` (itself when it has that shape already)."""
+    return t if tuple(t.shape[2:]) == tuple(shape) else F.interpolate(t, size=tuple(shape), mode="area")
 
 
 def _resample(t: torch.Tensor, shape) -> torch.Tensor:
@@ -173,14 +179,12 @@ def optimize_velocity(
     dev = fixed.device
     spacings = knot_spacings(full, shapes) if spacings is None else list(spacings)
     fine = comparison_shape(full, compare_max_voxels)
-    f_fine = F.interpolate(fixed, size=fine, mode="area") if fine != full else fixed
-    m_fine = F.interpolate(moving, size=fine, mode="area") if fine != full else moving
+    f_fine, m_fine = _area(fixed, fine), _area(moving, fine)
     ident = normalized_grid(fine, dev)[None]
     v = None
     for k, shape in enumerate(shapes):
         cmp = fine if k == len(shapes) - 1 else tuple(shape)
-        f_l = F.interpolate(f_fine, size=cmp, mode="area")
-        m_l = F.interpolate(m_fine, size=cmp, mode="area")
+        f_l, m_l = _area(f_fine, cmp), _area(m_fine, cmp)
         base = torch.zeros(1, d, *shape, device=dev) if v is None else _resample(v, shape)
         intervals = intervals_for_spacing(full, spacings[k])
         weights = [grid_weights(n, i, device=dev) for n, i in zip(shape, intervals)]
@@ -192,12 +196,8 @@ def optimize_velocity(
             vk = base + bspline_on_grid(ctrl, weights)
             u_f = _resample(integrate_velocity(vk, steps), fine)
             u_b = _resample(integrate_velocity(-vk, steps), fine)
-            wm = F.interpolate(
-                grid_sample_points(m_fine, ident + torch.movedim(u_f, 1, -1)), size=cmp, mode="area"
-            )
-            wf = F.interpolate(
-                grid_sample_points(f_fine, ident + torch.movedim(u_b, 1, -1)), size=cmp, mode="area"
-            )
+            wm = _area(grid_sample_points(m_fine, ident + torch.movedim(u_f, 1, -1)), cmp)
+            wf = _area(grid_sample_points(f_fine, ident + torch.movedim(u_b, 1, -1)), cmp)
             loss = 0.5 * (_similarity(similarity, f_l, wm) + _similarity(similarity, m_l, wf))
             if reg_weight > 0:
                 loss = loss + reg_weight * R.bending_grid(vk * to_vox)
