@@ -93,6 +93,12 @@ def test_result_layers_update_in_place_and_remove_leftovers(make_napari_viewer, 
     layers = _show_gradually(results, qtbot, first, roles=["warped", "folds", "grid"])
     assert [ly.name for ly in viewer.layers] == ["mine", "a warped", "a folds", "run grid 2"]
     assert viewer.layers.selection.active is user  # results are not selected one after the other
+    panels = viewer.window._qt_viewer.controls.widgets  # built after the inserts, one turn each
+    assert [type(panels[ly]).__name__ for ly in layers] == [
+        "QtImageControls",
+        "QtLabelsControls",
+        "QtShapesControls",
+    ]
     warped, folds, shapes = layers
     second = [
         (2 * np.ones((5, 6)), {"name": "b warped", "contrast_limits": (0, 2), "scale": (2.0, 2.0)}, "image"),
@@ -122,6 +128,27 @@ def test_result_layers_adopt_an_existing_layer(make_napari_viewer, qtbot):
     assert warped.name == "warped" and warped.colormap.name == "gray" and warped.blending == "translucent"
     assert warped.visible
     np.testing.assert_array_equal(warped.data, data)
+
+
+def test_controls_later_builds_layer_controls_in_a_later_call(make_napari_viewer):
+    from napari._qt.layer_controls.qt_image_controls import QtImageControls
+
+    from napari_nephi.widgets._results import controls_later
+
+    viewer = make_napari_viewer()
+    controls = viewer.window._qt_viewer.controls
+    with controls_later(viewer) as build:
+        a = viewer.add_image(np.zeros((4, 4)), name="a")
+        b = viewer.add_labels(np.zeros((4, 4), int), name="b")
+    assert not isinstance(controls.widgets[a], QtImageControls)  # an empty placeholder so far
+    viewer.layers.selection.active = a  # napari's handlers find the placeholder: no KeyError
+    viewer.layers.remove(b)  # removed before its controls were built
+    build()
+    assert isinstance(controls.widgets[a], QtImageControls) and b not in controls.widgets
+    assert controls.currentWidget() is controls.widgets[a]  # the selected layer shows its real panel
+    c = viewer.add_image(np.zeros((4, 4)), name="c")  # outside the block napari builds them at once
+    assert isinstance(controls.widgets[c], QtImageControls)
+    assert controls.count() == len(viewer.layers) + 1  # the layers' panels and napari's empty one
 
 
 def test_remove_layer_leaves_the_collector_as_it_was(make_napari_viewer):

@@ -34,7 +34,15 @@ from ..core.transform_io import load_transform
 from ._options import RegistrationOptions
 from ._pickers import LayerPicker
 from ._plot import CurvePlot
-from ._results import STEP_MS, ResultLayers, not_selected, remove_layer, viewer_open, warm_up
+from ._results import (
+    STEP_MS,
+    ResultLayers,
+    controls_later,
+    not_selected,
+    remove_layer,
+    viewer_open,
+    warm_up,
+)
 from ._runner import RegistrationRunner
 
 #: Do not push previews to the canvas more often than this (seconds).
@@ -251,11 +259,12 @@ class RegisterWidget(QWidget):
         Adding a layer is the most expensive thing napari does for us (~50-100 ms of GUI time);
         done here it does not compete with the worker, and the first preview only fills it in.
         """
-        with not_selected(self.viewer):
+        with not_selected(self.viewer), controls_later(self.viewer) as build_controls:
             self.preview_layer = self.viewer.add_image(
                 np.zeros((1,) * ndim, np.float32), name=f"{self._inputs['name']} preview",
                 scale=self._inputs["scale"], colormap="magenta", blending="additive", visible=False,
             )  # fmt: skip
+        QTimer.singleShot(STEP_MS, build_controls)  # its controls panel: a turn of its own
         self._preview_shown = False
 
     def _reuse_warped_for_preview(self, ndim: int) -> bool:
@@ -370,11 +379,12 @@ class RegisterWidget(QWidget):
             got_preview = shown and partial[0] is not self._reused["data"]
             self._restore_reused()
             if self.keep_partial.isChecked() and got_preview:
-                with not_selected(self.viewer):
+                with not_selected(self.viewer), controls_later(self.viewer) as build_controls:
                     self.viewer.add_image(
                         partial[0], name=f"{self._inputs['name']} preview (partial, cancelled)",
                         scale=partial[1], translate=partial[2], colormap="magenta", blending="additive",
                     )  # fmt: skip
+                QTimer.singleShot(STEP_MS, build_controls)
                 self.status.setText("Cancelled; the partial preview is kept as its own layer.")
             else:
                 self.status.setText("Cancelled; no layers were changed.")

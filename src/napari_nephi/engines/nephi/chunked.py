@@ -37,7 +37,7 @@ from ...core.errors import InputError
 from ...core.grid import normalized_to_voxel, voxel_to_normalized
 from ...core.warp import iter_slabs, slab_grid
 from .bspline import intervals_for_spacing
-from .coarse import grid_sample_points, optimize_velocity, pyramid_shapes
+from .coarse import grid_sample_points, level_iterations, optimize_velocity, pyramid_shapes
 from .dense import DENSE_CHUNK, dense_displacement
 from .field import FieldConfig, NeuralDeformationField, local_grid_shape, zero_codes
 from .optimize import Maps, OptimizeSettings, optimize_field
@@ -353,7 +353,11 @@ def optimize_pair(
 
 def total_steps(plan: ChunkPlan, levels: int, coarse_iterations: int, iterations: int, chunk_iterations: int):
     shapes = pyramid_shapes(plan.global_shape, [2**k for k in range(levels - 1, 0, -1)]) if levels > 1 else []
-    return coarse_iterations * len(shapes) + iterations + chunk_iterations * len(plan.boxes)
+    return (
+        sum(level_iterations(coarse_iterations, len(shapes)))
+        + iterations
+        + chunk_iterations * len(plan.boxes)
+    )
 
 
 def register_chunked(

@@ -52,9 +52,17 @@ def compose_displacement(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def integrate_velocity(v: torch.Tensor, steps: int = 6) -> torch.Tensor:
     """Scaling and squaring: the displacement of ``exp(v)`` for a stationary velocity ``(B, D, *S)``."""
+    return _integrate_xy(v.flip(1), steps).flip(1)
+
+
+def _integrate_xy(v: torch.Tensor, steps: int) -> torch.Tensor:
+    """:func:`integrate_velocity` for a field whose components are in ``grid_sample``'s order
+    (x, y[, z]): ``steps`` self-compositions with one identity grid and no per-step flips."""
+    ident = normalized_grid(v.shape[2:], v.device, v.dtype).flip(-1)[None]
     u = v / (2**steps)
     for _ in range(steps):
-        u = compose_displacement(u, u)
+        pts = ident + torch.movedim(u, 1, -1)
+        u = u + F.grid_sample(u, pts, mode="bilinear", padding_mode="border", align_corners=True)
     return u
 
 
@@ -143,6 +151,12 @@ def _resample(t: torch.Tensor, shape) -> torch.Tensor:
     return F.interpolate(t, size=tuple(shape), mode=mode, align_corners=True)
 
 
+def level_iterations(iterations: int, levels: int) -> list[int]:
+    """Steps of each coarse level (coarse first): the finest runs ``iterations``, level ``k`` of
+    ``levels`` a ``(k + 1) / levels`` share, since a coarse level's few knots converge sooner."""
+    return [max(1, iterations * (k + 1) // levels) if iterations > 0 else 0 for k in range(levels)]
+
+
 def optimize_velocity(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -160,16 +174,20 @@ def optimize_velocity(
 
     At each level the velocity is the previous levels' (frozen) plus a cubic B-spline with knots
     ``spacings[k]`` voxels of the image apart (default :func:`knot_spacings`, halving with the
-    grid), evaluated on the level's grid and integrated there by scaling and squaring. The
-    spline keeps the field smooth, so no explicit penalty is needed: ``reg_weight`` (default 0
-    in the engine) adds the bending energy of ``v`` in voxels of the level's grid.
+    grid), evaluated on the level's grid and integrated there by scaling and squaring; the level
+    runs :func:`level_iterations` steps of Adam. ``reg_weight`` weights the bending energy of ``v``
+    in voxels of the level's grid: the spline alone keeps ``v`` smooth, the penalty fills in
+    regions without texture from their surroundings.
 
-    Every level warps the images on the full grid (or the finest downsampling with at most
-    ``compare_max_voxels`` voxels, :func:`comparison_shape`) with the displacement upsampled to it,
-    then compares them averaged down to the level's grid (the last level on the fine grid itself,
-    which resolves detail a small volume's coarse grids lose). Warping the downsampled images instead
-    would be cheaper but biased: averaging does not commute with a non-uniform warp, which moves
-    each level's optimum by a fraction of a voxel and lands the next level in a worse basin.
+    The last level warps the images on the full grid (or the finest downsampling with at most
+    ``compare_max_voxels`` voxels, :func:`comparison_shape`) and compares them there, which resolves
+    detail a small volume's coarse grids lose; a coarser level warps them on a grid twice as fine
+    as its own per axis (at most the full one) and compares them averaged down to its own. Warping
+    images downsampled to the level's grid would be cheaper but biased: averaging does not commute
+    with a non-uniform warp, which moves each level's optimum by a fraction of a voxel and lands
+    the next level in a worse basin.
+    2D images are warped with bicubic interpolation, whose smoothing varies less with the
+    sub-voxel shift than bilinear's (3D: trilinear, the only choice of ``grid_sample``).
 
     ``fixed`` and ``moving`` are ``(1, 1, *spatial)`` on the same grid; ``on_step(loss)`` is called
     every iteration (it reports progress and may raise ``Cancelled``).
@@ -180,24 +198,31 @@ def optimize_velocity(
     spacings = knot_spacings(full, shapes) if spacings is None else list(spacings)
     fine = comparison_shape(full, compare_max_voxels)
     f_fine, m_fine = _area(fixed, fine), _area(moving, fine)
-    ident = normalized_grid(fine, dev)[None]
+    # Fields below have their components in grid_sample's order (x, y[, z]): no flips per step.
+    mode = "bicubic" if d == 2 else "bilinear"
+
+    def warp(image, u, ident):
+        pts = ident + torch.movedim(_resample(u, image.shape[2:]), 1, -1)
+        return F.grid_sample(image, pts, mode=mode, padding_mode="border", align_corners=True)
+
     v = None
-    for k, shape in enumerate(shapes):
+    for k, (shape, n_steps) in enumerate(zip(shapes, level_iterations(iterations, len(shapes)))):
         cmp = fine if k == len(shapes) - 1 else tuple(shape)
         f_l, m_l = _area(f_fine, cmp), _area(m_fine, cmp)
+        warp_grid = fine if cmp == fine else comparison_shape(fine, 2**d * math.prod(shape))
+        f_w, m_w = _area(f_fine, warp_grid), _area(m_fine, warp_grid)
+        ident = normalized_grid(warp_grid, dev).flip(-1)[None]
         base = torch.zeros(1, d, *shape, device=dev) if v is None else _resample(v, shape)
         intervals = intervals_for_spacing(full, spacings[k])
         weights = [grid_weights(n, i, device=dev) for n, i in zip(shape, intervals)]
         ctrl = torch.nn.Parameter(torch.zeros(1, d, *control_shape(intervals), device=dev))
-        to_vox = torch.as_tensor([(n - 1) / 2 for n in shape], device=dev).reshape(1, d, *[1] * d)
+        to_vox = torch.as_tensor([(n - 1) / 2 for n in shape[::-1]], device=dev).reshape(1, d, *[1] * d)
         opt = torch.optim.Adam([ctrl], lr=learning_rate)
-        for _ in range(iterations):
+        for _ in range(n_steps):
             opt.zero_grad()
             vk = base + bspline_on_grid(ctrl, weights)
-            u_f = _resample(integrate_velocity(vk, steps), fine)
-            u_b = _resample(integrate_velocity(-vk, steps), fine)
-            wm = _area(grid_sample_points(m_fine, ident + torch.movedim(u_f, 1, -1)), cmp)
-            wf = _area(grid_sample_points(f_fine, ident + torch.movedim(u_b, 1, -1)), cmp)
+            wm = _area(warp(m_w, _integrate_xy(vk, steps), ident), cmp)
+            wf = _area(warp(f_w, _integrate_xy(-vk, steps), ident), cmp)
             loss = 0.5 * (_similarity(similarity, f_l, wm) + _similarity(similarity, m_l, wf))
             if reg_weight > 0:
                 loss = loss + reg_weight * R.bending_grid(vk * to_vox)
@@ -206,8 +231,9 @@ def optimize_velocity(
             on_step(float(loss.detach()))
         with torch.no_grad():
             v = base + bspline_on_grid(ctrl.detach(), weights)
-    del f_fine, m_fine, ident
+        del f_w, m_w, ident
+    del f_fine, m_fine
     if v is None:
         v = torch.zeros(1, d, *full, device=dev)
     with torch.no_grad():
-        return DenseMaps(integrate_velocity(v, steps), integrate_velocity(-v, steps))
+        return DenseMaps(_integrate_xy(v, steps).flip(1), _integrate_xy(-v, steps).flip(1))

@@ -41,7 +41,7 @@ from ...core.registration import Pair, Registration, register_engine
 from ...core.transform import AffineTransform, DisplacementTransform
 from . import chunked as chunking
 from .bspline import intervals_for_spacing
-from .coarse import DenseMaps, optimize_velocity, pyramid_shapes
+from .coarse import DenseMaps, level_iterations, optimize_velocity, pyramid_shapes
 from .dense import Previewer, dense_displacement, inside_mask, inverse_consistency
 from .field import FieldConfig, NeuralDeformationField, local_grid_shape, zero_codes
 from .mlp import REPRESENTATIONS
@@ -53,7 +53,7 @@ MODES = ("optimize", "predict", "predict+refine")
 #: Parameters each preset fills in when not given explicitly.
 PRESETS: dict[str, dict] = {
     "fast": {
-        "iterations": 300,
+        "iterations": 50,
         "hidden": 64,
         "layers": 3,
         "n_frequencies": 32,
@@ -73,6 +73,12 @@ PRESETS: dict[str, dict] = {
         "max_reg_points": 500,
     },
 }
+
+#: Default Adam learning rates (networks, codes) of the neural field: from the identity or from
+#: predicted codes ("start"), and after a coarse stage ("refine"), where the field only corrects a
+#: converged map and the larger rates knock it off by a fraction of a voxel in 50 steps
+#: (benchmarks/README.md).
+LEARNING_RATES = {"start": (2e-3, 1e-2), "refine": (5e-4, 2.5e-3)}
 
 #: Default weight of each regulariser (the similarity loss is ``1 - NCC`` in [0, 2]).
 REG_WEIGHTS = {
@@ -104,9 +110,9 @@ def register_nephi(
     reg_points: int | None = None,
     levels: int | None = None,
     coarse_iterations: int | None = None,
-    coarse_reg_weight: float = 0.0,
-    learning_rate: float = 2e-3,
-    code_learning_rate: float = 1e-2,
+    coarse_reg_weight: float = 0.1,
+    learning_rate: float | None = None,
+    code_learning_rate: float | None = None,
     hidden: int | None = None,
     layers: int | None = None,
     n_frequencies: int | None = None,
@@ -137,6 +143,9 @@ def register_nephi(
     them, at most the preset's cap). Points for the regulariser: ``reg_points``, or 1e-4 of the
     voxels clipped to [64, the preset's cap (200 or 500)]. ``cycle_weight`` (default: 0 with
     GradICON or cycle consistency, else the cycle weight) keeps the backward field the inverse.
+
+    ``learning_rate`` and ``code_learning_rate`` (Adam, networks and latent codes) default to
+    :data:`LEARNING_RATES`: a quarter of the rates after a coarse stage, which the field refines.
 
     ``bspline_spacing``: voxels between B-spline control points of a B-spline-smoothed field
     (SINR); 0 (default) evaluates the network at every point. In ``predict`` modes the model's own
@@ -187,6 +196,12 @@ def register_nephi(
     if local_stride < 1:
         raise InputError("local_stride must be a positive number of voxels.")
     reg_weight = REG_WEIGHTS[regularizer] if reg_weight is None else float(reg_weight)
+    # After a coarse stage the field refines a converged map: smaller steps (see LEARNING_RATES).
+    rates = LEARNING_RATES[
+        "refine" if mode == "optimize" and levels > 1 and coarse_iterations > 0 else "start"
+    ]
+    learning_rate = rates[0] if learning_rate is None else float(learning_rate)
+    code_learning_rate = rates[1] if code_learning_rate is None else float(code_learning_rate)
     if cycle_weight is None:
         # GradICON and cycle consistency tie the backward field to the forward one; the other
         # regularisers act on each field alone, so add cycle consistency to keep them inverse.
@@ -255,7 +270,7 @@ def register_nephi(
     factors = [2**k for k in range(levels - 1, 0, -1)]  # e.g. levels=3 -> [4, 2]
     shapes = pyramid_shapes(fshape, factors) if levels > 1 and not predicting else []
     refine = iterations if mode != "predict" else 0
-    total = coarse_iterations * len(shapes) + refine + (1 if predicting else 0)
+    total = sum(level_iterations(coarse_iterations, len(shapes))) + refine + (1 if predicting else 0)
     if use_chunks:  # the global pass runs the coarse stage on the downsampled pair
         shapes = pyramid_shapes(plan.global_shape, factors) if levels > 1 else []
         total = chunking.total_steps(plan, levels, coarse_iterations, iterations, chunk_iterations)
@@ -359,7 +374,7 @@ def register_nephi(
     warped = transform.warp(pair.moving, output_shape=fshape, device=device)
     metrics = {
         "iterations": refine,
-        "coarse_iterations": coarse_iterations * len(shapes),
+        "coarse_iterations": sum(level_iterations(coarse_iterations, len(shapes))),
         "levels": len(shapes) + 1,
         "final_loss": history[-1] if history else None,
         "seconds_optimisation": seconds_opt,
