@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 import napari_nephi
-from napari_nephi.engines.nephi.engine import PRESETS, REG_WEIGHTS
+from napari_nephi.engines.nephi.coarse import level_iterations
+from napari_nephi.engines.nephi.engine import LEARNING_RATES, PRESETS, REG_WEIGHTS
+from napari_nephi.engines.nephi.optimize import _lr_factor
 
 
 def endpoint_error(estimated, truth, margin):
@@ -75,6 +77,19 @@ def test_2d_progress_metrics_and_settings(camera_result):
     assert s["method"] == "nephi" and s["mode"] == "optimize" and s["regularizer"] == "gradicon"
     assert s["iterations"] == FAST_2D["iterations"] and s["field"]["hidden"] == 48
     assert s["sample_points"] == 2048 and s["reg_points"] == 64
+    # after the coarse stage (coarser levels run fewer steps) the field refines at smaller rates
+    assert reg.metrics["coarse_iterations"] == sum(level_iterations(PRESETS["fast"]["coarse_iterations"], 2))
+    assert total == reg.metrics["coarse_iterations"] + FAST_2D["iterations"]
+    assert (s["learning_rate"], s["code_learning_rate"]) == LEARNING_RATES["refine"]
+
+
+def test_learning_rate_warms_up_then_decays():
+    f = [_lr_factor(k, 100, 0.2, 0.1) for k in range(100)]
+    assert f[0] == pytest.approx(0.05) and all(a < b for a, b in zip(f[:19], f[1:20]))  # linear ramp
+    assert max(f) == pytest.approx(f[19]) and f[19] > 0.9  # the (decaying) full rate after the warm-up
+    assert all(a >= b for a, b in zip(f[19:], f[20:])) and f[-1] == pytest.approx(0.1, abs=0.01)
+    assert level_iterations(100, 2) == [50, 100] and level_iterations(150, 3) == [50, 100, 150]
+    assert level_iterations(0, 2) == [0, 0] and level_iterations(1, 3) == [1, 1, 1]
 
 
 def test_2d_transform_round_trips_through_files(camera_result, tmp_path):
@@ -221,6 +236,7 @@ def test_presets_fill_parameters(small_pair):
     )
     assert reg.settings["field"]["hidden"] == PRESETS["accurate"]["hidden"]
     assert reg.settings["field"]["layers"] == PRESETS["accurate"]["layers"]
+    assert reg.settings["learning_rate"] == LEARNING_RATES["start"][0]  # no coarse stage to refine
 
 
 @pytest.mark.parametrize(

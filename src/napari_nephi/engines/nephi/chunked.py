@@ -294,9 +294,11 @@ def _point_weights(plan: ChunkPlan, k: int, pos: torch.Tensor) -> torch.Tensor:
 
 
 def point_counts(nvox: int, sample_fraction: float, sample_points, reg_points, caps: dict) -> tuple[int, int]:
-    """Similarity and regulariser points for a problem of ``nvox`` voxels (the engine's rule)."""
+    """Similarity and regulariser points for a problem of ``nvox`` voxels (the engine's rule;
+    ``caps``: the preset's ``min_sample_points``, ``max_sample_points`` and ``max_reg_points``)."""
     if sample_points is None:
-        sample_points = min(max(round(sample_fraction * nvox), min(nvox, 4096)), caps["max_sample_points"])
+        low = min(nvox, caps["min_sample_points"])
+        sample_points = min(max(round(sample_fraction * nvox), low), caps["max_sample_points"])
     if reg_points is None:
         reg_points = min(max(round(1e-4 * nvox), 64), caps["max_reg_points"])
     return int(max(sample_points, 16)), int(reg_points)
