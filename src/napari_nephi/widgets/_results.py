@@ -116,6 +116,9 @@ def controls_later(viewer) -> Iterator[Callable[[], None]]:
         pending.append((event.value, panel))
 
     def build() -> None:
+        if not viewer_open(viewer):  # closed meanwhile: its panels are gone with the window
+            pending.clear()
+            return
         for layer, panel in pending:
             if controls.widgets.get(layer) is not panel:  # removed (and its panel with it) meanwhile
                 continue
