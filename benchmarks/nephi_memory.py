@@ -37,7 +37,6 @@ Methods (CPU, 1 torch thread):
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -93,8 +92,12 @@ class Sampler:
             time.sleep(0.005)
 
     def __enter__(self):
+        import torch
+
+        from napari_nephi.core.device import release_free_memory
+
         gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the warm-up's freed heap back first
+        release_free_memory(torch.device("cpu"))  # hand the warm-up's freed heap back first
         self.base = self.rss()
         self.t0 = time.perf_counter()
         self.thread.start()

@@ -67,6 +67,8 @@ def registration_layers(
     ``scale``, the fixed image's voxel size (default ``reg.transform.spacing``), and a name starting with
     ``name_prefix``. The displacement field is computed once and shared.
     """
+    if grid_style not in ("paths", "vectors"):
+        raise InputError(f"grid_style must be 'paths' or 'vectors', not {grid_style!r}.")
     t = reg.transform
     shape = check_shape(t, fixed_shape)
     sc = layer_scale(scale, len(shape), t.spacing)
@@ -87,8 +89,6 @@ def registration_layers(
     layers.append(named(jac, visible=False))
     layers.append(named(folds_layer(jac[0])))
     grid = deformation_grid(t, shape, spacing_px, slice_axis=slice_axis, displacement=u)
-    if grid_style not in ("paths", "vectors"):
-        raise InputError(f"grid_style must be 'paths' or 'vectors', not {grid_style!r}.")
     layers.append(named(grid_as_vectors(grid) if grid_style == "vectors" else grid))
     if moving_labels is not None:
         layers.append(named(warped_labels_layer(t, moving_labels, shape)))

@@ -259,13 +259,18 @@ class RegisterWidget(QWidget):
         Adding a layer is the most expensive thing napari does for us (~50-100 ms of GUI time);
         done here it does not compete with the worker, and the first preview only fills it in.
         """
-        with not_selected(self.viewer), controls_later(self.viewer) as build_controls:
-            self.preview_layer = self.viewer.add_image(
-                np.zeros((1,) * ndim, np.float32), name=f"{self._inputs['name']} preview",
-                scale=self._inputs["scale"], colormap="magenta", blending="additive", visible=False,
-            )  # fmt: skip
-        QTimer.singleShot(STEP_MS, build_controls)  # its controls panel: a turn of its own
+        self.preview_layer = self._add_image_quietly(
+            np.zeros((1,) * ndim, np.float32), name=f"{self._inputs['name']} preview",
+            scale=self._inputs["scale"], colormap="magenta", blending="additive", visible=False,
+        )  # fmt: skip
         self._preview_shown = False
+
+    def _add_image_quietly(self, data, **kwargs) -> Image:
+        """Add an Image layer without selecting it; its controls panel is built in a turn of its own."""
+        with not_selected(self.viewer), controls_later(self.viewer) as build_controls:
+            layer = self.viewer.add_image(data, **kwargs)
+        QTimer.singleShot(STEP_MS, build_controls)
+        return layer
 
     def _reuse_warped_for_preview(self, ndim: int) -> bool:
         """Show this run's previews in the previous run's warped layer (it is updated in place at the
@@ -379,12 +384,10 @@ class RegisterWidget(QWidget):
             got_preview = shown and partial[0] is not self._reused["data"]
             self._restore_reused()
             if self.keep_partial.isChecked() and got_preview:
-                with not_selected(self.viewer), controls_later(self.viewer) as build_controls:
-                    self.viewer.add_image(
-                        partial[0], name=f"{self._inputs['name']} preview (partial, cancelled)",
-                        scale=partial[1], translate=partial[2], colormap="magenta", blending="additive",
-                    )  # fmt: skip
-                QTimer.singleShot(STEP_MS, build_controls)
+                self._add_image_quietly(
+                    partial[0], name=f"{self._inputs['name']} preview (partial, cancelled)",
+                    scale=partial[1], translate=partial[2], colormap="magenta", blending="additive",
+                )  # fmt: skip
                 self.status.setText("Cancelled; the partial preview is kept as its own layer.")
             else:
                 self.status.setText("Cancelled; no layers were changed.")

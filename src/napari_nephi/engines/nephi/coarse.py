@@ -42,22 +42,9 @@ def grid_sample_points(volume: torch.Tensor, points: torch.Tensor, padding: str 
     return out.reshape(b, volume.shape[1], *lead)
 
 
-def compose_displacement(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Displacement of ``(x + u) o (x + w)``: ``w(x) + u(x + w(x))``. Fields ``(B, D, *S)``."""
-    shape = u.shape[2:]
-    ident = normalized_grid(shape, u.device, u.dtype)
-    pts = ident[None] + torch.movedim(w, 1, -1)
-    return w + grid_sample_points(u, pts)
-
-
-def integrate_velocity(v: torch.Tensor, steps: int = 6) -> torch.Tensor:
-    """Scaling and squaring: the displacement of ``exp(v)`` for a stationary velocity ``(B, D, *S)``."""
-    return _integrate_xy(v.flip(1), steps).flip(1)
-
-
 def _integrate_xy(v: torch.Tensor, steps: int) -> torch.Tensor:
-    """:func:`integrate_velocity` for a field whose components are in ``grid_sample``'s order
-    (x, y[, z]): ``steps`` self-compositions with one identity grid and no per-step flips."""
+    """Scaling and squaring: the displacement of ``exp(v)`` for a stationary velocity ``(B, D, *S)``
+    whose components are in ``grid_sample``'s order (x, y[, z]), so no step flips them."""
     ident = normalized_grid(v.shape[2:], v.device, v.dtype).flip(-1)[None]
     u = v / (2**steps)
     for _ in range(steps):

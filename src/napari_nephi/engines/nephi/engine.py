@@ -273,9 +273,11 @@ def register_nephi(
     factors = [2**k for k in range(levels - 1, 0, -1)]  # e.g. levels=3 -> [4, 2]
     shapes = pyramid_shapes(fshape, factors) if levels > 1 and not predicting else []
     refine = iterations if mode != "predict" else 0
-    total = sum(level_iterations(coarse_iterations, len(shapes))) + refine + (1 if predicting else 0)
     if use_chunks:  # the global pass runs the coarse stage on the downsampled pair
         shapes = pyramid_shapes(plan.global_shape, factors) if levels > 1 else []
+    coarse_steps = sum(level_iterations(coarse_iterations, len(shapes)))
+    total = coarse_steps + refine + (1 if predicting else 0)
+    if use_chunks:
         total = chunking.total_steps(plan, levels, coarse_iterations, iterations, chunk_iterations)
     counter = {"step": 0}
     preview = Previewer(pair, moving_on_fixed, fshape, device)
@@ -377,7 +379,7 @@ def register_nephi(
     warped = transform.warp(pair.moving, output_shape=fshape, device=device)
     metrics = {
         "iterations": refine,
-        "coarse_iterations": sum(level_iterations(coarse_iterations, len(shapes))),
+        "coarse_iterations": coarse_steps,
         "levels": len(shapes) + 1,
         "final_loss": history[-1] if history else None,
         "seconds_optimisation": seconds_opt,
