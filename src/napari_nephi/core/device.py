@@ -70,6 +70,51 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can use on ``device``: free GPU memory, or the system's available RAM.
+
+    None when it cannot be told (MPS, a system without ``/proc/meminfo`` or ``sysconf``).
+    """
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(needed_bytes: float, device: torch.device, what: str, advice: str) -> None:
+    """Raise :class:`OutOfMemoryError` before a run whose estimate ``needed_bytes`` does not fit.
+
+    ``advice`` says what to do instead (a coarser level, the chunked mode, ...).
+    """
+    available = available_memory_bytes(device)
+    if available is None or needed_bytes <= available:
+        return
+    where = "GPU" if device.type == "cuda" else "memory"
+    raise OutOfMemoryError(
+        f"The {what} needs about {needed_bytes / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of "
+        f"{where} is free. {advice}"
+    )
+
+
+def _is_allocation_failure(exc: RuntimeError) -> bool:
+    text = str(exc)
+    return "DefaultCPUAllocator" in text or "not enough memory" in text or "out of memory" in text
+
+
 @contextlib.contextmanager
 def memory_guard(what: str = "registration") -> Iterator[None]:
     """Turn device out-of-memory errors into :class:`OutOfMemoryError` with advice."""
@@ -84,6 +129,12 @@ def memory_guard(what: str = "registration") -> Iterator[None]:
         ) from exc
     except MemoryError as exc:
         if isinstance(exc, OutOfMemoryError):
+            raise
+        raise OutOfMemoryError(
+            f"The {what} ran out of memory. Downsample the images or crop them to the region of interest."
+        ) from exc
+    except RuntimeError as exc:  # torch's CPU allocator raises a plain RuntimeError
+        if not _is_allocation_failure(exc):
             raise
         raise OutOfMemoryError(
             f"The {what} ran out of memory. Downsample the images or crop them to the region of interest."
