@@ -307,6 +307,30 @@ def test_aligned_labels_keep_values(em):
     assert np.mean([dice(a, t) for a, t in zip(aligned, truth)]) > 0.9
 
 
+def test_label_warps_agree_for_every_dtype(em):
+    """One code path for every label dtype: the same pixels land in the same places."""
+    reg = align_stack(em["stack"], em["masks"], warp=False)
+    masks = em["masks"].astype(np.int64)
+    values = np.unique(masks)
+    assert len(values) > 3
+    # a one-to-one relabelling into each dtype's range (largest label the dtype's largest value)
+    outs = {}
+    for dtype in (np.uint8, np.uint16, np.int32, np.int64, np.float32):
+        top = np.iinfo(dtype).max // 2 if np.dtype(dtype).kind in "iu" else 1e30
+        new_values = np.linspace(0, top, len(values)).astype(dtype)
+        assert len(np.unique(new_values)) == len(values)
+        relabelled = new_values[np.searchsorted(values, masks)]
+        out = warp_sections(relabelled, reg.transform.matrices, labels=True)
+        assert out.dtype == np.dtype(dtype)
+        assert set(np.unique(out)) <= set(new_values)
+        # back to the original labels to compare dtypes with each other
+        outs[dtype] = values[np.searchsorted(new_values, out)]
+    first = outs[np.uint8]
+    assert (first > 0).mean() > 0.01
+    for dtype, out in outs.items():
+        np.testing.assert_array_equal(out, first, err_msg=str(dtype))
+
+
 # -- input errors ----------------------------------------------------------------------------------
 def test_clear_errors(em):
     with pytest.raises(InputError, match="2D"):

@@ -713,24 +713,43 @@ _LINEAR_DTYPES = {np.dtype(t) for t in (np.uint8, np.uint16, np.int16, np.float3
 def _warp_one(section: np.ndarray, matrix_yx: np.ndarray, labels: bool) -> np.ndarray:
     h, w = section.shape
     m = ft.yx_to_xy(matrix_yx)
-    flags = (cv2.INTER_NEAREST if labels else cv2.INTER_LINEAR) | cv2.WARP_INVERSE_MAP
     if labels:
-        if section.dtype in (np.uint8, np.uint16, np.int16, np.int32):
-            return cv2.warpPerspective(
-                section, m, (w, h), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0
-            )
-        # other dtypes: warp indices into the sorted label values, then look the values up
-        values, inverse = np.unique(section, return_inverse=True)
-        index = inverse.reshape(section.shape).astype(np.int32)
-        out = cv2.warpPerspective(
-            index, m, (w, h), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=-1
-        )
-        res = np.zeros(out.shape, dtype=section.dtype)
-        inside = out >= 0
-        res[inside] = values[out[inside]]
-        return res
+        return _warp_labels_one(section, m)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     src = section if section.dtype in _LINEAR_DTYPES else section.astype(np.float32)
     return cv2.warpPerspective(src, m, (w, h), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def _warp_labels_one(section: np.ndarray, matrix_xy: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour warp of a label section, the same code path for every dtype.
+
+    The labels become one int32 index image (1 + the index of each value among the section's
+    sorted values, 0 reserved for outside), which OpenCV warps with nearest neighbour; the
+    values are looked up afterwards. Which source pixel lands where thus never depends on the
+    dtype (uint8 and int64 labels give the same picture), and values are kept exactly.
+    """
+    h, w = section.shape
+    values, inverse = _label_index(section)
+    index = (inverse.reshape(section.shape) + 1).astype(np.int32, copy=False)
+    out = cv2.warpPerspective(
+        index, matrix_xy, (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT, borderValue=0,
+    )  # fmt: skip
+    res = np.zeros(out.shape, dtype=section.dtype)
+    inside = out > 0
+    res[inside] = values[out[inside] - 1]
+    return res
+
+
+def _label_index(section: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(sorted distinct values, index of each pixel's value)``; a lookup table for small ints."""
+    if section.dtype.kind in "ub" and section.dtype.itemsize <= 2:
+        present = np.bincount(section.ravel(), minlength=1) > 0
+        values = np.flatnonzero(present).astype(section.dtype)
+        lut = np.cumsum(present) - 1
+        return values, lut[section.ravel()]
+    values, inverse = np.unique(section, return_inverse=True)
+    return values, inverse.ravel()
 
 
 def warp_sections(
