@@ -21,11 +21,10 @@ from .core import (
     RegistrationError,
     Transform,
     UnsupportedFileError,
-    available_methods,
     load_transform,
-    register,
 )
 from .engines.mito import align_stack
+from .engines.registry import available_methods, method_descriptions, register, register_engine
 
 __all__ = [
     "AffineTransform",
@@ -44,5 +43,7 @@ __all__ = [
     "align_stack",
     "available_methods",
     "load_transform",
+    "method_descriptions",
     "register",
+    "register_engine",
 ]

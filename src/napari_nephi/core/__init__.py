@@ -1,6 +1,7 @@
 """Math shared by every engine: grids, warping, transforms, Jacobians, similarity, progress.
 
-Plain torch and numpy; nothing here imports Qt or napari.
+Plain torch and numpy; nothing here imports Qt, napari or an engine (the engine registry and
+``register()`` live in :mod:`napari_nephi.engines.registry`).
 """
 
 from .errors import (
@@ -13,7 +14,7 @@ from .errors import (
 )
 from .jacobian import fold_statistics, jacobian_determinant
 from .progress import Progress, ProgressEvent
-from .registration import Registration, available_methods, register, register_engine
+from .registration import Pair, Registration
 from .transform import (
     AffineTransform,
     ComposedTransform,
@@ -34,17 +35,15 @@ __all__ = [
     "InputError",
     "OutOfMemoryError",
     "PerSectionTransform",
+    "Pair",
     "Progress",
     "ProgressEvent",
     "Registration",
     "RegistrationError",
     "Transform",
     "UnsupportedFileError",
-    "available_methods",
     "fold_statistics",
     "jacobian_determinant",
     "load_transform",
-    "register",
-    "register_engine",
     "save_transform",
 ]

@@ -16,11 +16,12 @@ from ...core.device import choose_device, memory_guard, reset_peak_memory
 from ...core.errors import InputError
 from ...core.inputs import normalize_intensity
 from ...core.metrics import memory_report, similarity_report
-from ...core.registration import Pair, Registration, register_engine
+from ...core.registration import Pair, Registration
 from ...core.similarity import loss as similarity_loss
 from ...core.similarity import ncc
 from ...core.transform import AffineTransform
 from ...core.warp import sample
+from ..registry import register_engine
 
 KINDS = ("translation", "rigid", "similarity", "affine")
 
@@ -86,7 +87,7 @@ class _LinearMap(torch.nn.Module):
         return torch.cat([top, bottom], dim=0)
 
 
-@register_engine("affine")
+@register_engine("affine", description="Linear: translation, rigid, similarity or affine; fast")
 def register_affine(
     pair: Pair,
     kind: str = "affine",

@@ -9,8 +9,9 @@ import numpy as np
 
 from ...core.errors import InputError
 from ...core.metrics import similarity_report
-from ...core.registration import Pair, Registration, register_engine
+from ...core.registration import Pair, Registration
 from ...core.transform import AffineTransform
+from ..registry import register_engine
 from . import features as ft
 from .align import _fit_pair, _Sections, as_stack, build_options, read_section
 from .masks import intensity_range, to_uint8
@@ -86,7 +87,7 @@ def match_pair(
     }
 
 
-@register_engine("mito")
+@register_engine("mito", description="Keypoints in mitochondria, RANSAC (MITO); 2D EM sections")
 def register_mito(
     pair: Pair,
     detector: str = "mito",

@@ -37,8 +37,9 @@ from ...core.device import choose_device, memory_guard, release_free_memory, res
 from ...core.errors import DimensionMismatchError, InputError
 from ...core.inputs import normalize_intensity
 from ...core.metrics import memory_report, regularity_report, similarity_report
-from ...core.registration import Pair, Registration, register_engine
+from ...core.registration import Pair, Registration
 from ...core.transform import AffineTransform, DisplacementTransform
+from ..registry import register_engine
 from . import chunked as chunking
 from .bspline import intervals_for_spacing
 from .coarse import DenseMaps, level_iterations, optimize_velocity, pyramid_shapes
@@ -99,7 +100,7 @@ def _resolve(value, preset: dict, key: str):
     return preset[key] if value is None else value
 
 
-@register_engine("nephi")
+@register_engine("nephi", description="Deformable, neural deformation field (NePhi); 2D and 3D")
 def register_nephi(
     pair: Pair,
     mode: str = "optimize",
