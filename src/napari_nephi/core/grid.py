@@ -8,6 +8,7 @@ coordinates map voxel centre 0 to -1 and voxel centre ``n - 1`` to +1 (``align_c
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Real
 
 import numpy as np
 import torch
@@ -15,21 +16,37 @@ import torch
 from .errors import InputError
 
 
-def check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
-    """Validate a voxel spacing; ``None`` means 1 along every axis."""
+def check_spacing(spacing: Sequence[float] | float | None, ndim: int) -> tuple[float, ...]:
+    """Validate a voxel spacing: one positive number, or one per axis; ``None`` means 1 everywhere.
+
+    Raises :class:`InputError` for text, non-numbers, the wrong number of values, and values that
+    are NaN, infinite, zero or negative.
+    """
     if spacing is None:
         return (1.0,) * ndim
-    try:
-        sp = tuple(float(s) for s in spacing)
-    except TypeError:
-        sp = (float(spacing),) * ndim  # a single number
+    example = ", ".join(["1.0"] + ["0.5"] * (ndim - 1))
+    usage = f"give one positive number, or one per axis in (z, y, x) order, e.g. spacing=({example})"
+    if isinstance(spacing, np.ndarray) and spacing.ndim == 0:
+        spacing = spacing.item()
+    if isinstance(spacing, Real):
+        values = [spacing] * ndim  # a single number
+    elif isinstance(spacing, (str, bytes)):
+        values = None
+    else:
+        try:
+            values = list(spacing)
+        except TypeError:
+            values = None
+    if values is None or not all(isinstance(v, Real) and not isinstance(v, bool) for v in values):
+        raise InputError(f"spacing must be numbers, got {spacing!r}; {usage}.")
+    sp = tuple(float(v) for v in values)
     if len(sp) != ndim:
         raise InputError(
             f"spacing has {len(sp)} values but the image has {ndim} dimensions; give one "
             "spacing per axis in (z, y, x) order."
         )
     if not all(np.isfinite(s) and s > 0 for s in sp):
-        raise InputError(f"spacing must be finite and positive, got {sp}.")
+        raise InputError(f"spacing must be finite and positive, got {sp}; {usage}.")
     return sp
 
 

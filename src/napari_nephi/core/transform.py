@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import warp as _warp
+from .device import check_memory
 from .errors import DimensionMismatchError, InputError
 from .grid import check_spacing, identity_grid
 
@@ -89,6 +90,37 @@ def frame_to_lps(world_affine, spacing, ndim: int) -> np.ndarray:
         perm[axis, d - 1 - axis] = 1.0  # index i (row 0) is numpy's last axis
     perm[3, d] = 1.0
     return (a @ perm)[list(range(d)) + [3]]
+
+
+def check_output_memory(
+    shape: Sequence[int], channels: int, itemsize: int, what: str, advice: str, extra: float = 0.0
+) -> None:
+    """Raise :class:`OutOfMemoryError` before allocating a ``(channels, *shape)`` result that cannot fit.
+
+    ``extra``: further bytes needed meanwhile (an input copy); one chunk of coordinates is added.
+    """
+    shape = tuple(int(n) for n in shape)
+    if any(n <= 0 for n in shape):
+        raise InputError(f"Shape {shape} has an empty axis; every axis needs at least one voxel.")
+    needed = float(itemsize) * channels * float(np.prod([float(n) for n in shape]))
+    check_memory(
+        needed + extra + 64 * _warp.CHUNK_VOXELS, torch.device("cpu"), f"{what} of shape {shape}", advice
+    )
+
+
+def check_dense_memory(shape: Sequence[int]) -> None:
+    """Raise :class:`OutOfMemoryError` when a dense ``(D, *shape)`` float32 field cannot fit in memory."""
+    check_output_memory(
+        shape,
+        len(shape),
+        4,
+        "dense displacement field",
+        "Ask for a coarser grid (a smaller shape), or warp with the transform directly "
+        "(transform.warp works in chunks without the dense field).",
+    )
+
+
+_WARP_ADVICE = "Give a smaller output_shape, or downsample or crop the image first."
 
 
 class Transform:
@@ -259,8 +291,13 @@ class Transform:
     def displacement(
         self, shape: Sequence[int] | None = None, device: str | torch.device = "cpu"
     ) -> np.ndarray:
-        """``phi(x) - x`` on every voxel of ``shape`` (default: the fixed grid), ``(D, *shape)``."""
-        return _warp.displacement_field(self, self._out_shape(shape), device)
+        """``phi(x) - x`` on every voxel of ``shape`` (default: the fixed grid), ``(D, *shape)``.
+
+        Raises :class:`OutOfMemoryError` up front when the dense field cannot fit in memory.
+        """
+        shape = self._out_shape(shape)
+        check_dense_memory(shape)
+        return _warp.displacement_field(self, shape, device)
 
     def warp(
         self,
@@ -277,9 +314,11 @@ class Transform:
         ``image_world_affine`` when it has another (e.g. the same anatomy at another voxel size).
         """
         img = np.asarray(image)
-        spatial = img.shape[: self.ndim]
+        channels = img.shape[-1] if _warp.channels_last(img.shape, self.ndim) else 1
+        out_shape = self._out_shape(output_shape, img.shape[: self.ndim])
+        check_output_memory(out_shape, channels, 4, "warped image", _WARP_ADVICE, extra=4.0 * img.size)
         t = self.for_moving_image(image_spacing, image_world_affine)
-        return _warp.warp_image(img, t, self.ndim, self._out_shape(output_shape, spatial), device)
+        return _warp.warp_image(img, t, self.ndim, out_shape, device)
 
     def warp_labels(
         self,
@@ -295,8 +334,15 @@ class Transform:
         ``image_spacing`` / ``image_world_affine``: the labels' frame, as for :meth:`warp`.
         """
         lab = np.asarray(labels)
+        if lab.ndim != self.ndim:
+            raise DimensionMismatchError(
+                f"Cannot warp labels of shape {lab.shape} ({lab.ndim}D) with a {self.ndim}D transform; "
+                f"give {self.ndim}D labels of the moving image."
+            )
+        out_shape = self._out_shape(output_shape, lab.shape)
+        check_output_memory(out_shape, 1, lab.dtype.itemsize, "warped labels", _WARP_ADVICE)
         t = self.for_moving_image(image_spacing, image_world_affine)
-        return _warp.warp_labels(lab, t, self.ndim, self._out_shape(output_shape, lab.shape), device)
+        return _warp.warp_labels(lab, t, self.ndim, out_shape, device)
 
     def inverse(self) -> Transform:
         """The inverse map (moving -> fixed coordinates), where it exists."""

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .device import memory_guard
 from .errors import DimensionMismatchError, InputError
 from .grid import to_grid_sample
 
@@ -48,15 +49,39 @@ def sample(volume: torch.Tensor, points: torch.Tensor, mode: str = "bilinear") -
     return out.reshape(volume.shape[0], -1)
 
 
-def _as_channels(image: np.ndarray, ndim: int) -> tuple[np.ndarray, bool]:
-    if image.ndim == ndim:
-        return image[None], False
-    if image.ndim == ndim + 1:
-        return np.moveaxis(image, -1, 0), True  # channels last, as RGB histology
+#: Most channels a channels-last image may have (RGB(A) has 3 or 4).
+MAX_CHANNELS = 4
+
+
+def channels_last(shape: Sequence[int], ndim: int) -> bool:
+    """Whether an array of ``shape`` is an ``ndim``-D image with channels last (else it is plain ``ndim``-D).
+
+    Channels last means one axis more than ``ndim``, at most :data:`MAX_CHANNELS` long (RGB(A)).
+    Anything else raises :class:`DimensionMismatchError`: a 3D volume is never warped by a 2D
+    transform as if its x axis were channels.
+    """
+    shape = tuple(shape)
+    if len(shape) == ndim:
+        return False
+    if len(shape) == ndim + 1 and 1 <= shape[-1] <= MAX_CHANNELS:
+        return True
+    if len(shape) == ndim + 1:
+        raise DimensionMismatchError(
+            f"Cannot warp an array of shape {shape} with a {ndim}D transform: it has {len(shape)} axes and "
+            f"its last axis ({shape[-1]}) is too long to be colour channels (at most {MAX_CHANNELS}). "
+            f"Give a {ndim}D image (or {ndim}D with RGB(A) channels last), e.g. warp each section of a "
+            f"stack separately, or use a {len(shape)}D transform."
+        )
     raise DimensionMismatchError(
-        f"Cannot warp a {image.ndim}D array with a {ndim}D transform; the image must be "
-        f"{ndim}D, or {ndim}D with channels last."
+        f"Cannot warp a {len(shape)}D array of shape {shape} with a {ndim}D transform; the image must "
+        f"be {ndim}D, or {ndim}D with RGB(A) channels last."
     )
+
+
+def _as_channels(image: np.ndarray, ndim: int) -> tuple[np.ndarray, bool]:
+    if channels_last(image.shape, ndim):
+        return np.moveaxis(image, -1, 0), True  # channels last, as RGB histology
+    return image[None], False
 
 
 def warp_image(
@@ -76,9 +101,9 @@ def warp_image(
         img = img.astype(np.float32)
     chans, has_channels = _as_channels(img, ndim)
     out_shape = tuple(output_shape) if output_shape is not None else chans.shape[1:]
-    vol = torch.as_tensor(np.ascontiguousarray(chans, dtype=np.float32), device=device)
-    out = np.empty((chans.shape[0], *out_shape), dtype=np.float32)
-    with torch.no_grad():
+    with memory_guard("warp"), torch.no_grad():
+        vol = torch.as_tensor(np.ascontiguousarray(chans, dtype=np.float32), device=device)
+        out = np.empty((chans.shape[0], *out_shape), dtype=np.float32)
         for start, stop in iter_slabs(out_shape, chunk_voxels):
             pts = point_map(slab_grid(out_shape, start, stop, device))
             vals = sample(vol, pts)
@@ -104,11 +129,11 @@ def warp_labels(
         if not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
             raise InputError("Labels must hold integer values; got non-integer numbers.")
     out_shape = tuple(output_shape) if output_shape is not None else lab.shape
-    out = np.zeros(out_shape, dtype=lab.dtype)
     flat = lab.reshape(-1)
     strides = torch.as_tensor([int(np.prod(lab.shape[i + 1 :])) for i in range(ndim)], dtype=torch.int64)
     upper = torch.as_tensor(lab.shape, dtype=torch.int64)
-    with torch.no_grad():
+    with memory_guard("label warp"), torch.no_grad():
+        out = np.zeros(out_shape, dtype=lab.dtype)
         for start, stop in iter_slabs(out_shape, chunk_voxels):
             pts = point_map(slab_grid(out_shape, start, stop, device)).cpu()
             idx = torch.floor(pts + 0.5).to(torch.int64)
@@ -128,8 +153,8 @@ def map_points_chunked(
     pts = np.asarray(points, dtype=np.float64)
     if pts.ndim != 2:
         raise InputError(f"Points must be an (N, D) array, got shape {pts.shape}.")
-    out = np.empty_like(pts)
-    with torch.no_grad():
+    with memory_guard("point mapping"), torch.no_grad():
+        out = np.empty_like(pts)
         for s in range(0, len(pts), chunk):
             t = torch.as_tensor(pts[s : s + chunk], dtype=torch.float32, device=device)
             out[s : s + chunk] = point_map(t).cpu().numpy()
@@ -144,8 +169,8 @@ def displacement_field(
 ) -> np.ndarray:
     """``point_map(x) - x`` on every voxel of ``shape``, as ``(D, *shape)`` float32."""
     shape = tuple(int(s) for s in shape)
-    out = np.empty((len(shape), *shape), dtype=np.float32)
-    with torch.no_grad():
+    with memory_guard("dense displacement field"), torch.no_grad():
+        out = np.empty((len(shape), *shape), dtype=np.float32)
         for start, stop in iter_slabs(shape, chunk_voxels):
             x = slab_grid(shape, start, stop, device)
             u = (point_map(x) - x).T.reshape(len(shape), stop - start, *shape[1:])
