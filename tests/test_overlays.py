@@ -15,6 +15,9 @@ from napari_nephi.core import (
     Registration,
 )
 from napari_nephi.overlays import (
+    JACOBIAN_LEGEND,
+    auto_line_width,
+    auto_spacing,
     checkerboard,
     deformation_grid,
     difference,
@@ -23,6 +26,7 @@ from napari_nephi.overlays import (
     jacobian_layer,
     landmark_residuals,
     registration_layers,
+    style_layer,
     warped_labels_layer,
 )
 
@@ -162,12 +166,88 @@ def test_grid_slice_axis_and_displacement_reuse():
 
 
 def test_grid_rejects_bad_input():
-    with pytest.raises(DimensionMismatchError):
+    with pytest.raises(DimensionMismatchError, match="pass the shape of the fixed image"):
         deformation_grid(IdentityTransform(2), (4, 4, 4))
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="spacing_px must be a positive number"):
         deformation_grid(IdentityTransform(2), (8, 8), spacing_px=0)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="edge_width must be a positive number"):
+        deformation_grid(IdentityTransform(2), (8, 8), edge_width=float("nan"))
+    with pytest.raises(InputError, match="mode must be one of"):
         deformation_grid(IdentityTransform(2), (8, 8), mode="forward")
+    with pytest.raises(InputError, match="empty axis"):
+        auto_spacing((0, 8))
+
+
+# image shapes of very different sizes (aspect ratios up to 2): the MRI sample is (25, 41, 33)
+GRID_SHAPES = [
+    (20, 20),
+    (41, 33),
+    (128, 128),
+    (300, 600),
+    (1024, 768),
+    (25, 41, 33),
+    (64, 128, 96),
+    (200, 160, 180),
+]
+
+
+@pytest.mark.parametrize("shape", GRID_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_automatic_grid_has_10_to_20_lines_per_axis_and_thin_lines(shape):
+    ndim = len(shape)
+    grid = deformation_grid(IdentityTransform(ndim), shape, slice_step=1000)  # first slice in 3D
+    lines = grid_lines(grid)
+    s = grid[1]["metadata"]["spacing_px"]
+    assert s == auto_spacing(shape)
+    for axis in range(ndim - 2, ndim):  # the in-plane axes (all of them in 2D)
+        levels = sorted({level for (_, a, level) in lines if a == axis})
+        assert 10 <= len(levels) <= 20, (axis, len(levels))
+        np.testing.assert_allclose(np.diff(levels), s)  # evenly spaced, s voxels apart
+        assert levels[0] == 0 and levels[-1] > shape[axis] - 1 - s
+    if ndim == 3:  # the same spacing across the slices would give 10-20 planes too
+        assert 10 <= (shape[0] - 1) // s + 1 <= 20
+    width = grid[1]["edge_width"]
+    assert width == auto_line_width(shape) and 0 < width < 1  # napari data units: voxels
+    assert width <= s / 4
+    assert grid_as_vectors(grid)[1]["edge_width"] == width
+
+
+def test_small_images_get_a_finer_grid_than_large_ones():
+    """On the MRI sample the grid used to be 16 voxels: two or three lines across the image."""
+    mri = (25, 41, 33)
+    assert auto_spacing(mri) == pytest.approx(2.1)
+    assert auto_spacing((512, 512)) == 43.0
+    assert auto_spacing((6, 6)) == 1.0  # never finer than a voxel
+    assert auto_line_width(mri) == pytest.approx(0.082)  # 41 voxels / 500
+    assert auto_line_width((512, 512)) == pytest.approx(0.8)
+    assert auto_line_width((4096, 4096)) == pytest.approx(0.8)
+
+
+def analytic_phi(points, shape, amplitude):
+    """phi of :func:`smooth_displacement` evaluated analytically (not from the sampled field)."""
+    d = len(shape)
+    x = np.asarray(points, dtype=np.float64)
+    n = np.asarray(shape, dtype=np.float64)
+    return np.stack(
+        [x[:, i] + amplitude * np.sin(2 * np.pi * x[:, (i + 1) % d] / n[(i + 1) % d] + i) for i in range(d)],
+        axis=1,
+    )
+
+
+@pytest.mark.parametrize("shape", [(64, 80), (25, 41, 33)], ids=["2d", "mri-3d"])
+def test_automatic_grid_follows_a_known_deformation(shape):
+    """Each vertex of a line of axis a and level c satisfies phi_a(x) = c for the analytic phi."""
+    amplitude = 1.5
+    transform = DisplacementTransform(smooth_displacement(shape, amplitude))
+    grid = deformation_grid(transform, shape)
+    lines = grid_lines(grid)
+    s = grid[1]["metadata"]["spacing_px"]
+    assert len(lines) >= 20
+    for (_, axis, level), path in lines.items():
+        assert level / s == pytest.approx(round(level / s))
+        np.testing.assert_allclose(analytic_phi(path, shape, amplitude)[:, axis], level, atol=0.03)
+    if len(shape) == 3:  # every slice has its grid, so napari's 2D view shows one on every slice
+        assert {k[0] for k in lines} == set(range(shape[0]))
+        assert grid[1]["metadata"]["view_3d"] == "current slice"
 
 
 # -- Jacobian and folds -------------------------------------------------------------------
@@ -187,6 +267,52 @@ def test_jacobian_of_uniform_scaling(ndim):
     assert (lo + hi) / 2 == pytest.approx(1.0) and hi > s**ndim - 1e-3
     assert kwargs["scale"] == (0.5,) * ndim and kwargs["name"] == "Jacobian determinant"
     assert kwargs["metadata"]["fold_statistics"]["folds"] == 0
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_jacobian_contrast_is_symmetric_about_one_with_a_legend(ndim):
+    shape = (48, 40) if ndim == 2 else (16, 48, 40)
+    u = folding_field(shape, amplitude=1.3) + smooth_displacement(shape, 3.0)
+    det, kwargs, _ = jacobian_layer(DisplacementTransform(u), shape)
+    lo, hi = kwargs["contrast_limits"]
+    assert lo + hi == pytest.approx(2.0) and hi > 1
+    r = np.percentile(np.abs(det - 1), 99.5)
+    assert hi - 1 == pytest.approx(min(max(r, 0.05), 1.0), rel=1e-6)
+    assert det.min() <= 0 <= lo  # folds in the darkest colour
+    assert kwargs["colormap"] == "PiYG"  # pink below 1, white at 1, green above
+    assert kwargs["metadata"]["legend"] == JACOBIAN_LEGEND and "1 (white)" in JACOBIAN_LEGEND
+    assert kwargs["metadata"]["contrast_range"] == f"{lo:.2f} (pink) - 1 (white) - {hi:.2f} (green)"
+    if ndim == 3:  # napari's 3D view: the map on one plane across the slice axis, at the middle
+        assert kwargs["depiction"] == "plane"
+        assert kwargs["plane"]["normal"] == (1.0, 0.0, 0.0) and kwargs["plane"]["position"][0] == 8
+    else:
+        assert "depiction" not in kwargs
+    # nearly the identity: the range does not collapse below +-0.05
+    _, kw, _ = jacobian_layer(IdentityTransform(ndim), shape)
+    assert kw["contrast_limits"] == pytest.approx((0.95, 1.05))
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_folds_counted_on_a_known_folding_field(ndim):
+    """u_x = -a (x - c) within w voxels of column c, constant beyond: d phi_x / dx = 1 - a < 0 there.
+
+    Central differences see the fold on the columns whose two neighbours are inside, |x - c| <= w - 1,
+    so exactly (2 w - 1) voxels of every row are folded.
+    """
+    shape = (30, 50) if ndim == 2 else (6, 30, 50)
+    a, c, w = 1.5, 24, 5
+    x = np.arange(shape[-1], dtype=np.float64)
+    ux = np.where(np.abs(x - c) <= w, -a * (x - c), -a * w * np.sign(x - c))
+    u = np.zeros((ndim, *shape), np.float32)
+    u[-1] = np.broadcast_to(ux, shape)
+    det, _, _ = jacobian_layer(DisplacementTransform(u), shape)
+    folds, kwargs, _ = folds_layer(det)
+    rows = int(np.prod(shape[:-1]))
+    assert kwargs["metadata"]["fold_statistics"]["folds"] == rows * (2 * w - 1) == int(folds.sum())
+    np.testing.assert_array_equal(folds.any(axis=tuple(range(ndim - 1))), np.abs(x - c) <= w - 1)
+    np.testing.assert_allclose(det[..., c], 1 - a, atol=1e-6)
+    assert kwargs["blending"] == "translucent_no_depth"
+    assert kwargs.get("rendering") == ("iso_categorical" if ndim == 3 else None)
 
 
 def folding_field(shape, amplitude=1.6, sigma=4.0):
@@ -375,7 +501,7 @@ def test_layer_data_builds_napari_layers():
             layer = getattr(layers_mod, kind.capitalize())(data, **kwargs)
             assert layer.ndim == ndim
         # phi in [501, 505]: no moving grid line (multiples of 16) reaches this small fixed grid
-        grid = deformation_grid(translation((501.0,) * ndim), (5,) * ndim)
+        grid = deformation_grid(translation((501.0,) * ndim), (5,) * ndim, spacing_px=16)
         assert grid[0] == []
         assert layers_mod.Shapes(grid[0], **grid[1]).nshapes == 0
 
@@ -401,3 +527,63 @@ def test_grid_as_vectors_draws_the_same_segments(ndim):
         assert np.all(data[:, 1, 0] == 0)
     with pytest.raises(InputError, match="Shapes layer data"):
         grid_as_vectors((data, vkw, kind))
+
+
+# -- styling live napari layers ---------------------------------------------------------------
+
+
+def mri_like_result(shape=(25, 41, 33), scale=(2.0, 2.0, 2.0)):
+    transform = DisplacementTransform(smooth_displacement(shape, 1.5))
+    reg = Registration(warped=np.zeros(shape, np.float32), transform=transform)
+    layers = registration_layers(reg, shape, scale=scale, grid_style="vectors")
+    return {kw["name"]: (data, kw, kind) for data, kw, kind in layers}
+
+
+def test_style_layer_shows_the_jacobian_colour_bar():
+    components = pytest.importorskip("napari.components")
+    viewer = components.ViewerModel()
+    layers = mri_like_result()
+    jac = viewer.add_image(layers["Jacobian determinant"][0], **layers["Jacobian determinant"][1])
+    folds = viewer.add_labels(layers["folds"][0], **layers["folds"][1])
+    assert not jac.colorbar.visible
+    for layer in (jac, folds):
+        style_layer(layer)
+    assert jac.colorbar.visible and jac.colormap.name == "PiYG"
+    lo, hi = jac.contrast_limits
+    assert lo + hi == pytest.approx(2.0)
+    assert folds.blending == "translucent_no_depth"
+
+
+def test_style_layer_keeps_the_3d_view_on_the_current_slice():
+    components = pytest.importorskip("napari.components")
+    viewer = components.ViewerModel()
+    layers = mri_like_result()
+    data, kwargs, kind = layers["deformation grid"]
+    assert kind == "vectors"
+    grid = viewer.add_vectors(data, **kwargs)
+    jdata, jkw, _ = layers["Jacobian determinant"]
+    jac = viewer.add_image(jdata, **jkw)
+    for layer in (grid, jac):
+        style_layer(layer, viewer)
+    n_all = len(data)
+    assert len(grid.data) == n_all  # 2D view: every slice keeps its lines
+    viewer.dims.set_point(0, 2.0 * 7)  # world coordinates: slice 7 of 2 mm voxels
+    viewer.dims.ndisplay = 3
+    starts = np.asarray(grid.data)[:, 0, 0]
+    assert 0 < len(starts) < n_all / 10 and np.all(starts == 7)
+    np.testing.assert_array_equal(grid.features["slice"], 7)
+    np.testing.assert_allclose(grid.data, data[data[:, 0, 0] == 7])  # the same segments, unchanged
+    assert jac.depiction == "plane" and jac.plane.position[0] == 7
+    viewer.dims.ndisplay = 2
+    assert len(grid.data) == n_all
+    np.testing.assert_allclose(grid.data, data)
+    assert len(grid.features) == n_all
+    viewer.dims.set_point(0, 2.0 * 12)  # another slice in 2D, then 3D again: that slice
+    viewer.dims.ndisplay = 3
+    assert np.all(np.asarray(grid.data)[:, 0, 0] == 12) and jac.plane.position[0] == 12
+    # a new run replaces the data while the 3D view is on: the new grid is cut the same way
+    viewer.dims.ndisplay = 3
+    grid.data = data[::2]
+    assert np.all(np.asarray(grid.data)[:, 0, 0] == 12)
+    viewer.layers.remove(grid)
+    viewer.dims.ndisplay = 2  # no error once the layer is gone

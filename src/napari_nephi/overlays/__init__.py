@@ -4,7 +4,9 @@ Every function returns napari LayerData tuples ``(data, kwargs, layer_type)`` th
 ``viewer._add_layer_from_data(*t)``) turns into layers: a deformation grid (Shapes, paths), the
 Jacobian determinant (Image), folds (Labels), warped labels (Labels), checkerboard and difference
 images (Image) and landmark residuals (Vectors). Coordinates are voxels of the fixed grid in
-napari axis order; physical voxel size becomes the layer ``scale``.
+napari axis order; physical voxel size becomes the layer ``scale``. Once a layer is in a viewer,
+:func:`style_layer` adds what only a live layer can have (the Jacobian's colour bar, the 3D view
+of the current slice).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import numpy as np
 
 from ..core.errors import InputError
 from ._common import DIVERGING, LayerData, check_shape, layer_scale, normalise
-from ._grid import deformation_grid, grid_as_vectors
+from ._grid import auto_line_width, auto_spacing, deformation_grid, grid_as_vectors
 from ._maps import (
+    JACOBIAN_LEGEND,
     checkerboard,
     difference,
     folds_layer,
@@ -24,10 +27,14 @@ from ._maps import (
     landmark_residuals,
     warped_labels_layer,
 )
+from ._style import style_layer
 
 __all__ = [
     "DIVERGING",
+    "JACOBIAN_LEGEND",
     "LayerData",
+    "auto_line_width",
+    "auto_spacing",
     "checkerboard",
     "deformation_grid",
     "grid_as_vectors",
@@ -37,6 +44,7 @@ __all__ = [
     "landmark_residuals",
     "normalise",
     "registration_layers",
+    "style_layer",
     "warped_labels_layer",
 ]
 
@@ -51,7 +59,7 @@ def registration_layers(
     name_prefix: str = "",
     *,
     fixed=None,
-    spacing_px: float = 16,
+    spacing_px: float | None = None,
     slice_axis: int = 0,
     include_warped: bool = False,
     grid_style: str = "paths",
@@ -65,7 +73,10 @@ def registration_layers(
     given; TRE statistics in that layer's ``metadata["tre"]``). ``grid_style="vectors"`` gives the
     grid as a Vectors layer (:func:`grid_as_vectors`, cheaper for napari to draw). Every layer gets
     ``scale``, the fixed image's voxel size (default ``reg.transform.spacing``), and a name starting with
-    ``name_prefix``. The displacement field is computed once and shared.
+    ``name_prefix``. The displacement field is computed once and shared. ``spacing_px=None``: the
+    grid spacing adapts to the image (:func:`auto_spacing`). In 3D, ``slice_axis`` is the axis
+    the grid is drawn across and the Jacobian's 3D plane is normal to. Call :func:`style_layer`
+    on each layer once it is in the viewer.
     """
     if grid_style not in ("paths", "vectors"):
         raise InputError(f"grid_style must be 'paths' or 'vectors', not {grid_style!r}.")
@@ -85,7 +96,7 @@ def registration_layers(
         layers.append(named(checkerboard(fixed, reg.warped), visible=False))
         layers.append(named(difference(fixed, reg.warped), visible=False))
     u = t.displacement(shape)
-    jac = jacobian_layer(t, shape, displacement=u)
+    jac = jacobian_layer(t, shape, displacement=u, slice_axis=slice_axis)
     layers.append(named(jac, visible=False))
     layers.append(named(folds_layer(jac[0])))
     grid = deformation_grid(t, shape, spacing_px, slice_axis=slice_axis, displacement=u)

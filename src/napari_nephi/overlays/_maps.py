@@ -11,6 +11,13 @@ from ..core.grid import check_spacing
 from ..core.jacobian import fold_statistics, jacobian_determinant
 from ._common import DIVERGING, LayerData, check_shape, layer_scale, normalise
 
+#: What the Jacobian layer's colours mean (its ``metadata["legend"]``; the colour bar shows the scale).
+JACOBIAN_LEGEND = (
+    "det(d phi / d x), phi: fixed -> moving voxels. 1 (white): volume kept; > 1 (green): a fixed "
+    "region takes its content from a larger moving region (the moving image was shrunk there); "
+    "< 1 (pink): from a smaller one (stretched); <= 0 (darkest pink, red in the folds layer): folded."
+)
+
 
 def jacobian_layer(
     transform,
@@ -19,6 +26,7 @@ def jacobian_layer(
     *,
     displacement: np.ndarray | None = None,
     name: str = "Jacobian determinant",
+    slice_axis: int = 0,
 ) -> LayerData:
     """Image layer of ``det(d phi / d x)`` on the fixed grid of ``shape``.
 
@@ -26,19 +34,43 @@ def jacobian_layer(
     99.5th percentile of ``|det - 1|`` kept within [0.05, 1], so folds (``det <= 0``) always show in
     the darkest colour. Displacements are in voxels, so the determinant does not depend on the
     spacing, which only becomes the layer ``scale`` (default ``transform.spacing``).
-    ``displacement`` may be given to avoid recomputing it. Fold statistics go to ``metadata``.
+    ``displacement`` may be given to avoid recomputing it.
+
+    Legend: ``metadata["legend"]`` says what the colours mean (:data:`JACOBIAN_LEGEND`) and
+    ``metadata["contrast_range"]`` gives the range; :func:`~napari_nephi.overlays.style_layer`
+    turns on napari's colour bar for the live layer. In napari's 3D view a 3D map is drawn as one
+    plane (``depiction="plane"``) across ``slice_axis`` at the middle slice (``style_layer`` with a
+    viewer moves it to the current slice): a volume rendering of a quantity that is 1 almost
+    everywhere shows only its outer faces (translucent) or only expansions (maximum intensity).
+    Fold statistics go to ``metadata["fold_statistics"]``.
     """
     shape = check_shape(transform, shape)
     u = transform.displacement(shape) if displacement is None else displacement
     det = jacobian_determinant(u)
     r = float(np.clip(np.percentile(np.abs(det - 1.0), 99.5), 0.05, 1.0))
+    lo, hi = 1.0 - r, 1.0 + r
     kwargs = {
         "name": name,
         "colormap": DIVERGING,
-        "contrast_limits": (1.0 - r, 1.0 + r),
+        "contrast_limits": (lo, hi),
         "scale": layer_scale(spacing, len(shape), transform.spacing),
-        "metadata": {"fold_statistics": fold_statistics(det)},
+        "metadata": {
+            "fold_statistics": fold_statistics(det),
+            "legend": JACOBIAN_LEGEND,
+            "contrast_range": f"{lo:.2f} (pink) - 1 (white) - {hi:.2f} (green)",
+        },
     }
+    if len(shape) == 3:
+        if not -3 <= slice_axis < 3:
+            raise InputError(f"slice_axis must be 0, 1 or 2 for a 3D map, got {slice_axis}.")
+        ax = slice_axis % 3
+        normal = [0.0, 0.0, 0.0]
+        normal[ax] = 1.0
+        centre = [(n - 1) / 2 for n in shape]
+        centre[ax] = float(shape[ax] // 2)
+        kwargs["depiction"] = "plane"
+        kwargs["plane"] = {"position": tuple(centre), "normal": tuple(normal), "thickness": 1.0}
+        kwargs["metadata"].update({"view_3d": "current slice", "slice_axis": ax})
     return det, kwargs, "image"
 
 
@@ -47,9 +79,11 @@ def folds_layer(
 ) -> LayerData:
     """Labels layer, ``uint8``, 1 where ``jac_det <= 0`` (folded voxels), 0 elsewhere.
 
-    ``metadata["fold_statistics"]`` holds :func:`~napari_nephi.core.jacobian.fold_statistics`
-    (count, percentage, min/max/std of the determinant; inside ``mask`` when given; the layer
-    itself marks every folded voxel).
+    Red on transparent. In napari's 3D view a 3D layer is drawn as red iso-surfaces of the folded
+    regions, blended without depth (``translucent_no_depth``) so that folds inside the volume show
+    through the image. ``metadata["fold_statistics"]`` holds
+    :func:`~napari_nephi.core.jacobian.fold_statistics` (count, percentage, min/max/std of the
+    determinant; inside ``mask`` when given; the layer itself marks every folded voxel).
     """
     det = np.asarray(jac_det)
     folds = (det <= 0).astype(np.uint8)
@@ -58,8 +92,11 @@ def folds_layer(
         "scale": layer_scale(scale, det.ndim),
         "colormap": {None: "transparent", 1: "red"},
         "opacity": 0.8,
+        "blending": "translucent_no_depth",
         "metadata": {"fold_statistics": fold_statistics(det, mask)},
     }
+    if det.ndim == 3:
+        kwargs["rendering"] = "iso_categorical"
     return folds, kwargs, "labels"
 
 
