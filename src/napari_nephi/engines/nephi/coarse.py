@@ -36,6 +36,9 @@ def grid_sample_points(volume: torch.Tensor, points: torch.Tensor, padding: str 
     b = points.shape[0]
     lead = points.shape[1:-1]
     grid = points.reshape(b, -1, *([1] * (d - 1)), d).flip(-1)
+    # A non-finite grid crashes the CPU backward pass (segmentation fault); the optimisation
+    # stops such runs with an error (optimize.DivergenceWatch), this keeps torch safe until then.
+    grid = torch.nan_to_num(grid, nan=0.0, posinf=2.0, neginf=-2.0)
     out = F.grid_sample(
         volume, grid.to(volume.dtype), mode="bilinear", padding_mode=padding, align_corners=True
     )

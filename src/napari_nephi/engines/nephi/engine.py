@@ -42,6 +42,7 @@ from ...core.transform import AffineTransform, DisplacementTransform
 from ..registry import register_engine
 from . import chunked as chunking
 from .bspline import intervals_for_spacing
+from .checks import check_options, check_result, check_run_memory
 from .coarse import DenseMaps, level_iterations, optimize_velocity, pyramid_shapes
 from .dense import Previewer, dense_displacement, inside_mask, inverse_consistency
 from .field import FieldConfig, NeuralDeformationField, local_grid_shape, zero_codes
@@ -165,6 +166,7 @@ def register_nephi(
     ``max_voxels / 8`` voxels) and ``chunk_overlap`` (default a quarter of it) shape the chunks,
     each optimised for ``chunk_iterations`` (default ``iterations``) steps.
     """
+    check_options(dict(locals()))  # types and ranges, before any work (a NaN can crash torch)
     if mode not in MODES:
         raise InputError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
     if mode != "optimize" and weights is None:
@@ -182,14 +184,8 @@ def register_nephi(
         )
     if similarity not in SIMILARITIES:
         raise InputError(f"Unknown similarity {similarity!r}; choose one of {', '.join(SIMILARITIES)}.")
-    if sample_fraction is not None and not 0 < sample_fraction <= 1:
-        raise InputError("sample_fraction must be in (0, 1].")
-    if not bspline_spacing >= 0:
-        raise InputError("bspline_spacing must be 0 (off) or a positive number of voxels.")
     if chunked and mode != "optimize":
         raise InputError("chunked=True (divide-and-downsample) works with mode='optimize' only.")
-    if max_voxels < 4096:
-        raise InputError("max_voxels must be at least 4096.")
     p = PRESETS[preset]
     sample_fraction = float(_resolve(sample_fraction, p, "sample_fraction"))
     iterations = int(_resolve(iterations, p, "iterations"))
@@ -198,10 +194,6 @@ def register_nephi(
     hidden = int(_resolve(hidden, p, "hidden"))
     layers = int(_resolve(layers, p, "layers"))
     n_frequencies = int(_resolve(n_frequencies, p, "n_frequencies"))
-    if levels < 1 or iterations < 0 or coarse_iterations < 0:
-        raise InputError("levels must be >= 1 and iteration counts >= 0.")
-    if local_stride < 1:
-        raise InputError("local_stride must be a positive number of voxels.")
     reg_weight = REG_WEIGHTS[regularizer] if reg_weight is None else float(reg_weight)
     # After a coarse stage the field refines a converged map: smaller steps (see LEARNING_RATES).
     rates = LEARNING_RATES[
@@ -222,8 +214,6 @@ def register_nephi(
     if use_chunks:
         plan = chunking.plan_chunks(fshape, max_voxels, chunk_size, chunk_overlap, global_factor)
         chunk_iterations = iterations if chunk_iterations is None else int(chunk_iterations)
-        if chunk_iterations < 0:
-            raise InputError("chunk_iterations must be >= 0.")
         user_points = (sample_points, reg_points)
         sample_points, reg_points = chunking.point_counts(
             math.prod(plan.global_shape), sample_fraction, sample_points, reg_points, p
@@ -257,6 +247,8 @@ def register_nephi(
         bspline_intervals=intervals_for_spacing(fshape, bspline_spacing) if bspline_spacing > 0 else None,
     )
     device = choose_device(pair.device)
+    masks = sum(m is not None for m in (pair.fixed_mask, pair.moving_mask))
+    check_run_memory(fshape, device, use_chunks, pair.moving.shape == fshape, masks)
     reset_peak_memory(device)
     start = time.perf_counter()
     moving_on_fixed, offset = _moving_on_fixed_grid(pair, device)
@@ -399,6 +391,9 @@ def register_nephi(
         overlap = pair.fixed_mask
     metrics.update(similarity_report(pair.fixed, pair.moving, warped, overlap))
     metrics.update(regularity_report(transform, fshape, pair.fixed_mask))
+    note = check_result(metrics, settings_opt.learning_rate, settings_opt.code_learning_rate)
+    if note is not None:
+        notes.append(note)
     if bwd is not None:
         metrics.update(inverse_consistency(transform))
     metrics.update(memory_report(device))

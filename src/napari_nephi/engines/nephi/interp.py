@@ -38,6 +38,8 @@ def interpolate(grid: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         points = points.expand(b, -1, -1)
     n = points.shape[1]
     sizes = torch.as_tensor(spatial, dtype=points.dtype, device=points.device)
+    # NaN points would index out of bounds; a diverged run is stopped by the optimisation.
+    points = torch.nan_to_num(points, nan=0.0, posinf=1.0, neginf=-1.0)
     pos = (points + 1) * (0.5 * (sizes - 1))
     pos = torch.minimum(pos.clamp_min(0), sizes - 1)
     upper = torch.as_tensor([max(s - 2, 0) for s in spatial], device=points.device)

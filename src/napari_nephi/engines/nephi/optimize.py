@@ -211,8 +211,10 @@ def step_backward(
     n = settings.sample_points
     if settings.similarity == "lncc" or n <= chunk:
         loss = step_loss(maps, fixed, moving, settings, generator, fixed_mask, moving_mask)
+        value = float(loss.detach())
+        check_finite_loss(value)  # before the backward pass, which a NaN map can crash
         loss.backward()
-        return float(loss.detach())
+        return value
     pts = _SimilarityPoints(fixed, moving, settings, generator, fixed_mask, moving_mask)
 
     def sampled(volume, point_map, p):
@@ -228,14 +230,17 @@ def step_backward(
     wm.requires_grad_(True)
     wf.requires_grad_(True)
     sim = pts.loss(wm, wf)
+    check_finite_loss(float(sim.detach()))
     sim.backward()
     for s in range(0, n, chunk):
         sampled(moving, maps.forward, pts.x[:, s : s + chunk]).backward(wm.grad[:, s : s + chunk])
         sampled(fixed, maps.backward, pts.y[:, s : s + chunk]).backward(wf.grad[:, s : s + chunk])
     rest = _regularization_terms(maps, settings, generator, fixed.dim() - 2, fixed.shape[0], fixed.device)
+    rest_value = float(rest.detach() if torch.is_tensor(rest) else rest)
+    check_finite_loss(rest_value)
     if torch.is_tensor(rest):
         rest.backward()
-    return float(sim.detach()) + float(rest.detach() if torch.is_tensor(rest) else rest)
+    return float(sim.detach()) + rest_value
 
 
 def _regularization_terms(maps: Maps, settings: OptimizeSettings, generator, d: int, b: int, device):
@@ -252,6 +257,75 @@ def _regularization_terms(maps: Maps, settings: OptimizeSettings, generator, d: 
     if settings.latent_weight > 0:
         loss = loss + settings.latent_weight * sum((t**2).mean() for t in maps.codes.tensors())
     return loss
+
+
+class NonFiniteLoss(ArithmeticError):
+    """Raised inside a step whose loss is NaN or infinite (turned into an ``InputError``)."""
+
+
+def check_finite_loss(value: float) -> None:
+    """Stop a step whose loss is not finite before its backward pass: torch's CPU ``grid_sample``
+    backward can crash the process (segmentation fault) on a non-finite sampling grid."""
+    if not math.isfinite(value):
+        raise NonFiniteLoss(value)
+
+
+#: A step diverges when its loss is above the best so far by more than this, and by more than
+#: ``DIVERGE_FACTOR`` times the best (the similarity ``1 - NCC`` lies in [0, 2]).
+DIVERGE_MARGIN = 0.5
+DIVERGE_FACTOR = 10.0
+#: Diverging steps in a row (at least this many, and at least a fifth of the run) stop the run.
+DIVERGE_STEPS = 10
+
+
+class DivergenceWatch:
+    """Stops an optimisation whose loss or weights stop being finite, or whose loss runs away.
+
+    A run diverges when its loss stays far above the best loss reached (see ``DIVERGE_MARGIN``)
+    for ``max(DIVERGE_STEPS, iterations / 5)`` steps in a row, or ends there. Normal runs only
+    spike for a few steps (Adam's first steps, the learning-rate warm-up).
+    """
+
+    def __init__(self, iterations: int, settings: OptimizeSettings):
+        self.iterations, self.settings = int(iterations), settings
+        self.limit = max(DIVERGE_STEPS, self.iterations // 5)
+        self.best = math.inf
+        self.run = 0
+        self.last = math.nan
+        self.step = -1
+
+    def _far(self, value: float) -> bool:
+        return value > self.best + max(DIVERGE_MARGIN, DIVERGE_FACTOR * abs(self.best))
+
+    def update(self, step: int, value: float, params) -> None:
+        """Record step ``step``'s loss; raise when the weights are not finite or the run diverged."""
+        self.step, self.last = step, value
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise self.error(step, value)
+        if self.best < math.inf and self._far(value):
+            self.run += 1
+            if self.run >= self.limit:
+                raise self.error(step, value)
+        else:
+            self.run = 0
+        self.best = min(self.best, value)
+
+    def finish(self) -> None:
+        """Raise when the run ended far above its best loss."""
+        if self.step >= 0 and self.run > 0 and self._far(self.last):
+            raise self.error(self.step, self.last)
+
+    def error(self, step: int, value: float) -> InputError:
+        s = self.settings
+        what = "became NaN or infinite" if not math.isfinite(value) else f"rose to {value:.3g}"
+        best = f" (best {self.best:.3g})" if self.best < math.inf else ""
+        return InputError(
+            f"The NePhi optimisation diverged: at step {step + 1} of {self.iterations} the loss "
+            f"{what}{best}. With learning_rate={s.learning_rate:g}, "
+            f"code_learning_rate={s.code_learning_rate:g} and reg_weight={s.reg_weight:g} the steps "
+            "are too large for this pair: leave learning_rate and code_learning_rate at their "
+            "defaults (or lower them tenfold), or lower reg_weight."
+        )
 
 
 def _lr_factor(k: int, n_it: int, warmup: float, final: float) -> float:
@@ -299,14 +373,21 @@ def optimize_field(
     )
     maps = Maps(field, codes, coarse)
     history: list[float] = []
-    for _ in range(settings.iterations):
+    watch = DivergenceWatch(settings.iterations, settings)
+    params = [p for g in groups for p in g["params"]]
+    for k in range(settings.iterations):
         opt.zero_grad(set_to_none=True)
-        value = step_backward(maps, fixed, moving, settings, gen, fixed_mask, moving_mask)
+        try:
+            value = step_backward(maps, fixed, moving, settings, gen, fixed_mask, moving_mask)
+        except NonFiniteLoss:
+            raise watch.error(k, math.nan) from None
         opt.step()
         sched.step()
         history.append(value)
+        watch.update(k, value, params)
         if on_step is not None:
             on_step(value, maps)
+    watch.finish()
     for t in code_params:
         t.requires_grad_(False)
     return maps, history

@@ -1,0 +1,159 @@
+"""Checks of the ``nephi`` engine's options and of the memory a run needs, before any work.
+
+Every option is type- and range-checked (:mod:`napari_nephi.core.options`), so a NaN, infinite,
+negative or absurd value stops with an ``InputError`` naming the option instead of reaching torch,
+where a NaN learning rate or sampling grid can crash the process. :func:`check_run_memory` stops a
+run whose dense outputs would not fit with an ``OutOfMemoryError``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ...core import regularizers as R
+from ...core.device import check_memory
+from ...core.errors import InputError
+from ...core.options import check_bool, check_choice, check_float, check_int
+from .mlp import REPRESENTATIONS
+from .optimize import REGULARIZERS, SIMILARITIES
+
+#: Whole-number options: (low, high); ``None`` always means "from the preset / automatic".
+INT_RANGES: dict[str, tuple[int, int | None]] = {
+    "iterations": (0, 1_000_000),
+    "coarse_iterations": (0, 1_000_000),
+    "chunk_iterations": (0, 1_000_000),
+    "levels": (1, 12),
+    "sample_points": (16, 1 << 28),
+    "reg_points": (1, 1 << 24),
+    "hidden": (1, 4096),
+    "layers": (1, 64),
+    "n_frequencies": (1, 4096),
+    "global_dim": (1, 4096),
+    "local_dim": (0, 4096),
+    "local_stride": (1, 1 << 20),
+    "seed": (0, 2**63 - 1),
+    "max_voxels": (4096, None),
+    "chunk_size": (8, None),
+    "chunk_overlap": (0, None),
+    "global_factor": (1, None),
+}
+
+#: Number options: (low, high, low_open). Learning rates above these make Adam's steps larger than
+#: the whole normalised image (defaults: 5e-4 to 2e-3 for the networks, 2.5e-3 to 1e-2 for codes);
+#: SIREN frequencies above 1000 alias on any image.
+FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
+    "learning_rate": (0.0, 0.1, True),
+    "code_learning_rate": (0.0, 1.0, True),
+    "reg_weight": (0.0, 1e4, False),
+    "coarse_reg_weight": (0.0, 1e4, False),
+    "cycle_weight": (0.0, 1e4, False),
+    "latent_weight": (0.0, 1e4, False),
+    "sample_fraction": (0.0, 1.0, True),
+    "fourier_scale": (0.0, 100.0, True),
+    "omega": (0.0, 1000.0, True),
+    "first_omega": (0.0, 1000.0, True),
+    "bspline_spacing": (0.0, 1e6, False),
+}
+
+CHOICES: dict[str, Sequence[str]] = {
+    "regularizer": REGULARIZERS,
+    "representation": REPRESENTATIONS,
+    "similarity": SIMILARITIES,
+    "derivatives": R.METHODS,
+}
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Raise ``InputError`` for the first option of ``register_nephi`` out of type or range.
+
+    ``options`` maps names to values as given; ``None`` (automatic) passes. Names not listed
+    here (``pair``, ``mode``, ``preset``, ``weights``) are checked by the engine itself.
+    """
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name in INT_RANGES:
+            check_int(name, value, *INT_RANGES[name])
+        elif name in FLOAT_RANGES:
+            low, high, low_open = FLOAT_RANGES[name]
+            check_float(name, value, low, high, low_open=low_open)
+        elif name in CHOICES:
+            check_choice(name, value, CHOICES[name])
+        elif name == "chunked":
+            check_bool(name, value)
+
+
+#: float32 arrays of the image's size a run holds at its peak, besides the two fields (D arrays
+#: each): the warped image, and the similarity report's copy of an image.
+EXTRA_IMAGES = 2
+
+
+def output_bytes(shape: Sequence[int], backward: bool = True) -> int:
+    """Bytes of the dense outputs of a run on a fixed grid ``shape``: forward (and backward) field,
+    ``D`` float32 values per voxel each, plus the warped image and a working copy."""
+    nvox, d = math.prod(int(n) for n in shape), len(shape)
+    return 4 * nvox * ((2 if backward else 1) * d + EXTRA_IMAGES)
+
+
+def device_bytes(shape: Sequence[int], masks: int = 0) -> int:
+    """Bytes of the whole-image tensors a run keeps on its device while it optimises (not chunked):
+    the fixed and moving image and the masks, float32."""
+    return 4 * math.prod(int(n) for n in shape) * (2 + masks)
+
+
+def check_run_memory(
+    shape: Sequence[int], device: torch.device, chunked: bool, backward: bool = True, masks: int = 0
+) -> None:
+    """Raise ``OutOfMemoryError`` before a run on a fixed grid ``shape`` that cannot fit.
+
+    The dense outputs live in system memory whatever the device (on the CPU they are made after the
+    optimisation's image copies are freed); without divide-and-downsample the whole images also sit
+    on a GPU ``device`` while it optimises.
+    """
+    text = " x ".join(str(int(n)) for n in shape)
+    advice = (
+        "Register a coarser level of the images (downsample them or choose a lower pyramid level) or "
+        "crop them to the region of interest; for whole-slide histology use method='histology', which "
+        "works on pyramid levels and patches."
+    )
+    # On the CPU the optimisation's image copies are freed before the (larger) dense outputs.
+    what = f"NePhi registration of {text} images (dense fields and warped image)"
+    check_memory(output_bytes(shape, backward), torch.device("cpu"), what, advice)
+    if device.type != "cpu" and not chunked:
+        check_memory(
+            device_bytes(shape, masks),
+            device,
+            f"NePhi registration of {text} images on {device}",
+            "Run it in divide-and-downsample mode (chunked=True), which keeps one chunk on the device "
+            "at a time, or on device='cpu'. " + advice,
+        )
+
+
+#: A result whose NCC fell by more than this from the start, with more than ``FOLD_PERCENT`` % of
+#: folded voxels, is a diverged run, not a registration.
+NCC_DROP = 0.05
+FOLD_PERCENT = 1.0
+
+
+def check_result(metrics: dict, learning_rate: float, code_learning_rate: float) -> str | None:
+    """Raise ``InputError`` for a diverged result (similarity worse than at the start and many
+    folds); a note when the similarity only got worse; None for a sound result."""
+    before, after = metrics.get("ncc_before"), metrics.get("ncc_after")
+    if before is None or after is None or not after < before - NCC_DROP:
+        return None
+    folds = float(metrics.get("fold_percent") or 0.0)
+    if folds > FOLD_PERCENT:
+        raise InputError(
+            f"The NePhi registration diverged: the similarity fell from NCC {before:.3f} to {after:.3f} "
+            f"and {folds:.1f} % of the voxels fold. With learning_rate={learning_rate:g} and "
+            f"code_learning_rate={code_learning_rate:g} the steps are too large for this pair: leave "
+            "them at their defaults (or lower them tenfold), or raise reg_weight."
+        )
+    return (
+        f"The similarity got worse (NCC {before:.3f} -> {after:.3f}); check the result, and try "
+        "the default learning rates or a coarse stage (levels > 1)."
+    )
