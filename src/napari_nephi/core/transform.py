@@ -156,6 +156,8 @@ class Transform:
         shape = tuple(int(s) for s in shape)
         if len(shape) != self.ndim:
             raise DimensionMismatchError(f"{what} {shape} does not have {self.ndim} axes.")
+        if min(shape) < 1:
+            raise InputError(f"{what} {shape} has an empty axis; every axis needs at least one voxel.")
         return shape
 
     # -- the moving frame --------------------------------------------------------------------

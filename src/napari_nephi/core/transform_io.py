@@ -45,9 +45,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .errors import UnsupportedFileError
+from .errors import OutOfMemoryError, UnsupportedFileError
 from .files import DIR_MODE
-from .grid import check_spacing
 from .transform import (
     AffineTransform,
     ComposedTransform,
@@ -229,12 +228,26 @@ def _write(t: Transform, folder: Path) -> None:
 
 
 def save_transform(t: Transform, path) -> Path:
-    """Write ``t`` to the folder ``path`` atomically (replacing an existing transform folder)."""
+    """Write ``t`` to the folder ``path`` atomically (replacing an existing transform folder).
+
+    A place that cannot be written (read-only, a file in the way, disk full) raises
+    :class:`UnsupportedFileError` naming ``path``; nothing is left half-written.
+    """
     path = Path(path)
     if path.exists() and not (path / "transform.json").exists():
         raise UnsupportedFileError(f"{path} exists and is not a saved transform; choose a new folder name.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    blocking = next((a for a in path.parents if a.exists() and not a.is_dir()), None)
+    if blocking is not None:
+        raise UnsupportedFileError(
+            f"Cannot write the transform to {path}: {blocking} is a file, not a folder; choose another path."
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:
+        raise UnsupportedFileError(
+            f"Cannot write the transform to {path}: {exc.strerror or exc}. Choose a folder you can write to."
+        ) from exc
     try:
         os.chmod(tmp, DIR_MODE)  # mkdtemp makes 0700; a saved transform is a normal folder
         _write(t, tmp)
@@ -242,28 +255,95 @@ def save_transform(t: Transform, path) -> Path:
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old, path)  # put the earlier transform back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, UnsupportedFileError):
+            raise UnsupportedFileError(
+                f"Cannot write the transform to {path}: {exc.strerror or exc}. "
+                "Choose a folder you can write to, with enough free space."
+            ) from exc
         raise
     return path
 
 
-def _read(folder: Path) -> Transform:
+_FIX = "Save the transform again, or restore the folder from a copy."
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``; :class:`UnsupportedFileError` naming it if unreadable."""
     try:
-        meta = json.loads((folder / "transform.json").read_text())
-    except FileNotFoundError as exc:
-        raise UnsupportedFileError(f"{folder} is not a saved transform (no transform.json inside).") from exc
-    except json.JSONDecodeError as exc:
-        raise UnsupportedFileError(f"{folder / 'transform.json'} is corrupt: {exc}.") from exc
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UnsupportedFileError(
+            f"{path} is unreadable or corrupt ({type(exc).__name__}: {exc}). {_FIX}"
+        ) from exc
+    if not isinstance(data, dict):
+        raise UnsupportedFileError(
+            f"{path} is corrupt: it holds a {type(data).__name__}, not a JSON object. {_FIX}"
+        )
+    return data
+
+
+def _read_field(path: Path, ndim: int, grid, world, target) -> np.ndarray:
+    """The ``(D, *grid)`` voxel field stored in the NIfTI ``path``, checked against ``transform.json``."""
+    try:
+        img = nib.load(path)
+        if not isinstance(img, nib.Nifti1Image):
+            raise ValueError(f"not a NIfTI-1 image but {type(img).__name__}")
+        dtype = np.dtype(img.get_data_dtype())
+        if dtype.kind != "f":
+            raise ValueError(f"a displacement field holds floating-point vectors, not {dtype}")
+        field, _ = itk_nifti_to_field(img, world, target)
+    except MemoryError as exc:
+        raise OutOfMemoryError(f"{path} is too large for the free memory.") from exc
+    except Exception as exc:  # nibabel, gzip, zlib, numpy: truncated or corrupt
+        raise UnsupportedFileError(
+            f"{path} is unreadable or corrupt ({type(exc).__name__}: {exc}). {_FIX}"
+        ) from exc
+    if field.shape[0] != ndim:
+        raise UnsupportedFileError(
+            f"{path} holds a {field.shape[0]}D field but transform.json says ndim={ndim}. {_FIX}"
+        )
+    if grid is not None and tuple(field.shape[1:]) != tuple(grid):
+        raise UnsupportedFileError(
+            f"{path} lies on a grid {field.shape[1:]} but transform.json says {tuple(grid)}. {_FIX}"
+        )
+    if not np.all(np.isfinite(field)):
+        raise UnsupportedFileError(f"{path} holds NaN or infinite displacements. {_FIX}")
+    return field
+
+
+def _read(folder: Path) -> Transform:
+    meta_path = folder / "transform.json"
+    if not meta_path.is_file():
+        raise UnsupportedFileError(f"{folder} is not a saved transform (no transform.json inside).")
+    meta = _read_json(meta_path)
     if meta.get("format") != FORMAT:
-        raise UnsupportedFileError(f"{folder} was not written by napari-nephi.")
-    settings = {}
-    if (folder / "settings.json").exists():
-        settings = json.loads((folder / "settings.json").read_text())
+        raise UnsupportedFileError(
+            f"{folder} was not written by napari-nephi (no format tag in {meta_path})."
+        )
+    settings_path = folder / "settings.json"
+    settings = _read_json(settings_path) if settings_path.exists() else {}
+    try:
+        return _build(folder, meta, settings)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
+        # InputError and DimensionMismatchError are ValueErrors: a field of transform.json is wrong
+        what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc).rstrip(".")
+        raise UnsupportedFileError(f"{meta_path} is corrupt: {what}. {_FIX}") from exc
+
+
+def _build(folder: Path, meta: dict, settings: dict) -> Transform:
+    ndim = meta["ndim"]
+    if not isinstance(ndim, int) or isinstance(ndim, bool) or ndim not in (2, 3):
+        raise ValueError(f"ndim must be 2 or 3, got {ndim!r}")
     common = {
         "spacing": meta.get("spacing"),
         "world_affine": meta.get("world_affine"),
@@ -271,30 +351,34 @@ def _read(folder: Path) -> Transform:
         "moving_shape": meta.get("moving_shape"),
     }
     common.update(_moving_frame(meta))
-    fixed_world = _world(common["world_affine"], check_spacing(common["spacing"], int(meta["ndim"])))
+    shape = meta.get("shape")
     kind = meta["kind"]
     if kind == "identity":
-        return IdentityTransform(meta["ndim"], shape=meta.get("shape"), **common)
+        return IdentityTransform(ndim, shape=shape, **common)
     if kind == "affine":
-        return AffineTransform(meta["matrix"], shape=meta.get("shape"), **common)
+        return AffineTransform(meta["matrix"], ndim=ndim, shape=shape, **common)
     if kind == "displacement":
-        frame = IdentityTransform(int(meta["ndim"]), **common)  # resolves the moving frame's defaults
+        frame = IdentityTransform(ndim, shape=shape, **common)  # checks the frames, resolves defaults
+        fixed_world = _world(frame.world_affine, frame.spacing)
         moving_world = _world(frame.moving_world_affine, frame.moving_spacing)
-        try:
-            field, _ = itk_nifti_to_field(nib.load(folder / "displacement.nii.gz"), fixed_world, moving_world)
-            inv = None
-            if (folder / "inverse_displacement.nii.gz").exists():
-                img = nib.load(folder / "inverse_displacement.nii.gz")
-                inv, _ = itk_nifti_to_field(img, moving_world, fixed_world)
-        except (OSError, EOFError, ValueError) as exc:
-            raise UnsupportedFileError(f"The displacement field in {folder} is unreadable: {exc}") from exc
+        field = _read_field(folder / "displacement.nii.gz", ndim, frame.shape, fixed_world, moving_world)
+        inv = None
+        if (folder / "inverse_displacement.nii.gz").exists():
+            inv = _read_field(
+                folder / "inverse_displacement.nii.gz", ndim, frame.moving_shape, moving_world, fixed_world
+            )
         return DisplacementTransform(field, inverse_field=inv, **common)
     if kind == "composed":
-        parts = [_read(folder / str(i)) for i in range(int(meta["count"]))]
-        return ComposedTransform(parts, shape=meta.get("shape"), **common)
+        count = meta["count"]
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 10_000:
+            raise ValueError(f"count must be a positive whole number, got {count!r}")
+        parts = [_read(folder / str(i)) for i in range(count)]
+        return ComposedTransform(parts, shape=shape, **common)
     if kind == "per_section":
-        return PerSectionTransform(meta["matrices"], shape=meta.get("shape"), **common)
-    raise UnsupportedFileError(f"Unknown transform kind {kind!r} in {folder}.")
+        if ndim != 3:
+            raise ValueError(f"a per-section transform is 3D, got ndim={ndim}")
+        return PerSectionTransform(meta["matrices"], shape=shape, **common)
+    raise ValueError(f"unknown transform kind {kind!r}")
 
 
 def _moving_frame(meta: dict) -> dict:

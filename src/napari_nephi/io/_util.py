@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..core.errors import RegistrationError, UnsupportedFileError
+from ..core.errors import OutOfMemoryError, RegistrationError, UnsupportedFileError
 from ..core.files import publish
 
 PathLike = str | os.PathLike
@@ -85,8 +85,18 @@ def reading(path: PathLike, kind: str, logger: str | None = None) -> Iterator[No
         yield
         if log.messages:
             raise LibraryReportedError("; ".join(log.messages))
-    except (RegistrationError, MemoryError):
+    except RegistrationError:
         raise
+    except MemoryError as exc:
+        raise OutOfMemoryError(
+            f"Cannot read {path}: it needs more memory than is free ({exc}). If the file is small, its "
+            "header is corrupt; otherwise open a downsampled copy, or convert it to a pyramidal OME-TIFF, "
+            "which opens lazily."
+        ) from exc
+    except PermissionError as exc:
+        raise UnsupportedFileError(
+            f"Cannot read {path}: permission denied. Check that you may read the file."
+        ) from exc
     except Exception as exc:  # a library error: file corrupt, truncated or not of this kind
         raise UnsupportedFileError(
             f"Cannot read {path} as {kind}: the file looks corrupt, truncated or is not a {kind} file "
@@ -107,9 +117,20 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
     """
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise UnsupportedFileError(
+            f"Cannot write {target}: {folder} is a file, not a folder; choose another path."
+        )
     if not folder.is_dir():
         raise UnsupportedFileError(f"Cannot write {target}: folder {folder} does not exist; create it first.")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=full_suffix(target))
+    if target.is_dir():
+        raise UnsupportedFileError(f"Cannot write {target}: it is a folder; give a file name inside it.")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=full_suffix(target))
+    except OSError as exc:
+        raise UnsupportedFileError(
+            f"Cannot write {target}: {exc.strerror or exc}. Check that the folder {folder} is writable."
+        ) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -120,6 +141,19 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
             tmp_path.unlink()
         if isinstance(exc, OSError) and not isinstance(exc, RegistrationError):
             raise UnsupportedFileError(
-                f"Cannot write {target}: {exc}. Check the folder is writable."
+                f"Cannot write {target}: {exc.strerror or exc}. Check that the folder is writable and "
+                "has free space."
             ) from exc
+        if isinstance(exc, MemoryError) and not isinstance(exc, RegistrationError):
+            raise OutOfMemoryError(f"Writing {target} ran out of memory; write a smaller image.") from exc
         raise
+
+
+def check_not_empty(path: PathLike, shape, min_ndim: int = 2) -> None:
+    """:class:`UnsupportedFileError` naming ``path`` when an image of ``shape`` is empty or below 2D."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) < min_ndim or 0 in shape:
+        raise UnsupportedFileError(
+            f"{path} holds no usable image: its data has shape {shape}. The file looks corrupt or "
+            "truncated; check that it was copied completely, or re-export it."
+        )

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..core.errors import InputError, UnsupportedFileError
 from ..core.grid import check_spacing
-from ._util import PathLike, atomic_write, existing_file, is_nifti, reading, stem
+from ._util import PathLike, atomic_write, check_not_empty, existing_file, is_nifti, reading, stem
 
 __all__ = ["read_nifti", "write_nifti"]
 
@@ -38,6 +38,7 @@ def read_nifti(path: PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         affine = np.array(img.affine, dtype=np.float64)
     if raw.ndim < 2:
         raise UnsupportedFileError(f"{p} holds a {raw.ndim}D array; an image needs at least 2 dimensions.")
+    check_not_empty(p, raw.shape)
     zooms = (zooms + (1.0,) * raw.ndim)[: raw.ndim]
     if raw.ndim == 3 and raw.shape[2] == 1:  # a 2D image stored as (i, j, 1)
         raw, zooms = raw[:, :, 0], zooms[:2]

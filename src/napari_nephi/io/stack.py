@@ -11,7 +11,7 @@ import numpy as np
 import tifffile
 
 from ..core.errors import InputError, UnsupportedFileError
-from ._util import PathLike, is_tiff, natural_key, reading
+from ._util import PathLike, check_not_empty, is_tiff, natural_key, reading
 from .tiff import _axis_spacing
 
 __all__ = ["read_section_folder", "section_files"]
@@ -50,6 +50,8 @@ def read_section_folder(path: PathLike) -> tuple[da.Array, dict[str, Any]]:
             if not tf.series:
                 raise UnsupportedFileError(f"{f} holds no image; remove it from {folder}.")
             series = tf.series[0]
+            sample_axis = series.axes.endswith("S") and series.shape[-1] in (3, 4)
+            check_not_empty(f, series.shape[:-1] if sample_axis else series.shape)
             headers.append((tuple(series.shape), np.dtype(series.dtype), series.axes))
     with reading(files[0], "TIFF", "tifffile"), tifffile.TiffFile(files[0]) as tf:
         spacing, unit = _axis_spacing(tf)

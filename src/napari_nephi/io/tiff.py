@@ -7,6 +7,7 @@ arrays on tifffile's zarr store); flat files are read into memory unless they ar
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,10 +15,20 @@ import dask.array as da
 import numpy as np
 import tifffile
 import zarr
+from dask.base import tokenize
 
 from ..core.errors import InputError, UnsupportedFileError
 from ..core.grid import check_spacing
-from ._util import PathLike, atomic_write, existing_file, full_suffix, is_tiff, reading, stem
+from ._util import (
+    PathLike,
+    atomic_write,
+    check_not_empty,
+    existing_file,
+    full_suffix,
+    is_tiff,
+    reading,
+    stem,
+)
 
 __all__ = ["read_tiff", "write_pyramidal_tiff", "write_tiff"]
 
@@ -86,11 +97,33 @@ def _axis_spacing(tf: tifffile.TiffFile) -> tuple[dict[str, float], str | None]:
     return {}, None
 
 
+class _CheckedLevel:
+    """A zarr level whose reads raise :class:`UnsupportedFileError` naming the file when tiles are corrupt.
+
+    Pixels of a lazy level are decoded only when napari or a computation asks for them, long after
+    :func:`read_tiff` returned; a truncated or corrupt tile then still gives a clear error.
+    """
+
+    def __init__(self, array: Any, path: PathLike) -> None:
+        self.array, self.path = array, path
+        self.shape, self.dtype, self.ndim = tuple(array.shape), np.dtype(array.dtype), len(array.shape)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        with reading(self.path, "TIFF", "tifffile"):
+            return np.asarray(self.array[index])
+
+
 def _lazy_levels(path: PathLike) -> list[da.Array]:
     """Every level of the first series as dask arrays on tifffile's zarr store; reads no pixels."""
     store = tifffile.imread(path, aszarr=True, series=0, multiscales=True)
     group = zarr.open(store, mode="r")
-    return [da.from_zarr(group[key]) for key in sorted(group.keys(), key=int)]
+    levels = []
+    for key in sorted(group.keys(), key=int):
+        z = group[key]
+        check_not_empty(path, z.shape)
+        name = f"tiff-{tokenize(str(path), os.stat(path).st_mtime_ns, key)}"
+        levels.append(da.from_array(_CheckedLevel(z, path), chunks=z.chunks, name=name, asarray=True))
+    return levels
 
 
 def read_tiff(path: PathLike, *, lazy: bool | None = None) -> tuple[Any, dict[str, Any]]:
@@ -108,6 +141,8 @@ def read_tiff(path: PathLike, *, lazy: bool | None = None) -> tuple[Any, dict[st
                 raise UnsupportedFileError(f"{p} holds no image; check that it is an image TIFF.")
             series = tf.series[0]
             axes, shape, dtype = series.axes, tuple(series.shape), np.dtype(series.dtype)
+            rgb = axes.endswith("S") and shape[-1] in (3, 4)
+            check_not_empty(p, shape[:-1] if rgb else shape)
             multiscale = len(series.levels) > 1
             spacing, unit = _axis_spacing(tf)
             if lazy is None:
@@ -116,7 +151,7 @@ def read_tiff(path: PathLike, *, lazy: bool | None = None) -> tuple[Any, dict[st
         if data is None:
             levels = _lazy_levels(p)
             data = levels if multiscale else levels[0]
-    rgb = axes.endswith("S") and shape[-1] in (3, 4)
+        check_not_empty(p, data[0].shape if multiscale else data.shape)
     layer_axes = axes[:-1] if rgb else axes
     meta: dict[str, Any] = {"name": stem(p), "rgb": rgb, "multiscale": multiscale}
     channels = [i for i, ax in enumerate(layer_axes) if ax in "CS"]
