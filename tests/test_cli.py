@@ -11,7 +11,7 @@ import scipy.ndimage as ndi
 import skimage.data
 import tifffile
 
-from napari_nephi import load_transform
+from napari_nephi import load_transform, overlays
 from napari_nephi.cli import main
 from napari_nephi.io import read_image, write_nifti, write_tiff
 
@@ -76,24 +76,28 @@ def test_register_writes_the_deformation_grid(files):
                  "--kind", "translation", "--iterations", "80", "--levels", "2"]) == 0  # fmt: skip
     t = load_transform(out / "transform").matrix[:2, 2]
     np.testing.assert_allclose(t, m[:2, 2], atol=0.3)
-    # lines at moving coordinates 0, 16, 32, ... show up at fixed coordinates 16 k - t
+    spacing = overlays.deformation_grid(load_transform(out / "transform"), (128, 128))[1]["metadata"]
+    s = spacing["spacing_px"]
+    assert float(s).is_integer()
+    # lines at moving coordinates 0, s, 2s, ... show up at fixed coordinates s k - t
     paths, kwargs, kind = csv_to_layer_data(str(out / "deformation_grid.csv"), require_type="shapes")
     assert kind == "shapes" and set(kwargs["shape_type"]) == {"path"}
     constant_axes = []
     for p in paths:
         axis = int(np.argmin(np.ptp(p, axis=0)))  # the coordinate that stays fixed along the line
         level = p[:, axis] + t[axis]
-        np.testing.assert_allclose(level, 16 * np.round(level / 16), atol=0.05)
+        np.testing.assert_allclose(level, s * np.round(level / s), atol=0.05)
         constant_axes.append(axis)
     assert constant_axes.count(0) >= 6 and constant_axes.count(1) >= 6
     grid = tifffile.imread(out / "deformation_grid.tif")
     assert grid.shape == (128, 128)
     inner = slice(20, 108)
-    on_line = [int(round(16 * k - t[0])) for k in (2, 3, 4, 5)]
-    between = [y + 8 for y in on_line]
+    half = int(s // 2)
+    on_line = [int(round(s * k - t[0])) for k in (2, 3, 4, 5)]
+    between = [y + half for y in on_line]
     assert grid[on_line, inner].mean() > 0.6 and grid[between, inner].mean() < 0.15
-    on_col = [int(round(16 * k - t[1])) for k in (2, 3, 4, 5)]
-    assert grid[inner, on_col].mean() > 0.6 and grid[inner, [x + 8 for x in on_col]].mean() < 0.15
+    on_col = [int(round(s * k - t[1])) for k in (2, 3, 4, 5)]
+    assert grid[inner, on_col].mean() > 0.6 and grid[inner, [x + half for x in on_col]].mean() < 0.15
 
 
 def test_register_nifti_3d(tmp_path):

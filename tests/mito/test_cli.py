@@ -1,4 +1,4 @@
-"""``align-em`` through a fresh argparse parser (as the main CLI wires it with add_parser)."""
+"""``align-em`` through a fresh argparse parser (as napari_nephi.cli wires it with add_parser)."""
 
 import argparse
 import csv
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from napari_nephi import load_transform
+from napari_nephi.cli.em import add_parser
 from napari_nephi.core.errors import InputError
-from napari_nephi.engines.mito.cli import add_parser
 from napari_nephi.io import read_image, write_tiff
 
 
@@ -77,8 +77,10 @@ def test_align_em_writes_stack_masks_matrices_and_report(em, tmp_path, capfd):
     captured = capfd.readouterr()
     assert "Aligned 6 sections" in captured.out
     # progress bars (stderr): the alignment, section by section, then writing stack and masks
-    assert "6/6 section 6/6" in captured.err
-    assert "12/12 writing aligned masks 6/6" in captured.err
+    bars = captured.err.splitlines()  # not a terminal: one line per update, a bar per stage
+    assert any(b.startswith("section 6/6: 100%") and "| 6/6 [" in b for b in bars), captured.err
+    assert any(b.startswith("writing aligned masks 6/6: 100%") and "| 12/12 [" in b for b in bars)
+    assert "\r" not in captured.err
 
 
 def test_align_em_section_folder_without_masks(em, tmp_path):

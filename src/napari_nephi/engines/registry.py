@@ -55,6 +55,11 @@ def register_engine(name: str, description: str = "") -> Callable[[Engine], Engi
     return deco
 
 
+def unregister_engine(name: str) -> None:
+    """Remove the method ``name`` (a plugin's or a test's engine); unknown names are ignored."""
+    _ENGINES.pop(name, None)
+
+
 def _load_builtin_engines() -> None:
     import importlib
 

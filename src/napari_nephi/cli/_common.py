@@ -1,0 +1,174 @@
+"""Helpers shared by the command groups: the parser class, progress bars, options, image files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+from tqdm import tqdm
+
+from ..core.errors import InputError, UnsupportedFileError
+from ..core.progress import ProgressEvent
+
+
+class CommandLineError(Exception):
+    """A problem with the command line itself (argparse's); ``main`` prints it as one line."""
+
+    def __init__(self, message: str, prog: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors become one-line messages instead of usage dumps.
+
+    ``main`` catches :class:`CommandLineError` and prints ``error: ... (see PROG --help)``.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandLineError(message, self.prog)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default next to its help; keeps description paragraphs as written.
+
+    Options without a value of their own (default None: the engine decides) and flags say so in
+    their help text instead of ``(default: None)``.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_key_values(parser: argparse.ArgumentParser, flag: str, what: str) -> None:
+    """A repeatable ``FLAG KEY=VALUE`` option; VALUE is read as JSON when it can be (see parse_options)."""
+    parser.add_argument(
+        flag,
+        action="append",
+        metavar="KEY=VALUE",
+        help=f"{what}, repeatable; VALUE is read as JSON when it can be (e.g. [5, 5], true, 0.1)",
+    )
+
+
+def add_quiet(parser: argparse.ArgumentParser) -> None:
+    """``-q/--quiet``: no progress bars and no summary."""
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary")
+
+
+class _LineBar(tqdm):
+    """A tqdm bar that writes a new line per update (for logs: no endless line of carriage returns)."""
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        if msg == "":
+            return True
+        self.fp.write(("\n" if getattr(self, "_wrote", False) else "") + (str(self) if msg is None else msg))
+        self.fp.flush()
+        self._wrote = True
+        return True
+
+
+class ProgressBars:
+    """A progress callback that draws engine :class:`ProgressEvent` s as tqdm bars on stderr.
+
+    One bar per stage of the work: a new bar starts when the number of steps changes or the step
+    count starts again (the alignment, then writing the results, ...); the engine's current stage
+    (``level 2/3``, ``section 4/8``) is the bar's label and the loss its postfix. On a terminal the
+    bar redraws in place; in a log (stderr not a terminal) it writes one line every few seconds.
+    ``quiet`` draws nothing.
+    """
+
+    def __init__(self, quiet: bool = False, stream=None):
+        self.quiet = quiet
+        self._stream = stream
+        self._bar: tqdm | None = None
+        self._last_step = 0
+
+    @property
+    def stream(self):
+        """The given stream, else the current ``sys.stderr`` (looked up when a bar starts)."""
+        return self._stream if self._stream is not None else sys.stderr
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        if self.quiet:
+            return
+        total = max(int(ev.total), 1)
+        bar = self._bar
+        if bar is None or bar.total != total or ev.step < self._last_step:
+            self.close()
+            tty = bool(getattr(self.stream, "isatty", lambda: False)())
+            cls = tqdm if tty else _LineBar
+            bar = self._bar = cls(
+                total=total, file=self.stream, ascii=not tty, mininterval=0.1 if tty else 5.0, unit="step"
+            )
+        self._last_step = int(ev.step)
+        bar.set_description_str(ev.stage, refresh=False)
+        if ev.loss is not None:
+            bar.set_postfix_str(f"loss {ev.loss:.4f}", refresh=False)
+        bar.update(min(int(ev.step), total) - bar.n)
+        if ev.step >= total:
+            self.close()
+
+    def close(self) -> None:
+        """Finish the current bar (its final state stays on screen)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+            self._last_step = 0
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_options(pairs: list[str] | None, flag: str = "--option") -> dict:
+    """``KEY=VALUE`` items as keyword arguments (values parsed as JSON when they can be)."""
+    out = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise InputError(f"{flag} takes KEY=VALUE, got {item!r}; e.g. {flag} iterations=100.")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = _parse_value(value)
+    return out
+
+
+def read_one(path: str) -> tuple[np.ndarray, dict]:
+    """The first layer of an image file as a numpy array (the finest level of a pyramid) and its meta."""
+    from ..io import read_image
+
+    data, meta, _ = read_image(path)[0]
+    if meta.get("multiscale"):
+        data = data[0]
+    return np.asarray(data), meta
+
+
+def spatial_spacing(data: np.ndarray, meta: dict) -> tuple[float, ...]:
+    """The voxel size of the spatial axes (the channel axis of RGB images left out)."""
+    spatial = data.ndim - (1 if meta.get("rgb") else 0)
+    return tuple(meta.get("scale") or (1.0,) * spatial)[-spatial:]
+
+
+def write_image(path: Path, data, spacing, labels: bool = False) -> None:
+    """Write an image or labels (by suffix: TIFF or NIfTI) with ``spacing`` as its voxel size."""
+    from ..io import write_image as write
+    from ..io import write_labels
+
+    (write_labels if labels else write)(str(path), data, {"scale": list(spacing)})
+
+
+def check_output_file(path: str) -> Path:
+    """``path`` as a Path if a file may be written there (its folder exists, it is not a folder)."""
+    p = Path(path)
+    if p.is_dir():
+        raise UnsupportedFileError(f"{p} is a folder; give the name of the file to write.")
+    if not p.parent.is_dir():
+        raise UnsupportedFileError(f"Cannot write {p}: folder {p.parent} does not exist; create it first.")
+    return p
