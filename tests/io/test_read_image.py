@@ -103,7 +103,8 @@ def test_corrupt_file_raises_unsupported_file_error(tmp_path, kind):
         read_image(path)
     assert kind in str(info.value)
     assert "re-export" in str(info.value)  # says what to do
-    assert info.value.__cause__ is not None  # original library error is chained
+    # the original library error is chained, unless the reader's own size check caught it first
+    assert info.value.__cause__ is not None or "the header describes" in str(info.value)
 
 
 @pytest.mark.parametrize("name", ["missing.nii.gz", "missing.tif", "missing_folder"])

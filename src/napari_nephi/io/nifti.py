@@ -8,6 +8,7 @@ index -> RAS affine travels in ``meta["metadata"]["nifti_affine"]``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import nibabel as nib
@@ -32,6 +33,7 @@ def read_nifti(path: PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         img = nib.load(str(p))
         if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
             raise UnsupportedFileError(f"{p} is not a NIfTI-1/NIfTI-2 image; convert it to .nii.gz first.")
+        _check_data_size(p, img)
         raw = np.asanyarray(img.dataobj)
         # zooms are float32 in the header: keep their shortest decimal form (0.3, not 0.30000001)
         zooms = tuple(float(str(np.float32(z))) for z in img.header.get_zooms())
@@ -52,6 +54,30 @@ def read_nifti(path: PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         "metadata": {"nifti_affine": affine, "nifti_zooms": zooms, "source_path": str(p)},
     }
     return data, meta
+
+
+#: Most a deflate stream can expand (1032:1), with room for the gzip and NIfTI headers.
+_GZIP_MAX_RATIO = 1100
+
+
+def _check_data_size(path: Path, img: nib.Nifti1Image) -> None:
+    """Refuse a header whose image needs more bytes than the file can hold (truncated or corrupt).
+
+    Checked before any pixel is read, so a corrupt dimension never allocates a huge array.
+    """
+    proxy = img.dataobj
+    shape = tuple(int(n) for n in proxy.shape)
+    needed = int(np.prod(shape, dtype=object)) * np.dtype(proxy.dtype).itemsize + int(
+        getattr(proxy, "offset", 0)
+    )
+    size = path.stat().st_size
+    limit = size * _GZIP_MAX_RATIO + (1 << 20) if path.name.lower().endswith(".gz") else size
+    if needed > limit:
+        raise UnsupportedFileError(
+            f"{path} is truncated or its header is corrupt: the header describes a {shape} image of "
+            f"{needed} bytes but the file has {size} bytes. Check that it was copied completely, or "
+            "re-export it."
+        )
 
 
 def _affine_for(spacing: tuple[float, ...], affine: np.ndarray | None) -> np.ndarray:
