@@ -55,13 +55,3 @@ class Pair:
     progress: Progress
     device: str
     notes: list[str]
-
-
-def __getattr__(name: str):
-    # Transitional: widgets/register_widget.py and widgets/_options.py still import register and
-    # available_methods from here. Remove once they import them from napari_nephi.engines.registry.
-    if name in ("register", "available_methods"):
-        import importlib
-
-        return getattr(importlib.import_module("napari_nephi.engines.registry"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
