@@ -33,7 +33,9 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=1, help="register this many times in the same viewer")
     p.add_argument("--gaps", action="store_true", help="list every gap over 50 ms")
     p.add_argument(
-        "--trace", action="store_true", help="sample the GUI thread's stack; print what ran in gaps over 80 ms"
+        "--trace",
+        action="store_true",
+        help="sample the GUI thread's stack; print what ran in gaps over 80 ms",
     )
     args = p.parse_args()
     load = os.getloadavg()[0]

@@ -20,19 +20,25 @@ def _wait(runner, qtbot, action):
         action()
 
 
+def _align(widget, qtbot, action=None):
+    """Start an alignment and wait until it is over and its layers are in the viewer."""
+    with qtbot.waitSignal(widget.run_done, timeout=60000):
+        (action or widget.start)()
+
+
 def test_end_to_end_alignment(make_napari_viewer, qtbot, em, errors, tmp_path):
     viewer = make_napari_viewer()
     stack = viewer.add_image(em["stack"], name="em", scale=(1.0, 0.5, 0.5))
     masks = viewer.add_labels(em["masks"], name="mito", scale=(1.0, 0.5, 0.5))
     before = em["stack"].copy()
     widget = EMAlignWidget(viewer)
-    qtbot.addWidget(widget)
+    viewer.window.add_dock_widget(widget)
     widget.stack.set_layer(stack)
     widget.masks.set_layer(masks)
     widget.options.model.setCurrentText("rigid")
     steps = []
     widget.runner.progressed.connect(lambda ev: steps.append(ev.step))
-    _wait(widget.runner, qtbot, widget.start)
+    _align(widget, qtbot)
     assert errors == []
     names = [ly.name for ly in viewer.layers]
     assert "em aligned" in names and "em aligned masks" in names, names
@@ -56,7 +62,7 @@ def test_end_to_end_alignment(make_napari_viewer, qtbot, em, errors, tmp_path):
     count = len(viewer.layers)
     widget.options.refine.setChecked(False)
     assert widget.options.values()["refine"] is False
-    _wait(widget.runner, qtbot, widget.start)
+    _align(widget, qtbot)
     assert len(viewer.layers) == count
     assert widget.table.column_values("refined") == [""] * 6
     assert widget.last.settings["refine"] is False
@@ -80,13 +86,13 @@ def test_automatic_masks_and_blank_section(make_napari_viewer, qtbot, em, errors
     data[4] = 0  # a blank section: reported, not fatal
     viewer.add_image(data, name="em")
     widget = EMAlignWidget(viewer)
-    qtbot.addWidget(widget)
+    viewer.window.add_dock_widget(widget)
     _wait(widget.helper, qtbot, widget.detect_masks)
     assert "em mitochondria" in [ly.name for ly in viewer.layers]
     assert widget.masks.layer() is viewer.layers["em mitochondria"]
     widget.masks.set_layer(None)  # none: the run detects them itself
     widget.masks.setCurrentIndex(0)
-    _wait(widget.runner, qtbot, widget.start)
+    _align(widget, qtbot)
     assert errors == []
     assert "em aligned mitochondria (auto)" in [ly.name for ly in viewer.layers]
     assert widget.table.rowCount() == 6
@@ -99,7 +105,7 @@ def test_bad_inputs_show_errors_and_change_nothing(make_napari_viewer, qtbot, em
     viewer = make_napari_viewer()
     viewer.add_image(em["stack"][0], name="one section")
     widget = EMAlignWidget(viewer)
-    qtbot.addWidget(widget)
+    viewer.window.add_dock_widget(widget)
     widget.start()
     assert errors and "stack of sections" in errors[-1]
     viewer.add_image(em["stack"], name="em")
@@ -119,16 +125,17 @@ def test_cancel_keeps_layers(make_napari_viewer, qtbot, errors):
     viewer = make_napari_viewer()
     viewer.add_image(big["stack"], name="em")
     widget = EMAlignWidget(viewer)
-    qtbot.addWidget(widget)
+    viewer.window.add_dock_widget(widget)
     widget.options.workers.setValue(1)
 
     def start_and_cancel():
         widget.start()
         widget.cancel_button.click()
 
-    _wait(widget.runner, qtbot, start_and_cancel)
+    _align(widget, qtbot, start_and_cancel)
     assert "Cancelled" in widget.status.text()
     assert [ly.name for ly in viewer.layers] == ["em"]
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
     assert errors == []
 
 

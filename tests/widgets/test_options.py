@@ -53,3 +53,23 @@ def test_nephi_values(qtbot):
     opts.mode.setCurrentText("predict")
     assert opts.model_row.isEnabled()
     assert opts.values()["weights"] == "/models/tc.pt"
+
+
+def test_advanced_options_are_folded_and_reachable(qtbot):
+    opts = RegistrationOptions("affine")
+    qtbot.addWidget(opts)
+    opts.show()
+    qtbot.waitExposed(opts)
+    assert not opts.advanced.isExpanded()
+    assert opts.iterations.visibleRegion().isEmpty()  # folded away
+    folded_height = opts.sizeHint().height()
+    opts.advanced.toggleButton().click()
+    qtbot.waitUntil(lambda: not opts.iterations.visibleRegion().isEmpty(), timeout=2000)
+    assert opts.sizeHint().height() > folded_height
+    opts.iterations.setValue(40)
+    assert opts.values()["iterations"] == 40
+    if opts.method.findText("nephi") < 0:
+        pytest.skip("nephi engine not installed")
+    opts.method.setCurrentText("nephi")  # the open section takes the NePhi rows' height
+    qtbot.waitUntil(lambda: not opts.sample_points.visibleRegion().isEmpty(), timeout=2000)
+    assert opts.similarity.isHidden()

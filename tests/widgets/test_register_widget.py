@@ -12,6 +12,8 @@ from napari_nephi.widgets import register_widget as rw
 from napari_nephi.widgets._pickers import NONE_TEXT, LayerPicker
 from napari_nephi.widgets._results import ResultLayers
 from napari_nephi.widgets._runner import RegistrationRunner
+from napari_nephi.widgets._state import RunState
+from napari_nephi.widgets._steps import StepQueue
 
 
 @pytest.fixture
@@ -92,13 +94,7 @@ def test_result_layers_update_in_place_and_remove_leftovers(make_napari_viewer, 
     ]
     layers = _show_gradually(results, qtbot, first, roles=["warped", "folds", "grid"])
     assert [ly.name for ly in viewer.layers] == ["mine", "a warped", "a folds", "run grid 2"]
-    assert viewer.layers.selection.active is user  # results are not selected one after the other
-    panels = viewer.window._qt_viewer.controls.widgets  # built after the inserts, one turn each
-    assert [type(panels[ly]).__name__ for ly in layers] == [
-        "QtImageControls",
-        "QtLabelsControls",
-        "QtShapesControls",
-    ]
+    assert all(ly.visible for ly in layers)  # added hidden, shown a turn later
     warped, folds, shapes = layers
     second = [
         (2 * np.ones((5, 6)), {"name": "b warped", "contrast_limits": (0, 2), "scale": (2.0, 2.0)}, "image"),
@@ -130,27 +126,6 @@ def test_result_layers_adopt_an_existing_layer(make_napari_viewer, qtbot):
     np.testing.assert_array_equal(warped.data, data)
 
 
-def test_controls_later_builds_layer_controls_in_a_later_call(make_napari_viewer):
-    from napari._qt.layer_controls.qt_image_controls import QtImageControls
-
-    from napari_nephi.widgets._results import controls_later
-
-    viewer = make_napari_viewer()
-    controls = viewer.window._qt_viewer.controls
-    with controls_later(viewer) as build:
-        a = viewer.add_image(np.zeros((4, 4)), name="a")
-        b = viewer.add_labels(np.zeros((4, 4), int), name="b")
-    assert not isinstance(controls.widgets[a], QtImageControls)  # an empty placeholder so far
-    viewer.layers.selection.active = a  # napari's handlers find the placeholder: no KeyError
-    viewer.layers.remove(b)  # removed before its controls were built
-    build()
-    assert isinstance(controls.widgets[a], QtImageControls) and b not in controls.widgets
-    assert controls.currentWidget() is controls.widgets[a]  # the selected layer shows its real panel
-    c = viewer.add_image(np.zeros((4, 4)), name="c")  # outside the block napari builds them at once
-    assert isinstance(controls.widgets[c], QtImageControls)
-    assert controls.count() == len(viewer.layers) + 1  # the layers' panels and napari's empty one
-
-
 def test_remove_layer_leaves_the_collector_as_it_was(make_napari_viewer):
     import gc
 
@@ -173,12 +148,14 @@ def test_warm_up_adds_nothing_that_stays(make_napari_viewer, qtbot):
     inserted = []
     viewer.layers.events.inserted.connect(lambda e: inserted.append(type(e.value).__name__))
     done = []
-    warm_up(viewer, done=lambda: done.append(1))
+    queue = StepQueue()
+    warm_up(viewer, queue, done=lambda: done.append(1))
     qtbot.waitUntil(lambda: bool(done), timeout=10000)
     assert inserted == ["Labels", "Points"]  # napari's first-of-a-kind costs were paid ...
     assert [ly.name for ly in viewer.layers] == ["volume"]  # ... and nothing is left behind
+    assert viewer.layers.selection.active is viewer.layers["volume"]  # the selection is given back
     assert viewer.dims.ndim == 3
-    warm_up(viewer, done=lambda: done.append(2))  # once per viewer
+    warm_up(viewer, queue, done=lambda: done.append(2))  # once per viewer
     assert done == [1, 2] and inserted == ["Labels", "Points"]
 
 
@@ -232,7 +209,7 @@ def _viewer_with_widget(make_napari_viewer, qtbot, pair):
     viewer.add_image(fixed, name="fixed")
     viewer.add_image(moving, name="moving")
     widget = RegisterWidget(viewer)
-    qtbot.addWidget(widget)
+    viewer.window.add_dock_widget(widget)
     return viewer, widget
 
 
@@ -252,7 +229,7 @@ def test_end_to_end_affine_run(make_napari_viewer, qtbot, pair, errors, tmp_path
     mpts = viewer.add_points((np.array([[40.0, 40.0], [100.0, 120.0]]) + (3.0, -2.0)) * 2, name="moving pts")
     before = moving.copy()
     widget = RegisterWidget(viewer)
-    qtbot.addWidget(widget)
+    viewer.window.add_dock_widget(widget)
     widget.fixed.set_layer(viewer.layers["fixed"])
     widget.moving.set_layer(mov_layer)
     widget.moving_labels.set_layer(lab_layer)
@@ -292,7 +269,7 @@ def test_dimension_mismatch_shows_error_and_changes_nothing(make_napari_viewer, 
     viewer.add_image(np.random.default_rng(0).random((16, 16)), name="2d")
     viewer.add_image(np.random.default_rng(1).random((8, 16, 16)), name="3d")
     widget = RegisterWidget(viewer)
-    qtbot.addWidget(widget)
+    viewer.window.add_dock_widget(widget)
     widget.fixed.set_layer(viewer.layers["2d"])
     widget.moving.set_layer(viewer.layers["3d"])
     widget.start()
@@ -306,7 +283,7 @@ def test_engine_error_is_notified(make_napari_viewer, qtbot, errors):
     viewer.add_image(np.ones((16, 16)), name="flat")
     viewer.add_image(np.random.default_rng(1).random((16, 16)), name="noise")
     widget = RegisterWidget(viewer)
-    qtbot.addWidget(widget)
+    viewer.window.add_dock_widget(widget)
     widget.fixed.set_layer(viewer.layers["flat"])
     widget.moving.set_layer(viewer.layers["noise"])
     _run(widget, qtbot)
@@ -381,7 +358,7 @@ def test_preview_and_loss_curve(make_napari_viewer, qtbot, pair, errors):
     viewer.add_image(fixed, name="fixed", scale=(2.0, 2.0))
     viewer.add_image(moving, name="moving", scale=(2.0, 2.0))
     widget = RegisterWidget(viewer)
-    qtbot.addWidget(widget)
+    viewer.window.add_dock_widget(widget)
     widget.options.iterations.setValue(40)
     widget.options.levels.setValue(2)
     import gc
@@ -423,7 +400,7 @@ def test_nephi_widget_end_to_end(make_napari_viewer, qtbot, errors):
     for data, kwargs, kind in sample_data.tc_sample():
         getattr(viewer, f"add_{kind}")(data, **kwargs)
     widget = NephiWidget(viewer)
-    qtbot.addWidget(widget)
+    viewer.window.add_dock_widget(widget)
     assert widget.options.method.currentText() == "nephi"
     widget.fixed.set_layer(viewer.layers["fixed (T&C)"])
     widget.moving.set_layer(viewer.layers["moving (T&C)"])
@@ -446,7 +423,7 @@ def test_rgb_pair_runs(make_napari_viewer, qtbot, errors):
     viewer.add_image(rgb, name="fixed rgb", rgb=True)
     viewer.add_image(shifted, name="moving rgb", rgb=True)
     widget = RegisterWidget(viewer)
-    qtbot.addWidget(widget)
+    viewer.window.add_dock_widget(widget)
     widget.options.kind.setCurrentText("translation")
     widget.options.iterations.setValue(60)
     _run(widget, qtbot)
@@ -466,7 +443,7 @@ def test_apply_transform_to_points_with_scale(make_napari_viewer, qtbot, tmp_pat
     viewer = make_napari_viewer()
     pts = viewer.add_points(np.array([[15.0, 10.0]]), scale=(2.0, 2.0), name="moving pts")
     widget = RegisterWidget(viewer)
-    qtbot.addWidget(widget)
+    viewer.window.add_dock_widget(widget)
     new = widget.apply_transform(tmp_path / "t", layer=pts)
     np.testing.assert_allclose(new.data, [[10.0, 10.0]], atol=1e-4)  # moving voxel 15 -> fixed 10
     np.testing.assert_allclose(new.scale, (2.0, 2.0))
@@ -488,7 +465,7 @@ def test_apply_transform_rescales_layers_of_another_spacing(make_napari_viewer, 
     half_layer = viewer.add_image(full[::2, ::2].copy(), scale=(2.0, 2.0), name="half")
     half_labels = viewer.add_labels(labels[::2, ::2].copy(), scale=(2.0, 2.0), name="half labels")
     widget = RegisterWidget(viewer)
-    qtbot.addWidget(widget)
+    viewer.window.add_dock_widget(widget)
     a = widget.apply_transform(tmp_path / "t", layer=full_layer).data
     b = widget.apply_transform(tmp_path / "t", layer=half_layer).data
     lab = widget.apply_transform(tmp_path / "t", layer=half_labels).data
@@ -549,15 +526,15 @@ def test_a_preview_right_after_a_throttled_step_is_still_shown(make_napari_viewe
 
     _, widget = _viewer_with_widget(make_napari_viewer, qtbot, pair)
     widget._inputs = {"scale": (1.0, 1.0), "name": "moving"}
-    widget._running = True
-    widget._add_preview_layer(2)
-    widget._on_progress(ProgressEvent(1, 100, 0.5))  # a plain step: shown, starts the throttle
+    widget.state.to(RunState.RUNNING)  # as if Run was clicked; the runner's signals come by hand
+    widget.runner.progressed.emit(ProgressEvent(1, 100, 0.5))  # a plain step: shown, starts the throttle
     preview = np.full(pair[0].shape, 0.25, np.float32)
-    widget._on_progress(ProgressEvent(2, 100, 0.4, preview=preview))  # within the same interval
+    widget.runner.progressed.emit(ProgressEvent(2, 100, 0.4, preview=preview))  # within the same interval
     assert widget.preview_layer.data is preview and widget.preview_layer.visible
-    widget._on_progress(ProgressEvent(3, 100, 0.3))  # a plain step inside the interval: skipped
+    widget.runner.progressed.emit(ProgressEvent(3, 100, 0.3))  # a plain step inside the interval: skipped
     assert "step 2/100" in widget.status.text()
-    widget._running = False
+    widget.runner.stopped.emit()
+    assert widget.state.state is RunState.IDLE and widget.run_button.isEnabled()
 
 
 def test_previous_warped_layer_used_as_input_is_not_overwritten_by_previews(
@@ -571,3 +548,70 @@ def test_previous_warped_layer_used_as_input_is_not_overwritten_by_previews(
     _run(widget, qtbot)
     assert previews_in and not any(previews_in)  # the previews had a layer of their own
     assert errors == []
+
+
+def test_buttons_follow_the_run_state_and_a_run_after_cancel_works(make_napari_viewer, qtbot, pair, errors):
+    viewer, widget = _viewer_with_widget(make_napari_viewer, qtbot, pair)
+    seen = []
+    widget.state.changed.connect(
+        lambda old, new: seen.append((new, widget.run_button.isEnabled(), widget.cancel_button.isEnabled()))
+    )
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+    widget.options.iterations.setValue(100000)
+    with qtbot.waitSignal(widget.run_done, timeout=60000):
+        widget.start()
+        qtbot.waitUntil(lambda: widget.runner.busy, timeout=10000)
+        widget.start()  # Run while running does nothing
+        widget.cancel_button.click()
+    assert seen == [
+        (RunState.RUNNING, False, True),
+        (RunState.CANCELLING, False, False),
+        (RunState.IDLE, True, False),
+    ]
+    assert "Cancelled" in widget.status.text() and [ly.name for ly in viewer.layers] == ["fixed", "moving"]
+    seen.clear()
+    widget.options.iterations.setValue(20)
+    widget.options.levels.setValue(1)
+    _run(widget, qtbot)
+    assert [state for state, *_ in seen] == [RunState.RUNNING, RunState.ADDING_RESULTS, RunState.IDLE]
+    assert seen[1][1:] == (False, False)  # neither Run nor Cancel while the layers are added
+    assert "Done" in widget.status.text() and "moving warped" in [ly.name for ly in viewer.layers]
+    assert errors == []
+
+
+def test_closing_the_viewer_mid_run_is_safe(make_napari_viewer, qtbot, pair):
+    """Closing napari while a run is on deletes the widget, which cancels the run; nothing is left."""
+    import gc
+
+    from qtpy.QtCore import QThreadPool
+
+    viewer, widget = _viewer_with_widget(make_napari_viewer, qtbot, pair)
+    widget.options.iterations.setValue(100000)
+    widget.start()
+    qtbot.waitUntil(lambda: widget.preview_layer is not None and widget.preview_layer.visible, timeout=30000)
+    assert gc.get_freeze_count() > 0  # the run holds the collector's freeze
+    with qtbot.waitSignal(widget.destroyed, timeout=10000):
+        viewer.close()
+    pool = QThreadPool.globalInstance()
+    qtbot.waitUntil(lambda: pool.activeThreadCount() == 0, timeout=5000)  # the worker stopped
+    assert gc.get_freeze_count() == 0
+    qtbot.wait(200)  # late signals of the worker, if any, find nobody
+
+
+def test_docked_widgets_fit_on_a_screen(make_napari_viewer, qtbot, pair):
+    """Each dock asks for at most 900 px and scrolls below that; three docked fit on a 1080 px screen."""
+    from napari_nephi.widgets import EMAlignWidget, NephiWidget
+
+    viewer, register = _viewer_with_widget(make_napari_viewer, qtbot, pair)
+    widgets = [NephiWidget(viewer), register, EMAlignWidget(viewer)]
+    for w in (widgets[0], widgets[2]):
+        viewer.window.add_dock_widget(w, name=type(w).__name__)
+    for w in widgets:
+        assert w.sizeHint().height() <= 900, type(w).__name__
+        assert w.minimumSizeHint().height() <= 900, type(w).__name__
+    assert register.window().minimumSizeHint().height() <= 1080
+    # folded sections are closed at first and open on a click
+    for section in (register.landmarks, register.options.advanced, widgets[2].options.advanced):
+        assert not section.isExpanded()
+        section.toggleButton().click()
+        assert section.isExpanded()

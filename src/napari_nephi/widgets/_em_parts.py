@@ -12,10 +12,12 @@ from qtpy.QtWidgets import (
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
+    QVBoxLayout,
     QWidget,
 )
 
 from ..engines.mito.features import DESCRIPTORS, DETECTORS, MATCHERS, MODELS
+from ._options import folded
 from ._plot import CurvePlot
 
 #: (report key, column title) of the report table.
@@ -35,12 +37,16 @@ COLUMNS = (
 
 
 class EMOptions(QWidget):
-    """Alignment options as keyword arguments of ``napari_nephi.engines.mito.align_stack``."""
+    """Alignment options as keyword arguments of ``napari_nephi.engines.mito.align_stack``.
+
+    Detector, descriptor, matcher and model are shown; the rest sits in a folded "advanced
+    options" section.
+    """
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        form = QFormLayout(self)
-        form.setContentsMargins(0, 0, 0, 0)
+        form = QFormLayout()
+        more = QFormLayout()
         self.detector = QComboBox()
         self.detector.addItems(DETECTORS)
         self.descriptor = QComboBox()
@@ -75,19 +81,21 @@ class EMOptions(QWidget):
         self.workers = QSpinBox()
         self.workers.setRange(0, 256)
         self.workers.setSpecialValueText("all cores")
-        form.addRow("detector", self.detector)
-        form.addRow("", self.use_masks)
-        form.addRow("descriptor", self.descriptor)
-        form.addRow("matcher", self.matcher)
-        form.addRow("model", self.model)
-        form.addRow("", self.model_selection)
-        form.addRow("", self.refine)
-        form.addRow("reference section", self.reference)
-        form.addRow("", self.middle)
-        form.addRow("RANSAC threshold", self.threshold)
-        form.addRow("ratio test", self.ratio)
-        form.addRow("keypoints / section", self.max_keypoints)
-        form.addRow("threads", self.workers)
+        shown = [("detector", self.detector), ("", self.use_masks), ("descriptor", self.descriptor),
+                 ("matcher", self.matcher), ("model", self.model)]  # fmt: skip
+        folded_rows = [("", self.model_selection), ("", self.refine), ("reference section", self.reference),
+                       ("", self.middle), ("RANSAC threshold", self.threshold), ("ratio test", self.ratio),
+                       ("keypoints / section", self.max_keypoints), ("threads", self.workers)]  # fmt: skip
+        for layout, rows in ((form, shown), (more, folded_rows)):
+            for label, widget in rows:
+                layout.addRow(label, widget)
+        advanced = QWidget()
+        advanced.setLayout(more)
+        self.advanced = folded("advanced options", advanced)
+        box = QVBoxLayout(self)
+        box.setContentsMargins(0, 0, 0, 0)
+        box.addLayout(form)
+        box.addWidget(self.advanced)
         self.detector.currentTextChanged.connect(self._sync)
         self.middle.toggled.connect(self._sync)
         self._sync()

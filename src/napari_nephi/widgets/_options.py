@@ -2,7 +2,8 @@
 
 Method-specific rows are shown only for their method; ``values()`` returns just the options
 that method takes, ready for ``napari_nephi.register``. A value of 0 in an "auto" spin box means
-"use the engine's default or preset".
+"use the engine's default or preset". The rows most runs leave alone sit in a folded "advanced
+options" section (:func:`folded`), so the dock stays short.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QPushButton,
     QSpinBox,
+    QVBoxLayout,
     QWidget,
 )
+from superqt import QCollapsible
 
 from ..core.device import available_devices
-from ..core.registration import available_methods
+from ..engines.registry import available_methods
 
 AFFINE_KINDS = ("rigid", "similarity", "affine", "translation")
 AFFINE_SIMILARITIES = ("ncc", "mse", "nmi", "lncc")
@@ -41,6 +44,21 @@ def _combo(items, current=None) -> QComboBox:
     return box
 
 
+def folded(title: str, content: QWidget) -> QCollapsible:
+    """A section that shows ``content`` when its title is clicked; closed at first."""
+    section = QCollapsible(title)
+    section.setDuration(0)  # no animation: the dock's height follows at once
+    section.addWidget(content)
+    section.layout().setContentsMargins(0, 0, 0, 0)
+    return section
+
+
+def refold(section: QCollapsible) -> None:
+    """Make an open section take its content's new height (after rows were shown or hidden)."""
+    if section.isExpanded():
+        section.expand(animate=False)
+
+
 def _auto_spin(maximum: int, step: int = 1) -> QSpinBox:
     box = QSpinBox()
     box.setRange(0, maximum)
@@ -56,7 +74,8 @@ class RegistrationOptions(QWidget):
 
     def __init__(self, method: str = "affine", parent=None):
         super().__init__(parent)
-        self.form = QFormLayout(self)
+        self.form = QFormLayout()
+        self.advanced_form = QFormLayout()
         methods = available_methods()
         self.method = _combo(methods, method if method in methods else methods[0])
         self.iterations = _auto_spin(100000)
@@ -90,25 +109,33 @@ class RegistrationOptions(QWidget):
         self.model_row.setLayout(model_row)
         model_row.setContentsMargins(0, 0, 0, 0)
 
+        # (label, widget, advanced) per method: advanced rows go in the folded section
         self._rows = {
-            "affine": [("transform", self.kind), ("similarity", self.similarity)],
+            "affine": [("transform", self.kind, False), ("similarity", self.similarity, True)],
             "nephi": [
-                ("mode", self.mode),
-                ("preset", self.preset),
-                ("regulariser", self.regularizer),
-                ("regularisation weight", self.reg_weight),
-                ("representation", self.representation),
-                ("sampled points", self.sample_points),
-                ("model file", self.model_row),
+                ("mode", self.mode, False),
+                ("preset", self.preset, False),
+                ("model file", self.model_row, False),
+                ("regulariser", self.regularizer, True),
+                ("regularisation weight", self.reg_weight, True),
+                ("representation", self.representation, True),
+                ("sampled points", self.sample_points, True),
             ],
         }
         self.form.addRow("method", self.method)
         for rows in self._rows.values():
-            for label, widget in rows:
-                self.form.addRow(label, widget)
-        self.form.addRow("iterations", self.iterations)
-        self.form.addRow("resolution levels", self.levels)
-        self.form.addRow("device", self.device)
+            for label, widget, advanced in rows:
+                (self.advanced_form if advanced else self.form).addRow(label, widget)
+        self.advanced_form.addRow("iterations", self.iterations)
+        self.advanced_form.addRow("resolution levels", self.levels)
+        self.advanced_form.addRow("device", self.device)
+        advanced = QWidget()
+        advanced.setLayout(self.advanced_form)
+        self.advanced = folded("advanced options", advanced)
+        box = QVBoxLayout(self)
+        box.setContentsMargins(0, 0, 0, 0)
+        box.addLayout(self.form)
+        box.addWidget(self.advanced)
         for w in (self.method, self.kind, self.similarity, self.device, self.mode, self.preset,
                   self.regularizer, self.representation):  # fmt: skip
             w.currentIndexChanged.connect(self._on_change)
@@ -125,13 +152,15 @@ class RegistrationOptions(QWidget):
     def _on_change(self, *_):
         method = self.method.currentText()
         for name, rows in self._rows.items():
-            for _label, widget in rows:
-                self._set_row_visible(widget, name == method)
+            for _label, widget, advanced in rows:
+                self._set_row_visible(self.advanced_form if advanced else self.form, widget, name == method)
         self.model_row.setEnabled(self.mode.currentText() != "optimize")
+        refold(self.advanced)
         self.changed.emit()
 
-    def _set_row_visible(self, widget, visible: bool) -> None:
-        label = self.form.labelForField(widget)
+    @staticmethod
+    def _set_row_visible(form: QFormLayout, widget: QWidget, visible: bool) -> None:
+        label = form.labelForField(widget)
         widget.setVisible(visible)
         if label is not None:
             label.setVisible(visible)

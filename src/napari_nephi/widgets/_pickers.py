@@ -45,6 +45,10 @@ class LayerPicker(QComboBox):
         if self.layer() is not current:
             self.layer_changed.emit(self.layer())
 
+    def layers(self) -> list:
+        """The layers it lists, in the viewer's order."""
+        return list(self._layers)
+
     def layer(self):
         """The chosen layer, or None."""
         i = self.currentIndex() - int(self.optional)
@@ -53,5 +57,8 @@ class LayerPicker(QComboBox):
         return None
 
     def set_layer(self, layer) -> None:
-        if layer in self._layers:
+        """Choose ``layer`` if it is listed; ``None`` chooses "(none)" in an optional picker."""
+        if layer is None and self.optional:
+            self.setCurrentIndex(0)
+        elif layer in self._layers:
             self.setCurrentIndex(self._layers.index(layer) + int(self.optional))

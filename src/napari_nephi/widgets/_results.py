@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Sequence
 
 import numpy as np
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QObject
 
-#: Pause between two layer changes of :meth:`ResultLayers.show_gradually`, in milliseconds. A
-#: timer (not a zero-delay call, which Qt runs before pending timers and input) lets the event
-#: loop draw the canvas and answer the user between two changes.
-STEP_MS = 15
+from ._steps import StepQueue
 
 #: Name of the short-lived layers :func:`warm_up` adds and removes.
 WARM_UP_NAME = "napari-nephi warm-up"
@@ -52,108 +49,13 @@ def remove_layer(viewer, layer) -> None:
         viewer.layers.remove(layer)
 
 
-@contextlib.contextmanager
-def not_selected(viewer) -> Iterator[None]:
-    """Add layers without selecting them.
-
-    napari makes every new layer the selected one, which swaps the layer-controls panel and
-    restyles the viewer buttons: 15-20 ms of GUI time a layer that nobody asked for. This uses
-    the layer list's ``_activate_on_insert`` switch where the napari version has it.
-    """
-    layers = viewer.layers
-    flag = getattr(layers, "_activate_on_insert", None)
-    if not isinstance(flag, bool):
-        yield
-        return
-    layers._activate_on_insert = False
-    try:
-        yield
-    finally:
-        layers._activate_on_insert = flag
-
-
-def _controls_container(viewer):
-    """napari's layer-controls stack (``QtLayerControlsContainer``), where it builds each layer's
-    controls on insert; ``None`` where this napari has no such stack or builds them on selection."""
-    controls = getattr(getattr(getattr(viewer, "window", None), "_qt_viewer", None), "controls", None)
-    if not callable(getattr(controls, "_add", None)) or not isinstance(
-        getattr(controls, "widgets", None), dict
-    ):
-        return None
-    try:
-        from napari.settings import get_settings
-
-        if get_settings().experimental.dynamic_layer_controls:
-            return None
-    except (ImportError, AttributeError):
-        return None
-    return controls
-
-
-@contextlib.contextmanager
-def controls_later(viewer) -> Iterator[Callable[[], None]]:
-    """Insert layers without building their layer-controls widgets; yields the function that builds
-    them, to be called in a later turn of the event loop.
-
-    napari builds the controls panel of every new layer in the same turn as the insert (about 40 %
-    of a new layer's 85-105 ms of GUI time here), so an insert is one stall over the 100 ms target;
-    split in two, each half stays well under it. Until the build, each new layer has an empty
-    placeholder panel, so napari's own handlers (selecting the layer, removing it) find one.
-    """
-    controls = _controls_container(viewer)
-    if controls is None:
-        yield lambda: None
-        return
-    from qtpy.QtWidgets import QWidget
-
-    inserted = viewer.layers.events.inserted
-    pending: list = []
-
-    def placeholder(event) -> None:
-        panel = QWidget()
-        controls.addWidget(panel)
-        controls.widgets[event.value] = panel
-        pending.append((event.value, panel))
-
-    def build() -> None:
-        if not viewer_open(viewer):  # closed meanwhile: its panels are gone with the window
-            pending.clear()
-            return
-        for layer, panel in pending:
-            if controls.widgets.get(layer) is not panel:  # removed (and its panel with it) meanwhile
-                continue
-            controls.removeWidget(panel)
-            panel.deleteLater()
-            del controls.widgets[layer]
-            controls._add(_Inserted(layer))
-            if viewer.layers.selection.active is layer:
-                controls.setCurrentWidget(controls.widgets[layer])
-        pending.clear()
-
-    inserted.disconnect(controls._add)
-    inserted.connect(placeholder)
-    try:
-        yield build
-    finally:
-        inserted.disconnect(placeholder)
-        inserted.connect(controls._add)
-
-
-class _Inserted:
-    """The part of napari's ``inserted`` event its controls stack reads."""
-
-    def __init__(self, value):
-        self.value = value
-
-
-def viewer_open(viewer) -> bool:
-    """False once the viewer's window has been closed (napari then drops ``window._qt_window``)."""
-    window = getattr(viewer, "window", None)
-    return window is None or hasattr(window, "_qt_window")
+#: Viewers :func:`warm_up` has warmed up (or is warming up).
+_warmed: weakref.WeakSet = weakref.WeakSet()
 
 
 def warm_up(
     viewer,
+    queue: StepQueue,
     cancelled: Callable[[], bool] = lambda: False,
     done: Callable[[], None] | None = None,
     ready: Callable[[], bool] = lambda: True,
@@ -163,25 +65,26 @@ def warm_up(
     The first Labels layer of a viewer costs ~50 ms more than later ones (vispy builds the
     machinery of its polygon tool) and the first layer that draws text (any Points, Shapes or
     Vectors layer; text or not) renders the font's glyphs, ~50 ms. A tiny hidden Labels layer and
-    an empty Points layer are added and removed, each in its own turn, unless the viewer has such
-    layers already. Meant for when a widget opens: it starts once ``ready()`` (background imports
-    done), ``cancelled()`` stops it (a run started) and ``done()`` is called at the end.
+    an empty Points layer are added and removed, each in its own turn of ``queue``, unless the
+    viewer has such layers already; the selection is given back afterwards. Meant for when a
+    widget opens: it starts once ``ready()`` (background imports done), ``cancelled()`` stops it
+    (a run started) and ``done()`` is called at the end. Once per viewer.
     """
     from napari.layers import Labels, Points, Shapes, Vectors
 
-    window = getattr(getattr(viewer, "window", None), "_qt_window", None)
-    if window is None or window.property("napari_nephi_warm") or len(viewer.layers) == 0:
+    if viewer in _warmed or len(viewer.layers) == 0:
         if done is not None:
             done()
         return
-    window.setProperty("napari_nephi_warm", True)
+    _warmed.add(viewer)
     made: list = []
     steps: list[Callable[[], None]] = []
+    selected: list = [None]
 
     def adder(make):
         def step():
-            with not_selected(viewer):
-                made.append(viewer.add_layer(make()))
+            selected[0] = viewer.layers.selection.active
+            made.append(viewer.add_layer(make()))
 
         return step
 
@@ -190,6 +93,8 @@ def warm_up(
             layer = made.pop()
             if layer in viewer.layers:
                 remove_layer(viewer, layer)
+        if selected[0] is not None and selected[0] in viewer.layers:
+            viewer.layers.selection.active = selected[0]
 
     if not any(isinstance(ly, Labels) for ly in viewer.layers):
         ndim = viewer.dims.ndim
@@ -199,23 +104,22 @@ def warm_up(
         ]
     if not any(isinstance(ly, Points | Shapes | Vectors) for ly in viewer.layers):
         steps += [adder(lambda: Points(np.zeros((0, 2)), name=WARM_UP_NAME)), remover]
+    pending = list(steps)
 
-    def run(k: int = 0):
-        if not viewer_open(viewer):
-            return
+    def run() -> None:
         if cancelled():
             remover()
-            k = len(steps)
-        elif k == 0 and not ready():
-            QTimer.singleShot(4 * STEP_MS, run)
+            pending.clear()
+        elif len(pending) == len(steps) and not ready():
+            queue.later(run)
             return
-        if k < len(steps):
-            steps[k]()
-            QTimer.singleShot(STEP_MS, lambda: run(k + 1))
+        if pending:
+            pending.pop(0)()
+            queue.later(run)
         elif done is not None:
             done()
 
-    run()
+    queue.later(run)
 
 
 def _nbytes(layer) -> int:
@@ -287,10 +191,15 @@ def update_layer(layer, data, kwargs: dict, kind: str, restyle: bool = False) ->
 
 
 class ResultLayers:
-    """Adds LayerData tuples to a viewer; a later :meth:`show` replaces the earlier layers."""
+    """Adds LayerData tuples to a viewer; a later :meth:`show` replaces the earlier layers.
 
-    def __init__(self, viewer):
+    ``parent`` (the widget) owns the timer of :meth:`show_gradually`: once it is deleted, with its
+    viewer, no step is left to run.
+    """
+
+    def __init__(self, viewer, parent: QObject | None = None):
         self.viewer = viewer
+        self.queue = StepQueue(parent)
         self._layers: list = []
         self._roles: dict[int, tuple] = {}  # id(layer) -> (role, kind)
 
@@ -339,11 +248,11 @@ class ResultLayers:
         with the same role and type takes the new data in place (no new layer, no removal), so a
         second run costs the viewer almost nothing. ``adopt`` maps a role to an existing layer of
         the viewer (e.g. the live preview) to update in place when the previous run has none.
-        A new layer is added hidden and shown in a later turn: adding it and drawing it the first
-        time (shader compilation) are the two expensive parts. ``prebuilt`` may give, per entry, a
-        napari layer already made from it off the GUI thread (hidden), to add instead of making one
-        here. Layers of the previous run that the new one does not have are removed last.
-        ``done(layers)`` is called at the end.
+        A new layer is added hidden and shown in a later turn: adding it (napari's own work) and
+        drawing it the first time (shader compilation) are the two expensive parts. ``prebuilt``
+        may give, per entry, a napari layer already made from it off the GUI thread (hidden), to
+        add instead of making one here. Layers of the previous run that the new one does not have
+        are removed last. ``done(layers)`` is called at the end.
         """
         roles = list(roles) if roles is not None else [kw.get("name") for _, kw, _ in layer_data]
         adopt = dict(adopt or {})
@@ -370,23 +279,20 @@ class ResultLayers:
         steps += [self._remove_step(ly) for ly in leftovers]
         keys = [(role, kind) for role, (_, _, kind) in zip(roles, layer_data, strict=True)]
 
+        def progressed(step):
+            def run():
+                step()
+                self._layers = [ly for ly in result if ly is not None]
+
+            return run
+
         def finish():
             self._layers = [ly for ly in result if ly is not None]
             self._roles = {id(ly): key for ly, key in zip(result, keys, strict=True) if ly is not None}
             if done is not None:
                 done(self._layers)
 
-        def run(k: int = 0):
-            if not viewer_open(self.viewer):
-                return
-            if k < len(steps):
-                steps[k]()
-                self._layers = [ly for ly in result if ly is not None]
-                QTimer.singleShot(STEP_MS, lambda: run(k + 1))
-            else:
-                finish()
-
-        run()
+        self.queue.add([progressed(step) for step in steps] + [finish], now=True)
 
     def _update_step(self, i, layer, data, kwargs, kind, result, restyle=False):
         def step():
@@ -396,28 +302,21 @@ class ResultLayers:
         return step
 
     def _add_steps(self, i, data, kwargs, kind, result, layer=None):
-        """Insert (hidden, controls not built), build the layer's controls, show: one turn each."""
+        """Insert hidden, then show: one turn each."""
         visible = kwargs.get("visible", True)
-        build: list[Callable[[], None]] = []
 
         def add():
-            with not_selected(self.viewer), controls_later(self.viewer) as later:
-                if layer is not None:
-                    layer.visible = False
-                    result[i] = self.viewer.add_layer(layer)
-                else:
-                    result[i] = getattr(self.viewer, f"add_{kind}")(data, **{**kwargs, "visible": False})
-            build.append(later)
-
-        def controls():
-            while build:
-                build.pop()()
+            if layer is not None:
+                layer.visible = False
+                result[i] = self.viewer.add_layer(layer)
+            else:
+                result[i] = getattr(self.viewer, f"add_{kind}")(data, **{**kwargs, "visible": False})
 
         def show():
             if result[i] is not None and result[i] in self.viewer.layers:
                 result[i].visible = True
 
-        return [add, controls, show] if visible else [add, controls]
+        return [add, show] if visible else [add]
 
     def _remove_step(self, layer):
         def step():

@@ -13,7 +13,11 @@ from ..core.errors import Cancelled, RegistrationError
 
 
 class RegistrationRunner(QObject):
-    """Owns one background run at a time. Signals are delivered on the GUI thread."""
+    """Owns one background run at a time. Signals are delivered on the GUI thread.
+
+    When the runner is deleted (with its widget, when the viewer closes) its run is cancelled and
+    nothing more is reported.
+    """
 
     started = Signal()
     progressed = Signal(object)  # ProgressEvent
@@ -26,6 +30,7 @@ class RegistrationRunner(QObject):
         super().__init__(parent)
         self._worker = None
         self._cancel = threading.Event()
+        self.destroyed.connect(lambda *_: self._cancel.set())
 
     @property
     def busy(self) -> bool:
@@ -35,10 +40,19 @@ class RegistrationRunner(QObject):
         """Call ``func(progress=..., cancel=..., **kwargs)`` in a worker thread."""
         if self.busy:
             raise RuntimeError("A registration is already running.")
-        self._cancel = threading.Event()
+        self._cancel = cancel = threading.Event()
+        emit = self.progressed.emit
+
+        def report(event) -> None:
+            if cancel.is_set():
+                return
+            try:
+                emit(event)
+            except RuntimeError:  # this runner is gone (its viewer was closed): stop the run
+                cancel.set()
 
         def job():
-            return func(progress=self.progressed.emit, cancel=self._cancel, **kwargs)
+            return func(progress=report, cancel=cancel, **kwargs)
 
         worker = create_worker(job, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._on_returned)

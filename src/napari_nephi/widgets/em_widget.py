@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
@@ -16,15 +17,16 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
 from ..engines.mito import align_stack, detect_mitochondria, match_pair, warp_masks
 from ._em_parts import EMOptions, InliersPlot, ReportTable
+from ._panel import scrolling_body
 from ._pickers import LayerPicker
 from ._results import ResultLayers
 from ._runner import RegistrationRunner
+from ._state import RunControls, RunState, RunStateMachine
 
 #: Colours of the match overlay.
 INLIER, OUTLIER, UNMATCHED = "lime", "orange", "gray"
@@ -56,7 +58,15 @@ def run_detection(progress, cancel, stack):
 
 
 class EMAlignWidget(QWidget):
-    """Stack and mask pickers, options, Run/Cancel, aligned layers, report table, plot, overlay."""
+    """Stack and mask pickers, options, Run/Cancel, aligned layers, report table, plot, overlay.
+
+    The alignment's state is a :class:`RunStateMachine` that the Run and Cancel buttons follow;
+    detection and the match overlay run on a second runner (``helper``). Closing the viewer
+    deletes the widget, which cancels its runs.
+    """
+
+    #: Emitted when an alignment is over and its result layers (if any) are all in the viewer.
+    run_done = Signal()
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
@@ -66,9 +76,9 @@ class EMAlignWidget(QWidget):
         self.options = EMOptions()
         self.detect_button = QPushButton("Detect mitochondria")
         self.detect_button.setToolTip("Add automatic mitochondria masks as a Labels layer you can edit")
-        self.run_button = QPushButton("Run")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
+        self.state = RunStateMachine(self)
+        self.controls = RunControls(self.state)
+        self.run_button, self.cancel_button = self.controls.run_button, self.controls.cancel_button
         self.progress = QProgressBar()
         self.progress.setFormat("%v / %m sections")
         self.status = QLabel("Pick a stack of EM sections (and optionally mitochondria masks), then Run.")
@@ -85,16 +95,16 @@ class EMAlignWidget(QWidget):
         self.save_button.setEnabled(False)
         self.runner = RegistrationRunner(self)
         self.helper = RegistrationRunner(self)  # detection and overlays
-        self.results = ResultLayers(napari_viewer)
-        self.overlay = ResultLayers(napari_viewer)
-        self.auto_masks = ResultLayers(napari_viewer)
+        self.results = ResultLayers(napari_viewer, self)
+        self.overlay = ResultLayers(napari_viewer, self)
+        self.auto_masks = ResultLayers(napari_viewer, self)
         self.last = None  # the last Registration
         self._inputs: dict = {}
         self._inliers: dict[int, float] = {}
         self._failed: set[int] = set()
         self._layout()
         self.run_button.clicked.connect(self.start)
-        self.cancel_button.clicked.connect(self.runner.cancel)
+        self.cancel_button.clicked.connect(self.cancel)
         self.detect_button.clicked.connect(self.detect_masks)
         self.match_button.clicked.connect(lambda: self.show_matches())
         self.save_button.clicked.connect(lambda: self.save_report())
@@ -112,9 +122,6 @@ class EMAlignWidget(QWidget):
         form = QFormLayout()
         form.addRow("EM stack", self.stack)
         form.addRow("mitochondria masks", self.masks)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
         pair = QHBoxLayout()
         pair.addWidget(QLabel("sections"))
         pair.addWidget(self.pair_a)
@@ -122,11 +129,11 @@ class EMAlignWidget(QWidget):
         pair.addWidget(self.match_button)
         overlay = QGroupBox("keypoint / match overlay")
         overlay.setLayout(pair)
-        box = QVBoxLayout(self)
+        box = scrolling_body(self)
         box.addLayout(form)
         box.addWidget(self.detect_button)
         box.addWidget(self.options)
-        box.addLayout(buttons)
+        box.addWidget(self.controls)
         box.addWidget(self.progress)
         box.addWidget(self.status)
         box.addWidget(QLabel("inliers per section"))
@@ -167,7 +174,7 @@ class EMAlignWidget(QWidget):
     # -- alignment ------------------------------------------------------------------------------
     def start(self) -> None:
         """Validate the inputs and start the alignment in a worker thread."""
-        if self.runner.busy:
+        if not self.state.is_(RunState.IDLE):
             return
         checked = self._checked_inputs()
         if checked is None:
@@ -184,8 +191,7 @@ class EMAlignWidget(QWidget):
         self.plot.set_data([])
         self.progress.setRange(0, n)
         self.progress.setValue(0)
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
+        self.state.to(RunState.RUNNING)
         self.status.setText(f"Aligning {n} sections…")
         self.runner.run(
             run_alignment,
@@ -195,7 +201,16 @@ class EMAlignWidget(QWidget):
             detect_masks=opts["use_masks"],
         )
 
+    def cancel(self) -> None:
+        """Stop the running alignment (the Cancel button)."""
+        if self.state.is_(RunState.RUNNING):
+            self.state.to(RunState.CANCELLING)
+            self.status.setText("Cancelling…")
+            self.runner.cancel()
+
     def _on_progress(self, event) -> None:
+        if not self.state.is_(RunState.RUNNING):
+            return
         n = self._inputs.get("n", event.total)
         row = event.extra.get("row")
         if row is not None:
@@ -211,6 +226,10 @@ class EMAlignWidget(QWidget):
             self.status.setText(f"Aligned; {event.stage}")
 
     def _on_finished(self, result) -> None:
+        if self.state.is_(RunState.CANCELLING):  # it finished before it saw the Cancel: drop it
+            self._on_cancelled()
+            return
+        self.state.to(RunState.ADDING_RESULTS)
         reg = result["registration"]
         self.last = reg
         inp = self._inputs
@@ -225,15 +244,21 @@ class EMAlignWidget(QWidget):
         if result["aligned_masks"] is not None:
             suffix = "aligned masks" if result["mask_source"] == "given" else "aligned mitochondria (auto)"
             layers.append((result["aligned_masks"], {"name": f"{name} {suffix}", "scale": scale}, "labels"))
-        self.results.show(layers)
         report = reg.metrics["report"]
         self.table.set_rows(report)
         self.plot.set_data(
             [r["inliers"] for r in report], reg.metrics["failed_sections"], reg.metrics["reference"]
         )
         self.progress.setValue(self.progress.maximum())
-        self.status.setText(_summary(reg.metrics))
-        self.save_button.setEnabled(True)
+        self.status.setText("Adding the aligned layers…")
+
+        def shown(_layers):
+            self.status.setText(_summary(reg.metrics))
+            self.save_button.setEnabled(True)
+            self.state.to(RunState.IDLE)
+            self.run_done.emit()
+
+        self.results.show_gradually(layers, shown)
 
     def _on_failed(self, message: str) -> None:
         show_error(message)
@@ -243,8 +268,9 @@ class EMAlignWidget(QWidget):
         self.status.setText("Cancelled; no layers were changed.")
 
     def _on_stopped(self) -> None:
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        if self.state.is_(RunState.RUNNING, RunState.CANCELLING):  # not adding results
+            self.state.to(RunState.IDLE)
+            self.run_done.emit()
 
     def _on_helper_finished(self, result) -> None:
         if self._helper_done is not None:
@@ -317,7 +343,7 @@ class EMAlignWidget(QWidget):
     # -- saving -----------------------------------------------------------------------------------
     def save_report(self, folder: str | Path | None = None) -> Path | None:
         """Write report.csv, report.json, matrices.npy and transform/ of the last run."""
-        from ..engines.mito.cli import write_report
+        from ..engines.mito.report import write_report
 
         if self.last is None:
             show_error("Run an alignment first.")

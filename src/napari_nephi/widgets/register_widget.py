@@ -19,31 +19,25 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QFileDialog,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QPushButton,
-    QVBoxLayout,
     QWidget,
 )
 
 from .. import overlays
 from ..core.errors import RegistrationError
+from ..core.files import atomic_write_bytes
 from ..core.progress import is_cancelled
-from ..core.registration import atomic_write_bytes, register
 from ..core.transform_io import load_transform
-from ._options import RegistrationOptions
+from ..engines.registry import register
+from ._options import RegistrationOptions, folded
+from ._panel import scrolling_body
 from ._pickers import LayerPicker
 from ._plot import CurvePlot
-from ._results import (
-    STEP_MS,
-    ResultLayers,
-    controls_later,
-    not_selected,
-    remove_layer,
-    viewer_open,
-    warm_up,
-)
+from ._results import ResultLayers, remove_layer, warm_up
 from ._runner import RegistrationRunner
+from ._state import RunControls, RunState, RunStateMachine
+from ._steps import StepQueue
 
 #: Do not push previews to the canvas more often than this (seconds).
 PREVIEW_INTERVAL = 0.5
@@ -59,7 +53,12 @@ def layer_image(layer) -> np.ndarray:
 
 
 class RegisterWidget(QWidget):
-    """Fixed/moving pickers, options, Run/Cancel, result layers and metrics."""
+    """Fixed/moving pickers, options, Run/Cancel, result layers and metrics.
+
+    Built from parts that talk through signals: layer pickers, the options panel, the run state
+    (:class:`RunStateMachine`, which the Run and Cancel buttons follow), the runner (a napari
+    worker) and the result layers. Closing the viewer deletes the widget, which cancels its run.
+    """
 
     #: Emitted when a run is over and its result layers (if any) are all in the viewer.
     run_done = Signal()
@@ -77,9 +76,9 @@ class RegisterWidget(QWidget):
         self.fixed_points = LayerPicker(napari_viewer, (Points,), optional=True)
         self.moving_points = LayerPicker(napari_viewer, (Points,), optional=True)
         self.options = RegistrationOptions(self.default_method)
-        self.run_button = QPushButton("Run")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
+        self.state = RunStateMachine(self)
+        self.controls = RunControls(self.state)
+        self.run_button, self.cancel_button = self.controls.run_button, self.controls.cancel_button
         self.save_button = QPushButton("Save transform…")
         self.save_button.setEnabled(False)
         self.apply_button = QPushButton("Apply saved transform to layer…")
@@ -88,20 +87,17 @@ class RegisterWidget(QWidget):
         self.status = QLabel("Pick a fixed and a moving image, then Run.")
         self.status.setWordWrap(True)
         self.runner = RegistrationRunner(self)
-        self.results = ResultLayers(napari_viewer)
+        self.results = ResultLayers(napari_viewer, self)
+        self.steps = StepQueue(self)  # turns of the event loop owned by this widget
         self.last = None  # the last Registration
         self._progress_bar = None
         self._last_preview = 0.0
         self.preview_layer = None
-        self._preview_shown = False
         self._reused = None  # the previous run's warped layer showing this run's previews, and its state
-        self._showing = False
-        self._running = False
-        self._cancel_requested = False
         self._last_run = {"settings": {}, "world_affine": None}
         self._gc_pause = FullCollectionPause()
         self._gui_idle = threading.Event()  # set when the GUI has drawn the last preview
-        self.destroyed.connect(self._gc_pause.end)
+        self.destroyed.connect(lambda *_: self._closed())
         self._layout()
         self.run_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.cancel)
@@ -112,35 +108,47 @@ class RegisterWidget(QWidget):
         self.runner.failed.connect(self._on_failed)
         self.runner.cancelled.connect(self._on_cancelled)
         self.runner.stopped.connect(self._on_stopped)
-        if len(napari_viewer.layers) >= 2 and self.moving._layers:
-            images = self.moving._layers
+        images = self.moving.layers()
+        if len(images) >= 2:
             self.fixed.set_layer(images[0])
-            self.moving.set_layer(images[1] if len(images) > 1 else images[0])
+            self.moving.set_layer(images[1])
         self.warmed_up = False  # see warm_up(): napari's once-per-viewer costs, paid now
-        QTimer.singleShot(
-            STEP_MS,
-            lambda: warm_up(
-                napari_viewer, lambda: self._running, self._warm_up_done, ready=lambda: not imports.is_alive()
-            ),
+        warm_up(
+            napari_viewer,
+            self.steps,
+            cancelled=lambda: not self.state.is_(RunState.IDLE),
+            done=self._warm_up_done,
+            ready=lambda: not imports.is_alive(),
         )
 
     def _warm_up_done(self) -> None:
         self.warmed_up = True
 
+    def _closed(self) -> None:
+        """The widget is being deleted (its viewer closed): end what a run holds. No Qt calls here."""
+        self.runner.cancel()  # the runner cancels its worker when deleted too
+        self._gui_idle.set()
+        if self._progress_bar is not None:
+            self._progress_bar.close()
+            self._progress_bar = None
+        self._gc_pause.end()
+
     def _layout(self):
-        form = QFormLayout()
-        form.addRow("fixed image", self.fixed)
-        form.addRow("moving image", self.moving)
-        form.addRow("moving labels", self.moving_labels)
+        inputs = QFormLayout()
+        inputs.addRow("fixed image", self.fixed)
+        inputs.addRow("moving image", self.moving)
+        inputs.addRow("moving labels", self.moving_labels)
+        landmarks = QWidget()
+        form = QFormLayout(landmarks)
+        form.setContentsMargins(0, 0, 0, 0)
         form.addRow("fixed landmarks", self.fixed_points)
         form.addRow("moving landmarks", self.moving_points)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        box = QVBoxLayout(self)
-        box.addLayout(form)
+        self.landmarks = folded("landmarks (target registration error)", landmarks)
+        box = scrolling_body(self)
+        box.addLayout(inputs)
+        box.addWidget(self.landmarks)
         box.addWidget(self.options)
-        box.addLayout(buttons)
+        box.addWidget(self.controls)
         box.addWidget(self.keep_partial)
         box.addWidget(self.loss_plot)
         box.addWidget(self.status)
@@ -151,6 +159,8 @@ class RegisterWidget(QWidget):
     # -- running -----------------------------------------------------------------------
     def start(self) -> None:
         """Validate the chosen layers and start the registration in a worker thread."""
+        if not self.state.is_(RunState.IDLE):
+            return
         fixed, moving = self.fixed.layer(), self.moving.layer()
         if fixed is None or moving is None:
             show_error("Choose a fixed and a moving image layer first.")
@@ -181,11 +191,8 @@ class RegisterWidget(QWidget):
             "moving_points": self.moving_points.layer(),
         }
         self._settings = {"fixed": fixed.name, "moving": moving.name, **opts}
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
+        self.state.to(RunState.RUNNING)
         self.status.setText("Running…")
-        self._running = True
-        self._cancel_requested = False
         self._gc_pause.begin()
         self.loss_plot.clear()
         self._remove_preview()
@@ -207,30 +214,28 @@ class RegisterWidget(QWidget):
         # a layer costs ~50-100 ms of GUI time); the next turn starts the worker
         if not self._reuse_warped_for_preview(f_dim):
             self._add_preview_layer(f_dim)
-        QTimer.singleShot(STEP_MS, lambda: self._launch(job))
+        self.steps.later(lambda: self._launch(job))
 
     def _launch(self, job: dict) -> None:
-        if not viewer_open(self.viewer):
-            self._running = False
-            self._gc_pause.end()
+        if self.state.is_(RunState.CANCELLING):  # Cancel came before the worker started
+            self._on_cancelled()
+            self._on_stopped()
             return
         self._progress_bar = napari_progress(total=0, desc=f"Registering {self._inputs['name']}")
         self.runner.run(register_with_overlays, **job)
-        if self._cancel_requested:  # Cancel came before the worker started: it stops at its first step
-            self.runner.cancel()
 
     def cancel(self) -> None:
         """Stop the running registration (the Cancel button)."""
-        if self.runner.busy:
+        if self.state.is_(RunState.RUNNING):
+            self.state.to(RunState.CANCELLING)
+            self.status.setText("Cancelling…")
             self.runner.cancel()
-        elif self._running:
-            self._cancel_requested = True
 
     def _on_progress(self, event) -> None:
         if event.preview is not None:  # the worker waits until this is drawn (next turn)
             QTimer.singleShot(1, self._gui_idle.set)
-        if not self._running:
-            return  # a late event after the run ended (cancelled or failed)
+        if not self.state.is_(RunState.RUNNING):
+            return  # a late event after Cancel
         if event.loss is not None:
             self.loss_plot.values.append(float(event.loss))
         now = time.monotonic()
@@ -247,7 +252,7 @@ class RegisterWidget(QWidget):
         if event.preview is not None:
             self._show_preview(event)
         bar = self._progress_bar  # updating it may run the event loop: do it last
-        if bar is not None and self._running:
+        if bar is not None and self.state.is_(RunState.RUNNING):
             if bar.total != event.total:
                 bar.total = event.total
             bar.n = event.step  # the stage and loss are in the status line: set_description costs ~40 ms
@@ -263,13 +268,13 @@ class RegisterWidget(QWidget):
             np.zeros((1,) * ndim, np.float32), name=f"{self._inputs['name']} preview",
             scale=self._inputs["scale"], colormap="magenta", blending="additive", visible=False,
         )  # fmt: skip
-        self._preview_shown = False
 
     def _add_image_quietly(self, data, **kwargs) -> Image:
-        """Add an Image layer without selecting it; its controls panel is built in a turn of its own."""
-        with not_selected(self.viewer), controls_later(self.viewer) as build_controls:
-            layer = self.viewer.add_image(data, **kwargs)
-        QTimer.singleShot(STEP_MS, build_controls)
+        """Add an Image layer and give the selection back to the layer the user had selected."""
+        selected = self.viewer.layers.selection.active
+        layer = self.viewer.add_image(data, **kwargs)
+        if selected is not None and selected in self.viewer.layers:
+            self.viewer.layers.selection.active = selected
         return layer
 
     def _reuse_warped_for_preview(self, ndim: int) -> bool:
@@ -288,7 +293,6 @@ class RegisterWidget(QWidget):
             "contrast_limits": tuple(layer.contrast_limits),
         }
         self.preview_layer = layer
-        self._preview_shown = True  # already visible
         return True
 
     def _restore_reused(self) -> None:
@@ -324,8 +328,7 @@ class RegisterWidget(QWidget):
             layer.scale, layer.translate = scale, translate
         if limits is not None:
             layer.contrast_limits = limits
-        if not self._preview_shown:
-            self._preview_shown = True
+        if not layer.visible:
             layer.visible = True
 
     def _remove_preview(self) -> None:
@@ -337,7 +340,10 @@ class RegisterWidget(QWidget):
         self.preview_layer = None
 
     def _on_finished(self, result) -> None:
-        self._running = False
+        if self.state.is_(RunState.CANCELLING):  # it finished before it saw the Cancel: drop it
+            self._on_cancelled()
+            return
+        self.state.to(RunState.ADDING_RESULTS)
         reg, layers, notes, prebuilt = result
         self.last = reg
         self._last_run = {
@@ -349,14 +355,12 @@ class RegisterWidget(QWidget):
         for note in notes:
             show_info(note)
         self.status.setText("Adding result layers…")
-        self._showing = True
 
         def shown(_layers):
-            self._showing = False
             self.status.setText(_summary(reg.metrics))
             self.save_button.setEnabled(True)
-            self.run_button.setEnabled(True)
             self._gc_pause.end()
+            self.state.to(RunState.IDLE)
             self.run_done.emit()
 
         prefix = f"{self._inputs['name']} "
@@ -370,15 +374,13 @@ class RegisterWidget(QWidget):
         self.results.show_gradually(layers, shown, roles=roles, adopt=adopt, prebuilt=prebuilt)
 
     def _on_failed(self, message: str) -> None:
-        self._running = False
         self._remove_preview()
         show_error(message)
         self.status.setText(f"Failed: {message}")
 
     def _on_cancelled(self) -> None:
-        self._running = False
         layer = self.preview_layer
-        shown = self._preview_shown and layer is not None and layer in self.viewer.layers
+        shown = layer is not None and layer in self.viewer.layers and layer.visible
         if self._reused is not None:  # the previews were in the previous run's warped layer
             partial = (layer.data, np.array(layer.scale), np.array(layer.translate))
             got_preview = shown and partial[0] is not self._reused["data"]
@@ -404,10 +406,9 @@ class RegisterWidget(QWidget):
         if self._progress_bar is not None:
             self._progress_bar.close()
             self._progress_bar = None
-        self.cancel_button.setEnabled(False)
-        if not self._showing:
-            self.run_button.setEnabled(True)
+        if self.state.is_(RunState.RUNNING, RunState.CANCELLING):  # not adding results
             self._gc_pause.end()
+            self.state.to(RunState.IDLE)
             self.run_done.emit()
 
     # -- saving and applying -------------------------------------------------------------
