@@ -268,6 +268,9 @@ def test_blank_or_featureless_section_is_reported_not_fatal(em, max_error, fill)
     assert row["failed"] and row["fallback"] == "identity" and row["method"] == "identity"
     assert row["tried"]  # what was attempted is listed
     assert 3 in reg.metrics["failed_sections"] and 3 in reg.metrics["identity_sections"]
+    # a constant section is named as such, in the report and in a note
+    assert reg.metrics["blank_sections"] == {3: f"constant ({fill})"} and row["blank"] == f"constant ({fill})"
+    assert f"3 (constant ({fill}))" in reg.metrics["notes"][0]
     # the next section skips the blank one and is still placed correctly
     assert "skip to 2" in report[4]["fallback"] and report[4]["neighbour"] == 2
     err = max_error(reg.transform.matrices, em["matrices"], 0, stack.shape[1:], em["pad"])
@@ -382,6 +385,88 @@ def test_progress_per_section_and_cancel(em):
 
     with pytest.raises(Cancelled):
         align_stack(em["stack"], em["masks"], progress=stop_after_two, cancel=flag)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            {"iteratons": 10},
+            "Unknown option for method 'mito': 'iteratons' \\(did you mean 'iterations'\\?\\)",
+        ),
+        ({"iterations": -5}, "iterations must be at least 0, got -5"),
+        ({"iterations": "abc"}, "iterations must be a whole number, got 'abc'"),
+        ({"levels": 0}, "levels must be at least 1"),
+        ({"ratio": float("nan")}, "ratio must be a finite number"),
+        ({"ransac_threshold": 0}, "ransac_threshold must be greater than 0"),
+        ({"max_keypoints": 2.5}, "max_keypoints must be a whole number"),
+        ({"refine": "no"}, "refine must be true or false"),
+        ({"fast_threshold": 300}, "fast_threshold must be at most 255"),
+        ({"detector": "surf"}, "Unknown detector 'surf'"),
+    ],
+    ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else None,
+)
+def test_pair_engine_checks_option_names_and_values(rotated_copies, options, message):
+    fixed, moving = rotated_copies["stack"][:2]
+    with pytest.raises(InputError, match=message):
+        napari_nephi.register(fixed, moving, method="mito", **options)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"max_keypoints": "many"}, "max_keypoints must be a whole number, got 'many'"),
+        ({"workers": -1}, "workers must be at least 0"),
+        ({"reference": 1.5}, "reference must be a whole number"),
+        ({"max_skip": 0}, "max_skip must be at least 1"),
+        ({"smooth": float("inf")}, "smooth must be a finite number"),
+        ({"scale": 2}, "scale must be at most 1"),
+        ({"warp": "yes"}, "warp must be true or false"),
+        ({"keypoint_size": -3}, "keypoint_size must be greater than 0"),
+    ],
+    ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else None,
+)
+def test_align_stack_checks_option_values(em, options, message):
+    with pytest.raises(InputError, match=message):
+        align_stack(em["stack"], **options)
+
+
+def test_match_pair_ignores_stack_options_and_refuses_unknown_ones(em):
+    res = match_pair(em["stack"], 0, 1, workers=2, reference="middle", fallback=("orb",))
+    assert res["matrix"] is not None and res["stats"]["inliers"] >= 10
+    with pytest.raises(InputError, match="'wrkers' \\(did you mean 'workers'\\?\\)"):
+        match_pair(em["stack"], 0, 1, wrkers=2)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [(7, "constant or all NaN \\(section 0: constant \\(7\\)\\)"), (np.nan, "section 0: all NaN")],
+)
+def test_constant_or_nan_stack_is_refused(value, message):
+    stack = np.full((4, 64, 64), value, np.float32)
+    with pytest.raises(InputError, match=message):
+        align_stack(stack)
+
+
+def test_blank_reference_names_a_section_with_content(em):
+    stack = em["stack"].astype(np.float32)
+    stack[0] = np.nan
+    with pytest.raises(InputError, match="reference section 0 is all NaN.*reference=1"):
+        align_stack(stack)
+
+
+def test_all_nan_sections_are_kept_in_place_and_reported(em, max_error):
+    stack = em["stack"].astype(np.float32)
+    stack[2] = np.nan
+    reg = align_stack(stack, em["masks"])
+    assert reg.metrics["blank_sections"] == {2: "all NaN"}
+    assert reg.metrics["identity_sections"] == [2]
+    assert "2 (all NaN)" in reg.metrics["notes"][0]
+    np.testing.assert_array_equal(reg.transform.matrices[2], reg.transform.matrices[1])  # its neighbour's
+    # section 3 skips the blank one and is placed correctly against section 1
+    assert reg.metrics["report"][3]["neighbour"] == 1
+    err = max_error(reg.transform.matrices, em["matrices"], 0, stack.shape[1:], em["pad"])
+    assert np.delete(err, 2).max() < 1.5, err
 
 
 def test_register_pair_engine(rotated_copies):

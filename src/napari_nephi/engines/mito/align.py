@@ -28,6 +28,7 @@ pull-back, as :class:`~napari_nephi.core.transform.PerSectionTransform` expects.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import threading
@@ -43,6 +44,7 @@ import cv2
 import numpy as np
 
 from ...core.errors import DimensionMismatchError, InputError
+from ...core.options import check_bool, check_float, check_int
 from ...core.progress import CancelFlag, Progress, ProgressCallback
 from ...core.registration import Registration
 from ...core.transform import PerSectionTransform
@@ -154,6 +156,7 @@ class _Sections:
         self._fallback: dict[tuple[str, int], ft.Features] = {}
         self._lock = threading.Lock()
         self.mask_fraction: dict[int, float] = {}
+        self.blank: dict[int, str] = {}  # sections without content: "constant (v)" or "all NaN"
         self.keypoint_size = 31.0  # work pixels; set by prepare()
         self.mito_radius = None  # estimated, work pixels
         h, w = (int(v) for v in stack.shape[1:])
@@ -178,7 +181,12 @@ class _Sections:
 
     def work_image(self, k: int):
         """``(raw uint8 section, smoothed work image, valid region at work scale)``."""
-        raw = to_uint8(read_section(self.stack, k), *self.intensity)
+        section = read_section(self.stack, k)
+        why = blank_reason(section)
+        if why is not None:
+            with self._lock:
+                self.blank[k] = why
+        raw = to_uint8(section, *self.intensity)
         work = raw
         if self.work_shape != raw.shape:
             work = cv2.resize(raw, self.work_shape[::-1], interpolation=cv2.INTER_AREA)
@@ -244,6 +252,38 @@ class _Sections:
             if len(self._fallback) > 16:  # a few pairs' worth; fallbacks are rare
                 self._fallback.pop(next(iter(self._fallback)))
         return f
+
+
+def blank_reason(section: np.ndarray) -> str | None:
+    """Why a section has nothing to align (``"all NaN"``, ``"constant (v)"``), or None."""
+    a = np.asarray(section)
+    if a.dtype.kind == "f":
+        finite = np.isfinite(a)
+        if not finite.any():
+            return "all NaN"
+        if not finite.all():
+            a = a[finite]
+    lo, hi = a.min(), a.max()
+    return f"constant ({lo:g})" if lo == hi else None
+
+
+def _check_reference(stack, ref: int, reference, why: str | None) -> None:
+    """Raise ``InputError`` when the reference section (``why``: blank, see :func:`blank_reason`)
+    or the whole stack has no content."""
+    if why is None:
+        return
+    n = int(stack.shape[0])
+    for k in range(n):
+        if k != ref and blank_reason(read_section(stack, k)) is None:
+            raise InputError(
+                f"The reference section {ref} is {why}: there is nothing to align the others to. "
+                f"Choose a section with content as the reference (e.g. reference={k}); "
+                f"reference={reference!r} was given."
+            )
+    raise InputError(
+        f"Every section of the stack is constant or all NaN (section {ref}: {why}): there is nothing "
+        "to align. Check that the right layer or file was given and that it was read correctly."
+    )
 
 
 def mean_radius(mask: np.ndarray) -> float | None:
@@ -355,8 +395,17 @@ def _pair_job(sections: _Sections, futs: dict, k: int, chain: list[int], shape) 
         "tracking_error": None,
     }
     tried: list[str] = []
+    blank = sections.blank.get(k)
+    if blank is not None:  # nothing to match: the neighbour's map, reported
+        row.update(failed=True, fallback="identity", method="identity", model="identity", blank=blank)
+        row["tried"] = [f"section {k} is {blank}: nothing to match"]
+        return _PairResult(k, chain[0], np.eye(3), row)
     for step, j in enumerate(chain):
         fj = futs[j].result()
+        if j in sections.blank:
+            tried.append(f"{j} is {sections.blank[j]}")
+            row["failed"] = True
+            continue
         m, stats = _estimate(fj, fk, o, shape)
         if step == 0:
             row.update(stats)
@@ -528,9 +577,8 @@ def align_stack(
     )  # fmt: skip
     det, desc, mat, mod, fb = opts.detector, opts.descriptor, opts.matcher, opts.model, opts.fallback
     ref = _reference(reference, n)
-    workers = int(workers) if workers else _cpu_count()
-    if workers < 1:
-        raise InputError(f"workers must be >= 1, got {workers}.")
+    workers = (0 if workers is None else check_int("workers", workers, 0, 4096)) or _cpu_count()
+    warp, lazy = check_bool("warp", warp), check_bool("lazy", lazy)
     prog = Progress(progress, cancel)
     prog.check()
     intensity = (None, None)
@@ -547,6 +595,7 @@ def align_stack(
     try:
         ref_feats = executor.submit(sections.features, ref)
         f_ref = ref_feats.result()
+        _check_reference(stack, ref, reference, sections.blank.get(ref))
         rows[ref] = {
             "section": ref, "neighbour": None, "keypoints": len(f_ref), "matches": 0, "inliers": 0,
             "reprojection_error": None, "failed": False, "fallback": "", "method": "reference", "model": "",
@@ -612,6 +661,13 @@ def align_stack(
         "megapixels_per_second": megapixels / t_align if t_align > 0 else None,
         "seconds": time.perf_counter() - start,
     }
+    metrics["blank_sections"] = {int(k): why for k, why in sorted(sections.blank.items())}
+    if sections.blank:
+        listed = ", ".join(f"{k} ({why})" for k, why in sorted(sections.blank.items()))
+        metrics["notes"] = [
+            f"Sections without content got their neighbour's map (identity fallback) and were skipped "
+            f"as neighbours: {listed}."
+        ]
     if opts.use_masks and sections.mask_fraction:
         metrics["mask_fraction_mean"] = float(np.mean(list(sections.mask_fraction.values())))
     settings = {
@@ -635,38 +691,53 @@ def build_options(
     fast_threshold, max_scale, keypoint_size=None, model_selection=True, masks_given=False,
     refine=True,
 ) -> _Options:  # fmt: skip
-    """Validate the options of :func:`align_stack` (shared with :func:`.engine.match_pair`)."""
+    """Validate the options of :func:`align_stack` (shared with :func:`.engine.match_pair`).
+
+    Every value is type- and range-checked (``InputError`` naming the option otherwise).
+    """
     det = ft.check_choice(detector, ft.DETECTORS, "detector")
     desc = ft.check_choice(descriptor, ft.DESCRIPTORS, "descriptor")
     mat = ft.check_choice(matcher, ft.MATCHERS, "matcher")
     mod = ft.check_choice(model, ft.MODELS, "model")
+    if isinstance(fallback, str):
+        fallback = (fallback,)
     fb = tuple(str(f).lower() for f in (fallback or ()))
     for f in fb:
         if f != "identity":
             ft.check_choice(f, ft.DETECTORS[1:], "fallback detector")
     if use_masks is None:
         use_masks = det == "mito" or masks_given
-    elif not use_masks and det == "mito":
+    elif not check_bool("use_masks", use_masks) and det == "mito":
         raise InputError("detector='mito' always uses mitochondria masks; choose 'fast' to use none.")
-    if not ransac_threshold > 0:
-        raise InputError(f"ransac_threshold must be > 0 pixels, got {ransac_threshold}.")
-    if not 0 < ratio <= 1:
-        raise InputError(f"ratio must be in (0, 1], got {ratio}.")
-    if scale is None:
-        scale = _auto_scale(shape)
-    if not 0 < scale <= 1:
-        raise InputError(f"scale must be in (0, 1], got {scale}.")
-    if int(max_keypoints) < 4:
-        raise InputError(f"max_keypoints must be at least 4, got {max_keypoints}.")
+    scale = _auto_scale(shape) if scale is None else scale
+
+    def optional(name, value, low, high):
+        return None if value is None else check_float(name, value, low, high, low_open=True)
+
     return _Options(
-        detector=det, descriptor=desc, matcher=mat, model=mod, use_masks=bool(use_masks),
-        ransac_threshold=float(ransac_threshold), ratio=float(ratio), max_keypoints=int(max_keypoints),
-        scale=float(scale), smooth=float(smooth), mask_dilation=float(mask_dilation), border=int(border),
-        min_inliers=int(min_inliers), fallback=fb, max_skip=max(1, int(max_skip)),
-        mito_radius=mito_radius, fast_threshold=int(fast_threshold), max_scale=float(max_scale),
-        keypoint_size=None if keypoint_size is None else float(keypoint_size),
-        model_selection=bool(model_selection), refine=bool(refine),
+        detector=det, descriptor=desc, matcher=mat, model=mod, use_masks=use_masks,
+        ransac_threshold=check_float("ransac_threshold", ransac_threshold, 0, 1000, low_open=True),
+        ratio=check_float("ratio", ratio, 0, 1, low_open=True),
+        max_keypoints=check_int("max_keypoints", max_keypoints, 4, 10**7),
+        scale=check_float("scale", scale, 0, 1, low_open=True),
+        smooth=check_float("smooth", smooth, 0, 100),
+        mask_dilation=check_float("mask_dilation", mask_dilation, 0, 10**4),
+        border=check_int("border", border, 0, 10**4),
+        min_inliers=check_int("min_inliers", min_inliers, 1, 10**6), fallback=fb,
+        max_skip=check_int("max_skip", max_skip, 1, 10**4),
+        mito_radius=optional("mito_radius", mito_radius, 0, 10**4),
+        fast_threshold=check_int("fast_threshold", fast_threshold, 1, 255),
+        max_scale=check_float("max_scale", max_scale, 1, 100),
+        keypoint_size=optional("keypoint_size", keypoint_size, 0, 10**4),
+        model_selection=check_bool("model_selection", model_selection),
+        refine=check_bool("refine", refine),
     )  # fmt: skip
+
+
+#: Names :func:`align_stack` takes besides the stack, for checks of option names elsewhere.
+STACK_OPTIONS = tuple(
+    name for name in inspect.signature(align_stack).parameters if name not in ("stack", "progress", "cancel")
+)
 
 
 def _reference(reference, n: int) -> int:
@@ -674,7 +745,7 @@ def _reference(reference, n: int) -> int:
         if reference.lower() in ("middle", "centre", "center"):
             return (n - 1) // 2
         raise InputError(f"reference must be a section index or 'middle', got {reference!r}.")
-    r = int(reference)
+    r = check_int("reference", reference)
     if r < 0:
         r += n
     if not 0 <= r < n:

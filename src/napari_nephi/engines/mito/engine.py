@@ -9,11 +9,12 @@ import numpy as np
 
 from ...core.errors import InputError
 from ...core.metrics import similarity_report
+from ...core.options import check_int, check_known
 from ...core.registration import Pair, Registration
 from ...core.transform import AffineTransform
 from ..registry import register_engine
 from . import features as ft
-from .align import _fit_pair, _Sections, as_stack, build_options, read_section
+from .align import STACK_OPTIONS, _fit_pair, _Sections, as_stack, build_options, read_section
 from .masks import intensity_range, to_uint8
 
 
@@ -42,16 +43,19 @@ def match_pair(
     keypoint_size: float | None = None,
     model_selection: bool = True,
     refine: bool = True,
-    **_unused: Any,
+    **stack_options: Any,
 ) -> dict:
     """Keypoints, matches and fitted map between sections ``a`` and ``b`` of a stack.
 
-    Same options as :func:`~.align.align_stack` (extra ones, such as ``workers``, are ignored).
+    Same options as :func:`~.align.align_stack`; those that only concern a whole stack
+    (``reference``, ``workers``, ``fallback`` ...) are accepted and ignored, any other name raises
+    ``InputError``.
     Returns a dict with ``points_a`` / ``points_b`` (keypoints, ``(N, 2)`` ``(y, x)`` in original
     pixels of each section), ``matches`` (``(M, 2)`` indices into them), ``inliers`` (``(M,)``
     bool), ``matrix`` (3x3 ``(y, x)`` map from section ``a`` to section ``b`` coordinates, or
     None when the fit failed) and ``stats`` (keypoints, matches, inliers, reprojection error).
     """
+    check_known("mito", stack_options, STACK_OPTIONS)
     stack = as_stack(stack)
     n, h, w = (int(s) for s in stack.shape)
     for k in (a, b):
@@ -98,7 +102,19 @@ def register_mito(
     ratio: float = 0.8,
     iterations: int | None = None,
     levels: int | None = None,
-    **options: Any,
+    use_masks: bool | None = None,
+    max_keypoints: int = 1000,
+    scale: float | None = None,
+    smooth: float = 1.0,
+    mask_dilation: float = 12.0,
+    border: int = 6,
+    min_inliers: int = 10,
+    mito_radius: float | None = None,
+    fast_threshold: int = 10,
+    max_scale: float = 1.5,
+    keypoint_size: float | None = None,
+    model_selection: bool = True,
+    refine: bool = True,
 ) -> Registration:
     """Align a 2D ``moving`` image onto ``fixed`` with keypoints (the MITO pipeline on a pair).
 
@@ -107,9 +123,15 @@ def register_mito(
     ``"affine"`` (a 2D homography has no saved transform kind; use
     :func:`~.align.align_stack` on a two-section stack for one). Masks given to
     :func:`napari_nephi.register` (both fixed and moving) restrict the keypoints; otherwise
-    ``detector="mito"`` detects mitochondria automatically. ``iterations`` and ``levels``
-    (options of other engines) are ignored.
+    ``detector="mito"`` detects mitochondria automatically. The other options are those of
+    :func:`~.align.align_stack`, checked the same way. ``iterations`` and ``levels`` (options of
+    the iterative engines, which the register widget sends to every method) are checked and
+    ignored: keypoint matching has neither.
     """
+    if iterations is not None:
+        check_int("iterations", iterations, 0, 1_000_000)
+    if levels is not None:
+        check_int("levels", levels, 1, 12)
     if pair.fixed.ndim != 2:
         raise InputError(
             "method='mito' registers one 2D section onto another; for a stack of sections use "
@@ -120,6 +142,12 @@ def register_mito(
             "model='homography' is available for stacks (napari_nephi.align_stack); for a 2D pair "
             "choose 'rigid', 'similarity' or 'affine'."
         )
+    options = {
+        "use_masks": use_masks, "max_keypoints": max_keypoints, "scale": scale, "smooth": smooth,
+        "mask_dilation": mask_dilation, "border": border, "min_inliers": min_inliers,
+        "mito_radius": mito_radius, "fast_threshold": fast_threshold, "max_scale": max_scale,
+        "keypoint_size": keypoint_size, "model_selection": model_selection, "refine": refine,
+    }  # fmt: skip
     pair.progress.check()
     start = time.perf_counter()
     fixed, moving = pair.fixed, pair.moving
