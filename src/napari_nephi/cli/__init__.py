@@ -44,6 +44,7 @@ def build_parser() -> Parser:
     register.add_parsers(sub)
     train.add_parser(sub)
     em.add_parser(sub)
+    p.commands = dict(sub.choices)
     return p
 
 

@@ -27,7 +27,19 @@ class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors become one-line messages instead of usage dumps.
 
     ``main`` catches :class:`CommandLineError` and prints ``error: ... (see PROG --help)``.
+    ``arguments`` lists the actions added (for checks of the help texts); ``commands`` maps the
+    names of sub-commands to their parsers.
     """
+
+    def __init__(self, *args, **kwargs):
+        self.arguments: list[argparse.Action] = []
+        self.commands: dict[str, Parser] = {}
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.arguments.append(action)
+        return action
 
     def error(self, message: str) -> NoReturn:
         raise CommandLineError(message, self.prog)

@@ -100,6 +100,17 @@ def check_output_folder(path) -> Path:
         )
     if path.exists() or path.is_symlink():
         raise UnsupportedFileError(f"{path} is a file, not a folder; choose a folder name for the output.")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UnsupportedFileError(
+            f"Cannot write the output folder {path}: {ancestor} is a file, not a folder."
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UnsupportedFileError(
+            f"Cannot write the output folder {path}: {ancestor} is not writable. Choose a writable place."
+        )
     return path
 
 

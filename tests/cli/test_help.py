@@ -1,0 +1,94 @@
+"""Help texts, ``methods`` and the progress bars of the command line."""
+
+import argparse
+import io
+import subprocess
+import sys
+
+import pytest
+
+import napari_nephi as nn
+from napari_nephi.cli import build_parser, main
+from napari_nephi.cli._common import ProgressBars
+from napari_nephi.core.progress import ProgressEvent
+
+COMMANDS = ("demo", "register", "apply", "methods", "train", "align-em")
+
+
+def subparsers() -> dict:
+    return build_parser().commands
+
+
+def test_every_command_is_there():
+    assert tuple(subparsers()) == COMMANDS
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_has_help_and_shows_its_default(command, capsys):
+    parser = subparsers()[command]
+    for action in parser.arguments:
+        assert action.help and len(action.help) > 8, (command, action.dest)
+    assert main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for action in parser.arguments:
+        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            default = " ".join(str(action.default).split())
+            assert f"(default: {default})" in text, (command, action.dest)
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_register_help_says_what_happens_to_an_existing_output(capsys):
+    assert main(["register", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "replaced as a whole" in text and "(default: affine)" in text
+
+
+def test_methods_prints_name_and_description(capsys):
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    expected = nn.method_descriptions()
+    assert [line.split()[0] for line in lines] == list(expected)
+    for line, (name, description) in zip(lines, expected.items(), strict=True):
+        assert line.split(None, 1)[1] == description and description, name
+
+
+def test_python_dash_m_runs_the_command_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "napari_nephi.cli", "methods"], capture_output=True, text=True, check=True
+    )
+    assert [line.split()[0] for line in out.stdout.splitlines()] == nn.available_methods()
+
+
+def events(total, stage, steps, loss=None):
+    return [ProgressEvent(k, total, loss, stage) for k in steps]
+
+
+def test_progress_in_a_log_is_one_line_per_update_and_one_bar_per_stage():
+    stream = io.StringIO()  # not a terminal
+    bars = ProgressBars(stream=stream)
+    for ev in events(4, "level 1/2", [1, 2, 3, 4], loss=0.5) + events(3, "writing", [1, 2, 3]):
+        bars(ev)
+    bars.close()
+    text = stream.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    finished = [line for line in lines if "100%" in line]
+    assert len(finished) == 2  # one bar per stage, each ends at 100 %
+    assert finished[0].startswith("level 1/2: 100%") and "4/4" in finished[0] and "loss 0.5000" in finished[0]
+    assert finished[1].startswith("writing: 100%") and "3/3" in finished[1]
+    assert len(lines) <= 6  # a line per bar start and end, not one per step (updates every 5 s at most)
+
+
+def test_progress_restarts_when_the_count_starts_again_and_quiet_draws_nothing():
+    stream = io.StringIO()
+    bars = ProgressBars(stream=stream)
+    for ev in events(5, "pass 1", [1, 2, 3]) + events(5, "pass 2", [1, 2, 3, 4, 5]):
+        bars(ev)
+    assert [line.split(":")[0] for line in stream.getvalue().splitlines() if "5/5" in line] == ["pass 2"]
+    assert stream.getvalue().count("0/5") == 2  # two bars started
+    quiet = io.StringIO()
+    silent = ProgressBars(quiet=True, stream=quiet)
+    for ev in events(3, "x", [1, 2, 3]):
+        silent(ev)
+    silent.close()
+    assert quiet.getvalue() == ""
