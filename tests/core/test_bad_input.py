@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
 import torch
 
+import napari_nephi as nn
 from napari_nephi.core import warp as core_warp
 from napari_nephi.core.errors import DimensionMismatchError, InputError, OutOfMemoryError
 from napari_nephi.core.grid import check_spacing
 from napari_nephi.core.inputs import looks_rgb, min_mask_voxels, prepare_image, prepare_mask
+from napari_nephi.core.jacobian import jacobian_determinant
+from napari_nephi.core.similarity import metric
 from napari_nephi.core.transform import (
     AffineTransform,
     DisplacementTransform,
@@ -270,3 +274,55 @@ def test_prepare_image_memory_error_becomes_out_of_memory():
 
     with pytest.raises(OutOfMemoryError, match="reading the fixed image ran out of memory"):
         prepare_image(Huge(), "fixed")
+
+
+# -- similarity and Jacobian ------------------------------------------------------------------------
+def test_metric_refuses_mismatched_or_non_finite_inputs():
+    a = _image((16, 16))
+    with pytest.raises(
+        DimensionMismatchError, match=r"Shapes differ: \(16, 16\) vs \(8, 8\); .*warp one first"
+    ):
+        metric("ncc", a, a[:8, :8])
+    with pytest.raises(
+        DimensionMismatchError, match=r"mask has shape \(8, 8\) but the images have \(16, 16\)"
+    ):
+        metric("ncc", a, a, mask=np.ones((8, 8), bool))
+    b = a.copy()
+    b[3, 3] = np.nan
+    with pytest.raises(InputError, match="second image holds NaN or infinite values"):
+        metric("mse", a, b)
+    with pytest.raises(InputError, match="Unknown similarity 'ssd'"):
+        metric("ssd", a, a)
+    assert metric("ncc", a, a) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_jacobian_refuses_non_finite_fields():
+    u = np.zeros((2, 8, 8), np.float32)
+    np.testing.assert_allclose(jacobian_determinant(u), 1.0)
+    u[1, 2, 2] = np.inf
+    with pytest.raises(InputError, match="holds NaN or infinite values; it has no Jacobian"):
+        jacobian_determinant(u)
+
+
+# -- through the public register() ------------------------------------------------------------------
+def test_register_refuses_one_pixel_mask_and_bad_spacing():
+    fixed = _image((32, 32))
+    mask = np.zeros((32, 32), bool)
+    mask[4, 4] = True
+    with pytest.raises(InputError, match="fixed mask covers only 1 voxel"):
+        nn.register(fixed, fixed, method="affine", fixed_mask=mask)
+    with pytest.raises(InputError, match="moving mask holds NaN"):
+        nn.register(fixed, fixed, method="affine", moving_mask=np.full((32, 32), np.nan))
+    with pytest.raises(InputError, match="spacing must be numbers, got 'abc'"):
+        nn.register(fixed, fixed, method="affine", spacing="abc")
+
+
+def test_register_converts_uint16_rgba_with_a_note():
+    rng = np.random.default_rng(3)
+    gray = ndi.gaussian_filter(rng.random((48, 48)), 3)
+    rgba = np.stack([gray, gray, gray, np.ones_like(gray)], -1)
+    rgba = (rgba * 60000).astype(np.uint16)
+    with pytest.warns(UserWarning, match="was RGB"):
+        reg = nn.register(rgba, rgba, method="affine")
+    assert reg.warped.shape == (48, 48)
+    assert any("fixed image was RGB" in note for note in reg.metrics["notes"])

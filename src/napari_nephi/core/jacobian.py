@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .device import memory_guard
 from .errors import DimensionMismatchError, InputError
 from .grid import check_spacing
 from .warp import iter_slabs
@@ -32,13 +33,16 @@ def jacobian_determinant(
     sp = check_spacing(spacing, d) if units == "physical" else (1.0,) * d
     if min(u.shape[1:]) < 2:
         raise InputError("The field needs at least 2 voxels along every axis for derivatives.")
+    if not np.isfinite(u).all():
+        raise InputError("The displacement field holds NaN or infinite values; it has no Jacobian.")
     # Slabs along the first axis, each with one voxel of halo on either side, so the float64
     # temporaries stay small on large volumes; the result equals the whole-array computation.
     n0 = u.shape[1]
-    out = np.empty(u.shape[1:], np.float32)
-    for a, b in iter_slabs(out.shape, SLAB_VOXELS):
-        lo, hi = max(0, a - 1), min(n0, b + 1)
-        out[a:b] = _determinant(np.asarray(u[:, lo:hi], np.float64), sp)[a - lo : a - lo + (b - a)]
+    with memory_guard("Jacobian determinant"):
+        out = np.empty(u.shape[1:], np.float32)
+        for a, b in iter_slabs(out.shape, SLAB_VOXELS):
+            lo, hi = max(0, a - 1), min(n0, b + 1)
+            out[a:b] = _determinant(np.asarray(u[:, lo:hi], np.float64), sp)[a - lo : a - lo + (b - a)]
     return out
 
 

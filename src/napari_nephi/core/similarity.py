@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .device import memory_guard
+from .errors import DimensionMismatchError, InputError
 
 EPS = 1e-6
 
@@ -124,10 +125,18 @@ def metric(name: str, a, b, mask=None, max_voxels: int = 1 << 20) -> float:
     """Evaluate a measure on numpy arrays (subsampled to ``max_voxels`` for NMI)."""
     if name not in MEASURES:
         raise InputError(f"Unknown similarity {name!r}; choose one of {sorted(MEASURES)}.")
-    a = np.asarray(a, dtype=np.float32)
-    b = np.asarray(b, dtype=np.float32)
+    with memory_guard(f"{name} similarity"):
+        a = np.asarray(a, dtype=np.float32)
+        b = np.asarray(b, dtype=np.float32)
     if a.shape != b.shape:
-        raise InputError(f"Shapes differ: {a.shape} vs {b.shape}.")
+        raise DimensionMismatchError(
+            f"Shapes differ: {a.shape} vs {b.shape}; compare images on the same grid (warp one first)."
+        )
+    if mask is not None and np.shape(mask) != a.shape:
+        raise DimensionMismatchError(f"The mask has shape {np.shape(mask)} but the images have {a.shape}.")
+    for what, x in (("first", a), ("second", b)):
+        if not np.isfinite(x).all():
+            raise InputError(f"The {what} image holds NaN or infinite values; fill or mask them first.")
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     with torch.no_grad():
         if name == "ncc":
