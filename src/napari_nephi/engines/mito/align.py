@@ -794,33 +794,33 @@ def _warp_one(section: np.ndarray, matrix_yx: np.ndarray, labels: bool) -> np.nd
 def _warp_labels_one(section: np.ndarray, matrix_xy: np.ndarray) -> np.ndarray:
     """Nearest-neighbour warp of a label section, the same code path for every dtype.
 
-    The labels become one int32 index image (1 + the index of each value among the section's
-    sorted values, 0 reserved for outside), which OpenCV warps with nearest neighbour; the
-    values are looked up afterwards. Which source pixel lands where thus never depends on the
-    dtype (uint8 and int64 labels give the same picture), and values are kept exactly.
+    The labels become one int32 index image (0 reserved for outside), which OpenCV warps with
+    nearest neighbour; the values are looked up afterwards. Which source pixel lands where thus
+    never depends on the dtype (uint8 and int64 labels give the same picture), and values are
+    kept exactly.
     """
     h, w = section.shape
-    values, inverse = _label_index(section)
-    index = (inverse.reshape(section.shape) + 1).astype(np.int32, copy=False)
+    index, values = _label_index(section)
     out = cv2.warpPerspective(
         index, matrix_xy, (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
         borderMode=cv2.BORDER_CONSTANT, borderValue=0,
     )  # fmt: skip
-    res = np.zeros(out.shape, dtype=section.dtype)
-    inside = out > 0
-    res[inside] = values[out[inside] - 1]
-    return res
+    if values is None:  # index = value + 1; outside (0) -> 0
+        np.subtract(out, 1, out=out)
+        np.maximum(out, 0, out=out)
+        return out.astype(section.dtype, copy=False)
+    return np.concatenate([np.zeros(1, section.dtype), values]).take(out)
 
 
-def _label_index(section: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(sorted distinct values, index of each pixel's value)``; a lookup table for small ints."""
-    if section.dtype.kind in "ub" and section.dtype.itemsize <= 2:
-        present = np.bincount(section.ravel(), minlength=1) > 0
-        values = np.flatnonzero(present).astype(section.dtype)
-        lut = np.cumsum(present) - 1
-        return values, lut[section.ravel()]
+def _label_index(section: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(int32 index image, values)``: pixel value + 1 for integer labels in ``[0, 2**31 - 2]``
+    (``values`` None), else 1 + the position of the pixel's value in the sorted distinct ``values``."""
+    if section.dtype.kind in "ui" and int(section.min()) >= 0 and int(section.max()) < 2**31 - 1:
+        index = section.astype(np.int32)
+        np.add(index, 1, out=index)
+        return index, None
     values, inverse = np.unique(section, return_inverse=True)
-    return values, inverse.ravel()
+    return (inverse.reshape(section.shape) + 1).astype(np.int32), values
 
 
 def warp_sections(
