@@ -469,6 +469,19 @@ def test_all_nan_sections_are_kept_in_place_and_reported(em, max_error):
     assert np.delete(err, 2).max() < 1.5, err
 
 
+def test_too_little_memory_for_the_aligned_stack(em, monkeypatch):
+    from napari_nephi.core import device as core_device
+
+    reg = align_stack(em["stack"], warp=False)
+    monkeypatch.setattr(core_device, "available_memory_bytes", lambda device: 2**16)
+    with pytest.raises(
+        napari_nephi.OutOfMemoryError, match=r"aligned stack \(6 x 364 x 364, uint8\).*lazy=True"
+    ):
+        warp_sections(em["stack"], reg.transform.matrices)
+    lazy = warp_sections(em["stack"], reg.transform.matrices, lazy=True)  # nothing allocated up front
+    assert lazy.shape == em["stack"].shape and lazy[1].compute().any()
+
+
 def test_register_pair_engine(rotated_copies):
     d = rotated_copies
     fixed, moving = d["stack"][0], d["stack"][1]

@@ -42,7 +42,9 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 
+from ...core.device import check_memory
 from ...core.errors import DimensionMismatchError, InputError
 from ...core.options import check_bool, check_float, check_int
 from ...core.progress import CancelFlag, Progress, ProgressCallback
@@ -862,6 +864,12 @@ def warp_sections(
 
         parts = [da.from_delayed(dask.delayed(one)(k), (h, w), out_dtype) for k in range(n)]
         return da.stack(parts)
+    what = "aligned masks" if labels else "aligned stack"
+    check_memory(
+        n * h * w * out_dtype.itemsize, torch.device("cpu"), f"{what} ({n} x {h} x {w}, {out_dtype})",
+        "Warp it lazily (lazy=True: each section is computed when it is read, e.g. while writing it to "
+        "disk), or align with warp=False and warp the sections you need with warp_sections.",
+    )  # fmt: skip
     out = np.empty((n, h, w), dtype=out_dtype)
     total = total if total is not None else n
     with ThreadPoolExecutor(max_workers=int(workers) if workers else _cpu_count()) as ex:
