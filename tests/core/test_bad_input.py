@@ -11,6 +11,7 @@ import scipy.ndimage as ndi
 import torch
 
 import napari_nephi as nn
+from napari_nephi.core import transform as core_transform
 from napari_nephi.core import warp as core_warp
 from napari_nephi.core.errors import DimensionMismatchError, InputError, OutOfMemoryError
 from napari_nephi.core.grid import check_spacing
@@ -326,3 +327,12 @@ def test_register_converts_uint16_rgba_with_a_note():
         reg = nn.register(rgba, rgba, method="affine")
     assert reg.warped.shape == (48, 48)
     assert any("fixed image was RGB" in note for note in reg.metrics["notes"])
+
+
+def test_numerical_inverse_out_of_memory(monkeypatch):
+    def failing(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 GB")
+
+    monkeypatch.setattr(core_transform, "identity_grid", failing)
+    with pytest.raises(OutOfMemoryError, match="numerical inverse ran out of memory"):
+        DisplacementTransform(np.zeros((2, 8, 8), np.float32)).inverse()

@@ -11,7 +11,7 @@ import pytest
 
 from napari_nephi import load_transform
 from napari_nephi.core import transform_io
-from napari_nephi.core.errors import UnsupportedFileError
+from napari_nephi.core.errors import OutOfMemoryError, UnsupportedFileError
 from napari_nephi.core.transform import (
     AffineTransform,
     ComposedTransform,
@@ -247,3 +247,13 @@ def test_failed_replace_keeps_the_earlier_transform(tmp_path, monkeypatch):
     monkeypatch.undo()
     np.testing.assert_array_equal(load_transform(tmp_path / "t").matrix, first)
     assert sorted(os.listdir(tmp_path)) == ["t"]
+
+
+def test_save_out_of_memory_is_out_of_memory_error_and_leaves_nothing(tmp_path, monkeypatch):
+    def too_big(*args, **kwargs):
+        raise MemoryError("Unable to allocate 40 GiB")
+
+    monkeypatch.setattr(transform_io, "field_to_itk_nifti", too_big)
+    with pytest.raises(OutOfMemoryError, match=r"Writing the transform to .*/t ran out of memory"):
+        DisplacementTransform(_field((6, 7))).save(tmp_path / "t")
+    assert os.listdir(tmp_path) == []

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import warp as _warp
-from .device import check_memory
+from .device import check_memory, memory_guard
 from .errors import DimensionMismatchError, InputError
 from .grid import check_spacing, identity_grid
 
@@ -507,9 +507,11 @@ class DisplacementTransform(Transform):
         if self.inverse_field is not None:
             inv = self.inverse_field
         elif not self.has_moving_frame and self.moving_shape in (None, self.shape):
-            inv = invert_field(self.field, iterations)
+            with memory_guard("numerical inverse"):
+                inv = invert_field(self.field, iterations)
         else:  # on the moving grid, preconditioned by the affine part of the map
-            inv = _invert_map(self, self.moving_shape or self.shape, _affine_fit(self), iterations)
+            with memory_guard("numerical inverse"):
+                inv = _invert_map(self, self.moving_shape or self.shape, _affine_fit(self), iterations)
         return DisplacementTransform(
             inv, inverse_field=self.field, moving_shape=self.shape, **self.frame_kwargs(swap=True)
         )

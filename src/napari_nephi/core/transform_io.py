@@ -270,6 +270,10 @@ def save_transform(t: Transform, path) -> Path:
                 f"Cannot write the transform to {path}: {exc.strerror or exc}. "
                 "Choose a folder you can write to, with enough free space."
             ) from exc
+        if isinstance(exc, MemoryError) and not isinstance(exc, OutOfMemoryError):
+            raise OutOfMemoryError(
+                f"Writing the transform to {path} ran out of memory; free memory or save a coarser field."
+            ) from exc
         raise
     return path
 

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,12 +64,16 @@ class LibraryReportedError(Exception):
 
 
 class _ErrorLog(logging.Handler):
+    """Collects the errors a library logs in this thread (lazy tiles are read in several threads)."""
+
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
         self.messages: list[str] = []
+        self.thread = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
 
 
 @contextlib.contextmanager
