@@ -151,3 +151,40 @@ def test_inliers_plot_paints(qtbot):
     assert len(colours) > 3
     plot.set_data([])
     plot.grab()
+
+
+def test_closing_the_viewer_mid_alignment_is_safe(make_napari_viewer, qtbot, monkeypatch):
+    """Closing napari while an alignment runs deletes the widget, which cancels the alignment."""
+    from qtpy.QtCore import QThreadPool
+
+    from napari_nephi.core.errors import Cancelled
+    from napari_nephi.synthetic import em_stack
+
+    outcome = []
+
+    def recorded(*args, **kwargs):
+        try:
+            return real(*args, **kwargs)
+        except Cancelled:
+            outcome.append("cancelled")
+            raise
+
+    real = emw.run_alignment
+    monkeypatch.setattr(emw, "run_alignment", recorded)
+
+    big = em_stack(40, (256, 256), seed=1)
+    viewer = make_napari_viewer()
+    viewer.add_image(big["stack"], name="em")
+    widget = EMAlignWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.options.workers.setValue(1)
+    rows = []
+    widget.runner.progressed.connect(lambda ev: rows.append(ev.step))
+    widget.start()
+    qtbot.waitUntil(lambda: len(rows) >= 2, timeout=30000)  # sections are being aligned
+    assert not widget.run_button.isEnabled() and widget.cancel_button.isEnabled()
+    with qtbot.waitSignal(widget.destroyed, timeout=10000):
+        viewer.close()
+    pool = QThreadPool.globalInstance()
+    qtbot.waitUntil(lambda: pool.activeThreadCount() == 0, timeout=10000)
+    assert outcome == ["cancelled"]  # the worker stopped early, through the engine's cancel

@@ -298,7 +298,7 @@ def test_out_of_memory_is_notified_and_widget_stays_usable(make_napari_viewer, q
     import torch
     from napari.utils.notifications import notification_manager
 
-    from napari_nephi.engines.affine import engine
+    from napari_nephi.core.device import memory_guard
 
     viewer, widget = _viewer_with_widget(make_napari_viewer, qtbot, pair)
     widget.options.iterations.setValue(20)
@@ -308,12 +308,13 @@ def test_out_of_memory_is_notified_and_widget_stays_usable(make_napari_viewer, q
     warped = viewer.layers["moving warped"].data.copy()
     notes = []
     notification_manager.notification_ready.connect(notes.append)
-    real_pyramid = engine._pyramid
+    real_register = rw.register
 
-    def no_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    def no_memory(*args, **kwargs):  # what an engine does when torch cannot allocate on the GPU
+        with memory_guard("affine registration"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(engine, "_pyramid", no_memory)
+    monkeypatch.setattr(rw, "register", no_memory)
     try:
         _run(widget, qtbot)
     finally:
@@ -324,7 +325,7 @@ def test_out_of_memory_is_notified_and_widget_stays_usable(make_napari_viewer, q
     assert [(ly.name, ly) for ly in viewer.layers] == before  # same layer objects, none added
     np.testing.assert_array_equal(viewer.layers["moving warped"].data, warped)
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
-    monkeypatch.setattr(engine, "_pyramid", real_pyramid)
+    monkeypatch.setattr(rw, "register", real_register)
     _run(widget, qtbot)  # still usable
     assert "Done" in widget.status.text() and len(viewer.layers) == len(before)
 
@@ -579,12 +580,25 @@ def test_buttons_follow_the_run_state_and_a_run_after_cancel_works(make_napari_v
     assert errors == []
 
 
-def test_closing_the_viewer_mid_run_is_safe(make_napari_viewer, qtbot, pair):
+def test_closing_the_viewer_mid_run_is_safe(make_napari_viewer, qtbot, pair, monkeypatch):
     """Closing napari while a run is on deletes the widget, which cancels the run; nothing is left."""
     import gc
 
     from qtpy.QtCore import QThreadPool
 
+    from napari_nephi.core.errors import Cancelled
+
+    outcome = []
+
+    def recorded(*args, **kwargs):
+        try:
+            return real(*args, **kwargs)
+        except Cancelled:
+            outcome.append("cancelled")
+            raise
+
+    real = rw.register_with_overlays
+    monkeypatch.setattr(rw, "register_with_overlays", recorded)
     viewer, widget = _viewer_with_widget(make_napari_viewer, qtbot, pair)
     widget.options.iterations.setValue(100000)
     widget.start()
@@ -593,7 +607,8 @@ def test_closing_the_viewer_mid_run_is_safe(make_napari_viewer, qtbot, pair):
     with qtbot.waitSignal(widget.destroyed, timeout=10000):
         viewer.close()
     pool = QThreadPool.globalInstance()
-    qtbot.waitUntil(lambda: pool.activeThreadCount() == 0, timeout=5000)  # the worker stopped
+    qtbot.waitUntil(lambda: pool.activeThreadCount() == 0, timeout=5000)
+    assert outcome == ["cancelled"]  # the worker stopped through the engine's cancel
     assert gc.get_freeze_count() == 0
     qtbot.wait(200)  # late signals of the worker, if any, find nobody
 

@@ -18,6 +18,9 @@ WARM_UP_NAME = "napari-nephi warm-up"
 #: look the user may have changed (colormap, opacity, blending, visibility) is kept.
 _DATA_KWARGS = ("scale", "translate", "metadata", "contrast_limits", "features")
 
+#: Of those, the numeric ones: set only when they change (napari refreshes the layer each time).
+_NUMERIC = ("scale", "translate", "contrast_limits")
+
 #: The look of a layer and napari's defaults, set when a layer is adopted for another role.
 _LOOK = (("colormap", None), ("opacity", 1.0), ("blending", "translucent"), ("visible", True))
 
@@ -145,6 +148,14 @@ def _drop_data(layer) -> None:
         pass
 
 
+def _same_numbers(old, new) -> bool:
+    """Whether two numeric sequences hold the same values (False when they cannot be compared)."""
+    try:
+        return bool(np.array_equal(np.asarray(old, float), np.asarray(new, float)))
+    except (TypeError, ValueError):
+        return False
+
+
 def _kind(layer) -> str:
     return type(layer).__name__.lower()
 
@@ -174,11 +185,10 @@ def update_layer(layer, data, kwargs: dict, kind: str, restyle: bool = False) ->
         layer.data = list(zip(data, types, strict=True))  # new shapes take the current style
     else:
         layer.data = data
+    kwargs = {"translate": np.zeros(len(layer.translate)), **kwargs}
     for key in _DATA_KWARGS:
-        if key in kwargs:
-            setattr(layer, key, kwargs[key])
-    if "translate" not in kwargs:
-        layer.translate = np.zeros(len(layer.translate))
+        if key in kwargs and not (key in _NUMERIC and _same_numbers(getattr(layer, key), kwargs[key])):
+            setattr(layer, key, kwargs[key])  # each change redraws the layer: only what changed
     if restyle:
         for key, default in _LOOK:
             value = kwargs.get(key, default)
