@@ -336,3 +336,14 @@ def test_numerical_inverse_out_of_memory(monkeypatch):
     monkeypatch.setattr(core_transform, "identity_grid", failing)
     with pytest.raises(OutOfMemoryError, match="numerical inverse ran out of memory"):
         DisplacementTransform(np.zeros((2, 8, 8), np.float32)).inverse()
+
+
+def test_prepare_image_checks_memory_before_copying(monkeypatch):
+    from napari_nephi.core import device
+
+    monkeypatch.setattr(device, "available_memory_bytes", lambda dev: 1000)
+    image = np.broadcast_to(np.arange(64, dtype=np.float32), (64, 64))  # 16 KiB of float32 to copy
+    with pytest.raises(
+        OutOfMemoryError, match=r"float32 copy of the fixed image \(64, 64\) needs about .*crop"
+    ):
+        prepare_image(image, "fixed")

@@ -6,8 +6,9 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
-from .device import memory_guard
+from .device import check_memory, memory_guard
 from .errors import DimensionMismatchError, InputError
 
 RGB_WEIGHTS = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)  # as skimage.color.rgb2gray
@@ -65,6 +66,13 @@ def prepare_image(
         raise InputError(f"The {name} image must be numeric, got dtype {arr.dtype}.")
     if arr.size == 0:
         raise InputError(f"The {name} image is empty (shape {arr.shape}).")
+    copies = 2 if rgb or (rgb is None and looks_rgb(arr.shape)) else 1  # luminance, then float32
+    check_memory(
+        4.0 * arr.size * copies,
+        torch.device("cpu"),
+        f"float32 copy of the {name} image {arr.shape}",
+        "Downsample or crop the image first, or register a coarser level of its pyramid.",
+    )
     if rgb is None:
         guess = looks_rgb(arr.shape)
         if guess is None:
