@@ -1,10 +1,21 @@
-"""Screenshots for the docs, taken from a real napari window (run under Xvfb).
+"""Screenshots for the docs, taken from a real napari window (run under Xvfb, on PyQt6).
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshots.py
 
-Writes docs/images/nephi_before.png, nephi_during.png (live preview and loss curve) and
-nephi_after.png (warped image with the deformation grid and the Jacobian map), and copies the
-last to docs/images/register_widget.png for the README.
+Only napari's public API is used (``viewer.window.resize``, ``viewer.screenshot``, layers, dims,
+camera). Writes to docs/images/:
+
+* nephi_before.png, nephi_during.png (live preview and loss curve), nephi_after.png (warped image,
+  deformation grid, folds) and nephi_jacobian.png (Jacobian determinant with its colour bar under
+  the grid) of the NePhi widget on the Triangles-and-Circles sample; nephi_after.png is copied to
+  register_widget.png for the README;
+* mri_3d_before.png and mri_3d_after.png: the 3D MRI sample in napari's 3D view before and after a
+  NePhi run in the widget: fixed volume in green, moving (before) or warped (after) volume in
+  magenta, added (grey where they agree; maximum intensity projections with the contrast limits at
+  1.6 times the 99.5th percentile so that they do not saturate); after: on the plane of the slice
+  the 2D view was at, the deformation grid and the Jacobian determinant with its colour bar.
+
+Prints the name of the Qt binding; napari shows a deprecation banner on PyQt5, so run it on PyQt6.
 """
 
 from __future__ import annotations
@@ -14,66 +25,143 @@ import time
 from pathlib import Path
 
 import napari
+import numpy as np
+import qtpy
 from qtpy.QtWidgets import QApplication
 
-from napari_nephi import sample_data
+from napari_nephi import overlays, sample_data
 from napari_nephi.widgets import NephiWidget
 
 OUT = Path(__file__).parent / "images"
+#: The camera of the 3D screenshots: looking at the MRI volume from the front, left and above.
+ANGLES_3D = (10.0, -30.0, 60.0)
+#: Steps of the NePhi run after which the "during" screenshot is taken (the fast preset has 200).
+DURING_STEP = 80
 
 
 def pump(seconds: float = 0.3) -> None:
+    """Let Qt draw and deliver events for ``seconds``."""
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         QApplication.processEvents()
         time.sleep(0.01)
 
 
-def main() -> None:
-    OUT.mkdir(exist_ok=True)
+def show_only(viewer, names: set[str]) -> None:
+    """Make the layers named in ``names`` visible and hide the others."""
+    for layer in viewer.layers:
+        layer.visible = layer.name in names
+
+
+def new_window():
+    """A napari window of a fixed size with the NePhi widget docked on the right."""
     viewer = napari.Viewer(title="napari-nephi")
-    viewer.window._qt_window.resize(1400, 900)
-    for data, kwargs, kind in sample_data.tc_sample():
-        getattr(viewer, f"add_{kind}")(data, **kwargs)
-    for name in ("fixed labels (T&C)", "moving labels (T&C)"):
-        viewer.layers[name].visible = False
+    viewer.window.resize(1400, 900)
     widget = NephiWidget(viewer)
     viewer.window.add_dock_widget(widget, name="NePhi registration", area="right")
+    pump(0.5)
+    return viewer, widget
+
+
+def shows_preview(widget) -> bool:
+    """Whether the widget's live preview layer has received a preview and is shown."""
+    layer = widget.preview_layer
+    return layer is not None and layer in widget.viewer.layers and layer.visible
+
+
+def run_widget(widget, min_steps: int = 0, during=None) -> None:
+    """Start the widget's run and wait for its end; ``during()`` once ``min_steps`` losses are in."""
+    done = []
+    widget.run_done.connect(lambda: done.append(True))
+    widget.start()
+    if during is not None:
+        while not done and not (shows_preview(widget) and len(widget.loss_plot.values) >= min_steps):
+            pump(0.05)
+        during()
+    while not done:
+        pump(0.05)
+    pump(1.0)
+    for layer in list(widget.viewer.layers):
+        overlays.style_layer(layer, widget.viewer)  # the Jacobian's colour bar, the 3D slice view
+
+
+def tc_screenshots(viewer, widget) -> None:
+    """Before, during and after a NePhi run on the 2D Triangles-and-Circles sample."""
+    for data, kwargs, kind in sample_data.tc_sample():
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    show_only(viewer, {"fixed (T&C)", "moving (T&C)"})
+    widget.fixed.set_layer(viewer.layers["fixed (T&C)"])
+    widget.moving.set_layer(viewer.layers["moving (T&C)"])
     widget.moving_labels.set_layer(viewer.layers["moving labels (T&C)"])
+    pump(0.5)  # the canvas has its final size before the view is fitted to it
     viewer.reset_view()
     pump(1.0)
     viewer.screenshot(str(OUT / "nephi_before.png"), canvas_only=False)
 
-    done = []
-    widget.run_done.connect(lambda: done.append(True))
-    widget.start()
-    while widget.preview_layer is None or len(widget.loss_plot.values) < 250:
-        if done:
-            break
-        pump(0.05)
-    viewer.layers["moving (T&C)"].visible = False
-    pump(0.3)
-    viewer.screenshot(str(OUT / "nephi_during.png"), canvas_only=False)
-    viewer.layers["moving (T&C)"].visible = True
-    while not done:
-        pump(0.05)
-    pump(1.0)
-    for layer in viewer.layers:
-        layer.visible = layer.name in {
-            "fixed (T&C)",
-            "moving (T&C) warped",
-            "moving (T&C) deformation grid",
-            "moving (T&C) folds",
-        }
+    def during():
+        viewer.layers["moving (T&C)"].visible = False
+        pump(0.3)
+        viewer.screenshot(str(OUT / "nephi_during.png"), canvas_only=False)
+        viewer.layers["moving (T&C)"].visible = True
+
+    run_widget(widget, DURING_STEP, during)
+    grid = "moving (T&C) deformation grid"
+    show_only(viewer, {"fixed (T&C)", "moving (T&C) warped", grid, "moving (T&C) folds"})
+    pump(0.5)
     viewer.screenshot(str(OUT / "nephi_after.png"), canvas_only=False)
     jac = viewer.layers["moving (T&C) Jacobian determinant"]
-    for layer in viewer.layers:
-        layer.visible = layer is jac or layer.name == "moving (T&C) deformation grid"
+    show_only(viewer, {jac.name, grid})
     viewer.layers.selection.active = jac
     pump(0.5)
     viewer.screenshot(str(OUT / "nephi_jacobian.png"), canvas_only=False)
     shutil.copy(OUT / "nephi_after.png", OUT / "register_widget.png")
-    viewer.close()
+
+
+def two_colour(fixed, moving, limit: float) -> None:
+    """Fixed in green, moving in magenta, added: grey where they agree, coloured where they differ."""
+    fixed.colormap, moving.colormap = "green", "magenta"
+    moving.blending = "additive"
+    for layer in (fixed, moving):
+        layer.contrast_limits = (0.0, limit)
+
+
+def mri_screenshots(viewer, widget) -> None:
+    """The 3D MRI sample in napari's 3D view, before and after a NePhi run."""
+    for data, kwargs, kind in sample_data.mri_sample():
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    fixed, moving = viewer.layers["fixed (MRI)"], viewer.layers["moving (MRI)"]
+    limit = 1.6 * float(np.percentile(fixed.data, 99.5))
+    two_colour(fixed, moving, limit)
+    widget.fixed.set_layer(fixed)
+    widget.moving.set_layer(moving)
+    pump(0.5)
+    viewer.reset_view()
+    middle = fixed.data.shape[0] // 2
+    viewer.dims.set_point(0, fixed.data_to_world((middle, 0, 0))[0])
+    viewer.dims.ndisplay = 3
+    viewer.camera.angles = ANGLES_3D
+    pump(1.0)
+    viewer.screenshot(str(OUT / "mri_3d_before.png"), canvas_only=False)
+    viewer.dims.ndisplay = 2  # the run itself from the 2D view, as a user would start it
+    run_widget(widget)
+    warped = viewer.layers["moving (MRI) warped"]
+    two_colour(fixed, warped, limit)
+    jac = viewer.layers["moving (MRI) Jacobian determinant"]
+    show_only(viewer, {fixed.name, warped.name, "moving (MRI) deformation grid", jac.name})
+    viewer.layers.selection.active = jac
+    viewer.dims.ndisplay = 3
+    viewer.camera.angles = ANGLES_3D
+    pump(1.0)
+    viewer.screenshot(str(OUT / "mri_3d_after.png"), canvas_only=False)
+
+
+def main() -> None:
+    print(f"Qt binding: {qtpy.API_NAME}")
+    OUT.mkdir(exist_ok=True)
+    for take in (tc_screenshots, mri_screenshots):
+        viewer, widget = new_window()
+        take(viewer, widget)
+        viewer.close()
 
 
 if __name__ == "__main__":

@@ -563,7 +563,7 @@ def test_style_layer_keeps_the_3d_view_on_the_current_slice():
     grid = viewer.add_vectors(data, **kwargs)
     jdata, jkw, _ = layers["Jacobian determinant"]
     jac = viewer.add_image(jdata, **jkw)
-    for layer in (grid, jac):
+    for layer in (grid, jac, grid):  # a second call on the grid changes nothing
         style_layer(layer, viewer)
     n_all = len(data)
     assert len(grid.data) == n_all  # 2D view: every slice keeps its lines

@@ -160,6 +160,7 @@ def deformation_grid(
         "edge_width": edge_width,
         "face_color": "transparent",
         "opacity": 0.8,
+        "blending": "translucent_no_depth",  # in 3D drawn over volume renderings, not into them
         "ndim": d,
         "scale": layer_scale(scale, d, transform.spacing),
         "features": {
@@ -202,6 +203,7 @@ def grid_as_vectors(grid: LayerData) -> LayerData:
         "edge_color": kwargs.get("edge_color", "yellow"),
         "edge_width": kwargs.get("edge_width", 1.0),
         "opacity": kwargs.get("opacity", 0.8),
+        "blending": kwargs.get("blending", "translucent_no_depth"),
         "length": 1.0,
         "vector_style": "line",
         "ndim": d,

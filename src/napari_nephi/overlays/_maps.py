@@ -69,6 +69,7 @@ def jacobian_layer(
         centre = [(n - 1) / 2 for n in shape]
         centre[ax] = float(shape[ax] // 2)
         kwargs["depiction"] = "plane"
+        kwargs["blending"] = "translucent_no_depth"  # a volume rendering's depth does not hide it
         kwargs["plane"] = {"position": tuple(centre), "normal": tuple(normal), "thickness": 1.0}
         kwargs["metadata"].update({"view_3d": "current slice", "slice_axis": ax})
     return det, kwargs, "image"

@@ -6,6 +6,8 @@ No napari import: the functions take napari objects and use only their public AP
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 #: ``metadata`` key of the overlays whose 3D view shows one slice (see :func:`style_layer`).
@@ -23,13 +25,18 @@ def style_layer(layer, viewer=None) -> None:
       lines. A 3D Jacobian drawn as a plane (``depiction="plane"``) moves its plane to that slice.
 
     Layers this does not concern are left unchanged, so a widget may call it on every layer it
-    adds: ``overlays.style_layer(layer, viewer)``.
+    adds: ``overlays.style_layer(layer, viewer)``; calling it again on the same layer changes nothing.
     """
     metadata = getattr(layer, "metadata", None) or {}
     if metadata.get("legend") and hasattr(layer, "colorbar"):
         layer.colorbar.visible = True
-    if viewer is not None and metadata.get(SLICE_VIEW) == "current slice":
-        _SliceView(layer, viewer).connect()
+    if viewer is not None and metadata.get(SLICE_VIEW) == "current slice" and layer not in _VIEWS:
+        _VIEWS[layer] = _SliceView(layer, viewer)
+        _VIEWS[layer].connect()
+
+
+#: The 3D slice views made by :func:`style_layer`, one per live layer.
+_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _SliceView:
@@ -75,6 +82,7 @@ class _SliceView:
     def update(self, event=None) -> None:
         if self.layer not in self.viewer.layers:
             self.disconnect()
+            _VIEWS.pop(self.layer, None)
             return
         if getattr(self.layer, "depiction", None) == "plane":
             self._move_plane()
