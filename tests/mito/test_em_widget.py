@@ -118,7 +118,8 @@ def test_bad_inputs_show_errors_and_change_nothing(make_napari_viewer, qtbot, em
     assert widget.run_button.isEnabled() and not widget.runner.busy
 
 
-def test_cancel_keeps_layers(make_napari_viewer, qtbot, errors):
+def _long_alignment(make_napari_viewer):
+    """A viewer with a 40-section stack and the widget docked, on one thread: seconds of work."""
     from napari_nephi.synthetic import em_stack
 
     big = em_stack(40, (256, 256), seed=1)
@@ -127,6 +128,11 @@ def test_cancel_keeps_layers(make_napari_viewer, qtbot, errors):
     widget = EMAlignWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.options.workers.setValue(1)
+    return viewer, widget
+
+
+def test_cancel_keeps_layers(make_napari_viewer, qtbot, errors):
+    viewer, widget = _long_alignment(make_napari_viewer)
 
     def start_and_cancel():
         widget.start()
@@ -158,7 +164,6 @@ def test_closing_the_viewer_mid_alignment_is_safe(make_napari_viewer, qtbot, mon
     from qtpy.QtCore import QThreadPool
 
     from napari_nephi.core.errors import Cancelled
-    from napari_nephi.synthetic import em_stack
 
     outcome = []
 
@@ -171,13 +176,7 @@ def test_closing_the_viewer_mid_alignment_is_safe(make_napari_viewer, qtbot, mon
 
     real = emw.run_alignment
     monkeypatch.setattr(emw, "run_alignment", recorded)
-
-    big = em_stack(40, (256, 256), seed=1)
-    viewer = make_napari_viewer()
-    viewer.add_image(big["stack"], name="em")
-    widget = EMAlignWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    widget.options.workers.setValue(1)
+    viewer, widget = _long_alignment(make_napari_viewer)
     rows = []
     widget.runner.progressed.connect(lambda ev: rows.append(ev.step))
     widget.start()
