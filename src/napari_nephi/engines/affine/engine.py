@@ -2,89 +2,54 @@
 
 The map is optimised in centred physical coordinates (``(v - centre) * spacing``), so rotations
 stay rotations on anisotropic grids: ``y = A x + t``. ``kind`` picks the parameterisation:
-``translation``, ``rigid`` (rotation by the exponential of a skew-symmetric matrix),
-``similarity`` (plus isotropic scale) or ``affine`` (free matrix).
+``translation``, ``rigid``, ``similarity`` (plus isotropic scale) or ``affine`` (free matrix).
+
+How it stays fast: a coarse exhaustive start (rotations every ``rotation_step`` degrees, the best
+translation for each by FFT cross-correlation) on a grid of at most 64 pixels (32 voxels in 3D)
+per axis; then L-BFGS on each level of a box-filtered pyramid, coarse first, with the loss on at
+most ``samples`` voxels drawn at random per level (as elastix does), stopping when it converges.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ...core.device import choose_device, memory_guard, reset_peak_memory
+from ...core.device import check_memory, choose_device, memory_guard, reset_peak_memory
 from ...core.errors import InputError
-from ...core.inputs import normalize_intensity
 from ...core.metrics import memory_report, similarity_report
+from ...core.options import check_bool, check_choice, check_float, check_int, check_int_list
 from ...core.registration import Pair, Registration
 from ...core.similarity import loss as similarity_loss
-from ...core.similarity import ncc
 from ...core.transform import AffineTransform
-from ...core.warp import sample
 from ..registry import register_engine
+from .levels import (
+    Level,
+    build_levels,
+    centred_frame,
+    choose_samples,
+    level_points,
+    plan_zooms,
+    sample_moving,
+    to_unit,
+)
+from .model import KINDS, LinearMap
+from .search import ShiftSearch, masked_ncc, pick_distinct, rotation_candidates
 
-KINDS = ("translation", "rigid", "similarity", "affine")
-
-
-def _pyramid(image: torch.Tensor, levels: int, min_size: int = 16) -> list[torch.Tensor]:
-    """Images from coarse to fine (each (1, 1, *spatial)), halving until ``min_size``."""
-    out = [image]
-    pool = F.avg_pool2d if image.dim() == 4 else F.avg_pool3d
-    for _ in range(levels - 1):
-        if min(out[-1].shape[2:]) < 2 * min_size:
-            break
-        out.append(pool(out[-1], 2, ceil_mode=True))
-    return out[::-1]
-
-
-def _centred_frame(shape, spacing) -> np.ndarray:
-    """Homogeneous map from voxel coordinates to centred physical coordinates."""
-    d = len(shape)
-    m = np.eye(d + 1)
-    m[:d, :d] = np.diag(spacing)
-    m[:d, d] = -np.asarray(spacing) * (np.asarray(shape) - 1) / 2.0
-    return m
-
-
-class _LinearMap(torch.nn.Module):
-    def __init__(self, d: int, kind: str, extent: float):
-        super().__init__()
-        self.d, self.kind, self.extent = d, kind, extent
-        self.t = torch.nn.Parameter(torch.zeros(d, dtype=torch.float64))
-        n_rot = 1 if d == 2 else 3
-        self.rot = torch.nn.Parameter(torch.zeros(n_rot, dtype=torch.float64))
-        self.log_scale = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
-        self.delta = torch.nn.Parameter(torch.zeros(d, d, dtype=torch.float64))
-
-    def matrix(self) -> torch.Tensor:
-        d = self.d
-        dev = self.t.device
-        eye = torch.eye(d, dtype=torch.float64, device=dev)
-        if self.kind == "translation":
-            a = eye
-        elif self.kind == "affine":
-            a = eye + self.delta
-        else:
-            skew = torch.zeros(d, d, dtype=torch.float64, device=dev)
-            if d == 2:
-                zero, one = torch.tensor([0], device=dev), torch.tensor([1], device=dev)
-                skew = skew.index_put((zero, one), -self.rot[:1])
-                skew = skew.index_put((one, zero), self.rot[:1])
-            else:
-                i, j = torch.tensor([0, 0, 1], device=dev), torch.tensor([1, 2, 2], device=dev)
-                skew = skew.index_put((i, j), -self.rot).index_put((j, i), self.rot)
-            a = torch.linalg.matrix_exp(skew)
-            if self.kind == "similarity":
-                a = a * torch.exp(self.log_scale)
-        top = torch.cat([a, (self.t * self.extent)[:, None]], dim=1)
-        bottom = torch.cat(
-            [
-                torch.zeros(1, d, dtype=torch.float64, device=dev),
-                torch.ones(1, 1, dtype=torch.float64, device=dev),
-            ],
-            1,
-        )
-        return torch.cat([top, bottom], dim=0)
+SIMILARITIES = ("ncc", "mse", "nmi", "lncc")
+INITS = ("search", "center", "identity")
+#: Largest side of the grid the start is searched on, and of the default coarsest level.
+COARSE_SIZE = {2: 64, 3: 32}
+DEFAULT_SAMPLES = {2: 4096, 3: 8192}
+DEFAULT_ROTATION_STEP = {2: 15.0, 3: 30.0}
+DEFAULT_ITERATIONS = 100
+#: Rotation candidates refined after the search (the unrotated start is always one) and their steps.
+CANDIDATES = 3
+CANDIDATE_STEPS = 25
+#: Loss of a map under which the images do not overlap (every similarity loss is at most 2).
+NO_OVERLAP = 4.0
 
 
 @register_engine("affine", description="Linear: translation, rigid, similarity or affine; fast")
@@ -92,106 +57,126 @@ def register_affine(
     pair: Pair,
     kind: str = "affine",
     similarity: str = "ncc",
-    levels: int = 3,
-    iterations: int | list[int] = 150,
-    learning_rate: float = 0.01,
-    init: str = "identity",
+    levels: int | None = None,
+    iterations: int | list[int] | None = None,
+    learning_rate: float | None = None,
+    init: str = "search",
+    rotation_search: bool = True,
+    rotation_step: float | None = None,
+    samples: int | None = None,
+    tolerance: float = 1e-6,
+    seed: int = 0,
     moving_spacing=None,
 ) -> Registration:
-    """Optimise a linear map that pulls ``pair.moving`` onto ``pair.fixed``.
+    """Find the linear map that pulls ``pair.moving`` onto ``pair.fixed``.
 
-    ``iterations`` per level (one number or one per level, coarse first); ``init="center"``
-    starts from the translation aligning the intensity centres of mass.
+    ``kind``: translation, rigid, similarity or affine. ``similarity``: ncc, mse, nmi or lncc
+    (lncc uses every voxel, so it is slower). ``levels``: pyramid levels (default: enough that
+    the coarsest has at most 64 pixels, 32 voxels in 3D, per axis). ``iterations``: most loss
+    evaluations per level, one number or one per level, coarse first (default 100); a level
+    stops earlier once the loss or the parameters change less than ``tolerance``.
+    ``learning_rate``: first L-BFGS step (default 1). ``init``: ``"search"`` starts from the
+    best translation found by FFT cross-correlation, ``"center"`` from the one aligning the
+    intensity centres of mass, ``"identity"`` from none. ``rotation_search`` (not for
+    translation) also tries rotations every ``rotation_step`` degrees (default 15 in 2D, 30 in
+    3D about each main axis). ``samples``: voxels drawn per level for the loss (default 4096 in
+    2D, 8192 in 3D), ``seed`` for their draw. ``moving_spacing``: the moving image's voxel size
+    when it differs from the fixed one.
     """
+    d = pair.fixed.ndim
     if kind not in KINDS:
         raise InputError(f"Unknown affine kind {kind!r}; choose one of {', '.join(KINDS)}.")
-    if init not in ("identity", "center"):
-        raise InputError("init must be 'identity' or 'center'.")
-    if levels < 1:
-        raise InputError("levels must be at least 1.")
+    similarity = check_choice("similarity", similarity, SIMILARITIES)
+    init = check_choice("init", init, INITS)
+    rotation_search = check_bool("rotation_search", rotation_search)
+    lr = (
+        1.0
+        if learning_rate is None
+        else check_float("learning_rate", learning_rate, 0.0, 100.0, low_open=True)
+    )
+    step_deg = (
+        DEFAULT_ROTATION_STEP[d]
+        if rotation_step is None
+        else check_float("rotation_step", rotation_step, 5.0, 180.0)
+    )
+    n_samples = DEFAULT_SAMPLES[d] if samples is None else check_int("samples", samples, 64, 10**8)
+    tolerance = check_float("tolerance", tolerance, 0.0, 1.0)
+    seed = check_int("seed", seed, 0, 2**62)
+    if levels is not None:
+        levels = check_int("levels", levels, 1, 16)
+    iters = _check_iterations(iterations, levels)
+    if levels is None and iters is not None and len(iters) > 1:
+        levels = len(iters)
+    fsp = np.asarray(pair.spacing, float)
+    msp = _check_moving_spacing(moving_spacing, pair.spacing, d)
+    fshape, mshape = pair.fixed.shape, pair.moving.shape
+    zooms = plan_zooms(fshape, fsp, levels, COARSE_SIZE[d])
+    if iters is None:
+        iters = [DEFAULT_ITERATIONS] * len(zooms)
+    elif len(iters) == 1:
+        iters = iters * len(zooms)
+    elif len(iters) != len(zooms):
+        raise InputError(
+            f"Option iterations gives {len(iters)} counts but the images allow {len(zooms)} levels; "
+            "give one count per level, coarse first, or a single number."
+        )
     device = choose_device(pair.device)
     reset_peak_memory(device)
-    d = pair.fixed.ndim
-    fsp = np.asarray(pair.spacing, float)
-    msp = np.asarray(moving_spacing if moving_spacing is not None else pair.spacing, float)
-    if msp.shape != (d,) or not np.all(np.isfinite(msp) & (msp > 0)):
-        raise InputError("moving_spacing must be one positive number per axis.")
-    fshape, mshape = pair.fixed.shape, pair.moving.shape
-    iters = [iterations] * levels if np.isscalar(iterations) else list(iterations)
-    if len(iters) != levels:
-        raise InputError(f"Give one iteration count per level ({levels}), got {len(iters)}.")
+    check_memory(
+        _memory_estimate(fshape, mshape, pair.fixed_mask is not None, pair.moving_mask is not None),
+        device,
+        "affine registration",
+        "Downsample or crop the images, then register them with spacing set to the new voxel size "
+        "(the map found applies to the full images).",
+    )
 
-    to_fixed = _centred_frame(fshape, fsp)  # fixed voxel -> centred physical
-    from_moving = np.linalg.inv(_centred_frame(mshape, msp))  # centred physical -> moving voxel
-    fmask = pair.fixed_mask
+    to_fixed = centred_frame(fshape, fsp)
+    from_moving = np.linalg.inv(centred_frame(mshape, msp))
+    extent = float(np.max(np.asarray(fshape) * fsp) / 2)
     with memory_guard("affine registration"):
-        fix = torch.as_tensor(normalize_intensity(pair.fixed), device=device)[None, None]
-        mov = torch.as_tensor(normalize_intensity(pair.moving), device=device)[None, None]
-        fmask_t = (
-            None if fmask is None else torch.as_tensor(fmask, device=device, dtype=torch.float32)[None, None]
+        fix = _normalised(pair.fixed, device)
+        mov = _normalised(pair.moving, device)
+        fmask = None if pair.fixed_mask is None else _as_image(pair.fixed_mask, device)
+        mmask = None if pair.moving_mask is None else _as_image(pair.moving_mask, device)
+        levels_list = build_levels(fix, mov, fmask, mmask, fsp, msp, zooms)
+        search_zoom = plan_zooms(fshape, fsp, None, COARSE_SIZE[d])[0]
+        coarse = build_levels(fix, mov, fmask, mmask, fsp, msp, [search_zoom])[0]
+        rotations = [np.eye(d)]
+        if rotation_search and kind != "translation":
+            rotations = rotation_candidates(d, step_deg)
+        n_refine = min(CANDIDATES, len(rotations)) if len(rotations) > 1 else 0
+        # one step per candidate start, per loss evaluation, and the final resampling
+        steps = _Steps(pair.progress, len(rotations) + n_refine * CANDIDATE_STEPS + sum(iters) + 1)
+        generator = torch.Generator().manual_seed(seed)
+        starts = _search_starts(
+            coarse, rotations, init, pair, to_fixed, from_moving, steps, fsp, similarity == "nmi"
         )
-        fix_pyr = _pyramid(fix, levels)
-        mov_pyr = _pyramid(mov, levels)
-        mask_pyr = None if fmask_t is None else _pyramid(fmask_t, levels)
-        mmask = pair.moving_mask
-        mmask_pyr = None
-        if mmask is not None:
-            mmask_t = torch.as_tensor(mmask, device=device, dtype=torch.float32)[None, None]
-            mmask_pyr = _pyramid(mmask_t, levels)
-        n_levels = min(len(fix_pyr), len(mov_pyr))  # align pyramids at the finest level
-        fix_pyr, mov_pyr = fix_pyr[-n_levels:], mov_pyr[-n_levels:]
-        mask_pyr = None if mask_pyr is None else mask_pyr[-n_levels:]
-        mmask_pyr = None if mmask_pyr is None else mmask_pyr[-n_levels:]
-        extent = float(np.max(np.asarray(fshape) * fsp) / 2)
-        model = _LinearMap(d, kind, extent).to(device)
-        if init == "center":
-            com_f = _centre_of_mass(pair.fixed, to_fixed)
-            com_m = _centre_of_mass(pair.moving, _centred_frame(mshape, msp))
-            with torch.no_grad():
-                model.t.copy_(torch.as_tensor((com_m - com_f) / extent))
-        levels_used = len(fix_pyr)
-        iters = iters[-levels_used:]
-        total, step = sum(iters), 0
-        for level, (f_l, m_l, n_it) in enumerate(zip(fix_pyr, mov_pyr, iters)):
-            opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(n_it, 1), learning_rate * 0.02)
-            shape_l = f_l.shape[2:]
-            # level voxel i averages fine voxels [i * 2^k, (i + 1) * 2^k): centre (i + 0.5) * 2^k - 0.5
-            zoom = np.full(d, 2.0 ** (levels_used - 1 - level))
-            grid = _level_grid(shape_l, zoom, to_fixed, device)
-            mzoom = zoom
-            weights = None if mask_pyr is None else mask_pyr[level].reshape(1, -1)
-            for _ in range(n_it):
-                opt.zero_grad()
-                mat = model.matrix().to(torch.float32)
-                phys = grid @ mat[:d, :d].T + mat[:d, d]
-                mvox = phys @ torch.as_tensor(
-                    from_moving[:d, :d].T, dtype=torch.float32, device=device
-                ) + torch.as_tensor(from_moving[:d, d], dtype=torch.float32, device=device)
-                mvox_l = (mvox + 0.5) / torch.as_tensor(mzoom, dtype=torch.float32, device=device) - 0.5
-                warped = sample(m_l[0], mvox_l).reshape(1, 1, *shape_l)
-                upper = torch.as_tensor(m_l.shape[2:], dtype=torch.float32, device=device) - 1
-                w = ((mvox_l >= 0) & (mvox_l <= upper)).all(1).to(torch.float32)[None]
-                if weights is not None:
-                    w = w * weights
-                if mmask_pyr is not None:  # only moving voxels inside the moving mask count
-                    w = w * (sample(mmask_pyr[level][0], mvox_l) > 0.5).to(torch.float32)
-                value = _weighted_loss(similarity, f_l, warped, w)
-                value.backward()
-                opt.step()
-                sched.step()
-                step += 1
-                preview = None
-                if pair.progress.wants_preview:
-                    preview = warped.detach()[0, 0].cpu().numpy()
-                pair.progress.step(
-                    step,
-                    total,
-                    float(value.detach()),
-                    stage=f"level {level + 1}/{levels_used}",
-                    preview=preview,
-                    preview_zoom=tuple(float(z) for z in zoom),
-                )
+        make = _ModelFactory(d, kind, extent, device)
+        optimise = _Optimiser(lr, tolerance, steps)
+        if n_refine:
+            scores = [s for _, _, s in starts]
+            picked = pick_distinct(scores, rotations, n_refine, 1.5 * step_deg)
+            steps.unused((n_refine - len(picked)) * CANDIDATE_STEPS)
+            loss_fn = _LevelLoss(coarse, to_fixed, similarity, None)
+            # candidates are compared by NCC (MSE favours dark overlaps), by NMI when that is the loss
+            judge = loss_fn if similarity == "nmi" else _LevelLoss(coarse, to_fixed, "ncc", None)
+            best = None
+            for i in picked:
+                model = make(starts[i][0], starts[i][1])
+                optimise(model, loss_fn, CANDIDATE_STEPS, "rotation refinement", None)
+                with torch.no_grad():
+                    value = float(judge(model.matrix()))
+                if best is None or value < best[0]:
+                    best = (value, model)
+            model = best[1]
+        else:
+            model = make(starts[0][0], starts[0][1])
+        for k, (level, n_it) in enumerate(zip(levels_list, iters)):
+            model = make.continue_from(model)
+            vox = None if similarity == "lncc" else choose_samples(level, n_samples, generator)
+            loss_fn = _LevelLoss(level, to_fixed, similarity, vox)
+            preview = _Preview(level, to_fixed, pair)
+            optimise(model, loss_fn, n_it, f"level {k + 1}/{len(levels_list)}", preview)
         m_final = model.matrix().detach().cpu().numpy()
     voxel_matrix = from_moving @ m_final @ to_fixed
     transform = AffineTransform(
@@ -199,59 +184,311 @@ def register_affine(
         shape=fshape,
         spacing=pair.spacing,
         moving_spacing=moving_spacing,
-        moving_shape=pair.moving.shape,
+        moving_shape=mshape,
     )
-    warped = transform.warp(pair.moving, output_shape=fshape, device=device)
+    with memory_guard("affine registration"):
+        warped = transform.warp(pair.moving, output_shape=fshape, device=device)
+    steps.step(optimise.last, "resampling")
     metrics = {
-        "iterations": total,
-        "levels": levels_used,
-        "final_loss": pair.progress.history[-1] if pair.progress.history else None,
+        "iterations": steps.done,
+        "levels": len(levels_list),
+        "final_loss": optimise.last,
     }
-    metrics.update(similarity_report(pair.fixed, pair.moving, warped, fmask, transform))
+    metrics.update(similarity_report(pair.fixed, pair.moving, warped, pair.fixed_mask, transform))
     metrics.update(memory_report(device))
     settings = {
         "kind": kind,
         "similarity": similarity,
-        "levels": levels,
+        "levels": len(levels_list),
         "iterations": iters,
-        "learning_rate": learning_rate,
+        "learning_rate": lr,
         "init": init,
+        "rotation_search": rotation_search,
+        "rotation_step": step_deg,
+        "samples": n_samples,
+        "tolerance": tolerance,
+        "seed": seed,
         "moving_spacing": msp.tolist(),
     }
     return Registration(warped=warped, transform=transform, metrics=metrics, settings=settings)
 
 
-def _weighted_loss(name: str, fixed: torch.Tensor, warped: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Similarity loss over the voxels with weight ``w`` (overlap with the moving image and mask)."""
-    if float(w.sum()) < 16:
+def _check_iterations(iterations, levels: int | None) -> list[int] | None:
+    if iterations is None:
+        return None
+    if isinstance(iterations, (list, tuple)):
+        out = check_int_list("iterations", list(iterations), None, 0, 100_000)
+        if not out:
+            raise InputError(
+                "Option iterations is an empty list; give one count per level or a single number."
+            )
+        if levels is not None and len(out) != levels:
+            raise InputError(f"Option iterations needs one count per level ({levels}), got {len(out)}.")
+        return out
+    return [check_int("iterations", iterations, 0, 100_000)]
+
+
+def _check_moving_spacing(moving_spacing, spacing, d: int) -> np.ndarray:
+    if moving_spacing is None:
+        return np.asarray(spacing, float)
+    try:
+        msp = np.asarray(moving_spacing, dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        msp = np.zeros(0)
+    if msp.shape != (d,) or not np.all(np.isfinite(msp) & (msp > 0)):
         raise InputError(
-            "The images no longer overlap; check that fixed and moving show the same region, "
-            "or start from init='center'."
+            f"Option moving_spacing must be {d} finite positive numbers (one per axis, (z, y, x) order), "
+            f"got {moving_spacing!r}."
         )
-    f, m = fixed.reshape(1, -1), warped.reshape(1, -1)
+    return msp
+
+
+def _memory_estimate(fshape, mshape, fixed_mask: bool, moving_mask: bool) -> float:
+    """Bytes the run needs at its peak: float32 images, their levels, masks, the warp and its checks."""
+    nf, nm = float(np.prod(fshape)), float(np.prod(mshape))
+    return 4.0 * (nf * (5 + 2 * fixed_mask) + nm * (4 + 2 * moving_mask))
+
+
+def _normalised(image: np.ndarray, device, low: float = 0.5, high: float = 99.5) -> torch.Tensor:
+    """``(1, 1, *shape)`` float32 scaled to [0, 1] between percentiles (estimated on at most 2^20 voxels)."""
+    flat = image.reshape(-1)
+    sub = flat[:: max(1, flat.size >> 20)]
+    lo, hi = np.percentile(sub, [low, high])
+    if hi <= lo:
+        lo, hi = float(image.min()), float(image.max())
+    t = torch.as_tensor(image, device=device, dtype=torch.float32)
+    return ((t - float(lo)) / float(hi - lo)).clamp_(0, 1)[None, None]
+
+
+def _as_image(mask: np.ndarray, device) -> torch.Tensor:
+    return torch.as_tensor(mask, device=device, dtype=torch.float32)[None, None]
+
+
+class _Steps:
+    """Counts loss evaluations for progress; the total shrinks when a stage stops early."""
+
+    def __init__(self, progress, total: int):
+        self.progress, self.total, self.done = progress, int(total), 0
+
+    def step(self, loss: float | None, stage: str, preview=None, zoom=None) -> None:
+        self.done += 1
+        extra = {} if zoom is None else {"preview_zoom": tuple(float(z) for z in zoom)}
+        self.progress.step(self.done, self.total, loss, stage=stage, preview=preview, **extra)
+
+    def unused(self, count: int) -> None:
+        self.total -= count
+
+
+class _ModelFactory:
+    def __init__(self, d: int, kind: str, extent: float, device):
+        self.d, self.kind, self.extent, self.device = d, kind, extent, device
+
+    def __call__(self, base: np.ndarray, shift: np.ndarray) -> LinearMap:
+        return LinearMap(self.d, self.kind, self.extent, base, shift, self.device)
+
+    def continue_from(self, model: LinearMap) -> LinearMap:
+        """A fresh model (zero parameters) starting where ``model`` is."""
+        m = model.matrix().detach().cpu().numpy()
+        return self(m[: self.d, : self.d], m[: self.d, self.d])
+
+
+class _LevelLoss:
+    """Similarity between the fixed level at its sample points and the moving level pulled there."""
+
+    def __init__(self, level: Level, to_fixed: np.ndarray, similarity: str, vox: torch.Tensor | None):
+        """``vox``: level voxel coordinates of the points (drawn inside the fixed mask); None: every voxel."""
+        self.level, self.similarity = level, similarity
+        self.points = level_points(level, to_fixed, vox)
+        if vox is None:
+            fvals = level.fixed.reshape(-1)
+        else:
+            fvals = sample_moving(level.fixed, to_unit(vox, level.shape))
+        self.fixed = fvals.to(torch.float64)
+        self.weight = None
+        if level.fixed_mask is not None and vox is None:
+            self.weight = (level.fixed_mask.reshape(-1) > 0.5).to(torch.float32)
+        self.to_grid = torch.as_tensor(level.to_grid, dtype=torch.float64, device=level.fixed.device)
+
+    def warped(self, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Moving values at the points under ``matrix``; weights: inside the moving image and mask."""
+        t = (self.to_grid @ matrix).to(torch.float32)
+        d = t.shape[0] - 1
+        g = self.points @ t[:d, :d].T + t[:d, d]
+        vals = sample_moving(self.level.moving, g)
+        w = (g.detach().abs() <= 1 + 1e-6).all(1).to(torch.float32)
+        if self.level.moving_mask is not None:
+            w = w * (sample_moving(self.level.moving_mask, g.detach()) > 0.5).to(torch.float32)
+        if self.weight is not None:
+            w = w * self.weight
+        return vals, w
+
+    def __call__(self, matrix: torch.Tensor) -> torch.Tensor:
+        vals, w = self.warped(matrix)
+        return _weighted_loss(
+            self.similarity, self.fixed, vals.to(torch.float64), w.to(torch.float64), self.level.shape
+        )
+
+
+def _weighted_loss(name: str, f: torch.Tensor, m: torch.Tensor, w: torch.Tensor, shape) -> torch.Tensor:
+    """Similarity loss (lower is better) over the points with weight ``w``; ``NO_OVERLAP`` without overlap.
+
+    Every loss lies in [0, 2] on images scaled to [0, 1].
+    """
+    total = w.sum()
+    if float(total) < 16:  # a step of the line search went too far: a constant the search backs off from
+        return m.sum() * 0 + NO_OVERLAP
     if name == "ncc":
-        return 1 - ncc(f, m, w)
+        fm = f - (w * f).sum() / total
+        mm = m - (w * m).sum() / total
+        den = ((w * fm * fm).sum() * (w * mm * mm).sum()).clamp_min(1e-24).sqrt()
+        return 1 - (w * fm * mm).sum() / den
     if name == "mse":
-        return ((f - m) ** 2 * w).sum() / w.sum()
+        return ((f - m) ** 2 * w).sum() / total
     if name == "nmi":
-        keep = w[0] > 0
-        return similarity_loss("nmi", f[0, keep], m[0, keep])
-    wm = w.reshape(fixed.shape)
-    return similarity_loss(name, fixed * wm, warped * wm)
+        keep = w > 0
+        return similarity_loss("nmi", f[keep].to(torch.float32), m[keep].to(torch.float32)).to(torch.float64)
+    wf = (f * w).to(torch.float32).reshape(1, 1, *shape)
+    wm = (m * w).to(torch.float32).reshape(1, 1, *shape)
+    return similarity_loss(name, wf, wm).to(torch.float64)
 
 
-def _level_grid(shape_l, zoom, to_fixed, device) -> torch.Tensor:
-    """Centred physical coordinates of the voxel centres of a pyramid level, ``(N, D)``."""
-    axes = [(torch.arange(n, dtype=torch.float64) + 0.5) * z - 0.5 for n, z in zip(shape_l, zoom)]
-    vox = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(shape_l))
-    t = torch.as_tensor(to_fixed)
-    phys = vox @ t[:-1, :-1].T + t[:-1, -1]
-    return phys.to(device=device, dtype=torch.float32)
+class _Preview:
+    """The moving level warped onto the fixed level grid, when the progress callback wants one."""
+
+    def __init__(self, level: Level, to_fixed: np.ndarray, pair: Pair):
+        self.level, self.to_fixed, self.progress = level, to_fixed, pair.progress
+        self._loss = None
+
+    def __call__(self, matrix: torch.Tensor):
+        if not self.progress.wants_preview:
+            return None
+        if self._loss is None:
+            self._loss = _LevelLoss(self.level, self.to_fixed, "ncc", None)
+        with torch.no_grad():
+            vals, w = self._loss.warped(matrix.detach())
+        return (vals * (w > 0)).reshape(self.level.shape).cpu().numpy()
+
+
+class _Budget(Exception):
+    """Raised inside the L-BFGS closure once a stage has used its evaluations."""
+
+
+class _Optimiser:
+    """L-BFGS with strong-Wolfe line search; keeps the best parameters seen and counts every evaluation."""
+
+    def __init__(self, lr: float, tolerance: float, steps: _Steps):
+        self.lr, self.tolerance, self.steps = lr, tolerance, steps
+        self.last: float | None = None
+
+    def __call__(self, model: LinearMap, loss_fn, budget: int, stage: str, preview) -> float:
+        params = list(model.parameters())
+        if budget <= 0:
+            return math.inf
+        opt = torch.optim.LBFGS(
+            params,
+            lr=self.lr,
+            max_iter=budget,
+            max_eval=budget,
+            tolerance_grad=self.tolerance,
+            tolerance_change=self.tolerance,
+            history_size=10,
+            line_search_fn="strong_wolfe",
+        )
+        best = [math.inf, [p.detach().clone() for p in params]]
+        used = [0]
+
+        def closure():
+            if used[0] >= budget:
+                raise _Budget
+            opt.zero_grad()
+            matrix = model.matrix()
+            loss = loss_fn(matrix)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise InputError(
+                    f"The affine optimisation diverged at {stage} (the loss is {value}); "
+                    "lower learning_rate or use init='center'."
+                )
+            loss.backward()
+            used[0] += 1
+            if value < best[0]:
+                best[0], best[1] = value, [p.detach().clone() for p in params]
+            img = None if preview is None else preview(matrix)
+            self.steps.step(value, stage, img, None if preview is None else preview.level.zoom)
+            return loss
+
+        try:
+            opt.step(closure)
+        except _Budget:
+            pass
+        with torch.no_grad():
+            for p, b in zip(params, best[1]):
+                p.copy_(b)
+        self.steps.unused(budget - used[0])
+        if best[0] >= NO_OVERLAP:
+            raise InputError(
+                "The images do not overlap under the starting map; check that fixed and moving show "
+                "the same region, or try init='center'."
+            )
+        self.last = best[0]
+        return best[0]
+
+
+def _search_starts(
+    coarse: Level,
+    rotations: list[np.ndarray],
+    init: str,
+    pair: Pair,
+    to_fixed: np.ndarray,
+    from_moving: np.ndarray,
+    steps: _Steps,
+    fsp: np.ndarray,
+    either_sign: bool,
+) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """``(rotation, translation, NCC)`` of the best start for each candidate rotation.
+
+    ``either_sign``: score by ``|NCC|`` (for NMI, whose images may have inverted contrast).
+    """
+    d = len(fsp)
+    dense = _LevelLoss(coarse, to_fixed, "ncc", None)
+    f = coarse.fixed[0, 0]
+    fw = (
+        torch.ones_like(f) if coarse.fixed_mask is None else (coarse.fixed_mask[0, 0] > 0.5).to(torch.float32)
+    )
+    shifts = ShiftSearch(f, fw) if init == "search" else None
+    com_f = com_m = None
+    if init == "center":
+        com_f = _centre_of_mass(pair.fixed, to_fixed)
+        com_m = _centre_of_mass(pair.moving, np.linalg.inv(from_moving))
+    out = []
+    with torch.no_grad():
+        for r in rotations:
+            t = np.zeros(d) if com_f is None else com_m - r @ com_f
+            m = np.eye(d + 1)
+            m[:d, :d], m[:d, d] = r, t
+            vals, w = dense.warped(torch.as_tensor(m, device=f.device))
+            vals, w = vals.reshape(f.shape), w.reshape(f.shape)
+            if shifts is not None:
+                s, score = shifts.best(vals * w, w, either_sign)
+                t = r @ (s * coarse.zoom * fsp)
+            else:
+                score = masked_ncc(f, fw, vals, w)
+                score = abs(score) if either_sign else score
+            out.append((r, t, score))
+            steps.step(1 - score, "rotation search")
+    return out
 
 
 def _centre_of_mass(image: np.ndarray, frame: np.ndarray) -> np.ndarray:
-    w = normalize_intensity(image).astype(np.float64)
+    """Centre of mass of the intensity above the background (0.5th percentile), in ``frame``'s coordinates."""
+    flat = image.reshape(-1)
+    w = np.clip(image.astype(np.float64) - np.percentile(flat[:: max(1, flat.size >> 20)], 0.5), 0, None)
     total = w.sum()
-    idx = np.indices(image.shape).reshape(image.ndim, -1)
-    com = (idx * w.reshape(1, -1)).sum(1) / total
+    if total <= 0:
+        return np.zeros(image.ndim)
+    axes = range(image.ndim)
+    com = [
+        (w.sum(axis=tuple(j for j in axes if j != i)) * np.arange(n)).sum() / total
+        for i, n in enumerate(image.shape)
+    ]
     return (frame @ np.append(com, 1.0))[:-1]
