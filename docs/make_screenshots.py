@@ -139,7 +139,7 @@ def mri_screenshots(viewer, widget) -> None:
     middle = fixed.data.shape[0] // 2
     viewer.dims.set_point(0, fixed.data_to_world((middle, 0, 0))[0])
     viewer.dims.ndisplay = 3
-    viewer.camera.angles = ANGLES_3D
+    viewer.scene.camera.angles = ANGLES_3D
     pump(1.0)
     viewer.screenshot(str(OUT / "mri_3d_before.png"), canvas_only=False)
     viewer.dims.ndisplay = 2  # the run itself from the 2D view, as a user would start it
@@ -150,7 +150,7 @@ def mri_screenshots(viewer, widget) -> None:
     show_only(viewer, {fixed.name, warped.name, "moving (MRI) deformation grid", jac.name})
     viewer.layers.selection.active = jac
     viewer.dims.ndisplay = 3
-    viewer.camera.angles = ANGLES_3D
+    viewer.scene.camera.angles = ANGLES_3D
     pump(1.0)
     viewer.screenshot(str(OUT / "mri_3d_after.png"), canvas_only=False)
 
