@@ -187,3 +187,46 @@ def test_closing_the_viewer_mid_alignment_is_safe(make_napari_viewer, qtbot, mon
     pool = QThreadPool.globalInstance()
     qtbot.waitUntil(lambda: pool.activeThreadCount() == 0, timeout=10000)
     assert outcome == ["cancelled"]  # the worker stopped early, through the engine's cancel
+
+
+def test_em_options_alone(qtbot):
+    from napari_nephi.widgets._em_parts import EMOptions
+
+    opts = EMOptions()
+    qtbot.addWidget(opts)
+    assert not opts.advanced.isExpanded()  # the advanced rows are folded at first
+    opts.advanced.toggleButton().click()
+    assert opts.advanced.isExpanded()
+    opts.middle.setChecked(True)
+    assert not opts.reference.isEnabled() and opts.values()["reference"] == "middle"
+    opts.middle.setChecked(False)
+    opts.reference.setValue(3)
+    opts.workers.setValue(0)
+    values = opts.values()
+    assert values["reference"] == 3 and values["workers"] is None  # 0 threads: all cores
+    opts.detector.setCurrentText("orb")
+    opts.use_masks.setChecked(False)
+    assert opts.use_masks.isEnabled() and opts.values()["use_masks"] is False
+    opts.detector.setCurrentText("mito")  # keypoints inside mitochondria need the masks
+    assert opts.use_masks.isChecked() and not opts.use_masks.isEnabled()
+
+
+def test_report_table_alone(qtbot):
+    from napari_nephi.widgets._em_parts import ReportTable
+
+    table = ReportTable()
+    qtbot.addWidget(table)
+    table.set_rows(
+        [
+            {"section": 0, "inliers": 0, "failed": False},
+            {"section": 1, "neighbour": 0, "inliers": 42, "reprojection_error": 0.514, "failed": False},
+            {"section": 2, "neighbour": 1, "inliers": 3, "failed": True, "fallback": "identity"},
+        ]
+    )
+    assert table.rowCount() == 3
+    assert table.column_values("inliers") == ["0", "42", "3"]
+    assert table.column_values("reprojection_error") == ["", "0.51", ""]
+    assert table.column_values("failed") == ["", "", "yes"]
+    assert table.item(2, 0).background().color() == ReportTable.IDENTITY  # identity fallback in red
+    table.set_row({"section": 4, "inliers": 7})  # a row past the end grows the table
+    assert table.rowCount() == 5 and table.column_values("inliers")[4] == "7"
