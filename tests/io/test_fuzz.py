@@ -103,6 +103,23 @@ def test_random_bytes_read_or_name_the_file(name, content):
         _read_fully(path)
 
 
+@FUZZ
+@given(damaged=st.integers(0, 2), damage=damage)
+def test_section_folder_with_a_damaged_section_reads_or_names_it(valid_files, damaged, damage):
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "sections"
+        folder.mkdir()
+        for k in range(3):
+            data = valid_files["imagej.tif"]
+            (folder / f"s{k}.tif").write_bytes(_damage(data, *damage) if k == damaged else data)
+        try:
+            stack = read_image(folder)[0][0]
+            assert stack.ndim == 3 and 0 not in stack.shape
+            assert np.asarray(stack).shape == (3, *IMAGE.shape)
+        except UnsupportedFileError as exc:
+            assert f"s{damaged}.tif" in str(exc), str(exc)
+
+
 def test_undamaged_files_read_back(valid_files, tmp_path):
     """The property's baseline: every valid file reads to the image it was written from."""
     for name, data in valid_files.items():
@@ -186,7 +203,16 @@ def test_edited_transform_json_loads_or_names_the_file(transform_folder, part, f
 
 @FUZZ
 @given(
-    name=st.sampled_from(["0/displacement.nii.gz", "0/inverse_displacement.nii.gz", "settings.json"]),
+    name=st.sampled_from(
+        [
+            "0/displacement.nii.gz",
+            "0/inverse_displacement.nii.gz",
+            "settings.json",
+            "transform.json",
+            "0/transform.json",
+            "1/transform.json",
+        ]
+    ),
     damage=damage,
 )
 def test_damaged_transform_files_load_or_name_the_file(transform_folder, name, damage):
