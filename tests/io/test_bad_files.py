@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
 
-from napari_nephi.core.errors import OutOfMemoryError, UnsupportedFileError
+from napari_nephi.core.errors import InputError, OutOfMemoryError, UnsupportedFileError
 from napari_nephi.io import (
     _util,
     read_image,
@@ -170,3 +171,18 @@ def test_writing_onto_a_folder_is_refused(tmp_path):
     (tmp_path / "out.tif").mkdir()
     with pytest.raises(UnsupportedFileError, match=r"Cannot write .*out.tif: it is a folder"):
         write_tiff(tmp_path / "out.tif", IMAGE)
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (np.zeros((0, 32), np.uint8), r"the image is empty \(shape \(0, 32\)\); there is nothing to save"),
+        (np.array([["a"] * 32] * 32), r"the image has dtype <U1, not numbers; cast it first"),
+    ],
+)
+def test_writers_refuse_empty_or_non_numeric_images(tmp_path, monkeypatch, writer, data, message):
+    monkeypatch.setattr(sys.modules[__name__], "IMAGE", data)
+    with pytest.raises(InputError, match=rf"Cannot write .*out.*: {message}"):
+        WRITERS[writer](tmp_path)
+    assert os.listdir(tmp_path) == []

@@ -10,8 +10,11 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from ..core.errors import OutOfMemoryError, RegistrationError, UnsupportedFileError
+import numpy as np
+
+from ..core.errors import InputError, OutOfMemoryError, RegistrationError, UnsupportedFileError
 from ..core.files import publish
 
 PathLike = str | os.PathLike
@@ -162,3 +165,18 @@ def check_not_empty(path: PathLike, shape, min_ndim: int = 2) -> None:
             f"{path} holds no usable image: its data has shape {shape}. The file looks corrupt or "
             "truncated; check that it was copied completely, or re-export it."
         )
+
+
+def writable_array(path: PathLike, data: Any, kinds: str = "biuf") -> np.ndarray:
+    """``data`` as an array fit to write to ``path``; :class:`InputError` if it is empty or not numeric."""
+    try:
+        arr = np.asarray(data)
+    except MemoryError as exc:
+        raise OutOfMemoryError(f"Cannot write {path}: the image does not fit in memory ({exc}).") from exc
+    if arr.dtype.kind not in kinds:
+        raise InputError(f"Cannot write {path}: the image has dtype {arr.dtype}, not numbers; cast it first.")
+    if arr.size == 0:
+        raise InputError(
+            f"Cannot write {path}: the image is empty (shape {arr.shape}); there is nothing to save."
+        )
+    return arr

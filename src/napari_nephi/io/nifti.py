@@ -16,7 +16,16 @@ import numpy as np
 
 from ..core.errors import InputError, UnsupportedFileError
 from ..core.grid import check_spacing
-from ._util import PathLike, atomic_write, check_not_empty, existing_file, is_nifti, reading, stem
+from ._util import (
+    PathLike,
+    atomic_write,
+    check_not_empty,
+    existing_file,
+    is_nifti,
+    reading,
+    stem,
+    writable_array,
+)
 
 __all__ = ["read_nifti", "write_nifti"]
 
@@ -114,7 +123,7 @@ def write_nifti(
     """
     if not is_nifti(path):
         raise UnsupportedFileError(f"Cannot write {path} as NIfTI: the name must end in .nii or .nii.gz.")
-    arr = np.asarray(data)
+    arr = writable_array(path, data)
     if arr.ndim not in (2, 3, 4):
         raise InputError(f"NIfTI export needs a 2D, 3D or 4D array, got shape {arr.shape}.")
     if arr.dtype == bool:

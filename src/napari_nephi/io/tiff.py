@@ -28,6 +28,7 @@ from ._util import (
     is_tiff,
     reading,
     stem,
+    writable_array,
 )
 
 __all__ = ["read_tiff", "write_pyramidal_tiff", "write_tiff"]
@@ -165,8 +166,10 @@ def read_tiff(path: PathLike, *, lazy: bool | None = None) -> tuple[Any, dict[st
     return data, meta
 
 
-def _prepare(data: Any, spacing: Sequence[float] | None, rgb: bool) -> tuple[np.ndarray, str, tuple]:
-    arr = np.asarray(data)
+def _prepare(
+    path: PathLike, data: Any, spacing: Sequence[float] | None, rgb: bool
+) -> tuple[np.ndarray, str, tuple]:
+    arr = writable_array(path, data, "biufc")
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
     ndim = arr.ndim - int(rgb)
@@ -209,7 +212,7 @@ def write_tiff(
     """
     if not is_tiff(path) or full_suffix(path) == ".svs":
         raise UnsupportedFileError(f"Cannot write {path} as TIFF: the name must end in .tif or .tiff.")
-    arr, axes, sp = _prepare(data, spacing, rgb)
+    arr, axes, sp = _prepare(path, data, spacing, rgb)
     photometric = "rgb" if rgb else "minisblack"
     ome = full_suffix(path).startswith(".ome") or arr.dtype not in _IMAGEJ_DTYPES
     ome = ome or (rgb and arr.dtype != np.uint8)
@@ -277,7 +280,7 @@ def write_pyramidal_tiff(
         raise InputError(f"tile must be two positive multiples of 16, got {tile}.")
     if downsample not in ("mean", "nearest"):
         raise InputError(f"downsample must be 'mean' or 'nearest', got {downsample!r}.")
-    arr, axes, sp = _prepare(data, spacing, rgb)
+    arr, axes, sp = _prepare(path, data, spacing, rgb)
     if arr.dtype not in _OME_DTYPES:
         raise InputError(f"OME-TIFF cannot hold {arr.dtype}; cast the image to int32 or float32 first.")
     if "T" in axes:
