@@ -23,6 +23,7 @@ from napari_nephi.overlays import (
     difference,
     folds_layer,
     grid_as_vectors,
+    grid_image,
     jacobian_layer,
     landmark_residuals,
     registration_layers,
@@ -136,6 +137,30 @@ def test_warped_grid_follows_a_warped_grid_image():
     between = ndi.map_coordinates(warped, (vertices + 8).T, order=1, mode="nearest")  # control
     assert (on_lines > 0.3).mean() > 0.95
     assert (between > 0.3).mean() < 0.5
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_grid_image_paints_the_grid_lines_moved_by_the_transform(ndim):
+    """Planes at the voxels nearest to k * 2.1 of the moving image; a translation t moves them by -t."""
+    shape = SHAPES[ndim]
+    t = (2.0, 3.0, -1.0)[-ndim:]
+    image = grid_image(translation(t), shape, 2.1)
+    assert image.dtype == np.float32 and image.shape == shape
+    for axis, n in enumerate(shape):
+        lines = np.unique(np.round(np.arange(0, n - 0.5, 2.1)).astype(int))
+        assert list(lines[:5]) == [0, 2, 4, 6, 8] and 11 not in lines
+        profile = np.zeros(n, bool)  # fixed voxels x whose moving voxel x + t is on a line
+        profile[[c - int(t[axis]) for c in lines if 0 <= c - t[axis] < n]] = True
+        # along a row whose other coordinates land on moving voxel 11 (7 across the 9 slices),
+        # off every other line
+        row = tuple(
+            slice(None) if a == axis else int((7 if shape[a] < 12 else 11) - t[a]) for a in range(ndim)
+        )
+        np.testing.assert_array_equal(image[row] > 0.5, profile)
+    with pytest.raises(InputError, match="spacing_px must be a positive number"):
+        grid_image(IdentityTransform(ndim), shape, 0)
+    with pytest.raises(InputError, match="non-empty axes"):
+        grid_image(IdentityTransform(ndim), shape[1:], 2.0)
 
 
 def test_sampling_grid_maps_fixed_lines():

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..core.errors import InputError
 from ._common import DIVERGING, LayerData, check_shape, layer_scale, normalise
-from ._grid import auto_line_width, auto_spacing, deformation_grid, grid_as_vectors
+from ._grid import auto_line_width, auto_spacing, deformation_grid, grid_as_vectors, grid_image
 from ._maps import (
     JACOBIAN_LEGEND,
     checkerboard,
@@ -38,6 +38,7 @@ __all__ = [
     "checkerboard",
     "deformation_grid",
     "grid_as_vectors",
+    "grid_image",
     "difference",
     "folds_layer",
     "jacobian_layer",

@@ -323,3 +323,30 @@ def _sampling_lines(transform, shape, ax, s, plane, spacing, sample_px):
         for level, line in zip(levels, mapped):
             lines.append((p, float(level), line[:, list(plane)]))
     return lines
+
+
+def grid_image(
+    transform,
+    moving_shape: Sequence[int],
+    spacing_px: float,
+    output_shape: Sequence[int] | None = None,
+) -> np.ndarray:
+    """The deformation grid as an image on the fixed grid: a grid painted on the moving image, warped.
+
+    Planes (lines in 2D) of value 1 at the moving voxels nearest to ``0, s, 2s, ...`` along each
+    axis (``s = spacing_px``, which need not be an integer: use the ``metadata["spacing_px"]`` of
+    :func:`deformation_grid`), pulled back with ``transform.warp`` (linear, so lines are about one
+    voxel wide): the raster version of the ``"warped"`` grid lines. float32, ``output_shape``
+    (default: the transform's fixed shape, as for ``transform.warp``).
+    """
+    shape = tuple(int(n) for n in moving_shape)
+    if len(shape) != transform.ndim or min(shape, default=0) < 1:
+        raise InputError(f"moving_shape {shape} must have {transform.ndim} non-empty axes.")
+    if not (np.isfinite(spacing_px) and spacing_px > 0):
+        raise InputError(f"spacing_px must be a positive number of voxels, got {spacing_px}.")
+    painted = np.zeros(shape, np.float32)
+    for axis, n in enumerate(shape):
+        index = [slice(None)] * len(shape)
+        index[axis] = np.unique(np.round(np.arange(0.0, n - 0.5, float(spacing_px))).astype(np.int64))
+        painted[tuple(index)] = 1.0
+    return np.asarray(transform.warp(painted, output_shape=output_shape), np.float32)
