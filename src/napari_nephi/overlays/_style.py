@@ -85,7 +85,8 @@ class _SliceView:
             _VIEWS.pop(self.layer, None)
             return
         if getattr(self.layer, "depiction", None) == "plane":
-            self._move_plane()
+            if self.viewer.dims.ndisplay == 3:  # the plane is only drawn there
+                self._move_plane()
             return
         if np.ndim(self.layer.data) != 3:  # only a Vectors grid ((N, 2, D) segments) is cut
             return
