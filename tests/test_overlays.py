@@ -612,3 +612,16 @@ def test_style_layer_keeps_the_3d_view_on_the_current_slice():
     assert np.all(np.asarray(grid.data)[:, 0, 0] == 12)
     viewer.layers.remove(grid)
     viewer.dims.ndisplay = 2  # no error once the layer is gone
+
+
+def test_style_layer_leaves_a_shapes_grid_whole():
+    """Paths (``grid_style="paths"``) are not cut: napari's 3D view shows them all, thin."""
+    components = pytest.importorskip("napari.components")
+    viewer = components.ViewerModel()
+    shape = (6, 20, 24)
+    paths, kwargs, kind = deformation_grid(DisplacementTransform(smooth_displacement(shape, 1.0)), shape)
+    assert kind == "shapes"
+    grid = viewer.add_shapes(paths, **kwargs)
+    style_layer(grid, viewer)
+    viewer.dims.ndisplay = 3
+    assert grid.nshapes == len(paths) and 0 < grid.edge_width[0] < 1

@@ -88,8 +88,9 @@ class _SliceView:
             if self.viewer.dims.ndisplay == 3:  # the plane is only drawn there
                 self._move_plane()
             return
-        if np.ndim(self.layer.data) != 3:  # only a Vectors grid ((N, 2, D) segments) is cut
-            return
+        data = self.layer.data
+        if not (isinstance(data, np.ndarray) and data.ndim == 3):
+            return  # only a Vectors grid ((N, 2, D) segments) is cut; Shapes paths show every slice
         three_d = self.viewer.dims.ndisplay == 3
         if not three_d and self.full is None:
             return
