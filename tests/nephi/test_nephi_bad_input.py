@@ -154,7 +154,7 @@ def test_memory_estimate_of_two_20000_px_images():
 
 def test_too_little_memory_stops_before_any_work(small_pair, monkeypatch):
     fixed, moving = small_pair
-    monkeypatch.setattr(core_device, "available_memory_bytes", lambda device: 1024)
+    monkeypatch.setattr(core_device, "available_memory_bytes", lambda device: 2**20)  # inputs fit
     steps = []
     with pytest.raises(napari_nephi.OutOfMemoryError, match=r"NePhi registration of 48 x 48 images"):
         napari_nephi.register(fixed, moving, method="nephi", progress=steps.append, **QUICK)
