@@ -179,3 +179,21 @@ def test_writers_refuse_empty_or_non_numeric_images(tmp_path, monkeypatch, write
     with pytest.raises(InputError, match=rf"Cannot write .*out.*: {message}"):
         WRITERS[writer](tmp_path)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["locked.tif", "locked.nii.gz"])
+def test_chmod_unreadable_file_says_permission_denied(tmp_path, name):
+    path = tmp_path / name
+    (write_tiff if name.endswith(".tif") else write_nifti)(path, IMAGE)
+    path.chmod(0o000)
+    try:
+        try:
+            path.read_bytes()
+        except PermissionError:
+            pass
+        else:
+            pytest.skip("permission bits are ignored here (root with CAP_DAC_OVERRIDE)")
+        with pytest.raises(UnsupportedFileError, match=rf"Cannot read .*{name}: permission denied"):
+            read_image(path)
+    finally:
+        path.chmod(0o644)

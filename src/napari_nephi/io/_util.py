@@ -59,6 +59,13 @@ def existing_file(path: PathLike) -> Path:
         raise UnsupportedFileError(f"{p} does not exist; check the path and try again.")
     if not p.is_file():
         raise UnsupportedFileError(f"{p} is not a file; pass the path of an image file.")
+    try:
+        with open(p, "rb"):
+            pass
+    except PermissionError as exc:
+        raise UnsupportedFileError(
+            f"Cannot read {p}: permission denied. Check that you may read the file."
+        ) from exc
     return p
 
 
