@@ -133,7 +133,8 @@ def test_rgb_false_keeps_a_thin_volume_and_bad_rgb_values_are_refused():
     ("image", "message"),
     [
         (None, "No fixed image given"),
-        (np.array([["a"] * 8] * 8), "must be numeric"),
+        (np.array([["a"] * 8] * 8), r"must hold real numbers \(bool, integer or float\), got dtype <U1"),
+        (np.ones((8, 8), complex), r"must hold real numbers .* got dtype complex128"),
         (np.zeros((0, 32)), r"is empty \(shape \(0, 32\)\)"),
         (np.zeros(32) + np.arange(32), "must be 2D"),
         (np.zeros((4, 4, 4, 4, 4)), "must be 2D"),
@@ -347,3 +348,16 @@ def test_prepare_image_checks_memory_before_copying(monkeypatch):
         OutOfMemoryError, match=r"float32 copy of the fixed image \(64, 64\) needs about .*crop"
     ):
         prepare_image(image, "fixed")
+
+
+@pytest.mark.parametrize("operation", ["warp", "warp_labels", "displacement", "map_points"])
+def test_unknown_device_is_an_input_error(operation):
+    t = AffineTransform(np.eye(3), shape=(8, 8))
+    call = {
+        "warp": lambda: t.warp(_image((8, 8)), device="gpu"),
+        "warp_labels": lambda: t.warp_labels(np.ones((8, 8), np.int32), device="gpu"),
+        "displacement": lambda: t.displacement(device="gpu"),
+        "map_points": lambda: t.map_points(np.zeros((2, 2)), device="gpu"),
+    }[operation]
+    with pytest.raises(InputError, match="Unknown device 'gpu'; use 'auto', 'cpu'"):
+        call()

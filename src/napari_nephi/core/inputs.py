@@ -63,7 +63,9 @@ def prepare_image(
     with memory_guard(f"reading the {name} image"):
         arr = np.asarray(image)
     if arr.dtype == object or arr.dtype.kind not in "biuf":
-        raise InputError(f"The {name} image must be numeric, got dtype {arr.dtype}.")
+        raise InputError(
+            f"The {name} image must hold real numbers (bool, integer or float), got dtype {arr.dtype}."
+        )
     if arr.size == 0:
         raise InputError(f"The {name} image is empty (shape {arr.shape}).")
     copies = 2 if rgb or (rgb is None and looks_rgb(arr.shape)) else 1  # luminance, then float32

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import warp as _warp
-from .device import check_memory, memory_guard
+from .device import check_memory, choose_device, memory_guard
 from .errors import DimensionMismatchError, InputError
 from .grid import check_spacing, identity_grid
 
@@ -288,7 +288,7 @@ class Transform:
         if pts.ndim != 2 or pts.shape[1] != self.ndim:
             raise DimensionMismatchError(f"Points must be an (N, {self.ndim}) array, got shape {pts.shape}.")
         t = self.for_moving_image(image_spacing, image_world_affine)
-        return _warp.map_points_chunked(pts, t, device)
+        return _warp.map_points_chunked(pts, t, choose_device(device))
 
     def displacement(
         self, shape: Sequence[int] | None = None, device: str | torch.device = "cpu"
@@ -299,7 +299,7 @@ class Transform:
         """
         shape = self._out_shape(shape)
         check_dense_memory(shape)
-        return _warp.displacement_field(self, shape, device)
+        return _warp.displacement_field(self, shape, choose_device(device))
 
     def warp(
         self,
@@ -320,7 +320,7 @@ class Transform:
         out_shape = self._out_shape(output_shape, img.shape[: self.ndim])
         check_output_memory(out_shape, channels, 4, "warped image", _WARP_ADVICE, extra=4.0 * img.size)
         t = self.for_moving_image(image_spacing, image_world_affine)
-        return _warp.warp_image(img, t, self.ndim, out_shape, device)
+        return _warp.warp_image(img, t, self.ndim, out_shape, choose_device(device))
 
     def warp_labels(
         self,
@@ -344,7 +344,7 @@ class Transform:
         out_shape = self._out_shape(output_shape, lab.shape)
         check_output_memory(out_shape, 1, lab.dtype.itemsize, "warped labels", _WARP_ADVICE)
         t = self.for_moving_image(image_spacing, image_world_affine)
-        return _warp.warp_labels(lab, t, self.ndim, out_shape, device)
+        return _warp.warp_labels(lab, t, self.ndim, out_shape, choose_device(device))
 
     def inverse(self) -> Transform:
         """The inverse map (moving -> fixed coordinates), where it exists."""
