@@ -174,3 +174,32 @@ def test_distributed_training_averages_gradients(tmp_path):
     assert all(torch.equal(r0[k], r1[k]) for k in params)
     assert any(not torch.allclose(r0[k], single[k], atol=1e-7) for k in params)
     assert NePhiModel.load(tmp_path / "ddp.pt").config()["input_shape"] == [32, 32]
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"learning_rate": float("nan")}, "learning_rate must be a finite number"),
+        ({"learning_rate": 1.0}, "learning_rate must be at most 0.1"),
+        ({"steps": "abc"}, "steps must be a whole number, got 'abc'"),
+        ({"batch_size": 0}, "batch_size must be at least 1"),
+        ({"reg_weight": float("inf")}, "reg_weight must be a finite number"),
+        ({"shape": (64, "x")}, r"shape\[1\] must be a whole number"),
+    ],
+)
+def test_bad_training_settings_raise_before_training(tmp_path, option, message):
+    with pytest.raises(InputError, match=message):
+        train("tc", tmp_path / "m.pt", **{**dict(steps=1, device="cpu", **TINY), **option})
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_non_finite_training_loss_stops_before_the_backward_pass(tmp_path, monkeypatch):
+    import napari_nephi.engines.nephi.train as train_module
+
+    def nan_loss(maps, fixed, moving, settings, gen):
+        return train_module.step_loss_orig(maps, fixed, moving, settings, gen) * float("nan")
+
+    monkeypatch.setattr(train_module, "step_loss_orig", train_module.step_loss, raising=False)
+    monkeypatch.setattr(train_module, "step_loss", nan_loss)
+    with pytest.raises(InputError, match="Training diverged at step 1: the loss became NaN"):
+        train("tc", tmp_path / "m.pt", steps=3, device="cpu", **TINY)

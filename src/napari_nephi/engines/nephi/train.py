@@ -29,6 +29,7 @@ from ...core.device import choose_device
 from ...core.errors import Cancelled, InputError
 from ...core.inputs import normalize_intensity, to_grayscale
 from ...core.metrics import regularity_report
+from ...core.options import check_float, check_int, check_int_list
 from ...core.progress import Progress
 from ...core.transform import DisplacementTransform
 from .dense import dense_displacement
@@ -38,6 +39,27 @@ from .optimize import Maps, OptimizeSettings, step_loss
 
 #: Seeds of generated training pairs are drawn below this; validation pairs use seeds above it.
 VALIDATION_SEED = 1_000_000_000
+
+
+#: Ranges of the whole-number and number settings of :class:`TrainSettings`.
+_TRAIN_INTS = {
+    "steps": (0, 10**8),
+    "batch_size": (1, 4096),
+    "sample_points": (16, 1 << 28),
+    "reg_points": (1, 1 << 24),
+    "val_pairs": (0, 10**6),
+    "val_every": (1, None),
+    "checkpoint_every": (1, None),
+    "seed": (0, 2**63 - 1),
+    "local_level": (0, 16),
+}
+_TRAIN_FLOATS = {
+    "learning_rate": (0.0, 0.1, True),
+    "final_lr_fraction": (0.0, 1.0, False),
+    "reg_weight": (0.0, 1e4, False),
+    "latent_weight": (0.0, 1e4, False),
+    "strength": (0.0, 100.0, True),
+}
 
 
 @dataclass
@@ -64,14 +86,14 @@ class TrainSettings:
     local_level: int = 3
 
     def __post_init__(self):
-        self.shape = tuple(int(s) for s in self.shape)
-        self.channels = tuple(int(c) for c in self.channels)
-        if len(self.shape) not in (2, 3) or min(self.shape) < 16:
+        self.shape = tuple(check_int_list("shape", self.shape, low=16))
+        self.channels = tuple(check_int_list("channels", self.channels, low=1, high=4096))
+        if len(self.shape) not in (2, 3):
             raise InputError(f"shape must be 2 or 3 sizes of at least 16 voxels, got {self.shape}.")
-        if self.steps < 0 or self.batch_size < 1:
-            raise InputError("steps must be >= 0 and batch_size >= 1.")
-        if self.val_every < 1 or self.checkpoint_every < 1:
-            raise InputError("val_every and checkpoint_every must be positive.")
+        for name, (low, high) in _TRAIN_INTS.items():
+            setattr(self, name, check_int(name, getattr(self, name), low, high))
+        for name, (low, high, low_open) in _TRAIN_FLOATS.items():
+            setattr(self, name, check_float(name, getattr(self, name), low, high, low_open=low_open))
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -361,6 +383,12 @@ def train(
             opt.zero_grad(set_to_none=True)
             maps = Maps(model.field, model.codes(fixed, moving))
             loss = step_loss(maps, fixed, moving, opt_settings, gen)
+            if not math.isfinite(float(loss.detach())):  # before the backward pass, which it can crash
+                raise InputError(
+                    f"Training diverged at step {step + 1}: the loss became NaN or infinite. Lower "
+                    f"learning_rate (now {settings.learning_rate:g}) or reg_weight, or resume from "
+                    "the last checkpoint with a lower learning_rate."
+                )
             loss.backward()
             if world > 1:
                 for p in model.parameters():
