@@ -3,8 +3,10 @@
 import math
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
+from napari_nephi.core.errors import InputError, OutOfMemoryError
 from napari_nephi.synthetic import em_stack
 from napari_nephi.synthetic.em import _make_vesicles, _vesicles_at
 
@@ -56,3 +58,30 @@ def test_vesicles_per_section_do_not_depend_on_stack_length():
         assert 45 < np.mean(counts) < 100, (n, np.mean(counts))
         assert min(counts) > 20
         np.testing.assert_allclose(v["drift"].mean(0), 0.0, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"n_sections": 0}, "n_sections must be at least 1"),
+        ({"n_sections": 2.5}, "n_sections must be a whole number"),
+        ({"shape": (16, 64)}, r"shape\[0\] must be at least 32"),
+        ({"shape": "abc"}, "shape must be a list of whole numbers"),
+        ({"noise": float("nan")}, "noise must be a finite number"),
+        ({"pad": -1}, "pad must be at least 0"),
+        ({"rotate": "yes"}, "rotate must be true or false"),
+    ],
+)
+def test_generator_options_are_checked(options, message):
+    with pytest.raises(InputError, match=message):
+        em_stack(**{"n_sections": 2, "shape": (64, 64), **options})
+
+
+def test_generator_refuses_a_stack_larger_than_memory(monkeypatch):
+    from napari_nephi.core import device as core_device
+
+    monkeypatch.setattr(core_device, "available_memory_bytes", lambda device: 2**30)
+    with pytest.raises(
+        OutOfMemoryError, match="synthetic EM stack of 1000 x 4096 x 4096 needs about 94.0 GiB"
+    ):
+        em_stack(1000, (4096, 4096), rotate=False)

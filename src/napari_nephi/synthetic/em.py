@@ -29,9 +29,11 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import torch
 from scipy import ndimage
 
-from ..core.errors import InputError
+from ..core.device import check_memory
+from ..core.options import check_bool, check_float, check_int, check_int_list
 
 __all__ = ["em_stack", "rotation_matrix"]
 
@@ -327,23 +329,20 @@ def em_stack(
     ``pad``, ``scale``
         The border used and the structure scale factor ``sqrt(H * W) / 256``.
     """
-    n = int(n_sections)
-    if n < 1:
-        raise InputError(f"n_sections must be at least 1, got {n_sections}.")
-    try:
-        h, w = (int(v) for v in shape)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"shape must be two integers (y, x), got {shape!r}.") from exc
-    if min(h, w) < 32:
-        raise InputError(f"Sections must be at least 32 x 32 pixels, got {(h, w)}.")
+    n = check_int("n_sections", n_sections, 1, 100_000)
+    h, w = check_int_list("shape", shape, length=2, low=32)
+    rotate = check_bool("rotate", rotate)
     if pad is None:
         pad = int(math.ceil(math.hypot(h, w) / 2 - min(h, w) / 2)) if rotate else 0
-    pad = int(pad)
-    if pad < 0:
-        raise InputError(f"pad must be >= 0, got {pad}.")
-    n_mito = 10 if n_mito is None else int(n_mito)
-    if n_mito < 0:
-        raise InputError(f"n_mito must be >= 0, got {n_mito}.")
+    pad = check_int("pad", pad, 0)
+    n_mito = check_int("n_mito", 10 if n_mito is None else n_mito, 0, 10_000)
+    noise = check_float("noise", noise, 0.0, 10.0)
+    # stack and masks (uint8 + uint16), aligned and rotated, plus a float32 section at work
+    hp, wp = h + 2 * pad, w + 2 * pad
+    check_memory(
+        6 * n * hp * wp + 16 * hp * wp, torch.device("cpu"), f"synthetic EM stack of {n} x {hp} x {wp}",
+        "Ask for fewer or smaller sections.",
+    )  # fmt: skip
     rng = np.random.default_rng(seed)
     s = math.sqrt(h * w) / 256.0
 
@@ -362,7 +361,6 @@ def em_stack(
     ves_sigma = 2.0 * s
     brightness = 1.0 + rng.normal(0.0, 0.02, n)
 
-    hp, wp = h + 2 * pad, w + 2 * pad
     unrot = np.zeros((n, hp, wp), dtype=np.uint8)
     unrot_masks = np.zeros((n, hp, wp), dtype=np.uint16)
     texture = _blur(rng.standard_normal((h, w)).astype(np.float32), 1.1 * s)
