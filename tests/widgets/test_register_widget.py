@@ -55,6 +55,22 @@ def test_layer_picker_follows_layers(make_napari_viewer, qtbot):
     assert "renamed" not in [picker.itemText(i) for i in range(picker.count())]
 
 
+def test_layer_picker_lets_go_of_the_viewer_when_deleted(make_napari_viewer, qtbot):
+    from napari.layers import Image
+
+    viewer = make_napari_viewer()
+    a = viewer.add_image(np.zeros((4, 4)), name="a")
+    inserted, renamed = viewer.layers.events.inserted, a.events.name
+    before = len(inserted.callbacks), len(renamed.callbacks)
+    picker = LayerPicker(viewer, (Image,))
+    assert (len(inserted.callbacks), len(renamed.callbacks)) == (before[0] + 1, before[1] + 1)
+    with qtbot.waitSignal(picker.destroyed, timeout=2000):
+        picker.deleteLater()
+    assert (len(inserted.callbacks), len(renamed.callbacks)) == before
+    viewer.add_image(np.ones((4, 4)), name="b")  # nothing calls into the deleted picker
+    a.name = "renamed"
+
+
 def test_result_layers_replace_previous_run(make_napari_viewer):
     viewer = make_napari_viewer()
     user = viewer.add_image(np.zeros((5, 5)), name="mine")

@@ -20,9 +20,10 @@ class LayerPicker(QComboBox):
         self.optional = optional
         self._layers: list = []
         events = viewer.layers.events
-        events.inserted.connect(self.refresh)
-        events.removed.connect(self.refresh)
-        events.reordered.connect(self.refresh)
+        self._viewer_events = (events.inserted, events.removed, events.reordered)
+        for event in self._viewer_events:
+            event.connect(self.refresh)
+        self.destroyed.connect(lambda *_: self._let_go())
         self.currentIndexChanged.connect(lambda _: self.layer_changed.emit(self.layer()))
         self.refresh()
 
@@ -44,6 +45,14 @@ class LayerPicker(QComboBox):
         self.blockSignals(False)
         if self.layer() is not current:
             self.layer_changed.emit(self.layer())
+
+    def _let_go(self) -> None:
+        """Disconnect from the viewer's and the layers' events (this picker is being deleted)."""
+        for event in self._viewer_events:
+            event.disconnect(self.refresh)
+        for layer in self._layers:
+            layer.events.name.disconnect(self.refresh)
+        self._layers = []
 
     def layers(self) -> list:
         """The layers it lists, in the viewer's order."""

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch._dynamo  # noqa: F401  torch.optim imports it on first use: ~1 s holding the GIL
+import torch
 from napari.layers import Image, Labels, Layer, Points
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
@@ -38,6 +38,11 @@ from ._results import ResultLayers, remove_layer, warm_up
 from ._runner import RegistrationRunner
 from ._state import RunControls, RunState, RunStateMachine
 from ._steps import StepQueue
+
+# The first torch optimizer of a process imports torch's compiler stack (1-4 s holding the GIL):
+# pay that when the widget's module loads (the widget is opening) rather than in the first run,
+# where it would freeze the GUI from the worker thread.
+torch.optim.SGD([torch.zeros(1, requires_grad=True)])
 
 #: Do not push previews to the canvas more often than this (seconds).
 PREVIEW_INTERVAL = 0.5
