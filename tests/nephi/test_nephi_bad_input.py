@@ -178,3 +178,11 @@ def test_gpu_memory_check_advises_the_chunked_mode(monkeypatch):
     free["cuda"] = 2**40
     checks.check_run_memory((2048, 2048), gpu, chunked=False)
     assert np.isclose(checks.device_bytes((2048, 2048), masks=1), 3 * 4 * 2048**2)
+
+
+def test_a_non_finite_coarse_loss_stops_before_the_backward_pass(small_pair, monkeypatch):
+    from napari_nephi.engines.nephi import coarse
+
+    monkeypatch.setattr(coarse, "_similarity", lambda name, a, b: (a - b).mean() * float("nan"))
+    with pytest.raises(napari_nephi.InputError, match="coarse stage diverged at level 1"):
+        napari_nephi.register(*small_pair, method="nephi", **{**QUICK, "levels": 2, "coarse_iterations": 5})

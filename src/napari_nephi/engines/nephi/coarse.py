@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core import regularizers as R
+from ...core.errors import InputError
 from ...core.similarity import lncc, ncc
 from .bspline import bspline_on_grid, control_shape, grid_weights, intervals_for_spacing
 from .interp import interpolate
@@ -216,9 +217,15 @@ def optimize_velocity(
             loss = 0.5 * (_similarity(similarity, f_l, wm) + _similarity(similarity, m_l, wf))
             if reg_weight > 0:
                 loss = loss + reg_weight * R.bending_grid(vk * to_vox)
+            value = float(loss.detach())
+            if not math.isfinite(value):  # before the backward pass, which a NaN grid can crash
+                raise InputError(
+                    f"The coarse stage diverged at level {k + 1}: its loss became NaN or infinite. "
+                    f"Lower coarse_reg_weight (now {reg_weight:g}), or run without it (levels=1)."
+                )
             loss.backward()
             opt.step()
-            on_step(float(loss.detach()))
+            on_step(value)
         with torch.no_grad():
             v = base + bspline_on_grid(ctrl.detach(), weights)
         del f_w, m_w, ident
