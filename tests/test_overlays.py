@@ -606,10 +606,16 @@ def test_style_layer_keeps_the_3d_view_on_the_current_slice():
     viewer.dims.set_point(0, 2.0 * 12)  # another slice in 2D, then 3D again: that slice
     viewer.dims.ndisplay = 3
     assert np.all(np.asarray(grid.data)[:, 0, 0] == 12) and jac.plane.position[0] == 12
-    # a new run replaces the data while the 3D view is on: the new grid is cut the same way
+    # a new run replaces data and features while the 3D view is on (as the widget's in-place
+    # update does): shown whole until style_layer is called again, then cut the same way
     viewer.dims.ndisplay = 3
     grid.data = data[::2]
-    assert np.all(np.asarray(grid.data)[:, 0, 0] == 12)
+    grid.features = {k: v[::2] for k, v in kwargs["features"].items()}
+    assert len(grid.data) == len(data[::2])
+    style_layer(grid, viewer)
+    assert np.all(np.asarray(grid.data)[:, 0, 0] == 12) and np.all(grid.features["slice"] == 12)
+    viewer.dims.ndisplay = 2
+    assert len(grid.data) == len(data[::2]) == len(grid.features)
     viewer.layers.remove(grid)
     viewer.dims.ndisplay = 2  # no error once the layer is gone
 

@@ -25,14 +25,19 @@ def style_layer(layer, viewer=None) -> None:
       lines. A 3D Jacobian drawn as a plane (``depiction="plane"``) moves its plane to that slice.
 
     Layers this does not concern are left unchanged, so a widget may call it on every layer it
-    adds: ``overlays.style_layer(layer, viewer)``; calling it again on the same layer changes nothing.
+    adds: ``overlays.style_layer(layer, viewer)``. Call it again after giving a styled layer new
+    data and features (a new run updating its layers in place): that applies the 3D view to them;
+    until then the new data shows whole.
     """
     metadata = getattr(layer, "metadata", None) or {}
     if metadata.get("legend") and hasattr(layer, "colorbar"):
         layer.colorbar.visible = True
-    if viewer is not None and metadata.get(SLICE_VIEW) == "current slice" and layer not in _VIEWS:
-        _VIEWS[layer] = _SliceView(layer, viewer)
-        _VIEWS[layer].connect()
+    if viewer is not None and metadata.get(SLICE_VIEW) == "current slice":
+        if layer in _VIEWS:
+            _VIEWS[layer].update()
+        else:
+            _VIEWS[layer] = _SliceView(layer, viewer)
+            _VIEWS[layer].connect()
 
 
 #: The 3D slice views made by :func:`style_layer`, one per live layer.
@@ -75,9 +80,10 @@ class _SliceView:
         return int(round(float(self.layer.world_to_data(point)[self.axis])))
 
     def on_new_data(self, event=None) -> None:
-        if not self.busy:  # data replaced from outside (a new run): that is now every slice
+        """Data replaced from outside (a new run): that is now every slice, shown whole until the
+        next :meth:`update` (the caller may still set matching features, so it is not cut here)."""
+        if not self.busy:
             self.full = None
-            self.update()
 
     def update(self, event=None) -> None:
         if self.layer not in self.viewer.layers:
