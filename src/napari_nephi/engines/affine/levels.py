@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 
 def centred_frame(shape, spacing) -> np.ndarray:
@@ -95,6 +96,10 @@ def smooth(image: torch.Tensor, sigma: float) -> torch.Tensor:
     """
     if sigma <= 0:
         return image
+    if image.device.type == "cpu":  # scipy's separable filter is several times faster on a CPU
+        return torch.from_numpy(
+            ndimage.gaussian_filter(image[0, 0].numpy(), sigma, mode="nearest", truncate=2.5)
+        )[None, None]
     radius = max(1, int(math.ceil(2.5 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
     k = torch.exp(-0.5 * (x / sigma) ** 2)

@@ -67,18 +67,28 @@ class ShiftSearch:
 
     The fixed side's transforms are computed once; :meth:`best` takes one moving image (on the
     fixed grid, zero where ``moving_weight`` is 0) and returns the best shift ``s`` (voxels, numpy
-    order, ``moving(x + s) ~ fixed(x)``) and its NCC. Shifts overlapping less than
-    ``min_overlap`` of the smaller image are ignored.
+    order, ``moving(x + s) ~ fixed(x)``) and its NCC. Shifts are searched up to half the image
+    per axis; those overlapping less than ``min_overlap`` of the smaller image are ignored.
+    Images are centred first, so float32 transforms keep the variances accurate.
     """
 
     def __init__(self, fixed: torch.Tensor, fixed_weight: torch.Tensor, min_overlap: float = 0.25):
         self.shape = tuple(fixed.shape)
-        self.pad = [2 * n for n in self.shape]
-        f = fixed.to(torch.float64)
-        w = fixed_weight.to(torch.float64)
-        self.f0, self.f1, self.f2 = (self._fft(x) for x in (w, f * w, f * f * w))
+        self.pad = [n + (n + 1) // 2 for n in self.shape]  # exact for |shift| <= pad - n
+        w = fixed_weight.to(torch.float32)
+        f = fixed.to(torch.float32)
+        f = (f - (f * w).sum() / w.sum()) * w
+        self.f0, self.f1, self.f2 = (self._fft(x) for x in (w, f, f * f))
         self.fixed_count = float(w.sum())
         self.min_overlap = min_overlap
+        allowed = torch.ones(self.pad, dtype=torch.bool, device=fixed.device)
+        for axis, (n, p) in enumerate(zip(self.shape, self.pad)):
+            bad = torch.zeros(p, dtype=torch.bool, device=fixed.device)
+            bad[p - n + 1 : n] = True  # would wrap around: neither a valid positive nor negative shift
+            view = [1] * len(self.shape)
+            view[axis] = p
+            allowed &= ~bad.reshape(view)
+        self.allowed = allowed
 
     def _fft(self, x: torch.Tensor) -> torch.Tensor:
         return torch.fft.rfftn(x, s=self.pad)
@@ -90,21 +100,25 @@ class ShiftSearch:
         self, moving: torch.Tensor, moving_weight: torch.Tensor, either_sign: bool = False
     ) -> tuple[np.ndarray, float]:
         """Best shift and its NCC (``|NCC|`` with ``either_sign``, for inverted contrast)."""
-        m = moving.to(torch.float64)
-        w = moving_weight.to(torch.float64)
-        m0, m1, m2 = (self._fft(x) for x in (w, m * w, m * m * w))
+        w = moving_weight.to(torch.float32)
+        count = float(w.sum())
+        if count < 16:
+            return np.zeros(len(self.shape)), -1.0
+        m = moving.to(torch.float32)
+        m = (m - (m * w).sum() / count) * w
+        m0, m1, m2 = (self._fft(x) for x in (w, m, m * m))
         n = self._corr(self.f0, m0)
         sf, sm = self._corr(self.f1, m0), self._corr(self.f0, m1)
         n_safe = n.clamp_min(1.0)
         cov = self._corr(self.f1, m1) - sf * sm / n_safe
         vf = self._corr(self.f2, m0) - sf * sf / n_safe
         vm = self._corr(self.f0, m2) - sm * sm / n_safe
-        need = self.min_overlap * min(self.fixed_count, float(w.sum()))
-        ok = (n > max(need, 16.0)) & (vf > 1e-6 * n_safe) & (vm > 1e-6 * n_safe)
+        need = max(self.min_overlap * min(self.fixed_count, count), 16.0)
+        ok = self.allowed & (n > need) & (vf > 1e-4 * n_safe) & (vm > 1e-4 * n_safe)
         score = cov / (vf.clamp_min(1e-12) * vm.clamp_min(1e-12)).sqrt()
         score = torch.where(ok, score.abs() if either_sign else score, -2.0)
         k = int(torch.argmax(score))
         idx = np.array(np.unravel_index(k, score.shape))
         pad = np.asarray(self.pad)
-        shift = np.where(idx < pad // 2, idx, idx - pad)
+        shift = np.where(idx < np.asarray(self.shape), idx, idx - pad)
         return shift.astype(float), float(score.reshape(-1)[k])
