@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+import skimage.data
 from scipy.spatial.transform import Rotation
 
 import napari_nephi as nn
@@ -259,3 +260,14 @@ def test_cancel_stops_at_the_step_it_is_set(camera128):
     with pytest.raises(nn.Cancelled):
         nn.register(camera128, camera128, kind="rigid", progress=callback, cancel=cancel)
     assert [e.step for e in events] == list(range(1, 31))
+
+
+@pytest.mark.parametrize("which", ["fixed_mask", "moving_mask"])
+def test_small_mask_on_a_large_image(which):
+    """A 20 x 20 mask on a 512 x 512 image vanishes from the coarse levels; those are skipped, not failed."""
+    camera = skimage.data.camera().astype(np.float32)
+    m = voxel_map(np.eye(2), (2.5, -1.5), camera.shape)
+    mask = np.zeros(camera.shape, bool)
+    mask[200:220, 250:270] = True
+    reg = nn.register(camera, make_moving(camera, m), kind="translation", **{which: mask})
+    np.testing.assert_allclose(reg.transform.matrix, m, atol=0.2)

@@ -143,15 +143,25 @@ def register_affine(
         levels_list = build_levels(fix, mov, fmask, mmask, fsp, msp, zooms)
         search_zoom = plan_zooms(fshape, fsp, None, COARSE_SIZE[d])[0]
         coarse = build_levels(fix, mov, fmask, mmask, fsp, msp, [search_zoom])[0]
+        # a mask too small to show on the search grid: no search, and no level where it vanishes
+        coarse_ok = _masks_cover(coarse)
         rotations = [np.eye(d)]
-        if rotation_search and kind != "translation":
+        if rotation_search and kind != "translation" and coarse_ok:
             rotations = rotation_candidates(d, step_deg)
         n_refine = min(CANDIDATES, len(rotations)) if len(rotations) > 1 else 0
         # one step per candidate start, per loss evaluation, and the final resampling
         steps = _Steps(pair.progress, len(rotations) + n_refine * CANDIDATE_STEPS + sum(iters) + 1)
         generator = torch.Generator().manual_seed(seed)
         starts = _search_starts(
-            coarse, rotations, init, pair, to_fixed, from_moving, steps, fsp, similarity == "nmi"
+            coarse,
+            rotations,
+            init if coarse_ok or init != "search" else "identity",
+            pair,
+            to_fixed,
+            from_moving,
+            steps,
+            fsp,
+            similarity == "nmi",
         )
         make = _ModelFactory(d, kind, extent, device)
         optimise = _Optimiser(lr, tolerance, steps)
@@ -175,8 +185,15 @@ def register_affine(
         else:
             model = make(starts[0][0], starts[0][1])
         for k, (level, n_it) in enumerate(zip(levels_list, iters)):
+            if k < len(levels_list) - 1 and not _masks_cover(level):
+                steps.unused(n_it)
+                continue
             model = make.continue_from(model)
-            vox = None if similarity == "lncc" else choose_samples(level, n_samples, generator)
+            vox = (
+                None
+                if similarity == "lncc"
+                else choose_samples(level, _level_samples(level, n_samples), generator)
+            )
             loss_fn = _LevelLoss(level, to_fixed, similarity, vox)
             preview = _Preview(level, to_fixed, pair)
             optimise(model, loss_fn, n_it, f"level {k + 1}/{len(levels_list)}", preview)
@@ -214,6 +231,21 @@ def register_affine(
         "moving_spacing": msp.tolist(),
     }
     return Registration(warped=warped, transform=transform, metrics=metrics, settings=settings)
+
+
+def _level_samples(level: Level, samples: int) -> int:
+    """``samples``, or more when a small moving mask would otherwise receive too few of them
+    (at most one per fixed level voxel)."""
+    if level.moving_mask is None:
+        return samples
+    inside = float((level.moving_mask > 0.5).to(torch.float32).mean())
+    return int(max(samples, min(samples / max(inside, 1e-9), level.fixed[0, 0].numel())))
+
+
+def _masks_cover(level: Level, minimum: int = 32) -> bool:
+    """Whether each mask of ``level`` keeps at least ``minimum`` of its voxels mostly inside."""
+    masks = (level.fixed_mask, level.moving_mask)
+    return all(m is None or int((m > 0.5).sum()) >= minimum for m in masks)
 
 
 def _check_iterations(iterations, levels: int | None) -> list[int] | None:
@@ -430,8 +462,8 @@ class _Optimiser:
         self.steps.unused(budget - used[0])
         if best[0] >= NO_OVERLAP:
             raise InputError(
-                "The images do not overlap under the starting map; check that fixed and moving show "
-                "the same region, or try init='center'."
+                "The images do not overlap (inside their masks) under the starting map; check that "
+                "fixed and moving show the same region, draw larger masks, or try init='center'."
             )
         self.last = best[0]
         return best[0]
