@@ -159,34 +159,44 @@ def test_inliers_plot_paints(qtbot):
     plot.grab()
 
 
-def test_closing_the_viewer_mid_alignment_is_safe(make_napari_viewer, qtbot, monkeypatch):
+def test_closing_the_viewer_mid_alignment_is_safe(make_napari_viewer, qtbot, monkeypatch, em):
     """Closing napari while an alignment runs deletes the widget, which cancels the alignment."""
+    import time
+
     from qtpy.QtCore import QThreadPool
 
     from napari_nephi.core.errors import Cancelled
+    from napari_nephi.core.progress import Progress
 
     outcome = []
 
-    def recorded(*args, **kwargs):
+    def endless_alignment(stack, masks, progress, cancel, **options):  # steps until cancelled
+        p = Progress(progress, cancel)
+        step = 0
         try:
-            return real(*args, **kwargs)
+            while True:
+                step += 1
+                time.sleep(0.005)
+                p.step(step, 10**9)
         except Cancelled:
             outcome.append("cancelled")
             raise
 
-    real = emw.run_alignment
-    monkeypatch.setattr(emw, "run_alignment", recorded)
-    viewer, widget = _long_alignment(make_napari_viewer)
-    rows = []
-    widget.runner.progressed.connect(lambda ev: rows.append(ev.step))
+    monkeypatch.setattr(emw, "align_stack", endless_alignment)
+    viewer = make_napari_viewer()
+    viewer.add_image(em["stack"], name="em")
+    widget = EMAlignWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    steps = []
+    widget.runner.progressed.connect(lambda ev: steps.append(ev.step))
     widget.start()
-    qtbot.waitUntil(lambda: len(rows) >= 2, timeout=30000)  # sections are being aligned
+    qtbot.waitUntil(lambda: len(steps) >= 2, timeout=30000)
     assert not widget.run_button.isEnabled() and widget.cancel_button.isEnabled()
     with qtbot.waitSignal(widget.destroyed, timeout=10000):
         viewer.close()
     pool = QThreadPool.globalInstance()
     qtbot.waitUntil(lambda: pool.activeThreadCount() == 0, timeout=10000)
-    assert outcome == ["cancelled"]  # the worker stopped early, through the engine's cancel
+    assert outcome == ["cancelled"]  # the worker stopped through the engine's cancel
 
 
 def test_em_options_alone(qtbot):
