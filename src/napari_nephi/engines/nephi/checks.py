@@ -95,14 +95,15 @@ def output_bytes(shape: Sequence[int], backward: bool = True, chunked: bool = Fa
     """Peak bytes a run on a fixed grid ``shape`` needs beyond its inputs.
 
     Per voxel, float32: ``D`` values per field (forward, and backward unless the grids differ),
-    ``D * D`` for the Jacobian of the regularity report, one for the warped image and, in
-    divide-and-downsample mode, ``2 * D`` for the accumulators that fuse the chunks' fields; plus
-    :data:`FIXED_OVERHEAD`. Measured on CPU (extra peak RSS of one-step runs at two sizes, less
-    about 155 MiB that does not grow with the image): 8.7 float32 per pixel in 2D, 16 per voxel
-    in 3D; 13 and 21 in divide-and-downsample mode.
+    ``D + 3`` for the warped image, the intensity-normalised copies and the slab-wise report
+    temporaries and, in divide-and-downsample mode, ``2 * D`` for the accumulators that fuse the
+    chunks' fields; plus :data:`FIXED_OVERHEAD`. That is 9 float32 per pixel in 2D and 12 per
+    voxel in 3D, as measured at the largest sizes of ``benchmarks/nephi_memory.py`` (2048^2:
+    237 MiB, 256^3: 899 MiB, each with about 100 MiB that does not grow with the image), and 13
+    per pixel in 2D chunked (one-step runs at 1024^2 and 2048^2 on CPU).
     """
     nvox, d = math.prod(int(n) for n in shape), len(shape)
-    per_voxel = (2 if backward else 1) * d + d * d + 1 + (2 * d if chunked else 0)
+    per_voxel = (2 if backward else 1) * d + d + 3 + (2 * d if chunked else 0)
     return 4 * nvox * per_voxel + FIXED_OVERHEAD
 
 
