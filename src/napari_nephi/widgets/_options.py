@@ -46,7 +46,7 @@ def _combo(items, current=None) -> QComboBox:
 
 def folded(title: str, content: QWidget) -> QCollapsible:
     """A section that shows ``content`` when its title is clicked; closed at first."""
-    section = QCollapsible(title)
+    section = QCollapsible(title, expandedIcon="▼", collapsedIcon="▶")
     section.setDuration(0)  # no animation: the dock's height follows at once
     section.addWidget(content)
     section.layout().setContentsMargins(0, 0, 0, 0)
