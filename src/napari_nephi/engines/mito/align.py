@@ -257,12 +257,13 @@ class _Sections:
 
 
 def blank_reason(section: np.ndarray) -> str | None:
-    """Why a section has nothing to align (``"all NaN"``, ``"constant (v)"``), or None."""
+    """Why a section has nothing to align (``"all NaN"``, ``"all NaN or infinite"``,
+    ``"constant (v)"``), or None."""
     a = np.asarray(section)
     if a.dtype.kind == "f":
         finite = np.isfinite(a)
         if not finite.any():
-            return "all NaN"
+            return "all NaN" if np.isnan(a).all() else "all NaN or infinite"
         if not finite.all():
             a = a[finite]
     lo, hi = a.min(), a.max()
