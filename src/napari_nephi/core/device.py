@@ -105,9 +105,14 @@ def check_memory(needed_bytes: float, device: torch.device, what: str, advice: s
         return
     where = "GPU" if device.type == "cuda" else "memory"
     raise OutOfMemoryError(
-        f"The {what} needs about {needed_bytes / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of "
+        f"The {what} needs about {format_bytes(needed_bytes)} but only {format_bytes(available)} of "
         f"{where} is free. {advice}"
     )
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in GiB, or in MiB below one GiB."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def _is_allocation_failure(exc: RuntimeError) -> bool:
