@@ -151,7 +151,6 @@ def register_affine(
         n_refine = min(CANDIDATES, len(rotations)) if len(rotations) > 1 else 0
         # one step per candidate start, per loss evaluation, and the final resampling
         steps = _Steps(pair.progress, len(rotations) + n_refine * CANDIDATE_STEPS + sum(iters) + 1)
-        generator = torch.Generator().manual_seed(seed)
         starts = _search_starts(
             coarse,
             rotations,
@@ -163,40 +162,16 @@ def register_affine(
             fsp,
             similarity == "nmi",
         )
-        make = _ModelFactory(d, kind, extent, device)
-        optimise = _Optimiser(lr, tolerance, steps)
-        if n_refine:
-            scores = [s for _, _, s in starts]
-            picked = pick_distinct(scores, rotations, n_refine, 1.5 * step_deg)
-            steps.unused((n_refine - len(picked)) * CANDIDATE_STEPS)
-            vox = None if similarity == "lncc" else choose_samples(coarse, n_samples, generator)
-            loss_fn = _LevelLoss(coarse, to_fixed, similarity, vox)
-            # candidates are compared by NCC (MSE favours dark overlaps), by NMI when that is the loss
-            judge = loss_fn if similarity == "nmi" else _LevelLoss(coarse, to_fixed, "ncc", None)
-            best = None
-            for i in picked:
-                model = make(starts[i][0], starts[i][1])
-                optimise(model, loss_fn, CANDIDATE_STEPS, "rotation refinement", None)
-                with torch.no_grad():
-                    value = float(judge(model.matrix()))
-                if best is None or value < best[0]:
-                    best = (value, model)
-            model = best[1]
-        else:
-            model = make(starts[0][0], starts[0][1])
+        stages = _Stages(
+            pair, _ModelFactory(d, kind, extent, device), _Optimiser(lr, tolerance, steps), similarity,
+            to_fixed, n_samples, seed,
+        )  # fmt: skip
+        model = stages.best_start(coarse, starts, rotations, n_refine, 1.5 * step_deg)
         for k, (level, n_it) in enumerate(zip(levels_list, iters)):
             if k < len(levels_list) - 1 and not _masks_cover(level):
                 steps.unused(n_it)
                 continue
-            model = make.continue_from(model)
-            vox = (
-                None
-                if similarity == "lncc"
-                else choose_samples(level, _level_samples(level, n_samples), generator)
-            )
-            loss_fn = _LevelLoss(level, to_fixed, similarity, vox)
-            preview = _Preview(level, to_fixed, pair)
-            optimise(model, loss_fn, n_it, f"level {k + 1}/{len(levels_list)}", preview)
+            model = stages.refine(model, level, n_it, f"level {k + 1}/{len(levels_list)}")
         m_final = model.matrix().detach().cpu().numpy()
     voxel_matrix = from_moving @ m_final @ to_fixed
     transform = AffineTransform(
@@ -208,11 +183,11 @@ def register_affine(
     )
     with memory_guard("affine registration"):
         warped = transform.warp(pair.moving, output_shape=fshape, device=device)
-    steps.step(optimise.last, "resampling")
+    steps.step(stages.optimise.last, "resampling")
     metrics = {
         "iterations": steps.done,
         "levels": len(levels_list),
-        "final_loss": optimise.last,
+        "final_loss": stages.optimise.last,
     }
     metrics.update(similarity_report(pair.fixed, pair.moving, warped, pair.fixed_mask, transform))
     metrics.update(memory_report(device))
@@ -325,6 +300,48 @@ class _ModelFactory:
         """A fresh model (zero parameters) starting where ``model`` is."""
         m = model.matrix().detach().cpu().numpy()
         return self(m[: self.d, : self.d], m[: self.d, self.d])
+
+
+class _Stages:
+    """The optimisation stages of one registration: the choice among the starts, then each level."""
+
+    def __init__(self, pair, make, optimise, similarity, to_fixed, samples, seed):
+        self.pair, self.make, self.optimise = pair, make, optimise
+        self.similarity, self.to_fixed, self.samples = similarity, to_fixed, samples
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def loss(self, level: Level, samples: int | None = None) -> _LevelLoss:
+        """The loss on random points of ``level`` (every voxel for lncc, which needs the grid)."""
+        if self.similarity == "lncc":
+            return _LevelLoss(level, self.to_fixed, "lncc", None)
+        vox = choose_samples(level, samples or self.samples, self.generator)
+        return _LevelLoss(level, self.to_fixed, self.similarity, vox)
+
+    def best_start(self, coarse: Level, starts, rotations, count: int, min_angle: float) -> LinearMap:
+        """Refine the unrotated start and the best other ``count - 1`` briefly; keep the best."""
+        if not count:
+            return self.make(starts[0][0], starts[0][1])
+        picked = pick_distinct([score for _, _, score in starts], rotations, count, min_angle)
+        self.optimise.steps.unused((count - len(picked)) * CANDIDATE_STEPS)
+        loss_fn = self.loss(coarse)
+        # compared by NCC (MSE favours dark overlaps), by NMI when that is the loss
+        judge = loss_fn if self.similarity == "nmi" else _LevelLoss(coarse, self.to_fixed, "ncc", None)
+        best = None
+        for i in picked:
+            model = self.make(starts[i][0], starts[i][1])
+            self.optimise(model, loss_fn, CANDIDATE_STEPS, "rotation refinement", None)
+            with torch.no_grad():
+                value = float(judge(model.matrix()))
+            if best is None or value < best[0]:
+                best = (value, model)
+        return best[1]
+
+    def refine(self, model: LinearMap, level: Level, iterations: int, stage: str) -> LinearMap:
+        """Optimise from ``model`` on ``level`` for at most ``iterations`` evaluations."""
+        model = self.make.continue_from(model)
+        loss_fn = self.loss(level, _level_samples(level, self.samples))
+        self.optimise(model, loss_fn, iterations, stage, _Preview(level, self.to_fixed, self.pair))
+        return model
 
 
 class _LevelLoss:
