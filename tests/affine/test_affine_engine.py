@@ -273,3 +273,21 @@ def test_small_mask_on_a_large_image(which):
     mask[200:220, 250:270] = True
     reg = nn.register(camera, make_moving(camera, m), kind="translation", **{which: mask})
     np.testing.assert_allclose(reg.transform.matrix, m, atol=0.2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_2d_random_rotation_scale_and_shift(camera128, seed):
+    """Any angle, scale 0.9-1.1 and a shift up to 12 px (drawn from a seeded generator)."""
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(0.9, 1.1) * rotation(2, 0, rng.uniform(-180, 180))
+    m = voxel_map(a, rng.uniform(-12, 12, 2), camera128.shape)
+    reg = nn.register(camera128, make_moving(camera128, m), kind="similarity")
+    assert map_error(reg.transform, m, camera128.shape).max() < 0.3
+
+
+def test_3d_rotation_about_two_axes(anatomical):
+    """Not on the search grid (it tries the main axes): 70 deg about x then 40 deg about z."""
+    vol, spacing = anatomical
+    m = voxel_map(rotation(3, 0, 40) @ rotation(3, 2, 70), (1.5, -1.0, 2.0), vol.shape, spacing)
+    reg = nn.register(vol, make_moving(vol, m, "constant"), kind="rigid", spacing=spacing)
+    assert map_error(reg.transform, m, vol.shape).mean() < 0.3
