@@ -29,6 +29,7 @@ from ...core.transform import AffineTransform
 from ..registry import register_engine
 from .levels import (
     Level,
+    Pyramid,
     build_levels,
     centred_frame,
     choose_samples,
@@ -136,13 +137,15 @@ def register_affine(
     from_moving = np.linalg.inv(centred_frame(mshape, msp))
     extent = float(np.max(np.asarray(fshape) * fsp) / 2)
     with memory_guard("affine registration"):
-        fix = _normalised(pair.fixed, device)
-        mov = _normalised(pair.moving, device)
-        fmask = None if pair.fixed_mask is None else _as_image(pair.fixed_mask, device)
-        mmask = None if pair.moving_mask is None else _as_image(pair.moving_mask, device)
+        fix = Pyramid(_normalised(pair.fixed, device))
+        mov = Pyramid(_normalised(pair.moving, device))
+        fmask = None if pair.fixed_mask is None else Pyramid(_as_image(pair.fixed_mask, device))
+        mmask = None if pair.moving_mask is None else Pyramid(_as_image(pair.moving_mask, device))
         levels_list = build_levels(fix, mov, fmask, mmask, fsp, msp, zooms)
         search_zoom = plan_zooms(fshape, fsp, None, COARSE_SIZE[d])[0]
-        coarse = build_levels(fix, mov, fmask, mmask, fsp, msp, [search_zoom])[0]
+        coarse = levels_list[0]
+        if not np.array_equal(zooms[0], search_zoom):
+            coarse = build_levels(fix, mov, fmask, mmask, fsp, msp, [search_zoom])[0]
         # a mask too small to show on the search grid: no search, and no level where it vanishes
         coarse_ok = _masks_cover(coarse)
         rotations = [np.eye(d)]

@@ -135,11 +135,27 @@ class Level:
         return tuple(self.fixed.shape[2:])
 
 
+class Pyramid:
+    """Box averages of one ``(1, 1, *spatial)`` image by power-of-two zooms per axis, each pooled
+    from the finest one already made that divides it (so the full image is read once)."""
+
+    def __init__(self, image: torch.Tensor):
+        self.cache = {(1,) * (image.dim() - 2): image}
+
+    def __call__(self, zoom) -> torch.Tensor:
+        key = tuple(int(v) for v in zoom)
+        if key not in self.cache:
+            bases = [k for k in self.cache if all(z % c == 0 for z, c in zip(key, k))]
+            base = max(bases, key=lambda k: int(np.prod(k)))
+            self.cache[key] = pool(self.cache[base], [z // c for z, c in zip(key, base)])
+        return self.cache[key]
+
+
 def build_levels(
-    fix: torch.Tensor,
-    mov: torch.Tensor,
-    fixed_mask: torch.Tensor | None,
-    moving_mask: torch.Tensor | None,
+    fix: Pyramid,
+    mov: Pyramid,
+    fixed_mask: Pyramid | None,
+    moving_mask: Pyramid | None,
     fspacing,
     mspacing,
     zooms: list[np.ndarray],
@@ -147,16 +163,16 @@ def build_levels(
 ) -> list[Level]:
     """Levels coarse first for fixed zooms ``zooms``; the moving image is pooled to match each."""
     out = []
-    mshape = tuple(mov.shape[2:])
+    mshape = tuple(mov.cache[(1,) * len(mspacing)].shape[2:])
     from_moving = np.linalg.inv(centred_frame(mshape, mspacing))
-    for z in zooms:
+    for z in zooms[::-1]:  # fine first, so each level is pooled from the one before
         mz = moving_zoom(mshape, mspacing, np.asarray(fspacing) * z)
-        m_l = pool(mov, mz)
-        fm = None if fixed_mask is None else pool(fixed_mask, z)
-        mm = None if moving_mask is None else pool(moving_mask, mz)
+        m_l = mov(mz)
+        fm = None if fixed_mask is None else fixed_mask(z)
+        mm = None if moving_mask is None else moving_mask(mz)
         to_grid = grid_sample_frame(m_l.shape[2:]) @ np.linalg.inv(zoom_frame(mz)) @ from_moving
-        out.append(Level(smooth(pool(fix, z), sigma), smooth(m_l, sigma), fm, mm, z, mz, to_grid))
-    return out
+        out.append(Level(smooth(fix(z), sigma), smooth(m_l, sigma), fm, mm, z, mz, to_grid))
+    return out[::-1]
 
 
 def level_points(level: Level, to_fixed: np.ndarray, vox: torch.Tensor | None = None) -> torch.Tensor:
