@@ -131,16 +131,20 @@ def _process_events(seconds: float) -> None:
 
 
 def run_and_wait(setup: DemoSetup, timeout: float = RUN_TIMEOUT) -> None:
-    """Start the docked widget's run and process Qt events until it stops; raise if it failed."""
+    """Start the docked widget's run; process Qt events until its results are in; raise if it failed."""
     from qtpy.QtWidgets import QApplication
 
+    from ..widgets._state import RunState
+
     widget = setup.widget
-    stopped, failed = [], []
+    idle, failed = [], []
     widget.runner.failed.connect(failed.append)
-    widget.runner.stopped.connect(lambda: stopped.append(True))
+    widget.state.changed.connect(lambda _old, new: idle.append(True) if new is RunState.IDLE else None)
     widget.start()
+    if widget.state.is_(RunState.IDLE) and not idle:
+        raise RegistrationError("The demo run did not start; the widget refused its inputs.")
     end = time.monotonic() + timeout
-    while not stopped:
+    while not idle:
         if time.monotonic() > end:
             raise RegistrationError(f"The demo run did not finish within {timeout:.0f} s.")
         QApplication.processEvents()
@@ -159,7 +163,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             setup = setup_demo(viewer, args.sample, args.method)
             viewer.window.resize(1400, 900)
             if args.run:
+                start = time.perf_counter()
                 run_and_wait(setup)
+                print(f"The {args.sample} demo ran in {time.perf_counter() - start:.1f} s")
             _process_events(0.5)  # result layers and their controls arrive a turn or two later
             viewer.reset_view()
             _process_events(0.1)

@@ -1,0 +1,61 @@
+"""``napari-nephi demo``: each sample docks the widget that fits it, with distinct inputs."""
+
+import numpy as np
+import pytest
+from napari.layers import Image, Labels
+
+from napari_nephi import InputError
+from napari_nephi.cli import main
+from napari_nephi.cli.demo import ATLAS_PLATE, setup_demo
+from napari_nephi.widgets import EMAlignWidget, NephiWidget, RegisterWidget
+
+
+def test_em_sample_docks_the_em_alignment_widget(make_napari_viewer):
+    viewer = make_napari_viewer()
+    setup = setup_demo(viewer, "em")
+    assert isinstance(setup.widget, EMAlignWidget) and setup.title == "EM stack alignment"
+    assert setup.widget.stack.layer() is setup.inputs["stack"]
+    assert isinstance(setup.inputs["stack"], Image) and setup.inputs["stack"].data.ndim == 3
+    assert setup.widget.masks.layer() is setup.inputs["masks"] and isinstance(setup.inputs["masks"], Labels)
+    assert setup.title in viewer.window.dock_widgets
+    with pytest.raises(InputError, match="takes no --method"):
+        setup_demo(make_napari_viewer(), "em", method="nephi")
+
+
+def test_atlas_sample_registers_the_section_onto_its_plate(make_napari_viewer):
+    viewer = make_napari_viewer()
+    setup = setup_demo(viewer, "atlas")
+    widget = setup.widget
+    assert isinstance(widget, RegisterWidget) and not isinstance(widget, NephiWidget)
+    fixed, moving = widget.fixed.layer(), widget.moving.layer()
+    assert (
+        fixed is not moving
+        and fixed.name == f"atlas plate {ATLAS_PLATE}"
+        and moving.name.startswith("section")
+    )
+    assert fixed.data.ndim == moving.data.ndim == 2
+    np.testing.assert_array_equal(fixed.data, viewer.layers["toy atlas"].data[ATLAS_PLATE])
+    assert widget.options.method.currentText() == "affine"
+
+
+@pytest.mark.parametrize("sample", ["tc", "mri"])
+def test_pair_samples_use_fixed_and_moving_of_the_pair(make_napari_viewer, sample):
+    viewer = make_napari_viewer()
+    setup = setup_demo(viewer, sample)
+    widget = setup.widget
+    assert isinstance(widget, NephiWidget) and widget.options.method.currentText() == "nephi"
+    assert widget.fixed.layer().name.startswith("fixed") and widget.moving.layer().name.startswith("moving")
+    with pytest.raises(InputError, match="Unknown method 'nefi'"):
+        setup_demo(make_napari_viewer(), sample, method="nefi")
+
+
+def test_em_demo_runs_and_writes_a_screenshot(tmp_path, capsys, qapp):
+    png = tmp_path / "em.png"
+    assert main(["demo", "--sample", "em", "--run", "--screenshot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "The em demo ran in" in out and f"Wrote {png}" in out
+    from imageio.v3 import imread
+
+    image = imread(png)
+    assert image.ndim == 3 and image.shape[0] >= 600 and image.shape[1] >= 900
+    assert image[..., :3].std() > 10  # a picture, not a blank window
