@@ -94,23 +94,6 @@ def _write_shapes_csv(path: Path, paths: list) -> None:
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
-def _grid_image(reg, moving, mmeta, spacing_px: float) -> np.ndarray:
-    """The deformation grid as an image on the fixed grid: a grid painted on the moving image, warped.
-
-    Planes (lines in 2D) every ``spacing_px`` moving voxels along each axis, value 1, pulled back
-    with the transform (linear, so lines are about one voxel wide): the same lines as the
-    ``deformation_grid.csv`` shapes.
-    """
-    m_shape = moving.shape[: moving.ndim - (1 if mmeta.get("rgb") else 0)]
-    step = max(1, int(round(spacing_px)))
-    painted = np.zeros(m_shape, np.float32)
-    for axis, n in enumerate(m_shape):
-        index = [slice(None)] * len(m_shape)
-        index[axis] = slice(0, n, step)
-        painted[tuple(index)] = 1.0
-    return np.asarray(reg.transform.warp(painted, output_shape=reg.warped.shape[: len(m_shape)]), np.float32)
-
-
 def engine_options_from_args(args: argparse.Namespace) -> dict:
     """``--option`` items and the option flags given, checked against the engine's option names."""
     from ..engines.registry import check_options
@@ -176,7 +159,9 @@ def cmd_register(args: argparse.Namespace) -> int:
         grid = overlays.deformation_grid(reg.transform, shape, displacement=u)
         _write_shapes_csv(tmp / "deformation_grid.csv", grid[0])
         spacing_px = grid[1]["metadata"]["spacing_px"]
-        write_image(tmp / f"deformation_grid{ext}", _grid_image(reg, moving, mmeta, spacing_px), spacing)
+        m_shape = moving.shape[: moving.ndim - (1 if mmeta.get("rgb") else 0)]
+        grid_image = overlays.grid_image(reg.transform, m_shape, spacing_px, output_shape=shape)
+        write_image(tmp / f"deformation_grid{ext}", grid_image, spacing)
         if labels is not None:
             warped_labels = reg.transform.warp_labels(labels, output_shape=shape)
             write_image(tmp / f"warped_labels{ext}", warped_labels, spacing, labels=True)
