@@ -92,3 +92,25 @@ def test_progress_restarts_when_the_count_starts_again_and_quiet_draws_nothing()
         silent(ev)
     silent.close()
     assert quiet.getvalue() == ""
+
+
+def test_a_new_stage_in_one_count_gets_its_own_bar():
+    stream = io.StringIO()
+    bars = ProgressBars(stream=stream)
+    stages = [
+        "coarse level 1/2",
+        "coarse level 1/2",
+        "coarse level 2/2",
+        "coarse level 2/2",
+        "neural",
+        "neural",
+    ]
+    for k, stage in enumerate(stages, start=1):
+        bars(ProgressEvent(k, 6, None, stage))
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("  0%") and "0/6" in lines[0]  # the coarse bar starts at 0
+    assert any(line.startswith("coarse level 2/2:  67%") and "4/6" in line for line in lines), lines
+    starts = [line for line in lines if "| 4/6" in line and not line.startswith("coarse")]
+    assert starts, lines  # the neural bar goes on from step 4
+    assert lines[-1].startswith("neural: 100%") and "6/6" in lines[-1]
+    assert sum("0/6" in line for line in lines) == 1

@@ -88,9 +88,10 @@ class _LineBar(tqdm):
 class ProgressBars:
     """A progress callback that draws engine :class:`ProgressEvent` s as tqdm bars on stderr.
 
-    One bar per stage of the work: a new bar starts when the number of steps changes or the step
-    count starts again (the alignment, then writing the results, ...); the engine's current stage
-    (``level 2/3``, ``section 4/8``) is the bar's label and the loss its postfix. On a terminal the
+    One bar per stage of the work: a new bar starts when the stage label changes other than in its
+    counters (``coarse level 1/3`` -> ``neural field``; ``level 1/3`` -> ``level 2/3`` is the same
+    stage), when the number of steps changes, or when the count starts again; the label is the
+    engine's current stage and the postfix its loss. On a terminal the
     bar redraws in place; in a log (stderr not a terminal) it writes one line every few seconds.
     ``quiet`` draws nothing.
     """
@@ -100,6 +101,7 @@ class ProgressBars:
         self._stream = stream
         self._bar: tqdm | None = None
         self._last_step = 0
+        self._kind: str | None = None
 
     @property
     def stream(self):
@@ -110,15 +112,23 @@ class ProgressBars:
         if self.quiet:
             return
         total = max(int(ev.total), 1)
+        kind = stage_kind(ev.stage)
         bar = self._bar
-        if bar is None or bar.total != total or ev.step < self._last_step:
+        restart = bar is None or bar.total != total or ev.step < self._last_step
+        if restart or kind != self._kind:
+            first = 0 if restart else min(max(int(ev.step) - 1, 0), total)  # the count goes on
             self.close()
             tty = bool(getattr(self.stream, "isatty", lambda: False)())
             cls = tqdm if tty else _LineBar
             bar = self._bar = cls(
-                total=total, file=self.stream, ascii=not tty, mininterval=0.1 if tty else 5.0, unit="step"
+                total=total,
+                initial=first,
+                file=self.stream,
+                ascii=not tty,
+                mininterval=0.1 if tty else 5.0,
+                unit="step",
             )
-        self._last_step = int(ev.step)
+        self._last_step, self._kind = int(ev.step), kind
         bar.set_description_str(ev.stage, refresh=False)
         if ev.loss is not None:
             bar.set_postfix_str(f"loss {ev.loss:.4f}", refresh=False)
@@ -132,6 +142,12 @@ class ProgressBars:
             self._bar.close()
             self._bar = None
             self._last_step = 0
+            self._kind = None
+
+
+def stage_kind(stage: str) -> str:
+    """A stage label without its counters: ``coarse level 2/3`` -> ``coarse level``."""
+    return " ".join(word for word in stage.split() if not any(c.isdigit() for c in word))
 
 
 def _parse_value(text: str) -> Any:
