@@ -80,6 +80,48 @@ def test_channels_last_images_still_warp(channels):
         np.testing.assert_allclose(out[:12, :, c], img[2:14, :, c], atol=1e-5)
 
 
+# -- shapes given to a transform: positive whole numbers, one per axis -------------------------------
+BAD_SHAPES = [
+    ((10.5, 10), InputError, r"shape \(10.5, 10\) must hold whole numbers of voxels, got 10.5"),
+    ("ab", InputError, r"shape must be a sequence of 2 whole numbers \(one per axis\), got 'ab'"),
+    (12, InputError, r"shape must be a sequence of 2 whole numbers"),
+    ((True, 4), InputError, r"must hold whole numbers of voxels, got True"),
+    ((4, "8"), InputError, r"must hold whole numbers of voxels, got '8'"),
+    ((4, float("nan")), InputError, r"must hold whole numbers of voxels, got nan"),
+    ((10,), DimensionMismatchError, r"shape \(10,\) has 1 axis but the transform is 2D"),
+    ((4, -2), InputError, r"shape \(4, -2\) has an empty axis"),
+]
+
+
+@pytest.mark.parametrize("kind", sorted(TRANSFORMS_2D))
+@pytest.mark.parametrize(("shape", "error", "message"), BAD_SHAPES)
+def test_every_method_taking_a_shape_checks_it(kind, shape, error, message):
+    t = TRANSFORMS_2D[kind]()
+    image = _image((16, 16))
+    out_message = message.replace("shape", "output_shape", 1)
+    with pytest.raises(error, match=message):
+        t.displacement(shape)
+    with pytest.raises(error, match=out_message):
+        t.warp(image, output_shape=shape)
+    with pytest.raises(error, match=out_message):
+        t.warp_labels(image.astype(np.int32), output_shape=shape)
+    with pytest.raises(error, match=message):
+        IdentityTransform(2, shape=shape)
+    with pytest.raises(error, match=message.replace("shape", "moving_shape", 1)):
+        AffineTransform(np.eye(3), moving_shape=shape)
+
+
+def test_whole_number_shapes_of_any_numeric_type_are_accepted():
+    t = AffineTransform([[1, 0, 1], [0, 1, 0], [0, 0, 1]])
+    expected = t.displacement((6, 5))
+    for shape in [(6.0, 5.0), (np.int64(6), np.uint8(5)), np.array([6, 5]), [6, 5.0]]:
+        out = t.displacement(shape)
+        assert out.shape == (2, 6, 5)
+        np.testing.assert_array_equal(out, expected)
+    assert t.warp(_image((8, 8)), output_shape=(6.0, 5)).shape == (6, 5)
+    assert IdentityTransform(2, shape=(3.0, np.int32(4))).shape == (3, 4)
+
+
 # -- RGB(A): one rule for every dtype --------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.int32])
 @pytest.mark.parametrize("channels", [3, 4])

@@ -73,8 +73,12 @@ def test_corrupt_json_names_the_file(displacement_folder, name, content, message
         ({"kind": "spline"}, "unknown transform kind 'spline'"),
         ({"spacing": "abc"}, "spacing must be numbers"),
         ({"spacing": [0.5, -1]}, "spacing must be finite and positive"),
-        ({"shape": [6, "x"]}, "invalid literal"),
-        ({"shape": [6, 7, 8]}, r"shape \(6, 7, 8\) does not have 2 axes"),
+        ({"shape": [6, "x"]}, r"shape \(6, 'x'\) must hold whole numbers of voxels, got 'x'"),
+        ({"shape": [6.5, 7]}, r"must hold whole numbers of voxels, got 6.5"),
+        ({"shape": "ab"}, r"shape must be a sequence of 2 whole numbers"),
+        ({"shape": [6, 7, 8]}, r"shape \(6, 7, 8\) has 3 axes but the transform is 2D"),
+        ({"version": 0}, "version must be a positive whole number, got 0"),
+        ({"version": "1"}, "version must be a positive whole number, got '1'"),
         ({"shape": [6, 0]}, "has an empty axis"),
         ({"world_affine": [[1, 2]]}, "world_affine must be a finite 4x4"),
         ({"moving_world_affine": [[0] * 4] * 4}, "moving_world_affine is singular"),
@@ -113,6 +117,46 @@ def test_bad_parameters_name_the_file(tmp_path, make, changes, message):
     make().save(tmp_path / "t")
     _edit_meta(tmp_path / "t", **changes)
     with pytest.raises(UnsupportedFileError, match=rf"t/transform.json is corrupt: .*{message}"):
+        load_transform(tmp_path / "t")
+
+
+@pytest.mark.parametrize(
+    ("make", "changes", "message"),
+    [
+        (lambda: AffineTransform(np.eye(3)), {"matrix": [[1, 2, 0], [2, 4, 0], [0, 0, 1]]}, "affine matrix"),
+        (
+            lambda: AffineTransform(np.eye(4)),
+            {"matrix": np.diag([1.0, 0, 1, 1]).tolist()},
+            "the affine matrix is singular",
+        ),
+        (
+            lambda: PerSectionTransform(np.stack([np.eye(3)] * 3)),
+            {"matrices": [np.eye(3).tolist(), np.zeros((3, 3)).tolist(), np.eye(3).tolist()]},
+            r"per-section matrix is singular \(section 1\)",
+        ),
+    ],
+)
+def test_singular_matrix_is_refused_naming_the_file(tmp_path, make, changes, message):
+    make().save(tmp_path / "t")
+    _edit_meta(tmp_path / "t", **changes)
+    with pytest.raises(UnsupportedFileError, match=rf"t/transform.json is corrupt: .*{message}.* no inverse"):
+        load_transform(tmp_path / "t")
+
+
+def test_newer_format_version_is_refused_and_every_written_version_loads(tmp_path):
+    t = AffineTransform(np.diag([2.0, 0.5, 1.0]), shape=(4, 5))
+    t.save(tmp_path / "t")
+    meta = json.loads((tmp_path / "t" / "transform.json").read_text())
+    assert meta["version"] == transform_io.VERSION == 1  # the only version ever written
+    _edit_meta(tmp_path / "t", version=KeyError)  # read as version 1
+    np.testing.assert_array_equal(load_transform(tmp_path / "t").matrix, t.matrix)
+    _edit_meta(tmp_path / "t", version=1)
+    np.testing.assert_array_equal(load_transform(tmp_path / "t").matrix, t.matrix)
+    _edit_meta(tmp_path / "t", version=99)
+    with pytest.raises(
+        UnsupportedFileError,
+        match=r"t/transform.json is in transform format version 99, newer .* \(up to 1\); update",
+    ):
         load_transform(tmp_path / "t")
 
 

@@ -14,6 +14,7 @@ which is what saving to ITK/ANTs files and applying the map to an image of anoth
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -123,6 +124,27 @@ def check_dense_memory(shape: Sequence[int]) -> None:
 _WARP_ADVICE = "Give a smaller output_shape, or downsample or crop the image first."
 
 
+def check_grid_shape(shape, ndim: int, what: str = "shape") -> tuple[int, ...]:
+    """``shape`` as a tuple of ``ndim`` positive whole numbers, or an :class:`InputError`.
+
+    Whole-number floats (``10.0``) are accepted; ``10.5``, strings, bools and empty axes are not.
+    """
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, np.ndarray)):
+        raise InputError(f"{what} must be a sequence of {ndim} whole numbers (one per axis), got {shape!r}.")
+    out = []
+    for n in shape:
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, Real) or not float(n).is_integer():
+            raise InputError(f"{what} {tuple(shape)!r} must hold whole numbers of voxels, got {n!r}.")
+        out.append(int(n))
+    out = tuple(out)
+    if len(out) != ndim:
+        axes = "axis" if len(out) == 1 else "axes"
+        raise DimensionMismatchError(f"{what} {out} has {len(out)} {axes} but the transform is {ndim}D.")
+    if min(out) < 1:
+        raise InputError(f"{what} {out} has an empty axis; every axis needs at least one voxel.")
+    return out
+
+
 class Transform:
     """Base class and protocol of every transform kind."""
 
@@ -151,14 +173,7 @@ class Transform:
         self.moving_world_affine = moving_world_affine
 
     def _check_shape(self, shape, what: str) -> tuple[int, ...] | None:
-        if shape is None:
-            return None
-        shape = tuple(int(s) for s in shape)
-        if len(shape) != self.ndim:
-            raise DimensionMismatchError(f"{what} {shape} does not have {self.ndim} axes.")
-        if min(shape) < 1:
-            raise InputError(f"{what} {shape} has an empty axis; every axis needs at least one voxel.")
-        return shape
+        return None if shape is None else check_grid_shape(shape, self.ndim, what)
 
     # -- the moving frame --------------------------------------------------------------------
     @property
@@ -263,18 +278,13 @@ class Transform:
         return self._map(self._check_points(points))
 
     # -- derived operations --------------------------------------------------------------
-    def _out_shape(self, shape, fallback=None) -> tuple[int, ...]:
-        shape = shape if shape is not None else self.shape
+    def _out_shape(self, shape, fallback=None, what: str = "shape") -> tuple[int, ...]:
+        if shape is not None:
+            return check_grid_shape(shape, self.ndim, what)
+        shape = self.shape if self.shape is not None else fallback
         if shape is None:
-            shape = fallback
-        if shape is None:
-            raise InputError("This transform has no grid of its own; pass the output shape.")
-        shape = tuple(int(s) for s in shape)
-        if len(shape) != self.ndim:
-            raise DimensionMismatchError(
-                f"Shape {shape} has {len(shape)} axes but the transform is {self.ndim}D."
-            )
-        return shape
+            raise InputError(f"This transform has no grid of its own; pass the {what}.")
+        return check_grid_shape(shape, self.ndim, "shape")
 
     def map_points(
         self, points, device: str | torch.device = "cpu", *, image_spacing=None, image_world_affine=None
@@ -317,7 +327,7 @@ class Transform:
         """
         img = np.asarray(image)
         channels = img.shape[-1] if _warp.channels_last(img.shape, self.ndim) else 1
-        out_shape = self._out_shape(output_shape, img.shape[: self.ndim])
+        out_shape = self._out_shape(output_shape, img.shape[: self.ndim], "output_shape")
         check_output_memory(out_shape, channels, 4, "warped image", _WARP_ADVICE, extra=4.0 * img.size)
         t = self.for_moving_image(image_spacing, image_world_affine)
         return _warp.warp_image(img, t, self.ndim, out_shape, choose_device(device))
@@ -341,7 +351,7 @@ class Transform:
                 f"Cannot warp labels of shape {lab.shape} ({lab.ndim}D) with a {self.ndim}D transform; "
                 f"give {self.ndim}D labels of the moving image."
             )
-        out_shape = self._out_shape(output_shape, lab.shape)
+        out_shape = self._out_shape(output_shape, lab.shape, "output_shape")
         check_output_memory(out_shape, 1, lab.dtype.itemsize, "warped labels", _WARP_ADVICE)
         t = self.for_moving_image(image_spacing, image_world_affine)
         return _warp.warp_labels(lab, t, self.ndim, out_shape, choose_device(device))
@@ -498,7 +508,7 @@ class DisplacementTransform(Transform):
         self, shape: Sequence[int] | None = None, device: str | torch.device = "cpu"
     ) -> np.ndarray:
         """The stored field itself on its own grid (no resampling); elsewhere as for any transform."""
-        if shape is None or tuple(int(n) for n in shape) == self.shape:
+        if shape is None or check_grid_shape(shape, self.ndim) == self.shape:
             return self.field.copy()
         return super().displacement(shape, device)
 

@@ -334,6 +334,7 @@ def _read(folder: Path) -> Transform:
         raise UnsupportedFileError(
             f"{folder} was not written by napari-nephi (no format tag in {meta_path})."
         )
+    _check_version(meta, meta_path)
     settings_path = folder / "settings.json"
     settings = _read_json(settings_path) if settings_path.exists() else {}
     try:
@@ -342,6 +343,32 @@ def _read(folder: Path) -> Transform:
         # InputError and DimensionMismatchError are ValueErrors: a field of transform.json is wrong
         what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc).rstrip(".")
         raise UnsupportedFileError(f"{meta_path} is corrupt: {what}. {_FIX}") from exc
+
+
+def _check_version(meta: dict, meta_path: Path) -> None:
+    """Refuse a format version this code cannot read: a newer one, or one that is not a version.
+
+    Every version ever written (only ``1`` so far) is read; a missing ``version`` is read as 1.
+    """
+    version = meta.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise UnsupportedFileError(
+            f"{meta_path} is corrupt: version must be a positive whole number, got {version!r}. {_FIX}"
+        )
+    if version > VERSION:
+        raise UnsupportedFileError(
+            f"{meta_path} is in transform format version {version}, newer than this napari-nephi reads "
+            f"(up to {VERSION}); update napari-nephi to load it."
+        )
+
+
+def _check_invertible(matrices: np.ndarray, what: str) -> None:
+    """Raise ``ValueError`` when a square matrix, or one of a stack ``(n, k, k)``, is singular."""
+    stack = np.asarray(matrices, dtype=np.float64).reshape(-1, *np.shape(matrices)[-2:])
+    singular = np.abs(np.linalg.det(stack)) < 1e-12
+    if singular.any():
+        where = f" (section {int(np.argmax(singular))})" if np.ndim(matrices) == 3 else ""
+        raise ValueError(f"{what} is singular{where}: it collapses the image and has no inverse")
 
 
 def _build(folder: Path, meta: dict, settings: dict) -> Transform:
@@ -360,7 +387,9 @@ def _build(folder: Path, meta: dict, settings: dict) -> Transform:
     if kind == "identity":
         return IdentityTransform(ndim, shape=shape, **common)
     if kind == "affine":
-        return AffineTransform(meta["matrix"], ndim=ndim, shape=shape, **common)
+        t = AffineTransform(meta["matrix"], ndim=ndim, shape=shape, **common)
+        _check_invertible(t.matrix[:-1, :-1], "the affine matrix")
+        return t
     if kind == "displacement":
         frame = IdentityTransform(ndim, shape=shape, **common)  # checks the frames, resolves defaults
         fixed_world = _world(frame.world_affine, frame.spacing)
@@ -381,7 +410,9 @@ def _build(folder: Path, meta: dict, settings: dict) -> Transform:
     if kind == "per_section":
         if ndim != 3:
             raise ValueError(f"a per-section transform is 3D, got ndim={ndim}")
-        return PerSectionTransform(meta["matrices"], shape=shape, **common)
+        t = PerSectionTransform(meta["matrices"], shape=shape, **common)
+        _check_invertible(t.matrices, "a per-section matrix")
+        return t
     raise ValueError(f"unknown transform kind {kind!r}")
 
 
