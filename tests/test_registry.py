@@ -78,6 +78,47 @@ def test_unknown_method_names_the_available_ones(pair):
         nn.register(*pair, method="afine")
 
 
+@pytest.mark.parametrize("method", ["affine", "nephi", "mito"])
+def test_an_unknown_device_is_refused_the_same_way_by_every_engine(pair, method):
+    with pytest.raises(nn.InputError, match=r"Unknown device 'gpu'; use 'auto', 'cpu', 'cuda'"):
+        nn.register(*pair, method=method, device="gpu")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory"),
+    ],
+    ids=["MemoryError", "torch-cpu-allocator"],
+)
+def test_running_out_of_memory_in_an_engine_is_an_out_of_memory_error(pair, error):
+    @register_engine("greedy", description="Runs out of memory, for tests")
+    def greedy(pair) -> Registration:
+        raise error
+
+    try:
+        with pytest.raises(nn.OutOfMemoryError, match="The greedy registration ran out of memory"):
+            nn.register(*pair, method="greedy")
+    finally:
+        unregister_engine("greedy")
+
+
+def test_input_and_engine_notes_share_one_key(pair):
+    @register_engine("noted", description="Leaves a note, for tests")
+    def noted(pair) -> Registration:
+        return Registration(pair.moving, AffineTransform(np.eye(3)), metrics={"notes": ["engine note"]})
+
+    rgb = np.repeat(pair[1][..., None], 3, axis=-1)
+    try:
+        with pytest.warns(UserWarning, match="RGB"):
+            reg = nn.register(pair[0], rgb, method="noted")
+    finally:
+        unregister_engine("noted")
+    assert len(reg.metrics["notes"]) == 2
+    assert "moving image was RGB" in reg.metrics["notes"][0] and reg.metrics["notes"][1] == "engine note"
+
+
 def test_engines_take_no_catch_all_options():
     """Every built-in engine lists its options explicitly, so typos can be refused."""
     catch_all = [name for name in ("affine", "nephi", "mito") if engine_info(name).options is None]

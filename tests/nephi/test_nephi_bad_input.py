@@ -134,13 +134,43 @@ def test_divergence_watch_stops_a_runaway_loss_and_a_bad_ending():
 
 def test_a_result_worse_than_the_start_with_folds_is_an_error():
     diverged = {"ncc_before": 0.96, "ncc_after": 0.03, "fold_percent": 50.0}
-    with pytest.raises(napari_nephi.InputError, match="NCC 0.960 to 0.030 and 50.0 % of the voxels fold"):
+    with pytest.raises(napari_nephi.InputError, match="NCC 0.96 to 0.03 and 50.0 % of the voxels fold"):
         checks.check_result(diverged, 0.1, 0.01)
     note = checks.check_result({"ncc_before": 0.9, "ncc_after": 0.8, "fold_percent": 0.0}, 2e-3, 1e-2)
-    assert "NCC 0.900 -> 0.800" in note
+    assert "NCC 0.9 -> 0.8" in note
     assert (
         checks.check_result({"ncc_before": 0.9, "ncc_after": 0.88, "fold_percent": 5.0}, 2e-3, 1e-2) is None
     )
+
+
+def test_a_multi_modal_result_is_judged_by_the_similarity_it_optimised():
+    # inverted intensities: a better alignment makes NCC more negative, local NCC higher
+    sound = {"ncc_before": -0.5, "ncc_after": -0.9, "fold_percent": 5.0}
+    with pytest.raises(napari_nephi.InputError, match="NCC -0.5 to -0.9"):
+        checks.check_result(sound, 2e-3, 1e-2)  # judged by NCC it would be discarded
+    lncc = {**sound, "similarity": "lncc", "similarity_before": 0.4, "similarity_after": 0.7}
+    assert checks.check_result(lncc, 2e-3, 1e-2) is None
+    worse = {**lncc, "similarity_after": 0.2}
+    with pytest.raises(napari_nephi.InputError, match="LNCC 0.4 to 0.2 and 5.0 % of the voxels fold"):
+        checks.check_result(worse, 2e-3, 1e-2)
+    mse = {"similarity": "mse", "similarity_before": 1.0, "similarity_after": 1.5, "fold_percent": 0.0}
+    assert "MSE 1 -> 1.5" in checks.check_result(mse, 2e-3, 1e-2)
+    assert (
+        checks.check_result({**mse, "similarity_after": 0.5, "ncc_before": 0.9, "ncc_after": 0.1}, 2e-3, 1e-2)
+        is None
+    )
+
+
+def test_an_inverted_pair_registered_with_local_ncc_is_kept(small_pair):
+    fixed, moving = small_pair
+    inverted = float(moving.max()) - moving
+    reg = napari_nephi.register(
+        fixed, inverted, method="nephi", similarity="lncc", **{**QUICK, "iterations": 40}
+    )
+    assert reg.metrics["similarity"] == "lncc"
+    assert reg.metrics["ncc_before"] < 0  # NCC sees the inverted pair as anti-correlated
+    assert reg.metrics["similarity_after"] > reg.metrics["similarity_before"]
+    assert not any("got worse" in n for n in reg.metrics.get("notes", []))
 
 
 def test_memory_estimate_of_two_20000_px_images():

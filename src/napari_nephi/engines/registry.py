@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.device import choose_device, memory_guard
 from ..core.errors import InputError
 from ..core.grid import check_spacing
 from ..core.inputs import check_pair, prepare_image, prepare_mask
@@ -120,11 +121,14 @@ def register(
     Images are numpy-like, 2D ``(y, x)`` or 3D ``(z, y, x)``; ``spacing`` is the fixed image's
     voxel size. ``progress`` receives :class:`~napari_nephi.core.progress.ProgressEvent` objects;
     setting ``cancel`` (a ``threading.Event`` or a callable) stops the engine with ``Cancelled``.
-    Option names the engine does not take raise :class:`InputError` listing the valid ones.
-    Inputs are never modified.
+    Option names the engine does not take raise :class:`InputError` listing the valid ones, an
+    unknown or unavailable ``device`` an :class:`InputError`, and running out of memory an
+    :class:`~napari_nephi.core.errors.OutOfMemoryError`. Notes on the inputs and the engine's
+    own notes are in ``metrics["notes"]``. Inputs are never modified.
     """
     info = engine_info(method)
     check_options(method, options)
+    choose_device(device)  # the same error for every engine, before any work
     notes: list[str] = []
     f = prepare_image(fixed, "fixed", rgb, notes)
     m = prepare_image(moving, "moving", rgb, notes)
@@ -141,10 +145,12 @@ def register(
         notes=notes,
     )
     start = time.perf_counter()
-    result = info.func(pair, **options)
+    with memory_guard(f"{method} registration"):
+        result = info.func(pair, **options)
     result.metrics.setdefault("seconds", time.perf_counter() - start)
-    if notes:
-        result.metrics.setdefault("notes", notes)
+    merged = notes + [n for n in result.metrics.get("notes", []) if n not in notes]
+    if merged:
+        result.metrics["notes"] = merged
     result.settings = {"method": method, "spacing": list(sp), "device": device, **result.settings}
     result.transform.settings = dict(result.settings)
     return result

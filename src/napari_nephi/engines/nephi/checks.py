@@ -12,12 +12,14 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ...core import regularizers as R
 from ...core.device import check_memory
 from ...core.errors import InputError
 from ...core.options import check_bool, check_choice, check_float, check_int
+from ...core.similarity import metric
 from .mlp import REPRESENTATIONS
 from .optimize import REGULARIZERS, SIMILARITIES
 
@@ -141,27 +143,66 @@ def check_run_memory(
         )
 
 
-#: A result whose NCC fell by more than this from the start, with more than ``FOLD_PERCENT`` % of
-#: folded voxels, is a diverged run, not a registration.
+#: A result whose optimised similarity got worse than at the start by more than these (NCC and
+#: local NCC: an absolute drop; MSE: a relative rise), with more than ``FOLD_PERCENT`` % of folded
+#: voxels, is a diverged run, not a registration.
 NCC_DROP = 0.05
+MSE_RISE = 0.1
 FOLD_PERCENT = 1.0
 
 
+def optimised_similarity(
+    name: str, fixed: np.ndarray, before: np.ndarray, warped: np.ndarray, overlap: np.ndarray | None
+) -> dict:
+    """``{"similarity", "similarity_before", "similarity_after"}``: the measure a run optimised.
+
+    ``before`` is the moving image on the fixed grid, unmoved. NCC is taken inside ``overlap``; for
+    the local measures the voxels outside ``overlap`` take the fixed image's values in both, so
+    the zero padding a warp leaves outside the moving image counts neither way.
+    """
+    if overlap is not None and name != "ncc":
+        fixed = np.asarray(fixed, np.float32)
+        before = np.where(overlap, before, fixed)
+        warped = np.where(overlap, warped, fixed)
+    mask = overlap if name == "ncc" else None
+    return {
+        "similarity": name,
+        "similarity_before": metric(name, fixed, before, mask),
+        "similarity_after": metric(name, fixed, warped, mask),
+    }
+
+
 def check_result(metrics: dict, learning_rate: float, code_learning_rate: float) -> str | None:
-    """Raise ``InputError`` for a diverged result (similarity worse than at the start and many
-    folds); a note when the similarity only got worse; None for a sound result."""
-    before, after = metrics.get("ncc_before"), metrics.get("ncc_after")
-    if before is None or after is None or not after < before - NCC_DROP:
+    """Raise ``InputError`` for a diverged result (the optimised similarity worse than at the start
+    and many folds); a note when the similarity only got worse; None for a sound result.
+
+    The similarity is ``metrics["similarity"]`` with ``similarity_before`` / ``similarity_after``
+    (see :func:`optimised_similarity`); without them, NCC (``ncc_before`` / ``ncc_after``). A
+    multi-modal pair registered with ``similarity="lncc"`` can end with a lower NCC and be sound.
+    """
+    name = metrics.get("similarity", "ncc")
+    before, after = metrics.get("similarity_before"), metrics.get("similarity_after")
+    if before is None or after is None:
+        name, before, after = "ncc", metrics.get("ncc_before"), metrics.get("ncc_after")
+    if before is None or after is None or not _worse(name, before, after):
         return None
+    label = name.upper()
     folds = float(metrics.get("fold_percent") or 0.0)
     if folds > FOLD_PERCENT:
         raise InputError(
-            f"The NePhi registration diverged: the similarity fell from NCC {before:.3f} to {after:.3f} "
-            f"and {folds:.1f} % of the voxels fold. With learning_rate={learning_rate:g} and "
+            f"The NePhi registration diverged: the similarity fell from {label} {before:.3g} to "
+            f"{after:.3g} and {folds:.1f} % of the voxels fold. With learning_rate={learning_rate:g} and "
             f"code_learning_rate={code_learning_rate:g} the steps are too large for this pair: leave "
             "them at their defaults (or lower them tenfold), or raise reg_weight."
         )
     return (
-        f"The similarity got worse (NCC {before:.3f} -> {after:.3f}); check the result, and try "
+        f"The similarity got worse ({label} {before:.3g} -> {after:.3g}); check the result, and try "
         "the default learning rates or a coarse stage (levels > 1)."
     )
+
+
+def _worse(name: str, before: float, after: float) -> bool:
+    """Whether ``after`` is clearly worse than ``before`` for the measure ``name``."""
+    if name == "mse":
+        return after > before * (1 + MSE_RISE) + 1e-12
+    return after < before - NCC_DROP

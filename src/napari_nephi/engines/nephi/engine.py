@@ -42,7 +42,7 @@ from ...core.transform import AffineTransform, DisplacementTransform
 from ..registry import register_engine
 from . import chunked as chunking
 from .bspline import intervals_for_spacing
-from .checks import check_options, check_result, check_run_memory
+from .checks import check_options, check_result, check_run_memory, optimised_similarity
 from .coarse import DenseMaps, level_iterations, optimize_velocity, pyramid_shapes
 from .dense import Previewer, dense_displacement, inside_mask, inverse_consistency
 from .field import FieldConfig, NeuralDeformationField, local_grid_shape, zero_codes
@@ -390,6 +390,8 @@ def register_nephi(
     if overlap.sum() < 16:
         overlap = pair.fixed_mask
     metrics.update(similarity_report(pair.fixed, pair.moving, warped, overlap))
+    if similarity != "ncc":  # judge the run by what it optimised (NCC is in the report already)
+        metrics.update(optimised_similarity(similarity, pair.fixed, moving_on_fixed, warped, overlap))
     metrics.update(regularity_report(transform, fshape, pair.fixed_mask))
     note = check_result(metrics, settings_opt.learning_rate, settings_opt.code_learning_rate)
     if note is not None:
@@ -399,7 +401,7 @@ def register_nephi(
     metrics.update(memory_report(device))
     metrics["seconds"] = time.perf_counter() - start
     if notes:
-        metrics["engine_notes"] = notes
+        metrics["notes"] = notes
     settings = {
         "mode": mode,
         "preset": preset,
