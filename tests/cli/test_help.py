@@ -2,9 +2,11 @@
 
 import argparse
 import io
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import napari_nephi as nn
@@ -41,6 +43,43 @@ def test_register_help_says_what_happens_to_an_existing_output(capsys):
     assert main(["register", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "replaced as a whole" in text and "(default: affine)" in text
+
+
+def test_engine_option_flags_list_the_engines_own_values_and_defaults(capsys):
+    import inspect
+
+    from napari_nephi.engines.affine.model import KINDS
+    from napari_nephi.engines.nephi.engine import MODES, PRESETS
+    from napari_nephi.engines.registry import engine_info
+
+    assert main(["register", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    nephi = inspect.signature(engine_info("nephi").func).parameters
+    assert "predict+refine" in MODES and "predict+optimize" not in text
+    assert f"nephi: {', '.join(MODES[:-1])} or {MODES[-1]} (engine default: {nephi['mode'].default})" in text
+    presets = list(PRESETS)
+    assert (
+        f"nephi: {', '.join(presets[:-1])} or {presets[-1]} (engine default: {nephi['preset'].default})"
+        in text
+    )
+    affine = inspect.signature(engine_info("affine").func).parameters
+    assert (
+        f"affine: {', '.join(KINDS[:-1])} or {KINDS[-1]} (engine default: {affine['kind'].default})" in text
+    )
+
+
+def test_every_listed_mode_is_accepted_by_the_engine():
+    """The values --mode lists are the ones the nephi engine takes: no help names a refused mode."""
+    from napari_nephi.engines.nephi.engine import MODES
+
+    fixed = np.zeros((16, 16), np.float32)
+    fixed[4:12, 4:12] = 1
+    assert MODES[0] == "optimize"  # the default, which needs no model
+    for mode in MODES[1:]:  # a predict mode without a model asks for weights, not for another mode
+        with pytest.raises(nn.InputError, match=rf"mode='{re.escape(mode)}' needs a trained NePhi model"):
+            nn.register(fixed, fixed, method="nephi", mode=mode)
+    with pytest.raises(nn.InputError, match=r"Unknown mode 'predict\+optimize'"):
+        nn.register(fixed, fixed, method="nephi", mode="predict+optimize")
 
 
 def test_methods_prints_name_and_description(capsys):

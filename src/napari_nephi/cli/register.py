@@ -25,6 +25,38 @@ from ._common import (
 FLAG_OPTIONS = ("kind", "similarity", "iterations", "levels", "preset", "mode")
 
 
+def engine_choice_help(method: str, option: str, values) -> str:
+    """``"method: a, b or c (engine default: d)"``, the values and default read from the engine."""
+    import inspect
+
+    from ..engines.registry import engine_info
+
+    default = inspect.signature(engine_info(method).func).parameters[option].default
+    values = [str(v) for v in values]
+    listed = ", ".join(values[:-1]) + f" or {values[-1]}" if len(values) > 1 else values[0]
+    return f"{method}: {listed} (engine default: {default})"
+
+
+def _option_help() -> dict[str, str]:
+    """Help of the engine option flags, from the engines' own names and defaults."""
+    from ..engines.affine.engine import SIMILARITIES as AFFINE_SIMILARITIES
+    from ..engines.affine.model import KINDS
+    from ..engines.nephi.engine import MODES, PRESETS
+    from ..engines.nephi.optimize import SIMILARITIES as NEPHI_SIMILARITIES
+
+    return {
+        "kind": engine_choice_help("affine", "kind", KINDS),
+        "similarity": "similarity measure; "
+        + "; ".join(
+            engine_choice_help(m, "similarity", v)
+            for m, v in (("affine", AFFINE_SIMILARITIES), ("nephi", NEPHI_SIMILARITIES))
+        ),
+        "preset": engine_choice_help("nephi", "preset", PRESETS),
+        "mode": engine_choice_help("nephi", "mode", MODES)
+        + "; the predict modes need a trained model (--option weights=PATH)",
+    }
+
+
 def add_parsers(sub) -> None:
     """Add ``register``, ``apply`` and ``methods`` to an argparse subparsers object."""
     r = sub.add_parser(
@@ -44,15 +76,13 @@ def add_parsers(sub) -> None:
     r.add_argument("moving", help="moving image file, resampled onto the fixed image's grid")
     r.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     r.add_argument("--method", default="affine", help="registration engine; see 'napari-nephi methods'")
-    r.add_argument(
-        "--kind",
-        help="affine: translation, rigid, similarity or affine (engine default: affine)",
-    )
-    r.add_argument("--similarity", help="similarity measure, e.g. ncc or mse (engine default)")
+    flag_help = _option_help()
+    r.add_argument("--kind", help=flag_help["kind"])
+    r.add_argument("--similarity", help=flag_help["similarity"])
     r.add_argument("--iterations", type=int, help="optimisation steps (per level for affine; engine default)")
     r.add_argument("--levels", type=int, help="resolution levels (engine default)")
-    r.add_argument("--preset", help="nephi: fast or accurate (engine default: fast)")
-    r.add_argument("--mode", help="nephi: optimize, predict or predict+optimize (engine default: optimize)")
+    r.add_argument("--preset", help=flag_help["preset"])
+    r.add_argument("--mode", help=flag_help["mode"])
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     r.add_argument("--moving-labels", metavar="LABELS", help="labels of the moving image to carry over")
     r.add_argument(
