@@ -390,13 +390,10 @@ def test_progress_per_section_and_cancel(em):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (
-            {"iteratons": 10},
-            "Unknown option for method 'mito': 'iteratons' \\(did you mean 'iterations'\\?\\)",
-        ),
-        ({"iterations": -5}, "iterations must be at least 0, got -5"),
-        ({"iterations": "abc"}, "iterations must be a whole number, got 'abc'"),
-        ({"levels": 0}, "levels must be at least 1"),
+        ({"ratoi": 0.5}, "Unknown option for method 'mito': 'ratoi' \\(did you mean 'ratio'\\?\\)"),
+        # options of the iterative engines: keypoint matching has none, so they are refused
+        ({"iterations": 10}, "Unknown option for method 'mito': 'iterations'.*Valid options: .*ratio"),
+        ({"levels": 2}, "Unknown option for method 'mito': 'levels'"),
         ({"ratio": float("nan")}, "ratio must be a finite number"),
         ({"ransac_threshold": 0}, "ransac_threshold must be greater than 0"),
         ({"max_keypoints": 2.5}, "max_keypoints must be a whole number"),
@@ -423,12 +420,83 @@ def test_pair_engine_checks_option_names_and_values(rotated_copies, options, mes
         ({"scale": 2}, "scale must be at most 1"),
         ({"warp": "yes"}, "warp must be true or false"),
         ({"keypoint_size": -3}, "keypoint_size must be greater than 0"),
+        ({"iteratons": 3}, "Unknown option for method 'mito': 'iteratons'. Valid options: border, cancel"),
+        ({"wrkers": 2}, "'wrkers' \\(did you mean 'workers'\\?\\)"),
+        ({"fallback": 5}, "fallback must be detector names; give a detector name or a list .* got 5"),
+        ({"fallback": ["sift", None]}, "fallback must be detector names.*got \\['sift', None\\]"),
+        ({"fallback": "surf"}, "Unknown fallback detector 'surf'; choose one of orb, brisk, fast, sift"),
+        ({"spacing": "abc"}, "spacing must be numbers, got 'abc'"),
     ],
     ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else None,
 )
 def test_align_stack_checks_option_values(em, options, message):
     with pytest.raises(InputError, match=message):
         align_stack(em["stack"], **options)
+
+
+def test_align_stack_refuses_extra_positional_arguments(em):
+    with pytest.raises(InputError, match="align_stack takes at most 12 positional arguments.*got 13"):
+        align_stack(em["stack"], None, "mito", "brisk", "bf", "homography", 0, 3.0, 0.8, 1, None, None, 5)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        cv2.error("OpenCV(5.0) alloc.cpp:73: error: (-4:Insufficient memory) Failed to allocate 1 bytes"),
+    ],
+    ids=["MemoryError", "cv2-insufficient-memory"],
+)
+def test_running_out_of_memory_is_an_out_of_memory_error(rotated_copies, monkeypatch, error):
+    from napari_nephi.engines.mito import align
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(align.ft, "features", fail)
+    stack = rotated_copies["stack"][:2]
+    with pytest.raises(napari_nephi.OutOfMemoryError, match="The stack alignment ran out of memory"):
+        align_stack(stack, warp=False)
+    with pytest.raises(napari_nephi.OutOfMemoryError, match="The mito registration ran out of memory"):
+        napari_nephi.register(stack[0], stack[1], method="mito")
+
+
+def test_other_opencv_errors_are_not_called_out_of_memory(rotated_copies, monkeypatch):
+    from napari_nephi.engines.mito import align
+
+    def fail(*args, **kwargs):
+        raise cv2.error("OpenCV(5.0) error: (-215:Assertion failed) !empty()")
+
+    monkeypatch.setattr(align.ft, "features", fail)
+    with pytest.raises(cv2.error, match="Assertion failed"):
+        align_stack(rotated_copies["stack"][:2], warp=False)
+
+
+def _corner_error(reg, d, fixed_index, moving_index):
+    """Largest distance (px) between the fitted and the true map at four inner corners."""
+    truth = d["matrices"][moving_index] @ np.linalg.inv(d["matrices"][fixed_index])
+    h, w = d["stack"].shape[1:]
+    corners = np.array([[90, 90, 1], [90, w - 90, 1], [h - 90, 90, 1], [h - 90, w - 90, 1.0]]).T
+    return float(np.abs(reg.transform.matrix @ corners - truth @ corners)[:2].max())
+
+
+def test_pair_with_one_mask_uses_it(rotated_copies):
+    d = rotated_copies
+    fixed, moving = d["stack"][0], d["stack"][1]
+    mask = d["masks"][0] > 0
+    half = mask.copy()
+    half[:, fixed.shape[1] // 2 :] = False  # mitochondria of the left half only
+    both = napari_nephi.register(fixed, moving, method="mito", model="rigid", fixed_mask=mask)
+    left = napari_nephi.register(fixed, moving, method="mito", model="rigid", fixed_mask=half)
+    assert _corner_error(both, d, 0, 1) < 1.0 and _corner_error(left, d, 0, 1) < 1.5
+    # the fixed keypoints follow the given mask; the moving ones (mitochondria found automatically) do not
+    assert left.metrics["keypoints_a"] < 0.75 * both.metrics["keypoints_a"]
+    # (only the descriptor support, sized from the fixed mitochondria, may drop a few at the border)
+    assert abs(left.metrics["keypoints_b"] - both.metrics["keypoints_b"]) < 0.05 * both.metrics["keypoints_b"]
+    only_moving = napari_nephi.register(
+        fixed, moving, method="mito", model="rigid", moving_mask=d["masks"][1] > 0, detector="sift"
+    )
+    assert _corner_error(only_moving, d, 0, 1) < 1.0
 
 
 def test_match_pair_ignores_stack_options_and_refuses_unknown_ones(em):

@@ -28,13 +28,14 @@ pull-back, as :class:`~napari_nephi.core.transform.PerSectionTransform` expects.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,8 @@ import torch
 
 from ...core.device import check_memory
 from ...core.errors import DimensionMismatchError, InputError
-from ...core.options import check_bool, check_float, check_int
+from ...core.grid import check_spacing
+from ...core.options import check_bool, check_float, check_int, check_known
 from ...core.progress import CancelFlag, Progress, ProgressCallback
 from ...core.registration import Registration
 from ...core.transform import PerSectionTransform
@@ -437,6 +439,29 @@ def _pair_job(sections: _Sections, futs: dict, k: int, chain: list[int], shape) 
 
 
 # -- the engine ---------------------------------------------------------------------------------
+def _checked_call(func: Callable[..., Registration]) -> Callable[..., Registration]:
+    """Make ``func`` refuse unknown option names and extra positional arguments with an
+    ``InputError`` (not a ``TypeError``) and turn running out of memory into ``OutOfMemoryError``."""
+    params = inspect.signature(func).parameters
+    positional = [n for n, p in params.items() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+
+    @functools.wraps(func)
+    def checked(*args: Any, **options: Any) -> Registration:
+        check_known(
+            "mito", {k: v for k, v in options.items() if k not in params}, [n for n in params if n != "stack"]
+        )
+        if len(args) > len(positional):
+            raise InputError(
+                f"{func.__name__} takes at most {len(positional)} positional arguments "
+                f"({', '.join(positional)}), got {len(args)}; give the options by name, e.g. detector='sift'."
+            )
+        with ft.opencv_memory_guard("stack alignment"):
+            return func(*args, **options)
+
+    return checked
+
+
+@_checked_call
 def align_stack(
     stack,
     masks=None,
@@ -556,8 +581,17 @@ def align_stack(
         aligned (reference-frame) coordinates to coordinates of section ``k``, ``.metrics``
         with ``"report"`` (one dict per section: keypoints, matches, inliers, reprojection
         error, failed, fallback, method) and a summary; ``.settings`` the options used.
+
+    Raises
+    ------
+    InputError
+        For an unknown option name (listing the valid ones) or a value out of type or range.
+    OutOfMemoryError
+        When the sections or the aligned stack do not fit in memory.
     """
     start = time.perf_counter()
+    if spacing is not None:
+        spacing = check_spacing(spacing, 3)
     if isinstance(stack, (str, Path)):
         stack, meta = _read_path(stack, "stack")
         file_spacing = meta.get("scale")
@@ -702,12 +736,7 @@ def build_options(
     desc = ft.check_choice(descriptor, ft.DESCRIPTORS, "descriptor")
     mat = ft.check_choice(matcher, ft.MATCHERS, "matcher")
     mod = ft.check_choice(model, ft.MODELS, "model")
-    if isinstance(fallback, str):
-        fallback = (fallback,)
-    fb = tuple(str(f).lower() for f in (fallback or ()))
-    for f in fb:
-        if f != "identity":
-            ft.check_choice(f, ft.DETECTORS[1:], "fallback detector")
+    fb = _check_fallback(fallback)
     if use_masks is None:
         use_masks = det == "mito" or masks_given
     elif not check_bool("use_masks", use_masks) and det == "mito":
@@ -735,6 +764,22 @@ def build_options(
         model_selection=check_bool("model_selection", model_selection),
         refine=check_bool("refine", refine),
     )  # fmt: skip
+
+
+def _check_fallback(fallback) -> tuple[str, ...]:
+    """The ``fallback`` detectors as lower-case names; ``InputError`` for anything else."""
+    usage = f"give a detector name or a list of them ({', '.join(ft.DETECTORS[1:])}), or 'identity'"
+    if fallback is None:
+        return ()
+    if isinstance(fallback, str):
+        fallback = (fallback,)
+    if not isinstance(fallback, (list, tuple)) or not all(isinstance(f, str) for f in fallback):
+        raise InputError(f"Option fallback must be detector names; {usage}, got {fallback!r}.")
+    fb = tuple(f.lower() for f in fallback)
+    for f in fb:
+        if f != "identity":
+            ft.check_choice(f, ft.DETECTORS[1:], "fallback detector")
+    return fb
 
 
 #: Names :func:`align_stack` takes besides the stack, for checks of option names elsewhere.

@@ -9,13 +9,14 @@ import numpy as np
 
 from ...core.errors import InputError
 from ...core.metrics import similarity_report
-from ...core.options import check_int, check_known
+from ...core.options import check_float, check_known
 from ...core.registration import Pair, Registration
 from ...core.transform import AffineTransform
 from ..registry import register_engine
 from . import features as ft
 from .align import STACK_OPTIONS, _fit_pair, _Sections, as_stack, build_options, read_section
-from .masks import intensity_range, to_uint8
+from .features import opencv_memory_guard
+from .masks import detect_mitochondria_section, intensity_range, to_uint8
 
 
 def match_pair(
@@ -100,8 +101,6 @@ def register_mito(
     model: str = "similarity",
     ransac_threshold: float = 3.0,
     ratio: float = 0.8,
-    iterations: int | None = None,
-    levels: int | None = None,
     use_masks: bool | None = None,
     max_keypoints: int = 1000,
     scale: float | None = None,
@@ -122,16 +121,11 @@ def register_mito(
     ``fixed -> moving`` the project uses. ``model`` is ``"rigid"``, ``"similarity"`` or
     ``"affine"`` (a 2D homography has no saved transform kind; use
     :func:`~.align.align_stack` on a two-section stack for one). Masks given to
-    :func:`napari_nephi.register` (both fixed and moving) restrict the keypoints; otherwise
-    ``detector="mito"`` detects mitochondria automatically. The other options are those of
-    :func:`~.align.align_stack`, checked the same way. ``iterations`` and ``levels`` (options of
-    the iterative engines, which the register widget sends to every method) are checked and
-    ignored: keypoint matching has neither.
+    :func:`napari_nephi.register` restrict the keypoints of their image; an image without one is
+    treated as when no masks are given (``detector="mito"`` or ``use_masks=True``: its
+    mitochondria are detected automatically; otherwise its keypoints come from the whole image).
+    The other options are those of :func:`~.align.align_stack`, checked the same way.
     """
-    if iterations is not None:
-        check_int("iterations", iterations, 0, 1_000_000)
-    if levels is not None:
-        check_int("levels", levels, 1, 12)
     if pair.fixed.ndim != 2:
         raise InputError(
             "method='mito' registers one 2D section onto another; for a stack of sections use "
@@ -157,14 +151,12 @@ def register_mito(
     stack = np.stack([fixed, moving])
     lo, hi = intensity_range(stack)
     stack = np.stack([to_uint8(fixed, lo, hi), to_uint8(moving, lo, hi)])  # one range for both
-    masks = None
-    if pair.fixed_mask is not None and pair.moving_mask is not None:
-        shape = stack.shape[1:]
-        masks = np.stack([_pad_to(pair.fixed_mask, shape), _pad_to(pair.moving_mask, shape)])
-    res = match_pair(
-        stack, 0, 1, masks, detector=detector, descriptor=descriptor, matcher=matcher, model=model,
-        ransac_threshold=ransac_threshold, ratio=ratio, **options,
-    )  # fmt: skip
+    masks = _pair_masks(stack, (pair.fixed_mask, pair.moving_mask), detector, use_masks, mito_radius)
+    with opencv_memory_guard("mito registration"):
+        res = match_pair(
+            stack, 0, 1, masks, detector=detector, descriptor=descriptor, matcher=matcher, model=model,
+            ransac_threshold=ransac_threshold, ratio=ratio, **options,
+        )  # fmt: skip
     pair.progress.step(1, 1, stage="keypoints matched")
     if res["matrix"] is None:
         st = res["stats"]
@@ -183,6 +175,32 @@ def register_mito(
         "ransac_threshold": ransac_threshold, "ratio": ratio, **options,
     }  # fmt: skip
     return Registration(warped=warped, transform=transform, metrics=metrics, settings=settings)
+
+
+def _pair_masks(stack: np.ndarray, given, detector: str, use_masks, mito_radius) -> np.ndarray | None:
+    """Both sections' masks, or None when neither image has one.
+
+    A missing mask is what the engine uses without masks: automatically detected mitochondria
+    when masks are in use for ``detector="mito"`` or ``use_masks=True``, else the whole image.
+    """
+    if all(m is None for m in given):
+        return None
+    shape = stack.shape[1:]
+    detect = str(detector).lower() == "mito" or use_masks is True
+    out = []
+    for section, mask in zip(stack, given, strict=True):
+        if mask is not None:
+            out.append(_pad_to(np.asarray(mask), shape).astype(np.uint8))
+        elif detect:
+            radius = (
+                None
+                if mito_radius is None
+                else check_float("mito_radius", mito_radius, 0, 10**4, low_open=True)
+            )
+            out.append(detect_mitochondria_section(section, radius))
+        else:
+            out.append(np.ones(shape, np.uint8))
+    return np.stack(out)
 
 
 def _pad_to(img: np.ndarray, shape) -> np.ndarray:

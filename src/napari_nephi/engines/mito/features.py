@@ -11,14 +11,17 @@ convention only at the end, with :func:`xy_to_yx`. A model fitted with
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
-from ...core.errors import InputError
+from ...core.device import memory_guard
+from ...core.errors import InputError, OutOfMemoryError
 
 DETECTORS = ("mito", "orb", "brisk", "fast", "sift")
 DESCRIPTORS = ("brisk", "orb", "freak", "sift")
@@ -113,6 +116,27 @@ class Features:
     @staticmethod
     def empty(detector: str, descriptor: str) -> Features:
         return Features(np.zeros((0, 2), np.float32), None, descriptor != "sift", detector, descriptor)
+
+
+#: What OpenCV's ``cv2.error`` says when an allocation fails.
+OPENCV_OUT_OF_MEMORY = ("Insufficient memory", "Failed to allocate")
+
+
+@contextlib.contextmanager
+def opencv_memory_guard(what: str) -> Iterator[None]:
+    """:func:`~napari_nephi.core.device.memory_guard` that also turns OpenCV's failed allocations
+    (a ``cv2.error`` saying "Insufficient memory" or "Failed to allocate") into
+    :class:`~napari_nephi.core.errors.OutOfMemoryError`."""
+    with memory_guard(what):
+        try:
+            yield
+        except cv2.error as exc:
+            if not any(text in str(exc) for text in OPENCV_OUT_OF_MEMORY):
+                raise
+            raise OutOfMemoryError(
+                f"The {what} ran out of memory in OpenCV. Downsample the sections (scale=0.5), "
+                "crop them to the region of interest, or use fewer workers."
+            ) from exc
 
 
 def check_choice(value: str, allowed: tuple, what: str) -> str:
