@@ -1,5 +1,6 @@
 """The npe2 manifest validates; every sample opens in a real viewer; readers are found by napari."""
 
+import napari
 import numpy as np
 import pytest
 from npe2 import PluginManifest
@@ -21,7 +22,7 @@ def test_sample_opens_in_viewer(make_napari_viewer, key):
     viewer = make_napari_viewer()
     layers = viewer.open_sample("napari-nephi", key)
     assert len(layers) >= 2
-    images = [ly for ly in viewer.layers if ly._type_string == "image"]
+    images = [ly for ly in viewer.layers if isinstance(ly, napari.layers.Image)]
     assert images and max(ly.ndim for ly in images) == SAMPLES[key]
     for layer in viewer.layers:
         data = np.asarray(layer.data)
