@@ -2,6 +2,9 @@
 
 import pytest
 
+import napari_nephi
+from napari_nephi.engines.registry import engine_info
+from napari_nephi.synthetic import em_stack
 from napari_nephi.widgets._options import RegistrationOptions
 
 
@@ -73,3 +76,41 @@ def test_advanced_options_are_folded_and_reachable(qtbot):
     opts.method.setCurrentText("nephi")  # the open section takes the NePhi rows' height
     qtbot.waitUntil(lambda: not opts.sample_points.visibleRegion().isEmpty(), timeout=2000)
     assert opts.similarity.isHidden()
+
+
+def _row_shown(opts: RegistrationOptions, widget) -> bool:
+    label = opts.advanced_form.labelForField(widget)
+    return not widget.isHidden() and label is not None and not label.isHidden()
+
+
+def test_mito_gets_only_the_options_it_takes(qtbot):
+    opts = RegistrationOptions("affine")
+    qtbot.addWidget(opts)
+    opts.iterations.setValue(30)
+    opts.levels.setValue(2)
+    assert _row_shown(opts, opts.iterations) and _row_shown(opts, opts.levels)
+    assert opts.values()["iterations"] == 30 and opts.values()["levels"] == 2
+    opts.method.setCurrentText("mito")  # keypoint matching has neither
+    assert not _row_shown(opts, opts.iterations) and not _row_shown(opts, opts.levels)
+    values = opts.values()
+    assert values == {"method": "mito", "device": "auto"}
+    assert set(values) - {"method", "device"} <= set(engine_info("mito").options)
+    em = em_stack(2, (128, 128), seed=1)
+    fixed, moving = em["stack"][0], em["stack"][1]
+    reg = napari_nephi.register(fixed, moving, **values)  # register() accepts every option sent
+    assert reg.settings["method"] == "mito"
+    opts.method.setCurrentText("affine")  # the rows and their values come back
+    assert _row_shown(opts, opts.iterations) and opts.values()["iterations"] == 30
+
+
+@pytest.mark.parametrize("method", ["affine", "nephi", "mito"])
+def test_every_method_gets_only_options_its_engine_takes(qtbot, method):
+    opts = RegistrationOptions(method)
+    qtbot.addWidget(opts)
+    opts.iterations.setValue(5)
+    opts.levels.setValue(1)
+    opts.reg_weight.setValue(0.5)
+    opts.sample_points.setValue(2048)
+    sent = set(opts.values()) - {"method", "device"}
+    assert sent <= set(engine_info(method).options)
+    assert ("iterations" in sent) == (method != "mito")

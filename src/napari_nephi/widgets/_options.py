@@ -1,7 +1,9 @@
 """The options panel of the registration widget: method, its parameters and the device.
 
-Method-specific rows are shown only for their method; ``values()`` returns just the options
-that method takes, ready for ``napari_nephi.register``. A value of 0 in an "auto" spin box means
+Method-specific rows are shown only for their method, and the shared ones (iterations,
+resolution levels) only for methods whose engine takes them; ``values()`` returns just the
+options that method's engine takes (``engine_info(method).options``), ready for
+``napari_nephi.register``. A value of 0 in an "auto" spin box means
 "use the engine's default or preset". The rows most runs leave alone sit in a folded "advanced
 options" section (:func:`folded`), so the dock stays short.
 """
@@ -24,7 +26,7 @@ from qtpy.QtWidgets import (
 from superqt import QCollapsible
 
 from ..core.device import available_devices
-from ..engines.registry import available_methods
+from ..engines.registry import available_methods, engine_info
 
 AFFINE_KINDS = ("rigid", "similarity", "affine", "translation")
 AFFINE_SIMILARITIES = ("ncc", "mse", "nmi", "lncc")
@@ -126,6 +128,8 @@ class RegistrationOptions(QWidget):
         for rows in self._rows.values():
             for label, widget, advanced in rows:
                 (self.advanced_form if advanced else self.form).addRow(label, widget)
+        #: rows of options several engines take: (option name, widget), shown where the engine takes it
+        self._shared = [("iterations", self.iterations), ("levels", self.levels)]
         self.advanced_form.addRow("iterations", self.iterations)
         self.advanced_form.addRow("resolution levels", self.levels)
         self.advanced_form.addRow("device", self.device)
@@ -154,6 +158,8 @@ class RegistrationOptions(QWidget):
         for name, rows in self._rows.items():
             for _label, widget, advanced in rows:
                 self._set_row_visible(self.advanced_form if advanced else self.form, widget, name == method)
+        for option, widget in self._shared:
+            self._set_row_visible(self.advanced_form, widget, self._takes(method, option))
         self.model_row.setEnabled(self.mode.currentText() != "optimize")
         refold(self.advanced)
         self.changed.emit()
@@ -165,14 +171,20 @@ class RegistrationOptions(QWidget):
         if label is not None:
             label.setVisible(visible)
 
+    @staticmethod
+    def _takes(method: str, option: str) -> bool:
+        """Whether the engine ``method`` takes ``option`` (one taking ``**kwargs`` takes any)."""
+        valid = engine_info(method).options
+        return valid is None or option in valid
+
     def values(self) -> dict:
-        """Options for ``register``; "auto" values are left out so the engine decides."""
+        """Options for ``register``: only those the chosen engine takes; "auto" values are left out
+        so the engine decides."""
         method = self.method.currentText()
         opts: dict = {"method": method, "device": self.device.currentData()}
-        if self.iterations.value():
-            opts["iterations"] = self.iterations.value()
-        if self.levels.value():
-            opts["levels"] = self.levels.value()
+        for option, widget in self._shared:
+            if widget.value() and self._takes(method, option):
+                opts[option] = widget.value()
         if method == "affine":
             opts["kind"] = self.kind.currentText()
             opts["similarity"] = self.similarity.currentText()
@@ -187,4 +199,4 @@ class RegistrationOptions(QWidget):
                 opts["sample_points"] = self.sample_points.value()
             if opts["mode"] != "optimize":
                 opts["weights"] = self.model_path.text().strip() or DEFAULT_MODEL
-        return opts
+        return {k: v for k, v in opts.items() if k in ("method", "device") or self._takes(method, k)}
