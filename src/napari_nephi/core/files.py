@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import UnsupportedFileError
@@ -83,16 +83,19 @@ def clean_leftovers(path) -> list[Path]:
     return removed
 
 
-def check_output_folder(path) -> Path:
+def check_output_folder(path, earlier_output: Callable[[Path], bool] | None = None) -> Path:
     """``path`` as a Path if a run may publish a folder there, else :class:`UnsupportedFileError`.
 
     Allowed: a path that does not exist, an empty folder, or the output folder of an earlier
-    napari-nephi run (it holds :data:`OUTPUT_MARKER`), which is then replaced as a whole. A file, or
-    a folder holding anything else, is refused, so nothing of the user's is ever deleted.
+    napari-nephi run (it holds :data:`OUTPUT_MARKER`, or ``earlier_output(path)`` is true: an
+    output of a version that wrote no marker), which is then replaced as a whole. A file, or a
+    folder holding anything else, is refused, so nothing of the user's is ever deleted.
     """
     path = Path(path)
     if path.is_dir():
         if (path / OUTPUT_MARKER).exists() or not any(path.iterdir()):
+            return path
+        if earlier_output is not None and earlier_output(path):
             return path
         raise UnsupportedFileError(
             f"{path} exists and holds files napari-nephi did not write; choose a new output folder "
@@ -115,15 +118,16 @@ def check_output_folder(path) -> Path:
 
 
 @contextlib.contextmanager
-def output_folder(path) -> Iterator[Path]:
+def output_folder(path, earlier_output: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``path``; when the block succeeds it becomes ``path``.
 
     The folder replaces an earlier output at ``path`` as a whole (never mixing old and new files);
     when the block fails, or the process is killed, ``path`` is left as it was, and the temporary
     folder is removed (or, after a kill, by the next run: :func:`clean_leftovers`). Refuses what
-    :func:`check_output_folder` refuses; an unwritable place gives :class:`UnsupportedFileError`.
+    :func:`check_output_folder` refuses (``earlier_output`` as there); an unwritable place gives
+    :class:`UnsupportedFileError`.
     """
-    path = check_output_folder(path)
+    path = check_output_folder(path, earlier_output)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_leftovers(path)

@@ -30,17 +30,41 @@ class Registration:
         """Write ``transform/``, ``warped.tif``, ``metrics.json`` and ``settings.json`` to ``folder``.
 
         The folder is written atomically (see :func:`napari_nephi.core.files.output_folder`): an
-        earlier output there is replaced as a whole; a folder holding other files is refused.
+        earlier output there is replaced as a whole, also one saved by a version that wrote no
+        output marker (it holds only these names and a saved transform); a folder holding other
+        files is refused.
         """
         import tifffile
 
         folder = Path(folder)
-        with output_folder(folder) as tmp:
+        with output_folder(folder, earlier_output=saved_without_marker) as tmp:
             self.transform.save(tmp / "transform")
             (tmp / "metrics.json").write_text(json.dumps(self.metrics, indent=2, default=str))
             (tmp / "settings.json").write_text(json.dumps(self.settings, indent=2, default=str))
             tifffile.imwrite(tmp / "warped.tif", np.asarray(self.warped, np.float32))
         return folder
+
+
+#: What :meth:`Registration.save` writes into its folder (besides the output marker).
+SAVED_NAMES = ("transform", "warped.tif", "metrics.json", "settings.json")
+
+
+def saved_without_marker(folder: Path) -> bool:
+    """Whether ``folder`` was written by :meth:`Registration.save` of a version with no output marker.
+
+    True when it holds a saved napari-nephi transform in ``transform/`` and nothing but
+    :data:`SAVED_NAMES` and the temporary files a killed save of those left (``.NAME.*``).
+    """
+    from .transform_io import FORMAT
+
+    try:
+        meta = json.loads((folder / "transform" / "transform.json").read_text(encoding="utf-8"))
+        names = [entry.name for entry in folder.iterdir()]
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return False
+    return all(name in SAVED_NAMES or name.startswith(tuple(f".{n}." for n in SAVED_NAMES)) for name in names)
 
 
 @dataclass
