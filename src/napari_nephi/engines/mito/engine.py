@@ -151,8 +151,8 @@ def register_mito(
     stack = np.stack([fixed, moving])
     lo, hi = intensity_range(stack)
     stack = np.stack([to_uint8(fixed, lo, hi), to_uint8(moving, lo, hi)])  # one range for both
-    masks = _pair_masks(stack, (pair.fixed_mask, pair.moving_mask), detector, use_masks, mito_radius)
     with opencv_memory_guard("mito registration"):
+        masks = _pair_masks(stack, (pair.fixed_mask, pair.moving_mask), detector, use_masks, mito_radius)
         res = match_pair(
             stack, 0, 1, masks, detector=detector, descriptor=descriptor, matcher=matcher, model=model,
             ransac_threshold=ransac_threshold, ratio=ratio, **options,
