@@ -129,7 +129,11 @@ def check_grid_shape(shape, ndim: int, what: str = "shape") -> tuple[int, ...]:
 
     Whole-number floats (``10.0``) are accepted; ``10.5``, strings, bools and empty axes are not.
     """
-    if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, np.ndarray)):
+    if (
+        isinstance(shape, (str, bytes))
+        or not isinstance(shape, (Sequence, np.ndarray))
+        or (isinstance(shape, np.ndarray) and shape.ndim != 1)
+    ):
         raise InputError(f"{what} must be a sequence of {ndim} whole numbers (one per axis), got {shape!r}.")
     out = []
     for n in shape:
