@@ -85,6 +85,18 @@ def test_an_unknown_device_is_refused_the_same_way_by_every_engine(pair, method)
 
 
 @pytest.mark.parametrize(
+    ("callbacks", "message"),
+    [
+        ({"progress": 5}, "progress must be a function"),
+        ({"cancel": "stop"}, "cancel must be a threading.Event"),
+    ],
+)
+def test_progress_and_cancel_must_be_callable(pair, callbacks, message):
+    with pytest.raises(nn.InputError, match=message):
+        nn.register(*pair, method="mito", **callbacks)
+
+
+@pytest.mark.parametrize(
     "error",
     [
         MemoryError(),

@@ -426,6 +426,8 @@ def test_pair_engine_checks_option_names_and_values(rotated_copies, options, mes
         ({"fallback": ["sift", None]}, "fallback must be detector names.*got \\['sift', None\\]"),
         ({"fallback": "surf"}, "Unknown fallback detector 'surf'; choose one of orb, brisk, fast, sift"),
         ({"spacing": "abc"}, "spacing must be numbers, got 'abc'"),
+        ({"progress": 5}, "progress must be a function taking a ProgressEvent \\(or None\\), got int"),
+        ({"cancel": "stop"}, "cancel must be a threading.Event or a function returning True to stop"),
     ],
     ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else None,
 )
