@@ -29,7 +29,7 @@ import numpy as np
 import qtpy
 from qtpy.QtWidgets import QApplication
 
-from napari_nephi import overlays, sample_data
+from napari_nephi import sample_data
 from napari_nephi.widgets import NephiWidget
 
 OUT = Path(__file__).parent / "images"
@@ -81,8 +81,6 @@ def run_widget(widget, min_steps: int = 0, during=None) -> None:
     while not done:
         pump(0.05)
     pump(1.0)
-    for layer in list(widget.viewer.layers):
-        overlays.style_layer(layer, widget.viewer)  # the Jacobian's colour bar, the 3D slice view
 
 
 def tc_screenshots(viewer, widget) -> None:

@@ -305,6 +305,10 @@ def test_end_to_end_affine_run(make_napari_viewer, qtbot, pair, errors, tmp_path
     assert warped.data.shape == fixed.shape
     assert tuple(warped.scale) == (2.0, 2.0)
     assert int(viewer.layers["moving folds"].data.sum()) == 0
+    jac = viewer.layers["moving Jacobian determinant"]
+    assert jac.colorbar.visible  # the legend: colour bar of a range centred on 1
+    low, high = jac.contrast_limits
+    assert low < 1 < high and low + high == pytest.approx(2.0)
     wl = viewer.layers["moving warped labels"].data
     assert wl.dtype == np.uint16 and set(np.unique(wl)) == {0, 7, 300}
     assert widget.last.metrics["tre_mean"] < 2.0  # physical units, spacing 2
@@ -314,6 +318,7 @@ def test_end_to_end_affine_run(make_napari_viewer, qtbot, pair, errors, tmp_path
     before_rerun = list(viewer.layers)
     _run(widget, qtbot)
     assert list(viewer.layers) == before_rerun
+    assert viewer.layers["moving Jacobian determinant"].colorbar.visible
     assert viewer.layers["moving warped"].data is widget.last.warped
     # save the transform with the settings, load it and apply it to the labels layer
     folder = widget.save_transform(tmp_path / "t")

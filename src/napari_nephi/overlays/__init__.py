@@ -1,12 +1,12 @@
 """Registration -> napari layer data, without importing napari or Qt.
 
 Every function returns napari LayerData tuples ``(data, kwargs, layer_type)`` that a widget (or
-``viewer._add_layer_from_data(*t)``) turns into layers: a deformation grid (Shapes, paths), the
-Jacobian determinant (Image), folds (Labels), warped labels (Labels), checkerboard and difference
-images (Image) and landmark residuals (Vectors). Coordinates are voxels of the fixed grid in
-napari axis order; physical voxel size becomes the layer ``scale``. Once a layer is in a viewer,
-:func:`style_layer` adds what only a live layer can have (the Jacobian's colour bar, the 3D view
-of the current slice).
+``viewer.add_layer(napari.layers.Layer.create(*t))``) turns into layers: a deformation grid
+(Shapes, paths), the Jacobian determinant (Image), folds (Labels), warped labels (Labels),
+checkerboard and difference images (Image) and landmark residuals (Vectors). Coordinates are
+voxels of the fixed grid in napari axis order; physical voxel size becomes the layer ``scale``.
+Once a layer is in a viewer, :func:`style_layer` adds what only a live layer can have (the
+Jacobian's colour bar, the 3D view of the current slice).
 """
 
 from __future__ import annotations

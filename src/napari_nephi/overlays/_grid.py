@@ -78,7 +78,8 @@ def deformation_grid(
     moving image, in moving voxel coordinates, so draw them over the *moving* image. A translation
     ``t`` moves every line by ``+t``.
 
-    Size: ``spacing_px=None`` picks :func:`auto_spacing` (about 10-20 lines per axis whatever the
+    Size: ``spacing_px=None`` picks :func:`auto_spacing` of the in-plane axes (in 3D the axes other
+    than ``slice_axis``; about 10-20 lines per axis whatever the
     image size) and ``edge_width=None`` :func:`auto_line_width` (a fraction of a voxel, in napari
     data units: both Shapes and Vectors layers build their line meshes in data coordinates).
 
@@ -101,8 +102,9 @@ def deformation_grid(
     d = len(shape)
     if mode not in _MODES:
         raise InputError(f"mode must be one of {_MODES}, not {mode!r}.")
-    if spacing_px is None:
-        spacing_px = auto_spacing(shape)
+    if spacing_px is None:  # from the axes the lines are drawn in: a 3D grid is drawn slice by slice
+        in_plane = shape if d != 3 or not -3 <= slice_axis < 3 else np.delete(shape, slice_axis % 3)
+        spacing_px = auto_spacing(in_plane)
     if not (np.isfinite(spacing_px) and spacing_px > 0):
         raise InputError(f"spacing_px must be a positive number of voxels, got {spacing_px}.")
     if edge_width is None:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from qtpy.QtCore import QObject
 
+from .. import overlays
 from ._steps import StepQueue
 
 #: Name of the short-lived layers :func:`warm_up` adds and removes.
@@ -16,7 +17,7 @@ WARM_UP_NAME = "napari-nephi warm-up"
 
 #: Keyword arguments that follow the data when a layer of a previous run is updated in place. The
 #: look the user may have changed (colormap, opacity, blending, visibility) is kept.
-_DATA_KWARGS = ("scale", "translate", "metadata", "contrast_limits", "features")
+_DATA_KWARGS = ("scale", "translate", "metadata", "contrast_limits", "features", "edge_width")
 
 #: Of those, the numeric ones: set only when they change (napari refreshes the layer each time).
 _NUMERIC = ("scale", "translate", "contrast_limits")
@@ -308,6 +309,7 @@ class ResultLayers:
         def step():
             update_layer(layer, data, kwargs, kind, restyle)
             result[i] = layer
+            overlays.style_layer(layer, self.viewer)  # colour bar, 3D view of the new data
 
         return step
 
@@ -321,6 +323,7 @@ class ResultLayers:
                 result[i] = self.viewer.add_layer(layer)
             else:
                 result[i] = getattr(self.viewer, f"add_{kind}")(data, **{**kwargs, "visible": False})
+            overlays.style_layer(result[i], self.viewer)  # colour bar, 3D view of the current slice
 
         def show():
             if result[i] is not None and result[i] in self.viewer.layers:
