@@ -20,7 +20,7 @@ WARM_UP_NAME = "napari-nephi warm-up"
 _DATA_KWARGS = ("scale", "translate", "metadata", "contrast_limits", "features", "edge_width")
 
 #: Of those, the numeric ones: set only when they change (napari refreshes the layer each time).
-_NUMERIC = ("scale", "translate", "contrast_limits")
+_NUMERIC = ("scale", "translate", "contrast_limits", "edge_width")
 
 #: The look of a layer and napari's defaults, set when a layer is adopted for another role.
 _LOOK = (("colormap", None), ("opacity", 1.0), ("blending", "translucent"), ("visible", True))
