@@ -46,7 +46,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import OutOfMemoryError, UnsupportedFileError
-from .files import DIR_MODE
+from .files import DIR_MODE, publish_folder
 from .transform import (
     AffineTransform,
     ComposedTransform,
@@ -251,18 +251,7 @@ def save_transform(t: Transform, path) -> Path:
     try:
         os.chmod(tmp, DIR_MODE)  # mkdtemp makes 0700; a saved transform is a normal folder
         _write(t, tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except OSError:
-                os.replace(old, path)  # put the earlier transform back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        publish_folder(tmp, path)  # replaces an earlier transform as a whole, or puts it back
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, UnsupportedFileError):
