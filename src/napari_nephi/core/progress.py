@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import Cancelled
+from .errors import Cancelled, InputError
 
 
 @dataclass
@@ -57,6 +57,16 @@ class Progress:
         cancel: CancelFlag = None,
         preview_every: float = 0.5,
     ):
+        if callback is not None and not callable(callback):
+            raise InputError(
+                "progress must be a function taking a ProgressEvent (or None), "
+                f"got {type(callback).__name__}."
+            )
+        if cancel is not None and not (callable(cancel) or isinstance(cancel, threading.Event)):
+            raise InputError(
+                f"cancel must be a threading.Event or a function returning True to stop (or None), "
+                f"got {type(cancel).__name__}."
+            )
         self.callback = callback
         self.cancel = cancel
         self.preview_every = preview_every

@@ -9,7 +9,6 @@ whose options are explicit keyword parameters: :func:`register` refuses any othe
 from __future__ import annotations
 
 import inspect
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -104,20 +103,6 @@ def check_options(method: str, options: dict) -> None:
         check_known(method, options, valid)
 
 
-def check_callbacks(progress, cancel) -> None:
-    """Raise :class:`InputError` unless ``progress`` is None or callable and ``cancel`` is None, a
-    ``threading.Event`` or a callable (checked before any work, not at the first step)."""
-    if progress is not None and not callable(progress):
-        raise InputError(
-            f"progress must be a function taking a ProgressEvent (or None), got {type(progress).__name__}."
-        )
-    if cancel is not None and not (callable(cancel) or isinstance(cancel, threading.Event)):
-        raise InputError(
-            f"cancel must be a threading.Event or a function returning True to stop (or None), "
-            f"got {type(cancel).__name__}."
-        )
-
-
 def register(
     fixed,
     moving,
@@ -144,7 +129,7 @@ def register(
     info = engine_info(method)
     check_options(method, options)
     choose_device(device)  # the same error for every engine, before any work
-    check_callbacks(progress, cancel)
+    prog = Progress(progress, cancel)  # checks the callbacks, before any work too
     notes: list[str] = []
     f = prepare_image(fixed, "fixed", rgb, notes)
     m = prepare_image(moving, "moving", rgb, notes)
@@ -156,7 +141,7 @@ def register(
         spacing=sp,
         fixed_mask=prepare_mask(fixed_mask, f.shape, "fixed mask"),
         moving_mask=prepare_mask(moving_mask, m.shape, "moving mask"),
-        progress=Progress(progress, cancel),
+        progress=prog,
         device=device,
         notes=notes,
     )

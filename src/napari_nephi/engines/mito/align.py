@@ -52,7 +52,6 @@ from ...core.options import check_bool, check_float, check_int, check_known
 from ...core.progress import CancelFlag, Progress, ProgressCallback
 from ...core.registration import Registration
 from ...core.transform import PerSectionTransform
-from ..registry import check_callbacks
 from . import features as ft
 from .masks import detect_mitochondria_section, intensity_range, to_uint8, valid_region
 
@@ -617,8 +616,7 @@ def align_stack(
     ref = _reference(reference, n)
     workers = (0 if workers is None else check_int("workers", workers, 0, 4096)) or _cpu_count()
     warp, lazy = check_bool("warp", warp), check_bool("lazy", lazy)
-    check_callbacks(progress, cancel)
-    prog = Progress(progress, cancel)
+    prog = Progress(progress, cancel)  # checks the callbacks
     prog.check()
     intensity = (None, None)
     if np.dtype(stack.dtype) != np.uint8:
