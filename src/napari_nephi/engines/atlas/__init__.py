@@ -1,0 +1,6 @@
+"""Atlas-plate lookup: find the atlas plate that matches a brain section, register it, carry its labels.
+
+An embedding network trained with triplet loss on sections synthesised from the atlas ranks the
+plates for a (partial, obliquely cut) section (WBIR 2022, "mouse brain slice identification with
+Siamese networks"); the chosen plate is registered to the section and its labels are carried.
+"""
