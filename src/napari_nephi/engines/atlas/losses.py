@@ -1,0 +1,122 @@
+"""Metric-learning losses with online mining inside a batch: triplet (semi-hard, hard, all), contrastive.
+
+Labels are plate indices. With ``exclude_within = k``, a sample whose plate is 1 to k plates away
+from the anchor's is neither a positive nor a negative of that anchor: neighbouring plates are
+nearly identical and must not be pushed apart.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from napari_nephi.core.errors import InputError
+from napari_nephi.core.options import check_choice, check_float, check_int
+
+MINING = ("semi-hard", "hard", "all")
+
+
+def pairwise_distances(emb: torch.Tensor) -> torch.Tensor:
+    """(B, B) Euclidean distances between the rows of ``emb`` (B, D); zero gradient where a distance is 0.
+
+    Computed from the differences (not the |a|^2 + |b|^2 - 2ab expansion), so coinciding rows give
+    exactly 0, the diagonal is exactly 0, and the gradient (a unit vector per pair) stays finite.
+    """
+    diff = emb[:, None, :] - emb[None, :, :]
+    d2 = (diff * diff).sum(-1)
+    positive = d2 > 0
+    return torch.where(
+        positive, torch.sqrt(torch.where(positive, d2, torch.ones_like(d2))), torch.zeros_like(d2)
+    )
+
+
+def _check(emb, labels, exclude_within) -> tuple[torch.Tensor, int]:
+    if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or emb.shape[0] < 2:
+        shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+        raise InputError(f"Embeddings must be a tensor (B, D) with B >= 2, got {shape}.")
+    labels = torch.as_tensor(labels, device=emb.device)
+    if labels.ndim != 1 or labels.shape[0] != emb.shape[0]:
+        raise InputError(
+            f"Labels must be one per embedding ({emb.shape[0]}), got shape {tuple(labels.shape)}."
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
+        raise InputError(f"Labels must be whole numbers (plate indices), got dtype {labels.dtype}.")
+    return labels.long(), check_int("exclude_within", exclude_within, 0)
+
+
+def _masks(labels: torch.Tensor, exclude_within: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) boolean (B, B) masks; row = anchor. Positives exclude the anchor itself."""
+    gap = (labels[:, None] - labels[None, :]).abs()
+    positive = gap == 0
+    positive.fill_diagonal_(False)
+    return positive, gap > exclude_within
+
+
+def _zero(emb: torch.Tensor) -> torch.Tensor:
+    """A zero loss still attached to the graph (a batch with no valid pair or triplet)."""
+    return emb.sum() * 0.0
+
+
+def triplet_loss(
+    emb: torch.Tensor,
+    labels,
+    margin: float = 0.2,
+    mining: str = "semi-hard",
+    exclude_within: int = 0,
+) -> torch.Tensor:
+    """Triplet loss max(d_ap - d_an + margin, 0) with online mining in the batch.
+
+    ``"semi-hard"`` (as TF-Addons TripletSemiHardLoss): for every anchor-positive pair, the negative
+    with the smallest d_an > d_ap, or failing that the negative with the largest d_an; mean over
+    all anchor-positive pairs. ``"hard"``: per anchor the hardest positive and hardest negative,
+    mean over anchors. ``"all"``: mean over the valid triplets whose loss is positive.
+    Anchors without any negative are skipped; a batch without a valid triplet gives 0.
+    """
+    labels, exclude_within = _check(emb, labels, exclude_within)
+    margin = check_float("margin", margin, 0.0, None, low_open=True)
+    check_choice("mining", mining, MINING)
+    d = pairwise_distances(emb)
+    positive, negative = _masks(labels, exclude_within)
+    has_negative = negative.any(dim=1)
+    positive = positive & has_negative[:, None]
+    if not positive.any():
+        return _zero(emb)
+    inf = torch.finfo(d.dtype).max
+    if mining == "hard":
+        anchors = positive.any(dim=1)
+        d_ap = torch.where(positive, d, torch.full_like(d, -inf)).amax(dim=1)
+        d_an = torch.where(negative, d, torch.full_like(d, inf)).amin(dim=1)
+        return torch.relu(d_ap - d_an + margin)[anchors].mean()
+    # (a, p, n) cubes: d_ap along n, d_an along p
+    d_ap = d[:, :, None]
+    d_an = d[:, None, :]
+    neg = negative[:, None, :]
+    if mining == "all":
+        valid = positive[:, :, None] & neg
+        losses = torch.relu(d_ap - d_an + margin)[valid]
+        hot = losses > 0
+        return losses[hot].mean() if hot.any() else _zero(emb)
+    outside = neg & (d_an > d_ap)  # semi-hard candidates per (a, p)
+    nearest_outside = torch.where(
+        outside, d_an.expand_as(outside), torch.full_like(outside, inf, dtype=d.dtype)
+    )
+    nearest_outside = nearest_outside.amin(dim=2)
+    farthest = torch.where(negative, d, torch.full_like(d, -inf)).amax(dim=1, keepdim=True)
+    chosen = torch.where(outside.any(dim=2), nearest_outside, farthest.expand_as(nearest_outside))
+    return torch.relu(d - chosen + margin)[positive].mean()
+
+
+def contrastive_loss(emb: torch.Tensor, labels, margin: float = 1.0, exclude_within: int = 0) -> torch.Tensor:
+    """Contrastive loss (the paper's Eq. 1): d^2 / 2 for positive pairs, max(0, margin - d)^2 / 2 for
+    negative pairs; mean over the pairs (i < j) that are either.
+    """
+    labels, exclude_within = _check(emb, labels, exclude_within)
+    margin = check_float("margin", margin, 0.0, None, low_open=True)
+    d = pairwise_distances(emb)
+    positive, negative = _masks(labels, exclude_within)
+    upper = torch.ones_like(positive).triu(diagonal=1)
+    positive, negative = positive & upper, negative & upper
+    if not (positive.any() or negative.any()):
+        return _zero(emb)
+    pos = 0.5 * d[positive] ** 2
+    neg = 0.5 * torch.relu(margin - d[negative]) ** 2
+    return torch.cat([pos, neg]).mean()

@@ -1,0 +1,222 @@
+"""Preprocessing of atlas plates and brain sections for the embedding network.
+
+As the paper (grey, crop to tissue, CLAHE, pad to a square, resize) and beyond it: the tissue is
+found with Otsu whatever the polarity of the background (dark for fluorescence and atlas plates,
+bright for brightfield), brightfield images are inverted so that every input shows bright tissue on
+a black background, and inputs of any size are downsampled first (never refused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+from skimage.exposure import equalize_adapthist
+from skimage.filters import threshold_otsu
+
+from napari_nephi.core.errors import InputError
+from napari_nephi.core.inputs import looks_rgb, to_grayscale
+
+#: Percentiles mapped to 0 and 1 by :func:`to_grey`.
+PERCENTILES = (0.5, 99.5)
+#: Images are downsampled (area average) to at most this many times the network input before work.
+WORK_FACTOR = 8
+#: Connected tissue pieces smaller than this fraction of the largest piece are dropped as debris.
+MIN_PIECE_FRACTION = 0.05
+#: Margin around the tissue bounding box, as a fraction of its longer side.
+MARGIN = 0.04
+#: CLAHE clip limit (skimage.exposure.equalize_adapthist).
+CLAHE_CLIP = 0.03
+_MIN_SIDE = 8
+_PERCENTILE_SAMPLES = 1 << 20
+
+
+def _as_array(image, name: str) -> np.ndarray:
+    """``image`` as a numeric 2D or RGB(A) array (a view when possible), or :class:`InputError`."""
+    if image is None:
+        raise InputError(f"No {name} given.")
+    arr = np.asarray(image)
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise InputError(f"The {name} must hold real numbers, got dtype {arr.dtype}.")
+    if arr.size == 0:
+        raise InputError(f"The {name} is empty (shape {arr.shape}); pass a 2D image (y, x) or RGB (y, x, 3).")
+    rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4)
+    if arr.ndim != 2 and not rgb:
+        raise InputError(
+            f"The {name} must be a 2D image (y, x) or RGB(A) with channels last (y, x, 3|4), got shape "
+            f"{arr.shape}. For a volume, pass its plates one by one."
+        )
+    if min(arr.shape[:2]) < _MIN_SIDE:
+        raise InputError(
+            f"The {name} {arr.shape} is too small: both sides need {_MIN_SIDE} pixels or more. "
+            "An RGB image must have its channels last (y, x, 3)."
+        )
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InputError(f"The {name} contains NaN or infinite values; fill or crop them before the lookup.")
+    return arr
+
+
+def to_grey(image, name: str = "image") -> np.ndarray:
+    """A float32 2D copy of ``image`` in [0, 1]: luminance of RGB(A), 0.5-99.5 percentiles to 0 and 1.
+
+    Accepts (y, x) or (y, x, 3|4) of any numeric dtype and range. Raises :class:`InputError` for
+    NaN or infinite values, a constant image, an empty or wrongly shaped array.
+    """
+    arr = _as_array(image, name)
+    if arr.dtype.kind == "b":
+        arr = arr.astype(np.float32)
+    grey = to_grayscale(arr) if arr.ndim == 3 else np.array(arr, dtype=np.float32, copy=True)
+    sub = grey[:: max(1, grey.shape[0] * grey.shape[1] // _PERCENTILE_SAMPLES)]
+    lo, hi = (float(v) for v in np.percentile(sub, PERCENTILES))
+    if hi <= lo:  # tissue covers fewer pixels than the top percentile: use the full range
+        lo, hi = float(grey.min()), float(grey.max())
+    if hi <= lo:
+        raise InputError(f"The {name} is constant (every pixel is {lo:g}); it shows no tissue.")
+    grey -= np.float32(lo)
+    grey /= np.float32(hi - lo)
+    return np.clip(grey, 0.0, 1.0, out=grey)
+
+
+def _border(grey: np.ndarray) -> np.ndarray:
+    """Pixels of the outer ring (about 2 % of the shorter side wide, at least one pixel)."""
+    w = max(1, min(grey.shape) // 50)
+    return np.concatenate(
+        [grey[:w].ravel(), grey[-w:].ravel(), grey[w:-w, :w].ravel(), grey[w:-w, -w:].ravel()]
+    )
+
+
+def _segment(grey: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(tissue mask, whether the background is bright) of a 2D grey image; see :func:`tissue_mask`."""
+    g = np.asarray(grey, dtype=np.float32)
+    if g.ndim != 2:
+        raise InputError(f"A tissue mask needs a 2D grey image, got shape {g.shape}.")
+    smooth = ndi.gaussian_filter(g, sigma=max(0.5, min(g.shape) / 256))
+    if float(smooth.max()) <= float(smooth.min()):
+        return np.zeros(g.shape, dtype=bool), False
+    t = float(threshold_otsu(smooth))
+    bright_bg = bool(np.mean(_border(smooth) > t) > 0.5)
+    mask = smooth < t if bright_bg else smooth > t
+    labels, n = ndi.label(mask)
+    if n > 1:
+        sizes = np.bincount(labels.ravel())[1:]
+        keep = np.flatnonzero(sizes >= MIN_PIECE_FRACTION * sizes.max()) + 1
+        mask = np.isin(labels, keep)
+    return ndi.binary_fill_holes(mask), bright_bg
+
+
+def background_is_bright(grey: np.ndarray) -> bool:
+    """Whether the background of ``grey`` is bright (brightfield): most border pixels above Otsu."""
+    return _segment(grey)[1]
+
+
+def tissue_mask(grey: np.ndarray) -> np.ndarray:
+    """Boolean foreground (tissue) of a grey image with a dark or a bright background.
+
+    The polarity comes from the border (most border pixels above the threshold: bright background);
+    Otsu threshold of a lightly smoothed copy, pieces smaller than ``MIN_PIECE_FRACTION`` of the
+    largest dropped, holes filled. The result may be empty (a constant image); the caller decides.
+    """
+    return _segment(grey)[0]
+
+
+def _downsample(arr: np.ndarray, longest: int) -> np.ndarray:
+    """Area-averaged copy of a (y, x) or (y, x, c) array whose longer side is at most ``longest``."""
+    h, w = arr.shape[:2]
+    if max(h, w) <= longest:
+        return arr
+    scale = longest / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if arr.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
+        arr = arr.astype(np.float32)
+    if arr.ndim == 3 and arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    return cv2.resize(np.ascontiguousarray(arr), size, interpolation=cv2.INTER_AREA)
+
+
+def _resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``image`` resized to ``shape`` (y, x): area average when shrinking, bilinear when enlarging."""
+    if image.shape == shape:
+        return image
+    shrink = shape[0] < image.shape[0] or shape[1] < image.shape[1]
+    mode = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return cv2.resize(image, (shape[1], shape[0]), interpolation=mode)
+
+
+def _check_size(size) -> int:
+    from napari_nephi.core.options import check_int
+
+    return check_int("size", size, 16, 2048)
+
+
+def prepare_input(image, size: int = 128, name: str = "image") -> np.ndarray:
+    """A float32 (size, size) network input from a plate or section of any size, grey or RGB(A).
+
+    Grey in [0, 1], crop to the tissue bounding box, CLAHE, brightfield inverted so tissue is
+    bright, background set to 0, zero-padded to a centred square with a small margin, resized.
+    Raises :class:`InputError` when the image shows no tissue (or is NaN, constant, empty).
+    """
+    size = _check_size(size)
+    arr = _as_array(image, name)
+    if arr.dtype.kind == "b":
+        arr = arr.astype(np.uint8)
+    arr = _downsample(arr, WORK_FACTOR * size)
+    grey = to_grey(arr, name)
+    mask, bright_bg = _segment(grey)
+    if not mask.any():
+        raise InputError(
+            f"The {name} has no tissue: no foreground stands out from its background. "
+            "Pass a section or plate that shows the brain slice."
+        )
+    if bright_bg:
+        grey = 1.0 - grey
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    crop, crop_mask = grey[y0:y1, x0:x1], mask[y0:y1, x0:x1]
+    h, w = crop.shape
+    work = 2 * size  # CLAHE's tiles are relative to the image: working at 2x the output is plenty
+    scale = min(1.0, work / max(h, w))
+    shape = (max(1, round(h * scale)), max(1, round(w * scale)))
+    crop = _resize(np.ascontiguousarray(crop), shape)
+    crop_mask = _resize(crop_mask.astype(np.uint8), shape) > 0
+    if min(shape) >= 2:
+        crop = equalize_adapthist(crop, clip_limit=CLAHE_CLIP).astype(np.float32)
+    crop = np.where(crop_mask, crop, np.float32(0.0))
+    side = max(1, round(max(shape) * (1 + 2 * MARGIN)))
+    square = np.zeros((side, side), dtype=np.float32)
+    oy, ox = (side - shape[0]) // 2, (side - shape[1]) // 2
+    square[oy : oy + shape[0], ox : ox + shape[1]] = crop
+    out = _resize(square, (size, size))
+    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def image_list(images: Sequence | np.ndarray) -> list:
+    """``images`` (a list or tuple of images, or an array whose first axis indexes them) as a list.
+
+    Raises :class:`InputError` for no images, or a single 2D/RGB array (wrap it in a list).
+    """
+    if isinstance(images, np.ndarray):
+        if images.ndim == 2 or (images.ndim == 3 and looks_rgb(images.shape)):
+            raise InputError(
+                f"Several images are expected (a list, or an array (n, y, x)); got one image of shape "
+                f"{images.shape}. Wrap it in a list."
+            )
+        images = list(images)
+    elif not isinstance(images, (list, tuple)):
+        raise InputError(f"A list of images is expected, got {type(images).__name__}.")
+    if len(images) == 0:
+        raise InputError("No images given: pass at least one plate or section.")
+    return list(images)
+
+
+def prepare_batch(images: Sequence | np.ndarray, size: int = 128) -> torch.Tensor:
+    """(B, 1, size, size) float32 tensor of :func:`prepare_input` of each image.
+
+    ``images``: a list (or tuple) of 2D/RGB images, or an array whose first axis indexes them.
+    """
+    images = image_list(images)
+    size = _check_size(size)
+    batch = np.stack([prepare_input(img, size, name=f"image {i}") for i, img in enumerate(images)])
+    return torch.from_numpy(batch[:, None])
