@@ -30,6 +30,8 @@ MIN_PIECE_FRACTION = 0.05
 MARGIN = 0.04
 #: CLAHE clip limit (skimage.exposure.equalize_adapthist).
 CLAHE_CLIP = 0.03
+#: Fewest tissue pixels (at the working size) an input must show: a speck of dust is not a section.
+MIN_TISSUE_PIXELS = 16
 _MIN_SIDE = 8
 _PERCENTILE_SAMPLES = 1 << 20
 
@@ -165,9 +167,10 @@ def prepare_input(image, size: int = 128, name: str = "image") -> np.ndarray:
     arr = _downsample(arr, WORK_FACTOR * size)
     grey = to_grey(arr, name)
     mask, bright_bg = _segment(grey)
-    if not mask.any():
+    if mask.sum() < MIN_TISSUE_PIXELS:
         raise InputError(
-            f"The {name} has no tissue: no foreground stands out from its background. "
+            f"The {name} has no tissue: only {int(mask.sum())} pixels stand out from its background "
+            f"(at least {MIN_TISSUE_PIXELS} at the working size {grey.shape}). "
             "Pass a section or plate that shows the brain slice."
         )
     if bright_bg:
@@ -179,7 +182,7 @@ def prepare_input(image, size: int = 128, name: str = "image") -> np.ndarray:
     work = 2 * size  # CLAHE's tiles are relative to the image: working at 2x the output is plenty
     scale = min(1.0, work / max(h, w))
     shape = (max(1, round(h * scale)), max(1, round(w * scale)))
-    crop = _resize(np.ascontiguousarray(crop), shape)
+    crop = np.clip(_resize(np.ascontiguousarray(crop), shape), 0.0, 1.0)  # area sums may round past 1
     crop_mask = _resize(crop_mask.astype(np.uint8), shape) > 0
     if min(shape) >= 2:
         crop = equalize_adapthist(crop, clip_limit=CLAHE_CLIP).astype(np.float32)
