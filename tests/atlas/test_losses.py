@@ -30,9 +30,9 @@ def _roles(labels, a, j, k):
     return "neg" if gap > k else None
 
 
-def _triplet_reference(emb, labels, margin, mining, k):
+def _triplet_reference(emb, labels, margin, mining, k, squared=False):
     """The losses written out with loops, from their definitions."""
-    d = _dist(emb)
+    d = _dist(emb) ** (2 if squared else 1)
     n = len(emb)
     losses = []
     for a in range(n):
@@ -95,11 +95,29 @@ def test_triplet_matches_reference_loops(mining, k, seed):
     labels = rng.integers(0, 6, size=12)
     emb = rng.normal(size=(12, 3))
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    emb[-1] = emb[0]  # a tie: strict d_an > d_ap must hold
     margin = float(rng.uniform(0.1, 1.0))
+    squared = seed % 2 == 1
     got = triplet_loss(
-        torch.tensor(emb), torch.tensor(labels), margin=margin, mining=mining, exclude_within=k
+        torch.tensor(emb),
+        torch.tensor(labels),
+        margin=margin,
+        mining=mining,
+        exclude_within=k,
+        squared=squared,
     )
-    assert got.item() == pytest.approx(_triplet_reference(emb, labels, margin, mining, k), abs=1e-10)
+    assert got.item() == pytest.approx(_triplet_reference(emb, labels, margin, mining, k, squared), abs=1e-10)
+
+
+def test_semi_hard_on_a_training_sized_batch():
+    # 32 plates x 4 views, as a training step sees them, clustered so both semi-hard branches occur
+    rng = np.random.default_rng(7)
+    labels = np.repeat(np.arange(32), 4)
+    emb = rng.normal(size=(32, 8))[labels] + 0.6 * rng.normal(size=(128, 8))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    got = triplet_loss(torch.tensor(emb), torch.tensor(labels), margin=0.3, exclude_within=1)
+    assert got.item() == pytest.approx(_triplet_reference(emb, labels, 0.3, "semi-hard", 1), abs=1e-10)
+    assert got.item() > 0
 
 
 @pytest.mark.parametrize("k", [0, 1])

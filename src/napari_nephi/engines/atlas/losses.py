@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from napari_nephi.core.errors import InputError
-from napari_nephi.core.options import check_choice, check_float, check_int
+from napari_nephi.core.options import check_bool, check_choice, check_float, check_int
 
 MINING = ("semi-hard", "hard", "all")
 
@@ -62,6 +62,8 @@ def triplet_loss(
     margin: float = 0.2,
     mining: str = "semi-hard",
     exclude_within: int = 0,
+    *,
+    squared: bool = False,
 ) -> torch.Tensor:
     """Triplet loss max(d_ap - d_an + margin, 0) with online mining in the batch.
 
@@ -70,38 +72,40 @@ def triplet_loss(
     all anchor-positive pairs. ``"hard"``: per anchor the hardest positive and hardest negative,
     mean over anchors. ``"all"``: mean over the valid triplets whose loss is positive.
     Anchors without any negative are skipped; a batch without a valid triplet gives 0.
+    ``squared=True`` uses squared Euclidean distances, as TF-Addons' default ``"L_2"`` metric does
+    (with its default margin 1.0 that is the authors' setting).
     """
     labels, exclude_within = _check(emb, labels, exclude_within)
     margin = check_float("margin", margin, 0.0, None, low_open=True)
     check_choice("mining", mining, MINING)
+    check_bool("squared", squared)
     d = pairwise_distances(emb)
+    if squared:
+        d = d * d
     positive, negative = _masks(labels, exclude_within)
     has_negative = negative.any(dim=1)
     positive = positive & has_negative[:, None]
     if not positive.any():
         return _zero(emb)
-    inf = torch.finfo(d.dtype).max
+    inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
     if mining == "hard":
         anchors = positive.any(dim=1)
-        d_ap = torch.where(positive, d, torch.full_like(d, -inf)).amax(dim=1)
-        d_an = torch.where(negative, d, torch.full_like(d, inf)).amin(dim=1)
+        d_ap = torch.where(positive, d, -inf).amax(dim=1)
+        d_an = torch.where(negative, d, inf).amin(dim=1)
         return torch.relu(d_ap - d_an + margin)[anchors].mean()
-    # (a, p, n) cubes: d_ap along n, d_an along p
-    d_ap = d[:, :, None]
-    d_an = d[:, None, :]
-    neg = negative[:, None, :]
-    if mining == "all":
-        valid = positive[:, :, None] & neg
-        losses = torch.relu(d_ap - d_an + margin)[valid]
+    if mining == "all":  # (a, p, n) cube
+        valid = positive[:, :, None] & negative[:, None, :]
+        losses = torch.relu(d[:, :, None] - d[:, None, :] + margin)[valid]
         hot = losses > 0
         return losses[hot].mean() if hot.any() else _zero(emb)
-    outside = neg & (d_an > d_ap)  # semi-hard candidates per (a, p)
-    nearest_outside = torch.where(
-        outside, d_an.expand_as(outside), torch.full_like(outside, inf, dtype=d.dtype)
-    )
-    nearest_outside = nearest_outside.amin(dim=2)
-    farthest = torch.where(negative, d, torch.full_like(d, -inf)).amax(dim=1, keepdim=True)
-    chosen = torch.where(outside.any(dim=2), nearest_outside, farthest.expand_as(nearest_outside))
+    # semi-hard: each anchor's negative distances sorted; the first one beyond d_ap, else the largest
+    ordered = torch.where(negative, d, inf).sort(dim=1).values
+    count = negative.sum(dim=1, keepdim=True)
+    first = torch.searchsorted(ordered.detach().contiguous(), d.detach().contiguous(), right=True)
+    beyond = first < count
+    nearest = ordered.gather(1, first.clamp(max=d.shape[1] - 1))
+    farthest = ordered.gather(1, (count - 1).clamp(min=0))
+    chosen = torch.where(beyond, nearest, farthest.expand_as(nearest))
     return torch.relu(d - chosen + margin)[positive].mean()
 
 
