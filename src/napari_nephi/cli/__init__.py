@@ -3,7 +3,8 @@
 * :mod:`.register`: ``register``, ``apply``, ``methods``;
 * :mod:`.demo`: ``demo``;
 * :mod:`.train`: ``train`` (NePhi models for ``mode=predict``);
-* :mod:`.em`: ``align-em`` (MITO stack alignment).
+* :mod:`.em`: ``align-em`` (MITO stack alignment);
+* :mod:`.atlas`: ``atlas-train``, ``atlas-lookup`` (atlas plate lookup).
 
 Errors a user can cause (:class:`~napari_nephi.RegistrationError`, files that cannot be read or
 written, mistyped arguments) end the command with one ``error: ...`` line on stderr and exit
@@ -16,7 +17,7 @@ from __future__ import annotations
 import sys
 
 from ..core.errors import Cancelled, RegistrationError
-from . import demo, em, register, train
+from . import atlas, demo, em, register, train
 from ._common import CommandLineError, HelpFormatter, Parser, ProgressBars, parse_options
 
 __all__ = ["ProgressBars", "TextProgress", "build_parser", "main", "parse_options"]
@@ -44,6 +45,7 @@ def build_parser() -> Parser:
     register.add_parsers(sub)
     train.add_parser(sub)
     em.add_parser(sub)
+    atlas.add_parsers(sub)
     p.commands = dict(sub.choices)
     return p
 

@@ -1,0 +1,276 @@
+"""``napari-nephi atlas-train`` and ``napari-nephi atlas-lookup``: find the atlas plate of a section.
+
+``atlas-train REFERENCE -o INDEX`` trains the plate lookup of an atlas (a 3D reference volume, a
+folder of 2D plate images, or ``brainglobe:NAME`` for a brainglobe atlas in the local cache) and
+writes its index folder. ``atlas-lookup INDEX SECTION... -o OUT`` ranks the plates for every
+section and writes into ``OUT`` (atomically: everything appears at the end):
+
+* ``ranks.csv``: one row per section and rank (section, file, rank, plate, distance, chosen);
+* ``ranks.json``: per section the ranked plates with distances and the chosen plate;
+* with ``--register``: ``warped/NAME.tif`` (the chosen plate registered onto the section) and,
+  when the atlas has labels, ``labels/NAME.tif`` (its region labels on the section, values kept);
+  ``--labels`` writes only the labels;
+* for an index built from a brainglobe atlas: ``quicknii.json``, the chosen positions as a
+  QuickNII / DeepSlice anchoring series (open it in QuickNII, VisuAlign or ABBA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import InputError, UnsupportedFileError
+from ..core.files import check_output_folder, output_folder
+from ..core.progress import Progress
+from ._common import HelpFormatter, ProgressBars, add_key_values, add_quiet, parse_options
+
+#: REFERENCE prefix naming a brainglobe atlas instead of a file.
+BRAINGLOBE = "brainglobe:"
+
+_DOC = __doc__.split("\n", 1)[1].strip()
+
+
+def add_parsers(subparsers) -> None:
+    """Add ``atlas-train`` and ``atlas-lookup`` (each with its own ``func``) to a subparsers object."""
+    t = subparsers.add_parser(
+        "atlas-train",
+        formatter_class=HelpFormatter,
+        help="train the plate lookup of an atlas and write its index folder",
+        description="Train the embedding network that finds the atlas plate matching a brain "
+        "section (trained from the atlas alone: synthetic oblique, partial, restained sections) and "
+        "write the index folder that atlas-lookup and the Atlas lookup widget load.\n\n" + _DOC,
+    )
+    t.add_argument(
+        "reference",
+        help="3D reference volume (NIfTI, TIFF), folder of 2D plate TIFFs, or brainglobe:NAME "
+        "(e.g. brainglobe:allen_mouse_25um, from the local brainglobe cache)",
+    )
+    t.add_argument("-o", "--output", required=True, metavar="INDEX", help="index folder to write")
+    t.add_argument("--annotation", help="region labels matching the reference (volume or folder)")
+    t.add_argument("--plate-axis", type=int, default=0, help="axis of the volume the plates lie along")
+    t.add_argument("--steps", type=int, default=None, help="training steps (default: the engine's)")
+    t.add_argument("--max-minutes", type=float, default=None, help="time budget of the training")
+    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    add_key_values(t, "--option", "any other training option (embedding_dim=64, loss=contrastive, ...)")
+    add_quiet(t)
+    t.set_defaults(func=cmd_atlas_train)
+
+    q = subparsers.add_parser(
+        "atlas-lookup",
+        formatter_class=HelpFormatter,
+        help="rank the atlas plates for sections (and register the chosen plate)",
+        description="Rank the plates of a trained atlas index for every section, best first.\n\n"
+        + _DOC
+        + "\n\nOUT is written atomically: an OUT of an earlier napari-nephi run is replaced as a "
+        "whole; any other existing folder or file is refused.",
+    )
+    q.add_argument("index", help="index folder written by atlas-train (or the widget's Save index)")
+    q.add_argument(
+        "sections",
+        nargs="+",
+        metavar="SECTION",
+        help="section images (2D TIFF or NIfTI, grey or RGB), stacks (one section per plane) or "
+        "folders of section TIFFs",
+    )
+    q.add_argument("--top", type=int, default=5, help="plates ranked per section")
+    q.add_argument("-o", "--output", default="atlas-lookup", metavar="OUT", help="output folder")
+    q.add_argument(
+        "--series",
+        action="store_true",
+        help="the sections are a series in cutting order: choose monotonic, evenly spaced plates",
+    )
+    q.add_argument("--register", action="store_true", help="register the chosen plate onto each section")
+    q.add_argument("--labels", action="store_true", help="write only the warped labels (implies --register)")
+    q.add_argument("--method", default="nephi", help="registration method: affine or nephi")
+    q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    add_quiet(q)
+    q.set_defaults(func=cmd_atlas_lookup)
+
+
+# -- atlas-train ------------------------------------------------------------------------------
+def _train_options(args: argparse.Namespace) -> dict:
+    options = parse_options(args.option)
+    if args.steps is not None:
+        options["steps"] = args.steps
+    if args.max_minutes is not None:
+        options["max_minutes"] = args.max_minutes
+    return options
+
+
+def cmd_atlas_train(args: argparse.Namespace) -> int:
+    """Run ``napari-nephi atlas-train``."""
+    from .. import AtlasLookup
+    from ..io.plates import read_reference
+
+    out = check_output_folder(args.output)  # before any training: fail at once, not after it
+    options = _train_options(args)
+    bars = ProgressBars(quiet=args.quiet)
+    common = {"device": args.device, "progress": bars, "seed": args.seed, **options}
+    try:
+        if args.reference.startswith(BRAINGLOBE):
+            if args.annotation:
+                raise InputError("--annotation is not used with a brainglobe atlas (it has its own labels).")
+            lk = AtlasLookup.from_brainglobe(args.reference[len(BRAINGLOBE) :], **common)
+        else:
+            reference, _ = read_reference(args.reference)
+            annotation = read_reference(args.annotation, "annotation")[0] if args.annotation else None
+            lk = AtlasLookup.train(reference, annotation, plate_axis=args.plate_axis, **common)
+    finally:
+        bars.close()
+    lk.save(out)
+    if not args.quiet:
+        seconds = lk.settings.get("seconds")
+        took = f" in {seconds:.0f} s" if isinstance(seconds, int | float) else ""
+        print(f"Trained the lookup of {lk.n_plates} plates{took}; index written to {out}")
+    return 0
+
+
+# -- atlas-lookup -----------------------------------------------------------------------------
+def read_sections(paths: list[str]) -> list[tuple[str, str, np.ndarray]]:
+    """``(name, file, image)`` per section: 2D files as they are, stacks and folders plane by plane."""
+    from ..io.plates import read_plate, read_reference
+    from ..io.read import read_image
+
+    out = []
+    for path in paths:
+        p = Path(path)
+        if p.is_dir():
+            plates, meta = read_reference(p, "section folder")
+            out += [(Path(f).stem, f, img) for f, img in zip(meta["files"], plates, strict=True)]
+            continue
+        data, meta, _ = read_image(p)[0]
+        data = data[0] if meta.get("multiscale") else data
+        if np.ndim(data) - int(bool(meta.get("rgb"))) == 3 and np.shape(data)[0] > 1:
+            stem = meta.get("name") or p.stem
+            out += [(f"{stem}_{k}", str(p), np.asarray(data[k])) for k in range(np.shape(data)[0])]
+        else:
+            out.append((meta.get("name") or p.stem, str(p), read_plate(p)))
+    names = [name for name, _, _ in out]
+    if len(set(names)) != len(names):  # two files of the same name in different folders
+        out = [(f"{k:04d}_{name}", f, img) for k, (name, f, img) in enumerate(out)]
+    return out
+
+
+def _load_index(path: str):
+    from .. import AtlasLookup
+
+    p = Path(path)
+    if not p.exists():
+        raise UnsupportedFileError(f"The index {p} does not exist; train one with napari-nephi atlas-train.")
+    if not p.is_dir():
+        raise UnsupportedFileError(
+            f"The index {p} is a file; an index is the folder written by napari-nephi atlas-train."
+        )
+    return AtlasLookup.load(p)
+
+
+def rank_rows(names: list[str], files: list[str], rankings: list, picks: list[int]) -> list[dict]:
+    """The rows of ranks.csv: one per section and rank."""
+    rows = []
+    for name, file, ranking, pick in zip(names, files, rankings, picks, strict=True):
+        for rank, (plate, distance) in enumerate(ranking, start=1):
+            rows.append(
+                {"section": name, "file": file, "rank": rank, "plate": int(plate),
+                 "distance": round(float(distance), 6), "chosen": int(plate) == int(pick)}
+            )  # fmt: skip
+    return rows
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _rank_all(lk, images: list, top: int, series: bool) -> tuple[list, list[int]]:
+    """Per section its ranking (best first) and the chosen plate."""
+    if series:
+        result = lk.lookup_series(images, top=top)
+        return result["rankings"], [int(p) for p in result["picks"]]
+    rankings = lk.lookup_many(images, top=top)
+    return rankings, [int(r[0][0]) for r in rankings]
+
+
+def cmd_atlas_lookup(args: argparse.Namespace) -> int:
+    """Run ``napari-nephi atlas-lookup``."""
+    from ..io import write_image, write_labels
+
+    if args.top < 1:
+        raise InputError(f"--top must be at least 1, got {args.top}.")
+    out = check_output_folder(args.output)
+    lk = _load_index(args.index)
+    sections = read_sections(args.sections)
+    names, files, images = ([s[k] for s in sections] for k in range(3))
+    bars = ProgressBars(quiet=args.quiet)
+    rankings, picks = _rank_all(lk, images, min(args.top, lk.n_plates), args.series)
+    register = args.register or args.labels
+    registrations = []
+    progress = Progress(bars)
+    try:
+        for k, (image, pick) in enumerate(zip(images, picks, strict=True)):
+            if register:
+                registrations.append(lk.register(image, pick, method=args.method, device=args.device))
+            progress.step(k + 1, len(images), stage="registering" if register else "ranking")
+    finally:
+        bars.close()
+    quicknii = _quicknii(lk, names, images, picks, registrations)
+    with output_folder(out) as tmp:
+        (tmp / "ranks.csv").write_text(_csv_text(rank_rows(names, files, rankings, picks)))
+        summary = {
+            "index": str(args.index), "top": args.top, "series": bool(args.series),
+            "sections": [
+                {"section": n, "file": f, "chosen": p,
+                 "ranking": [{"plate": int(i), "distance": float(d)} for i, d in r]}
+                for n, f, r, p in zip(names, files, rankings, picks, strict=True)
+            ],
+        }  # fmt: skip
+        (tmp / "ranks.json").write_text(json.dumps(summary, indent=2))
+        for name, reg in zip(names, registrations, strict=False):
+            if not args.labels:
+                (tmp / "warped").mkdir(exist_ok=True)
+                write_image(str(tmp / "warped" / f"{name}.tif"), np.asarray(reg.warped, np.float32), None)
+            labels = reg.metrics.get("labels")
+            if labels is not None:
+                (tmp / "labels").mkdir(exist_ok=True)
+                write_labels(str(tmp / "labels" / f"{name}.tif"), np.asarray(labels), None)
+        if quicknii is not None:
+            (tmp / "quicknii.json").write_text(json.dumps(quicknii, indent=2))
+    if not args.quiet:
+        for name, ranking, pick in zip(names, rankings, picks, strict=True):
+            shown = ", ".join(f"{int(i)} ({float(d):.3f})" for i, d in ranking[:3])
+            print(f"{name}: plate {pick}; best {shown}")
+        print(f"Results written to {out}")
+    return 0
+
+
+def _quicknii(lk, names, images, picks, registrations) -> dict | None:
+    """The QuickNII anchoring series when the index was built from a brainglobe atlas, else None."""
+    from ._quicknii import anchoring, quicknii_target, section_corners, series_json
+
+    info = lk.settings.get("brainglobe")
+    if not isinstance(info, dict):
+        return None
+    shape = tuple(int(s) for s in info["shape"])  # asr
+    positions = info.get("plate_positions") or list(range(lk.n_plates))
+    target, grid, factor = quicknii_target(str(info["name"]), float(info["resolution"][0]), shape)
+    slices = []
+    for k, (name, image, pick) in enumerate(zip(names, images, picks, strict=True)):
+        h, w = np.shape(image)[:2]
+        plate_shape = np.shape(lk.plate_image(pick))
+        corners = section_corners(h, w)
+        if k < len(registrations):  # the registration's map of the corners onto the plate
+            on_plate = registrations[k].transform.map_points(corners)
+        else:  # unregistered: the section spans the plate
+            on_plate = (corners + 0.5) * (np.asarray(plate_shape) / (h, w)) - 0.5
+        scale = (shape[1] / plate_shape[0], shape[2] / plate_shape[1])
+        vector = anchoring(np.asarray(on_plate), positions[pick], scale, shape, factor)
+        slices.append({"filename": name, "nr": k + 1, "width": int(w), "height": int(h), "anchoring": vector})
+    return series_json(target, grid, slices)
