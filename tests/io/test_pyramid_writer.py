@@ -116,9 +116,7 @@ def test_cancel_stops_the_writer_and_leaves_nothing(tmp_path):
         stop.set()
 
     with pytest.raises(Cancelled):
-        write_ome_pyramid(
-            tmp_path / "c.ome.tif", [_rgb((512, 256))], tile=128, progress=Progress(callback, stop)
-        )
+        write_ome_pyramid(tmp_path / "c.ome.tif", [level], tile=128, progress=Progress(callback, stop))
 
     assert seen == [1]
     assert os.listdir(tmp_path) == []
