@@ -49,6 +49,10 @@ def landmark_matrix(section_points, plate_points) -> np.ndarray:
         )
     if len(s) < 2:
         raise InputError(f"Landmarks need at least 2 pairs, got {len(s)}; add points on both.")
+    for points in (s, p):  # 2 pairs fix a similarity, more an affine: they must not be on one line
+        spread = np.linalg.svd(points - points.mean(axis=0), compute_uv=False)
+        if spread[0] < 1e-9 or (len(points) > 2 and spread[1] <= 1e-6 * spread[0]):
+            raise InputError("The landmarks do not define a map (all on one line?); move or add some.")
     fitted = estimate_transform("similarity" if len(s) == 2 else "affine", s[:, ::-1], p[:, ::-1])
     m = _SWAP @ np.asarray(fitted.params, np.float64) @ _SWAP  # skimage works in (x, y)
     if not np.all(np.isfinite(m)) or abs(np.linalg.det(m[:2, :2])) < 1e-9:
