@@ -174,3 +174,26 @@ def test_core_names_no_engine_even_lazily():
         strings = [n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)]
         named = [s for s in strings if isinstance(s, str) and s.startswith("napari_nephi.")]
         assert named == [], path
+
+
+def test_whole_slide_engines_get_their_inputs_unloaded():
+    """A whole-slide engine sees the caller's pyramid (a list of dask levels) as given, never loaded."""
+    import dask.array as da
+
+    seen = {}
+
+    @register_engine("slides", description="Keeps its inputs, for tests", whole_slides=True)
+    def slides(pair, *, level: int = 0) -> Registration:
+        seen.update(fixed=pair.fixed, moving=pair.moving, spacing=pair.spacing, rgb=pair.rgb)
+        return Registration(np.zeros((2, 2)), AffineTransform(np.eye(3)))
+
+    pyramid = [da.zeros((4096, 4096), chunks=512), da.zeros((2048, 2048), chunks=512)]
+    try:
+        reg = nn.register(pyramid, pyramid, method="slides", rgb=False, level=1)
+        with pytest.raises(nn.InputError, match="levle"):
+            nn.register(pyramid, pyramid, method="slides", levle=1)
+    finally:
+        unregister_engine("slides")
+    assert seen["fixed"] is pyramid and seen["moving"] is pyramid
+    assert seen["spacing"] is None and seen["rgb"] is False
+    assert reg.settings["method"] == "slides" and reg.settings["spacing"] is None

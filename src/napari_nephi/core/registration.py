@@ -79,3 +79,5 @@ class Pair:
     progress: Progress
     device: str
     notes: list[str]
+    #: The caller's ``rgb`` flag; only whole-slide engines read it (others get converted images).
+    rgb: bool | None = None

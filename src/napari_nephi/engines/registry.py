@@ -32,6 +32,9 @@ class EngineInfo:
     name: str
     func: Engine
     description: str
+    #: The engine takes whole slides: ``register`` hands it the inputs as given (numpy or dask arrays, or
+    #: pyramids as lists of levels), unloaded and unchecked, and the engine validates them itself.
+    whole_slides: bool = False
 
     @property
     def options(self) -> tuple[str, ...] | None:
@@ -42,15 +45,19 @@ class EngineInfo:
 _ENGINES: dict[str, EngineInfo] = {}
 
 
-def register_engine(name: str, description: str = "") -> Callable[[Engine], Engine]:
+def register_engine(
+    name: str, description: str = "", *, whole_slides: bool = False
+) -> Callable[[Engine], Engine]:
     """Decorator: make ``func(pair, **options) -> Registration`` available as ``method=name``.
 
-    ``description`` is the one line ``napari-nephi methods`` prints next to the name.
+    ``description`` is the one line ``napari-nephi methods`` prints next to the name. With
+    ``whole_slides`` the engine gets ``pair.fixed`` / ``pair.moving`` (and the masks) exactly as the
+    caller gave them, never loaded into memory, and ``pair.spacing`` as given (``None`` when unknown).
     """
 
     def deco(func: Engine) -> Engine:
         doc = (inspect.getdoc(func) or "").strip().splitlines()
-        _ENGINES[name] = EngineInfo(name, func, description or (doc[0] if doc else ""))
+        _ENGINES[name] = EngineInfo(name, func, description or (doc[0] if doc else ""), whole_slides)
         return func
 
     return deco
@@ -131,6 +138,9 @@ def register(
     choose_device(device)  # the same error for every engine, before any work
     prog = Progress(progress, cancel)  # checks the callbacks, before any work too
     notes: list[str] = []
+    if info.whole_slides:
+        pair = Pair(fixed, moving, spacing, fixed_mask, moving_mask, prog, device, notes, rgb)
+        return _run(info, pair, notes, options)
     f = prepare_image(fixed, "fixed", rgb, notes)
     m = prepare_image(moving, "moving", rgb, notes)
     check_pair(f, m)
@@ -145,13 +155,19 @@ def register(
         device=device,
         notes=notes,
     )
+    return _run(info, pair, notes, options)
+
+
+def _run(info: EngineInfo, pair: Pair, notes: list[str], options: dict[str, Any]) -> Registration:
+    """Run the engine on validated inputs; merge notes and settings into its result."""
     start = time.perf_counter()
-    with memory_guard(f"{method} registration"):
+    with memory_guard(f"{info.name} registration"):
         result = info.func(pair, **options)
     result.metrics.setdefault("seconds", time.perf_counter() - start)
     merged = notes + [n for n in result.metrics.get("notes", []) if n not in notes]
     if merged:
         result.metrics["notes"] = merged
-    result.settings = {"method": method, "spacing": list(sp), "device": device, **result.settings}
+    spacing = None if pair.spacing is None else list(pair.spacing)
+    result.settings = {"method": info.name, "spacing": spacing, "device": pair.device, **result.settings}
     result.transform.settings = dict(result.settings)
     return result
