@@ -1,0 +1,231 @@
+"""SectionSynthesizer: oblique re-slices against section_from_atlas, truth coordinates and labels,
+partial sections, damage, polarity, presets, determinism and errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from skimage.morphology import skeletonize
+
+from napari_nephi.core.errors import InputError
+from napari_nephi.engines.atlas.plates import Plates
+from napari_nephi.engines.atlas.synthesis import SectionSynthesizer, SynthesisConfig
+from napari_nephi.synthetic.atlas import section_from_atlas, toy_atlas
+
+WORK = 96
+
+
+@pytest.fixture(scope="module")
+def atlas():
+    return toy_atlas((32, 56, 56), seed=3)
+
+
+@pytest.fixture(scope="module")
+def plates(atlas):
+    return Plates.from_reference(*atlas)
+
+
+@pytest.fixture(scope="module")
+def z_plates(atlas):
+    """The toy reference with labels that hold the plate index + 1 (which plate each pixel comes from)."""
+    ref, _ = atlas
+    return Plates.from_reference(ref, np.broadcast_to(np.arange(1, 33)[:, None, None], ref.shape))
+
+
+def _cfg(**changes) -> SynthesisConfig:
+    return dataclasses.replace(SynthesisConfig.none(), **changes)
+
+
+def _tissue(image: np.ndarray) -> int:
+    """Tissue pixels of a toy-atlas sample (dark background, tissue above 0.15)."""
+    return int(np.count_nonzero(image > 0.15))
+
+
+def test_deterministic_for_a_seed(plates):
+    a = SectionSynthesizer(plates, SynthesisConfig(), work_size=WORK, seed=5)
+    b = SectionSynthesizer(plates, SynthesisConfig(), work_size=WORK, seed=5)
+    c = SectionSynthesizer(plates, SynthesisConfig(), work_size=WORK, seed=6)
+    first = a.batch([3, 10, 20, 30])
+    for x, y in zip(first, b.batch([3, 10, 20, 30]), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert any(
+        x.shape != y.shape or not np.array_equal(x, y) for x, y in zip(first, c.batch([3, 10, 20, 30]))
+    )
+    one = a.sample(12, seed=99)
+    np.testing.assert_array_equal(one, a.sample_with_truth(12, seed=99).image)
+
+
+def test_outputs_finite_float32_about_work_size(plates, atlas):
+    ref, lab = atlas
+    listed = Plates.from_reference(list(ref[4:28:3]), list(lab[4:28:3]))
+    for source in (plates, listed):
+        for cfg in (SynthesisConfig(), SynthesisConfig.paper()):
+            synth = SectionSynthesizer(source, cfg, work_size=WORK, seed=1)
+            for i in range(0, source.n, 3):
+                img = synth.sample(i)
+                assert img.dtype == np.float32 and img.ndim == 2
+                assert np.isfinite(img).all() and img.min() >= 0 and img.max() <= 1
+                assert 0.75 * WORK <= max(img.shape) <= 1.25 * WORK
+
+
+def test_oblique_sample_equals_section_from_atlas(atlas):
+    ref, _ = atlas
+    # pad the reference so that the tissue centre (the pivot) is the plate centre, as section_from_atlas tilts
+    first = SectionSynthesizer(Plates.from_reference(ref), _cfg(), work_size=WORK)
+    pads = []
+    for axis, centre in zip((1, 2), first.tissue_centre(), strict=True):
+        k = round(ref.shape[axis] - 1 - 2 * centre)
+        pads.append((max(k, 0), max(-k, 0)))
+    padded = np.pad(ref, [(0, 0), *pads])
+    plates = Plates.from_reference(padded)
+    box = SectionSynthesizer(plates, _cfg()).frame_box()
+    side = max(box[1] - box[0], box[3] - box[2])
+    synth = SectionSynthesizer(
+        plates, _cfg(max_tilt=10.0), work_size=side, seed=0
+    )  # work scale 1: native pixels
+    assert synth.tissue_centre() == ((padded.shape[1] - 1) / 2, (padded.shape[2] - 1) / 2)
+    tilts = []
+    for i, seed in [(8, 0), (15, 1), (22, 2), (16, 3)]:
+        s = synth.sample_with_truth(i, seed=seed)
+        tilt = (s.params["pitch"], s.params["yaw"])
+        tilts.append(tilt)
+        expect = section_from_atlas(plates.volume, i, tilt)[box[0] : box[1], box[2] : box[3]]
+        assert s.image.shape == expect.shape
+        assert np.corrcoef(s.image.ravel(), expect.ravel())[0, 1] > 0.99
+        flat = plates.volume[i, box[0] : box[1], box[2] : box[3]]
+        if max(abs(t) for t in tilt) > 4:  # the tilt shows: the sample is not the plate
+            assert np.abs(s.image - expect).mean() < 0.5 * np.abs(s.image - flat).mean()
+    assert max(abs(t) for tilt in tilts for t in tilt) > 4
+    assert max(abs(t) for tilt in tilts for t in tilt) <= 10
+
+
+def test_centre_of_an_oblique_sample_is_its_plate(z_plates):
+    """With every augmentation on, the section centre lies on the labelled plate; the edges do not."""
+    synth = SectionSynthesizer(z_plates, SynthesisConfig(max_tilt=10.0), work_size=WORK, seed=2)
+    py, px = synth.tissue_centre()
+    spans = []
+    for i in (6, 12, 16, 20, 25):
+        s = synth.sample_with_truth(i)
+        d = np.hypot(s.coords[1] - py, s.coords[2] - px)
+        r, c = np.unravel_index(np.argmin(d), d.shape)
+        assert d[r, c] < 1.0
+        assert abs(s.coords[0, r, c] - i) < 0.5
+        assert s.labels[r, c] - 1 == i  # labels read from the atlas at the truth coordinates
+        inside = np.all((s.coords >= 0) & (s.coords <= np.array([31, 55, 55])[:, None, None]), axis=0)
+        np.testing.assert_array_equal(s.labels[inside] - 1, np.round(s.coords[0][inside]).astype(int))
+        spans.append(np.ptp(s.labels[s.labels > 0]))
+    assert max(spans) >= 3  # oblique: top/bottom or sides reach neighbouring plates
+
+
+def test_pitch_moves_the_top_to_later_plates(z_plates):
+    synth = SectionSynthesizer(z_plates, _cfg(max_tilt=10.0), work_size=WORK, seed=4)
+    for seed in range(6):
+        s = synth.sample_with_truth(16, seed=seed)
+        pitch = s.params["pitch"]
+        top, bottom = s.coords[0, 0].mean(), s.coords[0, -1].mean()
+        if abs(pitch) > 2:
+            assert np.sign(top - bottom) == np.sign(pitch)
+
+
+def test_paper_preset_never_tilts(z_plates):
+    cfg = SynthesisConfig.paper()
+    assert cfg.max_tilt == 0 and cfg.scale == (1.0, 1.8) and cfg.pepper == 0.1 and cfg.partial == 0
+    synth = SectionSynthesizer(z_plates, cfg, work_size=WORK, seed=0)
+    for i in (0, 9, 31):
+        s = synth.sample_with_truth(i)
+        assert np.all(s.coords[0] == i)
+        assert set(np.unique(s.labels)) <= {0, i + 1}
+
+
+def test_partial_sections_remove_tissue(plates):
+    whole = SectionSynthesizer(plates, _cfg(), work_size=WORK)
+    part = SectionSynthesizer(plates, _cfg(partial=1.0), work_size=WORK)
+    modes = set()
+    for seed in range(14):
+        i = 6 + seed
+        s = part.sample_with_truth(i, seed=seed)
+        modes.add(s.params["partial"])
+        assert _tissue(s.image) < 0.93 * _tissue(whole.sample(i, seed=seed))
+    assert len(modes) >= 4
+
+
+def test_holes_and_tears_damage_little(plates):
+    clean = SectionSynthesizer(plates, _cfg(), work_size=WORK)
+    holes = SectionSynthesizer(plates, _cfg(holes=1.0), work_size=WORK)
+    tears = SectionSynthesizer(plates, _cfg(tears=1.0), work_size=WORK)
+    for seed in range(5):
+        ref = clean.sample(15, seed=seed)
+        lost = 1 - _tissue(holes.sample(15, seed=seed)) / _tissue(ref)
+        assert 0.002 < lost < 0.35
+        changed = np.abs(tears.sample(15, seed=seed) - ref) > 0.05
+        assert 0 < changed.mean() < 0.15
+        # thin curves: the changed area is a few pixels wide along its skeleton
+        assert changed.sum() / skeletonize(changed).sum() < 6
+
+
+def test_inversion_and_stain_remap(plates):
+    base = SectionSynthesizer(plates, _cfg(), work_size=WORK)
+    inv = SectionSynthesizer(plates, _cfg(invert=1.0), work_size=WORK)
+    img, flipped = base.sample(16, seed=0), inv.sample(16, seed=0)
+    border = np.concatenate([flipped[0], flipped[-1], flipped[:, 0], flipped[:, -1]])
+    assert np.median(border) > 0.7 and np.median(np.concatenate([img[0], img[-1]])) < 0.1
+    tissue = img > 0.15
+    assert np.corrcoef(img[tissue], flipped[tissue])[0, 1] < -0.9
+    remap = SectionSynthesizer(plates, _cfg(modality=1.0), work_size=WORK)
+    from scipy.stats import spearmanr
+
+    rhos = [spearmanr(img[tissue], remap.sample(16, seed=k)[tissue])[0] for k in range(6)]
+    assert min(rhos) < 0.8  # not a monotonic map of the plate's intensities
+
+
+def test_list_of_plates_labels_and_blend(atlas):
+    ref, lab = atlas
+    plates = Plates.from_reference(
+        [ref[k, 4:, :50] for k in (8, 12, 16)], [lab[k, 4:, :50] for k in (8, 12, 16)]
+    )
+    synth = SectionSynthesizer(plates, SynthesisConfig(), work_size=WORK, seed=0)
+    for i in range(3):
+        s = synth.sample_with_truth(i)
+        assert np.all(s.coords[0] == i)
+        ry, rx = np.round(s.coords[1]).astype(int), np.round(s.coords[2]).astype(int)
+        ok = (ry >= 0) & (ry < 52) & (rx >= 0) & (rx < 50)
+        assert ok.mean() > 0.5
+        np.testing.assert_array_equal(s.labels[ok], plates.labels(i)[ry[ok], rx[ok]])
+    blended = SectionSynthesizer(plates, _cfg(blend=0.5), work_size=WORK)
+    s = blended.sample_with_truth(1, seed=3)
+    assert s.params["blend_plate"] in (0, 2) and 0 < s.params["blend"] <= 0.5
+    plain = SectionSynthesizer(plates, _cfg(), work_size=WORK).sample(1, seed=3)
+    assert s.image.shape == plain.shape and not np.allclose(s.image, plain)
+
+
+def test_inputs_not_modified(atlas):
+    ref, lab = atlas
+    before = ref.copy(), lab.copy()
+    synth = SectionSynthesizer(Plates.from_reference(ref, lab), SynthesisConfig(), work_size=WORK)
+    for i in range(10):
+        synth.sample_with_truth(i * 3)
+    np.testing.assert_array_equal(ref, before[0])
+    np.testing.assert_array_equal(lab, before[1])
+
+
+def test_config_round_trip_and_errors(plates):
+    cfg = SynthesisConfig(max_tilt=7.5, scale=(1.1, 1.3))
+    back = SynthesisConfig.from_dict(cfg.to_dict())
+    assert back == cfg and back.scale == (1.1, 1.3)
+    assert SynthesisConfig.none().partial == 0 and SynthesisConfig.none().scale == (1.0, 1.0)
+    with pytest.raises(InputError, match="Unknown option.*'tilt'"):
+        SynthesisConfig.from_dict({"tilt": 3})
+    with pytest.raises(InputError, match="partial must be at most 1"):
+        SynthesisConfig.from_dict({"partial": 2})
+    with pytest.raises(InputError, match="low <= high"):
+        SynthesisConfig.from_dict({"scale": [1.5, 1.0]})
+    with pytest.raises(InputError, match="max_tilt must be a finite number"):
+        SectionSynthesizer(plates, SynthesisConfig(max_tilt=float("nan")))
+    with pytest.raises(InputError, match="out of range: the atlas has 32 plates"):
+        SectionSynthesizer(plates, work_size=WORK).sample(32)
+    with pytest.raises(InputError, match="needs Plates"):
+        SectionSynthesizer(np.zeros((4, 20, 20)))
+    with pytest.raises(InputError, match="work_size must be at least 16"):
+        SectionSynthesizer(plates, work_size=4)
