@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 
 from ..core.errors import Cancelled, RegistrationError
-from . import atlas, demo, em, register, train
+from . import atlas, demo, em, histology, register, train
 from ._common import CommandLineError, HelpFormatter, Parser, ProgressBars, parse_options
 
 __all__ = ["ProgressBars", "TextProgress", "build_parser", "main", "parse_options"]
@@ -46,6 +46,7 @@ def build_parser() -> Parser:
     train.add_parser(sub)
     em.add_parser(sub)
     atlas.add_parsers(sub)
+    histology.add_parser(sub)
     p.commands = dict(sub.choices)
     return p
 
