@@ -12,7 +12,7 @@ import tifffile
 from skimage.transform import downscale_local_mean
 
 from napari_nephi.core.errors import InputError, UnsupportedFileError
-from napari_nephi.io import write_pyramidal_tiff
+from napari_nephi.io import can_read, read_image, write_pyramidal_tiff
 from napari_nephi.io.slides import Slide, as_slide, level_for_spacing, open_slide, read_region
 
 
@@ -113,6 +113,9 @@ def test_openslide_format_without_the_extra_names_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "openslide", None)  # import openslide -> ImportError
     with pytest.raises(UnsupportedFileError, match=r'pip install "napari-nephi\[openslide\]"'):
         open_slide(path)
+    assert can_read(path)  # napari's reader takes it, and says what to install
+    with pytest.raises(UnsupportedFileError, match=r"napari-nephi\[openslide\]"):
+        read_image(path)
 
 
 def test_unknown_format_is_refused(tmp_path):
@@ -162,6 +165,9 @@ def test_openslide_levels_read_regions_and_whiten_transparent_pixels(tmp_path, m
     )
     assert np.all(slide.levels[0][10:30, 600:700].compute() == 255)
     np.testing.assert_array_equal(slide.levels[1][50:60, 20:40].compute(), full[200:240:4, 80:160:4, :3])
+    [(data, meta, kind)] = read_image(path)
+    assert kind == "image" and meta["multiscale"] and meta["rgb"] and meta["scale"] == (0.26, 0.25)
+    assert [lvl.shape for lvl in data] == [(800, 1200, 3), (200, 300, 3)]
 
 
 def test_read_region_picks_a_level_that_fits():
