@@ -229,3 +229,31 @@ def test_config_round_trip_and_errors(plates):
         SectionSynthesizer(np.zeros((4, 20, 20)))
     with pytest.raises(InputError, match="work_size must be at least 16"):
         SectionSynthesizer(plates, work_size=4)
+
+
+def test_plate_spacing_scales_the_tilt(z_plates):
+    one = SectionSynthesizer(z_plates, _cfg(max_tilt=10.0), work_size=WORK)
+    four = SectionSynthesizer(z_plates, _cfg(max_tilt=10.0), work_size=WORK, plate_spacing=4.0)
+    for seed in range(3):
+        a, b = one.sample_with_truth(16, seed=seed), four.sample_with_truth(16, seed=seed)
+        assert a.params["pitch"] == b.params["pitch"]
+        np.testing.assert_allclose(b.coords[0] - 16, (a.coords[0] - 16) / 4, atol=1e-4)
+    with pytest.raises(InputError, match="plate_spacing must be greater than 0"):
+        SectionSynthesizer(z_plates, plate_spacing=0)
+
+
+def test_squeeze_and_elastic_stretch_the_tissue(plates):
+    whole = SectionSynthesizer(plates, _cfg(), work_size=WORK)
+    squeezed = SectionSynthesizer(plates, _cfg(squeeze=0.4), work_size=WORK)
+    stretched = SectionSynthesizer(plates, _cfg(elastic=0.05), work_size=WORK)
+    for seed in range(4):
+        base = whole.sample_with_truth(14, seed=seed)
+        s = squeezed.sample_with_truth(14, seed=seed)
+        ratio = _tissue(s.image) / _tissue(base.image)
+        assert ratio == pytest.approx(1 - s.params["squeeze"], abs=0.06)
+        e = stretched.sample_with_truth(14, seed=seed)
+        shift = np.hypot(*(e.coords[1:] - base.coords[1:]))
+        y0, y1, x0, x1 = stretched.frame_box()
+        native_px = e.params["elastic"] * max(y1 - y0, x1 - x0) / WORK  # work pixels -> native pixels
+        assert 0 < shift.max() <= 1.8 * native_px + 1e-3  # two fields of about [-1, 1] (cubic overshoot)
+        assert np.abs(np.diff(shift, axis=1)).max() < 0.2 * shift.max() + 1e-3  # smooth

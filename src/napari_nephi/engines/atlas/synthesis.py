@@ -43,6 +43,8 @@ _LIMITS = {  # option -> (low, high)
     "illumination": (0.0, 1.0),
     "blend": (0.0, 0.5),
     "offset": (0.0, 0.49),
+    "elastic": (0.0, 0.2),
+    "squeeze": (0.0, 0.5),
 }
 _PAIR_LIMITS = {"scale": (0.2, 5.0), "contrast": (0.05, 10.0), "gamma": (0.1, 10.0)}
 
@@ -61,7 +63,9 @@ class SynthesisConfig:
     probability of a non-monotonic intensity remap (another stain); ``illumination``: maximum
     relative amplitude of uneven illumination; ``blend``: maximum weight of a neighbouring plate
     mixed in (lists of plates); ``offset``: maximum distance in plates of the section centre from
-    its plate (3D, below 0.5 so the plate stays the nearest one).
+    its plate (3D, below 0.5 so the plate stays the nearest one); ``elastic``: maximum smooth
+    displacement of the tissue (stretching when mounted) as a fraction of the work size;
+    ``squeeze``: maximum relative compression along a random direction (cutting compresses).
     """
 
     max_tilt: float = 10.0
@@ -81,6 +85,8 @@ class SynthesisConfig:
     illumination: float = 0.3
     blend: float = 0.15
     offset: float = 0.3
+    elastic: float = 0.02
+    squeeze: float = 0.08
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (ranges as lists)."""
@@ -217,21 +223,30 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], cells: int =
 
 def _ragged(rng: np.random.Generator, t: np.ndarray, amplitude: float) -> np.ndarray:
     """A ragged 1D profile along ``t`` (in [0, 1]): a few random sines, scaled to ``amplitude``."""
-    out = np.zeros_like(t, dtype=np.float32)
+    grid = np.linspace(0, 1, 256)
+    out = np.zeros_like(grid)
     for k in range(1, 6):
-        out += rng.normal(0, 1.0 / k) * np.sin(2 * np.pi * k * t + rng.uniform(0, 2 * np.pi))
-    return amplitude * out / 2.0
+        out += rng.normal(0, 1.0 / k) * np.sin(2 * np.pi * k * grid + rng.uniform(0, 2 * np.pi))
+    return (amplitude / 2.0) * np.interp(t, grid, out).astype(np.float32)
 
 
 class SectionSynthesizer:
     """Draws synthetic training sections of known plate from :class:`Plates` (see the module doc).
 
     ``work_size``: longer side in pixels of the tissue (plus a small margin) in the samples;
-    ``seed``: the random sequence (two synthesisers with one seed draw the same samples).
+    ``seed``: the random sequence (two synthesisers with one seed draw the same samples);
+    ``plate_spacing``: distance between neighbouring plates of a 3D reference in in-plane pixels
+    (1 for an isotropic volume; 4 for every 4th plane of one), so tilts are true angles.
     """
 
     def __init__(
-        self, plates: Plates, config: SynthesisConfig | None = None, *, work_size: int = 160, seed=0
+        self,
+        plates: Plates,
+        config: SynthesisConfig | None = None,
+        *,
+        work_size: int = 160,
+        seed=0,
+        plate_spacing: float = 1.0,
     ):
         if not isinstance(plates, Plates):
             raise InputError(
@@ -243,6 +258,7 @@ class SectionSynthesizer:
             raise InputError(f"config must be a SynthesisConfig, got {type(config).__name__}.")
         self.config = SynthesisConfig(**asdict(config)).checked()
         self.work_size = check_int("work_size", work_size, 16, 4096)
+        self.plate_spacing = check_float("plate_spacing", plate_spacing, 0.0, 1000.0, low_open=True)
         self.plates = plates
         self._rng = np.random.default_rng(seed)
         self._label_volume: np.ndarray | None = None
@@ -329,7 +345,17 @@ class SectionSynthesizer:
         cy, cx = fr.to_work(*fr.centre)
         cos, sin = math.cos(math.radians(theta)) / zoom, math.sin(math.radians(theta)) / zoom
         dy, dx = rr - top - cy, cc - left - cx
+        if cfg.squeeze > 0:  # the section is compressed along a random direction: the frame stretched
+            q, phi = 1 - rng.uniform(0, cfg.squeeze), rng.uniform(0, np.pi)
+            along = (dy * math.cos(phi) + dx * math.sin(phi)) * (1 / q - 1)
+            dy, dx = dy + along * math.cos(phi), dx + along * math.sin(phi)
+            params["squeeze"] = float(1 - q)
         fy, fx = cy + cos * dy - sin * dx, cx + sin * dy + cos * dx
+        if cfg.elastic > 0:  # smooth stretching of the tissue
+            amp = rng.uniform(0, cfg.elastic) * max(h0, w0)
+            fy = fy + amp * _smooth_field(rng, (h, w), 4)
+            fx = fx + amp * _smooth_field(rng, (h, w), 4)
+            params["elastic"] = float(amp)
         ny, nx = fr.to_native(fy, fx)  # native in-plane coordinates
         if self.is_volume:
             image, coords = self._oblique(idx, fr, ny, nx, rng, params)
@@ -355,7 +381,7 @@ class SectionSynthesizer:
         e_row, e_col = _plane_vectors(pitch, yaw)
         py, px = fr.centre
         u, v = ny - py, nx - px  # in-plane offsets from the pivot, native voxels
-        z = idx + dz + e_row[0] * u + e_col[0] * v
+        z = idx + dz + (e_row[0] * u + e_col[0] * v) / self.plate_spacing
         y = py + e_row[1] * u + e_col[1] * v
         x = px + e_row[2] * u + e_col[2] * v
         wy, wx = fr.to_work(y, x)
@@ -549,6 +575,6 @@ def _pepper(image: np.ndarray, fraction: float, rng) -> np.ndarray:
     cell = max(1, round(math.exp(rng.uniform(0, math.log(max(2, min(h, w) // 12))))))
     grid = (max(1, -(-h // cell)), max(1, -(-w // cell)))
     mask = rng.random(grid) < fraction
-    mask = np.kron(mask, np.ones((cell, cell), bool))[:h, :w]
+    mask = np.repeat(np.repeat(mask, cell, axis=0), cell, axis=1)[:h, :w]
     dark = 0.5 * rng.random((h, w)).astype(np.float32) ** 2
     return np.where(mask, dark, image)
