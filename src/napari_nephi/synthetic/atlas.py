@@ -10,15 +10,24 @@ cerebellum and brainstem behind), so neighbouring plates look alike and distant 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from ..core.errors import InputError
+from .atlas_sections import atlas_queries, plane_axes
+from .brain_phantom import PHANTOM_REGIONS, brain_phantom
 
-__all__ = ["ATLAS_REGIONS", "toy_atlas", "section_from_atlas"]
+__all__ = [
+    "ATLAS_REGIONS",
+    "PHANTOM_REGIONS",
+    "atlas_queries",
+    "brain_phantom",
+    "plane_axes",
+    "section_from_atlas",
+    "toy_atlas",
+]
 
 #: Label value -> region name of :func:`toy_atlas` (0 is background).
 ATLAS_REGIONS = {
@@ -217,12 +226,7 @@ def section_from_atlas(
         )
     nz, ny, nx = ref.shape
     cy, cx = (ny - 1) / 2.0, (nx - 1) / 2.0
-    a, b = math.radians(tilt[0]), math.radians(tilt[1])
-    # in-plane unit vectors (z, y, x): rows turn about x by a, columns about y by b
-    e_row = np.array([-math.sin(a), math.cos(a), 0.0])
-    e_col = np.array([math.sin(b) * math.cos(a), math.sin(a) * math.sin(b), math.cos(b)])
-    e_col -= e_row * (e_col @ e_row)
-    e_col /= np.linalg.norm(e_col)
+    e_row, e_col = plane_axes(tilt)
     r0, r1 = round(crop[0] * ny), ny - round(crop[1] * ny)
     c0, c1 = round(crop[2] * nx), nx - round(crop[3] * nx)
     rows = np.arange(r0, r1, dtype=np.float64) - cy

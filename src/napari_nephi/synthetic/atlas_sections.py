@@ -1,0 +1,347 @@
+"""Query sections for the atlas-lookup benchmark, cut from a specimen unlike the atlas.
+
+Each query is a section of *another brain* (the atlas smoothly deformed and rescaled, with its
+own cell texture), cut at an angle, possibly partial, stained otherwise (Nissl-like as the atlas,
+or fluorescence-like: other per-region intensities and the opposite background), mounted at
+another rotation and pixel size, with blur, uneven light, noise and tears. The truth is the atlas
+plate at the centre of the tissue that remains. This generator is written independently of the
+engine's training synthesiser so a benchmark does not test a model on its own training data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from ..core.errors import InputError
+from ..core.options import check_choice, check_float, check_int
+
+__all__ = ["CONTRASTS", "atlas_queries", "plane_axes"]
+
+#: Stains :func:`atlas_queries` can render ("mixed": each query draws one of the other two).
+CONTRASTS = ("nissl", "fluorescence", "mixed")
+_PARTS = ("top", "bottom", "left", "right", "corner")
+
+
+def plane_axes(tilt_degrees: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Unit ``(z, y, x)`` vectors along the rows and columns of a plane tilted by ``(about_x, about_y)``.
+
+    Rows turn about the ``x`` axis (the dorsal edge moves towards larger ``z``), columns about
+    the ``y`` axis (the right edge moves towards larger ``z``); ``(0, 0)`` is a coronal plate.
+    """
+    a, b = math.radians(float(tilt_degrees[0])), math.radians(float(tilt_degrees[1]))
+    e_row = np.array([-math.sin(a), math.cos(a), 0.0])
+    e_col = np.array([math.sin(b) * math.cos(a), math.sin(a) * math.sin(b), math.cos(b)])
+    e_col -= e_row * (e_col @ e_row)
+    e_col /= np.linalg.norm(e_col)
+    return e_row, e_col
+
+
+class _Atlas:
+    """The reference, its labels and per-region statistics used to restain sections."""
+
+    def __init__(self, reference, labels):
+        ref = np.asarray(reference)
+        lab = np.asarray(labels)
+        if ref.ndim != 3 or min(ref.shape) < 8:
+            raise InputError(
+                f"reference must be a 3D (z, y, x) volume, at least 8 voxels per axis; got shape {ref.shape}."
+            )
+        if lab.shape != ref.shape:
+            raise InputError(f"labels shape {lab.shape} differs from the reference shape {ref.shape}.")
+        if not np.issubdtype(lab.dtype, np.integer):
+            raise InputError(f"labels must be integers (region values), got dtype {lab.dtype}.")
+        ref = ref.astype(np.float32)
+        if not np.all(np.isfinite(ref)):
+            raise InputError("reference contains NaN or infinite values; replace them first.")
+        if not (lab > 0).any():
+            raise InputError("labels are all 0: the atlas needs labelled tissue to cut sections from.")
+        self.ref, self.lab, self.shape = ref, lab, ref.shape
+        values, inverse = np.unique(np.append(lab.ravel(), 0), return_inverse=True)
+        inverse = inverse[:-1]
+        counts = np.bincount(inverse, minlength=values.size)
+        sums = np.bincount(inverse, weights=ref.ravel(), minlength=values.size)
+        self.values = values
+        self.means = (sums / np.maximum(counts, 1)).astype(np.float64)
+        tissue = ref[lab > 0]
+        self.bg = float(self.means[0]) if counts[0] else float(np.median(ref))
+        self.dark = self.bg < float(np.median(tissue))
+        far = float(np.percentile(tissue, 99 if self.dark else 1))
+        self.norm = np.clip((self.means - self.bg) / (far - self.bg or 1.0), 0, 1)
+        self.norm[0] = 0.0
+        area = (lab > 0).sum(axis=(1, 2))
+        valid = np.nonzero(area >= 0.25 * area.max())[0]
+        self.zrange = (float(valid.min()), float(valid.max()))
+        self.min_area = 0.1 * float(np.median(area[valid]))
+
+    def index_of(self, lab: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.values, lab)
+
+
+class _Specimen:
+    """Another brain: the atlas anisotropically rescaled and smoothly deformed (pull-back map)."""
+
+    def __init__(self, shape, deform: float, rng: np.random.Generator):
+        self.shape = np.asarray(shape, dtype=np.float64)
+        self.centre = (self.shape - 1) / 2
+        self.scale = 1 + rng.uniform(-1.5, 1.5, 3) * deform
+        self.coarse = rng.standard_normal((3, 4, 4, 4)) * deform * 0.5 * self.shape[:, None, None, None]
+
+    def to_atlas(self, p: np.ndarray) -> np.ndarray:
+        """Atlas voxel coordinates of specimen points ``p`` (3, ...)."""
+        c = self.centre.reshape((3,) + (1,) * (p.ndim - 1))
+        s = self.scale.reshape(c.shape)
+        grid = p / np.maximum(self.shape - 1, 1).reshape(c.shape) * 3
+        u = np.stack([ndimage.map_coordinates(f, grid, order=3, mode="nearest") for f in self.coarse])
+        return c + s * (p - c) + u
+
+
+def _check(n, max_tilt, partial, contrast, noise, tears, rotation, scale, deform):
+    n = check_int("n", n, 1, 100000)
+    max_tilt = check_float("max_tilt", max_tilt, 0, 45)
+    partial = check_float("partial", partial, 0, 1)
+    check_choice("contrast", contrast, CONTRASTS)
+    noise = check_float("noise", noise, 0, 0.5)
+    tears = check_float("tears", tears, 0, 1)
+    rotation = check_float("rotation", rotation, 0, 180)
+    deform = check_float("deform", deform, 0, 0.2)
+    try:
+        lo, hi = (float(s) for s in scale)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"scale must be a pair (low, high) of pixel-size factors, got {scale!r}.") from exc
+    if not (0.2 <= lo <= hi <= 5):
+        raise InputError(f"scale must be a pair 0.2 <= low <= high <= 5, got {scale!r}.")
+    return n, max_tilt, partial, noise, tears, rotation, (lo, hi), deform
+
+
+def _crop(rng: np.random.Generator, partial: float):
+    """``(kind, (top, bottom, left, right))`` fractions of the tissue's bounding box to cut away."""
+    if rng.uniform() >= partial:
+        return None, (0.0, 0.0, 0.0, 0.0)
+    kind = _PARTS[rng.integers(len(_PARTS))]
+    top = bottom = left = right = 0.0
+    if kind == "top":
+        top = rng.uniform(0.2, 0.45)  # cortex / cerebellum missing
+    elif kind == "bottom":
+        bottom = rng.uniform(0.2, 0.4)
+    elif kind in ("left", "right"):
+        cut = rng.uniform(0.42, 0.55)  # a hemisphere missing: half sections
+        left, right = (cut, 0.0) if kind == "left" else (0.0, cut)
+    else:
+        top, side = rng.uniform(0.1, 0.3), rng.uniform(0.2, 0.4)
+        left, right = (side, 0.0) if rng.uniform() < 0.5 else (0.0, side)
+    return kind, (top, bottom, left, right)
+
+
+def _tear_mask(rng, tissue: np.ndarray, pixel: float) -> np.ndarray:
+    """One wavy crack across the tissue, 1-4 px wide."""
+    h, w = tissue.shape
+    ys, xs = np.nonzero(tissue)
+    k = rng.integers(ys.size)
+    ang = rng.uniform(0, np.pi)
+    length = 0.7 * max(h, w)
+    t = np.arange(-length, length, 0.5)
+    amp, wave, phase = rng.uniform(1, 4) * pixel, rng.uniform(15, 40) * pixel, rng.uniform(0, 2 * np.pi)
+    off = amp * np.sin(2 * np.pi * t / wave + phase)
+    py = ys[k] + t * math.sin(ang) + off * math.cos(ang)
+    px = xs[k] + t * math.cos(ang) - off * math.sin(ang)
+    ok = (py >= 0) & (py <= h - 1) & (px >= 0) & (px <= w - 1)
+    mask = np.zeros((h, w), dtype=bool)
+    mask[np.round(py[ok]).astype(int), np.round(px[ok]).astype(int)] = True
+    width = int(round(rng.uniform(0, 1.5) * pixel))
+    return ndimage.binary_dilation(mask, iterations=width) if width else mask
+
+
+def _stain(atlas: _Atlas, ref_q, lab_q, stain: str, rng) -> tuple[np.ndarray, float]:
+    """Section intensities in ``stain`` from the atlas's per-region levels, and the background level."""
+    k = atlas.index_of(lab_q)
+    smooth = ndimage.gaussian_filter(ref_q, 1.0)  # the atlas's own fine texture is not kept
+    base = ndimage.gaussian_filter(atlas.means[k], 1.0)
+    resid = smooth - base  # structure within regions that the labels do not hold
+    tissue = lab_q > 0
+    if stain == "nissl":  # the atlas's stain on another brain: region levels jitter a little
+        gain = rng.uniform(0.85, 1.15, atlas.values.size)
+        image, bg = smooth + ndimage.gaussian_filter(atlas.means[k] * (gain[k] - 1), 1.0), atlas.bg
+    else:  # fluorescence-like: other region levels (partly inverted), the opposite background
+        w = rng.uniform(0.5, 0.8)
+        level = w * (1 - atlas.norm) + (1 - w) * rng.uniform(0, 1, atlas.values.size)
+        level = ndimage.gaussian_filter(level[k], 0.7)
+        if atlas.dark:
+            image, bg = 0.05 + 0.75 * level - 0.5 * resid, rng.uniform(0.85, 0.97)
+        else:
+            image, bg = 0.25 + 0.7 * level - 0.5 * resid, rng.uniform(0.02, 0.1)
+    image = np.where(tissue, image, bg)
+    cells = ndimage.gaussian_filter(rng.standard_normal(ref_q.shape), 0.8)
+    cells /= max(float(cells.std()), 1e-6)
+    image = np.where(tissue, image * (1 + 0.18 * cells), image)
+    return image, float(bg)
+
+
+def _finish(image, pixel: float, noise: float, rng) -> np.ndarray:
+    """Blur, uneven light, gamma and noise of a mounted, imaged section."""
+    image = ndimage.gaussian_filter(image, rng.uniform(0.3, 1.0) * pixel)
+    h, w = image.shape
+    ang = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")
+    image = image * (1 + 0.08 * (yy * math.sin(ang) + xx * math.cos(ang)))
+    image = np.clip(image, 0, 1) ** rng.uniform(0.8, 1.25)
+    image = image + rng.standard_normal(image.shape) * noise * rng.uniform(0.5, 1.5)
+    return np.clip(image, 0, 1).astype(np.float32)
+
+
+def _cut(atlas: _Atlas, rng, centre: float, tilt, crop, rot: float, pix: float, deform: float):
+    """Atlas coordinates ``(3, h, w)`` of a mounted section and the mask of its kept window."""
+    spec = _Specimen(atlas.shape, deform, rng)
+    e_row, e_col = plane_axes(tilt)
+    nz, ny, nx = atlas.shape
+    origin = np.array([centre, (ny - 1) / 2, (nx - 1) / 2])
+
+    def atlas_coords(u, v):
+        p = origin[:, None, None] + e_row[:, None, None] * u + e_col[:, None, None] * v
+        return spec.to_atlas(p)
+
+    # the tissue's extent in the cutting plane
+    ext = 0.65 * max(ny, nx)
+    u, v = np.meshgrid(np.arange(-ext, ext + 1), np.arange(-ext, ext + 1), indexing="ij")
+    lab = ndimage.map_coordinates(atlas.lab, atlas_coords(u, v), order=0, mode="constant", cval=0)
+    if not (lab > 0).any():
+        return None, None
+    rows, cols = np.nonzero(lab > 0)
+    u0, u1, v0, v1 = u[rows, 0].min(), u[rows, 0].max(), v[0, cols].min(), v[0, cols].max()
+    hu, wv = u1 - u0, v1 - v0
+    u0, u1 = u0 + crop[0] * hu, u1 - crop[1] * hu
+    v0, v1 = v0 + crop[2] * wv, v1 - crop[3] * wv
+    # the mounted, imaged section: rotated by rot, pix output pixels per atlas voxel, margins
+    c, s = math.cos(math.radians(rot)), math.sin(math.radians(rot))
+    hh = pix * (abs(c) * (u1 - u0) + abs(s) * (v1 - v0))
+    ww = pix * (abs(s) * (u1 - u0) + abs(c) * (v1 - v0))
+    m = rng.uniform(0.04, 0.2, 4) * max(hh, ww)
+    h, w = int(math.ceil(hh + m[0] + m[1])), int(math.ceil(ww + m[2] + m[3]))
+    r, q = np.meshgrid(np.arange(h) - m[0] - hh / 2, np.arange(w) - m[2] - ww / 2, indexing="ij")
+    du, dv = (c * r + s * q) / pix, (-s * r + c * q) / pix
+    uu, vv = (u0 + u1) / 2 + du, (v0 + v1) / 2 + dv
+    keep = (uu >= u0) & (uu <= u1) & (vv >= v0) & (vv <= v1)
+    return atlas_coords(uu, vv), keep
+
+
+def atlas_queries(
+    reference,
+    labels,
+    n: int,
+    seed: int | None = 0,
+    *,
+    max_tilt: float = 10.0,
+    partial: float = 0.5,
+    contrast: str = "nissl",
+    noise: float = 0.05,
+    tears: float = 0.3,
+    rotation: float = 10.0,
+    scale: Sequence[float] = (0.8, 1.25),
+    deform: float = 0.03,
+) -> list[dict]:
+    """Sections of another brain cut from a labelled atlas, with the true plate of each.
+
+    Parameters
+    ----------
+    reference, labels
+        ``(z, y, x)`` atlas (plates along ``z``) and its integer region labels, e.g. from
+        :func:`brain_phantom` or :func:`toy_atlas`.
+    n
+        Number of sections; their centres are spread evenly (stratified) over the plates that
+        hold at least a quarter of the largest plate's tissue.
+    seed
+        Everything is drawn from it; the same seed gives the same sections.
+    max_tilt
+        Pitch and yaw of the cut, each uniform in ``[-max_tilt, max_tilt]`` degrees.
+    partial
+        Probability that a section is partial: its top (cortex, cerebellum), bottom, one
+        hemisphere (half sections) or a top corner cut away (20-55 % of its extent).
+    contrast
+        ``"nissl"`` (the atlas's stain: its per-region levels, each jittered by up to 15 %),
+        ``"fluorescence"`` (per-region levels drawn anew, partly inverted, on the opposite
+        background), or ``"mixed"`` (each section draws one of the two).
+    noise
+        Standard deviation of the added Gaussian noise (times 0.5-1.5), intensities in [0, 1].
+    tears
+        Probability of tears (one or two wavy cracks through the tissue).
+    rotation, scale
+        In-plane rotation (uniform in ``[-rotation, rotation]`` degrees) and output pixels per
+        atlas voxel (uniform in ``scale``) of the mounted section.
+    deform
+        Size of the specimen's difference from the atlas: per-axis scale within
+        ``1 +- 1.5 deform`` and a smooth displacement of about ``deform`` of the volume size.
+
+    Returns
+    -------
+    One dict per section: ``image`` (float32 ``(h, w)`` in [0, 1]), ``labels`` (its true region
+    labels, 0 outside the tissue and in tears), ``plate`` (the truth: the atlas plate at the
+    centre of the tissue, i.e. the rounded mean atlas ``z`` of its tissue pixels), ``plate_range``
+    (5th-95th percentile of the tissue's atlas ``z``: the plates an oblique cut crosses),
+    ``tilt`` (degrees about ``x`` and ``y``), ``crop`` (``(top, bottom, left, right)`` fractions
+    of the tissue's extent cut away), ``part`` (which part is missing, or None), ``contrast``,
+    ``rotation``, ``scale`` and ``index`` (the plane's position at the volume's centre).
+    """
+    n, max_tilt, partial, noise, tears, rotation, scale, deform = _check(
+        n, max_tilt, partial, contrast, noise, tears, rotation, scale, deform
+    )
+    atlas = _Atlas(reference, labels)
+    rng = np.random.default_rng(seed)
+    z0, z1 = atlas.zrange
+    slots = rng.permutation(n)
+    out = []
+    for i in range(n):
+        for _attempt in range(20):
+            centre = z0 + (slots[i] + rng.uniform()) / n * (z1 - z0)
+            query = _one(
+                atlas, rng, centre, max_tilt, partial, contrast, noise, tears, rotation, scale, deform
+            )
+            if query is not None:
+                break
+        else:  # pragma: no cover - only for atlases with almost no tissue
+            raise InputError("Could not cut a section with tissue from this atlas; check its labels.")
+        out.append(query)
+    return out
+
+
+def _one(atlas, rng, centre, max_tilt, partial, contrast, noise, tears, rotation, scale, deform):
+    tilt = tuple(float(t) for t in rng.uniform(-max_tilt, max_tilt, 2))
+    part, crop = _crop(rng, partial)
+    rot = float(rng.uniform(-rotation, rotation))
+    pix = float(rng.uniform(*scale))
+    coords, keep = _cut(atlas, rng, centre, tilt, crop, rot, pix, deform)
+    if coords is None:
+        return None
+    lab = ndimage.map_coordinates(atlas.lab, coords, order=0, mode="constant", cval=0)
+    lab = np.where(keep, lab, 0).astype(atlas.lab.dtype)
+    if (lab > 0).sum() < atlas.min_area * pix * pix:
+        return None
+    ref = ndimage.map_coordinates(atlas.ref, coords, order=1, mode="constant", cval=atlas.bg)
+    stain = contrast if contrast != "mixed" else ("nissl", "fluorescence")[rng.integers(2)]
+    image, bg = _stain(atlas, ref, lab, stain, rng)
+    if rng.uniform() < tears:
+        for _ in range(rng.integers(1, 3)):
+            crack = _tear_mask(rng, lab > 0, pix)
+            lab[crack] = 0
+            image[crack] = bg
+    image = _finish(image, pix, noise, rng)
+    z = coords[0][lab > 0]
+    if z.size == 0:
+        return None
+    plate = int(np.clip(np.round(z.mean()), 0, atlas.shape[0] - 1))
+    lo, hi = np.percentile(z, [5, 95])
+    return {
+        "image": image,
+        "labels": lab,
+        "plate": plate,
+        "plate_range": (int(max(0, math.floor(lo))), int(min(atlas.shape[0] - 1, math.ceil(hi)))),
+        "tilt": tilt,
+        "crop": tuple(float(c) for c in crop),
+        "part": part,
+        "contrast": stain,
+        "rotation": rot,
+        "scale": pix,
+        "index": float(centre),
+    }
