@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from skimage.color import rgb2gray
 from skimage.draw import ellipse
+from skimage.exposure import equalize_adapthist
 
 from napari_nephi.core.errors import InputError
-from napari_nephi.engines.atlas.preprocess import prepare_batch, prepare_input, tissue_mask, to_grey
+from napari_nephi.engines.atlas.preprocess import clahe, prepare_batch, prepare_input, tissue_mask, to_grey
 from napari_nephi.synthetic.atlas import toy_atlas
 
 
@@ -89,6 +90,16 @@ def test_tissue_mask_either_polarity():
         assert mask[60, 70]  # hole filled
         assert not mask[6, 151]  # dust removed
     assert not tissue_mask(np.full((30, 30), 0.4, np.float32)).any()
+
+
+def test_clahe_agrees_with_skimage(plate):
+    grey = to_grey(plate)
+    for image in (grey, grey[10:80, 5:60], grey.T.copy()):
+        ours = clahe(image, 0.03)
+        ref = equalize_adapthist(image, clip_limit=0.03)
+        assert ours.dtype == np.float32 and ours.shape == image.shape
+        assert _corr(ours, ref) > 0.97
+        assert np.abs(ours - ref).mean() < 0.08
 
 
 def test_small_blob_fills_the_output():
