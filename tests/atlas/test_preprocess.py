@@ -102,6 +102,17 @@ def test_clahe_agrees_with_skimage(plate):
         assert np.abs(ours - ref).mean() < 0.08
 
 
+def test_fill_holes_matches_scipy():
+    from scipy import ndimage as ndi
+
+    from napari_nephi.engines.atlas.preprocess import _fill_holes
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        mask = ndi.gaussian_filter(rng.random((40, 50)), 1.5) > rng.uniform(0.45, 0.55)
+        np.testing.assert_array_equal(_fill_holes(mask), ndi.binary_fill_holes(mask))
+
+
 def test_small_blob_fills_the_output():
     img = _scene((1000, 1400), (700, 300), (25, 40), value=0.7)
     out = prepare_input(img, 64)
