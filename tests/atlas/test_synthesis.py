@@ -257,3 +257,18 @@ def test_squeeze_and_elastic_stretch_the_tissue(plates):
         native_px = e.params["elastic"] * max(y1 - y0, x1 - x0) / WORK  # work pixels -> native pixels
         assert 0 < shift.max() <= 1.8 * native_px + 1e-3  # two fields of about [-1, 1] (cubic overshoot)
         assert np.abs(np.diff(shift, axis=1)).max() < 0.2 * shift.max() + 1e-3  # smooth
+
+
+def test_brightfield_plates_keep_a_bright_background(atlas):
+    """Nissl-like plates (dark tissue on white): padding, cuts and holes show white, not black."""
+    ref, _ = atlas
+    rgb = [np.stack([1 - ref[k] * 0.8, 1 - ref[k] * 0.9, 1 - ref[k] * 0.6], axis=-1) for k in (10, 16, 22)]
+    plates = Plates.from_reference(rgb)
+    whole = SectionSynthesizer(plates, _cfg(crop_pad=0.1), work_size=WORK)
+    part = SectionSynthesizer(plates, _cfg(crop_pad=0.1, partial=1.0, holes=1.0), work_size=WORK)
+    for seed in range(4):
+        img, cut = whole.sample(1, seed=seed), part.sample(1, seed=seed)
+        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+        assert np.median(border) > 0.9
+        assert np.count_nonzero(cut < 0.7) < 0.93 * np.count_nonzero(img < 0.7)  # less dark tissue
+        assert np.count_nonzero(cut < 0.05) <= np.count_nonzero(img < 0.05)  # nothing turned black
