@@ -26,6 +26,8 @@ __all__ = ["warp_lazy", "warp_pyramid"]
 
 #: a tile whose source box holds more than this many times its own pixels is split in four
 MAX_READ_RATIO = 16
+#: output pixels mapped through the transform at once
+POINTS_PER_MAP = 1 << 16
 
 
 def _levels(moving: Any) -> list[Any]:
@@ -92,11 +94,22 @@ class _TileWarper:
         self.samples = tuple(level.shape[2:])
 
     def coords(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-        """Moving-level coordinates ``(n, 2)`` of output pixels on the grid ``ys`` x ``xs``."""
-        grid = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2).astype(np.float64)
-        fixed0 = (grid + 0.5) * self.scale - 0.5
-        moving0 = _map(self.transform, fixed0)
-        return (moving0 + 0.5) / np.asarray(self.factor) - 0.5
+        """Moving-level coordinates ``(n, 2)`` of output pixels on the grid ``ys`` x ``xs``.
+
+        Mapped a few rows at a time (about :data:`POINTS_PER_MAP` points), so the transform's
+        temporaries stay small.
+        """
+        out = np.empty((len(ys) * len(xs), 2), dtype=np.float64)
+        fx = (xs.astype(np.float64) + 0.5) * self.scale - 0.5
+        rows = max(1, POINTS_PER_MAP // max(len(xs), 1))
+        for s in range(0, len(ys), rows):
+            fy = (ys[s : s + rows].astype(np.float64) + 0.5) * self.scale - 0.5
+            grid = np.stack(np.meshgrid(fy, fx, indexing="ij"), -1).reshape(-1, 2)
+            out[s * len(xs) : s * len(xs) + len(grid)] = _map(self.transform, grid)
+        out += 0.5
+        out /= np.asarray(self.factor)
+        out -= 0.5
+        return out
 
     def __call__(self, block_info: dict | None = None) -> np.ndarray:
         (y0, y1), (x0, x1) = block_info[None]["array-location"][:2]
@@ -129,9 +142,10 @@ class _TileWarper:
         )
 
     def sample(self, src: np.ndarray, pts: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Interpolate ``src`` at ``pts`` (relative to its corner, so float32 is exact enough)."""
         chans = src.reshape(src.shape[:2] + (-1,))
-        vol = torch.as_tensor(np.moveaxis(chans, -1, 0).astype(np.float64) - self.fill)
-        p = torch.as_tensor(np.nan_to_num(pts, nan=-1e9))
+        vol = torch.as_tensor(np.moveaxis(chans, -1, 0).astype(np.float32) - np.float32(self.fill))
+        p = torch.as_tensor(np.nan_to_num(pts, nan=-1e9).astype(np.float32))
         vals = sample(vol, p, mode="nearest" if self.order == 0 else "bilinear").numpy() + self.fill
         vals = np.moveaxis(vals, 0, -1).reshape(shape)
         if np.dtype(self.dtype).kind in "iub":
