@@ -98,6 +98,7 @@ class AtlasWidget(QWidget):
         self.preview = ResultLayers(napari_viewer, self)
         self._job: str | None = None
         self._job_info: dict = {}
+        self._results_in = False
         self._layout()
         self._connect()
         self._sync()
@@ -169,6 +170,7 @@ class AtlasWidget(QWidget):
         if not self.state.is_(RunState.IDLE):
             return False
         self._job, self._job_info = job, dict(info or {})
+        self._results_in = False
         self.progress.setRange(0, 0)  # busy until the first progress event
         self.status.setText(message)
         self.state.to(RunState.RUNNING)
@@ -207,12 +209,17 @@ class AtlasWidget(QWidget):
         handler(result)
 
     def _finish(self, message: str) -> None:
+        """The results are in: back to idle once the worker thread has ended too."""
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
         self.status.setText(message)
-        if self.state.is_(RunState.ADDING_RESULTS):
+        self._results_in = True
+        self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if self.state.is_(RunState.ADDING_RESULTS) and self._results_in and not self.runner.busy:
             self.state.to(RunState.IDLE)
-        self.run_done.emit()
+            self.run_done.emit()
 
     def _on_failed(self, message: str) -> None:
         show_error(message)
@@ -228,6 +235,8 @@ class AtlasWidget(QWidget):
             self.progress.setValue(0)
             self.state.to(RunState.IDLE)
             self.run_done.emit()
+        else:
+            self._maybe_idle()
 
     # -- the index ------------------------------------------------------------------------------
     def train(self) -> bool:

@@ -1,0 +1,197 @@
+"""The "Atlas lookup" dock widget: its parts one by one, then end to end in a real viewer."""
+
+import numpy as np
+import pytest
+
+from napari_nephi.synthetic.atlas import section_from_atlas
+from napari_nephi.widgets import atlas_widget as aw
+from napari_nephi.widgets._atlas_parts import SOURCES, AtlasSource, PlateAdjust, PlateGallery
+from napari_nephi.widgets._state import RunState
+
+#: A partial section of the toy atlas (its base cut away) and its true plate. The test lookup is
+#: trained briefly, so the widget is checked on a straight cut; oblique ones are the lookup's tests.
+PLATE, TILT, CROP = 21, 0.0, (0.0, 0.1, 0.0, 0.0)
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    messages = []
+    monkeypatch.setattr(aw, "show_error", messages.append)
+    return messages
+
+
+@pytest.fixture(scope="module")
+def saved_index(trained_lookup, tmp_path_factory):
+    """The session's trained lookup saved as an index folder."""
+    return trained_lookup.save(tmp_path_factory.mktemp("atlas") / "index")
+
+
+# -- parts --------------------------------------------------------------------------------------
+def test_gallery_shows_hits_best_first_and_reports_choices(qtbot):
+    gallery = PlateGallery()
+    qtbot.addWidget(gallery)
+    chosen = []
+    gallery.plate_chosen.connect(chosen.append)
+    thumbs = [np.full((96, 96), v, np.float32) for v in (0.2, 0.5, 0.9)]
+    gallery.set_hits([(7, 0.11), (8, 0.25), (3, 0.4)], thumbs)
+    assert gallery.plates() == [7, 8, 3] and gallery.chosen() == 7 and chosen == [7]
+    assert "d = 0.250" in gallery.item(1).text() and not gallery.item(1).icon().isNull()
+    gallery.setCurrentRow(2)
+    assert chosen == [7, 3] and gallery.chosen() == 3
+    gallery.choose(8)  # a plate chosen elsewhere is selected without a new signal
+    assert gallery.chosen() == 8 and chosen == [7, 3]
+    gallery.choose(30)  # not shown: nothing selected
+    assert gallery.chosen() is None
+    gallery.set_hits([], [])
+    assert gallery.plates() == [] and gallery.chosen() is None
+
+
+def test_plate_adjust_steps_within_the_atlas(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    adjust = PlateAdjust(viewer)
+    qtbot.addWidget(adjust)
+    assert not adjust.next.isEnabled()  # no atlas yet
+    adjust.set_plates(10)
+    seen = []
+    adjust.plate_changed.connect(seen.append)
+    adjust.next.click()
+    adjust.next.click()
+    adjust.previous.click()
+    assert seen == [1, 2, 1]
+    adjust.set_plate(9)
+    adjust.next.click()  # stays on the last plate
+    assert adjust.values()["plate"] == 9 and seen[-1] == 9
+    adjust.rotation.setValue(12.0)
+    adjust.scale.setValue(1.5)
+    points = viewer.add_points(np.array([[1.0, 2.0], [3.0, 4.0]]), name="pts")
+    adjust.section_points.set_layer(points)
+    values = adjust.values()
+    assert (values["rotation"], values["scale"], values["section_points"]) == (12.0, 1.5, points)
+    assert values["plate_points"] is None
+    adjust.reset()
+    assert (adjust.values()["rotation"], adjust.values()["scale"]) == (0.0, 1.0)
+
+
+def test_atlas_source_spec_follows_the_kind(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.zeros((4, 8, 8)), name="volume")
+    labels = viewer.add_labels(np.zeros((4, 8, 8), np.uint8), name="regions")
+    source = AtlasSource(viewer)
+    qtbot.addWidget(source)
+    changes = []
+    source.changed.connect(lambda: changes.append(1))
+    source.annotation.set_layer(labels)
+    assert source.spec() == {"kind": "image layer", "plate_axis": 0, "layer": image, "annotation": labels}
+    source.set_kind("file or folder")
+    source.path.setText("  /data/plates  ")
+    source.plate_axis.setValue(2)
+    spec = source.spec()
+    assert spec == {"kind": "file or folder", "plate_axis": 2, "path": "/data/plates", "annotation_path": ""}
+    source.set_kind("brainglobe atlas")
+    assert source.spec()["name"] == "allen_mouse_25um" and not source.plate_axis.isEnabled()
+    assert len(changes) >= 4 and SOURCES.index(source.spec()["kind"]) == 2
+
+
+# -- end to end --------------------------------------------------------------------------------
+def _widget(make_napari_viewer, toy_reference, section=None):
+    reference, labels = toy_reference
+    viewer = make_napari_viewer()
+    viewer.add_image(reference, name="toy atlas")
+    viewer.add_labels(labels, name="toy atlas labels")
+    if section is not None:
+        viewer.add_image(section, name="section")
+    widget = aw.AtlasWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    return viewer, widget
+
+
+def _run(widget, qtbot, action, timeout=120000):
+    with qtbot.waitSignal(widget.run_done, timeout=timeout):
+        assert action()
+
+
+def test_find_choose_register_in_a_viewer(make_napari_viewer, qtbot, toy_reference, saved_index, errors):
+    reference, labels = toy_reference
+    section, truth = section_from_atlas((reference, labels), PLATE, TILT, crop=CROP)
+    viewer, widget = _widget(make_napari_viewer, toy_reference, section)
+    layer = viewer.layers["section"]
+    before = layer.data.copy()
+    assert not widget.find_button.isEnabled()  # no index yet
+    _run(widget, qtbot, lambda: widget.load_index(saved_index))
+    assert widget.lookup is not None and widget.lookup.n_plates == reference.shape[0]
+    assert "40 plates" in widget.index_status.text() and widget.find_button.isEnabled()
+    widget.section.set_layer(layer)
+    _run(widget, qtbot, widget.find_plates)
+    plates = widget.gallery.plates()
+    assert plates == [i for i, _ in widget.lookup.lookup(section, top=5)]  # the lookup's ranking
+    assert PLATE in plates[:3], plates
+    assert widget.gallery.chosen() == plates[0] == widget.adjust.values()["plate"]  # best preselected
+    preview = viewer.layers["atlas plate"]  # the chosen plate shown beside the section
+    assert preview.translate[-1] > section.shape[1]
+    widget.gallery.setCurrentRow(plates.index(PLATE))  # clicking a plate chooses it
+    assert widget.adjust.values()["plate"] == PLATE
+    np.testing.assert_array_equal(preview.data, widget.lookup.plate_image(PLATE))
+    widget.method.setCurrentText("affine")
+    _run(widget, qtbot, widget.register)
+    assert errors == [] and "Done" in widget.status.text()
+    warped = viewer.layers[f"section atlas plate {PLATE}"]
+    carried = viewer.layers["section atlas labels"]
+    assert warped.data.shape == section.shape and carried.data.shape == section.shape
+    values = set(np.unique(carried.data).tolist())
+    assert values <= set(np.unique(labels).tolist()) and len(values - {0}) >= 3  # atlas values kept
+    inside = truth > 0
+    assert np.mean(carried.data[inside] == truth[inside]) > 0.5  # mostly the true regions
+    # region names on hover, through the layer's features
+    names = dict(zip(carried.features["index"], carried.features["region"], strict=True))
+    value = int(carried.data[section.shape[0] // 2, section.shape[1] // 2])
+    assert names[value] == widget.lookup.region_name(value)
+    status = carried.get_status((section.shape[0] // 2, section.shape[1] // 2), world=True)
+    assert f"region: {widget.lookup.region_name(value)}" in status["coordinates"]
+    np.testing.assert_array_equal(layer.data, before)  # the section is untouched
+    # a second run with a nudge replaces the result layers instead of adding more
+    count = len(viewer.layers)
+    widget.adjust.rotation.setValue(6.0)
+    _run(widget, qtbot, widget.register)
+    assert len(viewer.layers) == count and "Done" in widget.status.text()
+    assert widget.last.metrics["start"] is not None
+    # the confirmed pair is kept for the next training
+    assert widget.add_example()
+    assert len(widget.examples) == 1 and widget.examples[0][1] == PLATE
+    assert widget.examples[0][0] is not layer.data
+
+
+def test_train_cancel_then_train_and_save(make_napari_viewer, qtbot, toy_reference, tmp_path, errors):
+    viewer, widget = _widget(make_napari_viewer, toy_reference)
+    widget.source.layer.set_layer(viewer.layers["toy atlas"])
+    widget.source.annotation.set_layer(viewer.layers["toy atlas labels"])
+    widget.steps.setValue(100000)
+    with qtbot.waitSignal(widget.run_done, timeout=120000):
+        assert widget.train()
+        assert not widget.train_button.isEnabled() and widget.cancel_button.isEnabled()
+        qtbot.waitUntil(lambda: widget.progress.maximum() > 0, timeout=60000)  # training has begun
+        widget.cancel_button.click()
+    assert "Cancelled" in widget.status.text() and widget.lookup is None and errors == []
+    assert widget.state.is_(RunState.IDLE) and widget.train_button.isEnabled()
+    widget.steps.setValue(3)  # the widget is usable again: a short training goes through
+    _run(widget, qtbot, widget.train)
+    assert errors == [] and widget.lookup is not None and widget.lookup.settings["steps_done"] == 3
+    _run(widget, qtbot, lambda: widget.save_index(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "config.json").exists() and "saved" in widget.status.text()
+
+
+def test_errors_are_shown_not_raised(make_napari_viewer, qtbot, toy_reference, saved_index, tmp_path, errors):
+    viewer, widget = _widget(make_napari_viewer, toy_reference)
+    not_an_index = tmp_path / "empty"
+    not_an_index.mkdir()
+    _run(widget, qtbot, lambda: widget.load_index(not_an_index))
+    assert len(errors) == 1 and widget.lookup is None and "Failed" in widget.status.text()
+    _run(widget, qtbot, lambda: widget.load_index(saved_index))
+    flat = viewer.add_image(np.full((40, 40), 0.5, np.float32), name="flat")
+    widget.section.set_layer(flat)
+    _run(widget, qtbot, widget.find_plates)
+    assert len(errors) == 2 and "constant" in errors[1].lower()
+    assert widget.gallery.count() == 0 and widget.find_button.isEnabled()
+    widget.source.set_kind("file or folder")  # no path given
+    _run(widget, qtbot, widget.train)
+    assert len(errors) == 3 and "path of the atlas" in errors[2]
+    assert widget.lookup is not None and widget.train_button.isEnabled()  # the loaded index is kept
