@@ -127,6 +127,18 @@ def test_small_blob_fills_the_output():
     np.testing.assert_allclose(centre, 31.5, atol=2)  # centred
 
 
+def test_dark_tissue_behind_a_tear_is_kept():
+    # bright tissue around a dark region (white matter, a ventricle), a thin tear joins it to the outside
+    whole = _scene((300, 400), (150, 200), (120, 170), value=0.8)
+    whole[_scene((300, 400), (150, 200), (40, 60)) > 0] = 0.15
+    torn = whole.copy()
+    torn[148:151, 30:160] = 0.0  # 3 pixels wide, from the edge of the tissue into the dark region
+    a, b = prepare_input(whole), prepare_input(torn)
+    inner = _scene((128, 128), (64, 64), (10, 16)) > 0  # the middle of the dark region in the output
+    assert b[inner].mean() == pytest.approx(a[inner].mean(), abs=0.03)
+    assert _corr(a, b) > 0.95
+
+
 def test_inverted_brightfield_looks_alike(plate):
     dark = prepare_input(plate)
     # brightfield: white background, dark tissue, other gain and offset, 8-bit, a little noise

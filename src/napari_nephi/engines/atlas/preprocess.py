@@ -29,6 +29,8 @@ SEGMENT_FACTOR = 3
 MIN_PIECE_FRACTION = 0.05
 #: Margin around the tissue bounding box, as a fraction of its longer side.
 MARGIN = 0.04
+#: Radius of the closing of the tissue mask, as a fraction of the longer side of the tissue box.
+CLOSING = 0.03
 #: CLAHE clip limit, as skimage.exposure.equalize_adapthist's (a fraction of a tile's pixels).
 CLAHE_CLIP = 0.03
 #: Fewest tissue pixels (at the working size) an input must show: a speck of dust is not a section.
@@ -112,6 +114,18 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     inside[outside] = False
     inside[0] = True  # label 0: the mask itself
     return inside[labels]
+
+
+def _close(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Morphological closing by a disc of ``radius`` pixels, then holes filled: tears and narrow
+    gaps that join dark tissue to the background are bridged."""
+    r = int(round(radius))
+    if r < 1:
+        return mask
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    padded = np.pad(mask.astype(np.uint8), r + 1)
+    closed = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, disc)[r + 1 : -r - 1, r + 1 : -r - 1] > 0
+    return _fill_holes(closed | mask)
 
 
 def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -217,7 +231,9 @@ def prepare_input(image, size: int = 128, name: str = "image") -> np.ndarray:
     """A float32 (size, size) network input from a plate or section of any size, grey or RGB(A).
 
     Grey in [0, 1], crop to the tissue bounding box, CLAHE, brightfield inverted so tissue is
-    bright, background set to 0, zero-padded to a centred square with a small margin, resized.
+    bright, background set to 0 (outside the tissue mask closed over tears and narrow gaps, so dark
+    tissue joined to the background by a tear is kept), zero-padded to a centred square with a
+    small margin, resized.
     Raises :class:`InputError` when the image shows no tissue (or is NaN, constant, empty).
     """
     size = _check_size(size)
@@ -245,10 +261,11 @@ def prepare_input(image, size: int = 128, name: str = "image") -> np.ndarray:
         refined = _clean((ndi.gaussian_filter(crop, 1.0) > t) & (region > 0))
         if refined.sum() >= MIN_TISSUE_PIXELS:  # else a faint outline: keep the coarse mask
             fine = refined
+    fine = _close(fine, CLOSING * max(fine.shape))
     y0, y1, x0, x1 = _box(fine)
     crop, crop_mask = crop[y0:y1, x0:x1], fine[y0:y1, x0:x1]
     shape = crop.shape
-    crop = clahe(crop)
+    crop = clahe(crop, CLAHE_CLIP)
     crop = np.where(crop_mask, crop, np.float32(0.0))
     side = max(1, round(max(shape) * (1 + 2 * MARGIN)))
     square = np.zeros((side, side), dtype=np.float32)
