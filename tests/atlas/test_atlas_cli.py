@@ -1,0 +1,188 @@
+"""``napari-nephi atlas-train`` and ``atlas-lookup``: round trip, outputs, QuickNII anchoring, bad input."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_nephi.cli import main
+from napari_nephi.cli._quicknii import anchoring, section_corners
+from napari_nephi.cli.atlas import _quicknii
+from napari_nephi.core.errors import InputError
+from napari_nephi.io import write_nifti, write_tiff
+from napari_nephi.io.plates import read_reference
+from napari_nephi.synthetic.atlas import section_from_atlas, toy_atlas
+
+#: A small training through the command line (a straight cut of this atlas is ranked well by it).
+FAST = ["--steps", "40", "--device", "cpu", "--option", "input_size=64", "--option", "widths=[8, 16, 32]",
+        "--option", "embedding_dim=32", "--option", "batch_plates=12", "--option", "views_per_plate=2",
+        "--option", "validate_every=20", "--option", "validation_size=10"]  # fmt: skip
+#: True plates of the sections cut for the round trip (base cut away, as damaged sections).
+PLATES = (5, 11, 17)
+
+
+@pytest.fixture(scope="module")
+def cli_index(tmp_path_factory):
+    """A 24-plate atlas written as NIfTI, and the index ``atlas-train`` wrote for it."""
+    folder = tmp_path_factory.mktemp("atlas_cli")
+    reference, labels = toy_atlas((24, 48, 48), seed=1)
+    write_nifti(folder / "ref.nii.gz", reference)
+    write_nifti(folder / "labels.nii.gz", labels.astype(np.int16))
+    args = ["atlas-train", str(folder / "ref.nii.gz"), "-o", str(folder / "index"),
+            "--annotation", str(folder / "labels.nii.gz"), *FAST, "-q"]  # fmt: skip
+    assert main(args) == 0
+    return folder, reference, labels
+
+
+def one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+def test_round_trip_ranks_registers_and_carries_labels(cli_index, capsys):
+    folder, reference, labels = cli_index
+    assert (folder / "index" / "config.json").exists()
+    names = []
+    for plate in PLATES:
+        section = section_from_atlas(reference, plate, 0.0, crop=(0.0, 0.1, 0.0, 0.0))
+        write_tiff(folder / f"s{plate}.tif", section)
+        names.append(str(folder / f"s{plate}.tif"))
+    out = folder / "out"
+    args = ["atlas-lookup", str(folder / "index"), *names, "--top", "3", "-o", str(out), "--register",
+            "--method", "affine", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "s5: plate" in printed and "Results written to" in printed
+    with open(out / "ranks.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 * len(PLATES)
+    for plate in PLATES:
+        mine = [r for r in rows if r["section"] == f"s{plate}"]
+        assert [int(r["rank"]) for r in mine] == [1, 2, 3]
+        assert plate in [int(r["plate"]) for r in mine], mine  # the true plate in the top 3
+        distances = [float(r["distance"]) for r in mine]
+        assert distances == sorted(distances)
+        assert [r["chosen"] for r in mine] == ["True", "False", "False"]  # the best, without --series
+    summary = json.loads((out / "ranks.json").read_text())
+    first = summary["sections"][0]
+    assert first["section"] == "s5" and first["chosen"] == int(rows[0]["plate"])
+    assert [e["plate"] for e in first["ranking"]] == [int(r["plate"]) for r in rows[:3]]
+    atlas_values = set(np.unique(labels).tolist())
+    for plate in PLATES:
+        warped = tifffile.imread(out / "warped" / f"s{plate}.tif")
+        carried = tifffile.imread(out / "labels" / f"s{plate}.tif")
+        assert warped.shape == carried.shape == (43, 48)
+        assert set(np.unique(carried).tolist()) <= atlas_values and len(np.unique(carried)) >= 4
+    assert not (out / "quicknii.json").exists()  # not a brainglobe atlas
+    # --series on the sections in cutting order: increasing picks; --labels writes only labels
+    args = ["atlas-lookup", str(folder / "index"), *names, "-o", str(out), "--series", "--labels", "-q",
+            "--method", "affine"]  # fmt: skip
+    assert main(args) == 0
+    chosen = [s["chosen"] for s in json.loads((out / "ranks.json").read_text())["sections"]]
+    assert chosen == sorted(chosen) and json.loads((out / "ranks.json").read_text())["series"]
+    assert (out / "labels" / "s5.tif").exists() and not (out / "warped").exists()
+
+
+def test_a_stack_gives_one_section_per_plane(cli_index):
+    folder, reference, _ = cli_index
+    write_tiff(folder / "stack.tif", reference[[6, 12]])
+    out = folder / "stack_out"
+    assert main(["atlas-lookup", str(folder / "index"), str(folder / "stack.tif"), "-o", str(out), "-q"]) == 0
+    summary = json.loads((out / "ranks.json").read_text())
+    assert [s["section"] for s in summary["sections"]] == ["stack_0", "stack_1"]
+    assert len(summary["sections"][0]["ranking"]) == 5
+
+
+def test_bad_input_gives_one_error_line(cli_index, tmp_path, capsys):
+    folder, _, _ = cli_index
+    section = folder / "s.tif"
+    write_tiff(section, np.random.default_rng(0).random((20, 20)).astype(np.float32))
+    index = str(folder / "index")
+    assert main(["atlas-lookup", str(tmp_path / "nowhere"), str(section), "-o", str(tmp_path / "o")]) == 2
+    assert "does not exist" in one_error_line(capsys)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ not json")
+    assert main(["atlas-lookup", str(broken), str(section), "-o", str(tmp_path / "o")]) == 2
+    one_error_line(capsys)
+    assert main(["atlas-lookup", str(section), str(section), "-o", str(tmp_path / "o")]) == 2
+    assert "is a file" in one_error_line(capsys)
+    assert main(["atlas-lookup", index, str(tmp_path / "missing.tif"), "-o", str(tmp_path / "o")]) == 2
+    assert "missing.tif does not exist" in one_error_line(capsys)
+    assert main(["atlas-lookup", index, str(section), "--top", "0", "-o", str(tmp_path / "o")]) == 2
+    assert "--top must be at least 1" in one_error_line(capsys)
+    flat = tmp_path / "flat.tif"
+    write_tiff(flat, np.full((20, 20), 3.0, np.float32))
+    assert main(["atlas-lookup", index, str(flat), "-o", str(tmp_path / "o")]) == 2
+    assert "constant" in one_error_line(capsys).lower()
+    assert main(["atlas-train", str(tmp_path / "none.nii.gz"), "-o", str(tmp_path / "i")]) == 2
+    assert "does not exist" in one_error_line(capsys)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep")
+    assert main(["atlas-train", str(folder / "ref.nii.gz"), "-o", str(foreign)]) == 2  # before training
+    assert "holds files napari-nephi did not write" in one_error_line(capsys)
+    assert (
+        main(["atlas-train", str(folder / "ref.nii.gz"), "-o", str(tmp_path / "i"), "--option", "stpes=3"])
+        == 2
+    )
+    assert "stpes" in one_error_line(capsys)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "i").exists()
+
+
+def test_plate_folder_of_different_sizes(tmp_path):
+    rng = np.random.default_rng(2)
+    shapes = [(30, 40), (36, 36), (28, 50)]
+    for k, shape in enumerate(shapes):  # natural order: p2 before p10
+        write_tiff(tmp_path / f"p{[10, 2, 33][k]}.tif", rng.random(shape).astype(np.float32))
+    plates, meta = read_reference(tmp_path)
+    assert [p.shape for p in plates] == [shapes[1], shapes[0], shapes[2]]
+    assert [f.rsplit("/", 1)[-1] for f in meta["files"]] == ["p2.tif", "p10.tif", "p33.tif"]
+    write_tiff(tmp_path / "p40.tif", rng.random((3, 8, 8)).astype(np.float32))
+    with pytest.raises(InputError, match="p40.tif is 3D"):
+        read_reference(tmp_path)
+    write_tiff(tmp_path / "vol.tif", rng.random((30, 40)).astype(np.float32))
+    with pytest.raises(InputError, match="pass a 3D volume"):
+        read_reference(tmp_path / "vol.tif")
+
+
+def test_quicknii_anchoring_by_hand():
+    # a section of the plate's size on plate 100 of the Allen 25 um atlas (528, 320, 456): it
+    # spans the plate, so o is the plate's top-left corner, u its width and v its height
+    corners = section_corners(320, 456)
+    vector = anchoring(corners, 100, (1.0, 1.0), (528, 320, 456))
+    assert vector == pytest.approx([0.0, 528 - 100.5, 320.0, 456.0, 0.0, 0.0, 0.0, 0.0, -320.0])
+    # the plate stored at half the atlas's resolution (the section maps onto it at half size), and
+    # the atlas at half the target's voxel size (factor 0.5): the same plane, in target voxels
+    on_half_plate = (corners + 0.5) / 2 - 0.5
+    half = anchoring(on_half_plate, 100, (2.0, 2.0), (528, 320, 456), factor=0.5)
+    assert half == pytest.approx([v * 0.5 for v in vector])
+
+
+class _FakeIndex:
+    """Stands in for an index built from brainglobe (only what the QuickNII writer reads)."""
+
+    n_plates = 132
+    plates = [4 * k for k in range(132)]
+    settings = {"brainglobe": {"name": "allen_mouse_25um", "resolution": [25.0, 25.0, 25.0],
+                               "shape": [528, 320, 456], "plate_positions": plates}}  # fmt: skip
+
+    def plate_image(self, i):
+        return np.zeros((320, 456), np.float32)
+
+
+def test_quicknii_series_of_a_brainglobe_index():
+    images = [np.zeros((160, 228)), np.zeros((320, 456, 3))]
+    series = _quicknii(_FakeIndex(), ["a", "b"], images, [10, 20], [])
+    assert series["target"] == "ABA_Mouse_CCFv3_2017_25um.cutlas"
+    assert series["target-resolution"] == [456.0, 528.0, 320.0]
+    a, b = series["slices"]
+    assert (a["filename"], a["nr"], a["width"], a["height"]) == ("a", 1, 228, 160)
+    assert a["anchoring"] == pytest.approx([0.0, 528 - 40.5, 320.0, 456.0, 0.0, 0.0, 0.0, 0.0, -320.0])
+    assert b["anchoring"][1] == pytest.approx(528 - 80.5) and b["nr"] == 2
+    assert _quicknii(type("NoBrainglobe", (), {"settings": {}})(), ["a"], images[:1], [0], []) is None
