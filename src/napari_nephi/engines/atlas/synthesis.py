@@ -362,7 +362,10 @@ class SectionSynthesizer:
         else:
             image, coords = self._flat(idx, fr, fy, fx, ny, nx, rng, params)
         tissue = (image < fr.threshold) if fr.bright else (image > fr.threshold)
-        image = self._damage(image, tissue, fr, rng, params)
+        keep, folds = self._damage(tissue, rng, params)
+        if self.is_volume:
+            image = self._centre_on_plate(idx, fr, image, coords, tissue & (keep > 0.5), params)
+        image = self._apply_damage(image, keep, folds, fr.background)
         image = self._intensity(image, fr, rng, params)
         labels = self._labels_at(coords) if truth and self.plates.has_labels else None
         return SyntheticSection(
@@ -371,6 +374,28 @@ class SectionSynthesizer:
             coords=coords if truth else np.empty((3, 0, 0), np.float32),
             labels=labels,
             params=params,
+        )
+
+    def _centre_on_plate(self, idx, fr: _Frame, image, coords, tissue, params):
+        """Move the cutting plane along the plate axis so that the mean plate of the remaining tissue
+        is ``idx`` (plus the drawn offset): the truth is the plate at the centre of what is left."""
+        shift = 0.0
+        if tissue.any():
+            shift = idx + params["offset"] - float(coords[0][tissue].mean())
+        if abs(shift) > 0.01:
+            coords[0] += shift
+            image = self._resample(fr, coords)
+        else:
+            shift = 0.0
+        params["plane"] = idx + params["offset"] + shift
+        return image
+
+    @staticmethod
+    def _resample(fr: _Frame, coords) -> np.ndarray:
+        """The work volume at native atlas coordinates ``(3, h, w)`` (linear, background outside)."""
+        wy, wx = fr.to_work(coords[1], coords[2])
+        return ndi.map_coordinates(
+            fr.data, np.stack([coords[0], wy, wx]), order=1, mode="constant", cval=fr.background
         )
 
     def _oblique(self, idx, fr: _Frame, ny, nx, rng, params):
@@ -384,11 +409,8 @@ class SectionSynthesizer:
         z = idx + dz + (e_row[0] * u + e_col[0] * v) / self.plate_spacing
         y = py + e_row[1] * u + e_col[1] * v
         x = px + e_row[2] * u + e_col[2] * v
-        wy, wx = fr.to_work(y, x)
-        image = ndi.map_coordinates(
-            fr.data, np.stack([z, wy, wx]), order=1, mode="constant", cval=fr.background
-        )
-        return image, np.stack([z, y, x]).astype(np.float32)
+        coords = np.stack([z, y, x]).astype(np.float32)
+        return self._resample(fr, coords), coords
 
     def _flat(self, idx, fr: _Frame, fy, fx, ny, nx, rng, params):
         cfg = self.config
@@ -426,9 +448,11 @@ class SectionSynthesizer:
         return ndi.map_coordinates(lab, np.round(coords[1:]), order=0, mode="constant", cval=0)
 
     # -- damage: partial sections, tears, holes ------------------------------------------------
-    def _damage(self, image, tissue, fr: _Frame, rng, params):
+    def _damage(self, tissue, rng, params) -> tuple[np.ndarray, np.ndarray | None]:
+        """(keep, folds): 1 where tissue stays (0 in cuts, holes and cracks), 1 on folds (or None)."""
         cfg = self.config
-        keep = np.ones(image.shape, np.float32)
+        keep = np.ones(tissue.shape, np.float32)
+        folds = None
         params["partial"] = None
         if cfg.partial > 0 and rng.random() < cfg.partial and tissue.any():
             mode = rng.choice(["top", "bottom", "left", "right", "hemisphere", "corner", "edges"])
@@ -441,10 +465,15 @@ class SectionSynthesizer:
             params["tears"] = int(rng.integers(1, 4))
             cracks, folds = _tears(params["tears"], tissue, rng)
             keep *= 1 - cracks
-            image = image + folds * (image - fr.background) * 0.6
+        return keep, folds
+
+    @staticmethod
+    def _apply_damage(image, keep, folds, background: float) -> np.ndarray:
+        if folds is not None:
+            image = image + folds * (image - background) * 0.6
         if keep.min() < 1:
             keep = cv2.GaussianBlur(keep, (0, 0), 0.7)
-            image = image * keep + fr.background * (1 - keep)
+            image = image * keep + background * (1 - keep)
         return image
 
     # -- intensity: another stain, contrast, gamma, polarity, illumination, blur, pepper, noise --
