@@ -177,6 +177,38 @@ def test_large_input_is_downsampled_fast():
     assert _corr(out, prepare_input(small)) > 0.95
 
 
+class _Lazy:
+    """An array-like that is not in memory (as zarr or h5py): records the largest block read."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self._data, self.shape, self.dtype, self.largest = data, data.shape, data.dtype, 0
+
+    def __getitem__(self, key):
+        block = self._data[key]
+        self.largest = max(self.largest, block.size)
+        return block
+
+
+def test_lazy_input_is_read_in_strips(monkeypatch):
+    from napari_nephi.engines.atlas import preprocess
+
+    monkeypatch.setattr(preprocess, "STRIP_BYTES", 8 << 20)
+    shape = (5000, 3000, 3)
+    big = np.full(shape, 245, np.uint8)  # brightfield: white slide, dark tissue
+    rr, cc = ellipse(2600, 1500, 1900, 1300, shape=shape[:2])
+    big[rr, cc] = (90, 40, 120)
+    rr, cc = ellipse(2200, 1500, 500, 400, shape=shape[:2])
+    big[rr, cc] = (170, 150, 190)
+    lazy = _Lazy(big)
+    out = prepare_input(lazy)
+    assert 4 * lazy.largest <= 8 << 20  # never loaded whole: strips of at most 8 MB as float32
+    assert _corr(out, prepare_input(big)) > 0.98
+    with pytest.raises(InputError, match="contains NaN"):
+        prepare_input(_Lazy(np.full((3000, 3000), np.nan, np.float32)))
+    with pytest.raises(InputError, match="real numbers"):
+        prepare_input(_Lazy(np.zeros((3000, 3000), dtype=np.complex64)))
+
+
 def test_prepare_batch_shapes_and_errors(plate):
     batch = prepare_batch([plate, plate[10:, 20:], np.dstack([plate] * 3)], size=48)
     assert tuple(batch.shape) == (3, 1, 48, 48) and str(batch.dtype) == "torch.float32"

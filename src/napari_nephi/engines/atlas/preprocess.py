@@ -35,8 +35,29 @@ CLOSING = 0.03
 CLAHE_CLIP = 0.03
 #: Fewest tissue pixels (at the working size) an input must show: a speck of dust is not a section.
 MIN_TISSUE_PIXELS = 16
+#: Lazy inputs (dask, zarr) are read in strips of rows of about this many bytes (as float32).
+STRIP_BYTES = 64 << 20
 _MIN_SIDE = 8
 _PERCENTILE_SAMPLES = 1 << 18
+
+
+def _check_layout(shape: tuple, dtype: np.dtype, name: str) -> None:
+    """:class:`InputError` unless ``shape``/``dtype`` are a numeric 2D or RGB(A) image of 8 px or more."""
+    if dtype.kind not in "biuf":
+        raise InputError(f"The {name} must hold real numbers, got dtype {dtype}.")
+    if int(np.prod(shape)) == 0:
+        raise InputError(f"The {name} is empty (shape {shape}); pass a 2D image (y, x) or RGB (y, x, 3).")
+    rgb = len(shape) == 3 and shape[-1] in (3, 4)
+    if len(shape) != 2 and not rgb:
+        raise InputError(
+            f"The {name} must be a 2D image (y, x) or RGB(A) with channels last (y, x, 3|4), got shape "
+            f"{shape}. For a volume, pass its plates one by one."
+        )
+    if min(shape[:2]) < _MIN_SIDE:
+        raise InputError(
+            f"The {name} {shape} is too small: both sides need {_MIN_SIDE} pixels or more. "
+            "An RGB image must have its channels last (y, x, 3)."
+        )
 
 
 def _as_array(image, name: str) -> np.ndarray:
@@ -44,24 +65,37 @@ def _as_array(image, name: str) -> np.ndarray:
     if image is None:
         raise InputError(f"No {name} given.")
     arr = np.asarray(image)
-    if arr.dtype == object or arr.dtype.kind not in "biuf":
-        raise InputError(f"The {name} must hold real numbers, got dtype {arr.dtype}.")
-    if arr.size == 0:
-        raise InputError(f"The {name} is empty (shape {arr.shape}); pass a 2D image (y, x) or RGB (y, x, 3).")
-    rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4)
-    if arr.ndim != 2 and not rgb:
-        raise InputError(
-            f"The {name} must be a 2D image (y, x) or RGB(A) with channels last (y, x, 3|4), got shape "
-            f"{arr.shape}. For a volume, pass its plates one by one."
-        )
-    if min(arr.shape[:2]) < _MIN_SIDE:
-        raise InputError(
-            f"The {name} {arr.shape} is too small: both sides need {_MIN_SIDE} pixels or more. "
-            "An RGB image must have its channels last (y, x, 3)."
-        )
+    _check_layout(arr.shape, arr.dtype, name)
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise InputError(f"The {name} contains NaN or infinite values; fill or crop them before the lookup.")
     return arr
+
+
+def _lazy_layout(image) -> tuple[tuple, np.dtype] | None:
+    """(shape, dtype) of an array-like that is not in memory (dask, zarr, h5py ...), else None."""
+    if isinstance(image, np.ndarray) or not all(hasattr(image, a) for a in ("shape", "dtype", "__getitem__")):
+        return None
+    try:
+        return tuple(int(n) for n in image.shape), np.dtype(image.dtype)
+    except TypeError:  # e.g. a torch tensor: its dtype is not numpy's
+        return None
+
+
+def _read_downsampled(image, shape: tuple, longest: int) -> np.ndarray:
+    """Block means of a lazy array-like, read in strips of rows (about ``STRIP_BYTES`` as float32 at
+    a time), so an image larger than memory is never loaded whole."""
+    h, w = shape[:2]
+    k = -(-max(h, w) // longest)
+    ho, wo = h // k, w // k
+    rest = shape[2:]
+    itemsize = np.dtype(np.float32).itemsize * int(np.prod(rest, dtype=np.int64))
+    blocks = max(1, STRIP_BYTES // max(1, k * k * wo * itemsize))  # output rows per read
+    out = np.empty((ho, wo, *rest), dtype=np.float32)
+    for r in range(0, ho, blocks):
+        n = min(blocks, ho - r)
+        strip = np.asarray(image[r * k : (r + n) * k, : wo * k], dtype=np.float32)
+        out[r : r + n] = strip.reshape(n, k, wo, k, *rest).mean(axis=(1, 3))
+    return out
 
 
 def to_grey(image, name: str = "image") -> np.ndarray:
@@ -235,8 +269,14 @@ def prepare_input(image, size: int = 128, name: str = "image") -> np.ndarray:
     tissue joined to the background by a tear is kept), zero-padded to a centred square with a
     small margin, resized.
     Raises :class:`InputError` when the image shows no tissue (or is NaN, constant, empty).
+    Lazy arrays (dask, zarr, h5py) larger than the working size are read strip by strip and
+    downsampled on the way, so a section larger than memory is not refused.
     """
     size = _check_size(size)
+    lazy = _lazy_layout(image)
+    if lazy is not None and max(lazy[0][:2], default=0) > WORK_FACTOR * size:
+        _check_layout(*lazy, name)
+        image = _read_downsampled(image, lazy[0], WORK_FACTOR * size)
     arr = _as_array(image, name)
     if arr.dtype.kind == "b":
         arr = arr.astype(np.uint8)
