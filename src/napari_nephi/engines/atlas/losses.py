@@ -73,7 +73,9 @@ def triplet_loss(
     mean over anchors. ``"all"``: mean over the valid triplets whose loss is positive.
     Anchors without any negative are skipped; a batch without a valid triplet gives 0.
     ``squared=True`` uses squared Euclidean distances, as TF-Addons' default ``"L_2"`` metric does
-    (with its default margin 1.0 that is the authors' setting).
+    (with its default margin 1.0 that is the authors' setting). Unlike TF-Addons, pairs whose anchor
+    has no negative in the batch are skipped (TF-Addons counts them with d_an = 0), and "hard"
+    averages over anchors that have a positive (TF-Addons over every anchor).
     """
     labels, exclude_within = _check(emb, labels, exclude_within)
     margin = check_float("margin", margin, 0.0, None, low_open=True)
