@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 from skimage.morphology import skeletonize
 
 from napari_nephi.core.errors import InputError
@@ -70,31 +71,28 @@ def test_outputs_finite_float32_about_work_size(plates, atlas):
                 assert 0.75 * WORK <= max(img.shape) <= 1.25 * WORK
 
 
-def test_oblique_sample_equals_section_from_atlas(atlas):
-    ref, _ = atlas
-    # pad the reference so that the tissue centre (the pivot) is the plate centre, as section_from_atlas tilts
-    first = SectionSynthesizer(Plates.from_reference(ref), _cfg(), work_size=WORK)
-    pads = []
-    for axis, centre in zip((1, 2), first.tissue_centre(), strict=True):
-        k = round(ref.shape[axis] - 1 - 2 * centre)
-        pads.append((max(k, 0), max(-k, 0)))
-    padded = np.pad(ref, [(0, 0), *pads])
-    plates = Plates.from_reference(padded)
-    box = SectionSynthesizer(plates, _cfg()).frame_box()
-    side = max(box[1] - box[0], box[3] - box[2])
-    synth = SectionSynthesizer(
-        plates, _cfg(max_tilt=10.0), work_size=side, seed=0
-    )  # work scale 1: native pixels
-    assert synth.tissue_centre() == ((padded.shape[1] - 1) / 2, (padded.shape[2] - 1) / 2)
+def test_oblique_sample_equals_section_from_atlas(plates):
+    """A tilted sample lies on section_from_atlas's plane for its angles and shows the same image."""
+    vol = plates.volume
+    synth = SectionSynthesizer(plates, _cfg(max_tilt=10.0), work_size=WORK, seed=0)
+    cy, cx = (vol.shape[1] - 1) / 2, (vol.shape[2] - 1) / 2
     tilts = []
     for i, seed in [(8, 0), (15, 1), (22, 2), (16, 3)]:
         s = synth.sample_with_truth(i, seed=seed)
         tilt = (s.params["pitch"], s.params["yaw"])
         tilts.append(tilt)
-        expect = section_from_atlas(plates.volume, s.params["plane"], tilt)[box[0] : box[1], box[2] : box[3]]
-        assert s.image.shape == expect.shape
+        _, c0 = section_from_atlas(vol, 0.0, tilt, return_coords=True)
+        e_r, e_c = c0[:, 1, 0] - c0[:, 0, 0], c0[:, 0, 1] - c0[:, 0, 0]  # its unit row and column axes
+        normal = np.cross(e_r, e_c)
+        py, px = synth.tissue_centre(i)  # the sample's pivot, on the plane at plate params["plane"]
+        index = s.params["plane"] - (normal[1] * (cy - py) + normal[2] * (cx - px)) / normal[0]
+        cut, sc = section_from_atlas(vol, index, tilt, return_coords=True)
+        d = s.coords.reshape(3, -1).T - sc[:, 0, 0]
+        assert np.abs(d @ normal).max() < 1e-3  # every pixel on section_from_atlas's plane
+        r, c = d @ e_r, d @ e_c  # pixel position in section_from_atlas's cut
+        expect = ndi.map_coordinates(cut, [r, c], order=1).reshape(s.image.shape)
         assert np.corrcoef(s.image.ravel(), expect.ravel())[0, 1] > 0.99
-        flat = plates.volume[i, box[0] : box[1], box[2] : box[3]]
+        flat = ndi.map_coordinates(vol[i], s.coords[1:], order=1)  # the plate itself
         if max(abs(t) for t in tilt) > 4:  # the tilt shows: the sample is not the plate
             assert np.abs(s.image - expect).mean() < 0.5 * np.abs(s.image - flat).mean()
     assert max(abs(t) for tilt in tilts for t in tilt) > 4
@@ -236,9 +234,12 @@ def test_plate_spacing_scales_the_tilt(z_plates):
     for seed in range(3):
         a, b = one.sample_with_truth(16, seed=seed), four.sample_with_truth(16, seed=seed)
         assert a.params["pitch"] == b.params["pitch"]
-        tilt_a, tilt_b = a.coords[0] - a.params["plane"], b.coords[0] - b.params["plane"]
-        np.testing.assert_allclose(tilt_b, tilt_a / 4, atol=1e-4)
-        assert np.ptp(tilt_a) > 0.5
+        slopes = []
+        for t in (a, b):  # plates per native pixel along y and x: a plane fitted to the coordinates
+            design = np.stack([np.ones(t.coords[1].size), t.coords[1].ravel(), t.coords[2].ravel()], 1)
+            slopes.append(np.linalg.lstsq(design, t.coords[0].ravel(), rcond=None)[0][1:])
+        np.testing.assert_allclose(slopes[1], slopes[0] / 4, atol=1e-5)
+        assert np.abs(slopes[0]).max() > 0.02
     with pytest.raises(InputError, match="plate_spacing must be greater than 0"):
         SectionSynthesizer(z_plates, plate_spacing=0)
 
@@ -254,7 +255,7 @@ def test_squeeze_and_elastic_stretch_the_tissue(plates):
         assert ratio == pytest.approx(1 - s.params["squeeze"], abs=0.06)
         e = stretched.sample_with_truth(14, seed=seed)
         shift = np.hypot(*(e.coords[1:] - base.coords[1:]))
-        y0, y1, x0, x1 = stretched.frame_box()
+        y0, y1, x0, x1 = stretched.frame_box(14)
         native_px = e.params["elastic"] * max(y1 - y0, x1 - x0) / WORK  # work pixels -> native pixels
         assert 0 < shift.max() <= 1.8 * native_px + 1e-3  # two fields of about [-1, 1] (cubic overshoot)
         assert np.abs(np.diff(shift, axis=1)).max() < 0.2 * shift.max() + 1e-3  # smooth

@@ -169,19 +169,73 @@ class _Frame:
         return self.box[0] + (r + 0.5) / self.sy - 0.5, self.box[2] + (c + 0.5) / self.sx - 0.5
 
 
+@dataclass
+class _View:
+    """The canvas of a plate's samples: native box ``(y0, y1, x0, x1)``, canvas pixels per native pixel,
+    the pivot (native centre of the plate's tissue) and the canvas shape before crop and pad."""
+
+    box: tuple[int, int, int, int]
+    sy: float
+    sx: float
+    centre: tuple[float, float]
+    shape: tuple[int, int]
+
+    to_canvas = _Frame.to_work
+    to_native = _Frame.to_native
+
+
+def _view_of(fr: _Frame) -> _View:
+    """The canvas of a single plate: its work frame itself."""
+    return _View(fr.box, fr.sy, fr.sx, fr.centre, fr.data.shape[-2:])
+
+
+def _volume_views(fr: _Frame, shape: tuple[int, int], reach: int, work_size: int) -> list[_View]:
+    """Per-plate canvases of a volume: the tissue boxes of the plates within ``reach`` (an oblique cut
+    reaches them), plus a margin, at ``work_size``; pivots at each plate's own tissue centre."""
+    tissue = fr.data < fr.threshold if fr.bright else fr.data > fr.threshold
+    rows, cols = tissue.sum(axis=2) >= 2, tissue.sum(axis=1) >= 2
+    boxes = []
+    for i in range(len(tissue)):
+        r, c = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
+        if r.size == 0 or c.size == 0:
+            boxes.append(None)
+            continue
+        y0, y1 = fr.to_native(np.array([r[0] - 0.5, r[-1] + 0.5]), np.zeros(2))[0]
+        x0, x1 = fr.to_native(np.zeros(2), np.array([c[0] - 0.5, c[-1] + 0.5]))[1]
+        boxes.append((y0 + 0.5, y1 + 0.5, x0 + 0.5, x1 + 0.5))  # pixel edges -> half-open index box
+    union = (fr.box[0], fr.box[1], fr.box[2], fr.box[3])
+    views = []
+    for i in range(len(tissue)):
+        near = [b for b in boxes[max(0, i - reach) : i + reach + 1] if b is not None] or [union]
+        t0, t1 = min(b[0] for b in near), max(b[1] for b in near)
+        l0, l1 = min(b[2] for b in near), max(b[3] for b in near)
+        own = boxes[i] or union
+        m = BOX_MARGIN * max(t1 - t0, l1 - l0)
+        y0, y1 = max(0, math.floor(t0 - m)), min(shape[0], math.ceil(t1 + m))
+        x0, x1 = max(0, math.floor(l0 - m)), min(shape[1], math.ceil(l1 + m))
+        scale = work_size / max(y1 - y0, x1 - x0)
+        size = (max(2, round((y1 - y0) * scale)), max(2, round((x1 - x0) * scale)))
+        centre = ((own[0] + own[1] - 1) / 2.0, (own[2] + own[3] - 1) / 2.0)
+        views.append(_View((y0, y1, x0, x1), size[0] / (y1 - y0), size[1] / (x1 - x0), centre, size))
+    return views
+
+
 def _tissue_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     ys = np.flatnonzero(mask.any(axis=1))
     xs = np.flatnonzero(mask.any(axis=0))
     return int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
 
 
-def _make_frame(stack: np.ndarray, mask: np.ndarray, bright: bool, work_size: int) -> _Frame:
-    """Crop ``stack`` ((h, w) or (n, h, w)) to the tissue box of ``mask`` plus a margin; to work size."""
+def _make_frame(
+    stack: np.ndarray, mask: np.ndarray, bright: bool, work_size: int, zoom: float = 1.0
+) -> _Frame:
+    """Crop ``stack`` ((h, w) or (n, h, w)) to the tissue box of ``mask`` plus a margin; resize it so
+    that box's longer side is ``zoom * work_size``."""
     t0, t1, l0, l1 = _tissue_box(mask)
     h, w = mask.shape
     m = round(BOX_MARGIN * max(t1 - t0, l1 - l0))
     y0, y1, x0, x1 = max(0, t0 - m), min(h, t1 + m), max(0, l0 - m), min(w, l1 + m)
-    s = work_size / max(y1 - y0, x1 - x0)
+    s = zoom * work_size / max(y1 - y0, x1 - x0)
     size = (max(2, round((x1 - x0) * s)), max(2, round((y1 - y0) * s)))
     mode = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
     planes = stack[None] if stack.ndim == 2 else stack
@@ -269,7 +323,17 @@ class SectionSynthesizer:
             mask = tissue_mask(proj)
             if not mask.any():
                 mask = np.ones(proj.shape, bool)
-            self._frames = [_make_frame(vol, mask, bright, self.work_size)]
+            frame = _make_frame(vol, mask, bright, self.work_size)
+            tilt = math.tan(math.radians(self.config.max_tilt))
+            reach = math.ceil(tilt * max(vol.shape[1:]) / 2 / self.plate_spacing)
+            views = _volume_views(frame, vol.shape[1:], reach, self.work_size)
+            # the volume at the resolution the smaller plates need (at most twice the whole brain's)
+            sides = np.array([max(v.box[1] - v.box[0], v.box[3] - v.box[2]) for v in views])
+            frame_side = max(frame.box[1] - frame.box[0], frame.box[3] - frame.box[2])
+            zoom = float(np.clip(frame_side / np.percentile(sides, 25), 1.0, 2.0))
+            if zoom > 1.05:
+                frame = _make_frame(vol, mask, bright, self.work_size, zoom)
+            self._frames, self._views = [frame], views
         else:
             self._frames = []
             for i in range(plates.n):
@@ -278,6 +342,7 @@ class SectionSynthesizer:
                 if not mask.any():
                     mask = np.ones(p.shape, bool)
                 self._frames.append(_make_frame(p, mask, background_is_bright(p), self.work_size))
+            self._views = [_view_of(fr) for fr in self._frames]
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -286,12 +351,13 @@ class SectionSynthesizer:
         return self.plates.volume is not None
 
     def frame_box(self, plate_index: int = 0) -> tuple[int, int, int, int]:
-        """Native ``(y0, y1, x0, x1)`` of the plate region kept at work size (the tissue plus a margin)."""
-        return self._frame(plate_index).box
+        """Native ``(y0, y1, x0, x1)`` shown by the samples of a plate (before crop, pad, turn and zoom):
+        its tissue plus a margin (for a volume, that of the plates an oblique cut reaches)."""
+        return self._views[self._check_index(plate_index)].box
 
     def tissue_centre(self, plate_index: int = 0) -> tuple[float, float]:
-        """Native ``(y, x)`` about which sections tilt and turn: the centre of the tissue bounding box."""
-        return self._frame(plate_index).centre
+        """Native ``(y, x)`` about which sections of a plate tilt and turn: its tissue box's centre."""
+        return self._views[self._check_index(plate_index)].centre
 
     def sample(self, plate_index: int, *, seed=None) -> np.ndarray:
         """One synthetic float32 2D section in [0, 1] whose true plate is ``plate_index``.
@@ -329,10 +395,10 @@ class SectionSynthesizer:
         idx = self._check_index(plate_index)
         rng = self._rng if seed is None else np.random.default_rng(seed)
         cfg = self.config
-        fr = self._frame(idx)
+        fr, view = self._frame(idx), self._views[idx]
         params: dict = {}
-        # output canvas: the work frame with random crop (negative) or pad (positive) per side
-        h0, w0 = fr.data.shape[-2:]
+        # output canvas: the plate's view with random crop (negative) or pad (positive) per side
+        h0, w0 = view.shape
         sides = rng.uniform(-cfg.crop_pad, cfg.crop_pad, 4) if cfg.crop_pad > 0 else np.zeros(4)
         top, bottom = round(sides[0] * h0), round(sides[1] * h0)
         left, right = round(sides[2] * w0), round(sides[3] * w0)
@@ -340,9 +406,9 @@ class SectionSynthesizer:
         theta = rng.uniform(-cfg.rotation, cfg.rotation) if cfg.rotation > 0 else 0.0
         zoom = rng.uniform(*cfg.scale) if cfg.scale[1] > cfg.scale[0] else cfg.scale[0]
         params.update(crop_pad=sides.tolist(), rotation=theta, scale=zoom)
-        # output pixel -> work frame pixel: about the tissue centre, rotate by theta, zoom
+        # output pixel -> canvas pixel: about the tissue centre, rotate by theta, zoom
         rr, cc = np.mgrid[0:h, 0:w].astype(np.float32)
-        cy, cx = fr.to_work(*fr.centre)
+        cy, cx = view.to_canvas(*view.centre)
         cos, sin = math.cos(math.radians(theta)) / zoom, math.sin(math.radians(theta)) / zoom
         dy, dx = rr - top - cy, cc - left - cx
         if cfg.squeeze > 0:  # the section is compressed along a random direction: the frame stretched
@@ -356,10 +422,10 @@ class SectionSynthesizer:
             fy = fy + amp * _smooth_field(rng, (h, w), 4)
             fx = fx + amp * _smooth_field(rng, (h, w), 4)
             params["elastic"] = float(amp)
-        ny, nx = fr.to_native(fy, fx)  # native in-plane coordinates
+        ny, nx = view.to_native(fy, fx)  # native in-plane coordinates
         if self.is_volume:
-            image, coords = self._oblique(idx, fr, ny, nx, rng, params)
-        else:
+            image, coords = self._oblique(idx, fr, view.centre, ny, nx, rng, params)
+        else:  # a plate's canvas is its work frame
             image, coords = self._flat(idx, fr, fy, fx, ny, nx, rng, params)
         tissue = (image < fr.threshold) if fr.bright else (image > fr.threshold)
         keep, folds = self._damage(tissue, rng, params)
@@ -398,13 +464,13 @@ class SectionSynthesizer:
             fr.data, np.stack([coords[0], wy, wx]), order=1, mode="constant", cval=fr.background
         )
 
-    def _oblique(self, idx, fr: _Frame, ny, nx, rng, params):
+    def _oblique(self, idx, fr: _Frame, pivot, ny, nx, rng, params):
         cfg = self.config
         pitch, yaw = rng.uniform(-cfg.max_tilt, cfg.max_tilt, 2) if cfg.max_tilt > 0 else (0.0, 0.0)
         dz = rng.uniform(-cfg.offset, cfg.offset) if cfg.offset > 0 else 0.0
         params.update(pitch=float(pitch), yaw=float(yaw), offset=float(dz))
         e_row, e_col = _plane_vectors(pitch, yaw)
-        py, px = fr.centre
+        py, px = pivot
         u, v = ny - py, nx - px  # in-plane offsets from the pivot, native voxels
         z = idx + dz + (e_row[0] * u + e_col[0] * v) / self.plate_spacing
         y = py + e_row[1] * u + e_col[1] * v
