@@ -18,6 +18,7 @@ from skimage.filters import threshold_otsu
 
 from napari_nephi.core.errors import InputError
 from napari_nephi.core.inputs import looks_rgb, to_grayscale
+from napari_nephi.core.options import check_int
 
 #: Percentiles mapped to 0 and 1 by :func:`to_grey`.
 PERCENTILES = (0.5, 99.5)
@@ -230,8 +231,6 @@ def _resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _check_size(size) -> int:
-    from napari_nephi.core.options import check_int
-
     return check_int("size", size, 16, 2048)
 
 
