@@ -28,6 +28,7 @@ from .engines.registry import available_methods, method_descriptions, register, 
 
 __all__ = [
     "AffineTransform",
+    "AtlasLookup",
     "Cancelled",
     "ComposedTransform",
     "DimensionMismatchError",
@@ -47,3 +48,12 @@ __all__ = [
     "register",
     "register_engine",
 ]
+
+
+def __getattr__(name: str):
+    # AtlasLookup is imported on first use, so ``import napari_nephi`` stays light.
+    if name == "AtlasLookup":
+        from .engines.atlas.lookup import AtlasLookup
+
+        return AtlasLookup
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

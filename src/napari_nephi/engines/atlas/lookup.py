@@ -1,0 +1,289 @@
+"""``AtlasLookup``: find the atlas plates that match a brain section, register one, carry its labels.
+
+>>> lk = AtlasLookup.train(reference, annotation)          # doctest: +SKIP
+>>> lk.lookup(section, top=5)                              # doctest: +SKIP
+[(57, 0.21), (58, 0.25), (56, 0.31), (59, 0.38), (55, 0.44)]
+
+Distances are Euclidean between L2-normalised embeddings (0 to 2), best (smallest) first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...core.device import choose_device
+from ...core.errors import InputError
+from ...core.options import check_int
+from ...core.progress import CancelFlag, Progress, ProgressCallback
+from ...core.registration import Registration
+from .network import EmbeddingNet, embed
+from .plates import Plates
+from .preprocess import image_list
+from .series import smooth_series
+from .train import (
+    _batch_tensor,
+    check_train_options,
+    plate_embeddings,
+    synthesis_config,
+    train_network,
+)
+
+
+class AtlasLookup:
+    """A trained plate index of one atlas: embedding network, plate embeddings and the plates.
+
+    Make one with :meth:`train`, :meth:`load` or :meth:`from_brainglobe`.
+    """
+
+    def __init__(
+        self,
+        net: EmbeddingNet,
+        plates: Plates,
+        embeddings: np.ndarray,
+        settings: dict,
+        region_names: dict | None = None,
+        device: str = "auto",
+    ):
+        self._net = net.eval()
+        self._plates = plates
+        self._embeddings = np.asarray(embeddings, dtype=np.float32)
+        self._settings = dict(settings)
+        self._region_names = {int(k): str(v) for k, v in (region_names or {}).items()}
+        self._device = choose_device(device)
+        self._net.to(self._device)
+
+    # -- making one --------------------------------------------------------------------------
+    @classmethod
+    def train(
+        cls,
+        reference,
+        annotation=None,
+        *,
+        plate_axis: int = 0,
+        sections=None,
+        section_plates=None,
+        device: str = "auto",
+        progress: ProgressCallback | None = None,
+        cancel: CancelFlag = None,
+        seed: int = 0,
+        **options,
+    ) -> AtlasLookup:
+        """Train the index of an atlas.
+
+        ``reference``: a 3D volume with plates along ``plate_axis`` or a list of 2D plates (grey or
+        RGB, any range); ``annotation``: matching integer labels. ``sections`` / ``section_plates``:
+        optional real sections and their plate indices, mixed into training as anchors.
+        ``region_names``: optional ``{label value: name}``. Other options: see
+        :data:`napari_nephi.engines.atlas.train.DEFAULTS` (unknown names raise :class:`InputError`).
+        ``progress`` gets a :class:`~napari_nephi.core.progress.ProgressEvent` per step (``loss``
+        and ``extra["val_mean_rank"]``); ``cancel`` stops with :class:`~napari_nephi.Cancelled`.
+        """
+        region_names = _check_region_names(options.pop("region_names", None))
+        opts = check_train_options(options)
+        seed = check_int("seed", seed, 0, 2**62)
+        dev = choose_device(device)
+        prog = Progress(progress, cancel)
+        plates = Plates.from_reference(reference, annotation, plate_axis=plate_axis)
+        result = train_network(
+            plates,
+            opts,
+            sections=sections,
+            section_plates=section_plates,
+            device=dev,
+            progress=prog,
+            seed=seed,
+        )
+        t0 = time.perf_counter()
+        clean = _batch_tensor([plates.plate(i) for i in range(plates.n)], opts["input_size"])
+        emb = plate_embeddings(result.net, plates, clean, opts, dev, seed)
+        settings = {
+            "options": _jsonable(opts),
+            "network": result.net.config.to_dict(),
+            "synthesis": _jsonable(synthesis_config(opts).to_dict()),
+            "seed": seed,
+            "seconds": result.seconds + time.perf_counter() - t0,
+            "steps_done": result.steps_done,
+            "best_step": result.best_step,
+            "val_mean_rank": result.val_mean_rank,
+            "stopped": result.stopped,
+            "real_sections": 0 if sections is None else len(list(section_plates or [])),
+            "fingerprint": plates.fingerprint(),
+            "plate_shapes": [list(s) for s in plates.shapes],
+            "history": result.history,
+        }
+        return cls(result.net, plates, emb, settings, region_names, device=str(dev))
+
+    @classmethod
+    def from_brainglobe(cls, name: str, **options) -> AtlasLookup:
+        """Train on a brainglobe atlas from the local brainglobe cache (never downloads)."""
+        from .brainglobe import load_brainglobe
+
+        reference, annotation, names = load_brainglobe(name)
+        options.setdefault("region_names", names)
+        return cls.train(reference, annotation, **options)
+
+    def save(self, path) -> Path:
+        """Write the index folder ``path`` atomically (see :mod:`.store`)."""
+        from .store import save_index
+
+        return save_index(self, path)
+
+    @classmethod
+    def load(
+        cls, path, reference=None, annotation=None, *, plate_axis: int = 0, device: str = "auto"
+    ) -> AtlasLookup:
+        """Read an index folder written by :meth:`save`.
+
+        With ``reference`` (and ``annotation``) the atlas is checked against the one the index was
+        trained on (:class:`InputError` when it differs) and its full-resolution plates are used;
+        without, the plates stored in the index are.
+        """
+        from .store import load_index
+
+        return load_index(cls, path, reference, annotation, plate_axis=plate_axis, device=device)
+
+    # -- properties --------------------------------------------------------------------------
+    @property
+    def n_plates(self) -> int:
+        """Number of plates."""
+        return self._plates.n
+
+    @property
+    def plates(self) -> Plates:
+        """The atlas plates."""
+        return self._plates
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """``(n_plates, D)`` float32 plate embeddings (a copy)."""
+        return self._embeddings.copy()
+
+    @property
+    def net(self) -> EmbeddingNet:
+        """The embedding network (eval mode)."""
+        return self._net
+
+    @property
+    def settings(self) -> dict:
+        """Training options, network and synthesis configs, seconds, validation rank (a copy)."""
+        return dict(self._settings)
+
+    @property
+    def region_names(self) -> dict[int, str]:
+        """``{label value: region name}`` known to the index (a copy; may be empty)."""
+        return dict(self._region_names)
+
+    def region_name(self, value: int) -> str:
+        """Name of label ``value``: given or brainglobe name, "background" for 0, else "region <value>"."""
+        v = int(value)
+        if v in self._region_names:
+            return self._region_names[v]
+        return "background" if v == 0 else f"region {v}"
+
+    def plate_image(self, i: int) -> np.ndarray:
+        """Plate ``i``, float32 in [0, 1]."""
+        return self._plates.plate(i)
+
+    def plate_labels(self, i: int) -> np.ndarray | None:
+        """Labels of plate ``i`` (integer), or ``None`` when the atlas has no annotation."""
+        return self._plates.labels(i)
+
+    # -- lookups -----------------------------------------------------------------------------
+    def _top(self, top) -> int:
+        if top is None:
+            return self.n_plates
+        return min(check_int("top", top, 1), self.n_plates)
+
+    def _rank(self, query: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+        d = np.linalg.norm(query[:, None, :] - self._embeddings[None, :, :], axis=2)
+        order = np.argsort(d, axis=1, kind="stable")[:, :k]
+        return [[(int(j), float(d[q, j])) for j in order[q]] for q in range(len(query))]
+
+    def embed(self, sections) -> np.ndarray:
+        """``(N, D)`` embeddings of sections (a list of 2D/RGB images)."""
+        return embed(self._net, sections, device=self._device)
+
+    def lookup(self, section, top: int | None = 5) -> list[tuple[int, float]]:
+        """The ``top`` plates nearest to ``section``: ``[(plate_index, distance), ...]`` best first.
+
+        ``section``: 2D or RGB, any size (large ones are downsampled), possibly partial or in another
+        stain. ``top=None`` (or at least the number of plates) ranks every plate once. Empty,
+        constant, NaN or tissue-less sections raise :class:`InputError`.
+        """
+        k = self._top(top)
+        return self._rank(self.embed([_section(section)]), k)[0]
+
+    def lookup_many(self, sections: Sequence, top: int | None = 5) -> list[list[tuple[int, float]]]:
+        """:meth:`lookup` for every section of a list, in one batch."""
+        k = self._top(top)
+        return self._rank(self.embed(image_list(sections)), k)
+
+    def lookup_series(self, sections: Sequence, top: int | None = 5) -> dict:
+        """Plates for sections in cutting order, made monotonic and evenly spaced (as DeepSlice).
+
+        Returns ``dict(picks=[plate per section], rankings=[lookup() of each section], start, step,
+        direction)``: the picks lie near the line ``start + step * order`` fitted robustly to the
+        sections' top candidates (increasing or decreasing, whichever fits), each chosen among the
+        section's own ``top`` plates when one is near the line.
+        """
+        rankings = self.lookup_many(sections, top)
+        return smooth_series(rankings, self.n_plates)
+
+    # -- after a pick ------------------------------------------------------------------------
+    def register(
+        self,
+        section,
+        plate_index: int,
+        method: str = "nephi",
+        *,
+        device: str = "auto",
+        progress: ProgressCallback | None = None,
+        cancel: CancelFlag = None,
+        **reg_options,
+    ) -> Registration:
+        """Register plate ``plate_index`` onto ``section``; carry its labels. See :mod:`.register`."""
+        from .register import register_plate
+
+        return register_plate(
+            self, section, plate_index, method, device=device, progress=progress, cancel=cancel, **reg_options
+        )
+
+    def __repr__(self) -> str:
+        return f"AtlasLookup(n_plates={self.n_plates}, labels={self._plates.has_labels})"
+
+
+def _section(section):
+    if section is None:
+        raise InputError("No section given: pass a 2D image (y, x) or RGB (y, x, 3).")
+    return section
+
+
+def _check_region_names(names) -> dict[int, str]:
+    if names is None:
+        return {}
+    if not isinstance(names, dict):
+        raise InputError(f"region_names must be a dict {{label value: name}}, got {type(names).__name__}.")
+    out = {}
+    for k, v in names.items():
+        try:
+            out[int(k)] = str(v)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"region_names keys must be whole label values, got {k!r}.") from exc
+    return out
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, torch.device):
+        return str(value)
+    return value

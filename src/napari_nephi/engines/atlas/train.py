@@ -1,0 +1,365 @@
+"""Training the plate-embedding network from the atlas alone (real sections an optional extra).
+
+Each step draws a PK batch: ``batch_plates`` plates (half the steps from a local window of the
+atlas, so that nearby plates, the hard negatives, meet often), each seen as its clean plate and
+``views_per_plate`` synthetic sections (oblique re-slices, partial crops, stain changes; see
+:mod:`.synthesis`); real sections, when given, join as anchors with their plates. Triplet loss
+with online semi-hard mining (contrastive as an option), Adam, cosine or step learning-rate
+decay. Every ``validate_every`` steps the mean rank of the true plate on a fixed held-out set of
+synthetic sections is measured and the best weights are kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ...core.device import choose_device
+from ...core.errors import InputError
+from ...core.options import (
+    check_choice,
+    check_float,
+    check_int,
+    check_int_list,
+    check_known,
+)
+from ...core.progress import Progress
+from .losses import contrastive_loss, triplet_loss
+from .network import EmbeddingConfig, EmbeddingNet
+from .plates import Plates
+from .preprocess import prepare_input
+from .synthesis import SectionSynthesizer, SynthesisConfig
+
+#: Training options and their defaults (``AtlasLookup.train(**options)``).
+DEFAULTS: dict = {
+    "input_size": 128,
+    "embedding_dim": 64,
+    "widths": (16, 32, 64, 128),
+    "steps": 1200,
+    "batch_plates": 16,
+    "views_per_plate": 3,
+    "bank_views": 8,
+    "fresh_views": 8,
+    "loss": "triplet",
+    "mining": "semi-hard",
+    "margin": None,  # 0.2 for triplet, 1.0 for contrastive
+    "lr": 2e-3,
+    "lr_decay": "cosine",
+    "exclude_within": 1,
+    "augment": "full",
+    "max_minutes": 14.0,
+    "validate_every": 100,
+    "validation_size": 64,
+    "plate_views": 0,
+}
+LOSSES = ("triplet", "contrastive")
+MININGS = ("semi-hard", "hard", "all")
+DECAYS = ("cosine", "step")
+AUGMENTS = ("full", "paper")
+#: Margins when ``margin`` is not given, by loss (the paper's TF-Addons triplet default; Eq. 1's m).
+DEFAULT_MARGINS = {"triplet": 0.2, "contrastive": 1.0}
+#: Seed offset of the held-out validation sections (never drawn by the training synthesiser).
+VALIDATION_SEED = 7919
+#: Mild views averaged with the clean plate when ``plate_views > 0``.
+MILD_VIEWS = {"rotation": 3.0, "scale": (1.0, 1.1), "max_tilt": 2.0}
+
+
+@dataclass
+class TrainResult:
+    """The trained network and what happened while training."""
+
+    net: EmbeddingNet
+    options: dict
+    seconds: float
+    steps_done: int
+    best_step: int
+    val_mean_rank: float | None
+    stopped: str
+    history: list = field(default_factory=list)
+
+
+def check_train_options(options: dict) -> dict:
+    """All training options with defaults filled in, validated; :class:`InputError` otherwise."""
+    check_known("atlas", options, DEFAULTS)
+    o = {**DEFAULTS, **options}
+    o["input_size"] = check_int("input_size", o["input_size"], 32, 1024)
+    o["embedding_dim"] = check_int("embedding_dim", o["embedding_dim"], 2, 1024)
+    o["widths"] = tuple(check_int_list("widths", o["widths"], low=1, high=1024))
+    if not 1 <= len(o["widths"]) <= 6:
+        raise InputError(f"Option widths needs 1 to 6 stage widths, got {len(o['widths'])}.")
+    o["steps"] = check_int("steps", o["steps"], 1, 10**7)
+    o["batch_plates"] = check_int("batch_plates", o["batch_plates"], 2, 4096)
+    o["views_per_plate"] = check_int("views_per_plate", o["views_per_plate"], 1, 64)
+    o["bank_views"] = check_int("bank_views", o["bank_views"], 1, 256)
+    o["fresh_views"] = check_int("fresh_views", o["fresh_views"], 0, 4096)
+    if o["bank_views"] < o["views_per_plate"]:
+        raise InputError(
+            f"Option bank_views ({o['bank_views']}) must be at least views_per_plate "
+            f"({o['views_per_plate']})."
+        )
+    o["loss"] = check_choice("loss", o["loss"], LOSSES)
+    o["mining"] = check_choice("mining", o["mining"], MININGS)
+    if o["margin"] is None:
+        o["margin"] = DEFAULT_MARGINS[o["loss"]]
+    o["margin"] = check_float("margin", o["margin"], 0.0, 10.0, low_open=True)
+    o["lr"] = check_float("lr", o["lr"], 0.0, 1.0, low_open=True)
+    o["lr_decay"] = check_choice("lr_decay", o["lr_decay"], DECAYS)
+    o["exclude_within"] = check_int("exclude_within", o["exclude_within"], 0, 1000)
+    o["augment"] = check_choice("augment", o["augment"], AUGMENTS)
+    o["max_minutes"] = check_float("max_minutes", o["max_minutes"], 0.0, 10**6, low_open=True)
+    o["validate_every"] = check_int("validate_every", o["validate_every"], 1, 10**7)
+    o["validation_size"] = check_int("validation_size", o["validation_size"], 1, 10**5)
+    o["plate_views"] = check_int("plate_views", o["plate_views"], 0, 64)
+    return o
+
+
+def synthesis_config(options: dict) -> SynthesisConfig:
+    """The augmentation preset of ``options["augment"]``."""
+    return SynthesisConfig.paper() if options["augment"] == "paper" else SynthesisConfig()
+
+
+def work_size(options: dict) -> int:
+    """Size the synthesiser works at: a little above the network input (it is resized down to it)."""
+    return max(32, round(1.25 * options["input_size"]))
+
+
+def network_config(options: dict) -> EmbeddingConfig:
+    """The network configuration of ``options``."""
+    return EmbeddingConfig(
+        input_size=options["input_size"],
+        widths=tuple(options["widths"]),
+        embedding_dim=options["embedding_dim"],
+    )
+
+
+def _batch_tensor(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
+    return torch.from_numpy(np.stack([prepare_input(im, size) for im in images]))[:, None]
+
+
+def _check_sections(sections, section_plates, n_plates: int):
+    """Real sections and their plate indices as two lists, or :class:`InputError`."""
+    if sections is None and section_plates is None:
+        return [], []
+    if sections is None or section_plates is None:
+        raise InputError("Give both sections and section_plates (their plate indices), or neither.")
+    secs = list(sections)
+    idx = [check_int(f"section_plates[{i}]", p, 0, n_plates - 1) for i, p in enumerate(section_plates)]
+    if len(secs) != len(idx):
+        raise InputError(
+            f"{len(secs)} sections but {len(idx)} section_plates: give one plate index per section."
+        )
+    return secs, idx
+
+
+class _Batches:
+    """Draws the PK batches (plates, their clean and synthetic views, real sections as anchors).
+
+    Synthetic views come from a bank of ``bank_views`` prepared views per plate, of which
+    ``fresh_views`` are replaced by new draws every step: synthesis and CLAHE cost more than a
+    training step of the network, and a bank that keeps changing gives fresh views without
+    drawing every one anew.
+    """
+
+    def __init__(
+        self,
+        plates: Plates,
+        options: dict,
+        synth: SectionSynthesizer,
+        clean: torch.Tensor,
+        real: torch.Tensor | None,
+        real_plates: np.ndarray,
+        rng: np.random.Generator,
+        progress: Progress,
+    ):
+        self.n = plates.n
+        self.o = options
+        self.synth = synth
+        self.clean = clean
+        self.real = real
+        self.real_plates = real_plates
+        self.rng = rng
+        size = options["input_size"]
+        self.bank = torch.empty((self.n, options["bank_views"], 1, size, size))
+        for i in range(self.n):
+            for j in range(options["bank_views"]):
+                self.bank[i, j, 0] = torch.from_numpy(self._view(i))
+            progress.check()
+
+    def _plates(self) -> np.ndarray:
+        n, k = self.n, min(self.o["batch_plates"], self.n)
+        if self.rng.random() < 0.5 and n > 2 * k:  # local window: neighbours are the hard negatives
+            width = min(n, 3 * k)
+            lo = int(self.rng.integers(0, n - width + 1))
+            return lo + self.rng.choice(width, k, replace=False)
+        return self.rng.choice(n, k, replace=False)
+
+    def _view(self, plate: int) -> np.ndarray:
+        """A prepared synthetic view of ``plate``; a draw that left no tissue is drawn again."""
+        for _ in range(3):
+            try:
+                return prepare_input(self.synth.sample(plate), self.o["input_size"])
+            except InputError:
+                continue
+        return self.clean[plate, 0].numpy()
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        plates = self._plates()
+        real_idx = np.empty(0, dtype=np.int64)
+        if self.real is not None:
+            m = min(len(self.real_plates), max(1, len(plates) // 4))
+            real_idx = self.rng.choice(len(self.real_plates), m, replace=False)
+            own = np.unique(self.real_plates[real_idx])  # the real sections' plates join the batch
+            others = plates[~np.isin(plates, own)][: max(0, len(plates) - len(own))]
+            plates = np.concatenate([own, others])
+        v = self.o["views_per_plate"]
+        for p in self.rng.choice(plates, min(len(plates), self.o["fresh_views"]), replace=False):
+            self.bank[p, int(self.rng.integers(self.o["bank_views"])), 0] = torch.from_numpy(
+                self._view(int(p))
+            )
+        slots = np.argsort(self.rng.random((len(plates), self.o["bank_views"])), axis=1)[:, :v]
+        x = [self.clean[plates], self.bank[plates[:, None], slots].reshape(-1, *self.clean.shape[1:])]
+        labels = [plates, np.repeat(plates, v)]
+        if len(real_idx):
+            x.append(self.real[real_idx])
+            labels.append(self.real_plates[real_idx])
+        return torch.cat(x), torch.from_numpy(np.concatenate(labels).astype(np.int64))
+
+
+def _schedule(optimizer, options: dict, steps: int):
+    if options["lr_decay"] == "cosine":
+        warm = max(1, steps // 20)
+
+        def factor(s):
+            if s < warm:
+                return (s + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, steps - warm))))
+
+    else:
+
+        def factor(s):
+            return 1.0 if s < 0.6 * steps else (0.1 if s < 0.85 * steps else 0.01)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def embed_tensor(net: EmbeddingNet, x: torch.Tensor, device, batch_size: int = 64) -> np.ndarray:
+    """Embeddings ``(N, D)`` of prepared inputs ``(N, 1, S, S)`` in eval mode."""
+    was_training = net.training
+    net.eval()
+    out = [net(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+    net.train(was_training)
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def plate_embeddings(
+    net: EmbeddingNet, plates: Plates, clean: torch.Tensor, options: dict, device, seed: int = 0
+) -> np.ndarray:
+    """Plate embeddings: of the clean plates, or (``plate_views > 0``) the mean with mild views."""
+    emb = embed_tensor(net, clean, device)
+    if options["plate_views"] > 0:
+        cfg = SynthesisConfig.none()
+        for key, value in MILD_VIEWS.items():
+            setattr(cfg, key, value)
+        synth = SectionSynthesizer(plates, cfg, work_size=work_size(options), seed=seed + 1)
+        for _ in range(options["plate_views"]):
+            views = _batch_tensor([synth.sample(i) for i in range(plates.n)], options["input_size"])
+            emb = emb + embed_tensor(net, views, device)
+        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return emb.astype(np.float32)
+
+
+def true_plate_ranks(query: np.ndarray, plates: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """0-based rank of the true plate (number of plates strictly closer) for every query."""
+    d = np.linalg.norm(query[:, None, :] - plates[None, :, :], axis=2)
+    return (d < d[np.arange(len(truth)), truth][:, None]).sum(axis=1)
+
+
+def train_network(
+    plates: Plates,
+    options: dict,
+    *,
+    sections=None,
+    section_plates=None,
+    device: str = "auto",
+    progress: Progress | None = None,
+    seed: int = 0,
+) -> TrainResult:
+    """Train an :class:`EmbeddingNet` on ``plates`` with validated ``options`` (see :data:`DEFAULTS`).
+
+    ``seed`` makes training deterministic on the CPU. Stops after ``steps`` steps or
+    ``max_minutes``; returns the weights with the best validation mean rank.
+    """
+    prog = progress or Progress()
+    start = time.perf_counter()
+    dev = choose_device(device)
+    o = options
+    secs, sec_plates = _check_sections(sections, section_plates, plates.n)
+    size = o["input_size"]
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        net = EmbeddingNet(network_config(o)).to(dev)
+        prog.check()
+        clean = _batch_tensor([plates.plate(i) for i in range(plates.n)], size)
+        real = _batch_tensor(secs, size) if secs else None
+        synth = SectionSynthesizer(plates, synthesis_config(o), work_size=work_size(o), seed=seed)
+        val_synth = SectionSynthesizer(
+            plates, synthesis_config(o), work_size=work_size(o), seed=seed + VALIDATION_SEED
+        )
+        val_truth = np.unique(np.linspace(0, plates.n - 1, min(plates.n, o["validation_size"])).round())
+        val_truth = val_truth.astype(np.int64)
+        val_x = _batch_tensor([val_synth.sample(int(p)) for p in val_truth], size)
+        prog.check()
+        batches = _Batches(plates, o, synth, clean, real, np.asarray(sec_plates, dtype=np.int64), rng, prog)
+        opt = torch.optim.Adam(net.parameters(), lr=o["lr"])
+        sched = _schedule(opt, o, o["steps"])
+        best = (math.inf, copy.deepcopy(net.state_dict()), 0)
+        history, val_rank, stopped = [], None, "steps"
+        budget = 60.0 * o["max_minutes"]
+        step = 0
+        for step in range(1, o["steps"] + 1):
+            x, labels = batches.draw()
+            emb = net(x.to(dev))
+            labels = labels.to(dev)
+            if o["loss"] == "triplet":
+                loss = triplet_loss(emb, labels, o["margin"], o["mining"], o["exclude_within"])
+            else:
+                loss = contrastive_loss(emb, labels, o["margin"], o["exclude_within"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            last = step == o["steps"] or time.perf_counter() - start > budget
+            if step % o["validate_every"] == 0 or last:
+                ranks = true_plate_ranks(
+                    embed_tensor(net, val_x, dev), embed_tensor(net, clean, dev), val_truth
+                )
+                val_rank = float(ranks.mean())
+                if val_rank < best[0]:
+                    best = (val_rank, copy.deepcopy(net.state_dict()), step)
+            value = float(loss.detach())
+            history.append({"step": step, "loss": value, "val_mean_rank": val_rank})
+            prog.step(step, o["steps"], loss=value, stage="training", val_mean_rank=val_rank)
+            if last:
+                if step < o["steps"]:
+                    stopped = "max_minutes"
+                break
+        net.load_state_dict(best[1])
+        net.eval()
+    return TrainResult(
+        net=net,
+        options=dict(o),
+        seconds=time.perf_counter() - start,
+        steps_done=step,
+        best_step=best[2],
+        val_mean_rank=None if math.isinf(best[0]) else best[0],
+        stopped=stopped,
+        history=history,
+    )

@@ -1,0 +1,147 @@
+"""Training the atlas index: options, determinism, progress, cancel, time budget, real sections."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_nephi import AtlasLookup, Cancelled, InputError
+from napari_nephi.engines.atlas.train import true_plate_ranks
+from napari_nephi.synthetic.atlas import section_from_atlas, toy_atlas
+
+#: A tiny network and a few steps: these tests check the loop, not the accuracy.
+TINY = {
+    "input_size": 32,
+    "widths": (4, 8),
+    "embedding_dim": 8,
+    "steps": 4,
+    "batch_plates": 4,
+    "views_per_plate": 1,
+    "validate_every": 2,
+    "validation_size": 6,
+}
+
+
+@pytest.fixture(scope="module")
+def small_atlas():
+    reference, labels = toy_atlas((16, 32, 32), seed=3)
+    return reference[2:14], labels[2:14]
+
+
+def test_trained_index_ranks_far_better_than_chance(trained_lookup):
+    # mean 0-based rank of the true plate on the held-out validation sections; chance is (n - 1) / 2
+    assert trained_lookup.settings["val_mean_rank"] < 0.25 * (trained_lookup.n_plates - 1) / 2
+    assert 1 <= trained_lookup.settings["best_step"] <= 200
+
+
+def test_true_plate_ranks_by_hand():
+    plates = np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+    query = np.array([[0.9, 0.0], [2.9, 0.0], [0.1, 0.0]])
+    np.testing.assert_array_equal(true_plate_ranks(query, plates, np.array([1, 1, 2])), [0, 1, 2])
+
+
+def test_same_seed_same_index_other_seed_another(small_atlas):
+    reference, labels = small_atlas
+    a = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY)
+    b = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY)
+    c = AtlasLookup.train(reference, labels, device="cpu", seed=4, **TINY)
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)
+    assert not np.allclose(a.embeddings, c.embeddings)
+
+
+def test_progress_reports_every_step_with_loss_and_validation(small_atlas):
+    events = []
+    AtlasLookup.train(*small_atlas, device="cpu", progress=events.append, **TINY)
+    assert [e.step for e in events] == [1, 2, 3, 4] and all(e.total == 4 for e in events)
+    assert all(np.isfinite(e.loss) and e.loss >= 0 for e in events)
+    assert events[0].extra["val_mean_rank"] is None
+    assert all(0 <= e.extra["val_mean_rank"] <= 11 for e in events[1:])
+
+
+def test_cancel_stops_training_and_writes_nothing(small_atlas, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    events = []
+
+    def cancel():
+        return len(events) >= 2
+
+    with pytest.raises(Cancelled):
+        AtlasLookup.train(*small_atlas, device="cpu", progress=events.append, cancel=cancel, **TINY)
+    assert len(events) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_time_budget_stops_early(small_atlas):
+    lk = AtlasLookup.train(*small_atlas, device="cpu", **{**TINY, "steps": 1000, "max_minutes": 1e-5})
+    assert lk.settings["stopped"] == "max_minutes"
+    assert lk.settings["steps_done"] < 1000
+    assert lk.settings["val_mean_rank"] is not None  # validated on the last step before stopping
+
+
+def test_contrastive_loss_step_decay_and_plate_views(small_atlas):
+    lk = AtlasLookup.train(
+        *small_atlas,
+        device="cpu",
+        loss="contrastive",
+        lr_decay="step",
+        plate_views=2,
+        augment="paper",
+        **TINY,
+    )
+    assert lk.settings["options"]["margin"] == 1.0
+    np.testing.assert_allclose(np.linalg.norm(lk.embeddings, axis=1), 1.0, atol=1e-5)
+
+
+def test_real_sections_join_training(small_atlas):
+    reference, labels = small_atlas
+    sections = [section_from_atlas(reference, i, 4.0, crop=(0.2, 0, 0, 0)) for i in (2, 6, 9)]
+    lk = AtlasLookup.train(
+        reference, labels, device="cpu", sections=sections, section_plates=[2, 6, 9], **TINY
+    )
+    assert lk.settings["real_sections"] == 3
+    with pytest.raises(InputError, match="one plate index per section"):
+        AtlasLookup.train(reference, device="cpu", sections=sections, section_plates=[2, 6], **TINY)
+    with pytest.raises(InputError, match="section_plates"):
+        AtlasLookup.train(reference, device="cpu", sections=sections, **TINY)
+    with pytest.raises(InputError, match="at most 11"):
+        AtlasLookup.train(reference, device="cpu", sections=sections[:1], section_plates=[12], **TINY)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"stepz": 3}, "did you mean 'steps'"),
+        ({"loss": "hinge"}, "loss must be one of"),
+        ({"mining": "easy"}, "mining must be one of"),
+        ({"margin": -1.0}, "margin must be greater than 0"),
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"lr": float("nan")}, "lr must be a finite number"),
+        ({"widths": (4,) * 7}, "1 to 6 stage widths"),
+        ({"augment": "heavy"}, "augment must be one of"),
+        ({"region_names": ["cortex"]}, "region_names must be a dict"),
+    ],
+)
+def test_bad_options_raise_before_training(small_atlas, options, match):
+    with pytest.raises(InputError, match=match):
+        AtlasLookup.train(*small_atlas, device="cpu", **options)
+
+
+def test_bad_atlases(small_atlas):
+    reference, _ = small_atlas
+    with pytest.raises(InputError, match="at least 2 plates"):
+        AtlasLookup.train(reference[:1], device="cpu", **TINY)
+    blank = reference.copy()
+    blank[[3, 4, 7]] = 0
+    with pytest.raises(InputError, match="Plates 3-4, 7 show no tissue"):
+        AtlasLookup.train(blank, device="cpu", **TINY)
+    assert reference[3].max() > 0  # the input was not modified
+    with pytest.raises(InputError, match="Unknown device"):
+        AtlasLookup.train(reference, device="tpu", **TINY)
+
+
+def test_plates_of_different_shapes(small_atlas):
+    reference, labels = small_atlas
+    plates = [reference[i][: 24 + i, :] for i in range(8)]
+    lk = AtlasLookup.train(plates, [labels[i][: 24 + i, :] for i in range(8)], device="cpu", **TINY)
+    assert lk.n_plates == 8 and lk.plate_image(5).shape == (29, 32)
+    assert len(lk.lookup(plates[5], top=None)) == 8
