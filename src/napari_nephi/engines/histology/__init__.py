@@ -5,6 +5,25 @@ multi-magnification local-affine network and a multi-magnification non-rigid net
 (WBIR 2022, "Unsupervised multi-magnification registration of histopathology images").
 """
 
+from .networks import MultiMagNet, NetConfig, load_model, save_model, shipped_model
+from .patches import blend_fields, multimag_patches, patch_origins
+from .predict import predict_field
+from .rigid import RigidResult, rigid_prealign
 from .stain import choose_stain_channels, stain_channel, tissue_mask
 
-__all__ = ["choose_stain_channels", "stain_channel", "tissue_mask"]
+__all__ = [
+    "MultiMagNet",
+    "NetConfig",
+    "RigidResult",
+    "blend_fields",
+    "choose_stain_channels",
+    "load_model",
+    "multimag_patches",
+    "patch_origins",
+    "predict_field",
+    "rigid_prealign",
+    "save_model",
+    "shipped_model",
+    "stain_channel",
+    "tissue_mask",
+]

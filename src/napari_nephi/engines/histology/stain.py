@@ -58,7 +58,7 @@ def _check_image(image, name: str = "image") -> tuple[np.ndarray, bool]:
         top = 1.0
     else:
         hi = float(out.max())
-        top = 1.0 if hi <= 1.0 else (255.0 if hi <= 255.0 else hi)
+        top = 1.0 if hi <= 1.001 else (255.0 if hi <= 255.0 else hi)
     return np.clip(out / top, 0.0, 1.0), rgb
 
 
@@ -73,9 +73,11 @@ def _border(a: np.ndarray) -> np.ndarray:
 
 
 def _bright_background(grey: np.ndarray) -> bool:
-    """Whether a grey image's border is nearer its bright end (brightfield) than its dark end."""
+    """Whether a grey image (in [0, 1]) is brightfield: its border is nearer its bright end than
+    its dark end, or bright in absolute terms (tissue up to the border of a brightfield slide)."""
     lo, hi = np.percentile(grey, [5, 95])
-    return bool(np.median(_border(grey)) >= (lo + hi) / 2)
+    border = float(np.median(_border(grey)))
+    return border >= (lo + hi) / 2 or border > 0.5
 
 
 def is_brightfield(image) -> bool:
@@ -138,13 +140,16 @@ def tissue_mask(image, *, min_area_fraction: float = 1e-3) -> np.ndarray:
     if rgb:
         signal = _optical_density(arr)
         ink = _ink(arr)
+        bright = True
     else:
-        signal = 1.0 - arr if _bright_background(arr) else arr
+        bright = _bright_background(arr)
+        # brightfield grey: the OD of the grey level, three channels' worth (as the RGB sum)
+        signal = 3.0 * _optical_density(arr[..., None]) if bright else arr
         ink = np.zeros(arr.shape, dtype=bool)
     lo, hi = np.percentile(signal, [2, 99.9])
     if hi - lo <= 1e-6:
         return np.zeros(signal.shape, dtype=bool)
-    cap = lo + (_TISSUE_OD_ABOVE_BACKGROUND if rgb else 0.2 * (hi - lo))
+    cap = lo + (_TISSUE_OD_ABOVE_BACKGROUND if bright else 0.2 * (hi - lo))
     threshold = min(_otsu(signal[~ink] if (~ink).any() else signal), cap)
     mask = (signal > threshold) & ~ink
     mask = ndimage.binary_opening(mask, iterations=1)
@@ -169,6 +174,8 @@ def _hematoxylin(rgb: np.ndarray) -> np.ndarray:
 
 
 def _has_hematoxylin(rgb: np.ndarray) -> bool:
+    step = max(1, max(rgb.shape[:2]) // 256)  # a statistic: a thumbnail is enough
+    rgb = rgb[::step, ::step]
     mask = tissue_mask(rgb)
     if not mask.any():
         return False

@@ -1,0 +1,141 @@
+"""Rigid pre-alignment: any rotation, mirrored slides, scale and partial overlap, on re-stained IHC."""
+
+import threading
+
+import numpy as np
+import pytest
+from skimage import data
+
+from napari_nephi import AffineTransform, Cancelled, InputError
+from napari_nephi.engines.histology.rigid import RigidResult, decompose, rigid_prealign
+from napari_nephi.synthetic.histology import slide_pair
+
+#: Error bounds of the mapped tissue points (pixels of the 256 x 256 working size).
+MEAN_PX, MAX_PX = 0.5, 1.5
+
+
+@pytest.fixture(scope="module")
+def ihc():
+    return data.immunohistochemistry()[::2, ::2].copy()  # 256 x 256: the working size
+
+
+def _errors(pair, result: RigidResult) -> np.ndarray:
+    """Distance between the found and the true rigid map on the fixed tissue."""
+    ys, xs = np.nonzero(pair.tissue)
+    pts = np.stack([ys, xs], 1)[::11].astype(float)
+    truth = pts @ pair.rigid[:2, :2].T + pair.rigid[:2, 2]
+    found = result.transform().map_points(pts)
+    return np.linalg.norm(found - truth, axis=1)
+
+
+def _angle_gap(a, b):
+    d = abs(a - b) % 360
+    return min(d, 360 - d)
+
+
+@pytest.mark.parametrize(
+    "rotation, flip",
+    [(0.0, False), (37.0, False), (90.0, False), (180.0, False), (271.0, False), (37.0, True), (180.0, True)],
+)
+def test_recovers_rotations_over_the_full_circle_and_mirrors(ihc, rotation, flip):
+    pair = slide_pair(ihc, seed=3, rotation=rotation, flip=flip, shift=(7, -12))
+    fixed, moving = pair.fixed.copy(), pair.moving.copy()
+    result = rigid_prealign(pair.fixed, pair.moving)
+    np.testing.assert_array_equal(pair.fixed, fixed)  # inputs not modified
+    np.testing.assert_array_equal(pair.moving, moving)
+    assert result.flipped == flip
+    assert _angle_gap(result.angle, rotation) < 0.5
+    assert result.scale == pytest.approx(1.0, abs=0.01)
+    err = _errors(pair, result)
+    assert err.mean() < MEAN_PX and err.max() < MAX_PX
+    assert result.candidates[0][2] == pytest.approx(result.score)
+    assert result.kind == "hematoxylin"
+
+
+@pytest.mark.parametrize("scale", [0.85, 1.15])
+def test_recovers_scale(ihc, scale):
+    pair = slide_pair(ihc, seed=1, rotation=200.0, flip=scale > 1, scale=scale)
+    result = rigid_prealign(pair.fixed, pair.moving, scale=True)
+    assert result.scale == pytest.approx(scale, rel=0.01)
+    err = _errors(pair, result)
+    assert err.mean() < MEAN_PX * scale and err.max() < MAX_PX * scale
+
+
+def test_partial_overlap_is_found(ihc):
+    pair = slide_pair(ihc, seed=2, rotation=120.0, overlap=0.7)
+    result = rigid_prealign(pair.fixed, pair.moving)
+    err = _errors(pair, result)
+    assert _angle_gap(result.angle, 120.0) < 1.0
+    assert err.mean() < MEAN_PX and err.max() < MAX_PX
+
+
+def test_no_flip_no_scale_keeps_a_rotation(ihc):
+    pair = slide_pair(ihc, seed=4, rotation=300.0)
+    result = rigid_prealign(pair.fixed, pair.moving, allow_flip=False, scale=False, angle_step=10)
+    assert not result.flipped and result.scale == pytest.approx(1.0, abs=1e-9)
+    assert all(not c[1] for c in result.candidates)
+    assert _errors(pair, result).max() < MAX_PX
+
+
+def test_grey_stain_channels_and_masks(ihc):
+    from napari_nephi.engines.histology.stain import stain_channel, tissue_mask
+
+    pair = slide_pair(ihc, seed=5, rotation=65.0)
+    f, _ = stain_channel(pair.fixed, "hematoxylin")
+    m, _ = stain_channel(pair.moving, "hematoxylin")
+    result = rigid_prealign(f, m, fixed_mask=tissue_mask(pair.fixed), moving_mask=tissue_mask(pair.moving))
+    assert result.kind == "given"
+    assert _errors(pair, result).max() < MAX_PX
+
+
+def test_transform_at_level_zero(ihc):
+    pair = slide_pair(ihc, seed=3, rotation=45.0)
+    result = rigid_prealign(pair.fixed, pair.moving, allow_flip=False, angle_step=30)
+    t = result.transform(fixed_downsample=4, moving_downsample=2)
+    assert isinstance(t, AffineTransform) and t.ndim == 2
+    assert t.shape == (4 * ihc.shape[0], 4 * ihc.shape[1])
+    pts = np.array([[100.0, 60.0], [10.0, 200.0]])
+    want = 2 * (pts / 4 @ result.matrix[:2, :2].T + result.matrix[:2, 2])
+    np.testing.assert_allclose(t.map_points(pts), want, atol=1e-4)
+    angle, flipped, scale = decompose(result.matrix)
+    assert (angle, flipped, scale) == pytest.approx((result.angle, result.flipped, result.scale))
+
+
+def test_progress_and_cancel(ihc):
+    pair = slide_pair(ihc, seed=0, rotation=10.0)
+    events = []
+    rigid_prealign(pair.fixed, pair.moving, progress=events.append, angle_step=20)
+    assert events and events[-1].step == events[-1].total
+    assert {"rigid: rotation search", "rigid: refinement"} <= {e.stage for e in events}
+    stop = threading.Event()
+
+    def cancel_after_first(event):
+        stop.set()
+
+    from napari_nephi.core.progress import Progress
+
+    with pytest.raises(Cancelled):
+        rigid_prealign(pair.fixed, pair.moving, progress=Progress(cancel_after_first, stop))
+
+
+@pytest.mark.parametrize("step", [0, -5, 360, float("nan"), "5"])
+def test_absurd_angle_step(ihc, step):
+    with pytest.raises(InputError, match="angle_step"):
+        rigid_prealign(ihc, ihc, angle_step=step)
+
+
+def test_bad_input(ihc):
+    blank = np.full_like(ihc, 250)
+    with pytest.raises(InputError, match="No tissue found in the moving slide"):
+        rigid_prealign(ihc, blank)
+    nan = ihc.astype(float)
+    nan[5, 5, 1] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        rigid_prealign(nan, ihc)
+    fluo = np.zeros(ihc.shape[:2] + (5,), np.uint16)
+    with pytest.raises(InputError, match=r"multi-channel.*channel=0"):
+        rigid_prealign(ihc, fluo)
+    with pytest.raises(InputError, match="fixed_mask has shape"):
+        rigid_prealign(ihc, ihc, fixed_mask=np.ones((10, 10), bool))
+    with pytest.raises(InputError, match="allow_flip"):
+        rigid_prealign(ihc, ihc, allow_flip="yes")
