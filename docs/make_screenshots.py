@@ -13,14 +13,20 @@ camera). Writes to docs/images/:
   NePhi run in the widget: fixed volume in green, moving (before) or warped (after) volume in
   magenta, added (grey where they agree; maximum intensity projections with the contrast limits at
   1.6 times the 99.5th percentile so that they do not saturate); after: on the plane of the slice
-  the 2D view was at, the deformation grid and the Jacobian determinant with its colour bar.
+  the 2D view was at, the deformation grid and the Jacobian determinant with its colour bar;
+* atlas_widget.png: the Atlas lookup widget on the toy atlas sample (an index trained with small
+  options, loaded in the widget): the plate gallery for the oblique partial section, the chosen
+  plate beside it, and the registered plate and atlas labels over the section.
 
-Prints the name of the Qt binding; napari shows a deprecation banner on PyQt5, so run it on PyQt6.
+``python docs/make_screenshots.py atlas`` takes only the atlas screenshot (``tc``, ``mri`` the
+others). Prints the name of the Qt binding; napari shows a deprecation banner on PyQt5, so run it on PyQt6.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +37,7 @@ from qtpy.QtWidgets import QApplication
 
 from napari_nephi import sample_data
 from napari_nephi.widgets import NephiWidget
+from napari_nephi.widgets.atlas_widget import AtlasWidget
 
 OUT = Path(__file__).parent / "images"
 #: The camera of the 3D screenshots: looking at the MRI volume from the front, left and above.
@@ -153,13 +160,63 @@ def mri_screenshots(viewer, widget) -> None:
     viewer.screenshot(str(OUT / "mri_3d_after.png"), canvas_only=False)
 
 
+#: Training options of the atlas screenshot's index: a small network, a few minutes on 2 cores.
+ATLAS_TRAINING = {"input_size": 64, "widths": (8, 16, 32), "embedding_dim": 32, "steps": 400,
+                  "batch_plates": 12, "views_per_plate": 2, "validate_every": 100}  # fmt: skip
+
+
+def run_job(widget, start) -> None:
+    """Start one of the atlas widget's jobs and wait until it is over."""
+    done = []
+    widget.run_done.connect(lambda: done.append(True))
+    assert start(), "the widget refused to start"
+    while not done:
+        pump(0.05)
+    pump(0.5)
+
+
+def atlas_screenshot() -> None:
+    """The Atlas lookup widget after Find plates and Register on the toy atlas sample."""
+    from napari_nephi import AtlasLookup
+    from napari_nephi.synthetic.atlas import ATLAS_REGIONS
+
+    viewer = napari.Viewer(title="napari-nephi")
+    viewer.window.resize(1400, 900)
+    for data, kwargs, kind in sample_data.atlas_sample():
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    atlas, labels = viewer.layers["toy atlas"], viewer.layers["toy atlas labels"]
+    section = viewer.layers["section (toy atlas)"]
+    lookup = AtlasLookup.train(atlas.data, labels.data, region_names=ATLAS_REGIONS, **ATLAS_TRAINING)
+    widget = AtlasWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Atlas lookup", area="right")
+    widget.source.layer.set_layer(atlas)
+    widget.source.annotation.set_layer(labels)
+    with tempfile.TemporaryDirectory() as folder:
+        lookup.save(Path(folder) / "index")
+        run_job(widget, lambda: widget.load_index(Path(folder) / "index"))
+    widget.section.set_layer(section)
+    run_job(widget, widget.find_plates)
+    run_job(widget, widget.register)
+    atlas.visible = labels.visible = False
+    viewer.layers.selection.active = viewer.layers["section (toy atlas) atlas labels"]
+    pump(0.5)
+    viewer.reset_view()
+    pump(1.0)
+    viewer.screenshot(str(OUT / "atlas_widget.png"), canvas_only=False)
+    viewer.close()
+
+
 def main() -> None:
     print(f"Qt binding: {qtpy.API_NAME}")
     OUT.mkdir(exist_ok=True)
-    for take in (tc_screenshots, mri_screenshots):
-        viewer, widget = new_window()
-        take(viewer, widget)
-        viewer.close()
+    chosen = set(sys.argv[1:]) or {"tc", "mri", "atlas"}
+    for name, take in (("tc", tc_screenshots), ("mri", mri_screenshots)):
+        if name in chosen:
+            viewer, widget = new_window()
+            take(viewer, widget)
+            viewer.close()
+    if "atlas" in chosen:
+        atlas_screenshot()
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ def read_sections(paths: list[str]) -> list[tuple[str, str, np.ndarray]]:
     return out
 
 
-def _load_index(path: str):
+def _load_index(path: str, device: str = "auto"):
     from .. import AtlasLookup
 
     p = Path(path)
@@ -167,7 +167,7 @@ def _load_index(path: str):
         raise UnsupportedFileError(
             f"The index {p} is a file; an index is the folder written by napari-nephi atlas-train."
         )
-    return AtlasLookup.load(p)
+    return AtlasLookup.load(p, device=device)
 
 
 def rank_rows(names: list[str], files: list[str], rankings: list, picks: list[int]) -> list[dict]:
@@ -206,7 +206,7 @@ def cmd_atlas_lookup(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise InputError(f"--top must be at least 1, got {args.top}.")
     out = check_output_folder(args.output)
-    lk = _load_index(args.index)
+    lk = _load_index(args.index, args.device)
     sections = read_sections(args.sections)
     names, files, images = ([s[k] for s in sections] for k in range(3))
     bars = ProgressBars(quiet=args.quiet)
