@@ -1,0 +1,335 @@
+"""Atlas-plate lookup benchmark: rank the true plate of synthetic sections among every plate.
+
+The reference is :func:`napari_nephi.synthetic.atlas.brain_phantom` (132 plates of 96 x 112 by
+default) with its labels; the queries come from
+:func:`napari_nephi.synthetic.atlas.atlas_queries` (sections of a deformed specimen with its own
+texture, written independently of the engine's training synthesiser) in five case groups:
+
+* ``straight``: coronal cuts of the whole section, the atlas's stain;
+* ``oblique``: pitch and yaw each up to 15 degrees;
+* ``partial``: top, bottom, a hemisphere or a corner cut away (20-55 %);
+* ``contrast``: fluorescence-like (other per-region levels, the opposite background);
+* ``combined``: tilt up to 12 degrees, half of them partial, mixed stains, more noise, tears.
+
+Every query also has an in-plane rotation (+-10 degrees), another pixel size (0.8-1.25) and
+noise. The truth is the plate at the centre of the section's tissue.
+
+Methods (``--methods``):
+
+* ``ours``: ``AtlasLookup.train(reference, labels)`` with default options (atlas alone);
+* ``ncc``: each section against every plate after the same preprocessing
+  (``engines.atlas.preprocess.prepare_input``), best normalised cross-correlation over a small
+  rotation (-10..10 degrees) x scale (0.9-1.1) search of the section;
+* ``paper``: the same network trained with the paper's augmentations only (``augment="paper"``)
+  on 50 "real" training sections (``atlas_queries`` with another seed, combined settings) plus
+  the plates;
+* ``ours+sections``: ours plus the same 50 sections.
+
+Columns: mean rank of the true plate (0-based, the paper's MAE), mean |picked - true| in plates,
+Top-1/3/5/10 (%), train seconds, ms per lookup (one section at a time, all plates ranked), and
+Dice of the carried labels: the method's top-1 plate is registered onto the section with
+``lk.register`` (the ``ours`` index, so every method gets the same registration) and its warped
+labels are compared with the section's true labels (mean Dice over the regions in the truth).
+``oracle`` registers the true plate.
+
+Usage::
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/atlas_lookup.py --threads 2 --json atlas.json
+    .venv/bin/python benchmarks/atlas_lookup.py --quick          # small atlas, few steps (minutes)
+
+Not part of the test run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import cv2
+import numpy as np
+import torch
+from scipy import ndimage
+
+from napari_nephi import AtlasLookup
+from napari_nephi.engines.atlas.preprocess import prepare_input
+from napari_nephi.synthetic.atlas import atlas_queries, brain_phantom
+
+#: Case groups: atlas_queries options.
+CASES = {
+    "straight": dict(max_tilt=0.0, partial=0.0, contrast="nissl", noise=0.03, tears=0.0),
+    "oblique": dict(max_tilt=15.0, partial=0.0, contrast="nissl", noise=0.03, tears=0.0),
+    "partial": dict(max_tilt=0.0, partial=1.0, contrast="nissl", noise=0.03, tears=0.0),
+    "contrast": dict(max_tilt=0.0, partial=0.0, contrast="fluorescence", noise=0.03, tears=0.0),
+    "combined": dict(max_tilt=12.0, partial=0.5, contrast="mixed", noise=0.06, tears=0.5),
+}
+METHODS = ("ours", "ncc", "paper", "ours+sections")
+TOPS = (1, 3, 5, 10)
+
+
+class NCCRanker:
+    """Best NCC of a section against every plate over a small rotation x scale search."""
+
+    def __init__(self, plates, size: int = 128, angles=(-10, -5, 0, 5, 10), scales=(0.9, 1.0, 1.1)):
+        self.size = size
+        self.variants = [(a, s) for a in angles for s in scales]
+        self.plates = self._normalise(np.stack([prepare_input(p, size).ravel() for p in plates]))
+
+    @staticmethod
+    def _normalise(x: np.ndarray) -> np.ndarray:
+        x = x - x.mean(axis=1, keepdims=True)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+
+    def _variant(self, img: np.ndarray, angle: float, scale: float) -> np.ndarray:
+        t = np.deg2rad(angle)
+        mat = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]) / scale
+        c = (np.array(img.shape) - 1) / 2
+        return ndimage.affine_transform(img, mat, offset=c - mat @ c, order=1, cval=0.0)
+
+    def scores(self, section) -> np.ndarray:
+        img = prepare_input(section, self.size)
+        views = np.stack([self._variant(img, a, s).ravel() for a, s in self.variants])
+        return (self._normalise(views) @ self.plates.T).max(axis=0)
+
+    def rank(self, section) -> list[int]:
+        return [int(i) for i in np.argsort(-self.scores(section), kind="stable")]
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean Dice over the region values (> 0) present in ``truth``."""
+    values = [v for v in np.unique(truth) if v > 0]
+    out = []
+    for v in values:
+        a, b = pred == v, truth == v
+        out.append(2.0 * (a & b).sum() / (a.sum() + b.sum()))
+    return float(np.mean(out)) if out else float("nan")
+
+
+def summarise(rows: list[dict]) -> dict:
+    ranks = np.array([r["rank"] for r in rows], dtype=float)
+    err = np.array([abs(r["picked"] - r["plate"]) for r in rows], dtype=float)
+    out = {"n": len(rows), "mean_rank": float(ranks.mean()), "mean_abs_plate_error": float(err.mean())}
+    for k in TOPS:
+        out[f"top{k}"] = float(100.0 * (ranks < k).mean())
+    d = [r["dice"] for r in rows if r.get("dice") is not None]
+    out["dice"] = float(np.mean(d)) if d else None
+    return out
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def make_queries(ref, labels, args) -> dict[str, list[dict]]:
+    out = {}
+    for i, case in enumerate(args.cases):
+        out[case] = atlas_queries(ref, labels, args.per_case, seed=args.seed * 1000 + 101 + i, **CASES[case])
+    return out
+
+
+def train_method(name: str, ref, labels, train_secs, args) -> dict:
+    """A trained ranker: dict(rank=function, train_s, lk=AtlasLookup or None, settings, load).
+
+    With ``--index-dir``, a network index saved there by an earlier run is loaded instead of
+    trained (its recorded training seconds are reported), and a newly trained one is saved.
+    """
+    t0, load0 = time.perf_counter(), load_average()
+    if name == "ncc":
+        ranker = NCCRanker([ref[i] for i in range(ref.shape[0])], size=args.ncc_size)
+        out = dict(rank=ranker.rank, train_s=time.perf_counter() - t0, lk=None, settings=None)
+    else:
+        folder = None if args.index_dir is None else os.path.join(args.index_dir, name.replace("+", "_"))
+        if folder is not None and os.path.isdir(folder):
+            lk = AtlasLookup.load(folder, device="cpu")
+            train_s = float(lk.settings["seconds"])
+        else:
+            sections = [q["image"] for q in train_secs]
+            plates_of = [q["plate"] for q in train_secs]
+            recipe = {
+                "ours": dict(),
+                "paper": dict(sections=sections, section_plates=plates_of, augment="paper"),
+                "ours+sections": dict(sections=sections, section_plates=plates_of),
+            }[name]
+            opts = {} if args.steps is None else {"steps": args.steps}
+            lk = AtlasLookup.train(ref, labels, device="cpu", seed=args.seed, **opts, **recipe)
+            train_s = time.perf_counter() - t0
+            if folder is not None:
+                lk.save(folder)
+
+        def rank(img, lk=lk):
+            return [p for p, _ in lk.lookup(img, top=None)]
+
+        settings = {k: v for k, v in lk.settings.items() if k != "history"}
+        out = dict(rank=rank, train_s=train_s, lk=lk, settings=settings)
+    out["load"] = max(load0, load_average())
+    print(f"  {name}: ready in {out['train_s']:.1f} s (load {out['load']:.1f})", flush=True)
+    return out
+
+
+def evaluate(name: str, m: dict, queries: dict) -> dict:
+    """Rank every plate for every query; the true plate's rank and the top-1 pick."""
+    rows, times = [], []
+    for case, qs in queries.items():
+        for j, q in enumerate(qs):
+            t0 = time.perf_counter()
+            order = m["rank"](q["image"])
+            times.append(time.perf_counter() - t0)
+            rows.append(
+                dict(case=case, query=j, plate=q["plate"], picked=order[0], rank=order.index(q["plate"]))
+            )
+    ms = 1000 * float(np.median(times[1:] if len(times) > 1 else times))
+    print(f"  {name}: looked up {len(rows)} sections, {ms:.1f} ms each (median)", flush=True)
+    return dict(rows=rows, ms_per_lookup=ms, train_s=m["train_s"], load=m["load"], settings=m["settings"])
+
+
+def add_dice(results: dict, queries: dict, lk, args) -> None:
+    """Register each method's top-1 plate (and the true plate: 'oracle') and score the labels."""
+    flat = [(case, j, q) for case, qs in queries.items() for j, q in enumerate(qs)]
+    cache: dict[tuple[int, int], float] = {}
+    seconds = []
+
+    def score(k: int, plate: int) -> float:
+        if (k, plate) not in cache:
+            t0 = time.perf_counter()
+            reg = lk.register(flat[k][2]["image"], plate, method=args.register, device="cpu")
+            seconds.append(time.perf_counter() - t0)
+            cache[(k, plate)] = dice(np.asarray(reg.metrics["labels"]), flat[k][2]["labels"])
+        return cache[(k, plate)]
+
+    oracle = []
+    for k, (case, j, q) in enumerate(flat):
+        oracle.append(
+            dict(case=case, query=j, plate=q["plate"], picked=q["plate"], rank=0, dice=score(k, q["plate"]))
+        )
+    for name, res in results.items():
+        if name in args.dice_methods:
+            for k, row in enumerate(res["rows"]):
+                row["dice"] = score(k, row["picked"])
+    results["oracle"] = dict(rows=oracle, ms_per_lookup=None, train_s=None, load=None)
+    mean_s = float(np.mean(seconds)) if seconds else 0.0
+    print(f"  registered {len(seconds)} pairs, {mean_s:.2f} s each ({args.register})", flush=True)
+
+
+def table(results: dict, cases: list[str]) -> str:
+    head = (
+        "| method | cases | n | mean rank | mean abs plate err | Top-1 | Top-3 | Top-5 | Top-10 | Dice "
+        "| train s | ms/lookup |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    for name, res in results.items():
+        groups = [("all", res["rows"])] + [(c, [r for r in res["rows"] if r["case"] == c]) for c in cases]
+        for g, rows in groups:
+            s = summarise(rows)
+            res.setdefault("summary", {})[g] = s
+            dice_s = "" if s["dice"] is None else f"{s['dice']:.3f}"
+            train = "" if g != "all" or res["train_s"] is None else f"{res['train_s']:.0f}"
+            ms = "" if g != "all" or res["ms_per_lookup"] is None else f"{res['ms_per_lookup']:.1f}"
+            lines.append(
+                f"| {name} | {g} | {s['n']} | {s['mean_rank']:.2f} | {s['mean_abs_plate_error']:.2f} | "
+                + " | ".join(f"{s[f'top{k}']:.0f}" for k in TOPS)
+                + f" | {dice_s} | {train} | {ms} |"
+            )
+    return "\n".join(lines)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--quick", action="store_true", help="small atlas (66 plates), 4 queries per case, 150 steps"
+    )
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ",".join(CASES))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ",".join(METHODS))
+    p.add_argument("--per-case", type=int, default=12)
+    p.add_argument("--train-sections", type=int, default=50)
+    p.add_argument("--shape", default="132,96,112", help="phantom (z, y, x): z plates")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the engine's)")
+    p.add_argument("--ncc-size", type=int, default=128)
+    p.add_argument("--register", default="nephi", help="registration method for Dice, or 'none'")
+    p.add_argument("--dice-methods", default=",".join(METHODS), help="methods whose picks are registered")
+    p.add_argument("--index-dir", default=None, help="save trained indexes here; load them when present")
+    p.add_argument("--json", default=None, help="write the results here (after every method)")
+    args = p.parse_args(argv)
+    args.cases = [c for c in args.cases.split(",") if c]
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.dice_methods = [m for m in args.dice_methods.split(",") if m]
+    for c in args.cases:
+        if c not in CASES:
+            p.error(f"unknown case {c!r}; choose from {', '.join(CASES)}")
+    for m in args.methods:
+        if m not in METHODS:
+            p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    args.shape = tuple(int(s) for s in args.shape.split(","))
+    if args.quick:
+        args.shape = (66, 64, 72) if args.shape == (132, 96, 112) else args.shape
+        args.per_case = min(args.per_case, 4)
+        args.train_sections = min(args.train_sections, 20)
+        args.steps = 150 if args.steps is None else args.steps
+    return args
+
+
+def write_json(path, machine, args, queries, results, t0) -> None:
+    out = dict(
+        machine=machine,
+        args={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        cases={c: CASES[c] for c in args.cases},
+        truth={c: [q["plate"] for q in qs] for c, qs in queries.items()},
+        results=results,
+        seconds=time.perf_counter() - t0,
+    )
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(out, fh, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+    machine = dict(
+        cpus=os.cpu_count(),
+        threads=args.threads,
+        gpu=torch.cuda.is_available(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        numpy=np.__version__,
+        processor=platform.processor() or platform.machine(),
+        load_start=load_average(),
+    )
+    print(f"machine: {machine}", flush=True)
+    print(f"command: {' '.join(sys.argv)}", flush=True)
+    t0 = time.perf_counter()
+    ref, labels = brain_phantom(args.shape, seed=args.seed)
+    queries = make_queries(ref, labels, args)
+    train_secs = atlas_queries(
+        ref, labels, args.train_sections, seed=args.seed * 1000 + 999, **CASES["combined"]
+    )
+    print(f"atlas {ref.shape}, {sum(map(len, queries.values()))} queries ({time.perf_counter() - t0:.1f} s)")
+    results, lks = {}, {}
+    for name in args.methods:
+        m = train_method(name, ref, labels, train_secs, args)
+        lks[name] = m["lk"]
+        results[name] = evaluate(name, m, queries)
+        print(table({name: results[name]}, args.cases), flush=True)
+        if args.json:
+            write_json(args.json, machine, args, queries, results, t0)
+    if args.register != "none":
+        lk = lks.get("ours") or next((v for v in lks.values() if v is not None), None)
+        if lk is None:
+            lk = AtlasLookup.train(ref, labels, device="cpu", seed=args.seed, steps=1)  # registration only
+        add_dice(results, queries, lk, args)
+    print(table(results, args.cases))
+    machine["load_end"] = load_average()
+    if args.json:
+        write_json(args.json, machine, args, queries, results, t0)
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
