@@ -11,8 +11,8 @@ from napari_nephi.engines.histology.networks import (
     MultiMagNet,
     NetConfig,
     affine_displacement,
+    fit_affine,
     load_model,
-    params_to_matrix,
     save_model,
     shipped_path,
 )
@@ -50,14 +50,21 @@ def test_untrained_nets_output_the_identity(kind, mags):
         assert out.shape == (3, 2, 64, 64) and float(out.abs().max()) == 0.0
 
 
-def test_zero_affine_parameters_give_identity_and_leave_images_unchanged():
-    mats = params_to_matrix(torch.zeros(2, 6), 64)
+def test_zero_affine_output_gives_identity_and_affine_fields_are_fitted_exactly():
+    mats = fit_affine(torch.zeros(2, 2, 64, 64))
     torch.testing.assert_close(mats, torch.eye(2, 3).expand(2, -1, -1))
     field = affine_displacement(mats, 64)
     image = np.random.default_rng(0).random((64, 64)).astype(np.float32)
     np.testing.assert_allclose(warp(image, field[0].numpy()), image, atol=1e-5)
-    shifted = params_to_matrix(torch.tensor([[0, 0, 0, 0, 2 / 63.0, -1 / 63.0]]), 64)
-    torch.testing.assert_close(shifted[0, :, 2], torch.tensor([1.0, -0.5]))
+    known = torch.tensor([[[1.03, -0.04, 2.5], [0.05, 0.98, -1.0]]], dtype=torch.float64)
+    torch.testing.assert_close(fit_affine(affine_displacement(known, 48)), known)
+    rng = np.random.default_rng(1)  # least squares: numpy's lstsq on the same grid agrees
+    u = torch.tensor(rng.normal(size=(1, 2, 16, 16)))
+    r = np.stack(np.mgrid[:16, :16], -1).reshape(-1, 2) - 7.5
+    design = np.concatenate([r, np.ones((256, 1))], 1)
+    coef = np.linalg.lstsq(design, u[0].reshape(2, -1).numpy().T, rcond=None)[0]  # (3, 2)
+    expected = np.concatenate([np.eye(2) + coef[:2].T, coef[2:].T], 1)
+    np.testing.assert_allclose(fit_affine(u)[0].numpy(), expected, atol=1e-10)
 
 
 def test_affine_displacement_of_a_quarter_turn():

@@ -6,9 +6,10 @@ goes through a U-Net; its decoder receives, at every scale, low-view features ce
 (the part that covers the high patch) and upsampled by a transposed convolution to the matching
 size. ``magnifications=1`` drops the low view (the paper's single-magnification baseline).
 
-Two heads: ``kind="affine"`` gives one 2 x 3 matrix per patch (pixel units, about the patch
-centre), ``kind="nonrigid"`` a displacement field in pixels. Both heads start at the identity
-(last layer zero), so an untrained net leaves the images as they are.
+Both kinds end in a dense displacement head (3x3 conv, 1x1 conv to 2 channels, in pixels);
+``kind="nonrigid"`` returns it, ``kind="affine"`` returns its least-squares affine fit
+(:func:`fit_affine`), one 2 x 3 matrix per patch about the patch centre. The last layer starts
+at zero, so an untrained net gives the identity and leaves the images as they are.
 """
 
 from __future__ import annotations
@@ -136,20 +137,8 @@ class MultiMagNet(nn.Module):
             self.low_up = nn.ModuleList(up_block(c, c // 2) for c in w)
         self.up = nn.ModuleList(up_block(w[i + 1] + (low_w[i + 1] if i == 2 else 0), w[i]) for i in range(3))
         self.fuse = nn.ModuleList(conv_block(2 * w[i] + low_w[i], w[i]) for i in range(3))
-        if cfg.kind == "nonrigid":
-            self.head = nn.Sequential(nn.Conv2d(w[0], w[0], 3, padding=1), _norm(w[0]), nn.PReLU(w[0]))
-            self.out = nn.Conv2d(w[0], 2, 1)
-        else:  # the affine head sees where each feature is (two coordinate channels)
-            self.head = nn.Sequential(
-                nn.Conv2d(w[0] + 2, w[1], 3, stride=2, padding=1),
-                _norm(w[1]),
-                nn.PReLU(w[1]),
-                nn.Conv2d(w[1], w[2], 3, stride=2, padding=1),
-                _norm(w[2]),
-                nn.PReLU(w[2]),
-                nn.AdaptiveAvgPool2d(1),
-            )
-            self.out = nn.Linear(w[2], 6)
+        self.head = nn.Sequential(nn.Conv2d(w[0], w[0], 3, padding=1), _norm(w[0]), nn.PReLU(w[0]))
+        self.out = nn.Conv2d(w[0], 2, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -175,26 +164,24 @@ class MultiMagNet(nn.Module):
         for i in (2, 1, 0):
             parts = [feats[i], self.up[i](x)] + ([] if extra[i] is None else [extra[i]])
             x = self.fuse[i](torch.cat(parts, 1))
-        if self.config.kind == "nonrigid":
-            return self.out(self.head(x))
-        n, _, h, w = x.shape
-        ys = torch.linspace(-1, 1, h, dtype=x.dtype, device=x.device)
-        xs = torch.linspace(-1, 1, w, dtype=x.dtype, device=x.device)
-        coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))[None].expand(n, -1, -1, -1)
-        params = self.out(self.head(torch.cat([x, coords], 1)).flatten(1))
-        return params_to_matrix(params, self.config.patch)
+        field = self.out(self.head(x))
+        return field if self.config.kind == "nonrigid" else fit_affine(field)
 
 
-def params_to_matrix(params: torch.Tensor, patch: int) -> torch.Tensor:
-    """Six numbers per patch -> ``(N, 2, 3)`` pixel matrices; zeros give the identity.
+def fit_affine(field: torch.Tensor) -> torch.Tensor:
+    """The least-squares affine ``(N, 2, 3)`` of patch displacements ``(N, 2, P, P)`` (about the centre).
 
-    The first four change the 2 x 2 linear part, the last two are the shift in half-patch units.
+    On the patch grid (symmetric about its centre) the normal equations are diagonal: the shift is
+    the mean displacement and column ``j`` of the linear part is ``sum(u * r_j) / sum(r_j^2)``.
+    A zero field gives the identity; an affine field is recovered exactly.
     """
-    n = params.shape[0]
-    eye = torch.eye(2, dtype=params.dtype, device=params.device)
-    linear = eye + params[:, :4].reshape(n, 2, 2)
-    shift = params[:, 4:] * ((patch - 1) / 2.0)
-    return torch.cat([linear, shift[:, :, None]], 2)
+    n, _, h, w = field.shape
+    ry = torch.arange(h, dtype=field.dtype, device=field.device) - (h - 1) / 2.0
+    rx = torch.arange(w, dtype=field.dtype, device=field.device) - (w - 1) / 2.0
+    cy = (field * ry[:, None]).sum((2, 3)) / (w * ry.pow(2).sum())
+    cx = (field * rx[None, :]).sum((2, 3)) / (h * rx.pow(2).sum())
+    linear = torch.eye(2, dtype=field.dtype, device=field.device) + torch.stack([cy, cx], 2)
+    return torch.cat([linear, field.mean((2, 3))[:, :, None]], 2)
 
 
 def affine_displacement(matrices: torch.Tensor, patch: int) -> torch.Tensor:
