@@ -175,6 +175,13 @@ def test_train_cancel_then_train_and_save(make_napari_viewer, qtbot, toy_referen
     widget.steps.setValue(3)  # the widget is usable again: a short training goes through
     _run(widget, qtbot, widget.train)
     assert errors == [] and widget.lookup is not None and widget.lookup.settings["steps_done"] == 3
+    assert widget.lookup.settings["real_sections"] == 0
+    reference, _ = toy_reference  # a confirmed section goes into the next training
+    widget.section.set_layer(viewer.add_image(reference[10], name="plate 10"))
+    widget.adjust.set_plate(10)
+    assert widget.add_example()
+    _run(widget, qtbot, widget.train)
+    assert widget.lookup.settings["real_sections"] == 1
     _run(widget, qtbot, lambda: widget.save_index(tmp_path / "saved"))
     assert (tmp_path / "saved" / "config.json").exists() and "saved" in widget.status.text()
 
