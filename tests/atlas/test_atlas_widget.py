@@ -202,3 +202,11 @@ def test_errors_are_shown_not_raised(make_napari_viewer, qtbot, toy_reference, s
     _run(widget, qtbot, widget.train)
     assert len(errors) == 3 and "path of the atlas" in errors[2]
     assert widget.lookup is not None and widget.train_button.isEnabled()  # the loaded index is kept
+
+
+def test_widget_docks_from_the_plugin_menu(make_napari_viewer, toy_reference):
+    viewer = make_napari_viewer()
+    viewer.add_image(toy_reference[0], name="toy atlas")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-nephi", "Atlas lookup")
+    assert isinstance(widget, aw.AtlasWidget) and widget.source.layer.layer() is viewer.layers["toy atlas"]
+    assert widget.train_button.isEnabled() and not widget.find_button.isEnabled()
