@@ -12,7 +12,9 @@ import tifffile
 from skimage.transform import downscale_local_mean
 
 from napari_nephi.core.errors import Cancelled, InputError, UnsupportedFileError
+from napari_nephi.core.lazy_warp import warp_pyramid
 from napari_nephi.core.progress import Progress
+from napari_nephi.core.transform import AffineTransform
 from napari_nephi.io.pyramid_writer import write_ome_pyramid
 from napari_nephi.io.slides import as_slide, open_slide
 
@@ -150,3 +152,17 @@ def test_bad_levels_and_names_are_refused(tmp_path):
         write_ome_pyramid(
             tmp_path / "x.ome.tif", [np.zeros((32, 32, 3), np.uint8), np.zeros((16, 16), np.uint8)]
         )
+
+
+def test_a_lazily_warped_pyramid_is_written_and_read_back(tmp_path):
+    moving = as_slide(_rgb((700, 650), seed=6), 0.5)
+    shift = AffineTransform([[1, 0, 10], [0, 1, -20], [0, 0, 1]])
+    levels = warp_pyramid(moving, shift, (640, 600), 2, chunk=256)
+    path = write_ome_pyramid(tmp_path / "warped.ome.tif", levels, spacing_um=moving.spacing, tile=128)
+
+    back = open_slide(path)
+    assert back.spacing == (0.5, 0.5)
+    level0 = back.levels[0].compute()
+    np.testing.assert_array_equal(level0[:, 20:], moving.levels[0][10:650, :580].compute())
+    assert np.all(level0[:, :19] == 255)
+    np.testing.assert_array_equal(back.levels[1].compute(), levels[1].compute())
