@@ -57,7 +57,7 @@ def _vertices(value: Any, what: str, minimum: int = 1) -> np.ndarray:
     if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] < minimum:
         raise InputError(f"{what} must be at least {minimum} (y, x) pair(s), got shape {arr.shape}.")
     if not np.all(np.isfinite(arr)):
-        raise InputError(f"{what} hold NaN or infinite coordinates; fix or remove that annotation.")
+        raise InputError(f"{what} hold NaN or infinite values; fix or remove that annotation.")
     return arr
 
 
@@ -192,10 +192,7 @@ def read_geojson(path: PathLike) -> list[Annotation]:
         where = f"{p}: feature {i}"
         if not isinstance(feature, dict):
             raise UnsupportedFileError(f"{where} is not a GeoJSON Feature object.")
-        try:
-            kind, coords = _from_geometry(feature.get("geometry"), where)
-        except InputError as exc:
-            raise InputError(f"{exc} (in {where})") from exc
+        kind, coords = _from_geometry(feature.get("geometry"), where)
         props = dict(feature.get("properties") or {})
         name, classification = props.pop("name", None), props.pop("classification", None)
         fid = feature.get("id")
