@@ -154,6 +154,16 @@ def test_find_choose_register_in_a_viewer(make_napari_viewer, qtbot, toy_referen
     _run(widget, qtbot, widget.register)
     assert len(viewer.layers) == count and "Done" in widget.status.text()
     assert widget.last.metrics["start"] is not None
+    # landmark pairs placed in world coordinates (the plate layer sits beside the section) start
+    # the registration: here the straight cut lies on its plate as it is, so the start is the identity
+    widget.adjust.reset()
+    pixels = np.array([[8.0, 10.0], [20.0, 40.0], [35.0, 22.0]])
+    on_section = viewer.add_points(pixels, name="section landmarks")
+    on_plate = viewer.add_points(pixels + np.asarray(preview.translate), name="plate landmarks")
+    widget.adjust.section_points.set_layer(on_section)
+    widget.adjust.plate_points.set_layer(on_plate)
+    _run(widget, qtbot, widget.register)
+    np.testing.assert_allclose(widget.last.metrics["start"], np.eye(3), atol=1e-6)
     # the confirmed pair is kept for the next training
     assert widget.add_example()
     assert len(widget.examples) == 1 and widget.examples[0][1] == PLATE
