@@ -186,3 +186,16 @@ def test_read_region_picks_a_level_that_fits():
         read_region(slide, 3)
     with pytest.raises(InputError, match="max_pixels must be a positive"):
         read_region(slide, 0, max_pixels=0)
+
+
+def test_a_flat_striped_tiff_gets_coarse_levels_in_large_chunks(tmp_path):
+    image = np.random.default_rng(6).integers(0, 256, (1100, 700), dtype=np.uint8)
+    path = tmp_path / "strips.tif"
+    tifffile.imwrite(path, image, rowsperstrip=1)
+
+    slide = open_slide(path)
+
+    assert [lvl.shape for lvl in slide.levels] == [(1100, 700), (550, 350), (275, 175)]
+    assert min(slide.levels[1].chunks[0][:-1] or (128,)) >= 128  # not one chunk per strip
+    half = np.round(downscale_local_mean(image.astype(float), (2, 2))).astype(np.uint8)
+    np.testing.assert_array_equal(slide.levels[1].compute(), half)

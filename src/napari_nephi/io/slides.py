@@ -83,8 +83,8 @@ def _lazy(array: Any, name: str) -> da.Array:
 
 
 def _half(level: da.Array) -> da.Array:
-    """A lazy 2x2-mean halving (odd edges repeated, as the TIFF pyramid writer does)."""
-    even = level.rechunk({a: 2 * math.ceil(level.chunks[a][0] / 2) for a in (0, 1)})
+    """A lazy 2x2-mean halving (odd edges repeated, as the TIFF pyramid writer does), chunks >= 128."""
+    even = level.rechunk({a: 2 * math.ceil(max(level.chunks[a][0], 256) / 2) for a in (0, 1)})
     chunks = tuple(tuple(math.ceil(c / 2) for c in axis) for axis in even.chunks[:2]) + even.chunks[2:]
     return even.map_blocks(_downsample2, (0, 1), "mean", chunks=chunks, dtype=level.dtype)
 
