@@ -13,7 +13,7 @@ from napari_nephi.core.lazy_warp import warp_lazy, warp_pyramid
 from napari_nephi.core.transform import AffineTransform, ComposedTransform, DisplacementTransform
 from napari_nephi.io.slides import as_slide
 
-#: float32 coordinates in Transform.warp against float64 here: a few thousandths of a grey level
+#: both map in float32; the lazy warp samples relative to its read box: a few thousandths of a grey level
 TOL = 0.05
 
 

@@ -58,8 +58,13 @@ def _factors(levels: Sequence[Any]) -> list[tuple[float, float]]:
 
 
 def _map(transform: Transform, points: np.ndarray) -> np.ndarray:
+    """``transform`` applied to ``(n, 2)`` points in float32, as :meth:`Transform.warp` does.
+
+    float32 keeps a dense displacement field in its stored precision (no float64 copy of a large
+    field); at 100000 px its rounding is below 0.01 px.
+    """
     with torch.no_grad():
-        return transform(torch.as_tensor(points, dtype=torch.float64)).numpy()
+        return transform(torch.as_tensor(points, dtype=torch.float32)).numpy()
 
 
 def transform_scale(transform: Transform, shape: Sequence[int], samples: int = 9) -> float:
