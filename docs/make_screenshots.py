@@ -15,8 +15,9 @@ camera). Writes to docs/images/:
   1.6 times the 99.5th percentile so that they do not saturate); after: on the plane of the slice
   the 2D view was at, the deformation grid and the Jacobian determinant with its colour bar;
 * atlas_widget.png: the Atlas lookup widget on the toy atlas sample (an index trained with small
-  options, loaded in the widget): the plate gallery for the oblique partial section, the chosen
-  plate beside it, and the registered plate and atlas labels over the section.
+  options, loaded in the widget) and a section cut from it at plate 20 (tilted 3 and 2 degrees,
+  its top cut away): the plate gallery, the chosen plate beside the section, and the registered
+  plate and atlas labels over the section.
 
 ``python docs/make_screenshots.py atlas`` takes only the atlas screenshot (``tc``, ``mri`` the
 others). Prints the name of the Qt binding; napari shows a deprecation banner on PyQt5, so run it on PyQt6.
@@ -165,6 +166,10 @@ ATLAS_TRAINING = {"input_size": 64, "widths": (8, 16, 32), "embedding_dim": 32, 
                   "batch_plates": 12, "views_per_plate": 2, "validate_every": 100}  # fmt: skip
 
 
+#: The atlas screenshot's section: plate 20 of the sample atlas, cut obliquely, its top cut away.
+ATLAS_SECTION_TILT, ATLAS_SECTION_CROP = (3.0, 2.0), (0.1, 0.0, 0.0, 0.0)
+
+
 def run_job(widget, start) -> None:
     """Start one of the atlas widget's jobs and wait until it is over."""
     done = []
@@ -178,14 +183,16 @@ def run_job(widget, start) -> None:
 def atlas_screenshot() -> None:
     """The Atlas lookup widget after Find plates and Register on the toy atlas sample."""
     from napari_nephi import AtlasLookup
-    from napari_nephi.synthetic.atlas import ATLAS_REGIONS
+    from napari_nephi.synthetic.atlas import ATLAS_REGIONS, section_from_atlas
 
     viewer = napari.Viewer(title="napari-nephi")
     viewer.window.resize(1400, 900)
     for data, kwargs, kind in sample_data.atlas_sample():
         getattr(viewer, f"add_{kind}")(data, **kwargs)
     atlas, labels = viewer.layers["toy atlas"], viewer.layers["toy atlas labels"]
-    section = viewer.layers["section (toy atlas)"]
+    viewer.layers.remove("section (toy atlas)")  # a milder cut: the small index's lookup gets it
+    cut = section_from_atlas(atlas.data, 20, ATLAS_SECTION_TILT, crop=ATLAS_SECTION_CROP)
+    section = viewer.add_image(cut, name="section")
     lookup = AtlasLookup.train(atlas.data, labels.data, region_names=ATLAS_REGIONS, **ATLAS_TRAINING)
     widget = AtlasWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Atlas lookup", area="right")
@@ -198,7 +205,7 @@ def atlas_screenshot() -> None:
     run_job(widget, widget.find_plates)
     run_job(widget, widget.register)
     atlas.visible = labels.visible = False
-    viewer.layers.selection.active = viewer.layers["section (toy atlas) atlas labels"]
+    viewer.layers.selection.active = viewer.layers["section atlas labels"]
     pump(0.5)
     viewer.reset_view()
     pump(1.0)
