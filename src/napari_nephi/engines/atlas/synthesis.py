@@ -31,6 +31,8 @@ __all__ = ["SynthesisConfig", "SectionSynthesizer", "SyntheticSection"]
 
 #: Margin around the tissue bounding box kept in the working copy, as a fraction of its longer side.
 BOX_MARGIN = 0.06
+#: Oblique samples first look at every COARSE-th pixel to place damage and centre the plane.
+COARSE = 3
 _PAIRS = ("scale", "contrast", "gamma")
 _PROBABILITIES = ("partial", "tears", "holes", "invert", "modality")
 _LIMITS = {  # option -> (low, high)
@@ -84,7 +86,7 @@ class SynthesisConfig:
     modality: float = 0.3
     illumination: float = 0.3
     blend: float = 0.15
-    offset: float = 0.3
+    offset: float = 0.2
     elastic: float = 0.02
     squeeze: float = 0.08
 
@@ -424,13 +426,23 @@ class SectionSynthesizer:
             params["elastic"] = float(amp)
         ny, nx = view.to_native(fy, fx)  # native in-plane coordinates
         if self.is_volume:
-            image, coords = self._oblique(idx, fr, view.centre, ny, nx, rng, params)
+            coords = self._oblique(idx, view.centre, ny, nx, rng, params)
+            # tissue from a coarse look (every COARSE-th pixel) places the damage and the plane
+            coarse = self._resample(fr, coords[:, ::COARSE, ::COARSE])
+            coarse = (coarse < fr.threshold) if fr.bright else (coarse > fr.threshold)
+            near = [
+                np.minimum(np.round(np.arange(n) / COARSE).astype(int), m - 1)
+                for n, m in zip((h, w), coarse.shape)
+            ]
+            tissue = coarse[np.ix_(*near)]
+            keep, folds = self._damage(tissue, rng, params)
+            kept = coarse & (keep[::COARSE, ::COARSE] > 0.5)
+            self._centre_on_plate(idx, coords, kept, params)
+            image = self._resample(fr, coords)
         else:  # a plate's canvas is its work frame
             image, coords = self._flat(idx, fr, fy, fx, ny, nx, rng, params)
-        tissue = (image < fr.threshold) if fr.bright else (image > fr.threshold)
-        keep, folds = self._damage(tissue, rng, params)
-        if self.is_volume:
-            image = self._centre_on_plate(idx, fr, image, coords, tissue & (keep > 0.5), params)
+            tissue = (image < fr.threshold) if fr.bright else (image > fr.threshold)
+            keep, folds = self._damage(tissue, rng, params)
         image = self._apply_damage(image, keep, folds, fr.background)
         image = self._intensity(image, fr, rng, params)
         labels = self._labels_at(coords) if truth and self.plates.has_labels else None
@@ -442,19 +454,19 @@ class SectionSynthesizer:
             params=params,
         )
 
-    def _centre_on_plate(self, idx, fr: _Frame, image, coords, tissue, params):
-        """Move the cutting plane along the plate axis so that the mean plate of the remaining tissue
-        is ``idx`` (plus the drawn offset): the truth is the plate at the centre of what is left."""
+    @staticmethod
+    def _centre_on_plate(idx, coords, kept, params) -> None:
+        """Move the cutting plane (``coords``, in place) along the plate axis so that the mean plate of
+        the ``kept`` tissue (on the coarse grid) is ``idx`` plus the drawn offset: the truth is the
+        plate at the centre of what is left."""
         shift = 0.0
-        if tissue.any():
-            shift = idx + params["offset"] - float(coords[0][tissue].mean())
+        if kept.any():
+            shift = idx + params["offset"] - float(coords[0, ::COARSE, ::COARSE][kept].mean())
         if abs(shift) > 0.01:
             coords[0] += shift
-            image = self._resample(fr, coords)
         else:
             shift = 0.0
         params["plane"] = idx + params["offset"] + shift
-        return image
 
     @staticmethod
     def _resample(fr: _Frame, coords) -> np.ndarray:
@@ -464,7 +476,8 @@ class SectionSynthesizer:
             fr.data, np.stack([coords[0], wy, wx]), order=1, mode="constant", cval=fr.background
         )
 
-    def _oblique(self, idx, fr: _Frame, pivot, ny, nx, rng, params):
+    def _oblique(self, idx, pivot, ny, nx, rng, params) -> np.ndarray:
+        """Atlas coordinates ``(3, h, w)`` of an oblique plane through plate ``idx`` at ``pivot``."""
         cfg = self.config
         pitch, yaw = rng.uniform(-cfg.max_tilt, cfg.max_tilt, 2) if cfg.max_tilt > 0 else (0.0, 0.0)
         dz = rng.uniform(-cfg.offset, cfg.offset) if cfg.offset > 0 else 0.0
@@ -475,8 +488,7 @@ class SectionSynthesizer:
         z = idx + dz + (e_row[0] * u + e_col[0] * v) / self.plate_spacing
         y = py + e_row[1] * u + e_col[1] * v
         x = px + e_row[2] * u + e_col[2] * v
-        coords = np.stack([z, y, x]).astype(np.float32)
-        return self._resample(fr, coords), coords
+        return np.stack([z, y, x]).astype(np.float32)
 
     def _flat(self, idx, fr: _Frame, fy, fx, ny, nx, rng, params):
         cfg = self.config
@@ -592,7 +604,8 @@ def _partial_keep(mode: str, tissue: np.ndarray, rng) -> np.ndarray:
     ys, xs = np.nonzero(tissue)
     if mode == "edges":  # nibbled borders: tissue near its outline is lost, by a varying depth
         dist = cv2.distanceTransform(tissue.astype(np.uint8), cv2.DIST_L2, 3)
-        depth = 0.08 * max(np.ptp(ys), np.ptp(xs)) * (0.5 + 0.5 * _smooth_field(rng, (h, w), 6))
+        scale = rng.uniform(0.04, 0.1) * max(np.ptp(ys), np.ptp(xs))
+        depth = scale * (0.6 + 0.4 * _smooth_field(rng, (h, w), 6))
         return (dist > np.maximum(depth, 0)).astype(np.float32) + (~tissue)
     keep = np.ones((h, w), np.float32)
     cuts = {
@@ -617,8 +630,8 @@ def _partial_keep(mode: str, tissue: np.ndarray, rng) -> np.ndarray:
         lo, hi = float(p_t.min()), float(p_t.max())
         if mode == "hemisphere":
             cut = rng.uniform(-0.08, 0.08) * (hi - lo)  # near the midline through the tissue centre
-        else:
-            cut = hi - rng.uniform(0.12, 0.45) * (hi - lo)
+        else:  # a corner holds less tissue than a side: cut deeper
+            cut = hi - rng.uniform(*((0.25, 0.5) if mode == "corner" else (0.15, 0.45))) * (hi - lo)
         a_t = along[tissue]
         t = (along - a_t.min()) / max(float(np.ptp(a_t)), 1.0)
         edge = cut + _ragged(rng, t, 0.04 * (hi - lo))
