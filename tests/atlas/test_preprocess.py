@@ -209,6 +209,22 @@ def test_lazy_input_is_read_in_strips(monkeypatch):
         prepare_input(_Lazy(np.zeros((3000, 3000), dtype=np.complex64)))
 
 
+def test_downsample_is_a_block_mean():
+    from skimage.measure import block_reduce
+
+    from napari_nephi.engines.atlas.preprocess import downsample
+
+    rng = np.random.default_rng(0)
+    image = rng.random((1003, 701, 3)).astype(np.float32)
+    expected = block_reduce(image[:1000, :700], (5, 5, 1), np.mean)  # factor 5: 1003 -> 200 rows
+    np.testing.assert_allclose(downsample(image, 250), expected, atol=1e-5)
+    np.testing.assert_allclose(downsample(_Lazy(image), 250), expected, atol=1e-5)
+    small = image[:100, :90]
+    assert np.shares_memory(downsample(small, 250), small)  # fits: returned as is, not copied
+    with pytest.raises(InputError, match="contains NaN"):
+        downsample(np.full((50, 50), np.nan), 20)
+
+
 def test_prepare_batch_shapes_and_errors(plate):
     batch = prepare_batch([plate, plate[10:, 20:], np.dstack([plate] * 3)], size=48)
     assert tuple(batch.shape) == (3, 1, 48, 48) and str(batch.dtype) == "torch.float32"

@@ -221,6 +221,24 @@ def _downsample(arr: np.ndarray, longest: int) -> np.ndarray:
     return cv2.resize(arr, (w // k, h // k), interpolation=cv2.INTER_AREA)
 
 
+def downsample(image, longest: int, name: str = "image") -> np.ndarray:
+    """``image`` (2D or RGB(A), in memory or lazy: dask, zarr, h5py) block-averaged by the smallest
+    whole factor that brings its longer side to at most ``longest``; returned as is when it fits.
+
+    A lazy array is read in strips, never whole, so sections larger than memory can be looked up
+    and registered. Raises :class:`InputError` for what :func:`to_grey` refuses (shape, dtype, NaN).
+    """
+    longest = check_int("longest", longest, _MIN_SIDE)
+    lazy = _lazy_layout(image)
+    if lazy is not None and max(lazy[0][:2], default=0) > longest:
+        _check_layout(*lazy, name)
+        image = _read_downsampled(image, lazy[0], longest)
+    arr = _as_array(image, name)
+    if arr.dtype.kind == "b":
+        arr = arr.astype(np.uint8)
+    return _downsample(arr, longest)
+
+
 def _resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """``image`` resized to ``shape`` (y, x): area average when shrinking, bilinear when enlarging."""
     if image.shape == shape:
@@ -272,14 +290,7 @@ def prepare_input(image, size: int = 128, name: str = "image") -> np.ndarray:
     downsampled on the way, so a section larger than memory is not refused.
     """
     size = _check_size(size)
-    lazy = _lazy_layout(image)
-    if lazy is not None and max(lazy[0][:2], default=0) > WORK_FACTOR * size:
-        _check_layout(*lazy, name)
-        image = _read_downsampled(image, lazy[0], WORK_FACTOR * size)
-    arr = _as_array(image, name)
-    if arr.dtype.kind == "b":
-        arr = arr.astype(np.uint8)
-    grey = to_grey(_downsample(arr, WORK_FACTOR * size), name)
+    grey = to_grey(downsample(image, WORK_FACTOR * size, name), name)
     # the tissue is found on a small copy (fast), then its outline refined on the finer crop
     small = _downsample(grey, max(SEGMENT_FACTOR * size, 256))
     mask, bright_bg, t = _segment(small)
