@@ -89,13 +89,20 @@ def main(argv=None) -> None:
             found = _gap(res.angle, case["rotation"]) < 2 and res.flipped == case.get("flip", False)
             rows.append((found, err.mean(), err.max(), seconds))
             text = ", ".join(f"{k}={v}" for k, v in case.items())
-            print(f"| {seed} | {text} | {res.angle:.1f} / {res.flipped} / {res.scale:.3f} | {err.mean():.2f} | "
-                  f"{err.max():.2f} | {err.mean() * to_work:.2f} | {err.max() * to_work:.2f} | {seconds:.2f} |",
-                  flush=True)  # fmt: skip
+            cells = [
+                str(seed),
+                text,
+                f"{res.angle:.1f} / {res.flipped} / {res.scale:.3f}",
+                *(f"{v:.2f}" for v in (err.mean(), err.max(), err.mean() * to_work, err.max() * to_work)),
+                f"{seconds:.2f}",
+            ]
+            print("| " + " | ".join(cells) + " |", flush=True)
     found, mean, worst, secs = (np.array(c) for c in zip(*rows))
-    print(f"\nfound {int(found.sum())}/{len(found)}; mean error {mean.mean():.2f} px (max {worst.max():.2f}); "
-          f"{mean.mean() * to_work:.2f} px at {WORK_SIZE} (max {worst.max() * to_work:.2f}); "
-          f"median {np.median(secs):.2f} s, max {secs.max():.2f} s")  # fmt: skip
+    print(
+        f"\nfound {int(found.sum())}/{len(found)}; mean error {mean.mean():.2f} px (max {worst.max():.2f}); "
+        f"{mean.mean() * to_work:.2f} px at {WORK_SIZE} (max {worst.max() * to_work:.2f}); "
+        f"median {np.median(secs):.2f} s, max {secs.max():.2f} s"
+    )
 
 
 if __name__ == "__main__":
