@@ -7,20 +7,20 @@ import pytest
 
 from napari_nephi.synthetic.atlas import ATLAS_REGIONS, section_from_atlas, toy_atlas
 
-#: Fast training options for tests: a small network on 64-pixel inputs, a few hundred steps.
+#: Fast training options for tests: a small network on 48-pixel inputs, a few hundred steps.
 FAST_OPTIONS = {
-    "input_size": 64,
+    "input_size": 48,
     "widths": (8, 16, 32),
     "embedding_dim": 32,
-    "steps": 200,
+    "steps": 300,
     "batch_plates": 12,
     "views_per_plate": 2,
     "bank_views": 6,
-    "fresh_views": 4,
-    "lr": 3e-3,
-    "validate_every": 50,
+    "fresh_views": 2,
+    "lr": 2e-3,
+    "validate_every": 100,
     "validation_size": 20,
-    "max_minutes": 2.0,
+    "max_minutes": 3.0,
 }
 
 

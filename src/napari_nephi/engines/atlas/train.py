@@ -70,6 +70,10 @@ VALIDATION_SEED = 7919
 MILD_VIEWS = {"rotation": 3.0, "scale": (1.0, 1.1), "max_tilt": 2.0}
 
 
+#: Ranges of the cheap variation applied each time a bank view is used (see ``_jitter``).
+JITTER = {"rotation": 6.0, "scale": 0.06, "shift": 0.05, "gamma": (0.8, 1.25), "contrast": (0.85, 1.15)}
+
+
 @dataclass
 class TrainResult:
     """The trained network and what happened while training."""
@@ -223,12 +227,34 @@ class _Batches:
                 self._view(int(p))
             )
         slots = np.argsort(self.rng.random((len(plates), self.o["bank_views"])), axis=1)[:, :v]
-        x = [self.clean[plates], self.bank[plates[:, None], slots].reshape(-1, *self.clean.shape[1:])]
+        views = _jitter(self.bank[plates[:, None], slots].reshape(-1, *self.clean.shape[1:]), self.rng)
+        x = [self.clean[plates], views]
         labels = [plates, np.repeat(plates, v)]
         if len(real_idx):
             x.append(self.real[real_idx])
             labels.append(self.real_plates[real_idx])
         return torch.cat(x), torch.from_numpy(np.concatenate(labels).astype(np.int64))
+
+
+def _jitter(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Cheap per-use variation of bank views: a small random affine map, gamma and contrast.
+
+    So a bank view seen again is never the same input (the bank changes only slowly).
+    """
+    b = x.shape[0]
+    angle = np.radians(rng.uniform(-JITTER["rotation"], JITTER["rotation"], b))
+    scale = rng.uniform(1 - JITTER["scale"], 1 + JITTER["scale"], b)
+    shift = rng.uniform(-JITTER["shift"], JITTER["shift"], (b, 2))
+    theta = np.zeros((b, 2, 3), dtype=np.float32)
+    theta[:, 0, 0] = theta[:, 1, 1] = np.cos(angle) / scale
+    theta[:, 0, 1] = -np.sin(angle) / scale
+    theta[:, 1, 0] = np.sin(angle) / scale
+    theta[:, :, 2] = shift
+    grid = torch.nn.functional.affine_grid(torch.from_numpy(theta), list(x.shape), align_corners=False)
+    y = torch.nn.functional.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+    gamma = torch.from_numpy(rng.uniform(*JITTER["gamma"], (b, 1, 1, 1)).astype(np.float32))
+    gain = torch.from_numpy(rng.uniform(*JITTER["contrast"], (b, 1, 1, 1)).astype(np.float32))
+    return (y.clamp(0, 1) ** gamma * gain).clamp(0, 1)
 
 
 def _schedule(optimizer, options: dict, steps: int):
