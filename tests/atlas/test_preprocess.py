@@ -113,6 +113,21 @@ def test_fill_holes_matches_scipy():
         np.testing.assert_array_equal(_fill_holes(mask), ndi.binary_fill_holes(mask))
 
 
+def test_faint_tissue_open_to_a_cut_edge_is_tissue():
+    # a partial section: a bright rim around faint tissue (white matter), cut straight through it
+    shape = (160, 200)
+    truth = _scene(shape, (100, 100), (70, 90)) > 0
+    img = np.where(truth, 0.8, 0.0).astype(np.float32)
+    img[_scene(shape, (100, 100), (50, 70)) > 0] = 0.3
+    truth[120:] = False
+    img[120:] = 0.0
+    rng = np.random.default_rng(1)
+    noisy = np.clip(img + rng.normal(0, 0.04, shape), 0, 1).astype(np.float32)
+    for grey in (noisy, 1.0 - noisy):
+        mask = tissue_mask(grey)
+        assert (mask & truth).sum() / (mask | truth).sum() > 0.9
+
+
 def test_small_blob_fills_the_output():
     img = _scene((1000, 1400), (700, 300), (25, 40), value=0.7)
     out = prepare_input(img, 64)

@@ -26,6 +26,9 @@ PERCENTILES = (0.5, 99.5)
 WORK_FACTOR = 8
 #: The tissue is segmented on a copy at most this many times the network input (and 256 px) long.
 SEGMENT_FACTOR = 3
+#: Hysteresis: pixels above background + HYSTERESIS * (Otsu - background) joined to pixels above
+#: Otsu are tissue (faint tissue next to clear tissue is kept).
+HYSTERESIS = 0.5
 #: Connected tissue pieces smaller than this fraction of the largest piece are dropped as debris.
 MIN_PIECE_FRACTION = 0.05
 #: Margin around the tissue bounding box, as a fraction of its longer side.
@@ -169,10 +172,21 @@ def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def _segment(grey: np.ndarray) -> tuple[np.ndarray, bool, float]:
-    """(tissue mask, whether the background is bright, Otsu threshold) of a 2D grey image.
+def _hysteresis(smooth: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Pixels above ``high``, and those above ``low`` connected to them (8-connected)."""
+    weak = smooth > low
+    labels, n = ndi.label(weak, structure=np.ones((3, 3)))
+    strong = np.zeros(n + 1, dtype=bool)
+    strong[np.unique(labels[smooth > high])] = True
+    strong[0] = False
+    return strong[labels]
 
-    See :func:`tissue_mask`; the threshold is in the units of ``grey``.
+
+def _segment(grey: np.ndarray) -> tuple[np.ndarray, bool, tuple[float, float]]:
+    """(tissue mask, whether the background is bright, (low, high) thresholds) of a 2D grey image.
+
+    See :func:`tissue_mask`. The thresholds are in the units of ``grey`` and for the tissue-bright
+    polarity (``1 - grey`` when the background is bright, whose thresholds are ``1 - low/high``).
     """
     g = np.asarray(grey, dtype=np.float32)
     if g.ndim != 2:
@@ -180,12 +194,19 @@ def _segment(grey: np.ndarray) -> tuple[np.ndarray, bool, float]:
     smooth = ndi.gaussian_filter(g, sigma=max(0.5, min(g.shape) / 256))
     lo, hi = float(smooth.min()), float(smooth.max())
     if hi <= lo:
-        return np.zeros(g.shape, dtype=bool), False, hi
+        return np.zeros(g.shape, dtype=bool), False, (hi, hi)
     # Otsu on 256 levels of the range: an integer histogram is several times faster than a float one
     levels = np.rint((smooth - lo) * (255 / (hi - lo))).astype(np.uint8)
     t = lo + (float(threshold_otsu(levels)) + 0.5) * (hi - lo) / 255
-    bright_bg = bool(np.mean(_border(smooth) > t) > 0.5)
-    return _clean(smooth < t if bright_bg else smooth > t), bright_bg, t
+    border = _border(smooth)
+    bright_bg = bool(np.mean(border > t) > 0.5)
+    if bright_bg:
+        smooth, t, border = 1.0 - smooth, 1.0 - t, 1.0 - border
+    # hysteresis: faint tissue (white matter, a dark nucleus) joined to clear tissue is tissue too,
+    # even where a cut edge or a tear opens it to the background
+    low = float(np.median(border)) + HYSTERESIS * (t - float(np.median(border)))
+    mask = _clean(_hysteresis(smooth, min(low, t), t))
+    return mask, bright_bg, (min(low, t), t)
 
 
 def background_is_bright(grey: np.ndarray) -> bool:
@@ -196,9 +217,11 @@ def background_is_bright(grey: np.ndarray) -> bool:
 def tissue_mask(grey: np.ndarray) -> np.ndarray:
     """Boolean foreground (tissue) of a grey image with a dark or a bright background.
 
-    The polarity comes from the border (most border pixels above the threshold: bright background);
-    Otsu threshold of a lightly smoothed copy, pieces smaller than ``MIN_PIECE_FRACTION`` of the
-    largest dropped, holes filled. The result may be empty (a constant image); the caller decides.
+    The polarity comes from the border (most border pixels above the threshold: bright background).
+    On a lightly smoothed copy: pixels beyond Otsu's threshold, and those beyond the level halfway
+    (``HYSTERESIS``) between the background (border median) and it that are joined to them; pieces
+    smaller than ``MIN_PIECE_FRACTION`` of the largest dropped, holes filled. The result may be
+    empty (a constant image); the caller decides.
     """
     return _segment(grey)[0]
 
@@ -293,7 +316,7 @@ def prepare_input(image, size: int = 128, name: str = "image") -> np.ndarray:
     grey = to_grey(downsample(image, WORK_FACTOR * size, name), name)
     # the tissue is found on a small copy (fast), then its outline refined on the finer crop
     small = _downsample(grey, max(SEGMENT_FACTOR * size, 256))
-    mask, bright_bg, t = _segment(small)
+    mask, bright_bg, (low, t) = _segment(small)
     if mask.sum() < MIN_TISSUE_PIXELS:
         raise InputError(
             f"The {name} has no tissue: only {int(mask.sum())} pixels stand out from its background "
@@ -301,14 +324,14 @@ def prepare_input(image, size: int = 128, name: str = "image") -> np.ndarray:
             "Pass a section or plate that shows the brain slice."
         )
     if bright_bg:
-        grey, t = 1.0 - grey, 1.0 - t
+        grey = 1.0 - grey
     crop, region = _coarse_crop(grey, mask)
     # CLAHE's tiles are relative to the image: working at most at 2x the output size is plenty
     crop = np.clip(_downsample(crop, 2 * size), 0.0, 1.0)  # area sums may round past 1
     region = cv2.resize(region.astype(np.float32), crop.shape[::-1], interpolation=cv2.INTER_LINEAR)
     fine = region > 0.5
     if small.shape != grey.shape:  # the mask is coarser than the crop: refine the outline near it
-        refined = _clean((ndi.gaussian_filter(crop, 1.0) > t) & (region > 0))
+        refined = _clean(_hysteresis(ndi.gaussian_filter(crop, 1.0), low, t) & (region > 0))
         if refined.sum() >= MIN_TISSUE_PIXELS:  # else a faint outline: keep the coarse mask
             fine = refined
     fine = _close(fine, CLOSING * max(fine.shape))
