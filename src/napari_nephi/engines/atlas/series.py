@@ -19,6 +19,8 @@ from ...core.errors import InputError
 MAX_HYPOTHESES = 4000
 #: Candidates per section that propose lines (the best ones; all top-k are scored).
 PROPOSERS = 3
+#: Most candidates per section the smoothing considers (the best ones; rankings are kept whole).
+MAX_CANDIDATES = 10
 #: Cost of a candidate's rank per place (prefers better-ranked plates at equal distance to the line).
 RANK_COST = 0.25
 
@@ -57,7 +59,7 @@ def smooth_series(rankings: list[list[tuple[int, float]]], n_plates: int, seed: 
     """
     if not rankings:
         raise InputError("lookup_series needs at least one section.")
-    k = min(len(r) for r in rankings)
+    k = min(min(len(r) for r in rankings), MAX_CANDIDATES)
     if k < 1:
         raise InputError("Every section needs at least one ranked plate.")
     cand = np.array([[p for p, _ in r[:k]] for r in rankings], dtype=np.int64)
@@ -104,10 +106,16 @@ def _hypotheses(cand: np.ndarray, seed: int) -> np.ndarray:
 
 def _costs(cand: np.ndarray, hyps: np.ndarray, order: np.ndarray, tau: float) -> np.ndarray:
     """Truncated distance of each section's nearest candidate to each line, summed: ``(H,)``."""
-    k = cand.shape[1]
-    pred = hyps[:, 0:1] + hyps[:, 1:2] * order[None, :]  # (H, K)
-    dist = np.abs(cand[None, :, :] - pred[:, :, None]) + RANK_COST * np.arange(k)[None, None, :]
-    return np.minimum(dist.min(axis=2), tau + RANK_COST * k).sum(axis=1)
+    n_sec, k = cand.shape
+    rank = RANK_COST * np.arange(k)[None, None, :]
+    out = np.empty(len(hyps))
+    chunk = max(1, (1 << 22) // max(1, n_sec * k))  # bounds the (chunk, K, k) temporary
+    for i in range(0, len(hyps), chunk):
+        h = hyps[i : i + chunk]
+        pred = h[:, 0:1] + h[:, 1:2] * order[None, :]  # (h, K)
+        dist = np.abs(cand[None, :, :] - pred[:, :, None]) + rank
+        out[i : i + chunk] = np.minimum(dist.min(axis=2), tau + RANK_COST * k).sum(axis=1)
+    return out
 
 
 def _monotonic_picks(cand: np.ndarray, line: np.ndarray, increasing: bool, n_plates: int) -> np.ndarray:
