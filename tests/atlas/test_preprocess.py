@@ -246,6 +246,9 @@ def test_prepare_batch_shapes_and_errors(plate):
     np.testing.assert_allclose(batch[0, 0].numpy(), batch[2, 0].numpy(), atol=1e-5)
     with pytest.raises(InputError, match="Wrap it in a list"):
         prepare_batch(np.dstack([plate] * 3))
+    stack = np.stack([plate, plate[::-1]])
+    lazy = prepare_batch(_Lazy(stack), size=48)  # a stack that is not in memory (dask, zarr)
+    np.testing.assert_array_equal(lazy.numpy(), prepare_batch(list(stack), size=48).numpy())
     with pytest.raises(InputError, match="No images given"):
         prepare_batch([])
     with pytest.raises(InputError, match="size must be at least 16"):

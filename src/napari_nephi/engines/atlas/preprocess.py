@@ -349,17 +349,19 @@ def prepare_input(image, size: int = 128, name: str = "image") -> np.ndarray:
 
 
 def image_list(images: Sequence | np.ndarray) -> list:
-    """``images`` (a list or tuple of images, or an array whose first axis indexes them) as a list.
+    """``images`` (a list or tuple of images, or a numpy/dask/zarr stack whose first axis indexes them)
+    as a list.
 
     Raises :class:`InputError` for no images, or a single 2D/RGB array (wrap it in a list).
     """
-    if isinstance(images, np.ndarray):
-        if images.ndim == 2 or (images.ndim == 3 and looks_rgb(images.shape)):
+    if not isinstance(images, (list, tuple)) and hasattr(images, "shape") and hasattr(images, "__getitem__"):
+        shape = tuple(images.shape)  # a numpy, dask or zarr stack: its first axis indexes the images
+        if len(shape) == 2 or (len(shape) == 3 and looks_rgb(shape)):
             raise InputError(
                 f"Several images are expected (a list, or an array (n, y, x)); got one image of shape "
-                f"{images.shape}. Wrap it in a list."
+                f"{shape}. Wrap it in a list."
             )
-        images = list(images)
+        images = [images[i] for i in range(shape[0])] if len(shape) > 0 else []
     elif not isinstance(images, (list, tuple)):
         raise InputError(f"A list of images is expected, got {type(images).__name__}.")
     if len(images) == 0:
