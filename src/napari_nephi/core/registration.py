@@ -29,6 +29,9 @@ class Registration:
     def save(self, folder) -> Path:
         """Write ``transform/``, ``warped.tif``, ``metrics.json`` and ``settings.json`` to ``folder``.
 
+        A list-valued ``warped`` (a lazy multiscale pyramid of a whole slide) is written as a tiled
+        pyramidal ``warped.ome.tif`` tile by tile, with ``settings["spacing"]`` as its pixel size.
+
         The folder is written atomically (see :func:`napari_nephi.core.files.output_folder`): an
         earlier output there is replaced as a whole, also one saved by a version that wrote no
         output marker (it holds only these names and a saved transform); a folder holding other
@@ -41,12 +44,18 @@ class Registration:
             self.transform.save(tmp / "transform")
             (tmp / "metrics.json").write_text(json.dumps(self.metrics, indent=2, default=str))
             (tmp / "settings.json").write_text(json.dumps(self.settings, indent=2, default=str))
-            tifffile.imwrite(tmp / "warped.tif", np.asarray(self.warped, np.float32))
+            if isinstance(self.warped, list | tuple):
+                from ..io.pyramid_writer import write_ome_pyramid
+
+                spacing = self.settings.get("spacing")
+                write_ome_pyramid(tmp / "warped.ome.tif", list(self.warped), spacing_um=spacing)
+            else:
+                tifffile.imwrite(tmp / "warped.tif", np.asarray(self.warped, np.float32))
         return folder
 
 
 #: What :meth:`Registration.save` writes into its folder (besides the output marker).
-SAVED_NAMES = ("transform", "warped.tif", "metrics.json", "settings.json")
+SAVED_NAMES = ("transform", "warped.tif", "warped.ome.tif", "metrics.json", "settings.json")
 
 
 def saved_without_marker(folder: Path) -> bool:

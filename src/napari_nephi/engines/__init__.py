@@ -4,6 +4,7 @@ The registry (``register_engine``, ``available_methods``, ``register``) is in :m
 """
 
 from . import affine, mito, nephi  # noqa: F401
+from .histology import engine as _histology_engine  # noqa: F401
 from .registry import available_methods, method_descriptions, register, register_engine
 
 __all__ = ["available_methods", "method_descriptions", "register", "register_engine"]

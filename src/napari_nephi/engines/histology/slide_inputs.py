@@ -1,0 +1,150 @@
+"""The engine's inputs: slides with their pixel sizes, the stain channel of each, masks and landmarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ...core.errors import InputError
+from ...core.grid import check_spacing
+from ...io.slides import Slide, as_slide
+from .networks import load_model, shipped_model
+from .stain import KINDS, choose_stain_channels, stain_channel
+
+
+def _pick_channel(data, channel: int, name: str):
+    """Channel ``channel`` (samples last) of every level of a multi-channel slide, lazily."""
+    levels = list(data) if isinstance(data, list | tuple) else [data]
+    n = levels[0].shape[-1]
+    if channel >= n:
+        raise InputError(f"channel={channel} but the {name} slide has {n} channels (0..{n - 1}).")
+    picked = [level[..., channel] for level in levels]
+    return picked if isinstance(data, list | tuple) else picked[0]
+
+
+def _is_multichannel(data, rgb: bool | None) -> bool:
+    first = (
+        data.levels[0] if isinstance(data, Slide) else (data[0] if isinstance(data, list | tuple) else data)
+    )
+    shape = tuple(getattr(first, "shape", ()))
+    if len(shape) != 3:
+        return False
+    return rgb is False or shape[2] not in (3, 4)
+
+
+def slide_of(data, spacing, rgb: bool | None, channel, name: str) -> Slide:
+    """A :class:`Slide` of the caller's ``data`` (array, dask array, list of levels or a Slide)."""
+    if isinstance(data, Slide):
+        if spacing is None:
+            spacing = data.spacing
+        data, rgb = data.levels, data.rgb if rgb is None else rgb
+    if data is None:
+        raise InputError(f"The {name} slide is missing; give an array, a list of levels or a Slide.")
+    if isinstance(data, list | tuple) and not data:
+        raise InputError(f"The {name} slide is an empty list; give at least one level.")
+    if _is_multichannel(data, rgb):
+        if isinstance(channel, str):
+            n = (data[0] if isinstance(data, list | tuple) else data).shape[-1]
+            raise InputError(
+                f"The {name} slide has {n} channels (fluorescence?), not a brightfield RGB image. Pick the "
+                "channel to register, e.g. the nuclear stain (DAPI): channel=0."
+            )
+        data, rgb = _pick_channel(data, channel, name), False
+    return as_slide(data, spacing, rgb=rgb, name=name)
+
+
+def pixel_sizes(fixed_spacing, moving_spacing, notes: list[str]) -> tuple[float, float]:
+    """Mean level-0 um/px of both slides; both unknown -> 1 (a note), one unknown -> InputError."""
+    if fixed_spacing is None and moving_spacing is None:
+        notes.append(
+            "The pixel sizes of both slides are unknown: assumed equal (1 um/px); give spacing= and "
+            "moving_spacing= (um/px) if they differ."
+        )
+        return 1.0, 1.0
+    if fixed_spacing is None or moving_spacing is None:
+        which = "fixed (spacing=...)" if fixed_spacing is None else "moving (moving_spacing=...)"
+        raise InputError(
+            f"The pixel size of the {which} slide is unknown but the other's is given; give it in um/px "
+            "(e.g. 0.25 at 40x, 0.5 at 20x)."
+        )
+    f = check_spacing(fixed_spacing, 2)
+    m = check_spacing(moving_spacing, 2)
+    return float(np.mean(f)), float(np.mean(m))
+
+
+@dataclass(frozen=True)
+class Channel:
+    """How the stain channel is made: a named kind (hematoxylin, od, grey) or "auto"."""
+
+    kind: str
+
+    def pair(self, fixed: np.ndarray, moving: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+        """The channels of two images and the kind used (which fixes ``kind`` when it was auto)."""
+        return choose_stain_channels(fixed, moving, self.kind)
+
+    def one(self, image: np.ndarray) -> np.ndarray:
+        if image.ndim == 2:
+            return stain_channel(image, "grey")[0]
+        return stain_channel(image, self.kind if self.kind in KINDS else "auto")[0]
+
+
+def check_image_values(image: np.ndarray, name: str) -> None:
+    """NaN or infinite values -> InputError."""
+    if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
+        raise InputError(
+            f"The {name} slide holds NaN or infinite values; replace them (e.g. by the background value)."
+        )
+
+
+def check_landmarks(landmarks) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(fixed_pts, moving_pts)`` as two ``(N, 2)`` float arrays in level-0 pixels (y, x)."""
+    if landmarks is None:
+        return None
+    if isinstance(landmarks, str | bytes) or len(landmarks) != 2:
+        raise InputError("landmarks must be a pair (fixed_points, moving_points) of (N, 2) arrays (y, x).")
+    pts = []
+    for what, p in zip(("fixed", "moving"), landmarks, strict=True):
+        a = np.asarray(p, dtype=np.float64)
+        if a.ndim != 2 or a.shape[1] != 2 or len(a) == 0:
+            raise InputError(f"The {what} landmarks must be an (N, 2) array of (y, x) pixels, got {a.shape}.")
+        if not np.all(np.isfinite(a)):
+            raise InputError(f"The {what} landmarks hold NaN or infinite values.")
+        pts.append(a)
+    if len(pts[0]) != len(pts[1]):
+        raise InputError(f"{len(pts[0])} fixed but {len(pts[1])} moving landmarks; give them in pairs.")
+    return pts[0], pts[1]
+
+
+def load_networks(weights, device) -> dict:
+    """``{"affine": net or None, "nonrigid": net or None}`` from ``weights`` (default: shipped)."""
+    if weights is None:
+        return {kind: shipped_model(kind, device) for kind in ("affine", "nonrigid")}
+    paths = [weights] if isinstance(weights, str | Path) else list(weights)
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.glob("*.pt"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise InputError(f"weights: {p} is neither a model file nor a folder of them.")
+    nets: dict = {"affine": None, "nonrigid": None}
+    for f in files:
+        net = load_model(f, device)
+        nets[net.config.kind] = net
+    if not any(nets.values()):
+        raise InputError(f"weights: no histology network found in {[str(p) for p in paths]}.")
+    return nets
+
+
+def resize_mask(mask, shape) -> np.ndarray:
+    """A mask (any size, lazy or not) resized to ``shape`` by nearest neighbour, as bool."""
+    import cv2
+
+    m = np.asarray(mask[:] if not hasattr(mask, "compute") else mask.compute())
+    if m.ndim != 2:
+        raise InputError(f"A tissue mask must be 2D (y, x), got shape {m.shape}.")
+    small = cv2.resize(m.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    return small > 0
