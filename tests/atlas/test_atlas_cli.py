@@ -19,7 +19,8 @@ from napari_nephi.synthetic.atlas import section_from_atlas, toy_atlas
 FAST = ["--steps", "40", "--device", "cpu", "--option", "input_size=64", "--option", "widths=[8, 16, 32]",
         "--option", "embedding_dim=32", "--option", "batch_plates=12", "--option", "views_per_plate=2",
         "--option", "validate_every=20", "--option", "validation_size=10"]  # fmt: skip
-#: True plates of the sections cut for the round trip (base cut away, as damaged sections).
+#: True plates of the straight cuts of the round trip (the briefly trained index is checked on
+#: easy sections; oblique and partial ones are the lookup's own tests).
 PLATES = (5, 11, 17)
 
 
@@ -49,7 +50,7 @@ def test_round_trip_ranks_registers_and_carries_labels(cli_index, capsys):
     assert (folder / "index" / "config.json").exists()
     names = []
     for plate in PLATES:
-        section = section_from_atlas(reference, plate, 0.0, crop=(0.0, 0.1, 0.0, 0.0))
+        section = section_from_atlas(reference, plate, 0.0)
         write_tiff(folder / f"s{plate}.tif", section)
         names.append(str(folder / f"s{plate}.tif"))
     out = folder / "out"
@@ -76,7 +77,7 @@ def test_round_trip_ranks_registers_and_carries_labels(cli_index, capsys):
     for plate in PLATES:
         warped = tifffile.imread(out / "warped" / f"s{plate}.tif")
         carried = tifffile.imread(out / "labels" / f"s{plate}.tif")
-        assert warped.shape == carried.shape == (43, 48)
+        assert warped.shape == carried.shape == (48, 48)
         assert set(np.unique(carried).tolist()) <= atlas_values and len(np.unique(carried)) >= 4
     assert not (out / "quicknii.json").exists()  # not a brainglobe atlas
     # --series on the sections in cutting order: increasing picks; --labels writes only labels

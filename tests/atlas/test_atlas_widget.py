@@ -8,9 +8,9 @@ from napari_nephi.widgets import atlas_widget as aw
 from napari_nephi.widgets._atlas_parts import SOURCES, AtlasSource, PlateAdjust, PlateGallery
 from napari_nephi.widgets._state import RunState
 
-#: A partial section of the toy atlas (its base cut away) and its true plate. The test lookup is
-#: trained briefly, so the widget is checked on a straight cut; oblique ones are the lookup's tests.
-PLATE, TILT, CROP = 21, 0.0, (0.0, 0.1, 0.0, 0.0)
+#: A section cut from the toy atlas at a plate. The test lookup is trained briefly, so the widget
+#: is checked on a straight, whole cut; oblique and partial ones are the lookup's own tests.
+PLATE, TILT, CROP = 21, 0.0, None
 
 
 @pytest.fixture
