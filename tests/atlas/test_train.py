@@ -139,9 +139,14 @@ def test_bad_atlases(small_atlas):
         AtlasLookup.train(reference, device="tpu", **TINY)
 
 
-def test_plates_of_different_shapes(small_atlas):
+def test_plates_of_different_shapes(small_atlas, tmp_path):
     reference, labels = small_atlas
     plates = [reference[i][: 24 + i, :] for i in range(8)]
     lk = AtlasLookup.train(plates, [labels[i][: 24 + i, :] for i in range(8)], device="cpu", **TINY)
     assert lk.n_plates == 8 and lk.plate_image(5).shape == (29, 32)
-    assert len(lk.lookup(plates[5], top=None)) == 8
+    ranking = lk.lookup(plates[5], top=None)
+    assert sorted(p for p, _ in ranking) == list(range(8))
+    loaded = AtlasLookup.load(lk.save(tmp_path / "index"))
+    assert loaded.plates.volume is None and loaded.plate_image(5).shape == (29, 32)
+    np.testing.assert_array_equal(loaded.plate_labels(6), labels[6][:30])
+    assert loaded.lookup(plates[5], top=None) == ranking
