@@ -168,6 +168,39 @@ def test_gradients_finite_when_embeddings_coincide(mining):
     assert emb.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mining", ["semi-hard", "hard"])
+def test_gradients_match_a_loop_written_in_torch(mining):
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 4, size=10)
+    start = rng.normal(size=(10, 3))
+    ours = torch.tensor(start, requires_grad=True)
+    triplet_loss(ours, labels, margin=0.4, mining=mining).backward()
+    ref = torch.tensor(start, requires_grad=True)
+    d = pairwise_distances(ref)
+    terms = []
+    for a in range(10):
+        pos = [j for j in range(10) if j != a and labels[j] == labels[a]]
+        neg = [j for j in range(10) if labels[j] != labels[a]]
+        if not pos or not neg:
+            continue
+        if mining == "hard":
+            hardest = max(pos, key=lambda j: d[a, j].item())
+            nearest = min(neg, key=lambda j: d[a, j].item())
+            terms.append(torch.relu(d[a, hardest] - d[a, nearest] + 0.4))
+            continue
+        for p in pos:
+            further = [j for j in neg if d[a, j] > d[a, p]]
+            q = (
+                min(further, key=lambda j: d[a, j].item())
+                if further
+                else max(neg, key=lambda j: d[a, j].item())
+            )
+            terms.append(torch.relu(d[a, p] - d[a, q] + 0.4))
+    torch.stack(terms).mean().backward()
+    assert ours.grad.abs().sum() > 0
+    torch.testing.assert_close(ours.grad, ref.grad)
+
+
 def test_no_valid_pair_gives_zero_with_a_graph():
     emb = torch.randn(3, 4, requires_grad=True)
     loss = triplet_loss(emb, [0, 1, 2])  # no positives
