@@ -88,6 +88,19 @@ def test_grey_stain_channels_and_masks(ihc):
     assert _errors(pair, result).max() < MAX_PX
 
 
+def test_channels_of_different_stains(ihc):
+    """Optical density (DAB-dominated) against haematoxylin: refined by mutual information."""
+    from napari_nephi.engines.histology.stain import stain_channel, tissue_mask
+
+    pair = slide_pair(ihc, seed=0, rotation=77.0)
+    f, _ = stain_channel(pair.fixed, "od")
+    m, _ = stain_channel(pair.moving, "hematoxylin")
+    masks = {"fixed_mask": tissue_mask(pair.fixed), "moving_mask": tissue_mask(pair.moving)}
+    result = rigid_prealign(f, m, allow_flip=False, angle_step=10, **masks)
+    err = _errors(pair, result)
+    assert err.mean() < MEAN_PX and err.max() < MAX_PX
+
+
 def test_transform_at_level_zero(ihc):
     pair = slide_pair(ihc, seed=3, rotation=45.0)
     result = rigid_prealign(pair.fixed, pair.moving, allow_flip=False, angle_step=30)

@@ -7,8 +7,10 @@
    product of their directions, which expands into three cross-correlations of the products of
    gradient components (CSNGF, Öfverstedt et al., WBIR 2022). Edges match whatever their contrast.
 3. The best distinct hypotheses are refined at :data:`WORK_SIZE` by the ``affine`` engine (rigid or
-   similarity, masked NCC) and the winner is the one with the best similarity on the tissue (mean
-   of masked NCC of the stain channels and the NGF similarity).
+   similarity, masked NCC; again by NMI when even the best then scores below
+   :data:`MULTIMODAL_SCORE`, as channels of different stains do) and the winner is the one with
+   the best similarity on the tissue (mean of masked NCC of the stain channels and the NGF
+   similarity).
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ DEFAULT_ANGLE_STEP = 5.0
 REFINED = 3
 #: Hypotheses scoring below this fraction of the best search score are not refined.
 REFINE_FRACTION = 0.75
+#: Random points per level of the affine engine's loss (a rigid map needs few).
+REFINE_SAMPLES = 8192
+#: Below this best score (after NCC refinement) the hypotheses are refined again by NMI.
+MULTIMODAL_SCORE = 0.6
 #: Rotations resampled per batch of the search (bounds its memory).
 BATCH = 24
 
@@ -276,7 +282,7 @@ def _score(fixed: _Image, moving: _Image, matrix: np.ndarray) -> float:
     return 0.5 * (ncc + _ngf_similarity(fixed.channel, fixed.mask, wc, wm))
 
 
-def _refine(fixed: _Image, moving: _Image, matrix: np.ndarray, kind: str) -> np.ndarray:
+def _refine(fixed: _Image, moving: _Image, matrix: np.ndarray, kind: str, similarity: str) -> np.ndarray:
     """``matrix`` (fixed grid -> moving grid) improved by the affine engine on the pre-warped moving."""
     from ..registry import register
 
@@ -292,10 +298,12 @@ def _refine(fixed: _Image, moving: _Image, matrix: np.ndarray, kind: str) -> np.
         fixed_mask=fixed.mask,
         moving_mask=wm,
         kind=kind,
+        similarity=similarity,
         init="identity",
         rotation_search=False,
         levels=2,
         iterations=40,
+        samples=REFINE_SAMPLES,
     )
     return matrix @ reg.transform.matrix
 
@@ -384,7 +392,7 @@ def rigid_prealign(
     angles = np.arange(0.0, 360.0 - 1e-9, step)
     hyps = [(a, fl, s) for s in scales for fl in ((False, True) if allow_flip else (False,)) for a in angles]
     batches = [hyps[i : i + BATCH] for i in range(0, len(hyps), BATCH)]
-    total = len(batches) + REFINED + 1
+    total = len(batches) + 2 * REFINED + 1
     search = _Search(s_fix, s_mov, scales)
     found = []
     with torch.no_grad():
@@ -403,12 +411,19 @@ def rigid_prealign(
             picked.append((sc, h, m))
     to_work_f = np.linalg.inv(w_fix.frame) @ s_fix.frame
     to_work_m = np.linalg.inv(w_mov.frame) @ s_mov.frame
+    starts = [to_work_m @ m @ np.linalg.inv(to_work_f) for _, _h, m in picked]
+    model = "similarity" if scale else "rigid"
     results = []
-    for j, (_, _h, m) in enumerate(picked):
-        start = to_work_m @ m @ np.linalg.inv(to_work_f)
-        refined = _refine(w_fix, w_mov, start, "similarity" if scale else "rigid")
+    for j, start in enumerate(starts):
+        refined = _refine(w_fix, w_mov, start, model, "ncc")
         results.append((_score(w_fix, w_mov, refined), refined))
         prog.step(len(batches) + j + 1, total, loss=1 - results[-1][0], stage="rigid: refinement")
+    if max(r[0] for r in results) < MULTIMODAL_SCORE:
+        # the channels do not look alike (other stains): refine again by mutual information
+        for j, start in enumerate(starts):
+            refined = _refine(w_fix, w_mov, start, model, "nmi")
+            results.append((_score(w_fix, w_mov, refined), refined))
+            prog.step(len(batches) + REFINED + j + 1, total, stage="rigid: refinement (mutual information)")
     results.sort(key=lambda r: -r[0])
     best_score, best = results[0]
     matrix = w_mov.frame @ best @ np.linalg.inv(w_fix.frame)
