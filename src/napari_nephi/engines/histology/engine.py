@@ -285,7 +285,7 @@ def histology(
     points = check_landmarks(landmarks)
     run = _Run(pair, moving_spacing, channel)
     device = choose_device(pair.device)
-    nets = load_networks(weights, device) if {"affine", "nonrigid"} & set(stages) else {}
+    nets = load_networks(weights, device, run.notes) if {"affine", "nonrigid"} & set(stages) else {}
     for kind, net in nets.items():
         if net is not None and net.config.magnifications != magnifications:
             raise InputError(
@@ -300,12 +300,13 @@ def histology(
     if refine_um is None:
         refine_um = max(finest, working_um / 2)
     masks = (pair.fixed_mask, pair.moving_mask)
+    work = _grid(run.fixed.shape, run.um_f, working_um, MAX_WORKING, "working_um")
+    refining = "refine" in stages and refine_um > 0
+    fine = _grid(run.fixed.shape, run.um_f, refine_um, MAX_REFINE, "refine_um") if refining else None
     metrics: dict = {}
     metrics.update(_stage_rigid(run, allow_flip, rigid_um, "rigid" in stages, masks))
-    work = _grid(run.fixed.shape, run.um_f, working_um, MAX_WORKING, "working_um")
     metrics.update(_stage_networks(run, work, nets, stages, iterations, masks))
-    if "refine" in stages and refine_um > 0:
-        fine = _grid(run.fixed.shape, run.um_f, refine_um, MAX_REFINE, "refine_um")
+    if fine is not None:
         metrics.update(_stage_refine(run, fine, work, pair.fixed_mask, RefineSettings()))
     transform = run.transform()
     start = time.perf_counter()

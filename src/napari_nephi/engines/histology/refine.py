@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from ...core.progress import Progress
-from .patches import blend_window
 from .predict import sample_at
 
 
@@ -25,11 +24,11 @@ from .predict import sample_at
 class RefineSettings:
     """Tile side and overlap, control-point spacing and margin (pixels), iterations, penalty, step."""
 
-    tile: int = 384
-    overlap: int = 96
+    tile: int = 320
+    overlap: int = 64
     control: int = 12
     margin: int = 24
-    iterations: int = 80
+    iterations: int = 40
     smooth: float = 2.0
     lr: float = 0.5
     window: int = 9
@@ -59,19 +58,23 @@ def _window(h: int, w: int) -> np.ndarray:
     return np.outer(ty, tx) + 1e-3
 
 
-def local_ncc(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, window: int = 9) -> torch.Tensor:
-    """Weighted mean of the windowed NCC of ``a`` and ``b`` (1, 1, H, W)."""
-    pad = window // 2
+class LocalNCC:
+    """Weighted mean of the windowed NCC against a fixed tile (its local statistics computed once)."""
 
-    def mean(x):
-        return F.avg_pool2d(x, window, stride=1, padding=pad, count_include_pad=False)
+    def __init__(self, fixed: torch.Tensor, weight: torch.Tensor, window: int = 9):
+        self.window, self.weight = window, weight / weight.sum().clamp_min(1e-6)
+        self.fm = self.mean(fixed)
+        self.fc = fixed - self.fm
+        self.fv = (self.mean(fixed * fixed) - self.fm**2).clamp_min(0)
 
-    ma, mb = mean(a), mean(b)
-    va = (mean(a * a) - ma * ma).clamp_min(0)
-    vb = (mean(b * b) - mb * mb).clamp_min(0)
-    cov = mean(a * b) - ma * mb
-    cc = cov / torch.sqrt(va * vb + 1e-5)
-    return (cc * weight).sum() / weight.sum().clamp_min(1e-6)
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, self.window, stride=1, padding=self.window // 2, count_include_pad=False)
+
+    def __call__(self, moving: torch.Tensor) -> torch.Tensor:
+        mm = self.mean(moving)
+        mv = (self.mean(moving * moving) - mm**2).clamp_min(0)
+        cov = self.mean(self.fc * moving)
+        return ((cov / torch.sqrt(self.fv * mv + 1e-5)) * self.weight).sum()
 
 
 def optimise_tile(
@@ -80,12 +83,15 @@ def optimise_tile(
     """The correction ``(2, h, w)`` of one tile: ``moving[margin + x + r(x)] ~ fixed[x]``.
 
     ``moving`` is the tile with ``margin`` pixels more on every side. Returns the field and the
-    local NCC before and after.
+    local NCC before and after (a tile that does not improve gets a zero field).
     """
     h, w = fixed.shape
-    f = torch.as_tensor(fixed, dtype=torch.float32)[None, None]
     m = torch.as_tensor(moving, dtype=torch.float32)[None, None]
-    wt = torch.as_tensor(weight, dtype=torch.float32)[None, None]
+    ncc = LocalNCC(
+        torch.as_tensor(fixed, dtype=torch.float32)[None, None],
+        torch.as_tensor(weight, dtype=torch.float32)[None, None],
+        settings.window,
+    )
     axes = [torch.arange(n, dtype=torch.float32) + margin for n in (h, w)]
     base = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
     ctrl_shape = (max(2, h // settings.control + 2), max(2, w // settings.control + 2))
@@ -96,7 +102,7 @@ def optimise_tile(
         return F.interpolate(ctrl, size=(h, w), mode="bilinear", align_corners=True).clamp(-margin, margin)
 
     def similarity() -> torch.Tensor:
-        return local_ncc(f, sample_at(m, base + field(), padding="border"), wt, settings.window)
+        return ncc(sample_at(m, base + field(), padding="border"))
 
     with torch.no_grad():
         before = float(similarity())
@@ -157,4 +163,4 @@ def refine_field(
     return out, summary
 
 
-__all__ = ["RefineSettings", "blend_window", "local_ncc", "optimise_tile", "refine_field", "tile_boxes"]
+__all__ = ["LocalNCC", "RefineSettings", "optimise_tile", "refine_field", "tile_boxes"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...core.errors import InputError
+from ...core.errors import InputError, UnsupportedFileError
 from ...core.grid import check_spacing
 from ...io.slides import Slide, as_slide
 from .networks import load_model, shipped_model
@@ -117,10 +117,21 @@ def check_landmarks(landmarks) -> tuple[np.ndarray, np.ndarray] | None:
     return pts[0], pts[1]
 
 
-def load_networks(weights, device) -> dict:
-    """``{"affine": net or None, "nonrigid": net or None}`` from ``weights`` (default: shipped)."""
+def load_networks(weights, device, notes: list[str]) -> dict:
+    """``{"affine": net or None, "nonrigid": net or None}`` from ``weights`` (default: shipped).
+
+    Shipped weights that do not load (made by another version) are skipped with a note; the
+    user's own files raise.
+    """
     if weights is None:
-        return {kind: shipped_model(kind, device) for kind in ("affine", "nonrigid")}
+        nets = {}
+        for kind in ("affine", "nonrigid"):
+            try:
+                nets[kind] = shipped_model(kind, device)
+            except UnsupportedFileError as exc:
+                nets[kind] = None
+                notes.append(f"The shipped {kind} network could not be loaded ({str(exc)[:120]}).")
+        return nets
     paths = [weights] if isinstance(weights, str | Path) else list(weights)
     files = []
     for p in map(Path, paths):
