@@ -28,7 +28,7 @@ class RefineSettings:
     overlap: int = 64
     control: int = 12
     margin: int = 24
-    iterations: int = 40
+    iterations: int = 60
     smooth: float = 2.0
     lr: float = 0.5
     window: int = 9
@@ -55,7 +55,7 @@ def tile_boxes(shape, tile: int, overlap: int) -> list[tuple[int, int, int, int]
 def _window(h: int, w: int) -> np.ndarray:
     ty = np.sin(np.pi * (np.arange(h) + 0.5) / h) ** 2
     tx = np.sin(np.pi * (np.arange(w) + 0.5) / w) ** 2
-    return np.outer(ty, tx) + 1e-3
+    return np.outer(ty + 1e-3, tx + 1e-3)  # floor per axis: no seams at the image border either
 
 
 class LocalNCC:
@@ -63,8 +63,7 @@ class LocalNCC:
 
     def __init__(self, fixed: torch.Tensor, weight: torch.Tensor, window: int = 9):
         self.window, self.weight = window, weight / weight.sum().clamp_min(1e-6)
-        self.fm = self.mean(fixed)
-        self.fc = fixed - self.fm
+        self.f, self.fm = fixed, self.mean(fixed)
         self.fv = (self.mean(fixed * fixed) - self.fm**2).clamp_min(0)
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +72,7 @@ class LocalNCC:
     def __call__(self, moving: torch.Tensor) -> torch.Tensor:
         mm = self.mean(moving)
         mv = (self.mean(moving * moving) - mm**2).clamp_min(0)
-        cov = self.mean(self.fc * moving)
+        cov = self.mean(self.f * moving) - self.fm * mm
         return ((cov / torch.sqrt(self.fv * mv + 1e-5)) * self.weight).sum()
 
 
@@ -82,40 +81,44 @@ def optimise_tile(
 ) -> tuple[np.ndarray, float, float]:
     """The correction ``(2, h, w)`` of one tile: ``moving[margin + x + r(x)] ~ fixed[x]``.
 
-    ``moving`` is the tile with ``margin`` pixels more on every side. Returns the field and the
-    local NCC before and after (a tile that does not improve gets a zero field).
+    ``moving`` is the tile with ``margin`` pixels more on every side. Coarse to fine: a first pass
+    on smoothed images with a wider window (larger capture range), then the images themselves.
+    Returns the field and the local NCC before and after (a tile that does not improve gets a zero
+    field).
     """
+    from scipy.ndimage import gaussian_filter
+
     h, w = fixed.shape
-    m = torch.as_tensor(moving, dtype=torch.float32)[None, None]
-    ncc = LocalNCC(
-        torch.as_tensor(fixed, dtype=torch.float32)[None, None],
-        torch.as_tensor(weight, dtype=torch.float32)[None, None],
-        settings.window,
-    )
+    wt = torch.as_tensor(weight, dtype=torch.float32)[None, None]
     axes = [torch.arange(n, dtype=torch.float32) + margin for n in (h, w)]
     base = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
     ctrl_shape = (max(2, h // settings.control + 2), max(2, w // settings.control + 2))
     ctrl = torch.zeros((1, 2, *ctrl_shape), requires_grad=True)
-    opt = torch.optim.Adam([ctrl], lr=settings.lr)
 
     def field() -> torch.Tensor:
         return F.interpolate(ctrl, size=(h, w), mode="bilinear", align_corners=True).clamp(-margin, margin)
 
-    def similarity() -> torch.Tensor:
-        return ncc(sample_at(m, base + field(), padding="border"))
+    def level(sigma: float, window: int):
+        f, m = (gaussian_filter(a, sigma) if sigma else a for a in (fixed, moving))
+        ncc = LocalNCC(torch.as_tensor(f, dtype=torch.float32)[None, None], wt, window)
+        mt = torch.as_tensor(m, dtype=torch.float32)[None, None]
+        return lambda: ncc(sample_at(mt, base + field(), padding="border"))
 
+    fine = level(0.0, settings.window)
     with torch.no_grad():
-        before = float(similarity())
-    for _ in range(settings.iterations):
-        opt.zero_grad()
-        dy = ctrl[:, :, 1:] - ctrl[:, :, :-1]
-        dx = ctrl[:, :, :, 1:] - ctrl[:, :, :, :-1]
-        penalty = (dy**2).mean() + (dx**2).mean()
-        loss = -similarity() + settings.smooth * penalty / settings.control**2
-        loss.backward()
-        opt.step()
+        before = float(fine())
+    for similarity in (level(2.0, 2 * settings.window + 1), fine):
+        opt = torch.optim.Adam([ctrl], lr=settings.lr)
+        for _ in range(settings.iterations // 2):
+            opt.zero_grad()
+            dy = ctrl[:, :, 1:] - ctrl[:, :, :-1]
+            dx = ctrl[:, :, :, 1:] - ctrl[:, :, :, :-1]
+            penalty = (dy**2).mean() + (dx**2).mean()
+            loss = -similarity() + settings.smooth * penalty / settings.control**2
+            loss.backward()
+            opt.step()
     with torch.no_grad():
-        after = float(similarity())
+        after = float(fine())
         if after <= before:  # never make a tile worse
             return np.zeros((2, h, w), np.float32), before, before
         return field()[0].numpy().astype(np.float32), before, after
