@@ -189,6 +189,23 @@ def test_cancel_mid_stage(ihc):
         )
 
 
+def test_cancel_during_refinement(ihc):
+    pair = slide_pair(ihc, seed=9, warp=2.0)
+    stop = threading.Event()
+    stages_seen = []
+
+    def progress(event):
+        stages_seen.append(event.stage)
+        if event.stage == "refine":
+            stop.set()
+
+    with pytest.raises(Cancelled):
+        napari_nephi.register(
+            pair.fixed, pair.moving, method="histology", stages=["refine"], progress=progress, cancel=stop
+        )
+    assert stages_seen == ["refine"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

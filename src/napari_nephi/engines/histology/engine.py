@@ -144,6 +144,7 @@ def _masks(run: _Run, f_img, m_img, fixed_mask, moving_mask) -> tuple[np.ndarray
 
 def _stage_rigid(run: _Run, allow_flip: bool, rigid_um: float, use: bool, masks) -> dict:
     start = time.perf_counter()
+    run.progress.check()
     gf = _grid(run.fixed.shape, run.um_f, rigid_um, MAX_RIGID, "rigid_um")
     gm = _grid(run.moving.shape, run.um_m, rigid_um, MAX_RIGID, "rigid_um")
     f_img, m_img = run.read_fixed(gf), run.read_moving(gm, None)
@@ -186,6 +187,7 @@ def _stage_networks(run: _Run, grid: Grid, nets: dict, stages, iterations: dict,
     score = metric("ncc", fc, mc, fmask)
     for kind in wanted:
         start = time.perf_counter()
+        run.progress.check()
         current = warp(mc, u) if u.any() else mc
         delta = predict_field(
             fc, current, nets[kind], iterations=iterations[kind], mask=fmask, progress=run.progress
@@ -208,6 +210,7 @@ def _stage_networks(run: _Run, grid: Grid, nets: dict, stages, iterations: dict,
 
 def _stage_refine(run: _Run, grid: Grid, work: Grid, fixed_mask, settings: RefineSettings) -> dict:
     start = time.perf_counter()
+    run.progress.check()
     lazy_f = read_on_grid(run.fixed.levels, grid, fill=run.fill)
     lazy_m = read_on_grid(run.moving.levels, grid, run.transform(), fill=run.fill)
     w_img = run.read_fixed(work)
@@ -310,6 +313,7 @@ def histology(
         metrics.update(_stage_refine(run, fine, work, pair.fixed_mask, RefineSettings()))
     transform = run.transform()
     start = time.perf_counter()
+    pair.progress.check()
     metrics.update(similarity_table(run, work, transform, pair.fixed_mask))
     run.seconds["metrics"] = time.perf_counter() - start
     if points is not None:
