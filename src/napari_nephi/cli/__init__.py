@@ -4,7 +4,8 @@
 * :mod:`.demo`: ``demo``;
 * :mod:`.train`: ``train`` (NePhi models for ``mode=predict``);
 * :mod:`.em`: ``align-em`` (MITO stack alignment);
-* :mod:`.atlas`: ``atlas-train``, ``atlas-lookup`` (atlas plate lookup).
+* :mod:`.atlas`: ``atlas-train``, ``atlas-lookup`` (atlas plate lookup);
+* :mod:`.slides`: ``register-slides`` (whole histology slides of different stains).
 
 Errors a user can cause (:class:`~napari_nephi.RegistrationError`, files that cannot be read or
 written, mistyped arguments) end the command with one ``error: ...`` line on stderr and exit
@@ -17,7 +18,7 @@ from __future__ import annotations
 import sys
 
 from ..core.errors import Cancelled, RegistrationError
-from . import atlas, demo, em, histology, register, train
+from . import atlas, demo, em, histology, register, slides, train
 from ._common import CommandLineError, HelpFormatter, Parser, ProgressBars, parse_options
 
 __all__ = ["ProgressBars", "TextProgress", "build_parser", "main", "parse_options"]
@@ -47,6 +48,7 @@ def build_parser() -> Parser:
     em.add_parser(sub)
     atlas.add_parsers(sub)
     histology.add_parser(sub)
+    slides.add_parser(sub)
     p.commands = dict(sub.choices)
     return p
 
