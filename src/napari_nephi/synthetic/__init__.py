@@ -5,6 +5,7 @@
 * :func:`ihc_pair`, :func:`mri_pair`: bundled real images with a known deformation.
 * :func:`em_stack`: synthetic serial-section EM with mitochondria masks and per-section rotations.
 * :func:`toy_atlas`, :func:`section_from_atlas`: a brain-like 3D atlas and oblique sections.
+* :func:`restain`, :func:`slide_pair`: re-stained real slides with a known rigid + smooth map.
 
 Conventions: axes ``(y, x)`` / ``(z, y, x)``; displacements are pull-back fields in voxels:
 ``DisplacementTransform(u).warp(moving)`` samples ``moving(x + u(x))``.
@@ -14,10 +15,12 @@ from .atlas import ATLAS_REGIONS, section_from_atlas, toy_atlas
 from .bundled import ihc_pair, ihc_stains, mri_pair, mri_path, mri_volume
 from .deformation import integrate_velocity, random_smooth_displacement
 from .em import em_stack, rotation_matrix
+from .histology import SlidePair, restain, slide_pair
 from .shapes import TC_LABELS, tc_pair, triangles_and_circles
 
 __all__ = [
     "ATLAS_REGIONS",
+    "SlidePair",
     "TC_LABELS",
     "em_stack",
     "ihc_pair",
@@ -27,8 +30,10 @@ __all__ = [
     "mri_path",
     "mri_volume",
     "random_smooth_displacement",
+    "restain",
     "rotation_matrix",
     "section_from_atlas",
+    "slide_pair",
     "tc_pair",
     "toy_atlas",
     "triangles_and_circles",
