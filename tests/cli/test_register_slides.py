@@ -224,6 +224,32 @@ def test_openslide_format_without_the_extra(flat, error_line, monkeypatch):
     assert 'pip install "napari-nephi[openslide]"' in error_line()
 
 
+def test_fluorescence_against_brightfield_names_the_channel_flag(flat, error_line):
+    yy, xx = np.mgrid[:96, :96]
+    nuclei = np.exp(-((yy - 48.0) ** 2 + (xx - 40.0) ** 2) / 400.0)
+    channels = np.stack([nuclei * 200, nuclei[::-1] * 90]).astype(np.uint8)
+    tifffile.imwrite(flat / "fl.ome.tif", channels, ome=True, metadata={"axes": "CYX"})
+    assert main(slides_args(flat, "fl.ome.tif", "tissue.tif", "--spacing", "1", "--moving-spacing", "1")) == 2
+    assert "fl.ome.tif has 2 channels (fluorescence?)" in (line := error_line())
+    assert "--channel 0" in line
+
+
+def test_interrupted_while_writing_leaves_nothing(flat, capsys, monkeypatch):
+    """Ctrl-C while warped.ome.tif is written: exit 130, no output folder, no temporary folder."""
+    import napari_nephi.cli.slides as cli_slides
+
+    def interrupt(self, event):
+        if event.stage == "write OME-TIFF":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_slides.ProgressBars, "__call__", interrupt)
+    args = slides_args(flat, "tissue.tif", "tissue.tif", "--spacing", "1", "--moving-spacing", "1",
+                       "--stages", "rigid")  # fmt: skip
+    assert main(args) == 130
+    assert "Interrupted." in capsys.readouterr().err
+    assert sorted(p.name for p in flat.iterdir()) == ["blank.tif", "tissue.tif"]
+
+
 def test_output_folder_of_the_user_is_refused(flat, error_line):
     (flat / "out").mkdir()
     (flat / "out" / "mine.txt").write_text("keep")

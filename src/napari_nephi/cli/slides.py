@@ -156,6 +156,16 @@ def _slide_spacing(slide, given, path: str, flag: str) -> tuple[float, float]:
     return tuple(float(v) for v in slide.spacing)
 
 
+def _check_channels(slide, path: str, channel) -> None:
+    """A multi-channel (fluorescence) slide needs ``--channel N``: say so in the command's words."""
+    first = slide.levels[0]
+    if not slide.rgb and first.ndim == 3 and isinstance(channel, str):
+        raise InputError(
+            f"{path} has {first.shape[2]} channels (fluorescence?), not a brightfield RGB image; pick the "
+            "channel to register with --channel N, e.g. the nuclear stain (DAPI): --channel 0."
+        )
+
+
 def _channel(text: str):
     return int(text) if text.strip().lstrip("-").isdigit() else text.strip().lower()
 
@@ -234,6 +244,8 @@ def _read_inputs(args: argparse.Namespace):
     fixed_sp = _spacing(args.spacing, "--spacing")
     moving_sp = _spacing(args.moving_spacing, "--moving-spacing")
     fixed, moving = open_slide(args.fixed), open_slide(args.moving)
+    for slide, path in ((fixed, args.fixed), (moving, args.moving)):
+        _check_channels(slide, path, _channel(args.channel))
     fixed_sp = _slide_spacing(fixed, fixed_sp, args.fixed, "--spacing")
     moving_sp = _slide_spacing(moving, moving_sp, args.moving, "--moving-spacing")
     annotations = None
