@@ -54,8 +54,9 @@ class Registration:
         return folder
 
 
-#: What :meth:`Registration.save` writes into its folder (besides the output marker).
-SAVED_NAMES = ("transform", "warped.tif", "warped.ome.tif", "metrics.json", "settings.json")
+#: What :meth:`Registration.save` writes into its folder (besides the output marker) for an in-memory
+#: ``warped``; a pyramid is written as ``warped.ome.tif`` instead of ``warped.tif``.
+SAVED_NAMES = ("transform", "warped.tif", "metrics.json", "settings.json")
 
 
 def saved_without_marker(folder: Path) -> bool:

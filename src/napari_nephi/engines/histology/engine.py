@@ -244,7 +244,7 @@ def _stage_refine(run: _Run, grid: Grid, work: Grid, fixed_mask, settings: Refin
 
 @register_engine(
     "histology",
-    "multi-stain whole slides: rigid (any rotation, flips), multi-magnification networks, refinement",
+    "whole slides of different stains: any rotation or mirror, patch networks, refinement",
     whole_slides=True,
 )
 def histology(
@@ -312,6 +312,9 @@ def histology(
     if fine is not None:
         metrics.update(_stage_refine(run, fine, work, pair.fixed_mask, RefineSettings()))
     transform = run.transform()
+    metrics["fold_percent"] = max(
+        [metrics.get(k, 0.0) for k in ("fold_percent_networks", "fold_percent_refine")]
+    )
     start = time.perf_counter()
     pair.progress.check()
     metrics.update(similarity_table(run, work, transform, pair.fixed_mask))
