@@ -121,3 +121,15 @@ def test_unknown_format_raises_unsupported_file_error(tmp_path, name):
         read_image(tmp_path / name)
     assert name in str(info.value)
     assert os.path.exists(tmp_path / name)
+
+
+def test_aperio_svs_pixel_size_is_read(tmp_path):
+    """An Aperio SVS (description 'Aperio ...|MPP = ...') opens with its pixel size as the layer scale."""
+    path = tmp_path / "slide.svs"
+    description = "Aperio Image Library v11.2.1\n64x48 (32x32) JPEG/RGB Q=30|AppMag = 20|MPP = 0.499"
+    image = np.random.default_rng(0).integers(0, 255, (64, 48, 3), dtype=np.uint8)
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(image, tile=(32, 32), photometric="rgb", description=description)
+    [(data, meta, _)] = read_image(path)
+    np.testing.assert_array_equal(np.asarray(data[0] if meta.get("multiscale") else data), image)
+    assert meta["scale"] == pytest.approx((0.499, 0.499))

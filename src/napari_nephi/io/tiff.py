@@ -93,9 +93,16 @@ def _axis_spacing(tf: tifffile.TiffFile) -> tuple[dict[str, float], str | None]:
         values = [_positive(v) for v in shaped["spacing"]]
         if len(values) == len(axes) and all(values):
             return dict(zip(axes, values)), shaped.get("unit")
-    if tf.is_svs and tf.svs_metadata and (mpp := _positive(tf.svs_metadata.get("MPP"))) is not None:
+    if tf.is_svs and (mpp := _positive(_svs_metadata(tf).get("MPP"))) is not None:
         return {"X": mpp, "Y": mpp}, "um"
     return {}, None
+
+
+def _svs_metadata(tf: tifffile.TiffFile) -> dict[str, str]:
+    """The Aperio ``key = value`` pairs of an SVS file's first page (``|``-separated; empty if none)."""
+    fields = str(tf.pages.first.description or "").split("|")[1:]
+    pairs = (field.split("=", 1) for field in fields if "=" in field)
+    return {key.strip(): value.strip() for key, value in pairs}
 
 
 class _CheckedLevel:
