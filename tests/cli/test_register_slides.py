@@ -250,6 +250,25 @@ def test_interrupted_while_writing_leaves_nothing(flat, capsys, monkeypatch):
     assert sorted(p.name for p in flat.iterdir()) == ["blank.tif", "tissue.tif"]
 
 
+def test_tissue_masks_from_files(flat, error_line):
+    """--fixed-mask / --moving-mask reach the engine (an empty mask: no tissue); a wrong aspect is refused."""
+    half = np.zeros((48, 48), np.uint8)
+    half[10:40, 5:35] = 255
+    tifffile.imwrite(flat / "mask.tif", half)
+    tifffile.imwrite(flat / "empty.tif", np.zeros((48, 48), np.uint8))
+    tifffile.imwrite(flat / "wide.tif", np.full((48, 96), 255, np.uint8))
+    base = slides_args(flat, "tissue.tif", "tissue.tif", "--spacing", "1", "--moving-spacing", "1")
+    assert main([*base, "--fixed-mask", str(flat / "empty.tif")]) == 2
+    assert "No tissue found in the fixed slide" in error_line()
+    assert main([*base, "--moving-mask", str(flat / "wide.tif")]) == 2
+    assert "--moving-mask" in (line := error_line()) and "not the shape of the slide (96 x 96 px)" in line
+    assert not (flat / "out").exists()
+    args = [*base, "--fixed-mask", str(flat / "mask.tif"), "--moving-mask", str(flat / "mask.tif")]
+    assert main([*args, "--stages", "rigid", "--no-warped"]) == 0
+    settings = json.loads((flat / "out" / "settings.json").read_text())
+    assert settings["fixed_mask"].endswith("mask.tif") and settings["moving_mask"].endswith("mask.tif")
+
+
 def test_output_folder_of_the_user_is_refused(flat, error_line):
     (flat / "out").mkdir()
     (flat / "out" / "mine.txt").write_text("keep")

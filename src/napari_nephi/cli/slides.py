@@ -38,6 +38,8 @@ from ._common import HelpFormatter, ProgressBars, add_quiet
 
 #: Annotation file suffixes: GeoJSON (QuPath) and CSV points.
 GEOJSON_SUFFIXES, CSV_SUFFIXES = (".geojson", ".json"), (".csv",)
+#: A mask file is read at the first pyramid level whose longer side is at most this (pixels).
+MASK_SIDE = 4096
 #: Metrics printed in the summary (when the run reports them).
 SUMMARY_KEYS = (
     "channel", "rigid_angle", "rigid_flipped", "rigid_score", "ncc_before", "ncc_after", "nmi_before",
@@ -85,6 +87,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="stain channel compared: auto, hematoxylin, od or grey; a number picks that channel of "
         "multi-channel (fluorescence) slides, e.g. 0 for DAPI",
     )  # fmt: skip
+    p.add_argument(
+        "--fixed-mask", metavar="FILE",
+        help="tissue mask of the fixed slide (an image of any size with the slide's aspect; non-zero: "
+        "tissue); default: found automatically",
+    )  # fmt: skip
+    p.add_argument("--moving-mask", metavar="FILE", help="tissue mask of the moving slide (as --fixed-mask)")
     p.add_argument("--no-flip", action="store_true", help="do not consider a mirrored moving slide")
     p.add_argument(
         "--stages", nargs="+", choices=STAGES, default=list(default["stages"]), help="stages to run"
@@ -164,6 +172,23 @@ def _check_channels(slide, path: str, channel) -> None:
             f"{path} has {first.shape[2]} channels (fluorescence?), not a brightfield RGB image; pick the "
             "channel to register with --channel N, e.g. the nuclear stain (DAPI): --channel 0."
         )
+
+
+def read_mask(path: str, slide, flag: str) -> np.ndarray:
+    """A tissue mask file as bool (non-zero: tissue) at most MASK_SIDE px; its aspect must be the slide's."""
+    from ..io.slides import open_slide
+
+    levels = open_slide(path).levels
+    level = next((lv for lv in levels if max(lv.shape[:2]) <= MASK_SIDE), levels[-1])
+    mask = np.asarray(level.compute() if hasattr(level, "compute") else level[:])
+    mask = mask.max(axis=-1) if mask.ndim == 3 else mask
+    (h, w), (sh, sw) = mask.shape[:2], slide.shape[:2]
+    if abs(h / w - sh / sw) > 0.02 * sh / sw + 1.0 / min(h, w):
+        raise InputError(
+            f"{flag} {path} is {levels[0].shape[0]} x {levels[0].shape[1]} px, not the shape of the slide "
+            f"({sh} x {sw} px) at any scale; give a mask of the whole slide."
+        )
+    return mask > 0
 
 
 def _channel(text: str):
@@ -248,6 +273,13 @@ def _read_inputs(args: argparse.Namespace):
         _check_channels(slide, path, _channel(args.channel))
     fixed_sp = _slide_spacing(fixed, fixed_sp, args.fixed, "--spacing")
     moving_sp = _slide_spacing(moving, moving_sp, args.moving, "--moving-spacing")
+    masks = [
+        None if path is None else read_mask(path, slide, flag)
+        for path, slide, flag in (
+            (args.fixed_mask, fixed, "--fixed-mask"),
+            (args.moving_mask, moving, "--moving-mask"),
+        )
+    ]
     annotations = None
     if kind == "geojson":
         annotations = read_geojson(args.annotations)
@@ -259,7 +291,7 @@ def _read_inputs(args: argparse.Namespace):
             read_landmarks_csv(path, spacing=sp if args.csv_um else None)
             for path, sp in zip(args.landmarks, (fixed_sp, moving_sp), strict=True)
         )
-    return fixed, moving, fixed_sp, moving_sp, (kind, annotations), landmarks
+    return fixed, moving, fixed_sp, moving_sp, masks, (kind, annotations), landmarks
 
 
 def cmd_register_slides(args: argparse.Namespace) -> int:
@@ -270,14 +302,14 @@ def cmd_register_slides(args: argparse.Namespace) -> int:
 
     out = check_output_folder(args.output)
     options = _engine_options(args)
-    fixed, moving, fixed_sp, moving_sp, (kind, annotations), landmarks = _read_inputs(args)
+    fixed, moving, fixed_sp, moving_sp, masks, (kind, annotations), landmarks = _read_inputs(args)
     if landmarks is not None:
         options["landmarks"] = landmarks
     bars = ProgressBars(quiet=args.quiet)
     try:
         reg = register(
             fixed, moving, method="histology", spacing=fixed_sp, moving_spacing=moving_sp,
-            device=args.device, progress=bars, **options,
+            device=args.device, progress=bars, fixed_mask=masks[0], moving_mask=masks[1], **options,
         )  # fmt: skip
     finally:
         bars.close()
@@ -294,6 +326,8 @@ def cmd_register_slides(args: argparse.Namespace) -> int:
         "fixed": str(args.fixed),
         "moving": str(args.moving),
         "annotations": args.annotations,
+        "fixed_mask": args.fixed_mask,
+        "moving_mask": args.moving_mask,
         "landmarks": args.landmarks,
         "csv_um": args.csv_um,
         **reg.settings,
