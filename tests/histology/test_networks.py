@@ -135,5 +135,7 @@ def test_unreadable_model_files(tmp_path):
         load_model(other)
     with pytest.raises(UnsupportedFileError, match="does not exist"):
         save_model(MultiMagNet(NetConfig(**SMALL)), tmp_path / "no" / "net.pt")
+    with pytest.raises(UnsupportedFileError, match="is a folder; give the name of the model file"):
+        save_model(MultiMagNet(NetConfig(**SMALL)), tmp_path)
     with pytest.raises(InputError, match="kind"):
         shipped_path("rigid")

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 import numpy as np
 from tqdm import tqdm
 
-from ..core.errors import InputError, UnsupportedFileError
+from ..core.errors import InputError
 from ..core.progress import ProgressEvent
 
 
@@ -190,13 +190,3 @@ def write_image(path: Path, data, spacing, labels: bool = False) -> None:
     from ..io import write_labels
 
     (write_labels if labels else write)(str(path), data, {"scale": list(spacing)})
-
-
-def check_output_file(path: str) -> Path:
-    """``path`` as a Path if a file may be written there (its folder exists, it is not a folder)."""
-    p = Path(path)
-    if p.is_dir():
-        raise UnsupportedFileError(f"{p} is a folder; give the name of the file to write.")
-    if not p.parent.is_dir():
-        raise UnsupportedFileError(f"Cannot write {p}: folder {p.parent} does not exist; create it first.")
-    return p

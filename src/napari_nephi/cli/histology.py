@@ -20,8 +20,9 @@ import json
 from pathlib import Path
 
 from ..core.errors import InputError
+from ..core.files import check_output_file
 from ..core.progress import Progress
-from ._common import HelpFormatter, ProgressBars, add_quiet, check_output_file
+from ._common import HelpFormatter, ProgressBars, add_quiet
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.files import atomic_write_bytes, check_output_folder, output_folder
+from ..core.files import atomic_write_bytes, check_output_file, check_output_folder, output_folder
 from ._common import (
     HelpFormatter,
     ProgressBars,
     add_key_values,
     add_quiet,
-    check_output_file,
     parse_options,
     read_one,
     spatial_spacing,

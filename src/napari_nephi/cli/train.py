@@ -21,8 +21,9 @@ import sys
 
 from tqdm import tqdm
 
+from ..core.files import check_output_file
 from ..core.options import check_known
-from ._common import HelpFormatter, ProgressBars, add_key_values, add_quiet, check_output_file, parse_options
+from ._common import HelpFormatter, ProgressBars, add_key_values, add_quiet, parse_options
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

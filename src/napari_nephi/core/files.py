@@ -44,6 +44,19 @@ def atomic_write_bytes(path, data: bytes) -> None:
         raise
 
 
+def check_output_file(path, what: str = "file") -> Path:
+    """``path`` as a Path if a ``what`` may be written there (its folder exists, it is not a folder).
+
+    Raises :class:`UnsupportedFileError` that says what to give instead.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise UnsupportedFileError(f"{p} is a folder; give the name of the {what} to write.")
+    if not p.parent.is_dir():
+        raise UnsupportedFileError(f"Cannot write {p}: folder {p.parent} does not exist; create it first.")
+    return p
+
+
 #: Written into every output folder napari-nephi publishes: such a folder may be replaced by a later run.
 OUTPUT_MARKER = ".napari-nephi-output"
 _PARTIAL, _OLD = "partial", "old"

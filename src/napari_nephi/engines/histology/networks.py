@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ...core.errors import InputError, UnsupportedFileError
-from ...core.files import atomic_write_bytes
+from ...core.files import atomic_write_bytes, check_output_file
 from ...core.options import check_choice, check_int, check_int_list
 
 #: Written into every model file; :func:`load_model` refuses files without it.
@@ -196,13 +196,8 @@ def affine_displacement(matrices: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 def check_model_path(path) -> Path:
-    """``path`` as a Path if a model file may be written there (an existing folder, not a folder itself)."""
-    p = Path(path)
-    if p.is_dir():
-        raise UnsupportedFileError(f"{p} is a folder; give the name of the model file to write.")
-    if not p.parent.is_dir():
-        raise UnsupportedFileError(f"Cannot write {p}: folder {p.parent} does not exist; create it first.")
-    return p
+    """``path`` as a Path if a model file may be written there (its folder exists, it is not a folder)."""
+    return check_output_file(path, "model file")
 
 
 def model_record(net: MultiMagNet, *, half: bool = False, extra: dict | None = None) -> dict:
