@@ -196,6 +196,8 @@ def add_dice(results: dict, queries: dict, lk, args) -> None:
             t0 = time.perf_counter()
             reg = lk.register(flat[k][2]["image"], plate, method=args.register, device="cpu")
             seconds.append(time.perf_counter() - t0)
+            if len(seconds) % 10 == 0:
+                print(f"  registered {len(seconds)} pairs, last {seconds[-1]:.1f} s", flush=True)
             cache[(k, plate)] = dice(np.asarray(reg.metrics["labels"]), flat[k][2]["labels"])
         return cache[(k, plate)]
 
