@@ -108,10 +108,29 @@ def test_transform_at_level_zero(ihc):
     assert isinstance(t, AffineTransform) and t.ndim == 2
     assert t.shape == (4 * ihc.shape[0], 4 * ihc.shape[1])
     pts = np.array([[100.0, 60.0], [10.0, 200.0]])
-    want = 2 * (pts / 4 @ result.matrix[:2, :2].T + result.matrix[:2, 2])
+    level = (pts + 0.5) / 4 - 0.5  # pixel centres of a 2x2-mean pyramid
+    want = 2 * (level @ result.matrix[:2, :2].T + result.matrix[:2, 2] + 0.5) - 0.5
     np.testing.assert_allclose(t.map_points(pts), want, atol=1e-4)
     angle, flipped, scale = decompose(result.matrix)
     assert (angle, flipped, scale) == pytest.approx((result.angle, result.flipped, result.scale))
+
+
+def test_level_zero_transform_uses_pyramid_pixel_centres():
+    """A half turn found on 4x block-mean levels is the exact half turn of the level-0 slides."""
+    from skimage.measure import block_reduce
+
+    from napari_nephi.engines.histology.rigid import RigidResult
+
+    rng = np.random.default_rng(0)
+    level0 = rng.random((64, 96))
+    moving0 = level0[::-1, ::-1]  # moving(y, x) = fixed(63 - y, 95 - x)
+    fixed4, moving4 = (block_reduce(a, (4, 4), np.mean) for a in (level0, moving0))
+    h, w = fixed4.shape
+    matrix = np.array([[-1.0, 0, h - 1], [0, -1.0, w - 1], [0, 0, 1]])  # exact on the 4x levels
+    np.testing.assert_allclose(moving4, fixed4[::-1, ::-1])
+    t = RigidResult(matrix, 180.0, False, 1.0, 1.0).transform(4, 4)
+    pts = np.array([[0.0, 0.0], [10.0, 33.0], [63.0, 95.0]])
+    np.testing.assert_allclose(t.map_points(pts), [63.0, 95.0] - pts, atol=1e-9)
 
 
 def test_progress_and_cancel(ihc):

@@ -75,12 +75,12 @@ class RigidResult:
 
         ``fixed_downsample`` / ``moving_downsample``: level-0 pixels per pixel of the images given;
         with them the transform maps level-0 fixed pixels to level-0 moving pixels (pixel ``i`` of
-        a level is taken at level-0 coordinate ``i * downsample``, as napari places a multiscale
-        level).
+        a level is centred on level-0 coordinate ``(i + 0.5) * downsample - 0.5``, the pyramid
+        convention of :mod:`napari_nephi.core.lazy_warp` and :mod:`napari_nephi.io.slides`).
         """
         fd = check_float("fixed_downsample", fixed_downsample, 0.0, 1e6, low_open=True)
         md = check_float("moving_downsample", moving_downsample, 0.0, 1e6, low_open=True)
-        m = np.diag([md, md, 1.0]) @ self.matrix @ np.diag([1 / fd, 1 / fd, 1.0])
+        m = _to_level0(md) @ self.matrix @ np.linalg.inv(_to_level0(fd))
 
         def level0(shape, d):
             return None if shape is None else tuple(int(round(n * d)) for n in shape)
@@ -92,6 +92,11 @@ class RigidResult:
             moving_shape=level0(self.moving_shape, md),
             settings={"angle": self.angle, "flipped": self.flipped, "scale": self.scale},
         )
+
+
+def _to_level0(d: float) -> np.ndarray:
+    """Pixels of a level downsampled ``d`` times -> level-0 pixels (centres of a 2x2-mean pyramid)."""
+    return np.array([[d, 0.0, (d - 1) / 2], [0.0, d, (d - 1) / 2], [0.0, 0.0, 1.0]])
 
 
 def decompose(matrix: np.ndarray) -> tuple[float, bool, float]:
