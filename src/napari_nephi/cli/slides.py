@@ -97,20 +97,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--stages", nargs="+", choices=STAGES, default=list(default["stages"]), help="stages to run"
     )
-    p.add_argument("--rigid-um", type=float, help="pixel size of the rigid search (default: automatic)")
-    p.add_argument("--working-um", type=float, help="pixel size of the networks (default: automatic)")
     p.add_argument(
-        "--refine-um", type=float, help="pixel size of the refinement (default: automatic; 0: off)"
+        "--rigid-um", type=float, metavar="UM", help="pixel size of the rigid search (default: automatic)"
+    )
+    p.add_argument(
+        "--working-um", type=float, metavar="UM", help="pixel size of the networks (default: automatic)"
+    )
+    p.add_argument(
+        "--refine-um",
+        type=float,
+        metavar="UM",
+        help="pixel size of the refinement (default: automatic; 0: off)",
     )
     p.add_argument(
         "--affine-iterations",
         type=int,
+        metavar="N",
         default=default["affine_iterations"],
         help="local-affine network passes",
     )
     p.add_argument(
         "--nonrigid-iterations",
         type=int,
+        metavar="N",
         default=default["nonrigid_iterations"],
         help="non-rigid network passes",
     )
@@ -119,7 +128,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         type=int,
         choices=[1, 2],
         default=default["magnifications"],
-        help="of the networks' patches",
+        help="magnifications per patch (1: single, the paper's SASN)",
     )
     p.add_argument(
         "--weights", nargs="+", metavar="PATH",
