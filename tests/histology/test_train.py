@@ -161,6 +161,28 @@ def test_pairs_from_folder_reads_stain_channels(tmp_path):
         pairs_from_folder(tmp_path / "pairs")
 
 
+def test_large_lazy_training_image_is_thinned_before_it_is_read(tmp_path, monkeypatch):
+    """A flat 4096^2 RGB image opened lazily (as large TIFFs are) is never loaded whole."""
+    import tracemalloc
+
+    import dask.array as da
+
+    import napari_nephi.io
+    from napari_nephi.engines.histology.train import _read_stain
+
+    big = da.random.default_rng(0).integers(0, 255, (4096, 4096, 3), dtype=np.uint8, chunks=(256, 256, 3))
+    monkeypatch.setattr(napari_nephi.io, "read_image", lambda path: [(big, {"rgb": True}, "image")])
+    tracemalloc.start()
+    try:
+        small = _read_stain(tmp_path / "big_fixed.tif", 512)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert small.shape == (512, 512, 3)
+    np.testing.assert_array_equal(small[:4, :4], np.asarray(big[:32:8, :32:8]))
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB read for a 0.75 MiB result (whole image is 48 MiB)"
+
+
 def test_train_histology_command_trains_and_resumes(tmp_path, capsys):
     write_pairs(tmp_path / "pairs", count=1)
     out = tmp_path / "net.pt"

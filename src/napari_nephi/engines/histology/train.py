@@ -54,9 +54,9 @@ def _read_stain(path: Path, max_side: int) -> np.ndarray:
     data, meta, _ = read_image(str(path))[0]
     levels = list(data) if meta.get("multiscale") else [data]
     level = next((lv for lv in levels if max(lv.shape[:2]) <= max_side), levels[-1])
-    image = np.asarray(level)
-    step = int(np.ceil(max(image.shape[:2]) / max_side))
-    return image[::step, ::step] if step > 1 else image
+    step = int(np.ceil(max(level.shape[:2]) / max_side))
+    # thinned before reading: a lazy (dask) level larger than max_side is never loaded whole
+    return np.asarray(level[::step, ::step] if step > 1 else level)
 
 
 def pairs_from_folder(folder, *, max_side: int = 4096) -> list[tuple[np.ndarray, np.ndarray]]:
