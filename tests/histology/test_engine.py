@@ -34,11 +34,13 @@ def tissue_points(pair, step: int = 6, border: int = 8) -> np.ndarray:
     return pts[pair.tissue[pts[:, 0].astype(int), pts[:, 1].astype(int)]]
 
 
-def rtre(reg, pair, moving_scale: float = 1.0) -> float:
-    """Median TRE / fixed diagonal; ``moving_scale`` converts the truth to moving level-0 pixels."""
+def rtre(reg, pair, moving_scale: float = 1.0, fixed_scale: float = 1.0) -> float:
+    """Median TRE / fixed diagonal (in the pair's pixels); ``moving_scale`` / ``fixed_scale``: level-0
+    pixels of the registered slides per pixel of the pair's moving / fixed image."""
     pts = tissue_points(pair)
     truth = (pair.transform.map_points(pts) + 0.5) * moving_scale - 0.5
-    err = np.linalg.norm(reg.transform.map_points(pts) - truth, axis=1) / moving_scale
+    mapped = reg.transform.map_points((pts + 0.5) * fixed_scale - 0.5)
+    err = np.linalg.norm(mapped - truth, axis=1) / moving_scale
     return float(np.median(err) / np.hypot(*pair.fixed.shape[:2]))
 
 
@@ -239,3 +241,38 @@ def test_bad_images(ihc):
         napari_nephi.register(ihc, fluo, method="histology")
     with pytest.raises(InputError, match="channel=7 but the moving slide has 5 channels"):
         napari_nephi.register(ihc, fluo, method="histology", channel=7)
+
+
+class _Recording:
+    """A level-0 array-like that records every region read from it."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.shape, self.dtype, self.ndim = array, array.shape, array.dtype, array.ndim
+        self.reads: list[tuple[int, ...]] = []
+
+    def __getitem__(self, index):
+        out = self.array[index]
+        self.reads.append(out.shape)
+        return out
+
+
+def test_pyramid_levels_are_read_where_needed(ihc):
+    """With every stage's pixel size at level 1, level 0 of either pyramid is never read."""
+    pair = slide_pair(ihc, seed=10, rotation=70.0, warp=2.0)
+
+    def pyramid(image):
+        big = cv2.resize(image, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)
+        return [_Recording(big), image, cv2.resize(image, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)]
+
+    fixed, moving = pyramid(pair.fixed), pyramid(pair.moving)
+    options = {
+        "spacing": (0.5, 0.5),
+        "moving_spacing": 0.5,
+        "rigid_um": 1.0,
+        "working_um": 1.0,
+        "refine_um": 1.0,
+    }
+    reg = napari_nephi.register(fixed, moving, method="histology", stages=["rigid", "refine"], **options)
+    assert reg.warped[0].shape[:2] == fixed[0].shape[:2]
+    assert [r for r in fixed[0].reads + moving[0].reads if np.prod(r) > 0] == []  # (0, 0, 0): dask's probe
+    assert rtre(reg, pair, moving_scale=2.0, fixed_scale=2.0) < WARP_RTRE
