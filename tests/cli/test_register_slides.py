@@ -209,9 +209,18 @@ def slides_args(tmp, fixed, moving, *extra):
          "'.xml' is not an annotation format; give QuPath GeoJSON"),
         ("tissue.tif", "tissue.tif", ["--spacing", "1", "--moving-spacing", "1", "--stages", "warp"],
          "argument --stages: invalid choice: 'warp'"),
+        ("tissue.tif", "tissue.tif", ["--spacing", "1", "--moving-spacing", "1", "--weights", "nope.pt"],
+         "nope.pt is neither a model file nor a folder of them"),
+        ("tissue.tif", "tissue.tif", ["--spacing", "1", "--moving-spacing", "1", "--landmarks", "two.csv",
+                                      "one.csv"], "2 fixed but 1 moving landmarks"),
+        ("tissue.tif", "tissue.tif", ["--spacing", "1", "--moving-spacing", "1", "--fixed-mask", "no.tif"],
+         "no.tif does not exist"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_error_line(flat, error_line, fixed, moving, extra, message):
+    write_landmarks_csv(flat / "two.csv", [[10.0, 10.0], [20.0, 30.0]])
+    write_landmarks_csv(flat / "one.csv", [[10.0, 10.0]])
+    extra = [str(flat / a) if a.endswith(".csv") else a for a in extra]
     assert main(slides_args(flat, fixed, moving, *extra)) == 2
     assert message in error_line()
     assert not (flat / "out").exists()
