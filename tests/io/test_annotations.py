@@ -249,6 +249,8 @@ def test_carry_refuses_points_it_cannot_invert():
         carry_points([[20.0, 10.0]], DisplacementTransform(field))
     with pytest.raises(InputError, match="2D napari_nephi Transform"):
         carry_points([[1.0, 2.0]], AffineTransform(np.eye(4)))
+    with pytest.raises(InputError, match="singular"):
+        carry_points([[1.0, 2.0]], AffineTransform([[1.0, 2.0, 0.0], [2.0, 4.0, 0.0], [0.0, 0.0, 1.0]]))
 
 
 def test_napari_layers_round_trip():

@@ -418,7 +418,7 @@ def _phi(transform: Transform, x: np.ndarray) -> np.ndarray:
 def _invert(transform: Transform, targets: np.ndarray, iterations: int = 50) -> np.ndarray:
     """Fixed points ``x`` with ``transform(x) = targets``: damped Newton with a finite-difference Jacobian."""
     if isinstance(transform, AffineTransform):
-        inv = np.linalg.inv(transform.matrix)
+        inv = transform.inverse().matrix  # a singular matrix raises InputError
         return targets @ inv[:2, :2].T + inv[:2, 2]
     x = targets.copy()
     r = _phi(transform, x) - targets
