@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from napari_nephi.core.errors import InputError
-from napari_nephi.engines.atlas.losses import contrastive_loss, pairwise_distances, triplet_loss
+from napari_nephi.engines.atlas.losses import (
+    contrastive_loss,
+    ordinal_loss,
+    pairwise_distances,
+    triplet_loss,
+)
 
 
 def _dist(emb: np.ndarray) -> np.ndarray:
@@ -222,3 +227,40 @@ def test_bad_arguments():
         triplet_loss(emb, [0, 0, 1, 1], exclude_within=-1)
     with pytest.raises(InputError, match=r"\(B, D\) with B >= 2"):
         triplet_loss(torch.randn(1, 3), [0])
+
+
+def _ordinal_loop(emb: np.ndarray, labels, margin: float, reach: int) -> float:
+    """Mean positive hinge over (a, j, k) with capped gaps g_j < g_k, g_j < reach, all distinct."""
+    d, hinges = _dist(emb), []
+    for a, j, k in itertools.product(range(len(labels)), repeat=3):
+        if len({a, j, k}) < 3:
+            continue
+        gj, gk = (min(abs(labels[i] - labels[a]), reach) for i in (j, k))
+        if gj < gk and gj < reach:
+            h = d[a, j] - d[a, k] + margin * (gk - gj) / reach
+            if h > 0:
+                hinges.append(h)
+    return float(np.mean(hinges)) if hinges else 0.0
+
+
+@pytest.mark.parametrize("seed, reach", [(0, 3), (1, 8)])
+def test_ordinal_loss_matches_reference_loop(seed, reach):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 12, 10).tolist()
+    emb = rng.normal(size=(10, 5))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    got = ordinal_loss(torch.tensor(emb), labels, margin=0.3, reach=reach).item()
+    assert got > 0
+    assert got == pytest.approx(_ordinal_loop(emb, labels, 0.3, reach), rel=1e-6)
+
+
+def test_ordinal_loss_is_zero_when_distance_follows_plate_distance():
+    # embeddings on a line at their plate positions: farther plates are always farther away
+    labels = [0, 0, 1, 2, 4, 7]
+    emb = torch.tensor([[float(p), 0.0] for p in labels], requires_grad=True)
+    assert ordinal_loss(emb, labels, margin=0.5, reach=4).item() == 0.0
+    # swap two plates' places: the order breaks and the loss rises
+    swapped = torch.tensor([[0.0, 0], [0, 0], [4, 0], [2, 0], [1, 0], [7, 0]])
+    assert ordinal_loss(swapped, labels, margin=0.5, reach=4).item() > 0
+    with pytest.raises(InputError, match="reach must be at least 1"):
+        ordinal_loss(emb, labels, reach=0)

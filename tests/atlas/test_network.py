@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from napari_nephi.core.errors import InputError
-from napari_nephi.engines.atlas.network import EmbeddingConfig, EmbeddingNet, embed
+from napari_nephi.engines.atlas.network import EmbeddingConfig, EmbeddingNet, embed, embed_batch
 from napari_nephi.engines.atlas.preprocess import prepare_batch
 
 SMALL = EmbeddingConfig(input_size=32, widths=(8, 16), embedding_dim=12, hidden=24)
@@ -97,6 +97,24 @@ def test_embed_prepares_raw_images_and_restores_the_net():
     np.testing.assert_allclose(embed(net, images[3:4]), got[3:4], atol=1e-5)
     # eval mode: dropout is off, so two runs agree
     np.testing.assert_array_equal(embed(net, images), embed(net, images))
+
+
+def test_mirror_embedding_is_the_same_for_an_image_and_its_mirror():
+    torch.manual_seed(3)
+    net = EmbeddingNet(SMALL).eval()
+    images = _blobs(3)
+    x = prepare_batch(images, 32)
+    with torch.no_grad():
+        plain, flipped = net(x), net(x.flip(-1))
+        assert not torch.allclose(plain, flipped, atol=1e-3)  # the net alone is not symmetric
+        both = embed_batch(net, x, mirror=True)
+        torch.testing.assert_close(both, embed_batch(net, x.flip(-1), mirror=True))
+        torch.testing.assert_close(embed_batch(net, x), plain)
+    # independent computation: the normalised sum of the two embeddings; embed() does the same
+    expected = (plain + flipped).numpy()
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(both.numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(embed(net, images, mirror=True), expected, atol=1e-5)
 
 
 def test_embed_refuses_bad_input():

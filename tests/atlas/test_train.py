@@ -118,6 +118,9 @@ def test_real_sections_join_training(small_atlas):
         ({"lr": float("nan")}, "lr must be a finite number"),
         ({"widths": (4,) * 7}, "1 to 6 stage widths"),
         ({"augment": "heavy"}, "augment must be one of"),
+        ({"ordinal": -0.5}, "ordinal must be at least 0"),
+        ({"ordinal_reach": 0}, "ordinal_reach must be at least 1"),
+        ({"mirror": "yes"}, "mirror must be"),
         ({"region_names": ["cortex"]}, "region_names must be a dict"),
     ],
 )

@@ -56,6 +56,8 @@ class AtlasLookup:
         self._region_names = {int(k): str(v) for k, v in (region_names or {}).items()}
         self._device = choose_device(device)
         self._net.to(self._device)
+        #: Sections are embedded as the mean with their left-right mirror (as the plates were).
+        self.mirror = bool(self._settings.get("options", {}).get("mirror", False))
 
     # -- making one --------------------------------------------------------------------------
     @classmethod
@@ -206,7 +208,7 @@ class AtlasLookup:
 
     def embed(self, sections) -> np.ndarray:
         """``(N, D)`` embeddings of sections (a list of 2D/RGB images)."""
-        return embed(self._net, sections, device=self._device)
+        return embed(self._net, sections, device=self._device, mirror=self.mirror)
 
     def lookup(self, section, top: int | None = 5) -> list[tuple[int, float]]:
         """The ``top`` plates nearest to ``section``: ``[(plate_index, distance), ...]`` best first.

@@ -126,3 +126,26 @@ def contrastive_loss(emb: torch.Tensor, labels, margin: float = 1.0, exclude_wit
     pos = 0.5 * d[positive] ** 2
     neg = 0.5 * torch.relu(margin - d[negative]) ** 2
     return torch.cat([pos, neg]).mean()
+
+
+def ordinal_loss(emb: torch.Tensor, labels, margin: float = 0.2, reach: int = 8) -> torch.Tensor:
+    """Ordinal ranking loss: embedding distance should grow with the plate distance.
+
+    For every anchor ``a`` and samples ``j``, ``k`` with plate gaps ``g_j < g_k`` (``g = |label -
+    label_a|``, capped at ``reach``; ``g_j < reach``) the hinge ``max(d_aj - d_ak + margin * (g_k -
+    g_j) / reach, 0)``; mean over the triplets whose hinge is positive. So a plate 2 away is nearer
+    than one 5 away, and errors become near-misses. Plates beyond ``reach`` need no order among
+    themselves.
+    """
+    labels, _ = _check(emb, labels, 0)
+    margin = check_float("margin", margin, 0.0, None, low_open=True)
+    reach = check_int("reach", reach, 1)
+    d = pairwise_distances(emb)
+    gap = (labels[:, None] - labels[None, :]).abs().clamp(max=reach).to(d.dtype)
+    eye = torch.eye(len(labels), dtype=torch.bool, device=d.device)
+    near = (gap < reach) & ~eye  # (a, j)
+    valid = near[:, :, None] & (gap[:, None, :] > gap[:, :, None]) & ~eye[:, None, :]
+    hinge = torch.relu(d[:, :, None] - d[:, None, :] + margin * (gap[:, None, :] - gap[:, :, None]) / reach)
+    losses = hinge[valid]
+    hot = losses > 0
+    return losses[hot].mean() if hot.any() else _zero(emb)

@@ -124,16 +124,28 @@ class EmbeddingNet(nn.Module):
         return F.normalize(y, dim=1)
 
 
+def embed_batch(net: EmbeddingNet, x: torch.Tensor, mirror: bool = False) -> torch.Tensor:
+    """``net(x)``, or with ``mirror`` the normalised mean of the embeddings of ``x`` and of its
+    left-right mirror (brains are nearly symmetric: a hemisphere cut away on either side, or an
+    asymmetric cut, then gives one embedding)."""
+    if not mirror:
+        return net(x)
+    both = net(torch.cat([x, x.flip(-1)]))
+    return F.normalize(both[: len(x)] + both[len(x) :], dim=1)
+
+
 def embed(
     net: EmbeddingNet,
     images: Sequence | np.ndarray,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    mirror: bool = False,
 ) -> np.ndarray:
     """(N, D) float32 embeddings of raw plates or sections (each run through :func:`prepare_input`).
 
     Runs in eval mode without gradients, on ``device``; the net's mode and device are restored.
-    ``images``: a list of 2D/RGB images or an array whose first axis indexes them.
+    ``images``: a list of 2D/RGB images or an array whose first axis indexes them. ``mirror``: see
+    :func:`embed_batch`.
     """
     images = image_list(images)
     batch_size = check_int("batch_size", batch_size, 1, 1 << 16)
@@ -150,7 +162,8 @@ def embed(
                 x = np.stack(
                     [prepare_input(im, size, name=f"image {start + i}") for i, im in enumerate(chunk)]
                 )
-                out.append(net(torch.from_numpy(x[:, None]).to(dev)).float().cpu().numpy())
+                x = torch.from_numpy(x[:, None]).to(dev)
+                out.append(embed_batch(net, x, mirror).float().cpu().numpy())
     finally:
         net.to(old).train(was_training)
     return np.concatenate(out).astype(np.float32, copy=False)

@@ -23,6 +23,7 @@ import torch
 from ...core.device import choose_device
 from ...core.errors import InputError
 from ...core.options import (
+    check_bool,
     check_choice,
     check_float,
     check_int,
@@ -30,8 +31,8 @@ from ...core.options import (
     check_known,
 )
 from ...core.progress import Progress
-from .losses import contrastive_loss, triplet_loss
-from .network import EmbeddingConfig, EmbeddingNet
+from .losses import contrastive_loss, ordinal_loss, triplet_loss
+from .network import EmbeddingConfig, EmbeddingNet, embed_batch
 from .plates import Plates
 from .preprocess import prepare_input
 from .synthesis import SectionSynthesizer, SynthesisConfig
@@ -57,6 +58,9 @@ DEFAULTS: dict = {
     "validate_every": 100,
     "validation_size": 64,
     "plate_views": 0,
+    "ordinal": 0.0,  # weight of the ordinal ranking loss (see losses.ordinal_loss)
+    "ordinal_reach": 8,
+    "mirror": False,  # embed every image as the mean with its left-right mirror
 }
 LOSSES = ("triplet", "contrastive")
 MININGS = ("semi-hard", "hard", "all")
@@ -120,6 +124,9 @@ def check_train_options(options: dict) -> dict:
     o["validate_every"] = check_int("validate_every", o["validate_every"], 1, 10**7)
     o["validation_size"] = check_int("validation_size", o["validation_size"], 1, 10**5)
     o["plate_views"] = check_int("plate_views", o["plate_views"], 0, 64)
+    o["ordinal"] = check_float("ordinal", o["ordinal"], 0.0, 100.0)
+    o["ordinal_reach"] = check_int("ordinal_reach", o["ordinal_reach"], 1, 10**5)
+    o["mirror"] = check_bool("mirror", o["mirror"])
     return o
 
 
@@ -275,11 +282,18 @@ def _schedule(optimizer, options: dict, steps: int):
 
 
 @torch.no_grad()
-def embed_tensor(net: EmbeddingNet, x: torch.Tensor, device, batch_size: int = 64) -> np.ndarray:
-    """Embeddings ``(N, D)`` of prepared inputs ``(N, 1, S, S)`` in eval mode."""
+def embed_tensor(
+    net: EmbeddingNet, x: torch.Tensor, device, batch_size: int = 64, mirror: bool = False
+) -> np.ndarray:
+    """Embeddings ``(N, D)`` of prepared inputs ``(N, 1, S, S)`` in eval mode.
+
+    ``mirror``: the normalised mean of the embeddings of each input and its left-right mirror.
+    """
     was_training = net.training
     net.eval()
-    out = [net(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+    out = [
+        embed_batch(net, x[i : i + batch_size].to(device), mirror).cpu() for i in range(0, len(x), batch_size)
+    ]
     net.train(was_training)
     return torch.cat(out).numpy().astype(np.float32)
 
@@ -288,7 +302,8 @@ def plate_embeddings(
     net: EmbeddingNet, plates: Plates, clean: torch.Tensor, options: dict, device, seed: int = 0
 ) -> np.ndarray:
     """Plate embeddings: of the clean plates, or (``plate_views > 0``) the mean with mild views."""
-    emb = embed_tensor(net, clean, device)
+    mirror = options["mirror"]
+    emb = embed_tensor(net, clean, device, mirror=mirror)
     if options["plate_views"] > 0:
         cfg = SynthesisConfig.none()
         for key, value in MILD_VIEWS.items():
@@ -296,7 +311,7 @@ def plate_embeddings(
         synth = SectionSynthesizer(plates, cfg, work_size=work_size(options), seed=seed + 1)
         for _ in range(options["plate_views"]):
             views = _batch_tensor([synth.sample(i) for i in range(plates.n)], options["input_size"])
-            emb = emb + embed_tensor(net, views, device)
+            emb = emb + embed_tensor(net, views, device, mirror=mirror)
         emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     return emb.astype(np.float32)
 
@@ -358,14 +373,19 @@ def train_network(
                 loss = triplet_loss(emb, labels, o["margin"], o["mining"], o["exclude_within"])
             else:
                 loss = contrastive_loss(emb, labels, o["margin"], o["exclude_within"])
+            if o["ordinal"] > 0:
+                loss = loss + o["ordinal"] * ordinal_loss(emb, labels, o["margin"], o["ordinal_reach"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             last = step == o["steps"] or time.perf_counter() - start > budget
             if step % o["validate_every"] == 0 or last:
+                mirror = o["mirror"]
                 ranks = true_plate_ranks(
-                    embed_tensor(net, val_x, dev), embed_tensor(net, clean, dev), val_truth
+                    embed_tensor(net, val_x, dev, mirror=mirror),
+                    embed_tensor(net, clean, dev, mirror=mirror),
+                    val_truth,
                 )
                 val_rank = float(ranks.mean())
                 if val_rank < best[0]:

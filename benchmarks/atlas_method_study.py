@@ -1,0 +1,170 @@
+"""Method study of the atlas lookup: one training configuration measured on several atlases.
+
+Atlases (``--atlases``):
+
+* ``toyA``: ``toy_atlas((64, 64, 64), seed=0)`` (a 3D volume, plates along axis 0);
+* ``toyB``: ``toy_atlas((56, 72, 60), seed=3)`` (another shape and seed);
+* ``list``: a list of plates of different shapes: every second plate of
+  ``toy_atlas((96, 64, 64), seed=5)``, each resized to its own size (0.8-1.3 x, anisotropic).
+
+Queries (held out, never seen in training): sections cut with
+:func:`napari_nephi.synthetic.atlas.section_from_atlas` at a random fractional plate position,
+tilted up to 8 degrees about both in-plane axes, 80 % partial (one side cut away by 10-35 %); the
+truth is the nearest plate. For ``list`` the section is cut from the dense volume and resized like
+its plate. The lookup's test-time variants are compared on the same trained network:
+
+* ``plain``: the index as trained (``lk.lookup_many``).
+* ``no-mirror``: embeddings of the section alone (no left-right mirror average), when the index
+  uses the mirror.
+
+Columns: mean rank of the true plate (0-based), Top-1/3/5/10 (%), train CPU seconds (process
+time, all threads) and wall seconds, ms per lookup (one section, all plates ranked; median CPU ms).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/atlas_method_study.py --atlases toyA list \\
+        --options '{"steps": 500}' --label baseline
+
+Not part of the test run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import cv2
+import numpy as np
+import torch
+
+from napari_nephi import AtlasLookup
+from napari_nephi.synthetic.atlas import section_from_atlas, toy_atlas
+
+#: Study-scale training options (small enough for many runs on a shared 2-core machine).
+STUDY_OPTIONS = {
+    "input_size": 64,
+    "widths": (8, 16, 32, 64),
+    "embedding_dim": 32,
+    "steps": 500,
+    "batch_plates": 16,
+    "views_per_plate": 3,
+    "bank_views": 6,
+    "fresh_views": 4,
+    "validate_every": 100,
+    "validation_size": 32,
+    "max_minutes": 30.0,
+}
+TOPS = (1, 3, 5, 10)
+
+
+def _with_tissue(vol: np.ndarray) -> np.ndarray:
+    """The plates of ``vol`` that show tissue (the toy atlas's end plates are nearly blank)."""
+    area = (vol.reshape(len(vol), -1) > 0.1).sum(axis=1)
+    keep = np.flatnonzero(area >= 0.02 * vol[0].size)
+    return vol[keep[0] : keep[-1] + 1]
+
+
+def make_atlas(name: str):
+    """``(reference for training, volume to cut queries from, plate z of each plate, plate sizes)``."""
+    if name in ("toyA", "toyB"):
+        shape, seed = ((64, 64, 64), 0) if name == "toyA" else ((56, 72, 60), 3)
+        ref = _with_tissue(toy_atlas(shape, seed=seed)[0])
+        return ref, ref, np.arange(ref.shape[0]), None
+    if name == "list":
+        vol = _with_tissue(toy_atlas((96, 64, 64), seed=5)[0])
+        rng = np.random.default_rng(11)
+        z = np.arange(0, vol.shape[0], 2)
+        sizes = [
+            (round(64 * rng.uniform(0.8, 1.3)), round(64 * rng.uniform(0.8, 1.3))) for _ in range(len(z))
+        ]
+        plates = [cv2.resize(vol[k], (w, h), interpolation=cv2.INTER_AREA) for k, (h, w) in zip(z, sizes)]
+        return plates, vol, z, sizes
+    raise SystemExit(f"unknown atlas {name}")
+
+
+def queries(vol, plate_z, sizes, count: int, seed: int):
+    """Held-out oblique partial sections and their true plate index."""
+    rng = np.random.default_rng(seed)
+    out = []
+    lo, hi = plate_z[1], plate_z[-2]
+    for _ in range(count):
+        z = float(rng.uniform(lo, hi))
+        tilt = tuple(rng.uniform(-8.0, 8.0, 2))
+        crop = [0.0, 0.0, 0.0, 0.0]
+        if rng.random() < 0.8:
+            crop[int(rng.integers(4))] = float(rng.uniform(0.1, 0.35))
+        image = section_from_atlas(vol, z, tilt, crop=crop)
+        truth = int(np.argmin(np.abs(plate_z - z)))
+        if sizes is not None:
+            h, w = sizes[truth]
+            fy, fx = h / vol.shape[1], w / vol.shape[2]
+            image = cv2.resize(
+                image,
+                (max(8, round(image.shape[1] * fx)), max(8, round(image.shape[0] * fy))),
+                cv2.INTER_AREA,
+            )
+        out.append((image, truth))
+    return out
+
+
+def scores(rankings, truth) -> dict:
+    ranks = np.array([[p for p, _ in r].index(t) for r, t in zip(rankings, truth, strict=True)])
+    out = {"mean_rank": float(ranks.mean())}
+    out.update({f"top{k}": float(100 * np.mean(ranks < k)) for k in TOPS})
+    return out
+
+
+def run(name: str, options: dict, count: int, seed: int) -> list[dict]:
+    ref, vol, plate_z, sizes = make_atlas(name)
+    qs = queries(vol, plate_z, sizes, count, seed=1000 + seed)
+    c0, w0 = time.process_time(), time.perf_counter()
+    lk = AtlasLookup.train(ref, device="cpu", seed=seed, **options)
+    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    images, truth = [q for q, _ in qs], [t for _, t in qs]
+    times = []
+    for im in images[:20]:
+        t = time.process_time()
+        lk.lookup(im, top=None)
+        times.append(1000 * (time.process_time() - t))
+    base = {"atlas": name, "plates": lk.n_plates, "train_cpu_s": cpu, "train_wall_s": wall}
+    base["lookup_ms"] = float(np.median(times))
+    base["steps_done"] = lk.settings["steps_done"]
+    rows = [{**base, "variant": "plain", **scores(lk.lookup_many(images, top=None), truth)}]
+    for variant, value in (("no-mirror", False),):
+        if getattr(lk, "mirror", None) is True:
+            lk.mirror = value
+            rows.append({**base, "variant": variant, **scores(lk.lookup_many(images, top=None), truth)})
+            lk.mirror = True
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--atlases", nargs="+", default=["toyA", "toyB", "list"])
+    parser.add_argument("--options", default="{}", help="JSON training options over the study's")
+    parser.add_argument("--full", action="store_true", help="the library defaults, not the study's")
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--label", default="")
+    parser.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    options = {} if args.full else dict(STUDY_OPTIONS)
+    options.update(json.loads(args.options))
+    for name in args.atlases:
+        for row in run(name, options, args.queries, args.seed):
+            row["label"], row["options"] = args.label, json.loads(args.options)
+            print(
+                f"{args.label:14s} {row['atlas']:5s} {row['variant']:9s} n={row['plates']:3d} "
+                f"rank {row['mean_rank']:5.2f}  top1 {row['top1']:5.1f}  top3 {row['top3']:5.1f}  "
+                f"top5 {row['top5']:5.1f}  top10 {row['top10']:5.1f}  train cpu {row['train_cpu_s']:6.1f}s "
+                f"wall {row['train_wall_s']:6.1f}s  lookup {row['lookup_ms']:5.1f} ms",
+                flush=True,
+            )
+            if args.json:
+                with open(args.json, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
