@@ -17,10 +17,15 @@ camera). Writes to docs/images/:
 * atlas_widget.png: the Atlas lookup widget on the toy atlas sample (an index trained with small
   options, loaded in the widget) and a section cut from it at plate 20 (tilted 3 and 2 degrees,
   its top cut away): the plate gallery, the chosen plate beside the section, and the registered
-  plate and atlas labels over the section.
+  plate and atlas labels over the section;
+* histology_widget.png: the Histology registration widget on scikit-image's IHC image (1024 px at
+  0.5 um/px) against a re-stained (H-DAB), rotated (150 degrees) copy, both multiscale: the
+  checkerboard of the fixed and the warped slide, the deformation grid and a polygon drawn on the
+  moving slide carried onto the fixed one by "Transfer annotations".
 
-``python docs/make_screenshots.py atlas`` takes only the atlas screenshot (``tc``, ``mri`` the
-others). Prints the name of the Qt binding; napari shows a deprecation banner on PyQt5, so run it on PyQt6.
+``python docs/make_screenshots.py atlas`` takes only the atlas screenshot (``tc``, ``mri``,
+``histology`` the others). Prints the name of the Qt binding; napari shows a deprecation banner on
+PyQt5, so run it on PyQt6.
 """
 
 from __future__ import annotations
@@ -170,6 +175,16 @@ ATLAS_TRAINING = {"input_size": 64, "widths": (8, 16, 32), "embedding_dim": 32, 
 ATLAS_SECTION_TILT, ATLAS_SECTION_CROP = (3.0, 2.0), (0.1, 0.0, 0.0, 0.0)
 
 
+def whole_window_shot(viewer, selected, filename: str) -> None:
+    """Select ``selected``, fit the view, save the whole window as ``filename`` and close it."""
+    viewer.layers.selection.active = selected
+    pump(0.5)
+    viewer.reset_view()
+    pump(1.0)
+    viewer.screenshot(str(OUT / filename), canvas_only=False)
+    viewer.close()
+
+
 def run_job(widget, start) -> None:
     """Start one of the atlas widget's jobs and wait until it is over."""
     done = []
@@ -205,18 +220,55 @@ def atlas_screenshot() -> None:
     run_job(widget, widget.find_plates)
     run_job(widget, widget.register)
     atlas.visible = labels.visible = False
-    viewer.layers.selection.active = viewer.layers["section atlas labels"]
-    pump(0.5)
-    viewer.reset_view()
-    pump(1.0)
-    viewer.screenshot(str(OUT / "atlas_widget.png"), canvas_only=False)
-    viewer.close()
+    whole_window_shot(viewer, viewer.layers["section atlas labels"], "atlas_widget.png")
+
+
+#: The histology screenshot's working and refinement levels (um/px): a few minutes on 2 cores.
+HISTOLOGY_OPTIONS = {"working_um": 2.0, "refine_um": 1.0}
+
+
+def histology_screenshot() -> None:
+    """The Histology registration widget after a run and an annotation transfer."""
+    import cv2
+    from skimage import data
+
+    from napari_nephi.synthetic.histology import slide_pair
+    from napari_nephi.widgets.histology_widget import HistologyWidget
+
+    def pyramid(image):
+        levels = [image]
+        while max(levels[-1].shape[:2]) > 256:
+            a = levels[-1]
+            levels.append(cv2.resize(a, (a.shape[1] // 2, a.shape[0] // 2), interpolation=cv2.INTER_AREA))
+        return levels
+
+    big = cv2.resize(data.immunohistochemistry(), (1024, 1024), interpolation=cv2.INTER_LINEAR)
+    pair = slide_pair(big, seed=4, rotation=150.0, shift=(12, -9))
+    viewer = napari.Viewer(title="napari-nephi")
+    viewer.window.resize(1400, 900)
+    um = (0.5, 0.5)
+    viewer.add_image(pyramid(pair.fixed), multiscale=True, rgb=True, name="IHC", scale=um)
+    moving = viewer.add_image(pyramid(pair.moving), multiscale=True, rgb=True, name="H-DAB", scale=um)
+    widget = HistologyWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Histology registration", area="right")
+    widget.options.working_um.setValue(HISTOLOGY_OPTIONS["working_um"])
+    widget.options.refine_um.setValue(HISTOLOGY_OPTIONS["refine_um"])
+    run_job(widget, widget.start)
+    outline = np.array([[300.0, 400.0], [480.0, 640.0], [720.0, 560.0], [700.0, 360.0], [450.0, 280.0]])
+    drawn = viewer.add_shapes(
+        [pair.transform.map_points(outline)], shape_type="polygon", name="region", scale=moving.scale,
+        edge_color="cyan", edge_width=6, face_color="transparent",
+    )  # fmt: skip
+    widget.annotations.set_layer(drawn)
+    widget.transfer_annotations()
+    show_only(viewer, {"H-DAB checkerboard", "H-DAB deformation grid", "region on the fixed slide"})
+    whole_window_shot(viewer, viewer.layers["H-DAB checkerboard"], "histology_widget.png")
 
 
 def main() -> None:
     print(f"Qt binding: {qtpy.API_NAME}")
     OUT.mkdir(exist_ok=True)
-    chosen = set(sys.argv[1:]) or {"tc", "mri", "atlas"}
+    chosen = set(sys.argv[1:]) or {"tc", "mri", "atlas", "histology"}
     for name, take in (("tc", tc_screenshots), ("mri", mri_screenshots)):
         if name in chosen:
             viewer, widget = new_window()
@@ -224,6 +276,8 @@ def main() -> None:
             viewer.close()
     if "atlas" in chosen:
         atlas_screenshot()
+    if "histology" in chosen:
+        histology_screenshot()
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def test_options_give_engine_keywords(qtbot):
         "nonrigid_iterations": 1,
     }
     options.channel.setCurrentText(CHANNELS[-1])
-    assert options.channel_index.isEnabled()
+    assert options.channel_index.isVisibleTo(options)
     options.channel_index.setValue(2)
     options.allow_flip.setChecked(False)
     options.stages["affine"].setChecked(False)
@@ -175,6 +175,42 @@ def test_engine_errors_are_shown_and_the_widget_stays_usable(make_napari_viewer,
         assert widget.start()
     assert len(errors) == 1 and "No tissue found in the moving slide" in errors[0]
     assert len(viewer.layers) == n_layers and widget.run_button.isEnabled()
+
+
+def test_previews_show_during_a_run_and_go_on_cancel(make_napari_viewer, qtbot, pair, monkeypatch):
+    """The engine's previews (faked here: the engine's own tests cover it) appear at their zoom."""
+    import threading
+
+    sent = threading.Event()
+
+    def fake_register(fixed, moving, *, progress, cancel, **_):
+        preview = np.full((128, 128, 3), 200, np.uint8)
+        progress(
+            ProgressEvent(
+                1, 4, stage="rigid: rotation search", preview=preview, extra={"preview_zoom": (8, 8)}
+            )
+        )
+        sent.set()
+        cancel.wait(60)
+        from napari_nephi.core.errors import Cancelled
+
+        raise Cancelled("cancelled")
+
+    monkeypatch.setattr(layers_module, "register", fake_register)
+    viewer, fixed, _ = _viewer_with_slides(make_napari_viewer, pair)
+    widget = hw.HistologyWidget(viewer)
+    qtbot.addWidget(widget)
+    n_layers = len(viewer.layers)
+    with qtbot.waitSignal(widget.run_done, timeout=60000):
+        assert widget.start()
+        qtbot.waitUntil(lambda: widget.preview.layer is not None, timeout=30000)
+        layer = widget.preview.layer
+        assert layer.data.shape == (128, 128, 3) and np.allclose(layer.scale, 8 * UM)
+        np.testing.assert_allclose(layer.translate, np.asarray(fixed.translate) + 3.5 * UM)
+        assert widget.stage_bars.values()["rigid"] == pytest.approx(0.25)
+        widget.cancel()
+    assert len(viewer.layers) == n_layers and layer not in viewer.layers
+    assert widget.state.is_(RunState.IDLE) and "Cancelled" in widget.status.text()
 
 
 def test_cancel_then_register_and_transfer_annotations(make_napari_viewer, qtbot, pair, errors, monkeypatch):

@@ -190,7 +190,8 @@ def carried_annotations(layer, moving_layer, fixed_frame: Frame, transform) -> t
     if kind == "points":
         pts = points_between(np.asarray(layer.data, float), layer, moving_layer)
         moved = carry_points(pts, transform)
-        return moved, {**where, "features": features.copy(), "face_color": "yellow"}, "points"
+        colour = layer.face_color[0] if len(layer.face_color) else "yellow"
+        return moved, {**where, "features": features.copy(), "face_color": colour}, "points"
     if kind != "shapes":
         raise InputError(f"{layer.name} is a {kind} layer; choose a Shapes or Points layer to transfer.")
     if len(layer.data) == 0:
@@ -201,6 +202,6 @@ def carried_annotations(layer, moving_layer, fixed_frame: Frame, transform) -> t
     shapes, types, props = to_napari_shapes(annotations)
     width = float(np.mean(layer.edge_width)) if len(layer.edge_width) else 1.0
     width *= float(np.mean(np.abs(layer.scale[-2:]))) / float(np.mean(np.abs(fixed_frame.scale)))
-    kwargs = {**where, "shape_type": types, "features": props, "edge_color": "yellow",
+    kwargs = {**where, "shape_type": types, "features": props, "edge_color": layer.edge_color[0],
               "face_color": "transparent", "edge_width": width}  # fmt: skip
     return shapes, kwargs, "shapes"

@@ -28,13 +28,13 @@ from ._pickers import LayerPicker
 #: The engine's stages, in the order they run, and how the widget labels them.
 STAGES = ("rigid", "affine", "nonrigid", "refine")
 STAGE_LABELS = {
-    "rigid": "rigid (any rotation, flips)",
-    "affine": "local-affine network",
-    "nonrigid": "non-rigid network",
-    "refine": "refinement (finer level)",
+    "rigid": ("rigid", "Low resolution: any rotation, mirrored slides"),
+    "affine": ("affine network", "Multi-magnification local-affine network at the working level"),
+    "nonrigid": ("non-rigid network", "Multi-magnification non-rigid network at the working level"),
+    "refine": ("refinement", "Tile-wise instance optimisation at a finer level"),
 }
-#: Stain channels offered; "fluorescence channel" passes the index in the spin box beside it.
-CHANNELS = ("auto", "hematoxylin", "od", "grey", "fluorescence channel")
+#: Stain channels offered; "fluorescence" passes the channel index in the spin box beside it.
+CHANNELS = ("auto", "hematoxylin", "od", "grey", "fluorescence")
 
 
 def stage_of(name: str) -> str | None:
@@ -54,7 +54,7 @@ class SlideChooser(QWidget):
 
     def __init__(self, viewer, parent=None):
         super().__init__(parent)
-        self.picker = LayerPicker(viewer, (Image,))
+        self.picker = narrow(LayerPicker(viewer, (Image,)))
         self.size = QDoubleSpinBox()
         self.size.setRange(0.0001, 10000.0)
         self.size.setDecimals(4)
@@ -62,11 +62,13 @@ class SlideChooser(QWidget):
         self.size.setToolTip("Level-0 pixel size (e.g. 0.25 at 40x, 0.5 at 20x)")
         self.confirmed = QCheckBox("confirmed")
         self.confirmed.setToolTip("Tick when the pixel size shown is right")
-        row = QHBoxLayout(self)
-        row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(self.picker, 1)
-        row.addWidget(self.size)
+        box = QVBoxLayout(self)
+        box.setContentsMargins(0, 0, 0, 0)
+        box.addWidget(self.picker)
+        row = QHBoxLayout()
+        row.addWidget(self.size, 1)
         row.addWidget(self.confirmed)
+        box.addLayout(row)
         self.picker.layer_changed.connect(self._follow_layer)
         self.size.valueChanged.connect(self._typed)
         self.confirmed.toggled.connect(lambda *_: self.changed.emit())
@@ -116,14 +118,17 @@ class HistologyOptions(QWidget):
         )
         self.channel_index = QSpinBox()
         self.channel_index.setRange(0, 255)
-        self.channel_index.setEnabled(False)
-        self.allow_flip = QCheckBox("slides may be mounted mirrored")
+        self.channel_index.setToolTip("Channel of the multi-channel slides to register (e.g. DAPI)")
+        self.channel_index.setVisible(False)
+        self.allow_flip = QCheckBox("mirrored slides")
+        self.allow_flip.setToolTip("Slides may be mounted mirrored (a flip is searched too)")
         self.allow_flip.setChecked(True)
         self.working_um = _auto_um("Pixel size of the networks' level (auto: about 2048 px across)")
         self.refine_um = _auto_um("Pixel size of the refinement (auto: half the working level's)")
-        self.stages = {s: QCheckBox(STAGE_LABELS[s]) for s in STAGES}
-        for box in self.stages.values():
+        self.stages = {s: QCheckBox(STAGE_LABELS[s][0]) for s in STAGES}
+        for s, box in self.stages.items():
             box.setChecked(True)
+            box.setToolTip(STAGE_LABELS[s][1])
         self.affine_iterations = _spin(1, 10, 2, "Iterations of the local-affine network (MASN(k))")
         self.nonrigid_iterations = _spin(1, 10, 1, "Iterations of the non-rigid network")
         channel_row = QHBoxLayout()
@@ -155,7 +160,7 @@ class HistologyOptions(QWidget):
             w.toggled.connect(self._on_change)
 
     def _on_change(self, *_) -> None:
-        self.channel_index.setEnabled(self.channel.currentText() == CHANNELS[-1])
+        self.channel_index.setVisible(self.channel.currentText() == CHANNELS[-1])
         self.changed.emit()
 
     def chosen_stages(self) -> tuple[str, ...]:
@@ -225,6 +230,13 @@ class StageProgress(QWidget):
     def values(self) -> dict[str, float]:
         """Fraction done per shown stage."""
         return {s: self.bars[s].value() / max(self.bars[s].maximum(), 1) for s in self._shown}
+
+
+def narrow(box: QComboBox, letters: int = 14) -> QComboBox:
+    """A combo box whose width does not grow with long layer names (the dock stays narrow)."""
+    box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    box.setMinimumContentsLength(letters)
+    return box
 
 
 def _auto_um(tip: str) -> QDoubleSpinBox:

@@ -15,11 +15,11 @@ import numpy as np
 from napari.layers import Points, Shapes
 from napari.utils.notifications import show_error
 from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QFormLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QFormLayout, QGroupBox, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from ..core.errors import RegistrationError
 from . import _histology_layers as work
-from ._histology_parts import HistologyOptions, SlideChooser, SlidePreview, StageProgress
+from ._histology_parts import HistologyOptions, SlideChooser, SlidePreview, StageProgress, narrow
 from ._panel import scrolling_body
 from ._pickers import LayerPicker
 from ._results import ResultLayers
@@ -39,7 +39,7 @@ def summary(metrics: dict) -> str:
         parts.append(f"channel {metrics['channel']}")
     if isinstance(metrics.get("seconds"), int | float):
         parts.append(f"{metrics['seconds']:.0f} s")
-    text = "; ".join(parts)
+    text = "; ".join(parts) + "."
     notes = metrics.get("notes") or []
     return text + (" Notes: " + " ".join(notes) if notes else "")
 
@@ -65,11 +65,13 @@ class HistologyWidget(QWidget):
         self.stage_bars = StageProgress()
         self.status = QLabel("Pick the fixed and the moving slide, check their pixel sizes, then Run.")
         self.status.setWordWrap(True)
-        self.annotations = LayerPicker(napari_viewer, (Shapes, Points))
+        self.annotations = narrow(LayerPicker(napari_viewer, (Shapes, Points)))
         self.transfer_button = QPushButton("Transfer annotations")
         self.transfer_button.setToolTip(
             "Carry a Shapes or Points layer drawn on the moving slide to the fixed one"
         )
+        self.transfer_status = QLabel("")
+        self.transfer_status.setWordWrap(True)
         self.runner = RegistrationRunner(self)
         self.results = ResultLayers(napari_viewer, self)
         self.last = None
@@ -92,9 +94,10 @@ class HistologyWidget(QWidget):
         options = QGroupBox("registration")
         QVBoxLayout(options).addWidget(self.options)
         transfer = QGroupBox("annotations drawn on the moving slide")
-        row = QHBoxLayout(transfer)
-        row.addWidget(self.annotations, 1)
-        row.addWidget(self.transfer_button)
+        column = QVBoxLayout(transfer)
+        column.addWidget(self.annotations)
+        column.addWidget(self.transfer_button)
+        column.addWidget(self.transfer_status)
         box = scrolling_body(self)
         for w in (slides, options, self.controls, self.stage_bars, self.status, transfer):
             box.addWidget(w)
@@ -253,5 +256,7 @@ class HistologyWidget(QWidget):
             show_error(str(exc))
             return None
         new = getattr(self.viewer, f"add_{kind}")(data, **kwargs)
-        self.status.setText(f"{layer.name}: {len(data)} {kind} carried onto {self._run['fixed'].name}.")
+        self.transfer_status.setText(
+            f"{layer.name}: {len(data)} {kind} carried onto {self._run['fixed'].name}."
+        )
         return new
