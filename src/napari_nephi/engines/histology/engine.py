@@ -208,7 +208,9 @@ def _stage_networks(run: _Run, grid: Grid, nets: dict, stages, iterations: dict,
     return info
 
 
-def _stage_refine(run: _Run, grid: Grid, work: Grid, fixed_mask, settings: RefineSettings) -> dict:
+def _stage_refine(
+    run: _Run, grid: Grid, work: Grid, fixed_mask, settings: RefineSettings, device: torch.device
+) -> dict:
     start = time.perf_counter()
     run.progress.check()
     lazy_f = read_on_grid(run.fixed.levels, grid, fill=run.fill)
@@ -234,7 +236,7 @@ def _stage_refine(run: _Run, grid: Grid, work: Grid, fixed_mask, settings: Refin
         wy1, wx1 = max(wy0 + 1, int(np.ceil(y1 * ratio))), max(wx0 + 1, int(np.ceil(x1 * ratio)))
         return resize_mask(wmask[wy0:wy1, wx0:wx1], (y1 - y0, x1 - x0)).astype(np.float32)
 
-    field, summary = refine_field(grid.shape, read_fixed, read_moving, tissue, settings, run.progress)
+    field, summary = refine_field(grid.shape, read_fixed, read_moving, tissue, settings, run.progress, device)
     if summary["tiles_refined"]:
         run.parts = field_on_grid(field, grid) + run.parts
         summary["fold_percent_refine"] = field_folds(field, None)
@@ -310,7 +312,7 @@ def histology(
     metrics.update(_stage_rigid(run, allow_flip, rigid_um, "rigid" in stages, masks))
     metrics.update(_stage_networks(run, work, nets, stages, iterations, masks))
     if fine is not None:
-        metrics.update(_stage_refine(run, fine, work, pair.fixed_mask, RefineSettings()))
+        metrics.update(_stage_refine(run, fine, work, pair.fixed_mask, RefineSettings(), device))
     transform = run.transform()
     metrics["fold_percent"] = max(
         [metrics.get(k, 0.0) for k in ("fold_percent_networks", "fold_percent_refine")]

@@ -77,7 +77,12 @@ class LocalNCC:
 
 
 def optimise_tile(
-    fixed: np.ndarray, moving: np.ndarray, weight: np.ndarray, settings: RefineSettings, margin: int
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    weight: np.ndarray,
+    settings: RefineSettings,
+    margin: int,
+    device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, float, float]:
     """The correction ``(2, h, w)`` of one tile: ``moving[margin + x + r(x)] ~ fixed[x]``.
 
@@ -89,19 +94,19 @@ def optimise_tile(
     from scipy.ndimage import gaussian_filter
 
     h, w = fixed.shape
-    wt = torch.as_tensor(weight, dtype=torch.float32)[None, None]
-    axes = [torch.arange(n, dtype=torch.float32) + margin for n in (h, w)]
+    wt = torch.as_tensor(weight, dtype=torch.float32, device=device)[None, None]
+    axes = [torch.arange(n, dtype=torch.float32, device=device) + margin for n in (h, w)]
     base = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
     ctrl_shape = (max(2, h // settings.control + 2), max(2, w // settings.control + 2))
-    ctrl = torch.zeros((1, 2, *ctrl_shape), requires_grad=True)
+    ctrl = torch.zeros((1, 2, *ctrl_shape), device=device, requires_grad=True)
 
     def field() -> torch.Tensor:
         return F.interpolate(ctrl, size=(h, w), mode="bilinear", align_corners=True).clamp(-margin, margin)
 
     def level(sigma: float, window: int):
         f, m = (gaussian_filter(a, sigma) if sigma else a for a in (fixed, moving))
-        ncc = LocalNCC(torch.as_tensor(f, dtype=torch.float32)[None, None], wt, window)
-        mt = torch.as_tensor(m, dtype=torch.float32)[None, None]
+        ncc = LocalNCC(torch.as_tensor(f, dtype=torch.float32, device=device)[None, None], wt, window)
+        mt = torch.as_tensor(m, dtype=torch.float32, device=device)[None, None]
         return lambda: ncc(sample_at(mt, base + field(), padding="border"))
 
     fine = level(0.0, settings.window)
@@ -121,7 +126,7 @@ def optimise_tile(
         after = float(fine())
         if after <= before:  # never make a tile worse
             return np.zeros((2, h, w), np.float32), before, before
-        return field()[0].numpy().astype(np.float32), before, after
+        return field()[0].cpu().numpy().astype(np.float32), before, after
 
 
 def refine_field(
@@ -131,6 +136,7 @@ def refine_field(
     tissue: Callable[[tuple[int, int, int, int]], np.ndarray],
     settings: RefineSettings,
     progress: Progress,
+    device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, dict]:
     """The blended correction field ``(2, *shape)`` over all tiles, and a summary.
 
@@ -152,7 +158,7 @@ def refine_field(
             fixed = read_fixed(box)
             moving = read_moving((y0 - mg, y1 + mg, x0 - mg, x1 + mg))
             if fixed.std() > 1e-6 and moving.std() > 1e-6:
-                field, before, after = optimise_tile(fixed, moving, mask, settings, mg)
+                field, before, after = optimise_tile(fixed, moving, mask, settings, mg, device)
                 total[:, y0:y1, x0:x1] += win * field
                 gains.append(after - before)
                 used += 1
