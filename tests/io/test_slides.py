@@ -199,3 +199,21 @@ def test_a_flat_striped_tiff_gets_coarse_levels_in_large_chunks(tmp_path):
     assert min(slide.levels[1].chunks[0][:-1] or (128,)) >= 128  # not one chunk per strip
     half = np.round(downscale_local_mean(image.astype(float), (2, 2))).astype(np.uint8)
     np.testing.assert_array_equal(slide.levels[1].compute(), half)
+
+
+@pytest.mark.parametrize(
+    ("resolution", "unit", "spacing"),
+    [
+        ((300, 300), "inch", (25400 / 300, 25400 / 300)),
+        ((2, 4), "micron", (0.25, 0.5)),
+        ((1, 1), "pixel", None),
+    ],
+)
+def test_imagej_pixel_size_units(tmp_path, resolution, unit, spacing):
+    """Inches are converted to um; ImageJ's uncalibrated "pixel" unit is an unknown pixel size, not 1 um."""
+    path = tmp_path / "ij.tif"
+    tifffile.imwrite(
+        path, np.zeros((64, 64), np.uint8), imagej=True, resolution=resolution, metadata={"unit": unit}
+    )
+    got = open_slide(path).spacing
+    assert got is None if spacing is None else got == pytest.approx(spacing, rel=1e-6)

@@ -41,8 +41,10 @@ SMALLEST_LEVEL = 512
 CHUNK = 1024
 #: default pixel budget of :func:`read_region` (64 MB of RGB uint8)
 MAX_PIXELS = 1 << 24
-_UNIT_TO_UM = {"um": 1.0, "µm": 1.0, "\\u00b5m": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0}
-_UNIT_TO_UM.update({"nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6})
+_UNIT_TO_UM = {"um": 1.0, "µm": 1.0, "\u03bcm": 1.0, "\\u00b5m": 1.0, "micron": 1.0, "microns": 1.0}
+_UNIT_TO_UM.update(
+    {"micrometer": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "inch": 25400.0, "in": 25400.0}
+)
 _EXTRA_HINT = 'pip install "napari-nephi[openslide]"'
 
 
@@ -142,7 +144,9 @@ def _spacing_from_meta(meta: dict[str, Any]) -> tuple[float, float] | None:
     unit = meta.get("metadata", {}).get("unit")
     if len(scale) != 2 or (unit is None and scale == (1.0, 1.0)):
         return None  # no pixel size in the file (the reader's fallback 1)
-    factor = _UNIT_TO_UM.get(str(unit).strip().lower(), 1.0) if unit else 1.0
+    factor = _UNIT_TO_UM.get(str(unit).strip().lower()) if unit else 1.0
+    if factor is None:
+        return None  # "pixel" (ImageJ, uncalibrated) or a unit we cannot convert: unknown, asked for
     return (scale[0] * factor, scale[1] * factor)
 
 
