@@ -156,6 +156,8 @@ def test_pairs_from_folder_reads_stain_channels(tmp_path):
         pairs_from_folder(tmp_path / "empty")
     with pytest.raises(UnsupportedFileError, match="does not exist"):
         pairs_from_folder(tmp_path / "nowhere")
+    with pytest.raises(InputError, match="max_side"):
+        pairs_from_folder(tmp_path / "pairs", max_side=0)
     tifffile.imwrite(tmp_path / "pairs" / "s1_moving.tif", rgb[:100, :120], photometric="rgb")
     with pytest.raises(InputError, match="pre-aligned"):
         pairs_from_folder(tmp_path / "pairs")

@@ -68,6 +68,7 @@ def pairs_from_folder(folder, *, max_side: int = 4096) -> list[tuple[np.ndarray,
     """
     from .stain import choose_stain_channels
 
+    max_side = check_int("max_side", max_side, 64, 1 << 20)
     root = Path(folder)
     if not root.is_dir():
         raise UnsupportedFileError(f"Training folder {root} does not exist or is not a folder.")
