@@ -286,6 +286,18 @@ def test_cancel_then_register_and_transfer_annotations(make_napari_viewer, qtbot
     volume = viewer.add_shapes([np.array([[0, 0, 0], [0, 5, 5], [0, 5, 0]])], shape_type="polygon")
     assert widget.transfer_annotations(volume) is None and "3D" in errors[-1]
 
+    # a second run (rigid only) replaces the result layers; the carried annotations stay
+    results = {"HDAB warped", "HDAB checkerboard", "HDAB difference", "HDAB Jacobian determinant",
+               "HDAB deformation grid"}  # fmt: skip
+    before = [ly.name for ly in viewer.layers]
+    widget.options.stages["refine"].setChecked(False)
+    with qtbot.waitSignal(widget.run_done, timeout=300000):
+        assert widget.start()
+    assert not errors[1:], errors
+    assert sorted(ly.name for ly in viewer.layers) == sorted(before) and results <= set(before)
+    assert widget.last is not reg and "tiles" not in widget.last.metrics
+    assert viewer.layers["HDAB warped"].multiscale and carried in viewer.layers
+
     # nothing the user loaded changed
     for layer, original in zip((fixed, moving), originals, strict=True):
         np.testing.assert_array_equal(np.asarray(layer.data[0]), original)

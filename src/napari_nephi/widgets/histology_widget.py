@@ -22,7 +22,7 @@ from . import _histology_layers as work
 from ._histology_parts import HistologyOptions, SlideChooser, SlidePreview, StageProgress, narrow
 from ._panel import scrolling_body
 from ._pickers import LayerPicker
-from ._results import ResultLayers
+from ._results import ResultLayers, remove_layer
 from ._runner import RegistrationRunner
 from ._state import RunControls, RunState, RunStateMachine
 
@@ -213,6 +213,9 @@ class HistologyWidget(QWidget):
             self._results_in = True
             self._maybe_idle()
 
+        old = self.results.layer_with_role("warped", "image")  # multiscale: replaced, not updated
+        if old is not None:
+            remove_layer(self.viewer, old)  # first, so that the new one takes its name
         self.results.show_gradually(result["layers"], shown, roles=work.ROLES)
 
     def _maybe_idle(self) -> None:
