@@ -14,7 +14,18 @@ from napari_nephi.cli import build_parser, main
 from napari_nephi.cli._common import ProgressBars
 from napari_nephi.core.progress import ProgressEvent
 
-COMMANDS = ("demo", "register", "apply", "methods", "train", "align-em")
+COMMANDS = (
+    "demo",
+    "register",
+    "apply",
+    "methods",
+    "train",
+    "align-em",
+    "atlas-train",
+    "atlas-lookup",
+    "train-histology",
+    "register-slides",
+)
 
 
 def subparsers() -> dict:
