@@ -3,12 +3,16 @@ on a small re-stained, rotated IHC pair given as multiscale layers."""
 
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pytest
+import tifffile
 import torch
 from skimage import data
 
+import napari_nephi
 from napari_nephi.core.progress import ProgressEvent
 from napari_nephi.synthetic.histology import slide_pair
 from napari_nephi.widgets import _histology_layers as layers_module
@@ -213,7 +217,9 @@ def test_previews_show_during_a_run_and_go_on_cancel(make_napari_viewer, qtbot, 
     assert widget.state.is_(RunState.IDLE) and "Cancelled" in widget.status.text()
 
 
-def test_cancel_then_register_and_transfer_annotations(make_napari_viewer, qtbot, pair, errors, monkeypatch):
+def test_cancel_then_register_and_transfer_annotations(
+    make_napari_viewer, qtbot, pair, errors, monkeypatch, tmp_path
+):
     monkeypatch.setattr(layers_module, "LOW_SIDE", 512)  # comparisons on level 1 of this 1024 px slide
     viewer, fixed, moving = _viewer_with_slides(make_napari_viewer, pair)
     originals = [np.array(level, copy=True) for level in (fixed.data[0], moving.data[0])]
@@ -297,6 +303,17 @@ def test_cancel_then_register_and_transfer_annotations(make_napari_viewer, qtbot
     assert sorted(ly.name for ly in viewer.layers) == sorted(before) and results <= set(before)
     assert widget.last is not reg and "tiles" not in widget.last.metrics
     assert viewer.layers["HDAB warped"].multiscale and carried in viewer.layers
+
+    # the result is saved: transform, a tiled pyramidal OME-TIFF with the fixed pixel size, metrics
+    with qtbot.waitSignal(widget.run_done, timeout=120000):
+        assert widget.save_result(tmp_path / "result")
+    assert "Saved to" in widget.status.text() and not errors[1:]
+    assert napari_nephi.load_transform(tmp_path / "result" / "transform").ndim == 2
+    with tifffile.TiffFile(tmp_path / "result" / "warped.ome.tif") as tif:
+        levels = tif.series[0].levels
+        assert len(levels) == 2 and levels[0].shape[:2] == pair.fixed.shape[:2]
+        np.testing.assert_array_equal(levels[1].asarray(), np.asarray(viewer.layers["HDAB warped"].data[1]))
+    assert json.loads((tmp_path / "result" / "metrics.json").read_text())["ncc_after"] > 0.9
 
     # nothing the user loaded changed
     for layer, original in zip((fixed, moving), originals, strict=True):

@@ -152,6 +152,12 @@ def register_slides(
     return {"registration": reg, "layers": layers}
 
 
+def save_registration(progress, cancel, *, registration, folder: str) -> dict:
+    """``registration.save(folder)`` (in a worker thread): transform, warped pyramid, metrics, settings."""
+    Progress(progress, cancel).check()
+    return {"saved": str(registration.save(folder))}
+
+
 # -- annotations -----------------------------------------------------------------------------------
 def _affine(func) -> tuple[np.ndarray, np.ndarray]:
     """The 2x2 matrix and offset of an affine map of 2D points given as a function of one point."""

@@ -11,11 +11,13 @@ slide as a new layer. Nothing the user loaded is modified.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from napari.layers import Points, Shapes
 from napari.utils.notifications import show_error
 from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QFormLayout, QGroupBox, QLabel, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QFileDialog, QFormLayout, QGroupBox, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from ..core.errors import RegistrationError
 from . import _histology_layers as work
@@ -70,6 +72,11 @@ class HistologyWidget(QWidget):
         self.transfer_button.setToolTip(
             "Carry a Shapes or Points layer drawn on the moving slide to the fixed one"
         )
+        self.save_button = QPushButton("Save result…")
+        self.save_button.setToolTip(
+            "Write the transform, the warped slide (tiled pyramidal OME-TIFF), metrics and settings "
+            "to a folder"
+        )
         self.transfer_status = QLabel("")
         self.transfer_status.setWordWrap(True)
         self.runner = RegistrationRunner(self)
@@ -99,7 +106,7 @@ class HistologyWidget(QWidget):
         column.addWidget(self.transfer_button)
         column.addWidget(self.transfer_status)
         box = scrolling_body(self)
-        for w in (slides, options, self.controls, self.stage_bars, self.status, transfer):
+        for w in (slides, options, self.controls, self.stage_bars, self.status, self.save_button, transfer):
             box.addWidget(w)
         box.addStretch(1)
 
@@ -107,6 +114,7 @@ class HistologyWidget(QWidget):
         self.run_button.clicked.connect(lambda: self.start())
         self.cancel_button.clicked.connect(self.cancel)
         self.transfer_button.clicked.connect(lambda: self.transfer_annotations())
+        self.save_button.clicked.connect(lambda: self.save_result())
         self.annotations.layer_changed.connect(lambda *_: self._sync())
         self.state.changed.connect(lambda *_: self._sync())
         self.runner.progressed.connect(self._on_progress)
@@ -120,6 +128,7 @@ class HistologyWidget(QWidget):
         self.transfer_button.setEnabled(
             idle and self.last is not None and self.annotations.layer() is not None
         )
+        self.save_button.setEnabled(idle and self.last is not None)
 
     # -- running ------------------------------------------------------------------------------------
     def _check_inputs(self):
@@ -203,6 +212,11 @@ class HistologyWidget(QWidget):
             self._on_cancelled()
             return
         self.state.to(RunState.ADDING_RESULTS)
+        if "saved" in result:
+            self.status.setText(f"Saved to {result['saved']}.")
+            self._results_in = True
+            self._maybe_idle()
+            return
         self.preview.remove()
         reg = result["registration"]
         self.last = reg
@@ -239,6 +253,21 @@ class HistologyWidget(QWidget):
             self.run_done.emit()
         else:
             self._maybe_idle()
+
+    def save_result(self, folder: str | Path | None = None) -> bool:
+        """Save the last registration to ``folder`` (asked for when None) in a worker thread."""
+        if self.last is None or not self.state.is_(RunState.IDLE):
+            show_error("Run a registration first; its result is what is saved.")
+            return False
+        if folder is None:
+            folder = QFileDialog.getSaveFileName(self, "Save the result as a folder")[0]
+            if not folder:
+                return False
+        self._results_in = False
+        self.status.setText(f"Saving to {folder}…")
+        self.state.to(RunState.RUNNING)
+        self.runner.run(work.save_registration, registration=self.last, folder=str(folder))
+        return True
 
     # -- annotations --------------------------------------------------------------------------------
     def transfer_annotations(self, layer=None):
