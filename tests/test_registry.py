@@ -74,7 +74,9 @@ def test_option_names_come_from_the_engine_signature(toy_engine, pair):
 
 
 def test_unknown_method_names_the_available_ones(pair):
-    with pytest.raises(nn.InputError, match=r"Unknown method 'afine'; available: affine, mito, nephi"):
+    with pytest.raises(
+        nn.InputError, match=r"Unknown method 'afine'; available: affine, histology, mito, nephi"
+    ):
         nn.register(*pair, method="afine")
 
 
@@ -197,3 +199,9 @@ def test_whole_slide_engines_get_their_inputs_unloaded():
     assert seen["fixed"] is pyramid and seen["moving"] is pyramid
     assert seen["spacing"] is None and seen["rgb"] is False
     assert reg.settings["method"] == "slides" and reg.settings["spacing"] is None
+    try:
+        slides = register_engine("slides", whole_slides=True)(slides)
+        reg = nn.register(pyramid, pyramid, method="slides", spacing=0.5)
+    finally:
+        unregister_engine("slides")
+    assert seen["spacing"] == 0.5 and reg.settings["spacing"] == [0.5]

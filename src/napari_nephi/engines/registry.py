@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..core.device import choose_device, memory_guard
 from ..core.errors import InputError
 from ..core.grid import check_spacing
@@ -167,7 +169,7 @@ def _run(info: EngineInfo, pair: Pair, notes: list[str], options: dict[str, Any]
     merged = notes + [n for n in result.metrics.get("notes", []) if n not in notes]
     if merged:
         result.metrics["notes"] = merged
-    spacing = None if pair.spacing is None else list(pair.spacing)
+    spacing = None if pair.spacing is None else [float(v) for v in np.atleast_1d(pair.spacing)]
     result.settings = {"method": info.name, "spacing": spacing, "device": pair.device, **result.settings}
     result.transform.settings = dict(result.settings)
     return result
