@@ -60,6 +60,35 @@ def test_background_patches_get_zero_displacement():
     assert float(np.abs(masked[:, :, 96:]).max()) == 0.0 and float(masked[0, :, :32].min()) > 1.49
 
 
+def test_patch_fields_are_blended_batch_by_batch(monkeypatch):
+    """At most ``batch`` patch fields are held at once (a large working grid has thousands of patches)."""
+    from napari_nephi.engines.histology import patches
+
+    image = texture((200, 232))
+    net = constant_net("nonrigid", (1.0, -0.5))
+    added = []
+    original = patches.FieldBlender.add
+
+    def spy(self, fields, origins):
+        added.append(len(fields))
+        original(self, fields, origins)
+
+    monkeypatch.setattr(patches.FieldBlender, "add", spy)
+    field = predict_field(image, image, net, batch=5)
+    n = len(patch_origins(image.shape, 64, 32))
+    assert n > 5 and sum(added) == n and max(added) <= 5
+    np.testing.assert_allclose(field, np.broadcast_to([[[1.0]], [[-0.5]]], field.shape), atol=1e-4)
+    # batch by batch equals all at once
+    rng = np.random.default_rng(0)
+    fields, origins = rng.normal(size=(n, 2, 64, 64)), patch_origins(image.shape, 64, 32)
+    blender = patches.FieldBlender(image.shape, 64)
+    for s in range(0, n, 7):
+        original(blender, fields[s : s + 7], origins[s : s + 7])
+    np.testing.assert_allclose(
+        blender.result(), patches.blend_fields(fields, origins, image.shape, 64), atol=1e-6
+    )
+
+
 def test_compose_applies_the_new_field_first():
     y, x = np.mgrid[:40, :50].astype(np.float32)
     u = np.stack([0.05 * x, 0.02 * y])  # linear fields compose exactly (away from the border)

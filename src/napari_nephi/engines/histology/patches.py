@@ -92,29 +92,51 @@ def blend_window(patch: int) -> np.ndarray:
     return np.outer(t, t)
 
 
+class FieldBlender:
+    """Patch fields added batch by batch into one blended ``(2, H, W)`` field.
+
+    Holds only the running weighted sum and weight (``O(H W)``), never all patch fields at once;
+    :func:`blend_fields` is one :meth:`add` and :meth:`result`.
+    """
+
+    def __init__(self, shape: Sequence[int], patch: int):
+        self.shape = tuple(int(s) for s in shape)
+        self.patch = int(patch)
+        self.total = np.zeros((2, *self.shape), dtype=np.float64)
+        self.weight = np.zeros(self.shape, dtype=np.float64)
+        self.window = blend_window(self.patch)
+
+    def add(self, fields, origins) -> None:
+        """Add ``(N, 2, P, P)`` patch fields at their ``(N, 2)`` origins (a zero field still weighs)."""
+        p = self.patch
+        fields = fields.detach().cpu().numpy() if isinstance(fields, torch.Tensor) else np.asarray(fields)
+        origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
+        if fields.ndim != 4 or fields.shape[1:] != (2, p, p) or len(fields) != len(origins):
+            raise InputError(
+                f"blend_fields needs (N, 2, {p}, {p}) fields for N={len(origins)} origins, "
+                f"got {fields.shape}."
+            )
+        h, w = self.shape
+        for f, (y, x) in zip(fields, origins, strict=True):
+            ys, ye, xs, xe = max(y, 0), min(y + p, h), max(x, 0), min(x + p, w)
+            if ys >= ye or xs >= xe:
+                continue
+            win = self.window[ys - y : ye - y, xs - x : xe - x]
+            self.total[:, ys:ye, xs:xe] += win * f[:, ys - y : ye - y, xs - x : xe - x]
+            self.weight[ys:ye, xs:xe] += win
+
+    def result(self) -> np.ndarray:
+        """The blended field, float32 (0 where no patch lies)."""
+        out = np.divide(self.total, self.weight, out=np.zeros_like(self.total), where=self.weight > 0)
+        return out.astype(np.float32)
+
+
 def blend_fields(fields, origins, shape: Sequence[int], patch: int) -> np.ndarray:
     """Patch fields ``(N, 2, P, P)`` at ``origins`` -> one ``(2, H, W)`` float32 field.
 
     Each pixel takes the window-weighted mean of the patches covering it; the window falls to
     about 0 at patch borders, so the field is as smooth across a border as inside the patches.
     """
-    fields = fields.detach().cpu().numpy() if isinstance(fields, torch.Tensor) else np.asarray(fields)
-    origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
-    if fields.ndim != 4 or fields.shape[1:] != (2, patch, patch) or len(fields) != len(origins):
-        raise InputError(
-            f"blend_fields needs (N, 2, {patch}, {patch}) fields for N={len(origins)} origins, "
-            f"got {fields.shape}."
-        )
-    h, w = (int(s) for s in shape)
-    total = np.zeros((2, h, w), dtype=np.float64)
-    weight = np.zeros((h, w), dtype=np.float64)
-    window = blend_window(patch)
-    for f, (y, x) in zip(fields, origins, strict=True):
-        ys, ye, xs, xe = max(y, 0), min(y + patch, h), max(x, 0), min(x + patch, w)
-        if ys >= ye or xs >= xe:
-            continue
-        win = window[ys - y : ye - y, xs - x : xe - x]
-        total[:, ys:ye, xs:xe] += win * f[:, ys - y : ye - y, xs - x : xe - x]
-        weight[ys:ye, xs:xe] += win
-    out = np.divide(total, weight, out=np.zeros_like(total), where=weight > 0)
-    return out.astype(np.float32)
+    blender = FieldBlender(shape, patch)
+    blender.add(fields, origins)
+    return blender.result()

@@ -2,8 +2,9 @@
 
 Each iteration warps the moving image by the current field, cuts overlapping multi-magnification
 patch sets (stride P/2), lets the network predict a field per patch (the affine matrices become
-pixel fields), blends them (:func:`~.patches.blend_fields`) and composes the result with the
-current field: ``u_new(x) = d(x) + u(x + d(x))``. Patches without tissue get zero displacement.
+pixel fields), blends them batch by batch (:class:`~.patches.FieldBlender`, so memory stays
+``O(H W)``) and composes the result with the current field: ``u_new(x) = d(x) + u(x + d(x))``.
+Patches without tissue get zero displacement.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ...core.errors import InputError
 from ...core.options import check_int
 from ...core.progress import Progress
 from .networks import MultiMagNet, affine_displacement
-from .patches import blend_fields, multimag_patches, patch_origins
+from .patches import FieldBlender, multimag_patches, patch_origins
 
 #: A patch whose fixed or moving view varies less than this (std) is background.
 FLAT_STD = 1e-6
@@ -132,7 +133,7 @@ def predict_field(
     try:
         for it in range(iterations):
             warped = warp(moving, field) if it else moving
-            fields = torch.zeros((len(origins), 2, cfg.patch, cfg.patch))
+            blender = FieldBlender(fixed.shape, cfg.patch)  # one batch of patch fields at a time
             for b, s in enumerate(starts):
                 progress.check()
                 chunk = origins[s : s + batch]
@@ -142,15 +143,15 @@ def predict_field(
                     keep &= torch.as_tensor(
                         [bool(mask[y : y + cfg.patch, x : x + cfg.patch].any()) for y, x in chunk]
                     )
+                fields = torch.zeros((len(chunk), 2, cfg.patch, cfg.patch))
                 if keep.any():
                     with torch.no_grad():
-                        fields[s : s + len(chunk)][keep] = _patch_fields(
-                            net, high[keep], None if low is None else low[keep]
-                        )
+                        fields[keep] = _patch_fields(net, high[keep], None if low is None else low[keep])
+                blender.add(fields, chunk)
                 progress.step(
                     it * len(starts) + b + 1, total, stage=f"{cfg.kind} network {it + 1}/{iterations}"
                 )
-            delta = blend_fields(fields, origins, fixed.shape, cfg.patch)
+            delta = blender.result()
             field = compose(delta, field) if it else delta
     finally:
         net.train(was_training)
