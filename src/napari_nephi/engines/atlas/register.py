@@ -4,10 +4,14 @@ The section is the fixed image and the plate the moving one, so the plate's labe
 section grid with their values kept. Both are made bright tissue on a dark background (a
 brightfield section is inverted; its background set to 0). A section larger than
 :data:`MAX_WORK_SIDE` pixels is registered on a downsampled copy and the map is scaled back. The
-plate's scale is first guessed from the tissue extents (a section imaged at another resolution),
-then the ``affine`` engine aligns it, with the section's tissue mask as ``fixed_mask`` so missing
-regions do not pull the plate; then the deformable ``method`` refines the affinely pre-warped
-plate, and the two maps are composed.
+plate's scale is first guessed from the tissue extents (a section imaged at another resolution).
+A section is turned only a little against its plate, so the start is searched over small rotations
+(within :data:`MAX_ROTATION` degrees) and scales near that guess, the translation of each found
+by FFT cross-correlation of tissue masks and intensities (contrast-robust: the outline counts as
+much as the stain). From that start the ``affine`` engine refines a similarity map, then a free
+affine one (kept only while its stretch and shear stay within :data:`MAX_STRETCH`), always with
+the section's tissue mask as ``fixed_mask`` so missing regions do not pull the plate; then the
+deformable ``method`` refines the affinely pre-warped plate, and the maps are composed.
 
 The result is a :class:`~napari_nephi.Registration`: ``warped`` is the plate on the section grid,
 ``transform`` maps section pixels to plate pixels, ``metrics["labels"]`` holds the carried labels
@@ -21,17 +25,30 @@ import time
 
 import cv2
 import numpy as np
+import torch
+from scipy import ndimage as ndi
 
 from ...core.errors import InputError
 from ...core.registration import Registration
 from ...core.transform import AffineTransform, ComposedTransform
+from ..affine.search import ShiftSearch
 from ..registry import engine_info, register
 from .preprocess import background_is_bright, tissue_mask, to_grey
 
 #: Longest side of the grid the registration runs on (larger sections are downsampled for it).
 MAX_WORK_SIDE = 512
-#: Options of the affine step when the deformable method follows (``affine_options`` overrides).
-AFFINE_DEFAULTS = {"kind": "affine"}
+#: Options of the affine step (``affine_options`` overrides): the start comes from :func:`initial_map`.
+AFFINE_DEFAULTS = {"kind": "affine", "init": "identity", "rotation_search": False}
+#: Largest rotation (degrees) of a section against its plate searched for the start, and its step.
+MAX_ROTATION = 24.0
+ROTATION_STEP = 3.0
+#: Factors of the extent-based scale guess tried for the start (oblique or torn sections).
+SCALE_FACTORS = (0.85, 0.92, 1.0, 1.08)
+#: Largest side of the grid the start is searched on.
+SEARCH_SIDE = 64
+#: Largest ratio of the free affine map's singular values to those of the similarity map it
+#: refines; beyond it (a plate squeezed into a band) the similarity map is kept.
+MAX_STRETCH = 1.35
 _SCALARS = (int, float, str, bool, type(None))
 
 
@@ -66,6 +83,96 @@ def plate_scale(section_mask: np.ndarray, plate: np.ndarray) -> float:
     if not pmask.any():
         return 1.0
     return float(np.clip(np.max(_extent(section_mask) / _extent(pmask)), 0.05, 50.0))
+
+
+def _homogeneous(linear: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    m = np.eye(3)
+    m[:2, :2], m[:2, 2] = linear, shift
+    return m
+
+
+def _rotation(degrees: float) -> np.ndarray:
+    a = np.radians(degrees)
+    return np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray:
+    return np.argwhere(mask).mean(axis=0)
+
+
+def _pull(image: np.ndarray, matrix: np.ndarray, shape, order: int = 1) -> np.ndarray:
+    """``image`` read at ``matrix @ (y, x, 1)`` for every pixel of a grid of ``shape`` (0 outside)."""
+    return ndi.affine_transform(image, matrix, output_shape=tuple(shape), order=order, cval=0.0)
+
+
+def initial_map(
+    work: np.ndarray, mask: np.ndarray, plate: np.ndarray, scale: float
+) -> tuple[np.ndarray, dict]:
+    """Start of the affine step: the ``3 x 3`` map from section (work grid) pixels to plate pixels.
+
+    Rotations within :data:`MAX_ROTATION` degrees and scales :data:`SCALE_FACTORS` times ``scale``
+    (section pixels per plate pixel) about the tissue centroids are tried on a grid of at most
+    :data:`SEARCH_SIDE` pixels; for each the best translation (masked NCC by FFT) of an image that
+    is half tissue mask, half intensity. Returns the best map and ``{"angle", "scale", "score"}``.
+    """
+    pmask = tissue_mask(plate)
+    if not pmask.any():
+        pmask = plate > 0
+    k = max(1.0, max(work.shape) / SEARCH_SIDE)
+    shape = (max(8, round(work.shape[0] / k)), max(8, round(work.shape[1] / k)))
+    zoom = np.array([work.shape[0] / shape[0], work.shape[1] / shape[1]])
+    to_work = _homogeneous(np.diag(zoom), (zoom - 1) / 2)
+    size = (shape[1], shape[0])
+    fixed = 0.5 * cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    fixed += 0.5 * cv2.resize(work, size, interpolation=cv2.INTER_AREA)
+    search = ShiftSearch(torch.from_numpy(fixed), torch.ones(shape))
+    moving = 0.5 * pmask.astype(np.float32) + 0.5 * plate.astype(np.float32)
+    blur = 0.4 * zoom.max() / scale  # plate pixels per search pixel: smooth before sampling
+    if blur > 0.5:
+        moving = ndi.gaussian_filter(moving, blur)
+    inside = np.ones(plate.shape, np.float32)
+    cs, cp = _centroid(mask), _centroid(pmask)
+    best = (-np.inf, np.eye(3), 0.0, scale)
+    angles = np.arange(-MAX_ROTATION, MAX_ROTATION + 1e-9, ROTATION_STEP)
+    for angle in angles:
+        for factor in SCALE_FACTORS:
+            linear = _rotation(angle) / (scale * factor)
+            m = _homogeneous(linear, cp - linear @ cs)
+            w = _pull(inside, m @ to_work, shape, order=0)
+            img = _pull(moving, m @ to_work, shape) * w
+            shift, score = search.best(torch.from_numpy(img), torch.from_numpy(w))
+            if score > best[0]:
+                best = (score, m @ _homogeneous(np.eye(2), zoom * shift), float(angle), scale * factor)
+    return best[1], {"angle": best[2], "scale": best[3], "score": float(best[0])}
+
+
+def _stretch(before: np.ndarray, after: np.ndarray) -> float:
+    """Largest stretch or squeeze of ``after``'s linear part against ``before``'s (1: none)."""
+    sv = np.linalg.svd(np.linalg.solve(before[:2, :2], after[:2, :2]), compute_uv=False)
+    return float(max(sv.max(), 1.0 / max(sv.min(), 1e-12)))
+
+
+def affine_map(work, mask, plate, scale, common: dict, options: dict) -> tuple[np.ndarray, dict]:
+    """The affine map (section work pixels -> plate pixels) from :func:`initial_map` and the engine.
+
+    ``kind="affine"`` first refines a similarity map, then the free one, kept while
+    :func:`_stretch` stays within :data:`MAX_STRETCH`; other kinds refine once.
+    """
+    matrix, start = initial_map(work, mask, plate, scale)
+    kind = options.get("kind", "affine")
+    kinds = ["similarity", kind] if kind == "affine" else [kind]
+    metrics: dict = {"start": start}
+    for stage in kinds:
+        moved = _pull(plate, matrix, work.shape)
+        reg = register(work, moved, method="affine", **common, **{**options, "kind": stage})
+        found = matrix @ reg.transform.matrix
+        stretch = _stretch(matrix, found)
+        if stage == "affine" and stretch > MAX_STRETCH:
+            metrics.update(kept="similarity", rejected_stretch=stretch)
+            break
+        matrix = found
+        metrics.update(_scalar_metrics(reg.metrics), kept=stage)
+    return matrix, metrics
 
 
 def _work_to_full(full: tuple[int, int], zoom: tuple[float, float]) -> AffineTransform:
@@ -107,12 +214,13 @@ def register_plate(
     s = plate_scale(mask, plate)
     common = {"device": device, "progress": progress, "cancel": cancel, "fixed_mask": mask}
     aff_opts = {**AFFINE_DEFAULTS, **(affine_options or {}), **(reg_options if method == "affine" else {})}
-    aff_opts.setdefault("moving_spacing", (s, s))
-    aff = register(work, plate, method="affine", **common, **aff_opts)
-    steps = [aff.transform]
-    metrics = {"affine": _scalar_metrics(aff.metrics)}
+    matrix, aff_metrics = affine_map(work, mask, plate, s, common, aff_opts)
+    affine = AffineTransform(matrix, shape=work.shape, moving_shape=plate.shape)
+    steps = [affine]
+    metrics = {"affine": aff_metrics}
     if method != "affine":
-        deform = register(work, aff.warped, method=method, **common, **reg_options)
+        moved = affine.warp(plate, work.shape)
+        deform = register(work, moved, method=method, **common, **reg_options)
         steps.insert(0, deform.transform)
         metrics[method] = _scalar_metrics(deform.metrics)
     if zoom != (1.0, 1.0):
