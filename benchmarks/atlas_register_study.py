@@ -4,10 +4,10 @@ Queries of two atlases (``brain_phantom`` and ``toy_atlas``), four kinds each: s
 whole, atlas stain), oblique (tilt up to 10 degrees), partial and fluorescence-like contrast, all
 rotated in-plane up to 10 degrees and rescaled. A second set of ``toy_atlas`` cuts with known
 atlas coordinates gives the oracle (the plate's labels read at every pixel's true in-plane
-position, the best a 2D map can do) and the rotation error of the affine map.
+position, the best a 2D map can do).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/atlas_register_study.py [--per-kind 5]
-        [--nephi-every 2] [--module path/to/register.py]
+        [--methods affine,nephi] [--nephi-every 2] [--module path/to/register.py]
 
 ``--module`` runs another version of ``engines/atlas/register.py`` (e.g. the previous commit's,
 from ``git show HEAD~1:src/napari_nephi/engines/atlas/register.py > /tmp/old_register.py``).
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 import time
 
@@ -89,12 +90,12 @@ def oracle_cuts(reference, labels, n: int, seed: int) -> list[dict]:
     return out
 
 
-def run(lk, qs, register_plate, method: str, every: int) -> list[dict]:
+def run(lk, qs, register_plate, method: str, every: int, affine: dict) -> list[dict]:
     rows = []
     for i, q in enumerate(qs):
         if i % every:
             continue
-        opts = NEPHI_FAST if method == "nephi" else {}
+        opts = {**NEPHI_FAST, "affine_options": affine} if method == "nephi" else affine
         t = time.perf_counter()
         reg = register_plate(lk, q["image"], q["plate"], method, device="cpu", **opts)
         rows.append(
@@ -112,9 +113,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-kind", type=int, default=5)
     ap.add_argument("--oracle", type=int, default=10)
-    ap.add_argument("--nephi-every", type=int, default=2, help="nephi on every n-th query (0: none)")
+    ap.add_argument("--methods", default="affine,nephi", help="comma-separated: affine, nephi")
+    ap.add_argument("--nephi-every", type=int, default=2, help="nephi on every n-th query")
     ap.add_argument("--module", default=None)
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument(
+        "--affine", default="{}", help='options of the affine step as JSON, e.g. {"similarity": "nmi"}'
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     register_plate = load_register(args.module)
@@ -129,9 +134,10 @@ def main() -> None:
         qs = queries(ref, lab, args.per_kind, args.seed)
         if name == "toy":
             qs += oracle_cuts(ref, lab, args.oracle, args.seed)
-        methods = [("affine", 1)] + ([("nephi", args.nephi_every)] if args.nephi_every else [])
+        every = {"affine": 1, "nephi": args.nephi_every}
+        methods = [(m, every[m]) for m in args.methods.split(",")]
         for method, every in methods:
-            rows = run(lk, qs, register_plate, method, every)
+            rows = run(lk, qs, register_plate, method, every, json.loads(args.affine))
             for kind in [*KINDS, "oracle", "all"]:
                 sel = [
                     r for r in rows if kind in ("all", r["kind"]) and (kind != "all" or r["kind"] != "oracle")

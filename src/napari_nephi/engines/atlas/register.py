@@ -42,8 +42,13 @@ AFFINE_DEFAULTS = {"kind": "affine", "init": "identity", "rotation_search": Fals
 #: Largest rotation (degrees) of a section against its plate searched for the start, and its step.
 MAX_ROTATION = 24.0
 ROTATION_STEP = 3.0
-#: Factors of the extent-based scale guess tried for the start (oblique or torn sections).
-SCALE_FACTORS = (0.85, 0.92, 1.0, 1.08)
+#: Factors of the extent-based scale guess tried for the start. The guess is the larger ratio of
+#: the tissue extents, so cropped tissue makes it too small, rarely too large.
+SCALE_FACTORS = (0.93, 1.0, 1.08, 1.16)
+#: NCC a start loses for a rotation of MAX_ROTATION (linearly in the angle): a partial section's
+#: outline fits a turned plate about as well as the upright one, and sections are mounted nearly
+#: upright.
+ROTATION_PRIOR = 0.03
 #: Largest side of the grid the start is searched on.
 SEARCH_SIDE = 64
 #: Largest ratio of the free affine map's singular values to those of the similarity map it
@@ -141,6 +146,7 @@ def initial_map(
             w = _pull(inside, m @ to_work, shape, order=0)
             img = _pull(moving, m @ to_work, shape) * w
             shift, score = search.best(torch.from_numpy(img), torch.from_numpy(w))
+            score -= ROTATION_PRIOR * abs(angle) / MAX_ROTATION
             if score > best[0]:
                 best = (score, m @ _homogeneous(np.eye(2), zoom * shift), float(angle), scale * factor)
     return best[1], {"angle": best[2], "scale": best[3], "score": float(best[0])}
