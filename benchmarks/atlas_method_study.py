@@ -14,6 +14,7 @@ truth is the nearest plate. For ``list`` the section is cut from the dense volum
 its plate. The lookup's test-time variants are compared on the same trained network:
 
 * ``plain``: the index as trained (``lk.lookup_many``).
+* ``smooth``: distances smoothed along the plate axis (0.25, 0.5, 0.25) before ranking.
 * ``no-mirror``: embeddings of the section alone (no left-right mirror average), when the index
   uses the mirror.
 
@@ -129,6 +130,12 @@ def run(name: str, options: dict, count: int, seed: int) -> list[dict]:
     base["lookup_ms"] = float(np.median(times))
     base["steps_done"] = lk.settings["steps_done"]
     rows = [{**base, "variant": "plain", **scores(lk.lookup_many(images, top=None), truth)}]
+    q = lk.embed(images)
+    d = np.linalg.norm(q[:, None, :] - lk.embeddings[None, :, :], axis=2)
+    smooth = np.pad(d, ((0, 0), (1, 1)), mode="edge")
+    smooth = 0.25 * smooth[:, :-2] + 0.5 * smooth[:, 1:-1] + 0.25 * smooth[:, 2:]
+    ranked = [[(int(j), 0.0) for j in np.argsort(row, kind="stable")] for row in smooth]
+    rows.append({**base, "variant": "smooth", **scores(ranked, truth)})
     for variant, value in (("no-mirror", False),):
         if getattr(lk, "mirror", None) is True:
             lk.mirror = value
