@@ -114,3 +114,11 @@ def test_every_method_gets_only_options_its_engine_takes(qtbot, method):
     sent = set(opts.values()) - {"method", "device"}
     assert sent <= set(engine_info(method).options)
     assert ("iterations" in sent) == (method != "mito")
+
+
+def test_whole_slide_engines_are_not_offered(qtbot):
+    """The histology engine returns a lazy pyramid and has its own widget: Register images leaves it out."""
+    opts = RegistrationOptions("affine")
+    qtbot.addWidget(opts)
+    offered = [opts.method.itemText(i) for i in range(opts.method.count())]
+    assert "histology" not in offered and {"affine", "nephi", "mito"} <= set(offered)

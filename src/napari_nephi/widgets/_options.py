@@ -78,7 +78,8 @@ class RegistrationOptions(QWidget):
         super().__init__(parent)
         self.form = QFormLayout()
         self.advanced_form = QFormLayout()
-        methods = available_methods()
+        # whole-slide engines (histology) have their own widget and return a pyramid, not an image
+        methods = [m for m in available_methods() if not engine_info(m).whole_slides]
         self.method = _combo(methods, method if method in methods else methods[0])
         self.iterations = _auto_spin(100000)
         self.levels = _auto_spin(8)
