@@ -61,6 +61,17 @@ def test_option_typo_lists_the_valid_options(pair, capsys, monkeypatch):
     assert "Valid options: " in line and "kind" in line and "levels" in line
     assert main(register_args(pair, pair / "o", "--method", "nephi")) == 2  # --kind is affine's
     assert "Unknown option for method 'nephi': 'kind'" in one_error_line(capsys)
+    args = [
+        "register",
+        str(pair / "f.tif"),
+        str(pair / "m.tif"),
+        "-o",
+        str(pair / "o"),
+        "--method",
+        "histology",
+    ]
+    assert main(args) == 2  # whole slides have their own command
+    assert "use 'napari-nephi register-slides FIXED MOVING -o OUT'" in one_error_line(capsys)
     assert not (pair / "o").exists()
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.errors import InputError
 from ..core.files import atomic_write_bytes, check_output_file, check_output_folder, output_folder
 from ._common import (
     HelpFormatter,
@@ -125,8 +126,13 @@ def _write_shapes_csv(path: Path, paths: list) -> None:
 
 def engine_options_from_args(args: argparse.Namespace) -> dict:
     """``--option`` items and the option flags given, checked against the engine's option names."""
-    from ..engines.registry import check_options
+    from ..engines.registry import check_options, engine_info
 
+    if engine_info(args.method).whole_slides:
+        raise InputError(
+            f"Method '{args.method}' registers whole slides and writes a pyramid: use "
+            "'napari-nephi register-slides FIXED MOVING -o OUT' instead."
+        )
     options = parse_options(args.option)
     for key in FLAG_OPTIONS:
         value = getattr(args, key, None)
