@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from napari_nephi import AtlasLookup, Cancelled, InputError
+from napari_nephi.engines.atlas.preprocess import prepare_batch
 from napari_nephi.engines.atlas.train import true_plate_ranks
 from napari_nephi.synthetic.atlas import section_from_atlas, toy_atlas
 
@@ -47,6 +49,23 @@ def test_same_seed_same_index_other_seed_another(small_atlas):
     c = AtlasLookup.train(reference, labels, device="cpu", seed=4, **TINY)
     np.testing.assert_array_equal(a.embeddings, b.embeddings)
     assert not np.allclose(a.embeddings, c.embeddings)
+
+
+def test_ordinal_loss_and_mirror_options_change_the_index(small_atlas):
+    reference, labels = small_atlas
+    plain = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY, ordinal=0.0)
+    ordinal = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY, ordinal=2.0)
+    assert not np.allclose(plain.embeddings, ordinal.embeddings)  # the ordinal term trains the net
+    mirror = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY, mirror=True)
+    assert mirror.mirror and not plain.mirror
+    section = section_from_atlas(reference, 5.0, 3.0, crop=(0, 0, 0.3, 0))
+    # a mirror index embeds a section as the normalised sum of it and its mirror image
+    x = prepare_batch([section], TINY["input_size"])
+    with torch.no_grad():
+        expected = (mirror.net(x) + mirror.net(x.flip(-1))).numpy()
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(mirror.embed([section]), expected, atol=1e-5)
+    assert mirror.lookup(section, top=3) == mirror.lookup(section.copy(), top=3)
 
 
 def test_progress_reports_every_step_with_loss_and_validation(small_atlas):
