@@ -60,3 +60,20 @@ def test_a_folder_of_only_outputs_names_without_a_transform_is_refused(tmp_path)
     with pytest.raises(UnsupportedFileError, match="did not write"):
         _registration(1.0).save(out)
     assert (out / "settings.json").read_text() == "{}"
+
+
+def test_array_metrics_are_written_as_files_not_as_text(tmp_path):
+    """Carried atlas labels in ``metrics`` land in their own TIFF with their values, named in metrics.json."""
+    import json
+
+    import tifffile
+
+    reg = _registration(1.0)
+    labels = np.arange(72, dtype=np.uint16).reshape(8, 9) * 900
+    reg.metrics = {"labels": labels, "ncc_after": 0.9, "regions": {"1": "cortex"}}
+    reg.save(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["ncc_after"] == 0.9 and saved["regions"] == {"1": "cortex"}
+    assert saved["labels"] == {"file": "metric_labels.tif", "shape": [8, 9], "dtype": "uint16"}
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "metric_labels.tif"), labels)
+    assert reg.metrics["labels"] is labels  # the result itself is unchanged

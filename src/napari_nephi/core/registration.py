@@ -29,8 +29,9 @@ class Registration:
     def save(self, folder) -> Path:
         """Write ``transform/``, ``warped.tif``, ``metrics.json`` and ``settings.json`` to ``folder``.
 
-        A list-valued ``warped`` (a lazy multiscale pyramid of a whole slide) is written as a tiled
-        pyramidal ``warped.ome.tif`` tile by tile, with ``settings["spacing"]`` as its pixel size.
+        Array-valued metrics (e.g. the atlas labels carried onto a section) are written beside
+        them as ``metric_<name>.tif`` and named in ``metrics.json``. Engines whose ``warped`` is
+        not one in-memory image (a whole slide's pyramid) override :meth:`write_warped`.
 
         The folder is written atomically (see :func:`napari_nephi.core.files.output_folder`): an
         earlier output there is replaced as a whole, also one saved by a version that wrote no
@@ -40,22 +41,29 @@ class Registration:
         import tifffile
 
         folder = Path(folder)
+        metrics = {}
         with output_folder(folder, earlier_output=saved_without_marker) as tmp:
             self.transform.save(tmp / "transform")
-            (tmp / "metrics.json").write_text(json.dumps(self.metrics, indent=2, default=str))
+            for key, value in self.metrics.items():
+                if isinstance(value, np.ndarray) and value.ndim >= 1:
+                    name = f"metric_{key}.tif"
+                    tifffile.imwrite(tmp / name, value)
+                    metrics[key] = {"file": name, "shape": list(value.shape), "dtype": str(value.dtype)}
+                else:
+                    metrics[key] = value
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
             (tmp / "settings.json").write_text(json.dumps(self.settings, indent=2, default=str))
-            if isinstance(self.warped, list | tuple):
-                from ..io.pyramid_writer import write_ome_pyramid
-
-                spacing = self.settings.get("spacing")
-                write_ome_pyramid(tmp / "warped.ome.tif", list(self.warped), spacing_um=spacing)
-            else:
-                tifffile.imwrite(tmp / "warped.tif", np.asarray(self.warped, np.float32))
+            self.write_warped(tmp)
         return folder
 
+    def write_warped(self, folder: Path) -> None:
+        """Write ``warped`` into the (temporary) output ``folder``: ``warped.tif`` here."""
+        import tifffile
 
-#: What :meth:`Registration.save` writes into its folder (besides the output marker) for an in-memory
-#: ``warped``; a pyramid is written as ``warped.ome.tif`` instead of ``warped.tif``.
+        tifffile.imwrite(folder / "warped.tif", np.asarray(self.warped, np.float32))
+
+
+#: What :meth:`Registration.save` of an earlier version wrote into its folder (it wrote no output marker).
 SAVED_NAMES = ("transform", "warped.tif", "metrics.json", "settings.json")
 
 

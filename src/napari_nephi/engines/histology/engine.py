@@ -22,6 +22,7 @@ from ...core.metrics import process_peak_rss_mb
 from ...core.options import check_bool, check_choice, check_float, check_int
 from ...core.registration import Pair, Registration
 from ...core.transform import AffineTransform, ComposedTransform, Transform
+from ...io.pyramid_writer import write_ome_pyramid
 from ..registry import register_engine
 from .grids import Grid, field_on_grid, read_on_grid
 from .predict import compose, predict_field, warp
@@ -244,6 +245,16 @@ def _stage_refine(
     return summary
 
 
+class SlideRegistration(Registration):
+    """A whole-slide result: ``warped`` is a lazy multiscale pyramid (list of dask arrays)."""
+
+    def write_warped(self, folder: Path) -> None:
+        """Write the pyramid as a tiled ``warped.ome.tif``, tile by tile, at the fixed pixel size."""
+        write_ome_pyramid(
+            folder / "warped.ome.tif", list(self.warped), spacing_um=self.settings.get("spacing")
+        )
+
+
 @register_engine(
     "histology",
     "whole slides of different stains: any rotation or mirror, patch networks, refinement",
@@ -348,4 +359,4 @@ def histology(
         else [str(w) for w in ([weights] if isinstance(weights, str | Path) else weights)],
         "seed": seed,
     }
-    return Registration(warped=warped, transform=transform, metrics=metrics, settings=settings)
+    return SlideRegistration(warped=warped, transform=transform, metrics=metrics, settings=settings)
