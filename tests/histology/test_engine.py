@@ -67,6 +67,28 @@ def test_rotation_flip_and_warp_recovered(warped_case):
     assert reg.metrics["tiles_refined"] >= 1
 
 
+def test_preview_after_the_rigid_stage_shows_the_aligned_moving_slide(warped_case):
+    """The GUI gets the moving slide under the rigid map on a coarse fixed grid, with its zoom."""
+    pair, reg, events, _ = warped_case
+    previews = [e for e in events if e.preview is not None]
+    assert previews and previews[0].stage == "rigid: done"
+    zoom = np.asarray(previews[0].extra["preview_zoom"])
+    preview = np.asarray(previews[0].preview, np.float64)
+    expected = np.ceil(np.asarray(pair.fixed.shape[:2]) / zoom).astype(int)
+    np.testing.assert_array_equal(preview.shape[:2], expected)
+    from napari_nephi.engines.histology.stain import stain_channel
+
+    # the moving slide is re-stained: compare haematoxylin, on the preview grid
+    h_fixed = cv2.resize(
+        stain_channel(pair.fixed, "hematoxylin")[0], preview.shape[1::-1], interpolation=cv2.INTER_AREA
+    )
+    h_preview = stain_channel(np.clip(preview, 0, 255).astype(np.uint8), "hematoxylin")[0]
+    tissue = (
+        cv2.resize(pair.tissue.astype(np.uint8), preview.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
+    )
+    assert np.corrcoef(h_fixed[tissue], h_preview[tissue])[0, 1] > 0.8
+
+
 def test_large_rotation_rigid_only(ihc):
     pair = slide_pair(ihc, seed=5, rotation=-95.0, shift=(7, -4))
     reg = napari_nephi.register(pair.fixed, pair.moving, method="histology", stages=["rigid"])

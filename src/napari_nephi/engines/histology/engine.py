@@ -130,6 +130,20 @@ class _Run:
         return img
 
 
+#: Longest side of the previews sent after each stage (the moving slide under the transform so far).
+PREVIEW_SIDE = 512
+
+
+def _send_preview(run: _Run, stage: str) -> None:
+    """Send the moving slide under the current transform on a coarse fixed grid, if a GUI wants it."""
+    if not run.progress.wants_preview:
+        return
+    um = run.um_f * max(1.0, max(run.fixed.shape[:2]) / PREVIEW_SIDE)
+    grid = Grid(tuple(int(n) for n in run.fixed.shape[:2]), run.um_f, um)
+    preview = run.read_moving(grid, run.transform())
+    run.progress.step(1, 1, stage=stage, preview=preview, preview_zoom=(grid.factor, grid.factor))
+
+
 def _masks(run: _Run, f_img, m_img, fixed_mask, moving_mask) -> tuple[np.ndarray, np.ndarray]:
     out = []
     for name, given, img in (("fixed", fixed_mask, f_img), ("moving", moving_mask, m_img)):
@@ -161,6 +175,7 @@ def _stage_rigid(run: _Run, allow_flip: bool, rigid_um: float, use: bool, masks)
         info.update(
             rigid_angle=res.angle, rigid_flipped=res.flipped, rigid_scale=res.scale, rigid_score=res.score
         )
+        _send_preview(run, "rigid: done")
     run.seconds["rigid"] = time.perf_counter() - start
     return info
 
@@ -206,6 +221,7 @@ def _stage_networks(run: _Run, grid: Grid, nets: dict, stages, iterations: dict,
     if u.any():
         run.parts = field_on_grid(u, grid) + run.parts
         info["fold_percent_networks"] = field_folds(u, fmask)
+        _send_preview(run, f"{wanted[-1]} network: done")
     return info
 
 
