@@ -54,6 +54,14 @@ class RunStateMachine(QObject):
         old, self._state = self._state, new
         self.changed.emit(old, new)
 
+    def cancel(self, runner, status=None) -> None:
+        """Cancel: a running job moves to CANCELLING, ``status`` (a label) says so, the runner stops."""
+        if self.is_(RunState.RUNNING):
+            self.to(RunState.CANCELLING)
+            if status is not None:
+                status.setText("Cancelling…")
+            runner.cancel()
+
 
 class RunControls(QWidget):
     """Run and Cancel buttons that follow a :class:`RunStateMachine`.

@@ -179,10 +179,7 @@ class AtlasWidget(QWidget):
 
     def cancel(self) -> None:
         """Stop the running job (the Cancel button)."""
-        if self.state.is_(RunState.RUNNING):
-            self.state.to(RunState.CANCELLING)
-            self.status.setText("Cancelling…")
-            self.runner.cancel()
+        self.state.cancel(self.runner, self.status)
 
     def _on_progress(self, event) -> None:
         if not self.state.is_(RunState.RUNNING):

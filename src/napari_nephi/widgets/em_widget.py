@@ -203,10 +203,7 @@ class EMAlignWidget(QWidget):
 
     def cancel(self) -> None:
         """Stop the running alignment (the Cancel button)."""
-        if self.state.is_(RunState.RUNNING):
-            self.state.to(RunState.CANCELLING)
-            self.status.setText("Cancelling…")
-            self.runner.cancel()
+        self.state.cancel(self.runner, self.status)
 
     def _on_progress(self, event) -> None:
         if not self.state.is_(RunState.RUNNING):

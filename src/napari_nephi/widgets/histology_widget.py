@@ -186,10 +186,7 @@ class HistologyWidget(QWidget):
 
     def cancel(self) -> None:
         """Stop the running registration (the Cancel button); the viewer is left as it was."""
-        if self.state.is_(RunState.RUNNING):
-            self.state.to(RunState.CANCELLING)
-            self.status.setText("Cancelling…")
-            self.runner.cancel()
+        self.state.cancel(self.runner, self.status)
 
     def _on_progress(self, event) -> None:
         if not self.state.is_(RunState.RUNNING):

@@ -231,10 +231,7 @@ class RegisterWidget(QWidget):
 
     def cancel(self) -> None:
         """Stop the running registration (the Cancel button)."""
-        if self.state.is_(RunState.RUNNING):
-            self.state.to(RunState.CANCELLING)
-            self.status.setText("Cancelling…")
-            self.runner.cancel()
+        self.state.cancel(self.runner, self.status)
 
     def _on_progress(self, event) -> None:
         if event.preview is not None:  # the worker waits until this is drawn (next turn)
