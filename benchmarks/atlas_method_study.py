@@ -24,6 +24,24 @@ time, all threads) and wall seconds, ms per lookup (one section, all plates rank
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/atlas_method_study.py --atlases toyA list \\
         --options '{"steps": 500}' --label baseline
 
+Measured (study options, 1 thread, seed 0 unless noted; mean rank / top-5 %):
+
+=====================  ===========  ===========  ===========
+configuration          toyA (59)    toyB (52)    list (44)
+=====================  ===========  ===========  ===========
+triplet, 500 steps     5.95 / 64    3.89 / 70    2.23 / 90
++ mirror               5.94 / 55                 2.39 / 88
++ ordinal 1, 500       3.47 / 81    2.54 / 84    2.66 / 83
++ ordinal 3, 500       4.06 / 76
+triplet, 1000          2.88 / 80    2.14 / 87    1.73 / 90
++ ordinal 1, 1000      1.26 / 95    1.55 / 93    1.38 / 90
+seed 1: triplet, 1000  5.72 / 69                 2.54 / 81
+seed 1: ordinal, 1000  3.48 / 78                 1.22 / 90
+ordinal, reach 4       1.52 / 93                 1.49 / 93
+ordinal, reach 16      2.22 / 84                 1.35 / 92
+ordinal, 2000 steps    1.63 / 91
+=====================  ===========  ===========  ===========
+
 Not part of the test run.
 """
 
