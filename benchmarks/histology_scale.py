@@ -38,6 +38,7 @@ import tifffile
 import torch
 import zarr
 from _measure import measure
+from _stage_log import StageLog
 from histology_accuracy import fetch_svs
 
 import napari_nephi
@@ -176,6 +177,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="folder for the OME-TIFF (default: a temporary one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="4096 px, working 8 um, refine 8 um")
+    ap.add_argument(
+        "--log", default=None, help="file to append stage, RSS and peak RSS to as the run goes (and results)"
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.size, args.working_um, args.refine_um = 4096, 8.0, 8.0
@@ -183,7 +187,13 @@ def main(argv=None) -> None:
     size = args.size
     n_levels = 1 + max(0, math.ceil(math.log2(size / 512)))
     fixed, moving, tissue, motion = slides(size, n_levels, args.source_chunk, args.rotation, args.seed)
-    print(
+    log = StageLog(args.log)
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        log.write(f"| {text}")
+
+    say(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"load {os.getloadavg()[0]:.1f}; "
         f"dask threads {args.threads}, torch 1 thread; slides {size} x {size} RGB, {n_levels} levels, "
@@ -194,13 +204,21 @@ def main(argv=None) -> None:
     def register():
         with dask.config.set(scheduler="threads", num_workers=args.threads):
             return napari_nephi.register(
-                fixed, moving, method="histology", spacing=(UM, UM), moving_spacing=(UM, UM), **options
+                fixed,
+                moving,
+                method="histology",
+                spacing=(UM, UM),
+                moving_spacing=(UM, UM),
+                progress=log.progress,
+                **options,
             )
 
+    log.set_stage("read rigid level")
     reg, reg_s, reg_mib = measure(register)
+    log.set_stage("TRE")
     m = reg.metrics
-    print(f"registration {reg_s:.1f} s, peak extra {reg_mib:.0f} MiB; stages {m['seconds_per_stage']}")
-    print(
+    say(f"registration {reg_s:.1f} s, peak extra {reg_mib:.0f} MiB; stages {m['seconds_per_stage']}")
+    say(
         f"settings: rigid_um {reg.settings['rigid_um']:.2f}, working_um {reg.settings['working_um']:.2f}, "
         f"refine_um {reg.settings['refine_um']:.2f}; rigid angle {m.get('rigid_angle')}, flipped "
         f"{m.get('rigid_flipped')}; NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}; notes {m['notes']}"
@@ -213,7 +231,7 @@ def main(argv=None) -> None:
     y, x = y[keep][:2000], np.stack([ty, tx], 1)[keep][:2000]
     err = np.linalg.norm(reg.transform.map_points(x) - y, axis=1)
     diag = math.hypot(size, size)
-    print(
+    say(
         f"TRE on {len(err)} tissue points: median {np.median(err) * UM:.2f} um, p90 "
         f"{np.percentile(err, 90) * UM:.2f} um, max {err.max() * UM:.1f} um; median rTRE "
         f"{100 * np.median(err) / diag:.4f} %"
@@ -224,12 +242,14 @@ def main(argv=None) -> None:
 
     def write():
         with dask.config.set(scheduler="threads", num_workers=args.threads):
-            return write_ome_pyramid(path, reg.warped, spacing_um=(UM, UM), tile=512)
+            return write_ome_pyramid(path, reg.warped, spacing_um=(UM, UM), tile=512, progress=log.progress)
 
+    log.set_stage("write OME-TIFF")
     _, write_s, write_mib = measure(write)
+    log.set_stage("check output")
     reg.transform.save(folder / "transform")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(
+    say(
         f"warp + write {write_s:.1f} s, peak extra {write_mib:.0f} MiB; "
         f"output {path.stat().st_size / 2**20:.0f} MiB"
     )
@@ -239,13 +259,15 @@ def main(argv=None) -> None:
         pts = x[:200].round()
         got = np.stack([z[int(a), int(b)] for a, b in pts]).astype(float)
     ideal = tissue.sample(0, pts[:, 0], pts[:, 1])
-    print(f"levels written {shapes}")
-    print(
+    say(f"levels written {shapes}")
+    say(
         f"200 written level-0 tissue pixels vs the ideal (re-stained tissue in the fixed frame): median "
         f"|error| {np.median(np.abs(got - ideal)):.1f}, of the unregistered moving "
         f"{np.median(np.abs(ideal - moving_at(moving, pts))):.1f} (grey levels)"
     )
-    print(f"peak RSS of the process {peak:.0f} MiB (target < 2048); total {time.process_time():.0f} s CPU")
+    say(f"peak RSS of the process {peak:.0f} MiB (target < 2048); total {time.process_time():.0f} s CPU")
+    stage_peaks = log.close()
+    say("peak RSS per stage (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in stage_peaks.items()))
 
 
 def moving_at(moving: list, pts: np.ndarray) -> np.ndarray:
