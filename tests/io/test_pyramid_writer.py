@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from napari_nephi.core.errors import Cancelled, InputError, UnsupportedFileError
 from napari_nephi.core.lazy_warp import warp_pyramid
 from napari_nephi.core.progress import Progress
 from napari_nephi.core.transform import AffineTransform
+from napari_nephi.io import tile_bands
 from napari_nephi.io.pyramid_writer import write_ome_pyramid
 from napari_nephi.io.slides import as_slide, open_slide
 
@@ -166,3 +168,73 @@ def test_a_lazily_warped_pyramid_is_written_and_read_back(tmp_path):
     np.testing.assert_array_equal(level0[:, 20:], moving.levels[0][10:650, :580].compute())
     assert np.all(level0[:, :19] == 255)
     np.testing.assert_array_equal(back.levels[1].compute(), levels[1].compute())
+
+
+class RecordingArray:
+    """A numpy image read through ``[y0:y1, x0:x1]`` (like an OpenSlide level); records each box read."""
+
+    def __init__(self, image):
+        self.image, self.shape, self.dtype, self.ndim = image, image.shape, image.dtype, image.ndim
+        self.areas: list[int] = []
+
+    def __getitem__(self, index):
+        part = self.image[index]
+        self.areas.append(part.shape[0] * part.shape[1])
+        return part
+
+
+def test_a_wide_level_is_read_in_groups_of_bounded_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(tile_bands, "MAX_BAND_BYTES", 8 * 32 * 32)  # eight 32 px grey tiles
+    image = np.random.default_rng(7).integers(0, 256, (100, 4000), dtype=np.uint8)
+    level = RecordingArray(image)
+
+    write_ome_pyramid(tmp_path / "wide.ome.tif", [level], tile=32, compression=None)
+
+    assert max(level.areas) <= 8 * 32 * 32  # the whole band (a tile row: 128000 px) is never read
+    assert sum(level.areas) == image.size  # every pixel read once
+    with tifffile.TiffFile(tmp_path / "wide.ome.tif") as tf:
+        np.testing.assert_array_equal(tf.series[0].levels[0].asarray(), image)
+
+
+def _pattern(y0, y1, x0, x1):
+    yy, xx = np.arange(y0, y1, dtype=np.int32)[:, None], np.arange(x0, x1, dtype=np.int32)
+    out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+    out[..., 0], out[..., 1], out[..., 2] = (yy * 7 + xx) % 251, (xx * 3) % 256 + 0 * yy, (yy + 2 * xx) % 253
+    return out
+
+
+def test_tall_bands_of_a_wide_lazy_level_are_spilled_not_held(tmp_path, monkeypatch):
+    import tracemalloc
+
+    rows, cols = 256, 16384  # one band of 256 x 16384 x 3 = 12 MiB, in 1024 px dask chunks
+    level = da.map_blocks(
+        lambda block_info=None: _pattern(*sum(block_info[None]["array-location"][:2], ())),
+        chunks=((256,), (1024,) * 16, (3,)),
+        dtype=np.uint8,
+    )
+    monkeypatch.setattr(tile_bands, "MAX_BAND_BYTES", 1 << 20)
+    plan = tile_bands.plan_bands(level, 128)
+    assert [(b.y0, b.y1, b.spill) for b in plan] == [(0, 256, True)]
+    assert plan[0].groups == tuple((x, x + 1024) for x in range(0, cols, 1024))
+    path = tmp_path / "wide.ome.tif"
+
+    tracemalloc.start()
+    try:
+        with dask.config.set(scheduler="threads", num_workers=2):
+            write_ome_pyramid(path, [level], tile=128, compression=None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    # the band alone is 12 MiB; computed whole (budget raised), this write peaks at 24 MiB
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB held"
+    assert os.listdir(tmp_path) == ["wide.ome.tif"]  # the spill file is gone
+    with tifffile.TiffFile(path) as tf:
+        np.testing.assert_array_equal(tf.series[0].levels[0].asarray(), _pattern(0, rows, 0, cols))
+
+
+def test_narrow_bands_are_computed_whole(tmp_path):
+    level = da.zeros((600, 700, 3), np.uint8, chunks=(256, 256, 3))
+    plan = tile_bands.plan_bands(level, 128)
+    assert [(b.y0, b.y1) for b in plan] == [(0, 256), (256, 512), (512, 600)]
+    assert all(b.groups == ((0, 700),) and not b.spill for b in plan)

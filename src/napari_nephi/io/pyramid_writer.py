@@ -3,16 +3,16 @@
 Level 0 is the main image, coarser levels its SubIFDs (the layout QuPath, OMERO and tifffile read
 as one multiscale image); the physical pixel size goes into the OME-XML ``PhysicalSizeX/Y`` in um.
 A level is computed one band of tile rows at a time (aligned to its dask chunks, so each chunk
-is computed once), never whole; the file appears only when complete.
+is computed once), never whole, and a band wider than :data:`~.tile_bands.MAX_BAND_BYTES` in column
+groups (:mod:`.tile_bands`); the file appears only when complete.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import tifffile
 
@@ -22,41 +22,12 @@ from ..core.options import check_choice, check_int
 from ..core.progress import Progress, ProgressCallback
 from ._util import PathLike, atomic_write, full_suffix, is_tiff
 from .slides import as_slide
+from .tile_bands import iter_tiles, plan_bands
 
 __all__ = ["write_ome_pyramid"]
 
-#: bands taller than this many rows are cut into tile-row bands (huge dask chunks)
-MAX_BAND_ROWS = 4096
 _COMPRESSIONS = (None, "none", "zlib", "deflate", "lzw", "zstd", "jpeg", "lzma", "packbits")
 _OME_DTYPES = tuple(np.dtype(t) for t in ("uint8", "uint16", "int8", "int16", "int32", "uint32", "float32"))
-
-
-def _bands(level: Any, tile: int) -> list[tuple[int, int]]:
-    """Row ranges computed at once: whole tile rows, ending at the dask row chunks' ends when possible."""
-    rows = level.shape[0]
-    edges = [rows]
-    if isinstance(level, da.Array) and max(level.chunks[0]) <= MAX_BAND_ROWS:
-        edges = [int(e) for e in np.cumsum(level.chunks[0])]
-    height = max(tile, MAX_BAND_ROWS // tile * tile)
-    out, start = [], 0
-    for edge in edges:
-        stop = min(rows, math.ceil(edge / tile) * tile)
-        while stop > start:
-            end = min(stop, start + height)
-            out.append((start, end))
-            start = end
-    return out
-
-
-def _tiles(level: Any, tile: int, bands: list[tuple[int, int]], on_band) -> Iterator[np.ndarray]:
-    """Tiles of ``level`` in row-major order, computing one band of rows at a time (then ``on_band()``)."""
-    for y0, y1 in bands:
-        part = level[y0:y1]
-        band = part.compute() if isinstance(part, da.Array) else np.asarray(part)
-        on_band()
-        for ty in range(0, y1 - y0, tile):
-            for tx in range(0, band.shape[1], tile):
-                yield np.ascontiguousarray(band[ty : ty + tile, tx : tx + tile])
 
 
 def _check_levels(levels: Sequence[Any]) -> tuple[np.dtype, tuple[int, ...]]:
@@ -114,7 +85,7 @@ def write_ome_pyramid(
     if spacing_um is not None:
         sp = check_spacing((spacing_um, spacing_um) if np.isscalar(spacing_um) else spacing_um, 2)
         meta.update(PhysicalSizeY=sp[0], PhysicalSizeX=sp[1], PhysicalSizeYUnit="µm", PhysicalSizeXUnit="µm")
-    plan = [_bands(lvl, tile) for lvl in levels]
+    plan = [plan_bands(lvl, tile) for lvl in levels]
     total, done = sum(len(b) for b in plan), [0]
 
     def on_band() -> None:
@@ -129,5 +100,6 @@ def write_ome_pyramid(
         for k, lvl in enumerate(levels):
             shape = tuple(int(n) for n in lvl.shape)
             extra = {"subifds": len(levels) - 1, "metadata": meta} if k == 0 else {"subfiletype": 1}
-            tw.write(_tiles(lvl, tile, plan[k], on_band), shape=shape, **opts, **extra)
+            tiles = iter_tiles(lvl, tile, plan[k], on_band, spill_dir=Path(tmp).parent)
+            tw.write(tiles, shape=shape, **opts, **extra)
     return str(path)
