@@ -278,3 +278,36 @@ def test_from_brainglobe_uses_the_cache_and_structure_names(monkeypatch, tmp_pat
     assert calls == [("toy_mouse_50um", False)]
     assert lk.n_plates == 16 and lk.region_name(10) == "Cerebellum" and lk.region_name(3) == "region 3"
     np.testing.assert_array_equal(lk.plate_labels(8), atlas[1][8])
+
+
+def test_lookup_with_rerank_ranks_every_plate_by_the_pose_search(trained_lookup, toy_reference):
+    reference, _ = toy_reference
+    section = section_from_atlas(reference, 21.0, (5.0, 0.0), crop=(0, 0, 0, 0.4))
+    result = trained_lookup.search_poses(section)
+    ranking = trained_lookup.lookup(section, top=None, rerank=True)
+    assert ranking == result.ranking
+    assert sorted(p for p, _ in ranking) == list(range(trained_lookup.n_plates))
+    dist = np.array([d for _, d in ranking])
+    assert np.all(np.diff(dist) >= 0)
+    assert abs(ranking[0][0] - 21) <= 1
+    # plates outside the pose search follow with 2 + their embedding distance
+    emb = dict(trained_lookup.lookup(section, top=None, rerank=False))
+    for plate, d in ranking:
+        if d >= 2.0:
+            assert d == pytest.approx(2.0 + emb[plate], abs=1e-6)
+    assert trained_lookup.lookup(section, top=3, rerank=True) == ranking[:3]
+    many = trained_lookup.lookup_many([section], top=3, rerank=True)
+    assert many == [ranking[:3]]
+
+
+def test_rerank_default_and_bad_values(trained_lookup, toy_reference):
+    reference, _ = toy_reference
+    section = section_from_atlas(reference, 10.0)
+    assert trained_lookup.rerank_default is False
+    assert trained_lookup.lookup(section, top=3) == trained_lookup.lookup(section, top=3, rerank=False)
+    with pytest.raises(InputError, match="rerank must be True, False or None"):
+        trained_lookup.lookup(section, rerank="yes")
+    with pytest.raises(InputError, match="tilt"):
+        trained_lookup.lookup(section, rerank=True, rerank_options={"tilt": 3})
+    with pytest.raises(InputError, match="tilt"):  # checked even when not re-ranking
+        trained_lookup.lookup(section, rerank=False, rerank_options={"tilt": 3})

@@ -5,6 +5,9 @@
 [(57, 0.21), (58, 0.25), (56, 0.31), (59, 0.38), (55, 0.44)]
 
 Distances are Euclidean between L2-normalised embeddings (0 to 2), best (smallest) first.
+With ``rerank=True`` the embedding's shortlist is re-ranked by a pose search of the section in the
+atlas (:mod:`.rerank`); the distance is then ``1 - similarity`` of the best pose near the plate
+(0 to 2) for the plates searched, and ``2 + embedding distance`` for the plates after them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ...core.registration import Registration
 from .network import EmbeddingNet, embed
 from .plates import Plates
 from .preprocess import image_list
+from .rerank import PoseSearch, RerankResult, check_rerank_options
 from .series import smooth_series
 from .train import (
     _batch_tensor,
@@ -32,6 +36,9 @@ from .train import (
     synthesis_config,
     train_network,
 )
+
+#: Default of ``rerank`` in :meth:`AtlasLookup.lookup` (see benchmarks/README.md, "Atlas lookup").
+RERANK_DEFAULT = False
 
 
 class AtlasLookup:
@@ -58,6 +65,9 @@ class AtlasLookup:
         self._net.to(self._device)
         #: Sections are embedded as the mean with their left-right mirror (as the plates were).
         self.mirror = bool(self._settings.get("options", {}).get("mirror", False))
+        #: Whether :meth:`lookup` re-ranks by the pose search when ``rerank`` is not given.
+        self.rerank_default = RERANK_DEFAULT
+        self._pose_search: PoseSearch | None = None
 
     # -- making one --------------------------------------------------------------------------
     @classmethod
@@ -210,30 +220,75 @@ class AtlasLookup:
         """``(N, D)`` embeddings of sections (a list of 2D/RGB images)."""
         return embed(self._net, sections, device=self._device, mirror=self.mirror)
 
-    def lookup(self, section, top: int | None = 5) -> list[tuple[int, float]]:
+    def _use_rerank(self, rerank) -> bool:
+        if rerank is None:
+            return bool(self.rerank_default)
+        if not isinstance(rerank, (bool, np.bool_)):
+            raise InputError(f"rerank must be True, False or None (the index's default), got {rerank!r}.")
+        return bool(rerank)
+
+    def search_poses(self, section, rerank_options: dict | None = None) -> RerankResult:
+        """The pose search of :mod:`.rerank` for one section: every plate ranked and the best pose
+        found near each searched plate (atlas position, tilt, rotation, scale, centre)."""
+        opts = check_rerank_options(rerank_options)
+        section = _section(section)
+        order = self._rank(self.embed([section]), self.n_plates)[0]
+        if self._pose_search is None:
+            self._pose_search = PoseSearch(self._plates)
+        return self._pose_search.search(section, order, opts)
+
+    def lookup(
+        self,
+        section,
+        top: int | None = 5,
+        rerank: bool | None = None,
+        rerank_options: dict | None = None,
+    ) -> list[tuple[int, float]]:
         """The ``top`` plates nearest to ``section``: ``[(plate_index, distance), ...]`` best first.
 
         ``section``: 2D or RGB, any size (large ones are downsampled), possibly partial or in another
         stain. ``top=None`` (or at least the number of plates) ranks every plate once. Empty,
         constant, NaN or tissue-less sections raise :class:`InputError`.
+        ``rerank``: re-rank the embedding's shortlist by a pose search in the atlas (see
+        :mod:`.rerank`; distances are then ``1 - pose similarity``); ``None`` takes
+        :attr:`rerank_default`. ``rerank_options``: see :data:`.rerank.DEFAULTS`.
         """
         k = self._top(top)
+        if self._use_rerank(rerank):
+            return self.search_poses(section, rerank_options).ranking[:k]
+        check_rerank_options(rerank_options)
         return self._rank(self.embed([_section(section)]), k)[0]
 
-    def lookup_many(self, sections: Sequence, top: int | None = 5) -> list[list[tuple[int, float]]]:
-        """:meth:`lookup` for every section of a list, in one batch."""
+    def lookup_many(
+        self,
+        sections: Sequence,
+        top: int | None = 5,
+        rerank: bool | None = None,
+        rerank_options: dict | None = None,
+    ) -> list[list[tuple[int, float]]]:
+        """:meth:`lookup` for every section of a list (embedded in one batch)."""
         k = self._top(top)
-        return self._rank(self.embed(image_list(sections)), k)
+        images = image_list(sections)
+        if self._use_rerank(rerank):
+            return [self.search_poses(s, rerank_options).ranking[:k] for s in images]
+        check_rerank_options(rerank_options)
+        return self._rank(self.embed(images), k)
 
-    def lookup_series(self, sections: Sequence, top: int | None = 5) -> dict:
+    def lookup_series(
+        self,
+        sections: Sequence,
+        top: int | None = 5,
+        rerank: bool | None = None,
+        rerank_options: dict | None = None,
+    ) -> dict:
         """Plates for sections in cutting order, made monotonic and evenly spaced (as DeepSlice).
 
         Returns ``dict(picks=[plate per section], rankings=[lookup() of each section], start, step,
         direction)``: the picks lie near the line ``start + step * order`` fitted robustly to the
         sections' top candidates (increasing or decreasing, whichever fits), each chosen among the
-        section's own ``top`` plates when one is near the line.
+        section's own ``top`` plates when one is near the line. ``rerank``: as :meth:`lookup`.
         """
-        rankings = self.lookup_many(sections, top)
+        rankings = self.lookup_many(sections, top, rerank=rerank, rerank_options=rerank_options)
         return smooth_series(rankings, self.n_plates)
 
     # -- after a pick ------------------------------------------------------------------------

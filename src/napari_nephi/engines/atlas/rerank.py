@@ -1,0 +1,289 @@
+"""Second stage of the plate lookup: re-rank the embedding's shortlist by a pose search in the atlas.
+
+The embedding ranks plates fast but sees scale (partial sections are cropped to their tissue),
+obliqueness and a foreign stain poorly. Here the section is compared with the atlas itself:
+
+* **Pose.** For a 3D reference (``Plates.volume``): the atlas position ``z``, a tilt (pitch and yaw
+  within ``max_tilt`` degrees), an in-plane rotation (within ``max_rotation``), a scale and a
+  shift; oblique cuts of the reference come from :func:`scipy.ndimage.map_coordinates` on an
+  in-plane downsampled copy (voxels taken as cubes). For a list of 2D plates: plate, rotation,
+  scale, shift. The section is never cropped to its tissue box in a way that changes its scale:
+  the scale is searched from the ratio of tissue extents (the larger of the two axes, which a cut
+  rarely shortens) to :data:`MAX_SCALE_FACTOR` times it, so half a section is matched to half a
+  plate.
+* **Similarity.** Normalised gradient fields compared by the squared cosine of edge directions on
+  the section's tissue, all shifts at once by FFT (:mod:`.pose_grid`): invariant to inverted or
+  remapped contrast (fluorescence against Nissl).
+* **Search.** Stage 1, on a coarse grid (``coarse_size``): untilted plates of the shortlist (the
+  embedding's ``shortlist`` best plates and ``neighbours`` on each side) x rotations x scales.
+  Stage 2, on the finer grid (``work_size``), for the ``hypotheses`` best poses at least
+  :data:`HYPOTHESIS_GAP` plates apart: nearby plates, rotations and scales; for a volume then
+  pitch, then yaw, of a cut turned about the section's tissue centre, and rotation and scale again.
+* **Ranking.** A pose's plate is the atlas ``z`` of the section's tissue centre under it (what users
+  mean by the plate of a section). Each searched plate ``p`` gets the distance
+  ``1 - max over stage-2 poses (score - plate_penalty * |z - p|)`` (0 to 2), so the plates next
+  to the best pose follow it; the plates not searched follow in the embedding's order with
+  distance ``2 + embedding distance``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from ...core.errors import InputError
+from ...core.options import check_float, check_int, check_known
+from .plates import Plates
+from .pose_grid import AtlasGrid, Pose, extent
+from .preprocess import _segment, downsample, to_grey
+
+__all__ = ["DEFAULTS", "Pose", "PoseSearch", "RerankResult", "check_rerank_options"]
+
+#: Options of the re-ranking (``rerank_options`` of :meth:`AtlasLookup.lookup`).
+DEFAULTS = {
+    "shortlist": 15,  # best plates of the embedding searched
+    "neighbours": 3,  # plates on each side of each shortlisted plate also searched
+    "coarse_size": 32,  # longest side (pixels) of a plate on the grid of stage 1
+    "work_size": 56,  # ... and of stage 2
+    "max_rotation": 15.0,  # in-plane rotation searched (degrees, either way)
+    "rotation_step": 5.0,
+    "max_tilt": 12.0,  # pitch and yaw searched (degrees, either way; volumes only)
+    "tilt_step": 6.0,
+    "scale_step": 1.1,  # ratio of neighbouring scales of stage 1 (stage 2 halves it)
+    "hypotheses": 4,  # distinct stage-1 poses refined in stage 2
+    "plate_penalty": 0.01,  # score lost per plate between a plate and a pose's plate
+}
+#: Scales searched, as factors of the tissue-extent guess: a cut shortens the extents (the true
+#: scale is then larger than the guess); a whole section matches it within a specimen's variation.
+MIN_SCALE_FACTOR = 0.88
+MAX_SCALE_FACTOR = 1.55
+#: The section is segmented and resampled from a copy at most this many times ``work_size`` long.
+SECTION_FACTOR = 4
+#: Stage-2 hypotheses lie at least this many plates apart.
+HYPOTHESIS_GAP = 3
+#: Plates on each side of a hypothesis searched again in stage 2.
+REFINE_PLATES = 2
+
+
+def check_rerank_options(options: dict | None) -> dict:
+    """Validated re-ranking options with :data:`DEFAULTS` filled in; :class:`InputError` for bad ones."""
+    if options is not None and not isinstance(options, dict):
+        raise InputError(
+            f"rerank_options must be a dict of option names to values, got {type(options).__name__}."
+        )
+    options = dict(options or {})
+    check_known("rerank", options, DEFAULTS)
+    out = {**DEFAULTS, **options}
+    out["shortlist"] = check_int("shortlist", out["shortlist"], 1)
+    out["neighbours"] = check_int("neighbours", out["neighbours"], 0, 50)
+    out["coarse_size"] = check_int("coarse_size", out["coarse_size"], 16, 256)
+    out["work_size"] = check_int("work_size", out["work_size"], 16, 256)
+    out["max_rotation"] = check_float("max_rotation", out["max_rotation"], 0.0, 180.0)
+    out["rotation_step"] = check_float("rotation_step", out["rotation_step"], 0.5, 90.0)
+    out["max_tilt"] = check_float("max_tilt", out["max_tilt"], 0.0, 45.0)
+    out["tilt_step"] = check_float("tilt_step", out["tilt_step"], 0.5, 45.0)
+    out["scale_step"] = check_float("scale_step", out["scale_step"], 1.01, 2.0)
+    out["hypotheses"] = check_int("hypotheses", out["hypotheses"], 1, 50)
+    out["plate_penalty"] = check_float("plate_penalty", out["plate_penalty"], 0.0, 1.0)
+    return out
+
+
+@dataclass
+class RerankResult:
+    """``ranking``: ``[(plate, distance), ...]`` of every plate, best first (see the module);
+    ``poses``: the best stage-2 pose whose tissue centre lies on each plate reached;
+    ``pairs``: how many (section variant, atlas cut) pairs were scored."""
+
+    ranking: list[tuple[int, float]]
+    poses: dict[int, Pose] = field(default_factory=dict)
+    pairs: int = 0
+
+
+def _steps(limit: float, step: float) -> list[float]:
+    k = int(math.floor(limit / step + 1e-9))
+    return [i * step for i in range(-k, k + 1)]
+
+
+class PoseSearch:
+    """The pose search of sections in one atlas; the atlas grids are built once and reused."""
+
+    def __init__(self, plates: Plates):
+        self._plates = plates
+        self._grids: dict[int, AtlasGrid] = {}
+        self.n = plates.n
+        self.is_volume = plates.volume is not None
+
+    def grid(self, size: int) -> AtlasGrid:
+        """The atlas on a grid of plates ``size`` pixels long (built on first use)."""
+        if size not in self._grids:
+            self._grids[size] = AtlasGrid(self._plates, size)
+        return self._grids[size]
+
+    @staticmethod
+    def prepare(section, longest: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """(grey, bright tissue on black; its tissue mask; section pixels per pixel of it) of a
+        section at most ``longest`` pixels long. The section is not modified."""
+        full = max(np.shape(section)[:2])
+        grey = to_grey(downsample(section, 2 * longest, "section"), "section")
+        if max(grey.shape) > longest:
+            k = longest / max(grey.shape)
+            size = (max(8, round(grey.shape[1] * k)), max(8, round(grey.shape[0] * k)))
+            grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+        mask, bright, _ = _segment(grey)
+        if mask.sum() < 16:
+            raise InputError(
+                "The section has no tissue: nothing stands out from its background. Pass a section that "
+                "shows the brain slice."
+            )
+        if bright:
+            grey = 1.0 - grey
+        return np.where(mask, grey, np.float32(0.0)).astype(np.float32), mask, full / max(grey.shape)
+
+    def search(self, section, order: list[tuple[int, float]], options: dict, progress=None) -> RerankResult:
+        """Poses of ``section`` near the first ``shortlist`` plates of the embedding's ranking
+        ``order`` (every plate, best first), and the ranking they give (see the module).
+        ``options``: :func:`check_rerank_options`'s; ``progress``: checked for cancel between steps."""
+        coarse, fine = self.grid(options["coarse_size"]), self.grid(options["work_size"])
+        grey, mask, zoom = self.prepare(section, SECTION_FACTOR * options["work_size"])
+        centre = np.argwhere(mask).mean(axis=0)
+        shortlist = [int(p) for p, _ in order[: options["shortlist"]]]
+        zs = _around(shortlist, options["neighbours"], self.n)
+        guess = (extent(mask)[None, :] / coarse.extents[zs]).max(axis=1)  # section px per plate px
+        ref = float(np.median(guess))
+        step = options["scale_step"]
+        k0 = math.floor(math.log(MIN_SCALE_FACTOR * guess.min() / ref) / math.log(step))
+        k1 = math.ceil(math.log(MAX_SCALE_FACTOR * guess.max() / ref) / math.log(step))
+        scales = [ref * step**k for k in range(k0, k1 + 1)]
+        rotations = _steps(options["max_rotation"], options["rotation_step"])
+        variants = {(r, s): coarse.variant(grey, mask, centre, r, s) for r in rotations for s in scales}
+        pairs = [
+            (var, coarse.plate_slice(z), dict(z=z, tilt=(0.0, 0.0), rotation=r, scale=s))
+            for z, g in zip(zs, guess, strict=True)
+            for (r, s), var in variants.items()
+            if MIN_SCALE_FACTOR * g / step**0.5 <= s <= MAX_SCALE_FACTOR * g * step**0.5
+        ]
+        _check(progress)
+        first = coarse.score(pairs)
+        refine = _Refine(fine, grey, mask, centre, options, progress)
+        for hyp in _distinct(first, options["hypotheses"]):
+            refine.hypothesis(hyp)
+        poses = refine.poses
+        for p in poses:
+            p.scale *= zoom
+        searched = set(zs) | {p.plate for p in poses}
+        return _rank(poses, order, searched, options["plate_penalty"], len(pairs) + refine.pairs, self.n)
+
+
+class _Refine:
+    """Stage 2 on the fine grid: poses around stage-1 hypotheses."""
+
+    def __init__(self, grid: AtlasGrid, grey, mask, centre, options: dict, progress):
+        self.grid, self.grey, self.mask, self.centre = grid, grey, mask, centre
+        self.options, self.progress = options, progress
+        self.poses: list[Pose] = []
+        self.pairs = 0
+        self._variants: dict = {}
+        self.rot_step = options["rotation_step"] / 2
+        self.scale_step = options["scale_step"] ** 0.5
+
+    def variant(self, rotation: float, scale: float):
+        key = (round(rotation, 6), round(scale, 9))
+        if key not in self._variants:
+            self._variants[key] = self.grid.variant(self.grey, self.mask, self.centre, rotation, scale)
+        return self._variants[key]
+
+    def _score(self, pairs: list) -> Pose:
+        _check(self.progress)
+        found = self.grid.score(pairs)
+        self.poses += found
+        self.pairs += len(pairs)
+        return max(found, key=lambda p: p.score)
+
+    def _near(self, pose: Pose) -> list[tuple[float, float]]:
+        return [
+            (pose.rotation + dr * self.rot_step, pose.scale * self.scale_step**ds)
+            for dr in (-1, 0, 1)
+            for ds in (-1, 0, 1)
+            if abs(pose.rotation + dr * self.rot_step) <= self.options["max_rotation"] + 1e-9
+        ]
+
+    def hypothesis(self, hyp: Pose) -> None:
+        g = self.grid
+        zs = _around([hyp.plate], REFINE_PLATES, g.n)
+        best = self._score(
+            [
+                (self.variant(r, s), g.plate_slice(z), dict(z=z, tilt=(0.0, 0.0), rotation=r, scale=s))
+                for z in zs
+                for r, s in self._near(hyp)
+            ]
+        )
+        if not (g.is_volume and self.options["max_tilt"] > 0):
+            return
+        pivot = g.to_canvas(best.centre, best.plate)
+        var = self.variant(best.rotation, best.scale)
+        angles = [a for a in _steps(self.options["max_tilt"], self.options["tilt_step"]) if a != 0]
+
+        def cuts(tilts):
+            return [
+                (var, g.oblique(best.z + dz, t, pivot), dict(z=best.z + dz, tilt=t, rotation=best.rotation,
+                                                           scale=best.scale))
+                for t in tilts
+                for dz in (-1, 0, 1)
+                if 0 <= best.z + dz <= g.n - 1
+            ]  # fmt: skip
+
+        tilted = self._score(cuts([(a, 0.0) for a in angles]))
+        pitch = tilted.tilt[0] if tilted.score > best.score else 0.0
+        tilted2 = self._score(cuts([(pitch, a) for a in angles]))
+        top = max([best, tilted, tilted2], key=lambda p: p.score)
+        cut = g.oblique(top.z, top.tilt, pivot)
+        self._score(
+            [
+                (self.variant(r, s), cut, dict(z=top.z, tilt=top.tilt, rotation=r, scale=s))
+                for r, s in self._near(top)
+                if (r, s) != (top.rotation, top.scale)
+            ]
+        )
+
+
+def _check(progress) -> None:
+    if progress is not None:
+        progress.check()
+
+
+def _around(plates: list[int], reach: int, n: int) -> list[int]:
+    out: set[int] = set()
+    for p in plates:
+        out.update(range(max(0, p - reach), min(n, p + reach + 1)))
+    return sorted(out)
+
+
+def _distinct(poses: list[Pose], count: int) -> list[Pose]:
+    chosen: list[Pose] = []
+    for p in sorted(poses, key=lambda q: -q.score):
+        if len(chosen) >= count:
+            break
+        if all(abs(p.z - c.z) >= HYPOTHESIS_GAP for c in chosen):
+            chosen.append(p)
+    return chosen
+
+
+def _rank(poses: list[Pose], order, searched: set[int], penalty: float, pairs: int, n: int) -> RerankResult:
+    plates = np.arange(n)
+    if poses:
+        z = np.array([p.z for p in poses])
+        value = np.array([p.score for p in poses])[None, :] - penalty * np.abs(plates[:, None] - z[None, :])
+        dist = np.clip(1.0 - value.max(axis=1), 0.0, 2.0)
+    else:
+        dist = np.full(n, 2.0)
+    inside = sorted(searched, key=lambda p: (dist[p], p))
+    ranking = [(int(p), float(dist[p])) for p in inside]
+    ranking += [(int(p), 2.0 + float(d)) for p, d in order if p not in searched]
+    best: dict[int, Pose] = {}
+    for p in poses:
+        if p.plate not in best or p.score > best[p.plate].score:
+            best[p.plate] = p
+    return RerankResult(ranking, best, pairs)

@@ -1,0 +1,119 @@
+"""Re-ranking by a pose search in the atlas (engines/atlas/rerank.py), on the toy atlas, CPU.
+
+The embedding's part is replaced by a shuffled shortlist, so these tests check the pose search alone:
+the true plate must come first (or within a stated distance) whatever order the shortlist has.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from napari_nephi import InputError
+from napari_nephi.engines.atlas.plates import Plates
+from napari_nephi.engines.atlas.rerank import PoseSearch, check_rerank_options
+from napari_nephi.synthetic.atlas import section_from_atlas
+
+#: Plates the top pick may lie from the truth (a cut's centre rounds to a plate; neighbours are
+#: nearly the same anatomy on the toy atlas).
+PLATE_TOLERANCE = 1
+#: Relative error allowed on the found scale (the scale grid steps by sqrt(1.1) in stage 2).
+SCALE_TOLERANCE = 0.08
+
+
+@pytest.fixture(scope="module")
+def search(toy_reference):
+    reference, labels = toy_reference
+    return PoseSearch(Plates.from_reference(reference, labels))
+
+
+def _shuffled(n: int, truth: int, seed: int, size: int = 6) -> list[tuple[int, float]]:
+    """A ranking of every plate in random order whose first ``size`` hold ``truth`` (not first)."""
+    rng = np.random.default_rng(seed)
+    others = [int(p) for p in rng.permutation(n) if abs(p - truth) > 3]
+    head = others[: size - 1]
+    head.insert(int(rng.integers(1, size)), truth)
+    rest = [p for p in range(n) if p not in head]
+    return [(p, 0.1 * k) for k, p in enumerate(head + rest)]
+
+
+def _run(search, section, truth, seed=0, **options):
+    order = _shuffled(search.n, truth, seed)
+    return search.search(section, order, check_rerank_options({"shortlist": 6, "neighbours": 2, **options}))
+
+
+@pytest.mark.parametrize("plate", [12, 24])
+def test_straight_section_puts_the_true_plate_first(search, toy_reference, plate):
+    reference, _ = toy_reference
+    section = section_from_atlas(reference, plate)
+    before = section.copy()
+    result = _run(search, section, plate, seed=plate)
+    np.testing.assert_array_equal(section, before)  # input not modified
+    assert abs(result.ranking[0][0] - plate) <= PLATE_TOLERANCE, result.ranking[:5]
+    plates = [p for p, _ in result.ranking]
+    assert sorted(plates) == list(range(search.n))  # every plate once
+    dist = np.array([d for _, d in result.ranking])
+    assert np.all(np.diff(dist) >= 0)
+    pose = result.poses[result.ranking[0][0]]
+    assert abs(pose.scale - 1.0) < SCALE_TOLERANCE
+    assert abs(pose.rotation) <= 5.0
+
+
+@pytest.mark.parametrize("tilt", [(8.0, 0.0), (0.0, -8.0)])
+def test_tilted_section_finds_its_centre_plate_and_tilt(search, toy_reference, tilt):
+    reference, _ = toy_reference
+    plate = 20
+    section = section_from_atlas(reference, plate, tilt)
+    result = _run(search, section, plate, seed=3)
+    best = result.poses[result.ranking[0][0]]
+    assert abs(best.z - plate) <= PLATE_TOLERANCE, best
+    # the tilt is found on a 6-degree grid, with its sign
+    assert np.allclose(best.tilt, tilt, atol=6.0), best.tilt
+    assert np.sign(best.tilt[0] + best.tilt[1]) == np.sign(tilt[0] + tilt[1])
+
+
+def test_half_section_is_matched_at_its_true_scale(search, toy_reference):
+    reference, _ = toy_reference
+    plate, zoom = 16, 1.5
+    half = section_from_atlas(reference, plate, crop=(0, 0, 0, 0.5))  # the right hemisphere cut away
+    half = cv2.resize(half, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_LINEAR)
+    result = _run(search, half, plate, seed=5)
+    best = result.poses[result.ranking[0][0]]
+    assert abs(best.plate - plate) <= PLATE_TOLERANCE
+    assert abs(best.scale / zoom - 1.0) < SCALE_TOLERANCE, best.scale
+    # the tissue centre lies in the left half of the plate, not at the plate's centre
+    assert best.centre[1] < 0.42 * reference.shape[2]
+
+
+def test_inverted_contrast_scores_the_same_plate_best(search, toy_reference):
+    reference, _ = toy_reference
+    plate = 24
+    section = section_from_atlas(reference, plate)
+    inverted = np.where(section > 0.02, 1.0 - section, 1.0).astype(np.float32)  # bright background
+    a = _run(search, section, plate, seed=7)
+    b = _run(search, inverted, plate, seed=8)
+    assert abs(a.ranking[0][0] - plate) <= PLATE_TOLERANCE
+    assert abs(b.ranking[0][0] - a.ranking[0][0]) <= PLATE_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"shortlits": 5}, "shortlits"),
+        ({"work_size": 4}, "work_size"),
+        ({"max_tilt": -1}, "max_tilt"),
+        ({"scale_step": 1.0}, "scale_step"),
+        ("fast", "rerank_options must be a dict"),
+    ],
+)
+def test_bad_options_raise(options, match):
+    with pytest.raises(InputError, match=match):
+        check_rerank_options(options)
+
+
+def test_blank_section_raises(search):
+    with pytest.raises(InputError, match="no tissue|constant"):
+        search.search(
+            np.zeros((40, 40), np.float32), [(p, 0.0) for p in range(search.n)], check_rerank_options({})
+        )
