@@ -275,3 +275,80 @@ def test_brightfield_plates_keep_a_bright_background(atlas):
         assert np.median(border) > 0.9
         assert np.count_nonzero(cut < 0.7) < 0.93 * np.count_nonzero(img < 0.7)  # less dark tissue
         assert np.count_nonzero(cut < 0.05) <= np.count_nonzero(img < 0.05)  # nothing turned black
+
+
+def _high_pass(image: np.ndarray) -> np.ndarray:
+    return image - ndi.gaussian_filter(image, 2.0)
+
+
+@pytest.fixture(scope="module")
+def textured(atlas):
+    """The toy atlas with a fixed cell-like texture on its tissue (as real atlases have)."""
+    ref, lab = atlas
+    noise = np.random.default_rng(0).standard_normal(ref.shape).astype(np.float32)
+    return np.clip(ref * (1 + 0.35 * noise), 0, 1), lab
+
+
+def test_restaining_keeps_labels_and_replaces_the_texture(textured):
+    """Per-region restaining: same geometry and labels, levels drawn anew per region, none of the
+    atlas's fine texture (its fingerprint) left; the background stays background."""
+    plates = Plates.from_reference(*textured)
+    plain = SectionSynthesizer(plates, _cfg(), work_size=WORK)
+    restained = SectionSynthesizer(plates, _cfg(restain=1.0), work_size=WORK)
+    rhos = []
+    for seed in range(5):
+        a, b = plain.sample_with_truth(16, seed=seed), restained.sample_with_truth(16, seed=seed)
+        assert b.params["restain"] == "regions"
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.coords, b.coords)
+        inner = ndi.binary_erosion(a.labels > 0, iterations=3)
+        values = [v for v in np.unique(a.labels[inner]) if np.count_nonzero(inner & (a.labels == v)) > 30]
+        old = np.array([a.image[inner & (a.labels == v)].mean() for v in values])
+        new = np.array([b.image[inner & (b.labels == v)].mean() for v in values])
+        assert new.std() > 0.05  # regions told apart by their levels
+        rhos.append(np.corrcoef(old, new)[0, 1])
+        texture = np.corrcoef(_high_pass(a.image)[inner], _high_pass(b.image)[inner])[0, 1]
+        assert texture < 0.3  # the atlas's texture is gone
+        far = ~ndi.binary_dilation(a.image > 0.05, iterations=6)
+        assert np.abs(b.image[far] - a.image[far]).max() < 0.02
+    assert min(rhos) < 0.5  # levels are drawn anew, not the atlas's
+
+
+def test_restaining_without_labels_smooths_and_retextures(textured):
+    plates = Plates.from_reference(textured[0])
+    plain = SectionSynthesizer(plates, _cfg(), work_size=WORK)
+    restained = SectionSynthesizer(plates, _cfg(restain=1.0), work_size=WORK)
+    for seed in range(3):
+        a, b = plain.sample(16, seed=seed), restained.sample_with_truth(16, seed=seed)
+        assert b.params["restain"] == "smooth" and b.labels is None
+        tissue = ndi.binary_erosion(a > 0.15, iterations=3)
+        coarse = np.corrcoef(ndi.gaussian_filter(a, 6)[tissue], ndi.gaussian_filter(b.image, 6)[tissue])[0, 1]
+        assert coarse > 0.6  # the plate's structure stays
+        assert np.corrcoef(_high_pass(a)[tissue], _high_pass(b.image)[tissue])[0, 1] < 0.3
+
+
+def test_flip_mirrors_the_section_and_its_truth(plates):
+    plain = SectionSynthesizer(plates, _cfg(rotation=8.0, squeeze=0.1), work_size=WORK)
+    flipping = SectionSynthesizer(plates, _cfg(rotation=8.0, squeeze=0.1, flip=1.0), work_size=WORK)
+    for seed in range(3):
+        a, b = plain.sample_with_truth(12, seed=seed), flipping.sample_with_truth(12, seed=seed)
+        assert b.params["flip"] is True
+        np.testing.assert_allclose(b.coords, a.coords[:, :, ::-1], atol=1e-4)
+        np.testing.assert_allclose(b.image, a.image[:, ::-1], atol=1e-4)
+        np.testing.assert_array_equal(b.labels, a.labels[:, ::-1])
+
+
+def test_depth_warp_bends_the_cut_about_its_plate(z_plates):
+    """A straight cut through another brain reaches neighbouring plates in places; its centre stays."""
+    straight = SectionSynthesizer(z_plates, _cfg(), work_size=WORK)
+    warped = SectionSynthesizer(z_plates, _cfg(depth_warp=0.1), work_size=WORK)
+    spans = []
+    for seed, i in enumerate((8, 14, 20, 24)):
+        a, b = straight.sample_with_truth(i, seed=seed), warped.sample_with_truth(i, seed=seed)
+        tissue = b.image > 0.15
+        assert np.ptp(a.coords[0]) < 1e-4
+        assert abs(b.coords[0][tissue].mean() - i) < 0.3
+        assert np.abs(b.coords[0] - i).max() <= 1.8 * b.params["depth_warp"] + 0.3
+        assert np.abs(np.diff(b.coords[0], axis=1)).max() < 0.2  # smooth: no jumps between pixels
+        spans.append(np.ptp(b.labels[tissue]))
+    assert max(spans) >= 2

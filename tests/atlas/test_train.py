@@ -8,7 +8,7 @@ import torch
 
 from napari_nephi import AtlasLookup, Cancelled, InputError
 from napari_nephi.engines.atlas.preprocess import prepare_batch
-from napari_nephi.engines.atlas.train import true_plate_ranks
+from napari_nephi.engines.atlas.train import WARMUP, lr_factor, run_progress, true_plate_ranks
 from napari_nephi.synthetic.atlas import section_from_atlas, toy_atlas
 
 #: A tiny network and a few steps: these tests check the loop, not the accuracy.
@@ -172,3 +172,27 @@ def test_plates_of_different_shapes(small_atlas, tmp_path):
     assert loaded.plates.volume is None and loaded.plate_image(5).shape == (29, 32)
     np.testing.assert_array_equal(loaded.plate_labels(6), labels[6][:30])
     assert loaded.lookup(plates[5], top=None) == ranking
+
+
+def test_learning_rate_schedule_by_hand():
+    assert lr_factor(0.0) == pytest.approx(1e-3 / WARMUP)
+    assert lr_factor(WARMUP / 2) == pytest.approx(0.5)
+    assert lr_factor(WARMUP) == pytest.approx(1.0)
+    assert lr_factor(WARMUP + (1 - WARMUP) / 2) == pytest.approx(0.5)
+    assert lr_factor(1.0) == pytest.approx(0.0, abs=1e-12) and lr_factor(3.0) == lr_factor(1.0)
+    assert [lr_factor(p, "step") for p in (0.1, 0.7, 0.9)] == [1.0, 0.1, 0.01]
+    assert run_progress(50, 100, 10.0, 100.0) == 0.5  # steps ahead of the clock
+    assert run_progress(10, 100, 60.0, 100.0) == 0.6  # a slow machine: the clock leads
+
+
+def test_slow_run_anneals_within_its_time_budget(small_atlas):
+    """When the steps cannot all be done in ``max_minutes``, the learning rate still decays to ~0
+    by the end of the budget (a slow machine converges instead of stopping at a high rate)."""
+    lk = AtlasLookup.train(*small_atlas, device="cpu", **{**TINY, "steps": 10**6, "max_minutes": 0.15})
+    history = lk.settings["history"]
+    assert lk.settings["stopped"] == "max_minutes" and 2 < len(history) < 10**6
+    lrs = np.array([h["lr"] for h in history])
+    assert lrs.max() > 0.5 * lk.settings["options"]["lr"]  # it went through the full rate
+    assert lrs[-1] < 0.02 * lk.settings["options"]["lr"]  # and ended annealed
+    steps = AtlasLookup.train(*small_atlas, device="cpu", **TINY).settings["history"]
+    assert [h["step"] for h in steps] == [1, 2, 3, 4] and steps[-1]["lr"] == pytest.approx(0.0, abs=1e-12)

@@ -4,9 +4,14 @@ A :class:`SectionSynthesizer` turns a plate index into a section that looks cut 
 for a 3D reference an oblique re-slice through the volume around the plate (pitch and yaw, so its
 top, bottom and sides come from neighbouring plates while its centre stays on the labelled plate);
 for a list of plates an in-plane view of the plate, optionally blended with a neighbour. Then
-in-plane rotation and scale, crop and pad, partial sections (missing cortex or top, one hemisphere
-or side, the back end, ragged edges), tears and holes, another stain (a non-monotonic intensity
-remap), contrast, gamma, inversion (fluorescence-like against Nissl-like brightfield), uneven
+in-plane rotation and scale, a left-right flip (a section mounted face down), crop and pad, partial
+sections (missing cortex or top, one hemisphere or side, the back end, ragged edges), tears and
+holes. Sections of *another brain* differ from the atlas by more than the cut: a smooth warp along
+the plate axis (its structures sit a little earlier or later in places) and another staining, for
+which the atlas's own texture (a fingerprint of each plate that no other brain shares) is replaced:
+each labelled region gets a random level of its own, or without labels the plate is smoothed, and a
+fresh random texture is laid over it. Then another stain (a non-monotonic intensity remap),
+contrast, gamma, inversion (fluorescence-like against Nissl-like brightfield), uneven
 illumination, blur, pepper and noise. Everything runs at ``work_size`` (plates downsampled once).
 """
 
@@ -34,7 +39,7 @@ BOX_MARGIN = 0.06
 #: Oblique samples first look at every COARSE-th pixel to place damage and centre the plane.
 COARSE = 3
 _PAIRS = ("scale", "contrast", "gamma")
-_PROBABILITIES = ("partial", "tears", "holes", "invert", "modality")
+_PROBABILITIES = ("partial", "tears", "holes", "invert", "modality", "flip", "restain")
 _LIMITS = {  # option -> (low, high)
     "max_tilt": (0.0, 45.0),
     "rotation": (0.0, 180.0),
@@ -47,6 +52,7 @@ _LIMITS = {  # option -> (low, high)
     "offset": (0.0, 0.49),
     "elastic": (0.0, 0.2),
     "squeeze": (0.0, 0.5),
+    "depth_warp": (0.0, 0.2),
 }
 _PAIR_LIMITS = {"scale": (0.2, 5.0), "contrast": (0.05, 10.0), "gamma": (0.1, 10.0)}
 
@@ -67,7 +73,12 @@ class SynthesisConfig:
     mixed in (lists of plates); ``offset``: maximum distance in plates of the section centre from
     its plate (3D, below 0.5 so the plate stays the nearest one); ``elastic``: maximum smooth
     displacement of the tissue (stretching when mounted) as a fraction of the work size;
-    ``squeeze``: maximum relative compression along a random direction (cutting compresses).
+    ``squeeze``: maximum relative compression along a random direction (cutting compresses);
+    ``flip``: probability of a left-right mirrored section; ``depth_warp``: maximum smooth
+    displacement along the plate axis (3D only) as a fraction of the tissue's longer side (another
+    brain's structures lie a little earlier or later in places); ``restain``: probability that the
+    atlas's intensities and texture are replaced (random level per labelled region, or the plate
+    smoothed when there are no labels, under a fresh random texture).
     """
 
     max_tilt: float = 10.0
@@ -89,6 +100,9 @@ class SynthesisConfig:
     offset: float = 0.2
     elastic: float = 0.02
     squeeze: float = 0.08
+    flip: float = 0.5
+    depth_warp: float = 0.025
+    restain: float = 0.5
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (ranges as lists)."""
@@ -424,6 +438,10 @@ class SectionSynthesizer:
             fy = fy + amp * _smooth_field(rng, (h, w), 4)
             fx = fx + amp * _smooth_field(rng, (h, w), 4)
             params["elastic"] = float(amp)
+        if cfg.flip > 0:  # mounted face down: the section mirrored left to right
+            params["flip"] = bool(rng.random() < cfg.flip)
+            if params["flip"]:
+                fy, fx = np.ascontiguousarray(fy[:, ::-1]), np.ascontiguousarray(fx[:, ::-1])
         ny, nx = view.to_native(fy, fx)  # native in-plane coordinates
         if self.is_volume:
             coords = self._oblique(idx, view.centre, ny, nx, rng, params)
@@ -443,14 +461,17 @@ class SectionSynthesizer:
             image, coords = self._flat(idx, fr, fy, fx, ny, nx, rng, params)
             tissue = (image < fr.threshold) if fr.bright else (image > fr.threshold)
             keep, folds = self._damage(tissue, rng, params)
+        restain = cfg.restain > 0 and rng.random() < cfg.restain
+        labels = self._labels_at(coords) if (truth or restain) and self.plates.has_labels else None
+        if restain:
+            image = _restain(image, labels, fr, rng, params)
         image = self._apply_damage(image, keep, folds, fr.background)
         image = self._intensity(image, fr, rng, params)
-        labels = self._labels_at(coords) if truth and self.plates.has_labels else None
         return SyntheticSection(
             image=np.ascontiguousarray(image, dtype=np.float32),
             plate=idx,
             coords=coords if truth else np.empty((3, 0, 0), np.float32),
-            labels=labels,
+            labels=labels if truth else None,
             params=params,
         )
 
@@ -486,6 +507,10 @@ class SectionSynthesizer:
         py, px = pivot
         u, v = ny - py, nx - px  # in-plane offsets from the pivot, native voxels
         z = idx + dz + (e_row[0] * u + e_col[0] * v) / self.plate_spacing
+        if cfg.depth_warp > 0:  # another brain: its structures a little earlier or later in places
+            amp = rng.uniform(0, cfg.depth_warp) * max(self._frames[0].extent) / self.plate_spacing
+            z = z + amp * _smooth_field(rng, z.shape, 3)
+            params["depth_warp"] = float(amp)
         y = py + e_row[1] * u + e_col[1] * v
         x = px + e_row[2] * u + e_col[2] * v
         return np.stack([z, y, x]).astype(np.float32)
@@ -563,10 +588,7 @@ class SectionSynthesizer:
         gamma = rng.uniform(*cfg.gamma) if cfg.gamma != (1.0, 1.0) else 1.0
         params.update(modality=remap, invert=invert, contrast=contrast, gamma=gamma)
         if remap or invert or contrast != 1.0 or gamma != 1.0 or cfg.illumination > 0:
-            # tissue signal s: 0 on the background, up to 1 on the most stained tissue
-            span = fr.background if fr.bright else 1.0 - fr.background
-            s = ((fr.background - image) if fr.bright else (image - fr.background)) / max(span, 1e-3)
-            s = np.clip(s, 0, 1)
+            s = _signal(image, fr)
             if remap:  # another stain: a random non-monotonic curve that keeps the background at 0
                 knots = np.linspace(0, 1, 6)
                 values = np.concatenate([[0.0], rng.uniform(0.15, 1.0, 5)])
@@ -596,6 +618,46 @@ class SectionSynthesizer:
         if cfg.noise > 0:
             image = image + rng.normal(0, rng.uniform(0, cfg.noise), image.shape).astype(np.float32)
         return np.clip(image, 0, 1)
+
+
+def _signal(image: np.ndarray, fr: _Frame) -> np.ndarray:
+    """Tissue signal of ``image``: 0 on the background, up to 1 on the most stained tissue."""
+    span = fr.background if fr.bright else 1.0 - fr.background
+    s = ((fr.background - image) if fr.bright else (image - fr.background)) / max(span, 1e-3)
+    return np.clip(s, 0, 1).astype(np.float32, copy=False)
+
+
+def _restain(image: np.ndarray, labels: np.ndarray | None, fr: _Frame, rng, params: dict) -> np.ndarray:
+    """``image`` stained anew, in the frame's polarity: the atlas's texture replaced.
+
+    With ``labels`` each region (value > 0) gets a random level, mixed with the smoothed signal
+    (weight 0 to 0.5) so structure inside regions survives; unlabelled pixels keep the smoothed
+    signal. Without labels the signal is only smoothed. Then a fresh multiplicative texture.
+    """
+    s = _signal(image, fr)
+    # smoothed over 1 to 2 pixels of the atlas (or of the work size, if coarser), inside the tissue
+    # only (normalised), so the outline stays where it was
+    tissue = (s > 0.05).astype(np.float32)
+    sigma = rng.uniform(1.0, 2.0) * max(1.0, fr.sy, fr.sx)
+    smooth = cv2.GaussianBlur(s * tissue, (0, 0), sigma)
+    smooth = tissue * smooth / np.maximum(cv2.GaussianBlur(tissue, (0, 0), sigma), 1e-3)
+    if labels is not None:
+        values, inverse = np.unique(labels, return_inverse=True)
+        levels = rng.uniform(0.1, 1.0, len(values)).astype(np.float32)
+        new = levels[inverse.reshape(labels.shape)]
+        outside = labels == 0
+        new[outside] = smooth[outside]
+        weight = rng.uniform(0.5, 1.0)
+        new = cv2.GaussianBlur(weight * new + (1 - weight) * smooth, (0, 0), 0.7)
+        params["restain"] = "regions"
+    else:
+        new = smooth
+        params["restain"] = "smooth"
+    texture = cv2.GaussianBlur(rng.standard_normal(s.shape).astype(np.float32), (0, 0), rng.uniform(0.6, 1.5))
+    texture /= max(float(texture.std()), 1e-6)
+    new = np.clip(new * (1 + rng.uniform(0.1, 0.4) * texture), 0, 1)
+    span = fr.background if fr.bright else 1.0 - fr.background
+    return fr.background - new * span if fr.bright else fr.background + new * span
 
 
 def _partial_keep(mode: str, tissue: np.ndarray, rng) -> np.ndarray:
