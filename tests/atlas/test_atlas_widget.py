@@ -170,6 +170,30 @@ def test_find_choose_register_in_a_viewer(make_napari_viewer, qtbot, toy_referen
     assert widget.examples[0][0] is not layer.data
 
 
+def test_rerank_by_pose_reaches_the_lookup(make_napari_viewer, qtbot, toy_reference, saved_index, errors):
+    reference, labels = toy_reference
+    section, _ = section_from_atlas((reference, labels), PLATE, TILT, crop=CROP)
+    viewer, widget = _widget(make_napari_viewer, toy_reference, section)
+    _run(widget, qtbot, lambda: widget.load_index(saved_index))
+    assert widget.rerank.isChecked() == widget.lookup.rerank_default  # follows the index's default
+    widget.section.set_layer(viewer.layers["section"])
+    calls = []
+    real = widget.lookup.lookup
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    widget.lookup.lookup = recording
+    for checked in (True, False):
+        widget.rerank.setChecked(checked)
+        _run(widget, qtbot, widget.find_plates)
+        assert calls[-1]["rerank"] is checked and errors == []
+        expected = real(section, top=widget.top.value(), rerank=checked)
+        assert widget.gallery.plates() == [p for p, _ in expected]
+    assert len(calls) == 2
+
+
 def test_train_cancel_then_train_and_save(make_napari_viewer, qtbot, toy_reference, tmp_path, errors):
     viewer, widget = _widget(make_napari_viewer, toy_reference)
     widget.source.layer.set_layer(viewer.layers["toy atlas"])

@@ -81,9 +81,9 @@ def save_index(progress, cancel, lookup, path: str) -> Path:
     return Path(lookup.save(path))
 
 
-def find_plates(progress, cancel, lookup, section, top: int) -> dict:
-    """The ``top`` plates for ``section`` with their gallery thumbnails."""
-    hits = lookup.lookup(section, top=top)
+def find_plates(progress, cancel, lookup, section, top: int, rerank: bool | None = None) -> dict:
+    """The ``top`` plates for ``section`` with their gallery thumbnails (``rerank``: see ``lookup``)."""
+    hits = lookup.lookup(section, top=top, rerank=rerank)
     Progress(progress, cancel).check()
     thumbnails = [lookup.plates.thumbnail(i, size=THUMBNAIL) for i, _ in hits]
     return {"hits": hits, "thumbnails": thumbnails}

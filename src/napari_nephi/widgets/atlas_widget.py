@@ -16,6 +16,7 @@ from napari.layers import Image
 from napari.utils.notifications import show_error
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -80,6 +81,11 @@ class AtlasWidget(QWidget):
         self.top = QSpinBox()
         self.top.setRange(1, 100)
         self.top.setValue(5)
+        self.rerank = QCheckBox("Re-rank by pose")
+        self.rerank.setToolTip(
+            "Re-rank the best plates by searching the section's pose (tilt, rotation, scale) in the atlas: "
+            "slower (about a second), often better for oblique or partial sections"
+        )
         self.find_button = QPushButton("Find plates")
         self.gallery = PlateGallery()
         self.adjust = PlateAdjust(napari_viewer)
@@ -98,7 +104,6 @@ class AtlasWidget(QWidget):
         self.preview = ResultLayers(napari_viewer, self)
         self._job: str | None = None
         self._job_info: dict = {}
-        self._results_in = False
         self._layout()
         self._connect()
         self._sync()
@@ -118,6 +123,7 @@ class AtlasWidget(QWidget):
         s = QFormLayout(section)
         s.addRow("section", self.section)
         s.addRow("plates shown", self.top)
+        s.addRow(self.rerank)
         s.addRow(self.find_button)
         s.addRow(self.gallery)
         plate = QGroupBox("plate")
@@ -146,11 +152,9 @@ class AtlasWidget(QWidget):
         self.adjust.plate_changed.connect(self._plate_changed)
         self.section.layer_changed.connect(lambda *_: self._sync())
         self.state.changed.connect(lambda *_: self._sync())
-        self.runner.progressed.connect(self._on_progress)
-        self.runner.finished.connect(self._on_finished)
-        self.runner.failed.connect(self._on_failed)
-        self.runner.cancelled.connect(self._on_cancelled)
-        self.runner.stopped.connect(self._on_stopped)
+        handlers = (self._on_finished, self._on_failed, self._on_cancelled)
+        self.state.drive(self.runner, *handlers, progressed=self._on_progress, stopped=self._on_stopped)
+        self.state.done.connect(self.run_done)
 
     def _sync(self) -> None:
         """Enable what can be done now."""
@@ -170,10 +174,9 @@ class AtlasWidget(QWidget):
         if not self.state.is_(RunState.IDLE):
             return False
         self._job, self._job_info = job, dict(info or {})
-        self._results_in = False
         self.progress.setRange(0, 0)  # busy until the first progress event
         self.status.setText(message)
-        self.state.to(RunState.RUNNING)
+        self.state.start()
         self.runner.run(func, **kwargs)
         return True
 
@@ -198,25 +201,14 @@ class AtlasWidget(QWidget):
         return {"train": "Training", "register": "Registering"}.get(self._job or "", "Working")
 
     def _on_finished(self, result) -> None:
-        if self.state.is_(RunState.CANCELLING):  # it ended before it saw the Cancel: drop it
-            self._on_cancelled()
-            return
-        self.state.to(RunState.ADDING_RESULTS)
-        handler = getattr(self, f"_{self._job}_done")
-        handler(result)
+        getattr(self, f"_{self._job}_done")(result)
 
     def _finish(self, message: str) -> None:
         """The results are in: back to idle once the worker thread has ended too."""
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
         self.status.setText(message)
-        self._results_in = True
-        self._maybe_idle()
-
-    def _maybe_idle(self) -> None:
-        if self.state.is_(RunState.ADDING_RESULTS) and self._results_in and not self.runner.busy:
-            self.state.to(RunState.IDLE)
-            self.run_done.emit()
+        self.state.results_in()
 
     def _on_failed(self, message: str) -> None:
         show_error(message)
@@ -227,13 +219,9 @@ class AtlasWidget(QWidget):
         self.status.setText(f"Cancelled; {kept}, no layers were changed.")
 
     def _on_stopped(self) -> None:
-        if self.state.is_(RunState.RUNNING, RunState.CANCELLING):  # failed or cancelled
-            self.progress.setRange(0, 1)
-            self.progress.setValue(0)
-            self.state.to(RunState.IDLE)
-            self.run_done.emit()
-        else:
-            self._maybe_idle()
+        """A failed or cancelled job: the progress bar is emptied."""
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
 
     # -- the index ------------------------------------------------------------------------------
     def train(self) -> bool:
@@ -297,6 +285,7 @@ class AtlasWidget(QWidget):
         self.lookup = lookup
         self.gallery.clear()
         self.adjust.set_plates(lookup.n_plates)
+        self.rerank.setChecked(bool(lookup.rerank_default))
         labels = "with labels" if lookup.plate_labels(0) is not None else "no labels"
         seconds = lookup.settings.get("seconds")
         took = f", trained in {seconds:.0f} s" if isinstance(seconds, int | float) else ""
@@ -333,8 +322,10 @@ class AtlasWidget(QWidget):
         if section is None:
             return False
         top = min(self.top.value(), self.lookup.n_plates)
+        rerank = self.rerank.isChecked()
+        message = "Finding plates (re-ranking by pose)…" if rerank else "Finding plates…"
         return self._start(
-            "find", jobs.find_plates, "Finding plates…", lookup=self.lookup, section=section, top=top
+            "find", jobs.find_plates, message, lookup=self.lookup, section=section, top=top, rerank=rerank
         )
 
     def _find_done(self, result) -> None:

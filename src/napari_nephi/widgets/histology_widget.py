@@ -84,7 +84,6 @@ class HistologyWidget(QWidget):
         self.last = None
         self.preview = SlidePreview(napari_viewer)
         self._run: dict = {}
-        self._results_in = False
         images = self.moving.picker.layers()
         if len(images) >= 2:
             self.fixed.set_layer(images[0])
@@ -117,11 +116,9 @@ class HistologyWidget(QWidget):
         self.save_button.clicked.connect(lambda: self.save_result())
         self.annotations.layer_changed.connect(lambda *_: self._sync())
         self.state.changed.connect(lambda *_: self._sync())
-        self.runner.progressed.connect(self._on_progress)
-        self.runner.finished.connect(self._on_finished)
-        self.runner.failed.connect(self._on_failed)
-        self.runner.cancelled.connect(self._on_cancelled)
-        self.runner.stopped.connect(self._on_stopped)
+        handlers = (self._on_finished, self._on_failed, self._on_cancelled)
+        self.state.drive(self.runner, *handlers, progressed=self._on_progress, stopped=self.preview.remove)
+        self.state.done.connect(self.run_done)
 
     def _sync(self) -> None:
         idle = self.state.is_(RunState.IDLE)
@@ -167,10 +164,9 @@ class HistologyWidget(QWidget):
         options = self.options.values()
         um_f, um_m = self.fixed.pixel_size(), self.moving.pixel_size()
         self._run = {"fixed": fixed, "moving": moving, "frame": work.Frame.of(fixed), "name": moving.name}
-        self._results_in = False
         self.stage_bars.start(options["stages"])
         self.status.setText(f"Registering {moving.name} onto {fixed.name}…")
-        self.state.to(RunState.RUNNING)
+        self.state.start()
         self.runner.run(
             work.register_slides,
             fixed=work.levels_of(fixed) if fixed.multiscale else fixed.data,
@@ -205,14 +201,9 @@ class HistologyWidget(QWidget):
         self.preview.show(event.preview, where, f"{self._run['name']} preview")
 
     def _on_finished(self, result) -> None:
-        if self.state.is_(RunState.CANCELLING):  # it ended before it saw the Cancel: drop it
-            self._on_cancelled()
-            return
-        self.state.to(RunState.ADDING_RESULTS)
         if "saved" in result:
             self.status.setText(f"Saved to {result['saved']}.")
-            self._results_in = True
-            self._maybe_idle()
+            self.state.results_in()
             return
         self.preview.remove()
         reg = result["registration"]
@@ -221,18 +212,12 @@ class HistologyWidget(QWidget):
 
         def shown(_layers) -> None:
             self.status.setText(f"Done. {summary(reg.metrics)}")
-            self._results_in = True
-            self._maybe_idle()
+            self.state.results_in()
 
         old = self.results.layer_with_role("warped", "image")  # multiscale: replaced, not updated
         if old is not None:
             remove_layer(self.viewer, old)  # first, so that the new one takes its name
         self.results.show_gradually(result["layers"], shown, roles=work.ROLES)
-
-    def _maybe_idle(self) -> None:
-        if self.state.is_(RunState.ADDING_RESULTS) and self._results_in and not self.runner.busy:
-            self.state.to(RunState.IDLE)
-            self.run_done.emit()
 
     def _on_failed(self, message: str) -> None:
         self.preview.remove()
@@ -243,14 +228,6 @@ class HistologyWidget(QWidget):
         self.preview.remove()
         self.status.setText("Cancelled; no layers were changed.")
 
-    def _on_stopped(self) -> None:
-        if self.state.is_(RunState.RUNNING, RunState.CANCELLING):  # failed or cancelled
-            self.preview.remove()
-            self.state.to(RunState.IDLE)
-            self.run_done.emit()
-        else:
-            self._maybe_idle()
-
     def save_result(self, folder: str | Path | None = None) -> bool:
         """Save the last registration to ``folder`` (asked for when None) in a worker thread."""
         if self.last is None or not self.state.is_(RunState.IDLE):
@@ -260,9 +237,8 @@ class HistologyWidget(QWidget):
             folder = QFileDialog.getSaveFileName(self, "Save the result as a folder")[0]
             if not folder:
                 return False
-        self._results_in = False
         self.status.setText(f"Saving to {folder}…")
-        self.state.to(RunState.RUNNING)
+        self.state.start()
         self.runner.run(work.save_registration, registration=self.last, folder=str(folder))
         return True
 
