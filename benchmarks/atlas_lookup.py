@@ -23,7 +23,12 @@ Methods (``--methods``):
 * ``paper``: the same network trained with the paper's augmentations only (``augment="paper"``)
   on 50 "real" training sections (``atlas_queries`` with another seed, combined settings) plus
   the plates;
-* ``ours+sections``: ours plus the same 50 sections.
+* ``ours+sections``: ours plus the same 50 sections;
+* ``ours+rerank``: the ``ours`` index, its shortlist re-ranked by the pose search in the atlas
+  (``lk.lookup(section, rerank=True)``, :mod:`napari_nephi.engines.atlas.rerank`);
+* ``ncc+rerank``: the NCC ranking's shortlist re-ranked by the same pose search (no network).
+
+``--rerank-options JSON`` passes options to the re-ranking (see ``rerank.DEFAULTS``).
 
 Columns: mean rank of the true plate (0-based, the paper's MAE), mean |picked - true| in plates,
 Top-1/3/5/10 (%), train seconds, ms per lookup (one section at a time, all plates ranked), and
@@ -66,7 +71,9 @@ CASES = {
     "contrast": dict(max_tilt=0.0, partial=0.0, contrast="fluorescence", noise=0.03, tears=0.0),
     "combined": dict(max_tilt=12.0, partial=0.5, contrast="mixed", noise=0.06, tears=0.5),
 }
-METHODS = ("ours", "ncc", "paper", "ours+sections")
+METHODS = ("ours", "ncc", "paper", "ours+sections", "ours+rerank", "ncc+rerank")
+#: Methods that re-rank the shortlist of another method by the pose search.
+RERANKED = {"ours+rerank": "ours", "ncc+rerank": "ncc"}
 TOPS = (1, 3, 5, 10)
 
 
@@ -96,6 +103,11 @@ class NCCRanker:
 
     def rank(self, section) -> list[int]:
         return [int(i) for i in np.argsort(-self.scores(section), kind="stable")]
+
+    def ranking(self, section) -> list[tuple[int, float]]:
+        """Every plate as ``(plate, 1 - best NCC)``, best first."""
+        scores = self.scores(section)
+        return [(int(i), float(1.0 - scores[i])) for i in np.argsort(-scores, kind="stable")]
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -130,6 +142,33 @@ def make_queries(ref, labels, args) -> dict[str, list[dict]]:
     return out
 
 
+def rerank_method(name: str, base: dict, ref, labels, args) -> dict:
+    """``base`` (a built ``ours`` or ``ncc`` method) with its shortlist re-ranked by the pose search."""
+    from napari_nephi.engines.atlas.plates import Plates
+    from napari_nephi.engines.atlas.rerank import PoseSearch, check_rerank_options
+
+    options = check_rerank_options(args.rerank_options)
+    t0 = time.perf_counter()
+    if name == "ours+rerank":
+        lk = base["lk"]
+
+        def rank(img):
+            return [p for p, _ in lk.lookup(img, top=None, rerank=True, rerank_options=options)]
+
+    else:
+        search = PoseSearch(Plates.from_reference(ref, labels))
+        ranker = base["ranker"]
+
+        def rank(img):
+            return [p for p, _ in search.search(img, ranker.ranking(img), options).ranking]
+
+    out = dict(rank=rank, train_s=base["train_s"], lk=base["lk"], settings=dict(base["settings"] or {}))
+    out["settings"]["rerank_options"] = options
+    out["load"] = max(base["load"], load_average())
+    print(f"  {name}: ready in {time.perf_counter() - t0:.1f} s on top of {RERANKED[name]}", flush=True)
+    return out
+
+
 def train_method(name: str, ref, labels, train_secs, args) -> dict:
     """A trained ranker: dict(rank=function, train_s, lk=AtlasLookup or None, settings, load).
 
@@ -139,7 +178,7 @@ def train_method(name: str, ref, labels, train_secs, args) -> dict:
     t0, load0 = time.perf_counter(), load_average()
     if name == "ncc":
         ranker = NCCRanker([ref[i] for i in range(ref.shape[0])], size=args.ncc_size)
-        out = dict(rank=ranker.rank, train_s=time.perf_counter() - t0, lk=None, settings=None)
+        out = dict(rank=ranker.rank, train_s=time.perf_counter() - t0, lk=None, settings=None, ranker=ranker)
     else:
         folder = None if args.index_dir is None else os.path.join(args.index_dir, name.replace("+", "_"))
         if folder is not None and os.path.isdir(folder):
@@ -255,6 +294,7 @@ def parse(argv=None):
     p.add_argument("--dice-methods", default=",".join(METHODS), help="methods whose picks are registered")
     p.add_argument("--index-dir", default=None, help="save trained indexes here; load them when present")
     p.add_argument("--json", default=None, help="write the results here (after every method)")
+    p.add_argument("--rerank-options", default="{}", help="JSON options of the re-ranking (rerank.DEFAULTS)")
     args = p.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]
     args.methods = [m for m in args.methods.split(",") if m]
@@ -266,6 +306,7 @@ def parse(argv=None):
         if m not in METHODS:
             p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     args.shape = tuple(int(s) for s in args.shape.split(","))
+    args.rerank_options = json.loads(args.rerank_options)
     if args.quick:
         args.shape = (66, 64, 72) if args.shape == (132, 96, 112) else args.shape
         args.per_case = min(args.per_case, 4)
@@ -312,10 +353,17 @@ def main(argv=None) -> dict:
         ref, labels, args.train_sections, seed=args.seed * 1000 + 999, **CASES["combined"]
     )
     print(f"atlas {ref.shape}, {sum(map(len, queries.values()))} queries ({time.perf_counter() - t0:.1f} s)")
-    results, lks = {}, {}
+    results, lks, built = {}, {}, {}
     for name in args.methods:
-        m = train_method(name, ref, labels, train_secs, args)
-        lks[name] = m["lk"]
+        if name in RERANKED:
+            base = RERANKED[name]
+            if base not in built:
+                built[base] = train_method(base, ref, labels, train_secs, args)
+            m = rerank_method(name, built[base], ref, labels, args)
+        else:
+            m = built.get(name) or train_method(name, ref, labels, train_secs, args)
+            built[name] = m
+            lks[name] = m["lk"]
         results[name] = evaluate(name, m, queries)
         print(table({name: results[name]}, args.cases), flush=True)
         if args.json:

@@ -99,6 +99,28 @@ def test_a_stack_gives_one_section_per_plane(cli_index):
     assert len(summary["sections"][0]["ranking"]) == 5
 
 
+def test_rerank_flag_reranks_by_the_pose_search(cli_index):
+    from napari_nephi import AtlasLookup
+
+    folder, reference, _ = cli_index
+    section = section_from_atlas(reference, 13.0, (5.0, 0.0), crop=(0, 0, 0, 0.4))  # oblique, partial
+    write_tiff(folder / "p13.tif", section)
+    lk = AtlasLookup.load(folder / "index", device="cpu")
+    for flag, rerank in (("--rerank", True), ("--no-rerank", False)):
+        out = folder / f"out{flag}"
+        args = ["atlas-lookup", str(folder / "index"), str(folder / "p13.tif"), "--top", "4", "-o", str(out),
+                flag, "-q", "--device", "cpu"]  # fmt: skip
+        assert main(args) == 0
+        summary = json.loads((out / "ranks.json").read_text())
+        assert summary["rerank"] is rerank
+        got = [(e["plate"], e["distance"]) for e in summary["sections"][0]["ranking"]]
+        expected = lk.lookup(tifffile.imread(folder / "p13.tif"), top=4, rerank=rerank)
+        assert [p for p, _ in got] == [p for p, _ in expected]
+        np.testing.assert_allclose([d for _, d in got], [d for _, d in expected], atol=1e-6)
+    reranked = json.loads((folder / "out--rerank" / "ranks.json").read_text())["sections"][0]
+    assert abs(reranked["chosen"] - 13) <= 1  # the pose search finds the cut's centre plate
+
+
 def test_bad_input_gives_one_error_line(cli_index, tmp_path, capsys):
     folder, _, _ = cli_index
     section = folder / "s.tif"

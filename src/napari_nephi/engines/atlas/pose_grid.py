@@ -22,8 +22,8 @@ from scipy.fft import next_fast_len
 from .plates import Plates
 from .preprocess import _segment
 
-#: Margin of the search canvas around the plates, as a fraction of their longer side.
-CANVAS_MARGIN = 0.2
+#: Side of the search canvas, in units of the section's tissue extent on it (room for shifts).
+CANVAS = 1.4
 #: ``eps`` of the normalised gradient field, as a fraction of the 90th percentile of the gradient
 #: magnitude on the tissue: weaker edges (noise, texture) count less than region boundaries.
 EDGE_EPS = 0.25
@@ -160,142 +160,163 @@ class Correlator:
 
 
 class AtlasGrid:
-    """The plates (and a volume's oblique cuts) on a canvas of plates ``work_size`` pixels long.
+    """The plates (a volume's as a volume) downsampled to ``base_size`` pixels on their longer side,
+    with their tissue masks: what :class:`SectionGrid` cuts its atlas slices from."""
 
-    Coordinates of poses are kept in plate pixels and section pixels, so grids of different sizes
-    exchange poses.
-    """
-
-    def __init__(self, plates: Plates, work_size: int):
+    def __init__(self, plates: Plates, base_size: int):
         self.n = plates.n
-        self.work_size = int(work_size)
         shapes = np.array(plates.shapes, dtype=np.float64)
-        #: plate pixels per work pixel (one factor for every plate: they share a pixel size)
-        self.factor = max(1.0, float(shapes.max()) / self.work_size)
-        small = [self._small(plates.plate(i)) for i in range(self.n)]
-        h, w = max(s.shape[0] for s in small), max(s.shape[1] for s in small)
-        m = int(round(CANVAS_MARGIN * max(h, w)))
-        self.canvas = (h + 2 * m, w + 2 * m)
-        self.centre = (np.array(self.canvas, dtype=np.float64) - 1) / 2
-        self.corr = Correlator(self.canvas)
-        masks = [_segment(s)[0] for s in small]
-        #: plate work pixel (y, x) of plate i is canvas pixel (y, x) + offsets[i]
-        self.offsets = [
-            np.array([(self.canvas[0] - s.shape[0]) // 2, (self.canvas[1] - s.shape[1]) // 2]) for s in small
-        ]
-        self.images = [self._place(s, o) for s, o in zip(small, self.offsets, strict=True)]
-        self.masks = [self._place(k.astype(np.float32), o) for k, o in zip(masks, self.offsets, strict=True)]
-        #: tissue extents (height, width) of every plate in plate pixels
-        self.extents = np.stack([extent(k) for k in masks]) * self.factor
+        #: plate pixels per base pixel (one factor for every plate: they share a pixel size)
+        self.factor = max(1.0, float(shapes.max()) / base_size)
+        self.images = [self._small(plates.plate(i)) for i in range(self.n)]
+        self.masks = [_segment(im)[0] for im in self.images]
+        #: tissue extents (height, width) and tissue box centres (y, x) in plate pixels
+        self.extents = np.stack([extent(m) for m in self.masks]) * self.factor
+        self.centres = np.stack([_box_centre(m) for m in self.masks]) * self.factor
         self.is_volume = plates.volume is not None
         if self.is_volume:
             self.volume = np.stack(self.images)
-            self.mask_volume = np.stack(self.masks)
-        self._plate_fft: dict[int, torch.Tensor] = {}
+            self.mask_volume = np.stack(self.masks).astype(np.float32)
 
     def _small(self, plate: np.ndarray) -> np.ndarray:
         h, w = plate.shape
         size = (max(4, round(w / self.factor)), max(4, round(h / self.factor)))
-        mode = cv2.INTER_AREA if self.factor > 1 else cv2.INTER_LINEAR
-        return cv2.resize(np.ascontiguousarray(plate, dtype=np.float32), size, interpolation=mode)
+        if size == (w, h):
+            return np.ascontiguousarray(plate, dtype=np.float32)
+        return cv2.resize(np.ascontiguousarray(plate, dtype=np.float32), size, interpolation=cv2.INTER_AREA)
 
-    def _place(self, image: np.ndarray, offset: np.ndarray) -> np.ndarray:
-        out = np.zeros(self.canvas, dtype=np.float32)
-        out[offset[0] : offset[0] + image.shape[0], offset[1] : offset[1] + image.shape[1]] = image
-        return out
 
-    # -- atlas side --------------------------------------------------------------------------
-    def plate_slice(self, z: int) -> torch.Tensor:
-        """FFTs of plate ``z`` (cached)."""
-        if z not in self._plate_fft:
-            mask = self.masks[z]
-            self._plate_fft[z] = self.corr.slice(*field(self.images[z], dilate(mask > 0.5)), mask)
-        return self._plate_fft[z]
+def _box_centre(mask: np.ndarray) -> np.ndarray:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return (np.array(mask.shape, dtype=np.float64) - 1) / 2
+    return np.array([(rows[0] + rows[-1]) / 2, (cols[0] + cols[-1]) / 2])
 
-    def to_canvas(self, plate_px, plate: int) -> np.ndarray:
-        """Canvas pixel of a plate pixel ``(y, x)`` of plate ``plate``."""
-        return np.asarray(plate_px, dtype=np.float64) / self.factor + self.offsets[plate]
 
-    def oblique(self, z: float, tilt, pivot: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        """FFTs of the cut tilted by ``tilt`` through canvas point ``pivot`` at plate position ``z``,
-        and the atlas ``z`` of every canvas pixel of it (a volume's voxels are taken as cubes)."""
+@dataclass
+class Cut:
+    """An atlas slice on a section's canvas: canvas pixel ``c`` shows the atlas at
+    ``(z, *pivot) + ((c - canvas centre) * step) @ (row, col)`` (plate pixels; ``z`` in plates)."""
+
+    fft: torch.Tensor
+    z: float
+    tilt: tuple[float, float]
+    pivot: np.ndarray
+    step: float
+
+
+class SectionGrid:
+    """A section on a square canvas at its own resolution (its tissue ``work_size`` pixels long),
+    compared with atlas cuts resampled to it: the section's detail is never thrown away, so small
+    plates gain nothing by a whole section shrunk onto them.
+    """
+
+    def __init__(self, grey: np.ndarray, mask: np.ndarray, work_size: int):
+        self.grey, self.mask = grey, mask
+        self.tissue_centre = np.argwhere(mask).mean(axis=0)
+        #: section pixels per canvas pixel
+        self.q = float(extent(mask).max()) / work_size
+        side = int(round(CANVAS * work_size))
+        self.canvas = (side, side)
+        self.centre = (np.array(self.canvas, dtype=np.float64) - 1) / 2
+        self.corr = Correlator(self.canvas)
+        self._variants: dict[float, tuple] = {}
+        self.grid_size = int(work_size)
+
+    def variant(self, rotation: float):
+        """The section turned by ``rotation`` degrees about its tissue centre (at the canvas centre):
+        FFTs, field energy, tissue area (cached)."""
+        key = round(float(rotation), 6)
+        if key not in self._variants:
+            lin = rotation_matrix(rotation) * self.q  # section pixels per canvas pixel
+            img, msk = _pull(self.grey, self.mask, lin, self.tissue_centre - lin @ self.centre, self.canvas)
+            self._variants[key] = self.corr.section(*field(img, section_weight(msk)), msk.astype(np.float32))
+        return self._variants[key]
+
+    def plate_cut(self, atlas: AtlasGrid, z: int, scale: float) -> Cut:
+        """Plate ``z`` at ``scale`` section pixels per plate pixel, its tissue box centre at the
+        canvas centre."""
+        step = self.q / scale  # plate pixels per canvas pixel
+        pivot = atlas.centres[z]
+        lin = np.eye(2) * (step / atlas.factor)  # base pixels per canvas pixel
+        off = pivot / atlas.factor - lin @ self.centre
+        img, msk = _pull(atlas.images[z], atlas.masks[z], lin, off, self.canvas)
+        fft = self.corr.slice(*field(img, dilate(msk)), msk.astype(np.float32))
+        return Cut(fft, float(z), (0.0, 0.0), pivot, step)
+
+    def oblique_cut(self, atlas: AtlasGrid, z: float, tilt, pivot, scale: float) -> Cut:
+        """A cut of the volume tilted by ``tilt`` through plate pixel ``pivot`` at plate position
+        ``z`` (the canvas centre), at ``scale`` section pixels per plate pixel (voxels as cubes)."""
+        step = self.q / scale
         e_row, e_col = plane(tilt)
         r, c = np.meshgrid(
-            np.arange(self.canvas[0]) - pivot[0], np.arange(self.canvas[1]) - pivot[1], indexing="ij"
+            (np.arange(self.canvas[0]) - self.centre[0]) * step,
+            (np.arange(self.canvas[1]) - self.centre[1]) * step,
+            indexing="ij",
         )
-        pts = np.array([0.0, pivot[0], pivot[1]])[:, None, None] + e_row[:, None, None] * r
-        pts = pts + e_col[:, None, None] * c
-        pts[0] = z + pts[0] * self.factor  # one work pixel is `factor` plates thick
-        img = ndi.map_coordinates(self.volume, pts, order=1, mode="constant", cval=0.0).astype(np.float32)
-        mask = ndi.map_coordinates(self.mask_volume, pts, order=1, mode="constant", cval=0.0) > 0.5
-        return self.corr.slice(*field(img, dilate(mask)), mask.astype(np.float32)), pts[0]
-
-    # -- section side ------------------------------------------------------------------------
-    def variant(self, grey: np.ndarray, mask: np.ndarray, centre, rotation: float, scale: float):
-        """The section (grey, tissue mask, tissue centre) on the canvas turned by ``rotation`` at
-        ``scale`` section pixels per plate pixel, its tissue centre at the canvas centre: FFTs,
-        field energy, tissue area."""
-        lin = rotation_matrix(rotation) * scale * self.factor  # section pixels per canvas pixel
-        off = np.asarray(centre) - lin @ self.centre
-        # cv2 takes (x, y): the map canvas -> section with its axes swapped
-        m = np.array([[lin[1, 1], lin[1, 0], off[1]], [lin[0, 1], lin[0, 0], off[0]]], dtype=np.float64)
-        size = (self.canvas[1], self.canvas[0])
-        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-        step = scale * self.factor
-        src = cv2.GaussianBlur(grey, (0, 0), 0.45 * step) if step > 1.5 else grey  # no aliasing
-        img = cv2.warpAffine(src, m, size, flags=flags, borderValue=0.0)
-        msk = cv2.warpAffine(mask.astype(np.float32), m, size, flags=flags, borderValue=0.0) > 0.5
-        return self.corr.section(*field(img, section_weight(msk)), msk.astype(np.float32))
+        pts = e_row[:, None, None] * r + e_col[:, None, None] * c
+        pts[0] += z
+        pts[1] = (pts[1] + pivot[0]) / atlas.factor
+        pts[2] = (pts[2] + pivot[1]) / atlas.factor
+        # the base volume is about as fine as the canvas (AtlasGrid of the same work size): no blur
+        img = ndi.map_coordinates(atlas.volume, pts, order=1, mode="constant", cval=0.0).astype(np.float32)
+        msk = ndi.map_coordinates(atlas.mask_volume, pts, order=1, mode="constant", cval=0.0) > 0.5
+        fft = self.corr.slice(*field(img, dilate(msk)), msk.astype(np.float32))
+        return Cut(fft, float(z), (float(tilt[0]), float(tilt[1])), np.asarray(pivot, dtype=np.float64), step)
 
     # -- scoring -----------------------------------------------------------------------------
-    def score(self, pairs: list) -> list[Pose]:
-        """Best shift of each ``(variant, slice, info)``: ``slice`` is :meth:`plate_slice`'s tensor or
-        :meth:`oblique`'s pair; ``info`` holds ``z, tilt, rotation, scale``. Returns the poses."""
-        a_index: dict[int, int] = {}
-        b_index: dict[int, int] = {}
-        a_list, b_list, ia, ib = [], [], [], []
-        for var, sl, _ in pairs:
-            fb = sl if isinstance(sl, torch.Tensor) else sl[0]
-            if id(var) not in a_index:
-                a_index[id(var)] = len(a_list)
-                a_list.append(var)
-            if id(fb) not in b_index:
-                b_index[id(fb)] = len(b_list)
-                b_list.append(fb)
-            ia.append(a_index[id(var)])
-            ib.append(b_index[id(fb)])
+    def score(self, pairs: list, n_plates: int) -> list[Pose]:
+        """Best shift of each ``(rotation, scale, cut)``; returns the poses."""
         if not pairs:
             return []
-        fa_all = torch.stack([v[0] for v in a_list])
-        ea_all = torch.tensor([v[1] for v in a_list], dtype=torch.float32)
-        na_all = torch.tensor([v[2] for v in a_list], dtype=torch.float32)
-        fb_all = torch.stack(b_list)
-        ia_t, ib_t = torch.tensor(ia), torch.tensor(ib)
+        rots = sorted({r for r, _, _ in pairs})
+        r_index = {r: i for i, r in enumerate(rots)}
+        variants = [self.variant(r) for r in rots]
+        fa_all = torch.stack([v[0] for v in variants])
+        ea_all = torch.tensor([v[1] for v in variants], dtype=torch.float32)
+        na_all = torch.tensor([v[2] for v in variants], dtype=torch.float32)
+        cut_index: dict[int, int] = {}
+        ffts = []
+        for _, _, cut in pairs:
+            if id(cut) not in cut_index:
+                cut_index[id(cut)] = len(ffts)
+                ffts.append(cut.fft)
+        fb_all = torch.stack(ffts)
+        ia = torch.tensor([r_index[r] for r, _, _ in pairs])
+        ib = torch.tensor([cut_index[id(c)] for _, _, c in pairs])
         out = []
         for b in range(0, len(pairs), BATCH):
-            sa, sb = ia_t[b : b + BATCH], ib_t[b : b + BATCH]
+            sa, sb = ia[b : b + BATCH], ib[b : b + BATCH]
             value, index = self.corr.best(fa_all[sa], ea_all[sa], na_all[sa], fb_all[sb])
-            for (_, sl, info), v, k in zip(pairs[b : b + BATCH], value.tolist(), index.tolist(), strict=True):
-                out.append(self._pose(info, sl, v, self.corr.shift(k)))
+            for (r, s, cut), v, k in zip(pairs[b : b + BATCH], value.tolist(), index.tolist(), strict=True):
+                out.append(self._pose(r, s, cut, v, self.corr.shift(k), n_plates))
         return out
 
-    def _pose(self, info: dict, sl, score: float, shift: np.ndarray) -> Pose:
-        at = self.centre + shift  # canvas pixel of the slice under the section's tissue centre
-        if isinstance(sl, tuple):  # an oblique cut: the atlas z at that pixel
-            iy = int(np.clip(round(at[0]), 0, self.canvas[0] - 1))
-            ix = int(np.clip(round(at[1]), 0, self.canvas[1] - 1))
-            z = float(sl[1][iy, ix])
-        else:
-            z = float(info["z"])
-        plate = int(np.clip(round(z), 0, self.n - 1))
-        plate_px = (at - self.offsets[plate]) * self.factor
+    def _pose(self, rotation, scale, cut: Cut, score: float, shift: np.ndarray, n_plates: int) -> Pose:
+        d = shift * cut.step  # plate pixels from the pivot along the cut's rows and columns
+        e_row, e_col = plane(cut.tilt)
+        p = e_row * d[0] + e_col * d[1]
+        z = cut.z + float(p[0])
         return Pose(
             score=float(score),
             z=z,
-            plate=plate,
-            tilt=(float(info["tilt"][0]), float(info["tilt"][1])),
-            rotation=float(info["rotation"]),
-            scale=float(info["scale"]),
-            centre=(float(plate_px[0]), float(plate_px[1])),
-            grid=self.work_size,
+            plate=int(np.clip(round(z), 0, n_plates - 1)),
+            tilt=cut.tilt,
+            rotation=float(rotation),
+            scale=float(scale),
+            centre=(float(cut.pivot[0] + p[1]), float(cut.pivot[1] + p[2])),
+            grid=self.grid_size,
         )
+
+
+def _pull(image, mask, lin, off, canvas) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` and ``mask`` read at ``lin @ c + off`` for every canvas pixel ``c`` (y, x), smoothed
+    first when that shrinks them (no aliasing)."""
+    m = np.array([[lin[1, 1], lin[1, 0], off[1]], [lin[0, 1], lin[0, 0], off[0]]], dtype=np.float64)
+    size = (canvas[1], canvas[0])
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    step = float(np.sqrt(abs(np.linalg.det(lin))))
+    src = cv2.GaussianBlur(image, (0, 0), 0.45 * step) if step > 1.5 else image
+    img = cv2.warpAffine(src, m, size, flags=flags, borderValue=0.0)
+    msk = cv2.warpAffine(mask.astype(np.float32), m, size, flags=flags, borderValue=0.0) > 0.5
+    return img, msk

@@ -37,14 +37,14 @@ import numpy as np
 from ...core.errors import InputError
 from ...core.options import check_float, check_int, check_known
 from .plates import Plates
-from .pose_grid import AtlasGrid, Pose, extent
+from .pose_grid import AtlasGrid, Pose, SectionGrid, extent
 from .preprocess import _segment, downsample, to_grey
 
 __all__ = ["DEFAULTS", "Pose", "PoseSearch", "RerankResult", "check_rerank_options"]
 
 #: Options of the re-ranking (``rerank_options`` of :meth:`AtlasLookup.lookup`).
 DEFAULTS = {
-    "shortlist": 15,  # best plates of the embedding searched
+    "shortlist": 25,  # best plates of the embedding searched
     "neighbours": 3,  # plates on each side of each shortlisted plate also searched
     "coarse_size": 32,  # longest side (pixels) of a plate on the grid of stage 1
     "work_size": 56,  # ... and of stage 2
@@ -108,7 +108,7 @@ def _steps(limit: float, step: float) -> list[float]:
 
 
 class PoseSearch:
-    """The pose search of sections in one atlas; the atlas grids are built once and reused."""
+    """The pose search of sections in one atlas; the downsampled atlases are built once and reused."""
 
     def __init__(self, plates: Plates):
         self._plates = plates
@@ -116,8 +116,8 @@ class PoseSearch:
         self.n = plates.n
         self.is_volume = plates.volume is not None
 
-    def grid(self, size: int) -> AtlasGrid:
-        """The atlas on a grid of plates ``size`` pixels long (built on first use)."""
+    def atlas(self, size: int) -> AtlasGrid:
+        """The atlas downsampled to plates ``size`` pixels long (built on first use)."""
         if size not in self._grids:
             self._grids[size] = AtlasGrid(self._plates, size)
         return self._grids[size]
@@ -146,28 +146,28 @@ class PoseSearch:
         """Poses of ``section`` near the first ``shortlist`` plates of the embedding's ranking
         ``order`` (every plate, best first), and the ranking they give (see the module).
         ``options``: :func:`check_rerank_options`'s; ``progress``: checked for cancel between steps."""
-        coarse, fine = self.grid(options["coarse_size"]), self.grid(options["work_size"])
         grey, mask, zoom = self.prepare(section, SECTION_FACTOR * options["work_size"])
-        centre = np.argwhere(mask).mean(axis=0)
+        coarse_atlas = self.atlas(options["coarse_size"])
+        coarse = SectionGrid(grey, mask, options["coarse_size"])
         shortlist = [int(p) for p, _ in order[: options["shortlist"]]]
         zs = _around(shortlist, options["neighbours"], self.n)
-        guess = (extent(mask)[None, :] / coarse.extents[zs]).max(axis=1)  # section px per plate px
+        guess = (extent(mask)[None, :] / coarse_atlas.extents[zs]).max(axis=1)  # section px per plate px
         ref = float(np.median(guess))
         step = options["scale_step"]
         k0 = math.floor(math.log(MIN_SCALE_FACTOR * guess.min() / ref) / math.log(step))
         k1 = math.ceil(math.log(MAX_SCALE_FACTOR * guess.max() / ref) / math.log(step))
         scales = [ref * step**k for k in range(k0, k1 + 1)]
         rotations = _steps(options["max_rotation"], options["rotation_step"])
-        variants = {(r, s): coarse.variant(grey, mask, centre, r, s) for r in rotations for s in scales}
-        pairs = [
-            (var, coarse.plate_slice(z), dict(z=z, tilt=(0.0, 0.0), rotation=r, scale=s))
-            for z, g in zip(zs, guess, strict=True)
-            for (r, s), var in variants.items()
-            if MIN_SCALE_FACTOR * g / step**0.5 <= s <= MAX_SCALE_FACTOR * g * step**0.5
-        ]
+        pairs = []
+        for z, g in zip(zs, guess, strict=True):
+            for s in scales:
+                if MIN_SCALE_FACTOR * g / step**0.5 <= s <= MAX_SCALE_FACTOR * g * step**0.5:
+                    cut = coarse.plate_cut(coarse_atlas, z, s)
+                    pairs += [(r, s, cut) for r in rotations]
         _check(progress)
-        first = coarse.score(pairs)
-        refine = _Refine(fine, grey, mask, centre, options, progress)
+        first = coarse.score(pairs, self.n)
+        fine = SectionGrid(grey, mask, options["work_size"])
+        refine = _Refine(self.atlas(options["work_size"]), fine, options, progress)
         for hyp in _distinct(first, options["hypotheses"]):
             refine.hypothesis(hyp)
         poses = refine.poses
@@ -180,73 +180,62 @@ class PoseSearch:
 class _Refine:
     """Stage 2 on the fine grid: poses around stage-1 hypotheses."""
 
-    def __init__(self, grid: AtlasGrid, grey, mask, centre, options: dict, progress):
-        self.grid, self.grey, self.mask, self.centre = grid, grey, mask, centre
+    def __init__(self, atlas: AtlasGrid, grid: SectionGrid, options: dict, progress):
+        self.atlas, self.grid = atlas, grid
         self.options, self.progress = options, progress
         self.poses: list[Pose] = []
         self.pairs = 0
-        self._variants: dict = {}
         self.rot_step = options["rotation_step"] / 2
         self.scale_step = options["scale_step"] ** 0.5
 
-    def variant(self, rotation: float, scale: float):
-        key = (round(rotation, 6), round(scale, 9))
-        if key not in self._variants:
-            self._variants[key] = self.grid.variant(self.grey, self.mask, self.centre, rotation, scale)
-        return self._variants[key]
-
     def _score(self, pairs: list) -> Pose:
         _check(self.progress)
-        found = self.grid.score(pairs)
+        found = self.grid.score(pairs, self.atlas.n)
         self.poses += found
         self.pairs += len(pairs)
         return max(found, key=lambda p: p.score)
 
-    def _near(self, pose: Pose) -> list[tuple[float, float]]:
+    def _rotations(self, pose: Pose) -> list[float]:
+        limit = self.options["max_rotation"] + 1e-9
         return [
-            (pose.rotation + dr * self.rot_step, pose.scale * self.scale_step**ds)
-            for dr in (-1, 0, 1)
-            for ds in (-1, 0, 1)
-            if abs(pose.rotation + dr * self.rot_step) <= self.options["max_rotation"] + 1e-9
+            pose.rotation + d * self.rot_step
+            for d in (-1, 0, 1)
+            if abs(pose.rotation + d * self.rot_step) <= limit
         ]
 
+    def _scales(self, pose: Pose) -> list[float]:
+        return [pose.scale * self.scale_step**d for d in (-1, 0, 1)]
+
     def hypothesis(self, hyp: Pose) -> None:
-        g = self.grid
-        zs = _around([hyp.plate], REFINE_PLATES, g.n)
-        best = self._score(
-            [
-                (self.variant(r, s), g.plate_slice(z), dict(z=z, tilt=(0.0, 0.0), rotation=r, scale=s))
-                for z in zs
-                for r, s in self._near(hyp)
-            ]
-        )
-        if not (g.is_volume and self.options["max_tilt"] > 0):
+        a, g = self.atlas, self.grid
+        pairs = []
+        for z in _around([hyp.plate], REFINE_PLATES, a.n):
+            for s in self._scales(hyp):
+                cut = g.plate_cut(a, z, s)
+                pairs += [(r, s, cut) for r in self._rotations(hyp)]
+        best = self._score(pairs)
+        if not (a.is_volume and self.options["max_tilt"] > 0):
             return
-        pivot = g.to_canvas(best.centre, best.plate)
-        var = self.variant(best.rotation, best.scale)
-        angles = [a for a in _steps(self.options["max_tilt"], self.options["tilt_step"]) if a != 0]
+        pivot = np.asarray(best.centre)
+        angles = [t for t in _steps(self.options["max_tilt"], self.options["tilt_step"]) if t != 0]
 
         def cuts(tilts):
             return [
-                (var, g.oblique(best.z + dz, t, pivot), dict(z=best.z + dz, tilt=t, rotation=best.rotation,
-                                                           scale=best.scale))
+                (best.rotation, best.scale, g.oblique_cut(a, best.z + dz, t, pivot, best.scale))
                 for t in tilts
                 for dz in (-1, 0, 1)
-                if 0 <= best.z + dz <= g.n - 1
-            ]  # fmt: skip
-
-        tilted = self._score(cuts([(a, 0.0) for a in angles]))
-        pitch = tilted.tilt[0] if tilted.score > best.score else 0.0
-        tilted2 = self._score(cuts([(pitch, a) for a in angles]))
-        top = max([best, tilted, tilted2], key=lambda p: p.score)
-        cut = g.oblique(top.z, top.tilt, pivot)
-        self._score(
-            [
-                (self.variant(r, s), cut, dict(z=top.z, tilt=top.tilt, rotation=r, scale=s))
-                for r, s in self._near(top)
-                if (r, s) != (top.rotation, top.scale)
+                if 0 <= best.z + dz <= a.n - 1
             ]
-        )
+
+        pitched = self._score(cuts([(t, 0.0) for t in angles]))
+        pitch = pitched.tilt[0] if pitched.score > best.score else 0.0
+        turned = self._score(cuts([(pitch, t) for t in angles]))
+        top = max([best, pitched, turned], key=lambda p: p.score)
+        pairs = []
+        for s in self._scales(top):
+            cut = g.oblique_cut(a, top.z, top.tilt, np.asarray(top.centre), s)
+            pairs += [(r, s, cut) for r in self._rotations(top) if (r, s) != (top.rotation, top.scale)]
+        self._score(pairs)
 
 
 def _check(progress) -> None:
