@@ -290,11 +290,14 @@ def test_lookup_with_rerank_ranks_every_plate_by_the_pose_search(trained_lookup,
     dist = np.array([d for _, d in ranking])
     assert np.all(np.diff(dist) >= 0)
     assert abs(ranking[0][0] - 21) <= 1
-    # plates outside the pose search follow with 2 + their embedding distance
-    emb = dict(trained_lookup.lookup(section, top=None, rerank=False))
+    # distance of every plate: 1 - best (pose score - penalty * plates between), from the poses
+    from napari_nephi.engines.atlas.rerank import DEFAULTS
+
+    penalty = DEFAULTS["plate_penalty"]
+    best = max(result.poses.values(), key=lambda p: p.score)
     for plate, d in ranking:
-        if d >= 2.0:
-            assert d == pytest.approx(2.0 + emb[plate], abs=1e-6)
+        assert d <= 1.0 - best.score + penalty * abs(plate - best.z) + 1e-6
+    assert ranking[0][1] == pytest.approx(1.0 - best.score + penalty * abs(ranking[0][0] - best.z), abs=1e-6)
     assert trained_lookup.lookup(section, top=3, rerank=True) == ranking[:3]
     many = trained_lookup.lookup_many([section], top=3, rerank=True)
     assert many == [ranking[:3]]

@@ -117,3 +117,15 @@ def test_blank_section_raises(search):
         search.search(
             np.zeros((40, 40), np.float32), [(p, 0.0) for p in range(search.n)], check_rerank_options({})
         )
+
+
+def test_cancel_stops_the_search(trained_lookup, toy_reference):
+    import threading
+
+    from napari_nephi import Cancelled
+
+    reference, _ = toy_reference
+    flag = threading.Event()
+    flag.set()
+    with pytest.raises(Cancelled):
+        trained_lookup.search_poses(section_from_atlas(reference, 10.0), cancel=flag)

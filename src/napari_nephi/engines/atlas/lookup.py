@@ -6,8 +6,8 @@
 
 Distances are Euclidean between L2-normalised embeddings (0 to 2), best (smallest) first.
 With ``rerank=True`` the embedding's shortlist is re-ranked by a pose search of the section in the
-atlas (:mod:`.rerank`); the distance is then ``1 - similarity`` of the best pose near the plate
-(0 to 2) for the plates searched, and ``2 + embedding distance`` for the plates after them.
+atlas (:mod:`.rerank`); the distance is then ``1 - similarity`` of the best pose near the plate,
+less ``plate_penalty`` per plate between the pose's plate and it (0: a perfect match, 1: none).
 """
 
 from __future__ import annotations
@@ -227,15 +227,25 @@ class AtlasLookup:
             raise InputError(f"rerank must be True, False or None (the index's default), got {rerank!r}.")
         return bool(rerank)
 
-    def search_poses(self, section, rerank_options: dict | None = None) -> RerankResult:
+    def search_poses(
+        self,
+        section,
+        rerank_options: dict | None = None,
+        *,
+        progress: ProgressCallback | None = None,
+        cancel: CancelFlag = None,
+    ) -> RerankResult:
         """The pose search of :mod:`.rerank` for one section: every plate ranked and the best pose
-        found near each searched plate (atlas position, tilt, rotation, scale, centre)."""
+        found near each searched plate (atlas position, tilt, rotation, scale, centre).
+        ``cancel`` is checked between the search's steps (:class:`~napari_nephi.Cancelled`)."""
         opts = check_rerank_options(rerank_options)
         section = _section(section)
+        prog = Progress(progress, cancel)
+        prog.check()
         order = self._rank(self.embed([section]), self.n_plates)[0]
         if self._pose_search is None:
             self._pose_search = PoseSearch(self._plates)
-        return self._pose_search.search(section, order, opts)
+        return self._pose_search.search(section, order, opts, prog)
 
     def lookup(
         self,

@@ -20,10 +20,10 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   :data:`HYPOTHESIS_GAP` plates apart: nearby plates, rotations and scales; for a volume then
   pitch, then yaw, of a cut turned about the section's tissue centre, and rotation and scale again.
 * **Ranking.** A pose's plate is the atlas ``z`` of the section's tissue centre under it (what users
-  mean by the plate of a section). Each searched plate ``p`` gets the distance
-  ``1 - max over stage-2 poses (score - plate_penalty * |z - p|)`` (0 to 2), so the plates next
-  to the best pose follow it; the plates not searched follow in the embedding's order with
-  distance ``2 + embedding distance``.
+  mean by the plate of a section). Every plate ``p`` gets the distance
+  ``1 - max over stage-2 poses (score - plate_penalty * |z - p|)`` (0 for a perfect match, 1 for no
+  similarity, more for plates far from every good pose), so the plates next to the best pose
+  follow it; ties keep the embedding's order.
 """
 
 from __future__ import annotations
@@ -46,10 +46,11 @@ __all__ = ["DEFAULTS", "Pose", "PoseSearch", "RerankResult", "check_rerank_optio
 DEFAULTS = {
     "shortlist": 25,  # best plates of the embedding searched
     "neighbours": 3,  # plates on each side of each shortlisted plate also searched
+    "sweep_step": 3,  # every this many plates of the whole atlas also searched in stage 1 (0: none)
     "coarse_size": 32,  # longest side (pixels) of a plate on the grid of stage 1
     "work_size": 56,  # ... and of stage 2
     "max_rotation": 15.0,  # in-plane rotation searched (degrees, either way)
-    "rotation_step": 5.0,
+    "rotation_step": 7.5,  # stage 1 (stage 2 halves it)
     "max_tilt": 12.0,  # pitch and yaw searched (degrees, either way; volumes only)
     "tilt_step": 6.0,
     "scale_step": 1.1,  # ratio of neighbouring scales of stage 1 (stage 2 halves it)
@@ -79,6 +80,7 @@ def check_rerank_options(options: dict | None) -> dict:
     out = {**DEFAULTS, **options}
     out["shortlist"] = check_int("shortlist", out["shortlist"], 1)
     out["neighbours"] = check_int("neighbours", out["neighbours"], 0, 50)
+    out["sweep_step"] = check_int("sweep_step", out["sweep_step"], 0)
     out["coarse_size"] = check_int("coarse_size", out["coarse_size"], 16, 256)
     out["work_size"] = check_int("work_size", out["work_size"], 16, 256)
     out["max_rotation"] = check_float("max_rotation", out["max_rotation"], 0.0, 180.0)
@@ -151,6 +153,8 @@ class PoseSearch:
         coarse = SectionGrid(grey, mask, options["coarse_size"])
         shortlist = [int(p) for p, _ in order[: options["shortlist"]]]
         zs = _around(shortlist, options["neighbours"], self.n)
+        if options["sweep_step"] > 0:  # a sweep of the whole atlas: where the embedding is wrong
+            zs = sorted(set(zs) | set(range(options["sweep_step"] // 2, self.n, options["sweep_step"])))
         guess = (extent(mask)[None, :] / coarse_atlas.extents[zs]).max(axis=1)  # section px per plate px
         ref = float(np.median(guess))
         step = options["scale_step"]
@@ -173,8 +177,7 @@ class PoseSearch:
         poses = refine.poses
         for p in poses:
             p.scale *= zoom
-        searched = set(zs) | {p.plate for p in poses}
-        return _rank(poses, order, searched, options["plate_penalty"], len(pairs) + refine.pairs, self.n)
+        return _rank(poses, order, options["plate_penalty"], len(pairs) + refine.pairs, self.n)
 
 
 class _Refine:
@@ -260,19 +263,19 @@ def _distinct(poses: list[Pose], count: int) -> list[Pose]:
     return chosen
 
 
-def _rank(poses: list[Pose], order, searched: set[int], penalty: float, pairs: int, n: int) -> RerankResult:
+def _rank(poses: list[Pose], order, penalty: float, pairs: int, n: int) -> RerankResult:
+    """Every plate by ``1 - max over poses (score - penalty * |z - plate|)``; without any pose
+    (nothing scored), the embedding's order with ``2 + embedding distance``."""
+    if not poses:
+        return RerankResult([(int(p), 2.0 + float(d)) for p, d in order], {}, pairs)
     plates = np.arange(n)
-    if poses:
-        z = np.array([p.z for p in poses])
-        value = np.array([p.score for p in poses])[None, :] - penalty * np.abs(plates[:, None] - z[None, :])
-        dist = np.clip(1.0 - value.max(axis=1), 0.0, 2.0)
-    else:
-        dist = np.full(n, 2.0)
-    inside = sorted(searched, key=lambda p: (dist[p], p))
-    ranking = [(int(p), float(dist[p])) for p in inside]
-    ranking += [(int(p), 2.0 + float(d)) for p, d in order if p not in searched]
+    z = np.array([p.z for p in poses])
+    value = np.array([p.score for p in poses])[None, :] - penalty * np.abs(plates[:, None] - z[None, :])
+    dist = 1.0 - value.max(axis=1)
+    emb = {int(p): k for k, (p, _) in enumerate(order)}
+    ranked = sorted(range(n), key=lambda p: (dist[p], emb.get(p, n)))
     best: dict[int, Pose] = {}
     for p in poses:
         if p.plate not in best or p.score > best[p.plate].score:
             best[p.plate] = p
-    return RerankResult(ranking, best, pairs)
+    return RerankResult([(int(p), float(dist[p])) for p in ranked], best, pairs)
