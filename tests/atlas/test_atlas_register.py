@@ -89,6 +89,49 @@ def test_nephi_refines_the_affine_map(trained_lookup, toy_reference, oblique_par
     assert "nephi" in reg.metrics and reg.settings["method"] == "nephi"
 
 
+#: Share of that best Dice required on a section of another stain (region levels redrawn): the
+#: contrast is fitted from the image, so a little less than on the atlas's own stain.
+RESTAINED_SHARE = 0.8
+
+
+def _restained(image: np.ndarray, truth: np.ndarray, seed: int) -> np.ndarray:
+    """The section with every region's level redrawn (mostly inverted against the atlas stain)."""
+    levels = np.random.default_rng(seed).uniform(0.2, 1.0, int(truth.max()) + 1).astype(np.float32)
+    levels[0] = 0.0
+    out = ndi.gaussian_filter(levels[truth], 0.7) + 0.1 * (image - ndi.gaussian_filter(image, 2.0))
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def test_nephi_on_a_restained_section(trained_lookup, toy_reference, oblique_partial):
+    image, truth, plate, best = oblique_partial
+    stained = _restained(image, truth, seed=4)
+    inside = truth > 0
+    assert np.corrcoef(stained[inside], image[inside])[0, 1] < 0.5  # another contrast indeed
+    affine = trained_lookup.register(stained, plate, method="affine", device="cpu")
+    reg = trained_lookup.register(stained, plate, method="nephi", device="cpu", **NEPHI_FAST)
+    dice = mean_dice(reg.metrics["labels"], truth)
+    assert mean_dice(affine.metrics["labels"], truth) >= RESTAINED_SHARE * best
+    assert dice >= RESTAINED_SHARE * best and dice >= mean_dice(affine.metrics["labels"], truth) - 0.02
+
+
+def test_deformable_map_is_kept_only_when_it_helps(trained_lookup, oblique_partial, monkeypatch):
+    from napari_nephi.engines.atlas import register as module
+
+    image, _, plate, _ = oblique_partial
+    affine = trained_lookup.register(image, plate, method="affine", device="cpu")
+    monkeypatch.setattr(module, "KEEP_GAIN", 2.0)  # no map can add 2 to an agreement in [0, 1]
+    rejected = trained_lookup.register(image, plate, method="nephi", device="cpu", **NEPHI_FAST)
+    checked = rejected.metrics["nephi"]
+    assert checked["kept"] is False and 0.0 <= checked["edges_before"] <= 1.0
+    np.testing.assert_array_equal(rejected.metrics["labels"], affine.metrics["labels"])
+    np.testing.assert_allclose(rejected.warped, affine.warped, atol=1e-5)
+    monkeypatch.setattr(module, "KEEP_GAIN", -2.0)  # any map that does not fold is kept
+    kept = trained_lookup.register(image, plate, method="nephi", device="cpu", **NEPHI_FAST)
+    assert kept.metrics["nephi"]["kept"] is (kept.metrics["nephi"]["folds"] == 0)
+    if kept.metrics["nephi"]["kept"]:
+        assert not np.array_equal(kept.metrics["labels"], affine.metrics["labels"])
+
+
 def test_brightfield_section_at_another_scale(trained_lookup, toy_reference, oblique_partial):
     _, labels = toy_reference
     image, truth, plate, best = oblique_partial

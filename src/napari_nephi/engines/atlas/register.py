@@ -9,9 +9,12 @@ A section is turned only a little against its plate, so the start is searched ov
 (within :data:`MAX_ROTATION` degrees) and scales near that guess, the translation of each found
 by FFT cross-correlation of tissue masks and intensities (contrast-robust: the outline counts as
 much as the stain). From that start the ``affine`` engine refines a similarity map, then a free
-affine one (kept only while its stretch and shear stay within :data:`MAX_STRETCH`), always with
-the section's tissue mask as ``fixed_mask`` so missing regions do not pull the plate; then the
-deformable ``method`` refines the affinely pre-warped plate, and the maps are composed.
+affine one (kept only while its stretch and shear stay within :data:`MAX_STRETCH`) on the plate
+with its intensities mapped to the section's (:func:`.contrast.match_contrast`: a section of
+another stain), always with the section's tissue mask as ``fixed_mask`` so missing regions do not
+pull the plate; then the deformable ``method`` refines the affinely pre-warped, contrast-matched
+plate, kept only where it raises the edge agreement on the tissue and does not fold
+(:func:`deformable_step`), and the maps are composed.
 
 The result is a :class:`~napari_nephi.Registration`: ``warped`` is the plate on the section grid,
 ``transform`` maps section pixels to plate pixels, ``metrics["labels"]`` holds the carried labels
@@ -33,6 +36,7 @@ from ...core.registration import Registration
 from ...core.transform import AffineTransform, ComposedTransform
 from ..affine.search import ShiftSearch
 from ..registry import engine_info, register
+from .contrast import edge_agreement, match_contrast
 from .preprocess import background_is_bright, tissue_mask, to_grey
 
 #: Longest side of the grid the registration runs on (larger sections are downsampled for it).
@@ -54,6 +58,12 @@ SEARCH_SIDE = 64
 #: Largest ratio of the free affine map's singular values to those of the similarity map it
 #: refines; beyond it (a plate squeezed into a band) the similarity map is kept.
 MAX_STRETCH = 1.35
+#: Plate contrasts tried by the affine steps (see :func:`_best_stage`): the first from the start
+#: both the plate's own and the section's (a start can be too far off for the contrast fit), the
+#: next, from tissues that overlap, the section's.
+STAGE_TRIES = (("plate", "matched"), ("matched",))
+#: Edge agreement (0 to 1) the deformable map must add over the affine one to be kept.
+KEEP_GAIN = 0.005
 _SCALARS = (int, float, str, bool, type(None))
 
 
@@ -152,6 +162,31 @@ def initial_map(
     return best[1], {"angle": best[2], "scale": best[3], "score": float(best[0])}
 
 
+def _best_stage(work, mask, plate, pmask, matrix, common: dict, options: dict, tries: tuple[str, ...]):
+    """One affine-engine stage from ``matrix`` on the plate as it is and/or in the section's contrast.
+
+    ``tries``: ``"plate"`` (its own intensities) and/or ``"matched"`` (mapped to the section's by
+    :func:`.contrast.match_contrast`, measured where the tissues overlap under ``matrix``). Of two
+    tries the map whose plate edges agree better with the section's on its tissue
+    (:func:`.contrast.edge_agreement`, blind to contrast) wins. Returns (the engine's result, the
+    map, the winning try).
+    """
+    moved = _pull(plate, matrix, work.shape)
+    if "matched" in tries:
+        inside = _pull(pmask, matrix, work.shape)
+        images = {"plate": moved, "matched": match_contrast(moved, work, mask & (inside > 0.5)) * inside}
+    else:
+        images = {"plate": moved}
+    best = (-np.inf, None, None, "")
+    for name in tries:
+        reg = register(work, images[name], method="affine", **common, **options)
+        found = matrix @ reg.transform.matrix
+        score = edge_agreement(work, _pull(plate, found, work.shape), mask) if len(tries) > 1 else 0.0
+        if score > best[0]:
+            best = (score, reg, found, name)
+    return best[1:]
+
+
 def _stretch(before: np.ndarray, after: np.ndarray) -> float:
     """Largest stretch or squeeze of ``after``'s linear part against ``before``'s (1: none)."""
     sv = np.linalg.svd(np.linalg.solve(before[:2, :2], after[:2, :2]), compute_uv=False)
@@ -168,10 +203,12 @@ def affine_map(work, mask, plate, scale, common: dict, options: dict) -> tuple[n
     kind = options.get("kind", "affine")
     kinds = ["similarity", kind] if kind == "affine" else [kind]
     metrics: dict = {"start": start}
-    for stage in kinds:
-        moved = _pull(plate, matrix, work.shape)
-        reg = register(work, moved, method="affine", **common, **{**options, "kind": stage})
-        found = matrix @ reg.transform.matrix
+    pmask = tissue_mask(plate).astype(np.float32)
+    for i, stage in enumerate(kinds):
+        tries = STAGE_TRIES[min(i, len(STAGE_TRIES) - 1)]
+        stage_options = {**options, "kind": stage}
+        reg, found, contrast = _best_stage(work, mask, plate, pmask, matrix, common, stage_options, tries)
+        metrics[f"{stage}_contrast"] = contrast
         stretch = _stretch(matrix, found)
         if stage == "affine" and stretch > MAX_STRETCH:
             metrics.update(kept="similarity", rejected_stretch=stretch)
@@ -179,6 +216,26 @@ def affine_map(work, mask, plate, scale, common: dict, options: dict) -> tuple[n
         matrix = found
         metrics.update(_scalar_metrics(reg.metrics), kept=stage)
     return matrix, metrics
+
+
+def deformable_step(work, mask, plate, affine: AffineTransform, method: str, common: dict, options: dict):
+    """The deformable ``method`` on the affinely pre-warped plate, and whether to keep it.
+
+    The plate's intensities are first mapped to the section's (:func:`.contrast.match_contrast`,
+    for sections of another stain). The deformable map is kept only when it raises the edge
+    agreement on the section's tissue (:func:`.contrast.edge_agreement`, a measure it does not
+    optimise) by at least :data:`KEEP_GAIN` and folds nowhere on the tissue. Returns the
+    engine's Registration and ``{"kept", "edges_before", "edges_after", "folds"}``.
+    """
+    moved = affine.warp(plate, work.shape)
+    inside = affine.warp(tissue_mask(plate).astype(np.float32), work.shape)
+    matched = match_contrast(moved, work, mask & (inside > 0.5)) * inside
+    deform = register(work, matched, method=method, **common, **options)
+    before = edge_agreement(work, matched, mask)
+    after = edge_agreement(work, deform.transform.warp(matched, work.shape), mask)
+    folds = int(deform.metrics.get("folds") or 0)
+    kept = bool(after >= before + KEEP_GAIN and folds == 0)
+    return deform, {"kept": kept, "edges_before": before, "edges_after": after, "folds": folds}
 
 
 def _work_to_full(full: tuple[int, int], zoom: tuple[float, float]) -> AffineTransform:
@@ -225,10 +282,10 @@ def register_plate(
     steps = [affine]
     metrics = {"affine": aff_metrics}
     if method != "affine":
-        moved = affine.warp(plate, work.shape)
-        deform = register(work, moved, method=method, **common, **reg_options)
-        steps.insert(0, deform.transform)
-        metrics[method] = _scalar_metrics(deform.metrics)
+        deform, checked = deformable_step(work, mask, plate, affine, method, common, reg_options)
+        metrics[method] = {**_scalar_metrics(deform.metrics), **checked}
+        if checked["kept"]:
+            steps.insert(0, deform.transform)
     if zoom != (1.0, 1.0):
         steps.insert(0, _work_to_full(full, zoom))
     transform = ComposedTransform(steps, shape=full, moving_shape=plate.shape)
