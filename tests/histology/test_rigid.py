@@ -171,3 +171,57 @@ def test_bad_input(ihc):
         rigid_prealign(ihc, ihc, fixed_mask=np.ones((10, 10), bool))
     with pytest.raises(InputError, match="allow_flip"):
         rigid_prealign(ihc, ihc, allow_flip="yes")
+
+
+def test_large_slides_are_aligned_and_left_unchanged(ihc):
+    """Slides 4x larger than the working size (one uint8, one float32 in 0-255) give the same map."""
+    import cv2
+
+    pair = slide_pair(ihc, seed=0, rotation=37.0)
+    up = [cv2.resize(a, None, fx=4, fy=4, interpolation=cv2.INTER_LINEAR) for a in (pair.fixed, pair.moving)]
+    fixed, moving = up[0], up[1].astype(np.float32)
+    kept = fixed.copy(), moving.copy()
+
+    result = rigid_prealign(fixed, moving)
+
+    np.testing.assert_array_equal(fixed, kept[0])
+    np.testing.assert_array_equal(moving, kept[1])
+    ys, xs = np.nonzero(pair.tissue)
+    pts = np.stack([ys, xs], 1)[::11].astype(float)
+    truth = pts @ pair.rigid[:2, :2].T + pair.rigid[:2, 2]
+    err = np.linalg.norm(result.transform(0.25, 0.25).map_points(pts) - truth, axis=1)
+    assert err.mean() < MEAN_PX and err.max() < MAX_PX
+
+
+@pytest.mark.parametrize("kind", ["uint8", "uint16", "float32 0-1", "float64 0-255", "float32 negative"])
+def test_reduction_matches_the_float64_path_with_at_most_one_float32_copy(ihc, kind):
+    """Slides are reduced before scaling: equal (1e-6) to scaling a float64 copy first, as before."""
+    import tracemalloc
+
+    import cv2
+
+    from napari_nephi.engines.histology.rigid import _reduced_unit
+    from napari_nephi.engines.histology.stain import _check_values
+
+    img = cv2.resize(ihc, None, fx=3, fy=3, interpolation=cv2.INTER_LINEAR)  # 768 x 768 RGB
+    slide = {
+        "uint8": img,
+        "uint16": img.astype(np.uint16) * 257,
+        "float32 0-1": img.astype(np.float32) / 255,
+        "float64 0-255": img.astype(np.float64),
+        "float32 negative": img.astype(np.float32) / 255 - 0.1,
+    }[kind]
+    arr, rgb, top = _check_values(slide, "fixed")
+    tracemalloc.start()
+    try:
+        small = _reduced_unit(arr, top, 3.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    previous = np.clip(slide.astype(np.float64) / top, 0.0, 1.0).astype(np.float32)
+    want = cv2.resize(previous, (256, 256), interpolation=cv2.INTER_AREA)
+    assert rgb and small.shape == (256, 256, 3) and small.dtype == np.float32
+    np.testing.assert_allclose(small, want, atol=1e-6)
+    # the float64 path held three float64 copies (3 x 8 bytes per value); now at most one float32
+    assert peak <= 4 * slide.size + 4 * small.nbytes + 65536

@@ -29,7 +29,7 @@ from ...core.progress import Progress
 from ...core.transform import AffineTransform
 from ..affine.levels import grid_sample_frame, zoom_frame
 from ..affine.search import masked_ncc
-from .stain import _check_image, choose_stain_channels, tissue_mask
+from .stain import _check_image, _check_values, choose_stain_channels, tissue_mask
 
 __all__ = ["RigidResult", "rigid_prealign", "DEFAULT_ANGLE_STEP", "SEARCH_SIZE", "WORK_SIZE"]
 
@@ -146,7 +146,20 @@ def _area_resize(image: np.ndarray, factor: float) -> np.ndarray:
         return np.array(image, dtype=np.float32)
     h, w = image.shape[:2]
     size = (max(8, int(round(w / factor))), max(8, int(round(h / factor))))
-    return cv2.resize(np.asarray(image, dtype=np.float32), size, interpolation=cv2.INTER_AREA)
+    return cv2.resize(np.ascontiguousarray(image, dtype=np.float32), size, interpolation=cv2.INTER_AREA)
+
+
+def _reduced_unit(arr: np.ndarray, top: float, factor: float) -> np.ndarray:
+    """A checked slide (:func:`~.stain._check_values`) area-reduced by ``factor``, ``/ top``, in [0, 1].
+
+    Float32 throughout: the only full-size copy is the float32 one that OpenCV needs of integer
+    input (none of float32 input); scaling and clipping happen on the reduced image.
+    """
+    if arr.dtype.kind == "f" and float(arr.min()) < 0:  # clipped before averaging, as before
+        arr = np.clip(arr, 0.0, None, dtype=np.float32)
+    small = _area_resize(arr, factor)
+    small /= np.float32(top)
+    return np.clip(small, 0.0, 1.0, out=small)
 
 
 def _ngf(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -368,13 +381,13 @@ def rigid_prealign(
     step = DEFAULT_ANGLE_STEP if angle_step is None else check_float("angle_step", angle_step, 0.5, 45.0)
     prog = progress if isinstance(progress, Progress) else Progress(progress)
     prog.check()
-    f_in, _ = _check_image(fixed, "fixed")
-    m_in, _ = _check_image(moving, "moving")
+    f_in, _, f_top = _check_values(fixed, "fixed")
+    m_in, _, m_top = _check_values(moving, "moving")
     largest = max(*f_in.shape[:2], *m_in.shape[:2])
     factor = max(1.0, largest / WORK_SIZE)  # one factor: the common pixel size stays common
     fc, mc, fmask, mmask, kind = _stain_inputs(
-        _area_resize(f_in, factor),
-        _area_resize(m_in, factor),
+        _reduced_unit(f_in, f_top, factor),
+        _reduced_unit(m_in, m_top, factor),
         *(None if m is None else _area_resize(_check_mask(m, a.shape[:2], n), factor) > 0.5
           for m, a, n in ((fixed_mask, f_in, "fixed"), (moving_mask, m_in, "moving"))),
     )  # fmt: skip

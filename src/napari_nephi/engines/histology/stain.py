@@ -29,8 +29,11 @@ _BLACK = 0.12
 _MIN_HEMATOXYLIN = 0.02
 
 
-def _check_image(image, name: str = "image") -> tuple[np.ndarray, bool]:
-    """``image`` as float64 in [0, 1] (grey ``(y, x)`` or RGB ``(y, x, 3)``) and whether it is RGB."""
+def _check_values(image, name: str = "image") -> tuple[np.ndarray, bool, float]:
+    """``image`` as an array view (RGBA -> RGB), whether it is RGB, and its white level ``top``.
+
+    Checks shape and values without copying the image (NaN and infinities show in its min and max).
+    """
     arr = np.asarray(image)
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise InputError(f"The {name} must be a numeric array, got dtype {arr.dtype}.")
@@ -49,17 +52,29 @@ def _check_image(image, name: str = "image") -> tuple[np.ndarray, bool]:
         )
     if min(arr.shape[:2]) < 8:
         raise InputError(f"The {name} is too small ({arr.shape}); a slide needs at least 8 x 8 pixels.")
-    out = arr.astype(np.float64)
-    if not np.all(np.isfinite(out)):
+    if arr.dtype.kind == "b":
+        return arr, rgb, 1.0
+    hi = float(arr.max())
+    if arr.dtype.kind == "f" and not (np.isfinite(hi) and np.isfinite(float(arr.min()))):
         raise InputError(f"The {name} contains NaN or infinite values; replace them (e.g. by background).")
     if arr.dtype.kind in "iu":
-        top = 255.0 if arr.dtype.itemsize == 1 or out.max() <= 255 else float(np.iinfo(arr.dtype).max)
-    elif arr.dtype.kind == "b":
-        top = 1.0
+        top = 255.0 if arr.dtype.itemsize == 1 or hi <= 255 else float(np.iinfo(arr.dtype).max)
     else:
-        hi = float(out.max())
         top = 1.0 if hi <= 1.001 else (255.0 if hi <= 255.0 else hi)
-    return np.clip(out / top, 0.0, 1.0), rgb
+    return arr, rgb, top
+
+
+def _to_unit(arr: np.ndarray, top: float) -> np.ndarray:
+    """``arr / top`` clipped to [0, 1]: one new float64 array, scaled and clipped in place."""
+    out = np.array(arr, dtype=np.float64)
+    out /= top
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _check_image(image, name: str = "image") -> tuple[np.ndarray, bool]:
+    """``image`` as float64 in [0, 1] (grey ``(y, x)`` or RGB ``(y, x, 3)``) and whether it is RGB."""
+    arr, rgb, top = _check_values(image, name)
+    return _to_unit(arr, top), rgb
 
 
 def _optical_density(rgb: np.ndarray) -> np.ndarray:
@@ -173,9 +188,10 @@ def _hematoxylin(rgb: np.ndarray) -> np.ndarray:
     return rgb2hed(rgb)[..., 0]
 
 
-def _has_hematoxylin(rgb: np.ndarray) -> bool:
-    step = max(1, max(rgb.shape[:2]) // 256)  # a statistic: a thumbnail is enough
-    rgb = rgb[::step, ::step]
+def _has_hematoxylin(image) -> bool:
+    arr, _, top = _check_values(image)
+    step = max(1, max(arr.shape[:2]) // 256)  # a statistic: a thumbnail is enough
+    rgb = _to_unit(arr[::step, ::step], top)
     mask = tissue_mask(rgb)
     if not mask.any():
         return False
@@ -239,7 +255,7 @@ def choose_stain_channels(fixed, moving, kind: str = "auto") -> tuple[np.ndarray
                     "which compares it with the brightfield slide's haematoxylin."
                 )
         if f_rgb and m_rgb and f_bright and m_bright:
-            both = _has_hematoxylin(_check_image(fixed)[0]) and _has_hematoxylin(_check_image(moving)[0])
+            both = _has_hematoxylin(fixed) and _has_hematoxylin(moving)
             kind = "hematoxylin" if both else "od"
         else:
             kind = "grey"
