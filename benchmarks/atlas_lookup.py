@@ -138,7 +138,8 @@ def load_average() -> float:
 def make_queries(ref, labels, args) -> dict[str, list[dict]]:
     out = {}
     for i, case in enumerate(args.cases):
-        out[case] = atlas_queries(ref, labels, args.per_case, seed=args.seed * 1000 + 101 + i, **CASES[case])
+        seed = args.query_seed * 1000 + 101 + i
+        out[case] = atlas_queries(ref, labels, args.per_case, seed=seed, **CASES[case])
     return out
 
 
@@ -282,7 +283,8 @@ def parse(argv=None):
         "--quick", action="store_true", help="small atlas (66 plates), 4 queries per case, 150 steps"
     )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the atlas, the training and the queries")
+    p.add_argument("--query-seed", type=int, default=None, help="another seed for the queries only")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ",".join(CASES))
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ",".join(METHODS))
     p.add_argument("--per-case", type=int, default=12)
@@ -307,6 +309,7 @@ def parse(argv=None):
             p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     args.shape = tuple(int(s) for s in args.shape.split(","))
     args.rerank_options = json.loads(args.rerank_options)
+    args.query_seed = args.seed if args.query_seed is None else args.query_seed
     if args.quick:
         args.shape = (66, 64, 72) if args.shape == (132, 96, 112) else args.shape
         args.per_case = min(args.per_case, 4)

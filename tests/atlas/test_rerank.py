@@ -129,3 +129,17 @@ def test_cancel_stops_the_search(trained_lookup, toy_reference):
     flag.set()
     with pytest.raises(Cancelled):
         trained_lookup.search_poses(section_from_atlas(reference, 10.0), cancel=flag)
+
+
+def test_a_list_of_plates_is_searched_without_tilt(toy_reference):
+    reference, _ = toy_reference
+    plates = [reference[i] for i in range(0, reference.shape[0], 2)]  # a folder of plates: no volume
+    search = PoseSearch(Plates.from_reference(plates))
+    assert not search.is_volume
+    truth = 8  # plate 16 of the volume
+    section = cv2.resize(section_from_atlas(reference, 16.0), None, fx=1.3, fy=1.3)
+    result = _run(search, section, truth, seed=11)
+    best = result.poses[result.ranking[0][0]]
+    assert abs(result.ranking[0][0] - truth) <= PLATE_TOLERANCE
+    assert best.tilt == (0.0, 0.0) and best.z == float(best.plate)
+    assert abs(best.scale / 1.3 - 1.0) < SCALE_TOLERANCE
