@@ -188,3 +188,28 @@ def test_nearest_neighbour_warp_of_labels_matches_warp_labels():
 
     assert out.dtype == np.uint16
     assert np.mean(out == expected) > 0.999  # ties at exactly half a pixel may round either way
+
+
+def test_a_tile_holds_few_arrays_of_its_size():
+    """One 512^2 RGB tile (rotated: its read box is ~1.8x larger) traces under 48 bytes per output
+    pixel in numpy arrays (it traced 80 with float64 copies of the points); the values are exact."""
+    import tracemalloc
+
+    from scipy.ndimage import map_coordinates
+
+    moving = np.round(_texture((700, 700), seed=4, rgb=True)).astype(np.uint8)
+    transform = _rigid(25.0, (3.5, -2.25), (350, 350))
+    lazy = warp_lazy([moving], transform, (512, 512), chunk=512, fill=0)
+    tracemalloc.start()
+    try:
+        tile = lazy.compute(scheduler="synchronous")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert peak < 48 * 512 * 512, f"{peak / 512**2:.0f} bytes per pixel"
+    ys, xs = np.meshgrid(np.arange(512), np.arange(512), indexing="ij")
+    mapped = transform.map_points(np.c_[ys.ravel(), xs.ravel()].astype(float)).T
+    want = np.stack([map_coordinates(moving[..., c].astype(float), mapped, order=1) for c in range(3)], -1)
+    inside = (mapped.min(0) >= 0) & (mapped.max(0) <= 699)
+    np.testing.assert_allclose(tile.reshape(-1, 3)[inside], np.round(want[inside]), atol=1)

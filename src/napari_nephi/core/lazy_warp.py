@@ -123,11 +123,11 @@ class _TileWarper:
     def tile(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         pts = self.coords(np.arange(y0, y1), np.arange(x0, x1))
         shape = (y1 - y0, x1 - x0) + self.samples
-        finite = np.isfinite(pts).all(axis=1)
-        if not finite.any():
+        low, high = _finite_bounds(pts)
+        if low is None:
             return np.full(shape, self.fill, dtype=self.dtype)
-        lo = np.floor(pts[finite].min(axis=0)).astype(np.int64) - 1
-        hi = np.ceil(pts[finite].max(axis=0)).astype(np.int64) + 2
+        lo = np.floor(low).astype(np.int64) - 1
+        hi = np.ceil(high).astype(np.int64) + 2
         lo = np.maximum(lo, 0)
         hi = np.minimum(hi, self.level.shape[:2])
         if np.any(hi <= lo):  # the whole tile maps outside the moving slide
@@ -136,7 +136,10 @@ class _TileWarper:
         if area > MAX_READ_RATIO * max(pts.shape[0], 4096) and (y1 - y0 > 16 or x1 - x0 > 16):
             return self.split(y0, y1, x0, x1)
         src = _read(self.level, (int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1])))
-        return self.sample(src, pts - lo, shape)
+        rel = np.empty(pts.shape, np.float32)  # relative to the box corner: float32 is exact enough
+        np.subtract(pts, lo, out=rel, casting="same_kind")
+        del pts
+        return self.sample(src, rel, shape)
 
     def split(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         ym, xm = (y0 + y1) // 2, (x0 + x1) // 2
@@ -147,18 +150,40 @@ class _TileWarper:
         )
 
     def sample(self, src: np.ndarray, pts: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """Interpolate ``src`` at ``pts`` (relative to its corner, so float32 is exact enough)."""
+        """Interpolate ``src`` at float32 ``pts`` relative to its corner (``pts`` is overwritten).
+
+        Works in place where it can: a float32 copy of ``src``, the points and the samples are the
+        only arrays of the tile's size held at once.
+        """
         chans = src.reshape(src.shape[:2] + (-1,))
-        vol = torch.as_tensor(np.moveaxis(chans, -1, 0).astype(np.float32) - np.float32(self.fill))
-        p = torch.as_tensor(np.nan_to_num(pts, nan=-1e9).astype(np.float32))
-        vals = sample(vol, p, mode="nearest" if self.order == 0 else "bilinear").numpy() + self.fill
+        vol = np.moveaxis(chans, -1, 0).astype(np.float32)
+        vol -= np.float32(self.fill)
+        p = torch.as_tensor(np.nan_to_num(pts, copy=False, nan=-1e9))
+        vals = sample(torch.as_tensor(vol), p, mode="nearest" if self.order == 0 else "bilinear").numpy()
+        del vol, p
+        vals += np.float32(self.fill)
         vals = np.moveaxis(vals, 0, -1).reshape(shape)
         if np.dtype(self.dtype).kind in "iub":
             info = np.iinfo(self.dtype) if np.dtype(self.dtype).kind != "b" else None
-            vals = np.round(vals)
+            vals = np.round(vals, out=vals)
             if info is not None:
-                vals = np.clip(vals, info.min, info.max)
-        return vals.astype(self.dtype)
+                vals = np.clip(vals, info.min, info.max, out=vals)
+        return vals.astype(self.dtype, copy=False)
+
+
+def _finite_bounds(pts: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per-column min and max of ``(n, 2)`` points over the rows that are finite (``None`` if none),
+    without copying ``pts`` when no infinity is present (NaN is skipped by ``fmin``/``fmax``)."""
+    low, high = np.fmin.reduce(pts, axis=0), np.fmax.reduce(pts, axis=0)
+    if np.all(np.isfinite(low)) and np.all(np.isfinite(high)):
+        finite = ~np.isnan(pts).any(axis=1)  # a row with one NaN coordinate is not a point
+        if finite.all():
+            return low, high
+    finite = np.isfinite(pts).all(axis=1)
+    if not finite.any():
+        return None, None
+    good = pts[finite]
+    return good.min(axis=0), good.max(axis=0)
 
 
 def warp_lazy(
