@@ -27,17 +27,25 @@ def channel() -> np.ndarray:
     return stain_channel(data.immunohistochemistry()[::2, ::2], "hematoxylin")[0]
 
 
-@pytest.mark.parametrize(("shape", "tile", "overlap"), [((700, 500), 320, 64), ((100, 90), 320, 64)])
+@pytest.mark.parametrize(
+    ("shape", "tile", "overlap"), [((700, 500), 320, 64), ((100, 90), 320, 64), ((742, 555), 512, 128)]
+)
 def test_tile_boxes_cover_with_overlap(shape, tile, overlap):
+    """Tiles of at most ``tile`` px cover the grid; neighbours share at least ``overlap`` px; the
+    fewest tiles that can do so (no tile mostly inside another)."""
     boxes = tile_boxes(shape, tile, overlap)
     cover = np.zeros(shape, int)
     for y0, y1, x0, x1 in boxes:
         assert 0 <= y0 < y1 <= shape[0] and 0 <= x0 < x1 <= shape[1]
-        assert y1 - y0 == min(tile, shape[0]) and x1 - x0 == min(tile, shape[1])
+        assert y1 - y0 <= tile and x1 - x0 <= tile
         cover[y0:y1, x0:x1] += 1
     assert cover.min() >= 1
-    if max(shape) > tile:
-        assert cover.max() >= 2  # neighbours overlap
+    for axis, n in enumerate(shape):
+        spans = sorted({(b[2 * axis], b[2 * axis + 1]) for b in boxes})
+        fewest = 1 if n <= tile else int(np.ceil((n - overlap) / (tile - overlap)))
+        assert len(spans) == fewest
+        for (_, stop), (start, _) in zip(spans, spans[1:], strict=False):
+            assert stop - start >= overlap
 
 
 def test_local_ncc_against_direct_computation(channel):
@@ -59,9 +67,10 @@ def test_optimise_tile_recovers_a_shift(channel):
     fixed = channel[40:200, 40:200]
     big = channel[40 - margin : 200 + margin, 40 - margin : 200 + margin]
     moving = ndimage.shift(big, -shift, order=3, mode="nearest")  # moving(x) = big(x + shift)
-    field, before, after = optimise_tile(
+    field, before, after, steps = optimise_tile(
         fixed, moving, np.ones(fixed.shape, np.float32), RefineSettings(iterations=60), margin
     )
+    assert 0 < steps <= 60
     assert after > before
     inner = field[:, 30:-30, 30:-30].reshape(2, -1)
     np.testing.assert_allclose(np.median(inner, axis=1), -shift, atol=0.3)  # moving(x - shift) = fixed(x)

@@ -180,8 +180,28 @@ def _stage_rigid(run: _Run, allow_flip: bool, rigid_um: float, use: bool, masks)
     return info
 
 
-def _stage_networks(run: _Run, grid: Grid, nets: dict, stages, iterations: dict, masks) -> dict:
-    """Affine then non-rigid network on the working grid; each kept only if it raises NCC on tissue."""
+#: Patches per network call: bounds the network's activations (about 35 MiB per 224 px patch set).
+PREDICT_BATCH = 4
+#: Before refinement the networks' field is low-passed by a Gaussian of sigma = patch / this (working px).
+NET_LOW_PASS = 16
+
+
+def low_pass(field: np.ndarray, sigma: float) -> np.ndarray:
+    """``field`` ``(2, H, W)`` smoothed by a Gaussian of ``sigma`` pixels (borders: nearest)."""
+    from scipy.ndimage import gaussian_filter
+
+    return np.stack([gaussian_filter(c, sigma, mode="nearest") for c in field]).astype(np.float32)
+
+
+def _stage_networks(
+    run: _Run, grid: Grid, nets: dict, stages, iterations: dict, masks, refining: bool = False
+) -> dict:
+    """Affine then non-rigid network on the working grid; each kept only if it raises NCC on tissue.
+
+    With ``refining`` the field kept is low-passed (sigma: patch / :data:`NET_LOW_PASS`): patch-wise
+    predictions vary from patch to patch by a fraction of a pixel, a roughness the refinement's
+    smooth correction cannot undo; the refinement recovers the fine part itself.
+    """
     from ...core.similarity import metric
 
     info: dict = {}
@@ -206,7 +226,13 @@ def _stage_networks(run: _Run, grid: Grid, nets: dict, stages, iterations: dict,
         run.progress.check()
         current = warp(mc, u) if u.any() else mc
         delta = predict_field(
-            fc, current, nets[kind], iterations=iterations[kind], mask=fmask, progress=run.progress
+            fc,
+            current,
+            nets[kind],
+            iterations=iterations[kind],
+            mask=fmask,
+            batch=PREDICT_BATCH,
+            progress=run.progress,
         )
         new = compose(delta, u)
         new_score = metric("ncc", fc, warp(mc, new), fmask)
@@ -219,6 +245,8 @@ def _stage_networks(run: _Run, grid: Grid, nets: dict, stages, iterations: dict,
         info[f"{kind}_ncc"] = new_score
         run.seconds[kind] = time.perf_counter() - start
     if u.any():
+        if refining:
+            u = low_pass(u, max(nets[k].config.patch for k in wanted) / NET_LOW_PASS)
         run.parts = field_on_grid(u, grid) + run.parts
         info["fold_percent_networks"] = field_folds(u, fmask)
         _send_preview(run, f"{wanted[-1]} network: done")
@@ -337,7 +365,7 @@ def histology(
     fine = _grid(run.fixed.shape, run.um_f, refine_um, MAX_REFINE, "refine_um") if refining else None
     metrics: dict = {}
     metrics.update(_stage_rigid(run, allow_flip, rigid_um, "rigid" in stages, masks))
-    metrics.update(_stage_networks(run, work, nets, stages, iterations, masks))
+    metrics.update(_stage_networks(run, work, nets, stages, iterations, masks, refining))
     if fine is not None:
         metrics.update(_stage_refine(run, fine, work, pair.fixed_mask, RefineSettings(), device))
     transform = run.transform()
