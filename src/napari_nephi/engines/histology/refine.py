@@ -5,7 +5,8 @@ points every ``control`` pixels) is optimised so that the moving slide, already 
 current map, matches the fixed slide at ``x + r(x)`` by local NCC with a diffusion penalty, by Adam
 with a decaying step (a constant step leaves the controls jittering by a fraction of a pixel).
 Tiles are as few as the tile size allows, evenly spread; their fields are blended with smooth
-windows (no seams); tiles without tissue add a zero correction. Memory: one tile (plus a margin) at a time and the correction field.
+windows (no seams); tiles without tissue add a zero correction. Memory: one tile (plus a margin)
+at a time and the correction field.
 """
 
 from __future__ import annotations
