@@ -5,7 +5,10 @@ Atlases (``--atlases``):
 * ``toyA``: ``toy_atlas((64, 64, 64), seed=0)`` (a 3D volume, plates along axis 0);
 * ``toyB``: ``toy_atlas((56, 72, 60), seed=3)`` (another shape and seed);
 * ``list``: a list of plates of different shapes: every second plate of
-  ``toy_atlas((96, 64, 64), seed=5)``, each resized to its own size (0.8-1.3 x, anisotropic).
+  ``toy_atlas((96, 64, 64), seed=5)``, each resized to its own size (0.8-1.3 x, anisotropic);
+* ``phantom``: the lookup benchmark's atlas, ``brain_phantom((132, 96, 112), seed=0)`` with its
+  labels, and its 60 queries (sections of another brain, ``benchmarks/atlas_lookup.py``: 12 per
+  case straight, oblique, partial, contrast, combined), rows per case as well.
 
 Queries (held out, never seen in training): sections cut with
 :func:`napari_nephi.synthetic.atlas.section_from_atlas` at a random fractional plate position,
@@ -72,7 +75,7 @@ STUDY_OPTIONS = {
     "validation_size": 32,
     "max_minutes": 30.0,
 }
-TOPS = (1, 3, 5, 10)
+TOPS = (1, 3, 5, 10, 20)
 
 
 def _with_tissue(vol: np.ndarray) -> np.ndarray:
@@ -132,11 +135,28 @@ def scores(rankings, truth) -> dict:
     return out
 
 
+def phantom_queries():
+    """The lookup benchmark's atlas and queries: ``(reference, labels, [(image, plate, case), ...])``."""
+    from atlas_lookup import make_queries, parse
+
+    from napari_nephi.synthetic.atlas import brain_phantom
+
+    args = parse([])
+    ref, labels = brain_phantom(args.shape, seed=args.seed)
+    qs = make_queries(ref, labels, args)
+    return ref, labels, [(q["image"], q["plate"], case) for case, items in qs.items() for q in items]
+
+
 def run(name: str, options: dict, count: int, seed: int) -> list[dict]:
-    ref, vol, plate_z, sizes = make_atlas(name)
-    qs = queries(vol, plate_z, sizes, count, seed=1000 + seed)
+    labels, cases = None, None
+    if name == "phantom":
+        ref, labels, items = phantom_queries()
+        qs, cases = [(im, p) for im, p, _ in items], [c for _, _, c in items]
+    else:
+        ref, vol, plate_z, sizes = make_atlas(name)
+        qs = queries(vol, plate_z, sizes, count, seed=1000 + seed)
     c0, w0 = time.process_time(), time.perf_counter()
-    lk = AtlasLookup.train(ref, device="cpu", seed=seed, **options)
+    lk = AtlasLookup.train(ref, labels, device="cpu", seed=seed, **options)
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
     images, truth = [q for q, _ in qs], [t for _, t in qs]
     times = []
@@ -147,7 +167,11 @@ def run(name: str, options: dict, count: int, seed: int) -> list[dict]:
     base = {"atlas": name, "plates": lk.n_plates, "train_cpu_s": cpu, "train_wall_s": wall}
     base["lookup_ms"] = float(np.median(times))
     base["steps_done"] = lk.settings["steps_done"]
-    rows = [{**base, "variant": "plain", **scores(lk.lookup_many(images, top=None), truth)}]
+    ranked = lk.lookup_many(images, top=None)
+    rows = [{**base, "variant": "plain", **scores(ranked, truth)}]
+    for case in dict.fromkeys(cases or []):  # the phantom's cases, in order
+        pick = [k for k, c in enumerate(cases) if c == case]
+        rows.append({**base, "variant": case, **scores([ranked[k] for k in pick], [truth[k] for k in pick])})
     q = lk.embed(images)
     d = np.linalg.norm(q[:, None, :] - lk.embeddings[None, :, :], axis=2)
     smooth = np.pad(d, ((0, 0), (1, 1)), mode="edge")
@@ -182,7 +206,8 @@ def main() -> None:
             print(
                 f"{args.label:14s} {row['atlas']:5s} {row['variant']:9s} n={row['plates']:3d} "
                 f"rank {row['mean_rank']:5.2f}  top1 {row['top1']:5.1f}  top3 {row['top3']:5.1f}  "
-                f"top5 {row['top5']:5.1f}  top10 {row['top10']:5.1f}  train cpu {row['train_cpu_s']:6.1f}s "
+                f"top5 {row['top5']:5.1f}  top10 {row['top10']:5.1f}  top20 {row['top20']:5.1f}  "
+                f"train cpu {row['train_cpu_s']:6.1f}s "
                 f"wall {row['train_wall_s']:6.1f}s  lookup {row['lookup_ms']:5.1f} ms",
                 flush=True,
             )

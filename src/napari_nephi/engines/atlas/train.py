@@ -9,8 +9,8 @@ ranking loss (plates are positions: a plate 2 away must embed nearer than one 5 
 become near-misses; on held-out oblique partial sections of two toy volumes it lowered the mean
 rank from 5.9 to 3.5 and 3.9 to 2.5, see benchmarks/atlas_method_study.py), Adam, cosine or step
 learning-rate decay. The decay follows the run's progress: the share of ``steps`` done or, when the
-machine is too slow to do them all, the share of the time budget ``max_minutes`` spent (the last
-:data:`SCHEDULE_SHARE` of the budget is left for the end of the run), whichever is further, so the
+machine is too slow to do them all, the share of the time budget ``max_minutes`` spent (the decay
+ends at :data:`SCHEDULE_SHARE` of the budget left when the loop starts), whichever is further, so the
 run anneals and converges before the budget ends on any machine; on a machine fast enough for all
 steps it is deterministic for a seed. Every ``validate_every`` steps the mean rank of the true plate
 on a fixed held-out set of synthetic sections is measured and the best weights are kept.
@@ -49,7 +49,7 @@ DEFAULTS: dict = {
     "input_size": 128,
     "embedding_dim": 64,
     "widths": (16, 32, 64, 128),
-    "steps": 1200,
+    "steps": 2000,
     "batch_plates": 16,
     "views_per_plate": 3,
     "bank_views": 8,
