@@ -150,12 +150,28 @@ def load_networks(weights, device, notes: list[str]) -> dict:
     return nets
 
 
-def resize_mask(mask, shape) -> np.ndarray:
-    """A mask (any size, lazy or not) resized to ``shape`` by nearest neighbour, as bool."""
-    import cv2
+def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each output index, as OpenCV's ``INTER_NEAREST`` picks it (``floor(i / scale)``)."""
+    inverse = 1.0 / (n_out / n_in)
+    return np.minimum(np.floor(np.arange(n_out) * inverse).astype(np.int64), n_in - 1)
 
-    m = np.asarray(mask[:] if not hasattr(mask, "compute") else mask.compute())
-    if m.ndim != 2:
-        raise InputError(f"A tissue mask must be 2D (y, x), got shape {m.shape}.")
-    small = cv2.resize(m.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-    return small > 0
+
+def resize_mask(mask, shape) -> np.ndarray:
+    """A mask (any size, lazy or not) resized to ``shape`` by nearest neighbour, as bool.
+
+    Only the picked pixels are kept: a lazy (dask) mask is read chunk by chunk and a level-0 mask
+    is never copied whole; the result equals OpenCV's ``INTER_NEAREST`` resize.
+    """
+    dims = getattr(mask, "shape", None)
+    if dims is None:
+        mask = np.asarray(mask)
+        dims = mask.shape
+    if len(dims) != 2:
+        raise InputError(f"A tissue mask must be 2D (y, x), got shape {tuple(dims)}.")
+    rows = _nearest_indices(int(dims[0]), int(shape[0]))
+    cols = _nearest_indices(int(dims[1]), int(shape[1]))
+    if hasattr(mask, "compute"):
+        picked = np.asarray(mask[rows][:, cols].compute())
+    else:
+        picked = np.asarray(mask[:] if not isinstance(mask, np.ndarray) else mask)[np.ix_(rows, cols)]
+    return picked.astype(np.uint8) > 0
