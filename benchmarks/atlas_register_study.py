@@ -9,6 +9,9 @@ position, the best a 2D map can do).
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/atlas_register_study.py [--per-kind 5]
         [--methods affine,nephi] [--nephi-every 2] [--module path/to/register.py]
 
+Nephi rows give the affine map's Dice on the same queries and how many deformable maps the
+registration kept (it drops those that do not raise the edge agreement or that fold).
+
 ``--module`` runs another version of ``engines/atlas/register.py`` (e.g. the previous commit's,
 from ``git show HEAD~1:src/napari_nephi/engines/atlas/register.py > /tmp/old_register.py``).
 """
@@ -105,6 +108,7 @@ def run(lk, qs, register_plate, method: str, every: int, affine: dict) -> list[d
             "oracle": q.get("oracle", np.nan),
             "seconds": time.perf_counter() - t,
             "affine": np.nan,
+            "kept": bool(reg.metrics.get(method, {}).get("kept", True)),
         }
         if method != "affine":
             aff = register_plate(lk, q["image"], q["plate"], "affine", device="cpu", **affine)
@@ -131,8 +135,11 @@ def main() -> None:
         "phantom": brain_phantom((66, 64, 72), seed=0),
         "toy": toy_atlas((40, 64, 64), seed=0),
     }
-    print("| atlas | kind | method | n | mean Dice | min Dice | affine on same | oracle | s/section |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| atlas | kind | method | n | mean Dice | min Dice | affine on same | deformable kept | oracle "
+        "| s/section |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (ref, lab) in atlases.items():
         lk = AtlasLookup.train(ref, lab, device="cpu", steps=1, seed=0)
         qs = queries(ref, lab, args.per_kind, args.seed)
@@ -152,9 +159,10 @@ def main() -> None:
                 o = np.nanmean([r["oracle"] for r in sel]) if kind == "oracle" else np.nan
                 s = np.mean([r["seconds"] for r in sel])
                 a = np.mean([r["affine"] for r in sel])
+                kept = "" if method == "affine" else f"{sum(r['kept'] for r in sel)}/{len(sel)}"
                 print(
                     f"| {name} | {kind} | {method} | {len(sel)} | {d.mean():.3f} | {d.min():.3f} | "
-                    f"{'' if np.isnan(a) else f'{a:.3f}'} | "
+                    f"{'' if np.isnan(a) else f'{a:.3f}'} | {kept} | "
                     f"{'' if np.isnan(o) else f'{o:.3f}'} | {s:.1f} |",
                     flush=True,
                 )

@@ -62,8 +62,11 @@ MAX_STRETCH = 1.35
 #: both the plate's own and the section's (a start can be too far off for the contrast fit), the
 #: next, from tissues that overlap, the section's.
 STAGE_TRIES = (("plate", "matched"), ("matched",))
-#: Edge agreement (0 to 1) the deformable map must add over the affine one to be kept.
-KEEP_GAIN = 0.005
+#: Edge agreement (0 to 1) the deformable map must add over the affine one to be kept. A map that
+#: fits the plate to structures the section does not share (an oblique cut's neighbours, another
+#: specimen's texture) raises it little: on 30 study sections gains under 0.02 came with a Dice
+#: loss in 2 of 3, larger ones with a gain in 2 of 3.
+KEEP_GAIN = 0.02
 _SCALARS = (int, float, str, bool, type(None))
 
 
