@@ -7,7 +7,7 @@ atlas coordinates gives the oracle (the plate's labels read at every pixel's tru
 position, the best a 2D map can do).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/atlas_register_study.py [--per-kind 5]
-        [--methods affine,nephi] [--nephi-every 2] [--module path/to/register.py]
+        [--methods affine,nephi] [--nephi-every 2] [--atlases phantom,toy] [--module path/to/register.py]
 
 Nephi rows give the affine map's Dice on the same queries and how many deformable maps the
 registration kept (it drops those that do not raise the edge agreement or that fold).
@@ -125,16 +125,18 @@ def main() -> None:
     ap.add_argument("--nephi-every", type=int, default=2, help="nephi on every n-th query")
     ap.add_argument("--module", default=None)
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--atlases", default="phantom,toy", help="comma-separated: phantom, toy")
     ap.add_argument(
         "--affine", default="{}", help='options of the affine step as JSON, e.g. {"similarity": "nmi"}'
     )
     args = ap.parse_args()
     torch.set_num_threads(1)
     register_plate = load_register(args.module)
-    atlases = {
-        "phantom": brain_phantom((66, 64, 72), seed=0),
-        "toy": toy_atlas((40, 64, 64), seed=0),
+    makers = {
+        "phantom": lambda: brain_phantom((66, 64, 72), seed=0),
+        "toy": lambda: toy_atlas((40, 64, 64), seed=0),
     }
+    atlases = {name: makers[name]() for name in args.atlases.split(",")}
     print(
         "| atlas | kind | method | n | mean Dice | min Dice | affine on same | deformable kept | oracle "
         "| s/section |"
