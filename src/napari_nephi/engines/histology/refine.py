@@ -32,7 +32,8 @@ class RefineSettings:
     ``iterations``: optimiser steps (half on smoothed images, half on the images themselves);
     ``smooth``: weight of the diffusion penalty on the control points; ``lr``: first Adam step
     (pixels), decayed geometrically to ``lr * decay`` within each pass; ``window``: side of the local
-    NCC window; a pass stops early when the loss has not dropped by ``tol`` for ``patience`` steps.
+    NCC window; when the loss has not dropped by ``tol`` for ``patience`` steps, a pass takes
+    ``patience`` more steps at the final step size and stops.
     """
 
     tile: int = 512
@@ -154,23 +155,25 @@ def optimise_tile(
     n = settings.iterations // 2
     for similarity in (level(2.0, 2 * settings.window + 1), fine):
         opt = torch.optim.Adam([ctrl], lr=settings.lr)
-        decay = settings.decay ** (1.0 / max(1, n - 1))
-        best, stale = np.inf, 0
+        decay, final = settings.decay ** (1.0 / max(1, n - 1)), settings.lr * settings.decay
+        best, stale, finishing = np.inf, 0, False
         for _ in range(n):
             opt.zero_grad()
             loss = objective(similarity)
             loss.backward()
             opt.step()
-            for g in opt.param_groups:
-                g["lr"] *= decay
             steps += 1
             value = loss.item()
-            if value < best - settings.tol:
-                best, stale = value, 0
-            else:
-                stale += 1
-                if stale >= settings.patience:
+            stale = 0 if value < best - settings.tol else stale + 1
+            best = min(best, value)
+            if stale >= settings.patience:
+                if finishing:
                     break
+                # stalled: a few steps at the final (smallest) step, then stop; stopping at a large
+                # step would leave the controls wherever Adam's jitter put them
+                finishing, stale = True, 0
+            for g in opt.param_groups:
+                g["lr"] = final if finishing else g["lr"] * decay
     with torch.no_grad():
         after = float(fine())
         if after <= before:  # never make a tile worse
