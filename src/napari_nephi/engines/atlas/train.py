@@ -46,7 +46,7 @@ from .synthesis import SectionSynthesizer, SynthesisConfig
 
 #: Training options and their defaults (``AtlasLookup.train(**options)``).
 DEFAULTS: dict = {
-    "input_size": 128,
+    "input_size": 64,
     "embedding_dim": 64,
     "widths": (16, 32, 64, 128),
     "steps": 2000,
