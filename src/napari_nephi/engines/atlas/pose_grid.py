@@ -265,8 +265,9 @@ class SectionGrid:
         return Cut(fft, float(z), (float(tilt[0]), float(tilt[1])), np.asarray(pivot, dtype=np.float64), step)
 
     # -- scoring -----------------------------------------------------------------------------
-    def score(self, pairs: list, n_plates: int) -> list[Pose]:
-        """Best shift of each ``(rotation, scale, cut)``; returns the poses."""
+    def score(self, pairs: list, n_plates: int, best_per_cut_z: bool = False) -> list[Pose]:
+        """Best shift of each ``(rotation, scale, cut)``; returns the poses (with
+        ``best_per_cut_z`` only the best pose of each cut position ``z``, in first-seen order)."""
         if not pairs:
             return []
         rots = sorted({r for r, _, _ in pairs})
@@ -284,13 +285,25 @@ class SectionGrid:
         fb_all = torch.stack(ffts)
         ia = torch.tensor([r_index[r] for r, _, _ in pairs])
         ib = torch.tensor([cut_index[id(c)] for _, _, c in pairs])
-        out = []
+        values, indices = [], []
         for b in range(0, len(pairs), BATCH):
             sa, sb = ia[b : b + BATCH], ib[b : b + BATCH]
             value, index = self.corr.best(fa_all[sa], ea_all[sa], na_all[sa], fb_all[sb])
-            for (r, s, cut), v, k in zip(pairs[b : b + BATCH], value.tolist(), index.tolist(), strict=True):
-                out.append(self._pose(r, s, cut, v, self.corr.shift(k), n_plates))
-        return out
+            values += value.tolist()
+            indices += index.tolist()
+        keep = range(len(pairs))
+        if best_per_cut_z:
+            best: dict[float, int] = {}
+            for k, (_, _, cut) in enumerate(pairs):
+                if cut.z not in best or values[k] > values[best[cut.z]]:
+                    best[cut.z] = k
+            keep = list(best.values())
+        return [
+            self._pose(
+                pairs[k][0], pairs[k][1], pairs[k][2], values[k], self.corr.shift(indices[k]), n_plates
+            )
+            for k in keep
+        ]
 
     def _pose(self, rotation, scale, cut: Cut, score: float, shift: np.ndarray, n_plates: int) -> Pose:
         d = shift * cut.step  # plate pixels from the pivot along the cut's rows and columns

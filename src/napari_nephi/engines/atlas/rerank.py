@@ -169,7 +169,7 @@ class PoseSearch:
                     cut = coarse.plate_cut(coarse_atlas, z, s)
                     pairs += [(r, s, cut) for r in rotations]
         _check(progress)
-        first = coarse.score(pairs, self.n)
+        first = coarse.score(pairs, self.n, best_per_cut_z=True)  # hypotheses need no more
         fine = SectionGrid(grey, mask, options["work_size"])
         refine = _Refine(self.atlas(options["work_size"]), fine, options, progress)
         for hyp in _distinct(first, options["hypotheses"]):
