@@ -21,6 +21,8 @@ Parts (``--parts``), every one on the held-out rows only, for each of ``--seeds`
   against rigid + local-affine network (SASN and MASN, k = 1, 2, 3). Errors on a dense tissue grid.
 - ``full``: the whole pipeline (rigid, affine with the network ``--full`` names, non-rigid with
   the shipped non-rigid network, refinement) with and without the affine stage, same pairs.
+- ``fast``: the same without the refinement (rigid, affine, non-rigid: the choice when time
+  matters) with and without the affine stage.
 
 ``--cases`` picks the engine cases, ``--sources`` the held-out images of the engine parts.
 
@@ -140,13 +142,14 @@ def engine_methods(parts, paths: dict, full: str) -> dict[str, dict]:
                     "affine_iterations": k,
                     "magnifications": mags,
                 }
-    if "full" in parts:
-        nonrigid = shipped_path("nonrigid")
-        out["full without affine"] = {"stages": ("rigid", "nonrigid", "refine"), "weights": [nonrigid]}
-        out[f"full with {full} k=2"] = {
-            "stages": ("rigid", "affine", "nonrigid", "refine"),
-            "weights": [paths[full], nonrigid],
-        }
+    nonrigid = shipped_path("nonrigid")
+    for part, refine in (("full", ("refine",)), ("fast", ())):
+        if part in parts:
+            out[f"{part} without affine"] = {"stages": ("rigid", "nonrigid", *refine), "weights": [nonrigid]}
+            out[f"{part} with {full} k=2"] = {
+                "stages": ("rigid", "affine", "nonrigid", *refine),
+                "weights": [paths[full], nonrigid],
+            }
     return out
 
 
@@ -192,9 +195,11 @@ def engine_part(images: dict, cases: dict, methods: dict, seeds) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nets", nargs="+", required=True, help="LABEL=FILE local-affine network files")
-    ap.add_argument("--full", help="LABEL of the network the full pipeline uses (part full)")
+    ap.add_argument("--full", help="LABEL of the network the parts full and fast use")
     ap.add_argument("--cases", nargs="+", choices=tuple(ENGINE_CASES), default=list(ENGINE_CASES))
-    ap.add_argument("--parts", nargs="+", choices=("patch", "engine", "full"), default=["patch", "engine"])
+    ap.add_argument(
+        "--parts", nargs="+", choices=("patch", "engine", "full", "fast"), default=["patch", "engine"]
+    )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--pairs", type=int, default=4, help="held-out pairs per source and seed (patch part)")
     ap.add_argument("--sources", nargs="+", choices=("ihc", "svs"), default=["ihc", "svs"])
@@ -204,8 +209,8 @@ def main(argv=None) -> int:
     mk = weights_script()
     held_out = mk.split_sources(mk.load_sources(str(fetch_svs())))[1]
     paths = dict((label, Path(path)) for label, path in (n.split("=", 1) for n in args.nets))
-    if "full" in args.parts and args.full not in paths:
-        ap.error("part full needs --full LABEL, one of the --nets labels")
+    if {"full", "fast"} & set(args.parts) and args.full not in paths:
+        ap.error("parts full and fast need --full LABEL, one of the --nets labels")
     for label, path in paths.items():
         prov = read_record(path).get("extra", {}).get("provenance", {})
         print(
@@ -220,7 +225,7 @@ def main(argv=None) -> int:
         print("| part | source | seed | method | mean field error px | median rTRE % | NCC | better | s |")
         nets = {label: load_model(path) for label, path in paths.items()}
         rows += patch_part(mk, held_out, nets, args.seeds, args.pairs)
-    methods = engine_methods(args.parts, paths if "engine" in args.parts else {}, args.full)
+    methods = engine_methods(args.parts, paths, args.full)
     if methods:
         print(
             "| part | source | case | seed | method | median rTRE % | median TRE um | p90 um | robust "

@@ -131,19 +131,22 @@ def test_bad_prediction_inputs():
         predict_field(image, image, object())
 
 
+#: IHC crops the shipped nets are tested on; the affine net never saw rows 256: (the script's HOLDOUT_ROW).
+TEST_CROPS = {"nonrigid": np.s_[96:416, 96:416], "affine": np.s_[256:512, 0:512]}
+
+
 def held_out_ihc_pair(kind: str):
     """IHC vs its stains re-rendered (seed 77), the fixed side warped by a map training never used."""
-    rgb = data.immunohistochemistry()[96:416, 96:416]
+    rgb = data.immunohistochemistry()[TEST_CROPS[kind]]
     fixed, _ = stain_channel(rgb, "hematoxylin")
     moving, _ = stain_channel(restain(rgb, "he", seed=77), "hematoxylin")
     shape = fixed.shape
-    if kind == "affine":
-        a = np.deg2rad(1.0)
-        linear = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) @ np.array(
-            [[1.0, 0.01], [0, 1.0]]
-        )
+    if kind == "affine":  # rotation 1.5 degrees, shear 0.01, scales 1.01 / 0.99, shift (4, -3) px
+        a = np.deg2rad(1.5)
+        rotation = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        linear = rotation @ np.array([[1.0, 0.01], [0, 1.0]]) @ np.diag([1.01, 0.99])
         rel = np.stack(np.mgrid[: shape[0], : shape[1]]) - (np.array(shape)[:, None, None] - 1) / 2
-        truth = np.einsum("ij,jhw->ihw", linear - np.eye(2), rel) + np.array([2.5, -2.0])[:, None, None]
+        truth = np.einsum("ij,jhw->ihw", linear - np.eye(2), rel) + np.array([4.0, -3.0])[:, None, None]
     else:
         truth = random_smooth_displacement(shape, 6.0, 50.0, seed=4242, zero_boundary=False)
     truth = truth.astype(np.float32)
@@ -151,14 +154,18 @@ def held_out_ihc_pair(kind: str):
     return warp(fixed, truth), moving, truth, tissue
 
 
-#: Measured with the shipped files (docs/histology.md, "Networks and weights"): NCC on the tissue
-#: must rise at least this much and the mean error to the true field must fall below this share.
-SHIPPED = {"nonrigid": (0.03, 0.95)}
+#: Measured with the shipped files (docs/histology.md, "The shipped networks"): with this many
+#: iterations (the engine's defaults) NCC on the tissue must rise at least this much and the mean
+#: error to the true field must fall below this share. Affine, measured: NCC 0.524 -> 0.607, error
+#: 5.95 -> 5.22 px (0.88).
+SHIPPED = {"nonrigid": (0.03, 0.95, 1), "affine": (0.05, 0.92, 2)}
 
 
 @pytest.mark.parametrize("kind", sorted(SHIPPED))
 def test_shipped_weights_improve_a_held_out_pair(kind):
     assert shipped_path(kind).stat().st_size < 2_000_000
+    record = torch.load(shipped_path(kind), weights_only=True)  # plain data only
+    assert record["config"]["kind"] == kind and "provenance" in record["extra"]
     net = shipped_model(kind)
     assert net.config.to_dict() == {
         "kind": kind,
@@ -167,11 +174,11 @@ def test_shipped_weights_improve_a_held_out_pair(kind):
         "widths": [16, 32, 64, 128],
     }
     fixed, moving, truth, tissue = held_out_ihc_pair(kind)
-    field = predict_field(fixed, moving, net, mask=tissue)
+    gain, share, iterations = SHIPPED[kind]
+    field = predict_field(fixed, moving, net, mask=tissue, iterations=iterations)
     before = metric("ncc", fixed, moving, mask=tissue)
     after = metric("ncc", fixed, warp(moving, field), mask=tissue)
     err_before = float(np.linalg.norm(truth, axis=0)[tissue].mean())
     err_after = float(np.linalg.norm(truth - field, axis=0)[tissue].mean())
-    gain, share = SHIPPED[kind]
     assert after > before + gain, (before, after)
     assert err_after < share * err_before, (err_before, err_after)
