@@ -314,3 +314,7 @@ def test_rerank_default_and_bad_values(trained_lookup, toy_reference):
         trained_lookup.lookup(section, rerank=True, rerank_options={"tilt": 3})
     with pytest.raises(InputError, match="tilt"):  # checked even when not re-ranking
         trained_lookup.lookup(section, rerank=False, rerank_options={"tilt": 3})
+    from napari_nephi import Cancelled
+
+    with pytest.raises(Cancelled):
+        trained_lookup.search_poses(section, cancel=lambda: True)

@@ -39,8 +39,23 @@ def _shuffled(n: int, truth: int, seed: int, size: int = 6) -> list[tuple[int, f
 
 
 def _run(search, section, truth, seed=0, **options):
+    """The pose search given a shuffled shortlist of 6 holding ``truth`` (no sweep of the atlas)."""
     order = _shuffled(search.n, truth, seed)
-    return search.search(section, order, check_rerank_options({"shortlist": 6, "neighbours": 2, **options}))
+    opts = {"shortlist": 6, "neighbours": 2, "sweep_step": 0, **options}
+    return search.search(section, order, check_rerank_options(opts))
+
+
+def test_the_sweep_finds_a_plate_the_shortlist_misses(search, toy_reference):
+    reference, _ = toy_reference
+    plate = 27
+    order = [(p, 0.0) for p in range(search.n) if abs(p - plate) > 6]  # the embedding far off
+    order += [(p, 1.0) for p in range(search.n) if abs(p - plate) <= 6]
+    section = section_from_atlas(reference, plate, (0.0, 5.0))
+    opts = {"shortlist": 4, "neighbours": 1}
+    missed = search.search(section, order, check_rerank_options({**opts, "sweep_step": 0}))
+    swept = search.search(section, order, check_rerank_options({**opts, "sweep_step": 3}))
+    assert abs(missed.ranking[0][0] - plate) > 3  # only far plates searched
+    assert abs(swept.ranking[0][0] - plate) <= PLATE_TOLERANCE
 
 
 @pytest.mark.parametrize("plate", [12, 24])
@@ -119,16 +134,19 @@ def test_blank_section_raises(search):
         )
 
 
-def test_cancel_stops_the_search(trained_lookup, toy_reference):
+def test_cancel_stops_the_search(search, toy_reference):
     import threading
 
     from napari_nephi import Cancelled
+    from napari_nephi.core.progress import Progress
 
     reference, _ = toy_reference
     flag = threading.Event()
     flag.set()
+    progress = Progress(None, flag)
+    order = [(p, 0.0) for p in range(search.n)]
     with pytest.raises(Cancelled):
-        trained_lookup.search_poses(section_from_atlas(reference, 10.0), cancel=flag)
+        search.search(section_from_atlas(reference, 10.0), order, check_rerank_options({}), progress)
 
 
 def test_a_list_of_plates_is_searched_without_tilt(toy_reference):
