@@ -13,9 +13,12 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   plate.
 * **Similarity.** Normalised gradient fields compared by the squared cosine of edge directions on
   the section's tissue, all shifts at once by FFT (:mod:`.pose_grid`): invariant to inverted or
-  remapped contrast (fluorescence against Nissl).
+  remapped contrast (fluorescence against Nissl). The comparison runs at the section's own
+  resolution (its tissue ``coarse_size`` / ``work_size`` pixels long; the atlas cuts are resampled
+  to it), so a small plate gains nothing from a whole section shrunk onto it.
 * **Search.** Stage 1, on a coarse grid (``coarse_size``): untilted plates of the shortlist (the
-  embedding's ``shortlist`` best plates and ``neighbours`` on each side) x rotations x scales.
+  embedding's ``shortlist`` best plates and ``neighbours`` on each side, and every
+  ``sweep_step``-th plate of the atlas, for sections the embedding misplaces) x rotations x scales.
   Stage 2, on the finer grid (``work_size``), for the ``hypotheses`` best poses at least
   :data:`HYPOTHESIS_GAP` plates apart: nearby plates, rotations and scales; for a volume then
   pitch, then yaw, of a cut turned about the section's tissue centre, and rotation and scale again.
