@@ -267,3 +267,24 @@ def test_bad_registration_input(trained_lookup, toy_reference, section, plate, k
         section = section_from_atlas(toy_reference[0], 10)
     with pytest.raises(InputError, match=match):
         trained_lookup.register(section, plate, device="cpu", **kwargs)
+
+
+def test_an_affine_stage_that_lowers_the_edge_agreement_is_dropped(toy_reference, monkeypatch):
+    from napari_nephi.engines.atlas import register as module
+
+    reference, _ = toy_reference
+    plate = reference[20]
+    truth = np.eye(3)
+    truth[:2, 2] = [-3.0, 2.0]  # section pixel -> plate pixel: a shift
+    section = ndi.affine_transform(plate, truth, output_shape=plate.shape, order=1)
+    mask = section > 0.2
+    common = {"device": "cpu", "progress": None, "cancel": None, "fixed_mask": mask}
+    options = {**module.AFFINE_DEFAULTS, "kind": "similarity"}
+    pmask = module.tissue_mask(plate).astype(np.float32)
+    start = np.eye(3)  # 3.6 px off
+    reg, found, name = module._best_stage(section, mask, plate, pmask, start, common, options, ("plate",))
+    assert name == "plate" and reg is not None
+    assert np.abs(found[:2, 2] - truth[:2, 2]).max() < 1.0  # the stage found the shift: kept
+    monkeypatch.setattr(module, "STAGE_DROP", -2.0)  # the start wins whatever the stage does
+    reg, found, name = module._best_stage(section, mask, plate, pmask, start, common, options, ("plate",))
+    assert (reg, name) == (None, "start") and np.array_equal(found, start)
