@@ -12,6 +12,23 @@ position, the best a 2D map can do).
 Nephi rows give the affine map's Dice on the same queries and how many deformable maps the
 registration kept (it drops those that do not raise the edge agreement or that fold).
 
+Measured 2026-12-03 (load 2-12 on 2 shared cores; ``--per-kind 5 --oracle 6``; before = commit
+4f64c68's register.py, after = d522afd's: the plate in the section's contrast, affine stages that
+lower the edge agreement dropped, the deformable map kept only when it raises it by 0.02 and does
+not fold). Mean Dice (min) of the affine map over 20 queries per atlas:
+
+| seed | phantom before | phantom after | toy before | toy after | toy oracle cuts before / after (2D bound) |
+|---|---|---|---|---|---|
+| 11 | 0.590 (0.350) | 0.605 (0.357) | 0.670 (0.444) | 0.692 (0.495) | 0.804 / 0.801 (0.836) |
+| 12 | 0.535 (0.035) | 0.578 (0.245) | 0.657 (0.016) | 0.677 (0.272) | 0.675 / 0.677 (0.739) |
+
+Fluorescence-like sections gain most (phantom 0.598 -> 0.636 and 0.487 -> 0.610). ``nephi``
+(every 2nd query, 10 per atlas) against the affine map on the same queries: phantom seed 11
+before 0.637 / 0.584, after 0.649 / 0.598; seed 12 before 0.615 / 0.605, after 0.632 / 0.611;
+toy seed 11 before 0.693 / 0.698, after 0.724 / 0.715 (oblique 0.460 -> 0.600; straight still
+below the affine map, 0.835 / 0.872; oracle cuts 0.884 -> 0.869: all three deformable maps
+dropped). NePhi still loses on partial phantom sections (0.468 / 0.478, 0.583 / 0.611).
+
 ``--module`` runs another version of ``engines/atlas/register.py`` (e.g. the previous commit's,
 from ``git show HEAD~1:src/napari_nephi/engines/atlas/register.py > /tmp/old_register.py``).
 """
