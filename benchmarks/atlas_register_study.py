@@ -27,7 +27,9 @@ Fluorescence-like sections gain most (phantom 0.598 -> 0.636 and 0.487 -> 0.610)
 before 0.637 / 0.584, after 0.649 / 0.598; seed 12 before 0.615 / 0.605, after 0.632 / 0.611;
 toy seed 11 before 0.693 / 0.698, after 0.724 / 0.715 (oblique 0.460 -> 0.600; straight still
 below the affine map, 0.835 / 0.872; oracle cuts 0.884 -> 0.869: all three deformable maps
-dropped). NePhi still loses on partial phantom sections (0.468 / 0.478, 0.583 / 0.611).
+dropped); toy seed 12 before 0.748 / 0.696, after 0.748 / 0.708 (straight 0.819 / 0.845).
+NePhi still loses on partial phantom sections (0.468 / 0.478, 0.583 / 0.611) and on straight toy
+sections, where the affine map is already close to the 2D bound.
 
 ``--module`` runs another version of ``engines/atlas/register.py`` (e.g. the previous commit's,
 from ``git show HEAD~1:src/napari_nephi/engines/atlas/register.py > /tmp/old_register.py``).
