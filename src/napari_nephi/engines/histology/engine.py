@@ -25,6 +25,7 @@ from ...core.transform import AffineTransform, ComposedTransform, Transform
 from ...io.pyramid_writer import write_ome_pyramid
 from ..registry import register_engine
 from .grids import Grid, field_on_grid, read_on_grid
+from .moving_region import MovingRegions
 from .predict import compose, predict_field, warp
 from .quality import field_folds, similarity_table, tre_report
 from .refine import RefineSettings, refine_field
@@ -269,7 +270,12 @@ def _stage_refine(
         y0, y1, x0, x1 = box
         return run.channel.one(_compute(lazy_f[y0:y1, x0:x1]))
 
+    regions = MovingRegions(run.moving.levels, grid, run.transform(), run.fill)
+
     def read_moving(box):
+        got = regions(box)  # sampled once through the composed map by the refinement
+        if got is not None:
+            return run.channel.one(got[0]), got[1]
         y0, y1, x0, x1 = box
         cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
         tile = run.channel.one(_compute(lazy_m[cy0:cy1, cx0:cx1]))
