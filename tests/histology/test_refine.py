@@ -77,8 +77,11 @@ def test_optimise_tile_recovers_a_shift(channel):
     np.testing.assert_allclose(np.median(inner, axis=1), -shift, atol=0.3)  # moving(x - shift) = fixed(x)
 
 
-def test_refine_field_skips_tiles_without_tissue_and_blends(channel):
-    """Tissue only on the left: right tiles add a zero correction; the field has no seam."""
+@pytest.mark.parametrize("as_region", [False, True])
+def test_refine_field_skips_tiles_without_tissue_and_blends(channel, as_region):
+    """Tissue only on the left: right tiles add a zero correction; the field has no seam. The moving
+    slide read either pre-warped (here: the identity map) or as the whole slide with the box's
+    coordinates in it."""
     shape = channel.shape
     shift = np.array([1.5, 1.0])
     moving = ndimage.shift(channel, -shift, order=3, mode="nearest")
@@ -95,11 +98,15 @@ def test_refine_field_skips_tiles_without_tissue_and_blends(channel):
 
         return reader
 
+    def read_region(box):
+        y0, y1, x0, x1 = box
+        return moving, np.mgrid[y0:y1, x0:x1].astype(np.float32)
+
     events = []
     field, summary = refine_field(
         shape,
         read(channel),
-        read(moving),
+        read_region if as_region else read(moving),
         lambda b: tissue[b[0] : b[1], b[2] : b[3]],
         settings,
         Progress(events.append),
