@@ -200,7 +200,7 @@ def train_method(name: str, ref, labels, train_secs, args) -> dict:
                 lk.save(folder)
 
         def rank(img, lk=lk):
-            return [p for p, _ in lk.lookup(img, top=None)]
+            return [p for p, _ in lk.lookup(img, top=None, rerank=False)]
 
         settings = {k: v for k, v in lk.settings.items() if k != "history"}
         out = dict(rank=rank, train_s=train_s, lk=lk, settings=settings)

@@ -187,12 +187,12 @@ def run(name: str, options: dict, count: int, seed: int) -> list[dict]:
     times = []
     for im in images[:20]:
         t = time.process_time()
-        lk.lookup(im, top=None)
+        lk.lookup(im, top=None, rerank=False)
         times.append(1000 * (time.process_time() - t))
     base = {"atlas": name, "plates": lk.n_plates, "train_cpu_s": cpu, "train_wall_s": wall}
     base["lookup_ms"] = float(np.median(times))
     base["steps_done"] = lk.settings["steps_done"]
-    ranked = lk.lookup_many(images, top=None)
+    ranked = lk.lookup_many(images, top=None, rerank=False)
     rows = [{**base, "variant": "plain", **scores(ranked, truth)}]
     for case in dict.fromkeys(cases or []):  # the phantom's cases, in order
         pick = [k for k, c in enumerate(cases) if c == case]
@@ -206,7 +206,9 @@ def run(name: str, options: dict, count: int, seed: int) -> list[dict]:
     for variant, value in (("no-mirror", False),):
         if getattr(lk, "mirror", None) is True:
             lk.mirror = value
-            rows.append({**base, "variant": variant, **scores(lk.lookup_many(images, top=None), truth)})
+            rows.append(
+                {**base, "variant": variant, **scores(lk.lookup_many(images, top=None, rerank=False), truth)}
+            )
             lk.mirror = True
     return rows
 

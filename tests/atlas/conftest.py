@@ -41,9 +41,13 @@ def trained_lookup(toy_reference):
     torch.set_num_threads(1)  # the machine is shared: one thread is faster than two contended ones
     try:
         reference, labels = toy_reference
-        return AtlasLookup.train(
+        lk = AtlasLookup.train(
             reference, labels, device="cpu", seed=0, region_names=ATLAS_REGIONS, **FAST_OPTIONS
         )
+        # the tests that use this index check the embedding's ranking; re-ranking (on by default) is
+        # tested with rerank=True and the default itself in test_lookup.test_rerank_default_and_bad_values
+        lk.rerank_default = False
+        return lk
     finally:
         torch.set_num_threads(threads)
 

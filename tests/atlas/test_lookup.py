@@ -117,13 +117,25 @@ def test_save_load_round_trip_gives_identical_rankings(trained_lookup, toy_refer
         ["config.json", "weights.pt", "embeddings.npy", "plates.npz"]
     )
     loaded = AtlasLookup.load(path)
-    assert loaded.lookup_many(sections, top=None) == trained_lookup.lookup_many(sections, top=None)
+    assert loaded.lookup_many(sections, top=None, rerank=False) == trained_lookup.lookup_many(
+        sections, top=None, rerank=False
+    )
+    # the pose search (the default) reads the stored plates (float16): same best plate, same distances
+    # within the rounding
+    for got, want in zip(
+        loaded.lookup_many(sections, top=None), trained_lookup.lookup_many(sections, top=None, rerank=True)
+    ):
+        assert got[0][0] == want[0][0]
+        got_d, want_d = dict(got), dict(want)
+        np.testing.assert_allclose(
+            [got_d[p] for p in range(len(got))], [want_d[p] for p in range(len(got))], atol=2e-3
+        )
     np.testing.assert_array_equal(loaded.embeddings, trained_lookup.embeddings)
     np.testing.assert_array_equal(loaded.plate_labels(20), labels[20])
     np.testing.assert_allclose(loaded.plate_image(20), trained_lookup.plate_image(20), atol=1e-3)
     assert loaded.region_name(10) == "cerebellum"
     with_ref = AtlasLookup.load(path, reference, labels)
-    assert with_ref.lookup(sections[1], top=None) == trained_lookup.lookup(sections[1], top=None)
+    assert with_ref.lookup(sections[1], top=None) == trained_lookup.lookup(sections[1], top=None, rerank=True)
 
 
 def test_load_refuses_another_atlas(trained_lookup, tmp_path):
@@ -306,7 +318,11 @@ def test_lookup_with_rerank_ranks_every_plate_by_the_pose_search(trained_lookup,
 def test_rerank_default_and_bad_values(trained_lookup, toy_reference):
     reference, _ = toy_reference
     section = section_from_atlas(reference, 10.0)
-    assert trained_lookup.rerank_default is False
+    fresh = AtlasLookup(
+        trained_lookup.net, trained_lookup.plates, trained_lookup.embeddings, trained_lookup.settings
+    )
+    assert fresh.rerank_default is True  # re-ranking by pose is the default
+    assert fresh.lookup(section, top=3) == fresh.lookup(section, top=3, rerank=True)
     assert trained_lookup.lookup(section, top=3) == trained_lookup.lookup(section, top=3, rerank=False)
     with pytest.raises(InputError, match="rerank must be True, False or None"):
         trained_lookup.lookup(section, rerank="yes")

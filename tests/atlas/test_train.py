@@ -166,12 +166,14 @@ def test_plates_of_different_shapes(small_atlas, tmp_path):
     plates = [reference[i][: 24 + i, :] for i in range(8)]
     lk = AtlasLookup.train(plates, [labels[i][: 24 + i, :] for i in range(8)], device="cpu", **TINY)
     assert lk.n_plates == 8 and lk.plate_image(5).shape == (29, 32)
-    ranking = lk.lookup(plates[5], top=None)
+    ranking = lk.lookup(plates[5], top=None, rerank=False)
     assert sorted(p for p, _ in ranking) == list(range(8))
+    assert lk.lookup(plates[5], top=1)[0][0] == 5  # the pose search (default) finds a plate itself
     loaded = AtlasLookup.load(lk.save(tmp_path / "index"))
     assert loaded.plates.volume is None and loaded.plate_image(5).shape == (29, 32)
     np.testing.assert_array_equal(loaded.plate_labels(6), labels[6][:30])
-    assert loaded.lookup(plates[5], top=None) == ranking
+    assert loaded.lookup(plates[5], top=None, rerank=False) == ranking
+    assert loaded.lookup(plates[5], top=1)[0][0] == 5
 
 
 def test_learning_rate_schedule_by_hand():
