@@ -52,7 +52,8 @@ def _factor(n0: int, n: int) -> float:
     return float(r) if n in (n0 // r, -(-n0 // r)) else n0 / n
 
 
-def _factors(levels: Sequence[Any]) -> list[tuple[float, float]]:
+def level_factors(levels: Sequence[Any]) -> list[tuple[float, float]]:
+    """``(y, x)`` downsample factor of every pyramid level against level 0."""
     y0, x0 = levels[0].shape[:2]
     return [(_factor(y0, level.shape[0]), _factor(x0, level.shape[1])) for level in levels]
 
@@ -76,7 +77,7 @@ def transform_scale(transform: Transform, shape: Sequence[int], samples: int = 9
     return float(math.sqrt(max(abs(np.linalg.det(fit)), 1e-12)))
 
 
-def _choose_level(factors: Sequence[tuple[float, float]], wanted: float) -> int:
+def choose_level(factors: Sequence[tuple[float, float]], wanted: float) -> int:
     """The level whose downsample factor is closest to ``wanted`` (in log scale)."""
     cost = [abs(math.log(max(np.mean(f), 1e-12) / max(wanted, 1e-12))) for f in factors]
     return int(np.argmin(cost))
@@ -216,10 +217,10 @@ def warp_lazy(
     order = check_choice("order", order, (0, 1))
     fill = check_float("fill", fill)
     dtype = np.dtype(levels[0].dtype if dtype is None else dtype)
-    factors = _factors(levels)
+    factors = level_factors(levels)
     fixed0 = tuple(max(1, int(round(n * scale))) for n in shape)
     wanted = scale * transform_scale(transform, fixed0)
-    k = _choose_level(factors, wanted)
+    k = choose_level(factors, wanted)
     warper = _TileWarper(levels[k], factors[k], transform, scale, order, fill, dtype)
     samples = tuple(levels[0].shape[2:])
     chunks = tuple(_split(n, chunk) for n in shape) + tuple((s,) for s in samples)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...core.lazy_warp import _choose_level, _factors, transform_scale
+from ...core.lazy_warp import choose_level, level_factors, transform_scale
 from ...core.transform import Transform
 from .grids import Grid
 
@@ -22,9 +22,9 @@ class MovingRegions:
 
     def __init__(self, levels, grid: Grid, transform: Transform, fill: float):
         self.grid, self.transform, self.fill = grid, transform, float(fill)
-        factors = _factors(levels)
+        factors = level_factors(levels)
         shape0 = tuple(max(1, round(n * grid.factor)) for n in grid.shape)
-        k = _choose_level(factors, grid.factor * transform_scale(transform, shape0))
+        k = choose_level(factors, grid.factor * transform_scale(transform, shape0))
         self.level, self.factor = levels[k], np.asarray(factors[k], dtype=np.float64)
 
     def coords(self, box: tuple[int, int, int, int]) -> np.ndarray:
