@@ -267,11 +267,7 @@ class AtlasLookup:
         :mod:`.rerank`; distances are then ``1 - pose similarity``); ``None`` takes
         :attr:`rerank_default`. ``rerank_options``: see :data:`.rerank.DEFAULTS`.
         """
-        k = self._top(top)
-        if self._use_rerank(rerank):
-            return self.search_poses(section, rerank_options).ranking[:k]
-        check_rerank_options(rerank_options)
-        return self._rank(self.embed([_section(section)]), k)[0]
+        return self.lookup_many([_section(section)], top, rerank, rerank_options)[0]
 
     def lookup_many(
         self,

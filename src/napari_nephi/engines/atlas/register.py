@@ -37,6 +37,7 @@ from ...core.transform import AffineTransform, ComposedTransform
 from ..affine.search import ShiftSearch
 from ..registry import engine_info, register
 from .contrast import edge_agreement, match_contrast
+from .pose_grid import rotation_matrix
 from .preprocess import background_is_bright, tissue_mask, to_grey
 
 #: Longest side of the grid the registration runs on (larger sections are downsampled for it).
@@ -112,11 +113,6 @@ def _homogeneous(linear: np.ndarray, shift: np.ndarray) -> np.ndarray:
     return m
 
 
-def _rotation(degrees: float) -> np.ndarray:
-    a = np.radians(degrees)
-    return np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-
-
 def _centroid(mask: np.ndarray) -> np.ndarray:
     return np.argwhere(mask).mean(axis=0)
 
@@ -157,7 +153,7 @@ def initial_map(
     angles = np.arange(-MAX_ROTATION, MAX_ROTATION + 1e-9, ROTATION_STEP)
     for angle in angles:
         for factor in SCALE_FACTORS:
-            linear = _rotation(angle) / (scale * factor)
+            linear = rotation_matrix(angle) / (scale * factor)
             m = _homogeneous(linear, cp - linear @ cs)
             w = _pull(inside, m @ to_work, shape, order=0)
             img = _pull(moving, m @ to_work, shape) * w
