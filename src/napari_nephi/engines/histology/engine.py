@@ -260,7 +260,8 @@ def _stage_refine(
     start = time.perf_counter()
     run.progress.check()
     lazy_f = read_on_grid(run.fixed.levels, grid, fill=run.fill)
-    lazy_m = read_on_grid(run.moving.levels, grid, run.transform(), fill=run.fill)
+    current = run.transform()
+    lazy_m = read_on_grid(run.moving.levels, grid, current, fill=run.fill)
     w_img = run.read_fixed(work)
     wmask = tissue_mask(w_img) if fixed_mask is None else resize_mask(fixed_mask, work.shape)
     ratio = grid.um / work.um
@@ -270,7 +271,7 @@ def _stage_refine(
         y0, y1, x0, x1 = box
         return run.channel.one(_compute(lazy_f[y0:y1, x0:x1]))
 
-    regions = MovingRegions(run.moving.levels, grid, run.transform(), run.fill)
+    regions = MovingRegions(run.moving.levels, grid, current, run.fill)
 
     def read_moving(box):
         got = regions(box)  # sampled once through the composed map by the refinement
