@@ -7,6 +7,7 @@
     python scripts/make_histology_weights.py --svs $SVS --kind nonrigid --steps 129 --minutes 60  # as shipped
     python scripts/make_histology_weights.py --svs $SVS --kind nonrigid --resume   # continue a run
     python scripts/make_histology_weights.py --svs $SVS --kind affine --steps 400 --minutes 90  # as shipped
+    python scripts/make_histology_weights.py --svs $SVS --kind affine --seed 1 --work W1 --out s1.pt  # seed 1
     # the ablation's single-magnification SASN (and a MASN to compare, same steps), not shipped:
     python scripts/make_histology_weights.py --svs $SVS --kind affine --magnifications 1 --steps 200 \
         --work W --out sasn.pt
@@ -19,9 +20,11 @@ training pair is a region of one of them against its stains re-rendered
 haematoxylin channels, the fixed one warped by a known random map: for the local-affine network
 a small affine (rotation +-1.5 degrees, shear and log-scale +-0.015, shift +-4 px) plus a gentle
 smooth warp (1.5 px); for the non-rigid network a smooth warp (up to 7 px, correlation 40-80 px)
-plus a small shift (+-2 px). Pairs come from ``SEED`` (training) and ``EVAL_SEED`` (the held-out
-IHC pair reported in the file). The local-affine network is trained without the held-out part of
-each image (``HOLDOUT``: the bottom rows of the IHC image and of the slide), which
+plus a small shift (+-2 px). Training pairs and the network's initialisation come from ``--seed``
+(default ``SEED``, 0: the shipped files; recorded in the file's provenance and checked on
+``--resume``), the held-out IHC pair reported in the file from ``EVAL_SEED``. The local-affine
+network is trained without the held-out part of each image (``HOLDOUT``: the bottom rows of the
+IHC image and of the slide), which
 ``benchmarks/histology_ablation.py`` and the tests evaluate on; the non-rigid network (made
 before) saw whole images. Training is ``train()`` with the settings below (CPU, one
 thread), bounded by ``--minutes``; the file keeps the float16 weights, the config and the
@@ -149,15 +152,20 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="continue the runs in --work")
     p.add_argument("--magnifications", type=int, choices=[1, 2], default=2, help="1: the paper's SASN")
     p.add_argument("--out", help="model file to write (one --kind; default: the shipped file)")
+    p.add_argument(
+        "--seed", type=int, default=SEED, help=f"seed of the training pairs and the network (default {SEED})"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.out and args.kind == "both":
         p.error("--out needs one --kind")
+    if not 0 <= args.seed < 2**31:
+        p.error(f"--seed must be in 0..{2**31 - 1}, got {args.seed}")
     sources = load_sources(args.svs)
     from napari_nephi.cli import ProgressBars
 
     for kind in ["affine", "nonrigid"] if args.kind == "both" else [args.kind]:
-        rng = np.random.default_rng([SEED, 0 if kind == "affine" else 1])
+        rng = np.random.default_rng([args.seed, 0 if kind == "affine" else 1])
         seen = split_sources(sources)[0] if kind in HOLDOUT_KINDS else sources
         pairs = [make_pair(seen[name], rng, WARPS[kind])[:2] for name, n in PAIRS.items() for _ in range(n)]
         settings = {**SETTINGS[kind], "magnifications": args.magnifications}
@@ -165,14 +173,19 @@ def main(argv=None) -> int:
             settings["steps"] = args.steps
         mag = "" if args.magnifications == 2 else f"_m{args.magnifications}"
         work = Path(args.work) / f"histology_{kind}{mag}.run.pt"
+        resume = work if args.resume and work.is_file() else None
+        if resume is not None and read_record(resume)["extra"]["training"].get("seed") != args.seed:
+            p.error(
+                f"{work} was trained with another seed; resume it with the same --seed or use another --work"
+            )
         stop = time.monotonic() + 60 * args.minutes
         try:
             train(
                 pairs,
                 kind,
-                seed=SEED,
+                seed=args.seed,
                 out=work,
-                resume=work if args.resume and work.is_file() else None,
+                resume=resume,
                 progress=Progress(ProgressBars(), lambda stop=stop: time.monotonic() > stop),
                 **settings,
             )
@@ -190,7 +203,7 @@ def main(argv=None) -> int:
             "warps": WARPS[kind],
             "settings": settings,
             "held_out_rows": {k: f"{r}:" for k, r in HOLDOUT_ROW.items()} if kind in HOLDOUT_KINDS else None,
-            "seed": SEED,
+            "seed": args.seed,
             "steps": int(state["step"]),
             "seconds": round(float(state["seconds"]), 1),
             "loss_first_50": float(np.mean(history[:50])),
