@@ -12,6 +12,7 @@ import tifffile
 from skimage.transform import downscale_local_mean
 
 from napari_nephi.core.errors import InputError, UnsupportedFileError
+from napari_nephi.core.lazy_warp import level_factors
 from napari_nephi.io import can_read, read_image, write_pyramidal_tiff
 from napari_nephi.io.slides import Slide, as_slide, level_for_spacing, open_slide, read_region
 
@@ -44,6 +45,21 @@ def test_odd_sizes_repeat_the_edge_like_the_tiff_writer():
     assert level1.shape == (516, 259)
     padded = np.pad(image, ((0, 1), (0, 1)), mode="edge")
     np.testing.assert_allclose(level1, downscale_local_mean(padded, (2, 2)))
+
+
+def test_level_pixel_sizes_follow_the_factors_the_lazy_warp_reads():
+    image = np.zeros((1031, 517), np.float32)
+    slide = as_slide([image, image[::2, ::2], np.zeros((300, 150), np.float32)], 0.5)
+
+    # 1031 -> 516 and 517 -> 259 are roundings of a halving: exactly 2 (the plain ratio is 1.998)
+    assert slide.level_spacing(1) == (1.0, 1.0)
+    # a level that is no rounding of a whole factor keeps the plain ratio
+    assert slide.level_spacing(2) == pytest.approx((0.5 * 1031 / 300, 0.5 * 517 / 150))
+    assert [slide.level_spacing(k) for k in range(3)] == [
+        (0.5 * fy, 0.5 * fx) for fy, fx in level_factors(slide.levels)
+    ]
+    assert level_for_spacing(slide, 0.9995) == (0, 0.5)
+    assert level_for_spacing(slide, 1.0) == (1, 1.0)
 
 
 def test_as_slide_keeps_given_levels_and_drops_alpha():

@@ -3,7 +3,8 @@
 A :class:`Slide` holds its levels largest first, each ``(y, x)`` or ``(y, x, C)`` (RGB samples last)
 and lazy (dask, or an array-like read on demand); nothing reads level 0 whole. Level ``k`` pixel
 ``i`` is centred on level-0 pixel ``(i + 0.5) * f - 0.5`` where ``f`` is the level's downsample
-factor (level-0 size / level size per axis), the convention of a 2x2-mean pyramid.
+factor (:func:`downsample_factors`: the whole factor of a 2x2-mean pyramid, 2967 -> 1484 -> 742
+being halvings, else level-0 size / level size per axis), the convention the lazy warp reads.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dask.base import tokenize
 
 from ..core.errors import InputError, UnsupportedFileError
 from ..core.grid import check_spacing
+from ..core.lazy_warp import level_factors
 from ._util import PathLike, existing_file, full_suffix, is_tiff, reading, stem
 from .tiff import _downsample2, read_tiff
 
@@ -72,9 +74,12 @@ class Slide:
 
 
 def downsample_factors(levels: Sequence[Any], level: int) -> tuple[float, float]:
-    """Level-0 pixels per pixel of ``levels[level]`` along (y, x)."""
-    base, this = levels[0].shape, levels[level].shape
-    return (base[0] / this[0], base[1] / this[1])
+    """Level-0 pixels per pixel of ``levels[level]`` along (y, x), as the lazy warp reads them.
+
+    A level whose size is a rounding of level 0 by a whole factor (2967 -> 1484 or 1483) has that
+    factor exactly; other sizes give the plain ratio (:func:`napari_nephi.core.lazy_warp.level_factors`).
+    """
+    return level_factors([levels[0], levels[level]])[1]
 
 
 def _lazy(array: Any, name: str) -> da.Array:
