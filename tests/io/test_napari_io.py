@@ -10,7 +10,14 @@ import pytest
 import tifffile
 
 from napari_nephi.core.errors import InputError, UnsupportedFileError
-from napari_nephi.io import get_reader, read_image, write_image, write_labels, write_pyramidal_tiff
+from napari_nephi.io import (
+    get_reader,
+    read_image,
+    tile_bands,
+    write_image,
+    write_labels,
+    write_pyramidal_tiff,
+)
 
 
 @pytest.mark.parametrize("name", ["a.nii", "a.nii.gz", "A.NII.GZ", "a.tif", "a.tiff", "a.ome.tiff", "a.svs"])
@@ -91,6 +98,41 @@ def test_write_image_of_multiscale_layer_writes_pyramid(tmp_path):
     [(back, back_meta, _)] = read_image(path)
     assert back_meta["multiscale"] is True
     assert [level.shape for level in back] == [(64, 64), (32, 32), (16, 16)]
+
+
+class _Level:
+    """A slide level read only by region (as dask or a slide reader would), never whole."""
+
+    def __init__(self, array: np.ndarray, reads: list):
+        self.array, self.reads = array, reads
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, index):
+        part = self.array[index]
+        self.reads.append(part.shape[0] * part.shape[1])
+        return part
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("a whole level was loaded")
+
+
+def test_multiscale_slide_layer_is_written_band_by_band_with_its_own_levels(tmp_path, monkeypatch):
+    monkeypatch.setattr(tile_bands, "MAX_BAND_BYTES", 512 * 700 * 3)  # a band: one row of 512 px tiles
+    rng = np.random.default_rng(5)
+    level0 = rng.integers(0, 256, (1100, 700, 3), dtype=np.uint8)
+    level1 = rng.integers(0, 256, (550, 350, 3), dtype=np.uint8)  # not a 2x2 mean: must be kept
+    reads: list[int] = []
+    levels = [_Level(level0, reads), _Level(level1, reads)]
+
+    [path] = write_image(str(tmp_path / "warped.ome.tif"), levels, {"rgb": True, "scale": (0.5, 0.25)})
+
+    with tifffile.TiffFile(path) as tif:
+        back = [level.asarray() for level in tif.series[0].levels]
+        pixels = tif.ome_metadata
+    np.testing.assert_array_equal(back[0], level0)
+    np.testing.assert_array_equal(back[1], level1)
+    assert 'PhysicalSizeX="0.25"' in pixels and 'PhysicalSizeY="0.5"' in pixels
+    assert max(reads) <= 512 * 700 < level0.shape[0] * level0.shape[1]
 
 
 def test_nifti_affine_from_layer_metadata_is_kept(tmp_path):

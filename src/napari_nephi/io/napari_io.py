@@ -12,6 +12,7 @@ import numpy as np
 from ..core.errors import InputError, UnsupportedFileError
 from ._util import PathLike, full_suffix, is_nifti, is_tiff
 from .nifti import write_nifti
+from .pyramid_writer import OME_PYRAMID_DTYPES, write_ome_pyramid
 from .read import LayerData, can_read, read_image
 from .tiff import write_pyramidal_tiff, write_tiff
 
@@ -36,6 +37,17 @@ def get_reader(path: PathLike | Sequence[PathLike]) -> ReaderFunction | None:
     return _read_all
 
 
+def _whole_slide(levels: Any, rgb: bool) -> bool:
+    """A 2D multiscale image (grey or RGB) that the tile-by-tile OME-TIFF writer can hold.
+
+    Such layers (slides, the histology engine's lazy warped pyramid) are written level by level,
+    band by band, never loading level 0 whole; the layer's own levels are kept.
+    """
+    shape = tuple(levels[0].shape)
+    planar = len(shape) == 2 or (rgb and len(shape) == 3 and shape[2] in (3, 4))
+    return planar and np.dtype(levels[0].dtype) in OME_PYRAMID_DTYPES
+
+
 def _write(path: str, data: Any, meta: dict[str, Any] | None, labels: bool) -> list[str]:
     meta = meta or {}
     spacing = meta.get("scale")
@@ -43,6 +55,8 @@ def _write(path: str, data: Any, meta: dict[str, Any] | None, labels: bool) -> l
     rgb = bool(meta.get("rgb")) and not labels
     multiscale = isinstance(data, list | tuple) or bool(meta.get("multiscale"))
     levels = len(data) if multiscale else 1
+    if is_tiff(path) and levels > 1 and not labels and _whole_slide(data, rgb):
+        return [write_ome_pyramid(path, list(data), spacing_um=spacing)]
     base = np.asarray(data[0] if multiscale else data)
     if is_nifti(path):
         write_nifti(path, base, spacing, affine=metadata.get("nifti_affine"))

@@ -24,10 +24,13 @@ from ._util import PathLike, atomic_write, full_suffix, is_tiff
 from .slides import as_slide
 from .tile_bands import iter_tiles, plan_bands
 
-__all__ = ["write_ome_pyramid"]
+__all__ = ["OME_PYRAMID_DTYPES", "write_ome_pyramid"]
 
 _COMPRESSIONS = (None, "none", "zlib", "deflate", "lzw", "zstd", "jpeg", "lzma", "packbits")
-_OME_DTYPES = tuple(np.dtype(t) for t in ("uint8", "uint16", "int8", "int16", "int32", "uint32", "float32"))
+#: dtypes an OME-TIFF pyramid holds
+OME_PYRAMID_DTYPES = tuple(
+    np.dtype(t) for t in ("uint8", "uint16", "int8", "int16", "int32", "uint32", "float32")
+)
 
 
 def _check_levels(levels: Sequence[Any]) -> tuple[np.dtype, tuple[int, ...]]:
@@ -36,7 +39,7 @@ def _check_levels(levels: Sequence[Any]) -> tuple[np.dtype, tuple[int, ...]]:
     if len(samples) != 1 or len(dtypes) != 1:
         raise InputError("Every pyramid level must have the same samples per pixel and dtype.")
     dtype, (spp,) = dtypes.pop(), samples
-    if dtype not in _OME_DTYPES:
+    if dtype not in OME_PYRAMID_DTYPES:
         raise InputError(
             f"An OME-TIFF pyramid cannot hold {dtype}; cast the image to uint8, uint16 or float32."
         )
