@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-from scipy import ndimage as ndi
 from scipy.fft import next_fast_len
 
 from .plates import Plates
@@ -36,6 +35,10 @@ OUTLINE = 0.0
 MIN_OVERLAP = 0.5
 #: Pairs (section variant, atlas slice) correlated per batch (bounds memory).
 BATCH = 256
+#: Bytes of untilted plate cuts (their FFTs) an :class:`AtlasGrid` keeps between sections: a cut
+#: depends only on the plate, the canvas and the plate pixels per canvas pixel, which the search
+#: takes from a fixed geometric grid, so sections of similar size reuse the same cuts.
+CUT_CACHE_BYTES = 96 * 2**20
 
 
 @dataclass
@@ -65,10 +68,12 @@ def field(image: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray
     gy = cv2.Sobel(image, cv2.CV_32F, 0, 1, ksize=3)
     gx = cv2.Sobel(image, cv2.CV_32F, 1, 0, ksize=3)
     mag2 = gx * gx + gy * gy
-    on = weight > 0
-    ref = float(np.percentile(np.sqrt(mag2[on]), 90)) if on.any() else 0.0
+    on = mag2[weight > 0]
+    ref = 0.0
+    if on.size:  # 90th percentile of the magnitude (nearest rank)
+        ref = math.sqrt(float(np.partition(on, int(0.9 * (on.size - 1)))[int(0.9 * (on.size - 1))]))
     eps2 = max((EDGE_EPS * ref) ** 2, 1e-12)
-    scale = np.where(on, weight / (mag2 + eps2), 0.0)
+    scale = np.where(weight > 0, weight / (mag2 + eps2), 0.0)
     return ((gx * gx - gy * gy) * scale).astype(np.float32), ((2 * gx * gy) * scale).astype(np.float32)
 
 
@@ -140,17 +145,24 @@ class Correlator:
         return self.fft(np.stack([re, im, re * re + im * im, mask]))
 
     def best(self, fa, ea, na, fb) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best score and its flat shift index of pairs: ``fa`` (P, 3, ...) against ``fb`` (P, 4, ...)."""
-        ca = torch.conj(fa)
+        """Best score and its flat shift index of every pair of section variants ``fa`` (R, 3, ...)
+        (field energies ``ea``, tissue areas ``na``, (R,)) and atlas slices ``fb`` (C, 4, ...): (C, R)."""
+        ca = torch.conj(fa)[None]  # (1, R, 3, ...)
+        fb = fb[:, None]  # (C, 1, 4, ...)
         spec = torch.stack(
-            [ca[:, 0] * fb[:, 0] + ca[:, 1] * fb[:, 1], ca[:, 2] * fb[:, 2], ca[:, 2] * fb[:, 3]], dim=1
+            [
+                ca[:, :, 0] * fb[:, :, 0] + ca[:, :, 1] * fb[:, :, 1],
+                ca[:, :, 2] * fb[:, :, 2],
+                ca[:, :, 2] * fb[:, :, 3],
+            ],
+            dim=2,
         )
-        num, energy, overlap = torch.fft.irfft2(spec, s=self.pad).unbind(1)
-        ea, na = ea[:, None, None], na[:, None, None]
+        num, energy, overlap = torch.fft.irfft2(spec, s=self.pad).unbind(2)  # (C, R, ...)
+        ea, na = ea[None, :, None, None], na[None, :, None, None]
         share = overlap / na
         score = num / torch.sqrt(ea * energy.clamp_min(1e-3 * ea) + 1e-12) * share.clamp(0, 1)
         score = torch.where(self.allowed & (share >= MIN_OVERLAP), score, torch.tensor(-2.0))
-        return score.flatten(1).max(dim=1)
+        return score.flatten(2).max(dim=2)
 
     def shift(self, index: int) -> np.ndarray:
         """The shift of a flat index of :meth:`best`."""
@@ -177,6 +189,39 @@ class AtlasGrid:
         if self.is_volume:
             self.volume = np.stack(self.images)
             self.mask_volume = np.stack(self.masks).astype(np.float32)
+        self._cuts: dict[tuple, torch.Tensor] = {}
+        self._cut_bytes = 0
+        self._torch_volume: torch.Tensor | None = None
+
+    def sample(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The volume and its tissue mask at ``points`` ``(3, ...)`` or ``(N, 3, ...)`` (z, y, x in
+        base pixels; trilinear, 0 outside), as float32 arrays of the points' shape."""
+        if self._torch_volume is None:
+            self._torch_volume = torch.from_numpy(np.stack([self.volume, self.mask_volume])[None])
+        shape = points.shape[:-3]
+        pts = points.reshape(-1, 3, *points.shape[-2:])
+        size = np.array(self.volume.shape, dtype=np.float64)
+        norm = 2.0 * pts / np.maximum(size - 1, 1)[None, :, None, None] - 1.0  # (N, 3, h, w)
+        grid = torch.from_numpy(norm[:, ::-1].transpose(0, 2, 3, 1).astype(np.float32))  # (N, h, w, xyz)
+        out = torch.nn.functional.grid_sample(
+            self._torch_volume, grid[None], mode="bilinear", padding_mode="zeros", align_corners=True
+        )[0]  # (2, N, h, w)
+        img, msk = out.numpy()
+        return img.reshape(*shape, *img.shape[-2:]), msk.reshape(*shape, *msk.shape[-2:])
+
+    def cached_cut(self, key: tuple, build) -> torch.Tensor:
+        """The cut FFT stored under ``key``, made by ``build()`` on first use; the oldest cuts are
+        dropped beyond :data:`CUT_CACHE_BYTES`."""
+        fft = self._cuts.get(key)
+        if fft is None:
+            fft = build()
+            size = fft.element_size() * fft.nelement()
+            while self._cuts and self._cut_bytes + size > CUT_CACHE_BYTES:
+                old = self._cuts.pop(next(iter(self._cuts)))
+                self._cut_bytes -= old.element_size() * old.nelement()
+            self._cuts[key] = fft
+            self._cut_bytes += size
+        return fft
 
     def _small(self, plate: np.ndarray) -> np.ndarray:
         h, w = plate.shape
@@ -238,31 +283,50 @@ class SectionGrid:
         canvas centre."""
         step = self.q / scale  # plate pixels per canvas pixel
         pivot = atlas.centres[z]
-        lin = np.eye(2) * (step / atlas.factor)  # base pixels per canvas pixel
-        off = pivot / atlas.factor - lin @ self.centre
-        img, msk = _pull(atlas.images[z], atlas.masks[z], lin, off, self.canvas)
-        fft = self.corr.slice(*field(img, dilate(msk)), msk.astype(np.float32))
+
+        def build():
+            lin = np.eye(2) * (step / atlas.factor)  # base pixels per canvas pixel
+            off = pivot / atlas.factor - lin @ self.centre
+            img, msk = _pull(atlas.images[z], atlas.masks[z], lin, off, self.canvas)
+            return self.corr.slice(*field(img, dilate(msk)), msk.astype(np.float32))
+
+        fft = atlas.cached_cut((self.canvas, int(z), round(step, 9)), build)
         return Cut(fft, float(z), (0.0, 0.0), pivot, step)
 
-    def oblique_cut(self, atlas: AtlasGrid, z: float, tilt, pivot, scale: float) -> Cut:
-        """A cut of the volume tilted by ``tilt`` through plate pixel ``pivot`` at plate position
-        ``z`` (the canvas centre), at ``scale`` section pixels per plate pixel (voxels as cubes)."""
+    def oblique_cuts(self, atlas: AtlasGrid, specs, pivot, scale: float) -> list[Cut]:
+        """Cuts of the volume, one per ``(z, tilt)`` of ``specs``: tilted by ``tilt`` through plate
+        pixel ``pivot`` at plate position ``z`` (the canvas centre), at ``scale`` section pixels per
+        plate pixel (voxels as cubes); sampled together (trilinear)."""
+        if not specs:
+            return []
         step = self.q / scale
-        e_row, e_col = plane(tilt)
-        r, c = np.meshgrid(
-            (np.arange(self.canvas[0]) - self.centre[0]) * step,
-            (np.arange(self.canvas[1]) - self.centre[1]) * step,
-            indexing="ij",
-        )
-        pts = e_row[:, None, None] * r + e_col[:, None, None] * c
-        pts[0] += z
-        pts[1] = (pts[1] + pivot[0]) / atlas.factor
-        pts[2] = (pts[2] + pivot[1]) / atlas.factor
+        pivot = np.asarray(pivot, dtype=np.float64)
+        r = (np.arange(self.canvas[0]) - self.centre[0]) * step
+        c = (np.arange(self.canvas[1]) - self.centre[1]) * step
+        pts = []
+        for z, tilt in specs:
+            e_row, e_col = plane(tilt)
+            p = e_row[:, None, None] * r[None, :, None] + e_col[:, None, None] * c[None, None, :]
+            p[0] += z
+            p[1] = (p[1] + pivot[0]) / atlas.factor
+            p[2] = (p[2] + pivot[1]) / atlas.factor
+            pts.append(p)
         # the base volume is about as fine as the canvas (AtlasGrid of the same work size): no blur
-        img = ndi.map_coordinates(atlas.volume, pts, order=1, mode="constant", cval=0.0).astype(np.float32)
-        msk = ndi.map_coordinates(atlas.mask_volume, pts, order=1, mode="constant", cval=0.0) > 0.5
-        fft = self.corr.slice(*field(img, dilate(msk)), msk.astype(np.float32))
-        return Cut(fft, float(z), (float(tilt[0]), float(tilt[1])), np.asarray(pivot, dtype=np.float64), step)
+        img, msk = atlas.sample(np.stack(pts))
+        return [
+            Cut(
+                self.corr.slice(*field(i, dilate(m)), m.astype(np.float32)),
+                float(z),
+                (float(tilt[0]), float(tilt[1])),
+                pivot,
+                step,
+            )
+            for i, m, (z, tilt) in zip(img, msk > 0.5, specs, strict=True)
+        ]
+
+    def oblique_cut(self, atlas: AtlasGrid, z: float, tilt, pivot, scale: float) -> Cut:
+        """One cut of :meth:`oblique_cuts`."""
+        return self.oblique_cuts(atlas, [(z, tilt)], pivot, scale)[0]
 
     # -- scoring -----------------------------------------------------------------------------
     def score(self, pairs: list, n_plates: int, best_per_cut_z: bool = False) -> list[Pose]:
@@ -282,15 +346,16 @@ class SectionGrid:
             if id(cut) not in cut_index:
                 cut_index[id(cut)] = len(ffts)
                 ffts.append(cut.fft)
-        fb_all = torch.stack(ffts)
-        ia = torch.tensor([r_index[r] for r, _, _ in pairs])
-        ib = torch.tensor([cut_index[id(c)] for _, _, c in pairs])
-        values, indices = [], []
-        for b in range(0, len(pairs), BATCH):
-            sa, sb = ia[b : b + BATCH], ib[b : b + BATCH]
-            value, index = self.corr.best(fa_all[sa], ea_all[sa], na_all[sa], fb_all[sb])
-            values += value.tolist()
-            indices += index.tolist()
+        # every cut against every rotation of the call (pairs are nearly always that cross product)
+        per = max(1, BATCH // len(rots))
+        parts = [
+            self.corr.best(fa_all, ea_all, na_all, torch.stack(ffts[b : b + per]))
+            for b in range(0, len(ffts), per)
+        ]
+        grid_values = torch.cat([v for v, _ in parts]).tolist()
+        grid_indices = torch.cat([i for _, i in parts]).tolist()
+        values = [grid_values[cut_index[id(c)]][r_index[r]] for r, _, c in pairs]
+        indices = [grid_indices[cut_index[id(c)]][r_index[r]] for r, _, c in pairs]
         keep = range(len(pairs))
         if best_per_cut_z:
             best: dict[float, int] = {}

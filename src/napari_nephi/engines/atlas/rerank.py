@@ -159,11 +159,8 @@ class PoseSearch:
         if options["sweep_step"] > 0:  # a sweep of the whole atlas: where the embedding is wrong
             zs = sorted(set(zs) | set(range(options["sweep_step"] // 2, self.n, options["sweep_step"])))
         guess = (extent(mask)[None, :] / coarse_atlas.extents[zs]).max(axis=1)  # section px per plate px
-        ref = float(np.median(guess))
         step = options["scale_step"]
-        k0 = math.floor(math.log(MIN_SCALE_FACTOR * guess.min() / ref) / math.log(step))
-        k1 = math.ceil(math.log(MAX_SCALE_FACTOR * guess.max() / ref) / math.log(step))
-        scales = [ref * step**k for k in range(k0, k1 + 1)]
+        scales = grid_scales(coarse.q, MIN_SCALE_FACTOR * guess.min(), MAX_SCALE_FACTOR * guess.max(), step)
         rotations = _steps(options["max_rotation"], options["rotation_step"])
         pairs = []
         for z, g in zip(zs, guess, strict=True):
@@ -210,7 +207,8 @@ class _Refine:
         ]
 
     def _scales(self, pose: Pose) -> list[float]:
-        return [pose.scale * self.scale_step**d for d in (-1, 0, 1)]
+        s = snap_scale(self.grid.q, pose.scale, self.scale_step)
+        return [s * self.scale_step**d for d in (-1, 0, 1)]
 
     def hypothesis(self, hyp: Pose) -> None:
         a, g = self.atlas, self.grid
@@ -226,12 +224,8 @@ class _Refine:
         angles = [t for t in _steps(self.options["max_tilt"], self.options["tilt_step"]) if t != 0]
 
         def cuts(tilts):
-            return [
-                (best.rotation, best.scale, g.oblique_cut(a, best.z + dz, t, pivot, best.scale))
-                for t in tilts
-                for dz in (-1, 0, 1)
-                if 0 <= best.z + dz <= a.n - 1
-            ]
+            specs = [(best.z + dz, t) for t in tilts for dz in (-1, 0, 1) if 0 <= best.z + dz <= a.n - 1]
+            return [(best.rotation, best.scale, cut) for cut in g.oblique_cuts(a, specs, pivot, best.scale)]
 
         pitched = self._score(cuts([(t, 0.0) for t in angles]))
         pitch = pitched.tilt[0] if pitched.score > best.score else 0.0
@@ -242,6 +236,20 @@ class _Refine:
             cut = g.oblique_cut(a, top.z, top.tilt, np.asarray(top.centre), s)
             pairs += [(r, s, cut) for r in self._rotations(top) if (r, s) != (top.rotation, top.scale)]
         self._score(pairs)
+
+
+def grid_scales(q: float, low: float, high: float, ratio: float) -> list[float]:
+    """Scales (section pixels per plate pixel) from about ``low`` to ``high`` whose plate pixels per
+    canvas pixel ``q / scale`` lie on the fixed grid ``ratio ** k``: atlas cuts are then the same
+    for every section of a similar size (cached by :class:`.pose_grid.AtlasGrid`)."""
+    k0 = math.floor(math.log(q / high) / math.log(ratio) + 1e-9)
+    k1 = math.ceil(math.log(q / low) / math.log(ratio) - 1e-9)
+    return [q / ratio**k for k in range(k1, k0 - 1, -1)]
+
+
+def snap_scale(q: float, scale: float, ratio: float) -> float:
+    """The scale of :func:`grid_scales`'s grid nearest to ``scale``."""
+    return q / ratio ** round(math.log(q / scale) / math.log(ratio))
 
 
 def _check(progress) -> None:
