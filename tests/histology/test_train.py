@@ -43,6 +43,15 @@ def batch_loss(net, pairs, seed=99):
         return float(patch_loss(net.eval(), high, low, context, 60.0)[1])
 
 
+def test_train_is_the_packages_public_function(pair):
+    """``napari_nephi.engines.histology.train(...)`` as the docs call it (not the submodule)."""
+    import napari_nephi.engines.histology as histology
+
+    assert histology.train is train and histology.pairs_from_folder is pairs_from_folder
+    net = histology.train([pair], "nonrigid", steps=1, seed=3, **SMALL)
+    assert isinstance(net, MultiMagNet) and net.config.kind == "nonrigid" and net.config.patch == 64
+
+
 def test_curvature_matches_a_direct_laplacian():
     rng = np.random.default_rng(0)
     u = ndimage.gaussian_filter(rng.normal(size=(2, 2, 40, 40)), (0, 0, 3, 3))
