@@ -1,4 +1,5 @@
-"""Tissue masks given at any size are resized by nearest neighbour without being read whole."""
+"""The engine's inputs: tissue masks given at any size are resized by nearest neighbour without being
+read whole; each slide's polarity is judged once, on the whole slide, and kept for its tiles."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from napari_nephi.core.errors import InputError
-from napari_nephi.engines.histology.slide_inputs import resize_mask
+from napari_nephi.engines.histology.slide_inputs import Channel, resize_mask
 
 
 @pytest.mark.parametrize(
@@ -44,3 +45,31 @@ def test_a_large_lazy_mask_is_read_chunk_by_chunk():
 def test_a_mask_that_is_not_2d_is_refused():
     with pytest.raises(InputError, match="must be 2D"):
         resize_mask(np.ones((4, 4, 3), bool), (2, 2))
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def test_tiles_of_a_dark_background_slide_keep_its_polarity():
+    """A DAPI-like grey slide (nuclei bright on black) against brightfield H&E: a tile that reaches
+    beyond the slide (filled white, as the engine reads it) must not be taken for brightfield."""
+    from skimage import data
+    from skimage.color import rgb2hed
+
+    he = data.immunohistochemistry()
+    h = rgb2hed(he)[..., 0]
+    dapi = np.round(255 * (h - h.min()) / np.ptp(h)).astype(np.uint8)
+    _, whole, settled = Channel("hematoxylin").settle(he, dapi)
+    assert settled.kind == "hematoxylin" and settled.brightfield == (True, False)
+
+    edge = np.pad(dapi[:200, :200], ((60, 0), (60, 0)), constant_values=255)[:200, :200]
+    inner = dapi[150:350, 150:350]
+    for tile, truth in ((edge[60:, 60:], whole[:140, :140]), (inner, whole[150:350, 150:350])):
+        assert _corr(settled.one(tile, "moving"), truth) > 0.95
+    assert _corr(settled.one(edge, "moving")[60:, 60:], whole[:140, :140]) > 0.95
+    # judged from the tile alone, the white fill makes it look brightfield: inverted
+    assert _corr(Channel("hematoxylin").one(edge)[60:, 60:], whole[:140, :140]) < -0.5
+    # the brightfield slide's tiles are its haematoxylin whatever the tile
+    fixed_tile = settled.one(he[150:350, 150:350], "fixed")
+    assert _corr(fixed_tile, rgb2hed(he[150:350, 150:350])[..., 0]) > 0.99

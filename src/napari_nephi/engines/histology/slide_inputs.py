@@ -11,7 +11,7 @@ from ...core.errors import InputError, UnsupportedFileError
 from ...core.grid import check_spacing
 from ...io.slides import Slide, as_slide
 from .networks import load_model, shipped_model
-from .stain import KINDS, choose_stain_channels, stain_channel
+from .stain import KINDS, choose_stain_channels, is_brightfield, stain_channel
 
 
 def _pick_channel(data, channel: int, name: str):
@@ -74,20 +74,38 @@ def pixel_sizes(fixed_spacing, moving_spacing, notes: list[str]) -> tuple[float,
     return float(np.mean(f)), float(np.mean(m))
 
 
+#: The two slides, in the order of :attr:`Channel.brightfield`.
+SLIDES = ("fixed", "moving")
+
+
 @dataclass(frozen=True)
 class Channel:
-    """How the stain channel is made: a named kind (hematoxylin, od, grey) or "auto"."""
+    """How the stain channel is made: a named kind (hematoxylin, od, grey) or "auto", and each
+    slide's polarity (brightfield or dark background) once :meth:`settle` has judged it."""
 
     kind: str
+    brightfield: tuple[bool | None, bool | None] = (None, None)
 
     def pair(self, fixed: np.ndarray, moving: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
         """The channels of two images and the kind used (which fixes ``kind`` when it was auto)."""
         return choose_stain_channels(fixed, moving, self.kind)
 
-    def one(self, image: np.ndarray) -> np.ndarray:
+    def settle(self, fixed: np.ndarray, moving: np.ndarray) -> tuple[np.ndarray, np.ndarray, Channel]:
+        """:meth:`pair` of the two whole slides (a low level), and the Channel with the kind and both
+        polarities fixed, for :meth:`one` of any part of them later (tiles, crops)."""
+        fc, mc, kind = self.pair(fixed, moving)
+        return fc, mc, Channel(kind, (is_brightfield(fixed), is_brightfield(moving)))
+
+    def one(self, image: np.ndarray, slide: str | None = None) -> np.ndarray:
+        """The channel of ``image``, a part of the ``slide`` ("fixed" or "moving") or (None) a whole one.
+
+        With ``slide`` the polarity judged by :meth:`settle` is used: a tile inside the tissue of a
+        grey slide, or one filled white beyond a dark-background slide, would be judged wrongly.
+        """
+        bright = None if slide is None else self.brightfield[SLIDES.index(slide)]
         if image.ndim == 2:
-            return stain_channel(image, "grey")[0]
-        return stain_channel(image, self.kind if self.kind in KINDS else "auto")[0]
+            return stain_channel(image, "grey", bright)[0]
+        return stain_channel(image, self.kind if self.kind in KINDS else "auto", bright)[0]
 
 
 def check_image_values(image: np.ndarray, name: str) -> None:

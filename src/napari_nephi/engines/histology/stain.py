@@ -198,20 +198,24 @@ def _has_hematoxylin(image) -> bool:
     return float(np.percentile(_hematoxylin(rgb)[mask], 90)) > _MIN_HEMATOXYLIN
 
 
-def stain_channel(image, kind: str = "auto") -> tuple[np.ndarray, str]:
+def stain_channel(image, kind: str = "auto", brightfield: bool | None = None) -> tuple[np.ndarray, str]:
     """One float32 channel in [0, 1], tissue signal high and background near 0, and its kind.
 
     ``kind``: ``"hematoxylin"`` (colour deconvolution), ``"od"`` (optical density), ``"grey"``
     (inverted grey for brightfield, grey as is for dark background) or ``"auto"`` (haematoxylin
     when the brightfield tissue holds it, else OD; grey input always gives ``"grey"``).
+    ``brightfield``: the slide's polarity when known (:func:`is_brightfield` of the whole slide);
+    ``None`` judges it from ``image`` itself, which a tile inside the tissue may get wrong.
     """
     from ...core.options import check_choice
 
     kind = check_choice("kind", kind, ("auto", *KINDS))
     arr, rgb = _check_image(image)
     if not rgb:
-        return _normalise(1.0 - arr if _bright_background(arr) else arr), "grey"
-    brightfield = bool(np.median(arr.mean(axis=-1)) > 0.25)
+        bright = _bright_background(arr) if brightfield is None else bool(brightfield)
+        return _normalise(1.0 - arr if bright else arr), "grey"
+    if brightfield is None:
+        brightfield = bool(np.median(arr.mean(axis=-1)) > 0.25)
     if kind == "auto":
         kind = "hematoxylin" if brightfield and _has_hematoxylin(arr) else ("od" if brightfield else "grey")
     if kind == "hematoxylin":
