@@ -11,6 +11,7 @@ import pytest
 import tifffile
 import torch
 from skimage import data
+from skimage.color import rgb2hed
 
 import napari_nephi
 from napari_nephi.core.progress import ProgressEvent
@@ -19,7 +20,6 @@ from napari_nephi.widgets import _histology_layers as layers_module
 from napari_nephi.widgets import histology_widget as hw
 from napari_nephi.widgets._histology_layers import Frame, points_between
 from napari_nephi.widgets._histology_parts import (
-    CHANNELS,
     HistologyOptions,
     SlideChooser,
     SlidePreview,
@@ -105,15 +105,15 @@ def test_options_give_engine_keywords(qtbot):
         "affine_iterations": 2,
         "nonrigid_iterations": 1,
     }
-    options.channel.setCurrentText(CHANNELS[-1])
-    assert options.channel_index.isVisibleTo(options)
-    options.channel_index.setValue(2)
+    options.channel.setCurrentText("fluorescence")  # a nuclear channel layer against haematoxylin
+    assert options.values()["channel"] == "hematoxylin"
+    options.channel.setCurrentText("od")
     options.allow_flip.setChecked(False)
     options.stages["affine"].setChecked(False)
     options.working_um.setValue(8.0)
     options.affine_iterations.setValue(3)
     values = options.values()
-    assert values["channel"] == 2 and values["allow_flip"] is False and values["working_um"] == 8.0
+    assert values["channel"] == "od" and values["allow_flip"] is False and values["working_um"] == 8.0
     assert values["stages"] == ("rigid", "nonrigid", "refine") and "refine_um" not in values
     assert values["affine_iterations"] == 3
 
@@ -179,6 +179,34 @@ def test_engine_errors_are_shown_and_the_widget_stays_usable(make_napari_viewer,
         assert widget.start()
     assert len(errors) == 1 and "No tissue found in the moving slide" in errors[0]
     assert len(viewer.layers) == n_layers and widget.run_button.isEnabled()
+
+
+def test_a_fluorescence_nuclear_channel_against_brightfield(make_napari_viewer, qtbot, errors):
+    """napari shows a fluorescence image as one layer per channel: its DAPI layer is registered
+    against the H&E slide's haematoxylin with the stain channel "fluorescence"."""
+    he = data.immunohistochemistry()
+    pair = slide_pair(he, seed=1, rotation=70.0, restain_to="he")
+    h = rgb2hed(pair.moving)[..., 0]
+    dapi = np.round(255 * (h - h.min()) / np.ptp(h)).astype(np.uint8)  # nuclei bright on black
+    viewer = make_napari_viewer()
+    viewer.add_image(pair.fixed, rgb=True, name="HE", scale=(UM, UM))
+    stack = viewer.add_image(np.stack([dapi, 255 - dapi]), name="stack", scale=(1, UM, UM))
+    viewer.add_image(dapi, name="DAPI", scale=(UM, UM))
+    widget = hw.HistologyWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.moving.set_layer(stack)
+    assert widget.start() is False and "one layer per channel" in errors[-1]
+    widget.moving.set_layer(viewer.layers["DAPI"])
+    for stage in ("affine", "nonrigid", "refine"):
+        widget.options.stages[stage].setChecked(False)
+    with qtbot.waitSignal(widget.run_done, timeout=120000):
+        assert widget.start()  # "auto" refuses a dark-background slide against brightfield ...
+    assert "channel='hematoxylin'" in errors[-1] and widget.last is None
+    widget.options.channel.setCurrentText("fluorescence")
+    with qtbot.waitSignal(widget.run_done, timeout=120000):
+        assert widget.start()  # ... the nuclear channel against haematoxylin finds the rotation
+    assert len(errors) == 2 and abs((widget.last.metrics["rigid_angle"] - 70.0 + 180) % 360 - 180) < 1.0
+    assert widget.last.settings["stain_kind"] == "hematoxylin"
 
 
 def test_previews_show_during_a_run_and_go_on_cancel(make_napari_viewer, qtbot, pair, monkeypatch):

@@ -33,8 +33,12 @@ STAGE_LABELS = {
     "nonrigid": ("non-rigid network", "Multi-magnification non-rigid network at the working level"),
     "refine": ("refinement", "Tile-wise instance optimisation at a finer level"),
 }
-#: Stain channels offered; "fluorescence" passes the channel index in the spin box beside it.
+#: Stain channels offered. "fluorescence": a grey slide layer is the nuclear channel (DAPI) of a
+#: fluorescence image (napari shows one layer per channel), compared with the brightfield slide's
+#: haematoxylin (the engine's ``channel="hematoxylin"``).
 CHANNELS = ("auto", "hematoxylin", "od", "grey", "fluorescence")
+#: What each entry of :data:`CHANNELS` asks the engine for.
+ENGINE_CHANNEL = {**{c: c for c in CHANNELS[:-1]}, "fluorescence": "hematoxylin"}
 
 
 def stage_of(name: str) -> str | None:
@@ -113,13 +117,10 @@ class HistologyOptions(QWidget):
         self.channel = QComboBox()
         self.channel.addItems(CHANNELS)
         self.channel.setToolTip(
-            "Stain channel compared across slides: auto, haematoxylin, optical density, grey, or the "
-            "channel of a multi-channel (fluorescence) slide"
+            "Stain channel compared across slides: auto, haematoxylin, optical density, grey, or "
+            "fluorescence: a slide is the nuclear channel layer (DAPI) of a fluorescence image, compared "
+            "with the other slide's haematoxylin"
         )
-        self.channel_index = QSpinBox()
-        self.channel_index.setRange(0, 255)
-        self.channel_index.setToolTip("Channel of the multi-channel slides to register (e.g. DAPI)")
-        self.channel_index.setVisible(False)
         self.allow_flip = QCheckBox("mirrored slides")
         self.allow_flip.setToolTip("Slides may be mounted mirrored (a flip is searched too)")
         self.allow_flip.setChecked(True)
@@ -131,14 +132,11 @@ class HistologyOptions(QWidget):
             box.setToolTip(STAGE_LABELS[s][1])
         self.affine_iterations = _spin(1, 10, 2, "Iterations of the local-affine network (MASN(k))")
         self.nonrigid_iterations = _spin(1, 10, 1, "Iterations of the non-rigid network")
-        channel_row = QHBoxLayout()
-        channel_row.addWidget(self.channel, 1)
-        channel_row.addWidget(self.channel_index)
         stages = QVBoxLayout()
         for box in self.stages.values():
             stages.addWidget(box)
         form = QFormLayout()
-        form.addRow("stain channel", channel_row)
+        form.addRow("stain channel", self.channel)
         form.addRow("flips", self.allow_flip)
         form.addRow("working level", self.working_um)
         form.addRow("stages", stages)
@@ -152,7 +150,7 @@ class HistologyOptions(QWidget):
         box.addLayout(form)
         box.addWidget(folded("advanced options", advanced))
         self.channel.currentIndexChanged.connect(self._on_change)
-        for w in (self.channel_index, self.affine_iterations, self.nonrigid_iterations):
+        for w in (self.affine_iterations, self.nonrigid_iterations):
             w.valueChanged.connect(self._on_change)
         for w in (self.working_um, self.refine_um):
             w.valueChanged.connect(self._on_change)
@@ -160,7 +158,6 @@ class HistologyOptions(QWidget):
             w.toggled.connect(self._on_change)
 
     def _on_change(self, *_) -> None:
-        self.channel_index.setVisible(self.channel.currentText() == CHANNELS[-1])
         self.changed.emit()
 
     def chosen_stages(self) -> tuple[str, ...]:
@@ -168,9 +165,8 @@ class HistologyOptions(QWidget):
 
     def values(self) -> dict:
         """Keyword options of ``register(..., method="histology")``; "auto" values are left out."""
-        channel = self.channel.currentText()
         opts: dict = {
-            "channel": self.channel_index.value() if channel == CHANNELS[-1] else channel,
+            "channel": ENGINE_CHANNEL[self.channel.currentText()],
             "allow_flip": self.allow_flip.isChecked(),
             "stages": self.chosen_stages(),
             "affine_iterations": self.affine_iterations.value(),

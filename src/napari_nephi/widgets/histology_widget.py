@@ -140,7 +140,10 @@ class HistologyWidget(QWidget):
         for what, layer in (("fixed", fixed), ("moving", moving)):
             if layer.ndim != 2:
                 show_error(
-                    f"The {what} slide {layer.name!r} is {layer.ndim}D; choose a 2D (grey or RGB) slide."
+                    f"The {what} slide {layer.name!r} is {layer.ndim}D; choose a 2D (grey or RGB) slide. "
+                    "For a multi-channel (fluorescence) image, open it with one layer per channel "
+                    "(napari-nephi's reader does), choose the layer of its nuclear channel (DAPI) and "
+                    "the stain channel 'fluorescence'."
                 )
                 return None
         for what, chooser, layer in (("fixed", self.fixed, fixed), ("moving", self.moving, moving)):

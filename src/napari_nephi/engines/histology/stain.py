@@ -254,9 +254,10 @@ def choose_stain_channels(fixed, moving, kind: str = "auto") -> tuple[np.ndarray
             if not rgb and not bright and other_rgb:
                 raise InputError(
                     f"The {name} slide is a dark-background (fluorescence) image and the other a "
-                    "brightfield RGB slide: their intensities do not correspond. Give the nuclear "
-                    "channel (DAPI, channel=...) of the fluorescence slide and kind='hematoxylin', "
-                    "which compares it with the brightfield slide's haematoxylin."
+                    "brightfield RGB slide: their intensities do not correspond. Compare its nuclear "
+                    "channel (DAPI) with the brightfield slide's haematoxylin: channel='hematoxylin' "
+                    "(channel=N, the nuclear channel's index, for a multi-channel slide; "
+                    "kind='hematoxylin' for choose_stain_channels)."
                 )
         if f_rgb and m_rgb and f_bright and m_bright:
             both = _has_hematoxylin(fixed) and _has_hematoxylin(moving)
