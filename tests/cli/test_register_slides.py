@@ -133,6 +133,8 @@ def test_metrics_and_settings(run):
     assert metrics["annotations_carried"] == 4 and metrics["annotations_not_carried"] == []
     assert settings["spacing"] == [FIXED_UM] * 2 and settings["moving_spacing"] == [MOVING_UM] * 2
     assert settings["stages"] == ["rigid"] and settings["method"] == "histology"
+    # the automatic stain channel is reported: which kind "auto" chose for these H&E / H-DAB slides
+    assert settings["channel"] == "auto" and settings["stain_kind"] == metrics["channel"] == "hematoxylin"
     assert settings["fixed"].endswith("fixed.ome.tif") and settings["annotations"].endswith("moving.geojson")
 
 
