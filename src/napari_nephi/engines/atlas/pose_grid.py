@@ -117,13 +117,14 @@ class Correlator:
     """Scores of section variants against atlas slices for every shift, by FFT (batched).
 
     A shift ``s`` (canvas pixels, numpy order) puts section canvas pixel ``q`` on slice pixel
-    ``q + s``; shifts up to half the canvas per axis are searched.
+    ``q + s``; shifts up to ``reach`` pixels per axis (default: half the canvas) are searched.
     """
 
-    def __init__(self, shape: tuple[int, int]):
+    def __init__(self, shape: tuple[int, int], reach: int | None = None):
         self.shape = shape
-        # exact for shifts up to half the canvas; lengths of small prime factors keep the FFTs fast
-        self.pad = tuple(next_fast_len(n + (n + 1) // 2, real=True) for n in shape)
+        # zero padding by ``reach`` makes every searched shift exact (no wrap-around); lengths of
+        # small prime factors keep the FFTs fast
+        self.pad = tuple(next_fast_len(n + (reach or (n + 1) // 2), real=True) for n in shape)
         ok = np.ones(self.pad, dtype=bool)
         for axis, (n, p) in enumerate(zip(shape, self.pad, strict=True)):
             bad = np.zeros(p, dtype=bool)
@@ -256,7 +257,7 @@ class SectionGrid:
     plates gain nothing by a whole section shrunk onto them.
     """
 
-    def __init__(self, grey: np.ndarray, mask: np.ndarray, work_size: int):
+    def __init__(self, grey: np.ndarray, mask: np.ndarray, work_size: int, reach: int | None = None):
         self.grey, self.mask = grey, mask
         self.tissue_centre = np.argwhere(mask).mean(axis=0)
         #: section pixels per canvas pixel
@@ -264,7 +265,8 @@ class SectionGrid:
         side = int(round(CANVAS * work_size))
         self.canvas = (side, side)
         self.centre = (np.array(self.canvas, dtype=np.float64) - 1) / 2
-        self.corr = Correlator(self.canvas)
+        #: shifts searched (canvas pixels per axis; ``None``: half the canvas)
+        self.corr = Correlator(self.canvas, reach)
         self._variants: dict[float, tuple] = {}
         self.grid_size = int(work_size)
 
@@ -278,11 +280,12 @@ class SectionGrid:
             self._variants[key] = self.corr.section(*field(img, section_weight(msk)), msk.astype(np.float32))
         return self._variants[key]
 
-    def plate_cut(self, atlas: AtlasGrid, z: int, scale: float) -> Cut:
-        """Plate ``z`` at ``scale`` section pixels per plate pixel, its tissue box centre at the
-        canvas centre."""
+    def plate_cut(self, atlas: AtlasGrid, z: int, scale: float, pivot=None) -> Cut:
+        """Plate ``z`` at ``scale`` section pixels per plate pixel, its plate pixel ``pivot``
+        (default: its tissue box centre; then the cut is cached) at the canvas centre."""
         step = self.q / scale  # plate pixels per canvas pixel
-        pivot = atlas.centres[z]
+        key = None if pivot is not None else (self.canvas, self.corr.pad, int(z), round(step, 9))
+        pivot = atlas.centres[z] if pivot is None else np.asarray(pivot, dtype=np.float64)
 
         def build():
             lin = np.eye(2) * (step / atlas.factor)  # base pixels per canvas pixel
@@ -290,7 +293,7 @@ class SectionGrid:
             img, msk = _pull(atlas.images[z], atlas.masks[z], lin, off, self.canvas)
             return self.corr.slice(*field(img, dilate(msk)), msk.astype(np.float32))
 
-        fft = atlas.cached_cut((self.canvas, int(z), round(step, 9)), build)
+        fft = build() if key is None else atlas.cached_cut(key, build)
         return Cut(fft, float(z), (0.0, 0.0), pivot, step)
 
     def oblique_cuts(self, atlas: AtlasGrid, specs, pivot, scale: float) -> list[Cut]:
