@@ -280,6 +280,36 @@ def test_tissue_masks_from_files(flat, error_line):
     assert settings["fixed_mask"].endswith("mask.tif") and settings["moving_mask"].endswith("mask.tif")
 
 
+def test_options_reach_the_engine_and_writer_options_are_checked_first(flat, error_line, monkeypatch):
+    """Every engine flag becomes its register() keyword; a bad --tile fails before any registration."""
+    import napari_nephi.engines.registry as registry
+    from napari_nephi.core.errors import InputError
+
+    calls = []
+
+    def fake_register(fixed, moving, **kwargs):
+        calls.append(kwargs)
+        raise InputError("stopped by the test")
+
+    monkeypatch.setattr(registry, "register", fake_register)
+    base = slides_args(flat, "tissue.tif", "tissue.tif", "--spacing", "0.5", "--moving-spacing", "0.25", "1")
+    assert main([*base, "--tile", "100"]) == 2
+    assert "--tile must be a multiple of 16" in error_line() and calls == []
+    assert main([*base, "--tile", "8"]) == 2 and "--tile" in error_line() and calls == []
+    flags = ["--channel", "OD", "--no-flip", "--stages", "refine", "rigid", "--rigid-um", "4",
+             "--working-um", "2", "--refine-um", "0", "--affine-iterations", "3", "--nonrigid-iterations",
+             "2", "--magnifications", "1", "--device", "cpu", "--seed", "7", "--weights", "w.pt"]  # fmt: skip
+    assert main([*base, *flags]) == 2 and "stopped by the test" in error_line()
+    assert calls == [{
+        "method": "histology", "spacing": (0.5, 0.5), "moving_spacing": (0.25, 1.0), "device": "cpu",
+        "progress": calls[0]["progress"], "fixed_mask": None, "moving_mask": None, "channel": "od",
+        "allow_flip": False, "stages": ("refine", "rigid"), "affine_iterations": 3, "nonrigid_iterations": 2,
+        "magnifications": 1, "seed": 7, "rigid_um": 4.0, "working_um": 2.0, "refine_um": 0.0,
+        "weights": ["w.pt"],
+    }]  # fmt: skip
+    assert not (flat / "out").exists()
+
+
 def test_output_folder_of_the_user_is_refused(flat, error_line):
     (flat / "out").mkdir()
     (flat / "out" / "mine.txt").write_text("keep")

@@ -219,6 +219,16 @@ def _annotation_kind(path: str | None) -> str | None:
     )
 
 
+def _check_tile(tile: int) -> int:
+    """``--tile`` checked before the registration (not after it, when the pyramid is written)."""
+    from ..core.options import check_int
+
+    tile = check_int("--tile", tile, 16, 4096)
+    if tile % 16:
+        raise InputError(f"--tile must be a multiple of 16 (the TIFF tile rule), got {tile}; e.g. 512.")
+    return tile
+
+
 def _engine_options(args: argparse.Namespace) -> dict:
     options = {
         "channel": _channel(args.channel),
@@ -310,6 +320,7 @@ def cmd_register_slides(args: argparse.Namespace) -> int:
     from ..io.pyramid_writer import write_ome_pyramid
 
     out = check_output_folder(args.output)
+    tile = _check_tile(args.tile)
     options = _engine_options(args)
     fixed, moving, fixed_sp, moving_sp, masks, (kind, annotations), landmarks = _read_inputs(args)
     if landmarks is not None:
@@ -347,7 +358,7 @@ def cmd_register_slides(args: argparse.Namespace) -> int:
         reg.transform.save(tmp / "transform")
         if not args.no_warped:
             write_ome_pyramid(
-                tmp / "warped.ome.tif", reg.warped, spacing_um=fixed_sp, tile=args.tile,
+                tmp / "warped.ome.tif", reg.warped, spacing_um=fixed_sp, tile=tile,
                 compression=args.compression, progress=Progress(bars),
             )  # fmt: skip
             bars.close()
