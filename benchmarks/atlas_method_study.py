@@ -8,7 +8,9 @@ Atlases (``--atlases``):
   ``toy_atlas((96, 64, 64), seed=5)``, each resized to its own size (0.8-1.3 x, anisotropic);
 * ``phantom``: the lookup benchmark's atlas, ``brain_phantom((132, 96, 112), seed=0)`` with its
   labels, and its 60 queries (sections of another brain, ``benchmarks/atlas_lookup.py``: 12 per
-  case straight, oblique, partial, contrast, combined), rows per case as well.
+  case straight, oblique, partial, contrast, combined), rows per case as well;
+* ``phantom-other``: the same atlas, 120 other sections (24 per case, ``atlas_queries`` seeds
+  5000-5004): the check that a choice made on the benchmark's 60 is not tuned to them.
 
 Queries (held out, never seen in training): sections cut with
 :func:`napari_nephi.synthetic.atlas.section_from_atlas` at a random fractional plate position,
@@ -18,8 +20,8 @@ its plate. The lookup's test-time variants are compared on the same trained netw
 
 * ``plain``: the index as trained (``lk.lookup_many``).
 * ``smooth``: distances smoothed along the plate axis (0.25, 0.5, 0.25) before ranking.
-* ``no-mirror``: embeddings of the section alone (no left-right mirror average), when the index
-  uses the mirror.
+* ``no-mirror`` / ``mirror``: the other setting of the left-right mirror average than the index's
+  (sections and plates embedded as the mean with their mirror image, or alone), at test time.
 
 Columns: mean rank of the true plate (0-based), Top-1/3/5/10 (%), train CPU seconds (process
 time, all threads) and wall seconds, ms per lookup (one section, all plates ranked; median CPU ms).
@@ -160,22 +162,32 @@ def scores(rankings, truth) -> dict:
     return out
 
 
-def phantom_queries():
-    """The lookup benchmark's atlas and queries: ``(reference, labels, [(image, plate, case), ...])``."""
-    from atlas_lookup import make_queries, parse
+def phantom_queries(other: bool = False):
+    """The lookup benchmark's atlas and queries: ``(reference, labels, [(image, plate, case), ...])``.
 
-    from napari_nephi.synthetic.atlas import brain_phantom
+    ``other``: instead of the benchmark's 60 sections, 120 others (24 per case, ``atlas_queries``
+    seeds 5000-5004), the check that a choice is not tuned to the 60.
+    """
+    from atlas_lookup import CASES, make_queries, parse
+
+    from napari_nephi.synthetic.atlas import atlas_queries, brain_phantom
 
     args = parse([])
     ref, labels = brain_phantom(args.shape, seed=args.seed)
-    qs = make_queries(ref, labels, args)
+    if other:
+        qs = {
+            case: atlas_queries(ref, labels, 24, seed=5000 + i, **CASES[case])
+            for i, case in enumerate(args.cases)
+        }
+    else:
+        qs = make_queries(ref, labels, args)
     return ref, labels, [(q["image"], q["plate"], case) for case, items in qs.items() for q in items]
 
 
 def run(name: str, options: dict, count: int, seed: int) -> list[dict]:
     labels, cases = None, None
-    if name == "phantom":
-        ref, labels, items = phantom_queries()
+    if name in ("phantom", "phantom-other"):
+        ref, labels, items = phantom_queries(other=name == "phantom-other")
         qs, cases = [(im, p) for im, p, _ in items], [c for _, _, c in items]
     else:
         ref, vol, plate_z, sizes = make_atlas(name)
@@ -203,13 +215,15 @@ def run(name: str, options: dict, count: int, seed: int) -> list[dict]:
     smooth = 0.25 * smooth[:, :-2] + 0.5 * smooth[:, 1:-1] + 0.25 * smooth[:, 2:]
     ranked = [[(int(j), 0.0) for j in np.argsort(row, kind="stable")] for row in smooth]
     rows.append({**base, "variant": "smooth", **scores(ranked, truth)})
-    for variant, value in (("no-mirror", False),):
-        if getattr(lk, "mirror", None) is True:
-            lk.mirror = value
-            rows.append(
-                {**base, "variant": variant, **scores(lk.lookup_many(images, top=None, rerank=False), truth)}
-            )
-            lk.mirror = True
+    # the other setting of the mirror average, at test time only (sections and plates embedded anew)
+    variant = "no-mirror" if lk.mirror else "mirror"
+    lk.mirror = not lk.mirror
+    plates = lk.embed([lk.plate_image(i) for i in range(lk.n_plates)])
+    q = lk.embed(images)
+    d = np.linalg.norm(q[:, None, :] - plates[None, :, :], axis=2)
+    ranked = [[(int(j), 0.0) for j in np.argsort(row, kind="stable")] for row in d]
+    rows.append({**base, "variant": variant, **scores(ranked, truth)})
+    lk.mirror = not lk.mirror
     return rows
 
 

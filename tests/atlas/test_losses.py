@@ -13,6 +13,7 @@ from napari_nephi.engines.atlas.losses import (
     contrastive_loss,
     ordinal_loss,
     pairwise_distances,
+    proxy_loss,
     triplet_loss,
 )
 
@@ -264,3 +265,53 @@ def test_ordinal_loss_is_zero_when_distance_follows_plate_distance():
     assert ordinal_loss(swapped, labels, margin=0.5, reach=4).item() > 0
     with pytest.raises(InputError, match="reach must be at least 1"):
         ordinal_loss(emb, labels, reach=0)
+
+
+def _proxy_loop(emb: np.ndarray, labels, proxies: np.ndarray, scale: float, sigma: float) -> float:
+    """The soft-label proxy loss written out per sample and plate."""
+    unit = proxies / np.linalg.norm(proxies, axis=1, keepdims=True)
+    total = 0.0
+    for e, y in zip(emb, labels):
+        logits = [scale * float(e @ p) for p in unit]
+        top = max(logits)
+        log_z = top + np.log(sum(np.exp(v - top) for v in logits))
+        if sigma > 0:
+            weights = [np.exp(-((j - y) ** 2) / (2 * sigma**2)) for j in range(len(unit))]
+        else:
+            weights = [float(j == y) for j in range(len(unit))]
+        total -= sum(w / sum(weights) * (v - log_z) for w, v in zip(weights, logits))
+    return total / len(emb)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0, 2.5])
+def test_proxy_loss_matches_reference_loop(sigma):
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(9, 4))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    proxies = rng.normal(size=(6, 4))
+    labels = rng.integers(0, 6, 9)
+    got = proxy_loss(torch.tensor(emb), labels, torch.tensor(proxies), scale=7.0, sigma=sigma).item()
+    assert got == pytest.approx(_proxy_loop(emb, labels, proxies, 7.0, sigma), rel=1e-9)
+
+
+def test_proxy_loss_prefers_the_true_plate_then_its_neighbours():
+    proxies = torch.eye(5)
+    labels = torch.tensor([2, 2])
+    losses = [proxy_loss(proxies[[j, j]], labels, proxies, scale=10.0, sigma=1.0).item() for j in range(5)]
+    assert losses[1] == pytest.approx(losses[3]) and losses[0] == pytest.approx(losses[4])
+    assert losses[2] < losses[1] < losses[0]
+    # gradients reach both the embeddings and the proxies
+    emb = torch.nn.functional.normalize(torch.randn(3, 5, dtype=torch.float64), dim=1).requires_grad_()
+    learnt = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)
+    proxy_loss(emb, [0, 2, 4], learnt).backward()
+    assert emb.grad.abs().sum() > 0 and learnt.grad.abs().sum() > 0
+
+
+def test_proxy_loss_bad_arguments():
+    emb = torch.nn.functional.normalize(torch.randn(4, 3), dim=1)
+    with pytest.raises(InputError, match="plate indices 0-2"):
+        proxy_loss(emb, [0, 1, 2, 3], torch.randn(3, 3))
+    with pytest.raises(InputError, match=r"Proxies must be a tensor \(n_plates, 3\)"):
+        proxy_loss(emb, [0, 1, 2, 0], torch.randn(3, 4))
+    with pytest.raises(InputError, match="scale must be greater than 0"):
+        proxy_loss(emb, [0, 1, 2, 0], torch.randn(3, 3), scale=0.0)

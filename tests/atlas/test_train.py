@@ -56,8 +56,12 @@ def test_ordinal_loss_and_mirror_options_change_the_index(small_atlas):
     plain = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY, ordinal=0.0)
     ordinal = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY, ordinal=2.0)
     assert not np.allclose(plain.embeddings, ordinal.embeddings)  # the ordinal term trains the net
-    mirror = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY, mirror=True)
-    assert mirror.mirror and not plain.mirror
+    mirror = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY)  # the default
+    single = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY, mirror=False)
+    assert mirror.mirror and not single.mirror
+    x = prepare_batch([reference[5]], TINY["input_size"])
+    with torch.no_grad():
+        np.testing.assert_allclose(single.embed([reference[5]]), single.net(x).numpy(), atol=1e-5)
     section = section_from_atlas(reference, 5.0, 3.0, crop=(0, 0, 0.3, 0))
     # a mirror index embeds a section as the normalised sum of it and its mirror image
     x = prepare_batch([section], TINY["input_size"])
@@ -111,6 +115,24 @@ def test_contrastive_loss_step_decay_and_plate_views(small_atlas):
     np.testing.assert_allclose(np.linalg.norm(lk.embeddings, axis=1), 1.0, atol=1e-5)
 
 
+def test_proxy_loss_trains_its_proxies(small_atlas):
+    from napari_nephi.engines.atlas.plates import Plates
+    from napari_nephi.engines.atlas.train import check_train_options, train_network
+
+    reference, labels = small_atlas
+    plates = Plates.from_reference(reference, labels)
+    options = check_train_options({**TINY, "loss": "proxy"})
+    result = train_network(plates, options, device="cpu", seed=2)
+    assert result.proxies.shape == (12, TINY["embedding_dim"])
+    np.testing.assert_allclose(np.linalg.norm(result.proxies, axis=1), 1.0, atol=1e-5)
+    # the proxies moved from their random start: the same seed and the triplet loss give other weights
+    triplet = train_network(plates, check_train_options(TINY), device="cpu", seed=2)
+    assert triplet.proxies is None
+    assert not torch.allclose(result.net.head[-1].weight, triplet.net.head[-1].weight)
+    lk = AtlasLookup.train(reference, labels, device="cpu", seed=2, loss="proxy", **TINY)
+    assert sorted(p for p, _ in lk.lookup(reference[4], top=None, rerank=False)) == list(range(12))
+
+
 def test_real_sections_join_training(small_atlas):
     reference, labels = small_atlas
     sections = [section_from_atlas(reference, i, 4.0, crop=(0.2, 0, 0, 0)) for i in (2, 6, 9)]
@@ -140,6 +162,8 @@ def test_real_sections_join_training(small_atlas):
         ({"ordinal": -0.5}, "ordinal must be at least 0"),
         ({"ordinal_reach": 0}, "ordinal_reach must be at least 1"),
         ({"mirror": "yes"}, "mirror must be"),
+        ({"loss": "proxy", "proxy_sigma": -1}, "proxy_sigma must be at least 0"),
+        ({"loss": "proxy", "proxy_scale": 0}, "proxy_scale must be greater than 0"),
         ({"region_names": ["cortex"]}, "region_names must be a dict"),
     ],
 )

@@ -149,3 +149,35 @@ def ordinal_loss(emb: torch.Tensor, labels, margin: float = 0.2, reach: int = 8)
     losses = hinge[valid]
     hot = losses > 0
     return losses[hot].mean() if hot.any() else _zero(emb)
+
+
+def proxy_loss(
+    emb: torch.Tensor, labels, proxies: torch.Tensor, scale: float = 16.0, sigma: float = 1.0
+) -> torch.Tensor:
+    """Soft-label proxy loss: cross-entropy of cosine logits against one learnt proxy per plate.
+
+    ``logits = scale * emb . normalise(proxies)^T`` (``(B, n_plates)``); the target of a sample of
+    plate ``y`` is a Gaussian over the plates, ``exp(-(j - y)^2 / (2 sigma^2))`` normalised, so a
+    neighbouring plate is a lesser error than a far one (plates are positions; ``sigma = 0``: one-hot).
+    Every step compares each sample with every plate, not only those of its batch. ``emb`` rows are
+    expected L2-normalised; labels must index ``proxies``' rows.
+    """
+    labels, _ = _check(emb, labels, 0)
+    if not isinstance(proxies, torch.Tensor) or proxies.ndim != 2 or proxies.shape[1] != emb.shape[1]:
+        shape = tuple(proxies.shape) if isinstance(proxies, torch.Tensor) else type(proxies).__name__
+        raise InputError(f"Proxies must be a tensor (n_plates, {emb.shape[1]}), got {shape}.")
+    if int(labels.min()) < 0 or int(labels.max()) >= proxies.shape[0]:
+        raise InputError(
+            f"Labels must be plate indices 0-{proxies.shape[0] - 1} (one proxy per plate), got "
+            f"{int(labels.min())}-{int(labels.max())}."
+        )
+    scale = check_float("scale", scale, 0.0, 1000.0, low_open=True)
+    sigma = check_float("sigma", sigma, 0.0, 1000.0)
+    logits = scale * emb @ torch.nn.functional.normalize(proxies, dim=1).T
+    plates = torch.arange(proxies.shape[0], device=emb.device, dtype=emb.dtype)
+    gap = plates[None, :] - labels[:, None].to(emb.dtype)
+    if sigma > 0:
+        target = torch.softmax(-(gap * gap) / (2 * sigma * sigma), dim=1)
+    else:
+        target = (gap == 0).to(emb.dtype)
+    return -(target * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()

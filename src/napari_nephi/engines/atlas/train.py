@@ -14,6 +14,13 @@ ends at :data:`SCHEDULE_SHARE` of the budget left when the loop starts), whichev
 run anneals and converges before the budget ends on any machine; on a machine fast enough for all
 steps it is deterministic for a seed. Every ``validate_every`` steps the mean rank of the true plate
 on a fixed held-out set of synthetic sections is measured and the best weights are kept.
+
+Plates and sections are embedded as the normalised mean of the image and its left-right mirror
+(``mirror``, default since session 9): on the session-8 index it lowered the mean rank of the true
+plate on three sets of phantom sections of another brain (60 + 60 + 120) from 11.7 / 11.6 / 10.7 to
+10.3 / 10.7 / 9.7, for one more network pass per image. ``loss="proxy"`` replaces the triplet loss by
+a soft-label proxy loss (one learnt vector per plate, :func:`.losses.proxy_loss`); it did not beat
+the triplet loss at 600 steps (benchmarks/atlas_method_study.py) and stays an option.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from ...core.options import (
     check_known,
 )
 from ...core.progress import Progress
-from .losses import contrastive_loss, ordinal_loss, triplet_loss
+from .losses import contrastive_loss, ordinal_loss, proxy_loss, triplet_loss
 from .network import EmbeddingConfig, EmbeddingNet, embed_batch
 from .plates import Plates
 from .preprocess import prepare_input
@@ -56,6 +63,8 @@ DEFAULTS: dict = {
     "fresh_views": 8,
     "loss": "triplet",
     "mining": "semi-hard",
+    "proxy_scale": 16.0,  # loss="proxy": cosine logits' scale (see losses.proxy_loss)
+    "proxy_sigma": 1.0,  # loss="proxy": width in plates of the soft target
     "margin": None,  # 0.2 for triplet, 1.0 for contrastive
     "lr": 2e-3,
     "lr_decay": "cosine",
@@ -67,16 +76,18 @@ DEFAULTS: dict = {
     "plate_views": 0,
     "ordinal": 1.0,  # weight of the ordinal ranking loss (see losses.ordinal_loss)
     "ordinal_reach": 8,
-    "mirror": False,  # embed every image as the mean with its left-right mirror
+    "mirror": True,  # embed every image as the mean with its left-right mirror (module docstring)
 }
-LOSSES = ("triplet", "contrastive")
+LOSSES = ("triplet", "contrastive", "proxy")
 MININGS = ("semi-hard", "hard", "all")
 DECAYS = ("cosine", "step")
 AUGMENTS = ("full", "paper")
 #: Margins when ``margin`` is not given, by loss (the paper's TF-Addons triplet default; Eq. 1's m).
-DEFAULT_MARGINS = {"triplet": 0.2, "contrastive": 1.0}
+DEFAULT_MARGINS = {"triplet": 0.2, "contrastive": 1.0, "proxy": 0.2}
 #: Seed offset of the held-out validation sections (never drawn by the training synthesiser).
 VALIDATION_SEED = 7919
+#: The proxies (``loss="proxy"``) learn at this multiple of the network's learning rate.
+PROXY_LR_FACTOR = 10.0
 #: Mild views averaged with the clean plate when ``plate_views > 0``.
 MILD_VIEWS = {"rotation": 3.0, "scale": (1.0, 1.1), "max_tilt": 2.0}
 
@@ -102,6 +113,7 @@ class TrainResult:
     val_mean_rank: float | None
     stopped: str
     history: list = field(default_factory=list)
+    proxies: np.ndarray | None = None  # (n_plates, D) L2-normalised learnt proxies, with loss="proxy"
 
 
 def check_train_options(options: dict) -> dict:
@@ -125,6 +137,8 @@ def check_train_options(options: dict) -> dict:
         )
     o["loss"] = check_choice("loss", o["loss"], LOSSES)
     o["mining"] = check_choice("mining", o["mining"], MININGS)
+    o["proxy_scale"] = check_float("proxy_scale", o["proxy_scale"], 0.0, 1000.0, low_open=True)
+    o["proxy_sigma"] = check_float("proxy_sigma", o["proxy_sigma"], 0.0, 1000.0)
     if o["margin"] is None:
         o["margin"] = DEFAULT_MARGINS[o["loss"]]
     o["margin"] = check_float("margin", o["margin"], 0.0, 10.0, low_open=True)
@@ -335,6 +349,14 @@ def plate_embeddings(
     return emb.astype(np.float32)
 
 
+def _snapshot(net: EmbeddingNet, proxies: torch.Tensor | None) -> tuple[dict, np.ndarray | None]:
+    """A copy of the weights and of the normalised proxies, if any (the best so far is kept)."""
+    if proxies is None:
+        return copy.deepcopy(net.state_dict()), None
+    unit = torch.nn.functional.normalize(proxies.detach(), dim=1).cpu().numpy()
+    return copy.deepcopy(net.state_dict()), unit.astype(np.float32)
+
+
 def true_plate_ranks(query: np.ndarray, plates: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """0-based rank of the true plate (number of plates strictly closer) for every query."""
     d = np.linalg.norm(query[:, None, :] - plates[None, :, :], axis=2)
@@ -378,8 +400,13 @@ def train_network(
         val_x = _batch_tensor([val_synth.sample(int(p)) for p in val_truth], size)
         prog.check()
         batches = _Batches(plates, o, synth, clean, real, np.asarray(sec_plates, dtype=np.int64), rng, prog)
-        opt = torch.optim.Adam(net.parameters(), lr=o["lr"] * lr_factor(0.0, o["lr_decay"]))
-        best = (math.inf, copy.deepcopy(net.state_dict()), 0)
+        groups = [{"params": list(net.parameters()), "scale": 1.0}]
+        proxies = None
+        if o["loss"] == "proxy":  # one learnt vector per plate (drawn only then: the default stays as it was)
+            proxies = torch.nn.Parameter(torch.randn(plates.n, o["embedding_dim"], device=dev))
+            groups.append({"params": [proxies], "scale": PROXY_LR_FACTOR})
+        opt = torch.optim.Adam(groups, lr=o["lr"] * lr_factor(0.0, o["lr_decay"]))
+        best = (math.inf, _snapshot(net, proxies), 0)
         history, val_rank, stopped = [], None, "steps"
         budget = 60.0 * o["max_minutes"]
         loop_start = time.perf_counter()
@@ -392,6 +419,8 @@ def train_network(
             labels = labels.to(dev)
             if o["loss"] == "triplet":
                 loss = triplet_loss(emb, labels, o["margin"], o["mining"], o["exclude_within"])
+            elif o["loss"] == "proxy":
+                loss = proxy_loss(emb, labels, proxies, o["proxy_scale"], o["proxy_sigma"])
             else:
                 loss = contrastive_loss(emb, labels, o["margin"], o["exclude_within"])
             if o["ordinal"] > 0:
@@ -402,7 +431,7 @@ def train_network(
             now = time.perf_counter()
             progress = run_progress(step, o["steps"], now - loop_start, available)
             for group in opt.param_groups:
-                group["lr"] = o["lr"] * lr_factor(progress, o["lr_decay"])
+                group["lr"] = group["scale"] * o["lr"] * lr_factor(progress, o["lr_decay"])
             last = progress >= 1.0 or now - start > budget
             if step % o["validate_every"] == 0 or last:
                 mirror = o["mirror"]
@@ -413,7 +442,7 @@ def train_network(
                 )
                 val_rank = float(ranks.mean())
                 if val_rank < best[0]:
-                    best = (val_rank, copy.deepcopy(net.state_dict()), step)
+                    best = (val_rank, _snapshot(net, proxies), step)
             value = float(loss.detach())
             lr = opt.param_groups[0]["lr"]
             history.append({"step": step, "loss": value, "val_mean_rank": val_rank, "lr": lr})
@@ -422,7 +451,7 @@ def train_network(
                 if step < o["steps"]:
                     stopped = "max_minutes"
                 break
-        net.load_state_dict(best[1])
+        net.load_state_dict(best[1][0])
         net.eval()
     return TrainResult(
         net=net,
@@ -433,4 +462,5 @@ def train_network(
         val_mean_rank=None if math.isinf(best[0]) else best[0],
         stopped=stopped,
         history=history,
+        proxies=best[1][1],
     )
