@@ -136,6 +136,7 @@ def test_metrics_and_settings(run):
     # the automatic stain channel is reported: which kind "auto" chose for these H&E / H-DAB slides
     assert settings["channel"] == "auto" and settings["stain_kind"] == metrics["channel"] == "hematoxylin"
     assert settings["fixed"].endswith("fixed.ome.tif") and settings["annotations"].endswith("moving.geojson")
+    assert settings["warped"] is True and settings["tile"] == 512 and settings["compression"] == "zlib"
 
 
 def test_geojson_annotations_land_on_the_truth(slides, run):
