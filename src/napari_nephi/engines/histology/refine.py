@@ -2,8 +2,11 @@
 
 On overlapping tiles of the fixed tissue, a smooth correction ``r`` (a cubic B-spline with control
 points every ``control`` pixels) is optimised so that the moving slide under the current map
-matches the fixed slide at ``x + r(x)`` by local NCC with a diffusion penalty, by Adam with a
-decaying step (a constant step leaves the controls jittering by a fraction of a pixel). The moving
+matches the fixed slide at ``x + r(x)`` by local NCC with a diffusion penalty: first by Adam with a
+decaying step on smoothed images (capture range), then by L-BFGS in double precision on the images
+themselves until no control moves by more than ``tol`` px. Adam's steps have a fixed size whatever
+the gradient, so it jitters around the optimum by about its last step (0.025 px) and stopped wherever
+that left it (more steps made some tiles worse); L-BFGS converges to the optimum. The moving
 slide is sampled once, bicubically, through the composed map (the current map's coordinates at
 ``x + r(x)``): resampling an already warped image, or bilinear sampling, blurs it by an amount that
 depends on the sub-pixel position, which biased the optimum by ~0.05 px.
@@ -32,11 +35,12 @@ class RefineSettings:
 
     ``tile`` / ``overlap`` / ``margin``: tile side, overlap of neighbours and extra moving pixels
     read around a tile; ``control``: spacing of the cubic B-spline control points (pixels);
-    ``iterations``: optimiser steps (half on smoothed images, half on the images themselves);
-    ``smooth``: weight of the diffusion penalty on the control points; ``lr``: first Adam step
-    (pixels), decayed geometrically to ``lr * decay`` within each pass; ``window``: side of the local
-    NCC window; when the loss has not dropped by ``tol`` for ``patience`` steps, a pass takes
-    ``patience`` more steps at the final step size and stops.
+    ``iterations``: objective evaluations, at most half of them Adam steps on smoothed images (a
+    wider window), the rest L-BFGS on the images themselves; ``smooth``: weight of the diffusion
+    penalty on the control points; ``lr``: first Adam step (pixels), decayed geometrically to
+    ``lr * decay``; when the Adam loss has not dropped by ``stall`` for ``patience`` steps, it takes
+    ``patience`` more steps at the final step size and hands over; ``window``: side of the local NCC
+    window; ``tol``: L-BFGS stops after an iteration in which no control moved by more than this (px).
     """
 
     tile: int = 512
@@ -48,8 +52,9 @@ class RefineSettings:
     lr: float = 0.5
     decay: float = 0.05
     window: int = 21
-    tol: float = 2e-5
+    stall: float = 2e-5
     patience: int = 8
+    tol: float = 1e-3
 
 
 def _starts(n: int, tile: int, overlap: int) -> list[tuple[int, int]]:
@@ -121,6 +126,61 @@ def sample_cubic(image: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(image, grid, mode="bicubic", padding_mode="border", align_corners=True)
 
 
+def lbfgs(
+    evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    x: torch.Tensor,
+    evaluations: int,
+    tol: float,
+    history: int = 10,
+    first: float = 0.25,
+) -> tuple[torch.Tensor, int]:
+    """Minimise a smooth function by L-BFGS with a backtracking (Armijo) line search.
+
+    ``evaluate(x)`` returns the value and gradient at a flat ``x``. The first step moves the largest
+    coordinate by ``first``; later steps start at the quasi-Newton step. Stops after an iteration in
+    which no coordinate moved by more than ``tol``, when a line search finds no decrease, or after
+    ``evaluations`` calls. Returns the minimiser and the number of calls.
+    """
+    f, g = evaluate(x)
+    pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (s, y, 1 / y.s)
+    calls = 1
+    while calls < evaluations:
+        d = -g
+        alphas = []
+        for s, y, rho in reversed(pairs):
+            a = rho * s.dot(d)
+            d = d - a * y
+            alphas.append(a)
+        if pairs:
+            s, y, _ = pairs[-1]
+            d = d * (s.dot(y) / y.dot(y))
+        else:
+            d = d * (first / d.abs().max().clamp_min(1e-30))
+        for (s, y, rho), a in zip(pairs, reversed(alphas), strict=True):
+            d = d + (a - rho * y.dot(d)) * s
+        slope = g.dot(d)
+        if slope >= 0:  # not a descent direction: forget the curvature pairs, go downhill
+            pairs.clear()
+            d = -g * (first / g.abs().max().clamp_min(1e-30))
+            slope = g.dot(d)
+        t = 1.0
+        while True:
+            fn, gn = evaluate(x + t * d)
+            calls += 1
+            if fn <= f + 1e-4 * t * slope or calls >= evaluations:
+                break
+            t *= 0.5
+        if not fn < f:
+            break
+        s, y = t * d, gn - g
+        if s.dot(y) > 1e-12:
+            pairs = [*pairs[-(history - 1) :], (s, y, 1.0 / s.dot(y))]
+        x, f, g = x + s, fn, gn
+        if s.abs().max() <= tol:
+            break
+    return x, calls
+
+
 def optimise_tile(
     fixed: np.ndarray,
     moving: np.ndarray,
@@ -135,73 +195,84 @@ def optimise_tile(
     ``moving`` is the tile with ``margin`` pixels more on every side, already warped; or, with
     ``coords`` ``(2, h + 2 margin, w + 2 margin)`` (where those pixels fall in ``moving`` under the
     current map), a region of the unwarped slide, sampled at ``coords`` interpolated at
-    ``margin + x + r(x)`` (one interpolation of the image in all). Coarse to fine: a first pass
-    on smoothed images with a wider window (larger capture range), then the images themselves.
-    Returns the field, the local NCC before and after (a tile that does not improve gets a zero
-    field) and the number of optimiser steps taken.
+    ``margin + x + r(x)`` (one interpolation of the image in all). Coarse to fine: Adam on smoothed
+    images with a wider window (larger capture range), then L-BFGS in double precision on the images
+    themselves, to convergence. Returns the field, the local NCC before and after (a tile that does
+    not improve gets a zero field) and the number of objective evaluations.
     """
     from scipy.ndimage import gaussian_filter
 
     h, w = fixed.shape
-    wt = torch.as_tensor(weight, dtype=torch.float32, device=device)[None, None]
-    axes = [torch.arange(n, dtype=torch.float32, device=device) + margin for n in (h, w)]
-    base = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
-    by, bx = (torch.as_tensor(bspline_basis(n, settings.control), device=device) for n in (h, w))
-    ctrl = torch.zeros((1, 2, by.shape[1], bx.shape[1]), device=device, requires_grad=True)
+    shape = (1, 2, *(bspline_basis(n, settings.control).shape[1] for n in (h, w)))
 
-    def field() -> torch.Tensor:
-        return torch.einsum("yi,ncij,xj->ncyx", by, ctrl, bx).clamp(-margin, margin)
+    def objective(sigma: float, window: int, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The loss of control points (``shape``) in ``dtype``: minus the local NCC + diffusion penalty."""
 
-    ct = None if coords is None else torch.as_tensor(coords, dtype=torch.float32, device=device)[None]
+        def tensor(a):
+            return torch.as_tensor(np.asarray(a), device=device).to(dtype)
 
-    def where() -> torch.Tensor:  # sampling positions in ``moving``
-        p = base + field()
-        return p if ct is None else sample_at(ct, p, padding="border")
-
-    def level(sigma: float, window: int):
         f, m = (gaussian_filter(a, sigma) if sigma else a for a in (fixed, moving))
-        ncc = LocalNCC(torch.as_tensor(f, dtype=torch.float32, device=device)[None, None], wt, window)
-        mt = torch.as_tensor(m, dtype=torch.float32, device=device)[None, None]
-        return lambda: ncc(sample_cubic(mt, where()))
+        ncc = LocalNCC(tensor(f)[None, None], tensor(weight)[None, None], window)
+        mt, ct = tensor(m)[None, None], None if coords is None else tensor(coords)[None]
+        by, bx = (tensor(bspline_basis(n, settings.control)) for n in (h, w))
+        base = torch.stack(
+            torch.meshgrid(
+                *(torch.arange(n, dtype=dtype, device=device) + margin for n in (h, w)), indexing="ij"
+            )
+        )[None]
 
-    fine = level(0.0, settings.window)
+        def loss(ctrl: torch.Tensor) -> torch.Tensor:
+            p = base + torch.einsum("yi,ncij,xj->ncyx", by, ctrl, bx).clamp(-margin, margin)
+            p = p if ct is None else sample_at(ct, p, padding="border")
+            dy = ctrl[:, :, 1:] - ctrl[:, :, :-1]
+            dx = ctrl[:, :, :, 1:] - ctrl[:, :, :, :-1]
+            penalty = (dy**2).mean() + (dx**2).mean()
+            return -ncc(sample_cubic(mt, p)) + settings.smooth * penalty / settings.control**2
+
+        return loss
+
+    fine = objective(0.0, settings.window, torch.float64)
+    zero = torch.zeros(shape, dtype=torch.float64, device=device)
     with torch.no_grad():
-        before = float(fine())
-    steps = 0
-
-    def objective(similarity) -> torch.Tensor:
-        dy = ctrl[:, :, 1:] - ctrl[:, :, :-1]
-        dx = ctrl[:, :, :, 1:] - ctrl[:, :, :, :-1]
-        penalty = (dy**2).mean() + (dx**2).mean()
-        return -similarity() + settings.smooth * penalty / settings.control**2
-
+        before = -float(fine(zero))
+    ctrl = torch.zeros(shape, device=device, requires_grad=True)
+    coarse = objective(2.0, 2 * settings.window + 1, torch.float32)
     n = settings.iterations // 2
-    for similarity in (level(2.0, 2 * settings.window + 1), fine):
-        opt = torch.optim.Adam([ctrl], lr=settings.lr)
-        decay, final = settings.decay ** (1.0 / max(1, n - 1)), settings.lr * settings.decay
-        best, stale, finishing = np.inf, 0, False
-        for _ in range(n):
-            opt.zero_grad()
-            loss = objective(similarity)
-            loss.backward()
-            opt.step()
-            steps += 1
-            value = loss.item()
-            stale = 0 if value < best - settings.tol else stale + 1
-            best = min(best, value)
-            if stale >= settings.patience:
-                if finishing:
-                    break
-                # stalled: a few steps at the final (smallest) step, then stop; stopping at a large
-                # step would leave the controls wherever Adam's jitter put them
-                finishing, stale = True, 0
-            for g in opt.param_groups:
-                g["lr"] = final if finishing else g["lr"] * decay
+    opt = torch.optim.Adam([ctrl], lr=settings.lr)
+    decay, final = settings.decay ** (1.0 / max(1, n - 1)), settings.lr * settings.decay
+    best, stale, finishing, steps = np.inf, 0, False, 0
+    for _ in range(n):
+        opt.zero_grad()
+        loss = coarse(ctrl)
+        loss.backward()
+        opt.step()
+        steps += 1
+        value = loss.item()
+        stale = 0 if value < best - settings.stall else stale + 1
+        best = min(best, value)
+        if stale >= settings.patience:
+            if finishing:
+                break
+            finishing, stale = True, 0  # a few steps at the smallest step, then hand over
+        for g in opt.param_groups:
+            g["lr"] = final if finishing else g["lr"] * decay
+
+    def evaluate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.detach().requires_grad_(True)
+        value = fine(x.view(shape))
+        (grad,) = torch.autograd.grad(value, x)
+        return value.detach(), grad
+
+    start = ctrl.detach().to(torch.float64).reshape(-1)
+    found, calls = lbfgs(evaluate, start, settings.iterations - steps, settings.tol)
+    found = found.view(shape)
     with torch.no_grad():
-        after = float(fine())
+        after = -float(fine(found))
         if after <= before:  # never make a tile worse
-            return np.zeros((2, h, w), np.float32), before, before, steps
-        return field()[0].cpu().numpy().astype(np.float32), before, after, steps
+            return np.zeros((2, h, w), np.float32), before, before, steps + calls
+        by, bx = (torch.as_tensor(bspline_basis(n, settings.control), dtype=torch.float64) for n in (h, w))
+        field = torch.einsum("yi,ncij,xj->ncyx", by, found.cpu(), bx).clamp(-margin, margin)
+    return field[0].numpy().astype(np.float32), before, after, steps + calls
 
 
 def refine_field(
@@ -252,4 +323,12 @@ def refine_field(
     return out, summary
 
 
-__all__ = ["LocalNCC", "RefineSettings", "optimise_tile", "refine_field", "sample_cubic", "tile_boxes"]
+__all__ = [
+    "LocalNCC",
+    "RefineSettings",
+    "lbfgs",
+    "optimise_tile",
+    "refine_field",
+    "sample_cubic",
+    "tile_boxes",
+]
