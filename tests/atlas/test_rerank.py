@@ -9,6 +9,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from napari_nephi import InputError
 from napari_nephi.engines.atlas.plates import Plates
@@ -161,3 +162,89 @@ def test_a_list_of_plates_is_searched_without_tilt(toy_reference):
     assert abs(result.ranking[0][0] - truth) <= PLATE_TOLERANCE
     assert best.tilt == (0.0, 0.0) and best.z == float(best.plate)
     assert abs(best.scale / 1.3 - 1.0) < SCALE_TOLERANCE
+
+
+def _brute_scores(a_re, a_im, a_mask, b_re, b_im, b_mask, reach):
+    """The correlator's score at every shift within ``reach``, computed pixel by pixel in numpy."""
+    ea, na = float((a_re**2 + a_im**2).sum()), float(a_mask.sum())
+    h, w = a_re.shape
+    out = {}
+    for dy in range(-reach, reach + 1):
+        for dx in range(-reach, reach + 1):
+            num = energy = overlap = 0.0
+            for y, x in zip(*np.nonzero(a_mask | (a_re != 0)), strict=True):
+                v, u = y + dy, x + dx
+                if 0 <= v < h and 0 <= u < w:
+                    num += a_re[y, x] * b_re[v, u] + a_im[y, x] * b_im[v, u]
+                    energy += a_mask[y, x] * (b_re[v, u] ** 2 + b_im[v, u] ** 2)
+                    overlap += a_mask[y, x] * b_mask[v, u]
+            share = overlap / na
+            if share >= 0.5:
+                out[(dy, dx)] = num / np.sqrt(ea * max(energy, 1e-3 * ea) + 1e-12) * min(share, 1.0)
+    return out
+
+
+@pytest.mark.parametrize("reach", [3, None])
+def test_correlator_scores_match_a_pixel_by_pixel_computation(reach):
+    from napari_nephi.engines.atlas.pose_grid import Correlator
+
+    rng = np.random.default_rng(4)
+    n = 12
+    a_mask = np.zeros((n, n), bool)
+    a_mask[3:9, 2:8] = True
+    b_mask = np.zeros((n, n), bool)
+    b_mask[4:10, 4:10] = True
+    a_re, a_im = (np.where(a_mask, rng.normal(size=(n, n)), 0).astype(np.float32) for _ in range(2))
+    b_re, b_im = (np.where(b_mask, rng.normal(size=(n, n)), 0).astype(np.float32) for _ in range(2))
+    b_re[5:9, 5:9] += 3 * a_re[3:7, 2:6]  # the section's pattern placed at shift (2, 3)
+    corr = Correlator((n, n), reach)
+    fa, ea, na = corr.section(a_re, a_im, a_mask.astype(np.float32))
+    value, index = corr.best(
+        fa[None], torch.tensor([ea]), torch.tensor([na]), corr.slice(b_re, b_im, b_mask)[None]
+    )
+    brute = _brute_scores(a_re, a_im, a_mask, b_re, b_im, b_mask, (n + 1) // 2 if reach is None else reach)
+    shift = max(brute, key=brute.get)
+    assert shift == (2, 3)
+    assert tuple(corr.shift(int(index[0, 0]))) == shift
+    assert float(value[0, 0]) == pytest.approx(brute[shift], rel=1e-4)
+
+
+def test_atlas_sampling_matches_scipy(toy_reference):
+    from scipy import ndimage as ndi
+
+    from napari_nephi.engines.atlas.pose_grid import AtlasGrid
+
+    reference, labels = toy_reference
+    grid = AtlasGrid(Plates.from_reference(reference, labels), 32)
+    rng = np.random.default_rng(1)
+    points = rng.uniform(0, np.array(grid.volume.shape) - 1, size=(2, 5, 7, 3)).transpose(0, 3, 1, 2)
+    image, mask = grid.sample(points)
+    assert image.shape == (2, 5, 7)
+    for k in range(2):
+        np.testing.assert_allclose(image[k], ndi.map_coordinates(grid.volume, points[k], order=1), atol=1e-5)
+        np.testing.assert_allclose(
+            mask[k], ndi.map_coordinates(grid.mask_volume, points[k], order=1), atol=1e-5
+        )
+
+
+def test_scales_lie_on_a_fixed_grid_and_cover_the_range():
+    from napari_nephi.engines.atlas.rerank import grid_scales, snap_scale
+
+    q, ratio = 2.7, 1.1
+    scales = grid_scales(q, 0.8, 1.9, ratio)
+    k = np.log(q / np.array(scales)) / np.log(ratio)
+    np.testing.assert_allclose(k, np.round(k), atol=1e-9)  # the same cuts for every section of this size
+    assert scales[0] <= 0.8 and scales[-1] >= 1.9
+    assert scales[1] > 0.8 and scales[-2] < 1.9  # no more than one step beyond each end
+    np.testing.assert_allclose(np.diff(np.log(scales)), np.log(ratio))
+    assert snap_scale(q, 1.02, ratio) == pytest.approx(min(scales, key=lambda s: abs(np.log(s / 1.02))))
+
+
+def test_cached_cuts_give_the_same_ranking(toy_reference):
+    reference, labels = toy_reference
+    search = PoseSearch(Plates.from_reference(reference, labels))  # fresh: an empty cut cache
+    section = section_from_atlas(reference, 22, (0.0, 4.0))
+    first = _run(search, section, 22, seed=2)
+    assert search.atlas(32)._cuts  # stage 1's cuts were kept
+    again = _run(search, section, 22, seed=2)
+    assert again.ranking == first.ranking
