@@ -96,13 +96,20 @@ class _Run:
         self.um_f, self.um_m = pixel_sizes(self.fixed.spacing, self.moving.spacing, self.notes)
         self.spacing_known = self.fixed.spacing is not None
         self.channel = Channel("hematoxylin" if isinstance(channel, int) else channel)
-        self.fill = 255.0 if self.fixed.rgb or self.moving.rgb else 0.0
+        # Value beyond each slide: white for brightfield, black for dark background (set by settle).
+        self.fill_fixed = self.fill = 255.0 if self.fixed.rgb or self.moving.rgb else 0.0
         self.progress = pair.progress
         self.seconds: dict[str, float] = {}
         scale = self.um_f / self.um_m  # level-0 fixed px -> moving px, same physical place
         self.rigid0 = np.array([[scale, 0, (scale - 1) / 2], [0, scale, (scale - 1) / 2], [0, 0, 1.0]])
         self.initial = self.affine(self.rigid0)
         self.parts: list[Transform] = []  # fields applied before the rigid map, first first
+
+    def settle_fill(self) -> None:
+        """Each slide's fill from the polarity :meth:`Channel.settle` judged (an RGB slide is white)."""
+        bright = self.channel.brightfield
+        self.fill_fixed = 255.0 if self.fixed.rgb or bright[0] else 0.0
+        self.fill = 255.0 if self.moving.rgb or bright[1] else 0.0
 
     def extent_um(self) -> float:
         return max(max(self.fixed.shape[:2]) * self.um_f, max(self.moving.shape[:2]) * self.um_m)
@@ -121,7 +128,7 @@ class _Run:
         )
 
     def read_fixed(self, grid: Grid) -> np.ndarray:
-        img = _compute(read_on_grid(self.fixed.levels, grid, fill=self.fill))
+        img = _compute(read_on_grid(self.fixed.levels, grid, fill=self.fill_fixed))
         check_image_values(img, "fixed")
         return img
 
@@ -164,8 +171,9 @@ def _stage_rigid(run: _Run, allow_flip: bool, rigid_um: float, use: bool, masks)
     gf = _grid(run.fixed.shape, run.um_f, rigid_um, MAX_RIGID, "rigid_um")
     gm = _grid(run.moving.shape, run.um_m, rigid_um, MAX_RIGID, "rigid_um")
     f_img, m_img = run.read_fixed(gf), run.read_moving(gm, None)
-    fc, mc, kind = run.channel.pair(f_img, m_img)
-    run.channel = Channel(kind)
+    fc, mc, run.channel = run.channel.settle(f_img, m_img)
+    kind = run.channel.kind
+    run.settle_fill()
     fm, mm = _masks(run, f_img, m_img, *masks)
     info: dict = {"channel": kind, "rigid_um": rigid_um}
     if use:
@@ -218,7 +226,7 @@ def _stage_networks(
         return info
     f_img = run.read_fixed(grid)
     m_img = run.read_moving(grid, run.transform())
-    fc, mc = run.channel.one(f_img), run.channel.one(m_img)
+    fc, mc = run.channel.one(f_img, "fixed"), run.channel.one(m_img, "moving")
     fmask = tissue_mask(f_img) if masks[0] is None else resize_mask(masks[0], grid.shape)
     u = np.zeros((2, *grid.shape), np.float32)
     score = metric("ncc", fc, mc, fmask)
@@ -259,7 +267,7 @@ def _stage_refine(
 ) -> dict:
     start = time.perf_counter()
     run.progress.check()
-    lazy_f = read_on_grid(run.fixed.levels, grid, fill=run.fill)
+    lazy_f = read_on_grid(run.fixed.levels, grid, fill=run.fill_fixed)
     current = run.transform()
     lazy_m = read_on_grid(run.moving.levels, grid, current, fill=run.fill)
     w_img = run.read_fixed(work)
@@ -269,17 +277,17 @@ def _stage_refine(
 
     def read_fixed(box):
         y0, y1, x0, x1 = box
-        return run.channel.one(_compute(lazy_f[y0:y1, x0:x1]))
+        return run.channel.one(_compute(lazy_f[y0:y1, x0:x1]), "fixed")
 
     regions = MovingRegions(run.moving.levels, grid, current, run.fill)
 
     def read_moving(box):
         got = regions(box)  # sampled once through the composed map by the refinement
         if got is not None:
-            return run.channel.one(got[0]), got[1]
+            return run.channel.one(got[0], "moving"), got[1]
         y0, y1, x0, x1 = box
         cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
-        tile = run.channel.one(_compute(lazy_m[cy0:cy1, cx0:cx1]))
+        tile = run.channel.one(_compute(lazy_m[cy0:cy1, cx0:cx1]), "moving")
         return np.pad(tile, ((cy0 - y0, y1 - cy1), (cx0 - x0, x1 - cx1)), mode="edge")
 
     def tissue(box):

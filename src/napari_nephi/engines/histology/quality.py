@@ -32,13 +32,13 @@ def similarity_table(run, grid, transform: Transform, fixed_mask=None) -> dict:
     warped by ``transform``. Channels are in [0, 1]; the tissue is the fixed slide's.
     """
     f_img = run.read_fixed(grid)
-    fc = run.channel.one(f_img)
+    fc = run.channel.one(f_img, "fixed")
     if fixed_mask is None:
         mask = tissue_mask(f_img)
     else:
         mask = resize_mask(fixed_mask, grid.shape)
-    before = run.channel.one(run.read_moving(grid, run.initial))
-    after = run.channel.one(run.read_moving(grid, transform))
+    before = run.channel.one(run.read_moving(grid, run.initial), "moving")
+    after = run.channel.one(run.read_moving(grid, transform), "moving")
     tb, ta = _table(fc, before, mask), _table(fc, after, mask)
     out = {f"{k}_before": v for k, v in tb.items()}
     out.update({f"{k}_after": v for k, v in ta.items()})
