@@ -93,6 +93,10 @@ def test_slide_chooser_takes_the_layer_scale_or_asks(make_napari_viewer, qtbot):
     assert chooser.pixel_size() is None
     chooser.confirmed.setChecked(True)  # or 1 um/px is confirmed as it is
     assert chooser.pixel_size() == pytest.approx(1.0)
+    # a slide file read with its pixel size (the reader's metadata unit), 1 um/px: known
+    read = viewer.add_image(np.zeros((8, 8), np.uint8), name="10x", metadata={"unit": "um"})
+    chooser.set_layer(read)
+    assert chooser.pixel_size() == pytest.approx(1.0) and chooser.confirmed.isChecked()
 
 
 def test_options_give_engine_keywords(qtbot):
@@ -179,6 +183,35 @@ def test_engine_errors_are_shown_and_the_widget_stays_usable(make_napari_viewer,
         assert widget.start()
     assert len(errors) == 1 and "No tissue found in the moving slide" in errors[0]
     assert len(viewer.layers) == n_layers and widget.run_button.isEnabled()
+
+
+def test_slides_of_different_pixel_sizes(make_napari_viewer, qtbot, pair, errors):
+    """The moving slide scanned at half the resolution (its layer scale twice the fixed one's): the
+    transform maps level-0 pixels of each, and a point drawn on the moving slide lands on the truth."""
+    viewer = make_napari_viewer()
+    fixed = viewer.add_image(pyramid(pair.fixed), multiscale=True, rgb=True, name="HE", scale=(UM, UM))
+    half = cv2.resize(pair.moving, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+    moving = viewer.add_image(
+        half, rgb=True, name="HDAB", scale=(2 * UM, 2 * UM), translate=(7.0, 3.0), metadata={"unit": "um"}
+    )  # 1 um/px, as the reader gives a 10x slide file
+    widget = hw.HistologyWidget(viewer)
+    qtbot.addWidget(widget)
+    assert widget.moving.layer() is moving and widget.moving.pixel_size() == pytest.approx(2 * UM)
+    for stage in ("affine", "nonrigid", "refine"):
+        widget.options.stages[stage].setChecked(False)
+    with qtbot.waitSignal(widget.run_done, timeout=120000):
+        assert widget.start()
+    assert not errors, errors
+    reg = widget.last
+    assert reg.transform.moving_shape == half.shape[:2] and reg.warped[0].shape[:2] == pair.fixed.shape[:2]
+    ys, xs = np.nonzero(pair.tissue[16:-16:32, 16:-16:32])
+    pts = np.stack([ys, xs], 1) * 32.0 + 16.0
+    truth = (pair.transform.map_points(pts) + 0.5) / 2 - 0.5  # level-0 pixels of the half-size slide
+    assert np.median(np.linalg.norm(reg.transform.map_points(pts) - truth, axis=1)) < MAX_MEDIAN_ERROR_PX / 2
+    drawn = truth[:3] * 2 * UM + moving.translate  # world coordinates on the moving slide
+    carried = widget.transfer_annotations(viewer.add_points(drawn, name="cells"))
+    np.testing.assert_allclose(carried.scale, fixed.scale)
+    assert np.abs(np.asarray(carried.data) - pts[:3]).max() < 2 * MAX_MEDIAN_ERROR_PX
 
 
 def test_a_fluorescence_nuclear_channel_against_brightfield(make_napari_viewer, qtbot, errors):

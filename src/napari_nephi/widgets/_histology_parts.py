@@ -50,8 +50,10 @@ def stage_of(name: str) -> str | None:
 class SlideChooser(QWidget):
     """An Image layer picker and the slide's level-0 pixel size in um/px.
 
-    The size comes from the layer's scale; a scale of 1 (napari's default) means "unknown": the
-    user types the size (which confirms it) or ticks "confirmed" to keep 1 um/px.
+    The size comes from the layer's scale; a scale of 1 (napari's default) means "unknown" unless
+    the layer's metadata says the scale is physical (``unit``, as napari-nephi's reader sets it for a
+    slide file with a pixel size, e.g. a 10x scan at 1 um/px): the user types the size (which
+    confirms it) or ticks "confirmed" to keep 1 um/px.
     """
 
     changed = Signal()
@@ -90,7 +92,8 @@ class SlideChooser(QWidget):
         self.size.blockSignals(True)
         self.size.setValue(float(np.mean(scale)))
         self.size.blockSignals(False)
-        self.confirmed.setChecked(layer is not None and not np.allclose(scale, 1.0))
+        physical = layer is not None and bool((layer.metadata or {}).get("unit"))
+        self.confirmed.setChecked(layer is not None and (physical or not np.allclose(scale, 1.0)))
         self.changed.emit()
 
     def _typed(self, _value) -> None:
