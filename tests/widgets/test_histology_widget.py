@@ -97,6 +97,12 @@ def test_slide_chooser_takes_the_layer_scale_or_asks(make_napari_viewer, qtbot):
     read = viewer.add_image(np.zeros((8, 8), np.uint8), name="10x", metadata={"unit": "um"})
     chooser.set_layer(read)
     assert chooser.pixel_size() == pytest.approx(1.0) and chooser.confirmed.isChecked()
+    mm = viewer.add_image(np.zeros((8, 8), np.uint8), scale=(5e-4, 5e-4), metadata={"unit": "mm"})
+    chooser.set_layer(mm)  # a layer scale in mm is 0.5 um/px
+    assert chooser.pixel_size() == pytest.approx(0.5)
+    pixels = viewer.add_image(np.zeros((8, 8), np.uint8), metadata={"unit": "pixel"})
+    chooser.set_layer(pixels)  # an uncalibrated ImageJ image: unknown, asked for
+    assert chooser.pixel_size() is None
 
 
 def test_options_give_engine_keywords(qtbot):

@@ -33,6 +33,7 @@ __all__ = [
     "level_for_spacing",
     "open_slide",
     "read_region",
+    "um_per_unit",
 ]
 
 #: suffixes read through the optional ``openslide`` extra
@@ -144,12 +145,18 @@ def as_slide(
     return Slide(levels, sp, bool(rgb), name)
 
 
+def um_per_unit(unit: Any) -> float | None:
+    """Micrometres in one ``unit`` of a file's (or a layer's metadata) pixel size; None when the unit
+    is no length ("pixel": an uncalibrated ImageJ image) or unknown."""
+    return _UNIT_TO_UM.get(str(unit).strip().lower()) if unit else None
+
+
 def _spacing_from_meta(meta: dict[str, Any]) -> tuple[float, float] | None:
     scale = tuple(float(s) for s in meta.get("scale", ())[-2:])
     unit = meta.get("metadata", {}).get("unit")
     if len(scale) != 2 or (unit is None and scale == (1.0, 1.0)):
         return None  # no pixel size in the file (the reader's fallback 1)
-    factor = _UNIT_TO_UM.get(str(unit).strip().lower()) if unit else 1.0
+    factor = um_per_unit(unit) if unit else 1.0
     if factor is None:
         return None  # "pixel" (ImageJ, uncalibrated) or a unit we cannot convert: unknown, asked for
     return (scale[0] * factor, scale[1] * factor)

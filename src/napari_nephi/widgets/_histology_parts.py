@@ -22,6 +22,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..io.slides import um_per_unit
 from ._options import folded
 from ._pickers import LayerPicker
 
@@ -50,10 +51,10 @@ def stage_of(name: str) -> str | None:
 class SlideChooser(QWidget):
     """An Image layer picker and the slide's level-0 pixel size in um/px.
 
-    The size comes from the layer's scale; a scale of 1 (napari's default) means "unknown" unless
-    the layer's metadata says the scale is physical (``unit``, as napari-nephi's reader sets it for a
-    slide file with a pixel size, e.g. a 10x scan at 1 um/px): the user types the size (which
-    confirms it) or ticks "confirmed" to keep 1 um/px.
+    The size comes from the layer's scale, converted to um when the layer's metadata gives its unit
+    (napari-nephi's reader sets it for a file with a pixel size: such a size is known, even a 10x
+    scan at 1 um/px). Otherwise a scale of 1 (napari's default) means "unknown", as does a unit that
+    is no length ("pixel"): the user types the size (which confirms it) or ticks "confirmed".
     """
 
     changed = Signal()
@@ -89,11 +90,13 @@ class SlideChooser(QWidget):
 
     def _follow_layer(self, layer) -> None:
         scale = np.ones(2) if layer is None else np.asarray(layer.scale[-2:], float)
+        unit = None if layer is None else (layer.metadata or {}).get("unit")
+        factor = um_per_unit(unit)
         self.size.blockSignals(True)
-        self.size.setValue(float(np.mean(scale)))
+        self.size.setValue(float(np.mean(scale)) * (factor or 1.0))
         self.size.blockSignals(False)
-        physical = layer is not None and bool((layer.metadata or {}).get("unit"))
-        self.confirmed.setChecked(layer is not None and (physical or not np.allclose(scale, 1.0)))
+        known = factor is not None if unit else not np.allclose(scale, 1.0)
+        self.confirmed.setChecked(layer is not None and known)
         self.changed.emit()
 
     def _typed(self, _value) -> None:
