@@ -3,13 +3,14 @@
 On overlapping tiles of the fixed tissue, a smooth correction ``r`` (a cubic B-spline with control
 points every ``control`` pixels) is optimised so that the moving slide under the current map
 matches the fixed slide at ``x + r(x)`` by local NCC with a diffusion penalty: first by Adam with a
-decaying step on smoothed images (capture range), then by L-BFGS in double precision on the images
-themselves until no control moves by more than ``tol`` px. Adam's steps have a fixed size whatever
-the gradient, so it jitters around the optimum by about its last step (0.025 px) and stopped wherever
-that left it (more steps made some tiles worse); L-BFGS converges to the optimum. The moving
-slide is sampled once, bicubically, through the composed map (the current map's coordinates at
-``x + r(x)``): resampling an already warped image, or bilinear sampling, blurs it by an amount that
-depends on the sub-pixel position, which biased the optimum by ~0.05 px.
+decaying step on smoothed images (capture range), then by L-BFGS on the images themselves (the NCC
+summed in double precision) until no control moves by more than ``tol`` px. Adam's steps have a
+fixed size whatever the gradient, so it jitters around the optimum by about its last step
+(0.025 px) and stopped wherever that left it (more steps made some tiles worse); L-BFGS converges
+to the optimum. The moving slide is sampled once, bicubically, through the composed map (the
+current map's coordinates at ``x + r(x)``): resampling an already warped image, or bilinear
+sampling, blurs it by an amount that depends on the sub-pixel position, which biased the optimum
+by ~0.05 px.
 Tiles are as few as the tile size allows, evenly spread; their fields are blended with smooth
 windows (no seams); tiles without tissue add a zero correction. Memory: one tile (plus a margin)
 at a time and the correction field.
@@ -196,9 +197,9 @@ def optimise_tile(
     ``coords`` ``(2, h + 2 margin, w + 2 margin)`` (where those pixels fall in ``moving`` under the
     current map), a region of the unwarped slide, sampled at ``coords`` interpolated at
     ``margin + x + r(x)`` (one interpolation of the image in all). Coarse to fine: Adam on smoothed
-    images with a wider window (larger capture range), then L-BFGS in double precision on the images
-    themselves, to convergence. Returns the field, the local NCC before and after (a tile that does
-    not improve gets a zero field) and the number of objective evaluations.
+    images with a wider window (larger capture range), then L-BFGS on the images themselves (NCC
+    statistics in double precision), to convergence. Returns the field, the local NCC before and
+    after (a tile that does not improve gets a zero field) and the number of objective evaluations.
     """
     from scipy.ndimage import gaussian_filter
 
@@ -206,28 +207,27 @@ def optimise_tile(
     shape = (1, 2, *(bspline_basis(n, settings.control).shape[1] for n in (h, w)))
 
     def objective(sigma: float, window: int, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The loss of control points (``shape``) in ``dtype``: minus the local NCC + diffusion penalty."""
+        """The loss of control points (``shape``): minus the local NCC + diffusion penalty. The
+        image is sampled in float32; the NCC's window statistics and sums are taken in ``dtype``
+        (in float32 their rounding hides the loss changes the L-BFGS line search must see)."""
 
-        def tensor(a):
-            return torch.as_tensor(np.asarray(a), device=device).to(dtype)
+        def tensor(a, kind=torch.float32):
+            return torch.as_tensor(np.asarray(a), device=device).to(kind)
 
         f, m = (gaussian_filter(a, sigma) if sigma else a for a in (fixed, moving))
-        ncc = LocalNCC(tensor(f)[None, None], tensor(weight)[None, None], window)
+        ncc = LocalNCC(tensor(f, dtype)[None, None], tensor(weight, dtype)[None, None], window)
         mt, ct = tensor(m)[None, None], None if coords is None else tensor(coords)[None]
         by, bx = (tensor(bspline_basis(n, settings.control)) for n in (h, w))
-        base = torch.stack(
-            torch.meshgrid(
-                *(torch.arange(n, dtype=dtype, device=device) + margin for n in (h, w)), indexing="ij"
-            )
-        )[None]
+        axes = (torch.arange(n, dtype=torch.float32, device=device) + margin for n in (h, w))
+        base = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
 
         def loss(ctrl: torch.Tensor) -> torch.Tensor:
-            p = base + torch.einsum("yi,ncij,xj->ncyx", by, ctrl, bx).clamp(-margin, margin)
+            p = base + torch.einsum("yi,ncij,xj->ncyx", by, ctrl.float(), bx).clamp(-margin, margin)
             p = p if ct is None else sample_at(ct, p, padding="border")
             dy = ctrl[:, :, 1:] - ctrl[:, :, :-1]
             dx = ctrl[:, :, :, 1:] - ctrl[:, :, :, :-1]
             penalty = (dy**2).mean() + (dx**2).mean()
-            return -ncc(sample_cubic(mt, p)) + settings.smooth * penalty / settings.control**2
+            return -ncc(sample_cubic(mt, p).to(dtype)) + settings.smooth * penalty / settings.control**2
 
         return loss
 
