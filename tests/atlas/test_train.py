@@ -133,6 +133,28 @@ def test_proxy_loss_trains_its_proxies(small_atlas):
     assert sorted(p for p, _ in lk.lookup(reference[4], top=None, rerank=False)) == list(range(12))
 
 
+def test_training_runs_on_its_threads_and_restores_them(small_atlas):
+    seen = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        AtlasLookup.train(
+            *small_atlas, device="cpu", progress=lambda e: seen.append(torch.get_num_threads()), **TINY
+        )
+        assert set(seen) == {1} and torch.get_num_threads() == 2  # the default: one thread, then restored
+        seen.clear()
+        AtlasLookup.train(
+            *small_atlas,
+            device="cpu",
+            progress=lambda e: seen.append(torch.get_num_threads()),
+            threads=0,
+            **TINY,
+        )
+        assert set(seen) == {2}  # 0: the process's own setting
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_real_sections_join_training(small_atlas):
     reference, labels = small_atlas
     sections = [section_from_atlas(reference, i, 4.0, crop=(0.2, 0, 0, 0)) for i in (2, 6, 9)]
@@ -163,6 +185,7 @@ def test_real_sections_join_training(small_atlas):
         ({"ordinal_reach": 0}, "ordinal_reach must be at least 1"),
         ({"mirror": "yes"}, "mirror must be"),
         ({"loss": "proxy", "proxy_sigma": -1}, "proxy_sigma must be at least 0"),
+        ({"threads": -1}, "threads must be at least 0"),
         ({"loss": "proxy", "proxy_scale": 0}, "proxy_scale must be greater than 0"),
         ({"region_names": ["cortex"]}, "region_names must be a dict"),
     ],

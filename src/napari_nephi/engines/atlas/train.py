@@ -21,6 +21,11 @@ plate on three sets of phantom sections of another brain (60 + 60 + 120) from 11
 10.3 / 10.7 / 9.7, for one more network pass per image. ``loss="proxy"`` replaces the triplet loss by
 a soft-label proxy loss (one learnt vector per plate, :func:`.losses.proxy_loss`); it did not beat
 the triplet loss at 600 steps (benchmarks/atlas_method_study.py) and stays an option.
+
+Training runs on one CPU thread by default (``threads``): the network is small, and on the shared
+two-core machine (load 6.5) 60 steps took 14 s on one thread against 81 s on two (which spent five
+times the CPU time); the full default training did its 2000 steps in 403 s on one thread at load 5.6,
+where session 8's on two threads needed 805 s at load 2-4 (and ran out of its time budget).
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ DEFAULTS: dict = {
     "ordinal": 1.0,  # weight of the ordinal ranking loss (see losses.ordinal_loss)
     "ordinal_reach": 8,
     "mirror": True,  # embed every image as the mean with its left-right mirror (module docstring)
+    "threads": 1,  # CPU threads while training (0: torch's setting; module docstring)
 }
 LOSSES = ("triplet", "contrastive", "proxy")
 MININGS = ("semi-hard", "hard", "all")
@@ -153,6 +159,7 @@ def check_train_options(options: dict) -> dict:
     o["ordinal"] = check_float("ordinal", o["ordinal"], 0.0, 100.0)
     o["ordinal_reach"] = check_int("ordinal_reach", o["ordinal_reach"], 1, 10**5)
     o["mirror"] = check_bool("mirror", o["mirror"])
+    o["threads"] = check_int("threads", o["threads"], 0, 1024)
     return o
 
 
@@ -376,8 +383,20 @@ def train_network(
     """Train an :class:`EmbeddingNet` on ``plates`` with validated ``options`` (see :data:`DEFAULTS`).
 
     ``seed`` makes training deterministic on the CPU. Stops after ``steps`` steps or
-    ``max_minutes``; returns the weights with the best validation mean rank.
+    ``max_minutes``; returns the weights with the best validation mean rank. Runs on
+    ``options["threads"]`` CPU threads (0: torch's setting), restored afterwards.
     """
+    threads = torch.get_num_threads()
+    if options["threads"] > 0:
+        torch.set_num_threads(options["threads"])
+    try:
+        return _train(plates, options, sections, section_plates, device, progress, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(plates, options, sections, section_plates, device, progress, seed) -> TrainResult:
+    """:func:`train_network` on the threads it set."""
     prog = progress or Progress()
     start = time.perf_counter()
     dev = choose_device(device)
