@@ -218,8 +218,7 @@ class _Refine:
         ]
 
     def _scales(self, pose: Pose) -> list[float]:
-        s = snap_scale(self.grid.q, pose.scale, self.scale_step)
-        return [s * self.scale_step**d for d in (-1, 0, 1)]
+        return [pose.scale * self.scale_step**d for d in (-1, 0, 1)]
 
     def hypothesis(self, hyp: Pose) -> None:
         a, g = self.atlas, self.grid
@@ -257,11 +256,6 @@ def grid_scales(q: float, low: float, high: float, ratio: float) -> list[float]:
     k0 = math.floor(math.log(q / high) / math.log(ratio) + 1e-9)
     k1 = math.ceil(math.log(q / low) / math.log(ratio) - 1e-9)
     return [q / ratio**k for k in range(k1, k0 - 1, -1)]
-
-
-def snap_scale(q: float, scale: float, ratio: float) -> float:
-    """The scale of :func:`grid_scales`'s grid nearest to ``scale``."""
-    return q / ratio ** round(math.log(q / scale) / math.log(ratio))
 
 
 def _check(progress) -> None:
