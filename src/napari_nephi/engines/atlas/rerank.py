@@ -25,10 +25,10 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
 * **Cost.** Untilted cuts of stage 1 depend only on the plate and on plate pixels per canvas
   pixel, which come from a fixed geometric grid: they are cached across sections
   (:data:`.pose_grid.CUT_CACHE_BYTES`). Stage 2 centres its cuts on the stage-1 pose and searches
-  shifts within :data:`LOCAL_REACH` of it (smaller FFTs). Defaults (session 9, phantom benchmark,
-  two query seeds): the embedding's 12 best plates and every 6th plate give the same accuracy as 25
-  and every 3rd (mean rank 2.68 / 3.60 against 2.98 / 3.80) at about 0.53 s of CPU per section
-  instead of 0.94 s (1.54 s before the caching and the local stage 2).
+  shifts within :data:`LOCAL_REACH` of it (smaller FFTs). Defaults (session 9, phantom benchmark):
+  the embedding's 12 best plates and every 6th plate give the accuracy of 25 and every 3rd (mean
+  rank 2.45 / 3.82 on query seeds 0 / 1, against 2.95 / 3.8 with session 8's search) at about
+  0.5 s of CPU per section (session 8's search: 1.16 s, measured at the same moment).
 * **Ranking.** A pose's plate is the atlas ``z`` of the section's tissue centre under it (what users
   mean by the plate of a section). Every plate ``p`` gets the distance
   ``1 - max over stage-2 poses (score - plate_penalty * |z - p|)`` (0 for a perfect match, 1 for no
