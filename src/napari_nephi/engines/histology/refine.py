@@ -48,7 +48,7 @@ class RefineSettings:
     overlap: int = 128
     control: int = 24
     margin: int = 24
-    iterations: int = 60
+    iterations: int = 40
     smooth: float = 2.0
     lr: float = 0.5
     decay: float = 0.05
