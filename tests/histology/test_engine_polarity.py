@@ -21,6 +21,12 @@ def _grey_brightfield(pair):
     return grey(pair.fixed), grey(pair.moving), {}
 
 
+def _grey_brightfield_float(pair):
+    """The same grey slides as floats in [0, 1]: white is 1, not 255."""
+    grey = lambda rgb: rgb2gray(rgb).astype(np.float32)  # noqa: E731
+    return grey(pair.fixed), grey(pair.moving), {}
+
+
 def _dapi(pair):
     h = rgb2hed(pair.moving)[..., 0]
     h = (h - h.min()) / (np.ptp(h) + 1e-9)
@@ -31,9 +37,10 @@ def _dapi(pair):
     ("make", "kwargs"),
     [
         (_grey_brightfield, dict(rotation=20.0, seed=3, warp=3.0, shift=(60, -40))),
+        (_grey_brightfield_float, dict(rotation=20.0, seed=3, warp=3.0, shift=(60, -40))),
         (_dapi, dict(rotation=70.0, seed=2, restain_to="he")),
     ],
-    ids=["grey-brightfield", "dapi-dark-background"],
+    ids=["grey-brightfield", "grey-brightfield-float", "dapi-dark-background"],
 )
 def test_refinement_keeps_the_slide_polarity(make, kwargs):
     pair = slide_pair(data.immunohistochemistry(), **kwargs)
@@ -51,3 +58,24 @@ def test_refinement_keeps_the_slide_polarity(make, kwargs):
     # the refinement improves on the rigid result instead of sliding off it (7-16 px before the fix)
     assert errors[("rigid", "refine")] < 0.6
     assert errors[("rigid", "refine")] <= errors[("rigid",)] + 0.05
+
+
+@pytest.mark.parametrize(("dtype", "dark"), [(np.uint8, False), (np.float32, False), (np.float32, True)])
+def test_warped_slide_is_filled_with_its_own_background(dtype, dark):
+    """Beyond the moving slide the warped slide shows its background: its white level (255 for
+    8-bit, 1 for floats in [0, 1]) when brightfield, 0 when the background is dark."""
+    ihc = data.immunohistochemistry()
+    if dark:  # a nuclear (DAPI-like) channel: bright nuclei on a dark background
+        h = rgb2hed(ihc)[..., 0]
+        grey = ((h - h.min()) / np.ptp(h)).astype(np.float32)
+    else:
+        grey = rgb2gray(ihc).astype(np.float32)
+    white = 255.0 if dtype == np.uint8 else 1.0
+    image = (grey * white).astype(dtype)
+    moving = image[96:-96, 96:-96]  # the fixed frame's rim lies beyond the moving slide
+    reg = napari_nephi.register(image, moving, method="histology", stages=("rigid",))
+    warped = np.asarray(reg.warped[0], dtype=np.float64)
+    inside = warped[160:-160, 160:-160]
+    assert np.corrcoef(inside.ravel(), image[160:-160, 160:-160].ravel())[0, 1] > 0.9
+    rim = np.concatenate([warped[:48].ravel(), warped[-48:].ravel()])
+    np.testing.assert_allclose(rim, 0.0 if dark else white, atol=1e-3 * white)

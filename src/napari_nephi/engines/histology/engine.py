@@ -39,7 +39,7 @@ from .slide_inputs import (
     resize_mask,
     slide_of,
 )
-from .stain import KINDS, tissue_mask
+from .stain import KINDS, tissue_mask, white_level
 
 STAGES = ("rigid", "affine", "nonrigid", "refine")
 #: Longest side (pixels) of the automatic rigid and working grids.
@@ -105,11 +105,13 @@ class _Run:
         self.initial = self.affine(self.rigid0)
         self.parts: list[Transform] = []  # fields applied before the rigid map, first first
 
-    def settle_fill(self) -> None:
-        """Each slide's fill from the polarity :meth:`Channel.settle` judged (an RGB slide is white)."""
+    def settle_fill(self, fixed: np.ndarray, moving: np.ndarray) -> None:
+        """Each slide's fill from the polarity :meth:`Channel.settle` judged on ``fixed`` and
+        ``moving`` (low levels of the slides): their white level (255 for 8-bit, 1 for floats in
+        [0, 1]) for brightfield and RGB slides, 0 for dark-background ones."""
         bright = self.channel.brightfield
-        self.fill_fixed = 255.0 if self.fixed.rgb or bright[0] else 0.0
-        self.fill = 255.0 if self.moving.rgb or bright[1] else 0.0
+        self.fill_fixed = white_level(fixed) if self.fixed.rgb or bright[0] else 0.0
+        self.fill = white_level(moving) if self.moving.rgb or bright[1] else 0.0
 
     def extent_um(self) -> float:
         return max(max(self.fixed.shape[:2]) * self.um_f, max(self.moving.shape[:2]) * self.um_m)
@@ -173,7 +175,7 @@ def _stage_rigid(run: _Run, allow_flip: bool, rigid_um: float, use: bool, masks)
     f_img, m_img = run.read_fixed(gf), run.read_moving(gm, None)
     fc, mc, run.channel = run.channel.settle(f_img, m_img)
     kind = run.channel.kind
-    run.settle_fill()
+    run.settle_fill(f_img, m_img)
     fm, mm = _masks(run, f_img, m_img, *masks)
     info: dict = {"channel": kind, "rigid_um": rigid_um}
     if use:

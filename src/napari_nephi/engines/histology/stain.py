@@ -64,6 +64,12 @@ def _check_values(image, name: str = "image") -> tuple[np.ndarray, bool, float]:
     return arr, rgb, top
 
 
+def white_level(image) -> float:
+    """The value of white (an empty brightfield field) in ``image``'s own units: 1 for floats in
+    [0, 1], 255 for 8-bit data, the dtype's maximum for wider integers holding more than 8 bits."""
+    return _check_values(image)[2]
+
+
 def _to_unit(arr: np.ndarray, top: float) -> np.ndarray:
     """``arr / top`` clipped to [0, 1]: one new float64 array, scaled and clipped in place."""
     out = np.array(arr, dtype=np.float64)
