@@ -247,3 +247,24 @@ def test_cached_cuts_give_the_same_ranking(toy_reference):
     assert search.atlas(32)._cuts  # stage 1's cuts were kept
     again = _run(search, section, 22, seed=2)
     assert again.ranking == first.ranking
+
+
+def test_concurrent_searches_share_a_small_cut_cache(toy_reference, monkeypatch):
+    """Lookups in several threads on one index (napari workers) evict from one cache safely and
+    rank as they do one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from napari_nephi.engines.atlas import pose_grid
+
+    reference, labels = toy_reference
+    sections = [(section_from_atlas(reference, z, (0.0, 4.0)), z) for z in (14, 22, 30, 38)]
+    alone = _run(PoseSearch(Plates.from_reference(reference, labels)), *sections[0], seed=2)
+    monkeypatch.setattr(pose_grid, "CUT_CACHE_BYTES", 200_000)  # a few cuts: constant eviction
+    search = PoseSearch(Plates.from_reference(reference, labels))
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda sz: _run(search, *sz, seed=2), sections * 2))
+    assert results[0].ranking == alone.ranking
+    assert [r.ranking for r in results[:4]] == [r.ranking for r in results[4:]]
+    cache = search.atlas(32)
+    held = sum(c.element_size() * c.nelement() for c in cache._cuts.values())
+    assert held == cache._cut_bytes <= 200_000

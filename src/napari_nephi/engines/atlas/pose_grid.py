@@ -11,6 +11,7 @@ share of the section's tissue lying on the atlas's tissue; all shifts are scored
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import cv2
@@ -192,13 +193,15 @@ class AtlasGrid:
             self.mask_volume = np.stack(self.masks).astype(np.float32)
         self._cuts: dict[tuple, torch.Tensor] = {}
         self._cut_bytes = 0
+        self._lock = threading.Lock()  # lookups may run in several threads on one index
         self._torch_volume: torch.Tensor | None = None
 
     def sample(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The volume and its tissue mask at ``points`` ``(3, ...)`` or ``(N, 3, ...)`` (z, y, x in
         base pixels; trilinear, 0 outside), as float32 arrays of the points' shape."""
-        if self._torch_volume is None:
-            self._torch_volume = torch.from_numpy(np.stack([self.volume, self.mask_volume])[None])
+        with self._lock:
+            if self._torch_volume is None:
+                self._torch_volume = torch.from_numpy(np.stack([self.volume, self.mask_volume])[None])
         shape = points.shape[:-3]
         pts = points.reshape(-1, 3, *points.shape[-2:])
         size = np.array(self.volume.shape, dtype=np.float64)
@@ -213,10 +216,15 @@ class AtlasGrid:
     def cached_cut(self, key: tuple, build) -> torch.Tensor:
         """The cut FFT stored under ``key``, made by ``build()`` on first use; the oldest cuts are
         dropped beyond :data:`CUT_CACHE_BYTES`."""
-        fft = self._cuts.get(key)
-        if fft is None:
-            fft = build()
-            size = fft.element_size() * fft.nelement()
+        with self._lock:
+            fft = self._cuts.get(key)
+        if fft is not None:
+            return fft
+        fft = build()  # outside the lock: another thread may build the same cut meanwhile
+        size = fft.element_size() * fft.nelement()
+        with self._lock:
+            if key in self._cuts:
+                return self._cuts[key]
             while self._cuts and self._cut_bytes + size > CUT_CACHE_BYTES:
                 old = self._cuts.pop(next(iter(self._cuts)))
                 self._cut_bytes -= old.element_size() * old.nelement()
