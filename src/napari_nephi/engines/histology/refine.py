@@ -198,8 +198,9 @@ def optimise_tile(
     current map), a region of the unwarped slide, sampled at ``coords`` interpolated at
     ``margin + x + r(x)`` (one interpolation of the image in all). Coarse to fine: Adam on smoothed
     images with a wider window (larger capture range), then L-BFGS on the images themselves (NCC
-    statistics in double precision), to convergence. Returns the field, the local NCC before and
-    after (a tile that does not improve gets a zero field) and the number of objective evaluations.
+    statistics in double precision), to convergence. Returns the field, the objective (local NCC
+    minus the smoothness penalty, which is 0 for the zero field) before and after (a tile that does
+    not improve gets a zero field) and the number of objective evaluations.
     """
     from scipy.ndimage import gaussian_filter
 
