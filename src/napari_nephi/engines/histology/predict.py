@@ -42,13 +42,16 @@ def prepare(image, name: str = "image") -> np.ndarray:
     return np.clip(arr / top, 0.0, 1.0)
 
 
-def sample_at(image: torch.Tensor, coords: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
-    """Bilinear samples of ``image`` (N, C, H, W) at pixel ``coords`` (N, 2, h, w) in (y, x) order."""
+def sample_at(
+    image: torch.Tensor, coords: torch.Tensor, padding: str = "zeros", mode: str = "bilinear"
+) -> torch.Tensor:
+    """Samples of ``image`` (N, C, H, W) at pixel ``coords`` (N, 2, h, w) in (y, x) order, bilinear
+    or (``mode="bicubic"``) bicubic; ``padding`` as :func:`torch.nn.functional.grid_sample`."""
     h, w = image.shape[-2:]
     gy = coords[:, 0] * (2.0 / max(h - 1, 1)) - 1.0
     gx = coords[:, 1] * (2.0 / max(w - 1, 1)) - 1.0
     grid = torch.stack([gx, gy], dim=-1)
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode=padding, align_corners=True)
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
 
 
 def _identity(shape, device, dtype=torch.float32) -> torch.Tensor:

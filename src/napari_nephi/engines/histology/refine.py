@@ -117,16 +117,6 @@ def bspline_basis(n: int, spacing: float) -> np.ndarray:
     return np.where(d < 1, near, np.where(d < 2, far, 0.0)).astype(np.float32)
 
 
-def sample_cubic(image: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """Bicubic samples of ``image`` (N, C, H, W) at pixel ``coords`` (N, 2, h, w) in (y, x) order
-    (the border value continued outside; pixel centres as :func:`predict.sample_at`)."""
-    h, w = image.shape[-2:]
-    gy = coords[:, 0] * (2.0 / max(h - 1, 1)) - 1.0
-    gx = coords[:, 1] * (2.0 / max(w - 1, 1)) - 1.0
-    grid = torch.stack([gx, gy], dim=-1)
-    return F.grid_sample(image, grid, mode="bicubic", padding_mode="border", align_corners=True)
-
-
 def lbfgs(
     evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     x: torch.Tensor,
@@ -205,7 +195,8 @@ def optimise_tile(
     from scipy.ndimage import gaussian_filter
 
     h, w = fixed.shape
-    shape = (1, 2, *(bspline_basis(n, settings.control).shape[1] for n in (h, w)))
+    basis = [bspline_basis(n, settings.control) for n in (h, w)]  # (pixels, controls) per axis
+    shape = (1, 2, basis[0].shape[1], basis[1].shape[1])
 
     def objective(sigma: float, window: int, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
         """The loss of control points (``shape``): minus the local NCC + diffusion penalty. The
@@ -218,7 +209,7 @@ def optimise_tile(
         f, m = (gaussian_filter(a, sigma) if sigma else a for a in (fixed, moving))
         ncc = LocalNCC(tensor(f, dtype)[None, None], tensor(weight, dtype)[None, None], window)
         mt, ct = tensor(m)[None, None], None if coords is None else tensor(coords)[None]
-        by, bx = (tensor(bspline_basis(n, settings.control)) for n in (h, w))
+        by, bx = (tensor(b) for b in basis)
         axes = (torch.arange(n, dtype=torch.float32, device=device) + margin for n in (h, w))
         base = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
 
@@ -228,7 +219,8 @@ def optimise_tile(
             dy = ctrl[:, :, 1:] - ctrl[:, :, :-1]
             dx = ctrl[:, :, :, 1:] - ctrl[:, :, :, :-1]
             penalty = (dy**2).mean() + (dx**2).mean()
-            return -ncc(sample_cubic(mt, p).to(dtype)) + settings.smooth * penalty / settings.control**2
+            moved = sample_at(mt, p, padding="border", mode="bicubic")
+            return -ncc(moved.to(dtype)) + settings.smooth * penalty / settings.control**2
 
         return loss
 
@@ -271,7 +263,7 @@ def optimise_tile(
         after = -float(fine(found))
         if after <= before:  # never make a tile worse
             return np.zeros((2, h, w), np.float32), before, before, steps + calls
-        by, bx = (torch.as_tensor(bspline_basis(n, settings.control), dtype=torch.float64) for n in (h, w))
+        by, bx = (torch.as_tensor(b, dtype=torch.float64) for b in basis)
         field = torch.einsum("yi,ncij,xj->ncyx", by, found.cpu(), bx).clamp(-margin, margin)
     return field[0].numpy().astype(np.float32), before, after, steps + calls
 
@@ -330,6 +322,5 @@ __all__ = [
     "lbfgs",
     "optimise_tile",
     "refine_field",
-    "sample_cubic",
     "tile_boxes",
 ]
