@@ -219,16 +219,6 @@ def _annotation_kind(path: str | None) -> str | None:
     )
 
 
-def _check_tile(tile: int) -> int:
-    """``--tile`` checked before the registration (not after it, when the pyramid is written)."""
-    from ..core.options import check_int
-
-    tile = check_int("--tile", tile, 16, 4096)
-    if tile % 16:
-        raise InputError(f"--tile must be a multiple of 16 (the TIFF tile rule), got {tile}; e.g. 512.")
-    return tile
-
-
 def _engine_options(args: argparse.Namespace) -> dict:
     options = {
         "channel": _channel(args.channel),
@@ -317,10 +307,10 @@ def cmd_register_slides(args: argparse.Namespace) -> int:
     """Run ``napari-nephi register-slides``."""
     from ..engines.registry import register
     from ..io.annotations import write_geojson, write_landmarks_csv
-    from ..io.pyramid_writer import write_ome_pyramid
+    from ..io.pyramid_writer import check_tile, write_ome_pyramid
 
     out = check_output_folder(args.output)
-    tile = _check_tile(args.tile)
+    tile = check_tile(args.tile, "--tile")  # before the registration, not when the pyramid is written
     options = _engine_options(args)
     fixed, moving, fixed_sp, moving_sp, masks, (kind, annotations), landmarks = _read_inputs(args)
     if landmarks is not None:

@@ -24,13 +24,23 @@ from ._util import PathLike, atomic_write, full_suffix, is_tiff
 from .slides import as_slide
 from .tile_bands import iter_tiles, plan_bands
 
-__all__ = ["OME_PYRAMID_DTYPES", "write_ome_pyramid"]
+__all__ = ["OME_PYRAMID_DTYPES", "check_tile", "write_ome_pyramid"]
 
 _COMPRESSIONS = (None, "none", "zlib", "deflate", "lzw", "zstd", "jpeg", "lzma", "packbits")
 #: dtypes an OME-TIFF pyramid holds
 OME_PYRAMID_DTYPES = tuple(
     np.dtype(t) for t in ("uint8", "uint16", "int8", "int16", "int32", "uint32", "float32")
 )
+
+
+def check_tile(tile: Any, name: str = "tile") -> int:
+    """``tile`` (the option ``name``) as a TIFF tile side: a multiple of 16 in [16, 4096]."""
+    tile = check_int(name, tile, 16, 4096)
+    if tile % 16:
+        raise InputError(
+            f"Option {name} must be a multiple of 16 (the TIFF tile rule), got {tile}; e.g. 512."
+        )
+    return tile
 
 
 def _check_levels(levels: Sequence[Any]) -> tuple[np.dtype, tuple[int, ...]]:
@@ -77,9 +87,7 @@ def write_ome_pyramid(
     if not levels:
         raise InputError("There is no pyramid level to write; give at least one image.")
     dtype, spp = _check_levels(levels)
-    tile = check_int("tile", tile, 16, 4096)
-    if tile % 16:
-        raise InputError(f"Option tile must be a multiple of 16, got {tile}.")
+    tile = check_tile(tile)
     compression = check_choice("compression", compression, _COMPRESSIONS)
     compression = None if compression == "none" else compression
     steps = Progress(progress) if progress is None or callable(progress) else progress
