@@ -97,7 +97,7 @@ class _Run:
         self.spacing_known = self.fixed.spacing is not None
         self.channel = Channel("hematoxylin" if isinstance(channel, int) else channel)
         # Value beyond each slide: white for brightfield, black for dark background (set by settle).
-        self.fill_fixed = self.fill = 255.0 if self.fixed.rgb or self.moving.rgb else 0.0
+        self.fill_fixed = self.fill_moving = 255.0 if self.fixed.rgb or self.moving.rgb else 0.0
         self.progress = pair.progress
         self.seconds: dict[str, float] = {}
         scale = self.um_f / self.um_m  # level-0 fixed px -> moving px, same physical place
@@ -111,7 +111,7 @@ class _Run:
         [0, 1]) for brightfield and RGB slides, 0 for dark-background ones."""
         bright = self.channel.brightfield
         self.fill_fixed = white_level(fixed) if self.fixed.rgb or bright[0] else 0.0
-        self.fill = white_level(moving) if self.moving.rgb or bright[1] else 0.0
+        self.fill_moving = white_level(moving) if self.moving.rgb or bright[1] else 0.0
 
     def extent_um(self) -> float:
         return max(max(self.fixed.shape[:2]) * self.um_f, max(self.moving.shape[:2]) * self.um_m)
@@ -135,7 +135,7 @@ class _Run:
         return img
 
     def read_moving(self, grid: Grid, transform: Transform | None) -> np.ndarray:
-        img = _compute(read_on_grid(self.moving.levels, grid, transform, fill=self.fill))
+        img = _compute(read_on_grid(self.moving.levels, grid, transform, fill=self.fill_moving))
         check_image_values(img, "moving")
         return img
 
@@ -271,7 +271,7 @@ def _stage_refine(
     run.progress.check()
     lazy_f = read_on_grid(run.fixed.levels, grid, fill=run.fill_fixed)
     current = run.transform()
-    lazy_m = read_on_grid(run.moving.levels, grid, current, fill=run.fill)
+    lazy_m = read_on_grid(run.moving.levels, grid, current, fill=run.fill_moving)
     w_img = run.read_fixed(work)
     wmask = tissue_mask(w_img) if fixed_mask is None else resize_mask(fixed_mask, work.shape)
     ratio = grid.um / work.um
@@ -281,7 +281,7 @@ def _stage_refine(
         y0, y1, x0, x1 = box
         return run.channel.one(_compute(lazy_f[y0:y1, x0:x1]), "fixed")
 
-    regions = MovingRegions(run.moving.levels, grid, current, run.fill)
+    regions = MovingRegions(run.moving.levels, grid, current, run.fill_moving)
 
     def read_moving(box):
         got = regions(box)  # sampled once through the composed map by the refinement
@@ -395,7 +395,7 @@ def histology(
     run.seconds["metrics"] = time.perf_counter() - start
     if points is not None:
         metrics.update(tre_report(transform, points, run))
-    warped = warp_pyramid(run.moving.levels, transform, run.fixed.shape[:2], fill=run.fill)
+    warped = warp_pyramid(run.moving.levels, transform, run.fixed.shape[:2], fill=run.fill_moving)
     metrics.update(
         seconds_per_stage=run.seconds,
         seconds=time.perf_counter() - total_start,
