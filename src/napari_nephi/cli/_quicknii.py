@@ -20,10 +20,16 @@ TARGETS = {
 }
 
 
-def quicknii_target(atlas_name: str, resolution_um: float, shape_asr) -> tuple[str, tuple, float]:
-    """(target name, grid (LR, AP, DV), factor from this atlas's voxels to the target's voxels)."""
+def quicknii_target(atlas_name: str, resolution_um, shape_asr) -> tuple[str, tuple, float]:
+    """(target name, grid (LR, AP, DV), factor from this atlas's voxels to the target's voxels).
+
+    ``resolution_um``: the atlas's voxel size (a number, or a list whose first entry is used; None
+    when unknown: the atlas is then written in its own voxels).
+    """
+    if isinstance(resolution_um, (list, tuple)):
+        resolution_um = resolution_um[0] if resolution_um else None
     for prefix, (target, grid, voxel) in TARGETS.items():
-        if atlas_name.startswith(prefix):
+        if atlas_name.startswith(prefix) and resolution_um is not None:
             return target, grid, float(resolution_um) / voxel
     ap, dv, lr = (int(s) for s in shape_asr)
     return atlas_name, (lr, ap, dv), 1.0

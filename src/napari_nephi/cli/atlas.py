@@ -113,6 +113,7 @@ def _train_options(args: argparse.Namespace) -> dict:
 def cmd_atlas_train(args: argparse.Namespace) -> int:
     """Run ``napari-nephi atlas-train``."""
     from .. import AtlasLookup
+    from ..engines.atlas.brainglobe import train_brainglobe
     from ..io.plates import read_reference
 
     out = check_output_folder(args.output)  # before any training: fail at once, not after it
@@ -123,7 +124,11 @@ def cmd_atlas_train(args: argparse.Namespace) -> int:
         if args.reference.startswith(BRAINGLOBE):
             if args.annotation:
                 raise InputError("--annotation is not used with a brainglobe atlas (it has its own labels).")
-            lk = AtlasLookup.from_brainglobe(args.reference[len(BRAINGLOBE) :], **common)
+            if args.plate_axis != 0:
+                raise InputError(
+                    "--plate-axis is not used with a brainglobe atlas (its plates lie along axis 0)."
+                )
+            lk = train_brainglobe(AtlasLookup, args.reference[len(BRAINGLOBE) :], **common)
         else:
             reference, _ = read_reference(args.reference)
             annotation = read_reference(args.annotation, "annotation")[0] if args.annotation else None
@@ -268,7 +273,7 @@ def _quicknii(lk, names, images, picks, registrations) -> dict | None:
         return None
     shape = tuple(int(s) for s in info["shape"])  # asr
     positions = info.get("plate_positions") or list(range(lk.n_plates))
-    target, grid, factor = quicknii_target(str(info["name"]), float(info["resolution"][0]), shape)
+    target, grid, factor = quicknii_target(str(info["name"]), info.get("resolution"), shape)
     slices = []
     for k, (name, image, pick) in enumerate(zip(names, images, picks, strict=True)):
         h, w = np.shape(image)[:2]

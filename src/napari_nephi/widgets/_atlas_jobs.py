@@ -48,8 +48,10 @@ def train_index(progress, cancel, source: dict, sections=None, section_plates=No
     if source["kind"] == "brainglobe atlas":
         if not source.get("name"):
             raise InputError("Give the name of a brainglobe atlas, e.g. allen_mouse_25um.")
-        return AtlasLookup.from_brainglobe(
-            source["name"], progress=progress, cancel=cancel, **examples, **options
+        from ..engines.atlas.brainglobe import train_brainglobe
+
+        return train_brainglobe(
+            AtlasLookup, source["name"], progress=progress, cancel=cancel, **examples, **options
         )
     reference, annotation = read_source(source)
     return AtlasLookup.train(
