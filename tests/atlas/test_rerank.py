@@ -89,6 +89,17 @@ def test_tilted_section_finds_its_centre_plate_and_tilt(search, toy_reference, t
     assert np.sign(best.tilt[0] + best.tilt[1]) == np.sign(tilt[0] + tilt[1])
 
 
+def test_joint_tilt_search_finds_pitch_and_yaw_together(search, toy_reference):
+    reference, _ = toy_reference
+    plate, tilt = 20, (9.0, -9.0)
+    section = section_from_atlas(reference, plate, tilt)
+    result = _run(search, section, plate, seed=4, tilt_search="joint")
+    best = result.poses[result.ranking[0][0]]
+    assert abs(best.z - plate) <= PLATE_TOLERANCE, best
+    # a 6-degree grid of pitch x yaw, then a 3-degree one around its best
+    assert np.allclose(best.tilt, tilt, atol=4.5), best.tilt
+
+
 def test_half_section_is_matched_at_its_true_scale(search, toy_reference):
     reference, _ = toy_reference
     plate, zoom = 16, 1.5
@@ -120,6 +131,8 @@ def test_inverted_contrast_scores_the_same_plate_best(search, toy_reference):
         ({"work_size": 4}, "work_size"),
         ({"max_tilt": -1}, "max_tilt"),
         ({"scale_step": 1.0}, "scale_step"),
+        ({"tilt_search": "both"}, "tilt_search"),
+        ({"region_refine": -1}, "region_refine"),
         ("fast", "rerank_options must be a dict"),
     ],
 )

@@ -45,10 +45,12 @@ import cv2
 import numpy as np
 
 from ...core.errors import InputError
-from ...core.options import check_float, check_int, check_known
+from ...core.options import check_choice, check_float, check_int, check_known
 from .plates import Plates
 from .pose_grid import AtlasGrid, Pose, SectionGrid, extent
 from .preprocess import _segment, downsample, to_grey
+from .region_fit import RegionAtlas, SectionSamples
+from .region_fit import refine as refine_pose
 
 __all__ = ["DEFAULTS", "Pose", "PoseSearch", "RerankResult", "check_rerank_options"]
 
@@ -66,6 +68,8 @@ DEFAULTS = {
     "scale_step": 1.1,  # ratio of neighbouring scales of stage 1 (stage 2 halves it)
     "hypotheses": 4,  # distinct stage-1 poses refined in stage 2
     "plate_penalty": 0.01,  # score lost per plate between a plate and a pose's plate
+    "tilt_search": "sequential",  # stage 2: pitch then yaw, or "joint" (every pitch x yaw, then finer)
+    "region_refine": 0,  # best distinct stage-2 poses refined by the correlation ratio (0: none)
 }
 #: Scales searched, as factors of the tissue-extent guess: a cut shortens the extents (the true
 #: scale is then larger than the guess); a whole section matches it within a specimen's variation.
@@ -80,6 +84,10 @@ REFINE_PLATES = 2
 #: Stage 2 searches shifts up to this share of ``work_size`` (canvas pixels per axis) from the
 #: stage-1 pose (whose error is a coarse pixel or two): smaller FFTs than a search of every shift.
 LOCAL_REACH = 0.25
+#: Plate offsets of the cuts of the joint pitch x yaw grid (the finer grid after it tries -1, 0, 1).
+JOINT_DZ = (0,)
+#: Poses refined by the correlation ratio start at least this many plates apart.
+REGION_GAP = 2.0
 
 
 def check_rerank_options(options: dict | None) -> dict:
@@ -103,6 +111,8 @@ def check_rerank_options(options: dict | None) -> dict:
     out["scale_step"] = check_float("scale_step", out["scale_step"], 1.01, 2.0)
     out["hypotheses"] = check_int("hypotheses", out["hypotheses"], 1, 50)
     out["plate_penalty"] = check_float("plate_penalty", out["plate_penalty"], 0.0, 1.0)
+    out["tilt_search"] = check_choice("tilt_search", out["tilt_search"], ("sequential", "joint"))
+    out["region_refine"] = check_int("region_refine", out["region_refine"], 0, 50)
     return out
 
 
@@ -128,6 +138,7 @@ class PoseSearch:
     def __init__(self, plates: Plates):
         self._plates = plates
         self._grids: dict[int, AtlasGrid] = {}
+        self._regions: RegionAtlas | None = None
         self.n = plates.n
         self.is_volume = plates.volume is not None
 
@@ -156,6 +167,21 @@ class PoseSearch:
         if bright:
             grey = 1.0 - grey
         return np.where(mask, grey, np.float32(0.0)).astype(np.float32), mask, full / max(grey.shape)
+
+    def regions(self) -> RegionAtlas:
+        """The atlas's regions for the correlation ratio (built on first use)."""
+        if self._regions is None:
+            self._regions = RegionAtlas(self._plates)
+        return self._regions
+
+    def _region_refine(self, grey, mask, centre, poses: list[Pose], options: dict) -> list[Pose]:
+        """The ``region_refine`` best distinct stage-2 poses refined by the correlation ratio."""
+        regions = self.regions()
+        samples = SectionSamples(grey, mask, centre)
+        starts = _distinct(poses, options["region_refine"], gap=REGION_GAP)
+        return [
+            refine_pose(regions, samples, p, options["max_tilt"], options["max_rotation"]) for p in starts
+        ]
 
     def search(self, section, order: list[tuple[int, float]], options: dict, progress=None) -> RerankResult:
         """Poses of ``section`` near the first ``shortlist`` plates of the embedding's ranking
@@ -186,6 +212,8 @@ class PoseSearch:
         for hyp in _distinct(first, options["hypotheses"]):
             refine.hypothesis(hyp)
         poses = refine.poses
+        if options["region_refine"] > 0 and poses:
+            poses = self._region_refine(grey, mask, fine.tissue_centre, poses, options)
         for p in poses:
             p.scale *= zoom
         return _rank(poses, order, options["plate_penalty"], len(pairs) + refine.pairs, self.n)
@@ -231,17 +259,34 @@ class _Refine:
         best = self._score(pairs)
         if not (a.is_volume and self.options["max_tilt"] > 0):
             return
-        pivot = np.asarray(best.centre)
         angles = [t for t in _steps(self.options["max_tilt"], self.options["tilt_step"]) if t != 0]
 
-        def cuts(tilts):
-            specs = [(best.z + dz, t) for t in tilts for dz in (-1, 0, 1) if 0 <= best.z + dz <= a.n - 1]
-            return [(best.rotation, best.scale, cut) for cut in g.oblique_cuts(a, specs, pivot, best.scale)]
+        def cuts(tilts, at: Pose = best, dzs=(-1, 0, 1)):
+            specs = [(at.z + dz, t) for t in tilts for dz in dzs if 0 <= at.z + dz <= a.n - 1]
+            found = g.oblique_cuts(a, specs, np.asarray(at.centre), at.scale)
+            return [(at.rotation, at.scale, cut) for cut in found]
 
-        pitched = self._score(cuts([(t, 0.0) for t in angles]))
-        pitch = pitched.tilt[0] if pitched.score > best.score else 0.0
-        turned = self._score(cuts([(pitch, t) for t in angles]))
-        top = max([best, pitched, turned], key=lambda p: p.score)
+        if self.options["tilt_search"] == "joint":
+            grid = [(p, y) for p in [0.0, *angles] for y in [0.0, *angles] if (p, y) != (0.0, 0.0)]
+            tilted = self._score(cuts(grid, dzs=JOINT_DZ))
+            top = max([best, tilted], key=lambda p: p.score)
+            half = self.options["tilt_step"] / 2
+            limit = self.options["max_tilt"] + 1e-9
+            finer = [
+                (top.tilt[0] + dp, top.tilt[1] + dy)
+                for dp in (-half, 0.0, half)
+                for dy in (-half, 0.0, half)
+                if (dp, dy) != (0.0, 0.0)
+                and abs(top.tilt[0] + dp) <= limit
+                and abs(top.tilt[1] + dy) <= limit
+            ]
+            if finer:
+                top = max([top, self._score(cuts(finer, top))], key=lambda p: p.score)
+        else:
+            pitched = self._score(cuts([(t, 0.0) for t in angles]))
+            pitch = pitched.tilt[0] if pitched.score > best.score else 0.0
+            turned = self._score(cuts([(pitch, t) for t in angles]))
+            top = max([best, pitched, turned], key=lambda p: p.score)
         pairs = []
         for s in self._scales(top):
             cut = g.oblique_cut(a, top.z, top.tilt, np.asarray(top.centre), s)
@@ -270,12 +315,12 @@ def _around(plates: list[int], reach: int, n: int) -> list[int]:
     return sorted(out)
 
 
-def _distinct(poses: list[Pose], count: int) -> list[Pose]:
+def _distinct(poses: list[Pose], count: int, gap: float = HYPOTHESIS_GAP) -> list[Pose]:
     chosen: list[Pose] = []
     for p in sorted(poses, key=lambda q: -q.score):
         if len(chosen) >= count:
             break
-        if all(abs(p.z - c.z) >= HYPOTHESIS_GAP for c in chosen):
+        if all(abs(p.z - c.z) >= gap for c in chosen):
             chosen.append(p)
     return chosen
 
