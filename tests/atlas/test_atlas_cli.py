@@ -74,11 +74,16 @@ def test_round_trip_ranks_registers_and_carries_labels(cli_index, capsys):
     assert first["section"] == "s5" and first["chosen"] == int(rows[0]["plate"])
     assert [e["plate"] for e in first["ranking"]] == [int(r["plate"]) for r in rows[:3]]
     atlas_values = set(np.unique(labels).tolist())
-    for plate in PLATES:
+    for k, plate in enumerate(PLATES):
         warped = tifffile.imread(out / "warped" / f"s{plate}.tif")
         carried = tifffile.imread(out / "labels" / f"s{plate}.tif")
         assert warped.shape == carried.shape == (48, 48)
         assert set(np.unique(carried).tolist()) <= atlas_values and len(np.unique(carried)) >= 4
+        # the regions on the section, named, with their pixel counts in the labels written
+        regions = summary["sections"][k]["regions"]
+        assert [r["label"] for r in regions] == [v for v in np.unique(carried).tolist() if v != 0]
+        assert [r["pixels"] for r in regions] == [int((carried == r["label"]).sum()) for r in regions]
+        assert all(r["name"] == f"region {r['label']}" for r in regions)  # no names given to this atlas
     assert not (out / "quicknii.json").exists()  # not a brainglobe atlas
     # --series on the sections in cutting order: increasing picks; --labels writes only labels
     args = ["atlas-lookup", str(folder / "index"), *names, "-o", str(out), "--series", "--labels", "-q",
@@ -87,6 +92,25 @@ def test_round_trip_ranks_registers_and_carries_labels(cli_index, capsys):
     chosen = [s["chosen"] for s in json.loads((out / "ranks.json").read_text())["sections"]]
     assert chosen == sorted(chosen) and json.loads((out / "ranks.json").read_text())["series"]
     assert (out / "labels" / "s5.tif").exists() and not (out / "warped").exists()
+
+
+def test_labels_need_labels_and_the_method_is_checked_first(cli_index, tmp_path, capsys):
+    from napari_nephi import AtlasLookup
+
+    folder, reference, _ = cli_index
+    tiny = {"steps": 2, "input_size": 32, "widths": (4, 8), "embedding_dim": 8, "validation_size": 4}
+    index = AtlasLookup.train(reference, device="cpu", **tiny).save(tmp_path / "no_labels")
+    write_tiff(tmp_path / "s.tif", section_from_atlas(reference, 8.0))
+    out = tmp_path / "o"
+    args = ["atlas-lookup", str(index), str(tmp_path / "s.tif"), "-o", str(out), "--no-rerank", "-q"]
+    assert main([*args, "--labels"]) == 2  # nothing to write: refused before any work
+    assert "has no region labels" in one_error_line(capsys)
+    assert main([*args, "--register", "--method", "elastix"]) == 2  # refused before the ranking
+    assert "invalid choice: 'elastix'" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*args, "--register", "--method", "affine"]) == 0  # no labels: the plate only
+    assert (out / "warped" / "s.tif").exists() and not (out / "labels").exists()
+    assert json.loads((out / "ranks.json").read_text())["sections"][0]["regions"] is None
 
 
 def test_a_stack_gives_one_section_per_plane(cli_index):

@@ -6,7 +6,8 @@ writes its index folder. ``atlas-lookup INDEX SECTION... -o OUT`` ranks the plat
 section and writes into ``OUT`` (atomically: everything appears at the end):
 
 * ``ranks.csv``: one row per section and rank (section, file, rank, plate, distance, chosen);
-* ``ranks.json``: per section the ranked plates with distances and the chosen plate;
+* ``ranks.json``: per section the ranked plates with distances and the chosen plate (with
+  ``--register``, also the regions on the section: label, name, pixels);
 * with ``--register``: ``warped/NAME.tif`` (the chosen plate registered onto the section) and,
   when the atlas has labels, ``labels/NAME.tif`` (its region labels on the section, values kept);
   ``--labels`` writes only the labels;
@@ -31,6 +32,8 @@ from ._common import HelpFormatter, ProgressBars, add_key_values, add_quiet, par
 
 #: REFERENCE prefix naming a brainglobe atlas instead of a file.
 BRAINGLOBE = "brainglobe:"
+#: Registration methods of ``atlas-lookup --register`` (the plate onto the section).
+METHODS = ("nephi", "affine")
 
 _DOC = __doc__.split("\n", 1)[1].strip()
 
@@ -94,7 +97,7 @@ def add_parsers(subparsers) -> None:
     )
     q.add_argument("--register", action="store_true", help="register the chosen plate onto each section")
     q.add_argument("--labels", action="store_true", help="write only the warped labels (implies --register)")
-    q.add_argument("--method", default="nephi", help="registration method: affine or nephi")
+    q.add_argument("--method", default="nephi", choices=METHODS, help="registration method")
     q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     add_quiet(q)
     q.set_defaults(func=cmd_atlas_lookup)
@@ -194,6 +197,18 @@ def rank_rows(names: list[str], files: list[str], rankings: list, picks: list[in
     return rows
 
 
+def region_table(lk, labels) -> list[dict] | None:
+    """The regions on a section's carried labels: ``label``, ``name``, ``pixels``; None without labels."""
+    if labels is None:
+        return None
+    values, counts = np.unique(np.asarray(labels), return_counts=True)
+    return [
+        {"label": int(v), "name": lk.region_name(int(v)), "pixels": int(c)}
+        for v, c in zip(values, counts, strict=True)
+        if v != 0
+    ]
+
+
 def _csv_text(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
@@ -219,6 +234,11 @@ def cmd_atlas_lookup(args: argparse.Namespace) -> int:
         raise InputError(f"--top must be at least 1, got {args.top}.")
     out = check_output_folder(args.output)
     lk = _load_index(args.index, args.device)
+    if args.labels and not lk.plates.has_labels:
+        raise InputError(
+            f"--labels: the index {args.index} has no region labels (it was trained without an "
+            "annotation); use --register for the registered plate, or train with --annotation."
+        )
     sections = read_sections(args.sections)
     names, files, images = ([s[k] for s in sections] for k in range(3))
     bars = ProgressBars(quiet=args.quiet)
@@ -245,6 +265,8 @@ def cmd_atlas_lookup(args: argparse.Namespace) -> int:
                 for n, f, r, p in zip(names, files, rankings, picks, strict=True)
             ],
         }  # fmt: skip
+        for entry, reg in zip(summary["sections"], registrations, strict=False):
+            entry["regions"] = region_table(lk, reg.metrics.get("labels"))
         (tmp / "ranks.json").write_text(json.dumps(summary, indent=2))
         for name, reg in zip(names, registrations, strict=False):
             if not args.labels:
