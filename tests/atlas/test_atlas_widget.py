@@ -191,6 +191,8 @@ def test_rerank_by_pose_reaches_the_lookup(make_napari_viewer, qtbot, toy_refere
         assert calls[-1]["rerank"] is checked and errors == []
         expected = real(section, top=widget.top.value(), rerank=checked)
         assert widget.gallery.plates() == [p for p, _ in expected]
+        kind = "pose distance" if checked else "embedding distance"  # the tooltips say which
+        assert widget.gallery.item(0).toolTip().startswith(f"plate {expected[0][0]}, {kind}")
     assert len(calls) == 2
 
 
@@ -244,3 +246,39 @@ def test_widget_docks_from_the_plugin_menu(make_napari_viewer, toy_reference):
     _, widget = viewer.window.add_plugin_dock_widget("napari-nephi", "Atlas lookup")
     assert isinstance(widget, aw.AtlasWidget) and widget.source.layer.layer() is viewer.layers["toy atlas"]
     assert widget.train_button.isEnabled() and not widget.find_button.isEnabled()
+
+
+def test_multiscale_section_uses_a_level_that_fits(
+    make_napari_viewer, qtbot, toy_reference, saved_index, errors, monkeypatch
+):
+    from napari_nephi.widgets import _atlas_section
+
+    monkeypatch.setattr(_atlas_section, "MAX_SECTION_SIDE", 100)  # stands in for a whole slide's 4096
+    reference, labels = toy_reference
+    section, truth = section_from_atlas((reference, labels), PLATE, TILT, crop=CROP)
+    pyramid = [np.kron(section, np.ones((k, k), np.float32)) for k in (4, 2, 1)]  # 256, 128, 64 px
+    viewer, widget = _widget(make_napari_viewer, toy_reference)
+    layer = viewer.add_image(pyramid, multiscale=True, name="slide", scale=(0.5, 0.5), translate=(3.0, 7.0))
+    widget.section.set_layer(layer)
+    image = widget.section_image()
+    assert image.shape == section.shape  # the 64-pixel level, not the 256-pixel one
+    _run(widget, qtbot, lambda: widget.load_index(saved_index))
+    widget.adjust.set_plate(PLATE)
+    # landmarks on the slide in world coordinates: level-0 pixel (4 y, 4 x) is the level's (y, x)
+    pixels = np.array([[8.0, 10.0], [20.0, 40.0], [35.0, 22.0]])
+    on_slide = viewer.add_points(4 * pixels * 0.5 + (3.0, 7.0), name="slide landmarks")
+    preview = viewer.layers["atlas plate"]  # beside the slide, as large as it: 128 world units
+    np.testing.assert_allclose(preview.scale, (2.0, 2.0))
+    on_plate = viewer.add_points(pixels * 2.0 + np.asarray(preview.translate), name="plate marks")
+    widget.adjust.section_points.set_layer(on_slide)
+    widget.adjust.plate_points.set_layer(on_plate)
+    widget.method.setCurrentText("affine")
+    _run(widget, qtbot, widget.register)
+    assert errors == []
+    np.testing.assert_allclose(widget.last.metrics["start"], np.eye(3), atol=1e-6)
+    carried = viewer.layers["slide atlas labels"]
+    assert carried.data.shape == section.shape
+    np.testing.assert_allclose(carried.scale, (2.0, 2.0))  # 4 level-0 pixels of 0.5
+    np.testing.assert_allclose(carried.translate, (3.0, 7.0))
+    inside = truth > 0
+    assert np.mean(carried.data[inside] == truth[inside]) > 0.5

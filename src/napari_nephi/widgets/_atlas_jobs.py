@@ -88,7 +88,8 @@ def find_plates(progress, cancel, lookup, section, top: int, rerank: bool | None
     hits = lookup.lookup(section, top=top, rerank=rerank)
     Progress(progress, cancel).check()
     thumbnails = [lookup.plates.thumbnail(i, size=THUMBNAIL) for i, _ in hits]
-    return {"hits": hits, "thumbnails": thumbnails}
+    reranked = lookup.rerank_default if rerank is None else bool(rerank)
+    return {"hits": hits, "thumbnails": thumbnails, "reranked": reranked}
 
 
 def plate_preview(progress, cancel, lookup, plate: int) -> dict:

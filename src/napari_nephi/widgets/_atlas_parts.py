@@ -147,14 +147,18 @@ class PlateGallery(QListWidget):
         self.setFixedHeight(THUMB + 56)
         self.currentItemChanged.connect(self._changed)
 
-    def set_hits(self, hits: list[tuple[int, float]], thumbnails: list[np.ndarray]) -> None:
-        """Show ``hits`` ``[(plate, distance), ...]`` (best first) with a thumbnail each; choose the best."""
+    def set_hits(
+        self, hits: list[tuple[int, float]], thumbnails: list[np.ndarray], what: str = "embedding distance"
+    ) -> None:
+        """Show ``hits`` ``[(plate, distance), ...]`` (best first) with a thumbnail each; choose the best.
+
+        ``what``: the kind of distance, for the tooltips."""
         self.blockSignals(True)
         self.clear()
         for (plate, distance), thumb in zip(hits, thumbnails, strict=True):
             item = QListWidgetItem(thumbnail_icon(thumb), f"plate {int(plate)}\nd = {float(distance):.3f}")
             item.setData(Qt.ItemDataRole.UserRole, int(plate))
-            item.setToolTip(f"plate {int(plate)}, embedding distance {float(distance):.4f}")
+            item.setToolTip(f"plate {int(plate)}, {what} {float(distance):.4f}")
             self.addItem(item)
         self.blockSignals(False)
         if self.count():

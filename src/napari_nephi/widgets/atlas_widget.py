@@ -33,6 +33,7 @@ from qtpy.QtWidgets import (
 
 from . import _atlas_jobs as jobs
 from ._atlas_parts import AtlasSource, PlateAdjust, PlateGallery
+from ._atlas_section import plane_of, section_level
 from ._panel import scrolling_body
 from ._pickers import LayerPicker
 from ._results import ResultLayers
@@ -294,33 +295,38 @@ class AtlasWidget(QWidget):
 
     # -- the section ----------------------------------------------------------------------------
     def section_image(self) -> np.ndarray | None:
-        """The chosen section as a 2D (or RGB) array: a 3D stack gives its plane on screen."""
+        """The chosen section as a 2D (or RGB) array: a 3D stack gives its plane on screen; a
+        multiscale layer its finest level within :data:`._atlas_section.MAX_SECTION_SIDE` pixels."""
+        found = self._section()
+        return None if found is None else found[0]
+
+    def _section(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(image, factor)``: :meth:`section_image` and its pixel size in the layer's data pixels."""
         layer = self.section.layer()
         if layer is None:
             show_error("Choose the section: an Image layer holding one brain section.")
             return None
-        data = layer.data[0] if layer.multiscale else layer.data
-        spatial = data.ndim - (1 if layer.rgb else 0)
-        if spatial == 3:
-            plane = int(round(layer.world_to_data(self.viewer.dims.point[-layer.ndim :])[0]))
-            data = data[min(max(plane, 0), data.shape[0] - 1)]
-        elif spatial != 2:
+        data, factor = section_level(layer)
+        plane = plane_of(data, layer, self.viewer.dims.point)
+        if plane is None:
+            spatial = data.ndim - (1 if layer.rgb else 0)
             show_error(f"{layer.name} is {spatial}D; pick a 2D section (or a stack of them).")
             return None
-        return np.asarray(data)
+        return np.asarray(plane), factor
 
-    def _ready_section(self) -> np.ndarray | None:
-        """The section image when an index is there too; else None after telling the user."""
+    def _ready_section(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """:meth:`_section` when an index is there too; else None after telling the user."""
         if self.lookup is None:
             show_error("Train or load an index first.")
             return None
-        return self.section_image()
+        return self._section()
 
     def find_plates(self) -> bool:
         """Rank the plates for the chosen section; the best ones appear in the gallery."""
-        section = self._ready_section()
-        if section is None:
+        found = self._ready_section()
+        if found is None:
             return False
+        section = found[0]
         top = min(self.top.value(), self.lookup.n_plates)
         rerank = self.rerank.isChecked()
         message = "Finding plates (re-ranking by pose)…" if rerank else "Finding plates…"
@@ -330,7 +336,8 @@ class AtlasWidget(QWidget):
 
     def _find_done(self, result) -> None:
         hits = result["hits"]
-        self.gallery.set_hits(hits, result["thumbnails"])  # chooses the best: the plate follows
+        what = "pose distance (1 - similarity)" if result["reranked"] else "embedding distance"
+        self.gallery.set_hits(hits, result["thumbnails"], what)  # chooses the best: the plate follows
         shown = ", ".join(f"{p} ({d:.3f})" for p, d in hits[:3])
         self._finish(f"Best plates: {shown}. Choose one, then Register.")
 
@@ -342,7 +349,7 @@ class AtlasWidget(QWidget):
             self.adjust.set_plate(plate)  # emits plate_changed
 
     def _plate_changed(self, plate: int) -> None:
-        """Show the plate beside the section (where plate landmarks can be placed)."""
+        """Show the plate beside the section, as large as it (where plate landmarks can be placed)."""
         self.gallery.choose(plate)
         if self.lookup is None:
             return
@@ -350,38 +357,45 @@ class AtlasWidget(QWidget):
         layer = self.section.layer()
         scale, translate = (1.0, 1.0), (0.0, 0.0)
         if layer is not None:
-            scale = tuple(layer.scale[-2:])
-            width = layer.data.shape[-2 if layer.rgb else -1] * scale[1]
-            translate = (float(layer.translate[-2]), float(layer.translate[-1]) + width * (1 + PREVIEW_GAP))
+            shape = layer.data.shape[-3:-1] if layer.rgb else layer.data.shape[-2:]
+            extent = np.asarray(shape, float) * np.asarray(layer.scale[-2:], float)  # world units
+            size = float(np.min(extent / np.asarray(result["image"].shape, float)))
+            scale = (size, size)
+            translate = (
+                float(layer.translate[-2]),
+                float(layer.translate[-1]) + extent[1] * (1 + PREVIEW_GAP),
+            )
         kwargs = {"name": "atlas plate", "scale": scale, "translate": translate, "colormap": "gray"}
         self.preview.show([(result["image"], kwargs, "image")])
         self.status.setText(f"Plate {plate} shown beside the section.")
 
     # -- registration ---------------------------------------------------------------------------
-    def _landmarks(self, values: dict, section_layer):
-        """Section and plate landmarks in pixels of the section and of the plate, or (None, None)."""
+    def _landmarks(self, values: dict, section_layer, factor: np.ndarray):
+        """Section and plate landmarks in pixels of the section image (``factor``: its pixel size in
+        the layer's data pixels) and of the plate, or (None, None)."""
         s_layer, p_layer = values["section_points"], values["plate_points"]
         plate_layer = next(iter(self.preview.layers), None)
         if s_layer is None or p_layer is None or plate_layer is None:
             return None, None
         s = [section_layer.world_to_data(s_layer.data_to_world(pt))[-2:] for pt in s_layer.data]
         p = [plate_layer.world_to_data(p_layer.data_to_world(pt))[-2:] for pt in p_layer.data]
-        return np.asarray(s, float), np.asarray(p, float)
+        return np.asarray(s, float).reshape(-1, 2) / factor, np.asarray(p, float)
 
     def register(self) -> bool:
         """Register the chosen plate (with the manual corrections) onto the section."""
-        section = self._ready_section()
-        if section is None:
+        found = self._ready_section()
+        if found is None:
             return False
+        section, factor = found
         layer = self.section.layer()
         values = self.adjust.values()
         plate = values["plate"]
-        section_points, plate_points = self._landmarks(values, layer)
+        section_points, plate_points = self._landmarks(values, layer, factor)
         start = {"rotation": values["rotation"], "scale": values["scale"],
                  "section_points": section_points, "plate_points": plate_points}  # fmt: skip
         info = {
             "name": layer.name,
-            "scale": tuple(layer.scale[-2:]),
+            "scale": tuple(float(v) for v in np.asarray(layer.scale[-2:]) * factor),
             "translate": tuple(layer.translate[-2:]),
         }
         return self._start(
