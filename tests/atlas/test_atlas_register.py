@@ -9,7 +9,7 @@ from scipy import ndimage as ndi
 from napari_nephi import InputError, Registration
 from napari_nephi.core.transform import AffineTransform
 from napari_nephi.engines.atlas.plates import Plates
-from napari_nephi.engines.atlas.register import initial_map, register_plate
+from napari_nephi.engines.atlas.register import block_mean, initial_map, register_plate
 from napari_nephi.synthetic.atlas import atlas_queries, brain_phantom, section_from_atlas
 
 #: Share of the best Dice a 2D map can reach on an oblique section (the plate's labels read at the
@@ -156,6 +156,42 @@ def test_large_section_is_registered_on_a_downsampled_grid(trained_lookup, toy_r
     assert reg.metrics["work_zoom"][0] > 1
     best = oracle_dice(coords, labels[15], truth)
     assert mean_dice(reg.metrics["labels"], big_truth) >= ORACLE_SHARE * best
+
+
+def test_block_mean_by_hand():
+    image = np.arange(7 * 10 * 3, dtype=np.uint16).reshape(7, 10, 3)
+    got = block_mean(image, 3)
+    padded = np.pad(image.astype(np.float64), ((0, 2), (0, 2), (0, 0)), mode="edge")
+    for i in range(3):
+        for j in range(4):
+            np.testing.assert_allclose(got[i, j], padded[3 * i : 3 * i + 3, 3 * j : 3 * j + 3].mean((0, 1)))
+
+
+def test_a_large_section_is_reduced_without_a_full_size_copy(toy_reference):
+    import tracemalloc
+
+    import cv2
+
+    from napari_nephi.engines.atlas.preprocess import tissue_mask, to_grey
+    from napari_nephi.engines.atlas.register import _working_image
+
+    reference, _ = toy_reference
+    image = section_from_atlas(reference, 15, 3.0)
+    grey8 = np.clip(np.kron(image, np.ones((47, 38), np.float32)) * 255, 0, 255).astype(np.uint8)
+    big = np.repeat(grey8[..., None], 3, axis=2)  # 3008 x 2432 RGB, 22 MB
+    tracemalloc.start()
+    try:
+        work, mask, zoom, full = _working_image(big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.75 * big.nbytes  # a grey float copy alone would be 1.33 times the input
+    assert full == big.shape[:2] and max(work.shape) == 512
+    k = max(big.shape[:2]) // 512  # whole blocks of 5 pixels, then resized to the work grid
+    np.testing.assert_allclose(zoom, (k * -(-3008 // k) / work.shape[0], k * -(-2432 // k) / work.shape[1]))
+    direct = cv2.resize(to_grey(big), work.shape[::-1], interpolation=cv2.INTER_AREA)
+    expected = tissue_mask(direct)
+    assert np.logical_and(mask, expected).sum() / np.logical_or(mask, expected).sum() > 0.97
 
 
 class PlateAtlas:

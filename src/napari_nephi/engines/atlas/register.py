@@ -42,6 +42,8 @@ from .preprocess import background_is_bright, tissue_mask, to_grey
 
 #: Longest side of the grid the registration runs on (larger sections are downsampled for it).
 MAX_WORK_SIDE = 512
+#: Pixels (times channels) of a band of rows that :func:`block_mean` reads at a time.
+BAND_PIXELS = 1 << 20
 #: Options of the affine step (``affine_options`` overrides): the start comes from :func:`initial_map`.
 AFFINE_DEFAULTS = {"kind": "affine", "init": "identity", "rotation_search": False}
 #: Largest rotation (degrees) of a section against its plate searched for the start, and its step.
@@ -74,15 +76,46 @@ KEEP_GAIN = 0.02
 _SCALARS = (int, float, str, bool, type(None))
 
 
+def block_mean(image, k: int) -> np.ndarray:
+    """float32 means of ``k x k`` pixel blocks of a 2D or channels-last image, read in bands of rows
+    (the image is never converted whole: a memory map or a dask array stays on disk). Blocks over
+    the bottom or right edge are filled by repeating the image's last row or column."""
+    h, w = image.shape[:2]
+    rest = tuple(image.shape[2:])
+    out_h, out_w = -(-h // k), -(-w // k)
+    out = np.empty((out_h, out_w, *rest), np.float32)
+    rows = max(1, BAND_PIXELS // max(1, w * k * int(np.prod(rest, dtype=np.int64))))  # output rows per band
+    for r0 in range(0, out_h, rows):
+        r1 = min(out_h, r0 + rows)
+        band = np.asarray(image[r0 * k : r1 * k], dtype=np.float32)
+        pad = ((0, (r1 - r0) * k - band.shape[0]), (0, out_w * k - w)) + ((0, 0),) * len(rest)
+        if any(after for _, after in pad):
+            band = np.pad(band, pad, mode="edge")
+        out[r0:r1] = band.reshape(r1 - r0, k, out_w, k, *rest).mean(axis=(1, 3))
+    return out
+
+
 def _working_image(section) -> tuple[np.ndarray, np.ndarray, tuple[float, float], tuple[int, int]]:
-    """(grey work image with dark background, its tissue mask, zoom full/work per axis, full shape)."""
-    grey = to_grey(section, "section")
-    full = grey.shape
+    """(grey work image with dark background, its tissue mask, zoom full/work per axis, full shape).
+
+    A section larger than the work grid is first reduced by whole blocks (:func:`block_mean`), so
+    no full-size copy of it is made; ``zoom`` is then the exact size of a work pixel in section pixels.
+    """
+    shape = np.shape(section)
+    reducible = len(shape) == 2 or (len(shape) == 3 and shape[-1] in (3, 4))
+    k = int(max(shape[:2]) // MAX_WORK_SIDE) if reducible and min(shape[:2]) > 0 else 1
+    kind = getattr(getattr(section, "dtype", None), "kind", "")
+    if k >= 2 and kind in "biuf":
+        reduced = block_mean(section, k)
+    else:
+        k, reduced = 1, section
+    grey = to_grey(reduced, "section")
+    full = tuple(int(v) for v in shape[:2])
     scale = min(1.0, MAX_WORK_SIDE / max(full))
-    if scale < 1.0:
-        size = (max(1, round(full[1] * scale)), max(1, round(full[0] * scale)))
+    size = (max(1, round(full[1] * scale)), max(1, round(full[0] * scale)))
+    if size != (grey.shape[1], grey.shape[0]):
         grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
-    zoom = (full[0] / grey.shape[0], full[1] / grey.shape[1])
+    zoom = (k * reduced.shape[0] / grey.shape[0], k * reduced.shape[1] / grey.shape[1])
     mask = tissue_mask(grey)
     if mask.sum() < 16:
         raise InputError(
