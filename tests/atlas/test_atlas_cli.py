@@ -113,6 +113,38 @@ def test_labels_need_labels_and_the_method_is_checked_first(cli_index, tmp_path,
     assert json.loads((out / "ranks.json").read_text())["sections"][0]["regions"] is None
 
 
+def test_region_names_file_names_the_carried_regions(cli_index, tmp_path, capsys):
+    from napari_nephi import AtlasLookup
+
+    folder, reference, labels = cli_index
+    names = tmp_path / "names.csv"
+    names.write_text("ID, Name ,colour\n1,cortex left,red\n7,hippocampus left,blue\n\n")
+    tiny = ["--steps", "2", "--device", "cpu", "--option", "input_size=32", "--option", "widths=[4, 8]",
+            "--option", "embedding_dim=8", "--option", "validation_size=4", "-q"]  # fmt: skip
+    index = tmp_path / "named"
+    train = ["atlas-train", str(folder / "ref.nii.gz"), "--annotation", str(folder / "labels.nii.gz"), *tiny]
+    assert main([*train, "-o", str(index), "--region-names", str(names)]) == 0
+    lk = AtlasLookup.load(index)
+    assert (lk.region_name(7), lk.region_name(1), lk.region_name(3)) == (
+        "hippocampus left",
+        "cortex left",
+        "region 3",
+    )
+    (tmp_path / "names.json").write_text('{"7": "CA", "12": "brainstem"}')
+    assert main([*train, "-o", str(tmp_path / "j"), "--region-names", str(tmp_path / "names.json")]) == 0
+    assert AtlasLookup.load(tmp_path / "j").region_names == {7: "CA", 12: "brainstem"}
+    (tmp_path / "bad.csv").write_text("value,colour\n7,red\n")
+    assert main([*train, "-o", str(tmp_path / "b"), "--region-names", str(tmp_path / "bad.csv")]) == 2
+    assert "needs a header with a value column" in one_error_line(capsys) and not (tmp_path / "b").exists()
+    # the regions of a registered section are named in ranks.json
+    write_tiff(tmp_path / "s.tif", section_from_atlas(reference, 12.0))
+    out = tmp_path / "out"
+    lookup = ["atlas-lookup", str(index), str(tmp_path / "s.tif"), "--register", "--method", "affine"]
+    assert main([*lookup, "--no-rerank", "-o", str(out), "-q"]) == 0
+    regions = json.loads((out / "ranks.json").read_text())["sections"][0]["regions"]
+    assert {r["label"]: r["name"] for r in regions}.get(1) == "cortex left"
+
+
 def test_a_stack_gives_one_section_per_plane(cli_index):
     folder, reference, _ = cli_index
     write_tiff(folder / "stack.tif", reference[[6, 12]])

@@ -92,6 +92,16 @@ def test_atlas_source_spec_follows_the_kind(make_napari_viewer, qtbot):
     assert len(changes) >= 4 and SOURCES.index(source.spec()["kind"]) == 2
 
 
+def test_region_names_from_a_labels_layers_features(make_napari_viewer):
+    viewer = make_napari_viewer()
+    layer = viewer.add_labels(np.zeros((4, 8, 8), np.uint8))
+    assert aw.region_names_of(layer) == {} and aw.region_names_of(None) == {}
+    layer.features = {"label": [3, 5], "acronym": ["CA1", "DG"]}
+    assert aw.region_names_of(layer) == {3: "CA1", 5: "DG"}
+    layer.features = {"index": [3, 5], "colour": ["red", "blue"]}  # no name column
+    assert aw.region_names_of(layer) == {}
+
+
 # -- end to end --------------------------------------------------------------------------------
 def _widget(make_napari_viewer, toy_reference, section=None):
     reference, labels = toy_reference
@@ -199,7 +209,9 @@ def test_rerank_by_pose_reaches_the_lookup(make_napari_viewer, qtbot, toy_refere
 def test_train_cancel_then_train_and_save(make_napari_viewer, qtbot, toy_reference, tmp_path, errors):
     viewer, widget = _widget(make_napari_viewer, toy_reference)
     widget.source.layer.set_layer(viewer.layers["toy atlas"])
-    widget.source.annotation.set_layer(viewer.layers["toy atlas labels"])
+    regions = viewer.layers["toy atlas labels"]
+    regions.features = {"index": [0, 7, 10], "name": ["background", "hippocampus left", "cerebellum"]}
+    widget.source.annotation.set_layer(regions)
     widget.steps.setValue(100000)
     with qtbot.waitSignal(widget.run_done, timeout=120000):
         assert widget.train()
@@ -211,6 +223,8 @@ def test_train_cancel_then_train_and_save(make_napari_viewer, qtbot, toy_referen
     widget.steps.setValue(3)  # the widget is usable again: a short training goes through
     _run(widget, qtbot, widget.train)
     assert errors == [] and widget.lookup is not None and widget.lookup.settings["steps_done"] == 3
+    assert widget.lookup.region_name(7) == "hippocampus left"  # named by the Labels layer's features
+    assert widget.lookup.region_name(10) == "cerebellum" and widget.lookup.region_name(3) == "region 3"
     assert widget.lookup.settings["real_sections"] == 0
     reference, _ = toy_reference  # a confirmed section goes into the next training
     widget.section.set_layer(viewer.add_image(reference[10], name="plate 10"))

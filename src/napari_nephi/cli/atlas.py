@@ -55,6 +55,12 @@ def add_parsers(subparsers) -> None:
     )
     t.add_argument("-o", "--output", required=True, metavar="INDEX", help="index folder to write")
     t.add_argument("--annotation", help="region labels matching the reference (volume or folder)")
+    t.add_argument(
+        "--region-names",
+        metavar="FILE",
+        help="names of the label values: a CSV with a value column (label, index, value or id) and a "
+        "name column (name, region or acronym), or a JSON object {value: name}",
+    )
     t.add_argument("--plate-axis", type=int, default=0, help="axis of the volume the plates lie along")
     t.add_argument("--steps", type=int, default=None, help="training steps (default: the engine's)")
     t.add_argument("--max-minutes", type=float, default=None, help="time budget of the training")
@@ -113,6 +119,46 @@ def _train_options(args: argparse.Namespace) -> dict:
     return options
 
 
+#: Header names of the value and name columns of a --region-names CSV.
+VALUE_COLUMNS = ("label", "index", "value", "id")
+NAME_COLUMNS = ("name", "region", "acronym")
+
+
+def read_region_names(path: str) -> dict[int, str]:
+    """``{label value: name}`` from a CSV (columns: :data:`VALUE_COLUMNS`, :data:`NAME_COLUMNS`) or JSON."""
+    p = Path(path)
+    if not p.is_file():
+        raise UnsupportedFileError(f"The region names file {p} does not exist; check the path.")
+    text = p.read_text(encoding="utf-8-sig")
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise UnsupportedFileError(f"{p} is not valid JSON ({exc}).") from exc
+        if not isinstance(data, dict):
+            raise InputError(f"{p} must hold a JSON object {{value: name}}.")
+        pairs = list(data.items())
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        rows = [{(k or "").strip().lower(): v for k, v in r.items()} for r in reader]
+        columns = list(rows[0]) if rows else []
+        value = next((c for c in VALUE_COLUMNS if c in columns), None)
+        name = next((c for c in NAME_COLUMNS if c in columns), None)
+        if value is None or name is None:
+            raise InputError(
+                f"{p} needs a header with a value column ({', '.join(VALUE_COLUMNS)}) and a name column "
+                f"({', '.join(NAME_COLUMNS)}); it has {columns or 'no rows'}."
+            )
+        pairs = [(r[value], r[name] or "") for r in rows if (r[value] or "").strip()]
+    out = {}
+    for key, label in pairs:
+        try:
+            out[int(str(key).strip())] = str(label).strip()
+        except ValueError as exc:
+            raise InputError(f"{p}: label values must be whole numbers, got {key!r}.") from exc
+    return out
+
+
 def cmd_atlas_train(args: argparse.Namespace) -> int:
     """Run ``napari-nephi atlas-train``."""
     from .. import AtlasLookup
@@ -121,6 +167,10 @@ def cmd_atlas_train(args: argparse.Namespace) -> int:
 
     out = check_output_folder(args.output)  # before any training: fail at once, not after it
     options = _train_options(args)
+    if args.region_names:
+        if args.reference.startswith(BRAINGLOBE):
+            raise InputError("--region-names is not used with a brainglobe atlas (it has its own names).")
+        options["region_names"] = read_region_names(args.region_names)
     bars = ProgressBars(quiet=args.quiet)
     common = {"device": args.device, "progress": bars, "seed": args.seed, **options}
     try:

@@ -238,9 +238,10 @@ class AtlasWidget(QWidget):
             spec["data"] = layer.data[0] if layer.multiscale else layer.data
             labels = spec.get("annotation")
             spec["annotation_data"] = None if labels is None else labels.data
+        names = region_names_of(spec.get("annotation"))
         spec.pop("layer", None)
         spec.pop("annotation", None)
-        options = {}
+        options = {"region_names": names} if names else {}
         if self.steps.value():
             options["steps"] = self.steps.value()
         if self.minutes.value():
@@ -440,6 +441,30 @@ class AtlasWidget(QWidget):
         n = len(self.examples)
         self.status.setText(f"Added as an example of plate {plate}; {n} example(s) for the next Train index.")
         return True
+
+
+#: Columns of a Labels layer's features that hold the label values, and the region names.
+VALUE_COLUMNS = ("index", "label", "value", "id")
+NAME_COLUMNS = ("region", "name", "acronym")
+
+
+def region_names_of(layer) -> dict[int, str]:
+    """``{label value: name}`` from a Labels layer's features (a value column of
+    :data:`VALUE_COLUMNS` and a name column of :data:`NAME_COLUMNS`); empty when it has none."""
+    features = getattr(layer, "features", None)
+    if features is None or len(features) == 0:
+        return {}
+    value = next((c for c in VALUE_COLUMNS if c in features.columns), None)
+    name = next((c for c in NAME_COLUMNS if c in features.columns), None)
+    if value is None or name is None:
+        return {}
+    out = {}
+    for v, n in zip(features[value], features[name], strict=True):
+        try:
+            out[int(v)] = str(n)
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 def _row(*widgets) -> QHBoxLayout:
