@@ -100,6 +100,34 @@ def test_joint_tilt_search_finds_pitch_and_yaw_together(search, toy_reference):
     assert np.allclose(best.tilt, tilt, atol=4.5), best.tilt
 
 
+def test_anchor_plates_always_get_a_stage2_hypothesis(search, toy_reference):
+    reference, _ = toy_reference
+    plate, wrong = 10, 30
+    section = section_from_atlas(reference, plate)
+    order = [(wrong, 0.0), (plate, 0.1)] + [(p, 1.0) for p in range(search.n) if p not in (plate, wrong)]
+    opts = {"shortlist": 2, "neighbours": 1, "sweep_step": 0, "hypotheses": 1}
+    plain = search.search(section, order, check_rerank_options({**opts, "anchors": 0}))
+    anchored = search.search(section, order, check_rerank_options({**opts, "anchors": 1}))
+    assert all(abs(p - wrong) > 3 for p in plain.poses)  # one hypothesis: the best, near the truth
+    assert any(abs(p - wrong) <= 2 for p in anchored.poses)  # the anchor searched as well
+    for result in (plain, anchored):  # the anchor does not outrank a better pose
+        assert abs(result.ranking[0][0] - plate) <= PLATE_TOLERANCE
+
+
+def test_prior_weight_pulls_the_ranking_to_the_first_stage(search, toy_reference):
+    reference, _ = toy_reference
+    plate, favoured = 20, 26
+    section = section_from_atlas(reference, plate)
+    order = [(favoured, 0.0), (plate, 0.5)] + [
+        (p, 1.0) for p in range(search.n) if p not in (plate, favoured)
+    ]
+    opts = {"shortlist": 2, "neighbours": 1, "sweep_step": 0, "hypotheses": 2, "anchors": 1}
+    free = search.search(section, order, check_rerank_options(opts))
+    pulled = search.search(section, order, check_rerank_options({**opts, "prior_weight": 1.0}))
+    assert abs(free.ranking[0][0] - plate) <= PLATE_TOLERANCE
+    assert abs(pulled.ranking[0][0] - favoured) <= PLATE_TOLERANCE  # plate 20 loses 0.5 (half-way to median)
+
+
 def test_half_section_is_matched_at_its_true_scale(search, toy_reference):
     reference, _ = toy_reference
     plate, zoom = 16, 1.5
@@ -133,6 +161,8 @@ def test_inverted_contrast_scores_the_same_plate_best(search, toy_reference):
         ({"scale_step": 1.0}, "scale_step"),
         ({"tilt_search": "both"}, "tilt_search"),
         ({"region_refine": -1}, "region_refine"),
+        ({"anchors": 1.5}, "anchors"),
+        ({"prior_weight": 2}, "prior_weight"),
         ("fast", "rerank_options must be a dict"),
     ],
 )

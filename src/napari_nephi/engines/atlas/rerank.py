@@ -20,8 +20,15 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   embedding's ``shortlist`` best plates and ``neighbours`` on each side, and every
   ``sweep_step``-th plate of the atlas, for sections the embedding misplaces) x rotations x scales.
   Stage 2, on the finer grid (``work_size``), for the ``hypotheses`` best poses at least
-  :data:`HYPOTHESIS_GAP` plates apart: nearby plates, rotations and scales; for a volume then
-  pitch, then yaw, of a cut turned about the section's tissue centre, and rotation and scale again.
+  :data:`HYPOTHESIS_GAP` plates apart, plus the best stage-1 pose on each of the first stage's
+  ``anchors`` best plates that no hypothesis is near (a strongly tilted section scores badly on
+  untilted plates, so stage 1 alone drops the right region): nearby plates, rotations and scales;
+  for a volume then tilts of a cut turned about the section's tissue centre, every pitch x yaw of
+  the ``tilt_step`` grid together (``tilt_search`` "joint"; "sequential" searches pitch, then yaw,
+  which misses sections tilted about both axes), then a half-step grid around the best, and
+  rotation and scale again. Optional: ``region_refine`` best poses moved to a maximum of the
+  correlation ratio of the section given the atlas's regions (:mod:`.region_fit`; measured worse
+  on the phantom, off), ``prior_weight`` (score lost in proportion to the first stage's distance).
 * **Cost.** Untilted cuts of stage 1 depend only on the plate and on plate pixels per canvas
   pixel, which come from a fixed geometric grid: they are cached across sections
   (:data:`.pose_grid.CUT_CACHE_BYTES`). Stage 2 centres its cuts on the stage-1 pose and searches
@@ -68,7 +75,9 @@ DEFAULTS = {
     "scale_step": 1.1,  # ratio of neighbouring scales of stage 1 (stage 2 halves it)
     "hypotheses": 4,  # distinct stage-1 poses refined in stage 2
     "plate_penalty": 0.01,  # score lost per plate between a plate and a pose's plate
-    "tilt_search": "sequential",  # stage 2: pitch then yaw, or "joint" (every pitch x yaw, then finer)
+    "tilt_search": "joint",  # stage 2: every pitch x yaw, then a finer grid; or "sequential" (pitch, then yaw)
+    "anchors": 2,  # the first stage's best plates that always get a stage-2 hypothesis
+    "prior_weight": 0.0,  # score lost by a pose whose plate the first stage ranks far (0: none)
     "region_refine": 0,  # best distinct stage-2 poses refined by the correlation ratio (0: none)
 }
 #: Scales searched, as factors of the tissue-extent guess: a cut shortens the extents (the true
@@ -112,6 +121,8 @@ def check_rerank_options(options: dict | None) -> dict:
     out["hypotheses"] = check_int("hypotheses", out["hypotheses"], 1, 50)
     out["plate_penalty"] = check_float("plate_penalty", out["plate_penalty"], 0.0, 1.0)
     out["tilt_search"] = check_choice("tilt_search", out["tilt_search"], ("sequential", "joint"))
+    out["anchors"] = check_int("anchors", out["anchors"], 0, 50)
+    out["prior_weight"] = check_float("prior_weight", out["prior_weight"], 0.0, 1.0)
     out["region_refine"] = check_int("region_refine", out["region_refine"], 0, 50)
     return out
 
@@ -209,14 +220,15 @@ class PoseSearch:
         # stage 2 starts from stage 1's shifts: its cuts are centred there and searched nearby
         fine = SectionGrid(grey, mask, options["work_size"], reach=round(LOCAL_REACH * options["work_size"]))
         refine = _Refine(self.atlas(options["work_size"]), fine, options, progress)
-        for hyp in _distinct(first, options["hypotheses"]):
+        for hyp in _anchored(first, _distinct(first, options["hypotheses"]), shortlist[: options["anchors"]]):
             refine.hypothesis(hyp)
         poses = refine.poses
         if options["region_refine"] > 0 and poses:
             poses = self._region_refine(grey, mask, fine.tissue_centre, poses, options)
         for p in poses:
             p.scale *= zoom
-        return _rank(poses, order, options["plate_penalty"], len(pairs) + refine.pairs, self.n)
+        prior = _prior(order, self.n) * options["prior_weight"]
+        return _rank(poses, order, options["plate_penalty"], len(pairs) + refine.pairs, self.n, prior)
 
 
 class _Refine:
@@ -325,14 +337,38 @@ def _distinct(poses: list[Pose], count: int, gap: float = HYPOTHESIS_GAP) -> lis
     return chosen
 
 
-def _rank(poses: list[Pose], order, penalty: float, pairs: int, n: int) -> RerankResult:
-    """Every plate by ``1 - max over poses (score - penalty * |z - plate|)``; without any pose
-    (nothing scored), the embedding's order with ``2 + embedding distance``."""
+def _anchored(first: list[Pose], hyps: list[Pose], anchors: list[int]) -> list[Pose]:
+    """``hyps`` plus, for each anchor plate no hypothesis lies near, its best stage-1 pose."""
+    out = list(hyps)
+    for plate in anchors:
+        if all(abs(h.z - plate) >= HYPOTHESIS_GAP for h in out):
+            own = [p for p in first if p.plate == plate]
+            if own:
+                out.append(max(own, key=lambda p: p.score))
+    return out
+
+
+def _prior(order, n: int) -> np.ndarray:
+    """The first stage's distance of every plate, 0 for its best, 1 for its median and beyond."""
+    d = np.full(n, np.inf)
+    for p, dist in order:
+        d[int(p)] = float(dist)
+    d[~np.isfinite(d)] = np.nanmax(np.where(np.isfinite(d), d, np.nan)) if np.isfinite(d).any() else 0.0
+    low, mid = float(d.min()), float(np.median(d))
+    return np.clip((d - low) / max(mid - low, 1e-12), 0.0, 1.0)
+
+
+def _rank(poses: list[Pose], order, penalty: float, pairs: int, n: int, prior=None) -> RerankResult:
+    """Every plate by ``1 - max over poses (score - prior[pose plate] - penalty * |z - plate|)``;
+    without any pose (nothing scored), the embedding's order with ``2 + embedding distance``."""
     if not poses:
         return RerankResult([(int(p), 2.0 + float(d)) for p, d in order], {}, pairs)
     plates = np.arange(n)
     z = np.array([p.z for p in poses])
-    value = np.array([p.score for p in poses])[None, :] - penalty * np.abs(plates[:, None] - z[None, :])
+    own = np.array([p.score for p in poses])
+    if prior is not None:
+        own = own - prior[np.array([p.plate for p in poses])]
+    value = own[None, :] - penalty * np.abs(plates[:, None] - z[None, :])
     dist = 1.0 - value.max(axis=1)
     emb = {int(p): k for k, (p, _) in enumerate(order)}
     ranked = sorted(range(n), key=lambda p: (dist[p], emb.get(p, n)))
