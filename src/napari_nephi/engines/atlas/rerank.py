@@ -75,7 +75,7 @@ DEFAULTS = {
     "scale_step": 1.1,  # ratio of neighbouring scales of stage 1 (stage 2 halves it)
     "hypotheses": 4,  # distinct stage-1 poses refined in stage 2
     "plate_penalty": 0.01,  # score lost per plate between a plate and a pose's plate
-    "tilt_search": "joint",  # stage 2: every pitch x yaw, then a finer grid; or "sequential" (pitch, then yaw)
+    "tilt_search": "joint",  # stage 2: every pitch x yaw, then finer; "sequential": pitch, then yaw
     "anchors": 2,  # the first stage's best plates that always get a stage-2 hypothesis
     "prior_weight": 0.0,  # score lost by a pose whose plate the first stage ranks far (0: none)
     "region_refine": 0,  # best distinct stage-2 poses refined by the correlation ratio (0: none)
