@@ -145,6 +145,27 @@ def test_region_names_file_names_the_carried_regions(cli_index, tmp_path, capsys
     assert {r["label"]: r["name"] for r in regions}.get(1) == "cortex left"
 
 
+def test_ranking_reports_progress_per_reranked_section(cli_index):
+    from napari_nephi import AtlasLookup
+    from napari_nephi.cli.atlas import _rank_all
+    from napari_nephi.core.progress import Progress
+
+    folder, reference, _ = cli_index
+    lk = AtlasLookup.load(folder / "index", device="cpu")
+    images = [section_from_atlas(reference, z, (3.0, 0.0)) for z in (6.0, 12.0, 18.0)]
+    events = []
+    rankings, picks = _rank_all(lk, images, 4, True, True, Progress(events.append))
+    assert [(e.step, e.total, e.stage) for e in events] == [
+        (1, 3, "ranking"),
+        (2, 3, "ranking"),
+        (3, 3, "ranking"),
+    ]
+    series = lk.lookup_series(images, top=4, rerank=True)
+    assert rankings == series["rankings"] and picks == series["picks"]
+    rankings, picks = _rank_all(lk, images, 4, False, False)
+    assert rankings == lk.lookup_many(images, top=4, rerank=False) and picks == [r[0][0] for r in rankings]
+
+
 def test_a_stack_gives_one_section_per_plane(cli_index):
     folder, reference, _ = cli_index
     write_tiff(folder / "stack.tif", reference[[6, 12]])

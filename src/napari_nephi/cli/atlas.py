@@ -267,12 +267,24 @@ def _csv_text(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _rank_all(lk, images: list, top: int, series: bool, rerank: bool | None = None) -> tuple[list, list[int]]:
-    """Per section its ranking (best first) and the chosen plate."""
+def _rank_all(
+    lk, images: list, top: int, series: bool, rerank: bool, progress: Progress | None = None
+) -> tuple[list, list[int]]:
+    """Per section its ranking (best first) and the chosen plate (``series``: smoothed as
+    :meth:`AtlasLookup.lookup_series`). Re-ranked lookups (about a second each) report progress per
+    section; the embedding alone ranks every section in one batch."""
+    from ..engines.atlas.series import smooth_series
+
+    progress = progress or Progress(None)
+    if rerank:
+        rankings = []
+        for k, image in enumerate(images):
+            rankings += lk.lookup_many([image], top=top, rerank=True)
+            progress.step(k + 1, len(images), stage="ranking")
+    else:
+        rankings = lk.lookup_many(images, top=top, rerank=False)
     if series:
-        result = lk.lookup_series(images, top=top, rerank=rerank)
-        return result["rankings"], [int(p) for p in result["picks"]]
-    rankings = lk.lookup_many(images, top=top, rerank=rerank)
+        return rankings, [int(p) for p in smooth_series(rankings, lk.n_plates)["picks"]]
     return rankings, [int(r[0][0]) for r in rankings]
 
 
@@ -293,15 +305,15 @@ def cmd_atlas_lookup(args: argparse.Namespace) -> int:
     names, files, images = ([s[k] for s in sections] for k in range(3))
     bars = ProgressBars(quiet=args.quiet)
     rerank = lk.rerank_default if args.rerank is None else bool(args.rerank)
-    rankings, picks = _rank_all(lk, images, min(args.top, lk.n_plates), args.series, rerank)
     register = args.register or args.labels
     registrations = []
     progress = Progress(bars)
     try:
+        rankings, picks = _rank_all(lk, images, min(args.top, lk.n_plates), args.series, rerank, progress)
         for k, (image, pick) in enumerate(zip(images, picks, strict=True)):
             if register:
                 registrations.append(lk.register(image, pick, method=args.method, device=args.device))
-            progress.step(k + 1, len(images), stage="registering" if register else "ranking")
+                progress.step(k + 1, len(images), stage="registering")
     finally:
         bars.close()
     quicknii = _quicknii(lk, names, images, picks, registrations)
