@@ -188,22 +188,42 @@ def test_rerank_by_pose_reaches_the_lookup(make_napari_viewer, qtbot, toy_refere
     assert widget.rerank.isChecked() == widget.lookup.rerank_default  # follows the index's default
     widget.section.set_layer(viewer.layers["section"])
     calls = []
-    real = widget.lookup.lookup
+    real, real_search = widget.lookup.lookup, widget.lookup.search_poses
 
     def recording(*args, **kwargs):
-        calls.append(kwargs)
+        calls.append(kwargs.get("rerank"))
         return real(*args, **kwargs)
 
-    widget.lookup.lookup = recording
-    for checked in (True, False):
+    def searching(*args, **kwargs):  # re-ranking: the pose search itself, with the job's cancel
+        calls.append("pose search" if kwargs.get("cancel") is not None else "no cancel")
+        return real_search(*args, **kwargs)
+
+    widget.lookup.lookup, widget.lookup.search_poses = recording, searching
+    for checked, call in ((True, "pose search"), (False, False)):
         widget.rerank.setChecked(checked)
         _run(widget, qtbot, widget.find_plates)
-        assert calls[-1]["rerank"] is checked and errors == []
+        assert calls[-1] == call and errors == []
         expected = real(section, top=widget.top.value(), rerank=checked)
         assert widget.gallery.plates() == [p for p, _ in expected]
         kind = "pose distance" if checked else "embedding distance"  # the tooltips say which
         assert widget.gallery.item(0).toolTip().startswith(f"plate {expected[0][0]}, {kind}")
-    assert len(calls) == 2
+    assert calls.count("pose search") == 1 and calls.count(False) == 1  # one find each way
+
+
+def test_the_pose_search_stops_on_cancel(trained_lookup, toy_reference):
+    from napari_nephi import Cancelled
+    from napari_nephi.widgets import _atlas_jobs as jobs
+
+    section = section_from_atlas(toy_reference[0], 12.0)
+    checks = []
+
+    def cancel_during_the_search():
+        checks.append(1)
+        return len(checks) >= 2  # the first check passes, the next one (inside the search) stops
+
+    with pytest.raises(Cancelled):
+        jobs.find_plates(None, cancel_during_the_search, trained_lookup, section, 5, rerank=True)
+    assert len(checks) == 2
 
 
 def test_train_cancel_then_train_and_save(make_napari_viewer, qtbot, toy_reference, tmp_path, errors):

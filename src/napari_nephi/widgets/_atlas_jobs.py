@@ -84,11 +84,17 @@ def save_index(progress, cancel, lookup, path: str) -> Path:
 
 
 def find_plates(progress, cancel, lookup, section, top: int, rerank: bool | None = None) -> dict:
-    """The ``top`` plates for ``section`` with their gallery thumbnails (``rerank``: see ``lookup``)."""
-    hits = lookup.lookup(section, top=top, rerank=rerank)
+    """The ``top`` plates for ``section`` with their gallery thumbnails (``rerank``: see ``lookup``).
+
+    The pose search of a re-ranked lookup reports its progress and stops on ``cancel`` between its steps.
+    """
+    reranked = lookup.rerank_default if rerank is None else bool(rerank)
+    if reranked:
+        hits = lookup.search_poses(section, progress=progress, cancel=cancel).ranking[:top]
+    else:
+        hits = lookup.lookup(section, top=top, rerank=False)
     Progress(progress, cancel).check()
     thumbnails = [lookup.plates.thumbnail(i, size=THUMBNAIL) for i, _ in hits]
-    reranked = lookup.rerank_default if rerank is None else bool(rerank)
     return {"hits": hits, "thumbnails": thumbnails, "reranked": reranked}
 
 
