@@ -13,7 +13,7 @@ import torch
 
 from napari_nephi import InputError
 from napari_nephi.engines.atlas.plates import Plates
-from napari_nephi.engines.atlas.rerank import PoseSearch, check_rerank_options
+from napari_nephi.engines.atlas.rerank import SEEDED, PoseSearch, check_rerank_options
 from napari_nephi.synthetic.atlas import section_from_atlas
 
 #: Plates the top pick may lie from the truth (a cut's centre rounds to a plate; neighbours are
@@ -126,6 +126,18 @@ def test_prior_weight_pulls_the_ranking_to_the_first_stage(search, toy_reference
     pulled = search.search(section, order, check_rerank_options({**opts, "prior_weight": 1.0}))
     assert abs(free.ranking[0][0] - plate) <= PLATE_TOLERANCE
     assert abs(pulled.ranking[0][0] - favoured) <= PLATE_TOLERANCE  # plate 20 loses 0.5 (half-way to median)
+
+
+def test_seeded_search_is_local_and_finds_the_plate(search, toy_reference):
+    reference, _ = toy_reference
+    plate, seed_plate = 24, 22  # the first stage two plates off
+    section = section_from_atlas(reference, plate, (0.0, 6.0))
+    order = sorted(((p, float(abs(p - seed_plate))) for p in range(search.n)), key=lambda t: (t[1], t[0]))
+    seeded = search.search(section, order, check_rerank_options(SEEDED))
+    full = search.search(section, order, check_rerank_options({}))
+    assert abs(seeded.ranking[0][0] - plate) <= PLATE_TOLERANCE, seeded.ranking[:5]
+    assert all(abs(p - seed_plate) <= 6 for p in seeded.poses)  # nothing searched far away
+    assert seeded.pairs < full.pairs / 3
 
 
 def test_half_section_is_matched_at_its_true_scale(search, toy_reference):

@@ -59,7 +59,7 @@ from .preprocess import _segment, downsample, to_grey
 from .region_fit import RegionAtlas, SectionSamples
 from .region_fit import refine as refine_pose
 
-__all__ = ["DEFAULTS", "Pose", "PoseSearch", "RerankResult", "check_rerank_options"]
+__all__ = ["DEFAULTS", "SEEDED", "Pose", "PoseSearch", "RerankResult", "check_rerank_options"]
 
 #: Options of the re-ranking (``rerank_options`` of :meth:`AtlasLookup.lookup`).
 DEFAULTS = {
@@ -80,6 +80,12 @@ DEFAULTS = {
     "prior_weight": 0.0,  # score lost by a pose whose plate the first stage ranks far (0: none)
     "region_refine": 0,  # best distinct stage-2 poses refined by the correlation ratio (0: none)
 }
+#: Options of a seeded search, for a first stage whose best plate lies within about 2 plates of the
+#: truth: no sweep of the atlas, its best plate and 2 neighbours each side in stage 1, one
+#: hypothesis (plus the anchor) in stage 2. With a simulated first stage off by up to 2 plates
+#: (benchmarks/atlas_rerank_diagnosis.py --simulate-offset 2) mean rank 1.30 / 1.52 on query seeds
+#: 0 / 1 at 113-138 ms CPU per section (load 3.5-5), against 0.5 s for the defaults.
+SEEDED = {"sweep_step": 0, "shortlist": 1, "neighbours": 2, "hypotheses": 1, "anchors": 1}
 #: Scales searched, as factors of the tissue-extent guess: a cut shortens the extents (the true
 #: scale is then larger than the guess); a whole section matches it within a specimen's variation.
 MIN_SCALE_FACTOR = 0.88
