@@ -125,3 +125,20 @@ def test_widget_trains_on_a_brainglobe_atlas(fake_cache, make_napari_viewer, qtb
     with qtbot.waitSignal(widget.run_done, timeout=120000):
         assert widget.train()
     assert errors == [] and widget.lookup.settings["brainglobe"]["plate_positions"][0] == FRONT
+
+
+def test_quicknii_anchoring_follows_the_registration(fake_cache):
+    from napari_nephi.cli._quicknii import anchoring
+    from napari_nephi.cli.atlas import _quicknii
+
+    reference, _, _ = fake_cache
+    lk = train_brainglobe(AtlasLookup, NAME, **TINY)
+    plate = 6
+    section = np.pad(lk.plate_image(plate), ((8, 8), (4, 4)))  # the plate 8 rows down, 4 columns right
+    reg = lk.register(section, plate, method="affine", device="cpu")
+    (entry,) = _quicknii(lk, ["s"], [section], [plate], [reg])["slices"]
+    h, w = section.shape  # the section's corners on the plate: shifted back by (8, 4)
+    corners = np.array([[-8.5, -4.5], [-8.5, w - 4.5], [h - 8.5, -4.5]])
+    expected = anchoring(corners, FRONT + plate, (1.0, 1.0), reference.shape)
+    np.testing.assert_allclose(entry["anchoring"], expected, atol=0.5)
+    assert (entry["width"], entry["height"]) == (w, h)
