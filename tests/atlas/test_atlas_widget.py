@@ -316,3 +316,24 @@ def test_multiscale_section_uses_a_level_that_fits(
     np.testing.assert_allclose(carried.translate, (3.0, 7.0))
     inside = truth > 0
     assert np.mean(carried.data[inside] == truth[inside]) > 0.5
+
+
+def test_train_from_a_folder_of_plates_with_labels(
+    make_napari_viewer, qtbot, toy_reference, tmp_path, errors
+):
+    from napari_nephi.io import write_tiff
+
+    reference, labels = toy_reference
+    for name, stack in (("plates", reference[::4]), ("labels", labels[::4].astype(np.uint16))):
+        (tmp_path / name).mkdir()
+        for k, image in enumerate(stack):  # natural order: p2 after p1, p10 after p9
+            write_tiff(tmp_path / name / f"p{k + 1}.tif", image)
+    viewer, widget = _widget(make_napari_viewer, toy_reference)
+    widget.source.set_kind("file or folder")
+    widget.source.path.setText(str(tmp_path / "plates"))
+    widget.source.annotation_path.setText(str(tmp_path / "labels"))
+    widget.steps.setValue(2)
+    _run(widget, qtbot, widget.train)
+    assert errors == [] and widget.lookup.n_plates == 10
+    np.testing.assert_array_equal(widget.lookup.plate_labels(9), labels[36])
+    assert "10 plates, with labels" in widget.index_status.text()
