@@ -166,6 +166,30 @@ def test_ranking_reports_progress_per_reranked_section(cli_index):
     assert rankings == lk.lookup_many(images, top=4, rerank=False) and picks == [r[0][0] for r in rankings]
 
 
+def test_labels_into_their_own_folder_as_the_issue_writes_it(cli_index, tmp_path, capsys):
+    folder, reference, labels = cli_index
+    section = tmp_path / "s9.tif"
+    write_tiff(section, section_from_atlas(reference, 9.0))
+    out, own = tmp_path / "out", tmp_path / "labels_out"
+    index = str(folder / "index")
+    # napari-nephi atlas-lookup INDEX SECTION... --top 5 --register --labels OUT
+    args = ["atlas-lookup", index, str(section), "--top", "5", "--register", "--labels", str(own),
+            "-o", str(out), "--no-rerank", "--method", "affine", "-q"]  # fmt: skip
+    assert main(args) == 0
+    assert (out / "warped" / "s9.tif").exists() and not (out / "labels").exists()
+    carried = tifffile.imread(own / "s9.tif")
+    assert carried.shape == (48, 48) and set(np.unique(carried).tolist()) <= set(np.unique(labels).tolist())
+    assert len(np.unique(carried)) >= 4
+    # --labels before the sections would take a section for its folder: said so, nothing done
+    assert (
+        main(["atlas-lookup", index, "--labels", str(section), str(section), "-o", str(tmp_path / "o")]) == 2
+    )
+    assert "give the sections before --labels" in one_error_line(capsys)
+    assert main(["atlas-lookup", index, str(section), "--labels", str(out), "-o", str(out)]) == 2
+    assert "is the output folder itself" in one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_stack_gives_one_section_per_plane(cli_index):
     folder, reference, _ = cli_index
     write_tiff(folder / "stack.tif", reference[[6, 12]])

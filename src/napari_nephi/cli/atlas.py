@@ -10,7 +10,7 @@ section and writes into ``OUT`` (atomically: everything appears at the end):
   ``--register``, also the regions on the section: label, name, pixels);
 * with ``--register``: ``warped/NAME.tif`` (the chosen plate registered onto the section) and,
   when the atlas has labels, ``labels/NAME.tif`` (its region labels on the section, values kept);
-  ``--labels`` writes only the labels;
+  ``--labels`` alone writes only the labels, ``--labels DIR`` writes them into the folder DIR;
 * for an index built from a brainglobe atlas: ``quicknii.json``, the chosen positions as a
   QuickNII / DeepSlice anchoring series (open it in QuickNII, VisuAlign or ABBA).
 """
@@ -102,7 +102,15 @@ def add_parsers(subparsers) -> None:
         "scale, tilt; contrast-invariant; about a second per section on a CPU); default: the index's",
     )
     q.add_argument("--register", action="store_true", help="register the chosen plate onto each section")
-    q.add_argument("--labels", action="store_true", help="write only the warped labels (implies --register)")
+    q.add_argument(
+        "--labels",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="DIR",
+        help="write the atlas labels registered onto each section (implies --register; the registered "
+        "plates only with --register too): into OUT/labels, or into the folder DIR",
+    )
     q.add_argument("--method", default="nephi", choices=METHODS, help="registration method")
     q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     add_quiet(q)
@@ -290,11 +298,12 @@ def _rank_all(
 
 def cmd_atlas_lookup(args: argparse.Namespace) -> int:
     """Run ``napari-nephi atlas-lookup``."""
-    from ..io import write_image, write_labels
+    from ..io import write_image
 
     if args.top < 1:
         raise InputError(f"--top must be at least 1, got {args.top}.")
     out = check_output_folder(args.output)
+    labels_dir = _labels_folder(args.labels, out)
     lk = _load_index(args.index, args.device)
     if args.labels and not lk.plates.has_labels:
         raise InputError(
@@ -305,7 +314,7 @@ def cmd_atlas_lookup(args: argparse.Namespace) -> int:
     names, files, images = ([s[k] for s in sections] for k in range(3))
     bars = ProgressBars(quiet=args.quiet)
     rerank = lk.rerank_default if args.rerank is None else bool(args.rerank)
-    register = args.register or args.labels
+    register = args.register or bool(args.labels)
     registrations = []
     progress = Progress(bars)
     try:
@@ -331,21 +340,50 @@ def cmd_atlas_lookup(args: argparse.Namespace) -> int:
             entry["regions"] = region_table(lk, reg.metrics.get("labels"))
         (tmp / "ranks.json").write_text(json.dumps(summary, indent=2))
         for name, reg in zip(names, registrations, strict=False):
-            if not args.labels:
+            if args.register:
                 (tmp / "warped").mkdir(exist_ok=True)
                 write_image(str(tmp / "warped" / f"{name}.tif"), np.asarray(reg.warped, np.float32), None)
-            labels = reg.metrics.get("labels")
-            if labels is not None:
-                (tmp / "labels").mkdir(exist_ok=True)
-                write_labels(str(tmp / "labels" / f"{name}.tif"), np.asarray(labels), None)
+        if labels_dir is None:
+            _write_labels(tmp / "labels", names, registrations)
         if quicknii is not None:
             (tmp / "quicknii.json").write_text(json.dumps(quicknii, indent=2))
+    if labels_dir is not None:
+        with output_folder(labels_dir) as tmp:
+            _write_labels(tmp, names, registrations)
     if not args.quiet:
         for name, ranking, pick in zip(names, rankings, picks, strict=True):
             shown = ", ".join(f"{int(i)} ({float(d):.3f})" for i, d in ranking[:3])
             print(f"{name}: plate {pick}; best {shown}")
-        print(f"Results written to {out}")
+        print(f"Results written to {out}" + (f", labels to {labels_dir}" if labels_dir is not None else ""))
     return 0
+
+
+def _labels_folder(value, out: Path) -> Path | None:
+    """The folder of ``--labels DIR`` (checked before any work), or None for OUT/labels."""
+    if isinstance(value, bool):
+        return None
+    path = Path(value)
+    if path.is_file():
+        raise InputError(
+            f"--labels takes a folder for the labels, but {path} is a file (a section?): give the sections "
+            "before --labels, or a folder after it."
+        )
+    if path.resolve() == out.resolve():
+        raise InputError(
+            f"--labels {path} is the output folder itself; without DIR the labels go to {out}/labels."
+        )
+    return check_output_folder(path)
+
+
+def _write_labels(folder: Path, names: list[str], registrations: list) -> None:
+    """``folder/NAME.tif`` of every registration's carried labels (none when the atlas has none)."""
+    from ..io import write_labels
+
+    for name, reg in zip(names, registrations, strict=False):
+        labels = reg.metrics.get("labels")
+        if labels is not None:
+            folder.mkdir(exist_ok=True)
+            write_labels(str(folder / f"{name}.tif"), np.asarray(labels), None)
 
 
 def _quicknii(lk, names, images, picks, registrations) -> dict | None:
