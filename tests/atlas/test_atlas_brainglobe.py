@@ -74,6 +74,17 @@ def test_plates_outside_the_annotation_are_left_out_and_positions_kept(fake_cach
     assert len(made) == 1
 
 
+def test_a_damaged_cache_says_to_install_again(fake_cache, monkeypatch):
+    def offline(self, name, check_latest=True):  # brainglobe reaching for the network
+        raise ConnectionError("Max retries exceeded with url: /atlases/toy_mouse_50um.tar.gz")
+
+    monkeypatch.setattr(sys.modules["brainglobe_atlasapi"].BrainGlobeAtlas, "__init__", offline)
+    with pytest.raises(
+        InputError, match=r"could not be read \(ConnectionError.*brainglobe install -a toy_mouse_50um"
+    ):
+        read_brainglobe(NAME)
+
+
 def test_the_index_keeps_the_atlas_positions(fake_cache, tmp_path):
     reference, annotation, _ = fake_cache
     lk = train_brainglobe(AtlasLookup, NAME, **TINY)

@@ -132,9 +132,15 @@ def read_brainglobe(name: str) -> CachedAtlas:
             f"downloads atlases. On a machine with network run `brainglobe install -a {name}` (copy its "
             "~/.brainglobe folder here if this machine is offline), then try again."
         )
-    atlas = api.BrainGlobeAtlas(name, check_latest=False)
-    reference = np.asarray(atlas.reference)
-    annotation = np.asarray(atlas.annotation)
+    try:
+        atlas = api.BrainGlobeAtlas(name, check_latest=False)
+        reference = np.asarray(atlas.reference)
+        annotation = np.asarray(atlas.annotation)
+    except (OSError, ValueError, KeyError) as exc:  # a damaged cache folder, or a download attempted
+        raise InputError(
+            f"The brainglobe atlas {name!r} in the local cache could not be read ({type(exc).__name__}: "
+            f"{exc}). Install it again with `brainglobe install -a {name}` on a machine with network."
+        ) from exc
     if reference.ndim != 3 or annotation.shape != reference.shape:
         raise InputError(
             f"The brainglobe atlas {name!r} has a reference of shape {reference.shape} and an annotation of "
