@@ -35,7 +35,10 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   shifts within :data:`LOCAL_REACH` of it (smaller FFTs). Defaults (session 9, phantom benchmark):
   the embedding's 12 best plates and every 6th plate give the accuracy of 25 and every 3rd (mean
   rank 2.45 / 3.82 on query seeds 0 / 1, against 2.95 / 3.8 with session 8's search) at about
-  0.5 s of CPU per section (session 8's search: 1.16 s, measured at the same moment).
+  0.5 s of CPU per section (session 8's search: 1.16 s, measured at the same moment). Session 10
+  (session-9 index): the joint tilt search and 2 anchors took the mean rank from 1.73 / 3.73 to
+  1.57 / 2.78 (query seeds 0 / 1; 3.72 -> 2.53 on seed 6, 2.77 -> 3.05 on seed 5) for about 13 %
+  more CPU. :data:`SEEDED` is the search for a first stage that is already close.
 * **Ranking.** A pose's plate is the atlas ``z`` of the section's tissue centre under it (what users
   mean by the plate of a section). Every plate ``p`` gets the distance
   ``1 - max over stage-2 poses (score - plate_penalty * |z - p|)`` (0 for a perfect match, 1 for no
@@ -99,8 +102,10 @@ REFINE_PLATES = 2
 #: Stage 2 searches shifts up to this share of ``work_size`` (canvas pixels per axis) from the
 #: stage-1 pose (whose error is a coarse pixel or two): smaller FFTs than a search of every shift.
 LOCAL_REACH = 0.25
-#: Plate offsets of the cuts of the joint pitch x yaw grid (the finer grid after it tries -1, 0, 1).
+#: Plate offsets of the cuts of the joint pitch x yaw grid and of the finer grid after it (measured:
+#: the finer grid at offset 0 alone, mean rank 2.07 / 2.98 against 1.57 / 2.78 on query seeds 0 / 1).
 JOINT_DZ = (0,)
+FINE_DZ = (-1, 0, 1)
 #: Poses refined by the correlation ratio start at least this many plates apart.
 REGION_GAP = 2.0
 
@@ -299,7 +304,7 @@ class _Refine:
                 and abs(top.tilt[1] + dy) <= limit
             ]
             if finer:
-                top = max([top, self._score(cuts(finer, top))], key=lambda p: p.score)
+                top = max([top, self._score(cuts(finer, top, FINE_DZ))], key=lambda p: p.score)
         else:
             pitched = self._score(cuts([(t, 0.0) for t in angles]))
             pitch = pitched.tilt[0] if pitched.score > best.score else 0.0
