@@ -29,6 +29,10 @@ Methods (``--methods``):
 * ``ncc+rerank``: the NCC ranking's shortlist re-ranked by the same pose search (no network).
 
 ``--rerank-options JSON`` passes options to the re-ranking (see ``rerank.DEFAULTS``).
+``--first-stage`` sets the network indexes' first stage (``AtlasLookup.first_stage``: ``embedding``,
+``vote`` or ``vote+embedding``; default: the index's own, the cell vote when it has a cell head):
+the ranking of ``ours``, ``paper``, ``ours+sections`` and the order the pose search of
+``ours+rerank`` starts from.
 
 Columns: mean rank of the true plate (0-based, the paper's MAE), mean |picked - true| in plates,
 Top-1/3/5/10 (%), train seconds, ms per lookup (one section at a time, all plates ranked; wall
@@ -200,10 +204,14 @@ def train_method(name: str, ref, labels, train_secs, args) -> dict:
             if folder is not None:
                 lk.save(folder)
 
+        if args.first_stage is not None:
+            lk.first_stage = args.first_stage
+
         def rank(img, lk=lk):
             return [p for p, _ in lk.lookup(img, top=None, rerank=False)]
 
         settings = {k: v for k, v in lk.settings.items() if k != "history"}
+        settings["first_stage"] = lk.first_stage
         out = dict(rank=rank, train_s=train_s, lk=lk, settings=settings)
     out["load"] = max(load0, load_average())
     print(f"  {name}: ready in {out['train_s']:.1f} s (load {out['load']:.1f})", flush=True)
@@ -315,6 +323,9 @@ def parse(argv=None):
     p.add_argument("--index-dir", default=None, help="save trained indexes here; load them when present")
     p.add_argument("--json", default=None, help="write the results here (after every method)")
     p.add_argument("--rerank-options", default="{}", help="JSON options of the re-ranking (rerank.DEFAULTS)")
+    p.add_argument(
+        "--first-stage", default=None, help="embedding, vote or vote+embedding (default: the index's own)"
+    )
     args = p.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]
     args.methods = [m for m in args.methods.split(",") if m]

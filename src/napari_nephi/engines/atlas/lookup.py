@@ -24,7 +24,7 @@ from ...core.errors import InputError
 from ...core.options import check_int
 from ...core.progress import CancelFlag, Progress, ProgressCallback
 from ...core.registration import Registration
-from .network import EmbeddingNet, embed
+from .network import EmbeddingNet, embed, embed_cells
 from .plates import Plates
 from .preprocess import image_list
 from .rerank import PoseSearch, RerankResult, check_rerank_options
@@ -36,6 +36,7 @@ from .train import (
     synthesis_config,
     train_network,
 )
+from .vote import max_gradient, section_vote
 
 #: Default of ``rerank`` in :meth:`AtlasLookup.lookup` (benchmarks/README.md, "Atlas lookup"). On the
 #: phantom benchmark re-ranking lowers the mean rank of the true plate from 11.7 to 2.7 (Top-5 45 ->
@@ -44,6 +45,17 @@ from .train import (
 #: --no-rerank``, the widget's "Re-rank by pose" unticked) gives the embedding's ranking alone,
 #: within the 50 ms target.
 RERANK_DEFAULT = True
+#: First stages (:attr:`AtlasLookup.first_stage`): the embedding's distances, the cell vote
+#: (:mod:`.vote`), or the vote's mean negative log-likelihood plus ``VOTE_EMBEDDING_WEIGHT`` times the
+#: embedding distance.
+FIRST_STAGES = ("embedding", "vote", "vote+embedding")
+VOTE_EMBEDDING_WEIGHT = 1.0
+#: First stage of an index with a cell head. On the phantom benchmark (session 10, full defaults, one
+#: index; mean rank of the true plate for query seeds 0 / 1 / 60 other sections, Top-5 %) the
+#: embedding gave 6.73 / 7.75 / 4.92 (67 / 65 / 70), the vote 6.38 / 7.03 / 5.02 (58 / 60 / 77),
+#: the vote plus the embedding distance 6.45 / 6.87 / 4.98 (62 / 63 / 78): fewer far misses than the
+#: embedding alone at a few ms more (benchmarks/README.md, "Atlas lookup").
+FIRST_STAGE_DEFAULT = "vote+embedding"
 
 
 class AtlasLookup:
@@ -73,6 +85,25 @@ class AtlasLookup:
         #: Whether :meth:`lookup` re-ranks by the pose search when ``rerank`` is not given.
         self.rerank_default = RERANK_DEFAULT
         self._pose_search: PoseSearch | None = None
+        self._first_stage = "embedding" if self._net.cell_head is None else FIRST_STAGE_DEFAULT
+
+    @property
+    def first_stage(self) -> str:
+        """How plates are ranked without re-ranking, and the order the pose search gets
+        (:data:`FIRST_STAGES`): :data:`FIRST_STAGE_DEFAULT` for an index with a cell head, else
+        ``"embedding"`` (the only one an index without a cell head has)."""
+        return self._first_stage
+
+    @first_stage.setter
+    def first_stage(self, value: str) -> None:
+        if value not in FIRST_STAGES:
+            raise InputError(f"first_stage must be one of {', '.join(FIRST_STAGES)}, got {value!r}.")
+        if value != "embedding" and self._net.cell_head is None:
+            raise InputError(
+                f"first_stage {value!r} needs an index trained with a cell head (vote > 0); this one has "
+                "none: train the index again, or rank by the embedding."
+            )
+        self._first_stage = value
 
     # -- making one --------------------------------------------------------------------------
     @classmethod
@@ -128,21 +159,21 @@ class AtlasLookup:
             "best_step": result.best_step,
             "val_mean_rank": result.val_mean_rank,
             "stopped": result.stopped,
-            "real_sections": 0 if sections is None else len(list(section_plates or [])),
+            "real_sections": 0 if section_plates is None else len(list(section_plates)),
             "fingerprint": plates.fingerprint(),
             "plate_shapes": [list(s) for s in plates.shapes],
+            "vote_pixel_scale": result.pixel_scale,
             "history": result.history,
         }
         return cls(result.net, plates, emb, settings, region_names, device=str(dev))
 
     @classmethod
     def from_brainglobe(cls, name: str, **options) -> AtlasLookup:
-        """Train on a brainglobe atlas from the local brainglobe cache (never downloads)."""
-        from .brainglobe import load_brainglobe
+        """Train on a brainglobe atlas from the local brainglobe cache (never downloads); the index's
+        ``settings["brainglobe"]`` keeps the atlas's name, resolution, shape and plate positions."""
+        from .brainglobe import train_brainglobe
 
-        reference, annotation, names = load_brainglobe(name)
-        options.setdefault("region_names", names)
-        return cls.train(reference, annotation, **options)
+        return train_brainglobe(cls, name, **options)
 
     def save(self, path) -> Path:
         """Write the index folder ``path`` atomically (see :mod:`.store`)."""
@@ -247,7 +278,7 @@ class AtlasLookup:
         section = _section(section)
         prog = Progress(progress, cancel)
         prog.check()
-        order = self._rank(self.embed([section]), self.n_plates)[0]
+        order = self._first_rank([section], self.n_plates)[0]
         if self._pose_search is None:
             self._pose_search = PoseSearch(self._plates)
         return self._pose_search.search(section, order, opts, prog)
@@ -283,7 +314,23 @@ class AtlasLookup:
         if self._use_rerank(rerank):
             return [self.search_poses(s, rerank_options).ranking[:k] for s in images]
         check_rerank_options(rerank_options)
-        return self._rank(self.embed(images), k)
+        return self._first_rank(images, k)
+
+    def _first_rank(self, images: list, k: int) -> list[list[tuple[int, float]]]:
+        """The ``k`` best plates of each section by :attr:`first_stage`."""
+        if self._first_stage == "embedding":
+            return self._rank(self.embed(images), k)
+        emb, logp, covers = embed_cells(self._net, images, device=self._device, mirror=self.mirror)
+        size = self._net.config.input_size
+        gradient = max_gradient(float(self._settings.get("vote_pixel_scale") or 1.0))
+        out = []
+        for q in range(len(images)):
+            d = -section_vote(logp[q], covers[q], size, gradient).scores
+            if self._first_stage == "vote+embedding":
+                d = d + VOTE_EMBEDDING_WEIGHT * np.linalg.norm(self._embeddings - emb[q], axis=1)
+            order = np.argsort(d, kind="stable")[:k]
+            out.append([(int(j), float(d[j])) for j in order])
+        return out
 
     def lookup_series(
         self,

@@ -9,6 +9,7 @@ a black background, and inputs of any size are downsampled first (never refused)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -288,9 +289,9 @@ def clahe(image: np.ndarray, clip_limit: float = CLAHE_CLIP) -> np.ndarray:
     return op.apply(u8).astype(np.float32) / np.float32(255)
 
 
-def _coarse_crop(grey: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _coarse_crop(grey: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """The box of ``grey`` around the tissue of ``mask`` (a smaller copy of it), one mask pixel wider
-    on each side, and the mask inside that box."""
+    on each side, the mask inside that box, and the box's first row and column in ``grey``."""
     y0, y1, x0, x1 = _box(mask)
     y0, y1, x0, x1 = max(0, y0 - 1), min(mask.shape[0], y1 + 1), max(0, x0 - 1), min(mask.shape[1], x1 + 1)
     fy, fx = grey.shape[0] / mask.shape[0], grey.shape[1] / mask.shape[1]
@@ -298,7 +299,43 @@ def _coarse_crop(grey: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nda
         slice(int(y0 * fy), min(grey.shape[0], int(np.ceil(y1 * fy)))),
         slice(int(x0 * fx), min(grey.shape[1], int(np.ceil(x1 * fx)))),
     )
-    return np.ascontiguousarray(grey[box]), mask[y0:y1, x0:x1]
+    return np.ascontiguousarray(grey[box]), mask[y0:y1, x0:x1], (box[0].start, box[1].start)
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """Where the pixels of a network input came from, as :func:`prepare_input_geometry` made it.
+
+    Input pixel ``(r, c)`` (centre) lies at ``(scale[0] * r + offset[0], scale[1] * c + offset[1])``
+    in the pixels of the image given (the crop, pad and resize are axis-aligned). ``mask``: the
+    ``(size, size)`` float32 share of each input pixel that is tissue (0 on the padding).
+    """
+
+    scale: tuple[float, float]
+    offset: tuple[float, float]
+    mask: np.ndarray
+
+    def source(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(ys, xs)``: the source-image coordinates of the centres of a ``size`` x ``size`` input."""
+        r = np.arange(size, dtype=np.float64)
+        ys = self.scale[0] * r + self.offset[0]
+        xs = self.scale[1] * r + self.offset[1]
+        return ys, xs
+
+
+def _block(k: int, start: float = 0.0) -> tuple[float, float]:
+    """(scale, offset) of a block mean by ``k`` of an image from ``start``: out i <- in k*i + (k-1)/2."""
+    return float(k), start + (k - 1) / 2.0
+
+
+def _compose(outer: tuple[float, float], inner: tuple[float, float]) -> tuple[float, float]:
+    """``outer(inner(x))`` of two maps ``x -> a * x + b``."""
+    return outer[0] * inner[0], outer[0] * inner[1] + outer[1]
+
+
+def _factor(shape: tuple, longest: int) -> int:
+    """The whole factor of :func:`_downsample` (1 when the image fits)."""
+    return max(1, -(-max(shape[:2]) // longest))
 
 
 def prepare_input(image, size: int = 128, name: str = "image") -> np.ndarray:
@@ -312,7 +349,15 @@ def prepare_input(image, size: int = 128, name: str = "image") -> np.ndarray:
     Lazy arrays (dask, zarr, h5py) larger than the working size are read strip by strip and
     downsampled on the way, so a section larger than memory is not refused.
     """
+    return prepare_input_geometry(image, size, name)[0]
+
+
+def prepare_input_geometry(image, size: int = 128, name: str = "image") -> tuple[np.ndarray, InputGeometry]:
+    """:func:`prepare_input` and its :class:`InputGeometry` (input pixels -> image pixels, tissue mask)."""
     size = _check_size(size)
+    shape = _lazy_layout(image)
+    shape = shape[0] if shape is not None else np.shape(image)
+    k1 = _factor(shape, WORK_FACTOR * size) if len(shape) >= 2 else 1
     grey = to_grey(downsample(image, WORK_FACTOR * size, name), name)
     # the tissue is found on a small copy (fast), then its outline refined on the finer crop
     small = _downsample(grey, max(SEGMENT_FACTOR * size, 256))
@@ -325,8 +370,9 @@ def prepare_input(image, size: int = 128, name: str = "image") -> np.ndarray:
         )
     if bright_bg:
         grey = 1.0 - grey
-    crop, region = _coarse_crop(grey, mask)
+    crop, region, start = _coarse_crop(grey, mask)
     # CLAHE's tiles are relative to the image: working at most at 2x the output size is plenty
+    k2 = _factor(crop.shape, 2 * size)
     crop = np.clip(_downsample(crop, 2 * size), 0.0, 1.0)  # area sums may round past 1
     region = cv2.resize(region.astype(np.float32), crop.shape[::-1], interpolation=cv2.INTER_LINEAR)
     fine = region > 0.5
@@ -344,8 +390,19 @@ def prepare_input(image, size: int = 128, name: str = "image") -> np.ndarray:
     square = np.zeros((side, side), dtype=np.float32)
     oy, ox = (side - shape[0]) // 2, (side - shape[1]) // 2
     square[oy : oy + shape[0], ox : ox + shape[1]] = crop
-    out = _resize(square, (size, size))
-    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+    out = np.clip(_resize(square, (size, size)), 0.0, 1.0).astype(np.float32, copy=False)
+    cover = np.zeros((side, side), dtype=np.float32)
+    cover[oy : oy + shape[0], ox : ox + shape[1]] = crop_mask
+    cover = np.clip(_resize(cover, (size, size)), 0.0, 1.0)
+    # input pixel -> square (resize about pixel centres) -> fine crop -> coarse crop -> grey -> image
+    geometry = []
+    for axis, (pad, fine0) in enumerate(((oy, y0), (ox, x0))):
+        m = (side / size, 0.5 * side / size - 0.5 - pad + fine0)
+        m = _compose(_block(k2, start[axis]), m)
+        geometry.append(_compose(_block(k1), m))
+    return out, InputGeometry(
+        (geometry[0][0], geometry[1][0]), (geometry[0][1], geometry[1][1]), cover.astype(np.float32)
+    )
 
 
 def image_list(images: Sequence | np.ndarray) -> list:

@@ -388,9 +388,10 @@ class SectionSynthesizer:
         """
         return self._draw(plate_index, seed, truth=False).image
 
-    def sample_with_truth(self, plate_index: int, *, seed=None) -> SyntheticSection:
-        """As :meth:`sample` (the same draws for the same seed), with atlas coordinates and labels."""
-        return self._draw(plate_index, seed, truth=True)
+    def sample_with_truth(self, plate_index: int, *, seed=None, labels: bool = True) -> SyntheticSection:
+        """As :meth:`sample` (the same draws for the same seed), with atlas coordinates and labels
+        (``labels=False``: coordinates only, the labels left ``None`` unless a restain needed them)."""
+        return self._draw(plate_index, seed, truth=True, want_labels=labels)
 
     def batch(self, plate_indices) -> list[np.ndarray]:
         """One :meth:`sample` per plate index."""
@@ -413,7 +414,7 @@ class SectionSynthesizer:
             )
         return idx
 
-    def _draw(self, plate_index, seed, truth: bool) -> SyntheticSection:
+    def _draw(self, plate_index, seed, truth: bool, want_labels: bool = True) -> SyntheticSection:
         idx = self._check_index(plate_index)
         rng = self._rng if seed is None else np.random.default_rng(seed)
         cfg = self.config
@@ -468,7 +469,8 @@ class SectionSynthesizer:
             tissue = (image < fr.threshold) if fr.bright else (image > fr.threshold)
             keep, folds = self._damage(tissue, rng, params)
         restain = cfg.restain > 0 and rng.random() < cfg.restain
-        labels = self._labels_at(coords) if (truth or restain) and self.plates.has_labels else None
+        need = (truth and want_labels) or restain
+        labels = self._labels_at(coords) if need and self.plates.has_labels else None
         if restain:
             image = _restain(image, labels, fr, rng, params)
         image = self._apply_damage(image, keep, folds, fr.background)
