@@ -72,7 +72,9 @@ def test_plate_adjust_steps_within_the_atlas(make_napari_viewer, qtbot):
     assert (adjust.values()["rotation"], adjust.values()["scale"]) == (0.0, 1.0)
 
 
-def test_atlas_source_spec_follows_the_kind(make_napari_viewer, qtbot):
+def test_atlas_source_spec_follows_the_kind(make_napari_viewer, qtbot, monkeypatch):
+    from napari_nephi.widgets import _atlas_parts as _parts
+
     viewer = make_napari_viewer()
     image = viewer.add_image(np.zeros((4, 8, 8)), name="volume")
     labels = viewer.add_labels(np.zeros((4, 8, 8), np.uint8), name="regions")
@@ -87,6 +89,17 @@ def test_atlas_source_spec_follows_the_kind(make_napari_viewer, qtbot):
     source.plate_axis.setValue(2)
     spec = source.spec()
     assert spec == {"kind": "file or folder", "plate_axis": 2, "path": "/data/plates", "annotation_path": ""}
+    asked = []  # the file and folder buttons ask for what they say
+    monkeypatch.setattr(
+        _parts.QFileDialog, "getOpenFileName", lambda *a: asked.append("file") or ("/a/v.nii", "")
+    )
+    monkeypatch.setattr(
+        _parts.QFileDialog, "getExistingDirectory", lambda *a: asked.append("folder") or "/a/plates"
+    )
+    source.browse.click()
+    assert source.spec()["path"] == "/a/v.nii"
+    source.browse_folder.click()
+    assert source.spec()["path"] == "/a/plates" and asked == ["file", "folder"]
     source.set_kind("brainglobe atlas")
     assert source.spec()["name"] == "allen_mouse_25um" and not source.plate_axis.isEnabled()
     assert len(changes) >= 4 and SOURCES.index(source.spec()["kind"]) == 2

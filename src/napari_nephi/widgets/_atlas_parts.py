@@ -48,8 +48,10 @@ class AtlasSource(QWidget):
         self.layer = LayerPicker(viewer, (Image,))
         self.path = QLineEdit()
         self.path.setPlaceholderText("3D volume (NIfTI, TIFF) or folder of plate TIFFs")
-        self.browse = QPushButton("…")
-        self.browse.setToolTip("Choose a volume file (Shift: a folder of plates)")
+        self.browse = QPushButton("file…")
+        self.browse.setToolTip("Choose a volume file (NIfTI, TIFF)")
+        self.browse_folder = QPushButton("folder…")
+        self.browse_folder.setToolTip("Choose a folder of 2D plate images (in natural name order)")
         self.brainglobe = QLineEdit("allen_mouse_25um")
         self.brainglobe.setToolTip("A brainglobe atlas in the local cache (brainglobe install -a NAME)")
         self.annotation = LayerPicker(viewer, (Labels,), optional=True)
@@ -63,6 +65,7 @@ class AtlasSource(QWidget):
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.path)
         row.addWidget(self.browse)
+        row.addWidget(self.browse_folder)
         self.where = QStackedWidget()
         for w in (self.layer, path_row, self.brainglobe):
             self.where.addWidget(w)
@@ -76,7 +79,8 @@ class AtlasSource(QWidget):
         form.addRow("annotation", self.labels_where)
         form.addRow("plate axis", self.plate_axis)
         self.kind.currentIndexChanged.connect(self._sync)
-        self.browse.clicked.connect(self._browse)
+        self.browse.clicked.connect(lambda: self._browse(folder=False))
+        self.browse_folder.clicked.connect(lambda: self._browse(folder=True))
         for signal in (self.layer.layer_changed, self.annotation.layer_changed):
             signal.connect(lambda *_: self.changed.emit())
         for edit in (self.path, self.brainglobe, self.annotation_path):
@@ -91,10 +95,9 @@ class AtlasSource(QWidget):
         self.plate_axis.setEnabled(i != 2)
         self.changed.emit()
 
-    def _browse(self) -> None:
-        from qtpy.QtWidgets import QApplication
-
-        if QApplication.keyboardModifiers() & Qt.KeyboardModifier.ShiftModifier:
+    def _browse(self, folder: bool) -> None:
+        """Ask for the atlas volume file, or (``folder``) the folder of its plates."""
+        if folder:
             path = QFileDialog.getExistingDirectory(self, "Folder of atlas plates")
         else:
             path, _ = QFileDialog.getOpenFileName(self, "Atlas reference volume")
