@@ -135,7 +135,7 @@ def test_region_names_file_names_the_carried_regions(cli_index, tmp_path, capsys
     assert AtlasLookup.load(tmp_path / "j").region_names == {7: "CA", 12: "brainstem"}
     (tmp_path / "bad.csv").write_text("value,colour\n7,red\n")
     assert main([*train, "-o", str(tmp_path / "b"), "--region-names", str(tmp_path / "bad.csv")]) == 2
-    assert "needs a header with a value column" in one_error_line(capsys) and not (tmp_path / "b").exists()
+    assert "needs a value column (label, index" in one_error_line(capsys) and not (tmp_path / "b").exists()
     # the regions of a registered section are named in ranks.json
     write_tiff(tmp_path / "s.tif", section_from_atlas(reference, 12.0))
     out = tmp_path / "out"

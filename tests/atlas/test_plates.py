@@ -144,3 +144,18 @@ def test_constructor_takes_normalised_plates(atlas):
 def test_index_ranges():
     assert index_ranges([7, 0, 1, 2, 9, 10]) == "0-2, 7, 9-10"
     assert index_ranges([4]) == "4"
+
+
+def test_region_names_from_a_table():
+    from napari_nephi.engines.atlas.plates import region_names_from_table
+
+    table = {
+        " ID": ["7", "12", " ", None],
+        "Acronym ": ["CA1", " DG ", "x", "y"],
+        "colour": ["r", "g", "b", "k"],
+    }
+    assert region_names_from_table(table) == {7: "CA1", 12: "DG"}  # blank values skipped
+    with pytest.raises(InputError, match=r"needs a value column .* it has \['id', 'colour'\]"):
+        region_names_from_table({"id": [1], "colour": ["r"]}, "names.csv")
+    with pytest.raises(InputError, match="names.csv: label values must be whole numbers, got '1.5'"):
+        region_names_from_table({"label": ["1.5"], "name": ["a"]}, "names.csv")

@@ -127,13 +127,11 @@ def _train_options(args: argparse.Namespace) -> dict:
     return options
 
 
-#: Header names of the value and name columns of a --region-names CSV.
-VALUE_COLUMNS = ("label", "index", "value", "id")
-NAME_COLUMNS = ("name", "region", "acronym")
-
-
 def read_region_names(path: str) -> dict[int, str]:
-    """``{label value: name}`` from a CSV (columns: :data:`VALUE_COLUMNS`, :data:`NAME_COLUMNS`) or JSON."""
+    """``{label value: name}`` from a CSV with a header (a value and a name column, see
+    :func:`~napari_nephi.engines.atlas.plates.region_names_from_table`) or a JSON object."""
+    from ..engines.atlas.plates import region_names_from_table
+
     p = Path(path)
     if not p.is_file():
         raise UnsupportedFileError(f"The region names file {p} does not exist; check the path.")
@@ -145,26 +143,11 @@ def read_region_names(path: str) -> dict[int, str]:
             raise UnsupportedFileError(f"{p} is not valid JSON ({exc}).") from exc
         if not isinstance(data, dict):
             raise InputError(f"{p} must hold a JSON object {{value: name}}.")
-        pairs = list(data.items())
-    else:
-        reader = csv.DictReader(io.StringIO(text))
-        rows = [{(k or "").strip().lower(): v for k, v in r.items()} for r in reader]
-        columns = list(rows[0]) if rows else []
-        value = next((c for c in VALUE_COLUMNS if c in columns), None)
-        name = next((c for c in NAME_COLUMNS if c in columns), None)
-        if value is None or name is None:
-            raise InputError(
-                f"{p} needs a header with a value column ({', '.join(VALUE_COLUMNS)}) and a name column "
-                f"({', '.join(NAME_COLUMNS)}); it has {columns or 'no rows'}."
-            )
-        pairs = [(r[value], r[name] or "") for r in rows if (r[value] or "").strip()]
-    out = {}
-    for key, label in pairs:
-        try:
-            out[int(str(key).strip())] = str(label).strip()
-        except ValueError as exc:
-            raise InputError(f"{p}: label values must be whole numbers, got {key!r}.") from exc
-    return out
+        return region_names_from_table({"label": list(data), "name": list(data.values())}, str(p))
+    reader = csv.DictReader(io.StringIO(text))
+    rows = list(reader)
+    table = {c: [r.get(c) for r in rows] for c in reader.fieldnames or [] if c is not None}
+    return region_names_from_table(table, str(p))
 
 
 def cmd_atlas_train(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..core.errors import InputError
 from . import _atlas_jobs as jobs
 from ._atlas_parts import AtlasSource, PlateAdjust, PlateGallery
 from ._atlas_section import plane_of, section_level
@@ -443,28 +444,18 @@ class AtlasWidget(QWidget):
         return True
 
 
-#: Columns of a Labels layer's features that hold the label values, and the region names.
-VALUE_COLUMNS = ("index", "label", "value", "id")
-NAME_COLUMNS = ("region", "name", "acronym")
-
-
 def region_names_of(layer) -> dict[int, str]:
-    """``{label value: name}`` from a Labels layer's features (a value column of
-    :data:`VALUE_COLUMNS` and a name column of :data:`NAME_COLUMNS`); empty when it has none."""
+    """``{label value: name}`` from a Labels layer's features (a value and a name column, see
+    :func:`~napari_nephi.engines.atlas.plates.region_names_from_table`); empty when it has none."""
+    from ..engines.atlas.plates import region_names_from_table
+
     features = getattr(layer, "features", None)
     if features is None or len(features) == 0:
         return {}
-    value = next((c for c in VALUE_COLUMNS if c in features.columns), None)
-    name = next((c for c in NAME_COLUMNS if c in features.columns), None)
-    if value is None or name is None:
+    try:
+        return region_names_from_table({c: list(features[c]) for c in features.columns})
+    except InputError:
         return {}
-    out = {}
-    for v, n in zip(features[value], features[name], strict=True):
-        try:
-            out[int(v)] = str(n)
-        except (TypeError, ValueError):
-            continue
-    return out
 
 
 def _row(*widgets) -> QHBoxLayout:

@@ -19,7 +19,12 @@ from napari_nephi.core.options import check_int
 
 from .preprocess import tissue_mask, to_grey
 
-__all__ = ["Plates", "index_ranges"]
+__all__ = ["Plates", "index_ranges", "region_names_from_table"]
+
+#: Columns of a table of region names (a CSV, a Labels layer's features): the label values, and the
+#: names; the first column found of each tuple is used.
+VALUE_COLUMNS = ("label", "index", "value", "id")
+NAME_COLUMNS = ("name", "region", "acronym")
 
 #: Longest side of the downsampled copy of each plate that :meth:`Plates.fingerprint` hashes.
 FINGERPRINT_SIZE = 32
@@ -39,6 +44,31 @@ def index_ranges(indices: Sequence[int]) -> str:
             start = i
         prev = i
     return ", ".join(parts)
+
+
+def region_names_from_table(table, what: str = "the table") -> dict[int, str]:
+    """``{label value: name}`` from a mapping of columns (a CSV's, a DataFrame): one column of
+    :data:`VALUE_COLUMNS` and one of :data:`NAME_COLUMNS`, matched without case or spaces.
+
+    Raises :class:`InputError` naming the columns when either is missing or a value is not whole.
+    """
+    columns = {str(c).strip().lower(): c for c in table}
+    value = next((columns[c] for c in VALUE_COLUMNS if c in columns), None)
+    name = next((columns[c] for c in NAME_COLUMNS if c in columns), None)
+    if value is None or name is None:
+        raise InputError(
+            f"{what} needs a value column ({', '.join(VALUE_COLUMNS)}) and a name column "
+            f"({', '.join(NAME_COLUMNS)}); it has {list(columns) or 'none'}."
+        )
+    out = {}
+    for v, n in zip(table[value], table[name], strict=True):
+        if v is None or not str(v).strip():
+            continue
+        try:
+            out[int(str(v).strip())] = "" if n is None else str(n).strip()
+        except ValueError as exc:
+            raise InputError(f"{what}: label values must be whole numbers, got {v!r}.") from exc
+    return out
 
 
 def _resize_longest(image: np.ndarray, longest: int) -> np.ndarray:
