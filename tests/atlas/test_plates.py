@@ -49,11 +49,11 @@ def test_volume_plates_normalised(atlas):
     assert p.plate(3).max() > 0
 
 
-@pytest.mark.parametrize("axis", [1, 2])
+@pytest.mark.parametrize("axis", [1, 2, -1, -2])
 def test_plate_axis(atlas, axis):
     ref, lab = atlas
     moved, moved_lab = np.moveaxis(ref, 0, axis), np.moveaxis(lab, 0, axis)
-    p = Plates.from_reference(moved, moved_lab, plate_axis=axis)
+    p = Plates.from_reference(moved, moved_lab, plate_axis=axis)  # -1: numpy's last axis
     q = Plates.from_reference(ref, lab)
     np.testing.assert_array_equal(p.volume, q.volume)
     np.testing.assert_array_equal(p.labels(11), lab[11])

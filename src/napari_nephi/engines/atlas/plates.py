@@ -187,10 +187,10 @@ class Plates:
     def from_reference(cls, reference, annotation=None, *, plate_axis: int = 0) -> Plates:
         """The plates of a 3D reference volume or of a list of 2D plates, with optional labels.
 
-        ``reference``: a 3D volume with plates along ``plate_axis`` (grey ``(z, y, x)`` or RGB
-        ``(z, y, x, 3|4)``), normalised as a whole; or a list/tuple of 2D grey or RGB plates of any
-        shapes, each normalised on its own. ``annotation``: integer labels, a volume of the
-        reference's spatial shape or a list of one label image per plate. Raises
+        ``reference``: a 3D volume with plates along ``plate_axis`` (0 to 2, or -3 to -1 from the
+        end; grey ``(z, y, x)`` or RGB ``(z, y, x, 3|4)``), normalised as a whole; or a list/tuple
+        of 2D grey or RGB plates of any shapes, each normalised on its own. ``annotation``: integer
+        labels, a volume of the reference's spatial shape or a list of one label image per plate. Raises
         :class:`InputError` for fewer than 2 plates, plates without tissue (named), NaN values or
         labels of the wrong shape.
         """
@@ -232,7 +232,7 @@ class Plates:
                         f"The annotation has shape {raw.shape} but the reference volume has {spatial}; give "
                         "labels of the same shape."
                     )
-                axis = check_int("plate_axis", plate_axis, 0, 2)
+                axis = _plate_axis(plate_axis)
                 labels = _as_labels(np.moveaxis(raw, axis, 0), volume.shape, "annotation")
         _check_tissue(plates, volume is not None)
         out = cls.__new__(cls)
@@ -348,6 +348,11 @@ def _plates_from_list(reference: Sequence) -> list[np.ndarray]:
     return plates
 
 
+def _plate_axis(plate_axis) -> int:
+    """``plate_axis`` of a 3D volume as 0, 1 or 2 (numpy's -3 to -1 count from the end)."""
+    return check_int("plate_axis", plate_axis, -3, 2) % 3
+
+
 def _volume_from_array(reference, plate_axis) -> np.ndarray:
     """Normalised float32 ``(n, y, x)`` of a grey or RGB(A) 3D volume with plates along ``plate_axis``."""
     arr = _numeric(np.asarray(reference), "reference")
@@ -363,7 +368,7 @@ def _volume_from_array(reference, plate_axis) -> np.ndarray:
             f"plates, "
             f"got shape {arr.shape}."
         )
-    axis = check_int("plate_axis", plate_axis, 0, 2)
+    axis = _plate_axis(plate_axis)
     vol = np.moveaxis(arr, axis, 0)
     _check_count(vol.shape[0])
     if min(vol.shape[1:3]) < _MIN_SIDE:
