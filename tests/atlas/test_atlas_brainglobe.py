@@ -117,7 +117,7 @@ def test_command_line_writes_the_quicknii_anchoring(fake_cache, tmp_path, capsys
     assert series["target"] == NAME  # not a QuickNII atlas: its own voxel grid (LR, AP, DV)
     assert series["target-resolution"] == [32.0, float(reference.shape[0]), 32.0]
     (entry,) = series["slices"]
-    assert (entry["filename"], entry["width"], entry["height"]) == ("s", 32, 32)
+    assert (entry["filename"], entry["width"], entry["height"]) == ("s.tif", 32, 32)  # as QuickNII matches it
     # unregistered, the section spans its plate; the plate lies at its position in the whole atlas
     ap = reference.shape[0] - (chosen + FRONT + 0.5)
     assert entry["anchoring"] == pytest.approx([0.0, ap, 32.0, 32.0, 0.0, 0.0, 0.0, 0.0, -32.0])

@@ -190,6 +190,44 @@ def test_labels_into_their_own_folder_as_the_issue_writes_it(cli_index, tmp_path
     assert not (tmp_path / "o").exists()
 
 
+def test_png_and_jpeg_sections_and_folders(cli_index, tmp_path, capsys):
+    import cv2
+
+    from napari_nephi import AtlasLookup
+    from napari_nephi.cli._atlas_sections import read_picture
+
+    folder, reference, _ = cli_index
+    grey = (section_from_atlas(reference, 10.0) * 255).astype(np.uint8)
+    rgb = np.stack([grey, grey // 2, np.zeros_like(grey)], axis=-1)  # tissue in red and green
+    (tmp_path / "pics").mkdir()
+    cv2.imwrite(str(tmp_path / "pics" / "s10.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(tmp_path / "pics" / "s2.jpg"), grey)
+    write_tiff(tmp_path / "pics" / "s3.tif", grey)
+    np.testing.assert_array_equal(read_picture(tmp_path / "pics" / "s10.png"), rgb)  # RGB, not BGR
+    out = tmp_path / "out"
+    args = [
+        "atlas-lookup",
+        str(folder / "index"),
+        str(tmp_path / "pics"),
+        "--no-rerank",
+        "-o",
+        str(out),
+        "-q",
+    ]
+    assert main(args) == 0
+    sections = json.loads((out / "ranks.json").read_text())["sections"]
+    assert [s["section"] for s in sections] == ["s2", "s3", "s10"]  # natural order, every kind
+    lk = AtlasLookup.load(folder / "index", device="cpu")
+    expected = lk.lookup(rgb, top=5, rerank=False)
+    assert [e["plate"] for e in sections[2]["ranking"]] == [p for p, _ in expected]
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    assert (
+        main(["atlas-lookup", str(folder / "index"), str(tmp_path / "bad.png"), "-o", str(tmp_path / "o")])
+        == 2
+    )
+    assert "not a readable .png picture" in one_error_line(capsys)
+
+
 def test_a_stack_gives_one_section_per_plane(cli_index):
     folder, reference, _ = cli_index
     write_tiff(folder / "stack.tif", reference[[6, 12]])

@@ -28,6 +28,7 @@ import numpy as np
 from ..core.errors import InputError, UnsupportedFileError
 from ..core.files import check_output_folder, output_folder
 from ..core.progress import Progress
+from ._atlas_sections import read_sections
 from ._common import HelpFormatter, ProgressBars, add_key_values, add_quiet, parse_options
 
 #: REFERENCE prefix naming a brainglobe atlas instead of a file.
@@ -84,8 +85,8 @@ def add_parsers(subparsers) -> None:
         "sections",
         nargs="+",
         metavar="SECTION",
-        help="section images (2D TIFF or NIfTI, grey or RGB), stacks (one section per plane) or "
-        "folders of section TIFFs",
+        help="section images (2D TIFF, NIfTI, PNG or JPEG; grey or RGB), stacks (one section per "
+        "plane) or folders of section images",
     )
     q.add_argument("--top", type=int, default=5, help="plates ranked per section")
     q.add_argument("-o", "--output", default="atlas-lookup", metavar="OUT", help="output folder")
@@ -188,31 +189,6 @@ def cmd_atlas_train(args: argparse.Namespace) -> int:
 
 
 # -- atlas-lookup -----------------------------------------------------------------------------
-def read_sections(paths: list[str]) -> list[tuple[str, str, np.ndarray]]:
-    """``(name, file, image)`` per section: 2D files as they are, stacks and folders plane by plane."""
-    from ..io.plates import read_plate, read_reference
-    from ..io.read import read_image
-
-    out = []
-    for path in paths:
-        p = Path(path)
-        if p.is_dir():
-            plates, meta = read_reference(p, "section folder")
-            out += [(Path(f).stem, f, img) for f, img in zip(meta["files"], plates, strict=True)]
-            continue
-        data, meta, _ = read_image(p)[0]
-        data = data[0] if meta.get("multiscale") else data
-        if np.ndim(data) - int(bool(meta.get("rgb"))) == 3 and np.shape(data)[0] > 1:
-            stem = meta.get("name") or p.stem
-            out += [(f"{stem}_{k}", str(p), np.asarray(data[k])) for k in range(np.shape(data)[0])]
-        else:
-            out.append((meta.get("name") or p.stem, str(p), read_plate(p)))
-    names = [name for name, _, _ in out]
-    if len(set(names)) != len(names):  # two files of the same name in different folders
-        out = [(f"{k:04d}_{name}", f, img) for k, (name, f, img) in enumerate(out)]
-    return out
-
-
 def _load_index(path: str, device: str = "auto"):
     from .. import AtlasLookup
 
@@ -308,7 +284,7 @@ def cmd_atlas_lookup(args: argparse.Namespace) -> int:
                 progress.step(k + 1, len(images), stage="registering")
     finally:
         bars.close()
-    quicknii = _quicknii(lk, names, images, picks, registrations)
+    quicknii = _quicknii(lk, quicknii_names(names, files), images, picks, registrations)
     with output_folder(out) as tmp:
         (tmp / "ranks.csv").write_text(_csv_text(rank_rows(names, files, rankings, picks)))
         summary = {
@@ -367,6 +343,13 @@ def _write_labels(folder: Path, names: list[str], registrations: list) -> None:
         if labels is not None:
             folder.mkdir(exist_ok=True)
             write_labels(str(folder / f"{name}.tif"), np.asarray(labels), None)
+
+
+def quicknii_names(names: list[str], files: list[str]) -> list[str]:
+    """The QuickNII ``filename`` of each section: its image file's name (with its suffix, as QuickNII
+    and VisuAlign match them), or for a plane of a stack the section's name."""
+    counts = {f: files.count(f) for f in files}
+    return [Path(f).name if counts[f] == 1 else n for n, f in zip(names, files, strict=True)]
 
 
 def _quicknii(lk, names, images, picks, registrations) -> dict | None:
