@@ -194,7 +194,7 @@ def test_png_and_jpeg_sections_and_folders(cli_index, tmp_path, capsys):
     import cv2
 
     from napari_nephi import AtlasLookup
-    from napari_nephi.cli._atlas_sections import read_picture
+    from napari_nephi.cli._atlas_files import read_picture
 
     folder, reference, _ = cli_index
     grey = (section_from_atlas(reference, 10.0) * 255).astype(np.uint8)
@@ -226,6 +226,35 @@ def test_png_and_jpeg_sections_and_folders(cli_index, tmp_path, capsys):
         == 2
     )
     assert "not a readable .png picture" in one_error_line(capsys)
+
+
+def test_atlas_train_on_a_folder_of_png_plates(cli_index, tmp_path):
+    import cv2
+
+    from napari_nephi import AtlasLookup
+
+    _, reference, labels = cli_index
+    for name in ("plates", "labels"):
+        (tmp_path / name).mkdir()
+    for k, z in enumerate(range(0, 24, 3)):  # scanned pages of different sizes, natural order
+        crop = slice(k % 3, 48 - k % 2)
+        cv2.imwrite(str(tmp_path / "plates" / f"page{z}.png"), (reference[z, crop] * 255).astype(np.uint8))
+        cv2.imwrite(str(tmp_path / "labels" / f"page{z}.png"), labels[z, crop].astype(np.uint16))
+    index = tmp_path / "index"
+    tiny = ["--steps", "2", "--device", "cpu", "--option", "input_size=32", "--option", "widths=[4, 8]",
+            "--option", "embedding_dim=8", "--option", "validation_size=4", "-q"]  # fmt: skip
+    args = [
+        "atlas-train",
+        str(tmp_path / "plates"),
+        "--annotation",
+        str(tmp_path / "labels"),
+        "-o",
+        str(index),
+    ]
+    assert main([*args, *tiny]) == 0
+    lk = AtlasLookup.load(index)
+    assert lk.n_plates == 8 and lk.plates.shapes[1] == (46, 48)  # page3: rows 1-46
+    np.testing.assert_array_equal(lk.plate_labels(7), labels[21, 1:47])  # page21, values kept
 
 
 def test_a_stack_gives_one_section_per_plane(cli_index):

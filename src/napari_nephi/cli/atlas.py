@@ -28,7 +28,7 @@ import numpy as np
 from ..core.errors import InputError, UnsupportedFileError
 from ..core.files import check_output_folder, output_folder
 from ..core.progress import Progress
-from ._atlas_sections import read_sections
+from ._atlas_files import read_atlas, read_sections
 from ._common import HelpFormatter, ProgressBars, add_key_values, add_quiet, parse_options
 
 #: REFERENCE prefix naming a brainglobe atlas instead of a file.
@@ -155,7 +155,6 @@ def cmd_atlas_train(args: argparse.Namespace) -> int:
     """Run ``napari-nephi atlas-train``."""
     from .. import AtlasLookup
     from ..engines.atlas.brainglobe import train_brainglobe
-    from ..io.plates import read_reference
 
     out = check_output_folder(args.output)  # before any training: fail at once, not after it
     options = _train_options(args)
@@ -175,8 +174,8 @@ def cmd_atlas_train(args: argparse.Namespace) -> int:
                 )
             lk = train_brainglobe(AtlasLookup, args.reference[len(BRAINGLOBE) :], **common)
         else:
-            reference, _ = read_reference(args.reference)
-            annotation = read_reference(args.annotation, "annotation")[0] if args.annotation else None
+            reference = read_atlas(args.reference)
+            annotation = read_atlas(args.annotation, "annotation") if args.annotation else None
             lk = AtlasLookup.train(reference, annotation, plate_axis=args.plate_axis, **common)
     finally:
         bars.close()

@@ -1,8 +1,9 @@
-"""The sections ``napari-nephi atlas-lookup`` reads: images, stacks and folders, TIFF, NIfTI or pictures.
+"""The files of the atlas commands: sections (images, stacks, folders) and atlases given as folders.
 
-Besides what :func:`napari_nephi.io.read_image` reads (TIFF, NIfTI, slides), sections may be
-ordinary pictures (PNG, JPEG, BMP: the images QuickNII, VisuAlign and DeepSlice work with), read
-by OpenCV. A folder gives its TIFF and picture files in natural name order (``s2`` before ``s10``).
+Besides what :func:`napari_nephi.io.read_image` reads (TIFF, NIfTI, slides), sections and plates
+may be ordinary pictures (PNG, JPEG, BMP: the images QuickNII, VisuAlign and DeepSlice work with,
+and scanned atlas pages), read by OpenCV. A folder gives its TIFF and picture files in natural
+name order (``s2`` before ``s10``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def read_picture(path: Path) -> np.ndarray:
     return image
 
 
-def folder_sections(folder: Path) -> list[Path]:
+def image_files(folder: Path, what: str = "section") -> list[Path]:
     """TIFF and picture files directly in ``folder`` (hidden ones skipped), in natural name order."""
     try:
         files = [
@@ -46,12 +47,10 @@ def folder_sections(folder: Path) -> list[Path]:
             if f.is_file() and not f.name.startswith(".") and (is_tiff(f) or is_picture(f))
         ]
     except OSError as exc:
-        raise UnsupportedFileError(
-            f"Cannot list the section folder {folder}: {exc.strerror or exc}."
-        ) from exc
+        raise UnsupportedFileError(f"Cannot list the {what} folder {folder}: {exc.strerror or exc}.") from exc
     if not files:
         raise UnsupportedFileError(
-            f"The section folder {folder} holds no section image (.tif, .tiff, {', '.join(PICTURES)})."
+            f"The {what} folder {folder} holds no image (.tif, .tiff, {', '.join(PICTURES)})."
         )
     return sorted(files, key=lambda f: natural_key(f.name))
 
@@ -78,7 +77,7 @@ def read_sections(paths: list[str]) -> list[tuple[str, str, np.ndarray]]:
     out = []
     for path in paths:
         p = Path(path)
-        files = folder_sections(p) if p.is_dir() else [p]
+        files = image_files(p) if p.is_dir() else [p]
         for f in files:
             found = _read_file(f)
             if p.is_dir() and len(found) > 1:
@@ -90,3 +89,17 @@ def read_sections(paths: list[str]) -> list[tuple[str, str, np.ndarray]]:
     if len(set(names)) != len(names):  # two files of the same name in different folders
         out = [(f"{k:04d}_{name}", f, img) for k, (name, f, img) in enumerate(out)]
     return out
+
+
+def read_atlas(path: str, what: str = "reference"):
+    """An atlas reference (or its annotation, ``what``): a volume file as
+    :func:`napari_nephi.io.plates.read_reference` reads it, or a folder of 2D plate images (TIFF or
+    pictures, sizes free) as a list in natural name order."""
+    from ..io.plates import read_plate, read_reference
+
+    p = Path(path)
+    if not p.is_dir():
+        return read_reference(p, what)[0]
+    return [
+        read_picture(f) if is_picture(f) else read_plate(f, f"{what} plate") for f in image_files(p, what)
+    ]
