@@ -218,7 +218,9 @@ def test_rerank_by_pose_reaches_the_lookup(make_napari_viewer, qtbot, toy_refere
         assert calls[-1] == call and errors == []
         expected = real(section, top=widget.top.value(), rerank=checked)
         assert widget.gallery.plates() == [p for p, _ in expected]
-        kind = "pose distance" if checked else "embedding distance"  # the tooltips say which
+        kind = (
+            "pose distance" if checked else f"{widget.lookup.first_stage} distance"
+        )  # the tooltips say which
         assert widget.gallery.item(0).toolTip().startswith(f"plate {expected[0][0]}, {kind}")
     assert calls.count("pose search") == 1 and calls.count(False) == 1  # one find each way
 

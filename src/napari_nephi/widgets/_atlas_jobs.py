@@ -95,7 +95,8 @@ def find_plates(progress, cancel, lookup, section, top: int, rerank: bool | None
         hits = lookup.lookup(section, top=top, rerank=False)
     Progress(progress, cancel).check()
     thumbnails = [lookup.plates.thumbnail(i, size=THUMBNAIL) for i, _ in hits]
-    return {"hits": hits, "thumbnails": thumbnails, "reranked": reranked}
+    first = getattr(lookup, "first_stage", "embedding")  # what ranks without the pose search
+    return {"hits": hits, "thumbnails": thumbnails, "reranked": reranked, "first_stage": first}
 
 
 def plate_preview(progress, cancel, lookup, plate: int) -> dict:

@@ -338,7 +338,7 @@ class AtlasWidget(QWidget):
 
     def _find_done(self, result) -> None:
         hits = result["hits"]
-        what = "pose distance (1 - similarity)" if result["reranked"] else "embedding distance"
+        what = "pose distance (1 - similarity)" if result["reranked"] else f"{result['first_stage']} distance"
         self.gallery.set_hits(hits, result["thumbnails"], what)  # chooses the best: the plate follows
         shown = ", ".join(f"{p} ({d:.3f})" for p, d in hits[:3])
         self._finish(f"Best plates: {shown}. Choose one, then Register.")
