@@ -87,7 +87,9 @@ DEFAULTS = {
 #: truth: no sweep of the atlas, its best plate and 2 neighbours each side in stage 1, one
 #: hypothesis (plus the anchor) in stage 2. With a simulated first stage off by up to 2 plates
 #: (benchmarks/atlas_rerank_diagnosis.py --simulate-offset 2) mean rank 1.30 / 1.52 on query seeds
-#: 0 / 1 at 113-138 ms CPU per section (load 3.5-5), against 0.5 s for the defaults.
+#: 0 / 1 at 113-138 ms CPU per section (load 3.5-5), against 0.5 s for the defaults. With session
+#: 10's cell vote as the first stage it is not yet that close: 6.98 / 5.98 (partial and combined
+#: sections misplaced by the vote), 142 ms; the defaults on that index: 2.22 / 2.98.
 SEEDED = {"sweep_step": 0, "shortlist": 1, "neighbours": 2, "hypotheses": 1, "anchors": 1}
 #: Scales searched, as factors of the tissue-extent guess: a cut shortens the extents (the true
 #: scale is then larger than the guess); a whole section matches it within a specimen's variation.
