@@ -95,6 +95,7 @@ def test_the_index_keeps_the_atlas_positions(fake_cache, tmp_path):
     assert info == {"name": NAME, "resolution": [50.0, 50.0, 50.0], "shape": list(reference.shape),
                     "plate_positions": list(range(FRONT, FRONT + n))}  # fmt: skip
     assert AtlasLookup.load(lk.save(tmp_path / "index")).settings["brainglobe"] == info
+    assert AtlasLookup.from_brainglobe(NAME, **TINY).settings["brainglobe"] == info  # the public way
     with pytest.raises(InputError, match="plate_axis"):
         train_brainglobe(AtlasLookup, NAME, plate_axis=1, **TINY)
 
