@@ -114,6 +114,7 @@ import numpy as np
 import torch
 
 from napari_nephi import AtlasLookup
+from napari_nephi.engines.atlas.lookup import FIRST_STAGES
 from napari_nephi.synthetic.atlas import section_from_atlas, toy_atlas
 
 #: Study-scale training options (small enough for many runs on a shared 2-core machine).
@@ -234,6 +235,14 @@ def run(name: str, options: dict, count: int, seed: int) -> list[dict]:
     base["steps_done"] = lk.settings["steps_done"]
     ranked = lk.lookup_many(images, top=None, rerank=False)
     rows = [{**base, "variant": "plain", **scores(ranked, truth)}]
+    if lk.net.cell_head is not None:  # the other first stages of an index with a cell head
+        default = lk.first_stage
+        for stage in [s for s in FIRST_STAGES if s != default]:
+            lk.first_stage = stage
+            rows.append(
+                {**base, "variant": stage, **scores(lk.lookup_many(images, top=None, rerank=False), truth)}
+            )
+        lk.first_stage = default
     for case in dict.fromkeys(cases or []):  # the phantom's cases, in order
         pick = [k for k, c in enumerate(cases) if c == case]
         rows.append({**base, "variant": case, **scores([ranked[k] for k in pick], [truth[k] for k in pick])})

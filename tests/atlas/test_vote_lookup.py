@@ -8,6 +8,7 @@ import torch
 
 from napari_nephi import AtlasLookup
 from napari_nephi.core.errors import InputError
+from napari_nephi.engines.atlas.lookup import FIRST_STAGE_DEFAULT
 from napari_nephi.engines.atlas.network import EmbeddingConfig, EmbeddingNet, embed_with_cells
 
 from .conftest import FAST_OPTIONS
@@ -79,7 +80,7 @@ def test_index_without_head_ranks_by_embedding(vote_lookup):
 
 def test_vote_index_trains_saves_and_loads(vote_lookup, toy_reference, cut_sections, tmp_path):
     lk = vote_lookup
-    assert lk.net.cell_head is not None and lk.first_stage == "vote+embedding"
+    assert lk.net.cell_head is not None and lk.first_stage == FIRST_STAGE_DEFAULT
     assert lk.settings["vote_pixel_scale"] > 0
     history = [h for h in lk.settings["history"] if "val_vote_rank" in h]
     assert [h["step"] for h in history] == [20, 40]
@@ -102,7 +103,8 @@ def test_vote_index_trains_saves_and_loads(vote_lookup, toy_reference, cut_secti
     lk.first_stage = "vote+embedding"
     path = lk.save(tmp_path / "index")
     again = AtlasLookup.load(path, device="cpu")
-    assert again.first_stage == "vote+embedding"  # the default of an index with a cell head
+    assert again.first_stage == FIRST_STAGE_DEFAULT  # not saved: the default of an index with a head
+    again.first_stage = "vote+embedding"
     assert again.lookup_many(sections, top=None, rerank=False) == rankings["vote+embedding"]
     again.first_stage = "vote"
     assert again.lookup_many(sections, top=None, rerank=False) == rankings["vote"]

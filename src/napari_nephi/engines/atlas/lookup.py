@@ -53,9 +53,12 @@ VOTE_EMBEDDING_WEIGHT = 1.0
 #: First stage of an index with a cell head. On the phantom benchmark (session 10, full defaults, one
 #: index; mean rank of the true plate for query seeds 0 / 1 / 60 other sections, Top-5 %) the
 #: embedding gave 6.73 / 7.75 / 4.92 (67 / 65 / 70), the vote 6.38 / 7.03 / 5.02 (58 / 60 / 77),
-#: the vote plus the embedding distance 6.45 / 6.87 / 4.98 (62 / 63 / 78): fewer far misses than the
-#: embedding alone at a few ms more (benchmarks/README.md, "Atlas lookup").
-FIRST_STAGE_DEFAULT = "vote+embedding"
+#: the vote plus the embedding distance 6.45 / 6.87 / 4.98 (62 / 63 / 78); re-ranked by the pose
+#: search, the embedding's order gave 1.53 / 3.07 and the vote plus embedding's 2.22 / 2.98 (seeds 0 /
+#: 1), and on two toy atlases (benchmarks/atlas_method_study.py, 500 steps) the embedding ranked
+#: better (3.27 / 1.96 against 3.36 / 2.24). No clear gain: the embedding stays the first stage; the
+#: cell head is trained because it makes the embedding better (train.py's module docstring).
+FIRST_STAGE_DEFAULT = "embedding"
 
 
 class AtlasLookup:
