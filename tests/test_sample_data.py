@@ -338,3 +338,17 @@ def test_sample_layers_build_in_napari():
             layer = layers_mod.Layer.create(data, kwargs, kind)
             assert layer.name == kwargs["name"]
             np.testing.assert_allclose(layer.scale, kwargs["scale"])
+
+
+def test_atlas_sample_labels_name_their_regions(make_napari_viewer):
+    """The sample's labels carry region names as features, which the Atlas lookup widget reads."""
+    from napari_nephi import sample_data
+    from napari_nephi.synthetic.atlas import ATLAS_REGIONS
+    from napari_nephi.widgets.atlas_widget import region_names_of
+
+    viewer = make_napari_viewer()
+    data, kwargs, _ = sample_data.atlas_sample()[1]
+    layer = viewer.add_labels(data, **kwargs)
+    names = region_names_of(layer)
+    assert set(np.unique(data)) - {0} <= set(names)
+    assert names[7] == ATLAS_REGIONS[7] == "hippocampus left"

@@ -12,6 +12,7 @@ Where a sample has a known answer it travels in the layer ``metadata``:
 from __future__ import annotations
 
 from .synthetic import em_stack, ihc_pair, mri_pair, section_from_atlas, tc_pair, toy_atlas
+from .synthetic.atlas import ATLAS_REGIONS
 
 __all__ = ["tc_sample", "ihc_sample", "mri_sample", "em_sample", "atlas_sample"]
 
@@ -34,10 +35,12 @@ def _moving(data, name, scale, metadata=None):
     return (data, kwargs, "image")
 
 
-def _labels(data, name, scale, metadata=None):
+def _labels(data, name, scale, metadata=None, features=None):
     kwargs = {"name": name, "scale": tuple(scale), "opacity": 0.5}
     if metadata:
         kwargs["metadata"] = metadata
+    if features:
+        kwargs["features"] = features
     return (data, kwargs, "labels")
 
 
@@ -89,6 +92,10 @@ def em_sample():
     ]
 
 
+def _region_table() -> dict:
+    return {"index": list(ATLAS_REGIONS), "name": list(ATLAS_REGIONS.values())}
+
+
 def atlas_sample():
     """A toy 3D brain atlas with region labels, and an oblique partial section cut from it."""
     reference, labels = toy_atlas(seed=0)
@@ -96,6 +103,7 @@ def atlas_sample():
     sc = (1.0, 1.0, 1.0)
     return [
         (reference, {"name": "toy atlas", "scale": sc, "colormap": "gray"}, "image"),
-        _labels(labels, "toy atlas labels", sc),
+        # region names as the layer's features: napari shows them on hover, the Atlas lookup widget reads them
+        _labels(labels, "toy atlas labels", sc, features=_region_table()),
         (section, {"name": "section (toy atlas)", "scale": (1.0, 1.0)}, "image"),
     ]
