@@ -194,7 +194,7 @@ def test_png_and_jpeg_sections_and_folders(cli_index, tmp_path, capsys):
     import cv2
 
     from napari_nephi import AtlasLookup
-    from napari_nephi.cli._atlas_files import read_picture
+    from napari_nephi.io.atlas_files import read_picture
 
     folder, reference, _ = cli_index
     grey = (section_from_atlas(reference, 10.0) * 255).astype(np.uint8)

@@ -28,7 +28,7 @@ import numpy as np
 from ..core.errors import InputError, UnsupportedFileError
 from ..core.files import check_output_folder, output_folder
 from ..core.progress import Progress
-from ._atlas_files import read_atlas, read_sections
+from ..io.atlas_files import read_atlas, read_sections
 from ._common import HelpFormatter, ProgressBars, add_key_values, add_quiet, parse_options
 
 #: REFERENCE prefix naming a brainglobe atlas instead of a file.

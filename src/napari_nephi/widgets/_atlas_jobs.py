@@ -28,14 +28,14 @@ def read_source(source: dict) -> tuple:
 
     For a layer source the spec holds the layers' data under ``data`` / ``annotation_data``.
     """
-    from ..io.plates import read_reference
+    from ..io.atlas_files import read_atlas
 
     if source["kind"] == "file or folder":
         if not source.get("path"):
             raise InputError("Give the path of the atlas: a 3D volume file or a folder of plate images.")
-        reference, _ = read_reference(source["path"])
+        reference = read_atlas(source["path"])
         labels = source.get("annotation_path")
-        annotation = read_reference(labels, "annotation")[0] if labels else None
+        annotation = read_atlas(labels, "annotation") if labels else None
         return reference, annotation
     return source["data"], source.get("annotation_data")
 

@@ -1,4 +1,4 @@
-"""The files of the atlas commands: sections (images, stacks, folders) and atlases given as folders.
+"""The files of the atlas command and widget: sections (images, stacks, folders) and atlases given as folders.
 
 Besides what :func:`napari_nephi.io.read_image` reads (TIFF, NIfTI, slides), sections and plates
 may be ordinary pictures (PNG, JPEG, BMP: the images QuickNII, VisuAlign and DeepSlice work with,
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError, UnsupportedFileError
-from ..io._util import is_tiff, natural_key
+from ._util import is_tiff, natural_key
 
 #: Suffixes of pictures read by OpenCV.
 PICTURES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -57,8 +57,8 @@ def image_files(folder: Path, what: str = "section") -> list[Path]:
 
 def _read_file(path: Path) -> list[tuple[str, str, np.ndarray]]:
     """``(name, file, image)`` of a 2D image file, or one per plane of a stack."""
-    from ..io.plates import read_plate
-    from ..io.read import read_image
+    from .plates import read_plate
+    from .read import read_image
 
     if is_picture(path):
         if not path.exists():
@@ -95,7 +95,7 @@ def read_atlas(path: str, what: str = "reference"):
     """An atlas reference (or its annotation, ``what``): a volume file as
     :func:`napari_nephi.io.plates.read_reference` reads it, or a folder of 2D plate images (TIFF or
     pictures, sizes free) as a list in natural name order."""
-    from ..io.plates import read_plate, read_reference
+    from .plates import read_plate, read_reference
 
     p = Path(path)
     if not p.is_dir():
