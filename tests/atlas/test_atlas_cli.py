@@ -187,7 +187,19 @@ def test_labels_into_their_own_folder_as_the_issue_writes_it(cli_index, tmp_path
     assert "give the sections before --labels" in one_error_line(capsys)
     assert main(["atlas-lookup", index, str(section), "--labels", str(out), "-o", str(out)]) == 2
     assert "is the output folder itself" in one_error_line(capsys)
-    assert not (tmp_path / "o").exists()
+    # a labels folder holding the output (or inside it) would replace it when written
+    nested = ["-o", str(tmp_path / "res" / "out")]
+    assert main(["atlas-lookup", index, str(section), "--labels", str(tmp_path / "res"), *nested]) == 2
+    assert "lie one inside the other" in one_error_line(capsys)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "res").exists()
+
+
+def test_quicknii_names_are_file_names_unless_two_files_share_one():
+    from napari_nephi.cli.atlas import quicknii_names
+
+    names = ["s1", "0001_s1", "0002_s1", "st_0", "st_1"]
+    files = ["x/a.png", "y/s1.png", "z/s1.png", "st.tif", "st.tif"]
+    assert quicknii_names(names, files) == ["a.png", "0001_s1", "0002_s1", "st_0", "st_1"]
 
 
 def test_png_and_jpeg_sections_and_folders(cli_index, tmp_path, capsys):

@@ -324,3 +324,16 @@ def test_an_affine_stage_that_lowers_the_edge_agreement_is_dropped(toy_reference
     monkeypatch.setattr(module, "STAGE_DROP", -2.0)  # the start wins whatever the stage does
     reg, found, name = module._best_stage(section, mask, plate, pmask, start, common, options, ("plate",))
     assert (reg, name) == (None, "start") and np.array_equal(found, start)
+
+
+def test_a_large_section_given_as_a_nested_list_registers_like_its_array(trained_lookup, toy_reference):
+    """A section without a dtype (a nested list) larger than the work grid is read whole, not by blocks."""
+    from napari_nephi.engines.atlas.register import MAX_WORK_SIDE
+
+    reference, _ = toy_reference
+    plate = np.kron(np.asarray(reference[20], np.float32), np.ones((24, 24), np.float32))
+    assert max(plate.shape) >= 2 * MAX_WORK_SIDE
+    by_array = trained_lookup.register(plate, 20, method="affine")
+    by_list = trained_lookup.register(plate.tolist(), 20, method="affine")
+    same = np.mean(np.asarray(by_list.metrics["labels"]) == np.asarray(by_array.metrics["labels"]))
+    assert same > 0.97  # the same map up to the reduction (block means against one resize)

@@ -101,7 +101,10 @@ def test_vote_index_trains_saves_and_loads(vote_lookup, toy_reference, cut_secti
         for plate, d in ranking[:5]:
             assert np.isclose(d, vote_d[plate] + np.linalg.norm(lk.embeddings[plate] - emb[q]), atol=1e-4)
     lk.first_stage = "vote+embedding"
-    path = lk.save(tmp_path / "index")
+    try:
+        path = lk.save(tmp_path / "index")
+    finally:
+        lk.first_stage = FIRST_STAGE_DEFAULT  # the fixture is shared
     again = AtlasLookup.load(path, device="cpu")
     assert again.first_stage == FIRST_STAGE_DEFAULT  # not saved: the default of an index with a head
     again.first_stage = "vote+embedding"

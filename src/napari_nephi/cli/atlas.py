@@ -330,6 +330,11 @@ def _labels_folder(value, out: Path) -> Path | None:
         raise InputError(
             f"--labels {path} is the output folder itself; without DIR the labels go to {out}/labels."
         )
+    if out.resolve().is_relative_to(path.resolve()) or path.resolve().is_relative_to(out.resolve()):
+        raise InputError(
+            f"--labels {path} and the output folder {out} lie one inside the other; each is replaced as a "
+            "whole when written, so give folders side by side (or no DIR: the labels go to OUT/labels)."
+        )
     return check_output_folder(path)
 
 
@@ -347,8 +352,8 @@ def _write_labels(folder: Path, names: list[str], registrations: list) -> None:
 def quicknii_names(names: list[str], files: list[str]) -> list[str]:
     """The QuickNII ``filename`` of each section: its image file's name (with its suffix, as QuickNII
     and VisuAlign match them), or for a plane of a stack the section's name."""
-    counts = {f: files.count(f) for f in files}
-    return [Path(f).name if counts[f] == 1 else n for n, f in zip(names, files, strict=True)]
+    base = [Path(f).name for f in files]  # QuickNII matches by file name, so two folders' s1.png clash
+    return [b if base.count(b) == 1 else n for n, b in zip(names, base, strict=True)]
 
 
 def _quicknii(lk, names, images, picks, registrations) -> dict | None:

@@ -43,7 +43,7 @@ class EmbeddingConfig:
     vote_plates: int = 0
     vote_cells: int = 8
     vote_hidden: int = 96
-    vote_context: str = "global"
+    vote_context: str = "stages"
 
     def __post_init__(self) -> None:
         self.input_size = check_int("input_size", self.input_size, 16, 2048)

@@ -38,7 +38,7 @@ LEVELS = 12
 #: Longest side (pixels) of the section's tissue for the correlation ratio.
 FIT_SIZE = 64
 #: Initial steps of the pattern search: plates, degrees (pitch, yaw, rotation), log scale, plate
-#: pixels (times the plate's tissue extent / 100); each is halved when no neighbour improves.
+#: pixels (times the largest plate's longest side / 100); each is halved when no neighbour improves.
 STEPS = (1.0, 4.0, 4.0, 3.0, 0.04, 1.5, 1.5)
 #: Halvings of the steps before the search stops, and the most moves.
 HALVINGS = 3
@@ -73,7 +73,7 @@ class RegionAtlas:
         self.shapes = np.array([g.shape for g in groups])
         self.volume = np.stack(groups) if self.is_volume else None
         self.plates = None if self.is_volume else groups
-        #: tissue extent (longest side, plate pixels) of the largest plate: the unit of shifts
+        #: longest side (plate pixels, background included) of the largest plate: the unit of shifts
         self.size = float(max(max(s) for s in self.shapes))
 
     def lookup(self, points: np.ndarray) -> np.ndarray:

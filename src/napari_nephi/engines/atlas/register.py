@@ -101,11 +101,13 @@ def _working_image(section) -> tuple[np.ndarray, np.ndarray, tuple[float, float]
     A section larger than the work grid is first reduced by whole blocks (:func:`block_mean`), so
     no full-size copy of it is made; ``zoom`` is then the exact size of a work pixel in section pixels.
     """
+    if not hasattr(section, "dtype"):  # a nested list, a PIL image: an array first
+        section = np.asarray(section)
     shape = np.shape(section)
     reducible = len(shape) == 2 or (len(shape) == 3 and shape[-1] in (3, 4))
     k = int(max(shape[:2]) // MAX_WORK_SIDE) if reducible and min(shape[:2]) > 0 else 1
     kind = getattr(getattr(section, "dtype", None), "kind", "")
-    if k >= 2 and kind in "biuf":
+    if k >= 2 and kind in ("b", "i", "u", "f"):
         reduced = block_mean(section, k)
     else:
         k, reduced = 1, section

@@ -187,7 +187,7 @@ def check_train_options(options: dict) -> dict:
     o["vote_cells"] = check_int("vote_cells", o["vote_cells"], 1, 32)
     o["vote_context"] = check_choice("vote_context", o["vote_context"], VOTE_CONTEXTS)
     o["vote_sigma"] = check_float("vote_sigma", o["vote_sigma"], 0.0, 100.0, low_open=True)
-    if o["vote_cells"] > o["input_size"] // 4:
+    if o["vote"] > 0 and o["vote_cells"] > o["input_size"] // 4:
         raise InputError(
             f"Option vote_cells ({o['vote_cells']}) must be at most input_size / 4 "
             f"({o['input_size'] // 4}): a cell needs a few pixels."
@@ -214,7 +214,7 @@ def network_config(options: dict, n_plates: int = 0) -> EmbeddingConfig:
         embedding_dim=options["embedding_dim"],
         vote_plates=n_plates if vote else 0,
         vote_cells=options.get("vote_cells", 8),
-        vote_context=options.get("vote_context", "global"),
+        vote_context=options.get("vote_context", DEFAULTS["vote_context"]),
     )
 
 
@@ -441,12 +441,14 @@ def _vote_rank(
     net.eval()
     covers, gradient = vote[0], vote[1]
     ranks = []
-    for i in range(0, len(x), 64):
-        logp = embed_with_cells(net, x[i : i + 64].to(device), mirror)[1].cpu().numpy()
-        for j, lp in enumerate(logp):
-            scores = section_vote(lp, covers[i + j], x.shape[-1], gradient).scores
-            ranks.append(int((scores > scores[truth[i + j]]).sum()))
-    net.train(was_training)
+    try:
+        for i in range(0, len(x), 64):
+            logp = embed_with_cells(net, x[i : i + 64].to(device), mirror)[1].cpu().numpy()
+            for j, lp in enumerate(logp):
+                scores = section_vote(lp, covers[i + j], x.shape[-1], gradient).scores
+                ranks.append(int((scores > scores[truth[i + j]]).sum()))
+    finally:
+        net.train(was_training)
     return float(np.mean(ranks))
 
 
