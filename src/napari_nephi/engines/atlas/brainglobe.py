@@ -163,13 +163,6 @@ def read_brainglobe(name: str) -> CachedAtlas:
     )
 
 
-def load_brainglobe(name: str) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-    """``(reference, annotation, {label value: structure name})`` of a locally cached brainglobe atlas,
-    without its blank end plates (:func:`read_brainglobe`)."""
-    atlas = read_brainglobe(name)
-    return atlas.reference, atlas.annotation, atlas.names
-
-
 def train_brainglobe(cls, name: str, **options):
     """An index (``cls``: :class:`~.lookup.AtlasLookup`) trained on the cached brainglobe atlas ``name``.
 
