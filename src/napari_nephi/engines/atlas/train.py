@@ -222,20 +222,17 @@ def _batch_tensor(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([prepare_input(im, size) for im in images]))[:, None]
 
 
-def _plate_truth(plates: Plates, size: int) -> torch.Tensor:
-    """``(n, 3, size, size)`` cell-head truth of the clean plates (each at its own plate position)."""
-    out = []
-    for i in range(plates.n):
-        _, geometry = prepare_input_geometry(plates.plate(i), size)
-        out.append(truth_channels(float(i), geometry, size))
-    return torch.from_numpy(np.stack(out))
+def _plate_truth(geometries: Sequence, size: int) -> torch.Tensor:
+    """``(n, 3, size, size)`` cell-head truth of the clean plates (each at its own plate position),
+    from their :func:`.preprocess.prepare_input_geometry` geometries."""
+    return torch.from_numpy(np.stack([truth_channels(float(i), g, size) for i, g in enumerate(geometries)]))
 
 
-def pixel_scale(plates: Plates, size: int) -> float:
+def pixel_scale(geometries: Sequence) -> float:
     """Atlas pixels per network-input pixel of the largest plate (a whole section's, the most a
-    section's input pixel spans; the cell vote's gradients are bounded with it)."""
-    scales = [max(prepare_input_geometry(plates.plate(i), size)[1].scale) for i in range(plates.n)]
-    return float(max(scales))
+    section's input pixel spans; the cell vote's gradients are bounded with it), from the plates'
+    :func:`.preprocess.prepare_input_geometry` geometries."""
+    return float(max(max(g.scale) for g in geometries))
 
 
 def _view_with_truth(synth: SectionSynthesizer, plate: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -275,6 +272,7 @@ class _Batches:
         options: dict,
         synth: SectionSynthesizer,
         clean: torch.Tensor,
+        clean_truth: torch.Tensor | None,
         real: torch.Tensor | None,
         real_plates: np.ndarray,
         rng: np.random.Generator,
@@ -289,7 +287,7 @@ class _Batches:
         self.rng = rng
         size = options["input_size"]
         #: with a cell head, 3 more channels per view: its per-pixel truth (see .vote.truth_channels)
-        self.clean_truth = _plate_truth(plates, size) if options["vote"] > 0 else None
+        self.clean_truth = clean_truth
         channels = 1 if self.clean_truth is None else 4
         self.bank = torch.empty((self.n, options["bank_views"], channels, size, size))
         for i in range(self.n):
@@ -504,7 +502,11 @@ def _train(plates, options, sections, section_plates, device, progress, seed) ->
         rng = np.random.default_rng(seed)
         net = EmbeddingNet(network_config(o, plates.n)).to(dev)
         prog.check()
-        clean = _batch_tensor([plates.plate(i) for i in range(plates.n)], size)
+        # every plate prepared once: the network's clean input, and the cell head's truth and scale
+        prepared = [prepare_input_geometry(plates.plate(i), size) for i in range(plates.n)]
+        clean = torch.from_numpy(np.stack([image for image, _ in prepared]))[:, None]
+        plate_geometries = [geometry for _, geometry in prepared]
+        clean_truth = _plate_truth(plate_geometries, size) if o["vote"] > 0 else None
         real = _batch_tensor(secs, size) if secs else None
         synth = SectionSynthesizer(plates, synthesis_config(o), work_size=work_size(o), seed=seed)
         val_synth = SectionSynthesizer(
@@ -512,17 +514,17 @@ def _train(plates, options, sections, section_plates, device, progress, seed) ->
         )
         val_truth = np.unique(np.linspace(0, plates.n - 1, min(plates.n, o["validation_size"])).round())
         val_truth = val_truth.astype(np.int64)
-        val_x = _batch_tensor([val_synth.sample(int(p)) for p in val_truth], size)
+        val_prepared = [prepare_input_geometry(val_synth.sample(int(p)), size) for p in val_truth]
+        val_x = torch.from_numpy(np.stack([image for image, _ in val_prepared]))[:, None]
         val_vote = None
-        if net.cell_head is not None:  # the same sections (same draws), with their cells' tissue shares
-            val_synth = SectionSynthesizer(
-                plates, synthesis_config(o), work_size=work_size(o), seed=seed + VALIDATION_SEED
-            )
-            geoms = [prepare_input_geometry(val_synth.sample(int(p)), size)[1] for p in val_truth]
-            scale = pixel_scale(plates, size)
-            val_vote = ([cell_cover(g.mask, o["vote_cells"]) for g in geoms], max_gradient(scale), scale)
+        if net.cell_head is not None:  # the validation sections' cells' tissue shares
+            scale = pixel_scale(plate_geometries)
+            covers = [cell_cover(g.mask, o["vote_cells"]) for _, g in val_prepared]
+            val_vote = (covers, max_gradient(scale), scale)
         prog.check()
-        batches = _Batches(plates, o, synth, clean, real, np.asarray(sec_plates, dtype=np.int64), rng, prog)
+        batches = _Batches(
+            plates, o, synth, clean, clean_truth, real, np.asarray(sec_plates, dtype=np.int64), rng, prog
+        )
         groups = [{"params": list(net.parameters()), "scale": 1.0}]
         proxies = None
         if o["loss"] == "proxy":  # one learnt vector per plate (drawn only then: the default stays as it was)
