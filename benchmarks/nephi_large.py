@@ -1,0 +1,260 @@
+# ruff: noqa: E501  (table-printing lines)
+"""NePhi on large smooth deformations, textured and textureless tissue, shifts and rotations.
+
+    python benchmarks/nephi_large.py [--quick] [--images camera retina ihc disc] [--amplitudes 1 2 4]
+        [--mri-amplitudes 2 4 6] [--seeds 10] [--tools elastix elastix-ncc ants]
+        [--nephi fast] [--nephi "label:key=value,..."] [--size2d 512] [--no-global] [--json out.json]
+
+Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, imported from it):
+
+* every 2D image is warped at displacement amplitudes of ``--amplitudes`` per cent of its size
+  (1, 2, 4: 5, 10, 20 px at 512 x 512), with a smoothness (Gaussian correlation length) of
+  3, 4.5 and 6 % of the size for them (rising with the amplitude, so every field is a
+  diffeomorphism); nibabel's MRI at ``--mri-amplitudes`` voxels (2, 4, 6) with smoothness 7
+  voxels. Fields are drawn with seeds ``--seeds`` (default 10) plus a per-case offset: new fields,
+  not the ones of ``nephi_accuracy.py`` (seeds 0-3).
+* images: scikit-image's ``camera`` (a large flat sky), ``retina``, ``immunohistochemistry`` and
+  ``disc``: ``gravel`` with a flat disc of radius 22 % of the size in its middle (textureless
+  tissue surrounded by texture).
+* the endpoint error (EPE, voxels) is reported on all tissue, on textured tissue and on
+  textureless tissue: a voxel is textureless when the local RMS gradient of the fixed image
+  (central differences, intensities in [0, 1], averaged in a Gaussian window of sigma 4 px x
+  size/512 in 2D, 1 voxel in 3D) is below ``TEXTURE_THRESHOLD`` (0.01 per pixel in 2D, 0.05 per
+  voxel on the MRI, whose 2 mm voxels make every gradient larger).
+* global cases (``--no-global`` skips them): the camera shifted by (7.5, -4) px (scaled with the
+  size) and rotated by 5 degrees about its centre. Reported: EPE, the Jacobian determinant's range
+  and NePhi's inverse consistency ``|phi_inv(phi(x)) - x|`` (mean, max), all 32 px (scaled) inside
+  the border.
+
+``--quick``: 256 x 256, camera and disc at 2 % and 4 %, the MRI at 4 voxels, the two global cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+import nephi_accuracy as NA  # noqa: E402  (sets the thread count of ITK before it is imported)
+import numpy as np
+import torch
+from scipy import ndimage
+
+from napari_nephi.core.jacobian import jacobian_determinant
+from napari_nephi.core.transform import AffineTransform, DisplacementTransform
+from napari_nephi.synthetic import mri_volume, random_smooth_displacement
+
+#: Textureless below this local RMS gradient (intensity in [0, 1] per voxel): 2D, 3D.
+TEXTURE_THRESHOLD = {2: 0.01, 3: 0.05}
+#: Smoothness of the 2D fields as a fraction of the size, per amplitude (per cent of the size).
+SMOOTHNESS = {1: 0.03, 2: 0.045, 4: 0.06}
+MRI_SMOOTHNESS = 7.0
+CASE_OFFSETS = {"camera": 0, "retina": 1, "ihc": 2, "disc": 3, "mri": 4}
+
+
+def local_gradient_rms(img: np.ndarray, sigma: float) -> np.ndarray:
+    """RMS of the central-difference gradient magnitude in a Gaussian window of ``sigma``."""
+    energy = sum(g**2 for g in np.gradient(img.astype(np.float64)))
+    return np.sqrt(ndimage.gaussian_filter(energy, sigma))
+
+
+def textureless_mask(img: np.ndarray) -> np.ndarray:
+    sigma = 4.0 * img.shape[0] / 512 if img.ndim == 2 else 1.0
+    return local_gradient_rms(img, sigma) < TEXTURE_THRESHOLD[img.ndim]
+
+
+def disc_image(size: int) -> np.ndarray:
+    """scikit-image's gravel texture with a flat disc (radius 22 % of the size) in its middle."""
+    from skimage import data
+    from skimage.transform import resize
+
+    img = NA._unit(data.gravel())
+    if img.shape != (size, size):
+        img = resize(img, (size, size), anti_aliasing=True, preserve_range=True).astype(np.float32)
+    yy, xx = np.mgrid[:size, :size]
+    c = (size - 1) / 2
+    img[(yy - c) ** 2 + (xx - c) ** 2 <= (0.22 * size) ** 2] = float(img.mean())
+    return img
+
+
+def load(name: str, size: int) -> tuple[np.ndarray, bool]:
+    """``(fixed image, whole frame is tissue)``."""
+    if name == "disc":
+        return disc_image(size), True
+    img, _, whole, _ = NA.load_image(name, size)
+    return img, whole
+
+
+def make_case(name: str, amplitude: float, size: int, seed: int) -> dict:
+    if name == "mri":
+        fixed, _ = mri_volume()
+        whole, umax, smooth = False, float(amplitude), MRI_SMOOTHNESS
+    else:
+        fixed, whole = load(name, size)
+        umax, smooth = amplitude / 100 * size, SMOOTHNESS[int(amplitude)] * size
+    u, u_inv = random_smooth_displacement(fixed.shape, umax, smooth, seed=seed, return_inverse=True)
+    assert np.all(jacobian_determinant(u) > 0)
+    moving = np.ascontiguousarray(DisplacementTransform(u_inv).warp(fixed), np.float32)
+    mask = NA.tissue_mask(fixed, whole)
+    flat = textureless_mask(fixed) & mask
+    return dict(
+        name=f"{name} {amplitude:g}{'' if name == 'mri' else ' %'}",
+        fixed=fixed,
+        moving=moving,
+        truth=u,
+        mask=mask,
+        flat=flat,
+        textured=mask & ~flat,
+        umax=umax,
+        smooth=smooth,
+    )
+
+
+def global_cases(size: int) -> list[dict]:
+    """The camera shifted by (7.5, -4) px (at 512) and rotated by 5 degrees about its centre."""
+    fixed, _ = load("camera", size)
+    s = size / 512
+    c = (np.asarray(fixed.shape) - 1) / 2
+    out = []
+    shift = np.eye(3)
+    shift[:2, 2] = (7.5 * s, -4.0 * s)
+    a = np.deg2rad(5.0)
+    rot = np.eye(3)
+    rot[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    rot[:2, 2] = c - rot[:2, :2] @ c
+    for label, mat in (("shift", shift), ("rotation 5 deg", rot)):
+        t = AffineTransform(mat)  # pull-back: moving(phi(x)) = fixed(x), moving = fixed o phi^-1
+        moving = np.ascontiguousarray(t.inverse().warp(fixed), np.float32)
+        truth = t.displacement(fixed.shape)
+        out.append(dict(name=f"camera {label}", fixed=fixed, moving=moving, truth=truth))
+    return out
+
+
+def inner(shape, margin: int) -> tuple[slice, ...]:
+    return tuple(slice(margin, n - margin) for n in shape)
+
+
+def inverse_consistency_inside(transform, shape, margin: int) -> tuple[float, float]:
+    """Mean and max of ``|phi_inv(phi(x)) - x|`` over the voxels ``margin`` inside the border."""
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), -1)
+    pts = grid[inner(shape, margin)].reshape(-1, len(shape))
+    back = transform.inverse().map_points(transform.map_points(pts))
+    err = np.linalg.norm(back - pts, axis=1)
+    return float(err.mean()), float(err.max())
+
+
+def run_tool(label, fn, case) -> tuple[dict, object]:
+    (est, extra), wall, cpu, mib = NA.timed(fn, case["fixed"], case["moving"])
+    row = dict(case=case["name"], tool=label, seconds=wall, cpu_seconds=cpu, peak_mib=mib)
+    row["folds_pct"] = 100.0 * float((jacobian_determinant(est) <= 0).mean())
+    return row, (est, extra)
+
+
+def epe(est, truth, where) -> float:
+    if not where.any():
+        return float("nan")
+    return float(np.sqrt(((est - truth) ** 2).sum(0))[where].mean())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--images", nargs="*", default=["camera", "retina", "ihc", "disc"])
+    p.add_argument("--amplitudes", nargs="*", type=float, default=[1, 2, 4])
+    p.add_argument("--mri-amplitudes", nargs="*", type=float, default=[2, 4, 6])
+    p.add_argument("--tools", nargs="*", default=["elastix", "elastix-ncc", "ants"])
+    p.add_argument("--nephi", action="append", help="preset, or 'label:key=value,...' (repeatable)")
+    p.add_argument("--size2d", type=int, default=512)
+    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--no-global", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="threads for torch, elastix and ANTs")
+    p.add_argument("--json")
+    args = p.parse_args()
+    if args.quick:
+        args.images, args.amplitudes, args.mri_amplitudes, args.size2d = ["camera", "disc"], [2, 4], [4], 256
+    torch.set_num_threads(NA.THREADS)
+    specs = [NA.parse_nephi(s) for s in (args.nephi or ["fast"])]
+    print(
+        f"{platform.node()} {os.cpu_count()} CPUs, torch {torch.__version__}, load {os.getloadavg()}",
+        f"\n{' '.join(sys.argv)}",
+    )
+    runs = [(lbl, lambda f, m, o=o: NA.run_nephi(f, m, **o)) for lbl, o in specs]
+    runs += [NA.TOOLS[t] for t in args.tools]
+    rows = []
+    plan = [(n, a) for n in args.images for a in args.amplitudes]
+    plan += [("mri", a) for a in args.mri_amplitudes]
+    for k, (name, amp) in enumerate(plan):
+        case = make_case(name, amp, args.size2d, args.seeds + CASE_OFFSETS[name] + 10 * k)
+        mask, flat, tex, truth = case["mask"], case["flat"], case["textured"], case["truth"]
+        zero = np.zeros_like(truth)
+        print(
+            f"\n{case['name']} {'x'.join(map(str, case['fixed'].shape))}: max {case['umax']:.1f} vox, "
+            f"sigma {case['smooth']:.1f}; tissue {100 * mask.mean():.0f} %, textureless "
+            f"{100 * flat.sum() / mask.sum():.0f} % of it; EPE before {epe(zero, truth, mask):.2f}",
+            flush=True,
+        )
+        for label, fn in runs:
+            load0 = os.getloadavg()[0]
+            row, (est, _) = run_tool(label, fn, case)
+            row.update(
+                epe=epe(est, truth, mask),
+                epe_textured=epe(est, truth, tex),
+                epe_textureless=epe(est, truth, flat),
+                epe_before=epe(zero, truth, mask),
+                load=load0,
+            )
+            rows.append(row)
+            print(
+                f"  {label:34s} EPE {row['epe']:.3f}  textured {row['epe_textured']:.3f}  textureless "
+                f"{row['epe_textureless']:.3f}  folds {row['folds_pct']:.3f}%  CPU {row['cpu_seconds']:6.1f} s  "
+                f"{row['peak_mib']:5.0f} MiB  load {load0:.1f}",
+                flush=True,
+            )
+    if not args.no_global:
+        margin = round(32 * args.size2d / 512)
+        for case in global_cases(args.size2d):
+            sl = inner(case["fixed"].shape, margin)
+            print(f"\n{case['name']} (inside {margin} px of the border)", flush=True)
+            for label, fn in runs:
+                row, (est, extra) = run_tool(label, fn, case)
+                det = jacobian_determinant(est)[sl]
+                row.update(epe=float(np.sqrt(((est - case["truth"]) ** 2).sum(0))[sl].mean()))
+                row.update(jac_min=float(det.min()), jac_max=float(det.max()))
+                if label.startswith("NePhi"):
+                    ic = inverse_consistency_inside(extra.transform, case["fixed"].shape, margin)
+                    row.update(ic_mean=ic[0], ic_max=ic[1])
+                rows.append(row)
+                ic_text = (
+                    f"  IC mean {row['ic_mean']:.3f} max {row['ic_max']:.3f}" if "ic_mean" in row else ""
+                )
+                print(
+                    f"  {label:34s} EPE {row['epe']:.3f}  det J {row['jac_min']:.3f}..{row['jac_max']:.3f}"
+                    f"{ic_text}  CPU {row['cpu_seconds']:6.1f} s",
+                    flush=True,
+                )
+
+    print("\n| case | tool | EPE before | EPE | textured | textureless | folds % | CPU s | peak MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if "epe_textured" in r:
+            print(
+                f"| {r['case']} | {r['tool']} | {r['epe_before']:.2f} | {r['epe']:.3f} | {r['epe_textured']:.3f} | "
+                f"{r['epe_textureless']:.3f} | {r['folds_pct']:.2f} | {r['cpu_seconds']:.1f} | {r['peak_mib']:.0f} |"
+            )
+    print("\n| case | tool | EPE | det J min | det J max | IC mean | IC max | CPU s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if "jac_min" in r:
+            ic = f"{r['ic_mean']:.3f} | {r['ic_max']:.3f}" if "ic_mean" in r else "- | -"
+            print(
+                f"| {r['case']} | {r['tool']} | {r['epe']:.3f} | {r['jac_min']:.3f} | {r['jac_max']:.3f} | {ic} | {r['cpu_seconds']:.1f} |"
+            )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
