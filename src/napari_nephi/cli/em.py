@@ -81,6 +81,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default="sift,identity",
         help="detectors tried when a pair fails, comma-separated",
     )
+    p.add_argument(
+        "--neighbours",
+        type=int,
+        default=1,
+        help="sections each section is matched to (2-3: multi-neighbour matching with a global solve)",
+    )
+    p.add_argument(
+        "--solver",
+        default=None,
+        choices=("chain", "global"),
+        help="compose neighbour maps, or place all sections at once by robust least squares "
+        "(default: global when --neighbours > 1)",
+    )
+    p.add_argument(
+        "--global-model",
+        default="affine",
+        choices=("affine", "similarity", "rigid"),
+        help="map of each section in the global solve",
+    )
+    p.add_argument(
+        "--drift-prior",
+        type=float,
+        default=0.0,
+        help="global solve: weight of the penalty on each section's scale and shear (0: off)",
+    )
     p.add_argument("--no-masks-out", action="store_true", help="do not write aligned_masks.tif")
     add_key_values(p, "--option", "any other align_stack option")
     add_quiet(p)
@@ -129,6 +154,8 @@ def _align_options(args: argparse.Namespace) -> dict:
         "model": args.model, "reference": reference, "ransac_threshold": args.ransac_threshold,
         "ratio": args.ratio, "workers": args.workers, "max_keypoints": args.max_keypoints,
         "scale": args.scale, "fallback": tuple(f.strip() for f in args.fallback.split(",") if f.strip()),
+        "neighbours": args.neighbours, "solver": args.solver, "global_model": args.global_model,
+        "drift_prior": args.drift_prior,
     }  # fmt: skip
     kw.update(options)  # --option KEY=VALUE wins
     return kw

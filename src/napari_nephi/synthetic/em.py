@@ -16,6 +16,17 @@ and change slowly:
   neighbour-to-neighbour aligner would rightly follow it and accumulate it through depth;
 * noise: a slight blur and Gaussian noise per section.
 
+Two options bring back what real stacks have and the default stack has not (both 0 by default,
+which leaves the default stack exactly as before):
+
+* ``organelle_drift``: every mitochondrion also moves on a straight path through depth, with a
+  common mean velocity of the population (as organelles cut obliquely do) plus its own; the
+  rest of the tissue (membranes, vesicles, texture) stays in place. The truth is still the
+  unrotated stack, so an aligner that follows the mitochondria accumulates the drift;
+* ``distortion``: every acquired section is deformed smoothly before its rotation
+  (compression along one cutting direction by a per-section factor, plus a smooth local warp);
+  the unrotated stack and masks stay undistorted (the truth).
+
 Sizes are given for a 256 x 256 section and scale with ``sqrt(H * W) / 256``, so a larger
 section looks the same at a finer pixel size. Everything is vectorised numpy / OpenCV; a full
 Lucchi++-sized stack (160 x 768 x 1024, rotated, padded 250 px) takes seconds.
@@ -84,6 +95,9 @@ class _Mito:
     period: float
     #: per-section rigid correction ``(theta (n,), t (n, 2), pivot (2,))``, shared by all
     correction: tuple | None = None
+    #: linear drift ``(velocity (2,) px per section, section where it is zero)``, added after
+    #: the correction (``organelle_drift``)
+    drift: tuple | None = None
 
     def at(self, k: float):
         """Centre, angle, half-length, radius and cristae phase in section ``k``."""
@@ -99,6 +113,8 @@ class _Mito:
             d = centre - pivot - t[i]
             centre = pivot + np.array([co * d[0] + si * d[1], -si * d[0] + co * d[1]])
             angle -= float(theta[i])
+        if self.drift is not None:
+            centre = centre + self.drift[0] * (k - self.drift[1])
         return (
             centre,
             angle,
@@ -285,6 +301,8 @@ def em_stack(
     rotate: bool = True,
     pad: int | None = None,
     noise: float = 0.05,
+    organelle_drift: float = 0.0,
+    distortion: float = 0.0,
 ) -> dict:
     """A synthetic EM stack with mitochondria instance masks, optionally rotated per section.
 
@@ -307,6 +325,18 @@ def em_stack(
         the Lucchi++ protocol used 250 px for 768 x 1024), else 0.
     noise
         Standard deviation of the Gaussian noise, in units of the full intensity range.
+    organelle_drift
+        Mean speed of the mitochondria population, in ``scale`` pixels per section (0: no net
+        motion, the default). Each mitochondrion moves on a straight path through depth with
+        the population velocity (random direction, this speed) plus its own (normal, 0.3x
+        this speed per axis), zero at the middle section; membranes, vesicles and texture
+        stay in place. 0.25 is the drift of the generator before 2026-11-21.
+    distortion
+        Non-linear section distortion, in ``scale`` pixels (0: none, the default): every
+        acquired section is compressed along one cutting direction (the same for the stack)
+        by a factor ``1 - c`` with ``c ~ N(0, 0.005 * distortion)`` and displaced by a smooth
+        random field (correlation length ~60 ``scale`` px) of this root-mean-square amplitude
+        per axis. ``unrotated_stack`` and ``unrotated_masks`` stay undistorted.
 
     Returns
     -------
@@ -337,13 +367,18 @@ def em_stack(
     pad = check_int("pad", pad, 0)
     n_mito = check_int("n_mito", 10 if n_mito is None else n_mito, 0, 10_000)
     noise = check_float("noise", noise, 0.0, 10.0)
+    organelle_drift = check_float("organelle_drift", organelle_drift, 0.0, 100.0)
+    distortion = check_float("distortion", distortion, 0.0, 1000.0)
     # stack and masks (uint8 + uint16), aligned and rotated, plus a float32 section at work
     hp, wp = h + 2 * pad, w + 2 * pad
     check_memory(
-        6 * n * hp * wp + 16 * hp * wp, torch.device("cpu"), f"synthetic EM stack of {n} x {hp} x {wp}",
+        (9 if distortion else 6) * n * hp * wp + (40 if distortion else 16) * hp * wp, torch.device("cpu"),
+        f"synthetic EM stack of {n} x {hp} x {wp}",
         "Ask for fewer or smaller sections.",
     )  # fmt: skip
     rng = np.random.default_rng(seed)
+    # drift and distortion draw from their own streams: the default stack stays as it was
+    drift_rng, distortion_rng = (np.random.default_rng(c) for c in rng.bit_generator.seed_seq.spawn(2))
     s = math.sqrt(h * w) / 256.0
 
     # Smooth 3D fields on a coarse grid (about 4 s pixels per coarse cell), cut per section.
@@ -357,6 +392,8 @@ def em_stack(
     shading = _grf((n, lh, lw), (3.0, 10.0 * s / fy, 10.0 * s / fx), rng)
 
     mitos = _make_mitos(n_mito, n, (h, w), s, rng)
+    if organelle_drift > 0:
+        _add_drift(mitos, organelle_drift * s, (n - 1) / 2.0, drift_rng)
     vesicles = _make_vesicles(n, (h, w), s, rng)
     ves_sigma = 2.0 * s
     brightness = 1.0 + rng.normal(0.0, 0.02, n)
@@ -389,12 +426,15 @@ def em_stack(
         unrot[k, pad : pad + h, pad : pad + w] = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
         unrot_masks[k, pad : pad + h, pad : pad + w] = mask
 
+    acquired, acquired_masks = unrot, unrot_masks
+    if distortion > 0:
+        acquired, acquired_masks = _distort(unrot, unrot_masks, distortion * s, s, distortion_rng)
     if not rotate:
         angles = np.zeros(n)
         matrices = np.repeat(np.eye(3)[None], n, axis=0)
         return {
-            "stack": unrot,
-            "masks": unrot_masks,
+            "stack": acquired,
+            "masks": acquired_masks,
             "unrotated_stack": unrot,
             "unrotated_masks": unrot_masks,
             "angles": angles,
@@ -413,7 +453,7 @@ def em_stack(
         # i.e. rotated -> aligned, the inverse of matrices[k]
         inv_xy = (swap @ np.linalg.inv(matrices[k]) @ swap)[:2]
         stack[k] = cv2.warpAffine(
-            unrot[k],
+            acquired[k],
             inv_xy,
             (wp, hp),
             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
@@ -421,7 +461,7 @@ def em_stack(
             borderValue=0,
         )
         masks[k] = cv2.warpAffine(
-            unrot_masks[k],
+            acquired_masks[k],
             inv_xy,
             (wp, hp),
             flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
@@ -438,3 +478,35 @@ def em_stack(
         "pad": pad,
         "scale": s,
     }
+
+
+def _add_drift(mitos: list[_Mito], speed: float, k0: float, rng) -> None:
+    """Give every mitochondrion a straight drift: the population velocity (``speed`` px per
+    section in a random direction) plus its own (normal, ``0.3 * speed`` per axis)."""
+    phi = rng.uniform(-np.pi, np.pi)
+    mean = speed * np.array([math.sin(phi), math.cos(phi)])
+    for m in mitos:
+        m.drift = (mean + rng.normal(0.0, 0.3 * speed, 2), k0)
+
+
+def _distort(stack: np.ndarray, masks: np.ndarray, amplitude: float, s: float, rng):
+    """Sections deformed smoothly (see ``distortion`` in :func:`em_stack`): ``(stack, masks)``;
+    section ``k`` is resampled at ``p + d_k(p)``."""
+    n, hp, wp = stack.shape
+    phi = rng.uniform(-np.pi, np.pi)
+    u = np.array([math.sin(phi), math.cos(phi)], dtype=np.float32)  # cutting direction (y, x)
+    yy, xx = np.mgrid[0:hp, 0:wp].astype(np.float32)
+    along = (yy - (hp - 1) / 2) * u[0] + (xx - (wp - 1) / 2) * u[1]
+    cell = 16.0 * s  # coarse grid; the field's correlation length is ~4 cells
+    lh, lw = int(math.ceil(hp / cell)) + 1, int(math.ceil(wp / cell)) + 1
+    out, out_masks = np.empty_like(stack), np.empty_like(masks)
+    disp = np.empty((2, hp, wp), dtype=np.float32)
+    for k in range(n):
+        c = float(rng.normal(0.0, 0.005 * amplitude / s))
+        for axis in range(2):
+            field = _upsample(_grf((lh, lw), 2.0, rng) * np.float32(amplitude), (hp, wp))
+            disp[axis] = field - c * along * u[axis]
+        map_y, map_x = yy + disp[0], xx + disp[1]
+        out[k] = cv2.remap(stack[k], map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        out_masks[k] = cv2.remap(masks[k], map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT)
+    return out, out_masks

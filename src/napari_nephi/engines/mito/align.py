@@ -54,6 +54,7 @@ from ...core.registration import Registration
 from ...core.transform import PerSectionTransform
 from . import features as ft
 from .masks import detect_mitochondria_section, intensity_range, to_uint8, valid_region
+from .solve import Edge, check_global_options, solve_global
 
 #: Native descriptor of each detector when it is used as a fallback.
 FALLBACK_DESCRIPTOR = {"sift": "sift", "orb": "orb", "brisk": "brisk", "fast": "brisk"}
@@ -438,6 +439,54 @@ def _pair_job(sections: _Sections, futs: dict, k: int, chain: list[int], shape) 
     return _PairResult(k, chain[0], np.eye(3), row)
 
 
+def _extra_pair_job(sections: _Sections, fut_j: Future, fut_k: Future, j: int, k: int, shape) -> Edge:
+    """Match section ``k`` to a further section ``j`` (global solve); no fallbacks.
+
+    The edge's ``weight`` is 0 when the pair failed; ``stats`` goes to the report."""
+    fj, fk = fut_j.result(), fut_k.result()
+    if j in sections.blank or k in sections.blank:
+        m, stats = None, {"inliers": 0, "reprojection_error": None}
+    else:
+        m, stats = _estimate(fj, fk, sections.opts, shape)
+    edge = Edge(j, k, np.eye(3) if m is None else ft.xy_to_yx(m), 0.0 if m is None else 1.0)
+    edge.stats = {
+        "neighbour": j,
+        "inliers": int(stats["inliers"]),
+        "reprojection_error": stats["reprojection_error"],
+    }
+    return edge
+
+
+def _global_placement(n, ref, shape, chain_edges, extra_edges, chained, rows, model, opts, drift_prior):
+    """Matrices of the global solve over all pairs, the pair list in every report row, and
+    the solver summary for the metrics."""
+    edges = chain_edges + [e for e in extra_edges if e.weight > 0]
+    for e in edges:  # sections further apart differ more (organelles move): weight 1 / distance^2
+        e.weight /= float(e.b - e.a) ** 2
+    matrices, info = solve_global(
+        n, edges, ref, shape, model, initial=chained, huber=opts.ransac_threshold, drift_prior=drift_prior
+    )  # fmt: skip
+    for row in rows:
+        if row is not None:
+            row["pairs"] = []
+    for e, res, w in zip(edges, info["residuals"], info["weights"]):
+        stats = e.stats or {
+            "neighbour": e.a, "inliers": int(rows[e.b]["inliers"]),
+            "reprojection_error": rows[e.b]["reprojection_error"],
+        }  # fmt: skip
+        rows[e.b]["pairs"].append({**stats, "residual": float(res), "weight": float(w)})
+    for e in extra_edges:
+        if e.weight == 0:
+            rows[e.b]["pairs"].append({**e.stats, "residual": None, "weight": 0.0, "failed": True})
+    summary = {
+        "pairs": len(edges), "failed_pairs": sum(e.weight == 0 for e in extra_edges),
+        "residual_mean": float(np.mean(info["residuals"])) if len(edges) else 0.0,
+        "downweighted_pairs": int(np.sum(info["weights"] < 0.999)),
+        "unconstrained_sections": info["unconstrained"],
+    }  # fmt: skip
+    return matrices, summary
+
+
 # -- the engine ---------------------------------------------------------------------------------
 def _checked_call(func: Callable[..., Registration]) -> Callable[..., Registration]:
     """Make ``func`` refuse unknown option names and extra positional arguments with an
@@ -491,6 +540,10 @@ def align_stack(
     keypoint_size: float | None = None,
     model_selection: bool = True,
     refine: bool = True,
+    neighbours: int = 1,
+    solver: str | None = None,
+    global_model: str = "affine",
+    drift_prior: float = 0.0,
     warp: bool = True,
     lazy: bool = False,
     spacing: Sequence[float] | None = None,
@@ -565,6 +618,21 @@ def align_stack(
         otherwise accumulates along long stacks. The report's ``refined`` column says where it
         was used (it is skipped when it would move the map by more than
         ``ransac_threshold`` at an inlier).
+    neighbours
+        Sections each section is matched to, toward the reference (1: its neighbour only;
+        2-3 for long stacks). Features are computed once per section; every extra pair is
+        matched in the worker threads and listed in the section's report row (``pairs``).
+    solver
+        ``"chain"`` composes the neighbour maps (errors add up along the stack);
+        ``"global"`` places all sections at once by robust least squares over all pairs
+        (:mod:`.solve`). Default: ``"global"`` when ``neighbours > 1``, else ``"chain"``.
+    global_model
+        Map of every section in the global solve: ``"affine"`` (default), ``"similarity"`` or
+        ``"rigid"``.
+    drift_prior
+        Weight of the global solve's penalty on scale and shear of each section (0: off);
+        it holds back slowly accumulating scale/shear drift but also resists real slow
+        shape changes of the sections (see :mod:`.solve`).
     spacing
         ``(z, y, x)`` voxel size kept with the transform (default: from the file for a path,
         else 1).
@@ -614,6 +682,9 @@ def align_stack(
     )  # fmt: skip
     det, desc, mat, mod, fb = opts.detector, opts.descriptor, opts.matcher, opts.model, opts.fallback
     ref = _reference(reference, n)
+    neighbours, solver, global_model, drift_prior = check_global_options(
+        neighbours, solver, global_model, drift_prior
+    )
     workers = (0 if workers is None else check_int("workers", workers, 0, 4096)) or _cpu_count()
     warp, lazy = check_bool("warp", warp), check_bool("lazy", lazy)
     prog = Progress(progress, cancel)  # checks the callbacks
@@ -627,6 +698,8 @@ def align_stack(
 
     matrices = np.repeat(np.eye(3)[None], n, axis=0)
     rows: list[dict | None] = [None] * n
+    chain_edges: list[Edge] = []  # the chained pairs (identity fallbacks with a tiny weight)
+    extra_edges: list[Edge] = []  # the further neighbours of the global solve
     t_align = time.perf_counter()
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mito")
     try:
@@ -641,6 +714,7 @@ def align_stack(
         done = 1
         prog.step(done, total, stage=f"section {ref + 1}/{n}", section=ref, row=rows[ref])
         limit = 4 * workers + 2  # pairs in flight: bounds memory for lazily read stacks
+        keep = max(opts.max_skip, neighbours)  # features kept for the pairs still to submit
         for direction in (1, -1):
             order = list(range(ref + direction, n if direction > 0 else -1, direction))
             futs: dict[int, Future] = {ref: ref_feats}
@@ -648,15 +722,22 @@ def align_stack(
             for i, k in enumerate(order):
                 prog.check()
                 futs[k] = executor.submit(sections.features, k)
-                chain = ([ref] + order[:i])[::-1][: opts.max_skip]  # toward the reference
-                needed = {j: futs[j] for j in [k, *chain]}
-                window.append(executor.submit(_pair_job, sections, needed, k, chain, (h, w)))
-                for old in [j for j in futs if abs(j - k) > opts.max_skip]:
+                chain = ([ref] + order[:i])[::-1]  # toward the reference
+                needed = {j: futs[j] for j in [k, *chain[: opts.max_skip]]}
+                window.append(executor.submit(_pair_job, sections, needed, k, chain[: opts.max_skip], (h, w)))
+                for j in chain[1:neighbours] if solver == "global" else ():
+                    window.append(executor.submit(_extra_pair_job, sections, futs[j], futs[k], j, k, (h, w)))
+                for old in [j for j in futs if abs(j - k) > keep]:
                     del futs[old]  # features stay alive only while a queued pair needs them
                 while len(window) > limit or (window and i == len(order) - 1):
-                    res: _PairResult = window.popleft().result()
+                    res = window.popleft().result()
+                    if isinstance(res, Edge):
+                        extra_edges.append(res)
+                        continue
                     matrices[res.section] = _normalise(res.matrix @ matrices[res.source])
                     rows[res.section] = res.row
+                    identity = res.row["fallback"] == "identity"
+                    chain_edges.append(Edge(res.source, res.section, res.matrix, 1e-3 if identity else 1.0))
                     done += 1
                     stage = f"section {res.section + 1}/{n}"
                     prog.step(done, total, stage=stage, section=res.section, row=res.row)
@@ -664,6 +745,11 @@ def align_stack(
         executor.shutdown(wait=True, cancel_futures=True)
         raise
     executor.shutdown(wait=True)
+    solve_info = None
+    if solver == "global":
+        matrices, solve_info = _global_placement(
+            n, ref, (h, w), chain_edges, extra_edges, matrices, rows, global_model, opts, drift_prior
+        )  # fmt: skip
     t_align = time.perf_counter() - t_align
 
     transform = PerSectionTransform(matrices, shape=(n, h, w), spacing=spacing)
@@ -698,6 +784,8 @@ def align_stack(
         "megapixels_per_second": megapixels / t_align if t_align > 0 else None,
         "seconds": time.perf_counter() - start,
     }
+    if solve_info is not None:
+        metrics["solver"] = solve_info
     metrics["blank_sections"] = {int(k): why for k, why in sorted(sections.blank.items())}
     if sections.blank:
         listed = ", ".join(f"{k} ({why})" for k, why in sorted(sections.blank.items()))
@@ -717,6 +805,7 @@ def align_stack(
         "mito_radius": mito_radius, "fast_threshold": opts.fast_threshold, "max_scale": opts.max_scale,
         "keypoint_size": sections.keypoint_size / opts.scale,
         "model_selection": opts.model_selection, "refine": opts.refine,
+        "neighbours": neighbours, "solver": solver, "global_model": global_model, "drift_prior": drift_prior,
     }  # fmt: skip
     transform.settings = dict(settings)
     return Registration(warped=warped, transform=transform, metrics=metrics, settings=settings)

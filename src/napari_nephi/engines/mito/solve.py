@@ -1,0 +1,310 @@
+"""Global placement of all sections from a graph of pairwise maps (robust sparse least squares).
+
+Every section ``k`` gets an unknown map ``B_k`` from its own coordinates to the aligned frame
+(rigid, similarity or affine; ``B_ref`` is the identity). A pairwise map ``M`` from section
+``a`` to section ``b`` (any 3x3, e.g. a homography) says that a point ``q`` of section ``a``
+and its image ``M q`` in section ``b`` are the same point of the aligned frame:
+``B_a q = B_b (M q)``. These equations, at a 3 x 3 grid of points ``q`` over the section, are
+linear in the unknowns, couple only the two sections of a pair, and are solved for all
+sections at once by sparse (banded) normal equations, so thousands of sections take well
+under a second. Pairs that disagree with the others are down-weighted by iteratively
+reweighted least squares with Huber weights on their RMS residual (``huber`` pixels).
+
+``drift_prior`` adds, for every section, the difference between its linear part and the
+nearest rotation (scale and shear, scaled by the half-size of the point grid so that it
+counts in pixels) as a residual with that weight: it holds back scale and shear that would
+otherwise build up slowly along a long stack, at the price of also resisting a real slow
+change of shape of the sections (compression that truly varies through the stack).
+Rotation and translation are never penalised.
+
+Matrices are homogeneous 3x3 in ``(y, x)`` order, as in :mod:`.align`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import spsolve
+
+from ...core.errors import InputError
+from ...core.options import check_float, check_int
+from .features import check_choice
+
+#: Models of the per-section map of the global solve, simplest last.
+GLOBAL_MODELS = ("affine", "similarity", "rigid")
+
+
+@dataclass
+class Edge:
+    """A pairwise map ``matrix`` ((y, x) 3x3) from section ``a`` coordinates to section ``b``
+    coordinates, with a confidence ``weight`` (e.g. 1, or small for a guessed identity)."""
+
+    a: int
+    b: int
+    matrix: np.ndarray
+    weight: float = 1.0
+    stats: dict | None = None  # the pair's match statistics, for the report
+
+
+def _grid(shape, count: int = 3) -> np.ndarray:
+    """``(count**2, 2)`` (y, x) points spread over the central 60 % of a section."""
+    h, w = shape
+    ys = np.linspace(0.2 * (h - 1), 0.8 * (h - 1), count)
+    xs = np.linspace(0.2 * (w - 1), 0.8 * (w - 1), count)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([yy.ravel(), xx.ravel()], 1)
+
+
+def _project(m: np.ndarray, p: np.ndarray) -> np.ndarray:
+    q = p @ m[:2, :2].T + m[:2, 2]
+    z = p @ m[2, :2] + m[2, 2]
+    return q / z[:, None]
+
+
+def _design(p: np.ndarray, model: str) -> np.ndarray:
+    """``(len(p), 2, n_params)``: the coefficients of ``B p`` in the parameters of ``B``."""
+    y, x = p[:, 0], p[:, 1]
+    one, zero = np.ones_like(y), np.zeros_like(y)
+    if model == "affine":  # B = [[l00, l01, ty], [l10, l11, tx]]
+        ry = np.stack([y, x, one, zero, zero, zero], 1)
+        rx = np.stack([zero, zero, zero, y, x, one], 1)
+    else:  # similarity: B = [[a, -b, ty], [b, a, tx]]
+        ry = np.stack([y, -x, one, zero], 1)
+        rx = np.stack([x, y, zero, one], 1)
+    return np.stack([ry, rx], 1)
+
+
+def _to_matrix(params: np.ndarray, model: str) -> np.ndarray:
+    m = np.eye(3)
+    if model == "affine":
+        m[:2] = params.reshape(2, 3)
+    else:
+        a, b, ty, tx = params
+        m[:2] = [[a, -b, ty], [b, a, tx]]
+    return m
+
+
+def _from_matrix(m: np.ndarray, model: str) -> np.ndarray:
+    if model == "affine":
+        return m[:2].ravel().copy()
+    return np.array([(m[0, 0] + m[1, 1]) / 2, (m[1, 0] - m[0, 1]) / 2, m[0, 2], m[1, 2]])
+
+
+def nearest_rotation(linear: np.ndarray) -> np.ndarray:
+    """The rotation closest to a 2x2 matrix (polar decomposition; no reflection)."""
+    u, _, vt = np.linalg.svd(linear)
+    d = np.sign(np.linalg.det(u @ vt)) or 1.0
+    return u @ np.diag([1.0, d]) @ vt
+
+
+def solve_global(
+    n: int,
+    edges: list[Edge],
+    ref: int,
+    shape,
+    model: str = "affine",
+    initial: np.ndarray | None = None,
+    huber: float = 3.0,
+    drift_prior: float = 0.0,
+    iterations: int = 10,
+) -> tuple[np.ndarray, dict]:
+    """Place all ``n`` sections from the pairwise ``edges`` at once.
+
+    Parameters
+    ----------
+    n, ref, shape
+        Number of sections, the section kept fixed, the ``(y, x)`` size of a section.
+    model
+        ``"affine"``, ``"similarity"`` or ``"rigid"``: the map of every section to the aligned
+        frame (rigid: solved as a similarity, then each linear part replaced by its nearest
+        rotation and the translations solved again).
+    initial
+        ``(n, 3, 3)`` pull-back matrices (aligned frame -> section, e.g. the chained ones):
+        where the edges do not determine a section (no edge reaches it) it keeps this map.
+    huber
+        Residual (pixels, RMS over the points of one pair) above which a pair is down-weighted.
+    drift_prior
+        Weight of the penalty on scale and shear of every section (see the module docstring);
+        0 turns it off.
+
+    Returns
+    -------
+    ``(matrices, info)``: ``matrices[k]`` (3x3, (y, x)) maps the aligned frame to section ``k``
+    (pull-back, as :class:`~napari_nephi.core.transform.PerSectionTransform` expects);
+    ``info`` has ``"residuals"`` (RMS pixels per edge, in the order given), ``"weights"``
+    (final IRLS weight per edge) and ``"unconstrained"`` (sections no edge reaches).
+    """
+    if model not in GLOBAL_MODELS:
+        raise InputError(f"global_model must be one of {', '.join(GLOBAL_MODELS)}, got {model!r}.")
+    lin_model = "affine" if model == "affine" else "similarity"
+    npar = 6 if lin_model == "affine" else 4
+    if initial is None:
+        initial = np.repeat(np.eye(3)[None], n, axis=0)
+    b0 = np.stack([np.linalg.inv(m) for m in initial])
+    b0 /= b0[:, 2:3, 2:3]
+    x0 = np.stack([_from_matrix(b, lin_model) for b in b0])
+    x0[ref] = _from_matrix(np.eye(3), lin_model)
+    pts = _grid(shape)
+    radius = float(np.linalg.norm(pts - pts.mean(0), axis=1).max()) or 1.0
+    edges = [e for e in edges if e.a != e.b and 0 <= e.a < n and 0 <= e.b < n]
+    # per edge: design blocks of the two ends
+    blocks = []
+    for e in edges:
+        q = _project(np.asarray(e.matrix, dtype=np.float64), pts)
+        blocks.append((_design(pts, lin_model), _design(q, lin_model)))
+    reached = np.zeros(n, bool)
+    for e in edges:
+        if e.weight >= 0.5:
+            reached[[e.a, e.b]] = True
+    robust = np.ones(len(edges))
+    x = x0.copy()
+    for it in range(max(2, iterations)):
+        # the prior's targets (nearest rotations) come from the previous solve: none in the first
+        prior = drift_prior if it else 0.0
+        previous = x
+        x = _solve_linear(n, ref, npar, edges, blocks, robust, x, x0, lin_model, prior, radius)
+        res = _residuals(edges, blocks, x)
+        new = np.where(res > huber, huber / np.maximum(res, 1e-12), 1.0)
+        settled = np.allclose(new, robust, atol=1e-3) and np.abs(x - previous).max() < 1e-6 * radius
+        robust = new
+        if it and settled:
+            break
+    mats_b = np.stack([_to_matrix(p, lin_model) for p in x])
+    if model == "rigid":
+        mats_b = _rigid_from(mats_b, n, ref, edges, pts, robust)
+    out = np.stack([np.linalg.inv(b) for b in mats_b])
+    out[~reached] = initial[~reached]
+    out[ref] = np.eye(3)
+    x_final = np.stack([_from_matrix(b, "affine") for b in mats_b])
+    blocks_aff = [(_design(pts, "affine"), _design(_project(e.matrix, pts), "affine")) for e in edges]
+    info = {
+        "residuals": _residuals(edges, blocks_aff, x_final),
+        "weights": robust * np.array([e.weight for e in edges]),
+        "unconstrained": [int(k) for k in np.flatnonzero(~reached) if k != ref],
+    }
+    return out, info
+
+
+def _residuals(edges, blocks, x) -> np.ndarray:
+    """RMS distance (pixels) between ``B_a q`` and ``B_b M q`` per edge."""
+    out = np.empty(len(edges))
+    for i, (e, (da, db)) in enumerate(zip(edges, blocks)):
+        d = da @ x[e.a] - db @ x[e.b]
+        out[i] = float(np.sqrt((d**2).sum(1).mean()))
+    return out
+
+
+def _solve_linear(n, ref, npar, edges, blocks, robust, x, x0, model, drift_prior, radius) -> np.ndarray:
+    """One weighted sparse least-squares solve (normal equations) for all free sections."""
+    free = np.array([k for k in range(n) if k != ref])
+    col = np.full(n, -1)
+    col[free] = np.arange(len(free))
+    size = len(free) * npar
+    rows, cols, vals, rhs = [], [], [], []
+    r0 = 0
+    fixed = x0[ref]
+    for e, (da, db), rw in zip(edges, blocks, robust):
+        w = np.sqrt(e.weight * rw)
+        da2, db2 = (da * w).reshape(-1, npar), (db * w).reshape(-1, npar)
+        m = len(da2)
+        b = np.zeros(m)
+        for k, d, sign in ((e.a, da2, 1.0), (e.b, db2, -1.0)):
+            if k == ref:
+                b -= sign * (d @ fixed)
+                continue
+            rr, cc = np.meshgrid(np.arange(m) + r0, col[k] * npar + np.arange(npar), indexing="ij")
+            rows.append(rr.ravel())
+            cols.append(cc.ravel())
+            vals.append((sign * d).ravel())
+        rhs.append(b)
+        r0 += m
+    if drift_prior > 0 and model == "affine":
+        s = np.sqrt(drift_prior) * radius
+        for k in free:
+            target = nearest_rotation(x[k].reshape(2, 3)[:, :2]).ravel()
+            idx = col[k] * npar + np.array([0, 1, 3, 4])
+            rows.append(r0 + np.arange(4))
+            cols.append(idx)
+            vals.append(np.full(4, s))
+            rhs.append(s * target)
+            r0 += 4
+    elif drift_prior > 0:  # similarity: scale sqrt(a^2 + b^2) held near 1
+        s = np.sqrt(drift_prior) * radius
+        for k in free:
+            a, b = x[k][:2]
+            scale = max(np.hypot(a, b), 1e-12)
+            rows.append(r0 + np.arange(2))
+            cols.append(col[k] * npar + np.array([0, 1]))
+            vals.append(np.full(2, s))
+            rhs.append(s * np.array([a, b]) / scale)
+            r0 += 2
+    a = sp.csr_matrix(
+        (np.concatenate(vals) if vals else [], (np.concatenate(rows) if rows else [],
+                                                np.concatenate(cols) if cols else [])),
+        shape=(r0, size),
+    )  # fmt: skip
+    b = np.concatenate(rhs) if rhs else np.zeros(0)
+    # a tiny pull toward the initial maps keeps sections no edge reaches determined
+    eps = 1e-10
+    prior = x0[free].ravel()
+    normal = (a.T @ a + eps * sp.identity(size)).tocsc()
+    sol = spsolve(normal, a.T @ b + eps * prior)
+    out = x.copy()
+    out[free] = np.asarray(sol).reshape(len(free), npar)
+    return out
+
+
+def _rigid_from(mats_b, n, ref, edges, pts, robust) -> np.ndarray:
+    """Replace each linear part by its nearest rotation, then solve the translations again."""
+    rot = mats_b.copy()
+    for k in range(n):
+        rot[k, :2, :2] = nearest_rotation(mats_b[k, :2, :2])
+    rot[ref] = np.eye(3)
+    free = [k for k in range(n) if k != ref]
+    col = {k: i for i, k in enumerate(free)}
+    rows, cols, vals, rhs = [], [], [], []
+    r0 = 0
+    for e, rw in zip(edges, robust):
+        w = np.sqrt(e.weight * rw)
+        q = _project(e.matrix, pts)
+        # R_a p + t_a - R_b q - t_b = 0  ->  t_a - t_b = R_b q - R_a p
+        d = (q @ rot[e.b, :2, :2].T - pts @ rot[e.a, :2, :2].T) * w
+        m = len(pts)
+        for axis in range(2):
+            rr = r0 + axis * m + np.arange(m)
+            for k, sign in ((e.a, 1.0), (e.b, -1.0)):
+                if k == ref:
+                    continue
+                rows.append(rr)
+                cols.append(np.full(m, 2 * col[k] + axis))
+                vals.append(np.full(m, sign * w))
+            rhs.append(d[:, axis])
+        r0 += 2 * m
+    if free and rows:
+        a = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                          shape=(r0, 2 * len(free)))  # fmt: skip
+        b = np.concatenate(rhs)
+        t0 = np.array([mats_b[k, :2, 2] for k in free]).ravel()
+        normal = (a.T @ a + 1e-9 * sp.identity(2 * len(free))).tocsc()
+        t = np.asarray(spsolve(normal, a.T @ b + 1e-9 * t0)).reshape(-1, 2)
+        for k in free:
+            rot[k, :2, 2] = t[col[k]]
+    return rot
+
+
+def check_global_options(neighbours, solver, global_model, drift_prior) -> tuple[int, str, str, float]:
+    """Validated ``(neighbours, solver, global_model, drift_prior)`` of :func:`~.align.align_stack`."""
+    neighbours = check_int("neighbours", neighbours, 1, 64)
+    if solver is None:
+        solver = "global" if neighbours > 1 else "chain"
+    solver = check_choice(solver, ("chain", "global"), "solver")
+    if solver == "chain" and neighbours > 1:
+        raise InputError(
+            f"neighbours={neighbours} needs solver='global' (the chain uses one neighbour per section); "
+            "leave solver unset or set it to 'global'."
+        )
+    global_model = check_choice(global_model, GLOBAL_MODELS, "global_model")
+    drift_prior = check_float("drift_prior", drift_prior, 0.0, 1e6)
+    return neighbours, solver, global_model, drift_prior

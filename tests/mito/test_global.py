@@ -1,0 +1,146 @@
+"""Multi-neighbour matching and the global solve of MITO (engines/mito/solve.py)."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from napari_nephi.cli.em import _align_options, add_parser
+from napari_nephi.core.errors import InputError
+from napari_nephi.engines.mito import align_stack
+from napari_nephi.engines.mito.solve import Edge, nearest_rotation, solve_global
+from napari_nephi.io import write_tiff
+from napari_nephi.synthetic import rotation_matrix
+
+SHAPE = (200, 200)
+
+
+def _noisy_chain(n: int, k: int, seed: int, noise: float = 0.3):
+    """True pull-back maps of ``n`` sections rotated about their centre, and the pairwise maps
+    (a -> a + d, d = 1..k), each off by an independent random shift of ``noise`` px per axis."""
+    rng = np.random.default_rng(seed)
+    true = np.stack([rotation_matrix(a, SHAPE) for a in rng.uniform(-np.pi, np.pi, n)])
+    true = true @ np.linalg.inv(true[0])
+    edges = []
+    for a in range(n):
+        for b in range(a + 1, min(n, a + k + 1)):
+            shift = np.eye(3)
+            shift[:2, 2] = rng.normal(0.0, noise, 2)
+            edges.append(Edge(a, b, shift @ true[b] @ np.linalg.inv(true[a])))
+    return true, edges
+
+
+def _centre_error(m, true) -> float:
+    c = np.array([(SHAPE[0] - 1) / 2, (SHAPE[1] - 1) / 2, 1.0])
+    return float(np.linalg.norm((m @ c)[:, :2] - (true @ c)[:, :2], axis=1).mean())
+
+
+@pytest.mark.parametrize("model", ["affine", "similarity", "rigid"])
+def test_exact_pairs_give_the_exact_placement(model):
+    true, edges = _noisy_chain(12, 3, seed=1, noise=0.0)
+    m, info = solve_global(12, edges, 0, SHAPE, model)
+    np.testing.assert_allclose(m, true, atol=1e-5)
+    assert info["residuals"].max() < 1e-5 and info["unconstrained"] == []
+
+
+def test_global_error_grows_more_slowly_with_stack_length_than_the_chain():
+    """Independent pair errors of 0.3 px: chaining (k = 1) adds them up like a random walk;
+    three neighbours per section and the global solve average them. Mean over 20 stacks of the
+    error at the section centres: stated bounds, global(24) / global(8) below chain(24) /
+    chain(8), and the global error at 24 sections under half the chained one."""
+    err = {}
+    for k in (1, 3):
+        for n in (8, 24):
+            runs = []
+            for seed in range(20):
+                true, edges = _noisy_chain(n, k, seed)
+                runs.append(_centre_error(solve_global(n, edges, 0, SHAPE, "rigid")[0], true))
+            err[k, n] = np.mean(runs)
+    assert err[3, 24] / err[3, 8] < err[1, 24] / err[1, 8]
+    assert err[3, 24] < 0.5 * err[1, 24]
+    assert err[3, 24] - err[3, 8] < 0.4 * (err[1, 24] - err[1, 8])
+
+
+def test_an_outlier_pair_is_downweighted():
+    true, edges = _noisy_chain(10, 3, seed=2, noise=0.0)
+    bad = np.eye(3)
+    bad[:2, 2] = (25.0, -30.0)
+    edges[4] = Edge(edges[4].a, edges[4].b, bad @ edges[4].matrix)
+    m, info = solve_global(10, edges, 0, SHAPE, "affine", huber=3.0)
+    assert _centre_error(m, true) < 0.5
+    assert info["weights"][4] < 0.2 and np.all(np.delete(info["weights"], 4) > 0.5)
+
+
+def test_drift_prior_holds_back_accumulated_scale():
+    """Every pair map shrinks by 1 %: the chain of affine maps accumulates it; the prior keeps
+    each section near a rotation."""
+    true, edges = _noisy_chain(16, 2, seed=3, noise=0.0)
+    shrink = np.diag([0.99, 0.99, 1.0])
+    edges = [Edge(e.a, e.b, shrink @ e.matrix) for e in edges]
+    free, _ = solve_global(16, edges, 0, SHAPE, "affine")
+    held, _ = solve_global(16, edges, 0, SHAPE, "affine", drift_prior=1.0)
+
+    def scale_error(m):
+        return max(abs(np.linalg.svd(x[:2, :2], compute_uv=False) - 1).max() for x in m)
+
+    assert scale_error(free) > 0.05
+    assert scale_error(held) < 0.25 * scale_error(free)
+    r = nearest_rotation(np.array([[1.2, 0.1], [-0.1, 0.9]]))
+    np.testing.assert_allclose(r @ r.T, np.eye(2), atol=1e-12)
+
+
+def test_align_stack_global_recovers_known_rotations(rotated_copies, max_error):
+    """Identical sections rotated by known angles, three neighbours each, global rigid solve."""
+    d = rotated_copies
+    reg = align_stack(d["stack"], d["masks"], neighbours=3, global_model="rigid", warp=False, workers=2)
+    err = max_error(reg.transform.matrices, d["matrices"], 0, d["stack"].shape[1:], d["pad"])
+    assert err.max() < 0.5, err
+    m = reg.metrics
+    assert m["solver"]["pairs"] == 4 + 3 + 2 and m["solver"]["failed_pairs"] == 0
+    rows = m["report"]
+    assert [p["neighbour"] for p in rows[4]["pairs"]] == [3, 2, 1]
+    assert all(p["inliers"] >= 10 and p["residual"] < 0.5 for r in rows[1:] for p in r["pairs"])
+    assert reg.settings["solver"] == "global" and reg.settings["neighbours"] == 3
+
+
+def test_a_blank_section_is_reported_and_the_others_aligned(rotated_copies, max_error):
+    d = rotated_copies
+    stack = d["stack"].copy()
+    stack[2] = 0
+    reg = align_stack(stack, d["masks"], neighbours=2, warp=False, workers=2)
+    rows = reg.metrics["report"]
+    assert rows[2]["failed"] and rows[2]["fallback"] == "identity"
+    assert 2 in reg.metrics["failed_sections"] and 2 in reg.metrics["solver"]["unconstrained_sections"]
+    err = max_error(reg.transform.matrices, d["matrices"], 0, stack.shape[1:], d["pad"])
+    assert np.delete(err, 2).max() < 0.5, err
+    # the blank section gets its neighbour's placement (the chain's identity fallback)
+    np.testing.assert_allclose(reg.transform.matrices[2], reg.transform.matrices[1], atol=1e-6)
+
+
+def test_global_options_are_checked(rotated_copies):
+    s = rotated_copies["stack"]
+    with pytest.raises(InputError, match="neighbours=2 needs solver='global'"):
+        align_stack(s, neighbours=2, solver="chain")
+    with pytest.raises(InputError, match="global_model"):
+        align_stack(s, neighbours=2, global_model="elastic")
+    with pytest.raises(InputError, match="neighbours"):
+        align_stack(s, neighbours=0)
+    with pytest.raises(InputError, match="drift_prior"):
+        align_stack(s, neighbours=2, drift_prior=-1)
+
+
+def test_cli_options_reach_the_engine(rotated_copies, tmp_path):
+    write_tiff(tmp_path / "s.tif", rotated_copies["stack"])
+    p = argparse.ArgumentParser(prog="napari-nephi")
+    add_parser(p.add_subparsers(dest="command", required=True))
+    argv = ["align-em", str(tmp_path / "s.tif"), "-o", str(tmp_path / "out"), "--neighbours", "3",
+            "--global-model", "rigid", "--drift-prior", "0.5", "--no-masks-out", "-q"]  # fmt: skip
+    args = p.parse_args(argv)
+    kw = _align_options(args)
+    assert (kw["neighbours"], kw["solver"], kw["global_model"], kw["drift_prior"]) == (3, None, "rigid", 0.5)
+    assert args.func(args) == 0
+    doc = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert doc["settings"]["solver"] == "global" and doc["settings"]["neighbours"] == 3
+    assert doc["settings"]["global_model"] == "rigid" and doc["metrics"]["solver"]["pairs"] == 9
+    assert [q["neighbour"] for q in doc["report"][4]["pairs"]] == [3, 2, 1]

@@ -1,0 +1,67 @@
+"""The EM generator's ``organelle_drift`` and ``distortion`` cases (the default stays drift-free)."""
+
+import cv2
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from napari_nephi.core.errors import InputError
+from napari_nephi.synthetic import em_stack
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return em_stack(24, (256, 256), seed=0, rotate=False)
+
+
+def test_organelle_drift_moves_the_mitochondria_population_and_nothing_else(plain):
+    speed = 0.5  # scale px per section; scale = 1 for 256 x 256
+    d = em_stack(24, (256, 256), seed=0, rotate=False, organelle_drift=speed)
+    masks = d["unrotated_masks"]
+    ids = sorted(set(np.unique(masks[0])) & set(np.unique(masks[-1])) - {0})
+    assert len(ids) >= 6
+    first = np.array(ndimage.center_of_mass(masks[0] > 0, masks[0], ids))
+    last = np.array(ndimage.center_of_mass(masks[-1] > 0, masks[-1], ids))
+    net = np.linalg.norm((last - first).mean(0))
+    assert 0.7 * 23 * speed < net < 1.3 * 23 * speed
+    # without the option, the same mitochondria have no net motion
+    pm = plain["unrotated_masks"]
+    net0 = np.linalg.norm(
+        (
+            np.array(ndimage.center_of_mass(pm[-1] > 0, pm[-1], ids))
+            - np.array(ndimage.center_of_mass(pm[0] > 0, pm[0], ids))
+        ).mean(0)
+    )
+    assert net0 < 0.25 * net
+    # membranes, vesicles and texture stay in place: identical away from the mitochondria
+    near = ndimage.binary_dilation((masks > 0) | (pm > 0), np.ones((1, 9, 9), bool))
+    np.testing.assert_array_equal(d["unrotated_stack"][~near], plain["unrotated_stack"][~near])
+
+
+def test_distortion_deforms_acquired_sections_and_keeps_the_truth():
+    amp = 2.0
+    plain = em_stack(4, (256, 256), seed=0, rotate=False)
+    d = em_stack(4, (256, 256), seed=0, rotate=False, distortion=amp)
+    np.testing.assert_array_equal(d["unrotated_stack"], plain["unrotated_stack"])
+    np.testing.assert_array_equal(d["unrotated_masks"], plain["unrotated_masks"])
+    assert not np.array_equal(d["stack"], plain["stack"])
+    for k in range(4):  # displacement measured independently by OpenCV's Farneback flow
+        flow = cv2.calcOpticalFlowFarneback(
+            d["unrotated_stack"][k], d["stack"][k], None, 0.5, 3, 21, 5, 7, 1.5, 0
+        )
+        rms = np.sqrt((flow[40:-40, 40:-40] ** 2).mean(axis=(0, 1)))
+        assert np.all(rms > 0.5 * amp) and np.all(rms < 2.0 * amp), rms
+    # rotated: the masks follow the distorted sections
+    r = em_stack(4, (256, 256), seed=0, distortion=amp)
+    assert r["stack"].shape == r["masks"].shape and r["masks"].max() > 0
+
+
+def test_default_is_the_drift_free_stack(plain):
+    d = em_stack(24, (256, 256), seed=0, rotate=False, organelle_drift=0.0, distortion=0.0)
+    np.testing.assert_array_equal(d["stack"], plain["stack"])
+
+
+@pytest.mark.parametrize("name", ["organelle_drift", "distortion"])
+def test_negative_drift_or_distortion_is_refused(name):
+    with pytest.raises(InputError, match=name):
+        em_stack(2, (64, 64), **{name: -1.0})
