@@ -5,7 +5,8 @@
 * :mod:`.train`: ``train`` (NePhi models for ``mode=predict``);
 * :mod:`.em`: ``align-em`` (MITO stack alignment);
 * :mod:`.atlas`: ``atlas-train``, ``atlas-lookup`` (atlas plate lookup);
-* :mod:`.slides`: ``register-slides`` (whole histology slides of different stains).
+* :mod:`.slides`: ``register-slides`` (whole histology slides of different stains);
+* :mod:`.batch`: ``batch`` (a table of jobs on Dask distributed).
 
 Errors a user can cause (:class:`~napari_nephi.RegistrationError`, files that cannot be read or
 written, mistyped arguments) end the command with one ``error: ...`` line on stderr and exit
@@ -18,7 +19,7 @@ from __future__ import annotations
 import sys
 
 from ..core.errors import Cancelled, RegistrationError
-from . import atlas, demo, em, histology, register, slides, train
+from . import atlas, batch, demo, em, histology, register, slides, train
 from ._common import CommandLineError, HelpFormatter, Parser, ProgressBars, parse_options
 
 __all__ = ["ProgressBars", "TextProgress", "build_parser", "main", "parse_options"]
@@ -49,6 +50,7 @@ def build_parser() -> Parser:
     atlas.add_parsers(sub)
     histology.add_parser(sub)
     slides.add_parser(sub)
+    batch.add_parser(sub)
     p.commands = dict(sub.choices)
     return p
 
