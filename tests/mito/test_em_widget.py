@@ -240,3 +240,23 @@ def test_report_table_alone(qtbot):
     assert table.item(2, 0).background().color() == ReportTable.IDENTITY  # identity fallback in red
     table.set_row({"section": 4, "inliers": 7})  # a row past the end grows the table
     assert table.rowCount() == 5 and table.column_values("inliers")[4] == "7"
+
+
+def test_em_options_multi_neighbour_reach_the_engine(qtbot, em):
+    from napari_nephi.widgets._em_parts import EMOptions
+
+    opts = EMOptions()
+    qtbot.addWidget(opts)
+    values = opts.values()
+    assert values["neighbours"] == 1 and not opts.global_model.isEnabled()  # default: the chain
+    opts.neighbours.setValue(3)
+    opts.global_model.setCurrentText("rigid")
+    opts.drift_prior.setValue(0.5)
+    assert opts.global_model.isEnabled() and opts.drift_prior.isEnabled()
+    values = opts.values()
+    assert (values["neighbours"], values["global_model"], values["drift_prior"]) == (3, "rigid", 0.5)
+    reg = emw.run_alignment(None, None, em["stack"], em["masks"], {**values, "model": "rigid"}, False)[
+        "registration"
+    ]
+    assert reg.settings["solver"] == "global" and reg.settings["global_model"] == "rigid"
+    assert reg.metrics["solver"]["pairs"] == 5 + 4 + 3

@@ -17,6 +17,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..engines.mito.features import DESCRIPTORS, DETECTORS, MATCHERS, MODELS
+from ..engines.mito.solve import GLOBAL_MODELS
 from ._options import folded
 from ._plot import CurvePlot
 
@@ -81,11 +82,31 @@ class EMOptions(QWidget):
         self.workers = QSpinBox()
         self.workers.setRange(0, 256)
         self.workers.setSpecialValueText("all cores")
+        self.neighbours = QSpinBox()
+        self.neighbours.setRange(1, 64)
+        self.neighbours.setValue(1)
+        self.neighbours.setSpecialValueText("1 (chain)")
+        self.neighbours.setToolTip(
+            "Sections each section is matched to; above 1 all sections are placed at once by a robust "
+            "global least-squares solve over all pairs instead of chaining neighbour maps"
+        )
+        self.global_model = QComboBox()
+        self.global_model.addItems(GLOBAL_MODELS)
+        self.drift_prior = QDoubleSpinBox()
+        self.drift_prior.setRange(0.0, 1000.0)
+        self.drift_prior.setSingleStep(0.1)
+        self.drift_prior.setSpecialValueText("off")
+        self.drift_prior.setToolTip(
+            "Global solve: weight of the penalty on each section's scale and shear (holds back slow "
+            "accumulated drift, but also resists real slow shape changes)"
+        )
         shown = [("detector", self.detector), ("", self.use_masks), ("descriptor", self.descriptor),
                  ("matcher", self.matcher), ("model", self.model)]  # fmt: skip
         folded_rows = [("", self.model_selection), ("", self.refine), ("reference section", self.reference),
                        ("", self.middle), ("RANSAC threshold", self.threshold), ("ratio test", self.ratio),
-                       ("keypoints / section", self.max_keypoints), ("threads", self.workers)]  # fmt: skip
+                       ("keypoints / section", self.max_keypoints), ("threads", self.workers),
+                       ("neighbours", self.neighbours), ("global model", self.global_model),
+                       ("drift prior", self.drift_prior)]  # fmt: skip
         for layout, rows in ((form, shown), (more, folded_rows)):
             for label, widget in rows:
                 layout.addRow(label, widget)
@@ -98,6 +119,7 @@ class EMOptions(QWidget):
         box.addWidget(self.advanced)
         self.detector.currentTextChanged.connect(self._sync)
         self.middle.toggled.connect(self._sync)
+        self.neighbours.valueChanged.connect(self._sync)
         self._sync()
 
     def _sync(self, *_):
@@ -106,6 +128,9 @@ class EMOptions(QWidget):
             self.use_masks.setChecked(True)
         self.use_masks.setEnabled(not mito)
         self.reference.setEnabled(not self.middle.isChecked())
+        many = self.neighbours.value() > 1
+        self.global_model.setEnabled(many)
+        self.drift_prior.setEnabled(many)
 
     def values(self) -> dict:
         return {
@@ -121,6 +146,9 @@ class EMOptions(QWidget):
             "ratio": self.ratio.value(),
             "max_keypoints": self.max_keypoints.value(),
             "workers": self.workers.value() or None,
+            "neighbours": self.neighbours.value(),
+            "global_model": self.global_model.currentText(),
+            "drift_prior": self.drift_prior.value(),
         }
 
 
