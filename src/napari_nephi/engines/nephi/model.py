@@ -31,12 +31,15 @@ class NePhiModel(nn.Module):
         channels: Sequence[int] = (16, 32, 64, 64),
         local_level: int = 3,
         input_shape: Sequence[int] | None = None,
+        antialias: bool = False,
     ):
         super().__init__()
         self.cfg = cfg
         self.channels = tuple(int(c) for c in channels)
         self.local_level = int(local_level)
         self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+        #: Low-pass filter 2D inputs that are shrunk to ``input_shape`` (models saved before: False).
+        self.antialias = bool(antialias)
         with torch.random.fork_rng(devices=[]):  # seeded, global random state untouched
             torch.manual_seed(cfg.seed)
             self.encoder = Encoder(cfg.ndim, cfg.global_dim, cfg.local_dim, self.channels, self.local_level)
@@ -46,8 +49,13 @@ class NePhiModel(nn.Module):
         """Latent codes of pairs ``(B, 1, *spatial)`` (resized to ``input_shape`` when one is set)."""
         if self.input_shape is not None and tuple(fixed.shape[2:]) != self.input_shape:
             mode = "bilinear" if self.cfg.ndim == 2 else "trilinear"
-            fixed = nn.functional.interpolate(fixed, size=self.input_shape, mode=mode, align_corners=True)
-            moving = nn.functional.interpolate(moving, size=self.input_shape, mode=mode, align_corners=True)
+            kw = {"antialias": True} if self.antialias and self.cfg.ndim == 2 else {}
+            fixed = nn.functional.interpolate(
+                fixed, size=self.input_shape, mode=mode, align_corners=True, **kw
+            )
+            moving = nn.functional.interpolate(
+                moving, size=self.input_shape, mode=mode, align_corners=True, **kw
+            )
         glob, loc = self.encoder(fixed, moving)
         return Codes(glob, loc if self.cfg.local_dim > 0 else None)
 
@@ -61,6 +69,7 @@ class NePhiModel(nn.Module):
             "channels": list(self.channels),
             "local_level": self.local_level,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
+            "antialias": self.antialias,
         }
 
     def save(self, path, extra: dict | None = None) -> Path:
@@ -88,6 +97,7 @@ class NePhiModel(nn.Module):
             config.get("channels", (16, 32, 64, 64)),
             config.get("local_level", 3),
             config.get("input_shape"),
+            config.get("antialias", False),
         )
 
     @classmethod
@@ -106,19 +116,20 @@ class NePhiModel(nn.Module):
 
 
 def as_model(weights, device) -> NePhiModel:
-    """A model from a :class:`NePhiModel`, a checkpoint path or a built-in name (``"tc"``)."""
-    from .weights import builtin_path
+    """A model from a :class:`NePhiModel`, a checkpoint path or a built-in name (``BUILTIN``)."""
+    from .weights import BUILTIN, SCRIPTS, builtin_path
 
     if isinstance(weights, NePhiModel):
         return weights
     if weights is None:
         raise InputError(
-            "mode='predict' needs a trained model: pass weights=<checkpoint path, NePhiModel or 'tc'>."
+            "mode='predict' needs a trained model: pass weights=<checkpoint path, NePhiModel or a built-in "
+            f"name: {', '.join(repr(n) for n in BUILTIN)}>."
         )
     builtin = builtin_path(weights) if isinstance(weights, str) else None
     if builtin is not None and not builtin.is_file():
         raise UnsupportedFileError(
             f"The built-in model {weights!r} is missing from this installation ({builtin}); "
-            "make it with scripts/train_tc_weights.py or pass a model file."
+            f"make it with {SCRIPTS.get(str(weights).lower(), 'its training script')} or pass a model file."
         )
     return NePhiModel.load(builtin or weights, device)

@@ -1,10 +1,13 @@
 """Training a NePhi model (encoder + field) on many pairs: ``train()`` and ``napari-nephi train``.
 
-Pairs come from the Triangles-and-Circles generator (``data="tc"``) or from a folder of images
-or volumes (NIfTI/TIFF) resized to ``shape``; label maps with the same names in ``labels/`` beside
-them give a validation Dice. Each step the encoder predicts the codes of a batch of pairs and the
-loss is the one of instance optimisation (:func:`.optimize.step_loss`): symmetric NCC on fresh
-random points, GradICON on a sparse set, a small latent prior. Adam with a cosine learning rate.
+Pairs come from the Triangles-and-Circles generator (``data="tc"``), from the images scikit-image
+and nibabel ship warped by known random deformations (``data="general2d"``, :mod:`.shipped_pairs`)
+or from a folder of images or volumes (NIfTI/TIFF) resized to ``shape``; label maps with the same
+names in ``labels/`` beside them give a validation Dice. Each step the encoder predicts the codes
+of a batch of pairs and the loss is the one of instance optimisation (:func:`.optimize.step_loss`):
+symmetric NCC on fresh random points, GradICON on a sparse set, a small latent prior; where the
+true field is known, ``truth_weight`` adds the squared endpoint error of both maps (in voxels of the
+working shape) on a quarter as many points. Adam with a cosine learning rate.
 
 Checkpoints (one file, written atomically) hold the model's config with its weights, the
 optimiser state, the step and the history, so ``resume=`` continues a run exactly: the pairs and
@@ -32,10 +35,11 @@ from ...core.metrics import regularity_report
 from ...core.options import check_float, check_int, check_int_list
 from ...core.progress import Progress
 from ...core.transform import DisplacementTransform
+from .coarse import grid_sample_points
 from .dense import dense_displacement
 from .field import FieldConfig
 from .model import NePhiModel
-from .optimize import Maps, OptimizeSettings, step_loss
+from .optimize import Maps, OptimizeSettings, step_loss, uniform_points
 
 #: Seeds of generated training pairs are drawn below this; validation pairs use seeds above it.
 VALIDATION_SEED = 1_000_000_000
@@ -59,6 +63,7 @@ _TRAIN_FLOATS = {
     "reg_weight": (0.0, 1e4, False),
     "latent_weight": (0.0, 1e4, False),
     "strength": (0.0, 100.0, True),
+    "truth_weight": (0.0, 1e4, False),
 }
 
 
@@ -84,6 +89,8 @@ class TrainSettings:
     field: dict = field(default_factory=dict)
     channels: tuple[int, ...] = (16, 32, 64, 64)
     local_level: int = 3
+    truth_weight: float = 0.0
+    antialias: bool = False
 
     def __post_init__(self):
         self.shape = tuple(check_int_list("shape", self.shape, low=16))
@@ -219,10 +226,15 @@ def _stack(items):
     return torch.as_tensor(fixed), torch.as_tensor(moving)
 
 
-def pair_source(data, shape, strength: float = 1.0, val_pairs: int = 16):
-    """``"tc"`` -> :class:`TCPairs`; a folder -> :class:`FolderPairs`."""
+def pair_source(data, shape, strength: float = 1.0, val_pairs: int = 16, seed: int = 0):
+    """``"tc"`` -> :class:`TCPairs`; ``"general2d"`` -> :class:`.shipped_pairs.ShippedPairs`; a folder
+    -> :class:`FolderPairs`."""
     if str(data).lower() in ("tc", "triangles-circles", "triangles_and_circles"):
         return TCPairs(shape, strength, val_pairs)
+    if str(data).lower() == "general2d":
+        from .shipped_pairs import ShippedPairs
+
+        return ShippedPairs(shape, val_pairs, seed)
     return FolderPairs(data, shape, val_pairs)
 
 
@@ -237,29 +249,51 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def evaluate(model: NePhiModel, pairs, device) -> dict:
-    """Mean Dice of the moving labels carried onto the fixed ones, before and after; folds."""
+    """Mean Dice of the moving labels carried onto the fixed ones, before and after; folds. Pairs
+    with a true field ``(fixed, moving, None, None, u)`` give the mean endpoint error, before (the
+    identity) and after, in voxels."""
     model.eval()
-    before, after, folds = [], [], []
+    before, after, folds, epe_before, epe = [], [], [], [], []
     with torch.no_grad():
-        for fixed, moving, fl, ml in pairs:
-            if fl is None or ml is None:
+        for fixed, moving, fl, ml, *truth in pairs:
+            has_truth = bool(truth) and truth[0] is not None
+            if (fl is None or ml is None) and not has_truth:
                 continue
             f = torch.as_tensor(fixed, device=device)[None, None]
             m = torch.as_tensor(moving, device=device)[None, None]
             maps = Maps(model.field, model.codes(f, m))
             u = dense_displacement(maps.forward, fixed.shape, device)
             transform = DisplacementTransform(u)
-            before.append(dice(ml, fl))
-            after.append(dice(transform.warp_labels(ml), fl))
             folds.append(regularity_report(transform, fixed.shape)["fold_percent"])
-    if not after:
+            if has_truth:
+                epe_before.append(float(np.sqrt((truth[0] ** 2).sum(0)).mean()))
+                epe.append(float(np.sqrt(((u - truth[0]) ** 2).sum(0)).mean()))
+            if fl is not None and ml is not None:
+                before.append(dice(ml, fl))
+                after.append(dice(transform.warp_labels(ml), fl))
+    if not folds:
         return {}
-    return {
-        "dice_before": float(np.mean(before)),
-        "dice": float(np.mean(after)),
-        "fold_percent": float(np.mean(folds)),
-        "pairs": len(after),
-    }
+    out = {"fold_percent": float(np.mean(folds)), "pairs": len(folds)}
+    if after:
+        out.update(dice_before=float(np.mean(before)), dice=float(np.mean(after)))
+    if epe:
+        out.update(epe_before=float(np.mean(epe_before)), epe=float(np.mean(epe)))
+    return out
+
+
+def truth_loss(maps: Maps, truth: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Mean squared endpoint error (voxels) of both maps on ``n`` random points per pair.
+
+    ``truth`` ``(B, 2D, *spatial)``: the true pull-back displacement ``u`` (fixed -> moving) and
+    its inverse, in voxels, components in numpy axis order.
+    """
+    b, d = truth.shape[0], truth.dim() - 2
+    scale = torch.tensor([(s - 1) / 2 for s in truth.shape[2:]], device=truth.device)
+    x = uniform_points(b, n, d, generator, truth.device)
+    true = grid_sample_points(truth, x).transpose(1, 2)  # (B, N, 2D)
+    fwd = (maps.forward(x) - x) * scale
+    bwd = (maps.backward(x) - x) * scale
+    return ((fwd - true[..., :d]) ** 2).sum(-1).mean() + ((bwd - true[..., d:]) ** 2).sum(-1).mean()
 
 
 # -------------------------------------------------------------------------------------- training
@@ -295,6 +329,8 @@ def train(
     field_options: dict | None = None,
     channels=(16, 32, 64, 64),
     local_level: int = 3,
+    truth_weight: float = 0.0,
+    antialias: bool = False,
     resume=None,
     device="auto",
     progress: Progress | None = None,
@@ -304,6 +340,8 @@ def train(
     ``data``: ``"tc"`` (Triangles-and-Circles, 2D) or a folder of images/volumes. ``resume``: a
     checkpoint written by an earlier run (its settings are used; ``steps`` may extend the run).
     ``field_options`` are :class:`.field.FieldConfig` fields (hidden, layers, n_frequencies, ...).
+    ``truth_weight`` weights the endpoint error against the true field (sources that know it:
+    ``"general2d"``); ``antialias`` makes the model low-pass inputs it downsizes for the encoder.
     The returned model is in eval mode; ``predict`` uses it through ``weights=output``.
     """
     progress = progress or Progress()
@@ -347,10 +385,22 @@ def train(
             field=dict(field_options or {}),
             channels=tuple(channels),
             local_level=local_level,
+            truth_weight=truth_weight,
+            antialias=bool(antialias),
         )
-        model = NePhiModel(settings.field_config(), settings.channels, settings.local_level, settings.shape)
+        model = NePhiModel(
+            settings.field_config(),
+            settings.channels,
+            settings.local_level,
+            settings.shape,
+            settings.antialias,
+        )
         start, history, validation, ckpt = 0, [], [], None
-    source = pair_source(settings.data, settings.shape, settings.strength, settings.val_pairs)
+    source = pair_source(settings.data, settings.shape, settings.strength, settings.val_pairs, settings.seed)
+    if settings.truth_weight > 0 and not getattr(source, "has_truth", False):
+        raise InputError(
+            f"truth_weight needs pairs with a known field (data='general2d'); {settings.data!r} has none."
+        )
     val_set = source.validation() if rank == 0 else []
     model = model.to(dev)
     opt_settings = settings.optimize_settings()
@@ -375,7 +425,7 @@ def train(
         while step < settings.steps:
             rng = np.random.default_rng([settings.seed, rank, step])
             gen = torch.Generator(device=dev).manual_seed(int(rng.integers(0, 2**62)))
-            fixed, moving = source.batch(settings.batch_size, rng)
+            fixed, moving, *truth = source.batch(settings.batch_size, rng)
             fixed, moving = fixed.to(dev), moving.to(dev)
             model.train()
             for g in opt.param_groups:
@@ -383,6 +433,9 @@ def train(
             opt.zero_grad(set_to_none=True)
             maps = Maps(model.field, model.codes(fixed, moving))
             loss = step_loss(maps, fixed, moving, opt_settings, gen)
+            if truth and settings.truth_weight > 0:
+                n_truth = max(16, settings.sample_points // 4)
+                loss = loss + settings.truth_weight * truth_loss(maps, truth[0].to(dev), n_truth, gen)
             if not math.isfinite(float(loss.detach())):  # before the backward pass, which it can crash
                 raise InputError(
                     f"Training diverged at step {step + 1}: the loss became NaN or infinite. Lower "
@@ -419,3 +472,13 @@ def train(
         _save(model, output, settings, state(step))
     model.eval()
     return TrainResult(model, history, validation, output, time.perf_counter() - t0)
+
+
+def export_model(run, output, history_points: int = 200) -> Path:
+    """Write the model of the training checkpoint ``run`` to ``output`` as a file to ship: config,
+    weights and the training summary (settings, validation, a thinned loss history), no optimiser."""
+    ckpt = torch.load(Path(run), map_location="cpu", weights_only=True)
+    extra = {k: v for k, v in ckpt.get("extra", {}).items() if k != "optimizer"}
+    history = list(extra.get("history", []))
+    extra["history"] = history[:: max(1, len(history) // max(1, int(history_points)))]
+    return NePhiModel.load(run).save(Path(output), extra=extra)

@@ -21,6 +21,9 @@ DESCRIPTIONS: dict[str, str] = {
     "general2d": "General 2D: photographs, microscopy, textures, MRI slices (trained at 128 x 128)",
 }
 
+#: The script in the repository that reproduces each built-in model.
+SCRIPTS: dict[str, str] = {"tc": "scripts/train_tc_weights.py", "general2d": "scripts/train_general2d.py"}
+
 #: The built-in model the predict modes use by default, per number of image dimensions.
 DEFAULTS: dict[int, str] = {2: "general2d"}
 
