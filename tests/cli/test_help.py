@@ -25,6 +25,7 @@ COMMANDS = (
     "atlas-lookup",
     "train-histology",
     "register-slides",
+    "batch",
 )
 
 
