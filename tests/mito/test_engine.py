@@ -420,7 +420,11 @@ def test_pair_engine_checks_option_names_and_values(rotated_copies, options, mes
         ({"scale": 2}, "scale must be at most 1"),
         ({"warp": "yes"}, "warp must be true or false"),
         ({"keypoint_size": -3}, "keypoint_size must be greater than 0"),
-        ({"iteratons": 3}, "Unknown option for method 'mito': 'iteratons'. Valid options: border, cancel"),
+        (
+            {"iteratons": 3},
+            r"Unknown option for method 'mito': 'iteratons' \(did you mean 'elastic_iterations'\?\)\. "
+            "Valid options: border, cancel",
+        ),
         ({"wrkers": 2}, "'wrkers' \\(did you mean 'workers'\\?\\)"),
         ({"fallback": 5}, "fallback must be detector names; give a detector name or a list .* got 5"),
         ({"fallback": ["sift", None]}, "fallback must be detector names.*got \\['sift', None\\]"),

@@ -681,6 +681,85 @@ class PerSectionTransform(Transform):
         return {}, {"matrices": self.matrices}
 
 
+class ElasticSectionTransform(PerSectionTransform):
+    """Per-section maps with a smooth displacement of every section before its matrix.
+
+    A point ``p = (y, x)`` of aligned section ``k`` is first moved by ``fields[k]`` (bilinear
+    on a coarse grid whose ``(gh, gw)`` nodes span the section, node ``(i, j)`` at
+    ``(i (H - 1) / (gh - 1), j (W - 1) / (gw - 1))``; values ``(dy, dx)`` in aligned pixels),
+    then mapped by ``matrices[k]`` as in :class:`PerSectionTransform`:
+    ``phi(k, p) = matrices[k] (p + fields[k](p))``. The grid needs the stack ``shape``.
+    Zero fields give exactly the per-section transform. Warps stay per section (lazy).
+    """
+
+    kind = "per_section_elastic"
+
+    def __init__(self, matrices, fields, **kwargs):
+        super().__init__(matrices, **kwargs)
+        f = np.asarray(fields, dtype=np.float32)
+        n = self.matrices.shape[0]
+        if f.ndim != 4 or f.shape[0] != n or f.shape[3] != 2 or min(f.shape[1:3]) < 2:
+            raise InputError(f"Section fields must have shape ({n}, gh >= 2, gw >= 2, 2), got {f.shape}.")
+        if not np.all(np.isfinite(f)):
+            raise InputError("Section fields hold NaN or infinite values.")
+        if self.shape is None:
+            raise InputError("An elastic per-section transform needs the stack shape (n, y, x).")
+        self.fields = f
+
+    def field_at(self, k: int, points: np.ndarray) -> np.ndarray:
+        """Displacement ``(N, 2)`` of section ``k`` at aligned points ``(N, 2)`` (y, x), bilinear."""
+        return _bilinear(self.fields[k], np.asarray(points, dtype=np.float64), self.shape[1:])
+
+    def _map(self, points):
+        pts = points.detach().cpu().numpy().astype(np.float64)
+        n = self.matrices.shape[0]
+        k = np.clip(np.floor(pts[:, 0] + 0.5).astype(np.int64), 0, n - 1)
+        moved = pts.copy()
+        for sec in np.unique(k):
+            sel = k == sec
+            moved[sel, 1:] += self.field_at(int(sec), pts[sel, 1:])
+        return super()._map(torch.as_tensor(moved, dtype=points.dtype, device=points.device))
+
+    def section(self, k: int) -> Transform:
+        """The 2D transform of section ``k`` (field, then matrix)."""
+        return _ElasticSection2D(self.matrices[k], self.fields[k], self.shape[1:])
+
+    def inverse(self):
+        raise NotImplementedError("An elastic per-section transform has no inverse.")
+
+    def _state(self):
+        return {}, {"matrices": self.matrices, "section_fields": self.fields}
+
+
+def _bilinear(field: np.ndarray, points: np.ndarray, shape) -> np.ndarray:
+    """``field`` ``(gh, gw, 2)`` on a grid spanning ``shape``, sampled at ``points`` (y, x); edges clamped."""
+    gh, gw = field.shape[:2]
+    gy = np.clip(points[:, 0] * (gh - 1) / max(shape[0] - 1, 1), 0, gh - 1)
+    gx = np.clip(points[:, 1] * (gw - 1) / max(shape[1] - 1, 1), 0, gw - 1)
+    y0, x0 = np.minimum(gy.astype(np.int64), gh - 2), np.minimum(gx.astype(np.int64), gw - 2)
+    fy, fx = (gy - y0)[:, None], (gx - x0)[:, None]
+    f = field.astype(np.float64)
+    return (
+        f[y0, x0] * (1 - fy) * (1 - fx) + f[y0 + 1, x0] * fy * (1 - fx)
+        + f[y0, x0 + 1] * (1 - fy) * fx + f[y0 + 1, x0 + 1] * fy * fx
+    )  # fmt: skip
+
+
+class _ElasticSection2D(Transform):
+    kind = "elastic_section"
+
+    def __init__(self, matrix, field, shape):
+        super().__init__(2, shape=shape)
+        self.matrix, self.field = np.asarray(matrix, dtype=np.float64), field
+
+    def _map(self, points):
+        pts = points.detach().cpu().numpy().astype(np.float64)
+        moved = pts + _bilinear(self.field, pts, self.shape)
+        return _Homography2D(self.matrix)._map(
+            torch.as_tensor(moved, dtype=points.dtype, device=points.device)
+        )
+
+
 class _Homography2D(Transform):
     kind = "homography"
 

@@ -10,6 +10,7 @@ half-written result never replaces a good one)::
       displacement.nii.gz        displacement kinds: the field, ITK/ANTs convention
       inverse_displacement.nii.gz  when a backward field exists; on the moving grid
       affine.txt                 affine kind: ITK "Insight Transform File V1.0" text
+      section_fields.npy         per_section_elastic kind: (n, gh, gw, 2) float32 (y, x) fields
       0/, 1/, ...                composed kind: its parts, applied in that order
 
 Two frames. A transform maps fixed voxels to moving voxels; each image has its own frame, the
@@ -51,6 +52,7 @@ from .transform import (
     AffineTransform,
     ComposedTransform,
     DisplacementTransform,
+    ElasticSectionTransform,
     IdentityTransform,
     PerSectionTransform,
     Transform,
@@ -215,6 +217,8 @@ def _write(t: Transform, folder: Path) -> None:
             )
             img = field_to_itk_nifti(arr, grid, grid_sp, target, target_sp)
             nib.save(img, folder / f"{name}.nii.gz")
+        elif name == "section_fields":  # elastic sections: a (n, gh, gw, 2) array, too big for JSON
+            np.save(folder / "section_fields.npy", np.asarray(arr, dtype=np.float32), allow_pickle=False)
         else:
             meta[name] = np.asarray(arr).tolist()
     if isinstance(t, AffineTransform):
@@ -400,6 +404,13 @@ def _build(folder: Path, meta: dict, settings: dict) -> Transform:
         if ndim != 3:
             raise ValueError(f"a per-section transform is 3D, got ndim={ndim}")
         t = PerSectionTransform(meta["matrices"], shape=shape, **common)
+        _check_invertible(t.matrices, "a per-section matrix")
+        return t
+    if kind == "per_section_elastic":
+        if ndim != 3:
+            raise ValueError(f"a per-section transform is 3D, got ndim={ndim}")
+        fields = np.load(folder / "section_fields.npy", allow_pickle=False)
+        t = ElasticSectionTransform(meta["matrices"], fields, shape=shape, **common)
         _check_invertible(t.matrices, "a per-section matrix")
         return t
     raise ValueError(f"unknown transform kind {kind!r}")

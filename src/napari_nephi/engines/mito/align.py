@@ -51,8 +51,9 @@ from ...core.grid import check_spacing
 from ...core.options import check_bool, check_float, check_int, check_known
 from ...core.progress import CancelFlag, Progress, ProgressCallback
 from ...core.registration import Registration
-from ...core.transform import PerSectionTransform
+from ...core.transform import ElasticSectionTransform, PerSectionTransform
 from . import features as ft
+from .elastic import elastic_fields, warp_elastic_section
 from .masks import detect_mitochondria_section, intensity_range, to_uint8, valid_region
 from .solve import Edge, check_global_options, solve_global
 
@@ -544,6 +545,10 @@ def align_stack(
     solver: str | None = None,
     global_model: str = "affine",
     drift_prior: float = 0.0,
+    elastic: bool = False,
+    elastic_spacing: float = 32.0,
+    elastic_radius: int = 2,
+    elastic_iterations: int = 1,
     warp: bool = True,
     lazy: bool = False,
     spacing: Sequence[float] | None = None,
@@ -633,6 +638,12 @@ def align_stack(
         Weight of the global solve's penalty on scale and shear of each section (0: off);
         it holds back slowly accumulating scale/shear drift but also resists real slow
         shape changes of the sections (see :mod:`.solve`).
+    elastic, elastic_spacing, elastic_radius, elastic_iterations
+        Elastic refinement after the per-section maps (off by default): a smooth displacement
+        per section on a grid of ``elastic_spacing`` pixels, minus the median optical flow to
+        its ``elastic_radius`` neighbours on each side, in ``elastic_iterations`` relaxation
+        passes (:mod:`.elastic`); identical sections get zero fields. The transform is then an
+        :class:`~napari_nephi.core.transform.ElasticSectionTransform`.
     spacing
         ``(z, y, x)`` voxel size kept with the transform (default: from the file for a path,
         else 1).
@@ -687,6 +698,10 @@ def align_stack(
     )
     workers = (0 if workers is None else check_int("workers", workers, 0, 4096)) or _cpu_count()
     warp, lazy = check_bool("warp", warp), check_bool("lazy", lazy)
+    elastic = check_bool("elastic", elastic)
+    elastic_spacing = check_float("elastic_spacing", elastic_spacing, 4.0, 1e5)
+    elastic_radius = check_int("elastic_radius", elastic_radius, 1, 32)
+    elastic_iterations = check_int("elastic_iterations", elastic_iterations, 1, 20)
     prog = Progress(progress, cancel)  # checks the callbacks
     prog.check()
     intensity = (None, None)
@@ -752,13 +767,23 @@ def align_stack(
         )  # fmt: skip
     t_align = time.perf_counter() - t_align
 
-    transform = PerSectionTransform(matrices, shape=(n, h, w), spacing=spacing)
+    fields = None
+    if elastic:
+        t0 = time.perf_counter()
+        fields = elastic_fields(
+            lambda k: to_uint8(read_section(stack, k), *intensity), matrices, (h, w), elastic_spacing,
+            elastic_radius, min(1.0, opts.scale), step=lambda k: prog.check(), iterations=elastic_iterations,
+        )  # fmt: skip
+        t_elastic = time.perf_counter() - t0
+        transform = ElasticSectionTransform(matrices, fields, shape=(n, h, w), spacing=spacing)
+    else:
+        transform = PerSectionTransform(matrices, shape=(n, h, w), spacing=spacing)
     warped = None
     t_warp = 0.0
     if warp:
         t0 = time.perf_counter()
         warped = warp_sections(stack, matrices, labels=False, workers=workers, lazy=lazy, progress=prog,
-                               step0=done, total=total)  # fmt: skip
+                               step0=done, total=total, fields=fields)  # fmt: skip
         t_warp = time.perf_counter() - t0
     report = [_jsonable(r) for r in rows]
     failed = [r["section"] for r in report if r["failed"]]
@@ -786,6 +811,13 @@ def align_stack(
     }
     if solve_info is not None:
         metrics["solver"] = solve_info
+    if fields is not None:
+        norm = np.linalg.norm(fields, axis=-1)
+        metrics["elastic"] = {
+            "seconds": t_elastic, "grid": list(fields.shape[1:3]),
+            "displacement_mean": float(norm.mean()), "displacement_max": float(norm.max()),
+            "displacement_per_section": [float(v) for v in norm.mean(axis=(1, 2))],
+        }  # fmt: skip
     metrics["blank_sections"] = {int(k): why for k, why in sorted(sections.blank.items())}
     if sections.blank:
         listed = ", ".join(f"{k} ({why})" for k, why in sorted(sections.blank.items()))
@@ -806,6 +838,8 @@ def align_stack(
         "keypoint_size": sections.keypoint_size / opts.scale,
         "model_selection": opts.model_selection, "refine": opts.refine,
         "neighbours": neighbours, "solver": solver, "global_model": global_model, "drift_prior": drift_prior,
+        "elastic": elastic, "elastic_spacing": elastic_spacing, "elastic_radius": elastic_radius,
+        "elastic_iterations": elastic_iterations,
     }  # fmt: skip
     transform.settings = dict(settings)
     return Registration(warped=warped, transform=transform, metrics=metrics, settings=settings)
@@ -918,8 +952,10 @@ def _jsonable(row: dict) -> dict:
 _LINEAR_DTYPES = {np.dtype(t) for t in (np.uint8, np.uint16, np.int16, np.float32, np.float64)}
 
 
-def _warp_one(section: np.ndarray, matrix_yx: np.ndarray, labels: bool) -> np.ndarray:
+def _warp_one(section: np.ndarray, matrix_yx: np.ndarray, labels: bool, field=None) -> np.ndarray:
     h, w = section.shape
+    if field is not None:
+        return _warp_elastic_one(section, matrix_yx, field, labels)
     m = ft.yx_to_xy(matrix_yx)
     if labels:
         return _warp_labels_one(section, m)
@@ -949,6 +985,20 @@ def _warp_labels_one(section: np.ndarray, matrix_xy: np.ndarray) -> np.ndarray:
     return np.concatenate([np.zeros(1, section.dtype), values]).take(out)
 
 
+def _warp_elastic_one(section: np.ndarray, matrix_yx: np.ndarray, field: np.ndarray, labels: bool):
+    """:func:`_warp_one` through an elastic field (:func:`.elastic.warp_elastic_section`)."""
+    if not labels:
+        src = section if section.dtype in _LINEAR_DTYPES else section.astype(np.float32)
+        return warp_elastic_section(src, matrix_yx, field, cv2.INTER_LINEAR)
+    index, values = _label_index(section)
+    out = warp_elastic_section(index, matrix_yx, field, cv2.INTER_NEAREST)
+    if values is None:
+        np.subtract(out, 1, out=out)
+        np.maximum(out, 0, out=out)
+        return out.astype(section.dtype, copy=False)
+    return np.concatenate([np.zeros(1, section.dtype), values]).take(out)
+
+
 def _label_index(section: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """``(int32 index image, values)``: pixel value + 1 for integer labels in ``[0, 2**31 - 2]``
     (``values`` None), else 1 + the position of the pixel's value in the sorted distinct ``values``."""
@@ -969,8 +1019,13 @@ def warp_sections(
     progress: Progress | None = None,
     step0: int = 0,
     total: int | None = None,
+    fields=None,
 ):
     """Resample every section ``k`` of ``stack`` at ``matrices[k] @ p`` (OpenCV, per section).
+
+    With ``fields`` (``(n, gh, gw, 2)``, see
+    :class:`~napari_nephi.core.transform.ElasticSectionTransform`) at
+    ``matrices[k] @ (p + fields[k](p))`` instead.
 
     Linear interpolation for images (input dtype kept where OpenCV interpolates it, else
     float32), nearest neighbour for ``labels`` (dtype and values kept exactly); 0 outside.
@@ -991,7 +1046,8 @@ def warp_sections(
         sec = read_section(stack, k)
         if sec.dtype == bool:
             sec = sec.astype(np.uint8)
-        return _warp_one(sec, mats[k], labels).astype(out_dtype, copy=False)
+        field = None if fields is None else fields[k]
+        return _warp_one(sec, mats[k], labels, field).astype(out_dtype, copy=False)
 
     if lazy:
         import dask
@@ -1023,7 +1079,10 @@ def warp_sections(
 
 def warp_masks(reg: Registration, masks, workers: int | None = None, lazy: bool = False):
     """The masks (labels) aligned with ``reg`` (nearest neighbour; values and dtype kept)."""
-    return warp_sections(masks, reg.transform.matrices, labels=True, workers=workers, lazy=lazy)
+    fields = getattr(reg.transform, "fields", None)
+    return warp_sections(
+        masks, reg.transform.matrices, labels=True, workers=workers, lazy=lazy, fields=fields
+    )
 
 
 def detect_mitochondria(stack, radius: float | None = None, workers: int | None = None, labels: bool = True):

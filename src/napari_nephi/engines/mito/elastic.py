@@ -1,0 +1,148 @@
+"""Elastic refinement of aligned EM sections: one smooth displacement field per section.
+
+After the per-section maps (chain or global solve), every section is resampled at a coarse
+work resolution and the dense optical flow (OpenCV DIS) from it to each of its neighbours
+``k +- 1 .. k +- radius`` is computed. The section's correction is minus the per-pixel
+*median* of those flows, averaged over the cells of a coarse grid (``spacing`` pixels) and
+smoothed:
+
+* a section cut with a distortion of its own moves toward its neighbours, while its
+  neighbours, for which it is one vote among ``2 radius``, barely move (with ``radius = 1``
+  the median is the mean of two flows and a distortion leaks half into both neighbours);
+* structures that move steadily through depth (organelles cut obliquely) pull equally
+  forward and backward, so the median leaves them where they are;
+* identical sections give zero flows, hence zero fields.
+
+Sections at the ends of the stack have neighbours on one side only. Only one section's
+neighbours are held in memory at a time (a sliding window of resampled work images), so long,
+lazily read stacks stay bounded in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+
+from .features import yx_to_xy
+
+
+def _scaled(matrix: np.ndarray, s: float) -> np.ndarray:
+    """``matrix`` (aligned -> section, original pixels) at work scale ``s`` on both sides
+    (pixel centres: ``x_work = (x + 0.5) s - 0.5``)."""
+    t = np.array([[s, 0, 0.5 * s - 0.5], [0, s, 0.5 * s - 0.5], [0, 0, 1.0]])
+    return t @ matrix @ np.linalg.inv(t)
+
+
+def _aligned_work(section: np.ndarray, matrix: np.ndarray, s: float, shape, field=None):
+    """Section (uint8) resampled into the aligned frame at work scale (through ``field``, in
+    original pixels, when given), and where it has content."""
+    h, w = shape
+    small = section if s == 1 else cv2.resize(section, (w, h), interpolation=cv2.INTER_AREA)
+    ones = np.ones_like(small, dtype=np.uint8)
+    if field is not None and np.any(field):
+        m = _scaled(matrix, s)
+        img = warp_elastic_section(small, m, field * np.float32(s), cv2.INTER_LINEAR)
+        valid = warp_elastic_section(ones, m, field * np.float32(s), cv2.INTER_NEAREST)
+    else:
+        m = yx_to_xy(_scaled(matrix, s))
+        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+        img = cv2.warpPerspective(
+            small, m, (w, h), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+        )
+        valid = cv2.warpPerspective(ones, m, (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+    valid = cv2.erode(valid, np.ones((7, 7), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return img, valid & (small.max() > small.min())
+
+
+def elastic_fields(
+    read: Callable[[int], np.ndarray],
+    matrices: np.ndarray,
+    shape,
+    spacing: float = 32.0,
+    radius: int = 2,
+    scale: float = 0.5,
+    smooth: float = 0.5,
+    step: Callable[[int], None] | None = None,
+    iterations: int = 1,
+) -> np.ndarray:
+    """Smooth per-section displacement fields ``(n, gh, gw, 2)`` (aligned (y, x) pixels).
+
+    ``read(k)`` gives section ``k`` as uint8; ``matrices[k]`` maps the aligned frame to it;
+    ``shape`` is ``(H, W)`` of a section; ``spacing`` the grid step in pixels; ``radius`` the
+    neighbours on each side; ``scale`` the work resolution of the flow; ``smooth`` the Gaussian
+    sigma of the final smoothing in grid cells; ``step(k)`` is called after every section
+    (progress, cancel). Fields follow :class:`~napari_nephi.core.transform.ElasticSectionTransform`.
+    """
+    n = len(matrices)
+    h, w = (int(v) for v in shape)
+    gh, gw = max(2, int(round((h - 1) / spacing)) + 1), max(2, int(round((w - 1) / spacing)) + 1)
+    work = (max(8, int(round(h * scale))), max(8, int(round(w * scale))))
+    s = work[0] / h  # one ratio for both axes (the grid is in aligned pixels)
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    fields = np.zeros((n, gh, gw, 2), np.float32)
+    for _ in range(max(1, iterations)):  # each pass starts from the previous fields
+        fields = fields + _pass(read, matrices, fields, s, work, (gh, gw), radius, smooth, dis, step)
+    return fields
+
+
+def _pass(read, matrices, current, s, work, grid, radius, smooth, dis, step) -> np.ndarray:
+    """One relaxation pass: the field update of every section given the ``current`` fields."""
+    n = len(matrices)
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    fields = np.zeros_like(current)
+    gh, gw = grid
+    for k in range(n):
+        for j in range(max(0, k - radius), min(n, k + radius + 1)):
+            if j not in cache:
+                cache[j] = _aligned_work(read(j), matrices[j], s, work, current[j])
+        for old in [j for j in cache if j < k - radius]:
+            del cache[old]
+        img_k, valid_k = cache[k]
+        flows, valid = [], valid_k.astype(bool)
+        for j in range(max(0, k - radius), min(n, k + radius + 1)):
+            if j == k or not cache[j][1].any():
+                continue
+            flows.append(dis.calc(img_k, cache[j][0], None))  # img_k(p) ~ img_j(p + flow(p))
+            valid &= cache[j][1].astype(bool)
+        if flows and valid.any():
+            fields[k] = _to_grid(-np.median(np.stack(flows), axis=0) / s, valid, (gh, gw), smooth)
+        if step is not None:
+            step(k)
+    return fields
+
+
+def _to_grid(u: np.ndarray, valid: np.ndarray, grid, smooth: float) -> np.ndarray:
+    """Weighted cell means of the dense ``(h, w, 2)`` (x, y) field ``u`` on the ``grid`` nodes,
+    as (y, x); nodes without content get the mean of their neighbours (0 if none), then smoothing."""
+    gh, gw = grid
+    wgt = valid.astype(np.float32)
+    num = cv2.resize(u * wgt[..., None], (gw, gh), interpolation=cv2.INTER_AREA)
+    den = cv2.resize(wgt, (gw, gh), interpolation=cv2.INTER_AREA)
+    if smooth > 0:
+        num = cv2.GaussianBlur(num, (0, 0), smooth, borderType=cv2.BORDER_REPLICATE)
+        den = cv2.GaussianBlur(den, (0, 0), smooth, borderType=cv2.BORDER_REPLICATE)
+    den = den[..., None]
+    out = np.where(den > 1e-3, num / np.maximum(den, 1e-3), 0.0)
+    return out[..., ::-1].astype(np.float32)  # (x, y) flow -> (y, x)
+
+
+def warp_elastic_section(section: np.ndarray, matrix: np.ndarray, field: np.ndarray, interpolation: int):
+    """``section`` sampled at ``matrix (p + field(p))`` for every aligned pixel ``p`` (OpenCV remap)."""
+    h, w = section.shape
+    gh, gw = field.shape[:2]
+    # the grid's nodes span the section: resize with corner-aligned nodes via remap of the grid
+    gy = (np.arange(h, dtype=np.float32) * ((gh - 1) / max(h - 1, 1)))[:, None].repeat(w, 1)
+    gx = (np.arange(w, dtype=np.float32) * ((gw - 1) / max(w - 1, 1)))[None, :].repeat(h, 0)
+    dense = cv2.remap(field, gx, gy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    del gx, gy
+    py = np.arange(h, dtype=np.float32)[:, None] + dense[..., 0]
+    px = np.arange(w, dtype=np.float32)[None, :] + dense[..., 1]
+    del dense
+    m = matrix.astype(np.float64)
+    z = m[2, 0] * py + m[2, 1] * px + m[2, 2]
+    map_y = ((m[0, 0] * py + m[0, 1] * px + m[0, 2]) / z).astype(np.float32)
+    map_x = ((m[1, 0] * py + m[1, 1] * px + m[1, 2]) / z).astype(np.float32)
+    del py, px, z
+    return cv2.remap(section, map_x, map_y, interpolation, borderMode=cv2.BORDER_CONSTANT, borderValue=0)

@@ -1,0 +1,117 @@
+"""Elastic refinement of MITO and its transform kind (ElasticSectionTransform): fields, warps, files."""
+
+import cv2
+import numpy as np
+import pytest
+
+from napari_nephi import load_transform
+from napari_nephi.core.errors import InputError
+from napari_nephi.core.transform import ElasticSectionTransform, PerSectionTransform
+from napari_nephi.engines.mito import align_stack, warp_masks
+from napari_nephi.engines.mito.align import warp_sections
+from napari_nephi.engines.mito.elastic import elastic_fields
+
+N = 7
+
+
+@pytest.fixture(scope="module")
+def distorted(em):
+    """Seven identical unrotated sections; section 3 shows the base at ``p + d(p)`` with a known
+    smooth ``d`` (up to 3 px)."""
+    base = em["unrotated_stack"][2]
+    h, w = base.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    dy = 3.0 * np.sin(2 * np.pi * xx / w) * np.cos(np.pi * yy / h)
+    dx = 2.0 * np.cos(2 * np.pi * yy / h)
+    stack = np.stack([base] * N)
+    stack[3] = cv2.remap(base, xx + dx, yy + dy, cv2.INTER_LINEAR)
+    mask = np.stack([em["unrotated_masks"][2]] * N)
+    mask[3] = cv2.remap(mask[3], xx + dx, yy + dy, cv2.INTER_NEAREST)
+    return {"stack": stack, "masks": mask, "d": np.stack([dy, dx], -1), "base": base, "pad": em["pad"]}
+
+
+def _inner_points(shape, pad, step=8):
+    yy, xx = np.mgrid[pad + 20 : shape[0] - pad - 20 : step, pad + 20 : shape[1] - pad - 20 : step]
+    return np.stack([yy.ravel(), xx.ravel()], 1).astype(float)
+
+
+def test_known_smooth_distortion_is_recovered_and_the_others_stay_put(distorted):
+    d = distorted
+    n, h, w = d["stack"].shape
+    mats = np.repeat(np.eye(3)[None], n, axis=0)
+    fields = elastic_fields(lambda k: d["stack"][k], mats, (h, w), spacing=16, radius=2, scale=1.0)
+    assert np.abs(np.delete(fields, 3, axis=0)).max() < 0.05  # undistorted sections: field ~0
+    t = ElasticSectionTransform(mats, fields, shape=(n, h, w))
+    p = _inner_points((h, w), d["pad"])
+    truth = d["d"][p[:, 0].astype(int), p[:, 1].astype(int)]
+    u = t.field_at(3, p)  # the correction samples section 3 at p + u(p): u ~ -d
+    err = np.abs(u + truth).mean()
+    assert err < 0.3 * np.abs(truth).mean(), (err, np.abs(truth).mean())
+    # warping through the field undoes the distortion (independent check: image difference)
+    warped = warp_sections(d["stack"], mats, fields=fields)
+    inner = (slice(d["pad"] + 20, h - d["pad"] - 20),) * 2
+    before = np.abs(d["stack"][3].astype(float) - d["base"])[inner].mean()
+    after = np.abs(warped[3].astype(float) - d["base"])[inner].mean()
+    assert after < 0.6 * before
+    np.testing.assert_array_equal(warped[0], d["base"])  # zero field: exactly the plain warp
+
+
+def test_identical_sections_get_zero_fields(em):
+    stack = np.stack([em["stack"][1]] * 4)
+    reg = align_stack(stack, model="rigid", elastic=True, warp=False, workers=2)
+    assert isinstance(reg.transform, ElasticSectionTransform)
+    assert np.abs(reg.transform.fields).max() < 0.05
+    assert reg.metrics["elastic"]["displacement_max"] < 0.05 and reg.settings["elastic"] is True
+
+
+def test_engine_elastic_improves_the_distorted_section(distorted):
+    d = distorted
+    plain = align_stack(d["stack"], d["masks"], model="rigid", warp=False, workers=2)
+    reg = align_stack(d["stack"], d["masks"], model="rigid", elastic=True, elastic_spacing=16, workers=2)
+    truth = d["masks"][0] > 0
+
+    def dice(a):
+        a = a > 0
+        return 2 * (a & truth).sum() / (a.sum() + truth.sum())
+
+    assert dice(warp_masks(reg, d["masks"])[3]) > dice(warp_masks(plain, d["masks"])[3]) + 0.02
+    assert reg.warped.shape == d["stack"].shape and reg.warped.dtype == np.uint8
+
+
+def test_elastic_transform_saves_and_loads(tmp_path, distorted):
+    d = distorted
+    n, h, w = d["stack"].shape
+    rng = np.random.default_rng(0)
+    mats = np.repeat(np.eye(3)[None], n, axis=0)
+    mats[:, :2, 2] = rng.normal(0, 3, (n, 2))
+    fields = rng.normal(0, 1, (n, 5, 6, 2)).astype(np.float32)
+    t = ElasticSectionTransform(mats, fields, shape=(n, h, w), spacing=(2.0, 0.5, 0.5))
+    t.save(tmp_path / "t")
+    back = load_transform(tmp_path / "t")
+    assert isinstance(back, ElasticSectionTransform) and back.kind == "per_section_elastic"
+    np.testing.assert_array_equal(back.fields, fields)
+    np.testing.assert_allclose(back.matrices, mats)
+    assert back.spacing == (2.0, 0.5, 0.5)
+    # the torch map agrees with the OpenCV warp: point p of section k -> matrices[k] (p + field)
+    pts = np.array([[2.0, 10.0, 20.0], [5.0, 100.5, 200.25]])
+    mapped = back.map_points(pts)
+    for q, m in zip(pts, mapped):
+        k = int(q[0])
+        moved = q[1:] + t.field_at(k, q[None, 1:])[0]
+        expect = (mats[k] @ np.array([*moved, 1.0]))[:2]
+        np.testing.assert_allclose(m[1:], expect, atol=1e-4)
+    # zero fields map like the plain per-section transform
+    zero = ElasticSectionTransform(mats, np.zeros_like(fields), shape=(n, h, w))
+    np.testing.assert_allclose(zero.map_points(pts), PerSectionTransform(mats).map_points(pts), atol=1e-6)
+
+
+def test_bad_fields_and_options_are_refused(distorted):
+    mats = np.repeat(np.eye(3)[None], 3, axis=0)
+    with pytest.raises(InputError, match="Section fields must have shape"):
+        ElasticSectionTransform(mats, np.zeros((2, 4, 4, 2)), shape=(3, 32, 32))
+    with pytest.raises(InputError, match="NaN"):
+        ElasticSectionTransform(mats, np.full((3, 4, 4, 2), np.nan), shape=(3, 32, 32))
+    with pytest.raises(InputError, match="needs the stack shape"):
+        ElasticSectionTransform(mats, np.zeros((3, 4, 4, 2)))
+    with pytest.raises(InputError, match="elastic_spacing"):
+        align_stack(distorted["stack"], elastic=True, elastic_spacing=0)
