@@ -1,15 +1,19 @@
 """Elastic refinement of MITO and its transform kind (ElasticSectionTransform): fields, warps, files."""
 
+import argparse
+
 import cv2
 import numpy as np
 import pytest
 
 from napari_nephi import load_transform
+from napari_nephi.cli.em import add_parser
 from napari_nephi.core.errors import InputError
 from napari_nephi.core.transform import ElasticSectionTransform, PerSectionTransform
 from napari_nephi.engines.mito import align_stack, warp_masks
 from napari_nephi.engines.mito.align import warp_sections
 from napari_nephi.engines.mito.elastic import elastic_fields
+from napari_nephi.io import read_image, write_tiff
 
 N = 7
 
@@ -115,3 +119,20 @@ def test_bad_fields_and_options_are_refused(distorted):
         ElasticSectionTransform(mats, np.zeros((3, 4, 4, 2)))
     with pytest.raises(InputError, match="elastic_spacing"):
         align_stack(distorted["stack"], elastic=True, elastic_spacing=0)
+
+
+def test_cli_elastic_writes_the_elastic_transform_and_masks(distorted, tmp_path):
+    d = distorted
+    write_tiff(tmp_path / "s.tif", d["stack"])
+    write_tiff(tmp_path / "m.tif", d["masks"])
+    p = argparse.ArgumentParser(prog="napari-nephi")
+    add_parser(p.add_subparsers(dest="command", required=True))
+    out = tmp_path / "out"
+    argv = ["align-em", str(tmp_path / "s.tif"), "--masks", str(tmp_path / "m.tif"), "-o", str(out),
+            "--model", "rigid", "--elastic", "--option", "elastic_spacing=16", "-q"]  # fmt: skip
+    args = p.parse_args(argv)
+    assert args.func(args) == 0
+    t = load_transform(out / "transform")
+    assert isinstance(t, ElasticSectionTransform) and np.abs(t.fields[3]).max() > 1.0
+    masks = np.asarray(read_image(out / "aligned_masks.tif")[0][0])
+    np.testing.assert_array_equal(masks, warp_sections(d["masks"], t.matrices, labels=True, fields=t.fields))

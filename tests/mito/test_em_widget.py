@@ -255,6 +255,9 @@ def test_em_options_multi_neighbour_reach_the_engine(qtbot, em):
     assert opts.global_model.isEnabled() and opts.drift_prior.isEnabled()
     values = opts.values()
     assert (values["neighbours"], values["global_model"], values["drift_prior"]) == (3, "rigid", 0.5)
+    assert values["elastic"] is False
+    opts.elastic.setChecked(True)
+    assert opts.values()["elastic"] is True
     reg = emw.run_alignment(None, None, em["stack"], em["masks"], {**values, "model": "rigid"}, False)[
         "registration"
     ]

@@ -8,8 +8,9 @@ napari-nephi run is replaced as a whole, any other existing folder or file is re
   and no ``--masks`` the automatically detected mitochondria, labelled per section);
   ``--no-masks-out`` skips it;
 * ``transform/``: the per-section transform (``napari_nephi.load_transform``, ``napari-nephi apply``);
+  with ``--elastic`` an elastic per-section transform (matrices and smooth fields);
 * ``matrices.npy`` and ``matrices.json``: ``(n, 3, 3)`` ``(y, x)`` maps from aligned to original
-  section coordinates;
+  section coordinates (with ``--elastic``, the part before the fields);
 * ``report.csv`` (one row per section) and ``report.json`` (rows, summary metrics, settings).
 
 Progress goes to stderr: one bar for the alignment (a step per section), one for writing
@@ -106,6 +107,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=0.0,
         help="global solve: weight of the penalty on each section's scale and shear (0: off)",
     )
+    p.add_argument(
+        "--elastic",
+        action="store_true",
+        help="elastic refinement: a smooth displacement per section toward its neighbours (slower)",
+    )
     p.add_argument("--no-masks-out", action="store_true", help="do not write aligned_masks.tif")
     add_key_values(p, "--option", "any other align_stack option")
     add_quiet(p)
@@ -148,6 +154,8 @@ def _align_options(args: argparse.Namespace) -> dict:
         options["model_selection"] = False
     if args.no_refine:
         options["refine"] = False
+    if args.elastic:
+        options.setdefault("elastic", True)
     reference = int(args.reference) if str(args.reference).lstrip("-").isdigit() else args.reference
     kw = {
         "detector": args.detector, "descriptor": args.descriptor, "matcher": args.matcher,
@@ -159,6 +167,10 @@ def _align_options(args: argparse.Namespace) -> dict:
     }  # fmt: skip
     kw.update(options)  # --option KEY=VALUE wins
     return kw
+
+
+def _field(fields, k: int):
+    return None if fields is None else fields[k]
 
 
 def cmd_align_em(args: argparse.Namespace) -> int:
@@ -184,6 +196,7 @@ def cmd_align_em(args: argparse.Namespace) -> int:
         bars.close()
     n, h, w = (int(s) for s in reg.transform.shape)
     mats = reg.transform.matrices
+    fields = getattr(reg.transform, "fields", None)  # elastic refinement
     warped = reg.warped
     write_masks = not args.no_masks_out and (masks is not None or reg.settings["use_masks"])
     writing = Progress(bars)
@@ -204,7 +217,8 @@ def cmd_align_em(args: argparse.Namespace) -> int:
         if write_masks:
             if masks is not None:
                 sections = (
-                    _warp_one(np.asarray(read_section(masks, k)), mats[k], labels=True) for k in range(n)
+                    _warp_one(np.asarray(read_section(masks, k)), mats[k], True, _field(fields, k))
+                    for k in range(n)
                 )
                 dtype = np.dtype(masks.dtype)
             else:  # the automatically detected mitochondria, labelled per section
@@ -214,7 +228,7 @@ def cmd_align_em(args: argparse.Namespace) -> int:
 
                 def auto(k):
                     m = detect_mitochondria_section(to_uint8(read_section(stack, k), *rng))
-                    return _warp_one(label_mask(m).astype(np.uint16), mats[k], labels=True)
+                    return _warp_one(label_mask(m).astype(np.uint16), mats[k], True, _field(fields, k))
 
                 sections = (auto(k) for k in range(n))
                 dtype = np.dtype(np.uint16)

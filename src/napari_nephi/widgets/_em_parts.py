@@ -90,6 +90,11 @@ class EMOptions(QWidget):
             "Sections each section is matched to; above 1 all sections are placed at once by a robust "
             "global least-squares solve over all pairs instead of chaining neighbour maps"
         )
+        self.elastic = QCheckBox("elastic refinement (smooth per-section warp)")
+        self.elastic.setToolTip(
+            "After the alignment, a smooth displacement per section toward its neighbours, for sections "
+            "distorted by cutting; slower"
+        )
         self.global_model = QComboBox()
         self.global_model.addItems(GLOBAL_MODELS)
         self.drift_prior = QDoubleSpinBox()
@@ -106,7 +111,7 @@ class EMOptions(QWidget):
                        ("", self.middle), ("RANSAC threshold", self.threshold), ("ratio test", self.ratio),
                        ("keypoints / section", self.max_keypoints), ("threads", self.workers),
                        ("neighbours", self.neighbours), ("global model", self.global_model),
-                       ("drift prior", self.drift_prior)]  # fmt: skip
+                       ("drift prior", self.drift_prior), ("", self.elastic)]  # fmt: skip
         for layout, rows in ((form, shown), (more, folded_rows)):
             for label, widget in rows:
                 layout.addRow(label, widget)
@@ -149,6 +154,7 @@ class EMOptions(QWidget):
             "neighbours": self.neighbours.value(),
             "global_model": self.global_model.currentText(),
             "drift_prior": self.drift_prior.value(),
+            "elastic": self.elastic.isChecked(),
         }
 
 
