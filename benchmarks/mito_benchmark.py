@@ -21,7 +21,13 @@ Columns:
 * ``Dice pair``: the same, but every section is placed by its own pairwise map composed with
   the *true* placement of its neighbour: the accuracy of one pairwise step, without
   accumulation;
+* ``Dice ref``: the chain Dice measured in the aligned (reference section's) frame, the true
+  masks moved there by the reference's known rotation; the only chain Dice of rows with elastic
+  refinement (whose fields live in that frame; their ``Dice chain`` is nan);
 * ``failed``: sections whose primary pair fit failed (fallback used).
+* cases (``--cases``): ``default`` today's drift-free stack; ``drift`` mitochondria drifting
+  with a population velocity of 0.25 scale px per section (``organelle_drift``); ``distorted``
+  sections deformed smoothly before their rotation (``distortion=0.5``); ``drift+distorted``.
 * ``mito-norefine``: MITO without the sub-pixel refinement of the pair maps (``refine=False``),
   i.e. RANSAC on the keypoints alone, as in the paper.
 * ``drift``: (once) MITO run on the *unrotated* stack, where the ideal answer is the identity:
@@ -32,6 +38,8 @@ Usage::
     .venv/bin/python benchmarks/mito_benchmark.py                      # full 160 sections
     .venv/bin/python benchmarks/mito_benchmark.py --sections 20        # reduced
     .venv/bin/python benchmarks/mito_benchmark.py --rows mito,mito-auto --sections 40
+    .venv/bin/python benchmarks/mito_benchmark.py --cases default,drift,distorted \
+        --rows mito,mito-global,mito-elastic,mito-global+elastic --matchers bf --sections 40
 
 Not part of the test run.
 """
@@ -71,6 +79,23 @@ ROWS = {
     "fast-brisk+masks": ("fast", "brisk", True),
     "sift": ("sift", "sift", False),
     "sift+masks": ("sift", "sift", True),
+    # multi-neighbour matching + global solve, elastic refinement (issue 15)
+    "mito-global": ("mito", "brisk", True, {"neighbours": 3}),
+    "mito-global-rigid": ("mito", "brisk", True, {"neighbours": 3, "global_model": "rigid"}),
+    "mito-elastic": ("mito", "brisk", True, {"elastic": True}),
+    "mito-global+elastic": ("mito", "brisk", True, {"neighbours": 3, "elastic": True}),
+    "fast-brisk-global": ("fast", "brisk", False, {"neighbours": 3}),
+}
+
+#: Rows of the paper's table (the default ``--rows``); the others are asked for by name.
+PAPER_ROWS = tuple(list(ROWS)[:16])
+
+#: Stack cases: name -> em_stack options. "default" is today's drift-free stack.
+CASES = {
+    "default": {},
+    "drift": {"organelle_drift": 0.25},
+    "distorted": {"distortion": 0.5},
+    "drift+distorted": {"organelle_drift": 0.25, "distortion": 0.5},
 }
 
 
@@ -85,8 +110,20 @@ def dice_stack(masks, truth, matrices) -> np.ndarray:
     return np.array([dice(w, t) for w, t in zip(warped, truth)])
 
 
-def evaluate(matrices, data, ref: int) -> dict:
-    """Chain and pair Dice of ``matrices`` (aligned -> original section, (y, x))."""
+def dice_reference_frame(matrices, data, ref: int, fields=None) -> np.ndarray:
+    """Dice per section in the aligned (reference section's) frame: the aligned masks (through
+    the elastic ``fields`` when given) against the true masks moved into that frame by the
+    reference's known rotation."""
+    n = len(matrices)
+    to_ref = np.repeat(np.linalg.inv(data["matrices"][ref])[None], n, axis=0)
+    truth = warp_sections(data["unrotated_masks"], to_ref, labels=True)
+    warped = warp_sections(data["masks"], matrices, labels=True, fields=fields)
+    return np.array([dice(w, t) for w, t in zip(warped, truth)])
+
+
+def evaluate(matrices, data, ref: int, fields=None) -> dict:
+    """Chain and pair Dice of ``matrices`` (aligned -> original section, (y, x)); with elastic
+    ``fields`` the chain Dice is measured in the reference frame (:func:`dice_reference_frame`)."""
     true = data["matrices"]
     chain = matrices @ true[ref]  # unrotated frame -> section k
     pair = np.empty_like(matrices)
@@ -99,10 +136,12 @@ def evaluate(matrices, data, ref: int) -> dict:
         pair[k] = p @ true[j]
     d_chain = dice_stack(data["masks"], data["unrotated_masks"], chain)
     d_pair = dice_stack(data["masks"], data["unrotated_masks"], pair)
+    d_ref = dice_reference_frame(matrices, data, ref, fields)
     others = np.arange(len(matrices)) != ref
     return {
-        "dice_chain": float(d_chain.mean()),
-        "dice_chain_min": float(d_chain.min()),
+        "dice_chain": float(d_chain.mean()) if fields is None else float("nan"),
+        "dice_chain_min": float(d_chain.min()) if fields is None else float("nan"),
+        "dice_ref": float(d_ref.mean()),
         "dice_pair": float(d_pair[others].mean()) if others.any() else 1.0,
     }
 
@@ -127,9 +166,10 @@ def run_mito(data, name, matcher, args) -> dict:
     cpu = time.process_time() - cpu
     m = reg.metrics
     t0 = time.perf_counter()  # the aligned stack, as align_stack(warp=True) makes it
-    warp_sections(data["stack"], reg.transform.matrices, workers=args.workers)
+    fields = getattr(reg.transform, "fields", None)
+    warp_sections(data["stack"], reg.transform.matrices, workers=args.workers, fields=fields)
     warp_s = time.perf_counter() - t0
-    res = evaluate(reg.transform.matrices, data, m["reference"])
+    res = evaluate(reg.transform.matrices, data, m["reference"], fields)
     res.update(
         mp_s=m["megapixels_per_second"],
         mp_cpu_s=m["megapixels"] / cpu,
@@ -176,13 +216,62 @@ def auto_mask_quality(data, sample: int = 8) -> dict:
     }
 
 
+def run_case(case: str, rows, args) -> list[dict]:
+    """Every row (and the drift control and the peer) on one stack case; the result rows."""
+    results: list[dict] = []
+    t0 = time.perf_counter()
+    data = em_stack(args.sections, tuple(args.shape), seed=args.seed, pad=args.pad, **CASES[case])
+    n, h, w = data["stack"].shape
+    print(
+        f"# case {case} {CASES[case]}: stack {n} x {h} x {w} ({n * h * w / 1e6:.0f} MP), "
+        f"generated in {time.perf_counter() - t0:.1f} s; "
+        f"{os.cpu_count()} CPUs, OpenCV {cv2.__version__}, {platform.processor() or platform.machine()}"
+    )
+    aq = auto_mask_quality(data)
+    print(
+        f"# automatic masks vs true masks: Dice {aq['dice_mean']:.3f} (min {aq['dice_min']:.3f}), "
+        f"{aq['ms_per_section']:.0f} ms/section"
+    )
+    header = (
+        f"{'row':<19} {'matcher':<6} {'MP/s':>7} {'MP/CPU-s':>8} {'load':>5} {'align s':>8} {'warp s':>7} "
+        f"{'Dice chain':>10} {'min':>6} {'Dice ref':>8} {'Dice pair':>9} {'failed':>6} {'inliers':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+
+    def show(name, matcher, r):
+        results.append({"case": case, "row": name, "matcher": matcher, "auto_masks": aq, **r})
+        print(
+            f"{name:<19} {matcher:<6} {r['mp_s']:7.1f} {r['mp_cpu_s']:8.1f} {r['load']:5.1f} "
+            f"{r['seconds']:8.2f} {r['warp_s']:7.2f} {r['dice_chain']:10.3f} {r['dice_chain_min']:6.3f} "
+            f"{r['dice_ref']:8.3f} {r['dice_pair']:9.3f} {r['failed']:6d} {r['inliers']:7.1f}",
+            flush=True,
+        )
+
+    for name in rows:
+        for matcher in args.matchers.split(","):
+            show(name, matcher, run_mito(data, name, matcher, args))
+    if not args.no_drift:
+        flat = dict(data)
+        flat["stack"], flat["masks"] = data["unrotated_stack"], data["unrotated_masks"]
+        flat["matrices"] = np.repeat(np.eye(3)[None], n, axis=0)
+        show("drift (unrotated)", "bf", run_mito(flat, "mito", "bf", args))
+    if not args.no_peer:
+        try:
+            show("pystackreg rigid", "-", run_pystackreg(data, args))
+        except ImportError:
+            print("pystackreg not installed: pip install pystackreg")
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", type=int, default=160)
     p.add_argument("--shape", type=int, nargs=2, default=(768, 1024))
     p.add_argument("--pad", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows, or 'all'")
+    p.add_argument("--rows", default=",".join(PAPER_ROWS), help="comma-separated rows, or 'all'")
+    p.add_argument("--cases", default="default", help=f"comma-separated stack cases: {', '.join(CASES)}")
     p.add_argument("--matchers", default="bf,flann")
     p.add_argument("--model", default="homography")
     p.add_argument("--reference", default="0")
@@ -202,52 +291,16 @@ def main(argv=None) -> int:
         except json.JSONDecodeError:
             args.extra[key] = value
 
-    t0 = time.perf_counter()
-    data = em_stack(args.sections, tuple(args.shape), seed=args.seed, pad=args.pad)
-    n, h, w = data["stack"].shape
-    print(
-        f"# stack {n} x {h} x {w} ({n * h * w / 1e6:.0f} MP), generated in {time.perf_counter() - t0:.1f} s; "
-        f"{os.cpu_count()} CPUs, OpenCV {cv2.__version__}, {platform.processor() or platform.machine()}"
-    )
-    aq = auto_mask_quality(data)
-    print(
-        f"# automatic masks vs true masks: Dice {aq['dice_mean']:.3f} (min {aq['dice_min']:.3f}), "
-        f"{aq['ms_per_section']:.0f} ms/section"
-    )
-    header = (
-        f"{'row':<18} {'matcher':<6} {'MP/s':>7} {'MP/CPU-s':>8} {'load':>5} {'align s':>8} {'warp s':>7} "
-        f"{'Dice chain':>10} {'min':>6} {'Dice pair':>9} {'failed':>6} {'inliers':>7}"
-    )
-    print(header)
-    print("-" * len(header))
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        p.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     results = []
-
-    def show(name, matcher, r):
-        results.append({"row": name, "matcher": matcher, **r})
-        print(
-            f"{name:<18} {matcher:<6} {r['mp_s']:7.1f} {r['mp_cpu_s']:8.1f} {r['load']:5.1f} "
-            f"{r['seconds']:8.2f} {r['warp_s']:7.2f} "
-            f"{r['dice_chain']:10.3f} {r['dice_chain_min']:6.3f} {r['dice_pair']:9.3f} {r['failed']:6d} "
-            f"{r['inliers']:7.1f}",
-            flush=True,
-        )
-
-    for name in rows:
-        for matcher in args.matchers.split(","):
-            show(name, matcher, run_mito(data, name, matcher, args))
-    if not args.no_drift:
-        flat = dict(data)
-        flat["stack"], flat["masks"] = data["unrotated_stack"], data["unrotated_masks"]
-        flat["matrices"] = np.repeat(np.eye(3)[None], n, axis=0)
-        show("drift (unrotated)", "bf", run_mito(flat, "mito", "bf", args))
-    if not args.no_peer:
-        try:
-            show("pystackreg rigid", "-", run_pystackreg(data, args))
-        except ImportError:
-            print("pystackreg not installed: pip install pystackreg")
+    for case in cases:
+        results += run_case(case, rows, args)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"stack": [n, h, w], "auto_masks": aq, "results": results}, fh, indent=2)
+            json.dump({"results": results}, fh, indent=2)
     return 0
 
 

@@ -765,16 +765,16 @@ def align_stack(
         matrices, solve_info = _global_placement(
             n, ref, (h, w), chain_edges, extra_edges, matrices, rows, global_model, opts, drift_prior
         )  # fmt: skip
-    t_align = time.perf_counter() - t_align
-
     fields = None
-    if elastic:
+    if elastic:  # part of the alignment time
         t0 = time.perf_counter()
         fields = elastic_fields(
             lambda k: to_uint8(read_section(stack, k), *intensity), matrices, (h, w), elastic_spacing,
             elastic_radius, min(1.0, opts.scale), step=lambda k: prog.check(), iterations=elastic_iterations,
         )  # fmt: skip
         t_elastic = time.perf_counter() - t0
+    t_align = time.perf_counter() - t_align
+    if elastic:
         transform = ElasticSectionTransform(matrices, fields, shape=(n, h, w), spacing=spacing)
     else:
         transform = PerSectionTransform(matrices, shape=(n, h, w), spacing=spacing)
