@@ -32,6 +32,7 @@ SETTINGS = {
     "reg_weight": 0.5,
     "truth_weight": 1.0,
     "antialias": True,
+    "features": "flow",
     "val_pairs": 16,
     "val_every": 100,
     "checkpoint_every": 50,

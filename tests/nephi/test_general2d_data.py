@@ -6,6 +6,9 @@ import torch
 from scipy import ndimage
 
 from napari_nephi.core.errors import InputError
+from napari_nephi.engines.nephi.encoder import FEATURES, flow_features
+from napari_nephi.engines.nephi.field import FieldConfig
+from napari_nephi.engines.nephi.model import NePhiModel
 from napari_nephi.engines.nephi.shipped_pairs import (
     HELD_OUT,
     TRAINING,
@@ -15,6 +18,7 @@ from napari_nephi.engines.nephi.shipped_pairs import (
     shipped_image,
 )
 from napari_nephi.engines.nephi.train import train, truth_loss
+from napari_nephi.engines.nephi.weights import BUILTIN
 
 
 def _compose_residual(u, w):
@@ -100,3 +104,28 @@ def test_training_with_the_true_field_reports_the_held_out_endpoint_error(tmp_pa
     assert result.model.antialias and result.model.config()["antialias"] is True
     with pytest.raises(InputError, match="needs pairs with a known field"):
         train("tc", tmp_path / "t.pt", shape=(32, 32), steps=1, truth_weight=1.0, device="cpu")
+
+
+def test_flow_features_are_the_demons_terms():
+    rng = np.random.default_rng(0)
+    f, m = (torch.as_tensor(rng.random((1, 1, 9, 11), dtype=np.float32)) for _ in range(2))
+    h = flow_features(f, m).numpy()[0]
+    assert h.shape[0] == FEATURES["flow"](2) == 5
+    diff = (f - m).numpy()[0, 0]
+    gy, gx = np.gradient(0.5 * (f + m).numpy()[0, 0])
+    np.testing.assert_allclose(h[2], diff, atol=1e-6)
+    # inside; on the edges numpy takes one-sided differences, replicate padding half of one
+    np.testing.assert_allclose(h[3, 1:-1], (diff * gy)[1:-1], atol=1e-6)
+    np.testing.assert_allclose(h[4, :, 1:-1], (diff * gx)[:, 1:-1], atol=1e-6)
+    assert flow_features(torch.ones(1, 1, 4, 5, 6), torch.zeros(1, 1, 4, 5, 6)).shape == (1, 6, 4, 5, 6)
+
+
+def test_encoder_inputs_are_stored_and_older_files_load_as_image_pairs():
+    with pytest.raises(InputError, match="Unknown encoder features 'optical'"):
+        NePhiModel(FieldConfig(ndim=2), features="optical")
+    model = NePhiModel(
+        FieldConfig(ndim=2, hidden=8, layers=1), channels=(4, 4), local_level=2, features="flow"
+    )
+    assert NePhiModel.from_config(model.config()).encoder.features == "flow"
+    old = NePhiModel.load(BUILTIN["tc"])  # saved before the option existed
+    assert old.encoder.features == "pair" and old.antialias is False

@@ -32,6 +32,7 @@ class NePhiModel(nn.Module):
         local_level: int = 3,
         input_shape: Sequence[int] | None = None,
         antialias: bool = False,
+        features: str = "pair",
     ):
         super().__init__()
         self.cfg = cfg
@@ -42,7 +43,9 @@ class NePhiModel(nn.Module):
         self.antialias = bool(antialias)
         with torch.random.fork_rng(devices=[]):  # seeded, global random state untouched
             torch.manual_seed(cfg.seed)
-            self.encoder = Encoder(cfg.ndim, cfg.global_dim, cfg.local_dim, self.channels, self.local_level)
+            self.encoder = Encoder(
+                cfg.ndim, cfg.global_dim, cfg.local_dim, self.channels, self.local_level, features=features
+            )
         self.field = NeuralDeformationField(cfg)
 
     def codes(self, fixed: torch.Tensor, moving: torch.Tensor) -> Codes:
@@ -70,6 +73,7 @@ class NePhiModel(nn.Module):
             "local_level": self.local_level,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
             "antialias": self.antialias,
+            "features": self.encoder.features,
         }
 
     def save(self, path, extra: dict | None = None) -> Path:
@@ -98,6 +102,7 @@ class NePhiModel(nn.Module):
             config.get("local_level", 3),
             config.get("input_shape"),
             config.get("antialias", False),
+            config.get("features", "pair"),
         )
 
     @classmethod

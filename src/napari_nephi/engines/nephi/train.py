@@ -91,6 +91,7 @@ class TrainSettings:
     local_level: int = 3
     truth_weight: float = 0.0
     antialias: bool = False
+    features: str = "pair"
 
     def __post_init__(self):
         self.shape = tuple(check_int_list("shape", self.shape, low=16))
@@ -331,6 +332,7 @@ def train(
     local_level: int = 3,
     truth_weight: float = 0.0,
     antialias: bool = False,
+    features: str = "pair",
     resume=None,
     device="auto",
     progress: Progress | None = None,
@@ -341,7 +343,8 @@ def train(
     checkpoint written by an earlier run (its settings are used; ``steps`` may extend the run).
     ``field_options`` are :class:`.field.FieldConfig` fields (hidden, layers, n_frequencies, ...).
     ``truth_weight`` weights the endpoint error against the true field (sources that know it:
-    ``"general2d"``); ``antialias`` makes the model low-pass inputs it downsizes for the encoder.
+    ``"general2d"``); ``antialias`` makes the model low-pass inputs it downsizes for the encoder;
+    ``features``: the encoder's inputs (:data:`.encoder.FEATURES`).
     The returned model is in eval mode; ``predict`` uses it through ``weights=output``.
     """
     progress = progress or Progress()
@@ -387,6 +390,7 @@ def train(
             local_level=local_level,
             truth_weight=truth_weight,
             antialias=bool(antialias),
+            features=str(features),
         )
         model = NePhiModel(
             settings.field_config(),
@@ -394,6 +398,7 @@ def train(
             settings.local_level,
             settings.shape,
             settings.antialias,
+            settings.features,
         )
         start, history, validation, ckpt = 0, [], [], None
     source = pair_source(settings.data, settings.shape, settings.strength, settings.val_pairs, settings.seed)
