@@ -771,6 +771,7 @@ def align_stack(
         fields = elastic_fields(
             lambda k: to_uint8(read_section(stack, k), *intensity), matrices, (h, w), elastic_spacing,
             elastic_radius, min(1.0, opts.scale), step=lambda k: prog.check(), iterations=elastic_iterations,
+            workers=workers,
         )  # fmt: skip
         t_elastic = time.perf_counter() - t0
     t_align = time.perf_counter() - t_align

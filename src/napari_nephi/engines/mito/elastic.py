@@ -20,7 +20,9 @@ lazily read stacks stay bounded in memory.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -66,6 +68,7 @@ def elastic_fields(
     smooth: float = 0.5,
     step: Callable[[int], None] | None = None,
     iterations: int = 1,
+    workers: int = 1,
 ) -> np.ndarray:
     """Smooth per-section displacement fields ``(n, gh, gw, 2)`` (aligned (y, x) pixels).
 
@@ -73,43 +76,61 @@ def elastic_fields(
     ``shape`` is ``(H, W)`` of a section; ``spacing`` the grid step in pixels; ``radius`` the
     neighbours on each side; ``scale`` the work resolution of the flow; ``smooth`` the Gaussian
     sigma of the final smoothing in grid cells; ``step(k)`` is called after every section
-    (progress, cancel). Fields follow :class:`~napari_nephi.core.transform.ElasticSectionTransform`.
+    (progress, cancel); ``iterations`` relaxation passes; ``workers`` threads. ``read`` must be
+    safe to call from several threads. Fields follow
+    :class:`~napari_nephi.core.transform.ElasticSectionTransform`.
     """
     n = len(matrices)
     h, w = (int(v) for v in shape)
     gh, gw = max(2, int(round((h - 1) / spacing)) + 1), max(2, int(round((w - 1) / spacing)) + 1)
     work = (max(8, int(round(h * scale))), max(8, int(round(w * scale))))
     s = work[0] / h  # one ratio for both axes (the grid is in aligned pixels)
-    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
     fields = np.zeros((n, gh, gw, 2), np.float32)
     for _ in range(max(1, iterations)):  # each pass starts from the previous fields
-        fields = fields + _pass(read, matrices, fields, s, work, (gh, gw), radius, smooth, dis, step)
+        fields = fields + _pass(
+            read, matrices, fields, s, work, (gh, gw), radius, smooth, step, max(1, workers)
+        )
     return fields
 
 
-def _pass(read, matrices, current, s, work, grid, radius, smooth, dis, step) -> np.ndarray:
-    """One relaxation pass: the field update of every section given the ``current`` fields."""
+def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers) -> np.ndarray:
+    """One relaxation pass: the field update of every section given the ``current`` fields.
+
+    Sections are done in blocks of ``2 * workers``, one per thread (OpenCV releases the GIL);
+    the resampled work images of a block and its ``radius`` margins are all that is kept."""
     n = len(matrices)
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     fields = np.zeros_like(current)
-    gh, gw = grid
-    for k in range(n):
-        for j in range(max(0, k - radius), min(n, k + radius + 1)):
-            if j not in cache:
-                cache[j] = _aligned_work(read(j), matrices[j], s, work, current[j])
-        for old in [j for j in cache if j < k - radius]:
-            del cache[old]
+    local = threading.local()
+
+    def one(k: int) -> None:
+        if not hasattr(local, "dis"):
+            local.dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
         img_k, valid_k = cache[k]
         flows, valid = [], valid_k.astype(bool)
         for j in range(max(0, k - radius), min(n, k + radius + 1)):
             if j == k or not cache[j][1].any():
                 continue
-            flows.append(dis.calc(img_k, cache[j][0], None))  # img_k(p) ~ img_j(p + flow(p))
+            flows.append(local.dis.calc(img_k, cache[j][0], None))  # img_k(p) ~ img_j(p + flow(p))
             valid &= cache[j][1].astype(bool)
         if flows and valid.any():
-            fields[k] = _to_grid(-np.median(np.stack(flows), axis=0) / s, valid, (gh, gw), smooth)
-        if step is not None:
-            step(k)
+            fields[k] = _to_grid(-np.median(np.stack(flows), axis=0) / s, valid, grid, smooth)
+
+    block = 2 * workers
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            needed = range(max(0, start - radius), min(n, stop + radius))
+            for old in [j for j in cache if j not in needed]:
+                del cache[old]
+            todo = [j for j in needed if j not in cache]
+            for j, res in zip(
+                todo, ex.map(lambda j: _aligned_work(read(j), matrices[j], s, work, current[j]), todo)
+            ):
+                cache[j] = res
+            for k, _ in zip(range(start, stop), ex.map(one, range(start, stop))):
+                if step is not None:
+                    step(k)
     return fields
 
 
