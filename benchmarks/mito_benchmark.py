@@ -25,9 +25,10 @@ Columns:
   masks moved there by the reference's known rotation; the only chain Dice of rows with elastic
   refinement (whose fields live in that frame; their ``Dice chain`` is nan);
 * ``failed``: sections whose primary pair fit failed (fallback used).
-* cases (``--cases``): ``default`` today's drift-free stack; ``drift`` mitochondria drifting
-  with a population velocity of 0.25 scale px per section (``organelle_drift``); ``distorted``
-  sections deformed smoothly before their rotation (``distortion=0.5``); ``drift+distorted``.
+* cases (``--cases``): ``default`` today's drift-free stack; ``drift`` / ``strong-drift``
+  mitochondria drifting with a population velocity of 0.1 / 0.25 scale px per section
+  (``organelle_drift``); ``distorted`` sections deformed smoothly before their rotation
+  (``distortion=0.5``); ``drift+distorted`` (0.1 and 0.5).
 * ``mito-norefine``: MITO without the sub-pixel refinement of the pair maps (``refine=False``),
   i.e. RANSAC on the keypoints alone, as in the paper.
 * ``drift``: (once) MITO run on the *unrotated* stack, where the ideal answer is the identity:
@@ -93,9 +94,10 @@ PAPER_ROWS = tuple(list(ROWS)[:16])
 #: Stack cases: name -> em_stack options. "default" is today's drift-free stack.
 CASES = {
     "default": {},
-    "drift": {"organelle_drift": 0.25},
+    "drift": {"organelle_drift": 0.1},
+    "strong-drift": {"organelle_drift": 0.25},
     "distorted": {"distortion": 0.5},
-    "drift+distorted": {"organelle_drift": 0.25, "distortion": 0.5},
+    "drift+distorted": {"organelle_drift": 0.1, "distortion": 0.5},
 }
 
 

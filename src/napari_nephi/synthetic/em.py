@@ -330,7 +330,8 @@ def em_stack(
         motion, the default). Each mitochondrion moves on a straight path through depth with
         the population velocity (random direction, this speed) plus its own (normal, 0.3x
         this speed per axis), zero at the middle section; membranes, vesicles and texture
-        stay in place. 0.25 is the drift of the generator before 2026-11-21.
+        stay in place. (The generator before 2026-11-21 drew every mitochondrion's drift from
+        ``N(0, 0.25 scale)`` per axis: with 10 mitochondria a net motion of about 0.08.)
     distortion
         Non-linear section distortion, in ``scale`` pixels (0: none, the default): every
         acquired section is compressed along one cutting direction (the same for the stack)
