@@ -146,10 +146,12 @@ def run_nephi(fixed, moving, **options):
     c0 = time.process_time()
     reg = napari_nephi.register(fixed, moving, method="nephi", device="cpu", cancel=mark, **options)
     c1 = time.process_time()
-    n_coarse = int(reg.metrics.get("coarse_iterations") or 0)
-    t_coarse = marks[n_coarse - 1] if n_coarse and len(marks) >= n_coarse else c0
+    n_global = int(reg.metrics.get("initial_steps") or 0)  # the affine stage's steps come first
+    t_global = marks[n_global - 1] if n_global and len(marks) >= n_global else c0
+    n_coarse = n_global + int(reg.metrics.get("coarse_iterations") or 0)
+    t_coarse = marks[n_coarse - 1] if n_coarse > n_global and len(marks) >= n_coarse else t_global
     t_opt = marks[-1] if marks else c0
-    reg.metrics["cpu_split"] = (t_coarse - c0, t_opt - t_coarse, c1 - t_opt)
+    reg.metrics["cpu_split"] = (t_global - c0, t_coarse - t_global, t_opt - t_coarse, c1 - t_opt)
     return reg.transform.displacement(fixed.shape), reg
 
 
@@ -350,8 +352,10 @@ def main() -> None:
             split = ""
             if label.startswith("NePhi"):
                 row["nephi_folds_pct"] = extra.metrics.get("fold_percent")
-                row["cpu_coarse"], row["cpu_neural"], row["cpu_outputs"] = extra.metrics["cpu_split"]
-                split = " (CPU: coarse {:.1f}, neural {:.1f}, outputs {:.1f})".format(
+                row["cpu_global"], row["cpu_coarse"], row["cpu_neural"], row["cpu_outputs"] = extra.metrics[
+                    "cpu_split"
+                ]
+                split = " (CPU: global {:.1f}, coarse {:.1f}, neural {:.1f}, outputs {:.1f})".format(
                     *extra.metrics["cpu_split"]
                 )
             rows.append(row)

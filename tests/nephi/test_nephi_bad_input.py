@@ -17,7 +17,9 @@ from napari_nephi.engines.nephi.coarse import grid_sample_points
 from napari_nephi.engines.nephi.field import FieldConfig, NeuralDeformationField, zero_codes
 from napari_nephi.engines.nephi.optimize import DivergenceWatch, OptimizeSettings, optimize_field
 
-QUICK = dict(levels=1, iterations=12, sample_points=1024, reg_points=32, hidden=32, device="cpu")
+QUICK = dict(
+    levels=1, iterations=12, sample_points=1024, reg_points=32, hidden=32, device="cpu", initial="none"
+)
 
 
 @pytest.mark.parametrize(

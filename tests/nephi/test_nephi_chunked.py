@@ -23,6 +23,7 @@ from napari_nephi.engines.nephi.chunked import (
 
 CHUNKED_3D = dict(
     chunked=True,
+    initial="none",  # the step counts below are the chunking's (test_nephi_initial covers the global stage)
     chunk_size=20,
     chunk_overlap=8,
     global_factor=2,
@@ -194,6 +195,7 @@ def test_chunked_switches_on_above_max_voxels_in_2d_with_bspline_and_mask(camera
         reg_points=16,
         hidden=16,
         bspline_spacing=6,
+        initial="none",
     )
     mask = np.zeros(fixed.shape, bool)
     mask[:, :40] = True  # the three chunks of columns 48..95 lie outside: they keep the global map

@@ -26,7 +26,9 @@ def endpoint_error(estimated, truth, margin):
 
 
 FAST_2D = dict(iterations=120, sample_points=2048, reg_points=64, hidden=48, seed=0)
-QUICK = dict(levels=1, iterations=12, sample_points=1024, reg_points=32, hidden=32, device="cpu")
+QUICK = dict(
+    levels=1, iterations=12, sample_points=1024, reg_points=32, hidden=32, device="cpu", initial="none"
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,9 @@ def test_2d_progress_metrics_and_settings(camera_result):
     assert s["sample_points"] == 2048 and s["reg_points"] == 64
     # after the coarse stage (coarser levels run fewer steps) the field refines at smaller rates
     assert reg.metrics["coarse_iterations"] == sum(level_iterations(PRESETS["fast"]["coarse_iterations"], 2))
-    assert total == reg.metrics["coarse_iterations"] + FAST_2D["iterations"]
+    # the global (affine) stage comes first, then the coarse stage and the neural field
+    assert s["initial"] == "affine" and reg.metrics["initial_steps"] > 0
+    assert total == reg.metrics["initial_steps"] + reg.metrics["coarse_iterations"] + FAST_2D["iterations"]
     assert (s["learning_rate"], s["code_learning_rate"]) == LEARNING_RATES["refine"]
 
 

@@ -22,7 +22,7 @@ from ._common import (
 )
 
 #: Options with their own flag; ``--option KEY=VALUE`` gives any other engine option.
-FLAG_OPTIONS = ("kind", "similarity", "iterations", "levels", "preset", "mode")
+FLAG_OPTIONS = ("kind", "similarity", "iterations", "levels", "preset", "mode", "initial")
 
 
 def engine_choice_help(method: str, option: str, values) -> str:
@@ -42,6 +42,7 @@ def _option_help() -> dict[str, str]:
     from ..engines.affine.engine import SIMILARITIES as AFFINE_SIMILARITIES
     from ..engines.affine.model import KINDS
     from ..engines.nephi.engine import MODES, PRESETS
+    from ..engines.nephi.initial import INITIALS
     from ..engines.nephi.optimize import SIMILARITIES as NEPHI_SIMILARITIES
 
     return {
@@ -53,7 +54,10 @@ def _option_help() -> dict[str, str]:
         ),
         "preset": engine_choice_help("nephi", "preset", PRESETS),
         "mode": engine_choice_help("nephi", "mode", MODES)
-        + "; the predict modes need a trained model (--option weights=PATH)",
+        + "; the predict modes use the built-in model of the images' dimensionality (2D: general2d) "
+        "or --option weights=NAME|PATH",
+        "initial": f"nephi: global stage before the deformable one, {', '.join(INITIALS[:-1])} or "
+        f"{INITIALS[-1]} (engine default: affine in optimize mode, none in the predict modes)",
     }
 
 
@@ -83,8 +87,15 @@ def add_parsers(sub) -> None:
     r.add_argument("--levels", type=int, help="resolution levels (engine default)")
     r.add_argument("--preset", help=flag_help["preset"])
     r.add_argument("--mode", help=flag_help["mode"])
+    r.add_argument("--initial", help=flag_help["initial"])
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     r.add_argument("--moving-labels", metavar="LABELS", help="labels of the moving image to carry over")
+    r.add_argument(
+        "--fixed-mask",
+        metavar="MASK",
+        help="mask on the fixed grid (non-zero = inside): compare the images there",
+    )
+    r.add_argument("--moving-mask", metavar="MASK", help="mask on the moving grid (non-zero = inside)")
     r.add_argument(
         "--format", choices=(".tif", ".nii.gz"), default=".tif", help="format of the images written"
     )
@@ -152,6 +163,11 @@ def cmd_register(args: argparse.Namespace) -> int:
     fixed, fmeta = read_one(args.fixed)
     moving, mmeta = read_one(args.moving)
     labels = read_one(args.moving_labels)[0] if args.moving_labels else None
+    masks = {
+        key: read_one(path)[0] != 0
+        for key, path in (("fixed_mask", args.fixed_mask), ("moving_mask", args.moving_mask))
+        if path
+    }
     spacing = spatial_spacing(fixed, fmeta)
     moving_spacing = spatial_spacing(moving, mmeta)
     takes = engine_info(args.method).options or ()
@@ -167,6 +183,7 @@ def cmd_register(args: argparse.Namespace) -> int:
             device=args.device,
             progress=bars,
             rgb=True if fmeta.get("rgb") else None,
+            **masks,
             **options,
         )
     finally:
@@ -183,6 +200,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     ext = args.format
     shape = reg.warped.shape[: len(spacing)]
     settings = {"fixed": str(args.fixed), "moving": str(args.moving), **reg.settings}
+    settings.update({key: str(getattr(args, key)) for key in masks})
     with output_folder(out) as tmp:
         write_image(tmp / f"warped{ext}", reg.warped, spacing)
         reg.transform.save(tmp / "transform")

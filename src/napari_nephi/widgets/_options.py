@@ -26,6 +26,8 @@ from qtpy.QtWidgets import (
 from superqt import QCollapsible
 
 from ..core.device import available_devices
+from ..engines.nephi.initial import INITIALS
+from ..engines.nephi.weights import BUILTIN, DEFAULTS
 from ..engines.registry import available_methods, engine_info
 
 AFFINE_KINDS = ("rigid", "similarity", "affine", "translation")
@@ -34,8 +36,15 @@ NEPHI_MODES = ("optimize", "predict", "predict+refine")
 NEPHI_PRESETS = ("fast", "accurate")
 NEPHI_REGULARIZERS = ("gradicon", "jacobian", "symmetric_jacobian", "bending", "diffusion", "cycle")
 NEPHI_REPRESENTATIONS = ("modulated", "siren", "relu_fourier")
-#: Model used by the predict modes when no file is given (shipped with the package).
-DEFAULT_MODEL = "tc"
+#: Global stage of a NePhi run: "auto" leaves it to the engine (affine when optimising, none when
+#: predicting), the others are the engine's ``initial`` values.
+NEPHI_INITIALS = ("auto", *INITIALS)
+
+
+def model_placeholder() -> str:
+    """Hint of the model field: the built-in models by name, and that empty means the default."""
+    defaults = ", ".join(f"{name} in {d}D" for d, name in sorted(DEFAULTS.items()))
+    return f"default ({defaults}); built-in {', '.join(BUILTIN)}; or a model file (.pt)"
 
 
 def _combo(items, current=None) -> QComboBox:
@@ -94,6 +103,7 @@ class RegistrationOptions(QWidget):
         self.preset = _combo(NEPHI_PRESETS)
         self.regularizer = _combo(NEPHI_REGULARIZERS)
         self.representation = _combo(NEPHI_REPRESENTATIONS)
+        self.initial = _combo(NEPHI_INITIALS)
         self.reg_weight = QDoubleSpinBox()
         self.reg_weight.setRange(0.0, 1000.0)
         self.reg_weight.setDecimals(4)
@@ -101,7 +111,7 @@ class RegistrationOptions(QWidget):
         self.reg_weight.setSpecialValueText("auto")
         self.sample_points = _auto_spin(10_000_000, 1024)
         self.model_path = QLineEdit()
-        self.model_path.setPlaceholderText("built-in 'tc' (2D triangles and circles), or a model file (.pt)")
+        self.model_path.setPlaceholderText(model_placeholder())
         browse = QPushButton("…")
         browse.setMaximumWidth(30)
         browse.clicked.connect(self._browse_model)
@@ -119,6 +129,7 @@ class RegistrationOptions(QWidget):
                 ("mode", self.mode, False),
                 ("preset", self.preset, False),
                 ("model file", self.model_row, False),
+                ("global stage", self.initial, True),
                 ("regulariser", self.regularizer, True),
                 ("regularisation weight", self.reg_weight, True),
                 ("representation", self.representation, True),
@@ -142,7 +153,7 @@ class RegistrationOptions(QWidget):
         box.addLayout(self.form)
         box.addWidget(self.advanced)
         for w in (self.method, self.kind, self.similarity, self.device, self.mode, self.preset,
-                  self.regularizer, self.representation):  # fmt: skip
+                  self.regularizer, self.representation, self.initial):  # fmt: skip
             w.currentIndexChanged.connect(self._on_change)
         for w in (self.iterations, self.levels, self.sample_points, self.reg_weight):
             w.valueChanged.connect(self._on_change)
@@ -198,6 +209,8 @@ class RegistrationOptions(QWidget):
                 opts["reg_weight"] = self.reg_weight.value()
             if self.sample_points.value():
                 opts["sample_points"] = self.sample_points.value()
-            if opts["mode"] != "optimize":
-                opts["weights"] = self.model_path.text().strip() or DEFAULT_MODEL
+            if self.initial.currentText() != "auto":
+                opts["initial"] = self.initial.currentText()
+            if opts["mode"] != "optimize" and self.model_path.text().strip():
+                opts["weights"] = self.model_path.text().strip()  # else the engine's default model
         return {k: v for k, v in opts.items() if k in ("method", "device") or self._takes(method, k)}

@@ -38,7 +38,7 @@ from ...core.errors import DimensionMismatchError, InputError
 from ...core.inputs import normalize_intensity
 from ...core.metrics import memory_report, regularity_report, similarity_report
 from ...core.registration import Pair, Registration
-from ...core.transform import AffineTransform, DisplacementTransform
+from ...core.transform import AffineTransform, ComposedTransform, DisplacementTransform
 from ..registry import register_engine
 from . import chunked as chunking
 from .bspline import intervals_for_spacing
@@ -46,9 +46,11 @@ from .checks import check_options, check_result, check_run_memory, optimised_sim
 from .coarse import DenseMaps, level_iterations, optimize_velocity, pyramid_shapes
 from .dense import Previewer, dense_displacement, inside_mask, inverse_consistency
 from .field import FieldConfig, NeuralDeformationField, local_grid_shape, zero_codes
+from .initial import INITIALS, normalized_matrix, run_global_stage
 from .mlp import REPRESENTATIONS
 from .model import as_model
 from .optimize import REGULARIZERS, SIMILARITIES, Maps, OptimizeSettings, optimize_field
+from .weights import default_model
 
 MODES = ("optimize", "predict", "predict+refine")
 
@@ -140,6 +142,7 @@ def register_nephi(
     chunk_overlap: int | None = None,
     global_factor: int | None = None,
     chunk_iterations: int | None = None,
+    initial: str | None = None,
 ) -> Registration:
     """Register ``pair.moving`` onto ``pair.fixed`` with a neural deformation field.
 
@@ -165,14 +168,32 @@ def register_nephi(
     ``coarse_iterations`` and ``iterations``; ``chunk_size`` (default: the edge of a cube of
     ``max_voxels / 8`` voxels) and ``chunk_overlap`` (default a quarter of it) shape the chunks,
     each optimised for ``chunk_iterations`` (default ``iterations``) steps.
+
+    ``initial``: a global stage first (:mod:`.initial`): ``"affine"`` (default in ``optimize``
+    mode), ``"similarity"``, ``"rigid"`` or ``"translation"`` runs the affine engine of that kind
+    and the deformable stages register what it leaves; the transform is the field composed with
+    that map. ``"none"`` (default in the predict modes) starts from the identity.
+    In the predict modes ``weights=None`` uses the built-in model for the images' dimensionality
+    (:func:`.weights.default_model`).
     """
     check_options(dict(locals()))  # types and ranges, before any work (a NaN can crash torch)
     if mode not in MODES:
         raise InputError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
+    d = pair.fixed.ndim
     if mode != "optimize" and weights is None:
+        weights = default_model(d)
+        if weights is None:
+            raise InputError(
+                f"mode={mode!r} needs a trained NePhi model and there is no built-in one for {d}D "
+                "images; pass weights=<checkpoint path or NePhiModel>, or use mode='optimize', which "
+                "needs no training."
+            )
+    if initial is None:
+        initial = "affine" if mode == "optimize" else "none"
+    if initial not in INITIALS:
         raise InputError(
-            f"mode={mode!r} needs a trained NePhi model: pass weights=<checkpoint path or NePhiModel>, "
-            "or use mode='optimize', which needs no training."
+            f"Unknown initial {initial!r}; choose one of {', '.join(map(repr, INITIALS))} "
+            "(the global stage run before the deformable one)."
         )
     if preset not in PRESETS:
         raise InputError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
@@ -207,7 +228,6 @@ def register_nephi(
         cycle_weight = 0.0 if regularizer in ("gradicon", "cycle") else REG_WEIGHTS["cycle"]
 
     fshape = pair.fixed.shape
-    d = len(fshape)
     nvox = math.prod(fshape)
     use_chunks = mode == "optimize" and (bool(chunked) or (chunked is None and nvox > max_voxels))
     plan = None
@@ -248,16 +268,11 @@ def register_nephi(
     )
     device = choose_device(pair.device)
     masks = sum(m is not None for m in (pair.fixed_mask, pair.moving_mask))
-    check_run_memory(fshape, device, use_chunks, pair.moving.shape == fshape, masks)
+    same_grid = pair.moving.shape == fshape or initial != "none"  # else no backward field
+    check_run_memory(fshape, device, use_chunks, same_grid, masks)
     reset_peak_memory(device)
     start = time.perf_counter()
-    moving_on_fixed, offset = _moving_on_fixed_grid(pair, device)
     notes = []
-    if offset is not None:
-        notes.append(
-            "Fixed and moving grids differ; the moving image was centred on the fixed grid and "
-            "no backward field is stored."
-        )
     predicting = mode != "optimize"
     if predicting and bspline_spacing > 0:
         notes.append(
@@ -273,6 +288,25 @@ def register_nephi(
     if use_chunks:
         total = chunking.total_steps(plan, levels, coarse_iterations, iterations, chunk_iterations)
     counter = {"step": 0}
+    stage0 = affine_n = None
+    # Optimising on grids of one shape, the global map is composed into the sampling (the moving
+    # image is interpolated once); else the moving image is resampled onto the fixed grid first.
+    fold = mode == "optimize" and not use_chunks and pair.moving.shape == fshape
+    if initial != "none":
+        stage0 = run_global_stage(pair, initial, total, resample=not fold)
+        moving_on_fixed, offset = stage0.moving, None
+        if fold:
+            affine_n = normalized_matrix(stage0.transform.matrix, fshape).to(device)
+        counter["step"] = stage0.steps
+        total += stage0.steps
+    else:
+        moving_on_fixed, offset = _moving_on_fixed_grid(pair, device)
+    if offset is not None:
+        notes.append(
+            "Fixed and moving grids differ; the moving image was centred on the fixed grid and "
+            "no backward field is stored. Use initial='affine' to register them with both fields."
+        )
+    moving_mask = pair.moving_mask if stage0 is None else stage0.moving_mask
     preview = Previewer(pair, moving_on_fixed, fshape, device)
 
     def report(stage, loss, point_map):
@@ -305,7 +339,7 @@ def register_nephi(
                 pair.progress.check,
                 seed=seed,
                 fixed_mask=pair.fixed_mask,
-                moving_mask=pair.moving_mask if offset is None else None,
+                moving_mask=moving_mask if offset is None else None,
                 backward=offset is None,
             )
         global_loss = chunk_info.pop("global_final_loss")
@@ -315,7 +349,7 @@ def register_nephi(
             fix_t = torch.as_tensor(normalize_intensity(pair.fixed), device=device)[None, None]
             mov_t = torch.as_tensor(normalize_intensity(moving_on_fixed), device=device)[None, None]
             fmask = _mask_tensor(pair.fixed_mask, device)
-            mmask = _mask_tensor(pair.moving_mask, device) if offset is None else None
+            mmask = _mask_tensor(moving_mask, device) if offset is None else None
             coarse: DenseMaps | None = None
             if predicting:
                 # Work on a copy: neither prediction (eval mode) nor refinement touches the stored model.
@@ -338,7 +372,11 @@ def register_nephi(
                         coarse_reg_weight,
                         similarity,
                         lambda loss: report(f"coarse ({len(shapes)} level(s))", loss, None),
+                        affine=affine_n,
                     )
+                elif affine_n is not None:  # no coarse stage: the global map alone comes first
+                    zero = torch.zeros(1, d, *[2] * d, device=device)
+                    coarse = DenseMaps(zero, zero, affine_n)
                 field = NeuralDeformationField(cfg).to(device)
                 codes = zero_codes(cfg, local_grid_shape(fshape, local_stride), device=device)
             history: list[float] = []
@@ -366,8 +404,14 @@ def register_nephi(
     if offset is not None:
         fwd = fwd + np.asarray(offset, np.float32).reshape((d,) + (1,) * d)
     transform = DisplacementTransform(
-        fwd, inverse_field=bwd, spacing=pair.spacing, moving_shape=pair.moving.shape
+        fwd,
+        inverse_field=bwd,
+        spacing=pair.spacing,
+        moving_shape=fshape if stage0 is not None and affine_n is None else pair.moving.shape,
     )
+    if stage0 is not None and affine_n is None:  # phi(x) = A(x + u(x)): the field, then the map
+        transform = ComposedTransform([transform, stage0.transform])
+        fwd = transform.displacement(fshape)
     seconds_opt = time.perf_counter() - start
     warped = transform.warp(pair.moving, output_shape=fshape, device=device)
     metrics = {
@@ -378,7 +422,10 @@ def register_nephi(
         "seconds_optimisation": seconds_opt,
         "sample_points": settings_opt.sample_points,
         "reg_points": settings_opt.reg_points,
+        "initial_steps": stage0.steps if stage0 else 0,
     }
+    if stage0 is not None:
+        metrics.update(stage0.metrics)
     if chunk_info is not None:
         metrics["chunk_iterations"] = chunk_iterations
         metrics.update(chunk_info)
@@ -405,6 +452,7 @@ def register_nephi(
     settings = {
         "mode": mode,
         "preset": preset,
+        "initial": initial,
         "levels": len(shapes) + 1 if predicting else levels,
         "coarse_iterations": coarse_iterations,
         "coarse_reg_weight": coarse_reg_weight,
