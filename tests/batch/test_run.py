@@ -241,3 +241,29 @@ def test_an_output_folder_of_other_files_is_refused(images, tmp_path):
     (tmp_path / "OUT" / "mine.txt").write_text("keep")
     with pytest.raises(UnsupportedFileError, match="holds files napari-nephi batch did not write"):
         run(tmp_path / "jobs.csv", tmp_path / "OUT", workers=1, processes=False)
+
+
+@pytest.mark.parametrize(("retries", "status", "attempts"), [(1, "done", 2), (0, "failed", 1)])
+def test_a_job_out_of_memory_is_tried_again(images, tmp_path, monkeypatch, retries, status, attempts):
+    """The first try runs out of memory (after the engine, while its metrics are read): with a retry the
+    job is done on its second try; without, it is reported with its error."""
+    from napari_nephi.batch import tasks
+
+    calls = []
+    read = tasks.read_metrics
+
+    def flaky(folder, kind):
+        calls.append(kind)
+        if len(calls) == 1:
+            raise MemoryError("no room for the metrics")
+        return read(folder, kind)
+
+    monkeypatch.setattr(tasks, "read_metrics", flaky)  # the in-process workers share this module
+    write_table(tmp_path / "jobs.csv", _table(images, tmp_path)[:1])
+    (row,) = run(tmp_path / "jobs.csv", tmp_path / "OUT", workers=1, processes=False, retries=retries)
+    assert (row["status"], row["attempts"], len(calls)) == (status, attempts, attempts)
+    if status == "failed":
+        assert (row["error_type"], row["error"]) == ("MemoryError", "no room for the metrics")
+        assert not (tmp_path / "OUT" / "affine").exists()
+    else:
+        assert row["metrics"]["ncc_after"] > row["metrics"]["ncc_before"]

@@ -172,8 +172,11 @@ def _submit_all(
         job, attempt = pending.pop(future)
         if future.status == "finished":
             record = future.result()
-        else:  # the worker died (killed, out of memory) or the cluster failed the task
-            exc = future.exception()
+        else:  # the worker died (killed, out of memory), or the cluster failed or cancelled the task
+            try:
+                exc = future.exception()
+            except BaseException as cancelled:  # a cancelled future raises CancelledError
+                exc = cancelled
             record = _failed(job, " ".join(str(exc).split()) or type(exc).__name__, type(exc).__name__)
             record.update(attempts=attempt, retry=True)
         future.release()
@@ -208,8 +211,9 @@ def run(
     ``OUT/summary.json`` list every job with its status (``done``, ``skipped``: complete from an
     earlier run with the same inputs and options, ``failed``), seconds, worker, metrics and error.
     ``client``: a ``distributed.Client`` to use; else one of the scheduler at ``scheduler``; else a
-    local cluster of ``workers`` processes (``processes=False``: threads of this process) whose
-    jobs use ``threads_per_worker`` threads each. A job that fails with an error that may pass (out
+    local cluster of ``workers`` processes (``processes=False``: threads of this process). Jobs use
+    ``threads_per_worker`` threads each (torch, OpenCV, BLAS; on a given or running cluster, None
+    leaves the workers' settings). A job that fails with an error that may pass (out
     of memory, a lost worker) is tried up to ``retries`` more times. ``resume=False`` runs every job.
     ``progress`` gets a :class:`ProgressEvent` per finished job; ``log`` gets lines (dashboard).
     """
@@ -236,11 +240,13 @@ def run(
             if client is not None:
                 if log is not None:
                     log(dashboard_line(client, local=False))
-                records.update(_submit_all(client, todo, out, None, retries, gpu_workers(client), step))
+                threads = threads_per_worker  # None: the workers' own settings
+                records.update(_submit_all(client, todo, out, threads, retries, gpu_workers(client), step))
             else:
                 with open_client(scheduler, workers, threads_per_worker, memory_limit, processes) as (c, n):
                     if log is not None:
                         log(dashboard_line(c, local=not scheduler))
+                    n = threads_per_worker if n is None else n
                     records.update(_submit_all(c, todo, out, n, retries, gpu_workers(c), step))
         rows = _summary_rows(jobs, records)
         write_summary(out, rows)

@@ -142,9 +142,15 @@ def worker_name() -> str:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, MB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+    """Peak resident memory of this process so far, MB (Linux: ``VmHWM``, which, unlike ``ru_maxrss``,
+    does not start from the peak of the process that forked this one)."""
+    try:
+        with open("/proc/self/status") as fh:
+            line = next(x for x in fh if x.startswith("VmHWM:"))
+        return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, StopIteration, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def _scalars(doc: dict) -> dict:
@@ -211,7 +217,7 @@ def run_job(job: dict | Job, out, threads: int | None = None, attempt: int = 1) 
     final = out / job.output
     tmp = temp_folder(out, job)
     try:
-        tmp.mkdir()  # at once: a job running (or killed) shows as its temporary folder
+        tmp.mkdir(parents=True)  # at once: a job running (or killed) shows as its temporary folder
         if job.error:
             raise InputError(job.error)
         check_output_folder(final, earlier_output=lambda p: (p / RESULT).exists())

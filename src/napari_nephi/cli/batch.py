@@ -40,9 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--workers", type=int, help="worker processes of the local cluster (default: cores / threads)"
     )
     p.add_argument(
-        "--threads-per-worker", type=int, default=1, metavar="K",
-        help="threads of each job on the local cluster (torch, OpenCV, BLAS); a worker runs one job "
-        "at a time",
+        "--threads-per-worker", type=int, metavar="K",
+        help="threads of each job (torch, OpenCV, BLAS); default: 1 on the local cluster, where a worker "
+        "runs one job at a time, and the workers' own setting with --scheduler",
     )  # fmt: skip
     p.add_argument(
         "--memory-limit", metavar="SIZE",
