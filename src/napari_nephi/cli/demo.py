@@ -1,7 +1,9 @@
 """``napari-nephi demo``: napari with a sample and the widget that fits it, optionally run and screenshot.
 
 * ``tc``, ``ihc``, ``mri`` (image pairs): the registration widget, fixed and moving image of the pair,
-  method ``nephi`` (fast preset) unless ``--method`` says otherwise;
+  method ``nephi`` unless ``--method`` says otherwise; in 2D it predicts with the shipped general
+  model and refines the prediction (mode ``predict+refine``: seconds on a CPU), in 3D, where no
+  model ships, it optimises (fast preset);
 * ``em`` (a stack of sections with mitochondria): the EM stack alignment widget, stack and masks;
 * ``atlas`` (a 3D atlas and an oblique, partial section cut from it): the atlas plate the section
   was cut near is added as a 2D image, and the registration widget aligns the section (moving)
@@ -102,11 +104,23 @@ def _setup_pair(viewer, fixed, moving, method: str) -> DemoSetup:
         raise InputError(f"Unknown method {method!r}; available: {', '.join(available_methods())}.")
     widget = NephiWidget(viewer) if method == "nephi" else RegisterWidget(viewer)
     widget.options.method.setCurrentText(method)
+    if method == "nephi":
+        _use_shipped_model(widget.options, fixed.data.ndim)
     widget.fixed.set_layer(fixed)
     widget.moving.set_layer(moving)
     title = "NePhi registration" if method == "nephi" else "Register images"
     viewer.window.add_dock_widget(widget, name=title, area="right")
     return DemoSetup(widget, title, {"fixed": fixed, "moving": moving, "method": method})
+
+
+def _use_shipped_model(options, ndim: int) -> None:
+    """Predict with the built-in model for ``ndim``-D images and refine, when one is installed."""
+    from ..engines.nephi.weights import default_model
+
+    name = default_model(ndim)
+    if name is not None:
+        options.mode.setCurrentText("predict+refine")
+        options.model_path.setText(name)
 
 
 def _setup_em(viewer, stack, masks) -> DemoSetup:
