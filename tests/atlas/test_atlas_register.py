@@ -89,6 +89,24 @@ def test_nephi_refines_the_affine_map(trained_lookup, toy_reference, oblique_par
     assert "nephi" in reg.metrics and reg.settings["method"] == "nephi"
 
 
+def test_nephi_runs_no_second_global_stage(trained_lookup, oblique_partial, monkeypatch):
+    """The plate is already affinely aligned: nephi gets initial='none' unless the caller says otherwise."""
+    from napari_nephi.engines.atlas import register as module
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("initial"))
+        return real(*args, **kwargs)
+
+    real = module.register
+    monkeypatch.setattr(module, "register", spy)
+    image, _, plate, _ = oblique_partial
+    trained_lookup.register(image, plate, method="nephi", device="cpu", **NEPHI_FAST)
+    trained_lookup.register(image, plate, method="nephi", device="cpu", initial="translation", **NEPHI_FAST)
+    assert seen[-1] == "translation" and "none" in seen[:-1]
+
+
 #: Share of that best Dice required on a section of another stain (region levels redrawn): the
 #: contrast is fitted from the image, so a little less than on the atlas's own stain.
 RESTAINED_SHARE = 0.8

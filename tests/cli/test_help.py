@@ -84,8 +84,8 @@ def test_every_listed_mode_is_accepted_by_the_engine():
     """The values --mode lists are the ones the nephi engine takes: no help names a refused mode."""
     from napari_nephi.engines.nephi.engine import MODES
 
-    fixed = np.zeros((16, 16), np.float32)
-    fixed[4:12, 4:12] = 1
+    fixed = np.zeros((16, 16, 16), np.float32)  # 3D: no built-in model (2D has general2d)
+    fixed[4:12, 4:12, 4:12] = 1
     assert MODES[0] == "optimize"  # the default, which needs no model
     for mode in MODES[1:]:  # a predict mode without a model asks for weights, not for another mode
         with pytest.raises(nn.InputError, match=rf"mode='{re.escape(mode)}' needs a trained NePhi model"):

@@ -270,6 +270,8 @@ def deformable_step(work, mask, plate, affine: AffineTransform, method: str, com
     moved = affine.warp(plate, work.shape)
     inside = affine.warp(tissue_mask(plate).astype(np.float32), work.shape)
     matched = match_contrast(moved, work, mask & (inside > 0.5)) * inside
+    if "initial" in (engine_info(method).options or ()):
+        options = {"initial": "none", **options}  # the plate is already affinely aligned
     deform = register(work, matched, method=method, **common, **options)
     before = edge_agreement(work, matched, mask)
     after = edge_agreement(work, deform.transform.warp(matched, work.shape), mask)
