@@ -267,3 +267,40 @@ def test_a_job_out_of_memory_is_tried_again(images, tmp_path, monkeypatch, retri
         assert not (tmp_path / "OUT" / "affine").exists()
     else:
         assert row["metrics"]["ncc_after"] > row["metrics"]["ncc_before"]
+
+
+def test_stack_and_slides_jobs_run_their_commands(tmp_path):
+    """An EM stack (align-em, with its masks) and a slide pair (register-slides, rigid stage) in one table."""
+    import cv2
+    from skimage import data
+
+    from napari_nephi.synthetic import em_stack, slide_pair
+
+    em = em_stack(n_sections=4, shape=(128, 128), seed=0)
+    tifffile.imwrite(tmp_path / "em.tif", em["stack"])
+    tifffile.imwrite(tmp_path / "mito.tif", em["masks"])
+    rgb = cv2.resize(data.immunohistochemistry(), (256, 256), interpolation=cv2.INTER_AREA)
+    pair = slide_pair(rgb, seed=3, rotation=20.0, flip=False)
+    tifffile.imwrite(tmp_path / "he.tif", pair.fixed)
+    tifffile.imwrite(tmp_path / "ihc.tif", pair.moving)
+    slides = {"spacing": [2.0], "moving_spacing": [2.0], "stages": ["rigid"], "no_warped": True}
+    rows = [
+        {"kind": "stack", "moving": "em.tif", "moving_labels": "mito.tif", "output": "em",
+         "options": json.dumps({"max_keypoints": 300})},
+        {"kind": "slides", "fixed": "he.tif", "moving": "ihc.tif", "output": "slides",
+         "options": json.dumps(slides)},
+    ]  # fmt: skip
+    write_table(tmp_path / "jobs.csv", rows)
+    stack, slide = run(tmp_path / "jobs.csv", tmp_path / "OUT", workers=2, processes=False)
+    assert (stack["status"], slide["status"]) == ("done", "done"), (stack["error"], slide["error"])
+    out = tmp_path / "OUT"
+    report = json.loads((out / "em/report.json").read_text())
+    assert stack["metrics"]["inliers_mean"] == report["metrics"]["inliers_mean"] > 0
+    assert (
+        tifffile.imread(out / "em/aligned_masks.tif").shape == tifffile.imread(out / "em/aligned.tif").shape
+    )
+    assert report["settings"]["max_keypoints"] == 300
+    settings = json.loads((out / "slides/settings.json").read_text())
+    assert settings["stages"] == ["rigid"] and not (out / "slides/warped.ome.tif").exists()
+    assert slide["metrics"]["ncc_after"] > slide["metrics"]["ncc_before"]
+    assert abs(abs(slide["metrics"]["rigid_angle"]) - 20.0) < 3.0  # the slide pair's known rotation

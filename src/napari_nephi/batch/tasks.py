@@ -104,30 +104,60 @@ def check_job(job: Job) -> None:
         engine_options_from_args(args)
 
 
-@contextlib.contextmanager
-def _threads(n: int | None):
-    """Run with ``n`` threads in torch, OpenCV and the BLAS / OpenMP pools (restored afterwards)."""
-    if not n:
-        yield
-        return
-    import cv2
-    import torch
-    from threadpoolctl import threadpool_limits
+class _JobSettings:
+    """Settings of the process while jobs run in it, set by the first job and restored by the last.
 
-    with _THREADS_LOCK:
-        before = (torch.get_num_threads(), cv2.getNumThreads())
-        torch.set_num_threads(n)
-        cv2.setNumThreads(n)
-    try:
-        with threadpool_limits(limits=n):
+    Torch, OpenCV and the BLAS / OpenMP pools get ``threads`` threads; dask arrays a job computes
+    (lazily read slides, stacks) are computed in the worker itself with as many threads: inside a
+    Dask worker, dask would otherwise send them to the cluster as new tasks. The settings are per
+    process, so jobs running side by side in one process share them (a count, not a stack).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._undo: contextlib.ExitStack | None = None
+
+    @contextlib.contextmanager
+    def __call__(self, threads: int | None):
+        with self._lock:
+            if self._active == 0:
+                self._undo = self._apply(threads)
+            self._active += 1
+        try:
             yield
-    finally:
-        with _THREADS_LOCK:
-            torch.set_num_threads(before[0])
-            cv2.setNumThreads(before[1])
+        finally:
+            with self._lock:
+                self._active -= 1
+                if self._active == 0 and self._undo is not None:
+                    self._undo.close()
+                    self._undo = None
+
+    @staticmethod
+    def _apply(threads: int | None) -> contextlib.ExitStack:
+        import dask
+
+        undo = contextlib.ExitStack()
+        local = {"scheduler": "threads"} | ({"num_workers": threads} if threads else {})
+        undo.enter_context(dask.config.set(local))
+        if threads:
+            import cv2
+            import torch
+
+            before = torch.get_num_threads(), cv2.getNumThreads()
+            torch.set_num_threads(threads)
+            cv2.setNumThreads(threads)
+            undo.callback(torch.set_num_threads, before[0])
+            undo.callback(cv2.setNumThreads, before[1])
+            try:
+                from threadpoolctl import threadpool_limits
+            except ImportError:  # numpy's BLAS keeps its threads (the local cluster limits them anyway)
+                return undo
+            undo.enter_context(threadpool_limits(limits=threads))
+        return undo
 
 
-_THREADS_LOCK = threading.Lock()
+_job_settings = _JobSettings()
 
 
 def worker_name() -> str:
@@ -222,7 +252,7 @@ def run_job(job: dict | Job, out, threads: int | None = None, attempt: int = 1) 
             raise InputError(job.error)
         check_output_folder(final, earlier_output=lambda p: (p / RESULT).exists())
         argv = command_line(job, tmp)
-        with _threads(threads):
+        with _job_settings(threads):
             args = _parser().parse_args(argv)
             args.func(args)
         record["metrics"] = read_metrics(tmp, job.kind)
