@@ -304,3 +304,54 @@ def test_stack_and_slides_jobs_run_their_commands(tmp_path):
     assert settings["stages"] == ["rigid"] and not (out / "slides/warped.ome.tif").exists()
     assert slide["metrics"]["ncc_after"] > slide["metrics"]["ncc_before"]
     assert abs(abs(slide["metrics"]["rigid_angle"]) - 20.0) < 3.0  # the slide pair's known rotation
+
+
+def test_atlas_jobs_rank_the_plates_of_an_index(tmp_path):
+    """Two sections looked up in a (barely trained) toy index: the summary holds each job's chosen plate
+    and distance, as atlas-lookup wrote them."""
+    import torch
+
+    from napari_nephi import AtlasLookup
+    from napari_nephi.synthetic.atlas import section_from_atlas, toy_atlas
+
+    reference, labels = toy_atlas((20, 48, 48), seed=0)
+    fast = {
+        "input_size": 48,
+        "widths": (8, 16, 32),
+        "embedding_dim": 16,
+        "steps": 5,
+        "batch_plates": 6,
+        "views_per_plate": 2,
+        "bank_views": 4,
+        "fresh_views": 2,
+        "validate_every": 5,
+        "validation_size": 4,
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        AtlasLookup.train(reference, labels, device="cpu", seed=0, **fast).save(tmp_path / "index")
+    finally:
+        torch.set_num_threads(threads)
+    rows = []
+    for plate in (5, 14):
+        image, _ = section_from_atlas((reference, labels), float(plate), (0.0, 0.0))
+        tifffile.imwrite(tmp_path / f"s{plate}.tif", image.astype(np.float32))
+        rows.append(
+            {
+                "kind": "atlas",
+                "fixed": "index",
+                "moving": f"s{plate}.tif",
+                "output": f"s{plate}",
+                "options": json.dumps({"top": 3, "rerank": False, "device": "cpu"}),
+            }
+        )
+    write_table(tmp_path / "jobs.csv", rows)
+    summary = run(tmp_path / "jobs.csv", tmp_path / "OUT", workers=1, processes=False)
+    for row, plate in zip(summary, (5, 14), strict=True):
+        assert row["status"] == "done", row["error"]
+        ranks = json.loads((tmp_path / "OUT" / f"s{plate}" / "ranks.json").read_text())
+        (section,) = ranks["sections"]
+        assert len(section["ranking"]) == 3 and ranks["rerank"] is False
+        assert row["metrics"]["plate"] == section["chosen"] == section["ranking"][0]["plate"]
+        assert row["metrics"]["distance"] == section["ranking"][0]["distance"]
