@@ -21,6 +21,8 @@ Columns:
 * ``Dice pair``: the same, but every section is placed by its own pairwise map composed with
   the *true* placement of its neighbour: the accuracy of one pairwise step, without
   accumulation;
+* ``mito-global``: 3 neighbours and the global solve with rigid sections (the default
+  ``global_model``); ``-affine`` with affine sections, ``-affine-prior`` with ``drift_prior=1``;
 * ``Dice ref``: the chain Dice measured in the aligned (reference section's) frame, the true
   masks moved there by the reference's known rotation; the only chain Dice of rows with elastic
   refinement (whose fields live in that frame; their ``Dice chain`` is nan);
@@ -81,8 +83,14 @@ ROWS = {
     "sift": ("sift", "sift", False),
     "sift+masks": ("sift", "sift", True),
     # multi-neighbour matching + global solve, elastic refinement (issue 15)
-    "mito-global": ("mito", "brisk", True, {"neighbours": 3}),
-    "mito-global-rigid": ("mito", "brisk", True, {"neighbours": 3, "global_model": "rigid"}),
+    "mito-global": ("mito", "brisk", True, {"neighbours": 3}),  # rigid sections (the default)
+    "mito-global-affine": ("mito", "brisk", True, {"neighbours": 3, "global_model": "affine"}),
+    "mito-global-affine-prior": (
+        "mito",
+        "brisk",
+        True,
+        {"neighbours": 3, "global_model": "affine", "drift_prior": 1.0},
+    ),  # fmt: skip
     "mito-elastic": ("mito", "brisk", True, {"elastic": True}),
     "mito-global+elastic": ("mito", "brisk", True, {"neighbours": 3, "elastic": True}),
     "fast-brisk-global": ("fast", "brisk", False, {"neighbours": 3}),

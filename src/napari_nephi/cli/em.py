@@ -97,8 +97,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--global-model",
-        default="affine",
-        choices=("affine", "similarity", "rigid"),
+        default="rigid",
+        choices=("rigid", "similarity", "affine"),
         help="map of each section in the global solve",
     )
     p.add_argument(

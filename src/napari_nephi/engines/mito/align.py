@@ -543,7 +543,7 @@ def align_stack(
     refine: bool = True,
     neighbours: int = 1,
     solver: str | None = None,
-    global_model: str = "affine",
+    global_model: str = "rigid",
     drift_prior: float = 0.0,
     elastic: bool = False,
     elastic_spacing: float = 32.0,
@@ -632,8 +632,10 @@ def align_stack(
         ``"global"`` places all sections at once by robust least squares over all pairs
         (:mod:`.solve`). Default: ``"global"`` when ``neighbours > 1``, else ``"chain"``.
     global_model
-        Map of every section in the global solve: ``"affine"`` (default), ``"similarity"`` or
-        ``"rigid"``.
+        Map of every section in the global solve: ``"rigid"`` (default: sections cut from one
+        block differ by a rigid motion; their own distortions are not passed on to the others
+        and are left to ``elastic``), ``"similarity"`` or ``"affine"`` (follows compression and
+        shear, which then add up along the stack unless ``drift_prior`` holds them back).
     drift_prior
         Weight of the global solve's penalty on scale and shear of each section (0: off);
         it holds back slowly accumulating scale/shear drift but also resists real slow

@@ -33,7 +33,7 @@ from ...core.options import check_float, check_int
 from .features import check_choice
 
 #: Models of the per-section map of the global solve, simplest last.
-GLOBAL_MODELS = ("affine", "similarity", "rigid")
+GLOBAL_MODELS = ("rigid", "similarity", "affine")
 
 
 @dataclass
@@ -104,7 +104,7 @@ def solve_global(
     edges: list[Edge],
     ref: int,
     shape,
-    model: str = "affine",
+    model: str = "rigid",
     initial: np.ndarray | None = None,
     huber: float = 3.0,
     drift_prior: float = 0.0,
