@@ -136,6 +136,9 @@ def test_pair_options_go_to_the_engine_and_device_to_its_flag():
     )
     assert args.iterations == 7 and args.device == "cpu" and args.levels is None and args.quiet
     assert args.option == ["regularization=0.5"] and args.moving_labels == "l.tif"
+    masked = _parsed(Job(row=3, output="p", fixed="f", moving="m", method="affine", fixed_mask="fm.tif",
+                         moving_mask="mm.tif"))  # fmt: skip
+    assert (masked.fixed_mask, masked.moving_mask) == ("fm.tif", "mm.tif")
 
 
 def test_unknown_engine_option_is_the_engines_message():

@@ -48,6 +48,7 @@ def _table(images, tmp_path) -> list[dict]:
         {
             **pair,
             "moving": str(images / "other.tif"),
+            "fixed_mask": str(images / "mask.tif"),
             "method": "affine",
             "output": "other",
             "options": json.dumps({**AFFINE, "kind": "rigid"}),
@@ -107,11 +108,12 @@ def test_mixed_methods_run_and_a_corrupt_input_is_reported(first_run, images):
     }
 
 
-def test_options_reach_the_engine(first_run):
+def test_options_reach_the_engine(first_run, images):
     out = first_run[0] / "OUT"
     shift = json.loads((out / "affine/shift/settings.json").read_text())
     rigid = json.loads((out / "other/settings.json").read_text())
     assert shift["kind"] == "translation" and rigid["kind"] == "rigid"
+    assert rigid["fixed_mask"] == str(images / "mask.tif") and shift.get("fixed_mask") is None
     u = load_transform(out / "affine/shift/transform").displacement((48, 48))
     assert float(u.std(axis=(1, 2)).max()) < 1e-4  # a translation: the same shift everywhere
     assert u.mean(axis=(1, 2)) == pytest.approx([2.0, 1.0], abs=0.3)  # moving = fixed shifted by (2, 1)

@@ -11,8 +11,8 @@ A row is one job: a ``napari-nephi`` command run on a worker. Columns:
   ``mito`` / ``histology``);
 * ``kind``: ``pair`` (default), ``stack``, ``slides`` or ``atlas``;
 * ``options``: a JSON object of engine options, passed on as given (the engine checks them);
-* ``fixed_mask``, ``moving_labels``: a mask of the fixed image / labels (``stack``: mitochondria
-  masks) of the moving image, where the command takes them.
+* ``fixed_mask``, ``moving_mask``, ``moving_labels``: masks of the fixed and moving images (``pair``,
+  ``slides``), labels of the moving image carried over (``pair``; ``stack``: the mitochondria masks).
 
 Relative paths are relative to the table's folder. Other columns are kept (copied into the
 summary) unless their name is close to a known one (a typo is refused).
@@ -37,15 +37,29 @@ COMMANDS = {"pair": "register", "stack": "align-em", "slides": "register-slides"
 KINDS = tuple(COMMANDS)
 #: Columns every table has; the other known ones may be left out.
 REQUIRED = ("moving", "output")
-COLUMNS = ("kind", "fixed", "moving", "method", "output", "options", "fixed_mask", "moving_labels")
+COLUMNS = (
+    "kind",
+    "fixed",
+    "moving",
+    "method",
+    "output",
+    "options",
+    "fixed_mask",
+    "moving_mask",
+    "moving_labels",
+)
 #: The method a kind runs when it is not a pair (the value allowed in its ``method`` cell).
 OWN_METHOD = {"stack": "mito", "slides": "histology"}
 #: Per kind: the column -> command flag of the optional files (None: the command takes none).
 FILE_FLAGS = {
-    "pair": {"fixed_mask": "--fixed-mask", "moving_labels": "--moving-labels"},
-    "stack": {"fixed_mask": None, "moving_labels": "--masks"},
-    "slides": {"fixed_mask": "--fixed-mask", "moving_labels": None},
-    "atlas": {"fixed_mask": None, "moving_labels": None},
+    "pair": {
+        "fixed_mask": "--fixed-mask",
+        "moving_mask": "--moving-mask",
+        "moving_labels": "--moving-labels",
+    },
+    "stack": {"fixed_mask": None, "moving_mask": None, "moving_labels": "--masks"},
+    "slides": {"fixed_mask": "--fixed-mask", "moving_mask": "--moving-mask", "moving_labels": None},
+    "atlas": {"fixed_mask": None, "moving_mask": None, "moving_labels": None},
 }
 JSON_LINES = (".jsonl", ".ndjson", ".json")
 
@@ -62,6 +76,7 @@ class Job:
     method: str | None = None
     options: dict = field(default_factory=dict)
     fixed_mask: str | None = None
+    moving_mask: str | None = None
     moving_labels: str | None = None
     extra: dict = field(default_factory=dict)
     error: str | None = None
@@ -73,9 +88,10 @@ class Job:
 
     def spec(self) -> dict:
         """What decides the job's result (kind, method, inputs, options): a finished job with
-        another spec is run again on resume."""
-        keys = ("kind", "fixed", "moving", "method", "options", "fixed_mask", "moving_labels")
-        return {k: getattr(self, k) for k in keys}
+        another spec is run again on resume. Empty cells are left out, so that columns added later do
+        not change the spec of jobs that leave them empty."""
+        keys = ("kind", "fixed", "moving", "method", "options", "fixed_mask", "moving_mask", "moving_labels")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) not in (None, {})}
 
     def spec_hash(self) -> str:
         """A short hash of :meth:`spec`."""
@@ -175,7 +191,7 @@ def make_job(row: int, record: Mapping, base: Path) -> Job:
     try:
         job.output = _output_name(record.get("output"))
         job.kind = (_text(record.get("kind")) or "pair").lower()
-        for column in ("fixed", "moving", "fixed_mask", "moving_labels"):
+        for column in ("fixed", "moving", "fixed_mask", "moving_mask", "moving_labels"):
             setattr(job, column, _resolve(record.get(column), base))
         job.method = _text(record.get("method"))
         job.options = _options(record.get("options"))

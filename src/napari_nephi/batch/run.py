@@ -234,8 +234,6 @@ def run(
             if progress is not None:
                 progress(ProgressEvent(finished[0], len(jobs), stage="jobs"))
 
-        if progress is not None:
-            progress(ProgressEvent(finished[0], len(jobs), stage="jobs"))
         if todo:
             if client is not None:
                 if log is not None:
