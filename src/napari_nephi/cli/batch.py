@@ -2,8 +2,8 @@
 
 JOBS is a CSV (or JSON-lines) table with a row per job and the columns ``fixed``, ``moving``,
 ``method``, ``output`` and, as needed, ``kind`` (pair, stack, slides, atlas), ``options`` (a
-JSON object of engine options), ``fixed_mask``, ``moving_mask``, ``moving_labels``; relative paths are relative to
-the table. Each job writes its folder ``OUT/<output>/`` atomically; ``OUT/summary.csv`` and
+JSON object of engine options), ``fixed_mask``, ``moving_mask``, ``moving_labels``; relative paths
+are relative to the table. Each job writes its folder ``OUT/<output>/`` atomically; ``OUT/summary.csv`` and
 ``OUT/summary.json`` list every job (status, seconds, worker, metrics, error). Running the same
 command again skips the jobs already complete and runs the failed and missing ones.
 
