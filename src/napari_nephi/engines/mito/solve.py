@@ -6,9 +6,10 @@ Every section ``k`` gets an unknown map ``B_k`` from its own coordinates to the 
 and its image ``M q`` in section ``b`` are the same point of the aligned frame:
 ``B_a q = B_b (M q)``. These equations, at a 3 x 3 grid of points ``q`` over the section, are
 linear in the unknowns, couple only the two sections of a pair, and are solved for all
-sections at once by sparse (banded) normal equations, so thousands of sections take well
-under a second. Pairs that disagree with the others are down-weighted by iteratively
-reweighted least squares with Huber weights on their RMS residual (``huber`` pixels).
+sections at once by sparse (banded) normal equations (2000 sections with 3 neighbours each:
+about 2 CPU seconds, mostly building the equations). Pairs that disagree with the others are
+down-weighted by iteratively reweighted least squares with Huber weights on their RMS
+residual (``huber`` pixels).
 
 ``drift_prior`` adds, for every section, the difference between its linear part and the
 nearest rotation (scale and shear, scaled by the half-size of the point grid so that it
