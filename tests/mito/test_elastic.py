@@ -136,3 +136,14 @@ def test_cli_elastic_writes_the_elastic_transform_and_masks(distorted, tmp_path)
     assert isinstance(t, ElasticSectionTransform) and np.abs(t.fields[3]).max() > 1.0
     masks = np.asarray(read_image(out / "aligned_masks.tif")[0][0])
     np.testing.assert_array_equal(masks, warp_sections(d["masks"], t.matrices, labels=True, fields=t.fields))
+
+
+def test_a_blank_section_gets_no_field_and_the_others_are_refined(distorted):
+    d = distorted
+    stack = d["stack"].copy()
+    stack[5] = 0
+    n, h, w = stack.shape
+    mats = np.repeat(np.eye(3)[None], n, axis=0)
+    fields = elastic_fields(lambda k: stack[k], mats, (h, w), spacing=16, radius=2, scale=1.0, workers=2)
+    assert np.abs(fields[5]).max() == 0 and np.abs(fields[3]).max() > 1.0
+    assert np.abs(fields[[0, 1, 6]]).max() < 0.05

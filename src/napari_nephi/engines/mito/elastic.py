@@ -13,6 +13,8 @@ smoothed:
   forward and backward, so the median leaves them where they are;
 * identical sections give zero flows, hence zero fields.
 
+The flow of each pair is computed once and used with its sign reversed for the other section.
+
 Sections at the ends of the stack have neighbours on one side only. Only one section's
 neighbours are held in memory at a time (a sliding window of resampled work images), so long,
 lazily read stacks stay bounded in memory.
@@ -96,38 +98,59 @@ def elastic_fields(
 def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers) -> np.ndarray:
     """One relaxation pass: the field update of every section given the ``current`` fields.
 
-    Sections are done in blocks of ``2 * workers``, one per thread (OpenCV releases the GIL);
-    the resampled work images of a block and its ``radius`` margins are all that is kept."""
+    Sections are done in blocks of ``2 * workers`` over the threads (OpenCV releases the GIL).
+    The flow of a pair is computed once, from the lower section to the higher; the other
+    direction is its negative (exact to first order for the smooth, small flows between
+    aligned neighbours). Only the resampled work images and the flows of a block and its
+    ``radius`` margins are kept."""
     n = len(matrices)
-    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    images: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    flows: dict[tuple[int, int], np.ndarray] = {}
     fields = np.zeros_like(current)
     local = threading.local()
 
-    def one(k: int) -> None:
+    def flow(pair: tuple[int, int]) -> np.ndarray:
         if not hasattr(local, "dis"):
             local.dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-        img_k, valid_k = cache[k]
-        flows, valid = [], valid_k.astype(bool)
+        a, b = pair
+        return local.dis.calc(images[a][0], images[b][0], None)  # img_a(p) ~ img_b(p + flow(p))
+
+    def one(k: int) -> None:
+        img_k, valid_k = images[k]
+        if not valid_k.any():  # a blank section: no field
+            return
+        towards, valid = [], valid_k.astype(bool)
         for j in range(max(0, k - radius), min(n, k + radius + 1)):
-            if j == k or not cache[j][1].any():
+            if j == k or not images[j][1].any():
                 continue
-            flows.append(local.dis.calc(img_k, cache[j][0], None))  # img_k(p) ~ img_j(p + flow(p))
-            valid &= cache[j][1].astype(bool)
-        if flows and valid.any():
-            fields[k] = _to_grid(-np.median(np.stack(flows), axis=0) / s, valid, grid, smooth)
+            towards.append(flows[k, j] if k < j else -flows[j, k])
+            valid &= images[j][1].astype(bool)
+        if towards and valid.any():
+            fields[k] = _to_grid(-np.median(np.stack(towards), axis=0) / s, valid, grid, smooth)
 
     block = 2 * workers
     with ThreadPoolExecutor(max_workers=workers) as ex:
         for start in range(0, n, block):
             stop = min(n, start + block)
             needed = range(max(0, start - radius), min(n, stop + radius))
-            for old in [j for j in cache if j not in needed]:
-                del cache[old]
-            todo = [j for j in needed if j not in cache]
+            for old in [j for j in images if j not in needed]:
+                del images[old]
+            for old in [p for p in flows if p[0] < start - radius]:
+                del flows[old]
+            todo = [j for j in needed if j not in images]
             for j, res in zip(
                 todo, ex.map(lambda j: _aligned_work(read(j), matrices[j], s, work, current[j]), todo)
             ):
-                cache[j] = res
+                images[j] = res
+            pairs = {
+                (min(k, j), max(k, j))
+                for k in range(start, stop)
+                for j in range(max(0, k - radius), min(n, k + radius + 1))
+                if j != k and images[j][1].any() and images[k][1].any()
+            }
+            pairs = sorted(p for p in pairs if p not in flows)
+            for p, f in zip(pairs, ex.map(flow, pairs)):
+                flows[p] = f
             for k, _ in zip(range(start, stop), ex.map(one, range(start, stop))):
                 if step is not None:
                     step(k)
