@@ -58,6 +58,11 @@ MODES = ("optimize", "predict", "predict+refine")
 PRESETS: dict[str, dict] = {
     "fast": {
         "iterations": 50,
+        # 2D images of at least NEURAL_2D_MIN_SIDE px a side, after a coarse stage: the neural field
+        # changed no endpoint error of the issue-13 benchmark at 256 px (15 cases, at most
+        # 0.002 px) and doubled the CPU time (benchmarks/README.md); on a 96 px image it still
+        # gained 0.014 px (0.137 -> 0.123), so smaller images keep it
+        "iterations_2d_after_coarse": 0,
         "hidden": 64,
         "layers": 3,
         "n_frequencies": 32,
@@ -81,6 +86,10 @@ PRESETS: dict[str, dict] = {
         "max_reg_points": 500,
     },
 }
+
+#: Shortest side (px) from which the fast preset skips the neural stage of 2D images after a
+#: coarse stage (see ``PRESETS["fast"]["iterations_2d_after_coarse"]``).
+NEURAL_2D_MIN_SIDE = 256
 
 #: Default Adam learning rates (networks, codes) of the neural field: from the identity or from
 #: predicted codes ("start"), and after a coarse stage ("refine"), where the field only corrects a
@@ -209,9 +218,13 @@ def register_nephi(
         raise InputError("chunked=True (divide-and-downsample) works with mode='optimize' only.")
     p = PRESETS[preset]
     sample_fraction = float(_resolve(sample_fraction, p, "sample_fraction"))
-    iterations = int(_resolve(iterations, p, "iterations"))
     levels = int(_resolve(levels, p, "levels"))
     coarse_iterations = int(_resolve(coarse_iterations, p, "coarse_iterations"))
+    after_coarse = mode == "optimize" and levels > 1 and coarse_iterations > 0
+    large_2d = d == 2 and min(pair.fixed.shape) >= NEURAL_2D_MIN_SIDE
+    if iterations is None and after_coarse and large_2d and "iterations_2d_after_coarse" in p:
+        iterations = p["iterations_2d_after_coarse"]
+    iterations = int(_resolve(iterations, p, "iterations"))
     hidden = int(_resolve(hidden, p, "hidden"))
     layers = int(_resolve(layers, p, "layers"))
     n_frequencies = int(_resolve(n_frequencies, p, "n_frequencies"))
@@ -398,6 +411,8 @@ def register_nephi(
             del fix_t, mov_t, fmask, mmask  # the dense outputs below need the memory
             preview.moving = None
             release_free_memory(device)
+            if refine == 0 and coarse is not None:  # the untrained field is the identity: skip it
+                maps = coarse
             with torch.no_grad():
                 fwd = dense_displacement(maps.forward, fshape, device)
                 bwd = dense_displacement(maps.backward, fshape, device) if offset is None else None
