@@ -59,7 +59,7 @@ PRESETS: dict[str, dict] = {
     "fast": {
         "iterations": 50,
         # 2D images of at least NEURAL_2D_MIN_SIDE px a side, after a coarse stage: the neural field
-        # changed no endpoint error of the issue-13 benchmark at 256 px (15 cases, at most
+        # changed no endpoint error of the issue-13 benchmark at 256 px (12 cases, at most
         # 0.002 px) and doubled the CPU time (benchmarks/README.md); on a 96 px image it still
         # gained 0.014 px (0.137 -> 0.123), so smaller images keep it
         "iterations_2d_after_coarse": 0,
