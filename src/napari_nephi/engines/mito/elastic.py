@@ -172,15 +172,25 @@ def _to_grid(u: np.ndarray, valid: np.ndarray, grid, smooth: float) -> np.ndarra
     return out[..., ::-1].astype(np.float32)  # (x, y) flow -> (y, x)
 
 
+def _linear_weights(size: int, nodes: int) -> np.ndarray:
+    """``(size, nodes)`` float32 linear interpolation weights from ``nodes`` grid values spanning
+    ``0 .. size - 1`` to every pixel (as :func:`napari_nephi.core.transform._bilinear`)."""
+    g = np.arange(size, dtype=np.float64) * ((nodes - 1) / max(size - 1, 1))
+    i0 = np.minimum(g.astype(np.int64), nodes - 2)
+    f = g - i0
+    out = np.zeros((size, nodes), np.float32)
+    out[np.arange(size), i0] = 1 - f
+    out[np.arange(size), i0 + 1] += f
+    return out
+
+
 def warp_elastic_section(section: np.ndarray, matrix: np.ndarray, field: np.ndarray, interpolation: int):
     """``section`` sampled at ``matrix (p + field(p))`` for every aligned pixel ``p`` (OpenCV remap)."""
     h, w = section.shape
     gh, gw = field.shape[:2]
-    # the grid's nodes span the section: resize with corner-aligned nodes via remap of the grid
-    gy = (np.arange(h, dtype=np.float32) * ((gh - 1) / max(h - 1, 1)))[:, None].repeat(w, 1)
-    gx = (np.arange(w, dtype=np.float32) * ((gw - 1) / max(w - 1, 1)))[None, :].repeat(h, 0)
-    dense = cv2.remap(field, gx, gy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    del gx, gy
+    # bilinear on the grid whose nodes span the section, exactly (separable: rows, then columns)
+    wy, wx = _linear_weights(h, gh), _linear_weights(w, gw)
+    dense = np.stack([wy @ field[..., c].astype(np.float32) @ wx.T for c in range(2)], -1)
     py = np.arange(h, dtype=np.float32)[:, None] + dense[..., 0]
     px = np.arange(w, dtype=np.float32)[None, :] + dense[..., 1]
     del dense
