@@ -1,9 +1,10 @@
 """``napari-nephi demo``: napari with a sample and the widget that fits it, optionally run and screenshot.
 
 * ``tc``, ``ihc``, ``mri`` (image pairs): the registration widget, fixed and moving image of the pair,
-  method ``nephi`` unless ``--method`` says otherwise; in 2D it predicts with the shipped general
-  model and refines the prediction (mode ``predict+refine``: seconds on a CPU), in 3D, where no
-  model ships, it optimises (fast preset);
+  method ``nephi`` unless ``--method`` says otherwise; in 2D it predicts the field in one pass with
+  the shipped general model (mode ``predict``: about a second on a CPU; choose ``predict+refine``
+  or ``optimize`` in the widget to refine it), in 3D, where no model ships, it optimises (fast
+  preset);
 * ``em`` (a stack of sections with mitochondria): the EM stack alignment widget, stack and masks;
 * ``atlas`` (a 3D atlas and an oblique, partial section cut from it): the atlas plate the section
   was cut near is added as a 2D image, and the registration widget aligns the section (moving)
@@ -114,12 +115,12 @@ def _setup_pair(viewer, fixed, moving, method: str) -> DemoSetup:
 
 
 def _use_shipped_model(options, ndim: int) -> None:
-    """Predict with the built-in model for ``ndim``-D images and refine, when one is installed."""
+    """Predict with the built-in model for ``ndim``-D images, when one is installed."""
     from ..engines.nephi.weights import default_model
 
     name = default_model(ndim)
     if name is not None:
-        options.mode.setCurrentText("predict+refine")
+        options.mode.setCurrentText("predict")
         options.model_path.setText(name)
 
 
