@@ -16,7 +16,10 @@ cluster's start (worker processes, imports, warm-up) is printed on its own and a
 (process time inside the job), the speed-up of 2 workers over 1 (target >= 1.7 on 2 cores), the
 overhead of the cluster over the loop (target < 5 %), peak resident memory per worker process (the
 whole process: Python, torch, the job), and the load average before and after, since other
-programs on the machine disturb wall times. Every job must end 'done' with a better NCC.
+programs on the machine disturb wall times (CPU seconds per job much less). Every job must end
+'done' with a better NCC. On a machine whose working tree others edit, run a frozen copy
+(``git archive HEAD | tar -x -C /tmp/frozen`` and ``PYTHONPATH=/tmp/frozen/src``): the worker
+processes import the package after the loop has run.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/batch_throughput.py
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/batch_throughput.py --size 96 --method affine
@@ -172,6 +175,10 @@ def main() -> None:
           f"(target >= 1.7)")  # fmt: skip
     print(f"overhead of the cluster (1 worker) over the loop: {100 * (r1 / seq_s - 1):+.1f} % steady, "
           f"{100 * ((s1 + r1) / seq_s - 1):+.1f} % with start (target < 5 %)")  # fmt: skip
+    cpu = cpu_per_job(seq_rows)
+    print(f"CPU seconds per job against the loop (not disturbed by the load as wall times are): "
+          f"{100 * (cpu_per_job(results[1][2]) / cpu - 1):+.1f} % with 1 worker, "
+          f"{100 * (cpu_per_job(results[2][2]) / cpu - 1):+.1f} % with 2")  # fmt: skip
     print(f"cluster start (processes, imports, warm-up): {s1:.1f} s with 1 worker, {s2:.1f} s with 2")
     ncc = [(r["metrics"]["ncc_before"], r["metrics"]["ncc_after"]) for r in results[2][2]]
     print(f"NCC before -> after, mean over the pairs: {np.mean([a for a, _ in ncc]):.3f} -> "
