@@ -11,8 +11,10 @@ Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, importe
   (1, 2, 4: 5, 10, 20 px at 512 x 512), with a smoothness (Gaussian correlation length) of
   3, 4.5 and 6 % of the size for them (rising with the amplitude, so every field is a
   diffeomorphism); nibabel's MRI at ``--mri-amplitudes`` voxels (2, 4, 6) with smoothness 7
-  voxels. Fields are drawn with seeds ``--seeds`` (default 10) plus a per-case offset: new fields,
-  not the ones of ``nephi_accuracy.py`` (seeds 0-3).
+  voxels. The field of a case is drawn with seed ``--seeds`` (default 10) + 10 x the image's
+  offset (camera 0, retina 1, ihc 2, disc 3, mri 4) + the amplitude: new fields, not the ones of
+  ``nephi_accuracy.py`` (seeds 0-3). (Until commit "nephi_large: per-case seeds" the k-th case of
+  the run got ``--seeds + offset + 10 k``.)
 * images: scikit-image's ``camera`` (a large flat sky), ``retina``, ``immunohistochemistry`` and
   ``disc``: ``gravel`` with a flat disc of radius 22 % of the size in its middle (textureless
   tissue surrounded by texture).
@@ -188,8 +190,9 @@ def main() -> None:
     rows = []
     plan = [(n, a) for n in args.images for a in args.amplitudes]
     plan += [("mri", a) for a in args.mri_amplitudes]
-    for k, (name, amp) in enumerate(plan):
-        case = make_case(name, amp, args.size2d, args.seeds + CASE_OFFSETS[name] + 10 * k)
+    for name, amp in plan:
+        # the seed depends on the case only (not on which other cases run)
+        case = make_case(name, amp, args.size2d, args.seeds + 10 * CASE_OFFSETS[name] + int(amp))
         mask, flat, tex, truth = case["mask"], case["flat"], case["textured"], case["truth"]
         zero = np.zeros_like(truth)
         print(
