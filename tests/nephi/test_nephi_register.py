@@ -263,7 +263,7 @@ def test_bad_inputs_raise_input_error(fixed, moving):
         {"regularizer": "tv"},
         {"representation": "mlp"},
         {"mode": "train"},
-        {"mode": "predict"},
+        {"initial": "bogus"},  # (predict without weights uses the built-in default model in 2D)
         {"preset": "slow"},
         {"similarity": "mi"},
         {"sample_fraction": 0.0},
