@@ -38,7 +38,7 @@ def test_a_shift_or_rotation_is_held_by_the_global_map(degrees, shift):
     fixed = _camera()
     moving, mat = _rigid(fixed, degrees, shift)
     reg = nn.register(fixed, moving, **FAST)
-    assert reg.settings["initial"] == "affine"
+    assert reg.settings["initial"] == "rigid"
     u = reg.transform.displacement(fixed.shape)
     grid = np.indices(fixed.shape).astype(np.float64)
     truth = np.einsum("ij,j...->i...", mat[:2, :2], grid) + mat[:2, 2].reshape(2, 1, 1) - grid

@@ -81,8 +81,8 @@ def test_2d_progress_metrics_and_settings(camera_result):
     assert s["sample_points"] == 2048 and s["reg_points"] == 64
     # after the coarse stage (coarser levels run fewer steps) the field refines at smaller rates
     assert reg.metrics["coarse_iterations"] == sum(level_iterations(PRESETS["fast"]["coarse_iterations"], 2))
-    # the global (affine) stage comes first, then the coarse stage and the neural field
-    assert s["initial"] == "affine" and reg.metrics["initial_steps"] > 0
+    # the global (rigid) stage comes first, then the coarse stage and the neural field
+    assert s["initial"] == "rigid" and reg.metrics["initial_steps"] > 0
     assert total == reg.metrics["initial_steps"] + reg.metrics["coarse_iterations"] + FAST_2D["iterations"]
     assert (s["learning_rate"], s["code_learning_rate"]) == LEARNING_RATES["refine"]
 

@@ -57,7 +57,7 @@ def _option_help() -> dict[str, str]:
         + "; the predict modes use the built-in model of the images' dimensionality (2D: general2d) "
         "or --option weights=NAME|PATH",
         "initial": f"nephi: global stage before the deformable one, {', '.join(INITIALS[:-1])} or "
-        f"{INITIALS[-1]} (engine default: affine in optimize mode, none in the predict modes)",
+        f"{INITIALS[-1]} (engine default: rigid in optimize mode, none in the predict modes)",
     }
 
 

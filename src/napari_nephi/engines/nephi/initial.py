@@ -1,6 +1,6 @@
 """The global stage of the ``nephi`` engine: a linear map found before the deformable field.
 
-With ``initial="affine"`` (or ``"translation"``, ``"rigid"``, ``"similarity"``) the project's
+With ``initial="rigid"`` (or ``"translation"``, ``"similarity"``, ``"affine"``) the project's
 affine engine (:func:`napari_nephi.engines.affine.register_affine`) first finds the linear map
 ``A`` between the images; the moving image (and its mask) is resampled onto the fixed grid through
 ``A`` and the deformable stages register the fixed image to that. The result is
