@@ -148,3 +148,35 @@ def test_a_flat_disc_moves_with_its_textured_surroundings():
     before = np.sqrt((u**2).sum(0))[inner]
     assert err.mean() < 0.25 and err.mean() < 0.2 * before.mean(), (err.mean(), before.mean())
     assert reg.metrics["folds"] == 0
+
+
+def test_overlap_share_by_hand():
+    from napari_nephi.engines.nephi.initial import overlap_share
+
+    shift = np.eye(3)
+    shift[1, 2] = 30.0  # fixed x -> moving x + 30: columns 0..29 of 60 land inside
+    assert overlap_share(np.eye(3), (40, 60), (40, 60)) == 1.0
+    assert overlap_share(shift, (40, 60), (40, 60)) == pytest.approx(0.5)
+    left = np.zeros((40, 60), bool)
+    left[:, :30] = True
+    assert overlap_share(shift, (40, 60), (40, 60), left) == 1.0
+    assert overlap_share(shift, (40, 60), (40, 90)) == 1.0
+
+
+def test_a_default_global_map_that_loses_the_overlap_is_dropped():
+    """Two stains under NCC: the rigid stage moves the image by half its size. By default the map is
+    dropped with a note; asked for explicitly, it is kept (and the result is far worse)."""
+    from napari_nephi.synthetic import ihc_pair
+
+    fixed, moving, truth = ihc_pair(seed=0, downscale=2)
+    error, notes = {}, {}
+    for initial in (None, "rigid"):
+        extra = {} if initial is None else {"initial": initial}
+        reg = nn.register(fixed, moving, method="nephi", device="cpu", coarse_iterations=30, **extra)
+        d = reg.transform.displacement(fixed.shape)
+        error[initial] = float(np.sqrt(((d - truth) ** 2).sum(0)).mean())
+        notes[initial] = " ".join(reg.metrics.get("notes") or [])
+        assert reg.metrics["initial_kept"] is (initial == "rigid")
+        assert reg.metrics["initial_overlap"] < 0.7
+    assert "global stage was dropped" in notes[None] and "dropped" not in notes["rigid"]
+    assert error[None] < 0.2 * error["rigid"]

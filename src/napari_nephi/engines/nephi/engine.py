@@ -46,7 +46,7 @@ from .checks import check_options, check_result, check_run_memory, optimised_sim
 from .coarse import DenseMaps, level_iterations, optimize_velocity, pyramid_shapes
 from .dense import Previewer, dense_displacement, inside_mask, inverse_consistency
 from .field import FieldConfig, NeuralDeformationField, local_grid_shape, zero_codes
-from .initial import INITIALS, normalized_matrix, run_global_stage
+from .initial import INITIALS, MIN_OVERLAP, normalized_matrix, run_global_stage
 from .mlp import REPRESENTATIONS
 from .model import as_model
 from .optimize import REGULARIZERS, SIMILARITIES, Maps, OptimizeSettings, optimize_field
@@ -204,6 +204,7 @@ def register_nephi(
                 "images; pass weights=<checkpoint path or NePhiModel>, or use mode='optimize', which "
                 "needs no training."
             )
+    guard_initial = initial is None  # a default global map that loses the overlap is dropped
     if initial is None:
         initial = INITIAL_DEFAULT if mode == "optimize" else "none"
     if initial not in INITIALS:
@@ -309,16 +310,24 @@ def register_nephi(
         total = chunking.total_steps(plan, levels, coarse_iterations, iterations, chunk_iterations)
     counter = {"step": 0}
     stage0 = affine_n = None
+    initial_steps, initial_metrics = 0, {}
     # Optimising on grids of one shape, the global map is composed into the sampling (the moving
     # image is interpolated once); else the moving image is resampled onto the fixed grid first.
     fold = mode == "optimize" and not use_chunks and pair.moving.shape == fshape
     if initial != "none":
-        stage0 = run_global_stage(pair, initial, total, resample=not fold)
+        stage0 = run_global_stage(
+            pair, initial, total, resample=not fold, min_overlap=MIN_OVERLAP if guard_initial else 0.0
+        )
+        counter["step"] = initial_steps = stage0.steps
+        total += stage0.steps
+        initial_metrics = {**stage0.metrics, "initial_kept": not stage0.dropped}
+        if stage0.dropped:
+            notes.append(stage0.dropped)
+            stage0 = None
+    if stage0 is not None:
         moving_on_fixed, offset = stage0.moving, None
         if fold:
             affine_n = normalized_matrix(stage0.transform.matrix, fshape).to(device)
-        counter["step"] = stage0.steps
-        total += stage0.steps
     else:
         moving_on_fixed, offset = _moving_on_fixed_grid(pair, device)
     if offset is not None:
@@ -444,10 +453,9 @@ def register_nephi(
         "seconds_optimisation": seconds_opt,
         "sample_points": settings_opt.sample_points,
         "reg_points": settings_opt.reg_points,
-        "initial_steps": stage0.steps if stage0 else 0,
+        "initial_steps": initial_steps,
     }
-    if stage0 is not None:
-        metrics.update(stage0.metrics)
+    metrics.update(initial_metrics)
     if chunk_info is not None:
         metrics["chunk_iterations"] = chunk_iterations
         metrics.update(chunk_info)

@@ -6,6 +6,12 @@ affine engine (:func:`napari_nephi.engines.affine.register_affine`) first finds 
 ``A`` and the deformable stages register the fixed image to that. The result is
 ``ComposedTransform([field, A])``: ``phi(x) = A(x + u(x))``, so a shift or rotation is held by
 ``A`` exactly and the field only holds what is really non-linear.
+
+By default (``initial`` not given) a map that leaves less than :data:`MIN_OVERLAP` of the fixed
+image (or of its mask) over the moving image is dropped with a note (:attr:`GlobalStage.dropped`):
+the deformable stages assume images that roughly overlap, and such a map is what the affine engine
+finds when the similarity does not hold (two stains of one slide under NCC: the image moved by
+half its size). An ``initial`` the caller asks for is always kept.
 """
 
 from __future__ import annotations
@@ -23,22 +29,52 @@ from ...core.transform import AffineTransform
 #: Values of the ``initial`` option: no global stage, or the affine engine's ``kind``.
 INITIALS = ("none", "translation", "rigid", "similarity", "affine")
 
+#: Least share of the fixed image (or its mask) the default global map must keep over the moving
+#: image (a shift of a quarter of the image along one axis keeps 0.75).
+MIN_OVERLAP = 0.7
+
 
 class GlobalStage:
     """The linear map found first and the moving image (and mask) resampled onto the fixed grid."""
 
-    def __init__(self, transform: AffineTransform, moving: np.ndarray, moving_mask, steps: int, metrics):
+    def __init__(
+        self, transform: AffineTransform, moving, moving_mask, steps: int, metrics, dropped: str = ""
+    ):
         self.transform, self.moving, self.moving_mask = transform, moving, moving_mask
         self.steps, self.metrics = steps, metrics
+        #: Why the map was dropped (empty when it is used).
+        self.dropped = dropped
 
 
-def run_global_stage(pair: Pair, kind: str, remaining_steps: int, resample: bool = True) -> GlobalStage:
+def overlap_share(matrix: np.ndarray, fixed_shape, moving_shape, fixed_mask=None) -> float:
+    """Share of the fixed voxels (inside ``fixed_mask`` when given) that ``matrix`` maps inside
+    the moving image (every voxel of grids up to 64 a side, a regular subsample of larger ones)."""
+    d = len(fixed_shape)
+    steps = [max(1, int(n) // 64) for n in fixed_shape]
+    axes = [np.arange(0, int(n), k, dtype=np.float64) for n, k in zip(fixed_shape, steps, strict=True)]
+    pts = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, d)
+    if fixed_mask is not None:
+        sub = np.asarray(fixed_mask)[tuple(slice(None, None, k) for k in steps)].reshape(-1) != 0
+        pts = pts[sub]
+    if len(pts) == 0:
+        return 1.0
+    m = np.asarray(matrix, np.float64)
+    mapped = pts @ m[:d, :d].T + m[:d, d]
+    upper = np.asarray(moving_shape, np.float64) - 0.5
+    inside = np.all((mapped >= -0.5) & (mapped <= upper), axis=1)
+    return float(inside.mean())
+
+
+def run_global_stage(
+    pair: Pair, kind: str, remaining_steps: int, resample: bool = True, min_overlap: float = 0.0
+) -> GlobalStage:
     """Run the affine engine of ``kind`` on ``pair``; its progress goes to ``pair.progress`` as
     stage ``"affine"``, each step counted once, with ``remaining_steps`` added to its total.
 
     With ``resample`` the moving image and mask are resampled onto the fixed grid through the map
     (``GlobalStage.moving``); without, the caller composes the map into its own sampling
-    (:func:`normalized_matrix`) and ``moving`` is the moving image itself.
+    (:func:`normalized_matrix`) and ``moving`` is the moving image itself. A map that keeps less
+    than ``min_overlap`` of the fixed image over the moving one is returned with ``dropped`` set.
     """
     from ..affine import register_affine
 
@@ -54,15 +90,26 @@ def run_global_stage(pair: Pair, kind: str, remaining_steps: int, resample: bool
     inner = replace(pair, progress=Progress(forward), notes=[])
     reg = register_affine(inner, kind=kind)
     t = reg.transform
+    share = overlap_share(t.matrix, pair.fixed.shape, pair.moving.shape, pair.fixed_mask)
+    metrics = {
+        "affine_matrix": t.matrix.tolist(),
+        "affine_ncc_after": reg.metrics.get("ncc_after"),
+        "initial_overlap": share,
+    }
+    if share < min_overlap:
+        why = (
+            f"The {kind} global stage was dropped: its map kept only {share:.0%} of the fixed image "
+            f"over the moving image (at least {min_overlap:.0%} needed), which happens when the "
+            "similarity does not hold (for example two stains under NCC). Check the images are the "
+            "same modality (method='histology' registers stains); pass initial='rigid' (or another kind) "
+            "to keep the map anyway."
+        )
+        return GlobalStage(t, pair.moving, pair.moving_mask, done["steps"], metrics, dropped=why)
     moving, mask = pair.moving, pair.moving_mask
     if resample:
         moving, mask = resample_border(pair.moving, t.matrix, pair.fixed.shape), None
     if resample and pair.moving_mask is not None:
         mask = t.warp_labels(np.asarray(pair.moving_mask, np.uint8), output_shape=pair.fixed.shape) > 0
-    metrics = {
-        "affine_matrix": t.matrix.tolist(),
-        "affine_ncc_after": reg.metrics.get("ncc_after"),
-    }
     return GlobalStage(t, moving, mask, done["steps"], metrics)
 
 
