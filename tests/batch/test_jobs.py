@@ -217,3 +217,74 @@ def test_gpu_jobs_ask_for_a_gpu_only_where_the_cluster_has_one():
     stack = Job(row=4, output="s", kind="stack", moving="m")
     assert _resources(pair, gpus=1) == {"GPU": 1} and _resources(pair, gpus=0) is None
     assert _resources(cpu, gpus=1) is None and _resources(stack, gpus=2) is None
+
+
+@pytest.mark.parametrize("output", ["summary.csv", "Summary.JSON"])
+def test_the_summary_names_are_refused_as_outputs(tmp_path, output):
+    base = {"fixed": "a.tif", "moving": "b.tif", "method": "affine"}
+    (job,) = _jobs(tmp_path, [{**base, "output": output}])
+    with pytest.raises(InputError, match=rf"row 2: output '{output}' is reserved for the batch summary"):
+        raise InputError(job.error)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "match"),
+    [
+        (["o", "O"], r"the job list: rows 1 and 2 write the same output 'O'"),
+        (["o", "o/p"], r"the job list: rows 1 and 2: output 'o/p' lies inside output 'o'"),
+    ],
+)
+def test_a_list_of_jobs_gets_the_table_checks(tmp_path, outputs, match):
+    from napari_nephi.batch import run
+
+    jobs = [Job(row=i, output=o, fixed="f", moving="m", method="affine") for i, o in enumerate(outputs, 1)]
+    with pytest.raises(InputError, match=match):
+        run(jobs, tmp_path / "out", workers=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_extra_columns_with_a_known_name_and_a_suffix_are_kept(tmp_path):
+    row = {"fixed": "a.tif", "moving": "b.tif", "method": "affine", "output": "o", "moving_id": "7"}
+    (job,) = _jobs(tmp_path, [{**row, "fixed_id": "3"}])
+    assert job.extra == {"moving_id": "7", "fixed_id": "3"} and job.error is None
+    with pytest.raises(InputError, match=r"unknown column 'optons'; did you mean 'options'"):
+        _jobs(tmp_path, [{**row, "optons": "{}"}])
+
+
+def test_pandas_missing_cells_are_empty():
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame(
+        {"fixed": ["a.tif"], "moving": ["b.tif"], "method": ["affine"], "output": ["o"], "options": [pd.NA]}
+    ).astype("string")
+    (job,) = read_jobs(frame)
+    assert job.options == {} and job.error is None
+
+
+def test_a_flag_with_an_optional_value_is_bare_for_true_and_left_out_for_false():
+    from napari_nephi.batch.tasks import option_arguments
+
+    assert option_arguments("atlas-lookup", {"labels": True}) == ["--labels"]
+    assert option_arguments("atlas-lookup", {"labels": False}) == []
+
+
+def test_gpu_workers_are_counted_on_the_scheduler():
+    from types import SimpleNamespace
+
+    from napari_nephi.batch.cluster import gpu_workers
+
+    workers = {i: SimpleNamespace(resources={"GPU": 1} if i < 6 else {}) for i in range(8)}
+
+    class Client:
+        def run_on_scheduler(self, function):
+            return function(dask_scheduler=SimpleNamespace(workers=workers))
+
+        def scheduler_info(self):  # lists only the first few workers, as some releases do
+            return {"workers": {"a": {"resources": {"GPU": 1}}}}
+
+    assert gpu_workers(Client()) == 6
+
+    class Refusing(Client):
+        def run_on_scheduler(self, function):
+            raise RuntimeError("refused")
+
+    assert gpu_workers(Refusing()) == 1

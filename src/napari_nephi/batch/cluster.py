@@ -96,8 +96,16 @@ def dashboard_line(client, local: bool) -> str:
 
 def gpu_workers(client) -> int:
     """How many workers of the cluster were started with a ``GPU`` resource (``--resources GPU=1``)."""
-    workers = client.scheduler_info().get("workers", {}).values()
-    return sum(1 for w in workers if (w.get("resources") or {}).get("GPU", 0) > 0)
+    try:  # counted on the scheduler: scheduler_info() lists only the first workers in some releases
+        return int(client.run_on_scheduler(_count_gpu_workers))
+    except Exception:  # an older scheduler or one that refuses to run functions
+        workers = client.scheduler_info().get("workers", {}).values()
+        return sum(1 for w in workers if (w.get("resources") or {}).get("GPU", 0) > 0)
+
+
+def _count_gpu_workers(dask_scheduler) -> int:
+    """Run on the scheduler: its workers with a ``GPU`` resource."""
+    return sum((ws.resources or {}).get("GPU", 0) > 0 for ws in dask_scheduler.workers.values())
 
 
 @contextlib.contextmanager

@@ -26,6 +26,8 @@ import hashlib
 import io
 import json
 import math
+import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -61,6 +63,8 @@ FILE_FLAGS = {
     "slides": {"fixed_mask": "--fixed-mask", "moving_mask": "--moving-mask", "moving_labels": None},
     "atlas": {"fixed_mask": None, "moving_mask": None, "moving_labels": None},
 }
+#: Output names the batch folder keeps for itself (compared case-insensitively).
+RESERVED = ("summary.csv", "summary.json")
 JSON_LINES = (".jsonl", ".ndjson", ".json")
 
 
@@ -103,9 +107,22 @@ class Job:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def _text(value) -> str | None:
-    """A cell as stripped text; empty cells (also NaN from a data frame) are None."""
+def _is_missing(value) -> bool:
+    """True for None, NaN and pandas' missing values (``pd.NA``, ``NaT``) of a data frame cell."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True
+    pandas = sys.modules.get("pandas")  # a data frame's cells come with pandas already imported
+    if pandas is None or isinstance(value, (str, bytes, Mapping, list, tuple)):
+        return False
+    try:
+        return bool(pandas.isna(value))
+    except (TypeError, ValueError):  # not a scalar
+        return False
+
+
+def _text(value) -> str | None:
+    """A cell as stripped text; empty cells (also NaN or pd.NA from a data frame) are None."""
+    if _is_missing(value):
         return None
     text = str(value).strip()
     return text or None
@@ -146,7 +163,10 @@ def _output_name(value) -> str:
         raise InputError(f"output {text!r} must be a folder name inside the batch output folder.")
     if any(p.startswith(".") for p in parts):
         raise InputError(f"output {text!r}: names starting with '.' are reserved for temporary folders.")
-    return "/".join(p for p in parts if p != "")
+    name = "/".join(p for p in parts if p != "")
+    if name.casefold() in RESERVED:
+        raise InputError(f"output {text!r} is reserved for the batch summary; give the job another name.")
+    return name
 
 
 def _check_row(job: Job) -> None:
@@ -211,7 +231,10 @@ def _check_columns(names: Iterable[str], where: str) -> None:
         )
     for name in names:
         if name not in COLUMNS:
-            close = difflib.get_close_matches(name, COLUMNS, n=1, cutoff=0.75)
+            # a known name with a suffix (moving_id, fixed_2) is a column of its own, not a typo
+            if any(re.fullmatch(rf"{c}[_\-. ]\w+", name, re.IGNORECASE) for c in COLUMNS):
+                continue
+            close = difflib.get_close_matches(name, COLUMNS, n=1, cutoff=0.85)
             if close:
                 raise InputError(f"{where}: unknown column {name!r}; did you mean {close[0]!r}?")
 
@@ -282,6 +305,13 @@ def read_jobs(table, base=None) -> list[Job]:
     if not records:
         raise InputError(f"{where} has no jobs; add one row per job.")
     jobs = [make_job(row, record, base) for row, record in records]
+    check_outputs(jobs, where)
+    return jobs
+
+
+def check_outputs(jobs: Iterable[Job], where: str = "the job table") -> None:
+    """Raise InputError when two jobs write the same output folder (also by case only) or one lies
+    inside another's. ``read_jobs`` checks tables with it; ``run`` checks lists of :class:`Job` s."""
     seen: dict[str, int] = {}
     for job in jobs:
         if not job.output:
@@ -302,4 +332,3 @@ def read_jobs(table, base=None) -> list[Job]:
                     f"{where}: rows {seen[outer]} and {row}: output {key!r} lies inside output {outer!r}; "
                     "give each job a folder of its own."
                 )
-    return jobs

@@ -17,7 +17,7 @@ from ..core.files import atomic_write_bytes, clean_leftovers
 from ..core.options import check_int
 from ..core.progress import ProgressEvent
 from .cluster import dashboard_line, gpu_workers, local_size, open_client
-from .jobs import Job, read_jobs
+from .jobs import Job, check_outputs, read_jobs
 from .tasks import TMP_PREFIX, check_job, complete_record, run_job
 
 #: Written into a batch output folder; a folder holding it may be written again (resume).
@@ -220,7 +220,10 @@ def run(
     retries = check_int("retries", retries, 0, 100)
     if client is None and not scheduler:
         local_size(workers, threads_per_worker, memory_limit)  # absurd sizes fail before any work
-    jobs = jobs if isinstance(jobs, list) and all(isinstance(j, Job) for j in jobs) else read_jobs(jobs)
+    if isinstance(jobs, list) and all(isinstance(j, Job) for j in jobs):
+        check_outputs(jobs, "the job list")  # the checks read_jobs does for a table
+    else:
+        jobs = read_jobs(jobs)
     out = _check_out(Path(out).expanduser().resolve())
     atomic_write_bytes(out / BATCH_MARKER, b"written by napari-nephi batch; may be written again\n")
     lock = _lock(out)

@@ -64,6 +64,13 @@ def option_arguments(command: str, options: dict) -> list[str]:
             if value is not True and value is not False:
                 raise InputError(f"option {key}: {command} {flag} is a switch; give true or false.")
             argv += [flag] if value else []
+        elif (
+            action is not None
+            and action.nargs == "?"
+            and action.const is not None
+            and isinstance(value, bool)
+        ):
+            argv += [flag] if value else []  # a flag whose value may be left out (--labels): bare for true
         elif action is not None:
             several = action.nargs not in (None, "?") and isinstance(value, (list, tuple))
             argv += [flag, *(_cli_text(v) for v in (value if several else [value]))]
