@@ -144,3 +144,34 @@ def test_cli_options_reach_the_engine(rotated_copies, tmp_path):
     assert doc["settings"]["solver"] == "global" and doc["settings"]["neighbours"] == 3
     assert doc["settings"]["global_model"] == "rigid" and doc["metrics"]["solver"]["pairs"] == 9
     assert [q["neighbour"] for q in doc["report"][4]["pairs"]] == [3, 2, 1]
+
+
+def _shift(dy, dx):
+    m = np.eye(3)
+    m[:2, 2] = dy, dx
+    return m
+
+
+def test_a_section_matched_only_further_away_is_solved_not_chained():
+    """Section 2 is blank (identity fallback); section 3 matched section 1 (distance 2): 3 is
+    solved, 2 takes its neighbour's solved map, and only 2 is unconstrained."""
+    from types import SimpleNamespace
+
+    from napari_nephi.engines.mito.align import _global_placement
+
+    true = [_shift(0, 3.0 * k) for k in range(5)]  # pull-backs
+    edge = lambda a, b, w=1.0: Edge(a, b, true[b] @ np.linalg.inv(true[a]), w)  # noqa: E731
+    chain = [edge(0, 1), Edge(1, 2, np.eye(3), 1e-3), edge(1, 3), edge(3, 4)]
+    chained = np.stack(true)
+    chained[3] = chained[4] = _shift(40, 40)  # a wrong chain: must not survive
+    rows = [{"inliers": 50, "reprojection_error": 0.1} for _ in range(5)]
+    opts = SimpleNamespace(ransac_threshold=3.0)
+    m, summary = _global_placement(5, 0, SHAPE, chain, [], chained, rows, "rigid", opts, 0.0)
+    assert summary["unconstrained_sections"] == [2]
+    for k in (1, 3, 4):
+        np.testing.assert_allclose(m[k], true[k], atol=1e-6)
+    np.testing.assert_allclose(m[2], m[1], atol=1e-9)
+    # the distance weight is not a down-weighting: all pairs agree
+    assert summary["downweighted_pairs"] == 0
+    pair = rows[3]["pairs"][0]
+    assert pair["prior_weight"] == 0.25 and pair["robust_weight"] == 1.0 and pair["weight"] == 0.25

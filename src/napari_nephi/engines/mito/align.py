@@ -463,6 +463,7 @@ def _global_placement(n, ref, shape, chain_edges, extra_edges, chained, rows, mo
     the solver summary for the metrics."""
     edges = chain_edges + [e for e in extra_edges if e.weight > 0]
     for e in edges:  # sections further apart differ more (organelles move): weight 1 / distance^2
+        e.confident = e.weight >= 0.5  # decided before the scaling: any real match places its sections
         e.weight /= float(e.b - e.a) ** 2
     matrices, info = solve_global(
         n, edges, ref, shape, model, initial=chained, huber=opts.ransac_threshold, drift_prior=drift_prior
@@ -470,19 +471,25 @@ def _global_placement(n, ref, shape, chain_edges, extra_edges, chained, rows, mo
     for row in rows:
         if row is not None:
             row["pairs"] = []
-    for e, res, w in zip(edges, info["residuals"], info["weights"]):
+    for e, res, w, rw in zip(edges, info["residuals"], info["weights"], info["robust"]):
         stats = e.stats or {
             "neighbour": e.a, "inliers": int(rows[e.b]["inliers"]),
             "reprojection_error": rows[e.b]["reprojection_error"],
         }  # fmt: skip
-        rows[e.b]["pairs"].append({**stats, "residual": float(res), "weight": float(w)})
+        rows[e.b]["pairs"].append(
+            {**stats, "residual": float(res), "weight": float(w), "prior_weight": float(e.weight),
+             "robust_weight": float(rw)}
+        )  # fmt: skip
     for e in extra_edges:
         if e.weight == 0:
-            rows[e.b]["pairs"].append({**e.stats, "residual": None, "weight": 0.0, "failed": True})
+            rows[e.b]["pairs"].append(
+                {**e.stats, "residual": None, "weight": 0.0, "prior_weight": 0.0, "robust_weight": 0.0,
+                 "failed": True}
+            )  # fmt: skip
     summary = {
         "pairs": len(edges), "failed_pairs": sum(e.weight == 0 for e in extra_edges),
         "residual_mean": float(np.mean(info["residuals"])) if len(edges) else 0.0,
-        "downweighted_pairs": int(np.sum(info["weights"] < 0.999)),
+        "downweighted_pairs": int(np.sum(info["robust"] < 0.999)),  # by the Huber weights only
         "unconstrained_sections": info["unconstrained"],
     }  # fmt: skip
     return matrices, summary

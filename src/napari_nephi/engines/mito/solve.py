@@ -47,6 +47,12 @@ class Edge:
     matrix: np.ndarray
     weight: float = 1.0
     stats: dict | None = None  # the pair's match statistics, for the report
+    #: whether the pair is a real match that places its sections (``None``: ``weight >= 0.5``);
+    #: set it when ``weight`` also carries other factors (e.g. 1 / distance^2)
+    confident: bool | None = None
+
+    def is_confident(self) -> bool:
+        return bool(self.weight >= 0.5) if self.confident is None else bool(self.confident)
 
 
 def _grid(shape, count: int = 3) -> np.ndarray:
@@ -122,8 +128,8 @@ def solve_global(
         frame (rigid: solved as a similarity, then each linear part replaced by its nearest
         rotation and the translations solved again).
     initial
-        ``(n, 3, 3)`` pull-back matrices (aligned frame -> section, e.g. the chained ones):
-        where the edges do not determine a section (no edge reaches it) it keeps this map.
+        ``(n, 3, 3)`` pull-back matrices (aligned frame -> section, e.g. the chained ones): the
+        starting point, and the map of a section no edge at all touches.
     huber
         Residual (pixels, RMS over the points of one pair) above which a pair is down-weighted.
     drift_prior
@@ -134,8 +140,12 @@ def solve_global(
     -------
     ``(matrices, info)``: ``matrices[k]`` (3x3, (y, x)) maps the aligned frame to section ``k``
     (pull-back, as :class:`~napari_nephi.core.transform.PerSectionTransform` expects);
-    ``info`` has ``"residuals"`` (RMS pixels per edge, in the order given), ``"weights"``
-    (final IRLS weight per edge) and ``"unconstrained"`` (sections no edge reaches).
+    ``info`` has ``"residuals"`` (RMS pixels per edge, in the order given), ``"robust"`` (final
+    Huber weight per edge: below 1 means down-weighted), ``"weights"`` (``robust`` times the
+    edge's own ``weight``) and ``"unconstrained"`` (sections no confident edge reaches, see
+    :meth:`Edge.is_confident`). An unconstrained section takes the solved map of a placed
+    neighbour composed with the edge between them (its own edge toward the reference first,
+    then the nearest); a section no edge touches keeps its ``initial`` map.
     """
     if model not in GLOBAL_MODELS:
         raise InputError(f"global_model must be one of {', '.join(GLOBAL_MODELS)}, got {model!r}.")
@@ -157,7 +167,7 @@ def solve_global(
         blocks.append((_design(pts, lin_model), _design(q, lin_model)))
     reached = np.zeros(n, bool)
     for e in edges:
-        if e.weight >= 0.5:
+        if e.is_confident():
             reached[[e.a, e.b]] = True
     robust = np.ones(len(edges))
     x = x0.copy()
@@ -176,16 +186,42 @@ def solve_global(
     if model == "rigid":
         mats_b = _rigid_from(mats_b, n, ref, edges, pts, robust)
     out = np.stack([np.linalg.inv(b) for b in mats_b])
-    out[~reached] = initial[~reached]
     out[ref] = np.eye(3)
+    reached[ref] = True
+    _place_unreached(out, initial, reached, edges)
     x_final = np.stack([_from_matrix(b, "affine") for b in mats_b])
     blocks_aff = [(_design(pts, "affine"), _design(_project(e.matrix, pts), "affine")) for e in edges]
     info = {
         "residuals": _residuals(edges, blocks_aff, x_final),
+        "robust": robust,
         "weights": robust * np.array([e.weight for e in edges]),
         "unconstrained": [int(k) for k in np.flatnonzero(~reached) if k != ref],
     }
     return out, info
+
+
+def _place_unreached(out, initial, reached, edges) -> None:
+    """Give every section not ``reached`` the map of a placed neighbour composed with the edge
+    between them (in rounds outward from the placed sections; per section its own edges, where it
+    is ``b``, first, then the heaviest, then the nearest); untouched sections keep ``initial``."""
+    placed = reached.copy()
+    out[~placed] = initial[~placed]
+    while True:
+        best: dict[int, tuple] = {}
+        for e in edges:
+            for k, other in ((e.b, e.a), (e.a, e.b)):
+                if placed[k] or not placed[other]:
+                    continue
+                key = (k != e.b, -e.weight, abs(e.b - e.a))
+                if k not in best or key < best[k][0]:
+                    best[k] = (key, e)
+        if not best:
+            return
+        for k, (_, e) in best.items():
+            m = np.asarray(e.matrix, dtype=np.float64)  # pull-backs: P_b = M P_a
+            p = m @ out[e.a] if k == e.b else np.linalg.inv(m) @ out[e.b]
+            out[k] = p / p[2, 2]
+            placed[k] = True
 
 
 def _residuals(edges, blocks, x) -> np.ndarray:
