@@ -159,3 +159,19 @@ def test_opencv_warp_agrees_with_the_transform_warp(em):
     t = ElasticSectionTransform(mats, fields, shape=(n, h, w))
     diff = np.abs(t.warp(st) - warp_sections(st, mats, fields=fields))[:, 10:-10, 10:-10]
     assert diff.mean() < 0.01 and diff.max() < 0.5
+
+
+def test_the_grid_reproduces_a_linear_field_at_its_nodes():
+    """Node (i, j) sits at (i (h-1)/(gh-1), j (w-1)/(gw-1)); a linear field must be read there,
+    not at cell centres (half a cell off at the edges), also with content on part of the section."""
+    from napari_nephi.engines.mito.elastic import _to_grid
+
+    h, w, gh, gw = 121, 161, 5, 6
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    u = np.stack([0.02 * xx - 1.0, 0.03 * yy + 0.01 * xx], -1)  # (x, y) flow
+    ny, nx = np.meshgrid(np.linspace(0, h - 1, gh), np.linspace(0, w - 1, gw), indexing="ij")
+    truth = np.stack([0.03 * ny + 0.01 * nx, 0.02 * nx - 1.0], -1)  # (y, x)
+    valid = np.ones((h, w), bool)
+    np.testing.assert_allclose(_to_grid(u, valid, (gh, gw), 0.5), truth, atol=0.01)
+    valid[:, :40] = False  # content on the right part only: still the line, extrapolated
+    np.testing.assert_allclose(_to_grid(u, valid, (gh, gw), 0.5), truth, atol=0.01)

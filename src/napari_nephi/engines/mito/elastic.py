@@ -3,8 +3,8 @@
 After the per-section maps (chain or global solve), every section is resampled at a coarse
 work resolution and the dense optical flow (OpenCV DIS) from it to each of its neighbours
 ``k +- 1 .. k +- radius`` is computed. The section's correction is minus the per-pixel
-*median* of those flows, averaged over the cells of a coarse grid (``spacing`` pixels) and
-smoothed:
+*median* of those flows, read on the nodes of a coarse grid (``spacing`` pixels, spanning the
+section) by a smooth local linear fit over the pixels with content (:func:`_to_grid`):
 
 * a section cut with a distortion of its own moves toward its neighbours, while its
   neighbours, for which it is one vote among ``2 radius``, barely move (with ``radius = 1``
@@ -158,17 +158,71 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers)
 
 
 def _to_grid(u: np.ndarray, valid: np.ndarray, grid, smooth: float) -> np.ndarray:
-    """Weighted cell means of the dense ``(h, w, 2)`` (x, y) field ``u`` on the ``grid`` nodes,
-    as (y, x); nodes without content get the mean of their neighbours (0 if none), then smoothing."""
+    """The dense ``(h, w, 2)`` (x, y) field ``u`` on the ``grid`` nodes, as (y, x).
+
+    Node ``(i, j)`` sits at pixel ``(i (h - 1) / (gh - 1), j (w - 1) / (gw - 1))``, as the grid
+    is read back (:func:`warp_elastic_section`). Its value is a Gaussian-weighted local *linear*
+    fit of ``u`` over the ``valid`` pixels around that point (sigma: a grid cell's averaging
+    plus ``smooth`` cells), so a field that varies linearly is reproduced exactly, at the edges
+    of the section and of the content too; nodes without content nearby get 0. The sums are
+    taken on a reduced copy (about 4 pixels per cell) for speed."""
     gh, gw = grid
+    h, w = valid.shape
+    cell = max((h - 1) / max(gh - 1, 1), (w - 1) / max(gw - 1, 1), 1.0)
+    f = max(1, int(cell // 4))
+    dh, dw = max(2, int(round(h / f))), max(2, int(round(w / f)))
+    sy, sx = h / dh, w / dw  # reduced pixel j covers work pixels [j s, (j + 1) s)
+    # area sums of w u, w, w y, w x (dense coordinates relative to the section centre: exact for
+    # partly covered cells), then the second moments from the reduced pixel centres
     wgt = valid.astype(np.float32)
-    num = cv2.resize(u * wgt[..., None], (gw, gh), interpolation=cv2.INTER_AREA)
-    den = cv2.resize(wgt, (gw, gh), interpolation=cv2.INTER_AREA)
-    if smooth > 0:
-        num = cv2.GaussianBlur(num, (0, 0), smooth, borderType=cv2.BORDER_REPLICATE)
-        den = cv2.GaussianBlur(den, (0, 0), smooth, borderType=cv2.BORDER_REPLICATE)
-    den = den[..., None]
-    out = np.where(den > 1e-3, num / np.maximum(den, 1e-3), 0.0)
+    yd = (np.arange(h, dtype=np.float32) - (h - 1) / 2)[:, None]
+    xd = (np.arange(w, dtype=np.float32) - (w - 1) / 2)[None, :]
+    num = cv2.resize(u * wgt[..., None], (dw, dh), interpolation=cv2.INTER_AREA).astype(np.float64)
+    dense = np.stack([wgt, wgt * yd, wgt * xd], -1)
+    red = cv2.resize(dense, (dw, dh), interpolation=cv2.INTER_AREA).astype(np.float64)
+    del dense
+    den, wy, wx = red[..., 0], red[..., 1], red[..., 2]
+    yc = ((np.arange(dh) + 0.5) * sy - 0.5 - (h - 1) / 2)[:, None] * np.ones((1, dw))
+    xc = ((np.arange(dw) + 0.5) * sx - 0.5 - (w - 1) / 2)[None, :] * np.ones((dh, 1))
+    sigma = cell * np.sqrt(1 / 12 + max(smooth, 0.0) ** 2)
+    # rows of the normal equations of u(p) ~ c + g . p: weighted by 1, y, x
+    moments = [den, wy, wx, den * yc, wy * yc, wx * yc, den * xc, wy * xc, wx * xc]
+    for c in range(2):
+        moments += [num[..., c], num[..., c] * yc, num[..., c] * xc]
+    blurred = np.stack(
+        [cv2.GaussianBlur(m, (0, 0), sigmaX=sigma / sx, sigmaY=sigma / sy, borderType=cv2.BORDER_CONSTANT)
+         for m in moments], -1,
+    )  # fmt: skip
+    # node positions: work pixels -> reduced pixel coordinates
+    ny = np.arange(gh) * ((h - 1) / max(gh - 1, 1))
+    nx = np.arange(gw) * ((w - 1) / max(gw - 1, 1))
+    my = ((ny + 0.5) / sy - 0.5).astype(np.float32)[:, None] * np.ones((1, gw), np.float32)
+    mx = ((nx + 0.5) / sx - 0.5).astype(np.float32)[None, :] * np.ones((gh, 1), np.float32)
+    at = np.stack(
+        [cv2.remap(blurred[..., i], mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+         for i in range(blurred.shape[-1])], -1,
+    )  # fmt: skip
+    dy = (ny - (h - 1) / 2)[:, None] * np.ones((1, gw))
+    dx = (nx - (w - 1) / 2)[None, :] * np.ones((gh, 1))
+    a = at[..., :9].reshape(gh, gw, 3, 3).copy()
+    # about the node: u(p) ~ c + g . (p - node), rows weighted by 1, y - ny, x - nx
+    a[..., 1] -= dy[..., None] * a[..., 0]
+    a[..., 2] -= dx[..., None] * a[..., 0]
+    a[..., 1, :] -= dy[..., None] * a[..., 0, :]
+    a[..., 2, :] -= dx[..., None] * a[..., 0, :]
+    m0 = a[..., 0, 0]
+    ridge = 1e-6 * m0 * sigma**2  # keeps the slope determined where the content is thin
+    a[..., 1, 1] += ridge
+    a[..., 2, 2] += ridge
+    ok = m0 > 1e-3 * max(float(m0.max()), 1e-12)
+    out = np.zeros((gh, gw, 2))
+    for c in range(2):
+        k = 9 + 3 * c
+        b0, by, bx = at[..., k], at[..., k + 1], at[..., k + 2]
+        rhs = np.stack([b0, by - dy * b0, bx - dx * b0], -1)
+        sol = np.zeros_like(rhs)
+        sol[ok] = np.linalg.solve(a[ok], rhs[ok][..., None])[..., 0]
+        out[..., c] = sol[..., 0]
     return out[..., ::-1].astype(np.float32)  # (x, y) flow -> (y, x)
 
 
