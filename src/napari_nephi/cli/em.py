@@ -108,6 +108,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="global solve: weight of the penalty on each section's scale and shear (0: off)",
     )
     p.add_argument(
+        "--drift-correction",
+        default="none",
+        choices=("none", "detrend"),
+        help="detrend: remove the slow trend of the section positions through depth (organelle drift; "
+        "serial-section TEM only, not FIB-SEM/SBEM stage drift)",
+    )
+    p.add_argument(
+        "--drift-window",
+        type=float,
+        default=0.0,
+        help="detrend over a Gaussian window of this many sections (0: one straight line over the stack)",
+    )
+    p.add_argument(
         "--elastic",
         action="store_true",
         help="elastic refinement: a smooth displacement per section toward its neighbours (slower)",
@@ -163,7 +176,8 @@ def _align_options(args: argparse.Namespace) -> dict:
         "ratio": args.ratio, "workers": args.workers, "max_keypoints": args.max_keypoints,
         "scale": args.scale, "fallback": tuple(f.strip() for f in args.fallback.split(",") if f.strip()),
         "neighbours": args.neighbours, "solver": args.solver, "global_model": args.global_model,
-        "drift_prior": args.drift_prior,
+        "drift_prior": args.drift_prior, "drift_correction": args.drift_correction,
+        "drift_window": args.drift_window,
     }  # fmt: skip
     kw.update(options)  # --option KEY=VALUE wins
     return kw

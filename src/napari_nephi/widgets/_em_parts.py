@@ -105,13 +105,18 @@ class EMOptions(QWidget):
             "Global solve: weight of the penalty on each section's scale and shear (holds back slow "
             "accumulated drift, but also resists real slow shape changes)"
         )
+        self.detrend = QCheckBox("remove slow drift through depth (detrend)")
+        self.detrend.setToolTip(
+            "Take a slow trend of the section positions through depth to be organelle drift, not "
+            "misalignment, and remove it (serial-section TEM; not for FIB-SEM/SBEM stage drift)"
+        )
         shown = [("detector", self.detector), ("", self.use_masks), ("descriptor", self.descriptor),
                  ("matcher", self.matcher), ("model", self.model)]  # fmt: skip
         folded_rows = [("", self.model_selection), ("", self.refine), ("reference section", self.reference),
                        ("", self.middle), ("RANSAC threshold", self.threshold), ("ratio test", self.ratio),
                        ("keypoints / section", self.max_keypoints), ("threads", self.workers),
                        ("neighbours", self.neighbours), ("global model", self.global_model),
-                       ("drift prior", self.drift_prior), ("", self.elastic)]  # fmt: skip
+                       ("drift prior", self.drift_prior), ("", self.detrend), ("", self.elastic)]  # fmt: skip
         for layout, rows in ((form, shown), (more, folded_rows)):
             for label, widget in rows:
                 layout.addRow(label, widget)
@@ -154,6 +159,7 @@ class EMOptions(QWidget):
             "neighbours": self.neighbours.value(),
             "global_model": self.global_model.currentText(),
             "drift_prior": self.drift_prior.value(),
+            "drift_correction": "detrend" if self.detrend.isChecked() else "none",
             "elastic": self.elastic.isChecked(),
         }
 

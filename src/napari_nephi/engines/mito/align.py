@@ -53,6 +53,7 @@ from ...core.progress import CancelFlag, Progress, ProgressCallback
 from ...core.registration import Registration
 from ...core.transform import ElasticSectionTransform, PerSectionTransform
 from . import features as ft
+from .detrend import check_drift_options, detrend
 from .elastic import elastic_fields, warp_elastic_section
 from .masks import detect_mitochondria_section, intensity_range, to_uint8, valid_region
 from .solve import Edge, check_global_options, solve_global
@@ -495,6 +496,23 @@ def _global_placement(n, ref, shape, chain_edges, extra_edges, chained, rows, mo
     return matrices, summary
 
 
+def _detrended(matrices, shape, ref, rows, window):
+    """:func:`.detrend.detrend` over the sections placed by a real match (not blank, no identity
+    fallback); the shifts go into the report rows; the summary for the metrics."""
+    use = np.array([r is not None and r["fallback"] != "identity" for r in rows])
+    use[ref] = True
+    matrices, shift = detrend(matrices, shape, ref, use, window)
+    for k, row in enumerate(rows):
+        if row is not None:
+            row["drift_shift"] = [float(shift[k, 0]), float(shift[k, 1])]
+    norm = np.hypot(shift[:, 0], shift[:, 1])
+    info = {
+        "method": "detrend", "window": window, "shift_max": float(norm.max()),
+        "shift_per_section": [float(v) for v in norm], "sections_used": int(use.sum()),
+    }  # fmt: skip
+    return matrices, info
+
+
 # -- the engine ---------------------------------------------------------------------------------
 def _checked_call(func: Callable[..., Registration]) -> Callable[..., Registration]:
     """Make ``func`` refuse unknown option names and extra positional arguments with an
@@ -552,6 +570,8 @@ def align_stack(
     solver: str | None = None,
     global_model: str = "rigid",
     drift_prior: float = 0.0,
+    drift_correction: str = "none",
+    drift_window: float = 0.0,
     elastic: bool = False,
     elastic_spacing: float = 32.0,
     elastic_radius: int = 2,
@@ -647,6 +667,13 @@ def align_stack(
         Weight of the global solve's penalty on scale and shear of each section (0: off);
         it holds back slowly accumulating scale/shear drift but also resists real slow
         shape changes of the sections (see :mod:`.solve`).
+    drift_correction, drift_window
+        ``"detrend"``: after the chain or global solve, the slow trend through depth of where
+        the section centres land is taken to be organelle drift, not misalignment, and removed
+        (a robust straight line over the whole stack with ``drift_window=0``, else a local line
+        over a Gaussian window of that many sections); the reference section stays in place.
+        Right for serial-section TEM (sections placed independently), wrong for FIB-SEM / SBEM
+        stage drift (see :mod:`.detrend`). ``"none"`` (default) leaves the placement as solved.
     elastic, elastic_spacing, elastic_radius, elastic_iterations
         Elastic refinement after the per-section maps (off by default): a smooth displacement
         per section on a grid of ``elastic_spacing`` pixels, minus the median optical flow to
@@ -705,6 +732,7 @@ def align_stack(
     neighbours, solver, global_model, drift_prior = check_global_options(
         neighbours, solver, global_model, drift_prior
     )
+    drift_correction, drift_window = check_drift_options(drift_correction, drift_window)
     workers = (0 if workers is None else check_int("workers", workers, 0, 4096)) or _cpu_count()
     warp, lazy = check_bool("warp", warp), check_bool("lazy", lazy)
     elastic = check_bool("elastic", elastic)
@@ -769,11 +797,13 @@ def align_stack(
         executor.shutdown(wait=True, cancel_futures=True)
         raise
     executor.shutdown(wait=True)
-    solve_info = None
+    solve_info = drift_info = None
     if solver == "global":
         matrices, solve_info = _global_placement(
             n, ref, (h, w), chain_edges, extra_edges, matrices, rows, global_model, opts, drift_prior
         )  # fmt: skip
+    if drift_correction == "detrend":
+        matrices, drift_info = _detrended(matrices, (h, w), ref, rows, drift_window)
     fields = None
     if elastic:  # part of the alignment time
         t0 = time.perf_counter()
@@ -821,6 +851,8 @@ def align_stack(
     }
     if solve_info is not None:
         metrics["solver"] = solve_info
+    if drift_info is not None:
+        metrics["drift_correction"] = drift_info
     if fields is not None:
         norm = np.linalg.norm(fields, axis=-1)
         metrics["elastic"] = {
@@ -848,6 +880,7 @@ def align_stack(
         "keypoint_size": sections.keypoint_size / opts.scale,
         "model_selection": opts.model_selection, "refine": opts.refine,
         "neighbours": neighbours, "solver": solver, "global_model": global_model, "drift_prior": drift_prior,
+        "drift_correction": drift_correction, "drift_window": drift_window,
         "elastic": elastic, "elastic_spacing": elastic_spacing, "elastic_radius": elastic_radius,
         "elastic_iterations": elastic_iterations,
     }  # fmt: skip

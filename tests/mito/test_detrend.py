@@ -1,0 +1,126 @@
+"""Drift correction by detrending the section positions (engines/mito/detrend.py)."""
+
+import argparse
+import time
+
+import numpy as np
+import pytest
+
+from napari_nephi.cli.em import _align_options, add_parser
+from napari_nephi.core.errors import InputError
+from napari_nephi.engines.mito import align_stack
+from napari_nephi.engines.mito.detrend import detrend, section_centres
+from napari_nephi.synthetic import em_stack, rotation_matrix
+
+SHAPE = (200, 240)
+
+
+def _shifted(m, shift):
+    """Pull-back ``m`` of a section whose content sits ``shift`` further in the aligned frame."""
+    t = np.eye(3)
+    t[:2, 2] = -np.asarray(shift, float)
+    return m @ t
+
+
+def _rotations(n, seed):
+    rng = np.random.default_rng(seed)
+    return np.stack([rotation_matrix(a, SHAPE) for a in rng.uniform(-np.pi, np.pi, n)])
+
+
+def test_a_straight_drift_is_removed_and_the_reference_stays():
+    true = _rotations(30, 0)  # sections rotated about their centre: no trend of their positions
+    ref = 4
+    drift = np.array([0.4, -0.25])
+    est = np.stack([_shifted(m, drift * (k - ref)) for k, m in enumerate(true)])
+    out, shift = detrend(est, SHAPE, ref)
+    # independent check: where each section's centre lands (np.linalg.inv, not the module's solve)
+    c = np.array([(SHAPE[0] - 1) / 2, (SHAPE[1] - 1) / 2, 1.0])
+    centres = np.stack([(np.linalg.inv(m) @ c)[:2] for m in out])
+    assert np.abs(centres - c[:2]).max() < 1e-6
+    assert np.allclose(out[ref], est[ref]) and np.allclose(shift[ref], 0)
+    assert np.allclose(shift[-1], drift * (29 - ref))
+    assert np.allclose(out[:, :2, :2], est[:, :2, :2])  # rotations untouched
+
+
+def test_a_section_placed_far_off_does_not_pull_the_trend():
+    true = _rotations(24, 1)
+    drift = np.array([0.3, 0.2])
+    est = np.stack([_shifted(m, drift * k) for k, m in enumerate(true)])
+    est[10] = _shifted(est[10], (80.0, -60.0))  # a failed pair: far off
+    out, _ = detrend(est, SHAPE, 0)
+    err = np.linalg.norm(section_centres(out, SHAPE) - section_centres(true, SHAPE), axis=1)
+    assert np.delete(err, 10).max() < 1.0  # plain least squares (no Huber weights): 3 px
+    assert abs(err[10] - np.hypot(80, 60)) < 1.0  # the outlier keeps its own (reported) offset
+
+
+def test_scattered_placements_without_trend_move_little():
+    rng = np.random.default_rng(2)
+    true = np.stack([_shifted(m, rng.normal(0, 5.0, 2)) for m in _rotations(60, 2)])
+    _, shift = detrend(true, SHAPE, 0)
+    # the fitted slope of 60 i.i.d. placements (sigma 5 px) is small: ~3.5 * 5 / sqrt(60) at the end
+    assert np.abs(shift).max() < 2 * 3.5 * 5.0 / np.sqrt(60)
+
+
+def test_a_window_follows_a_curved_drift_better_than_a_line():
+    true = _rotations(60, 3)
+    k = np.arange(60)
+    path = np.stack([0.02 * (k - 30) ** 2 - 18.0, 0.3 * k], 1)  # curved drift, 0 at the reference
+    est = np.stack([_shifted(m, p) for m, p in zip(true, path)])
+    errs = {}
+    for window in (0.0, 8.0):
+        out, _ = detrend(est, SHAPE, 0, window=window)
+        errs[window] = np.linalg.norm(section_centres(out, SHAPE) - section_centres(true, SHAPE), axis=1)
+    assert errs[8.0].mean() < 0.2 * errs[0.0].mean()
+
+
+def test_drifting_organelles_no_longer_drag_the_alignment():
+    """The generator's drifting mitochondria: chained alignment follows them; detrended it does not."""
+    d = em_stack(14, (192, 256), seed=0, organelle_drift=1.0)
+    ref = 0
+    true = d["matrices"] @ np.linalg.inv(d["matrices"][ref])
+    errors = {}
+    t0 = time.process_time()
+    for method in ("none", "detrend"):
+        reg = align_stack(d["stack"], masks=d["masks"], warp=False, workers=1, drift_correction=method)
+        errors[method] = np.linalg.norm(
+            section_centres(reg.transform.matrices, d["stack"].shape[1:])
+            - section_centres(true, d["stack"].shape[1:]),
+            axis=1,
+        )
+        if method == "detrend":
+            assert reg.metrics["drift_correction"]["method"] == "detrend"
+            assert len(reg.metrics["report"][5]["drift_shift"]) == 2
+    assert time.process_time() - t0 < 30
+    # drift 1.0 scale px (~0.87 px) per section: the chain is ~10 px off at the far end
+    assert errors["none"][-1] > 5.0
+    assert errors["detrend"][-1] < 0.3 * errors["none"][-1]
+    assert errors["detrend"].mean() < 0.4 * errors["none"].mean()
+
+
+def test_options_are_checked(rotated_copies):
+    s = rotated_copies["stack"]
+    with pytest.raises(InputError, match="drift_correction"):
+        align_stack(s, drift_correction="tissue")
+    with pytest.raises(InputError, match="drift_correction"):
+        align_stack(s, drift_correction=3)
+    with pytest.raises(InputError, match="drift_window=1 sections is too short"):
+        align_stack(s, drift_correction="detrend", drift_window=1)
+    with pytest.raises(InputError, match="drift_window"):
+        align_stack(s, drift_correction="detrend", drift_window=-2)
+
+
+def test_cli_and_widget_options_reach_the_engine(qtbot, tmp_path):
+    from napari_nephi.widgets._em_parts import EMOptions
+
+    p = argparse.ArgumentParser(prog="napari-nephi")
+    add_parser(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(["align-em", "s.tif", "-o", str(tmp_path / "o"), "--drift-correction", "detrend",
+                         "--drift-window", "12"])  # fmt: skip
+    kw = _align_options(args)
+    assert (kw["drift_correction"], kw["drift_window"]) == ("detrend", 12.0)
+    assert _align_options(p.parse_args(["align-em", "s.tif", "-o", "o"]))["drift_correction"] == "none"
+    opts = EMOptions()
+    qtbot.addWidget(opts)
+    assert opts.values()["drift_correction"] == "none"
+    opts.detrend.setChecked(True)
+    assert opts.values()["drift_correction"] == "detrend"
