@@ -59,3 +59,15 @@ def test_em_demo_runs_and_writes_a_screenshot(tmp_path, capsys, qapp):
     image = imread(png)
     assert image.ndim == 3 and image.shape[0] >= 600 and image.shape[1] >= 900
     assert image[..., :3].std() > 10  # a picture, not a blank window
+
+
+def test_ihc_demo_prints_an_error_below_the_unregistered_one(tmp_path, capsys, qapp):
+    import re
+
+    png = tmp_path / "ihc.png"
+    assert main(["demo", "--sample", "ihc", "--run", "--screenshot", str(png)]) == 0
+    out = capsys.readouterr().out
+    found = re.search(r"known deformation: ([\d.]+) px unregistered, ([\d.]+) px registered", out)
+    assert found is not None, out
+    before, after = float(found.group(1)), float(found.group(2))
+    assert before > 2.0 and after < 0.5 * before, (before, after)  # one stain: the model's NCC holds

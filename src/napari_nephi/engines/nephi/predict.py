@@ -1,0 +1,97 @@
+"""The predict modes' maps: a trained model's field on a grid, and the coarse stage started from it.
+
+A model trained on small inputs (``input_shape``, e.g. 128 x 128 for ``general2d``) predicts a field
+that varies on the scale of its input grid, so evaluating its networks on that grid and
+interpolating (:func:`prediction_maps`) gives the same map as evaluating them at every pixel of a
+large image, for a fraction of the cost (512 x 512: 0.15 against about 1 CPU s; endpoint error
+1.566 against 1.568 px on the camera at 2 %, benchmarks/nephi_general2d.py).
+
+``predict+refine`` with a coarse stage (:func:`refine_grids`): the moving image is resampled once
+through the prediction (:func:`warp_through`) and the B-spline coarse stage registers what is left,
+with optimize's finest knots on grids twice as coarse (the warps still compare at full resolution);
+the map is the coarse map followed by the prediction (:class:`ComposedMaps`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .coarse import DenseMaps, knot_spacings, normalized_grid, pyramid_shapes
+from .field import Codes, NeuralDeformationField
+
+#: Points per call when a field is evaluated on its grid.
+_CHUNK = 1 << 15
+
+#: ``predict+refine``: the coarse stage's grids are this many times coarser per axis than
+#: optimize's for the same ``levels``, with optimize's knot spacings (16 px knots on a 128^2
+#: grid of a 512^2 image): the same endpoint error as on optimize's grids at 60 % of the CPU time
+#: (camera 2 %, 30 steps: 0.620 against 0.619 px; benchmarks/README.md).
+REFINE_GRID_FACTOR = 2
+
+
+def prediction_grid(model_shape, image_shape) -> tuple[int, ...]:
+    """Grid on which a model's field is evaluated: its input grid, or the image's where that is not
+    finer on every axis (``model_shape`` None: the image's)."""
+    if model_shape is None or len(model_shape) != len(image_shape):
+        return tuple(int(n) for n in image_shape)
+    if all(int(m) <= int(n) for m, n in zip(model_shape, image_shape)):
+        return tuple(int(m) for m in model_shape)
+    return tuple(int(n) for n in image_shape)
+
+
+@torch.no_grad()
+def prediction_maps(field: NeuralDeformationField, codes: Codes, grid_shape) -> DenseMaps:
+    """The field's forward and backward maps sampled on ``grid_shape`` (normalised coordinates),
+    interpolated N-linearly in between."""
+    device = codes.global_code.device
+    pts = normalized_grid(grid_shape, device=device).reshape(1, -1, len(grid_shape))
+    out = []
+    for direction in ("forward", "backward"):
+        parts = [
+            field.map(pts[:, a : a + _CHUNK], codes, direction) - pts[:, a : a + _CHUNK]
+            for a in range(0, pts.shape[1], _CHUNK)
+        ]
+        u = torch.cat(parts, dim=1).reshape(1, *grid_shape, len(grid_shape))
+        out.append(torch.movedim(u, -1, 1).contiguous())
+    return DenseMaps(out[0], out[1])
+
+
+class ComposedMaps:
+    """``first`` then ``then``: forward ``then(first(x))``, backward ``first^-1(then^-1(y))``."""
+
+    def __init__(self, first, then):
+        self.first, self.then = first, then
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.then.forward(self.first.forward(x))
+
+    def backward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.first.backward(self.then.backward(x))
+
+
+@torch.no_grad()
+def warp_through(image: torch.Tensor, maps: DenseMaps) -> torch.Tensor:
+    """``image(phi(x))`` on its own grid for a map on a grid (``(1, 1, *spatial)``; bicubic in 2D,
+    whose smoothing biases the next stage's similarity less than bilinear's, trilinear in 3D)."""
+    shape = tuple(image.shape[2:])
+    d = len(shape)
+    u = maps.forward_grid.to(image.dtype)
+    if tuple(u.shape[2:]) != shape:
+        u = F.interpolate(u, size=shape, mode="bilinear" if d == 2 else "trilinear", align_corners=True)
+    pts = normalized_grid(shape, image.device, image.dtype)[None] + torch.movedim(u, 1, -1)
+    mode = "bicubic" if d == 2 else "bilinear"
+    return F.grid_sample(image, pts.flip(-1), mode=mode, padding_mode="border", align_corners=True)
+
+
+def refine_grids(shape, levels: int) -> tuple[list[tuple[int, ...]], list[float]]:
+    """Grids (coarse first) and knot spacings (voxels) of the coarse stage after a prediction:
+    optimize's knot spacings for ``levels`` on grids :data:`REFINE_GRID_FACTOR` times coarser."""
+    factors = [2**k for k in range(levels - 1, 0, -1)]
+    if not factors:
+        return [], []
+    spacings = knot_spacings(shape, pyramid_shapes(shape, factors))
+    grids = pyramid_shapes(shape, [f * REFINE_GRID_FACTOR for f in factors])
+    if len(grids) != len(spacings):  # small images: coarser grids collapse onto the smallest one
+        grids = pyramid_shapes(shape, factors)
+    return grids, spacings

@@ -1,0 +1,97 @@
+"""The predict modes' maps: the model's field on its grid, and predict+refine's coarse stage."""
+
+import numpy as np
+import pytest
+import torch
+from skimage.transform import resize
+
+import napari_nephi
+from napari_nephi.core.inputs import normalize_intensity
+from napari_nephi.core.transform import DisplacementTransform
+from napari_nephi.engines.nephi import weights
+from napari_nephi.engines.nephi.coarse import DenseMaps, knot_spacings, normalized_grid, pyramid_shapes
+from napari_nephi.engines.nephi.model import NePhiModel
+from napari_nephi.engines.nephi.predict import (
+    REFINE_GRID_FACTOR,
+    ComposedMaps,
+    prediction_grid,
+    prediction_maps,
+    refine_grids,
+    warp_through,
+)
+from napari_nephi.engines.nephi.shipped_pairs import shipped_image
+from napari_nephi.synthetic import random_smooth_displacement
+
+
+@pytest.fixture(scope="module")
+def camera_pair():
+    """The held-out camera at 192 x 192 under a known smooth warp (largest vector 6 px, smoothness 16 px)."""
+    fixed = resize(shipped_image("camera"), (192, 192), anti_aliasing=True).astype(np.float32)
+    u, u_inv = random_smooth_displacement(fixed.shape, 6.0, 16.0, seed=777, return_inverse=True)
+    moving = np.ascontiguousarray(DisplacementTransform(u_inv).warp(fixed), np.float32)
+    return fixed, moving, u
+
+
+def _epe(u, truth) -> float:
+    return float(np.sqrt(((u - truth) ** 2).sum(0)).mean())
+
+
+def test_field_on_the_model_grid_matches_it_at_every_pixel(camera_pair):
+    fixed, moving, _ = camera_pair
+    model = NePhiModel.load(weights.BUILTIN["general2d"]).eval()
+    grid = prediction_grid(model.input_shape, fixed.shape)
+    assert grid == (128, 128) and prediction_grid(model.input_shape, (100, 300)) == (100, 300)
+    f = torch.as_tensor(normalize_intensity(fixed))[None, None]
+    m = torch.as_tensor(normalize_intensity(moving))[None, None]
+    with torch.no_grad():
+        codes = model.codes(f, m)
+        maps = prediction_maps(model.field, codes, grid)
+        x = normalized_grid(fixed.shape).reshape(1, -1, 2)
+        for direction in ("forward", "backward"):
+            exact = model.field.map(x, codes, direction)
+            approx = getattr(maps, direction)(x)
+            px = ((exact - approx) * (191 / 2)).norm(dim=-1)  # normalised -> pixels
+            assert float(px.mean()) < 0.03 and float(px.max()) < 0.4, (direction, px.mean(), px.max())
+
+
+def test_composed_maps_and_warp_through_follow_a_known_shift():
+    shape = (40, 50)
+    shift_a = torch.tensor([0.1, -0.2]).reshape(1, 2, 1, 1).expand(1, 2, *shape).contiguous()
+    shift_b = torch.tensor([0.05, 0.3]).reshape(1, 2, 1, 1).expand(1, 2, *shape).contiguous()
+    a, b = DenseMaps(shift_a, -shift_a), DenseMaps(shift_b, -shift_b)
+    both = ComposedMaps(b, a)  # b first, then a
+    x = torch.tensor([[[0.0, 0.0], [-0.5, 0.25]]])
+    torch.testing.assert_close(both.forward(x), x + torch.tensor([0.15, 0.1]))
+    torch.testing.assert_close(both.backward(both.forward(x)), x)
+    # pull-back by whole pixels in normalised units: 2 px down, 3 px left on a 40 x 50 grid
+    img = torch.rand(1, 1, *shape)
+    du = torch.tensor([2 * 2 / 39, -3 * 2 / 49]).reshape(1, 2, 1, 1).expand(1, 2, *shape)
+    warped = warp_through(img, DenseMaps(du.contiguous(), -du.contiguous()))
+    torch.testing.assert_close(warped[0, 0, 5:-5, 5:-5], img[0, 0, 7:-3, 2:-8], atol=1e-5, rtol=0)
+
+
+def test_refine_grids_keep_optimize_knots_on_coarser_grids():
+    for shape in [(512, 512), (192, 192), (300, 200)]:
+        grids, spacings = refine_grids(shape, 3)
+        optimize = pyramid_shapes(shape, [4, 2])
+        assert spacings == pytest.approx(knot_spacings(shape, optimize))
+        for g, o in zip(grids, optimize):
+            assert all(n <= -(-m // REFINE_GRID_FACTOR) + 1 for n, m in zip(g, o))
+        # at least two grid voxels between knots, so the spline is resolved
+        for g, s in zip(grids, spacings):
+            assert s >= 2 * max(n / m for n, m in zip(shape, g)), (shape, g, s)
+    assert refine_grids((512, 512), 1) == ([], [])
+
+
+def test_predict_refine_runs_the_coarse_stage_from_the_prediction(camera_pair):
+    fixed, moving, truth = camera_pair
+    kw = {"method": "nephi", "device": "cpu"}
+    pred = napari_nephi.register(fixed, moving, mode="predict", **kw)
+    refined = napari_nephi.register(fixed, moving, mode="predict+refine", **kw)
+    e0, e1 = _epe(0 * truth, truth), _epe(pred.transform.displacement(fixed.shape), truth)
+    e2 = _epe(refined.transform.displacement(fixed.shape), truth)
+    assert e1 < 0.8 * e0 and e2 < 0.6 * e1, (e0, e1, e2)
+    m = refined.metrics
+    assert m["coarse_iterations"] > 0 and m["iterations"] == 0 and m["folds"] == 0, m
+    assert refined.settings["coarse_shapes"] == [list(g) for g in refine_grids(fixed.shape, 3)[0]]
+    assert m["inverse_consistency_mean"] < 0.5, m
