@@ -30,7 +30,12 @@ Columns:
 * cases (``--cases``): ``default`` today's drift-free stack; ``drift`` / ``strong-drift``
   mitochondria drifting with a population velocity of 0.1 / 0.25 scale px per section
   (``organelle_drift``); ``distorted`` sections deformed smoothly before their rotation
-  (``distortion=0.5``); ``drift+distorted`` (0.1 and 0.5).
+  (``distortion=0.5``); ``drift+distorted`` (0.1 and 0.5); ``jitter`` / ``drift+jitter``
+  sections also translated independently by 20 px rms per axis (``placement_shift``), the
+  case where detrending the section positions is off by the slope of their scatter.
+* ``-detrend`` rows: ``drift_correction="detrend"`` (the slow trend of the section centres
+  through depth removed: one line over the stack; ``-w10`` a local line over a 10-section
+  Gaussian window).
 * ``mito-norefine``: MITO without the sub-pixel refinement of the pair maps (``refine=False``),
   i.e. RANSAC on the keypoints alone, as in the paper.
 * ``drift``: (once) MITO run on the *unrotated* stack, where the ideal answer is the identity:
@@ -94,6 +99,21 @@ ROWS = {
     "mito-elastic": ("mito", "brisk", True, {"elastic": True}),
     "mito-global+elastic": ("mito", "brisk", True, {"neighbours": 3, "elastic": True}),
     "fast-brisk-global": ("fast", "brisk", False, {"neighbours": 3}),
+    # drift correction by detrending the section positions through depth (issue 15, session 12)
+    "mito-detrend": ("mito", "brisk", True, {"drift_correction": "detrend"}),
+    "mito-global-detrend": ("mito", "brisk", True, {"neighbours": 3, "drift_correction": "detrend"}),
+    "mito-global-detrend-w10": (
+        "mito",
+        "brisk",
+        True,
+        {"neighbours": 3, "drift_correction": "detrend", "drift_window": 10},
+    ),  # fmt: skip
+    "mito-global+elastic-detrend": (
+        "mito",
+        "brisk",
+        True,
+        {"neighbours": 3, "elastic": True, "drift_correction": "detrend"},
+    ),  # fmt: skip
 }
 
 #: Rows of the paper's table (the default ``--rows``); the others are asked for by name.
@@ -106,6 +126,8 @@ CASES = {
     "strong-drift": {"organelle_drift": 0.25},
     "distorted": {"distortion": 0.5},
     "drift+distorted": {"organelle_drift": 0.1, "distortion": 0.5},
+    "jitter": {"placement_shift": 20.0},
+    "drift+jitter": {"organelle_drift": 0.1, "placement_shift": 20.0},
 }
 
 

@@ -61,7 +61,25 @@ def test_default_is_the_drift_free_stack(plain):
     np.testing.assert_array_equal(d["stack"], plain["stack"])
 
 
-@pytest.mark.parametrize("name", ["organelle_drift", "distortion"])
+def test_placement_shift_translates_sections_and_matrices_undo_it():
+    plain = em_stack(6, (128, 128), seed=1)
+    d = em_stack(6, (128, 128), seed=1, placement_shift=6.0)
+    np.testing.assert_array_equal(d["unrotated_stack"], plain["unrotated_stack"])
+    np.testing.assert_array_equal(d["angles"], plain["angles"])  # same rotations, plus a shift
+    shifts = d["matrices"][:, :2, 2] - plain["matrices"][:, :2, 2]
+    assert 2.0 < np.sqrt((shifts**2).mean()) < 12.0
+    # independent check: phase correlation between the two acquired sections gives the shift
+    for k in range(6):
+        (dx, dy), _ = cv2.phaseCorrelate(
+            plain["stack"][k].astype(np.float64), d["stack"][k].astype(np.float64)
+        )
+        assert np.hypot(dy - shifts[k, 0], dx - shifts[k, 1]) < 0.3, (k, dy, dx, shifts[k])
+    # unrotated with a shift: the generator's matrices still map the truth onto the sections
+    u = em_stack(3, (128, 128), seed=1, rotate=False, placement_shift=6.0)
+    assert np.allclose(u["angles"], 0) and not np.allclose(u["matrices"][:, :2, 2], 0)
+
+
+@pytest.mark.parametrize("name", ["organelle_drift", "distortion", "placement_shift"])
 def test_negative_drift_or_distortion_is_refused(name):
     with pytest.raises(InputError, match=name):
         em_stack(2, (64, 64), **{name: -1.0})

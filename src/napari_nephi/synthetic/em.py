@@ -303,6 +303,7 @@ def em_stack(
     noise: float = 0.05,
     organelle_drift: float = 0.0,
     distortion: float = 0.0,
+    placement_shift: float = 0.0,
 ) -> dict:
     """A synthetic EM stack with mitochondria instance masks, optionally rotated per section.
 
@@ -338,6 +339,10 @@ def em_stack(
         by a factor ``1 - c`` with ``c ~ N(0, 0.005 * distortion)`` and displaced by a smooth
         random field (correlation length ~60 ``scale`` px) of this root-mean-square amplitude
         per axis. ``unrotated_stack`` and ``unrotated_masks`` stay undistorted.
+    placement_shift
+        Root-mean-square translation per axis, in pixels, of every acquired section (0: none,
+        the default), drawn independently per section, as sections picked up and imaged one by
+        one scatter; it is part of ``matrices`` (with or without ``rotate``).
 
     Returns
     -------
@@ -370,6 +375,7 @@ def em_stack(
     noise = check_float("noise", noise, 0.0, 10.0)
     organelle_drift = check_float("organelle_drift", organelle_drift, 0.0, 100.0)
     distortion = check_float("distortion", distortion, 0.0, 1000.0)
+    placement_shift = check_float("placement_shift", placement_shift, 0.0, 1e4)
     # stack and masks (uint8 + uint16), aligned and rotated, plus a float32 section at work
     hp, wp = h + 2 * pad, w + 2 * pad
     check_memory(
@@ -379,7 +385,9 @@ def em_stack(
     )  # fmt: skip
     rng = np.random.default_rng(seed)
     # drift and distortion draw from their own streams: the default stack stays as it was
-    drift_rng, distortion_rng = (np.random.default_rng(c) for c in rng.bit_generator.seed_seq.spawn(2))
+    drift_rng, distortion_rng, shift_rng = (
+        np.random.default_rng(c) for c in rng.bit_generator.seed_seq.spawn(3)
+    )
     s = math.sqrt(h * w) / 256.0
 
     # Smooth 3D fields on a coarse grid (about 4 s pixels per coarse cell), cut per section.
@@ -430,7 +438,7 @@ def em_stack(
     acquired, acquired_masks = unrot, unrot_masks
     if distortion > 0:
         acquired, acquired_masks = _distort(unrot, unrot_masks, distortion * s, s, distortion_rng)
-    if not rotate:
+    if not rotate and not placement_shift:
         angles = np.zeros(n)
         matrices = np.repeat(np.eye(3)[None], n, axis=0)
         return {
@@ -444,8 +452,10 @@ def em_stack(
             "scale": s,
         }
 
-    angles = rng.uniform(-np.pi, np.pi, n)
+    angles = rng.uniform(-np.pi, np.pi, n) if rotate else np.zeros(n)
     matrices = np.stack([rotation_matrix(a, (hp, wp)) for a in angles])
+    if placement_shift:
+        matrices[:, :2, 2] += shift_rng.normal(0.0, placement_shift, (n, 2))
     stack = np.empty_like(unrot)
     masks = np.empty_like(unrot_masks)
     swap = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=np.float64)
