@@ -29,8 +29,11 @@ Methods (``--methods``):
 * ``ncc+rerank``: the NCC ranking's shortlist re-ranked by the same pose search (no network).
 
 ``--rerank-options JSON`` passes options to the re-ranking (see ``rerank.DEFAULTS``).
-``--first-stage`` sets the network indexes' first stage (``AtlasLookup.first_stage``: ``embedding``,
-``vote`` or ``vote+embedding``; default: the index's own, the cell vote when it has a cell head):
+``--framing off`` ranks by the centred section alone (``AtlasLookup.framing``, on by default since
+session 12: the embedding also compares the section framed as part of a whole section, see
+:mod:`napari_nephi.engines.atlas.framing`). ``--first-stage`` sets the network indexes' first
+stage (``AtlasLookup.first_stage``: ``embedding``, ``vote`` or ``vote+embedding``; default: the
+index's own, the embedding since session 10):
 the ranking of ``ours``, ``paper``, ``ours+sections`` and the order the pose search of
 ``ours+rerank`` starts from.
 
@@ -206,12 +209,14 @@ def train_method(name: str, ref, labels, train_secs, args) -> dict:
 
         if args.first_stage is not None:
             lk.first_stage = args.first_stage
+        lk.framing = args.framing == "on"
 
         def rank(img, lk=lk):
             return [p for p, _ in lk.lookup(img, top=None, rerank=False)]
 
         settings = {k: v for k, v in lk.settings.items() if k != "history"}
         settings["first_stage"] = lk.first_stage
+        settings["framing"] = lk.framing
         out = dict(rank=rank, train_s=train_s, lk=lk, settings=settings)
     out["load"] = max(load0, load_average())
     print(f"  {name}: ready in {out['train_s']:.1f} s (load {out['load']:.1f})", flush=True)
@@ -325,6 +330,12 @@ def parse(argv=None):
     p.add_argument("--rerank-options", default="{}", help="JSON options of the re-ranking (rerank.DEFAULTS)")
     p.add_argument(
         "--first-stage", default=None, help="embedding, vote or vote+embedding (default: the index's own)"
+    )
+    p.add_argument(
+        "--framing",
+        choices=("on", "off"),
+        default="on",
+        help="AtlasLookup.framing: the embedding compares several framings of each section (default on)",
     )
     args = p.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]

@@ -36,12 +36,14 @@ def test_ranking_is_complete_sorted_and_matches_embedding_distances(trained_look
     section = section_from_atlas(reference, 17.4, (4.0, -3.0), crop=(0.15, 0, 0, 0))
     default = trained_lookup.first_stage
     trained_lookup.first_stage = "embedding"  # the vote's distances: test_vote_lookup.py
+    trained_lookup.framing = False  # one framing; the pooled framings: test_framing.py
     try:
         ranking = trained_lookup.lookup(section, top=None)
         again = trained_lookup.lookup(section, top=trained_lookup.n_plates + 10)
         four = trained_lookup.lookup(section, top=4)
     finally:
         trained_lookup.first_stage = default
+        trained_lookup.framing = True
     plates = [p for p, _ in ranking]
     assert sorted(plates) == list(range(trained_lookup.n_plates))
     dist = np.array([d for _, d in ranking])

@@ -68,6 +68,7 @@ def test_index_without_head_ranks_by_embedding(vote_lookup):
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
     old = AtlasLookup(net, vote_lookup.plates, embeddings, {"options": {"mirror": False}}, device="cpu")
     assert old.first_stage == "embedding"
+    old.framing = False  # the centred section alone, as before session 12 (framings: test_framing.py)
     section = vote_lookup.plate_image(7)
     query = old.embed([section])[0]
     expected = np.argsort(np.linalg.norm(embeddings - query, axis=1), kind="stable")[:5]

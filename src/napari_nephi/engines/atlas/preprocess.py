@@ -352,8 +352,26 @@ def prepare_input(image, size: int = 128, name: str = "image") -> np.ndarray:
     return prepare_input_geometry(image, size, name)[0]
 
 
-def prepare_input_geometry(image, size: int = 128, name: str = "image") -> tuple[np.ndarray, InputGeometry]:
-    """:func:`prepare_input` and its :class:`InputGeometry` (input pixels -> image pixels, tissue mask)."""
+@dataclass(frozen=True)
+class TissueCrop:
+    """The tissue of an image as :func:`prepare_input` crops it, before it is padded and resized.
+
+    ``image``: float32, CLAHE applied, bright tissue, 0 outside ``mask`` (the tissue, closed over
+    tears); ``k1`` / ``k2``: the whole downsampling factors of the image and of its coarse crop;
+    ``start``: the coarse crop's first row and column (after ``k1``); ``first``: the tissue box's first
+    row and column in the coarse crop (after ``k2``).
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    k1: int
+    k2: int
+    start: tuple[int, int]
+    first: tuple[int, int]
+
+
+def tissue_crop(image, size: int = 128, name: str = "image") -> TissueCrop:
+    """The cropped tissue of :func:`prepare_input` (see :class:`TissueCrop`); the same errors."""
     size = _check_size(size)
     shape = _lazy_layout(image)
     shape = shape[0] if shape is not None else np.shape(image)
@@ -383,9 +401,16 @@ def prepare_input_geometry(image, size: int = 128, name: str = "image") -> tuple
     fine = _close(fine, CLOSING * max(fine.shape))
     y0, y1, x0, x1 = _box(fine)
     crop, crop_mask = crop[y0:y1, x0:x1], fine[y0:y1, x0:x1]
-    shape = crop.shape
     crop = clahe(crop, CLAHE_CLIP)
     crop = np.where(crop_mask, crop, np.float32(0.0))
+    return TissueCrop(crop, crop_mask, k1, k2, tuple(start), (y0, x0))
+
+
+def prepare_input_geometry(image, size: int = 128, name: str = "image") -> tuple[np.ndarray, InputGeometry]:
+    """:func:`prepare_input` and its :class:`InputGeometry` (input pixels -> image pixels, tissue mask)."""
+    size = _check_size(size)
+    tc = tissue_crop(image, size, name)
+    crop, crop_mask, shape = tc.image, tc.mask, tc.image.shape
     side = max(1, round(max(shape) * (1 + 2 * MARGIN)))
     square = np.zeros((side, side), dtype=np.float32)
     oy, ox = (side - shape[0]) // 2, (side - shape[1]) // 2
@@ -396,10 +421,10 @@ def prepare_input_geometry(image, size: int = 128, name: str = "image") -> tuple
     cover = np.clip(_resize(cover, (size, size)), 0.0, 1.0)
     # input pixel -> square (resize about pixel centres) -> fine crop -> coarse crop -> grey -> image
     geometry = []
-    for axis, (pad, fine0) in enumerate(((oy, y0), (ox, x0))):
+    for axis, (pad, fine0) in enumerate(((oy, tc.first[0]), (ox, tc.first[1]))):
         m = (side / size, 0.5 * side / size - 0.5 - pad + fine0)
-        m = _compose(_block(k2, start[axis]), m)
-        geometry.append(_compose(_block(k1), m))
+        m = _compose(_block(tc.k2, tc.start[axis]), m)
+        geometry.append(_compose(_block(tc.k1), m))
     return out, InputGeometry(
         (geometry[0][0], geometry[1][0]), (geometry[0][1], geometry[1][1]), cover.astype(np.float32)
     )
