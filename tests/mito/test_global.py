@@ -102,6 +102,9 @@ def test_align_stack_global_recovers_known_rotations(rotated_copies, max_error):
     assert [p["neighbour"] for p in rows[4]["pairs"]] == [3, 2, 1]
     assert all(p["inliers"] >= 10 and p["residual"] < 0.5 for r in rows[1:] for p in r["pairs"])
     assert reg.settings["solver"] == "global" and reg.settings["neighbours"] == 3
+    # pairs two and three apart start from the composed neighbour maps and are only tracked
+    far = [p for r in rows[1:] for p in r["pairs"] if abs(p["neighbour"] - r["section"]) > 1]
+    assert len(far) == 2 + 1 + 2 and all(p["guided"] for p in far)
 
 
 def test_a_blank_section_is_reported_and_the_others_aligned(rotated_copies, max_error):
@@ -116,6 +119,9 @@ def test_a_blank_section_is_reported_and_the_others_aligned(rotated_copies, max_
     assert np.delete(err, 2).max() < 0.5, err
     # the blank section gets its neighbour's placement (the chain's identity fallback)
     np.testing.assert_allclose(reg.transform.matrices[2], reg.transform.matrices[1], atol=1e-6)
+    # no chain through the blank section to start from: the pair 1 -> 3 is matched in full
+    (across,) = [p for p in rows[3]["pairs"] if p["neighbour"] == 1 and "guided" in p]  # not the chain's skip
+    assert not across["guided"] and across["inliers"] >= 10 and across["residual"] < 0.5
 
 
 def test_global_options_are_checked(rotated_copies):

@@ -441,22 +441,55 @@ def _pair_job(sections: _Sections, futs: dict, k: int, chain: list[int], shape) 
     return _PairResult(k, chain[0], np.eye(3), row)
 
 
-def _extra_pair_job(sections: _Sections, fut_j: Future, fut_k: Future, j: int, k: int, shape) -> Edge:
+def _extra_pair_job(
+    sections: _Sections, fut_j: Future, fut_k: Future, j: int, k: int, shape, chain: dict | None = None
+) -> Edge:
     """Match section ``k`` to a further section ``j`` (global solve); no fallbacks.
 
+    Guided first: when ``chain`` (section -> future of its :func:`_pair_job`) links ``k`` back to
+    ``j`` by real matches, their composition is the starting map, and ``j``'s keypoints are only
+    tracked into ``k`` and the map refitted (:func:`.features.refine`), skipping matching and
+    RANSAC. Otherwise, or when that fails, the pair is matched like a neighbour pair.
     The edge's ``weight`` is 0 when the pair failed; ``stats`` goes to the report."""
     fj, fk = fut_j.result(), fut_k.result()
-    if j in sections.blank or k in sections.blank:
-        m, stats = None, {"inliers": 0, "reprojection_error": None}
-    else:
-        m, stats = _estimate(fj, fk, sections.opts, shape)
+    o = sections.opts
+    m, stats, guided = None, {"inliers": 0, "reprojection_error": None}, False
+    if j not in sections.blank and k not in sections.blank:
+        prior = _composed(chain, j, k) if chain is not None and o.refine else None
+        if prior is not None:
+            models = ft.MODELS[ft.MODELS.index(o.model) :] if o.model_selection else (o.model,)
+            _, refined, tracks, err = ft.refine(
+                fj, fk, ft.yx_to_xy(prior), models, o.ransac_threshold, o.min_inliers
+            )
+            if refined is not None and ft.plausible(refined, shape, o.max_scale):
+                m, guided = refined, True
+                stats = {"inliers": tracks, "reprojection_error": err}
+        if m is None:
+            m, stats = _estimate(fj, fk, o, shape)
     edge = Edge(j, k, np.eye(3) if m is None else ft.xy_to_yx(m), 0.0 if m is None else 1.0)
     edge.stats = {
         "neighbour": j,
         "inliers": int(stats["inliers"]),
         "reprojection_error": stats["reprojection_error"],
+        "guided": guided,
     }
     return edge
+
+
+def _composed(chain: dict, j: int, k: int) -> np.ndarray | None:
+    """The (y, x) map from section ``j`` to section ``k`` composed from the neighbour pairs of the
+    chain between them, or None when one of them is missing, an identity fallback or skips past ``j``."""
+    m, s = np.eye(3), k
+    while s != j:
+        fut = chain.get(s)
+        if fut is None:
+            return None
+        res = fut.result()
+        if res.row["fallback"] == "identity" or (res.source - j) * (s - j) < 0:
+            return None
+        m = m @ res.matrix
+        s = res.source
+    return _normalise(m)
 
 
 def _global_placement(n, ref, shape, chain_edges, extra_edges, chained, rows, model, opts, drift_prior):
@@ -766,10 +799,12 @@ def align_stack(
         done = 1
         prog.step(done, total, stage=f"section {ref + 1}/{n}", section=ref, row=rows[ref])
         limit = 4 * workers + 2  # pairs in flight: bounds memory for lazily read stacks
-        keep = max(opts.max_skip, neighbours)  # features kept for the pairs still to submit
+        lag = 2 * workers  # extra pairs are submitted this many sections later: their chain is done
+        keep = max(opts.max_skip, neighbours + lag)  # features kept for the pairs still to submit
         for direction in (1, -1):
             order = list(range(ref + direction, n if direction > 0 else -1, direction))
             futs: dict[int, Future] = {ref: ref_feats}
+            pairs_of: dict[int, Future] = {}  # section -> its neighbour pair job
             window: deque = deque()
             for i, k in enumerate(order):
                 prog.check()
@@ -777,10 +812,25 @@ def align_stack(
                 chain = ([ref] + order[:i])[::-1]  # toward the reference
                 needed = {j: futs[j] for j in [k, *chain[: opts.max_skip]]}
                 window.append(executor.submit(_pair_job, sections, needed, k, chain[: opts.max_skip], (h, w)))
-                for j in chain[1:neighbours] if solver == "global" else ():
-                    window.append(executor.submit(_extra_pair_job, sections, futs[j], futs[k], j, k, (h, w)))
+                pairs_of[k] = window[-1]
+                # the further pairs of section order[i - lag] (of all the rest after the last section)
+                last = i == len(order) - 1
+                for kk in (
+                    order[max(0, i - lag) : i + 1 if last else max(0, i - lag + 1)]
+                    if solver == "global"
+                    else ()
+                ):
+                    for j in range(kk - 2 * direction, kk - direction * (neighbours + 1), -direction):
+                        if (j - ref) * direction < 0:
+                            break
+                        between = {x: pairs_of[x] for x in range(kk, j, -direction)}  # the chain from kk to j
+                        window.append(executor.submit(
+                            _extra_pair_job, sections, futs[j], futs[kk], j, kk, (h, w), between
+                        ))  # fmt: skip
                 for old in [j for j in futs if abs(j - k) > keep]:
                     del futs[old]  # features stay alive only while a queued pair needs them
+                for old in [j for j in pairs_of if abs(j - k) > keep]:
+                    del pairs_of[old]  # queued extra pairs hold their own copies
                 while len(window) > limit or (window and i == len(order) - 1):
                     res = window.popleft().result()
                     if isinstance(res, Edge):
