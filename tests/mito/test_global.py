@@ -119,9 +119,27 @@ def test_a_blank_section_is_reported_and_the_others_aligned(rotated_copies, max_
     assert np.delete(err, 2).max() < 0.5, err
     # the blank section gets its neighbour's placement (the chain's identity fallback)
     np.testing.assert_allclose(reg.transform.matrices[2], reg.transform.matrices[1], atol=1e-6)
-    # no chain through the blank section to start from: the pair 1 -> 3 is matched in full
+    # the extra pair 1 -> 3 starts from the chain's own skip past the blank section
     (across,) = [p for p in rows[3]["pairs"] if p["neighbour"] == 1 and "guided" in p]  # not the chain's skip
-    assert not across["guided"] and across["inliers"] >= 10 and across["residual"] < 0.5
+    assert across["guided"] and across["inliers"] >= 10 and across["residual"] < 0.5
+
+
+def test_a_further_pair_starts_from_the_chain_only_through_real_matches():
+    from concurrent.futures import Future
+
+    from napari_nephi.engines.mito.align import _composed, _PairResult
+
+    def done(section, source, matrix, fallback=""):
+        f = Future()
+        f.set_result(_PairResult(section, source, matrix, {"fallback": fallback}))
+        return f
+
+    m43, m32 = _shift(1.0, 2.0), _shift(-0.5, 3.0)
+    chain = {4: done(4, 3, m43), 3: done(3, 2, m32)}
+    np.testing.assert_allclose(_composed(chain, 2, 4), m43 @ m32)  # 2 -> 3 -> 4
+    assert _composed({**chain, 3: done(3, 2, np.eye(3), "identity")}, 2, 4) is None  # a gap
+    assert _composed({**chain, 3: done(3, 1, m32, "skip to 1")}, 2, 4) is None  # skips past 2
+    assert _composed({4: chain[4]}, 2, 4) is None  # a pair not given
 
 
 def test_global_options_are_checked(rotated_copies):
