@@ -14,6 +14,8 @@ from napari_nephi.engines.nephi.model import NePhiModel
 from napari_nephi.engines.nephi.predict import (
     REFINE_GRID_FACTOR,
     ComposedMaps,
+    gaussian_smoothed,
+    low_passed_maps,
     prediction_grid,
     prediction_maps,
     refine_grids,
@@ -95,3 +97,19 @@ def test_predict_refine_runs_the_coarse_stage_from_the_prediction(camera_pair):
     assert m["coarse_iterations"] > 0 and m["iterations"] == 0 and m["folds"] == 0, m
     assert refined.settings["coarse_shapes"] == [list(g) for g in refine_grids(fixed.shape, 3)[0]]
     assert m["inverse_consistency_mean"] < 0.5, m
+
+
+def test_gaussian_low_pass_matches_scipy():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    grid = rng.normal(size=(1, 2, 30, 41)).astype(np.float32)
+    out = gaussian_smoothed(torch.as_tensor(grid), [2.0, 3.5]).numpy()
+    for c in range(2):
+        ref = ndimage.gaussian_filter(grid[0, c], (2.0, 3.5), mode="nearest", truncate=3.0)
+        np.testing.assert_allclose(out[0, c], ref, atol=2e-3)
+    maps = DenseMaps(torch.as_tensor(grid), -torch.as_tensor(grid))
+    low = low_passed_maps(maps, 4.0)
+    ref = ndimage.gaussian_filter(grid[0, 1], (4.0, 4.0), mode="nearest", truncate=3.0)
+    np.testing.assert_allclose(low.forward_grid[0, 1].numpy(), ref, atol=2e-3)
+    np.testing.assert_allclose(low.backward_grid[0, 1].numpy(), -ref, atol=2e-3)

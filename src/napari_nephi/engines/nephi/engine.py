@@ -4,7 +4,7 @@
 identity: no training needed. ``mode="predict"`` runs a trained :class:`.model.NePhiModel` once
 (encoder -> codes -> field, sampled on the model's input grid: :mod:`.predict`);
 ``"predict+refine"`` then runs the coarse stage from the prediction (optimize's knots on grids twice
-as coarse, ``coarse_iterations``, preset 40) and, on 3D images, ``iterations`` neural steps on top
+as coarse, ``coarse_iterations``, preset 50) and, on 3D images, ``iterations`` neural steps on top
 as optimize does; with ``levels=1`` or ``coarse_iterations=0`` it optimises a copy of the model from
 the predicted codes for ``iterations`` steps instead. The stored model never changes.
 
@@ -53,7 +53,14 @@ from .initial import INITIALS, MIN_OVERLAP, normalized_matrix, run_global_stage
 from .mlp import REPRESENTATIONS
 from .model import as_model
 from .optimize import REGULARIZERS, SIMILARITIES, Maps, OptimizeSettings, optimize_field
-from .predict import ComposedMaps, prediction_grid, prediction_maps, refine_grids, warp_through
+from .predict import (
+    ComposedMaps,
+    low_passed_maps,
+    prediction_grid,
+    prediction_maps,
+    refine_grids,
+    warp_through,
+)
 from .weights import default_model
 
 MODES = ("optimize", "predict", "predict+refine")
@@ -73,7 +80,7 @@ PRESETS: dict[str, dict] = {
         "levels": 3,
         "coarse_iterations": 100,
         # predict+refine: coarse steps from the prediction (grids twice coarser, predict.py)
-        "refine_coarse_iterations": 40,
+        "refine_coarse_iterations": 50,
         "sample_fraction": 0.01,
         "min_sample_points": 2048,
         "max_sample_points": 1 << 15,
@@ -406,10 +413,11 @@ def register_nephi(
                 predicted = prediction_maps(work.field, codes, prediction_grid(work.input_shape, fshape))
                 report("predict", None, predicted.forward)
                 if shapes:  # predict+refine: the coarse stage from the prediction, then as optimize
+                    low_passed = low_passed_maps(predicted)
                     coarse = ComposedMaps(
                         optimize_velocity(
                             fix_t,
-                            warp_through(mov_t, predicted),
+                            warp_through(mov_t, low_passed),
                             shapes,
                             coarse_iterations,
                             coarse_reg_weight,
@@ -417,7 +425,7 @@ def register_nephi(
                             lambda loss: report(f"coarse ({len(shapes)} level(s))", loss, None),
                             spacings=spacings,
                         ),
-                        predicted,
+                        low_passed,
                     )
                     field = NeuralDeformationField(cfg).to(device)
                     codes = zero_codes(cfg, local_grid_shape(fshape, local_stride), device=device)
