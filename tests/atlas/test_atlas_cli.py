@@ -301,6 +301,30 @@ def test_rerank_flag_reranks_by_the_pose_search(cli_index):
     assert abs(reranked["chosen"] - 13) <= 1  # the pose search finds the cut's centre plate
 
 
+def test_framing_flag(cli_index):
+    from napari_nephi import AtlasLookup
+
+    folder, reference, _ = cli_index
+    write_tiff(folder / "f11.tif", section_from_atlas(reference, 11.0, 0.0, crop=(0.4, 0, 0, 0)))
+    lk = AtlasLookup.load(folder / "index", device="cpu")
+    image = tifffile.imread(folder / "f11.tif")
+    for flag, framing in (("--framing", True), ("--no-framing", False)):
+        out = folder / f"out{flag}"
+        args = ["atlas-lookup", str(folder / "index"), str(folder / "f11.tif"), "--top", "6", "-o", str(out),
+                flag, "--no-rerank", "-q", "--device", "cpu"]  # fmt: skip
+        assert main(args) == 0
+        summary = json.loads((out / "ranks.json").read_text())
+        assert summary["framing"] is framing
+        lk.framing = framing
+        expected = lk.lookup(image, top=6, rerank=False)
+        got = [(e["plate"], e["distance"]) for e in summary["sections"][0]["ranking"]]
+        assert [p for p, _ in got] == [p for p, _ in expected]
+        np.testing.assert_allclose([d for _, d in got], [d for _, d in expected], atol=1e-6)
+    plain = json.loads((folder / "out--no-framing" / "ranks.json").read_text())["sections"][0]["ranking"]
+    framed = json.loads((folder / "out--framing" / "ranks.json").read_text())["sections"][0]["ranking"]
+    assert [e["distance"] for e in plain] != [e["distance"] for e in framed]  # the flag changes the ranking
+
+
 def test_bad_input_gives_one_error_line(cli_index, tmp_path, capsys):
     folder, _, _ = cli_index
     section = folder / "s.tif"

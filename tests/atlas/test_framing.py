@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.draw import ellipse
 
-from napari_nephi import InputError
+from napari_nephi import AtlasLookup, InputError
 from napari_nephi.engines.atlas.framing import (
     atlas_aspect,
     framed_inputs,
@@ -113,7 +113,14 @@ def test_lookup_pools_the_framings(trained_lookup, toy_reference):
     # independently: every framing through the network, then the pooled distance
     import torch
 
-    x = framed_inputs(section, atlas_aspect(lk.plates, lk.net.config.input_size), lk.net.config.input_size)
+    aspect = atlas_aspect(lk.plates, lk.net.config.input_size)
+    assert lk.settings["atlas_aspect"] == pytest.approx(aspect) and lk.atlas_aspect == pytest.approx(aspect)
+    # an index saved before session 12 has no stored aspect: it is computed from the plates
+    old = AtlasLookup(
+        lk.net, lk.plates, lk.embeddings, {k: v for k, v in lk.settings.items() if k != "atlas_aspect"}
+    )
+    assert old.atlas_aspect == pytest.approx(aspect)
+    x = framed_inputs(section, aspect, lk.net.config.input_size)
     with torch.no_grad():
         emb = embed_batch(lk.net, torch.from_numpy(x[:, None]), lk.mirror).numpy()
     d = np.linalg.norm(emb[:, None, :] - lk.embeddings[None], axis=2)

@@ -102,6 +102,13 @@ def add_parsers(subparsers) -> None:
         help="re-rank the embedding's shortlist by a pose search of each section in the atlas (rotation, "
         "scale, tilt; contrast-invariant; about a second per section on a CPU); default: the index's",
     )
+    q.add_argument(
+        "--framing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compare each section with the plates at several framings (its tissue as part of a whole "
+        "section: a cut top, bottom, side or corner); --no-framing: the centred section alone",
+    )
     q.add_argument("--register", action="store_true", help="register the chosen plate onto each section")
     q.add_argument(
         "--labels",
@@ -272,6 +279,7 @@ def cmd_atlas_lookup(args: argparse.Namespace) -> int:
     names, files, images = ([s[k] for s in sections] for k in range(3))
     bars = ProgressBars(quiet=args.quiet)
     rerank = lk.rerank_default if args.rerank is None else bool(args.rerank)
+    lk.framing = bool(args.framing)
     register = args.register or bool(args.labels)
     registrations = []
     progress = Progress(bars)
@@ -288,6 +296,7 @@ def cmd_atlas_lookup(args: argparse.Namespace) -> int:
         (tmp / "ranks.csv").write_text(_csv_text(rank_rows(names, files, rankings, picks)))
         summary = {
             "index": str(args.index), "top": args.top, "series": bool(args.series), "rerank": rerank,
+            "framing": lk.framing,
             "sections": [
                 {"section": n, "file": f, "chosen": p,
                  "ranking": [{"plate": int(i), "distance": float(d)} for i, d in r]}

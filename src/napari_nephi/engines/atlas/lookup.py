@@ -179,6 +179,7 @@ class AtlasLookup:
             "fingerprint": plates.fingerprint(),
             "plate_shapes": [list(s) for s in plates.shapes],
             "vote_pixel_scale": result.pixel_scale,
+            "atlas_aspect": atlas_aspect(plates, opts["input_size"]),
             "history": result.history,
         }
         return cls(result.net, plates, emb, settings, region_names, device=str(dev))
@@ -353,10 +354,15 @@ class AtlasLookup:
 
     @property
     def atlas_aspect(self) -> float:
-        """Median width / height of the plates' tissue boxes (:func:`.framing.atlas_aspect`; computed
-        on first use)."""
+        """Median width / height of the plates' tissue boxes (:func:`.framing.atlas_aspect`): stored
+        with the index when it was trained, else computed on first use (indexes saved before
+        session 12)."""
         if self._aspect is None:
-            self._aspect = atlas_aspect(self._plates, self._net.config.input_size)
+            stored = self._settings.get("atlas_aspect")
+            if stored is not None:
+                self._aspect = float(stored)
+            else:
+                self._aspect = atlas_aspect(self._plates, self._net.config.input_size)
         return self._aspect
 
     def framed_distances(self, section, name: str = "section") -> np.ndarray:
