@@ -92,8 +92,10 @@ def test_learning_rate_warms_up_then_decays():
     assert f[0] == pytest.approx(0.05) and all(a < b for a, b in zip(f[:19], f[1:20]))  # linear ramp
     assert max(f) == pytest.approx(f[19]) and f[19] > 0.9  # the (decaying) full rate after the warm-up
     assert all(a >= b for a, b in zip(f[19:], f[20:])) and f[-1] == pytest.approx(0.1, abs=0.01)
-    assert level_iterations(100, 2) == [50, 100] and level_iterations(150, 3) == [50, 100, 150]
-    assert level_iterations(0, 2) == [0, 0] and level_iterations(1, 3) == [1, 1, 1]
+    # one entry per grid, then the finer-knot level on the last grid (coarse.FINER_LEVEL)
+    assert level_iterations(100, 2) == [50, 100, 100] and level_iterations(150, 3) == [50, 100, 150, 150]
+    assert level_iterations(0, 2) == [0, 0, 0] and level_iterations(1, 3) == [1, 1, 1, 1]
+    assert level_iterations(100, 0) == []
 
 
 def test_2d_transform_round_trips_through_files(camera_result, tmp_path):
@@ -173,9 +175,11 @@ def test_each_representation_runs_and_lowers_its_loss(small_pair, representation
         {"derivatives": "fd", "cycle_weight": 1.0},
         {"similarity": "lncc"},
         {"similarity": "mse"},
-        {"levels": 2, "coarse_iterations": 5},
+        # a short coarse stage (2 + 2 steps with its finer-knot level), leaving the neural field work
+        # whose loss drop shows above the noise of its sampled points
+        {"levels": 2, "coarse_iterations": 2},
         {"bspline_spacing": 4},
-        {"bspline_spacing": 6, "levels": 2, "coarse_iterations": 5},
+        {"bspline_spacing": 6, "levels": 2, "coarse_iterations": 2},
         {"bspline_spacing": 4, "regularizer": "bending"},
     ],
     ids=["fd+cycle", "lncc", "mse", "coarse", "bspline", "bspline+coarse", "bspline+bending"],
