@@ -20,6 +20,7 @@ from napari_nephi.engines.nephi.chunked import (
     intensity_range,
     plan_chunks,
 )
+from napari_nephi.engines.nephi.coarse import level_iterations
 
 CHUNKED_3D = dict(
     chunked=True,
@@ -157,10 +158,11 @@ def test_chunked_settings_metrics_and_progress(chunked_result):
     assert s["chunk_iterations"] == 20 and s["max_voxels"] == 1 << 24
     assert m["chunks"] == 8 and len(m["chunk_final_losses"]) == 8 and m["folds"] == 0
     total = events[-1].total
-    assert total == 30 + 30 + 8 * 20
+    coarse_steps = sum(level_iterations(30, 1))  # the levels plus the finer-knot last level
+    assert total == coarse_steps + 30 + 8 * 20
     assert [e.step for e in events] == list(range(1, total + 1))
     stages = [e.stage for e in events]
-    assert stages[0] == "global: coarse" and stages[30] == "global" and stages[-1] == "chunk 8/8"
+    assert stages[0] == "global: coarse" and stages[coarse_steps] == "global" and stages[-1] == "chunk 8/8"
     assert sum(st == "chunk 3/8" for st in stages) == 20
 
 
