@@ -13,6 +13,11 @@ largest vector is the amplitude times the size and whose smoothness is drawn in 
 (larger where that amplitude would fold), seeds 100 + case index (+ ``--seed``): not the fields
 of training. The true pull-back displacement ``u`` (fixed voxel -> moving voxel) is known exactly.
 
+Modes as the engine defines them: ``predict`` (one pass, the field sampled on the model's 128^2
+grid), ``predict+refine`` (the prediction low-passed, then the coarse B-spline stage from it on grids
+twice as coarse as optimize's with optimize's knots, 50 steps a level, no neural steps in 2D),
+``optimize`` (the engine's default: rigid global stage, coarse stage, neural steps skipped at 512 px).
+
 Per mode: mean endpoint error ``|u_est - u_true|`` (pixels, whole image), NCC of the warped moving
 image with the fixed one, % of pixels with ``det J <= 0``, and CPU seconds of the process during
 the call (torch on ``--threads`` threads, default 1). The last lines compare predict+refine with
