@@ -10,6 +10,7 @@ from napari_nephi import AtlasLookup, InputError
 from napari_nephi.engines.atlas.framing import (
     atlas_aspect,
     framed_inputs,
+    interleaved_order,
     place,
     pooled_distance,
 )
@@ -137,3 +138,38 @@ def test_lookup_pools_the_framings(trained_lookup, toy_reference):
     np.testing.assert_allclose(
         [v for _, v in plain], np.linalg.norm(lk.embeddings - q, axis=1)[[p for p, _ in plain]], atol=1e-6
     )
+
+
+def test_interleaved_order_by_hand():
+    values = np.array([0.5, 0.1, 0.2, 0.3, 0.4])
+    got = interleaved_order(np.array([1, 2, 0, 3, 4]), np.array([2, 3, 1, 4, 0]), values)
+    assert got == [(1, 0.1), (2, 0.2), (3, 0.3), (0, 0.5), (4, 0.4)]
+
+
+def test_pose_search_starts_from_both_orders(trained_lookup, toy_reference, monkeypatch):
+    from napari_nephi.engines.atlas.rerank import PoseSearch
+
+    reference, _ = toy_reference
+    section = section_from_atlas(reference, 23.0, (3.0, 2.0), crop=(0, 0, 0.45, 0))
+    lk = trained_lookup
+    d = lk.framed_distances(section)
+    centred, pooled = np.argsort(d[0], kind="stable"), np.argsort(pooled_distance(d), kind="stable")
+    seen = []
+    real = PoseSearch.search
+
+    def spy(self, image, order, options, progress=None):
+        seen.append(order)
+        return real(self, image, order, options, progress)
+
+    monkeypatch.setattr(PoseSearch, "search", spy)
+    lk.search_poses(section)
+    order = seen[-1]
+    assert sorted(p for p, _ in order) == list(range(lk.n_plates))
+    first = [p for p, _ in order[:4]]
+    assert first[0] == centred[0] and set(first) >= {int(centred[0]), int(pooled[0]), int(centred[1])}
+    lk.framing = False
+    try:
+        lk.search_poses(section)
+    finally:
+        lk.framing = True
+    assert [p for p, _ in seen[-1]] == centred.tolist()  # the centred order alone, as before

@@ -89,7 +89,10 @@ DEFAULTS = {
 #: (benchmarks/atlas_rerank_diagnosis.py --simulate-offset 2) mean rank 1.30 / 1.52 on query seeds
 #: 0 / 1 at 113-138 ms CPU per section (load 3.5-5), against 0.5 s for the defaults. With session
 #: 10's cell vote as the first stage it is not yet that close: 6.98 / 5.98 (partial and combined
-#: sections misplaced by the vote), 142 ms; the defaults on that index: 2.22 / 2.98.
+#: sections misplaced by the vote), 142 ms; the defaults on that index: 2.22 / 2.98. Session 12, from the
+#: embedding with its framings (:mod:`.framing`): 6.80 / 6.17 / 6.77 / 8.10 on query seeds 0 / 1 / 5 / 6
+#: at 115-126 ms; with a perfect signal of when the first stage is within 2 plates (seeded then, the
+#: defaults otherwise) the mean cost would still be ~300 ms: no adaptive use of it reaches 50 ms.
 SEEDED = {"sweep_step": 0, "shortlist": 1, "neighbours": 2, "hypotheses": 1, "anchors": 1}
 #: Scales searched, as factors of the tissue-extent guess: a cut shortens the extents (the true
 #: scale is then larger than the guess); a whole section matches it within a specimen's variation.
