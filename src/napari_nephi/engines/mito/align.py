@@ -715,7 +715,7 @@ def align_stack(
         :class:`~napari_nephi.core.transform.ElasticSectionTransform`. Defaults 4 neighbours
         and 2 passes: with eight votes a section's own distortion is told apart from its
         neighbours' better than with four (synthetic distorted stack: Dice 0.944 with 2 and 1
-        pass, 0.952 with 4 and 2, at twice the time).
+        pass, 0.952 with 4 and 2, at about twice the wall time and four times the CPU time).
     spacing
         ``(z, y, x)`` voxel size kept with the transform (default: from the file for a path,
         else 1).
