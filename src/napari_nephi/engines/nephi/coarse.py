@@ -197,23 +197,24 @@ class FlooredAdam:
 MOMENT_FLOOR = 0.3
 
 
-#: Weight of the membrane energy (mean squared first differences of ``v`` in voxels of the level's
-#: grid) as a fraction of the coarse stage's bending weight. In a region without texture the
-#: similarity says nothing and the regulariser alone shapes ``v``: bending energy alone extends
-#: the surroundings' slope linearly (and overshoots across a large flat region), the membrane term
-#: makes the extension closer to a harmonic one, bounded by the surroundings. In the issue-13
-#: benchmark (256 px, with :data:`FINER_LEVEL`) it lowered the textureless error of the flat disc
-#: from 1.62 / 1.17 / 2.81 to 1.09 / 1.02 / 2.38 px at 1 / 2 / 4 % and of the camera's sky at
-#: 1 % from 0.85 to 0.72 px, at a cost of up to 0.12 px on the retina (still ahead of elastix).
-MEMBRANE_RATIO = 0.1
+#: Weight of a membrane energy (mean squared first differences of ``v`` in voxels of the level's
+#: grid) beside the bending energy, as a fraction of the coarse stage's bending weight; 0: off.
+#: Measured and left off (benchmarks/README.md): at 0.1 it pulled the extension across large
+#: flat regions towards a harmonic one (issue-13 benchmark, 256 px, flat disc's textureless part at
+#: 1 / 2 / 4 %: 1.62 / 1.17 / 2.81 -> 1.09 / 1.02 / 2.38 px; camera's sky at 1 %: 0.85 -> 0.72 px),
+#: but cost up to 0.12 px on the retina at 256 px and doubled the error on 512 px cell images
+#: (nephi_general2d.py cases, cell 1 % 0.036 -> 0.089 px, 2 % 0.197 -> 0.415 px).
+MEMBRANE_RATIO = 0.0
 
 #: After the last grid, one more level on the same grid with half its knot spacing (at least one
 #: voxel of the grid), running as many steps: fields that vary over about eight pixels at 256 px
-#: (1 % deformations of the issue-13 benchmark) need knots that close. It lowered the endpoint error
-#: on IHC at 1 / 2 / 4 % from 0.167 / 0.130 / 0.152 to 0.046 / 0.039 / 0.042 px; halving the knots
-#: of every level instead (16 and 8 px) lost the disc's textureless part at 4 % (3.26 px), and
-#: giving the finer level half of the last level's steps instead of its own left the coarser
-#: level unconverged (disc 1 %: 1.62 px without texture against 1.09).
+#: (1 % deformations of the issue-13 benchmark) need knots that close (IHC 1 %: 0.167 -> 0.044 px,
+#: flat disc 1 %: 0.462 -> 0.243 px, benchmarks/README.md). Halving the knots of every level
+#: instead (16 and 8 px) lost the disc's textureless part at 4 % (3.26 px against 2.81), and (with
+#: the membrane term) giving the finer level half of the last level's steps instead of its own
+#: left the coarser level unconverged (disc 1 %: 1.62 px without texture against 1.09). On
+#: 512 px images it changed little (nephi_general2d.py cases, cell 2 % 0.202 -> 0.197 px) and
+#: doubles the coarse stage's CPU time.
 FINER_LEVEL = True
 
 
@@ -249,7 +250,7 @@ def optimize_velocity(
     grid), evaluated on the level's grid and integrated there by scaling and squaring; the level
     runs :func:`level_iterations` steps of Adam; with :data:`FINER_LEVEL` a last level on the last
     grid halves the knot spacing once more. ``reg_weight`` weights the bending energy of ``v`` in
-    voxels of the level's grid plus :data:`MEMBRANE_RATIO` times its membrane energy: the spline
+    voxels of the level's grid (plus :data:`MEMBRANE_RATIO` times its membrane energy): the spline
     alone keeps ``v`` smooth, the penalty fills in regions without texture from their surroundings.
 
     The last level warps the images on the full grid (or the finest downsampling with at most
@@ -323,7 +324,9 @@ def optimize_velocity(
             loss = 0.5 * (_similarity(similarity, f_l, wm) + _similarity(similarity, m_l, wf))
             if reg_weight > 0:
                 vv = vk * to_vox
-                loss = loss + reg_weight * (R.bending_grid(vv) + MEMBRANE_RATIO * R.diffusion_grid(vv))
+                loss = loss + reg_weight * R.bending_grid(vv)
+                if MEMBRANE_RATIO > 0:
+                    loss = loss + reg_weight * MEMBRANE_RATIO * R.diffusion_grid(vv)
             value = float(loss.detach())
             if not math.isfinite(value):  # before the backward pass, which a NaN grid can crash
                 raise InputError(
