@@ -56,15 +56,27 @@ def test_field_on_the_model_grid_matches_it_at_every_pixel(camera_pair):
             assert float(px.mean()) < 0.03 and float(px.max()) < 0.4, (direction, px.mean(), px.max())
 
 
-def test_composed_maps_and_warp_through_follow_a_known_shift():
+def test_composed_maps_apply_first_then_then():
+    # a linear field u(x) = 0.1 x and a shift do not commute: the order shows in the result
     shape = (40, 50)
-    shift_a = torch.tensor([0.1, -0.2]).reshape(1, 2, 1, 1).expand(1, 2, *shape).contiguous()
-    shift_b = torch.tensor([0.05, 0.3]).reshape(1, 2, 1, 1).expand(1, 2, *shape).contiguous()
-    a, b = DenseMaps(shift_a, -shift_a), DenseMaps(shift_b, -shift_b)
-    both = ComposedMaps(b, a)  # b first, then a
-    x = torch.tensor([[[0.0, 0.0], [-0.5, 0.25]]])
-    torch.testing.assert_close(both.forward(x), x + torch.tensor([0.15, 0.1]))
-    torch.testing.assert_close(both.backward(both.forward(x)), x)
+    x_grid = torch.movedim(normalized_grid(shape), -1, 0)[None]
+    lin = DenseMaps(0.1 * x_grid, -x_grid / 11)  # x -> 1.1 x, inverse y -> y / 1.1
+    s = torch.tensor([0.1, -0.2]).reshape(1, 2, 1, 1).expand(1, 2, *shape).contiguous()
+    shift = DenseMaps(s, -s)
+    both = ComposedMaps(lin, shift)  # lin first, then shift
+    x = torch.tensor([[[0.0, 0.0], [-0.5, 0.25], [0.4, -0.3]]])
+    t = torch.tensor([0.1, -0.2])
+    expected = 1.1 * x + t  # shift(lin(x))
+    swapped = 1.1 * (x + t)  # lin(shift(x))
+    torch.testing.assert_close(both.forward(x), expected)
+    assert float((both.forward(x) - swapped).abs().max()) > 5e-3
+    torch.testing.assert_close(both.backward(expected), x)
+    torch.testing.assert_close(both.backward(x), (x - t) / 1.1)  # lin^-1(shift^-1(y))
+    assert float((both.backward(x) - (x / 1.1 - t)).abs().max()) > 5e-3
+
+
+def test_warp_through_follows_a_known_shift():
+    shape = (40, 50)
     # pull-back by whole pixels in normalised units: 2 px down, 3 px left on a 40 x 50 grid
     img = torch.rand(1, 1, *shape)
     du = torch.tensor([2 * 2 / 39, -3 * 2 / 49]).reshape(1, 2, 1, 1).expand(1, 2, *shape)
@@ -113,3 +125,15 @@ def test_gaussian_low_pass_matches_scipy():
     ref = ndimage.gaussian_filter(grid[0, 1], (4.0, 4.0), mode="nearest", truncate=3.0)
     np.testing.assert_allclose(low.forward_grid[0, 1].numpy(), ref, atol=2e-3)
     np.testing.assert_allclose(low.backward_grid[0, 1].numpy(), -ref, atol=2e-3)
+
+
+def test_predict_refine_runs_no_neural_steps_on_2d_with_any_preset(camera_pair):
+    fixed, moving, _ = camera_pair
+    f, m = fixed[::3, ::3].copy(), moving[::3, ::3].copy()  # 64 x 64
+    kw = {"method": "nephi", "device": "cpu", "mode": "predict+refine", "coarse_iterations": 3}
+    for preset in ("fast", "accurate"):
+        reg = napari_nephi.register(f, m, preset=preset, **kw)
+        assert reg.metrics["coarse_iterations"] > 0 and reg.metrics["iterations"] == 0, (preset, reg.metrics)
+    # an explicit iterations still wins
+    reg = napari_nephi.register(f, m, preset="accurate", iterations=2, **kw)
+    assert reg.metrics["iterations"] == 2, reg.metrics

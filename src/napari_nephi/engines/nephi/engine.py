@@ -247,10 +247,13 @@ def register_nephi(
     coarse_iterations = int(_resolve(coarse_iterations, p, coarse_key))
     after_coarse = mode != "predict" and levels > 1 and coarse_iterations > 0
     large_2d = d == 2 and min(pair.fixed.shape) >= NEURAL_2D_MIN_SIDE
-    if iterations is None and after_coarse and "iterations_2d_after_coarse" in p:
-        # predict+refine aims at speed: after its coarse stage the neural steps changed the camera's
-        # error at 192 px by 0.015 px for 8x the CPU time (predict.py), so 2D skips them at any size
-        if large_2d or (d == 2 and mode == "predict+refine"):
+    if iterations is None and after_coarse and d == 2:
+        if mode == "predict+refine":
+            # predict+refine aims at speed: after its coarse stage the neural steps changed the
+            # camera's error at 192 px by 0.015 px for 8x the CPU time (predict.py), so 2D skips
+            # them at any size and with any preset
+            iterations = p.get("iterations_2d_after_coarse", 0)
+        elif large_2d and "iterations_2d_after_coarse" in p:
             iterations = p["iterations_2d_after_coarse"]
     iterations = int(_resolve(iterations, p, "iterations"))
     hidden = int(_resolve(hidden, p, "hidden"))
