@@ -140,6 +140,31 @@ def test_lookup_pools_the_framings(trained_lookup, toy_reference):
     )
 
 
+def test_an_old_index_gets_its_aspect_when_loaded(trained_lookup, toy_reference, tmp_path, monkeypatch):
+    import json
+
+    from napari_nephi.engines.atlas import lookup as lookup_module
+
+    reference, _ = toy_reference
+    path = trained_lookup.save(tmp_path / "index")
+    stored = AtlasLookup.load(path)
+    config = json.loads((path / "config.json").read_text())
+    del config["settings"]["atlas_aspect"]  # as saved before session 12
+    (path / "config.json").write_text(json.dumps(config))
+    old = AtlasLookup.load(path)
+    aspect = atlas_aspect(old.plates, old.net.config.input_size)
+    assert old.settings["atlas_aspect"] == pytest.approx(aspect) and old.atlas_aspect == pytest.approx(aspect)
+    assert aspect == pytest.approx(stored.atlas_aspect, rel=0.02)
+
+    # the lookup computes nothing more: the aspect is not recomputed there
+    def no_aspect(*args, **kwargs):
+        raise AssertionError("atlas_aspect computed during a lookup")
+
+    monkeypatch.setattr(lookup_module, "atlas_aspect", no_aspect)
+    section = section_from_atlas(reference, 12.6, (2.0, 3.0), crop=(0, 0.3, 0, 0))
+    assert old.lookup(section, top=None, rerank=False) == stored.lookup(section, top=None, rerank=False)
+
+
 def test_interleaved_order_by_hand():
     values = np.array([0.5, 0.1, 0.2, 0.3, 0.4])
     got = interleaved_order(np.array([1, 2, 0, 3, 4]), np.array([2, 3, 1, 4, 0]), values)

@@ -102,7 +102,9 @@ class AtlasLookup:
         self._first_stage = "embedding" if self._net.cell_head is None else FIRST_STAGE_DEFAULT
         #: Whether the embedding's first stage pools several framings of a section (:mod:`.framing`).
         self.framing = FRAMING_DEFAULT
-        self._aspect: float | None = None
+        if self._settings.get("atlas_aspect") is None:  # indexes saved before session 12: here, once
+            self._settings["atlas_aspect"] = atlas_aspect(self._plates, self._net.config.input_size)
+        self._aspect = float(self._settings["atlas_aspect"])
 
     @property
     def first_stage(self) -> str:
@@ -366,14 +368,8 @@ class AtlasLookup:
     @property
     def atlas_aspect(self) -> float:
         """Median width / height of the plates' tissue boxes (:func:`.framing.atlas_aspect`): stored
-        with the index when it was trained, else computed on first use (indexes saved before
-        session 12)."""
-        if self._aspect is None:
-            stored = self._settings.get("atlas_aspect")
-            if stored is not None:
-                self._aspect = float(stored)
-            else:
-                self._aspect = atlas_aspect(self._plates, self._net.config.input_size)
+        with the index when it was trained; for an index saved before session 12, computed from the
+        plates when it is loaded (not in the first lookup)."""
         return self._aspect
 
     def framed_distances(self, section, name: str = "section") -> np.ndarray:
