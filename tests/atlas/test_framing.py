@@ -198,3 +198,17 @@ def test_pose_search_starts_from_both_orders(trained_lookup, toy_reference, monk
     finally:
         lk.framing = True
     assert [p for p, _ in seen[-1]] == centred.tolist()  # the centred order alone, as before
+
+
+def test_framing_accepts_only_true_or_false(trained_lookup):
+    lk = trained_lookup
+    for bad in ("off", "False", 0, 1, None, [False]):
+        with pytest.raises(InputError, match="framing must be True or False"):
+            lk.framing = bad
+        assert lk.framing is True  # unchanged
+    lk.framing = np.bool_(False)
+    try:
+        assert lk.framing is False
+    finally:
+        lk.framing = True
+    assert lk.framing is True

@@ -100,8 +100,7 @@ class AtlasLookup:
         self.rerank_default = RERANK_DEFAULT
         self._pose_search: PoseSearch | None = None
         self._first_stage = "embedding" if self._net.cell_head is None else FIRST_STAGE_DEFAULT
-        #: Whether the embedding's first stage pools several framings of a section (:mod:`.framing`).
-        self.framing = FRAMING_DEFAULT
+        self._framing = FRAMING_DEFAULT
         if self._settings.get("atlas_aspect") is None:  # indexes saved before session 12: here, once
             self._settings["atlas_aspect"] = atlas_aspect(self._plates, self._net.config.input_size)
         self._aspect = float(self._settings["atlas_aspect"])
@@ -123,6 +122,18 @@ class AtlasLookup:
                 "none: train the index again, or rank by the embedding."
             )
         self._first_stage = value
+
+    @property
+    def framing(self) -> bool:
+        """Whether the embedding's first stage pools several framings of a section (:mod:`.framing`;
+        default :data:`FRAMING_DEFAULT`)."""
+        return self._framing
+
+    @framing.setter
+    def framing(self, value: bool) -> None:
+        if not isinstance(value, (bool, np.bool_)):
+            raise InputError(f"framing must be True or False, got {value!r}.")
+        self._framing = bool(value)
 
     # -- making one --------------------------------------------------------------------------
     @classmethod
