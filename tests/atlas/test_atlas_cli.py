@@ -325,6 +325,24 @@ def test_framing_flag(cli_index):
     assert [e["distance"] for e in plain] != [e["distance"] for e in framed]  # the flag changes the ranking
 
 
+def test_framing_is_recorded_off_when_the_vote_ranks(cli_index, monkeypatch):
+    from napari_nephi.engines.atlas import lookup as lookup_module
+
+    folder, reference, _ = cli_index
+    write_tiff(folder / "v11.tif", section_from_atlas(reference, 11.0, 0.0, crop=(0.4, 0, 0, 0)))
+    monkeypatch.setattr(lookup_module, "FIRST_STAGE_DEFAULT", "vote")  # the index has a cell head
+    out = folder / "out-vote"
+    args = ["atlas-lookup", str(folder / "index"), str(folder / "v11.tif"), "--top", "3", "-o", str(out),
+            "--framing", "--no-rerank", "-q", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((out / "ranks.json").read_text())
+    assert summary["framing"] is False  # framings pool embedding distances only
+    lk = lookup_module.AtlasLookup.load(folder / "index", device="cpu")
+    assert lk.first_stage == "vote"
+    expected = lk.lookup(tifffile.imread(folder / "v11.tif"), top=3, rerank=False)
+    assert [e["plate"] for e in summary["sections"][0]["ranking"]] == [p for p, _ in expected]
+
+
 def test_bad_input_gives_one_error_line(cli_index, tmp_path, capsys):
     folder, _, _ = cli_index
     section = folder / "s.tif"

@@ -212,17 +212,23 @@ def test_rerank_by_pose_reaches_the_lookup(make_napari_viewer, qtbot, toy_refere
         return real_search(*args, **kwargs)
 
     widget.lookup.lookup, widget.lookup.search_poses = recording, searching
-    for checked, call in ((True, "pose search"), (False, False)):
+    assert widget.lookup.first_stage == "embedding" and widget.lookup.framing is True
+    cases = [
+        (True, True, "pose search", "pose distance"),
+        (False, True, False, "framing-pooled embedding distance"),
+        (False, False, False, "embedding distance"),
+    ]
+    for checked, framing, call, kind in cases:
         widget.rerank.setChecked(checked)
+        widget.lookup.framing = framing
         _run(widget, qtbot, widget.find_plates)
         assert calls[-1] == call and errors == []
         expected = real(section, top=widget.top.value(), rerank=checked)
         assert widget.gallery.plates() == [p for p, _ in expected]
-        kind = (
-            "pose distance" if checked else f"{widget.lookup.first_stage} distance"
-        )  # the tooltips say which
-        assert widget.gallery.item(0).toolTip().startswith(f"plate {expected[0][0]}, {kind}")
-    assert calls.count("pose search") == 1 and calls.count(False) == 1  # one find each way
+        # the tooltips say which distance
+        assert widget.gallery.item(0).toolTip().startswith(f"plate {expected[0][0]}, {kind} "), kind
+    widget.lookup.framing = True
+    assert calls.count("pose search") == 1 and calls.count(False) == 2  # one find each way
 
 
 def test_the_pose_search_stops_on_cancel(trained_lookup, toy_reference):

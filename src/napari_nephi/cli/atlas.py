@@ -296,7 +296,7 @@ def cmd_atlas_lookup(args: argparse.Namespace) -> int:
         (tmp / "ranks.csv").write_text(_csv_text(rank_rows(names, files, rankings, picks)))
         summary = {
             "index": str(args.index), "top": args.top, "series": bool(args.series), "rerank": rerank,
-            "framing": lk.framing,
+            "framing": lk.framing and lk.first_stage == "embedding",  # the vote has no framings
             "sections": [
                 {"section": n, "file": f, "chosen": p,
                  "ranking": [{"plate": int(i), "distance": float(d)} for i, d in r]}

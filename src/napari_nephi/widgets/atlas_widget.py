@@ -338,7 +338,12 @@ class AtlasWidget(QWidget):
 
     def _find_done(self, result) -> None:
         hits = result["hits"]
-        what = "pose distance (1 - similarity)" if result["reranked"] else f"{result['first_stage']} distance"
+        if result["reranked"]:
+            what = "pose distance (1 - similarity)"
+        elif result["first_stage"] == "embedding" and self.lookup.framing:
+            what = "framing-pooled embedding distance"  # the mean of the centred and the best framing's
+        else:
+            what = f"{result['first_stage']} distance"
         self.gallery.set_hits(hits, result["thumbnails"], what)  # chooses the best: the plate follows
         shown = ", ".join(f"{p} ({d:.3f})" for p, d in hits[:3])
         self._finish(f"Best plates: {shown}. Choose one, then Register.")

@@ -349,7 +349,9 @@ class AtlasLookup:
         rerank: bool | None = None,
         rerank_options: dict | None = None,
     ) -> list[list[tuple[int, float]]]:
-        """:meth:`lookup` for every section of a list (embedded in one batch)."""
+        """:meth:`lookup` for every section of a list: embedded in one batch, except with the
+        embedding and :attr:`framing` or with re-ranking, which take one section at a time (a
+        section's framings in one batch)."""
         k = self._top(top)
         images = image_list(sections)
         if self._use_rerank(rerank):
