@@ -212,3 +212,21 @@ def test_framing_accepts_only_true_or_false(trained_lookup):
     finally:
         lk.framing = True
     assert lk.framing is True
+
+
+def test_no_pose_scored_ranks_by_the_first_stage_distance(trained_lookup, toy_reference, monkeypatch):
+    from napari_nephi.engines.atlas import rerank
+
+    reference, _ = toy_reference
+    section = section_from_atlas(reference, 23.0, (3.0, 2.0), crop=(0, 0, 0.45, 0))
+    lk = trained_lookup
+    d = lk.framed_distances(section)
+    pooled = pooled_distance(d)
+    order = interleaved_order(np.argsort(d[0], kind="stable"), np.argsort(pooled, kind="stable"), pooled)
+    assert [v for _, v in order] != sorted(v for _, v in order)  # the search gets an unsorted order
+    monkeypatch.setattr(rerank._Refine, "hypothesis", lambda self, hyp: None)  # no pose is scored
+    ranking = lk.lookup(section, top=None, rerank=True)
+    dist = [v for _, v in ranking]
+    assert dist == sorted(dist) and min(dist) >= 2.0
+    np.testing.assert_allclose(dist, 2.0 + np.sort(pooled), rtol=1e-6)
+    assert sorted(p for p, _ in ranking) == list(range(lk.n_plates))

@@ -376,9 +376,11 @@ def _prior(order, n: int) -> np.ndarray:
 
 def _rank(poses: list[Pose], order, penalty: float, pairs: int, n: int, prior=None) -> RerankResult:
     """Every plate by ``1 - max over poses (score - prior[pose plate] - penalty * |z - plate|)``;
-    without any pose (nothing scored), the embedding's order with ``2 + embedding distance``."""
+    without any pose (nothing scored), the first stage's plates by their distance (``order`` may be
+    interleaved, not sorted), each with ``2 + distance``."""
     if not poses:
-        return RerankResult([(int(p), 2.0 + float(d)) for p, d in order], {}, pairs)
+        by_distance = sorted(order, key=lambda e: float(e[1]))  # stable: ties keep their order
+        return RerankResult([(int(p), 2.0 + float(d)) for p, d in by_distance], {}, pairs)
     plates = np.arange(n)
     z = np.array([p.z for p in poses])
     own = np.array([p.score for p in poses])
