@@ -448,8 +448,9 @@ def _extra_pair_job(
 
     Guided first: when ``chain`` (section -> future of its :func:`_pair_job`) links ``k`` back to
     ``j`` by real matches, their composition is the starting map, and ``j``'s keypoints are only
-    tracked into ``k`` and the map refitted (:func:`.features.refine`), skipping matching and
-    RANSAC. Otherwise, or when that fails, the pair is matched like a neighbour pair.
+    tracked into ``k`` and the map refitted (:func:`.features.refine`); the refit is kept only
+    when descriptor matches near it confirm it (:func:`_confirmed`), which skips most of the
+    matching. Otherwise, or when that fails, the pair is matched like a neighbour pair.
     The edge's ``weight`` is 0 when the pair failed; ``stats`` goes to the report."""
     fj, fk = fut_j.result(), fut_k.result()
     o = sections.opts
@@ -462,8 +463,9 @@ def _extra_pair_job(
                 fj, fk, ft.yx_to_xy(prior), models, o.ransac_threshold, o.min_inliers
             )
             if refined is not None and ft.plausible(refined, shape, o.max_scale):
-                m, guided = refined, True
-                stats = {"inliers": tracks, "reprojection_error": err}
+                if _confirmed(fj, fk, refined, k - j, o):
+                    m, guided = refined, True
+                    stats = {"inliers": tracks, "reprojection_error": err}
         if m is None:
             m, stats = _estimate(fj, fk, o, shape)
     edge = Edge(j, k, np.eye(3) if m is None else ft.xy_to_yx(m), 0.0 if m is None else 1.0)
@@ -474,6 +476,27 @@ def _extra_pair_job(
         "guided": guided,
     }
     return edge
+
+
+def _confirmed(fj: ft.Features, fk: ft.Features, guided: np.ndarray, gap: int, o: _Options) -> bool:
+    """Whether the guided map ``guided`` ((x, y), j -> k) is confirmed by the descriptors.
+
+    The tracks of a guided refit end within ``ransac_threshold`` of the chain's map, so they repeat
+    a larger chain error instead of showing it. The check: descriptor matches among the keypoints
+    of k within ``(4 + gap) * ransac_threshold`` of the guided prediction (generous: each of the
+    ``gap`` chained pairs may be off by about the threshold, and a wrong chain several times that
+    still leaves the true matches inside), a RANSAC fit of them, and at least half of its inliers
+    (and ``min_inliers``) within ``ransac_threshold`` of the guided map, as :func:`_refine` asks.
+    """
+    idx = ft.match_near(fj, fk, guided, (4.0 + gap) * o.ransac_threshold, o.ratio)
+    if len(idx) <= max(ft.MIN_POINTS[o.model], o.min_inliers - 1):
+        return False
+    src, dst = fj.points[idx[:, 0]].astype(np.float64), fk.points[idx[:, 1]].astype(np.float64)
+    fit, inl = ft.fit_model(src, dst, o.model, o.ransac_threshold)
+    if fit is None or inl.sum() < o.min_inliers:
+        return False
+    agree = np.linalg.norm(ft.project(guided, src[inl]) - dst[inl], axis=1) <= o.ransac_threshold
+    return bool(agree.sum() >= max(o.min_inliers, 0.5 * inl.sum()))
 
 
 def _composed(chain: dict, j: int, k: int) -> np.ndarray | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+from scipy.spatial import cKDTree
 
 from ...core.device import memory_guard
 from ...core.errors import InputError, OutOfMemoryError
@@ -326,6 +327,43 @@ def match(a: Features, b: Features, matcher: str = "bf", ratio: float = 0.8) -> 
     # keep one match per target keypoint (the first, i.e. in query order) to avoid many-to-one
     _, first = np.unique(idx[:, 1], return_index=True)
     return idx[np.sort(first)]
+
+
+def match_near(
+    a: Features, b: Features, matrix_xy: np.ndarray, radius: float, ratio: float = 0.8
+) -> np.ndarray:
+    """Indices ``(M, 2)`` of descriptor matches ``a[i] <-> b[j]`` among the keypoints of b within
+    ``radius`` original pixels of where ``matrix_xy`` (a -> b, (x, y)) puts a's keypoint.
+
+    The nearest descriptor is kept when it passes Lowe's ratio test against the second nearest
+    in that disc (a lone candidate is kept); one match per keypoint of b. Much cheaper than
+    :func:`match` over all keypoints, and still an independent check of the map when
+    ``radius`` is several times the tolerance it is checked with.
+    """
+    none = np.zeros((0, 2), dtype=np.int64)
+    if len(a) < 2 or len(b) < 2:
+        return none
+    q = project(np.asarray(matrix_xy, np.float64), a.points.astype(np.float64))
+    ok = np.all(np.isfinite(q), axis=1)
+    near = cKDTree(b.points.astype(np.float64)).query_ball_point(np.where(ok[:, None], q, 1e18), radius)
+    ia = np.repeat(np.arange(len(a)), [len(c) for c in near])
+    if not len(ia):
+        return none
+    ib = np.fromiter((j for c in near for j in c), np.int64, len(ia))
+    da, db = a.descriptors[ia], b.descriptors[ib]
+    if a.binary:
+        dist = np.unpackbits(np.bitwise_xor(da, db), axis=1).sum(axis=1).astype(np.float64)
+    else:
+        dist = np.linalg.norm(da.astype(np.float64) - db.astype(np.float64), axis=1)
+    order = np.lexsort((dist, ia))
+    ia, ib, dist = ia[order], ib[order], dist[order]
+    first = np.flatnonzero(np.r_[True, ia[1:] != ia[:-1]])
+    has_second = np.r_[first[1:], len(ia)] - first > 1
+    second = np.where(has_second, dist[np.minimum(first + 1, len(ia) - 1)], np.inf)
+    keep = first[dist[first] < ratio * second]
+    idx = np.stack([ia[keep], ib[keep]], axis=1)
+    _, one = np.unique(idx[:, 1], return_index=True)
+    return idx[np.sort(one)]
 
 
 # -- model fitting ------------------------------------------------------------------------------
