@@ -124,3 +124,18 @@ def test_cli_and_widget_options_reach_the_engine(qtbot, tmp_path):
     assert opts.values()["drift_correction"] == "none"
     opts.detrend.setChecked(True)
     assert opts.values()["drift_correction"] == "detrend"
+
+
+def test_a_short_stack_is_not_detrended(max_error):
+    """A line through 3 section centres fits them exactly: detrending would remove their real
+    placement shifts. It is skipped with a note and the placement stays as solved."""
+    d = em_stack(3, (256, 256), seed=3, placement_shift=8.0)
+    regs = {
+        dc: align_stack(d["stack"], masks=d["masks"], warp=False, workers=1, drift_correction=dc)
+        for dc in ("none", "detrend")
+    }
+    err = max_error(regs["detrend"].transform.matrices, d["matrices"], 0, d["stack"].shape[1:], d["pad"])
+    assert err.max() < 1.0
+    np.testing.assert_allclose(regs["detrend"].transform.matrices, regs["none"].transform.matrices)
+    assert regs["detrend"].metrics["drift_correction"]["method"] == "none"
+    assert any("at least 10" in note for note in regs["detrend"].metrics["notes"])

@@ -112,7 +112,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default="none",
         choices=("none", "detrend"),
         help="detrend: remove the slow trend of the section positions through depth (organelle drift; "
-        "serial-section TEM only, not FIB-SEM/SBEM stage drift)",
+        "serial-section TEM only, not FIB-SEM/SBEM stage drift; skipped below 10 sections)",
     )
     p.add_argument(
         "--drift-window",

@@ -108,7 +108,8 @@ class EMOptions(QWidget):
         self.detrend = QCheckBox("remove slow drift through depth (detrend)")
         self.detrend.setToolTip(
             "Take a slow trend of the section positions through depth to be organelle drift, not "
-            "misalignment, and remove it (serial-section TEM; not for FIB-SEM/SBEM stage drift)"
+            "misalignment, and remove it (serial-section TEM; not for FIB-SEM/SBEM stage drift; "
+            "skipped below 10 sections)"
         )
         shown = [("detector", self.detector), ("", self.use_masks), ("descriptor", self.descriptor),
                  ("matcher", self.matcher), ("model", self.model)]  # fmt: skip

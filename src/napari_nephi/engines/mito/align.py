@@ -53,6 +53,7 @@ from ...core.progress import CancelFlag, Progress, ProgressCallback
 from ...core.registration import Registration
 from ...core.transform import ElasticSectionTransform, PerSectionTransform
 from . import features as ft
+from .detrend import MIN_SECTIONS as MIN_DETREND_SECTIONS
 from .detrend import check_drift_options, detrend
 from .elastic import elastic_fields, warp_elastic_section
 from .masks import detect_mitochondria_section, intensity_range, to_uint8, valid_region
@@ -557,6 +558,17 @@ def _detrended(matrices, shape, ref, rows, window):
     fallback); the shifts go into the report rows; the summary for the metrics."""
     use = np.array([r is not None and r["fallback"] != "identity" for r in rows])
     use[ref] = True
+    if use.sum() < MIN_DETREND_SECTIONS:
+        note = (
+            f"Drift correction skipped: only {int(use.sum())} sections were placed by a real match; a "
+            f"trend needs at least {MIN_DETREND_SECTIONS} (through fewer it would remove real translations)."
+        )
+        return matrices, {
+            "method": "none",
+            "window": window,
+            "skipped": note,
+            "sections_used": int(use.sum()),
+        }
     matrices, shift = detrend(matrices, shape, ref, use, window)
     for k, row in enumerate(rows):
         if row is not None:
@@ -726,10 +738,12 @@ def align_stack(
     drift_correction, drift_window
         ``"detrend"``: after the chain or global solve, the slow trend through depth of where
         the section centres land is taken to be organelle drift, not misalignment, and removed
-        (a robust straight line over the whole stack with ``drift_window=0``, else a local line
-        over a Gaussian window of that many sections); the reference section stays in place.
-        Right for serial-section TEM (sections placed independently), wrong for FIB-SEM / SBEM
-        stage drift (see :mod:`.detrend`). ``"none"`` (default) leaves the placement as solved.
+        (a robust straight line over the whole stack with ``drift_window=0``, else at every
+        section a local line weighted by a Gaussian of sigma ``drift_window`` sections); the
+        reference section stays in place. Skipped, with a ``metrics["notes"]`` entry, when fewer
+        than 10 sections are placed by a real match. Right for serial-section TEM (sections
+        placed independently), wrong for FIB-SEM / SBEM stage drift (see :mod:`.detrend`).
+        ``"none"`` (default) leaves the placement as solved.
     elastic, elastic_spacing, elastic_radius, elastic_iterations
         Elastic refinement after the per-section maps (off by default): a smooth displacement
         per section on a grid of ``elastic_spacing`` pixels, minus the median optical flow to
@@ -943,6 +957,8 @@ def align_stack(
             f"Sections without content got their neighbour's map (identity fallback) and were skipped "
             f"as neighbours: {listed}."
         ]
+    if drift_info is not None and "skipped" in drift_info:
+        metrics.setdefault("notes", []).append(drift_info["skipped"])
     if opts.use_masks and sections.mask_fraction:
         metrics["mask_fraction_mean"] = float(np.mean(list(sections.mask_fraction.values())))
     settings = {

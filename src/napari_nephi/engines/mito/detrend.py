@@ -34,6 +34,10 @@ from .features import check_choice
 #: Values of ``drift_correction``.
 DRIFT_CORRECTIONS = ("none", "detrend")
 
+#: Fewer sections placed by a real match than this: no detrending (a line through two or three
+#: positions fits them exactly and would remove every real translation between them).
+MIN_SECTIONS = 10
+
 
 def check_drift_options(drift_correction, drift_window) -> tuple[str, float]:
     """Validated ``(drift_correction, drift_window)`` of :func:`~.align.align_stack`."""
