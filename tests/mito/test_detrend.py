@@ -139,3 +139,12 @@ def test_a_short_stack_is_not_detrended(max_error):
     np.testing.assert_allclose(regs["detrend"].transform.matrices, regs["none"].transform.matrices)
     assert regs["detrend"].metrics["drift_correction"]["method"] == "none"
     assert any("at least 10" in note for note in regs["detrend"].metrics["notes"])
+
+
+def test_a_window_far_from_every_counted_section_keeps_the_sections_in_place():
+    """Sections 30-119 do not count (e.g. blank): their Gaussian weights toward sections 0-29
+    underflow; they must still get the trend there, not 0 (which moved them by the centre)."""
+    mats = np.repeat(np.eye(3)[None], 120, axis=0)
+    use = np.arange(120) < 30
+    _, shift = detrend(mats, (1024, 1024), 0, use, window=2)
+    assert np.abs(shift).max() < 1.0

@@ -93,7 +93,14 @@ def _fit(k, positions, weights, window):
         centres, weight_rows = [None], [weights]
     else:
         centres = list(k)
-        weight_rows = [weights * np.exp(-0.5 * ((k - c) / window) ** 2) for c in k]
+        # relative to the largest Gaussian weight among the counted sections: far from all of
+        # them (a long blank run) the weights would otherwise underflow to 0 and leave no trend
+        counted = weights > 0
+        weight_rows = []
+        for c in k:
+            e = -0.5 * ((k - c) / window) ** 2
+            top = e[counted].max() if counted.any() else 0.0
+            weight_rows.append(weights * np.exp(np.minimum(e - top, 0.0)))
     out = np.zeros_like(positions)
     for i, wgt in enumerate(weight_rows):
         total = wgt.sum()
@@ -102,7 +109,8 @@ def _fit(k, positions, weights, window):
         km = (wgt * k).sum() / total
         pm = (wgt[:, None] * positions).sum(0) / total
         var = (wgt * (k - km) ** 2).sum()
-        slope = (wgt[:, None] * (k - km)[:, None] * (positions - pm)).sum(0) / var if var > 1e-12 else 0.0
+        # a slope only from sections spread over more than a section (else the level is held)
+        slope = (wgt[:, None] * (k - km)[:, None] * (positions - pm)).sum(0) / var if var > total else 0.0
         if centres[i] is None:
             return pm + np.outer(k - km, slope)
         out[i] = pm + (centres[i] - km) * slope
