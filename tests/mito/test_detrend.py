@@ -1,7 +1,6 @@
 """Drift correction by detrending the section positions (engines/mito/detrend.py)."""
 
 import argparse
-import time
 
 import numpy as np
 import pytest
@@ -79,7 +78,6 @@ def test_drifting_organelles_no_longer_drag_the_alignment():
     ref = 0
     true = d["matrices"] @ np.linalg.inv(d["matrices"][ref])
     errors = {}
-    t0 = time.process_time()
     for method in ("none", "detrend"):
         reg = align_stack(d["stack"], masks=d["masks"], warp=False, workers=1, drift_correction=method)
         errors[method] = np.linalg.norm(
@@ -90,7 +88,6 @@ def test_drifting_organelles_no_longer_drag_the_alignment():
         if method == "detrend":
             assert reg.metrics["drift_correction"]["method"] == "detrend"
             assert len(reg.metrics["report"][5]["drift_shift"]) == 2
-    assert time.process_time() - t0 < 30
     # drift 1.0 scale px (~0.87 px) per section: the chain is ~10 px off at the far end
     assert errors["none"][-1] > 5.0
     assert errors["detrend"][-1] < 0.3 * errors["none"][-1]
