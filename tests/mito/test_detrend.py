@@ -104,6 +104,8 @@ def test_options_are_checked(rotated_copies):
         align_stack(s, drift_correction="detrend", drift_window=1)
     with pytest.raises(InputError, match="drift_window"):
         align_stack(s, drift_correction="detrend", drift_window=-2)
+    with pytest.raises(InputError, match="drift_window=5 has no effect without drift correction.*'detrend'"):
+        align_stack(s, drift_window=5)
 
 
 def test_cli_and_widget_options_reach_the_engine(qtbot, tmp_path):

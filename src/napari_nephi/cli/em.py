@@ -118,7 +118,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--drift-window",
         type=float,
         default=0.0,
-        help="detrend over a Gaussian window of this many sections (0: one straight line over the stack)",
+        help="with --drift-correction detrend: a local line at every section, weighted by a Gaussian of "
+        "sigma this many sections (0: one straight line over the stack)",
     )
     p.add_argument(
         "--elastic",

@@ -49,6 +49,11 @@ def check_drift_options(drift_correction, drift_window) -> tuple[str, float]:
         )
     method = check_choice(drift_correction, DRIFT_CORRECTIONS, "drift_correction")
     window = check_float("drift_window", drift_window, 0.0, 1e6)
+    if window > 0 and method == "none":
+        raise InputError(
+            f"drift_window={window:g} has no effect without drift correction; pass "
+            "drift_correction='detrend' (--drift-correction detrend) to use it, or leave drift_window at 0."
+        )
     if 0 < window < 2:
         raise InputError(
             f"drift_window={window:g} sections is too short for a trend (it would remove the "
