@@ -34,8 +34,8 @@ Columns:
   sections also translated independently by 20 px rms per axis (``placement_shift``), the
   case where detrending the section positions is off by the slope of their scatter.
 * ``-detrend`` rows: ``drift_correction="detrend"`` (the slow trend of the section centres
-  through depth removed: one line over the stack; ``-w10`` a local line over a 10-section
-  Gaussian window).
+  through depth removed: one line over the stack; ``-w10`` a local line at every section
+  weighted by a Gaussian of sigma 10 sections).
 * ``mito-norefine``: MITO without the sub-pixel refinement of the pair maps (``refine=False``),
   i.e. RANSAC on the keypoints alone, as in the paper.
 * ``drift``: (once) MITO run on the *unrotated* stack, where the ideal answer is the identity:
