@@ -104,3 +104,23 @@ def test_align_em_clear_error_for_2d_input(em, tmp_path):
     args = parse(["align-em", str(tmp_path / "one.tif"), "-o", str(tmp_path / "out"), "-q"])
     with pytest.raises(InputError, match="2D"):
         args.func(args)
+
+
+def test_the_report_csv_has_the_drift_shift(tmp_path):
+    """``drift_shift`` ((y, x), only with drift correction) gets two CSV columns, empty without it."""
+    from types import SimpleNamespace
+
+    from napari_nephi.engines.mito.report import write_report
+
+    rows = [
+        {"section": 0, "inliers": 0, "drift_shift": [0.0, 0.0]},
+        {"section": 1, "drift_shift": [1.5, -2.25]},
+    ]
+    write_report(tmp_path, SimpleNamespace(metrics={"report": rows}, settings={}))
+    with open(tmp_path / "report.csv") as fh:
+        got = list(csv.DictReader(fh))
+    assert (float(got[1]["drift_shift_y"]), float(got[1]["drift_shift_x"])) == (1.5, -2.25)
+    write_report(tmp_path, SimpleNamespace(metrics={"report": [{"section": 0}]}, settings={}))
+    with open(tmp_path / "report.csv") as fh:
+        (got,) = list(csv.DictReader(fh))
+    assert got["drift_shift_y"] == got["drift_shift_x"] == ""

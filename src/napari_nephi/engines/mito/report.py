@@ -15,8 +15,15 @@ from ...core.registration import Registration
 
 REPORT_COLUMNS = (
     "section", "neighbour", "keypoints", "matches", "inliers", "reprojection_error", "failed",
-    "fallback", "method", "model", "refined", "tracks", "tracking_error",
+    "fallback", "method", "model", "refined", "tracks", "tracking_error", "drift_shift_y", "drift_shift_x",
 )  # fmt: skip
+
+
+def _csv_row(r: dict) -> dict:
+    """One report row as CSV cells (``drift_shift``, (y, x) in the JSON, as two columns)."""
+    shift = r.get("drift_shift") or (None, None)
+    row = {**r, "drift_shift_y": shift[0], "drift_shift_x": shift[1]}
+    return {k: ("" if row.get(k) is None else row.get(k)) for k in REPORT_COLUMNS}
 
 
 def write_report(out: Path, reg: Registration) -> None:
@@ -27,7 +34,7 @@ def write_report(out: Path, reg: Registration) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(REPORT_COLUMNS), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in REPORT_COLUMNS})
+        writer.writerow(_csv_row(r))
     atomic_write_bytes(out / "report.csv", buf.getvalue().encode())
     summary = {k: v for k, v in reg.metrics.items() if k != "report"}
     doc = {"report": rows, "metrics": summary, "settings": reg.settings}
