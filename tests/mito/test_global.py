@@ -105,6 +105,14 @@ def test_align_stack_global_recovers_known_rotations(rotated_copies, max_error):
     # pairs two and three apart start from the composed neighbour maps and are only tracked
     far = [p for r in rows[1:] for p in r["pairs"] if abs(p["neighbour"] - r["section"]) > 1]
     assert len(far) == 2 + 1 + 2 and all(p["guided"] for p in far)
+    assert reg.settings["guided_pairs"] is True
+    # guided_pairs=False: every further pair matched in full, the same placement
+    full = align_stack(d["stack"], d["masks"], neighbours=3, warp=False, workers=2, guided_pairs=False)
+    far = [
+        p for r in full.metrics["report"][1:] for p in r["pairs"] if abs(p["neighbour"] - r["section"]) > 1
+    ]
+    assert len(far) == 5 and not any(p["guided"] for p in far) and full.settings["guided_pairs"] is False
+    assert max_error(full.transform.matrices, d["matrices"], 0, d["stack"].shape[1:], d["pad"]).max() < 0.5
 
 
 def test_a_blank_section_is_reported_and_the_others_aligned(rotated_copies, max_error):
@@ -174,6 +182,8 @@ def test_global_options_are_checked(rotated_copies):
         align_stack(s, neighbours=0)
     with pytest.raises(InputError, match="drift_prior"):
         align_stack(s, neighbours=2, drift_prior=-1)
+    with pytest.raises(InputError, match="guided_pairs"):
+        align_stack(s, neighbours=2, guided_pairs="off")
 
 
 def test_cli_options_reach_the_engine(rotated_copies, tmp_path):
@@ -181,10 +191,12 @@ def test_cli_options_reach_the_engine(rotated_copies, tmp_path):
     p = argparse.ArgumentParser(prog="napari-nephi")
     add_parser(p.add_subparsers(dest="command", required=True))
     argv = ["align-em", str(tmp_path / "s.tif"), "-o", str(tmp_path / "out"), "--neighbours", "3",
-            "--global-model", "rigid", "--drift-prior", "0.5", "--no-masks-out", "-q"]  # fmt: skip
+            "--global-model", "rigid", "--drift-prior", "0.5", "--no-guided-pairs", "--no-masks-out",
+            "-q"]  # fmt: skip
     args = p.parse_args(argv)
     kw = _align_options(args)
     assert (kw["neighbours"], kw["solver"], kw["global_model"], kw["drift_prior"]) == (3, None, "rigid", 0.5)
+    assert kw["guided_pairs"] is False
     assert args.func(args) == 0
     doc = json.loads((tmp_path / "out" / "report.json").read_text())
     assert doc["settings"]["solver"] == "global" and doc["settings"]["neighbours"] == 3

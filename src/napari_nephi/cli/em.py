@@ -70,6 +70,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="skip the sub-pixel refinement of each pair map (Lucas-Kanade tracking of the keypoints)",
     )
+    p.add_argument(
+        "--no-guided-pairs",
+        action="store_true",
+        help="global solve: match every further pair in full instead of starting from the chain's map",
+    )
     p.add_argument("--reference", default="0", help="reference section index, or 'middle'")
     p.add_argument("--ransac-threshold", type=float, default=3.0, help="RANSAC inlier distance, pixels")
     p.add_argument("--ratio", type=float, default=0.8, help="Lowe ratio test")
@@ -168,6 +173,8 @@ def _align_options(args: argparse.Namespace) -> dict:
         options["model_selection"] = False
     if args.no_refine:
         options["refine"] = False
+    if args.no_guided_pairs:
+        options["guided_pairs"] = False
     if args.elastic:
         options.setdefault("elastic", True)
     reference = int(args.reference) if str(args.reference).lstrip("-").isdigit() else args.reference

@@ -638,6 +638,7 @@ def align_stack(
     solver: str | None = None,
     global_model: str = "rigid",
     drift_prior: float = 0.0,
+    guided_pairs: bool = True,
     drift_correction: str = "none",
     drift_window: float = 0.0,
     elastic: bool = False,
@@ -735,6 +736,10 @@ def align_stack(
         Weight of the global solve's penalty on scale and shear of each section (0: off);
         it holds back slowly accumulating scale/shear drift but also resists real slow
         shape changes of the sections (see :mod:`.solve`).
+    guided_pairs
+        With the global solve and ``refine``: a further pair starts from the chain's composed
+        map, tracks the keypoints and keeps the refit when descriptor matches near it confirm
+        it (cheaper than matching in full); False matches every further pair in full.
     drift_correction, drift_window
         ``"detrend"``: after the chain or global solve, the slow trend through depth of where
         the section centres land is taken to be organelle drift, not misalignment, and removed
@@ -806,6 +811,7 @@ def align_stack(
         neighbours, solver, global_model, drift_prior
     )
     drift_correction, drift_window = check_drift_options(drift_correction, drift_window)
+    guided_pairs = check_bool("guided_pairs", guided_pairs)
     workers = (0 if workers is None else check_int("workers", workers, 0, 4096)) or _cpu_count()
     warp, lazy = check_bool("warp", warp), check_bool("lazy", lazy)
     elastic = check_bool("elastic", elastic)
@@ -865,7 +871,8 @@ def align_stack(
                             break
                         between = {x: pairs_of[x] for x in range(kk, j, -direction)}  # the chain from kk to j
                         window.append(executor.submit(
-                            _extra_pair_job, sections, futs[j], futs[kk], j, kk, (h, w), between
+                            _extra_pair_job, sections, futs[j], futs[kk], j, kk, (h, w),
+                            between if guided_pairs else None,
                         ))  # fmt: skip
                 for old in [j for j in futs if abs(j - k) > keep]:
                     del futs[old]  # features stay alive only while a queued pair needs them
@@ -972,7 +979,7 @@ def align_stack(
         "keypoint_size": sections.keypoint_size / opts.scale,
         "model_selection": opts.model_selection, "refine": opts.refine,
         "neighbours": neighbours, "solver": solver, "global_model": global_model, "drift_prior": drift_prior,
-        "drift_correction": drift_correction, "drift_window": drift_window,
+        "guided_pairs": guided_pairs, "drift_correction": drift_correction, "drift_window": drift_window,
         "elastic": elastic, "elastic_spacing": elastic_spacing, "elastic_radius": elastic_radius,
         "elastic_iterations": elastic_iterations,
     }  # fmt: skip
