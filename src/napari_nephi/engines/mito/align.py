@@ -443,8 +443,9 @@ def _pair_job(sections: _Sections, futs: dict, k: int, chain: list[int], shape) 
 
 
 def _extra_pair_job(
-    sections: _Sections, fut_j: Future, fut_k: Future, j: int, k: int, shape, chain: dict | None = None
-) -> Edge:
+    sections: _Sections, fut_j: Future, fut_k: Future, j: int, k: int, shape, chain: dict | None = None,
+    guided_pairs: bool = True,
+) -> Edge | None:  # fmt: skip
     """Match section ``k`` to a further section ``j`` (global solve); no fallbacks.
 
     Guided first: when ``chain`` (section -> future of its :func:`_pair_job`) links ``k`` back to
@@ -452,12 +453,18 @@ def _extra_pair_job(
     tracked into ``k`` and the map refitted (:func:`.features.refine`); the refit is kept only
     when descriptor matches near it confirm it (:func:`_confirmed`), which skips most of the
     matching. Otherwise, or when that fails, the pair is matched like a neighbour pair.
-    The edge's ``weight`` is 0 when the pair failed; ``stats`` goes to the report."""
+    The edge's ``weight`` is 0 when the pair failed; ``stats`` goes to the report. None when
+    the chain's own pair of ``k`` already is ``j -> k`` (it skipped to ``j``): the same
+    evidence must not count twice."""
+    if chain is not None and k in chain:
+        own = chain[k].result()
+        if own.source == j and own.row["fallback"] != "identity":
+            return None
     fj, fk = fut_j.result(), fut_k.result()
     o = sections.opts
     m, stats, guided = None, {"inliers": 0, "reprojection_error": None}, False
     if j not in sections.blank and k not in sections.blank:
-        prior = _composed(chain, j, k) if chain is not None and o.refine else None
+        prior = _composed(chain, j, k) if chain is not None and o.refine and guided_pairs else None
         if prior is not None:
             models = ft.MODELS[ft.MODELS.index(o.model) :] if o.model_selection else (o.model,)
             _, refined, tracks, err = ft.refine(
@@ -871,8 +878,7 @@ def align_stack(
                             break
                         between = {x: pairs_of[x] for x in range(kk, j, -direction)}  # the chain from kk to j
                         window.append(executor.submit(
-                            _extra_pair_job, sections, futs[j], futs[kk], j, kk, (h, w),
-                            between if guided_pairs else None,
+                            _extra_pair_job, sections, futs[j], futs[kk], j, kk, (h, w), between, guided_pairs
                         ))  # fmt: skip
                 for old in [j for j in futs if abs(j - k) > keep]:
                     del futs[old]  # features stay alive only while a queued pair needs them
@@ -880,6 +886,8 @@ def align_stack(
                     del pairs_of[old]  # queued extra pairs hold their own copies
                 while len(window) > limit or (window and i == len(order) - 1):
                     res = window.popleft().result()
+                    if res is None:  # an extra pair that the chain already holds
+                        continue
                     if isinstance(res, Edge):
                         extra_edges.append(res)
                         continue
