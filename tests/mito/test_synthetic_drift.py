@@ -77,6 +77,11 @@ def test_placement_shift_translates_sections_and_matrices_undo_it():
     # unrotated with a shift: the generator's matrices still map the truth onto the sections
     u = em_stack(3, (128, 128), seed=1, rotate=False, placement_shift=6.0)
     assert np.allclose(u["angles"], 0) and not np.allclose(u["matrices"][:, :2, 2], 0)
+    # ... and a border of 3 sigma keeps the shifted sections whole: none of the content is cut off
+    assert u["pad"] == 18 and u["stack"].shape[1:] == (128 + 36, 128 + 36)
+    for k in range(3):
+        content = (u["unrotated_stack"][k] > 0).sum()
+        assert abs(int((u["stack"][k] > 0).sum()) - int(content)) < 0.03 * content
 
 
 @pytest.mark.parametrize("name", ["organelle_drift", "distortion", "placement_shift"])

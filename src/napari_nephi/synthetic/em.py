@@ -323,7 +323,8 @@ def em_stack(
     pad
         Zero border added on every side of every section. ``None``: with ``rotate``, the
         smallest border that keeps rotated corners inside (``ceil(hypot(H, W) / 2 - min(H, W) / 2)``;
-        the Lucchi++ protocol used 250 px for 768 x 1024), else 0.
+        the Lucchi++ protocol used 250 px for 768 x 1024), else ``ceil(3 * placement_shift)``
+        (0 without it), so that shifted sections keep their edges.
     noise
         Standard deviation of the Gaussian noise, in units of the full intensity range.
     organelle_drift
@@ -368,14 +369,18 @@ def em_stack(
     n = check_int("n_sections", n_sections, 1, 100_000)
     h, w = check_int_list("shape", shape, length=2, low=32)
     rotate = check_bool("rotate", rotate)
+    placement_shift = check_float("placement_shift", placement_shift, 0.0, 1e4)
     if pad is None:
-        pad = int(math.ceil(math.hypot(h, w) / 2 - min(h, w) / 2)) if rotate else 0
+        # unrotated sections shifted by placement_shift get a border of 3 sigma (none before
+        # 2026-12-04: their shifted edges were cut off); the rotated cases keep their border
+        pad = (
+            int(math.ceil(math.hypot(h, w) / 2 - min(h, w) / 2)) if rotate else math.ceil(3 * placement_shift)
+        )
     pad = check_int("pad", pad, 0)
     n_mito = check_int("n_mito", 10 if n_mito is None else n_mito, 0, 10_000)
     noise = check_float("noise", noise, 0.0, 10.0)
     organelle_drift = check_float("organelle_drift", organelle_drift, 0.0, 100.0)
     distortion = check_float("distortion", distortion, 0.0, 1000.0)
-    placement_shift = check_float("placement_shift", placement_shift, 0.0, 1e4)
     # stack and masks (uint8 + uint16), aligned and rotated, plus a float32 section at work
     hp, wp = h + 2 * pad, w + 2 * pad
     check_memory(
