@@ -333,6 +333,8 @@ def optimize_pair(
             coarse_reg_weight,
             settings.similarity,
             lambda loss: report(f"{stage}: coarse", loss, None),
+            fixed_mask=fixed_mask,
+            moving_mask=moving_mask,
         )
     field = NeuralDeformationField(cfg).to(fixed.device)
     codes = zero_codes(cfg, local_grid_shape(shape, local_stride), device=fixed.device)

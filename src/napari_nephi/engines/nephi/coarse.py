@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ...core import regularizers as R
 from ...core.errors import InputError
-from ...core.similarity import lncc, ncc
+from ...core.similarity import EPS, lncc, ncc
 from .bspline import bspline_on_grid, control_shape, grid_weights, intervals_for_spacing
 from .interp import interpolate
 
@@ -112,12 +112,33 @@ def pyramid_shapes(shape, factors, max_voxels: int = COARSE_MAX_VOXELS) -> list[
     return out
 
 
-def _similarity(name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _similarity(name: str, a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Dissimilarity of ``a`` and ``b``, weighted voxel by voxel by ``w`` in [0, 1] when given."""
+    if w is None:
+        if name == "lncc":
+            return 1 - lncc(a, b, window=5)
+        if name == "mse":
+            return ((a - b) ** 2).mean()
+        return 1 - ncc(a, b)
+    total = w.sum().clamp_min(1e-6)
     if name == "lncc":
-        return 1 - lncc(a, b, window=5)
+        return 1 - (w * _lncc_map(a, b, 5)).sum() / total
     if name == "mse":
-        return ((a - b) ** 2).mean()
-    return 1 - ncc(a, b)
+        return (w * (a - b) ** 2).sum() / total
+    return 1 - ncc(a, b, w)
+
+
+def _lncc_map(a: torch.Tensor, b: torch.Tensor, window: int) -> torch.Tensor:
+    """Local NCC of every voxel (``window``-wide boxes), the map :func:`.similarity.lncc` averages."""
+    pool = F.avg_pool2d if a.dim() == 4 else F.avg_pool3d
+
+    def mean(x):
+        return pool(x, window, stride=1, padding=window // 2, count_include_pad=False)
+
+    ma, mb = mean(a), mean(b)
+    cov = mean(a * b) - ma * mb
+    var = (mean(a * a) - ma * ma).clamp_min(0) * (mean(b * b) - mb * mb).clamp_min(0)
+    return cov * cov / (var + EPS)
 
 
 #: Voxels of the grid on which the coarse stage warps the images: the full image up to this size
@@ -242,6 +263,8 @@ def optimize_velocity(
     spacings: list[float] | None = None,
     compare_max_voxels: int = WARP_MAX_VOXELS,
     affine: torch.Tensor | None = None,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
 ) -> DenseMaps:
     """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
 
@@ -268,6 +291,11 @@ def optimize_velocity(
     global map found first, normalised coordinates, numpy axis order) is composed into the
     sampling, ``moving(A exp(v)(x))`` and ``fixed(exp(-v)(A^-1 y))``, so the moving image is never
     resampled twice.
+
+    ``fixed_mask`` and ``moving_mask`` (``(1, 1, *spatial)`` like the images, optional) restrict
+    the similarity: averaged down with the images, they weight each compared voxel by the fixed
+    mask there times the other mask carried through the current map like its image (bilinear, no
+    gradient through the weight). Without masks the similarity is the unweighted one.
     """
     d = fixed.dim() - 2
     full = tuple(fixed.shape[2:])
@@ -275,6 +303,8 @@ def optimize_velocity(
     spacings = knot_spacings(full, shapes) if spacings is None else list(spacings)
     fine = comparison_shape(full, compare_max_voxels)
     f_fine, m_fine = _area(fixed, fine), _area(moving, fine)
+    masks_fine = [None if m is None else _area(m.to(fixed.dtype), fine) for m in (fixed_mask, moving_mask)]
+    masked = masks_fine != [None, None]
     # Fields below have their components in grid_sample's order (x, y[, z]): no flips per step.
     mode = "bicubic" if d == 2 else "bilinear"
 
@@ -282,20 +312,30 @@ def optimize_velocity(
     a_xy = None if affine is None else affine.to(dev, torch.float32)[order][:, order]
     a_inv = None if a_xy is None else torch.linalg.inv(a_xy)
 
-    def warp(image, u, ident):
+    def warp(image, u, ident, interp=mode):
         pts = ident + torch.movedim(_resample(u, image.shape[2:]), 1, -1)
         if a_xy is not None:
             pts = apply_affine(pts, a_xy)
-        return F.grid_sample(image, pts, mode=mode, padding_mode="border", align_corners=True)
+        return F.grid_sample(image, pts, mode=interp, padding_mode="border", align_corners=True)
 
-    def warp_back(image, u, ident):
+    def warp_back(image, u, ident, interp=mode):
         if a_inv is None:
-            return warp(image, u, ident)
+            return warp(image, u, ident, interp)
         q = apply_affine(ident, a_inv)
         pts = q + torch.movedim(
             F.grid_sample(u, q, mode="bilinear", padding_mode="border", align_corners=True), 1, -1
         )
-        return F.grid_sample(image, pts, mode=mode, padding_mode="border", align_corners=True)
+        return F.grid_sample(image, pts, mode=interp, padding_mode="border", align_corners=True)
+
+    def mask_weights(masks_l, masks_w, u_f, u_b, ident, cmp):
+        """Weights of the forward and backward comparisons (None: unweighted)."""
+        (fk_l, mk_l), (fk_w, mk_w) = masks_l, masks_w
+        with torch.no_grad():
+            w_fwd = None if mk_w is None else _area(warp(mk_w, u_f, ident, "bilinear"), cmp)
+            w_bwd = None if fk_w is None else _area(warp_back(fk_w, u_b, ident, "bilinear"), cmp)
+        w_fwd = fk_l if w_fwd is None else (w_fwd if fk_l is None else w_fwd * fk_l)
+        w_bwd = mk_l if w_bwd is None else (w_bwd if mk_l is None else w_bwd * mk_l)
+        return w_fwd, w_bwd
 
     steps_per = level_iterations(iterations, len(shapes))
     if len(steps_per) > len(shapes):  # the finer-knot level on the last grid (FINER_LEVEL)
@@ -309,6 +349,8 @@ def optimize_velocity(
         f_l, m_l = _area(f_fine, cmp), _area(m_fine, cmp)
         warp_grid = fine if cmp == fine else comparison_shape(fine, 2**d * math.prod(shape))
         f_w, m_w = _area(f_fine, warp_grid), _area(m_fine, warp_grid)
+        masks_l = [None if m is None else _area(m, cmp) for m in masks_fine]
+        masks_w = [None if m is None else _area(m, warp_grid) for m in masks_fine]
         ident = normalized_grid(warp_grid, dev).flip(-1)[None]
         base = torch.zeros(1, d, *shape, device=dev) if v is None else _resample(v, shape)
         intervals = intervals_for_spacing(full, spacings[k])
@@ -319,9 +361,11 @@ def optimize_velocity(
         for _ in range(n_steps):
             opt.zero_grad()
             vk = base + bspline_on_grid(ctrl, weights)
-            wm = _area(warp(m_w, _integrate_xy(vk, steps), ident), cmp)
-            wf = _area(warp_back(f_w, _integrate_xy(-vk, steps), ident), cmp)
-            loss = 0.5 * (_similarity(similarity, f_l, wm) + _similarity(similarity, m_l, wf))
+            u_f, u_b = _integrate_xy(vk, steps), _integrate_xy(-vk, steps)
+            wm = _area(warp(m_w, u_f, ident), cmp)
+            wf = _area(warp_back(f_w, u_b, ident), cmp)
+            w_fwd, w_bwd = mask_weights(masks_l, masks_w, u_f, u_b, ident, cmp) if masked else (None, None)
+            loss = 0.5 * (_similarity(similarity, f_l, wm, w_fwd) + _similarity(similarity, m_l, wf, w_bwd))
             if reg_weight > 0:
                 vv = vk * to_vox
                 loss = loss + reg_weight * R.bending_grid(vv)
@@ -338,8 +382,8 @@ def optimize_velocity(
             on_step(value)
         with torch.no_grad():
             v = base + bspline_on_grid(ctrl.detach(), weights)
-        del f_w, m_w, ident
-    del f_fine, m_fine
+        del f_w, m_w, ident, masks_l, masks_w
+    del f_fine, m_fine, masks_fine
     if v is None:
         v = torch.zeros(1, d, *full, device=dev)
     with torch.no_grad():

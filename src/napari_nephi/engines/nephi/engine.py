@@ -427,6 +427,10 @@ def register_nephi(
                             similarity,
                             lambda loss: report(f"coarse ({len(shapes)} level(s))", loss, None),
                             spacings=spacings,
+                            fixed_mask=fmask,
+                            moving_mask=None
+                            if mmask is None
+                            else warp_through(mmask, low_passed).clamp(0, 1),
                         ),
                         low_passed,
                     )
@@ -447,6 +451,8 @@ def register_nephi(
                         similarity,
                         lambda loss: report(f"coarse ({len(shapes)} level(s))", loss, None),
                         affine=affine_n,
+                        fixed_mask=fmask,
+                        moving_mask=mmask,
                     )
                 elif affine_n is not None:  # no coarse stage: the global map alone comes first
                     zero = torch.zeros(1, d, *[2] * d, device=device)
