@@ -467,11 +467,11 @@ def _extra_pair_job(
         prior = _composed(chain, j, k) if chain is not None and o.refine and guided_pairs else None
         if prior is not None:
             models = ft.MODELS[ft.MODELS.index(o.model) :] if o.model_selection else (o.model,)
-            _, refined, tracks, err = ft.refine(
+            chosen, refined, tracks, err = ft.refine(
                 fj, fk, ft.yx_to_xy(prior), models, o.ransac_threshold, o.min_inliers
             )
             if refined is not None and ft.plausible(refined, shape, o.max_scale):
-                if _confirmed(fj, fk, refined, k - j, o):
+                if _confirmed(fj, fk, refined, chosen, k - j, o):
                     m, guided = refined, True
                     stats = {"inliers": tracks, "reprojection_error": err}
         if m is None:
@@ -486,25 +486,27 @@ def _extra_pair_job(
     return edge
 
 
-def _confirmed(fj: ft.Features, fk: ft.Features, guided: np.ndarray, gap: int, o: _Options) -> bool:
-    """Whether the guided map ``guided`` ((x, y), j -> k) is confirmed by the descriptors.
+def _confirmed(
+    fj: ft.Features, fk: ft.Features, guided: np.ndarray, model: str, gap: int, o: _Options
+) -> bool:
+    """Whether the guided map ``guided`` ((x, y), j -> k, of ``model``) is confirmed by the descriptors.
 
     The tracks of a guided refit end within ``ransac_threshold`` of the chain's map, so they repeat
     a larger chain error instead of showing it. The check: descriptor matches among the keypoints
     of k within ``(4 + gap) * ransac_threshold`` of the guided prediction (generous: each of the
     ``gap`` chained pairs may be off by about the threshold, and a wrong chain several times that
-    still leaves the true matches inside), a RANSAC fit of them, and at least half of its inliers
-    (and ``min_inliers``) within ``ransac_threshold`` of the guided map, as :func:`_refine` asks.
+    still leaves the true matches inside), and a RANSAC fit of ``model`` to them, the best
+    independent solution; the guided map must explain at least half as many of the matches
+    within ``ransac_threshold`` (and ``min_inliers``), as :func:`_refine` asks of a refinement.
     """
     idx = ft.match_near(fj, fk, guided, (4.0 + gap) * o.ransac_threshold, o.ratio)
-    if len(idx) <= max(ft.MIN_POINTS[o.model], o.min_inliers - 1):
+    if len(idx) <= max(ft.MIN_POINTS[model], o.min_inliers - 1):
         return False
     src, dst = fj.points[idx[:, 0]].astype(np.float64), fk.points[idx[:, 1]].astype(np.float64)
-    fit, inl = ft.fit_model(src, dst, o.model, o.ransac_threshold)
-    if fit is None or inl.sum() < o.min_inliers:
-        return False
-    agree = np.linalg.norm(ft.project(guided, src[inl]) - dst[inl], axis=1) <= o.ransac_threshold
-    return bool(agree.sum() >= max(o.min_inliers, 0.5 * inl.sum()))
+    fit, inl = ft.fit_model(src, dst, model, o.ransac_threshold)
+    best = 0 if fit is None else int(inl.sum())
+    agree = int((np.linalg.norm(ft.project(guided, src) - dst, axis=1) <= o.ransac_threshold).sum())
+    return agree >= max(o.min_inliers, 0.5 * best)
 
 
 def _composed(chain: dict, j: int, k: int) -> np.ndarray | None:
