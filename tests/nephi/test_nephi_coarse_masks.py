@@ -18,7 +18,7 @@ import torch
 
 import napari_nephi
 from napari_nephi.core.similarity import lncc, ncc
-from napari_nephi.engines.nephi.coarse import _similarity, optimize_velocity, pyramid_shapes
+from napari_nephi.engines.nephi.coarse import _weighted_similarity, optimize_velocity, pyramid_shapes
 
 from .conftest import pull_back, smooth_displacement
 
@@ -84,14 +84,16 @@ def test_weighted_similarity_with_unit_weights_is_the_unweighted_one(name):
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(1, 1, 24, 20, generator=g), torch.rand(1, 1, 24, 20, generator=g)
     expected = {"ncc": 1 - ncc(a, b), "mse": ((a - b) ** 2).mean(), "lncc": 1 - lncc(a, b, window=5)}[name]
-    assert _similarity(name, a, b) == expected  # the unweighted path is the library's measure
-    torch.testing.assert_close(_similarity(name, a, b, torch.ones_like(a)), expected, rtol=1e-5, atol=1e-6)
+    assert _weighted_similarity(name, a, b, None) == expected  # the unweighted path is the library's measure
+    torch.testing.assert_close(
+        _weighted_similarity(name, a, b, torch.ones_like(a)), expected, rtol=1e-5, atol=1e-6
+    )
     # zero weight on half the voxels: the measure of the other half alone
     w = torch.zeros_like(a)
     w[..., :10] = 1
     if name != "lncc":  # local windows straddle the weight's edge
-        half = _similarity(name, a[..., :10].contiguous(), b[..., :10].contiguous())
-        torch.testing.assert_close(_similarity(name, a, b, w), half, rtol=1e-5, atol=1e-6)
+        half = _weighted_similarity(name, a[..., :10].contiguous(), b[..., :10].contiguous(), None)
+        torch.testing.assert_close(_weighted_similarity(name, a, b, w), half, rtol=1e-5, atol=1e-6)
 
 
 def test_all_ones_masks_give_the_unmasked_field(half_replaced_pair):

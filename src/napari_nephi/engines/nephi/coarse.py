@@ -112,14 +112,18 @@ def pyramid_shapes(shape, factors, max_voxels: int = COARSE_MAX_VOXELS) -> list[
     return out
 
 
-def _similarity(name: str, a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-    """Dissimilarity of ``a`` and ``b``, weighted voxel by voxel by ``w`` in [0, 1] when given."""
+def _similarity(name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if name == "lncc":
+        return 1 - lncc(a, b, window=5)
+    if name == "mse":
+        return ((a - b) ** 2).mean()
+    return 1 - ncc(a, b)
+
+
+def _weighted_similarity(name: str, a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_similarity` with each voxel weighted by ``w`` in [0, 1] (None: unweighted)."""
     if w is None:
-        if name == "lncc":
-            return 1 - lncc(a, b, window=5)
-        if name == "mse":
-            return ((a - b) ** 2).mean()
-        return 1 - ncc(a, b)
+        return _similarity(name, a, b)
     total = w.sum().clamp_min(1e-6)
     if name == "lncc":
         return 1 - (w * _lncc_map(a, b, 5)).sum() / total
@@ -364,8 +368,15 @@ def optimize_velocity(
             u_f, u_b = _integrate_xy(vk, steps), _integrate_xy(-vk, steps)
             wm = _area(warp(m_w, u_f, ident), cmp)
             wf = _area(warp_back(f_w, u_b, ident), cmp)
-            w_fwd, w_bwd = mask_weights(masks_l, masks_w, u_f, u_b, ident, cmp) if masked else (None, None)
-            loss = 0.5 * (_similarity(similarity, f_l, wm, w_fwd) + _similarity(similarity, m_l, wf, w_bwd))
+            if masked:
+                w_fwd, w_bwd = mask_weights(masks_l, masks_w, u_f, u_b, ident, cmp)
+                sims = (
+                    _weighted_similarity(similarity, f_l, wm, w_fwd),
+                    _weighted_similarity(similarity, m_l, wf, w_bwd),
+                )
+            else:
+                sims = _similarity(similarity, f_l, wm), _similarity(similarity, m_l, wf)
+            loss = 0.5 * (sims[0] + sims[1])
             if reg_weight > 0:
                 vv = vk * to_vox
                 loss = loss + reg_weight * R.bending_grid(vv)
