@@ -60,6 +60,25 @@ def test_known_smooth_distortion_is_recovered_and_the_others_stay_put(distorted)
     np.testing.assert_array_equal(warped[0], d["base"])  # zero field: exactly the plain warp
 
 
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_two_sections_meet_halfway_and_stay(distorted, iterations):
+    """Section 1 is section 0 distorted by a known d: with neighbours on one side only, each
+    takes half the step (a full step each swapped them, and the next pass swapped them back)."""
+    d = distorted
+    stack = d["stack"][2:4]  # the base, then the distorted section
+    n, h, w = stack.shape
+    mats = np.repeat(np.eye(3)[None], n, axis=0)
+    fields = elastic_fields(
+        lambda k: stack[k], mats, (h, w), spacing=16, radius=4, scale=1.0, iterations=iterations
+    )
+    t = ElasticSectionTransform(mats, fields, shape=(n, h, w))
+    p = _inner_points((h, w), d["pad"])
+    half = 0.5 * d["d"][p[:, 0].astype(int), p[:, 1].astype(int)]
+    scale = np.abs(half).mean()
+    assert np.abs(t.field_at(1, p) + half).mean() < 0.3 * scale  # samples at p - d/2
+    assert np.abs(t.field_at(0, p) - half).mean() < 0.3 * scale  # and section 0 at p + d/2
+
+
 def test_identical_sections_get_zero_fields(em):
     stack = np.stack([em["stack"][1]] * 4)
     reg = align_stack(stack, model="rigid", elastic=True, warp=False, workers=2)

@@ -101,7 +101,8 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers)
     Sections are done in blocks of ``2 * workers`` over the threads (OpenCV releases the GIL).
     The flow of a pair is computed once, from the lower section to the higher; the other
     direction is its negative (exact to first order for the smooth, small flows between
-    aligned neighbours). Only the resampled work images and the flows of a block and its
+    aligned neighbours). A section whose neighbours all lie on one side takes half its
+    step. Only the resampled work images and the flows of a block and its
     ``radius`` margins are kept."""
     n = len(matrices)
     images: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -119,14 +120,18 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers)
         img_k, valid_k = images[k]
         if not valid_k.any():  # a blank section: no field
             return
-        towards, valid = [], valid_k.astype(bool)
+        towards, sides, valid = [], set(), valid_k.astype(bool)
         for j in range(max(0, k - radius), min(n, k + radius + 1)):
             if j == k or not images[j][1].any():
                 continue
             towards.append(flows[k, j] if k < j else -flows[j, k])
+            sides.add(j > k)
             valid &= images[j][1].astype(bool)
         if towards and valid.any():
-            fields[k] = _to_grid(-np.median(np.stack(towards), axis=0) / s, valid, grid, smooth)
+            # neighbours on one side only (stack ends, two sections): they move toward k as well,
+            # so a full step would overshoot (two sections would swap places): a half step
+            gain = 0.5 if len(sides) == 1 else 1.0
+            fields[k] = _to_grid(-gain * np.median(np.stack(towards), axis=0) / s, valid, grid, smooth)
 
     block = 2 * workers
     with ThreadPoolExecutor(max_workers=workers) as ex:
