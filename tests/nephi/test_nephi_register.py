@@ -92,10 +92,10 @@ def test_learning_rate_warms_up_then_decays():
     assert f[0] == pytest.approx(0.05) and all(a < b for a, b in zip(f[:19], f[1:20]))  # linear ramp
     assert max(f) == pytest.approx(f[19]) and f[19] > 0.9  # the (decaying) full rate after the warm-up
     assert all(a >= b for a, b in zip(f[19:], f[20:])) and f[-1] == pytest.approx(0.1, abs=0.01)
-    # one entry per grid, then the finer-knot level on the last grid (coarse.FINER_LEVEL)
+    # one entry per grid, then the finer-knot level on the last grid (unless finer=False)
     assert level_iterations(100, 2) == [50, 100, 100] and level_iterations(150, 3) == [50, 100, 150, 150]
     assert level_iterations(0, 2) == [0, 0, 0] and level_iterations(1, 3) == [1, 1, 1, 1]
-    assert level_iterations(100, 0) == []
+    assert level_iterations(100, 0) == [] and level_iterations(100, 2, finer=False) == [50, 100]
 
 
 def test_2d_transform_round_trips_through_files(camera_result, tmp_path):

@@ -61,6 +61,9 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     "bspline_spacing": (0.0, 1e6, False),
 }
 
+#: Options that are True or False.
+BOOLS = ("chunked", "coarse_finer_level")
+
 CHOICES: dict[str, Sequence[str]] = {
     "regularizer": REGULARIZERS,
     "representation": REPRESENTATIONS,
@@ -85,7 +88,7 @@ def check_options(options: dict[str, Any]) -> None:
             check_float(name, value, low, high, low_open=low_open)
         elif name in CHOICES:
             check_choice(name, value, CHOICES[name])
-        elif name == "chunked":
+        elif name in BOOLS:
             check_bool(name, value)
 
 

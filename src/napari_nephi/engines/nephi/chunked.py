@@ -318,6 +318,7 @@ def optimize_pair(
     stage: str,
     fixed_mask: torch.Tensor | None = None,
     moving_mask: torch.Tensor | None = None,
+    finer_level: bool = True,
 ) -> tuple[Maps, list[float]]:
     """The optimise mode on one pair ``(1, 1, *shape)``: coarse stage (``levels > 1``) + NePhi field."""
     shape = tuple(fixed.shape[2:])
@@ -335,6 +336,7 @@ def optimize_pair(
             lambda loss: report(f"{stage}: coarse", loss, None),
             fixed_mask=fixed_mask,
             moving_mask=moving_mask,
+            finer_level=finer_level,
         )
     field = NeuralDeformationField(cfg).to(fixed.device)
     codes = zero_codes(cfg, local_grid_shape(shape, local_stride), device=fixed.device)
@@ -355,10 +357,18 @@ def optimize_pair(
     return maps, history
 
 
-def total_steps(plan: ChunkPlan, levels: int, coarse_iterations: int, iterations: int, chunk_iterations: int):
+def total_steps(
+    plan: ChunkPlan,
+    levels: int,
+    coarse_iterations: int,
+    iterations: int,
+    chunk_iterations: int,
+    finer_level: bool = True,
+) -> int:
+    """Progress steps of :func:`register_chunked` (``finer_level``: whether the finer-knot level runs)."""
     shapes = pyramid_shapes(plan.global_shape, [2**k for k in range(levels - 1, 0, -1)]) if levels > 1 else []
     return (
-        sum(level_iterations(coarse_iterations, len(shapes)))
+        sum(level_iterations(coarse_iterations, len(shapes), finer_level))
         + iterations
         + chunk_iterations * len(plan.boxes)
     )
@@ -383,6 +393,7 @@ def register_chunked(
     fixed_mask: np.ndarray | None = None,
     moving_mask: np.ndarray | None = None,
     backward: bool = True,
+    coarse_finer_level: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Divide-and-downsample registration of ``moving`` onto ``fixed`` (same grid, numpy arrays).
 
@@ -418,6 +429,7 @@ def register_chunked(
         "global",
         fm_g,
         mm_g,
+        finer_level=coarse_finer_level,
     )
     del fix_g, mov_g, fm_g, mm_g
     gforward, gbackward = _frozen(gmaps.forward), _frozen(gmaps.backward)

@@ -222,36 +222,47 @@ class FlooredAdam:
 MOMENT_FLOOR = 0.3
 
 
-#: Weight of a membrane energy (mean squared first differences of ``v`` in voxels of the level's
-#: grid) beside the bending energy, as a fraction of the coarse stage's bending weight; 0: off.
-#: Measured and left off (benchmarks/README.md): at 0.1 it pulled the extension across large
-#: flat regions towards a harmonic one (issue-13 benchmark, 256 px, flat disc's textureless part at
-#: 1 / 2 / 4 %: 1.62 / 1.17 / 2.81 -> 1.09 / 1.02 / 2.38 px; camera's sky at 1 %: 0.85 -> 0.72 px),
-#: but cost up to 0.12 px on the retina at 256 px and doubled the error on 512 px cell images
-#: (nephi_general2d.py cases, cell 1 % 0.036 -> 0.089 px, 2 % 0.197 -> 0.415 px).
-MEMBRANE_RATIO = 0.0
-
-#: After the last grid, one more level on the same grid with half its knot spacing (at least one
-#: voxel of the grid), running as many steps: fields that vary over about eight pixels at 256 px
-#: (1 % deformations of the issue-13 benchmark) need knots that close (IHC 1 %: 0.167 -> 0.044 px,
-#: flat disc 1 %: 0.462 -> 0.243 px, benchmarks/README.md). Halving the knots of every level
-#: instead (16 and 8 px) lost the disc's textureless part at 4 % (3.26 px against 2.81), and (with
-#: the membrane term) giving the finer level half of the last level's steps instead of its own
-#: left the coarser level unconverged (disc 1 %: 1.62 px without texture against 1.09). On
-#: 512 px images it changed little (nephi_general2d.py cases, cell 2 % 0.202 -> 0.197 px) and
-#: doubles the coarse stage's CPU time.
-FINER_LEVEL = True
+#: The finer-knot level (option ``finer_level`` of :func:`optimize_velocity`, the engine's
+#: ``coarse_finer_level``): after the last grid, one more level on the same grid with half its knot
+#: spacing (at least one voxel of the grid), running as many steps. Fields that vary over about
+#: eight pixels at 256 px (1 % deformations of the issue-13 benchmark) need knots that close (IHC
+#: 1 %: 0.167 -> 0.044 px, flat disc 1 %: 0.462 -> 0.243 px, benchmarks/README.md). Halving the
+#: knots of every level instead (16 and 8 px) lost the disc's textureless part at 4 % (3.26 px
+#: against 2.81), and giving the finer level half of the last level's steps instead of its own left
+#: the coarser level unconverged. On 512 px images it changed little (nephi_general2d.py cases,
+#: cell 2 % 0.202 -> 0.197 px); it doubles the coarse stage's CPU time. A membrane energy beside
+#: the bending one was tried and left off (benchmarks/README.md).
 
 
-def level_iterations(iterations: int, levels: int) -> list[int]:
+def finer_level_runs(finer_level: bool, reg_weight: float) -> bool:
+    """Whether the finer-knot level runs: asked for and with a bending penalty. Unregularised, its
+    knots fit noise (128 px astronaut, 4 px field on 32 px: endpoint error 0.049 px without the
+    level, 0.142 with it)."""
+    return bool(finer_level) and reg_weight > 0
+
+
+def level_iterations(iterations: int, levels: int, finer: bool = True) -> list[int]:
     """Steps of each coarse level (coarse first) for ``levels`` grids: the finest grid runs
     ``iterations``, level ``k`` a ``(k + 1) / levels`` share, since a coarse level's few knots
-    converge sooner; with :data:`FINER_LEVEL` the finer-knot level on the last grid follows with
+    converge sooner; with ``finer`` the finer-knot level on the last grid follows with
     ``iterations`` more (``levels + 1`` entries)."""
     if levels <= 0:
         return []
     steps = [max(1, iterations * (k + 1) // levels) if iterations > 0 else 0 for k in range(levels)]
-    return steps + steps[-1:] if FINER_LEVEL else steps
+    return steps + steps[-1:] if finer else steps
+
+
+def level_spacings(shape, grids, spacings=None, finer: bool = True) -> list[float]:
+    """Knot spacing (voxels of ``shape``) of every coarse level run on ``grids``: ``spacings`` (default
+    :func:`knot_spacings`), then with ``finer`` the finer-knot level's, half the last one but at
+    least one voxel of the last grid."""
+    if not grids:
+        return []
+    out = knot_spacings(shape, grids) if spacings is None else [float(s) for s in spacings[: len(grids)]]
+    if finer:
+        last_factor = max(n / m for n, m in zip(shape, grids[-1]))
+        out.append(max(out[-1] / 2, last_factor))
+    return out
 
 
 def optimize_velocity(
@@ -269,15 +280,16 @@ def optimize_velocity(
     affine: torch.Tensor | None = None,
     fixed_mask: torch.Tensor | None = None,
     moving_mask: torch.Tensor | None = None,
+    finer_level: bool = True,
 ) -> DenseMaps:
     """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
 
     At each level the velocity is the previous levels' (frozen) plus a cubic B-spline with knots
     ``spacings[k]`` voxels of the image apart (default :func:`knot_spacings`, halving with the
     grid), evaluated on the level's grid and integrated there by scaling and squaring; the level
-    runs :func:`level_iterations` steps of Adam; with :data:`FINER_LEVEL` a last level on the last
-    grid halves the knot spacing once more. ``reg_weight`` weights the bending energy of ``v`` in
-    voxels of the level's grid (plus :data:`MEMBRANE_RATIO` times its membrane energy): the spline
+    runs :func:`level_iterations` steps of Adam; with ``finer_level`` and ``reg_weight > 0``
+    (:func:`finer_level_runs`) a last level on the last grid halves the knot spacing once more.
+    ``reg_weight`` weights the bending energy of ``v`` in voxels of the level's grid: the spline
     alone keeps ``v`` smooth, the penalty fills in regions without texture from their surroundings.
 
     The last level warps the images on the full grid (or the finest downsampling with at most
@@ -304,7 +316,6 @@ def optimize_velocity(
     d = fixed.dim() - 2
     full = tuple(fixed.shape[2:])
     dev = fixed.device
-    spacings = knot_spacings(full, shapes) if spacings is None else list(spacings)
     fine = comparison_shape(full, compare_max_voxels)
     f_fine, m_fine = _area(fixed, fine), _area(moving, fine)
     masks_fine = [None if m is None else _area(m.to(fixed.dtype), fine) for m in (fixed_mask, moving_mask)]
@@ -341,12 +352,12 @@ def optimize_velocity(
         w_bwd = mk_l if w_bwd is None else (w_bwd if mk_l is None else w_bwd * mk_l)
         return w_fwd, w_bwd
 
-    steps_per = level_iterations(iterations, len(shapes))
-    if len(steps_per) > len(shapes):  # the finer-knot level on the last grid (FINER_LEVEL)
-        last_factor = max(n / m for n, m in zip(full, shapes[-1]))
-        spacings = [*spacings[: len(shapes)], max(spacings[len(shapes) - 1] / 2, last_factor)]
+    finer = finer_level_runs(finer_level, reg_weight)
+    steps_per = level_iterations(iterations, len(shapes), finer)
+    spacings = level_spacings(full, shapes, spacings, finer)
+    if finer and shapes:  # the finer-knot level on the last grid
         shapes = [*shapes, shapes[-1]]
-    n_last = len(steps_per) - (2 if FINER_LEVEL else 1)  # the first level on the finest grid
+    n_last = len(steps_per) - (2 if finer else 1)  # the first level on the finest grid
     v = None
     for k, (shape, n_steps) in enumerate(zip(shapes, steps_per)):
         cmp = fine if k >= n_last else tuple(shape)
@@ -378,10 +389,7 @@ def optimize_velocity(
                 sims = _similarity(similarity, f_l, wm), _similarity(similarity, m_l, wf)
             loss = 0.5 * (sims[0] + sims[1])
             if reg_weight > 0:
-                vv = vk * to_vox
-                loss = loss + reg_weight * R.bending_grid(vv)
-                if MEMBRANE_RATIO > 0:
-                    loss = loss + reg_weight * MEMBRANE_RATIO * R.diffusion_grid(vv)
+                loss = loss + reg_weight * R.bending_grid(vk * to_vox)
             value = float(loss.detach())
             if not math.isfinite(value):  # before the backward pass, which a NaN grid can crash
                 raise InputError(

@@ -46,7 +46,14 @@ from ..registry import register_engine
 from . import chunked as chunking
 from .bspline import intervals_for_spacing
 from .checks import check_options, check_result, check_run_memory, optimised_similarity
-from .coarse import DenseMaps, level_iterations, optimize_velocity, pyramid_shapes
+from .coarse import (
+    DenseMaps,
+    finer_level_runs,
+    level_iterations,
+    level_spacings,
+    optimize_velocity,
+    pyramid_shapes,
+)
 from .dense import Previewer, dense_displacement, inside_mask, inverse_consistency
 from .field import FieldConfig, NeuralDeformationField, local_grid_shape, zero_codes
 from .initial import INITIALS, MIN_OVERLAP, normalized_matrix, run_global_stage
@@ -149,6 +156,7 @@ def register_nephi(
     levels: int | None = None,
     coarse_iterations: int | None = None,
     coarse_reg_weight: float = 0.1,
+    coarse_finer_level: bool = True,
     learning_rate: float | None = None,
     code_learning_rate: float | None = None,
     hidden: int | None = None,
@@ -183,6 +191,11 @@ def register_nephi(
     cap. Points for the regulariser: ``reg_points``, or 1e-4 of the voxels clipped to [64, the
     preset's cap (200 or 500)]. ``cycle_weight`` (default: 0 with
     GradICON or cycle consistency, else the cycle weight) keeps the backward field the inverse.
+
+    ``coarse_finer_level`` (default True): after the coarse stage's last grid, one more level on it
+    with half its knot spacing (:mod:`.coarse`); it runs only with ``coarse_reg_weight > 0``
+    (unregularised, its knots fit noise). Settings record it and the knot spacing of every level run
+    (``coarse_spacings``); False runs the stage as before the level was added.
 
     ``learning_rate`` and ``code_learning_rate`` (Adam, networks and latent codes) default to
     :data:`LEARNING_RATES`: a quarter of the rates after a coarse stage, which the field refines.
@@ -328,10 +341,13 @@ def register_nephi(
     refine = iterations if mode != "predict" else 0
     if use_chunks:  # the global pass runs the coarse stage on the downsampled pair
         shapes = pyramid_shapes(plan.global_shape, factors) if levels > 1 else []
-    coarse_steps = sum(level_iterations(coarse_iterations, len(shapes)))
+    finer = finer_level_runs(coarse_finer_level, coarse_reg_weight)
+    coarse_spacings = level_spacings(plan.global_shape if use_chunks else fshape, shapes, spacings, finer)
+    coarse_label = f"coarse ({len(coarse_spacings)} level(s))"
+    coarse_steps = sum(level_iterations(coarse_iterations, len(shapes), finer))
     total = coarse_steps + refine + (1 if predicting else 0)
     if use_chunks:
-        total = chunking.total_steps(plan, levels, coarse_iterations, iterations, chunk_iterations)
+        total = chunking.total_steps(plan, levels, coarse_iterations, iterations, chunk_iterations, finer)
     counter = {"step": 0}
     stage0 = affine_n = None
     initial_steps, initial_metrics = 0, {}
@@ -394,6 +410,7 @@ def register_nephi(
                 fixed_mask=pair.fixed_mask,
                 moving_mask=moving_mask if offset is None else None,
                 backward=offset is None,
+                coarse_finer_level=coarse_finer_level,
             )
         global_loss = chunk_info.pop("global_final_loss")
         history = [] if global_loss is None else [global_loss]
@@ -425,12 +442,13 @@ def register_nephi(
                             coarse_iterations,
                             coarse_reg_weight,
                             similarity,
-                            lambda loss: report(f"coarse ({len(shapes)} level(s))", loss, None),
+                            lambda loss: report(coarse_label, loss, None),
                             spacings=spacings,
                             fixed_mask=fmask,
                             moving_mask=None
                             if mmask is None
                             else warp_through(mmask, low_passed).clamp(0, 1),
+                            finer_level=coarse_finer_level,
                         ),
                         low_passed,
                     )
@@ -449,10 +467,11 @@ def register_nephi(
                         coarse_iterations,
                         coarse_reg_weight,
                         similarity,
-                        lambda loss: report(f"coarse ({len(shapes)} level(s))", loss, None),
+                        lambda loss: report(coarse_label, loss, None),
                         affine=affine_n,
                         fixed_mask=fmask,
                         moving_mask=mmask,
+                        finer_level=coarse_finer_level,
                     )
                 elif affine_n is not None:  # no coarse stage: the global map alone comes first
                     zero = torch.zeros(1, d, *[2] * d, device=device)
@@ -500,6 +519,7 @@ def register_nephi(
         "iterations": refine,
         "coarse_iterations": coarse_steps,
         "levels": len(shapes) + 1,
+        "coarse_levels": len(coarse_spacings) if coarse_steps > 0 else 0,
         "final_loss": history[-1] if history else None,
         "seconds_optimisation": seconds_opt,
         "sample_points": settings_opt.sample_points,
@@ -537,7 +557,9 @@ def register_nephi(
         "levels": len(shapes) + 1 if predicting else levels,
         "coarse_iterations": coarse_iterations,
         "coarse_reg_weight": coarse_reg_weight,
+        "coarse_finer_level": coarse_finer_level,
         "coarse_shapes": [list(sh) for sh in shapes],
+        "coarse_spacings": [float(sp) for sp in coarse_spacings],
         "sample_fraction": sample_fraction,
         "local_stride": local_stride,
         "seed": seed,
