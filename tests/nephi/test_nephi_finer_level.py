@@ -58,3 +58,23 @@ def test_level_spacings_halve_the_last_down_to_one_grid_voxel():
 def test_finer_level_option_must_be_a_bool(pair):
     with pytest.raises(InputError, match="coarse_finer_level must be true or false"):
         nn.register(*pair, coarse_finer_level="yes", **RUN)
+
+
+@pytest.mark.parametrize("finer", [True, False])
+def test_chunked_global_pass_follows_the_option(pair, finer):
+    events = []
+    tiny = dict(sample_points=64, reg_points=4, hidden=8, layers=1, n_frequencies=4, local_dim=0)
+    options = dict(RUN, levels=2, iterations=1, chunk_iterations=1, chunk_size=32, chunk_overlap=8)
+    reg = nn.register(
+        *pair,
+        chunked=True,
+        global_factor=2,
+        coarse_finer_level=finer,
+        progress=events.append,
+        **options,
+        **tiny,
+    )
+    coarse = [e for e in events if e.stage == "global: coarse"]
+    assert len(coarse) == reg.metrics["coarse_iterations"] == sum(level_iterations(4, 1, finer))
+    assert [e.step for e in events] == list(range(1, events[-1].total + 1))
+    assert len(reg.settings["coarse_spacings"]) == 1 + finer
