@@ -151,10 +151,12 @@ def test_a_further_pair_starts_from_the_chain_only_through_real_matches():
     assert _composed({4: chain[4]}, 2, 4) is None  # a pair not given
 
 
-def test_a_guided_further_pair_does_not_repeat_a_wrong_chain_map(monkeypatch):
-    """A neighbour map 8 px off (no fallback flagged): the further pairs across it must not just
-    repeat it (a guided refit lands within ransac_threshold of the chain), so the solve sees them
-    disagree with the chain."""
+@pytest.mark.parametrize(("reference", "bad"), [(0, 4), (7, 3)])
+def test_a_guided_further_pair_does_not_repeat_a_wrong_chain_map(monkeypatch, reference, bad):
+    """A neighbour map 8 px off (no fallback flagged), between sections 3 and 4, aligned upward from
+    section 0 or downward from section 7: the further pairs across it must not just repeat it (a
+    guided refit lands within ransac_threshold of the chain), so the solve sees them disagree with
+    the chain."""
     import napari_nephi.engines.mito.align as al
     from napari_nephi.synthetic import em_stack
 
@@ -163,12 +165,17 @@ def test_a_guided_further_pair_does_not_repeat_a_wrong_chain_map(monkeypatch):
 
     def wrong_pair_job(sections, futs, k, chain, shape):
         r = pair_job(sections, futs, k, chain, shape)
-        return r if k != 4 else al._PairResult(r.section, r.source, r.matrix @ _shift(8.0, -8.0), r.row)
+        return r if k != bad else al._PairResult(r.section, r.source, r.matrix @ _shift(8.0, -8.0), r.row)
 
     monkeypatch.setattr(al, "_pair_job", wrong_pair_job)
-    reg = align_stack(d["stack"], masks=d["masks"], warp=False, workers=1, neighbours=3)
+    reg = align_stack(d["stack"], masks=d["masks"], warp=False, workers=1, neighbours=3, reference=reference)
     rows = reg.metrics["report"]
-    across = [p for k in (4, 5, 6) for p in rows[k]["pairs"] if p["neighbour"] < 4 and k - p["neighbour"] > 1]
+    across = [
+        p
+        for k in range(8)
+        for p in rows[k]["pairs"]
+        if min(k, p["neighbour"]) <= 3 < max(k, p["neighbour"]) and abs(k - p["neighbour"]) > 1
+    ]
     assert len(across) == 2 + 2 + 1
     assert all(p["residual"] > 3.0 and p["robust_weight"] < 1.0 for p in across)
 

@@ -471,7 +471,7 @@ def _extra_pair_job(
                 fj, fk, ft.yx_to_xy(prior), models, o.ransac_threshold, o.min_inliers
             )
             if refined is not None and ft.plausible(refined, shape, o.max_scale):
-                if _confirmed(fj, fk, refined, chosen, k - j, o):
+                if _confirmed(fj, fk, refined, chosen, abs(k - j), o):
                     m, guided = refined, True
                     stats = {"inliers": tracks, "reprojection_error": err}
         if m is None:
