@@ -79,6 +79,25 @@ def test_two_sections_meet_halfway_and_stay(distorted, iterations):
     assert np.abs(t.field_at(0, p) - half).mean() < 0.3 * scale  # and section 0 at p + d/2
 
 
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_a_distorted_end_section_is_corrected_like_a_middle_one(distorted, iterations):
+    """The distorted section first in a stack of seven: its neighbours, for which it is one vote
+    among several, stay put, so it takes the full step (a half step left a quarter of d)."""
+    d = distorted
+    stack = np.concatenate([d["stack"][3:4], np.delete(d["stack"], 3, axis=0)])
+    n, h, w = stack.shape
+    mats = np.repeat(np.eye(3)[None], n, axis=0)
+    fields = elastic_fields(
+        lambda k: stack[k], mats, (h, w), spacing=16, radius=2, scale=1.0, iterations=iterations
+    )
+    assert np.abs(fields[1:]).max() < 0.05
+    t = ElasticSectionTransform(mats, fields, shape=(n, h, w))
+    p = _inner_points((h, w), d["pad"])
+    truth = d["d"][p[:, 0].astype(int), p[:, 1].astype(int)]
+    err = np.abs(t.field_at(0, p) + truth).mean()
+    assert err < 0.15 * np.abs(truth).mean(), (err, np.abs(truth).mean())
+
+
 def test_identical_sections_get_zero_fields(em):
     stack = np.stack([em["stack"][1]] * 4)
     reg = align_stack(stack, model="rigid", elastic=True, warp=False, workers=2)

@@ -15,7 +15,8 @@ section) by a smooth local linear fit over the pixels with content (:func:`_to_g
 
 The flow of each pair is computed once and used with its sign reversed for the other section.
 
-Sections at the ends of the stack have neighbours on one side only. Only one section's
+Two sections that only have each other (a two-section stack) take half steps each, so they meet
+halfway instead of swapping places. Only one section's
 neighbours are held in memory at a time (a sliding window of resampled work images), so long,
 lazily read stacks stay bounded in memory.
 """
@@ -101,8 +102,8 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers)
     Sections are done in blocks of ``2 * workers`` over the threads (OpenCV releases the GIL).
     The flow of a pair is computed once, from the lower section to the higher; the other
     direction is its negative (exact to first order for the smooth, small flows between
-    aligned neighbours). A section whose neighbours all lie on one side takes half its
-    step. Only the resampled work images and the flows of a block and its
+    aligned neighbours). Two sections that only have each other take half steps (full
+    steps would swap them). Only the resampled work images and the flows of a block and its
     ``radius`` margins are kept."""
     n = len(matrices)
     images: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -116,21 +117,25 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers)
         a, b = pair
         return local.dis.calc(images[a][0], images[b][0], None)  # img_a(p) ~ img_b(p + flow(p))
 
+    def partners(k: int) -> list[int]:
+        """The sections with content within ``radius`` of ``k``."""
+        lo, hi = max(0, k - radius), min(n, k + radius + 1)
+        return [j for j in range(lo, hi) if j != k and images[j][1].any()]
+
     def one(k: int) -> None:
         img_k, valid_k = images[k]
         if not valid_k.any():  # a blank section: no field
             return
-        towards, sides, valid = [], set(), valid_k.astype(bool)
-        for j in range(max(0, k - radius), min(n, k + radius + 1)):
-            if j == k or not images[j][1].any():
-                continue
+        towards, valid = [], valid_k.astype(bool)
+        near = partners(k)
+        for j in near:
             towards.append(flows[k, j] if k < j else -flows[j, k])
-            sides.add(j > k)
             valid &= images[j][1].astype(bool)
         if towards and valid.any():
-            # neighbours on one side only (stack ends, two sections): they move toward k as well,
-            # so a full step would overshoot (two sections would swap places): a half step
-            gain = 0.5 if len(sides) == 1 else 1.0
+            # two sections that only have each other (a two-section stack): each moves toward the
+            # other, so full steps would swap them; a half step each meets halfway. A section with
+            # more partners is one vote among several for them, so it takes the full step.
+            gain = 0.5 if len(near) == 1 and partners(near[0]) == [k] else 1.0
             fields[k] = _to_grid(-gain * np.median(np.stack(towards), axis=0) / s, valid, grid, smooth)
 
     block = 2 * workers
