@@ -110,3 +110,20 @@ def test_all_ones_masks_give_the_unmasked_field(half_replaced_pair):
     assert float(plain.forward_grid.abs().max()) * scale > 2.0  # it moved
     torch.testing.assert_close(masked.forward_grid * scale, plain.forward_grid * scale, rtol=0, atol=1e-3)
     torch.testing.assert_close(masked.backward_grid * scale, plain.backward_grid * scale, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["ncc", "mse", "lncc"])
+def test_weighted_similarity_does_not_depend_on_the_weights_scale(name):
+    """Pooled fractional weights can sum to less than 1 on a coarse grid: the measure must not
+    change with their scale (ncc's weighted means once divided by sum(w) clamped at 1)."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(1, 1, 16, 16, generator=g)
+    w = torch.rand(1, 1, 16, 16, generator=g)
+    for b in (a + 5, 2 * a - 1, torch.rand(1, 1, 16, 16, generator=g)):
+        torch.testing.assert_close(
+            _weighted_similarity(name, a, b, 1e-3 * w),
+            _weighted_similarity(name, a, b, w),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    assert _weighted_similarity("ncc", a, a + 5, 1e-3 * w) == pytest.approx(0.0, abs=1e-5)

@@ -78,3 +78,10 @@ def test_chunked_global_pass_follows_the_option(pair, finer):
     assert len(coarse) == reg.metrics["coarse_iterations"] == sum(level_iterations(4, 1, finer))
     assert [e.step for e in events] == list(range(1, events[-1].total + 1))
     assert len(reg.settings["coarse_spacings"]) == 1 + finer
+
+
+def test_finer_level_none_means_the_default(pair):
+    """None (automatic) is the default True, and the settings say so (it once read as False)."""
+    reg, stages = _run(pair, coarse_finer_level=None)
+    assert reg.settings["coarse_finer_level"] is True and reg.metrics["coarse_levels"] == 3
+    assert len(stages) == sum(level_iterations(4, 2))

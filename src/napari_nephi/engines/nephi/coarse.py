@@ -129,7 +129,9 @@ def _weighted_similarity(name: str, a: torch.Tensor, b: torch.Tensor, w: torch.T
         return 1 - (w * _lncc_map(a, b, 5)).sum() / total
     if name == "mse":
         return (w * (a - b) ** 2).sum() / total
-    return 1 - ncc(a, b, w)
+    # ncc's weighted means divide by sum(w) clamped at 1 (made for 0/1 masks); scaled to a maximum
+    # of 1, pooled fractional weights summing to less than 1 stay exact
+    return 1 - ncc(a, b, w / w.max().clamp_min(1e-12))
 
 
 def _lncc_map(a: torch.Tensor, b: torch.Tensor, window: int) -> torch.Tensor:

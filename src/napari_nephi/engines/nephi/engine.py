@@ -222,6 +222,8 @@ def register_nephi(
     steps on 2D images unless ``iterations`` asks for them; ``levels=1`` refines the predicted codes.
     """
     check_options(dict(locals()))  # types and ranges, before any work (a NaN can crash torch)
+    if coarse_finer_level is None:  # automatic: the default (None would read as False below)
+        coarse_finer_level = True
     if mode not in MODES:
         raise InputError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
     d = pair.fixed.ndim
