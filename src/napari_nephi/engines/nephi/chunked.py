@@ -31,7 +31,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ...core.errors import InputError
 from ...core.grid import normalized_to_voxel, voxel_to_normalized
@@ -41,6 +40,7 @@ from .coarse import grid_sample_points, level_iterations, optimize_velocity, pyr
 from .dense import DENSE_CHUNK, dense_displacement
 from .field import FieldConfig, NeuralDeformationField, local_grid_shape, zero_codes
 from .optimize import Maps, OptimizeSettings, optimize_field
+from .smoothing import blur_axis
 
 #: In chunked mode one chunk, and the downsampled global pass, hold at most ``max_voxels / 8`` voxels.
 PIECE_FRACTION = 8
@@ -139,14 +139,7 @@ def _normalise(block: np.ndarray, rng: tuple[float, float], device) -> torch.Ten
 def _blur_axis(t: torch.Tensor, axis: int, sigma: float) -> torch.Tensor:
     if sigma <= 0 or t.shape[axis] < 2:
         return t
-    r = max(1, math.ceil(3 * sigma))
-    x = torch.arange(-r, r + 1, dtype=t.dtype, device=t.device)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = (k / k.sum()).reshape(1, 1, -1)
-    moved = t.movedim(axis, -1)
-    flat = moved.reshape(-1, 1, moved.shape[-1])
-    flat = F.conv1d(F.pad(flat, (r, r), mode="replicate"), k)
-    return flat.reshape(moved.shape).movedim(-1, axis)
+    return blur_axis(t, axis, sigma, max(1, math.ceil(3 * sigma)))
 
 
 def _resample_axis(t: torch.Tensor, axis: int, pos: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .coarse import DenseMaps, knot_spacings, normalized_grid, pyramid_shapes
 from .field import Codes, NeuralDeformationField
+from .smoothing import blur_axis
 
 #: Points per call when a field is evaluated on its grid.
 _CHUNK = 1 << 15
@@ -71,13 +72,7 @@ def gaussian_smoothed(grid: torch.Tensor, sigma) -> torch.Tensor:
         n = out.shape[2 + axis]
         if sg < 0.3 or n < 2:
             continue
-        r = min(int(math.ceil(3 * sg)), n - 1)
-        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=out.dtype, device=out.device) / sg) ** 2)
-        k = (k / k.sum()).reshape(1, 1, -1)
-        moved = torch.movedim(out, 2 + axis, -1)
-        lead = moved.shape[:-1]
-        flat = F.pad(moved.reshape(-1, 1, n), (r, r), mode="replicate")
-        out = torch.movedim(F.conv1d(flat, k).reshape(*lead, n), -1, 2 + axis)
+        out = blur_axis(out, 2 + axis, sg, min(int(math.ceil(3 * sg)), n - 1))
     return out.contiguous()
 
 
