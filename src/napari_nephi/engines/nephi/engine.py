@@ -422,6 +422,23 @@ def register_nephi(
             mov_t = torch.as_tensor(normalize_intensity(moving_on_fixed), device=device)[None, None]
             fmask = _mask_tensor(pair.fixed_mask, device)
             mmask = _mask_tensor(moving_mask, device) if offset is None else None
+
+            def coarse_stage(moving, moving_mask, **kw) -> DenseMaps:
+                """The B-spline coarse stage of ``fix_t`` against ``moving`` (its progress steps)."""
+                return optimize_velocity(
+                    fix_t,
+                    moving,
+                    shapes,
+                    coarse_iterations,
+                    coarse_reg_weight,
+                    similarity,
+                    lambda loss: report(coarse_label, loss, None),
+                    fixed_mask=fmask,
+                    moving_mask=moving_mask,
+                    finer_level=coarse_finer_level,
+                    **kw,
+                )
+
             coarse: DenseMaps | None = None
             if predicting:
                 # Work on a copy: neither prediction (eval mode) nor refinement touches the stored model.
@@ -436,22 +453,9 @@ def register_nephi(
                 report("predict", None, predicted.forward)
                 if shapes:  # predict+refine: the coarse stage from the prediction, then as optimize
                     low_passed = low_passed_maps(predicted)
+                    mmask_low = None if mmask is None else warp_through(mmask, low_passed).clamp(0, 1)
                     coarse = ComposedMaps(
-                        optimize_velocity(
-                            fix_t,
-                            warp_through(mov_t, low_passed),
-                            shapes,
-                            coarse_iterations,
-                            coarse_reg_weight,
-                            similarity,
-                            lambda loss: report(coarse_label, loss, None),
-                            spacings=spacings,
-                            fixed_mask=fmask,
-                            moving_mask=None
-                            if mmask is None
-                            else warp_through(mmask, low_passed).clamp(0, 1),
-                            finer_level=coarse_finer_level,
-                        ),
+                        coarse_stage(warp_through(mov_t, low_passed), mmask_low, spacings=spacings),
                         low_passed,
                     )
                     field = NeuralDeformationField(cfg).to(device)
@@ -462,19 +466,7 @@ def register_nephi(
                     cfg, field = work.cfg, work.field
             else:
                 if shapes and coarse_iterations > 0:
-                    coarse = optimize_velocity(
-                        fix_t,
-                        mov_t,
-                        shapes,
-                        coarse_iterations,
-                        coarse_reg_weight,
-                        similarity,
-                        lambda loss: report(coarse_label, loss, None),
-                        affine=affine_n,
-                        fixed_mask=fmask,
-                        moving_mask=mmask,
-                        finer_level=coarse_finer_level,
-                    )
+                    coarse = coarse_stage(mov_t, mmask, affine=affine_n)
                 elif affine_n is not None:  # no coarse stage: the global map alone comes first
                     zero = torch.zeros(1, d, *[2] * d, device=device)
                     coarse = DenseMaps(zero, zero, affine_n)
