@@ -72,6 +72,12 @@ FIRST_STAGE_DEFAULT = "embedding"
 FRAMING_DEFAULT = True
 
 
+def _best(d: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The ``k`` plates of smallest distance ``d`` (a stable sort: ties keep the plate order)."""
+    order = np.argsort(d, kind="stable")[:k]
+    return [(int(j), float(d[j])) for j in order]
+
+
 class AtlasLookup:
     """A trained plate index of one atlas: embedding network, plate embeddings and the plates.
 
@@ -278,10 +284,12 @@ class AtlasLookup:
             return self.n_plates
         return min(check_int("top", top, 1), self.n_plates)
 
+    def _distances(self, query: np.ndarray) -> np.ndarray:
+        """``(N, n_plates)`` Euclidean distances of ``(N, D)`` embeddings to the plates'."""
+        return np.linalg.norm(query[:, None, :] - self._embeddings[None, :, :], axis=2)
+
     def _rank(self, query: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
-        d = np.linalg.norm(query[:, None, :] - self._embeddings[None, :, :], axis=2)
-        order = np.argsort(d, axis=1, kind="stable")[:, :k]
-        return [[(int(j), float(d[q, j])) for j in order[q]] for q in range(len(query))]
+        return [_best(d, k) for d in self._distances(query)]
 
     def embed(self, sections) -> np.ndarray:
         """``(N, D)`` embeddings of sections (a list of 2D/RGB images)."""
@@ -374,8 +382,7 @@ class AtlasLookup:
             d = -section_vote(logp[q], covers[q], size, gradient).scores
             if self._first_stage == "vote+embedding":
                 d = d + VOTE_EMBEDDING_WEIGHT * np.linalg.norm(self._embeddings - emb[q], axis=1)
-            order = np.argsort(d, kind="stable")[:k]
-            out.append([(int(j), float(d[j])) for j in order])
+            out.append(_best(d, k))
         return out
 
     @property
@@ -391,13 +398,10 @@ class AtlasLookup:
         x = framed_inputs(section, self.atlas_aspect, self._net.config.input_size, name)
         with torch.no_grad():
             emb = embed_batch(self._net, torch.from_numpy(x[:, None]).to(self._device), self.mirror)
-        emb = emb.float().cpu().numpy()
-        return np.linalg.norm(emb[:, None, :] - self._embeddings[None, :, :], axis=2)
+        return self._distances(emb.float().cpu().numpy())
 
     def _framed_rank(self, section, name: str, k: int) -> list[tuple[int, float]]:
-        d = pooled_distance(self.framed_distances(section, name))
-        order = np.argsort(d, kind="stable")[:k]
-        return [(int(j), float(d[j])) for j in order]
+        return _best(pooled_distance(self.framed_distances(section, name)), k)
 
     def lookup_series(
         self,
