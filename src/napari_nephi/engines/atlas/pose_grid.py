@@ -126,12 +126,14 @@ class Correlator:
         # zero padding by ``reach`` makes every searched shift exact (no wrap-around); lengths of
         # small prime factors keep the FFTs fast
         self.pad = tuple(next_fast_len(n + (reach or (n + 1) // 2), real=True) for n in shape)
-        ok = np.ones(self.pad, dtype=bool)
-        for axis, (n, p) in enumerate(zip(shape, self.pad, strict=True)):
-            bad = np.zeros(p, dtype=bool)
-            bad[p - n + 1 : n] = True  # would wrap around
-            ok &= ~(bad[:, None] if axis == 0 else bad[None, :])
-        self.allowed = torch.from_numpy(ok)
+        kept = []
+        for n, p in zip(shape, self.pad, strict=True):
+            ok = np.ones(p, dtype=bool)
+            ok[p - n + 1 : n] = False  # would wrap around
+            kept.append(np.flatnonzero(ok))
+        #: rows and columns of the padded correlation that hold searched shifts: only these are
+        #: transformed back (stage 2's local search needs 29 of 96 rows)
+        self.rows, self.cols = (torch.from_numpy(k) for k in kept)
 
     def fft(self, stack: np.ndarray) -> torch.Tensor:
         """2D real FFTs of a stack of canvases, zero-padded."""
@@ -159,12 +161,17 @@ class Correlator:
             ],
             dim=2,
         )
-        num, energy, overlap = torch.fft.irfft2(spec, s=self.pad).unbind(2)  # (C, R, ...)
+        # the inverse 2D FFT as two 1D ones, the second only on the rows of searched shifts
+        rows = torch.fft.ifft(spec, dim=-2).index_select(-2, self.rows)
+        out = torch.fft.irfft(rows, n=self.pad[1], dim=-1).index_select(-1, self.cols)
+        num, energy, overlap = out.unbind(2)  # (C, R, rows, cols)
         ea, na = ea[None, :, None, None], na[None, :, None, None]
         share = overlap / na
         score = num / torch.sqrt(ea * energy.clamp_min(1e-3 * ea) + 1e-12) * share.clamp(0, 1)
-        score = torch.where(self.allowed & (share >= MIN_OVERLAP), score, torch.tensor(-2.0))
-        return score.flatten(2).max(dim=2)
+        score = torch.where(share >= MIN_OVERLAP, score, torch.tensor(-2.0))
+        value, index = score.flatten(2).max(dim=2)
+        n_cols = len(self.cols)
+        return value, self.rows[index // n_cols] * self.pad[1] + self.cols[index % n_cols]
 
     def shift(self, index: int) -> np.ndarray:
         """The shift of a flat index of :meth:`best`."""
