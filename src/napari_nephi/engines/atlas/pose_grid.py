@@ -131,9 +131,14 @@ class Correlator:
             ok = np.ones(p, dtype=bool)
             ok[p - n + 1 : n] = False  # would wrap around
             kept.append(np.flatnonzero(ok))
-        #: rows and columns of the padded correlation that hold searched shifts: only these are
-        #: transformed back (stage 2's local search needs 29 of 96 rows)
-        self.rows, self.cols = (torch.from_numpy(k) for k in kept)
+        #: rows of the padded correlation that hold searched shifts; when they are few (stage 2's
+        #: local search: 29 of 96), only these rows are transformed back (measured: 1.2-2.5x faster;
+        #: with most rows kept, one 2D inverse is faster)
+        self.rows = torch.from_numpy(kept[0]) if 2 * len(kept[0]) <= self.pad[0] else None
+        self.allowed = torch.zeros(self.pad, dtype=torch.bool)
+        self.allowed[np.ix_(*kept)] = True
+        if self.rows is not None:
+            self.allowed = self.allowed[self.rows]
 
     def fft(self, stack: np.ndarray) -> torch.Tensor:
         """2D real FFTs of a stack of canvases, zero-padded."""
@@ -161,17 +166,20 @@ class Correlator:
             ],
             dim=2,
         )
-        # the inverse 2D FFT as two 1D ones, the second only on the rows of searched shifts
-        rows = torch.fft.ifft(spec, dim=-2).index_select(-2, self.rows)
-        out = torch.fft.irfft(rows, n=self.pad[1], dim=-1).index_select(-1, self.cols)
-        num, energy, overlap = out.unbind(2)  # (C, R, rows, cols)
+        if self.rows is None:
+            out = torch.fft.irfft2(spec, s=self.pad)
+        else:  # the 2D inverse as two 1D ones, the second only on the rows of searched shifts
+            out = torch.fft.irfft(torch.fft.ifft(spec, dim=-2)[..., self.rows, :], n=self.pad[1], dim=-1)
+        num, energy, overlap = out.unbind(2)  # (C, R, rows, columns)
         ea, na = ea[None, :, None, None], na[None, :, None, None]
         share = overlap / na
         score = num / torch.sqrt(ea * energy.clamp_min(1e-3 * ea) + 1e-12) * share.clamp(0, 1)
-        score = torch.where(share >= MIN_OVERLAP, score, torch.tensor(-2.0))
+        score = torch.where(self.allowed & (share >= MIN_OVERLAP), score, torch.tensor(-2.0))
         value, index = score.flatten(2).max(dim=2)
-        n_cols = len(self.cols)
-        return value, self.rows[index // n_cols] * self.pad[1] + self.cols[index % n_cols]
+        if self.rows is None:
+            return value, index
+        width = self.pad[1]
+        return value, self.rows[index // width] * width + index % width
 
     def shift(self, index: int) -> np.ndarray:
         """The shift of a flat index of :meth:`best`."""
