@@ -147,3 +147,43 @@ def test_a_window_far_from_every_counted_section_keeps_the_sections_in_place():
     use = np.arange(120) < 30
     _, shift = detrend(mats, (1024, 1024), 0, use, window=2)
     assert np.abs(shift).max() < 1.0
+
+
+def test_a_window_too_short_for_any_stack_is_refused(rotated_copies):
+    # a Gaussian of sigma 3 sections weighs about 7.5 sections: fewer than the 10 a trend needs
+    with pytest.raises(InputError, match="drift_window=3 sections is too short.*at least 4"):
+        align_stack(rotated_copies["stack"], drift_correction="detrend", drift_window=3)
+
+
+def test_a_window_with_too_few_placed_sections_is_widened():
+    """Only sections 0-5 and 28-39 placed (a failed run between): a local line of sigma 4 through
+    the six first sections would remove their real placement scatter; widened, it removes less."""
+    from napari_nephi.engines.mito import detrend as dt
+
+    use = np.zeros(40, bool)
+    use[:6] = use[28:] = True
+    wide = dt.windows(use, 4.0)
+    assert (wide[8:26] > 4.0).all() and wide[0] > 4.0  # the gap and the one-sided stack ends
+    assert (dt.windows(np.ones(40, bool), 4.0)[11:29] == 4.0).all()  # a full stack: as given
+    assert (dt.windows(np.ones(40, bool), 8.0) == 8.0).all()  # 8: even the ends hold 10 sections
+    removed = {"widened": [], "fixed": []}
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        true = np.stack([_shifted(m, rng.normal(0, 5.0, 2)) for m in _rotations(40, seed)])  # no trend
+        for name, how in (("widened", dt.windows), ("fixed", lambda u, w: np.full(len(u), float(w)))):
+            orig, dt.windows = dt.windows, how
+            try:
+                _, shift = dt.detrend(true, SHAPE, 0, use, 4.0)
+            finally:
+                dt.windows = orig
+            removed[name].append(np.sqrt(np.mean(shift[use] ** 2)))
+    assert np.mean(removed["widened"]) < 0.75 * np.mean(removed["fixed"])
+
+
+def test_a_widened_window_is_noted_in_the_metrics():
+    d = em_stack(12, (192, 256), seed=1)
+    reg = align_stack(d["stack"], masks=d["masks"], warp=False, workers=1, drift_correction="detrend",
+                      drift_window=4)  # fmt: skip
+    info = reg.metrics["drift_correction"]
+    assert info["method"] == "detrend" and 0 in info["widened_sections"] and 11 in info["widened_sections"]
+    assert any("drift_window=4" in n and "wider window" in n for n in reg.metrics["notes"])

@@ -38,6 +38,11 @@ DRIFT_CORRECTIONS = ("none", "detrend")
 #: positions fits them exactly and would remove every real translation between them).
 MIN_SECTIONS = 10
 
+#: The shortest ``drift_window`` (Gaussian sigma, sections): a Gaussian of sigma w holds about
+#: ``sqrt(2 pi) w = 2.5 w`` sections' weight, so below 4 even a stack without gaps has fewer
+#: than :data:`MIN_SECTIONS` under it and the local line would remove real translations.
+MIN_WINDOW = 4.0
+
 
 def check_drift_options(drift_correction, drift_window) -> tuple[str, float]:
     """Validated ``(drift_correction, drift_window)`` of :func:`~.align.align_stack`."""
@@ -54,10 +59,12 @@ def check_drift_options(drift_correction, drift_window) -> tuple[str, float]:
             f"drift_window={window:g} has no effect without drift correction; pass "
             "drift_correction='detrend' (--drift-correction detrend) to use it, or leave drift_window at 0."
         )
-    if 0 < window < 2:
+    if 0 < window < MIN_WINDOW:
         raise InputError(
-            f"drift_window={window:g} sections is too short for a trend (it would remove the "
-            "sections' own placement); use 0 (one straight line over the stack) or at least 2."
+            f"drift_window={window:g} sections is too short for a trend: a Gaussian of sigma "
+            f"{window:g} weighs about {2.5 * window:.0f} sections, fewer than the {MIN_SECTIONS} a "
+            "trend needs (through fewer it would remove the sections' own placement); use 0 (one "
+            f"straight line over the stack) or at least {MIN_WINDOW:g}."
         )
     return method, window
 
@@ -70,10 +77,28 @@ def section_centres(matrices: np.ndarray, shape) -> np.ndarray:
     return p[:, :2] / p[:, 2:3]
 
 
+def windows(use: np.ndarray, window: float) -> np.ndarray:
+    """Gaussian sigma (sections) of the local line at every section: ``window``, widened (by
+    factors of 1.25, up to the stack length) where the sections marked in ``use`` weigh less
+    than :data:`MIN_SECTIONS` under it: at the ends of the stack (one-sided, half the weight)
+    and in or beside long runs of failed or blank sections. 0 everywhere for ``window`` 0."""
+    n = len(use)
+    sig = np.full(n, float(window))
+    if window <= 0:
+        return sig
+    k = np.arange(n, dtype=np.float64)
+    placed = np.asarray(use, bool)
+    for c in range(n):
+        while sig[c] < n and np.exp(-0.5 * ((k[placed] - c) / sig[c]) ** 2).sum() < MIN_SECTIONS:
+            sig[c] *= 1.25
+    return sig
+
+
 def trend(positions: np.ndarray, use: np.ndarray, window: float = 0.0, iterations: int = 10) -> np.ndarray:
     """``(n, 2)`` slow trend of ``positions`` through depth: a robust straight line over the
     sections marked in ``use`` (``window`` 0), or at every section the value of a line fitted
-    with Gaussian weights of sigma ``window`` sections around it. Huber weights on the
+    with Gaussian weights of sigma ``window`` sections around it (widened where fewer than
+    :data:`MIN_SECTIONS` placed sections lie under it, :func:`windows`). Huber weights on the
     residuals (threshold 2.5 robust standard deviations of the first fit's residuals, at
     least 1 pixel) keep sections placed far off (e.g. failed pairs) from pulling it."""
     n = len(positions)
@@ -81,8 +106,9 @@ def trend(positions: np.ndarray, use: np.ndarray, window: float = 0.0, iteration
     robust = use.astype(np.float64)
     out = np.zeros((n, 2))
     huber = None
+    sigma = windows(use, window)
     for _ in range(iterations):
-        out = _fit(k, positions, robust, window)
+        out = _fit(k, positions, robust, sigma)
         res = np.linalg.norm(positions - out, axis=1)
         if huber is None:
             huber = max(1.0, 2.5 * 1.4826 * float(np.median(res[use]))) if use.any() else 1.0
@@ -93,8 +119,8 @@ def trend(positions: np.ndarray, use: np.ndarray, window: float = 0.0, iteration
     return out
 
 
-def _fit(k, positions, weights, window):
-    if window <= 0:
+def _fit(k, positions, weights, sigma):
+    if not len(sigma) or sigma[0] <= 0:
         centres, weight_rows = [None], [weights]
     else:
         centres = list(k)
@@ -102,7 +128,7 @@ def _fit(k, positions, weights, window):
         # them (a long blank run) the weights would otherwise underflow to 0 and leave no trend
         counted = weights > 0
         weight_rows = []
-        for c in k:
+        for c, window in zip(k, sigma):
             e = -0.5 * ((k - c) / window) ** 2
             top = e[counted].max() if counted.any() else 0.0
             weight_rows.append(weights * np.exp(np.minimum(e - top, 0.0)))

@@ -114,6 +114,13 @@ class Features:
     def __len__(self) -> int:
         return 0 if self.descriptors is None else len(self.points)
 
+    def tree(self) -> cKDTree:
+        """A kd-tree of ``points`` (built once; a section is matched to several others)."""
+        t = self.extra.get("tree")
+        if t is None:
+            t = self.extra["tree"] = cKDTree(self.points.astype(np.float64))
+        return t
+
     @staticmethod
     def empty(detector: str, descriptor: str) -> Features:
         return Features(np.zeros((0, 2), np.float32), None, descriptor != "sift", detector, descriptor)
@@ -344,12 +351,9 @@ def match_near(
     if len(a) < 2 or len(b) < 2:
         return none
     q = project(np.asarray(matrix_xy, np.float64), a.points.astype(np.float64))
-    ok = np.all(np.isfinite(q), axis=1)
-    near = cKDTree(b.points.astype(np.float64)).query_ball_point(np.where(ok[:, None], q, 1e18), radius)
-    ia = np.repeat(np.arange(len(a)), [len(c) for c in near])
+    ia, ib = _within(b.tree(), np.where(np.all(np.isfinite(q), axis=1)[:, None], q, 1e18), radius)
     if not len(ia):
         return none
-    ib = np.fromiter((j for c in near for j in c), np.int64, len(ia))
     da, db = a.descriptors[ia], b.descriptors[ib]
     if a.binary:
         dist = np.unpackbits(np.bitwise_xor(da, db), axis=1).sum(axis=1).astype(np.float64)
@@ -364,6 +368,28 @@ def match_near(
     idx = np.stack([ia[keep], ib[keep]], axis=1)
     _, one = np.unique(idx[:, 1], return_index=True)
     return idx[np.sort(one)]
+
+
+def _within(tree: cKDTree, q: np.ndarray, radius: float, k: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair ``(i, j)``: tree point j within ``radius`` of ``q[i]`` (vectorised: the ``k``
+    nearest, then a full ball query for the few points with more than ``k - 1`` in the disc)."""
+    n = tree.n
+    k = min(k, n)
+    if k == 0 or not len(q):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    _, j = tree.query(q, k=k, distance_upper_bound=radius)
+    j = j.reshape(len(q), k)
+    found = j < n
+    full = found[:, -1].copy() if k < n else np.zeros(len(q), bool)
+    found[full] = False
+    ia, col = np.nonzero(found)
+    ib = j[ia, col].astype(np.int64)
+    rest = np.flatnonzero(full)
+    if len(rest):  # crowded discs: all their points
+        near = tree.query_ball_point(q[rest], radius)
+        ia = np.concatenate([ia, np.repeat(rest, [len(c) for c in near])])
+        ib = np.concatenate([ib, np.fromiter((x for c in near for x in c), np.int64)])
+    return ia.astype(np.int64), ib
 
 
 # -- model fitting ------------------------------------------------------------------------------
@@ -446,7 +472,6 @@ def track(
     s = _work_matrix(fa.scale)
     tw = s @ m @ np.linalg.inv(s)
     hb, wb = fb.image.shape
-    warped = cv2.warpPerspective(fa.image, tw, (wb, hb), flags=cv2.INTER_LINEAR, borderValue=0)
     src = fa.points.astype(np.float64)
     q = project(tw, project(s, src))  # a's keypoints in b's work image
     r = window // 2 + 1
@@ -456,16 +481,35 @@ def track(
         inside &= fb.valid[iq[:, 1], iq[:, 0]] > 0
     if not inside.any():
         return empty
-    src, q = src[inside], q[inside].astype(np.float32).reshape(-1, 1, 2)
+    src, q = src[inside], q[inside]
+    # Only the box around the tracked points is warped and searched (padded sections: about half
+    # of the image): a margin of the window, the derivative stencil and the farthest a kept track
+    # may move, so every pixel the tracker reads is the one the whole image would give it.
+    x0, y0, x1, y1 = _track_box(q, r + 2 + int(np.ceil(threshold * float(np.max(fa.scale)))) + 2, wb, hb)
+    box = np.array([[1.0, 0.0, -x0], [0.0, 1.0, -y0], [0.0, 0.0, 1.0]])
+    flags = cv2.INTER_LINEAR
+    if np.allclose(tw[2], (0.0, 0.0, 1.0), rtol=0.0, atol=0.0):  # affine: the cheaper warp
+        warped = cv2.warpAffine(fa.image, (box @ tw)[:2], (x1 - x0, y1 - y0), flags=flags, borderValue=0)
+    else:
+        warped = cv2.warpPerspective(fa.image, box @ tw, (x1 - x0, y1 - y0), flags=flags, borderValue=0)
+    q = (q - (x0, y0)).astype(np.float32).reshape(-1, 1, 2)
     tracked, status, _ = cv2.calcOpticalFlowPyrLK(
-        warped, fb.image, q, q.copy(), winSize=(window, window), maxLevel=0,
-        criteria=(cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 30, 0.01),
+        warped, np.ascontiguousarray(fb.image[y0:y1, x0:x1]), q, q.copy(), winSize=(window, window),
+        maxLevel=0, criteria=(cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 30, 0.01),
         flags=cv2.OPTFLOW_USE_INITIAL_FLOW,
     )  # fmt: skip
-    dst = project(np.linalg.inv(s), tracked.reshape(-1, 2).astype(np.float64))  # original pixels
+    tracked = tracked.reshape(-1, 2).astype(np.float64) + (x0, y0)
+    dst = project(np.linalg.inv(s), tracked)  # original pixels
     ok = (status.ravel() == 1) & np.all(np.isfinite(dst), axis=1)
     ok &= np.linalg.norm(dst - project(m, src), axis=1) <= threshold
     return src[ok], dst[ok]
+
+
+def _track_box(q: np.ndarray, margin: int, w: int, h: int) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)``: the box of the points ``q`` (x, y) grown by ``margin``, inside ``w`` x ``h``."""
+    lo = np.floor(q.min(axis=0)).astype(int) - margin
+    hi = np.ceil(q.max(axis=0)).astype(int) + margin + 1
+    return max(0, lo[0]), max(0, lo[1]), min(w, hi[0]), min(h, hi[1])
 
 
 def fit_tracks(src: np.ndarray, dst: np.ndarray, model: str, min_points: int = 10):
@@ -540,8 +584,14 @@ def refine(
 
 
 def project(matrix_xy: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    h = np.c_[pts, np.ones(len(pts))] @ np.asarray(matrix_xy).T
-    return h[:, :2] / h[:, 2:3]
+    """``(N, 2)`` points ``pts`` (x, y) mapped by the 3x3 ``matrix_xy`` (perspective division)."""
+    m = np.asarray(matrix_xy, np.float64)
+    pts = np.asarray(pts, np.float64).reshape(-1, 2)
+    xy = pts @ m[:2, :2].T + m[:2, 2]
+    if m[2, 0] == 0.0 and m[2, 1] == 0.0 and m[2, 2] == 1.0:  # affine: no division
+        return xy
+    w = pts @ m[2, :2] + m[2, 2]
+    return xy / w[:, None]
 
 
 def fit_model(

@@ -1,0 +1,72 @@
+"""The cheaper paths of the guided far pairs give what the plain computations give."""
+
+import cv2
+import numpy as np
+from scipy.spatial import cKDTree
+
+from napari_nephi.engines.mito import features as ft
+
+
+def test_within_finds_every_point_in_the_disc():
+    rng = np.random.default_rng(0)
+    pts = rng.random((900, 2)) * 300  # ~12 per disc of radius 20: many discs hold more than 16
+    q = rng.random((700, 2)) * 300
+    q[:5] = 1e18  # unmappable points find nothing
+    tree = cKDTree(pts)
+    ia, ib = ft._within(tree, q, 20.0)
+    near = tree.query_ball_point(q, 20.0)
+    want = {(i, j) for i, c in enumerate(near) for j in c}
+    assert len(want) > 3000 and max(len(c) for c in near) > 16
+    assert set(zip(ia.tolist(), ib.tolist())) == want and len(ia) == len(want)
+
+
+def _features(img, pts, scale):
+    f = ft.Features(np.asarray(pts, np.float32), np.zeros((len(pts), 64), np.uint8), True)
+    f.image, f.valid, f.scale = img, (img > 0).astype(np.uint8), np.array([scale, scale])
+    return f
+
+
+def _track_whole(fa, fb, m, threshold, window=11):
+    """The tracking on the whole work image (no box), as it was written before."""
+    s = ft._work_matrix(fa.scale)
+    tw = s @ m @ np.linalg.inv(s)
+    hb, wb = fb.image.shape
+    warped = cv2.warpPerspective(fa.image, tw, (wb, hb), flags=cv2.INTER_LINEAR, borderValue=0)
+    src = fa.points.astype(np.float64)
+    q = ft.project(tw, ft.project(s, src))
+    r = window // 2 + 1
+    inside = (q[:, 0] >= r) & (q[:, 0] < wb - 1 - r) & (q[:, 1] >= r) & (q[:, 1] < hb - 1 - r)
+    iq = np.clip(np.round(q).astype(int), 0, [wb - 1, hb - 1])
+    inside &= fb.valid[iq[:, 1], iq[:, 0]] > 0
+    src, q = src[inside], q[inside].astype(np.float32).reshape(-1, 1, 2)
+    tracked, status, _ = cv2.calcOpticalFlowPyrLK(
+        warped, fb.image, q, q.copy(), winSize=(window, window), maxLevel=0,
+        criteria=(cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 30, 0.01),
+        flags=cv2.OPTFLOW_USE_INITIAL_FLOW,
+    )  # fmt: skip
+    dst = ft.project(np.linalg.inv(s), tracked.reshape(-1, 2).astype(np.float64))
+    ok = (status.ravel() == 1) & (np.linalg.norm(dst - ft.project(m, src), axis=1) <= threshold)
+    return src[ok], dst[ok]
+
+
+def test_tracking_in_the_box_of_the_points_matches_the_whole_image():
+    rng = np.random.default_rng(1)
+    base = np.zeros((400, 500), np.uint8)
+    base[60:330, 120:420] = cv2.GaussianBlur((rng.random((270, 300)) * 255).astype(np.uint8), (0, 0), 2.0)
+    for perspective in (0.0, 2e-5):  # the affine warp and the perspective one
+        m = np.array([[0.999, -0.035, 4.3], [0.035, 0.999, -2.6], [perspective, 0.0, 1.0]])
+        moved = cv2.warpPerspective(base, m, (500, 400), flags=cv2.INTER_LINEAR)  # b = a moved by m
+        pts = np.c_[rng.uniform(150, 390, 300), rng.uniform(90, 300, 300)]
+        for scale in (1.0, 0.5):
+            size = (int(500 * scale), int(400 * scale))
+            fa = _features(cv2.resize(base, size, interpolation=cv2.INTER_AREA), pts, scale)
+            fb = _features(cv2.resize(moved, size, interpolation=cv2.INTER_AREA), pts, scale)
+            guess = m.copy()
+            guess[:2, 2] += (0.6, -0.4)  # a map off by under a pixel, as a chained prior is
+            src, dst = ft.track(fa, fb, guess, 3.0)
+            src0, dst0 = _track_whole(fa, fb, guess, 3.0)
+            assert len(src) > 100 and np.array_equal(src, src0)
+            # same tracks: the tracker stops when a step is under 0.01 work px, so starting points
+            # rounded to float32 at other coordinates (box or whole image) end up to ~0.01 apart
+            assert np.abs(dst - dst0).max() < 0.025 / scale
+            assert np.median(np.linalg.norm(dst - ft.project(m, src), axis=1)) < 0.2  # and right
