@@ -62,8 +62,8 @@ def test_default_is_the_drift_free_stack(plain):
 
 
 def test_placement_shift_translates_sections_and_matrices_undo_it():
-    plain = em_stack(6, (128, 128), seed=1)
     d = em_stack(6, (128, 128), seed=1, placement_shift=6.0)
+    plain = em_stack(6, (128, 128), seed=1, pad=d["pad"])  # its border covers the shifts too
     np.testing.assert_array_equal(d["unrotated_stack"], plain["unrotated_stack"])
     np.testing.assert_array_equal(d["angles"], plain["angles"])  # same rotations, plus a shift
     shifts = d["matrices"][:, :2, 2] - plain["matrices"][:, :2, 2]
@@ -88,3 +88,39 @@ def test_placement_shift_translates_sections_and_matrices_undo_it():
 def test_negative_drift_or_distortion_is_refused(name):
     with pytest.raises(InputError, match=name):
         em_stack(2, (64, 64), **{name: -1.0})
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_rotated_shifted_sections_keep_their_corners(seed):
+    """The default border of a rotated stack covers the placement shifts too (it covered the
+    rotation only, and the shifted corners of the tissue fell outside the sections)."""
+    d = em_stack(4, (96, 128), seed=seed, placement_shift=5.0)
+    p, (_, hp, wp) = d["pad"], d["stack"].shape
+    corners = np.array([[p, p, 1], [p, p + 127, 1], [p + 95, p, 1], [p + 95, p + 127, 1.0]]).T
+    q = d["matrices"] @ corners  # where the tissue's corners lie in every acquired section
+    assert q[:, 0].min() >= 0 and q[:, 0].max() <= hp - 1
+    assert q[:, 1].min() >= 0 and q[:, 1].max() <= wp - 1
+
+
+# sha256 (first 16 hex) of stack, masks, unrotated stack and masks, matrices and angles, made by
+# the generator before the border change: every case with its own border or without a rotated shift
+_UNCHANGED = [
+    ({}, "7d4ad47ea294376b"),
+    ({"organelle_drift": 0.5}, "ed37538314c3196a"),
+    ({"distortion": 1.0}, "3b9b5cbeb243b34e"),
+    ({"rotate": False, "placement_shift": 5.0}, "883d8cbb7d16232b"),
+    ({"placement_shift": 5.0, "pad": 40}, "6e5603ce3691f325"),
+    ({"organelle_drift": 0.3, "placement_shift": 4.0, "pad": 40}, "0b25cd1d984c347f"),
+    ({"rotate": False}, "0f6cb044f4ea4221"),
+]
+
+
+@pytest.mark.parametrize(("kw", "digest"), _UNCHANGED)
+def test_the_other_cases_stay_byte_identical(kw, digest):
+    import hashlib
+
+    d = em_stack(4, (96, 128), seed=1, **kw)
+    h = hashlib.sha256()
+    for key in ("stack", "masks", "unrotated_stack", "unrotated_masks", "matrices", "angles"):
+        h.update(d[key].tobytes())
+    assert h.hexdigest()[:16] == digest

@@ -322,9 +322,10 @@ def em_stack(
         Rotate every section by a random angle in ``(-pi, pi)`` about its centre (after padding).
     pad
         Zero border added on every side of every section. ``None``: with ``rotate``, the
-        smallest border that keeps rotated corners inside (``ceil(hypot(H, W) / 2 - min(H, W) / 2)``;
-        the Lucchi++ protocol used 250 px for 768 x 1024), else ``ceil(3 * placement_shift)``
-        (0 without it), so that shifted sections keep their edges.
+        smallest border that keeps rotated corners inside (``ceil(hypot(H, W) / 2 - min(H, W) / 2)``,
+        plus the largest ``placement_shift`` translation drawn; the Lucchi++ protocol used 250 px
+        for 768 x 1024), else ``ceil(3 * placement_shift)`` (0 without it), so that shifted
+        sections keep their edges.
     noise
         Standard deviation of the Gaussian noise, in units of the full intensity range.
     organelle_drift
@@ -370,12 +371,21 @@ def em_stack(
     h, w = check_int_list("shape", shape, length=2, low=32)
     rotate = check_bool("rotate", rotate)
     placement_shift = check_float("placement_shift", placement_shift, 0.0, 1e4)
+    rng = np.random.default_rng(seed)
+    # drift, distortion and placement draw from their own streams: the default stack stays as it was
+    drift_rng, distortion_rng, shift_rng = (
+        np.random.default_rng(c) for c in rng.bit_generator.seed_seq.spawn(3)
+    )
+    shifts = shift_rng.normal(0.0, placement_shift, (n, 2)) if placement_shift else None
     if pad is None:
         # unrotated sections shifted by placement_shift get a border of 3 sigma (none before
-        # 2026-12-04: their shifted edges were cut off); the rotated cases keep their border
+        # 2026-12-04: their shifted edges were cut off); rotated ones the rotation's border plus
+        # the largest shift drawn (before 2026-12-05 the rotation's only: corners were cut off)
         pad = (
             int(math.ceil(math.hypot(h, w) / 2 - min(h, w) / 2)) if rotate else math.ceil(3 * placement_shift)
         )
+        if rotate and shifts is not None:
+            pad = int(math.ceil(math.hypot(h, w) / 2 - min(h, w) / 2 + np.abs(shifts).max()))
     pad = check_int("pad", pad, 0)
     n_mito = check_int("n_mito", 10 if n_mito is None else n_mito, 0, 10_000)
     noise = check_float("noise", noise, 0.0, 10.0)
@@ -388,11 +398,6 @@ def em_stack(
         f"synthetic EM stack of {n} x {hp} x {wp}",
         "Ask for fewer or smaller sections.",
     )  # fmt: skip
-    rng = np.random.default_rng(seed)
-    # drift and distortion draw from their own streams: the default stack stays as it was
-    drift_rng, distortion_rng, shift_rng = (
-        np.random.default_rng(c) for c in rng.bit_generator.seed_seq.spawn(3)
-    )
     s = math.sqrt(h * w) / 256.0
 
     # Smooth 3D fields on a coarse grid (about 4 s pixels per coarse cell), cut per section.
@@ -459,8 +464,8 @@ def em_stack(
 
     angles = rng.uniform(-np.pi, np.pi, n) if rotate else np.zeros(n)
     matrices = np.stack([rotation_matrix(a, (hp, wp)) for a in angles])
-    if placement_shift:
-        matrices[:, :2, 2] += shift_rng.normal(0.0, placement_shift, (n, 2))
+    if shifts is not None:
+        matrices[:, :2, 2] += shifts
     stack = np.empty_like(unrot)
     masks = np.empty_like(unrot_masks)
     swap = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=np.float64)
