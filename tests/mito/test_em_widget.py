@@ -263,3 +263,42 @@ def test_em_options_multi_neighbour_reach_the_engine(qtbot, em):
     ]
     assert reg.settings["solver"] == "global" and reg.settings["global_model"] == "rigid"
     assert reg.metrics["solver"]["pairs"] == 5 + 4 + 3
+
+
+def test_guided_pairs_and_drift_window_reach_the_engine_and_the_settings_json(qtbot, em, tmp_path):
+    import json
+
+    from napari_nephi.engines.mito.report import write_report
+    from napari_nephi.widgets._em_parts import EMOptions
+
+    opts = EMOptions()
+    qtbot.addWidget(opts)
+    v = opts.values()
+    assert v["guided_pairs"] is True and not opts.guided_pairs.isEnabled()  # chain: no further pairs
+    assert v["drift_window"] == 0.0 and not opts.drift_window.isEnabled()
+    opts.neighbours.setValue(3)
+    assert opts.guided_pairs.isEnabled()
+    opts.refine.setChecked(False)
+    assert not opts.guided_pairs.isEnabled()  # guided pairs start from the refinement's tracks
+    opts.refine.setChecked(True)
+    opts.guided_pairs.setChecked(False)
+    opts.detrend.setChecked(True)
+    opts.drift_window.setValue(6.0)
+    v = opts.values()
+    assert (v["guided_pairs"], v["drift_correction"], v["drift_window"]) == (False, "detrend", 6.0)
+    runs = {}
+    for guided in (False, True):
+        reg = emw.run_alignment(None, None, em["stack"], em["masks"], {**v, "guided_pairs": guided}, False)[
+            "registration"
+        ]
+        (tmp_path / str(guided)).mkdir()
+        write_report(tmp_path / str(guided), reg)
+        runs[guided] = reg
+        saved = json.loads((tmp_path / str(guided) / "report.json").read_text())["settings"]
+        assert saved["guided_pairs"] is guided and saved["drift_window"] == 6.0
+    pairs = {
+        g: [p for r in reg.metrics["report"] for p in r.get("pairs", []) if "guided" in p]
+        for g, reg in runs.items()
+    }
+    assert pairs[False] and not any(p["guided"] for p in pairs[False])  # every further pair matched in full
+    assert any(p["guided"] for p in pairs[True])

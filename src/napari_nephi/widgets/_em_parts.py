@@ -82,14 +82,11 @@ class EMOptions(QWidget):
         self.workers = QSpinBox()
         self.workers.setRange(0, 256)
         self.workers.setSpecialValueText("all cores")
-        self.neighbours = QSpinBox()
-        self.neighbours.setRange(1, 64)
-        self.neighbours.setValue(1)
-        self.neighbours.setSpecialValueText("1 (chain)")
-        self.neighbours.setToolTip(
+        self.neighbours = _spin(
+            QSpinBox(), 1, 64, "1 (chain)",
             "Sections each section is matched to; above 1 all sections are placed at once by a robust "
-            "global least-squares solve over all pairs instead of chaining neighbour maps"
-        )
+            "global least-squares solve over all pairs instead of chaining neighbour maps",
+        )  # fmt: skip
         self.elastic = QCheckBox("elastic refinement (smooth per-section warp)")
         self.elastic.setToolTip(
             "After the alignment, a smooth displacement per section toward its neighbours, for sections "
@@ -97,13 +94,17 @@ class EMOptions(QWidget):
         )
         self.global_model = QComboBox()
         self.global_model.addItems(GLOBAL_MODELS)
-        self.drift_prior = QDoubleSpinBox()
-        self.drift_prior.setRange(0.0, 1000.0)
-        self.drift_prior.setSingleStep(0.1)
-        self.drift_prior.setSpecialValueText("off")
-        self.drift_prior.setToolTip(
+        self.drift_prior = _spin(
+            QDoubleSpinBox(), 0.0, 1000.0, "off",
             "Global solve: weight of the penalty on each section's scale and shear (holds back slow "
-            "accumulated drift, but also resists real slow shape changes)"
+            "accumulated drift, but also resists real slow shape changes)",
+        )  # fmt: skip
+        self.drift_prior.setSingleStep(0.1)
+        self.guided_pairs = QCheckBox("guided far pairs (start from the chain; cheaper)")
+        self.guided_pairs.setChecked(True)
+        self.guided_pairs.setToolTip(
+            "Global solve with sub-pixel refinement: a further pair starts from the chain's composed map and "
+            "is kept when descriptor matches near it confirm it; off: every further pair is matched in full"
         )
         self.detrend = QCheckBox("remove slow drift through depth (detrend)")
         self.detrend.setToolTip(
@@ -111,13 +112,20 @@ class EMOptions(QWidget):
             "misalignment, and remove it (serial-section TEM; not for FIB-SEM/SBEM stage drift; "
             "skipped below 10 sections)"
         )
+        self.drift_window = _spin(
+            QDoubleSpinBox(), 0.0, 100_000.0, "whole stack (one line)",
+            "Detrend: sigma, in sections, of the Gaussian window of a local line at every section (at least "
+            "4; widened where fewer than 10 placed sections lie under it); 0: one straight line",
+        )  # fmt: skip
+        self.drift_window.setDecimals(1)
         shown = [("detector", self.detector), ("", self.use_masks), ("descriptor", self.descriptor),
                  ("matcher", self.matcher), ("model", self.model)]  # fmt: skip
         folded_rows = [("", self.model_selection), ("", self.refine), ("reference section", self.reference),
                        ("", self.middle), ("RANSAC threshold", self.threshold), ("ratio test", self.ratio),
                        ("keypoints / section", self.max_keypoints), ("threads", self.workers),
                        ("neighbours", self.neighbours), ("global model", self.global_model),
-                       ("drift prior", self.drift_prior), ("", self.detrend), ("", self.elastic)]  # fmt: skip
+                       ("drift prior", self.drift_prior), ("", self.guided_pairs), ("", self.detrend),
+                       ("drift window", self.drift_window), ("", self.elastic)]  # fmt: skip
         for layout, rows in ((form, shown), (more, folded_rows)):
             for label, widget in rows:
                 layout.addRow(label, widget)
@@ -131,6 +139,8 @@ class EMOptions(QWidget):
         self.detector.currentTextChanged.connect(self._sync)
         self.middle.toggled.connect(self._sync)
         self.neighbours.valueChanged.connect(self._sync)
+        self.refine.toggled.connect(self._sync)
+        self.detrend.toggled.connect(self._sync)
         self._sync()
 
     def _sync(self, *_):
@@ -142,6 +152,8 @@ class EMOptions(QWidget):
         many = self.neighbours.value() > 1
         self.global_model.setEnabled(many)
         self.drift_prior.setEnabled(many)
+        self.guided_pairs.setEnabled(many and self.refine.isChecked())  # guided pairs need the refinement
+        self.drift_window.setEnabled(self.detrend.isChecked())
 
     def values(self) -> dict:
         return {
@@ -160,9 +172,20 @@ class EMOptions(QWidget):
             "neighbours": self.neighbours.value(),
             "global_model": self.global_model.currentText(),
             "drift_prior": self.drift_prior.value(),
+            "guided_pairs": self.guided_pairs.isChecked(),
             "drift_correction": "detrend" if self.detrend.isChecked() else "none",
+            "drift_window": self.drift_window.value() if self.detrend.isChecked() else 0.0,
             "elastic": self.elastic.isChecked(),
         }
+
+
+def _spin(box, low, high, special: str, tip: str):
+    """``box`` (a QSpinBox or QDoubleSpinBox) from ``low`` to ``high``, at ``low`` shown as ``special``."""
+    box.setRange(low, high)
+    box.setValue(low)
+    box.setSpecialValueText(special)
+    box.setToolTip(tip)
+    return box
 
 
 class ReportTable(QTableWidget):
