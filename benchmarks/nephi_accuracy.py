@@ -273,6 +273,9 @@ def parse_nephi(spec: str) -> tuple[str, dict]:
     opts = {}
     for item in filter(None, rest.split(",")):
         k, v = item.split("=")
+        if v in ("True", "False", "None"):  # e.g. coarse_match_blur=False
+            opts[k] = {"True": True, "False": False, "None": None}[v]
+            continue
         for conv in (int, float):
             try:
                 v = conv(v)

@@ -312,6 +312,7 @@ def optimize_pair(
     fixed_mask: torch.Tensor | None = None,
     moving_mask: torch.Tensor | None = None,
     finer_level: bool = True,
+    match_blur: bool | None = None,
 ) -> tuple[Maps, list[float]]:
     """The optimise mode on one pair ``(1, 1, *shape)``: coarse stage (``levels > 1``) + NePhi field."""
     shape = tuple(fixed.shape[2:])
@@ -330,6 +331,7 @@ def optimize_pair(
             fixed_mask=fixed_mask,
             moving_mask=moving_mask,
             finer_level=finer_level,
+            match_blur=match_blur,
         )
     field = NeuralDeformationField(cfg).to(fixed.device)
     codes = zero_codes(cfg, local_grid_shape(shape, local_stride), device=fixed.device)
@@ -387,6 +389,7 @@ def register_chunked(
     moving_mask: np.ndarray | None = None,
     backward: bool = True,
     coarse_finer_level: bool = True,
+    coarse_match_blur: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Divide-and-downsample registration of ``moving`` onto ``fixed`` (same grid, numpy arrays).
 
@@ -423,6 +426,7 @@ def register_chunked(
         fm_g,
         mm_g,
         finer_level=coarse_finer_level,
+        match_blur=coarse_match_blur,
     )
     del fix_g, mov_g, fm_g, mm_g
     gforward, gbackward = _frozen(gmaps.forward), _frozen(gmaps.backward)

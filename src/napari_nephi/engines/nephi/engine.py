@@ -51,6 +51,7 @@ from .coarse import (
     finer_level_runs,
     level_iterations,
     level_spacings,
+    match_blur_runs,
     optimize_velocity,
     pyramid_shapes,
 )
@@ -157,6 +158,7 @@ def register_nephi(
     coarse_iterations: int | None = None,
     coarse_reg_weight: float = 0.1,
     coarse_finer_level: bool = True,
+    coarse_match_blur: bool | None = None,
     learning_rate: float | None = None,
     code_learning_rate: float | None = None,
     hidden: int | None = None,
@@ -196,6 +198,12 @@ def register_nephi(
     with half its knot spacing (:mod:`.coarse`); it runs only with ``coarse_reg_weight > 0``
     (unregularised, its knots fit noise). Settings record it and the knot spacing of every level run
     (``coarse_spacings``); False runs the stage as before the level was added.
+
+    ``coarse_match_blur`` (None: on for 2D images, off for volumes): the coarse stage's levels on
+    the full grid compare the images at matched blur, learning how much blurrier one is than the
+    other per direction and axis (:func:`.coarse.match_blur_runs`), so the field does not fit
+    interpolation blur (a pure shift's Jacobian stays near 1). Settings record the choice,
+    ``metrics["coarse_blur_variance"]`` the variances learned.
 
     ``learning_rate`` and ``code_learning_rate`` (Adam, networks and latent codes) default to
     :data:`LEARNING_RATES`: a quarter of the rates after a coarse stage, which the field refines.
@@ -338,6 +346,7 @@ def register_nephi(
     factors = [2**k for k in range(levels - 1, 0, -1)]  # e.g. levels=3 -> [4, 2]
     shapes = pyramid_shapes(fshape, factors) if levels > 1 and not predicting else []
     spacings = None  # the coarse stage's default knots
+    coarse_info: dict = {}  # what the coarse stage learned besides the map (matched blur)
     if mode == "predict+refine" and after_coarse:  # the coarse stage starts from the prediction
         shapes, spacings = refine_grids(fshape, levels)
     refine = iterations if mode != "predict" else 0
@@ -413,6 +422,7 @@ def register_nephi(
                 moving_mask=moving_mask if offset is None else None,
                 backward=offset is None,
                 coarse_finer_level=coarse_finer_level,
+                coarse_match_blur=coarse_match_blur,
             )
         global_loss = chunk_info.pop("global_final_loss")
         history = [] if global_loss is None else [global_loss]
@@ -425,7 +435,7 @@ def register_nephi(
 
             def coarse_stage(moving, moving_mask, **kw) -> DenseMaps:
                 """The B-spline coarse stage of ``fix_t`` against ``moving`` (its progress steps)."""
-                return optimize_velocity(
+                maps = optimize_velocity(
                     fix_t,
                     moving,
                     shapes,
@@ -436,8 +446,11 @@ def register_nephi(
                     fixed_mask=fmask,
                     moving_mask=moving_mask,
                     finer_level=coarse_finer_level,
+                    match_blur=coarse_match_blur,
                     **kw,
                 )
+                coarse_info["blur_variance"] = maps.blur_variance
+                return maps
 
             coarse: DenseMaps | None = None
             if predicting:
@@ -521,6 +534,10 @@ def register_nephi(
         "initial_steps": initial_steps,
     }
     metrics.update(initial_metrics)
+    if coarse_info.get("blur_variance") is not None:  # (direction, axis): fixed vs moving, moving vs fixed
+        metrics["coarse_blur_variance"] = [
+            [round(float(x), 4) for x in row] for row in coarse_info["blur_variance"]
+        ]
     if chunk_info is not None:
         metrics["chunk_iterations"] = chunk_iterations
         metrics.update(chunk_info)
@@ -552,6 +569,7 @@ def register_nephi(
         "coarse_iterations": coarse_iterations,
         "coarse_reg_weight": coarse_reg_weight,
         "coarse_finer_level": coarse_finer_level,
+        "coarse_match_blur": match_blur_runs(coarse_match_blur, d),
         "coarse_shapes": [list(sh) for sh in shapes],
         "coarse_spacings": [float(sp) for sp in coarse_spacings],
         "sample_fraction": sample_fraction,
