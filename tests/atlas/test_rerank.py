@@ -264,6 +264,54 @@ def test_correlator_scores_match_a_pixel_by_pixel_computation(reach):
     assert float(value[0, 0]) == pytest.approx(brute[shift], rel=1e-4)
 
 
+@pytest.mark.parametrize("reach", [4, None])
+def test_row_pruned_inverse_gives_the_2d_inverse_s_scores_and_shifts(reach):
+    """Where few rows hold searched shifts only they are transformed back; scores and shifts must be
+    those of one 2D inverse over the whole padding with the same shifts allowed."""
+    from napari_nephi.engines.atlas.pose_grid import MIN_OVERLAP, Correlator
+
+    rng = np.random.default_rng(7)
+    n = 30
+    corr = Correlator((n, n), reach)
+    assert (corr.rows is not None) == (reach == 4)  # 9 of 36 rows kept; half the canvas keeps most
+    mask = np.zeros((n, n), np.float32)
+    mask[6:24, 5:22] = 1.0
+
+    def field_of():
+        return [np.where(mask > 0, rng.normal(size=(n, n)), 0).astype(np.float32) for _ in range(2)]
+
+    secs = [corr.section(*field_of(), mask) for _ in range(3)]
+    fa = torch.stack([f for f, _, _ in secs])
+    ea = torch.tensor([e for _, e, _ in secs])
+    na = torch.tensor([a for _, _, a in secs])
+    fb = torch.stack([corr.slice(*field_of(), np.roll(mask, k, axis=0)) for k in range(-3, 4)])
+    value, index = corr.best(fa, ea, na, fb)
+    # the reference: one 2D inverse over the whole padding, every shift that does not wrap around
+    ca, cb = torch.conj(fa)[None], fb[:, None]
+    spec = torch.stack(
+        [
+            ca[:, :, 0] * cb[:, :, 0] + ca[:, :, 1] * cb[:, :, 1],
+            ca[:, :, 2] * cb[:, :, 2],
+            ca[:, :, 2] * cb[:, :, 3],
+        ],
+        dim=2,
+    )
+    num, energy, overlap = torch.fft.irfft2(spec, s=corr.pad).unbind(2)
+    share = overlap / na[None, :, None, None]
+    e = ea[None, :, None, None]
+    score = num / torch.sqrt(e * energy.clamp_min(1e-3 * e) + 1e-12) * share.clamp(0, 1)
+    ok = np.ones(corr.pad, dtype=bool)  # shifts that do not wrap around the zero padding
+    for axis, p in enumerate(corr.pad):
+        bad = np.zeros(p, dtype=bool)
+        bad[p - n + 1 : n] = True
+        ok &= ~(bad[:, None] if axis == 0 else bad[None, :])
+    near = torch.from_numpy(ok)
+    score = torch.where(near & (share >= MIN_OVERLAP), score, torch.tensor(-2.0))
+    ref_value, ref_index = score.flatten(2).max(dim=2)
+    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-6)
+    assert torch.equal(index, ref_index)
+
+
 def test_atlas_sampling_matches_scipy(toy_reference):
     from scipy import ndimage as ndi
 
