@@ -157,16 +157,10 @@ class Correlator:
     def best(self, fa, ea, na, fb) -> tuple[torch.Tensor, torch.Tensor]:
         """Best score and its flat shift index of every pair of section variants ``fa`` (R, 3, ...)
         (field energies ``ea``, tissue areas ``na``, (R,)) and atlas slices ``fb`` (C, 4, ...): (C, R)."""
-        ca = torch.conj(fa)[None]  # (1, R, 3, ...)
-        fb = fb[:, None]  # (C, 1, 4, ...)
-        spec = torch.stack(
-            [
-                ca[:, :, 0] * fb[:, :, 0] + ca[:, :, 1] * fb[:, :, 1],
-                ca[:, :, 2] * fb[:, :, 2],
-                ca[:, :, 2] * fb[:, :, 3],
-            ],
-            dim=2,
-        )
+        ca = torch.conj(fa)[:, (0, 1, 2, 2)][None]  # (1, R, 4, ...): field parts, mask twice
+        prod = ca * fb[:, None]  # (C, R, 4, ...), one product per channel
+        prod[:, :, 1] += prod[:, :, 0]  # the field's correlation: real and imaginary parts summed
+        spec = prod[:, :, 1:]  # field, field energy under the section's mask, tissue overlap
         if self.rows is None:
             out = torch.fft.irfft2(spec, s=self.pad)
         else:  # the 2D inverse as two 1D ones, the second only on the rows of searched shifts
