@@ -95,6 +95,7 @@ DEFAULTS = {
 #: embedding with its framings (:mod:`.framing`): 6.80 / 6.17 / 6.77 / 8.10 on query seeds 0 / 1 / 5 / 6
 #: at 115-126 ms; with a perfect signal of when the first stage is within 2 plates (seeded then, the
 #: defaults otherwise) the mean cost would still be ~300 ms: no adaptive use of it reaches 50 ms.
+#: Session 13's cheaper correlations: 67-69 ms (7.08 / 5.70 on seeds 0 / 1 from the interleaved order).
 SEEDED = {"sweep_step": 0, "shortlist": 1, "neighbours": 2, "hypotheses": 1, "anchors": 1}
 #: Scales searched, as factors of the tissue-extent guess: a cut shortens the extents (the true
 #: scale is then larger than the guess); a whole section matches it within a specimen's variation.
