@@ -430,6 +430,8 @@ def register_chunked(
     )
     del fix_g, mov_g, fm_g, mm_g
     gforward, gbackward = _frozen(gmaps.forward), _frozen(gmaps.backward)
+    # matched-blur variances of the global pass's coarse stage (None: not run)
+    gblur = getattr(getattr(gmaps, "coarse", None), "blur_variance", None)
 
     # 2. local passes. Forward: the blended residual sum_k w_k(x) (L_k(x) - x) on the fixed grid.
     # Backward: phi_inv(y) - y = sum_k w_k(x') (L_k^-1(x') - y), x' = G^-1(y), weights taken at x'
@@ -497,6 +499,7 @@ def register_chunked(
     info = {
         **plan.to_dict(),
         "global_final_loss": ghistory[-1] if ghistory else None,
+        "coarse_blur_variance": gblur,
         "chunk_final_losses": [h[-1] if h else None for h in histories],
     }
     return fwd, bwd, info

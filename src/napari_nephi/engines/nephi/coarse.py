@@ -270,7 +270,7 @@ def level_spacings(shape, grids, spacings=None, finer: bool = True) -> list[floa
 
 
 #: Matched blur (option ``match_blur`` of :func:`optimize_velocity`, the engine's
-#: ``coarse_match_blur``; by default on 2D images only, :func:`match_blur_runs`): the levels that
+#: ``coarse_match_blur``; off by default, :func:`match_blur_runs`): the levels that
 #: compare on the full grid also learn, per direction and
 #: per axis, how much blurrier one image is than the other, and blur the sharper one by that much
 #: before the similarity. A resampled moving image is blurrier than the fixed one (the resampling
@@ -285,12 +285,17 @@ MATCH_BLUR_MAX_VARIANCE = 0.5
 MATCH_BLUR_LR = 0.005
 
 
-def match_blur_runs(match_blur: bool | None, ndim: int) -> bool:
-    """Whether the coarse stage compares at matched blur: ``match_blur``, or (None) on 2D images
-    only. On the MRI (``nephi_large.py``, 25 x 41 x 33 voxels of 2 mm, trilinear warps) it raised
-    the endpoint error at 2 / 4 / 6 voxels of motion from 0.110 / 0.149 / 0.274 to 0.122 / 0.182 /
-    0.332 (also when run on the finer-knot level only: 4 voxels 0.181)."""
-    return (ndim == 2) if match_blur is None else bool(match_blur)
+def match_blur_runs(match_blur: bool | None) -> bool:
+    """Whether the coarse stage compares at matched blur: only when asked for (None: off).
+
+    It is off by default because the variances are learned from the similarity alone: with
+    independent noise in the two images, blurring either side raises NCC, so they grow towards
+    :data:`MATCH_BLUR_MAX_VARIANCE` although neither image is blurrier (session-13 review: the coarse
+    stage alone on the camera at 128 px shifted by (1.75, -1) px with noise of 0.02 / 0.05, endpoint
+    error 0.236 -> 0.251 / 0.371 -> 0.402; no motion, noise 0.03: variances about 0.3). On volumes it
+    also lost accuracy: the MRI (``nephi_large.py``, 25 x 41 x 33 voxels of 2 mm, trilinear warps)
+    went from 0.110 / 0.149 / 0.274 to 0.122 / 0.182 / 0.332 voxels at 2 / 4 / 6 voxels of motion."""
+    return bool(match_blur)
 
 
 def _second_difference(t: torch.Tensor, axis: int) -> torch.Tensor:
@@ -363,7 +368,7 @@ def optimize_velocity(
     mask there times the other mask carried through the current map like its image (bilinear, no
     gradient through the weight). Without masks the similarity is the unweighted one.
 
-    With ``match_blur`` (None: on for 2D images, :func:`match_blur_runs`) the levels on the full
+    With ``match_blur`` (None: off, :func:`match_blur_runs`) the levels on the full
     comparison grid compare the images at matched blur (:func:`blur_pair`,
     :data:`MATCH_BLUR_MAX_VARIANCE`): per direction (fixed against warped moving, moving against
     warped fixed) and axis a variance learned with the velocity blurs the sharper image, so the
@@ -418,9 +423,7 @@ def optimize_velocity(
     v = None
     # matched-blur variances: [fixed vs warped moving, moving vs warped fixed] x axis (numpy order);
     # started off zero, where relu's gradient would vanish
-    blur = (
-        torch.full((2, d), 1e-4, device=dev, requires_grad=True) if match_blur_runs(match_blur, d) else None
-    )
+    blur = torch.full((2, d), 1e-4, device=dev, requires_grad=True) if match_blur_runs(match_blur) else None
     blur_used = False
     for k, (shape, n_steps) in enumerate(zip(shapes, steps_per)):
         cmp = fine if k >= n_last else tuple(shape)

@@ -51,7 +51,6 @@ from .coarse import (
     finer_level_runs,
     level_iterations,
     level_spacings,
-    match_blur_runs,
     optimize_velocity,
     pyramid_shapes,
 )
@@ -199,11 +198,12 @@ def register_nephi(
     (unregularised, its knots fit noise). Settings record it and the knot spacing of every level run
     (``coarse_spacings``); False runs the stage as before the level was added.
 
-    ``coarse_match_blur`` (None: on for 2D images, off for volumes): the coarse stage's levels on
-    the full grid compare the images at matched blur, learning how much blurrier one is than the
-    other per direction and axis (:func:`.coarse.match_blur_runs`), so the field does not fit
-    interpolation blur (a pure shift's Jacobian stays near 1). Settings record the choice,
-    ``metrics["coarse_blur_variance"]`` the variances learned.
+    ``coarse_match_blur`` (None or False: off, the default; True: on): the coarse stage's levels
+    on the full grid compare the images at matched blur, learning per direction and axis a blur of
+    the sharper image (:mod:`.coarse`), so the field does not fit the resampling blur of a noise-free
+    moving image (a pure shift's Jacobian stays near 1). Off by default: with noise in the images
+    the variances learn the noise (:func:`.coarse.match_blur_runs`). Settings record whether it
+    ran, ``metrics["coarse_blur_variance"]`` the variances learned.
 
     ``learning_rate`` and ``code_learning_rate`` (Adam, networks and latent codes) default to
     :data:`LEARNING_RATES`: a quarter of the rates after a coarse stage, which the field refines.
@@ -425,6 +425,7 @@ def register_nephi(
                 coarse_match_blur=coarse_match_blur,
             )
         global_loss = chunk_info.pop("global_final_loss")
+        coarse_info["blur_variance"] = chunk_info.pop("coarse_blur_variance", None)
         history = [] if global_loss is None else [global_loss]
     else:
         with memory_guard("NePhi registration"):
@@ -569,7 +570,7 @@ def register_nephi(
         "coarse_iterations": coarse_iterations,
         "coarse_reg_weight": coarse_reg_weight,
         "coarse_finer_level": coarse_finer_level,
-        "coarse_match_blur": match_blur_runs(coarse_match_blur, d),
+        "coarse_match_blur": coarse_info.get("blur_variance") is not None,  # whether it ran
         "coarse_shapes": [list(sh) for sh in shapes],
         "coarse_spacings": [float(sp) for sp in coarse_spacings],
         "sample_fraction": sample_fraction,
