@@ -312,6 +312,32 @@ def test_row_pruned_inverse_gives_the_2d_inverse_s_scores_and_shifts(reach):
     assert torch.equal(index, ref_index)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stage1_finds_a_partial_section_21_pixels_off_the_plate_centre(seed):
+    """Stage 1's grid must search every shift that keeps half the section's tissue on the slice: a
+    section whose 32-pixel tissue lies 21 canvas pixels right of the slice's centre (56 % of it on the
+    slice) is found there (a 19-pixel reach, tried in session 13, scored it nowhere near)."""
+    from scipy.ndimage import gaussian_filter
+
+    from napari_nephi.engines.atlas.pose_grid import dilate, field, section_weight
+    from napari_nephi.engines.atlas.rerank import coarse_grid
+
+    rng = np.random.default_rng(seed)
+    big = gaussian_filter(rng.normal(size=(45, 64)), 1.5).astype(np.float32)  # tissue everywhere
+    sec_mask = np.zeros((45, 45), np.float32)
+    sec_mask[6:38, 6:38] = 1.0  # 32 x 32 tissue at the canvas centre
+    grid = coarse_grid(np.where(sec_mask > 0, 1.0, 0.0).astype(np.float32), sec_mask > 0, 32)
+    assert grid.canvas == (45, 45)
+    sec = np.zeros((45, 45), np.float32)
+    sec[6:38, 6:38] = big[6:38, 27:59]  # what lies 21 pixels right on the slice
+    fa, ea, na = grid.corr.section(*field(sec, section_weight(sec_mask)), sec_mask)
+    slice_mask = np.ones((45, 45), np.float32)
+    fb = grid.corr.slice(*field(big[:, :45], dilate(slice_mask)), slice_mask)
+    value, index = grid.corr.best(fa[None], torch.tensor([ea]), torch.tensor([na]), fb[None])
+    assert tuple(grid.corr.shift(int(index[0, 0]))) == (0.0, 21.0)
+    assert float(value[0, 0]) > 0.3
+
+
 def test_atlas_sampling_matches_scipy(toy_reference):
     from scipy import ndimage as ndi
 

@@ -38,9 +38,10 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   0.5 s of CPU per section (session 8's search: 1.16 s, measured at the same moment). Session 10
   (session-9 index): the joint tilt search and 2 anchors took the mean rank from 1.73 / 3.73 to
   1.57 / 2.78 (query seeds 0 / 1; 3.72 -> 2.53 on seed 6, 2.77 -> 3.05 on seed 5) for about 13 %
-  more CPU. Session 13: stage 1 searches shifts within :data:`COARSE_REACH`, the inverse FFTs of stage 2
-  transform back only the rows of its shifts, 64 pairs per batch (:mod:`.pose_grid`): the same
-  rankings for about 35 % less CPU. :data:`SEEDED` is the search for a first stage that is already close.
+  more CPU. Session 13: the inverse FFTs of stage 2 transform back only the rows of its shifts, 64
+  pairs per batch (:mod:`.pose_grid`): the same rankings for about 20-30 % less CPU. Stage 1 searches
+  every shift that keeps half the section's tissue on the slice (:func:`coarse_grid`). :data:`SEEDED`
+  is the search for a first stage that is already close.
 * **Ranking.** A pose's plate is the atlas ``z`` of the section's tissue centre under it (what users
   mean by the plate of a section). Every plate ``p`` gets the distance
   ``1 - max over stage-2 poses (score - plate_penalty * |z - p|)`` (0 for a perfect match, 1 for no
@@ -107,10 +108,6 @@ SECTION_FACTOR = 4
 HYPOTHESIS_GAP = 3
 #: Plates on each side of a hypothesis searched again in stage 2.
 REFINE_PLATES = 2
-#: Stage 1 searches shifts up to this share of ``coarse_size`` (canvas pixels per axis; 19 of the
-#: default 32, a 64-pixel FFT): the same rankings on the benchmark's 120 sections of query seeds 0 / 1
-#: as half the canvas (23, a 72-pixel FFT), for 18 % less CPU per lookup.
-COARSE_REACH = 0.6
 #: Stage 2 searches shifts up to this share of ``work_size`` (canvas pixels per axis) from the
 #: stage-1 pose (whose error is a coarse pixel or two): smaller FFTs than a search of every shift.
 LOCAL_REACH = 0.25
@@ -223,9 +220,7 @@ class PoseSearch:
         ``options``: :func:`check_rerank_options`'s; ``progress``: checked for cancel between steps."""
         grey, mask, zoom = self.prepare(section, SECTION_FACTOR * options["work_size"])
         coarse_atlas = self.atlas(options["coarse_size"])
-        coarse = SectionGrid(
-            grey, mask, options["coarse_size"], reach=round(COARSE_REACH * options["coarse_size"])
-        )
+        coarse = coarse_grid(grey, mask, options["coarse_size"])
         shortlist = [int(p) for p, _ in order[: options["shortlist"]]]
         zs = _around(shortlist, options["neighbours"], self.n)
         if options["sweep_step"] > 0:  # a sweep of the whole atlas: where the embedding is wrong
@@ -254,6 +249,17 @@ class PoseSearch:
             p.scale *= zoom
         prior = _prior(order, self.n) * options["prior_weight"]
         return _rank(poses, order, options["plate_penalty"], len(pairs) + refine.pairs, self.n, prior)
+
+
+def coarse_grid(grey: np.ndarray, mask: np.ndarray, coarse_size: int) -> SectionGrid:
+    """Stage 1's grid of a section: every shift that does not wrap around is searched (27 canvas
+    pixels per axis at the default ``coarse_size`` 32, a 72-pixel FFT). A partial section whose tissue
+    centre lies 20-22 pixels from the plate's tissue-box centre still keeps the
+    :data:`~.pose_grid.MIN_OVERLAP` on the slice there, and stage 2 searches only near stage 1's
+    poses, so a shorter reach loses such poses for good. Session 13 tried 19 pixels (a 64-pixel FFT,
+    ~18 % less CPU, the same ranks on the phantom benchmark's sections) and went back: that saving was
+    measured on the phantom alone."""
+    return SectionGrid(grey, mask, coarse_size)
 
 
 class _Refine:
