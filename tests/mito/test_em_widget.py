@@ -302,3 +302,24 @@ def test_guided_pairs_and_drift_window_reach_the_engine_and_the_settings_json(qt
     }
     assert pairs[False] and not any(p["guided"] for p in pairs[False])  # every further pair matched in full
     assert any(p["guided"] for p in pairs[True])
+
+
+def test_drift_window_box_offers_no_window_the_engine_refuses(qtbot):
+    from napari_nephi.engines.mito.detrend import MIN_WINDOW
+    from napari_nephi.widgets._em_parts import EMOptions
+
+    opts = EMOptions()
+    qtbot.addWidget(opts)
+    box = opts.drift_window
+    assert box.value() == 0.0
+    box.stepUp()  # from "whole stack" straight to the minimum, not 1
+    assert box.value() == MIN_WINDOW
+    box.stepUp()
+    assert box.value() == MIN_WINDOW + 1
+    box.stepDown()
+    box.stepDown()  # from the minimum back to "whole stack", not 3
+    assert box.value() == 0.0
+    box.setValue(2.5)  # a typed value below the minimum is raised to it
+    assert box.value() == MIN_WINDOW
+    box.setValue(0.0)
+    assert box.value() == 0.0

@@ -16,6 +16,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..engines.mito.detrend import MIN_WINDOW
 from ..engines.mito.features import DESCRIPTORS, DETECTORS, MATCHERS, MODELS
 from ..engines.mito.solve import GLOBAL_MODELS
 from ._options import folded
@@ -118,6 +119,11 @@ class EMOptions(QWidget):
             "4; widened where fewer than 10 placed sections lie under it); 0: one straight line",
         )  # fmt: skip
         self.drift_window.setDecimals(1)
+        # windows in (0, MIN_WINDOW) are refused by the engine: the arrows step from 0 to the minimum
+        # and back, a typed value is snapped up when the edit ends (not at every key)
+        self.drift_window.setKeyboardTracking(False)
+        self._last_window = 0.0
+        self.drift_window.valueChanged.connect(self._snap_window)
         shown = [("detector", self.detector), ("", self.use_masks), ("descriptor", self.descriptor),
                  ("matcher", self.matcher), ("model", self.model)]  # fmt: skip
         folded_rows = [("", self.model_selection), ("", self.refine), ("reference section", self.reference),
@@ -154,6 +160,12 @@ class EMOptions(QWidget):
         self.drift_prior.setEnabled(many)
         self.guided_pairs.setEnabled(many and self.refine.isChecked())  # guided pairs need the refinement
         self.drift_window.setEnabled(self.detrend.isChecked())
+
+    def _snap_window(self, v: float):
+        if 0 < v < MIN_WINDOW:
+            v = 0.0 if self._last_window >= MIN_WINDOW else MIN_WINDOW
+            self.drift_window.setValue(v)  # emits again with the snapped value
+        self._last_window = v
 
     def values(self) -> dict:
         return {
