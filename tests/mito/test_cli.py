@@ -124,3 +124,15 @@ def test_the_report_csv_has_the_drift_shift(tmp_path):
     with open(tmp_path / "report.csv") as fh:
         (got,) = list(csv.DictReader(fh))
     assert got["drift_shift_y"] == got["drift_shift_x"] == ""
+
+
+def test_drift_window_help_gives_the_minimum_the_engine_checks():
+    from napari_nephi.engines.mito.detrend import MIN_WINDOW, check_drift_options
+
+    p = argparse.ArgumentParser(prog="napari-nephi")
+    sub = p.add_subparsers(dest="command", required=True)
+    em_parser = add_parser(sub)
+    text = " ".join(em_parser.format_help().split())
+    assert f"at least {MIN_WINDOW:g}" in text
+    with pytest.raises(InputError, match=f"at least {MIN_WINDOW:g}"):
+        check_drift_options("detrend", MIN_WINDOW - 1)

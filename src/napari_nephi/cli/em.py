@@ -31,6 +31,7 @@ from ..core.files import check_output_folder, output_folder
 from ..core.options import check_known
 from ..core.progress import Progress
 from ..engines.mito import features as ft
+from ..engines.mito.detrend import MIN_SECTIONS, MIN_WINDOW
 from ._common import HelpFormatter, ProgressBars, add_key_values, add_quiet, parse_options
 
 #: align_stack parameters the command sets itself (not through --option).
@@ -124,7 +125,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="with --drift-correction detrend: a local line at every section, weighted by a Gaussian of "
-        "sigma this many sections (0: one straight line over the stack)",
+        f"sigma this many sections, at least {MIN_WINDOW:g} (widened where fewer than {MIN_SECTIONS} placed "
+        "sections lie under it: stack ends, failed or blank runs); 0: one straight line over the stack",
     )
     p.add_argument(
         "--elastic",
