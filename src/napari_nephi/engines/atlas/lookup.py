@@ -43,7 +43,7 @@ from .vote import max_gradient, section_vote
 
 #: Default of ``rerank`` in :meth:`AtlasLookup.lookup` (benchmarks/README.md, "Atlas lookup"). On the
 #: phantom benchmark re-ranking lowers the mean rank of the true plate from 11.7 to 2.7 (Top-5 45 ->
-#: 83 %; session 9, query seed 0) at about 0.3-0.37 s of CPU per section (session 13) instead of
+#: 83 %; session 9, query seed 0) at about 0.4 s of CPU per section (session 13) instead of
 #: ~5 ms: a right plate matters more to users than the second, so it is on; ``rerank=False`` (``atlas-lookup
 #: --no-rerank``, the widget's "Re-rank by pose" unticked) gives the embedding's ranking alone,
 #: within the 50 ms target.
