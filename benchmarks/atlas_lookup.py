@@ -202,6 +202,7 @@ def train_method(name: str, ref, labels, train_secs, args) -> dict:
                 "ours+sections": dict(sections=sections, section_plates=plates_of),
             }[name]
             opts = {} if args.steps is None else {"steps": args.steps}
+            opts.update(json.loads(args.train_options))
             lk = AtlasLookup.train(ref, labels, device="cpu", seed=args.seed, **opts, **recipe)
             train_s = time.perf_counter() - t0
             if folder is not None:
@@ -323,6 +324,9 @@ def parse(argv=None):
     p.add_argument("--shape", default="132,96,112", help="phantom (z, y, x): z plates")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the engine's)")
     p.add_argument("--ncc-size", type=int, default=128)
+    p.add_argument(
+        "--train-options", default="{}", help="JSON training options (train.DEFAULTS) of new indexes"
+    )
     p.add_argument("--register", default="nephi", help="registration method for Dice, or 'none'")
     p.add_argument("--dice-methods", default=",".join(METHODS), help="methods whose picks are registered")
     p.add_argument("--index-dir", default=None, help="save trained indexes here; load them when present")

@@ -72,6 +72,59 @@ def test_ordinal_loss_and_mirror_options_change_the_index(small_atlas):
     assert mirror.lookup(section, top=3) == mirror.lookup(section.copy(), top=3)
 
 
+@pytest.mark.parametrize(
+    "cut, at",
+    [
+        ((slice(None), slice(36, None)), (0.5, 0.0)),  # the right side cut away: tissue at the left
+        ((slice(None), slice(0, 28)), (0.5, 1.0)),
+        ((slice(38, None), slice(None)), (0.0, 0.5)),  # the bottom cut away: tissue at the top
+        ((slice(0, 26), slice(None)), (1.0, 0.5)),
+    ],
+)
+@pytest.mark.parametrize("flip", [False, True])
+def test_framed_partial_frames_a_cut_section_where_its_tissue_sat(cut, at, flip):
+    """framed_partial: a partial training view gets the lookup's framing (framing.framing_specs) that
+    puts its tissue where it lay on the whole plate; a mirrored section (its atlas coordinates
+    mirrored with it) the mirrored framing."""
+    from types import SimpleNamespace
+
+    from napari_nephi.engines.atlas.framing import atlas_aspect, framing_specs
+    from napari_nephi.engines.atlas.plates import Plates
+    from napari_nephi.engines.atlas.preprocess import (
+        framed_input_geometry,
+        prepare_input_geometry,
+        tissue_crop,
+    )
+    from napari_nephi.engines.atlas.train import _framed_partial
+
+    reference, labels = toy_atlas((40, 64, 64), seed=0)
+    size, plate = 64, 20
+    aspect = atlas_aspect(Plates.from_reference(reference, labels), size)
+    image = reference[plate].copy()
+    image[cut] = np.median(image[:3, :3])  # the background
+    h, w = image.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    coords = np.stack([np.full((h, w), plate, np.float32), yy, xx])
+    if flip:
+        image, coords, at = image[:, ::-1].copy(), coords[:, :, ::-1].copy(), (at[0], 1.0 - at[1])
+    section = SimpleNamespace(image=image, coords=coords, params={"partial": "side", "flip": flip})
+    out, geometry = _framed_partial(section, size, aspect, prepare_input_geometry(reference[plate], size)[1])
+    tc = tissue_crop(image, size)
+    box = [b for b, a in framing_specs(tc.image.shape, aspect) if a == at]
+    assert len(box) == 1  # the framing exists for this crop's shape
+    expected, expected_geometry = framed_input_geometry(tc, size, box[0], at)
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(geometry.mask, expected_geometry.mask)
+
+
+def test_framed_partial_option_trains_on_other_views(small_atlas):
+    reference, labels = small_atlas
+    plain = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY)
+    framed = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY, framed_partial=True)
+    assert framed.settings["options"]["framed_partial"] and not plain.settings["options"]["framed_partial"]
+    assert not np.allclose(plain.embeddings, framed.embeddings)  # the partial views were framed
+
+
 def test_progress_reports_every_step_with_loss_and_validation(small_atlas):
     events = []
     AtlasLookup.train(*small_atlas, device="cpu", progress=events.append, **TINY)
@@ -184,6 +237,7 @@ def test_real_sections_join_training(small_atlas):
         ({"ordinal": -0.5}, "ordinal must be at least 0"),
         ({"ordinal_reach": 0}, "ordinal_reach must be at least 1"),
         ({"mirror": "yes"}, "mirror must be"),
+        ({"framed_partial": "yes"}, "framed_partial must be"),
         ({"loss": "proxy", "proxy_sigma": -1}, "proxy_sigma must be at least 0"),
         ({"threads": -1}, "threads must be at least 0"),
         ({"loss": "proxy", "proxy_scale": 0}, "proxy_scale must be greater than 0"),

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from .plates import Plates
-from .preprocess import MARGIN, TissueCrop, _resize, tissue_crop
+from .preprocess import TissueCrop, _resize, frame_offsets, tissue_crop
 
 #: A tissue box this much wider (or narrower) than the atlas's sections is taken as cut.
 ASPECT_TOLERANCE = 1.08
@@ -47,11 +47,8 @@ def place(crop: np.ndarray, box: tuple[int, int], at: tuple[float, float], size:
     resized to ``(size, size)``; ``at=(0.5, 0.5)`` in the crop's own box is
     :func:`.preprocess.prepare_input`'s framing."""
     h, w = crop.shape
-    bh, bw = max(int(box[0]), h), max(int(box[1]), w)
-    side = max(1, round(max(bh, bw) * (1 + 2 * MARGIN)))
+    side, oy, ox = frame_offsets((h, w), box, at)
     square = np.zeros((side, side), dtype=np.float32)
-    oy = (side - bh) // 2 + round(at[0] * (bh - h))
-    ox = (side - bw) // 2 + round(at[1] * (bw - w))
     square[oy : oy + h, ox : ox + w] = crop
     return np.clip(_resize(square, (size, size)), 0.0, 1.0).astype(np.float32, copy=False)
 
@@ -65,21 +62,25 @@ def atlas_aspect(plates: Plates, size: int) -> float:
     return float(np.median(big[:, 1] / big[:, 0]))
 
 
-def framings(crop: TissueCrop, aspect: float, size: int) -> np.ndarray:
-    """``(F, size, size)`` inputs of one section's tissue (see the module); the first is centred."""
-    img = crop.image
-    h, w = img.shape
-    out = [place(img, (h, w), (0.5, 0.5), size)]
+def framing_specs(shape: tuple[int, int], aspect: float) -> list[tuple[tuple[int, int], tuple[float, float]]]:
+    """``(box, at)`` of every framing of a tissue crop of ``shape`` (see the module); the first is
+    centred in the crop's own box."""
+    h, w = shape
+    out = [((h, w), (0.5, 0.5))]
     ratio = w / h
     if ratio > aspect * ASPECT_TOLERANCE:  # wider than a section: its top or bottom is missing
         full = (round(w / aspect), w)
-        out += [place(img, full, (0.0, 0.5), size), place(img, full, (1.0, 0.5), size)]
+        out += [(full, (0.0, 0.5)), (full, (1.0, 0.5))]
     elif ratio < aspect / ASPECT_TOLERANCE:  # narrower: a side is missing
         full = (h, round(h * aspect))
-        out += [place(img, full, (0.5, 0.0), size), place(img, full, (0.5, 1.0), size)]
+        out += [(full, (0.5, 0.0)), (full, (0.5, 1.0))]
     box = (round(h * CORNER_ZOOM), round(w * CORNER_ZOOM))
-    out += [place(img, box, at, size) for at in ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0))]
-    return np.stack(out)
+    return out + [(box, at) for at in ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0))]
+
+
+def framings(crop: TissueCrop, aspect: float, size: int) -> np.ndarray:
+    """``(F, size, size)`` inputs of one section's tissue (see the module); the first is centred."""
+    return np.stack([place(crop.image, box, at, size) for box, at in framing_specs(crop.image.shape, aspect)])
 
 
 def framed_inputs(image, aspect: float, size: int, name: str = "image") -> np.ndarray:

@@ -409,11 +409,27 @@ def tissue_crop(image, size: int = 128, name: str = "image") -> TissueCrop:
 def prepare_input_geometry(image, size: int = 128, name: str = "image") -> tuple[np.ndarray, InputGeometry]:
     """:func:`prepare_input` and its :class:`InputGeometry` (input pixels -> image pixels, tissue mask)."""
     size = _check_size(size)
-    tc = tissue_crop(image, size, name)
+    return framed_input_geometry(tissue_crop(image, size, name), size)
+
+
+def frame_offsets(shape: tuple[int, int], box=None, at=(0.5, 0.5)) -> tuple[int, int, int]:
+    """``(side, row, column)``: the square side and the first row and column of a crop of ``shape``
+    placed in a ``box`` (height, width; at least the crop's; default its own) at ``at`` (0: top or
+    left, 1: bottom or right of the free room), the box centred in the square with :data:`MARGIN`."""
+    h, w = shape
+    bh, bw = (h, w) if box is None else (max(int(box[0]), h), max(int(box[1]), w))
+    side = max(1, round(max(bh, bw) * (1 + 2 * MARGIN)))
+    return side, (side - bh) // 2 + round(at[0] * (bh - h)), (side - bw) // 2 + round(at[1] * (bw - w))
+
+
+def framed_input_geometry(
+    tc: TissueCrop, size: int, box=None, at=(0.5, 0.5)
+) -> tuple[np.ndarray, InputGeometry]:
+    """The network input of a :func:`tissue_crop` placed as :func:`frame_offsets` says (default:
+    :func:`prepare_input`'s centred framing) and its :class:`InputGeometry`."""
     crop, crop_mask, shape = tc.image, tc.mask, tc.image.shape
-    side = max(1, round(max(shape) * (1 + 2 * MARGIN)))
+    side, oy, ox = frame_offsets(shape, box, at)
     square = np.zeros((side, side), dtype=np.float32)
-    oy, ox = (side - shape[0]) // 2, (side - shape[1]) // 2
     square[oy : oy + shape[0], ox : ox + shape[1]] = crop
     out = np.clip(_resize(square, (size, size)), 0.0, 1.0).astype(np.float32, copy=False)
     cover = np.zeros((side, side), dtype=np.float32)

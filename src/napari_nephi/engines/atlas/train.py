@@ -67,10 +67,17 @@ from ...core.options import (
     check_known,
 )
 from ...core.progress import Progress
+from .framing import atlas_aspect, framing_specs
 from .losses import contrastive_loss, ordinal_loss, proxy_loss, triplet_loss
 from .network import VOTE_CONTEXTS, EmbeddingConfig, EmbeddingNet, embed_batch, embed_with_cells
 from .plates import Plates
-from .preprocess import prepare_input, prepare_input_geometry
+from .preprocess import (
+    InputGeometry,
+    framed_input_geometry,
+    prepare_input,
+    prepare_input_geometry,
+    tissue_crop,
+)
 from .synthesis import SectionSynthesizer, SynthesisConfig
 from .vote import cell_cover, cell_loss, cell_targets, max_gradient, section_vote, truth_channels
 
@@ -105,6 +112,7 @@ DEFAULTS: dict = {
     "vote_cells": 8,  # cells per side of the cell head's grid
     "vote_sigma": 1.0,  # width in plates of a cell's soft target (plus the cell's own spread)
     "vote_context": "stages",  # what a cell sees (network.VOTE_CONTEXTS)
+    "framed_partial": False,  # partial views framed in place as the lookup frames them (_framed_partial)
 }
 LOSSES = ("triplet", "contrastive", "proxy")
 MININGS = ("semi-hard", "hard", "all")
@@ -187,6 +195,7 @@ def check_train_options(options: dict) -> dict:
     o["vote_cells"] = check_int("vote_cells", o["vote_cells"], 1, 32)
     o["vote_context"] = check_choice("vote_context", o["vote_context"], VOTE_CONTEXTS)
     o["vote_sigma"] = check_float("vote_sigma", o["vote_sigma"], 0.0, 100.0, low_open=True)
+    o["framed_partial"] = check_bool("framed_partial", o["framed_partial"])
     if o["vote"] > 0 and o["vote_cells"] > o["input_size"] // 4:
         raise InputError(
             f"Option vote_cells ({o['vote_cells']}) must be at most input_size / 4 "
@@ -235,11 +244,45 @@ def pixel_scale(geometries: Sequence) -> float:
     return float(max(max(g.scale) for g in geometries))
 
 
-def _view_with_truth(synth: SectionSynthesizer, plate: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """A prepared synthetic view of ``plate`` and its per-pixel truth (:func:`.vote.truth_channels`)."""
+def _view_with_truth(
+    synth: SectionSynthesizer, plate: int, size: int, framed: tuple | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A prepared synthetic view of ``plate`` and its per-pixel truth (:func:`.vote.truth_channels`);
+    with ``framed`` (the atlas aspect and the clean plates' geometries) a partial view is framed by
+    :func:`_framed_partial`."""
     section = synth.sample_with_truth(plate, labels=False)
-    image, geometry = prepare_input_geometry(section.image, size)
+    if framed is not None and section.params.get("partial") not in (None, "edges"):
+        image, geometry = _framed_partial(section, size, framed[0], framed[1][plate])
+    else:
+        image, geometry = prepare_input_geometry(section.image, size)
     return image, truth_channels(section.coords[0], geometry, size)
+
+
+def _framed_partial(section, size: int, aspect: float, plate_geometry: InputGeometry):
+    """(input, geometry) of a partial synthetic section in the lookup's framing
+    (:func:`.framing.framing_specs`, the centred one among them) that puts its tissue nearest to where
+    that tissue lies in the clean plate's input (from the section's atlas coordinates; mirrored for a
+    mirrored section): the network learns partial sections framed where they sat, as the lookup's
+    smallest framing distance looks for them."""
+    tc = tissue_crop(section.image, size)
+    framed = [framed_input_geometry(tc, size, box, at) for box, at in framing_specs(tc.image.shape, aspect)]
+    centred = framed[0][1]
+    target = []
+    for axis in (1, 2):  # the tissue's mean atlas row and column, then their input pixel on the plate
+        m, zm, _ = truth_channels(section.coords[axis], centred, size)
+        mean = float(zm.sum() / max(float(m.sum()), 1e-6))
+        target.append((mean - plate_geometry.offset[axis - 1]) / plate_geometry.scale[axis - 1])
+    if section.params.get("flip"):
+        target[1] = size - 1 - target[1]
+    r = np.arange(size, dtype=np.float64)
+
+    def miss(geometry: InputGeometry) -> float:
+        m = geometry.mask.astype(np.float64)
+        total = max(float(m.sum()), 1e-6)
+        cy, cx = float(m.sum(axis=1) @ r) / total, float(m.sum(axis=0) @ r) / total
+        return (cy - target[0]) ** 2 + (cx - target[1]) ** 2
+
+    return min(framed, key=lambda f: miss(f[1]))
 
 
 def _check_sections(sections, section_plates, n_plates: int):
@@ -277,6 +320,7 @@ class _Batches:
         real_plates: np.ndarray,
         rng: np.random.Generator,
         progress: Progress,
+        framed: tuple | None = None,
     ):
         self.n = plates.n
         self.o = options
@@ -285,6 +329,8 @@ class _Batches:
         self.real = real
         self.real_plates = real_plates
         self.rng = rng
+        #: with ``framed_partial``: the atlas aspect and the clean plates' geometries (_framed_partial)
+        self.framed = framed
         size = options["input_size"]
         #: with a cell head, 3 more channels per view: its per-pixel truth (see .vote.truth_channels)
         self.clean_truth = clean_truth
@@ -309,9 +355,11 @@ class _Batches:
         size = self.o["input_size"]
         for _ in range(3):
             try:
-                if self.clean_truth is None:
+                if self.clean_truth is None and self.framed is None:
                     return prepare_input(self.synth.sample(plate), size)[None]
-                image, truth = _view_with_truth(self.synth, plate, size)
+                image, truth = _view_with_truth(self.synth, plate, size, self.framed)
+                if self.clean_truth is None:
+                    return image[None]
                 return np.concatenate([image[None], truth])
             except InputError:
                 continue
@@ -522,8 +570,18 @@ def _train(plates, options, sections, section_plates, device, progress, seed) ->
             covers = [cell_cover(g.mask, o["vote_cells"]) for _, g in val_prepared]
             val_vote = (covers, max_gradient(scale), scale)
         prog.check()
+        framed = (atlas_aspect(plates, size), plate_geometries) if o["framed_partial"] else None
         batches = _Batches(
-            plates, o, synth, clean, clean_truth, real, np.asarray(sec_plates, dtype=np.int64), rng, prog
+            plates,
+            o,
+            synth,
+            clean,
+            clean_truth,
+            real,
+            np.asarray(sec_plates, dtype=np.int64),
+            rng,
+            prog,
+            framed,
         )
         groups = [{"params": list(net.parameters()), "scale": 1.0}]
         proxies = None
