@@ -70,3 +70,28 @@ def test_tracking_in_the_box_of_the_points_matches_the_whole_image():
             # rounded to float32 at other coordinates (box or whole image) end up to ~0.01 apart
             assert np.abs(dst - dst0).max() < 0.025 / scale
             assert np.median(np.linalg.norm(dst - ft.project(m, src), axis=1)) < 0.2  # and right
+
+
+def test_guided_check_for_a_homography_is_no_looser_than_a_homography_fit(monkeypatch):
+    """A guided map that explains a fifth of the matches, where a homography explains all of them,
+    is refused (an affine-only check accepted it: the affine RANSAC finds only that fifth)."""
+    from types import SimpleNamespace
+
+    from napari_nephi.engines.mito import align
+
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 1000, (300, 2))
+    h = np.array([[1.0, 0.05, 5.0], [0.02, 1.0, -3.0], [4e-4, 2e-4, 1.0]])  # strong perspective
+    dst = ft.project(h, src)
+    fj = ft.Features(src.astype(np.float32), np.zeros((300, 32), np.uint8), True)
+    fk = ft.Features(dst.astype(np.float32), np.zeros((300, 32), np.uint8), True)
+    monkeypatch.setattr(ft, "match_near", lambda *a: np.c_[np.arange(300), np.arange(300)])
+    o = SimpleNamespace(ransac_threshold=3.0, ratio=0.8, min_inliers=12)
+    wrong, inl = ft.fit_model(src, dst, "affine", 3.0)
+    assert 12 <= inl.sum() < 0.25 * len(src)  # an affine explains only a part of the matches
+    assert not align._confirmed(fj, fk, wrong, "homography", 2, o)
+    assert align._confirmed(fj, fk, wrong, "affine", 2, o)  # as good as any affine map
+    assert align._confirmed(fj, fk, h, "homography", 2, o)
+    near = h.copy()
+    near[:2, 2] += 40.0  # far off: explains none
+    assert not align._confirmed(fj, fk, near, "homography", 2, o)
