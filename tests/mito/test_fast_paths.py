@@ -95,3 +95,14 @@ def test_guided_check_for_a_homography_is_no_looser_than_a_homography_fit(monkey
     near = h.copy()
     near[:2, 2] += 40.0  # far off: explains none
     assert not align._confirmed(fj, fk, near, "homography", 2, o)
+
+
+def test_within_keeps_points_on_the_edge_of_the_disc():
+    """Integer keypoints under an integer map lie exactly on the disc's edge: kept, as by the ball query."""
+    pts = np.array([[0.0, 0.0], [6.0, 8.0], [10.0, 0.0], [3.0, 4.0], [0.0, 10.5]])
+    tree = cKDTree(pts)
+    q = np.array([[0.0, 0.0], [6.0, 8.0]])
+    ia, ib = ft._within(tree, q, 10.0)
+    near = tree.query_ball_point(q, 10.0)
+    assert {(i, j) for i, c in enumerate(near) for j in c} == set(zip(ia.tolist(), ib.tolist()))
+    assert (0, 1) in set(zip(ia.tolist(), ib.tolist())) and (0, 2) in set(zip(ia.tolist(), ib.tolist()))

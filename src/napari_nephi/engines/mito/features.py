@@ -377,7 +377,8 @@ def _within(tree: cKDTree, q: np.ndarray, radius: float, k: int = 16) -> tuple[n
     k = min(k, n)
     if k == 0 or not len(q):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    _, j = tree.query(q, k=k, distance_upper_bound=radius)
+    # the bound is strict (<); the ball query, and so the disc, includes its edge (<=)
+    _, j = tree.query(q, k=k, distance_upper_bound=np.nextafter(radius, np.inf))
     j = j.reshape(len(q), k)
     found = j < n
     full = found[:, -1].copy() if k < n else np.zeros(len(q), bool)
