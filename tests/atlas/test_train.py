@@ -51,12 +51,15 @@ def test_same_seed_same_index_other_seed_another(small_atlas):
     assert not np.allclose(a.embeddings, c.embeddings)
 
 
-def test_ordinal_loss_and_mirror_options_change_the_index(small_atlas):
+def test_ordinal_loss_mirror_and_framed_partial_options_change_the_index(small_atlas):
     reference, labels = small_atlas
     plain = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY, ordinal=0.0)
     ordinal = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY, ordinal=2.0)
     assert not np.allclose(plain.embeddings, ordinal.embeddings)  # the ordinal term trains the net
     mirror = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY)  # the default
+    framed = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY, framed_partial=True)
+    assert framed.settings["options"]["framed_partial"] and not mirror.settings["options"]["framed_partial"]
+    assert not np.allclose(mirror.embeddings, framed.embeddings)  # its partial views were framed
     single = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY, mirror=False)
     assert mirror.mirror and not single.mirror
     x = prepare_batch([reference[5]], TINY["input_size"])
@@ -72,6 +75,16 @@ def test_ordinal_loss_and_mirror_options_change_the_index(small_atlas):
     assert mirror.lookup(section, top=3) == mirror.lookup(section.copy(), top=3)
 
 
+@pytest.fixture(scope="module")
+def toy_plates_aspect():
+    """The 40-plate toy reference and its plates' aspect (framing.atlas_aspect at input size 64)."""
+    from napari_nephi.engines.atlas.framing import atlas_aspect
+    from napari_nephi.engines.atlas.plates import Plates
+
+    reference, labels = toy_atlas((40, 64, 64), seed=0)
+    return reference, atlas_aspect(Plates.from_reference(reference, labels), 64)
+
+
 @pytest.mark.parametrize(
     "cut, at",
     [
@@ -82,14 +95,13 @@ def test_ordinal_loss_and_mirror_options_change_the_index(small_atlas):
     ],
 )
 @pytest.mark.parametrize("flip", [False, True])
-def test_framed_partial_frames_a_cut_section_where_its_tissue_sat(cut, at, flip):
+def test_framed_partial_frames_a_cut_section_where_its_tissue_sat(toy_plates_aspect, cut, at, flip):
     """framed_partial: a partial training view gets the lookup's framing (framing.framing_specs) that
     puts its tissue where it lay on the whole plate; a mirrored section (its atlas coordinates
     mirrored with it) the mirrored framing."""
     from types import SimpleNamespace
 
-    from napari_nephi.engines.atlas.framing import atlas_aspect, framing_specs
-    from napari_nephi.engines.atlas.plates import Plates
+    from napari_nephi.engines.atlas.framing import framing_specs
     from napari_nephi.engines.atlas.preprocess import (
         framed_input_geometry,
         prepare_input_geometry,
@@ -97,9 +109,8 @@ def test_framed_partial_frames_a_cut_section_where_its_tissue_sat(cut, at, flip)
     )
     from napari_nephi.engines.atlas.train import _framed_partial
 
-    reference, labels = toy_atlas((40, 64, 64), seed=0)
+    reference, aspect = toy_plates_aspect
     size, plate = 64, 20
-    aspect = atlas_aspect(Plates.from_reference(reference, labels), size)
     image = reference[plate].copy()
     image[cut] = np.median(image[:3, :3])  # the background
     h, w = image.shape
@@ -115,14 +126,6 @@ def test_framed_partial_frames_a_cut_section_where_its_tissue_sat(cut, at, flip)
     expected, expected_geometry = framed_input_geometry(tc, size, box[0], at)
     np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(geometry.mask, expected_geometry.mask)
-
-
-def test_framed_partial_option_trains_on_other_views(small_atlas):
-    reference, labels = small_atlas
-    plain = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY)
-    framed = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY, framed_partial=True)
-    assert framed.settings["options"]["framed_partial"] and not plain.settings["options"]["framed_partial"]
-    assert not np.allclose(plain.embeddings, framed.embeddings)  # the partial views were framed
 
 
 def test_progress_reports_every_step_with_loss_and_validation(small_atlas):
