@@ -97,6 +97,29 @@ def test_guided_check_for_a_homography_is_no_looser_than_a_homography_fit(monkey
     assert not align._confirmed(fj, fk, near, "homography", 2, o)
 
 
+def test_guided_check_with_just_under_half_agreeing_warns_nothing(monkeypatch):
+    """An odd match count with the guided map explaining just under half of it asks RANSAC for
+    a model explaining every match (inlier ratio 1): no log(0) warning, and the map is confirmed,
+    since no fit can explain more than twice its inliers."""
+    import warnings
+    from types import SimpleNamespace
+
+    from napari_nephi.engines.mito import align
+
+    rng = np.random.default_rng(1)
+    src = rng.uniform(0, 1000, (301, 2))
+    h = np.array([[1.0, 0.02, 5.0], [-0.02, 1.0, -3.0], [0.0, 0.0, 1.0]])
+    dst = ft.project(h, src)
+    dst[150:] += rng.uniform(50, 100, (151, 2))  # 150 of 301 follow h
+    fj = ft.Features(src.astype(np.float32), np.zeros((301, 32), np.uint8), True)
+    fk = ft.Features(dst.astype(np.float32), np.zeros((301, 32), np.uint8), True)
+    monkeypatch.setattr(ft, "match_near", lambda *a: np.c_[np.arange(301), np.arange(301)])
+    o = SimpleNamespace(ransac_threshold=3.0, ratio=0.8, min_inliers=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert align._confirmed(fj, fk, h, "homography", 2, o)
+
+
 def test_within_keeps_points_on_the_edge_of_the_disc():
     """Integer keypoints under an integer map lie exactly on the disc's edge: kept, as by the ball query."""
     pts = np.array([[0.0, 0.0], [6.0, 8.0], [10.0, 0.0], [3.0, 4.0], [0.0, 10.5]])

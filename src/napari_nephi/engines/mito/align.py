@@ -516,7 +516,7 @@ def _confirmed(
         return True
     # refused when a fit finds more than 2 * agree inliers: RANSAC needs only the draws that find
     # a model of that inlier ratio with its confidence (0.999), not those for the lower best ratio
-    ratio = (2 * agree + 1) / len(idx)
+    ratio = min((2 * agree + 1) / len(idx), 1.0 - 1e-9)  # agree just under half an odd count: 1
     checks = ("affine", model) if model == "homography" else (model,)
     for check in checks:  # the cheap affine fit first: most wrong maps are refused by it alone
         draws = np.log(1 - 0.999) / np.log1p(-(ratio ** ft.MIN_POINTS[check]))
