@@ -323,3 +323,8 @@ def test_drift_window_box_offers_no_window_the_engine_refuses(qtbot):
     assert box.value() == MIN_WINDOW
     box.setValue(0.0)
     assert box.value() == 0.0
+    box.setValue(10.0)
+    box.setValue(3.0)  # typed below the minimum from above it: raised to it, not dropped to 0
+    assert box.value() == MIN_WINDOW
+    box.stepDown()  # the arrow from the minimum still goes to "whole stack"
+    assert box.value() == 0.0

@@ -114,15 +114,14 @@ class EMOptions(QWidget):
             "skipped below 10 sections)"
         )
         self.drift_window = _spin(
-            QDoubleSpinBox(), 0.0, 100_000.0, "whole stack (one line)",
+            _WindowSpinBox(), 0.0, 100_000.0, "whole stack (one line)",
             "Detrend: sigma, in sections, of the Gaussian window of a local line at every section (at least "
             "4; widened where fewer than 10 placed sections lie under it); 0: one straight line",
         )  # fmt: skip
         self.drift_window.setDecimals(1)
         # windows in (0, MIN_WINDOW) are refused by the engine: the arrows step from 0 to the minimum
-        # and back, a typed value is snapped up when the edit ends (not at every key)
+        # and back (_WindowSpinBox.stepBy), a typed value is raised to it when the edit ends
         self.drift_window.setKeyboardTracking(False)
-        self._last_window = 0.0
         self.drift_window.valueChanged.connect(self._snap_window)
         shown = [("detector", self.detector), ("", self.use_masks), ("descriptor", self.descriptor),
                  ("matcher", self.matcher), ("model", self.model)]  # fmt: skip
@@ -162,10 +161,8 @@ class EMOptions(QWidget):
         self.drift_window.setEnabled(self.detrend.isChecked())
 
     def _snap_window(self, v: float):
-        if 0 < v < MIN_WINDOW:
-            v = 0.0 if self._last_window >= MIN_WINDOW else MIN_WINDOW
-            self.drift_window.setValue(v)  # emits again with the snapped value
-        self._last_window = v
+        if 0 < v < MIN_WINDOW:  # typed (the arrows never land there): raised to the minimum
+            self.drift_window.setValue(MIN_WINDOW)  # emits again with the raised value
 
     def values(self) -> dict:
         return {
@@ -189,6 +186,16 @@ class EMOptions(QWidget):
             "drift_window": self.drift_window.value() if self.detrend.isChecked() else 0.0,
             "elastic": self.elastic.isChecked(),
         }
+
+
+class _WindowSpinBox(QDoubleSpinBox):
+    """The drift window: its arrows jump between 0 ("whole stack") and ``MIN_WINDOW``."""
+
+    def stepBy(self, steps: int) -> None:
+        target = self.value() + steps * self.singleStep()
+        if 0 < target < MIN_WINDOW:
+            target = MIN_WINDOW if steps > 0 else 0.0
+        self.setValue(target)
 
 
 def _spin(box, low, high, special: str, tip: str):
