@@ -498,8 +498,9 @@ def _confirmed(
     still leaves the true matches inside), and a RANSAC fit of ``model`` to them, the best
     independent solution; the guided map must explain at least half as many of the matches
     within ``ransac_threshold`` (and ``min_inliers``), as :func:`_refine` asks of a refinement.
-    Shortcuts that keep the rule: no RANSAC when the guided map explains half of all matches (no
-    fit has more inliers than there are matches); for a homography an affine RANSAC first (under
+    Shortcuts: no RANSAC when the guided map explains half of all matches (no fit has more
+    inliers than there are matches; this keeps the rule exactly); for a homography an affine RANSAC
+    first, which can only refuse more maps than the homography fit alone would (under
     1 ms, where a homography one takes 10-30 ms on the low-inlier matches near a distorted
     section): a map with fewer than half its inliers is refused without the homography fit, one
     that passes must also pass the homography's count; and each RANSAC draws only the samples that
