@@ -379,13 +379,13 @@ def em_stack(
     shifts = shift_rng.normal(0.0, placement_shift, (n, 2)) if placement_shift else None
     if pad is None:
         # unrotated sections shifted by placement_shift get a border of 3 sigma (none before
-        # 2026-12-04: their shifted edges were cut off); rotated ones the rotation's border plus
-        # the largest shift drawn (before 2026-12-05 the rotation's only: corners were cut off)
-        pad = (
-            int(math.ceil(math.hypot(h, w) / 2 - min(h, w) / 2)) if rotate else math.ceil(3 * placement_shift)
-        )
-        if rotate and shifts is not None:
-            pad = int(math.ceil(math.hypot(h, w) / 2 - min(h, w) / 2 + np.abs(shifts).max()))
+        # session 12: their shifted edges were cut off); rotated ones the rotation's border plus
+        # the largest shift drawn (before session 13 the rotation's only: corners were cut off)
+        if rotate:
+            largest = 0.0 if shifts is None else float(np.abs(shifts).max())
+            pad = int(math.ceil(math.hypot(h, w) / 2 - min(h, w) / 2 + largest))
+        else:
+            pad = math.ceil(3 * placement_shift)
     pad = check_int("pad", pad, 0)
     n_mito = check_int("n_mito", 10 if n_mito is None else n_mito, 0, 10_000)
     noise = check_float("noise", noise, 0.0, 10.0)
