@@ -489,7 +489,7 @@ def track(
     x0, y0, x1, y1 = _track_box(q, r + 2 + int(np.ceil(threshold * float(np.max(fa.scale)))) + 2, wb, hb)
     box = np.array([[1.0, 0.0, -x0], [0.0, 1.0, -y0], [0.0, 0.0, 1.0]])
     flags = cv2.INTER_LINEAR
-    if np.allclose(tw[2], (0.0, 0.0, 1.0), rtol=0.0, atol=0.0):  # affine: the cheaper warp
+    if _affine(tw):  # the cheaper warp
         warped = cv2.warpAffine(fa.image, (box @ tw)[:2], (x1 - x0, y1 - y0), flags=flags, borderValue=0)
     else:
         warped = cv2.warpPerspective(fa.image, box @ tw, (x1 - x0, y1 - y0), flags=flags, borderValue=0)
@@ -584,12 +584,17 @@ def refine(
     return model, fit, int(keep.sum()), rms[i]
 
 
+def _affine(m: np.ndarray) -> bool:
+    """Whether the 3x3 ``m`` has the exact affine last row ``(0, 0, 1)``."""
+    return m[2, 0] == 0.0 and m[2, 1] == 0.0 and m[2, 2] == 1.0
+
+
 def project(matrix_xy: np.ndarray, pts: np.ndarray) -> np.ndarray:
     """``(N, 2)`` points ``pts`` (x, y) mapped by the 3x3 ``matrix_xy`` (perspective division)."""
     m = np.asarray(matrix_xy, np.float64)
     pts = np.asarray(pts, np.float64).reshape(-1, 2)
     xy = pts @ m[:2, :2].T + m[:2, 2]
-    if m[2, 0] == 0.0 and m[2, 1] == 0.0 and m[2, 2] == 1.0:  # affine: no division
+    if _affine(m):  # no division
         return xy
     w = pts @ m[2, :2] + m[2, 2]
     return xy / w[:, None]
