@@ -60,6 +60,9 @@ def test_ordinal_loss_mirror_and_framed_partial_options_change_the_index(small_a
     framed = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY, framed_partial=True)
     assert framed.settings["options"]["framed_partial"] and not mirror.settings["options"]["framed_partial"]
     assert not np.allclose(mirror.embeddings, framed.embeddings)  # its partial views were framed
+    half = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY, framed_partial=0.5)
+    assert half.settings["options"]["framed_partial"] == 0.5
+    assert not np.allclose(half.embeddings, framed.embeddings)  # half of them were framed
     single = AtlasLookup.train(reference, labels, device="cpu", seed=3, **TINY, mirror=False)
     assert mirror.mirror and not single.mirror
     x = prepare_batch([reference[5]], TINY["input_size"])
@@ -126,6 +129,40 @@ def test_framed_partial_frames_a_cut_section_where_its_tissue_sat(toy_plates_asp
     expected, expected_geometry = framed_input_geometry(tc, size, box[0], at)
     np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(geometry.mask, expected_geometry.mask)
+
+
+@pytest.mark.parametrize("draw, framed", [(0.3, True), (0.7, False)])
+def test_framed_partial_share_frames_that_share_of_partial_views(toy_plates_aspect, draw, framed):
+    """framed_partial=0.5: a partial view is framed when the batch generator's draw falls below the
+    share, else kept centred as by default; a whole view is never framed (and draws nothing)."""
+    from types import SimpleNamespace
+
+    from napari_nephi.engines.atlas.preprocess import prepare_input_geometry
+    from napari_nephi.engines.atlas.train import _framed_partial, _view_with_truth
+
+    reference, aspect = toy_plates_aspect
+    size, plate = 64, 20
+    image = reference[plate].copy()
+    image[:, 36:] = np.median(image[:3, :3])  # the right side cut away
+    h, w = image.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    coords = np.stack([np.full((h, w), plate, np.float32), yy, xx])
+    params = {"partial": "side", "flip": False}
+    section = SimpleNamespace(image=image, coords=coords, params=params)
+    synth = SimpleNamespace(sample_with_truth=lambda p, labels: section)
+    geometries = {plate: prepare_input_geometry(reference[plate], size)[1]}
+    rng = SimpleNamespace(random=lambda: draw)
+    out, _ = _view_with_truth(synth, plate, size, (aspect, geometries, 0.5), rng)
+    expected = (
+        _framed_partial(section, size, aspect, geometries[plate])[0]
+        if framed
+        else prepare_input_geometry(image, size)[0]
+    )
+    np.testing.assert_array_equal(out, expected)
+    assert framed == (not np.array_equal(out, prepare_input_geometry(image, size)[0]))
+    params["partial"] = None  # a whole view: centred whatever the draw, and no draw is made
+    out, _ = _view_with_truth(synth, plate, size, (aspect, geometries, 0.5), None)
+    np.testing.assert_array_equal(out, prepare_input_geometry(image, size)[0])
 
 
 def test_progress_reports_every_step_with_loss_and_validation(small_atlas):
@@ -240,7 +277,8 @@ def test_real_sections_join_training(small_atlas):
         ({"ordinal": -0.5}, "ordinal must be at least 0"),
         ({"ordinal_reach": 0}, "ordinal_reach must be at least 1"),
         ({"mirror": "yes"}, "mirror must be"),
-        ({"framed_partial": "yes"}, "framed_partial must be"),
+        ({"framed_partial": "yes"}, "framed_partial must be True, False or the share"),
+        ({"framed_partial": 1.5}, "framed_partial must be True, False or the share"),
         ({"loss": "proxy", "proxy_sigma": -1}, "proxy_sigma must be at least 0"),
         ({"threads": -1}, "threads must be at least 0"),
         ({"loss": "proxy", "proxy_scale": 0}, "proxy_scale must be greater than 0"),

@@ -112,8 +112,9 @@ DEFAULTS: dict = {
     "vote_cells": 8,  # cells per side of the cell head's grid
     "vote_sigma": 1.0,  # width in plates of a cell's soft target (plus the cell's own spread)
     "vote_context": "stages",  # what a cell sees (network.VOTE_CONTEXTS)
-    # partial views framed in place as the lookup frames them (_framed_partial); lost on the benchmark
-    # (embedding alone 9.10 / 9.82 against 5.88 / 5.77 on query seeds 0 / 1, see docs/atlas.md)
+    # partial views framed in place as the lookup frames them (_framed_partial): True for all of them
+    # (lost on the benchmark: embedding alone 9.10 / 9.82 against 5.88 / 5.77 on query seeds 0 / 1,
+    # see docs/atlas.md), a number in [0, 1] for that share of them (the others stay centred)
     "framed_partial": False,
 }
 LOSSES = ("triplet", "contrastive", "proxy")
@@ -197,7 +198,14 @@ def check_train_options(options: dict) -> dict:
     o["vote_cells"] = check_int("vote_cells", o["vote_cells"], 1, 32)
     o["vote_context"] = check_choice("vote_context", o["vote_context"], VOTE_CONTEXTS)
     o["vote_sigma"] = check_float("vote_sigma", o["vote_sigma"], 0.0, 100.0, low_open=True)
-    o["framed_partial"] = check_bool("framed_partial", o["framed_partial"])
+    if not isinstance(o["framed_partial"], bool):
+        try:
+            o["framed_partial"] = check_float("framed_partial", o["framed_partial"], 0.0, 1.0)
+        except InputError:
+            raise InputError(
+                "Option framed_partial must be True, False or the share of partial views framed "
+                f"(a number in [0, 1]), got {o['framed_partial']!r}."
+            ) from None
     if o["vote"] > 0 and o["vote_cells"] > o["input_size"] // 4:
         raise InputError(
             f"Option vote_cells ({o['vote_cells']}) must be at most input_size / 4 "
@@ -247,13 +255,18 @@ def pixel_scale(geometries: Sequence) -> float:
 
 
 def _view_with_truth(
-    synth: SectionSynthesizer, plate: int, size: int, framed: tuple | None = None
+    synth: SectionSynthesizer,
+    plate: int,
+    size: int,
+    framed: tuple | None = None,
+    rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A prepared synthetic view of ``plate`` and its per-pixel truth (:func:`.vote.truth_channels`);
-    with ``framed`` (the atlas aspect and the clean plates' geometries) a partial view is framed by
-    :func:`_framed_partial`."""
+    with ``framed`` (the atlas aspect, the clean plates' geometries and the share of partial views
+    to frame, drawn from ``rng`` when below 1) a partial view is framed by :func:`_framed_partial`."""
     section = synth.sample_with_truth(plate, labels=False)
-    if framed is not None and section.params.get("partial") not in (None, "edges"):
+    partial = section.params.get("partial") not in (None, "edges")
+    if partial and framed is not None and (framed[2] >= 1.0 or rng.random() < framed[2]):
         image, geometry = _framed_partial(section, size, framed[0], framed[1][plate])
     else:
         image, geometry = prepare_input_geometry(section.image, size)
@@ -331,7 +344,8 @@ class _Batches:
         self.real = real
         self.real_plates = real_plates
         self.rng = rng
-        #: with ``framed_partial``: the atlas aspect and the clean plates' geometries (_framed_partial)
+        #: with ``framed_partial``: the atlas aspect, the clean plates' geometries and the share framed
+        #: (_view_with_truth)
         self.framed = framed
         size = options["input_size"]
         #: with a cell head, 3 more channels per view: its per-pixel truth (see .vote.truth_channels)
@@ -359,7 +373,7 @@ class _Batches:
             try:
                 if self.clean_truth is None and self.framed is None:
                     return prepare_input(self.synth.sample(plate), size)[None]
-                image, truth = _view_with_truth(self.synth, plate, size, self.framed)
+                image, truth = _view_with_truth(self.synth, plate, size, self.framed, self.rng)
                 if self.clean_truth is None:
                     return image[None]
                 return np.concatenate([image[None], truth])
@@ -572,7 +586,8 @@ def _train(plates, options, sections, section_plates, device, progress, seed) ->
             covers = [cell_cover(g.mask, o["vote_cells"]) for _, g in val_prepared]
             val_vote = (covers, max_gradient(scale), scale)
         prog.check()
-        framed = (atlas_aspect(plates, size), plate_geometries) if o["framed_partial"] else None
+        share = float(o["framed_partial"])
+        framed = (atlas_aspect(plates, size), plate_geometries, share) if share > 0 else None
         batches = _Batches(
             plates,
             o,
