@@ -21,8 +21,12 @@ Columns:
 * ``Dice pair``: the same, but every section is placed by its own pairwise map composed with
   the *true* placement of its neighbour: the accuracy of one pairwise step, without
   accumulation;
-* ``mito-global``: 3 neighbours and the global solve with rigid sections (the default
-  ``global_model``); ``-affine`` with affine sections, ``-affine-prior`` with ``drift_prior=1``;
+* rows run the chain (``neighbours=1``, the engine's default up to session 13) unless named
+  otherwise; ``mito-default``: the engine's defaults since session 14 (2 neighbours and the
+  global solve with affine sections and ``drift_prior=0.1``);
+* ``mito-global``: 3 neighbours and the global solve with rigid sections and no drift prior
+  (session 13's settings); ``-affine`` with affine sections, ``-affine-prior`` with
+  ``drift_prior=1``;
 * ``Dice ref``: the chain Dice measured in the aligned (reference section's) frame, the true
   masks moved there by the reference's known rotation; the only chain Dice of rows with elastic
   refinement (whose fields live in that frame; their ``Dice chain`` is nan);
@@ -69,6 +73,9 @@ from napari_nephi.engines.mito.align import warp_sections
 from napari_nephi.engines.mito.masks import detect_mitochondria_section
 from napari_nephi.synthetic import em_stack
 
+#: The global solve of sessions 11-13: rigid sections, no drift prior.
+_RIGID = {"global_model": "rigid", "drift_prior": 0.0}
+
 # name -> (detector, descriptor, use given masks[, extra align_stack options])
 ROWS = {
     "mito": ("mito", "brisk", True),
@@ -88,8 +95,15 @@ ROWS = {
     "sift": ("sift", "sift", False),
     "sift+masks": ("sift", "sift", True),
     # multi-neighbour matching + global solve, elastic refinement (issue 15)
-    "mito-global": ("mito", "brisk", True, {"neighbours": 3}),  # rigid sections (the default)
-    "mito-global-affine": ("mito", "brisk", True, {"neighbours": 3, "global_model": "affine"}),
+    # (every row without "neighbours" is the chain, neighbours=1, as before session 14; the
+    # "global" rows keep session 13's rigid sections without a drift prior)
+    "mito-global": ("mito", "brisk", True, {"neighbours": 3, **_RIGID}),
+    "mito-global-affine": (
+        "mito",
+        "brisk",
+        True,
+        {"neighbours": 3, "global_model": "affine", "drift_prior": 0.0},
+    ),
     "mito-global-affine-prior": (
         "mito",
         "brisk",
@@ -97,22 +111,37 @@ ROWS = {
         {"neighbours": 3, "global_model": "affine", "drift_prior": 1.0},
     ),  # fmt: skip
     "mito-elastic": ("mito", "brisk", True, {"elastic": True}),
-    "mito-global+elastic": ("mito", "brisk", True, {"neighbours": 3, "elastic": True}),
-    "fast-brisk-global": ("fast", "brisk", False, {"neighbours": 3}),
+    "mito-global+elastic": ("mito", "brisk", True, {"neighbours": 3, "elastic": True, **_RIGID}),
+    "fast-brisk-global": ("fast", "brisk", False, {"neighbours": 3, **_RIGID}),
     # drift correction by detrending the section positions through depth (issue 15, session 12)
     "mito-detrend": ("mito", "brisk", True, {"drift_correction": "detrend"}),
-    "mito-global-detrend": ("mito", "brisk", True, {"neighbours": 3, "drift_correction": "detrend"}),
+    "mito-global-detrend": (
+        "mito",
+        "brisk",
+        True,
+        {"neighbours": 3, "drift_correction": "detrend", **_RIGID},
+    ),
     "mito-global-detrend-w10": (
         "mito",
         "brisk",
         True,
-        {"neighbours": 3, "drift_correction": "detrend", "drift_window": 10},
+        {"neighbours": 3, "drift_correction": "detrend", "drift_window": 10, **_RIGID},
     ),  # fmt: skip
     "mito-global+elastic-detrend": (
         "mito",
         "brisk",
         True,
-        {"neighbours": 3, "elastic": True, "drift_correction": "detrend"},
+        {"neighbours": 3, "elastic": True, "drift_correction": "detrend", **_RIGID},
+    ),  # fmt: skip
+    # the engine's defaults since session 14 (2 neighbours, global solve, affine sections, prior 0.1)
+    "mito-default": ("mito", "brisk", True, {"neighbours": None}),
+    "mito-default-detrend": ("mito", "brisk", True, {"neighbours": None, "drift_correction": "detrend"}),
+    "mito-default+elastic": ("mito", "brisk", True, {"neighbours": None, "elastic": True}),
+    "mito-default+elastic-detrend": (
+        "mito",
+        "brisk",
+        True,
+        {"neighbours": None, "elastic": True, "drift_correction": "detrend"},
     ),  # fmt: skip
 }
 
@@ -184,8 +213,11 @@ def run_mito(data, name, matcher, args) -> dict:
         detector=det, descriptor=desc, matcher=matcher, model=args.model, reference=args.reference,
         workers=args.workers, warp=False,
     )  # fmt: skip
+    kw["neighbours"] = 1  # the chain, unless the row says otherwise (None: the engine's default)
     kw.update(extra[0] if extra else {})
     kw.update(args.extra)
+    if kw["neighbours"] is None:
+        del kw["neighbours"]
     if masks is True:
         kw["masks"] = data["masks"]
     elif masks == "auto":

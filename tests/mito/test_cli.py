@@ -136,3 +136,17 @@ def test_drift_window_help_gives_the_minimum_the_engine_checks():
     assert f"at least {MIN_WINDOW:g}" in text
     with pytest.raises(InputError, match=f"at least {MIN_WINDOW:g}"):
         check_drift_options("detrend", MIN_WINDOW - 1)
+
+
+def test_align_em_defaults_are_the_engines():
+    """Without flags align-em runs what align_stack runs by default (2 neighbours, global solve)."""
+    import inspect
+
+    from napari_nephi.cli.em import _align_options
+    from napari_nephi.engines.mito import align_stack
+
+    kw = _align_options(parse(["align-em", "stack.tif", "-o", "out"]))
+    defaults = inspect.signature(align_stack).parameters
+    for key in ("neighbours", "solver", "global_model", "drift_prior", "drift_correction", "drift_window"):
+        assert kw[key] == defaults[key].default, key
+    assert kw["neighbours"] == 2 and kw["global_model"] == "affine"

@@ -1,8 +1,11 @@
 """The "EM stack alignment" dock widget in a real napari viewer (Xvfb on CI)."""
 
+import inspect
+
 import numpy as np
 import pytest
 
+from napari_nephi.engines.mito import align_stack
 from napari_nephi.widgets import em_widget as emw
 from napari_nephi.widgets._em_parts import InliersPlot
 from napari_nephi.widgets.em_widget import EMAlignWidget
@@ -248,7 +251,13 @@ def test_em_options_multi_neighbour_reach_the_engine(qtbot, em):
     opts = EMOptions()
     qtbot.addWidget(opts)
     values = opts.values()
-    assert values["neighbours"] == 1 and not opts.global_model.isEnabled()  # default: the chain
+    # the engine's defaults (session 14: 2 neighbours, global solve with affine sections, prior 0.1)
+    defaults = inspect.signature(align_stack).parameters
+    for key in ("neighbours", "global_model", "drift_prior"):
+        assert values[key] == defaults[key].default, key
+    assert values["neighbours"] == 2 and opts.global_model.isEnabled() and opts.drift_prior.isEnabled()
+    opts.neighbours.setValue(1)  # the chain: the global solve's options do not apply
+    assert not opts.global_model.isEnabled() and not opts.drift_prior.isEnabled()
     opts.neighbours.setValue(3)
     opts.global_model.setCurrentText("rigid")
     opts.drift_prior.setValue(0.5)
@@ -273,6 +282,7 @@ def test_guided_pairs_and_drift_window_reach_the_engine_and_the_settings_json(qt
 
     opts = EMOptions()
     qtbot.addWidget(opts)
+    opts.neighbours.setValue(1)
     v = opts.values()
     assert v["guided_pairs"] is True and not opts.guided_pairs.isEnabled()  # chain: no further pairs
     assert v["drift_window"] == 0.0 and not opts.drift_window.isEnabled()

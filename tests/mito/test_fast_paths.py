@@ -20,6 +20,39 @@ def test_within_finds_every_point_in_the_disc():
     assert set(zip(ia.tolist(), ib.tolist())) == want and len(ia) == len(want)
 
 
+def _match_near_plain(a, b, matrix_xy, radius, ratio):
+    """:func:`.features.match_near` written as a loop over a's keypoints, bit by bit."""
+    q = ft.project(matrix_xy, a.points.astype(np.float64))
+    best = {}
+    for i, p in enumerate(q):
+        near = np.flatnonzero(np.linalg.norm(b.points - p, axis=1) <= radius)
+        if not len(near):
+            continue
+        d = np.unpackbits(a.descriptors[i] ^ b.descriptors[near], axis=1).sum(1)
+        order = np.argsort(d, kind="stable")
+        if len(near) == 1 or d[order[0]] < ratio * d[order[1]]:
+            j = int(near[order[0]])
+            best.setdefault(j, i)  # one match per keypoint of b: the first of a
+    return {(i, j) for j, i in best.items()}
+
+
+def test_match_near_hamming_distances_as_the_plain_loop():
+    rng = np.random.default_rng(3)
+    pts_b = (rng.random((400, 2)) * 200).astype(np.float32)
+    desc_b = rng.integers(0, 256, (400, 64), dtype=np.uint8)
+    keep = rng.random(300) < 0.5  # half of a's keypoints are b's with a few bits flipped
+    pts_a = pts_b[:300] + rng.normal(0, 1.0, (300, 2)).astype(np.float32)
+    flips = rng.random((300, 64 * 8)) < np.where(keep, 0.05, 0.5)[:, None]
+    desc_a = desc_b[:300] ^ np.packbits(flips, axis=1)
+    a = ft.Features(pts_a, desc_a, True)
+    b = ft.Features(pts_b, desc_b, True)
+    shift = np.array([[1.0, 0, 2.0], [0, 1.0, -1.0], [0, 0, 1.0]])
+    b.points = b.points + np.float32([2.0, -1.0])
+    got = ft.match_near(a, b, shift, 12.0, 0.8)
+    want = _match_near_plain(a, b, shift, 12.0, 0.8)
+    assert len(want) > 100 and set(map(tuple, got.tolist())) == want
+
+
 def _features(img, pts, scale):
     f = ft.Features(np.asarray(pts, np.float32), np.zeros((len(pts), 64), np.uint8), True)
     f.image, f.valid, f.scale = img, (img > 0).astype(np.uint8), np.array([scale, scale])

@@ -32,6 +32,7 @@ from ..core.options import check_known
 from ..core.progress import Progress
 from ..engines.mito import features as ft
 from ..engines.mito.detrend import MIN_SECTIONS, MIN_WINDOW
+from ..engines.mito.solve import DRIFT_PRIOR, GLOBAL_MODEL, GLOBAL_MODELS, NEIGHBOURS
 from ._common import HelpFormatter, ProgressBars, add_key_values, add_quiet, parse_options
 
 #: align_stack parameters the command sets itself (not through --option).
@@ -91,8 +92,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--neighbours",
         type=int,
-        default=1,
-        help="sections each section is matched to (2-3: multi-neighbour matching with a global solve)",
+        default=NEIGHBOURS,
+        help=f"sections each section is matched to (default {NEIGHBOURS}: multi-neighbour matching with a "
+        "global solve; 1: the chain of neighbour maps)",
     )
     p.add_argument(
         "--solver",
@@ -103,15 +105,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--global-model",
-        default="rigid",
-        choices=("rigid", "similarity", "affine"),
-        help="map of each section in the global solve",
+        default=GLOBAL_MODEL,
+        choices=GLOBAL_MODELS,
+        help=f"map of each section in the global solve (default {GLOBAL_MODEL})",
     )
     p.add_argument(
         "--drift-prior",
         type=float,
-        default=0.0,
-        help="global solve: weight of the penalty on each section's scale and shear (0: off)",
+        default=DRIFT_PRIOR,
+        help="global solve: weight of the penalty on each section's scale and shear "
+        f"(default {DRIFT_PRIOR:g}; 0: off)",
     )
     p.add_argument(
         "--drift-correction",

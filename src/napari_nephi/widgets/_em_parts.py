@@ -18,7 +18,7 @@ from qtpy.QtWidgets import (
 
 from ..engines.mito.detrend import MIN_WINDOW
 from ..engines.mito.features import DESCRIPTORS, DETECTORS, MATCHERS, MODELS
-from ..engines.mito.solve import GLOBAL_MODELS
+from ..engines.mito.solve import DRIFT_PRIOR, GLOBAL_MODEL, GLOBAL_MODELS, NEIGHBOURS
 from ._options import folded
 from ._plot import CurvePlot
 
@@ -88,6 +88,7 @@ class EMOptions(QWidget):
             "Sections each section is matched to; above 1 all sections are placed at once by a robust "
             "global least-squares solve over all pairs instead of chaining neighbour maps",
         )  # fmt: skip
+        self.neighbours.setValue(NEIGHBOURS)
         self.elastic = QCheckBox("elastic refinement (smooth per-section warp)")
         self.elastic.setToolTip(
             "After the alignment, a smooth displacement per section toward its neighbours, for sections "
@@ -95,12 +96,14 @@ class EMOptions(QWidget):
         )
         self.global_model = QComboBox()
         self.global_model.addItems(GLOBAL_MODELS)
+        self.global_model.setCurrentText(GLOBAL_MODEL)
         self.drift_prior = _spin(
             QDoubleSpinBox(), 0.0, 1000.0, "off",
             "Global solve: weight of the penalty on each section's scale and shear (holds back slow "
             "accumulated drift, but also resists real slow shape changes)",
         )  # fmt: skip
         self.drift_prior.setSingleStep(0.1)
+        self.drift_prior.setValue(DRIFT_PRIOR)
         self.guided_pairs = QCheckBox("guided far pairs (start from the chain; cheaper)")
         self.guided_pairs.setChecked(True)
         self.guided_pairs.setToolTip(

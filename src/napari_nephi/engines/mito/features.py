@@ -31,6 +31,8 @@ MODELS = ("homography", "affine", "similarity", "rigid")
 
 #: Axis swap between (x, y) and (y, x) homogeneous coordinates (its own inverse).
 SWAP = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+#: Set bits of every byte value: Hamming distances of binary descriptors without unpacking them.
+POPCOUNT = np.array([bin(v).count("1") for v in range(256)], dtype=np.uint8)
 
 
 def xy_to_yx(matrix_xy: np.ndarray) -> np.ndarray:
@@ -356,7 +358,8 @@ def match_near(
         return none
     da, db = a.descriptors[ia], b.descriptors[ib]
     if a.binary:
-        dist = np.unpackbits(np.bitwise_xor(da, db), axis=1).sum(axis=1).astype(np.float64)
+        # per byte through a table: unpacking the bits took 8 bytes per descriptor byte (a 5 MB peak)
+        dist = POPCOUNT[np.bitwise_xor(da, db, out=da)].sum(axis=1, dtype=np.int64).astype(np.float64)
     else:
         dist = np.linalg.norm(da.astype(np.float64) - db.astype(np.float64), axis=1)
     order = np.lexsort((dist, ia))

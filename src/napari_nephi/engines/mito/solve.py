@@ -36,6 +36,16 @@ from .features import check_choice
 #: Models of the per-section map of the global solve, simplest last.
 GLOBAL_MODELS = ("rigid", "similarity", "affine")
 
+#: Defaults of :func:`~.align.align_stack` (and of the EM widget and ``align-em``): each section
+#: matched to its 2 nearest sections toward the reference and all placed by the global solve, with
+#: affine sections (a section's own compression or shear is undone, as the chain does) and a weak
+#: drift prior (0.1: leaves about 3 % of an isolated section's own 4 % compression, and holds back
+#: the scale/shear an affine solve otherwise accumulates on distorted stacks; evidence in
+#: benchmarks/README.md, "Long stacks, session 14").
+NEIGHBOURS = 2
+GLOBAL_MODEL = "affine"
+DRIFT_PRIOR = 0.1
+
 
 @dataclass
 class Edge:
