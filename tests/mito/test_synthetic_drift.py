@@ -133,6 +133,97 @@ def test_the_other_cases_keep_the_old_border(kw):
         np.testing.assert_array_equal(d[key], old[key])
 
 
+#: Fingerprints of the cases above (seed 1, 4 sections of 96 x 128), from the generator of
+#: session 13 (the stacks of session 12 but for the rotated-shift border): per section the number
+#: of mitochondria, the mitochondria pixels aligned and acquired, their centroid (y, x) and mean
+#: label, and the mean and standard deviation of the aligned and of the acquired section. Integer
+#: counts and means over thousands of pixels: a float rounding that differs between platforms
+#: moves them by far less than the tolerances, a change of the generator's shapes, intensities,
+#: draws or warps by more.
+_FINGERPRINTS = [
+    [  # {}
+        [10, 1485, 1493, 86.45, 106.25, 5.60, 56.84, 73.59, 56.84, 72.43],
+        [10, 1485, 1476, 86.48, 106.29, 5.60, 53.35, 69.12, 53.35, 68.01],
+        [10, 1487, 1491, 86.44, 106.47, 5.61, 55.75, 72.25, 55.75, 71.10],
+        [10, 1487, 1481, 86.54, 106.25, 5.60, 57.24, 74.10, 57.24, 72.94],
+    ],
+    [  # {'organelle_drift': 0.5}
+        [10, 1481, 1481, 86.11, 106.27, 5.60, 56.84, 73.58, 56.84, 72.43],
+        [10, 1486, 1479, 86.37, 106.39, 5.62, 53.35, 69.12, 53.35, 68.01],
+        [10, 1485, 1492, 86.58, 106.29, 5.60, 55.75, 72.24, 55.75, 71.09],
+        [10, 1483, 1483, 86.75, 106.43, 5.59, 57.24, 74.09, 57.23, 72.93],
+    ],
+    [  # {'distortion': 1.0}
+        [10, 1485, 1512, 86.45, 106.25, 5.60, 56.84, 73.59, 56.73, 71.77],
+        [10, 1485, 1473, 86.48, 106.29, 5.60, 53.35, 69.12, 52.85, 67.27],
+        [10, 1487, 1486, 86.44, 106.47, 5.61, 55.75, 72.25, 55.94, 70.50],
+        [10, 1487, 1512, 86.54, 106.25, 5.60, 57.24, 74.10, 57.34, 72.37],
+    ],
+    [  # {'rotate': False, 'placement_shift': 5.0}
+        [10, 1485, 1485, 69.45, 89.25, 5.60, 87.71, 75.17, 87.71, 73.05],
+        [10, 1485, 1485, 69.48, 89.29, 5.60, 82.32, 70.62, 82.32, 69.47],
+        [10, 1487, 1487, 69.44, 89.47, 5.61, 86.03, 73.82, 86.02, 71.66],
+        [10, 1487, 1487, 69.54, 89.25, 5.60, 88.33, 75.67, 88.33, 73.27],
+    ],
+    [  # {'placement_shift': 5.0, 'pad': 40}
+        [10, 1485, 1494, 94.45, 114.25, 5.60, 47.70, 70.58, 47.70, 69.56],
+        [10, 1485, 1487, 94.48, 114.29, 5.60, 44.77, 66.28, 44.77, 65.31],
+        [10, 1487, 1488, 94.44, 114.47, 5.61, 46.78, 69.28, 46.79, 68.28],
+        [10, 1487, 1478, 94.54, 114.25, 5.60, 48.04, 71.06, 48.04, 70.05],
+    ],
+    [  # {'organelle_drift': 0.3, 'placement_shift': 4.0, 'pad': 40}
+        [10, 1480, 1466, 94.29, 114.32, 5.61, 47.70, 70.57, 47.70, 69.56],
+        [10, 1489, 1499, 94.43, 114.30, 5.61, 44.76, 66.28, 44.76, 65.30],
+        [10, 1487, 1490, 94.53, 114.35, 5.61, 46.78, 69.28, 46.77, 68.27],
+        [10, 1484, 1481, 94.63, 114.39, 5.60, 48.04, 71.06, 48.04, 70.06],
+    ],
+    [  # {'rotate': False}
+        [10, 1485, 1485, 54.45, 74.25, 5.60, 142.10, 37.75, 142.10, 37.75],
+        [10, 1485, 1485, 54.48, 74.29, 5.60, 133.36, 35.68, 133.36, 35.68],
+        [10, 1487, 1487, 54.44, 74.47, 5.61, 139.37, 37.34, 139.37, 37.34],
+        [10, 1487, 1487, 54.54, 74.25, 5.60, 143.11, 37.92, 143.11, 37.92],
+    ],
+]
+#: The rotation angles every rotated case draws (the main stream, after all other draws).
+_ANGLES = [-1.9839420711, 2.0560893158, 2.0410156469, 0.7013907316]
+
+
+def _fingerprint(d):
+    rows = []
+    for k in range(len(d["stack"])):
+        aligned, acquired = d["unrotated_masks"][k], d["masks"][k]
+        ys, xs = np.nonzero(aligned)
+        sections = d["unrotated_stack"][k], d["stack"][k]
+        rows.append([
+            len(np.unique(aligned)) - 1, np.count_nonzero(aligned), np.count_nonzero(acquired),
+            ys.mean(), xs.mean(), aligned[aligned > 0].mean(),
+            *[f(a) for a in sections for f in (np.mean, np.std)],
+        ])  # fmt: skip
+    return np.array(rows, dtype=np.float64)
+
+
+@pytest.mark.parametrize("case", range(len(_UNCHANGED)))
+def test_the_other_cases_keep_their_content(case):
+    """Portable check of the unchanged cases' content (not only their border, as above)."""
+    kw = _UNCHANGED[case]
+    d = em_stack(4, (96, 128), seed=1, **kw)
+    got, want = _fingerprint(d), np.array(_FINGERPRINTS[case], dtype=np.float64)
+    np.testing.assert_array_equal(got[:, 0], want[:, 0])  # mitochondria per section
+    np.testing.assert_allclose(got[:, 1:3], want[:, 1:3], atol=3)  # their pixels
+    np.testing.assert_allclose(got[:, 3:], want[:, 3:], atol=0.02)  # centroids, mean label, intensities
+    rotated = kw.get("rotate", True)
+    np.testing.assert_allclose(d["angles"], _ANGLES if rotated else 0.0, atol=1e-9)
+
+
+def test_the_fingerprint_tells_the_cases_apart():
+    """The fingerprint sees each option: no two cases of different content share one."""
+    rows = [np.array(f, dtype=np.float64) for f in _FINGERPRINTS]
+    for i in range(len(rows)):
+        for j in range(i):
+            same = np.all(np.abs(rows[i] - rows[j]) <= np.r_[0, 3, 3, [0.02] * 7])
+            assert not same, (_UNCHANGED[i], _UNCHANGED[j])
+
+
 def test_only_the_border_of_a_rotated_shifted_stack_changed():
     from napari_nephi.synthetic.em import rotation_matrix
 
