@@ -253,3 +253,50 @@ def test_a_section_matched_only_further_away_is_solved_not_chained():
     assert summary["downweighted_pairs"] == 0
     pair = rows[3]["pairs"][0]
     assert pair["prior_weight"] == 0.25 and pair["robust_weight"] == 1.0 and pair["weight"] == 0.25
+
+
+@pytest.mark.parametrize(("model", "prior"), [("affine", 0.0), ("affine", 0.3), ("similarity", 0.3)])
+def test_the_block_assembly_solves_the_stacked_least_squares(model, prior):
+    """The normal equations assembled per pair of sections give the dense least-squares
+    solution of the stacked residual rows (reference in the middle, mixed weights, the prior)."""
+    from napari_nephi.engines.mito import solve
+
+    n, ref = 9, 4
+    _, edges = _noisy_chain(n, 3, seed=5, noise=0.8)
+    rng = np.random.default_rng(6)
+    for e in edges:
+        e.weight = rng.uniform(0.1, 1.0)
+    robust = rng.uniform(0.3, 1.0, len(edges))
+    npar = 6 if model == "affine" else 4
+    pts = solve._grid(SHAPE)
+    radius = float(np.linalg.norm(pts - pts.mean(0), axis=1).max())
+    x0 = np.stack([solve._from_matrix(np.eye(3), model)] * n)
+    x = x0 + rng.normal(0, 0.01, x0.shape)  # the previous solve: the prior's rotation targets
+    da, db = solve._blocks(edges, pts, model)
+    got = solve._solve_linear(n, ref, npar, edges, (da, db), robust, x, x0, model, prior, radius)
+    # dense: one row per point coordinate and pair, the reference's terms on the right
+    free = [k for k in range(n) if k != ref]
+    rows, rhs = [], []
+    for e, g, rw in zip(edges, db, robust):
+        w = np.sqrt(e.weight * rw)
+        row = np.zeros((len(da), n * npar))
+        row[:, e.a * npar : (e.a + 1) * npar] += w * da
+        row[:, e.b * npar : (e.b + 1) * npar] -= w * g
+        rows.append(row)
+        rhs.append(np.zeros(len(da)))
+    for k in free if prior else ():
+        s = np.sqrt(prior) * radius
+        if model == "affine":
+            which, target = [0, 1, 3, 4], solve.nearest_rotation(x[k].reshape(2, 3)[:, :2]).ravel()
+        else:
+            which, target = [0, 1], x[k][:2] / np.hypot(*x[k][:2])
+        row = np.zeros((len(which), n * npar))
+        row[np.arange(len(which)), k * npar + np.array(which)] = s
+        rows.append(row)
+        rhs.append(s * target)
+    a, b = np.concatenate(rows), np.concatenate(rhs)
+    cols = np.concatenate([np.arange(k * npar, (k + 1) * npar) for k in free])
+    b = b - a[:, ref * npar : (ref + 1) * npar] @ x0[ref]
+    want, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+    np.testing.assert_allclose(got[free].ravel(), want, atol=1e-7)
+    np.testing.assert_array_equal(got[ref], x[ref])
