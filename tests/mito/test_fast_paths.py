@@ -51,6 +51,12 @@ def test_match_near_hamming_distances_as_the_plain_loop():
     got = ft.match_near(a, b, shift, 12.0, 0.8)
     want = _match_near_plain(a, b, shift, 12.0, 0.8)
     assert len(want) > 100 and set(map(tuple, got.tolist())) == want
+    # the counts themselves, by words, by the byte table (numpy < 2) and for odd lengths
+    bits = np.unpackbits(desc_a ^ desc_b[:300], axis=1).sum(1)
+    np.testing.assert_array_equal(ft.hamming(desc_a, desc_b[:300]), bits)
+    np.testing.assert_array_equal(ft.POPCOUNT[desc_a ^ desc_b[:300]].sum(1), bits)
+    odd = np.unpackbits(desc_a[:, :13] ^ desc_b[:300, :13], axis=1).sum(1)
+    np.testing.assert_array_equal(ft.hamming(desc_a[:, :13], desc_b[:300, :13]), odd)
 
 
 def _features(img, pts, scale):
