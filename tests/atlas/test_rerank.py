@@ -100,6 +100,24 @@ def test_joint_tilt_search_finds_pitch_and_yaw_together(search, toy_reference):
     assert np.allclose(best.tilt, tilt, atol=4.5), best.tilt
 
 
+def test_tilt_margin_tilts_only_near_the_best_hypothesis(search, toy_reference):
+    """tilt_margin: tilted cuts only around hypotheses whose untilted stage-2 best is within the
+    margin of the best one; a tilted section is still found, at fewer pairs than the full search."""
+    reference, _ = toy_reference
+    plate, tilt = 20, (8.0, 0.0)
+    section = section_from_atlas(reference, plate, tilt)
+    full = _run(search, section, plate, seed=3)
+    narrow = _run(search, section, plate, seed=3, tilt_margin=0.0)
+    assert narrow.pairs < full.pairs
+    for result in (full, narrow):
+        best = result.poses[result.ranking[0][0]]
+        assert abs(best.z - plate) <= PLATE_TOLERANCE, best
+        assert np.allclose(best.tilt, tilt, atol=6.0), best.tilt
+    tilted = [p for p in narrow.poses.values() if p.tilt != (0.0, 0.0)]
+    assert tilted and all(abs(p.z - plate) <= 4 for p in tilted)  # around the best hypothesis only
+    assert any(abs(p.z - plate) > 4 and p.tilt != (0.0, 0.0) for p in full.poses.values())
+
+
 def test_anchor_plates_always_get_a_stage2_hypothesis(search, toy_reference):
     reference, _ = toy_reference
     plate, wrong = 10, 30
@@ -175,6 +193,7 @@ def test_inverted_contrast_scores_the_same_plate_best(search, toy_reference):
         ({"region_refine": -1}, "region_refine"),
         ({"anchors": 1.5}, "anchors"),
         ({"prior_weight": 2}, "prior_weight"),
+        ({"tilt_margin": -0.1}, "tilt_margin"),
         ("fast", "rerank_options must be a dict"),
     ],
 )
