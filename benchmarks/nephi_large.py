@@ -3,7 +3,8 @@
 
     python benchmarks/nephi_large.py [--quick] [--images camera retina ihc disc] [--amplitudes 1 2 4]
         [--mri-amplitudes 2 4 6] [--seeds 10] [--tools elastix elastix-ncc ants]
-        [--nephi fast] [--nephi "label:key=value,..."] [--size2d 512] [--no-global] [--json out.json]
+        [--nephi fast] [--nephi "label:key=value,..."] [--size2d 512] [--no-global] [--noise 0.02]
+        [--json out.json]
 
 Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, imported from it):
 
@@ -27,6 +28,9 @@ Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, importe
   size) and rotated by 5 degrees about its centre. Reported: EPE, the Jacobian determinant's range
   and NePhi's inverse consistency ``|phi_inv(phi(x)) - x|`` (mean, max), all 32 px (scaled) inside
   the border. The moving image takes the edge value outside the frame (no black strip).
+
+``--noise SIGMA``: independent Gaussian noise of that standard deviation (intensities in [0, 1])
+added to both images of every case (seeded by the case), the warp made from the noise-free image.
 
 ``--quick``: 256 x 256, camera and disc at 2 % and 4 %, the MRI at 4 voxels, the two global cases.
 """
@@ -137,6 +141,18 @@ def global_cases(size: int) -> list[dict]:
     return out
 
 
+def add_noise(case: dict, sigma: float, seed: int) -> None:
+    """Independent Gaussian noise of ``sigma`` (intensities in [0, 1]) on both images of ``case``."""
+    if sigma <= 0:
+        return
+    rng = np.random.default_rng([seed, 7])
+    for key in ("fixed", "moving"):
+        img = case[key]
+        lo, hi = float(img.min()), float(img.max())
+        noise = rng.normal(0.0, sigma * (hi - lo), img.shape).astype(np.float32)
+        case[key] = np.ascontiguousarray(img + noise, np.float32)
+
+
 def inner(shape, margin: int) -> tuple[slice, ...]:
     return tuple(slice(margin, n - margin) for n in shape)
 
@@ -174,6 +190,7 @@ def main() -> None:
     p.add_argument("--size2d", type=int, default=512)
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--no-global", action="store_true")
+    p.add_argument("--noise", type=float, default=0.0, help="noise added to both images (0: none)")
     p.add_argument("--threads", type=int, default=1, help="threads for torch, elastix and ANTs")
     p.add_argument("--json")
     args = p.parse_args()
@@ -193,6 +210,7 @@ def main() -> None:
     for name, amp in plan:
         # the seed depends on the case only (not on which other cases run)
         case = make_case(name, amp, args.size2d, args.seeds + 10 * CASE_OFFSETS[name] + int(amp))
+        add_noise(case, args.noise, args.seeds + 10 * CASE_OFFSETS[name] + int(amp))
         mask, flat, tex, truth = case["mask"], case["flat"], case["textured"], case["truth"]
         zero = np.zeros_like(truth)
         print(
@@ -220,7 +238,8 @@ def main() -> None:
             )
     if not args.no_global:
         margin = round(32 * args.size2d / 512)
-        for case in global_cases(args.size2d):
+        for i, case in enumerate(global_cases(args.size2d)):
+            add_noise(case, args.noise, 1000 + i)
             sl = inner(case["fixed"].shape, margin)
             print(f"\n{case['name']} (inside {margin} px of the border)", flush=True)
             for label, fn in runs:

@@ -20,6 +20,7 @@ from ...core.errors import InputError
 from ...core.similarity import EPS, lncc, ncc
 from .bspline import bspline_on_grid, control_shape, grid_weights, intervals_for_spacing
 from .interp import interpolate
+from .matchblur import blurred_similarity, noise_variance
 
 
 def normalized_grid(shape, device="cpu", dtype=torch.float32) -> torch.Tensor:
@@ -270,53 +271,33 @@ def level_spacings(shape, grids, spacings=None, finer: bool = True) -> list[floa
 
 
 #: Matched blur (option ``match_blur`` of :func:`optimize_velocity`, the engine's
-#: ``coarse_match_blur``; off by default, :func:`match_blur_runs`): the levels that
-#: compare on the full grid also learn, per direction and
-#: per axis, how much blurrier one image is than the other, and blur the sharper one by that much
-#: before the similarity. A resampled moving image is blurrier than the fixed one (the resampling
-#: that made it, and the bicubic warp here, whose smoothing depends on the sub-voxel shift); without
-#: a term for it the velocity "explains" the blur by compressing and stretching edges. On the camera
-#: shifted by (3.75, -2) px at 256 px (``benchmarks/nephi_large.py``) the Jacobian determinant
-#: inside the image ranged 0.951-1.135 without it and 0.971-1.020 with it; rotated by 5 degrees
-#: 0.944-1.196 and 0.950-1.024. Each side's blur is a 3-tap kernel ``[s/2, 1 - s, s/2]`` (variance
-#: ``s``) along each axis, ``s`` learned by Adam from the loss and held in [0, MATCH_BLUR_MAX_VARIANCE].
+#: ``coarse_match_blur``; on by default in 2D, :func:`match_blur_runs`): the levels that compare
+#: on the full grid also learn, per direction and per axis, how much blurrier one image is than the
+#: other, and blur the sharper one by that much before the similarity (:mod:`.matchblur`, which adds
+#: back the noise the blur removed, so noise is not mistaken for sharpness). A resampled moving
+#: image is blurrier than the fixed one (the resampling that made it, and the bicubic warp here,
+#: whose smoothing depends on the sub-voxel shift); without a term for it the velocity "explains"
+#: the blur by compressing and stretching edges. On the camera shifted by (3.75, -2) px at 256 px
+#: (``benchmarks/nephi_large.py``) the Jacobian determinant inside the image ranged 0.951-1.135
+#: without it and 0.971-1.020 with it; rotated by 5 degrees 0.944-1.196 and 0.9497-1.024. Each
+#: side's blur is a 3-tap kernel ``[s/2, 1 - s, s/2]`` (variance ``s``) along each axis, ``s``
+#: learned by Adam from the loss and held in [0, MATCH_BLUR_MAX_VARIANCE].
 MATCH_BLUR_MAX_VARIANCE = 0.5
 #: Adam's learning rate for the matched-blur variances (voxels^2 per step).
 MATCH_BLUR_LR = 0.005
 
 
-def match_blur_runs(match_blur: bool | None) -> bool:
-    """Whether the coarse stage compares at matched blur: only when asked for (None: off).
+def match_blur_runs(match_blur: bool | None, ndim: int) -> bool:
+    """Whether the coarse stage compares at matched blur: as asked, by default (None) on 2D images
+    only.
 
-    It is off by default because the variances are learned from the similarity alone: with
-    independent noise in the two images, blurring either side raises NCC, so they grow towards
-    :data:`MATCH_BLUR_MAX_VARIANCE` although neither image is blurrier (session-13 review: the coarse
-    stage alone on the camera at 128 px shifted by (1.75, -1) px with noise of 0.02 / 0.05, endpoint
-    error 0.236 -> 0.251 / 0.371 -> 0.402; no motion, noise 0.03: variances about 0.3). On volumes it
-    also lost accuracy: the MRI (``nephi_large.py``, 25 x 41 x 33 voxels of 2 mm, trilinear warps)
-    went from 0.110 / 0.149 / 0.274 to 0.122 / 0.182 / 0.332 voxels at 2 / 4 / 6 voxels of motion."""
-    return bool(match_blur)
-
-
-def _second_difference(t: torch.Tensor, axis: int) -> torch.Tensor:
-    """``t[i-1] - 2 t[i] + t[i+1]`` along ``axis`` (edges replicated)."""
-    n = t.shape[axis]
-    if n < 2:
-        return torch.zeros_like(t)
-    prev = torch.cat([t.narrow(axis, 0, 1), t.narrow(axis, 0, n - 1)], axis)
-    nxt = torch.cat([t.narrow(axis, 1, n - 1), t.narrow(axis, n - 1, 1)], axis)
-    return prev - 2 * t + nxt
-
-
-def blur_pair(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``a`` and ``b`` (``(1, 1, *spatial)``) with, along each spatial axis ``i``, a 3-tap blur of
-    variance ``s[i]`` on ``a`` where ``s[i] > 0`` or ``-s[i]`` on ``b`` where ``s[i] < 0``: the
-    sharper image blurred to the other's blur (:data:`MATCH_BLUR_MAX_VARIANCE`)."""
-    for i in range(s.shape[0]):
-        ax = 2 + i
-        a = a + 0.5 * torch.relu(s[i]) * _second_difference(a, ax)
-        b = b + 0.5 * torch.relu(-s[i]) * _second_difference(b, ax)
-    return a, b
+    Learned from the similarity alone, the variances also learned noise (with independent noise in
+    the two images blurring either side raises NCC); :mod:`.matchblur` adds the noise the blur
+    removed back, so on two equally sharp copies with noise 0.03 they stay below 0.002 (0.17-0.31
+    before). Off on volumes: the MRI (``nephi_large.py``, 25 x 41 x 33 voxels of 2 mm, trilinear
+    warps) went from 0.110 / 0.149 / 0.274 to 0.110 / 0.150 / 0.285 voxels at 2 / 4 / 6 voxels of
+    motion with it (0.122 / 0.182 / 0.332 before the noise correction)."""
+    return ndim == 2 if match_blur is None else bool(match_blur)
 
 
 def optimize_velocity(
@@ -368,8 +349,8 @@ def optimize_velocity(
     mask there times the other mask carried through the current map like its image (bilinear, no
     gradient through the weight). Without masks the similarity is the unweighted one.
 
-    With ``match_blur`` (None: off, :func:`match_blur_runs`) the levels on the full
-    comparison grid compare the images at matched blur (:func:`blur_pair`,
+    With ``match_blur`` (None: on in 2D, :func:`match_blur_runs`) the levels on the full
+    comparison grid compare the images at matched blur (:func:`.matchblur.blur_pair`,
     :data:`MATCH_BLUR_MAX_VARIANCE`): per direction (fixed against warped moving, moving against
     warped fixed) and axis a variance learned with the velocity blurs the sharper image, so the
     velocity does not fit interpolation blur. The returned maps carry the variances learned
@@ -423,7 +404,9 @@ def optimize_velocity(
     v = None
     # matched-blur variances: [fixed vs warped moving, moving vs warped fixed] x axis (numpy order);
     # started off zero, where relu's gradient would vanish
-    blur = torch.full((2, d), 1e-4, device=dev, requires_grad=True) if match_blur_runs(match_blur) else None
+    blur = (
+        torch.full((2, d), 1e-4, device=dev, requires_grad=True) if match_blur_runs(match_blur, d) else None
+    )
     blur_used = False
     for k, (shape, n_steps) in enumerate(zip(shapes, steps_per)):
         cmp = fine if k >= n_last else tuple(shape)
@@ -441,24 +424,33 @@ def optimize_velocity(
         opt = FlooredAdam(ctrl, learning_rate, MOMENT_FLOOR)
         blur_opt = torch.optim.Adam([blur], lr=MATCH_BLUR_LR) if blur is not None and cmp == fine else None
         blur_used = blur_used or (blur_opt is not None and n_steps > 0)
+        if blur_opt is not None:  # white-noise variances of the images, unit noise to warp as probes
+            noise = noise_variance(f_l), noise_variance(m_l)
+            gen = torch.Generator(device=dev).manual_seed(0)
+            noise_f, noise_m = (torch.randn(f_w.shape, generator=gen, device=dev) for _ in range(2))
         for _ in range(n_steps):
             opt.zero_grad()
             vk = base + bspline_on_grid(ctrl, weights)
             u_f, u_b = _integrate_xy(vk, steps), _integrate_xy(-vk, steps)
             wm = _area(warp(m_w, u_f, ident), cmp)
             wf = _area(warp_back(f_w, u_b, ident), cmp)
-            f_c, m_c = f_l, m_l
+            w_fwd, w_bwd = mask_weights(masks_l, masks_w, u_f, u_b, ident, cmp) if masked else (None, None)
             if blur_opt is not None:
-                f_c, wm = blur_pair(f_l, wm, blur[0])
-                m_c, wf = blur_pair(m_l, wf, blur[1])
-            if masked:
-                w_fwd, w_bwd = mask_weights(masks_l, masks_w, u_f, u_b, ident, cmp)
+                # the noise a blur removes is added back (matchblur): only matching the signal pays
+                with torch.no_grad():
+                    probe_m = _area(warp(noise_m, u_f, ident), cmp)
+                    probe_f = _area(warp_back(noise_f, u_b, ident), cmp)
                 sims = (
-                    _weighted_similarity(similarity, f_c, wm, w_fwd),
-                    _weighted_similarity(similarity, m_c, wf, w_bwd),
+                    blurred_similarity(similarity, f_l, wm, w_fwd, blur[0], noise, probe_m),
+                    blurred_similarity(similarity, m_l, wf, w_bwd, blur[1], noise[::-1], probe_f),
+                )
+            elif masked:
+                sims = (
+                    _weighted_similarity(similarity, f_l, wm, w_fwd),
+                    _weighted_similarity(similarity, m_l, wf, w_bwd),
                 )
             else:
-                sims = _similarity(similarity, f_c, wm), _similarity(similarity, m_c, wf)
+                sims = _similarity(similarity, f_l, wm), _similarity(similarity, m_l, wf)
             loss = 0.5 * (sims[0] + sims[1])
             if reg_weight > 0:
                 loss = loss + reg_weight * R.bending_grid(vk * to_vox)
