@@ -224,7 +224,7 @@ def test_no_pose_scored_ranks_by_the_first_stage_distance(trained_lookup, toy_re
     pooled = pooled_distance(d)
     order = interleaved_order(np.argsort(d[0], kind="stable"), np.argsort(pooled, kind="stable"), pooled)
     assert [v for _, v in order] != sorted(v for _, v in order)  # the search gets an unsorted order
-    monkeypatch.setattr(rerank._Refine, "hypothesis", lambda self, hyp: None)  # no pose is scored
+    monkeypatch.setattr(rerank, "_anchored", lambda first, hyps, anchors: [])  # no pose is scored
     ranking = lk.lookup(section, top=None, rerank=True)
     dist = [v for _, v in ranking]
     assert dist == sorted(dist) and min(dist) >= 2.0
