@@ -272,6 +272,8 @@ def deformable_step(work, mask, plate, affine: AffineTransform, method: str, com
     matched = match_contrast(moved, work, mask & (inside > 0.5)) * inside
     if "initial" in (engine_info(method).options or ()):
         options = {"initial": "none", **options}  # the plate is already affinely aligned
+    if "coarse_match_blur" in (engine_info(method).options or ()):
+        options = {"coarse_match_blur": False, **options}  # a plate is not a resampled copy of the section
     deform = register(work, matched, method=method, **common, **options)
     before = edge_agreement(work, matched, mask)
     after = edge_agreement(work, deform.transform.warp(matched, work.shape), mask)
