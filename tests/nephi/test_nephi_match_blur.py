@@ -120,3 +120,20 @@ def test_matched_blur_does_not_learn_the_noise_of_equally_sharp_images():
         f, m, pyramid_shapes((96, 96), [4, 2]), 60, 0.1, "ncc", lambda _: None, match_blur=True
     )
     assert np.abs(maps.blur_variance).max() < 0.05, maps.blur_variance
+
+
+def test_matched_blur_is_skipped_on_images_above_its_memory_bound(monkeypatch):
+    """Its blurred copies cost memory on the full grid: above MATCH_BLUR_MAX_VOXELS, or compared on a
+    downsampled grid, the coarse stage runs without it (and says so: no variances)."""
+    from napari_nephi.engines.nephi import coarse
+
+    cam = torch.as_tensor(_camera(48))[None, None]
+    shapes = pyramid_shapes((48, 48), [4, 2])
+
+    def run(**kw):
+        return optimize_velocity(cam, cam, shapes, 4, 0.1, "ncc", lambda _: None, match_blur=True, **kw)
+
+    assert run().blur_variance is not None
+    assert run(compare_max_voxels=24 * 24).blur_variance is None  # compared on 24 x 24
+    monkeypatch.setattr(coarse, "MATCH_BLUR_MAX_VOXELS", 47 * 47)
+    assert run().blur_variance is None

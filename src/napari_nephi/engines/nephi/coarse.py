@@ -283,6 +283,11 @@ def level_spacings(shape, grids, spacings=None, finer: bool = True) -> list[floa
 #: side's blur is a 3-tap kernel ``[s/2, 1 - s, s/2]`` (variance ``s``) along each axis, ``s``
 #: learned by Adam from the loss and held in [0, MATCH_BLUR_MAX_VARIANCE].
 MATCH_BLUR_MAX_VARIANCE = 0.5
+#: Largest image (voxels) on which the matched blur runs: its blurred copies and noise probes cost
+#: memory on the full comparison grid (``benchmarks/nephi_memory.py``, fast preset: 1024^2 peak 239
+#: -> 593 MiB, above a dense displacement pair's 353; 2048^2, compared on 1024^2, 291 -> 678 MiB).
+#: Larger images, and images compared on a downsampled grid, run without it.
+MATCH_BLUR_MAX_VOXELS = 1 << 18
 #: Adam's learning rate for the matched-blur variances (voxels^2 per step).
 MATCH_BLUR_LR = 0.005
 
@@ -404,9 +409,9 @@ def optimize_velocity(
     v = None
     # matched-blur variances: [fixed vs warped moving, moving vs warped fixed] x axis (numpy order);
     # started off zero, where relu's gradient would vanish
-    blur = (
-        torch.full((2, d), 1e-4, device=dev, requires_grad=True) if match_blur_runs(match_blur, d) else None
-    )
+    # only on images of up to MATCH_BLUR_MAX_VOXELS, compared on their own grid (memory, below)
+    learn_blur = match_blur_runs(match_blur, d) and math.prod(full) <= MATCH_BLUR_MAX_VOXELS and fine == full
+    blur = torch.full((2, d), 1e-4, device=dev, requires_grad=True) if learn_blur else None
     blur_used = False
     for k, (shape, n_steps) in enumerate(zip(shapes, steps_per)):
         cmp = fine if k >= n_last else tuple(shape)

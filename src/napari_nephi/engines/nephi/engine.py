@@ -199,7 +199,8 @@ def register_nephi(
     (``coarse_spacings``); False runs the stage as before the level was added.
 
     ``coarse_match_blur`` (None, the default: on for 2D images in ``optimize`` mode, off for volumes
-    and in the predict modes; True / False: on / off): the coarse stage's levels on the full grid
+    and in the predict modes; True / False: on / off; never on images above
+    :data:`.coarse.MATCH_BLUR_MAX_VOXELS`, for memory): the coarse stage's levels on the full grid
     compare the images at matched blur, learning per direction and axis a blur of the sharper image
     (:mod:`.coarse`, :mod:`.matchblur`; the noise a blur removes is added back, so noise is not
     learned as blur), so the field does not fit the resampling blur of the moving image (a pure
