@@ -216,7 +216,5 @@ def test_a_non_finite_coarse_loss_stops_before_the_backward_pass(small_pair, mon
     from napari_nephi.engines.nephi import coarse
 
     monkeypatch.setattr(coarse, "_similarity", lambda name, a, b: (a - b).mean() * float("nan"))
-    # the levels on the full grid compare at matched blur in 2D (coarse.match_blur_runs)
-    monkeypatch.setattr(coarse, "blurred_similarity", lambda name, a, b, *_: (a - b).mean() * float("nan"))
     with pytest.raises(napari_nephi.InputError, match="coarse stage diverged at level 1"):
         napari_nephi.register(*small_pair, method="nephi", **{**QUICK, "levels": 2, "coarse_iterations": 5})

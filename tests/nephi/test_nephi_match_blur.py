@@ -1,5 +1,5 @@
-"""The coarse stage compares the images at matched blur (``coarse_match_blur``, on by default for
-2D images in optimize mode): a pure shift of a real image, resampled as users' images are, is
+"""The coarse stage compares the images at matched blur (``coarse_match_blur=True``, off by
+default): a pure shift of a real image, resampled as users' images are, is
 recovered by the global stage with a field whose Jacobian stays near 1, the blur between the images
 is learned rather than fitted by the field, and noise is not learned as blur."""
 
@@ -38,8 +38,7 @@ def test_blur_pair_blurs_only_the_sharper_side_along_each_axis():
     assert fb[0, 0, 2, :].tolist() == pytest.approx([0, 0.1, 0.8, 0.1, 0])
     assert fb[0, 0, :, 2].tolist() == pytest.approx([0, 0, 0.8, 0, 0])
     assert float(fa.sum()) == pytest.approx(1.0) and float(fb.sum()) == pytest.approx(1.0)
-    assert match_blur_runs(None, 2) and not match_blur_runs(None, 3)  # the default: 2D only
-    assert not match_blur_runs(False, 2) and match_blur_runs(True, 3)
+    assert not match_blur_runs(None) and not match_blur_runs(False) and match_blur_runs(True)
 
 
 def test_coarse_stage_learns_the_blur_instead_of_a_deformation():
@@ -63,21 +62,21 @@ def test_coarse_stage_learns_the_blur_instead_of_a_deformation():
     assert spread[True] < 0.5 * spread[False], spread
 
 
-def test_pure_shift_keeps_the_jacobian_near_one_by_default():
+def test_pure_shift_keeps_the_jacobian_near_one_with_matched_blur():
     """The camera at 256 px shifted by (3.75, -2) px (linear interpolation, edge values outside):
-    det J within 1 +- 0.05 from 16 px inside the border with the default optimize settings, which
-    compare at matched blur in 2D (measured 0.971-1.020); without it the field fits the resampling
-    blur (0.951-1.135)."""
+    det J within 1 +- 0.05 from 16 px inside the border with the default optimize settings and
+    matched blur (measured 0.971-1.020); without it (the default) the field fits the resampling blur
+    (0.951-1.135)."""
     fixed = _camera(256)
     moving = ndi.shift(fixed, (3.75, -2.0), order=1, mode="nearest").astype(np.float32)
     dets = {}
-    for blur in (None, False):
+    for blur in (True, None):
         reg = nn.register(fixed, moving, method="nephi", device="cpu", coarse_match_blur=blur)
-        assert reg.settings["coarse_match_blur"] is (blur is None)
-        assert (reg.metrics.get("coarse_blur_variance") is not None) is (blur is None)
+        assert reg.settings["coarse_match_blur"] is (blur is True)
+        assert (reg.metrics.get("coarse_blur_variance") is not None) is (blur is True)
         dets[blur] = jacobian_determinant(reg.transform.displacement(fixed.shape))[16:-16, 16:-16]
-    assert 0.95 <= dets[None].min() and dets[None].max() <= 1.05, (dets[None].min(), dets[None].max())
-    assert not (0.95 <= dets[False].min() and dets[False].max() <= 1.05)
+    assert 0.95 <= dets[True].min() and dets[True].max() <= 1.05, (dets[True].min(), dets[True].max())
+    assert not (0.95 <= dets[None].min() and dets[None].max() <= 1.05)
 
 
 def test_match_blur_option_is_validated():
@@ -100,6 +99,10 @@ def test_noise_variance_reads_white_noise_and_not_the_image():
     assert noise_variance(noisy[None, None]) ** 0.5 == pytest.approx(0.03, rel=0.15)
     vol = torch.as_tensor(np.random.default_rng(1).normal(0, 0.05, (24, 24, 24)).astype(np.float32))
     assert noise_variance(vol[None, None]) ** 0.5 == pytest.approx(0.05, rel=0.1)
+    # noisy tissue on a flat (saturated) canvas covering 75 %: the flat part is left out (it read 0)
+    canvas = torch.ones(1, 1, 192, 192)
+    canvas[..., 48:144, 48:144] = noisy
+    assert noise_variance(canvas) ** 0.5 == pytest.approx(0.03, rel=0.2)
 
 
 def test_removed_noise_of_an_unwarped_probe_is_the_white_noise_formula():

@@ -271,7 +271,7 @@ def level_spacings(shape, grids, spacings=None, finer: bool = True) -> list[floa
 
 
 #: Matched blur (option ``match_blur`` of :func:`optimize_velocity`, the engine's
-#: ``coarse_match_blur``; on by default in 2D, :func:`match_blur_runs`): the levels that compare
+#: ``coarse_match_blur``; off by default, :func:`match_blur_runs`): the levels that compare
 #: on the full grid also learn, per direction and per axis, how much blurrier one image is than the
 #: other, and blur the sharper one by that much before the similarity (:mod:`.matchblur`, which adds
 #: back the noise the blur removed, so noise is not mistaken for sharpness). A resampled moving
@@ -292,17 +292,18 @@ MATCH_BLUR_MAX_VOXELS = 1 << 18
 MATCH_BLUR_LR = 0.005
 
 
-def match_blur_runs(match_blur: bool | None, ndim: int) -> bool:
-    """Whether the coarse stage compares at matched blur: as asked, by default (None) on 2D images
-    only.
+def match_blur_runs(match_blur: bool | None) -> bool:
+    """Whether the coarse stage compares at matched blur: only when asked for (None: off).
 
     Learned from the similarity alone, the variances also learned noise (with independent noise in
     the two images blurring either side raises NCC); :mod:`.matchblur` adds the noise the blur
     removed back, so on two equally sharp copies with noise 0.03 they stay below 0.002 (0.17-0.31
-    before). Off on volumes: the MRI (``nephi_large.py``, 25 x 41 x 33 voxels of 2 mm, trilinear
-    warps) went from 0.110 / 0.149 / 0.274 to 0.110 / 0.150 / 0.285 voxels at 2 / 4 / 6 voxels of
-    motion with it (0.122 / 0.182 / 0.332 before the noise correction)."""
-    return ndim == 2 if match_blur is None else bool(match_blur)
+    before). It stays off by default (session-14 review): at 256 px it cost the retina up to 0.036
+    px (``nephi_large.py``, 4 %: 0.279 -> 0.315), 46-98 % more CPU and 2.5x the peak memory on 512^2
+    images, and it is unmeasured on pairs of two stains or modalities (it lowered the atlas's
+    restained-section test by 0.004 Dice). On volumes it also lost: MRI 0.110 / 0.149 /
+    0.274 -> 0.110 / 0.150 / 0.285 voxels at 2 / 4 / 6 voxels of motion."""
+    return bool(match_blur)
 
 
 def optimize_velocity(
@@ -354,7 +355,7 @@ def optimize_velocity(
     mask there times the other mask carried through the current map like its image (bilinear, no
     gradient through the weight). Without masks the similarity is the unweighted one.
 
-    With ``match_blur`` (None: on in 2D, :func:`match_blur_runs`) the levels on the full
+    With ``match_blur`` (None: off, :func:`match_blur_runs`) the levels on the full
     comparison grid compare the images at matched blur (:func:`.matchblur.blur_pair`,
     :data:`MATCH_BLUR_MAX_VARIANCE`): per direction (fixed against warped moving, moving against
     warped fixed) and axis a variance learned with the velocity blurs the sharper image, so the
@@ -410,7 +411,7 @@ def optimize_velocity(
     # matched-blur variances: [fixed vs warped moving, moving vs warped fixed] x axis (numpy order);
     # started off zero, where relu's gradient would vanish
     # only on images of up to MATCH_BLUR_MAX_VOXELS, compared on their own grid (memory, below)
-    learn_blur = match_blur_runs(match_blur, d) and math.prod(full) <= MATCH_BLUR_MAX_VOXELS and fine == full
+    learn_blur = match_blur_runs(match_blur) and math.prod(full) <= MATCH_BLUR_MAX_VOXELS and fine == full
     blur = torch.full((2, d), 1e-4, device=dev, requires_grad=True) if learn_blur else None
     blur_used = False
     for k, (shape, n_steps) in enumerate(zip(shapes, steps_per)):

@@ -198,14 +198,13 @@ def register_nephi(
     (unregularised, its knots fit noise). Settings record it and the knot spacing of every level run
     (``coarse_spacings``); False runs the stage as before the level was added.
 
-    ``coarse_match_blur`` (None, the default: on for 2D images in ``optimize`` mode, off for volumes
-    and in the predict modes; True / False: on / off; never on images above
-    :data:`.coarse.MATCH_BLUR_MAX_VOXELS`, for memory): the coarse stage's levels on the full grid
-    compare the images at matched blur, learning per direction and axis a blur of the sharper image
-    (:mod:`.coarse`, :mod:`.matchblur`; the noise a blur removes is added back, so noise is not
-    learned as blur), so the field does not fit the resampling blur of the moving image (a pure
-    shift's Jacobian stays near 1). Settings record whether it ran,
-    ``metrics["coarse_blur_variance"]`` the variances learned.
+    ``coarse_match_blur`` (None or False: off, the default; True: on, on images of at most
+    :data:`.coarse.MATCH_BLUR_MAX_VOXELS` compared on their own grid): the coarse stage's levels on
+    the full grid compare the images at matched blur, learning per direction and axis a blur of the
+    sharper image (:mod:`.coarse`, :mod:`.matchblur`; the noise a blur removes is added back, so
+    noise is not learned as blur), so the field does not fit the resampling blur of the moving image
+    (a pure shift's Jacobian stays near 1). Off by default for its cost (:func:`.coarse.match_blur_runs`).
+    Settings record whether it ran, ``metrics["coarse_blur_variance"]`` the variances learned.
 
     ``learning_rate`` and ``code_learning_rate`` (Adam, networks and latent codes) default to
     :data:`LEARNING_RATES`: a quarter of the rates after a coarse stage, which the field refines.
@@ -341,8 +340,6 @@ def register_nephi(
     start = time.perf_counter()
     notes = []
     predicting = mode != "optimize"
-    if predicting and coarse_match_blur is None:  # refine compares as before (not measured with it)
-        coarse_match_blur = False
     if predicting and bspline_spacing > 0:
         notes.append(
             "bspline_spacing is ignored in predict modes: the trained model's configuration decides."

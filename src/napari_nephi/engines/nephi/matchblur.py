@@ -48,20 +48,27 @@ def noise_variance(t: torch.Tensor) -> float:
     The product of second differences along every axis (2D: Immerkaer's 3 x 3 operator) cancels
     signals that are linear along any axis; on white noise of variance ``v`` its output has variance
     ``6^d v``. The median of its magnitude (``0.6745`` standard deviations for Gaussian noise) is
-    robust to the edges and texture that leak through. Measured on the issue-13 benchmark images at
-    256 px (intensities in [0, 1]): standard deviation 0.003 on the camera, 0.0025 on the retina;
-    with added noise of 0.02 / 0.05: 0.024 / 0.053 and 0.021 / 0.050. Fine texture reads as noise
-    (gravel 0.028, IHC 0.018).
+    robust to the edges and texture that leak through. Voxels whose 3^d neighbourhood is constant
+    (a saturated or zero-padded background) are left out: they carry no noise, and where they cover
+    half the image they would make the median 0 (session-14 review: noisy tissue on a flat canvas).
+    Measured on the issue-13 benchmark images at 256 px (intensities in [0, 1]): standard deviation
+    0.003 on the camera, 0.0025 on the retina; with added noise of 0.02 / 0.05: 0.024 / 0.053 and
+    0.021 / 0.050. Fine texture reads as noise (gravel 0.028, IHC 0.018).
     """
     x = t.float()
     d = x.dim() - 2
     if any(n < 3 for n in x.shape[2:]):
         return 0.0
+    pool = F.max_pool2d if d == 2 else F.max_pool3d
+    varying = (pool(x, 3, stride=1) + pool(-x, 3, stride=1)) > 0  # max - min over each 3^d block
     k = torch.tensor([1.0, -2.0, 1.0], device=x.device)
     for i in range(d):
         shape = [1, 1] + [3 if j == i else 1 for j in range(d)]
         x = (F.conv2d if d == 2 else F.conv3d)(x, k.reshape(shape))
-    sigma = float(x.abs().flatten().median()) / (0.6745 * 6 ** (d / 2))
+    r = x.abs()[varying]
+    if r.numel() == 0:
+        return 0.0
+    sigma = float(r.median()) / (0.6745 * 6 ** (d / 2))
     return sigma * sigma
 
 
@@ -75,7 +82,8 @@ def removed_noise(s: torch.Tensor, variance: float) -> torch.Tensor:
 def removed_warped_noise(s: torch.Tensor, variance: float, probe: torch.Tensor) -> torch.Tensor:
     """The same for the warped image, blurred where ``s < 0``: its noise, white of ``variance``
     before the warp, was smoothed by the warp's interpolation (by how much depends on the sub-voxel
-    shift), so what the blur removes is measured on ``probe``, unit white noise warped the same way."""
+    shift), so what the blur removes is measured on ``probe``, unit white noise warped the same way
+    (over the whole grid: with masks the correction is the whole image's)."""
     return variance * (probe.var() - blur(probe, torch.relu(-s)).var())
 
 
@@ -90,12 +98,15 @@ def matched_similarity(
     """The coarse stage's similarity loss of ``a`` and ``b`` (weights ``w`` in [0, 1] or None) with
     the noise variances ``add_a`` and ``add_b`` that their blur removed added back to their
     variances (NCC, local NCC) or to the squared difference (MSE); with zeros it is the plain one."""
-    if w is None:
-        w = torch.ones_like(a)
-    w = w / w.max().clamp_min(1e-12)
-    total = w.sum().clamp_min(1e-12)
+    if w is not None:
+        w = w / w.max().clamp_min(1e-12)
+
+    def wsum(x):  # no full-size weight tensor when unweighted (memory)
+        return x.sum() if w is None else (w * x).sum()
+
+    total = torch.tensor(float(a.numel()), device=a.device) if w is None else w.sum().clamp_min(1e-12)
     if name == "mse":
-        return (w * (a - b) ** 2).sum() / total + add_a + add_b
+        return wsum((a - b) ** 2) / total + add_a + add_b
     if name == "lncc":
         pool = F.avg_pool2d if a.dim() == 4 else F.avg_pool3d
 
@@ -106,12 +117,11 @@ def matched_similarity(
         cov = mean(a * b) - ma * mb
         va = (mean(a * a) - ma * ma).clamp_min(0) + add_a
         vb = (mean(b * b) - mb * mb).clamp_min(0) + add_b
-        return 1 - (w * cov * cov / (va * vb + EPS)).sum() / total
-    am = a - (w * a).sum() / total
-    bm = b - (w * b).sum() / total
-    cov = (w * am * bm).sum()
-    var = ((w * am * am).sum() + add_a * total) * ((w * bm * bm).sum() + add_b * total)
-    return 1 - cov / var.clamp_min(EPS**2).sqrt()
+        return 1 - wsum(cov * cov / (va * vb + EPS)) / total
+    am = a - wsum(a) / total
+    bm = b - wsum(b) / total
+    var = (wsum(am * am) + add_a * total) * (wsum(bm * bm) + add_b * total)
+    return 1 - wsum(am * bm) / var.clamp_min(EPS**2).sqrt()
 
 
 def blurred_similarity(
