@@ -144,9 +144,16 @@ def test_align_em_defaults_are_the_engines():
 
     from napari_nephi.cli.em import _align_options
     from napari_nephi.engines.mito import align_stack
+    from napari_nephi.engines.mito.solve import check_global_options
 
     kw = _align_options(parse(["align-em", "stack.tif", "-o", "out"]))
     defaults = inspect.signature(align_stack).parameters
     for key in ("neighbours", "solver", "global_model", "drift_prior", "drift_correction", "drift_window"):
         assert kw[key] == defaults[key].default, key
-    assert kw["neighbours"] == 2 and kw["global_model"] == "affine"
+    assert check_global_options(kw["neighbours"], kw["solver"], kw["global_model"], kw["drift_prior"]) == (
+        2, "global", "affine", 0.1,
+    )  # fmt: skip
+    # --solver chain alone: the chain (neighbours 1), as before the default changed
+    kw = _align_options(parse(["align-em", "stack.tif", "-o", "out", "--solver", "chain"]))
+    resolved = check_global_options(kw["neighbours"], kw["solver"], kw["global_model"], kw["drift_prior"])
+    assert resolved[:2] == (1, "chain")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from napari_nephi.engines.mito import align_stack
+from napari_nephi.engines.mito.solve import check_global_options
 from napari_nephi.widgets import em_widget as emw
 from napari_nephi.widgets._em_parts import InliersPlot
 from napari_nephi.widgets.em_widget import EMAlignWidget
@@ -253,8 +254,9 @@ def test_em_options_multi_neighbour_reach_the_engine(qtbot, em):
     values = opts.values()
     # the engine's defaults (session 14: 2 neighbours, global solve with affine sections, prior 0.1)
     defaults = inspect.signature(align_stack).parameters
-    for key in ("neighbours", "global_model", "drift_prior"):
+    for key in ("global_model", "drift_prior"):
         assert values[key] == defaults[key].default, key
+    assert values["neighbours"] == check_global_options(defaults["neighbours"].default, None, "rigid", 0)[0]
     assert values["neighbours"] == 2 and opts.global_model.isEnabled() and opts.drift_prior.isEnabled()
     opts.neighbours.setValue(1)  # the chain: the global solve's options do not apply
     assert not opts.global_model.isEnabled() and not opts.drift_prior.isEnabled()

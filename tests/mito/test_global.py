@@ -206,6 +206,17 @@ def test_global_options_are_checked(rotated_copies):
         align_stack(s, neighbours=2, guided_pairs="off")
 
 
+def test_solver_chain_alone_runs_the_chain(rotated_copies):
+    """``solver="chain"`` without ``neighbours`` is the chain (neighbours 1), as before session 14's
+    default of 2 neighbours; without either, the global solve with 2."""
+    s = rotated_copies["stack"][:3]
+    chain = align_stack(s, solver="chain", warp=False, workers=1)
+    assert (chain.settings["solver"], chain.settings["neighbours"]) == ("chain", 1)
+    assert "solver" not in chain.metrics and "pairs" not in chain.metrics["report"][1]
+    default = align_stack(s, warp=False, workers=1)
+    assert (default.settings["solver"], default.settings["neighbours"]) == ("global", 2)
+
+
 def test_cli_options_reach_the_engine(rotated_copies, tmp_path):
     write_tiff(tmp_path / "s.tif", rotated_copies["stack"])
     p = argparse.ArgumentParser(prog="napari-nephi")

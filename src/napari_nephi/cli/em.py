@@ -92,9 +92,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--neighbours",
         type=int,
-        default=NEIGHBOURS,
-        help=f"sections each section is matched to (default {NEIGHBOURS}: multi-neighbour matching with a "
-        "global solve; 1: the chain of neighbour maps)",
+        default=None,
+        help=f"sections each section is matched to (default {NEIGHBOURS}, 1 with --solver chain: "
+        "multi-neighbour matching with a global solve; 1: the chain of neighbour maps)",
     )
     p.add_argument(
         "--solver",

@@ -57,7 +57,7 @@ from .detrend import MIN_SECTIONS as MIN_DETREND_SECTIONS
 from .detrend import check_drift_options, detrend, windows
 from .elastic import elastic_fields, warp_elastic_section
 from .masks import detect_mitochondria_section, intensity_range, to_uint8, valid_region
-from .solve import DRIFT_PRIOR, GLOBAL_MODEL, NEIGHBOURS, Edge, check_global_options, solve_global
+from .solve import DRIFT_PRIOR, GLOBAL_MODEL, Edge, check_global_options, solve_global
 
 #: Native descriptor of each detector when it is used as a fallback.
 FALLBACK_DESCRIPTOR = {"sift": "sift", "orb": "orb", "brisk": "brisk", "fast": "brisk"}
@@ -683,7 +683,7 @@ def align_stack(
     keypoint_size: float | None = None,
     model_selection: bool = True,
     refine: bool = True,
-    neighbours: int = NEIGHBOURS,
+    neighbours: int | None = None,
     solver: str | None = None,
     global_model: str = GLOBAL_MODEL,
     drift_prior: float = DRIFT_PRIOR,
@@ -769,10 +769,10 @@ def align_stack(
         was used (it is skipped when it would move the map by more than
         ``ransac_threshold`` at an inlier).
     neighbours
-        Sections each section is matched to, toward the reference (default 2; 1: its
-        neighbour only, the chain of sessions 1-13). Features are computed once per section;
-        every extra pair is matched in the worker threads and listed in the section's report
-        row (``pairs``).
+        Sections each section is matched to, toward the reference (default None: 2, or 1 with
+        ``solver="chain"``; 1: its neighbour only, the chain, the default of sessions 1-13).
+        Features are computed once per section; every extra pair is matched in the worker
+        threads and listed in the section's report row (``pairs``).
     solver
         ``"chain"`` composes the neighbour maps (errors add up along the stack);
         ``"global"`` places all sections at once by robust least squares over all pairs

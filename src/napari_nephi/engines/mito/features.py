@@ -358,6 +358,7 @@ def match_near(
         return none
     da, db = a.descriptors[ia], b.descriptors[ib]
     if a.binary:
+        # out=da: da is a copy (fancy indexing), never the section's cached descriptors
         dist = hamming(da, db, out=da).astype(np.float64)
     else:
         dist = np.linalg.norm(da.astype(np.float64) - db.astype(np.float64), axis=1)

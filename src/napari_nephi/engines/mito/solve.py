@@ -8,8 +8,10 @@ and its image ``M q`` in section ``b`` are the same point of the aligned frame:
 linear in the unknowns, couple only the two sections of a pair, and are solved for all
 sections at once by sparse (banded) normal equations, assembled for all pairs at once as one
 ``params x params`` block per pair of sections (2000 sections with 3 neighbours each, affine,
-drift prior: 2.3 CPU s and 27 MB at most, 14 KB per section; the per-pair assembly of
-session 13 took 25-35 CPU s and 114 MB, measured alongside). Pairs that disagree with the others are
+drift prior, up to 10 reweighting passes, at load ~10: 2.3 CPU s and 27 MB at most, 14 KB per
+section; session 13's per-pair assembly took 25-35 CPU s and 114 MB measured alongside in the
+same conditions, where session 11 had noted "about 2 CPU s" for a rigid solve on a quiet
+machine). Pairs that disagree with the others are
 down-weighted by iteratively reweighted least squares with Huber weights on their RMS
 residual (``huber`` pixels).
 
@@ -363,7 +365,12 @@ def _rigid_from(mats_b, n, ref, edges, pts, robust) -> np.ndarray:
 
 
 def check_global_options(neighbours, solver, global_model, drift_prior) -> tuple[int, str, str, float]:
-    """Validated ``(neighbours, solver, global_model, drift_prior)`` of :func:`~.align.align_stack`."""
+    """Validated ``(neighbours, solver, global_model, drift_prior)`` of :func:`~.align.align_stack`.
+
+    ``neighbours=None`` (the default): 1 with ``solver="chain"``, else :data:`NEIGHBOURS`.
+    """
+    if neighbours is None:
+        neighbours = 1 if isinstance(solver, str) and solver.lower() == "chain" else NEIGHBOURS
     neighbours = check_int("neighbours", neighbours, 1, 64)
     if solver is None:
         solver = "global" if neighbours > 1 else "chain"
