@@ -355,8 +355,9 @@ def optimize_velocity(
     mask there times the other mask carried through the current map like its image (bilinear, no
     gradient through the weight). Without masks the similarity is the unweighted one.
 
-    With ``match_blur`` (None: off, :func:`match_blur_runs`) the levels on the full
-    comparison grid compare the images at matched blur (:func:`.matchblur.blur_pair`,
+    With ``match_blur`` (None: off, :func:`match_blur_runs`), on images of at most
+    :data:`MATCH_BLUR_MAX_VOXELS` compared on their own grid, the levels on the full comparison grid
+    compare the images at matched blur (:func:`.matchblur.blur_pair`,
     :data:`MATCH_BLUR_MAX_VARIANCE`): per direction (fixed against warped moving, moving against
     warped fixed) and axis a variance learned with the velocity blurs the sharper image, so the
     velocity does not fit interpolation blur. The returned maps carry the variances learned
@@ -410,7 +411,7 @@ def optimize_velocity(
     v = None
     # matched-blur variances: [fixed vs warped moving, moving vs warped fixed] x axis (numpy order);
     # started off zero, where relu's gradient would vanish
-    # only on images of up to MATCH_BLUR_MAX_VOXELS, compared on their own grid (memory, below)
+    # only on images of up to MATCH_BLUR_MAX_VOXELS, compared on their own grid (its memory cost)
     learn_blur = match_blur_runs(match_blur) and math.prod(full) <= MATCH_BLUR_MAX_VOXELS and fine == full
     blur = torch.full((2, d), 1e-4, device=dev, requires_grad=True) if learn_blur else None
     blur_used = False
