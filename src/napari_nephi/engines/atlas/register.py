@@ -273,9 +273,10 @@ def deformable_step(work, mask, plate, affine: AffineTransform, method: str, com
     if "initial" in (engine_info(method).options or ()):
         options = {"initial": "none", **options}  # the plate is already affinely aligned
     if "coarse_match_blur" in (engine_info(method).options or ()):
-        # matched blur (nephi's 2D default since session 14) learns a blur between two resampled copies
-        # of one image; here the plate is a drawing mapped to the section's contrast, and with it the
-        # restained-section test fell from Dice 0.5247 (affine) to 0.5006 (test_atlas_register.py)
+        # matched blur (opt-in in nephi; briefly its 2D default in session 14) learns a blur between two
+        # resampled copies of one image; here the plate is a drawing mapped to the section's contrast,
+        # and with it the restained-section test fell from Dice 0.5247 (affine) to 0.5006
+        # (test_atlas_register.py): kept off here even if nephi's default changes again
         options = {"coarse_match_blur": False, **options}
     deform = register(work, matched, method=method, **common, **options)
     before = edge_agreement(work, matched, mask)
