@@ -212,6 +212,7 @@ def test_solver_chain_alone_runs_the_chain(rotated_copies):
     s = rotated_copies["stack"][:3]
     chain = align_stack(s, solver="chain", warp=False, workers=1)
     assert (chain.settings["solver"], chain.settings["neighbours"]) == ("chain", 1)
+    assert chain.settings["global_model"] is None and chain.settings["drift_prior"] is None  # not used
     assert "solver" not in chain.metrics and "pairs" not in chain.metrics["report"][1]
     default = align_stack(s, warp=False, workers=1)
     assert (default.settings["solver"], default.settings["neighbours"]) == ("global", 2)

@@ -1032,7 +1032,10 @@ def align_stack(
         "mito_radius": mito_radius, "fast_threshold": opts.fast_threshold, "max_scale": opts.max_scale,
         "keypoint_size": sections.keypoint_size / opts.scale,
         "model_selection": opts.model_selection, "refine": opts.refine,
-        "neighbours": neighbours, "solver": solver, "global_model": global_model, "drift_prior": drift_prior,
+        # the global solve's options only where it ran (a chain would record unused defaults)
+        "neighbours": neighbours, "solver": solver,
+        "global_model": global_model if solver == "global" else None,
+        "drift_prior": drift_prior if solver == "global" else None,
         "guided_pairs": guided_pairs, "drift_correction": drift_correction, "drift_window": drift_window,
         "elastic": elastic, "elastic_spacing": elastic_spacing, "elastic_radius": elastic_radius,
         "elastic_iterations": elastic_iterations,
