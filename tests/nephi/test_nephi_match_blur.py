@@ -140,3 +140,18 @@ def test_matched_blur_is_skipped_on_images_above_its_memory_bound(monkeypatch):
     assert run(compare_max_voxels=24 * 24).blur_variance is None  # compared on 24 x 24
     monkeypatch.setattr(coarse, "MATCH_BLUR_MAX_VOXELS", 47 * 47)
     assert run().blur_variance is None
+
+
+def test_register_says_when_asked_matched_blur_did_not_run(monkeypatch):
+    """Above its memory bound the matched blur is left out; a run that asked for it says so in a note
+    (and the settings record that it did not run), a run that did not ask gets no such note."""
+    from napari_nephi.engines.nephi import coarse
+
+    monkeypatch.setattr(coarse, "MATCH_BLUR_MAX_VOXELS", 16 * 16)
+    img = _camera(64)
+    moving = ndi.shift(img, (1.5, -1.0), order=1, mode="nearest").astype(np.float32)
+    asked = nn.register(img, moving, method="nephi", device="cpu", preset="fast", coarse_match_blur=True)
+    assert asked.settings["coarse_match_blur"] is False
+    assert any("coarse_match_blur=True did not run" in n for n in asked.metrics.get("notes", []))
+    plain = nn.register(img, moving, method="nephi", device="cpu", preset="fast")
+    assert not any("coarse_match_blur" in n for n in plain.metrics.get("notes", []))

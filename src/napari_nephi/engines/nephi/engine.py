@@ -44,6 +44,7 @@ from ...core.registration import Pair, Registration
 from ...core.transform import AffineTransform, ComposedTransform, DisplacementTransform
 from ..registry import register_engine
 from . import chunked as chunking
+from . import coarse as coarse_mod
 from .bspline import intervals_for_spacing
 from .checks import check_options, check_result, check_run_memory, optimised_similarity
 from .coarse import (
@@ -540,6 +541,11 @@ def register_nephi(
         metrics["coarse_blur_variance"] = [
             [round(float(x), 4) for x in row] for row in coarse_info["blur_variance"]
         ]
+    elif coarse_match_blur:  # asked for, but its bound or the mode left it out: say so
+        notes.append(
+            "coarse_match_blur=True did not run: it needs the coarse stage on an image of at most "
+            f"{coarse_mod.MATCH_BLUR_MAX_VOXELS} voxels compared on its own grid (its memory cost)"
+        )
     if chunk_info is not None:
         metrics["chunk_iterations"] = chunk_iterations
         metrics.update(chunk_info)
