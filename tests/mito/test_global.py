@@ -312,3 +312,14 @@ def test_the_block_assembly_solves_the_stacked_least_squares(model, prior):
     want, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
     np.testing.assert_allclose(got[free].ravel(), want, atol=1e-7)
     np.testing.assert_array_equal(got[ref], x[ref])
+
+
+def test_default_solve_on_a_one_section_stack_gives_the_identity():
+    """A single section has no pair: the default global solve places it at the identity (it used to
+    raise an IndexError from an empty, float-typed index array)."""
+    rng = np.random.default_rng(3)
+    stack = rng.random((1, 64, 80)).astype(np.float32)
+    reg = align_stack(stack, warp=False)
+    assert reg.settings["solver"] == "global"
+    assert reg.metrics["solver"]["pairs"] == 0
+    np.testing.assert_allclose(reg.transform.matrices[0], np.eye(3), atol=1e-12)

@@ -210,7 +210,11 @@ def test_the_other_cases_keep_their_content(case):
     got, want = _fingerprint(d), np.array(_FINGERPRINTS[case], dtype=np.float64)
     np.testing.assert_array_equal(got[:, 0], want[:, 0])  # mitochondria per section
     np.testing.assert_allclose(got[:, 1:3], want[:, 1:3], atol=3)  # their pixels
-    np.testing.assert_allclose(got[:, 3:], want[:, 3:], atol=0.02)  # centroids, mean label, intensities
+    # a flipped boundary pixel (allowed above) moves the centroid by up to ~0.05 px and the mean label
+    # by ~0.01: tolerances for three such pixels, so float rounding elsewhere does not fail the test
+    np.testing.assert_allclose(got[:, 3:5], want[:, 3:5], atol=0.15)  # centroids
+    np.testing.assert_allclose(got[:, 5], want[:, 5], atol=0.05)  # mean label
+    np.testing.assert_allclose(got[:, 6:], want[:, 6:], atol=0.02)  # intensities
     rotated = kw.get("rotate", True)
     np.testing.assert_allclose(d["angles"], _ANGLES if rotated else 0.0, atol=1e-9)
 

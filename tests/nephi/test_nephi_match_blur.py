@@ -152,6 +152,11 @@ def test_register_says_when_asked_matched_blur_did_not_run(monkeypatch):
     moving = ndi.shift(img, (1.5, -1.0), order=1, mode="nearest").astype(np.float32)
     asked = nn.register(img, moving, method="nephi", device="cpu", preset="fast", coarse_match_blur=True)
     assert asked.settings["coarse_match_blur"] is False
-    assert any("coarse_match_blur=True did not run" in n for n in asked.metrics.get("notes", []))
+    notes = [n for n in asked.metrics.get("notes", []) if "coarse_match_blur=True did not run" in n]
+    assert len(notes) == 1 and "voxels" in notes[0], notes
+    one_level = nn.register(
+        img, moving, method="nephi", device="cpu", preset="fast", levels=1, coarse_match_blur=True
+    )
+    assert any("coarse stage, which did not run" in n for n in one_level.metrics.get("notes", []))
     plain = nn.register(img, moving, method="nephi", device="cpu", preset="fast")
     assert not any("coarse_match_blur" in n for n in plain.metrics.get("notes", []))

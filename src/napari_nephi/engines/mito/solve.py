@@ -258,7 +258,7 @@ def _residuals(edges, blocks, x) -> np.ndarray:
 def _solve_linear(n, ref, npar, edges, blocks, robust, x, x0, model, drift_prior, radius) -> np.ndarray:
     """One weighted least-squares solve for all free sections: its normal equations assembled
     block by block (each edge adds ``params x params`` blocks at its two sections; a sparse band)."""
-    free = np.array([k for k in range(n) if k != ref])
+    free = np.array([k for k in range(n) if k != ref], dtype=np.int64)
     col = np.full(n, -1)
     col[free] = np.arange(len(free))
     size = len(free) * npar

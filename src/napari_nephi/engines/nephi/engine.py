@@ -541,10 +541,15 @@ def register_nephi(
         metrics["coarse_blur_variance"] = [
             [round(float(x), 4) for x in row] for row in coarse_info["blur_variance"]
         ]
-    elif coarse_match_blur:  # asked for, but its bound or the mode left it out: say so
+    elif coarse_match_blur:  # asked for, but the mode or its bound left it out: say why
         notes.append(
-            "coarse_match_blur=True did not run: it needs the coarse stage on an image of at most "
-            f"{coarse_mod.MATCH_BLUR_MAX_VOXELS} voxels compared on its own grid (its memory cost)"
+            "coarse_match_blur=True did not run: "
+            + (
+                "it belongs to the coarse stage, which did not run (mode, levels or coarse_iterations)"
+                if "blur_variance" not in coarse_info
+                else "it runs only in the coarse stage's steps on the full grid, on images of at most "
+                f"{coarse_mod.MATCH_BLUR_MAX_VOXELS} voxels compared on their own grid (its memory cost)"
+            )
         )
     if chunk_info is not None:
         metrics["chunk_iterations"] = chunk_iterations
