@@ -34,20 +34,25 @@ def ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> t
 
 def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9) -> torch.Tensor:
     """Local NCC over ``window``-wide boxes, averaged over voxels. Inputs ``(B, C, *spatial)``."""
-    d = a.dim() - 2
-    if d not in (2, 3):
+    if a.dim() - 2 not in (2, 3):
         raise InputError("Local NCC needs (B, C, H, W) or (B, C, D, H, W) tensors.")
-    pool = F.avg_pool2d if d == 2 else F.avg_pool3d
-    pad = window // 2
+    return lncc_map(a, b, window).mean()
+
+
+def lncc_map(a: torch.Tensor, b: torch.Tensor, window: int, add_a=0.0, add_b=0.0) -> torch.Tensor:
+    """Squared local NCC of every voxel (``window``-wide boxes; 2D or 3D), the map :func:`lncc`
+    averages; ``add_a`` / ``add_b`` are added to the local variances of ``a`` / ``b`` (noise a blur
+    removed, :mod:`napari_nephi.engines.nephi.matchblur`)."""
+    pool = F.avg_pool2d if a.dim() == 4 else F.avg_pool3d
 
     def mean(x):
-        return pool(x, window, stride=1, padding=pad, count_include_pad=False)
+        return pool(x, window, stride=1, padding=window // 2, count_include_pad=False)
 
     ma, mb = mean(a), mean(b)
-    va = (mean(a * a) - ma * ma).clamp_min(0)
-    vb = (mean(b * b) - mb * mb).clamp_min(0)
+    va = (mean(a * a) - ma * ma).clamp_min(0) + add_a
+    vb = (mean(b * b) - mb * mb).clamp_min(0) + add_b
     cov = mean(a * b) - ma * mb
-    return (cov * cov / (va * vb + EPS)).mean()
+    return cov * cov / (va * vb + EPS)
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

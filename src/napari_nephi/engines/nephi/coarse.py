@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ...core import regularizers as R
 from ...core.errors import InputError
-from ...core.similarity import EPS, lncc, ncc
+from ...core.similarity import lncc, lncc_map, ncc
 from .bspline import bspline_on_grid, control_shape, grid_weights, intervals_for_spacing
 from .interp import interpolate
 from .matchblur import blurred_similarity, noise_variance
@@ -129,25 +129,12 @@ def _weighted_similarity(name: str, a: torch.Tensor, b: torch.Tensor, w: torch.T
         return _similarity(name, a, b)
     total = w.sum().clamp_min(1e-6)
     if name == "lncc":
-        return 1 - (w * _lncc_map(a, b, 5)).sum() / total
+        return 1 - (w * lncc_map(a, b, 5)).sum() / total
     if name == "mse":
         return (w * (a - b) ** 2).sum() / total
     # ncc's weighted means divide by sum(w) clamped at 1 (made for 0/1 masks); scaled to a maximum
     # of 1, pooled fractional weights summing to less than 1 stay exact
     return 1 - ncc(a, b, w / w.max().clamp_min(1e-12))
-
-
-def _lncc_map(a: torch.Tensor, b: torch.Tensor, window: int) -> torch.Tensor:
-    """Local NCC of every voxel (``window``-wide boxes), the map :func:`.similarity.lncc` averages."""
-    pool = F.avg_pool2d if a.dim() == 4 else F.avg_pool3d
-
-    def mean(x):
-        return pool(x, window, stride=1, padding=window // 2, count_include_pad=False)
-
-    ma, mb = mean(a), mean(b)
-    cov = mean(a * b) - ma * mb
-    var = (mean(a * a) - ma * ma).clamp_min(0) * (mean(b * b) - mb * mb).clamp_min(0)
-    return cov * cov / (var + EPS)
 
 
 #: Voxels of the grid on which the coarse stage warps the images: the full image up to this size

@@ -44,10 +44,10 @@ from ...core.registration import Pair, Registration
 from ...core.transform import AffineTransform, ComposedTransform, DisplacementTransform
 from ..registry import register_engine
 from . import chunked as chunking
-from . import coarse as coarse_mod
 from .bspline import intervals_for_spacing
 from .checks import check_options, check_result, check_run_memory, optimised_similarity
 from .coarse import (
+    MATCH_BLUR_MAX_VOXELS,
     DenseMaps,
     finer_level_runs,
     level_iterations,
@@ -548,7 +548,7 @@ def register_nephi(
                 "it belongs to the coarse stage, which did not run (mode, levels or coarse_iterations)"
                 if "blur_variance" not in coarse_info
                 else "it runs only in the coarse stage's steps on the full grid, on images of at most "
-                f"{coarse_mod.MATCH_BLUR_MAX_VOXELS} voxels compared on their own grid (its memory cost)"
+                f"{MATCH_BLUR_MAX_VOXELS} voxels compared on their own grid (its memory cost)"
             )
         )
     if chunk_info is not None:

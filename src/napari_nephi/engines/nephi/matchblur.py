@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...core.similarity import EPS
+from ...core.similarity import EPS, lncc_map
 
 
 def _second_difference(t: torch.Tensor, axis: int) -> torch.Tensor:
@@ -108,16 +108,7 @@ def matched_similarity(
     if name == "mse":
         return wsum((a - b) ** 2) / total + add_a + add_b
     if name == "lncc":
-        pool = F.avg_pool2d if a.dim() == 4 else F.avg_pool3d
-
-        def mean(x):
-            return pool(x, 5, stride=1, padding=2, count_include_pad=False)
-
-        ma, mb = mean(a), mean(b)
-        cov = mean(a * b) - ma * mb
-        va = (mean(a * a) - ma * ma).clamp_min(0) + add_a
-        vb = (mean(b * b) - mb * mb).clamp_min(0) + add_b
-        return 1 - wsum(cov * cov / (va * vb + EPS)) / total
+        return 1 - wsum(lncc_map(a, b, 5, add_a, add_b)) / total
     am = a - wsum(a) / total
     bm = b - wsum(b) / total
     var = (wsum(am * am) + add_a * total) * (wsum(bm * bm) + add_b * total)
