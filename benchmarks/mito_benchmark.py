@@ -216,8 +216,6 @@ def run_mito(data, name, matcher, args) -> dict:
     kw["neighbours"] = 1  # the chain, unless the row says otherwise (None: the engine's default)
     kw.update(extra[0] if extra else {})
     kw.update(args.extra)
-    if kw["neighbours"] is None:
-        del kw["neighbours"]
     if masks is True:
         kw["masks"] = data["masks"]
     elif masks == "auto":
