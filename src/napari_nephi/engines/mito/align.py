@@ -55,7 +55,7 @@ from ...core.transform import ElasticSectionTransform, PerSectionTransform
 from . import features as ft
 from .detrend import MIN_SECTIONS as MIN_DETREND_SECTIONS
 from .detrend import check_drift_options, detrend, windows
-from .elastic import elastic_fields, warp_elastic_section
+from .elastic import ELASTIC_SOLVERS, elastic_fields, warp_elastic_section
 from .masks import detect_mitochondria_section, intensity_range, to_uint8, valid_region
 from .solve import DRIFT_PRIOR, GLOBAL_MODEL, Edge, check_global_options, solve_global
 
@@ -694,6 +694,7 @@ def align_stack(
     elastic_spacing: float = 32.0,
     elastic_radius: int = 4,
     elastic_iterations: int = 2,
+    elastic_solver: str = "local",
     warp: bool = True,
     lazy: bool = False,
     spacing: Sequence[float] | None = None,
@@ -810,6 +811,13 @@ def align_stack(
         and 2 passes: with eight votes a section's own distortion is told apart from its
         neighbours' better than with four (synthetic distorted stack: Dice 0.944 with 2 and 1
         pass, 0.952 with 4 and 2, at about twice the wall time and four times the CPU time).
+    elastic_solver
+        ``"joint"``: the affine part of the fields is solved for all sections at once from the
+        affine fits of the dense flows between every section and its ``elastic_radius``
+        neighbours (each measures the whole section, so their errors do not add up along the
+        stack as the keypoint pairs' do), with a weak prior that the sections' own scale and
+        shear average out; the reference keeps its place; the median then handles the rest.
+        ``"local"`` (default): every section's whole field from the median (sessions 11-14).
     spacing
         ``(z, y, x)`` voxel size kept with the transform (default: from the file for a path,
         else 1).
@@ -870,6 +878,7 @@ def align_stack(
     elastic_spacing = check_float("elastic_spacing", elastic_spacing, 4.0, 1e5)
     elastic_radius = check_int("elastic_radius", elastic_radius, 1, 32)
     elastic_iterations = check_int("elastic_iterations", elastic_iterations, 1, 20)
+    elastic_solver = ft.check_choice(elastic_solver, ELASTIC_SOLVERS, "elastic_solver")
     prog = Progress(progress, cancel)  # checks the callbacks
     prog.check()
     intensity = (None, None)
@@ -960,7 +969,7 @@ def align_stack(
         fields = elastic_fields(
             lambda k: to_uint8(read_section(stack, k), *intensity), matrices, (h, w), elastic_spacing,
             elastic_radius, min(1.0, opts.scale), step=lambda k: prog.check(), iterations=elastic_iterations,
-            workers=workers,
+            workers=workers, solver=elastic_solver, reference=ref,
         )  # fmt: skip
         t_elastic = time.perf_counter() - t0
     t_align = time.perf_counter() - t_align
@@ -1038,7 +1047,7 @@ def align_stack(
         "drift_prior": drift_prior if solver == "global" else None,
         "guided_pairs": guided_pairs, "drift_correction": drift_correction, "drift_window": drift_window,
         "elastic": elastic, "elastic_spacing": elastic_spacing, "elastic_radius": elastic_radius,
-        "elastic_iterations": elastic_iterations,
+        "elastic_iterations": elastic_iterations, "elastic_solver": elastic_solver,
     }  # fmt: skip
     transform.settings = dict(settings)
     return Registration(warped=warped, transform=transform, metrics=metrics, settings=settings)

@@ -29,8 +29,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import spsolve
 
-from .features import yx_to_xy
+from .features import check_choice, yx_to_xy
+from .solve import _grid, nearest_rotation
+
+#: ``solver`` of :func:`elastic_fields`: the affine part solved for all sections at once, or
+#: every section's field from the median of its neighbours' flows alone (sessions 11-14).
+ELASTIC_SOLVERS = ("joint", "local")
+#: Weight of the joint solve's prior on every section's final scale and shear (as ``drift_prior``).
+JOINT_PRIOR = 0.1
 
 
 def _scaled(matrix: np.ndarray, s: float) -> np.ndarray:
@@ -72,6 +81,9 @@ def elastic_fields(
     step: Callable[[int], None] | None = None,
     iterations: int = 1,
     workers: int = 1,
+    solver: str = "local",
+    reference: int = 0,
+    prior: float = JOINT_PRIOR,
 ) -> np.ndarray:
     """Smooth per-section displacement fields ``(n, gh, gw, 2)`` (aligned (y, x) pixels).
 
@@ -82,6 +94,12 @@ def elastic_fields(
     (progress, cancel); ``iterations`` relaxation passes; ``workers`` threads. ``read`` must be
     safe to call from several threads. Fields follow
     :class:`~napari_nephi.core.transform.ElasticSectionTransform`.
+
+    ``solver="joint"``: the affine part of the fields is solved for all sections at once
+    (:func:`_joint_affine`, ``reference`` keeps its place, ``prior`` weighs each section's
+    final scale and shear against 0); the per-section median then handles only what is left
+    (the flows minus their pairs' affine fits). ``"local"``: every section's whole field from
+    the median (sessions 11-14).
     """
     n = len(matrices)
     h, w = (int(v) for v in shape)
@@ -89,15 +107,24 @@ def elastic_fields(
     work = (max(8, int(round(h * scale))), max(8, int(round(w * scale))))
     s = work[0] / h  # one ratio for both axes (the grid is in aligned pixels)
     fields = np.zeros((n, gh, gw, 2), np.float32)
+    joint = check_choice(solver, ELASTIC_SOLVERS, "elastic_solver") == "joint"
+    total = np.zeros((n, 6))  # the affine part of the fields so far (joint): G (2 x 2) and t
     for _ in range(max(1, iterations)):  # each pass starts from the previous fields
-        fields = fields + _pass(
-            read, matrices, fields, s, work, (gh, gw), radius, smooth, step, max(1, workers)
-        )
+        update, pairs = _pass(
+            read, matrices, fields, s, work, (gh, gw), radius, smooth, step, max(1, workers), joint, (h, w)
+        )  # fmt: skip
+        if joint:
+            x = _joint_affine(n, pairs, matrices, total, (h, w), reference, prior)
+            total += x
+            update += _affine_at_nodes(x, (h, w), (gh, gw))
+        fields = fields + update
     return fields
 
 
-def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers) -> np.ndarray:
-    """One relaxation pass: the field update of every section given the ``current`` fields.
+def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers, joint=False, shape=None):
+    """One relaxation pass: the field update of every section given the ``current`` fields, and
+    (``joint``) the affine fit of every pair's flow (:func:`_flow_affine`, ``{(a, b): (params,
+    weight)}``; else empty), whose dense field is then taken off the flows before the median.
 
     Sections are done in blocks of ``2 * workers`` over the threads (OpenCV releases the GIL).
     The flow of a pair is computed once, from the lower section to the higher; the other
@@ -108,6 +135,7 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers)
     n = len(matrices)
     images: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     flows: dict[tuple[int, int], np.ndarray] = {}
+    affines: dict[tuple[int, int], tuple[np.ndarray, float]] = {}
     fields = np.zeros_like(current)
     local = threading.local()
 
@@ -115,7 +143,13 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers)
         if not hasattr(local, "dis"):
             local.dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
         a, b = pair
-        return local.dis.calc(images[a][0], images[b][0], None)  # img_a(p) ~ img_b(p + flow(p))
+        f = local.dis.calc(images[a][0], images[b][0], None)  # img_a(p) ~ img_b(p + flow(p))
+        if joint:
+            fit = _flow_affine(f, (images[a][1] & images[b][1]).astype(bool), s, shape)
+            if fit is not None:
+                f = f - _affine_dense(fit[0], s, shape, f.shape[:2])
+                affines[pair] = fit
+        return f
 
     def partners(k: int) -> list[int]:
         """The sections with content within ``radius`` of ``k``."""
@@ -164,7 +198,144 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers)
             for k, _ in zip(range(start, stop), ex.map(one, range(start, stop))):
                 if step is not None:
                     step(k)
-    return fields
+    return fields, affines
+
+
+def _centred(shape, size, s):
+    """Original-pixel (y, x) coordinates, relative to the section centre, of the work pixels
+    ``size`` at work scale ``s`` (pixel centres: ``x = (x_work + 0.5) / s - 0.5``)."""
+    h, w = shape
+    y = (np.arange(size[0]) + 0.5) / s - 0.5 - (h - 1) / 2
+    x = (np.arange(size[1]) + 0.5) / s - 0.5 - (w - 1) / 2
+    return y, x
+
+
+def _flow_affine(flow: np.ndarray, valid: np.ndarray, s: float, shape, every: int = 4):
+    """The affine fit ``u(p) = G p + t`` (original (y, x) pixels, ``p`` about the section centre;
+    ``params = (G00, G01, G10, G11, t_y, t_x)``) of a work-scale (x, y) ``flow`` over the
+    ``valid`` pixels (every ``every``-th in each axis), refitted once without the pixels more
+    than 3 median residuals off; and its weight (the share of the section it covers). None
+    with under 50 pixels."""
+    ys, xs = np.nonzero(valid[::every, ::every])
+    if len(ys) < 50:
+        return None
+    ys, xs = ys * every, xs * every
+    cy, cx = _centred(shape, valid.shape, s)
+    a = np.stack([cy[ys], cx[xs], np.ones(len(ys))], 1)
+    f = flow[ys, xs][:, ::-1].astype(np.float64) / s  # (y, x) original pixels
+    coef = np.linalg.lstsq(a, f, rcond=None)[0]
+    r = np.linalg.norm(a @ coef - f, axis=1)
+    keep = r <= max(3.0 * float(np.median(r)), 0.25)
+    if keep.sum() >= 50:
+        coef = np.linalg.lstsq(a[keep], f[keep], rcond=None)[0]
+    params = np.array([coef[0, 0], coef[1, 0], coef[0, 1], coef[1, 1], coef[2, 0], coef[2, 1]])
+    return params, float(len(ys)) / valid[::every, ::every].size
+
+
+def _affine_dense(params: np.ndarray, s: float, shape, size) -> np.ndarray:
+    """The affine field ``params`` (:func:`_flow_affine`) as a work-scale (x, y) flow of ``size``."""
+    cy, cx = _centred(shape, size, s)
+    g00, g01, g10, g11, ty, tx = params
+    uy = (g00 * cy[:, None] + g01 * cx[None, :] + ty) * s
+    ux = (g10 * cy[:, None] + g11 * cx[None, :] + tx) * s
+    return np.stack([ux, uy], -1).astype(np.float32)
+
+
+def _affine_at_nodes(x: np.ndarray, shape, grid) -> np.ndarray:
+    """``(n, gh, gw, 2)`` (y, x) values of the affine fields ``x`` (``(n, 6)``) at the grid nodes."""
+    h, w = shape
+    gh, gw = grid
+    ny = np.arange(gh) * ((h - 1) / max(gh - 1, 1)) - (h - 1) / 2
+    nx = np.arange(gw) * ((w - 1) / max(gw - 1, 1)) - (w - 1) / 2
+    g = x[:, None, None, :]
+    uy = g[..., 0] * ny[:, None] + g[..., 1] * nx[None, :] + g[..., 4]
+    ux = g[..., 2] * ny[:, None] + g[..., 3] * nx[None, :] + g[..., 5]
+    return np.stack([uy, ux], -1).astype(np.float32)
+
+
+def _joint_affine(n, pairs, matrices, current, shape, reference, prior, iterations: int = 10) -> np.ndarray:
+    """The affine field update ``(n, 6)`` (:func:`_flow_affine` parameters) of all sections at once.
+
+    Corrected sections agree when ``u_b - u_a`` equals the flow from ``a`` to ``b`` (first order),
+    so every pair asks, at a 3 x 3 grid of points over the section, that the difference of its
+    sections' affine updates equal its flow's affine fit; pairs are weighted by ``share /
+    distance`` and by iteratively reweighted least squares toward the least absolute deviations
+    (weight ``1 / max(residual, 0.25 px)``: as with the median, a section distorted on its own
+    moves while its neighbours stay put; the prior terms likewise, so the typical section's
+    shape, not the mean, is taken as undistorted). Because every pair measures the whole section, not a
+    few keypoints, their errors are small and do not add up along the stack as the pairwise
+    maps' do. ``prior`` (per unit of scale or shear, in pixels at the grid's radius, as the
+    global solve's ``drift_prior``) pulls every section's final scale and shear (of ``matrices``
+    with the ``current`` affine fields) toward none: the sections' own distortions average
+    out. A tiny ridge fixes rotation and translation; the ``reference`` section's are then
+    taken off every section (it keeps its place). Sections without a pair get no update."""
+    h, w = shape
+    pts = _grid((h, w)) - [(h - 1) / 2, (w - 1) / 2]
+    radius = float(np.linalg.norm(pts, axis=1).max()) or 1.0
+    d = np.zeros((2 * len(pts), 6))  # rows (y, x) per point of u = G p + t
+    d[0::2, 0], d[0::2, 1], d[0::2, 4] = pts[:, 0], pts[:, 1], 1.0
+    d[1::2, 2], d[1::2, 3], d[1::2, 5] = pts[:, 0], pts[:, 1], 1.0
+    dtd = d.T @ d
+    keys = sorted(pairs)
+    a = np.array([k[0] for k in keys], dtype=np.int64)
+    b = np.array([k[1] for k in keys], dtype=np.int64)
+    target = np.array([d @ pairs[k][0] for k in keys]).reshape(len(keys), -1)
+    base = np.array([pairs[k][1] / (k[1] - k[0]) ** 2 for k in keys])
+    placed = np.zeros(n, bool)
+    placed[a], placed[b] = True, True
+    # the prior's targets: minus each section's current scale and shear (symmetric part of the polar
+    # decomposition of its linear part, aligned -> section, with the current affine field)
+    sym = np.zeros((n, 3))
+    for k in np.flatnonzero(placed):
+        lin = matrices[k][:2, :2] / matrices[k][2, 2] @ (np.eye(2) + current[k, :4].reshape(2, 2))
+        u = nearest_rotation(lin).T @ lin - np.eye(2)
+        sym[k] = [u[0, 0], u[1, 1], 0.5 * (u[0, 1] + u[1, 0])]
+    p_mat = np.zeros((6, 6))  # the prior on (G00, G11, (G01 + G10) / 2): scale and shear
+    c = np.zeros((3, 6))
+    c[0, 0], c[1, 3], c[2, 1], c[2, 2] = 1.0, 1.0, 0.5, 0.5
+    scale = np.array([1.0, 1.0, 2.0])  # the shear counts twice in a matrix's squared norm
+    p_mat = prior * radius**2 * (c.T * scale) @ c
+    p_rhs = -prior * radius**2 * (sym * scale) @ c  # (n, 6)
+    ridge = 1e-6 * np.diag([radius**2] * 4 + [1.0, 1.0])
+    x = np.zeros((n, 6))
+    robust = np.ones(len(keys))
+    robust_prior = np.ones(n)
+    if not len(keys):
+        return x
+    idx = np.flatnonzero(placed)
+    col = np.full(n, -1)
+    col[idx] = np.arange(len(idx))
+    m = len(idx)
+    for _ in range(iterations):
+        wgt = base * robust
+        rows, cols, vals = [], [], []
+        rhs = np.zeros((m, 6))
+        for i, j, sign in ((a, a, 1.0), (b, b, 1.0), (a, b, -1.0), (b, a, -1.0)):
+            rows.append(col[i])
+            cols.append(col[j])
+            vals.append(sign * wgt[:, None, None] * dtd)
+        np.add.at(rhs, col[b], wgt[:, None] * (target @ d))
+        np.subtract.at(rhs, col[a], wgt[:, None] * (target @ d))
+        rows.append(np.arange(m))
+        cols.append(np.arange(m))
+        vals.append(robust_prior[idx, None, None] * p_mat + ridge)
+        rhs += robust_prior[idx, None] * p_rhs[idx]
+        r, cc, v = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+        rr = (r[:, None, None] * 6 + np.arange(6)[None, :, None]) * np.ones((1, 1, 6), np.int64)
+        ci = (cc[:, None, None] * 6 + np.arange(6)[None, None, :]) * np.ones((1, 6, 1), np.int64)
+        normal = sp.csc_matrix((v.ravel(), (rr.ravel(), ci.ravel())), shape=(6 * m, 6 * m))
+        sol = np.asarray(spsolve(normal, rhs.ravel())).reshape(m, 6)
+        x[idx] = sol
+        res = np.sqrt((((x[b] - x[a]) @ d.T - target) ** 2).reshape(len(keys), -1, 2).sum(2).mean(1))
+        robust = 1.0 / np.maximum(res, 0.25)
+        shape_px = radius * np.sqrt((((x @ c.T + sym) ** 2) * scale).sum(1))  # final scale and shear
+        robust_prior = 0.25 / np.maximum(shape_px, 0.25)
+    if placed[reference]:  # the reference keeps its place: its rotation and translation off every section
+        rot = 0.5 * (x[reference, 2] - x[reference, 1])
+        x[idx, 1] += rot
+        x[idx, 2] -= rot
+        x[idx, 4:] -= x[reference, 4:]
+    return x
 
 
 def _to_grid(u: np.ndarray, valid: np.ndarray, grid, smooth: float) -> np.ndarray:
