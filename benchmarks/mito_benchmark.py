@@ -42,6 +42,9 @@ Columns:
   weighted by a Gaussian of sigma 10 sections).
 * ``mito-norefine``: MITO without the sub-pixel refinement of the pair maps (``refine=False``),
   i.e. RANSAC on the keypoints alone, as in the paper.
+* ``+elastic-joint`` / ``+elastic-local`` rows: ``elastic_solver="joint"`` (session 15: the
+  fields' affine part solved for all sections at once from dense flows) or ``"local"`` (every
+  section's field from the median of its neighbours' flows, sessions 11-14);
 * ``drift``: (once) MITO run on the *unrotated* stack, where the ideal answer is the identity:
   the Dice that pairwise chaining keeps when the structures themselves move between sections.
 
@@ -142,6 +145,32 @@ ROWS = {
         "brisk",
         True,
         {"neighbours": None, "elastic": True, "drift_correction": "detrend"},
+    ),  # fmt: skip
+    # session 15: the elastic fields' affine part solved for all sections at once, and the median's
+    # local fields of sessions 11-14 (named, so that both stay comparable whichever is the default)
+    "mito-default+elastic-joint": (
+        "mito",
+        "brisk",
+        True,
+        {"neighbours": None, "elastic": True, "elastic_solver": "joint"},
+    ),
+    "mito-default+elastic-joint-detrend": (
+        "mito",
+        "brisk",
+        True,
+        {"neighbours": None, "elastic": True, "elastic_solver": "joint", "drift_correction": "detrend"},
+    ),  # fmt: skip
+    "mito-default+elastic-local": (
+        "mito",
+        "brisk",
+        True,
+        {"neighbours": None, "elastic": True, "elastic_solver": "local"},
+    ),
+    "mito-default+elastic-local-detrend": (
+        "mito",
+        "brisk",
+        True,
+        {"neighbours": None, "elastic": True, "elastic_solver": "local", "drift_correction": "detrend"},
     ),  # fmt: skip
 }
 
