@@ -106,8 +106,8 @@ def test_tilt_margin_tilts_only_near_the_best_hypothesis(search, toy_reference):
     reference, _ = toy_reference
     plate, tilt = 20, (8.0, 0.0)
     section = section_from_atlas(reference, plate, tilt)
-    full = _run(search, section, plate, seed=3)
-    narrow = _run(search, section, plate, seed=3, tilt_margin=0.0)
+    full = _run(search, section, plate, seed=3, z_scan=0)  # the z-scan re-cuts tilted poses further away
+    narrow = _run(search, section, plate, seed=3, tilt_margin=0.0, z_scan=0)
     assert narrow.pairs < full.pairs
     for result in (full, narrow):
         best = result.poses[result.ranking[0][0]]
@@ -116,6 +116,22 @@ def test_tilt_margin_tilts_only_near_the_best_hypothesis(search, toy_reference):
     tilted = [p for p in narrow.poses.values() if p.tilt != (0.0, 0.0)]
     assert tilted and all(abs(p.z - plate) <= 4 for p in tilted)  # around the best hypothesis only
     assert any(abs(p.z - plate) > 4 and p.tilt != (0.0, 0.0) for p in full.poses.values())
+
+
+@pytest.mark.parametrize("tilt", [(0.0, 0.0), (8.0, 0.0)])
+def test_z_scan_reaches_a_plate_the_hypothesis_lies_5_plates_from(search, toy_reference, tilt):
+    """z_scan: the best stage-2 poses re-cut at every plate within the reach, at their own tilt,
+    rotation and scale; stage 2 alone searches 2 plates either side of its one hypothesis (plate 15)."""
+    reference, _ = toy_reference
+    plate, start = 20, 15
+    section = section_from_atlas(reference, plate, tilt)
+    order = [(start, 0.0)] + [(p, 1.0) for p in range(search.n) if p != start]
+    opts = {"shortlist": 1, "neighbours": 0, "sweep_step": 0, "hypotheses": 1, "anchors": 0}
+    plain = search.search(section, order, check_rerank_options({**opts, "z_scan": 0}))
+    scanned = search.search(section, order, check_rerank_options({**opts, "z_scan": 6}))
+    assert abs(plain.ranking[0][0] - plate) >= 2, plain.ranking[:3]
+    assert abs(scanned.ranking[0][0] - plate) <= PLATE_TOLERANCE, scanned.ranking[:3]
+    assert 0 < scanned.pairs - plain.pairs <= 2 * 12  # one cut per plate, two poses scanned
 
 
 def test_anchor_plates_always_get_a_stage2_hypothesis(search, toy_reference):
@@ -194,6 +210,8 @@ def test_inverted_contrast_scores_the_same_plate_best(search, toy_reference):
         ({"anchors": 1.5}, "anchors"),
         ({"prior_weight": 2}, "prior_weight"),
         ({"tilt_margin": -0.1}, "tilt_margin"),
+        ({"z_scan": -1}, "z_scan"),
+        ({"z_scan_poses": 0}, "z_scan_poses"),
         ("fast", "rerank_options must be a dict"),
     ],
 )
