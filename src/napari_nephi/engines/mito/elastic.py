@@ -145,7 +145,10 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers,
         a, b = pair
         f = local.dis.calc(images[a][0], images[b][0], None)  # img_a(p) ~ img_b(p + flow(p))
         if joint:
-            fit = _flow_affine(f, (images[a][1] & images[b][1]).astype(bool), s, shape)
+            where = (
+                (images[a][1] & images[b][1]).astype(bool) & _textured(images[a][0]) & _textured(images[b][0])
+            )
+            fit = _flow_affine(f, where, s, shape)
             if fit is not None:
                 f = f - _affine_dense(fit[0], s, shape, f.shape[:2])
                 affines[pair] = fit
@@ -208,6 +211,16 @@ def _centred(shape, size, s):
     y = (np.arange(size[0]) + 0.5) / s - 0.5 - (h - 1) / 2
     x = (np.arange(size[1]) + 0.5) / s - 0.5 - (w - 1) / 2
     return y, x
+
+
+def _textured(img: np.ndarray, size: int = 9, floor: float = 1.0) -> np.ndarray:
+    """Where ``img`` has texture: local standard deviation (``size`` px box) above ``floor`` grey
+    levels. Flow in a blank region (the zero border of a padded or rotated section) is only
+    extrapolated from its edges, and would bias the affine fit of a pair's flow."""
+    f = img.astype(np.float32)
+    mean = cv2.blur(f, (size, size))
+    var = cv2.blur(f * f, (size, size)) - mean * mean
+    return var > floor**2
 
 
 def _flow_affine(flow: np.ndarray, valid: np.ndarray, s: float, shape, every: int = 4):
