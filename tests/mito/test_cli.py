@@ -148,7 +148,16 @@ def test_align_em_defaults_are_the_engines():
 
     kw = _align_options(parse(["align-em", "stack.tif", "-o", "out"]))
     defaults = inspect.signature(align_stack).parameters
-    for key in ("neighbours", "solver", "global_model", "drift_prior", "drift_correction", "drift_window"):
+    keys = (
+        "neighbours",
+        "solver",
+        "global_model",
+        "drift_prior",
+        "drift_correction",
+        "drift_window",
+        "elastic_solver",
+    )
+    for key in keys:
         assert kw[key] == defaults[key].default, key
     assert check_global_options(kw["neighbours"], kw["solver"], kw["global_model"], kw["drift_prior"]) == (
         2, "global", "affine", 0.1,
@@ -157,3 +166,16 @@ def test_align_em_defaults_are_the_engines():
     kw = _align_options(parse(["align-em", "stack.tif", "-o", "out", "--solver", "chain"]))
     resolved = check_global_options(kw["neighbours"], kw["solver"], kw["global_model"], kw["drift_prior"])
     assert resolved[:2] == (1, "chain")
+
+
+def test_align_em_elastic_solver_flag_reaches_the_engine():
+    from napari_nephi.cli.em import _align_options
+
+    kw = _align_options(
+        parse(["align-em", "stack.tif", "-o", "out", "--elastic", "--elastic-solver", "joint"])
+    )
+    assert kw["elastic"] is True and kw["elastic_solver"] == "joint"
+    kw = _align_options(parse(["align-em", "stack.tif", "-o", "out", "--elastic-solver", "local"]))
+    assert kw["elastic_solver"] == "local"
+    with pytest.raises(SystemExit):
+        parse(["align-em", "stack.tif", "-o", "out", "--elastic-solver", "global"])

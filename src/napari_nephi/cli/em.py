@@ -32,6 +32,7 @@ from ..core.options import check_known
 from ..core.progress import Progress
 from ..engines.mito import features as ft
 from ..engines.mito.detrend import MIN_SECTIONS, MIN_WINDOW
+from ..engines.mito.elastic import ELASTIC_SOLVER, ELASTIC_SOLVERS
 from ..engines.mito.solve import DRIFT_PRIOR, GLOBAL_MODEL, GLOBAL_MODELS, NEIGHBOURS
 from ._common import HelpFormatter, ProgressBars, add_key_values, add_quiet, parse_options
 
@@ -136,6 +137,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="elastic refinement: a smooth displacement per section toward its neighbours (slower)",
     )
+    p.add_argument(
+        "--elastic-solver",
+        default=ELASTIC_SOLVER,
+        choices=ELASTIC_SOLVERS,
+        help="with --elastic: joint solves the fields' affine part for all sections at once from dense "
+        f"flows (errors do not add up along the stack); local: each section from its neighbours' median "
+        f"flow alone (default {ELASTIC_SOLVER})",
+    )
     p.add_argument("--no-masks-out", action="store_true", help="do not write aligned_masks.tif")
     add_key_values(p, "--option", "any other align_stack option")
     add_quiet(p)
@@ -190,7 +199,7 @@ def _align_options(args: argparse.Namespace) -> dict:
         "scale": args.scale, "fallback": tuple(f.strip() for f in args.fallback.split(",") if f.strip()),
         "neighbours": args.neighbours, "solver": args.solver, "global_model": args.global_model,
         "drift_prior": args.drift_prior, "drift_correction": args.drift_correction,
-        "drift_window": args.drift_window,
+        "drift_window": args.drift_window, "elastic_solver": args.elastic_solver,
     }  # fmt: skip
     kw.update(options)  # --option KEY=VALUE wins
     return kw

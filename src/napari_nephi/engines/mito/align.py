@@ -55,7 +55,7 @@ from ...core.transform import ElasticSectionTransform, PerSectionTransform
 from . import features as ft
 from .detrend import MIN_SECTIONS as MIN_DETREND_SECTIONS
 from .detrend import check_drift_options, detrend, windows
-from .elastic import ELASTIC_SOLVERS, elastic_fields, warp_elastic_section
+from .elastic import ELASTIC_SOLVER, ELASTIC_SOLVERS, elastic_fields, warp_elastic_section
 from .masks import detect_mitochondria_section, intensity_range, to_uint8, valid_region
 from .solve import DRIFT_PRIOR, GLOBAL_MODEL, Edge, check_global_options, solve_global
 
@@ -694,7 +694,7 @@ def align_stack(
     elastic_spacing: float = 32.0,
     elastic_radius: int = 4,
     elastic_iterations: int = 2,
-    elastic_solver: str = "local",
+    elastic_solver: str = ELASTIC_SOLVER,
     warp: bool = True,
     lazy: bool = False,
     spacing: Sequence[float] | None = None,

@@ -38,6 +38,8 @@ from .solve import _grid, nearest_rotation
 #: ``solver`` of :func:`elastic_fields`: the affine part solved for all sections at once, or
 #: every section's field from the median of its neighbours' flows alone (sessions 11-14).
 ELASTIC_SOLVERS = ("joint", "local")
+#: The default ``elastic_solver`` of :func:`~.align.align_stack`, ``align-em`` and the EM widget.
+ELASTIC_SOLVER = "local"
 #: Weight of the joint solve's prior on every section's final scale and shear (as ``drift_prior``).
 JOINT_PRIOR = 0.1
 
@@ -81,7 +83,7 @@ def elastic_fields(
     step: Callable[[int], None] | None = None,
     iterations: int = 1,
     workers: int = 1,
-    solver: str = "local",
+    solver: str = ELASTIC_SOLVER,
     reference: int = 0,
     prior: float = JOINT_PRIOR,
 ) -> np.ndarray:
