@@ -313,6 +313,7 @@ def optimize_pair(
     moving_mask: torch.Tensor | None = None,
     finer_level: bool = True,
     match_blur: bool | None = None,
+    flat_fill: bool = True,
 ) -> tuple[Maps, list[float]]:
     """The optimise mode on one pair ``(1, 1, *shape)``: coarse stage (``levels > 1``) + NePhi field."""
     shape = tuple(fixed.shape[2:])
@@ -332,6 +333,7 @@ def optimize_pair(
             moving_mask=moving_mask,
             finer_level=finer_level,
             match_blur=match_blur,
+            flat_fill=flat_fill,
         )
     field = NeuralDeformationField(cfg).to(fixed.device)
     codes = zero_codes(cfg, local_grid_shape(shape, local_stride), device=fixed.device)
@@ -390,6 +392,7 @@ def register_chunked(
     backward: bool = True,
     coarse_finer_level: bool = True,
     coarse_match_blur: bool | None = None,
+    coarse_flat_fill: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Divide-and-downsample registration of ``moving`` onto ``fixed`` (same grid, numpy arrays).
 
@@ -427,6 +430,7 @@ def register_chunked(
         mm_g,
         finer_level=coarse_finer_level,
         match_blur=coarse_match_blur,
+        flat_fill=coarse_flat_fill,
     )
     del fix_g, mov_g, fm_g, mm_g
     gforward, gbackward = _frozen(gmaps.forward), _frozen(gmaps.backward)

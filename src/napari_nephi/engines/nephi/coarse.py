@@ -19,6 +19,7 @@ from ...core import regularizers as R
 from ...core.errors import InputError
 from ...core.similarity import lncc, lncc_map, ncc
 from .bspline import bspline_on_grid, control_shape, grid_weights, intervals_for_spacing
+from .flatfill import FLAT_SHARE, fill_textureless, flat_share
 from .interp import interpolate
 from .matchblur import blurred_similarity, noise_variance
 
@@ -310,6 +311,8 @@ def optimize_velocity(
     moving_mask: torch.Tensor | None = None,
     finer_level: bool = True,
     match_blur: bool | None = None,
+    flat_fill: bool = True,
+    on_level=None,
 ) -> DenseMaps:
     """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
 
@@ -396,6 +399,8 @@ def optimize_velocity(
         shapes = [*shapes, shapes[-1]]
     n_last = len(steps_per) - (2 if finer else 1)  # the first level on the finest grid
     v = None
+    # flat shares of both images on the last grid (flatfill), taken before the levels' peak memory
+    flat_shares = [flat_share(t, shapes[-1]) for t in (f_fine, m_fine)] if flat_fill and shapes else None
     # matched-blur variances: [fixed vs warped moving, moving vs warped fixed] x axis (numpy order);
     # started off zero, where relu's gradient would vanish
     # only on images of up to MATCH_BLUR_MAX_VOXELS, compared on their own grid (its memory cost)
@@ -465,7 +470,16 @@ def optimize_velocity(
             on_step(value)
         with torch.no_grad():
             v = base + bspline_on_grid(ctrl.detach(), weights)
+        if on_level is not None:  # (level, velocity so far on its grid), e.g. for diagnostics
+            on_level(k, v)
         del f_w, m_w, ident, masks_l, masks_w
+    if flat_shares is not None and v is not None:  # where the images say nothing: a smooth extension
+        with torch.no_grad():
+            ident = normalized_grid(shapes[-1], dev).flip(-1)[None]
+            moved = warp(flat_shares[1], _integrate_xy(v, steps), ident, "bilinear")
+            flat = ((flat_shares[0] >= FLAT_SHARE) & (moved >= FLAT_SHARE))[0, 0]
+            length = spacings[n_last] / max(n / m for n, m in zip(full, shapes[-1]))
+            v = fill_textureless(v, flat, length)
     del f_fine, m_fine, masks_fine
     if v is None:
         v = torch.zeros(1, d, *full, device=dev)

@@ -159,6 +159,7 @@ def register_nephi(
     coarse_reg_weight: float = 0.1,
     coarse_finer_level: bool = True,
     coarse_match_blur: bool | None = None,
+    coarse_flat_fill: bool = True,
     learning_rate: float | None = None,
     code_learning_rate: float | None = None,
     hidden: int | None = None,
@@ -207,6 +208,11 @@ def register_nephi(
     (a pure shift's Jacobian stays near 1). Off by default for its cost (:func:`.coarse.match_blur_runs`).
     Settings record whether it ran, ``metrics["coarse_blur_variance"]`` the variances learned.
 
+    ``coarse_flat_fill`` (default True): after the coarse stage, the velocity where both images are
+    flat (no texture above their noise) is replaced by a smooth extension of the velocity around
+    it that relaxes towards the global map over the last grid's knot spacing (:mod:`.flatfill`);
+    labels in lumens and flat backgrounds then move with the tissue around them. False: as before.
+
     ``learning_rate`` and ``code_learning_rate`` (Adam, networks and latent codes) default to
     :data:`LEARNING_RATES`: a quarter of the rates after a coarse stage, which the field refines.
 
@@ -234,6 +240,8 @@ def register_nephi(
     check_options(dict(locals()))  # types and ranges, before any work (a NaN can crash torch)
     if coarse_finer_level is None:  # automatic: the default (None would read as False below)
         coarse_finer_level = True
+    if coarse_flat_fill is None:
+        coarse_flat_fill = True
     if mode not in MODES:
         raise InputError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
     d = pair.fixed.ndim
@@ -425,6 +433,7 @@ def register_nephi(
                 backward=offset is None,
                 coarse_finer_level=coarse_finer_level,
                 coarse_match_blur=coarse_match_blur,
+                coarse_flat_fill=coarse_flat_fill,
             )
         global_loss = chunk_info.pop("global_final_loss")
         coarse_info["blur_variance"] = chunk_info.pop("coarse_blur_variance", None)
@@ -450,6 +459,7 @@ def register_nephi(
                     moving_mask=moving_mask,
                     finer_level=coarse_finer_level,
                     match_blur=coarse_match_blur,
+                    flat_fill=coarse_flat_fill,
                     **kw,
                 )
                 coarse_info["blur_variance"] = maps.blur_variance
@@ -582,6 +592,7 @@ def register_nephi(
         "coarse_iterations": coarse_iterations,
         "coarse_reg_weight": coarse_reg_weight,
         "coarse_finer_level": coarse_finer_level,
+        "coarse_flat_fill": bool(coarse_flat_fill),
         "coarse_match_blur": coarse_info.get("blur_variance") is not None,  # whether it ran
         "coarse_shapes": [list(sh) for sh in shapes],
         "coarse_spacings": [float(sp) for sp in coarse_spacings],
