@@ -134,6 +134,21 @@ def test_z_scan_reaches_a_plate_the_hypothesis_lies_5_plates_from(search, toy_re
     assert 0 < scanned.pairs - plain.pairs <= 2 * 12  # one cut per plate, two poses scanned
 
 
+def test_z_scan_on_a_list_of_plates_reaches_a_plate_5_from_the_hypothesis(toy_reference):
+    """The same for a folder of plates (no volume): each plate cut at the pose's offset from its tissue
+    centre."""
+    reference, _ = toy_reference
+    search = PoseSearch(Plates.from_reference([reference[i] for i in range(0, reference.shape[0], 2)]))
+    truth, start = 10, 5  # plates 20 and 10 of the volume
+    section = section_from_atlas(reference, 2.0 * truth)
+    order = [(start, 0.0)] + [(p, 1.0) for p in range(search.n) if p != start]
+    opts = {"shortlist": 1, "neighbours": 0, "sweep_step": 0, "hypotheses": 1, "anchors": 0}
+    plain = search.search(section, order, check_rerank_options({**opts, "z_scan": 0}))
+    scanned = search.search(section, order, check_rerank_options({**opts, "z_scan": 6}))
+    assert abs(plain.ranking[0][0] - truth) >= 2, plain.ranking[:3]
+    assert abs(scanned.ranking[0][0] - truth) <= PLATE_TOLERANCE, scanned.ranking[:3]
+
+
 def test_anchor_plates_always_get_a_stage2_hypothesis(search, toy_reference):
     reference, _ = toy_reference
     plate, wrong = 10, 30
