@@ -118,19 +118,24 @@ def test_tilt_margin_tilts_only_near_the_best_hypothesis(search, toy_reference):
     assert any(abs(p.z - plate) > 4 and p.tilt != (0.0, 0.0) for p in full.poses.values())
 
 
+def _scan_from(search, section, truth, start):
+    """The search from one stage-2 hypothesis at plate ``start``, without and with the plate-axis
+    scan: asserts that only the scan reaches ``truth``; returns both results."""
+    order = [(start, 0.0)] + [(p, 1.0) for p in range(search.n) if p != start]
+    opts = {"shortlist": 1, "neighbours": 0, "sweep_step": 0, "hypotheses": 1, "anchors": 0}
+    plain = search.search(section, order, check_rerank_options({**opts, "z_scan": 0}))
+    scanned = search.search(section, order, check_rerank_options({**opts, "z_scan": 6}))
+    assert abs(plain.ranking[0][0] - truth) >= 2, plain.ranking[:3]
+    assert abs(scanned.ranking[0][0] - truth) <= PLATE_TOLERANCE, scanned.ranking[:3]
+    return plain, scanned
+
+
 @pytest.mark.parametrize("tilt", [(0.0, 0.0), (8.0, 0.0)])
 def test_z_scan_reaches_a_plate_the_hypothesis_lies_5_plates_from(search, toy_reference, tilt):
     """z_scan: the best stage-2 poses re-cut at every plate within the reach, at their own tilt,
     rotation and scale; stage 2 alone searches 2 plates either side of its one hypothesis (plate 15)."""
     reference, _ = toy_reference
-    plate, start = 20, 15
-    section = section_from_atlas(reference, plate, tilt)
-    order = [(start, 0.0)] + [(p, 1.0) for p in range(search.n) if p != start]
-    opts = {"shortlist": 1, "neighbours": 0, "sweep_step": 0, "hypotheses": 1, "anchors": 0}
-    plain = search.search(section, order, check_rerank_options({**opts, "z_scan": 0}))
-    scanned = search.search(section, order, check_rerank_options({**opts, "z_scan": 6}))
-    assert abs(plain.ranking[0][0] - plate) >= 2, plain.ranking[:3]
-    assert abs(scanned.ranking[0][0] - plate) <= PLATE_TOLERANCE, scanned.ranking[:3]
+    plain, scanned = _scan_from(search, section_from_atlas(reference, 20, tilt), 20, 15)
     assert 0 < scanned.pairs - plain.pairs <= 2 * 12  # one cut per plate, two poses scanned
 
 
@@ -139,14 +144,7 @@ def test_z_scan_on_a_list_of_plates_reaches_a_plate_5_from_the_hypothesis(toy_re
     centre."""
     reference, _ = toy_reference
     search = PoseSearch(Plates.from_reference([reference[i] for i in range(0, reference.shape[0], 2)]))
-    truth, start = 10, 5  # plates 20 and 10 of the volume
-    section = section_from_atlas(reference, 2.0 * truth)
-    order = [(start, 0.0)] + [(p, 1.0) for p in range(search.n) if p != start]
-    opts = {"shortlist": 1, "neighbours": 0, "sweep_step": 0, "hypotheses": 1, "anchors": 0}
-    plain = search.search(section, order, check_rerank_options({**opts, "z_scan": 0}))
-    scanned = search.search(section, order, check_rerank_options({**opts, "z_scan": 6}))
-    assert abs(plain.ranking[0][0] - truth) >= 2, plain.ranking[:3]
-    assert abs(scanned.ranking[0][0] - truth) <= PLATE_TOLERANCE, scanned.ranking[:3]
+    _scan_from(search, section_from_atlas(reference, 20.0), 10, 5)  # plates 20 and 10 of the volume
 
 
 def test_anchor_plates_always_get_a_stage2_hypothesis(search, toy_reference):
