@@ -36,7 +36,7 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   ``z_scan`` of theirs, at their own tilt, rotation and scale through the same atlas point (shift
   searched nearby): the tilt search runs at a hypothesis's plate only (the finer grid also one
   plate either side), so a plate a few away was compared untilted alone. Session 15 (session 13's
-  index; 2 poses, 6 plates, ~24 cuts, ~10 ms CPU): mean rank 1.62 / 2.93 / 2.27 / 2.17 -> 1.53 /
+  index; 2 poses, 6 plates, ~24 cuts, 10-30 ms CPU, ~5 %): mean rank 1.62 / 2.93 / 2.27 / 2.17 -> 1.53 /
   2.55 / 2.22 / 1.97 on query seeds 0 / 1 / 5 / 6 (2.25 -> 2.07 over the 240 sections, Top-1/5
   38.8 / 88.8 -> 43.3 / 89.6 %), 1.75 / 1.73 -> 1.52 / 1.63 on seeds 2 / 3. Over the 240 / the 120
   of seeds 2 and 3: one pose, 6 plates 2.15 / 1.58 (3 plates 2.18 / 1.60, 9 plates 2.16 / 1.54);
