@@ -15,6 +15,12 @@ section) by a smooth local linear fit over the pixels with content (:func:`_to_g
 
 The flow of each pair is computed once and used with its sign reversed for the other section.
 
+With ``solver="joint"`` the affine part of every pair's flow is fitted first (where both
+sections have texture) and the affine part of all sections' fields is solved at once over these
+pairs (:func:`_joint_affine`): each pair measures the whole section, so its errors are small and
+do not add up along the stack as the keypoint pairs' do; the median then works on what the
+pairs' affine fits leave.
+
 Two sections that only have each other (a two-section stack) take half steps each, so they meet
 halfway instead of swapping places. Only one section's
 neighbours are held in memory at a time (a sliding window of resampled work images), so long,
