@@ -43,7 +43,9 @@ def test_known_smooth_distortion_is_recovered_and_the_others_stay_put(distorted)
     d = distorted
     n, h, w = d["stack"].shape
     mats = np.repeat(np.eye(3)[None], n, axis=0)
-    fields = elastic_fields(lambda k: d["stack"][k], mats, (h, w), spacing=16, radius=2, scale=1.0)
+    fields = elastic_fields(
+        lambda k: d["stack"][k], mats, (h, w), spacing=16, radius=2, scale=1.0, solver="local"
+    )
     assert np.abs(np.delete(fields, 3, axis=0)).max() < 0.05  # undistorted sections: field ~0
     t = ElasticSectionTransform(mats, fields, shape=(n, h, w))
     p = _inner_points((h, w), d["pad"])
@@ -69,7 +71,14 @@ def test_two_sections_meet_halfway_and_stay(distorted, iterations):
     n, h, w = stack.shape
     mats = np.repeat(np.eye(3)[None], n, axis=0)
     fields = elastic_fields(
-        lambda k: stack[k], mats, (h, w), spacing=16, radius=4, scale=1.0, iterations=iterations
+        lambda k: stack[k],
+        mats,
+        (h, w),
+        spacing=16,
+        radius=4,
+        scale=1.0,
+        iterations=iterations,
+        solver="local",
     )
     t = ElasticSectionTransform(mats, fields, shape=(n, h, w))
     p = _inner_points((h, w), d["pad"])
@@ -88,7 +97,14 @@ def test_a_distorted_end_section_is_corrected_like_a_middle_one(distorted, itera
     n, h, w = stack.shape
     mats = np.repeat(np.eye(3)[None], n, axis=0)
     fields = elastic_fields(
-        lambda k: stack[k], mats, (h, w), spacing=16, radius=2, scale=1.0, iterations=iterations
+        lambda k: stack[k],
+        mats,
+        (h, w),
+        spacing=16,
+        radius=2,
+        scale=1.0,
+        iterations=iterations,
+        solver="local",
     )
     assert np.abs(fields[1:]).max() < 0.05
     t = ElasticSectionTransform(mats, fields, shape=(n, h, w))
@@ -176,13 +192,16 @@ def test_cli_elastic_writes_the_elastic_transform_and_masks(distorted, tmp_path)
     np.testing.assert_array_equal(masks, warp_sections(d["masks"], t.matrices, labels=True, fields=t.fields))
 
 
-def test_a_blank_section_gets_no_field_and_the_others_are_refined(distorted):
+@pytest.mark.parametrize("solver", ["local", "joint"])
+def test_a_blank_section_gets_no_field_and_the_others_are_refined(distorted, solver):
     d = distorted
     stack = d["stack"].copy()
     stack[5] = 0
     n, h, w = stack.shape
     mats = np.repeat(np.eye(3)[None], n, axis=0)
-    fields = elastic_fields(lambda k: stack[k], mats, (h, w), spacing=16, radius=2, scale=1.0, workers=2)
+    fields = elastic_fields(
+        lambda k: stack[k], mats, (h, w), spacing=16, radius=2, scale=1.0, workers=2, solver=solver
+    )
     assert np.abs(fields[5]).max() == 0 and np.abs(fields[3]).max() > 1.0
     assert np.abs(fields[[0, 1, 6]]).max() < 0.05
 
