@@ -107,7 +107,7 @@ DEFAULTS = {
     # best hypothesis's (None: every hypothesis, the default)
     "tilt_margin": None,
     "z_scan": 6,  # plates each side of a best stage-2 pose re-cut at its tilt, rotation and scale (0: none)
-    "z_scan_poses": 2,  # best distinct stage-2 poses (HYPOTHESIS_GAP apart) scanned so
+    "z_scan_poses": 2,  # best distinct stage-2 poses (HYPOTHESIS_GAP apart) scanned along the plate axis
 }
 #: Options of a seeded search, for a first stage whose best plate lies within about 2 plates of the
 #: truth: no sweep of the atlas, its best plate and 2 neighbours each side in stage 1, one
