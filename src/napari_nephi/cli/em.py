@@ -142,7 +142,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=ELASTIC_SOLVER,
         choices=ELASTIC_SOLVERS,
         help="with --elastic: joint solves the fields' affine part for all sections at once from dense "
-        f"flows (errors do not add up along the stack); local: each section from its neighbours' median "
+        "flows (errors do not add up along the stack); local: each section from its neighbours' median "
         f"flow alone (default {ELASTIC_SOLVER})",
     )
     p.add_argument("--no-masks-out", action="store_true", help="do not write aligned_masks.tif")

@@ -44,7 +44,8 @@ from .solve import _grid, nearest_rotation
 #: ``solver`` of :func:`elastic_fields`: the affine part solved for all sections at once, or
 #: every section's field from the median of its neighbours' flows alone (sessions 11-14).
 ELASTIC_SOLVERS = ("joint", "local")
-#: The default ``elastic_solver`` of :func:`~.align.align_stack`, ``align-em`` and the EM widget.
+#: The default ``elastic_solver`` of :func:`~.align.align_stack` and ``align-em`` (the EM widget
+#: passes none: its *elastic refinement* runs this default).
 ELASTIC_SOLVER = "local"
 #: Weight of the joint solve's prior on every section's final scale and shear (as ``drift_prior``).
 JOINT_PRIOR = 0.1
@@ -144,6 +145,8 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers,
     images: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     flows: dict[tuple[int, int], np.ndarray] = {}
     affines: dict[tuple[int, int], tuple[np.ndarray, float]] = {}
+    textured: dict[int, np.ndarray] = {}  # joint: where each image has texture (once per image)
+    unfitted: set[tuple[int, int]] = set()  # joint: pairs without an affine fit (left out of the median)
     fields = np.zeros_like(current)
     local = threading.local()
 
@@ -153,11 +156,11 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers,
         a, b = pair
         f = local.dis.calc(images[a][0], images[b][0], None)  # img_a(p) ~ img_b(p + flow(p))
         if joint:
-            where = (
-                (images[a][1] & images[b][1]).astype(bool) & _textured(images[a][0]) & _textured(images[b][0])
-            )
+            where = (images[a][1] & images[b][1]).astype(bool) & textured[a] & textured[b]
             fit = _flow_affine(f, where, s, shape)
-            if fit is not None:
+            if fit is None:  # its full flow would mix with the others' residuals in the median
+                unfitted.add(pair)
+            else:
                 f = f - _affine_dense(fit[0], s, shape, f.shape[:2])
                 affines[pair] = fit
         return f
@@ -172,7 +175,7 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers,
         if not valid_k.any():  # a blank section: no field
             return
         towards, valid = [], valid_k.astype(bool)
-        near = partners(k)
+        near = [j for j in partners(k) if (min(k, j), max(k, j)) not in unfitted]
         for j in near:
             towards.append(flows[k, j] if k < j else -flows[j, k])
             valid &= images[j][1].astype(bool)
@@ -190,6 +193,7 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers,
             needed = range(max(0, start - radius), min(n, stop + radius))
             for old in [j for j in images if j not in needed]:
                 del images[old]
+                textured.pop(old, None)
             for old in [p for p in flows if p[0] < start - radius]:
                 del flows[old]
             todo = [j for j in needed if j not in images]
@@ -197,6 +201,8 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers,
                 todo, ex.map(lambda j: _aligned_work(read(j), matrices[j], s, work, current[j]), todo)
             ):
                 images[j] = res
+                if joint:
+                    textured[j] = _textured(res[0])
             pairs = {
                 (min(k, j), max(k, j))
                 for k in range(start, stop)
@@ -280,7 +286,7 @@ def _joint_affine(n, pairs, matrices, current, shape, reference, prior, iteratio
     Corrected sections agree when ``u_b - u_a`` equals the flow from ``a`` to ``b`` (first order),
     so every pair asks, at a 3 x 3 grid of points over the section, that the difference of its
     sections' affine updates equal its flow's affine fit; pairs are weighted by ``share /
-    distance`` and by iteratively reweighted least squares toward the least absolute deviations
+    distance**2`` and by iteratively reweighted least squares toward the least absolute deviations
     (weight ``1 / max(residual, 0.25 px)``: as with the median, a section distorted on its own
     moves while its neighbours stay put; the prior terms likewise, so the typical section's
     shape, not the mean, is taken as undistorted). Because every pair measures the whole section, not a
@@ -289,7 +295,8 @@ def _joint_affine(n, pairs, matrices, current, shape, reference, prior, iteratio
     global solve's ``drift_prior``) pulls every section's final scale and shear (of ``matrices``
     with the ``current`` affine fields) toward none: the sections' own distortions average
     out. A tiny ridge fixes rotation and translation; the ``reference`` section's are then
-    taken off every section (it keeps its place). Sections without a pair get no update."""
+    taken off every section with a pair (it keeps its place). Sections without a fitted pair (blank,
+    or too little texture) get no update, not even that common shift."""
     h, w = shape
     pts = _grid((h, w)) - [(h - 1) / 2, (w - 1) / 2]
     radius = float(np.linalg.norm(pts, axis=1).max()) or 1.0
