@@ -17,6 +17,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..engines.mito.detrend import MIN_WINDOW
+from ..engines.mito.elastic import ELASTIC_SOLVER, ELASTIC_SOLVERS
 from ..engines.mito.features import DESCRIPTORS, DETECTORS, MATCHERS, MODELS
 from ..engines.mito.solve import DRIFT_PRIOR, GLOBAL_MODEL, GLOBAL_MODELS, NEIGHBOURS
 from ._options import folded
@@ -94,6 +95,16 @@ class EMOptions(QWidget):
             "After the alignment, a smooth displacement per section toward its neighbours, for sections "
             "distorted by cutting; slower"
         )
+        self.elastic_solver = QComboBox()
+        self.elastic_solver.addItems(ELASTIC_SOLVERS)
+        self.elastic_solver.setCurrentText(ELASTIC_SOLVER)
+        self.elastic_solver.setToolTip(
+            "joint: the fields' affine part solved for all sections at once from dense flows (errors do not "
+            "add up along the stack; for distorted sections); local: each section toward the median of its "
+            "neighbours alone"
+        )
+        self.elastic_solver.setEnabled(False)
+        self.elastic.toggled.connect(self.elastic_solver.setEnabled)
         self.global_model = QComboBox()
         self.global_model.addItems(GLOBAL_MODELS)
         self.global_model.setCurrentText(GLOBAL_MODEL)
@@ -133,7 +144,8 @@ class EMOptions(QWidget):
                        ("keypoints / section", self.max_keypoints), ("threads", self.workers),
                        ("neighbours", self.neighbours), ("global model", self.global_model),
                        ("drift prior", self.drift_prior), ("", self.guided_pairs), ("", self.detrend),
-                       ("drift window", self.drift_window), ("", self.elastic)]  # fmt: skip
+                       ("drift window", self.drift_window), ("", self.elastic),
+                       ("elastic solver", self.elastic_solver)]  # fmt: skip
         for layout, rows in ((form, shown), (more, folded_rows)):
             for label, widget in rows:
                 layout.addRow(label, widget)
@@ -188,6 +200,7 @@ class EMOptions(QWidget):
             "drift_correction": "detrend" if self.detrend.isChecked() else "none",
             "drift_window": self.drift_window.value() if self.detrend.isChecked() else 0.0,
             "elastic": self.elastic.isChecked(),
+            "elastic_solver": self.elastic_solver.currentText(),
         }
 
 

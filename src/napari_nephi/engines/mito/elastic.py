@@ -44,8 +44,7 @@ from .solve import _grid, nearest_rotation
 #: ``solver`` of :func:`elastic_fields`: the affine part solved for all sections at once, or
 #: every section's field from the median of its neighbours' flows alone (sessions 11-14).
 ELASTIC_SOLVERS = ("joint", "local")
-#: The default ``elastic_solver`` of :func:`~.align.align_stack` and ``align-em`` (the EM widget
-#: passes none: its *elastic refinement* runs this default).
+#: The default ``elastic_solver`` of :func:`~.align.align_stack`, ``align-em`` and the EM widget.
 ELASTIC_SOLVER = "local"
 #: Weight of the joint solve's prior on every section's final scale and shear (as ``drift_prior``).
 JOINT_PRIOR = 0.1
