@@ -128,3 +128,17 @@ def test_engine_joint_option_is_recorded_and_checked(em):
     assert isinstance(reg.transform, ElasticSectionTransform)
     with pytest.raises(InputError, match="elastic_solver"):
         align_stack(stack, elastic=True, elastic_solver="global", warp=False)
+
+
+def test_a_pair_without_an_affine_fit_stays_out_of_the_median(em):
+    """A section with almost no texture gives its pairs no affine fit: with the joint solve it gets no
+    field (its full flows would mix with the others' residual flows in the median) and the others
+    stay put."""
+    base = em["unrotated_stack"][2]
+    stack = np.stack([base] * 5)
+    stack[2] = 120
+    stack[2, 100:116, 100:116] = base[100:116, 100:116]  # a small textured patch: too few pixels for a fit
+    mats = np.repeat(np.eye(3)[None], 5, axis=0)
+    f = elastic_fields(lambda k: stack[k], mats, base.shape, spacing=32, radius=2, scale=1.0, solver="joint")
+    assert np.abs(f[2]).max() == 0
+    assert np.abs(np.delete(f, 2, axis=0)).max() < 0.05

@@ -165,16 +165,21 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers,
         return f
 
     def partners(k: int) -> list[int]:
-        """The sections with content within ``radius`` of ``k``."""
+        """The sections with content within ``radius`` of ``k`` whose pair with ``k`` counts (joint: has an
+        affine fit). A section outside the window of kept images (a partner's partner) counts as one."""
         lo, hi = max(0, k - radius), min(n, k + radius + 1)
-        return [j for j in range(lo, hi) if j != k and images[j][1].any()]
+        return [
+            j
+            for j in range(lo, hi)
+            if j != k and (j not in images or images[j][1].any()) and (min(k, j), max(k, j)) not in unfitted
+        ]
 
     def one(k: int) -> None:
         img_k, valid_k = images[k]
         if not valid_k.any():  # a blank section: no field
             return
         towards, valid = [], valid_k.astype(bool)
-        near = [j for j in partners(k) if (min(k, j), max(k, j)) not in unfitted]
+        near = partners(k)
         for j in near:
             towards.append(flows[k, j] if k < j else -flows[j, k])
             valid &= images[j][1].astype(bool)
