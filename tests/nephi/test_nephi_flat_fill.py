@@ -86,6 +86,7 @@ def test_a_large_flat_disc_moves_with_its_textured_surroundings(amplitude, smoot
         err[fill] = np.sqrt(((reg.transform.displacement() - u) ** 2).sum(0))[inner].mean()
         assert reg.metrics["folds"] == 0
         assert reg.settings["coarse_flat_fill"] is fill
+        assert (reg.metrics.get("coarse_flat_share", 0) > 0.05) is fill  # the disc: ~12 % of the grid
     assert err[True] < 0.9 * err[False], err
 
 

@@ -78,6 +78,8 @@ class DenseMaps:
         self.affine_inverse = None if affine is None else torch.linalg.inv(affine)
         #: matched-blur variances of the coarse stage that made these maps (None: not used)
         self.blur_variance = None
+        #: share of the last coarse grid the flat fill replaced (None: the fill did not run)
+        self.flat_share = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x + interpolate(self.forward_grid.to(x.dtype), x)
@@ -473,6 +475,7 @@ def optimize_velocity(
         if on_level is not None:  # (level, velocity so far on its grid), e.g. for diagnostics
             on_level(k, v)
         del f_w, m_w, ident, masks_l, masks_w
+    filled = None
     if flat_shares is not None and v is not None:  # where the images say nothing: a smooth extension
         with torch.no_grad():
             ident = normalized_grid(shapes[-1], dev).flip(-1)[None]
@@ -480,10 +483,12 @@ def optimize_velocity(
             flat = ((flat_shares[0] >= FLAT_SHARE) & (moved >= FLAT_SHARE))[0, 0]
             length = spacings[n_last] / max(n / m for n, m in zip(full, shapes[-1]))
             v = fill_textureless(v, flat, length)
+            filled = float(flat.float().mean())
     del f_fine, m_fine, masks_fine
     if v is None:
         v = torch.zeros(1, d, *full, device=dev)
     with torch.no_grad():
         maps = DenseMaps(_integrate_xy(v, steps).flip(1), _integrate_xy(-v, steps).flip(1), affine)
     maps.blur_variance = blur.detach().cpu().numpy().copy() if blur_used else None
+    maps.flat_share = filled
     return maps

@@ -464,6 +464,7 @@ def register_nephi(
                     **kw,
                 )
                 coarse_info["blur_variance"] = maps.blur_variance
+                coarse_info["flat_share"] = maps.flat_share
                 return maps
 
             coarse: DenseMaps | None = None
@@ -548,6 +549,8 @@ def register_nephi(
         "initial_steps": initial_steps,
     }
     metrics.update(initial_metrics)
+    if coarse_info.get("flat_share") is not None:  # the flat fill ran: share of the last grid filled
+        metrics["coarse_flat_share"] = round(coarse_info["flat_share"], 4)
     if coarse_info.get("blur_variance") is not None:  # (direction, axis): fixed vs moving, moving vs fixed
         metrics["coarse_blur_variance"] = [
             [round(float(x), 4) for x in row] for row in coarse_info["blur_variance"]
