@@ -41,6 +41,13 @@ def test_fill_keeps_known_voxels_and_extends_a_linear_field_exactly():
     inside[5:55, 5:55] = True
     relaxed = fill_textureless(big, inside, 4.0)
     assert relaxed[0, 0, 30, 30] < 0.05 < 0.85 < relaxed[0, 0, 6, 30] <= 1.0  # 0.04, 0.88
+    # the solver says whether it converged (the engine adds a note when it did not)
+    done, cut = {}, {}
+    fill_textureless(big, inside, 4.0, info=done)
+    short = fill_textureless(big, inside, 4.0, max_steps=1, info=cut)
+    assert done["converged"] and 1 < done["steps"] < 500
+    assert cut == {"steps": 1, "converged": False}
+    assert (short - relaxed).abs().max() > 1e-3  # one step is not the fill
     # nothing or everything flat: unchanged
     assert fill_textureless(noisy, torch.zeros_like(hole), 8.0) is noisy
     assert fill_textureless(noisy, torch.ones_like(hole), 8.0) is noisy

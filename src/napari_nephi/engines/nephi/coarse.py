@@ -80,6 +80,8 @@ class DenseMaps:
         self.blur_variance = None
         #: share of the last coarse grid the flat fill replaced (None: the fill did not run)
         self.flat_share = None
+        #: the flat fill's conjugate-gradient steps and whether it converged ({}: it did not run)
+        self.flat_fill_info: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x + interpolate(self.forward_grid.to(x.dtype), x)
@@ -475,14 +477,14 @@ def optimize_velocity(
         if on_level is not None:  # (level, velocity so far on its grid), e.g. for diagnostics
             on_level(k, v)
         del f_w, m_w, ident, masks_l, masks_w
-    filled = None
+    filled, fill_info = None, {}
     if flat_shares is not None and v is not None:  # where the images say nothing: a smooth extension
         with torch.no_grad():
             ident = normalized_grid(shapes[-1], dev).flip(-1)[None]
             moved = warp(flat_shares[1], _integrate_xy(v, steps), ident, "bilinear")
             flat = ((flat_shares[0] >= FLAT_SHARE) & (moved >= FLAT_SHARE))[0, 0]
             length = spacings[n_last] / max(n / m for n, m in zip(full, shapes[-1]))
-            v = fill_textureless(v, flat, length)
+            v = fill_textureless(v, flat, length, info=fill_info)
             filled = float(flat.float().mean())
     del f_fine, m_fine, masks_fine
     if v is None:
@@ -491,4 +493,5 @@ def optimize_velocity(
         maps = DenseMaps(_integrate_xy(v, steps).flip(1), _integrate_xy(-v, steps).flip(1), affine)
     maps.blur_variance = blur.detach().cpu().numpy().copy() if blur_used else None
     maps.flat_share = filled
+    maps.flat_fill_info = fill_info
     return maps

@@ -465,6 +465,7 @@ def register_nephi(
                 )
                 coarse_info["blur_variance"] = maps.blur_variance
                 coarse_info["flat_share"] = maps.flat_share
+                coarse_info["flat_fill_info"] = maps.flat_fill_info
                 return maps
 
             coarse: DenseMaps | None = None
@@ -551,6 +552,12 @@ def register_nephi(
     metrics.update(initial_metrics)
     if coarse_info.get("flat_share") is not None:  # the flat fill ran: share of the last grid filled
         metrics["coarse_flat_share"] = round(coarse_info["flat_share"], 4)
+    fill_info = coarse_info.get("flat_fill_info") or {}
+    if fill_info.get("converged") is False:  # rare (under 110 steps measured): say so
+        notes.append(
+            f"coarse_flat_fill stopped after {fill_info['steps']} conjugate-gradient steps before "
+            "converging; the flat regions' fill is approximate (coarse_flat_fill=False turns it off)."
+        )
     if coarse_info.get("blur_variance") is not None:  # (direction, axis): fixed vs moving, moving vs fixed
         metrics["coarse_blur_variance"] = [
             [round(float(x), 4) for x in row] for row in coarse_info["blur_variance"]

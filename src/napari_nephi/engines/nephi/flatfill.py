@@ -89,7 +89,12 @@ def _spectrum(shape, kappa2: float) -> np.ndarray:
 
 
 def fill_textureless(
-    v: torch.Tensor, flat: torch.Tensor, length: float, tolerance: float = 1e-5, max_steps: int = 500
+    v: torch.Tensor,
+    flat: torch.Tensor,
+    length: float,
+    tolerance: float = 1e-5,
+    max_steps: int = 500,
+    info: dict | None = None,
 ) -> torch.Tensor:
     """``v`` ``(1, D, *shape)`` with its values on the ``flat`` voxels replaced by the minimiser of
     ``||(I / length^2 - L) v||^2`` (``L`` the grid Laplacian with reflecting borders, ``length`` in
@@ -98,7 +103,9 @@ def fill_textureless(
     Conjugate gradients on the flat voxels, matrix-free, preconditioned by the inverse of the same
     operator on the whole grid (diagonal in the cosine basis: 46-78 steps on 128^2-342^2 and 50^3
     grids half flat), until the residual falls below ``tolerance`` of the right-hand side (at most
-    ``max_steps``); float32 on the CPU (a few copies of ``v``).
+    ``max_steps``); float32 on the CPU (a few copies of ``v``). ``info``, when given, receives
+    ``steps`` (CG steps taken) and ``converged`` (False when ``max_steps`` ran out first: the result
+    is then still closer to the minimiser than ``v`` in the operator's norm, CG descends it).
     """
     if not bool(flat.any()) or bool(flat.all()):
         return v
@@ -134,9 +141,14 @@ def fill_textureless(
     z = precondition(r)
     p = z.copy()
     rz = dot(r, z)
-    for _ in range(max_steps):
+    steps, converged = 0, False
+    while True:
         if (dot(r, r) <= stop).all():
+            converged = True
             break
+        if steps == max_steps:
+            break
+        steps += 1
         ap = operator(p)
         alpha = (rz / np.maximum(dot(p, ap), 1e-30)).astype(np.float32)
         x += alpha * p
@@ -146,5 +158,7 @@ def fill_textureless(
         p *= (rz_new / np.maximum(rz, 1e-30)).astype(np.float32)
         p += z
         rz = rz_new
+    if info is not None:
+        info.update(steps=steps, converged=converged)
     out = torch.from_numpy(known + x * mask).to(v.dtype)
     return out.to(v.device)[None]
