@@ -78,6 +78,9 @@ def test_chunked_global_pass_follows_the_option(pair, finer):
     assert len(coarse) == reg.metrics["coarse_iterations"] == sum(level_iterations(4, 1, finer))
     assert [e.step for e in events] == list(range(1, events[-1].total + 1))
     assert len(reg.settings["coarse_spacings"]) == 1 + finer
+    # the global pass's flat fill is reported as in unchunked runs (it was dropped before)
+    assert 0.0 <= reg.metrics["coarse_flat_share"] <= 1.0
+    assert "coarse_flat_fill_info" not in reg.metrics
 
 
 def test_finer_level_none_means_the_default(pair):

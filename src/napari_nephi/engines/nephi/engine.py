@@ -438,6 +438,8 @@ def register_nephi(
             )
         global_loss = chunk_info.pop("global_final_loss")
         coarse_info["blur_variance"] = chunk_info.pop("coarse_blur_variance", None)
+        coarse_info["flat_share"] = chunk_info.pop("coarse_flat_share", None)
+        coarse_info["flat_fill_info"] = chunk_info.pop("coarse_flat_fill_info", {})
         history = [] if global_loss is None else [global_loss]
     else:
         with memory_guard("NePhi registration"):
