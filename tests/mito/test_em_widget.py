@@ -266,7 +266,7 @@ def test_em_options_multi_neighbour_reach_the_engine(qtbot, em):
     assert opts.global_model.isEnabled() and opts.drift_prior.isEnabled()
     values = opts.values()
     assert (values["neighbours"], values["global_model"], values["drift_prior"]) == (3, "rigid", 0.5)
-    assert values["elastic"] is False and values["elastic_solver"] == "local"
+    assert values["elastic"] is False and values["elastic_solver"] == defaults["elastic_solver"].default
     assert not opts.elastic_solver.isEnabled()
     opts.elastic.setChecked(True)
     assert opts.values()["elastic"] is True and opts.elastic_solver.isEnabled()
