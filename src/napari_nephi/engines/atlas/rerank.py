@@ -40,7 +40,8 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   2.55 / 2.22 / 1.97 on query seeds 0 / 1 / 5 / 6 (2.25 -> 2.07 over the 240 sections, Top-1/5
   38.8 / 88.8 -> 43.3 / 89.6 %), 1.75 / 1.73 -> 1.52 / 1.63 on seeds 2 / 3. Over the 240 / the 120
   of seeds 2 and 3: one pose, 6 plates 2.15 / 1.58 (3 plates 2.18 / 1.60, 9 plates 2.16 / 1.54);
-  3 poses 2.06 / 1.58. Measured on the phantom alone.
+  3 poses 2.06 / 1.58. On six fresh query seeds (7-12, 360 sections) it ties: 3.35 -> 3.33, for
+  about 10 % more CPU. Measured on the phantom alone.
 * **Cost.** Untilted cuts of stage 1 depend only on the plate and on plate pixels per canvas
   pixel, which come from a fixed geometric grid: they are cached across sections
   (:data:`.pose_grid.CUT_CACHE_BYTES`). Stage 2 centres its cuts on the stage-1 pose and searches

@@ -322,8 +322,7 @@ def _joint_affine(n, pairs, matrices, current, shape, reference, prior, iteratio
         lin = matrices[k][:2, :2] / matrices[k][2, 2] @ (np.eye(2) + current[k, :4].reshape(2, 2))
         u = nearest_rotation(lin).T @ lin - np.eye(2)
         sym[k] = [u[0, 0], u[1, 1], 0.5 * (u[0, 1] + u[1, 0])]
-    p_mat = np.zeros((6, 6))  # the prior on (G00, G11, (G01 + G10) / 2): scale and shear
-    c = np.zeros((3, 6))
+    c = np.zeros((3, 6))  # the prior acts on (G00, G11, (G01 + G10) / 2): scale and shear
     c[0, 0], c[1, 3], c[2, 1], c[2, 2] = 1.0, 1.0, 0.5, 0.5
     scale = np.array([1.0, 1.0, 2.0])  # the shear counts twice in a matrix's squared norm
     p_mat = prior * radius**2 * (c.T * scale) @ c
