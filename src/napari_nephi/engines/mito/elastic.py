@@ -263,13 +263,19 @@ def _flow_affine(flow: np.ndarray, valid: np.ndarray, s: float, shape, every: in
     return params, float(len(ys)) / valid[::every, ::every].size
 
 
+def _affine_yx(params: np.ndarray, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(u_y, u_x)`` of the affine fields ``params`` (``(..., 6)``, :func:`_flow_affine`) on the
+    grid of centred coordinates ``y`` x ``x``: arrays ``(..., len(y), len(x))``."""
+    g = np.asarray(params)[..., None, None, :]
+    uy = g[..., 0] * y[:, None] + g[..., 1] * x[None, :] + g[..., 4]
+    ux = g[..., 2] * y[:, None] + g[..., 3] * x[None, :] + g[..., 5]
+    return uy, ux
+
+
 def _affine_dense(params: np.ndarray, s: float, shape, size) -> np.ndarray:
     """The affine field ``params`` (:func:`_flow_affine`) as a work-scale (x, y) flow of ``size``."""
-    cy, cx = _centred(shape, size, s)
-    g00, g01, g10, g11, ty, tx = params
-    uy = (g00 * cy[:, None] + g01 * cx[None, :] + ty) * s
-    ux = (g10 * cy[:, None] + g11 * cx[None, :] + tx) * s
-    return np.stack([ux, uy], -1).astype(np.float32)
+    uy, ux = _affine_yx(params, *_centred(shape, size, s))
+    return np.stack([ux * s, uy * s], -1).astype(np.float32)
 
 
 def _affine_at_nodes(x: np.ndarray, shape, grid) -> np.ndarray:
@@ -278,10 +284,7 @@ def _affine_at_nodes(x: np.ndarray, shape, grid) -> np.ndarray:
     gh, gw = grid
     ny = np.arange(gh) * ((h - 1) / max(gh - 1, 1)) - (h - 1) / 2
     nx = np.arange(gw) * ((w - 1) / max(gw - 1, 1)) - (w - 1) / 2
-    g = x[:, None, None, :]
-    uy = g[..., 0] * ny[:, None] + g[..., 1] * nx[None, :] + g[..., 4]
-    ux = g[..., 2] * ny[:, None] + g[..., 3] * nx[None, :] + g[..., 5]
-    return np.stack([uy, ux], -1).astype(np.float32)
+    return np.stack(_affine_yx(x, ny, nx), -1).astype(np.float32)
 
 
 def _joint_affine(n, pairs, matrices, current, shape, reference, prior, iterations: int = 10) -> np.ndarray:

@@ -437,7 +437,7 @@ def register_chunked(
     # matched-blur variances and the flat fill of the global pass's coarse stage (None / {}: not run)
     gcoarse = getattr(gmaps, "coarse", None)
     gblur = getattr(gcoarse, "blur_variance", None)
-    gflat = (getattr(gcoarse, "flat_share", None), getattr(gcoarse, "flat_fill_info", {}))
+    gflat_share, gflat_info = getattr(gcoarse, "flat_share", None), getattr(gcoarse, "flat_fill_info", {})
 
     # 2. local passes. Forward: the blended residual sum_k w_k(x) (L_k(x) - x) on the fixed grid.
     # Backward: phi_inv(y) - y = sum_k w_k(x') (L_k^-1(x') - y), x' = G^-1(y), weights taken at x'
@@ -506,8 +506,8 @@ def register_chunked(
         **plan.to_dict(),
         "global_final_loss": ghistory[-1] if ghistory else None,
         "coarse_blur_variance": gblur,
-        "coarse_flat_share": gflat[0],
-        "coarse_flat_fill_info": gflat[1],
+        "coarse_flat_share": gflat_share,
+        "coarse_flat_fill_info": gflat_info,
         "chunk_final_losses": [h[-1] if h else None for h in histories],
     }
     return fwd, bwd, info
