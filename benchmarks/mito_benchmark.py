@@ -36,7 +36,9 @@ Columns:
   (``organelle_drift``); ``distorted`` sections deformed smoothly before their rotation
   (``distortion=0.5``); ``drift+distorted`` (0.1 and 0.5); ``jitter`` / ``drift+jitter``
   sections also translated independently by 20 px rms per axis (``placement_shift``), the
-  case where detrending the section positions is off by the slope of their scatter.
+  case where detrending the section positions is off by the slope of their scatter;
+  ``tissue-drift``: as ``drift``, but the whole tissue (membranes, vesicles, texture) moves with
+  the mitochondria's mean velocity (``tissue_drift``): no aligner can tell that from misalignment.
 * ``-detrend`` rows: ``drift_correction="detrend"`` (the slow trend of the section centres
   through depth removed: one line over the stack; ``-w10`` a local line at every section
   weighted by a Gaussian of sigma 10 sections).
@@ -186,6 +188,7 @@ CASES = {
     "drift+distorted": {"organelle_drift": 0.1, "distortion": 0.5},
     "jitter": {"placement_shift": 20.0},
     "drift+jitter": {"organelle_drift": 0.1, "placement_shift": 20.0},
+    "tissue-drift": {"organelle_drift": 0.1, "tissue_drift": True},
 }
 
 

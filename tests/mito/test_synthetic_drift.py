@@ -243,3 +243,23 @@ def test_only_the_border_of_a_rotated_shifted_stack_changed():
 
     np.testing.assert_allclose(shifts(d), shifts(old), atol=1e-9)  # and the same shifts
     assert np.abs(shifts(d)).max() > 1.0
+
+
+def test_tissue_drift_moves_the_whole_tissue_with_the_mitochondria():
+    speed, n = 0.5, 12  # scale px per section (scale 1 at 256 x 256)
+    d = em_stack(n, (256, 256), seed=0, rotate=False, organelle_drift=speed, tissue_drift=True)
+    only = em_stack(n, (256, 256), seed=0, rotate=False, organelle_drift=speed)
+    # the same mitochondria as with organelle_drift alone; the rest of the tissue is moved, by
+    # the same velocity times (k - middle) in every section k
+    np.testing.assert_array_equal(d["unrotated_masks"], only["unrotated_masks"])
+    shifts = []
+    for k in (0, n - 1):
+        out = (d["unrotated_masks"][k] > 0) | (only["unrotated_masks"][k] > 0)
+        a, b = (np.where(out, np.float32(160), s[k].astype(np.float32))[32:-32, 32:-32]
+                for s in (only["unrotated_stack"], d["unrotated_stack"]))  # fmt: skip
+        shifts.append(np.array(cv2.phaseCorrelate(a, b)[0]))
+    assert np.allclose(shifts[0], -shifts[1], atol=0.3)
+    # (the flat fill over the mitochondria, where both images agree, pulls the estimate toward 0)
+    assert 0.75 * (n - 1) * speed < np.linalg.norm(shifts[1] - shifts[0]) < 1.1 * (n - 1) * speed
+    with pytest.raises(InputError, match="organelle_drift"):
+        em_stack(2, (64, 64), tissue_drift=True)

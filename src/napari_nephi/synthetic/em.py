@@ -22,7 +22,8 @@ which leaves the default stack exactly as before):
 * ``organelle_drift``: every mitochondrion also moves on a straight path through depth, with a
   common mean velocity of the population (as organelles cut obliquely do) plus its own; the
   rest of the tissue (membranes, vesicles, texture) stays in place. The truth is still the
-  unrotated stack, so an aligner that follows the mitochondria accumulates the drift;
+  unrotated stack, so an aligner that follows the mitochondria accumulates the drift. With
+  ``tissue_drift`` the rest of the tissue moves with the population's mean velocity too;
 * ``distortion``: every acquired section is deformed smoothly before its rotation
   (compression along one cutting direction by a per-section factor, plus a smooth local warp);
   the unrotated stack and masks stay undistorted (the truth).
@@ -44,6 +45,7 @@ import torch
 from scipy import ndimage
 
 from ..core.device import check_memory
+from ..core.errors import InputError
 from ..core.options import check_bool, check_float, check_int, check_int_list
 
 __all__ = ["em_stack", "rotation_matrix"]
@@ -304,6 +306,7 @@ def em_stack(
     organelle_drift: float = 0.0,
     distortion: float = 0.0,
     placement_shift: float = 0.0,
+    tissue_drift: bool = False,
 ) -> dict:
     """A synthetic EM stack with mitochondria instance masks, optionally rotated per section.
 
@@ -345,6 +348,12 @@ def em_stack(
         Root-mean-square translation per axis, in pixels, of every acquired section (0: none,
         the default), drawn independently per section, as sections picked up and imaged one by
         one scatter; it is part of ``matrices`` (with or without ``rotate``).
+    tissue_drift
+        With ``organelle_drift``: the rest of the tissue (cytoplasm shading and texture, membranes,
+        vesicles) moves with the mitochondria population's mean velocity too (zero at the middle
+        section), as a whole block cut obliquely would: every structure then drifts, which no
+        aligner can tell from misalignment (the truth is still the unrotated stack). False (the
+        default): only the mitochondria drift.
 
     Returns
     -------
@@ -391,6 +400,11 @@ def em_stack(
     noise = check_float("noise", noise, 0.0, 10.0)
     organelle_drift = check_float("organelle_drift", organelle_drift, 0.0, 100.0)
     distortion = check_float("distortion", distortion, 0.0, 1000.0)
+    tissue_drift = check_bool("tissue_drift", tissue_drift)
+    if tissue_drift and organelle_drift <= 0:
+        raise InputError(
+            "tissue_drift moves the tissue with the mitochondria's drift: give organelle_drift > 0 too."
+        )
     # stack and masks (uint8 + uint16), aligned and rotated, plus a float32 section at work
     hp, wp = h + 2 * pad, w + 2 * pad
     check_memory(
@@ -411,8 +425,10 @@ def em_stack(
     shading = _grf((n, lh, lw), (3.0, 10.0 * s / fy, 10.0 * s / fx), rng)
 
     mitos = _make_mitos(n_mito, n, (h, w), s, rng)
+    velocity = None  # the tissue's drift (tissue_drift), (y, x) pixels per section
     if organelle_drift > 0:
-        _add_drift(mitos, organelle_drift * s, (n - 1) / 2.0, drift_rng)
+        mean = _add_drift(mitos, organelle_drift * s, (n - 1) / 2.0, drift_rng)
+        velocity = mean if tissue_drift else None
     vesicles = _make_vesicles(n, (h, w), s, rng)
     ves_sigma = 2.0 * s
     brightness = 1.0 + rng.normal(0.0, 0.02, n)
@@ -437,6 +453,10 @@ def em_stack(
             imp = np.zeros((h, w), dtype=np.float32)
             np.add.at(imp, (iy[keep], ix[keep]), 2 * np.pi * ves_sigma**2)
             img *= 1.0 - 0.45 * np.clip(_blur(imp, ves_sigma), 0.0, 1.0)
+        if velocity is not None:  # the tissue moves by velocity (k - k0): img(p - t)
+            t = velocity * (k - (n - 1) / 2.0)
+            move = np.array([[1.0, 0.0, t[1]], [0.0, 1.0, t[0]]])
+            img = cv2.warpAffine(img, move, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
         mask = np.zeros((h, w), dtype=np.uint16)
         for i, m in enumerate(mitos):
             _draw_mito(img, mask, m, k, i + 1, s)
@@ -501,13 +521,14 @@ def em_stack(
     }
 
 
-def _add_drift(mitos: list[_Mito], speed: float, k0: float, rng) -> None:
+def _add_drift(mitos: list[_Mito], speed: float, k0: float, rng) -> np.ndarray:
     """Give every mitochondrion a straight drift: the population velocity (``speed`` px per
-    section in a random direction) plus its own (normal, ``0.3 * speed`` per axis)."""
+    section in a random direction, returned) plus its own (normal, ``0.3 * speed`` per axis)."""
     phi = rng.uniform(-np.pi, np.pi)
     mean = speed * np.array([math.sin(phi), math.cos(phi)])
     for m in mitos:
         m.drift = (mean + rng.normal(0.0, 0.3 * speed, 2), k0)
+    return mean
 
 
 def _distort(stack: np.ndarray, masks: np.ndarray, amplitude: float, s: float, rng):
