@@ -142,3 +142,46 @@ def test_a_pair_without_an_affine_fit_stays_out_of_the_median(em):
     f = elastic_fields(lambda k: stack[k], mats, base.shape, spacing=32, radius=2, scale=1.0, solver="joint")
     assert np.abs(f[2]).max() == 0
     assert np.abs(np.delete(f, 2, axis=0)).max() < 0.05
+
+
+def _true_pairs(walk, error: float = 0.0, residual: float = 0.01, seed: int = 0):
+    """Keypoint pair maps between sections up to 2 apart, from the truth (section ``k`` shows the
+    truth at ``q + d_k(q)``), each off by a random affine map of about ``error`` px when given."""
+    n = len(walk["stack"])
+    rng = np.random.default_rng(seed)
+    own = []
+    for k in range(n):  # A_k: section k -> truth, q -> q + d_k(q), d_k affine
+        d = walk["d"][k]
+        a = np.eye(3)
+        a[:2, :2] += np.stack([d[1, 0] - d[0, 0], d[0, 1] - d[0, 0]], axis=1)
+        a[:2, 2] = d[0, 0]
+        own.append(a)
+    pairs = []
+    for a in range(n):
+        for b in range(a + 1, min(n, a + 3)):
+            m = np.linalg.inv(own[b]) @ own[a]
+            if error:
+                off = np.eye(3)
+                off[:2, :2] += rng.normal(0, error / 100, (2, 2))
+                off[:2, 2] = rng.normal(0, error, 2)
+                m = off @ m
+            pairs.append((a, b, m, residual))
+    return pairs
+
+
+def test_keypoint_pairs_that_agree_keep_their_placement_and_others_give_way(walk):
+    """The keypoint pairs join the joint solve weighted by their residuals: exact pairs that agree
+    closely with one another decide the affine part (the flows between these small, changing
+    sections are not exact), while pairs off by ~2 px each, with residuals to match, change little."""
+    h, w = walk["shape"]
+    kw = dict(spacing=16, radius=4, scale=1.0, iterations=1, solver="joint")
+    read = lambda k: walk["stack"][k]  # noqa: E731
+    flows = _errors(walk, elastic_fields(read, walk["matrices"], (h, w), **kw))
+    exact = _errors(walk, elastic_fields(read, walk["matrices"], (h, w), pairs=_true_pairs(walk), **kw))
+    noisy = _errors(
+        walk, elastic_fields(read, walk["matrices"], (h, w), pairs=_true_pairs(walk, 2.0, 2.0), **kw)
+    )
+
+    # measured (px, mean over sections): flows alone 0.553, with exact pairs 0.269, with noisy 0.553
+    assert exact.mean() < 0.6 * flows.mean(), (exact.mean(), flows.mean())
+    assert abs(noisy.mean() - flows.mean()) < 0.25 * flows.mean(), (noisy.mean(), flows.mean())

@@ -256,7 +256,7 @@ def test_a_section_matched_only_further_away_is_solved_not_chained():
     chained[3] = chained[4] = _shift(40, 40)  # a wrong chain: must not survive
     rows = [{"inliers": 50, "reprojection_error": 0.1} for _ in range(5)]
     opts = SimpleNamespace(ransac_threshold=3.0)
-    m, summary = _global_placement(5, 0, SHAPE, chain, [], chained, rows, "rigid", opts, 0.0)
+    m, summary, _ = _global_placement(5, 0, SHAPE, chain, [], chained, rows, "rigid", opts, 0.0)
     assert summary["unconstrained_sections"] == [2]
     for k in (1, 3, 4):
         np.testing.assert_allclose(m[k], true[k], atol=1e-6)

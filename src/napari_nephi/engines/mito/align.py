@@ -573,13 +573,14 @@ def _global_placement(n, ref, shape, chain_edges, extra_edges, chained, rows, mo
                 {**e.stats, "residual": None, "weight": 0.0, "prior_weight": 0.0, "robust_weight": 0.0,
                  "failed": True}
             )  # fmt: skip
+    placed_by = [(e.a, e.b, e.matrix, float(r)) for e, r in zip(edges, info["residuals"]) if e.is_confident()]
     summary = {
         "pairs": len(edges), "failed_pairs": sum(e.weight == 0 for e in extra_edges),
         "residual_mean": float(np.mean(info["residuals"])) if len(edges) else 0.0,
         "downweighted_pairs": int(np.sum(info["robust"] < 0.999)),  # by the Huber weights only
         "unconstrained_sections": info["unconstrained"],
     }  # fmt: skip
-    return matrices, summary
+    return matrices, summary, placed_by
 
 
 def _detrended(matrices, shape, ref, rows, window):
@@ -957,8 +958,9 @@ def align_stack(
         raise
     executor.shutdown(wait=True)
     solve_info = drift_info = None
+    placed_by: list = []  # the keypoint pairs of the global solve, for the joint elastic solve
     if solver == "global":
-        matrices, solve_info = _global_placement(
+        matrices, solve_info, placed_by = _global_placement(
             n, ref, (h, w), chain_edges, extra_edges, matrices, rows, global_model, opts, drift_prior
         )  # fmt: skip
     if drift_correction == "detrend":
@@ -969,7 +971,7 @@ def align_stack(
         fields = elastic_fields(
             lambda k: to_uint8(read_section(stack, k), *intensity), matrices, (h, w), elastic_spacing,
             elastic_radius, min(1.0, opts.scale), step=lambda k: prog.check(), iterations=elastic_iterations,
-            workers=workers, solver=elastic_solver, reference=ref,
+            workers=workers, solver=elastic_solver, reference=ref, pairs=placed_by,
         )  # fmt: skip
         t_elastic = time.perf_counter() - t0
     t_align = time.perf_counter() - t_align
