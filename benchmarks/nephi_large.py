@@ -3,7 +3,7 @@
 
     python benchmarks/nephi_large.py [--quick] [--images camera retina ihc disc] [--amplitudes 1 2 4]
         [--mri-amplitudes 2 4 6] [--seeds 10] [--tools elastix elastix-ncc ants]
-        [--nephi fast] [--nephi "label:key=value,..."] [--size2d 512] [--no-global] [--noise 0.02]
+        [--nephi fast] [--nephi "label:key=value,..."] [--size2d 512] [--no-global] [--noise 0.02] [--noise-kind poisson]
         [--json out.json]
 
 Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, imported from it):
@@ -30,7 +30,10 @@ Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, importe
   the border. The moving image takes the edge value outside the frame (no black strip).
 
 ``--noise SIGMA``: independent Gaussian noise of that standard deviation (intensities in [0, 1])
-added to both images of every case (seeded by the case), the warp made from the noise-free image.
+added to both images of every case (seeded by the case), the warp made from the noise-free image;
+``--noise-kind poisson``: photon noise instead, ``SIGMA`` at mid-range (:func:`add_noise`). The
+textured and textureless parts are those of the noise-free image.
+``--images cell`` (not in the default list): scikit-image's cell (faint texture, whole frame).
 
 ``--quick``: 256 x 256, camera and disc at 2 % and 4 %, the MRI at 4 voxels, the two global cases.
 """
@@ -57,7 +60,7 @@ TEXTURE_THRESHOLD = {2: 0.01, 3: 0.05}
 #: Smoothness of the 2D fields as a fraction of the size, per amplitude (per cent of the size).
 SMOOTHNESS = {1: 0.03, 2: 0.045, 4: 0.06}
 MRI_SMOOTHNESS = 7.0
-CASE_OFFSETS = {"camera": 0, "retina": 1, "ihc": 2, "disc": 3, "mri": 4}
+CASE_OFFSETS = {"camera": 0, "retina": 1, "ihc": 2, "disc": 3, "mri": 4, "cell": 5}
 
 
 def local_gradient_rms(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -89,6 +92,12 @@ def load(name: str, size: int) -> tuple[np.ndarray, bool]:
     """``(fixed image, whole frame is tissue)``."""
     if name == "disc":
         return disc_image(size), True
+    if name == "cell":  # scikit-image's cell: low-contrast texture under the camera's own noise
+        from skimage import data
+        from skimage.transform import resize
+
+        img = resize(NA._unit(data.cell()), (size, size), anti_aliasing=True, preserve_range=True)
+        return img.astype(np.float32), True
     img, _, whole, _ = NA.load_image(name, size)
     return img, whole
 
@@ -141,14 +150,22 @@ def global_cases(size: int) -> list[dict]:
     return out
 
 
-def add_noise(case: dict, sigma: float, seed: int) -> None:
-    """Independent Gaussian noise of ``sigma`` (intensities in [0, 1]) on both images of ``case``."""
+def add_noise(case: dict, sigma: float, seed: int, kind: str = "gaussian") -> None:
+    """Independent noise on both images of ``case`` (intensities scaled to [0, 1] by the image's
+    range): ``gaussian``, of standard deviation ``sigma``; ``poisson``, photon counts with a peak of
+    ``0.5 / sigma^2`` photons at full range (standard deviation ``sigma`` at mid-range, less on dark
+    voxels, more on bright ones, like a fluorescence camera)."""
     if sigma <= 0:
         return
     rng = np.random.default_rng([seed, 7])
     for key in ("fixed", "moving"):
         img = case[key]
         lo, hi = float(img.min()), float(img.max())
+        if kind == "poisson":
+            peak = 0.5 / sigma**2
+            counts = rng.poisson(np.clip((img - lo) / (hi - lo), 0, None) * peak)
+            case[key] = np.ascontiguousarray(lo + (hi - lo) * counts / peak, np.float32)
+            continue
         noise = rng.normal(0.0, sigma * (hi - lo), img.shape).astype(np.float32)
         case[key] = np.ascontiguousarray(img + noise, np.float32)
 
@@ -191,6 +208,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--no-global", action="store_true")
     p.add_argument("--noise", type=float, default=0.0, help="noise added to both images (0: none)")
+    p.add_argument("--noise-kind", choices=["gaussian", "poisson"], default="gaussian")
     p.add_argument("--threads", type=int, default=1, help="threads for torch, elastix and ANTs")
     p.add_argument("--json")
     args = p.parse_args()
@@ -210,7 +228,7 @@ def main() -> None:
     for name, amp in plan:
         # the seed depends on the case only (not on which other cases run)
         case = make_case(name, amp, args.size2d, args.seeds + 10 * CASE_OFFSETS[name] + int(amp))
-        add_noise(case, args.noise, args.seeds + 10 * CASE_OFFSETS[name] + int(amp))
+        add_noise(case, args.noise, args.seeds + 10 * CASE_OFFSETS[name] + int(amp), args.noise_kind)
         mask, flat, tex, truth = case["mask"], case["flat"], case["textured"], case["truth"]
         zero = np.zeros_like(truth)
         print(
@@ -239,7 +257,7 @@ def main() -> None:
     if not args.no_global:
         margin = round(32 * args.size2d / 512)
         for i, case in enumerate(global_cases(args.size2d)):
-            add_noise(case, args.noise, 1000 + i)
+            add_noise(case, args.noise, 1000 + i, args.noise_kind)
             sl = inner(case["fixed"].shape, margin)
             print(f"\n{case['name']} (inside {margin} px of the border)", flush=True)
             for label, fn in runs:

@@ -53,26 +53,48 @@ def test_fill_keeps_known_voxels_and_extends_a_linear_field_exactly():
     assert fill_textureless(noisy, torch.ones_like(hole), 8.0) is noisy
 
 
-def test_flat_voxels_are_the_disc_and_noisy_images_have_none():
-    """The flat disc is flat and the gravel is not; with noise 0.02 nothing is (the fill leaves a
-    noisy image alone): not the disc, and not scikit-image's low-contrast cell, whose faint texture
-    the coarse stage still uses (a noise-aware test marked 85 % of it flat and lost 20-27 %)."""
+def test_flat_voxels_are_the_disc_noisy_or_not_and_faint_texture_stays():
+    """The flat disc is flat and the gravel is not, with or without noise 0.02 (the blurred second
+    test of :func:`flat_share` finds the noisy disc); scikit-image's low-contrast cell, whose faint
+    texture the coarse stage uses, stays mostly textured with noise (a noise-aware threshold once
+    marked 85 % of it flat and lost 20-27 %). Measured: noisy disc core 91 % flat, gravel 0 %,
+    noisy cell 11 %."""
     from skimage import data, transform
 
     img, inner = _gravel_with_disc(96)
-    t = torch.as_tensor(img)[None, None]
-    flat = (flat_share(t, (48, 48)) >= FLAT_SHARE)[0, 0].numpy()
-    inner_grid = inner[::2, ::2]
     core = np.add.reduce((np.indices((48, 48)) - 23.5) ** 2) <= (0.22 * 48 - 4) ** 2
-    assert flat[core].all()  # the disc, 8 px inside its edge (the window of the test sees the edge)
-    assert flat[~inner_grid].mean() < 0.02  # the gravel is not flat
     rng = np.random.default_rng(0)
+    for sigma, need in ((0.0, 1.0), (0.02, 0.8)):
+        t = torch.as_tensor((img + sigma * rng.standard_normal(img.shape)).astype(np.float32))
+        flat = (flat_share(t[None, None], (48, 48)) >= FLAT_SHARE)[0, 0].numpy()
+        assert flat[core].mean() >= need  # the disc, 8 px inside its edge (the tests' windows see it)
+        assert flat[~inner[::2, ::2]].mean() < 0.02  # the gravel is not flat
     cell = transform.resize(data.cell().astype(np.float64), (128, 128), anti_aliasing=True)
     lo, hi = np.percentile(cell, [0.5, 99.5])
     cell = np.clip((cell - lo) / (hi - lo), 0, 1)
-    for image in (img, cell):
-        noisy = torch.as_tensor((image + 0.02 * rng.standard_normal(image.shape)).astype(np.float32))
-        assert float((flat_share(noisy[None, None], (32, 32)) >= FLAT_SHARE).float().mean()) < 0.2
+    noisy = torch.as_tensor((cell + 0.02 * rng.standard_normal(cell.shape)).astype(np.float32))
+    assert float((flat_share(noisy[None, None], (32, 32)) >= FLAT_SHARE).float().mean()) < 0.2
+
+
+def test_a_noisy_flat_disc_moves_with_its_textured_surroundings():
+    """Gravel at 160 px with a flat disc, warped by a random smooth field of 2 % of the size, both
+    images with independent noise 0.02: inside the disc (3 px from its edge) the fill cuts the
+    unfilled coarse stage's error by more than a tenth (before the blurred flatness test nothing of
+    a noisy image was flat and the two were equal). Measured: 1.60 -> 1.30 px (0.81; field seed 4:
+    1.40 -> 1.22, 0.87; at 4 %, seed 3, the fill lost: 1.49 -> 1.55; no registration 1.06)."""
+    n = 160
+    img, inner = _gravel_with_disc(n)
+    u, u_inv = random_smooth_displacement(img.shape, 0.02 * n, 0.045 * n, seed=2, return_inverse=True)
+    moving = DisplacementTransform(u_inv).warp(img).astype(np.float32)
+    rng = np.random.default_rng(2)
+    f, m = ((a + 0.02 * rng.standard_normal(a.shape)).astype(np.float32) for a in (img, moving))
+    err = {}
+    for fill in (False, True):
+        reg = nn.register(f, m, method="nephi", device="cpu", iterations=0, coarse_flat_fill=fill)
+        err[fill] = np.sqrt(((reg.transform.displacement() - u) ** 2).sum(0))[inner].mean()
+        assert reg.metrics["folds"] == 0
+    assert reg.metrics["coarse_flat_share"] > 0.05  # the disc's core: 8 % of the grid
+    assert err[True] < 0.9 * err[False], err
 
 
 @pytest.mark.parametrize(("amplitude", "smoothness", "seed"), [(0.02, 0.045, 2), (0.04, 0.06, 3)])
