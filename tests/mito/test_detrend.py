@@ -187,3 +187,25 @@ def test_a_widened_window_is_noted_in_the_metrics():
     info = reg.metrics["drift_correction"]
     assert info["method"] == "detrend" and 0 in info["widened_sections"] and 11 in info["widened_sections"]
     assert any("drift_window=4" in n and "wider window" in n for n in reg.metrics["notes"])
+
+
+def test_with_the_joint_elastic_solve_the_trend_is_taken_of_the_sections_with_their_fields():
+    """After the joint elastic step the trend is that of where the sections land with their fields;
+    the shift goes onto the matrices (a constant shift commutes with the field)."""
+    from napari_nephi.core.transform import ElasticSectionTransform
+    from napari_nephi.engines.mito.align import _detrended_elastic
+
+    n, ref = 14, 3
+    mats = _rotations(n, 3)
+    drift = np.array([0.5, -0.3])
+    fields = np.zeros((n, 4, 5, 2), np.float32)
+    fields[..., :] = (drift[None] * (np.arange(n) - ref)[:, None])[:, None, None, :]
+    rows = [{"fallback": ""} for _ in range(n)]
+    out, info = _detrended_elastic(mats, fields, SHAPE, ref, rows, 0.0)
+    t = ElasticSectionTransform(out, fields, shape=(n, *SHAPE))
+    c = np.array([[(SHAPE[0] - 1) / 2, (SHAPE[1] - 1) / 2]])
+    # the centre of every section lands where the reference's does
+    landed = np.stack([(np.c_[c + t.field_at(k, c), [[1.0]]] @ out[k].T)[0, :2] for k in range(n)])
+    assert np.abs(landed - c).max() < 1e-6
+    assert np.allclose(out[ref], mats[ref]) and info["method"] == "detrend"
+    assert abs(info["shift_max"] - np.hypot(*drift) * (n - 1 - ref)) < 1e-6

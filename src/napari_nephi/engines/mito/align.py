@@ -619,6 +619,20 @@ def _detrended(matrices, shape, ref, rows, window):
     return matrices, info
 
 
+def _detrended_elastic(matrices, fields, shape, ref, rows, window):
+    """:func:`_detrended` of the sections as the elastic ``fields`` place them (each matrix with its
+    field's displacement at the centre of the frame); the shifts go onto the matrices, which moves
+    the sections with their fields (``P (p + s + u(p))``)."""
+    n = len(matrices)
+    centre = np.array([[(shape[0] - 1) / 2.0, (shape[1] - 1) / 2.0]])
+    t = ElasticSectionTransform(matrices, fields, shape=(n, *shape))
+    at = np.repeat(np.eye(3)[None], n, axis=0)
+    at[:, :2, 2] = [t.field_at(k, centre)[0] for k in range(n)]
+    placed = matrices @ at
+    moved, info = _detrended(placed, shape, ref, rows, window)
+    return np.stack([matrices[k] @ np.linalg.solve(placed[k], moved[k]) for k in range(n)]), info
+
+
 def _ranges(ks) -> str:
     """``"0-3, 7, 9-12"`` for sorted section indices."""
     out, start = [], None
@@ -802,6 +816,8 @@ def align_stack(
         reference section stays in place. Skipped, with a ``metrics["notes"]`` entry, when fewer
         than 10 sections are placed by a real match. Right for serial-section TEM (sections
         placed independently), wrong for FIB-SEM / SBEM stage drift (see :mod:`.detrend`).
+        With ``elastic_solver="joint"`` the trend is taken after the elastic step, of where the
+        sections land with their fields (the joint solve's keypoint pairs would undo it).
         ``"none"`` (default) leaves the placement as solved.
     elastic, elastic_spacing, elastic_radius, elastic_iterations
         Elastic refinement after the per-section maps (off by default): a smooth displacement
@@ -818,7 +834,11 @@ def align_stack(
         neighbours (each measures the whole section, so their errors do not add up along the
         stack as the keypoint pairs' do), with a weak prior that the sections' own scale and
         shear average out; the reference keeps its place; the median then handles the rest.
-        ``"local"`` (default): every section's whole field from the median (sessions 11-14).
+        With the global solve, its keypoint pairs join that solve too, each kind weighted by its
+        typical residual (:func:`.elastic._joint_affine`): pairs that agree closely keep their
+        placement (undistorted sections), pairs that disagree give way to the flows (sections
+        distorted by cutting). ``"local"`` (default): every section's whole field from the
+        median (sessions 11-14).
     spacing
         ``(z, y, x)`` voxel size kept with the transform (default: from the file for a path,
         else 1).
@@ -963,7 +983,9 @@ def align_stack(
         matrices, solve_info, placed_by = _global_placement(
             n, ref, (h, w), chain_edges, extra_edges, matrices, rows, global_model, opts, drift_prior
         )  # fmt: skip
-    if drift_correction == "detrend":
+    # with the joint elastic solve the trend is taken after it (its keypoint pairs would undo it)
+    late_detrend = drift_correction == "detrend" and elastic and elastic_solver == "joint"
+    if drift_correction == "detrend" and not late_detrend:
         matrices, drift_info = _detrended(matrices, (h, w), ref, rows, drift_window)
     fields = None
     if elastic:  # part of the alignment time
@@ -973,6 +995,8 @@ def align_stack(
             elastic_radius, min(1.0, opts.scale), step=lambda k: prog.check(), iterations=elastic_iterations,
             workers=workers, solver=elastic_solver, reference=ref, pairs=placed_by,
         )  # fmt: skip
+        if late_detrend:
+            matrices, drift_info = _detrended_elastic(matrices, fields, (h, w), ref, rows, drift_window)
         t_elastic = time.perf_counter() - t0
     t_align = time.perf_counter() - t_align
     if elastic:
