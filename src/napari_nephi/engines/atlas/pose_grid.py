@@ -5,7 +5,9 @@ each pixel's gradient ``g`` becomes ``(gx + i gy)^2 / (|g|^2 + eps^2)``, so only
 edges counts; a reversed contrast or any per-region remapping of intensities that keeps the region
 boundaries gives the same field. A pose's score is the real part of the correlation of the section's
 field (inside its tissue) with the atlas's, normalised like a correlation coefficient, times the
-share of the section's tissue lying on the atlas's tissue; all shifts are scored by FFT.
+share of the section's tissue lying on the atlas's tissue; all shifts are scored by FFT. With an
+``edge_blur`` (rerank option) the field is the mean of the plain field and that of the image blurred
+by that many grid pixels, so region boundaries count more against fine texture (cells, noise).
 """
 
 from __future__ import annotations
@@ -65,8 +67,17 @@ class Pose:
     grid: int = 0
 
 
-def field(image: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(real, imaginary) double-angle normalised gradient field of ``image``, times ``weight``."""
+def field(image: np.ndarray, weight: np.ndarray, blur: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(real, imaginary) double-angle normalised gradient field of ``image``, times ``weight``; with
+    ``blur`` > 0 the mean of that field and the field of ``image`` blurred by ``blur`` pixels (sigma)."""
+    if blur > 0:
+        smooth = cv2.GaussianBlur(np.ascontiguousarray(image, dtype=np.float32), (0, 0), blur)
+        (r0, i0), (r1, i1) = _field(image, weight), _field(smooth, weight)
+        return 0.5 * (r0 + r1), 0.5 * (i0 + i1)
+    return _field(image, weight)
+
+
+def _field(image: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     gy = cv2.Sobel(image, cv2.CV_32F, 0, 1, ksize=3)
     gx = cv2.Sobel(image, cv2.CV_32F, 1, 0, ksize=3)
     mag2 = gx * gx + gy * gy
@@ -275,8 +286,12 @@ class SectionGrid:
     plates gain nothing by a whole section shrunk onto them.
     """
 
-    def __init__(self, grey: np.ndarray, mask: np.ndarray, work_size: int, reach: int | None = None):
+    def __init__(
+        self, grey: np.ndarray, mask: np.ndarray, work_size: int, reach: int | None = None, blur: float = 0.0
+    ):
         self.grey, self.mask = grey, mask
+        #: ``blur`` of :func:`field` (grid pixels) for the section and the atlas cuts
+        self.blur = float(blur)
         self.tissue_centre = np.argwhere(mask).mean(axis=0)
         #: section pixels per canvas pixel
         self.q = float(extent(mask).max()) / work_size
@@ -295,21 +310,23 @@ class SectionGrid:
         if key not in self._variants:
             lin = rotation_matrix(rotation) * self.q  # section pixels per canvas pixel
             img, msk = _pull(self.grey, self.mask, lin, self.tissue_centre - lin @ self.centre, self.canvas)
-            self._variants[key] = self.corr.section(*field(img, section_weight(msk)), msk.astype(np.float32))
+            self._variants[key] = self.corr.section(
+                *field(img, section_weight(msk), self.blur), msk.astype(np.float32)
+            )
         return self._variants[key]
 
     def plate_cut(self, atlas: AtlasGrid, z: int, scale: float, pivot=None) -> Cut:
         """Plate ``z`` at ``scale`` section pixels per plate pixel, its plate pixel ``pivot``
         (default: its tissue box centre; then the cut is cached) at the canvas centre."""
         step = self.q / scale  # plate pixels per canvas pixel
-        key = None if pivot is not None else (self.canvas, self.corr.pad, int(z), round(step, 9))
+        key = None if pivot is not None else (self.canvas, self.corr.pad, int(z), round(step, 9), self.blur)
         pivot = atlas.centres[z] if pivot is None else np.asarray(pivot, dtype=np.float64)
 
         def build():
             lin = np.eye(2) * (step / atlas.factor)  # base pixels per canvas pixel
             off = pivot / atlas.factor - lin @ self.centre
             img, msk = _pull(atlas.images[z], atlas.masks[z], lin, off, self.canvas)
-            return self.corr.slice(*field(img, dilate(msk)), msk.astype(np.float32))
+            return self.corr.slice(*field(img, dilate(msk), self.blur), msk.astype(np.float32))
 
         fft = build() if key is None else atlas.cached_cut(key, build)
         return Cut(fft, float(z), (0.0, 0.0), pivot, step)
@@ -336,7 +353,7 @@ class SectionGrid:
         img, msk = atlas.sample(np.stack(pts))
         return [
             Cut(
-                self.corr.slice(*field(i, dilate(m)), m.astype(np.float32)),
+                self.corr.slice(*field(i, dilate(m), self.blur), m.astype(np.float32)),
                 float(z),
                 (float(tilt[0]), float(tilt[1])),
                 pivot,

@@ -109,6 +109,9 @@ DEFAULTS = {
     "tilt_margin": None,
     "z_scan": 6,  # plates each side of a best stage-2 pose re-cut at its tilt, rotation and scale (0: none)
     "z_scan_poses": 2,  # best distinct stage-2 poses (HYPOTHESIS_GAP apart) scanned along the plate axis
+    # grid pixels (Gaussian sigma) of the blurred copy whose edge field is averaged with the plain
+    # one (0: the plain field alone; pose_grid.field)
+    "edge_blur": 0.0,
 }
 #: Options of a seeded search, for a first stage whose best plate lies within about 2 plates of the
 #: truth: no sweep of the atlas, its best plate and 2 neighbours each side in stage 1, one
@@ -172,6 +175,7 @@ def check_rerank_options(options: dict | None) -> dict:
         out["tilt_margin"] = check_float("tilt_margin", out["tilt_margin"], 0.0, 2.0)
     out["z_scan"] = check_int("z_scan", out["z_scan"], 0, 50)
     out["z_scan_poses"] = check_int("z_scan_poses", out["z_scan_poses"], 1, 50)
+    out["edge_blur"] = check_float("edge_blur", out["edge_blur"], 0.0, 8.0)
     return out
 
 
@@ -248,7 +252,7 @@ class PoseSearch:
         ``options``: :func:`check_rerank_options`'s; ``progress``: checked for cancel between steps."""
         grey, mask, zoom = self.prepare(section, SECTION_FACTOR * options["work_size"])
         coarse_atlas = self.atlas(options["coarse_size"])
-        coarse = coarse_grid(grey, mask, options["coarse_size"])
+        coarse = coarse_grid(grey, mask, options["coarse_size"], options["edge_blur"])
         shortlist = [int(p) for p, _ in order[: options["shortlist"]]]
         zs = _around(shortlist, options["neighbours"], self.n)
         if options["sweep_step"] > 0:  # a sweep of the whole atlas: where the embedding is wrong
@@ -266,7 +270,8 @@ class PoseSearch:
         _check(progress)
         first = coarse.score(pairs, self.n, best_per_cut_z=True)  # hypotheses need no more
         # stage 2 starts from stage 1's shifts: its cuts are centred there and searched nearby
-        fine = SectionGrid(grey, mask, options["work_size"], reach=round(LOCAL_REACH * options["work_size"]))
+        reach = round(LOCAL_REACH * options["work_size"])
+        fine = SectionGrid(grey, mask, options["work_size"], reach=reach, blur=options["edge_blur"])
         refine = _Refine(self.atlas(options["work_size"]), fine, options, progress)
         hyps = _anchored(first, _distinct(first, options["hypotheses"]), shortlist[: options["anchors"]])
         bests = [refine.untilted(hyp) for hyp in hyps]
@@ -287,7 +292,7 @@ class PoseSearch:
         return _rank(poses, order, options["plate_penalty"], len(pairs) + refine.pairs, self.n, prior)
 
 
-def coarse_grid(grey: np.ndarray, mask: np.ndarray, coarse_size: int) -> SectionGrid:
+def coarse_grid(grey: np.ndarray, mask: np.ndarray, coarse_size: int, blur: float = 0.0) -> SectionGrid:
     """Stage 1's grid of a section: every shift that does not wrap around is searched (27 canvas
     pixels per axis at the default ``coarse_size`` 32, a 72-pixel FFT). A partial section whose tissue
     centre lies 20-22 pixels from the plate's tissue-box centre still keeps the
@@ -295,7 +300,7 @@ def coarse_grid(grey: np.ndarray, mask: np.ndarray, coarse_size: int) -> Section
     poses, so a shorter reach loses such poses for good. Session 13 tried 19 pixels (a 64-pixel FFT,
     ~18 % less CPU, the same ranks on the phantom benchmark's sections) and went back: that saving was
     measured on the phantom alone."""
-    return SectionGrid(grey, mask, coarse_size)
+    return SectionGrid(grey, mask, coarse_size, blur=blur)
 
 
 class _Refine:
