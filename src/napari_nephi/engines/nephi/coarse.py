@@ -19,7 +19,7 @@ from ...core import regularizers as R
 from ...core.errors import InputError
 from ...core.similarity import lncc, lncc_map, ncc
 from .bspline import bspline_on_grid, control_shape, grid_weights, intervals_for_spacing
-from .flatfill import FLAT_SHARE, fill_textureless, flat_share
+from .flatfill import FLAT_SHARE, fill_flat, flat_share
 from .interp import interpolate
 from .matchblur import blurred_similarity, noise_variance
 
@@ -484,7 +484,7 @@ def optimize_velocity(
             moved = warp(flat_shares[1], _integrate_xy(v, steps), ident, "bilinear")
             flat = ((flat_shares[0] >= FLAT_SHARE) & (moved >= FLAT_SHARE))[0, 0]
             length = spacings[n_last] / max(n / m for n, m in zip(full, shapes[-1]))
-            v = fill_textureless(v, flat, length, info=fill_info)
+            v = fill_flat(v, flat, length, info=fill_info)
             filled = float(flat.float().mean())
     del f_fine, m_fine, masks_fine
     if v is None:
