@@ -311,14 +311,21 @@ def test_lookup_with_rerank_ranks_every_plate_by_the_pose_search(trained_lookup,
     dist = np.array([d for _, d in ranking])
     assert np.all(np.diff(dist) >= 0)
     assert abs(ranking[0][0] - 21) <= 1
-    # distance of every plate: 1 - best (pose score - penalty * plates between), from the poses
-    from napari_nephi.engines.atlas.rerank import DEFAULTS
+    # distance of every plate: 1 - best (pose score - prior of its plate - penalty * plates between)
+    from napari_nephi.engines.atlas.rerank import DEFAULTS, _prior
 
     penalty = DEFAULTS["plate_penalty"]
-    best = max(result.poses.values(), key=lambda p: p.score)
+    prior = DEFAULTS["prior_weight"] * _prior(trained_lookup._search_order(section), trained_lookup.n_plates)
+
+    def value(pose, plate):
+        return pose.score - prior[pose.plate] - penalty * abs(plate - pose.z)
+
+    poses = list(result.poses.values())  # the best pose of each plate reached
     for plate, d in ranking:
-        assert d <= 1.0 - best.score + penalty * abs(plate - best.z) + 1e-6
-    assert ranking[0][1] == pytest.approx(1.0 - best.score + penalty * abs(ranking[0][0] - best.z), abs=1e-6)
+        assert d <= 1.0 - max(value(p, plate) for p in poses) + 1e-6
+    # a plate's other poses lie within half a plate of its best: at most a penalty apart
+    top = 1.0 - max(value(p, ranking[0][0]) for p in poses)
+    assert top - penalty - 1e-6 <= ranking[0][1] <= top + 1e-6
     assert trained_lookup.lookup(section, top=3, rerank=True) == ranking[:3]
     many = trained_lookup.lookup_many([section], top=3, rerank=True)
     assert many == [ranking[:3]]

@@ -13,9 +13,13 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   plate.
 * **Similarity.** Normalised gradient fields compared by the squared cosine of edge directions on
   the section's tissue, all shifts at once by FFT (:mod:`.pose_grid`): invariant to inverted or
-  remapped contrast (fluorescence against Nissl). The comparison runs at the section's own
-  resolution (its tissue ``coarse_size`` / ``work_size`` pixels long; the atlas cuts are resampled
-  to it), so a small plate gains nothing from a whole section shrunk onto it.
+  remapped contrast (fluorescence against Nissl). ``edge_blur`` (1.2 grid pixels; 0 before session
+  16): the field is the mean of the plain field and that of a copy blurred by that much, so region
+  boundaries count more against cell texture and noise. Session 16: the sections ranked far off were
+  outscored, not missed (30 of the 33 ranked > 5 on query seeds 7-12 stay there with a stage-2
+  hypothesis forced at the true plate; mostly fluorescence with weak inner edges). The comparison
+  runs at the section's own resolution (its tissue ``coarse_size`` / ``work_size`` pixels long; the
+  atlas cuts are resampled to it), so a small plate gains nothing from a whole section shrunk onto it.
 * **Search.** Stage 1, on a coarse grid (``coarse_size``): untilted plates of the shortlist (the
   embedding's ``shortlist`` best plates and ``neighbours`` on each side, and every
   ``sweep_step``-th plate of the atlas, for sections the embedding misplaces) x rotations x scales.
@@ -28,7 +32,8 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   which misses sections tilted about both axes), then a half-step grid around the best, and
   rotation and scale again. Optional: ``region_refine`` best poses moved to a maximum of the
   correlation ratio of the section given the atlas's regions (:mod:`.region_fit`; measured worse
-  on the phantom, off), ``prior_weight`` (score lost in proportion to the first stage's distance),
+  on the phantom, off), ``prior_weight`` (score lost in proportion to the first stage's distance,
+  0 at its best plate, the weight at its median distance and beyond; 0.02 since session 16, 0 before),
   ``tilt_margin`` (tilts searched only around hypotheses whose untilted best lies within the margin
   of the best one; session 14, query seeds 0 / 1: 0.1 kept all 120 rankings but cut only 10 % of the
   tilted cuts and ~3 % of the CPU, 0 cut 74 % and ~32 % but ranked 2.80 against 2.32; off).
@@ -102,7 +107,7 @@ DEFAULTS = {
     "plate_penalty": 0.005,  # score lost per plate between a plate and a pose's plate (module docstring)
     "tilt_search": "joint",  # stage 2: every pitch x yaw, then finer; "sequential": pitch, then yaw
     "anchors": 2,  # the first stage's best plates that always get a stage-2 hypothesis
-    "prior_weight": 0.0,  # score lost by a pose whose plate the first stage ranks far (0: none)
+    "prior_weight": 0.02,  # score lost by a pose whose plate the first stage ranks far (0: none)
     "region_refine": 0,  # best distinct stage-2 poses refined by the correlation ratio (0: none)
     # tilts searched only for hypotheses whose untilted stage-2 best lies within this much of the
     # best hypothesis's (None: every hypothesis, the default)
@@ -111,7 +116,7 @@ DEFAULTS = {
     "z_scan_poses": 2,  # best distinct stage-2 poses (HYPOTHESIS_GAP apart) scanned along the plate axis
     # grid pixels (Gaussian sigma) of the blurred copy whose edge field is averaged with the plain
     # one (0: the plain field alone; pose_grid.field)
-    "edge_blur": 0.0,
+    "edge_blur": 1.2,
 }
 #: Options of a seeded search, for a first stage whose best plate lies within about 2 plates of the
 #: truth: no sweep of the atlas, its best plate and 2 neighbours each side in stage 1, one
