@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from scipy.fft import dctn, idctn, irfftn, rfftn
 from scipy.special import k1
 
-from .smoothing import blur_axis
+from .smoothing import blur_axis_lean
 
 #: Textureless below this local RMS gradient (intensities in [0, 1] per voxel) of both images. Half
 #: the benchmark's textureless threshold: the retina's faint texture between 0.005 and 0.01 still
@@ -62,7 +62,7 @@ def local_texture(image: torch.Tensor) -> torch.Tensor:
         if s.shape[2 + a] > 1:
             energy = energy + torch.gradient(s, dim=2 + a)[0] ** 2
     for a in range(d):
-        energy = blur_axis(energy, 2 + a, WINDOW_SIGMA, int(3 * WINDOW_SIGMA))
+        energy = blur_axis_lean(energy, 2 + a, WINDOW_SIGMA, int(3 * WINDOW_SIGMA))
     return energy.sqrt()
 
 
@@ -71,7 +71,7 @@ def smoothed(image: torch.Tensor, sigma: float = SMOOTH_SIGMA) -> torch.Tensor:
     s = image.float()
     for a in range(s.dim() - 2):
         if s.shape[2 + a] > 1:
-            s = blur_axis(s, 2 + a, sigma, int(3 * sigma))
+            s = blur_axis_lean(s, 2 + a, sigma, int(3 * sigma))
     return s
 
 
