@@ -17,7 +17,7 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   16): the field is the mean of the plain field and that of a copy blurred by that much, so region
   boundaries count more against cell texture and noise. Session 16: the sections ranked far off were
   outscored, not missed (30 of the 33 ranked > 5 on query seeds 7-12 stay there with a stage-2
-  hypothesis forced at the true plate; mostly fluorescence with weak inner edges). The comparison
+  hypothesis forced at the true plate; 18 of them fluorescence with weak inner edges). The comparison
   runs at the section's own resolution (its tissue ``coarse_size`` / ``work_size`` pixels long; the
   atlas cuts are resampled to it), so a small plate gains nothing from a whole section shrunk onto it.
 * **Search.** Stage 1, on a coarse grid (``coarse_size``): untilted plates of the shortlist (the
