@@ -353,7 +353,8 @@ def _joint_affine(n, pairs, matrices, current, shape, reference, prior, keyed=No
     times the ratio of the kinds' squared typical errors: each kind's median residual (the flows' in
     the solve above, the keypoint pairs' in the global solve), the keypoint pairs' times
     ``JOINT_KEYPOINT_SCALE``; a keypoint pair with a residual above its kind's median weighs less in
-    proportion. Where the keypoint pairs agree closely (undistorted sections: median 0.08 px on
+    proportion. Pairs without a loop (a chain: no more pairs than sections less one) fit exactly and
+    are left out. Where the keypoint pairs agree closely (undistorted sections: median 0.08 px on
     em_stack) they keep their placement; where they disagree (distorted sections: 1.0 px, each pair
     sees another few mitochondria's local distortion) the flows decide."""
     h, w = shape
@@ -416,10 +417,13 @@ def _joint_affine(n, pairs, matrices, current, shape, reference, prior, keyed=No
         robust = 1.0 / np.maximum(res, 0.25)
         shape_px = radius * np.sqrt((((x @ c.T + sym) ** 2) * scale).sum(1))  # final scale and shear
         robust_prior = 0.25 / np.maximum(shape_px, 0.25)
+    ka = kb = np.zeros(0, np.int64)
     if keyed is not None and len(keyed[0]):
         ka, kb, kt, kr = keyed
         use = placed[ka] & placed[kb]
         ka, kb, kt, kr = ka[use], kb[use], kt[use], kr[use]
+    # only pairs with a loop among them have residuals that say something (a chain fits exactly)
+    if len(ka) and len(ka) > len(np.unique(np.r_[ka, kb])) - 1:
         # the flows keep their weights; a keypoint pair counts as a flow pair of the same distance
         # times the ratio of the kinds' typical squared errors (each kind's median residual, the
         # keypoint pairs' times JOINT_KEYPOINT_SCALE), less where its own residual is larger
