@@ -116,22 +116,24 @@ def correlation_length(v: torch.Tensor, known: torch.Tensor) -> float | None:
     shape = tuple(v.shape[2:])
     axes = tuple(range(len(shape)))
     pad = [2 * n for n in shape]
-    m = known.detach().cpu().numpy().astype(np.float64)
-    pairs = irfftn(np.abs(rfftn(m, pad, axes=axes)) ** 2, pad, axes=axes)
-    prod = np.zeros(pad)
-    for c in range(v.shape[1]):
-        vc = v[0, c].detach().cpu().numpy().astype(np.float64) * m
-        prod += irfftn(np.abs(rfftn(vc, pad, axes=axes)) ** 2, pad, axes=axes)
-    lag = np.sqrt(
-        sum(
-            g.astype(np.float64) ** 2
-            for g in np.meshgrid(*[np.minimum(np.arange(p), p - np.arange(p)) for p in pad], indexing="ij")
-        )
+    reach = min(shape) // 2
+    # only lags under ``reach`` matter: keep those of each product (float32, a few grid copies)
+    keep = np.ix_(*[np.r_[0:reach, p - reach + 1 : p] for p in pad])
+
+    def lagged(x: np.ndarray) -> np.ndarray:  # sum over pairs at each lag (autocorrelation)
+        return irfftn(np.abs(rfftn(x, pad, axes=axes, workers=1)) ** 2, pad, axes=axes, workers=1)[keep]
+
+    m = known.detach().cpu().numpy().astype(np.float32)
+    pairs = lagged(m).ravel()
+    prod = sum(lagged(v[0, c].detach().cpu().numpy().astype(np.float32) * m) for c in range(v.shape[1]))
+    lag2 = sum(
+        (np.minimum(i, p - i).astype(np.float64) ** 2).reshape([-1 if b == a else 1 for b in axes])
+        for a, (i, p) in enumerate(zip((np.r_[0:reach, p - reach + 1 : p] for p in pad), pad))
     )
-    ring = np.rint(lag).astype(np.int64).ravel()
-    use = (pairs.ravel() > 0.5) & (ring < min(shape) // 2)
-    num = np.bincount(ring[use], prod.ravel()[use], minlength=min(shape) // 2)
-    den = np.bincount(ring[use], pairs.ravel()[use], minlength=min(shape) // 2)
+    ring = np.rint(np.sqrt(lag2)).astype(np.int64).ravel()
+    use = (pairs > 0.5) & (ring < reach)
+    num = np.bincount(ring[use], prod.ravel()[use].astype(np.float64), minlength=reach)
+    den = np.bincount(ring[use], pairs[use].astype(np.float64), minlength=reach)
     if den[0] <= 0 or num[0] <= 0:
         return None
     profile = num / np.maximum(den, 1e-30) / (num[0] / den[0])
