@@ -209,9 +209,10 @@ def register_nephi(
     Settings record whether it ran, ``metrics["coarse_blur_variance"]`` the variances learned.
 
     ``coarse_flat_fill`` (default True): after the coarse stage, the velocity where both images are
-    flat (local RMS gradient below 0.005; none on noisy images) is replaced by a smooth extension of
-    the velocity around it that relaxes towards the global map over the last grid's knot spacing
-    (:mod:`.flatfill`);
+    flat (local RMS gradient below 0.005, or below 0.0015 after a 3-voxel blur, which finds flat
+    regions under noise) is replaced by a smooth extension of the velocity around it that relaxes
+    towards the velocity's mean on the textured part over the length of its own correlation there,
+    at most the last grid's knot spacing (:mod:`.flatfill`);
     labels in lumens and flat backgrounds then move with the tissue around them. False: as before.
 
     ``learning_rate`` and ``code_learning_rate`` (Adam, networks and latent codes) default to
