@@ -107,7 +107,9 @@ DEFAULTS = {
     "plate_penalty": 0.005,  # score lost per plate between a plate and a pose's plate (module docstring)
     "tilt_search": "joint",  # stage 2: every pitch x yaw, then finer; "sequential": pitch, then yaw
     "anchors": 2,  # the first stage's best plates that always get a stage-2 hypothesis
-    "prior_weight": 0.02,  # score lost by a pose whose plate the first stage ranks far (0: none)
+    # score lost by a pose whose plate the first stage ranks far (0: none; the safe setting where the
+    # embedding, trained on synthetic views of the atlas, is not trusted on real sections)
+    "prior_weight": 0.02,
     "region_refine": 0,  # best distinct stage-2 poses refined by the correlation ratio (0: none)
     # tilts searched only for hypotheses whose untilted stage-2 best lies within this much of the
     # best hypothesis's (None: every hypothesis, the default)
