@@ -122,7 +122,9 @@ DEFAULTS = {
 }
 #: Options of a seeded search, for a first stage whose best plate lies within about 2 plates of the
 #: truth: no sweep of the atlas, its best plate and 2 neighbours each side in stage 1, one
-#: hypothesis (plus the anchor) in stage 2. With a simulated first stage off by up to 2 plates
+#: hypothesis (plus the anchor) in stage 2; the other options are :data:`DEFAULTS`', so since
+#: session 16 also ``edge_blur`` and ``prior_weight`` (the numbers below were measured before them).
+#: With a simulated first stage off by up to 2 plates
 #: (benchmarks/atlas_rerank_diagnosis.py --simulate-offset 2) mean rank 1.30 / 1.52 on query seeds
 #: 0 / 1 at 113-138 ms CPU per section (load 3.5-5), against 0.5 s for the defaults. With session
 #: 10's cell vote as the first stage it is not yet that close: 6.98 / 5.98 (partial and combined
