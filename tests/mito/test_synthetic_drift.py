@@ -261,5 +261,14 @@ def test_tissue_drift_moves_the_whole_tissue_with_the_mitochondria():
     assert np.allclose(shifts[0], -shifts[1], atol=0.3)
     # (the flat fill over the mitochondria, where both images agree, pulls the estimate toward 0)
     assert 0.75 * (n - 1) * speed < np.linalg.norm(shifts[1] - shifts[0]) < 1.1 * (n - 1) * speed
+    # the same way as the mitochondria: their mean centroid motion from the first to the last section
+    m = d["unrotated_masks"]
+    ids = sorted(set(np.unique(m[0])) & set(np.unique(m[-1])) - {0})
+    mito = (
+        np.array(ndimage.center_of_mass(m[-1] > 0, m[-1], ids))
+        - np.array(ndimage.center_of_mass(m[0] > 0, m[0], ids))
+    ).mean(0)
+    tissue = (shifts[1] - shifts[0])[::-1]  # phaseCorrelate gives (x, y)
+    assert tissue @ mito > 0.9 * np.linalg.norm(tissue) * np.linalg.norm(mito), (tissue, mito)
     with pytest.raises(InputError, match="organelle_drift"):
         em_stack(2, (64, 64), tissue_drift=True)
