@@ -322,6 +322,41 @@ def _pair_targets(pairs, matrices, current, shape):
     return tuple(np.array(v) for v in out)
 
 
+def _bridges(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Which of the edges ``(a[i], b[i])`` are bridges (on no loop): iterative Tarjan DFS."""
+    adj: dict[int, list[tuple[int, int]]] = {}
+    for i, (u, v) in enumerate(zip(a.tolist(), b.tolist())):
+        adj.setdefault(u, []).append((v, i))
+        adj.setdefault(v, []).append((u, i))
+    disc: dict[int, int] = {}
+    low: dict[int, int] = {}
+    out = np.zeros(len(a), bool)
+    for root in adj:
+        if root in disc:
+            continue
+        disc[root] = low[root] = len(disc)
+        stack = [(root, -1, iter(adj[root]))]
+        while stack:
+            u, via, it = stack[-1]
+            for v, e in it:
+                if e == via:
+                    continue
+                if v in disc:
+                    low[u] = min(low[u], disc[v])
+                else:
+                    disc[v] = low[v] = len(disc)
+                    stack.append((v, e, iter(adj[v])))
+                    break
+            else:
+                stack.pop()
+                if stack:
+                    p = stack[-1][0]
+                    low[p] = min(low[p], low[u])
+                    if low[u] > disc[p]:
+                        out[via] = True
+    return out
+
+
 def _design(pts: np.ndarray) -> np.ndarray:
     """``(2 len(pts), 6)`` rows (y, x) per point of ``u = G p + t`` (:func:`_flow_affine` parameters)."""
     d = np.zeros((2 * len(pts), 6))
@@ -353,8 +388,8 @@ def _joint_affine(n, pairs, matrices, current, shape, reference, prior, keyed=No
     times the ratio of the kinds' squared typical errors: each kind's median residual (the flows' in
     the solve above, the keypoint pairs' in the global solve), the keypoint pairs' times
     ``JOINT_KEYPOINT_SCALE``; a keypoint pair with a residual above its kind's median weighs less in
-    proportion. Pairs without a loop (a chain: no more pairs than sections less one) fit exactly and
-    are left out. Where the keypoint pairs agree closely (undistorted sections: median 0.08 px on
+    proportion. Pairs on no loop (bridges, e.g. a chain) fit exactly, say nothing by their residual,
+    and are left out. Where the keypoint pairs agree closely (undistorted sections: median 0.08 px on
     em_stack) they keep their placement; where they disagree (distorted sections: 1.0 px, each pair
     sees another few mitochondria's local distortion) the flows decide."""
     h, w = shape
@@ -422,8 +457,11 @@ def _joint_affine(n, pairs, matrices, current, shape, reference, prior, keyed=No
         ka, kb, kt, kr = keyed
         use = placed[ka] & placed[kb]
         ka, kb, kt, kr = ka[use], kb[use], kt[use], kr[use]
-    # only pairs with a loop among them have residuals that say something (a chain fits exactly)
-    if len(ka) and len(ka) > len(np.unique(np.r_[ka, kb])) - 1:
+    # only pairs on a loop have residuals that say something (a bridge, e.g. in a chain, fits exactly)
+    if len(ka):
+        loop = ~_bridges(ka, kb)
+        ka, kb, kt, kr = ka[loop], kb[loop], kt[loop], kr[loop]
+    if len(ka):
         # the flows keep their weights; a keypoint pair counts as a flow pair of the same distance
         # times the ratio of the kinds' typical squared errors (each kind's median residual, the
         # keypoint pairs' times JOINT_KEYPOINT_SCALE), less where its own residual is larger
