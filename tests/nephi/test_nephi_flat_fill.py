@@ -96,21 +96,29 @@ def test_flat_voxels_are_the_disc_noisy_or_not_and_faint_texture_stays():
     rng = np.random.default_rng(0)
     for sigma, need in ((0.0, 1.0), (0.02, 0.8)):
         t = torch.as_tensor((img + sigma * rng.standard_normal(img.shape)).astype(np.float32))
-        flat = (flat_share(t[None, None], (48, 48)) >= FLAT_SHARE)[0, 0].numpy()
+        flat = (flat_share(t[None, None], (48, 48), noisy=True) >= FLAT_SHARE)[0, 0].numpy()
         assert flat[core].mean() >= need  # the disc, 8 px inside its edge (the tests' windows see it)
         assert flat[~inner[::2, ::2]].mean() < 0.02  # the gravel is not flat
     cell = transform.resize(data.cell().astype(np.float64), (128, 128), anti_aliasing=True)
     lo, hi = np.percentile(cell, [0.5, 99.5])
     cell = np.clip((cell - lo) / (hi - lo), 0, 1)
     noisy = torch.as_tensor((cell + 0.02 * rng.standard_normal(cell.shape)).astype(np.float32))
-    assert float((flat_share(noisy[None, None], (32, 32)) >= FLAT_SHARE).float().mean()) < 0.2
+    assert float((flat_share(noisy[None, None], (32, 32), noisy=True) >= FLAT_SHARE).float().mean()) < 0.2
+    # fine texture (a sinusoid of wavelength 6 px in the disc) is not flat to the default test; the
+    # blurred test (opt-in) calls it flat, its known limit (session-16 review)
+    yy, xx = np.mgrid[:96, :96]
+    fine = np.where(inner, 0.5 + 0.1 * np.sin(2 * np.pi * xx / 6), img).astype(np.float32)
+    t = torch.as_tensor(fine)[None, None]
+    assert float((flat_share(t, (48, 48)) >= FLAT_SHARE).float().mean()) == 0.0
+    assert float((flat_share(t, (48, 48), noisy=True) >= FLAT_SHARE)[0, 0].numpy()[core].mean()) > 0.5
 
 
 def test_a_noisy_flat_disc_moves_with_its_textured_surroundings():
     """Gravel at 160 px with a flat disc, warped by a random smooth field of 2 % of the size, both
-    images with independent noise 0.02: inside the disc (3 px from its edge) the fill cuts the
-    unfilled coarse stage's error by more than a tenth (before the blurred flatness test nothing of
-    a noisy image was flat and the two were equal). Measured: 1.60 -> 1.18 px (0.74; field seed 4:
+    images with independent noise 0.02: with ``coarse_flat_noisy`` inside the disc (3 px from its
+    edge) the fill cuts the unfilled coarse stage's error by more than a tenth (without the blurred
+    flatness test nothing of a noisy image is flat and the two are equal; the filled disc still
+    moves worse than no registration). Measured: 1.60 -> 1.18 px (0.74; field seed 4:
     1.40 -> 1.12, 0.80; at 4 %, seed 3, 1.49 -> 1.44, 0.97; no registration 1.06)."""
     n = 160
     img, inner = _gravel_with_disc(n)
@@ -120,9 +128,12 @@ def test_a_noisy_flat_disc_moves_with_its_textured_surroundings():
     f, m = ((a + 0.02 * rng.standard_normal(a.shape)).astype(np.float32) for a in (img, moving))
     err = {}
     for fill in (False, True):
-        reg = nn.register(f, m, method="nephi", device="cpu", iterations=0, coarse_flat_fill=fill)
+        reg = nn.register(
+            f, m, method="nephi", device="cpu", iterations=0, coarse_flat_fill=fill, coarse_flat_noisy=True
+        )
         err[fill] = np.sqrt(((reg.transform.displacement() - u) ** 2).sum(0))[inner].mean()
         assert reg.metrics["folds"] == 0
+    assert reg.settings["coarse_flat_noisy"] is True
     assert reg.metrics["coarse_flat_share"] > 0.05  # the disc's core: 8 % of the grid
     assert err[True] < 0.9 * err[False], err
 

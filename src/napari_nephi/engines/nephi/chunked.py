@@ -314,6 +314,7 @@ def optimize_pair(
     finer_level: bool = True,
     match_blur: bool | None = None,
     flat_fill: bool = True,
+    flat_noisy: bool = False,
 ) -> tuple[Maps, list[float]]:
     """The optimise mode on one pair ``(1, 1, *shape)``: coarse stage (``levels > 1``) + NePhi field."""
     shape = tuple(fixed.shape[2:])
@@ -334,6 +335,7 @@ def optimize_pair(
             finer_level=finer_level,
             match_blur=match_blur,
             flat_fill=flat_fill,
+            flat_noisy=flat_noisy,
         )
     field = NeuralDeformationField(cfg).to(fixed.device)
     codes = zero_codes(cfg, local_grid_shape(shape, local_stride), device=fixed.device)
@@ -393,6 +395,7 @@ def register_chunked(
     coarse_finer_level: bool = True,
     coarse_match_blur: bool | None = None,
     coarse_flat_fill: bool = True,
+    coarse_flat_noisy: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Divide-and-downsample registration of ``moving`` onto ``fixed`` (same grid, numpy arrays).
 
@@ -431,6 +434,7 @@ def register_chunked(
         finer_level=coarse_finer_level,
         match_blur=coarse_match_blur,
         flat_fill=coarse_flat_fill,
+        flat_noisy=coarse_flat_noisy,
     )
     del fix_g, mov_g, fm_g, mm_g
     gforward, gbackward = _frozen(gmaps.forward), _frozen(gmaps.backward)

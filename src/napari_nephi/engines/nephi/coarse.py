@@ -316,6 +316,7 @@ def optimize_velocity(
     finer_level: bool = True,
     match_blur: bool | None = None,
     flat_fill: bool = True,
+    flat_noisy: bool = False,
     on_level=None,
 ) -> DenseMaps:
     """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
@@ -404,7 +405,9 @@ def optimize_velocity(
     n_last = len(steps_per) - (2 if finer else 1)  # the first level on the finest grid
     v = None
     # flat shares of both images on the last grid (flatfill), taken before the levels' peak memory
-    flat_shares = [flat_share(t, shapes[-1]) for t in (f_fine, m_fine)] if flat_fill and shapes else None
+    flat_shares = (
+        [flat_share(t, shapes[-1], flat_noisy) for t in (f_fine, m_fine)] if flat_fill and shapes else None
+    )
     # matched-blur variances: [fixed vs warped moving, moving vs warped fixed] x axis (numpy order);
     # started off zero, where relu's gradient would vanish
     # only on images of up to MATCH_BLUR_MAX_VOXELS, compared on their own grid (its memory cost)

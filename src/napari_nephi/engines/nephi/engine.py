@@ -160,6 +160,7 @@ def register_nephi(
     coarse_finer_level: bool = True,
     coarse_match_blur: bool | None = None,
     coarse_flat_fill: bool = True,
+    coarse_flat_noisy: bool = False,
     learning_rate: float | None = None,
     code_learning_rate: float | None = None,
     hidden: int | None = None,
@@ -209,11 +210,13 @@ def register_nephi(
     Settings record whether it ran, ``metrics["coarse_blur_variance"]`` the variances learned.
 
     ``coarse_flat_fill`` (default True): after the coarse stage, the velocity where both images are
-    flat (local RMS gradient below 0.005, or below 0.0015 after a 3-voxel blur, which finds flat
-    regions under noise) is replaced by a smooth extension of the velocity around it that relaxes
-    towards the velocity's mean on the textured part over the length of its own correlation there,
-    at most the last grid's knot spacing (:mod:`.flatfill`);
-    labels in lumens and flat backgrounds then move with the tissue around them. False: as before.
+    flat (local RMS gradient below 0.005) is replaced by a smooth extension of the velocity around
+    it that relaxes towards the velocity's mean on the textured part over the length of its own
+    correlation there, at most the last grid's knot spacing (:mod:`.flatfill`);
+    labels in lumens and flat backgrounds then move with the tissue around them. False: no fill.
+    ``coarse_flat_noisy`` (default False): also count as flat what is flat after a 3-voxel blur
+    (RMS gradient below 0.0015), which finds flat regions under noise (none are found without it at
+    noise 0.01 and more) but also calls texture finer than about 8 voxels flat (session-16 review).
 
     ``learning_rate`` and ``code_learning_rate`` (Adam, networks and latent codes) default to
     :data:`LEARNING_RATES`: a quarter of the rates after a coarse stage, which the field refines.
@@ -436,6 +439,7 @@ def register_nephi(
                 coarse_finer_level=coarse_finer_level,
                 coarse_match_blur=coarse_match_blur,
                 coarse_flat_fill=coarse_flat_fill,
+                coarse_flat_noisy=coarse_flat_noisy,
             )
         global_loss = chunk_info.pop("global_final_loss")
         coarse_info["blur_variance"] = chunk_info.pop("coarse_blur_variance", None)
@@ -464,6 +468,7 @@ def register_nephi(
                     finer_level=coarse_finer_level,
                     match_blur=coarse_match_blur,
                     flat_fill=coarse_flat_fill,
+                    flat_noisy=coarse_flat_noisy,
                     **kw,
                 )
                 coarse_info["blur_variance"] = maps.blur_variance
@@ -607,6 +612,7 @@ def register_nephi(
         "coarse_reg_weight": coarse_reg_weight,
         "coarse_finer_level": coarse_finer_level,
         "coarse_flat_fill": bool(coarse_flat_fill),
+        "coarse_flat_noisy": bool(coarse_flat_noisy),
         "coarse_match_blur": coarse_info.get("blur_variance") is not None,  # whether it ran
         "coarse_shapes": [list(sh) for sh in shapes],
         "coarse_spacings": [float(sp) for sp in coarse_spacings],

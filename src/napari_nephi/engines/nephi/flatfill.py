@@ -75,20 +75,26 @@ def smoothed(image: torch.Tensor, sigma: float = SMOOTH_SIGMA) -> torch.Tensor:
     return s
 
 
-def flat_share(image: torch.Tensor, shape) -> torch.Tensor:
+def flat_share(image: torch.Tensor, shape, noisy: bool = False) -> torch.Tensor:
     """Share ``(1, 1, *shape)`` of the voxels of ``image`` (``(1, 1, *spatial)``, intensities in
     [0, 1]) under each voxel of a ``shape`` grid that are flat: :func:`local_texture` below
-    ``FLAT_GRADIENT``, or that of the image blurred by ``SMOOTH_SIGMA`` (:func:`smoothed`) below
-    ``SMOOTH_GRADIENT``.
+    ``FLAT_GRADIENT``, or, with ``noisy`` (opt-in, engine option ``coarse_flat_noisy``), that of
+    the image blurred by ``SMOOTH_SIGMA`` (:func:`smoothed`) below ``SMOOTH_GRADIENT``.
 
     The first test alone finds no flat voxel on a noisy image (noise 0.01 and more). The second
+    is opt-in because the blur removes texture finer than about 8 voxels whatever its contrast: a
+    disc filled with a sinusoid of wavelength 6 px is flat to it, and filling such a disc took the
+    coarse stage's error there from 0.03 to 0.31 px; scikit-image's moon lost 25-40 % in the 24 %
+    it called flat (session-16 review). The second
     sees the scale the last coarse grid resolves (its voxels are 2 image voxels at 256^2-512^2),
     where the noise has mostly gone, with a threshold low enough not to take faint texture for
     flat: a version whose threshold rose with the image's estimated noise (twice its gradient
     energy) marked 85 % of scikit-image's cell with noise 0.02 flat and lost 20-27 % of its
     accuracy there (session-15 review): the coarse stage pools faint texture under the noise
     over a knot cell."""
-    flat = (local_texture(image) < FLAT_GRADIENT) | (local_texture(smoothed(image)) < SMOOTH_GRADIENT)
+    flat = local_texture(image) < FLAT_GRADIENT
+    if noisy:  # opt-in: it also calls texture finer than ~8 voxels flat (session-16 review)
+        flat |= local_texture(smoothed(image)) < SMOOTH_GRADIENT
     return F.interpolate(flat.float(), size=tuple(shape), mode="area")
 
 
@@ -141,7 +147,8 @@ def correlation_length(v: torch.Tensor, known: torch.Tensor) -> float | None:
     if len(below) == 0:
         return None
     k = int(below[0])
-    half = k - 1 + (profile[k - 1] - 0.5) / (profile[k - 1] - profile[k])
+    j = int(np.nonzero(den[:k] > 0)[0][-1])  # the last ring before k with pairs (ring 0 has some)
+    half = j + (k - j) * (profile[j] - 0.5) / (profile[j] - profile[k])
     return float(half / _matern_half_lag(len(shape)))
 
 
@@ -149,7 +156,9 @@ def fill_flat(v: torch.Tensor, flat: torch.Tensor, spacing: float, info: dict | 
     """The coarse stage's fill: :func:`fill_textureless` of ``v`` on the ``flat`` voxels, relaxing
     towards the mean of ``v`` on the other voxels (not towards the global map), with the length
     :func:`correlation_length` measured on those voxels around that mean, at most ``spacing`` (the
-    last grid's knot spacing, in its voxels; also when no length is measured). Uncapped, the longer
+    last grid's knot spacing, in its voxels; also when no length is measured) and at least half of it
+    (a rough field reads under a voxel, and a fill that drops within one voxel risks folds).
+    Uncapped, the longer
     length measured at 4 % extrapolated the camera's open sky further (issue-13 benchmark, set 10:
     1.37 -> 1.59 px there); the mean instead of the global map brought set 20's sky at 4 % from
     2.02 back to 1.87 (session 15's loss). ``info`` receives the solver's keys and ``length`` (used)
@@ -160,7 +169,7 @@ def fill_flat(v: torch.Tensor, flat: torch.Tensor, spacing: float, info: dict | 
     k = known.to(v.dtype)
     mean = (v * k).sum(dim=tuple(range(2, v.dim())), keepdim=True) / k.sum()
     measured = correlation_length(v - mean, known)
-    length = spacing if measured is None else min(measured, spacing)
+    length = spacing if measured is None else min(max(measured, 0.5 * spacing), spacing)
     if info is not None:
         info.update(length=round(length, 3), measured_length=None if measured is None else round(measured, 3))
     return fill_textureless(v - mean, flat, length, info=info) + mean
