@@ -129,7 +129,7 @@ def test_a_noisy_flat_disc_moves_with_its_textured_surroundings():
     err = {}
     for fill in (False, True):
         reg = nn.register(
-            f, m, method="nephi", device="cpu", iterations=0, coarse_flat_fill=fill, coarse_flat_noisy=True
+            f, m, method="nephi", device="cpu", iterations=0, coarse_flat_fill=fill, coarse_flat_noisy=fill
         )
         err[fill] = np.sqrt(((reg.transform.displacement() - u) ** 2).sum(0))[inner].mean()
         assert reg.metrics["folds"] == 0
@@ -190,3 +190,11 @@ def test_coarse_stage_reports_each_level_and_fills_only_when_asked():
     off, on = runs[False].forward_grid, runs[True].forward_grid
     changed = (off - on).abs().amax(1)[0] > 1e-6
     assert changed[16, 16] and not changed[:4].any() and not changed[:, :4].any()
+
+
+def test_noisy_flatness_without_the_fill_is_refused():
+    """``coarse_flat_noisy`` only chooses what ``coarse_flat_fill`` fills: asked for with the fill
+    off it would do nothing, so it is refused before any work."""
+    img = np.random.default_rng(0).random((32, 32), dtype=np.float32)
+    with pytest.raises(nn.InputError, match=r"coarse_flat_noisy=True.*\(coarse_flat_fill=False\)"):
+        nn.register(img, img, method="nephi", device="cpu", coarse_flat_fill=False, coarse_flat_noisy=True)

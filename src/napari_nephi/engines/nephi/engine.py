@@ -249,6 +249,11 @@ def register_nephi(
         coarse_flat_fill = True
     if mode not in MODES:
         raise InputError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
+    if coarse_flat_noisy and not coarse_flat_fill:  # the blurred test only chooses what the fill fills
+        raise InputError(
+            "coarse_flat_noisy=True changes which regions coarse_flat_fill fills, and the fill is off "
+            "(coarse_flat_fill=False); turn the fill on or leave coarse_flat_noisy off."
+        )
     d = pair.fixed.ndim
     if mode != "optimize" and weights is None:
         weights = default_model(d)
