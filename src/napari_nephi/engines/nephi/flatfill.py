@@ -124,7 +124,8 @@ def correlation_length(v: torch.Tensor, known: torch.Tensor) -> float | None:
     pad = [2 * n for n in shape]
     reach = min(shape) // 2
     # only lags under ``reach`` matter: keep those of each product (float32, a few grid copies)
-    keep = np.ix_(*[np.r_[0:reach, p - reach + 1 : p] for p in pad])
+    lags = [np.r_[0:reach, p - reach + 1 : p] for p in pad]  # per axis: indices of lags 0..reach-1, -1..
+    keep = np.ix_(*lags)
 
     def lagged(x: np.ndarray) -> np.ndarray:  # sum over pairs at each lag (autocorrelation)
         return irfftn(np.abs(rfftn(x, pad, axes=axes, workers=1)) ** 2, pad, axes=axes, workers=1)[keep]
@@ -134,7 +135,7 @@ def correlation_length(v: torch.Tensor, known: torch.Tensor) -> float | None:
     prod = sum(lagged(v[0, c].detach().cpu().numpy().astype(np.float32) * m) for c in range(v.shape[1]))
     lag2 = sum(
         (np.minimum(i, p - i).astype(np.float64) ** 2).reshape([-1 if b == a else 1 for b in axes])
-        for a, (i, p) in enumerate(zip((np.r_[0:reach, p - reach + 1 : p] for p in pad), pad))
+        for a, (i, p) in enumerate(zip(lags, pad))
     )
     ring = np.rint(np.sqrt(lag2)).astype(np.int64).ravel()
     use = (pairs > 0.5) & (ring < reach)
