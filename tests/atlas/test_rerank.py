@@ -499,3 +499,21 @@ def test_edge_blur_cuts_are_cached_apart(toy_reference):
     fresh = PoseSearch(Plates.from_reference(reference, labels)).search(section, order, opts)
     assert after.ranking == fresh.ranking
     assert abs(fresh.ranking[0][0] - 20) <= PLATE_TOLERANCE
+
+
+def test_batched_oblique_cuts_equal_cuts_made_one_at_a_time(toy_reference):
+    """Oblique cuts sampled and transformed together (session 17's speed-up) are, bit for bit, the
+    cuts of the same specs made one by one, with the tilts and plate positions asked for."""
+    from napari_nephi.engines.atlas.pose_grid import AtlasGrid, SectionGrid
+
+    reference, labels = toy_reference
+    atlas = AtlasGrid(Plates.from_reference(reference, labels), 32)
+    grey = reference[20].astype(np.float32) / reference.max()
+    grid = SectionGrid(grey, grey > 0.05, 32, blur=1.2)
+    specs = [(19.0, (0.0, 6.0)), (20.0, (-6.0, 3.0)), (21.5, (12.0, -12.0))]
+    pivot = atlas.centres[20] + np.array([1.5, -2.0])
+    together = grid.oblique_cuts(atlas, specs, pivot, 1.1)
+    for cut, (z, tilt) in zip(together, specs, strict=True):
+        alone = grid.oblique_cut(atlas, z, tilt, pivot, 1.1)
+        assert (cut.z, cut.tilt) == (z, tilt) == (alone.z, alone.tilt)
+        assert torch.equal(cut.fft, alone.fft)

@@ -12,6 +12,7 @@ by that many grid pixels, so region boundaries count more against fine texture (
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass
@@ -80,14 +81,22 @@ def field(image: np.ndarray, weight: np.ndarray, blur: float = 0.0) -> tuple[np.
 def _field(image: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     gy = cv2.Sobel(image, cv2.CV_32F, 0, 1, ksize=3)
     gx = cv2.Sobel(image, cv2.CV_32F, 1, 0, ksize=3)
-    mag2 = gx * gx + gy * gy
-    on = mag2[weight > 0]
+    gx2, gy2 = gx * gx, gy * gy
+    mag2 = gx2 + gy2
+    inside = weight > 0
+    on = mag2[inside]
     ref = 0.0
     if on.size:  # 90th percentile of the magnitude (nearest rank)
         ref = math.sqrt(float(np.partition(on, int(0.9 * (on.size - 1)))[int(0.9 * (on.size - 1))]))
     eps2 = max((EDGE_EPS * ref) ** 2, 1e-12)
-    scale = np.where(weight > 0, weight / (mag2 + eps2), 0.0)
-    return ((gx * gx - gy * gy) * scale).astype(np.float32), ((2 * gx * gy) * scale).astype(np.float32)
+    mag2 += np.float32(eps2)
+    scale = np.where(inside, weight / mag2, np.float32(0.0))
+    gx2 -= gy2
+    gx2 *= scale
+    gx *= 2
+    gx *= gy
+    gx *= scale
+    return gx2.astype(np.float32, copy=False), gx.astype(np.float32, copy=False)
 
 
 def dilate(mask: np.ndarray, radius: int = 1) -> np.ndarray:
@@ -110,12 +119,19 @@ def rotation_matrix(degrees: float) -> np.ndarray:
 
 def plane(tilt: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     """Unit (z, y, x) vectors along the rows and columns of a cut tilted by ``(pitch, yaw)``
-    (see :class:`Pose`); ``(0, 0)`` gives a plate's own axes."""
-    a, b = (math.radians(t) for t in tilt)
-    pitch = np.array([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]])
-    yaw = np.array([[math.cos(b), 0.0, math.sin(b)], [0.0, 1.0, 0.0], [-math.sin(b), 0.0, math.cos(b)]])
-    turn = yaw @ pitch
-    return turn @ np.array([0.0, 1.0, 0.0]), turn @ np.array([0.0, 0.0, 1.0])
+    (see :class:`Pose`); ``(0, 0)`` gives a plate's own axes. Cached (read-only arrays)."""
+    return _plane(float(tilt[0]), float(tilt[1]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _plane(pitch: float, yaw: float) -> tuple[np.ndarray, np.ndarray]:
+    a, b = math.radians(pitch), math.radians(yaw)
+    turn_a = np.array([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    turn_b = np.array([[math.cos(b), 0.0, math.sin(b)], [0.0, 1.0, 0.0], [-math.sin(b), 0.0, math.cos(b)]])
+    turn = turn_b @ turn_a
+    rows, cols = turn @ np.array([0.0, 1.0, 0.0]), turn @ np.array([0.0, 0.0, 1.0])
+    rows.flags.writeable = cols.flags.writeable = False
+    return rows, cols
 
 
 def extent(mask: np.ndarray) -> np.ndarray:
@@ -151,6 +167,7 @@ class Correlator:
         self.allowed[np.ix_(*kept)] = True
         if self.rows is not None:
             self.allowed = self.allowed[self.rows]
+        self.skip = ~self.allowed
 
     def fft(self, stack: np.ndarray) -> torch.Tensor:
         """2D real FFTs of a stack of canvases, zero-padded."""
@@ -163,7 +180,11 @@ class Correlator:
 
     def slice(self, re: np.ndarray, im: np.ndarray, mask: np.ndarray) -> torch.Tensor:
         """FFTs of an atlas slice: field parts, field energy per pixel, tissue mask."""
-        return self.fft(np.stack([re, im, re * re + im * im, mask]))
+        return self.slices([(re, im, mask)])[0]
+
+    def slices(self, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> torch.Tensor:
+        """:meth:`slice` of several slices ``(re, im, mask)`` at once: (N, 4, ...)."""
+        return self.fft(np.stack([np.stack([re, im, re * re + im * im, mask]) for re, im, mask in parts]))
 
     def best(self, fa, ea, na, fb) -> tuple[torch.Tensor, torch.Tensor]:
         """Best score and its flat shift index of every pair of section variants ``fa`` (R, 3, ...)
@@ -178,9 +199,12 @@ class Correlator:
             out = torch.fft.irfft(torch.fft.ifft(spec, dim=-2)[..., self.rows, :], n=self.pad[1], dim=-1)
         num, energy, overlap = out.unbind(2)  # (C, R, rows, columns)
         ea, na = ea[None, :, None, None], na[None, :, None, None]
-        share = overlap / na
-        score = num / torch.sqrt(ea * energy.clamp_min(1e-3 * ea) + 1e-12) * share.clamp(0, 1)
-        score = torch.where(self.allowed & (share >= MIN_OVERLAP), score, torch.tensor(-2.0))
+        # num / sqrt(ea * max(energy, 1e-3 ea) + 1e-12) * clamp(share, 0, 1), in place (fewer
+        # temporaries, the same arithmetic); -2 where the shift is not searched or overlaps too little
+        share = overlap.div_(na)
+        skip = (share >= MIN_OVERLAP).logical_not_().logical_or_(self.skip)
+        score = num.div_(energy.clamp_min_(1e-3 * ea).mul_(ea).add_(1e-12).sqrt_()).mul_(share.clamp_(0, 1))
+        score.masked_fill_(skip, -2.0)
         value, index = score.flatten(2).max(dim=2)
         if self.rows is None:
             return value, index
@@ -226,7 +250,9 @@ class AtlasGrid:
         shape = points.shape[:-3]
         pts = points.reshape(-1, 3, *points.shape[-2:])
         size = np.array(self.volume.shape, dtype=np.float64)
-        norm = 2.0 * pts / np.maximum(size - 1, 1)[None, :, None, None] - 1.0  # (N, 3, h, w)
+        norm = pts * 2.0  # (N, 3, h, w) -> 2 pts / (size - 1) - 1
+        norm /= np.maximum(size - 1, 1)[None, :, None, None]
+        norm -= 1.0
         grid = torch.from_numpy(norm[:, ::-1].transpose(0, 2, 3, 1).astype(np.float32))  # (N, h, w, xyz)
         out = torch.nn.functional.grid_sample(
             self._torch_volume, grid[None], mode="bilinear", padding_mode="zeros", align_corners=True
@@ -341,25 +367,22 @@ class SectionGrid:
         pivot = np.asarray(pivot, dtype=np.float64)
         r = (np.arange(self.canvas[0]) - self.centre[0]) * step
         c = (np.arange(self.canvas[1]) - self.centre[1]) * step
-        pts = []
-        for z, tilt in specs:
-            e_row, e_col = plane(tilt)
-            p = e_row[:, None, None] * r[None, :, None] + e_col[:, None, None] * c[None, None, :]
-            p[0] += z
-            p[1] = (p[1] + pivot[0]) / atlas.factor
-            p[2] = (p[2] + pivot[1]) / atlas.factor
-            pts.append(p)
+        axes = np.array([plane(tilt) for _, tilt in specs])  # (N, 2: rows / columns, 3: z, y, x)
+        p = (
+            axes[:, 0, :, None, None] * r[None, None, :, None]
+            + axes[:, 1, :, None, None] * c[None, None, None, :]
+        )
+        p[:, 0] += np.array([z for z, _ in specs], dtype=np.float64)[:, None, None]
+        p[:, 1] = (p[:, 1] + pivot[0]) / atlas.factor
+        p[:, 2] = (p[:, 2] + pivot[1]) / atlas.factor
         # the base volume is about as fine as the canvas (AtlasGrid of the same work size): no blur
-        img, msk = atlas.sample(np.stack(pts))
+        img, msk = atlas.sample(p)
+        ffts = self.corr.slices(
+            [(*field(i, dilate(m), self.blur), m.astype(np.float32)) for i, m in zip(img, msk > 0.5)]
+        )
         return [
-            Cut(
-                self.corr.slice(*field(i, dilate(m), self.blur), m.astype(np.float32)),
-                float(z),
-                (float(tilt[0]), float(tilt[1])),
-                pivot,
-                step,
-            )
-            for i, m, (z, tilt) in zip(img, msk > 0.5, specs, strict=True)
+            Cut(fft, float(z), (float(tilt[0]), float(tilt[1])), pivot, step)
+            for fft, (z, tilt) in zip(ffts, specs, strict=True)
         ]
 
     def oblique_cut(self, atlas: AtlasGrid, z: float, tilt, pivot, scale: float) -> Cut:
