@@ -180,3 +180,31 @@ def test_a_default_global_map_that_loses_the_overlap_is_dropped():
         assert reg.metrics["initial_overlap"] < 0.7
     assert "global stage was dropped" in notes[None] and "dropped" not in notes["rigid"]
     assert error[None] < 0.2 * error["rigid"]
+
+
+@pytest.mark.parametrize("with_callback", [False, True])
+def test_the_global_stage_makes_previews_only_for_a_caller_that_shows_them(monkeypatch, with_callback):
+    """The affine engine's preview samples every voxel of its level (at 256^3 the finest level's took
+    about 500 MiB); without a progress callback it must not be made at all."""
+    from napari_nephi.engines.affine import engine as affine_engine
+
+    made = []
+    original = affine_engine._Preview.__call__
+
+    def counting(self, matrix):
+        out = original(self, matrix)
+        made.append(out is not None)
+        return out
+
+    monkeypatch.setattr(affine_engine._Preview, "__call__", counting)
+    fixed = _camera(48)
+    moving, _ = _rigid(fixed, 0.0, (2.0, 1.0))
+    events = []
+    progress = events.append if with_callback else None
+    nn.register(
+        fixed, moving, method="nephi", device="cpu", iterations=2, coarse_iterations=2, progress=progress
+    )
+    assert made, "the affine stage ran no loss evaluation"
+    assert any(made) == with_callback
+    if with_callback:
+        assert any(e.preview is not None for e in events if e.stage.startswith("rigid"))

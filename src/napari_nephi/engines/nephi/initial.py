@@ -65,6 +65,21 @@ def overlap_share(matrix: np.ndarray, fixed_shape, moving_shape, fixed_mask=None
     return float(inside.mean())
 
 
+class _Forwarding(Progress):
+    """The affine engine's progress, forwarded to ``outer``: it asks for a preview only when
+    ``outer`` does. (A plain :class:`Progress` with a callback asks every 0.5 s, and the affine
+    engine's preview samples every voxel of its level: at 256^3 the finest level's preview took
+    about 500 MiB, the run's peak, whenever the timer happened to fall on that level.)"""
+
+    def __init__(self, callback, outer: Progress):
+        super().__init__(callback)
+        self.outer = outer
+
+    @property
+    def wants_preview(self) -> bool:
+        return self.outer.wants_preview
+
+
 def run_global_stage(
     pair: Pair, kind: str, remaining_steps: int, resample: bool = True, min_overlap: float = 0.0
 ) -> GlobalStage:
@@ -87,7 +102,7 @@ def run_global_stage(
         total = event.total + remaining_steps
         outer.step(done["steps"], total, event.loss, stage=f"{kind} ({event.stage})", preview=preview)
 
-    inner = replace(pair, progress=Progress(forward), notes=[])
+    inner = replace(pair, progress=_Forwarding(forward, outer), notes=[])
     reg = register_affine(inner, kind=kind)
     t = reg.transform
     share = overlap_share(t.matrix, pair.fixed.shape, pair.moving.shape, pair.fixed_mask)
