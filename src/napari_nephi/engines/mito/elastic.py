@@ -56,6 +56,12 @@ JOINT_PRIOR = 0.1
 #: 3.0 / 4.5 / 6.0 give Dice 0.976 / 0.976 / 0.976 (undistorted) and 0.962 / 0.964 / 0.964
 #: (distorted) on 40 sections of seed 3, never used in development.
 JOINT_KEYPOINT_SCALE = 4.5
+#: Half-width in sections of the window over which the joint solve takes each kind's typical
+#: residual for a keypoint pair (a stack-wide median let the distorted part of a stack decide for
+#: the rest, review R6 of session 16).
+JOINT_WINDOW = 8.0
+#: A flow pair ``d`` sections apart weighs ``1 / d**JOINT_DISTANCE_POWER`` (its error grows with ``d``).
+JOINT_DISTANCE_POWER = 2.0
 
 
 def _scaled(matrix: np.ndarray, s: float) -> np.ndarray:
@@ -101,6 +107,7 @@ def elastic_fields(
     reference: int = 0,
     prior: float = JOINT_PRIOR,
     pairs: Sequence[tuple[int, int, np.ndarray, float]] = (),
+    rois: Callable[[int], np.ndarray] | None = None,
 ) -> np.ndarray:
     """Smooth per-section displacement fields ``(n, gh, gw, 2)`` (aligned (y, x) pixels).
 
@@ -118,8 +125,12 @@ def elastic_fields(
     (the flows minus their pairs' affine fits). ``pairs`` (joint only): the keypoint pair maps
     ``(a, b, matrix, residual)`` that placed the sections (``matrix`` from section ``a`` to section
     ``b`` coordinates, ``residual`` its RMS disagreement in pixels with the placement of all pairs),
-    further observations of the same solve (:func:`_joint_affine`). ``"local"``: every section's
-    whole field from the median (sessions 11-14).
+    further observations of the same solve (:func:`_joint_affine`). ``rois`` (joint only): ``rois(k)``
+    is section ``k``'s region of interest (the dilated mitochondria masks, 0/1 of the section's
+    shape); a pair's affine fit then takes its rotation and translation from the textured pixels
+    inside either section's region (the keypoints' landmarks), its scale and shear from all
+    textured pixels (:func:`_on_landmarks`). ``"local"``:
+    every section's whole field from the median (sessions 11-14).
     """
     n = len(matrices)
     h, w = (int(v) for v in shape)
@@ -131,10 +142,13 @@ def elastic_fields(
     total = np.zeros((n, 6))  # the affine part of the fields so far (joint): G (2 x 2) and t
     for _ in range(max(1, iterations)):  # each pass starts from the previous fields
         update, flows = _pass(
-            read, matrices, fields, s, work, (gh, gw), radius, smooth, step, max(1, workers), joint, (h, w)
+            read, matrices, fields, s, work, (gh, gw), radius, smooth, step, max(1, workers), joint, (h, w),
+            rois if joint else None,
         )  # fmt: skip
         if joint:
-            keyed = _pair_targets(pairs, matrices, total, (h, w))
+            # the keypoint targets less the affine part of the whole fields so far, median step included,
+            # as the flows see them (review R7)
+            keyed = _pair_targets(pairs, matrices, _affine_fit(fields, (h, w)), (h, w))
             x = _joint_affine(n, flows, matrices, total, (h, w), reference, prior, keyed)
             total += x
             update += _affine_at_nodes(x, (h, w), (gh, gw))
@@ -142,7 +156,9 @@ def elastic_fields(
     return fields
 
 
-def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers, joint=False, shape=None):
+def _pass(
+    read, matrices, current, s, work, grid, radius, smooth, step, workers, joint=False, shape=None, rois=None
+):
     """One relaxation pass: the field update of every section given the ``current`` fields, and
     (``joint``) the affine fit of every pair's flow (:func:`_flow_affine`, ``{(a, b): (params,
     weight)}``; else empty), whose dense field is then taken off the flows before the median.
@@ -152,12 +168,13 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers,
     direction is its negative (exact to first order for the smooth, small flows between
     aligned neighbours). Two sections that only have each other take half steps (full
     steps would swap them). Only the resampled work images and the flows of a block and its
-    ``radius`` margins are kept."""
+    ``radius`` margins are kept. ``rois`` (joint): the sections' regions for the affine fits."""
     n = len(matrices)
     images: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     flows: dict[tuple[int, int], np.ndarray] = {}
     affines: dict[tuple[int, int], tuple[np.ndarray, float]] = {}
     textured: dict[int, np.ndarray] = {}  # joint: where each image has texture (once per image)
+    regions: dict[int, np.ndarray] = {}  # joint with rois: each image's region of interest
     unfitted: set[tuple[int, int]] = set()  # joint: pairs without an affine fit (left out of the median)
     fields = np.zeros_like(current)
     local = threading.local()
@@ -170,6 +187,8 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers,
         if joint:
             where = (images[a][1] & images[b][1]).astype(bool) & textured[a] & textured[b]
             fit = _flow_affine(f, where, s, shape)
+            if rois is not None and fit is not None:
+                fit = (_on_landmarks(f, where & (regions[a] | regions[b]), s, shape, fit[0]), fit[1])
             if fit is None:  # its full flow would mix with the others' residuals in the median
                 unfitted.add(pair)
             else:
@@ -211,6 +230,7 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers,
             for old in [j for j in images if j not in needed]:
                 del images[old]
                 textured.pop(old, None)
+                regions.pop(old, None)
             for old in [p for p in flows if p[0] < start - radius]:
                 del flows[old]
             todo = [j for j in needed if j not in images]
@@ -220,6 +240,9 @@ def _pass(read, matrices, current, s, work, grid, radius, smooth, step, workers,
                 images[j] = res
                 if joint:
                     textured[j] = _textured(res[0])
+                if rois is not None:
+                    roi = (np.asarray(rois(j)) > 0).astype(np.uint8) * np.uint8(255)
+                    regions[j] = _aligned_work(roi, matrices[j], s, work, current[j])[0] > 127
             pairs = {
                 (min(k, j), max(k, j))
                 for k in range(start, stop)
@@ -276,6 +299,24 @@ def _flow_affine(flow: np.ndarray, valid: np.ndarray, s: float, shape, every: in
     return params, float(len(ys)) / valid[::every, ::every].size
 
 
+def _on_landmarks(flow: np.ndarray, region: np.ndarray, s: float, shape, whole: np.ndarray) -> np.ndarray:
+    """The affine fit ``whole`` of a pair's flow with its rotation and translation taken from the
+    fit over ``region`` (the landmarks), its scale and shear kept (a few clustered landmarks
+    determine those poorly); ``whole`` where the region holds too few pixels. The translation is
+    the one that keeps the landmark fit's displacement at the region's centroid."""
+    fit = _flow_affine(flow, region, s, shape)
+    if fit is None:
+        return whole
+    g_roi, g = fit[0][:4].reshape(2, 2), whole[:4].reshape(2, 2)
+    spin = 0.5 * ((g_roi[0, 1] - g_roi[1, 0]) - (g[0, 1] - g[1, 0]))
+    out = g + np.array([[0.0, spin], [-spin, 0.0]])
+    ys, xs = np.nonzero(region)
+    cy, cx = _centred(shape, region.shape, s)
+    c = np.array([cy[ys].mean(), cx[xs].mean()])
+    t = fit[0][4:] + (g_roi - out) @ c
+    return np.r_[out.ravel(), t]
+
+
 def _affine_yx(params: np.ndarray, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(u_y, u_x)`` of the affine fields ``params`` (``(..., 6)``, :func:`_flow_affine`) on the
     grid of centred coordinates ``y`` x ``x``: arrays ``(..., len(y), len(x))``."""
@@ -298,6 +339,18 @@ def _affine_at_nodes(x: np.ndarray, shape, grid) -> np.ndarray:
     ny = np.arange(gh) * ((h - 1) / max(gh - 1, 1)) - (h - 1) / 2
     nx = np.arange(gw) * ((w - 1) / max(gw - 1, 1)) - (w - 1) / 2
     return np.stack(_affine_yx(x, ny, nx), -1).astype(np.float32)
+
+
+def _affine_fit(fields: np.ndarray, shape) -> np.ndarray:
+    """``(n, 6)`` least-squares affine fits (:func:`_flow_affine` parameters) of the ``fields``
+    over their grid nodes."""
+    h, w = shape
+    n, gh, gw = fields.shape[:3]
+    ny = np.arange(gh) * ((h - 1) / max(gh - 1, 1)) - (h - 1) / 2
+    nx = np.arange(gw) * ((w - 1) / max(gw - 1, 1)) - (w - 1) / 2
+    yy, xx = np.meshgrid(ny, nx, indexing="ij")
+    d = _design(np.stack([yy.ravel(), xx.ravel()], 1))
+    return np.linalg.lstsq(d, fields.reshape(n, -1).T.astype(np.float64), rcond=None)[0].T
 
 
 def _pair_targets(pairs, matrices, current, shape):
@@ -402,7 +455,7 @@ def _joint_affine(n, pairs, matrices, current, shape, reference, prior, keyed=No
     a = np.array([k[0] for k in keys], dtype=np.int64)
     b = np.array([k[1] for k in keys], dtype=np.int64)
     target = np.array([d @ pairs[k][0] for k in keys]).reshape(len(keys), -1)
-    base = np.array([pairs[k][1] / (k[1] - k[0]) ** 2 for k in keys])
+    base = np.array([pairs[k][1] / (k[1] - k[0]) ** JOINT_DISTANCE_POWER for k in keys])
     placed = np.zeros(n, bool)
     placed[a], placed[b] = True, True
     # the prior's targets: minus each section's current scale and shear (symmetric part of the polar
@@ -466,14 +519,14 @@ def _joint_affine(n, pairs, matrices, current, shape, reference, prior, keyed=No
     if len(ka):
         # the flows keep their weights; a keypoint pair counts as a flow pair of the same distance
         # times the ratio of the kinds' typical squared errors (each kind's median residual, the
-        # keypoint pairs' times JOINT_KEYPOINT_SCALE), less where its own residual is larger
-        m_key = max(float(np.median(kr)) if len(kr) else 0.0, 1e-3)
-        ratio = (float(np.median(res)) / (JOINT_KEYPOINT_SCALE * m_key)) ** 2
-        unit = (
-            float(np.median((base * robust)[b - a == 1]))
-            if np.any(b - a == 1)
-            else float(np.median(base * robust))
-        )
+        # keypoint pairs' times JOINT_KEYPOINT_SCALE), less where its own residual is larger. The
+        # typical values are taken over the pairs within JOINT_WINDOW sections of each keypoint pair,
+        # so a stack distorted in one part keeps its undistorted part's placement (review R6)
+        at, mid = 0.5 * (ka + kb), 0.5 * (a + b)
+        m_key = np.maximum(_local_median(at, kr, at, JOINT_WINDOW), 1e-3)
+        ratio = (_local_median(mid, res, at, JOINT_WINDOW) / (JOINT_KEYPOINT_SCALE * m_key)) ** 2
+        near = b - a == 1 if np.any(b - a == 1) else np.ones(len(a), bool)
+        unit = _local_median(mid[near], (base * robust)[near], at, JOINT_WINDOW)
         w_key = unit * ratio * np.minimum(1.0, m_key / np.maximum(kr, 1e-3)) / (kb - ka) ** 2
         wgt = np.r_[base * robust, w_key]
         solve(np.r_[a, ka], np.r_[b, kb], np.r_[target, kt], wgt, robust_prior)
@@ -483,6 +536,17 @@ def _joint_affine(n, pairs, matrices, current, shape, reference, prior, keyed=No
         x[idx, 2] -= rot
         x[idx, 4:] -= x[reference, 4:]
     return x
+
+
+def _local_median(mid: np.ndarray, values: np.ndarray, at: np.ndarray, window: float) -> np.ndarray:
+    """The median of the ``values`` whose ``mid`` (a pair's middle section) is within ``window``
+    sections of each of ``at`` (of all ``values`` where none is)."""
+    order = np.argsort(mid, kind="stable")
+    ms, vs = mid[order], values[order]
+    lo = np.searchsorted(ms, at - window, "left")
+    hi = np.searchsorted(ms, at + window, "right")
+    whole = float(np.median(values))
+    return np.array([float(np.median(vs[i:j])) if j > i else whole for i, j in zip(lo, hi)])
 
 
 def _to_grid(u: np.ndarray, valid: np.ndarray, grid, smooth: float) -> np.ndarray:
