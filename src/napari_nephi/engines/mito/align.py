@@ -226,6 +226,13 @@ class _Sections:
             m = cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
         return m & valid
 
+    def region(self, k: int) -> np.ndarray:
+        """Section ``k``'s keypoint region (:meth:`keypoint_mask`) at the section's own size, 0/1."""
+        work, _, valid = self.work_image(k)
+        m = self.keypoint_mask(k, work, valid)
+        h, w = (int(v) for v in self.stack.shape[1:])
+        return m if m.shape == (h, w) else cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
+
     def features(self, k: int) -> ft.Features:
         o = self.opts
         work, smooth, valid = self.work_image(k)
@@ -994,6 +1001,7 @@ def align_stack(
             lambda k: to_uint8(read_section(stack, k), *intensity), matrices, (h, w), elastic_spacing,
             elastic_radius, min(1.0, opts.scale), step=lambda k: prog.check(), iterations=elastic_iterations,
             workers=workers, solver=elastic_solver, reference=ref, pairs=placed_by,
+            rois=sections.region if opts.use_masks else None,
         )  # fmt: skip
         if late_detrend:
             matrices, drift_info = _detrended_elastic(matrices, fields, (h, w), ref, rows, drift_window)
