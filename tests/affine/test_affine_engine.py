@@ -250,6 +250,38 @@ def test_progress_previews_are_on_the_level_grid(camera128):
         assert shape == tuple(int(np.ceil(128 / z)) for z in zoom)
 
 
+def test_large_levels_are_previewed_on_a_coarser_grid(camera128, monkeypatch):
+    """Over PREVIEW_VOXELS a level is previewed on a strided grid: the fixed image there, under identity."""
+    from napari_nephi.engines.affine import engine as affine_engine
+
+    monkeypatch.setattr(affine_engine, "PREVIEW_VOXELS", 900)
+    previews = []
+
+    def callback(ev):
+        if ev.preview is not None:
+            previews.append((ev.preview, np.asarray(ev.extra["preview_zoom"])))
+
+    nn.register(camera128, camera128.copy(), kind="translation", progress=callback)
+    assert previews, "no preview was sent"
+    assert max(z.max() for _, z in previews) >= 4  # the finest level (zoom 1) was strided
+    for img, zoom in previews:
+        assert img.size <= 900
+        assert img.shape == tuple(int(np.ceil(128 / z)) for z in zoom)
+    img, zoom = previews[-1]
+    centres = [np.minimum((np.arange(n) + 0.5) * z - 0.5, 127) for n, z in zip(img.shape, zoom)]
+    expected = ndi.map_coordinates(camera128, np.meshgrid(*centres, indexing="ij"), order=1)
+    assert np.corrcoef(img.ravel(), expected.ravel())[0, 1] > 0.9
+
+
+def test_preview_stride_halves_the_largest_axes_first():
+    from napari_nephi.engines.affine.engine import preview_stride
+
+    assert preview_stride((256, 256, 256), 2**21).tolist() == [2, 2, 2]
+    assert preview_stride((256, 64, 64), 2**18).tolist() == [4, 1, 1]
+    assert preview_stride((100, 100), 10**4).tolist() == [1, 1]
+    assert preview_stride((5,), 1).tolist() == [8]
+
+
 def test_cancel_stops_at_the_step_it_is_set(camera128):
     events = []
     cancel = threading.Event()

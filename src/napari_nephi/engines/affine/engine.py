@@ -53,6 +53,8 @@ CANDIDATES = 3
 CANDIDATE_STEPS = 25
 #: Loss of a map under which the images do not overlap (every similarity loss is at most 2).
 NO_OVERLAP = 4.0
+#: Most voxels of a progress preview; a larger level is previewed on a coarser grid.
+PREVIEW_VOXELS = 2**21
 
 
 @register_engine("affine", description="Linear: translation, rigid, similarity or affine; fast")
@@ -408,20 +410,55 @@ def _weighted_loss(name: str, f: torch.Tensor, m: torch.Tensor, w: torch.Tensor,
 
 
 class _Preview:
-    """The moving level warped onto the fixed level grid, when the progress callback wants one."""
+    """The moving level warped onto the fixed level grid, when the progress callback wants one.
+
+    A level of more than ``PREVIEW_VOXELS`` voxels is previewed on a grid coarser by a power of two
+    per axis (``zoom``), so a 256^3 level does not cost its every voxel's points on top of the run.
+    """
 
     def __init__(self, level: Level, to_fixed: np.ndarray, pair: Pair):
         self.level, self.to_fixed, self.progress = level, to_fixed, pair.progress
+        self.stride = preview_stride(level.shape, PREVIEW_VOXELS)
+        self.zoom = np.asarray(level.zoom, float) * self.stride
         self._loss = None
+
+    def _build(self) -> tuple[_LevelLoss, tuple[int, ...], torch.Tensor | None]:
+        if (self.stride == 1).all():
+            return _LevelLoss(self.level, self.to_fixed, "ncc", None), tuple(self.level.shape), None
+        shape = tuple(int(math.ceil(n / s)) for n, s in zip(self.level.shape, self.stride))
+        device = self.level.fixed.device
+        axes = [
+            ((torch.arange(m, dtype=torch.float32) + 0.5) * float(s) - 0.5).clamp(max=n - 1).to(device)
+            for m, s, n in zip(shape, self.stride, self.level.shape)
+        ]
+        vox = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(shape))
+        inside = None
+        if self.level.fixed_mask is not None:
+            inside = sample_moving(self.level.fixed_mask, to_unit(vox, self.level.shape)) > 0.5
+        return _LevelLoss(self.level, self.to_fixed, "ncc", vox), shape, inside
 
     def __call__(self, matrix: torch.Tensor):
         if not self.progress.wants_preview:
             return None
         if self._loss is None:
-            self._loss = _LevelLoss(self.level, self.to_fixed, "ncc", None)
+            self._loss = self._build()
+        loss, shape, inside = self._loss
         with torch.no_grad():
-            vals, w = self._loss.warped(matrix.detach())
-        return (vals * (w > 0)).reshape(self.level.shape).cpu().numpy()
+            vals, w = loss.warped(matrix.detach())
+        keep = w > 0 if inside is None else (w > 0) & inside
+        return (vals * keep).reshape(shape).cpu().numpy()
+
+
+def preview_stride(shape, max_voxels: int) -> np.ndarray:
+    """Power-of-two stride per axis (largest axes first) leaving at most ``max_voxels`` grid points."""
+    stride = np.ones(len(shape), int)
+    counts = np.asarray(shape, float)
+    while np.prod(np.ceil(counts / stride)) > max_voxels:
+        axis = int(np.argmax(np.ceil(counts / stride)))
+        if np.ceil(counts[axis] / stride[axis]) <= 1:
+            break
+        stride[axis] *= 2
+    return stride
 
 
 class _Budget(Exception):
@@ -469,7 +506,7 @@ class _Optimiser:
             if value < best[0]:
                 best[0], best[1] = value, [p.detach().clone() for p in params]
             img = None if preview is None else preview(matrix)
-            self.steps.step(value, stage, img, None if preview is None else preview.level.zoom)
+            self.steps.step(value, stage, img, None if preview is None else preview.zoom)
             return loss
 
         try:
