@@ -28,6 +28,9 @@ Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, importe
   size) and rotated by 5 degrees about its centre. Reported: EPE, the Jacobian determinant's range
   and NePhi's inverse consistency ``|phi_inv(phi(x)) - x|`` (mean, max), all 32 px (scaled) inside
   the border. The moving image takes the edge value outside the frame (no black strip).
+  ``--global-images camera retina`` adds other images, ``--global-orders 1 3`` a moving image
+  resampled by cubic splines besides the default linear one (whose blur, set by the sub-pixel part
+  of the map, the deformable stages fit at strong edges).
 
 ``--noise SIGMA``: independent Gaussian noise of that standard deviation (intensities in [0, 1])
 added to both images of every case (seeded by the case), the warp made from the noise-free image;
@@ -127,9 +130,13 @@ def make_case(name: str, amplitude: float, size: int, seed: int) -> dict:
     )
 
 
-def global_cases(size: int) -> list[dict]:
-    """The camera shifted by (7.5, -4) px (at 512) and rotated by 5 degrees about its centre."""
-    fixed, _ = load("camera", size)
+def global_cases(size: int, image: str = "camera", order: int = 1) -> list[dict]:
+    """``image`` shifted by (7.5, -4) px (at 512) and rotated by 5 degrees about its centre, the
+    moving image resampled with spline ``order`` (1: linear, which blurs it by an amount set by the
+    sub-pixel part of the map; 3: cubic, nearly none). Names: "camera shift" and "camera rotation
+    5 deg" for the camera at order 1 (the cases of earlier sessions), else with the image and
+    ", cubic" added."""
+    fixed, _ = load(image, size)
     s = size / 512
     c = (np.asarray(fixed.shape) - 1) / 2
     out = []
@@ -143,10 +150,11 @@ def global_cases(size: int) -> list[dict]:
         t = AffineTransform(mat)  # pull-back: moving(phi(x)) = fixed(x), moving = fixed o phi^-1
         # edge values outside the frame (not zeros, which would put a black strip into the moving image)
         inv = np.linalg.inv(mat)
-        moving = ndimage.affine_transform(fixed, inv[:2, :2], inv[:2, 2], order=1, mode="nearest")
+        moving = ndimage.affine_transform(fixed, inv[:2, :2], inv[:2, 2], order=order, mode="nearest")
         moving = np.ascontiguousarray(moving, np.float32)
         truth = t.displacement(fixed.shape)
-        out.append(dict(name=f"camera {label}", fixed=fixed, moving=moving, truth=truth))
+        name = f"{image} {label}" + ("" if order == 1 else ", cubic")
+        out.append(dict(name=name, fixed=fixed, moving=moving, truth=truth))
     return out
 
 
@@ -207,6 +215,10 @@ def main() -> None:
     p.add_argument("--size2d", type=int, default=512)
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--no-global", action="store_true")
+    p.add_argument(
+        "--global-images", nargs="*", default=["camera"], help="images of the shift/rotation cases"
+    )
+    p.add_argument("--global-orders", nargs="*", type=int, default=[1], help="1: linear resampling, 3: cubic")
     p.add_argument("--noise", type=float, default=0.0, help="noise added to both images (0: none)")
     p.add_argument("--noise-kind", choices=["gaussian", "poisson"], default="gaussian")
     p.add_argument("--threads", type=int, default=1, help="threads for torch, elastix and ANTs")
@@ -256,7 +268,13 @@ def main() -> None:
             )
     if not args.no_global:
         margin = round(32 * args.size2d / 512)
-        for i, case in enumerate(global_cases(args.size2d)):
+        cases = [
+            c
+            for im in args.global_images
+            for o in args.global_orders
+            for c in global_cases(args.size2d, im, o)
+        ]
+        for i, case in enumerate(cases):
             add_noise(case, args.noise, 1000 + i, args.noise_kind)
             sl = inner(case["fixed"].shape, margin)
             print(f"\n{case['name']} (inside {margin} px of the border)", flush=True)
