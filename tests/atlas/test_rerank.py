@@ -517,3 +517,61 @@ def test_batched_oblique_cuts_equal_cuts_made_one_at_a_time(toy_reference):
         alone = grid.oblique_cut(atlas, z, tilt, pivot, 1.1)
         assert (cut.z, cut.tilt) == (z, tilt) == (alone.z, alone.tilt)
         assert torch.equal(cut.fft, alone.fft)
+
+
+def test_in_place_field_and_scores_equal_the_out_of_place_expressions():
+    """Session 17 computes the edge field and the correlation scores in place; they must equal, bit for
+    bit, the out-of-place expressions they replaced (written here), masked shifts included."""
+    import math
+
+    from napari_nephi.engines.atlas.pose_grid import EDGE_EPS, MIN_OVERLAP, Correlator, _field
+
+    rng = np.random.default_rng(11)
+    image = cv2.GaussianBlur(rng.random((40, 40)).astype(np.float32), (0, 0), 1.0)
+    for weight in (
+        rng.random((40, 40)) > 0.3,
+        (rng.random((40, 40)) * (rng.random((40, 40)) > 0.3)).astype(np.float32),
+    ):
+        gy = cv2.Sobel(image, cv2.CV_32F, 0, 1, ksize=3)
+        gx = cv2.Sobel(image, cv2.CV_32F, 1, 0, ksize=3)
+        mag2 = gx * gx + gy * gy
+        on = mag2[weight > 0]
+        k = int(0.9 * (on.size - 1))
+        eps2 = max((EDGE_EPS * math.sqrt(float(np.partition(on, k)[k]))) ** 2, 1e-12)
+        scale = np.where(weight > 0, weight / (mag2 + eps2), 0.0)
+        old = ((gx * gx - gy * gy) * scale).astype(np.float32), ((2 * gx * gy) * scale).astype(np.float32)
+        new = _field(image, weight)
+        assert all(np.array_equal(a, b) and b.dtype == np.float32 for a, b in zip(old, new, strict=True))
+    for reach in (None, 4):
+        corr = Correlator((24, 24), reach)
+        mask = np.zeros((24, 24), np.float32)
+        mask[5:19, 4:17] = 1.0
+        parts = [
+            [np.where(mask > 0, rng.normal(size=mask.shape), 0).astype(np.float32) for _ in range(2)]
+            for _ in range(6)
+        ]
+        secs = [corr.section(re, im, mask) for re, im in parts[:2]]
+        fa = torch.stack([f for f, _, _ in secs])
+        ea, na = torch.tensor([e for _, e, _ in secs]), torch.tensor([a for _, _, a in secs])
+        fb = torch.stack(
+            [corr.slice(re, im, np.roll(mask, 3 * k, axis=1)) for k, (re, im) in enumerate(parts[2:])]
+        )
+        value, index = corr.best(fa, ea, na, fb)
+        prod = torch.conj(fa)[:, (0, 1, 2, 2)][None] * fb[:, None]
+        prod[:, :, 1] += prod[:, :, 0]
+        if corr.rows is None:
+            out = torch.fft.irfft2(prod[:, :, 1:], s=corr.pad)
+        else:
+            out = torch.fft.irfft(
+                torch.fft.ifft(prod[:, :, 1:], dim=-2)[..., corr.rows, :], n=corr.pad[1], dim=-1
+            )
+        num, energy, overlap = out.unbind(2)
+        e4, n4 = ea[None, :, None, None], na[None, :, None, None]
+        share = overlap / n4
+        score = num / torch.sqrt(e4 * energy.clamp_min(1e-3 * e4) + 1e-12) * share.clamp(0, 1)
+        score = torch.where(~corr.skip & (share >= MIN_OVERLAP), score, torch.tensor(-2.0))
+        old_value, old_index = score.flatten(2).max(dim=2)
+        if corr.rows is not None:
+            old_index = corr.rows[old_index // corr.pad[1]] * corr.pad[1] + old_index % corr.pad[1]
+        assert torch.equal(value, old_value) and torch.equal(index, old_index)
+        assert (value > -2).any()  # real scores compared, not only masked shifts
