@@ -208,3 +208,29 @@ def test_the_global_stage_makes_previews_only_for_a_caller_that_shows_them(monke
     assert any(made) == with_callback
     if with_callback:
         assert any(e.preview is not None for e in events if e.stage.startswith("rigid"))
+
+
+def test_a_border_the_moving_image_lost_to_a_shift_does_not_bend_the_field(monkeypatch):
+    """The retina shifted by (1.4, -0.75) px: the fixed image's bottom rows, whose image under the
+    shift is outside the moving frame (edge values there), must not pull the coarse field (frame
+    mask); without it det J reached 0.77-1.31 this far inside."""
+    from functools import partial
+
+    from skimage import data, transform
+
+    fixed = transform.resize(data.retina().mean(-1) / 255, (96, 96), anti_aliasing=True).astype(np.float32)
+    moving, _ = _rigid(fixed, 0.0, (1.40625, -0.75))
+    opts = dict(method="nephi", device="cpu", preset="fast", iterations=0, coarse_iterations=60)
+
+    def det_range():
+        u = nn.register(fixed, moving, **opts).transform.displacement(fixed.shape)
+        det = jacobian_determinant(u)[6:-6, 6:-6]
+        return float(det.min()), float(det.max())
+
+    lo, hi = det_range()
+    assert 0.9 < lo and hi < 1.1, (lo, hi)
+    monkeypatch.setattr(
+        nephi_engine, "optimize_velocity", partial(nephi_engine.optimize_velocity, frame_mask=False)
+    )
+    lo_off, hi_off = det_range()
+    assert lo_off < 0.85 or hi_off > 1.15, (lo_off, hi_off)  # the case shows what the mask is for

@@ -139,9 +139,16 @@ def similarity_loss(
         wf = grid_sample_points(fixed, maps.backward(x)).reshape(moving.shape)
         return 0.5 * ((1 - lncc(fixed, wm)) + (1 - lncc(moving, wf)))
     pts = _SimilarityPoints(fixed, moving, settings, generator, fixed_mask, moving_mask)
-    wm = grid_sample_points(moving, maps.forward(pts.x))[:, 0]
-    wf = grid_sample_points(fixed, maps.backward(pts.y))[:, 0]
-    return pts.loss(wm, wf)
+    px, py = maps.forward(pts.x), maps.backward(pts.y)
+    wm = grid_sample_points(moving, px)[:, 0]
+    wf = grid_sample_points(fixed, py)[:, 0]
+    return pts.loss(wm, wf, inside_frame(px), inside_frame(py))
+
+
+def inside_frame(points: torch.Tensor) -> torch.Tensor:
+    """1 where normalised ``points`` ``(B, N, D)`` lie inside the image frame, else 0 (no gradient):
+    outside, the images are sampled at their edge values, which are no data."""
+    return (points.detach().abs() <= 1 + 1e-6).all(-1).to(points.dtype)
 
 
 class _SimilarityPoints:
@@ -159,11 +166,20 @@ class _SimilarityPoints:
         self.w_f = None if fixed_mask is None else grid_sample_points(fixed_mask, self.x)[:, 0]
         self.w_m = None if moving_mask is None else grid_sample_points(moving_mask, self.y)[:, 0]
 
-    def loss(self, wm: torch.Tensor, wf: torch.Tensor) -> torch.Tensor:
+    def loss(self, wm: torch.Tensor, wf: torch.Tensor, in_m=None, in_f=None) -> torch.Tensor:
+        """``in_m``, ``in_f``: :func:`inside_frame` of the points ``wm`` and ``wf`` were sampled at;
+        a point mapped outside the other image does not count."""
         return 0.5 * (
-            _point_similarity(self.similarity, self.fx, wm, self.w_f)
-            + _point_similarity(self.similarity, self.my, wf, self.w_m)
+            _point_similarity(self.similarity, self.fx, wm, _times(self.w_f, in_m))
+            + _point_similarity(self.similarity, self.my, wf, _times(self.w_m, in_f))
         )
+
+
+def _times(w: torch.Tensor | None, inside: torch.Tensor | None) -> torch.Tensor | None:
+    """Mask weights ``w`` times the frame weights (None where every point is inside: unweighted)."""
+    if inside is None or bool(inside.all()):
+        return w
+    return inside if w is None else w * inside
 
 
 def step_loss(
@@ -221,15 +237,12 @@ def step_backward(
         return grid_sample_points(volume, point_map(p))[:, 0]
 
     with torch.no_grad():
-        wm = torch.cat(
-            [sampled(moving, maps.forward, pts.x[:, s : s + chunk]) for s in range(0, n, chunk)], 1
-        )
-        wf = torch.cat(
-            [sampled(fixed, maps.backward, pts.y[:, s : s + chunk]) for s in range(0, n, chunk)], 1
-        )
+        px = torch.cat([maps.forward(pts.x[:, s : s + chunk]) for s in range(0, n, chunk)], 1)
+        py = torch.cat([maps.backward(pts.y[:, s : s + chunk]) for s in range(0, n, chunk)], 1)
+        wm, wf = grid_sample_points(moving, px)[:, 0], grid_sample_points(fixed, py)[:, 0]
     wm.requires_grad_(True)
     wf.requires_grad_(True)
-    sim = pts.loss(wm, wf)
+    sim = pts.loss(wm, wf, inside_frame(px), inside_frame(py))
     check_finite_loss(float(sim.detach()))
     sim.backward()
     for s in range(0, n, chunk):
