@@ -844,8 +844,10 @@ def align_stack(
         With the global solve, its keypoint pairs join that solve too, each kind weighted by its
         typical residual (:func:`.elastic._joint_affine`): pairs that agree closely keep their
         placement (undistorted sections), pairs that disagree give way to the flows (sections
-        distorted by cutting). ``"local"`` (default): every section's whole field from the
-        median (sessions 11-14).
+        distorted by cutting). With masks (``use_masks``) each flow pair's rotation and
+        translation come from the keypoint regions (the mitochondria, as the keypoints'), its
+        scale and shear from all textured pixels. ``"local"`` (default): every section's whole
+        field from the median (sessions 11-14).
     spacing
         ``(z, y, x)`` voxel size kept with the transform (default: from the file for a path,
         else 1).
