@@ -128,8 +128,10 @@ def similarity_loss(
     generator: torch.Generator,
     fixed_mask: torch.Tensor | None = None,
     moving_mask: torch.Tensor | None = None,
+    frame: bool = False,
 ) -> torch.Tensor:
-    """Symmetric similarity on fresh random points (or densely, for local NCC)."""
+    """Symmetric similarity on fresh random points (or densely, for local NCC). With ``frame``, a
+    point the map takes outside the other image does not count (:func:`inside_frame`)."""
     d = fixed.dim() - 2
     dev = fixed.device
     if settings.similarity == "lncc":
@@ -142,6 +144,8 @@ def similarity_loss(
     px, py = maps.forward(pts.x), maps.backward(pts.y)
     wm = grid_sample_points(moving, px)[:, 0]
     wf = grid_sample_points(fixed, py)[:, 0]
+    if not frame:
+        return pts.loss(wm, wf)
     return pts.loss(wm, wf, inside_frame(px), inside_frame(py))
 
 
@@ -190,15 +194,18 @@ def step_loss(
     generator: torch.Generator,
     fixed_mask: torch.Tensor | None = None,
     moving_mask: torch.Tensor | None = None,
+    frame: bool = False,
 ) -> torch.Tensor:
     """The loss of one step for a batch of pairs ``(B, 1, *spatial)``: similarity + regularisers.
 
     Shared by instance optimisation and training (:mod:`.train`); the latent prior acts on the
-    codes in ``maps.codes``, whether free parameters or predicted by an encoder.
+    codes in ``maps.codes``, whether free parameters or predicted by an encoder. ``frame`` (see
+    :func:`similarity_loss`) is on in instance optimisation (:func:`step_backward`) and off in
+    training, whose loss stays the one the shipped weights were trained with.
     """
     d = fixed.dim() - 2
     b = fixed.shape[0]
-    loss = similarity_loss(maps, fixed, moving, settings, generator, fixed_mask, moving_mask)
+    loss = similarity_loss(maps, fixed, moving, settings, generator, fixed_mask, moving_mask, frame)
     return loss + _regularization_terms(maps, settings, generator, d, b, fixed.device)
 
 
@@ -215,8 +222,10 @@ def step_backward(
     fixed_mask: torch.Tensor | None = None,
     moving_mask: torch.Tensor | None = None,
     chunk: int = SIMILARITY_CHUNK,
+    frame: bool = True,
 ) -> float:
     """:func:`step_loss` and its backward pass, in memory bounded by ``chunk`` points; the loss.
+    Instance optimisation's: points mapped outside the other image's frame do not count (``frame``).
 
     Up to ``chunk`` similarity points this is ``step_loss(...).backward()``. Above, the sampled
     values ``moving(phi(x))`` and ``fixed(phi_inv(y))`` are first computed without autograd, the
@@ -226,7 +235,7 @@ def step_backward(
     """
     n = settings.sample_points
     if settings.similarity == "lncc" or n <= chunk:
-        loss = step_loss(maps, fixed, moving, settings, generator, fixed_mask, moving_mask)
+        loss = step_loss(maps, fixed, moving, settings, generator, fixed_mask, moving_mask, frame)
         value = float(loss.detach())
         check_finite_loss(value)  # before the backward pass, which a NaN map can crash
         loss.backward()
@@ -242,7 +251,7 @@ def step_backward(
         wm, wf = grid_sample_points(moving, px)[:, 0], grid_sample_points(fixed, py)[:, 0]
     wm.requires_grad_(True)
     wf.requires_grad_(True)
-    sim = pts.loss(wm, wf, inside_frame(px), inside_frame(py))
+    sim = pts.loss(wm, wf, *((inside_frame(px), inside_frame(py)) if frame else ()))
     check_finite_loss(float(sim.detach()))
     sim.backward()
     for s in range(0, n, chunk):
