@@ -234,3 +234,39 @@ def test_a_border_the_moving_image_lost_to_a_shift_does_not_bend_the_field(monke
     )
     lo_off, hi_off = det_range()
     assert lo_off < 0.85 or hi_off > 1.15, (lo_off, hi_off)  # the case shows what the mask is for
+
+
+def test_points_mapped_outside_the_frame_do_not_count_in_instance_optimisation():
+    """The neural stage's similarity under the exact map: with the frame only points that land
+    inside the other image count (a perfect match); without (training's loss), the edge values
+    sampled outside disagree."""
+    import torch
+    from scipy import ndimage
+
+    from napari_nephi.engines.nephi.coarse import grid_sample_points, normalized_grid
+    from napari_nephi.engines.nephi.optimize import OptimizeSettings, similarity_loss
+
+    class Shift:  # phi(x) = x + t in normalised coordinates
+        t = torch.tensor([0.4, 0.0])
+
+        def forward(self, x):
+            return x + self.t
+
+        def backward(self, y):
+            return y - self.t
+
+    img = ndimage.gaussian_filter(np.random.default_rng(0).normal(size=(48, 48)), 3).astype(np.float32)
+    fixed = torch.as_tensor(img)[None, None]
+    grid = normalized_grid((48, 48), "cpu")[None].reshape(1, -1, 2)
+    moving = grid_sample_points(fixed, Shift().backward(grid)).reshape(
+        1, 1, 48, 48
+    )  # moving(phi(x)) = fixed(x)
+    losses = [
+        float(
+            similarity_loss(
+                Shift(), fixed, moving, OptimizeSettings(), torch.Generator().manual_seed(0), frame=f
+            )
+        )
+        for f in (True, False)
+    ]
+    assert losses[0] < 1e-3 and losses[1] > 0.01, losses
