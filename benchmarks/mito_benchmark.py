@@ -162,6 +162,25 @@ ROWS = {
         True,
         {"neighbours": None, "elastic": True, "elastic_solver": "joint", "drift_correction": "detrend"},
     ),  # fmt: skip
+    # session 17: each flow pair's rotation and translation from the mitochondria regions
+    "mito-default+elastic-joint-landmarks": (
+        "mito",
+        "brisk",
+        True,
+        {"neighbours": None, "elastic": True, "elastic_solver": "joint", "elastic_landmarks": True},
+    ),
+    "mito-default+elastic-joint-landmarks-detrend": (
+        "mito",
+        "brisk",
+        True,
+        {
+            "neighbours": None,
+            "elastic": True,
+            "elastic_solver": "joint",
+            "elastic_landmarks": True,
+            "drift_correction": "detrend",
+        },
+    ),  # fmt: skip
     "mito-default+elastic-local": (
         "mito",
         "brisk",

@@ -156,6 +156,7 @@ def test_align_em_defaults_are_the_engines():
         "drift_correction",
         "drift_window",
         "elastic_solver",
+        "elastic_landmarks",
     )
     for key in keys:
         assert kw[key] == defaults[key].default, key
@@ -175,6 +176,22 @@ def test_align_em_elastic_solver_flag_reaches_the_engine():
         parse(["align-em", "stack.tif", "-o", "out", "--elastic", "--elastic-solver", "joint"])
     )
     assert kw["elastic"] is True and kw["elastic_solver"] == "joint"
+    assert kw["elastic_landmarks"] is False
+    kw = _align_options(
+        parse(
+            [
+                "align-em",
+                "stack.tif",
+                "-o",
+                "out",
+                "--elastic",
+                "--elastic-solver",
+                "joint",
+                "--elastic-landmarks",
+            ]
+        )
+    )
+    assert kw["elastic_landmarks"] is True
     kw = _align_options(parse(["align-em", "stack.tif", "-o", "out", "--elastic-solver", "local"]))
     assert kw["elastic_solver"] == "local"
     with pytest.raises(SystemExit):

@@ -124,10 +124,18 @@ def test_engine_joint_option_is_recorded_and_checked(em):
     reg = align_stack(
         stack, masks=em["masks"][:4], elastic=True, elastic_solver="joint", warp=False, workers=1
     )
-    assert reg.settings["elastic_solver"] == "joint"
+    assert reg.settings["elastic_solver"] == "joint" and reg.settings["elastic_landmarks"] is False
     assert isinstance(reg.transform, ElasticSectionTransform)
     with pytest.raises(InputError, match="elastic_solver"):
         align_stack(stack, elastic=True, elastic_solver="global", warp=False)
+    # the landmarks (session 17): recorded; refused without the joint solver or without masks
+    kw = dict(elastic=True, elastic_solver="joint", elastic_landmarks=True, warp=False, workers=1)
+    reg = align_stack(stack, masks=em["masks"][:4], **kw)
+    assert reg.settings["elastic_landmarks"] is True
+    with pytest.raises(InputError, match="elastic_landmarks"):
+        align_stack(stack, masks=em["masks"][:4], **{**kw, "elastic_solver": "local"})
+    with pytest.raises(InputError, match="elastic_landmarks"):
+        align_stack(stack, detector="orb", descriptor="orb", use_masks=False, **kw)
 
 
 def test_a_pair_without_an_affine_fit_stays_out_of_the_median(em):

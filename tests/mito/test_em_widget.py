@@ -270,8 +270,14 @@ def test_em_options_multi_neighbour_reach_the_engine(qtbot, em):
     assert not opts.elastic_solver.isEnabled()
     opts.elastic.setChecked(True)
     assert opts.values()["elastic"] is True and opts.elastic_solver.isEnabled()
+    assert not opts.elastic_landmarks.isEnabled()
     opts.elastic_solver.setCurrentText("joint")
-    assert opts.values()["elastic_solver"] == "joint"
+    assert opts.values()["elastic_solver"] == "joint" and opts.elastic_landmarks.isEnabled()
+    opts.elastic_landmarks.setChecked(True)
+    assert opts.values()["elastic_landmarks"] is True
+    opts.elastic_solver.setCurrentText("local")  # the landmarks belong to the joint solver
+    assert not opts.elastic_landmarks.isEnabled() and opts.values()["elastic_landmarks"] is False
+    opts.elastic_landmarks.setChecked(False)
     reg = emw.run_alignment(None, None, em["stack"], em["masks"], {**values, "model": "rigid"}, False)[
         "registration"
     ]

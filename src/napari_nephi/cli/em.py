@@ -145,6 +145,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "flows (errors do not add up along the stack); local: each section from its neighbours' median "
         f"flow alone (default {ELASTIC_SOLVER})",
     )
+    p.add_argument(
+        "--elastic-landmarks",
+        action="store_true",
+        help="with --elastic-solver joint: each flow pair's rotation and translation from the mitochondria "
+        "regions (the keypoints' landmarks); distorted stacks gain, drifting ones lose a little",
+    )
     p.add_argument("--no-masks-out", action="store_true", help="do not write aligned_masks.tif")
     add_key_values(p, "--option", "any other align_stack option")
     add_quiet(p)
@@ -200,6 +206,7 @@ def _align_options(args: argparse.Namespace) -> dict:
         "neighbours": args.neighbours, "solver": args.solver, "global_model": args.global_model,
         "drift_prior": args.drift_prior, "drift_correction": args.drift_correction,
         "drift_window": args.drift_window, "elastic_solver": args.elastic_solver,
+        "elastic_landmarks": args.elastic_landmarks,
     }  # fmt: skip
     kw.update(options)  # --option KEY=VALUE wins
     return kw

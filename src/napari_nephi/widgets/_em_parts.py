@@ -105,6 +105,14 @@ class EMOptions(QWidget):
         )
         self.elastic_solver.setEnabled(False)
         self.elastic.toggled.connect(self.elastic_solver.setEnabled)
+        self.elastic_landmarks = QCheckBox("joint: place by the mitochondria (landmarks)")
+        self.elastic_landmarks.setToolTip(
+            "With the joint solver and masks: each flow pair's rotation and translation from the "
+            "mitochondria regions; distorted stacks gain, drifting ones lose a little"
+        )
+        self.elastic_landmarks.setEnabled(False)
+        self.elastic_solver.currentTextChanged.connect(self._landmarks_enabled)
+        self.elastic.toggled.connect(self._landmarks_enabled)
         self.global_model = QComboBox()
         self.global_model.addItems(GLOBAL_MODELS)
         self.global_model.setCurrentText(GLOBAL_MODEL)
@@ -145,7 +153,7 @@ class EMOptions(QWidget):
                        ("neighbours", self.neighbours), ("global model", self.global_model),
                        ("drift prior", self.drift_prior), ("", self.guided_pairs), ("", self.detrend),
                        ("drift window", self.drift_window), ("", self.elastic),
-                       ("elastic solver", self.elastic_solver)]  # fmt: skip
+                       ("elastic solver", self.elastic_solver), ("", self.elastic_landmarks)]  # fmt: skip
         for layout, rows in ((form, shown), (more, folded_rows)):
             for label, widget in rows:
                 layout.addRow(label, widget)
@@ -175,6 +183,11 @@ class EMOptions(QWidget):
         self.guided_pairs.setEnabled(many and self.refine.isChecked())  # guided pairs need the refinement
         self.drift_window.setEnabled(self.detrend.isChecked())
 
+    def _landmarks_enabled(self, *_):
+        self.elastic_landmarks.setEnabled(
+            self.elastic.isChecked() and self.elastic_solver.currentText() == "joint"
+        )
+
     def _snap_window(self, v: float):
         if 0 < v < MIN_WINDOW:  # typed (the arrows never land there): raised to the minimum
             self.drift_window.setValue(MIN_WINDOW)  # emits again with the raised value
@@ -201,6 +214,7 @@ class EMOptions(QWidget):
             "drift_window": self.drift_window.value() if self.detrend.isChecked() else 0.0,
             "elastic": self.elastic.isChecked(),
             "elastic_solver": self.elastic_solver.currentText(),
+            "elastic_landmarks": self.elastic_landmarks.isEnabled() and self.elastic_landmarks.isChecked(),
         }
 
 

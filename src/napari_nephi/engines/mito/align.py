@@ -717,6 +717,7 @@ def align_stack(
     elastic_radius: int = 4,
     elastic_iterations: int = 2,
     elastic_solver: str = ELASTIC_SOLVER,
+    elastic_landmarks: bool = False,
     warp: bool = True,
     lazy: bool = False,
     spacing: Sequence[float] | None = None,
@@ -844,10 +845,13 @@ def align_stack(
         With the global solve, its keypoint pairs join that solve too, each kind weighted by its
         typical residual (:func:`.elastic._joint_affine`): pairs that agree closely keep their
         placement (undistorted sections), pairs that disagree give way to the flows (sections
-        distorted by cutting). With masks (``use_masks``) each flow pair's rotation and
+        distorted by cutting). ``"local"`` (default): every section's whole field from the
+        median (sessions 11-14).
+    elastic_landmarks
+        With ``elastic_solver="joint"`` and masks (``use_masks``): each flow pair's rotation and
         translation come from the keypoint regions (the mitochondria, as the keypoints'), its
-        scale and shear from all textured pixels. ``"local"`` (default): every section's whole
-        field from the median (sessions 11-14).
+        scale and shear from all textured pixels (session 17: distorted stacks gain, drifting
+        ones lose a little; see docs/mito.md). Off by default.
     spacing
         ``(z, y, x)`` voxel size kept with the transform (default: from the file for a path,
         else 1).
@@ -909,6 +913,12 @@ def align_stack(
     elastic_radius = check_int("elastic_radius", elastic_radius, 1, 32)
     elastic_iterations = check_int("elastic_iterations", elastic_iterations, 1, 20)
     elastic_solver = ft.check_choice(elastic_solver, ELASTIC_SOLVERS, "elastic_solver")
+    elastic_landmarks = check_bool("elastic_landmarks", elastic_landmarks)
+    if elastic_landmarks and not (elastic and elastic_solver == "joint" and opts.use_masks):
+        raise InputError(
+            "elastic_landmarks needs elastic=True, elastic_solver='joint' and mitochondria masks "
+            "(use_masks, given or detected)."
+        )
     prog = Progress(progress, cancel)  # checks the callbacks
     prog.check()
     intensity = (None, None)
@@ -1003,7 +1013,7 @@ def align_stack(
             lambda k: to_uint8(read_section(stack, k), *intensity), matrices, (h, w), elastic_spacing,
             elastic_radius, min(1.0, opts.scale), step=lambda k: prog.check(), iterations=elastic_iterations,
             workers=workers, solver=elastic_solver, reference=ref, pairs=placed_by,
-            rois=sections.region if opts.use_masks else None,
+            rois=sections.region if elastic_landmarks else None,
         )  # fmt: skip
         if late_detrend:
             matrices, drift_info = _detrended_elastic(matrices, fields, (h, w), ref, rows, drift_window)
@@ -1084,6 +1094,7 @@ def align_stack(
         "guided_pairs": guided_pairs, "drift_correction": drift_correction, "drift_window": drift_window,
         "elastic": elastic, "elastic_spacing": elastic_spacing, "elastic_radius": elastic_radius,
         "elastic_iterations": elastic_iterations, "elastic_solver": elastic_solver,
+        "elastic_landmarks": elastic_landmarks,
     }  # fmt: skip
     transform.settings = dict(settings)
     return Registration(warped=warped, transform=transform, metrics=metrics, settings=settings)

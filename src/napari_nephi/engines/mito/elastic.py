@@ -19,7 +19,9 @@ With ``solver="joint"`` the affine part of every pair's flow is fitted first (wh
 sections have texture) and the affine part of all sections' fields is solved at once over these
 pairs (:func:`_joint_affine`): each pair measures the whole section, so its errors are small and
 do not add up along the stack as the keypoint pairs' do; the median then works on what the
-pairs' affine fits leave.
+pairs' affine fits leave. With ``rois`` (``elastic_landmarks``) a pair's rotation and translation
+come from the landmarks' regions instead, as the keypoints' do, and only its scale and shear from
+the whole section.
 
 Two sections that only have each other (a two-section stack) take half steps each, so they meet
 halfway instead of swapping places. Only one section's
@@ -58,7 +60,9 @@ JOINT_PRIOR = 0.1
 JOINT_KEYPOINT_SCALE = 4.5
 #: Half-width in sections of the window over which the joint solve takes each kind's typical
 #: residual for a keypoint pair (a stack-wide median let the distorted part of a stack decide for
-#: the rest, review R6 of session 16).
+#: the rest, review R6 of session 16). A clean run shorter than about this many sections inside a
+#: distorted stretch is still decided by its neighbours (review 1 of session 17: sections 8-15 of 24
+#: clean gain nothing).
 JOINT_WINDOW = 8.0
 #: A flow pair ``d`` sections apart weighs ``1 / d**JOINT_DISTANCE_POWER`` (its error grows with ``d``).
 JOINT_DISTANCE_POWER = 2.0
@@ -116,7 +120,7 @@ def elastic_fields(
     neighbours on each side; ``scale`` the work resolution of the flow; ``smooth`` the Gaussian
     sigma of the final smoothing in grid cells; ``step(k)`` is called after every section
     (progress, cancel); ``iterations`` relaxation passes; ``workers`` threads. ``read`` must be
-    safe to call from several threads. Fields follow
+    safe to call from several threads, and so must ``rois``. Fields follow
     :class:`~napari_nephi.core.transform.ElasticSectionTransform`.
 
     ``solver="joint"``: the affine part of the fields is solved for all sections at once
@@ -234,15 +238,20 @@ def _pass(
             for old in [p for p in flows if p[0] < start - radius]:
                 del flows[old]
             todo = [j for j in needed if j not in images]
-            for j, res in zip(
-                todo, ex.map(lambda j: _aligned_work(read(j), matrices[j], s, work, current[j]), todo)
-            ):
+
+            def load(j: int):  # in the pool: the section's read and its region's detection
+                res = _aligned_work(read(j), matrices[j], s, work, current[j])
+                if rois is None:
+                    return res, None
+                roi = (np.asarray(rois(j)) > 0).astype(np.uint8) * np.uint8(255)
+                return res, _aligned_work(roi, matrices[j], s, work, current[j])[0] > 127
+
+            for j, (res, region) in zip(todo, ex.map(load, todo)):
                 images[j] = res
                 if joint:
                     textured[j] = _textured(res[0])
-                if rois is not None:
-                    roi = (np.asarray(rois(j)) > 0).astype(np.uint8) * np.uint8(255)
-                    regions[j] = _aligned_work(roi, matrices[j], s, work, current[j])[0] > 127
+                if region is not None:
+                    regions[j] = region
             pairs = {
                 (min(k, j), max(k, j))
                 for k in range(start, stop)
@@ -431,7 +440,9 @@ def _joint_affine(n, pairs, matrices, current, shape, reference, prior, keyed=No
     moves while its neighbours stay put; the prior terms likewise, so the typical section's
     shape, not the mean, is taken as undistorted). Because every pair measures the whole section, not a
     few keypoints, their errors are small and do not add up along the stack as the pairwise
-    maps' do. ``prior`` (per unit of scale or shear, in pixels at the grid's radius, as the
+    maps' do (with ``rois``, see :func:`elastic_fields`, the pairs' rotation and translation come
+    from the landmarks' regions, as the keypoints' do; ``JOINT_KEYPOINT_SCALE`` was measured
+    without them). ``prior`` (per unit of scale or shear, in pixels at the grid's radius, as the
     global solve's ``drift_prior``) pulls every section's final scale and shear (of ``matrices``
     with the ``current`` affine fields) toward none: the sections' own distortions average
     out. A tiny ridge fixes rotation and translation; the ``reference`` section's are then
