@@ -131,7 +131,8 @@ def similarity_loss(
     frame: bool = False,
 ) -> torch.Tensor:
     """Symmetric similarity on fresh random points (or densely, for local NCC). With ``frame``, a
-    point the map takes outside the other image does not count (:func:`inside_frame`)."""
+    point the map takes outside the other image does not count (:func:`inside_frame`; NCC and MSE
+    on points only: the dense local NCC has no frame weights)."""
     d = fixed.dim() - 2
     dev = fixed.device
     if settings.similarity == "lncc":
