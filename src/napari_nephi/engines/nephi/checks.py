@@ -62,7 +62,14 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
 }
 
 #: Options that are True or False.
-BOOLS = ("chunked", "coarse_finer_level", "coarse_match_blur", "coarse_flat_fill", "coarse_flat_noisy")
+BOOLS = (
+    "chunked",
+    "coarse_finer_level",
+    "coarse_match_blur",
+    "coarse_flat_fill",
+    "coarse_flat_noisy",
+    "frame_mask",
+)
 
 CHOICES: dict[str, Sequence[str]] = {
     "regularizer": REGULARIZERS,

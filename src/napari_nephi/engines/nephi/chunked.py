@@ -336,6 +336,7 @@ def optimize_pair(
             match_blur=match_blur,
             flat_fill=flat_fill,
             flat_noisy=flat_noisy,
+            frame_mask=settings.frame_mask,
         )
     field = NeuralDeformationField(cfg).to(fixed.device)
     codes = zero_codes(cfg, local_grid_shape(shape, local_stride), device=fixed.device)

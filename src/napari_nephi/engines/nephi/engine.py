@@ -161,6 +161,7 @@ def register_nephi(
     coarse_match_blur: bool | None = None,
     coarse_flat_fill: bool = True,
     coarse_flat_noisy: bool = False,
+    frame_mask: bool = True,
     learning_rate: float | None = None,
     code_learning_rate: float | None = None,
     hidden: int | None = None,
@@ -217,6 +218,11 @@ def register_nephi(
     ``coarse_flat_noisy`` (default False): also count as flat what is flat after a 3-voxel blur
     (RMS gradient below 0.0015), which finds flat regions under noise (none are found without it at
     noise 0.01 and more) but also calls texture finer than about 8 voxels flat (session-16 review).
+
+    ``frame_mask`` (default True): in the coarse stage and the neural field's instance optimisation a
+    voxel counts in the similarity only if the map takes it inside the other image's frame (outside,
+    the images are sampled at their edge values, which are no data; a border a shift pushed out
+    pulled the field up to 16 px inside). False: the similarity before session 17.
 
     ``learning_rate`` and ``code_learning_rate`` (Adam, networks and latent codes) default to
     :data:`LEARNING_RATES`: a quarter of the rates after a coarse stage, which the field refines.
@@ -336,6 +342,7 @@ def register_nephi(
         code_learning_rate=float(code_learning_rate),
         derivatives=derivatives,
         similarity=similarity,
+        frame_mask=bool(frame_mask),
     )
     cfg = FieldConfig(
         ndim=d,
@@ -474,6 +481,7 @@ def register_nephi(
                     match_blur=coarse_match_blur,
                     flat_fill=coarse_flat_fill,
                     flat_noisy=coarse_flat_noisy,
+                    frame_mask=settings_opt.frame_mask,
                     **kw,
                 )
                 coarse_info["blur_variance"] = maps.blur_variance

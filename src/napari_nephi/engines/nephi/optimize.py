@@ -41,6 +41,8 @@ class OptimizeSettings:
     warmup_fraction: float = 0.2
     derivatives: str = "autograd"
     similarity: str = "ncc"
+    #: instance optimisation: points mapped outside the other image's frame do not count
+    frame_mask: bool = True
 
     def __post_init__(self):
         if self.regularizer not in REGULARIZERS:
@@ -401,7 +403,9 @@ def optimize_field(
     for k in range(settings.iterations):
         opt.zero_grad(set_to_none=True)
         try:
-            value = step_backward(maps, fixed, moving, settings, gen, fixed_mask, moving_mask)
+            value = step_backward(
+                maps, fixed, moving, settings, gen, fixed_mask, moving_mask, frame=settings.frame_mask
+            )
         except NonFiniteLoss:
             raise watch.error(k, math.nan) from None
         opt.step()
