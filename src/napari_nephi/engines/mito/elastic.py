@@ -341,22 +341,25 @@ def _affine_dense(params: np.ndarray, s: float, shape, size) -> np.ndarray:
     return np.stack([ux * s, uy * s], -1).astype(np.float32)
 
 
-def _affine_at_nodes(x: np.ndarray, shape, grid) -> np.ndarray:
-    """``(n, gh, gw, 2)`` (y, x) values of the affine fields ``x`` (``(n, 6)``) at the grid nodes."""
+def _node_coords(shape, grid) -> tuple[np.ndarray, np.ndarray]:
+    """Centred (y, x) pixel coordinates of the ``grid`` nodes spanning a section of ``shape``."""
     h, w = shape
     gh, gw = grid
     ny = np.arange(gh) * ((h - 1) / max(gh - 1, 1)) - (h - 1) / 2
     nx = np.arange(gw) * ((w - 1) / max(gw - 1, 1)) - (w - 1) / 2
-    return np.stack(_affine_yx(x, ny, nx), -1).astype(np.float32)
+    return ny, nx
+
+
+def _affine_at_nodes(x: np.ndarray, shape, grid) -> np.ndarray:
+    """``(n, gh, gw, 2)`` (y, x) values of the affine fields ``x`` (``(n, 6)``) at the grid nodes."""
+    return np.stack(_affine_yx(x, *_node_coords(shape, grid)), -1).astype(np.float32)
 
 
 def _affine_fit(fields: np.ndarray, shape) -> np.ndarray:
     """``(n, 6)`` least-squares affine fits (:func:`_flow_affine` parameters) of the ``fields``
     over their grid nodes."""
-    h, w = shape
-    n, gh, gw = fields.shape[:3]
-    ny = np.arange(gh) * ((h - 1) / max(gh - 1, 1)) - (h - 1) / 2
-    nx = np.arange(gw) * ((w - 1) / max(gw - 1, 1)) - (w - 1) / 2
+    n = len(fields)
+    ny, nx = _node_coords(shape, fields.shape[1:3])
     yy, xx = np.meshgrid(ny, nx, indexing="ij")
     d = _design(np.stack([yy.ravel(), xx.ravel()], 1))
     return np.linalg.lstsq(d, fields.reshape(n, -1).T.astype(np.float64), rcond=None)[0].T
