@@ -171,11 +171,11 @@ def knot_spacings(shape, grids) -> list[float]:
     return [last * f / factors[-1] for f in factors]
 
 
-def _inside_frame(pts: torch.Tensor) -> torch.Tensor:
-    """``(1, 1, *spatial)`` bool: whether the normalised sampling points ``(1, *spatial, D)`` lie
-    inside the image (bool, not float: one byte a voxel, and no large temporaries)."""
-    p = pts.detach()
-    return ((p >= -1 - 1e-6) & (p <= 1 + 1e-6)).all(-1)[:, None]
+def in_frame(points: torch.Tensor) -> torch.Tensor:
+    """Bool, over the last axis of normalised ``points`` ``(..., D)``: whether each lies inside the
+    image frame (bool, not float: one byte a point, and no float temporaries of the points' size)."""
+    p = points.detach()
+    return ((p >= -1 - 1e-6) & (p <= 1 + 1e-6)).all(-1)
 
 
 def _times_frame(w: torch.Tensor | None, inside: torch.Tensor, shape) -> torch.Tensor | None:
@@ -407,7 +407,7 @@ def optimize_velocity(
         if a_xy is not None:
             pts = apply_affine(pts, a_xy)
         if inside is not None:
-            inside.append(_inside_frame(pts))
+            inside.append(in_frame(pts)[:, None])
         return F.grid_sample(image, pts, mode=interp, padding_mode="border", align_corners=True)
 
     def warp_back(image, u, ident, interp=mode, inside=None):
@@ -418,7 +418,7 @@ def optimize_velocity(
             F.grid_sample(u, q, mode="bilinear", padding_mode="border", align_corners=True), 1, -1
         )
         if inside is not None:
-            inside.append(_inside_frame(pts))
+            inside.append(in_frame(pts)[:, None])
         return F.grid_sample(image, pts, mode=interp, padding_mode="border", align_corners=True)
 
     def mask_weights(masks_l, masks_w, u_f, u_b, ident, cmp):

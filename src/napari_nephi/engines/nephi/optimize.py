@@ -17,7 +17,7 @@ import torch
 from ...core import regularizers as R
 from ...core.errors import InputError
 from ...core.similarity import lncc, ncc
-from .coarse import DenseMaps, grid_sample_points, normalized_grid
+from .coarse import DenseMaps, grid_sample_points, in_frame, normalized_grid
 from .field import Codes, NeuralDeformationField
 
 REGULARIZERS = ("gradicon", "jacobian", "symmetric_jacobian", "bending", "diffusion", "cycle")
@@ -155,7 +155,7 @@ def similarity_loss(
 def inside_frame(points: torch.Tensor) -> torch.Tensor:
     """1 where normalised ``points`` ``(B, N, D)`` lie inside the image frame, else 0 (no gradient):
     outside, the images are sampled at their edge values, which are no data."""
-    return (points.detach().abs() <= 1 + 1e-6).all(-1).to(points.dtype)
+    return in_frame(points).to(points.dtype)
 
 
 class _SimilarityPoints:
