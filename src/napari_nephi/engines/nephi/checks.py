@@ -65,7 +65,6 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
 BOOLS = (
     "chunked",
     "coarse_finer_level",
-    "coarse_match_blur",
     "coarse_flat_fill",
     "coarse_flat_noisy",
     "frame_mask",
@@ -97,6 +96,10 @@ def check_options(options: dict[str, Any]) -> None:
             check_choice(name, value, CHOICES[name])
         elif name in BOOLS:
             check_bool(name, value)
+        elif name == "coarse_match_blur" and not (
+            isinstance(value, bool) or value in ("once", "field", "auto")
+        ):
+            raise InputError(f"coarse_match_blur must be True, False, 'once' or None, not {value!r}.")
 
 
 #: Memory a run needs beyond its inputs whatever their size (torch, the networks, buffers), bytes.

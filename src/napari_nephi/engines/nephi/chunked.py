@@ -312,7 +312,7 @@ def optimize_pair(
     fixed_mask: torch.Tensor | None = None,
     moving_mask: torch.Tensor | None = None,
     finer_level: bool = True,
-    match_blur: bool | None = None,
+    match_blur: bool | str | None = None,
     flat_fill: bool = True,
     flat_noisy: bool = False,
 ) -> tuple[Maps, list[float]]:
@@ -394,7 +394,7 @@ def register_chunked(
     moving_mask: np.ndarray | None = None,
     backward: bool = True,
     coarse_finer_level: bool = True,
-    coarse_match_blur: bool | None = None,
+    coarse_match_blur: bool | str | None = None,
     coarse_flat_fill: bool = True,
     coarse_flat_noisy: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None, dict]:

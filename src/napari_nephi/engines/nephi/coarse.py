@@ -21,7 +21,7 @@ from ...core.similarity import lncc, lncc_map, ncc
 from .bspline import bspline_on_grid, control_shape, grid_weights, intervals_for_spacing
 from .flatfill import FLAT_SHARE, fill_flat, flat_share
 from .interp import interpolate
-from .matchblur import blurred_similarity, noise_variance
+from .matchblur import blurred_similarity, estimate_blur, noise_variance
 
 
 def normalized_grid(shape, device="cpu", dtype=torch.float32) -> torch.Tensor:
@@ -78,6 +78,8 @@ class DenseMaps:
         self.affine_inverse = None if affine is None else torch.linalg.inv(affine)
         #: matched-blur variances of the coarse stage that made these maps (None: not used)
         self.blur_variance = None
+        #: matched blur "auto": the coarser levels' displacement spread, voxels (None: not measured)
+        self.blur_gate_spread = None
         #: share of the last coarse grid the flat fill replaced (None: the fill did not run)
         self.flat_share = None
         #: the flat fill's conjugate-gradient steps and whether it converged ({}: it did not run)
@@ -307,7 +309,35 @@ MATCH_BLUR_MAX_VOXELS = 1 << 18
 MATCH_BLUR_LR = 0.005
 
 
-def match_blur_runs(match_blur: bool | None) -> bool:
+#: Values of ``match_blur`` (:func:`optimize_velocity`) and the engine's ``coarse_match_blur``.
+MATCH_BLUR_MODES = (None, False, True, "once", "auto")
+
+
+def match_blur_mode(match_blur: bool | str | None) -> str | None:
+    """``"learned"`` (True: the variances learned with the velocity at every step), ``"once"``
+    (estimated once at the start of the full-grid levels, then held: :func:`.matchblur.estimate_blur`),
+    ``"auto"`` (``"once"`` where the coarser levels found the pair near-rigid,
+    :data:`MATCH_BLUR_NEAR_RIGID`, else off), or None (off)."""
+    if match_blur not in MATCH_BLUR_MODES:
+        raise InputError(f"coarse_match_blur must be one of {MATCH_BLUR_MODES}, not {match_blur!r}.")
+    return None if not match_blur else ("learned" if match_blur is True else match_blur)
+
+
+#: Mode ``"auto"``: the matched blur is estimated once (mode ``"once"``) when the displacement of the
+#: coarser levels deviates from its mean by at most this many voxels RMS (:func:`displacement_spread`),
+#: else it is off.
+MATCH_BLUR_NEAR_RIGID = 0.4
+
+
+def displacement_spread(u: torch.Tensor, full) -> float:
+    """RMS distance (voxels of ``full``) of a displacement ``(1, D, *S)`` (normalised, components in
+    grid_sample's order) from its mean over the grid."""
+    scale = torch.as_tensor([(n - 1) / 2 for n in full[::-1]], dtype=u.dtype, device=u.device)
+    vox = u.flatten(2) * scale[None, :, None]
+    return float((vox - vox.mean(-1, keepdim=True)).pow(2).sum(1).mean().sqrt())
+
+
+def match_blur_runs(match_blur: bool | str | None) -> bool:
     """Whether the coarse stage compares at matched blur: only when asked for (None: off).
 
     Learned from the similarity alone, the variances also learned noise (with independent noise in
@@ -318,7 +348,7 @@ def match_blur_runs(match_blur: bool | None) -> bool:
     images, and it is unmeasured on pairs of two stains or modalities (it lowered the atlas's
     restained-section test by 0.004 Dice). On volumes it also lost: MRI 0.110 / 0.149 /
     0.274 -> 0.110 / 0.150 / 0.285 voxels at 2 / 4 / 6 voxels of motion."""
-    return bool(match_blur)
+    return match_blur_mode(match_blur) is not None
 
 
 def optimize_velocity(
@@ -337,7 +367,7 @@ def optimize_velocity(
     fixed_mask: torch.Tensor | None = None,
     moving_mask: torch.Tensor | None = None,
     finer_level: bool = True,
-    match_blur: bool | None = None,
+    match_blur: bool | str | None = None,
     flat_fill: bool = True,
     flat_noisy: bool = False,
     on_level=None,
@@ -384,7 +414,14 @@ def optimize_velocity(
     :data:`MATCH_BLUR_MAX_VARIANCE`): per direction (fixed against warped moving, moving against
     warped fixed) and axis a variance learned with the velocity blurs the sharper image, so the
     velocity does not fit interpolation blur. The returned maps carry the variances learned
-    (``blur_variance``, ``(2, D)`` in numpy axis order; None without).
+    (``blur_variance``, ``(2, D)`` in numpy axis order; None without). ``"once"`` estimates them at
+    the first full-grid step with the velocity held (misalignment inflates that estimate: on large
+    deformations it costs more than learning them), ``"auto"`` does so only where the displacement
+    of the coarser levels spreads by at most :data:`MATCH_BLUR_NEAR_RIGID` voxels RMS
+    (:func:`displacement_spread`, recorded as ``blur_gate_spread``): a pair related by a shift or
+    rotation, whose resampling blur is one blur over the image. Where the map varies by more, the
+    blur varies with its sub-voxel part, and one blur for it cost accuracy even at its true mean
+    (retina at 2 %, ``nephi_large.py``: 0.242 -> 0.255 px held at 1/6 voxel²).
     """
     d = fixed.dim() - 2
     full = tuple(fixed.shape[2:])
@@ -445,11 +482,19 @@ def optimize_velocity(
     # matched-blur variances: [fixed vs warped moving, moving vs warped fixed] x axis (numpy order);
     # started off zero, where relu's gradient would vanish
     # only on images of up to MATCH_BLUR_MAX_VOXELS, compared on their own grid (its memory cost)
-    learn_blur = match_blur_runs(match_blur) and math.prod(full) <= MATCH_BLUR_MAX_VOXELS and fine == full
+    blur_mode = (
+        match_blur_mode(match_blur) if math.prod(full) <= MATCH_BLUR_MAX_VOXELS and fine == full else None
+    )
+    learn_blur = blur_mode == "learned"
     blur = torch.full((2, d), 1e-4, device=dev, requires_grad=True) if learn_blur else None
     blur_used = False
+    held = None  # "once": the variances estimated at the first full-grid step, and the probes there
+    spread = None  # "auto": the coarser levels' displacement spread, voxels
     for k, (shape, n_steps) in enumerate(zip(shapes, steps_per)):
         cmp = fine if k >= n_last else tuple(shape)
+        if blur_mode == "auto" and k == n_last:  # near-rigid after the coarser levels: estimate once
+            spread = None if v is None else displacement_spread(_integrate_xy(v, steps), full)
+            blur_mode = "once" if spread is not None and spread <= MATCH_BLUR_NEAR_RIGID else None
         f_l, m_l = _area(f_fine, cmp), _area(m_fine, cmp)
         warp_grid = fine if cmp == fine else comparison_shape(fine, 2**d * math.prod(shape))
         f_w, m_w = _area(f_fine, warp_grid), _area(m_fine, warp_grid)
@@ -463,8 +508,9 @@ def optimize_velocity(
         to_vox = torch.as_tensor([(n - 1) / 2 for n in shape[::-1]], device=dev).reshape(1, d, *[1] * d)
         opt = FlooredAdam(ctrl, learning_rate, MOMENT_FLOOR)
         blur_opt = torch.optim.Adam([blur], lr=MATCH_BLUR_LR) if blur is not None and cmp == fine else None
-        blur_used = blur_used or (blur_opt is not None and n_steps > 0)
-        if blur_opt is not None:  # white-noise variances of the images, unit noise to warp as probes
+        blur_here = blur_opt is not None or (blur_mode == "once" and cmp == fine)
+        blur_used = blur_used or (blur_here and n_steps > 0)
+        if blur_here:  # white-noise variances of the images, unit noise to warp as probes
             noise = noise_variance(f_l), noise_variance(m_l)
             gen = torch.Generator(device=dev).manual_seed(0)
             noise_f, noise_m = (torch.randn(f_w.shape, generator=gen, device=dev) for _ in range(2))
@@ -479,15 +525,22 @@ def optimize_velocity(
             if ins:
                 w_fwd, w_bwd = _times_frame(w_fwd, ins[0], cmp), _times_frame(w_bwd, ins[1], cmp)
             del ins
-            if blur_opt is not None:
+            if blur_here:
                 # the noise a blur removes is added back (matchblur): only matching the signal pays
                 w_fwd, w_bwd = (None if w is None else w.to(f_l.dtype) for w in (w_fwd, w_bwd))
-                with torch.no_grad():
-                    probe_m = _area(warp(noise_m, u_f, ident), cmp)
-                    probe_f = _area(warp_back(noise_f, u_b, ident), cmp)
+                if held is None:
+                    with torch.no_grad():
+                        probes = (
+                            _area(warp(noise_m, u_f, ident), cmp),
+                            _area(warp_back(noise_f, u_b, ident), cmp),
+                        )
+                if blur_mode == "once" and held is None:
+                    pairs = [(f_l, wm.detach(), w_fwd), (m_l, wf.detach(), w_bwd)]
+                    held = estimate_blur(similarity, pairs, noise, probes, MATCH_BLUR_MAX_VARIANCE), probes
+                s_now, probes = (blur, probes) if held is None else held
                 sims = (
-                    blurred_similarity(similarity, f_l, wm, w_fwd, blur[0], noise, probe_m),
-                    blurred_similarity(similarity, m_l, wf, w_bwd, blur[1], noise[::-1], probe_f),
+                    blurred_similarity(similarity, f_l, wm, w_fwd, s_now[0], noise, probes[0]),
+                    blurred_similarity(similarity, m_l, wf, w_bwd, s_now[1], noise[::-1], probes[1]),
                 )
             elif w_fwd is not None or w_bwd is not None:
                 sims = (
@@ -533,7 +586,9 @@ def optimize_velocity(
         v = torch.zeros(1, d, *full, device=dev)
     with torch.no_grad():
         maps = DenseMaps(_integrate_xy(v, steps).flip(1), _integrate_xy(-v, steps).flip(1), affine)
-    maps.blur_variance = blur.detach().cpu().numpy().copy() if blur_used else None
+    s_end = held[0] if held is not None else blur
+    maps.blur_variance = s_end.detach().cpu().numpy().copy() if blur_used and s_end is not None else None
     maps.flat_share = filled
+    maps.blur_gate_spread = spread
     maps.flat_fill_info = fill_info
     return maps

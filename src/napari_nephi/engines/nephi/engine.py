@@ -52,6 +52,7 @@ from .coarse import (
     finer_level_runs,
     level_iterations,
     level_spacings,
+    match_blur_mode,
     optimize_velocity,
     pyramid_shapes,
 )
@@ -158,7 +159,7 @@ def register_nephi(
     coarse_iterations: int | None = None,
     coarse_reg_weight: float = 0.1,
     coarse_finer_level: bool = True,
-    coarse_match_blur: bool | None = None,
+    coarse_match_blur: bool | str | None = None,
     coarse_flat_fill: bool = True,
     coarse_flat_noisy: bool = False,
     frame_mask: bool = True,
@@ -208,7 +209,11 @@ def register_nephi(
     sharper image (:mod:`.coarse`, :mod:`.matchblur`; the noise a blur removes is added back, so
     noise is not learned as blur), so the field does not fit the resampling blur of the moving image
     (a pure shift's Jacobian stays near 1). Off by default for its cost (:func:`.coarse.match_blur_runs`).
-    Settings record whether it ran, ``metrics["coarse_blur_variance"]`` the variances learned.
+    ``"once"``: the variances estimated once at the start of the full-grid levels and held (cheaper;
+    costs more on large deformations); ``"auto"``: ``"once"`` only where the coarser levels' map is
+    near-rigid (``metrics["coarse_blur_gate_spread"]``, voxels RMS, at most
+    :data:`.coarse.MATCH_BLUR_NEAR_RIGID`), else off. Settings record the mode that ran (True,
+    ``"once"``, or False), ``metrics["coarse_blur_variance"]`` the variances.
 
     ``coarse_flat_fill`` (default True): after the coarse stage, the velocity where both images are
     flat (local RMS gradient below 0.005) is replaced by a smooth extension of the velocity around
@@ -485,6 +490,7 @@ def register_nephi(
                     **kw,
                 )
                 coarse_info["blur_variance"] = maps.blur_variance
+                coarse_info["blur_gate_spread"] = maps.blur_gate_spread
                 coarse_info["flat_share"] = maps.flat_share
                 coarse_info["flat_fill_info"] = maps.flat_fill_info
                 return maps
@@ -579,13 +585,22 @@ def register_nephi(
             f"coarse_flat_fill stopped after {fill_info['steps']} conjugate-gradient steps before "
             "converging; the flat regions' fill is approximate (coarse_flat_fill=False turns it off)."
         )
+    blur_ran = False
+    if coarse_info.get("blur_variance") is not None:
+        blur_ran = {"learned": True, "auto": "once"}.get(
+            match_blur_mode(coarse_match_blur), coarse_match_blur
+        )
+    if coarse_info.get("blur_gate_spread") is not None:
+        metrics["coarse_blur_gate_spread"] = round(coarse_info["blur_gate_spread"], 4)
     if coarse_info.get("blur_variance") is not None:  # (direction, axis): fixed vs moving, moving vs fixed
         metrics["coarse_blur_variance"] = [
             [round(float(x), 4) for x in row] for row in coarse_info["blur_variance"]
         ]
-    elif coarse_match_blur:  # asked for, but the mode or its bound left it out: say why
+    elif (
+        coarse_match_blur and match_blur_mode(coarse_match_blur) != "auto"
+    ):  # asked for, but left out: say why
         notes.append(
-            "coarse_match_blur=True did not run: "
+            f"coarse_match_blur={coarse_match_blur!r} did not run: "
             + (
                 "it belongs to the coarse stage, which did not run (mode, levels or coarse_iterations)"
                 if "blur_variance" not in coarse_info
@@ -626,7 +641,8 @@ def register_nephi(
         "coarse_finer_level": coarse_finer_level,
         "coarse_flat_fill": bool(coarse_flat_fill),
         "coarse_flat_noisy": bool(coarse_flat_noisy),
-        "coarse_match_blur": coarse_info.get("blur_variance") is not None,  # whether it ran
+        # the mode that ran (True: learned with the velocity, "once": estimated once), False if none
+        "coarse_match_blur": blur_ran,  # the mode that ran (True: learned with the velocity), or False
         "coarse_shapes": [list(sh) for sh in shapes],
         "coarse_spacings": [float(sp) for sp in coarse_spacings],
         "sample_fraction": sample_fraction,

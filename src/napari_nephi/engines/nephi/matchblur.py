@@ -131,3 +131,37 @@ def blurred_similarity(
     add_a, add_b = removed_noise(s, noise[0]), removed_warped_noise(s, noise[1], probe)
     a, b = blur_pair(a, b, s)
     return matched_similarity(name, a, b, w, add_a, add_b)
+
+
+#: Adam steps and learning rate of :func:`estimate_blur` (variances in voxels^2).
+ESTIMATE_STEPS = 60
+ESTIMATE_LR = 0.02
+
+
+def estimate_blur(
+    name: str,
+    pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    noise: tuple[float, float],
+    probes: tuple[torch.Tensor, torch.Tensor],
+    bound: float,
+) -> torch.Tensor:
+    """Matched-blur variances ``(2, D)`` for the two comparisons ``pairs`` (image, warped other
+    image, weights or None; detached) held still: each row minimises :func:`blurred_similarity` of
+    its pair alone, by Adam from 0, within ``[-bound, bound]``. Only the blur moves, so the images
+    are warped once (not at every step of the velocity, as learning the blur with it does)."""
+    d = pairs[0][0].dim() - 2
+    s = torch.full((2, d), 1e-4, device=pairs[0][0].device, requires_grad=True)
+    opt = torch.optim.Adam([s], lr=ESTIMATE_LR)
+    noises = (noise, noise[::-1])
+    with torch.enable_grad():
+        for _ in range(ESTIMATE_STEPS):
+            opt.zero_grad()
+            loss = sum(
+                blurred_similarity(name, a, b, w, s[i], noises[i], probes[i])
+                for i, (a, b, w) in enumerate(pairs)
+            )
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                s.clamp_(-bound, bound)
+    return s.detach()
