@@ -13,7 +13,7 @@ import torch
 
 from napari_nephi import InputError
 from napari_nephi.engines.atlas.plates import Plates
-from napari_nephi.engines.atlas.rerank import SEEDED, PoseSearch, check_rerank_options
+from napari_nephi.engines.atlas.rerank import FAST, SEEDED, PoseSearch, check_rerank_options
 from napari_nephi.synthetic.atlas import section_from_atlas
 
 #: Plates the top pick may lie from the truth (a cut's centre rounds to a plate; neighbours are
@@ -185,6 +185,17 @@ def test_seeded_search_is_local_and_finds_the_plate(search, toy_reference):
     assert abs(seeded.ranking[0][0] - plate) <= PLATE_TOLERANCE, seeded.ranking[:5]
     assert all(abs(p - seed_plate) <= 6 for p in seeded.poses)  # nothing searched far away
     assert seeded.pairs < full.pairs / 3
+
+
+def test_fast_search_finds_the_plate_with_fewer_pairs(search, toy_reference):
+    reference, _ = toy_reference
+    plate = 21
+    section = section_from_atlas(reference, plate, (4.0, -4.0))
+    order = _shuffled(search.n, plate, seed=3)  # the truth among the embedding's 6 best, not first
+    fast = search.search(section, order, check_rerank_options(FAST))
+    full = search.search(section, order, check_rerank_options({}))
+    assert abs(fast.ranking[0][0] - plate) <= PLATE_TOLERANCE, fast.ranking[:5]
+    assert fast.pairs < 0.75 * full.pairs  # ~62 % on this small atlas (fewer plates to sweep)
 
 
 def test_half_section_is_matched_at_its_true_scale(search, toy_reference):

@@ -89,7 +89,7 @@ from .preprocess import _segment, downsample, to_grey
 from .region_fit import RegionAtlas, SectionSamples
 from .region_fit import refine as refine_pose
 
-__all__ = ["DEFAULTS", "SEEDED", "Pose", "PoseSearch", "RerankResult", "check_rerank_options"]
+__all__ = ["DEFAULTS", "FAST", "SEEDED", "Pose", "PoseSearch", "RerankResult", "check_rerank_options"]
 
 #: Options of the re-ranking (``rerank_options`` of :meth:`AtlasLookup.lookup`).
 DEFAULTS = {
@@ -134,6 +134,13 @@ DEFAULTS = {
 #: defaults otherwise) the mean cost would still be ~300 ms: no adaptive use of it reaches 50 ms.
 #: Session 13's cheaper correlations: 67-69 ms (7.08 / 5.70 on seeds 0 / 1 from the interleaved order).
 SEEDED = {"sweep_step": 0, "shortlist": 1, "neighbours": 2, "hypotheses": 1, "anchors": 1, "z_scan": 0}
+#: Options of a search about half as costly as :data:`DEFAULTS`' that ranks worse (opt-in, for
+#: many sections where speed matters more): a smaller stage 1 (the embedding's 6 best plates and 2
+#: neighbours each side, every 12th plate) and stage 2 (2 hypotheses, 1 anchor, 1 pose scanned along
+#: the plate axis). Session 18, session 13's index (docs/atlas.md, "A fast first stage"): mean rank
+#: 2.346 -> 2.823 on 480 development sections (seeds 0 / 1 / 5-10), CPU median 338 -> 174 ms (same
+#: process and sections, load 13).
+FAST = {"shortlist": 6, "neighbours": 2, "sweep_step": 12, "hypotheses": 2, "anchors": 1, "z_scan_poses": 1}
 #: Scales searched, as factors of the tissue-extent guess: a cut shortens the extents (the true
 #: scale is then larger than the guess); a whole section matches it within a specimen's variation.
 MIN_SCALE_FACTOR = 0.88
