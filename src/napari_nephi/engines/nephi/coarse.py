@@ -317,9 +317,11 @@ def match_blur_mode(match_blur: bool | str | None) -> str | None:
     """``"learned"`` (True: the variances learned with the velocity at every step), ``"once"``
     (estimated once at the start of the full-grid levels, then held: :func:`.matchblur.estimate_blur`),
     ``"auto"`` (``"once"`` where the coarser levels found the pair near-rigid,
-    :data:`MATCH_BLUR_NEAR_RIGID`, else off), or None (off)."""
+    :data:`MATCH_BLUR_NEAR_RIGID`, else off; None, the default since session 18), or None (False: off)."""
     if match_blur not in MATCH_BLUR_MODES:
         raise InputError(f"coarse_match_blur must be one of {MATCH_BLUR_MODES}, not {match_blur!r}.")
+    if match_blur is None:
+        return "auto"
     return None if not match_blur else ("learned" if match_blur is True else match_blur)
 
 
@@ -338,12 +340,13 @@ def displacement_spread(u: torch.Tensor, full) -> float:
 
 
 def match_blur_runs(match_blur: bool | str | None) -> bool:
-    """Whether the coarse stage compares at matched blur: only when asked for (None: off).
+    """Whether the coarse stage may compare at matched blur (None: ``"auto"``, where the map is near-rigid).
 
-    Learned from the similarity alone, the variances also learned noise (with independent noise in
-    the two images blurring either side raises NCC); :mod:`.matchblur` adds the noise the blur
+    Learned with the velocity (True) it stays opt-in. Learned from the similarity alone, the
+    variances also learned noise (with independent noise in the two images blurring either side
+    raises NCC); :mod:`.matchblur` adds the noise the blur
     removed back, so on two equally sharp copies with noise 0.03 they stay below 0.002 (0.17-0.31
-    before). It stays off by default (session-14 review): at 256 px it cost the retina up to 0.036
+    before). Learned so, it stays opt-in (session-14 review): at 256 px it cost the retina up to 0.036
     px (``nephi_large.py``, 4 %: 0.279 -> 0.315), 46-98 % more CPU and 2.5x the peak memory on 512^2
     images, and it is unmeasured on pairs of two stains or modalities (it lowered the atlas's
     restained-section test by 0.004 Dice). On volumes it also lost: MRI 0.110 / 0.149 /
@@ -408,7 +411,7 @@ def optimize_velocity(
     image lost to a shift pulled the field up to 16 px inside (retina shifted by (3.75, -2) px at
     256 px: det J 0.63-1.62 without it, 0.94-1.15 with it). False: the similarity as before.
 
-    With ``match_blur`` (None: off, :func:`match_blur_runs`), on images of at most
+    With ``match_blur`` (:func:`match_blur_mode`; None: ``"auto"``, False: off), on images of at most
     :data:`MATCH_BLUR_MAX_VOXELS` compared on their own grid, the levels on the full comparison grid
     compare the images at matched blur (:func:`.matchblur.blur_pair`,
     :data:`MATCH_BLUR_MAX_VARIANCE`): per direction (fixed against warped moving, moving against

@@ -203,17 +203,19 @@ def register_nephi(
     (unregularised, its knots fit noise). Settings record it and the knot spacing of every level run
     (``coarse_spacings``); False runs the stage as before the level was added.
 
-    ``coarse_match_blur`` (None or False: off, the default; True: on, on images of at most
-    :data:`.coarse.MATCH_BLUR_MAX_VOXELS` compared on their own grid): the coarse stage's levels on
-    the full grid compare the images at matched blur, learning per direction and axis a blur of the
-    sharper image (:mod:`.coarse`, :mod:`.matchblur`; the noise a blur removes is added back, so
-    noise is not learned as blur), so the field does not fit the resampling blur of the moving image
-    (a pure shift's Jacobian stays near 1). Off by default for its cost (:func:`.coarse.match_blur_runs`).
-    ``"once"``: the variances estimated once at the start of the full-grid levels and held (cheaper;
-    costs more on large deformations); ``"auto"``: ``"once"`` only where the coarser levels' map is
-    near-rigid (``metrics["coarse_blur_gate_spread"]``, voxels RMS, at most
-    :data:`.coarse.MATCH_BLUR_NEAR_RIGID`), else off. Settings record the mode that ran (True,
-    ``"once"``, or False), ``metrics["coarse_blur_variance"]`` the variances.
+    ``coarse_match_blur`` (None: ``"auto"``, the default since session 18; False: off; True:
+    learned with the velocity; ``"once"``; on images of at most :data:`.coarse.MATCH_BLUR_MAX_VOXELS`
+    compared on their own grid): the coarse stage's levels on the full grid compare the images at
+    matched blur, a blur of the sharper image per direction and axis (:mod:`.coarse`,
+    :mod:`.matchblur`; the noise a blur removes is added back, so noise is not taken for blur), so
+    the field does not fit the resampling blur of the moving image (a pure shift's Jacobian stays
+    near 1). True learns the variances with the velocity at every step (opt-in for its cost and its
+    losses on large deformations, :func:`.coarse.match_blur_runs`); ``"once"`` estimates them at
+    the start of the full-grid levels and holds them (cheaper, but misalignment inflates the
+    estimate); ``"auto"`` runs ``"once"`` only where the coarser levels' map is near-rigid
+    (``metrics["coarse_blur_gate_spread"]``, voxels RMS, at most :data:`.coarse.MATCH_BLUR_NEAR_RIGID`)
+    and is off elsewhere. Settings record the mode that ran (True, ``"once"``, or False),
+    ``metrics["coarse_blur_variance"]`` the variances.
 
     ``coarse_flat_fill`` (default True): after the coarse stage, the velocity where both images are
     flat (local RMS gradient below 0.005) is replaced by a smooth extension of the velocity around
