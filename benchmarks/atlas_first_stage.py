@@ -3,17 +3,18 @@
 The pose search (:mod:`napari_nephi.engines.atlas.rerank`) costs ~0.35 s of CPU per section; its
 seeded mode (``rerank.SEEDED``, ~70 ms) is enough only when a first stage puts the section within
 about 2 plates of the truth. For each benchmark section (:mod:`atlas_lookup`'s cases and query
-seeds) this measures, with the index's own embedding order (the order the pose search starts from):
+seeds) this measures, with the order the pose search starts from (``AtlasLookup.lookup``'s: the
+embedding's ranking of the centred section interleaved with that of its pooled framings):
 
-* ``emb K``: the embedding's K best plates at least 3 plates apart (free: the embedding runs anyway);
+* ``emb K``: the first K plates of that order at least 3 plates apart (free: the embedding runs anyway);
 * ``grid K``: the K best plates (3 apart) of an exhaustive correlation of the section with every
   untilted plate (``--size`` pixels, rotations every ``--rotation-step`` degrees within the search's
   ``max_rotation``, scales ``--scale-step`` apart), the score of stage 1 of the pose search;
 * ``emb A + grid B``: both sets together (their sizes add up, less overlaps).
 
 A candidate set "holds" a section when one of its plates lies within 2 plates of the truth. Also
-printed: how often the embedding's and the grid's best plates agree within 2 plates, and how often
-the embedding's best lies within 2 plates of the truth when they agree (a gate for the seeded
+printed: how often the order's first plate and the grid's best agree within 2 plates, and how often
+that first plate lies within 2 plates of the truth when they agree (a gate for the seeded
 search), and the CPU of the exhaustive correlation per section.
 
 Usage::
@@ -107,10 +108,12 @@ def main(argv=None) -> list[dict]:
         for case in (c for c in args.cases.split(",") if c):
             seed = qs * 1000 + 101 + list(CASES).index(case)
             for q in atlas_queries(ref, labels, args.per_case, seed=seed, **CASES[case]):
-                order = lk._search_order(q["image"])  # what the pose search starts from
+                # the order the pose search starts from (the centred framing's ranking interleaved with
+                # the pooled framings'; a private method of the project's own class)
+                order = lk._search_order(q["image"])
                 emb = np.zeros(search.n)
-                for plate, d in order:
-                    emb[plate] = -d
+                for i, (plate, _) in enumerate(order):
+                    emb[plate] = -i  # a plate's value: its place in that order
                 t0 = time.process_time()
                 grid, pairs = grid_profile(search, q["image"], args.size, args.rotation_step, args.scale_step)
                 cpu = time.process_time() - t0
@@ -133,7 +136,7 @@ def main(argv=None) -> list[dict]:
     agree = np.array([r["agree"] for r in rows])
     good = np.array([r["emb_near"] for r in rows])
     print(
-        f"best plates agree (within 2): {100 * agree.mean():.0f} %; the embedding's best within 2 of "
+        f"best plates agree (within 2): {100 * agree.mean():.0f} %; the order's first plate within 2 of "
         f"the truth then {100 * good[agree].mean() if agree.any() else 0:.0f} %, otherwise "
         f"{100 * good[~agree].mean() if (~agree).any() else 0:.0f} %"
     )
