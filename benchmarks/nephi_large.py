@@ -111,7 +111,8 @@ def make_case(name: str, amplitude: float, size: int, seed: int) -> dict:
         whole, umax, smooth = False, float(amplitude), MRI_SMOOTHNESS
     else:
         fixed, whole = load(name, size)
-        umax, smooth = amplitude / 100 * size, SMOOTHNESS[int(amplitude)] * size
+        # amplitudes under 1 % (near-rigid pairs) take the 1 % smoothness
+        umax, smooth = amplitude / 100 * size, SMOOTHNESS[max(1, int(amplitude))] * size
     u, u_inv = random_smooth_displacement(fixed.shape, umax, smooth, seed=seed, return_inverse=True)
     assert np.all(jacobian_determinant(u) > 0)
     moving = np.ascontiguousarray(DisplacementTransform(u_inv).warp(fixed), np.float32)
@@ -286,10 +287,14 @@ def main() -> None:
                 if label.startswith("NePhi"):
                     ic = inverse_consistency_inside(extra.transform, case["fixed"].shape, margin)
                     row.update(ic_mean=ic[0], ic_max=ic[1])
+                    # the matched blur's gate ("auto"): RMS spread of the coarser levels' map, voxels
+                    row.update(blur_gate=extra.metrics.get("coarse_blur_gate_spread"))
                 rows.append(row)
                 ic_text = (
                     f"  IC mean {row['ic_mean']:.3f} max {row['ic_max']:.3f}" if "ic_mean" in row else ""
                 )
+                if row.get("blur_gate") is not None:
+                    ic_text += f"  blur gate {row['blur_gate']:.3f}"
                 print(
                     f"  {label:34s} EPE {row['epe']:.3f}  det J {row['jac_min']:.3f}..{row['jac_max']:.3f}"
                     f"{ic_text}  CPU {row['cpu_seconds']:6.1f} s",

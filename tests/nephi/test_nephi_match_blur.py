@@ -90,8 +90,11 @@ def test_pure_shift_keeps_the_jacobian_near_one_with_matched_blur():
 
 def test_match_blur_option_is_validated():
     img = np.random.default_rng(0).random((16, 16)).astype(np.float32)
-    with pytest.raises(InputError, match="coarse_match_blur"):
-        nn.register(img, img, method="nephi", coarse_match_blur="yes")
+    for bad in ("yes", "field", 1):  # "field" was a tried mode that was not kept (session 18)
+        with pytest.raises(
+            InputError, match="coarse_match_blur must be one of None, False, True, 'once', 'auto'"
+        ):
+            nn.register(img, img, method="nephi", coarse_match_blur=bad)
 
 
 def _noisy(img, sigma, seed):

@@ -20,6 +20,7 @@ from ...core.device import check_memory
 from ...core.errors import InputError
 from ...core.options import check_bool, check_choice, check_float, check_int
 from ...core.similarity import metric
+from .coarse import MATCH_BLUR_MODES
 from .mlp import REPRESENTATIONS
 from .optimize import REGULARIZERS, SIMILARITIES
 
@@ -97,9 +98,10 @@ def check_options(options: dict[str, Any]) -> None:
         elif name in BOOLS:
             check_bool(name, value)
         elif name == "coarse_match_blur" and not (
-            isinstance(value, bool) or value in ("once", "field", "auto")
+            isinstance(value, bool) or (isinstance(value, str) and value in MATCH_BLUR_MODES)
         ):
-            raise InputError(f"coarse_match_blur must be True, False, 'once' or None, not {value!r}.")
+            modes = ", ".join(repr(m) for m in MATCH_BLUR_MODES)
+            raise InputError(f"coarse_match_blur must be one of {modes}, not {value!r}.")
 
 
 #: Memory a run needs beyond its inputs whatever their size (torch, the networks, buffers), bytes.

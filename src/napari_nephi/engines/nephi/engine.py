@@ -643,8 +643,9 @@ def register_nephi(
         "coarse_finer_level": coarse_finer_level,
         "coarse_flat_fill": bool(coarse_flat_fill),
         "coarse_flat_noisy": bool(coarse_flat_noisy),
-        # the mode that ran (True: learned with the velocity, "once": estimated once), False if none
-        "coarse_match_blur": blur_ran,  # the mode that ran (True: learned with the velocity), or False
+        # the mode that ran (True: learned with the velocity, "once": estimated once, also as the
+        # outcome of "auto", whose gate measure is metrics["coarse_blur_gate_spread"]), False if none
+        "coarse_match_blur": blur_ran,
         "coarse_shapes": [list(sh) for sh in shapes],
         "coarse_spacings": [float(sp) for sp in coarse_spacings],
         "sample_fraction": sample_fraction,
