@@ -220,8 +220,9 @@ def test_a_stack_distorted_in_one_part_keeps_its_clean_parts_placement(walk):
     mixed = [c if c[1] < 12 else nz for c, nz in zip(clean, noisy)]
     assert sum(c[1] < 12 for c in clean) < len(clean) / 2
     e = _errors(walk, elastic_fields(read, walk["matrices"], (h, w), pairs=mixed, **kw))
-    # measured: clean part 0.292 px (flows alone 0.386), noisy part 0.629 (0.72)
-    assert e[:11].mean() < 0.8 * flows[:11].mean(), (e[:11].mean(), flows[:11].mean())
+    # measured: clean part 0.278 px against the flows alone 0.345 (0.292 / 0.386 with JOINT_PRIOR 0.1:
+    # the flows alone improve more than the clean part with the stronger prior, hence 0.85, not 0.8)
+    assert e[:11].mean() < 0.85 * flows[:11].mean(), (e[:11].mean(), flows[:11].mean())
     assert e[12:].mean() < flows[12:].mean() + 0.05, (e[12:].mean(), flows[12:].mean())
 
 

@@ -49,7 +49,11 @@ ELASTIC_SOLVERS = ("joint", "local")
 #: The default ``elastic_solver`` of :func:`~.align.align_stack`, ``align-em`` and the EM widget.
 ELASTIC_SOLVER = "local"
 #: Weight of the joint solve's prior on every section's final scale and shear (as ``drift_prior``).
-JOINT_PRIOR = 0.1
+#: The pairs' scale and shear come from flows over all textured pixels, which change through depth:
+#: with 0.1 the sections' scale and shear came out 1.7 px off at the rms radius (160 distorted
+#: em_stack sections, seed 0, joint solve with the landmarks), more than the truth's own 1.1 px; with
+#: 1.0, 0.8 px (session 18, docs/mito.md).
+JOINT_PRIOR = 1.0
 #: How much larger a keypoint pair's error is than its residual in the global solve, relative to a
 #: flow pair's and its residual in the joint solve (measured, 40 distorted and undistorted sections
 #: of em_stack seed 0: keypoint pairs' error per step 3 x, flow pairs' 0.65 x their median residual):
