@@ -207,3 +207,13 @@ def test_auto_mode_estimates_the_blur_only_on_a_near_rigid_pair():
     far, off = run(warped, "auto"), run(warped, False)
     assert far.blur_gate_spread > MATCH_BLUR_NEAR_RIGID and far.blur_variance is None
     assert torch.equal(far.forward_grid, off.forward_grid)
+
+
+def test_predict_refine_leaves_the_matched_blur_off_by_default():
+    """The default "auto" is optimize's: predict+refine's coarse stage compares a moving image
+    pre-warped through the prediction, whose resampling blur varies over the image (review R10)."""
+    img = _camera(64)
+    moving = ndi.shift(img, (1.5, -1.0), order=1, mode="nearest").astype(np.float32)
+    reg = nn.register(img, moving, method="nephi", device="cpu", mode="predict+refine", iterations=2)
+    assert reg.settings["coarse_match_blur"] is False
+    assert "coarse_blur_gate_spread" not in reg.metrics
