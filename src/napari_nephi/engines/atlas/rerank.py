@@ -141,7 +141,8 @@ SEEDED = {"sweep_step": 0, "shortlist": 1, "neighbours": 2, "hypotheses": 1, "an
 #: 338 -> 174 ms (same process and sections, load 13); mean rank 2.141 -> 2.334 and Top-5 91.3 -> 89.1 %
 #: over 960 development sections (seeds 0 / 1 / 5-10: 2.346 -> 2.823; seeds 11 / 12 / 19-22 / 24 / 25:
 #: 1.935 -> 1.844, but Top-5 92.3 -> 89.8 %), 1.592 -> 1.725 and Top-5 94.2 -> 92.9 % on query seeds
-#: 40-43. About 0.1-0.2 of mean rank and 1-2 points of Top-5 for half the CPU.
+#: 40-43, 1.55 -> 2.42 and Top-5 92.8 -> 89.7 % on the lead's held-out seeds 34-39. About 0.1-0.9 of
+#: mean rank and 1-3 points of Top-5 for half the CPU.
 FAST = {"shortlist": 6, "neighbours": 2, "sweep_step": 12, "hypotheses": 2, "anchors": 1, "z_scan_poses": 1}
 #: Scales searched, as factors of the tissue-extent guess: a cut shortens the extents (the true
 #: scale is then larger than the guess); a whole section matches it within a specimen's variation.
