@@ -42,7 +42,6 @@ from atlas_lookup import CASES  # noqa: E402
 
 from napari_nephi import AtlasLookup  # noqa: E402
 from napari_nephi.engines.atlas import rerank  # noqa: E402
-from napari_nephi.engines.atlas.pose_grid import extent  # noqa: E402
 from napari_nephi.synthetic.atlas import atlas_queries, brain_phantom  # noqa: E402
 
 EMB = (1, 2, 4, 8)
@@ -67,16 +66,10 @@ def grid_profile(search: rerank.PoseSearch, section, size: int, rot_step: float,
     grey, mask, _ = search.prepare(section, rerank.SECTION_FACTOR * o["work_size"])
     atlas = search.atlas(size)
     grid = rerank.coarse_grid(grey, mask, size, o["edge_blur"])
-    guess = (extent(mask)[None, :] / atlas.extents).max(axis=1)
-    lo, hi = rerank.MIN_SCALE_FACTOR * guess, rerank.MAX_SCALE_FACTOR * guess
-    scales = rerank.grid_scales(grid.q, lo.min(), hi.max(), scale_step)
-    n = int(o["max_rotation"] // rot_step)
-    rotations = [k * rot_step for k in range(-n, n + 1)]
-    pairs = []
-    for z in range(search.n):  # each plate at the scales near its own extent ratio
-        for s in (s for s in scales if lo[z] / scale_step**0.5 <= s <= hi[z] * scale_step**0.5):
-            cut = grid.plate_cut(atlas, z, s)
-            pairs += [(r, s, cut) for r in rotations]
+    # every plate, each at the scales near its own extent ratio: stage 1's pairs
+    pairs = rerank.stage1_pairs(
+        grid, atlas, mask, list(range(search.n)), scale_step, o["max_rotation"], rot_step
+    )
     scores = np.full(search.n, -2.0)
     for pose in grid.score(pairs, search.n, best_per_cut_z=True):
         scores[pose.plate] = max(scores[pose.plate], pose.score)

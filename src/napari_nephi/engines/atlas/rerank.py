@@ -276,16 +276,15 @@ class PoseSearch:
         zs = _around(shortlist, options["neighbours"], self.n)
         if options["sweep_step"] > 0:  # a sweep of the whole atlas: where the embedding is wrong
             zs = sorted(set(zs) | set(range(options["sweep_step"] // 2, self.n, options["sweep_step"])))
-        guess = (extent(mask)[None, :] / coarse_atlas.extents[zs]).max(axis=1)  # section px per plate px
-        step = options["scale_step"]
-        scales = grid_scales(coarse.q, MIN_SCALE_FACTOR * guess.min(), MAX_SCALE_FACTOR * guess.max(), step)
-        rotations = _steps(options["max_rotation"], options["rotation_step"])
-        pairs = []
-        for z, g in zip(zs, guess, strict=True):
-            for s in scales:
-                if MIN_SCALE_FACTOR * g / step**0.5 <= s <= MAX_SCALE_FACTOR * g * step**0.5:
-                    cut = coarse.plate_cut(coarse_atlas, z, s)
-                    pairs += [(r, s, cut) for r in rotations]
+        pairs = stage1_pairs(
+            coarse,
+            coarse_atlas,
+            mask,
+            zs,
+            options["scale_step"],
+            options["max_rotation"],
+            options["rotation_step"],
+        )
         _check(progress)
         first = coarse.score(pairs, self.n, best_per_cut_z=True)  # hypotheses need no more
         # stage 2 starts from stage 1's shifts: its cuts are centred there and searched nearby
@@ -309,6 +308,29 @@ class PoseSearch:
             p.scale *= zoom
         prior = _prior(order, self.n) * options["prior_weight"]
         return _rank(poses, order, options["plate_penalty"], len(pairs) + refine.pairs, self.n, prior)
+
+
+def stage1_pairs(
+    coarse: SectionGrid,
+    coarse_atlas,
+    mask: np.ndarray,
+    zs,
+    scale_step: float,
+    max_rotation: float,
+    rotation_step: float,
+) -> list:
+    """Stage 1's ``(rotation, scale, cut)`` pairs: the untilted plates ``zs`` at the scales near each
+    one's extent ratio to the section's tissue ``mask``, each at every rotation step."""
+    guess = (extent(mask)[None, :] / coarse_atlas.extents[zs]).max(axis=1)  # section px per plate px
+    scales = grid_scales(coarse.q, MIN_SCALE_FACTOR * guess.min(), MAX_SCALE_FACTOR * guess.max(), scale_step)
+    rotations = _steps(max_rotation, rotation_step)
+    pairs = []
+    for z, g in zip(zs, guess, strict=True):
+        for s in scales:
+            if MIN_SCALE_FACTOR * g / scale_step**0.5 <= s <= MAX_SCALE_FACTOR * g * scale_step**0.5:
+                cut = coarse.plate_cut(coarse_atlas, z, s)
+                pairs += [(r, s, cut) for r in rotations]
+    return pairs
 
 
 def coarse_grid(grey: np.ndarray, mask: np.ndarray, coarse_size: int, blur: float = 0.0) -> SectionGrid:
