@@ -13,6 +13,7 @@ from napari_nephi.core.errors import InputError
 from napari_nephi.core.jacobian import jacobian_determinant
 from napari_nephi.engines.nephi.coarse import (
     MATCH_BLUR_NEAR_RIGID,
+    displacement_detj_rms,
     displacement_spread,
     match_blur_runs,
     optimize_velocity,
@@ -184,6 +185,25 @@ def test_displacement_spread_is_the_rms_distance_from_the_mean_in_voxels():
     share = 8 * 9 / (9 * 17)
     expected = (share * (1 - share) ** 2 + (1 - share) * share**2) ** 0.5
     assert displacement_spread(u, (9, 17)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_displacement_detj_rms_is_unitless():
+    """0 for a rotation on any image size; a stretch by 1 % along one axis gives 0.01 on a 64 px and on a
+    512 px image alike (the spread grows with the size: a voxel measure)."""
+    for size in (64, 512):
+        grid = (9, 13)
+        ys, xs = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in grid], indexing="ij")
+        half = (size - 1) / 2
+        a = np.deg2rad(5.0)
+        rot_y = (np.cos(a) - 1) * ys - np.sin(a) * xs  # normalised units (square image)
+        rot_x = np.sin(a) * ys + (np.cos(a) - 1) * xs
+        u = torch.stack([rot_x, rot_y])[None]  # grid_sample's component order (x, y)
+        assert displacement_detj_rms(u, (size, size)) == pytest.approx(0.0, abs=1e-5)
+        stretch = torch.stack([torch.zeros_like(ys), 0.01 * ys])[None]
+        assert displacement_detj_rms(stretch, (size, size)) == pytest.approx(0.01, rel=1e-4)
+        assert displacement_spread(stretch, (size, size)) == pytest.approx(
+            0.01 * half * float(ys.pow(2).mean().sqrt()), rel=1e-4
+        )
 
 
 def test_auto_mode_estimates_the_blur_only_on_a_near_rigid_pair():

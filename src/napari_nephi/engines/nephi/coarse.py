@@ -80,6 +80,8 @@ class DenseMaps:
         self.blur_variance = None
         #: matched blur "auto": the coarser levels' displacement spread, voxels (None: not measured)
         self.blur_gate_spread = None
+        #: matched blur "auto": RMS of det J - 1 of the coarser levels' map (None: not measured)
+        self.blur_gate_detj_rms = None
         #: share of the last coarse grid the flat fill replaced (None: the fill did not run)
         self.flat_share = None
         #: the flat fill's conjugate-gradient steps and whether it converged ({}: it did not run)
@@ -339,6 +341,21 @@ def displacement_spread(u: torch.Tensor, full) -> float:
     return float((vox - vox.mean(-1, keepdim=True)).pow(2).sum(1).mean().sqrt())
 
 
+def displacement_detj_rms(u: torch.Tensor, full) -> float:
+    """RMS over the grid of ``det(I + grad u) - 1`` for a displacement ``(1, D, *S)`` (normalised,
+    components in grid_sample's order) on a grid spanning an image of shape ``full``: central
+    differences (one-sided at the edges) in voxels of ``full``. Unitless: a shift or rotation gives 0
+    whatever the image size."""
+    d = len(full)
+    scale = torch.as_tensor([(n - 1) / 2 for n in full], dtype=torch.float64, device=u.device)
+    un = u[0].flip(0).double() * scale.reshape(d, *[1] * d)  # numpy component order, voxels
+    grid = un.shape[1:]
+    steps = [(n - 1) / max(m - 1, 1) for n, m in zip(full, grid)]
+    grad = torch.stack([torch.stack(torch.gradient(c, spacing=steps), 0) for c in un], 0)
+    jac = torch.movedim(grad, (0, 1), (-2, -1)) + torch.eye(d, dtype=grad.dtype, device=grad.device)
+    return float((torch.linalg.det(jac) - 1).pow(2).mean().sqrt())
+
+
 def match_blur_runs(match_blur: bool | str | None) -> bool:
     """Whether the coarse stage may compare at matched blur (None: ``"auto"``, where the map is near-rigid).
 
@@ -492,11 +509,13 @@ def optimize_velocity(
     blur = torch.full((2, d), 1e-4, device=dev, requires_grad=True) if learn_blur else None
     blur_used = False
     held = None  # "once": the variances estimated at the first full-grid step, and the probes there
-    spread = None  # "auto": the coarser levels' displacement spread, voxels
+    spread = detj_rms = None  # "auto": the coarser levels' displacement spread (voxels), det J RMS
     for k, (shape, n_steps) in enumerate(zip(shapes, steps_per)):
         cmp = fine if k >= n_last else tuple(shape)
         if blur_mode == "auto" and k == n_last:  # near-rigid after the coarser levels: estimate once
-            spread = None if v is None else displacement_spread(_integrate_xy(v, steps), full)
+            u_c = None if v is None else _integrate_xy(v, steps)
+            spread = None if u_c is None else displacement_spread(u_c, full)
+            detj_rms = None if u_c is None else displacement_detj_rms(u_c, full)
             blur_mode = "once" if spread is not None and spread <= MATCH_BLUR_NEAR_RIGID else None
         f_l, m_l = _area(f_fine, cmp), _area(m_fine, cmp)
         warp_grid = fine if cmp == fine else comparison_shape(fine, 2**d * math.prod(shape))
@@ -593,5 +612,6 @@ def optimize_velocity(
     maps.blur_variance = s_end.detach().cpu().numpy().copy() if blur_used and s_end is not None else None
     maps.flat_share = filled
     maps.blur_gate_spread = spread
+    maps.blur_gate_detj_rms = detj_rms
     maps.flat_fill_info = fill_info
     return maps

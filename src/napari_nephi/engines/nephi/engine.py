@@ -499,6 +499,7 @@ def register_nephi(
                 )
                 coarse_info["blur_variance"] = maps.blur_variance
                 coarse_info["blur_gate_spread"] = maps.blur_gate_spread
+                coarse_info["blur_gate_detj_rms"] = maps.blur_gate_detj_rms
                 coarse_info["flat_share"] = maps.flat_share
                 coarse_info["flat_fill_info"] = maps.flat_fill_info
                 return maps
@@ -600,6 +601,8 @@ def register_nephi(
         )
     if coarse_info.get("blur_gate_spread") is not None:
         metrics["coarse_blur_gate_spread"] = round(coarse_info["blur_gate_spread"], 4)
+    if coarse_info.get("blur_gate_detj_rms") is not None:
+        metrics["coarse_blur_gate_detj_rms"] = round(coarse_info["blur_gate_detj_rms"], 5)
     if coarse_info.get("blur_variance") is not None:  # (direction, axis): fixed vs moving, moving vs fixed
         metrics["coarse_blur_variance"] = [
             [round(float(x), 4) for x in row] for row in coarse_info["blur_variance"]
