@@ -287,14 +287,16 @@ def main() -> None:
                 if label.startswith("NePhi"):
                     ic = inverse_consistency_inside(extra.transform, case["fixed"].shape, margin)
                     row.update(ic_mean=ic[0], ic_max=ic[1])
-                    # the matched blur's gate ("auto"): RMS spread of the coarser levels' map, voxels
-                    row.update(blur_gate=extra.metrics.get("coarse_blur_gate_spread"))
+                    # the matched blur's gate ("auto"): RMS of det J - 1 of the coarser levels' map
+                    # (the gate since session 19) and its displacement's spread (voxels, until then)
+                    row.update(blur_gate=extra.metrics.get("coarse_blur_gate_detj_rms"))
+                    row.update(blur_spread=extra.metrics.get("coarse_blur_gate_spread"))
                 rows.append(row)
                 ic_text = (
                     f"  IC mean {row['ic_mean']:.3f} max {row['ic_max']:.3f}" if "ic_mean" in row else ""
                 )
                 if row.get("blur_gate") is not None:
-                    ic_text += f"  blur gate {row['blur_gate']:.3f}"
+                    ic_text += f"  blur gate det J RMS {row['blur_gate']:.4f} spread {row['blur_spread']:.3f}"
                 print(
                     f"  {label:34s} EPE {row['epe']:.3f}  det J {row['jac_min']:.3f}..{row['jac_max']:.3f}"
                     f"{ic_text}  CPU {row['cpu_seconds']:6.1f} s",

@@ -83,7 +83,7 @@ def test_pure_shift_keeps_the_jacobian_near_one_with_matched_blur():
         reg = nn.register(fixed, moving, method="nephi", device="cpu", coarse_match_blur=blur)
         assert reg.settings["coarse_match_blur"] == ("once" if blur is None else False)
         if blur is None:
-            assert reg.metrics["coarse_blur_gate_spread"] < MATCH_BLUR_NEAR_RIGID
+            assert reg.metrics["coarse_blur_gate_detj_rms"] < MATCH_BLUR_NEAR_RIGID
         dets[blur] = jacobian_determinant(reg.transform.displacement(fixed.shape))[16:-16, 16:-16]
     assert 0.95 <= dets[None].min() and dets[None].max() <= 1.05, (dets[None].min(), dets[None].max())
     assert not (0.95 <= dets[False].min() and dets[False].max() <= 1.05)
@@ -207,9 +207,10 @@ def test_displacement_detj_rms_is_unitless():
 
 
 def test_auto_mode_estimates_the_blur_only_on_a_near_rigid_pair():
-    """``"auto"``: the blur of the blurred-copy pair is estimated once (nothing moved, so the coarser
-    levels' displacement hardly spreads); under a smooth warp of a few voxels the gate leaves it off
-    and the maps are those of the stage without matched blur, bit for bit."""
+    """``"auto"``: the blur of the blurred-copy pair is estimated once (nothing moved, so det J of the
+    coarser levels' map stays near 1); under a smooth warp of a few voxels the gate leaves it off
+    and the maps are those of the stage without matched blur, bit for bit. On a volume it stays off
+    (no measure of the coarser levels told the MRI's shifts from its deformations)."""
     fixed = _camera(96)
     blurred = ndi.convolve1d(fixed, np.array([0.15, 0.7, 0.15], np.float32), axis=0, mode="nearest")
     yy, xx = np.mgrid[:96, :96].astype(np.float32)
@@ -222,11 +223,16 @@ def test_auto_mode_estimates_the_blur_only_on_a_near_rigid_pair():
         return optimize_velocity(f, m, shapes, 40, 0.1, "ncc", lambda _: None, match_blur=mode)
 
     near = run(blurred, "auto")
-    assert near.blur_gate_spread < MATCH_BLUR_NEAR_RIGID and near.blur_variance is not None
+    assert near.blur_gate_detj_rms < MATCH_BLUR_NEAR_RIGID and near.blur_variance is not None
     assert near.blur_variance[0, 0] == pytest.approx(0.3, abs=0.1)
     far, off = run(warped, "auto"), run(warped, False)
-    assert far.blur_gate_spread > MATCH_BLUR_NEAR_RIGID and far.blur_variance is None
+    assert far.blur_gate_detj_rms > MATCH_BLUR_NEAR_RIGID and far.blur_variance is None
     assert torch.equal(far.forward_grid, off.forward_grid)
+    vol = ndi.gaussian_filter(np.random.default_rng(0).random((24, 24, 24)), 2).astype(np.float32)
+    f3, m3 = (torch.as_tensor(x)[None, None] for x in (vol, ndi.convolve1d(vol, [0.15, 0.7, 0.15], axis=0)))
+    shapes3 = pyramid_shapes((24, 24, 24), [4, 2])
+    maps3 = optimize_velocity(f3, m3, shapes3, 10, 0.1, "ncc", lambda _: None, match_blur="auto")
+    assert maps3.blur_gate_detj_rms is not None and maps3.blur_variance is None
 
 
 def test_predict_refine_leaves_the_matched_blur_off_by_default():

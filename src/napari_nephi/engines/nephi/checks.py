@@ -102,6 +102,8 @@ def check_options(options: dict[str, Any]) -> None:
         ):
             modes = ", ".join(repr(m) for m in MATCH_BLUR_MODES)
             raise InputError(f"coarse_match_blur must be one of {modes}, not {value!r}.")
+        elif name == "contrast_match" and not (isinstance(value, bool) or value == "auto"):
+            raise InputError(f"contrast_match must be 'auto', True or False, not {value!r}.")
 
 
 #: Memory a run needs beyond its inputs whatever their size (torch, the networks, buffers), bytes.

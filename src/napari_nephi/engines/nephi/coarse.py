@@ -318,7 +318,7 @@ MATCH_BLUR_MODES = (None, False, True, "once", "auto")
 def match_blur_mode(match_blur: bool | str | None) -> str | None:
     """``"learned"`` (True: the variances learned with the velocity at every step), ``"once"``
     (estimated once at the start of the full-grid levels, then held: :func:`.matchblur.estimate_blur`),
-    ``"auto"`` (``"once"`` where the coarser levels found the pair near-rigid,
+    ``"auto"`` (``"once"`` on 2D images where the coarser levels found the pair near-rigid,
     :data:`MATCH_BLUR_NEAR_RIGID`, else off; None, the default since session 18), or None (False: off)."""
     if match_blur not in MATCH_BLUR_MODES:
         raise InputError(f"coarse_match_blur must be one of {MATCH_BLUR_MODES}, not {match_blur!r}.")
@@ -327,10 +327,15 @@ def match_blur_mode(match_blur: bool | str | None) -> str | None:
     return None if not match_blur else ("learned" if match_blur is True else match_blur)
 
 
-#: Mode ``"auto"``: the matched blur is estimated once (mode ``"once"``) when the displacement of the
-#: coarser levels deviates from its mean by at most this many voxels RMS (:func:`displacement_spread`),
-#: else it is off.
-MATCH_BLUR_NEAR_RIGID = 0.4
+#: Mode ``"auto"``: on 2D images the matched blur is estimated once (mode ``"once"``) when the
+#: Jacobian determinant of the coarser levels' map deviates from 1 by at most this RMS
+#: (:func:`displacement_detj_rms`), else it is off. Unitless, so one threshold serves every image
+#: size (session 19): 2D shifts and rotations read 0.0014-0.011 at 256 and 512 px, noise 0.02
+#: included, smooth deformations of 1 % of the size 0.031 and more. Until session 18 the gate was
+#: the displacement's spread, 0.4 voxel, which grows with the size (the retina shift read 0.32 at
+#: 256 px, 0.398 at 512 and 0.447 with noise). Volumes stay off: on the MRI no measure of the
+#: coarser levels told a shift or rotation (0.089-0.090) from 0.5-2 voxels of deformation (0.080-0.109).
+MATCH_BLUR_NEAR_RIGID = 0.02
 
 
 def displacement_spread(u: torch.Tensor, full) -> float:
@@ -436,12 +441,13 @@ def optimize_velocity(
     velocity does not fit interpolation blur. The returned maps carry the variances learned
     (``blur_variance``, ``(2, D)`` in numpy axis order; None without). ``"once"`` estimates them at
     the first full-grid step with the velocity held (misalignment inflates that estimate: on large
-    deformations it costs more than learning them), ``"auto"`` does so only where the displacement
-    of the coarser levels spreads by at most :data:`MATCH_BLUR_NEAR_RIGID` voxels RMS
-    (:func:`displacement_spread`, recorded as ``blur_gate_spread``): a pair related by a shift or
-    rotation, whose resampling blur is one blur over the image. Where the map varies by more, the
-    blur varies with its sub-voxel part, and one blur for it cost accuracy even at its true mean
-    (retina at 2 %, ``nephi_large.py``: 0.242 -> 0.255 px held at 1/6 voxel²).
+    deformations it costs more than learning them), ``"auto"`` does so only on 2D images where the
+    Jacobian determinant of the coarser levels' map deviates from 1 by at most
+    :data:`MATCH_BLUR_NEAR_RIGID` RMS (:func:`displacement_detj_rms`, recorded as
+    ``blur_gate_detj_rms``; the displacement's spread in voxels as ``blur_gate_spread``): a pair
+    related by a shift or rotation, whose resampling blur is one blur over the image. Where the map
+    varies by more, the blur varies with its sub-voxel part, and one blur for it cost accuracy even
+    at its true mean (retina at 2 %, ``nephi_large.py``: 0.242 -> 0.255 px held at 1/6 voxel²).
     """
     d = fixed.dim() - 2
     full = tuple(fixed.shape[2:])
@@ -516,7 +522,8 @@ def optimize_velocity(
             u_c = None if v is None else _integrate_xy(v, steps)
             spread = None if u_c is None else displacement_spread(u_c, full)
             detj_rms = None if u_c is None else displacement_detj_rms(u_c, full)
-            blur_mode = "once" if spread is not None and spread <= MATCH_BLUR_NEAR_RIGID else None
+            near_rigid = d == 2 and detj_rms is not None and detj_rms <= MATCH_BLUR_NEAR_RIGID
+            blur_mode = "once" if near_rigid else None
         f_l, m_l = _area(f_fine, cmp), _area(m_fine, cmp)
         warp_grid = fine if cmp == fine else comparison_shape(fine, 2**d * math.prod(shape))
         f_w, m_w = _area(f_fine, warp_grid), _area(m_fine, warp_grid)
