@@ -181,6 +181,15 @@ ROWS = {
             "drift_correction": "detrend",
         },
     ),  # fmt: skip
+    # session 19: drift_correction="auto" (detrend only where the trend is more than the sections'
+    # scatter and wander explain); "mito-default+elastic" is joint + landmarks since session 19
+    "mito-default-auto": ("mito", "brisk", True, {"neighbours": None, "drift_correction": "auto"}),
+    "mito-default+elastic-auto": (
+        "mito",
+        "brisk",
+        True,
+        {"neighbours": None, "elastic": True, "drift_correction": "auto"},
+    ),
     "mito-default+elastic-local": (
         "mito",
         "brisk",
@@ -293,6 +302,8 @@ def run_mito(data, name, matcher, args) -> dict:
         identity=len(m["identity_sections"]),
         inliers=m["inliers_mean"],
     )
+    if "auto" in m.get("drift_correction", {}):  # drift_correction="auto": what it chose, and why
+        res["drift_auto"] = {"applied": m["drift_correction"]["method"], **m["drift_correction"]["auto"]}
     return res
 
 
@@ -360,6 +371,9 @@ def run_case(case: str, rows, args) -> list[dict]:
             f"{r['dice_ref']:8.3f} {r['dice_pair']:9.3f} {r['failed']:6d} {r['inliers']:7.1f}",
             flush=True,
         )
+        if "drift_auto" in r:
+            a = r["drift_auto"]
+            print(f"#   drift_correction auto: {a['applied']} (q {a['q']:.1f}, p {a['p']:.2g})", flush=True)
 
     for name in rows:
         for matcher in args.matchers.split(","):

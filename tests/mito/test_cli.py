@@ -176,7 +176,9 @@ def test_align_em_elastic_solver_flag_reaches_the_engine():
         parse(["align-em", "stack.tif", "-o", "out", "--elastic", "--elastic-solver", "joint"])
     )
     assert kw["elastic"] is True and kw["elastic_solver"] == "joint"
-    assert kw["elastic_landmarks"] is False
+    assert kw["elastic_landmarks"] is None  # the engine's default: on with the joint solver and masks
+    kw = _align_options(parse(["align-em", "stack.tif", "-o", "out", "--elastic", "--no-elastic-landmarks"]))
+    assert kw["elastic_landmarks"] is False and kw["elastic_solver"] is None
     kw = _align_options(
         parse(
             [

@@ -121,11 +121,20 @@ def test_a_section_distorted_on_its_own_moves_and_its_neighbours_stay(em):
 
 def test_engine_joint_option_is_recorded_and_checked(em):
     stack = em["stack"][:4]
-    reg = align_stack(
-        stack, masks=em["masks"][:4], elastic=True, elastic_solver="joint", warp=False, workers=1
-    )
-    assert reg.settings["elastic_solver"] == "joint" and reg.settings["elastic_landmarks"] is False
+    # session 19: elastic=True alone runs the joint solver with the landmarks (global solve, masks)
+    reg = align_stack(stack, masks=em["masks"][:4], elastic=True, warp=False, workers=1)
+    assert reg.settings["elastic_solver"] == "joint" and reg.settings["elastic_landmarks"] is True
     assert isinstance(reg.transform, ElasticSectionTransform)
+    # the old behaviour stays reachable, and the chain (no keypoint pairs to join) keeps "local"
+    kw = dict(elastic=True, warp=False, workers=1)
+    reg = align_stack(stack, masks=em["masks"][:4], elastic_landmarks=False, **kw)
+    assert reg.settings["elastic_solver"] == "joint" and reg.settings["elastic_landmarks"] is False
+    reg = align_stack(stack, masks=em["masks"][:4], neighbours=1, **kw)
+    assert reg.settings["elastic_solver"] == "local" and reg.settings["elastic_landmarks"] is False
+    reg = align_stack(
+        stack, detector="orb", descriptor="orb", use_masks=False, **kw
+    )  # no masks: no landmarks
+    assert reg.settings["elastic_solver"] == "joint" and reg.settings["elastic_landmarks"] is False
     with pytest.raises(InputError, match="elastic_solver"):
         align_stack(stack, elastic=True, elastic_solver="global", warp=False)
     # the landmarks (session 17): recorded; refused without the joint solver or without masks

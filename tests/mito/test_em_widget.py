@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from napari_nephi.engines.mito import align_stack
+from napari_nephi.engines.mito.elastic import ELASTIC_SOLVER
 from napari_nephi.engines.mito.solve import check_global_options
 from napari_nephi.widgets import em_widget as emw
 from napari_nephi.widgets._em_parts import InliersPlot
@@ -266,18 +267,22 @@ def test_em_options_multi_neighbour_reach_the_engine(qtbot, em):
     assert opts.global_model.isEnabled() and opts.drift_prior.isEnabled()
     values = opts.values()
     assert (values["neighbours"], values["global_model"], values["drift_prior"]) == (3, "rigid", 0.5)
-    assert values["elastic"] is False and values["elastic_solver"] == defaults["elastic_solver"].default
-    assert not opts.elastic_solver.isEnabled()
+    # session 19: joint + landmarks, the engine's choice with the global solve and masks
+    assert values["elastic"] is False and values["elastic_solver"] == ELASTIC_SOLVER == "joint"
+    assert not opts.elastic_solver.isEnabled() and not opts.elastic_landmarks.isEnabled()
     opts.elastic.setChecked(True)
     assert opts.values()["elastic"] is True and opts.elastic_solver.isEnabled()
-    assert not opts.elastic_landmarks.isEnabled()
-    opts.elastic_solver.setCurrentText("joint")
-    assert opts.values()["elastic_solver"] == "joint" and opts.elastic_landmarks.isEnabled()
-    opts.elastic_landmarks.setChecked(True)
-    assert opts.values()["elastic_landmarks"] is True
+    assert opts.elastic_landmarks.isEnabled() and opts.values()["elastic_landmarks"] is True
     opts.elastic_solver.setCurrentText("local")  # the landmarks belong to the joint solver
     assert not opts.elastic_landmarks.isEnabled() and opts.values()["elastic_landmarks"] is False
+    opts.elastic_solver.setCurrentText("joint")
+    opts.detector.setCurrentText("fast")
+    opts.use_masks.setChecked(False)  # and to the masks' regions
+    assert not opts.elastic_landmarks.isEnabled() and opts.values()["elastic_landmarks"] is False
+    opts.detector.setCurrentText("mito")
+    assert opts.values()["elastic_landmarks"] is True
     opts.elastic_landmarks.setChecked(False)
+    opts.elastic_solver.setCurrentText("local")
     reg = emw.run_alignment(None, None, em["stack"], em["masks"], {**values, "model": "rigid"}, False)[
         "registration"
     ]
@@ -303,7 +308,7 @@ def test_guided_pairs_and_drift_window_reach_the_engine_and_the_settings_json(qt
     assert not opts.guided_pairs.isEnabled()  # guided pairs start from the refinement's tracks
     opts.refine.setChecked(True)
     opts.guided_pairs.setChecked(False)
-    opts.detrend.setChecked(True)
+    opts.drift_correction.setCurrentText("detrend")
     opts.drift_window.setValue(6.0)
     v = opts.values()
     assert (v["guided_pairs"], v["drift_correction"], v["drift_window"]) == (False, "detrend", 6.0)

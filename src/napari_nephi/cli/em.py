@@ -31,7 +31,7 @@ from ..core.files import check_output_folder, output_folder
 from ..core.options import check_known
 from ..core.progress import Progress
 from ..engines.mito import features as ft
-from ..engines.mito.detrend import MIN_SECTIONS, MIN_WINDOW
+from ..engines.mito.detrend import DRIFT_CORRECTIONS, MIN_SECTIONS, MIN_WINDOW
 from ..engines.mito.elastic import ELASTIC_SOLVER, ELASTIC_SOLVERS
 from ..engines.mito.solve import DRIFT_PRIOR, GLOBAL_MODEL, GLOBAL_MODELS, NEIGHBOURS
 from ._common import HelpFormatter, ProgressBars, add_key_values, add_quiet, parse_options
@@ -120,9 +120,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--drift-correction",
         default="none",
-        choices=("none", "detrend"),
-        help="detrend: remove the slow trend of the section positions through depth (organelle drift; "
-        "serial-section TEM only, not FIB-SEM/SBEM stage drift; skipped below 10 sections)",
+        choices=DRIFT_CORRECTIONS,
+        help="detrend: remove the slow trend of the section positions through depth (organelle drift); "
+        "auto: only where that trend is more than the sections' own scatter explains (placement jitter "
+        "is kept); both for serial-section TEM only, not FIB-SEM/SBEM stage drift; skipped below 10 sections",
     )
     p.add_argument(
         "--drift-window",
@@ -139,17 +140,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--elastic-solver",
-        default=ELASTIC_SOLVER,
+        default=None,
         choices=ELASTIC_SOLVERS,
         help="with --elastic: joint solves the fields' affine part for all sections at once from dense "
         "flows (errors do not add up along the stack); local: each section from its neighbours' median "
-        f"flow alone (default {ELASTIC_SOLVER})",
+        f"flow alone (default {ELASTIC_SOLVER} with the global solve, local with the chain)",
     )
     p.add_argument(
         "--elastic-landmarks",
-        action="store_true",
-        help="with --elastic-solver joint: each flow pair's rotation and translation from the mitochondria "
-        "regions (the keypoints' landmarks); distorted stacks gain, drifting ones lose a little",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with the joint elastic solver: each flow pair's rotation and translation from the mitochondria "
+        "regions (the keypoints' landmarks); distorted stacks gain, drifting ones lose a little "
+        "(default: on with the joint solver and masks)",
     )
     p.add_argument("--no-masks-out", action="store_true", help="do not write aligned_masks.tif")
     add_key_values(p, "--option", "any other align_stack option")

@@ -16,7 +16,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..engines.mito.detrend import MIN_WINDOW
+from ..engines.mito.detrend import DRIFT_CORRECTIONS, MIN_WINDOW
 from ..engines.mito.elastic import ELASTIC_SOLVER, ELASTIC_SOLVERS
 from ..engines.mito.features import DESCRIPTORS, DETECTORS, MATCHERS, MODELS
 from ..engines.mito.solve import DRIFT_PRIOR, GLOBAL_MODEL, GLOBAL_MODELS, NEIGHBOURS
@@ -95,21 +95,21 @@ class EMOptions(QWidget):
             "After the alignment, a smooth displacement per section toward its neighbours, for sections "
             "distorted by cutting; slower"
         )
-        self.elastic_solver = QComboBox()
-        self.elastic_solver.addItems(ELASTIC_SOLVERS)
-        self.elastic_solver.setCurrentText(ELASTIC_SOLVER)
-        self.elastic_solver.setToolTip(
+        self.elastic_solver = _choice(
+            ELASTIC_SOLVERS,
+            ELASTIC_SOLVER,
             "joint: the fields' affine part solved for all sections at once from dense flows (errors do not "
-            "add up along the stack; for distorted sections); local: each section toward the median of its "
-            "neighbours alone"
+            "add up along the stack; for distorted sections; the default); local: each section toward the "
+            "median of its neighbours alone (better with 1 neighbour: the chain cannot join the joint solve)",
         )
         self.elastic_solver.setEnabled(False)
         self.elastic.toggled.connect(self.elastic_solver.setEnabled)
         self.elastic_landmarks = QCheckBox("joint: place by the mitochondria (landmarks)")
         self.elastic_landmarks.setToolTip(
             "With the joint solver and masks: each flow pair's rotation and translation from the "
-            "mitochondria regions; distorted stacks gain, drifting ones lose a little"
+            "mitochondria regions (default); distorted stacks gain, drifting ones lose a little"
         )
+        self.elastic_landmarks.setChecked(True)  # the engine's default with the joint solver (session 19)
         self.elastic_landmarks.setEnabled(False)
         self.elastic_solver.currentTextChanged.connect(self._landmarks_enabled)
         self.elastic.toggled.connect(self._landmarks_enabled)
@@ -129,11 +129,13 @@ class EMOptions(QWidget):
             "Global solve with sub-pixel refinement: a further pair starts from the chain's composed map and "
             "is kept when descriptor matches near it confirm it; off: every further pair is matched in full"
         )
-        self.detrend = QCheckBox("remove slow drift through depth (detrend)")
-        self.detrend.setToolTip(
-            "Take a slow trend of the section positions through depth to be organelle drift, not "
-            "misalignment, and remove it (serial-section TEM; not for FIB-SEM/SBEM stage drift; "
-            "skipped below 10 sections)"
+        self.drift_correction = _choice(
+            DRIFT_CORRECTIONS,
+            "none",
+            "Slow drift through depth. detrend: take the trend of the section positions through depth to "
+            "be organelle drift, not misalignment, and remove it; auto: only where that trend is more than "
+            "the sections' own scatter explains (serial-section TEM with placement jitter). Both: not for "
+            "FIB-SEM/SBEM stage drift; skipped below 10 sections",
         )
         self.drift_window = _spin(
             _WindowSpinBox(), 0.0, 100_000.0, "whole stack (one line)",
@@ -151,7 +153,8 @@ class EMOptions(QWidget):
                        ("", self.middle), ("RANSAC threshold", self.threshold), ("ratio test", self.ratio),
                        ("keypoints / section", self.max_keypoints), ("threads", self.workers),
                        ("neighbours", self.neighbours), ("global model", self.global_model),
-                       ("drift prior", self.drift_prior), ("", self.guided_pairs), ("", self.detrend),
+                       ("drift prior", self.drift_prior), ("", self.guided_pairs),
+                       ("drift correction", self.drift_correction),
                        ("drift window", self.drift_window), ("", self.elastic),
                        ("elastic solver", self.elastic_solver), ("", self.elastic_landmarks)]  # fmt: skip
         for layout, rows in ((form, shown), (more, folded_rows)):
@@ -168,7 +171,8 @@ class EMOptions(QWidget):
         self.middle.toggled.connect(self._sync)
         self.neighbours.valueChanged.connect(self._sync)
         self.refine.toggled.connect(self._sync)
-        self.detrend.toggled.connect(self._sync)
+        self.drift_correction.currentTextChanged.connect(self._sync)
+        self.use_masks.toggled.connect(self._landmarks_enabled)  # the landmarks are the masks' regions
         self._sync()
 
     def _sync(self, *_):
@@ -181,11 +185,13 @@ class EMOptions(QWidget):
         self.global_model.setEnabled(many)
         self.drift_prior.setEnabled(many)
         self.guided_pairs.setEnabled(many and self.refine.isChecked())  # guided pairs need the refinement
-        self.drift_window.setEnabled(self.detrend.isChecked())
+        self.drift_window.setEnabled(self.drift_correction.currentText() != "none")
 
     def _landmarks_enabled(self, *_):
         self.elastic_landmarks.setEnabled(
-            self.elastic.isChecked() and self.elastic_solver.currentText() == "joint"
+            self.elastic.isChecked()
+            and self.elastic_solver.currentText() == "joint"
+            and self.use_masks.isChecked()
         )
 
     def _snap_window(self, v: float):
@@ -210,8 +216,10 @@ class EMOptions(QWidget):
             "global_model": self.global_model.currentText(),
             "drift_prior": self.drift_prior.value(),
             "guided_pairs": self.guided_pairs.isChecked(),
-            "drift_correction": "detrend" if self.detrend.isChecked() else "none",
-            "drift_window": self.drift_window.value() if self.detrend.isChecked() else 0.0,
+            "drift_correction": self.drift_correction.currentText(),
+            "drift_window": self.drift_window.value()
+            if self.drift_correction.currentText() != "none"
+            else 0.0,
             "elastic": self.elastic.isChecked(),
             "elastic_solver": self.elastic_solver.currentText(),
             "elastic_landmarks": self.elastic_landmarks.isEnabled() and self.elastic_landmarks.isChecked(),
@@ -226,6 +234,15 @@ class _WindowSpinBox(QDoubleSpinBox):
         if 0 < target < MIN_WINDOW:
             target = MIN_WINDOW if steps > 0 else 0.0
         self.setValue(target)
+
+
+def _choice(items, current: str, tip: str) -> QComboBox:
+    """A combo box of ``items`` showing ``current``, with a tooltip."""
+    box = QComboBox()
+    box.addItems(items)
+    box.setCurrentText(current)
+    box.setToolTip(tip)
+    return box
 
 
 def _spin(box, low, high, special: str, tip: str):

@@ -53,8 +53,8 @@ from ...core.progress import CancelFlag, Progress, ProgressCallback
 from ...core.registration import Registration
 from ...core.transform import ElasticSectionTransform, PerSectionTransform
 from . import features as ft
+from .detrend import AUTO_P, check_drift_options, detrend, section_centres, trend_test, windows
 from .detrend import MIN_SECTIONS as MIN_DETREND_SECTIONS
-from .detrend import check_drift_options, detrend, windows
 from .elastic import ELASTIC_SOLVER, ELASTIC_SOLVERS, elastic_fields, warp_elastic_section
 from .masks import detect_mitochondria_section, intensity_range, to_uint8, valid_region
 from .solve import DRIFT_PRIOR, GLOBAL_MODEL, Edge, check_global_options, solve_global
@@ -590,9 +590,10 @@ def _global_placement(n, ref, shape, chain_edges, extra_edges, chained, rows, mo
     return matrices, summary, placed_by
 
 
-def _detrended(matrices, shape, ref, rows, window):
+def _detrended(matrices, shape, ref, rows, window, auto=False):
     """:func:`.detrend.detrend` over the sections placed by a real match (not blank, no identity
-    fallback); the shifts go into the report rows; the summary for the metrics."""
+    fallback); the shifts go into the report rows; the summary for the metrics. ``auto``: only
+    where :func:`.detrend.trend_test` finds a trend (p below :data:`.detrend.AUTO_P`)."""
     use = np.array([r is not None and r["fallback"] != "identity" for r in rows])
     use[ref] = True
     if use.sum() < MIN_DETREND_SECTIONS:
@@ -606,6 +607,9 @@ def _detrended(matrices, shape, ref, rows, window):
             "skipped": note,
             "sections_used": int(use.sum()),
         }
+    test = trend_test(section_centres(matrices, shape), use) if auto else None
+    if test is not None and test["p"] >= AUTO_P:
+        return matrices, {"method": "none", "auto": test, "window": window, "sections_used": int(use.sum())}
     matrices, shift = detrend(matrices, shape, ref, use, window)
     for k, row in enumerate(rows):
         if row is not None:
@@ -615,6 +619,8 @@ def _detrended(matrices, shape, ref, rows, window):
         "method": "detrend", "window": window, "shift_max": float(norm.max()),
         "shift_per_section": [float(v) for v in norm], "sections_used": int(use.sum()),
     }  # fmt: skip
+    if test is not None:
+        info["auto"] = test
     widened = np.flatnonzero(windows(use, window) > window) if window > 0 else []
     if len(widened):
         info["widened_sections"] = [int(k) for k in widened]
@@ -626,7 +632,7 @@ def _detrended(matrices, shape, ref, rows, window):
     return matrices, info
 
 
-def _detrended_elastic(matrices, fields, shape, ref, rows, window):
+def _detrended_elastic(matrices, fields, shape, ref, rows, window, auto=False):
     """:func:`_detrended` of the sections as the elastic ``fields`` place them (each matrix with its
     field's displacement at the centre of the frame); the shifts go onto the matrices, which moves
     the sections with their fields (``P (p + s + u(p))``)."""
@@ -636,7 +642,7 @@ def _detrended_elastic(matrices, fields, shape, ref, rows, window):
     at = np.repeat(np.eye(3)[None], n, axis=0)
     at[:, :2, 2] = [t.field_at(k, centre)[0] for k in range(n)]
     placed = matrices @ at
-    moved, info = _detrended(placed, shape, ref, rows, window)
+    moved, info = _detrended(placed, shape, ref, rows, window, auto)
     return np.stack([matrices[k] @ np.linalg.solve(placed[k], moved[k]) for k in range(n)]), info
 
 
@@ -716,8 +722,8 @@ def align_stack(
     elastic_spacing: float = 32.0,
     elastic_radius: int = 4,
     elastic_iterations: int = 2,
-    elastic_solver: str = ELASTIC_SOLVER,
-    elastic_landmarks: bool = False,
+    elastic_solver: str | None = None,
+    elastic_landmarks: bool | None = None,
     warp: bool = True,
     lazy: bool = False,
     spacing: Sequence[float] | None = None,
@@ -826,6 +832,11 @@ def align_stack(
         placed independently), wrong for FIB-SEM / SBEM stage drift (see :mod:`.detrend`).
         With ``elastic_solver="joint"`` the trend is taken after the elastic step, of where the
         sections land with their fields (the joint solve's keypoint pairs would undo it).
+        ``"auto"`` (serial sections): detrend only where the straight-line trend is more than
+        the sections' own scatter and slow wander explain (:func:`.detrend.trend_test`, p below
+        0.001): drifting organelles are taken out, sections that only scatter (placement
+        jitter) are left as solved; still wrong for FIB-SEM / SBEM stage drift. The settings'
+        ``drift_correction_applied`` and ``metrics["drift_correction"]`` say what ran and why.
         ``"none"`` (default) leaves the placement as solved.
     elastic, elastic_spacing, elastic_radius, elastic_iterations
         Elastic refinement after the per-section maps (off by default): a smooth displacement
@@ -845,13 +856,15 @@ def align_stack(
         With the global solve, its keypoint pairs join that solve too, each kind weighted by its
         typical residual (:func:`.elastic._joint_affine`): pairs that agree closely keep their
         placement (undistorted sections), pairs that disagree give way to the flows (sections
-        distorted by cutting). ``"local"`` (default): every section's whole field from the
-        median (sessions 11-14).
+        distorted by cutting). ``"local"``: every section's whole field from the median
+        (sessions 11-14). Default None: ``"joint"`` with the global solve (since session 19),
+        ``"local"`` with the chain (whose pairs cannot join the joint solve).
     elastic_landmarks
         With ``elastic_solver="joint"`` and masks (``use_masks``): each flow pair's rotation and
         translation come from the keypoint regions (the mitochondria, as the keypoints'), its
         scale and shear from all textured pixels (session 17: distorted stacks gain, drifting
-        ones lose a little; see docs/mito.md). Off by default.
+        ones lose a little; see docs/mito.md). Default None: on where it applies (the joint
+        solver with masks; since session 19), else off. The settings record what ran.
     spacing
         ``(z, y, x)`` voxel size kept with the transform (default: from the file for a path,
         else 1).
@@ -912,7 +925,11 @@ def align_stack(
     elastic_spacing = check_float("elastic_spacing", elastic_spacing, 4.0, 1e5)
     elastic_radius = check_int("elastic_radius", elastic_radius, 1, 32)
     elastic_iterations = check_int("elastic_iterations", elastic_iterations, 1, 20)
+    if elastic_solver is None:
+        elastic_solver = ELASTIC_SOLVER if solver == "global" else "local"
     elastic_solver = ft.check_choice(elastic_solver, ELASTIC_SOLVERS, "elastic_solver")
+    if elastic_landmarks is None:
+        elastic_landmarks = elastic and elastic_solver == "joint" and opts.use_masks
     elastic_landmarks = check_bool("elastic_landmarks", elastic_landmarks)
     if elastic_landmarks and not (elastic and elastic_solver == "joint" and opts.use_masks):
         raise InputError(
@@ -1003,9 +1020,10 @@ def align_stack(
             n, ref, (h, w), chain_edges, extra_edges, matrices, rows, global_model, opts, drift_prior
         )  # fmt: skip
     # with the joint elastic solve the trend is taken after it (its keypoint pairs would undo it)
-    late_detrend = drift_correction == "detrend" and elastic and elastic_solver == "joint"
-    if drift_correction == "detrend" and not late_detrend:
-        matrices, drift_info = _detrended(matrices, (h, w), ref, rows, drift_window)
+    auto = drift_correction == "auto"
+    late_detrend = drift_correction != "none" and elastic and elastic_solver == "joint"
+    if drift_correction != "none" and not late_detrend:
+        matrices, drift_info = _detrended(matrices, (h, w), ref, rows, drift_window, auto)
     fields = None
     if elastic:  # part of the alignment time
         t0 = time.perf_counter()
@@ -1016,7 +1034,7 @@ def align_stack(
             rois=sections.region if elastic_landmarks else None,
         )  # fmt: skip
         if late_detrend:
-            matrices, drift_info = _detrended_elastic(matrices, fields, (h, w), ref, rows, drift_window)
+            matrices, drift_info = _detrended_elastic(matrices, fields, (h, w), ref, rows, drift_window, auto)
         t_elastic = time.perf_counter() - t0
     t_align = time.perf_counter() - t_align
     if elastic:
@@ -1092,6 +1110,8 @@ def align_stack(
         "global_model": global_model if solver == "global" else None,
         "drift_prior": drift_prior if solver == "global" else None,
         "guided_pairs": guided_pairs, "drift_correction": drift_correction, "drift_window": drift_window,
+        # what ran ("auto" decides per stack; metrics["drift_correction"]["auto"] has its test)
+        "drift_correction_applied": drift_info["method"] if drift_info is not None else "none",
         "elastic": elastic, "elastic_spacing": elastic_spacing, "elastic_radius": elastic_radius,
         "elastic_iterations": elastic_iterations, "elastic_solver": elastic_solver,
         "elastic_landmarks": elastic_landmarks,

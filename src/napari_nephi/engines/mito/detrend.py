@@ -26,13 +26,19 @@ suits stacks whose sections were imaged roughly centred on the same tissue.
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import nnls
 
 from ...core.errors import InputError
 from ...core.options import check_float
 from .features import check_choice
 
 #: Values of ``drift_correction``.
-DRIFT_CORRECTIONS = ("none", "detrend")
+DRIFT_CORRECTIONS = ("none", "detrend", "auto")
+
+#: ``drift_correction="auto"`` detrends only where a trend as large as the fitted one would come
+#: from the sections' own scatter less often than this (:func:`trend_test`): a stack whose
+#: sections merely scatter about a fixed position is left alone in all but 1 in 1000 cases.
+AUTO_P = 1e-3
 
 #: Fewer sections placed by a real match than this: no detrending (a line through two or three
 #: positions fits them exactly and would remove every real translation between them).
@@ -116,6 +122,60 @@ def trend(positions: np.ndarray, use: np.ndarray, window: float = 0.0, iteration
         if np.allclose(new, robust, atol=1e-4):
             break
         robust = new
+    return out
+
+
+#: Longest lag (sections) of the variogram that :func:`trend_test` fits.
+TEST_LAGS = 16
+
+
+def trend_test(positions: np.ndarray, use: np.ndarray) -> dict:
+    """Is the straight-line trend of ``positions`` ``(n, 2)`` through depth more than the
+    sections' own scatter and wander explain?
+
+    Null model, per axis: the positions scatter independently about a fixed place (placement
+    jitter, variance ``s2``) plus a slow wander without direction (a random walk of errors along
+    the stack, step variance ``w2``). Both come from the residuals about the least-squares line
+    over the sections in ``use``: their mean squared difference ``l`` sections apart is
+    ``2 s2 + l (1 - l / m) w2`` (``m`` sections spanned; the line takes up part of a walk),
+    fitted (non-negative least squares) over lags 1 to :data:`TEST_LAGS` (a quarter of the
+    stack at most). Under that null the slope over ``m`` sections has variance
+    ``12 s2 / m^3 + 6 w2 / (5 m)`` (the second term: a line fitted to a random walk); ``q``, the
+    sum over both axes of the squared slope over that variance, follows a chi-square with 2
+    degrees of freedom, so ``p = exp(-q / 2)``. Sections placed far off by a failed pair make the
+    residuals larger, which only makes a trend harder to find. Returns ``{"q", "p", "slope" (px
+    per section, y, x), "scatter" and "wander" (px: root mean over the axes of s2 and w2),
+    "sections"}``."""
+    use = np.asarray(use, bool)
+    ku = np.flatnonzero(use).astype(np.float64)
+    pos = np.asarray(positions, np.float64)[use]
+    m = ku[-1] - ku[0] + 1 if len(ku) else 0.0
+    out = {"q": 0.0, "p": 1.0, "slope": [0.0, 0.0], "scatter": 0.0, "wander": 0.0, "sections": int(use.sum())}
+    lags = int(min(TEST_LAGS, m // 4))
+    if len(ku) < MIN_SECTIONS or lags < 2:
+        return out
+    kc = ku - ku.mean()
+    slope = (kc[:, None] * (pos - pos.mean(0))).sum(0) / (kc**2).sum()
+    res = pos - pos.mean(0) - kc[:, None] * slope
+    full = np.full((int(m), 2), np.nan)
+    full[(ku - ku[0]).astype(int)] = res
+    rows, vals = [], []
+    for lag in range(1, lags + 1):
+        d = full[lag:] - full[:-lag]
+        ok = np.isfinite(d[:, 0])
+        if ok.sum() >= 3:
+            rows.append([2.0, lag * (1.0 - lag / m)])  # a walk less its line: shorter far apart
+            vals.append((d[ok] ** 2).mean(0))
+    if len(rows) < 2:
+        return out
+    s2w2 = np.stack([nnls(np.array(rows), np.array(vals)[:, i])[0] for i in range(2)])  # (axis, [s2, w2])
+    s2, w2 = s2w2[:, 0], s2w2[:, 1]
+    se2 = np.maximum(12 * s2 / m**3 + 6 * w2 / (5 * m), 1e-12)
+    q = float(np.sum(slope**2 / se2))
+    out.update(
+        q=q, p=float(np.exp(-q / 2)), slope=[float(v) for v in slope],
+        scatter=float(np.sqrt(s2.mean())), wander=float(np.sqrt(w2.mean())),
+    )  # fmt: skip
     return out
 
 
