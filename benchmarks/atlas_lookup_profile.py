@@ -20,7 +20,7 @@ lookup: one section per process, as ``napari-nephi atlas-lookup`` with one file)
 Usage::
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/atlas_lookup_profile.py \
-        --index-dir IDX --query-seeds 0,1 [--per-case 4]
+        --index-dir IDX --query-seeds 0,1 [--per-case 4] [--rerank-options JSON] [--json OUT]
 
 Not part of the test run. Timings depend on the machine's load (printed).
 """
@@ -28,6 +28,7 @@ Not part of the test run. Timings depend on the machine's load (printed).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -130,6 +131,8 @@ def main(argv=None) -> dict:
     p.add_argument("--query-seeds", default="0")
     p.add_argument("--per-case", type=int, default=4)
     p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--rerank-options", default="{}", help="JSON options of the re-ranking (rerank.DEFAULTS)")
+    p.add_argument("--json", default=None, help="write the phases (ms per section) here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     ref, labels = brain_phantom((132, 96, 112), seed=args.seed)
@@ -141,7 +144,9 @@ def main(argv=None) -> dict:
             for q in atlas_queries(ref, labels, args.per_case, seed=seed, **CASES[case]):
                 # the order the pose search starts from (a private method of the project's own class)
                 sections.append((q["image"], lk._search_order(q["image"]), q["plate"]))
-    options = rerank.check_rerank_options(None)
+    if len(sections) < 2:
+        p.error("profiling needs at least 2 sections (--per-case, --cases, --query-seeds)")
+    options = rerank.check_rerank_options(json.loads(args.rerank_options))
     load0 = os.getloadavg()[0]
     clock = PhaseClock()
     with clock.wrapped():
@@ -185,7 +190,24 @@ def main(argv=None) -> dict:
     t2 = table("second pass (every stage-1 cut cached)", warm, n)
     print(f"\nsecond pass ranks the true plates as the first: {same}")
     print(f"pairs correlated per section (median): {np.median(pairs):.0f}; load now {os.getloadavg()[0]:.1f}")
-    return {"cold_ms": cold_ms, "first_pass_ms": t1, "cached_ms": t2, "load": load0, "same_ranks": same}
+    out = {
+        "sections": n,
+        "options": options,
+        "load": load0,
+        "same_ranks": same,
+        "cold_ms": cold_ms,
+        "first_pass_ms": t1,
+        "cached_ms": t2,
+        "phases_ms": {
+            "cold": {k: 1000 * v for k, v in cold.items()},
+            "first_pass": {k: 1000 * v / (n - 1) for k, v in first_pass.items()},
+            "cached": {k: 1000 * v / n for k, v in warm.items()},
+        },
+    }
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+    return out
 
 
 if __name__ == "__main__":
