@@ -1,94 +1,106 @@
-"""Contrast check before the ``nephi`` engine's stages: NCC assumes the two images' intensities are
-related linearly, and a monotone but non-linear change (a gamma, a saturating stain) breaks that (a
-pure shift of the retina with the moving image at gamma 2 ended at 5.78 px of endpoint error, 4.25
-before registering). The quantiles of the two images give their intensity map whatever the
-alignment; where it is far from a line, the moving image's intensities are mapped onto the fixed
-image's by their quantiles (histogram matching) before any stage runs.
+"""Contrast check after the ``nephi`` engine's global stage: NCC assumes the two images' intensities
+are related linearly, and a monotone but non-linear change (a gamma, a saturating stain) breaks that
+(a pure shift of the retina with the moving image at gamma 2 ended at 5.78 px of endpoint error, 4.25
+before registering). On voxels the global map pairs, the mean fixed intensity per moving-intensity
+bin (the correlation ratio's regression) shows the relation; where it explains much more of the fixed
+image than a line does, the moving image's intensities are mapped through it before the deformable
+stages.
+
+Pairing voxels, not comparing histograms: two images whose contents differ a little (a near-binary
+image shifted partly out of its frame) have different histograms but a linear joint relation.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
+from scipy import ndimage
 
-from ...core.registration import Pair
-
-#: Quantile levels compared (the 1st to 99th percentile: the tails hold outliers and clipped values).
-LEVELS = np.linspace(0.01, 0.99, 99)
-#: RMS distance of the quantile map from its least-squares line, as a share of the fixed image's
-#: 1-99 % range, above which the moving image is matched (``contrast_match="auto"``).
-NONLINEAR = 0.02
-#: Voxels sampled (a regular subsample) for the quantiles of large images.
-MAX_SAMPLES = 1 << 20
-
-
-def _sample(image: np.ndarray, mask) -> np.ndarray:
-    step = max(1, image.size // MAX_SAMPLES)
-    values = np.asarray(image).reshape(-1)[::step]
-    if mask is not None:
-        inside = np.asarray(mask).reshape(-1)[::step] != 0
-        values = values[inside] if inside.any() else values
-    return values.astype(np.float64)
+#: Share of the variance a line leaves unexplained that the binned regression explains, above
+#: which the moving image is mapped (``contrast_match="auto"``).
+NONLINEAR = 0.1
+#: Equal-count bins of moving intensity for the regression.
+BINS = 32
+#: Voxel pairs sampled (a regular subsample of the fixed grid).
+MAX_SAMPLES = 1 << 18
 
 
-def quantile_map(fixed, moving, fixed_mask=None, moving_mask=None, levels=LEVELS):
-    """Quantiles ``(q_fixed, q_moving)`` of both images (inside their masks) at ``levels``."""
-    return (
-        np.quantile(_sample(fixed, fixed_mask), levels),
-        np.quantile(_sample(moving, moving_mask), levels),
+def paired_samples(fixed, moving, matrix=None, fixed_mask=None, moving_mask=None):
+    """Intensities ``(f, m)`` at a regular subsample of fixed voxels and at their images under the
+    voxel map ``matrix`` (homogeneous, fixed to moving; None: the same voxel), linear interpolation,
+    only where that lands inside the moving image (and both masks)."""
+    fixed = np.asarray(fixed)
+    d = fixed.ndim
+    step = max(1, int(round((fixed.size / MAX_SAMPLES) ** (1 / d))))
+    axes = [np.arange(0, n, step, dtype=np.float64) for n in fixed.shape]
+    pts = np.stack(np.meshgrid(*axes, indexing="ij"), 0).reshape(d, -1)
+    f = fixed[tuple(slice(None, None, step) for _ in range(d))].reshape(-1).astype(np.float64)
+    keep = (
+        np.ones(f.shape, bool)
+        if fixed_mask is None
+        else np.asarray(fixed_mask)[tuple(slice(None, None, step) for _ in range(d))].reshape(-1) != 0
     )
+    m_pts = pts if matrix is None else np.asarray(matrix)[:d, :d] @ pts + np.asarray(matrix)[:d, d:]
+    upper = np.asarray(np.shape(moving), np.float64)[:, None] - 1
+    keep &= np.all((m_pts >= 0) & (m_pts <= upper), axis=0)
+    m = ndimage.map_coordinates(np.asarray(moving, np.float32), m_pts[:, keep], order=1)
+    if moving_mask is not None:
+        inside = ndimage.map_coordinates(np.asarray(moving_mask, np.float32), m_pts[:, keep], order=0)
+        f, m = f[keep][inside > 0], m[inside > 0]
+        return f, m.astype(np.float64)
+    return f[keep], m.astype(np.float64)
 
 
-def nonlinearity(q_fixed: np.ndarray, q_moving: np.ndarray) -> float:
-    """RMS residual of the least-squares line ``q_fixed ~ a q_moving + b`` over the fixed range
-    (0: the intensities are related linearly, as NCC assumes)."""
-    span = float(q_fixed[-1] - q_fixed[0])
-    if span <= 0 or float(q_moving[-1] - q_moving[0]) <= 0:
-        return 0.0
-    design = np.stack([q_moving, np.ones_like(q_moving)], 1)
-    coef, *_ = np.linalg.lstsq(design, q_fixed, rcond=None)
-    return float(np.sqrt(np.mean((q_fixed - design @ coef) ** 2)) / span)
+def regression(f: np.ndarray, m: np.ndarray, bins: int = BINS):
+    """``(score, knots_m, knots_f)``: the mean ``m`` and ``f`` in ``bins`` equal-count bins of ``m``
+    (bins of one value merged), and the share of the variance of ``f`` left by the least-squares line
+    in ``m`` that those means explain (0: linear, as NCC assumes; near 1: a non-linear function)."""
+    if len(f) < 4 * bins or np.ptp(m) <= 0 or np.ptp(f) <= 0:
+        return 0.0, None, None
+    order = np.argsort(m, kind="stable")
+    groups = np.array_split(order, bins)
+    mb = np.array([m[g].mean() for g in groups])
+    fb = np.array([f[g].mean() for g in groups])
+    nb = np.array([len(g) for g in groups], np.float64)
+    uniq, inv = np.unique(mb, return_inverse=True)  # ties of m: one knot
+    w = np.bincount(inv, nb)
+    fb = np.bincount(inv, nb * fb) / w
+    total = np.sum((f - f.mean()) ** 2)
+    eta2 = float(np.sum(w * (fb - f.mean()) ** 2) / total)
+    r2 = float(np.corrcoef(f, m)[0, 1] ** 2)
+    return max(0.0, (eta2 - r2) / max(1.0 - r2, 1e-12)), uniq, fb
 
 
-def match_to(moving: np.ndarray, fixed, moving_mask=None, fixed_mask=None) -> np.ndarray:
-    """A float32 copy of ``moving`` with its intensities mapped onto ``fixed``'s by their quantiles
-    (piecewise linear between 257 levels, the end segments' slopes continued beyond them)."""
-    levels = np.linspace(0.0, 1.0, 257)
-    q_f, q_m = quantile_map(fixed, moving, fixed_mask, moving_mask, levels)
-    keep = np.concatenate([[True], np.diff(q_m) > 0])  # ties (flat backgrounds): one knot each
-    q_f, q_m = q_f[keep], q_m[keep]
-    m = np.asarray(moving, np.float64)
-    if len(q_m) < 2:
-        return np.array(moving, np.float32, copy=True)
-    out = np.interp(m, q_m, q_f)
-    lo, hi = m < q_m[0], m > q_m[-1]
-    out[lo] = q_f[0] + (m[lo] - q_m[0]) * (q_f[1] - q_f[0]) / (q_m[1] - q_m[0])
-    out[hi] = q_f[-1] + (m[hi] - q_m[-1]) * (q_f[-1] - q_f[-2]) / (q_m[-1] - q_m[-2])
+def apply_map(image: np.ndarray, knots_m: np.ndarray, knots_f: np.ndarray) -> np.ndarray:
+    """A float32 copy of ``image`` through the piecewise-linear map ``knots_m -> knots_f`` (made
+    non-decreasing; the end segments' slopes continued beyond the knots)."""
+    knots_f = np.maximum.accumulate(knots_f)
+    x = np.asarray(image, np.float64)
+    out = np.interp(x, knots_m, knots_f)
+    if len(knots_m) > 1:
+        lo, hi = x < knots_m[0], x > knots_m[-1]
+        out[lo] = knots_f[0] + (x[lo] - knots_m[0]) * (knots_f[1] - knots_f[0]) / (knots_m[1] - knots_m[0])
+        out[hi] = knots_f[-1] + (x[hi] - knots_m[-1]) * (knots_f[-1] - knots_f[-2]) / (
+            knots_m[-1] - knots_m[-2]
+        )
     return out.astype(np.float32)
 
 
-def prepare(pair: Pair, mode: bool | str | None) -> tuple[Pair, float | None, bool]:
-    """The pair the stages register (its moving image matched to the fixed one where ``mode`` is
-    True, or ``"auto"`` and the quantile map is further than :data:`NONLINEAR` from a line), the
-    quantile map's :func:`nonlinearity` (None when ``mode`` is False or None: not measured), and
-    whether it was matched. ``pair`` is not modified."""
-    if not mode:
-        return pair, None, False
-    fixed_mask, moving_mask = pair.fixed_mask, pair.moving_mask
-    nonlin = nonlinearity(*quantile_map(pair.fixed, pair.moving, fixed_mask, moving_mask))
-    matched = mode is True or (mode == "auto" and nonlin > NONLINEAR)
-    if not matched:
-        return pair, nonlin, False
-    return replace(pair, moving=match_to(pair.moving, pair.fixed, moving_mask, fixed_mask)), nonlin, True
+def check(fixed, moving, matrix=None, fixed_mask=None, moving_mask=None):
+    """``(score, map)`` of the pair aligned by ``matrix``: :func:`regression`'s score and its knots
+    ``(knots_m, knots_f)``, or None where the relation is not increasing (a line fits it with a
+    negative slope: not a contrast change NCC's assumption can be mended for here)."""
+    f, m = paired_samples(fixed, moving, matrix, fixed_mask, moving_mask)
+    score, km, kf = regression(f, m)
+    if km is None or len(km) < 3 or np.corrcoef(f, m)[0, 1] <= 0:
+        return score, None
+    return score, (km, kf)
 
 
-def note(nonlin: float) -> str:
-    """The note a run with a matched moving image carries."""
+def note(score: float) -> str:
+    """The note a run with a mapped moving image carries."""
     return (
-        f"The images' intensities are not related linearly (their quantiles are {nonlin:.3f} of the "
-        f"fixed range from a line, above {NONLINEAR}), which NCC assumes: the stages registered the "
-        "moving image with its intensities mapped onto the fixed image's by their quantiles "
-        "(histogram matching; the result warps the moving image as given). contrast_match=False "
-        "registers it as given."
+        f"The images' intensities are not related linearly, which NCC assumes: after the global "
+        f"stage a non-linear map of the moving intensities explained {score:.0%} of what a line left "
+        f"(above {NONLINEAR:.0%}). The deformable stages registered the moving image through that map; "
+        "the result warps the moving image as given. contrast_match=False registers it as given."
     )

@@ -163,7 +163,7 @@ def register_nephi(
     coarse_match_blur: bool | str | None = None,
     coarse_flat_fill: bool = True,
     coarse_flat_noisy: bool = False,
-    contrast_match: bool | str | None = False,
+    contrast_match: bool | str | None = "auto",
     frame_mask: bool = True,
     learning_rate: float | None = None,
     code_learning_rate: float | None = None,
@@ -230,14 +230,13 @@ def register_nephi(
     (RMS gradient below 0.0015), which finds flat regions under noise (none are found without it at
     noise 0.01 and more) but also calls texture finer than about 8 voxels flat (session-16 review).
 
-    ``contrast_match`` (default False; ``"auto"``): NCC assumes intensities related linearly; where the
-    quantiles of the two images (inside their masks) lie further than :data:`.contrast.NONLINEAR`
-    of the fixed range from a line (``metrics["contrast_nonlinearity"]``; a gamma of 2 on the
-    benchmark's images reads 0.040-0.078, their own pairs at most 0.013), every stage registers the
-    moving image with its intensities mapped onto the fixed image's by their quantiles, with a note
-    (:mod:`.contrast`); the result warps the moving image as given. True: always; False: never.
-    Opt-in: on a near-binary image (skimage's horse, a shift and rotation) the quantiles read 0.028
-    and matching cost 0.173 -> 0.276 px.
+    ``contrast_match`` (default ``"auto"`` since session 19): NCC assumes intensities related
+    linearly. After the global stage the mean fixed intensity per moving-intensity bin, on the voxels
+    the global map pairs, is compared with a line; where it explains more than
+    :data:`.contrast.NONLINEAR` of what the line leaves (``metrics["contrast_nonlinearity"]``), the
+    deformable stages register the moving image mapped through it, with a note (:mod:`.contrast`).
+    True maps whenever the relation increases; False (None) never. The result warps the moving image
+    as given.
 
     ``frame_mask`` (default True): in the coarse stage and the neural field's instance optimisation a
     voxel counts in the similarity only if the map takes it inside the other image's frame (outside,
@@ -338,8 +337,6 @@ def register_nephi(
         # regularisers act on each field alone, so add cycle consistency to keep them inverse.
         cycle_weight = 0.0 if regularizer in ("gradicon", "cycle") else REG_WEIGHTS["cycle"]
 
-    user_moving = pair.moving  # the stages may see it contrast-matched; the result warps it as given
-    pair, contrast_nonlinearity, contrast_matched = contrast.prepare(pair, contrast_match)
     fshape = pair.fixed.shape
     nvox = math.prod(fshape)
     use_chunks = mode == "optimize" and (bool(chunked) or (chunked is None and nvox > max_voxels))
@@ -386,7 +383,7 @@ def register_nephi(
     check_run_memory(fshape, device, use_chunks, same_grid, masks)
     reset_peak_memory(device)
     start = time.perf_counter()
-    notes = [contrast.note(contrast_nonlinearity)] if contrast_matched else []
+    notes = []
     predicting = mode != "optimize"
     if coarse_match_blur is None and predicting:
         # "auto" is optimize's default: predict+refine's coarse stage sees the moving image pre-warped
@@ -441,6 +438,15 @@ def register_nephi(
             "no backward field is stored. Use initial='affine' to register them with both fields."
         )
     moving_mask = pair.moving_mask if stage0 is None else stage0.moving_mask
+    user_on_fixed, contrast_score, contrast_mapped = moving_on_fixed, None, False
+    if contrast_match:  # intensities related non-linearly: map the moving ones (contrast.py)
+        matrix = stage0.transform.matrix if stage0 is not None and fold else None
+        contrast_score, cmap = contrast.check(
+            pair.fixed, moving_on_fixed, matrix, pair.fixed_mask, moving_mask if offset is None else None
+        )
+        if cmap is not None and (contrast_match is True or contrast_score > contrast.NONLINEAR):
+            moving_on_fixed, contrast_mapped = contrast.apply_map(moving_on_fixed, *cmap), True
+            notes.append(contrast.note(contrast_score))
     preview = Previewer(pair, moving_on_fixed, fshape, device)
 
     def report(stage, loss, point_map):
@@ -587,7 +593,7 @@ def register_nephi(
         transform = ComposedTransform([transform, stage0.transform])
         fwd = transform.displacement(fshape)
     seconds_opt = time.perf_counter() - start
-    warped = transform.warp(user_moving, output_shape=fshape, device=device)
+    warped = transform.warp(pair.moving, output_shape=fshape, device=device)
     metrics = {
         "iterations": refine,
         "coarse_iterations": coarse_steps,
@@ -643,11 +649,11 @@ def register_nephi(
         overlap &= pair.fixed_mask
     if overlap.sum() < 16:
         overlap = pair.fixed_mask
-    metrics.update(similarity_report(pair.fixed, user_moving, warped, overlap))
-    if contrast_nonlinearity is not None:
-        metrics["contrast_nonlinearity"] = round(contrast_nonlinearity, 4)
+    metrics.update(similarity_report(pair.fixed, pair.moving, warped, overlap))
+    if contrast_score is not None:
+        metrics["contrast_nonlinearity"] = round(contrast_score, 4)
     if similarity != "ncc":  # judge the run by what it optimised (NCC is in the report already)
-        metrics.update(optimised_similarity(similarity, pair.fixed, moving_on_fixed, warped, overlap))
+        metrics.update(optimised_similarity(similarity, pair.fixed, user_on_fixed, warped, overlap))
     metrics.update(regularity_report(transform, fshape, pair.fixed_mask))
     note = check_result(metrics, settings_opt.learning_rate, settings_opt.code_learning_rate)
     if note is not None:
@@ -668,7 +674,7 @@ def register_nephi(
         "coarse_finer_level": coarse_finer_level,
         "coarse_flat_fill": bool(coarse_flat_fill),
         "coarse_flat_noisy": bool(coarse_flat_noisy),
-        "contrast_match": contrast_matched,  # whether the stages saw the moving image matched
+        "contrast_match": contrast_mapped,  # whether the deformable stages saw the moving image mapped
         # the mode that ran (True: learned with the velocity, "once": estimated once, also as the
         # outcome of "auto", whose gate measure is metrics["coarse_blur_gate_detj_rms"]), False if none
         "coarse_match_blur": blur_ran,
