@@ -149,18 +149,26 @@ ROWS = {
         {"neighbours": None, "elastic": True, "drift_correction": "detrend"},
     ),  # fmt: skip
     # session 15: the elastic fields' affine part solved for all sections at once, and the median's
-    # local fields of sessions 11-14 (named, so that both stay comparable whichever is the default)
+    # local fields of sessions 11-14 (named, so that both stay comparable whichever is the default;
+    # "-joint" rows without the landmarks, which are on by default with the joint solver since
+    # session 19; the rows with "elastic": True alone run joint + landmarks since session 19)
     "mito-default+elastic-joint": (
         "mito",
         "brisk",
         True,
-        {"neighbours": None, "elastic": True, "elastic_solver": "joint"},
+        {"neighbours": None, "elastic": True, "elastic_solver": "joint", "elastic_landmarks": False},
     ),
     "mito-default+elastic-joint-detrend": (
         "mito",
         "brisk",
         True,
-        {"neighbours": None, "elastic": True, "elastic_solver": "joint", "drift_correction": "detrend"},
+        {
+            "neighbours": None,
+            "elastic": True,
+            "elastic_solver": "joint",
+            "elastic_landmarks": False,
+            "drift_correction": "detrend",
+        },
     ),  # fmt: skip
     # session 17: each flow pair's rotation and translation from the mitochondria regions
     "mito-default+elastic-joint-landmarks": (
