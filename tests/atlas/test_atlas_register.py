@@ -90,21 +90,27 @@ def test_nephi_refines_the_affine_map(trained_lookup, toy_reference, oblique_par
 
 
 def test_nephi_runs_no_second_global_stage(trained_lookup, oblique_partial, monkeypatch):
-    """The plate is already affinely aligned: nephi gets initial='none' unless the caller says otherwise."""
+    """The plate is already affinely aligned and mapped to the section's contrast: nephi gets
+    initial='none' and contrast_match=False unless the caller says otherwise."""
     from napari_nephi.engines.atlas import register as module
 
     seen = []
 
     def spy(*args, **kwargs):
-        seen.append(kwargs.get("initial"))
+        if kwargs.get("method") == "nephi":
+            seen.append((kwargs.get("initial"), kwargs.get("contrast_match")))
         return real(*args, **kwargs)
 
     real = module.register
     monkeypatch.setattr(module, "register", spy)
     image, _, plate, _ = oblique_partial
     trained_lookup.register(image, plate, method="nephi", device="cpu", **NEPHI_FAST)
-    trained_lookup.register(image, plate, method="nephi", device="cpu", initial="translation", **NEPHI_FAST)
-    assert seen[-1] == "translation" and "none" in seen[:-1]
+    first = len(seen)
+    trained_lookup.register(
+        image, plate, method="nephi", device="cpu", initial="translation", contrast_match=True, **NEPHI_FAST
+    )
+    assert first >= 1 and all(call == ("none", False) for call in seen[:first])
+    assert seen[-1] == ("translation", True)
 
 
 #: Share of that best Dice required on a section of another stain (region levels redrawn): the
