@@ -261,6 +261,12 @@ def test_em_options_multi_neighbour_reach_the_engine(qtbot, em):
     assert values["neighbours"] == 2 and opts.global_model.isEnabled() and opts.drift_prior.isEnabled()
     opts.neighbours.setValue(1)  # the chain: the global solve's options do not apply
     assert not opts.global_model.isEnabled() and not opts.drift_prior.isEnabled()
+    assert opts.values()["elastic_solver"] == "local"  # as the engine's default with the chain
+    opts.elastic_solver.setCurrentText("joint")
+    opts.elastic_solver.activated.emit(opts.elastic_solver.currentIndex())  # the user's own choice stays
+    opts.neighbours.setValue(2)
+    opts.neighbours.setValue(1)
+    assert opts.values()["elastic_solver"] == "joint"
     opts.neighbours.setValue(3)
     opts.global_model.setCurrentText("rigid")
     opts.drift_prior.setValue(0.5)

@@ -104,6 +104,9 @@ class EMOptions(QWidget):
         )
         self.elastic_solver.setEnabled(False)
         self.elastic.toggled.connect(self.elastic_solver.setEnabled)
+        # until the user picks a solver it follows the engine's default: "local" with the chain
+        self._solver_chosen = False
+        self.elastic_solver.activated.connect(self._choose_solver)
         self.elastic_landmarks = QCheckBox("joint: place by the mitochondria (landmarks)")
         self.elastic_landmarks.setToolTip(
             "With the joint solver and masks: each flow pair's rotation and translation from the "
@@ -185,7 +188,12 @@ class EMOptions(QWidget):
         self.global_model.setEnabled(many)
         self.drift_prior.setEnabled(many)
         self.guided_pairs.setEnabled(many and self.refine.isChecked())  # guided pairs need the refinement
+        if not self._solver_chosen:
+            self.elastic_solver.setCurrentText(ELASTIC_SOLVER if many else "local")
         self.drift_window.setEnabled(self.drift_correction.currentText() != "none")
+
+    def _choose_solver(self, *_):
+        self._solver_chosen = True
 
     def _landmarks_enabled(self, *_):
         self.elastic_landmarks.setEnabled(
