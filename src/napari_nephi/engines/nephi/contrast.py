@@ -1,13 +1,16 @@
-"""Contrast check after the ``nephi`` engine's global stage: NCC assumes the two images' intensities
-are related linearly, and a monotone but non-linear change (a gamma, a saturating stain) breaks that
-(a pure shift of the retina with the moving image at gamma 2 ended at 5.78 px of endpoint error, 4.25
-before registering). On voxels the global map pairs, the mean fixed intensity per moving-intensity
-bin (the correlation ratio's regression) shows the relation; where it explains much more of the fixed
-image than a line does, the moving image's intensities are mapped through it before the deformable
-stages.
+"""Contrast check after the ``nephi`` engine's global stage (opt-in: ``contrast_match="auto"``).
+
+NCC assumes the two images' intensities are related linearly, and a monotone but non-linear change
+(a gamma, a saturating stain) breaks that (a pure shift of the retina with the moving image at gamma
+2 ended at 5.78 px of endpoint error, 4.25 before registering). On voxels the global map pairs, the
+mean fixed intensity per moving-intensity bin (the correlation ratio's regression) shows the
+relation; where it explains much more of the fixed image than a line does, the moving image's
+intensities are mapped through it before the deformable stages.
 
 Pairing voxels, not comparing histograms: two images whose contents differ a little (a near-binary
-image shifted partly out of its frame) have different histograms but a linear joint relation.
+image shifted partly out of its frame) have different histograms but a linear joint relation. It
+still fires without a contrast change on binary or noisy pairs and on piecewise-constant images a
+deformation separates (session-19 review R4, R9), hence opt-in.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def paired_samples(fixed, moving, matrix=None, fixed_mask=None, moving_mask=None
     only where that lands inside the moving image (and both masks)."""
     fixed = np.asarray(fixed)
     d = fixed.ndim
-    step = max(1, int(round((fixed.size / MAX_SAMPLES) ** (1 / d))))
+    step = max(1, int(np.ceil((fixed.size / MAX_SAMPLES) ** (1 / d))))
     axes = [np.arange(0, n, step, dtype=np.float64) for n in fixed.shape]
     pts = np.stack(np.meshgrid(*axes, indexing="ij"), 0).reshape(d, -1)
     f = fixed[tuple(slice(None, None, step) for _ in range(d))].reshape(-1).astype(np.float64)
@@ -73,17 +76,24 @@ def regression(f: np.ndarray, m: np.ndarray, bins: int = BINS):
 
 def apply_map(image: np.ndarray, knots_m: np.ndarray, knots_f: np.ndarray) -> np.ndarray:
     """A float32 copy of ``image`` through the piecewise-linear map ``knots_m -> knots_f`` (made
-    non-decreasing; the end segments' slopes continued beyond the knots)."""
-    knots_f = np.maximum.accumulate(knots_f)
-    x = np.asarray(image, np.float64)
-    out = np.interp(x, knots_m, knots_f)
+    non-decreasing; the end segments' slopes continued to the image's range), in blocks of 2^20
+    voxels (no float64 copy of the whole image)."""
+    knots_m = np.asarray(knots_m, np.float64)
+    knots_f = np.maximum.accumulate(np.asarray(knots_f, np.float64))
+    out = np.array(image, np.float32, copy=True)
     if len(knots_m) > 1:
-        lo, hi = x < knots_m[0], x > knots_m[-1]
-        out[lo] = knots_f[0] + (x[lo] - knots_m[0]) * (knots_f[1] - knots_f[0]) / (knots_m[1] - knots_m[0])
-        out[hi] = knots_f[-1] + (x[hi] - knots_m[-1]) * (knots_f[-1] - knots_f[-2]) / (
-            knots_m[-1] - knots_m[-2]
-        )
-    return out.astype(np.float32)
+        lo, hi = float(out.min()), float(out.max())
+        slope0 = (knots_f[1] - knots_f[0]) / (knots_m[1] - knots_m[0])
+        slope1 = (knots_f[-1] - knots_f[-2]) / (knots_m[-1] - knots_m[-2])
+        if lo < knots_m[0]:
+            knots_m, knots_f = np.r_[lo, knots_m], np.r_[knots_f[0] + (lo - knots_m[0]) * slope0, knots_f]
+        if hi > knots_m[-1]:
+            knots_m, knots_f = np.r_[knots_m, hi], np.r_[knots_f, knots_f[-1] + (hi - knots_m[-1]) * slope1]
+    flat = out.reshape(-1)
+    for start in range(0, flat.size, 1 << 20):
+        block = flat[start : start + (1 << 20)]
+        block[:] = np.interp(block, knots_m, knots_f)
+    return out
 
 
 def check(fixed, moving, matrix=None, fixed_mask=None, moving_mask=None):
@@ -100,7 +110,7 @@ def check(fixed, moving, matrix=None, fixed_mask=None, moving_mask=None):
 def note(score: float) -> str:
     """The note a run with a mapped moving image carries."""
     return (
-        f"The images' intensities are not related linearly, which NCC assumes: after the global "
+        f"The images' intensities are not related linearly (NCC assumes they are): after the global "
         f"stage a non-linear map of the moving intensities explained {score:.0%} of what a line left "
         f"(above {NONLINEAR:.0%}). The deformable stages registered the moving image through that map; "
         "the result warps the moving image as given. contrast_match=False registers it as given."

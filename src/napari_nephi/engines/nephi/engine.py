@@ -163,7 +163,7 @@ def register_nephi(
     coarse_match_blur: bool | str | None = None,
     coarse_flat_fill: bool = True,
     coarse_flat_noisy: bool = False,
-    contrast_match: bool | str | None = "auto",
+    contrast_match: bool | str | None = False,
     frame_mask: bool = True,
     learning_rate: float | None = None,
     code_learning_rate: float | None = None,
@@ -230,13 +230,15 @@ def register_nephi(
     (RMS gradient below 0.0015), which finds flat regions under noise (none are found without it at
     noise 0.01 and more) but also calls texture finer than about 8 voxels flat (session-16 review).
 
-    ``contrast_match`` (default ``"auto"`` since session 19): NCC assumes intensities related
-    linearly. After the global stage the mean fixed intensity per moving-intensity bin, on the voxels
-    the global map pairs, is compared with a line; where it explains more than
+    ``contrast_match`` (default False; ``"auto"``, True): NCC assumes intensities related linearly.
+    With ``"auto"``, after the global stage the mean fixed intensity per moving-intensity bin, on the
+    voxels the global map pairs, is compared with a line; where it explains more than
     :data:`.contrast.NONLINEAR` of what the line leaves (``metrics["contrast_nonlinearity"]``), the
     deformable stages register the moving image mapped through it, with a note (:mod:`.contrast`).
-    True maps whenever the relation increases; False (None) never. The result warps the moving image
-    as given.
+    True maps whenever the relation increases. The result warps the moving image as given. Opt-in:
+    it also fires where no contrast changed, on piecewise-constant images a deformation separates
+    (the Triangles-and-Circles pairs: Dice lost in predict, predict+refine and optimize) and on
+    binary or noisy pairs (session-19 review, R4 and R9).
 
     ``frame_mask`` (default True): in the coarse stage and the neural field's instance optimisation a
     voxel counts in the similarity only if the map takes it inside the other image's frame (outside,
