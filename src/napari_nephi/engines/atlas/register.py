@@ -279,8 +279,9 @@ def deformable_step(work, mask, plate, affine: AffineTransform, method: str, com
         # (test_atlas_register.py): kept off here even if nephi's default changes again
         options = {"coarse_match_blur": False, **options}
     if "contrast_match" in (engine_info(method).options or ()):
-        # the plate is already mapped to the section's contrast just above; nephi's own check (default
-        # "auto" in session 19) reads piecewise-constant drawings such as plates as non-linear
+        # the plate is already mapped to the section's contrast just above; nephi's own check (opt-in
+        # since 193299f) reads piecewise-constant drawings such as plates as non-linear: kept off here
+        # should nephi's default change
         options = {"contrast_match": False, **options}
     deform = register(work, matched, method=method, **common, **options)
     before = edge_agreement(work, matched, mask)
