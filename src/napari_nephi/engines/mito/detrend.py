@@ -143,11 +143,12 @@ def trend_test(positions: np.ndarray, use: np.ndarray) -> dict:
     fitted (non-negative least squares) over lags 1 to :data:`TEST_LAGS` (a quarter of the
     stack at most). Under that null the slope over ``m`` sections has variance
     ``12 s2 / m^3 + 6 w2 / (5 m)`` (the second term: a line fitted to a random walk); ``q``, the
-    sum over both axes of the squared slope over that variance, follows a chi-square with 2
-    degrees of freedom, so ``p = exp(-q / 2)``. Sections placed far off by a failed pair make the
-    residuals larger, which only makes a trend harder to find. Returns ``{"q", "p", "slope" (px
-    per section, y, x), "scatter" and "wander" (px: root mean over the axes of s2 and w2),
-    "sections"}``."""
+    sum over both axes of the squared slope over that variance, nominally follows a chi-square
+    with 2 degrees of freedom, so ``p = exp(-q / 2)`` (nominally: where scatter and wander are
+    both present the fitted ``w2`` is often too small and ``p`` too small; see :data:`AUTO_P`).
+    Sections placed far off by a failed pair make the residuals larger, which only makes a trend
+    harder to find. Returns ``{"q", "p", "slope" (px per section, y, x), "scatter" and "wander"
+    (px: root mean over the axes of s2 and w2), "sections"}``."""
     use = np.asarray(use, bool)
     ku = np.flatnonzero(use).astype(np.float64)
     pos = np.asarray(positions, np.float64)[use]
