@@ -17,7 +17,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..engines.mito.detrend import DRIFT_CORRECTIONS, MIN_WINDOW
-from ..engines.mito.elastic import ELASTIC_SOLVER, ELASTIC_SOLVERS
+from ..engines.mito.elastic import ELASTIC_SOLVER, ELASTIC_SOLVERS, default_solver
 from ..engines.mito.features import DESCRIPTORS, DETECTORS, MATCHERS, MODELS
 from ..engines.mito.solve import DRIFT_PRIOR, GLOBAL_MODEL, GLOBAL_MODELS, NEIGHBOURS
 from ._options import folded
@@ -189,7 +189,7 @@ class EMOptions(QWidget):
         self.drift_prior.setEnabled(many)
         self.guided_pairs.setEnabled(many and self.refine.isChecked())  # guided pairs need the refinement
         if not self._solver_chosen:
-            self.elastic_solver.setCurrentText(ELASTIC_SOLVER if many else "local")
+            self.elastic_solver.setCurrentText(default_solver(many))
         self.drift_window.setEnabled(self.drift_correction.currentText() != "none")
 
     def _choose_solver(self, *_):

@@ -55,7 +55,8 @@ from ...core.transform import ElasticSectionTransform, PerSectionTransform
 from . import features as ft
 from .detrend import AUTO_P, check_drift_options, detrend, section_centres, trend_test, windows
 from .detrend import MIN_SECTIONS as MIN_DETREND_SECTIONS
-from .elastic import ELASTIC_SOLVER, ELASTIC_SOLVERS, elastic_fields, warp_elastic_section
+from .elastic import ELASTIC_SOLVERS, elastic_fields, warp_elastic_section
+from .elastic import default_solver as default_elastic_solver
 from .masks import detect_mitochondria_section, intensity_range, to_uint8, valid_region
 from .solve import DRIFT_PRIOR, GLOBAL_MODEL, Edge, check_global_options, solve_global
 
@@ -926,7 +927,7 @@ def align_stack(
     elastic_radius = check_int("elastic_radius", elastic_radius, 1, 32)
     elastic_iterations = check_int("elastic_iterations", elastic_iterations, 1, 20)
     if elastic_solver is None:
-        elastic_solver = ELASTIC_SOLVER if solver == "global" else "local"
+        elastic_solver = default_elastic_solver(solver == "global")
     elastic_solver = ft.check_choice(elastic_solver, ELASTIC_SOLVERS, "elastic_solver")
     if elastic_landmarks is None:
         elastic_landmarks = elastic and elastic_solver == "joint" and opts.use_masks

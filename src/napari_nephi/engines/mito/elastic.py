@@ -51,6 +51,14 @@ ELASTIC_SOLVERS = ("joint", "local")
 #: keypoint pairs do not join the joint solve): with the landmarks it beat ``"local"`` on the
 #: distorted stacks by 0.10-0.23 Dice at 160 sections (docs/mito.md).
 ELASTIC_SOLVER = "joint"
+
+
+def default_solver(global_solve: bool) -> str:
+    """The ``elastic_solver`` used when none is given: :data:`ELASTIC_SOLVER` with the global solve,
+    ``"local"`` with the chain (its keypoint pairs do not join the joint solve)."""
+    return ELASTIC_SOLVER if global_solve else "local"
+
+
 #: Weight of the joint solve's prior on every section's final scale and shear (as ``drift_prior``).
 #: The pairs' scale and shear come from flows over all textured pixels, which change through depth:
 #: with 0.1 the sections' scale and shear came out 1.7 px off at the rms radius (160 distorted

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ...core import regularizers as R
 from ...core.errors import InputError
+from ...core.jacobian import jacobian_determinant
 from ...core.similarity import lncc, lncc_map, ncc
 from .bspline import bspline_on_grid, control_shape, grid_weights, intervals_for_spacing
 from .flatfill import FLAT_SHARE, fill_flat, flat_share
@@ -352,13 +354,11 @@ def displacement_detj_rms(u: torch.Tensor, full) -> float:
     differences (one-sided at the edges) in voxels of ``full``. Unitless: a shift or rotation gives 0
     whatever the image size."""
     d = len(full)
-    scale = torch.as_tensor([(n - 1) / 2 for n in full], dtype=torch.float64, device=u.device)
-    un = u[0].flip(0).double() * scale.reshape(d, *[1] * d)  # numpy component order, voxels
-    grid = un.shape[1:]
-    steps = [(n - 1) / max(m - 1, 1) for n, m in zip(full, grid)]
-    grad = torch.stack([torch.stack(torch.gradient(c, spacing=steps), 0) for c in un], 0)
-    jac = torch.movedim(grad, (0, 1), (-2, -1)) + torch.eye(d, dtype=grad.dtype, device=grad.device)
-    return float((torch.linalg.det(jac) - 1).pow(2).mean().sqrt())
+    scale = np.array([(n - 1) / 2 for n in full]).reshape(d, *[1] * d)
+    un = u[0].flip(0).detach().double().cpu().numpy() * scale  # numpy component order, voxels
+    steps = [(n - 1) / max(m - 1, 1) for n, m in zip(full, un.shape[1:])]  # grid step, voxels of full
+    det = jacobian_determinant(un, spacing=steps, units="physical")
+    return float(np.sqrt(np.mean((det.astype(np.float64) - 1) ** 2)))
 
 
 def match_blur_runs(match_blur: bool | str | None) -> bool:
