@@ -59,6 +59,67 @@ def test_the_sweep_finds_a_plate_the_shortlist_misses(search, toy_reference):
     assert abs(swept.ranking[0][0] - plate) <= PLATE_TOLERANCE
 
 
+def _widen_case(toy_reference, plate=24):
+    """A section at ``plate`` whose first stage points to plates 0-1 and whose sweep (every 12th
+    plate: 6, 18, 30) passes 6 plates either side of plate 24; no scan along the plate axis."""
+    reference, _ = toy_reference
+    section = section_from_atlas(reference, plate)
+    order = [(p, 0.01 * p) for p in range(40)]
+    opts = {
+        "shortlist": 2,
+        "neighbours": 1,
+        "sweep_step": 12,
+        "z_scan": 0,
+        "widen_gap": 6,
+        "widen_score": None,
+    }
+    return section, order, opts, plate
+
+
+def test_widening_finds_the_plate_the_sweep_passed(search, toy_reference):
+    section, order, opts, plate = _widen_case(toy_reference)
+    narrow = search.search(section, order, check_rerank_options({**opts, "widen_gap": None}))
+    wide = search.search(section, order, check_rerank_options(opts))  # widen_gap 6
+    assert not narrow.widened and abs(narrow.ranking[0][0] - plate) > PLATE_TOLERANCE
+    # its best pose lies far from plates 0-1, so every plate is searched in stage 1
+    assert wide.widened and abs(wide.ranking[0][0] - plate) <= PLATE_TOLERANCE, wide.ranking[:5]
+    assert wide.widen_kept and wide.pairs > narrow.pairs
+
+
+def test_widening_keeps_the_first_pass_when_it_finds_nothing_better(search, toy_reference):
+    section, order, opts, plate = _widen_case(toy_reference, plate=21)
+    opts = {**opts, "sweep_step": 6}  # the sweep holds plate 21: a stage-2 hypothesis there
+    narrow = search.search(section, order, check_rerank_options({**opts, "widen_gap": None}))
+    wide = search.search(section, order, check_rerank_options(opts))
+    assert abs(narrow.ranking[0][0] - plate) <= PLATE_TOLERANCE
+    # found far from plates 0-1: the second pass runs, finds no better pose and is dropped
+    assert wide.widened and not wide.widen_kept and wide.pairs > narrow.pairs
+    assert wide.ranking == narrow.ranking
+
+
+def test_no_widening_when_the_best_pose_is_near_the_shortlist(search, toy_reference):
+    reference, _ = toy_reference
+    plate = 21
+    section = section_from_atlas(reference, plate, (4.0, -4.0))
+    order = _shuffled(search.n, plate, seed=3)  # the truth among the first stage's 6 best
+    default = search.search(section, order, check_rerank_options({"widen_gap": 6, "widen_score": None}))
+    off = search.search(section, order, check_rerank_options({"widen_gap": None, "widen_score": None}))
+    assert not default.widened
+    assert default.ranking == off.ranking and default.pairs == off.pairs
+
+
+def test_widening_runs_where_no_pose_scores_above_widen_score(search, toy_reference):
+    section, order, opts, plate = _widen_case(toy_reference)
+    opts = {**opts, "widen_gap": None}
+    off = search.search(section, order, check_rerank_options(opts))
+    best = max(p.score for p in off.poses.values())
+    below = search.search(section, order, check_rerank_options({**opts, "widen_score": best - 0.01}))
+    above = search.search(section, order, check_rerank_options({**opts, "widen_score": best + 0.01}))
+    assert not off.widened and not below.widened and below.ranking == off.ranking
+    assert above.widened and above.widen_kept  # the truth, which the sweep passed, is found
+    assert abs(above.ranking[0][0] - plate) <= PLATE_TOLERANCE < abs(off.ranking[0][0] - plate)
+
+
 @pytest.mark.parametrize("plate", [12, 24])
 def test_straight_section_puts_the_true_plate_first(search, toy_reference, plate):
     reference, _ = toy_reference
@@ -237,6 +298,9 @@ def test_inverted_contrast_scores_the_same_plate_best(search, toy_reference):
         ({"z_scan": -1}, "z_scan"),
         ({"z_scan_poses": 0}, "z_scan_poses"),
         ({"edge_blur": -0.5}, "edge_blur"),
+        ({"widen_gap": -1}, "widen_gap"),
+        ({"widen_gap": 2.5}, "widen_gap"),
+        ({"widen_score": 2.0}, "widen_score"),
         ("fast", "rerank_options must be a dict"),
     ],
 )
