@@ -295,6 +295,9 @@ def test_rerank_flag_reranks_by_the_pose_search(cli_index):
         assert summary["rerank"] is rerank
         got = [(e["plate"], e["distance"]) for e in summary["sections"][0]["ranking"]]
         expected = lk.lookup(tifffile.imread(folder / "p13.tif"), top=4, rerank=rerank)
+        # whether the pose search widened (rerank option widen_score) is recorded per section
+        widened = lk.search_poses(tifffile.imread(folder / "p13.tif")).widened if rerank else None
+        assert summary["sections"][0]["widened"] is widened
         assert [p for p, _ in got] == [p for p, _ in expected]
         np.testing.assert_allclose([d for _, d in got], [d for _, d in expected], atol=1e-6)
     reranked = json.loads((folder / "out--rerank" / "ranks.json").read_text())["sections"][0]

@@ -241,18 +241,28 @@ def _csv_text(rows: list[dict]) -> str:
 
 
 def _rank_all(
-    lk, images: list, top: int, series: bool, rerank: bool, progress: Progress | None = None
+    lk,
+    images: list,
+    top: int,
+    series: bool,
+    rerank: bool,
+    progress: Progress | None = None,
+    widened: list | None = None,
 ) -> tuple[list, list[int]]:
     """Per section its ranking (best first) and the chosen plate (``series``: smoothed as
     :meth:`AtlasLookup.lookup_series`). Re-ranked lookups (about a second each) report progress per
-    section; the embedding alone ranks every section in one batch."""
+    section, and append to ``widened`` whether each one's pose search widened (rerank option
+    ``widen_score``); the embedding alone ranks every section in one batch."""
     from ..engines.atlas.series import smooth_series
 
     progress = progress or Progress(None)
     if rerank:
         rankings = []
         for k, image in enumerate(images):
-            rankings += lk.lookup_many([image], top=top, rerank=True)
+            found = lk.search_poses(image)  # lookup(image, top, rerank=True), with what the search ran
+            rankings.append(found.ranking[:top])
+            if widened is not None:
+                widened.append(bool(found.widened))
             progress.step(k + 1, len(images), stage="ranking")
     else:
         rankings = lk.lookup_many(images, top=top, rerank=False)
@@ -284,7 +294,10 @@ def cmd_atlas_lookup(args: argparse.Namespace) -> int:
     registrations = []
     progress = Progress(bars)
     try:
-        rankings, picks = _rank_all(lk, images, min(args.top, lk.n_plates), args.series, rerank, progress)
+        widened: list[bool] = []
+        rankings, picks = _rank_all(
+            lk, images, min(args.top, lk.n_plates), args.series, rerank, progress, widened
+        )
         for k, (image, pick) in enumerate(zip(images, picks, strict=True)):
             if register:
                 registrations.append(lk.register(image, pick, method=args.method, device=args.device))
@@ -303,6 +316,8 @@ def cmd_atlas_lookup(args: argparse.Namespace) -> int:
                 for n, f, r, p in zip(names, files, rankings, picks, strict=True)
             ],
         }  # fmt: skip
+        for k, entry in enumerate(summary["sections"]):  # whether the pose search widened (None: no search)
+            entry["widened"] = widened[k] if rerank else None
         for entry, reg in zip(summary["sections"], registrations, strict=False):
             entry["regions"] = region_table(lk, reg.metrics.get("labels"))
         (tmp / "ranks.json").write_text(json.dumps(summary, indent=2))
