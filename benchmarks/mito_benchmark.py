@@ -39,6 +39,9 @@ Columns:
   case where detrending the section positions is off by the slope of their scatter;
   ``tissue-drift``: as ``drift``, but the whole tissue (membranes, vesicles, texture) moves with
   the mitochondria's mean velocity (``tissue_drift``): no aligner can tell that from misalignment.
+* ``-serial`` rows (session 20): the serial-section preset, ``reference="middle"`` and
+  ``drift_correction="auto"`` (``detrend.SERIAL_SECTIONS``); their reference is the middle section
+  whatever ``--reference`` says (the Dice is measured in its frame).
 * ``-detrend`` rows: ``drift_correction="detrend"`` (the slow trend of the section centres
   through depth removed: one line over the stack; ``-w10`` a local line at every section
   weighted by a Gaussian of sigma 10 sections).
@@ -75,6 +78,7 @@ import numpy as np
 
 from napari_nephi.engines.mito import align_stack
 from napari_nephi.engines.mito.align import warp_sections
+from napari_nephi.engines.mito.detrend import SERIAL_SECTIONS
 from napari_nephi.engines.mito.masks import detect_mitochondria_section
 from napari_nephi.synthetic import em_stack
 
@@ -197,6 +201,15 @@ ROWS = {
         "brisk",
         True,
         {"neighbours": None, "elastic": True, "drift_correction": "auto"},
+    ),
+    # session 20: the serial-section preset (reference "middle" and drift_correction "auto"; the row's
+    # reference wins over --reference)
+    "mito-default-serial": ("mito", "brisk", True, {"neighbours": None, **SERIAL_SECTIONS}),
+    "mito-default+elastic-serial": (
+        "mito",
+        "brisk",
+        True,
+        {"neighbours": None, "elastic": True, **SERIAL_SECTIONS},
     ),
     "mito-default+elastic-local": (
         "mito",

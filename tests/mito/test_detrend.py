@@ -204,6 +204,32 @@ def test_cli_and_widget_options_reach_the_engine(qtbot, tmp_path):
     )
 
 
+def test_the_serial_sections_preset_sets_the_middle_reference_and_auto(qtbot, tmp_path):
+    """--serial-sections / the widget's button: reference "middle" and drift_correction "auto"
+    (what drifting serial-section stacks need, session 20); options given explicitly win, and
+    without it the defaults stay reference 0 and no drift correction."""
+    from napari_nephi.widgets._em_parts import EMOptions
+
+    p = argparse.ArgumentParser(prog="napari-nephi")
+    add_parser(p.add_subparsers(dest="command", required=True))
+    base = ["align-em", "s.tif", "-o", str(tmp_path / "o")]
+    kw = _align_options(p.parse_args([*base, "--serial-sections"]))
+    assert (kw["reference"], kw["drift_correction"]) == ("middle", "auto")
+    kw = _align_options(
+        p.parse_args([*base, "--serial-sections", "--reference", "3", "--drift-correction", "detrend"])
+    )
+    assert (kw["reference"], kw["drift_correction"]) == (3, "detrend")
+    kw = _align_options(p.parse_args(base))
+    assert (kw["reference"], kw["drift_correction"]) == (0, "none")
+    opts = EMOptions()
+    qtbot.addWidget(opts)
+    assert (opts.values()["reference"], opts.values()["drift_correction"]) == (0, "none")
+    opts.serial_sections.click()
+    values = opts.values()
+    assert (values["reference"], values["drift_correction"]) == ("middle", "auto")
+    assert not opts.reference.isEnabled() and opts.drift_window.isEnabled()
+
+
 def test_a_short_stack_is_not_detrended(max_error):
     """A line through 3 section centres fits them exactly: detrending would remove their real
     placement shifts. It is skipped with a note and the placement stays as solved."""

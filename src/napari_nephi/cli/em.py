@@ -31,7 +31,7 @@ from ..core.files import check_output_folder, output_folder
 from ..core.options import check_known
 from ..core.progress import Progress
 from ..engines.mito import features as ft
-from ..engines.mito.detrend import DRIFT_CORRECTIONS, MIN_SECTIONS, MIN_WINDOW
+from ..engines.mito.detrend import DRIFT_CORRECTIONS, MIN_SECTIONS, MIN_WINDOW, SERIAL_SECTIONS
 from ..engines.mito.elastic import ELASTIC_SOLVER, ELASTIC_SOLVERS
 from ..engines.mito.solve import DRIFT_PRIOR, GLOBAL_MODEL, GLOBAL_MODELS, NEIGHBOURS
 from ._common import HelpFormatter, ProgressBars, add_key_values, add_quiet, parse_options
@@ -78,7 +78,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="global solve: match every further pair in full instead of starting from the chain's map",
     )
-    p.add_argument("--reference", default="0", help="reference section index, or 'middle'")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="reference section index, or 'middle' (default 0; middle with --serial-sections)",
+    )
+    p.add_argument(
+        "--serial-sections",
+        action="store_true",
+        help="serial-section TEM whose organelles may drift: --reference middle --drift-correction auto "
+        "unless given (not for FIB-SEM/SBEM, whose position trend is real stage drift)",
+    )
     p.add_argument("--ransac-threshold", type=float, default=3.0, help="RANSAC inlier distance, pixels")
     p.add_argument("--ratio", type=float, default=0.8, help="Lowe ratio test")
     p.add_argument("--workers", type=int, default=None, help="threads (default: one per CPU core)")
@@ -119,11 +129,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--drift-correction",
-        default="none",
+        default=None,
         choices=DRIFT_CORRECTIONS,
         help="detrend: remove the slow trend of the section positions through depth (organelle drift); "
         "auto: only where that trend is more than the sections' own scatter explains (placement jitter "
-        "is kept); both for serial-section TEM only, not FIB-SEM/SBEM stage drift; skipped below 10 sections",
+        "is kept); both for serial-section TEM only, not FIB-SEM/SBEM stage drift; skipped below 10 sections "
+        "(default none; auto with --serial-sections)",
     )
     p.add_argument(
         "--drift-window",
@@ -200,14 +211,17 @@ def _align_options(args: argparse.Namespace) -> dict:
         options["guided_pairs"] = False
     if args.elastic:
         options.setdefault("elastic", True)
-    reference = int(args.reference) if str(args.reference).lstrip("-").isdigit() else args.reference
+    preset = SERIAL_SECTIONS if args.serial_sections else {"reference": "0", "drift_correction": "none"}
+    reference = preset["reference"] if args.reference is None else args.reference
+    reference = int(reference) if str(reference).lstrip("-").isdigit() else reference
+    drift_correction = preset["drift_correction"] if args.drift_correction is None else args.drift_correction
     kw = {
         "detector": args.detector, "descriptor": args.descriptor, "matcher": args.matcher,
         "model": args.model, "reference": reference, "ransac_threshold": args.ransac_threshold,
         "ratio": args.ratio, "workers": args.workers, "max_keypoints": args.max_keypoints,
         "scale": args.scale, "fallback": tuple(f.strip() for f in args.fallback.split(",") if f.strip()),
         "neighbours": args.neighbours, "solver": args.solver, "global_model": args.global_model,
-        "drift_prior": args.drift_prior, "drift_correction": args.drift_correction,
+        "drift_prior": args.drift_prior, "drift_correction": drift_correction,
         "drift_window": args.drift_window, "elastic_solver": args.elastic_solver,
         "elastic_landmarks": args.elastic_landmarks,
     }  # fmt: skip

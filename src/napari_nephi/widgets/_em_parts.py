@@ -9,6 +9,7 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QPushButton,
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
@@ -16,7 +17,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..engines.mito.detrend import DRIFT_CORRECTIONS, MIN_WINDOW
+from ..engines.mito.detrend import DRIFT_CORRECTIONS, MIN_WINDOW, SERIAL_SECTIONS
 from ..engines.mito.elastic import ELASTIC_SOLVER, ELASTIC_SOLVERS, default_solver
 from ..engines.mito.features import DESCRIPTORS, DETECTORS, MATCHERS, MODELS
 from ..engines.mito.solve import DRIFT_PRIOR, GLOBAL_MODEL, GLOBAL_MODELS, NEIGHBOURS
@@ -150,8 +151,14 @@ class EMOptions(QWidget):
         # and back (_WindowSpinBox.stepBy), a typed value is raised to it when the edit ends
         self.drift_window.setKeyboardTracking(False)
         self.drift_window.valueChanged.connect(self._snap_window)
+        self.serial_sections = QPushButton("serial-section TEM settings")
+        self.serial_sections.setToolTip(
+            "Set what serial-section TEM stacks whose organelles may drift need: the middle section as the "
+            "reference and drift correction auto (advanced options; not for FIB-SEM/SBEM stage drift)"
+        )
+        self.serial_sections.clicked.connect(self.use_serial_sections)
         shown = [("detector", self.detector), ("", self.use_masks), ("descriptor", self.descriptor),
-                 ("matcher", self.matcher), ("model", self.model)]  # fmt: skip
+                 ("matcher", self.matcher), ("model", self.model), ("", self.serial_sections)]  # fmt: skip
         folded_rows = [("", self.model_selection), ("", self.refine), ("reference section", self.reference),
                        ("", self.middle), ("RANSAC threshold", self.threshold), ("ratio test", self.ratio),
                        ("keypoints / section", self.max_keypoints), ("threads", self.workers),
@@ -201,6 +208,11 @@ class EMOptions(QWidget):
             and self.elastic_solver.currentText() == "joint"
             and self.use_masks.isChecked()
         )
+
+    def use_serial_sections(self, *_):
+        """The fields set as :data:`~napari_nephi.engines.mito.detrend.SERIAL_SECTIONS` says."""
+        self.middle.setChecked(SERIAL_SECTIONS["reference"] == "middle")
+        self.drift_correction.setCurrentText(SERIAL_SECTIONS["drift_correction"])
 
     def _snap_window(self, v: float):
         if 0 < v < MIN_WINDOW:  # typed (the arrows never land there): raised to the minimum

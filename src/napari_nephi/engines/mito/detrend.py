@@ -44,6 +44,14 @@ DRIFT_CORRECTIONS = ("none", "detrend", "auto")
 #: missed one 0.3 on a drifting, distorted one.
 AUTO_P = 1e-3
 
+#: What a serial-section TEM stack whose organelles may drift needs (the CLI's ``--serial-sections``,
+#: the EM widget's *serial-section TEM* button; docs/mito.md, session 20): the trend test, and the
+#: reference in the middle, from which what no pair sees (a common turn of the organelles, the
+#: pairs' wander) grows. Drift seeds 1 / 6 / 8 / 10 / 11 at 160 sections: 0.924 / 0.952 / 0.966 /
+#: 0.974 / 0.899 with reference 0, 0.958 / 0.954 / 0.964 / 0.974 / 0.953 with it. Not for FIB-SEM or
+#: block-face SEM, whose position trend is real stage drift.
+SERIAL_SECTIONS = {"reference": "middle", "drift_correction": "auto"}
+
 #: Fewer sections placed by a real match than this: no detrending (a line through two or three
 #: positions fits them exactly and would remove every real translation between them).
 MIN_SECTIONS = 10
