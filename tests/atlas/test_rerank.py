@@ -345,6 +345,22 @@ def test_a_list_of_plates_is_searched_without_tilt(toy_reference):
     assert abs(best.scale / 1.3 - 1.0) < SCALE_TOLERANCE
 
 
+def test_widening_on_a_list_of_plates(toy_reference):
+    reference, _ = toy_reference
+    plates = [reference[i] for i in range(0, reference.shape[0], 2)]  # 20 plates, no volume
+    search = PoseSearch(Plates.from_reference(plates))
+    truth = 10  # plate 20 of the volume; the first stage points to plates 0-1, the sweep to 5 / 15
+    section = section_from_atlas(reference, 20.0)
+    order = [(p, 0.01 * p) for p in range(search.n)]
+    opts = {"shortlist": 2, "neighbours": 1, "sweep_step": 10, "z_scan": 0, "widen_score": None}
+    narrow = search.search(section, order, check_rerank_options(opts))
+    best = max(p.score for p in narrow.poses.values())
+    wide = search.search(section, order, check_rerank_options({**opts, "widen_score": best + 0.01}))
+    assert abs(narrow.ranking[0][0] - truth) > PLATE_TOLERANCE
+    assert wide.widened and wide.widen_kept and abs(wide.ranking[0][0] - truth) <= PLATE_TOLERANCE
+    assert all(p.tilt == (0.0, 0.0) for p in wide.poses.values())
+
+
 def _brute_scores(a_re, a_im, a_mask, b_re, b_im, b_mask, reach):
     """The correlator's score at every shift within ``reach``, computed pixel by pixel in numpy."""
     ea, na = float((a_re**2 + a_im**2).sum()), float(a_mask.sum())
