@@ -44,7 +44,7 @@ from ...core.registration import Pair, Registration
 from ...core.transform import AffineTransform, ComposedTransform, DisplacementTransform
 from ..registry import register_engine
 from . import chunked as chunking
-from . import contrast
+from . import contrast, noise
 from .bspline import intervals_for_spacing
 from .checks import check_options, check_result, check_run_memory, optimised_similarity
 from .coarse import (
@@ -128,6 +128,12 @@ INITIAL_DEFAULT = "rigid"
 #: (benchmarks/README.md).
 LEARNING_RATES = {"start": (2e-3, 1e-2), "refine": (5e-4, 2.5e-3)}
 
+#: Default bending weight of the coarse stage (``coarse_reg_weight``), before noise adaptation.
+COARSE_REG_WEIGHT = 0.1
+
+#: Values of ``noise_adapt``.
+NOISE_ADAPT_MODES = ("auto", True, False)
+
 #: Default weight of each regulariser (the similarity loss is ``1 - NCC`` in [0, 2]).
 REG_WEIGHTS = {
     "gradicon": 0.1,
@@ -158,11 +164,12 @@ def register_nephi(
     reg_points: int | None = None,
     levels: int | None = None,
     coarse_iterations: int | None = None,
-    coarse_reg_weight: float = 0.1,
+    coarse_reg_weight: float | None = None,
     coarse_finer_level: bool = True,
     coarse_match_blur: bool | str | None = None,
     coarse_flat_fill: bool = True,
     coarse_flat_noisy: bool = False,
+    noise_adapt: bool | str = "auto",
     contrast_match: bool | str | None = False,
     frame_mask: bool = True,
     learning_rate: float | None = None,
@@ -274,6 +281,13 @@ def register_nephi(
         coarse_finer_level = True
     if coarse_flat_fill is None:
         coarse_flat_fill = True
+    if coarse_reg_weight is None:
+        coarse_reg_weight = COARSE_REG_WEIGHT
+    coarse_reg_weight = float(coarse_reg_weight)
+    if noise_adapt is None:
+        noise_adapt = "auto"
+    if not any(noise_adapt is m or (isinstance(m, str) and noise_adapt == m) for m in NOISE_ADAPT_MODES):
+        raise InputError(f"noise_adapt must be 'auto', True or False, not {noise_adapt!r}.")
     if mode not in MODES:
         raise InputError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
     if coarse_flat_noisy and not coarse_flat_fill:  # the blurred test only chooses what the fill fills
@@ -450,6 +464,20 @@ def register_nephi(
             moving_on_fixed, contrast_mapped = contrast.apply_map(moving_on_fixed, *cmap), True
             notes.append(contrast.note(contrast_score))
     preview = Previewer(pair, moving_on_fixed, fshape, device)
+    # noise (noise.py): estimated on the images as compared (intensities normalised to [0, 1]); where
+    # it adapts, both are compared after a Wiener filter and the coarse stage's bending weight grows
+    # (2D optimize mode only, not divide-and-downsample, whose images this would copy)
+    fixed_cmp = moving_cmp = noise_sigmas = None
+    noise_ran = False
+    if not use_chunks:
+        fixed_cmp, moving_cmp = normalize_intensity(pair.fixed), normalize_intensity(moving_on_fixed)
+    if noise_adapt and d == 2 and mode == "optimize" and not use_chunks:
+        noise_sigmas = [noise.estimate_noise(fixed_cmp), noise.estimate_noise(moving_cmp)]
+        noise_ran = noise_adapt is True or max(noise_sigmas) >= noise.NOISE_MIN
+    reg_used = coarse_reg_weight
+    if noise_ran:
+        fixed_cmp, moving_cmp = noise.wiener_filter([fixed_cmp, moving_cmp], noise_sigmas)
+        reg_used = noise.regularizer_weight(coarse_reg_weight, math.sqrt(np.mean(np.square(noise_sigmas))))
 
     def report(stage, loss, point_map):
         counter["step"] += 1
@@ -495,8 +523,9 @@ def register_nephi(
         history = [] if global_loss is None else [global_loss]
     else:
         with memory_guard("NePhi registration"):
-            fix_t = torch.as_tensor(normalize_intensity(pair.fixed), device=device)[None, None]
-            mov_t = torch.as_tensor(normalize_intensity(moving_on_fixed), device=device)[None, None]
+            fix_t = torch.as_tensor(fixed_cmp, device=device)[None, None]
+            mov_t = torch.as_tensor(moving_cmp, device=device)[None, None]
+            del fixed_cmp, moving_cmp
             fmask = _mask_tensor(pair.fixed_mask, device)
             mmask = _mask_tensor(moving_mask, device) if offset is None else None
 
@@ -507,7 +536,7 @@ def register_nephi(
                     moving,
                     shapes,
                     coarse_iterations,
-                    coarse_reg_weight,
+                    reg_used,
                     similarity,
                     lambda loss: report(coarse_label, loss, None),
                     fixed_mask=fmask,
@@ -654,6 +683,10 @@ def register_nephi(
     metrics.update(similarity_report(pair.fixed, pair.moving, warped, overlap))
     if contrast_score is not None:
         metrics["contrast_nonlinearity"] = round(contrast_score, 4)
+    if noise_sigmas is not None:  # estimated noise (fixed, moving; intensities in [0, 1])
+        metrics["noise_sigma"] = [round(float(x), 5) for x in noise_sigmas]
+    if noise_ran:
+        metrics["coarse_reg_weight_used"] = round(reg_used, 6)
     if similarity != "ncc":  # judge the run by what it optimised (NCC is in the report already)
         metrics.update(optimised_similarity(similarity, pair.fixed, user_on_fixed, warped, overlap))
     metrics.update(regularity_report(transform, fshape, pair.fixed_mask))
@@ -676,6 +709,8 @@ def register_nephi(
         "coarse_finer_level": coarse_finer_level,
         "coarse_flat_fill": bool(coarse_flat_fill),
         "coarse_flat_noisy": bool(coarse_flat_noisy),
+        # whether the noise adaptation ran ("auto" records its outcome; metrics["noise_sigma"])
+        "noise_adapt": noise_ran,
         "contrast_match": contrast_mapped,  # whether the deformable stages saw the moving image mapped
         # the mode that ran (True: learned with the velocity, "once": estimated once, also as the
         # outcome of "auto", whose gate measure is metrics["coarse_blur_gate_detj_rms"]), False if none

@@ -1,0 +1,128 @@
+"""Noise adaptation of the deformable stages (engine option ``noise_adapt``, session 20).
+
+On noisy pairs the coarse stage fits the noise: with independent Gaussian noise of 0.05 (intensities in
+[0, 1]) on both images, a pure shift left a field whose Jacobian determinant ranged 0.74-1.27 and small
+smooth deformations ended worse than not registering them (benchmarks/nephi_large.py, 256 px). Two
+causes: the similarity's gradient carries the noise of both images, which the finest knots follow; and
+warping interpolates the moving image's noise, keeping a share of its variance that depends on each
+sampling point's sub-voxel position (bicubic: all of it at a voxel centre, about half per axis half-way
+between two), so NCC rises where the map puts points half-way between voxels, a bias towards
+half-voxel shifts that a smoothness penalty does not hold (a uniform offset has no bending energy).
+
+What adapts, from each image's estimated noise (:func:`estimate_noise`, intensities normalised to
+[0, 1] as the engine compares them):
+
+* both images are compared after a Wiener filter (:func:`wiener_filter`): per spatial frequency band
+  the signal's power over signal plus noise, so bands the noise dominates are removed (they carry the
+  bias above and nothing of the motion) and bands of texture above the noise are kept;
+* the coarse stage's bending weight grows with the noise variance (:func:`regularizer_weight`): the
+  similarity's information about the motion falls as the noise rises, the prior's does not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: ``noise_adapt="auto"`` adapts where the estimated noise (standard deviation, intensities in
+#: [0, 1]) of either image is at least this. The benchmark's clean images read 0.0000-0.0015 (camera,
+#: retina, gravel with a flat disc, cell) and 0.015 (scikit-image's IHC photograph, whose own noise
+#: this is); with added noise of 0.01, 0.02, 0.05 they read 0.009-0.011, 0.018-0.026, 0.044-0.056.
+NOISE_MIN = 0.005
+
+#: The coarse stage's bending weight is ``coarse_reg_weight * max(1, (sigma / NOISE_REF) ** 2)``.
+NOISE_REF = 0.015
+
+#: Side of the blocks (pixels) whose noise :func:`estimate_noise` estimates, and the percentile of
+#: the block estimates it returns.
+BLOCK = 32
+PERCENTILE = 10.0
+
+
+def _second_difference_product(image: np.ndarray) -> np.ndarray:
+    """Immerkaer's operator: the product over axes of second differences (``[1, -2, 1]``), on the
+    interior (each axis 2 shorter). It cancels signals linear along any axis; on white noise of
+    variance ``v`` its output has variance ``6^d v``."""
+    x = np.asarray(image, np.float32)
+    for axis in range(x.ndim):
+        n = x.shape[axis]
+        x = x.take(range(0, n - 2), axis) - 2 * x.take(range(1, n - 1), axis) + x.take(range(2, n), axis)
+    return x
+
+
+def estimate_noise(image: np.ndarray, block: int = BLOCK, percentile: float = PERCENTILE) -> float:
+    """Standard deviation of white noise in ``image`` (2D or 3D, in the image's intensity units).
+
+    Immerkaer's operator (:func:`_second_difference_product`) in blocks of ``block`` voxels a side
+    (smaller on images under ``4 * block`` voxels along an axis: at least 4 blocks an axis);
+    in each block its median magnitude gives a robust estimate (``0.6745`` standard deviations of
+    Gaussian noise); the image's estimate is the ``percentile`` of the blocks'. Fine texture leaks
+    through the operator (its median over the whole image reads 0.018 on scikit-image's IHC and 0.028
+    on its gravel without added noise); noise covers every block alike, texture rarely does, so a low
+    percentile reads the noise (IHC 0.015, its own noise; the gravel with a flat disc 0.000; with
+    added noise 0.05: 0.044-0.056 on the benchmark's five images at 256 px). Constant voxels count
+    (as no noise): where a constant background (saturated, padded) covers more than the percentile's
+    share of the blocks the estimate is 0 and nothing adapts, as before. An image smaller than 3
+    voxels along an axis reads 0.
+    """
+    x = np.asarray(image, np.float32)
+    d = x.ndim
+    if any(n < 3 for n in x.shape):
+        return 0.0
+    r = np.abs(_second_difference_product(x))
+    # at least 4 blocks an axis where the image is small (a single block would be the global median)
+    side = max(3, min(block, *(n // 4 for n in r.shape)))
+    counts = [max(1, n // side) for n in r.shape]
+    estimates = []
+    for index in np.ndindex(*counts):
+        sl = tuple(
+            slice(i * side, (i + 1) * side if i < c - 1 else n) for i, c, n in zip(index, counts, r.shape)
+        )
+        estimates.append(float(np.median(r[sl])))
+    if not estimates:
+        return 0.0
+    return float(np.percentile(estimates, percentile)) / (0.6745 * 6 ** (d / 2))
+
+
+def _rings(shape, bands: int) -> np.ndarray:
+    """Ring (shell) index of every frequency of ``np.fft.rfftn`` on ``shape``: ``bands`` rings up to
+    the Nyquist frequency along an axis (more towards the corners)."""
+    freqs = [np.fft.fftfreq(n) for n in shape[:-1]] + [np.fft.rfftfreq(shape[-1])]
+    radius = np.sqrt(sum(f**2 for f in np.meshgrid(*freqs, indexing="ij", sparse=True)))
+    return np.minimum((radius * (2 * bands)).astype(np.int64), int(bands * np.sqrt(len(shape))) + 1)
+
+
+def wiener_filter(images: list[np.ndarray], sigmas: list[float], bands: int = 64) -> list[np.ndarray]:
+    """``images`` (float, 2D or 3D, one shape) filtered by one radial Wiener filter for white noise
+    of standard deviations ``sigmas``: the power spectrum averaged over the images and over rings
+    (shells) of spatial frequency, ``bands`` of them up to the Nyquist frequency, gives the signal's
+    power ``S = max(P - N, 0)`` per ring (``N`` the mean noise variance), and each ring of every image
+    is multiplied by ``S / (S + N)``. One filter for both images of a pair, so neither ends up
+    blurrier than the other (the matched blur would take that for resampling blur). Means are kept.
+    With no noise the images are returned unchanged (float32 copies)."""
+    xs = [np.asarray(x, np.float32) for x in images]
+    noise = float(np.mean(np.square(sigmas)))
+    if noise <= 0:
+        return [x.copy() for x in xs]
+    ring = _rings(xs[0].shape, bands)
+    n_rings = int(ring.max()) + 1
+    count = np.maximum(np.bincount(ring.ravel(), None, n_rings), 1)
+    means, spectra, mean_power = [], [], np.zeros(n_rings)
+    for x in xs:
+        means.append(float(x.mean()))
+        spectrum = np.fft.rfftn(x - means[-1])
+        power = (spectrum.real**2 + spectrum.imag**2) / x.size
+        mean_power += np.bincount(ring.ravel(), power.ravel(), n_rings) / count / len(xs)
+        spectra.append(spectrum)
+    signal = np.maximum(mean_power - noise, 0.0)
+    gain = signal / (signal + noise)
+    gain[0] = 1.0  # the lowest ring holds the mean (removed above) and the slowest variations
+    return [
+        (np.fft.irfftn(spectrum * gain[ring], s=x.shape) + m).astype(np.float32)
+        for x, m, spectrum in zip(xs, means, spectra)
+    ]
+
+
+def regularizer_weight(weight: float, sigma: float) -> float:
+    """The coarse stage's bending weight for noise of standard deviation ``sigma``: ``weight`` up to
+    :data:`NOISE_REF`, then growing with the noise variance."""
+    return float(weight) * max(1.0, (float(sigma) / NOISE_REF) ** 2)

@@ -1,0 +1,108 @@
+"""Noise adaptation of the deformable stages (``noise_adapt``, engines/nephi/noise.py, session 20)."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage import data, transform
+
+import napari_nephi as nn
+from napari_nephi.core.errors import InputError
+from napari_nephi.core.jacobian import jacobian_determinant
+from napari_nephi.engines.nephi.noise import NOISE_MIN, estimate_noise, regularizer_weight, wiener_filter
+
+from .test_nephi_flat_fill import noisy_disc_pair
+
+
+def _unit(name: str, n: int) -> np.ndarray:
+    img = getattr(data, name)().astype(np.float64)
+    img = transform.resize(img, (n, n), anti_aliasing=True)
+    return ((img - img.min()) / (img.max() - img.min())).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["camera", "coins", "text", "brick"])
+def test_noise_estimate_recovers_a_known_sigma(name):
+    """scikit-image images at 256 px in [0, 1] with white Gaussian noise: the estimate is within 20 %
+    of the noise added, summed with the image's own (which it reads below ``NOISE_MIN``:
+    0.0008-0.0030; their texture reads up to 0.03 to Immerkaer's operator over the whole image).
+    Measured: 0.0473-0.0490 for 0.05, 0.0198-0.0214 for 0.02, 0.0100-0.0120 for 0.01."""
+    img = _unit(name, 256)
+    rng = np.random.default_rng(0)
+    own = estimate_noise(img)
+    assert own < NOISE_MIN
+    for sigma in (0.01, 0.02, 0.05):
+        est = estimate_noise(img + sigma * rng.standard_normal(img.shape))
+        assert abs(est - np.hypot(sigma, own)) < 0.2 * sigma, (sigma, est)
+
+
+def test_wiener_filter_keeps_a_clean_image_and_removes_noise():
+    img = _unit("camera", 128)
+    rng = np.random.default_rng(1)
+    noisy = [img + 0.05 * rng.standard_normal(img.shape).astype(np.float32) for _ in range(2)]
+    out = wiener_filter(noisy, [0.05, 0.05])
+    for a, b in zip(noisy, out):
+        # closer to the clean image (RMS difference measured 0.050 -> 0.034)
+        assert np.sqrt(((b - img) ** 2).mean()) < 0.75 * np.sqrt(((a - img) ** 2).mean())
+        assert abs(float(b.mean()) - float(a.mean())) < 1e-4
+    assert np.array_equal(wiener_filter([img], [0.0])[0], img)
+    assert regularizer_weight(0.1, 0.0) == 0.1
+    assert regularizer_weight(0.1, 0.045) == pytest.approx(0.9)
+
+
+def test_a_noisy_pure_shift_gives_a_near_constant_field():
+    """The camera at 128 px shifted by (1.875, -1) px, independent noise 0.05 on both images: the
+    field (global map and deformable stages) stays near the constant shift 8 px inside the border.
+    Measured: det J 0.888-1.139, EPE 0.316 px with ``noise_adapt="auto"``; 0.767-1.206 and 0.447 px
+    without (the code before session 20). Not yet the issue's 1 +- 0.05 (docs/nephi.md); another
+    shift, (2.3, 1.6), reads 0.871-1.141 against 0.791-1.201 but its EPE rises, 0.234 -> 0.308."""
+    img = _unit("camera", 128)
+    shift = (1.875, -1.0)
+    moving = ndimage.shift(img, shift, order=1, mode="nearest").astype(np.float32)  # moving(x + s) = img(x)
+    rng = np.random.default_rng(1)
+    f, m = ((a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32) for a in (img, moving))
+    reg = nn.register(f, m, method="nephi", device="cpu")
+    assert reg.settings["noise_adapt"] is True
+    assert all(abs(s - 0.05) < 0.0075 for s in reg.metrics["noise_sigma"]), reg.metrics["noise_sigma"]
+    assert reg.metrics["coarse_reg_weight_used"] > reg.settings["coarse_reg_weight"] == 0.1
+    u = reg.transform.displacement()
+    inner = (slice(8, -8),) * 2
+    det = jacobian_determinant(u)[inner]
+    epe = np.sqrt(((u - np.array(shift)[:, None, None]) ** 2).sum(0))[inner].mean()
+    assert 0.85 < det.min() and det.max() < 1.16, (det.min(), det.max())
+    assert epe < 0.36, epe
+
+
+def test_a_noisy_flat_disc_moves_with_its_surroundings_by_default():
+    """Gravel at 160 px with a flat disc, a random smooth field of 2 % of the size, independent noise
+    0.05 on both images, default options (coarse stage only): inside the disc (3 px from its edge)
+    the error is 1.179 px with the noise adaptation and 1.902 px without it (no registration: 1.056;
+    nothing of the noisy images is flat, so the fill does not run: the regulariser carries the rim's
+    motion in); over the image 0.240 against 0.338. Field seed 4: 1.283 against 1.318; 1 % (seed 3):
+    0.880 against 1.480 (no registration 0.516)."""
+    f, m, u, inner = noisy_disc_pair(160, 0.05)
+    reg = nn.register(f, m, method="nephi", device="cpu", iterations=0)
+    err = np.sqrt(((reg.transform.displacement() - u) ** 2).sum(0))
+    assert reg.settings["noise_adapt"] is True
+    assert reg.metrics["folds"] == 0
+    assert err[inner].mean() < 1.35, err[inner].mean()
+    assert err.mean() < 0.29, err.mean()
+
+
+def test_noise_adapt_off_and_clean_images_run_as_before(small_pair):
+    fixed, moving = small_pair
+    runs = {
+        na: nn.register(fixed, moving, method="nephi", device="cpu", iterations=5, noise_adapt=na)
+        for na in ("auto", False)
+    }
+    # a clean pair: "auto" measures, does not adapt, and gives the result of False bit for bit
+    assert runs["auto"].settings["noise_adapt"] is False
+    assert max(runs["auto"].metrics["noise_sigma"]) < NOISE_MIN
+    assert "noise_sigma" not in runs[False].metrics
+    np.testing.assert_array_equal(runs["auto"].transform.displacement(), runs[False].transform.displacement())
+    forced = nn.register(fixed, moving, method="nephi", device="cpu", iterations=5, noise_adapt=True)
+    assert forced.settings["noise_adapt"] is True
+
+
+def test_bad_noise_adapt_is_refused(small_pair):
+    fixed, moving = small_pair
+    with pytest.raises(InputError, match="noise_adapt must be 'auto', True or False"):
+        nn.register(fixed, moving, method="nephi", device="cpu", noise_adapt="yes")
