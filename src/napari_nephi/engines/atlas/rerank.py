@@ -57,9 +57,9 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   2.122); at the true tilt, rotation and scale, 6 of them score below the wrong winner (the
   similarity prefers the wrong place: no search finds them) and 2 above (the sweep passed the
   truth: search misses). Widened where weak (43 of 960): 2.122 -> 1.993 (7 better, 4 worse);
-  query seeds 45-47 (9 of 180 widened): 2.661 -> 2.156 (1 better); about 2.4x the CPU of a lookup
-  where it runs, +5-7 % on average, the median unchanged. ``RerankResult.widened`` / ``widen_kept``
-  record what ran.
+  query seeds 45-47 (9 of 180 widened): 2.661 -> 2.156 (1 better); fresh seeds 53-55 (7 of 180):
+  2.111 -> 2.061 (2 better, 1 worse). About 2.4x the CPU of a lookup where it runs, +3-7 % on
+  average, the median unchanged. ``RerankResult.widened`` / ``widen_kept`` record what ran.
 * **Cost.** Untilted cuts of stage 1 depend only on the plate and on plate pixels per canvas
   pixel, which come from a fixed geometric grid: they are cached across sections
   (:data:`.pose_grid.CUT_CACHE_BYTES`). Stage 2 centres its cuts on the stage-1 pose and searches
