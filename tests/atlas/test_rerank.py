@@ -345,6 +345,17 @@ def test_a_list_of_plates_is_searched_without_tilt(toy_reference):
     assert abs(best.scale / 1.3 - 1.0) < SCALE_TOLERANCE
 
 
+def test_cheap_presets_never_widen_whatever_the_defaults(monkeypatch):
+    from napari_nephi.engines.atlas import rerank
+
+    monkeypatch.setitem(rerank.DEFAULTS, "widen_score", 0.3)  # as in 8faaf97-9c83a6e
+    monkeypatch.setitem(rerank.DEFAULTS, "widen_gap", 6)
+    assert check_rerank_options({})["widen_score"] == 0.3
+    for preset in (SEEDED, FAST):  # their costs and ranks were measured without the second pass
+        opts = check_rerank_options(preset)
+        assert opts["widen_score"] is None and opts["widen_gap"] is None
+
+
 def test_widening_on_a_list_of_plates(toy_reference):
     reference, _ = toy_reference
     plates = [reference[i] for i in range(0, reference.shape[0], 2)]  # 20 plates, no volume

@@ -154,7 +154,17 @@ DEFAULTS = {
 #: at 115-126 ms; with a perfect signal of when the first stage is within 2 plates (seeded then, the
 #: defaults otherwise) the mean cost would still be ~300 ms: no adaptive use of it reaches 50 ms.
 #: Session 13's cheaper correlations: 67-69 ms (7.08 / 5.70 on seeds 0 / 1 from the interleaved order).
-SEEDED = {"sweep_step": 0, "shortlist": 1, "neighbours": 2, "hypotheses": 1, "anchors": 1, "z_scan": 0}
+#: It never widens (its premise is a first stage within about 2 plates).
+SEEDED = {
+    "sweep_step": 0,
+    "shortlist": 1,
+    "neighbours": 2,
+    "hypotheses": 1,
+    "anchors": 1,
+    "z_scan": 0,
+    "widen_score": None,
+    "widen_gap": None,
+}
 #: Options of a search about half as costly as :data:`DEFAULTS`' that ranks worse (opt-in, for
 #: many sections where speed matters more): a smaller stage 1 (the embedding's 6 best plates and 2
 #: neighbours each side, every 12th plate) and stage 2 (2 hypotheses, 1 anchor, 1 pose scanned along
@@ -164,7 +174,17 @@ SEEDED = {"sweep_step": 0, "shortlist": 1, "neighbours": 2, "hypotheses": 1, "an
 #: 1.935 -> 1.844, but Top-5 92.3 -> 89.8 %), 1.592 -> 1.725 and Top-5 94.2 -> 92.9 % on query seeds
 #: 40-43, 1.55 -> 2.42 and Top-5 92.8 -> 89.7 % on the lead's held-out seeds 34-39. About 0.1-0.9 of
 #: mean rank and 1-3 points of Top-5 for half the CPU.
-FAST = {"shortlist": 6, "neighbours": 2, "sweep_step": 12, "hypotheses": 2, "anchors": 1, "z_scan_poses": 1}
+#: Measured without the widening, which it leaves off.
+FAST = {
+    "shortlist": 6,
+    "neighbours": 2,
+    "sweep_step": 12,
+    "hypotheses": 2,
+    "anchors": 1,
+    "z_scan_poses": 1,
+    "widen_score": None,
+    "widen_gap": None,
+}
 #: Scales searched, as factors of the tissue-extent guess: a cut shortens the extents (the true
 #: scale is then larger than the guess); a whole section matches it within a specimen's variation.
 MIN_SCALE_FACTOR = 0.88
