@@ -356,7 +356,7 @@ class PoseSearch:
             refine.poses, options["widen_score"]
         )
         kept = False
-        if widened:  # the best pose lies far from every plate the first stage put first: search all
+        if widened:  # the search failed (no pose above widen_score, or far from the shortlist)
             before = len(refine.poses)
             pairs_done += self._widen(coarse, coarse_atlas, mask, zs, first, hyps, refine, scanned, options)
             # the second pass's poses count only where one ranks before the first pass's best: a
