@@ -114,11 +114,12 @@ def test_trend_test_tells_a_drift_from_scatter_and_wander():
         drift = np.array([0.3, -0.1]) * k
         assert trend_test(wander + drift + rng.normal(0, 1.0, (160, 2)), use)["p"] < AUTO_P, seed
         found += trend_test(scatter + drift, use)["p"] < AUTO_P
-    # the power under 20 px of scatter (likelihood-ratio test, session 20): 4 of these 10 stacks
-    # (0.32 px per section), 67 % of 200 at 0.35 (the variogram test of session 19: 76 %)
-    assert found >= 3
-    # a walk's line is harder to tell from a trend; detrending it takes out part of an error, not
-    # a true placement
+    assert found >= 5  # the power under 20 px of scatter: about 2 in 3 at 0.35 px per section
+    # a walk's line is harder to tell from a trend (measured: 1.3 % of 400 walks; here seed 7),
+    # and detrending it takes out part of an error, not a true placement. Scatter and a walk
+    # together are detrended more often (3.5 px + 0.3 px per section: 24 %, review 1 of session 19);
+    # a bound on the wander that fixed it missed a drifting, distorted stack, and so did requiring
+    # session 20's likelihood test too (docs/mito.md)
     assert wandered <= 1
     # sections left out (identity fallbacks) do not count
     far = scatter.copy()
@@ -127,27 +128,42 @@ def test_trend_test_tells_a_drift_from_scatter_and_wander():
     assert trend_test(far, use)["p"] > AUTO_P
 
 
-def test_scatter_with_a_wander_is_not_taken_for_a_drift():
+def test_the_likelihood_test_sees_a_wander_under_scatter():
     """Sections that scatter (3.5 px) and wander (a walk of 0.3 px per section), no drift: the
-    variogram fit of lags 1-16 (session 19's test alone) put the walk at 0 under the scatter and
-    took 10 of these 30 stacks for a drift (review 1 of session 19: 24-26 %); the likelihood of
-    the steps sees the walk at long lags, and a trend must pass both. A drift of 0.3 px per
-    section on the same stacks is still found."""
+    variogram fit of lags 1-16 (the decision of drift_correction="auto") puts the walk near 0 and
+    takes 10 of these 30 stacks for a drift; the likelihood of the steps sees the walk at long
+    lags (0 of 30) and is reported beside it. A drift of 0.3 px per section is found by both."""
     use = np.ones(160, bool)
     k = np.arange(160)[:, None]
-    detrended = found = 0
+    by_likelihood = by_variogram = found = 0
     for seed in range(30):
         rng = np.random.default_rng(100 + seed)
         p = rng.normal(0, 3.5, (160, 2)) + np.cumsum(rng.normal(0, 0.3, (160, 2)), axis=0)
-        test = trend_test(p, use)
-        detrended += test["p"] < AUTO_P
-        assert test["q"] == min(test["q_variogram"], test["q_likelihood"])
-        # the variogram puts the walk near 0 under the scatter; the likelihood sees it (0.3 px)
-        assert likelihood_test(p, use)["wander"] > 0.1, seed
+        test, lik = trend_test(p, use), likelihood_test(p, use)
+        assert test["q_likelihood"] == lik["q"] and test["q"] == test["q_variogram"]
+        by_likelihood += lik["p"] < AUTO_P
+        by_variogram += test["p"] < AUTO_P
+        assert lik["wander"] > 0.1, seed  # the walk is seen (0.3 px)
         if seed < 10:
-            found += trend_test(p + np.array([0.18, -0.24]) * k, use)["p"] < AUTO_P
-    assert detrended <= 1
+            drifting = p + np.array([0.18, -0.24]) * k
+            found += trend_test(drifting, use)["p"] < AUTO_P and likelihood_test(drifting, use)["p"] < AUTO_P
+    assert by_likelihood <= 1
+    assert by_variogram >= 5  # measured 10: the decision's known false rate here (docs/mito.md)
     assert found == 10
+
+
+def test_a_position_that_is_not_finite_does_not_count():
+    """A section placed at NaN (a failed fit) is left out of the test instead of stopping it."""
+    rng = np.random.default_rng(4)
+    p = rng.normal(0, 1.0, (40, 2)) + np.array([0.3, 0.1]) * np.arange(40)[:, None]
+    use = np.ones(40, bool)
+    with_nan = p.copy()
+    with_nan[12] = np.nan
+    left_out = use.copy()
+    left_out[12] = False
+    a, b = trend_test(with_nan, use), trend_test(p, left_out)
+    assert a["p"] < AUTO_P and a["sections"] == 39
+    assert a["q"] == pytest.approx(b["q"]) and a["q_likelihood"] == pytest.approx(b["q_likelihood"])
 
 
 def test_steps_across_left_out_sections_count_their_gap():
