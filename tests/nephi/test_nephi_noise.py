@@ -106,3 +106,16 @@ def test_bad_noise_adapt_is_refused(small_pair):
     fixed, moving = small_pair
     with pytest.raises(InputError, match="noise_adapt must be 'auto', True or False"):
         nn.register(fixed, moving, method="nephi", device="cpu", noise_adapt="yes")
+
+
+def test_explicit_noise_adapt_where_it_cannot_run_is_refused(small_pair, shapes_volume_pair):
+    """``noise_adapt=True`` runs on 2D images in optimize mode only (review 1, B2); "auto" skips
+    the rest silently and records ``settings["noise_adapt"] = False``."""
+    fixed, moving = small_pair
+    with pytest.raises(InputError, match="in mode='predict'"):
+        nn.register(fixed, moving, method="nephi", device="cpu", mode="predict", noise_adapt=True)
+    vol_f, vol_m = shapes_volume_pair[:2]
+    with pytest.raises(InputError, match="on 3D images"):
+        nn.register(vol_f, vol_m, method="nephi", device="cpu", iterations=1, noise_adapt=True)
+    reg = nn.register(vol_f, vol_m, method="nephi", device="cpu", iterations=1, levels=1)
+    assert reg.settings["noise_adapt"] is False and "noise_sigma" not in reg.metrics

@@ -356,6 +356,19 @@ def register_nephi(
     fshape = pair.fixed.shape
     nvox = math.prod(fshape)
     use_chunks = mode == "optimize" and (bool(chunked) or (chunked is None and nvox > max_voxels))
+    noise_supported = d == 2 and mode == "optimize" and not use_chunks
+    if noise_adapt is True and not noise_supported:
+        raise InputError(
+            "noise_adapt=True runs on 2D images in mode='optimize' only, not "
+            + (
+                f"on {d}D images"
+                if d != 2
+                else f"in mode={mode!r}"
+                if mode != "optimize"
+                else "in chunked mode"
+            )
+            + "; use noise_adapt='auto' (which does not run there) or False."
+        )
     plan = None
     if use_chunks:
         plan = chunking.plan_chunks(fshape, max_voxels, chunk_size, chunk_overlap, global_factor)
@@ -471,7 +484,7 @@ def register_nephi(
     noise_ran = False
     if not use_chunks:
         fixed_cmp, moving_cmp = normalize_intensity(pair.fixed), normalize_intensity(moving_on_fixed)
-    if noise_adapt and d == 2 and mode == "optimize" and not use_chunks:
+    if noise_adapt and noise_supported:
         noise_sigmas = [noise.estimate_noise(fixed_cmp), noise.estimate_noise(moving_cmp)]
         noise_ran = noise_adapt is True or max(noise_sigmas) >= noise.NOISE_MIN
     reg_used = coarse_reg_weight
