@@ -46,6 +46,8 @@ def test_wiener_filter_keeps_a_clean_image_and_removes_noise():
     assert np.array_equal(wiener_filter([img], [0.0])[0], img)
     assert regularizer_weight(0.1, 0.0) == 0.1
     assert regularizer_weight(0.1, 0.045) == pytest.approx(0.9)
+    # no cap on the growth (a cap of 16 lost at noise 0.08-0.1, session 20): sigma 0.09 -> 36 times
+    assert regularizer_weight(0.1, 0.09) == pytest.approx(3.6)
 
 
 def test_a_noisy_pure_shift_gives_a_near_constant_field():
