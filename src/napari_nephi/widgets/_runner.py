@@ -48,7 +48,12 @@ class RegistrationRunner(QObject):
                 return
             try:
                 emit(event)
-            except RuntimeError:  # this runner is gone (its viewer was closed): stop the run
+            except (
+                RuntimeError,
+                AttributeError,
+            ):  # this runner is gone (its viewer was closed): stop the run
+                # (PyQt6 raises RuntimeError for a deleted object, or AttributeError naming the signal's
+                # "(PyQt_PyObject)" signature when the deletion races the emit)
                 cancel.set()
 
         def job():
