@@ -325,15 +325,7 @@ class PoseSearch:
         zs = _around(shortlist, options["neighbours"], self.n)
         if options["sweep_step"] > 0:  # a sweep of the whole atlas: where the embedding is wrong
             zs = sorted(set(zs) | set(range(options["sweep_step"] // 2, self.n, options["sweep_step"])))
-        pairs = stage1_pairs(
-            coarse,
-            coarse_atlas,
-            mask,
-            zs,
-            options["scale_step"],
-            options["max_rotation"],
-            options["rotation_step"],
-        )
+        pairs = _stage1(coarse, coarse_atlas, mask, zs, options)
         _check(progress)
         first = coarse.score(pairs, self.n, best_per_cut_z=True)  # hypotheses need no more
         # stage 2 starts from stage 1's shifts: its cuts are centred there and searched nearby
@@ -342,11 +334,7 @@ class PoseSearch:
         refine = _Refine(self.atlas(options["work_size"]), fine, options, progress)
         hyps = _anchored(first, _distinct(first, options["hypotheses"]), shortlist[: options["anchors"]])
         bests = [refine.untilted(hyp) for hyp in hyps]
-        margin = options["tilt_margin"]
-        top = max((b.score for b in bests), default=0.0)
-        for best in bests:
-            if margin is None or best.score >= top - margin:
-                refine.tilted(best)
+        _tilt_near_top(refine, bests, options["tilt_margin"], max((b.score for b in bests), default=0.0))
         scanned = _distinct(refine.poses, options["z_scan_poses"]) if options["z_scan"] > 0 else []
         for start in scanned:
             refine.z_scan(start, options["z_scan"])
@@ -379,25 +367,12 @@ class PoseSearch:
         apart from the first pass's scans. Returns stage 1's pair count (stage 2's are in ``refine``)."""
         searched = set(zs)
         rest = [z for z in range(self.n) if z not in searched]
-        more = []
-        if rest:
-            more = stage1_pairs(
-                coarse,
-                coarse_atlas,
-                mask,
-                rest,
-                options["scale_step"],
-                options["max_rotation"],
-                options["rotation_step"],
-            )
+        more = _stage1(coarse, coarse_atlas, mask, rest, options) if rest else []
         _check(refine.progress)
         found = coarse.score(more, self.n, best_per_cut_z=True)
         new = _distinct([p for p in first + found if _apart(p, hyps)], options["hypotheses"])
-        margin = options["tilt_margin"]
         top = max((p.score for p in refine.poses), default=0.0)
-        for best in [refine.untilted(h) for h in new]:
-            if margin is None or best.score >= top - margin:
-                refine.tilted(best)
+        _tilt_near_top(refine, [refine.untilted(h) for h in new], options["tilt_margin"], top)
         if options["z_scan"] > 0:
             for start in _distinct(refine.poses, options["z_scan_poses"]):
                 if _apart(start, scanned):
@@ -565,13 +540,34 @@ def _distinct(poses: list[Pose], count: int, gap: float = HYPOTHESIS_GAP) -> lis
     for p in sorted(poses, key=lambda q: -q.score):
         if len(chosen) >= count:
             break
-        if all(abs(p.z - c.z) >= gap for c in chosen):
+        if _apart(p, chosen, gap):
             chosen.append(p)
     return chosen
 
 
 def _apart(pose: Pose, others: list[Pose], gap: float = HYPOTHESIS_GAP) -> bool:
     return all(abs(pose.z - o.z) >= gap for o in others)
+
+
+def _stage1(coarse, coarse_atlas, mask, zs: list[int], options: dict) -> list:
+    """Stage 1's pairs on plates ``zs`` with the scale and rotation grid of ``options``."""
+    return stage1_pairs(
+        coarse,
+        coarse_atlas,
+        mask,
+        zs,
+        options["scale_step"],
+        options["max_rotation"],
+        options["rotation_step"],
+    )
+
+
+def _tilt_near_top(refine, bests: list[Pose], margin: float | None, top: float) -> None:
+    """Tilt-search each of ``bests`` (untilted stage-2 poses) scoring within ``margin`` of ``top``
+    (``margin`` None: every one)."""
+    for best in bests:
+        if margin is None or best.score >= top - margin:
+            refine.tilted(best)
 
 
 def _value(poses: list[Pose], prior: np.ndarray) -> float:
