@@ -61,6 +61,14 @@ def _integrate_xy(v: torch.Tensor, steps: int) -> torch.Tensor:
     return u
 
 
+def velocity_maps(v: torch.Tensor, affine: torch.Tensor | None = None, steps: int = 6) -> DenseMaps:
+    """The maps of a stationary velocity ``v`` ``(1, D, *S)`` (normalised, components in grid_sample's
+    order, as the coarse stage holds it): ``exp(v)`` and ``exp(-v)`` by ``steps`` squarings, then
+    ``affine``."""
+    with torch.no_grad():
+        return DenseMaps(_integrate_xy(v, steps).flip(1), _integrate_xy(-v, steps).flip(1), affine)
+
+
 def apply_affine(points: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """``A p + t`` for points ``(..., D)`` and a homogeneous ``(D+1, D+1)`` matrix (same axis order)."""
     d = points.shape[-1]
@@ -397,6 +405,8 @@ def optimize_velocity(
     flat_noisy: bool = False,
     on_level=None,
     frame_mask: bool = True,
+    max_levels: int | None = None,
+    gates: list | None = None,
 ) -> DenseMaps:
     """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
 
@@ -448,6 +458,13 @@ def optimize_velocity(
     related by a shift or rotation, whose resampling blur is one blur over the image. Where the map
     varies by more, the blur varies with its sub-voxel part, and one blur for it cost accuracy even
     at its true mean (retina at 2 %, ``nephi_large.py``: 0.242 -> 0.255 px held at 1/6 voxel²).
+
+    ``max_levels`` (None: all) runs only the first that many levels of the schedule above (the finer-knot
+    level counts as one), e.g. the levels a held-out check kept (:mod:`.heldout`); the flat fill then
+    works on the last grid's resampling of their velocity. ``gates`` (None: none) holds one entry per
+    level: None (the level as above) or an array on the image grid, in [0, 1], that multiplies the
+    level's B-spline increment (resampled to its grid), e.g. where a held-out check supports it
+    (:func:`.heldout.level_gates`); a level whose gate is 0 everywhere does not run.
     """
     d = fixed.dim() - 2
     full = tuple(fixed.shape[2:])
@@ -517,6 +534,8 @@ def optimize_velocity(
     held = None  # "once": the variances estimated at the first full-grid step, and the probes there
     spread = detj_rms = None  # "auto": the coarser levels' displacement spread (voxels), det J RMS
     for k, (shape, n_steps) in enumerate(zip(shapes, steps_per)):
+        if max_levels is not None and k >= max_levels:
+            break
         cmp = fine if k >= n_last else tuple(shape)
         if blur_mode == "auto" and k == n_last:  # near-rigid after the coarser levels: estimate once
             u_c = None if v is None else _integrate_xy(v, steps)
@@ -524,6 +543,16 @@ def optimize_velocity(
             detj_rms = None if u_c is None else displacement_detj_rms(u_c, full)
             near_rigid = d == 2 and detj_rms is not None and detj_rms <= MATCH_BLUR_NEAR_RIGID
             blur_mode = "once" if near_rigid else None
+        gate = None if gates is None or k >= len(gates) or gates[k] is None else gates[k]
+        if gate is not None:
+            gate = _resample(
+                torch.as_tensor(np.asarray(gate), dtype=torch.float32, device=dev)[None, None], shape
+            )
+            if not bool((gate > 0).any()):  # kept nowhere: the level does not run
+                v = None if v is None else _resample(v, shape)
+                if on_level is not None:
+                    on_level(k, v)
+                continue
         f_l, m_l = _area(f_fine, cmp), _area(m_fine, cmp)
         warp_grid = fine if cmp == fine else comparison_shape(fine, 2**d * math.prod(shape))
         f_w, m_w = _area(f_fine, warp_grid), _area(m_fine, warp_grid)
@@ -545,7 +574,9 @@ def optimize_velocity(
             noise_f, noise_m = (torch.randn(f_w.shape, generator=gen, device=dev) for _ in range(2))
         for _ in range(n_steps):
             opt.zero_grad()
-            vk = base + bspline_on_grid(ctrl, weights)
+            vk = base + (
+                bspline_on_grid(ctrl, weights) if gate is None else gate * bspline_on_grid(ctrl, weights)
+            )
             u_f, u_b = _integrate_xy(vk, steps), _integrate_xy(-vk, steps)
             ins = [] if frame_mask else None  # frame weights of the two comparisons
             wm = _area(warp(m_w, u_f, ident, inside=ins), cmp)
@@ -597,13 +628,14 @@ def optimize_velocity(
                     blur.clamp_(-MATCH_BLUR_MAX_VARIANCE, MATCH_BLUR_MAX_VARIANCE)
             on_step(value)
         with torch.no_grad():
-            v = base + bspline_on_grid(ctrl.detach(), weights)
+            v = base + (1 if gate is None else gate) * bspline_on_grid(ctrl.detach(), weights)
         if on_level is not None:  # (level, velocity so far on its grid), e.g. for diagnostics
             on_level(k, v)
         del f_w, m_w, ident, masks_l, masks_w
     filled, fill_info = None, {}
     if flat_shares is not None and v is not None:  # where the images say nothing: a smooth extension
         with torch.no_grad():
+            v = _resample(v, shapes[-1])  # (itself, unless max_levels stopped on a coarser grid)
             ident = normalized_grid(shapes[-1], dev).flip(-1)[None]
             moved = warp(flat_shares[1], _integrate_xy(v, steps), ident, "bilinear")
             flat = ((flat_shares[0] >= FLAT_SHARE) & (moved >= FLAT_SHARE))[0, 0]
@@ -613,8 +645,7 @@ def optimize_velocity(
     del f_fine, m_fine, masks_fine
     if v is None:
         v = torch.zeros(1, d, *full, device=dev)
-    with torch.no_grad():
-        maps = DenseMaps(_integrate_xy(v, steps).flip(1), _integrate_xy(-v, steps).flip(1), affine)
+    maps = velocity_maps(v, affine, steps)
     s_end = held[0] if held is not None else blur
     maps.blur_variance = s_end.detach().cpu().numpy().copy() if blur_used and s_end is not None else None
     maps.flat_share = filled

@@ -44,7 +44,7 @@ from ...core.registration import Pair, Registration
 from ...core.transform import AffineTransform, ComposedTransform, DisplacementTransform
 from ..registry import register_engine
 from . import chunked as chunking
-from . import contrast, noise
+from . import contrast, heldout, noise
 from .bspline import intervals_for_spacing
 from .checks import check_options, check_result, check_run_memory, optimised_similarity
 from .coarse import (
@@ -56,6 +56,7 @@ from .coarse import (
     match_blur_mode,
     optimize_velocity,
     pyramid_shapes,
+    velocity_maps,
 )
 from .dense import Previewer, dense_displacement, inside_mask, inverse_consistency
 from .field import FieldConfig, NeuralDeformationField, local_grid_shape, zero_codes
@@ -170,6 +171,7 @@ def register_nephi(
     coarse_flat_fill: bool = True,
     coarse_flat_noisy: bool = False,
     noise_adapt: bool | str = "auto",
+    noise_heldout: bool | str = "auto",
     contrast_match: bool | str | None = False,
     frame_mask: bool = True,
     learning_rate: float | None = None,
@@ -247,6 +249,15 @@ def register_nephi(
     (the Triangles-and-Circles pairs: Dice lost in predict, predict+refine and optimize) and on
     binary or noisy pairs (session-19 review, R4 and R9).
 
+    ``noise_adapt`` (default ``"auto"``): where either image's estimated white noise is at least
+    :data:`.noise.NOISE_MIN` (2D ``optimize``, not chunked), both are compared after a shared Wiener
+    filter and the coarse bending weight grows with the noise variance (:mod:`.noise`); True always,
+    False never. ``noise_heldout`` (default ``"auto"``: where the noise adaptation ran; True: on any 2D
+    ``optimize`` run with a coarse stage; False: never): a first coarse stage is fitted to one half of
+    a checkerboard split of the voxels and each level is kept only where it beats the coarser map on
+    the other half by more than two standard errors of the held-out noise (:mod:`.heldout`); no level
+    kept: the global map alone. ``metrics["noise_heldout_shares"]`` records where each level was kept.
+
     ``frame_mask`` (default True): in the coarse stage and the neural field's instance optimisation a
     voxel counts in the similarity only if the map takes it inside the other image's frame (outside,
     the images are sampled at their edge values, which are no data; a border a shift pushed out
@@ -288,6 +299,10 @@ def register_nephi(
         noise_adapt = "auto"
     if not any(noise_adapt is m or (isinstance(m, str) and noise_adapt == m) for m in NOISE_ADAPT_MODES):
         raise InputError(f"noise_adapt must be 'auto', True or False, not {noise_adapt!r}.")
+    if noise_heldout is None:
+        noise_heldout = "auto"
+    if not any(noise_heldout is m or (isinstance(m, str) and noise_heldout == m) for m in NOISE_ADAPT_MODES):
+        raise InputError(f"noise_heldout must be 'auto', True or False, not {noise_heldout!r}.")
     if mode not in MODES:
         raise InputError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
     if coarse_flat_noisy and not coarse_flat_fill:  # the blurred test only chooses what the fill fills
@@ -368,6 +383,12 @@ def register_nephi(
                 else "in chunked mode"
             )
             + "; use noise_adapt='auto' (which does not run there) or False."
+        )
+    if noise_heldout is True and not (noise_supported and levels > 1 and coarse_iterations > 0):
+        raise InputError(
+            "noise_heldout=True checks the coarse stage's levels on 2D images in mode='optimize' (not "
+            "chunked) with a coarse stage (levels > 1, coarse_iterations > 0); use noise_heldout='auto' "
+            "(which does not run elsewhere) or False."
         )
     plan = None
     if use_chunks:
@@ -487,6 +508,19 @@ def register_nephi(
     if noise_adapt and noise_supported:
         noise_sigmas = [noise.estimate_noise(fixed_cmp), noise.estimate_noise(moving_cmp)]
         noise_ran = noise_adapt is True or max(noise_sigmas) >= noise.NOISE_MIN
+    # held-out check of the coarse levels (heldout.py): where the noise adaptation ran ("auto") or asked
+    # for; a first coarse stage on one half of a checkerboard split, scored on the other
+    heldout_ran = (
+        not predicting
+        and noise_supported
+        and bool(shapes)
+        and coarse_iterations > 0
+        and (noise_heldout is True or (noise_heldout == "auto" and noise_ran))
+    )
+    raw_cmp = (fixed_cmp, moving_cmp) if heldout_ran else None
+    heldout_check, heldout_shares, coarse_kept = None, None, len(coarse_spacings)
+    if heldout_ran:
+        total += coarse_steps
     reg_used = coarse_reg_weight
     if noise_ran:
         fixed_cmp, moving_cmp = noise.wiener_filter([fixed_cmp, moving_cmp], noise_sigmas)
@@ -542,16 +576,10 @@ def register_nephi(
             fmask = _mask_tensor(pair.fixed_mask, device)
             mmask = _mask_tensor(moving_mask, device) if offset is None else None
 
-            def coarse_stage(moving, moving_mask, **kw) -> DenseMaps:
-                """The B-spline coarse stage of ``fix_t`` against ``moving`` (its progress steps)."""
-                maps = optimize_velocity(
-                    fix_t,
-                    moving,
-                    shapes,
-                    coarse_iterations,
-                    reg_used,
-                    similarity,
-                    lambda loss: report(coarse_label, loss, None),
+            def coarse_stage(moving, moving_mask, fixed=None, label=coarse_label, **kw) -> DenseMaps:
+                """The B-spline coarse stage of ``fixed`` (default ``fix_t``) against ``moving`` (its
+                progress steps); ``kw`` adds or overrides options of ``optimize_velocity``."""
+                options = dict(
                     fixed_mask=fmask,
                     moving_mask=moving_mask,
                     finer_level=coarse_finer_level,
@@ -559,14 +587,66 @@ def register_nephi(
                     flat_fill=coarse_flat_fill,
                     flat_noisy=coarse_flat_noisy,
                     frame_mask=settings_opt.frame_mask,
-                    **kw,
                 )
+                options.update(kw)
+                maps = optimize_velocity(
+                    fix_t if fixed is None else fixed,
+                    moving,
+                    shapes,
+                    coarse_iterations,
+                    reg_used,
+                    similarity,
+                    lambda loss: report(label, loss, None),
+                    **options,
+                )
+                if fixed is not None:  # not the registration's own coarse stage (the held-out check)
+                    return maps
                 coarse_info["blur_variance"] = maps.blur_variance
                 coarse_info["blur_gate_spread"] = maps.blur_gate_spread
                 coarse_info["blur_gate_detj_rms"] = maps.blur_gate_detj_rms
                 coarse_info["flat_share"] = maps.flat_share
                 coarse_info["flat_fill_info"] = maps.flat_fill_info
                 return maps
+
+            def heldout_levels():
+                """The held-out check (heldout.py): the comparison of the global map and each coarse level
+                fitted to one half of the voxels, on the other half (None: too few voxels held out), and
+                each level's gate (:func:`.heldout.level_gates`)."""
+                keep = heldout.split_mask(fshape)
+                fit = [heldout.fill_from(x, keep) for x in raw_cmp]
+                if noise_ran:
+                    fit = noise.wiener_filter(fit, noise_sigmas)
+                velocities: list[torch.Tensor] = []
+                coarse_stage(
+                    torch.as_tensor(fit[1], device=device)[None, None],
+                    mmask,
+                    fixed=torch.as_tensor(fit[0], device=device)[None, None],
+                    label="held-out check",
+                    flat_fill=False,
+                    flat_noisy=False,
+                    affine=affine_n,
+                    on_level=lambda _k, v: velocities.append(v),
+                )
+                del fit
+                zero = torch.zeros(1, d, *[2] * d, device=device)
+                candidates = [DenseMaps(zero, zero, affine_n)] + [
+                    velocity_maps(v, affine_n) for v in velocities
+                ]
+                raw = [torch.as_tensor(x, device=device)[None, None] for x in raw_cmp]
+                sigmas = noise_sigmas or [noise.estimate_noise(x) for x in raw_cmp]
+                check = heldout.heldout_scores(
+                    *raw,
+                    fix_t,
+                    mov_t,
+                    sigmas,
+                    candidates,
+                    torch.as_tensor(~keep, device=device),
+                    fmask,
+                    mmask,
+                )
+                if check is None:
+                    return None, [None] * len(velocities)
+                return check, heldout.level_gates(check, coarse_spacings)[0]
 
             coarse: DenseMaps | None = None
             if predicting:
@@ -594,9 +674,19 @@ def register_nephi(
                 else:  # predict+refine without a coarse stage: refine the predicted codes
                     cfg, field = work.cfg, work.field
             else:
-                if shapes and coarse_iterations > 0:
-                    coarse = coarse_stage(mov_t, mmask, affine=affine_n)
-                elif affine_n is not None:  # no coarse stage: the global map alone comes first
+                gates = None
+                if heldout_ran:
+                    heldout_check, gates = heldout_levels()
+                    raw_cmp = None
+                    # levels up to the last one kept anywhere; a share of 1 where kept everywhere
+                    heldout_shares = [1.0 if g is None else float(np.mean(g)) for g in gates]
+                    coarse_kept = max((k + 1 for k, sh in enumerate(heldout_shares) if sh > 0), default=0)
+                    if coarse_kept == 0:  # no deformation supported at any knot spacing: none finer either
+                        refine = 0
+                if shapes and coarse_iterations > 0 and coarse_kept > 0:
+                    kept = coarse_kept if coarse_kept < len(coarse_spacings) else None
+                    coarse = coarse_stage(mov_t, mmask, affine=affine_n, max_levels=kept, gates=gates)
+                elif affine_n is not None or heldout_ran:  # no coarse stage: the global map alone first
                     zero = torch.zeros(1, d, *[2] * d, device=device)
                     coarse = DenseMaps(zero, zero, affine_n)
                 field = NeuralDeformationField(cfg).to(device)
@@ -640,9 +730,9 @@ def register_nephi(
     warped = transform.warp(pair.moving, output_shape=fshape, device=device)
     metrics = {
         "iterations": refine,
-        "coarse_iterations": coarse_steps,
+        "coarse_iterations": sum(level_iterations(coarse_iterations, len(shapes), finer)[:coarse_kept]),
         "levels": len(shapes) + 1,
-        "coarse_levels": len(coarse_spacings) if coarse_steps > 0 else 0,
+        "coarse_levels": min(coarse_kept, len(coarse_spacings)) if coarse_steps > 0 else 0,
         "final_loss": history[-1] if history else None,
         "seconds_optimisation": seconds_opt,
         "sample_points": settings_opt.sample_points,
@@ -700,6 +790,15 @@ def register_nephi(
         metrics["noise_sigma"] = [round(float(x), 5) for x in noise_sigmas]
     if noise_ran:
         metrics["coarse_reg_weight_used"] = round(reg_used, 6)
+    if heldout_check is not None:  # held-out NCC of the global map and of each coarse level's fit
+        metrics["noise_heldout_scores"] = [round(float(x), 6) for x in heldout_check.scores]
+        # standard error of each level's score minus the previous level's
+        metrics["noise_heldout_se"] = [
+            float(f"{heldout_check.se[k, k - 1]:.3g}") for k in range(1, len(heldout_check.scores))
+        ]
+    if heldout_shares is not None:  # share of the image where each coarse level was kept; levels run
+        metrics["noise_heldout_shares"] = [round(x, 4) for x in heldout_shares]
+        metrics["noise_heldout_levels"] = coarse_kept
     if similarity != "ncc":  # judge the run by what it optimised (NCC is in the report already)
         metrics.update(optimised_similarity(similarity, pair.fixed, user_on_fixed, warped, overlap))
     metrics.update(regularity_report(transform, fshape, pair.fixed_mask))
@@ -724,6 +823,8 @@ def register_nephi(
         "coarse_flat_noisy": bool(coarse_flat_noisy),
         # whether the noise adaptation ran ("auto" records its outcome; metrics["noise_sigma"])
         "noise_adapt": noise_ran,
+        # whether the held-out check of the coarse levels ran (metrics["noise_heldout_levels"]: kept)
+        "noise_heldout": heldout_ran,
         "contrast_match": contrast_mapped,  # whether the deformable stages saw the moving image mapped
         # the mode that ran (True: learned with the velocity, "once": estimated once, also as the
         # outcome of "auto", whose gate measure is metrics["coarse_blur_gate_detj_rms"]), False if none
