@@ -121,3 +121,24 @@ def test_explicit_noise_adapt_where_it_cannot_run_is_refused(small_pair, shapes_
         nn.register(vol_f, vol_m, method="nephi", device="cpu", iterations=1, noise_adapt=True)
     reg = nn.register(vol_f, vol_m, method="nephi", device="cpu", iterations=1, levels=1)
     assert reg.settings["noise_adapt"] is False and "noise_sigma" not in reg.metrics
+
+
+def test_the_shared_immerkaer_operator_cancels_ramps_and_scales_white_noise_by_six_per_axis():
+    """``noise.second_difference_product`` (used by ``estimate_noise`` and the matched blur's
+    ``noise_variance``, session 21): zero on a plane and on a bilinear ramp, variance ``36 v`` on white
+    noise of variance ``v`` in 2D (``216 v`` in 3D), within 5 %."""
+    import torch
+
+    from napari_nephi.engines.nephi.matchblur import noise_variance
+    from napari_nephi.engines.nephi.noise import second_difference_product
+
+    y, x = np.mgrid[:40, :50].astype(np.float32)
+    ramp = torch.as_tensor(0.01 * x + 0.02 * y + 1e-4 * x * y)[None, None]
+    assert float(second_difference_product(ramp).abs().max()) < 1e-5
+    rng = np.random.default_rng(2)
+    for shape, factor in (((256, 256), 36), ((48, 48, 48), 216)):
+        white = torch.as_tensor(rng.standard_normal(shape).astype(np.float32))[None, None]
+        out = second_difference_product(white)
+        assert out.shape[2:] == tuple(n - 2 for n in shape)
+        assert float(out.var()) == pytest.approx(factor, rel=0.05)
+        assert noise_variance(0.1 * white) == pytest.approx(0.01, rel=0.05)

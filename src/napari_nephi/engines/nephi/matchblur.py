@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.similarity import EPS, lncc_map
+from .noise import second_difference_product
 
 
 def _second_difference(t: torch.Tensor, axis: int) -> torch.Tensor:
@@ -61,11 +62,7 @@ def noise_variance(t: torch.Tensor) -> float:
         return 0.0
     pool = F.max_pool2d if d == 2 else F.max_pool3d
     varying = (pool(x, 3, stride=1) + pool(-x, 3, stride=1)) > 0  # max - min over each 3^d block
-    k = torch.tensor([1.0, -2.0, 1.0], device=x.device)
-    for i in range(d):
-        shape = [1, 1] + [3 if j == i else 1 for j in range(d)]
-        x = (F.conv2d if d == 2 else F.conv3d)(x, k.reshape(shape))
-    r = x.abs()[varying]
+    r = second_difference_product(x).abs()[varying]
     if r.numel() == 0:
         return 0.0
     sigma = float(r.median()) / (0.6745 * 6 ** (d / 2))
