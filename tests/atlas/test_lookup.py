@@ -314,11 +314,11 @@ def test_lookup_with_rerank_ranks_every_plate_by_the_pose_search(trained_lookup,
     # distance of every plate: 1 - best (pose score - prior of its plate - penalty * plates between)
     from napari_nephi.engines.atlas.rerank import DEFAULTS, _prior
 
-    penalty = DEFAULTS["plate_penalty"]
+    penalty, reach = DEFAULTS["plate_penalty"], DEFAULTS["penalty_reach"]
     prior = DEFAULTS["prior_weight"] * _prior(trained_lookup._search_order(section), trained_lookup.n_plates)
 
     def value(pose, plate):
-        return pose.score - prior[pose.plate] - penalty * abs(plate - pose.z)
+        return pose.score - prior[pose.plate] - penalty * min(abs(plate - pose.z), reach)
 
     poses = list(result.poses.values())  # the best pose of each plate reached
     for plate, d in ranking:

@@ -236,6 +236,41 @@ def test_prior_weight_pulls_the_ranking_to_the_first_stage(search, toy_reference
     assert abs(pulled.ranking[0][0] - favoured) <= PLATE_TOLERANCE  # plate 20 loses 0.5 (half-way to median)
 
 
+def _pose(z: float, score: float):
+    from napari_nephi.engines.atlas.pose_grid import Pose
+
+    return Pose(score, z, round(z), (0.0, 0.0), 0.0, 1.0, (0.0, 0.0))
+
+
+def test_penalty_reach_leaves_plates_far_from_every_pose_in_the_first_stage_order():
+    from napari_nephi.engines.atlas.rerank import DEFAULTS, _rank
+
+    n, penalty = 100, DEFAULTS["plate_penalty"]
+    poses = [_pose(10, 0.5), _pose(40, 0.49)]
+    order = [(p, 0.0) for p in [90, 70, *[q for q in range(n) if q not in (90, 70)]]]  # 90 first, then 70
+    # plates whose pose value beats the best pose less the whole penalty (6 plates): 5-15 and 37-43
+    near = {*range(5, 16), *range(37, 44)}
+    capped = [p for p, _ in _rank(poses, order, penalty, 0, n, reach=6).ranking]
+    assert set(capped[: len(near)]) == near and capped[0] == 10
+    assert capped[len(near) : len(near) + 2] == [90, 70]  # then the first stage's order
+    dist = dict(_rank(poses, order, penalty, 0, n, reach=6).ranking)
+    assert dist[90] == pytest.approx(1 - (0.5 - 6 * penalty)) and dist[70] == dist[90]
+    # unbounded (before session 21): the farther from the best pose, the later
+    free = [p for p, _ in _rank(poses, order, penalty, 0, n, reach=None).ranking]
+    assert free.index(70) < free.index(90) and free.index(90) > 80
+
+
+def test_penalty_reach_is_a_default_of_the_search(search, toy_reference):
+    reference, _ = toy_reference
+    section = section_from_atlas(reference, 12.0)
+    order = [(p, 0.0) for p in range(search.n)]
+    opts = {"shortlist": 2, "neighbours": 1, "sweep_step": 0, "hypotheses": 1, "anchors": 1, "z_scan": 0}
+    res = search.search(section, order, check_rerank_options(opts))
+    far = [p for p, _ in res.ranking if min(abs(p - q.z) for q in res.poses.values()) > 6]
+    assert far and far == sorted(far)  # the first stage's order (here: plate order)
+    assert len({round(d, 9) for p, d in res.ranking if p in far}) == 1
+
+
 def test_seeded_search_is_local_and_finds_the_plate(search, toy_reference):
     reference, _ = toy_reference
     plate, seed_plate = 24, 22  # the first stage two plates off
@@ -301,6 +336,9 @@ def test_inverted_contrast_scores_the_same_plate_best(search, toy_reference):
         ({"widen_gap": -1}, "widen_gap"),
         ({"widen_gap": 2.5}, "widen_gap"),
         ({"widen_score": 2.0}, "widen_score"),
+        ({"penalty_reach": -1}, "penalty_reach"),
+        ({"outside_weight": 1.5}, "outside_weight"),
+        ({"penalty_reach": 2.5}, "penalty_reach"),
         ("fast", "rerank_options must be a dict"),
     ],
 )
@@ -372,7 +410,7 @@ def test_widening_on_a_list_of_plates(toy_reference):
     assert all(p.tilt == (0.0, 0.0) for p in wide.poses.values())
 
 
-def _brute_scores(a_re, a_im, a_mask, b_re, b_im, b_mask, reach):
+def _brute_scores(a_re, a_im, a_mask, b_re, b_im, b_mask, reach, ring=None, outside=0.0):
     """The correlator's score at every shift within ``reach``, computed pixel by pixel in numpy."""
     ea, na = float((a_re**2 + a_im**2).sum()), float(a_mask.sum())
     h, w = a_re.shape
@@ -389,22 +427,39 @@ def _brute_scores(a_re, a_im, a_mask, b_re, b_im, b_mask, reach):
             share = overlap / na
             if share >= 0.5:
                 out[(dy, dx)] = num / np.sqrt(ea * max(energy, 1e-3 * ea) + 1e-12) * min(share, 1.0)
+                if ring is not None:  # times 1 - outside * (share of the band on the slice's tissue)
+                    on = sum(
+                        b_mask[y + dy, x + dx]
+                        for y, x in zip(*np.nonzero(ring), strict=True)
+                        if 0 <= y + dy < h and 0 <= x + dx < w
+                    )
+                    out[(dy, dx)] *= 1.0 - outside * min(on / ring.sum(), 1.0)
     return out
+
+
+def _random_pair(seed, n, a_box, b_box, pattern, shift):
+    """Random fields on a section box and a slice box (``(y0, y1, x0, x1)``); the section's field
+    in ``pattern`` is added to the slice's, 3 times as strong, ``shift`` pixels away."""
+    rng = np.random.default_rng(seed)
+    a_mask, b_mask = np.zeros((n, n), bool), np.zeros((n, n), bool)
+    a_mask[a_box[0] : a_box[1], a_box[2] : a_box[3]] = True
+    b_mask[b_box[0] : b_box[1], b_box[2] : b_box[3]] = True
+    a_re, a_im = (np.where(a_mask, rng.normal(size=(n, n)), 0).astype(np.float32) for _ in range(2))
+    b_re, b_im = (np.where(b_mask, rng.normal(size=(n, n)), 0).astype(np.float32) for _ in range(2))
+    y0, y1, x0, x1 = pattern
+    b_re[y0 + shift[0] : y1 + shift[0], x0 + shift[1] : x1 + shift[1]] += 3 * a_re[y0:y1, x0:x1]
+    return a_re, a_im, a_mask, b_re, b_im, b_mask
 
 
 @pytest.mark.parametrize("reach", [3, None])
 def test_correlator_scores_match_a_pixel_by_pixel_computation(reach):
     from napari_nephi.engines.atlas.pose_grid import Correlator
 
-    rng = np.random.default_rng(4)
     n = 12
-    a_mask = np.zeros((n, n), bool)
-    a_mask[3:9, 2:8] = True
-    b_mask = np.zeros((n, n), bool)
-    b_mask[4:10, 4:10] = True
-    a_re, a_im = (np.where(a_mask, rng.normal(size=(n, n)), 0).astype(np.float32) for _ in range(2))
-    b_re, b_im = (np.where(b_mask, rng.normal(size=(n, n)), 0).astype(np.float32) for _ in range(2))
-    b_re[5:9, 5:9] += 3 * a_re[3:7, 2:6]  # the section's pattern placed at shift (2, 3)
+    # the section's pattern placed at shift (2, 3)
+    a_re, a_im, a_mask, b_re, b_im, b_mask = _random_pair(
+        4, n, (3, 9, 2, 8), (4, 10, 4, 10), (3, 7, 2, 6), (2, 3)
+    )
     corr = Correlator((n, n), reach)
     fa, ea, na = corr.section(a_re, a_im, a_mask.astype(np.float32))
     value, index = corr.best(
@@ -415,6 +470,75 @@ def test_correlator_scores_match_a_pixel_by_pixel_computation(reach):
     assert shift == (2, 3)
     assert tuple(corr.shift(int(index[0, 0]))) == shift
     assert float(value[0, 0]) == pytest.approx(brute[shift], rel=1e-4)
+
+
+@pytest.mark.parametrize("reach", [3, None])
+def test_outside_band_scores_match_a_pixel_by_pixel_computation(reach):
+    from napari_nephi.engines.atlas.pose_grid import Correlator, outside_band
+
+    n = 14
+    # the section's pattern placed at shift (2, 2)
+    a_re, a_im, a_mask, b_re, b_im, b_mask = _random_pair(
+        5, n, (4, 9, 3, 9), (3, 13, 4, 12), (4, 9, 3, 9), (2, 2)
+    )
+    ring = outside_band(a_mask, 1)
+    assert ring.sum() == 2 * 6 + 2 * 5 and not (ring > 0)[a_mask].any()  # 1 pixel around, corners cut
+    corr = Correlator((n, n), reach)
+    fa, ea, na = corr.section(a_re, a_im, a_mask.astype(np.float32), ring)
+    value, index = corr.best(
+        fa[None],
+        torch.tensor([ea]),
+        torch.tensor([na]),
+        corr.slice(b_re, b_im, b_mask)[None],
+        torch.tensor([float(ring.sum())]),
+        0.3,
+    )
+    top = (n + 1) // 2 if reach is None else reach
+    brute = _brute_scores(a_re, a_im, a_mask, b_re, b_im, b_mask, top, ring, 0.3)
+    shift = max(brute, key=brute.get)
+    assert tuple(corr.shift(int(index[0, 0]))) == shift
+    assert float(value[0, 0]) == pytest.approx(brute[shift], rel=1e-4)
+    plain = _brute_scores(a_re, a_im, a_mask, b_re, b_im, b_mask, top)
+    assert brute[shift] < plain[shift]  # the band lies partly on the slice's tissue there
+
+
+def test_outside_band_closes_tears_and_holes():
+    from napari_nephi.engines.atlas.pose_grid import outside_band
+
+    mask = np.zeros((40, 40), bool)
+    mask[10:30, 8:32] = True
+    mask[18:21, 8:24] = False  # a tear 3 pixels wide from the left edge
+    mask[24:26, 26:28] = False  # a hole
+    band = outside_band(mask, 3) > 0
+    assert not band[18:21, 10:24].any() and not band[24:26, 26:28].any()  # not the outside
+    assert band[7, 20] and band[20, 33] and band[31, 20] and band[20, 6]  # 1-3 pixels outside each side
+    assert not band[3, 20] and not band[20, 36]  # beyond the band's width
+
+
+def test_the_outside_band_prefers_a_plate_whose_tissue_ends_at_the_section_s_outline():
+    """The same inner pattern on two slices: one whose tissue ends where the section's does, one whose
+    tissue goes on all around it (a small plate enlarged under a whole section). Equal scores without
+    ``outside``; with it, the first wins by the share of the band lying on the second's tissue."""
+    from napari_nephi.engines.atlas.pose_grid import Correlator, outside_band
+
+    rng = np.random.default_rng(6)
+    n = 32
+    a_mask = np.zeros((n, n), bool)
+    a_mask[8:24, 6:26] = True
+    a_re, a_im = (np.where(a_mask, rng.normal(size=(n, n)), 0).astype(np.float32) for _ in range(2))
+    ring = outside_band(a_mask, 2)
+    corr = Correlator((n, n), 4)
+    fa, ea, na = corr.section(a_re, a_im, a_mask.astype(np.float32), ring)
+    snug = corr.slice(a_re, a_im, a_mask)
+    wide_mask = np.zeros((n, n), bool)
+    wide_mask[2:30, 1:31] = True
+    wide = corr.slice(a_re, a_im, wide_mask)
+    args = (fa[None], torch.tensor([ea]), torch.tensor([na]), torch.stack([snug, wide]))
+    plain, _ = corr.best(*args)
+    cued, _ = corr.best(*args, torch.tensor([float(ring.sum())]), 0.3)
+    assert float(plain[0, 0]) == pytest.approx(float(plain[1, 0]), rel=1e-5)
+    assert float(cued[0, 0]) == pytest.approx(float(plain[0, 0]), rel=1e-5)  # nothing outside on tissue
+    assert float(cued[1, 0]) == pytest.approx(0.7 * float(plain[1, 0]), rel=1e-4)  # all of it
 
 
 @pytest.mark.parametrize("reach", [4, None])

@@ -9,7 +9,9 @@ Distances are Euclidean between L2-normalised embeddings (0 to 2), best (smalles
 over several framings of it (:mod:`.framing`).
 With ``rerank=True`` the embedding's shortlist is re-ranked by a pose search of the section in the
 atlas (:mod:`.rerank`); the distance is then ``1 - similarity`` of the best pose near the plate,
-less ``plate_penalty`` per plate between the pose's plate and it (0: a perfect match, 1: none).
+less ``plate_penalty`` per plate between the pose's plate and it, up to ``penalty_reach`` plates
+(0: a perfect match, 1: none); plates farther than that from every good pose tie and keep the first
+stage's order.
 """
 
 from __future__ import annotations

@@ -85,6 +85,14 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   87.1 %); chosen among 0.005, 0.02 and 0.03 on those, then checked on 120 fresh sections (seeds 2 / 3:
   1.75 / 1.73 against 2.12 / 1.80). It moves the top plate only between poses within half a
   penalty of each other (Top-1 38.8 against 39.6 % on the 240, 45.8 against 45.0 % on the 120).
+  ``penalty_reach`` (6 plates, session 21; None before): the penalty stops growing there, so a plate
+  farther than that from every pose that scores within ``plate_penalty * penalty_reach`` of the best
+  ranks by the first stage's order, not by how far it lies from the (often wrong) best pose: the
+  search compares plates only within about ``z_scan`` of its poses, and beyond that it knows nothing
+  about a plate. The first 6 places never change (the best pose's plate and the 5 next to it on
+  either side score above the bound), so Top-1/3/5 are as before; only sections whose truth lies far
+  from every good pose move: 960 development sections 2.122 -> 1.932 (12 better, 4 worse), fresh query
+  seeds in docs/atlas.md ("Ranking beyond the search's reach, session 21").
 """
 
 from __future__ import annotations
@@ -119,6 +127,9 @@ DEFAULTS = {
     "scale_step": 1.1,  # ratio of neighbouring scales of stage 1 (stage 2 halves it)
     "hypotheses": 4,  # distinct stage-1 poses refined in stage 2
     "plate_penalty": 0.005,  # score lost per plate between a plate and a pose's plate (module docstring)
+    # ... up to this many plates (None: no bound, before session 21): beyond it a plate's distance from
+    # a pose no longer counts, so plates far from every good pose keep the first stage's order
+    "penalty_reach": 6,
     "tilt_search": "joint",  # stage 2: every pitch x yaw, then finer; "sequential": pitch, then yaw
     "anchors": 2,  # the first stage's best plates that always get a stage-2 hypothesis
     # score lost by a pose whose plate the first stage ranks far (0: none; the safe setting where the
@@ -140,6 +151,9 @@ DEFAULTS = {
     # ... or when the best pose lies more than this many plates from every shortlisted plate
     # (None: never, the default: 6 tied on fresh sections for more CPU)
     "widen_gap": None,
+    # a pose's score times 1 - this much of the share of the band just outside the section's tissue
+    # that lies on the atlas's tissue (pose_grid.OUTSIDE_RING; 0: none)
+    "outside_weight": 0.0,
 }
 #: Options of a seeded search, for a first stage whose best plate lies within about 2 plates of the
 #: truth: no sweep of the atlas, its best plate and 2 neighbours each side in stage 1, one
@@ -227,6 +241,8 @@ def check_rerank_options(options: dict | None) -> dict:
     out["scale_step"] = check_float("scale_step", out["scale_step"], 1.01, 2.0)
     out["hypotheses"] = check_int("hypotheses", out["hypotheses"], 1, 50)
     out["plate_penalty"] = check_float("plate_penalty", out["plate_penalty"], 0.0, 1.0)
+    if out["penalty_reach"] is not None:
+        out["penalty_reach"] = check_int("penalty_reach", out["penalty_reach"], 0)
     out["tilt_search"] = check_choice("tilt_search", out["tilt_search"], ("sequential", "joint"))
     out["anchors"] = check_int("anchors", out["anchors"], 0, 50)
     out["prior_weight"] = check_float("prior_weight", out["prior_weight"], 0.0, 1.0)
@@ -240,6 +256,7 @@ def check_rerank_options(options: dict | None) -> dict:
         out["widen_gap"] = check_int("widen_gap", out["widen_gap"], 0)
     if out["widen_score"] is not None:
         out["widen_score"] = check_float("widen_score", out["widen_score"], -1.0, 1.0)
+    out["outside_weight"] = check_float("outside_weight", out["outside_weight"], 0.0, 1.0)
     return out
 
 
@@ -320,7 +337,9 @@ class PoseSearch:
         ``options``: :func:`check_rerank_options`'s; ``progress``: checked for cancel between steps."""
         grey, mask, zoom = self.prepare(section, SECTION_FACTOR * options["work_size"])
         coarse_atlas = self.atlas(options["coarse_size"])
-        coarse = coarse_grid(grey, mask, options["coarse_size"], options["edge_blur"])
+        coarse = coarse_grid(
+            grey, mask, options["coarse_size"], options["edge_blur"], options["outside_weight"]
+        )
         shortlist = [int(p) for p, _ in order[: options["shortlist"]]]
         zs = _around(shortlist, options["neighbours"], self.n)
         if options["sweep_step"] > 0:  # a sweep of the whole atlas: where the embedding is wrong
@@ -330,7 +349,14 @@ class PoseSearch:
         first = coarse.score(pairs, self.n, best_per_cut_z=True)  # hypotheses need no more
         # stage 2 starts from stage 1's shifts: its cuts are centred there and searched nearby
         reach = round(LOCAL_REACH * options["work_size"])
-        fine = SectionGrid(grey, mask, options["work_size"], reach=reach, blur=options["edge_blur"])
+        fine = SectionGrid(
+            grey,
+            mask,
+            options["work_size"],
+            reach=reach,
+            blur=options["edge_blur"],
+            outside=options["outside_weight"],
+        )
         refine = _Refine(self.atlas(options["work_size"]), fine, options, progress)
         hyps = _anchored(first, _distinct(first, options["hypotheses"]), shortlist[: options["anchors"]])
         bests = [refine.untilted(hyp) for hyp in hyps]
@@ -357,7 +383,15 @@ class PoseSearch:
             poses = self._region_refine(grey, mask, fine.tissue_centre, poses, options)
         for p in poses:
             p.scale *= zoom
-        result = _rank(poses, order, options["plate_penalty"], pairs_done + refine.pairs, self.n, prior)
+        result = _rank(
+            poses,
+            order,
+            options["plate_penalty"],
+            pairs_done + refine.pairs,
+            self.n,
+            prior,
+            options["penalty_reach"],
+        )
         result.widened, result.widen_kept = widened, kept
         return result
 
@@ -403,7 +437,9 @@ def stage1_pairs(
     return pairs
 
 
-def coarse_grid(grey: np.ndarray, mask: np.ndarray, coarse_size: int, blur: float = 0.0) -> SectionGrid:
+def coarse_grid(
+    grey: np.ndarray, mask: np.ndarray, coarse_size: int, blur: float = 0.0, outside: float = 0.0
+) -> SectionGrid:
     """Stage 1's grid of a section: every shift that does not wrap around is searched (27 canvas
     pixels per axis at the default ``coarse_size`` 32, a 72-pixel FFT). A partial section whose tissue
     centre lies 20-22 pixels from the plate's tissue-box centre still keeps the
@@ -411,7 +447,7 @@ def coarse_grid(grey: np.ndarray, mask: np.ndarray, coarse_size: int, blur: floa
     poses, so a shorter reach loses such poses for good. Session 13 tried 19 pixels (a 64-pixel FFT,
     ~18 % less CPU, the same ranks on the phantom benchmark's sections) and went back: that saving was
     measured on the phantom alone."""
-    return SectionGrid(grey, mask, coarse_size, blur=blur)
+    return SectionGrid(grey, mask, coarse_size, blur=blur, outside=outside)
 
 
 class _Refine:
@@ -610,10 +646,13 @@ def _prior(order, n: int) -> np.ndarray:
     return np.clip((d - low) / max(mid - low, 1e-12), 0.0, 1.0)
 
 
-def _rank(poses: list[Pose], order, penalty: float, pairs: int, n: int, prior=None) -> RerankResult:
-    """Every plate by ``1 - max over poses (score - prior[pose plate] - penalty * |z - plate|)``;
-    without any pose (nothing scored), the first stage's plates by their distance (``order`` may be
-    interleaved, not sorted), each with ``2 + distance``."""
+def _rank(
+    poses: list[Pose], order, penalty: float, pairs: int, n: int, prior=None, reach: int | None = None
+) -> RerankResult:
+    """Every plate by ``1 - max over poses (score - prior[pose plate] - penalty * min(|z - plate|,
+    reach))`` (``reach`` None: no bound), ties in ``order``'s order; without any pose (nothing
+    scored), the first stage's plates by their distance (``order`` may be interleaved, not sorted),
+    each with ``2 + distance``."""
     if not poses:
         by_distance = sorted(order, key=lambda e: float(e[1]))  # stable: ties keep their order
         return RerankResult([(int(p), 2.0 + float(d)) for p, d in by_distance], {}, pairs)
@@ -622,7 +661,10 @@ def _rank(poses: list[Pose], order, penalty: float, pairs: int, n: int, prior=No
     own = np.array([p.score for p in poses])
     if prior is not None:
         own = own - prior[np.array([p.plate for p in poses])]
-    value = own[None, :] - penalty * np.abs(plates[:, None] - z[None, :])
+    apart = np.abs(plates[:, None] - z[None, :])
+    if reach is not None:
+        apart = np.minimum(apart, reach)
+    value = own[None, :] - penalty * apart
     dist = 1.0 - value.max(axis=1)
     emb = {int(p): k for k, (p, _) in enumerate(order)}
     ranked = sorted(range(n), key=lambda p: (dist[p], emb.get(p, n)))
