@@ -394,6 +394,32 @@ def test_cheap_presets_never_widen_whatever_the_defaults(monkeypatch):
         assert opts["widen_score"] is None and opts["widen_gap"] is None
 
 
+def test_cheap_presets_leave_the_outside_band_off():
+    assert check_rerank_options({})["outside_weight"] == 0.3  # the default since session 21
+    for preset in (SEEDED, FAST):  # measured without it (a fourth correlation per pair)
+        assert check_rerank_options(preset)["outside_weight"] == 0.0
+
+
+def test_outside_band_keeps_a_whole_section_at_its_plate_and_costs_a_half_section_its_cut_edge(
+    search, toy_reference
+):
+    """A whole section's band lies off the atlas's tissue at its true pose (its score barely drops);
+    a half section's cut edge has the plate's other half beyond it, so its true pose loses score."""
+    reference, _ = toy_reference
+    plate = 20
+    order = [(plate, 0.0)] + [(p, 1.0) for p in range(search.n) if p != plate]
+    opts = {"shortlist": 1, "neighbours": 2, "sweep_step": 0, "hypotheses": 1, "anchors": 1, "z_scan": 0}
+    losses = []
+    for crop in ((0, 0, 0, 0), (0, 0, 0, 0.5)):  # whole; the right half cut away
+        section = section_from_atlas(reference, float(plate), crop=crop)
+        plain = search.search(section, order, check_rerank_options({**opts, "outside_weight": 0.0}))
+        band = search.search(section, order, check_rerank_options({**opts, "outside_weight": 0.3}))
+        assert abs(band.ranking[0][0] - plate) <= PLATE_TOLERANCE
+        best = max(p.score for p in plain.poses.values())
+        losses.append(1 - max(p.score for p in band.poses.values()) / best)
+    assert 0 <= losses[0] < 0.05 < losses[1] < 0.3, losses
+
+
 def test_widening_on_a_list_of_plates(toy_reference):
     reference, _ = toy_reference
     plates = [reference[i] for i in range(0, reference.shape[0], 2)]  # 20 plates, no volume

@@ -47,6 +47,16 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   of seeds 2 and 3: one pose, 6 plates 2.15 / 1.58 (3 plates 2.18 / 1.60, 9 plates 2.16 / 1.54);
   3 poses 2.06 / 1.58. On six fresh query seeds (7-12, 360 sections) it ties: 3.35 -> 3.33, for
   about 10 % more CPU. Measured on the phantom alone.
+* **Outside band** (session 21, ``outside_weight`` 0.3; 0 before). A pose's score is multiplied by
+  ``1 - outside_weight * share``, ``share`` the part of a band just outside the section's tissue
+  (:data:`.pose_grid.OUTSIDE_RING` of its extent wide, tears and holes closed) that lies on the atlas's
+  tissue: the similarity counts only the section's tissue, so a small plate enlarged under a whole
+  section (its tissue going on around the section) cost nothing; 4 of the 6 development similarity
+  misses of session 20 were that. A cut edge of a partial section has atlas tissue beyond it too,
+  so partial sections can lose. Both stages, a fourth correlation per pair (~17 % more CPU). 1,500
+  sections (development and query seeds 45-47 / 53-58), with ``penalty_reach``: mean rank 1.955 ->
+  1.708, Top-1/3/5/10 46.2 / 83.0 / 91.9 / 96.4 -> 46.7 / 85.5 / 93.9 / 97.5 % (319 better, 284 worse;
+  docs/atlas.md, "The band outside the section").
 * **Widening** (session 20, opt-in). ``widen_score``: where no pose of the search scores above it,
   a second pass scores stage 1 on every plate it skipped and refines the ``hypotheses`` best
   distinct stage-1 poses away from the first pass's hypotheses (tilts, scan along the plate axis).
@@ -152,8 +162,9 @@ DEFAULTS = {
     # (None: never, the default: 6 tied on fresh sections for more CPU)
     "widen_gap": None,
     # a pose's score times 1 - this much of the share of the band just outside the section's tissue
-    # that lies on the atlas's tissue (pose_grid.OUTSIDE_RING; 0: none)
-    "outside_weight": 0.0,
+    # that lies on the atlas's tissue (pose_grid.OUTSIDE_RING; 0: none, before session 21; module
+    # docstring, "Outside band")
+    "outside_weight": 0.3,
 }
 #: Options of a seeded search, for a first stage whose best plate lies within about 2 plates of the
 #: truth: no sweep of the atlas, its best plate and 2 neighbours each side in stage 1, one
@@ -168,7 +179,8 @@ DEFAULTS = {
 #: at 115-126 ms; with a perfect signal of when the first stage is within 2 plates (seeded then, the
 #: defaults otherwise) the mean cost would still be ~300 ms: no adaptive use of it reaches 50 ms.
 #: Session 13's cheaper correlations: 67-69 ms (7.08 / 5.70 on seeds 0 / 1 from the interleaved order).
-#: It never widens (its premise is a first stage within about 2 plates).
+#: It never widens (its premise is a first stage within about 2 plates) and leaves the outside band
+#: (session 21) off: measured without it, which costs about 17 % more CPU.
 SEEDED = {
     "sweep_step": 0,
     "shortlist": 1,
@@ -178,6 +190,7 @@ SEEDED = {
     "z_scan": 0,
     "widen_score": None,
     "widen_gap": None,
+    "outside_weight": 0.0,
 }
 #: Options of a search about half as costly as :data:`DEFAULTS`' that ranks worse (opt-in, for
 #: many sections where speed matters more): a smaller stage 1 (the embedding's 6 best plates and 2
@@ -188,7 +201,7 @@ SEEDED = {
 #: 1.935 -> 1.844, but Top-5 92.3 -> 89.8 %), 1.592 -> 1.725 and Top-5 94.2 -> 92.9 % on query seeds
 #: 40-43, 1.55 -> 2.42 and Top-5 92.8 -> 89.7 % on the lead's held-out seeds 34-39. About 0.1-0.9 of
 #: mean rank and 1-3 points of Top-5 for half the CPU.
-#: Measured without the widening, which it leaves off.
+#: Measured without the widening and the outside band (session 21, ~17 % more CPU), which it leaves off.
 FAST = {
     "shortlist": 6,
     "neighbours": 2,
@@ -198,6 +211,7 @@ FAST = {
     "z_scan_poses": 1,
     "widen_score": None,
     "widen_gap": None,
+    "outside_weight": 0.0,
 }
 #: Scales searched, as factors of the tissue-extent guess: a cut shortens the extents (the true
 #: scale is then larger than the guess); a whole section matches it within a specimen's variation.
