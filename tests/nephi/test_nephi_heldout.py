@@ -91,7 +91,8 @@ def test_a_noisy_pure_shift_keeps_the_global_map():
 def test_a_noisy_small_field_keeps_only_what_the_held_out_half_supports():
     """The camera at 128 px under a random smooth field of at most 0.5 px (field seed 4), noise 0.05: the
     levels' increments are kept where the held-out voxels support them (the finest knots nowhere).
-    Measured: EPE 0.212 px 8 px inside the border (no registration 0.172); without the check 0.290."""
+    Measured: EPE 0.266 px 8 px inside the border (no registration 0.172); without the check 0.290 (with
+    the local test at two standard errors, bde8da4, 0.212: it lost on large fields)."""
 
     def moving_of(img):
         u, u_inv = random_smooth_displacement(img.shape, 0.5, 7.68, seed=4, return_inverse=True)
@@ -102,7 +103,7 @@ def test_a_noisy_small_field_keeps_only_what_the_held_out_half_supports():
     shares = reg.metrics["noise_heldout_shares"]
     assert len(shares) == 3 and shares[-1] < 0.05 and all(0 <= s < 1 for s in shares), shares
     u = reg.transform.displacement()
-    assert np.sqrt(((u - truth) ** 2).sum(0))[INNER].mean() < 0.25
+    assert np.sqrt(((u - truth) ** 2).sum(0))[INNER].mean() < 0.28
     assert reg.metrics["folds"] == 0
 
 

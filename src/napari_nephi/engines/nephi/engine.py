@@ -254,9 +254,10 @@ def register_nephi(
     filter and the coarse bending weight grows with the noise variance (:mod:`.noise`); True always,
     False never. ``noise_heldout`` (default ``"auto"``: where the noise adaptation ran; True: on any 2D
     ``optimize`` run with a coarse stage; False: never): a first coarse stage is fitted to one half of
-    a checkerboard split of the voxels and each level is kept only where it beats the coarser map on
-    the other half by more than two standard errors of the held-out noise (:mod:`.heldout`); no level
-    kept: the global map alone. ``metrics["noise_heldout_shares"]`` records where each level was kept.
+    a checkerboard split of the voxels and each level is kept only if it beats the coarser map on the
+    other half by more than two standard errors of the held-out noise, and then only where its gain on
+    that half is positive (:mod:`.heldout`); no level kept: the global map alone.
+    ``metrics["noise_heldout_shares"]`` records where each level was kept.
 
     ``frame_mask`` (default True): in the coarse stage and the neural field's instance optimisation a
     voxel counts in the similarity only if the map takes it inside the other image's frame (outside,
