@@ -132,3 +132,19 @@ def test_bad_noise_heldout_is_refused(small_pair, shapes_volume_pair):
     vol_f, vol_m, _ = shapes_volume_pair
     with pytest.raises(InputError, match="noise_heldout=True"):
         nn.register(vol_f, vol_m, method="nephi", device="cpu", iterations=1, noise_heldout=True)
+
+
+def test_a_check_that_cannot_judge_says_so():
+    """A fixed mask of 5 x 5 px leaves fewer than 16 held-out voxels: every level is kept, the shares are
+    None (not 1.0, which would read as "passed everywhere") and a note says why (session-21 review B4)."""
+    img = _unit("camera", 48)
+    rng = np.random.default_rng(0)
+    f = (img + 0.05 * rng.standard_normal(img.shape)).astype(np.float32)
+    m = (np.roll(img, 1, 0) + 0.05 * rng.standard_normal(img.shape)).astype(np.float32)
+    mask = np.zeros(img.shape, bool)
+    mask[20:25, 20:25] = True
+    reg = nn.register(f, m, method="nephi", device="cpu", iterations=2, fixed_mask=mask, noise_heldout=True)
+    assert reg.settings["noise_heldout"] is True
+    assert reg.metrics["noise_heldout_shares"] is None
+    assert reg.metrics["noise_heldout_levels"] == len(reg.settings["coarse_spacings"])
+    assert any("noise_heldout could not judge" in n for n in reg.metrics["notes"])

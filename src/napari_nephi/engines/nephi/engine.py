@@ -797,7 +797,14 @@ def register_nephi(
         metrics["noise_heldout_se"] = [
             float(f"{heldout_check.se[k, k - 1]:.3g}") for k in range(1, len(heldout_check.scores))
         ]
-    if heldout_shares is not None:  # share of the image where each coarse level was kept; levels run
+    if heldout_shares is not None and heldout_check is None:  # ran, but could not judge (review 1, B4)
+        metrics["noise_heldout_shares"] = None
+        metrics["noise_heldout_levels"] = coarse_kept
+        notes.append(
+            "noise_heldout could not judge the coarse levels: fewer than 16 held-out voxels lie inside "
+            "the frame (and mask) of every candidate map; all levels were kept, as with noise_heldout=False."
+        )
+    elif heldout_shares is not None:  # share of the image where each coarse level was kept; levels run
         metrics["noise_heldout_shares"] = [round(x, 4) for x in heldout_shares]
         metrics["noise_heldout_levels"] = coarse_kept
     if similarity != "ncc":  # judge the run by what it optimised (NCC is in the report already)
