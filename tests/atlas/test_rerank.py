@@ -266,7 +266,9 @@ def test_penalty_reach_is_a_default_of_the_search(search, toy_reference):
     order = [(p, 0.0) for p in range(search.n)]
     opts = {"shortlist": 2, "neighbours": 1, "sweep_step": 0, "hypotheses": 1, "anchors": 1, "z_scan": 0}
     res = search.search(section, order, check_rerank_options(opts))
-    far = [p for p, _ in res.ranking if min(abs(p - q.z) for q in res.poses.values()) > 6]
+    reach = check_rerank_options({})["penalty_reach"]
+    assert reach == 8  # the default since session 21
+    far = [p for p, _ in res.ranking if min(abs(p - q.z) for q in res.poses.values()) > reach]
     assert far and far == sorted(far)  # the first stage's order (here: plate order)
     assert len({round(d, 9) for p, d in res.ranking if p in far}) == 1
 

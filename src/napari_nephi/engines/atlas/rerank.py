@@ -95,14 +95,16 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   87.1 %); chosen among 0.005, 0.02 and 0.03 on those, then checked on 120 fresh sections (seeds 2 / 3:
   1.75 / 1.73 against 2.12 / 1.80). It moves the top plate only between poses within half a
   penalty of each other (Top-1 38.8 against 39.6 % on the 240, 45.8 against 45.0 % on the 120).
-  ``penalty_reach`` (6 plates, session 21; None before): the penalty stops growing there, so a plate
+  ``penalty_reach`` (8 plates, session 21; None before): the penalty stops growing there, so a plate
   farther than that from every pose that scores within ``plate_penalty * penalty_reach`` of the best
   ranks by the first stage's order, not by how far it lies from the (often wrong) best pose: the
-  search compares plates only within about ``z_scan`` of its poses, and beyond that it knows nothing
-  about a plate. The first 6 places never change (the best pose's plate and the 5 next to it on
-  either side score above the bound), so Top-1/3/5 are as before; only sections whose truth lies far
-  from every good pose move: 960 development sections 2.122 -> 1.932 (12 better, 4 worse), fresh query
-  seeds in docs/atlas.md ("Ranking beyond the search's reach, session 21").
+  search compares plates only near its poses (``z_scan`` 6 each side), and beyond that it knows little
+  about a plate. A fixed number of plates (it does not follow ``z_scan``). The first 8 places never
+  change (the plates within 8 of the best pose score above the bound), so Top-1/3/5 are as before;
+  only sections whose truth lies far from every good pose move. Chosen with ``outside_weight`` 0.3
+  among 4 / 6 / 8 / 10 on the development sections and query seeds 45-47 / 53-58 (1,500): 8 ranked
+  best on development (1.692 against 1.785 at 6) and 45-47 / 53-55 (1.572 against 1.706) and tied on
+  56-58 (1.300); docs/atlas.md ("Ranking beyond the search's reach, session 21").
 """
 
 from __future__ import annotations
@@ -138,8 +140,9 @@ DEFAULTS = {
     "hypotheses": 4,  # distinct stage-1 poses refined in stage 2
     "plate_penalty": 0.005,  # score lost per plate between a plate and a pose's plate (module docstring)
     # ... up to this many plates (None: no bound, before session 21): beyond it a plate's distance from
-    # a pose no longer counts, so plates far from every good pose keep the first stage's order
-    "penalty_reach": 6,
+    # a pose no longer counts, so plates far from every good pose keep the first stage's order. A fixed
+    # number of plates: it does not follow z_scan (SEEDED, whose z_scan is 0, keeps it)
+    "penalty_reach": 8,
     "tilt_search": "joint",  # stage 2: every pitch x yaw, then finer; "sequential": pitch, then yaw
     "anchors": 2,  # the first stage's best plates that always get a stage-2 hypothesis
     # score lost by a pose whose plate the first stage ranks far (0: none; the safe setting where the
