@@ -54,9 +54,9 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   section (its tissue going on around the section) cost nothing; 4 of the 6 development similarity
   misses of session 20 were that. A cut edge of a partial section has atlas tissue beyond it too,
   so partial sections can lose. Both stages, a fourth correlation per pair (~17 % more CPU). 1,500
-  sections (development and query seeds 45-47 / 53-58), with ``penalty_reach``: mean rank 1.955 ->
+  sections (development and query seeds 45-47 / 53-58), with ``penalty_reach`` 6: mean rank 1.955 ->
   1.708, Top-1/3/5/10 46.2 / 83.0 / 91.9 / 96.4 -> 46.7 / 85.5 / 93.9 / 97.5 % (319 better, 284 worse;
-  docs/atlas.md, "The band outside the section").
+  with both defaults against session 20: 2.147 -> 1.616; docs/atlas.md, "The band outside the section").
 * **Widening** (session 20, opt-in). ``widen_score``: where no pose of the search scores above it,
   a second pass scores stage 1 on every plate it skipped and refines the ``hypotheses`` best
   distinct stage-1 poses away from the first pass's hypotheses (tilts, scan along the plate axis).
