@@ -65,7 +65,8 @@ def grid_profile(search: rerank.PoseSearch, section, size: int, rot_step: float,
     o = rerank.DEFAULTS
     grey, mask, _ = search.prepare(section, rerank.SECTION_FACTOR * o["work_size"])
     atlas = search.atlas(size)
-    grid = rerank.coarse_grid(grey, mask, size, o["edge_blur"])
+    # the search's stage-1 score (the outside band since session 21; session 18's numbers were without)
+    grid = rerank.coarse_grid(grey, mask, size, o["edge_blur"], o["outside_weight"])
     # every plate, each at the scales near its own extent ratio: stage 1's pairs
     pairs = rerank.stage1_pairs(
         grid, atlas, mask, list(range(search.n)), scale_step, o["max_rotation"], rot_step
