@@ -351,3 +351,36 @@ def test_after_the_elastic_step_a_sections_position_is_its_fields_mean_not_its_c
     shift = np.array([r["drift_shift"] for r in rows])
     want = -drift[None] * (np.arange(n) - ref)[:, None]  # the content moves by the field: placed at -u
     assert np.abs(shift - want).max() < 0.15, np.abs(shift - want).max()
+
+
+def test_the_sections_level_follows_the_references_wander_not_its_scatter():
+    """Session 21 (detrend.reference_level): where the placement errors wander (a walk, no true
+    scatter) the detrended sections' mean error is ~0, where keeping the reference's trend value
+    left them at the walk's level there; where the true placements scatter (20 px) and the errors
+    barely wander, the reference keeps its place (its own 20 px from the line is real)."""
+    from napari_nephi.engines.mito.detrend import reference_level
+
+    n, ref = 120, 60
+    rng = np.random.default_rng(4)
+    k = np.arange(n)
+    drift = np.outer(k - ref, [0.3, -0.2])
+    walk = np.cumsum(rng.normal(0, 0.5, (n, 2)), axis=0)
+    walk -= walk[ref]  # the reference is placed right: errors are relative to it
+    err = walk + rng.normal(0, 0.1, (n, 2))
+    err[ref] = 0.0
+    mats = np.stack([_shifted(np.eye(3), e + d) for e, d in zip(err, drift)])
+    out, _ = detrend(mats, SHAPE, ref)
+    c = np.array([(SHAPE[0] - 1) / 2, (SHAPE[1] - 1) / 2])
+    left = section_centres(out, SHAPE) - c
+    # the committed detrend before session 21 (the line kept at its value at the reference)
+    pos = section_centres(mats, SHAPE) - c
+    fit = np.stack([np.polyval(np.polyfit(k, pos[:, a], 1), k) for a in range(2)], 1)
+    before = pos - (fit - fit[ref])
+    assert np.abs(before.mean(0)).max() > 1.0, before.mean(0)  # the walk's level at the reference
+    assert np.abs(left.mean(0)).max() < 0.5 * np.abs(before.mean(0)).max(), (left.mean(0), before.mean(0))
+    # scatter: true placements 20 px about a fixed place, errors a walk of 0.05 px per section
+    true = rng.normal(0, 20.0, (n, 2))
+    pos = true - true[ref] + np.cumsum(rng.normal(0, 0.05, (n, 2)), axis=0)
+    level = reference_level(pos - pos.mean(0), np.ones(n, bool), ref)
+    assert np.abs(level).max() < 1.0, level
+    assert np.abs(pos[ref] - pos.mean(0)).max() > 5.0  # the reference's own scatter, left alone
