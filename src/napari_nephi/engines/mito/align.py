@@ -831,7 +831,10 @@ def align_stack(
         the section centres land is taken to be organelle drift, not misalignment, and removed
         (a robust straight line over the whole stack with ``drift_window=0``, else at every
         section a local line weighted by a Gaussian of sigma ``drift_window`` sections); the
-        reference section stays in place. Skipped, with a ``metrics["notes"]`` entry, when fewer
+        sections' level goes where the reference's own level is (the wander of the placement
+        errors there, not its scatter: :func:`.detrend.reference_level`, session 21), so the
+        reference moves by that much (its row's ``drift_shift``; ~0 where the sections only
+        scatter). Skipped, with a ``metrics["notes"]`` entry, when fewer
         than 10 sections are placed by a real match. Right for serial-section TEM (sections
         placed independently), wrong for FIB-SEM / SBEM stage drift (see :mod:`.detrend`).
         With ``elastic_solver="joint"`` the trend is taken after the elastic step, of where the
