@@ -49,9 +49,11 @@ AUTO_P = 1e-3
 #: reference in the middle, from which what no pair sees (a common turn of the organelles, the
 #: pairs' wander) grows. Drift seeds 1 / 6 / 8 / 10 / 11 at 160 sections: 0.924 / 0.952 / 0.966 /
 #: 0.974 / 0.899 with reference 0, 0.958 / 0.954 / 0.964 / 0.974 / 0.953 with it; with ``elastic=True``,
-#: drift + distorted seeds 1 / 6 / 8: 0.905 / 0.943 / 0.948 -> 0.948 / 0.939 / 0.929; today's stack
-#: loses on seeds 0 and 10 (0.967 -> 0.953, 0.977 -> 0.973), hence not the default. Not for FIB-SEM
-#: or block-face SEM, whose position trend is real stage drift.
+#: drift + distorted seeds 1 / 6 / 8: 0.905 / 0.943 / 0.948 -> 0.948 / 0.939 / 0.929 (session 20;
+#: 0.951 / 0.955 / 0.952 since session 21's :func:`reference_level`; held-out seeds 17 / 18: 0.960 /
+#: 0.951, drift only 0.977 / 0.974); today's stack loses on seeds 0 and 10 (0.967 -> 0.953,
+#: 0.977 -> 0.973), hence not the default. Not for FIB-SEM or block-face SEM, whose position trend
+#: is real stage drift.
 SERIAL_SECTIONS = {"reference": "middle", "drift_correction": "auto"}
 
 #: Fewer sections placed by a real match than this: no detrending (a line through two or three
