@@ -384,3 +384,25 @@ def test_the_sections_level_follows_the_references_wander_not_its_scatter():
     level = reference_level(pos - pos.mean(0), np.ones(n, bool), ref)
     assert np.abs(level).max() < 1.0, level
     assert np.abs(pos[ref] - pos.mean(0)).max() > 5.0  # the reference's own scatter, left alone
+
+
+def test_a_long_unplaced_run_next_to_the_reference_gives_a_finite_level():
+    """Review 2 of session 21 (A2): a drift-only stack fits no scatter, so the level's weights
+    ``rho**|k - ref|`` underflowed to 0 where no placed section lies near the reference (the first
+    45 of 80 sections unplaced), and ``detrend`` returned NaN matrices without an error. The level
+    is now the nearest placed sections' where the weights vanish."""
+    from napari_nephi.engines.mito.detrend import reference_level
+
+    n, ref = 80, 0
+    k = np.arange(n)
+    use = k >= 45
+    bad = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        walk = np.cumsum(rng.normal(0, 0.5, (n, 2)), axis=0)
+        walk -= walk[ref]
+        mats = np.stack([_shifted(np.eye(3), w + 0.3 * (i - ref)) for i, w in enumerate(walk)])
+        out, shift = detrend(mats, SHAPE, ref, use)
+        level = reference_level(walk - walk[use].mean(0), use, ref)
+        bad += not (np.isfinite(out).all() and np.isfinite(shift).all() and np.isfinite(level).all())
+    assert bad == 0, f"{bad} of 20 stacks gave a non-finite detrend"

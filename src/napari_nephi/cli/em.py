@@ -81,7 +81,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--reference",
         default=None,
-        help="reference section index, or 'middle' (default 0; middle with --serial-sections)",
+        help=(
+            "reference section index, or 'middle' (default 0; middle with --serial-sections); "
+            "with a drift correction it moves by its own drift level"
+        ),
     )
     p.add_argument(
         "--serial-sections",

@@ -760,6 +760,8 @@ def align_stack(
         ``model_selection=False`` always fits ``model`` itself.
     reference
         Index of the section that stays in place (negative counts from the end), or ``"middle"``.
+        With ``drift_correction`` it moves by its own level, the wander of the placement errors
+        there (:func:`.detrend.reference_level`, session 21).
     ransac_threshold
         RANSAC reprojection threshold in pixels of the original sections.
     workers

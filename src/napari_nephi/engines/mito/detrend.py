@@ -344,7 +344,11 @@ def reference_level(residuals: np.ndarray, use: np.ndarray, ref: int) -> np.ndar
         s2, w2 = _ml_fit(np.diff(res[:, axis]), np.diff(ku), True)[1]
         r = w2 / max(s2, 1e-12)
         rho = 2.0 / (2.0 + r + np.sqrt(r * r + 4.0 * r))
-        wgt = rho ** np.abs(ku - ref)
+        # in log space, relative to the nearest placed section: ``rho**|k - ref|`` underflows to 0
+        # where rho is tiny (no scatter fitted) and no placed section lies near the reference
+        # (review 2 of session 21); the nearest placed sections alone then
+        dist = np.abs(ku - ref) - np.abs(ku - ref).min()
+        wgt = np.exp(dist * np.log(rho)) if rho > 0 else (dist == 0).astype(np.float64)
         out[axis] = float((wgt * res[:, axis]).sum() / wgt.sum())
     return out
 
