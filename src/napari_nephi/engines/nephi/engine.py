@@ -727,7 +727,7 @@ def register_nephi(
     if stage0 is not None and affine_n is None:  # phi(x) = A(x + u(x)): the field, then the map
         transform = ComposedTransform([transform, stage0.transform])
         fwd = transform.displacement(fshape)
-    # the steps the held-out check skipped (levels, or the coarse and neural stages): progress ends at its total
+    # the steps the held-out check skipped (levels, or the coarse and neural stages): progress ends at total
     if heldout_ran and counter["step"] < total:
         counter["step"] = total
         pair.progress.step(total, total, stage="nephi")
