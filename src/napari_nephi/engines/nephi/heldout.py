@@ -97,11 +97,12 @@ Z_LOCAL = 0.0
 KNOT_WIDTH = 1 / math.sqrt(3)
 
 
-def _unit(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """``x`` (float64) centred and scaled to unit norm over ``where``, 0 elsewhere."""
+def _unit_and_norm(x: torch.Tensor, where: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``x`` (float64) centred and scaled to unit norm over ``where``, 0 elsewhere, and the centred
+    norm it was divided by."""
     x = torch.where(where, x.double() - x.double()[where].mean(), 0.0)
     norm = float(x.square().sum().sqrt())
-    return x / norm if norm > 0 else x
+    return (x / norm if norm > 0 else x), norm
 
 
 class Heldout:
@@ -181,29 +182,10 @@ def heldout_scores(
         if int(inside_f.sum()) < 16 or int(inside_b.sum()) < 16:
             return None
         where = (inside_f, inside_b)
-        raw = [_unit(x[0, 0], w) for x, w in zip((fixed_raw, moving_raw), where)]
-        norms = [
-            float((x[0, 0][w].double() - x[0, 0][w].double().mean()).square().sum().sqrt())
-            for x, w in zip((fixed_raw, moving_raw), where)
-        ]
+        raw, norms = zip(*(_unit_and_norm(x[0, 0], w) for x, w in zip((fixed_raw, moving_raw), where)))
         noise = [sig / max(nrm, 1e-12) for sig, nrm in zip(sigmas, norms)]
-        units = [tuple(_unit(x, w) for x, w in zip(pair, where)) for pair in warped]
+        units = [tuple(_unit_and_norm(x, w)[0] for x, w in zip(pair, where)) for pair in warped]
         return Heldout(raw, units, noise)
-
-
-def best_levels(scores: list[float], se: np.ndarray, z: float = Z) -> tuple[int, list[float]]:
-    """Levels to keep (0: the global map alone) for ``scores`` of the global map and of each level (finer
-    in turn), and the standard error each level was judged by: a level replaces the best coarser
-    candidate where its score is higher by more than ``z`` standard errors of the difference (``se``);
-    all levels when the scores are not finite."""
-    if not all(np.isfinite(scores)):
-        return len(scores) - 1, []
-    best, used = 0, []
-    for k in range(1, len(scores)):
-        used.append(float(se[k, best]))
-        if scores[k] - scores[best] > z * se[k, best]:
-            best = k
-    return best, used
 
 
 def level_gates(
@@ -211,7 +193,8 @@ def level_gates(
 ) -> tuple[list[np.ndarray | None], list[int]]:
     """Where each coarse level is kept: ``(gates, compared)``, one entry per level (finer in turn).
 
-    A level is a candidate where it passes :func:`best_levels`'s test over the whole image; its gate
+    A level is a candidate where it beats the best coarser candidate by more than ``z`` standard errors
+    of the difference (:attr:`Heldout.se`) over the whole image; its gate
     is then 1 where its held-out gain over the best coarser candidate, summed with a Gaussian weight of
     the level's knot width (:meth:`Heldout.local_z`), exceeds ``z_local`` standard errors, 0 elsewhere,
     smoothed by the same Gaussian and at most the compared candidate's gate (a finer level only where
