@@ -71,6 +71,9 @@ BOOLS = (
     "frame_mask",
 )
 
+#: Options that are "auto", True or False.
+AUTO_BOOLS = ("contrast_match", "noise_adapt", "noise_heldout")
+
 CHOICES: dict[str, Sequence[str]] = {
     "regularizer": REGULARIZERS,
     "representation": REPRESENTATIONS,
@@ -102,8 +105,10 @@ def check_options(options: dict[str, Any]) -> None:
         ):
             modes = ", ".join(repr(m) for m in MATCH_BLUR_MODES)
             raise InputError(f"coarse_match_blur must be one of {modes}, not {value!r}.")
-        elif name == "contrast_match" and not (isinstance(value, bool) or value == "auto"):
-            raise InputError(f"contrast_match must be 'auto', True or False, not {value!r}.")
+        elif name in AUTO_BOOLS and not (
+            isinstance(value, bool) or (isinstance(value, str) and value == "auto")
+        ):
+            raise InputError(f"{name} must be 'auto', True or False, not {value!r}.")
 
 
 #: Memory a run needs beyond its inputs whatever their size (torch, the networks, buffers), bytes.

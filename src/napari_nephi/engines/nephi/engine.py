@@ -132,9 +132,6 @@ LEARNING_RATES = {"start": (2e-3, 1e-2), "refine": (5e-4, 2.5e-3)}
 #: Default bending weight of the coarse stage (``coarse_reg_weight``), before noise adaptation.
 COARSE_REG_WEIGHT = 0.1
 
-#: Values of ``noise_adapt``.
-NOISE_ADAPT_MODES = ("auto", True, False)
-
 #: Default weight of each regulariser (the similarity loss is ``1 - NCC`` in [0, 2]).
 REG_WEIGHTS = {
     "gradicon": 0.1,
@@ -298,12 +295,8 @@ def register_nephi(
     coarse_reg_weight = float(coarse_reg_weight)
     if noise_adapt is None:
         noise_adapt = "auto"
-    if not any(noise_adapt is m or (isinstance(m, str) and noise_adapt == m) for m in NOISE_ADAPT_MODES):
-        raise InputError(f"noise_adapt must be 'auto', True or False, not {noise_adapt!r}.")
     if noise_heldout is None:
         noise_heldout = "auto"
-    if not any(noise_heldout is m or (isinstance(m, str) and noise_heldout == m) for m in NOISE_ADAPT_MODES):
-        raise InputError(f"noise_heldout must be 'auto', True or False, not {noise_heldout!r}.")
     if mode not in MODES:
         raise InputError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
     if coarse_flat_noisy and not coarse_flat_fill:  # the blurred test only chooses what the fill fills
