@@ -8,7 +8,7 @@ import pytest
 from napari_nephi.core.errors import InputError
 from napari_nephi.core.transform import ElasticSectionTransform
 from napari_nephi.engines.mito import align_stack
-from napari_nephi.engines.mito.elastic import _affine_at_nodes, _affine_fit, elastic_fields
+from napari_nephi.engines.mito.elastic import _affine_at_nodes, elastic_fields, field_affine_fit
 from napari_nephi.synthetic import em_stack
 
 
@@ -240,7 +240,7 @@ def test_affine_fit_of_fields_recovers_the_affine_part():
     (median step included, review R7): the fit returns an affine field's own parameters."""
     x = np.random.default_rng(0).normal(0, 1, (3, 6)) * [0.01, 0.01, 0.01, 0.01, 1.0, 1.0]
     nodes = _affine_at_nodes(x, (300, 400), (10, 13))
-    assert np.allclose(_affine_fit(nodes, (300, 400)), x, atol=1e-6)
+    assert np.allclose(field_affine_fit(nodes, (300, 400)), x, atol=1e-6)
 
 
 def test_rois_keep_the_affine_part_on_the_landmarks(walk):

@@ -55,7 +55,7 @@ from ...core.transform import ElasticSectionTransform, PerSectionTransform
 from . import features as ft
 from .detrend import AUTO_P, check_drift_options, detrend, section_centres, trend_test, windows
 from .detrend import MIN_SECTIONS as MIN_DETREND_SECTIONS
-from .elastic import ELASTIC_SOLVERS, _affine_fit, elastic_fields, warp_elastic_section
+from .elastic import ELASTIC_SOLVERS, elastic_fields, field_affine_fit, warp_elastic_section
 from .elastic import default_solver as default_elastic_solver
 from .masks import detect_mitochondria_section, intensity_range, to_uint8, valid_region
 from .solve import DRIFT_PRIOR, GLOBAL_MODEL, Edge, check_global_options, solve_global
@@ -644,7 +644,7 @@ def _detrended_elastic(matrices, fields, shape, ref, rows, window, auto=False):
     (``q_likelihood`` 9.2 -> 31.7 on seed 8 with the middle reference, docs/mito.md)."""
     n = len(matrices)
     at = np.repeat(np.eye(3)[None], n, axis=0)
-    at[:, :2, 2] = _affine_fit(fields, shape)[:, 4:]
+    at[:, :2, 2] = field_affine_fit(fields, shape)[:, 4:]
     placed = matrices @ at
     moved, info = _detrended(placed, shape, ref, rows, window, auto)
     return np.stack([matrices[k] @ np.linalg.solve(placed[k], moved[k]) for k in range(n)]), info

@@ -167,7 +167,7 @@ def elastic_fields(
         if joint:
             # the keypoint targets less the affine part of the whole fields so far, median step included,
             # as the flows see them (review R7)
-            keyed = _pair_targets(pairs, matrices, _affine_fit(fields, (h, w)), (h, w))
+            keyed = _pair_targets(pairs, matrices, field_affine_fit(fields, (h, w)), (h, w))
             x = _joint_affine(n, flows, matrices, total, (h, w), reference, prior, keyed)
             total += x
             update += _affine_at_nodes(x, (h, w), (gh, gw))
@@ -370,7 +370,7 @@ def _affine_at_nodes(x: np.ndarray, shape, grid) -> np.ndarray:
     return np.stack(_affine_yx(x, *_node_coords(shape, grid)), -1).astype(np.float32)
 
 
-def _affine_fit(fields: np.ndarray, shape) -> np.ndarray:
+def field_affine_fit(fields: np.ndarray, shape) -> np.ndarray:
     """``(n, 6)`` least-squares affine fits (:func:`_flow_affine` parameters) of the ``fields``
     over their grid nodes."""
     n = len(fields)
