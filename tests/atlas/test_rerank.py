@@ -543,20 +543,26 @@ def test_outside_band_closes_tears_and_holes():
     assert not band[3, 20] and not band[20, 36]  # beyond the band's width
 
 
-def test_the_outside_band_prefers_a_plate_whose_tissue_ends_at_the_section_s_outline():
-    """The same inner pattern on two slices: one whose tissue ends where the section's does, one whose
-    tissue goes on all around it (a small plate enlarged under a whole section). Equal scores without
-    ``outside``; with it, the first wins by the share of the band lying on the second's tissue."""
+def box_section(seed: int, n: int, reach: int):
+    """A 16 x 20 section of random field in an ``n``-pixel canvas: its field parts, mask, the band
+    2 pixels wide outside it, a :class:`Correlator` with ``reach`` and the section's FFTs."""
     from napari_nephi.engines.atlas.pose_grid import Correlator, outside_band
 
-    rng = np.random.default_rng(6)
-    n = 32
+    rng = np.random.default_rng(seed)
     a_mask = np.zeros((n, n), bool)
     a_mask[8:24, 6:26] = True
     a_re, a_im = (np.where(a_mask, rng.normal(size=(n, n)), 0).astype(np.float32) for _ in range(2))
     ring = outside_band(a_mask, 2)
-    corr = Correlator((n, n), 4)
-    fa, ea, na = corr.section(a_re, a_im, a_mask.astype(np.float32), ring)
+    corr = Correlator((n, n), reach)
+    return a_re, a_im, a_mask, ring, corr, corr.section(a_re, a_im, a_mask.astype(np.float32), ring)
+
+
+def test_the_outside_band_prefers_a_plate_whose_tissue_ends_at_the_section_s_outline():
+    """The same inner pattern on two slices: one whose tissue ends where the section's does, one whose
+    tissue goes on all around it (a small plate enlarged under a whole section). Equal scores without
+    ``outside``; with it, the first wins by the share of the band lying on the second's tissue."""
+    n = 32
+    a_re, a_im, a_mask, ring, corr, (fa, ea, na) = box_section(6, n, 4)
     snug = corr.slice(a_re, a_im, a_mask)
     wide_mask = np.zeros((n, n), bool)
     wide_mask[2:30, 1:31] = True

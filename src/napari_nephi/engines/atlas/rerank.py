@@ -57,6 +57,13 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   sections (development and query seeds 45-47 / 53-58), with ``penalty_reach`` 6: mean rank 1.955 ->
   1.708, Top-1/3/5/10 46.2 / 83.0 / 91.9 / 96.4 -> 46.7 / 85.5 / 93.9 / 97.5 % (319 better, 284 worse;
   with both defaults against session 20: 2.147 -> 1.616; docs/atlas.md, "The band outside the section").
+  Options of session 22 (docs/atlas.md, "Cut edges and the plate next to the best pose"):
+  ``spare_cuts`` spares the band beyond straight runs of the section's outline (at least
+  :data:`.pose_grid.CUT_RUN` of its extent; a knife cut or the edge of a partial section) and, where
+  the tissue reaches the image's edge, beyond the image; ``outside_free`` lets that share of the band
+  on atlas tissue cost nothing (the cost grows to ``outside_weight`` at a share of 1);
+  ``plain_reach`` orders the plates within that many of the best pose by the similarity without
+  the band (:attr:`.pose_grid.Pose.plain`): the band picks the region, the similarity the plate.
 * **Widening** (session 20, opt-in). ``widen_score``: where no pose of the search scores above it,
   a second pass scores stage 1 on every plate it skipped and refines the ``hypotheses`` best
   distinct stage-1 poses away from the first pass's hypotheses (tilts, scan along the plate axis).
@@ -116,9 +123,9 @@ import cv2
 import numpy as np
 
 from ...core.errors import InputError
-from ...core.options import check_choice, check_float, check_int, check_known
+from ...core.options import check_bool, check_choice, check_float, check_int, check_known
 from .plates import Plates
-from .pose_grid import AtlasGrid, Pose, SectionGrid, extent
+from .pose_grid import OUTSIDE_RING, AtlasGrid, Pose, SectionGrid, cut_zone, extent
 from .preprocess import _segment, downsample, to_grey
 from .region_fit import RegionAtlas, SectionSamples
 from .region_fit import refine as refine_pose
@@ -168,6 +175,15 @@ DEFAULTS = {
     # that lies on the atlas's tissue (pose_grid.OUTSIDE_RING; 0: none, before session 21; module
     # docstring, "Outside band")
     "outside_weight": 0.3,
+    # the band is spared beyond straight runs of the section's outline (cut edges, pose_grid.straight_runs)
+    # and, where the tissue reaches the image's edge, beyond the image (False: the whole band counts)
+    "spare_cuts": False,
+    # share of the band on atlas tissue that costs nothing; above it the cost grows to outside_weight
+    # at a share of 1 (0: every share costs)
+    "outside_free": 0.0,
+    # plates within this many of the best pose are ordered by the similarity without the outside band
+    # (the band picks the region, the similarity the plate; None: the band's score throughout)
+    "plain_reach": None,
 }
 #: Options of a seeded search, for a first stage whose best plate lies within about 2 plates of the
 #: truth: no sweep of the atlas, its best plate and 2 neighbours each side in stage 1, one
@@ -274,6 +290,10 @@ def check_rerank_options(options: dict | None) -> dict:
     if out["widen_score"] is not None:
         out["widen_score"] = check_float("widen_score", out["widen_score"], -1.0, 1.0)
     out["outside_weight"] = check_float("outside_weight", out["outside_weight"], 0.0, 1.0)
+    out["spare_cuts"] = check_bool("spare_cuts", out["spare_cuts"])
+    out["outside_free"] = check_float("outside_free", out["outside_free"], 0.0, 0.9)
+    if out["plain_reach"] is not None:
+        out["plain_reach"] = check_int("plain_reach", out["plain_reach"], 0, 50)
     return out
 
 
@@ -354,8 +374,12 @@ class PoseSearch:
         ``options``: :func:`check_rerank_options`'s; ``progress``: checked for cancel between steps."""
         grey, mask, zoom = self.prepare(section, SECTION_FACTOR * options["work_size"])
         coarse_atlas = self.atlas(options["coarse_size"])
+        spare = None
+        if options["spare_cuts"] and options["outside_weight"] > 0:
+            spare = cut_zone(mask, max(1, round(OUTSIDE_RING * float(extent(mask).max()))))
+        band = {"spare": spare, "free": options["outside_free"]}
         coarse = coarse_grid(
-            grey, mask, options["coarse_size"], options["edge_blur"], options["outside_weight"]
+            grey, mask, options["coarse_size"], options["edge_blur"], options["outside_weight"], **band
         )
         shortlist = [int(p) for p, _ in order[: options["shortlist"]]]
         zs = _around(shortlist, options["neighbours"], self.n)
@@ -373,6 +397,7 @@ class PoseSearch:
             reach=reach,
             blur=options["edge_blur"],
             outside=options["outside_weight"],
+            **band,
         )
         refine = _Refine(self.atlas(options["work_size"]), fine, options, progress)
         hyps = _anchored(first, _distinct(first, options["hypotheses"]), shortlist[: options["anchors"]])
@@ -408,6 +433,7 @@ class PoseSearch:
             self.n,
             prior,
             options["penalty_reach"],
+            options["plain_reach"],
         )
         result.widened, result.widen_kept = widened, kept
         return result
@@ -455,7 +481,13 @@ def stage1_pairs(
 
 
 def coarse_grid(
-    grey: np.ndarray, mask: np.ndarray, coarse_size: int, blur: float = 0.0, outside: float = 0.0
+    grey: np.ndarray,
+    mask: np.ndarray,
+    coarse_size: int,
+    blur: float = 0.0,
+    outside: float = 0.0,
+    spare: np.ndarray | None = None,
+    free: float = 0.0,
 ) -> SectionGrid:
     """Stage 1's grid of a section: every shift that does not wrap around is searched (27 canvas
     pixels per axis at the default ``coarse_size`` 32, a 72-pixel FFT). A partial section whose tissue
@@ -464,7 +496,7 @@ def coarse_grid(
     poses, so a shorter reach loses such poses for good. Session 13 tried 19 pixels (a 64-pixel FFT,
     ~18 % less CPU, the same ranks on the phantom benchmark's sections) and went back: that saving was
     measured on the phantom alone."""
-    return SectionGrid(grey, mask, coarse_size, blur=blur, outside=outside)
+    return SectionGrid(grey, mask, coarse_size, blur=blur, outside=outside, spare=spare, free=free)
 
 
 class _Refine:
@@ -663,13 +695,39 @@ def _prior(order, n: int) -> np.ndarray:
     return np.clip((d - low) / max(mid - low, 1e-12), 0.0, 1.0)
 
 
+def _plain_near_best(poses, own, z, dist, penalty: float, reach: int, prior) -> np.ndarray:
+    """``dist`` with the plates within ``reach`` of the best pose re-spaced by the poses' plain
+    scores (see :func:`_rank`)."""
+    top = int(np.argmax(own))
+    near = np.abs(z - z[top]) <= reach + 1
+    plain = np.array([p.plain for p in poses])[near]
+    if prior is not None:
+        plain = plain - prior[np.array([p.plate for p in poses])[near]]
+    plates = np.arange(len(dist))
+    window = np.abs(plates - z[top]) <= reach
+    value = (plain[None, :] - penalty * np.abs(plates[window][:, None] - z[near][None, :])).max(axis=1)
+    out = dist.copy()
+    out[window] = dist.min() + (value.max() - value)
+    return out
+
+
 def _rank(
-    poses: list[Pose], order, penalty: float, pairs: int, n: int, prior=None, reach: int | None = None
+    poses: list[Pose],
+    order,
+    penalty: float,
+    pairs: int,
+    n: int,
+    prior=None,
+    reach: int | None = None,
+    plain_reach: int | None = None,
 ) -> RerankResult:
     """Every plate by ``1 - max over poses (score - prior[pose plate] - penalty * min(|z - plate|,
     reach))`` (``reach`` None: no bound), ties in ``order``'s order; without any pose (nothing
     scored), the first stage's plates by their distance (``order`` may be interleaved, not sorted),
-    each with ``2 + distance``."""
+    each with ``2 + distance``. ``plain_reach``: the plates within that many of the best pose get the
+    best distance plus their gap to the best of them by the same formula on the poses' scores without
+    the outside band (:attr:`Pose.plain`), over the poses within ``plain_reach + 1`` of the best
+    (None, or no band: unchanged)."""
     if not poses:
         by_distance = sorted(order, key=lambda e: float(e[1]))  # stable: ties keep their order
         return RerankResult([(int(p), 2.0 + float(d)) for p, d in by_distance], {}, pairs)
@@ -683,6 +741,8 @@ def _rank(
         apart = np.minimum(apart, reach)
     value = own[None, :] - penalty * apart
     dist = 1.0 - value.max(axis=1)
+    if plain_reach is not None and all(p.plain is not None for p in poses):
+        dist = _plain_near_best(poses, own, z, dist, penalty, plain_reach, prior)
     emb = {int(p): k for k, (p, _) in enumerate(order)}
     ranked = sorted(range(n), key=lambda p: (dist[p], emb.get(p, n)))
     best: dict[int, Pose] = {}
