@@ -137,14 +137,32 @@ def device_bytes(shape: Sequence[int], masks: int = 0) -> int:
     return 4 * math.prod(int(n) for n in shape) * (2 + masks)
 
 
+def heldout_bytes(shape: Sequence[int], levels: int) -> int:
+    """Peak bytes of the held-out check of ``levels`` coarse levels (``noise_heldout``, :mod:`.heldout`)
+    on a grid ``shape``: per voxel, float32, the warped images of the global map and of each level in
+    both directions (``2 (levels + 1)``), the two raw images (2), the local test's temporaries (4) and
+    one gate per level; plus :data:`FIXED_OVERHEAD`. ``3 levels + 8`` float32 a voxel: 17 (68 bytes) for
+    the default three levels. The maps are evaluated slab by slab (:data:`.heldout.SLAB_POINTS`), so
+    their interpolation adds a constant."""
+    nvox = math.prod(int(n) for n in shape)
+    return 4 * nvox * (3 * int(levels) + 8) + FIXED_OVERHEAD
+
+
 def check_run_memory(
-    shape: Sequence[int], device: torch.device, chunked: bool, backward: bool = True, masks: int = 0
+    shape: Sequence[int],
+    device: torch.device,
+    chunked: bool,
+    backward: bool = True,
+    masks: int = 0,
+    heldout_levels: int = 0,
 ) -> None:
     """Raise ``OutOfMemoryError`` before a run on a fixed grid ``shape`` that cannot fit.
 
     The dense outputs live in system memory whatever the device (on the CPU they are made after the
     optimisation's image copies are freed); without divide-and-downsample the whole images also sit
-    on a GPU ``device`` while it optimises.
+    on a GPU ``device`` while it optimises. ``heldout_levels`` (0: none): the held-out check of that
+    many coarse levels may run (:func:`heldout_bytes`; it is over before the outputs are made, so the
+    larger of the two counts).
     """
     text = " x ".join(str(int(n)) for n in shape)
     advice = (
@@ -154,7 +172,12 @@ def check_run_memory(
     )
     # On the CPU the optimisation's image copies are freed before the (larger) dense outputs.
     what = f"NePhi registration of {text} images (dense fields and warped image)"
-    check_memory(output_bytes(shape, backward, chunked), torch.device("cpu"), what, advice)
+    needed = output_bytes(shape, backward, chunked)
+    if heldout_levels > 0 and heldout_bytes(shape, heldout_levels) > needed:
+        needed = heldout_bytes(shape, heldout_levels)
+        what = f"NePhi registration of {text} images (held-out check of the coarse levels)"
+        advice = "Or turn the check off (noise_heldout=False). " + advice
+    check_memory(needed, torch.device("cpu"), what, advice)
     if device.type != "cpu" and not chunked:
         check_memory(
             device_bytes(shape, masks),

@@ -69,6 +69,13 @@ def velocity_maps(v: torch.Tensor, affine: torch.Tensor | None = None, steps: in
         return DenseMaps(_integrate_xy(v, steps).flip(1), _integrate_xy(-v, steps).flip(1), affine)
 
 
+def global_maps(ndim: int, device, affine: torch.Tensor | None = None) -> DenseMaps:
+    """The global map alone (``affine``; None: the identity) as :class:`DenseMaps`: zero displacement
+    grids of two knots an axis."""
+    zero = torch.zeros(1, ndim, *[2] * ndim, device=device)
+    return DenseMaps(zero, zero, affine)
+
+
 def apply_affine(points: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """``A p + t`` for points ``(..., D)`` and a homogeneous ``(D+1, D+1)`` matrix (same axis order)."""
     d = points.shape[-1]

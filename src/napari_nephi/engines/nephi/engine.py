@@ -51,6 +51,7 @@ from .coarse import (
     MATCH_BLUR_MAX_VOXELS,
     DenseMaps,
     finer_level_runs,
+    global_maps,
     level_iterations,
     level_spacings,
     match_blur_mode,
@@ -424,7 +425,16 @@ def register_nephi(
     device = choose_device(pair.device)
     masks = sum(m is not None for m in (pair.fixed_mask, pair.moving_mask))
     same_grid = pair.moving.shape == fshape or initial != "none"  # else no backward field
-    check_run_memory(fshape, device, use_chunks, same_grid, masks)
+    # the held-out check may run (the noise estimate that decides "auto" comes later): count it
+    may_check = (
+        mode == "optimize"
+        and noise_supported
+        and levels > 1
+        and coarse_iterations > 0
+        and (noise_heldout is True or (noise_heldout == "auto" and noise_adapt is not False))
+    )
+    check_levels = levels - 1 + finer_level_runs(coarse_finer_level, coarse_reg_weight) if may_check else 0
+    check_run_memory(fshape, device, use_chunks, same_grid, masks, heldout_levels=check_levels)
     reset_peak_memory(device)
     start = time.perf_counter()
     notes = []
@@ -622,8 +632,7 @@ def register_nephi(
                     on_level=lambda _k, v: velocities.append(v),
                 )
                 del fit
-                zero = torch.zeros(1, d, *[2] * d, device=device)
-                candidates = [DenseMaps(zero, zero, affine_n)] + [
+                candidates = [global_maps(d, device, affine_n)] + [
                     velocity_maps(v, affine_n) for v in velocities
                 ]
                 raw = [torch.as_tensor(x, device=device)[None, None] for x in raw_cmp]
@@ -640,7 +649,9 @@ def register_nephi(
                 )
                 if check is None:
                     return None, [None] * len(velocities)
-                return check, heldout.level_gates(check, coarse_spacings)[0]
+                gates = heldout.level_gates(check, coarse_spacings)[0]
+                check.release()  # the metrics need the scores only, not its images (review 2, B6)
+                return check, gates
 
             coarse: DenseMaps | None = None
             if predicting:
@@ -681,8 +692,7 @@ def register_nephi(
                     kept = coarse_kept if coarse_kept < len(coarse_spacings) else None
                     coarse = coarse_stage(mov_t, mmask, affine=affine_n, max_levels=kept, gates=gates)
                 elif affine_n is not None or heldout_ran:  # no coarse stage: the global map alone first
-                    zero = torch.zeros(1, d, *[2] * d, device=device)
-                    coarse = DenseMaps(zero, zero, affine_n)
+                    coarse = global_maps(d, device, affine_n)
                 field = NeuralDeformationField(cfg).to(device)
                 codes = zero_codes(cfg, local_grid_shape(fshape, local_stride), device=device)
             history: list[float] = []

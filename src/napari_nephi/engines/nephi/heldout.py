@@ -98,48 +98,93 @@ KNOT_WIDTH = 1 / math.sqrt(3)
 
 
 def _unit_and_norm(x: torch.Tensor, where: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``x`` (float64) centred and scaled to unit norm over ``where``, 0 elsewhere, and the centred
-    norm it was divided by."""
-    x = torch.where(where, x.double() - x.double()[where].mean(), 0.0)
-    norm = float(x.square().sum().sqrt())
-    return (x / norm if norm > 0 else x), norm
+    """``x`` (float32, overwritten) centred and scaled to unit norm over ``where``, 0 elsewhere (the
+    mean and the norm summed in float64), and the centred norm it was divided by."""
+    count = int(where.sum())
+    mean = float(x.masked_fill(~where, 0.0).sum(dtype=torch.float64)) / max(count, 1)
+    x.sub_(mean).masked_fill_(~where, 0.0)
+    norm = float(x.square().sum(dtype=torch.float64).sqrt())
+    if norm > 0:
+        x /= norm
+    return x, norm
+
+
+#: Points per slab where :func:`heldout_scores` maps and warps the image grid: the maps' interpolation
+#: holds about a hundred bytes a point in temporaries, so the whole grid at once was the check's peak
+#: (review 2 of session 21, B6).
+SLAB_POINTS = 1 << 16
+
+
+def _warped_slabwise(image: torch.Tensor, through, grid: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """``image`` ``(1, 1, *S)`` warped through the map ``through`` (normalised points ``(1, N, D)`` ->
+    points) at every voxel of ``grid`` ``(1, N, D)``, float32 ``(*S)``, a slab of :data:`SLAB_POINTS`
+    points at a time; ``inside`` (bool ``(N,)``) is cleared where a mapped point leaves the frame."""
+    out = torch.empty(grid.shape[1], dtype=torch.float32, device=grid.device)
+    d = grid.shape[-1]
+    for a in range(0, grid.shape[1], SLAB_POINTS):
+        pts = through(grid[:, a : a + SLAB_POINTS])
+        inside[a : a + SLAB_POINTS] &= in_frame(pts)[0]
+        out[a : a + SLAB_POINTS] = _warp_full(image, pts.reshape(1, 1, -1, d)).reshape(-1)
+    return out.reshape(image.shape[2:])
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Sum of ``a * b`` (float32 images), accumulated in float64."""
+    return float((a * b).sum(dtype=torch.float64))
+
+
+def _sq_dist(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Sum of ``(a - b)^2`` (float32 images), accumulated in float64."""
+    return float((a - b).square().sum(dtype=torch.float64))
 
 
 class Heldout:
     """Held-out comparison of candidate maps (:func:`heldout_scores`).
 
     ``units[k]`` holds candidate ``k``'s warped images (forward, backward) and ``raw`` the raw images,
-    each centred and scaled to unit norm over its held-out voxels (0 elsewhere); ``noise[d]`` is the
-    noise's standard deviation in those units (``sigma / |raw - mean|``) per direction.
+    each centred and scaled to unit norm over its held-out voxels (0 elsewhere; float32: 8 bytes a
+    pixel per candidate and for the raw pair); ``noise[d]`` is the noise's standard deviation in those
+    units (``sigma / |raw - mean|``) per direction. :meth:`release` frees the images once the gates are
+    made; the scores and standard errors stay.
     """
 
     def __init__(self, raw, units, noise):
         self.raw, self.units, self.noise = raw, units, noise
         n = len(units)
         #: score of each candidate: the mean over the two directions of NCC with the raw image
-        self.scores = [0.5 * float(sum((r * a).sum() for r, a in zip(raw, u))) for u in units]
+        self.scores = [0.5 * sum(_dot(r, a) for r, a in zip(raw, u)) for u in units]
         #: standard error of score i - score j (the held-out voxels' noise)
         self.se = np.zeros((n, n))
         for i in range(n):
             for j in range(i):
-                var = sum(
-                    nz**2 * float((a - b).square().sum()) for nz, a, b in zip(noise, units[i], units[j])
-                )
+                var = sum(nz**2 * _sq_dist(a, b) for nz, a, b in zip(noise, units[i], units[j]))
                 self.se[i, j] = self.se[j, i] = 0.5 * var**0.5
+
+    def release(self) -> None:
+        """Free the per-voxel images (:meth:`local_z` needs them); ``scores`` and ``se`` stay."""
+        self.raw = self.units = None
 
     def local_z(self, i: int, j: int, sigma: float) -> np.ndarray:
         """Candidate ``i`` against ``j`` near every voxel: the score difference's terms summed with a
         Gaussian weight of ``sigma`` voxels around it, over their standard error (same weights; the
         squared weights are a Gaussian of ``sigma / sqrt(2)`` scaled by ``(4 pi sigma^2)^(-D/2)``); 0
-        where no held-out voxel is near."""
-        gain = var = 0.0
+        where no held-out voxel is near. Float32 images, filtered in place."""
+        gain = var = None
         for r, a, b, nz in zip(self.raw, self.units[i], self.units[j], self.noise):
             diff = (a - b).cpu().numpy()
             d = diff.ndim
-            gain = gain + 0.5 * ndimage.gaussian_filter(r.cpu().numpy() * diff, sigma)
-            sq = ndimage.gaussian_filter(diff**2, sigma / math.sqrt(2)) * (4 * math.pi * sigma**2) ** (-d / 2)
-            var = var + 0.25 * nz**2 * sq
-        return np.where(var > 0, gain / np.sqrt(np.maximum(var, 1e-300)), 0.0)
+            term = r.cpu().numpy() * diff
+            ndimage.gaussian_filter(term, sigma, output=term)
+            term *= 0.5
+            gain = term if gain is None else np.add(gain, term, out=gain)
+            np.square(diff, out=diff)
+            ndimage.gaussian_filter(diff, sigma / math.sqrt(2), output=diff)
+            diff *= 0.25 * nz**2 * (4 * math.pi * sigma**2) ** (-d / 2)
+            var = diff if var is None else np.add(var, diff, out=var)
+            del term, diff
+        positive = var > 0
+        np.sqrt(var, out=var)
+        return np.divide(gain, var, out=np.zeros_like(gain), where=positive)
 
 
 def heldout_scores(
@@ -168,13 +213,16 @@ def heldout_scores(
     shape = tuple(fixed_raw.shape[2:])
     with torch.no_grad():
         grid = normalized_grid(shape, fixed_raw.device).reshape(1, -1, len(shape))
-        warped, inside_f, inside_b = [], heldout.clone(), heldout.clone()
-        for maps in candidates:
-            pf, pb = maps.forward(grid), maps.backward(grid)
-            inside_f &= in_frame(pf).reshape(shape)
-            inside_b &= in_frame(pb).reshape(shape)
-            pf, pb = pf.reshape(1, *shape, len(shape)), pb.reshape(1, *shape, len(shape))
-            warped.append((_warp_full(moving_cmp, pf)[0, 0], _warp_full(fixed_cmp, pb)[0, 0]))
+        inside_f, inside_b = heldout.clone().reshape(-1), heldout.clone().reshape(-1)
+        warped = [  # float32, slab by slab (review 2 of session 21, B6)
+            (
+                _warped_slabwise(moving_cmp, maps.forward, grid, inside_f),
+                _warped_slabwise(fixed_cmp, maps.backward, grid, inside_b),
+            )
+            for maps in candidates
+        ]
+        del grid
+        inside_f, inside_b = inside_f.reshape(shape), inside_b.reshape(shape)
         if fixed_mask is not None:
             inside_f &= fixed_mask[0, 0] > 0.5
         if moving_mask is not None:
@@ -182,14 +230,16 @@ def heldout_scores(
         if int(inside_f.sum()) < 16 or int(inside_b.sum()) < 16:
             return None
         where = (inside_f, inside_b)
-        raw, norms = zip(*(_unit_and_norm(x[0, 0], w) for x, w in zip((fixed_raw, moving_raw), where)))
+        raw, norms = zip(
+            *(_unit_and_norm(x[0, 0].float().clone(), w) for x, w in zip((fixed_raw, moving_raw), where))
+        )
         noise = [sig / max(nrm, 1e-12) for sig, nrm in zip(sigmas, norms)]
-        units = [tuple(_unit_and_norm(x, w)[0] for x, w in zip(pair, where)) for pair in warped]
+        units = [tuple(_unit_and_norm(x, w)[0] for x, w in zip(pair, where)) for pair in warped]  # in place
         return Heldout(raw, units, noise)
 
 
 def level_gates(
-    check: Heldout, spacings: list[float], z: float = Z, z_local: float = Z_LOCAL
+    check: Heldout, spacings: list[float], z: float | None = None, z_local: float | None = None
 ) -> tuple[list[np.ndarray | None], list[int]]:
     """Where each coarse level is kept: ``(gates, compared)``, one entry per level (finer in turn).
 
@@ -200,7 +250,10 @@ def level_gates(
     smoothed by the same Gaussian and at most the compared candidate's gate (a finer level only where
     the coarser one it builds on holds). ``None``: kept everywhere (the test passed at every voxel);
     an array of zeros: not kept. ``compared[k]`` is the candidate level ``k + 1`` was compared with
-    (0: the global map)."""
+    (0: the global map). ``z`` and ``z_local`` default to :data:`Z` and :data:`Z_LOCAL`, read at the
+    call (so a test can change the module's values)."""
+    z = Z if z is None else z
+    z_local = Z_LOCAL if z_local is None else z_local
     gates: list[np.ndarray | None] = []
     compared: list[int] = []
     best = 0
@@ -208,11 +261,11 @@ def level_gates(
     for k in range(1, len(check.scores)):
         compared.append(best)
         if check.scores[k] - check.scores[best] <= z * check.se[k, best]:
-            gates.append(np.zeros(shape))
+            gates.append(np.zeros(shape, np.float32))
             continue
         width = spacings[k - 1] * KNOT_WIDTH
         passed = check.local_z(k, best, width) > z_local
-        gate = None if passed.all() else ndimage.gaussian_filter(passed.astype(np.float64), width)
+        gate = None if passed.all() else ndimage.gaussian_filter(passed.astype(np.float32), width)
         if best > 0 and gates[best - 1] is not None:
             gate = gates[best - 1] if gate is None else np.minimum(gate, gates[best - 1])
         gates.append(gate)
