@@ -23,7 +23,8 @@ Columns:
   accumulation;
 * rows run the chain (``neighbours=1``, the engine's default up to session 13) unless named
   otherwise; ``mito-default``: the engine's defaults since session 14 (2 neighbours and the
-  global solve with affine sections and ``drift_prior=0.1``);
+  global solve with affine sections and ``drift_prior=0.1``; since session 22 with
+  ``drift_correction="auto"``, which ``-auto`` rows name and ``-none`` rows turn off);
 * ``mito-global``: 3 neighbours and the global solve with rigid sections and no drift prior
   (session 13's settings); ``-affine`` with affine sections, ``-affine-prior`` with
   ``drift_prior=1``;
@@ -38,7 +39,11 @@ Columns:
   sections also translated independently by 20 px rms per axis (``placement_shift``), the
   case where detrending the section positions is off by the slope of their scatter;
   ``tissue-drift``: as ``drift``, but the whole tissue (membranes, vesicles, texture) moves with
-  the mitochondria's mean velocity (``tissue_drift``): no aligner can tell that from misalignment.
+  the mitochondria's mean velocity (``tissue_drift``): no aligner can tell that from misalignment;
+  ``stage-drift`` (session 22): the acquired sections drift as a whole by 0.5 px per section on a
+  slowly curving path (``placement_trend``, FIB-SEM / block-face stage drift), part of the truth: an
+  aligner recovers it and a drift correction that removes it is wrong; ``stage-drift+drift`` with
+  the mitochondria's drift too (only the latter is to be removed).
 * ``-serial`` rows (session 20): the serial-section preset, ``reference="middle"`` and
   ``drift_correction="auto"`` (``detrend.SERIAL_SECTIONS``); their reference is the middle section
   whatever ``--reference`` says (the Dice is measured in its frame).
@@ -211,6 +216,15 @@ ROWS = {
         True,
         {"neighbours": None, "elastic": True, **SERIAL_SECTIONS},
     ),
+    # session 22: drift_correction="auto" is the default (the background decides whose trend it is);
+    # these rows keep the placement as solved, the default up to session 21
+    "mito-default-none": ("mito", "brisk", True, {"neighbours": None, "drift_correction": "none"}),
+    "mito-default+elastic-none": (
+        "mito",
+        "brisk",
+        True,
+        {"neighbours": None, "elastic": True, "drift_correction": "none"},
+    ),
     "mito-default+elastic-local": (
         "mito",
         "brisk",
@@ -238,6 +252,10 @@ CASES = {
     "jitter": {"placement_shift": 20.0},
     "drift+jitter": {"organelle_drift": 0.1, "placement_shift": 20.0},
     "tissue-drift": {"organelle_drift": 0.1, "tissue_drift": True},
+    # session 22: the sections themselves drift (FIB-SEM / block-face stage drift), 0.5 px per section
+    # on a slowly curving path; everything moves, and the truth removes it
+    "stage-drift": {"placement_trend": 0.5},
+    "stage-drift+drift": {"placement_trend": 0.5, "organelle_drift": 0.1},
 }
 
 
@@ -394,7 +412,11 @@ def run_case(case: str, rows, args) -> list[dict]:
         )
         if "drift_auto" in r:
             a = r["drift_auto"]
-            print(f"#   drift_correction auto: {a['applied']} (q {a['q']:.1f}, p {a['p']:.2g})", flush=True)
+            bg = a.get("background")
+            why = "" if bg is None else f", background {bg['decision']}, share {bg['share']:.2f}"
+            print(
+                f"#   drift_correction auto: {a['applied']} (q {a['q']:.1f}, p {a['p']:.2g}{why})", flush=True
+            )
 
     for name in rows:
         for matcher in args.matchers.split(","):

@@ -8,6 +8,7 @@ import pytest
 from scipy import ndimage
 
 from napari_nephi.core.errors import InputError
+from napari_nephi.engines.mito.detrend import section_centres
 from napari_nephi.synthetic import em_stack
 
 
@@ -86,7 +87,36 @@ def test_placement_shift_translates_sections_and_matrices_undo_it():
         assert abs(int((u["stack"][k] > 0).sum()) - int(content)) < 0.03 * content
 
 
-@pytest.mark.parametrize("name", ["organelle_drift", "distortion", "placement_shift"])
+def test_placement_trend_moves_whole_sections_on_a_slow_path_that_the_matrices_hold():
+    """placement_trend (session 22): the sections drift as a whole (stage drift), in steps of the
+    given length on a straight or slowly turning path, zero at the middle section; the content
+    stays the same and the matrices hold the drift (so the truth removes it)."""
+    speed, n = 1.5, 9
+    d = em_stack(n, (128, 128), seed=2, rotate=False, placement_trend=speed)
+    plain = em_stack(n, (128, 128), seed=2, rotate=False, pad=d["pad"])
+    np.testing.assert_array_equal(d["unrotated_stack"], plain["unrotated_stack"])
+    assert d["pad"] >= 6  # the border holds the largest offset (4 steps of 1.5 px)
+    centres = section_centres(d["matrices"], d["stack"].shape[1:])
+    steps = np.diff(centres, axis=0)
+    np.testing.assert_allclose(np.linalg.norm(steps, axis=1), speed, atol=1e-9)
+    turn = np.degrees(np.arccos(np.clip((steps[0] @ steps[-1]) / speed**2, -1, 1)))
+    assert turn <= 45.0  # a slow path: the direction turns by at most 45 degrees over the stack
+    mid = (n - 1) // 2
+    np.testing.assert_allclose(centres[mid], [(d["stack"].shape[1] - 1) / 2, (d["stack"].shape[2] - 1) / 2])
+    # independent check: phase correlation of each acquired section against the truth gives the offset
+    for k in (0, n - 1):
+        (dx, dy), _ = cv2.phaseCorrelate(
+            d["unrotated_stack"][k].astype(np.float64), d["stack"][k].astype(np.float64)
+        )
+        expected = centres[mid] - centres[k]  # the content moves against the section's centre
+        assert np.hypot(dy - expected[0], dx - expected[1]) < 0.3, (k, dy, dx, expected)
+    # rotated: the drift lies in the specimen's frame, so the section centres trend in the aligned frame
+    r = em_stack(n, (128, 128), seed=2, placement_trend=speed)
+    rc = section_centres(r["matrices"], r["stack"].shape[1:])
+    np.testing.assert_allclose(np.linalg.norm(np.diff(rc, axis=0), axis=1), speed, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["organelle_drift", "distortion", "placement_shift", "placement_trend"])
 def test_negative_drift_or_distortion_is_refused(name):
     with pytest.raises(InputError, match=name):
         em_stack(2, (64, 64), **{name: -1.0})

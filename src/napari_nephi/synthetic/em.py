@@ -307,6 +307,7 @@ def em_stack(
     distortion: float = 0.0,
     placement_shift: float = 0.0,
     tissue_drift: bool = False,
+    placement_trend: float = 0.0,
 ) -> dict:
     """A synthetic EM stack with mitochondria instance masks, optionally rotated per section.
 
@@ -348,6 +349,14 @@ def em_stack(
         Root-mean-square translation per axis, in pixels, of every acquired section (0: none,
         the default), drawn independently per section, as sections picked up and imaged one by
         one scatter; it is part of ``matrices`` (with or without ``rotate``).
+    placement_trend
+        Speed, in pixels per section, of a slow drift of the acquired sections as a whole (0: none,
+        the default), as stage or beam drift moves the images of a FIB-SEM or serial block-face
+        stack: section ``k`` is translated by the sum of the steps up to it (zero at the middle
+        section), every step this long, in a direction that turns steadily by a random angle of up
+        to 45 degrees over the stack (a straight or slowly curving path). Everything in the section
+        moves with it and it is part of ``matrices``: an aligner should recover it, and a drift
+        correction that takes it for organelle drift puts it back.
     tissue_drift
         With ``organelle_drift``: the rest of the tissue (cytoplasm shading and texture, membranes,
         vesicles) moves with the mitochondria population's mean velocity too (zero at the middle
@@ -380,21 +389,27 @@ def em_stack(
     h, w = check_int_list("shape", shape, length=2, low=32)
     rotate = check_bool("rotate", rotate)
     placement_shift = check_float("placement_shift", placement_shift, 0.0, 1e4)
+    placement_trend = check_float("placement_trend", placement_trend, 0.0, 1e3)
     rng = np.random.default_rng(seed)
-    # drift, distortion and placement draw from their own streams: the default stack stays as it was
-    drift_rng, distortion_rng, shift_rng = (
-        np.random.default_rng(c) for c in rng.bit_generator.seed_seq.spawn(3)
+    # drift, distortion, placement and its trend draw from their own streams: the default stack stays
+    # as it was (spawn(4) gives the same first three children as spawn(3) did)
+    drift_rng, distortion_rng, shift_rng, trend_rng = (
+        np.random.default_rng(c) for c in rng.bit_generator.seed_seq.spawn(4)
     )
     shifts = shift_rng.normal(0.0, placement_shift, (n, 2)) if placement_shift else None
+    path = _stage_path(n, placement_trend, trend_rng) if placement_trend else None
     if pad is None:
         # unrotated sections shifted by placement_shift get a border of 3 sigma (none before
         # session 12: their shifted edges were cut off); rotated ones the rotation's border plus
         # the largest shift drawn (before session 13 the rotation's only: corners were cut off)
         if rotate:
             largest = 0.0 if shifts is None else float(np.abs(shifts).max())
+            largest += 0.0 if path is None else float(np.abs(path).max())
             pad = int(math.ceil(math.hypot(h, w) / 2 - min(h, w) / 2 + largest))
         else:
             pad = math.ceil(3 * placement_shift)
+            if placement_trend:
+                pad += int(math.ceil(float(np.abs(path).max())))
     pad = check_int("pad", pad, 0)
     n_mito = check_int("n_mito", 10 if n_mito is None else n_mito, 0, 10_000)
     noise = check_float("noise", noise, 0.0, 10.0)
@@ -468,7 +483,7 @@ def em_stack(
     acquired, acquired_masks = unrot, unrot_masks
     if distortion > 0:
         acquired, acquired_masks = _distort(unrot, unrot_masks, distortion * s, s, distortion_rng)
-    if not rotate and not placement_shift:
+    if not rotate and shifts is None and path is None:
         angles = np.zeros(n)
         matrices = np.repeat(np.eye(3)[None], n, axis=0)
         return {
@@ -486,6 +501,10 @@ def em_stack(
     matrices = np.stack([rotation_matrix(a, (hp, wp)) for a in angles])
     if shifts is not None:
         matrices[:, :2, 2] += shifts
+    if path is not None:  # the stage's drift, in the specimen's frame (before the section's rotation)
+        move = np.repeat(np.eye(3)[None], n, axis=0)
+        move[:, :2, 2] = path
+        matrices = matrices @ move
     stack = np.empty_like(unrot)
     masks = np.empty_like(unrot_masks)
     swap = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=np.float64)
@@ -519,6 +538,17 @@ def em_stack(
         "pad": pad,
         "scale": s,
     }
+
+
+def _stage_path(n: int, speed: float, rng) -> np.ndarray:
+    """``(n, 2)`` (y, x) offsets of a drifting stage (``placement_trend`` in :func:`em_stack`): steps
+    of ``speed`` px per section whose direction turns steadily by a random angle in (-pi/4, pi/4)
+    over the stack; zero at the middle section."""
+    phi0, bend = rng.uniform(-np.pi, np.pi), rng.uniform(-np.pi / 4, np.pi / 4)
+    phi = phi0 + bend * (np.arange(n) / max(n - 1, 1) - 0.5)
+    steps = speed * np.stack([np.sin(phi), np.cos(phi)], axis=1)
+    path = np.concatenate([np.zeros((1, 2)), np.cumsum(steps[:-1], axis=0)])
+    return path - path[(n - 1) // 2]
 
 
 def _add_drift(mitos: list[_Mito], speed: float, k0: float, rng) -> np.ndarray:
