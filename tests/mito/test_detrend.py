@@ -1,6 +1,7 @@
 """Drift correction by detrending the section positions (engines/mito/detrend.py)."""
 
 import argparse
+import inspect
 
 import numpy as np
 import pytest
@@ -192,7 +193,7 @@ def test_options_are_checked(rotated_copies):
     with pytest.raises(InputError, match="drift_window"):
         align_stack(s, drift_correction="detrend", drift_window=-2)
     with pytest.raises(InputError, match="drift_window=5 has no effect without drift correction.*'detrend'"):
-        align_stack(s, drift_window=5)
+        align_stack(s, drift_correction="none", drift_window=5)
 
 
 def test_cli_and_widget_options_reach_the_engine(qtbot, tmp_path):
@@ -204,10 +205,12 @@ def test_cli_and_widget_options_reach_the_engine(qtbot, tmp_path):
                          "--drift-window", "12"])  # fmt: skip
     kw = _align_options(args)
     assert (kw["drift_correction"], kw["drift_window"]) == ("detrend", 12.0)
-    assert _align_options(p.parse_args(["align-em", "s.tif", "-o", "o"]))["drift_correction"] == "none"
+    # the default since session 22 is "auto", in the engine, the CLI and the widget alike
+    assert inspect.signature(align_stack).parameters["drift_correction"].default == "auto"
+    assert _align_options(p.parse_args(["align-em", "s.tif", "-o", "o"]))["drift_correction"] == "auto"
     opts = EMOptions()
     qtbot.addWidget(opts)
-    assert opts.values()["drift_correction"] == "none"
+    assert opts.values()["drift_correction"] == "auto"
     opts.drift_correction.setCurrentText("detrend")
     assert opts.values()["drift_correction"] == "detrend"
     opts.drift_correction.setCurrentText("auto")
@@ -223,7 +226,7 @@ def test_cli_and_widget_options_reach_the_engine(qtbot, tmp_path):
 def test_the_serial_sections_preset_sets_the_middle_reference_and_auto(qtbot, tmp_path):
     """--serial-sections / the widget's button: reference "middle" and drift_correction "auto"
     (what drifting serial-section stacks need, session 20); options given explicitly win, and
-    without it the defaults stay reference 0 and no drift correction."""
+    without it the defaults stay reference 0 and (since session 22) "auto"."""
     from napari_nephi.widgets._em_parts import EMOptions
 
     p = argparse.ArgumentParser(prog="napari-nephi")
@@ -236,10 +239,10 @@ def test_the_serial_sections_preset_sets_the_middle_reference_and_auto(qtbot, tm
     )
     assert (kw["reference"], kw["drift_correction"]) == (3, "detrend")
     kw = _align_options(p.parse_args(base))
-    assert (kw["reference"], kw["drift_correction"]) == (0, "none")
+    assert (kw["reference"], kw["drift_correction"]) == (0, "auto")
     opts = EMOptions()
     qtbot.addWidget(opts)
-    assert (opts.values()["reference"], opts.values()["drift_correction"]) == (0, "none")
+    assert (opts.values()["reference"], opts.values()["drift_correction"]) == (0, "auto")
     opts.serial_sections.click()
     values = opts.values()
     assert (values["reference"], values["drift_correction"]) == ("middle", "auto")

@@ -307,7 +307,9 @@ def test_guided_pairs_and_drift_window_reach_the_engine_and_the_settings_json(qt
     opts.neighbours.setValue(1)
     v = opts.values()
     assert v["guided_pairs"] is True and not opts.guided_pairs.isEnabled()  # chain: no further pairs
-    assert v["drift_window"] == 0.0 and not opts.drift_window.isEnabled()
+    assert v["drift_window"] == 0.0 and opts.drift_window.isEnabled()  # "auto" by default (session 22)
+    opts.drift_correction.setCurrentText("none")
+    assert not opts.drift_window.isEnabled()
     opts.neighbours.setValue(3)
     assert opts.guided_pairs.isEnabled()
     opts.refine.setChecked(False)

@@ -31,7 +31,13 @@ from ..core.files import check_output_folder, output_folder
 from ..core.options import check_known
 from ..core.progress import Progress
 from ..engines.mito import features as ft
-from ..engines.mito.detrend import DRIFT_CORRECTIONS, MIN_SECTIONS, MIN_WINDOW, SERIAL_SECTIONS
+from ..engines.mito.detrend import (
+    DEFAULT_DRIFT_CORRECTION,
+    DRIFT_CORRECTIONS,
+    MIN_SECTIONS,
+    MIN_WINDOW,
+    SERIAL_SECTIONS,
+)
 from ..engines.mito.elastic import ELASTIC_SOLVER, ELASTIC_SOLVERS
 from ..engines.mito.solve import DRIFT_PRIOR, GLOBAL_MODEL, GLOBAL_MODELS, NEIGHBOURS
 from ._common import HelpFormatter, ProgressBars, add_key_values, add_quiet, parse_options
@@ -134,10 +140,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--drift-correction",
         default=None,
         choices=DRIFT_CORRECTIONS,
-        help="detrend: remove the slow trend of the section positions through depth (organelle drift); "
-        "auto: only where that trend is more than the sections' own scatter explains (placement jitter "
-        "is kept); both for serial-section TEM only, not FIB-SEM/SBEM stage drift; skipped below 10 sections "
-        "(default none; auto with --serial-sections)",
+        help="detrend: remove the slow trend of the section positions through depth (organelle drift; "
+        "wrong for FIB-SEM/SBEM stage drift); auto: only where that trend is more than the sections' "
+        "own scatter explains and the rest of the image (mitochondria left out) moves with it, i.e. "
+        "the organelles drift, not the sections (placement jitter and stage drift are kept); skipped "
+        "below 10 sections (default auto; none: the placement as solved)",
     )
     p.add_argument(
         "--drift-window",
@@ -214,7 +221,11 @@ def _align_options(args: argparse.Namespace) -> dict:
         options["guided_pairs"] = False
     if args.elastic:
         options.setdefault("elastic", True)
-    preset = SERIAL_SECTIONS if args.serial_sections else {"reference": "0", "drift_correction": "none"}
+    preset = (
+        SERIAL_SECTIONS
+        if args.serial_sections
+        else {"reference": "0", "drift_correction": DEFAULT_DRIFT_CORRECTION}
+    )
     reference = preset["reference"] if args.reference is None else args.reference
     reference = int(reference) if str(reference).lstrip("-").isdigit() else reference
     drift_correction = preset["drift_correction"] if args.drift_correction is None else args.drift_correction

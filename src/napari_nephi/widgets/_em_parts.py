@@ -17,7 +17,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..engines.mito.detrend import DRIFT_CORRECTIONS, MIN_WINDOW, SERIAL_SECTIONS
+from ..engines.mito.detrend import DEFAULT_DRIFT_CORRECTION, DRIFT_CORRECTIONS, MIN_WINDOW, SERIAL_SECTIONS
 from ..engines.mito.elastic import ELASTIC_SOLVER, ELASTIC_SOLVERS, default_solver
 from ..engines.mito.features import DESCRIPTORS, DETECTORS, MATCHERS, MODELS
 from ..engines.mito.solve import DRIFT_PRIOR, GLOBAL_MODEL, GLOBAL_MODELS, NEIGHBOURS
@@ -135,11 +135,12 @@ class EMOptions(QWidget):
         )
         self.drift_correction = _choice(
             DRIFT_CORRECTIONS,
-            "none",
-            "Slow drift through depth. detrend: take the trend of the section positions through depth to "
-            "be organelle drift, not misalignment, and remove it; auto: only where that trend is more than "
-            "the sections' own scatter explains (serial-section TEM with placement jitter). Both: not for "
-            "FIB-SEM/SBEM stage drift; skipped below 10 sections",
+            DEFAULT_DRIFT_CORRECTION,
+            "Slow drift through depth. auto (default): remove the trend of the section positions through "
+            "depth only where it is more than the sections' own scatter explains and the rest of the image "
+            "(mitochondria left out) moves with it: organelle drift is removed, placement jitter and "
+            "FIB-SEM/SBEM stage drift are kept. detrend: always remove it (not for stage drift). none: the "
+            "placement as solved. Skipped below 10 sections",
         )
         self.drift_window = _spin(
             _WindowSpinBox(), 0.0, 100_000.0, "whole stack (one line)",

@@ -53,7 +53,18 @@ from ...core.progress import CancelFlag, Progress, ProgressCallback
 from ...core.registration import Registration
 from ...core.transform import ElasticSectionTransform, PerSectionTransform
 from . import features as ft
-from .detrend import AUTO_P, check_drift_options, detrend, section_centres, trend_test, windows
+from .background import background_motion, classify
+from .detrend import (
+    AUTO_P,
+    DEFAULT_DRIFT_CORRECTION,
+    MIN_TREND,
+    SCREEN_P,
+    check_drift_options,
+    detrend,
+    section_centres,
+    trend_test,
+    windows,
+)
 from .detrend import MIN_SECTIONS as MIN_DETREND_SECTIONS
 from .elastic import ELASTIC_SOLVERS, elastic_fields, field_affine_fit, warp_elastic_section
 from .elastic import default_solver as default_elastic_solver
@@ -591,10 +602,12 @@ def _global_placement(n, ref, shape, chain_edges, extra_edges, chained, rows, mo
     return matrices, summary, placed_by
 
 
-def _detrended(matrices, shape, ref, rows, window, auto=False):
+def _detrended(matrices, shape, ref, rows, window, auto=False, background=None):
     """:func:`.detrend.detrend` over the sections placed by a real match (not blank, no identity
     fallback); the shifts go into the report rows; the summary for the metrics. ``auto``: only
-    where :func:`.detrend.trend_test` finds a trend (p below :data:`.detrend.AUTO_P`)."""
+    where :func:`.detrend.trend_test` finds a trend and the rest of the image says it is the
+    organelles' (``background(matrices, use)``: :func:`.background.background_motion`; session 22),
+    see :func:`_auto_decision`."""
     use = np.array([r is not None and r["fallback"] != "identity" for r in rows])
     use[ref] = True
     if use.sum() < MIN_DETREND_SECTIONS:
@@ -608,10 +621,19 @@ def _detrended(matrices, shape, ref, rows, window, auto=False):
             "skipped": note,
             "sections_used": int(use.sum()),
         }
-    test = trend_test(section_centres(matrices, shape), use) if auto else None
-    if test is not None and test["p"] >= AUTO_P:
-        return matrices, {"method": "none", "auto": test, "window": window, "sections_used": int(use.sum())}
-    matrices, shift = detrend(matrices, shape, ref, use, window)
+    slope = None
+    test = None
+    if auto:
+        test = trend_test(section_centres(matrices, shape), use)
+        apply, slope = _auto_decision(test, matrices, use, background)
+        if not apply:
+            return matrices, {
+                "method": "none",
+                "auto": test,
+                "window": window,
+                "sections_used": int(use.sum()),
+            }
+    matrices, shift = detrend(matrices, shape, ref, use, window, slope)
     for k, row in enumerate(rows):
         if row is not None:
             row["drift_shift"] = [float(shift[k, 0]), float(shift[k, 1])]
@@ -620,9 +642,11 @@ def _detrended(matrices, shape, ref, rows, window, auto=False):
         "method": "detrend", "window": window, "shift_max": float(norm.max()),
         "shift_per_section": [float(v) for v in norm], "sections_used": int(use.sum()),
     }  # fmt: skip
+    if slope is not None:
+        info["slope_removed"] = [float(v) for v in slope]
     if test is not None:
         info["auto"] = test
-    widened = np.flatnonzero(windows(use, window) > window) if window > 0 else []
+    widened = np.flatnonzero(windows(use, window) > window) if window > 0 and slope is None else []
     if len(widened):
         info["widened_sections"] = [int(k) for k in widened]
         info["note"] = (
@@ -633,7 +657,34 @@ def _detrended(matrices, shape, ref, rows, window, auto=False):
     return matrices, info
 
 
-def _detrended_elastic(matrices, fields, shape, ref, rows, window, auto=False):
+def _auto_decision(test: dict, matrices, use, background) -> tuple[bool, np.ndarray | None]:
+    """``(detrend?, slope to remove or None for the whole trend)`` of ``drift_correction="auto"``;
+    ``test`` (:func:`.detrend.trend_test`'s) gains what decided under ``"background"``.
+
+    Session 22: where the variogram test finds a trend at :data:`.detrend.SCREEN_P`, the background
+    (:func:`.background.background_motion`) says whose it is (:func:`.background.classify`): the
+    organelles' is removed, the sections' kept (stage drift), and where both drift only the
+    background's slope is removed; where it cannot tell (``"undecided"``) the trend is kept. Where
+    the background cannot be measured (or no ``background`` is given) the variogram test decides
+    alone, at :data:`.detrend.AUTO_P`, as before. A trend of less than :data:`.detrend.MIN_TREND`
+    pixels over the placed sections is left alone."""
+    placed = np.flatnonzero(use)
+    span = placed[-1] - placed[0] if len(placed) else 0
+    if test["p"] >= SCREEN_P or float(np.hypot(*test["slope"])) * span < MIN_TREND:
+        return False, None
+    if background is None:
+        return test["p"] < AUTO_P, None
+    motion = background(matrices, use)
+    decision, share = classify(test["slope"], motion)
+    test["background"] = {**motion, "decision": decision, "share": share}
+    if decision == "unmeasured":
+        return test["p"] < AUTO_P, None
+    if decision == "both":
+        return True, np.asarray(motion["slope"], np.float64)
+    return decision == "organelles", None
+
+
+def _detrended_elastic(matrices, fields, shape, ref, rows, window, auto=False, background=None):
     """:func:`_detrended` of the sections as the elastic ``fields`` place them (each matrix with its
     field's mean displacement, the least-squares affine fit of the field at the centre of the frame);
     the shifts go onto the matrices, which moves the sections with their fields (``P (p + s + u(p))``).
@@ -646,7 +697,7 @@ def _detrended_elastic(matrices, fields, shape, ref, rows, window, auto=False):
     at = np.repeat(np.eye(3)[None], n, axis=0)
     at[:, :2, 2] = field_affine_fit(fields, shape)[:, 4:]
     placed = matrices @ at
-    moved, info = _detrended(placed, shape, ref, rows, window, auto)
+    moved, info = _detrended(placed, shape, ref, rows, window, auto, background)
     return np.stack([matrices[k] @ np.linalg.solve(placed[k], moved[k]) for k in range(n)]), info
 
 
@@ -720,7 +771,7 @@ def align_stack(
     global_model: str = GLOBAL_MODEL,
     drift_prior: float = DRIFT_PRIOR,
     guided_pairs: bool = True,
-    drift_correction: str = "none",
+    drift_correction: str = DEFAULT_DRIFT_CORRECTION,
     drift_window: float = 0.0,
     elastic: bool = False,
     elastic_spacing: float = 32.0,
@@ -841,12 +892,17 @@ def align_stack(
         placed independently), wrong for FIB-SEM / SBEM stage drift (see :mod:`.detrend`).
         With ``elastic_solver="joint"`` the trend is taken after the elastic step, of where the
         sections land with their fields (the joint solve's keypoint pairs would undo it).
-        ``"auto"`` (serial sections): detrend only where the straight-line trend is more than
-        the sections' own scatter and slow wander explain (:func:`.detrend.trend_test`, p below
-        0.001): drifting organelles are taken out, sections that only scatter (placement
-        jitter) are left as solved; still wrong for FIB-SEM / SBEM stage drift. The settings'
-        ``drift_correction_applied`` and ``metrics["drift_correction"]`` say what ran and why.
-        ``"none"`` (default) leaves the placement as solved.
+        ``"auto"`` (the default since session 22): detrend only where the straight-line trend is
+        more than the sections' own scatter and slow wander explain (:func:`.detrend.trend_test`,
+        p below 0.05) and the rest of the image (membranes, texture; the mitochondria left out)
+        moves with it in the aligned stack, i.e. where it is the organelles' drift
+        (:mod:`.background`): sections that only scatter (placement jitter) and sections that
+        drift as a whole (FIB-SEM / SBEM stage drift, whose background stays put once aligned)
+        are left as solved; where both drift, only the background's slope is removed. Where the
+        background cannot be measured (fewer than 16 neighbour pairs) the trend test alone
+        decides, at p 0.001 (up to session 21's rule). The settings' ``drift_correction_applied``
+        and ``metrics["drift_correction"]`` (``["auto"]["background"]``) say what ran and why.
+        ``"none"`` (the default up to session 21) leaves the placement as solved.
     elastic, elastic_spacing, elastic_radius, elastic_iterations
         Elastic refinement after the per-section maps (off by default): a smooth displacement
         per section on a grid of ``elastic_spacing`` pixels, minus the median optical flow to
@@ -1030,9 +1086,18 @@ def align_stack(
         )  # fmt: skip
     # with the joint elastic solve the trend is taken after it (its keypoint pairs would undo it)
     auto = drift_correction == "auto"
+    background = None
+    if auto:  # the rest of the image (mitochondria left out where the keypoints used them)
+
+        def background(mats, use):
+            return background_motion(
+                lambda k: to_uint8(read_section(stack, k), *intensity),
+                sections.region if opts.use_masks else None, mats, (h, w), use, workers=workers,
+            )  # fmt: skip
+
     late_detrend = drift_correction != "none" and elastic and elastic_solver == "joint"
     if drift_correction != "none" and not late_detrend:
-        matrices, drift_info = _detrended(matrices, (h, w), ref, rows, drift_window, auto)
+        matrices, drift_info = _detrended(matrices, (h, w), ref, rows, drift_window, auto, background)
     fields = None
     if elastic:  # part of the alignment time
         t0 = time.perf_counter()
@@ -1043,7 +1108,9 @@ def align_stack(
             rois=sections.region if elastic_landmarks else None,
         )  # fmt: skip
         if late_detrend:
-            matrices, drift_info = _detrended_elastic(matrices, fields, (h, w), ref, rows, drift_window, auto)
+            matrices, drift_info = _detrended_elastic(
+                matrices, fields, (h, w), ref, rows, drift_window, auto, background
+            )
         t_elastic = time.perf_counter() - t0
     t_align = time.perf_counter() - t_align
     if elastic:

@@ -1,0 +1,219 @@
+"""Does the rest of the section move where the mitochondria do not? (``drift_correction="auto"``,
+session 22.)
+
+A slow trend of the section positions through depth has two causes that keypoints on the
+mitochondria cannot tell apart: the organelles drift through the tissue (cut obliquely) while the
+sections stay put, or the sections themselves drift (stage or beam drift of a FIB-SEM or
+block-face stack, a slow systematic offset of placed ssTEM sections) and everything in them moves
+together. After an alignment that pins the mitochondria, the two differ in the rest of the image:
+where the organelles drift, the membranes, vesicles and texture move steadily in the aligned
+stack (by the positions' trend, every section); where the sections drift, the aligner has undone
+it for everything and the rest of the image stays put.
+
+:func:`background_motion` measures that motion: for up to :data:`PAIRS` pairs of neighbouring
+sections spread over the stack, a few crops of both are resampled at full resolution into the
+aligned frame, the mitochondria (the masks the keypoints used) and the sections' borders are left
+out, and the shift between them is the peak of their cross-correlation on band-passed crops (the
+finest texture kept; noise, shading and membranes mostly out). Every pair's shift is one
+measurement of the background's motion per section; their median is the background's drift per
+section, with a standard error from runs of pairs along the stack (the structures' own apparent
+motion persists over a few sections). :func:`classify` then compares it with the positions' trend.
+
+Assumption: the tissue around the mitochondria has no common motion through depth of its own (its
+structures move at random as they are cut). Where it drifts with the organelles (a whole block
+cut obliquely, the benchmark's ``tissue-drift``), nothing in the image can tell that from the
+sections drifting, and the trend is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+
+#: Neighbour pairs measured (evenly spread over the sections placed by a real match).
+PAIRS = 64
+#: Side (pixels) of the square crops compared, at full resolution, and their grid: ``GRID x GRID``
+#: crops, side by side, centred on the aligned frame (those inside it). Full resolution: the finest
+#: texture changes least with depth; coarser structures (membranes cut at an angle, shading) sweep
+#: across the section from one section to the next, and their apparent motion, random in
+#: direction, did not average out over 80 sections (synthetic seed 6, truth's own frame: 0.25 px per
+#: section at a quarter of the resolution, 0.005 px at full resolution; these crops with the true
+#: matrices of the rotated stack: 0.03 px; docs/mito.md, session 22).
+CROP, GRID = 256, 3
+#: Gaussian sigmas (pixels) of the band-pass: noise out below, shading and membranes out above.
+FINE_SIGMA, COARSE_SIGMA = 1.0, 2.0
+#: Pixels around the mitochondria and the sections' borders left out.
+MARGIN = 12
+#: Fewer pairs measured than this: no decision (``"unmeasured"``).
+MIN_PAIRS = 16
+#: Runs of pairs along the stack whose medians give the standard error (:func:`background_motion`).
+BLOCKS = 8
+#: Chi-square (2 degrees of freedom) within which the background's slope agrees with a hypothesis
+#: (p 0.01).
+AGREE = 9.21
+#: Smallest standard error (px per section) trusted per axis: a handful of blocks can agree by chance.
+SE_FLOOR = 0.02
+
+
+def crops(shape) -> list[tuple[int, int, int, int]]:
+    """``(y0, x0, height, width)`` of the crops compared (:data:`CROP`, :data:`GRID`), inside ``shape``."""
+    h, w = int(shape[0]), int(shape[1])
+    ch, cw = min(CROP, h), min(CROP, w)
+    out = []
+    for i in range(GRID):
+        for j in range(GRID):
+            y0 = (h - ch) // 2 + (i - (GRID - 1) // 2) * ch
+            x0 = (w - cw) // 2 + (j - (GRID - 1) // 2) * cw
+            if 0 <= y0 <= h - ch and 0 <= x0 <= w - cw:
+                out.append((y0, x0, ch, cw))
+    return out
+
+
+def _prepared(section: np.ndarray, mito: np.ndarray | None, matrix: np.ndarray, boxes):
+    """``[(band-passed crop of the section in the aligned frame, weight 0/1)]`` for every box (only
+    the part of the section under each crop is read)."""
+    swap = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=np.float64)
+    k = 2 * MARGIN + 1
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    sh, sw = section.shape
+    out = []
+    for y0, x0, ch, cw in boxes:
+        m = matrix @ np.array([[1.0, 0.0, y0], [0.0, 1.0, x0], [0.0, 0.0, 1.0]])  # crop -> section (y, x)
+        corners = m @ np.array([[0, 0, ch, ch], [0, cw, 0, cw], [1.0, 1.0, 1.0, 1.0]])
+        lo = np.floor(corners[:2].min(1) - MARGIN - 3).astype(int)
+        hi = np.ceil(corners[:2].max(1) + MARGIN + 3).astype(int)
+        lo, hi = np.maximum(lo, 0), np.minimum(hi, (sh, sw))
+        if np.any(hi - lo < 2):
+            out.append((np.zeros((ch, cw), np.float32), np.zeros((ch, cw), np.uint8)))
+            continue
+        part = section[lo[0] : hi[0], lo[1] : hi[1]]
+        bad = (part == 0).astype(np.uint8)  # the zero padding of rotated / shifted sections
+        if mito is not None:
+            bad |= (mito[lo[0] : hi[0], lo[1] : hi[1]] > 0).astype(np.uint8)
+        shift = np.array([[1.0, 0.0, -lo[0]], [0.0, 1.0, -lo[1]], [0.0, 0.0, 1.0]])
+        mx = (swap @ shift @ m @ swap)[:2]  # (x, y); crop pixels -> part pixels
+        flags = cv2.WARP_INVERSE_MAP | cv2.INTER_LINEAR
+        img = cv2.warpAffine(
+            part.astype(np.float32), mx, (cw, ch), flags=flags, borderMode=cv2.BORDER_CONSTANT
+        )
+        flags = cv2.WARP_INVERSE_MAP | cv2.INTER_NEAREST
+        bad = cv2.warpAffine(bad, mx, (cw, ch), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=1)
+        bad = cv2.dilate(bad, disk)
+        img = cv2.GaussianBlur(img, (0, 0), FINE_SIGMA) - cv2.GaussianBlur(img, (0, 0), COARSE_SIGMA)
+        out.append((img, 1 - bad))
+    return out
+
+
+def pair_step(pa, pb) -> np.ndarray | None:
+    """``(2,)`` (y, x) pixels by which the content of section b lies moved from section a (``b(p) ~
+    a(p - d)``), from their crops (:func:`_prepared`): the peak of the cross-correlation summed over
+    the crops, over the pixels both weights keep (feathered), at whole shifts of up to 2 px (1 where
+    the peak is at 0), refined by a Gaussian through the peak and its neighbours per axis (a
+    correlation peak does not shrink toward 0 where the content changes, as a gradient step does).
+    None with too few pixels or the peak at the edge of the reach."""
+    r = 2
+    parts, total = [], 0.0
+    for (a, wa), (b, wb) in zip(pa, pb):
+        w = cv2.GaussianBlur((wa & wb).astype(np.float32), (0, 0), 2.0)
+        total += float(w[r:-r, r:-r].sum())
+        parts.append(((a * w)[r:-r, r:-r], b * w))
+    if total < 2000:
+        return None
+    c = np.full((2 * r + 1, 2 * r + 1), np.nan)
+
+    def fill(reach):
+        for dy in range(-reach, reach + 1):
+            for dx in range(-reach, reach + 1):
+                if np.isnan(c[r + dy, r + dx]):
+                    c[r + dy, r + dx] = sum(
+                        float((aw * bw[r + dy : bw.shape[0] - r + dy, r + dx : bw.shape[1] - r + dx]).sum())
+                        for aw, bw in parts
+                    )
+
+    fill(1)
+    if np.nanargmax(c) != c.size // 2:
+        fill(2)
+    i, j = np.unravel_index(np.nanargmax(c), c.shape)
+    if not (0 < i < 2 * r and 0 < j < 2 * r) or c[i, j] <= 0:
+        return None
+    return np.array([i - r + _vertex(*c[i - 1 : i + 2, j]), j - r + _vertex(*c[i, j - 1 : j + 2])])
+
+
+def _vertex(m: float, z: float, p: float) -> float:
+    """Offset of the peak from the middle of three samples: a Gaussian's where all are positive,
+    else the parabola's."""
+    if min(m, z, p) > 0:
+        m, z, p = math.log(m), math.log(z), math.log(p)
+    den = m - 2 * z + p
+    return 0.0 if den >= 0 else float(np.clip(0.5 * (m - p) / den, -0.5, 0.5))
+
+
+def background_motion(
+    read: Callable[[int], np.ndarray],
+    mito: Callable[[int], np.ndarray] | None,
+    matrices: np.ndarray,
+    shape,
+    use: np.ndarray,
+    pairs: int = PAIRS,
+    workers: int = 1,
+) -> dict:
+    """The background's motion per section in the aligned frame (see the module doc).
+
+    ``read(k)``: section ``k`` as uint8; ``mito(k)``: its mitochondria (0/1, the section's size) or
+    None; ``matrices[k]`` maps the aligned frame to section ``k``; pairs ``(k, k + 1)`` with both in
+    ``use``. Returns ``{"slope" (px per section, y, x: median step), "se" (its standard error per
+    axis), "pairs" (measured)}``; ``slope`` is comparable with :func:`.detrend.trend_test`'s slope
+    (the positions' trend): equal where the organelles drift, 0 where the sections do."""
+    use = np.asarray(use, bool)
+    ks = np.flatnonzero(use[:-1] & use[1:])
+    out = {"slope": [0.0, 0.0], "se": [math.inf, math.inf], "pairs": 0}
+    if len(ks) < MIN_PAIRS:
+        return out
+    ks = ks[np.unique(np.linspace(0, len(ks) - 1, min(pairs, len(ks))).round().astype(int))]
+    boxes = crops(shape)
+
+    def one(k):
+        a = _prepared(read(k), None if mito is None else mito(k), matrices[k], boxes)
+        b = _prepared(read(k + 1), None if mito is None else mito(k + 1), matrices[k + 1], boxes)
+        return pair_step(a, b)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mito-bg") as ex:
+        steps = [d for d in ex.map(one, ks) if d is not None]
+    if len(steps) < MIN_PAIRS:
+        return {**out, "pairs": len(steps)}
+    steps = np.array(steps)
+    # the structures' own apparent motion persists over several sections, so neighbouring pairs'
+    # errors are alike: the standard error from the medians of BLOCKS runs of pairs along the stack
+    blocks = np.array([np.median(b, axis=0) for b in np.array_split(steps, BLOCKS)])
+    med = np.median(steps, axis=0)
+    se = blocks.std(axis=0, ddof=1) / math.sqrt(BLOCKS)
+    return {"slope": [float(v) for v in med], "se": [float(v) for v in se], "pairs": len(steps)}
+
+
+def classify(trend_slope, motion: dict) -> tuple[str, float]:
+    """``(decision, share)``: is the positions' trend ``trend_slope`` (px per section, y, x) the
+    organelles' drift or the sections'? ``motion``: :func:`background_motion`'s. ``share``: the
+    part of the trend the background follows (its projection on the trend: 1 organelle drift, 0
+    section drift). With the background's slope ``b`` and its standard error, a hypothesis fits
+    where ``b`` lies within :data:`AGREE` (chi-square, 2 degrees of freedom) of what it predicts:
+    ``"organelles"`` where ``b`` fits the trend and not 0; ``"sections"`` the reverse;
+    ``"undecided"`` where both fit (the trend is too small for the background to tell: it is kept
+    as solved); ``"both"`` where neither fits (the sections drift and the organelles drift within
+    them: only the background's slope is theirs). ``"unmeasured"`` with fewer than
+    :data:`MIN_PAIRS` pairs measured."""
+    s, b, se = (np.asarray(v, np.float64) for v in (trend_slope, motion["slope"], motion["se"]))
+    share = float(b @ s / max(float(s @ s), 1e-12))
+    if motion["pairs"] < MIN_PAIRS or not np.all(np.isfinite(se)):
+        return "unmeasured", share
+    se = np.maximum(se, SE_FLOOR)
+    organelles = float((((b - s) / se) ** 2).sum()) < AGREE
+    sections = float(((b / se) ** 2).sum()) < AGREE
+    if organelles and sections:
+        return "undecided", share
+    if organelles or sections:
+        return ("organelles" if organelles else "sections"), share
+    return "both", share
