@@ -218,9 +218,11 @@ def test_the_check_maps_slab_by_slab_with_the_same_scores(monkeypatch):
     assert runs[0].units is None and len(runs[0].scores) == 2
 
 
-def test_the_memory_check_counts_the_held_out_check(monkeypatch):
-    """``check_run_memory`` counts the check where it may run (review 2 of session 21, B6): 17 float32 a
-    pixel for three levels, more than the outputs' 9; off, or in predict mode, only the outputs count."""
+def test_the_memory_check_counts_the_held_out_check(monkeypatch, small_pair):
+    """``check_run_memory`` counts the check where it will run (review 2 of session 21, B6): 17 float32 a
+    pixel for three levels, more than the outputs' 9. Under "auto" it is tested once the noise estimate asks
+    for the check, and skipped with a note where it does not fit; a clean pair, which never checks, runs
+    (review 1 of session 22, B1: counting it up front refused clean runs)."""
     from napari_nephi.core import device as core_device
     from napari_nephi.core.errors import OutOfMemoryError
     from napari_nephi.engines.nephi import checks
@@ -239,5 +241,29 @@ def test_the_memory_check_counts_the_held_out_check(monkeypatch):
     small = (checks.output_bytes(img.shape) + checks.heldout_bytes(img.shape, 3)) // 2
     monkeypatch.setattr(core_device, "available_memory_bytes", lambda device: small)
     with pytest.raises(OutOfMemoryError, match="held-out check"):
-        nn.register(f, m, method="nephi", device="cpu", iterations=1)
-    nn.register(f, m, method="nephi", device="cpu", iterations=1, coarse_iterations=2, noise_heldout=False)
+        nn.register(f, m, method="nephi", device="cpu", iterations=1, noise_heldout=True)
+    quick = {"iterations": 1, "coarse_iterations": 2}
+    reg = nn.register(f, m, method="nephi", device="cpu", **quick)  # "auto": skipped, with a note
+    assert reg.settings["noise_heldout"] is False and "noise_heldout_shares" not in reg.metrics
+    assert any("skipped the held-out check" in note for note in reg.metrics["notes"]), reg.metrics["notes"]
+    fixed, moving = small_pair  # clean: never checks, so never refused for it
+    small = (checks.output_bytes(fixed.shape) + checks.heldout_bytes(fixed.shape, 3)) // 2
+    monkeypatch.setattr(core_device, "available_memory_bytes", lambda device: small)
+    clean = nn.register(fixed, moving, method="nephi", device="cpu", **quick)
+    assert clean.settings["noise_heldout"] is False
+    assert not any("held-out" in note for note in clean.metrics.get("notes", []))
+
+
+def test_level_gates_read_the_module_constants_at_the_call(monkeypatch):
+    """Review 1 of session 22, B2: ``Z_LOCAL`` was bound as a default argument, so setting the module's
+    value changed nothing; now a local test at two standard errors keeps the candidate of the test above
+    nowhere."""
+    rng = np.random.default_rng(0)
+    r = torch.as_tensor(rng.standard_normal((128, 128)))
+    r = r / r.square().sum().sqrt()
+    check = heldout.Heldout([r, r], [(0 * r, 0 * r), (r, r)], [0.1, 0.1])
+    spacing = 2.0 * np.sqrt(3)
+    assert heldout.level_gates(check, [spacing])[0] == [None]
+    monkeypatch.setattr(heldout, "Z_LOCAL", 2.0)
+    gate = heldout.level_gates(check, [spacing])[0][0]
+    assert gate is not None and gate.max() < 0.01

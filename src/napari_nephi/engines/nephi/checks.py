@@ -17,7 +17,7 @@ import torch
 
 from ...core import regularizers as R
 from ...core.device import check_memory
-from ...core.errors import InputError
+from ...core.errors import InputError, OutOfMemoryError
 from ...core.options import check_bool, check_choice, check_float, check_int
 from ...core.similarity import metric
 from .coarse import MATCH_BLUR_MODES
@@ -148,6 +148,17 @@ def heldout_bytes(shape: Sequence[int], levels: int) -> int:
     return 4 * nvox * (3 * int(levels) + 8) + FIXED_OVERHEAD
 
 
+def heldout_memory_note(shape: Sequence[int], levels: int) -> str | None:
+    """Where ``noise_heldout="auto"`` decides to check (the noise estimate asks for it): None if the
+    check fits in the free memory (:func:`heldout_bytes`), else the note of a run that skips it (review 1
+    of session 22, B1: counting it before the estimate refused clean runs that never check)."""
+    try:
+        check_memory(heldout_bytes(shape, levels), torch.device("cpu"), "held-out check", "")
+    except OutOfMemoryError as err:
+        return f"noise_heldout='auto' skipped the held-out check of the coarse levels: {str(err).strip()}"
+    return None
+
+
 def check_run_memory(
     shape: Sequence[int],
     device: torch.device,
@@ -161,8 +172,10 @@ def check_run_memory(
     The dense outputs live in system memory whatever the device (on the CPU they are made after the
     optimisation's image copies are freed); without divide-and-downsample the whole images also sit
     on a GPU ``device`` while it optimises. ``heldout_levels`` (0: none): the held-out check of that
-    many coarse levels may run (:func:`heldout_bytes`; it is over before the outputs are made, so the
-    larger of the two counts).
+    many coarse levels will run (``noise_heldout=True``; :func:`heldout_bytes`; it is over before the
+    outputs are made, so the larger of the two counts). Under ``"auto"`` the engine tests it once the
+    noise estimate asks for the check, and skips the check where it does not fit
+    (:func:`heldout_memory_note`).
     """
     text = " x ".join(str(int(n)) for n in shape)
     advice = (

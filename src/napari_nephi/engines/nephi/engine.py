@@ -46,7 +46,7 @@ from ..registry import register_engine
 from . import chunked as chunking
 from . import contrast, heldout, noise
 from .bspline import intervals_for_spacing
-from .checks import check_options, check_result, check_run_memory, optimised_similarity
+from .checks import check_options, check_result, check_run_memory, heldout_memory_note, optimised_similarity
 from .coarse import (
     MATCH_BLUR_MAX_VOXELS,
     DenseMaps,
@@ -425,15 +425,11 @@ def register_nephi(
     device = choose_device(pair.device)
     masks = sum(m is not None for m in (pair.fixed_mask, pair.moving_mask))
     same_grid = pair.moving.shape == fshape or initial != "none"  # else no backward field
-    # the held-out check may run (the noise estimate that decides "auto" comes later): count it
-    may_check = (
-        mode == "optimize"
-        and noise_supported
-        and levels > 1
-        and coarse_iterations > 0
-        and (noise_heldout is True or (noise_heldout == "auto" and noise_adapt is not False))
-    )
-    check_levels = levels - 1 + finer_level_runs(coarse_finer_level, coarse_reg_weight) if may_check else 0
+    # noise_heldout=True: the held-out check will run, count it now; "auto" is tested where the noise
+    # estimate asks for it (below), so a clean run that never checks is not refused (review 1, B1)
+    will_check = mode == "optimize" and noise_supported and levels > 1 and coarse_iterations > 0
+    will_check = will_check and noise_heldout is True
+    check_levels = levels - 1 + finer_level_runs(coarse_finer_level, coarse_reg_weight) if will_check else 0
     check_run_memory(fshape, device, use_chunks, same_grid, masks, heldout_levels=check_levels)
     reset_peak_memory(device)
     start = time.perf_counter()
@@ -521,6 +517,11 @@ def register_nephi(
         and coarse_iterations > 0
         and (noise_heldout is True or (noise_heldout == "auto" and noise_ran))
     )
+    if heldout_ran and noise_heldout == "auto":  # the check's memory, now that it would run
+        skipped = heldout_memory_note(fshape, len(coarse_spacings))
+        if skipped is not None:
+            heldout_ran = False
+            notes.append(skipped)
     raw_cmp = (fixed_cmp, moving_cmp) if heldout_ran else None
     heldout_check, heldout_shares, coarse_kept = None, None, len(coarse_spacings)
     if heldout_ran:
