@@ -112,6 +112,21 @@ def test_spare_cuts_keeps_a_half_section_s_score_and_its_plate(search, toy_refer
     assert loss[False] > 0.05 and 0 <= loss[True] < 0.03, loss
 
 
+def test_the_plain_score_survives_a_band_that_takes_the_whole_score():
+    """``outside_weight`` 1 with the band all on tissue scores 0; the plain score is still the similarity."""
+    a_re, a_im, a_mask, ring, corr, (fa, ea, na) = box_section(4, 32, 2)
+    args = (
+        fa[None],
+        torch.tensor([ea]),
+        torch.tensor([na]),
+        corr.slice(a_re, a_im, np.ones_like(a_mask))[None],
+    )
+    similarity = float(corr.best(*args)[0][0, 0])
+    value, _, plain = corr.best(*args, torch.tensor([float(ring.sum())]), 1.0, 0.0, True)
+    assert float(value[0, 0]) == pytest.approx(0.0, abs=1e-6) and similarity > 0.5
+    assert float(plain[0, 0]) == pytest.approx(similarity, rel=1e-5)
+
+
 def _pose(z, score, plain):
     return Pose(score, float(z), int(round(z)), (0.0, 0.0), 0.0, 1.0, (0.0, 0.0), plain=plain)
 
@@ -130,12 +145,24 @@ def test_plain_reach_orders_the_best_pose_s_neighbours_by_the_similarity_without
     assert plain.ranking[1][1] == pytest.approx(banded.ranking[0][1] + 0.005)
     far = [p for p, _ in plain.ranking].index(60)
     assert far > 2 and [p for p, _ in banded.ranking].index(60) > 2
+    # a tilted best pose lies between plates: a window of 0 plates still holds its own plate
+    tilted = [_pose(20.4, 0.52, 0.55), _pose(19.0, 0.50, 0.60)]
+    for reach, top in ((0, 20), (2, 19)):  # 19 is 1.4 plates from 20.4: in the window of 2 only
+        assert _rank(tilted, order, 0.005, 0, 80, None, 8, reach).ranking[0][0] == top
     # without the band's scores (None) nothing changes
     bare = [_pose(20, 0.50, None), _pose(21, 0.52, None)]
     assert (
         _rank(bare, order, 0.005, 0, 80, None, 8, 1).ranking
         == _rank(bare, order, 0.005, 0, 80, None, 8).ranking
     )
+
+
+def test_plain_reach_is_on_by_default_and_off_without_the_band():
+    from napari_nephi.engines.atlas.rerank import FAST, SEEDED
+
+    assert check_rerank_options({})["plain_reach"] == 1  # session 22
+    for preset in (SEEDED, FAST):  # no band, so no plain score: the ranking is the score's
+        assert check_rerank_options(preset)["outside_weight"] == 0.0
 
 
 def test_bad_band_options_raise():

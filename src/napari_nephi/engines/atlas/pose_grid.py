@@ -125,12 +125,18 @@ def section_weight(mask: np.ndarray) -> np.ndarray:
 def outside_band(mask: np.ndarray, width: int) -> np.ndarray:
     """The band ``width`` pixels wide just outside ``mask``'s tissue, with its holes and cracks
     narrower than the band closed first (a tear is not the outside of the section), as float32."""
-    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * width + 1, 2 * width + 1))
-    m = mask.astype(np.uint8)
-    pad = cv2.copyMakeBorder(m, width, width, width, width, cv2.BORDER_CONSTANT, value=0)
-    closed = cv2.morphologyEx(pad, cv2.MORPH_CLOSE, k)[width:-width, width:-width]
-    filled = ndimage.binary_fill_holes(closed > 0)
+    filled = _closed(mask, width)
     return (dilate(filled, width) & ~filled).astype(np.float32)
+
+
+def _closed(mask: np.ndarray, width: int) -> np.ndarray:
+    """``mask``'s tissue with its holes filled and its cracks narrower than ``width`` pixels closed."""
+    m = mask.astype(np.uint8)
+    if width > 0:
+        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * width + 1, 2 * width + 1))
+        pad = cv2.copyMakeBorder(m, width, width, width, width, cv2.BORDER_CONSTANT, value=0)
+        m = cv2.morphologyEx(pad, cv2.MORPH_CLOSE, k)[width:-width, width:-width]
+    return ndimage.binary_fill_holes(m > 0)
 
 
 def straight_runs(mask: np.ndarray, width: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -139,12 +145,7 @@ def straight_runs(mask: np.ndarray, width: int) -> list[tuple[np.ndarray, np.nda
     at least :data:`CUT_RUN` of the tissue's extent long with no outline pixel more than
     :data:`CUT_EPS` of the extent (at least 1 pixel) off the line between its ends. A knife cut or the
     edge of a partial section is such a run; a brain's natural outline curves."""
-    m = mask.astype(np.uint8)
-    if width > 0:
-        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * width + 1, 2 * width + 1))
-        pad = cv2.copyMakeBorder(m, width, width, width, width, cv2.BORDER_CONSTANT, value=0)
-        m = cv2.morphologyEx(pad, cv2.MORPH_CLOSE, k)[width:-width, width:-width]
-    filled = ndimage.binary_fill_holes(m > 0)
+    filled = _closed(mask, width)
     size = float(extent(filled).max())
     contours, _ = cv2.findContours(filled.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     runs = []
@@ -289,20 +290,18 @@ class Correlator:
         share = overlap.div_(na)
         skip = (share >= MIN_OVERLAP).logical_not_().logical_or_(self.skip)
         score = num.div_(energy.clamp_min_(1e-3 * ea).mul_(ea).add_(1e-12).sqrt_()).mul_(share.clamp_(0, 1))
+        unbanded = score
         if ring:  # times 1 - outside * (share of the band outside the section on atlas tissue)
             band = out[:, :, 3].div_(nr[None, :, None, None].clamp_min(1.0)).clamp_(0, 1)
             if free > 0:
                 band.sub_(free).clamp_(min=0).div_(1.0 - free)
-            score.mul_(band.mul_(-outside).add_(1.0))
+            score = score * band.mul_(-outside).add_(1.0)
         score.masked_fill_(skip, -2.0)
         value, index = score.flatten(2).max(dim=2)
         extra = ()
-        if plain:  # the band's factor at the best shift divided out
-            extra = (
-                value / band.flatten(2).gather(2, index[..., None])[..., 0].clamp_min(1e-6)
-                if ring
-                else value,
-            )
+        if plain:  # the score without the band at the best shift (-2 where no shift was searched)
+            at = unbanded.flatten(2).gather(2, index[..., None])[..., 0]
+            extra = (torch.where(value > -2.0, at, value),)
         if self.rows is not None:
             width = self.pad[1]
             index = self.rows[index // width] * width + index % width

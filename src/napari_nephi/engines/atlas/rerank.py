@@ -176,14 +176,16 @@ DEFAULTS = {
     # docstring, "Outside band")
     "outside_weight": 0.3,
     # the band is spared beyond straight runs of the section's outline (cut edges, pose_grid.straight_runs)
-    # and, where the tissue reaches the image's edge, beyond the image (False: the whole band counts)
+    # and, where the tissue reaches the image's edge, beyond the image (False: the whole band counts);
+    # this and the next two do nothing where outside_weight is 0 (no band)
     "spare_cuts": False,
     # share of the band on atlas tissue that costs nothing; above it the cost grows to outside_weight
     # at a share of 1 (0: every share costs)
     "outside_free": 0.0,
     # plates within this many of the best pose are ordered by the similarity without the outside band
-    # (the band picks the region, the similarity the plate; None: the band's score throughout)
-    "plain_reach": None,
+    # (the band picks the region, the similarity the plate; None: the band's score throughout, before
+    # session 22; no effect without the band, as in SEEDED and FAST)
+    "plain_reach": 1,
 }
 #: Options of a seeded search, for a first stage whose best plate lies within about 2 plates of the
 #: truth: no sweep of the atlas, its best plate and 2 neighbours each side in stage 1, one
@@ -704,7 +706,7 @@ def _plain_near_best(poses, own, z, dist, penalty: float, reach: int, prior) -> 
     if prior is not None:
         plain = plain - prior[np.array([p.plate for p in poses])[near]]
     plates = np.arange(len(dist))
-    window = np.abs(plates - z[top]) <= reach
+    window = (np.abs(plates - z[top]) <= reach) | (plates == poses[top].plate)  # never empty
     value = (plain[None, :] - penalty * np.abs(plates[window][:, None] - z[near][None, :])).max(axis=1)
     out = dist.copy()
     out[window] = dist.min() + (value.max() - value)
