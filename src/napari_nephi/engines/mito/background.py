@@ -50,7 +50,7 @@ FINE_SIGMA, COARSE_SIGMA = 1.0, 2.0
 MARGIN = 12
 #: Fewer pairs measured than this: no decision (``"unmeasured"``).
 MIN_PAIRS = 16
-#: Runs of pairs along the stack whose medians give the standard error (:func:`background_motion`).
+#: Runs of consecutive pairs measured, spread over the stack (:func:`background_motion`).
 BLOCKS = 8
 #: Chi-square (2 degrees of freedom) within which the background's slope agrees with a hypothesis
 #: (p 0.01).
@@ -173,7 +173,13 @@ def background_motion(
     out = {"slope": [0.0, 0.0], "se": [math.inf, math.inf], "pairs": 0}
     if len(ks) < MIN_PAIRS:
         return out
-    ks = ks[np.unique(np.linspace(0, len(ks) - 1, min(pairs, len(ks))).round().astype(int))]
+    # BLOCKS runs of consecutive pairs, spread over the stack: within a run the steps add up to the
+    # displacement between its first and last section, so each section's own distortion counts at
+    # the run's two ends only, not at every pair (drift + distorted, elastic, 80 sections, seed 19:
+    # standard error 0.16 px per section with pairs spread one by one)
+    length = max(1, min(pairs, len(ks)) // BLOCKS)
+    starts = np.linspace(0, len(ks) - length, BLOCKS).round().astype(int)
+    runs = [ks[s : s + length] for s in np.unique(starts)]
     boxes = crops(shape)
 
     def one(k):
@@ -182,16 +188,16 @@ def background_motion(
         return pair_step(a, b)
 
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mito-bg") as ex:
-        steps = [d for d in ex.map(one, ks) if d is not None]
-    if len(steps) < MIN_PAIRS:
-        return {**out, "pairs": len(steps)}
-    steps = np.array(steps)
-    # the structures' own apparent motion persists over several sections, so neighbouring pairs'
-    # errors are alike: the standard error from the medians of BLOCKS runs of pairs along the stack
-    blocks = np.array([np.median(b, axis=0) for b in np.array_split(steps, BLOCKS)])
-    med = np.median(steps, axis=0)
-    se = blocks.std(axis=0, ddof=1) / math.sqrt(BLOCKS)
-    return {"slope": [float(v) for v in med], "se": [float(v) for v in se], "pairs": len(steps)}
+        steps = [[d for d in ex.map(one, run) if d is not None] for run in runs]
+    measured = sum(len(r) for r in steps)
+    means = np.array([np.mean(r, axis=0) for r in steps if len(r)])
+    if measured < MIN_PAIRS or len(means) < 3:
+        return {**out, "pairs": measured}
+    # the runs' mean steps: their mean, and its standard error from their spread (the structures'
+    # own apparent motion persists over a few sections, so the pairs within a run are alike)
+    slope = means.mean(axis=0)
+    se = means.std(axis=0, ddof=1) / math.sqrt(len(means))
+    return {"slope": [float(v) for v in slope], "se": [float(v) for v in se], "pairs": measured}
 
 
 def classify(trend_slope, motion: dict) -> tuple[str, float]:
