@@ -95,6 +95,17 @@ def test_refine_grids_keep_optimize_knots_on_coarser_grids():
         for g, s in zip(grids, spacings):
             assert s >= 2 * max(n / m for n, m in zip(shape, g)), (shape, g, s)
     assert refine_grids((512, 512), 1) == ([], [])
+    assert refine_grids((512, 512), 1, finer=True) == ([], [])
+
+
+def test_the_finer_knot_level_of_predict_refine_runs_on_optimize_grid():
+    """Session 22: the finer-knot level follows on optimize's last grid (256^2 for 512^2), half the last
+    knot spacing; the coarser levels keep their grids twice as coarse."""
+    grids, spacings = refine_grids((512, 512), 3)
+    fgrids, fspacings = refine_grids((512, 512), 3, finer=True)
+    assert fgrids[:-1] == grids and fspacings[:-1] == spacings
+    assert fgrids[-1] == pyramid_shapes((512, 512), [4, 2])[-1] == (256, 256)
+    assert fspacings[-1] == pytest.approx(spacings[-1] / 2)
 
 
 def test_predict_refine_runs_the_coarse_stage_from_the_prediction(camera_pair):
@@ -107,7 +118,7 @@ def test_predict_refine_runs_the_coarse_stage_from_the_prediction(camera_pair):
     assert e1 < 0.8 * e0 and e2 < 0.6 * e1, (e0, e1, e2)
     m = refined.metrics
     assert m["coarse_iterations"] > 0 and m["iterations"] == 0 and m["folds"] == 0, m
-    assert refined.settings["coarse_shapes"] == [list(g) for g in refine_grids(fixed.shape, 3)[0]]
+    assert refined.settings["coarse_shapes"] == [list(g) for g in refine_grids(fixed.shape, 3, True)[0]]
     assert m["inverse_consistency_mean"] < 0.5, m
 
 

@@ -66,6 +66,7 @@ from .mlp import REPRESENTATIONS
 from .model import as_model
 from .optimize import REGULARIZERS, SIMILARITIES, Maps, OptimizeSettings, optimize_field
 from .predict import (
+    FINER_ON_OPTIMIZE_GRID,
     ComposedMaps,
     low_passed_maps,
     prediction_grid,
@@ -448,12 +449,16 @@ def register_nephi(
     shapes = pyramid_shapes(fshape, factors) if levels > 1 and not predicting else []
     spacings = None  # the coarse stage's default knots
     coarse_info: dict = {}  # what the coarse stage learned besides the map (matched blur)
+    finer = finer_level_runs(coarse_finer_level, coarse_reg_weight)
+    stage_finer = coarse_finer_level  # the coarse stage adds the finer-knot level itself
     if mode == "predict+refine" and after_coarse:  # the coarse stage starts from the prediction
-        shapes, spacings = refine_grids(fshape, levels)
+        on_optimize_grid = finer and FINER_ON_OPTIMIZE_GRID  # the finer-knot level in the schedule
+        shapes, spacings = refine_grids(fshape, levels, on_optimize_grid)
+        if on_optimize_grid:
+            finer = stage_finer = False
     refine = iterations if mode != "predict" else 0
     if use_chunks:  # the global pass runs the coarse stage on the downsampled pair
         shapes = pyramid_shapes(plan.global_shape, factors) if levels > 1 else []
-    finer = finer_level_runs(coarse_finer_level, coarse_reg_weight)
     coarse_spacings = level_spacings(plan.global_shape if use_chunks else fshape, shapes, spacings, finer)
     coarse_label = f"coarse ({len(coarse_spacings)} level(s))"
     coarse_steps = sum(level_iterations(coarse_iterations, len(shapes), finer))
@@ -587,7 +592,7 @@ def register_nephi(
                 options = dict(
                     fixed_mask=fmask,
                     moving_mask=moving_mask,
-                    finer_level=coarse_finer_level,
+                    finer_level=stage_finer,
                     match_blur=coarse_match_blur,
                     flat_fill=coarse_flat_fill,
                     flat_noisy=coarse_flat_noisy,

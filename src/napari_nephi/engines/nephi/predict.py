@@ -10,10 +10,11 @@ large image, for a fraction of the cost (512 x 512: 0.15 against about 1 CPU s; 
 Gaussian of :data:`LOW_PASS_VOXELS` voxels of its grid (:func:`low_passed_maps`: it keeps what the
 model gets right, the large scale, and drops detail the B-spline would have to undo), the moving
 image is resampled once through it (:func:`warp_through`) and the coarse stage registers what is
-left, with optimize's knots on grids twice as coarse (the warps still compare at full resolution);
-the map is the coarse map followed by the prediction (:class:`ComposedMaps`). On the benchmark
-(512 px, 60 coarse steps) the low-pass lowered the error on every probed case, e.g. coins 2 % 0.167
--> 0.113 px, cell 1 % 0.090 -> 0.077 px, camera 2 % 0.490 -> 0.457 px (benchmarks/README.md).
+left, with optimize's knots on grids twice as coarse, then the finer-knot level on optimize's own last
+grid (:data:`FINER_ON_OPTIMIZE_GRID`, session 22; that level compares at full resolution, the coarser
+ones on their grids); the map is the coarse map followed by the prediction (:class:`ComposedMaps`).
+On the benchmark (512 px, 60 coarse steps) the low-pass lowered the error on every probed case, e.g.
+coins 2 % 0.167 -> 0.113 px, cell 1 % 0.090 -> 0.077 px, camera 2 % 0.490 -> 0.457 px (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ _CHUNK = 1 << 15
 #: grid of a 512^2 image): the same endpoint error as on optimize's grids at 60 % of the CPU time
 #: (camera 2 %, 30 steps: 0.620 against 0.619 px; benchmarks/README.md).
 REFINE_GRID_FACTOR = 2
+
+#: ``predict+refine`` runs the finer-knot level (half the last spacing, ``coarse_finer_level``) on
+#: optimize's last grid, twice as fine as its own last grid (session 22): on the coarser grid the finest
+#: knots' velocity, integrated and interpolated at four pixels a voxel of a 512^2 image, could not follow
+#: what the prediction leaves where that is much. benchmarks/nephi_general2d.py, seed 0, same CPU (3.4-3.9
+#: against 3.7-4.1 s): better on 16 of 18 cases (cell 2 % 0.453 -> 0.215 px, optimize 0.201; cell 4 %
+#: 1.012 -> 0.468; retina 4 % 1.779 -> 1.256), level on coins 1 %, worse on camera 1 % (0.378 -> 0.411)
+#: and 2 % (0.489 -> 0.518); docs/nephi.md has seed 70. Steps a level: ``level_iterations`` of three
+#: levels (16 / 33 / 50 for 50); only the last compares at full resolution, hence the same CPU.
+FINER_ON_OPTIMIZE_GRID = True
 
 
 def prediction_grid(model_shape, image_shape) -> tuple[int, ...]:
@@ -115,14 +126,21 @@ def warp_through(image: torch.Tensor, maps: DenseMaps) -> torch.Tensor:
     return F.grid_sample(image, pts.flip(-1), mode=mode, padding_mode="border", align_corners=True)
 
 
-def refine_grids(shape, levels: int) -> tuple[list[tuple[int, ...]], list[float]]:
+def refine_grids(shape, levels: int, finer: bool = False) -> tuple[list[tuple[int, ...]], list[float]]:
     """Grids (coarse first) and knot spacings (voxels) of the coarse stage after a prediction:
-    optimize's knot spacings for ``levels`` on grids :data:`REFINE_GRID_FACTOR` times coarser."""
+    optimize's knot spacings for ``levels`` on grids :data:`REFINE_GRID_FACTOR` times coarser; with
+    ``finer`` the finer-knot level follows on optimize's own last grid (half the last spacing, at least
+    one voxel of that grid), not on the last coarser grid (see :data:`FINER_ON_OPTIMIZE_GRID`)."""
     factors = [2**k for k in range(levels - 1, 0, -1)]
     if not factors:
         return [], []
-    spacings = knot_spacings(shape, pyramid_shapes(shape, factors))
+    optimize = pyramid_shapes(shape, factors)
+    spacings = knot_spacings(shape, optimize)
     grids = pyramid_shapes(shape, [f * REFINE_GRID_FACTOR for f in factors])
     if len(grids) != len(spacings):  # small images: coarser grids collapse onto the smallest one
         grids = pyramid_shapes(shape, factors)
+    if finer:
+        last = optimize[-1]
+        grids = [*grids, last]
+        spacings = [*spacings, max(spacings[-1] / 2, max(n / m for n, m in zip(shape, last)))]
     return grids, spacings
