@@ -452,7 +452,8 @@ def register_nephi(
     finer = finer_level_runs(coarse_finer_level, coarse_reg_weight)
     stage_finer = coarse_finer_level  # the coarse stage adds the finer-knot level itself
     if mode == "predict+refine" and after_coarse:  # the coarse stage starts from the prediction
-        on_optimize_grid = finer and FINER_ON_OPTIMIZE_GRID  # the finer-knot level in the schedule
+        # the finer-knot level in the schedule, on optimize's last grid: 2D, where it was measured
+        on_optimize_grid = finer and FINER_ON_OPTIMIZE_GRID and d == 2
         shapes, spacings = refine_grids(fshape, levels, on_optimize_grid)
         if on_optimize_grid:
             finer = stage_finer = False

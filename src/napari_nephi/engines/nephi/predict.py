@@ -44,7 +44,8 @@ REFINE_GRID_FACTOR = 2
 #: against 3.7-4.1 s): better on 16 of 18 cases (cell 2 % 0.453 -> 0.215 px, optimize 0.201; cell 4 %
 #: 1.012 -> 0.468; retina 4 % 1.779 -> 1.256), level on coins 1 %, worse on camera 1 % (0.378 -> 0.411)
 #: and 2 % (0.489 -> 0.518); docs/nephi.md has seed 70. Steps a level: ``level_iterations`` of three
-#: levels (16 / 33 / 50 for 50); only the last compares at full resolution, hence the same CPU.
+#: levels (16 / 33 / 50 for 50); only the last compares at full resolution, hence the same CPU. 2D only
+#: (not measured on volumes, whose last grid would cost the 3D refinement memory and time).
 FINER_ON_OPTIMIZE_GRID = True
 
 
