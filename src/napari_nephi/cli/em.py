@@ -96,7 +96,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--serial-sections",
         action="store_true",
         help="serial-section TEM whose organelles may drift: --reference middle --drift-correction auto "
-        "unless given (not for FIB-SEM/SBEM, whose position trend is real stage drift)",
+        "unless given (auto is the default since session 22; it keeps a stage drift that the rest of the "
+        "image shows)",
     )
     p.add_argument("--ransac-threshold", type=float, default=3.0, help="RANSAC inlier distance, pixels")
     p.add_argument("--ratio", type=float, default=0.8, help="Lowe ratio test")

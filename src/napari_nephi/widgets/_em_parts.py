@@ -155,7 +155,7 @@ class EMOptions(QWidget):
         self.serial_sections = QPushButton("serial-section TEM settings")
         self.serial_sections.setToolTip(
             "Set what serial-section TEM stacks whose organelles may drift need: the middle section as the "
-            "reference and drift correction auto (advanced options; not for FIB-SEM/SBEM stage drift)"
+            "reference and drift correction auto (the default since session 22; advanced options)"
         )
         self.serial_sections.clicked.connect(self.use_serial_sections)
         shown = [("detector", self.detector), ("", self.use_masks), ("descriptor", self.descriptor),
