@@ -60,6 +60,14 @@ def test_the_decision_follows_the_background_in_every_case():
     assert classify(s, {"slope": [0.1, 0.1], **se})[0] == "both"  # fits neither: both drift
     assert classify([0.02, 0.0], {"slope": [0.01, 0.0], **se})[0] == "undecided"  # too small to tell
     assert classify(s, {"slope": [0.3, -0.2], "se": [0.03, 0.03], "pairs": 5})[0] == "unmeasured"
+    # both fit, but the background favours the organelles by 6.6 in chi-square (drift + distorted with
+    # elastic=True, 160 sections, seed 19): the trend test decides then, as before session 22
+    noisy = {"slope": [0.243, -0.262], "se": [0.115, 0.141], "pairs": 64}
+    assert classify([0.265, -0.106], noisy)[0] == "undecided-organelles"
+    test = {"p": 1e-9, "slope": [0.265, -0.106]}
+    assert _auto_decision(test, None, np.ones(160, bool), lambda m, u: noisy) == (True, None)
+    test = {"p": 0.01, "slope": [0.265, -0.106]}  # screened, but not a trend at p 0.001: kept
+    assert _auto_decision(test, None, np.ones(160, bool), lambda m, u: noisy) == (False, None)
 
 
 def test_the_auto_decision_rarely_detrends_a_stack_without_drift():

@@ -677,7 +677,7 @@ def _auto_decision(test: dict, matrices, use, background) -> tuple[bool, np.ndar
     motion = background(matrices, use)
     decision, share = classify(test["slope"], motion)
     test["background"] = {**motion, "decision": decision, "share": share}
-    if decision == "unmeasured":
+    if decision in ("unmeasured", "undecided-organelles"):
         return test["p"] < AUTO_P, None
     if decision == "both":
         return True, np.asarray(motion["slope"], np.float64)
