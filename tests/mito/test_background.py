@@ -132,3 +132,28 @@ def test_auto_keeps_a_stage_drift_that_detrend_removes(stage_drift):
             assert info["auto"]["background"]["decision"] == "sections"
     assert np.median(err["auto"]) < 2.0
     assert err["detrend"].max() > 10.0  # 1 px per section over 48 sections, a line removed
+
+
+def test_each_section_is_read_once_and_the_motion_does_not_depend_on_the_workers():
+    """background_motion reads (and segments) each section of a run once, though two pairs share it,
+    and one worker or two give the same motion."""
+    d = em_stack(N, (256, 256), seed=2, placement_trend=1.0)
+    shape, use, m = d["stack"].shape[1:], np.ones(N, bool), d["matrices"]
+    results, seen = [], {"read": [], "mask": []}
+
+    def read(k):
+        seen["read"].append(k)
+        return d["stack"][k]
+
+    def mask(k):
+        seen["mask"].append(k)
+        return d["masks"][k]
+
+    for workers in (1, 2):
+        seen["read"], seen["mask"] = [], []
+        motion = background_motion(read, mask, m, shape, use, workers=workers)
+        reads = seen["read"]
+        assert sorted(reads) == sorted(set(reads)) and sorted(seen["mask"]) == sorted(set(reads))
+        assert motion["pairs"] >= len(reads) - 8  # 8 runs: one section more than pairs in each
+        results.append(motion)
+    assert results[0] == results[1]

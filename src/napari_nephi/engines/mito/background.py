@@ -187,13 +187,18 @@ def background_motion(
     runs = [ks[s : s + length] for s in np.unique(starts)]
     boxes = crops(shape)
 
-    def one(k):
-        a = _prepared(read(k), None if mito is None else mito(k), matrices[k], boxes)
-        b = _prepared(read(k + 1), None if mito is None else mito(k + 1), matrices[k + 1], boxes)
-        return pair_step(a, b)
+    def prepare(k):
+        return _prepared(read(k), None if mito is None else mito(k), matrices[k], boxes)
 
+    steps = []
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mito-bg") as ex:
-        steps = [[d for d in ex.map(one, run) if d is not None] for run in runs]
+        for run in runs:
+            # each section of a run read and prepared once (pairs (k, k + 1) and (k + 1, k + 2)
+            # share k + 1): 72 sections instead of 128 for the default 8 runs of 8 pairs
+            ids = sorted(set(run.tolist()) | set((run + 1).tolist()))
+            ready = dict(zip(ids, ex.map(prepare, ids)))
+            found = ex.map(pair_step, [ready[k] for k in run], [ready[k + 1] for k in run])
+            steps.append([d for d in found if d is not None])
     measured = sum(len(r) for r in steps)
     means = np.array([np.mean(r, axis=0) for r in steps if len(r)])
     if measured < MIN_PAIRS or len(means) < 3:
