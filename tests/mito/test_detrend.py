@@ -74,7 +74,9 @@ def test_a_window_follows_a_curved_drift_better_than_a_line():
 
 
 def test_drifting_organelles_no_longer_drag_the_alignment():
-    """The generator's drifting mitochondria: chained alignment follows them; detrended it does not."""
+    """The generator's drifting mitochondria: chained alignment follows them; detrended it does not.
+    "auto" on these 14 sections cannot measure the background (fewer than 16 pairs) and keeps the
+    placement, as "none" (a short stack's stage drift must survive the default; session 22)."""
     d = em_stack(14, (192, 256), seed=0, organelle_drift=1.0)
     ref = 0
     true = d["matrices"] @ np.linalg.inv(d["matrices"][ref])
@@ -86,12 +88,14 @@ def test_drifting_organelles_no_longer_drag_the_alignment():
             - section_centres(true, d["stack"].shape[1:]),
             axis=1,
         )
-        if method != "none":
+        if method == "detrend":
             assert reg.metrics["drift_correction"]["method"] == "detrend"
             assert reg.settings["drift_correction_applied"] == "detrend"
             assert len(reg.metrics["report"][5]["drift_shift"]) == 2
     assert reg.metrics["drift_correction"]["auto"]["p"] < AUTO_P  # "auto" found the trend
-    np.testing.assert_allclose(errors["auto"], errors["detrend"])
+    assert reg.metrics["drift_correction"]["auto"]["background"]["decision"] == "unmeasured"
+    assert reg.settings["drift_correction_applied"] == "none"
+    np.testing.assert_allclose(errors["auto"], errors["none"])
     # drift 1.0 scale px (~0.87 px) per section: the chain is ~10 px off at the far end
     assert errors["none"][-1] > 5.0
     assert errors["detrend"][-1] < 0.3 * errors["none"][-1]
