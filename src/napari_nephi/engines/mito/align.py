@@ -906,9 +906,11 @@ def align_stack(
         (:mod:`.background`): sections that only scatter (placement jitter) and sections that
         drift as a whole (FIB-SEM / SBEM stage drift, whose background stays put once aligned)
         are left as solved; where both drift, only the background's slope is removed. Where the
-        background cannot be measured (fewer than 16 neighbour pairs) the trend test alone
-        decides, at p 0.001 (up to session 21's rule). The settings' ``drift_correction_applied``
-        and ``metrics["drift_correction"]`` (``["auto"]["background"]``) say what ran and why.
+        background cannot be measured (fewer than 16 neighbour pairs, e.g. under 17 sections)
+        the placement is kept, as with ``"none"``; where it cannot tell but favours the
+        organelles, the trend test decides at p 0.001 (up to session 21's rule). The settings'
+        ``drift_correction_applied`` and ``metrics["drift_correction"]``
+        (``["auto"]["background"]``) say what ran and why.
         ``"none"`` (the default up to session 21) leaves the placement as solved.
     elastic, elastic_spacing, elastic_radius, elastic_iterations
         Elastic refinement after the per-section maps (off by default): a smooth displacement

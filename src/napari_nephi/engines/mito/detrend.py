@@ -52,7 +52,8 @@ AUTO_P = 1e-3
 
 #: Session 22: ``drift_correction="auto"`` asks the rest of the image whose trend it is
 #: (:func:`.background.classify`) wherever the trend test's ``p`` is below this; the variogram test
-#: alone decided at :data:`AUTO_P` before (and still does where the background cannot be measured).
+#: alone decided at :data:`AUTO_P` before (and still does where the background favours the organelles
+#: without deciding, ``"undecided-organelles"``; where it cannot be measured the placement is kept).
 #: The background's answer is independent evidence, so the screen can be loose: a trend of scatter
 #: and wander that passes it is kept where the background does not move.
 SCREEN_P = 0.05
