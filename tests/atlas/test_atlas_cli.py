@@ -304,6 +304,48 @@ def test_rerank_flag_reranks_by_the_pose_search(cli_index):
     assert abs(reranked["chosen"] - 13) <= 1  # the pose search finds the cut's centre plate
 
 
+def test_rerank_options_are_passed_and_recorded(cli_index, capsys):
+    """--rerank-option reaches the pose search; ranks.json records every option the search ran with
+    and whether plain_reach ordered each section's plates, so the ranking can be repeated."""
+    from napari_nephi import AtlasLookup
+    from napari_nephi.engines.atlas.rerank import check_rerank_options
+
+    folder, reference, _ = cli_index
+    section = section_from_atlas(reference, 13.0, (5.0, 0.0), crop=(0, 0, 0, 0.4))
+    write_tiff(folder / "o13.tif", section)
+    lk = AtlasLookup.load(folder / "index", device="cpu")
+    base = [
+        "atlas-lookup",
+        str(folder / "index"),
+        str(folder / "o13.tif"),
+        "--top",
+        "4",
+        "-q",
+        "--device",
+        "cpu",
+    ]
+    for extra, given, ordered in (
+        ([], {}, True),
+        (["--rerank-option", "plain_reach=null"], {"plain_reach": None}, False),
+    ):
+        out = folder / f"opt{len(extra)}"
+        assert main([*base, "-o", str(out), *extra]) == 0
+        summary = json.loads((out / "ranks.json").read_text())
+        assert summary["rerank_options"] == check_rerank_options(given)
+        assert summary["sections"][0]["plain_ranked"] is ordered
+        got = [e["plate"] for e in summary["sections"][0]["ranking"]]
+        assert got == [
+            p for p, _ in lk.lookup(section, top=4, rerank=True, rerank_options=summary["rerank_options"])
+        ]
+    assert main([*base, "-o", str(folder / "optoff"), "--no-rerank"]) == 0
+    off = json.loads((folder / "optoff" / "ranks.json").read_text())
+    assert off["rerank_options"] is None and off["sections"][0]["plain_ranked"] is None
+    assert main([*base, "-o", str(folder / "optbad"), "--no-rerank", "--rerank-option", "plain_reach=2"]) == 2
+    assert "--rerank-option sets the pose search" in one_error_line(capsys)
+    assert main([*base, "-o", str(folder / "optbad"), "--rerank-option", "plain_rech=2"]) == 2
+    assert "plain_rech" in one_error_line(capsys)
+
+
 def test_framing_flag(cli_index):
     from napari_nephi import AtlasLookup
 

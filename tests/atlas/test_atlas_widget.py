@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from napari_nephi.engines.atlas.rerank import check_rerank_options
 from napari_nephi.synthetic.atlas import section_from_atlas
 from napari_nephi.widgets import atlas_widget as aw
 from napari_nephi.widgets._atlas_parts import SOURCES, AtlasSource, PlateAdjust, PlateGallery
@@ -227,6 +228,10 @@ def test_rerank_by_pose_reaches_the_lookup(make_napari_viewer, qtbot, toy_refere
         assert widget.gallery.plates() == [p for p, _ in expected]
         # the tooltips say which distance
         assert widget.gallery.item(0).toolTip().startswith(f"plate {expected[0][0]}, {kind} "), kind
+        # what the find ran with: every option of the pose search, None without it
+        settings = widget.find_settings
+        assert settings["rerank"] is checked and settings["plain_ranked"] is (True if checked else None)
+        assert settings["rerank_options"] == (check_rerank_options({}) if checked else None)
     widget.lookup.framing = True
     assert calls.count("pose search") == 1 and calls.count(False) == 2  # one find each way
 

@@ -174,3 +174,23 @@ def test_bad_band_options_raise():
         check_rerank_options({"outside_free": -0.1})
     with pytest.raises(InputError, match="plain_reach"):
         check_rerank_options({"plain_reach": -1})
+
+
+def test_a_search_records_the_options_it_ran_and_whether_plain_reach_ordered(search, toy_reference):  # noqa: F811
+    """The result says every option the search ran with (defaults filled in) and whether plain_reach
+    ordered the plates: the same options repeat the ranking; plain_reach None or no band is recorded
+    as not ordered."""
+    from napari_nephi.engines.atlas.rerank import SEEDED
+
+    reference, _ = toy_reference
+    plate = 20
+    order = [(plate, 0.0)] + [(p, 1.0) for p in range(search.n) if p != plate]
+    section = section_from_atlas(reference, float(plate), crop=(0, 0, 0, 0.3))
+    small = {"shortlist": 1, "neighbours": 2, "sweep_step": 0, "hypotheses": 1, "anchors": 1, "z_scan": 2}
+    for given, ordered in (({}, True), ({"plain_reach": None}, False), (SEEDED, False)):
+        opts = check_rerank_options({**given, **small})
+        found = search.search(section, order, opts)
+        assert found.options == opts and found.options is not opts  # a copy: later edits do not change it
+        assert found.plain_ranked is ordered, given
+        again = search.search(section, order, check_rerank_options(found.options))
+        assert again.ranking == found.ranking and again.plain_ranked is ordered

@@ -102,6 +102,12 @@ def add_parsers(subparsers) -> None:
         help="re-rank the embedding's shortlist by a pose search of each section in the atlas (rotation, "
         "scale, tilt; contrast-invariant; about a second per section on a CPU); default: the index's",
     )
+    add_key_values(
+        q,
+        "--rerank-option",
+        "an option of the pose search (plain_reach=null ranks as session 21; see "
+        "napari_nephi.engines.atlas.rerank.DEFAULTS); ranks.json records every option it ran with",
+    )
     q.add_argument(
         "--framing",
         action=argparse.BooleanOptionalAction,
@@ -248,21 +254,28 @@ def _rank_all(
     rerank: bool,
     progress: Progress | None = None,
     widened: list | None = None,
+    rerank_options: dict | None = None,
+    searches: list | None = None,
 ) -> tuple[list, list[int]]:
     """Per section its ranking (best first) and the chosen plate (``series``: smoothed as
-    :meth:`AtlasLookup.lookup_series`). Re-ranked lookups (about a second each) report progress per
-    section, and append to ``widened`` whether each one's pose search widened (rerank option
-    ``widen_score``); the embedding alone ranks every section in one batch."""
+    :meth:`AtlasLookup.lookup_series`). Re-ranked lookups (about a second each, with
+    ``rerank_options``) report progress per section, and append to ``widened`` whether each one's
+    pose search widened (rerank option ``widen_score``) and to ``searches`` each search's
+    :class:`~napari_nephi.engines.atlas.rerank.RerankResult`; the embedding alone ranks every
+    section in one batch."""
     from ..engines.atlas.series import smooth_series
 
     progress = progress or Progress(None)
     if rerank:
         rankings = []
         for k, image in enumerate(images):
-            found = lk.search_poses(image)  # lookup(image, top, rerank=True), with what the search ran
+            # lookup(image, top, rerank=True, rerank_options=...), with what the search ran
+            found = lk.search_poses(image, rerank_options)
             rankings.append(found.ranking[:top])
             if widened is not None:
                 widened.append(bool(found.widened))
+            if searches is not None:
+                searches.append(found)
             progress.step(k + 1, len(images), stage="ranking")
     else:
         rankings = lk.lookup_many(images, top=top, rerank=False)
@@ -273,6 +286,7 @@ def _rank_all(
 
 def cmd_atlas_lookup(args: argparse.Namespace) -> int:
     """Run ``napari-nephi atlas-lookup``."""
+    from ..engines.atlas.rerank import check_rerank_options
     from ..io import write_image
 
     if args.top < 1:
@@ -289,14 +303,30 @@ def cmd_atlas_lookup(args: argparse.Namespace) -> int:
     names, files, images = ([s[k] for s in sections] for k in range(3))
     bars = ProgressBars(quiet=args.quiet)
     rerank = lk.rerank_default if args.rerank is None else bool(args.rerank)
+    rerank_options = parse_options(args.rerank_option, "--rerank-option")
+    if rerank_options and not rerank:
+        raise InputError(
+            "--rerank-option sets the pose search, which this lookup does not run: add --rerank "
+            "(or leave out --no-rerank)."
+        )
+    check_rerank_options(rerank_options)  # a bad option fails before the sections are read
     lk.framing = bool(args.framing)
     register = args.register or bool(args.labels)
     registrations = []
     progress = Progress(bars)
     try:
         widened: list[bool] = []
+        searches: list = []
         rankings, picks = _rank_all(
-            lk, images, min(args.top, lk.n_plates), args.series, rerank, progress, widened
+            lk,
+            images,
+            min(args.top, lk.n_plates),
+            args.series,
+            rerank,
+            progress,
+            widened,
+            rerank_options,
+            searches,
         )
         for k, (image, pick) in enumerate(zip(images, picks, strict=True)):
             if register:
@@ -316,8 +346,12 @@ def cmd_atlas_lookup(args: argparse.Namespace) -> int:
                 for n, f, r, p in zip(names, files, rankings, picks, strict=True)
             ],
         }  # fmt: skip
+        # every option the pose search ran with (None: no search), so a ranking can be repeated
+        summary["rerank_options"] = searches[0].options if searches else None
         for k, entry in enumerate(summary["sections"]):  # whether the pose search widened (None: no search)
             entry["widened"] = widened[k] if rerank else None
+            # whether plain_reach ordered the plates next to the best pose (None: no search)
+            entry["plain_ranked"] = searches[k].plain_ranked if rerank else None
         for entry, reg in zip(summary["sections"], registrations, strict=False):
             entry["regions"] = region_table(lk, reg.metrics.get("labels"))
         (tmp / "ranks.json").write_text(json.dumps(summary, indent=2))

@@ -89,14 +89,23 @@ def find_plates(progress, cancel, lookup, section, top: int, rerank: bool | None
     The pose search of a re-ranked lookup reports its progress and stops on ``cancel`` between its steps.
     """
     reranked = lookup.rerank_default if rerank is None else bool(rerank)
+    options = plain = None  # what the pose search ran with (None: no search)
     if reranked:
-        hits = lookup.search_poses(section, progress=progress, cancel=cancel).ranking[:top]
+        found = lookup.search_poses(section, progress=progress, cancel=cancel)
+        hits, options, plain = found.ranking[:top], found.options, found.plain_ranked
     else:
         hits = lookup.lookup(section, top=top, rerank=False)
     Progress(progress, cancel).check()
     thumbnails = [lookup.plates.thumbnail(i, size=THUMBNAIL) for i, _ in hits]
     first = getattr(lookup, "first_stage", "embedding")  # what ranks without the pose search
-    return {"hits": hits, "thumbnails": thumbnails, "reranked": reranked, "first_stage": first}
+    return {
+        "hits": hits,
+        "thumbnails": thumbnails,
+        "reranked": reranked,
+        "first_stage": first,
+        "rerank_options": options,
+        "plain_ranked": plain,
+    }
 
 
 def plate_preview(progress, cancel, lookup, plate: int) -> dict:

@@ -63,6 +63,8 @@ class AtlasWidget(QWidget):
         self.viewer = napari_viewer
         self.lookup = None
         self.last = None
+        #: what the last Find plates ran with (set when it finishes; see _find_done)
+        self.find_settings: dict | None = None
         self.examples: list[tuple[np.ndarray, int]] = []
         self.source = AtlasSource(napari_viewer)
         self.steps = QSpinBox()
@@ -338,6 +340,14 @@ class AtlasWidget(QWidget):
 
     def _find_done(self, result) -> None:
         hits = result["hits"]
+        # the pose search's options (None without it) and whether plain_reach ordered the plates next
+        # to its best pose: what a ranking needs to be repeated
+        self.find_settings = {
+            "rerank": bool(result["reranked"]),
+            "rerank_options": result.get("rerank_options"),
+            "plain_ranked": result.get("plain_ranked"),
+            "first_stage": result["first_stage"],
+        }
         if result["reranked"]:
             what = "pose distance (1 - similarity)"
         elif result["first_stage"] == "embedding" and self.lookup.framing:

@@ -313,7 +313,9 @@ class AtlasLookup:
         cancel: CancelFlag = None,
     ) -> RerankResult:
         """The pose search of :mod:`.rerank` for one section: every plate ranked and the best pose
-        found near each searched plate (atlas position, tilt, rotation, scale, centre).
+        found near each searched plate (atlas position, tilt, rotation, scale, centre), with every
+        option it ran with (``.options``: ``rerank_options=result.options`` repeats the ranking) and
+        whether ``plain_reach`` ordered the plates next to the best pose (``.plain_ranked``).
         ``cancel`` is checked between the search's steps (:class:`~napari_nephi.Cancelled`)."""
         opts = check_rerank_options(rerank_options)
         section = _section(section)

@@ -305,13 +305,18 @@ class RerankResult:
     ``poses``: the best stage-2 pose whose tissue centre lies on each plate reached;
     ``pairs``: how many (section variant, atlas cut) pairs were scored; ``widened``: whether the
     second pass ran (``widen_score`` or ``widen_gap``); ``widen_kept``: whether its poses were kept
-    (one of them ranked first)."""
+    (one of them ranked first); ``options``: every re-ranking option the search ran with
+    (:func:`check_rerank_options`' dict, defaults filled in; ``rerank_options=result.options``
+    repeats the ranking); ``plain_ranked``: whether ``plain_reach`` ordered the plates next to the
+    best pose (False where it is None or the outside band is off, as in :data:`SEEDED` and :data:`FAST`)."""
 
     ranking: list[tuple[int, float]]
     poses: dict[int, Pose] = field(default_factory=dict)
     pairs: int = 0
     widened: bool = False
     widen_kept: bool = False
+    options: dict = field(default_factory=dict)
+    plain_ranked: bool = False
 
 
 def _steps(limit: float, step: float) -> list[float]:
@@ -438,6 +443,7 @@ class PoseSearch:
             options["plain_reach"],
         )
         result.widened, result.widen_kept = widened, kept
+        result.options = dict(options)
         return result
 
     def _widen(self, coarse, coarse_atlas, mask, zs, first, hyps, refine, scanned, options) -> int:
@@ -743,7 +749,8 @@ def _rank(
         apart = np.minimum(apart, reach)
     value = own[None, :] - penalty * apart
     dist = 1.0 - value.max(axis=1)
-    if plain_reach is not None and all(p.plain is not None for p in poses):
+    plain_ranked = plain_reach is not None and all(p.plain is not None for p in poses)
+    if plain_ranked:
         dist = _plain_near_best(poses, own, z, dist, penalty, plain_reach, prior)
     emb = {int(p): k for k, (p, _) in enumerate(order)}
     ranked = sorted(range(n), key=lambda p: (dist[p], emb.get(p, n)))
@@ -751,4 +758,4 @@ def _rank(
     for p in poses:
         if p.plate not in best or p.score > best[p.plate].score:
             best[p.plate] = p
-    return RerankResult([(int(p), float(dist[p])) for p in ranked], best, pairs)
+    return RerankResult([(int(p), float(dist[p])) for p in ranked], best, pairs, plain_ranked=plain_ranked)
