@@ -414,6 +414,7 @@ def optimize_velocity(
     frame_mask: bool = True,
     max_levels: int | None = None,
     gates: list | None = None,
+    warmup: int = 0,
 ) -> DenseMaps:
     """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
 
@@ -471,7 +472,10 @@ def optimize_velocity(
     works on the last grid's resampling of their velocity. ``gates`` (None: none) holds one entry per
     level: None (the level as above) or an array on the image grid, in [0, 1], that multiplies the
     level's B-spline increment (resampled to its grid), e.g. where a held-out check supports it
-    (:func:`.heldout.level_gates`); a level whose gate is 0 everywhere does not run.
+    (:func:`.heldout.level_gates`); a level whose gate is 0 everywhere does not run. ``warmup`` (0: none)
+    ramps each level's learning rate up linearly over its first that many steps: a level starts a fresh
+    Adam, whose first steps move every knot by the full rate whatever its gradient, which knocks a map
+    that is nearly right already off it (predict+refine, :data:`.predict.REFINE_WARMUP`).
     """
     d = fixed.dim() - 2
     full = tuple(fixed.shape[2:])
@@ -579,7 +583,9 @@ def optimize_velocity(
             noise = noise_variance(f_l), noise_variance(m_l)
             gen = torch.Generator(device=dev).manual_seed(0)
             noise_f, noise_m = (torch.randn(f_w.shape, generator=gen, device=dev) for _ in range(2))
-        for _ in range(n_steps):
+        for step in range(n_steps):
+            if warmup > 0:  # the rate ramps up over the level's first steps (see REFINE_WARMUP)
+                opt.lr = learning_rate * min(1.0, (step + 1) / warmup)
             opt.zero_grad()
             vk = base + (
                 bspline_on_grid(ctrl, weights) if gate is None else gate * bspline_on_grid(ctrl, weights)

@@ -67,6 +67,7 @@ from .model import as_model
 from .optimize import REGULARIZERS, SIMILARITIES, Maps, OptimizeSettings, optimize_field
 from .predict import (
     FINER_ON_OPTIMIZE_GRID,
+    REFINE_WARMUP,
     ComposedMaps,
     low_passed_maps,
     prediction_grid,
@@ -451,7 +452,9 @@ def register_nephi(
     coarse_info: dict = {}  # what the coarse stage learned besides the map (matched blur)
     finer = finer_level_runs(coarse_finer_level, coarse_reg_weight)
     stage_finer = coarse_finer_level  # the coarse stage adds the finer-knot level itself
+    coarse_warmup = 0  # steps over which each coarse level's rate ramps up (predict+refine: REFINE_WARMUP)
     if mode == "predict+refine" and after_coarse:  # the coarse stage starts from the prediction
+        coarse_warmup = int(REFINE_WARMUP) if d == 2 else 0  # 2D, where it was measured
         # the finer-knot level in the schedule, on optimize's last grid: 2D, where it was measured
         on_optimize_grid = finer and FINER_ON_OPTIMIZE_GRID and d == 2
         shapes, spacings = refine_grids(fshape, levels, on_optimize_grid)
@@ -676,7 +679,12 @@ def register_nephi(
                     low_passed = low_passed_maps(predicted)
                     mmask_low = None if mmask is None else warp_through(mmask, low_passed).clamp(0, 1)
                     coarse = ComposedMaps(
-                        coarse_stage(warp_through(mov_t, low_passed), mmask_low, spacings=spacings),
+                        coarse_stage(
+                            warp_through(mov_t, low_passed),
+                            mmask_low,
+                            spacings=spacings,
+                            warmup=coarse_warmup,
+                        ),
                         low_passed,
                     )
                     field = NeuralDeformationField(cfg).to(device)
@@ -853,6 +861,7 @@ def register_nephi(
         "coarse_match_blur": blur_ran,
         "coarse_shapes": [list(sh) for sh in shapes],
         "coarse_spacings": [float(sp) for sp in coarse_spacings],
+        "coarse_warmup": coarse_warmup,
         "sample_fraction": sample_fraction,
         "local_stride": local_stride,
         "seed": seed,

@@ -12,7 +12,8 @@ model gets right, the large scale, and drops detail the B-spline would have to u
 image is resampled once through it (:func:`warp_through`) and the coarse stage registers what is
 left, with optimize's knots on grids twice as coarse, then the finer-knot level on optimize's own last
 grid (:data:`FINER_ON_OPTIMIZE_GRID`, session 22; that level compares at full resolution, the coarser
-ones on their grids); the map is the coarse map followed by the prediction (:class:`ComposedMaps`).
+ones on their grids), each level's rate ramped up over its first steps (:data:`REFINE_WARMUP`, session 23);
+the map is the coarse map followed by the prediction (:class:`ComposedMaps`).
 On the benchmark (512 px, 60 coarse steps) the low-pass lowered the error on every probed case, e.g.
 coins 2 % 0.167 -> 0.113 px, cell 1 % 0.090 -> 0.077 px, camera 2 % 0.490 -> 0.457 px (benchmarks/README.md).
 """
@@ -47,6 +48,17 @@ REFINE_GRID_FACTOR = 2
 #: levels (16 / 33 / 50 for 50); only the last compares at full resolution, hence the same CPU. 2D only
 #: (not measured on volumes, whose last grid would cost the 3D refinement memory and time).
 FINER_ON_OPTIMIZE_GRID = True
+
+#: ``predict+refine``: each coarse level's learning rate ramps up linearly over its first this many steps
+#: (session 23; 0: none, as before). A level starts a fresh Adam, whose first steps move every knot by
+#: about the full rate (1.3 px at 512^2) whatever its gradient; from a prediction, or from the level
+#: before, that kick knocks an aligned map off and 50 steps do not bring it back: started from the true
+#: field itself (no low-pass) the refinement ended at 0.058 px on IHC 1 % (optimize from the identity:
+#: 0.039). With the ramp, benchmarks/nephi_general2d.py seed 0, 512 px, the same CPU: retina 4 % 1.256 ->
+#: 1.03 px (optimize 1.086), astronaut 2 % 0.341 -> 0.267, IHC 1 % 0.062 -> 0.047; fresh seeds 74 / 75: better
+#: on 35 of 36 cases, worse on none (docs/nephi.md). 2D only (not measured on volumes, whose knots a rate in
+#: normalised units moves by fewer voxels).
+REFINE_WARMUP = 10
 
 
 def prediction_grid(model_shape, image_shape) -> tuple[int, ...]:
