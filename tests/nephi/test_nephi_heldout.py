@@ -178,21 +178,23 @@ def test_a_level_is_kept_where_its_local_gain_is_positive_but_under_two_standard
 def test_a_larger_noisy_field_keeps_the_level_that_carries_it():
     """The retina at 256 px under a random smooth field of at most 2 % of the size (5.12 px, smoothness
     6 %, field seed 4), noise 0.05: the first level carries most of the motion and is kept on more than
-    90 % of the image. Measured: EPE 0.885 px 8 px inside the border (unregistered 1.612, without the check
-    0.898), shares 0.926 / 0.692 / 0; with the local test at two standard errors (bde8da4, the loss of
-    review 1 of session 21, B1) 1.001 px, shares 0.822 / 0.445 / 0, so this test fails with
-    ``heldout.Z_LOCAL = 2`` (review 2 of session 21, B5)."""
+    90 % of the image. 25 coarse steps (the default 100 took 5.5-12 s; review 1 of session 22, B3) still
+    separate the rules (session 23, /tmp/s23/B/b3.py): EPE 0.930 px 8 px inside the border, shares 0.930 /
+    0.699 / 0; with the local test at two standard errors (bde8da4, the loss of review 1 of session 21,
+    B1) 1.014 px, shares 0.847 / 0.473 / 0, so this test fails with ``heldout.Z_LOCAL = 2`` (review 2 of
+    session 21, B5). At the default 100 steps: 0.885 / 1.001 px, shares 0.926 / 0.822."""
     grey = transform.resize(data.retina().astype(np.float64).mean(-1), (256, 256), anti_aliasing=True)
     img = ((grey - grey.min()) / (grey.max() - grey.min())).astype(np.float32)
     u, u_inv = random_smooth_displacement(img.shape, 5.12, 15.36, seed=4, return_inverse=True)
     moving = np.ascontiguousarray(DisplacementTransform(u_inv).warp(img), np.float32)
     rng = np.random.default_rng(4)
     f, m = ((a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32) for a in (img, moving))
-    reg = nn.register(f, m, method="nephi", device="cpu")
+    reg = nn.register(f, m, method="nephi", device="cpu", coarse_iterations=25)
+    assert reg.settings["noise_heldout"] is True
     shares = reg.metrics["noise_heldout_shares"]
     assert shares[0] > 0.9, shares
     u_est = reg.transform.displacement()
-    assert np.sqrt(((u_est - u) ** 2).sum(0))[INNER].mean() < 0.95
+    assert np.sqrt(((u_est - u) ** 2).sum(0))[INNER].mean() < 0.97
     assert reg.metrics["folds"] == 0
 
 
