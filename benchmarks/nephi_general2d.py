@@ -7,7 +7,8 @@
 
 Images: the ones held out from the model's training (``shipped_pairs.HELD_OUT``: camera, cell,
 coins) and ones it saw (retina, immunohistochemistry, astronaut), grey, resized to ``--size``
-squared. Each is the fixed image; the moving image is it pulled back through the inverse of a
+squared; ``--images`` also takes any other 2D image of ``skimage.data`` (e.g. ``lily``, ``human_mitosis``:
+never seen in training). Each is the fixed image; the moving image is it pulled back through the inverse of a
 random smooth diffeomorphism (:func:`napari_nephi.synthetic.random_smooth_displacement`) whose
 largest vector is the amplitude times the size and whose smoothness is drawn in 3-6 % of the size
 (larger where that amplitude would fold), seeds 100 + case index (+ ``--seed``): not the fields
@@ -36,9 +37,10 @@ import torch
 
 import napari_nephi
 from napari_nephi.core.errors import InputError
+from napari_nephi.core.inputs import normalize_intensity
 from napari_nephi.core.jacobian import jacobian_determinant
 from napari_nephi.core.transform import DisplacementTransform
-from napari_nephi.engines.nephi.shipped_pairs import HELD_OUT, shipped_image
+from napari_nephi.engines.nephi.shipped_pairs import HELD_OUT, TRAINING, shipped_image
 from napari_nephi.synthetic import random_smooth_displacement
 
 IMAGES = ("camera", "cell", "coins", "retina", "immunohistochemistry", "astronaut")
@@ -57,11 +59,35 @@ def ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
+def benchmark_image(name: str) -> np.ndarray:
+    """A shipped image (:func:`shipped_image`), or any other 2D image of ``skimage.data`` (e.g. ``lily``,
+    ``human_mitosis``: never seen in training), grey and scaled to [0, 1]."""
+    if name in TRAINING or name in HELD_OUT:
+        return shipped_image(name)
+    from skimage import data
+    from skimage.color import rgb2gray
+
+    loader = getattr(data, name, None)
+    if loader is None:
+        raise InputError(f"Unknown image {name!r}: neither a shipped image nor one of skimage.data.")
+    try:
+        img = np.asarray(loader())
+    except Exception as exc:  # not in the package and not cached: pooch downloads it
+        raise InputError(
+            f"skimage.data.{name} could not be loaded (not cached and no network?): {exc}"
+        ) from exc
+    if img.ndim == 3:
+        img = rgb2gray(img[..., :3])
+    if img.ndim != 2:
+        raise InputError(f"skimage.data.{name} is not a 2D image.")
+    return normalize_intensity(img.astype(np.float32))
+
+
 def make_case(name: str, amplitude: float, size: int, seed: int) -> dict:
     """Fixed image, moving image and the true pull-back displacement."""
     from skimage.transform import resize
 
-    img = shipped_image(name)
+    img = benchmark_image(name)
     fixed = resize(img, (size, size), order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
     rng = np.random.default_rng(seed)
     smooth = float(rng.uniform(0.03, 0.06)) * size
@@ -119,7 +145,7 @@ def main(argv=None) -> int:
     for i, name in enumerate(args.images):
         for j, amp in enumerate(args.amplitudes):
             case = make_case(name, amp, args.size, 100 + 10 * i + j + args.seed)
-            seen = "no" if name in HELD_OUT else "yes"
+            seen = "yes" if name in TRAINING else "no"
             for mode, options in MODES.items():
                 r = run(case, options, args.weights) | {
                     "image": name,
