@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_nephi.engines.mito import align_stack
-from napari_nephi.engines.mito.align import _auto_decision
-from napari_nephi.engines.mito.background import background_motion, classify
+from napari_nephi.engines.mito import align, align_stack
+from napari_nephi.engines.mito.align import _auto_decision, _detrended
+from napari_nephi.engines.mito.background import FAVOUR, background_motion, classify
 from napari_nephi.engines.mito.detrend import AUTO_P, SCREEN_P, section_centres, trend_test, variogram_test
 from napari_nephi.synthetic import em_stack
 
@@ -174,3 +174,69 @@ def test_a_short_stack_whose_background_cannot_be_measured_keeps_its_stage_drift
     np.testing.assert_array_equal(regs["auto"].transform.matrices, regs["none"].transform.matrices)
     moved = regs["detrend"].transform.matrices[:, :2, 2] - regs["none"].transform.matrices[:, :2, 2]
     assert np.abs(moved).max() > 3.0  # the trend test finds the 1 px per section: detrend removes it
+
+
+def test_the_background_reuses_the_masks_of_the_keypoint_stage(stage_drift, monkeypatch):
+    """Where "auto" measures the background, it reads the mitochondria the keypoint stage made (kept at
+    its working scale), not made again: every section's masks are made once (the reference's also for
+    its keypoint size). Before session 23 the background made them again for each of its sections
+    (72 of 160; review 2 of session 22, A5)."""
+    calls = []
+    made = align._Sections._raw_mask
+
+    def counted(self, k, work):
+        calls.append(k)
+        return made(self, k, work)
+
+    monkeypatch.setattr(align._Sections, "_raw_mask", counted)
+    d = stage_drift
+    reg = align_stack(d["stack"], masks=d["masks"], warp=False, workers=2)
+    assert reg.metrics["drift_correction"]["auto"]["background"]["pairs"] >= 30  # it was measured
+    counts = np.bincount(calls, minlength=N)
+    ref = reg.metrics["reference"]
+    assert counts[ref] <= 2 and np.all(np.delete(counts, ref) == 1), counts
+
+
+def test_where_only_the_backgrounds_slope_is_removed_the_method_says_so():
+    """ "both" (the sections and the organelles drift) removes the background's slope, not the whole
+    trend: the method (and so the settings' drift_correction_applied) reads "detrend-slope", a full
+    detrend "detrend" (review 2 of session 22, A6: both read "detrend")."""
+    n, shape = 60, (256, 256)
+    mats = np.repeat(np.eye(3)[None], n, axis=0)
+    mats[:, :2, 2] = -np.outer(np.arange(n), [0.3, -0.2])  # the positions trend by (0.3, -0.2) per section
+    rows = [{"fallback": ""} for _ in range(n)]
+    motion = {"slope": [0.1, 0.1], "se": [0.02, 0.02], "pairs": 64}  # neither 0 nor the trend: both
+    out, info = _detrended(mats, shape, 0, rows, 0.0, True, lambda m, use: motion)
+    assert info["auto"]["background"]["decision"] == "both"
+    assert info["method"] == "detrend-slope" and info["slope_removed"] == [0.1, 0.1]
+    moved = out[:, :2, 2] - mats[:, :2, 2]
+    np.testing.assert_allclose(moved[-1], np.multiply(59, [0.1, 0.1]), atol=0.5)  # the slope only
+    motion = {"slope": [0.3, -0.2], "se": [0.02, 0.02], "pairs": 64}  # the organelles': the whole trend
+    out, info = _detrended(mats, shape, 0, [dict(r) for r in rows], 0.0, True, lambda m, use: motion)
+    assert info["method"] == "detrend" and "slope_removed" not in info
+
+
+@pytest.mark.parametrize("direction", [(1.0, 0.0), (0.6, 0.8)])
+def test_undecided_organelles_rarely_reads_a_still_background_whatever_the_trend(direction):
+    """Why FAVOUR is 4.6 (a likelihood ratio of 10): where both hypotheses fit, a background that does
+    not move favours the organelles by FAVOUR only with probability Phi(-(FAVOUR + x^2) / (2 x)) for a
+    trend x standard errors long, at most Phi(-sqrt(FAVOUR)) = 1.6 % (at x = 2.1), whatever the trend;
+    with "organelles" itself, at most 2 % of still backgrounds are read as the organelles'. The price: a
+    background that does move with a trend 2.5 standard errors long is detrended only about 63 % of the
+    time, 4 standard errors long 93 % (drift + distorted with elastic=True: 2.4-2.8, docs/mito.md)."""
+    assert FAVOUR == pytest.approx(2 * np.log(10), abs=0.01)
+    rng = np.random.default_rng(23)
+    se, draws = 0.1, 4000
+    for x in (0.5, 1.0, 1.5, 2.14, 2.5, 3.0, 4.0, 5.0):
+        s = np.multiply(direction, x * se)
+        still = [
+            classify(s, {"slope": list(rng.normal(0, se, 2)), "se": [se, se], "pairs": 64})[0]
+            for _ in range(draws)
+        ]
+        assert np.mean([d in ("organelles", "undecided-organelles") for d in still]) <= 0.025, x
+        if x >= 4:
+            moving = [
+                classify(s, {"slope": list(s + rng.normal(0, se, 2)), "se": [se, se], "pairs": 64})[0]
+                for _ in range(draws)
+            ]
+            assert np.mean([d in ("organelles", "undecided-organelles") for d in moving]) >= 0.9, x

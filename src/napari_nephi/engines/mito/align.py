@@ -53,7 +53,8 @@ from ...core.progress import CancelFlag, Progress, ProgressCallback
 from ...core.registration import Registration
 from ...core.transform import ElasticSectionTransform, PerSectionTransform
 from . import features as ft
-from .background import background_motion, classify
+from .background import GAP, background_motion, classify
+from .background import runs as background_runs
 from .detrend import (
     AUTO_P,
     DEFAULT_DRIFT_CORRECTION,
@@ -176,6 +177,10 @@ class _Sections:
         self._fallback: dict[tuple[str, int], ft.Features] = {}
         self._lock = threading.Lock()
         self.mask_fraction: dict[int, float] = {}
+        # the keypoint masks of the sections the background will read (drift_correction="auto"),
+        # kept packed at the working scale (:meth:`background_mask`)
+        self.keep_masks: set[int] = set()
+        self._kept: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}
         self.blank: dict[int, str] = {}  # sections without content: "constant (v)" or "all NaN"
         self.keypoint_size = 31.0  # work pixels; set by prepare()
         self.mito_radius = None  # estimated, work pixels
@@ -236,7 +241,25 @@ class _Sections:
         r = int(round(o.mask_dilation * o.scale))
         if r > 0 and m.any():
             m = cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
-        return m & valid
+        m = m & valid
+        if k in self.keep_masks:
+            with self._lock:
+                self._kept[k] = (np.packbits(m), m.shape)
+        return m
+
+    def background_mask(self, k: int) -> np.ndarray:
+        """Section ``k``'s keypoint region at the working scale (0/1), as the keypoint stage made it
+        where it was kept (:attr:`keep_masks`), else made again."""
+        with self._lock:
+            kept = self._kept.pop(k, None)
+        if kept is not None:
+            packed, shape = kept
+            return np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape)
+        work, _, valid = self.work_image(k)
+        m = self.keypoint_mask(k, work, valid)
+        with self._lock:
+            self._kept.pop(k, None)
+        return m
 
     def region(self, k: int) -> np.ndarray:
         """Section ``k``'s keypoint region (:meth:`keypoint_mask`) at the section's own size, 0/1."""
@@ -642,7 +665,8 @@ def _detrended(matrices, shape, ref, rows, window, auto=False, background=None):
         "method": "detrend", "window": window, "shift_max": float(norm.max()),
         "shift_per_section": [float(v) for v in norm], "sections_used": int(use.sum()),
     }  # fmt: skip
-    if slope is not None:
+    if slope is not None:  # "both": only the background's slope, not the positions' whole trend
+        info["method"] = "detrend-slope"
         info["slope_removed"] = [float(v) for v in slope]
     if test is not None:
         info["auto"] = test
@@ -1017,6 +1041,9 @@ def align_stack(
         intensity = intensity_range(read_section(stack, ref))
     sections = _Sections(stack, masks, opts, intensity)
     sections.prepare(ref)
+    if drift_correction == "auto" and opts.use_masks:  # the background reuses these sections' masks
+        planned = background_runs(np.ones(n, bool))
+        sections.keep_masks = {int(k) for run in planned for k in (*run, *(run + GAP))}
     total = n + (n if warp and not lazy else 0)
 
     matrices = np.repeat(np.eye(3)[None], n, axis=0)
@@ -1101,7 +1128,7 @@ def align_stack(
         def background(mats, use):
             return background_motion(
                 lambda k: to_uint8(read_section(stack, k), *intensity),
-                sections.region if opts.use_masks else None, mats, (h, w), use, workers=workers,
+                sections.background_mask if opts.use_masks else None, mats, (h, w), use, workers=workers,
             )  # fmt: skip
 
     late_detrend = drift_correction != "none" and elastic and elastic_solver == "joint"
@@ -1195,7 +1222,8 @@ def align_stack(
         "global_model": global_model if solver == "global" else None,
         "drift_prior": drift_prior if solver == "global" else None,
         "guided_pairs": guided_pairs, "drift_correction": drift_correction, "drift_window": drift_window,
-        # what ran ("auto" decides per stack; metrics["drift_correction"]["auto"] has its test)
+        # what ran: "none", "detrend" or "detrend-slope" (only the background's slope removed, where
+        # "auto" found both drifting; metrics["drift_correction"]["auto"] has its test)
         "drift_correction_applied": drift_info["method"] if drift_info is not None else "none",
         "elastic": elastic, "elastic_spacing": elastic_spacing, "elastic_radius": elastic_radius,
         "elastic_iterations": elastic_iterations, "elastic_solver": elastic_solver,

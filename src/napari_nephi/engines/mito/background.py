@@ -52,13 +52,23 @@ MARGIN = 12
 MIN_PAIRS = 16
 #: Runs of consecutive pairs measured, spread over the stack (:func:`background_motion`).
 BLOCKS = 8
+#: Sections between the two of a measured pair. Tried in session 23: 2 (the step over two sections,
+#: less error per section and no bias on undistorted stacks: 80 sections, seed 1, every pair against
+#: the truth, stage drift 0.125 -> 0.000 px per section off, drift 0.100 -> 0.003), but on distorted
+#: sections the longer steps lost correlation and read the drift short (share 0.65-0.71): drift +
+#: distorted with elastic, seed 1, "both" and Dice 0.957 -> 0.914. Kept at 1 (docs/mito.md).
+GAP = 1
+#: Largest shift (pixels) searched per pair: the peak is climbed to from 0 within it.
+REACH = 2
 #: Chi-square (2 degrees of freedom) within which the background's slope agrees with a hypothesis
 #: (p 0.01).
 AGREE = 9.21
 #: Chi-square by which an ``"undecided"`` background must favour the organelles over the sections for the
-#: trend test alone to decide (:func:`classify`; a likelihood ratio of 10). Drift + distorted with
-#: ``elastic=True``, 160 sections, seed 19: the sections' own distortion left the background's standard
-#: error at 0.12-0.14 px per section, both fit, favour 6.6: Dice 0.658 kept, 0.943 detrended.
+#: trend test alone to decide (:func:`classify`; a likelihood ratio of 10). A bound, not a fit: a background
+#: that does not move favours the organelles by this with probability ``Phi(-(FAVOUR + x^2) / (2 x))`` for
+#: a trend ``x`` standard errors long, at most ``Phi(-sqrt(FAVOUR))`` = 1.6 % whatever ``x``; one that
+#: moves with the trend passes 63 % of the time at ``x`` 2.5 (drift + distorted with ``elastic=True``:
+#: 2.4-2.8), 93 % at 4 (docs/mito.md, session 23).
 FAVOUR = 4.6
 #: Smallest standard error (px per section) trusted per axis: a handful of blocks can agree by chance.
 SE_FLOOR = 0.02
@@ -80,11 +90,15 @@ def crops(shape) -> list[tuple[int, int, int, int]]:
 
 def _prepared(section: np.ndarray, mito: np.ndarray | None, matrix: np.ndarray, boxes):
     """``[(band-passed crop of the section in the aligned frame, weight 0/1)]`` for every box (only
-    the part of the section under each crop is read)."""
+    the part of the section under each crop is read). ``mito`` may be smaller than the section (the
+    keypoint stage's masks at its working scale): it is read through the scale (pixel centres)."""
     swap = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=np.float64)
-    k = 2 * MARGIN + 1
-    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    square = np.ones((2 * MARGIN + 1, 2 * MARGIN + 1), np.uint8)  # the margin: a square (10x faster)
     sh, sw = section.shape
+    to_mask = None
+    if mito is not None and mito.shape != section.shape:
+        ry, rx = mito.shape[0] / sh, mito.shape[1] / sw
+        to_mask = np.array([[ry, 0, 0.5 * ry - 0.5], [0, rx, 0.5 * rx - 0.5], [0, 0, 1.0]])
     out = []
     for y0, x0, ch, cw in boxes:
         m = matrix @ np.array([[1.0, 0.0, y0], [0.0, 1.0, x0], [0.0, 0.0, 1.0]])  # crop -> section (y, x)
@@ -96,31 +110,37 @@ def _prepared(section: np.ndarray, mito: np.ndarray | None, matrix: np.ndarray, 
             out.append((np.zeros((ch, cw), np.float32), np.zeros((ch, cw), np.uint8)))
             continue
         part = section[lo[0] : hi[0], lo[1] : hi[1]]
-        bad = (part == 0).astype(np.uint8)  # the zero padding of rotated / shifted sections
-        if mito is not None:
-            bad |= (mito[lo[0] : hi[0], lo[1] : hi[1]] > 0).astype(np.uint8)
         shift = np.array([[1.0, 0.0, -lo[0]], [0.0, 1.0, -lo[1]], [0.0, 0.0, 1.0]])
         mx = (swap @ shift @ m @ swap)[:2]  # (x, y); crop pixels -> part pixels
         flags = cv2.WARP_INVERSE_MAP | cv2.INTER_LINEAR
         img = cv2.warpAffine(
             part.astype(np.float32), mx, (cw, ch), flags=flags, borderMode=cv2.BORDER_CONSTANT
         )
+        # the zero padding of rotated / shifted sections (and outside the part): exactly 0 where all
+        # four pixels interpolated are (a pixel less than the padding, well within MARGIN)
+        bad = (img == 0).view(np.uint8)
         flags = cv2.WARP_INVERSE_MAP | cv2.INTER_NEAREST
-        bad = cv2.warpAffine(bad, mx, (cw, ch), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=1)
-        bad = cv2.dilate(bad, disk)
+        if mito is not None and to_mask is None:
+            inside = (mito[lo[0] : hi[0], lo[1] : hi[1]] > 0).view(np.uint8)
+            bad |= cv2.warpAffine(inside, mx, (cw, ch), flags=flags, borderMode=cv2.BORDER_CONSTANT)
+        if to_mask is not None:  # crop pixels -> mask pixels
+            mm = (swap @ to_mask @ m @ swap)[:2]
+            bad |= cv2.warpAffine((mito > 0).view(np.uint8), mm, (cw, ch), flags=flags)
+        bad = cv2.dilate(bad, square)
         img = cv2.GaussianBlur(img, (0, 0), FINE_SIGMA) - cv2.GaussianBlur(img, (0, 0), COARSE_SIGMA)
         out.append((img, 1 - bad))
     return out
 
 
-def pair_step(pa, pb) -> np.ndarray | None:
+def pair_step(pa, pb, reach: int = REACH) -> np.ndarray | None:
     """``(2,)`` (y, x) pixels by which the content of section b lies moved from section a (``b(p) ~
     a(p - d)``), from their crops (:func:`_prepared`): the peak of the cross-correlation summed over
-    the crops, over the pixels both weights keep (feathered), at whole shifts of up to 2 px (1 where
-    the peak is at 0), refined by a Gaussian through the peak and its neighbours per axis (a
-    correlation peak does not shrink toward 0 where the content changes, as a gradient step does).
-    None with too few pixels or the peak at the edge of the reach."""
-    r = 2
+    the crops, over the pixels both weights keep (feathered), at whole shifts climbed to from 0 (each
+    step to the best of the 3 x 3 around the current one) within ``reach`` pixels, refined by a
+    Gaussian through the peak and its neighbours per axis (a correlation peak does not shrink toward 0
+    where the content changes, as a gradient step does). None with too few pixels or the peak at the
+    edge of the reach."""
+    r = reach
     parts, total = [], 0.0
     for (a, wa), (b, wb) in zip(pa, pb):
         w = cv2.GaussianBlur((wa & wb).astype(np.float32), (0, 0), 2.0)
@@ -130,19 +150,29 @@ def pair_step(pa, pb) -> np.ndarray | None:
         return None
     c = np.full((2 * r + 1, 2 * r + 1), np.nan)
 
-    def fill(reach):
-        for dy in range(-reach, reach + 1):
-            for dx in range(-reach, reach + 1):
-                if np.isnan(c[r + dy, r + dx]):
-                    c[r + dy, r + dx] = sum(
-                        float((aw * bw[r + dy : bw.shape[0] - r + dy, r + dx : bw.shape[1] - r + dx]).sum())
-                        for aw, bw in parts
-                    )
+    def at(i, j):
+        if np.isnan(c[i, j]):
+            dy, dx = i - r, j - r
+            c[i, j] = sum(  # einsum: no product array (3x faster than multiplying and summing)
+                float(
+                    np.einsum("ij,ij->", aw, bw[r + dy : bw.shape[0] - r + dy, r + dx : bw.shape[1] - r + dx])
+                )
+                for aw, bw in parts
+            )
+        return c[i, j]
 
-    fill(1)
-    if np.nanargmax(c) != c.size // 2:
-        fill(2)
-    i, j = np.unravel_index(np.nanargmax(c), c.shape)
+    i = j = r
+    while True:
+        around = [
+            (y, x)
+            for y in (i - 1, i, i + 1)
+            for x in (j - 1, j, j + 1)
+            if 0 <= y <= 2 * r and 0 <= x <= 2 * r
+        ]
+        best = max(around, key=lambda yx: at(*yx))
+        if best == (i, j):
+            break
+        i, j = best
     if not (0 < i < 2 * r and 0 < j < 2 * r) or c[i, j] <= 0:
         return None
     return np.array([i - r + _vertex(*c[i - 1 : i + 2, j]), j - r + _vertex(*c[i, j - 1 : j + 2])])
@@ -157,6 +187,25 @@ def _vertex(m: float, z: float, p: float) -> float:
     return 0.0 if den >= 0 else float(np.clip(0.5 * (m - p) / den, -0.5, 0.5))
 
 
+def runs(use: np.ndarray, pairs: int = PAIRS) -> list[np.ndarray]:
+    """The first sections of the pairs ``(k, k + GAP)`` measured, per run. A run is a stretch of
+    consecutive sections in ``use`` (:data:`BLOCKS` of them, spread evenly over the stack, apart from
+    each other), and its pairs are all those ``GAP`` apart within it: ``GAP`` interleaved chains
+    whose steps add up to the displacement over the stretch. Together at most ``pairs`` pairs."""
+    use = np.asarray(use, bool)
+    ks = np.flatnonzero(use[:-1] & use[1:])
+    if len(ks) == 0:
+        return []
+    length = max(1, min(pairs + BLOCKS * (GAP - 1), len(ks)) // BLOCKS)  # neighbour pairs per stretch
+    out = []
+    for start in np.unique(np.linspace(0, len(ks) - length, BLOCKS).round().astype(int)):
+        stretch = set(ks[start : start + length].tolist()) | set((ks[start : start + length] + 1).tolist())
+        run = np.array(sorted(k for k in stretch if k + GAP in stretch), dtype=int)
+        if len(run):
+            out.append(run)
+    return out
+
+
 def background_motion(
     read: Callable[[int], np.ndarray],
     mito: Callable[[int], np.ndarray] | None,
@@ -168,37 +217,34 @@ def background_motion(
 ) -> dict:
     """The background's motion per section in the aligned frame (see the module doc).
 
-    ``read(k)``: section ``k`` as uint8; ``mito(k)``: its mitochondria (0/1, the section's size) or
-    None; ``matrices[k]`` maps the aligned frame to section ``k``; pairs ``(k, k + 1)`` with both in
-    ``use``. Returns ``{"slope" (px per section, y, x: median step), "se" (its standard error per
-    axis), "pairs" (measured)}``; ``slope`` is comparable with :func:`.detrend.trend_test`'s slope
-    (the positions' trend): equal where the organelles drift, 0 where the sections do."""
-    use = np.asarray(use, bool)
-    ks = np.flatnonzero(use[:-1] & use[1:])
-    out = {"slope": [0.0, 0.0], "se": [math.inf, math.inf], "pairs": 0}
-    if len(ks) < MIN_PAIRS:
-        return out
+    ``read(k)``: section ``k`` as uint8; ``mito(k)``: its mitochondria (0/1; the section's size, or
+    smaller: read through the scale) or None; ``matrices[k]`` maps the aligned frame to section
+    ``k``; pairs ``(k, k + GAP)`` with both in ``use`` (:func:`runs`). Returns ``{"slope" (px per
+    section, y, x), "se" (its standard error per axis), "pairs" (measured), "gap"}``; ``slope`` is
+    comparable with :func:`.detrend.trend_test`'s slope (the positions' trend): equal where the
+    organelles drift, 0 where the sections do."""
+    out = {"slope": [0.0, 0.0], "se": [math.inf, math.inf], "pairs": 0, "gap": GAP}
     # BLOCKS runs of consecutive pairs, spread over the stack: within a run the steps add up to the
     # displacement between its first and last section, so each section's own distortion counts at
     # the run's two ends only, not at every pair (drift + distorted, elastic, 80 sections, seed 19:
     # standard error 0.16 px per section with pairs spread one by one)
-    length = max(1, min(pairs, len(ks)) // BLOCKS)
-    starts = np.linspace(0, len(ks) - length, BLOCKS).round().astype(int)
-    runs = [ks[s : s + length] for s in np.unique(starts)]
+    planned = runs(use, pairs)
+    if sum(len(r) for r in planned) < MIN_PAIRS:
+        return out
     boxes = crops(shape)
 
     def prepare(k):
         return _prepared(read(k), None if mito is None else mito(k), matrices[k], boxes)
 
-    steps = []
+    def run_steps(run):
+        # each section of a run read and prepared once (pairs (k, k + GAP) and (k + GAP, k + 2 GAP)
+        # share k + GAP); one run per task: no waiting between the runs' sections and pairs
+        ready = {k: prepare(k) for k in sorted(set(run.tolist()) | set((run + GAP).tolist()))}
+        found = [pair_step(ready[k], ready[k + GAP]) for k in run]
+        return [d / GAP for d in found if d is not None]
+
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mito-bg") as ex:
-        for run in runs:
-            # each section of a run read and prepared once (pairs (k, k + 1) and (k + 1, k + 2)
-            # share k + 1): 72 sections instead of 128 for the default 8 runs of 8 pairs
-            ids = sorted(set(run.tolist()) | set((run + 1).tolist()))
-            ready = dict(zip(ids, ex.map(prepare, ids)))
-            found = ex.map(pair_step, [ready[k] for k in run], [ready[k + 1] for k in run])
-            steps.append([d for d in found if d is not None])
+        steps = list(ex.map(run_steps, planned))
     measured = sum(len(r) for r in steps)
     means = np.array([np.mean(r, axis=0) for r in steps if len(r)])
     if measured < MIN_PAIRS or len(means) < 3:
@@ -207,7 +253,7 @@ def background_motion(
     # own apparent motion persists over a few sections, so the pairs within a run are alike)
     slope = means.mean(axis=0)
     se = means.std(axis=0, ddof=1) / math.sqrt(len(means))
-    return {"slope": [float(v) for v in slope], "se": [float(v) for v in se], "pairs": measured}
+    return {"slope": [float(v) for v in slope], "se": [float(v) for v in se], "pairs": measured, "gap": GAP}
 
 
 def classify(trend_slope, motion: dict) -> tuple[str, float]:
