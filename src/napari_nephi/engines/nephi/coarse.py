@@ -391,6 +391,10 @@ def match_blur_runs(match_blur: bool | str | None) -> bool:
     return match_blur_mode(match_blur) is not None
 
 
+#: Adam's learning rate of the coarse stage, in normalised coordinates (a knot's step: 1.3 px at 512^2).
+COARSE_LEARNING_RATE = 0.005
+
+
 def optimize_velocity(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -399,7 +403,7 @@ def optimize_velocity(
     reg_weight: float,
     similarity: str,
     on_step,
-    learning_rate: float = 0.005,
+    learning_rate: float = COARSE_LEARNING_RATE,
     steps: int = 6,
     spacings: list[float] | None = None,
     compare_max_voxels: int = WARP_MAX_VOXELS,
@@ -414,7 +418,7 @@ def optimize_velocity(
     frame_mask: bool = True,
     max_levels: int | None = None,
     gates: list | None = None,
-    warmup: int = 0,
+    warmup: float = 0.0,
 ) -> DenseMaps:
     """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
 
@@ -473,9 +477,9 @@ def optimize_velocity(
     level: None (the level as above) or an array on the image grid, in [0, 1], that multiplies the
     level's B-spline increment (resampled to its grid), e.g. where a held-out check supports it
     (:func:`.heldout.level_gates`); a level whose gate is 0 everywhere does not run. ``warmup`` (0: none)
-    ramps each level's learning rate up linearly over its first that many steps: a level starts a fresh
-    Adam, whose first steps move every knot by the full rate whatever its gradient, which knocks a map
-    that is nearly right already off it (predict+refine, :data:`.predict.REFINE_WARMUP`).
+    ramps each level's learning rate up linearly over that share of its steps (rounded): a level starts a
+    fresh Adam, whose first steps move every knot by the full rate whatever its gradient, which knocks a
+    map that is nearly right already off it (predict+refine, :data:`.predict.REFINE_WARMUP`).
     """
     d = fixed.dim() - 2
     full = tuple(fixed.shape[2:])
@@ -583,9 +587,10 @@ def optimize_velocity(
             noise = noise_variance(f_l), noise_variance(m_l)
             gen = torch.Generator(device=dev).manual_seed(0)
             noise_f, noise_m = (torch.randn(f_w.shape, generator=gen, device=dev) for _ in range(2))
+        ramp = round(warmup * n_steps)  # steps over which the rate ramps up (see warmup)
         for step in range(n_steps):
-            if warmup > 0:  # the rate ramps up over the level's first steps (see REFINE_WARMUP)
-                opt.lr = learning_rate * min(1.0, (step + 1) / warmup)
+            if ramp > 0:
+                opt.lr = learning_rate * min(1.0, (step + 1) / ramp)
             opt.zero_grad()
             vk = base + (
                 bspline_on_grid(ctrl, weights) if gate is None else gate * bspline_on_grid(ctrl, weights)

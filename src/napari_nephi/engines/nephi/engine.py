@@ -67,12 +67,12 @@ from .model import as_model
 from .optimize import REGULARIZERS, SIMILARITIES, Maps, OptimizeSettings, optimize_field
 from .predict import (
     FINER_ON_OPTIMIZE_GRID,
-    REFINE_WARMUP,
     ComposedMaps,
     low_passed_maps,
     prediction_grid,
     prediction_maps,
     refine_grids,
+    refine_warmup,
     warp_through,
 )
 from .weights import default_model
@@ -452,9 +452,11 @@ def register_nephi(
     coarse_info: dict = {}  # what the coarse stage learned besides the map (matched blur)
     finer = finer_level_runs(coarse_finer_level, coarse_reg_weight)
     stage_finer = coarse_finer_level  # the coarse stage adds the finer-knot level itself
-    coarse_warmup = 0  # steps over which each coarse level's rate ramps up (predict+refine: REFINE_WARMUP)
+    coarse_warmup = (
+        0.0  # share of each coarse level's steps its rate ramps up over (predict+refine: REFINE_WARMUP)
+    )
     if mode == "predict+refine" and after_coarse:  # the coarse stage starts from the prediction
-        coarse_warmup = int(REFINE_WARMUP) if d == 2 else 0  # 2D, where it was measured
+        coarse_warmup = refine_warmup(fshape) if d == 2 else 0.0  # 2D, where it was measured
         # the finer-knot level in the schedule, on optimize's last grid: 2D, where it was measured
         on_optimize_grid = finer and FINER_ON_OPTIMIZE_GRID and d == 2
         shapes, spacings = refine_grids(fshape, levels, on_optimize_grid)

@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .coarse import DenseMaps, knot_spacings, normalized_grid, pyramid_shapes
+from .coarse import COARSE_LEARNING_RATE, DenseMaps, knot_spacings, normalized_grid, pyramid_shapes
 from .field import Codes, NeuralDeformationField
 from .smoothing import blur_axis
 
@@ -49,16 +49,31 @@ REFINE_GRID_FACTOR = 2
 #: (not measured on volumes, whose last grid would cost the 3D refinement memory and time).
 FINER_ON_OPTIMIZE_GRID = True
 
-#: ``predict+refine``: each coarse level's learning rate ramps up linearly over its first this many steps
-#: (session 23; 0: none, as before). A level starts a fresh Adam, whose first steps move every knot by
-#: about the full rate (1.3 px at 512^2) whatever its gradient; from a prediction, or from the level
-#: before, that kick knocks an aligned map off and 50 steps do not bring it back: started from the true
-#: field itself (no low-pass) the refinement ended at 0.058 px on IHC 1 % (optimize from the identity:
-#: 0.039). With the ramp, benchmarks/nephi_general2d.py seed 0, 512 px, the same CPU: retina 4 % 1.256 ->
-#: 1.03 px (optimize 1.086), astronaut 2 % 0.341 -> 0.267, IHC 1 % 0.062 -> 0.047; fresh seeds 74 / 75: better
-#: on 35 of 36 cases, worse on none (docs/nephi.md). 2D only (not measured on volumes, whose knots a rate in
-#: normalised units moves by fewer voxels).
-REFINE_WARMUP = 10
+#: ``predict+refine``: each coarse level's learning rate ramps up linearly over this share of its steps
+#: (session 23; 0: none, as before), on images where the rate moves a knot by at least
+#: :data:`REFINE_WARMUP_MIN_KICK` px a step (:func:`refine_warmup`). A level starts a fresh Adam, whose first
+#: steps move every knot by about the full rate (1.3 px at 512^2) whatever its gradient; from a prediction,
+#: or from the level before, that kick knocks an aligned map off and 50 steps do not bring it back: started
+#: from the true field itself (no low-pass) the refinement ended at 0.058 px on IHC 1 % (optimize from the
+#: identity: 0.039), with the ramp 0.045. benchmarks/nephi_general2d.py, 512 px, seeds 0 / 70 / 74 / 75 (a
+#: ramp of 10 steps a level): better on 70 of 72 cases, worse on none, the same CPU (retina 4 % seed 74 1.083
+#: -> 0.751 px, optimize 0.836; docs/nephi.md). A share, not a step count, so a run with fewer coarse steps
+#: still reaches the full rate (review 1 of session 23, B2). 2D only (not measured on volumes).
+REFINE_WARMUP = 0.2
+
+#: The ramp runs where the coarse stage's rate moves a knot by at least this many pixels a step
+#: (``COARSE_LEARNING_RATE * (longest side - 1) / 2``: images of at least 401 px): at 256 px (0.64 px a step)
+#: the kick is half as large and the ramp lost on the retina (1 / 2 %, seeds 74 and 75: up to +0.020 px,
+#: review 1 of session 23, B1) while its gains there were small (seed 71: better on 9 of 18, worse on 3).
+REFINE_WARMUP_MIN_KICK = 1.0
+
+
+def refine_warmup(shape) -> float:
+    """The ramp's share of each coarse level's steps in ``predict+refine`` for an image of ``shape``:
+    :data:`REFINE_WARMUP` where the coarse rate moves a knot by at least :data:`REFINE_WARMUP_MIN_KICK` px a
+    step, else 0."""
+    kick = COARSE_LEARNING_RATE * (max(int(n) for n in shape) - 1) / 2
+    return float(REFINE_WARMUP) if kick >= REFINE_WARMUP_MIN_KICK else 0.0
 
 
 def prediction_grid(model_shape, image_shape) -> tuple[int, ...]:
