@@ -61,7 +61,9 @@ def ncc(a: np.ndarray, b: np.ndarray) -> float:
 
 def benchmark_image(name: str) -> np.ndarray:
     """A shipped image (:func:`shipped_image`), or any other 2D image of ``skimage.data`` (e.g. ``lily``,
-    ``human_mitosis``: never seen in training), grey and scaled to [0, 1]."""
+    ``human_mitosis``: never seen in training), grey and scaled to [0, 1] by the same ``normalize_intensity`` as the
+    shipped ones. An image with channels is made grey from its first three by luminance (``rgb2gray``): for
+    ``lily``, four fluorescence channels, the fourth is dropped."""
     if name in TRAINING or name in HELD_OUT:
         return shipped_image(name)
     from skimage import data
