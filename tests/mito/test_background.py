@@ -8,6 +8,7 @@ from scipy import ndimage
 from napari_nephi.engines.mito import align, align_stack
 from napari_nephi.engines.mito.align import _auto_decision, _detrended
 from napari_nephi.engines.mito.background import FAVOUR, background_motion, classify
+from napari_nephi.engines.mito.background import runs as background_runs
 from napari_nephi.engines.mito.detrend import AUTO_P, SCREEN_P, section_centres, trend_test, variogram_test
 from napari_nephi.synthetic import em_stack
 
@@ -240,3 +241,53 @@ def test_undecided_organelles_rarely_reads_a_still_background_whatever_the_trend
                 for _ in range(draws)
             ]
             assert np.mean([d in ("organelles", "undecided-organelles") for d in moving]) >= 0.9, x
+
+
+def _run_background(rng, truth, se):
+    """A background measured as 8 runs (7 on the second look), each run's mean off by se * sqrt(8)."""
+
+    def background(mats, use, second=False):
+        k = 7 if second else 8
+        means = rng.normal(truth, se * np.sqrt(8), (k, 2))
+        sd = means.std(0, ddof=1) / np.sqrt(k)
+        return {"slope": list(means.mean(0)), "se": list(sd), "pairs": 8 * k, "runs": means.tolist()}
+
+    return background
+
+
+def test_an_undecided_background_is_measured_again_on_other_sections():
+    """Session 23: where the first look leaves both hypotheses fitting ("undecided": drift + distorted
+    stacks, whose trend is 2.4-2.8 standard errors long), the background is measured again on the
+    stretches half-way between the first look's (other sections, none at 80 sections) and decided on
+    both looks' runs. Simulated (160 sections, positions scattering 3.5 px and wandering 0.3 px per
+    section, a trend of 0.3 px per section, the background's standard error 0.12 per look): drifting
+    organelles detrended on many more stacks, a still background (stage drift) on a few more."""
+    first = background_runs(np.ones(160, bool))
+    again = background_runs(np.ones(160, bool), second=True)
+    seen = {int(k) for r in first for k in (*r, *(r + 1))}
+    assert sum(map(len, again)) >= 48 and not seen & {int(k) for r in again for k in (*r, *(r + 1))}
+    assert sum(map(len, background_runs(np.ones(80, bool), second=True))) < 16  # no room: one look
+
+    rng = np.random.default_rng(23)
+    n, stacks = 160, 200
+    use = np.ones(n, bool)
+    counts = {}
+    for case, follows in (("organelles", 1.0), ("sections", 0.0)):
+        once = twice = 0
+        for _ in range(stacks):
+            pos = rng.normal(0, 3.5, (n, 2)) + np.cumsum(rng.normal(0, 0.3, (n, 2)), axis=0)
+            pos += np.outer(np.arange(n), [0.24, 0.18])
+            test = variogram_test(pos, use)
+            truth, seed = np.multiply(test["slope"], follows), int(rng.integers(1 << 30))
+            bg = _run_background(np.random.default_rng(seed), truth, 0.12)
+            twice += _auto_decision(dict(test), None, use, bg)[0]
+            bg = _run_background(np.random.default_rng(seed), truth, 0.12)
+
+            def one_look(m, u, bg=bg):
+                return {k: v for k, v in bg(m, u).items() if k != "runs"}
+
+            once += _auto_decision(dict(test), None, use, one_look)[0]
+        counts[case] = (once, twice)
+    (o1, o2), (s1, s2) = counts["organelles"], counts["sections"]
+    assert o2 >= o1 + 0.12 * stacks and o2 >= 0.8 * stacks, counts  # 124 -> 171 of 200
+    assert s2 <= s1 + 0.03 * stacks and s2 <= 0.1 * stacks, counts  # 8 -> 8 of 200 (400: 24 -> 30)

@@ -53,7 +53,7 @@ from ...core.progress import CancelFlag, Progress, ProgressCallback
 from ...core.registration import Registration
 from ...core.transform import ElasticSectionTransform, PerSectionTransform
 from . import features as ft
-from .background import GAP, background_motion, classify
+from .background import GAP, background_motion, classify, second_look
 from .background import runs as background_runs
 from .detrend import (
     AUTO_P,
@@ -705,7 +705,20 @@ def _auto_decision(test: dict, matrices, use, background) -> tuple[bool, np.ndar
         return test["p"] < AUTO_P, None
     motion = background(matrices, use)
     decision, share = classify(test["slope"], motion)
-    test["background"] = {**motion, "decision": decision, "share": share}
+    first = None
+    if decision == "undecided" and "runs" in motion:  # a second look, at as many other sections
+        first = {"slope": motion["slope"], "se": motion["se"], "pairs": motion["pairs"], "decision": decision}
+        motion = second_look(motion, background(matrices, use, True))
+        decision, share = (
+            classify(test["slope"], motion) if motion["pairs"] > first["pairs"] else (decision, share)
+        )
+    test["background"] = {
+        **{k: v for k, v in motion.items() if k != "runs"},
+        "decision": decision,
+        "share": share,
+    }
+    if first is not None:
+        test["background"]["first_look"] = first
     if decision == "unmeasured":
         return False, None
     if decision == "undecided-organelles":
@@ -1125,10 +1138,11 @@ def align_stack(
     background = None
     if auto:  # the rest of the image (mitochondria left out where the keypoints used them)
 
-        def background(mats, use):
+        def background(mats, use, second=False):
             return background_motion(
                 lambda k: to_uint8(read_section(stack, k), *intensity),
                 sections.background_mask if opts.use_masks else None, mats, (h, w), use, workers=workers,
+                second=second,
             )  # fmt: skip
 
     late_detrend = drift_correction != "none" and elastic and elastic_solver == "joint"

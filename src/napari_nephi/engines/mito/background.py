@@ -187,19 +187,27 @@ def _vertex(m: float, z: float, p: float) -> float:
     return 0.0 if den >= 0 else float(np.clip(0.5 * (m - p) / den, -0.5, 0.5))
 
 
-def runs(use: np.ndarray, pairs: int = PAIRS) -> list[np.ndarray]:
+def runs(use: np.ndarray, pairs: int = PAIRS, second: bool = False) -> list[np.ndarray]:
     """The first sections of the pairs ``(k, k + GAP)`` measured, per run. A run is a stretch of
     consecutive sections in ``use`` (:data:`BLOCKS` of them, spread evenly over the stack, apart from
     each other), and its pairs are all those ``GAP`` apart within it: ``GAP`` interleaved chains
-    whose steps add up to the displacement over the stretch. Together at most ``pairs`` pairs."""
+    whose steps add up to the displacement over the stretch. Together at most ``pairs`` pairs.
+    ``second``: the stretches half-way between those, without their sections (a second look,
+    :func:`second_look`; empty where the first look left no room, e.g. 80 sections)."""
     use = np.asarray(use, bool)
     ks = np.flatnonzero(use[:-1] & use[1:])
     if len(ks) == 0:
         return []
     length = max(1, min(pairs + BLOCKS * (GAP - 1), len(ks)) // BLOCKS)  # neighbour pairs per stretch
+    starts = np.linspace(0, len(ks) - length, BLOCKS)
+    taken: set[int] = set()
+    if second:
+        taken = {int(k) for run in runs(use, pairs) for k in (*run, *(run + GAP))}
+        starts = starts + (starts[1] - starts[0]) / 2 if len(starts) > 1 else starts[:0]
     out = []
-    for start in np.unique(np.linspace(0, len(ks) - length, BLOCKS).round().astype(int)):
-        stretch = set(ks[start : start + length].tolist()) | set((ks[start : start + length] + 1).tolist())
+    for start in np.unique(starts.round().astype(int)):
+        part = ks[start : start + length]
+        stretch = (set(part.tolist()) | set((part + 1).tolist())) - taken
         run = np.array(sorted(k for k in stretch if k + GAP in stretch), dtype=int)
         if len(run):
             out.append(run)
@@ -214,6 +222,7 @@ def background_motion(
     use: np.ndarray,
     pairs: int = PAIRS,
     workers: int = 1,
+    second: bool = False,
 ) -> dict:
     """The background's motion per section in the aligned frame (see the module doc).
 
@@ -228,7 +237,7 @@ def background_motion(
     # displacement between its first and last section, so each section's own distortion counts at
     # the run's two ends only, not at every pair (drift + distorted, elastic, 80 sections, seed 19:
     # standard error 0.16 px per section with pairs spread one by one)
-    planned = runs(use, pairs)
+    planned = runs(use, pairs, second)
     if sum(len(r) for r in planned) < MIN_PAIRS:
         return out
     boxes = crops(shape)
@@ -251,9 +260,23 @@ def background_motion(
         return {**out, "pairs": measured}
     # the runs' mean steps: their mean, and its standard error from their spread (the structures'
     # own apparent motion persists over a few sections, so the pairs within a run are alike)
+    return {**_from_runs(means), "pairs": measured, "gap": GAP}
+
+
+def _from_runs(means: np.ndarray) -> dict:
+    """Slope (the runs' mean steps' mean), its standard error (their spread) and the runs' means."""
     slope = means.mean(axis=0)
     se = means.std(axis=0, ddof=1) / math.sqrt(len(means))
-    return {"slope": [float(v) for v in slope], "se": [float(v) for v in se], "pairs": measured, "gap": GAP}
+    return {"slope": [float(v) for v in slope], "se": [float(v) for v in se], "runs": means.tolist()}
+
+
+def second_look(first: dict, more: dict) -> dict:
+    """The background measured on both looks' runs together (:func:`runs` ``second``): the first look
+    where the second measured too few pairs."""
+    if more.get("pairs", 0) < MIN_PAIRS or len(more.get("runs", [])) < 3:
+        return first
+    means = np.array(first["runs"] + more["runs"], np.float64)
+    return {**first, **_from_runs(means), "pairs": first["pairs"] + more["pairs"]}
 
 
 def classify(trend_slope, motion: dict) -> tuple[str, float]:
