@@ -88,7 +88,12 @@ def test_widening_finds_the_plate_the_sweep_passed(search, toy_reference):
 
 def test_widening_keeps_the_first_pass_when_it_finds_nothing_better(search, toy_reference):
     section, order, opts, plate = _widen_case(toy_reference, plate=21)
-    opts = {**opts, "sweep_step": 6}  # the sweep holds plate 21: a stage-2 hypothesis there
+    # the sweep holds plate 21: a stage-2 hypothesis there. One tilt round: with two, the second
+    # pass's own hypothesis near plate 21 finds a pose 0.005 better there (kept; the same first plate)
+    opts = {**opts, "sweep_step": 6, "tilt_rounds": 1}
+    assert (
+        search.search(section, order, check_rerank_options({**opts, "tilt_rounds": 2})).ranking[0][0] == plate
+    )
     narrow = search.search(section, order, check_rerank_options({**opts, "widen_gap": None}))
     wide = search.search(section, order, check_rerank_options(opts))
     assert abs(narrow.ranking[0][0] - plate) <= PLATE_TOLERANCE
@@ -159,6 +164,46 @@ def test_joint_tilt_search_finds_pitch_and_yaw_together(search, toy_reference):
     assert abs(best.z - plate) <= PLATE_TOLERANCE, best
     # a 6-degree grid of pitch x yaw, then a 3-degree one around its best
     assert np.allclose(best.tilt, tilt, atol=4.5), best.tilt
+
+
+def _turned(reference, plate, tilt, degrees):
+    from scipy import ndimage
+
+    section = section_from_atlas(reference, plate, tilt)
+    return ndimage.rotate(section, degrees, reshape=True, order=1, cval=float(np.median(section[:, 0])))
+
+
+def test_a_second_tilt_round_at_the_turned_rotation_finds_the_plate(search, toy_reference):
+    """tilt_rounds 2: where the rotation and scale step after the tilt grid moves the pose, the finer
+    tilt grid runs again at the new rotation and scale. A section tilted about both axes and turned 10
+    degrees: the first round's tilt was found at the untilted best's rotation, a plate off."""
+    reference, _ = toy_reference
+    plate = 20
+    order = [(plate, 0.0)] + [(p, 1.0) for p in range(search.n) if p != plate]
+    opts = {"shortlist": 1, "neighbours": 2, "sweep_step": 0, "hypotheses": 1, "anchors": 1, "z_scan": 0}
+    section = _turned(reference, plate, (8.0, 11.0), -10.0)
+    found = {}
+    for rounds in (1, 2):
+        result = search.search(section, order, check_rerank_options({**opts, "tilt_rounds": rounds}))
+        found[rounds] = (max(result.poses.values(), key=lambda p: p.score), result.pairs)
+    (one, one_pairs), (two, two_pairs) = found[1], found[2]
+    assert abs(two.z - plate) <= 0.5 and two.score > one.score + 0.02, (one, two)
+    assert two.rotation != one.rotation or two.tilt != one.tilt  # found at another rotation or tilt
+    assert two_pairs > one_pairs
+    # where rotation and scale stay, no second round: the same pairs as one round
+    still = section_from_atlas(reference, plate, (10.0, -8.0))
+    pairs = [
+        search.search(still, order, check_rerank_options({**opts, "tilt_rounds": r})).pairs for r in (1, 2)
+    ]
+    assert pairs[0] == pairs[1]
+
+
+def test_tilt_rounds_default_and_presets():
+    assert check_rerank_options({})["tilt_rounds"] == 2  # session 23
+    for preset in (SEEDED, FAST):  # their CPU was measured with one round
+        assert check_rerank_options(preset)["tilt_rounds"] == 1
+    with pytest.raises(InputError, match="tilt_rounds"):
+        check_rerank_options({"tilt_rounds": 0})
 
 
 def test_tilt_margin_tilts_only_near_the_best_hypothesis(search, toy_reference):

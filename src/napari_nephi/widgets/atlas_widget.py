@@ -347,6 +347,8 @@ class AtlasWidget(QWidget):
             "rerank_options": result.get("rerank_options"),
             "plain_ranked": result.get("plain_ranked"),
             "first_stage": result["first_stage"],
+            # the order the pose search starts from, and the first stage's ranking, depend on it
+            "framing": bool(self.lookup.framing),
         }
         if result["reranked"]:
             what = "pose distance (1 - similarity)"
