@@ -198,6 +198,28 @@ def test_the_background_reuses_the_masks_of_the_keypoint_stage(stage_drift, monk
     assert counts[ref] <= 2 and np.all(np.delete(counts, ref) == 1), counts
 
 
+def test_masks_kept_for_the_background_are_dropped_where_a_blank_section_moves_its_runs(
+    stage_drift, monkeypatch
+):
+    """The background's sections are planned before the alignment, as if every section were placed;
+    a blank section (identity fallback, not used) moves its runs, and the masks kept for sections it
+    then does not read are dropped once it has run, not held to the end (review 1 of session 23, A3)."""
+    made = []
+    init = align._Sections.__init__
+
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(align._Sections, "__init__", keep)
+    stack = stage_drift["stack"].copy()
+    stack[20] = 0  # blank
+    reg = align_stack(stack, masks=stage_drift["masks"], warp=False, workers=1)
+    assert 20 in reg.metrics["identity_sections"]
+    assert reg.metrics["drift_correction"]["auto"]["background"]["pairs"] >= 30
+    assert made and made[0]._kept == {} and made[0].keep_masks == set()
+
+
 def test_where_only_the_backgrounds_slope_is_removed_the_method_says_so():
     """ "both" (the sections and the organelles drift) removes the background's slope, not the whole
     trend: the method (and so the settings' drift_correction_applied) reads "detrend-slope", a full
@@ -259,9 +281,10 @@ def test_an_undecided_background_is_measured_again_on_other_sections():
     """Session 23: where the first look leaves both hypotheses fitting ("undecided": drift + distorted
     stacks, whose trend is 2.4-2.8 standard errors long), the background is measured again on the
     stretches half-way between the first look's (other sections, none at 80 sections) and decided on
-    both looks' runs. Simulated (160 sections, positions scattering 3.5 px and wandering 0.3 px per
-    section, a trend of 0.3 px per section, the background's standard error 0.12 per look): drifting
-    organelles detrended on many more stacks, a still background (stage drift) on a few more."""
+    both looks' runs, without FAVOUR (whose bound holds for one look). Simulated (160 sections,
+    positions scattering 3.5 px and wandering 0.3 px per section, a trend of 0.3 px per section, the
+    background's standard error 0.12 per look): drifting organelles detrended on many more stacks, a
+    still background (stage drift) on hardly more."""
     first = background_runs(np.ones(160, bool))
     again = background_runs(np.ones(160, bool), second=True)
     seen = {int(k) for r in first for k in (*r, *(r + 1))}
@@ -289,5 +312,5 @@ def test_an_undecided_background_is_measured_again_on_other_sections():
             once += _auto_decision(dict(test), None, use, one_look)[0]
         counts[case] = (once, twice)
     (o1, o2), (s1, s2) = counts["organelles"], counts["sections"]
-    assert o2 >= o1 + 0.12 * stacks and o2 >= 0.8 * stacks, counts  # 124 -> 171 of 200
-    assert s2 <= s1 + 0.03 * stacks and s2 <= 0.1 * stacks, counts  # 8 -> 8 of 200 (400: 24 -> 30)
+    assert o2 >= o1 + 0.1 * stacks and o2 >= 0.7 * stacks, counts  # 124 -> 155 of 200
+    assert s2 <= s1 + 0.03 * stacks and s2 <= 0.1 * stacks, counts  # 8 -> 8 of 200
