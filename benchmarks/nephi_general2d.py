@@ -78,7 +78,7 @@ def benchmark_image(name: str) -> np.ndarray:
         raise InputError(
             f"skimage.data.{name} could not be loaded (not cached and no network?): {exc}"
         ) from exc
-    if img.ndim == 3:
+    if img.ndim == 3 and img.shape[-1] in (3, 4):  # colour (or lily's four channels): not a volume
         img = rgb2gray(img[..., :3])
     if img.ndim != 2:
         raise InputError(f"skimage.data.{name} is not a 2D image.")

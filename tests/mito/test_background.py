@@ -7,7 +7,7 @@ from scipy import ndimage
 
 from napari_nephi.engines.mito import align, align_stack
 from napari_nephi.engines.mito.align import _auto_decision, _detrended
-from napari_nephi.engines.mito.background import FAVOUR, background_motion, classify
+from napari_nephi.engines.mito.background import FAVOUR, background_motion, classify, second_look
 from napari_nephi.engines.mito.background import runs as background_runs
 from napari_nephi.engines.mito.detrend import AUTO_P, SCREEN_P, section_centres, trend_test, variogram_test
 from napari_nephi.synthetic import em_stack
@@ -314,3 +314,48 @@ def test_an_undecided_background_is_measured_again_on_other_sections():
     (o1, o2), (s1, s2) = counts["organelles"], counts["sections"]
     assert o2 >= o1 + 0.1 * stacks and o2 >= 0.7 * stacks, counts  # 124 -> 155 of 200
     assert s2 <= s1 + 0.03 * stacks and s2 <= 0.1 * stacks, counts  # 8 -> 8 of 200
+
+
+def _fixed_background(second_pairs=56):
+    """A first look that is "undecided" (b = 0.15 against a 0.3 px trend, se 0.12) and a second
+    that, taken with it, fits both hypotheses but favours the organelles by more than FAVOUR."""
+    on = np.array([-1, 1, -1, 1, -1, 1, -1, 1.0])
+
+    def background(mats, use, second=False):
+        pattern, level = (on[:7] * (np.arange(7) < 6), 0.38) if second else (on, 0.15)
+        means = np.stack([level + 0.32 * pattern, 0.05 * pattern], 1)
+        sd = means.std(0, ddof=1) / np.sqrt(len(means))
+        pairs = second_pairs if second else 64
+        return {"slope": list(means.mean(0)), "se": list(sd), "pairs": pairs, "runs": means.tolist()}
+
+    return background
+
+
+def test_a_second_look_that_favours_the_organelles_stays_undecided():
+    """Review 1 of session 23 (A6/A7): FAVOUR's bound holds for one look, so where both looks together
+    only favour the organelles ("undecided-organelles"), the trend is kept, not detrended by the
+    trend test alone as a first look would be; and the first look is recorded."""
+    test = {"p": AUTO_P / 100, "slope": [0.3, 0.0]}
+    use = np.ones(160, bool)
+    bg = _fixed_background()
+    both = classify(test["slope"], _merged(bg))[0]
+    assert both == "undecided-organelles"  # what FAVOUR would have detrended
+    detrend, slope = _auto_decision(test, None, use, bg)
+    assert not detrend and slope is None
+    assert test["background"]["decision"] == "undecided"
+    assert test["background"]["first_look"]["decision"] == "undecided"
+    assert test["background"]["pairs"] == 64 + 56
+
+
+def test_no_first_look_is_recorded_where_no_second_look_ran():
+    """Review 2 of session 23 (A8): where the second look has no room (about 80 sections: too few
+    pairs), the result is the first look and no "first_look" is recorded beside it."""
+    test = {"p": AUTO_P / 100, "slope": [0.3, 0.0]}
+    detrend, _ = _auto_decision(test, None, np.ones(80, bool), _fixed_background(second_pairs=1))
+    assert not detrend
+    assert test["background"]["decision"] == "undecided" and test["background"]["pairs"] == 64
+    assert "first_look" not in test["background"]
+
+
+def _merged(bg):
+    return second_look(bg(None, None), bg(None, None, True))
