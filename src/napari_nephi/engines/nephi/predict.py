@@ -61,11 +61,13 @@ FINER_ON_OPTIMIZE_GRID = True
 #: still reaches the full rate (review 1 of session 23, B2). 2D only (not measured on volumes).
 REFINE_WARMUP = 0.2
 
-#: The ramp runs where the coarse stage's rate moves a knot by at least this many pixels a step
-#: (``COARSE_LEARNING_RATE * (longest side - 1) / 2``: images of at least 401 px): at 256 px (0.64 px a step)
-#: the kick is half as large and the ramp lost on the retina (1 / 2 %, seeds 74 and 75: up to +0.020 px,
-#: review 1 of session 23, B1) while its gains there were small (seed 71: better on 9 of 18, worse on 3).
-REFINE_WARMUP_MIN_KICK = 1.0
+#: The ramp runs where the coarse stage's rate moves a knot by at least this many pixels a step along the
+#: longest side (``COARSE_LEARNING_RATE * (longest side - 1) / 2``: images of at least 301 px). Seeds 74 / 75,
+#: camera / retina / IHC at 1 / 2 / 4 % (review 2 of session 23, B7; docs/nephi.md), better / worse of 18:
+#: 288 px 14 / 3 (retina 1 % +0.020 px; 256 px lost on the retina too, review 1, B1), 320 px 15 / 3 (at
+#: most +0.008, retina 4 % -0.20), 352 px 17 / 1, 384 px 16 / 2 (at most +0.004), 448 px 9 / 0 of 9. On the
+#: longest side: 1024 x 200 (short axis 0.5 px a step) 10 / 1 of 11 (retina 1 % +0.020), 200 x 1024 4 / 0.
+REFINE_WARMUP_MIN_KICK = 0.75
 
 
 def refine_warmup(shape) -> float:
