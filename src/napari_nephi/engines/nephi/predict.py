@@ -62,12 +62,13 @@ FINER_ON_OPTIMIZE_GRID = True
 REFINE_WARMUP = 0.2
 
 #: The ramp runs where the coarse stage's rate moves a knot by at least this many pixels a step along the
-#: longest side (``COARSE_LEARNING_RATE * (longest side - 1) / 2``: images of at least 301 px). Seeds 74 / 75,
-#: camera / retina / IHC at 1 / 2 / 4 % (review 2 of session 23, B7; docs/nephi.md), better / worse of 18:
-#: 288 px 14 / 3 (retina 1 % +0.020 px; 256 px lost on the retina too, review 1, B1), 320 px 15 / 3 (at
-#: most +0.008, retina 4 % -0.20), 352 px 17 / 1, 384 px 16 / 2 (at most +0.004), 448 px 9 / 0 of 9. On the
-#: longest side: 1024 x 200 (short axis 0.5 px a step) 10 / 1 of 11 (retina 1 % +0.020), 200 x 1024 4 / 0.
-REFINE_WARMUP_MIN_KICK = 0.75
+#: longest side (``COARSE_LEARNING_RATE * (longest side - 1) / 2``: images of at least 341 px). Camera /
+#: retina / IHC at 1 / 2 / 4 % (review 2 of session 23, B7; docs/nephi.md), better / worse, seeds 0 / 70 /
+#: 74 / 75:
+#: 384 px 32 / 4 of 36 (at most +0.007 px), 352 px 32 / 4 (+0.010), 320 px 28 / 8 (retina 1 % +0.015, as
+#: 288 px on seeds 74 / 75: 14 / 3, +0.021; 256 px lost on the retina too, review 1, B1). On the longest side:
+#: 1024 x 200 (short axis 0.5 px a step) 10 / 1 of 11 (retina 1 % +0.020), 200 x 1024 4 / 0.
+REFINE_WARMUP_MIN_KICK = 0.85
 
 
 def refine_warmup(shape) -> float:
