@@ -53,7 +53,7 @@ from ...core.progress import CancelFlag, Progress, ProgressCallback
 from ...core.registration import Registration
 from ...core.transform import ElasticSectionTransform, PerSectionTransform
 from . import features as ft
-from .background import GAP, background_motion, classify, second_look
+from .background import background_motion, classify, second_look, sections_read
 from .background import runs as background_runs
 from .detrend import (
     AUTO_P,
@@ -1066,7 +1066,7 @@ def align_stack(
     sections.prepare(ref)
     if drift_correction == "auto" and opts.use_masks:  # the background reuses these sections' masks
         planned = background_runs(np.ones(n, bool))
-        sections.keep_masks = {int(k) for run in planned for k in (*run, *(run + GAP))}
+        sections.keep_masks = sections_read(planned)
     total = n + (n if warp and not lazy else 0)
 
     matrices = np.repeat(np.eye(3)[None], n, axis=0)

@@ -187,6 +187,11 @@ def _vertex(m: float, z: float, p: float) -> float:
     return 0.0 if den >= 0 else float(np.clip(0.5 * (m - p) / den, -0.5, 0.5))
 
 
+def sections_read(planned: list[np.ndarray]) -> set[int]:
+    """The sections that the pairs ``(k, k + GAP)`` of the runs ``planned`` (:func:`runs`) read."""
+    return {int(k) for run in planned for k in (*run, *(run + GAP))}
+
+
 def runs(use: np.ndarray, pairs: int = PAIRS, second: bool = False) -> list[np.ndarray]:
     """The first sections of the pairs ``(k, k + GAP)`` measured, per run. A run is a stretch of
     consecutive sections in ``use`` (:data:`BLOCKS` of them, spread evenly over the stack, apart from
@@ -202,7 +207,7 @@ def runs(use: np.ndarray, pairs: int = PAIRS, second: bool = False) -> list[np.n
     starts = np.linspace(0, len(ks) - length, BLOCKS)
     taken: set[int] = set()
     if second:
-        taken = {int(k) for run in runs(use, pairs) for k in (*run, *(run + GAP))}
+        taken = sections_read(runs(use, pairs))
         starts = starts + (starts[1] - starts[0]) / 2 if len(starts) > 1 else starts[:0]
     out = []
     for start in np.unique(starts.round().astype(int)):
@@ -248,7 +253,7 @@ def background_motion(
     def run_steps(run):
         # each section of a run read and prepared once (pairs (k, k + GAP) and (k + GAP, k + 2 GAP)
         # share k + GAP); one run per task: no waiting between the runs' sections and pairs
-        ready = {k: prepare(k) for k in sorted(set(run.tolist()) | set((run + GAP).tolist()))}
+        ready = {k: prepare(k) for k in sorted(sections_read([run]))}
         found = [pair_step(ready[k], ready[k + GAP]) for k in run]
         return [d / GAP for d in found if d is not None]
 

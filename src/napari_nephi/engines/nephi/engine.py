@@ -429,8 +429,13 @@ def register_nephi(
     same_grid = pair.moving.shape == fshape or initial != "none"  # else no backward field
     # noise_heldout=True: the held-out check will run, count it now; "auto" is tested where the noise
     # estimate asks for it (below), so a clean run that never checks is not refused (review 1, B1)
-    will_check = mode == "optimize" and noise_supported and levels > 1 and coarse_iterations > 0
-    will_check = will_check and noise_heldout is True
+    will_check = (
+        mode == "optimize"
+        and noise_supported
+        and levels > 1
+        and coarse_iterations > 0
+        and noise_heldout is True
+    )
     check_levels = levels - 1 + finer_level_runs(coarse_finer_level, coarse_reg_weight) if will_check else 0
     check_run_memory(fshape, device, use_chunks, same_grid, masks, heldout_levels=check_levels)
     reset_peak_memory(device)
@@ -452,9 +457,8 @@ def register_nephi(
     coarse_info: dict = {}  # what the coarse stage learned besides the map (matched blur)
     finer = finer_level_runs(coarse_finer_level, coarse_reg_weight)
     stage_finer = coarse_finer_level  # the coarse stage adds the finer-knot level itself
-    coarse_warmup = (
-        0.0  # share of each coarse level's steps its rate ramps up over (predict+refine: REFINE_WARMUP)
-    )
+    # share of each coarse level's steps its rate ramps up over (predict+refine: REFINE_WARMUP)
+    coarse_warmup = 0.0
     if mode == "predict+refine" and after_coarse:  # the coarse stage starts from the prediction
         coarse_warmup = refine_warmup(fshape) if d == 2 else 0.0  # 2D, where it was measured
         # the finer-knot level in the schedule, on optimize's last grid: 2D, where it was measured
