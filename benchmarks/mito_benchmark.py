@@ -444,7 +444,7 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default="default", help=f"comma-separated stack cases: {', '.join(CASES)}")
     p.add_argument("--matchers", default="bf,flann")
     p.add_argument("--model", default="homography")
-    p.add_argument("--reference", default="0")
+    p.add_argument("--reference", default="auto", help="index, 'middle' or 'auto' (the engine's default)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--no-peer", action="store_true", help="skip pystackreg")
     p.add_argument("--no-drift", action="store_true", help="skip the drift (unrotated stack) row")

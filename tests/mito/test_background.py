@@ -7,7 +7,13 @@ from scipy import ndimage
 
 from napari_nephi.engines.mito import align, align_stack
 from napari_nephi.engines.mito.align import _auto_decision, _detrended
-from napari_nephi.engines.mito.background import FAVOUR, background_motion, classify, second_look
+from napari_nephi.engines.mito.background import (
+    FAVOUR,
+    background_motion,
+    classify,
+    outside_cone,
+    second_look,
+)
 from napari_nephi.engines.mito.background import runs as background_runs
 from napari_nephi.engines.mito.detrend import AUTO_P, SCREEN_P, section_centres, trend_test, variogram_test
 from napari_nephi.synthetic import em_stack
@@ -71,14 +77,16 @@ def test_the_decision_follows_the_background_in_every_case():
     assert _auto_decision(test, None, np.ones(160, bool), lambda m, u: noisy) == (False, None)
 
 
-def test_the_auto_decision_rarely_detrends_a_stack_without_drift():
+@pytest.mark.parametrize("distorted", [False, True])
+def test_the_auto_decision_rarely_detrends_a_stack_without_drift(distorted):
     """The false rate of drift_correction="auto" on a simulated null (review 20 A5): positions that
     scatter (3.5 px) and wander (a walk of 0.3 px per section; the variogram test alone detrends
     about a quarter of such stacks at p 0.001, review 1 of session 19) over 160 sections, and a
     background that does not move, measured with the standard error of the benchmark's stacks
     (0.03-0.09 px per section at 160 sections; here 0.06). Bound: 2 % of 400 stacks (nominally at
     most 1 %: the background's slope lies outside its 99 % region about 0); the screen alone
-    (p < 0.05) passes many more, which is what the background is asked about."""
+    (p < 0.05) passes many more, which is what the background is asked about. ``distorted`` (elastic,
+    session 24): a "both" outside the trend's cone goes to the trend test; the bound holds as well."""
     rng = np.random.default_rng(22)
     n, stacks, se = 160, 400, 0.06
     use = np.ones(n, bool)
@@ -91,7 +99,7 @@ def test_the_auto_decision_rarely_detrends_a_stack_without_drift():
         def background(mats, use, rng=rng):
             return {"slope": list(rng.normal(0, se, 2)), "se": [se, se], "pairs": 64}
 
-        detrended += _auto_decision(test, None, use, background)[0]
+        detrended += _auto_decision(test, None, use, background, distorted)[0]
     assert screened > 0.2 * stacks  # the screen is loose on purpose
     assert detrended <= 0.02 * stacks, (detrended, screened)
     # the same null with a drift of the organelles (0.35 px per section, the benchmark's): found
@@ -108,7 +116,7 @@ def test_the_auto_decision_rarely_detrends_a_stack_without_drift():
                 "pairs": 64,
             }
 
-        found += _auto_decision(test, None, use, background)[0]
+        found += _auto_decision(test, None, use, background, distorted)[0]
     assert found >= 45
 
 
@@ -359,3 +367,31 @@ def test_no_first_look_is_recorded_where_no_second_look_ran():
 
 def _merged(bg):
     return second_look(bg(None, None), bg(None, None, True))
+
+
+def test_on_distorted_sections_a_background_outside_the_trends_cone_is_not_taken_as_both(monkeypatch):
+    """Session 24: with elastic=True (distorted sections) a "both" whose background points more than 45
+    degrees from the trend (drift + distorted seed 25, 160 sections: b (-0.10, 0.29) against the trend
+    (0.19, 0.15), Dice 0.637 with b removed) goes to the trend test alone; within the cone, or without the
+    elastic step (stage-drift+drift, where b may point anywhere), b is removed as before."""
+    from napari_nephi.engines.mito import background as bgm
+
+    monkeypatch.setattr(bgm, "CONE", 1.0)  # off by default until measured on distorted stacks
+    s = [0.19, 0.15]
+    away = {"slope": [-0.10, 0.29], "se": [0.06, 0.11], "pairs": 64}
+    assert classify(s, away)[0] == "both" and outside_cone(s, away["slope"])
+    use = np.ones(160, bool)
+    test = {"p": 1e-12, "slope": s}
+    assert _auto_decision(dict(test), None, use, lambda m, u: away, True) == (True, None)  # the whole trend
+    rec = dict(test)
+    _auto_decision(rec, None, use, lambda m, u: away, True)
+    assert rec["background"]["outside_cone"] is True and rec["background"]["decision"] == "both"
+    weak = {"p": 0.01, "slope": s}  # screened, not a trend at p 0.001: kept
+    assert _auto_decision(dict(weak), None, use, lambda m, u: away, True) == (False, None)
+    apply, slope = _auto_decision(dict(test), None, use, lambda m, u: away, False)  # not distorted: b removed
+    assert apply and np.allclose(slope, away["slope"])
+    near = {"slope": [0.45, 0.25], "se": [0.03, 0.03], "pairs": 64}  # "both", 12 degrees from the trend
+    assert classify(s, near)[0] == "both" and not outside_cone(s, near["slope"])
+    apply, slope = _auto_decision(dict(test), None, use, lambda m, u: near, True)
+    assert apply and np.allclose(slope, near["slope"])
+    assert outside_cone(s, [-0.19, -0.15]) and not outside_cone(s, [0.19, 0.15])  # backwards is outside

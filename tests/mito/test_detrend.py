@@ -230,7 +230,8 @@ def test_cli_and_widget_options_reach_the_engine(qtbot, tmp_path):
 def test_the_serial_sections_preset_sets_the_middle_reference_and_auto(qtbot, tmp_path):
     """--serial-sections / the widget's button: reference "middle" and drift_correction "auto"
     (what drifting serial-section stacks need, session 20); options given explicitly win, and
-    without it the defaults stay reference 0 and (since session 22) "auto"."""
+    without it the defaults are reference "auto" (since session 24: 0, the middle where detrended) and
+    (since session 22) drift correction "auto"."""
     from napari_nephi.widgets._em_parts import EMOptions
 
     p = argparse.ArgumentParser(prog="napari-nephi")
@@ -243,10 +244,14 @@ def test_the_serial_sections_preset_sets_the_middle_reference_and_auto(qtbot, tm
     )
     assert (kw["reference"], kw["drift_correction"]) == (3, "detrend")
     kw = _align_options(p.parse_args(base))
-    assert (kw["reference"], kw["drift_correction"]) == (0, "auto")
+    assert (kw["reference"], kw["drift_correction"]) == ("auto", "auto")  # session 24: reference "auto"
+    assert inspect.signature(align_stack).parameters["reference"].default == "auto"
     opts = EMOptions()
     qtbot.addWidget(opts)
-    assert (opts.values()["reference"], opts.values()["drift_correction"]) == (0, "auto")
+    assert (opts.values()["reference"], opts.values()["drift_correction"]) == ("auto", "auto")
+    assert opts.reference.text() == "auto"
+    opts.reference.setValue(0)
+    assert opts.values()["reference"] == 0
     opts.serial_sections.click()
     values = opts.values()
     assert (values["reference"], values["drift_correction"]) == ("middle", "auto")
@@ -329,7 +334,8 @@ def test_with_the_joint_elastic_solve_the_trend_is_taken_of_the_sections_with_th
     fields = np.zeros((n, 4, 5, 2), np.float32)
     fields[..., :] = (drift[None] * (np.arange(n) - ref)[:, None])[:, None, None, :]
     rows = [{"fallback": ""} for _ in range(n)]
-    out, info = _detrended_elastic(mats, fields, SHAPE, ref, rows, 0.0)
+    out, kept, info = _detrended_elastic(mats, fields, SHAPE, ref, rows, 0.0)
+    assert kept is fields  # the reference stays: the fields too
     t = ElasticSectionTransform(out, fields, shape=(n, *SHAPE))
     c = np.array([[(SHAPE[0] - 1) / 2, (SHAPE[1] - 1) / 2]])
     # the centre of every section lands where the reference's does
@@ -337,6 +343,17 @@ def test_with_the_joint_elastic_solve_the_trend_is_taken_of_the_sections_with_th
     assert np.abs(landed - c).max() < 1e-6
     assert np.allclose(out[ref], mats[ref]) and info["method"] == "detrend"
     assert abs(info["shift_max"] - np.hypot(*drift) * (n - 1 - ref)) < 1e-6
+
+    # reference="auto" (session 24): the stack and its fields go into section 6's frame; every section's
+    # centre maps to its own centre there, as the truth places it
+    out, moved, info = _detrended_elastic(
+        mats, fields, SHAPE, ref, [dict(r) for r in rows], 0.0, recentre=True
+    )
+    assert info["reference"] == [3, 6]
+    t = ElasticSectionTransform(out, moved, shape=(n, *SHAPE))
+    for k in (0, 6, 13):
+        landed = (np.c_[c + t.field_at(k, c), [[1.0]]] @ out[k].T)[0]
+        np.testing.assert_allclose((np.linalg.inv(mats[6]) @ landed)[:2], c[0], atol=1e-3)
 
 
 def test_after_the_elastic_step_a_sections_position_is_its_fields_mean_not_its_centre():
@@ -354,7 +371,7 @@ def test_after_the_elastic_step_a_sections_position_is_its_fields_mean_not_its_c
     fields[..., :] = (drift[None] * (np.arange(n) - ref)[:, None])[:, None, None, :]
     fields[:, 4, 5] += rng.normal(0, 4.0, (n, 2))  # a local distortion at the centre node only
     rows = [{"fallback": ""} for _ in range(n)]
-    _, info = _detrended_elastic(mats, fields, SHAPE, ref, rows, 0.0)
+    _, _, info = _detrended_elastic(mats, fields, SHAPE, ref, rows, 0.0)
     shift = np.array([r["drift_shift"] for r in rows])
     want = -drift[None] * (np.arange(n) - ref)[:, None]  # the content moves by the field: placed at -u
     assert np.abs(shift - want).max() < 0.15, np.abs(shift - want).max()
@@ -413,3 +430,80 @@ def test_a_long_unplaced_run_next_to_the_reference_gives_a_finite_level():
         level = reference_level(walk - walk[use].mean(0), use, ref)
         bad += not (np.isfinite(out).all() and np.isfinite(shift).all() and np.isfinite(level).all())
     assert bad == 0, f"{bad} of 20 stacks gave a non-finite detrend"
+
+
+def test_auto_reference_puts_a_detrended_stack_in_its_middle_sections_frame():
+    """reference="auto" (the default since session 24): where the stack is detrended it goes into the
+    frame of the placed section nearest the middle before the trend is removed (what no pair sees, e.g.
+    the mitochondria's common turn, grows from the reference); the sections keep their places relative
+    to each other, the trend goes, and the report says where the reference went. A stack that is not
+    detrended stays in section 0's frame, untouched."""
+    from napari_nephi.engines.mito.align import _detrended
+
+    n = 41
+    mats = _rotations(n, 5)
+    drift = np.array([0.4, -0.25])
+    placed = np.stack([_shifted(mats[k], drift * k) for k in range(n)])
+    rows = [{"fallback": ""} for _ in range(n)]
+    rows[20]["fallback"] = "identity"  # not placed by a real match: the nearest placed section instead
+    out, info = _detrended(placed, SHAPE, 0, rows, 0.0, recentre=True)
+    assert info["method"] == "detrend" and info["reference"] == [0, 19]
+    np.testing.assert_allclose(out[19], np.eye(3), atol=1e-9)  # a straight line: the level is ~0
+    # relative placements kept, up to the trend: every section maps to section 19 as the truth does
+    for k in (0, 7, 33, 40):
+        rel = out[k] @ np.linalg.inv(out[19])
+        np.testing.assert_allclose(rel, mats[k] @ np.linalg.inv(mats[19]), atol=1e-6)
+    # without recentre (reference 0 or an index): section 0's frame, as before
+    out0, info0 = _detrended(placed, SHAPE, 0, [{"fallback": ""} for _ in range(n)], 0.0)
+    assert "reference" not in info0 and np.allclose(out0[0], mats[0], atol=1e-9)
+    # "auto" without a trend: nothing moves, no reference change
+    same, info1 = _detrended(mats, SHAPE, 0, [{"fallback": ""} for _ in range(n)], 0.0, True, None, True)
+    assert info1["method"] == "none" and "reference" not in info1
+    np.testing.assert_array_equal(same, mats)
+
+
+def test_fields_follow_the_stack_into_another_sections_frame():
+    """The elastic fields resampled into the new frame (reframed_fields) place every pixel where they did:
+    ``M (G q + u(G q)) = (M G) (q + u'(q))`` with ``G`` the new frame -> old frame map (exact for a field
+    linear in the position, inside the old grid)."""
+    from napari_nephi.core.transform import ElasticSectionTransform
+    from napari_nephi.engines.mito.elastic import reframed_fields
+
+    rng = np.random.default_rng(4)
+    n, grid = 3, (9, 11)
+    ys, xs = np.meshgrid(
+        np.linspace(0, SHAPE[0] - 1, grid[0]), np.linspace(0, SHAPE[1] - 1, grid[1]), indexing="ij"
+    )
+    coef = rng.normal(0, 0.02, (n, 2, 3))
+    fields = np.stack([np.stack([c[i, 0] * ys + c[i, 1] * xs + c[i, 2] for i in range(2)], -1) for c in coef])
+    g = rotation_matrix(0.15, SHAPE)
+    g[:2, 2] += [3.0, -2.0]
+    new = reframed_fields(fields.astype(np.float32), g, SHAPE)
+    old_t = ElasticSectionTransform(np.repeat(np.eye(3)[None], n, 0), fields, shape=(n, *SHAPE))
+    new_t = ElasticSectionTransform(np.repeat(g[None], n, 0), new, shape=(n, *SHAPE))
+    q = np.stack(np.meshgrid(np.linspace(40, 160, 5), np.linspace(40, 200, 5), indexing="ij"), -1).reshape(
+        -1, 2
+    )
+    p = q @ g[:2, :2].T + g[:2, 2]
+    for k in range(n):
+        want = p + old_t.field_at(k, p)
+        got = (q + new_t.field_at(k, q)) @ g[:2, :2].T + g[:2, 2]
+        np.testing.assert_allclose(got, want, atol=1e-3)
+
+
+def test_the_default_reference_moves_to_the_middle_only_where_the_stack_is_detrended():
+    """End to end (reference="auto", the default): a drifting stack detrended ends in its middle section's
+    frame, which the metrics and settings record; not detrended ("none"), it stays in section 0's frame,
+    exactly as reference=0."""
+    d = em_stack(14, (192, 256), seed=0, organelle_drift=1.0)
+    reg = align_stack(d["stack"], masks=d["masks"], warp=False, workers=1, drift_correction="detrend")
+    assert reg.metrics["reference"] == 6 and reg.metrics["drift_correction"]["reference"] == [0, 6]
+    assert (reg.settings["reference"], reg.settings["reference_applied"]) == ("auto", 6)
+    assert reg.metrics["inliers_min"] > 0  # the inliers are those of the matched sections, not section 0's
+    np.testing.assert_allclose(reg.transform.matrices[6][:2, :2], np.eye(2), atol=1e-9)
+    kept = align_stack(d["stack"], masks=d["masks"], warp=False, workers=1, drift_correction="none")
+    zero = align_stack(
+        d["stack"], masks=d["masks"], warp=False, workers=1, drift_correction="none", reference=0
+    )
+    assert kept.metrics["reference"] == 0 and kept.settings["reference_applied"] == 0
+    np.testing.assert_array_equal(kept.transform.matrices, zero.transform.matrices)

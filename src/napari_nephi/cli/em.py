@@ -33,6 +33,7 @@ from ..core.progress import Progress
 from ..engines.mito import features as ft
 from ..engines.mito.detrend import (
     DEFAULT_DRIFT_CORRECTION,
+    DEFAULT_REFERENCE,
     DRIFT_CORRECTIONS,
     MIN_SECTIONS,
     MIN_WINDOW,
@@ -88,8 +89,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--reference",
         default=None,
         help=(
-            "reference section index, or 'middle' (default 0; middle with --serial-sections); "
-            "with a drift correction it moves by its own drift level"
+            "reference section index, 'middle', or 'auto' (the default: section 0, or the middle section "
+            "where the drift correction detrends; middle with --serial-sections); with a drift correction it "
+            "moves by its own drift level"
         ),
     )
     p.add_argument(
@@ -225,7 +227,7 @@ def _align_options(args: argparse.Namespace) -> dict:
     preset = (
         SERIAL_SECTIONS
         if args.serial_sections
-        else {"reference": "0", "drift_correction": DEFAULT_DRIFT_CORRECTION}
+        else {"reference": DEFAULT_REFERENCE, "drift_correction": DEFAULT_DRIFT_CORRECTION}
     )
     reference = preset["reference"] if args.reference is None else args.reference
     reference = int(reference) if str(reference).lstrip("-").isdigit() else reference

@@ -17,7 +17,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..engines.mito.detrend import DEFAULT_DRIFT_CORRECTION, DRIFT_CORRECTIONS, MIN_WINDOW, SERIAL_SECTIONS
+from ..engines.mito.detrend import (
+    DEFAULT_DRIFT_CORRECTION,
+    DEFAULT_REFERENCE,
+    DRIFT_CORRECTIONS,
+    MIN_WINDOW,
+    SERIAL_SECTIONS,
+)
 from ..engines.mito.elastic import ELASTIC_SOLVER, ELASTIC_SOLVERS, default_solver
 from ..engines.mito.features import DESCRIPTORS, DETECTORS, MATCHERS, MODELS
 from ..engines.mito.solve import DRIFT_PRIOR, GLOBAL_MODEL, GLOBAL_MODELS, NEIGHBOURS
@@ -69,7 +75,13 @@ class EMOptions(QWidget):
         self.use_masks = QCheckBox("restrict keypoints to the masks")
         self.middle = QCheckBox("middle section")
         self.reference = QSpinBox()
-        self.reference.setRange(0, 1_000_000)
+        self.reference.setRange(-1, 1_000_000)  # -1: "auto" (section 0, the middle where drift is removed)
+        self.reference.setSpecialValueText("auto")
+        self.reference.setValue(-1 if DEFAULT_REFERENCE == "auto" else int(DEFAULT_REFERENCE))
+        self.reference.setToolTip(
+            "auto: section 0, or the middle section where the drift correction removes a drift (what the "
+            "keypoints cannot see grows from the reference)"
+        )
         self.threshold = QDoubleSpinBox()
         self.threshold.setRange(0.1, 100.0)
         self.threshold.setSingleStep(0.5)
@@ -228,7 +240,13 @@ class EMOptions(QWidget):
             "model_selection": self.model_selection.isChecked(),
             "refine": self.refine.isChecked(),
             "use_masks": self.use_masks.isChecked(),
-            "reference": "middle" if self.middle.isChecked() else self.reference.value(),
+            "reference": (
+                "middle"
+                if self.middle.isChecked()
+                else "auto"
+                if self.reference.value() < 0
+                else self.reference.value()
+            ),
             "ransac_threshold": self.threshold.value(),
             "ratio": self.ratio.value(),
             "max_keypoints": self.max_keypoints.value(),

@@ -182,7 +182,7 @@ class EMAlignWidget(QWidget):
         layer, data, masks = checked
         opts = self.options.values()
         n = int(data.shape[0])
-        if opts["reference"] != "middle" and opts["reference"] >= n:
+        if isinstance(opts["reference"], int) and opts["reference"] >= n:
             show_error(f"The reference section {opts['reference']} is outside the stack of {n} sections.")
             return
         self._inputs = {"name": layer.name, "scale": tuple(layer.scale), "n": n, "layer": layer}

@@ -52,22 +52,25 @@ from ...core.options import check_bool, check_float, check_int, check_known
 from ...core.progress import CancelFlag, Progress, ProgressCallback
 from ...core.registration import Registration
 from ...core.transform import ElasticSectionTransform, PerSectionTransform
+from . import background as bgm
 from . import features as ft
-from .background import background_motion, classify, second_look, sections_read
+from .background import background_motion, classify, outside_cone, second_look, sections_read
 from .background import runs as background_runs
 from .detrend import (
     AUTO_P,
     DEFAULT_DRIFT_CORRECTION,
+    DEFAULT_REFERENCE,
     MIN_TREND,
     SCREEN_P,
     check_drift_options,
     detrend,
+    recentred,
     section_centres,
     trend_test,
     windows,
 )
 from .detrend import MIN_SECTIONS as MIN_DETREND_SECTIONS
-from .elastic import ELASTIC_SOLVERS, elastic_fields, field_affine_fit, warp_elastic_section
+from .elastic import ELASTIC_SOLVERS, elastic_fields, field_affine_fit, reframed_fields, warp_elastic_section
 from .elastic import default_solver as default_elastic_solver
 from .masks import detect_mitochondria_section, intensity_range, to_uint8, valid_region
 from .solve import DRIFT_PRIOR, GLOBAL_MODEL, Edge, check_global_options, solve_global
@@ -631,12 +634,17 @@ def _global_placement(n, ref, shape, chain_edges, extra_edges, chained, rows, mo
     return matrices, summary, placed_by
 
 
-def _detrended(matrices, shape, ref, rows, window, auto=False, background=None):
+def _detrended(
+    matrices, shape, ref, rows, window, auto=False, background=None, recentre=False, distorted=False
+):
     """:func:`.detrend.detrend` over the sections placed by a real match (not blank, no identity
     fallback); the shifts go into the report rows; the summary for the metrics. ``auto``: only
     where :func:`.detrend.trend_test` finds a trend and the rest of the image says it is the
     organelles' (``background(matrices, use)``: :func:`.background.background_motion`; session 22),
-    see :func:`_auto_decision`."""
+    see :func:`_auto_decision`. ``recentre`` (``reference="auto"``, session 24): where it detrends,
+    the stack first goes into the frame of the placed section nearest the middle
+    (:func:`.detrend.recentred`); the summary's ``"reference"`` is then ``[from, to]``. ``distorted``
+    (``elastic=True``): see :data:`.background.CONE`."""
     use = np.array([r is not None and r["fallback"] != "identity" for r in rows])
     use[ref] = True
     if use.sum() < MIN_DETREND_SECTIONS:
@@ -654,7 +662,7 @@ def _detrended(matrices, shape, ref, rows, window, auto=False, background=None):
     test = None
     if auto:
         test = trend_test(section_centres(matrices, shape), use)
-        apply, slope = _auto_decision(test, matrices, use, background)
+        apply, slope = _auto_decision(test, matrices, use, background, distorted)
         if not apply:
             return matrices, {
                 "method": "none",
@@ -662,6 +670,15 @@ def _detrended(matrices, shape, ref, rows, window, auto=False, background=None):
                 "window": window,
                 "sections_used": int(use.sum()),
             }
+    moved = None
+    if recentre:
+        mats, new = recentred(matrices, use, ref)
+        if new != ref:
+            if (
+                slope is not None
+            ):  # the background's slope into the new frame (vectors map by its linear part)
+                slope = (matrices[new][:2, :2] / matrices[new][2, 2]) @ slope
+            matrices, moved, ref = mats, [int(ref), int(new)], new
     matrices, shift = detrend(matrices, shape, ref, use, window, slope)
     for k, row in enumerate(rows):
         if row is not None:
@@ -671,6 +688,8 @@ def _detrended(matrices, shape, ref, rows, window, auto=False, background=None):
         "method": "detrend", "window": window, "shift_max": float(norm.max()),
         "shift_per_section": [float(v) for v in norm], "sections_used": int(use.sum()),
     }  # fmt: skip
+    if moved is not None:
+        info["reference"] = moved
     if slope is not None:  # "both": only the background's slope, not the positions' whole trend
         info["method"] = "detrend-slope"
         info["slope_removed"] = [float(v) for v in slope]
@@ -687,7 +706,7 @@ def _detrended(matrices, shape, ref, rows, window, auto=False, background=None):
     return matrices, info
 
 
-def _auto_decision(test: dict, matrices, use, background) -> tuple[bool, np.ndarray | None]:
+def _auto_decision(test: dict, matrices, use, background, distorted=False) -> tuple[bool, np.ndarray | None]:
     """``(detrend?, slope to remove or None for the whole trend)`` of ``drift_correction="auto"``;
     ``test`` (:func:`.detrend.trend_test`'s) gains what decided under ``"background"``.
 
@@ -702,7 +721,9 @@ def _auto_decision(test: dict, matrices, use, background) -> tuple[bool, np.ndar
     ``"none"``: the trend test alone detrended a stage drift there (16 sections, 1 px per section:
     Dice 0.978 -> 0.645; review 2 of session 22). Without a ``background`` the variogram test
     decides alone, at :data:`.detrend.AUTO_P`. A trend of less than :data:`.detrend.MIN_TREND`
-    pixels over the placed sections is left alone."""
+    pixels over the placed sections is left alone. ``distorted`` (``elastic=True``, session 24): a
+    ``"both"`` whose background points outside the trend's cone (:data:`.background.CONE`) is not taken;
+    the trend test decides alone (recorded as ``["background"]["outside_cone"]``)."""
     placed = np.flatnonzero(use)
     span = placed[-1] - placed[0] if len(placed) else 0
     if test["p"] >= SCREEN_P or float(np.hypot(*test["slope"])) * span < MIN_TREND:
@@ -733,12 +754,22 @@ def _auto_decision(test: dict, matrices, use, background) -> tuple[bool, np.ndar
         return False, None
     if decision == "undecided-organelles":
         return test["p"] < AUTO_P, None
+    if (
+        decision == "both"
+        and distorted
+        and bgm.CONE is not None
+        and outside_cone(test["slope"], motion["slope"])
+    ):
+        test["background"]["outside_cone"] = True
+        return test["p"] < AUTO_P, None
     if decision == "both":
         return True, np.asarray(motion["slope"], np.float64)
     return decision == "organelles", None
 
 
-def _detrended_elastic(matrices, fields, shape, ref, rows, window, auto=False, background=None):
+def _detrended_elastic(
+    matrices, fields, shape, ref, rows, window, auto=False, background=None, recentre=False
+):
     """:func:`_detrended` of the sections as the elastic ``fields`` place them (each matrix with its
     field's mean displacement, the least-squares affine fit of the field at the centre of the frame);
     the shifts go onto the matrices, which moves the sections with their fields (``P (p + s + u(p))``).
@@ -746,13 +777,17 @@ def _detrended_elastic(matrices, fields, shape, ref, rows, window, auto=False, b
     Session 21: the field's mean, not its value at the centre, which follows the section's local
     distortion there (drift + distorted stacks, 160 sections: the positions' scatter 2.3-4.2 px with
     the centre value, 0.56-0.58 px with the mean), so the trend test saw the drift less well
-    (``q_likelihood`` 9.2 -> 31.7 on seed 8 with the middle reference, docs/mito.md)."""
+    (``q_likelihood`` 9.2 -> 31.7 on seed 8 with the middle reference, docs/mito.md). Returns
+    ``(matrices, fields, summary)``; where ``recentre`` put the stack in another section's frame
+    (:func:`_detrended`), the fields are resampled into it (:func:`.elastic.reframed_fields`)."""
     n = len(matrices)
     at = np.repeat(np.eye(3)[None], n, axis=0)
     at[:, :2, 2] = field_affine_fit(fields, shape)[:, 4:]
     placed = matrices @ at
-    moved, info = _detrended(placed, shape, ref, rows, window, auto, background)
-    return np.stack([matrices[k] @ np.linalg.solve(placed[k], moved[k]) for k in range(n)]), info
+    moved, info = _detrended(placed, shape, ref, rows, window, auto, background, recentre, True)
+    if "reference" in info:  # new frame -> old frame: the new reference's placement, inverted
+        fields = reframed_fields(fields, np.linalg.inv(placed[info["reference"][1]]), shape)
+    return np.stack([matrices[k] @ np.linalg.solve(placed[k], moved[k]) for k in range(n)]), fields, info
 
 
 def _ranges(ks) -> str:
@@ -798,7 +833,7 @@ def align_stack(
     descriptor: str = "brisk",
     matcher: str = "bf",
     model: str = "homography",
-    reference: int | str = 0,
+    reference: int | str = DEFAULT_REFERENCE,
     ransac_threshold: float = 3.0,
     ratio: float = 0.8,
     workers: int | None = None,
@@ -864,9 +899,15 @@ def align_stack(
         their RMS residual by 20 %); the report's ``model`` column says which.
         ``model_selection=False`` always fits ``model`` itself.
     reference
-        Index of the section that stays in place (negative counts from the end), or ``"middle"``.
-        With ``drift_correction`` it moves by its own level, the wander of the placement errors
-        there (:func:`.detrend.reference_level`, session 21).
+        Index of the section that stays in place (negative counts from the end), ``"middle"``, or
+        ``"auto"`` (the default since session 24): section 0, except where the drift correction
+        detrends (``"auto"``'s decision or ``"detrend"``): there the aligned stack is put in the frame
+        of the placed section nearest the middle before the trend is removed
+        (:data:`.detrend.DEFAULT_REFERENCE`: what no pair sees, such as the mitochondria's common
+        turn, grows from the reference). ``metrics["reference"]`` and the settings'
+        ``reference_applied`` say which section it was; ``metrics["drift_correction"]["reference"]``
+        ``[from, to]`` where it moved. With ``drift_correction`` the reference moves by its own
+        level, the wander of the placement errors there (:func:`.detrend.reference_level`, session 21).
     ransac_threshold
         RANSAC reprojection threshold in pixels of the original sections.
     workers
@@ -1035,6 +1076,7 @@ def align_stack(
     )  # fmt: skip
     det, desc, mat, mod, fb = opts.detector, opts.descriptor, opts.matcher, opts.model, opts.fallback
     ref = _reference(reference, n)
+    auto_reference = isinstance(reference, str) and reference.lower() == "auto"
     neighbours, solver, global_model, drift_prior = check_global_options(
         neighbours, solver, global_model, drift_prior
     )
@@ -1160,7 +1202,10 @@ def align_stack(
 
     late_detrend = drift_correction != "none" and elastic and elastic_solver == "joint"
     if drift_correction != "none" and not late_detrend:
-        matrices, drift_info = _detrended(matrices, (h, w), ref, rows, drift_window, auto, background)
+        matrices, drift_info = _detrended(
+            matrices, (h, w), ref, rows, drift_window, auto, background, auto_reference, elastic
+        )  # fmt: skip
+        ref = drift_info["reference"][1] if "reference" in drift_info else ref
     fields = None
     if elastic:  # part of the alignment time
         t0 = time.perf_counter()
@@ -1171,9 +1216,10 @@ def align_stack(
             rois=sections.region if elastic_landmarks else None,
         )  # fmt: skip
         if late_detrend:
-            matrices, drift_info = _detrended_elastic(
-                matrices, fields, (h, w), ref, rows, drift_window, auto, background
+            matrices, fields, drift_info = _detrended_elastic(
+                matrices, fields, (h, w), ref, rows, drift_window, auto, background, auto_reference
             )
+            ref = drift_info["reference"][1] if "reference" in drift_info else ref
         t_elastic = time.perf_counter() - t0
     t_align = time.perf_counter() - t_align
     if elastic:
@@ -1190,7 +1236,7 @@ def align_stack(
     report = [_jsonable(r) for r in rows]
     failed = [r["section"] for r in report if r["failed"]]
     identity = [r["section"] for r in report if r["fallback"] == "identity"]
-    inl = [r["inliers"] for r in report if r["section"] != ref]
+    inl = [r["inliers"] for r in report if r["method"] != "reference"]  # the section matching started from
     errs = [r["reprojection_error"] for r in report if r["reprojection_error"] is not None]
     megapixels = n * h * w / 1e6
     metrics: dict[str, Any] = {
@@ -1236,7 +1282,9 @@ def align_stack(
         metrics["mask_fraction_mean"] = float(np.mean(list(sections.mask_fraction.values())))
     settings = {
         "method": "mito",
-        "detector": det, "descriptor": desc, "matcher": mat, "model": mod, "reference": ref,
+        "detector": det, "descriptor": desc, "matcher": mat, "model": mod,
+        # "auto" where asked (the section it ended in: "reference_applied", also metrics["reference"])
+        "reference": "auto" if auto_reference else ref, "reference_applied": ref,
         "ransac_threshold": opts.ransac_threshold, "ratio": opts.ratio, "workers": workers,
         "use_masks": opts.use_masks, "max_keypoints": opts.max_keypoints, "scale": opts.scale,
         "smooth": opts.smooth, "mask_dilation": opts.mask_dilation, "border": opts.border,
@@ -1327,10 +1375,13 @@ STACK_OPTIONS = tuple(
 
 
 def _reference(reference, n: int) -> int:
+    """The section the alignment starts from (``"auto"``: 0; :data:`.detrend.DEFAULT_REFERENCE`)."""
     if isinstance(reference, str):
         if reference.lower() in ("middle", "centre", "center"):
             return (n - 1) // 2
-        raise InputError(f"reference must be a section index or 'middle', got {reference!r}.")
+        if reference.lower() == "auto":
+            return 0
+        raise InputError(f"reference must be a section index, 'middle' or 'auto', got {reference!r}.")
     r = check_int("reference", reference)
     if r < 0:
         r += n

@@ -40,6 +40,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import spsolve
 
+from ...core.transform import _bilinear
 from .features import check_choice, yx_to_xy
 from .solve import _grid, nearest_rotation
 
@@ -378,6 +379,25 @@ def field_affine_fit(fields: np.ndarray, shape) -> np.ndarray:
     yy, xx = np.meshgrid(ny, nx, indexing="ij")
     d = _design(np.stack([yy.ravel(), xx.ravel()], 1))
     return np.linalg.lstsq(d, fields.reshape(n, -1).T.astype(np.float64), rcond=None)[0].T
+
+
+def reframed_fields(fields: np.ndarray, to_old: np.ndarray, shape) -> np.ndarray:
+    """The sections' ``fields`` (``(n, gh, gw, 2)``, ``p + u(p)`` then the section's matrix) in another
+    frame of the aligned stack: a point ``q`` of the new frame is ``to_old q`` (an affine map, ``(3, 3)``,
+    (y, x)) of the old one, whose matrices become ``matrix @ to_old``, so ``u'(q) = A^-1 u(to_old q)``
+    (``A`` its linear part), sampled bilinearly (edges clamped) at the new grid's nodes (session 24:
+    ``reference="auto"`` puts a detrended stack in its middle section's frame after the elastic step)."""
+    h, w = shape
+    gh, gw = fields.shape[1:3]
+    ny, nx = np.arange(gh) * ((h - 1) / max(gh - 1, 1)), np.arange(gw) * ((w - 1) / max(gw - 1, 1))
+    nodes = np.stack(np.meshgrid(ny, nx, indexing="ij"), -1).reshape(-1, 2)
+    to_old = np.asarray(to_old, np.float64) / to_old[2, 2]
+    at = nodes @ to_old[:2, :2].T + to_old[:2, 2]
+    back = np.linalg.inv(to_old[:2, :2])
+    out = np.empty_like(fields)
+    for k, f in enumerate(fields):
+        out[k] = (_bilinear(f, at, shape) @ back.T).reshape(gh, gw, 2)
+    return out
 
 
 def _pair_targets(pairs, matrices, current, shape):
