@@ -272,3 +272,65 @@ def test_points_mapped_outside_the_frame_do_not_count_in_instance_optimisation()
         for f in (True, False)
     ]
     assert losses[0] < 1e-3 and losses[1] > 0.01, losses
+
+
+def _benchmark_cell_case(size: int, seed: int):
+    """``nephi_general2d.make_case("cell", 0.04, size, seed)``: the shipped cell image under a random smooth
+    field of 4 % of the size (no rotation), ``(fixed, moving, truth)``."""
+    from skimage.transform import resize
+
+    from napari_nephi.core.errors import InputError
+    from napari_nephi.core.inputs import normalize_intensity
+    from napari_nephi.core.transform import DisplacementTransform
+    from napari_nephi.engines.nephi.shipped_pairs import shipped_image
+    from napari_nephi.synthetic import random_smooth_displacement
+
+    img = normalize_intensity(shipped_image("cell"))
+    fixed = resize(img, (size, size), order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
+    smooth = float(np.random.default_rng(seed).uniform(0.03, 0.06)) * size
+    for _ in range(8):
+        try:
+            u, u_inv = random_smooth_displacement(
+                fixed.shape, 0.04 * size, smooth, seed=seed, return_inverse=True
+            )
+            break
+        except InputError:
+            smooth *= 1.15
+    moving = np.ascontiguousarray(DisplacementTransform(u_inv).warp(fixed), np.float32)
+    return fixed, moving, u
+
+
+def test_a_searched_global_map_in_the_wrong_basin_gives_way_to_the_identity():
+    """nephi_general2d.py --seed 75, cell 4 % (here at 384 px): the rigid search turns the pair by 13 degrees
+    and shifts it by 80 px (keeping 89 % of it, so the overlap guard keeps it) on a field without rotation;
+    the map refined from the identity turns it by 9 degrees itself; after a short coarse stage from each the
+    identity registers best and is used (before the guard the endpoint error stayed above 40 px)."""
+    fixed, moving, truth = _benchmark_cell_case(384, 187)
+    reg = nn.register(fixed, moving, method="nephi", device="cpu", coarse_iterations=10, iterations=0)
+    basin = reg.metrics["initial_basin"]
+    assert basin["judged"] and basin["kept"] == "identity", basin
+    assert basin["ncc"][2] > max(basin["ncc"][:2])
+    m = np.asarray(reg.metrics["affine_matrix"])
+    assert abs(np.degrees(np.arctan2(m[1, 0], m[0, 0]))) < 2 and np.abs(m[:2, 2]).max() < 10, m
+    err = np.sqrt(((reg.transform.displacement(fixed.shape) - truth) ** 2).sum(0)).mean()
+    assert err < 4.0, err
+    assert any("the identity matched best" in n for n in reg.metrics["notes"])
+    # asked for, the searched map is kept: the guard guards the default only
+    kept = nn.register(
+        fixed, moving, method="nephi", device="cpu", coarse_iterations=1, iterations=0, initial="rigid"
+    )
+    assert "initial_basin" not in kept.metrics
+    assert abs(np.degrees(np.arctan2(*np.asarray(kept.metrics["affine_matrix"])[1::-1, 0]))) > 5
+
+
+@pytest.mark.parametrize("degrees", [5.0, 60.0])
+def test_the_basin_guard_keeps_a_real_rotation(degrees):
+    """A real rotation: where the map refined from the identity finds it too (5 degrees) nothing is judged;
+    where it does not (60 degrees), the judge keeps the searched map."""
+    fixed = _camera(128)
+    moving, mat = _rigid(fixed, degrees, (3.0, -2.0))
+    reg = nn.register(fixed, moving, method="nephi", device="cpu", coarse_iterations=10, iterations=0)
+    basin = reg.metrics["initial_basin"]
+    assert basin["kept"] == "search" and basin["judged"] == (degrees > 30), basin
+    m = np.asarray(reg.metrics["affine_matrix"])
+    assert np.abs(m - mat).max() < 0.5, (m, mat)

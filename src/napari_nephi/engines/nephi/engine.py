@@ -43,8 +43,8 @@ from ...core.metrics import memory_report, regularity_report, similarity_report
 from ...core.registration import Pair, Registration
 from ...core.transform import AffineTransform, ComposedTransform, DisplacementTransform
 from ..registry import register_engine
+from . import basin, contrast, heldout, noise
 from . import chunked as chunking
-from . import contrast, heldout, noise
 from .bspline import intervals_for_spacing
 from .checks import check_options, check_result, check_run_memory, heldout_memory_note, optimised_similarity
 from .coarse import (
@@ -282,7 +282,9 @@ def register_nephi(
     ``initial``: a global stage first (:mod:`.initial`): ``"rigid"`` (default in ``optimize``
     mode), ``"affine"``, ``"similarity"`` or ``"translation"`` runs the affine engine of that kind
     and the deformable stages register what it leaves; the transform is the field composed with
-    that map. ``"none"`` (default in the predict modes) starts from the identity.
+    that map. ``"none"`` (default in the predict modes) starts from the identity. Not given, on 2D
+    images, a searched map far from the one refined from the identity is judged against that one and the
+    identity by a short coarse stage from each (:mod:`.basin`; ``metrics["initial_basin"]``).
     In the predict modes ``weights=None`` uses the built-in model for the images' dimensionality
     (:func:`.weights.default_model`). ``predict+refine`` runs the coarse stage from the prediction
     (``coarse_iterations`` defaults to the preset's ``refine_coarse_iterations``) and no neural
@@ -491,6 +493,13 @@ def register_nephi(
         if stage0.dropped:
             notes.append(stage0.dropped)
             stage0 = None
+    if stage0 is not None and guard_initial and fold and d == 2 and shapes and coarse_iterations > 0:
+        # the searched map against the one refined from the identity, where they differ (basin.py)
+        stage0, basin_record, basin_note = basin.guard(
+            pair, stage0, initial, shapes, coarse_reg_weight, similarity, device, settings_opt.frame_mask
+        )
+        initial_metrics.update(stage0.metrics, initial_basin=basin_record)
+        notes.extend([basin_note] if basin_note else [])
     if stage0 is not None:
         moving_on_fixed, offset = stage0.moving, None
         if fold:
