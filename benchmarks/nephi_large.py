@@ -30,7 +30,8 @@ Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, importe
   the border. The moving image takes the edge value outside the frame (no black strip).
   ``--global-images camera retina`` adds other images, ``--global-orders 1 3`` a moving image
   resampled by cubic splines besides the default linear one (whose blur, set by the sub-pixel part
-  of the map, the deformable stages fit at strong edges).
+  of the map, the deformable stages fit at strong edges); ``--global-degrees 5 60`` other rotations
+  (NePhi's rows say whether the default global stage's basin guard judged the map and which it kept).
 
 ``--noise SIGMA``: independent Gaussian noise of that standard deviation (intensities in [0, 1])
 added to both images of every case (seeded by the case), the warp made from the noise-free image;
@@ -131,8 +132,8 @@ def make_case(name: str, amplitude: float, size: int, seed: int) -> dict:
     )
 
 
-def global_cases(size: int, image: str = "camera", order: int = 1) -> list[dict]:
-    """``image`` shifted by (7.5, -4) px (at 512) and rotated by 5 degrees about its centre, the
+def global_cases(size: int, image: str = "camera", order: int = 1, degrees=(5.0,)) -> list[dict]:
+    """``image`` shifted by (7.5, -4) px (at 512) and rotated by each of ``degrees`` about its centre, the
     moving image resampled with spline ``order`` (1: linear, which blurs it by an amount set by the
     sub-pixel part of the map; 3: cubic, nearly none). Names: "camera shift" and "camera rotation
     5 deg" for the camera at order 1 (the cases of earlier sessions), else with the image and
@@ -143,11 +144,14 @@ def global_cases(size: int, image: str = "camera", order: int = 1) -> list[dict]
     out = []
     shift = np.eye(3)
     shift[:2, 2] = (7.5 * s, -4.0 * s)
-    a = np.deg2rad(5.0)
-    rot = np.eye(3)
-    rot[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
-    rot[:2, 2] = c - rot[:2, :2] @ c
-    for label, mat in (("shift", shift), ("rotation 5 deg", rot)):
+    maps = [("shift", shift)]
+    for deg in degrees:
+        a = np.deg2rad(deg)
+        rot = np.eye(3)
+        rot[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+        rot[:2, 2] = c - rot[:2, :2] @ c
+        maps.append((f"rotation {deg:g} deg", rot))
+    for label, mat in maps:
         t = AffineTransform(mat)  # pull-back: moving(phi(x)) = fixed(x), moving = fixed o phi^-1
         # edge values outside the frame (not zeros, which would put a black strip into the moving image)
         inv = np.linalg.inv(mat)
@@ -220,6 +224,9 @@ def main() -> None:
         "--global-images", nargs="*", default=["camera"], help="images of the shift/rotation cases"
     )
     p.add_argument("--global-orders", nargs="*", type=int, default=[1], help="1: linear resampling, 3: cubic")
+    p.add_argument(
+        "--global-degrees", nargs="*", type=float, default=[5.0], help="rotations of the global cases"
+    )
     p.add_argument("--noise", type=float, default=0.0, help="noise added to both images (0: none)")
     p.add_argument("--noise-kind", choices=["gaussian", "poisson"], default="gaussian")
     p.add_argument("--threads", type=int, default=1, help="threads for torch, elastix and ANTs")
@@ -273,7 +280,7 @@ def main() -> None:
             c
             for im in args.global_images
             for o in args.global_orders
-            for c in global_cases(args.size2d, im, o)
+            for c in global_cases(args.size2d, im, o, args.global_degrees)
         ]
         for i, case in enumerate(cases):
             add_noise(case, args.noise, 1000 + i, args.noise_kind)
@@ -291,12 +298,17 @@ def main() -> None:
                     # (the gate since session 19) and its displacement's spread (voxels, until then)
                     row.update(blur_gate=extra.metrics.get("coarse_blur_gate_detj_rms"))
                     row.update(blur_spread=extra.metrics.get("coarse_blur_gate_spread"))
+                    # the default global stage's basin guard (session 24): judged, and which map was kept
+                    row.update(initial_basin=extra.metrics.get("initial_basin"))
                 rows.append(row)
                 ic_text = (
                     f"  IC mean {row['ic_mean']:.3f} max {row['ic_max']:.3f}" if "ic_mean" in row else ""
                 )
                 if row.get("blur_gate") is not None:
                     ic_text += f"  blur gate det J RMS {row['blur_gate']:.4f} spread {row['blur_spread']:.3f}"
+                if row.get("initial_basin"):
+                    ib = row["initial_basin"]
+                    ic_text += f"  basin {'judged, ' if ib['judged'] else ''}{ib['kept']} kept ({ib['difference']:.1f} px)"
                 print(
                     f"  {label:34s} EPE {row['epe']:.3f}  det J {row['jac_min']:.3f}..{row['jac_max']:.3f}"
                     f"{ic_text}  CPU {row['cpu_seconds']:6.1f} s",
