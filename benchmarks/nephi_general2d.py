@@ -23,7 +23,8 @@ Per mode: mean endpoint error ``|u_est - u_true|`` (pixels, whole image), NCC of
 image with the fixed one, % of pixels with ``det J <= 0``, and CPU seconds of the process during
 the call (torch on ``--threads`` threads, default 1). The last lines compare predict+refine with
 optimize: the issue's target is an endpoint error at most optimize's in at most a third of its
-CPU time.
+CPU time. An optimize row whose default global stage's basin guard judged the map (session 24) says which
+map it kept (``initial_basin`` in ``--json``).
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def run(case: dict, options: dict | None, weights: str) -> dict:
         "folds": float((det <= 0).mean() * 100),
         "cpu": cpu,
         "wall": wall,
+        # optimize's default global stage: whether its basin guard judged the map, and which it kept
+        "initial_basin": None if options is None else reg.metrics.get("initial_basin"),
     }
 
 
@@ -156,8 +159,10 @@ def main(argv=None) -> int:
                     "mode": mode,
                 }
                 rows.append(r)
+                judged = r["initial_basin"] and r["initial_basin"]["judged"]
                 print(
-                    f"| {name} | {seen} | {amp:.0%} | {mode} | {r['epe']:.3f} | {r['ncc']:.4f} | {r['folds']:.3f} | {r['cpu']:.1f} |",
+                    f"| {name} | {seen} | {amp:.0%} | {mode} | {r['epe']:.3f} | {r['ncc']:.4f} | {r['folds']:.3f} | {r['cpu']:.1f} |"
+                    + (f" basin judged: {r['initial_basin']['kept']} kept" if judged else ""),
                     flush=True,
                 )
     print("\nMeans per group (EPE px, CPU s); ratio = predict+refine / optimize")
