@@ -354,6 +354,19 @@ def test_with_the_joint_elastic_solve_the_trend_is_taken_of_the_sections_with_th
     for k in (0, 6, 13):
         landed = (np.c_[c + t.field_at(k, c), [[1.0]]] @ out[k].T)[0]
         np.testing.assert_allclose((np.linalg.inv(mats[6]) @ landed)[:2], c[0], atol=1e-3)
+    # fields that also turn the sections (the joint solve leaves the chain's turn there): the new frame is
+    # where section 6 lies with its field's whole affine part, so it maps onto itself up to a shift
+    ys, xs = np.meshgrid(np.linspace(0, SHAPE[0] - 1, 4), np.linspace(0, SHAPE[1] - 1, 5), indexing="ij")
+    turn = 0.02 * np.arange(n)[:, None, None]  # radians, growing along the stack
+    cy, cx = (SHAPE[0] - 1) / 2, (SHAPE[1] - 1) / 2
+    turned = fields + np.stack([-turn * (xs - cx), turn * (ys - cy)], -1).astype(np.float32)
+    out, moved, info = _detrended_elastic(
+        mats, turned, SHAPE, ref, [dict(r) for r in rows], 0.0, recentre=True
+    )
+    t = ElasticSectionTransform(out, moved, shape=(n, *SHAPE))
+    q = np.array([[30.0, 40.0], [150.0, 60.0], [90.0, 200.0]])
+    own = (np.c_[q + t.field_at(6, q), np.ones(3)] @ out[6].T)[:, :2] - q  # section 6's own map, less q
+    assert np.ptp(own, axis=0).max() < 0.05, own  # a shift only (the translation alone: up to 19 px apart)
 
 
 def test_after_the_elastic_step_a_sections_position_is_its_fields_mean_not_its_centre():

@@ -381,11 +381,13 @@ def reference_level(residuals: np.ndarray, use: np.ndarray, ref: int) -> np.ndar
     return out
 
 
-def recentred(matrices: np.ndarray, use, ref: int) -> tuple[np.ndarray, int]:
+def recentred(matrices: np.ndarray, use, ref: int, frames=None) -> tuple[np.ndarray, int]:
     """``(matrices in the frame of the section in use nearest the middle of the stack, that section)``
     (``reference="auto"`` where the stack is detrended, :data:`DEFAULT_REFERENCE`): ``matrices[k]
-    @ inv(matrices[new])``, so the new reference's map is the identity and every section keeps its place
-    relative to the others. ``matrices`` and ``ref`` unchanged where that section is ``ref``."""
+    @ inv(frames[new])``, so the new reference's map (``frames``, default ``matrices``: where it lies
+    with its elastic field's affine part, :func:`.elastic.field_affine_matrices`) is the identity and
+    every section keeps its place relative to the others. ``matrices`` and ``ref`` unchanged where that
+    section is ``ref``."""
     mats = np.asarray(matrices, dtype=np.float64)
     placed = np.flatnonzero(np.asarray(use, bool))
     if not len(placed):
@@ -393,7 +395,7 @@ def recentred(matrices: np.ndarray, use, ref: int) -> tuple[np.ndarray, int]:
     new = int(placed[np.argmin(np.abs(placed - (len(mats) - 1) / 2.0))])
     if new == ref:
         return mats, ref
-    out = mats @ np.linalg.inv(mats[new])
+    out = mats @ np.linalg.inv(mats[new] if frames is None else np.asarray(frames, np.float64)[new])
     return out / out[:, 2:3, 2:3], new
 
 

@@ -381,6 +381,17 @@ def field_affine_fit(fields: np.ndarray, shape) -> np.ndarray:
     return np.linalg.lstsq(d, fields.reshape(n, -1).T.astype(np.float64), rcond=None)[0].T
 
 
+def field_affine_matrices(fields: np.ndarray, shape) -> np.ndarray:
+    """``(n, 3, 3)`` (y, x): ``p -> p + a(p)``, ``a`` each field's least-squares affine fit
+    (:func:`field_affine_fit`), as matrices acting before the sections' own."""
+    g = field_affine_fit(fields, shape)
+    c = np.array([(shape[0] - 1) / 2.0, (shape[1] - 1) / 2.0])
+    out = np.repeat(np.eye(3)[None], len(g), axis=0)
+    out[:, :2, :2] += g[:, :4].reshape(-1, 2, 2)
+    out[:, :2, 2] = g[:, 4:] - g[:, :4].reshape(-1, 2, 2) @ c
+    return out
+
+
 def reframed_fields(fields: np.ndarray, to_old: np.ndarray, shape) -> np.ndarray:
     """The sections' ``fields`` (``(n, gh, gw, 2)``, ``p + u(p)`` then the section's matrix) in another
     frame of the aligned stack: a point ``q`` of the new frame is ``to_old q`` (an affine map, ``(3, 3)``,
