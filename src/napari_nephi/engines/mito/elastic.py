@@ -38,9 +38,9 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 import scipy.sparse as sp
+from scipy import ndimage
 from scipy.sparse.linalg import spsolve
 
-from ...core.transform import _bilinear
 from .features import check_choice, yx_to_xy
 from .solve import _grid, nearest_rotation
 
@@ -405,9 +405,14 @@ def reframed_fields(fields: np.ndarray, to_old: np.ndarray, shape) -> np.ndarray
     to_old = np.asarray(to_old, np.float64) / to_old[2, 2]
     at = nodes @ to_old[:2, :2].T + to_old[:2, 2]
     back = np.linalg.inv(to_old[:2, :2])
+    # grid coordinates of the new nodes in the old grid; bilinear, edges clamped
+    g = np.stack([at[:, 0] * (gh - 1) / max(h - 1, 1), at[:, 1] * (gw - 1) / max(w - 1, 1)])
     out = np.empty_like(fields)
     for k, f in enumerate(fields):
-        out[k] = (_bilinear(f, at, shape) @ back.T).reshape(gh, gw, 2)
+        both = np.stack(
+            [ndimage.map_coordinates(f[..., c], g, order=1, mode="nearest") for c in range(2)], -1
+        )
+        out[k] = (both @ back.T).reshape(gh, gw, 2)
     return out
 
 
