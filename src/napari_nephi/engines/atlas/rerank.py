@@ -75,6 +75,19 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   more, off the generator's. The 1,860: mean rank 1.571 -> 1.522, Top-1 47.2 -> 48.7 %, Top-5 94.1 ->
   94.3 % (worse on 5 of 31 seeds), CPU median +3 %. ``rerank.SEEDED`` and ``rerank.FAST`` keep one
   round (their CPU was measured so). docs/atlas.md, "Top-5 misses and tilt rounds, session 23".
+* **Information** (session 24, opt-in: ``information_weight`` 0, ``information_margin`` 0.05).
+  Each plate whose best pose lies within the margin of the best pose (score less prior) gains the
+  weight times the mutual information of the section's and the atlas's intensities at that pose
+  (:meth:`.pose_grid.SectionGrid.information`, both smoothed by 1 grid pixel, 16 x 16 bins) over the
+  least such plate's; ``plain`` is left alone. Why: of the 106 Top-5 misses of session 23's defaults
+  on C's 1,860 sections, 85 score lower at their true pose than at the pose ranked first, and there
+  it is the edge field's correlation itself (its numerator lower at the truth in 84 of 85), not the
+  tissue share, the outside band or the field-energy normalisation; at the same two poses the mutual
+  information ranks the truth first in 41 of the 85 (edge variants: at most 12). In the search (one
+  pose per plate, 1,860 sections + fresh query seeds 74-76) weight 0.3: mean rank 1.512 -> 1.500,
+  Top-1 48.4 -> 49.2 %, Top-5 94.3 -> 94.2 % (+22 / -25), straight sections 0.689 -> 0.767, fresh
+  seeds 74-76 1.422 -> 1.472 (Top-5 94.4 -> 92.8 %): not a default (docs/atlas.md, "The similarity on
+  the misses, session 24"). About 10 measured poses, a few ms of CPU per lookup.
 * **Widening** (session 20, opt-in). ``widen_score``: where no pose of the search scores above it,
   a second pass scores stage 1 on every plate it skipped and refines the ``hypotheses`` best
   distinct stage-1 poses away from the first pass's hypotheses (tilts, scan along the plate axis).
@@ -201,6 +214,11 @@ DEFAULTS = {
     # rounds"): after the first, where rotation or scale moved, the finer tilt grid again at the new
     # ones, then rotation and scale again (1: one round, before session 23)
     "tilt_rounds": 2,
+    # score gained per nat of mutual information of the section's and the atlas's intensities
+    # (pose_grid.information) by the plates whose best pose lies within information_margin of the
+    # best pose (score less prior), over the least of them (module docstring, "Information"; 0: none)
+    "information_weight": 0.0,
+    "information_margin": 0.05,
 }
 #: Options of a seeded search, for a first stage whose best plate lies within about 2 plates of the
 #: truth: no sweep of the atlas, its best plate and 2 neighbours each side in stage 1, one
@@ -314,6 +332,8 @@ def check_rerank_options(options: dict | None) -> dict:
     if out["plain_reach"] is not None:
         out["plain_reach"] = check_int("plain_reach", out["plain_reach"], 0, 50)
     out["tilt_rounds"] = check_int("tilt_rounds", out["tilt_rounds"], 1, 4)
+    out["information_weight"] = check_float("information_weight", out["information_weight"], 0.0, 10.0)
+    out["information_margin"] = check_float("information_margin", out["information_margin"], 0.0, 1.0)
     return out
 
 
@@ -448,6 +468,8 @@ class PoseSearch:
         poses = refine.poses
         if options["region_refine"] > 0 and poses:
             poses = self._region_refine(grey, mask, fine.tissue_centre, poses, options)
+        if options["information_weight"] > 0 and poses:
+            _inform(poses, prior, fine, refine.atlas, options)
         for p in poses:
             p.scale *= zoom
         result = _rank(
@@ -701,6 +723,28 @@ def _tilt_near_top(refine, bests: list[Pose], margin: float | None, top: float) 
     for best in bests:
         if margin is None or best.score >= top - margin:
             refine.tilted(best)
+
+
+def _inform(poses: list[Pose], prior: np.ndarray, grid: SectionGrid, atlas: AtlasGrid, options: dict) -> None:
+    """Each plate whose best pose (score less prior) lies within ``information_margin`` of the best
+    pose gains ``information_weight`` times the mutual information at that pose over the least such
+    plate's, on the score of every pose of the plate (:attr:`Pose.info` set on the pose measured).
+    Only those plates move, none of them below where it was against the rest; ``plain`` is left as
+    it was, so ``plain_reach`` still orders the plates next to the best pose by the edges alone."""
+    value = np.array([p.score for p in poses]) - prior[np.array([p.plate for p in poses])]
+    top = float(value.max())
+    best: dict[int, int] = {}
+    for k, p in enumerate(poses):
+        near = value[k] >= top - options["information_margin"]
+        if near and (p.plate not in best or value[k] > value[best[p.plate]]):
+            best[p.plate] = k
+    info = {plate: grid.information(atlas, poses[k]) for plate, k in best.items()}
+    low = min(info.values())
+    for plate, k in best.items():
+        poses[k].info = info[plate]
+    for p in poses:
+        if p.plate in info:
+            p.score += options["information_weight"] * (info[p.plate] - low)
 
 
 def _value(poses: list[Pose], prior: np.ndarray) -> float:
