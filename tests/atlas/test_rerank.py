@@ -104,6 +104,20 @@ def test_widening_keeps_the_first_pass_when_it_finds_nothing_better(search, toy_
     assert wide.ranking == narrow.ranking
 
 
+def test_widening_keeps_a_second_pass_that_finds_a_better_pose_at_the_same_plate(search, toy_reference):
+    # review 1 of session 24, C1: plate 21 lies off the sweep (every 6th plate); with the default two
+    # tilt rounds the second pass's own hypothesis near it finds a better pose there and is kept, and the
+    # first plate stays the truth
+    section, order, opts, plate = _widen_case(toy_reference, plate=21)
+    opts = {**opts, "sweep_step": 6}
+    narrow = search.search(section, order, check_rerank_options({**opts, "widen_gap": None}))
+    wide = search.search(section, order, check_rerank_options(opts))
+    assert abs(narrow.ranking[0][0] - plate) <= PLATE_TOLERANCE
+    assert wide.widened and wide.widen_kept
+    assert abs(wide.ranking[0][0] - plate) <= PLATE_TOLERANCE
+    assert max(p.score for p in wide.poses.values()) > max(p.score for p in narrow.poses.values())
+
+
 def test_no_widening_when_the_best_pose_is_near_the_shortlist(search, toy_reference):
     reference, _ = toy_reference
     plate = 21
