@@ -489,17 +489,17 @@ def register_nephi(
         )
         counter["step"] = initial_steps = stage0.steps
         total += stage0.steps
-        initial_metrics = {**stage0.metrics, "initial_kept": not stage0.dropped}
+        if guard_initial and fold and d == 2 and shapes and coarse_iterations > 0:
+            # the searched map against the one refined from the identity, where they differ (basin.py)
+            stage0, basin_record, basin_note = basin.guard(
+                pair, stage0, initial, shapes, coarse_reg_weight, similarity, device, settings_opt.frame_mask
+            )
+            initial_metrics.update(initial_basin=basin_record)
+            notes.extend([basin_note] if basin_note else [])
+        initial_metrics.update(stage0.metrics, initial_kept=not stage0.dropped)
         if stage0.dropped:
             notes.append(stage0.dropped)
             stage0 = None
-    if stage0 is not None and guard_initial and fold and d == 2 and shapes and coarse_iterations > 0:
-        # the searched map against the one refined from the identity, where they differ (basin.py)
-        stage0, basin_record, basin_note = basin.guard(
-            pair, stage0, initial, shapes, coarse_reg_weight, similarity, device, settings_opt.frame_mask
-        )
-        initial_metrics.update(stage0.metrics, initial_basin=basin_record)
-        notes.extend([basin_note] if basin_note else [])
     if stage0 is not None:
         moving_on_fixed, offset = stage0.moving, None
         if fold:
