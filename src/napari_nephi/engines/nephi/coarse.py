@@ -419,6 +419,7 @@ def optimize_velocity(
     max_levels: int | None = None,
     gates: list | None = None,
     warmup: float = 0.0,
+    cooldown: float = 0.0,
 ) -> DenseMaps:
     """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
 
@@ -479,7 +480,9 @@ def optimize_velocity(
     (:func:`.heldout.level_gates`); a level whose gate is 0 everywhere does not run. ``warmup`` (0: none)
     ramps each level's learning rate up linearly over that share of its steps (rounded): a level starts a
     fresh Adam, whose first steps move every knot by the full rate whatever its gradient, which knocks a
-    map that is nearly right already off it (predict+refine, :data:`.predict.REFINE_WARMUP`).
+    map that is nearly right already off it (predict+refine, :data:`.predict.REFINE_WARMUP`). ``cooldown``
+    (0: none) adds that share of its steps (rounded) to the last level, over which its rate falls linearly
+    towards 0 (:data:`.predict.REFINE_COOLDOWN`).
     """
     d = fixed.dim() - 2
     full = tuple(fixed.shape[2:])
@@ -588,9 +591,12 @@ def optimize_velocity(
             gen = torch.Generator(device=dev).manual_seed(0)
             noise_f, noise_m = (torch.randn(f_w.shape, generator=gen, device=dev) for _ in range(2))
         ramp = round(warmup * n_steps)  # steps over which the rate ramps up (see warmup)
+        tail = round(cooldown * n_steps) if k == len(steps_per) - 1 else 0  # the last level's decay steps
+        n_steps += tail
         for step in range(n_steps):
-            if ramp > 0:
-                opt.lr = learning_rate * min(1.0, (step + 1) / ramp)
+            if ramp > 0 or tail > 0:
+                down = min(1.0, (n_steps - step) / (tail + 1)) if tail > 0 else 1.0
+                opt.lr = learning_rate * min(1.0, (step + 1) / max(ramp, 1)) * down
             opt.zero_grad()
             vk = base + (
                 bspline_on_grid(ctrl, weights) if gate is None else gate * bspline_on_grid(ctrl, weights)

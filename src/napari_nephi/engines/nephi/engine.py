@@ -71,6 +71,7 @@ from .predict import (
     low_passed_maps,
     prediction_grid,
     prediction_maps,
+    refine_cooldown,
     refine_grids,
     refine_warmup,
     warp_through,
@@ -460,9 +461,10 @@ def register_nephi(
     finer = finer_level_runs(coarse_finer_level, coarse_reg_weight)
     stage_finer = coarse_finer_level  # the coarse stage adds the finer-knot level itself
     # share of each coarse level's steps its rate ramps up over (predict+refine: REFINE_WARMUP)
-    coarse_warmup = 0.0
+    coarse_warmup = coarse_cooldown = 0.0  # (and the share of the last level's steps added, decaying)
     if mode == "predict+refine" and after_coarse:  # the coarse stage starts from the prediction
         coarse_warmup = refine_warmup(fshape) if d == 2 else 0.0  # 2D, where it was measured
+        coarse_cooldown = refine_cooldown(fshape) if d == 2 else 0.0
         # the finer-knot level in the schedule, on optimize's last grid: 2D, where it was measured
         on_optimize_grid = finer and FINER_ON_OPTIMIZE_GRID and d == 2
         shapes, spacings = refine_grids(fshape, levels, on_optimize_grid)
@@ -473,7 +475,9 @@ def register_nephi(
         shapes = pyramid_shapes(plan.global_shape, factors) if levels > 1 else []
     coarse_spacings = level_spacings(plan.global_shape if use_chunks else fshape, shapes, spacings, finer)
     coarse_label = f"coarse ({len(coarse_spacings)} level(s))"
-    coarse_steps = sum(level_iterations(coarse_iterations, len(shapes), finer))
+    coarse_schedule = level_iterations(coarse_iterations, len(shapes), finer)
+    cooldown_steps = round(coarse_cooldown * coarse_schedule[-1]) if coarse_schedule else 0
+    coarse_steps = sum(coarse_schedule) + cooldown_steps
     total = coarse_steps + refine + (1 if predicting else 0)
     if use_chunks:
         total = chunking.total_steps(plan, levels, coarse_iterations, iterations, chunk_iterations, finer)
@@ -699,6 +703,7 @@ def register_nephi(
                             mmask_low,
                             spacings=spacings,
                             warmup=coarse_warmup,
+                            cooldown=coarse_cooldown,
                         ),
                         low_passed,
                     )
@@ -768,7 +773,7 @@ def register_nephi(
     warped = transform.warp(pair.moving, output_shape=fshape, device=device)
     metrics = {
         "iterations": refine,
-        "coarse_iterations": sum(level_iterations(coarse_iterations, len(shapes), finer)[:coarse_kept]),
+        "coarse_iterations": sum(coarse_schedule[:coarse_kept]) + cooldown_steps,
         "levels": len(shapes) + 1,
         "coarse_levels": min(coarse_kept, len(coarse_spacings)) if coarse_steps > 0 else 0,
         "final_loss": history[-1] if history else None,
@@ -877,6 +882,7 @@ def register_nephi(
         "coarse_shapes": [list(sh) for sh in shapes],
         "coarse_spacings": [float(sp) for sp in coarse_spacings],
         "coarse_warmup": coarse_warmup,
+        "coarse_cooldown": coarse_cooldown,
         "sample_fraction": sample_fraction,
         "local_stride": local_stride,
         "seed": seed,

@@ -79,6 +79,23 @@ def refine_warmup(shape) -> float:
     return float(REFINE_WARMUP) if kick >= REFINE_WARMUP_MIN_KICK else 0.0
 
 
+#: ``predict+refine``, where the ramp runs (:func:`refine_warmup`): the last coarse level runs this share of
+#: its steps more (rounded: 5 after 50), over which its rate falls linearly towards 0 (session 24; 0: none,
+#: as before). Adam at the full rate keeps every knot moving by about the rate whatever its gradient; on a
+#: map that is nearly right that jitter was the refinement's floor on IHC (1 % at 512 px, seeds 76 / 77:
+#: 0.050 / 0.050 -> 0.041 / 0.041 px). Steps added, not taken from the level: a decay over the last 30 % of
+#: its 50 steps gained as much on IHC but lost up to 0.02 px where the residual is still large (astronaut and
+#: camera 4 %). A share of 0.2 (10 steps) gained a little more for twice the CPU (docs/nephi.md). 2D only.
+REFINE_COOLDOWN = 0.1
+
+
+def refine_cooldown(shape) -> float:
+    """The share of the last coarse level's steps that ``predict+refine`` adds to it with a falling rate
+    (:data:`REFINE_COOLDOWN`) on an image of ``shape``: where the ramp runs (:func:`refine_warmup`), else
+    0."""
+    return float(REFINE_COOLDOWN) if refine_warmup(shape) > 0 else 0.0
+
+
 def prediction_grid(model_shape, image_shape) -> tuple[int, ...]:
     """Grid on which a model's field is evaluated: its input grid, or the image's where that is not
     finer on every axis (``model_shape`` None: the image's)."""
