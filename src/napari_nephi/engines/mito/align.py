@@ -922,8 +922,9 @@ def align_stack(
     reference
         Index of the section that stays in place (negative counts from the end), ``"middle"``, or
         ``"auto"`` (the default since session 24): section 0, except where the drift correction
-        detrends (``"auto"``'s decision or ``"detrend"``) and ``elastic`` is off: there the aligned
-        stack is put in the frame of the placed section nearest the middle before the trend is removed
+        detrends (``"auto"``'s decision or ``"detrend"``): there the aligned stack is put in the frame
+        of the placed section nearest the middle (with ``elastic``, where it lies with its field's affine
+        part, the fields resampled into that frame) before the trend is removed
         (:data:`.detrend.DEFAULT_REFERENCE`: what no pair sees, such as the mitochondria's common
         turn, grows from the reference). ``metrics["reference"]`` and the settings'
         ``reference_applied`` say which section it was; ``metrics["drift_correction"]["reference"]``
@@ -1097,8 +1098,9 @@ def align_stack(
     )  # fmt: skip
     det, desc, mat, mod, fb = opts.detector, opts.descriptor, opts.matcher, opts.model, opts.fallback
     ref = _reference(reference, n)
-    # "auto": the middle where detrended, without the elastic step only (with it, 80 sections, drift +
-    # distorted seeds 19 / 1 / 6: 0.967 -> 0.959, 0.957 -> 0.964, 0.962 -> 0.962: not a gain; docs/mito.md)
+    # "auto": the middle where detrended, with the elastic step too (drift + distorted, elastic: 160 sections
+    # seeds 29 / 19 / 25: 0.940 -> 0.962, 0.943 -> 0.956, 0.942 -> 0.943; 80 sections 19 / 1 / 6: -0.008 /
+    # +0.007 / 0.000; docs/mito.md, session 24)
     auto_reference = isinstance(reference, str) and reference.lower() == "auto"
     neighbours, solver, global_model, drift_prior = check_global_options(
         neighbours, solver, global_model, drift_prior
@@ -1224,7 +1226,7 @@ def align_stack(
                 sections.release_masks()
 
     late_detrend = drift_correction != "none" and elastic and elastic_solver == "joint"
-    recentre = auto_reference and not elastic
+    recentre = auto_reference
     if drift_correction != "none" and not late_detrend:
         matrices, drift_info = _detrended(
             matrices, (h, w), ref, rows, drift_window, auto, background, recentre, elastic
@@ -1241,7 +1243,7 @@ def align_stack(
         )  # fmt: skip
         if late_detrend:
             matrices, fields, drift_info = _detrended_elastic(
-                matrices, fields, (h, w), ref, rows, drift_window, auto, background, False
+                matrices, fields, (h, w), ref, rows, drift_window, auto, background, recentre
             )
             ref = drift_info["reference"][1] if "reference" in drift_info else ref
         t_elastic = time.perf_counter() - t0
