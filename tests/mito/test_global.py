@@ -323,3 +323,13 @@ def test_default_solve_on_a_one_section_stack_gives_the_identity():
     assert reg.settings["solver"] == "global"
     assert reg.metrics["solver"]["pairs"] == 0
     np.testing.assert_allclose(reg.transform.matrices[0], np.eye(3), atol=1e-12)
+
+
+def test_elastic_on_a_one_section_stack_gives_a_zero_field():
+    """One section with ``elastic=True`` (the joint solve has no pair) gives the identity and a zero
+    field; it raised a ValueError from an empty reshape in the joint affine solve."""
+    rng = np.random.default_rng(4)
+    stack = rng.random((1, 64, 80)).astype(np.float32)
+    reg = align_stack(stack, elastic=True, warp=False)
+    np.testing.assert_allclose(reg.transform.matrices[0], np.eye(3), atol=1e-12)
+    assert np.abs(reg.transform.fields).max() == 0.0

@@ -512,6 +512,8 @@ def _joint_affine(n, pairs, matrices, current, shape, reference, prior, keyed=No
     and are left out. Where the keypoint pairs agree closely (undistorted sections: median 0.08 px on
     em_stack) they keep their placement; where they disagree (distorted sections: 1.0 px, each pair
     sees another few mitochondria's local distortion) the flows decide."""
+    if not pairs:  # one section: no neighbour flows, nothing to solve
+        return np.zeros((n, 6))
     h, w = shape
     pts = _grid((h, w)) - [(h - 1) / 2, (w - 1) / 2]
     radius = float(np.linalg.norm(pts, axis=1).max()) or 1.0
