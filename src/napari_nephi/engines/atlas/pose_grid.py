@@ -481,7 +481,7 @@ class SectionGrid:
         key = round(float(rotation), 6)
         if key not in self._variants:
             lin = rotation_matrix(rotation) * self.q  # section pixels per canvas pixel
-            img, msk = _pull(self.grey, self.mask, lin, self.tissue_centre - lin @ self.centre, self.canvas)
+            img, msk = self._turned(lin)
             ring = outside_band(msk, self.ring) if self.outside > 0 else None
             if ring is not None and self.spare is not None:
                 ring[
@@ -499,6 +499,18 @@ class SectionGrid:
             self._variants[key] = (fft, energy, area, 0.0 if ring is None else float(ring.sum()))
         return self._variants[key]
 
+    def _turned(self, lin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The section and its mask on the canvas, ``lin`` section pixels per canvas pixel about its
+        tissue centre (at the canvas centre)."""
+        return _pull(self.grey, self.mask, lin, self.tissue_centre - lin @ self.centre, self.canvas)
+
+    def _plate_pixels(self, atlas: AtlasGrid, z: int, step: float, pivot) -> tuple[np.ndarray, np.ndarray]:
+        """Plate ``z`` and its mask on the canvas, ``step`` plate pixels per canvas pixel, plate pixel
+        ``pivot`` at the canvas centre."""
+        lin = np.eye(2) * (step / atlas.factor)  # base pixels per canvas pixel
+        off = np.asarray(pivot, dtype=np.float64) / atlas.factor - lin @ self.centre
+        return _pull(atlas.images[z], atlas.masks[z], lin, off, self.canvas)
+
     def plate_cut(self, atlas: AtlasGrid, z: int, scale: float, pivot=None) -> Cut:
         """Plate ``z`` at ``scale`` section pixels per plate pixel, its plate pixel ``pivot``
         (default: its tissue box centre; then the cut is cached) at the canvas centre."""
@@ -507,9 +519,7 @@ class SectionGrid:
         pivot = atlas.centres[z] if pivot is None else np.asarray(pivot, dtype=np.float64)
 
         def build():
-            lin = np.eye(2) * (step / atlas.factor)  # base pixels per canvas pixel
-            off = pivot / atlas.factor - lin @ self.centre
-            img, msk = _pull(atlas.images[z], atlas.masks[z], lin, off, self.canvas)
+            img, msk = self._plate_pixels(atlas, z, step, pivot)
             return self.corr.slice(*field(img, dilate(msk), self.blur), msk.astype(np.float32))
 
         fft = build() if key is None else atlas.cached_cut(key, build)
@@ -556,8 +566,7 @@ class SectionGrid:
         how the regions' levels go together, whatever the stain maps them to."""
         key = round(float(pose.rotation), 6)
         if key not in self._images:  # the turned section, smoothed (cached per rotation)
-            lin = rotation_matrix(pose.rotation) * self.q
-            img, msk = _pull(self.grey, self.mask, lin, self.tissue_centre - lin @ self.centre, self.canvas)
+            img, msk = self._turned(rotation_matrix(pose.rotation) * self.q)
             self._images[key] = (cv2.GaussianBlur(img, (0, 0), INFO_BLUR), msk)
         img, msk = self._images[key]
         centre = np.asarray(pose.centre, dtype=np.float64)
@@ -565,9 +574,7 @@ class SectionGrid:
             cut, cut_mask = self._sample(atlas, [(pose.z, pose.tilt)], centre, pose.scale)
             cut, cut_mask = cut[0], cut_mask[0] > 0.5
         else:
-            lin = np.eye(2) * (self.q / pose.scale / atlas.factor)  # base pixels per canvas pixel
-            off = centre / atlas.factor - lin @ self.centre
-            cut, cut_mask = _pull(atlas.images[pose.plate], atlas.masks[pose.plate], lin, off, self.canvas)
+            cut, cut_mask = self._plate_pixels(atlas, pose.plate, self.q / pose.scale, centre)
         both = msk & cut_mask
         if int(both.sum()) < INFO_MIN_PIXELS:
             return 0.0
