@@ -24,8 +24,8 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   embedding's ``shortlist`` best plates and ``neighbours`` on each side, and every
   ``sweep_step``-th plate of the atlas, for sections the embedding misplaces) x rotations x scales.
   Stage 2, on the finer grid (``work_size``), for the ``hypotheses`` best poses at least
-  :data:`HYPOTHESIS_GAP` plates apart, plus the best stage-1 pose on each of the first stage's
-  ``anchors`` best plates that no hypothesis is near (a strongly tilted section scores badly on
+  ``hypothesis_gap`` plates apart (:func:`hypotheses`), plus the best stage-1 pose on each of the
+  first stage's ``anchors`` best plates that no hypothesis is near (a strongly tilted section scores badly on
   untilted plates, so stage 1 alone drops the right region): nearby plates, rotations and scales;
   for a volume then tilts of a cut turned about the section's tissue centre, every pitch x yaw of
   the ``tilt_step`` grid together (``tilt_search`` "joint"; "sequential" searches pitch, then yaw,
@@ -75,6 +75,15 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   more, off the generator's. The 1,860: mean rank 1.571 -> 1.522, Top-1 47.2 -> 48.7 %, Top-5 94.1 ->
   94.3 % (worse on 5 of 31 seeds), CPU median +3 %. ``rerank.SEEDED`` and ``rerank.FAST`` keep one
   round (their CPU was measured so). docs/atlas.md, "Top-5 misses and tilt rounds, session 23".
+* **Hypotheses apart** (session 25, ``hypothesis_gap`` 3, as :data:`HYPOTHESIS_GAP` before). With 3,
+  two of the four starts often lie in one region (plates 94 and 91 both refine 92-93), and of session
+  24's 21 search misses 6 lost the true region to that: stage 1's distinct poses near the truth ranked
+  5th-11th, within 0.02-0.05 of its best on a flat run of weak scores. Gaps 4 / 5 (the starts' untilted
+  steps disjoint from 5) reach 3 / 2 of the 21 at the same CPU but rank worse on every seed measured
+  (360 sections of query seeds 0 / 45 / 62-64 / 80: mean rank 1.539 -> 1.625 / 1.667, Top-1 51.1 ->
+  48.3 / 47.8 %): a second start in the leading region finds its plate and pose better than a start in
+  another region finds the truth. Gap 2 (more starts in one region) ties (480 sections: 1.746 ->
+  1.744, Top-5 +1 / -4, worse on 5 of 8 seeds). Opt-in; docs/atlas.md, "The search misses, session 25".
 * **Information** (session 24, opt-in: ``information_weight`` 0, ``information_margin`` 0.05).
   Each plate whose best pose lies within the margin of the best pose (score less prior) gains the
   weight times the mutual information of the section's and the atlas's intensities at that pose
@@ -169,6 +178,9 @@ DEFAULTS = {
     "tilt_step": 6.0,
     "scale_step": 1.1,  # ratio of neighbouring scales of stage 1 (stage 2 halves it)
     "hypotheses": 4,  # distinct stage-1 poses refined in stage 2
+    # ... at least this many plates apart (HYPOTHESIS_GAP, 3, before session 25; module docstring,
+    # "Hypotheses apart")
+    "hypothesis_gap": 3,
     "plate_penalty": 0.005,  # score lost per plate between a plate and a pose's plate (module docstring)
     # ... up to this many plates (None: no bound, before session 21): beyond it a plate's distance from
     # a pose no longer counts, so plates far from every good pose keep the first stage's order. A fixed
@@ -310,6 +322,7 @@ def check_rerank_options(options: dict | None) -> dict:
     out["tilt_step"] = check_float("tilt_step", out["tilt_step"], 0.5, 45.0)
     out["scale_step"] = check_float("scale_step", out["scale_step"], 1.01, 2.0)
     out["hypotheses"] = check_int("hypotheses", out["hypotheses"], 1, 50)
+    out["hypothesis_gap"] = check_int("hypothesis_gap", out["hypothesis_gap"], 1, 50)
     out["plate_penalty"] = check_float("plate_penalty", out["plate_penalty"], 0.0, 1.0)
     if out["penalty_reach"] is not None:
         out["penalty_reach"] = check_int("penalty_reach", out["penalty_reach"], 0)
@@ -445,7 +458,7 @@ class PoseSearch:
             **band,
         )
         refine = _Refine(self.atlas(options["work_size"]), fine, options, progress)
-        hyps = _anchored(first, _distinct(first, options["hypotheses"]), shortlist[: options["anchors"]])
+        hyps = hypotheses(first, shortlist, options)
         bests = [refine.untilted(hyp) for hyp in hyps]
         _tilt_near_top(refine, bests, options["tilt_margin"], max((b.score for b in bests), default=0.0))
         scanned = _distinct(refine.poses, options["z_scan_poses"]) if options["z_scan"] > 0 else []
@@ -495,7 +508,9 @@ class PoseSearch:
         more = _stage1(coarse, coarse_atlas, mask, rest, options) if rest else []
         _check(refine.progress)
         found = coarse.score(more, self.n, best_per_cut_z=True)
-        new = _distinct([p for p in first + found if _apart(p, hyps)], options["hypotheses"])
+        new = _distinct(
+            [p for p in first + found if _apart(p, hyps)], options["hypotheses"], options["hypothesis_gap"]
+        )
         top = max((p.score for p in refine.poses), default=0.0)
         _tilt_near_top(refine, [refine.untilted(h) for h in new], options["tilt_margin"], top)
         if options["z_scan"] > 0:
@@ -764,6 +779,14 @@ def _far_from(poses: list[Pose], prior: np.ndarray, plates: list[int], gap: int 
         return False
     best = max(poses, key=lambda p: p.score - prior[p.plate])
     return min(abs(best.z - p) for p in plates) > gap
+
+
+def hypotheses(first: list[Pose], shortlist: list[int], options: dict) -> list[Pose]:
+    """Stage 2's starts: the ``hypotheses`` best stage-1 poses ``first`` at least ``hypothesis_gap``
+    plates apart, plus the best pose on each of the ``anchors`` first plates of ``shortlist`` that no
+    start lies within :data:`HYPOTHESIS_GAP` of."""
+    chosen = _distinct(first, options["hypotheses"], options["hypothesis_gap"])
+    return _anchored(first, chosen, shortlist[: options["anchors"]])
 
 
 def _anchored(first: list[Pose], hyps: list[Pose], anchors: list[int]) -> list[Pose]:
