@@ -335,16 +335,40 @@ def test_the_basin_guard_keeps_a_real_rotation(degrees):
     assert np.abs(m - mat).max() < 0.5, (m, mat)
 
 
-def test_where_the_overlap_rule_drops_the_searched_map_the_map_refined_from_the_identity_is_judged():
-    """Review 1 of session 24, B1: coins rotated by 15 degrees (on the search's own grid): the search ranks
-    a turn of -163 degrees first, which loses the overlap and was dropped, and the deformable stages started
-    from the identity (256 px: 15.1 px, folds). The map refined from the identity finds the 15 degrees;
-    judged against the identity it is used."""
+def _pick_without_neighbours_of_the_unrotated_start(scores, rotations, count, min_angle):
+    """The affine search's pick before session 25: the unrotated start blocked every start within
+    ``min_angle`` of it, whatever they scored (coins turned by 15 degrees then ended at -163 degrees)."""
+    from napari_nephi.engines.affine.search import rotation_angle
+
+    picked = [0]
+    for i in np.argsort(-np.asarray(scores), kind="stable"):
+        if len(picked) < count and all(
+            rotation_angle(rotations[i], rotations[j]) >= min_angle for j in picked
+        ):
+            picked.append(int(i))
+    return picked
+
+
+def test_where_the_overlap_rule_drops_the_searched_map_the_map_refined_from_the_identity_is_judged(
+    monkeypatch,
+):
+    """Review 1 of session 24, B1: coins rotated by 15 degrees (on the search's own grid). With the search's
+    pick and judge of session 24 (kept here to make a search that mis-ranks) the search ranks a turn of -163
+    degrees first, which loses the overlap and was dropped, and the deformable stages started from the
+    identity (256 px: 15.1 px, folds). The map refined from the identity finds the 15 degrees; judged against
+    the identity it is used. The search of session 25 finds the 15 degrees itself (nothing to judge)."""
     from skimage import data, transform
+
+    from napari_nephi.engines.affine import engine as affine_engine
 
     coins = transform.resize(data.coins().astype(np.float32) / 255, (128, 128), anti_aliasing=True)
     fixed = coins.astype(np.float32)
     moving, mat = _rigid(fixed, 15.0, (1.0, -0.5))
+    reg = nn.register(fixed, moving, method="nephi", device="cpu", coarse_iterations=10, iterations=0)
+    assert not reg.metrics["initial_basin"]["judged"], reg.metrics["initial_basin"]
+    assert np.abs(np.asarray(reg.metrics["affine_matrix"]) - mat).max() < 0.1
+    monkeypatch.setattr(affine_engine, "pick_distinct", _pick_without_neighbours_of_the_unrotated_start)
+    monkeypatch.setattr(affine_engine, "JUDGE_OVERLAP_RATIO", 0.0)  # and its judge: NCC alone
     reg = nn.register(fixed, moving, method="nephi", device="cpu", coarse_iterations=10, iterations=0)
     basin = reg.metrics["initial_basin"]
     assert basin["searched_dropped"] and basin["judged"] and basin["kept"] == "local", basin
