@@ -30,7 +30,7 @@ from ...core.metrics import similarity_report
 from ...core.registration import Pair
 from ...core.transform import AffineTransform, DisplacementTransform
 from .coarse import optimize_velocity
-from .dense import dense_displacement, inside_mask
+from .dense import dense_displacement, inside_mask, mask_tensor
 from .initial import MIN_OVERLAP, GlobalStage, _Forwarding, normalized_matrix, overlap_share
 
 #: Largest difference (share of the longest side) between the searched global map and the one refined
@@ -72,10 +72,7 @@ def judge(pair: Pair, matrices, shapes, reg_weight: float, similarity: str, devi
     fixed = normalize_intensity(pair.fixed)
     fix_t = torch.as_tensor(fixed, device=device)[None, None]
     mov_t = torch.as_tensor(normalize_intensity(pair.moving), device=device)[None, None]
-    masks = [
-        None if m is None else torch.as_tensor(np.asarray(m, np.float32), device=device)[None, None]
-        for m in (pair.fixed_mask, pair.moving_mask)
-    ]
+    masks = [mask_tensor(m, device) for m in (pair.fixed_mask, pair.moving_mask)]
     scores = []
     for matrix in matrices:
         maps = optimize_velocity(

@@ -71,6 +71,13 @@ class Previewer:
         return out
 
 
+def mask_tensor(mask, device) -> torch.Tensor | None:
+    """A mask as a float tensor of shape (1, 1, *shape) on ``device``, or None."""
+    if mask is None:
+        return None
+    return torch.as_tensor(np.asarray(mask, np.float32), device=device)[None, None]
+
+
 def inside_mask(displacement: np.ndarray, shape) -> np.ndarray:
     """Voxels of the fixed grid whose image ``x + u(x)`` lies inside a grid of ``shape``."""
     d = displacement.shape[0]

@@ -59,7 +59,7 @@ from .coarse import (
     pyramid_shapes,
     velocity_maps,
 )
-from .dense import Previewer, dense_displacement, inside_mask, inverse_consistency
+from .dense import Previewer, dense_displacement, inside_mask, inverse_consistency, mask_tensor
 from .field import FieldConfig, NeuralDeformationField, local_grid_shape, zero_codes
 from .initial import INITIALS, MIN_OVERLAP, normalized_matrix, run_global_stage
 from .mlp import REPRESENTATIONS
@@ -606,8 +606,8 @@ def register_nephi(
             fix_t = torch.as_tensor(fixed_cmp, device=device)[None, None]
             mov_t = torch.as_tensor(moving_cmp, device=device)[None, None]
             del fixed_cmp, moving_cmp
-            fmask = _mask_tensor(pair.fixed_mask, device)
-            mmask = _mask_tensor(moving_mask, device) if offset is None else None
+            fmask = mask_tensor(pair.fixed_mask, device)
+            mmask = mask_tensor(moving_mask, device) if offset is None else None
 
             def coarse_stage(moving, moving_mask, fixed=None, label=coarse_label, **kw) -> DenseMaps:
                 """The B-spline coarse stage of ``fixed`` (default ``fix_t``) against ``moving`` (its
@@ -896,12 +896,6 @@ def register_nephi(
     if predicting:
         settings["weights"] = str(weights) if isinstance(weights, (str, Path)) else type(weights).__name__
     return Registration(warped=warped, transform=transform, metrics=metrics, settings=settings)
-
-
-def _mask_tensor(mask, device):
-    if mask is None:
-        return None
-    return torch.as_tensor(np.asarray(mask, np.float32), device=device)[None, None]
 
 
 def _moving_on_fixed_grid(pair: Pair, device) -> tuple[np.ndarray, tuple | None]:
