@@ -414,6 +414,10 @@ def run_case(case: str, rows, args) -> list[dict]:
             a = r["drift_auto"]
             bg = a.get("background")
             why = "" if bg is None else f", background {bg['decision']}, share {bg['share']:.2f}"
+            if bg is not None and bg.get("unread") is not None:  # session 25: pairs without a step
+                why += f", unread {bg['unread']:.2f}" + (
+                    " (distorted: the trend test decides)" if bg["distorted"] else ""
+                )
             print(
                 f"#   drift_correction auto: {a['applied']} (q {a['q']:.1f}, p {a['p']:.2g}{why})", flush=True
             )

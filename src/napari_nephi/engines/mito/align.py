@@ -54,7 +54,7 @@ from ...core.registration import Registration
 from ...core.transform import ElasticSectionTransform, PerSectionTransform
 from . import background as bgm
 from . import features as ft
-from .background import background_motion, classify, outside_cone, second_look, sections_read
+from .background import background_motion, classify, second_look, sections_read, unread
 from .background import runs as background_runs
 from .detrend import (
     AUTO_P,
@@ -650,7 +650,6 @@ def _detrended(
     auto=False,
     background=None,
     recentre=False,
-    distorted=False,
     frames=None,
 ):
     """:func:`.detrend.detrend` over the sections placed by a real match (not blank, no identity
@@ -660,8 +659,7 @@ def _detrended(
     see :func:`_auto_decision`. ``recentre`` (``reference="auto"``, session 24): where it detrends,
     the stack first goes into the frame of the placed section nearest the middle
     (:func:`.detrend.recentred`, where ``frames`` places it, default ``matrices``); the summary's
-    ``"reference"`` is then ``[from, to]``. ``distorted``
-    (``elastic=True``): see :data:`.background.CONE`."""
+    ``"reference"`` is then ``[from, to]``."""
     use = np.array([r is not None and r["fallback"] != "identity" for r in rows])
     use[ref] = True
     if use.sum() < MIN_DETREND_SECTIONS:
@@ -679,7 +677,7 @@ def _detrended(
     test = None
     if auto:
         test = trend_test(section_centres(matrices, shape), use)
-        apply, slope = _auto_decision(test, matrices, use, background, distorted)
+        apply, slope = _auto_decision(test, matrices, use, background)
         if not apply:
             return matrices, {
                 "method": "none",
@@ -722,7 +720,7 @@ def _detrended(
     return matrices, info
 
 
-def _auto_decision(test: dict, matrices, use, background, distorted=False) -> tuple[bool, np.ndarray | None]:
+def _auto_decision(test: dict, matrices, use, background) -> tuple[bool, np.ndarray | None]:
     """``(detrend?, slope to remove or None for the whole trend)`` of ``drift_correction="auto"``;
     ``test`` (:func:`.detrend.trend_test`'s) gains what decided under ``"background"``.
 
@@ -737,9 +735,12 @@ def _auto_decision(test: dict, matrices, use, background, distorted=False) -> tu
     ``"none"``: the trend test alone detrended a stage drift there (16 sections, 1 px per section:
     Dice 0.978 -> 0.645; review 2 of session 22). Without a ``background`` the variogram test
     decides alone, at :data:`.detrend.AUTO_P`. A trend of less than :data:`.detrend.MIN_TREND`
-    pixels over the placed sections is left alone. ``distorted`` (``elastic=True``, session 24): a
-    ``"both"`` whose background points outside the trend's cone (:data:`.background.CONE`) is not taken;
-    the trend test decides alone (recorded as ``["background"]["outside_cone"]``)."""
+    pixels over the placed sections is left alone.
+
+    Session 25: where the sections are distorted (:func:`.background.unread`: at least
+    :data:`.background.UNREAD` of the pairs planned gave no step, recorded as ``["background"]["unread"]``
+    and ``["distorted"]``), the background's reading is not used, whatever it decided: the trend test
+    decides alone, at :data:`.detrend.AUTO_P` (no second look)."""
     placed = np.flatnonzero(use)
     span = placed[-1] - placed[0] if len(placed) else 0
     if test["p"] >= SCREEN_P or float(np.hypot(*test["slope"])) * span < MIN_TREND:
@@ -747,9 +748,12 @@ def _auto_decision(test: dict, matrices, use, background, distorted=False) -> tu
     if background is None:
         return test["p"] < AUTO_P, None
     motion = background(matrices, use)
+    missed = unread(motion)
+    distorted = missed is not None and motion["planned"] >= bgm.MIN_PAIRS and missed >= bgm.UNREAD
     decision, share = classify(test["slope"], motion)
     first = None
-    if decision == "undecided" and "runs" in motion:  # a second look, at as many other sections
+    # a second look, at as many other sections (not where the background is not used)
+    if decision == "undecided" and "runs" in motion and not distorted:
         first = {"slope": motion["slope"], "se": motion["se"], "pairs": motion["pairs"], "decision": decision}
         motion = second_look(motion, background(matrices, use, True))
         if motion["pairs"] <= first["pairs"]:  # no room for a second look (e.g. 80 sections)
@@ -763,20 +767,16 @@ def _auto_decision(test: dict, matrices, use, background, distorted=False) -> tu
         **{k: v for k, v in motion.items() if k != "runs"},
         "decision": decision,
         "share": share,
+        "unread": missed,
+        "distorted": distorted,
     }
     if first is not None:
         test["background"]["first_look"] = first
+    if distorted:
+        return test["p"] < AUTO_P, None
     if decision == "unmeasured":
         return False, None
     if decision == "undecided-organelles":
-        return test["p"] < AUTO_P, None
-    if (
-        decision == "both"
-        and distorted
-        and bgm.CONE is not None
-        and outside_cone(test["slope"], motion["slope"])
-    ):
-        test["background"]["outside_cone"] = True
         return test["p"] < AUTO_P, None
     if decision == "both":
         return True, np.asarray(motion["slope"], np.float64)
@@ -805,10 +805,16 @@ def _detrended_elastic(
     # sections: -1.66 degrees in section 39's; its translation alone as the frame gave Dice 0.859 without
     # the detrend, the affine part 0.910)
     frames = matrices @ field_affine_matrices(fields, shape) if recentre else None
-    moved, info = _detrended(placed, shape, ref, rows, window, auto, background, recentre, True, frames)
+    moved, info = _detrended(placed, shape, ref, rows, window, auto, background, recentre, frames)
     if "reference" in info:  # new frame -> old frame: the new reference's placement, inverted
         fields = reframed_fields(fields, np.linalg.inv(frames[info["reference"][1]]), shape)
     return np.stack([matrices[k] @ np.linalg.solve(placed[k], moved[k]) for k in range(n)]), fields, info
+
+
+def _moved_to(drift_info: dict | None, ref: int) -> int:
+    """The reference section after the drift correction: where ``reference="auto"`` put a detrended
+    stack in another section's frame (``drift_info["reference"]`` ``[from, to]``), ``to``; else ``ref``."""
+    return ref if drift_info is None or "reference" not in drift_info else int(drift_info["reference"][1])
 
 
 def _ranges(ks) -> str:
@@ -1229,24 +1235,23 @@ def align_stack(
     recentre = auto_reference
     if drift_correction != "none" and not late_detrend:
         matrices, drift_info = _detrended(
-            matrices, (h, w), ref, rows, drift_window, auto, background, recentre, elastic
+            matrices, (h, w), ref, rows, drift_window, auto, background, recentre
         )  # fmt: skip
-        ref = drift_info["reference"][1] if "reference" in drift_info else ref
     fields = None
     if elastic:  # part of the alignment time
         t0 = time.perf_counter()
         fields = elastic_fields(
             lambda k: to_uint8(read_section(stack, k), *intensity), matrices, (h, w), elastic_spacing,
             elastic_radius, min(1.0, opts.scale), step=lambda k: prog.check(), iterations=elastic_iterations,
-            workers=workers, solver=elastic_solver, reference=ref, pairs=placed_by,
+            workers=workers, solver=elastic_solver, reference=_moved_to(drift_info, ref), pairs=placed_by,
             rois=sections.region if elastic_landmarks else None,
         )  # fmt: skip
         if late_detrend:
             matrices, fields, drift_info = _detrended_elastic(
                 matrices, fields, (h, w), ref, rows, drift_window, auto, background, recentre
             )
-            ref = drift_info["reference"][1] if "reference" in drift_info else ref
         t_elastic = time.perf_counter() - t0
+    ref = _moved_to(drift_info, ref)  # reference="auto": the section the detrended stack was put in
     t_align = time.perf_counter() - t_align
     if elastic:
         transform = ElasticSectionTransform(matrices, fields, shape=(n, h, w), spacing=spacing)

@@ -70,19 +70,15 @@ AGREE = 9.21
 #: moves with the trend passes 63 % of the time at ``x`` 2.5 (drift + distorted with ``elastic=True``:
 #: 2.4-2.8), 93 % at 4 (docs/mito.md, session 23).
 FAVOUR = 4.6
-#: Session 24, sections that the elastic step corrects (distorted by cutting): a background that
-#: neither the trend nor 0 explains (``"both"``) and whose part across the trend is more than ``CONE``
-#: times its part along it (more than 45 degrees away, or backwards; :func:`outside_cone`) is not taken
-#: as the organelles' share: the trend test decides alone, as for ``"undecided-organelles"``. On
-#: distorted sections the background's direction missed the trend's by 71-80 degrees where the
-#: organelles alone drift (drift + distorted, ``elastic=True``, 160 sections, seed 25: "both", b
-#: (-0.05, 0.28) against the trend (0.19, 0.15), Dice 0.683 with b removed, 0.942 with this rule;
-#: seed 8 at 80 read "sections" the same way, which this does not touch), while on stacks whose
-#: sections drift too (``stage-drift+drift``) "both" may point anywhere (seed 26: share -0.13). The
-#: rule keys on ``elastic=True``, not on a measured distortion, and there it loses as much as it gains:
-#: stage-drift+drift with ``elastic=True``, seed 26 at 160 sections, "both" outside the cone: 0.949 with
-#: b removed, 0.699 with this rule (session 24, review 2). ``None``: off (the default).
-CONE = None
+#: Session 25, the sections' distortion measured: the share of the pairs planned that give no step
+#: (:func:`unread`) from which the sections are taken as distorted and the background's reading is not
+#: used (the trend test decides alone, ``align._auto_decision``). Distorted (cut) sections' texture does
+#: not line up within :data:`REACH` after the alignment, and the steps that are found read the drift
+#: short (toward the sections'). First look, 64 pairs, generator masks (docs/mito.md, session 25): 14
+#: undistorted stacks at 80 sections (drift, stage drift, stage drift + drift, today's, jitter, seeds
+#: 34-36 / 24 / 26) 0.00-0.03, tissue drift 0.02, strong drift 0.11; drift + distorted with
+#: ``elastic=True`` 0.25-0.31 (seeds 8 / 10 at 80, 25 / 29 / 30 at 160), without it 0.34-0.56.
+UNREAD = 0.15
 #: Smallest standard error (px per section) trusted per axis: a handful of blocks can agree by chance.
 SE_FLOOR = 0.02
 
@@ -250,13 +246,14 @@ def background_motion(
     section, y, x), "se" (its standard error per axis), "pairs" (measured), "gap"}``; ``slope`` is
     comparable with :func:`.detrend.trend_test`'s slope (the positions' trend): equal where the
     organelles drift, 0 where the sections do."""
-    out = {"slope": [0.0, 0.0], "se": [math.inf, math.inf], "pairs": 0, "gap": GAP}
+    out = {"slope": [0.0, 0.0], "se": [math.inf, math.inf], "pairs": 0, "planned": 0, "gap": GAP}
     # BLOCKS runs of consecutive pairs, spread over the stack: within a run the steps add up to the
     # displacement between its first and last section, so each section's own distortion counts at
     # the run's two ends only, not at every pair (drift + distorted, elastic, 80 sections, seed 19:
     # standard error 0.16 px per section with pairs spread one by one)
     planned = runs(use, pairs, second)
-    if sum(len(r) for r in planned) < MIN_PAIRS:
+    out["planned"] = sum(len(r) for r in planned)
+    if out["planned"] < MIN_PAIRS:
         return out
     boxes = crops(shape)
 
@@ -278,7 +275,7 @@ def background_motion(
         return {**out, "pairs": measured}
     # the runs' mean steps: their mean, and its standard error from their spread (the structures'
     # own apparent motion persists over a few sections, so the pairs within a run are alike)
-    return {**_from_runs(means), "pairs": measured, "gap": GAP}
+    return {**_from_runs(means), "pairs": measured, "planned": out["planned"], "gap": GAP}
 
 
 def _from_runs(means: np.ndarray) -> dict:
@@ -294,15 +291,16 @@ def second_look(first: dict, more: dict) -> dict:
     if more.get("pairs", 0) < MIN_PAIRS or len(more.get("runs", [])) < 3:
         return first
     means = np.array(first["runs"] + more["runs"], np.float64)
-    return {**first, **_from_runs(means), "pairs": first["pairs"] + more["pairs"]}
+    planned = first.get("planned", 0) + more.get("planned", 0)
+    return {**first, **_from_runs(means), "pairs": first["pairs"] + more["pairs"], "planned": planned}
 
 
-def outside_cone(trend_slope, slope) -> bool:
-    """Does ``slope`` (the background's, px per section, y, x) point outside the trend's cone: its part
-    across ``trend_slope`` more than :data:`CONE` times its part along it (:data:`CONE`)?"""
-    s, b = np.asarray(trend_slope, np.float64), np.asarray(slope, np.float64)
-    u = s / max(float(np.hypot(*s)), 1e-12)
-    return abs(float(b[0] * u[1] - b[1] * u[0])) > CONE * float(b @ u)
+def unread(motion: dict) -> float | None:
+    """Share of the pairs planned (:func:`background_motion`) whose crops gave no step: no correlation
+    peak within :data:`REACH` (or too few pixels). None where none was planned. Where the sections are
+    distorted their texture does not line up within the reach after the alignment (:data:`UNREAD`)."""
+    planned = motion.get("planned", 0)
+    return None if planned <= 0 else 1.0 - motion.get("pairs", 0) / planned
 
 
 def classify(trend_slope, motion: dict) -> tuple[str, float]:
