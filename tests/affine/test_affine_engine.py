@@ -361,12 +361,14 @@ def test_coins_turned_20_degrees_with_a_smooth_field_found_by_the_search():
     assert reg.metrics["ncc_after"] > 0.9, reg.metrics["ncc_after"]
 
 
-def test_a_refined_start_with_a_small_overlap_is_not_kept(monkeypatch):
+@pytest.mark.parametrize("similarity", ["ncc", "nmi"])
+def test_a_refined_start_with_a_small_overlap_is_not_kept(monkeypatch, similarity):
     """skimage's cell (128 px) under a 2 % smooth field, turned by 170 degrees: its bright disk matches the
     disk under a turn of 8 degrees and a large shift, with NCC 0.976 on 37 % of the image, above the turned
     start's 0.971 on 94 %. Compared only among the starts that keep at least half the largest overlap, the
-    map keeps the overlap and the turn is within 15 degrees (the disk leaves only the faint background to
-    fix the rest: it ends at -177 degrees); by NCC alone (session 24) it ends at 8 degrees."""
+    map keeps the overlap and the turn is within 20 degrees (the disk leaves only the faint background to
+    fix the rest: NCC ends 13 degrees off, NMI 16); by NCC alone (session 24) it ends at 8 degrees. NMI is
+    judged the same way (review 1 of session 25, B1: it ended 164 degrees off)."""
     from skimage.transform import resize
 
     from napari_nephi.core.transform import DisplacementTransform
@@ -384,12 +386,12 @@ def test_a_refined_start_with_a_small_overlap_is_not_kept(monkeypatch):
     moving = make_moving(warped, m, "nearest")
 
     def turn_and_share():
-        found = nn.register(fixed, moving, kind="rigid").transform.matrix
+        found = nn.register(fixed, moving, kind="rigid", similarity=similarity).transform.matrix
         error = abs((np.degrees(np.arctan2(found[1, 0], found[0, 0])) - 170 + 180) % 360 - 180)
         return error, overlap_share(found, fixed.shape, moving.shape)
 
     error, share = turn_and_share()
-    assert error < 15 and share > 0.9, (error, share)
+    assert error < 20 and share > 0.9, (error, share)
     monkeypatch.setattr(affine_engine, "JUDGE_OVERLAP_RATIO", 0.0)
     error, share = turn_and_share()
     assert error > 150 and share < 0.5, (error, share)

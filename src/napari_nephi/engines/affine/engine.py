@@ -55,7 +55,9 @@ CANDIDATE_STEPS = 25
 #: this share of the largest overlap among them (0: NCC alone). NCC alone favours a small overlap: the
 #: cell turned by 170 degrees ended at 8 degrees, NCC 0.976 on 37 % of the image (its bright disk on the
 #: disk), against the turned start's 0.971 on 94 %. Overlaps of about one size are left to NCC (a head
-#: flipped by 180 degrees scores 0.994 on 79 %, the right map 0.999 on 78 %).
+#: flipped by 180 degrees scores 0.994 on 79 %, the right map 0.999 on 78 %). With NMI the same rule
+#: compares NMI. It drops the right map wherever that keeps under half the overlap of a wrong start (a
+#: shift of more than about half the image along both axes).
 JUDGE_OVERLAP_RATIO = 0.5
 #: Loss of a map under which the images do not overlap (every similarity loss is at most 2).
 NO_OVERLAP = 4.0
@@ -340,14 +342,14 @@ class _Stages:
         picked = pick_distinct([score for _, _, score in starts], rotations, count, min_angle)
         self.optimise.steps.unused((budget - len(picked)) * CANDIDATE_STEPS)
         loss_fn = self.loss(coarse)
-        # compared by NCC (MSE favours dark overlaps) among the large overlaps, by NMI when that is the loss
+        # compared among the large overlaps by NCC (MSE favours dark overlaps), by NMI when that is the loss
         judge = loss_fn if self.similarity == "nmi" else _LevelLoss(coarse, self.to_fixed, "ncc", None)
         refined = []
         for i in picked:
             model = self.make(starts[i][0], starts[i][1])
             self.optimise(model, loss_fn, CANDIDATE_STEPS, "rotation refinement", None)
             with torch.no_grad():
-                share = judge.share(model.matrix()) if judge is not loss_fn else 1.0
+                share = judge.share(model.matrix())  # (NMI's judge: the share of its sampled points)
                 refined.append((float(judge(model.matrix())), share, model))
         least = JUDGE_OVERLAP_RATIO * max(share for _, share, _ in refined)
         best = None
