@@ -43,7 +43,8 @@ Columns:
   ``stage-drift`` (session 22): the acquired sections drift as a whole by 0.5 px per section on a
   slowly curving path (``placement_trend``, FIB-SEM / block-face stage drift), part of the truth: an
   aligner recovers it and a drift correction that removes it is wrong; ``stage-drift+drift`` with
-  the mitochondria's drift too (only the latter is to be removed).
+  the mitochondria's drift too (only the latter is to be removed); ``stage-drift+distorted`` and
+  ``stage-drift+drift+distorted`` (session 25): the same on distorted sections (``distortion=0.5``).
 * ``-serial`` rows (session 20): the serial-section preset, ``reference="middle"`` and
   ``drift_correction="auto"`` (``detrend.SERIAL_SECTIONS``); their reference is the middle section
   whatever ``--reference`` says (the Dice is measured in its frame).
@@ -256,6 +257,9 @@ CASES = {
     # on a slowly curving path; everything moves, and the truth removes it
     "stage-drift": {"placement_trend": 0.5},
     "stage-drift+drift": {"placement_trend": 0.5, "organelle_drift": 0.1},
+    # session 25 (review 1 A1): stage drift on distorted sections (their "sections" must stand)
+    "stage-drift+distorted": {"placement_trend": 0.5, "distortion": 0.5},
+    "stage-drift+drift+distorted": {"placement_trend": 0.5, "organelle_drift": 0.1, "distortion": 0.5},
 }
 
 

@@ -738,9 +738,12 @@ def _auto_decision(test: dict, matrices, use, background) -> tuple[bool, np.ndar
     pixels over the placed sections is left alone.
 
     Session 25: where the sections are distorted (:func:`.background.unread`: at least
-    :data:`.background.UNREAD` of the pairs planned gave no step, recorded as ``["background"]["unread"]``
-    and ``["distorted"]``), the background's reading is not used, whatever it decided: the trend test
-    decides alone, at :data:`.detrend.AUTO_P` (no second look)."""
+    :data:`.background.UNREAD` of the pairs planned gave no step; recorded as ``["background"]["unread"]``,
+    ``["unread_limit"]`` and ``["distorted"]``) and the background cannot tell (``"undecided"``, or
+    ``"unmeasured"`` for want of steps), the trend test decides alone, at :data:`.detrend.AUTO_P`, without
+    a second look (distorted sections read the drift short, toward the sections'). A decided reading
+    ("sections", "both", "organelles") stands: with a stage drift on distorted sections the background's
+    "sections" / "both" is what keeps it (review 1 of session 25, A1)."""
     placed = np.flatnonzero(use)
     span = placed[-1] - placed[0] if len(placed) else 0
     if test["p"] >= SCREEN_P or float(np.hypot(*test["slope"])) * span < MIN_TREND:
@@ -752,7 +755,7 @@ def _auto_decision(test: dict, matrices, use, background) -> tuple[bool, np.ndar
     distorted = missed is not None and motion["planned"] >= bgm.MIN_PAIRS and missed >= bgm.UNREAD
     decision, share = classify(test["slope"], motion)
     first = None
-    # a second look, at as many other sections (not where the background is not used)
+    # a second look, at as many other sections (not on distorted sections: the trend test decides there)
     if decision == "undecided" and "runs" in motion and not distorted:
         first = {"slope": motion["slope"], "se": motion["se"], "pairs": motion["pairs"], "decision": decision}
         motion = second_look(motion, background(matrices, use, True))
@@ -768,11 +771,12 @@ def _auto_decision(test: dict, matrices, use, background) -> tuple[bool, np.ndar
         "decision": decision,
         "share": share,
         "unread": missed,
+        "unread_limit": bgm.UNREAD,
         "distorted": distorted,
     }
     if first is not None:
         test["background"]["first_look"] = first
-    if distorted:
+    if distorted and decision in ("undecided", "unmeasured"):
         return test["p"] < AUTO_P, None
     if decision == "unmeasured":
         return False, None

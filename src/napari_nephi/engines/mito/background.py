@@ -71,13 +71,15 @@ AGREE = 9.21
 #: 2.4-2.8), 93 % at 4 (docs/mito.md, session 23).
 FAVOUR = 4.6
 #: Session 25, the sections' distortion measured: the share of the pairs planned that give no step
-#: (:func:`unread`) from which the sections are taken as distorted and the background's reading is not
-#: used (the trend test decides alone, ``align._auto_decision``). Distorted (cut) sections' texture does
-#: not line up within :data:`REACH` after the alignment, and the steps that are found read the drift
-#: short (toward the sections'). First look, 64 pairs, generator masks (docs/mito.md, session 25): 14
-#: undistorted stacks at 80 sections (drift, stage drift, stage drift + drift, today's, jitter, seeds
-#: 34-36 / 24 / 26) 0.00-0.03, tissue drift 0.02, strong drift 0.11; drift + distorted with
-#: ``elastic=True`` 0.25-0.31 (seeds 8 / 10 at 80, 25 / 29 / 30 at 160), without it 0.34-0.56.
+#: (:func:`unread`) from which the sections are taken as distorted; where the background then cannot
+#: tell ("undecided", "unmeasured") the trend test decides alone (``align._auto_decision``). Distorted
+#: (cut) sections' texture does not line up within :data:`REACH` after the alignment, and the steps that
+#: are found read the drift
+#: short (toward the sections'). First look, 64 pairs, generator masks (docs/mito.md, session 25): 17
+#: undistorted stacks at 80 sections (drift, stage drift, stage drift + drift, today's, jitter; seeds
+#: 34-36, 24, 26) 0.00-0.03, with ``elastic=True`` 0.02-0.03 (seed 1), tissue drift 0.02, strong drift
+#: 0.11; drift + distorted with ``elastic=True`` 0.25-0.41 (seeds 1 / 6 / 8 / 10 at 80, 19 / 25 / 27 /
+#: 29 / 30 at 160), without it 0.34-0.56.
 UNREAD = 0.15
 #: Smallest standard error (px per section) trusted per axis: a handful of blocks can agree by chance.
 SE_FLOOR = 0.02
