@@ -76,14 +76,19 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   94.3 % (worse on 5 of 31 seeds), CPU median +3 %. ``rerank.SEEDED`` and ``rerank.FAST`` keep one
   round (their CPU was measured so). docs/atlas.md, "Top-5 misses and tilt rounds, session 23".
 * **Hypotheses apart** (session 25, ``hypothesis_gap`` 3, as :data:`HYPOTHESIS_GAP` before). With 3,
-  two of the four starts often lie in one region (plates 94 and 91 both refine 92-93), and of session
-  24's 21 search misses 6 lost the true region to that: stage 1's distinct poses near the truth ranked
-  5th-11th, within 0.02-0.05 of its best on a flat run of weak scores. Gaps 4 / 5 (the starts' untilted
+  two of the four starts often lie in one region (plates 94 and 91 both refine 92-93). Of session 24's
+  21 search misses, 6 had no start near the truth (stage 1's distinct poses near it ranked 5th-11th,
+  0.03-0.08 below the best on a flat run of weak scores, or none), 2 of them because two starts shared
+  a region. Gaps 4 / 5 (the starts' untilted
   steps disjoint from 5) reach 3 / 2 of the 21 at the same CPU but rank worse on every seed measured
   (360 sections of query seeds 0 / 45 / 62-64 / 80: mean rank 1.539 -> 1.625 / 1.667, Top-1 51.1 ->
   48.3 / 47.8 %): a second start in the leading region finds its plate and pose better than a start in
-  another region finds the truth. Gap 2 (more starts in one region) ties (480 sections: 1.746 ->
-  1.744, Top-5 +1 / -4, worse on 5 of 8 seeds). Opt-in; docs/atlas.md, "The search misses, session 25".
+  another region finds the truth. Gap 2 (more starts in one region) loses too (all 2,220 sections:
+  1.519 -> 1.580, Top-5 94.3 -> 94.1 %, worse on 22 of 37 seeds). Opt-in; docs/atlas.md, "The search
+  misses, session 25".
+  Only the choice of the starts among stage 1's poses (and of the widening's new starts) follows it: an
+  anchor is added where no start lies within :data:`HYPOTHESIS_GAP` (3) of its plate, and the widening's
+  new starts lie 3 from the first pass's, whatever the option (the numbers above are for that).
 * **Information** (session 24, opt-in: ``information_weight`` 0, ``information_margin`` 0.05).
   Each plate whose best pose lies within the margin of the best pose (score less prior) gains the
   weight times the mutual information of the section's and the atlas's intensities at that pose
