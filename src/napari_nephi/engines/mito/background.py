@@ -74,12 +74,12 @@ FAVOUR = 4.6
 #: (:func:`unread`) from which the sections are taken as distorted; where the background then cannot
 #: tell ("undecided", "unmeasured") the trend test decides alone (``align._auto_decision``). Distorted
 #: (cut) sections' texture does not line up within :data:`REACH` after the alignment, and the steps that
-#: are found read the drift
-#: short (toward the sections'). First look, 64 pairs, generator masks (docs/mito.md, session 25): 17
-#: undistorted stacks at 80 sections (drift, stage drift, stage drift + drift, today's, jitter; seeds
-#: 34-36, 24, 26) 0.00-0.03, with ``elastic=True`` 0.02-0.03 (seed 1), tissue drift 0.02, strong drift
-#: 0.11; drift + distorted with ``elastic=True`` 0.25-0.41 (seeds 1 / 6 / 8 / 10 at 80, 19 / 25 / 27 /
-#: 29 / 30 at 160), without it 0.34-0.56.
+#: are found read the drift short (toward the sections'). First look, 64 pairs, generator masks
+#: (docs/mito.md, session 25): 17 undistorted stacks at 80 sections (drift, stage drift, stage drift +
+#: drift, today's, jitter; seeds 34-36, 24, 26) 0.00-0.03, with ``elastic=True`` 0.02-0.08, tissue
+#: drift 0.02, strong drift 0.06-0.17 (flagged at 0.17: its "organelles" stands, the rule asks only
+#: undecided readings); drift + distorted with ``elastic=True`` 0.25-0.41 (seeds 1 / 6 / 8 / 10 at 80,
+#: 19 / 25 / 27 / 29 / 30 at 160), without it 0.34-0.56.
 UNREAD = 0.15
 #: Smallest standard error (px per section) trusted per axis: a handful of blocks can agree by chance.
 SE_FLOOR = 0.02
