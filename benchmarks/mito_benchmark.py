@@ -419,7 +419,7 @@ def run_case(case: str, rows, args) -> list[dict]:
             bg = a.get("background")
             why = "" if bg is None else f", background {bg['decision']}, share {bg['share']:.2f}"
             if bg is not None and bg.get("unread") is not None:  # session 25: pairs without a step
-                alone = bg["distorted"] and bg["decision"] in ("undecided", "unmeasured")
+                alone = bg.get("trend_test_alone", False)  # what ran (session 25's rule), recorded
                 why += f", unread {bg['unread']:.2f}" + (
                     (" (distorted: the trend test decides)" if alone else " (distorted)")
                     if bg["distorted"]

@@ -391,7 +391,10 @@ def test_a_refined_start_with_a_small_overlap_is_not_kept(monkeypatch, similarit
         return error, overlap_share(found, fixed.shape, moving.shape)
 
     error, share = turn_and_share()
-    assert error < 20 and share > 0.9, (error, share)
+    assert error < (15 if similarity == "ncc" else 20) and share > 0.9, (
+        error,
+        share,
+    )  # NCC 13, NMI 16 degrees off
     monkeypatch.setattr(affine_engine, "JUDGE_OVERLAP_RATIO", 0.0)
     error, share = turn_and_share()
     assert error > 150 and share < 0.5, (error, share)

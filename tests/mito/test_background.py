@@ -411,6 +411,7 @@ def test_where_the_sections_are_distorted_and_the_background_cannot_tell_the_tre
     assert _auto_decision(rec, None, use, background) == (True, None)  # the whole trend
     bg = rec["background"]
     assert bg["distorted"] is True and bg["decision"] == "undecided" and calls == [False]  # no second look
+    assert bg["trend_test_alone"] is True  # recorded: what decided
     assert bg["unread"] == pytest.approx(34 / 64) and bg["unread_limit"] == bgm.UNREAD
     assert _auto_decision({"p": 0.01, "slope": s}, None, use, background) == (
         False,
@@ -435,7 +436,7 @@ def test_where_the_sections_are_distorted_and_the_background_cannot_tell_the_tre
 
     rec = {"p": 1e-12, "slope": s}
     assert _auto_decision(rec, None, use, measured) == (False, None) and calls == [False, True]
-    assert rec["background"]["distorted"] is False
+    assert rec["background"]["distorted"] is False and rec["background"]["trend_test_alone"] is False
 
 
 def test_a_distorted_drifting_stack_is_detrended_where_its_background_cannot_be_read():

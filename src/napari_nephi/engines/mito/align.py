@@ -776,7 +776,8 @@ def _auto_decision(test: dict, matrices, use, background) -> tuple[bool, np.ndar
     }
     if first is not None:
         test["background"]["first_look"] = first
-    if distorted and decision in ("undecided", "unmeasured"):
+    test["background"]["trend_test_alone"] = distorted and decision in ("undecided", "unmeasured")
+    if test["background"]["trend_test_alone"]:
         return test["p"] < AUTO_P, None
     if decision == "unmeasured":
         return False, None

@@ -71,7 +71,10 @@ AGREE = 9.21
 #: 2.4-2.8), 93 % at 4 (docs/mito.md, session 23).
 FAVOUR = 4.6
 #: Session 25, the sections' distortion measured: the share of the pairs planned that give no step
-#: (:func:`unread`) from which the sections are taken as distorted; where the background then cannot
+#: (:func:`unread`) from which the sections are taken as distorted. It counts pairs without a peak
+#: within :data:`REACH`, so a strong motion of the background itself reads high too (undistorted stage
+#: drift + organelle drift 0.4 at 160 sections: 0.22-0.33, review 2 of session 25; those readings were
+#: decided, so the rule below did not fire). Where the background then cannot
 #: tell ("undecided", "unmeasured") the trend test decides alone (``align._auto_decision``). Distorted
 #: (cut) sections' texture does not line up within :data:`REACH` after the alignment, and the steps that
 #: are found read the drift short (toward the sections'). First look, 64 pairs, generator masks
