@@ -349,8 +349,8 @@ class _Stages:
             model = self.make(starts[i][0], starts[i][1])
             self.optimise(model, loss_fn, CANDIDATE_STEPS, "rotation refinement", None)
             with torch.no_grad():
-                share = judge.share(model.matrix())  # (NMI's judge: the share of its sampled points)
-                refined.append((float(judge(model.matrix())), share, model))
+                # (NMI's judge: the share of its sampled points)
+                refined.append((*judge.value_and_share(model.matrix()), model))
         least = JUDGE_OVERLAP_RATIO * max(share for _, share, _ in refined)
         best = None
         for value, share, model in refined:
@@ -396,14 +396,17 @@ class _LevelLoss:
             w = w * self.weight
         return vals, w
 
-    def share(self, matrix: torch.Tensor) -> float:
-        """Share of the points (inside the fixed mask) that the moving image (and its mask) covers."""
-        _, w = self.warped(matrix)
+    def value_and_share(self, matrix: torch.Tensor) -> tuple[float, float]:
+        """The loss under ``matrix`` and the share of the points (inside the fixed mask) that the moving
+        image (and its mask) covers, from one warp."""
+        vals, w = self.warped(matrix)
         total = float(self.weight.sum()) if self.weight is not None else w.numel()
-        return float(w.sum()) / max(total, 1.0)
+        return float(self._loss(vals, w)), float(w.sum()) / max(total, 1.0)
 
     def __call__(self, matrix: torch.Tensor) -> torch.Tensor:
-        vals, w = self.warped(matrix)
+        return self._loss(*self.warped(matrix))
+
+    def _loss(self, vals: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return _weighted_loss(
             self.similarity, self.fixed, vals.to(torch.float64), w.to(torch.float64), self.level.shape
         )
