@@ -269,3 +269,34 @@ def test_level_gates_read_the_module_constants_at_the_call(monkeypatch):
     monkeypatch.setattr(heldout, "Z_LOCAL", 2.0)
     gate = heldout.level_gates(check, [spacing])[0][0]
     assert gate is not None and gate.max() < 0.01
+
+
+@pytest.mark.parametrize(
+    ("off", "ran"),
+    [
+        ((), 2 + 4 + 4),
+        ((1,), 2 + 4),
+        ((1, 2), 2),
+    ],  # none off; the middle level gated off; cut after the first
+)
+def test_coarse_iterations_counts_the_steps_the_checked_stage_ran(monkeypatch, off, ran):
+    """``metrics["coarse_iterations"]`` is what the coarse stage ran (the lead, session 25): a level the
+    held-out check keeps nowhere runs no step, also between two kept ones, where the count used to add
+    its planned steps (4 here: 10 against the 6 run); the steps the progress reports agree."""
+    img = _unit("camera", 64)
+    rng = np.random.default_rng(0)
+    f = (img + 0.05 * rng.standard_normal(img.shape)).astype(np.float32)
+    m = (np.roll(img, 1, 0) + 0.05 * rng.standard_normal(img.shape)).astype(np.float32)
+
+    def gates(check, spacings):  # levels 0, 1, 2 (the finer-knot one): kept everywhere, or nowhere
+        return [np.zeros(check.raw[0].shape, np.float32) if k in off else None for k in range(3)], [0, 1, 2]
+
+    monkeypatch.setattr(heldout, "level_gates", gates)
+    events = []
+    reg = nn.register(
+        f, m, method="nephi", device="cpu", coarse_iterations=4, iterations=0, initial="none",
+        noise_heldout=True, progress=events.append,
+    )  # fmt: skip
+    coarse = [e for e in events if e.stage == "coarse (3 level(s))"]
+    assert reg.metrics["noise_heldout_shares"] == [0.0 if k in off else 1.0 for k in range(3)]
+    assert reg.metrics["coarse_iterations"] == len(coarse) == ran

@@ -103,6 +103,8 @@ class DenseMaps:
         self.flat_share = None
         #: the flat fill's conjugate-gradient steps and whether it converged ({}: it did not run)
         self.flat_fill_info: dict = {}
+        #: the optimisation steps of the coarse stage that made these maps (None: not made by one)
+        self.steps_run: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x + interpolate(self.forward_grid.to(x.dtype), x)
@@ -291,6 +293,12 @@ def level_iterations(iterations: int, levels: int, finer: bool = True) -> list[i
         return []
     steps = [max(1, iterations * (k + 1) // levels) if iterations > 0 else 0 for k in range(levels)]
     return steps + steps[-1:] if finer else steps
+
+
+def cooldown_steps(cooldown: float, last_steps: int) -> int:
+    """Steps the cooldown (option ``cooldown`` of :func:`optimize_velocity`) adds to a last level of
+    ``last_steps`` steps: that share of them, rounded (5 after 50 for :data:`.predict.REFINE_COOLDOWN`)."""
+    return round(cooldown * last_steps)
 
 
 def level_spacings(shape, grids, spacings=None, finer: bool = True) -> list[float]:
@@ -551,6 +559,7 @@ def optimize_velocity(
     blur_used = False
     held = None  # "once": the variances estimated at the first full-grid step, and the probes there
     spread = detj_rms = None  # "auto": the coarser levels' displacement spread (voxels), det J RMS
+    steps_run = 0  # the steps the levels ran (a level cut by max_levels or gated off runs none)
     for k, (shape, n_steps) in enumerate(zip(shapes, steps_per)):
         if max_levels is not None and k >= max_levels:
             break
@@ -591,8 +600,9 @@ def optimize_velocity(
             gen = torch.Generator(device=dev).manual_seed(0)
             noise_f, noise_m = (torch.randn(f_w.shape, generator=gen, device=dev) for _ in range(2))
         ramp = round(warmup * n_steps)  # steps over which the rate ramps up (see warmup)
-        tail = round(cooldown * n_steps) if k == len(steps_per) - 1 else 0  # the last level's decay steps
+        tail = cooldown_steps(cooldown, n_steps) if k == len(steps_per) - 1 else 0  # the last level's decay
         n_steps += tail
+        steps_run += n_steps
         for step in range(n_steps):
             if ramp > 0 or tail > 0:
                 down = min(1.0, (n_steps - step) / (tail + 1)) if tail > 0 else 1.0
@@ -676,4 +686,5 @@ def optimize_velocity(
     maps.blur_gate_spread = spread
     maps.blur_gate_detj_rms = detj_rms
     maps.flat_fill_info = fill_info
+    maps.steps_run = steps_run
     return maps

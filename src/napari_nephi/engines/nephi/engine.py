@@ -50,6 +50,7 @@ from .checks import check_options, check_result, check_run_memory, heldout_memor
 from .coarse import (
     MATCH_BLUR_MAX_VOXELS,
     DenseMaps,
+    cooldown_steps,
     finer_level_runs,
     global_maps,
     level_iterations,
@@ -476,8 +477,8 @@ def register_nephi(
     coarse_spacings = level_spacings(plan.global_shape if use_chunks else fshape, shapes, spacings, finer)
     coarse_label = f"coarse ({len(coarse_spacings)} level(s))"
     coarse_schedule = level_iterations(coarse_iterations, len(shapes), finer)
-    cooldown_steps = round(coarse_cooldown * coarse_schedule[-1]) if coarse_schedule else 0
-    coarse_steps = sum(coarse_schedule) + cooldown_steps
+    coarse_tail = cooldown_steps(coarse_cooldown, coarse_schedule[-1]) if coarse_schedule else 0
+    coarse_steps = sum(coarse_schedule) + coarse_tail
     total = coarse_steps + refine + (1 if predicting else 0)
     if use_chunks:
         total = chunking.total_steps(plan, levels, coarse_iterations, iterations, chunk_iterations, finer)
@@ -639,6 +640,7 @@ def register_nephi(
                 coarse_info["blur_gate_detj_rms"] = maps.blur_gate_detj_rms
                 coarse_info["flat_share"] = maps.flat_share
                 coarse_info["flat_fill_info"] = maps.flat_fill_info
+                coarse_info["steps_run"] = maps.steps_run
                 return maps
 
             def heldout_levels():
@@ -773,7 +775,12 @@ def register_nephi(
     warped = transform.warp(pair.moving, output_shape=fshape, device=device)
     metrics = {
         "iterations": refine,
-        "coarse_iterations": sum(coarse_schedule[:coarse_kept]) + cooldown_steps,
+        # the steps the coarse stage ran: levels the held-out check cut or gated off everywhere run none,
+        # and the cooldown only where the last level runs (as planned where the stage cannot tell: chunked)
+        "coarse_iterations": coarse_info.get(
+            "steps_run",
+            sum(coarse_schedule[:coarse_kept]) + (coarse_tail if coarse_kept >= len(coarse_schedule) else 0),
+        ),
         "levels": len(shapes) + 1,
         "coarse_levels": min(coarse_kept, len(coarse_spacings)) if coarse_steps > 0 else 0,
         "final_loss": history[-1] if history else None,
