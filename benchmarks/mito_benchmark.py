@@ -260,6 +260,10 @@ CASES = {
     # session 25 (review 1 A1): stage drift on distorted sections (their "sections" must stand)
     "stage-drift+distorted": {"placement_trend": 0.5, "distortion": 0.5},
     "stage-drift+drift+distorted": {"placement_trend": 0.5, "organelle_drift": 0.1, "distortion": 0.5},
+    # session 26 (review 2 of session 25, A-open-2): a background moving faster than the 2 px reach around 0
+    # (1.2-1.4 px per section), undistorted: it must not read as distorted
+    "drift04": {"organelle_drift": 0.4},
+    "stage-drift+drift04": {"placement_trend": 0.5, "organelle_drift": 0.4},
 }
 
 
@@ -425,6 +429,8 @@ def run_case(case: str, rows, args) -> list[dict]:
                     if bg["distorted"]
                     else ""
                 )
+            if bg is not None and bg.get("toward", [0, 0]) != [0, 0]:  # session 26: also searched there
+                why += f", searched toward {bg['toward']}"
             print(
                 f"#   drift_correction auto: {a['applied']} (q {a['q']:.1f}, p {a['p']:.2g}{why})", flush=True
             )

@@ -72,9 +72,11 @@ AGREE = 9.21
 FAVOUR = 4.6
 #: Session 25, the sections' distortion measured: the share of the pairs planned that give no step
 #: (:func:`unread`) from which the sections are taken as distorted. It counts pairs without a peak
-#: within :data:`REACH`, so a strong motion of the background itself reads high too (undistorted stage
-#: drift + organelle drift 0.4 at 160 sections: 0.22-0.33, review 2 of session 25; those readings were
-#: decided, so the rule below did not fire). Where the background then cannot
+#: within :data:`REACH` of the steps searched: up to session 25 only around 0, so a strong motion of the
+#: background itself read high too (undistorted stage drift + organelle drift 0.4 at 160 sections:
+#: 0.22-0.33, review 2 of session 25); since session 26 also around the trend's step (``trend`` in
+#: :func:`background_motion`), so that motion as fast as the trend is read (docs/mito.md, session 26).
+#: Where the background then cannot
 #: tell ("undecided", "unmeasured") the trend test decides alone (``align._auto_decision``). Distorted
 #: (cut) sections' texture does not line up within :data:`REACH` after the alignment, and the steps that
 #: are found read the drift short (toward the sections'). First look, 64 pairs, generator masks
@@ -146,50 +148,67 @@ def _prepared(section: np.ndarray, mito: np.ndarray | None, matrix: np.ndarray, 
     return out
 
 
-def pair_step(pa, pb, reach: int = REACH) -> np.ndarray | None:
+def pair_step(pa, pb, reach: int = REACH, toward=(0, 0)) -> np.ndarray | None:
     """``(2,)`` (y, x) pixels by which the content of section b lies moved from section a (``b(p) ~
     a(p - d)``), from their crops (:func:`_prepared`): the peak of the cross-correlation summed over
     the crops, over the pixels both weights keep (feathered), at whole shifts climbed to from 0 (each
     step to the best of the 3 x 3 around the current one) within ``reach`` pixels, refined by a
     Gaussian through the peak and its neighbours per axis (a correlation peak does not shrink toward 0
     where the content changes, as a gradient step does). None with too few pixels or the peak at the
-    edge of the reach."""
-    r = reach
+    edge of the searched box.
+
+    ``toward`` (whole pixels, y, x; session 26): the step the positions' trend predicts for a background
+    that moves with it. The box searched then spans ``reach`` around both 0 and ``toward`` and the
+    peak is climbed to from both (the higher one kept), so that a background moving as fast as the
+    trend is read, not cut off at the edge of a box around 0 (strong organelle drift: pairs beyond the
+    reach, read as "distorted" by :func:`unread`). ``(0, 0)``: the box and the climb as before."""
+    r = int(reach)
+    ty, tx = (int(v) for v in toward)
+    y0, y1, x0, x1 = min(0, ty) - r, max(0, ty) + r, min(0, tx) - r, max(0, tx) + r
+    my, mx = max(-y0, y1), max(-x0, x1)  # the margin of the crops kept for the shifts searched
     parts, total = [], 0.0
     for (a, wa), (b, wb) in zip(pa, pb):
         w = cv2.GaussianBlur((wa & wb).astype(np.float32), (0, 0), 2.0)
-        total += float(w[r:-r, r:-r].sum())
-        parts.append(((a * w)[r:-r, r:-r], b * w))
+        total += float(w[my:-my, mx:-mx].sum())
+        parts.append(((a * w)[my:-my, mx:-mx], b * w))
     if total < 2000:
         return None
-    c = np.full((2 * r + 1, 2 * r + 1), np.nan)
+    c = np.full((y1 - y0 + 1, x1 - x0 + 1), np.nan)
 
     def at(i, j):
         if np.isnan(c[i, j]):
-            dy, dx = i - r, j - r
+            dy, dx = i + y0, j + x0
             c[i, j] = sum(  # einsum: no product array (3x faster than multiplying and summing)
                 float(
-                    np.einsum("ij,ij->", aw, bw[r + dy : bw.shape[0] - r + dy, r + dx : bw.shape[1] - r + dx])
+                    np.einsum(
+                        "ij,ij->", aw, bw[my + dy : bw.shape[0] - my + dy, mx + dx : bw.shape[1] - mx + dx]
+                    )
                 )
                 for aw, bw in parts
             )
         return c[i, j]
 
-    i = j = r
-    while True:
-        around = [
-            (y, x)
-            for y in (i - 1, i, i + 1)
-            for x in (j - 1, j, j + 1)
-            if 0 <= y <= 2 * r and 0 <= x <= 2 * r
-        ]
-        best = max(around, key=lambda yx: at(*yx))
-        if best == (i, j):
-            break
-        i, j = best
-    if not (0 < i < 2 * r and 0 < j < 2 * r) or c[i, j] <= 0:
+    def climb(i, j):
+        while True:
+            around = [
+                (y, x)
+                for y in (i - 1, i, i + 1)
+                for x in (j - 1, j, j + 1)
+                if 0 <= y < c.shape[0] and 0 <= x < c.shape[1]
+            ]
+            best = max(around, key=lambda yx: at(*yx))
+            if best == (i, j):
+                return i, j
+            i, j = best
+
+    i, j = climb(-y0, -x0)
+    if (ty, tx) != (0, 0):
+        other = climb(ty - y0, tx - x0)
+        if at(*other) > at(i, j):
+            i, j = other
+    if not (0 < i < c.shape[0] - 1 and 0 < j < c.shape[1] - 1) or c[i, j] <= 0:
         return None
-    return np.array([i - r + _vertex(*c[i - 1 : i + 2, j]), j - r + _vertex(*c[i, j - 1 : j + 2])])
+    return np.array([i + y0 + _vertex(*c[i - 1 : i + 2, j]), j + x0 + _vertex(*c[i, j - 1 : j + 2])])
 
 
 def _vertex(m: float, z: float, p: float) -> float:
@@ -242,6 +261,7 @@ def background_motion(
     pairs: int = PAIRS,
     workers: int = 1,
     second: bool = False,
+    trend=None,
 ) -> dict:
     """The background's motion per section in the aligned frame (see the module doc).
 
@@ -250,8 +270,19 @@ def background_motion(
     ``k``; pairs ``(k, k + GAP)`` with both in ``use`` (:func:`runs`). Returns ``{"slope" (px per
     section, y, x), "se" (its standard error per axis), "pairs" (measured), "gap"}``; ``slope`` is
     comparable with :func:`.detrend.trend_test`'s slope (the positions' trend): equal where the
-    organelles drift, 0 where the sections do."""
-    out = {"slope": [0.0, 0.0], "se": [math.inf, math.inf], "pairs": 0, "planned": 0, "gap": GAP}
+    organelles drift, 0 where the sections do. ``trend`` (px per section, y, x; session 26): the
+    positions' trend, whose step (rounded to whole pixels, recorded as ``"toward"``) each pair's peak is
+    also searched around (:func:`pair_step`); where that is not ``[0, 0]``, ``"around_0"`` holds the
+    same result from the box around 0 alone (as without ``trend``)."""
+    toward = [0, 0] if trend is None else [int(np.round(v * GAP)) for v in trend]
+    out = {
+        "slope": [0.0, 0.0],
+        "se": [math.inf, math.inf],
+        "pairs": 0,
+        "planned": 0,
+        "gap": GAP,
+        "toward": toward,
+    }
     # BLOCKS runs of consecutive pairs, spread over the stack: within a run the steps add up to the
     # displacement between its first and last section, so each section's own distortion counts at
     # the run's two ends only, not at every pair (drift + distorted, elastic, 80 sections, seed 19:
@@ -269,18 +300,31 @@ def background_motion(
         # each section of a run read and prepared once (pairs (k, k + GAP) and (k + GAP, k + 2 GAP)
         # share k + GAP); one run per task: no waiting between the runs' sections and pairs
         ready = {k: prepare(k) for k in sorted(sections_read([run]))}
-        found = [pair_step(ready[k], ready[k + GAP]) for k in run]
-        return [d / GAP for d in found if d is not None]
+        around_0 = [pair_step(ready[k], ready[k + GAP]) for k in run]
+        if toward == [0, 0]:
+            return around_0, around_0
+        return around_0, [pair_step(ready[k], ready[k + GAP], toward=toward) for k in run]
 
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mito-bg") as ex:
-        steps = list(ex.map(run_steps, planned))
+        found = list(ex.map(run_steps, planned))
+    motion = _motion([both for _, both in found], out)
+    if toward != [0, 0]:  # the box around 0 alone too: what distorted sections are read with
+        motion["around_0"] = {
+            k: v for k, v in _motion([zero for zero, _ in found], out).items() if k != "toward"
+        }
+    return motion
+
+
+def _motion(found: list[list], out: dict) -> dict:
+    """:func:`background_motion`'s result from the steps found per run (None: no step)."""
+    steps = [[d / GAP for d in run if d is not None] for run in found]
     measured = sum(len(r) for r in steps)
     means = np.array([np.mean(r, axis=0) for r in steps if len(r)])
     if measured < MIN_PAIRS or len(means) < 3:
         return {**out, "pairs": measured}
     # the runs' mean steps: their mean, and its standard error from their spread (the structures'
     # own apparent motion persists over a few sections, so the pairs within a run are alike)
-    return {**_from_runs(means), "pairs": measured, "planned": out["planned"], "gap": GAP}
+    return {**out, **_from_runs(means), "pairs": measured}
 
 
 def _from_runs(means: np.ndarray) -> dict:
