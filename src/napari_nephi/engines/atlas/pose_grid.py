@@ -90,6 +90,9 @@ class Pose:
     #: mutual information of the section's and the atlas's intensities at this pose (nats;
     #: :meth:`SectionGrid.information`; None: not measured), where ``information_weight`` counted it
     info: float | None = None
+    #: the cut's plate pixels per section pixel along its rows over those along its columns (1: the
+    #: same; the ``aspects`` rerank option): ``scale`` is their geometric mean
+    aspect: float = 1.0
 
 
 def field(image: np.ndarray, weight: np.ndarray, blur: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -432,6 +435,14 @@ class Cut:
     tilt: tuple[float, float]
     pivot: np.ndarray
     step: float
+    #: ``step`` times ``sqrt(aspect)`` along the rows and divided by it along the columns
+    aspect: float = 1.0
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Plate pixels per canvas pixel along the rows and the columns."""
+        root = math.sqrt(self.aspect)
+        return np.array([self.step * root, self.step / root])
 
 
 class SectionGrid:
@@ -504,49 +515,56 @@ class SectionGrid:
         tissue centre (at the canvas centre)."""
         return _pull(self.grey, self.mask, lin, self.tissue_centre - lin @ self.centre, self.canvas)
 
-    def _plate_pixels(self, atlas: AtlasGrid, z: int, step: float, pivot) -> tuple[np.ndarray, np.ndarray]:
-        """Plate ``z`` and its mask on the canvas, ``step`` plate pixels per canvas pixel, plate pixel
-        ``pivot`` at the canvas centre."""
-        lin = np.eye(2) * (step / atlas.factor)  # base pixels per canvas pixel
+    def _plate_pixels(
+        self, atlas: AtlasGrid, z: int, step: float, pivot, aspect: float = 1.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Plate ``z`` and its mask on the canvas, ``step`` plate pixels per canvas pixel (times
+        ``sqrt(aspect)`` along the rows, over it along the columns), plate pixel ``pivot`` at the
+        canvas centre."""
+        root = math.sqrt(aspect)
+        lin = np.diag([root, 1.0 / root]) * (step / atlas.factor)  # base pixels per canvas pixel
         off = np.asarray(pivot, dtype=np.float64) / atlas.factor - lin @ self.centre
         return _pull(atlas.images[z], atlas.masks[z], lin, off, self.canvas)
 
-    def plate_cut(self, atlas: AtlasGrid, z: int, scale: float, pivot=None) -> Cut:
-        """Plate ``z`` at ``scale`` section pixels per plate pixel, its plate pixel ``pivot``
-        (default: its tissue box centre; then the cut is cached) at the canvas centre."""
+    def plate_cut(self, atlas: AtlasGrid, z: int, scale: float, pivot=None, aspect: float = 1.0) -> Cut:
+        """Plate ``z`` at ``scale`` section pixels per plate pixel (``aspect``: see :class:`Cut`), its
+        plate pixel ``pivot`` (default: its tissue box centre; then the cut is cached) at the canvas
+        centre."""
         step = self.q / scale  # plate pixels per canvas pixel
-        key = None if pivot is not None else (self.canvas, self.corr.pad, int(z), round(step, 9), self.blur)
+        cached = pivot is None and aspect == 1.0
+        key = (self.canvas, self.corr.pad, int(z), round(step, 9), self.blur) if cached else None
         pivot = atlas.centres[z] if pivot is None else np.asarray(pivot, dtype=np.float64)
 
         def build():
-            img, msk = self._plate_pixels(atlas, z, step, pivot)
+            img, msk = self._plate_pixels(atlas, z, step, pivot, aspect)
             return self.corr.slice(*field(img, dilate(msk), self.blur), msk.astype(np.float32))
 
         fft = build() if key is None else atlas.cached_cut(key, build)
-        return Cut(fft, float(z), (0.0, 0.0), pivot, step)
+        return Cut(fft, float(z), (0.0, 0.0), pivot, step, float(aspect))
 
-    def oblique_cuts(self, atlas: AtlasGrid, specs, pivot, scale: float) -> list[Cut]:
+    def oblique_cuts(self, atlas: AtlasGrid, specs, pivot, scale: float, aspect: float = 1.0) -> list[Cut]:
         """Cuts of the volume, one per ``(z, tilt)`` of ``specs``: tilted by ``tilt`` through plate
         pixel ``pivot`` at plate position ``z`` (the canvas centre), at ``scale`` section pixels per
-        plate pixel (voxels as cubes); sampled together (trilinear)."""
+        plate pixel (voxels as cubes; ``aspect``: see :class:`Cut`); sampled together (trilinear)."""
         if not specs:
             return []
         pivot = np.asarray(pivot, dtype=np.float64)
-        img, msk = self._sample(atlas, specs, pivot, scale)
+        img, msk = self._sample(atlas, specs, pivot, scale, aspect)
         ffts = self.corr.slices(
             [(*field(i, dilate(m), self.blur), m.astype(np.float32)) for i, m in zip(img, msk > 0.5)]
         )
         return [
-            Cut(fft, float(z), (float(tilt[0]), float(tilt[1])), pivot, self.q / scale)
+            Cut(fft, float(z), (float(tilt[0]), float(tilt[1])), pivot, self.q / scale, float(aspect))
             for fft, (z, tilt) in zip(ffts, specs, strict=True)
         ]
 
-    def _sample(self, atlas: AtlasGrid, specs, pivot: np.ndarray, scale: float):
+    def _sample(self, atlas: AtlasGrid, specs, pivot: np.ndarray, scale: float, aspect: float = 1.0):
         """The volume and its tissue mask on the canvas for each ``(z, tilt)`` of ``specs``
         (:meth:`oblique_cuts`): (N, *canvas) each."""
         step = self.q / scale
-        r = (np.arange(self.canvas[0]) - self.centre[0]) * step
-        c = (np.arange(self.canvas[1]) - self.centre[1]) * step
+        root = math.sqrt(aspect)
+        r = (np.arange(self.canvas[0]) - self.centre[0]) * (step * root)
+        c = (np.arange(self.canvas[1]) - self.centre[1]) * (step / root)
         axes = np.array([plane(tilt) for _, tilt in specs])  # (N, 2: rows / columns, 3: z, y, x)
         p = (
             axes[:, 0, :, None, None] * r[None, None, :, None]
@@ -638,7 +656,7 @@ class SectionGrid:
     def _pose(
         self, rotation, scale, cut: Cut, score: float, shift: np.ndarray, n_plates: int, plain=None
     ) -> Pose:
-        d = shift * cut.step  # plate pixels from the pivot along the cut's rows and columns
+        d = shift * cut.steps  # plate pixels from the pivot along the cut's rows and columns
         e_row, e_col = plane(cut.tilt)
         p = e_row * d[0] + e_col * d[1]
         z = cut.z + float(p[0])
@@ -652,6 +670,7 @@ class SectionGrid:
             centre=(float(cut.pivot[0] + p[1]), float(cut.pivot[1] + p[2])),
             grid=self.grid_size,
             plain=None if plain is None else float(plain),
+            aspect=cut.aspect,
         )
 
 

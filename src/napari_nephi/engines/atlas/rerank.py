@@ -102,6 +102,14 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   Top-1 48.4 -> 49.2 %, Top-5 94.3 -> 94.2 % (+22 / -25), straight sections 0.689 -> 0.767, fresh
   seeds 74-76 1.422 -> 1.472 (Top-5 94.4 -> 92.8 %): not a default (docs/atlas.md, "The similarity on
   the misses, session 24"). About 10 measured poses, a few ms of CPU per lookup.
+* **Aspect** (session 26, opt-in: ``aspects`` empty, ``aspect_margin`` 0.05). The best pose of each
+  plate within the margin of the best pose (score less prior) is cut again at each ratio of
+  ``aspects`` (the cut's plate pixels per section pixel along its rows over those along its
+  columns, their geometric mean kept; :attr:`.pose_grid.Pose.aspect`), at its tilt, rotation, scale
+  and atlas point, the shift searched nearby; the new poses join the others. Why: a specimen is
+  rarely the atlas's shape (the benchmark's are stretched by up to 4.5 % per axis), and a rigid,
+  isotropically scaled cut of the true plate can lose to a neighbour whose outline fits the stretch.
+  docs/atlas.md, "The similarity misses by case, session 26".
 * **Widening** (session 20, opt-in). ``widen_score``: where no pose of the search scores above it,
   a second pass scores stage 1 on every plate it skipped and refines the ``hypotheses`` best
   distinct stage-1 poses away from the first pass's hypotheses (tilts, scan along the plate axis).
@@ -236,6 +244,11 @@ DEFAULTS = {
     # best pose (score less prior), over the least of them (module docstring, "Information"; 0: none)
     "information_weight": 0.0,
     "information_margin": 0.05,
+    # the best pose of each plate within aspect_margin of the best pose (score less prior) cut again
+    # with its rows and columns scaled apart by each of these ratios (module docstring, "Aspect";
+    # empty: none)
+    "aspects": [],
+    "aspect_margin": 0.05,
 }
 #: Options of a seeded search, for a first stage whose best plate lies within about 2 plates of the
 #: truth: no sweep of the atlas, its best plate and 2 neighbours each side in stage 1, one
@@ -352,7 +365,24 @@ def check_rerank_options(options: dict | None) -> dict:
     out["tilt_rounds"] = check_int("tilt_rounds", out["tilt_rounds"], 1, 4)
     out["information_weight"] = check_float("information_weight", out["information_weight"], 0.0, 10.0)
     out["information_margin"] = check_float("information_margin", out["information_margin"], 0.0, 1.0)
+    out["aspects"] = _check_aspects(out["aspects"])
+    out["aspect_margin"] = check_float("aspect_margin", out["aspect_margin"], 0.0, 1.0)
     return out
+
+
+def _check_aspects(value) -> list[float]:
+    """The ``aspects`` option as a list of ratios in [0.5, 2], each other than 1 (1 is every pose's;
+    a list, so the recorded options read back the same from JSON)."""
+    try:
+        ratios = [float(v) for v in value]
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            f"aspects must be a list of ratios (rows over columns, e.g. [0.94, 1.06]), got {value!r}."
+        ) from exc
+    for r in ratios:
+        if not (0.5 <= r <= 2.0) or r == 1.0:
+            raise InputError(f"aspects must be ratios in [0.5, 2] other than 1, got {r!r} in {value!r}.")
+    return ratios
 
 
 @dataclass
@@ -486,6 +516,8 @@ class PoseSearch:
         poses = refine.poses
         if options["region_refine"] > 0 and poses:
             poses = self._region_refine(grey, mask, fine.tissue_centre, poses, options)
+        if options["aspects"] and poses:
+            poses = poses + refine.aspects(poses, prior)
         if options["information_weight"] > 0 and poses:
             _inform(poses, prior, fine, refine.atlas, options)
         for p in poses:
@@ -688,6 +720,41 @@ class _Refine:
         if cuts:
             self._score([(best.rotation, best.scale, cut) for cut in cuts])
 
+    def aspects(self, poses: list[Pose], prior: np.ndarray) -> list[Pose]:
+        """The best pose of each plate within ``aspect_margin`` of the best pose (score less prior)
+        cut again at each of the ``aspects`` ratios, at its tilt, rotation, scale and atlas point (its
+        shift searched again nearby): the new poses (:attr:`Pose.aspect` set). A specimen is rarely
+        the atlas's shape: stretched along one axis against the other, its best plate at one aspect
+        can be outscored by a neighbour whose outline fits that stretch."""
+        a, g = self.atlas, self.grid
+        best = _best_near_top(poses, prior, self.options["aspect_margin"])
+        pairs = []
+        for k in best.values():
+            pose = poses[k]
+            centre = np.asarray(pose.centre, dtype=np.float64)
+            for ratio in self.options["aspects"]:
+                if a.is_volume:
+                    cut = g.oblique_cuts(a, [(pose.z, pose.tilt)], centre, pose.scale, ratio)[0]
+                else:
+                    cut = g.plate_cut(a, pose.plate, pose.scale, pivot=centre, aspect=ratio)
+                pairs.append((pose.rotation, pose.scale, cut))
+        _check(self.progress)
+        found = g.score(pairs, a.n)
+        self.pairs += len(pairs)
+        return found
+
+
+def _best_near_top(poses: list[Pose], prior: np.ndarray, margin: float) -> dict[int, int]:
+    """``{plate: index}`` of the best pose (score less prior) of each plate whose best lies within
+    ``margin`` of the best pose."""
+    value = np.array([p.score for p in poses]) - prior[np.array([p.plate for p in poses])]
+    top = float(value.max())
+    best: dict[int, int] = {}
+    for k, p in enumerate(poses):
+        if value[k] >= top - margin and (p.plate not in best or value[k] > value[best[p.plate]]):
+            best[p.plate] = k
+    return best
+
 
 def grid_scales(q: float, low: float, high: float, ratio: float) -> list[float]:
     """Scales (section pixels per plate pixel) from about ``low`` to ``high`` whose plate pixels per
@@ -751,13 +818,7 @@ def _inform(poses: list[Pose], prior: np.ndarray, grid: SectionGrid, atlas: Atla
     plate's, on the score of every pose of the plate (:attr:`Pose.info` set on the pose measured).
     Only those plates move, none of them below where it was against the rest; ``plain`` is left as
     it was, so ``plain_reach`` still orders the plates next to the best pose by the edges alone."""
-    value = np.array([p.score for p in poses]) - prior[np.array([p.plate for p in poses])]
-    top = float(value.max())
-    best: dict[int, int] = {}
-    for k, p in enumerate(poses):
-        near = value[k] >= top - options["information_margin"]
-        if near and (p.plate not in best or value[k] > value[best[p.plate]]):
-            best[p.plate] = k
+    best = _best_near_top(poses, prior, options["information_margin"])
     info = {plate: grid.information(atlas, poses[k]) for plate, k in best.items()}
     low = min(info.values())
     for plate, k in best.items():
