@@ -24,6 +24,7 @@ from .bspline import bspline_on_grid, control_shape, grid_weights, intervals_for
 from .flatfill import FLAT_SHARE, fill_flat, flat_share
 from .interp import interpolate
 from .matchblur import blurred_similarity, estimate_blur, noise_variance
+from .smoothing import gaussian_smoothed
 
 
 def normalized_grid(shape, device="cpu", dtype=torch.float32) -> torch.Tensor:
@@ -277,6 +278,19 @@ MOMENT_FLOOR = 0.3
 #: the bending one was tried and left off (benchmarks/README.md).
 
 
+#: ``optimize`` on 2D images (the engine passes it as ``first_blur`` to :func:`optimize_velocity`, read at
+#: each call; session 26): the first coarse level compares the images blurred by a Gaussian of this many
+#: voxels of its grid (4 px on a 512^2 image, whose first grid is 128^2). Averaged down to that grid, a
+#: texture of repeated blobs (stained nuclei) still matches a neighbouring blob, and a large displacement
+#: settled there: IHC at 4 % (benchmarks/nephi_general2d.py, 512 px) ended with patches 20-34 px wrong
+#: (docs/nephi.md, session 25). Blurred, the first level sees the blobs' layout, not the blobs; the finer
+#: levels compare the images as they are. With 1.0 (/tmp/s26/B/ihc_blur.py), IHC 4 %, seeds 78 / 77 / 71 /
+#: 76 / 79: 0.530 / 0.137 / 0.093 / 0.0445 / 0.0553 -> 0.041 / 0.045 / 0.048 / 0.043 / 0.057 px. Opt-in (0:
+#: none, the default): on other images it also lost, at 256 px cell 4 % 0.173 -> 0.207 px (seed 82), and
+#: the fresh seeds at 512 px are not measured (docs/nephi.md, session 26).
+FIRST_LEVEL_BLUR = 0.0
+
+
 def finer_level_runs(finer_level: bool, reg_weight: float) -> bool:
     """Whether the finer-knot level runs: asked for and with a bending penalty. Unregularised, its
     knots fit noise (128 px astronaut, 4 px field on 32 px: endpoint error 0.049 px without the
@@ -428,6 +442,7 @@ def optimize_velocity(
     gates: list | None = None,
     warmup: float = 0.0,
     cooldown: float = 0.0,
+    first_blur: float = 0.0,
 ) -> DenseMaps:
     """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
 
@@ -490,7 +505,9 @@ def optimize_velocity(
     fresh Adam, whose first steps move every knot by the full rate whatever its gradient, which knocks a
     map that is nearly right already off it (predict+refine, :data:`.predict.REFINE_WARMUP`). ``cooldown``
     (0: none) adds that share of its steps (rounded) to the last level, over which its rate falls linearly
-    towards 0 (:data:`.predict.REFINE_COOLDOWN`).
+    towards 0 (:data:`.predict.REFINE_COOLDOWN`). ``first_blur`` (0: none) blurs the images the first level
+    compares, where it compares on a grid coarser than the last levels', by a Gaussian of that many voxels
+    of its grid (:data:`FIRST_LEVEL_BLUR`).
     """
     d = fixed.dim() - 2
     full = tuple(fixed.shape[2:])
@@ -583,6 +600,10 @@ def optimize_velocity(
         f_l, m_l = _area(f_fine, cmp), _area(m_fine, cmp)
         warp_grid = fine if cmp == fine else comparison_shape(fine, 2**d * math.prod(shape))
         f_w, m_w = _area(f_fine, warp_grid), _area(m_fine, warp_grid)
+        if first_blur > 0 and k == 0 and cmp != fine:  # a wider basin for the first level (FIRST_LEVEL_BLUR)
+            f_l, m_l = (gaussian_smoothed(t, [first_blur] * d) for t in (f_l, m_l))
+            wider = [first_blur * w / c for w, c in zip(warp_grid, cmp)]  # the same blur on the warp grid
+            f_w, m_w = (gaussian_smoothed(t, wider) for t in (f_w, m_w))
         masks_l = [None if m is None else _area(m, cmp) for m in masks_fine]
         masks_w = [None if m is None else _area(m, warp_grid) for m in masks_fine]
         ident = normalized_grid(warp_grid, dev).flip(-1)[None]

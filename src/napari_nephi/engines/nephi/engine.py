@@ -11,7 +11,8 @@ the predicted codes for ``iterations`` steps instead. The stored model never cha
 In ``optimize`` mode with ``levels > 1`` a cheap coarse stage runs first: a stationary velocity
 field, a cubic B-spline refined level by level, integrated on grids ``2**(levels-1)``, ..., 4, 2
 times coarser than the image (scaling and squaring, so it cannot fold; :mod:`.coarse`); the neural
-field then refines it at full resolution.
+field then refines it at full resolution. On 2D images its first level can compare the images blurred by
+:data:`.coarse.FIRST_LEVEL_BLUR` voxels of its grid (opt-in; ``settings["coarse_first_blur"]``).
 
 ``bspline_spacing > 0`` (SINR) evaluates each network on a grid of control points that many voxels
 apart and interpolates the field between them with cubic B-splines (:mod:`.bspline`).
@@ -45,6 +46,7 @@ from ...core.transform import AffineTransform, ComposedTransform, DisplacementTr
 from ..registry import register_engine
 from . import basin, contrast, heldout, noise
 from . import chunked as chunking
+from . import coarse as coarse_module
 from .bspline import intervals_for_spacing
 from .checks import check_options, check_result, check_run_memory, heldout_memory_note, optimised_similarity
 from .coarse import (
@@ -459,6 +461,8 @@ def register_nephi(
     shapes = pyramid_shapes(fshape, factors) if levels > 1 and not predicting else []
     spacings = None  # the coarse stage's default knots
     coarse_info: dict = {}  # what the coarse stage learned besides the map (matched blur)
+    # optimize's first coarse level may compare blurred images (2D; coarse.FIRST_LEVEL_BLUR, opt-in)
+    first_blur = coarse_module.FIRST_LEVEL_BLUR if mode == "optimize" and d == 2 else 0.0
     finer = finer_level_runs(coarse_finer_level, coarse_reg_weight)
     stage_finer = coarse_finer_level  # the coarse stage adds the finer-knot level itself
     # share of each coarse level's steps its rate ramps up over (predict+refine: REFINE_WARMUP)
@@ -621,6 +625,7 @@ def register_nephi(
                     flat_fill=coarse_flat_fill,
                     flat_noisy=coarse_flat_noisy,
                     frame_mask=settings_opt.frame_mask,
+                    first_blur=first_blur,
                 )
                 options.update(kw)
                 maps = optimize_velocity(
@@ -890,6 +895,7 @@ def register_nephi(
         "coarse_spacings": [float(sp) for sp in coarse_spacings],
         "coarse_warmup": coarse_warmup,
         "coarse_cooldown": coarse_cooldown,
+        "coarse_first_blur": first_blur if coarse_steps > 0 and not use_chunks else 0.0,
         "sample_fraction": sample_fraction,
         "local_stride": local_stride,
         "seed": seed,

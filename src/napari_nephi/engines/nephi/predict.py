@@ -20,14 +20,12 @@ coins 2 % 0.167 -> 0.113 px, cell 1 % 0.090 -> 0.077 px, camera 2 % 0.490 -> 0.4
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from .coarse import COARSE_LEARNING_RATE, DenseMaps, knot_spacings, normalized_grid, pyramid_shapes
 from .field import Codes, NeuralDeformationField
-from .smoothing import blur_axis
+from .smoothing import gaussian_smoothed
 
 #: Points per call when a field is evaluated on its grid.
 _CHUNK = 1 << 15
@@ -121,18 +119,6 @@ def prediction_maps(field: NeuralDeformationField, codes: Codes, grid_shape) -> 
         u = torch.cat(parts, dim=1).reshape(1, *grid_shape, len(grid_shape))
         out.append(torch.movedim(u, -1, 1).contiguous())
     return DenseMaps(out[0], out[1])
-
-
-def gaussian_smoothed(grid: torch.Tensor, sigma) -> torch.Tensor:
-    """``grid`` ``(1, C, *spatial)`` filtered by a Gaussian of ``sigma`` voxels per axis (edges
-    replicated); a sigma under 0.3 leaves that axis as it is."""
-    out = grid
-    for axis, sg in enumerate(sigma):
-        n = out.shape[2 + axis]
-        if sg < 0.3 or n < 2:
-            continue
-        out = blur_axis(out, 2 + axis, sg, min(int(math.ceil(3 * sg)), n - 1))
-    return out.contiguous()
 
 
 #: ``predict+refine`` low-passes the prediction by a Gaussian of this many voxels of the grid it is

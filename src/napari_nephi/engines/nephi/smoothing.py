@@ -1,6 +1,8 @@
-"""Separable Gaussian smoothing of tensors along one axis (edges replicated)."""
+"""Separable Gaussian smoothing of tensors (edges replicated): along one axis, or along every axis."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -35,3 +37,15 @@ def blur_axis_lean(t: torch.Tensor, axis: int, sigma: float, radius: int) -> tor
     for i in range(1, 2 * radius + 1):
         out.add_(padded.narrow(axis, i, n), alpha=float(k[i]))
     return out
+
+
+def gaussian_smoothed(grid: torch.Tensor, sigma) -> torch.Tensor:
+    """``grid`` ``(1, C, *spatial)`` filtered by a Gaussian of ``sigma`` voxels per axis (edges
+    replicated); a sigma under 0.3 leaves that axis as it is."""
+    out = grid
+    for axis, sg in enumerate(sigma):
+        n = out.shape[2 + axis]
+        if sg < 0.3 or n < 2:
+            continue
+        out = blur_axis(out, 2 + axis, sg, min(int(math.ceil(3 * sg)), n - 1))
+    return out.contiguous()
