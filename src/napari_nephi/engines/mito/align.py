@@ -748,9 +748,11 @@ def _auto_decision(test: dict, matrices, use, background) -> tuple[bool, np.ndar
     Session 26: the background's pairs are searched around the trend's step too (``trend``, see
     :func:`.background.pair_step`), so that a background moving as fast as the trend is read instead of
     counted as unread (undistorted stacks with a strong organelle drift were flagged as distorted, and
-    read short or "unmeasured"). ``unread`` counts the pairs read in neither box. Where the sections are
-    distorted, the slope is that of the box around 0 alone (``"around_0"``), as before: exactly the
-    readings of session 25 there."""
+    read short or "unmeasured"), where the trend is at least :data:`.background.TOWARD_FROM` long.
+    ``unread`` counts the pairs read in neither box; the stack is distorted where the box around 0 leaves
+    :data:`.background.UNREAD` of the pairs unread and the widened one :data:`.background.UNREAD_WIDE`
+    (recorded: ``"unread_around_0"``, ``"unread_limit_widened"``). Where it is, the slope is that of the box
+    around 0 alone (``"slope_from"``), as before: exactly the readings of session 25 there."""
     placed = np.flatnonzero(use)
     span = placed[-1] - placed[0] if len(placed) else 0
     if test["p"] >= SCREEN_P or float(np.hypot(*test["slope"])) * span < MIN_TREND:
@@ -758,14 +760,21 @@ def _auto_decision(test: dict, matrices, use, background) -> tuple[bool, np.ndar
     if background is None:
         return test["p"] < AUTO_P, None
     motion = background(matrices, use, trend=test["slope"])
-    missed = unread(motion)
-    distorted = missed is not None and motion["planned"] >= bgm.MIN_PAIRS and missed >= bgm.UNREAD
     around_0 = motion.pop("around_0", None)
+    missed = unread(motion)
+    missed_0 = missed if around_0 is None else unread(around_0)
+    distorted = missed is not None and motion["planned"] >= bgm.MIN_PAIRS and missed_0 >= bgm.UNREAD
+    if around_0 is not None:  # the box widened toward the trend read too: both boxes must leave pairs unread
+        distorted = distorted and missed >= bgm.UNREAD_WIDE
+    widened = {}
+    if around_0 is not None:
+        widened = {"unread_around_0": missed_0, "unread_limit_widened": bgm.UNREAD_WIDE}
+        widened["slope_from"] = "around 0" if distorted else "widened"
     if distorted and around_0 is not None:
         # distorted sections' pairs are noisy (1.0-1.6 px against 0.4-0.5): in the box widened toward the
         # trend more of them are read on its side, which moves the slope toward the trend (stage drift
-        # on distorted sections, 80 sections, elastic, seed 39: -0.15 -> +0.07 px per section along it);
-        # the box around 0 alone, as before session 26 (a still background read without that pull)
+        # on distorted sections, 80 sections, elastic, seed 39 with toward [1, 0]: -0.15 -> +0.07 px per
+        # section along it); the box around 0 alone, as before session 26 (without that pull)
         motion = {**{k: v for k, v in motion.items() if k != "runs"}, **around_0}
     decision, share = classify(test["slope"], motion)
     first = None
@@ -787,6 +796,7 @@ def _auto_decision(test: dict, matrices, use, background) -> tuple[bool, np.ndar
         "unread": missed,
         "unread_limit": bgm.UNREAD,
         "distorted": distorted,
+        **widened,
     }
     if first is not None:
         test["background"]["first_look"] = first

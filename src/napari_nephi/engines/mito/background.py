@@ -86,6 +86,18 @@ FAVOUR = 4.6
 #: undecided readings); drift + distorted with ``elastic=True`` 0.25-0.41 (seeds 1 / 6 / 8 / 10 at 80,
 #: 19 / 25 / 27 / 29 / 30 at 160), without it 0.34-0.56.
 UNREAD = 0.15
+#: Session 26: the trend's length (px per section) from which the pairs are also searched around its
+#: step (:func:`background_motion` ``trend``). Below it the background's steps stay well inside the 2 px
+#: box around 0 on undistorted sections (pair error 0.4-0.5 px), so nothing is searched elsewhere; the
+#: benchmark's drift (0.35 px per section) and stage drift (0.5) stay clear of it, not split by a rounding
+#: at 0.5 (review 1 of session 26, A2); both together (0.73 on seed 34 at 80 sections) mostly stay under it.
+TOWARD_FROM = 0.8
+#: Session 26: :data:`UNREAD` for the box widened toward the trend: a stack is distorted where the box
+#: around 0 leaves at least :data:`UNREAD` of the pairs without a step and the widened box at least this
+#: (review 1 of session 26, A1). Widened box, offline (docs/mito.md, session 26): undistorted strong
+#: motion 0.00-0.05; distorted 0.14-0.39 (0.14: stage drift + distorted, 80 sections, seed 10, its trend
+#: set to 0.51 px per section).
+UNREAD_WIDE = 0.10
 #: Smallest standard error (px per section) trusted per axis: a handful of blocks can agree by chance.
 SE_FLOOR = 0.02
 
@@ -271,10 +283,13 @@ def background_motion(
     section, y, x), "se" (its standard error per axis), "pairs" (measured), "gap"}``; ``slope`` is
     comparable with :func:`.detrend.trend_test`'s slope (the positions' trend): equal where the
     organelles drift, 0 where the sections do. ``trend`` (px per section, y, x; session 26): the
-    positions' trend, whose step (rounded to whole pixels, recorded as ``"toward"``) each pair's peak is
-    also searched around (:func:`pair_step`); where that is not ``[0, 0]``, ``"around_0"`` holds the
+    positions' trend, whose step (rounded to whole pixels where the trend is at least :data:`TOWARD_FROM`
+    long, recorded as ``"toward"``) each pair's peak is also searched around
+    (:func:`pair_step`); where that is not ``[0, 0]``, ``"around_0"`` holds the
     same result from the box around 0 alone (as without ``trend``)."""
-    toward = [0, 0] if trend is None else [int(np.round(v * GAP)) for v in trend]
+    toward = [0, 0]
+    if trend is not None and math.hypot(*trend) * GAP >= TOWARD_FROM:
+        toward = [int(np.round(v * GAP)) for v in trend]
     out = {
         "slope": [0.0, 0.0],
         "se": [math.inf, math.inf],
