@@ -102,3 +102,21 @@ def test_bad_aspects_raise(value, match):
         check_rerank_options({"aspects": value})
     with pytest.raises(InputError, match="aspect_margin"):
         check_rerank_options({"aspect_margin": -0.1})
+
+
+def test_the_information_is_read_on_the_cut_at_the_poses_aspect(search, toy_reference):  # noqa: F811
+    # review 1 of session 26, C1: a pose found at an aspect is measured on that cut, not the isotropic one
+    reference, _ = toy_reference
+    section = _stretched(reference, 20)
+    options = check_rerank_options({"aspects": [1 / STRETCH]})
+    found = search.search(section, [(p, 0.0) for p in range(search.n)], options)
+    best = found.poses[found.ranking[0][0]]
+    assert best.aspect == pytest.approx(1 / STRETCH)
+    grey, mask, zoom = PoseSearch.prepare(section, SECTION_FACTOR * options["work_size"])
+    grid = SectionGrid(grey, mask, options["work_size"])
+    atlas = search.atlas(options["work_size"])
+    pose = Pose(best.score, best.z, best.plate, best.tilt, best.rotation, best.scale / zoom, best.centre)
+    pose.aspect = best.aspect
+    stretched = grid.information(atlas, pose)
+    pose.aspect = 1.0
+    assert stretched > grid.information(atlas, pose) + 0.05

@@ -588,11 +588,11 @@ class SectionGrid:
             self._images[key] = (cv2.GaussianBlur(img, (0, 0), INFO_BLUR), msk)
         img, msk = self._images[key]
         centre = np.asarray(pose.centre, dtype=np.float64)
-        if atlas.is_volume:
-            cut, cut_mask = self._sample(atlas, [(pose.z, pose.tilt)], centre, pose.scale)
+        if atlas.is_volume:  # cut as the pose was found, its aspect included
+            cut, cut_mask = self._sample(atlas, [(pose.z, pose.tilt)], centre, pose.scale, pose.aspect)
             cut, cut_mask = cut[0], cut_mask[0] > 0.5
         else:
-            cut, cut_mask = self._plate_pixels(atlas, pose.plate, self.q / pose.scale, centre)
+            cut, cut_mask = self._plate_pixels(atlas, pose.plate, self.q / pose.scale, centre, pose.aspect)
         both = msk & cut_mask
         if int(both.sum()) < INFO_MIN_PIXELS:
             return 0.0
