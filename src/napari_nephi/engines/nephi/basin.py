@@ -149,7 +149,9 @@ def guard(
     scores = judge(pair, list(candidates.values()), shapes, reg_weight, similarity, device, frame_mask)
     best = int(np.argmax(scores))  # the first of equals: the searched map (or the identity where dropped)
     kept = list(candidates)[best]
-    record.update(judged=True, ncc=[round(float(s), 5) for s in scores], kept=kept)
+    record.update(
+        judged=True, judged_maps=list(candidates), ncc=[round(float(s), 5) for s in scores], kept=kept
+    )
     if best == 0:
         return stage, record, ""
     matrix = candidates[kept]
@@ -166,6 +168,15 @@ def guard(
             f"The {kind} global stage's search found a map that loses the overlap (dropped); {what}, "
             f"{diff:.1f} voxels from the identity, matched better after a short coarse stage (NCC "
             f"{scores[best]:.4f} against {scores[0]:.4f} from the identity) and was used."
+        )
+    # the two maps agree and the searched one moves the image far (IDENTITY_TOLERANCE): "local" not judged
+    elif "local" not in candidates:
+        note = (
+            f"The {kind} global stage's search found a map that moves the image by {moved:.1f} voxels "
+            f"(the map refined from the identity agrees, {diff:.1f} voxels from it); after a short coarse "
+            f"stage from it and from the identity the identity matched best (NCC {scores[best]:.4f} against "
+            f"{scores[0]:.4f} from the searched map) and was used (pass initial='{kind}' to keep the "
+            f"searched map)."
         )
     else:
         note = (
