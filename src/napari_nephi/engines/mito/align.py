@@ -764,18 +764,20 @@ def _auto_decision(test: dict, matrices, use, background) -> tuple[bool, np.ndar
     missed = unread(motion)
     missed_0 = missed if around_0 is None else unread(around_0)
     distorted = missed is not None and motion["planned"] >= bgm.MIN_PAIRS and missed_0 >= bgm.UNREAD
+    widened = {}
     if around_0 is not None:  # the box widened toward the trend read too: both boxes must leave pairs unread
         distorted = distorted and missed >= bgm.UNREAD_WIDE
-    widened = {}
-    if around_0 is not None:
-        widened = {"unread_around_0": missed_0, "unread_limit_widened": bgm.UNREAD_WIDE}
-        widened["slope_from"] = "around 0" if distorted else "widened"
-    if distorted and around_0 is not None:
-        # distorted sections' pairs are noisy (1.0-1.6 px against 0.4-0.5): in the box widened toward the
-        # trend more of them are read on its side, which moves the slope toward the trend (stage drift
-        # on distorted sections, 80 sections, elastic, seed 39 with toward [1, 0]: -0.15 -> +0.07 px per
-        # section along it); the box around 0 alone, as before session 26 (without that pull)
-        motion = {**{k: v for k, v in motion.items() if k != "runs"}, **around_0}
+        widened = {
+            "unread_around_0": missed_0,
+            "unread_limit_widened": bgm.UNREAD_WIDE,
+            "slope_from": "around 0" if distorted else "widened",
+        }
+        if distorted:
+            # distorted sections' pairs are noisy (1.0-1.6 px against 0.4-0.5): in the box widened toward
+            # the trend more of them are read on its side, which moves the slope toward the trend (stage
+            # drift on distorted sections, 80 sections, elastic, seed 39 with toward [1, 0]: -0.15 -> +0.07
+            # px per section along it); the box around 0 alone, as before session 26 (without that pull)
+            motion = {**{k: v for k, v in motion.items() if k != "runs"}, **around_0}
     decision, share = classify(test["slope"], motion)
     first = None
     # a second look, at as many other sections (not on distorted sections: the trend test decides there)
