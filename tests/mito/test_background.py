@@ -531,14 +531,19 @@ def test_distorted_sections_are_read_in_the_box_around_0_and_undistorted_ones_to
     assert rec["background"]["slope"] == read["slope"]
 
 
-def test_the_trend_step_is_searched_only_from_a_trend_the_box_around_0_cannot_hold():
+def test_the_trend_step_is_searched_from_a_trend_of_0_6_px_per_section():
     """Review 1 of session 26, A2: the benchmark's stage drift (0.5 px per section) read 0.489 on one seed
-    and 0.51 on another, and a rounding at 0.5 sent them down different paths; only from a trend TOWARD_FROM
-    (0.8 px per section) long (strong drift, 160 sections, seed 34: (0.68, 0.45))."""
+    and 0.51 on another, and a rounding at 0.5 sent them down different paths; the step is searched only
+    from a trend TOWARD_FROM long. Review 2 of session 26, A-n2: at 0.8 that edge split the benchmark's
+    strong drift (held-out trends 0.83 / 0.754, fresh seed 44 at 80 sections (-0.051, -0.72): not searched,
+    unread 0.125-0.141 against UNREAD 0.15); from 0.6 every strong drift read so far (0.72-0.87) is
+    searched, the stage drift (0.45-0.59) is not."""
     few = np.ones(10, bool)  # too few pairs planned: the record only
     for trend, toward in (
-        ([0.51, -0.49], [0, 0]),
-        ([0.7, 0.3], [0, 0]),
+        ([0.45, -0.2], [0, 0]),  # a stage drift of 0.5 px per section, read short
+        ([0.55, 0.15], [0, 0]),  # and read long (0.57)
+        ([-0.051, -0.72], [0, -1]),  # strong drift, fresh seed 44 (0.722): [0, 0] at 0.8
+        ([0.53, -0.53], [1, -1]),  # 0.75, as held-out seed 43's
         ([0.68, 0.45], [1, 0]),
         ([0.3, -1.6], [0, -2]),
     ):
