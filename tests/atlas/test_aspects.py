@@ -14,6 +14,7 @@ from napari_nephi.engines.atlas.rerank import (
     SECTION_FACTOR,
     PoseSearch,
     _best_near_top,
+    _Refine,
     check_rerank_options,
 )
 
@@ -74,6 +75,34 @@ def test_the_search_adds_aspect_poses_near_the_top_only(search, toy_reference): 
     stretched = {q for q, p in on.poses.items() if p.aspect != 1.0}
     assert stretched and all(min(abs(q - n) for n in near) <= 1 for q in stretched)
     assert len(near) < search.n // 2
+
+
+def test_aspect_max_tilt_leaves_out_tilted_poses(search, toy_reference):  # noqa: F811
+    # session 27: a tilt about one axis also shortens the cut along the other; with aspect_max_tilt
+    # the step cuts only poses tilted by at most that much
+    reference, _ = toy_reference
+    section = _stretched(reference, 20)
+    options = check_rerank_options({})
+    found = search.search(section, [(p, 0.0) for p in range(search.n)], options)
+    best = found.poses[found.ranking[0][0]]
+    grey, mask, zoom = PoseSearch.prepare(section, SECTION_FACTOR * options["work_size"])
+    atlas = search.atlas(options["work_size"])
+    flat = Pose(best.score, best.z, best.plate, (0.0, 0.0), best.rotation, best.scale / zoom, best.centre)
+    tilted = Pose(
+        best.score - 0.01, best.z + 6, best.plate + 6, (6.0, 0.0), best.rotation, flat.scale, best.centre
+    )
+    prior = np.zeros(search.n)
+    cut = {}
+    for limit in (None, 0.0, 6.0):
+        opts = check_rerank_options({"aspects": [0.9, 1.1], "aspect_max_tilt": limit})
+        refine = _Refine(atlas, SectionGrid(grey, mask, options["work_size"]), opts, None)
+        new = refine.aspects([flat, tilted], prior)
+        cut[limit] = sorted({p.tilt for p in new})
+        assert refine.pairs == 2 * len(cut[limit]) and {p.aspect for p in new} == {0.9, 1.1}
+    assert cut[None] == cut[6.0] == [(0.0, 0.0), (6.0, 0.0)]
+    assert cut[0.0] == [(0.0, 0.0)]
+    with pytest.raises(InputError, match="aspect_max_tilt"):
+        check_rerank_options({"aspect_max_tilt": -1.0})
 
 
 def _pose(score, z):

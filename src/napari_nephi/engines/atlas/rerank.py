@@ -109,7 +109,9 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   and atlas point, the shift searched nearby; the new poses join the others. Why: a specimen is
   rarely the atlas's shape (the benchmark's are stretched by up to 4.5 % per axis), and a rigid,
   isotropically scaled cut of the true plate can lose to a neighbour whose outline fits the stretch.
-  docs/atlas.md, "The similarity misses by case, session 26".
+  docs/atlas.md, "The similarity misses by case, session 26". ``aspect_max_tilt`` (session 27; None:
+  every pose) leaves out poses tilted by more than that many degrees (a tilt about one axis also
+  shortens the cut along the other, so tilt and aspect trade off).
 * **Widening** (session 20, opt-in). ``widen_score``: where no pose of the search scores above it,
   a second pass scores stage 1 on every plate it skipped and refines the ``hypotheses`` best
   distinct stage-1 poses away from the first pass's hypotheses (tilts, scan along the plate axis).
@@ -249,6 +251,9 @@ DEFAULTS = {
     # empty: none)
     "aspects": [],
     "aspect_margin": 0.05,
+    # ... only where that pose is tilted by at most this many degrees about either axis (None: every
+    # pose; 0: untilted poses alone, where a stretch cannot stand in for a tilt)
+    "aspect_max_tilt": None,
 }
 #: Options of a seeded search, for a first stage whose best plate lies within about 2 plates of the
 #: truth: no sweep of the atlas, its best plate and 2 neighbours each side in stage 1, one
@@ -367,6 +372,8 @@ def check_rerank_options(options: dict | None) -> dict:
     out["information_margin"] = check_float("information_margin", out["information_margin"], 0.0, 1.0)
     out["aspects"] = _check_aspects(out["aspects"])
     out["aspect_margin"] = check_float("aspect_margin", out["aspect_margin"], 0.0, 1.0)
+    if out["aspect_max_tilt"] is not None:
+        out["aspect_max_tilt"] = check_float("aspect_max_tilt", out["aspect_max_tilt"], 0.0, 90.0)
     return out
 
 
@@ -725,12 +732,17 @@ class _Refine:
         cut again at each of the ``aspects`` ratios, at its tilt, rotation, scale and atlas point (its
         shift searched again nearby): the new poses (:attr:`Pose.aspect` set). A specimen is rarely
         the atlas's shape: stretched along one axis against the other, its best plate at one aspect
-        can be outscored by a neighbour whose outline fits that stretch."""
+        can be outscored by a neighbour whose outline fits that stretch. With ``aspect_max_tilt``, a
+        pose tilted by more than that about either axis is not cut again: a tilt about one axis also
+        shortens the cut along the other, so there a stretch could stand in for a tilt."""
         a, g = self.atlas, self.grid
         best = _best_near_top(poses, prior, self.options["aspect_margin"])
+        limit = self.options["aspect_max_tilt"]
         pairs = []
         for k in best.values():
             pose = poses[k]
+            if limit is not None and max(abs(t) for t in pose.tilt) > limit + 1e-9:
+                continue
             centre = np.asarray(pose.centre, dtype=np.float64)
             for ratio in self.options["aspects"]:
                 if a.is_volume:
