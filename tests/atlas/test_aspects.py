@@ -102,7 +102,11 @@ def test_aspect_max_tilt_leaves_out_tilted_poses(search, toy_reference):  # noqa
     assert cut[None] == cut[6.0] == [(0.0, 0.0), (6.0, 0.0)]
     assert cut[0.0] == [(0.0, 0.0)]
     with pytest.raises(InputError, match="aspect_max_tilt"):
-        check_rerank_options({"aspect_max_tilt": -1.0})
+        check_rerank_options({"aspects": [0.9], "aspect_max_tilt": -1.0})
+    # review 1 of session 27, C1: without aspects it would do nothing
+    with pytest.raises(InputError, match="runs only where 'aspects' lists ratios"):
+        check_rerank_options({"aspect_max_tilt": 0.0})
+    assert check_rerank_options({"aspects": [], "aspect_max_tilt": None})["aspect_max_tilt"] is None
 
 
 def _pose(score, z):

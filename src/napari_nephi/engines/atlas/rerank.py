@@ -252,7 +252,7 @@ DEFAULTS = {
     "aspects": [],
     "aspect_margin": 0.05,
     # ... only where that pose is tilted by at most this many degrees about either axis (None: every
-    # pose; 0: untilted poses alone, where a stretch cannot stand in for a tilt)
+    # pose; 0: untilted poses alone, where a stretch cannot stand in for a tilt); an error without aspects
     "aspect_max_tilt": None,
 }
 #: Options of a seeded search, for a first stage whose best plate lies within about 2 plates of the
@@ -374,6 +374,12 @@ def check_rerank_options(options: dict | None) -> dict:
     out["aspect_margin"] = check_float("aspect_margin", out["aspect_margin"], 0.0, 1.0)
     if out["aspect_max_tilt"] is not None:
         out["aspect_max_tilt"] = check_float("aspect_max_tilt", out["aspect_max_tilt"], 0.0, 90.0)
+        if not out["aspects"]:  # review 1 of session 27, C1: it would silently do nothing
+            raise InputError(
+                f"aspect_max_tilt ({out['aspect_max_tilt']!r}) limits the aspect step, which runs only where "
+                "'aspects' lists ratios (e.g. [0.94, 0.97, 1.03, 1.06]); set aspects or leave "
+                "aspect_max_tilt None."
+            )
     return out
 
 
