@@ -91,12 +91,14 @@ UNREAD = 0.15
 #: box around 0 on undistorted sections (pair error 0.4-0.5 px), so nothing is searched elsewhere.
 #: Session 27 (review 2 of session 26, A-n2): 0.8 -> 0.6. At 0.8 the edge lay inside the benchmark's
 #: strong drift (held-out trends 0.83 / 0.754; the one not searched read unread 0.141 against
-#: :data:`UNREAD`, fresh seed 44 at 80 sections 0.722 / 0.125); its trends read 0.72-0.87, the stage
-#: drift's (0.5 px per section) 0.45-0.59. Where the search engages on a trend shorter than 0.8 it
-#: changed no decision (every case kind, offline, with the trend forced to 0.85: docs/mito.md,
-#: session 27): distorted stacks stay flagged (widened unread 0.33-0.42 on this session's, 0.36-0.47 on
-#: review 2's, 0.14 on session 26's forced seed 10) and read in the box around 0; undistorted ones read
-#: the same decision, their slope within 0.15 px per section.
+#: :data:`UNREAD`; fresh seed 44 at 80 sections 0.722 / 0.125); its trends read 0.70-0.87. The plain
+#: stage drift (0.5 px per section) reads 0.45-0.59 and is not searched (0.586 on a distorted stack: 0.014
+#: under the edge); no edge separates the kinds: stage drift + drift reads 0.25-0.73, with distortion
+#: 0.25-0.78, on both sides of it. Where the search engages on a trend shorter than 0.8 it changed no
+#: decision (every case kind, offline, with the trend forced to 0.85: docs/mito.md, session 27): distorted
+#: stacks stay flagged (widened unread 0.33-0.42 on this session's, 0.36-0.47 on review 2's, 0.14 on session
+#: 26's forced seed 10) and read in the box around 0; undistorted ones read the same decision. CPU: +0.4-0.5
+#: s per background where it newly engages (the second climb per pair; 1.17 -> 1.66 s, load ~9).
 TOWARD_FROM = 0.6
 #: Session 26: :data:`UNREAD` for the box widened toward the trend: a stack is distorted where the box
 #: around 0 leaves at least :data:`UNREAD` of the pairs without a step and the widened box at least this
