@@ -443,3 +443,25 @@ def test_where_the_search_finds_the_turn_but_not_the_translation_the_turn_from_t
     assert basin["ncc"][basin["judged_maps"].index("turned")] > max(basin["ncc"]) - 1e-9, basin
     assert reg.metrics["initial_kept"] and any("refined from the centre" in n for n in reg.metrics["notes"])
     assert np.abs(np.asarray(reg.metrics["affine_matrix"]) - mat).max() < 0.3, reg.metrics["affine_matrix"]
+
+
+def test_a_noisy_large_shift_is_judged_on_denoised_images():
+    """Review 1 of session 27, B1: noise caps the NCC a right map reaches, so the low-overlap judge's residual
+    test read a right map on a noisy pair as a wrong one (the cell with noise 0.1 shifted by 22 % along both
+    axes: residual 0.35, the identity kept). Where the searched map was dropped the judge compares the images
+    after the noise adaptation's Wiener filter: the residual reads 0.04 and the searched map is used."""
+    from skimage.transform import resize
+
+    from napari_nephi.engines.nephi.shipped_pairs import shipped_image
+
+    cell = resize(shipped_image("cell"), (128, 128), anti_aliasing=True).astype(np.float32)
+    shift = np.array([0.22 * 128, 0.22 * 128])
+    moving = ndi.affine_transform(cell, np.eye(2), -shift, order=3, mode="constant")
+    rng = np.random.default_rng(0)
+    fixed = (cell + rng.normal(0, 0.1, cell.shape)).astype(np.float32)
+    moving = (moving + rng.normal(0, 0.1, cell.shape)).astype(np.float32)
+    reg = nn.register(fixed, moving, method="nephi", device="cpu", coarse_iterations=10, iterations=0)
+    basin = reg.metrics["initial_basin"]
+    assert min(reg.metrics["noise_sigma"]) > 0.05, reg.metrics["noise_sigma"]
+    assert basin["searched_dropped"] and basin["kept"] == "search" and basin["residual_ratio"] < 0.1, basin
+    assert np.abs(np.asarray(reg.metrics["affine_matrix"])[:2, 2] - shift).max() < 1.0
