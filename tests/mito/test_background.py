@@ -536,7 +536,7 @@ def test_the_trend_step_is_searched_from_a_trend_of_0_6_px_per_section():
     and 0.51 on another, and a rounding at 0.5 sent them down different paths; the step is searched only
     from a trend TOWARD_FROM long. Review 2 of session 26, A-n2: at 0.8 that edge split the benchmark's
     strong drift (held-out trends 0.83 / 0.754, fresh seed 44 at 80 sections (-0.051, -0.72): not searched,
-    unread 0.125-0.141 against UNREAD 0.15); from 0.6 every strong drift read so far (0.70-0.87) is
+    unread 0.125-0.141 against UNREAD 0.15); from 0.6 every strong drift read so far (0.68-0.87) is
     searched, the plain stage drift (0.45-0.59) is not; stage drift + drift (0.25-0.78) lies on both sides."""
     few = np.ones(10, bool)  # too few pairs planned: the record only
     for trend, toward in (

@@ -91,7 +91,7 @@ UNREAD = 0.15
 #: box around 0 on undistorted sections (pair error 0.4-0.5 px), so nothing is searched elsewhere.
 #: Session 27 (review 2 of session 26, A-n2): 0.8 -> 0.6. At 0.8 the edge lay inside the benchmark's
 #: strong drift (held-out trends 0.83 / 0.754; the one not searched read unread 0.141 against
-#: :data:`UNREAD`; fresh seed 44 at 80 sections 0.722 / 0.125); its trends read 0.70-0.87. The plain
+#: :data:`UNREAD`; fresh seed 44 at 80 sections 0.722 / 0.125); its trends read 0.68-0.87. The plain
 #: stage drift (0.5 px per section) reads 0.45-0.59 and is not searched (0.586 on a distorted stack: 0.014
 #: under the edge); no edge separates the kinds: stage drift + drift reads 0.25-0.73, with distortion
 #: 0.25-0.78, on both sides of it. Where the search engages on a trend shorter than 0.8 it changed no
