@@ -288,7 +288,8 @@ def register_nephi(
     and the deformable stages register what it leaves; the transform is the field composed with
     that map. ``"none"`` (default in the predict modes) starts from the identity. Not given, on 2D
     images, a searched map far from the one refined from the identity is judged against that one and the
-    identity by a short coarse stage from each (:mod:`.basin`; ``metrics["initial_basin"]``).
+    identity by a short coarse stage from each (:mod:`.basin`; ``metrics["initial_basin"]``), and so is a
+    map the overlap rule drops that still keeps at least ``basin.LOW_OVERLAP`` of the image (a large shift).
     In the predict modes ``weights=None`` uses the built-in model for the images' dimensionality
     (:func:`.weights.default_model`). ``predict+refine`` runs the coarse stage from the prediction
     (``coarse_iterations`` defaults to the preset's ``refine_coarse_iterations``) and no neural

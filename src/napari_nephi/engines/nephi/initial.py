@@ -11,7 +11,9 @@ By default (``initial`` not given) a map that leaves less than :data:`MIN_OVERLA
 image (or of its mask) over the moving image is dropped with a note (:attr:`GlobalStage.dropped`):
 the deformable stages assume images that roughly overlap, and such a map is what the affine engine
 finds when the similarity does not hold (two stains of one slide under NCC: the image moved by
-half its size). An ``initial`` the caller asks for is always kept.
+half its size). An ``initial`` the caller asks for is always kept. On 2D images in ``optimize`` mode a
+dropped map that keeps at least ``basin.LOW_OVERLAP`` is judged against the identity first and used where it
+explains the images far better (a real large shift; :mod:`.basin`, session 27).
 """
 
 from __future__ import annotations
