@@ -445,11 +445,7 @@ def test_where_the_search_finds_the_turn_but_not_the_translation_the_turn_from_t
     assert np.abs(np.asarray(reg.metrics["affine_matrix"]) - mat).max() < 0.3, reg.metrics["affine_matrix"]
 
 
-def test_a_noisy_large_shift_is_judged_on_denoised_images():
-    """Review 1 of session 27, B1: noise caps the NCC a right map reaches, so the low-overlap judge's residual
-    test read a right map on a noisy pair as a wrong one (the cell with noise 0.1 shifted by 22 % along both
-    axes: residual 0.35, the identity kept). Where the searched map was dropped the judge compares the images
-    after the noise adaptation's Wiener filter: the residual reads 0.04 and the searched map is used."""
+def _noisy_shifted_cell():
     from skimage.transform import resize
 
     from napari_nephi.engines.nephi.shipped_pairs import shipped_image
@@ -460,8 +456,33 @@ def test_a_noisy_large_shift_is_judged_on_denoised_images():
     rng = np.random.default_rng(0)
     fixed = (cell + rng.normal(0, 0.1, cell.shape)).astype(np.float32)
     moving = (moving + rng.normal(0, 0.1, cell.shape)).astype(np.float32)
+    return fixed, moving, shift
+
+
+def test_a_noisy_large_shift_is_judged_on_denoised_images():
+    """Review 1 of session 27, B1: noise caps the NCC a right map reaches, so the low-overlap judge's residual
+    test read a right map on a noisy pair as a wrong one (the cell with noise 0.1 shifted by 22 % along both
+    axes: residual 0.35, the identity kept). Where the searched map was dropped the judge compares the images
+    after the noise adaptation's Wiener filter: the residual reads 0.04 and the searched map is used."""
+    fixed, moving, shift = _noisy_shifted_cell()
     reg = nn.register(fixed, moving, method="nephi", device="cpu", coarse_iterations=10, iterations=0)
     basin = reg.metrics["initial_basin"]
     assert min(reg.metrics["noise_sigma"]) > 0.05, reg.metrics["noise_sigma"]
     assert basin["searched_dropped"] and basin["kept"] == "search" and basin["residual_ratio"] < 0.1, basin
+    assert basin["judge_denoised"] and min(basin["judge_noise"]) > 0.05, basin
+    assert any("on Wiener-filtered images" in n for n in reg.metrics["notes"]), reg.metrics["notes"]
     assert np.abs(np.asarray(reg.metrics["affine_matrix"])[:2, 2] - shift).max() < 1.0
+
+
+def test_noise_adapt_false_keeps_the_judge_on_the_raw_images():
+    """Review 2 of session 27, B1: the judge's filter ran even with ``noise_adapt=False`` ("never") and the
+    record did not say so. With False it compares the raw images, records that, and the noisy right map reads
+    the residual of the raw images (0.35 > basin.LOW_OVERLAP_RESIDUAL): the identity stays, as the user asked
+    for no noise handling."""
+    fixed, moving, _ = _noisy_shifted_cell()
+    reg = nn.register(
+        fixed, moving, method="nephi", device="cpu", coarse_iterations=10, iterations=0, noise_adapt=False
+    )
+    basin = reg.metrics["initial_basin"]
+    assert basin["searched_dropped"] and basin["judge_denoised"] is False, basin
+    assert basin["residual_ratio"] > 0.2 and basin["kept"] != "search", basin

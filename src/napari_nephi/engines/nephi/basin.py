@@ -125,19 +125,23 @@ def map_difference(a: np.ndarray, b: np.ndarray, shape) -> float:
 
 def judge(
     pair: Pair, matrices, shapes, reg_weight: float, similarity: str, device, frame_mask: bool = True,
-    denoise: bool = False,
+    denoise: bool | str = False, info: dict | None = None,
 ):  # fmt: skip
     """NCC over the overlap after a short coarse stage (:data:`JUDGE_ITERATIONS`, no matched blur or
-    flat fill) from each global map of ``matrices`` (voxels, fixed to moving). With ``denoise``, where
-    either image's estimated noise is at least :data:`.noise.NOISE_MIN`, both are Wiener-filtered first (the
-    noise adaptation's filter), for the stage and for the NCC: noise caps the NCC a right map can reach
-    (session 27)."""
+    flat fill) from each global map of ``matrices`` (voxels, fixed to moving). With ``denoise`` ``"auto"``,
+    where either image's estimated noise is at least :data:`.noise.NOISE_MIN`, both are Wiener-filtered
+    first (the noise adaptation's filter), for the stage and for the NCC: noise caps the NCC a right map can
+    reach (session 27); True always, False never, as ``noise_adapt``. ``info`` (a dict), where given,
+    receives ``denoised`` and the two ``noise_sigmas`` where ``denoise`` was asked for."""
     fshape = pair.fixed.shape
     fixed, moving = pair.fixed, pair.moving
     fixed_n, moving_n = normalize_intensity(fixed), normalize_intensity(moving)
     if denoise:
         sigmas = [noise.estimate_noise(fixed_n), noise.estimate_noise(moving_n)]
-        if max(sigmas) >= noise.NOISE_MIN:
+        ran = denoise is True or max(sigmas) >= noise.NOISE_MIN
+        if info is not None:
+            info.update(denoised=bool(ran), noise_sigmas=[round(float(x), 5) for x in sigmas])
+        if ran:
             fixed_n, moving_n = (
                 np.asarray(x, np.float32) for x in noise.wiener_filter([fixed_n, moving_n], sigmas)
             )
@@ -165,7 +169,7 @@ def judge(
 
 def guard(
     pair: Pair, stage: GlobalStage, kind: str, shapes, reg_weight: float, similarity: str, device,
-    frame_mask: bool = True,
+    frame_mask: bool = True, noise_adapt: bool | str = "auto",
 ) -> tuple[GlobalStage, dict, str]:  # fmt: skip
     """``stage`` (the searched map, composed into the sampling: ``stage.moving`` is the moving image), or,
     where the map refined from the identity is another basin, the best of the searched map, that one and
@@ -174,8 +178,9 @@ def guard(
     NCC beats the searched map's, is judged against the identity (ties: the identity, as without the
     guard), and so is the searched map itself where it keeps at least :data:`LOW_OVERLAP` (used only where
     its NCC deficit after the short coarse stage is at most :data:`LOW_OVERLAP_RESIDUAL` of the identity's;
-    ``record["residual_ratio"]``). Returns the stage (still dropped where the identity stays), the record
-    (``metrics["initial_basin"]``) and a note (empty where nothing changed)."""
+    ``record["residual_ratio"]``); there the judge compares Wiener-filtered images as ``noise_adapt`` says
+    (``record["judge_denoised"]``, ``["judge_noise"]``). Returns the stage (still dropped where the identity
+    stays), the record (``metrics["initial_basin"]``) and a note (empty where nothing changed)."""
     shape = pair.fixed.shape
     identity = np.eye(len(shape) + 1)
     searched = np.asarray(stage.transform.matrix)
@@ -224,6 +229,7 @@ def guard(
             return stage, record, ""
     # where the searched map was dropped the judge compares denoised images: the low-overlap map's residual
     # test reads noise as a worse map (cell, noise 0.1: 0.18-0.38 on right maps; Wiener-filtered 0.015-0.032)
+    info: dict = {}
     scores = judge(
         pair,
         list(candidates.values()),
@@ -232,8 +238,13 @@ def guard(
         similarity,
         device,
         frame_mask,
-        bool(stage.dropped),
+        noise_adapt if stage.dropped else False,
+        info,
     )
+    if stage.dropped:  # whether this judge compared Wiener-filtered images (noise_adapt), and the noise read
+        record.update(judge_denoised=bool(info.get("denoised", False)))
+        record.update({"judge_noise": info["noise_sigmas"]} if info else {})
+    filtered = " on Wiener-filtered images" if info.get("denoised") else ""
     ranked = list(scores)
     # the low-overlap searched map must explain the pair far better than the identity
     if stage.dropped and "search" in candidates:
@@ -252,8 +263,8 @@ def guard(
         note = (
             f"The {kind} global stage's map keeps only {searched_share:.0%} of the fixed image over the "
             f"moving image (under the {MIN_OVERLAP:.0%} asked for by default); after a short coarse stage "
-            f"it matched far better than the identity (NCC {scores[-1]:.4f} against {scores[0]:.4f}) and "
-            "was used."
+            f"it matched far better than the identity (NCC{filtered} {scores[-1]:.4f} against "
+            f"{scores[0]:.4f}) and was used."
         )
         return (
             GlobalStage(stage.transform, stage.moving, stage.moving_mask, stage.steps, stage.metrics),
@@ -277,8 +288,8 @@ def guard(
         note = (
             f"The {kind} global stage's search found a map that loses the overlap (dropped); {what}, "
             f"{map_difference(identity, matrix, shape):.1f} voxels from the identity, matched better after a "
-            f"short coarse stage (NCC {scores[best]:.4f} against {scores[0]:.4f} from the identity) and was "
-            "used."
+            f"short coarse stage (NCC{filtered} {scores[best]:.4f} against {scores[0]:.4f} from the "
+            "identity) and was used."
         )
     # the two maps agree and the searched one moves the image far (IDENTITY_TOLERANCE): "local" not judged
     elif "local" not in candidates:

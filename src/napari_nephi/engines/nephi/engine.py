@@ -502,7 +502,15 @@ def register_nephi(
         if guard_initial and fold and d == 2 and shapes and coarse_iterations > 0:
             # the searched map against the one refined from the identity, where they differ (basin.py)
             stage0, basin_record, basin_note = basin.guard(
-                pair, stage0, initial, shapes, coarse_reg_weight, similarity, device, settings_opt.frame_mask
+                pair,
+                stage0,
+                initial,
+                shapes,
+                coarse_reg_weight,
+                similarity,
+                device,
+                settings_opt.frame_mask,
+                noise_adapt,
             )
             initial_metrics.update(initial_basin=basin_record)
             notes.extend([basin_note] if basin_note else [])
