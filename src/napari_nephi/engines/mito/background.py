@@ -95,7 +95,7 @@ UNREAD = 0.15
 #: stage drift (0.5 px per section) reads 0.45-0.59 and is not searched (0.586 on a distorted stack: 0.014
 #: under the edge); no edge separates the kinds: stage drift + drift reads 0.25-0.73, with distortion
 #: 0.25-0.78, on both sides of it. Where the search engages on a trend shorter than 0.8 it changed no
-#: decision (every case kind, offline, with the trend forced to 0.85: docs/mito.md, session 27): distorted
+#: decision (every kind run, offline, with the trend forced to 0.85: docs/mito.md, session 27): distorted
 #: stacks stay flagged (widened unread 0.27-0.52 on this session's, 0.36-0.47 on review 2's, 0.14 on session
 #: 26's forced seed 10) and read in the box around 0; undistorted ones read the same decision. CPU: +0.4-0.5
 #: s per background where it newly engages (the second climb per pair; 1.17 -> 1.66 s, load ~9).
