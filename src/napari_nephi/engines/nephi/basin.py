@@ -138,7 +138,7 @@ def judge(
     fixed_n, moving_n = normalize_intensity(fixed), normalize_intensity(moving)
     if denoise:
         sigmas = [noise.estimate_noise(fixed_n), noise.estimate_noise(moving_n)]
-        ran = denoise is True or max(sigmas) >= noise.NOISE_MIN
+        ran = noise.adapts(denoise, sigmas)
         if info is not None:
             info.update(denoised=bool(ran), noise_sigmas=[round(float(x), 5) for x in sigmas])
         if ran:
@@ -206,9 +206,9 @@ def guard(
             record["turned_difference"] = round(map_difference(identity, turned, shape), 3)
             apart = min(map_difference(turned, m, shape) for m in (identity, local))
             turned_share = overlap_share(turned, shape, pair.moving.shape, pair.fixed_mask)
-            if apart > tol and turned_share >= MIN_OVERLAP and searched_ncc is not None:
-                if turned_ncc is not None and turned_ncc > searched_ncc:
-                    candidates["turned"] = turned
+            beats = turned_ncc is not None and searched_ncc is not None and turned_ncc > searched_ncc
+            if apart > tol and turned_share >= MIN_OVERLAP and beats:
+                candidates["turned"] = turned
         # a searched map keeping a large part of the overlap (a real large shift?) is judged too (session 27)
         if searched_share >= LOW_OVERLAP:
             candidates["search"] = searched
@@ -242,8 +242,9 @@ def guard(
         info,
     )
     if stage.dropped:  # whether this judge compared Wiener-filtered images (noise_adapt), and the noise read
-        record.update(judge_denoised=bool(info.get("denoised", False)))
-        record.update({"judge_noise": info["noise_sigmas"]} if info else {})
+        record["judge_denoised"] = bool(info.get("denoised", False))
+        if info:
+            record["judge_noise"] = info["noise_sigmas"]
     filtered = " on Wiener-filtered images" if info.get("denoised") else ""
     ranked = list(scores)
     # the low-overlap searched map must explain the pair far better than the identity

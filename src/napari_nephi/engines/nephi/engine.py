@@ -549,7 +549,7 @@ def register_nephi(
         fixed_cmp, moving_cmp = normalize_intensity(pair.fixed), normalize_intensity(moving_on_fixed)
     if noise_adapt and noise_supported:
         noise_sigmas = [noise.estimate_noise(fixed_cmp), noise.estimate_noise(moving_cmp)]
-        noise_ran = noise_adapt is True or max(noise_sigmas) >= noise.NOISE_MIN
+        noise_ran = noise.adapts(noise_adapt, noise_sigmas)
     # held-out check of the coarse levels (heldout.py): where the noise adaptation ran ("auto") or asked
     # for; a first coarse stage on one half of a checkerboard split, scored on the other
     heldout_ran = (

@@ -37,6 +37,13 @@ import torch.nn.functional as F
 #: 0.008-0.015).
 NOISE_MIN = 0.008
 
+
+def adapts(mode: bool | str, sigmas) -> bool:
+    """Whether the noise adaptation runs: ``mode`` as ``noise_adapt`` (True always, False never, "auto"
+    where either of ``sigmas``, the images' estimated noise, is at least :data:`NOISE_MIN`)."""
+    return bool(mode) and (mode is True or max(sigmas) >= NOISE_MIN)
+
+
 #: The coarse stage's bending weight is ``coarse_reg_weight * min(NOISE_GROWTH_MAX, max(1, (sigma /
 #: NOISE_REF) ** 2))``. No cap: a cap of 16 (sigma 0.06; 1c4a274, against texture read as noise) lost
 #: where the noise is higher. Capped -> uncapped, 256 px, fast preset: fresh field set 150 at noise
