@@ -752,7 +752,12 @@ def _auto_decision(test: dict, matrices, use, background) -> tuple[bool, np.ndar
     ``unread`` counts the pairs read in neither box; the stack is distorted where the box around 0 leaves
     :data:`.background.UNREAD` of the pairs unread and the widened one :data:`.background.UNREAD_WIDE`
     (recorded: ``"unread_around_0"``, ``"unread_limit_widened"``). Where it is, the slope is that of the box
-    around 0 alone (``"slope_from"``), as before: exactly the readings of session 25 there."""
+    around 0 alone (``"slope_from"``), as before: exactly the readings of session 25 there.
+
+    Session 28: the pairs read in neither box are climbed again from the background's own step (the widened
+    box's median step, rounded; recorded as ``"followed"``, :func:`.background.followed`) where that is neither
+    0 nor the trend's step: where the sections drift against the organelles the background moves by the
+    organelles' drift alone, longer than the trend and elsewhere, and an undistorted stack was flagged."""
     placed = np.flatnonzero(use)
     span = placed[-1] - placed[0] if len(placed) else 0
     if test["p"] >= SCREEN_P or float(np.hypot(*test["slope"])) * span < MIN_TREND:
