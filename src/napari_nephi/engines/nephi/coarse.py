@@ -443,6 +443,7 @@ def optimize_velocity(
     warmup: float = 0.0,
     cooldown: float = 0.0,
     first_blur: float = 0.0,
+    initial: torch.Tensor | None = None,
 ) -> DenseMaps:
     """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
 
@@ -507,7 +508,13 @@ def optimize_velocity(
     (0: none) adds that share of its steps (rounded) to the last level, over which its rate falls linearly
     towards 0 (:data:`.predict.REFINE_COOLDOWN`). ``first_blur`` (0: none) blurs the images the first level
     compares, where it compares on a grid coarser than the last levels', by a Gaussian of that many voxels
-    of its grid (:data:`FIRST_LEVEL_BLUR`).
+    of its grid (:data:`FIRST_LEVEL_BLUR`). ``initial`` (None: zero) is a velocity ``(1, D, *S)``
+    (normalised, components in grid_sample's order, on any grid) the stage starts from: each level adds
+    its increment to it, resampled to the level's grid from its own (not through the coarser levels'
+    grids); ``reg_weight`` weights the bending of the increments only, the flat fill replaces only them
+    (the start is kept where the images are flat), and the returned maps are those of the sum
+    (predict+refine's prediction, :func:`.predict.velocity_of`: the moving image is then sampled once
+    through the whole map, as in optimize).
     """
     d = fixed.dim() - 2
     full = tuple(fixed.shape[2:])
@@ -577,12 +584,19 @@ def optimize_velocity(
     held = None  # "once": the variances estimated at the first full-grid step, and the probes there
     spread = detj_rms = None  # "auto": the coarser levels' displacement spread (voxels), det J RMS
     steps_run = 0  # the steps the levels ran (a level cut by max_levels or gated off runs none)
+
+    def total(increment, shape):
+        """The velocity on ``shape``: the levels' ``increment`` (None: none yet) plus ``initial``."""
+        parts = [_resample(t, shape) for t in (initial, increment) if t is not None]
+        return None if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
     for k, (shape, n_steps) in enumerate(zip(shapes, steps_per)):
         if max_levels is not None and k >= max_levels:
             break
         cmp = fine if k >= n_last else tuple(shape)
         if blur_mode == "auto" and k == n_last:  # near-rigid after the coarser levels: estimate once
-            u_c = None if v is None else _integrate_xy(v, steps)
+            v_c = total(v, shape)
+            u_c = None if v_c is None else _integrate_xy(v_c, steps)
             spread = None if u_c is None else displacement_spread(u_c, full)
             detj_rms = None if u_c is None else displacement_detj_rms(u_c, full)
             near_rigid = d == 2 and detj_rms is not None and detj_rms <= MATCH_BLUR_NEAR_RIGID
@@ -595,7 +609,7 @@ def optimize_velocity(
             if not bool((gate > 0).any()):  # kept nowhere: the level does not run
                 v = None if v is None else _resample(v, shape)
                 if on_level is not None:
-                    on_level(k, v)
+                    on_level(k, total(v, shape))
                 continue
         f_l, m_l = _area(f_fine, cmp), _area(m_fine, cmp)
         warp_grid = fine if cmp == fine else comparison_shape(fine, 2**d * math.prod(shape))
@@ -607,7 +621,8 @@ def optimize_velocity(
         masks_l = [None if m is None else _area(m, cmp) for m in masks_fine]
         masks_w = [None if m is None else _area(m, warp_grid) for m in masks_fine]
         ident = normalized_grid(warp_grid, dev).flip(-1)[None]
-        base = torch.zeros(1, d, *shape, device=dev) if v is None else _resample(v, shape)
+        increment = torch.zeros(1, d, *shape, device=dev) if v is None else _resample(v, shape)
+        base = increment if initial is None else increment + _resample(initial.to(dev), shape)
         intervals = intervals_for_spacing(full, spacings[k])
         weights = [grid_weights(n, i, device=dev) for n, i in zip(shape, intervals)]
         ctrl = torch.nn.Parameter(torch.zeros(1, d, *control_shape(intervals), device=dev))
@@ -666,7 +681,9 @@ def optimize_velocity(
                 sims = _similarity(similarity, f_l, wm), _similarity(similarity, m_l, wf)
             loss = 0.5 * (sims[0] + sims[1])
             if reg_weight > 0:
-                loss = loss + reg_weight * R.bending_grid(vk * to_vox)
+                # the bending of what the levels add (with ``initial``, not of the start itself)
+                moved = vk if initial is None else vk - base + increment
+                loss = loss + reg_weight * R.bending_grid(moved * to_vox)
             value = float(loss.detach())
             if not math.isfinite(value):  # before the backward pass, which a NaN grid can crash
                 raise InputError(
@@ -683,20 +700,26 @@ def optimize_velocity(
                     blur.clamp_(-MATCH_BLUR_MAX_VARIANCE, MATCH_BLUR_MAX_VARIANCE)
             on_step(value)
         with torch.no_grad():
-            v = base + (1 if gate is None else gate) * bspline_on_grid(ctrl.detach(), weights)
+            v = increment + (1 if gate is None else gate) * bspline_on_grid(ctrl.detach(), weights)
         if on_level is not None:  # (level, velocity so far on its grid), e.g. for diagnostics
-            on_level(k, v)
+            on_level(k, total(v, shape))
         del f_w, m_w, ident, masks_l, masks_w
     filled, fill_info = None, {}
-    if flat_shares is not None and v is not None:  # where the images say nothing: a smooth extension
-        with torch.no_grad():
-            v = _resample(v, shapes[-1])  # (itself, unless max_levels stopped on a coarser grid)
+    if flat_shares is not None and (v is not None or initial is not None):  # where the images say nothing:
+        with torch.no_grad():  # a smooth extension (of the levels' increments; the start is kept there)
+            v = (
+                None if v is None else _resample(v, shapes[-1])
+            )  # (unless max_levels stopped on a coarser grid)
             ident = normalized_grid(shapes[-1], dev).flip(-1)[None]
-            moved = warp(flat_shares[1], _integrate_xy(v, steps), ident, "bilinear")
+            moved = warp(flat_shares[1], _integrate_xy(total(v, shapes[-1]), steps), ident, "bilinear")
             flat = ((flat_shares[0] >= FLAT_SHARE) & (moved >= FLAT_SHARE))[0, 0]
             length = spacings[n_last] / max(n / m for n, m in zip(full, shapes[-1]))
-            v = fill_flat(v, flat, length, info=fill_info)
+            if v is not None:
+                v = fill_flat(v, flat, length, info=fill_info)
+            v = total(v, shapes[-1])
             filled = float(flat.float().mean())
+    elif shapes and (v is not None or initial is not None):  # the levels' increments plus the start
+        v = total(v, shapes[-1] if v is None else tuple(v.shape[2:]))
     del f_fine, m_fine, masks_fine
     if v is None:
         v = torch.zeros(1, d, *full, device=dev)

@@ -47,6 +47,7 @@ from ..registry import register_engine
 from . import basin, contrast, heldout, noise
 from . import chunked as chunking
 from . import coarse as coarse_module
+from . import predict as predict_module
 from .bspline import intervals_for_spacing
 from .checks import check_options, check_result, check_run_memory, heldout_memory_note, optimised_similarity
 from .coarse import (
@@ -77,6 +78,7 @@ from .predict import (
     refine_cooldown,
     refine_grids,
     refine_warmup,
+    velocity_of,
     warp_through,
 )
 from .weights import default_model
@@ -468,12 +470,15 @@ def register_nephi(
     stage_finer = coarse_finer_level  # the coarse stage adds the finer-knot level itself
     # share of each coarse level's steps its rate ramps up over (predict+refine: REFINE_WARMUP)
     coarse_warmup = coarse_cooldown = 0.0  # (and the share of the last level's steps added, decaying)
+    refine_start = None  # predict+refine's coarse stage: from the prediction as a velocity, or pre-warped
     if mode == "predict+refine" and after_coarse:  # the coarse stage starts from the prediction
         coarse_warmup = refine_warmup(fshape) if d == 2 else 0.0  # 2D, where it was measured
         coarse_cooldown = refine_cooldown(fshape) if d == 2 else 0.0
         # the finer-knot level in the schedule, on optimize's last grid: 2D, where it was measured
         on_optimize_grid = finer and FINER_ON_OPTIMIZE_GRID and d == 2
         shapes, spacings = refine_grids(fshape, levels, on_optimize_grid)
+        # from the prediction as a velocity (predict.SAMPLE_ONCE): 2D, where it was measured
+        refine_start = "velocity" if predict_module.SAMPLE_ONCE and d == 2 else "prewarp"
         if on_optimize_grid:
             finer = stage_finer = False
     refine = iterations if mode != "predict" else 0
@@ -712,17 +717,27 @@ def register_nephi(
                 report("predict", None, predicted.forward)
                 if shapes:  # predict+refine: the coarse stage from the prediction, then as optimize
                     low_passed = low_passed_maps(predicted)
-                    mmask_low = None if mmask is None else warp_through(mmask, low_passed).clamp(0, 1)
-                    coarse = ComposedMaps(
-                        coarse_stage(
-                            warp_through(mov_t, low_passed),
-                            mmask_low,
+                    if refine_start == "velocity":  # from the prediction, the moving image sampled once
+                        coarse = coarse_stage(
+                            mov_t,
+                            mmask,
                             spacings=spacings,
                             warmup=coarse_warmup,
                             cooldown=coarse_cooldown,
-                        ),
-                        low_passed,
-                    )
+                            initial=velocity_of(low_passed),
+                        )
+                    else:  # the moving image resampled through the prediction first
+                        mmask_low = None if mmask is None else warp_through(mmask, low_passed).clamp(0, 1)
+                        coarse = ComposedMaps(
+                            coarse_stage(
+                                warp_through(mov_t, low_passed),
+                                mmask_low,
+                                spacings=spacings,
+                                warmup=coarse_warmup,
+                                cooldown=coarse_cooldown,
+                            ),
+                            low_passed,
+                        )
                     field = NeuralDeformationField(cfg).to(device)
                     codes = zero_codes(cfg, local_grid_shape(fshape, local_stride), device=device)
                 elif refine == 0:  # predict: the prediction on its grid is the map
@@ -905,6 +920,9 @@ def register_nephi(
         "coarse_warmup": coarse_warmup,
         "coarse_cooldown": coarse_cooldown,
         "coarse_first_blur": first_blur if coarse_steps > 0 and not use_chunks else 0.0,
+        # predict+refine's coarse stage: "velocity" (from the prediction, the moving image sampled once),
+        # "prewarp" (the moving image resampled through the prediction first); None: none ran
+        "refine_start": refine_start,
         "sample_fraction": sample_fraction,
         "local_stride": local_stride,
         "seed": seed,
