@@ -755,9 +755,9 @@ def _auto_decision(test: dict, matrices, use, background) -> tuple[bool, np.ndar
     around 0 alone (``"slope_from"``), as before: exactly the readings of session 25 there.
 
     Session 28: the pairs read in neither box are climbed again from the background's own step (the widened
-    box's median step, rounded; recorded as ``"followed"``, :func:`.background.followed`) where that is neither
-    0 nor the trend's step: where the sections drift against the organelles the background moves by the
-    organelles' drift alone, longer than the trend and elsewhere, and an undistorted stack was flagged."""
+    box's median step, rounded; recorded as ``"followed"``, :func:`.background.followed`) where that is
+    neither 0 nor the trend's step: where the sections drift against the organelles the background moves by
+    the organelles' drift alone, longer than the trend and elsewhere, and an undistorted stack was flagged."""
     placed = np.flatnonzero(use)
     span = placed[-1] - placed[0] if len(placed) else 0
     if test["p"] >= SCREEN_P or float(np.hypot(*test["slope"])) * span < MIN_TREND:
