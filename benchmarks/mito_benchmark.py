@@ -431,6 +431,8 @@ def run_case(case: str, rows, args) -> list[dict]:
                 )
             if bg is not None and bg.get("toward", [0, 0]) != [0, 0]:  # session 26: also searched there
                 why += f", searched toward {bg['toward']}"
+            if bg is not None and bg.get("followed") is not None:  # session 28: and the background's own step
+                why += f", followed {bg['followed']}"
             print(
                 f"#   drift_correction auto: {a['applied']} (q {a['q']:.1f}, p {a['p']:.2g}{why})", flush=True
             )
