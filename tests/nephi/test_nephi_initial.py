@@ -389,6 +389,7 @@ def test_where_the_overlap_rule_drops_the_searched_map_the_map_refined_from_the_
     assert np.abs(np.asarray(reg.metrics["affine_matrix"]) - mat).max() < 0.1
     monkeypatch.setattr(affine_engine, "pick_distinct", _pick_without_neighbours_of_the_unrotated_start)
     monkeypatch.setattr(affine_engine, "JUDGE_OVERLAP_RATIO", 0.0)  # and its judge: NCC alone
+    monkeypatch.setattr(affine_engine, "CENTRED_TWIN_TOLERANCE", np.inf)  # no centred twins (session 28)
     reg = nn.register(fixed, moving, method="nephi", device="cpu", coarse_iterations=10, iterations=0)
     basin = reg.metrics["initial_basin"]
     assert basin["searched_dropped"] and basin["judged"] and basin["kept"] == "local", basin
@@ -426,17 +427,27 @@ def test_a_real_large_shift_that_keeps_under_the_overlap_rule_is_judged_and_kept
     assert err[inside].mean() < 1.0, err[inside].mean()
 
 
-def test_where_the_search_finds_the_turn_but_not_the_translation_the_turn_from_the_centre_is_judged():
+def test_where_the_search_finds_the_turn_but_not_the_translation_the_turn_from_the_centre_is_judged(
+    monkeypatch,
+):
     """Lead's held-out turns of session 26 (coins turned by -22.6 degrees, 32.5 px at 256 px): every start's
     best FFT shift is one of the coin lattice on a small overlap, so the search keeps the turn with a
     translation far off (overlap under half, dropped; the map refined from the identity fails too) and the
     identity stayed. The searched turn about the centre, its translation refined from there, finds the map
-    and is judged and used."""
+    and is judged and used. Since session 28 the affine search compares each start's centred twin itself and
+    finds the map (not dropped); the guard's turned map is checked with the twins off."""
     from skimage import data, transform
+
+    from napari_nephi.engines.affine import engine as affine_engine
 
     coins = transform.resize(data.coins().astype(np.float32) / 255, (128, 128), anti_aliasing=True)
     fixed = coins.astype(np.float32)
     moving, mat = _rigid(fixed, -22.56, (0.6, 0.8))
+    reg = nn.register(fixed, moving, method="nephi", device="cpu", coarse_iterations=10, iterations=0)
+    assert reg.metrics["affine_twin_kept"] and not reg.metrics["initial_basin"].get("searched_dropped")
+    assert reg.metrics["initial_kept"] and reg.metrics["initial_basin"]["kept"] == "search"
+    assert np.abs(np.asarray(reg.metrics["affine_matrix"]) - mat).max() < 0.3, reg.metrics["affine_matrix"]
+    monkeypatch.setattr(affine_engine, "CENTRED_TWIN_TOLERANCE", np.inf)
     reg = nn.register(fixed, moving, method="nephi", device="cpu", coarse_iterations=10, iterations=0)
     basin = reg.metrics["initial_basin"]
     assert basin["searched_dropped"] and basin["judged"] and basin["kept"] == "turned", basin

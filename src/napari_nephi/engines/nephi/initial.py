@@ -112,6 +112,8 @@ def run_global_stage(
         "affine_matrix": t.matrix.tolist(),
         "affine_ncc_after": reg.metrics.get("ncc_after"),
         "initial_overlap": share,
+        # whether the affine search kept a start's centred twin (affine.engine.CENTRED_TWIN_TOLERANCE)
+        "affine_twin_kept": any(twin["kept"] for twin in reg.metrics.get("search_twins") or []),
     }
     if share < min_overlap:
         why = (
