@@ -221,7 +221,8 @@ def register_nephi(
     (``coarse_spacings``); False runs the stage as before the level was added.
 
     ``coarse_match_blur`` (None: ``"auto"`` in optimize mode, the default since session 18, and off
-    in predict+refine, whose coarse stage sees a pre-warped moving image; False: off; True:
+    in predict+refine, measured when its coarse stage saw a pre-warped moving image (before session 28's
+    velocity start, :data:`.predict.SAMPLE_ONCE`; docs/nephi.md); False: off; True:
     learned with the velocity; ``"once"``; on images of at most :data:`.coarse.MATCH_BLUR_MAX_VOXELS`
     compared on their own grid): the coarse stage's levels on the full grid compare the images at
     matched blur, a blur of the sharper image per direction and axis (:mod:`.coarse`,
@@ -452,9 +453,10 @@ def register_nephi(
     notes = []
     predicting = mode != "optimize"
     if coarse_match_blur is None and predicting:
-        # "auto" is optimize's default: predict+refine's coarse stage sees the moving image pre-warped
-        # through the prediction (a resampling blur that varies over the image) and its gate only the
-        # residual (review R10: IHC 1 % 0.075 -> 0.089 px, CPU 1.1 -> 2.5 s)
+        # "auto" is optimize's default; in predict+refine it was measured when the coarse stage saw the
+        # moving image pre-warped through the prediction and its gate only the residual (review R10: IHC
+        # 1 % 0.075 -> 0.089 px, CPU 1.1 -> 2.5 s); since session 28 (2D) the stage samples the moving
+        # image once from the prediction as a velocity, and its gate reads the whole map (docs/nephi.md)
         coarse_match_blur = False
     if predicting and bspline_spacing > 0:
         notes.append(

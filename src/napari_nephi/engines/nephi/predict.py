@@ -150,13 +150,13 @@ def low_passed_maps(maps: DenseMaps, sigma: float = LOW_PASS_VOXELS) -> DenseMap
 #: The resampling blurred the moving image once more than optimize's, and the two images' unequal blur
 #: moved the optimum off the truth (session 26's diagnosis). The levels' bending and flat fill act on
 #: their increments only: the prediction is the start, not a map to smooth (on the whole velocity, camera
-#: / cell / retina 4 % lost 0.02-0.06 px, the flat background filled from the textured parts). 512 px,
-#: seeds 70 and fresh 89 (/tmp/s28/B/ab.py, quick2.py; optimize in the same process for 89): better than
-#: before on 32 of 36 cases (astronaut 1 % seed 70 0.121 -> 0.096, optimize 0.098; IHC 4 % seed 89 0.343
-#: -> 0.245), worse on camera 4 % (seed 89 1.290 -> 1.407, optimize 1.539) and by at most 0.007 px on
-#: cell / coins 4 % seed 70; as accurate as optimize on 10 of 18 and a tie (seed 70) and 11 of 18 (seed 89),
-#: before 8 and 6, at the same CPU.
-#: The map's inverse-consistency error falls from about 1 px at most to 0.1 (the backward map is exp(-v)).
+#: / cell / retina 2-4 % lost up to 0.06 px, the flat background filled from the textured parts). 512 px,
+#: seeds 70 and fresh 89 / 90 (/tmp/s28/B/ab.py, table.py; docs/nephi.md "Session 28"): better than before on
+#: 48 of 54 cases (astronaut 1 % seed 70 0.121 -> 0.096, optimize 0.098; IHC 4 % seed 89 0.343 -> 0.245),
+#: worse on camera 4 % (seed 89 1.290 -> 1.407, optimize 1.539), retina 4 % (seed 90 0.925 -> 0.999, optimize
+#: 1.053) and by at most 0.007 px on four more; as accurate as optimize on 30 of 54 (before 19), CPU ratio the
+#: same (0.28-0.32 of optimize's in one process, seed 90). The inverse-consistency error falls from about 1
+#: px at most to 0.1 (the backward map is exp(-v)).
 SAMPLE_ONCE = True
 
 #: Fixed-point steps of :func:`velocity_of`.
