@@ -379,6 +379,23 @@ def test_coins_turned_about_the_centre_not_a_lattice_step_off():
     assert all(t["shift"] > 0.02 * 127 for t in twins), twins
 
 
+@pytest.mark.parametrize("shift", [45, 55])
+def test_a_large_real_shift_is_not_lost_to_the_centred_twin(shift):
+    """Two 128 px windows of coins (256 px) shifted by (s, s): the right start keeps 33-42 % of the image
+    and the centred twin (no translation) 85 %. The twin must not raise the starts' overlap bar and drop
+    the right start (review 2 of session 28: 45 px kept a wrong start, 55 px kept the twin): it is kept only
+    where it passes the starts' own bar and beats the chosen one. The window's centre maps within 0.5 px."""
+    from skimage.transform import resize
+
+    big = resize(skimage.data.coins().astype(np.float32), (256, 256), anti_aliasing=True).astype(np.float32)
+    fixed = big[40:168, 40:168].copy()
+    moving = big[40 + shift : 168 + shift, 40 + shift : 168 + shift].copy()
+    reg = nn.register(fixed, moving, method="affine", kind="rigid")
+    centre = np.asarray(reg.transform.matrix) @ np.array([63.5, 63.5, 1.0])
+    assert np.abs(centre[:2] - (63.5 - shift)).max() < 0.5, (centre, reg.metrics["search_twins"])
+    assert not any(t["kept"] for t in reg.metrics["search_twins"])
+
+
 @pytest.mark.parametrize("similarity", ["ncc", "nmi"])
 def test_a_refined_start_with_a_small_overlap_is_not_kept(monkeypatch, similarity):
     """skimage's cell (128 px) under a 2 % smooth field, turned by 170 degrees: its bright disk matches the

@@ -363,7 +363,8 @@ class _Stages:
         and perhaps one next to the unrotated one; ``budget`` counted for progress) briefly; keep the best.
         With ``corners`` (the fixed image's corners, centred physical units), where the best start's
         translation moves them by more than ``tolerance``, its centred twin is refined too and compared
-        where it ends elsewhere (:data:`CENTRED_TWIN_TOLERANCE`); :attr:`twins` records it."""
+        where it ends elsewhere (:data:`CENTRED_TWIN_TOLERANCE`), and kept only where its overlap passes the
+        refined starts' bar and it beats the chosen one; :attr:`twins` records it."""
         self.twins = []
         if not count:
             return self.make(starts[0][0], starts[0][1])
@@ -389,9 +390,14 @@ class _Stages:
                 apart = _corner_distance(corners, refined[best][2].matrix(), twin.matrix())
                 value, share = judge.value_and_share(twin.matrix())
             compared = apart > tolerance  # in the best start's basin: dropped, the choice as without it
-            if compared:
+            # kept only where it passes the starts' own overlap bar and beats the chosen start; a twin not
+            # kept leaves the choice as without it (its larger overlap must not raise the bar and drop a
+            # right start whose real shift leaves a small overlap)
+            least = JUDGE_OVERLAP_RATIO * max(sh for _, sh, _ in refined)
+            kept = compared and share >= least and value < refined[best][0]
+            if kept:
                 refined.append((value, share, twin))
-                best = _best_refined(refined)
+                best = len(refined) - 1
             self.twins.append(
                 {
                     "shift": round(float(np.linalg.norm(shift)), 3),
@@ -399,7 +405,7 @@ class _Stages:
                     "ncc": round(1 - value, 4) if self.similarity != "nmi" else None,
                     "share": round(share, 4),
                     "compared": compared,
-                    "kept": compared and best == len(refined) - 1,
+                    "kept": kept,
                 }
             )
         self.optimise.steps.unused((budget - run) * CANDIDATE_STEPS)
