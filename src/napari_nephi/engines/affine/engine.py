@@ -62,11 +62,13 @@ JUDGE_OVERLAP_RATIO = 0.5
 #: With ``init="search"``, where the best refined start's searched translation moves a corner of the image by
 #: more than this share of its longest side, that start is refined once more from its rotation about the
 #: image centre (no translation), its "centred twin"; a twin that ends in another map (a corner moved by more
-#: than this share from the best start's refined map) is compared with the refined starts as they are (the
-#: same overlap rule and NCC). On periodic content the FFT shift can be a lattice step off on a small
+#: than this share from the best start's refined map) is taken only where its overlap passes the refined
+#: starts' own bar (:data:`JUDGE_OVERLAP_RATIO`) and it beats the chosen start by the judge (NCC, or NMI;
+#: review 2 of session 28: as one more refined start its larger overlap raised the bar and dropped right
+#: starts of large real shifts). On periodic content the FFT shift can be a lattice step off on a small
 #: overlap: coins turned by -22.56 degrees (128 px) kept the right turn with a translation a lattice step off
-#: (corner error 67 px; at 256 px 130 px, overlap 0.44, session 27); the twin finds the map. A twin that ends
-#: in the best start's map is dropped, so the start chosen is the same. Session 28.
+#: (corner error 67 px; at 256 px 130 px, overlap 0.44, session 27); the twin finds the map. A twin not taken
+#: leaves the start chosen as without it. Session 28.
 CENTRED_TWIN_TOLERANCE = 0.02
 #: Loss of a map under which the images do not overlap (every similarity loss is at most 2).
 NO_OVERLAP = 4.0
@@ -393,8 +395,7 @@ class _Stages:
             # kept only where it passes the starts' own overlap bar and beats the chosen start; a twin not
             # kept leaves the choice as without it (its larger overlap must not raise the bar and drop a
             # right start whose real shift leaves a small overlap)
-            least = JUDGE_OVERLAP_RATIO * max(sh for _, sh, _ in refined)
-            kept = compared and share >= least and value < refined[best][0]
+            kept = compared and share >= _overlap_bar(refined) and value < refined[best][0]
             if kept:
                 refined.append((value, share, twin))
                 best = len(refined) - 1
@@ -650,10 +651,16 @@ def _search_starts(
     return out
 
 
+def _overlap_bar(refined) -> float:
+    """The overlap share a refined start needs to be compared: :data:`JUDGE_OVERLAP_RATIO` of the largest
+    (``refined``: ``(loss, share, model)``)."""
+    return JUDGE_OVERLAP_RATIO * max(share for _, share, _ in refined)
+
+
 def _best_refined(refined) -> int:
-    """Index of the refined start of lowest loss among those whose overlap share is at least
-    :data:`JUDGE_OVERLAP_RATIO` of the largest (``refined``: ``(loss, share, model)``)."""
-    least = JUDGE_OVERLAP_RATIO * max(share for _, share, _ in refined)
+    """Index of the refined start of lowest loss among those whose overlap share passes
+    :func:`_overlap_bar` (``refined``: ``(loss, share, model)``)."""
+    least = _overlap_bar(refined)
     best = None
     for k, (value, share, _) in enumerate(refined):
         if share >= least and (best is None or value < refined[best][0]):

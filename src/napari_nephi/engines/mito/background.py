@@ -377,7 +377,7 @@ def followed(found: list[tuple[list, list]], toward) -> list[int] | None:
     missed = sum(d is None for _, both in found for d in both)
     if not missed or len(read) < MIN_PAIRS:
         return None
-    step = [int(np.round(v)) for v in np.median(np.asarray(read) / GAP, axis=0) * GAP]
+    step = [int(np.round(v)) for v in np.median(np.asarray(read), axis=0)]  # a pair's step, as read
     return None if step in ([0, 0], list(toward)) else step
 
 
