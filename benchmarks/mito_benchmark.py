@@ -238,6 +238,10 @@ ROWS = {
         True,
         {"neighbours": None, "elastic": True, "elastic_solver": "local", "drift_correction": "detrend"},
     ),  # fmt: skip
+    # session 29: elastic="auto" (the elastic step where the pairs' residuals read the sections distorted),
+    # and the elastic step off whatever the engine's default (the rows before it ran without)
+    "mito-default+elastic-autoel": ("mito", "brisk", True, {"neighbours": None, "elastic": "auto"}),
+    "mito-default-noelastic": ("mito", "brisk", True, {"neighbours": None, "elastic": False}),
 }
 
 #: Rows of the paper's table (the default ``--rows``); the others are asked for by name.
@@ -349,6 +353,8 @@ def run_mito(data, name, matcher, args) -> dict:
         identity=len(m["identity_sections"]),
         inliers=m["inliers_mean"],
     )
+    if "distortion" in m:  # session 29: the sections' distortion reading (elastic="auto" decides on it)
+        res["distortion"] = {**m["distortion"], "elastic_applied": reg.settings["elastic_applied"]}
     if "auto" in m.get("drift_correction", {}):  # drift_correction="auto": what it chose, and why
         res["drift_auto"] = {"applied": m["drift_correction"]["method"], **m["drift_correction"]["auto"]}
     return res
@@ -435,6 +441,14 @@ def run_case(case: str, rows, args) -> list[dict]:
                 why += f", followed {bg['followed']}"
             print(
                 f"#   drift_correction auto: {a['applied']} (q {a['q']:.1f}, p {a['p']:.2g}{why})", flush=True
+            )
+        if "distortion" in r:  # session 29: what elastic="auto" reads (also where elastic is on or off)
+            d = r["distortion"]
+            value = "unmeasured" if d["correlation"] is None else f"{d['correlation']:.3f}"
+            print(
+                f"#   distortion: residual correlation {value} (limit {d['limit']:g}, {d['points']} points), "
+                f"elastic {d['elastic']} -> {'on' if d['elastic_applied'] else 'off'}",
+                flush=True,
             )
 
     for name in rows:

@@ -276,6 +276,13 @@ def test_em_options_multi_neighbour_reach_the_engine(qtbot, em):
     # session 19: joint + landmarks, the engine's choice with the global solve and masks
     assert values["elastic"] is False and values["elastic_solver"] == ELASTIC_SOLVER == "joint"
     assert not opts.elastic_solver.isEnabled() and not opts.elastic_landmarks.isEnabled()
+    # session 29: "auto" decides on the sections' distortion; the on / off box waits meanwhile
+    opts.elastic_auto.setChecked(True)
+    assert opts.values()["elastic"] == "auto" and not opts.elastic.isEnabled()
+    assert opts.elastic_solver.isEnabled() and opts.elastic_landmarks.isEnabled()
+    opts.elastic_auto.setChecked(False)
+    assert opts.values()["elastic"] is False and opts.elastic.isEnabled()
+    assert not opts.elastic_solver.isEnabled() and not opts.elastic_landmarks.isEnabled()
     opts.elastic.setChecked(True)
     assert opts.values()["elastic"] is True and opts.elastic_solver.isEnabled()
     assert opts.elastic_landmarks.isEnabled() and opts.values()["elastic_landmarks"] is True

@@ -39,9 +39,13 @@ from ..engines.mito.detrend import (
     MIN_WINDOW,
     SERIAL_SECTIONS,
 )
+from ..engines.mito.distortion import DEFAULT_ELASTIC
 from ..engines.mito.elastic import ELASTIC_SOLVER, ELASTIC_SOLVERS
 from ..engines.mito.solve import DRIFT_PRIOR, GLOBAL_MODEL, GLOBAL_MODELS, NEIGHBOURS
 from ._common import HelpFormatter, ProgressBars, add_key_values, add_quiet, parse_options
+
+#: ``--elastic``'s words for the engine's values.
+_ELASTIC_WORDS = {True: "on", False: "off", "auto": "auto"}
 
 #: align_stack parameters the command sets itself (not through --option).
 _FIXED_BY_COMMAND = ("stack", "masks", "progress", "cancel", "lazy", "spacing", "warp")
@@ -159,8 +163,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--elastic",
-        action="store_true",
-        help="elastic refinement: a smooth displacement per section toward its neighbours (slower)",
+        nargs="?",
+        const="on",
+        default=None,
+        choices=("on", "off", "auto"),
+        help="elastic refinement: a smooth displacement per section toward its neighbours (slower); "
+        "--elastic or --elastic on: always; auto: only where the sections are measured to be distorted "
+        f"(the report's metrics 'distortion'); off: never (default {_ELASTIC_WORDS[DEFAULT_ELASTIC]})",
     )
     p.add_argument(
         "--elastic-solver",
@@ -222,8 +231,8 @@ def _align_options(args: argparse.Namespace) -> dict:
         options["refine"] = False
     if args.no_guided_pairs:
         options["guided_pairs"] = False
-    if args.elastic:
-        options.setdefault("elastic", True)
+    if args.elastic is not None:
+        options.setdefault("elastic", {"on": True, "off": False, "auto": "auto"}[args.elastic])
     preset = (
         SERIAL_SECTIONS
         if args.serial_sections

@@ -24,6 +24,7 @@ from ..engines.mito.detrend import (
     MIN_WINDOW,
     SERIAL_SECTIONS,
 )
+from ..engines.mito.distortion import DEFAULT_ELASTIC
 from ..engines.mito.elastic import ELASTIC_SOLVER, ELASTIC_SOLVERS, default_solver
 from ..engines.mito.features import DESCRIPTORS, DETECTORS, MATCHERS, MODELS
 from ..engines.mito.solve import DRIFT_PRIOR, GLOBAL_MODEL, GLOBAL_MODELS, NEIGHBOURS
@@ -108,6 +109,14 @@ class EMOptions(QWidget):
             "After the alignment, a smooth displacement per section toward its neighbours, for sections "
             "distorted by cutting; slower"
         )
+        self.elastic_auto = QCheckBox("elastic: auto (only where the sections are measured distorted)")
+        self.elastic_auto.setToolTip(
+            "Measure whether the sections are distorted (the neighbour pairs' residuals through every "
+            "section point opposite ways) and run the elastic refinement only there; the reading is in the "
+            "report's metrics (distortion)"
+        )
+        self.elastic_auto.setChecked(DEFAULT_ELASTIC == "auto")
+        self.elastic_auto.toggled.connect(self._elastic_enabled)
         self.elastic_solver = _choice(
             ELASTIC_SOLVERS,
             ELASTIC_SOLVER,
@@ -116,7 +125,7 @@ class EMOptions(QWidget):
             "median of its neighbours alone (better with 1 neighbour: the chain cannot join the joint solve)",
         )
         self.elastic_solver.setEnabled(False)
-        self.elastic.toggled.connect(self.elastic_solver.setEnabled)
+        self.elastic.toggled.connect(self._elastic_enabled)
         # until the user picks a solver it follows the engine's default: "local" with the chain
         self._solver_chosen = False
         self.elastic_solver.activated.connect(self._choose_solver)
@@ -129,6 +138,7 @@ class EMOptions(QWidget):
         self.elastic_landmarks.setEnabled(False)
         self.elastic_solver.currentTextChanged.connect(self._landmarks_enabled)
         self.elastic.toggled.connect(self._landmarks_enabled)
+        self.elastic_auto.toggled.connect(self._landmarks_enabled)
         self.global_model = QComboBox()
         self.global_model.addItems(GLOBAL_MODELS)
         self.global_model.setCurrentText(GLOBAL_MODEL)
@@ -178,7 +188,7 @@ class EMOptions(QWidget):
                        ("neighbours", self.neighbours), ("global model", self.global_model),
                        ("drift prior", self.drift_prior), ("", self.guided_pairs),
                        ("drift correction", self.drift_correction),
-                       ("drift window", self.drift_window), ("", self.elastic),
+                       ("drift window", self.drift_window), ("", self.elastic), ("", self.elastic_auto),
                        ("elastic solver", self.elastic_solver), ("", self.elastic_landmarks)]  # fmt: skip
         for layout, rows in ((form, shown), (more, folded_rows)):
             for label, widget in rows:
@@ -197,6 +207,8 @@ class EMOptions(QWidget):
         self.drift_correction.currentTextChanged.connect(self._sync)
         self.use_masks.toggled.connect(self._landmarks_enabled)  # the landmarks are the masks' regions
         self._sync()
+        self._elastic_enabled()
+        self._landmarks_enabled()
 
     def _sync(self, *_):
         mito = self.detector.currentText() == "mito"
@@ -215,11 +227,17 @@ class EMOptions(QWidget):
     def _choose_solver(self, *_):
         self._solver_chosen = True
 
+    def _elastic_on(self) -> bool:
+        """Whether the elastic step may run (on, or auto)."""
+        return self.elastic_auto.isChecked() or self.elastic.isChecked()
+
+    def _elastic_enabled(self, *_):
+        self.elastic.setEnabled(not self.elastic_auto.isChecked())  # auto decides
+        self.elastic_solver.setEnabled(self._elastic_on())
+
     def _landmarks_enabled(self, *_):
         self.elastic_landmarks.setEnabled(
-            self.elastic.isChecked()
-            and self.elastic_solver.currentText() == "joint"
-            and self.use_masks.isChecked()
+            self._elastic_on() and self.elastic_solver.currentText() == "joint" and self.use_masks.isChecked()
         )
 
     def use_serial_sections(self, *_):
@@ -259,7 +277,7 @@ class EMOptions(QWidget):
             "drift_window": self.drift_window.value()
             if self.drift_correction.currentText() != "none"
             else 0.0,
-            "elastic": self.elastic.isChecked(),
+            "elastic": "auto" if self.elastic_auto.isChecked() else self.elastic.isChecked(),
             "elastic_solver": self.elastic_solver.currentText(),
             "elastic_landmarks": self.elastic_landmarks.isEnabled() and self.elastic_landmarks.isChecked(),
         }

@@ -70,6 +70,16 @@ from .detrend import (
     windows,
 )
 from .detrend import MIN_SECTIONS as MIN_DETREND_SECTIONS
+from .distortion import (
+    DEFAULT_ELASTIC,
+    PairResidual,
+    check_elastic,
+    decide,
+    pair_residual,
+    residual_correlation,
+)
+from .distortion import LIMIT as DISTORTION_LIMIT
+from .distortion import RADIUS as DISTORTION_RADIUS
 from .elastic import (
     ELASTIC_SOLVERS,
     elastic_fields,
@@ -177,6 +187,7 @@ class _PairResult:
     source: int  # the section the map comes from (toward the reference)
     matrix: np.ndarray  # (y, x) map from section `source` coordinates to section `section` coordinates
     row: dict
+    residual: Any = None  # the refined tracks' residuals where `source` is a neighbour (.distortion)
 
 
 class _Sections:
@@ -423,7 +434,10 @@ def _refine(out: dict, fa: ft.Features, fb: ft.Features, src, dst, model: str, o
     """
     m = out["matrix"]
     models = ft.MODELS[ft.MODELS.index(o.model) :] if o.model_selection else (model,)
-    chosen, refined, tracks, err = ft.refine(fa, fb, m, models, o.ransac_threshold, o.min_inliers)
+    kept: list = []
+    chosen, refined, tracks, err = ft.refine(
+        fa, fb, m, models, o.ransac_threshold, o.min_inliers, residuals=kept
+    )
     stats = out["stats"]
     stats.update(refined=False, tracks=int(tracks), tracking_error=None)
     if refined is None or not ft.plausible(refined, shape, o.max_scale):
@@ -432,6 +446,7 @@ def _refine(out: dict, fa: ft.Features, fb: ft.Features, src, dst, model: str, o
     if agree.sum() < max(o.min_inliers, 0.5 * len(src)):
         return
     out["matrix"] = refined
+    out["residual"] = kept[0] if kept else None
     stats.update(refined=True, tracking_error=err, model=chosen)
 
 
@@ -473,13 +488,15 @@ def _pair_job(sections: _Sections, futs: dict, k: int, chain: list[int], shape) 
             tried.append(f"{j} is {sections.blank[j]}")
             row["failed"] = True
             continue
-        m, stats = _estimate(fj, fk, o, shape)
+        fit = _fit_pair(fj, fk, o, shape)
+        m, stats = fit["matrix"], fit["stats"]
         if step == 0:
             row.update(stats)
         if m is not None:
             if step:
                 row.update(stats, fallback=f"skip to {j}", neighbour=j, tried=list(tried))
-            return _PairResult(k, j, ft.xy_to_yx(m), row)
+            residual = None if step or fit.get("residual") is None else pair_residual(j, k, *fit["residual"])
+            return _PairResult(k, j, ft.xy_to_yx(m), row, residual)
         row["failed"] = True
         tried.append(f"{label} vs {j}")
         for det in o.fallback:
@@ -925,7 +942,7 @@ def align_stack(
     guided_pairs: bool = True,
     drift_correction: str = DEFAULT_DRIFT_CORRECTION,
     drift_window: float = 0.0,
-    elastic: bool = False,
+    elastic: bool | str = DEFAULT_ELASTIC,
     elastic_spacing: float = 32.0,
     elastic_radius: int = 4,
     elastic_iterations: int = 2,
@@ -1151,15 +1168,17 @@ def align_stack(
     guided_pairs = check_bool("guided_pairs", guided_pairs)
     workers = (0 if workers is None else check_int("workers", workers, 0, 4096)) or _cpu_count()
     warp, lazy = check_bool("warp", warp), check_bool("lazy", lazy)
-    elastic = check_bool("elastic", elastic)
+    elastic = check_elastic(elastic)
+    elastic_auto = elastic == "auto"  # decided after the pairs (.distortion), before the global solve
     elastic_spacing = check_float("elastic_spacing", elastic_spacing, 4.0, 1e5)
     elastic_radius = check_int("elastic_radius", elastic_radius, 1, 32)
     elastic_iterations = check_int("elastic_iterations", elastic_iterations, 1, 20)
     if elastic_solver is None:
         elastic_solver = default_elastic_solver(solver == "global")
     elastic_solver = ft.check_choice(elastic_solver, ELASTIC_SOLVERS, "elastic_solver")
+    landmarks_asked = elastic_landmarks
     if elastic_landmarks is None:
-        elastic_landmarks = elastic and elastic_solver == "joint" and opts.use_masks
+        elastic_landmarks = bool(elastic) and elastic_solver == "joint" and opts.use_masks
     elastic_landmarks = check_bool("elastic_landmarks", elastic_landmarks)
     if elastic_landmarks and not (elastic and elastic_solver == "joint" and opts.use_masks):
         raise InputError(
@@ -1180,6 +1199,7 @@ def align_stack(
 
     matrices = np.repeat(np.eye(3)[None], n, axis=0)
     rows: list[dict | None] = [None] * n
+    residuals: dict[int, PairResidual] = {}  # lower section -> its neighbour pair's track residuals
     chain_edges: list[Edge] = []  # the chained pairs (identity fallbacks with a tiny weight)
     extra_edges: list[Edge] = []  # the further neighbours of the global solve
     t_align = time.perf_counter()
@@ -1237,6 +1257,8 @@ def align_stack(
                         continue
                     matrices[res.section] = _normalise(res.matrix @ matrices[res.source])
                     rows[res.section] = res.row
+                    if res.residual is not None:
+                        residuals[res.residual.lo] = res.residual
                     identity = res.row["fallback"] == "identity"
                     chain_edges.append(Edge(res.source, res.section, res.matrix, 1e-3 if identity else 1.0))
                     done += 1
@@ -1246,6 +1268,16 @@ def align_stack(
         executor.shutdown(wait=True, cancel_futures=True)
         raise
     executor.shutdown(wait=True)
+    # the sections' distortion, from the neighbour pairs' tracks (.distortion); elastic="auto" decides here
+    distortion = decide(
+        elastic, residual_correlation(residuals, DISTORTION_RADIUS / opts.scale), DISTORTION_LIMIT
+    )
+    del residuals
+    if elastic_auto:
+        elastic = distortion["distorted"]
+        if landmarks_asked is None:
+            elastic_landmarks = elastic and elastic_solver == "joint" and opts.use_masks
+        elastic_landmarks = elastic_landmarks and elastic  # what runs
     solve_info = drift_info = None
     placed_by: list = []  # the keypoint pairs of the global solve, for the joint elastic solve
     if solver == "global":
@@ -1326,6 +1358,7 @@ def align_stack(
     }
     if solve_info is not None:
         metrics["solver"] = solve_info
+    metrics["distortion"] = distortion
     if drift_info is not None:
         metrics["drift_correction"] = drift_info
     if fields is not None:
@@ -1367,7 +1400,9 @@ def align_stack(
         # what ran: "none", "detrend" or "detrend-slope" (only the background's slope removed, where
         # "auto" found both drifting; metrics["drift_correction"]["auto"] has its test)
         "drift_correction_applied": drift_info["method"] if drift_info is not None else "none",
-        "elastic": elastic, "elastic_spacing": elastic_spacing, "elastic_radius": elastic_radius,
+        # "auto" where asked (what ran: "elastic_applied"; metrics["distortion"] has the reading)
+        "elastic": "auto" if elastic_auto else elastic, "elastic_applied": elastic,
+        "elastic_spacing": elastic_spacing, "elastic_radius": elastic_radius,
         "elastic_iterations": elastic_iterations, "elastic_solver": elastic_solver,
         "elastic_landmarks": elastic_landmarks,
     }  # fmt: skip

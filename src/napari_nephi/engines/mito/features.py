@@ -567,6 +567,7 @@ def refine(
     threshold: float,
     min_points: int = 10,
     window: int = 11,
+    residuals: list | None = None,
 ):
     """Sub-pixel refinement of a fitted map a -> b, with model selection on the tracks.
 
@@ -581,7 +582,8 @@ def refine(
     whose random error of a few hundredths of a degree per pair accumulates along a stack.
 
     Returns ``(model, refined (x, y) 3x3 matrix, tracks used, RMS residual in original pixels)``
-    or ``(None, None, tracks, None)`` when too few tracks survive.
+    or ``(None, None, tracks, None)`` when too few tracks survive. A ``residuals`` list gets
+    ``(src, dst, richest fit)`` of the tracks all fits keep appended (:mod:`.distortion`).
     """
     src, dst = track(fa, fb, matrix_xy, threshold, window)
     fits = []
@@ -597,6 +599,8 @@ def refine(
     rms = [
         float(np.sqrt(np.mean(np.sum((project(f, src[common]) - dst[common]) ** 2, 1)))) for _, f, _ in fits
     ]
+    if residuals is not None:
+        residuals.append((src[common], dst[common], fits[0][1]))
     best = min(rms)
     i = max(j for j, r in enumerate(rms) if r * REFINE_GAIN <= best or r <= best + 1e-9)
     model, fit, keep = fits[i]

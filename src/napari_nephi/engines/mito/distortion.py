@@ -1,0 +1,132 @@
+"""Are the sections distorted? The sign of the pair residuals' correlation through a section.
+
+A neighbour pair's sub-pixel tracks (:func:`.features.refine`) leave a residual after the pair's
+richest model (the homography): what no projective map explains. Take a section ``m`` and its two
+neighbour pairs ``(m - 1, m)`` and ``(m, m + 1)``, and at the same place of ``m`` the residual of
+each, both as the motion of the content from the lower section to the higher one, in ``m``'s frame:
+
+* where every section carries its own smooth distortion ``d_k`` (cut sections, :func:`em_stack`'s
+  ``distortion``), the first residual is ``d_{m-1} - d_m`` and the second ``d_m - d_{m+1}``: they
+  share ``d_m`` with opposite signs, so their correlation is negative (-0.5 where the distortion is
+  all there is);
+* where the content moves on through the stack (mitochondria drifting, tubes cut obliquely changing
+  shape), the two residuals point the same way: positive;
+* tracking noise is independent between the pairs: 0.
+
+So the correlation (:func:`residual_correlation`) is a unitless number that does not depend on the
+image size, the stack length or the number of keypoints (only its precision does), and it is read
+from the tracks the neighbour pairs already make: no image is read again. ``elastic="auto"`` runs
+the elastic step where it is at most :data:`LIMIT` (docs/mito.md, session 29).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from ...core.errors import InputError
+
+#: :func:`.align.align_stack`'s ``elastic`` default.
+DEFAULT_ELASTIC: bool | str = False
+
+#: ``elastic="auto"``: the elastic step runs where the correlation is at most this (session 29).
+LIMIT = -0.05
+
+#: Fewest matched residual pairs (points) over the stack for a reading; fewer: "unmeasured".
+MIN_POINTS = 200
+
+#: Radius, in work pixels, within which a residual of one pair is matched to one of the other pair.
+RADIUS = 2.0
+
+
+def check_elastic(value) -> bool | str:
+    """``elastic``: True, False or ``"auto"`` (any case); anything else is an ``InputError``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    raise InputError(
+        f"Option elastic must be true, false or 'auto' (the elastic step where the sections are "
+        f"measured to be distorted), got {value!r}."
+    )
+
+
+@dataclass
+class PairResidual:
+    """One neighbour pair's track residuals, as the motion from section ``lo`` to ``hi = lo + 1``.
+
+    ``p_lo`` (N, 2) (x, y) points in ``lo`` with ``e_lo`` the residual in ``lo``'s frame there;
+    ``p_hi`` the same tracks' points in ``hi`` with ``e_hi`` the residual in ``hi``'s frame."""
+
+    lo: int
+    p_lo: np.ndarray
+    e_lo: np.ndarray
+    p_hi: np.ndarray
+    e_hi: np.ndarray
+
+
+def _project(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    xy = pts @ m[:2, :2].T + m[:2, 2]
+    w = pts @ m[2, :2] + m[2, 2]
+    return xy / w[:, None]
+
+
+def pair_residual(
+    a: int, b: int, src: np.ndarray, dst: np.ndarray, fit_xy: np.ndarray
+) -> PairResidual | None:
+    """The residuals of tracks ``src`` (section ``a``, (x, y)) -> ``dst`` (section ``b``) after the
+    (x, y) map ``fit_xy`` (a -> b), oriented from the lower section to the higher; None unless
+    ``a`` and ``b`` are neighbours."""
+    if abs(a - b) != 1 or len(src) == 0:
+        return None
+    m = np.asarray(fit_xy, np.float64)
+    if a > b:  # orient lower -> higher
+        src, dst, m = dst, src, np.linalg.inv(m)
+    p_lo, p_hi = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    e_hi = p_hi - _project(m, p_lo)
+    e_lo = _project(np.linalg.inv(m), p_hi) - p_lo
+    return PairResidual(min(a, b), p_lo, e_lo, p_hi, e_hi)
+
+
+def residual_correlation(pairs: dict[int, PairResidual], radius: float) -> dict:
+    """The correlation of the residuals of the two neighbour pairs through every section.
+
+    ``pairs``: lower section -> its pair to the next section. For every section ``m`` with both
+    pairs, each point of the pair ``(m, m + 1)`` in ``m`` is matched to the nearest point of the pair
+    ``(m - 1, m)`` in ``m`` within ``radius`` (original pixels); over all matched points of the stack
+    the correlation is ``sum(e1 . e2) / sqrt(sum |e1|^2 sum |e2|^2)``. Returns ``value`` (None when
+    fewer than :data:`MIN_POINTS` points matched), ``points``, ``sections`` (middles used),
+    ``rms`` (px, of the residuals used: context only, it depends on the image size)."""
+    s12 = s11 = s22 = 0.0
+    count = used = 0
+    for m in sorted(pairs):
+        below, above = pairs.get(m - 1), pairs[m]
+        if below is None or len(below.p_hi) == 0 or len(above.p_lo) == 0:
+            continue
+        dist, idx = cKDTree(below.p_hi).query(above.p_lo, distance_upper_bound=radius)
+        ok = np.isfinite(dist)
+        if not ok.any():
+            continue
+        e1, e2 = below.e_hi[idx[ok]], above.e_lo[ok]
+        s12 += float(np.sum(e1 * e2))
+        s11 += float(np.sum(e1 * e1))
+        s22 += float(np.sum(e2 * e2))
+        count += int(ok.sum())
+        used += 1
+    value = s12 / np.sqrt(s11 * s22) if count >= MIN_POINTS and s11 > 0 and s22 > 0 else None
+    rms = float(np.sqrt((s11 + s22) / (2 * count))) if count else None
+    return {"value": None if value is None else float(value), "points": count, "sections": used, "rms": rms}
+
+
+def decide(elastic, reading: dict, limit: float = LIMIT) -> dict:
+    """``elastic="auto"``'s decision from :func:`residual_correlation`'s ``reading``: the record
+    (``correlation``, ``limit``, ``points``, ``sections``, ``distorted``: whether the elastic step
+    runs; an unmeasured stack, too few matched points, is left undistorted)."""
+    value = reading["value"]
+    distorted = value is not None and value <= limit
+    return {
+        "elastic": elastic, "correlation": value, "limit": limit, "points": reading["points"],
+        "sections": reading["sections"], "rms": reading["rms"], "distorted": bool(distorted),
+    }  # fmt: skip

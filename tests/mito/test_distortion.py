@@ -1,0 +1,84 @@
+"""``elastic="auto"`` (session 29): the sections' distortion read from the neighbour pairs' residuals."""
+
+import numpy as np
+import pytest
+
+from napari_nephi.core.errors import RegistrationError
+from napari_nephi.core.transform import ElasticSectionTransform, PerSectionTransform
+from napari_nephi.engines.mito import align_stack
+from napari_nephi.synthetic import em_stack
+
+
+def _smooth(rng, pts):
+    """A smooth random (x, y) displacement at ``pts`` (a few waves across 256 px, ~1 px rms)."""
+    k = rng.normal(0, 2 * np.pi / 200, (4, 2))
+    ph = rng.uniform(0, 2 * np.pi, (4, 2))
+    a = rng.normal(0, 0.7, (4, 2))
+    return np.stack([sum(a[i, c] * np.sin(pts @ k[i] + ph[i, c]) for i in range(4)) for c in range(2)], 1)
+
+
+@pytest.mark.parametrize("kind", ["distorted", "moving", "noise"])
+def test_the_residual_correlation_reads_the_sign_of_what_moves_the_content(kind):
+    """Twelve sections, the same 300 points each (rotated by the pair's map so the residuals are
+    measured in each section's own frame). Each section displaced by its own smooth field: the two
+    pairs through a section share it with opposite signs, correlation -0.5; content moving on at a
+    constant (smooth, per-point) velocity: +1; independent tracking noise: 0."""
+    from napari_nephi.engines.mito.distortion import pair_residual, residual_correlation
+
+    rng = np.random.default_rng(3)
+    pts = rng.uniform(0, 256, (300, 2))
+    n = 12
+    velocity = _smooth(rng, pts)
+    where = [
+        pts + (_smooth(rng, pts) if kind == "distorted" else velocity * k if kind == "moving" else 0)
+        for k in range(n)
+    ]
+    turn = np.deg2rad(7.0)
+    fit = np.array([[np.cos(turn), -np.sin(turn), 3.0], [np.sin(turn), np.cos(turn), -2.0], [0, 0, 1]])
+
+    def frame(k, p):  # section k's own frame: the pair map k -> k + 1 is `fit`
+        for _ in range(k):
+            p = p @ fit[:2, :2].T + fit[:2, 2]
+        return p
+
+    pairs = {}
+    for k in range(n - 1):
+        src = frame(k, where[k] + (rng.normal(0, 0.3, pts.shape) if kind == "noise" else 0))
+        dst = frame(k + 1, where[k + 1] + (rng.normal(0, 0.3, pts.shape) if kind == "noise" else 0))
+        if k % 2:  # oriented toward the reference either way
+            pairs[k] = pair_residual(k + 1, k, dst, src, np.linalg.inv(fit))
+        else:
+            pairs[k] = pair_residual(k, k + 1, src, dst, fit)
+    reading = residual_correlation(pairs, radius=2.0)
+    assert reading["sections"] == n - 2 and reading["points"] >= 0.97 * 300 * (n - 2)
+    expected = {"distorted": -0.5, "moving": 1.0, "noise": 0.0}[kind]
+    assert reading["value"] == pytest.approx(expected, abs=0.1)
+
+
+@pytest.mark.parametrize("distortion", [0.0, 2.0])
+def test_elastic_auto_runs_the_elastic_step_where_the_sections_are_distorted(distortion):
+    """16 sections of 256 x 256: with a smooth distortion of 2 px rms per section the reading is
+    under the limit and the elastic step runs (an elastic transform); undistorted it reads above it
+    and the result is ``elastic=False``'s, bit for bit. Before session 29 "auto" was refused."""
+    d = em_stack(16, (256, 256), seed=0, distortion=distortion)
+    reg = align_stack(d["stack"], masks=d["masks"], workers=1, warp=False, elastic="auto")
+    reading = reg.metrics["distortion"]
+    limit = reading["limit"]
+    assert reg.settings["elastic"] == "auto" and limit < 0
+    assert reading["points"] >= 500 and reading["sections"] == 14
+    if distortion:
+        assert reading["correlation"] < limit - 0.03 and reading["distorted"] is True
+        assert reg.settings["elastic_applied"] is True and isinstance(reg.transform, ElasticSectionTransform)
+        assert reg.metrics["elastic"]["displacement_mean"] > 0.3
+    else:
+        assert reading["correlation"] > limit + 0.15 and reading["distorted"] is False
+        assert reg.settings["elastic_applied"] is False and type(reg.transform) is PerSectionTransform
+        plain = align_stack(d["stack"], masks=d["masks"], workers=1, warp=False, elastic=False)
+        assert np.array_equal(plain.transform.matrices, reg.transform.matrices)
+        assert plain.metrics["distortion"]["correlation"] == reading["correlation"]
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None, "automatic"])
+def test_elastic_takes_true_false_or_auto(em, bad):
+    with pytest.raises(RegistrationError, match=r"elastic must be true, false or 'auto'"):
+        align_stack(em["stack"][:3], masks=em["masks"][:3], workers=1, warp=False, elastic=bad)
