@@ -126,6 +126,15 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   first pass's 12-40, where every score is weak: a maximum over more noise wins by selection alone,
   and nothing bounds where the accepted pose lies. So it stays off until a bounded rule is shown on
   held-out seeds (docs/atlas.md, "Widening the search where it failed, session 20").
+* **Denser sweep where the shortlist was outscored** (session 29, ``dense_sweep``, ``dense_outside``).
+  With ``dense_sweep`` (e.g. 3), where at least ``dense_outside`` of stage 2's starts (chosen from
+  stage 1 as usual) lie outside the shortlisted plates (the embedding's ``shortlist`` best and
+  ``neighbours`` each side), stage 1 also scores every ``dense_sweep``-th plate and the starts are
+  chosen again: the sweep found plates as good as the embedding's, so the embedding may have missed
+  the region, and a truth 2-3 plates from every plate of the sweep gets no start (session 28's far
+  misses). Elsewhere nothing changes. ``sweep_step`` 3 everywhere gained on some query seeds and lost
+  on others (docs/atlas.md, "A denser sweep for the far misses, session 28") for 18-25 % more CPU.
+  docs/atlas.md, "A bounded denser sweep, session 29".
 * **Cost.** Untilted cuts of stage 1 depend only on the plate and on plate pixels per canvas
   pixel, which come from a fixed geometric grid: they are cached across sections
   (:data:`.pose_grid.CUT_CACHE_BYTES`). Stage 2 centres its cuts on the stage-1 pose and searches
@@ -185,6 +194,11 @@ DEFAULTS = {
     "shortlist": 12,  # best plates of the embedding searched
     "neighbours": 3,  # plates on each side of each shortlisted plate also searched
     "sweep_step": 6,  # every this many plates of the whole atlas also searched in stage 1 (0: none)
+    # a denser sweep (every this many plates) added to stage 1 where its evidence says the shortlist
+    # may have missed: at least dense_outside of stage 2's starts lie outside the shortlisted plates
+    # (module docstring, "Denser sweep where the shortlist was outscored"; 0: never)
+    "dense_sweep": 0,
+    "dense_outside": 1,
     "coarse_size": 32,  # longest side (pixels) of a plate on the grid of stage 1
     "work_size": 56,  # ... and of stage 2
     "max_rotation": 15.0,  # in-plane rotation searched (degrees, either way)
@@ -337,6 +351,8 @@ def check_rerank_options(options: dict | None) -> dict:
     out["shortlist"] = check_int("shortlist", out["shortlist"], 1)
     out["neighbours"] = check_int("neighbours", out["neighbours"], 0, 50)
     out["sweep_step"] = check_int("sweep_step", out["sweep_step"], 0)
+    out["dense_sweep"] = check_int("dense_sweep", out["dense_sweep"], 0)
+    out["dense_outside"] = check_int("dense_outside", out["dense_outside"], 1, 50)
     out["coarse_size"] = check_int("coarse_size", out["coarse_size"], 16, 256)
     out["work_size"] = check_int("work_size", out["work_size"], 16, 256)
     out["max_rotation"] = check_float("max_rotation", out["max_rotation"], 0.0, 180.0)
@@ -407,7 +423,8 @@ class RerankResult:
     (one of them ranked first); ``options``: every re-ranking option the search ran with
     (:func:`check_rerank_options`' dict, defaults filled in; ``rerank_options=result.options``
     repeats the ranking); ``plain_ranked``: whether ``plain_reach`` ordered the plates next to the
-    best pose (False where it is None or the outside band is off, as in :data:`SEEDED` and :data:`FAST`)."""
+    best pose (False where it is None or the outside band is off, as in :data:`SEEDED` and :data:`FAST`);
+    ``densified``: whether stage 1 added the ``dense_sweep`` plates (its starts outscored the shortlist)."""
 
     ranking: list[tuple[int, float]]
     poses: dict[int, Pose] = field(default_factory=dict)
@@ -416,6 +433,7 @@ class RerankResult:
     widen_kept: bool = False
     options: dict = field(default_factory=dict)
     plain_ranked: bool = False
+    densified: bool = False
 
 
 def _steps(limit: float, step: float) -> list[float]:
@@ -494,6 +512,17 @@ class PoseSearch:
         pairs = _stage1(coarse, coarse_atlas, mask, zs, options)
         _check(progress)
         first = coarse.score(pairs, self.n, best_per_cut_z=True)  # hypotheses need no more
+        hyps = hypotheses(first, shortlist, options)
+        densified = _outscored(hyps, shortlist, options)
+        if densified:  # the sweep outscored the shortlist: every dense_sweep-th plate in stage 1 too
+            extra = _dense_plates(zs, options["dense_sweep"], self.n)
+            more = _stage1(coarse, coarse_atlas, mask, extra, options)
+            _check(progress)
+            by_plate = {p.plate: p for p in first + coarse.score(more, self.n, best_per_cut_z=True)}
+            zs = sorted(set(zs) | set(extra))
+            first = [by_plate[z] for z in zs if z in by_plate]  # as one stage 1 on every plate of zs
+            pairs += more
+            hyps = hypotheses(first, shortlist, options)
         # stage 2 starts from stage 1's shifts: its cuts are centred there and searched nearby
         reach = round(LOCAL_REACH * options["work_size"])
         fine = SectionGrid(
@@ -506,7 +535,6 @@ class PoseSearch:
             **band,
         )
         refine = _Refine(self.atlas(options["work_size"]), fine, options, progress)
-        hyps = hypotheses(first, shortlist, options)
         bests = [refine.untilted(hyp) for hyp in hyps]
         _tilt_near_top(refine, bests, options["tilt_margin"], max((b.score for b in bests), default=0.0))
         scanned = _distinct(refine.poses, options["z_scan_poses"]) if options["z_scan"] > 0 else []
@@ -546,6 +574,7 @@ class PoseSearch:
             options["plain_reach"],
         )
         result.widened, result.widen_kept = widened, kept
+        result.densified = densified
         result.options = dict(options)
         return result
 
@@ -882,6 +911,23 @@ def _anchored(first: list[Pose], hyps: list[Pose], anchors: list[int]) -> list[P
             if own:
                 out.append(max(own, key=lambda p: p.score))
     return out
+
+
+def _outscored(hyps: list[Pose], shortlist: list[int], options: dict) -> bool:
+    """Whether ``dense_sweep`` is on and at least ``dense_outside`` of stage 2's starts ``hyps`` lie
+    outside the shortlisted plates (each of ``shortlist`` and ``neighbours`` on each side): stage 1
+    found the sweep's plates as good as the embedding's, so its every-``sweep_step``-th plate may
+    have passed the truth's region."""
+    if options["dense_sweep"] <= 0:
+        return False
+    near = set(_around(shortlist, options["neighbours"], 10**9))
+    return sum(h.plate not in near for h in hyps) >= options["dense_outside"]
+
+
+def _dense_plates(zs: list[int], step: int, n: int) -> list[int]:
+    """The plates of a sweep of every ``step``-th plate (from ``step // 2``) not already in ``zs``."""
+    searched = set(zs)
+    return [z for z in range(step // 2, n, step) if z not in searched]
 
 
 def _prior(order, n: int) -> np.ndarray:
