@@ -33,8 +33,9 @@ def test_the_denser_sweep_runs_where_the_sweep_outscored_the_shortlist_and_finds
     # 45 % of the left cut away: session 28's toy case, ranked 36th with the sweep of every 6th plate
     section = section_from_atlas(reference, PLATE, 0.0, crop=(0.0, 0.0, 0.45, 0.0))
     order = _far_order(search.n)
-    plain = search.search(section, order, check_rerank_options({}))
-    dense = search.search(section, order, check_rerank_options({"dense_sweep": 3}))
+    fast = {"max_tilt": 0.0, "z_scan": 0}  # an untilted section: no tilt search, no scan (a faster test)
+    plain = search.search(section, order, check_rerank_options(fast))
+    dense = search.search(section, order, check_rerank_options({**fast, "dense_sweep": 3}))
     assert not plain.densified and abs(plain.ranking[0][0] - PLATE) > 1  # no start near plate 36
     assert dense.densified and dense.pairs > plain.pairs
     assert abs(dense.ranking[0][0] - PLATE) <= 1, dense.ranking[:5]
@@ -46,7 +47,8 @@ def test_no_denser_sweep_where_every_start_lies_in_the_shortlist(search, toy_ref
     plate = 20
     section = section_from_atlas(reference, plate)
     order = sorted(_far_order(search.n), key=lambda e: abs(e[0] - plate))  # the embedding right
-    opts = {"shortlist": 12, "neighbours": 3, "hypotheses": 1}  # the one start: the shortlist's best
+    # the one start: the shortlist's best; untilted, no scan (a faster test)
+    opts = {"shortlist": 12, "neighbours": 3, "hypotheses": 1, "max_tilt": 0.0, "z_scan": 0}
     plain = search.search(section, order, check_rerank_options(opts))
     dense = search.search(section, order, check_rerank_options({**opts, "dense_sweep": 3}))
     assert not dense.densified

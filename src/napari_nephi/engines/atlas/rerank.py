@@ -129,11 +129,12 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
 * **Denser sweep where the shortlist was outscored** (session 29, ``dense_sweep``, ``dense_outside``).
   With ``dense_sweep`` (e.g. 3), where at least ``dense_outside`` of stage 2's starts (chosen from
   stage 1 as usual) lie outside the shortlisted plates (the embedding's ``shortlist`` best and
-  ``neighbours`` each side), stage 1 also scores every ``dense_sweep``-th plate and the starts are
-  chosen again: the sweep found plates as good as the embedding's, so the embedding may have missed
-  the region, and a truth 2-3 plates from every plate of the sweep gets no start (session 28's far
-  misses). Elsewhere nothing changes. ``sweep_step`` 3 everywhere gained on some query seeds and lost
-  on others (docs/atlas.md, "A denser sweep for the far misses, session 28") for 18-25 % more CPU.
+  ``neighbours`` each side), stage 1 runs as with ``sweep_step`` ``dense_sweep`` (the plates already
+  scored are not scored again) and the starts are chosen from it: the sweep found plates as good as
+  the embedding's, so the embedding may have missed the region, and a truth 2-3 plates from every
+  plate of the sweep gets no start (session 28's far misses). Elsewhere nothing changes.
+  ``sweep_step`` 3 everywhere gained on some query seeds and lost on others (docs/atlas.md, "A
+  denser sweep for the far misses, session 28") for 18-25 % more CPU.
   docs/atlas.md, "A bounded denser sweep, session 29".
 * **Cost.** Untilted cuts of stage 1 depend only on the plate and on plate pixels per canvas
   pixel, which come from a fixed geometric grid: they are cached across sections
@@ -194,9 +195,9 @@ DEFAULTS = {
     "shortlist": 12,  # best plates of the embedding searched
     "neighbours": 3,  # plates on each side of each shortlisted plate also searched
     "sweep_step": 6,  # every this many plates of the whole atlas also searched in stage 1 (0: none)
-    # a denser sweep (every this many plates) added to stage 1 where its evidence says the shortlist
-    # may have missed: at least dense_outside of stage 2's starts lie outside the shortlisted plates
-    # (module docstring, "Denser sweep where the shortlist was outscored"; 0: never)
+    # where stage 1's evidence says the shortlist may have missed (at least dense_outside of stage 2's
+    # starts lie outside the shortlisted plates), stage 1 again with every this many plates swept
+    # instead of sweep_step's (module docstring, "Denser sweep where the shortlist was outscored"; 0: never)
     "dense_sweep": 0,
     "dense_outside": 1,
     "coarse_size": 32,  # longest side (pixels) of a plate on the grid of stage 1
@@ -514,13 +515,17 @@ class PoseSearch:
         first = coarse.score(pairs, self.n, best_per_cut_z=True)  # hypotheses need no more
         hyps = hypotheses(first, shortlist, options)
         densified = _outscored(hyps, shortlist, options)
-        if densified:  # the sweep outscored the shortlist: every dense_sweep-th plate in stage 1 too
-            extra = _dense_plates(zs, options["dense_sweep"], self.n)
+        if densified:  # the sweep outscored the shortlist: stage 1 again with every dense_sweep-th plate
+            short = _around(shortlist, options["neighbours"], self.n)
+            dense = sorted(
+                set(short) | set(range(options["dense_sweep"] // 2, self.n, options["dense_sweep"]))
+            )
+            extra = [z for z in dense if z not in set(zs)]  # the plates not scored yet
             more = _stage1(coarse, coarse_atlas, mask, extra, options)
             _check(progress)
             by_plate = {p.plate: p for p in first + coarse.score(more, self.n, best_per_cut_z=True)}
-            zs = sorted(set(zs) | set(extra))
-            first = [by_plate[z] for z in zs if z in by_plate]  # as one stage 1 on every plate of zs
+            zs = dense  # as the search with sweep_step dense_sweep: the first sweep's other plates left out
+            first = [by_plate[z] for z in zs if z in by_plate]
             pairs += more
             hyps = hypotheses(first, shortlist, options)
         # stage 2 starts from stage 1's shifts: its cuts are centred there and searched nearby
@@ -922,12 +927,6 @@ def _outscored(hyps: list[Pose], shortlist: list[int], options: dict) -> bool:
         return False
     near = set(_around(shortlist, options["neighbours"], 10**9))
     return sum(h.plate not in near for h in hyps) >= options["dense_outside"]
-
-
-def _dense_plates(zs: list[int], step: int, n: int) -> list[int]:
-    """The plates of a sweep of every ``step``-th plate (from ``step // 2``) not already in ``zs``."""
-    searched = set(zs)
-    return [z for z in range(step // 2, n, step) if z not in searched]
 
 
 def _prior(order, n: int) -> np.ndarray:
