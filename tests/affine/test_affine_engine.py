@@ -407,9 +407,12 @@ def test_a_refined_start_with_a_small_overlap_is_not_kept(monkeypatch, similarit
     180-degree start's centred twin (its turn about the centre, refined; its searched shift was 4 px) is
     compared too and wins: within 1 degree by NCC and NMI; the overlap rule is checked with the twins off.
     NMI draws 2560 samples instead of the default 16384 (its Parzen loss took 12 s a run of three; review 2
-    of session 28, B5): the same three outcomes (0.35 / 9.3 / 166 degrees off), and the test still fails
-    without the rule, without NMI's rule and without the twin (c58fbc3^, c5fc2f7^, a2b7761^: 166 / 166 / 9.3
-    degrees off at the first check)."""
+    of session 28, B5): 0.35 / 9.3 / 166 degrees off, and the test still fails without the rule, without
+    NMI's rule and without the twin (c58fbc3^, c5fc2f7^, a2b7761^: 166 / 166 / 9.3 degrees off at the first
+    check). Without the twins NMI's result depends on the draw (1024 / 3072 / 4096 samples: 0.8 degrees off,
+    2048 / 2560: 9-10, 8192: 19), so for NMI the middle check asks only that the overlap rule holds (under 20
+    degrees on over 0.9 of the image), not that the twin was needed (review 1 of session 29, B1); NCC's
+    twin-less run is 13 degrees off at the default draw."""
     from skimage.transform import resize
 
     from napari_nephi.core.transform import DisplacementTransform
@@ -437,7 +440,8 @@ def test_a_refined_start_with_a_small_overlap_is_not_kept(monkeypatch, similarit
     assert error < 2 and share > 0.9, (error, share)  # NCC 0.81, NMI 0.35 degrees off
     monkeypatch.setattr(affine_engine, "CENTRED_TWIN_TOLERANCE", np.inf)  # without the twins (session 27)
     error, share = turn_and_share()
-    assert 2 < error < (15 if similarity == "ncc" else 20) and share > 0.9, (error, share)  # 13, 9.3 off
+    low = 2 if similarity == "ncc" else -1  # NMI: the rule only (see above)
+    assert low < error < (15 if similarity == "ncc" else 20) and share > 0.9, (error, share)  # 13, 9.3 off
     monkeypatch.setattr(affine_engine, "JUDGE_OVERLAP_RATIO", 0.0)
     error, share = turn_and_share()
     assert error > 150 and share < 0.5, (error, share)
