@@ -444,6 +444,7 @@ def optimize_velocity(
     cooldown: float = 0.0,
     first_blur: float = 0.0,
     initial: torch.Tensor | None = None,
+    flat_gradient: float | None = None,
 ) -> DenseMaps:
     """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
 
@@ -514,7 +515,9 @@ def optimize_velocity(
     grids); ``reg_weight`` weights the bending of the increments only, the flat fill replaces only them
     (the start is kept where the images are flat), and the returned maps are those of the sum
     (predict+refine's prediction, :func:`.predict.velocity_of`: the moving image is then sampled once
-    through the whole map, as in optimize).
+    through the whole map, as in optimize). ``flat_gradient`` (None: :data:`.flatfill.FLAT_GRADIENT`) is
+    the flat fill's texture threshold (:func:`.flatfill.flat_share`; predict+refine's
+    :func:`.predict.refine_flat_gradient`).
     """
     d = fixed.dim() - 2
     full = tuple(fixed.shape[2:])
@@ -570,7 +573,9 @@ def optimize_velocity(
     v = None
     # flat shares of both images on the last grid (flatfill), taken before the levels' peak memory
     flat_shares = (
-        [flat_share(t, shapes[-1], flat_noisy) for t in (f_fine, m_fine)] if flat_fill and shapes else None
+        [flat_share(t, shapes[-1], flat_noisy, flat_gradient) for t in (f_fine, m_fine)]
+        if flat_fill and shapes
+        else None
     )
     # matched-blur variances: [fixed vs warped moving, moving vs warped fixed] x axis (numpy order);
     # started off zero, where relu's gradient would vanish

@@ -44,7 +44,7 @@ from ...core.metrics import memory_report, regularity_report, similarity_report
 from ...core.registration import Pair, Registration
 from ...core.transform import AffineTransform, ComposedTransform, DisplacementTransform
 from ..registry import register_engine
-from . import basin, contrast, heldout, noise
+from . import basin, contrast, flatfill, heldout, noise
 from . import chunked as chunking
 from . import coarse as coarse_module
 from . import predict as predict_module
@@ -238,7 +238,9 @@ def register_nephi(
     ran (True, ``"once"``, or False), ``metrics["coarse_blur_variance"]`` the variances.
 
     ``coarse_flat_fill`` (default True): after the coarse stage, the velocity where both images are
-    flat (local RMS gradient below 0.005) is replaced by a smooth extension of the velocity around
+    flat (local RMS gradient below 0.005; in 2D predict+refine on images longer than 256 px, 0.005
+    times 256 over the longest side, :func:`.predict.refine_flat_gradient`, recorded as
+    ``settings["coarse_flat_gradient"]``) is replaced by a smooth extension of the velocity around
     it that relaxes towards the velocity's mean on the textured part over the length of its own
     correlation there, at most the last grid's knot spacing (:mod:`.flatfill`);
     labels in lumens and flat backgrounds then move with the tissue around them. False: no fill.
@@ -473,6 +475,7 @@ def register_nephi(
     # share of each coarse level's steps its rate ramps up over (predict+refine: REFINE_WARMUP)
     coarse_warmup = coarse_cooldown = 0.0  # (and the share of the last level's steps added, decaying)
     refine_start = None  # predict+refine's coarse stage: from the prediction as a velocity, or pre-warped
+    flat_gradient = None  # the flat fill's texture threshold (None: flatfill's; predict+refine's below)
     if mode == "predict+refine" and after_coarse:  # the coarse stage starts from the prediction
         coarse_warmup = refine_warmup(fshape) if d == 2 else 0.0  # 2D, where it was measured
         coarse_cooldown = refine_cooldown(fshape) if d == 2 else 0.0
@@ -481,6 +484,8 @@ def register_nephi(
         shapes, spacings = refine_grids(fshape, levels, on_optimize_grid)
         # from the prediction as a velocity (predict.SAMPLE_ONCE): 2D, where it was measured
         refine_start = "velocity" if predict_module.SAMPLE_ONCE and d == 2 else "prewarp"
+        if refine_start == "velocity":  # on large images a lower texture threshold for the flat fill
+            flat_gradient = predict_module.refine_flat_gradient(fshape)
         if on_optimize_grid:
             finer = stage_finer = False
     refine = iterations if mode != "predict" else 0
@@ -727,6 +732,7 @@ def register_nephi(
                             warmup=coarse_warmup,
                             cooldown=coarse_cooldown,
                             initial=velocity_of(low_passed),
+                            flat_gradient=flat_gradient,
                         )
                     else:  # the moving image resampled through the prediction first
                         mmask_low = None if mmask is None else warp_through(mmask, low_passed).clamp(0, 1)
@@ -909,6 +915,10 @@ def register_nephi(
         "coarse_finer_level": coarse_finer_level,
         "coarse_flat_fill": bool(coarse_flat_fill),
         "coarse_flat_noisy": bool(coarse_flat_noisy),
+        # the flat fill's texture threshold, RMS gradient per voxel (predict.refine_flat_gradient)
+        "coarse_flat_gradient": (flatfill.FLAT_GRADIENT if flat_gradient is None else flat_gradient)
+        if coarse_flat_fill
+        else None,
         # whether the noise adaptation ran ("auto" records its outcome; metrics["noise_sigma"])
         "noise_adapt": noise_ran,
         # whether the held-out check of the coarse levels ran (metrics["noise_heldout_levels"]: kept)

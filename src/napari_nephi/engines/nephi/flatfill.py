@@ -75,11 +75,14 @@ def smoothed(image: torch.Tensor, sigma: float = SMOOTH_SIGMA) -> torch.Tensor:
     return s
 
 
-def flat_share(image: torch.Tensor, shape, noisy: bool = False) -> torch.Tensor:
+def flat_share(
+    image: torch.Tensor, shape, noisy: bool = False, gradient: float | None = None
+) -> torch.Tensor:
     """Share ``(1, 1, *shape)`` of the voxels of ``image`` (``(1, 1, *spatial)``, intensities in
     [0, 1]) under each voxel of a ``shape`` grid that are flat: :func:`local_texture` below
-    ``FLAT_GRADIENT``, or, with ``noisy`` (opt-in, engine option ``coarse_flat_noisy``), that of
-    the image blurred by ``SMOOTH_SIGMA`` (:func:`smoothed`) below ``SMOOTH_GRADIENT``.
+    ``gradient`` (None: ``FLAT_GRADIENT``), or, with ``noisy`` (opt-in, engine option
+    ``coarse_flat_noisy``), that of the image blurred by ``SMOOTH_SIGMA`` (:func:`smoothed`) below
+    ``SMOOTH_GRADIENT``.
 
     The first test alone finds no flat voxel on a noisy image (noise 0.01 and more). The second
     is opt-in because the blur removes texture finer than about 8 voxels whatever its contrast: a
@@ -92,7 +95,7 @@ def flat_share(image: torch.Tensor, shape, noisy: bool = False) -> torch.Tensor:
     energy) marked 85 % of scikit-image's cell with noise 0.02 flat and lost 20-27 % of its
     accuracy there (session-15 review): the coarse stage pools faint texture under the noise
     over a knot cell."""
-    flat = local_texture(image) < FLAT_GRADIENT
+    flat = local_texture(image) < (FLAT_GRADIENT if gradient is None else float(gradient))
     if noisy:  # opt-in: it also calls texture finer than ~8 voxels flat (session-16 review)
         flat |= local_texture(smoothed(image)) < SMOOTH_GRADIENT
     return F.interpolate(flat.float(), size=tuple(shape), mode="area")

@@ -16,7 +16,8 @@ ones on their grids), each level's rate ramped up over its first steps (:data:`R
 the map is the coarse map followed by the prediction (:class:`ComposedMaps`). Since session 28 (2D,
 :data:`SAMPLE_ONCE`) the coarse stage instead starts from the low-passed prediction as a velocity
 (:func:`velocity_of`) and samples the moving image once through the whole map, as optimize does; its
-levels' bending and flat fill act on what they add, and the map is inverse-consistent.
+levels' bending and flat fill act on what they add, and the map is inverse-consistent. Since session 29
+the flat fill's texture threshold falls with the image's size above 256 px (:func:`refine_flat_gradient`).
 On the benchmark (512 px, 60 coarse steps) the low-pass lowered the error on every probed case, e.g.
 coins 2 % 0.167 -> 0.113 px, cell 1 % 0.090 -> 0.077 px, camera 2 % 0.490 -> 0.457 px (benchmarks/README.md).
 """
@@ -35,6 +36,7 @@ from .coarse import (
     pyramid_shapes,
 )
 from .field import Codes, NeuralDeformationField
+from .flatfill import FLAT_GRADIENT
 from .smoothing import gaussian_smoothed
 
 #: Points per call when a field is evaluated on its grid.
@@ -158,6 +160,26 @@ def low_passed_maps(maps: DenseMaps, sigma: float = LOW_PASS_VOXELS) -> DenseMap
 #: same (0.28-0.32 of optimize's in one process, seed 90). The inverse-consistency error falls from about 1
 #: px at most to 0.1 (the backward map is exp(-v)).
 SAMPLE_ONCE = True
+
+#: ``predict+refine`` from the prediction as a velocity (:data:`SAMPLE_ONCE`, 2D): on images whose longest
+#: side exceeds this many pixels the flat fill's texture threshold (an RMS gradient per voxel,
+#: :data:`.flatfill.FLAT_GRADIENT`) falls as that side grows (:func:`refine_flat_gradient`; None: optimize's
+#: threshold at every size). The same faint texture upsampled has a smaller gradient per voxel: at 512 px
+#: the cell's texture and the camera's sky read flat on 25-28 % of the last coarse grid, where the fill
+#: replaced what the coarse stage had learned from them by an extension from around (session 29,
+#: docs/nephi.md).
+REFINE_FLAT_SIDE: int | None = 256
+
+
+def refine_flat_gradient(shape) -> float | None:
+    """The flat fill's texture threshold in ``predict+refine`` from the prediction as a velocity on an
+    image of ``shape``: :data:`.flatfill.FLAT_GRADIENT` times :data:`REFINE_FLAT_SIDE` over the longest side
+    where that side is longer (0.0025 at 512 px), else None (the fill's own threshold, as optimize's)."""
+    side = max(int(n) for n in shape)
+    if REFINE_FLAT_SIDE is None or side <= REFINE_FLAT_SIDE:
+        return None
+    return FLAT_GRADIENT * REFINE_FLAT_SIDE / side
+
 
 #: Fixed-point steps of :func:`velocity_of`.
 VELOCITY_STEPS = 8
