@@ -158,20 +158,27 @@ def rerank_method(name: str, base: dict, ref, labels, args) -> dict:
 
     options = check_rerank_options(args.rerank_options)
     t0 = time.perf_counter()
+    densified: list[bool] = []  # per section: whether stage 1 ran again with the dense_sweep plates
     if name == "ours+rerank":
         lk = base["lk"]
 
         def rank(img):
-            return [p for p, _ in lk.lookup(img, top=None, rerank=True, rerank_options=options)]
+            # lookup(img, top=None, rerank=True, rerank_options=options), keeping what the search did
+            found = lk.search_poses(img, options)
+            densified.append(bool(found.densified))
+            return [p for p, _ in found.ranking]
 
     else:
         search = PoseSearch(Plates.from_reference(ref, labels))
         ranker = base["ranker"]
 
         def rank(img):
-            return [p for p, _ in search.search(img, ranker.ranking(img), options).ranking]
+            found = search.search(img, ranker.ranking(img), options)
+            densified.append(bool(found.densified))
+            return [p for p, _ in found.ranking]
 
     out = dict(rank=rank, train_s=base["train_s"], lk=base["lk"], settings=dict(base["settings"] or {}))
+    out["densified"] = densified
     out["settings"]["rerank_options"] = options
     out["load"] = max(base["load"], load_average())
     print(f"  {name}: ready in {time.perf_counter() - t0:.1f} s on top of {RERANKED[name]}", flush=True)
@@ -238,18 +245,28 @@ def evaluate(name: str, m: dict, queries: dict) -> dict:
             )
     ms = 1000 * float(np.median(times[1:] if len(times) > 1 else times))
     cpu_ms = 1000 * float(np.median(cpu[1:] if len(cpu) > 1 else cpu))
-    print(
-        f"  {name}: looked up {len(rows)} sections, {ms:.1f} ms each (median; CPU {cpu_ms:.1f} ms)",
-        flush=True,
-    )
-    return dict(
+    cpu_mean = 1000 * float(np.mean(cpu[1:] if len(cpu) > 1 else cpu))
+    out = dict(
         rows=rows,
         ms_per_lookup=ms,
         cpu_ms_per_lookup=cpu_ms,
+        cpu_ms_mean=cpu_mean,
         train_s=m["train_s"],
         load=m["load"],
         settings=m["settings"],
     )
+    fired = ""
+    if "densified" in m:  # the pose search: each section's flag, and the share where it fired
+        for row, flag in zip(rows, m["densified"], strict=True):
+            row["densified"] = flag
+        out["densified_share"] = float(np.mean(m["densified"])) if rows else 0.0
+        fired = f", dense_sweep fired on {100 * out['densified_share']:.0f} %"
+    print(
+        f"  {name}: looked up {len(rows)} sections, {ms:.1f} ms each (median; CPU {cpu_ms:.1f} ms, "
+        f"mean {cpu_mean:.1f} ms{fired})",
+        flush=True,
+    )
+    return out
 
 
 def add_dice(results: dict, queries: dict, lk, args) -> None:

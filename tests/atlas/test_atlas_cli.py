@@ -333,6 +333,7 @@ def test_rerank_options_are_passed_and_recorded(cli_index, capsys):
         summary = json.loads((out / "ranks.json").read_text())
         assert summary["rerank_options"] == check_rerank_options(given)
         assert summary["sections"][0]["plain_ranked"] is ordered
+        assert summary["sections"][0]["densified"] is False  # dense_sweep off by default
         got = [e["plate"] for e in summary["sections"][0]["ranking"]]
         assert got == [
             p for p, _ in lk.lookup(section, top=4, rerank=True, rerank_options=summary["rerank_options"])
@@ -340,6 +341,7 @@ def test_rerank_options_are_passed_and_recorded(cli_index, capsys):
     assert main([*base, "-o", str(folder / "optoff"), "--no-rerank"]) == 0
     off = json.loads((folder / "optoff" / "ranks.json").read_text())
     assert off["rerank_options"] is None and off["sections"][0]["plain_ranked"] is None
+    assert off["sections"][0]["densified"] is None
     assert main([*base, "-o", str(folder / "optbad"), "--no-rerank", "--rerank-option", "plain_reach=2"]) == 2
     assert "--rerank-option sets the pose search" in one_error_line(capsys)
     assert main([*base, "-o", str(folder / "optbad"), "--rerank-option", "plain_rech=2"]) == 2

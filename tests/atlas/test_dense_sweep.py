@@ -62,7 +62,14 @@ def test_the_presets_leave_the_denser_sweep_off():
 
 @pytest.mark.parametrize(
     "options, match",
-    [({"dense_sweep": -1}, "dense_sweep"), ({"dense_outside": 0}, "dense_outside")],
+    [
+        ({"dense_sweep": -1}, "dense_sweep"),
+        ({"dense_outside": 0}, "dense_outside"),
+        # review 1 of session 29, C1: not a denser sweep, or one that could never fire
+        ({"dense_sweep": 6}, "smaller than sweep_step"),
+        ({"dense_sweep": 12}, "smaller than sweep_step"),
+        ({"dense_sweep": 3, "sweep_step": 0}, "without a sweep"),
+    ],
 )
 def test_bad_dense_options_raise(options, match):
     with pytest.raises(InputError, match=match):

@@ -352,6 +352,8 @@ def cmd_atlas_lookup(args: argparse.Namespace) -> int:
             entry["widened"] = widened[k] if rerank else None
             # whether plain_reach ordered the plates next to the best pose (None: no search)
             entry["plain_ranked"] = searches[k].plain_ranked if rerank else None
+            # whether stage 1 ran again with the dense_sweep plates (None: no search)
+            entry["densified"] = searches[k].densified if rerank else None
         for entry, reg in zip(summary["sections"], registrations, strict=False):
             entry["regions"] = region_table(lk, reg.metrics.get("labels"))
         (tmp / "ranks.json").write_text(json.dumps(summary, indent=2))

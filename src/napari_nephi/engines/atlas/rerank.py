@@ -354,6 +354,13 @@ def check_rerank_options(options: dict | None) -> dict:
     out["sweep_step"] = check_int("sweep_step", out["sweep_step"], 0)
     out["dense_sweep"] = check_int("dense_sweep", out["dense_sweep"], 0)
     out["dense_outside"] = check_int("dense_outside", out["dense_outside"], 1, 50)
+    if out["dense_sweep"] and not 0 < out["dense_sweep"] < out["sweep_step"]:  # review 1 of session 29, C1
+        raise InputError(
+            f"dense_sweep ({out['dense_sweep']!r}) must be smaller than sweep_step ({out['sweep_step']!r}): "
+            "it replaces the sweep where the sweep's plates outscore the shortlist (so it could never fire "
+            "without a sweep), and a larger step would sweep fewer plates. Use e.g. dense_sweep 3 with "
+            "sweep_step 6, or dense_sweep 0 (off)."
+        )
     out["coarse_size"] = check_int("coarse_size", out["coarse_size"], 16, 256)
     out["work_size"] = check_int("work_size", out["work_size"], 16, 256)
     out["max_rotation"] = check_float("max_rotation", out["max_rotation"], 0.0, 180.0)
