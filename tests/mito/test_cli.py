@@ -170,18 +170,19 @@ def test_align_em_defaults_are_the_engines():
 
 
 def test_align_em_elastic_auto_reaches_the_engine():
-    """Session 29: ``--elastic auto`` (the elastic step where the sections read distorted), ``--elastic
-    on`` / bare ``--elastic`` (always) and ``--elastic off``; no flag leaves the engine's default."""
+    """Session 29: ``--elastic-auto`` (the elastic step where the sections read distorted), ``--elastic``
+    (always, also just before the stack: review 1 A2) and ``--no-elastic``; no flag leaves the engine's
+    default; two of them are refused."""
     from napari_nephi.cli.em import _align_options
 
     base = ["align-em", "stack.tif", "-o", "out"]
-    assert _align_options(parse([*base, "--elastic", "auto"]))["elastic"] == "auto"
+    assert _align_options(parse([*base, "--elastic-auto"]))["elastic"] == "auto"
     assert _align_options(parse([*base, "--elastic", "--elastic-solver", "joint"]))["elastic"] is True
-    assert _align_options(parse([*base, "--elastic", "on"]))["elastic"] is True
-    assert _align_options(parse([*base, "--elastic", "off"]))["elastic"] is False
+    assert _align_options(parse(["align-em", "--elastic", "stack.tif", "-o", "out"]))["elastic"] is True
+    assert _align_options(parse([*base, "--no-elastic"]))["elastic"] is False
     assert "elastic" not in _align_options(parse(base))
     with pytest.raises(SystemExit):
-        parse([*base, "--elastic", "sometimes"])
+        parse([*base, "--elastic", "--elastic-auto"])
 
 
 def test_align_em_elastic_solver_flag_reaches_the_engine():

@@ -55,24 +55,35 @@ def test_the_residual_correlation_reads_the_sign_of_what_moves_the_content(kind)
     assert reading["value"] == pytest.approx(expected, abs=0.1)
 
 
-@pytest.mark.parametrize("distortion", [0.0, 2.0])
+@pytest.mark.parametrize("distortion", [0.0, 1.0])
 def test_elastic_auto_runs_the_elastic_step_where_the_sections_are_distorted(distortion):
-    """16 sections of 256 x 256: with a smooth distortion of 2 px rms per section the reading is
-    under the limit and the elastic step runs (an elastic transform); undistorted it reads above it
-    and the result is ``elastic=False``'s, bit for bit. Before session 29 "auto" was refused."""
-    d = em_stack(16, (256, 256), seed=0, distortion=distortion)
-    reg = align_stack(d["stack"], masks=d["masks"], workers=1, warp=False, elastic="auto")
+    """16 sections of 192 x 192: with a smooth distortion of 0.75 px rms per section the reading
+    (-0.17) is under the limit and the elastic step runs (an elastic transform, the stage in the
+    progress); undistorted it reads 0.13 and the result is ``elastic=False``'s, bit for bit.
+    Before session 29 "auto" was refused."""
+    d = em_stack(16, (192, 192), seed=0, distortion=distortion)
+    stages = []
+    reg = align_stack(
+        d["stack"],
+        masks=d["masks"],
+        workers=1,
+        warp=False,
+        elastic="auto",
+        progress=lambda e: stages.append(e.stage),
+    )
     reading = reg.metrics["distortion"]
     limit = reading["limit"]
-    assert reg.settings["elastic"] == "auto" and limit < 0
-    assert reading["points"] >= 500 and reading["sections"] == 14
+    assert reg.settings["elastic"] == "auto" and abs(limit) <= 0.1
+    assert reading["points"] >= 1000 and reading["sections"] == 14
+    elastic_stage = [s for s in stages if s.startswith("elastic refinement (auto: sections distorted")]
     if distortion:
-        assert reading["correlation"] < limit - 0.03 and reading["distorted"] is True
+        assert reading["correlation"] < limit - 0.05 and reading["distorted"] is True
         assert reg.settings["elastic_applied"] is True and isinstance(reg.transform, ElasticSectionTransform)
-        assert reg.metrics["elastic"]["displacement_mean"] > 0.3
+        assert reg.metrics["elastic"]["displacement_mean"] > 0.2 and len(elastic_stage) == 1
     else:
-        assert reading["correlation"] > limit + 0.15 and reading["distorted"] is False
+        assert reading["correlation"] > limit + 0.05 and reading["distorted"] is False
         assert reg.settings["elastic_applied"] is False and type(reg.transform) is PerSectionTransform
+        assert not elastic_stage
         plain = align_stack(d["stack"], masks=d["masks"], workers=1, warp=False, elastic=False)
         assert np.array_equal(plain.transform.matrices, reg.transform.matrices)
         assert plain.metrics["distortion"]["correlation"] == reading["correlation"]

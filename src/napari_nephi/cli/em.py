@@ -161,15 +161,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         f"sigma this many sections, at least {MIN_WINDOW:g} (widened where fewer than {MIN_SECTIONS} placed "
         "sections lie under it: stack ends, failed or blank runs); 0: one straight line over the stack",
     )
-    p.add_argument(
+    elastic = p.add_mutually_exclusive_group()
+    elastic.add_argument(
         "--elastic",
-        nargs="?",
-        const="on",
+        dest="elastic",
+        action="store_const",
+        const=True,
         default=None,
-        choices=("on", "off", "auto"),
-        help="elastic refinement: a smooth displacement per section toward its neighbours (slower); "
-        "--elastic or --elastic on: always; auto: only where the sections are measured to be distorted "
-        f"(the report's metrics 'distortion'); off: never (default {_ELASTIC_WORDS[DEFAULT_ELASTIC]})",
+        help="elastic refinement: a smooth displacement per section toward its neighbours (slower; "
+        f"default {_ELASTIC_WORDS[DEFAULT_ELASTIC]})",
+    )
+    elastic.add_argument(
+        "--elastic-auto",
+        dest="elastic",
+        action="store_const",
+        const="auto",
+        help="the elastic refinement only where the sections are measured to be distorted (the neighbour "
+        "pairs' residuals through each section point opposite ways; report.json's metrics 'distortion')",
+    )
+    elastic.add_argument(
+        "--no-elastic", dest="elastic", action="store_const", const=False, help="no elastic refinement"
     )
     p.add_argument(
         "--elastic-solver",
@@ -232,7 +243,7 @@ def _align_options(args: argparse.Namespace) -> dict:
     if args.no_guided_pairs:
         options["guided_pairs"] = False
     if args.elastic is not None:
-        options.setdefault("elastic", {"on": True, "off": False, "auto": "auto"}[args.elastic])
+        options.setdefault("elastic", args.elastic)
     preset = (
         SERIAL_SECTIONS
         if args.serial_sections

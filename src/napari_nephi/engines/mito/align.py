@@ -1307,6 +1307,12 @@ def align_stack(
         )  # fmt: skip
     fields = None
     if elastic:  # part of the alignment time
+        why = (
+            f"auto: sections distorted, residual correlation {distortion['correlation']:.3f}"
+            if elastic_auto
+            else ""
+        )
+        prog.step(done, total, stage=f"elastic refinement ({why or 'on'})")  # the bar waits: say why
         t0 = time.perf_counter()
         fields = elastic_fields(
             lambda k: to_uint8(read_section(stack, k), *intensity), matrices, (h, w), elastic_spacing,
