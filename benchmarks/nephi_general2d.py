@@ -4,6 +4,7 @@
     python benchmarks/nephi_general2d.py                       # every image, 1 %, 2 %, 4 %
     python benchmarks/nephi_general2d.py --images camera retina --amplitudes 0.02 --size 256
     python benchmarks/nephi_general2d.py --weights my_model.pt --json out.json
+    python benchmarks/nephi_general2d.py --modes predict+refine        # one mode (e.g. another tree's)
 
 Images: the ones held out from the model's training (``shipped_pairs.HELD_OUT``: camera, cell,
 coins) and ones it saw (retina, immunohistochemistry, astronaut), grey, resized to ``--size``
@@ -140,6 +141,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write every row here")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        default=list(MODES),
+        help="run only these modes (e.g. predict+refine alone to compare two trees; the group table needs optimize)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(
@@ -153,6 +161,8 @@ def main(argv=None) -> int:
             case = make_case(name, amp, args.size, 100 + 10 * i + j + args.seed)
             seen = "yes" if name in TRAINING else "no"
             for mode, options in MODES.items():
+                if mode not in args.modes:
+                    continue
                 r = run(case, options, args.weights) | {
                     "image": name,
                     "seen": seen,
@@ -175,7 +185,7 @@ def main(argv=None) -> int:
                 m: [r for r in rows if r["seen"] == seen and r["amplitude"] == amp and r["mode"] == m]
                 for m in MODES
             }
-            if not sel["optimize"]:
+            if not all(sel[m] for m in ("predict", "predict+refine", "optimize")):
                 continue
             mean = {
                 m: (np.mean([r["epe"] for r in v]), np.mean([r["cpu"] for r in v])) for m, v in sel.items()
