@@ -18,7 +18,8 @@ of training. The true pull-back displacement ``u`` (fixed voxel -> moving voxel)
 Modes as the engine defines them: ``predict`` (one pass, the field sampled on the model's 128^2
 grid), ``predict+refine`` (the prediction low-passed, then the coarse B-spline stage from it on grids
 twice as coarse as optimize's with optimize's knots, 50 steps a level, no neural steps in 2D; since
-session 28 the stage starts from the prediction as a velocity and samples the moving image once),
+session 28 the stage starts from the prediction as a velocity and samples the moving image once; since
+session 29 its flat fill's texture threshold is halved at 512 px, ``predict.refine_flat_gradient``),
 ``optimize`` (the engine's default: rigid global stage, coarse stage, neural steps skipped at 512 px).
 
 Per mode: mean endpoint error ``|u_est - u_true|`` (pixels, whole image), NCC of the warped moving
