@@ -35,11 +35,16 @@ def test_the_denser_sweep_runs_where_the_sweep_outscored_the_shortlist_and_finds
     order = _far_order(search.n)
     fast = {"max_tilt": 0.0, "z_scan": 0}  # an untilted section: no tilt search, no scan (a faster test)
     plain = search.search(section, order, check_rerank_options(fast))
-    dense = search.search(section, order, check_rerank_options({**fast, "dense_sweep": 3}))
     assert not plain.densified and abs(plain.ranking[0][0] - PLATE) > 1  # no start near plate 36
-    assert dense.densified and dense.pairs > plain.pairs
-    assert abs(dense.ranking[0][0] - PLATE) <= 1, dense.ranking[:5]
-    assert dense.options["dense_sweep"] == 3  # recorded: rerank_options=result.options repeats it
+    for mode in ("add", "replace"):
+        dense = search.search(
+            section, order, check_rerank_options({**fast, "dense_sweep": 3, "dense_mode": mode})
+        )
+        assert dense.densified and dense.pairs > plain.pairs
+        # "add": the default starts include plate 39 (stage 1 0.37), 2 plates from the new plate 37
+        # (0.50): a start only blocks a new one that it outscores, so 37 gets its start (session 29)
+        assert abs(dense.ranking[0][0] - PLATE) <= 1, (mode, dense.ranking[:5])
+        assert dense.options["dense_mode"] == mode  # recorded: rerank_options=result.options repeats it
 
 
 def test_no_denser_sweep_where_every_start_lies_in_the_shortlist(search, toy_reference):
@@ -69,6 +74,8 @@ def test_the_presets_leave_the_denser_sweep_off():
         ({"dense_sweep": 6}, "smaller than sweep_step"),
         ({"dense_sweep": 12}, "smaller than sweep_step"),
         ({"dense_sweep": 3, "sweep_step": 0}, "without a sweep"),
+        ({"dense_mode": "more"}, "dense_mode"),
+        ({"dense_starts": 0}, "dense_starts"),
     ],
 )
 def test_bad_dense_options_raise(options, match):

@@ -126,16 +126,22 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   first pass's 12-40, where every score is weak: a maximum over more noise wins by selection alone,
   and nothing bounds where the accepted pose lies. So it stays off until a bounded rule is shown on
   held-out seeds (docs/atlas.md, "Widening the search where it failed, session 20").
-* **Denser sweep where the shortlist was outscored** (session 29, ``dense_sweep``, ``dense_outside``).
-  With ``dense_sweep`` (e.g. 3), where at least ``dense_outside`` of stage 2's starts (chosen from
-  stage 1 as usual) lie outside the shortlisted plates (the embedding's ``shortlist`` best and
-  ``neighbours`` each side), stage 1 runs as with ``sweep_step`` ``dense_sweep`` (the plates already
-  scored are not scored again) and the starts are chosen from it: the sweep found plates as good as
-  the embedding's, so the embedding may have missed the region, and a truth 2-3 plates from every
-  plate of the sweep gets no start (session 28's far misses). Elsewhere nothing changes.
-  ``sweep_step`` 3 everywhere gained on some query seeds and lost on others (docs/atlas.md, "A
-  denser sweep for the far misses, session 28") for 18-25 % more CPU.
-  docs/atlas.md, "A bounded denser sweep, session 29".
+* **Denser sweep where the shortlist was outscored** (session 29, opt-in: ``dense_sweep`` 0,
+  ``dense_outside`` 2, ``dense_mode`` "add", ``dense_starts`` 2). With ``dense_sweep`` (e.g. 3), where
+  at least ``dense_outside`` of stage 2's starts (chosen from stage 1 as usual) lie outside the
+  shortlisted plates (the embedding's ``shortlist`` best and ``neighbours`` each side), the sweep
+  found plates as good as the embedding's, so the embedding may have missed the region, and a truth
+  2-3 plates from every plate of the sweep gets no start (session 28's far misses): stage 1 also
+  scores every ``dense_sweep``-th plate (the plates already scored are not scored again). "add" keeps
+  the starts and adds up to ``dense_starts`` new ones on the new plates, ``hypothesis_gap`` apart from
+  each other and from every start stage 1 scored at least as well; "replace" chooses every start again
+  from the denser stage 1, as ``sweep_step`` ``dense_sweep`` would (the first sweep's other plates are
+  then left out). Elsewhere nothing changes. Why "add": the dense plates lie 3 apart, exactly
+  ``hypothesis_gap``, so with "replace" one region takes most of the starts and the default's start at
+  the truth is dropped. Phantom benchmark (docs/atlas.md, "A bounded denser sweep, session 29"; 1,440
+  development sections, replayed): mean rank 1.916 -> 1.797 ("replace" 1.986, ``sweep_step`` 3 1.953)
+  for about 5 % more CPU, firing on 10 % of the sections; fresh query seeds 104-106 1.978 -> 1.978, Top-5
+  93.3 -> 92.8 % ("replace" 2.083, ``sweep_step`` 3 2.139): not a default.
 * **Cost.** Untilted cuts of stage 1 depend only on the plate and on plate pixels per canvas
   pixel, which come from a fixed geometric grid: they are cached across sections
   (:data:`.pose_grid.CUT_CACHE_BYTES`). Stage 2 centres its cuts on the stage-1 pose and searches
@@ -199,7 +205,12 @@ DEFAULTS = {
     # starts lie outside the shortlisted plates), stage 1 again with every this many plates swept
     # instead of sweep_step's (module docstring, "Denser sweep where the shortlist was outscored"; 0: never)
     "dense_sweep": 0,
-    "dense_outside": 1,
+    "dense_outside": 2,
+    # ... and then: "add" keeps stage 2's starts and adds up to dense_starts new ones on the new plates
+    # (hypothesis_gap from each other and from every start stage 1 scored at least as well); "replace"
+    # chooses every start again from the denser stage 1 (as sweep_step dense_sweep would)
+    "dense_mode": "add",
+    "dense_starts": 2,
     "coarse_size": 32,  # longest side (pixels) of a plate on the grid of stage 1
     "work_size": 56,  # ... and of stage 2
     "max_rotation": 15.0,  # in-plane rotation searched (degrees, either way)
@@ -354,6 +365,8 @@ def check_rerank_options(options: dict | None) -> dict:
     out["sweep_step"] = check_int("sweep_step", out["sweep_step"], 0)
     out["dense_sweep"] = check_int("dense_sweep", out["dense_sweep"], 0)
     out["dense_outside"] = check_int("dense_outside", out["dense_outside"], 1, 50)
+    out["dense_mode"] = check_choice("dense_mode", out["dense_mode"], ("add", "replace"))
+    out["dense_starts"] = check_int("dense_starts", out["dense_starts"], 1, 50)
     if out["dense_sweep"] and not 0 < out["dense_sweep"] < out["sweep_step"]:  # review 1 of session 29, C1
         raise InputError(
             f"dense_sweep ({out['dense_sweep']!r}) must be smaller than sweep_step ({out['sweep_step']!r}): "
@@ -522,7 +535,7 @@ class PoseSearch:
         first = coarse.score(pairs, self.n, best_per_cut_z=True)  # hypotheses need no more
         hyps = hypotheses(first, shortlist, options)
         densified = _outscored(hyps, shortlist, options)
-        if densified:  # the sweep outscored the shortlist: stage 1 again with every dense_sweep-th plate
+        if densified:  # the sweep outscored the shortlist: every dense_sweep-th plate in stage 1 too
             short = _around(shortlist, options["neighbours"], self.n)
             dense = sorted(
                 set(short) | set(range(options["dense_sweep"] // 2, self.n, options["dense_sweep"]))
@@ -530,11 +543,21 @@ class PoseSearch:
             extra = [z for z in dense if z not in set(zs)]  # the plates not scored yet
             more = _stage1(coarse, coarse_atlas, mask, extra, options)
             _check(progress)
-            by_plate = {p.plate: p for p in first + coarse.score(more, self.n, best_per_cut_z=True)}
-            zs = dense  # as the search with sweep_step dense_sweep: the first sweep's other plates left out
-            first = [by_plate[z] for z in zs if z in by_plate]
+            found = coarse.score(more, self.n, best_per_cut_z=True)
             pairs += more
-            hyps = hypotheses(first, shortlist, options)
+            if options["dense_mode"] == "add":  # the starts kept; new ones on the new plates, apart from
+                # each other and from every start that stage 1 scored at least as well (a weaker start near
+                # a new plate's better pose refines its own pose, not the new one's)
+                gap = options["hypothesis_gap"]
+                new = [p for p in found if _apart(p, [h for h in hyps if h.score >= p.score], gap)]
+                hyps = hyps + _distinct(new, options["dense_starts"], gap)
+                zs = sorted(set(zs) | set(extra))
+                first = first + found
+            else:  # "replace": as the search with sweep_step dense_sweep (the first sweep's other plates out)
+                by_plate = {p.plate: p for p in first + found}
+                zs = dense
+                first = [by_plate[z] for z in zs if z in by_plate]
+                hyps = hypotheses(first, shortlist, options)
         # stage 2 starts from stage 1's shifts: its cuts are centred there and searched nearby
         reach = round(LOCAL_REACH * options["work_size"])
         fine = SectionGrid(
