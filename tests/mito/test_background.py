@@ -450,7 +450,9 @@ def test_a_distorted_drifting_stack_is_detrended_where_its_background_cannot_be_
     true = section_centres(d["matrices"] @ np.linalg.inv(d["matrices"][n // 2]), shape)
     err = {}
     for method in ("auto", "none"):
-        reg = align_stack(d["stack"], masks=d["masks"], warp=False, workers=1, drift_correction=method)
+        reg = align_stack(
+            d["stack"], masks=d["masks"], warp=False, workers=1, drift_correction=method, elastic=False
+        )  # the keypoint placement's background (elastic="auto" would take these sections as distorted)
         m = reg.transform.matrices
         err[method] = np.linalg.norm(
             section_centres(m @ np.linalg.inv(m[n // 2]), shape) - true, axis=1

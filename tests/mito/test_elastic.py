@@ -125,7 +125,8 @@ def test_identical_sections_get_zero_fields(em):
 
 def test_engine_elastic_improves_the_distorted_section(distorted):
     d = distorted
-    plain = align_stack(d["stack"], d["masks"], model="rigid", warp=False, workers=2)
+    # without the elastic step (elastic="auto", the default since session 29, reads these sections distorted)
+    plain = align_stack(d["stack"], d["masks"], model="rigid", warp=False, workers=2, elastic=False)
     reg = align_stack(d["stack"], d["masks"], model="rigid", elastic=True, elastic_spacing=16, workers=2)
     truth = d["masks"][0] > 0
 

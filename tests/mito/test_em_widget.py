@@ -274,12 +274,13 @@ def test_em_options_multi_neighbour_reach_the_engine(qtbot, em):
     values = opts.values()
     assert (values["neighbours"], values["global_model"], values["drift_prior"]) == (3, "rigid", 0.5)
     # session 19: joint + landmarks, the engine's choice with the global solve and masks
-    assert values["elastic"] is False and values["elastic_solver"] == ELASTIC_SOLVER == "joint"
-    assert not opts.elastic_solver.isEnabled() and not opts.elastic_landmarks.isEnabled()
-    # session 29: "auto" decides on the sections' distortion; the on / off box waits meanwhile
-    opts.elastic_auto.setChecked(True)
-    assert opts.values()["elastic"] == "auto" and not opts.elastic.isEnabled()
-    assert opts.elastic_solver.isEnabled() and opts.elastic_landmarks.isEnabled()
+    # session 29: "auto" (the default) decides on the sections' distortion; the on / off box waits meanwhile
+    assert values["elastic"] == "auto" and values["elastic_solver"] == ELASTIC_SOLVER == "joint"
+    assert (
+        not opts.elastic.isEnabled()
+        and opts.elastic_solver.isEnabled()
+        and opts.elastic_landmarks.isEnabled()
+    )
     opts.elastic_auto.setChecked(False)
     assert opts.values()["elastic"] is False and opts.elastic.isEnabled()
     assert not opts.elastic_solver.isEnabled() and not opts.elastic_landmarks.isEnabled()

@@ -29,10 +29,10 @@ from scipy.spatial import cKDTree
 from ...core.errors import InputError
 
 #: :func:`.align.align_stack`'s ``elastic`` default.
-DEFAULT_ELASTIC: bool | str = False
+DEFAULT_ELASTIC: bool | str = "auto"
 
 #: ``elastic="auto"``: the elastic step runs where the correlation is at most this (session 29).
-LIMIT = -0.05
+LIMIT = -0.03
 
 #: Fewest matched residual pairs (points) over the stack for a reading; fewer: "unmeasured".
 MIN_POINTS = 200
@@ -90,34 +90,70 @@ def pair_residual(
     return PairResidual(min(a, b), p_lo, e_lo, p_hi, e_hi)
 
 
+class Correlation:
+    """:func:`residual_correlation` accumulated as the neighbour pairs arrive (:func:`.align.align_stack`):
+    a section's sums are taken as soon as both its pairs are in, and a pair is dropped once both its
+    sections are counted (or cannot be), so memory does not grow with the stack."""
+
+    def __init__(self, radius: float):
+        self.radius = radius
+        self.pairs: dict[int, PairResidual | None] = {}  # lower section -> its pair (None: no residuals)
+        self.done: set[int] = set()  # middle sections counted or impossible
+        self.s12 = self.s11 = self.s22 = 0.0
+        self.count = self.used = 0
+
+    def add(self, lo: int, pair: PairResidual | None) -> None:
+        """The pair from section ``lo`` to ``lo + 1`` (None where that pair gave no residuals)."""
+        self.pairs[lo] = pair
+        for m in (lo, lo + 1):
+            if m in self.done or m - 1 not in self.pairs or m not in self.pairs:
+                continue
+            self.done.add(m)
+            self._count(self.pairs[m - 1], self.pairs[m])
+        for k in (lo - 1, lo, lo + 1):  # a pair serves the middles k and k + 1
+            if k in self.pairs and k in self.done and k + 1 in self.done:
+                del self.pairs[k]
+
+    def _count(self, below: PairResidual | None, above: PairResidual | None) -> None:
+        if below is None or above is None or len(below.p_hi) == 0 or len(above.p_lo) == 0:
+            return
+        dist, idx = cKDTree(below.p_hi).query(above.p_lo, distance_upper_bound=self.radius)
+        ok = np.isfinite(dist)
+        if not ok.any():
+            return
+        e1, e2 = below.e_hi[idx[ok]], above.e_lo[ok]
+        self.s12 += float(np.sum(e1 * e2))
+        self.s11 += float(np.sum(e1 * e1))
+        self.s22 += float(np.sum(e2 * e2))
+        self.count += int(ok.sum())
+        self.used += 1
+
+    def result(self) -> dict:
+        """``value`` (None when fewer than :data:`MIN_POINTS` points matched), ``points``, ``sections``
+        (middles used), ``rms`` (px, of the residuals used: context only, it depends on the image size)."""
+        s11, s22, count = self.s11, self.s22, self.count
+        value = self.s12 / np.sqrt(s11 * s22) if count >= MIN_POINTS and s11 > 0 and s22 > 0 else None
+        rms = float(np.sqrt((s11 + s22) / (2 * count))) if count else None
+        return {
+            "value": None if value is None else float(value),
+            "points": count,
+            "sections": self.used,
+            "rms": rms,
+        }
+
+
 def residual_correlation(pairs: dict[int, PairResidual], radius: float) -> dict:
     """The correlation of the residuals of the two neighbour pairs through every section.
 
     ``pairs``: lower section -> its pair to the next section. For every section ``m`` with both
     pairs, each point of the pair ``(m, m + 1)`` in ``m`` is matched to the nearest point of the pair
     ``(m - 1, m)`` in ``m`` within ``radius`` (original pixels); over all matched points of the stack
-    the correlation is ``sum(e1 . e2) / sqrt(sum |e1|^2 sum |e2|^2)``. Returns ``value`` (None when
-    fewer than :data:`MIN_POINTS` points matched), ``points``, ``sections`` (middles used),
-    ``rms`` (px, of the residuals used: context only, it depends on the image size)."""
-    s12 = s11 = s22 = 0.0
-    count = used = 0
-    for m in sorted(pairs):
-        below, above = pairs.get(m - 1), pairs[m]
-        if below is None or len(below.p_hi) == 0 or len(above.p_lo) == 0:
-            continue
-        dist, idx = cKDTree(below.p_hi).query(above.p_lo, distance_upper_bound=radius)
-        ok = np.isfinite(dist)
-        if not ok.any():
-            continue
-        e1, e2 = below.e_hi[idx[ok]], above.e_lo[ok]
-        s12 += float(np.sum(e1 * e2))
-        s11 += float(np.sum(e1 * e1))
-        s22 += float(np.sum(e2 * e2))
-        count += int(ok.sum())
-        used += 1
-    value = s12 / np.sqrt(s11 * s22) if count >= MIN_POINTS and s11 > 0 and s22 > 0 else None
-    rms = float(np.sqrt((s11 + s22) / (2 * count))) if count else None
-    return {"value": None if value is None else float(value), "points": count, "sections": used, "rms": rms}
+    the correlation is ``sum(e1 . e2) / sqrt(sum |e1|^2 sum |e2|^2)``. Returns
+    :meth:`Correlation.result`."""
+    acc = Correlation(radius)
+    for lo in sorted(pairs):
+        acc.add(lo, pairs[lo])
+    return acc.result()
 
 
 def decide(elastic, reading: dict, limit: float = LIMIT) -> dict:
