@@ -1075,11 +1075,12 @@ def align_stack(
         (``["auto"]["background"]``) say what ran and why.
         ``"none"`` (the default up to session 21) leaves the placement as solved.
     elastic, elastic_spacing, elastic_radius, elastic_iterations
-        Elastic refinement after the per-section maps: True, False or ``"auto"`` (the default
-        since session 29: only where the sections are measured to be distorted, from the neighbour
-        pairs' track residuals, :mod:`.distortion`; ``metrics["distortion"]`` has the reading, the
-        limit and the decision, the settings' ``elastic_applied`` what ran; an undistorted stack gets
-        ``elastic=False``'s result bit for bit; off before). A smooth displacement
+        Elastic refinement after the per-section maps: True, False (the default) or ``"auto"``
+        (opt-in since session 29: only where the sections are measured to be distorted, from the
+        neighbour pairs' track residuals, :mod:`.distortion`; ``metrics["distortion"]`` has the
+        reading, the limit and the decision, the settings' ``elastic_applied`` what ran; a stack read
+        undistorted gets ``elastic=False``'s result bit for bit; image noise also reads as distortion,
+        so noisy undistorted stacks may get the step too). A smooth displacement
         per section on a grid of ``elastic_spacing`` pixels, minus the median optical flow to
         its ``elastic_radius`` neighbours on each side, in ``elastic_iterations`` relaxation
         passes (:mod:`.elastic`); identical sections get zero fields. The transform is then an

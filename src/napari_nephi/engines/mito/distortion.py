@@ -11,12 +11,16 @@ each, both as the motion of the content from the lower section to the higher one
   all there is);
 * where the content moves on through the stack (mitochondria drifting, tubes cut obliquely changing
   shape), the two residuals point the same way: positive;
-* tracking noise is independent between the pairs: 0.
+* tracking noise added to each pair separately is independent between the pairs: 0. **Image noise
+  is not**: the noise of section ``m`` enters both pairs' tracks at the same place with opposite
+  signs, as a distortion would, so noisy undistorted stacks read negative too (review 2 of session
+  29: ``em_stack`` noise 0.1-0.3 reads -0.01 to -0.09 undistorted, inside the distorted range).
 
 So the correlation (:func:`residual_correlation`) is a unitless number that does not depend on the
 image size, the stack length or the number of keypoints (only its precision does), and it is read
 from the tracks the neighbour pairs already make: no image is read again. ``elastic="auto"`` runs
-the elastic step where it is at most :data:`LIMIT` (docs/mito.md, session 29).
+the elastic step where it is at most :data:`LIMIT` (docs/mito.md, session 29). It is opt-in (the
+default is ``elastic=False``) until the reading tells image noise from distortion.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from scipy.spatial import cKDTree
 
 from ...core.errors import InputError
 
-#: :func:`.align.align_stack`'s ``elastic`` default.
-DEFAULT_ELASTIC: bool | str = "auto"
+#: :func:`.align.align_stack`'s ``elastic`` default: off. ``"auto"`` is opt-in: image noise reads as
+#: distortion (module docstring), so on noisy undistorted stacks it ran the elastic step at ~10-40x the
+#: CPU and lost up to 0.011 Dice (review 2 of session 29).
+DEFAULT_ELASTIC: bool | str = False
 
 #: ``elastic="auto"``: the elastic step runs where the correlation is at most this (session 29).
 LIMIT = -0.03
