@@ -312,13 +312,15 @@ def test_a_falling_rate_at_the_end_of_the_last_level_lets_a_nearly_right_map_set
 
 
 def test_the_flat_fill_threshold_of_predict_refine_falls_with_the_longest_side(monkeypatch):
-    """Session 29: predict+refine's flat fill takes optimize's texture threshold up to 256 px on the longest
-    side and that threshold times 256 over the side above it (half at 512 px); None: optimize's rule."""
+    """Session 29: predict+refine's flat fill takes optimize's texture threshold up to a side sqrt(h w) of
+    256 px and that threshold times 256 over the side above it, at least half of it (512 px and above;
+    review 2 of session 29, B1); None: optimize's rule."""
     assert (
         predict.refine_flat_gradient((256, 256)) is None and predict.refine_flat_gradient((100, 200)) is None
     )
     assert predict.refine_flat_gradient((512, 512)) == pytest.approx(FLAT_GRADIENT / 2)
-    assert predict.refine_flat_gradient((200, 1024)) == pytest.approx(FLAT_GRADIENT / 4)
+    assert predict.refine_flat_gradient((1024, 1024)) == pytest.approx(FLAT_GRADIENT / 2)  # not extrapolated
+    assert predict.refine_flat_gradient((256, 640)) == pytest.approx(FLAT_GRADIENT * 256 / np.sqrt(256 * 640))
     monkeypatch.setattr(predict, "REFINE_FLAT_SIDE", None)
     assert predict.refine_flat_gradient((512, 512)) is None
 

@@ -24,9 +24,12 @@ coins 2 % 0.167 -> 0.113 px, cell 1 % 0.090 -> 0.077 px, camera 2 % 0.490 -> 0.4
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from . import flatfill
 from .coarse import (
     COARSE_LEARNING_RATE,
     DenseMaps,
@@ -36,7 +39,6 @@ from .coarse import (
     pyramid_shapes,
 )
 from .field import Codes, NeuralDeformationField
-from .flatfill import FLAT_GRADIENT
 from .smoothing import gaussian_smoothed
 
 #: Points per call when a field is evaluated on its grid.
@@ -161,8 +163,8 @@ def low_passed_maps(maps: DenseMaps, sigma: float = LOW_PASS_VOXELS) -> DenseMap
 #: px at most to 0.1 (the backward map is exp(-v)).
 SAMPLE_ONCE = True
 
-#: ``predict+refine`` from the prediction as a velocity (:data:`SAMPLE_ONCE`, 2D): on images whose longest
-#: side exceeds this many pixels the flat fill's texture threshold (an RMS gradient per voxel,
+#: ``predict+refine`` from the prediction as a velocity (:data:`SAMPLE_ONCE`, 2D): on images whose side
+#: ``sqrt(h w)`` exceeds this many pixels the flat fill's texture threshold (an RMS gradient per voxel,
 #: :data:`.flatfill.FLAT_GRADIENT`) falls as that side grows (:func:`refine_flat_gradient`; None: optimize's
 #: threshold at every size). The same faint texture upsampled has a smaller gradient per voxel: at 512 px
 #: the cell's texture and the camera's sky read flat on 25-28 % of the last coarse grid, where the fill
@@ -173,12 +175,14 @@ REFINE_FLAT_SIDE: int | None = 256
 
 def refine_flat_gradient(shape) -> float | None:
     """The flat fill's texture threshold in ``predict+refine`` from the prediction as a velocity on an
-    image of ``shape``: :data:`.flatfill.FLAT_GRADIENT` times :data:`REFINE_FLAT_SIDE` over the longest side
-    where that side is longer (0.0025 at 512 px), else None (the fill's own threshold, as optimize's)."""
-    side = max(int(n) for n in shape)
+    image of ``shape``: :data:`.flatfill.FLAT_GRADIENT` (read at call time) times :data:`REFINE_FLAT_SIDE`
+    over the image's side ``sqrt(h w)`` where that is longer, at least half of it (0.0025 at 512^2 and above:
+    measured at 384^2 and 512^2 only, not extrapolated; review 2 of session 29, B1), else None (the fill's
+    own threshold, as optimize's)."""
+    side = math.sqrt(math.prod(int(n) for n in shape))
     if REFINE_FLAT_SIDE is None or side <= REFINE_FLAT_SIDE:
         return None
-    return FLAT_GRADIENT * REFINE_FLAT_SIDE / side
+    return flatfill.FLAT_GRADIENT * max(REFINE_FLAT_SIDE / side, 0.5)
 
 
 #: Fixed-point steps of :func:`velocity_of`.
