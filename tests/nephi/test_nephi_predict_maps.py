@@ -311,7 +311,7 @@ def test_a_falling_rate_at_the_end_of_the_last_level_lets_a_nearly_right_map_set
     assert after < 0.8 * before, errors
 
 
-def test_the_flat_fill_threshold_of_predict_refine_falls_with_the_longest_side(monkeypatch):
+def test_the_flat_fill_threshold_of_predict_refine_falls_with_the_image_side(monkeypatch):
     """Session 29: predict+refine's flat fill takes optimize's texture threshold up to a side sqrt(h w) of
     256 px and that threshold times 256 over the side above it, at least half of it (512 px and above;
     review 2 of session 29, B1); None: optimize's rule."""
