@@ -99,7 +99,9 @@ def pair_residual(
 class Correlation:
     """:func:`residual_correlation` accumulated as the neighbour pairs arrive (:func:`.align.align_stack`):
     a section's sums are taken as soon as both its pairs are in, and a pair is dropped once both its
-    sections are counted (or cannot be), so memory does not grow with the stack."""
+    sections are counted, so memory does not grow with the stack (the neighbours of a failed section,
+    whose pair never arrives, are held to the end). The sums follow the pairs' arrival order, so with
+    several workers the last digits may differ between runs (review 2 of session 29, A4 / A5)."""
 
     def __init__(self, radius: float):
         self.radius = radius
