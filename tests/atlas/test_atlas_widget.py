@@ -232,6 +232,7 @@ def test_rerank_by_pose_reaches_the_lookup(make_napari_viewer, qtbot, toy_refere
         settings = widget.find_settings
         assert settings["rerank"] is checked and settings["plain_ranked"] is (True if checked else None)
         assert settings["rerank_options"] == (check_rerank_options({}) if checked else None)
+        assert settings["densified"] is (False if checked else None)  # dense_sweep is off by default
         assert settings["framing"] is framing  # the order the search starts from depends on it
     widget.lookup.framing = True
     assert calls.count("pose search") == 1 and calls.count(False) == 2  # one find each way

@@ -89,10 +89,11 @@ def find_plates(progress, cancel, lookup, section, top: int, rerank: bool | None
     The pose search of a re-ranked lookup reports its progress and stops on ``cancel`` between its steps.
     """
     reranked = lookup.rerank_default if rerank is None else bool(rerank)
-    options = plain = None  # what the pose search ran with (None: no search)
+    options = plain = densified = None  # what the pose search ran with (None: no search)
     if reranked:
         found = lookup.search_poses(section, progress=progress, cancel=cancel)
         hits, options, plain = found.ranking[:top], found.options, found.plain_ranked
+        densified = bool(found.densified)  # whether the opt-in dense_sweep fired (session 29)
     else:
         hits = lookup.lookup(section, top=top, rerank=False)
     Progress(progress, cancel).check()
@@ -105,6 +106,7 @@ def find_plates(progress, cancel, lookup, section, top: int, rerank: bool | None
         "first_stage": first,
         "rerank_options": options,
         "plain_ranked": plain,
+        "densified": densified,
     }
 
 

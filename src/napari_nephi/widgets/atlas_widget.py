@@ -346,6 +346,7 @@ class AtlasWidget(QWidget):
             "rerank": bool(result["reranked"]),
             "rerank_options": result.get("rerank_options"),
             "plain_ranked": result.get("plain_ranked"),
+            "densified": result.get("densified"),  # whether the opt-in dense_sweep fired (None: no search)
             "first_stage": result["first_stage"],
             # the order the pose search starts from, and the first stage's ranking, depend on it
             "framing": bool(self.lookup.framing),
