@@ -540,7 +540,8 @@ class PoseSearch:
             dense = sorted(
                 set(short) | set(range(options["dense_sweep"] // 2, self.n, options["dense_sweep"]))
             )
-            extra = [z for z in dense if z not in set(zs)]  # the plates not scored yet
+            scored = set(zs)
+            extra = [z for z in dense if z not in scored]  # the plates not scored yet
             more = _stage1(coarse, coarse_atlas, mask, extra, options)
             _check(progress)
             found = coarse.score(more, self.n, best_per_cut_z=True)

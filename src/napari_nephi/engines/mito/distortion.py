@@ -31,6 +31,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from ...core.errors import InputError
+from .features import project
 
 #: :func:`.align.align_stack`'s ``elastic`` default: off. ``"auto"`` is opt-in: image noise reads as
 #: distortion (module docstring), so on noisy undistorted stacks it ran the elastic step at ~10-40x the
@@ -73,12 +74,6 @@ class PairResidual:
     e_hi: np.ndarray
 
 
-def _project(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    xy = pts @ m[:2, :2].T + m[:2, 2]
-    w = pts @ m[2, :2] + m[2, 2]
-    return xy / w[:, None]
-
-
 def pair_residual(
     a: int, b: int, src: np.ndarray, dst: np.ndarray, fit_xy: np.ndarray
 ) -> PairResidual | None:
@@ -88,11 +83,12 @@ def pair_residual(
     if abs(a - b) != 1 or len(src) == 0:
         return None
     m = np.asarray(fit_xy, np.float64)
+    m_inv = np.linalg.inv(m)
     if a > b:  # orient lower -> higher
-        src, dst, m = dst, src, np.linalg.inv(m)
+        src, dst, m, m_inv = dst, src, m_inv, m
     p_lo, p_hi = np.asarray(src, np.float64), np.asarray(dst, np.float64)
-    e_hi = p_hi - _project(m, p_lo)
-    e_lo = _project(np.linalg.inv(m), p_hi) - p_lo
+    e_hi = p_hi - project(m, p_lo)
+    e_lo = project(m_inv, p_hi) - p_lo
     return PairResidual(min(a, b), p_lo, e_lo, p_hi, e_hi)
 
 
