@@ -94,7 +94,7 @@ class PhaseClock:
             return "stage-1 plate cuts" if pivot is None else "stage-2 plate cuts"
 
         def correlations(grid, *_a, **_k):
-            return "stage-1 correlations" if grid.corr.rows is None else "stage-2 correlations"
+            return "stage-1 correlations" if grid.corr.reach is None else "stage-2 correlations"
 
         patches = [
             self._wrap(pose_grid.AtlasGrid, "__init__", "atlas grids (once per index)"),

@@ -636,52 +636,79 @@ def test_the_outside_band_prefers_a_plate_whose_tissue_ends_at_the_section_s_out
     assert float(cued[1, 0]) == pytest.approx(0.7 * float(plain[1, 0]), rel=1e-4)  # all of it
 
 
+def _plain_best(secs, slices, pad, ring=None, outside=0.0):
+    """Best score and shift of every (slice, section) pair by the plain computation: float64 numpy
+    FFTs over the whole zero padding (no ramp, no transposed layout, no pruned rows), every shift
+    that does not wrap around it, row-major order. ``secs``: [(re, im, mask)], ``slices`` likewise;
+    ``ring``: the band outside the section (one for every section), with ``outside`` its weight."""
+    from napari_nephi.engines.atlas.pose_grid import MIN_OVERLAP
+
+    n = secs[0][0].shape
+
+    def f(x):
+        return np.fft.fft2(np.asarray(x, np.float64), s=pad)
+
+    def corr(a, b):  # sum over x of a(x) b(x + s), at every shift s (index s mod pad)
+        return np.real(np.fft.ifft2(np.conj(f(a)) * f(b)))
+
+    shifts = [np.r_[0 : p - m + 1, m:p] if 2 * (p - m) + 1 <= p else np.arange(p) for m, p in zip(n, pad)]
+    value = np.zeros((len(slices), len(secs)))
+    where = {}
+    for c, (b_re, b_im, b_mask) in enumerate(slices):
+        for r, (a_re, a_im, a_mask) in enumerate(secs):
+            ea, na = (
+                float((a_re.astype(np.float64) ** 2 + a_im.astype(np.float64) ** 2).sum()),
+                float(a_mask.sum()),
+            )
+            num = corr(a_re, b_re) + corr(a_im, b_im)
+            energy = corr(a_mask, b_re.astype(np.float64) ** 2 + b_im.astype(np.float64) ** 2)
+            share = corr(a_mask, b_mask) / na
+            score = num / np.sqrt(ea * np.maximum(energy, 1e-3 * ea) + 1e-12) * np.clip(share, 0, 1)
+            if ring is not None:
+                score = score * (1.0 - outside * np.clip(corr(ring, b_mask) / ring.sum(), 0, 1))
+            score = np.where(share >= MIN_OVERLAP, score, -2.0)[np.ix_(*shifts)]
+            k = np.unravel_index(int(np.argmax(score)), score.shape)
+            value[c, r] = score[k]
+            where[c, r] = tuple(
+                float(s[i] if s[i] <= p // 2 else s[i] - p) for s, i, p in zip(shifts, k, pad)
+            )
+    return value, where
+
+
 @pytest.mark.parametrize("reach", [4, None])
-def test_row_pruned_inverse_gives_the_2d_inverse_s_scores_and_shifts(reach):
-    """Where few rows hold searched shifts only they are transformed back; scores and shifts must be
-    those of one 2D inverse over the whole padding with the same shifts allowed."""
-    from napari_nephi.engines.atlas.pose_grid import MIN_OVERLAP, Correlator
+@pytest.mark.parametrize("band", [False, True])
+def test_windowed_transposed_scores_equal_the_plain_computation(reach, band):
+    """The correlator (session 30) moves the searched shifts to one block by a phase ramp on the
+    section's spectra, keeps its spectra transposed and transforms back only the rows of that block:
+    every best score must equal the plain float64 computation over the whole padding (1e-5), and every
+    best shift be the same, with and without the outside band, for a local reach and for half the
+    canvas; where no shift is searched the score is -2 at shift (0, 0)."""
+    from napari_nephi.engines.atlas.pose_grid import Correlator, outside_band
 
     rng = np.random.default_rng(7)
     n = 30
     corr = Correlator((n, n), reach)
-    assert (corr.rows is not None) == (reach == 4)  # 9 of 36 rows kept; half the canvas keeps most
     mask = np.zeros((n, n), np.float32)
     mask[6:24, 5:22] = 1.0
+    ring = outside_band(mask > 0, 2) if band else None
 
-    def field_of():
-        return [np.where(mask > 0, rng.normal(size=(n, n)), 0).astype(np.float32) for _ in range(2)]
+    def field_of(m):
+        return [np.where(m > 0, rng.normal(size=(n, n)), 0).astype(np.float32) for _ in range(2)]
 
-    secs = [corr.section(*field_of(), mask) for _ in range(3)]
-    fa = torch.stack([f for f, _, _ in secs])
-    ea = torch.tensor([e for _, e, _ in secs])
-    na = torch.tensor([a for _, _, a in secs])
-    fb = torch.stack([corr.slice(*field_of(), np.roll(mask, k, axis=0)) for k in range(-3, 4)])
-    value, index = corr.best(fa, ea, na, fb)
-    # the reference: one 2D inverse over the whole padding, every shift that does not wrap around
-    ca, cb = torch.conj(fa)[None], fb[:, None]
-    spec = torch.stack(
-        [
-            ca[:, :, 0] * cb[:, :, 0] + ca[:, :, 1] * cb[:, :, 1],
-            ca[:, :, 2] * cb[:, :, 2],
-            ca[:, :, 2] * cb[:, :, 3],
-        ],
-        dim=2,
-    )
-    num, energy, overlap = torch.fft.irfft2(spec, s=corr.pad).unbind(2)
-    share = overlap / na[None, :, None, None]
-    e = ea[None, :, None, None]
-    score = num / torch.sqrt(e * energy.clamp_min(1e-3 * e) + 1e-12) * share.clamp(0, 1)
-    ok = np.ones(corr.pad, dtype=bool)  # shifts that do not wrap around the zero padding
-    for axis, p in enumerate(corr.pad):
-        bad = np.zeros(p, dtype=bool)
-        bad[p - n + 1 : n] = True
-        ok &= ~(bad[:, None] if axis == 0 else bad[None, :])
-    near = torch.from_numpy(ok)
-    score = torch.where(near & (share >= MIN_OVERLAP), score, torch.tensor(-2.0))
-    ref_value, ref_index = score.flatten(2).max(dim=2)
-    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-6)
-    assert torch.equal(index, ref_index)
+    secs = [(*field_of(mask), mask) for _ in range(3)]
+    slices = [(*field_of(np.roll(mask, k, axis=0)), np.roll(mask, k, axis=0)) for k in range(-3, 4)]
+    slices.append((*field_of(mask), np.zeros_like(mask)))  # no tissue: no shift searched
+    fs = [corr.section(re, im, m, ring) for re, im, m in secs]
+    fa = torch.stack([x for x, _, _ in fs])
+    ea, na = torch.tensor([e for _, e, _ in fs]), torch.tensor([a for _, _, a in fs])
+    fb = torch.stack([corr.slice(*s) for s in slices])
+    extra = (torch.full((3,), float(ring.sum())), 0.3) if band else ()
+    value, index = corr.best(fa, ea, na, fb, *extra)
+    ref_value, ref_shift = _plain_best(secs, slices, corr.pad, ring, 0.3)
+    np.testing.assert_allclose(value.numpy(), ref_value, rtol=1e-5, atol=1e-6)
+    for (c, r), shift in ref_shift.items():
+        assert tuple(corr.shift(int(index[c, r]))) == (shift if ref_value[c, r] > -2 else (0.0, 0.0))
+    assert (value[:-1] > -2).all() and (value[-1] == -2).all()
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -726,6 +753,29 @@ def test_atlas_sampling_matches_scipy(toy_reference):
         np.testing.assert_allclose(
             mask[k], ndi.map_coordinates(grid.mask_volume, points[k], order=1), atol=1e-5
         )
+
+
+def test_plane_sampling_equals_sampling_its_points(toy_reference):
+    """:meth:`AtlasGrid.sample_planes` (session 30: the normalised grid built at once, in float32) reads
+    the volume and its mask where :meth:`AtlasGrid.sample` reads the planes' points (1e-5), tilted
+    planes partly outside the volume included."""
+    from napari_nephi.engines.atlas.pose_grid import AtlasGrid, plane
+
+    reference, labels = toy_reference
+    grid = AtlasGrid(Plates.from_reference(reference, labels), 32)
+    axes = np.array([plane(t) for t in [(0.0, 0.0), (9.0, -6.0), (-12.0, 12.0)]])  # (3, 2, 3)
+    origin = np.array([[3.0, 10.5, 12.0], [10.25, 16.0, 15.5], [17.5, 2.0, 30.0]])
+    r, c = np.arange(-9, 10) * 0.9, np.arange(-11, 12) * 1.1
+    points = (
+        origin[:, :, None, None]
+        + axes[:, 0, :, None, None] * r[None, None, :, None]
+        + axes[:, 1, :, None, None] * c[None, None, None, :]
+    )
+    image, mask = grid.sample(points)
+    image2, mask2 = grid.sample_planes(origin, axes[:, 0], axes[:, 1], r, c)
+    assert image2.shape == (3, 19, 23) and (image > 0).any() and (image == 0).any()
+    np.testing.assert_allclose(image2, image, atol=1e-5)
+    np.testing.assert_allclose(mask2, mask, atol=1e-5)
 
 
 def test_scales_lie_on_a_fixed_grid_and_cover_the_range():
@@ -840,12 +890,13 @@ def test_batched_oblique_cuts_equal_cuts_made_one_at_a_time(toy_reference):
         assert torch.equal(cut.fft, alone.fft)
 
 
-def test_in_place_field_and_scores_equal_the_out_of_place_expressions():
-    """Session 17 computes the edge field and the correlation scores in place; they must equal, bit for
-    bit, the out-of-place expressions they replaced (written here), masked shifts included."""
+def test_in_place_field_equals_the_out_of_place_expressions():
+    """Session 17 computes the edge field in place; it must equal, bit for bit, the out-of-place
+    expressions it replaced (written here). (The scores' in-place arithmetic is checked against the
+    plain computation by test_windowed_transposed_scores_equal_the_plain_computation.)"""
     import math
 
-    from napari_nephi.engines.atlas.pose_grid import EDGE_EPS, MIN_OVERLAP, Correlator, _field
+    from napari_nephi.engines.atlas.pose_grid import EDGE_EPS, _field
 
     rng = np.random.default_rng(11)
     image = cv2.GaussianBlur(rng.random((40, 40)).astype(np.float32), (0, 0), 1.0)
@@ -863,36 +914,3 @@ def test_in_place_field_and_scores_equal_the_out_of_place_expressions():
         old = ((gx * gx - gy * gy) * scale).astype(np.float32), ((2 * gx * gy) * scale).astype(np.float32)
         new = _field(image, weight)
         assert all(np.array_equal(a, b) and b.dtype == np.float32 for a, b in zip(old, new, strict=True))
-    for reach in (None, 4):
-        corr = Correlator((24, 24), reach)
-        mask = np.zeros((24, 24), np.float32)
-        mask[5:19, 4:17] = 1.0
-        parts = [
-            [np.where(mask > 0, rng.normal(size=mask.shape), 0).astype(np.float32) for _ in range(2)]
-            for _ in range(6)
-        ]
-        secs = [corr.section(re, im, mask) for re, im in parts[:2]]
-        fa = torch.stack([f for f, _, _ in secs])
-        ea, na = torch.tensor([e for _, e, _ in secs]), torch.tensor([a for _, _, a in secs])
-        fb = torch.stack(
-            [corr.slice(re, im, np.roll(mask, 3 * k, axis=1)) for k, (re, im) in enumerate(parts[2:])]
-        )
-        value, index = corr.best(fa, ea, na, fb)
-        prod = torch.conj(fa)[:, (0, 1, 2, 2)][None] * fb[:, None]
-        prod[:, :, 1] += prod[:, :, 0]
-        if corr.rows is None:
-            out = torch.fft.irfft2(prod[:, :, 1:], s=corr.pad)
-        else:
-            out = torch.fft.irfft(
-                torch.fft.ifft(prod[:, :, 1:], dim=-2)[..., corr.rows, :], n=corr.pad[1], dim=-1
-            )
-        num, energy, overlap = out.unbind(2)
-        e4, n4 = ea[None, :, None, None], na[None, :, None, None]
-        share = overlap / n4
-        score = num / torch.sqrt(e4 * energy.clamp_min(1e-3 * e4) + 1e-12) * share.clamp(0, 1)
-        score = torch.where(~corr.skip & (share >= MIN_OVERLAP), score, torch.tensor(-2.0))
-        old_value, old_index = score.flatten(2).max(dim=2)
-        if corr.rows is not None:
-            old_index = corr.rows[old_index // corr.pad[1]] * corr.pad[1] + old_index % corr.pad[1]
-        assert torch.equal(value, old_value) and torch.equal(index, old_index)
-        assert (value > -2).any()  # real scores compared, not only masked shifts
