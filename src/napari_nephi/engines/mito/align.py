@@ -73,6 +73,7 @@ from .detrend import MIN_SECTIONS as MIN_DETREND_SECTIONS
 from .distortion import DEFAULT_ELASTIC, Correlation, check_elastic, decide, pair_residual
 from .distortion import LIMIT as DISTORTION_LIMIT
 from .distortion import RADIUS as DISTORTION_RADIUS
+from .distortion import RING as DISTORTION_RING
 from .elastic import (
     ELASTIC_SOLVERS,
     elastic_fields,
@@ -1079,8 +1080,9 @@ def align_stack(
         (opt-in since session 29: only where the sections are measured to be distorted, from the
         neighbour pairs' track residuals, :mod:`.distortion`; ``metrics["distortion"]`` has the
         reading, the limit and the decision, the settings' ``elastic_applied`` what ran; a stack read
-        undistorted gets ``elastic=False``'s result bit for bit; image noise also reads as distortion,
-        so noisy undistorted stacks may get the step too). A smooth displacement
+        undistorted gets ``elastic=False``'s result bit for bit; since session 30 the residuals are
+        correlated between points 12-30 work pixels apart, beyond the tracking window, so image noise
+        no longer reads as distortion). A smooth displacement
         per section on a grid of ``elastic_spacing`` pixels, minus the median optical flow to
         its ``elastic_radius`` neighbours on each side, in ``elastic_iterations`` relaxation
         passes (:mod:`.elastic`); identical sections get zero fields. The transform is then an
@@ -1199,7 +1201,9 @@ def align_stack(
     matrices = np.repeat(np.eye(3)[None], n, axis=0)
     rows: list[dict | None] = [None] * n
     # the sections' distortion, from the neighbour pairs' track residuals as they arrive (.distortion)
-    correlation = Correlation(DISTORTION_RADIUS / opts.scale)
+    correlation = Correlation(
+        (DISTORTION_RING[0] / opts.scale, DISTORTION_RING[1] / opts.scale), DISTORTION_RADIUS / opts.scale
+    )
     chain_edges: list[Edge] = []  # the chained pairs (identity fallbacks with a tiny weight)
     extra_edges: list[Edge] = []  # the further neighbours of the global solve
     t_align = time.perf_counter()

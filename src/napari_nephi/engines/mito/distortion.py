@@ -2,8 +2,8 @@
 
 A neighbour pair's sub-pixel tracks (:func:`.features.refine`) leave a residual after the pair's
 richest model (the homography): what no projective map explains. Take a section ``m`` and its two
-neighbour pairs ``(m - 1, m)`` and ``(m, m + 1)``, and at the same place of ``m`` the residual of
-each, both as the motion of the content from the lower section to the higher one, in ``m``'s frame:
+neighbour pairs ``(m - 1, m)`` and ``(m, m + 1)``, and in ``m`` the residual of each, both as the
+motion of the content from the lower section to the higher one, in ``m``'s frame:
 
 * where every section carries its own smooth distortion ``d_k`` (cut sections, :func:`em_stack`'s
   ``distortion``), the first residual is ``d_{m-1} - d_m`` and the second ``d_m - d_{m+1}``: they
@@ -11,16 +11,22 @@ each, both as the motion of the content from the lower section to the higher one
   all there is);
 * where the content moves on through the stack (mitochondria drifting, tubes cut obliquely changing
   shape), the two residuals point the same way: positive;
-* tracking noise added to each pair separately is independent between the pairs: 0. **Image noise
-  is not**: the noise of section ``m`` enters both pairs' tracks at the same place with opposite
-  signs, as a distortion would, so noisy undistorted stacks read negative too (review 2 of session
-  29: ``em_stack`` noise 0.1-0.3 reads -0.01 to -0.09 undistorted, inside the distorted range).
+* tracking noise added to each pair separately is independent between the pairs: 0;
+* **image noise** of section ``m`` enters both pairs' tracks *at the same place* with opposite
+  signs, as a distortion would (review 2 of session 29: read at the same point, ``em_stack`` noise
+  0.1-0.3 read -0.01 to -0.09 undistorted, inside the distorted range). But it moves a track only
+  through the pixels of its Lucas-Kanade window (11 work pixels), while a cutting distortion is smooth
+  over tens to hundreds of pixels.
 
-So the correlation (:func:`residual_correlation`) is a unitless number that does not depend on the
-image size, the stack length or the number of keypoints (only its precision does), and it is read
-from the tracks the neighbour pairs already make: no image is read again. ``elastic="auto"`` runs
-the elastic step where it is at most :data:`LIMIT` (docs/mito.md, session 29). It is opt-in (the
-default is ``elastic=False``) until the reading tells image noise from distortion.
+So the residuals are correlated between **points farther apart than the window**: every residual of
+the pair ``(m, m + 1)`` in ``m`` with every residual of ``(m - 1, m)`` whose point lies :data:`RING`
+(12-30 work pixels) away from it (session 30). The distortion's share survives at that distance, the
+image noise's does not (undistorted stacks of identical sections with noise 0.02-0.3 read -0.004 to
++0.010; read at the same point, -0.05 to -0.44). The correlation (:func:`residual_correlation`) is
+unitless and does not depend on the image size, the stack length or the number of keypoints (only
+its precision does; its jackknife standard error over the sections is recorded), and it is read from
+the tracks the neighbour pairs already make: no image is read again. ``elastic="auto"`` runs the
+elastic step where it is at most :data:`LIMIT` (docs/mito.md, sessions 29 and 30).
 """
 
 from __future__ import annotations
@@ -33,18 +39,26 @@ from scipy.spatial import cKDTree
 from ...core.errors import InputError
 from .features import project
 
-#: :func:`.align.align_stack`'s ``elastic`` default: off. ``"auto"`` is opt-in: image noise reads as
-#: distortion (module docstring), so on noisy undistorted stacks it ran the elastic step at ~10-40x the
-#: CPU and lost up to 0.011 Dice (review 2 of session 29).
+#: :func:`.align.align_stack`'s ``elastic`` default: off. ``"auto"`` was made opt-in after review 2 of
+#: session 29 found that image noise read as distortion at the same point (noisy undistorted stacks ran
+#: the elastic step at ~10-40x the CPU and lost up to 0.011 Dice); session 30's ring reading removes that.
 DEFAULT_ELASTIC: bool | str = False
 
-#: ``elastic="auto"``: the elastic step runs where the correlation is at most this (session 29).
-LIMIT = -0.03
+#: ``elastic="auto"``: the elastic step runs where the correlation is at most this (session 30: of the
+#: ring reading; session 29's -0.03 was of the same-point one).
+LIMIT = -0.01
 
-#: Fewest matched residual pairs (points) over the stack for a reading; fewer: "unmeasured".
+#: Fewest points over the stack (residuals of the upper pairs with a partner in the ring) for a
+#: reading; fewer: "unmeasured".
 MIN_POINTS = 200
 
-#: Radius, in work pixels, within which a residual of one pair is matched to one of the other pair.
+#: Distances, in work pixels, between the points whose residuals are correlated: beyond the
+#: Lucas-Kanade window (11 work pixels, :func:`.features.track`) so that a section's image noise, which
+#: moves the tracks of both its pairs at the same place, drops out (session 30).
+RING = (12.0, 30.0)
+
+#: Radius, in work pixels, within which a residual of one pair is matched to one of the other pair
+#: for the same-point correlation (session 29's reading; recorded as ``same_point``, context only).
 RADIUS = 2.0
 
 
@@ -95,16 +109,19 @@ def pair_residual(
 class Correlation:
     """:func:`residual_correlation` accumulated as the neighbour pairs arrive (:func:`.align.align_stack`):
     a section's sums are taken as soon as both its pairs are in, and a pair is dropped once both its
-    sections are counted, so memory does not grow with the stack (the neighbours of a failed section,
-    whose pair never arrives, are held to the end). The sums follow the pairs' arrival order, so with
-    several workers the last digits may differ between runs (review 2 of session 29, A4 / A5)."""
+    sections are counted, so memory does not grow with the stack beyond three numbers per section
+    (the neighbours of a failed section, whose pair never arrives, are held to the end). The sums
+    follow the pairs' arrival order, so with several workers the last digits may differ between runs
+    (review 2 of session 29, A4 / A5). ``ring`` (inner, outer) and ``radius`` in original pixels."""
 
-    def __init__(self, radius: float):
+    def __init__(self, ring: tuple[float, float], radius: float):
+        self.ring = (float(ring[0]), float(ring[1]))
         self.radius = radius
         self.pairs: dict[int, PairResidual | None] = {}  # lower section -> its pair (None: no residuals)
         self.done: set[int] = set()  # middle sections counted or impossible
-        self.s12 = self.s11 = self.s22 = 0.0
-        self.count = self.used = 0
+        self.rows: list[tuple[float, ...]] = []  # per middle: ring sums e1.e2, |e1|^2, |e2|^2, pairs
+        self.p12 = self.p11 = self.p22 = 0.0  # same-point sums (context)
+        self.count = self.same = 0
 
     def add(self, lo: int, pair: PairResidual | None) -> None:
         """The pair from section ``lo`` to ``lo + 1`` (None where that pair gave no residuals)."""
@@ -121,40 +138,65 @@ class Correlation:
     def _count(self, below: PairResidual | None, above: PairResidual | None) -> None:
         if below is None or above is None or len(below.p_hi) == 0 or len(above.p_lo) == 0:
             return
-        dist, idx = cKDTree(below.p_hi).query(above.p_lo, distance_upper_bound=self.radius)
+        t_below, t_above = cKDTree(below.p_hi), cKDTree(above.p_lo)
+        near = t_below.sparse_distance_matrix(t_above, self.ring[1], output_type="ndarray")
+        far = near[near["v"] > self.ring[0]]
+        if len(far):
+            e1, e2 = below.e_hi[far["i"]], above.e_lo[far["j"]]
+            self.rows.append(
+                (float(np.sum(e1 * e2)), float(np.sum(e1 * e1)), float(np.sum(e2 * e2)), len(far))
+            )
+            self.count += len(np.unique(far["j"]))
+        dist, idx = t_below.query(above.p_lo, distance_upper_bound=self.radius)
         ok = np.isfinite(dist)
-        if not ok.any():
-            return
-        e1, e2 = below.e_hi[idx[ok]], above.e_lo[ok]
-        self.s12 += float(np.sum(e1 * e2))
-        self.s11 += float(np.sum(e1 * e1))
-        self.s22 += float(np.sum(e2 * e2))
-        self.count += int(ok.sum())
-        self.used += 1
+        if ok.any():
+            e1, e2 = below.e_hi[idx[ok]], above.e_lo[ok]
+            self.p12 += float(np.sum(e1 * e2))
+            self.p11 += float(np.sum(e1 * e1))
+            self.p22 += float(np.sum(e2 * e2))
+            self.same += int(ok.sum())
 
     def result(self) -> dict:
-        """``value`` (None when fewer than :data:`MIN_POINTS` points matched), ``points``, ``sections``
-        (middles used), ``rms`` (px, of the residuals used: context only, it depends on the image size)."""
-        s11, s22, count = self.s11, self.s22, self.count
-        value = self.s12 / np.sqrt(s11 * s22) if count >= MIN_POINTS and s11 > 0 and s22 > 0 else None
-        rms = float(np.sqrt((s11 + s22) / (2 * count))) if count else None
+        """``value`` (the ring correlation; None when fewer than :data:`MIN_POINTS` points), ``se``
+        (its jackknife standard error over the sections, None under 3 sections), ``points``,
+        ``sections`` (middles used), ``same_point`` (session 29's reading, context: image noise pulls
+        it down) and ``rms`` (px, of the residuals in the ring sums: context only, it depends on the
+        image size)."""
+        rows = np.asarray(self.rows, np.float64).reshape(-1, 4)[:, :3]
+        tot = rows.sum(0)
+        value = se = None
+        if self.count >= MIN_POINTS and tot[1] > 0 and tot[2] > 0:
+            value = float(tot[0] / np.sqrt(tot[1] * tot[2]))
+            rest = tot - rows
+            if len(rows) >= 3 and np.all(rest[:, 1:] > 0):
+                jack = rest[:, 0] / np.sqrt(rest[:, 1] * rest[:, 2])
+                se = float(np.sqrt((len(rows) - 1) * np.mean((jack - jack.mean()) ** 2)))
+        same = None
+        if self.same and self.p11 > 0 and self.p22 > 0:
+            same = float(self.p12 / np.sqrt(self.p11 * self.p22))
+        n_pairs = sum(r[3] for r in self.rows)
         return {
-            "value": None if value is None else float(value),
-            "points": count,
-            "sections": self.used,
-            "rms": rms,
+            "value": value,
+            "se": se,
+            "points": self.count,
+            "sections": len(rows),
+            "same_point": same,
+            "rms": float(np.sqrt((tot[1] + tot[2]) / (2 * n_pairs))) if n_pairs else None,
         }
 
 
-def residual_correlation(pairs: dict[int, PairResidual], radius: float) -> dict:
+def residual_correlation(
+    pairs: dict[int, PairResidual], ring: tuple[float, float], radius: float = RADIUS
+) -> dict:
     """The correlation of the residuals of the two neighbour pairs through every section.
 
     ``pairs``: lower section -> its pair to the next section. For every section ``m`` with both
-    pairs, each point of the pair ``(m, m + 1)`` in ``m`` is matched to the nearest point of the pair
-    ``(m - 1, m)`` in ``m`` within ``radius`` (original pixels); over all matched points of the stack
-    the correlation is ``sum(e1 . e2) / sqrt(sum |e1|^2 sum |e2|^2)``. Returns
-    :meth:`Correlation.result`."""
-    acc = Correlation(radius)
+    pairs, each point of the pair ``(m, m + 1)`` in ``m`` is paired with every point of the pair
+    ``(m - 1, m)`` in ``m`` farther than ``ring[0]`` and at most ``ring[1]`` away (original pixels);
+    over all such pairs of the stack the correlation is ``sum(e1 . e2) / sqrt(sum |e1|^2 sum |e2|^2)``.
+    ``same_point``: the same with each point matched to the nearest within ``radius`` (session 29).
+    Returns :meth:`Correlation.result`."""
+    acc = Correlation(ring, radius)
     for lo in sorted(pairs):
         acc.add(lo, pairs[lo])
     return acc.result()
@@ -162,11 +204,13 @@ def residual_correlation(pairs: dict[int, PairResidual], radius: float) -> dict:
 
 def decide(elastic, reading: dict, limit: float = LIMIT) -> dict:
     """``elastic="auto"``'s decision from :func:`residual_correlation`'s ``reading``: the record
-    (``correlation``, ``limit``, ``points``, ``sections``, ``distorted``: whether the elastic step
-    runs; an unmeasured stack, too few matched points, is left undistorted)."""
+    (``correlation``, ``se``, ``limit``, ``points``, ``sections``, ``same_point``, ``rms``, ``ring``
+    (work pixels), ``distorted``: whether the elastic step runs; an unmeasured stack, too few points,
+    is left undistorted)."""
     value = reading["value"]
     distorted = value is not None and value <= limit
     return {
-        "elastic": elastic, "correlation": value, "limit": limit, "points": reading["points"],
-        "sections": reading["sections"], "rms": reading["rms"], "distorted": bool(distorted),
+        "elastic": elastic, "correlation": value, "se": reading["se"], "limit": limit,
+        "points": reading["points"], "sections": reading["sections"], "same_point": reading["same_point"],
+        "rms": reading["rms"], "ring": list(RING), "distorted": bool(distorted),
     }  # fmt: skip
