@@ -677,9 +677,9 @@ def _plain_best(secs, slices, pad, ring=None, outside=0.0):
 
 @pytest.mark.parametrize("reach", [4, None])
 @pytest.mark.parametrize("band", [False, True])
-def test_windowed_transposed_scores_equal_the_plain_computation(reach, band):
+def test_windowed_scores_equal_the_plain_computation(reach, band):
     """The correlator (session 30) moves the searched shifts to one block by a phase ramp on the
-    section's spectra, keeps its spectra transposed and transforms back only the rows of that block:
+    section's spectra and transforms back only the rows of that block (then scores only the block):
     every best score must equal the plain float64 computation over the whole padding (1e-5), and every
     best shift be the same, with and without the outside band, for a local reach and for half the
     canvas; where no shift is searched the score is -2 at shift (0, 0)."""
@@ -893,7 +893,7 @@ def test_batched_oblique_cuts_equal_cuts_made_one_at_a_time(toy_reference):
 def test_in_place_field_equals_the_out_of_place_expressions():
     """Session 17 computes the edge field in place; it must equal, bit for bit, the out-of-place
     expressions it replaced (written here). (The scores' in-place arithmetic is checked against the
-    plain computation by test_windowed_transposed_scores_equal_the_plain_computation.)"""
+    plain computation by test_windowed_scores_equal_the_plain_computation.)"""
     import math
 
     from napari_nephi.engines.atlas.pose_grid import EDGE_EPS, _field

@@ -142,6 +142,18 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   development sections, replayed): mean rank 1.916 -> 1.797 ("replace" 1.986, ``sweep_step`` 3 1.953)
   for about 5 % more CPU, firing on 10 % of the sections; fresh query seeds 104-106 1.978 -> 1.978, Top-5
   93.3 -> 92.8 % ("replace" 2.083, ``sweep_step`` 3 2.139): not a default.
+* **Two-pass stage 1** (session 30, ``stage1_prune``; None: one pass, every pair). Stage 1 scores
+  every plate's pairs at rotation 0 first; then the other rotations of the anchors' plates and of the
+  ``hypotheses`` best plates by their rotation-0 best, and, ``hypotheses`` plates at a time in that
+  order, of every plate whose rotation-0 best lies within ``stage1_prune`` of the weakest of the
+  ``hypotheses`` distinct starts chosen from the plates scored in full so far (:func:`_pruned_stage1`).
+  A plate left out keeps its rotation-0 best, below every start. Stage 2 depends on its starts alone,
+  and they are those of the full stage 1 wherever no plate left out would have scored in full above
+  the weakest start (a plate's best over every rotation was a median 0.014 above its rotation-0 best
+  on query seed 0, 90 % within 0.068). 0.05: on 360 development sections (query seeds 0, 1, 5-8) the
+  starts are the same on 305, stage 1 scores 56 % of its pairs, and the ranks are 1.950 -> 1.956, Top-1
+  44.7 -> 45.3 %, Top-5 92.2 -> 91.9 % (2 better, 2 worse); docs/atlas.md, "Session 30". Only the first
+  pass of stage 1 is pruned (the ``dense_sweep`` plates and the widening's are scored in full).
 * **Cost.** Untilted cuts of stage 1 depend only on the plate and on plate pixels per canvas
   pixel, which come from a fixed geometric grid: they are cached across sections
   (:data:`.pose_grid.CUT_CACHE_BYTES`). Stage 2 centres its cuts on the stage-1 pose and searches
@@ -211,6 +223,11 @@ DEFAULTS = {
     # chooses every start again from the denser stage 1 (as sweep_step dense_sweep would)
     "dense_mode": "add",
     "dense_starts": 2,
+    # stage 1 in two passes (None: one pass, every pair): rotation 0 of every plate first, then the
+    # other rotations only on plates whose rotation-0 best lies within this much of stage 2's weakest
+    # start among the plates scored so far (the anchors' plates always; module docstring, "Two-pass
+    # stage 1", session 30)
+    "stage1_prune": None,
     "coarse_size": 32,  # longest side (pixels) of a plate on the grid of stage 1
     "work_size": 56,  # ... and of stage 2
     "max_rotation": 15.0,  # in-plane rotation searched (degrees, either way)
@@ -374,6 +391,8 @@ def check_rerank_options(options: dict | None) -> dict:
             "without a sweep), and a larger step would sweep fewer plates. Use e.g. dense_sweep 3 with "
             "sweep_step 6, or dense_sweep 0 (off)."
         )
+    if out["stage1_prune"] is not None:
+        out["stage1_prune"] = check_float("stage1_prune", out["stage1_prune"], 0.0, 2.0)
     out["coarse_size"] = check_int("coarse_size", out["coarse_size"], 16, 256)
     out["work_size"] = check_int("work_size", out["work_size"], 16, 256)
     out["max_rotation"] = check_float("max_rotation", out["max_rotation"], 0.0, 180.0)
@@ -532,7 +551,10 @@ class PoseSearch:
             zs = sorted(set(zs) | set(range(options["sweep_step"] // 2, self.n, options["sweep_step"])))
         pairs = _stage1(coarse, coarse_atlas, mask, zs, options)
         _check(progress)
-        first = coarse.score(pairs, self.n, best_per_cut_z=True)  # hypotheses need no more
+        if options["stage1_prune"] is None:
+            first = coarse.score(pairs, self.n, best_per_cut_z=True)  # hypotheses need no more
+        else:
+            first, pairs = _pruned_stage1(coarse, pairs, shortlist, options, self.n, progress)
         hyps = hypotheses(first, shortlist, options)
         densified = _outscored(hyps, shortlist, options)
         if densified:  # the sweep outscored the shortlist: every dense_sweep-th plate in stage 1 too
@@ -656,6 +678,46 @@ def stage1_pairs(
                 cut = coarse.plate_cut(coarse_atlas, z, s)
                 pairs += [(r, s, cut) for r in rotations]
     return pairs
+
+
+def _pruned_stage1(coarse: SectionGrid, pairs: list, shortlist: list[int], options: dict, n: int, progress):
+    """Stage 1 in two passes (``stage1_prune``): every plate's pairs at rotation 0, then the other
+    rotations of the plates whose rotation-0 best could still make a start of stage 2: the anchors'
+    plates and the ``hypotheses`` best by their rotation-0 best, then, ``hypotheses`` plates at a time
+    in that order, every plate whose rotation-0 best lies within ``stage1_prune`` of the weakest of the
+    ``hypotheses`` distinct starts chosen from the plates scored in full so far (all of them while
+    fewer starts are chosen). Returns each plate's best pose (a plate not scored in
+    full: its rotation-0 best, below every start) and the pairs scored. Stage 2's starts are those of
+    the full stage 1 wherever no plate left out would have scored above the weakest start in full."""
+    zero = [p for p in pairs if p[0] == 0.0]
+    rest: dict[float, list] = {}
+    for p in pairs:
+        if p[0] != 0.0:
+            rest.setdefault(p[2].z, []).append(p)
+    if not zero or not rest:  # no rotation 0, or nothing else: one pass
+        return coarse.score(pairs, n, best_per_cut_z=True), pairs
+    best = {p.z: p for p in coarse.score(zero, n, best_per_cut_z=True)}
+    proxy = {z: p.score for z, p in best.items()}
+    ranked = sorted(proxy, key=lambda z: -proxy[z])  # stable: ties in the plates' order
+    count = options["hypotheses"]
+    want = {float(z) for z in shortlist[: options["anchors"]] if float(z) in proxy} | set(ranked[:count])
+    done: set[float] = set()
+    used = list(zero)
+    while want:
+        more = [p for z in sorted(want) for p in rest.get(z, [])]
+        _check(progress)
+        for pose in coarse.score(more, n, best_per_cut_z=True):
+            if pose.score > best[pose.z].score:
+                best[pose.z] = pose
+        used += more
+        done |= want
+        full = [best[z] for z in proxy if z in done]
+        starts = _distinct(full, count, options["hypothesis_gap"])
+        floor = starts[-1].score if len(starts) == count else -np.inf
+        # the next few plates by their rotation-0 best (a small batch: the floor rises as plates come)
+        want = {z for z in ranked if z not in done and proxy[z] + options["stage1_prune"] >= floor}
+        want = set(sorted(want, key=lambda z: -proxy[z])[:count])
+    return [best[z] for z in proxy], used
 
 
 def coarse_grid(
