@@ -7,6 +7,7 @@ import torch
 import napari_nephi as nn
 from napari_nephi.core.transform import DisplacementTransform
 from napari_nephi.engines.nephi.flatfill import (
+    FLAT_GRADIENT,
     FLAT_SHARE,
     correlation_length,
     fill_flat,
@@ -123,6 +124,33 @@ def test_flat_voxels_are_the_disc_noisy_or_not_and_faint_texture_stays():
     t = torch.as_tensor(fine)[None, None]
     assert float((flat_share(t, (48, 48)) >= FLAT_SHARE).float().mean()) == 0.0
     assert float((flat_share(t, (48, 48), noisy=True) >= FLAT_SHARE)[0, 0].numpy()[core].mean()) > 0.5
+
+
+def test_empty_regions_count_whole_under_a_lowered_threshold_and_faint_texture_stays_out():
+    """Session 30 (``flat_share(..., empty=)``, predict+refine's opt-in ``REFINE_FLAT_EMPTY``): under a
+    threshold halved (predict+refine at 512 px) the empty disc in the gravel loses its rim, where the
+    window sees the gravel next to it (326 of 346 grid voxels flat); with ``empty`` 0.8 its region counts
+    whole again (346, as with ``FLAT_GRADIENT``), while a corner of faint texture (a sinusoid, RMS
+    gradient 0.0034, between the two thresholds), flat by ``FLAT_GRADIENT`` but not at all by the lowered
+    threshold, stays out of the fill."""
+    img, _ = _gravel_with_disc(128)
+    yy, xx = np.mgrid[:128, :128]
+    faint = (yy < 40) & (xx < 40)
+    img[faint] = 0.5 + 0.0126 * np.sin(2 * np.pi * xx[faint] / 16)
+    t = torch.from_numpy(img)[None, None]
+    low, high, empty = (
+        (flat_share(t, (64, 64), **kw) >= FLAT_SHARE)[0, 0].numpy()
+        for kw in ({"gradient": FLAT_GRADIENT / 2}, {}, {"gradient": FLAT_GRADIENT / 2, "empty": 0.8})
+    )
+    gy, gx = np.mgrid[:64, :64]
+    disc = (gy - 31.5) ** 2 + (gx - 31.5) ** 2 <= (0.22 * 64 + 2) ** 2
+    corner = (gy < 20) & (gx < 20)
+    assert low[disc].sum() < high[disc].sum() - 10  # the rim lost to the lowered threshold
+    assert (empty[disc] == high[disc]).all()  # the disc's region whole again
+    assert high[corner].mean() > 0.6 and not empty[corner].any() and not low[corner].any()
+    assert (empty[~disc & ~corner] == low[~disc & ~corner]).all()  # nothing else changes
+    # no effect where the threshold is not lowered, or without ``empty``
+    assert torch.equal(flat_share(t, (64, 64), empty=0.8), flat_share(t, (64, 64)))
 
 
 def test_a_noisy_flat_disc_moves_with_its_textured_surroundings():

@@ -340,6 +340,7 @@ def test_predict_refine_leaves_the_faint_texture_of_a_large_image_to_its_coarse_
     old = napari_nephi.register(fixed, moving, **kw)
     assert new.settings["coarse_flat_gradient"] == pytest.approx(FLAT_GRADIENT / 2)
     assert old.settings["coarse_flat_gradient"] == FLAT_GRADIENT
+    assert new.settings["coarse_flat_empty"] is None  # session 30's empty regions: opt-in
     assert new.metrics["coarse_flat_share"] < 0.02 and old.metrics["coarse_flat_share"] > 0.2
     e_new, e_old = (_epe(r.transform.displacement(fixed.shape), u) for r in (new, old))
     assert e_new < e_old, (e_new, e_old)

@@ -445,6 +445,7 @@ def optimize_velocity(
     first_blur: float = 0.0,
     initial: torch.Tensor | None = None,
     flat_gradient: float | None = None,
+    flat_empty: float | None = None,
 ) -> DenseMaps:
     """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
 
@@ -517,7 +518,9 @@ def optimize_velocity(
     (predict+refine's prediction, :func:`.predict.velocity_of`: the moving image is then sampled once
     through the whole map, as in optimize). ``flat_gradient`` (None: :data:`.flatfill.FLAT_GRADIENT`) is
     the flat fill's texture threshold (:func:`.flatfill.flat_share`; predict+refine's
-    :func:`.predict.refine_flat_gradient`).
+    :func:`.predict.refine_flat_gradient`); ``flat_empty`` (None: off) counts a region flat by
+    :data:`.flatfill.FLAT_GRADIENT` whole where at least that share of it is flat by ``flat_gradient``
+    (:func:`.flatfill.empty_regions`; predict+refine's opt-in :data:`.predict.REFINE_FLAT_EMPTY`).
     """
     d = fixed.dim() - 2
     full = tuple(fixed.shape[2:])
@@ -573,7 +576,7 @@ def optimize_velocity(
     v = None
     # flat shares of both images on the last grid (flatfill), taken before the levels' peak memory
     flat_shares = (
-        [flat_share(t, shapes[-1], flat_noisy, flat_gradient) for t in (f_fine, m_fine)]
+        [flat_share(t, shapes[-1], flat_noisy, flat_gradient, flat_empty) for t in (f_fine, m_fine)]
         if flat_fill and shapes
         else None
     )

@@ -476,6 +476,7 @@ def register_nephi(
     coarse_warmup = coarse_cooldown = 0.0  # (and the share of the last level's steps added, decaying)
     refine_start = None  # predict+refine's coarse stage: from the prediction as a velocity, or pre-warped
     flat_gradient = None  # the flat fill's texture threshold (None: flatfill's; predict+refine's below)
+    flat_empty = None  # empty regions filled whole under a lowered threshold (predict.REFINE_FLAT_EMPTY)
     if mode == "predict+refine" and after_coarse:  # the coarse stage starts from the prediction
         coarse_warmup = refine_warmup(fshape) if d == 2 else 0.0  # 2D, where it was measured
         coarse_cooldown = refine_cooldown(fshape) if d == 2 else 0.0
@@ -486,6 +487,7 @@ def register_nephi(
         refine_start = "velocity" if predict_module.SAMPLE_ONCE and d == 2 else "prewarp"
         if refine_start == "velocity":  # on large images a lower texture threshold for the flat fill
             flat_gradient = predict_module.refine_flat_gradient(fshape)
+            flat_empty = predict_module.refine_flat_empty(fshape)
         if on_optimize_grid:
             finer = stage_finer = False
     refine = iterations if mode != "predict" else 0
@@ -733,6 +735,7 @@ def register_nephi(
                             cooldown=coarse_cooldown,
                             initial=velocity_of(low_passed),
                             flat_gradient=flat_gradient,
+                            flat_empty=flat_empty,
                         )
                     else:  # the moving image resampled through the prediction first
                         mmask_low = None if mmask is None else warp_through(mmask, low_passed).clamp(0, 1)
@@ -919,6 +922,9 @@ def register_nephi(
         "coarse_flat_gradient": (flatfill.FLAT_GRADIENT if flat_gradient is None else flat_gradient)
         if coarse_flat_fill
         else None,
+        # regions flat by FLAT_GRADIENT filled whole where this share is flat by the lowered threshold
+        # (predict.REFINE_FLAT_EMPTY, opt-in; None: off)
+        "coarse_flat_empty": flat_empty if coarse_flat_fill else None,
         # whether the noise adaptation ran ("auto" records its outcome; metrics["noise_sigma"])
         "noise_adapt": noise_ran,
         # whether the held-out check of the coarse levels ran (metrics["noise_heldout_levels"]: kept)

@@ -28,6 +28,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from scipy.fft import dctn, idctn, irfftn, rfftn
 from scipy.special import k1
 
@@ -76,7 +77,11 @@ def smoothed(image: torch.Tensor, sigma: float = SMOOTH_SIGMA) -> torch.Tensor:
 
 
 def flat_share(
-    image: torch.Tensor, shape, noisy: bool = False, gradient: float | None = None
+    image: torch.Tensor,
+    shape,
+    noisy: bool = False,
+    gradient: float | None = None,
+    empty: float | None = None,
 ) -> torch.Tensor:
     """Share ``(1, 1, *shape)`` of the voxels of ``image`` (``(1, 1, *spatial)``, intensities in
     [0, 1]) under each voxel of a ``shape`` grid that are flat: :func:`local_texture` below
@@ -94,11 +99,46 @@ def flat_share(
     flat: a version whose threshold rose with the image's estimated noise (twice its gradient
     energy) marked 85 % of scikit-image's cell with noise 0.02 flat and lost 20-27 % of its
     accuracy there (session-15 review): the coarse stage pools faint texture under the noise
-    over a knot cell."""
-    flat = local_texture(image) < (FLAT_GRADIENT if gradient is None else float(gradient))
-    if noisy:  # opt-in: it also calls texture finer than ~8 voxels flat (session-16 review)
-        flat |= local_texture(smoothed(image)) < SMOOTH_GRADIENT
-    return F.interpolate(flat.float(), size=tuple(shape), mode="area")
+    over a knot cell.
+
+    ``empty`` (None: off; predict+refine's :func:`.predict.refine_flat_empty`), with a ``gradient`` under
+    ``FLAT_GRADIENT``: a region of the grid flat by ``FLAT_GRADIENT`` of which at least that share is flat
+    by ``gradient`` too counts whole (:func:`empty_regions`)."""
+    texture = local_texture(image)
+    smooth = local_texture(smoothed(image)) < SMOOTH_GRADIENT if noisy else None
+
+    def share(threshold: float) -> torch.Tensor:
+        flat = texture < threshold
+        if smooth is not None:  # opt-in: it also calls texture finer than ~8 voxels flat (session-16 review)
+            flat |= smooth
+        return F.interpolate(flat.float(), size=tuple(shape), mode="area")
+
+    low = share(FLAT_GRADIENT if gradient is None else float(gradient))
+    if empty is None or gradient is None or float(gradient) >= FLAT_GRADIENT:
+        return low
+    return empty_regions(low, share(FLAT_GRADIENT), empty)
+
+
+def empty_regions(low: torch.Tensor, high: torch.Tensor, empty: float) -> torch.Tensor:
+    """Flat shares ``(1, 1, *shape)``: ``low`` (by a lowered texture threshold), but ``high`` (by
+    ``FLAT_GRADIENT``) on every connected region of the voxels ``high`` calls flat (``>= FLAT_SHARE``,
+    face neighbours) of which at least an ``empty`` share is flat by ``low`` too.
+
+    A lowered threshold keeps faint texture out of the fill (the cell's, the camera's sky at 512 px:
+    0-49 % of their regions are flat by it), but it also takes a rim off empty background, whose local
+    RMS gradient there is the texture next to it seen through the window (``WINDOW_SIGMA``): the fill then
+    starts from that rim's velocity, which the coarse stage got from little texture (IHC's empty patches
+    at 512 px: 85 % of the region flat by 0.0025, the retina's black surround 98 %; session 30,
+    docs/nephi.md)."""
+    high_flat = (high >= FLAT_SHARE)[0, 0].cpu().numpy()
+    labels, n = ndimage.label(high_flat)
+    if n == 0:
+        return low
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    low_flat = (low >= FLAT_SHARE)[0, 0].cpu().numpy()
+    cores = np.bincount(labels.ravel(), weights=low_flat.ravel().astype(np.float64), minlength=n + 1)
+    whole = np.concatenate([[False], cores[1:] >= empty * sizes[1:]])[labels]
+    return torch.where(torch.from_numpy(whole).to(low.device)[None, None], torch.maximum(low, high), low)
 
 
 def _matern_half_lag(d: int) -> float:
