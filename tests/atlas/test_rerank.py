@@ -711,6 +711,25 @@ def test_windowed_scores_equal_the_plain_computation(reach, band):
     assert (value[:-1] > -2).all() and (value[-1] == -2).all()
 
 
+@pytest.mark.parametrize("reach", [4, None])
+def test_a_textureless_section_ties_everywhere_and_keeps_shift_zero(reach):
+    """A section without edges scores 0 at every searched shift: the tie keeps the shift (0, 0), as
+    before session 30's ramp (review 1 of session 30, C1: 88f87e8 gave (-6, -4) and (-8, -1))."""
+    from napari_nephi.engines.atlas.pose_grid import Correlator
+
+    n = 30
+    corr = Correlator((n, n), reach)
+    mask = np.zeros((n, n), np.float32)
+    mask[6:24, 5:22] = 1.0
+    rng = np.random.default_rng(0)
+    blank = np.zeros((n, n), np.float32)
+    fa, ea, na = corr.section(blank, blank, mask)
+    b = [np.where(mask > 0, rng.normal(size=(n, n)), 0).astype(np.float32) for _ in range(2)]
+    value, index = corr.best(fa[None], torch.tensor([ea]), torch.tensor([na]), corr.slice(*b, mask)[None])
+    assert float(value[0, 0]) == 0.0
+    assert tuple(corr.shift(int(index[0, 0]))) == (0.0, 0.0)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_stage1_finds_a_partial_section_21_pixels_off_the_plate_centre(seed):
     """Stage 1's grid must search every shift that keeps half the section's tissue on the slice: a

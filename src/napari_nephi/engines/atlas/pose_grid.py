@@ -38,6 +38,9 @@ EDGE_EPS = 0.25
 OUTLINE = 0.0
 #: Shifts that put less than this share of the section's tissue on the atlas's tissue are ignored.
 MIN_OVERLAP = 0.5
+#: A pair's best shift is (0, 0) where that shift scores within this much of the best (ties: a
+#: textureless section scores 0 everywhere; the correlation's rounding is about 1e-7).
+TIE = 1e-6
 #: Width of the band just outside the section's tissue (its holes filled), as a share of the tissue's
 #: extent on the grid, whose lying on the atlas's tissue costs score (``outside`` rerank option).
 OUTSIDE_RING = 0.08
@@ -337,14 +340,18 @@ class Correlator:
                 band.sub_(free).clamp_(min=0).div_(1.0 - free)
             score = score * band.mul_(-outside).add_(1.0)
         score.masked_fill_(skip, -2.0)
-        value, flat = score.flatten(2).max(dim=2)
+        value, index = score.flatten(2).max(dim=2)
+        # the shift (0, 0) where it ties with the best (within TIE; a textureless section, a band that
+        # takes the whole score) or where no shift is searched (-2 everywhere), as the unshifted
+        # correlation's first index gave before session 30 (review 1 of session 30, C1)
+        at_zero = score[..., self.low[0], self.low[1]]
+        zero = at_zero >= value - TIE
+        value = torch.where(zero, at_zero, value)
+        index.masked_fill_(zero, self.low[0] * w + self.low[1])
         extra = ()
         if plain:  # the score without the band at the best shift (-2 where no shift was searched)
-            at = unbanded.flatten(2).gather(2, flat[..., None])[..., 0]
+            at = unbanded.flatten(2).gather(2, index[..., None])[..., 0]
             extra = (torch.where(value > -2.0, at, value),)
-        index = flat
-        # where no shift was searched, the shift (0, 0), as the unshifted correlation's first index
-        index.masked_fill_(value <= -2.0, self.low[0] * w + self.low[1])
         return (value, index, *extra)
 
     def shift(self, index: int) -> np.ndarray:
