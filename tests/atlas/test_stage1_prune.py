@@ -78,13 +78,13 @@ def test_a_margin_of_2_scores_every_pair(search, toy_reference):
     np.testing.assert_allclose([p.score for p in two], [p.score for p in one], atol=1e-6)
 
 
-def test_the_search_records_the_option_and_the_presets_leave_it_off(search, toy_reference):
+def test_the_default_prunes_the_search_records_it_and_the_presets_leave_it_off(search, toy_reference):
     reference, _ = toy_reference
     section = section_from_atlas(reference, 20)
     order = sorted([(p, 0.01 * abs(p - 20)) for p in range(search.n)], key=lambda e: e[1])
     fast = {"max_tilt": 0.0, "z_scan": 0}
-    plain = search.search(section, order, check_rerank_options(fast))
-    pruned = search.search(section, order, check_rerank_options({**fast, "stage1_prune": 0.05}))
+    plain = search.search(section, order, check_rerank_options({**fast, "stage1_prune": None}))
+    pruned = search.search(section, order, check_rerank_options(fast))  # the default since session 30
     assert pruned.ranking[0][0] == plain.ranking[0][0] == 20 and pruned.pairs < plain.pairs
     assert pruned.options["stage1_prune"] == 0.05 and plain.options["stage1_prune"] is None
     assert check_rerank_options(SEEDED)["stage1_prune"] is None

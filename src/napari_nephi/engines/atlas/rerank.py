@@ -142,7 +142,8 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   development sections, replayed): mean rank 1.916 -> 1.797 ("replace" 1.986, ``sweep_step`` 3 1.953)
   for about 5 % more CPU, firing on 10 % of the sections; fresh query seeds 104-106 1.978 -> 1.978, Top-5
   93.3 -> 92.8 % ("replace" 2.083, ``sweep_step`` 3 2.139): not a default.
-* **Two-pass stage 1** (session 30, ``stage1_prune``; None: one pass, every pair). Stage 1 scores
+* **Two-pass stage 1** (session 30, ``stage1_prune`` 0.05; None: one pass, every pair, as before; the
+  presets keep one pass). Stage 1 scores
   every plate's pairs at rotation 0 first; then the other rotations of the anchors' plates and of the
   ``hypotheses`` best plates by their rotation-0 best, and, ``hypotheses`` plates at a time in that
   order, of every plate whose rotation-0 best lies within ``stage1_prune`` of the weakest of the
@@ -152,8 +153,11 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   the weakest start (a plate's best over every rotation was a median 0.014 above its rotation-0 best
   on query seed 0, 90 % within 0.068). 0.05: on 360 development sections (query seeds 0, 1, 5-8) the
   starts are the same on 305, stage 1 scores 56 % of its pairs, and the ranks are 1.950 -> 1.956, Top-1
-  44.7 -> 45.3 %, Top-5 92.2 -> 91.9 % (2 better, 2 worse); docs/atlas.md, "Session 30". Only the first
-  pass of stage 1 is pruned (the ``dense_sweep`` plates and the widening's are scored in full).
+  44.7 -> 45.3 %, Top-5 92.2 -> 91.9 % (2 better, 2 worse); on the 180 fresh sections of query seeds
+  110-112 (read after the choice) the starts are the same on 151, 1.761 -> 1.739, Top-5 92.2 -> 92.8 %
+  (3 better, 0 worse); CPU per lookup 15 % less (the defaults and the option alternating per
+  section); docs/atlas.md, "Session 30". Only the first pass of stage 1 is pruned (the
+  ``dense_sweep`` plates and the widening's are scored in full).
 * **Cost.** Untilted cuts of stage 1 depend only on the plate and on plate pixels per canvas
   pixel, which come from a fixed geometric grid: they are cached across sections
   (:data:`.pose_grid.CUT_CACHE_BYTES`). Stage 2 centres its cuts on the stage-1 pose and searches
@@ -223,11 +227,11 @@ DEFAULTS = {
     # chooses every start again from the denser stage 1 (as sweep_step dense_sweep would)
     "dense_mode": "add",
     "dense_starts": 2,
-    # stage 1 in two passes (None: one pass, every pair): rotation 0 of every plate first, then the
-    # other rotations only on plates whose rotation-0 best lies within this much of stage 2's weakest
-    # start among the plates scored so far (the anchors' plates always; module docstring, "Two-pass
-    # stage 1", session 30)
-    "stage1_prune": None,
+    # stage 1 in two passes (None: one pass, every pair, before session 30): rotation 0 of every plate
+    # first, then the other rotations only on plates whose rotation-0 best lies within this much of
+    # stage 2's weakest start among the plates scored so far (the anchors' plates always; module
+    # docstring, "Two-pass stage 1"; about 15 % less CPU per lookup, the same ranks within noise)
+    "stage1_prune": 0.05,
     "coarse_size": 32,  # longest side (pixels) of a plate on the grid of stage 1
     "work_size": 56,  # ... and of stage 2
     "max_rotation": 15.0,  # in-plane rotation searched (degrees, either way)
@@ -312,8 +316,10 @@ DEFAULTS = {
 #: defaults otherwise) the mean cost would still be ~300 ms: no adaptive use of it reaches 50 ms.
 #: Session 13's cheaper correlations: 67-69 ms (7.08 / 5.70 on seeds 0 / 1 from the interleaved order).
 #: It never widens (its premise is a first stage within about 2 plates) and leaves the outside band
-#: (session 21) off: measured without it, which costs about 17 % more CPU.
+#: (session 21) off: measured without it, which costs about 17 % more CPU. Stage 1 in one pass
+#: (``stage1_prune`` None, session 30's default 0.05 unmeasured here).
 SEEDED = {
+    "stage1_prune": None,
     "sweep_step": 0,
     "shortlist": 1,
     "neighbours": 2,
@@ -334,8 +340,10 @@ SEEDED = {
 #: 1.935 -> 1.844, but Top-5 92.3 -> 89.8 %), 1.592 -> 1.725 and Top-5 94.2 -> 92.9 % on query seeds
 #: 40-43, 1.55 -> 2.42 and Top-5 92.8 -> 89.7 % on the lead's held-out seeds 34-39. About 0.1-0.9 of
 #: mean rank and 1-3 points of Top-5 for half the CPU.
-#: Measured without the widening and the outside band (session 21, ~17 % more CPU), which it leaves off.
+#: Measured without the widening and the outside band (session 21, ~17 % more CPU), which it leaves off,
+#: and with stage 1 in one pass (``stage1_prune`` None; session 30's default 0.05 unmeasured here).
 FAST = {
+    "stage1_prune": None,
     "shortlist": 6,
     "neighbours": 2,
     "sweep_step": 12,
