@@ -354,10 +354,10 @@ class Correlator:
             extra = (torch.where(value > -2.0, at, value),)
         return (value, index, *extra)
 
-    def shift(self, index: int) -> np.ndarray:
-        """The shift of a flat index of :meth:`best`."""
-        k = np.array(np.unravel_index(int(index), self.window))
-        return (k - np.array(self.low)).astype(np.float64)
+    def shift(self, index: int) -> tuple[float, float]:
+        """The shift (rows, columns) of a flat index of :meth:`best`."""
+        row, col = divmod(int(index), self.window[1])
+        return float(row - self.low[0]), float(col - self.low[1])
 
 
 class AtlasGrid:
@@ -689,22 +689,32 @@ class SectionGrid:
     def _pose(
         self, rotation, scale, cut: Cut, score: float, shift: np.ndarray, n_plates: int, plain=None
     ) -> Pose:
-        d = shift * cut.steps  # plate pixels from the pivot along the cut's rows and columns
-        e_row, e_col = plane(cut.tilt)
-        p = e_row * d[0] + e_col * d[1]
-        z = cut.z + float(p[0])
+        # in Python floats (the same float64 operations as the arrays they replace, session 30: a
+        # search builds ~450 poses, and small numpy arrays cost more than their arithmetic)
+        root = math.sqrt(cut.aspect)
+        d0, d1 = float(shift[0]) * (cut.step * root), float(shift[1]) * (cut.step / root)
+        (r0, r1, r2), (c0, c1, c2) = _plane_floats(float(cut.tilt[0]), float(cut.tilt[1]))
+        z = cut.z + (r0 * d0 + c0 * d1)
+        pivot = cut.pivot
         return Pose(
             score=float(score),
             z=z,
-            plate=int(np.clip(round(z), 0, n_plates - 1)),
+            plate=max(0, min(n_plates - 1, round(z))),
             tilt=cut.tilt,
             rotation=float(rotation),
             scale=float(scale),
-            centre=(float(cut.pivot[0] + p[1]), float(cut.pivot[1] + p[2])),
+            centre=(float(pivot[0]) + (r1 * d0 + c1 * d1), float(pivot[1]) + (r2 * d0 + c2 * d1)),
             grid=self.grid_size,
             plain=None if plain is None else float(plain),
             aspect=cut.aspect,
         )
+
+
+@functools.lru_cache(maxsize=4096)
+def _plane_floats(pitch: float, yaw: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """:func:`plane`'s two vectors as tuples of Python floats."""
+    rows, cols = _plane(pitch, yaw)
+    return tuple(rows.tolist()), tuple(cols.tolist())
 
 
 def _touches_edge(mask: np.ndarray) -> bool:
