@@ -444,7 +444,11 @@ def run_case(case: str, rows, args) -> list[dict]:
             )
         if "distortion" in r:  # session 29: what elastic="auto" reads (also where elastic is on or off)
             d = r["distortion"]
-            value = "unmeasured" if d["correlation"] is None else f"{d['correlation']:.3f}"
+            value = "unmeasured" if d["correlation"] is None else f"{d['correlation']:.4f}"
+            if d.get("se") is not None:  # session 30: the ring reading's standard error, the same-point one
+                value += f" +- {d['se']:.4f}"
+            if d.get("same_point") is not None:
+                value += f", same point {d['same_point']:.3f}"
             print(
                 f"#   distortion: residual correlation {value} (limit {d['limit']:g}, {d['points']} points), "
                 f"elastic {d['elastic']} -> {'on' if d['elastic_applied'] else 'off'}",

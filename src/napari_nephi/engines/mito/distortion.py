@@ -26,7 +26,8 @@ image noise's does not (undistorted stacks of identical sections with noise 0.02
 unitless and does not depend on the image size, the stack length or the number of keypoints (only
 its precision does; its jackknife standard error over the sections is recorded), and it is read from
 the tracks the neighbour pairs already make: no image is read again. ``elastic="auto"`` runs the
-elastic step where it is at most :data:`LIMIT` (docs/mito.md, sessions 29 and 30).
+elastic step where it is at most :data:`LIMIT` and :data:`SE_FACTOR` standard errors under 0 (docs/mito.md,
+sessions 29 and 30).
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ DEFAULT_ELASTIC: bool | str = False
 #: ``elastic="auto"``: the elastic step runs where the correlation is at most this (session 30: of the
 #: ring reading; session 29's -0.03 was of the same-point one).
 LIMIT = -0.01
+
+#: ``elastic="auto"``: and at least this many of its standard errors under 0 (review 1 of session 30, A2):
+#: on small, short stacks the reading's spread reaches the limit (16 x 192^2, undistorted, 10 seeds:
+#: -0.015..+0.009, the lowest -0.0147 +- 0.0053, 2.8 standard errors), on the benchmark's stacks the
+#: distorted readings stand 2-7 standard errors under 0 (docs/mito.md, session 30).
+SE_FACTOR = 3.0
 
 #: Fewest points over the stack (residuals of the upper pairs with a partner in the ring) for a
 #: reading; fewer: "unmeasured".
@@ -203,14 +210,15 @@ def residual_correlation(
 
 
 def decide(elastic, reading: dict, limit: float = LIMIT) -> dict:
-    """``elastic="auto"``'s decision from :func:`residual_correlation`'s ``reading``: the record
-    (``correlation``, ``se``, ``limit``, ``points``, ``sections``, ``same_point``, ``rms``, ``ring``
-    (work pixels), ``distorted``: whether the elastic step runs; an unmeasured stack, too few points,
-    is left undistorted)."""
-    value = reading["value"]
-    distorted = value is not None and value <= limit
+    """``elastic="auto"``'s decision from :func:`residual_correlation`'s ``reading``: distorted where the
+    correlation is at most ``limit`` and at least :data:`SE_FACTOR` of its standard errors under 0. The
+    record: ``correlation``, ``se``, ``limit``, ``se_factor``, ``points``, ``sections``, ``same_point``,
+    ``rms``, ``ring`` (work pixels), ``distorted`` (whether the elastic step runs; an unmeasured stack,
+    too few points or under 3 sections for the standard error, is left undistorted)."""
+    value, se = reading["value"], reading["se"]
+    distorted = value is not None and se is not None and value <= limit and value <= -SE_FACTOR * se
     return {
-        "elastic": elastic, "correlation": value, "se": reading["se"], "limit": limit,
+        "elastic": elastic, "correlation": value, "se": se, "limit": limit, "se_factor": SE_FACTOR,
         "points": reading["points"], "sections": reading["sections"], "same_point": reading["same_point"],
         "rms": reading["rms"], "ring": list(RING), "distorted": bool(distorted),
     }  # fmt: skip
