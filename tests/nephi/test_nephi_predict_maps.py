@@ -313,13 +313,16 @@ def test_a_falling_rate_at_the_end_of_the_last_level_lets_a_nearly_right_map_set
 
 def test_the_flat_fill_threshold_of_predict_refine_falls_with_the_image_side(monkeypatch):
     """Session 29: predict+refine's flat fill takes optimize's texture threshold up to a side sqrt(h w) of
-    256 px and that threshold times 256 over the side above it, at least half of it (512 px and above;
-    review 2 of session 29, B1); None: optimize's rule."""
+    256 px and that threshold times 256 over the side above it; at least a third of it (768 px and above,
+    the largest side measured: session 30, where the bound of a half (512 px) of session 29's review 2, B1,
+    was lifted; 0.0025 before at 768^2 and 400 x 1000); None: optimize's rule."""
     assert (
         predict.refine_flat_gradient((256, 256)) is None and predict.refine_flat_gradient((100, 200)) is None
     )
     assert predict.refine_flat_gradient((512, 512)) == pytest.approx(FLAT_GRADIENT / 2)
-    assert predict.refine_flat_gradient((1024, 1024)) == pytest.approx(FLAT_GRADIENT / 2)  # not extrapolated
+    assert predict.refine_flat_gradient((768, 768)) == pytest.approx(FLAT_GRADIENT / 3)
+    assert predict.refine_flat_gradient((400, 1000)) == pytest.approx(FLAT_GRADIENT * 256 / 632.456, rel=1e-5)
+    assert predict.refine_flat_gradient((2048, 2048)) == pytest.approx(FLAT_GRADIENT / 3)  # not extrapolated
     assert predict.refine_flat_gradient((256, 640)) == pytest.approx(FLAT_GRADIENT * 256 / np.sqrt(256 * 640))
     monkeypatch.setattr(predict, "REFINE_FLAT_SIDE", None)
     assert predict.refine_flat_gradient((512, 512)) is None

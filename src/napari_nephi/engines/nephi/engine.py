@@ -239,7 +239,7 @@ def register_nephi(
 
     ``coarse_flat_fill`` (default True): after the coarse stage, the velocity where both images are
     flat (local RMS gradient below 0.005; in 2D predict+refine on images of side sqrt(h w) over 256 px,
-    0.005 times 256 over that side, at least 0.0025, :func:`.predict.refine_flat_gradient`, recorded as
+    0.005 times 256 over that side, at least 0.00167, :func:`.predict.refine_flat_gradient`, recorded as
     ``settings["coarse_flat_gradient"]``) is replaced by a smooth extension of the velocity around
     it that relaxes towards the velocity's mean on the textured part over the length of its own
     correlation there, at most the last grid's knot spacing (:mod:`.flatfill`);

@@ -172,26 +172,35 @@ SAMPLE_ONCE = True
 #: docs/nephi.md).
 REFINE_FLAT_SIDE: int | None = 256
 
+#: The lowest share of :data:`.flatfill.FLAT_GRADIENT` :func:`refine_flat_gradient` goes down to: a third,
+#: reached at a side of 768 px, the largest measured (session 30; half, 512 px, in session 29). Sides
+#: 632-768 px (768^2, 400 x 1000, 512 x 1024; camera, cell, retina, IHC, astronaut at 2 %;
+#: /tmp/s30/B/sizes.py), against the bound of a half: seed 94 better on 12 of 15, fresh seeds 96 / 97 on 25
+#: of 30 (camera 768^2 seed 96 0.553 -> 0.433 px), worse on 6 of 45 (retina and IHC, at most +0.0047:
+#: retina 768^2 seed 96); docs/nephi.md.
+REFINE_FLAT_FLOOR = 1 / 3
+
 
 def refine_flat_gradient(shape) -> float | None:
     """The flat fill's texture threshold in ``predict+refine`` from the prediction as a velocity on an
     image of ``shape``: :data:`.flatfill.FLAT_GRADIENT` (read at call time) times :data:`REFINE_FLAT_SIDE`
-    over the image's side ``sqrt(h w)`` where that is longer, at least half of it (0.0025 at 512^2 and above:
-    measured at 384^2 and 512^2 only, not extrapolated; review 2 of session 29, B1), else None (the fill's
-    own threshold, as optimize's)."""
+    over the image's side ``sqrt(h w)`` where that is longer, at least :data:`REFINE_FLAT_FLOOR` of it
+    (0.00167 from 768 px: measured up to 768 px, not extrapolated; review 2 of session 29, B1), else None
+    (the fill's own threshold, as optimize's)."""
     side = math.sqrt(math.prod(int(n) for n in shape))
     if REFINE_FLAT_SIDE is None or side <= REFINE_FLAT_SIDE:
         return None
-    return flatfill.FLAT_GRADIENT * max(REFINE_FLAT_SIDE / side, 0.5)
+    return flatfill.FLAT_GRADIENT * max(REFINE_FLAT_SIDE / side, REFINE_FLAT_FLOOR)
 
 
 #: ``predict+refine`` where :func:`refine_flat_gradient` lowers the flat fill's threshold: a region of the
 #: last grid flat by :data:`.flatfill.FLAT_GRADIENT` of which at least this share is flat by the lowered
 #: threshold too is empty background and is filled whole (:func:`.flatfill.empty_regions`; None: off, the
 #: default). The lowered threshold takes a rim of about one grid voxel off such a region, and the fill then
-#: starts from that rim's poorly constrained velocity: IHC at 512 px (session 30, seeds 94 / 95, 0.8) better
-#: on 5 of 6 cases (4 % seed 95 0.0628 -> 0.0577 px), the retina on 4 of 6, but the astronaut's black
-#: background worse on 5 of 6 (4 % seed 95 0.3976 -> 0.4022): opt-in (docs/nephi.md, "Session 30").
+#: starts from that rim's poorly constrained velocity: with 0.8 at 512 px (session 30, seeds 94 / 95 / 89 /
+#: 90 / 70) IHC better on 11 of 12 cases (4 % seed 95 0.0628 -> 0.0577 px), the retina on 10 of 15, the cell
+#: identical, but the astronaut's black background worse on 9 of 12 (4 % seed 95 0.3976 -> 0.4022); fresh
+#: seeds 96 / 97: IHC 3 better / 3 worse, astronaut 1 / 5: opt-in (docs/nephi.md, "Session 30").
 REFINE_FLAT_EMPTY: float | None = None
 
 
