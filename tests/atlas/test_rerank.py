@@ -808,15 +808,29 @@ def test_poses_from_python_floats_equal_the_array_expressions():
 
 
 def test_plane_sampling_equals_sampling_its_points(toy_reference):
-    """:meth:`AtlasGrid.sample_planes` (session 30: the normalised grid built at once, in float32) reads
-    the volume and its mask where :meth:`AtlasGrid.sample` reads the planes' points (1e-5), tilted
-    planes partly outside the volume included."""
+    """:meth:`AtlasGrid.sample_planes` (session 30: the grid built at once in float32; second round: a
+    mosaic of slice pairs read by the 2D sampler, blended along z) reads the volume and its mask where
+    :meth:`AtlasGrid.sample` (torch's 3D sampler) reads the planes' points, to float32 rounding of the
+    points (1e-4): tilted planes partly outside the volume, planes beyond its first and last slices and
+    far outside its rows and columns (0, never a neighbouring tile) included."""
     from napari_nephi.engines.atlas.pose_grid import AtlasGrid, plane
 
     reference, labels = toy_reference
     grid = AtlasGrid(Plates.from_reference(reference, labels), 32)
-    axes = np.array([plane(t) for t in [(0.0, 0.0), (9.0, -6.0), (-12.0, 12.0)]])  # (3, 2, 3)
-    origin = np.array([[3.0, 10.5, 12.0], [10.25, 16.0, 15.5], [17.5, 2.0, 30.0]])
+    depth, height, width = grid.volume.shape
+    tilts = [(0.0, 0.0), (9.0, -6.0), (-12.0, 12.0), (30.0, 0.0), (-30.0, 10.0), (60.0, 0.0), (0.0, 0.0)]
+    axes = np.array([plane(t) for t in tilts])  # (7, 2, 3)
+    origin = np.array(
+        [
+            [3.0, 10.5, 12.0],
+            [10.25, 16.0, 15.5],
+            [17.5, 2.0, 30.0],
+            [0.0, height / 2, width / 2],  # from beyond the first slice (-2 and below too) inwards
+            [depth - 1.0, height / 2, width / 2],  # beyond the last slice
+            [depth / 2, height / 2, width / 2],  # steep: through every slice and beyond
+            [depth / 2 + 0.3, -30.0, width + 30.0],  # far outside the rows and columns
+        ]
+    )
     r, c = np.arange(-9, 10) * 0.9, np.arange(-11, 12) * 1.1
     points = (
         origin[:, :, None, None]
@@ -825,9 +839,10 @@ def test_plane_sampling_equals_sampling_its_points(toy_reference):
     )
     image, mask = grid.sample(points)
     image2, mask2 = grid.sample_planes(origin, axes[:, 0], axes[:, 1], r, c)
-    assert image2.shape == (3, 19, 23) and (image > 0).any() and (image == 0).any()
-    np.testing.assert_allclose(image2, image, atol=1e-5)
-    np.testing.assert_allclose(mask2, mask, atol=1e-5)
+    assert image2.shape == (7, 19, 23) and (image > 0).any() and (image == 0).any()
+    assert (image[3] > 0).any() and (image[4] > 0).any() and not image[6].any()
+    np.testing.assert_allclose(image2, image, atol=1e-4)
+    np.testing.assert_allclose(mask2, mask, atol=1e-4)
 
 
 def test_scales_lie_on_a_fixed_grid_and_cover_the_range():

@@ -36,6 +36,9 @@ EDGE_EPS = 0.25
 #: whole section shrunk onto it (measured: the outline at weight 1 picked end plates for whole
 #: sections).
 OUTLINE = 0.0
+#: Zero pixels around each tile of :meth:`AtlasGrid.sample_planes`'s mosaic (a point beyond a
+#: tile's edge reads them, never a neighbouring tile).
+MOSAIC_BORDER = 2
 #: Shifts that put less than this share of the section's tissue on the atlas's tissue are ignored.
 MIN_OVERLAP = 0.5
 #: A pair's best shift is (0, 0) where that shift scores within this much of the best (ties: a
@@ -382,6 +385,7 @@ class AtlasGrid:
         self._cut_bytes = 0
         self._lock = threading.Lock()  # lookups may run in several threads on one index
         self._torch_volume: torch.Tensor | None = None
+        self._mosaic: tuple | None = None
 
     def sample(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The volume and its tissue mask at ``points`` ``(3, ...)`` or ``(N, 3, ...)`` (z, y, x in
@@ -398,18 +402,81 @@ class AtlasGrid:
     def sample_planes(self, origin: np.ndarray, rows: np.ndarray, cols: np.ndarray, r, c):
         """:meth:`sample` at the points ``origin + r * rows + c * cols`` of ``N`` planes (``origin``,
         ``rows``, ``cols``: (N, 3), z, y, x in base pixels; ``r``, ``c``: the (h,) and (w,) steps):
-        (N, h, w) each. The normalised grid is built at once, in grid_sample's (x, y, z) order, as the
-        float32 sum of its rows' and columns' parts (session 30: ~30 % less CPU than :meth:`sample`'s
-        float64 points; the same points to float32 rounding)."""
-        k = 2.0 / np.maximum(np.array(self.volume.shape, dtype=np.float64) - 1, 1)
-        o, u, v = ((x * k)[:, ::-1] for x in (origin, rows, cols))  # normalised, (x, y, z)
-        rows_part = np.asarray(r)[None, :, None] * u[:, None, :] + (o - 1.0)[:, None, :]  # (N, h, 3)
-        cols_part = np.asarray(c)[None, :, None] * v[:, None, :]  # (N, w, 3)
-        grid = (
-            torch.from_numpy(rows_part.astype(np.float32))[:, :, None, :]
-            + torch.from_numpy(cols_part.astype(np.float32))[:, None, :, :]
+        (N, h, w) each, the same trilinear values to float32 rounding of the points (~1e-4).
+
+        Session 30, second round: torch's 3D ``grid_sample`` runs a scalar loop on the CPU, its 2D
+        one is vectorised. The volume is laid out as a mosaic of tiles, tile ``t`` holding the slices
+        ``t - 2`` and ``t - 1`` (image and mask, four channels, zero outside the volume, two zero
+        pixels around each tile); a point reads its lower slice's tile bilinearly (2D), and the two
+        slices are blended by its fraction along z: trilinear, ~40 % less CPU than the 3D sampler."""
+        mosaic, table, k, low, high = self._mosaic_layout()
+        depth = self.volume.shape[0]
+        r, c = np.asarray(r, dtype=np.float64), np.asarray(c, dtype=np.float64)
+        origin = np.asarray(origin, dtype=np.float64) + np.array([2.0, 0.0, 0.0])  # z + 2: its tile
+        rows_part = r[None, :, None] * np.asarray(rows)[:, None, :] + origin[:, None, :]  # (N, h, 3)
+        cols_part = c[None, :, None] * np.asarray(cols)[:, None, :]  # (N, w, 3)
+        z = (
+            torch.from_numpy(rows_part[..., 0].astype(np.float32))[:, :, None]
+            + torch.from_numpy(cols_part[..., 0].astype(np.float32))[:, None, :]
         )
-        return self.sample_grid(grid)
+        frac = torch.frac(z)  # negative z reads the zero tile 0: its fraction does not matter
+        tile = z.clamp_(0, depth + 2).long()
+        # the mosaic's normalised (x, y): x and y clamped to the tiles' zero border, plus the tile's corner
+        grid = (
+            torch.from_numpy((rows_part[..., :0:-1] * k).astype(np.float32))[:, :, None, :]
+            + torch.from_numpy((cols_part[..., :0:-1] * k).astype(np.float32))[:, None, :, :]
+        )
+        grid[..., 0].clamp_(low[0], high[0])
+        grid[..., 1].clamp_(low[1], high[1])
+        grid += torch.nn.functional.embedding(tile, table)
+        out = torch.nn.functional.grid_sample(
+            mosaic[None],
+            grid.view(1, -1, grid.shape[2], 2),
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=True,
+        )[0].view(4, *frac.shape)
+        return torch.lerp(out[0], out[1], frac).numpy(), torch.lerp(out[2], out[3], frac).numpy()
+
+    def _mosaic_layout(self):
+        """The mosaic of :meth:`sample_planes` (4, H, W), each tile's corner in its normalised (x, y)
+        (tiles, 2), the normalised units per base pixel (x, y) and the (x, y) bounds of a point's
+        tile-relative coordinates (built on first use)."""
+        with self._lock:
+            if self._mosaic is None:
+                depth, height, width = self.volume.shape
+                th, tw = height + 2 * MOSAIC_BORDER, width + 2 * MOSAIC_BORDER
+                tiles = depth + 3  # lower slices -2 .. depth: those outside the volume read 0
+                across = math.ceil(math.sqrt(tiles * th / tw))
+                down = -(-tiles // across)
+                padded = np.zeros((2, depth + 4, height, width), dtype=np.float32)
+                padded[0, 2:-2], padded[1, 2:-2] = self.volume, self.mask_volume
+                mosaic = np.zeros((4, down * th, across * tw), dtype=np.float32)
+                for t in range(tiles):
+                    y0 = (t // across) * th + MOSAIC_BORDER
+                    x0 = (t % across) * tw + MOSAIC_BORDER
+                    window = (slice(y0, y0 + height), slice(x0, x0 + width))
+                    mosaic[0][window], mosaic[1][window] = padded[0, t], padded[0, t + 1]
+                    mosaic[2][window], mosaic[3][window] = padded[1, t], padded[1, t + 1]
+                k = 2.0 / (np.array(mosaic.shape[:0:-1], dtype=np.float64) - 1)  # x, y
+                corners = np.stack(
+                    [
+                        ((np.arange(tiles) % across) * tw + MOSAIC_BORDER) * k[0] - 1.0,
+                        ((np.arange(tiles) // across) * th + MOSAIC_BORDER) * k[1] - 1.0,
+                    ],
+                    axis=1,
+                )
+                edge = MOSAIC_BORDER - 0.5  # a point this far out reads only the zero border
+                low = tuple(float(np.float32(-edge * kk)) for kk in k)
+                high = tuple(float(np.float32((n - 1 + edge) * kk)) for n, kk in zip((width, height), k))
+                self._mosaic = (
+                    torch.from_numpy(mosaic),
+                    torch.from_numpy(corners.astype(np.float32)),
+                    k,
+                    low,
+                    high,
+                )
+            return self._mosaic
 
     def sample_grid(self, grid: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """The volume and its tissue mask at grid_sample's normalised points ``grid`` (N, h, w, 3:
