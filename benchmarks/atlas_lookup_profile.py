@@ -98,7 +98,7 @@ class PhaseClock:
 
         patches = [
             self._wrap(pose_grid.AtlasGrid, "__init__", "atlas grids (once per index)"),
-            self._wrap(pose_grid.AtlasGrid, "sample", "oblique cuts: volume sampling"),
+            self._wrap(pose_grid.AtlasGrid, "sample_planes", "oblique cuts: volume sampling"),
             self._wrap(pose_grid.SectionGrid, "plate_cut", cut),
             self._wrap(pose_grid.SectionGrid, "oblique_cuts", "oblique cuts: fields and FFTs"),
             self._wrap(pose_grid.SectionGrid, "variant", "section variants"),
