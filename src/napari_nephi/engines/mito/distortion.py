@@ -64,6 +64,9 @@ MIN_POINTS = 200
 #: moves the tracks of both its pairs at the same place, drops out (session 30).
 RING = (12.0, 30.0)
 
+#: Points of the upper pair whose ring pairs are taken at once (bounds the memory per section).
+CHUNK = 128
+
 #: Radius, in work pixels, within which a residual of one pair is matched to one of the other pair
 #: for the same-point correlation (session 29's reading; recorded as ``same_point``, context only).
 RADIUS = 2.0
@@ -113,6 +116,11 @@ def pair_residual(
     return PairResidual(min(a, b), p_lo, e_lo, p_hi, e_hi)
 
 
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """``sum(a * b)`` without the product array."""
+    return float(np.einsum("ij,ij->", a, b))
+
+
 class Correlation:
     """:func:`residual_correlation` accumulated as the neighbour pairs arrive (:func:`.align.align_stack`):
     a section's sums are taken as soon as both its pairs are in, and a pair is dropped once both its
@@ -145,15 +153,22 @@ class Correlation:
     def _count(self, below: PairResidual | None, above: PairResidual | None) -> None:
         if below is None or above is None or len(below.p_hi) == 0 or len(above.p_lo) == 0:
             return
-        t_below, t_above = cKDTree(below.p_hi), cKDTree(above.p_lo)
-        near = t_below.sparse_distance_matrix(t_above, self.ring[1], output_type="ndarray")
-        far = near[near["v"] > self.ring[0]]
-        if len(far):
-            e1, e2 = below.e_hi[far["i"]], above.e_lo[far["j"]]
-            self.rows.append(
-                (float(np.sum(e1 * e2)), float(np.sum(e1 * e1)), float(np.sum(e2 * e2)), len(far))
-            )
-            self.count += len(np.unique(far["j"]))
+        t_below = cKDTree(below.p_hi)
+        sums, partners = np.zeros(4), 0
+        # the upper pair's points a block at a time: only a block's point pairs are held at once (dense
+        # tracks, ~1000 a pair, make ~20 000 pairs in the ring, a few MB with their residuals)
+        for a in range(0, len(above.p_lo), CHUNK):
+            block = cKDTree(above.p_lo[a : a + CHUNK])
+            near = t_below.sparse_distance_matrix(block, self.ring[1], output_type="ndarray")
+            far = near[near["v"] > self.ring[0]]
+            del near
+            if len(far):
+                e1, e2 = below.e_hi[far["i"]], above.e_lo[a + far["j"]]
+                sums += (_dot(e1, e2), _dot(e1, e1), _dot(e2, e2), len(far))
+                partners += len(np.unique(far["j"]))
+        if sums[3]:
+            self.rows.append((float(sums[0]), float(sums[1]), float(sums[2]), int(sums[3])))
+            self.count += partners
         dist, idx = t_below.query(above.p_lo, distance_upper_bound=self.radius)
         ok = np.isfinite(dist)
         if ok.any():
