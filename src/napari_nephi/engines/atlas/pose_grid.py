@@ -326,9 +326,11 @@ class Correlator:
         for k, (i, j) in enumerate(pairs, 1):
             torch.mul(ca[:, :, i], fb[:, :, j], out=spec[:, :, k])
         # the 2D inverse as two 1D ones, the second only on the rows of searched shifts (the same
-        # values as one 2D inverse)
+        # values as one 2D inverse); the block copied out contiguous, so that the ~20 element-wise
+        # operations below run on whole rows (session 30, second round: ~5 % less CPU in best, bit for bit)
         h, w = self.window
-        out = torch.fft.irfft(torch.fft.ifft(spec, dim=-2)[..., :h, :], n=self.pad[1], dim=-1)[..., :w]
+        rows = torch.fft.irfft(torch.fft.ifft(spec, dim=-2)[..., :h, :], n=self.pad[1], dim=-1)
+        out = rows[..., :w].contiguous()
         num, energy, overlap = out[:, :, :3].unbind(2)  # (C, R, h, w): the searched shifts
         ea, na = ea[None, :, None, None], na[None, :, None, None]
         # num / sqrt(ea * max(energy, 1e-3 ea) + 1e-12) * clamp(share, 0, 1), in place (fewer
