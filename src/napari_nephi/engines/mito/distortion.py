@@ -25,8 +25,7 @@ image noise's does not (undistorted stacks of identical sections with noise 0.02
 +0.010; read at the same point, -0.05 to -0.44). The correlation (:func:`residual_correlation`) is
 unitless and does not depend on the image size, the stack length or the number of keypoints (only
 its precision does; its jackknife standard error over the sections is recorded), and it is read from
-the tracks the neighbour pairs already make: no image is read again. ``elastic="auto"`` (the default
-since session 30) runs the
+the tracks the neighbour pairs already make: no image is read again. ``elastic="auto"`` (opt-in) runs the
 elastic step where it is at most :data:`LIMIT` and :data:`SE_FACTOR` standard errors under 0 (docs/mito.md,
 sessions 29 and 30).
 """
@@ -41,12 +40,11 @@ from scipy.spatial import cKDTree
 from ...core.errors import InputError
 from .features import project
 
-#: :func:`.align.align_stack`'s ``elastic`` default: ``"auto"`` since session 30 (the elastic step where the
-#: ring reading says distorted). It was opt-in after review 2 of session 29 found that image noise read as
-#: distortion at the same point; the ring reading and its standard error read none of 123 undistorted
-#: stacks distorted (noise 0.02-0.3, 8-160 sections, 192 px to 1268 x 1524, real images), and 4 of 4 distorted
-#: benchmark rows gain (docs/mito.md, session 30; session 29's two losses stand).
-DEFAULT_ELASTIC: bool | str = "auto"
+#: :func:`.align.align_stack`'s ``elastic`` default: off; ``"auto"`` is opt-in. Session 30 made it the
+#: default (75fb72f) and took it back: on undistorted 16 x 192^2 stacks at the generator's noise the ring
+#: reading still fires on some seeds (review 2 of session 30: seeds 17 / 34 of 25, -0.0115 / -0.0119 at
+#: -3.4 / -3.6 se; 192^2 readings lean negative), where the step cost ~6x the CPU and up to 0.006 Dice.
+DEFAULT_ELASTIC: bool | str = False
 
 #: ``elastic="auto"``: the elastic step runs where the correlation is at most this (session 30: of the
 #: ring reading; session 29's -0.03 was of the same-point one).
