@@ -274,9 +274,9 @@ def test_em_options_multi_neighbour_reach_the_engine(qtbot, em):
     values = opts.values()
     assert (values["neighbours"], values["global_model"], values["drift_prior"]) == (3, "rigid", 0.5)
     # session 19: joint + landmarks, the engine's choice with the global solve and masks
-    # session 29: "auto" (opt-in; the default for a while in session 30, taken back by review 2) decides
-    # on the sections' distortion; the on / off box waits meanwhile
-    assert values["elastic"] is False and not opts.elastic_auto.isChecked()
+    # session 29: "auto" decides on the sections' distortion; the on / off box waits meanwhile; the
+    # default since session 30 (opt-in in session 29, when image noise read as distortion)
+    assert values["elastic"] == "auto" and opts.elastic_auto.isChecked()
     opts.elastic_auto.setChecked(True)
     values = opts.values()
     assert values["elastic"] == "auto" and values["elastic_solver"] == ELASTIC_SOLVER == "joint"

@@ -8,9 +8,10 @@ napari-nephi run is replaced as a whole, any other existing folder or file is re
   and no ``--masks`` the automatically detected mitochondria, labelled per section);
   ``--no-masks-out`` skips it;
 * ``transform/``: the per-section transform (``napari_nephi.load_transform``, ``napari-nephi apply``);
-  with ``--elastic`` an elastic per-section transform (matrices and smooth fields);
+  where the elastic step ran (``--elastic``, or ``--elastic-auto``, the default, on sections read
+  distorted) an elastic per-section transform (matrices and smooth fields);
 * ``matrices.npy`` and ``matrices.json``: ``(n, 3, 3)`` ``(y, x)`` maps from aligned to original
-  section coordinates (with ``--elastic``, the part before the fields);
+  section coordinates (with the elastic step, the part before the fields);
 * ``report.csv`` (one row per section) and ``report.json`` (rows, summary metrics, settings).
 
 Progress goes to stderr: one bar for the alignment (a step per section), one for writing
@@ -168,8 +169,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_const",
         const=True,
         default=None,
-        help="elastic refinement: a smooth displacement per section toward its neighbours (slower; "
-        f"default {_ELASTIC_WORDS[DEFAULT_ELASTIC]})",
+        help="elastic refinement on every stack: a smooth displacement per section toward its neighbours "
+        f"(slower; without a flag: {_ELASTIC_WORDS[DEFAULT_ELASTIC]})",
     )
     elastic.add_argument(
         "--elastic-auto",
@@ -177,7 +178,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_const",
         const="auto",
         help="the elastic refinement only where the sections are measured to be distorted (the neighbour "
-        "pairs' residuals through each section point opposite ways; report.json's metrics 'distortion')",
+        "pairs' residuals through each section point opposite ways; report.json's metrics 'distortion'; "
+        f"{'the default' if DEFAULT_ELASTIC == 'auto' else 'opt-in'})",
     )
     elastic.add_argument(
         "--no-elastic", dest="elastic", action="store_const", const=False, help="no elastic refinement"

@@ -1076,8 +1076,8 @@ def align_stack(
         (``["auto"]["background"]``) say what ran and why.
         ``"none"`` (the default up to session 21) leaves the placement as solved.
     elastic, elastic_spacing, elastic_radius, elastic_iterations
-        Elastic refinement after the per-section maps: True, False (the default) or ``"auto"``
-        (opt-in: only where the sections are measured to be distorted, from the
+        Elastic refinement after the per-section maps: True, False or ``"auto"`` (the default since
+        session 30, opt-in in session 29: only where the sections are measured to be distorted, from the
         neighbour pairs' track residuals, :mod:`.distortion`; ``metrics["distortion"]`` has the
         reading, the limit and the decision, the settings' ``elastic_applied`` what ran; a stack read
         undistorted gets ``elastic=False``'s result bit for bit; since session 30 the residuals are

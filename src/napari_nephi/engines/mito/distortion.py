@@ -25,9 +25,9 @@ image noise's does not (undistorted stacks of identical sections with noise 0.02
 +0.010; read at the same point, -0.05 to -0.44). The correlation (:func:`residual_correlation`) is
 unitless and does not depend on the image size, the stack length or the number of keypoints (only
 its precision does; its jackknife standard error over the sections is recorded), and it is read from
-the tracks the neighbour pairs already make: no image is read again. ``elastic="auto"`` (opt-in) runs the
-elastic step where it is at most :data:`LIMIT` and :data:`SE_FACTOR` standard errors under 0 (docs/mito.md,
-sessions 29 and 30).
+the tracks the neighbour pairs already make: no image is read again. ``elastic="auto"`` (the default
+since session 30) runs the elastic step where it is at most :data:`LIMIT` and :data:`SE_FACTOR`
+standard errors under 0 (docs/mito.md, sessions 29 and 30).
 """
 
 from __future__ import annotations
@@ -40,15 +40,18 @@ from scipy.spatial import cKDTree
 from ...core.errors import InputError
 from .features import project
 
-#: :func:`.align.align_stack`'s ``elastic`` default: off; ``"auto"`` is opt-in. Session 30 made it the
-#: default (75fb72f) and took it back: on undistorted 16 x 192^2 stacks at the generator's noise the ring
-#: reading still fires on some seeds (review 2 of session 30: seeds 17 / 34 of 25, -0.0115 / -0.0119 at
-#: -3.4 / -3.6 se; 192^2 readings lean negative), where the step cost ~6x the CPU and up to 0.006 Dice.
-DEFAULT_ELASTIC: bool | str = False
+#: :func:`.align.align_stack`'s ``elastic`` default: ``"auto"`` since session 30 (the lead, after review 2 of
+#: session 30 A1). 75fb72f made it the default with ``LIMIT`` -0.01 and was taken back (b1d5ce2): undistorted
+#: 16 x 192^2 stacks read down to -0.0119 at 3.6 standard errors (192^2 readings lean slightly negative). With
+#: the limit at -0.025, none of 312 undistorted small stacks on fresh seeds (100-139: 16-48 x 192^2, 16 x
+#: 256^2, 32 x 320^2, 8 x 384^2, noise 0.05-0.3; lowest reading -0.0167) reads distorted, while 64 of 70
+#: distorted ones do (distortion 0.25-0.5), as do the benchmark's distorted stacks of 160 sections (-0.046 to
+#: -0.071; docs/mito.md, session 30, the lead's check).
+DEFAULT_ELASTIC: bool | str = "auto"
 
 #: ``elastic="auto"``: the elastic step runs where the correlation is at most this (session 30: of the
-#: ring reading; session 29's -0.03 was of the same-point one).
-LIMIT = -0.01
+#: ring reading, -0.01 then -0.025 after review 2 A1; session 29's -0.03 was of the same-point one).
+LIMIT = -0.025
 
 #: ``elastic="auto"``: and at least this many of its standard errors under 0 (review 1 of session 30, A2):
 #: on small, short stacks the reading's spread reaches the limit (16 x 192^2, undistorted, 10 seeds:
