@@ -204,7 +204,9 @@ def test_long_lazy_stack_read_once_in_bounded_memory(em, neighbours):
     The window of sections held at once grows with ``neighbours`` and ``workers``, not with n:
     the features of about ``2 (neighbours + 2 workers)`` sections and the pairs in flight, measured
     22 / 42 / 57 sections' worth (1 / 2 / 3 neighbours, 2 workers) of these small 364 x 364 uint8
-    sections, whose work images and descriptors weigh more than the section itself. What grows
+    sections, whose work images and descriptors weigh more than the section itself; 32 / 49 / 56 at
+    the start of session 30 and 33-35 / 50 / 64 with its distortion reading (the ring's point pairs
+    of the pairs in flight, bounded by ``distortion.CHUNK``; /tmp/l30/memprobe.py). What grows
     with n is small per section: a report row with its pairs (about 2 KB) and the global solve's
     normal equations, built after the last section (about 10 / 13 KB per section with 2 / 3
     neighbours; a 160-section stack of 1268 x 1524: 2 MB against its 310 MB).
@@ -237,8 +239,8 @@ def test_long_lazy_stack_read_once_in_bounded_memory(em, neighbours):
     # sections' (72 at most, whatever n), packed, a bit each
     kept = len({k for r in background_runs(np.ones(n, bool)) for k in (*r, *(r + 1))}) * (section // 8 + 1)
     assert halves[1] < halves[0] + 8 * section + kept, (halves, section, kept)
-    # the window: measured 22 / 42 / 57 sections' worth at most
-    assert max(halves) < {1: 35, 2: 56, 3: 72}[neighbours] * section, (halves, section)
+    # the window: measured 33-35 / 50 / 64 sections' worth at most (session 30, docstring)
+    assert max(halves) < {1: 40, 2: 60, 3: 72}[neighbours] * section, (halves, section)
     # after the last section: the global solve's equations, 10-13 KB per section
     assert peak < max(halves) + (0 if neighbours == 1 else 20_000 * n), (halves, peak)
     # once per section (the reference once more, to size the keypoints from its mitochondria)
