@@ -398,7 +398,14 @@ class AtlasGrid:
         norm = pts * 2.0  # (N, 3, h, w) -> 2 pts / (size - 1) - 1
         norm /= np.maximum(size - 1, 1)[None, :, None, None]
         norm -= 1.0
-        img, msk = self.sample_grid(norm[:, ::-1].transpose(0, 2, 3, 1).astype(np.float32))
+        grid = torch.from_numpy(norm[:, ::-1].transpose(0, 2, 3, 1).astype(np.float32))  # (N, h, w, xyz)
+        with self._lock:
+            if self._torch_volume is None:
+                self._torch_volume = torch.from_numpy(np.stack([self.volume, self.mask_volume])[None])
+        out = torch.nn.functional.grid_sample(
+            self._torch_volume, grid[None], mode="bilinear", padding_mode="zeros", align_corners=True
+        )[0]  # (2, N, h, w)
+        img, msk = out.numpy()
         return img.reshape(*shape, *img.shape[-2:]), msk.reshape(*shape, *msk.shape[-2:])
 
     def sample_planes(self, origin: np.ndarray, rows: np.ndarray, cols: np.ndarray, r, c):
@@ -479,22 +486,6 @@ class AtlasGrid:
                     high,
                 )
             return self._mosaic
-
-    def sample_grid(self, grid: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """The volume and its tissue mask at grid_sample's normalised points ``grid`` (N, h, w, 3:
-        x, y, z in [-1, 1], float32; trilinear, 0 outside): (N, h, w) float32 each."""
-        with self._lock:
-            if self._torch_volume is None:
-                self._torch_volume = torch.from_numpy(np.stack([self.volume, self.mask_volume])[None])
-        out = torch.nn.functional.grid_sample(
-            self._torch_volume,
-            torch.as_tensor(grid)[None],
-            mode="bilinear",
-            padding_mode="zeros",
-            align_corners=True,
-        )[0]  # (2, N, h, w)
-        img, msk = out.numpy()
-        return img, msk
 
     def cached_cut(self, key: tuple, build) -> torch.Tensor:
         """The cut FFT stored under ``key``, made by ``build()`` on first use; the oldest cuts are

@@ -188,7 +188,8 @@ class Correlation:
         ``sections`` (middles used), ``same_point`` (session 29's reading, context: image noise pulls
         it down) and ``rms`` (px, of the residuals in the ring sums: context only, it depends on the
         image size)."""
-        rows = np.asarray(self.rows, np.float64).reshape(-1, 4)[:, :3]
+        table = np.asarray(self.rows, np.float64).reshape(-1, 4)
+        rows, n_pairs = table[:, :3], table[:, 3].sum()
         tot = rows.sum(0)
         value = se = None
         if self.count >= MIN_POINTS and tot[1] > 0 and tot[2] > 0:
@@ -200,7 +201,6 @@ class Correlation:
         same = None
         if self.same and self.p11 > 0 and self.p22 > 0:
             same = float(self.p12 / np.sqrt(self.p11 * self.p22))
-        n_pairs = sum(r[3] for r in self.rows)
         return {
             "value": value,
             "se": se,
