@@ -347,3 +347,65 @@ def test_predict_refine_leaves_the_faint_texture_of_a_large_image_to_its_coarse_
     assert new.metrics["coarse_flat_share"] < 0.02 and old.metrics["coarse_flat_share"] > 0.2
     e_new, e_old = (_epe(r.transform.displacement(fixed.shape), u) for r in (new, old))
     assert e_new < e_old, (e_new, e_old)
+
+
+def test_predict_refine_level_steps_and_comparison_grid_switches(camera_pair, monkeypatch):
+    """Session 31: ``REFINE_LEVEL_SHARES`` sets each of predict+refine's coarse levels' steps (a share of
+    ``coarse_iterations``) and ``REFINE_COMPARE_ON_WARP_GRID`` has its coarser levels compare the images on
+    the grid they warp them on; both only where the ramp runs (here: the kick rule lifted on a 64 px pair),
+    and off by default (the schedule of thirds, levels compared on their own grids)."""
+    assert predict.refine_schedule(50, 3, (512, 512)) is None and not predict.refine_compare_on_warp_grid(
+        (512, 512)
+    )
+    fixed, moving, _ = camera_pair
+    f, m = fixed[::3, ::3].copy(), moving[::3, ::3].copy()  # 64 x 64
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append((kw.get("schedule"), kw.get("compare_on_warp_grid")))
+        return optimize_velocity(*args, **kw)
+
+    monkeypatch.setattr(nephi_engine, "optimize_velocity", spy)
+    monkeypatch.setattr(predict, "REFINE_LEVEL_SHARES", (1.0, 0.66, 1.0))
+    monkeypatch.setattr(predict, "REFINE_COMPARE_ON_WARP_GRID", True)
+    # where the ramp does not run (256 px), nothing changes
+    assert predict.refine_schedule(50, 3, (256, 256)) is None and not predict.refine_compare_on_warp_grid(
+        (256, 256)
+    )
+    monkeypatch.setattr(predict, "REFINE_LEVEL_SHARES", None)
+    monkeypatch.setattr(predict, "REFINE_COMPARE_ON_WARP_GRID", False)
+    monkeypatch.setattr(predict, "REFINE_WARMUP_MIN_KICK", 0.0)
+    kw = {
+        "method": "nephi",
+        "device": "cpu",
+        "coarse_iterations": 10,
+        "iterations": 0,
+        "mode": "predict+refine",
+    }
+    default = napari_nephi.register(f, m, **kw)
+    monkeypatch.setattr(predict, "REFINE_LEVEL_SHARES", (1.0, 0.66, 1.0))
+    monkeypatch.setattr(predict, "REFINE_COMPARE_ON_WARP_GRID", True)
+    assert predict.refine_schedule(50, 3, (512, 512)) == [50, 33, 50]
+    assert predict.refine_schedule(50, 2, (512, 512)) is None  # one share a level, or none
+    assert predict.refine_compare_on_warp_grid((512, 512))
+    switched = napari_nephi.register(f, m, **kw)
+    assert seen == [(None, False), ([10, 7, 10], True)], seen
+    # 3 / 6 / 10 steps before, 10 / 7 / 10 now, and round(0.1 * 10) = 1 falling step more
+    assert default.metrics["coarse_iterations"] == 20 and switched.metrics["coarse_iterations"] == 28
+    assert not np.allclose(default.transform.displacement(f.shape), switched.transform.displacement(f.shape))
+
+
+def test_a_coarser_level_compared_on_its_warp_grid_sees_detail_its_own_grid_averages_out():
+    """Session 31 (``optimize_velocity(compare_on_warp_grid=True)``): a coarser level on a 16^2 grid of a 64^2
+    pair compares the images on its 32^2 warp grid, not averaged down to 16^2; a level compared on the full
+    grid (the last) is unchanged."""
+    fixed = resize(shipped_image("immunohistochemistry"), (64, 64), anti_aliasing=True).astype(np.float32)
+    u, u_inv = random_smooth_displacement(fixed.shape, 1.5, 12.0, seed=5, return_inverse=True)
+    moving = np.ascontiguousarray(DisplacementTransform(u_inv).warp(fixed), np.float32)
+    t = lambda a: torch.as_tensor(a)[None, None]  # noqa: E731
+    run = lambda shapes, on: optimize_velocity(  # noqa: E731
+        t(fixed), t(moving), shapes, 10, 0.1, "ncc", lambda _loss: None, finer_level=False, flat_fill=False,
+        match_blur=False, compare_on_warp_grid=on,
+    ).forward_grid  # fmt: skip
+    assert not torch.equal(run([(16, 16), (64, 64)], False), run([(16, 16), (64, 64)], True))
+    assert torch.equal(run([(16, 16)], False), run([(16, 16)], True))  # one level: it is the last

@@ -446,6 +446,8 @@ def optimize_velocity(
     initial: torch.Tensor | None = None,
     flat_gradient: float | None = None,
     flat_empty: float | None = None,
+    schedule: list[int] | None = None,
+    compare_on_warp_grid: bool = False,
 ) -> DenseMaps:
     """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
 
@@ -521,6 +523,10 @@ def optimize_velocity(
     :func:`.predict.refine_flat_gradient`); ``flat_empty`` (None: off) counts a region flat by
     :data:`.flatfill.FLAT_GRADIENT` whole where at least that share of it is flat by ``flat_gradient``
     (:func:`.flatfill.empty_regions`; predict+refine's opt-in :data:`.predict.REFINE_FLAT_EMPTY`).
+    ``schedule`` (None: :func:`level_iterations`) gives each level's steps, one entry per grid of
+    ``shapes`` (predict+refine's :func:`.predict.refine_schedule`). With ``compare_on_warp_grid`` a coarser
+    level compares the images on the grid it warps them on (twice as fine as its own per axis), not
+    averaged down to its own (predict+refine's :data:`.predict.REFINE_COMPARE_ON_WARP_GRID`).
     """
     d = fixed.dim() - 2
     full = tuple(fixed.shape[2:])
@@ -568,7 +574,7 @@ def optimize_velocity(
         return w_fwd, w_bwd
 
     finer = finer_level_runs(finer_level, reg_weight)
-    steps_per = level_iterations(iterations, len(shapes), finer)
+    steps_per = level_iterations(iterations, len(shapes), finer) if schedule is None else list(schedule)
     spacings = level_spacings(full, shapes, spacings, finer)
     if finer and shapes:  # the finer-knot level on the last grid
         shapes = [*shapes, shapes[-1]]
@@ -619,8 +625,10 @@ def optimize_velocity(
                 if on_level is not None:
                     on_level(k, total(v, shape))
                 continue
-        f_l, m_l = _area(f_fine, cmp), _area(m_fine, cmp)
         warp_grid = fine if cmp == fine else comparison_shape(fine, 2**d * math.prod(shape))
+        if compare_on_warp_grid:  # a coarser level compares the images as finely as it warps them
+            cmp = warp_grid
+        f_l, m_l = _area(f_fine, cmp), _area(m_fine, cmp)
         f_w, m_w = _area(f_fine, warp_grid), _area(m_fine, warp_grid)
         if first_blur > 0 and k == 0 and cmp != fine:  # a wider basin for the first level (FIRST_LEVEL_BLUR)
             f_l, m_l = (gaussian_smoothed(t, [first_blur] * d) for t in (f_l, m_l))

@@ -496,6 +496,10 @@ def register_nephi(
     coarse_spacings = level_spacings(plan.global_shape if use_chunks else fshape, shapes, spacings, finer)
     coarse_label = f"coarse ({len(coarse_spacings)} level(s))"
     coarse_schedule = level_iterations(coarse_iterations, len(shapes), finer)
+    refine_steps = None  # predict+refine's own steps a level (predict.REFINE_LEVEL_SHARES), where set
+    if refine_start == "velocity" and not use_chunks:
+        refine_steps = predict_module.refine_schedule(coarse_iterations, len(shapes), fshape)
+        coarse_schedule = refine_steps or coarse_schedule
     coarse_tail = cooldown_steps(coarse_cooldown, coarse_schedule[-1]) if coarse_schedule else 0
     coarse_steps = sum(coarse_schedule) + coarse_tail
     total = coarse_steps + refine + (1 if predicting else 0)
@@ -736,6 +740,8 @@ def register_nephi(
                             initial=velocity_of(low_passed),
                             flat_gradient=flat_gradient,
                             flat_empty=flat_empty,
+                            schedule=refine_steps,
+                            compare_on_warp_grid=predict_module.refine_compare_on_warp_grid(fshape),
                         )
                     else:  # the moving image resampled through the prediction first
                         mmask_low = None if mmask is None else warp_through(mmask, low_passed).clamp(0, 1)

@@ -212,6 +212,22 @@ def refine_flat_empty(shape) -> float | None:
     return float(REFINE_FLAT_EMPTY)
 
 
+#: ``predict+refine`` from the prediction as a velocity (2D), where the ramp runs (:func:`refine_warmup`):
+#: each coarse level's steps as a share of ``coarse_iterations`` (coarse first; None: ``level_iterations``'
+#: thirds, 16 / 33 / 50 for 50).
+REFINE_LEVEL_SHARES: tuple[float, ...] | None = None
+
+
+def refine_schedule(iterations: int, levels: int, shape) -> list[int] | None:
+    """Steps of each of ``levels`` coarse levels in ``predict+refine`` on an image of ``shape`` for
+    ``iterations`` coarse steps: :data:`REFINE_LEVEL_SHARES` where set, of the same length, and the ramp
+    runs (:func:`refine_warmup`); else None (``level_iterations``)."""
+    shares = REFINE_LEVEL_SHARES
+    if shares is None or len(shares) != levels or refine_warmup(shape) <= 0 or iterations <= 0:
+        return None
+    return [max(1, round(iterations * float(s))) for s in shares]
+
+
 #: Fixed-point steps of :func:`velocity_of`.
 VELOCITY_STEPS = 8
 
@@ -253,6 +269,19 @@ def warp_through(image: torch.Tensor, maps: DenseMaps) -> torch.Tensor:
     pts = normalized_grid(shape, image.device, image.dtype)[None] + torch.movedim(u, 1, -1)
     mode = "bicubic" if d == 2 else "bilinear"
     return F.grid_sample(image, pts.flip(-1), mode=mode, padding_mode="border", align_corners=True)
+
+
+#: ``predict+refine`` from the prediction as a velocity (2D), where the ramp runs (:func:`refine_warmup`): its
+#: coarser levels (grids twice as coarse as optimize's) compare the images on the grid they warp them on,
+#: twice as fine as their own, instead of averaged down to their own (False: as before). The warp costs
+#: the same; only the similarity is taken on four times the voxels.
+REFINE_COMPARE_ON_WARP_GRID = False
+
+
+def refine_compare_on_warp_grid(shape) -> bool:
+    """:data:`REFINE_COMPARE_ON_WARP_GRID` where the ramp runs on an image of ``shape``
+    (:func:`refine_warmup`), else False."""
+    return bool(REFINE_COMPARE_ON_WARP_GRID) and refine_warmup(shape) > 0
 
 
 def refine_grids(shape, levels: int, finer: bool = False) -> tuple[list[tuple[int, ...]], list[float]]:
