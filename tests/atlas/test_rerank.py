@@ -107,9 +107,11 @@ def test_widening_keeps_the_first_pass_when_it_finds_nothing_better(search, toy_
 def test_widening_keeps_a_second_pass_that_finds_a_better_pose_at_the_same_plate(search, toy_reference):
     # review 1 of session 24, C1: plate 21 lies off the sweep (every 6th plate); with the default two
     # tilt rounds the second pass's own hypothesis near it finds a better pose there and is kept, and the
-    # first plate stays the truth
+    # first plate stays the truth. Every hypothesis gets its finer grid here (finer_margin None, as before
+    # session 31): with 0.08 the second pass's hypothesis lies far below the first pass's best after its
+    # joint grid, gets no finer grid, and the pass is dropped
     section, order, opts, plate = _widen_case(toy_reference, plate=21)
-    opts = {**opts, "sweep_step": 6}
+    opts = {**opts, "sweep_step": 6, "finer_margin": None}
     narrow = search.search(section, order, check_rerank_options({**opts, "widen_gap": None}))
     wide = search.search(section, order, check_rerank_options(opts))
     assert abs(narrow.ranking[0][0] - plate) <= PLATE_TOLERANCE
@@ -340,7 +342,8 @@ def test_seeded_search_is_local_and_finds_the_plate(search, toy_reference):
     section = section_from_atlas(reference, plate, (0.0, 6.0))
     order = sorted(((p, float(abs(p - seed_plate))) for p in range(search.n)), key=lambda t: (t[1], t[0]))
     seeded = search.search(section, order, check_rerank_options(SEEDED))
-    full = search.search(section, order, check_rerank_options({}))
+    # the full search with SEEDED's stage 2 (every finer grid and untilted rotation, as before session 31)
+    full = search.search(section, order, check_rerank_options({"finer_margin": None, "untilted_prune": None}))
     assert abs(seeded.ranking[0][0] - plate) <= PLATE_TOLERANCE, seeded.ranking[:5]
     assert all(abs(p - seed_plate) <= 6 for p in seeded.poses)  # nothing searched far away
     assert seeded.pairs < full.pairs / 3

@@ -1,5 +1,7 @@
-"""The joint tilt grid climbed from the untilted best (rerank ``tilt_climb``, session 31): the grid's
-tilts one step around the best so far until none is better, instead of every pitch x yaw."""
+"""Stage 2 with fewer pairs (session 31): the joint tilt grid climbed from the untilted best (rerank
+``tilt_climb``: the grid's tilts one step around the best so far until none is better, instead of
+every pitch x yaw), the finer grid only near the best (``finer_margin``) and the untilted step in
+two passes (``untilted_prune``)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from napari_nephi.engines.atlas.rerank import PoseSearch, _Refine, check_rerank_
 from napari_nephi.synthetic.atlas import section_from_atlas
 
 ANGLES = [0.0, -12.0, -6.0, 6.0, 12.0]  # the default grid: max_tilt 12, tilt_step 6
+#: the options of stage 2 before session 31: every finer grid, every rotation of the untilted step
+BEFORE = {"finer_margin": None, "untilted_prune": None}
 
 
 def _climb(landscape):
@@ -56,24 +60,78 @@ def search(toy_reference):
     return PoseSearch(Plates.from_reference(reference, labels))
 
 
-def test_climb_finds_the_grids_tilt_with_fewer_pairs(search, toy_reference):
-    """A section of the toy atlas tilted by (12, 6) degrees: the climb finds the full grid's best pose
-    (its tilt, plate and score) and the same ranking, from fewer pairs."""
+@pytest.fixture(scope="module")
+def tilted(search, toy_reference):
+    """The toy atlas cut at plate 20 tilted by (12, 6) degrees: (section, order, the result of
+    :data:`BEFORE`)."""
     reference, _ = toy_reference
     section = section_from_atlas(reference, 20, (12.0, 6.0))
     order = sorted([(p, 0.01 * abs(p - 20)) for p in range(search.n)], key=lambda e: e[1])
-    full = search.search(section, order, check_rerank_options({}))
-    climb = search.search(section, order, check_rerank_options({"tilt_climb": True}))
+    return section, order, search.search(section, order, check_rerank_options(BEFORE))
+
+
+def _same_best(result, full):
+    """The same best pose (tilt, rotation, plate, score) and first five plates as ``full``."""
+    best, best_full = result.poses[result.ranking[0][0]], full.poses[full.ranking[0][0]]
+    assert (best.tilt, best.rotation, best.plate) == (best_full.tilt, best_full.rotation, best_full.plate)
+    assert best.score == pytest.approx(best_full.score, abs=1e-6)
+    assert [p for p, _ in result.ranking[:5]] == [p for p, _ in full.ranking[:5]]
+
+
+def test_climb_finds_the_grids_tilt_with_fewer_pairs(search, tilted):
+    """The climb finds the full grid's best pose (its tilt (12, 6), plate and score) and the same
+    first plates, from fewer pairs."""
+    section, order, full = tilted
+    climb = search.search(section, order, check_rerank_options({**BEFORE, "tilt_climb": True}))
     assert climb.options["tilt_climb"] and not full.options["tilt_climb"]
-    best_full, best_climb = full.poses[full.ranking[0][0]], climb.poses[climb.ranking[0][0]]
-    assert best_climb.tilt == best_full.tilt == (12.0, 6.0)
-    assert best_climb.score == pytest.approx(best_full.score, abs=1e-6)
-    assert [p for p, _ in climb.ranking[:5]] == [p for p, _ in full.ranking[:5]]
+    assert full.poses[full.ranking[0][0]].tilt == (12.0, 6.0)
+    _same_best(climb, full)
     assert climb.pairs < full.pairs - 20  # about 10 tilts fewer per hypothesis
 
 
-def test_tilt_climb_must_be_a_bool():
+def test_finer_grid_only_near_the_best(search, tilted):
+    """``finer_margin``: hypotheses far below the best pose after the joint grid get no finer grid:
+    the same best pose and first plates here from fewer pairs; a margin of 2 skips nothing."""
+    section, order, full = tilted
+    near = search.search(section, order, check_rerank_options({**BEFORE, "finer_margin": 0.08}))
+    every = search.search(section, order, check_rerank_options({**BEFORE, "finer_margin": 2.0}))
+    assert full.options["finer_margin"] is None and near.options["finer_margin"] == 0.08
+    assert check_rerank_options({})["finer_margin"] == 0.08  # the default since session 31
+    _same_best(near, full)
+    assert near.pairs < full.pairs - 40 and every.pairs == full.pairs
+    assert [p for p, _ in every.ranking] == [p for p, _ in full.ranking]
+
+
+@pytest.mark.parametrize(
+    "options, name",
+    [
+        ({"tilt_climb": "yes"}, "tilt_climb"),
+        ({"finer_margin": -1}, "finer_margin"),
+        ({"untilted_prune": "a"}, "untilted_prune"),
+    ],
+)
+def test_bad_stage2_options_raise(options, name):
     from napari_nephi import InputError
 
-    with pytest.raises(InputError, match="tilt_climb"):
-        check_rerank_options({"tilt_climb": "yes"})
+    with pytest.raises(InputError, match=name):
+        check_rerank_options(options)
+
+
+def test_untilted_step_in_two_passes_keeps_the_ranking(search, toy_reference):
+    """``untilted_prune``: stage 2's untilted step scores every cut at the hypothesis's rotation, the
+    other rotations only on cuts near the best of those: the same ranking and best pose here, from
+    fewer pairs; a margin of 2 scores every rotation of every cut (the pairs of the defaults)."""
+    reference, _ = toy_reference
+    plate = 27
+    section = section_from_atlas(reference, plate, (6.0, -6.0), crop=(0.0, 0.0, 0.2, 0.0))
+    order = sorted([(p, 0.01 * abs(p - plate)) for p in range(search.n)], key=lambda e: e[1])
+    full = search.search(section, order, check_rerank_options(BEFORE))
+    pruned = search.search(section, order, check_rerank_options({**BEFORE, "untilted_prune": 0.05}))
+    every = search.search(section, order, check_rerank_options({**BEFORE, "untilted_prune": 2.0}))
+    assert full.options["untilted_prune"] is None and pruned.options["untilted_prune"] == 0.05
+    assert check_rerank_options({})["untilted_prune"] == 0.05  # the default since session 31
+    assert [p for p, _ in pruned.ranking] == [p for p, _ in full.ranking]
+    top_full, top_pruned = full.poses[full.ranking[0][0]], pruned.poses[pruned.ranking[0][0]]
+    assert (top_pruned.tilt, top_pruned.rotation) == (top_full.tilt, top_full.rotation)
+    assert top_pruned.score == pytest.approx(top_full.score, abs=1e-6)
+    assert pruned.pairs < full.pairs == every.pairs
