@@ -349,6 +349,16 @@ def test_predict_refine_leaves_the_faint_texture_of_a_large_image_to_its_coarse_
     assert e_new < e_old, (e_new, e_old)
 
 
+#: predict+refine with a short coarse stage (levels of 3 / 6 / 10 steps) and no neural steps.
+_SHORT_REFINE = {
+    "method": "nephi",
+    "device": "cpu",
+    "coarse_iterations": 10,
+    "iterations": 0,
+    "mode": "predict+refine",
+}
+
+
 def test_predict_refine_level_steps_and_comparison_grid_switches(camera_pair, monkeypatch):
     """Session 31: ``REFINE_LEVEL_SHARES`` sets each of predict+refine's coarse levels' steps (a share of
     ``coarse_iterations``) and ``REFINE_COMPARE_ON_WARP_GRID`` has its coarser levels compare the images on
@@ -375,13 +385,7 @@ def test_predict_refine_level_steps_and_comparison_grid_switches(camera_pair, mo
     monkeypatch.setattr(predict, "REFINE_LEVEL_SHARES", None)
     monkeypatch.setattr(predict, "REFINE_COMPARE_ON_WARP_GRID", False)
     monkeypatch.setattr(predict, "REFINE_WARMUP_MIN_KICK", 0.0)
-    kw = {
-        "method": "nephi",
-        "device": "cpu",
-        "coarse_iterations": 10,
-        "iterations": 0,
-        "mode": "predict+refine",
-    }
+    kw = _SHORT_REFINE
     default = napari_nephi.register(f, m, **kw)
     monkeypatch.setattr(predict, "REFINE_LEVEL_SHARES", (1.0, 0.66, 1.0))
     monkeypatch.setattr(predict, "REFINE_COMPARE_ON_WARP_GRID", True)
@@ -392,6 +396,15 @@ def test_predict_refine_level_steps_and_comparison_grid_switches(camera_pair, mo
     assert seen == [(None, False), ([10, 7, 10], True)], seen
     # 3 / 6 / 10 steps before, 10 / 7 / 10 now, and round(0.1 * 10) = 1 falling step more
     assert default.metrics["coarse_iterations"] == 20 and switched.metrics["coarse_iterations"] == 28
+    assert default.settings["refine_level_steps"] is None and switched.settings["refine_level_steps"] == [
+        10,
+        7,
+        10,
+    ]
+    assert (
+        not default.settings["refine_compare_on_warp_grid"]
+        and switched.settings["refine_compare_on_warp_grid"]
+    )
     assert not np.allclose(default.transform.displacement(f.shape), switched.transform.displacement(f.shape))
 
 
@@ -409,3 +422,57 @@ def test_a_coarser_level_compared_on_its_warp_grid_sees_detail_its_own_grid_aver
     ).forward_grid  # fmt: skip
     assert not torch.equal(run([(16, 16), (64, 64)], False), run([(16, 16), (64, 64)], True))
     assert torch.equal(run([(16, 16)], False), run([(16, 16)], True))  # one level: it is the last
+
+
+def test_composed_displacement_grids_follow_the_first_map_through_the_second():
+    """Session 31 (``predict.compose_maps``): ``first`` then ``then`` on ``then``'s grid is the moving image
+    resampled through ``first`` registered by ``then``: forward ``u_t(x) + u_f(x + u_t(x))``, backward
+    ``b_f(y) + b_t(y + b_f(y))``. A ramp along rows (u_f = 0.1 y) after a shift of 0.2 along rows: 0.2 + 0.1
+    (y + 0.2) everywhere but at the border the shift leaves."""
+    shape = (33, 33)
+    y = torch.linspace(-1, 1, 33)[None, None, :, None].expand(1, 1, 33, 33)
+    ramp = torch.cat([0.1 * y, torch.zeros_like(y)], dim=1)
+    shift = torch.zeros(1, 2, *shape)
+    shift[:, 0] = 0.2
+    out = predict.compose_maps(DenseMaps(ramp, -ramp), DenseMaps(shift, -shift))
+    inner = (0, 0, slice(0, 25))  # rows whose shifted point stays inside
+    assert torch.allclose(out.forward_grid[inner], 0.2 + 0.1 * (y[inner] + 0.2), atol=1e-5)
+    assert torch.allclose(out.forward_grid[:, 1], torch.zeros(1, *shape), atol=1e-6)
+    # backward: b_f(y) + b_t(y + b_f(y)) = -0.1 y - 0.2
+    assert torch.allclose(out.backward_grid[0, 0], -0.1 * y[0, 0] - 0.2, atol=1e-5)
+
+
+def test_a_second_prediction_from_the_resampled_moving_image_starts_predict_refine_closer(
+    camera_pair, monkeypatch
+):
+    """Session 31 (``predict.REFINE_PREDICT_TWICE``, opt-in): the model predicts again from the moving image
+    resampled through its low-passed first prediction, and the two composed are nearer the truth than the
+    first alone (the held-out camera at 192 px, 6 px warp); predict+refine passes it on where the ramp runs
+    and records the count."""
+    fixed, moving, u = camera_pair
+    model = NePhiModel.load(weights.BUILTIN["general2d"]).eval()
+    f = torch.as_tensor(normalize_intensity(fixed))[None, None]
+    m = torch.as_tensor(normalize_intensity(moving))[None, None]
+    grid = prediction_grid(model.input_shape, fixed.shape)
+    with torch.no_grad():
+        first = low_passed_maps(prediction_maps(model.field, model.codes(f, m), grid))
+    two = predict.predict_again(model, f, m, first)
+
+    def epe(maps):
+        up = torch.nn.functional.interpolate(
+            maps.forward_grid, size=fixed.shape, mode="bilinear", align_corners=True
+        )
+        return _epe(up[0].numpy() * (np.array(fixed.shape)[:, None, None] - 1) / 2, u)
+
+    assert epe(two) < 0.95 * epe(first), (epe(first), epe(two))
+    assert not predict.refine_predict_twice((512, 512))  # off by default
+    kw = _SHORT_REFINE
+    sub = fixed[::3, ::3].copy(), moving[::3, ::3].copy()
+    monkeypatch.setattr(predict, "REFINE_WARMUP_MIN_KICK", 0.0)
+    once = napari_nephi.register(*sub, **kw)
+    monkeypatch.setattr(predict, "REFINE_PREDICT_TWICE", True)
+    twice = napari_nephi.register(*sub, **kw)
+    assert once.settings["refine_predictions"] == 1 and twice.settings["refine_predictions"] == 2
+    assert not np.allclose(
+        once.transform.displacement(sub[0].shape), twice.transform.displacement(sub[0].shape)
+    )

@@ -477,6 +477,7 @@ def register_nephi(
     refine_start = None  # predict+refine's coarse stage: from the prediction as a velocity, or pre-warped
     flat_gradient = None  # the flat fill's texture threshold (None: flatfill's; predict+refine's below)
     flat_empty = None  # empty regions filled whole under a lowered threshold (predict.REFINE_FLAT_EMPTY)
+    refine_predictions = None  # predictions in predict+refine's start (predict.REFINE_PREDICT_TWICE)
     if mode == "predict+refine" and after_coarse:  # the coarse stage starts from the prediction
         coarse_warmup = refine_warmup(fshape) if d == 2 else 0.0  # 2D, where it was measured
         coarse_cooldown = refine_cooldown(fshape) if d == 2 else 0.0
@@ -488,6 +489,7 @@ def register_nephi(
         if refine_start == "velocity":  # on large images a lower texture threshold for the flat fill
             flat_gradient = predict_module.refine_flat_gradient(fshape)
             flat_empty = predict_module.refine_flat_empty(fshape)
+            refine_predictions = 1
         if on_optimize_grid:
             finer = stage_finer = False
     refine = iterations if mode != "predict" else 0
@@ -497,9 +499,11 @@ def register_nephi(
     coarse_label = f"coarse ({len(coarse_spacings)} level(s))"
     coarse_schedule = level_iterations(coarse_iterations, len(shapes), finer)
     refine_steps = None  # predict+refine's own steps a level (predict.REFINE_LEVEL_SHARES), where set
+    compare_on_warp = False  # its coarser levels compared on their warp grids (REFINE_COMPARE_ON_WARP_GRID)
     if refine_start == "velocity" and not use_chunks:
         refine_steps = predict_module.refine_schedule(coarse_iterations, len(shapes), fshape)
         coarse_schedule = refine_steps or coarse_schedule
+        compare_on_warp = predict_module.refine_compare_on_warp_grid(fshape)
     coarse_tail = cooldown_steps(coarse_cooldown, coarse_schedule[-1]) if coarse_schedule else 0
     coarse_steps = sum(coarse_schedule) + coarse_tail
     total = coarse_steps + refine + (1 if predicting else 0)
@@ -730,6 +734,9 @@ def register_nephi(
                 report("predict", None, predicted.forward)
                 if shapes:  # predict+refine: the coarse stage from the prediction, then as optimize
                     low_passed = low_passed_maps(predicted)
+                    if refine_start == "velocity" and predict_module.refine_predict_twice(fshape):
+                        low_passed = predict_module.predict_again(work, fix_t, mov_t, low_passed)
+                        refine_predictions = 2
                     if refine_start == "velocity":  # from the prediction, the moving image sampled once
                         coarse = coarse_stage(
                             mov_t,
@@ -741,7 +748,7 @@ def register_nephi(
                             flat_gradient=flat_gradient,
                             flat_empty=flat_empty,
                             schedule=refine_steps,
-                            compare_on_warp_grid=predict_module.refine_compare_on_warp_grid(fshape),
+                            compare_on_warp_grid=compare_on_warp,
                         )
                     else:  # the moving image resampled through the prediction first
                         mmask_low = None if mmask is None else warp_through(mmask, low_passed).clamp(0, 1)
@@ -947,6 +954,13 @@ def register_nephi(
         # predict+refine's coarse stage: "velocity" (from the prediction, the moving image sampled once),
         # "prewarp" (the moving image resampled through the prediction first); None: none ran
         "refine_start": refine_start,
+        # the model's predictions composed into predict+refine's start from the prediction as a velocity
+        # (2: predict.REFINE_PREDICT_TWICE), None: no such start
+        "refine_predictions": refine_predictions if refine_start == "velocity" else None,
+        # predict+refine's own steps a level (predict.REFINE_LEVEL_SHARES; None: the schedule of thirds) and
+        # whether its coarser levels compared the images on their warp grids (REFINE_COMPARE_ON_WARP_GRID)
+        "refine_level_steps": refine_steps,
+        "refine_compare_on_warp_grid": compare_on_warp,
         "sample_fraction": sample_fraction,
         "local_stride": local_stride,
         "seed": seed,

@@ -228,6 +228,55 @@ def refine_schedule(iterations: int, levels: int, shape) -> list[int] | None:
     return [max(1, round(iterations * float(s))) for s in shares]
 
 
+#: ``predict+refine`` from the prediction as a velocity (2D), where the ramp runs (:func:`refine_warmup`): the
+#: model predicts a second time, from the moving image resampled through its low-passed first prediction,
+#: and the two low-passed predictions composed are the coarse stage's start (:func:`predict_again`; False:
+#: one prediction, as before). The model recovers a share of the displacement each time (25-55 % at 512 px),
+#: and at 4 % the coarse levels started from one prediction ended up to 0.8 px behind optimize's (session 31).
+REFINE_PREDICT_TWICE = False
+
+
+def refine_predict_twice(shape) -> bool:
+    """:data:`REFINE_PREDICT_TWICE` where the ramp runs on an image of ``shape`` (:func:`refine_warmup`)."""
+    return bool(REFINE_PREDICT_TWICE) and refine_warmup(shape) > 0
+
+
+def _sample_grid(u: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """A displacement grid ``(1, D, *S)`` (normalised, numpy axis order) sampled at normalised ``points``
+    ``(1, *S, D)`` (numpy axis order), bilinear, border values outside."""
+    return F.grid_sample(u, points.flip(-1), mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def compose_maps(first: DenseMaps, then: DenseMaps) -> DenseMaps:
+    """Displacement grids of ``first`` then ``then`` (:class:`ComposedMaps` order: forward
+    ``then(first(x))`` is ``moving(x + u_t(x) + u_f(x + u_t(x)))``, i.e. the moving image resampled through
+    ``first`` registered by ``then``) on ``then``'s grid; no global maps."""
+    shape = tuple(then.forward_grid.shape[2:])
+    ident = normalized_grid(shape, then.forward_grid.device, then.forward_grid.dtype)[None]
+    u_t, u_f = then.forward_grid, _resample_grid(first.forward_grid, shape)
+    b_t, b_f = _resample_grid(then.backward_grid, shape), _resample_grid(first.backward_grid, shape)
+    forward = u_t + _sample_grid(u_f, ident + torch.movedim(u_t, 1, -1))
+    backward = b_f + _sample_grid(b_t, ident + torch.movedim(b_f, 1, -1))
+    return DenseMaps(forward, backward)
+
+
+def _resample_grid(u: torch.Tensor, shape) -> torch.Tensor:
+    if tuple(u.shape[2:]) == tuple(shape):
+        return u
+    return F.interpolate(u, size=tuple(shape), mode="bilinear", align_corners=True)
+
+
+@torch.no_grad()
+def predict_again(model, fixed: torch.Tensor, moving: torch.Tensor, first: DenseMaps) -> DenseMaps:
+    """:data:`REFINE_PREDICT_TWICE`: ``model`` (a :class:`.model.NePhiModel`) predicts from ``fixed`` and
+    ``moving`` resampled through ``first`` (a low-passed prediction, :func:`warp_through`); its prediction,
+    low-passed as the first (:func:`low_passed_maps`) on the same grid, is composed after ``first``
+    (:func:`compose_maps`)."""
+    codes = model.codes(fixed, warp_through(moving, first))
+    second = low_passed_maps(prediction_maps(model.field, codes, tuple(first.forward_grid.shape[2:])))
+    return compose_maps(first, second)
+
+
 #: Fixed-point steps of :func:`velocity_of`.
 VELOCITY_STEPS = 8
 
