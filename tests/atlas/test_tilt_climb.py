@@ -91,15 +91,44 @@ def test_climb_finds_the_grids_tilt_with_fewer_pairs(search, tilted):
 
 def test_finer_grid_only_near_the_best(search, tilted):
     """``finer_margin``: hypotheses far below the best pose after the joint grid get no finer grid:
-    the same best pose and first plates here from fewer pairs; a margin of 2 skips nothing."""
+    the same best pose and first plates here, from fewer pairs."""
     section, order, full = tilted
     near = search.search(section, order, check_rerank_options({**BEFORE, "finer_margin": 0.08}))
-    every = search.search(section, order, check_rerank_options({**BEFORE, "finer_margin": 2.0}))
     assert full.options["finer_margin"] is None and near.options["finer_margin"] == 0.08
-    assert check_rerank_options({})["finer_margin"] == 0.08  # the default since session 31
     _same_best(near, full)
-    assert near.pairs < full.pairs - 40 and every.pairs == full.pairs
-    assert [p for p, _ in every.ranking] == [p for p, _ in full.ranking]
+    assert near.pairs < full.pairs - 40
+
+
+def test_untilted_step_in_two_passes_keeps_the_ranking(search, tilted):
+    """``untilted_prune``: stage 2's untilted step scores every cut at the hypothesis's rotation, the
+    other rotations only on cuts near the best of those: the same ranking here, from fewer pairs; a
+    margin of 2 scores every rotation of every cut (the pairs of the search before session 31)."""
+    section, order, full = tilted
+    pruned = search.search(section, order, check_rerank_options({**BEFORE, "untilted_prune": 0.05}))
+    every = search.search(section, order, check_rerank_options({**BEFORE, "untilted_prune": 2.0}))
+    assert full.options["untilted_prune"] is None and pruned.options["untilted_prune"] == 0.05
+    assert [p for p, _ in pruned.ranking] == [p for p, _ in full.ranking]
+    _same_best(pruned, full)
+    assert pruned.pairs < full.pairs == every.pairs
+
+
+def test_the_defaults_score_fewer_pairs_with_the_same_ranking(search, tilted):
+    """Since session 31 the defaults are ``finer_margin`` 0.08 and ``untilted_prune`` 0.05: with no
+    options, the ranking of the search before (both None) from fewer pairs."""
+    section, order, full = tilted
+    options = check_rerank_options({})
+    assert (options["finer_margin"], options["untilted_prune"]) == (0.08, 0.05)
+    now = search.search(section, order, options)
+    assert [p for p, _ in now.ranking] == [p for p, _ in full.ranking]
+    _same_best(now, full)
+    assert now.pairs < full.pairs - 60
+
+
+def test_tilt_climb_needs_the_joint_search():
+    from napari_nephi import InputError
+
+    with pytest.raises(InputError, match="tilt_climb"):
+        check_rerank_options({"tilt_climb": True, "tilt_search": "sequential"})
 
 
 @pytest.mark.parametrize(
@@ -115,23 +144,3 @@ def test_bad_stage2_options_raise(options, name):
 
     with pytest.raises(InputError, match=name):
         check_rerank_options(options)
-
-
-def test_untilted_step_in_two_passes_keeps_the_ranking(search, toy_reference):
-    """``untilted_prune``: stage 2's untilted step scores every cut at the hypothesis's rotation, the
-    other rotations only on cuts near the best of those: the same ranking and best pose here, from
-    fewer pairs; a margin of 2 scores every rotation of every cut (the pairs of the defaults)."""
-    reference, _ = toy_reference
-    plate = 27
-    section = section_from_atlas(reference, plate, (6.0, -6.0), crop=(0.0, 0.0, 0.2, 0.0))
-    order = sorted([(p, 0.01 * abs(p - plate)) for p in range(search.n)], key=lambda e: e[1])
-    full = search.search(section, order, check_rerank_options(BEFORE))
-    pruned = search.search(section, order, check_rerank_options({**BEFORE, "untilted_prune": 0.05}))
-    every = search.search(section, order, check_rerank_options({**BEFORE, "untilted_prune": 2.0}))
-    assert full.options["untilted_prune"] is None and pruned.options["untilted_prune"] == 0.05
-    assert check_rerank_options({})["untilted_prune"] == 0.05  # the default since session 31
-    assert [p for p, _ in pruned.ranking] == [p for p, _ in full.ranking]
-    top_full, top_pruned = full.poses[full.ranking[0][0]], pruned.poses[pruned.ranking[0][0]]
-    assert (top_pruned.tilt, top_pruned.rotation) == (top_full.tilt, top_full.rotation)
-    assert top_pruned.score == pytest.approx(top_full.score, abs=1e-6)
-    assert pruned.pairs < full.pairs == every.pairs

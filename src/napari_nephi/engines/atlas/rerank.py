@@ -281,7 +281,8 @@ DEFAULTS = {
     "untilted_prune": 0.05,
     # a hypothesis whose best after the joint tilt grid lies more than this below the best pose so far
     # gets no finer grid, rotation and scale or second round (None: every hypothesis, before session
-    # 31; module docstring, "Finer grid near the best"; the same rankings, ~8 % less CPU)
+    # 31; module docstring, "Finer grid near the best"; the same rankings, ~8 % less CPU). It acts on
+    # tilt_search "joint" only: "sequential" has no finer grid, and there it does nothing
     "finer_margin": 0.08,
     "tilt_search": "joint",  # stage 2: every pitch x yaw, then finer; "sequential": pitch, then yaw
     # the joint grid climbed from the untilted best instead of cut whole: the 8 tilts one tilt_step
@@ -461,6 +462,11 @@ def check_rerank_options(options: dict | None) -> dict:
         out["penalty_reach"] = check_int("penalty_reach", out["penalty_reach"], 0)
     out["tilt_search"] = check_choice("tilt_search", out["tilt_search"], ("sequential", "joint"))
     out["tilt_climb"] = check_bool("tilt_climb", out["tilt_climb"])
+    if out["tilt_climb"] and out["tilt_search"] != "joint":  # review 1 of session 31, C2
+        raise InputError(
+            "tilt_climb climbs the joint pitch x yaw grid, so it needs tilt_search 'joint' (the "
+            f"default), not {out['tilt_search']!r}: pass one or the other."
+        )
     if out["finer_margin"] is not None:
         out["finer_margin"] = check_float("finer_margin", out["finer_margin"], 0.0, 2.0)
     if out["untilted_prune"] is not None:
