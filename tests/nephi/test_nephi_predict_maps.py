@@ -390,7 +390,8 @@ def test_predict_refine_level_steps_and_comparison_grid_switches(camera_pair, mo
     monkeypatch.setattr(predict, "REFINE_LEVEL_SHARES", (1.0, 0.66, 1.0))
     monkeypatch.setattr(predict, "REFINE_COMPARE_ON_WARP_GRID", True)
     assert predict.refine_schedule(50, 3, (512, 512)) == [50, 33, 50]
-    assert predict.refine_schedule(50, 2, (512, 512)) is None  # one share a level, or none
+    with pytest.raises(ValueError, match="3 shares for 2 coarse levels"):  # one share a level (review 1, B3)
+        predict.refine_schedule(50, 2, (512, 512))
     assert predict.refine_compare_on_warp_grid((512, 512))
     switched = napari_nephi.register(f, m, **kw)
     assert seen == [(None, False), ([10, 7, 10], True)], seen

@@ -221,9 +221,12 @@ REFINE_LEVEL_SHARES: tuple[float, ...] | None = None
 def refine_schedule(iterations: int, levels: int, shape) -> list[int] | None:
     """Steps of each of ``levels`` coarse levels in ``predict+refine`` on an image of ``shape`` for
     ``iterations`` coarse steps: :data:`REFINE_LEVEL_SHARES` where set, of the same length, and the ramp
-    runs (:func:`refine_warmup`); else None (``level_iterations``)."""
+    runs (:func:`refine_warmup`); else None (``level_iterations``). Shares of another length than ``levels``
+    raise ``ValueError`` (an experiment would otherwise measure the default; review 1 of session 31, B3)."""
     shares = REFINE_LEVEL_SHARES
-    if shares is None or len(shares) != levels or refine_warmup(shape) <= 0 or iterations <= 0:
+    if shares is not None and len(shares) != levels and levels > 0:
+        raise ValueError(f"REFINE_LEVEL_SHARES has {len(shares)} shares for {levels} coarse levels.")
+    if shares is None or refine_warmup(shape) <= 0 or iterations <= 0:
         return None
     return [max(1, round(iterations * float(s))) for s in shares]
 
