@@ -446,10 +446,10 @@ def test_composed_displacement_grids_follow_the_first_map_through_the_second():
 def test_a_second_prediction_from_the_resampled_moving_image_starts_predict_refine_closer(
     camera_pair, monkeypatch
 ):
-    """Session 31 (``predict.REFINE_PREDICT_TWICE``, opt-in): the model predicts again from the moving image
-    resampled through its low-passed first prediction, and the two composed are nearer the truth than the
-    first alone (the held-out camera at 192 px, 6 px warp); predict+refine passes it on where the ramp runs
-    and records the count."""
+    """Session 31 (``predict.REFINE_PREDICT_TWICE``, the default): the model predicts again from the moving
+    image resampled through its low-passed first prediction, and the two composed are nearer the truth than
+    the first alone (the held-out camera at 192 px, 6 px warp); predict+refine passes it on where the ramp
+    runs and records the count."""
     fixed, moving, u = camera_pair
     model = NePhiModel.load(weights.BUILTIN["general2d"]).eval()
     f = torch.as_tensor(normalize_intensity(fixed))[None, None]
@@ -466,13 +466,15 @@ def test_a_second_prediction_from_the_resampled_moving_image_starts_predict_refi
         return _epe(up[0].numpy() * (np.array(fixed.shape)[:, None, None] - 1) / 2, u)
 
     assert epe(two) < 0.95 * epe(first), (epe(first), epe(two))
-    assert not predict.refine_predict_twice((512, 512))  # off by default
+    assert predict.refine_predict_twice((512, 512)) and not predict.refine_predict_twice(
+        (320, 320)
+    )  # default
     kw = _SHORT_REFINE
     sub = fixed[::3, ::3].copy(), moving[::3, ::3].copy()
     monkeypatch.setattr(predict, "REFINE_WARMUP_MIN_KICK", 0.0)
-    once = napari_nephi.register(*sub, **kw)
-    monkeypatch.setattr(predict, "REFINE_PREDICT_TWICE", True)
     twice = napari_nephi.register(*sub, **kw)
+    monkeypatch.setattr(predict, "REFINE_PREDICT_TWICE", False)
+    once = napari_nephi.register(*sub, **kw)
     assert once.settings["refine_predictions"] == 1 and twice.settings["refine_predictions"] == 2
     assert not np.allclose(
         once.transform.displacement(sub[0].shape), twice.transform.displacement(sub[0].shape)

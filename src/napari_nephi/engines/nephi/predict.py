@@ -17,7 +17,9 @@ the map is the coarse map followed by the prediction (:class:`ComposedMaps`). Si
 :data:`SAMPLE_ONCE`) the coarse stage instead starts from the low-passed prediction as a velocity
 (:func:`velocity_of`) and samples the moving image once through the whole map, as optimize does; its
 levels' bending and flat fill act on what they add, and the map is inverse-consistent. Since session 29
-the flat fill's texture threshold falls with the image's size above 256 px (:func:`refine_flat_gradient`).
+the flat fill's texture threshold falls with the image's size above 256 px (:func:`refine_flat_gradient`);
+since session 31 the model predicts a second time from the moving image resampled through its first
+prediction, and the two composed are the start (:data:`REFINE_PREDICT_TWICE`).
 On the benchmark (512 px, 60 coarse steps) the low-pass lowered the error on every probed case, e.g.
 coins 2 % 0.167 -> 0.113 px, cell 1 % 0.090 -> 0.077 px, camera 2 % 0.490 -> 0.457 px (benchmarks/README.md).
 """
@@ -234,9 +236,14 @@ def refine_schedule(iterations: int, levels: int, shape) -> list[int] | None:
 #: ``predict+refine`` from the prediction as a velocity (2D), where the ramp runs (:func:`refine_warmup`): the
 #: model predicts a second time, from the moving image resampled through its low-passed first prediction,
 #: and the two low-passed predictions composed are the coarse stage's start (:func:`predict_again`; False:
-#: one prediction, as before). The model recovers a share of the displacement each time (25-55 % at 512 px),
-#: and at 4 % the coarse levels started from one prediction ended up to 0.8 px behind optimize's (session 31).
-REFINE_PREDICT_TWICE = False
+#: one prediction, as before; default since session 31). The model recovers a share of what it is shown each
+#: time (astronaut 4 %, seed 98: the start 4.465 -> 4.097 px), and at 4 % the coarse levels started from
+#: one prediction ended up to 0.8 px behind optimize's. benchmarks/nephi_general2d.py cases at 512 px, both
+#: in one process (/tmp/s31/B/diag.py; docs/nephi.md "Session 31"): development seeds 98 / 99 better on 20,
+#: level on 7, worse on 9 of 36 (sum -0.41 px; astronaut 4 % 1.090 -> 1.024, optimize 0.978), fresh seeds
+#: 102 / 103 24 / 3 / 9 (sum -0.49 px; retina 4 % s103 0.980 -> 0.797); the losses are mostly at 1 %
+#: (retina 1 % on every seed, up to +0.009 px). 0.1 CPU s more (2 % of predict+refine's).
+REFINE_PREDICT_TWICE = True
 
 
 def refine_predict_twice(shape) -> bool:
