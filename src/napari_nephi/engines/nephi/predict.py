@@ -242,13 +242,21 @@ def refine_schedule(iterations: int, levels: int, shape) -> list[int] | None:
 #: in one process (/tmp/s31/B/diag.py; docs/nephi.md "Session 31"): development seeds 98 / 99 better on 20,
 #: level on 7, worse on 9 of 36 (sum -0.41 px; astronaut 4 % 1.090 -> 1.024, optimize 0.978), fresh seeds
 #: 102 / 103 24 / 3 / 9 (sum -0.49 px; retina 4 % s103 0.980 -> 0.797); the losses are mostly at 1 %
-#: (retina 1 % on every seed, up to +0.009 px). 0.1 CPU s more (2 % of predict+refine's).
+#: (retina 1 % on every seed, up to +0.009 px; the largest, retina 2 % s98, +0.011 px). 0.1 CPU s more (2 %
+#: of predict+refine's at 512 px).
 REFINE_PREDICT_TWICE = True
+
+#: :data:`REFINE_PREDICT_TWICE` only on images whose longest side is at least this (px): its evidence is at
+#: 512 px; between 341 and 511 px (where the ramp runs) review 2 of session 31 measured 4 better, 5 worse of
+#: 9 cases (camera 352^2 4 % +0.016 px) at 5-10 % more CPU (/tmp/s31/R/r2_pr.py). Above 512 px unmeasured.
+REFINE_PREDICT_TWICE_SIDE = 512
 
 
 def refine_predict_twice(shape) -> bool:
-    """:data:`REFINE_PREDICT_TWICE` where the ramp runs on an image of ``shape`` (:func:`refine_warmup`)."""
-    return bool(REFINE_PREDICT_TWICE) and refine_warmup(shape) > 0
+    """:data:`REFINE_PREDICT_TWICE` where the ramp runs on an image of ``shape`` (:func:`refine_warmup`) and
+    its longest side is at least :data:`REFINE_PREDICT_TWICE_SIDE`."""
+    side = max(int(n) for n in shape)
+    return bool(REFINE_PREDICT_TWICE) and refine_warmup(shape) > 0 and side >= REFINE_PREDICT_TWICE_SIDE
 
 
 def _sample_grid(u: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
