@@ -281,8 +281,8 @@ DEFAULTS = {
     "untilted_prune": 0.05,
     # a hypothesis whose best after the joint tilt grid lies more than this below the best pose so far
     # gets no finer grid, rotation and scale or second round (None: every hypothesis, before session
-    # 31; module docstring, "Finer grid near the best"; the same rankings within noise, ~8 % less CPU). It acts on
-    # tilt_search "joint" only: "sequential" has no finer grid, and there it does nothing
+    # 31; module docstring, "Finer grid near the best"; the same rankings within noise, ~8 % less CPU). It
+    # acts on tilt_search "joint" only: "sequential" has no finer grid, and there it does nothing
     "finer_margin": 0.08,
     "tilt_search": "joint",  # stage 2: every pitch x yaw, then finer; "sequential": pitch, then yaw
     # the joint grid climbed from the untilted best instead of cut whole: the 8 tilts one tilt_step
