@@ -21,7 +21,7 @@ twice as coarse as optimize's with optimize's knots, 50 steps a level, no neural
 session 28 the stage starts from the prediction as a velocity and samples the moving image once; since
 session 29 its flat fill's texture threshold is halved at 512 px, ``predict.refine_flat_gradient``; since
 session 31 the model predicts twice, the second time from the moving image resampled through its first
-prediction, ``predict.REFINE_PREDICT_TWICE``),
+prediction, ``predict.REFINE_PREDICT_TWICE``, on images of 512 px and more),
 ``optimize`` (the engine's default: rigid global stage, coarse stage, neural steps skipped at 512 px).
 
 Per mode: mean endpoint error ``|u_est - u_true|`` (pixels, whole image), NCC of the warped moving
