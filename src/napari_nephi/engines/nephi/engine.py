@@ -956,7 +956,7 @@ def register_nephi(
         "refine_start": refine_start,
         # the model's predictions composed into predict+refine's start from the prediction as a velocity
         # (2: predict.REFINE_PREDICT_TWICE), None: no such start
-        "refine_predictions": refine_predictions if refine_start == "velocity" else None,
+        "refine_predictions": refine_predictions,
         # predict+refine's own steps a level (predict.REFINE_LEVEL_SHARES; None: the schedule of thirds) and
         # whether its coarser levels compared the images on their warp grids (REFINE_COMPARE_ON_WARP_GRID)
         "refine_level_steps": refine_steps,

@@ -36,6 +36,7 @@ from .coarse import (
     COARSE_LEARNING_RATE,
     DenseMaps,
     _integrate_xy,
+    _resample,
     knot_spacings,
     normalized_grid,
     pyramid_shapes,
@@ -271,17 +272,11 @@ def compose_maps(first: DenseMaps, then: DenseMaps) -> DenseMaps:
     ``first`` registered by ``then``) on ``then``'s grid; no global maps."""
     shape = tuple(then.forward_grid.shape[2:])
     ident = normalized_grid(shape, then.forward_grid.device, then.forward_grid.dtype)[None]
-    u_t, u_f = then.forward_grid, _resample_grid(first.forward_grid, shape)
-    b_t, b_f = _resample_grid(then.backward_grid, shape), _resample_grid(first.backward_grid, shape)
+    u_t, u_f = then.forward_grid, _resample(first.forward_grid, shape)
+    b_t, b_f = _resample(then.backward_grid, shape), _resample(first.backward_grid, shape)
     forward = u_t + _sample_grid(u_f, ident + torch.movedim(u_t, 1, -1))
     backward = b_f + _sample_grid(b_t, ident + torch.movedim(b_f, 1, -1))
     return DenseMaps(forward, backward)
-
-
-def _resample_grid(u: torch.Tensor, shape) -> torch.Tensor:
-    if tuple(u.shape[2:]) == tuple(shape):
-        return u
-    return F.interpolate(u, size=tuple(shape), mode="bilinear", align_corners=True)
 
 
 @torch.no_grad()
