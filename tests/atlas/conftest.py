@@ -31,6 +31,16 @@ def toy_reference():
 
 
 @pytest.fixture(scope="session")
+def toy_pose_search(toy_reference):
+    """The pose search (:class:`~napari_nephi.engines.atlas.rerank.PoseSearch`) of ``toy_reference``."""
+    from napari_nephi.engines.atlas.plates import Plates
+    from napari_nephi.engines.atlas.rerank import PoseSearch
+
+    reference, labels = toy_reference
+    return PoseSearch(Plates.from_reference(reference, labels))
+
+
+@pytest.fixture(scope="session")
 def trained_lookup(toy_reference):
     """An AtlasLookup trained on ``toy_reference`` with :data:`FAST_OPTIONS` and the toy region names."""
     import torch

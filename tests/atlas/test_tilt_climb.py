@@ -9,8 +9,7 @@ import types
 
 import pytest
 
-from napari_nephi.engines.atlas.plates import Plates
-from napari_nephi.engines.atlas.rerank import PoseSearch, _Refine, check_rerank_options
+from napari_nephi.engines.atlas.rerank import _Refine, check_rerank_options
 from napari_nephi.synthetic.atlas import section_from_atlas
 
 ANGLES = [0.0, -12.0, -6.0, 6.0, 12.0]  # the default grid: max_tilt 12, tilt_step 6
@@ -55,9 +54,8 @@ def test_climb_stops_at_a_local_peak():
 
 
 @pytest.fixture(scope="module")
-def search(toy_reference):
-    reference, labels = toy_reference
-    return PoseSearch(Plates.from_reference(reference, labels))
+def search(toy_pose_search):
+    return toy_pose_search
 
 
 @pytest.fixture(scope="module")
