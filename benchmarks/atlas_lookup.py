@@ -158,27 +158,31 @@ def rerank_method(name: str, base: dict, ref, labels, args) -> dict:
 
     options = check_rerank_options(args.rerank_options)
     t0 = time.perf_counter()
-    densified: list[bool] = []  # per section: whether stage 1 ran again with the dense_sweep plates
+    # per section: whether stage 1 ran again with the dense_sweep plates, whether stage 2 refined
+    # stage 1's best start alone (route_gap)
+    flags: dict[str, list[bool]] = {"densified": [], "routed": []}
+
+    def record(found) -> list[int]:
+        for key, values in flags.items():
+            values.append(bool(getattr(found, key)))
+        return [p for p, _ in found.ranking]
+
     if name == "ours+rerank":
         lk = base["lk"]
 
         def rank(img):
             # lookup(img, top=None, rerank=True, rerank_options=options), keeping what the search did
-            found = lk.search_poses(img, options)
-            densified.append(bool(found.densified))
-            return [p for p, _ in found.ranking]
+            return record(lk.search_poses(img, options))
 
     else:
         search = PoseSearch(Plates.from_reference(ref, labels))
         ranker = base["ranker"]
 
         def rank(img):
-            found = search.search(img, ranker.ranking(img), options)
-            densified.append(bool(found.densified))
-            return [p for p, _ in found.ranking]
+            return record(search.search(img, ranker.ranking(img), options))
 
     out = dict(rank=rank, train_s=base["train_s"], lk=base["lk"], settings=dict(base["settings"] or {}))
-    out["densified"] = densified
+    out.update(flags)
     out["settings"]["rerank_options"] = options
     out["load"] = max(base["load"], load_average())
     print(f"  {name}: ready in {time.perf_counter() - t0:.1f} s on top of {RERANKED[name]}", flush=True)
@@ -256,11 +260,12 @@ def evaluate(name: str, m: dict, queries: dict) -> dict:
         settings=m["settings"],
     )
     fired = ""
-    if "densified" in m:  # the pose search: each section's flag, and the share where it fired
-        for row, flag in zip(rows, m["densified"], strict=True):
-            row["densified"] = flag
-        out["densified_share"] = float(np.mean(m["densified"])) if rows else 0.0
-        fired = f", dense_sweep fired on {100 * out['densified_share']:.0f} %"
+    for key, what in (("densified", "dense_sweep fired"), ("routed", "routed")):
+        if key in m:  # the pose search: each section's flag, and the share where it fired
+            for row, flag in zip(rows, m[key], strict=True):
+                row[key] = flag
+            out[f"{key}_share"] = float(np.mean(m[key])) if rows else 0.0
+            fired += f", {what} on {100 * out[f'{key}_share']:.0f} %"
     print(
         f"  {name}: looked up {len(rows)} sections, {ms:.1f} ms each (median; CPU {cpu_ms:.1f} ms, "
         f"mean {cpu_mean:.1f} ms{fired})",

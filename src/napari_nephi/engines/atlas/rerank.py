@@ -190,7 +190,13 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   along the plate axis; :func:`_routed`): its best start scores at least ``route_gap`` above every
   stage-1 pose more than :data:`ROUTE_REACH` (3) plates from it, and with ``route_agree`` its plate lies
   within that many plates of the first stage's best. Stage 1 is the same; a routed lookup costs about
-  half the CPU (about 0.2 s against 0.36 s, query seed 0). docs/atlas.md, "Session 32".
+  0.19 s of CPU against 0.32 s. Development (720 sections of query seeds 0, 1, 5-8, 113-118, the
+  defaults alternating per section): at 0.05, 37 % routed (96 % of them with stage 1's best start
+  within 2 plates of the truth), mean rank 1.829 -> 1.812, Top-5 92.6 -> 92.9 %, 24 better / 18
+  worse, CPU per lookup -15 %; below 0.05 sections placed 4-13 plates off get through (0.04: 113
+  oblique 8 ranks 1 -> 20). Fresh query seeds 122-124 (180 sections, the rule written first): 2.650 ->
+  2.644, Top-5 88.3 -> 87.8 %, 5 better / 5 worse, CPU -15.5 %, but seed 122 3.117 -> 3.233, over the
+  pre-written limit of 0.10 for one seed: not a default. docs/atlas.md, "Session 32".
 * **Cost.** Untilted cuts of stage 1 depend only on the plate and on plate pixels per canvas
   pixel, which come from a fixed geometric grid: they are cached across sections
   (:data:`.pose_grid.CUT_CACHE_BYTES`). Stage 2 centres its cuts on the stage-1 pose and searches
@@ -292,8 +298,9 @@ DEFAULTS = {
     "finer_margin": 0.08,
     # stage 2 refines only stage 1's best start (no other start, no anchor; one pose scanned along the
     # plate axis) where that start scores at least this much above every stage-1 pose more than
-    # ROUTE_REACH plates from it (None: every start, the default; module docstring, "Routing"); the
-    # result's ``routed`` says where it did
+    # ROUTE_REACH plates from it (None: every start, the default; opt-in, module docstring, "Routing":
+    # 0.05 saves ~15 % of the CPU at the same ranks within noise on development, and failed one of its
+    # fresh check's marks); the result's ``routed`` says where it did
     "route_gap": None,
     # ... and only where that start's plate lies within this many plates of the first stage's best
     # plate (None: no such condition; it does nothing without route_gap)
