@@ -64,6 +64,8 @@ TEXTURE_THRESHOLD = {2: 0.01, 3: 0.05}
 #: Smoothness of the 2D fields as a fraction of the size, per amplitude (per cent of the size).
 SMOOTHNESS = {1: 0.03, 2: 0.045, 4: 0.06}
 MRI_SMOOTHNESS = 7.0
+#: Margin (voxels) inside which the 3D global cases are measured.
+MARGIN_3D = 3
 CASE_OFFSETS = {"camera": 0, "retina": 1, "ihc": 2, "disc": 3, "mri": 4, "cell": 5}
 
 
@@ -132,33 +134,88 @@ def make_case(name: str, amplitude: float, size: int, seed: int) -> dict:
     )
 
 
+def rigid_moving(fixed: np.ndarray, mat: np.ndarray, order: int) -> np.ndarray:
+    """``fixed`` resampled through the inverse of the homogeneous pull-back ``mat`` (``moving(mat x) =
+    fixed(x)``) with spline ``order``, edge values outside the frame (not zeros, which would put a
+    black strip into the moving image)."""
+    d = fixed.ndim
+    inv = np.linalg.inv(mat)
+    moving = ndimage.affine_transform(fixed, inv[:d, :d], inv[:d, d], order=order, mode="nearest")
+    return np.ascontiguousarray(moving, np.float32)
+
+
+def rotation_matrix(shape, degrees: float, axis=None, shift=None) -> np.ndarray:
+    """Homogeneous map turning by ``degrees`` about the centre of ``shape`` (3D: about ``axis``, a
+    vector in array order; None: the first axis, i.e. in the plane of the last two), then shifting by
+    ``shift`` (voxels, None: none)."""
+    d = len(shape)
+    c = (np.asarray(shape, np.float64) - 1) / 2
+    a = np.deg2rad(degrees)
+    if d == 2:
+        r = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    else:
+        k = np.asarray((1.0, 0.0, 0.0) if axis is None else axis, np.float64)
+        k = k / np.linalg.norm(k)
+        kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+        r = np.eye(3) + np.sin(a) * kx + (1 - np.cos(a)) * kx @ kx  # Rodrigues
+    mat = np.eye(d + 1)
+    mat[:d, :d] = r
+    mat[:d, d] = c - r @ c + (0 if shift is None else np.asarray(shift, np.float64))
+    return mat
+
+
 def global_cases(size: int, image: str = "camera", order: int = 1, degrees=(5.0,)) -> list[dict]:
     """``image`` shifted by (7.5, -4) px (at 512) and rotated by each of ``degrees`` about its centre, the
     moving image resampled with spline ``order`` (1: linear, which blurs it by an amount set by the
     sub-pixel part of the map; 3: cubic, nearly none). Names: "camera shift" and "camera rotation
     5 deg" for the camera at order 1 (the cases of earlier sessions), else with the image and
-    ", cubic" added."""
-    fixed, _ = load(image, size)
+    ", cubic" added. ``image="mri"``: the bundled MRI (25 x 41 x 33, 2 mm voxels) shifted by (1.25,
+    -0.75, 0.5) voxels and rotated about its first axis (in the plane of the last two): the 3D cases
+    of docs/nephi.md (review R7)."""
+    fixed = mri_volume()[0] if image == "mri" else load(image, size)[0]
     s = size / 512
-    c = (np.asarray(fixed.shape) - 1) / 2
+    shift = np.eye(fixed.ndim + 1)
+    shift[:-1, -1] = (1.25, -0.75, 0.5) if fixed.ndim == 3 else (7.5 * s, -4.0 * s)
+    maps = [("shift", shift)] + [
+        (f"rotation {deg:g} deg", rotation_matrix(fixed.shape, deg)) for deg in degrees
+    ]
     out = []
-    shift = np.eye(3)
-    shift[:2, 2] = (7.5 * s, -4.0 * s)
-    maps = [("shift", shift)]
-    for deg in degrees:
-        a = np.deg2rad(deg)
-        rot = np.eye(3)
-        rot[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
-        rot[:2, 2] = c - rot[:2, :2] @ c
-        maps.append((f"rotation {deg:g} deg", rot))
     for label, mat in maps:
-        t = AffineTransform(mat)  # pull-back: moving(phi(x)) = fixed(x), moving = fixed o phi^-1
-        # edge values outside the frame (not zeros, which would put a black strip into the moving image)
-        inv = np.linalg.inv(mat)
-        moving = ndimage.affine_transform(fixed, inv[:2, :2], inv[:2, 2], order=order, mode="nearest")
-        moving = np.ascontiguousarray(moving, np.float32)
-        truth = t.displacement(fixed.shape)
+        moving = rigid_moving(fixed, mat, order)
+        truth = AffineTransform(mat).displacement(fixed.shape)  # pull-back: moving(phi(x)) = fixed(x)
         name = f"{image} {label}" + ("" if order == 1 else ", cubic")
+        out.append(dict(name=name, fixed=fixed, moving=moving, truth=truth))
+    return out
+
+
+def random_rigid_cases(
+    seed: int,
+    count: int,
+    size: int,
+    image: str,
+    order: int = 1,
+    max_shift: float = 2.0,
+    max_degrees: float = 6.0,
+) -> list[dict]:
+    """``count`` random rigid maps of ``image`` ("mri": the bundled MRI) drawn from ``seed``: draw ``i`` is
+    a shift (``i % 3 == 0``), a rotation about the centre (1) or both (2); shifts uniform in
+    +-``max_shift`` voxels per axis, rotations uniform in +-``max_degrees`` (at least a tenth of it), in
+    3D about a random axis. The draw depends on (seed, image, i) only, not on the other cases run."""
+    fixed = mri_volume()[0] if image == "mri" else load(image, size)[0]
+    d = fixed.ndim
+    out = []
+    for i in range(count):
+        rng = np.random.default_rng([seed, CASE_OFFSETS[image], i, 31])
+        kind = ("shift", "rotation", "both")[i % 3]
+        shift = rng.uniform(-max_shift, max_shift, d) if kind != "rotation" else np.zeros(d)
+        deg = rng.uniform(0.1, 1.0) * max_degrees * rng.choice([-1, 1]) if kind != "shift" else 0.0
+        axis = rng.normal(size=3) if d == 3 else None
+        mat = rotation_matrix(fixed.shape, deg, axis, shift)
+        moving = rigid_moving(fixed, mat, order)
+        truth = AffineTransform(mat).displacement(fixed.shape)
+        what = f"shift ({', '.join(f'{t:.2f}' for t in shift)})" if kind != "rotation" else ""
+        what += (" " if what else "") + (f"rotation {deg:.2f} deg" if kind != "shift" else "")
+        name = f"{image} rigid {seed}.{i} {what}" + ("" if order == 1 else ", cubic")
         out.append(dict(name=name, fixed=fixed, moving=moving, truth=truth))
     return out
 
@@ -227,6 +284,16 @@ def main() -> None:
     p.add_argument(
         "--global-degrees", nargs="*", type=float, default=[5.0], help="rotations of the global cases"
     )
+    p.add_argument(
+        "--global-degrees-3d",
+        nargs="*",
+        type=float,
+        default=[4.0],
+        help="rotations of the MRI's global cases",
+    )
+    p.add_argument("--global-rigid-seed", type=int, nargs="*", default=[], help="seeds of random rigid maps")
+    p.add_argument("--global-rigid-count", type=int, default=6, help="random rigid maps per seed and image")
+    p.add_argument("--no-global-fixed", action="store_true", help="only the random rigid maps")
     p.add_argument("--noise", type=float, default=0.0, help="noise added to both images (0: none)")
     p.add_argument("--noise-kind", choices=["gaussian", "poisson"], default="gaussian")
     p.add_argument("--threads", type=int, default=1, help="threads for torch, elastix and ANTs")
@@ -275,15 +342,26 @@ def main() -> None:
                 flush=True,
             )
     if not args.no_global:
-        margin = round(32 * args.size2d / 512)
         cases = [
             c
             for im in args.global_images
             for o in args.global_orders
-            for c in global_cases(args.size2d, im, o, args.global_degrees)
+            for c in global_cases(
+                args.size2d, im, o, args.global_degrees_3d if im == "mri" else args.global_degrees
+            )
+            if not args.no_global_fixed
+        ]
+        cases += [
+            c
+            for seed in args.global_rigid_seed
+            for im in args.global_images
+            for o in args.global_orders
+            for c in random_rigid_cases(seed, args.global_rigid_count, args.size2d, im, o)
         ]
         for i, case in enumerate(cases):
             add_noise(case, args.noise, 1000 + i, args.noise_kind)
+            # 32 px inside the border at 512 px (scaled); 3 voxels inside the MRI (25 x 41 x 33)
+            margin = round(32 * args.size2d / 512) if case["fixed"].ndim == 2 else MARGIN_3D
             sl = inner(case["fixed"].shape, margin)
             print(f"\n{case['name']} (inside {margin} px of the border)", flush=True)
             for label, fn in runs:

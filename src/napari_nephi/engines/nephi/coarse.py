@@ -21,6 +21,7 @@ from ...core.errors import InputError
 from ...core.jacobian import jacobian_determinant
 from ...core.similarity import lncc, lncc_map, ncc
 from .bspline import bspline_on_grid, control_shape, grid_weights, intervals_for_spacing
+from .cubic import cubic_sample, spline_coefficients
 from .flatfill import FLAT_SHARE, fill_flat, flat_share
 from .interp import interpolate
 from .matchblur import blurred_similarity, estimate_blur, noise_variance
@@ -213,9 +214,38 @@ def _times_frame(w: torch.Tensor | None, inside: torch.Tensor, shape) -> torch.T
     return inside if w is None else w * inside
 
 
+#: Volumes are averaged down to a grid whose size does not divide theirs by exact fractional bins
+#: (:func:`_area`), not by ``F.interpolate(mode="area")``'s whole-voxel bins of varying width, whose
+#: centres lie irregularly (session 32).
+EXACT_AREA_3D = False
+
+
 def _area(t: torch.Tensor, shape) -> torch.Tensor:
-    """``t`` averaged down to ``shape`` (itself when it has that shape already)."""
-    return t if tuple(t.shape[2:]) == tuple(shape) else F.interpolate(t, size=tuple(shape), mode="area")
+    """``t`` averaged down to ``shape`` (itself when it has that shape already). With
+    :data:`EXACT_AREA_3D`, a volume whose size some axis of ``shape`` does not divide is averaged
+    over exact fractional bins (:func:`_area_exact`)."""
+    if tuple(t.shape[2:]) == tuple(shape):
+        return t
+    if EXACT_AREA_3D and t.dim() == 5 and any(n % m for n, m in zip(t.shape[2:], shape)):
+        return _area_exact(t, shape)
+    return F.interpolate(t, size=tuple(shape), mode="area")
+
+
+def _area_exact(t: torch.Tensor, shape) -> torch.Tensor:
+    """``t`` ``(B, C, *spatial)`` averaged over bins ``[i n / m, (i + 1) n / m)`` of each axis (``n``
+    voxels down to ``m``; a voxel counts by its overlap): the bins' centres lie evenly spaced, so the
+    averaged image is the original one scaled, not distorted."""
+    out = t
+    for a, m in enumerate(shape):
+        n = out.shape[2 + a]
+        if n == m:
+            continue
+        edges = torch.arange(m + 1, dtype=torch.float64, device=t.device) * (n / m)
+        j = torch.arange(n, dtype=torch.float64, device=t.device)
+        overlap = torch.minimum(edges[1:, None], j[None] + 1) - torch.maximum(edges[:-1, None], j[None])
+        w = (overlap.clamp_min(0) * (m / n)).to(t.dtype)  # (m, n), rows sum to 1
+        out = torch.movedim(torch.movedim(out, 2 + a, -1) @ w.T, -1, 2 + a)
+    return out
 
 
 def _resample(t: torch.Tensor, shape) -> torch.Tensor:
@@ -413,6 +443,11 @@ def match_blur_runs(match_blur: bool | str | None) -> bool:
     return match_blur_mode(match_blur) is not None
 
 
+#: Volumes are warped by cubic spline interpolation (:mod:`.cubic`) instead of trilinear, whose
+#: smoothing varies with the sub-voxel shift (session 32; :func:`optimize_velocity`).
+CUBIC_3D = False
+
+
 #: Adam's learning rate of the coarse stage, in normalised coordinates (a knot's step: 1.3 px at 512^2).
 COARSE_LEARNING_RATE = 0.005
 
@@ -536,7 +571,7 @@ def optimize_velocity(
     masks_fine = [None if m is None else _area(m.to(fixed.dtype), fine) for m in (fixed_mask, moving_mask)]
     masked = masks_fine != [None, None]
     # Fields below have their components in grid_sample's order (x, y[, z]): no flips per step.
-    mode = "bicubic" if d == 2 else "bilinear"
+    mode = "bicubic" if d == 2 else ("cubic" if CUBIC_3D else "bilinear")
 
     order = [*range(d)][::-1] + [d]  # the matrices in grid_sample's axis order (x, y[, z])
     a_xy = None if affine is None else affine.to(dev, torch.float32)[order][:, order]
@@ -545,11 +580,13 @@ def optimize_velocity(
     def warp(image, u, ident, interp=mode, inside=None):
         """``image`` pulled back through ``u`` (and ``A``); with a list ``inside``, the frame weight of
         the sampling points (1 inside the image, 0 outside) is appended to it."""
-        pts = ident + torch.movedim(_resample(u, image.shape[2:]), 1, -1)
+        pts = ident + torch.movedim(_resample(u, ident.shape[1:-1]), 1, -1)
         if a_xy is not None:
             pts = apply_affine(pts, a_xy)
         if inside is not None:
             inside.append(in_frame(pts)[:, None])
+        if interp == "cubic":  # ``image`` holds the spline coefficients (cubic.spline_coefficients)
+            return cubic_sample(image, pts)
         return F.grid_sample(image, pts, mode=interp, padding_mode="border", align_corners=True)
 
     def warp_back(image, u, ident, interp=mode, inside=None):
@@ -561,6 +598,8 @@ def optimize_velocity(
         )
         if inside is not None:
             inside.append(in_frame(pts)[:, None])
+        if interp == "cubic":  # ``image`` holds the spline coefficients (cubic.spline_coefficients)
+            return cubic_sample(image, pts)
         return F.grid_sample(image, pts, mode=interp, padding_mode="border", align_corners=True)
 
     def mask_weights(masks_l, masks_w, u_f, u_b, ident, cmp):
@@ -634,6 +673,8 @@ def optimize_velocity(
             f_l, m_l = (gaussian_smoothed(t, [first_blur] * d) for t in (f_l, m_l))
             wider = [first_blur * w / c for w, c in zip(warp_grid, cmp)]  # the same blur on the warp grid
             f_w, m_w = (gaussian_smoothed(t, wider) for t in (f_w, m_w))
+        if mode == "cubic":  # what the cubic warp reads: the images' spline coefficients
+            f_w, m_w = spline_coefficients(f_w), spline_coefficients(m_w)
         masks_l = [None if m is None else _area(m, cmp) for m in masks_fine]
         masks_w = [None if m is None else _area(m, warp_grid) for m in masks_fine]
         ident = normalized_grid(warp_grid, dev).flip(-1)[None]
@@ -650,7 +691,10 @@ def optimize_velocity(
         if blur_here:  # white-noise variances of the images, unit noise to warp as probes
             noise = noise_variance(f_l), noise_variance(m_l)
             gen = torch.Generator(device=dev).manual_seed(0)
-            noise_f, noise_m = (torch.randn(f_w.shape, generator=gen, device=dev) for _ in range(2))
+            shape_w = (*f_w.shape[:2], *warp_grid)  # (f_w may hold spline coefficients: cubic)
+            noise_f, noise_m = (torch.randn(shape_w, generator=gen, device=dev) for _ in range(2))
+            if mode == "cubic":
+                noise_f, noise_m = spline_coefficients(noise_f), spline_coefficients(noise_m)
         ramp = round(warmup * n_steps)  # steps over which the rate ramps up (see warmup)
         tail = cooldown_steps(cooldown, n_steps) if k == len(steps_per) - 1 else 0  # the last level's decay
         n_steps += tail
