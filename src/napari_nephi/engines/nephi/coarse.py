@@ -107,6 +107,8 @@ class DenseMaps:
         self.flat_fill_info: dict = {}
         #: the optimisation steps of the coarse stage that made these maps (None: not made by one)
         self.steps_run: int | None = None
+        #: volumes: {"cubic": warp, "exact_area": bins} of the stage (volume_sampling; None: 2D or none)
+        self.volume_sampling: dict | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x + interpolate(self.forward_grid.to(x.dtype), x)
@@ -203,30 +205,41 @@ def in_frame(points: torch.Tensor) -> torch.Tensor:
     return ((p >= -1 - 1e-6) & (p <= 1 + 1e-6)).all(-1)
 
 
-def _times_frame(w: torch.Tensor | None, inside: torch.Tensor, shape) -> torch.Tensor | None:
+def _times_frame(
+    w: torch.Tensor | None, inside: torch.Tensor, shape, exact: bool = False
+) -> torch.Tensor | None:
     """Weights ``w`` (None: none) times the frame weight ``inside`` on ``shape`` (averaged down to
     it as float, else kept bool: ncc turns it into the float weights it would otherwise make as
     ones); ``w`` itself where every point is inside (an unmasked pair stays unweighted there)."""
     if bool(inside.all()):
         return w
     if tuple(inside.shape[2:]) != tuple(shape):
-        inside = _area(inside.float(), shape)
+        inside = _area(inside.float(), shape, exact)
     return inside if w is None else w * inside
 
 
-#: Volumes are averaged down to a grid whose size does not divide theirs by exact fractional bins
-#: (:func:`_area`), not by ``F.interpolate(mode="area")``'s whole-voxel bins of varying width, whose
-#: centres lie irregularly (session 32).
+#: Volumes of at most :data:`VOLUME_SAMPLING_MAX_VOXELS` are averaged down to a grid whose size does
+#: not divide theirs by exact fractional bins (:func:`_area_exact`), not by ``F.interpolate(mode="area")``'s
+#: whole-voxel bins of varying width, whose centres lie unevenly (session 32, docs/nephi.md).
 EXACT_AREA_3D = False
+#: Volumes of at most this many voxels take :data:`EXACT_AREA_3D` and :data:`CUBIC_3D` (2^18: 64^3);
+#: larger ones (e.g. 256^3, the memory benchmark's) are sampled as before.
+VOLUME_SAMPLING_MAX_VOXELS = 1 << 18
 
 
-def _area(t: torch.Tensor, shape) -> torch.Tensor:
-    """``t`` averaged down to ``shape`` (itself when it has that shape already). With
-    :data:`EXACT_AREA_3D`, a volume whose size some axis of ``shape`` does not divide is averaged
-    over exact fractional bins (:func:`_area_exact`)."""
+def volume_sampling(full) -> tuple[bool, bool]:
+    """``(cubic warp, exact bins)`` of the coarse stage on an image of shape ``full``
+    (:data:`CUBIC_3D`, :data:`EXACT_AREA_3D`; volumes of at most :data:`VOLUME_SAMPLING_MAX_VOXELS`)."""
+    small = len(full) == 3 and math.prod(full) <= VOLUME_SAMPLING_MAX_VOXELS
+    return bool(CUBIC_3D and small), bool(EXACT_AREA_3D and small)
+
+
+def _area(t: torch.Tensor, shape, exact: bool = False) -> torch.Tensor:
+    """``t`` averaged down to ``shape`` (itself when it has that shape already); with ``exact``, over
+    exact fractional bins where an axis of ``shape`` does not divide ``t``'s (:func:`_area_exact`)."""
     if tuple(t.shape[2:]) == tuple(shape):
         return t
-    if EXACT_AREA_3D and t.dim() == 5 and any(n % m for n, m in zip(t.shape[2:], shape)):
+    if exact and any(n % m for n, m in zip(t.shape[2:], shape)):
         return _area_exact(t, shape)
     return F.interpolate(t, size=tuple(shape), mode="area")
 
@@ -443,8 +456,9 @@ def match_blur_runs(match_blur: bool | str | None) -> bool:
     return match_blur_mode(match_blur) is not None
 
 
-#: Volumes are warped by cubic spline interpolation (:mod:`.cubic`) instead of trilinear, whose
-#: smoothing varies with the sub-voxel shift (session 32; :func:`optimize_velocity`).
+#: Volumes of at most :data:`VOLUME_SAMPLING_MAX_VOXELS` are warped by the interpolating cubic spline
+#: (:mod:`.cubic`) instead of trilinear interpolation, whose smoothing varies with the sub-voxel shift
+#: (session 32, docs/nephi.md; :func:`optimize_velocity`).
 CUBIC_3D = False
 
 
@@ -565,13 +579,18 @@ def optimize_velocity(
     """
     d = fixed.dim() - 2
     full = tuple(fixed.shape[2:])
+    cubic, exact = volume_sampling(full)  # small volumes: cubic warp, exact bins (session 32)
+
+    def area(t, shape):
+        return _area(t, shape, exact)
+
     dev = fixed.device
     fine = comparison_shape(full, compare_max_voxels)
-    f_fine, m_fine = _area(fixed, fine), _area(moving, fine)
-    masks_fine = [None if m is None else _area(m.to(fixed.dtype), fine) for m in (fixed_mask, moving_mask)]
+    f_fine, m_fine = area(fixed, fine), area(moving, fine)
+    masks_fine = [None if m is None else area(m.to(fixed.dtype), fine) for m in (fixed_mask, moving_mask)]
     masked = masks_fine != [None, None]
     # Fields below have their components in grid_sample's order (x, y[, z]): no flips per step.
-    mode = "bicubic" if d == 2 else ("cubic" if CUBIC_3D else "bilinear")
+    mode = "bicubic" if d == 2 else ("cubic" if cubic else "bilinear")
 
     order = [*range(d)][::-1] + [d]  # the matrices in grid_sample's axis order (x, y[, z])
     a_xy = None if affine is None else affine.to(dev, torch.float32)[order][:, order]
@@ -606,8 +625,8 @@ def optimize_velocity(
         """Weights of the forward and backward comparisons (None: unweighted)."""
         (fk_l, mk_l), (fk_w, mk_w) = masks_l, masks_w
         with torch.no_grad():
-            w_fwd = None if mk_w is None else _area(warp(mk_w, u_f, ident, "bilinear"), cmp)
-            w_bwd = None if fk_w is None else _area(warp_back(fk_w, u_b, ident, "bilinear"), cmp)
+            w_fwd = None if mk_w is None else area(warp(mk_w, u_f, ident, "bilinear"), cmp)
+            w_bwd = None if fk_w is None else area(warp_back(fk_w, u_b, ident, "bilinear"), cmp)
         w_fwd = fk_l if w_fwd is None else (w_fwd if fk_l is None else w_fwd * fk_l)
         w_bwd = mk_l if w_bwd is None else (w_bwd if mk_l is None else w_bwd * mk_l)
         return w_fwd, w_bwd
@@ -667,16 +686,16 @@ def optimize_velocity(
         warp_grid = fine if cmp == fine else comparison_shape(fine, 2**d * math.prod(shape))
         if compare_on_warp_grid:  # a coarser level compares the images as finely as it warps them
             cmp = warp_grid
-        f_l, m_l = _area(f_fine, cmp), _area(m_fine, cmp)
-        f_w, m_w = _area(f_fine, warp_grid), _area(m_fine, warp_grid)
+        f_l, m_l = area(f_fine, cmp), area(m_fine, cmp)
+        f_w, m_w = area(f_fine, warp_grid), area(m_fine, warp_grid)
         if first_blur > 0 and k == 0 and cmp != fine:  # a wider basin for the first level (FIRST_LEVEL_BLUR)
             f_l, m_l = (gaussian_smoothed(t, [first_blur] * d) for t in (f_l, m_l))
             wider = [first_blur * w / c for w, c in zip(warp_grid, cmp)]  # the same blur on the warp grid
             f_w, m_w = (gaussian_smoothed(t, wider) for t in (f_w, m_w))
         if mode == "cubic":  # what the cubic warp reads: the images' spline coefficients
             f_w, m_w = spline_coefficients(f_w), spline_coefficients(m_w)
-        masks_l = [None if m is None else _area(m, cmp) for m in masks_fine]
-        masks_w = [None if m is None else _area(m, warp_grid) for m in masks_fine]
+        masks_l = [None if m is None else area(m, cmp) for m in masks_fine]
+        masks_w = [None if m is None else area(m, warp_grid) for m in masks_fine]
         ident = normalized_grid(warp_grid, dev).flip(-1)[None]
         increment = torch.zeros(1, d, *shape, device=dev) if v is None else _resample(v, shape)
         base = increment if initial is None else increment + _resample(initial.to(dev), shape)
@@ -709,11 +728,14 @@ def optimize_velocity(
             )
             u_f, u_b = _integrate_xy(vk, steps), _integrate_xy(-vk, steps)
             ins = [] if frame_mask else None  # frame weights of the two comparisons
-            wm = _area(warp(m_w, u_f, ident, inside=ins), cmp)
-            wf = _area(warp_back(f_w, u_b, ident, inside=ins), cmp)
+            wm = area(warp(m_w, u_f, ident, inside=ins), cmp)
+            wf = area(warp_back(f_w, u_b, ident, inside=ins), cmp)
             w_fwd, w_bwd = mask_weights(masks_l, masks_w, u_f, u_b, ident, cmp) if masked else (None, None)
             if ins:
-                w_fwd, w_bwd = _times_frame(w_fwd, ins[0], cmp), _times_frame(w_bwd, ins[1], cmp)
+                w_fwd, w_bwd = (
+                    _times_frame(w_fwd, ins[0], cmp, exact),
+                    _times_frame(w_bwd, ins[1], cmp, exact),
+                )
             del ins
             if blur_here:
                 # the noise a blur removes is added back (matchblur): only matching the signal pays
@@ -721,8 +743,8 @@ def optimize_velocity(
                 if held is None:
                     with torch.no_grad():
                         probes = (
-                            _area(warp(noise_m, u_f, ident), cmp),
-                            _area(warp_back(noise_f, u_b, ident), cmp),
+                            area(warp(noise_m, u_f, ident), cmp),
+                            area(warp_back(noise_f, u_b, ident), cmp),
                         )
                 if blur_mode == "once" and held is None:
                     pairs = [(f_l, wm.detach(), w_fwd), (m_l, wf.detach(), w_bwd)]
@@ -789,6 +811,7 @@ def optimize_velocity(
     maps.flat_share = filled
     maps.blur_gate_spread = spread
     maps.blur_gate_detj_rms = detj_rms
+    maps.volume_sampling = {"cubic": cubic, "exact_area": exact} if d == 3 else None
     maps.flat_fill_info = fill_info
     maps.steps_run = steps_run
     return maps

@@ -677,6 +677,7 @@ def register_nephi(
                 coarse_info["flat_share"] = maps.flat_share
                 coarse_info["flat_fill_info"] = maps.flat_fill_info
                 coarse_info["steps_run"] = maps.steps_run
+                coarse_info["volume_sampling"] = maps.volume_sampling
                 return maps
 
             def heldout_levels():
@@ -951,6 +952,9 @@ def register_nephi(
         "coarse_warmup": coarse_warmup,
         "coarse_cooldown": coarse_cooldown,
         "coarse_first_blur": first_blur if coarse_steps > 0 and not use_chunks else 0.0,
+        # volumes: whether the coarse stage warped by the cubic spline and averaged down by exact bins
+        # (coarse.CUBIC_3D, coarse.EXACT_AREA_3D, up to coarse.VOLUME_SAMPLING_MAX_VOXELS); None: 2D, none
+        "coarse_volume_sampling": coarse_info.get("volume_sampling"),
         # predict+refine's coarse stage: "velocity" (from the prediction, the moving image sampled once),
         # "prewarp" (the moving image resampled through the prediction first); None: none ran
         "refine_start": refine_start,
