@@ -242,6 +242,9 @@ ROWS = {
     # and the elastic step off whatever the engine's default (the rows before it ran without)
     "mito-default+elastic-autoel": ("mito", "brisk", True, {"neighbours": None, "elastic": "auto"}),
     "mito-default-noelastic": ("mito", "brisk", True, {"neighbours": None, "elastic": False}),
+    # session 32: the organelles' drift read against the tissue around each mitochondrion under the
+    # elastic step (opt-in, organelle_reading="local")
+    "mito-default-localread": ("mito", "brisk", True, {"neighbours": None, "organelle_reading": "local"}),
 }
 
 #: Rows of the paper's table (the default ``--rows``); the others are asked for by name.

@@ -1,0 +1,185 @@
+"""The mitochondria's drift read against the tissue right around them (session 32, opt-in).
+
+Under the elastic step the drift decision asks whose trend the positions show: the organelles' (cut
+obliquely, they drift through the tissue) or the sections' (stage drift). The background reading
+(:mod:`.background`) answers it by the motion of the whole rest of the image in the aligned frame,
+but on distorted sections every section carries its own smooth distortion (1-2 px), and the
+background's slope over the stack was off the true one by 0.1-0.35 px per section (2.3-2.6 of its
+standard errors on the benchmark's 160-section stacks; docs/mito.md, session 31).
+
+A smooth distortion is nearly the same for a mitochondrion and for the tissue a few tens of pixels
+around it (the cutting distortions are smooth over hundreds of pixels). So, for neighbouring sections
+``(k, k + 1)`` placed in the aligned frame, small tiles (:data:`TILE`) are laid along each
+mitochondrion's outline, and in each tile the step of the mitochondrion's pixels and the step of the
+tissue's are read apart (normalised cross-correlation, masked, within :data:`REACH`); their difference
+is the mitochondrion's motion through the tissue, the distortion and the placement's own error gone
+with the difference. The median over a mitochondrion's tiles, averaged over mitochondria and pairs, is
+the population's drift per section (zero where only the sections drift); its standard error comes from
+:data:`BLOCKS` blocks of consecutive pairs, as the background's does.
+
+What it reads is the organelles' motion, not the placement's error: the slope the drift correction
+removes is ``-slope`` on the assumption that the alignment followed the mitochondria (keypoints on
+them). On the benchmark's stacks the placement followed 0.77-1.0 of it (docs/mito.md, session 32).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+
+# as the background's: the band-pass, the margin around the mitochondria (both sections) left out of
+# the tissue's part of a tile, the blocks of consecutive pairs whose means give the standard error,
+# and the chi-square 9.21 from which the drift stands out of 0. That is p 0.01 for a known standard
+# error; from 8 block means (t with 7 degrees of freedom per axis) a stack whose mitochondria do not
+# drift reaches it about 5 % of the time (review 1 of session 32, 1e6 draws of t7^2 + t7^2)
+from .background import AGREE, BLOCKS, COARSE_SIGMA, FINE_SIGMA, MARGIN
+
+#: Side (pixels, full resolution) of the tiles laid along each mitochondrion's outline, one per half
+#: tile of outline; the largest step (pixels) searched per tile (distortion differences between
+#: sections are 2-3 px rms).
+TILE, REACH = 96, 8
+#: Fewest pixels of a mitochondrion (in each section of a pair) for it to be read, and fewest pixels
+#: of either part of a tile; the lowest normalised correlation peak that gives a step.
+MIN_AREA, MIN_PART, MIN_PEAK = 2000, 400, 0.1
+#: Fewest (pair, mitochondrion) readings for a result.
+MIN_READINGS = 16
+#: The default of ``align_stack(organelle_reading=...)``: "background" (as before session 32).
+DEFAULT_READING = "background"
+READINGS = ("background", "local")
+_SWAP = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=np.float64)
+
+
+def _placed(section: np.ndarray, matrix: np.ndarray, shape, nearest: bool = False) -> np.ndarray:
+    """``section`` resampled into the aligned frame (``matrix`` maps it to the section)."""
+    h, w = int(shape[0]), int(shape[1])
+    flags = cv2.WARP_INVERSE_MAP | (cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR)
+    mx = (_SWAP @ matrix @ _SWAP)[:2]
+    return cv2.warpAffine(section, mx, (w, h), flags=flags, borderMode=cv2.BORDER_CONSTANT)
+
+
+def _vertex(m: float, z: float, p: float) -> float:
+    den = m - 2 * z + p
+    return 0.0 if den >= 0 else float(np.clip(0.5 * (m - p) / den, -0.5, 0.5))
+
+
+def tile_step(a: np.ndarray, weight: np.ndarray, b: np.ndarray, y0: int, x0: int) -> np.ndarray | None:
+    """``(2,)`` (y, x) step by which the content of ``a`` under ``weight`` in the tile at ``(y0, x0)``
+    lies moved in ``b`` (``b(p) ~ a(p - d)``): the peak of the masked normalised correlation within
+    :data:`REACH`, refined per axis. None with too few pixels, a weak peak or the peak at the edge."""
+    y1, x1 = y0 + TILE, x0 + TILE
+    w = np.ascontiguousarray(weight[y0:y1, x0:x1], dtype=np.float32)
+    if w.sum() < MIN_PART:
+        return None
+    t = np.ascontiguousarray(a[y0:y1, x0:x1])
+    img = np.ascontiguousarray(b[y0 - REACH : y1 + REACH, x0 - REACH : x1 + REACH])
+    c = cv2.matchTemplate(img, t, cv2.TM_CCORR_NORMED, mask=w)
+    c = np.nan_to_num(c, nan=-1.0, posinf=-1.0, neginf=-1.0)
+    i, j = np.unravel_index(int(np.argmax(c)), c.shape)
+    if not (0 < i < c.shape[0] - 1 and 0 < j < c.shape[1] - 1) or c[i, j] < MIN_PEAK:
+        return None
+    return np.array([i - REACH + _vertex(*c[i - 1 : i + 2, j]), j - REACH + _vertex(*c[i, j - 1 : j + 2])])
+
+
+def pair_motion(a, a_lab, b, b_lab, valid) -> list[np.ndarray]:
+    """Per mitochondrion read in both sections, the median over its outline's tiles of (its step -
+    the tissue's step), (y, x) pixels. ``a``, ``b``: band-passed sections in the aligned frame;
+    ``a_lab``, ``b_lab``: their mitochondria's labels there; ``valid``: pixels inside both sections."""
+    square = np.ones((2 * MARGIN + 1, 2 * MARGIN + 1), np.uint8)
+    near = cv2.dilate(((a_lab > 0) | (b_lab > 0)).view(np.uint8), square)
+    tissue = (valid & (1 - near)).astype(np.float32)
+    h, w = a.shape
+    out = []
+    for i in np.unique(a_lab):
+        if i == 0:
+            continue
+        mine = (a_lab == i).astype(np.uint8)
+        if int(mine.sum()) < MIN_AREA or int((b_lab == i).sum()) < MIN_AREA:
+            continue
+        weight = (cv2.dilate(mine, np.ones((7, 7), np.uint8)) & valid).astype(np.float32)
+        outline, _ = cv2.findContours(mine, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        chosen: list[np.ndarray] = []
+        for p in np.concatenate([c[:, 0, ::-1] for c in outline]):  # (y, x), one per half tile
+            if all(np.abs(p - q).max() >= TILE // 2 for q in chosen):
+                chosen.append(p)
+        steps = []
+        for p in chosen:
+            y0, x0 = int(p[0]) - TILE // 2, int(p[1]) - TILE // 2
+            if y0 < REACH or x0 < REACH or y0 + TILE + REACH > h or x0 + TILE + REACH > w:
+                continue
+            mito = tile_step(a, weight, b, y0, x0)
+            around = tile_step(a, tissue, b, y0, x0) if mito is not None else None
+            if around is not None:
+                steps.append(mito - around)
+        if steps:
+            out.append(np.median(np.asarray(steps), axis=0))
+    return out
+
+
+def relative_motion(
+    read: Callable[[int], np.ndarray],
+    mito: Callable[[int], np.ndarray],
+    matrices: np.ndarray,
+    shape,
+    use: np.ndarray,
+    workers: int = 1,
+) -> dict:
+    """The mitochondria's drift through the tissue around them, px per section (y, x) in the aligned
+    frame (see the module doc). ``read(k)``: section ``k`` (uint8); ``mito(k)``: its mitochondria (0/1,
+    any size: resized to the section's); ``matrices[k]`` maps the aligned frame to section ``k``; pairs
+    ``(k, k + 1)`` with both in ``use``. Returns ``{"slope", "se", "readings", "pairs", "chi2",
+    "drifts"}``: ``readings`` (pair, mitochondrion) values, ``pairs`` neighbour pairs with one,
+    ``chi2`` the slope's squared length in standard errors, ``drifts`` whether it stands out of 0
+    (:data:`AGREE`: about 5 % false alarms, see above); an ``inf`` standard error where fewer than
+    :data:`MIN_READINGS` were read."""
+    use = np.asarray(use, bool)
+    h, w = int(shape[0]), int(shape[1])
+    ks = np.flatnonzero(use[:-1] & use[1:])
+
+    def prepare(k):
+        section = read(k)
+        m = (mito(k) > 0).astype(np.uint8)
+        if m.shape != section.shape:
+            m = cv2.resize(m, (section.shape[1], section.shape[0]), interpolation=cv2.INTER_NEAREST)
+        img = _placed(section, matrices[k], (h, w))
+        inside = (img > 0).view(np.uint8)
+        lab = cv2.connectedComponents(_placed(m, matrices[k], (h, w), nearest=True))[1]
+        band = cv2.GaussianBlur(img.astype(np.float32), (0, 0), FINE_SIGMA)
+        band -= cv2.GaussianBlur(img.astype(np.float32), (0, 0), COARSE_SIGMA)
+        return band, lab, inside
+
+    def chunk(part):
+        out, ready = [], {}
+        for k in part:
+            for j in (k, k + 1):
+                if j not in ready:
+                    ready[j] = prepare(j)
+            (a, la, ia), (b, lb, ib) = ready[k], ready[k + 1]
+            valid = cv2.erode(ia & ib, np.ones((9, 9), np.uint8))
+            out.extend((int(k), v) for v in pair_motion(a, la, b, lb, valid))
+            ready.pop(k)
+        return out
+
+    parts = [p for p in np.array_split(ks, max(1, min(len(ks), 4 * max(1, workers)))) if len(p)]
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mito-organelles") as ex:
+        found = [r for part in ex.map(chunk, parts) for r in part]
+    result = {"slope": [0.0, 0.0], "se": [math.inf, math.inf], "readings": len(found), "drifts": False}
+    result["pairs"] = len({k for k, _ in found})
+    if len(found) < MIN_READINGS:
+        result["chi2"] = 0.0
+        return result
+    at = np.array([k for k, _ in found], dtype=np.float64)
+    values = np.array([v for _, v in found])
+    edges = np.linspace(at.min(), at.max() + 1, BLOCKS + 1)
+    means = np.array([values[(at >= lo) & (at < hi)].mean(axis=0) for lo, hi in zip(edges[:-1], edges[1:])
+                      if np.any((at >= lo) & (at < hi))])  # fmt: skip
+    slope = values.mean(axis=0)
+    se = means.std(axis=0, ddof=1) / math.sqrt(len(means)) if len(means) >= 3 else np.full(2, math.inf)
+    chi2 = float(np.sum((slope / np.maximum(se, 1e-9)) ** 2))
+    result.update(
+        slope=[float(v) for v in slope], se=[float(v) for v in se], chi2=chi2, drifts=bool(chi2 >= AGREE)
+    )
+    return result

@@ -1,0 +1,92 @@
+"""The mitochondria's drift read against the tissue right around them (engines/mito/organelles.py,
+session 32; ``organelle_reading="local"``)."""
+
+import cv2
+import numpy as np
+import pytest
+
+from napari_nephi.core.errors import InputError
+from napari_nephi.engines.mito import align_stack
+from napari_nephi.engines.mito.align import _auto_decision
+from napari_nephi.engines.mito.organelles import relative_motion
+
+SIDE, N = 384, 12
+
+
+def _smooth_field(rng, amplitude):
+    """A smooth random displacement (2, SIDE, SIDE) of ``amplitude`` px rms per axis, ~200 px long."""
+    coarse = rng.normal(0.0, 1.0, (2, 4, 4)).astype(np.float32)
+    f = np.stack([cv2.resize(c, (SIDE, SIDE), interpolation=cv2.INTER_CUBIC) for c in coarse])
+    return f * np.float32(amplitude / max(float(f.std()), 1e-6))
+
+
+def _stack(drift, seed=0, distortion=1.5, stage=(0.5, -0.3)):
+    """Sections of a fixed tissue texture with four elliptic mitochondria (their own texture) that move
+    through it by ``drift`` px per section; every section also moves as a whole (``stage`` px per
+    section) and carries its own smooth distortion (``distortion`` px rms). Returns (stack, masks)."""
+    rng = np.random.default_rng(seed)
+    tissue = cv2.GaussianBlur(rng.normal(0.0, 1.0, (SIDE, SIDE)).astype(np.float32), (0, 0), 1.5)
+    inner = cv2.GaussianBlur(rng.normal(0.0, 1.0, (SIDE, SIDE)).astype(np.float32), (0, 0), 1.5)
+    centres = np.array([[110.0, 110.0], [110.0, 270.0], [270.0, 110.0], [270.0, 270.0]])
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE].astype(np.float32)
+    stack, masks = [], []
+    for k in range(N):
+        c = centres + np.asarray(drift) * k
+        inside = np.zeros((SIDE, SIDE), bool)
+        for cy, cx in c:
+            inside |= ((yy - cy) / 40.0) ** 2 + ((xx - cx) / 28.0) ** 2 <= 1.0
+        # the mitochondria's texture moves with them (sampled at p - drift k)
+        shift = np.float32([[1, 0, drift[1] * k], [0, 1, drift[0] * k]])
+        moved = cv2.warpAffine(inner, shift, (SIDE, SIDE), borderMode=cv2.BORDER_REFLECT)
+        img = np.where(inside, 0.35 + 0.04 * moved, 0.62 + 0.05 * tissue)
+        img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 0.7)
+        # the section as acquired: moved by the stage and distorted (sampled at p - stage k + d(p))
+        d = _smooth_field(rng, distortion)
+        map_y = yy - np.float32(stage[0] * k) + d[0]
+        map_x = xx - np.float32(stage[1] * k) + d[1]
+        sec = cv2.remap(img, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        msk = cv2.remap(inside.astype(np.uint8), map_x, map_y, cv2.INTER_NEAREST)
+        stack.append(np.clip(sec * 255 + rng.normal(0.0, 3.0, sec.shape), 1, 255).astype(np.uint8))
+        masks.append(msk)
+    return np.array(stack), np.array(masks)
+
+
+@pytest.mark.parametrize(("drift", "drifts"), [((0.6, -0.4), True), ((0.0, 0.0), False)])
+def test_the_local_reading_finds_the_mitochondria_drift_on_distorted_moving_sections(drift, drifts):
+    """Distorted sections (1.5 px rms each) that also move as a whole, placed by the identity (so the
+    placement is off by the stage drift and the distortion): the mitochondria's motion through the
+    tissue is read within 0.15 px per section, and stands out of 0 only where they drift."""
+    stack, masks = _stack(drift)
+    eye = np.repeat(np.eye(3)[None], N, axis=0)
+    r = relative_motion(lambda k: stack[k], lambda k: masks[k], eye, (SIDE, SIDE), np.ones(N, bool))
+    assert r["readings"] >= 4 * (N - 1) - 4
+    np.testing.assert_allclose(r["slope"], drift, atol=0.15)
+    assert r["drifts"] is drifts
+
+
+def test_the_decision_removes_the_local_slope_or_keeps_the_trend():
+    """``_auto_decision`` with the local reading: its slope (negated: the placement followed the
+    mitochondria) is removed where it stands out of 0, the trend is kept where it does not, and with
+    too few readings the background decides as before."""
+    test = {"p": 1e-20, "slope": [0.3, 0.0]}
+    use = np.ones(40, bool)
+    mats = np.repeat(np.eye(3)[None], 40, axis=0)
+
+    def reading(drifts, readings=100):
+        return lambda m, u: {"slope": [0.3, -0.1], "se": [0.05, 0.05], "readings": readings, "drifts": drifts}
+
+    apply, slope = _auto_decision(dict(test), mats, use, None, reading(True))
+    assert apply and np.allclose(slope, [-0.3, 0.1])
+    assert _auto_decision(dict(test), mats, use, None, reading(False)) == (False, None)
+    # too few readings: no background given, so the trend test alone decides (p far under AUTO_P)
+    apply, slope = _auto_decision(dict(test), mats, use, None, reading(True, readings=3))
+    assert apply and slope is None
+
+
+def test_organelle_reading_is_checked_and_recorded():
+    """An unknown reading is an InputError naming the choices; the settings record the one asked."""
+    stack, masks = _stack((0.0, 0.0), distortion=0.0)
+    with pytest.raises(InputError, match="background, local"):
+        align_stack(stack[:4], organelle_reading="nearby")
+    reg = align_stack(stack[:4], masks=masks[:4], warp=False, workers=1, organelle_reading="local")
+    assert reg.settings["organelle_reading"] == "local"
