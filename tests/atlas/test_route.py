@@ -58,23 +58,33 @@ def test_a_section_stage1_does_not_place_clearly_gets_the_full_search(search, ti
     assert agreeing.routed
 
 
-def test_route_signal_counts_only_poses_beyond_the_reach():
-    """``_routed``: the best start against the best stage-1 pose more than ROUTE_REACH plates away."""
+def _pose(z, score):
     from napari_nephi.engines.atlas.pose_grid import Pose
 
-    def pose(z, score):
-        return Pose(
-            score=score, z=float(z), plate=z, tilt=(0.0, 0.0), rotation=0.0, scale=1.0, centre=(0.0, 0.0)
-        )
+    return Pose(score=score, z=float(z), plate=z, tilt=(0.0, 0.0), rotation=0.0, scale=1.0, centre=(0.0, 0.0))
 
-    first = [pose(10, 0.5), pose(11, 0.49), pose(10 + rerank.ROUTE_REACH, 0.48), pose(20, 0.44)]
+
+def test_route_signal_counts_only_poses_beyond_the_reach():
+    """``_route``: the best start against the best stage-1 pose more than ROUTE_REACH plates away."""
+    first = [_pose(10, 0.5), _pose(11, 0.49), _pose(10 + rerank.ROUTE_REACH, 0.48), _pose(20, 0.44)]
     options = check_rerank_options({"route_gap": 0.05})
-    assert rerank._routed(first, [first[0], first[3]], [(10, 0.0)], options)  # 0.06 above plate 20
-    first.append(pose(10 - rerank.ROUTE_REACH - 1, 0.46))
-    assert not rerank._routed(first, [first[0], first[4]], [(10, 0.0)], options)  # only 0.04 above
+    assert rerank._route(first, [first[0], first[3]], [(10, 0.0)], options) is first[0]  # 0.06 above 20
+    first.append(_pose(10 - rerank.ROUTE_REACH - 1, 0.46))
+    assert rerank._route(first, [first[0], first[4]], [(10, 0.0)], options) is None  # only 0.04 above
     agree = check_rerank_options({"route_gap": 0.0, "route_agree": 1})
-    assert rerank._routed(first, [first[0]], [(11, 0.0)], agree)
-    assert not rerank._routed(first, [first[0]], [(12, 0.0)], agree)
+    assert rerank._route(first, [first[0]], [(11, 0.0)], agree) is first[0]
+    assert rerank._route(first, [first[0]], [(12, 0.0)], agree) is None
+
+
+def test_route_needs_a_far_pose_and_keeps_the_best_start():
+    """Review 1 of session 32: no stage-1 pose beyond the reach (a search without a sweep) is no
+    evidence of a gap, so not routed (C1); the start kept is the best of the starts, which
+    ``dense_mode`` "add" does not keep in score order (C2)."""
+    options = check_rerank_options({"route_gap": 0.05})
+    near = [_pose(10, 0.5), _pose(12, 0.3), _pose(8, 0.2)]
+    assert rerank._route(near, near[:1], [(10, 0.0)], options) is None
+    first = [_pose(10, 0.5), _pose(30, 0.3), _pose(40, 0.62), _pose(42, 0.55)]
+    assert rerank._route(first, [first[0], first[1], first[2]], [(10, 0.0)], options) is first[2]
 
 
 @pytest.mark.parametrize(
@@ -82,7 +92,8 @@ def test_route_signal_counts_only_poses_beyond_the_reach():
     [
         ({"route_gap": -0.1}, "route_gap"),
         ({"route_gap": "a"}, "route_gap"),
-        ({"route_agree": -1}, "route_agree"),
+        ({"route_gap": 0.05, "route_agree": -1}, "route_agree"),
+        ({"route_agree": 2}, "route_agree"),  # without route_gap it would do nothing (review 1, C3)
     ],
 )
 def test_bad_route_options_raise(options, name):

@@ -187,7 +187,7 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   2nd -> 1st), mean rank 2.556 -> 2.544, CPU 486 -> 442 ms per lookup (-9 %). docs/atlas.md, "Session 31".
 * **Routing** (session 32, opt-in: ``route_gap`` None, ``route_agree`` None). Where stage 1 places the
   section clearly, stage 2 refines its best start alone (no other start, no anchor, one pose scanned
-  along the plate axis; :func:`_routed`): its best start scores at least ``route_gap`` above every
+  along the plate axis; :func:`_route`): its best start scores at least ``route_gap`` above every
   stage-1 pose more than :data:`ROUTE_REACH` (3) plates from it, and with ``route_agree`` its plate lies
   within that many plates of the first stage's best. Stage 1 is the same; a routed lookup costs about
   0.19 s of CPU against 0.32 s. Development (720 sections of query seeds 0, 1, 5-8, 113-118, the
@@ -303,7 +303,7 @@ DEFAULTS = {
     # fresh check's marks); the result's ``routed`` says where it did
     "route_gap": None,
     # ... and only where that start's plate lies within this many plates of the first stage's best
-    # plate (None: no such condition; it does nothing without route_gap)
+    # plate (None: no such condition; an error without route_gap)
     "route_agree": None,
     "tilt_search": "joint",  # stage 2: every pitch x yaw, then finer; "sequential": pitch, then yaw
     # the joint grid climbed from the untilted best instead of cut whole: the 8 tilts one tilt_step
@@ -498,6 +498,11 @@ def check_rerank_options(options: dict | None) -> dict:
         out["route_gap"] = check_float("route_gap", out["route_gap"], 0.0, 2.0)
     if out["route_agree"] is not None:
         out["route_agree"] = check_int("route_agree", out["route_agree"], 0)
+        if out["route_gap"] is None:  # review 1 of session 32, C3: it would silently do nothing
+            raise InputError(
+                f"route_agree ({out['route_agree']!r}) is a further condition of the routing, which runs "
+                "only with route_gap (e.g. 0.05); set route_gap or leave route_agree None."
+            )
     out["anchors"] = check_int("anchors", out["anchors"], 0, 50)
     out["prior_weight"] = check_float("prior_weight", out["prior_weight"], 0.0, 1.0)
     out["region_refine"] = check_int("region_refine", out["region_refine"], 0, 50)
@@ -675,9 +680,10 @@ class PoseSearch:
                 zs = dense
                 first = [by_plate[z] for z in zs if z in by_plate]
                 hyps = hypotheses(first, shortlist, options)
-        routed = _routed(first, hyps, order, options)
+        start = _route(first, hyps, order, options)
+        routed = start is not None
         if routed:  # stage 1 placed the section clearly: its best start alone
-            hyps = hyps[:1]
+            hyps = [start]
         # stage 2 starts from stage 1's shifts: its cuts are centred there and searched nearby
         reach = round(LOCAL_REACH * options["work_size"])
         fine = SectionGrid(
@@ -1151,19 +1157,24 @@ def _anchored(first: list[Pose], hyps: list[Pose], anchors: list[int]) -> list[P
     return out
 
 
-def _routed(first: list[Pose], hyps: list[Pose], order, options: dict) -> bool:
-    """Whether ``route_gap`` is set and stage 1's best start ``hyps[0]`` scores at least that much above
-    every stage-1 pose of ``first`` more than :data:`ROUTE_REACH` plates from it (and, with
-    ``route_agree``, lies within that many plates of the first stage's best plate ``order[0]``)."""
+def _route(first: list[Pose], hyps: list[Pose], order, options: dict) -> Pose | None:
+    """The start stage 2 refines alone where ``route_gap`` routes the section, else None: the best of
+    the starts ``hyps`` (with ``dense_mode`` "add" the dense starts come last, not in score order),
+    where it scores at least ``route_gap`` above every stage-1 pose of ``first`` more than
+    :data:`ROUTE_REACH` plates from it (and, with ``route_agree``, lies within that many plates of the
+    first stage's best plate ``order[0]``). No pose that far (a search without a sweep, such as
+    :data:`SEEDED`'s): no evidence of a gap, not routed (review 1 of session 32, C1)."""
     gap = options["route_gap"]
     if gap is None or not hyps:
-        return False
-    top = hyps[0]
+        return None
+    top = max(hyps, key=lambda p: p.score)  # review 1 of session 32, C2
     far = [p.score for p in first if abs(p.z - top.z) > ROUTE_REACH]
-    if far and top.score - max(far) < gap:
-        return False
+    if not far or top.score - max(far) < gap:
+        return None
     agree = options["route_agree"]
-    return agree is None or not order or abs(top.plate - int(order[0][0])) <= agree
+    if agree is not None and order and abs(top.plate - int(order[0][0])) > agree:
+        return None
+    return top
 
 
 def _outscored(hyps: list[Pose], shortlist: list[int], options: dict) -> bool:
