@@ -213,21 +213,23 @@ def random_rigid_cases(
         mat = rotation_matrix(fixed.shape, deg, axis, shift)
         moving = rigid_moving(fixed, mat, order)
         truth = AffineTransform(mat).displacement(fixed.shape)
-        what = f"shift ({', '.join(f'{t:.2f}' for t in shift)})" if kind != "rotation" else ""
-        what += (" " if what else "") + (f"rotation {deg:.2f} deg" if kind != "shift" else "")
+        parts = [f"shift ({', '.join(f'{t:.2f}' for t in shift)})"] if kind != "rotation" else []
+        what = " ".join(parts + ([f"rotation {deg:.2f} deg"] if kind != "shift" else []))
         name = f"{image} rigid {seed}.{i} {what}" + ("" if order == 1 else ", cubic")
-        out.append(dict(name=name, fixed=fixed, moving=moving, truth=truth))
+        # --noise: seeded by the draw too, not by the case's place in the run
+        noise_seed = [seed, CASE_OFFSETS[image], i, order, 1000]
+        out.append(dict(name=name, fixed=fixed, moving=moving, truth=truth, noise_seed=noise_seed))
     return out
 
 
-def add_noise(case: dict, sigma: float, seed: int, kind: str = "gaussian") -> None:
+def add_noise(case: dict, sigma: float, seed: int | list[int], kind: str = "gaussian") -> None:
     """Independent noise on both images of ``case`` (intensities scaled to [0, 1] by the image's
     range): ``gaussian``, of standard deviation ``sigma``; ``poisson``, photon counts with a peak of
     ``0.5 / sigma^2`` photons at full range (standard deviation ``sigma`` at mid-range, less on dark
     voxels, more on bright ones, like a fluorescence camera)."""
     if sigma <= 0:
         return
-    rng = np.random.default_rng([seed, 7])
+    rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), 7])  # an int seed: [seed, 7], as before
     for key in ("fixed", "moving"):
         img = case[key]
         lo, hi = float(img.min()), float(img.max())
@@ -359,7 +361,7 @@ def main() -> None:
             for c in random_rigid_cases(seed, args.global_rigid_count, args.size2d, im, o)
         ]
         for i, case in enumerate(cases):
-            add_noise(case, args.noise, 1000 + i, args.noise_kind)
+            add_noise(case, args.noise, case.get("noise_seed", 1000 + i), args.noise_kind)
             # 32 px inside the border at 512 px (scaled); 3 voxels inside the MRI (25 x 41 x 33)
             margin = round(32 * args.size2d / 512) if case["fixed"].ndim == 2 else MARGIN_3D
             sl = inner(case["fixed"].shape, margin)
