@@ -64,22 +64,23 @@ def test_the_local_reading_finds_the_mitochondria_drift_on_distorted_moving_sect
     assert r["drifts"] is drifts
 
 
-def test_the_decision_removes_the_local_slope_or_keeps_the_trend():
-    """``_auto_decision`` with the local reading: its slope (negated: the placement followed the
-    mitochondria) is removed where it stands out of 0, the trend is kept where it does not, and with
-    too few readings the background decides as before."""
+def test_the_decision_classifies_the_local_reading_against_the_trend():
+    """``_auto_decision`` with the local reading: its drift, negated (the placement followed the
+    mitochondria), is classified against the trend as the background's slope is: equal to the trend
+    removes the whole trend, 0 keeps it, neither removes the negated drift; with too few readings the
+    background decides as before (none here: the trend test alone)."""
     test = {"p": 1e-20, "slope": [0.3, 0.0]}
     use = np.ones(40, bool)
     mats = np.repeat(np.eye(3)[None], 40, axis=0)
 
-    def reading(drifts, readings=100):
-        return lambda m, u: {"slope": [0.3, -0.1], "se": [0.05, 0.05], "readings": readings, "drifts": drifts}
+    def reading(v, readings=100):
+        return lambda m, u: {"slope": list(v), "se": [0.02, 0.02], "readings": readings, "drifts": True}
 
-    apply, slope = _auto_decision(dict(test), mats, use, None, reading(True))
-    assert apply and np.allclose(slope, [-0.3, 0.1])
-    assert _auto_decision(dict(test), mats, use, None, reading(False)) == (False, None)
-    # too few readings: no background given, so the trend test alone decides (p far under AUTO_P)
-    apply, slope = _auto_decision(dict(test), mats, use, None, reading(True, readings=3))
+    assert _auto_decision(dict(test), mats, use, None, reading((-0.3, 0.0))) == (True, None)
+    assert _auto_decision(dict(test), mats, use, None, reading((0.0, 0.01))) == (False, None)
+    apply, slope = _auto_decision(dict(test), mats, use, None, reading((-0.15, 0.1)))
+    assert apply and np.allclose(slope, [0.15, -0.1])
+    apply, slope = _auto_decision(dict(test), mats, use, None, reading((0.0, 0.0), readings=3))
     assert apply and slope is None
 
 

@@ -779,9 +779,16 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
         local = relative(matrices, use)
         test["organelles"] = local
         if local["readings"] >= MIN_READINGS:
-            # the mitochondria drift through the tissue around them: the alignment followed them, so
-            # their drift is the placement's error (its slope removed); else the trend is the sections'
-            return (True, -np.asarray(local["slope"], np.float64)) if local["drifts"] else (False, None)
+            # the alignment followed the mitochondria, so their drift through the tissue, negated, is the
+            # placement's error: like the background's slope, the trend where only they drift, 0 where only
+            # the sections do. Classified against the trend as the background is: "organelles" removes the
+            # whole trend, "sections" keeps it, "both" removes -v; undecided: the background decides
+            error = -np.asarray(local["slope"], np.float64)
+            motion = {"slope": error.tolist(), "se": local["se"], "pairs": local["readings"]}
+            decision, _ = classify(test["slope"], motion)
+            local["decision"] = decision
+            if decision in ("organelles", "sections", "both"):
+                return decision != "sections", (error if decision == "both" else None)
     if background is None:
         return test["p"] < AUTO_P, None
     motion = background(matrices, use, trend=test["slope"])
@@ -1124,11 +1131,13 @@ def align_stack(
         positions' trend is the organelles' drift or the sections': ``"background"`` (default,
         :mod:`.background`: the rest of the image in the aligned frame) or ``"local"`` (session
         32, opt-in; :mod:`.organelles`: each mitochondrion against the tissue right around it,
-        so the sections' distortion cancels). With ``"local"`` the placement's slope ``-v`` is
-        removed where the mitochondria's drift ``v`` stands out of 0 (chi-square 9.21 on 8
-        block means: about 5 % of stacks without it), else the trend is kept; the reading is in
-        ``metrics["drift_correction"]["auto"]["organelles"]``. Without masks, the elastic
-        step or enough mitochondria read (16 pair readings) the background decides as before.
+        so the sections' distortion cancels). With ``"local"`` the mitochondria's drift ``v``,
+        negated (the placement followed them), is classified against the positions' trend as the
+        background's slope is (:func:`.background.classify`): "organelles" removes the whole
+        trend, "sections" keeps it, "both" removes the slope ``-v``; the reading and its decision
+        are in ``metrics["drift_correction"]["auto"]["organelles"]``. Where it is undecided, or
+        without masks, the elastic step or enough mitochondria read (16 pair readings), the
+        background decides as before.
     spacing
         ``(z, y, x)`` voxel size kept with the transform (default: from the file for a path,
         else 1).

@@ -17,9 +17,10 @@ with the difference. The median over a mitochondrion's tiles, averaged over mito
 the population's drift per section (zero where only the sections drift); its standard error comes from
 :data:`BLOCKS` blocks of consecutive pairs, as the background's does.
 
-What it reads is the organelles' motion, not the placement's error: the slope the drift correction
-removes is ``-slope`` on the assumption that the alignment followed the mitochondria (keypoints on
-them). On the benchmark's stacks the placement followed 0.77-1.0 of it (docs/mito.md, session 32).
+What it reads is the organelles' motion, not the placement's error: ``-slope`` is taken for the
+placement's error on the assumption that the alignment followed the mitochondria (keypoints on them;
+on the benchmark's stacks the placement followed 0.77-1.0 of it), and ``align._auto_decision`` classifies
+it against the positions' trend as it does the background's slope (docs/mito.md, session 32).
 """
 
 from __future__ import annotations
