@@ -157,6 +157,7 @@ def test_align_em_defaults_are_the_engines():
         "drift_window",
         "elastic_solver",
         "elastic_landmarks",
+        "organelle_reading",
     )
     for key in keys:
         assert kw[key] == defaults[key].default, key
@@ -214,3 +215,13 @@ def test_align_em_elastic_solver_flag_reaches_the_engine():
     assert kw["elastic_solver"] == "local"
     with pytest.raises(SystemExit):
         parse(["align-em", "stack.tif", "-o", "out", "--elastic-solver", "global"])
+
+
+def test_align_em_passes_the_organelle_reading():
+    """--organelle-reading reaches align_stack; a name it does not know is refused by argparse."""
+    from napari_nephi.cli.em import _align_options
+
+    kw = _align_options(parse(["align-em", "stack.tif", "-o", "out", "--organelle-reading", "local"]))
+    assert kw["organelle_reading"] == "local"
+    with pytest.raises(SystemExit):
+        parse(["align-em", "stack.tif", "-o", "out", "--organelle-reading", "nearby"])

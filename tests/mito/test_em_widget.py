@@ -255,8 +255,15 @@ def test_em_options_multi_neighbour_reach_the_engine(qtbot, em):
     values = opts.values()
     # the engine's defaults (session 14: 2 neighbours, global solve with affine sections, prior 0.1)
     defaults = inspect.signature(align_stack).parameters
-    for key in ("global_model", "drift_prior"):
+    for key in ("global_model", "drift_prior", "organelle_reading"):
         assert values[key] == defaults[key].default, key
+    # the organelle reading only matters to drift correction auto (session 32)
+    assert opts.organelle_reading.isEnabled()
+    opts.drift_correction.setCurrentText("detrend")
+    assert not opts.organelle_reading.isEnabled()
+    opts.drift_correction.setCurrentText("auto")
+    opts.organelle_reading.setCurrentText("local")
+    assert opts.organelle_reading.isEnabled() and opts.values()["organelle_reading"] == "local"
     assert values["neighbours"] == check_global_options(defaults["neighbours"].default, None, "rigid", 0)[0]
     assert values["neighbours"] == 2 and opts.global_model.isEnabled() and opts.drift_prior.isEnabled()
     opts.neighbours.setValue(1)  # the chain: the global solve's options do not apply

@@ -42,6 +42,7 @@ from ..engines.mito.detrend import (
 )
 from ..engines.mito.distortion import DEFAULT_ELASTIC
 from ..engines.mito.elastic import ELASTIC_SOLVER, ELASTIC_SOLVERS
+from ..engines.mito.organelles import DEFAULT_READING, READINGS
 from ..engines.mito.solve import DRIFT_PRIOR, GLOBAL_MODEL, GLOBAL_MODELS, NEIGHBOURS
 from ._common import HelpFormatter, ProgressBars, add_key_values, add_quiet, parse_options
 
@@ -162,6 +163,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         f"sigma this many sections, at least {MIN_WINDOW:g} (widened where fewer than {MIN_SECTIONS} placed "
         "sections lie under it: stack ends, failed or blank runs); 0: one straight line over the stack",
     )
+    p.add_argument(
+        "--organelle-reading",
+        default=DEFAULT_READING,
+        choices=READINGS,
+        help="with --drift-correction auto on stacks that get the elastic step: whose drift the trend is, "
+        "read from the rest of the image (background) or from each mitochondrion against the tissue right "
+        f"around it (local; session 32) (default {DEFAULT_READING})",
+    )
     elastic = p.add_mutually_exclusive_group()
     elastic.add_argument(
         "--elastic",
@@ -262,7 +271,7 @@ def _align_options(args: argparse.Namespace) -> dict:
         "neighbours": args.neighbours, "solver": args.solver, "global_model": args.global_model,
         "drift_prior": args.drift_prior, "drift_correction": drift_correction,
         "drift_window": args.drift_window, "elastic_solver": args.elastic_solver,
-        "elastic_landmarks": args.elastic_landmarks,
+        "elastic_landmarks": args.elastic_landmarks, "organelle_reading": args.organelle_reading,
     }  # fmt: skip
     kw.update(options)  # --option KEY=VALUE wins
     return kw

@@ -27,6 +27,7 @@ from ..engines.mito.detrend import (
 from ..engines.mito.distortion import DEFAULT_ELASTIC
 from ..engines.mito.elastic import ELASTIC_SOLVER, ELASTIC_SOLVERS, default_solver
 from ..engines.mito.features import DESCRIPTORS, DETECTORS, MATCHERS, MODELS
+from ..engines.mito.organelles import DEFAULT_READING, READINGS
 from ..engines.mito.solve import DRIFT_PRIOR, GLOBAL_MODEL, GLOBAL_MODELS, NEIGHBOURS
 from ._options import folded
 from ._plot import CurvePlot
@@ -174,6 +175,13 @@ class EMOptions(QWidget):
         # and back (_WindowSpinBox.stepBy), a typed value is raised to it when the edit ends
         self.drift_window.setKeyboardTracking(False)
         self.drift_window.valueChanged.connect(self._snap_window)
+        self.organelle_reading = _choice(
+            READINGS,
+            DEFAULT_READING,
+            "Drift correction auto on stacks that get the elastic step: whose drift the trend is, read from "
+            "the rest of the image (background) or from each mitochondrion against the tissue right around "
+            "it (local), which each section's distortion does not throw off",
+        )
         self.serial_sections = QPushButton("serial-section TEM settings")
         self.serial_sections.setToolTip(
             "Set what serial-section TEM stacks whose organelles may drift need: the middle section as the "
@@ -188,7 +196,8 @@ class EMOptions(QWidget):
                        ("neighbours", self.neighbours), ("global model", self.global_model),
                        ("drift prior", self.drift_prior), ("", self.guided_pairs),
                        ("drift correction", self.drift_correction),
-                       ("drift window", self.drift_window), ("", self.elastic), ("", self.elastic_auto),
+                       ("drift window", self.drift_window), ("organelle reading", self.organelle_reading),
+                       ("", self.elastic), ("", self.elastic_auto),
                        ("elastic solver", self.elastic_solver), ("", self.elastic_landmarks)]  # fmt: skip
         for layout, rows in ((form, shown), (more, folded_rows)):
             for label, widget in rows:
@@ -223,6 +232,7 @@ class EMOptions(QWidget):
         if not self._solver_chosen:
             self.elastic_solver.setCurrentText(default_solver(many))
         self.drift_window.setEnabled(self.drift_correction.currentText() != "none")
+        self.organelle_reading.setEnabled(self.drift_correction.currentText() == "auto")
 
     def _choose_solver(self, *_):
         self._solver_chosen = True
@@ -280,6 +290,7 @@ class EMOptions(QWidget):
             "elastic": "auto" if self.elastic_auto.isChecked() else self.elastic.isChecked(),
             "elastic_solver": self.elastic_solver.currentText(),
             "elastic_landmarks": self.elastic_landmarks.isEnabled() and self.elastic_landmarks.isChecked(),
+            "organelle_reading": self.organelle_reading.currentText(),
         }
 
 
