@@ -243,8 +243,9 @@ ROWS = {
     "mito-default+elastic-autoel": ("mito", "brisk", True, {"neighbours": None, "elastic": "auto"}),
     "mito-default-noelastic": ("mito", "brisk", True, {"neighbours": None, "elastic": False}),
     # session 32: the organelles' drift read against the tissue around each mitochondrion under the
-    # elastic step (opt-in, organelle_reading="local")
+    # elastic step (organelle_reading="local", the default since session 32; -bgread: as before)
     "mito-default-localread": ("mito", "brisk", True, {"neighbours": None, "organelle_reading": "local"}),
+    "mito-default-bgread": ("mito", "brisk", True, {"neighbours": None, "organelle_reading": "background"}),
 }
 
 #: Rows of the paper's table (the default ``--rows``); the others are asked for by name.

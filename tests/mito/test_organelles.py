@@ -85,9 +85,13 @@ def test_the_decision_classifies_the_local_reading_against_the_trend():
 
 
 def test_organelle_reading_is_checked_and_recorded():
-    """An unknown reading is an InputError naming the choices; the settings record the one asked."""
+    """An unknown reading is an InputError naming the choices; the settings record the one asked, and
+    "local" by default."""
     stack, masks = _stack((0.0, 0.0), distortion=0.0)
     with pytest.raises(InputError, match="background, local"):
         align_stack(stack[:4], organelle_reading="nearby")
-    reg = align_stack(stack[:4], masks=masks[:4], warp=False, workers=1, organelle_reading="local")
+    reg = align_stack(stack[:4], masks=masks[:4], warp=False, workers=1, organelle_reading="background")
+    assert reg.settings["organelle_reading"] == "background"
+    # the default since session 32 (the lead's held-out check, docs/mito.md)
+    reg = align_stack(stack[:4], masks=masks[:4], warp=False, workers=1)
     assert reg.settings["organelle_reading"] == "local"

@@ -1128,10 +1128,10 @@ def align_stack(
         solver with masks; since session 19), else off. The settings record what ran.
     organelle_reading
         Who tells, under the elastic step with ``drift_correction="auto"``, whether the
-        positions' trend is the organelles' drift or the sections': ``"background"`` (default,
-        :mod:`.background`: the rest of the image in the aligned frame) or ``"local"`` (session
-        32, opt-in; :mod:`.organelles`: each mitochondrion against the tissue right around it,
-        so the sections' distortion cancels). With ``"local"`` the mitochondria's drift ``v``,
+        positions' trend is the organelles' drift or the sections': ``"local"`` (the default since
+        session 32; :mod:`.organelles`: each mitochondrion against the tissue right around it,
+        so the sections' distortion cancels) or ``"background"`` (as before, :mod:`.background`:
+        the rest of the image in the aligned frame). With ``"local"`` the mitochondria's drift ``v``,
         negated (the placement followed them), is classified against the positions' trend as the
         background's slope is (:func:`.background.classify`): "organelles" removes the whole
         trend, "sections" keeps it, "both" removes the slope ``-v``; the reading and its decision
