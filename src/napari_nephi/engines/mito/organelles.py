@@ -1,4 +1,4 @@
-"""The mitochondria's drift read against the tissue right around them (session 32; the default under the elastic step).
+"""The mitochondria's drift read against the tissue right around them (session 32, a default).
 
 Under the elastic step the drift decision asks whose trend the positions show: the organelles' (cut
 obliquely, they drift through the tissue) or the sections' (stage drift). The background reading
