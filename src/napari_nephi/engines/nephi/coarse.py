@@ -596,17 +596,21 @@ def optimize_velocity(
     a_xy = None if affine is None else affine.to(dev, torch.float32)[order][:, order]
     a_inv = None if a_xy is None else torch.linalg.inv(a_xy)
 
-    def warp(image, u, ident, interp=mode, inside=None):
-        """``image`` pulled back through ``u`` (and ``A``); with a list ``inside``, the frame weight of
-        the sampling points (1 inside the image, 0 outside) is appended to it."""
-        pts = ident + torch.movedim(_resample(u, ident.shape[1:-1]), 1, -1)
-        if a_xy is not None:
-            pts = apply_affine(pts, a_xy)
+    def sample(image, pts, interp, inside):
+        """``image`` at the normalised points ``pts``; with a list ``inside``, their frame weight (1
+        inside the image, 0 outside) is appended to it."""
         if inside is not None:
             inside.append(in_frame(pts)[:, None])
         if interp == "cubic":  # ``image`` holds the spline coefficients (cubic.spline_coefficients)
             return cubic_sample(image, pts)
         return F.grid_sample(image, pts, mode=interp, padding_mode="border", align_corners=True)
+
+    def warp(image, u, ident, interp=mode, inside=None):
+        """``image`` pulled back through ``u`` (and ``A``); ``inside`` as in ``sample``."""
+        pts = ident + torch.movedim(_resample(u, ident.shape[1:-1]), 1, -1)
+        if a_xy is not None:
+            pts = apply_affine(pts, a_xy)
+        return sample(image, pts, interp, inside)
 
     def warp_back(image, u, ident, interp=mode, inside=None):
         if a_inv is None:
@@ -615,11 +619,7 @@ def optimize_velocity(
         pts = q + torch.movedim(
             F.grid_sample(u, q, mode="bilinear", padding_mode="border", align_corners=True), 1, -1
         )
-        if inside is not None:
-            inside.append(in_frame(pts)[:, None])
-        if interp == "cubic":  # ``image`` holds the spline coefficients (cubic.spline_coefficients)
-            return cubic_sample(image, pts)
-        return F.grid_sample(image, pts, mode=interp, padding_mode="border", align_corners=True)
+        return sample(image, pts, interp, inside)
 
     def mask_weights(masks_l, masks_w, u_f, u_b, ident, cmp):
         """Weights of the forward and backward comparisons (None: unweighted)."""
