@@ -453,6 +453,12 @@ def run_case(case: str, rows, args) -> list[dict]:
                 value += f" +- {d['se']:.4f}"
             if d.get("same_point") is not None:
                 value += f", same point {d['same_point']:.3f}"
+            if d.get("corrected") is not None:  # session 33: the ring reading less its lag-2 share
+                c_se = "" if d.get("corrected_se") is None else f" +- {d['corrected_se']:.4f}"
+                rule = "on" if d.get("corrected_rule") else "off"
+                value += (
+                    f", lag-corrected {d['corrected']:.4f}{c_se} (rule {rule}, read by {d.get('read_by')})"
+                )
             print(
                 f"#   distortion: residual correlation {value} (limit {d['limit']:g}, {d['points']} points), "
                 f"elastic {d['elastic']} -> {'on' if d['elastic_applied'] else 'off'}",
@@ -491,7 +497,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-drift", action="store_true", help="skip the drift (unrotated stack) row")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="align_stack option")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument(
+        "--distortion-corrected", choices=("on", "off"), default=None,
+        help="elastic='auto' also reads the lag-corrected distortion reading (distortion.CORRECTED, "
+        "session 33); default: the engine's",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.distortion_corrected is not None:
+        from napari_nephi.engines.mito import distortion
+
+        distortion.CORRECTED = args.distortion_corrected == "on"
     args.reference = int(args.reference) if args.reference.lstrip("-").isdigit() else args.reference
     rows = list(ROWS) if args.rows == "all" else [r for r in args.rows.split(",") if r]
     args.extra = {}

@@ -9,11 +9,11 @@ from napari_nephi.engines.mito import align_stack
 from napari_nephi.synthetic import em_stack
 
 
-def _smooth(rng, pts):
-    """A smooth random (x, y) displacement at ``pts`` (a few waves across 256 px, ~1 px rms)."""
+def _smooth(rng, pts, amplitude=0.7):
+    """A smooth random (x, y) displacement at ``pts`` (a few waves across 256 px, ~1 px rms at 0.7)."""
     k = rng.normal(0, 2 * np.pi / 200, (4, 2))
     ph = rng.uniform(0, 2 * np.pi, (4, 2))
-    a = rng.normal(0, 0.7, (4, 2))
+    a = rng.normal(0, amplitude, (4, 2))
     return np.stack([sum(a[i, c] * np.sin(pts @ k[i] + ph[i, c]) for i in range(4)) for c in range(2)], 1)
 
 
@@ -69,6 +69,87 @@ def test_the_residual_correlation_reads_the_sign_of_what_moves_the_content(kind)
     same = {"distorted": -0.5, "moving": 1.0, "noise": 0.0, "image noise": -0.5}[kind]
     assert reading["same_point"] == pytest.approx(same, abs=0.1)
     assert reading["se"] is not None and reading["se"] < 0.1
+
+
+def _pairs(kind, n=12, seed=3):
+    """The neighbour pairs' residuals of ``n`` sections of the same 300 points (as in the test above):
+    ``"moving"`` content (a smooth velocity, ~1 px per section), ``"distorted"`` sections (each its own
+    smooth field, ~1 px rms) or both (``"moving+distorted"``, the field at half the amplitude); pairs
+    in both orientations, each measured in its sections' own frames (a 7 degree turn per pair)."""
+    from napari_nephi.engines.mito.distortion import pair_residual
+
+    rng = np.random.default_rng(seed)
+    pts = rng.uniform(0, 256, (300, 2))
+    velocity = _smooth(rng, pts)
+    amplitude = 0.35 if kind == "moving+distorted" else 0.7
+    where = [
+        pts
+        + (velocity * k if "moving" in kind else 0)
+        + (_smooth(rng, pts, amplitude) if "distorted" in kind else 0)
+        for k in range(n)
+    ]
+    turn = np.deg2rad(7.0)
+    fit = np.array([[np.cos(turn), -np.sin(turn), 3.0], [np.sin(turn), np.cos(turn), -2.0], [0, 0, 1]])
+
+    def frame(k, p):
+        for _ in range(k):
+            p = p @ fit[:2, :2].T + fit[:2, 2]
+        return p
+
+    return {
+        k: pair_residual(k + 1, k, frame(k + 1, where[k + 1]), frame(k, where[k]), np.linalg.inv(fit))
+        if k % 2
+        else pair_residual(k, k + 1, frame(k, where[k]), frame(k + 1, where[k + 1]), fit)
+        for k in range(n - 1)
+    }
+
+
+@pytest.mark.parametrize("kind", ["moving", "distorted", "moving+distorted"])
+def test_the_lag_corrected_reading_takes_out_content_moving_on(kind):
+    """Session 33 (issue 15, held-out seed 73): content that moves on through the stack (mitochondria
+    drifting or changing shape) correlates the two pairs through a section positively and hides a
+    distortion from the ring reading. Pairs two sections apart share no section, so a distortion gives
+    them nothing, while the moving content moves them as it moves the neighbours: the ring reading less
+    this lag-2 one is the distortion's. Moving content: ring +0.74, lag 2 +0.74, corrected 0.00;
+    distorted: -0.48 / +0.08 / -0.57; both: the ring reads 0.00 +- 0.05 (missed), corrected -0.33 +-
+    0.08, which ``decide(corrected=True)`` finds (``read_by`` "corrected") and the ring rule alone
+    (:data:`~.distortion.CORRECTED` False, the default) does not. Fails before session 33 (no
+    ``corrected`` reading)."""
+    from napari_nephi.engines.mito.distortion import LIMIT, SE_FACTOR, decide, residual_correlation
+
+    r = residual_correlation(_pairs(kind), ring=(12.0, 30.0), radius=2.0)
+    assert r["sections"] == 10 and r["corrected_se"] is not None
+    if kind == "moving":
+        assert r["value"] > 0.5 and r["lag2"] == pytest.approx(r["value"], abs=0.02)
+        assert abs(r["corrected"]) < 0.02
+    elif kind == "distorted":
+        assert r["value"] < -0.4 and abs(r["lag2"]) < 0.15 and r["corrected"] < -0.4
+    else:
+        assert (
+            r["value"] > LIMIT and r["corrected"] < -0.25 and r["corrected"] < -SE_FACTOR * r["corrected_se"]
+        )
+    old, new = decide("auto", r, corrected=False), decide("auto", r, corrected=True)
+    assert old["corrected_rule"] is False and new["corrected_rule"] is True
+    assert old["distorted"] is (kind == "distorted") and new["distorted"] is (kind != "moving")
+    assert new["read_by"] == {"moving": None, "distorted": "ring", "moving+distorted": "corrected"}[kind]
+    assert old["lag2"] == r["lag2"] and old["corrected"] == r["corrected"]  # recorded either way
+
+
+def test_the_lag2_sums_count_every_inner_section_and_hold_few_pairs():
+    """The lag-2 sums through section ``m`` need the pairs ``m - 2 .. m + 1``; pairs arriving from a middle
+    reference in both directions (as :func:`.align.align_stack` adds them) give every section 2 .. n - 3
+    its sums, and a pair is dropped once the sections it serves are counted (4 held at the end of 30).
+    Fails before session 33 (no lag-2 sums)."""
+    from napari_nephi.engines.mito.distortion import Correlation
+
+    pairs = _pairs("distorted", n=30)
+    acc = Correlation((12.0, 30.0), 2.0)
+    held = 0
+    for lo in [*range(14, 29), *range(13, -1, -1)]:  # reference 14: upward, then downward
+        acc.add(lo, pairs[lo])
+        held = max(held, len(acc.pairs))
+    assert sorted(acc.rows2) == list(range(2, 28)) and len(acc.pairs) <= 4
+    assert held <= 17  # the upward half waits for its lower neighbours, then they go
 
 
 @pytest.mark.parametrize("distortion", [0.0, 1.0])

@@ -59,6 +59,12 @@ LIMIT = -0.025
 #: distorted readings stand 2-7 standard errors under 0 (docs/mito.md, session 30).
 SE_FACTOR = 3.0
 
+#: ``elastic="auto"`` (session 33, opt-in): also distorted where the ring reading less its lag-2 share
+#: (:class:`Correlation`: the same ring sums between pairs two sections apart, which a distortion does not
+#: move and content moving on through the stack does) is at most :data:`LIMIT` and :data:`SE_FACTOR` of its
+#: own standard errors under 0. Recorded as ``metrics["distortion"]["corrected_rule"]``.
+CORRECTED = False
+
 #: Fewest points over the stack (residuals of the upper pairs with a partner in the ring) for a
 #: reading; fewer: "unmeasured".
 MIN_POINTS = 200
@@ -93,13 +99,15 @@ class PairResidual:
     """One neighbour pair's track residuals, as the motion from section ``lo`` to ``hi = lo + 1``.
 
     ``p_lo`` (N, 2) (x, y) points in ``lo`` with ``e_lo`` the residual in ``lo``'s frame there;
-    ``p_hi`` the same tracks' points in ``hi`` with ``e_hi`` the residual in ``hi``'s frame."""
+    ``p_hi`` the same tracks' points in ``hi`` with ``e_hi`` the residual in ``hi``'s frame; ``fit``
+    the (x, y) map ``lo -> hi`` (carries the residuals two sections apart, :class:`Correlation`)."""
 
     lo: int
     p_lo: np.ndarray
     e_lo: np.ndarray
     p_hi: np.ndarray
     e_hi: np.ndarray
+    fit: np.ndarray | None = None
 
 
 def pair_residual(
@@ -117,7 +125,7 @@ def pair_residual(
     p_lo, p_hi = np.asarray(src, np.float64), np.asarray(dst, np.float64)
     e_hi = p_hi - project(m, p_lo)
     e_lo = project(m_inv, p_hi) - p_lo
-    return PairResidual(min(a, b), p_lo, e_lo, p_hi, e_hi)
+    return PairResidual(min(a, b), p_lo, e_lo, p_hi, e_hi, m)
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
@@ -127,18 +135,28 @@ def _dot(a: np.ndarray, b: np.ndarray) -> float:
 
 class Correlation:
     """:func:`residual_correlation` accumulated as the neighbour pairs arrive (:func:`.align.align_stack`):
-    a section's sums are taken as soon as both its pairs are in, and a pair is dropped once both its
-    sections are counted, so memory does not grow with the stack beyond three numbers per section
-    (the neighbours of a failed section, whose pair never arrives, are held to the end). The sums
-    follow the pairs' arrival order, so with several workers the last digits may differ between runs
-    (review 2 of session 29, A4 / A5). ``ring`` (inner, outer) and ``radius`` in original pixels."""
+    a section's sums are taken as soon as the pairs it needs are in, and a pair is dropped once every
+    section it serves is counted, so memory does not grow with the stack beyond a few numbers per
+    section (the neighbours of a failed section, whose pair never arrives, are held to the end). The
+    sums follow the pairs' arrival order, so with several workers the last digits may differ between
+    runs (review 2 of session 29, A4 / A5). ``ring`` (inner, outer) and ``radius`` in original pixels.
+
+    Besides the ring reading through each section ``m`` (its two pairs, "lag 1"), the same ring sums
+    are taken between pairs two apart (:data:`LAG2`, session 33): the pair ``(m - 2, m - 1)``'s
+    residual carried into ``m`` by the pair ``(m - 1, m)``'s map against the pair ``(m, m + 1)``'s,
+    and the pair ``(m - 1, m)``'s against the pair ``(m + 1, m + 2)``'s carried back into ``m``. Those
+    pairs share no section, so a distortion gives them nothing, while content that moves on through
+    the stack (mitochondria that drift or change shape) moves them as it moves the lag-1 pairs."""
 
     def __init__(self, ring: tuple[float, float], radius: float):
         self.ring = (float(ring[0]), float(ring[1]))
         self.radius = radius
         self.pairs: dict[int, PairResidual | None] = {}  # lower section -> its pair (None: no residuals)
         self.done: set[int] = set()  # middle sections counted or impossible
+        self.done2: set[int] = set()  # middle sections whose lag-2 sums are counted or impossible
         self.rows: list[tuple[float, ...]] = []  # per middle: ring sums e1.e2, |e1|^2, |e2|^2, pairs
+        self.middles: list[int] = []  # the middle of each row
+        self.rows2: dict[int, np.ndarray] = {}  # middle -> the lag-2 ring sums (both sides)
         self.p12 = self.p11 = self.p22 = 0.0  # same-point sums (context)
         self.count = self.same = 0
 
@@ -149,30 +167,46 @@ class Correlation:
             if m in self.done or m - 1 not in self.pairs or m not in self.pairs:
                 continue
             self.done.add(m)
-            self._count(self.pairs[m - 1], self.pairs[m])
-        for k in (lo - 1, lo, lo + 1):  # a pair serves the middles k and k + 1
+            self._count(m, self.pairs[m - 1], self.pairs[m])
+        for m in range(lo - 1, lo + 3):  # the lag-2 sums through m need the pairs m - 2 .. m + 1
+            if m in self.done2 or any(k not in self.pairs for k in range(m - 2, m + 2)):
+                continue
+            self.done2.add(m)
+            self._count_lag2(m)
+        for k in range(lo - 3, lo + 4):  # a pair serves the middles k and k + 1, and k - 1 .. k + 2 at lag 2
             if k in self.pairs and k in self.done and k + 1 in self.done:
-                del self.pairs[k]
+                if all(j in self.done2 or j < 2 for j in range(k - 1, k + 3)):
+                    del self.pairs[k]
 
-    def _count(self, below: PairResidual | None, above: PairResidual | None) -> None:
-        if below is None or above is None or len(below.p_hi) == 0 or len(above.p_lo) == 0:
-            return
-        t_below = cKDTree(below.p_hi)
+    def _ring(self, p1: np.ndarray, e1: np.ndarray, p2: np.ndarray, e2: np.ndarray) -> tuple[np.ndarray, int]:
+        """The ring sums ``(e1.e2, |e1|^2, |e2|^2, point pairs)`` over every point of ``p2`` with every
+        point of ``p1`` in the ring, and how many points of ``p2`` have a partner."""
         sums, partners = np.zeros(4), 0
-        # the upper pair's points a block at a time: only a block's point pairs are held at once (dense
-        # tracks, ~1000 a pair, make ~20 000 pairs in the ring, a few MB with their residuals)
-        for a in range(0, len(above.p_lo), CHUNK):
-            block = cKDTree(above.p_lo[a : a + CHUNK])
-            near = t_below.sparse_distance_matrix(block, self.ring[1], output_type="ndarray")
+        if len(p1) == 0 or len(p2) == 0:
+            return sums, partners
+        t1 = cKDTree(p1)
+        # p2 a block at a time: only a block's point pairs are held at once (dense tracks, ~1000 a
+        # pair, make ~20 000 pairs in the ring, a few MB with their residuals)
+        for a in range(0, len(p2), CHUNK):
+            block = cKDTree(p2[a : a + CHUNK])
+            near = t1.sparse_distance_matrix(block, self.ring[1], output_type="ndarray")
             far = near[near["v"] > self.ring[0]]
             del near
             if len(far):
-                e1, e2 = below.e_hi[far["i"]], above.e_lo[a + far["j"]]
-                sums += (_dot(e1, e2), _dot(e1, e1), _dot(e2, e2), len(far))
+                f1, f2 = e1[far["i"]], e2[a + far["j"]]
+                sums += (_dot(f1, f2), _dot(f1, f1), _dot(f2, f2), len(far))
                 partners += len(np.unique(far["j"]))
+        return sums, partners
+
+    def _count(self, m: int, below: PairResidual | None, above: PairResidual | None) -> None:
+        if below is None or above is None or len(below.p_hi) == 0 or len(above.p_lo) == 0:
+            return
+        sums, partners = self._ring(below.p_hi, below.e_hi, above.p_lo, above.e_lo)
         if sums[3]:
             self.rows.append((float(sums[0]), float(sums[1]), float(sums[2]), int(sums[3])))
+            self.middles.append(m)
             self.count += partners
+        t_below = cKDTree(below.p_hi)
         dist, idx = t_below.query(above.p_lo, distance_upper_bound=self.radius)
         ok = np.isfinite(dist)
         if ok.any():
@@ -182,22 +216,37 @@ class Correlation:
             self.p22 += float(np.sum(e2 * e2))
             self.same += int(ok.sum())
 
+    def _count_lag2(self, m: int) -> None:
+        """The lag-2 sums through ``m`` (both sides; none unless both give point pairs)."""
+        p = [self.pairs[k] for k in range(m - 2, m + 2)]  # the pairs m - 2, m - 1, m, m + 1
+        if any(q is None or q.fit is None or len(q.p_lo) == 0 for q in p):
+            return
+        below, inner, above = _carried(p[0].p_hi, p[0].e_hi, p[1].fit), p[1], p[2]
+        s1, _ = self._ring(below[0], below[1], above.p_lo, above.e_lo)
+        back = _carried(p[3].p_lo, p[3].e_lo, np.linalg.inv(p[2].fit))
+        s2, _ = self._ring(inner.p_hi, inner.e_hi, back[0], back[1])
+        if s1[3] and s2[3]:
+            self.rows2[m] = s1 + s2
+
     def result(self) -> dict:
         """``value`` (the ring correlation; None when fewer than :data:`MIN_POINTS` points), ``se``
         (its jackknife standard error over the sections, None under 3 sections), ``points``,
         ``sections`` (middles used), ``same_point`` (session 29's reading, context: image noise pulls
-        it down) and ``rms`` (px, of the residuals in the ring sums: context only, it depends on the
-        image size)."""
+        it down), ``rms`` (px, of the residuals in the ring sums: context only, it depends on the
+        image size), and (session 33) ``lag2`` (the same correlation between pairs two apart) with
+        ``corrected`` (the ring correlation less the lag-2 one, over the sections that have both) and
+        its jackknife ``corrected_se`` (None where unmeasured)."""
         table = np.asarray(self.rows, np.float64).reshape(-1, 4)
         rows, n_pairs = table[:, :3], table[:, 3].sum()
         tot = rows.sum(0)
-        value = se = None
+        value = se = lag2 = corrected = corrected_se = None
         if self.count >= MIN_POINTS and tot[1] > 0 and tot[2] > 0:
             value = float(tot[0] / np.sqrt(tot[1] * tot[2]))
             rest = tot - rows
             if len(rows) >= 3 and np.all(rest[:, 1:] > 0):
                 jack = rest[:, 0] / np.sqrt(rest[:, 1] * rest[:, 2])
                 se = float(np.sqrt((len(rows) - 1) * np.mean((jack - jack.mean()) ** 2)))
+            lag2, corrected, corrected_se = _corrected(rows, self.middles, self.rows2)
         same = None
         if self.same and self.p11 > 0 and self.p22 > 0:
             same = float(self.p12 / np.sqrt(self.p11 * self.p22))
@@ -208,7 +257,38 @@ class Correlation:
             "sections": len(rows),
             "same_point": same,
             "rms": float(np.sqrt((tot[1] + tot[2]) / (2 * n_pairs))) if n_pairs else None,
+            "lag2": lag2,
+            "corrected": corrected,
+            "corrected_se": corrected_se,
         }
+
+
+def _carried(p: np.ndarray, e: np.ndarray, fit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points ``p`` (x, y) and their residuals ``e`` carried by the (x, y) map ``fit`` into the next
+    section's frame (the residuals by the map's linear part: a turn of a few degrees)."""
+    return project(fit, p), e @ (fit[:2, :2] / fit[2, 2]).T
+
+
+def _corrected(rows: np.ndarray, middles: list[int], rows2: dict) -> tuple:
+    """``(lag-2 correlation, ring less lag-2 correlation, its jackknife standard error)`` over the
+    middles with both sums (Nones under 3 such middles)."""
+    at = {m: i for i, m in enumerate(middles)}
+    common = [m for m in sorted(rows2) if m in at]
+    if len(common) < 3:
+        return None, None, None
+    a = rows[[at[m] for m in common]]
+    b = np.asarray([rows2[m][:3] for m in common], np.float64)
+    ta, tb = a.sum(0), b.sum(0)
+    if min(ta[1], ta[2], tb[1], tb[2]) <= 0:
+        return None, None, None
+    lag2 = float(tb[0] / np.sqrt(tb[1] * tb[2]))
+    value = float(ta[0] / np.sqrt(ta[1] * ta[2])) - lag2
+    ra, rb = ta - a, tb - b
+    if not (np.all(ra[:, 1:] > 0) and np.all(rb[:, 1:] > 0)):
+        return lag2, value, None
+    jack = ra[:, 0] / np.sqrt(ra[:, 1] * ra[:, 2]) - rb[:, 0] / np.sqrt(rb[:, 1] * rb[:, 2])
+    se = float(np.sqrt((len(common) - 1) * np.mean((jack - jack.mean()) ** 2)))
+    return lag2, value, se
 
 
 def residual_correlation(
@@ -228,16 +308,25 @@ def residual_correlation(
     return acc.result()
 
 
-def decide(elastic, reading: dict, limit: float = LIMIT) -> dict:
+def decide(elastic, reading: dict, limit: float = LIMIT, corrected: bool | None = None) -> dict:
     """``elastic="auto"``'s decision from :func:`residual_correlation`'s ``reading``: distorted where the
-    correlation is at most ``limit`` and at least :data:`SE_FACTOR` of its standard errors under 0. The
-    record: ``correlation``, ``se``, ``limit``, ``se_factor``, ``points``, ``sections``, ``same_point``,
-    ``rms``, ``ring`` (work pixels), ``distorted`` (whether the elastic step runs; an unmeasured stack,
-    too few points or under 3 sections for the standard error, is left undistorted)."""
+    correlation is at most ``limit`` and at least :data:`SE_FACTOR` of its standard errors under 0, or,
+    with ``corrected`` (default :data:`CORRECTED`), where the lag-corrected reading (``corrected``,
+    session 33) is, with its own standard error. The record: ``correlation``, ``se``, ``limit``,
+    ``se_factor``, ``points``, ``sections``, ``same_point``, ``rms``, ``ring`` (work pixels), ``lag2``,
+    ``corrected``, ``corrected_se``, ``corrected_rule`` (whether the lag-corrected reading was asked),
+    ``read_by`` (``"ring"``, ``"corrected"`` or None: which reading found the distortion) and
+    ``distorted`` (whether the elastic step runs; an unmeasured stack, too few points or under 3
+    sections for the standard error, is left undistorted)."""
+    corrected = CORRECTED if corrected is None else bool(corrected)
     value, se = reading["value"], reading["se"]
-    distorted = value is not None and se is not None and value <= limit and value <= -SE_FACTOR * se
+    ring = value is not None and se is not None and value <= limit and value <= -SE_FACTOR * se
+    c, c_se = reading.get("corrected"), reading.get("corrected_se")
+    lag = corrected and c is not None and c_se is not None and c <= limit and c <= -SE_FACTOR * c_se
     return {
         "elastic": elastic, "correlation": value, "se": se, "limit": limit, "se_factor": SE_FACTOR,
         "points": reading["points"], "sections": reading["sections"], "same_point": reading["same_point"],
-        "rms": reading["rms"], "ring": list(RING), "distorted": bool(distorted),
+        "rms": reading["rms"], "ring": list(RING), "lag2": reading.get("lag2"), "corrected": c,
+        "corrected_se": c_se, "corrected_rule": corrected,
+        "read_by": "ring" if ring else "corrected" if lag else None, "distorted": bool(ring or lag),
     }  # fmt: skip
