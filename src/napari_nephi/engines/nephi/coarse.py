@@ -428,6 +428,15 @@ def displacement_spread(u: torch.Tensor, full) -> float:
     return float((vox - vox.mean(-1, keepdim=True)).pow(2).sum(1).mean().sqrt())
 
 
+def displacement_rms(maps: DenseMaps, full) -> float:
+    """RMS length (voxels of ``full``) over the grid of ``maps``' forward displacement ``u`` (the global
+    map not included: ``A(x + u(x))``)."""
+    u = maps.forward_grid  # (1, D, *S), normalised, numpy component order
+    scale = torch.as_tensor([(n - 1) / 2 for n in full], dtype=u.dtype, device=u.device)
+    vox = u.flatten(2) * scale[None, :, None]
+    return float(vox.pow(2).sum(1).mean().sqrt())
+
+
 def displacement_detj_rms(u: torch.Tensor, full) -> float:
     """RMS over the grid of ``det(I + grad u) - 1`` for a displacement ``(1, D, *S)`` (normalised,
     components in grid_sample's order) on a grid spanning an image of shape ``full``: central

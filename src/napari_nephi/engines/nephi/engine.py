@@ -11,8 +11,10 @@ the predicted codes for ``iterations`` steps instead. The stored model never cha
 In ``optimize`` mode with ``levels > 1`` a cheap coarse stage runs first: a stationary velocity
 field, a cubic B-spline refined level by level, integrated on grids ``2**(levels-1)``, ..., 4, 2
 times coarser than the image (scaling and squaring, so it cannot fold; :mod:`.coarse`); the neural
-field then refines it at full resolution. On 2D images its first level can compare the images blurred by
-:data:`.coarse.FIRST_LEVEL_BLUR` voxels of its grid (opt-in; ``settings["coarse_first_blur"]``).
+field then refines it at full resolution (fast preset: not on 2D images of 256 px a side or more, and on
+volumes only where the coarse map's displacement RMS reaches :data:`NEURAL_3D_GATE_RMS`). On 2D images
+its first level can compare the images blurred by :data:`.coarse.FIRST_LEVEL_BLUR` voxels of its grid
+(opt-in; ``settings["coarse_first_blur"]``).
 
 ``bspline_spacing > 0`` (SINR) evaluates each network on a grid of control points that many voxels
 apart and interpolates the field between them with cubic B-splines (:mod:`.bspline`).
@@ -54,6 +56,7 @@ from .coarse import (
     MATCH_BLUR_MAX_VOXELS,
     DenseMaps,
     cooldown_steps,
+    displacement_rms,
     finer_level_runs,
     global_maps,
     level_iterations,
@@ -94,6 +97,9 @@ PRESETS: dict[str, dict] = {
         # 0.002 px) and doubled the CPU time (benchmarks/README.md); on a 96 px image it still
         # gained 0.014 px (0.137 -> 0.123), so smaller images keep it
         "iterations_2d_after_coarse": 0,
+        # volumes in optimize mode (not chunked), after a coarse stage: the neural steps run only where the
+        # coarse stage's displacement RMS (voxels, rigid map removed) reaches this (NEURAL_3D_GATE_RMS)
+        "neural_3d_gate_rms": "auto",
         "hidden": 64,
         "layers": 3,
         "n_frequencies": 32,
@@ -124,6 +130,16 @@ PRESETS: dict[str, dict] = {
 #: Shortest side (px) from which the fast preset skips the neural stage of 2D images after a
 #: coarse stage (see ``PRESETS["fast"]["iterations_2d_after_coarse"]``).
 NEURAL_2D_MIN_SIDE = 256
+
+#: Volumes, fast preset (``PRESETS["fast"]["neural_3d_gate_rms"]``), ``optimize`` mode, not chunked, after
+#: a coarse stage, ``iterations`` not given: the neural stage runs only where the coarse stage's
+#: displacement (the rigid map removed) has an RMS of at least this many voxels
+#: (``metrics["neural_3d_gate"]``). Session 33 (docs/nephi.md): on the MRI its 50 steps lowered the endpoint
+#: error of 4 and 6 voxel deformations (coarse maps of RMS 0.89-1.45 voxel: 0.011-0.031 voxel) and raised it
+#: or tied at 0.5-2 voxels (0.09-0.47); on 16 rigid maps (0.1-0.2) they widened det J on all 16 and doubled
+#: the inverse-consistency error (IC max 0.01-0.06 -> 0.04-0.13 voxel). None: the neural stage always runs
+#: (opt-in until the fresh check; 0.4 is the threshold chosen on development).
+NEURAL_3D_GATE_RMS: float | None = None
 
 #: Global stage of ``optimize`` mode. Rigid, not affine: on seven benchmark deformations
 #: (benchmarks/nephi_large.py, 256 px) an affine stage raised the endpoint error by up to
@@ -214,6 +230,10 @@ def register_nephi(
     cap. Points for the regulariser: ``reg_points``, or 1e-4 of the voxels clipped to [64, the
     preset's cap (200 or 500)]. ``cycle_weight`` (default: 0 with
     GradICON or cycle consistency, else the cycle weight) keeps the backward field the inverse.
+    ``iterations`` not given, the fast preset runs no neural steps after the coarse stage on 2D images
+    of :data:`NEURAL_2D_MIN_SIDE` px a side or more, and on volumes (``optimize``, not chunked) only where
+    the coarse map's displacement RMS (voxels, the global map removed) reaches :data:`NEURAL_3D_GATE_RMS`
+    (``metrics["neural_3d_gate"]``: the reading, the threshold, whether they ran).
 
     ``coarse_finer_level`` (default True): after the coarse stage's last grid, one more level on it
     with half its knot spacing (:mod:`.coarse`); it runs only with ``coarse_reg_weight > 0``
@@ -355,6 +375,15 @@ def register_nephi(
     coarse_iterations = int(_resolve(coarse_iterations, p, coarse_key))
     after_coarse = mode != "predict" and levels > 1 and coarse_iterations > 0
     large_2d = d == 2 and min(pair.fixed.shape) >= NEURAL_2D_MIN_SIDE
+    # divide-and-downsample (decided again below): its chunks are optimised by the neural steps alone
+    chunking_volume = mode == "optimize" and (
+        bool(chunked) or (chunked is None and math.prod(pair.fixed.shape) > max_voxels)
+    )
+    neural_info: dict = {}  # the gate's reading (metrics["neural_3d_gate"])
+    neural_gate = None  # volumes: the neural steps only where the coarse map's RMS reaches this (voxels)
+    if iterations is None and after_coarse and d == 3 and mode == "optimize" and not chunking_volume:
+        if p.get("neural_3d_gate_rms") == "auto":
+            neural_gate = NEURAL_3D_GATE_RMS
     if iterations is None and after_coarse and d == 2:
         if mode == "predict+refine":
             # predict+refine aims at speed: after its coarse stage the neural steps changed the
@@ -788,6 +817,11 @@ def register_nephi(
                 codes = zero_codes(cfg, local_grid_shape(fshape, local_stride), device=device)
             history: list[float] = []
             maps = Maps(field, codes, coarse)
+            if neural_gate is not None and refine > 0 and isinstance(coarse, DenseMaps):
+                rms = displacement_rms(coarse, fshape)
+                neural_info = {"rms": round(rms, 4), "threshold": neural_gate, "ran": rms >= neural_gate}
+                if not neural_info["ran"]:
+                    refine = 0
             if refine > 0:
                 maps, history = optimize_field(
                     field,
@@ -822,7 +856,7 @@ def register_nephi(
         transform = ComposedTransform([transform, stage0.transform])
         fwd = transform.displacement(fshape)
     # the steps the held-out check skipped (levels, or the coarse and neural stages): progress ends at total
-    if heldout_ran and counter["step"] < total:
+    if (heldout_ran or neural_info.get("ran") is False) and counter["step"] < total:
         counter["step"] = total
         pair.progress.step(total, total, stage="nephi")
     seconds_opt = time.perf_counter() - start
@@ -844,6 +878,8 @@ def register_nephi(
         "initial_steps": initial_steps,
     }
     metrics.update(initial_metrics)
+    if neural_info:  # volumes: the coarse map's displacement RMS and whether the neural steps ran
+        metrics["neural_3d_gate"] = neural_info
     if coarse_info.get("flat_share") is not None:  # the flat fill ran: share of the last grid filled
         metrics["coarse_flat_share"] = round(coarse_info["flat_share"], 4)
     fill_info = coarse_info.get("flat_fill_info") or {}
@@ -970,6 +1006,8 @@ def register_nephi(
         "seed": seed,
         "bspline_spacing": bspline_spacing,
         "chunked": use_chunks,
+        # volumes: the coarse map's displacement RMS (voxels) the neural steps need (None: they always run)
+        "neural_3d_gate_rms": neural_gate,
         **settings_opt.to_dict(),
         "field": cfg.to_dict(),
     }
