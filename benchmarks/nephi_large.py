@@ -32,6 +32,8 @@ Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, importe
   resampled by cubic splines besides the default linear one (whose blur, set by the sub-pixel part
   of the map, the deformable stages fit at strong edges); ``--global-degrees 5 60`` other rotations
   (NePhi's rows say whether the default global stage's basin guard judged the map and which it kept).
+  On volumes NePhi's rows also give the neural stage's gate (session 33: the coarse map's displacement RMS,
+  voxels, and whether the neural stage ran; JSON ``neural_3d_gate``).
 
 ``--noise SIGMA``: independent Gaussian noise of that standard deviation (intensities in [0, 1])
 added to both images of every case (seeded by the case), the warp made from the noise-free image;
@@ -262,6 +264,17 @@ def run_tool(label, fn, case) -> tuple[dict, object]:
     return row, (est, extra)
 
 
+def neural_gate(label: str, extra) -> dict | None:
+    """NePhi on volumes (session 33): the coarse map's displacement RMS and whether the neural stage ran."""
+    return extra.metrics.get("neural_3d_gate") if label.startswith("NePhi") else None
+
+
+def gate_text(gate: dict | None) -> str:
+    if not gate:
+        return ""
+    return f"  neural gate RMS {gate['rms']:.3f} ({'ran' if gate['ran'] else 'skipped'})"
+
+
 def epe(est, truth, where) -> float:
     if not where.any():
         return float("nan")
@@ -328,7 +341,7 @@ def main() -> None:
         )
         for label, fn in runs:
             load0 = os.getloadavg()[0]
-            row, (est, _) = run_tool(label, fn, case)
+            row, (est, extra) = run_tool(label, fn, case)
             row.update(
                 epe=epe(est, truth, mask),
                 epe_textured=epe(est, truth, tex),
@@ -336,11 +349,12 @@ def main() -> None:
                 epe_before=epe(zero, truth, mask),
                 load=load0,
             )
+            gate = row["neural_3d_gate"] = neural_gate(label, extra)
             rows.append(row)
             print(
                 f"  {label:34s} EPE {row['epe']:.3f}  textured {row['epe_textured']:.3f}  textureless "
                 f"{row['epe_textureless']:.3f}  folds {row['folds_pct']:.3f}%  CPU {row['cpu_seconds']:6.1f} s  "
-                f"{row['peak_mib']:5.0f} MiB  load {load0:.1f}",
+                f"{row['peak_mib']:5.0f} MiB  load {load0:.1f}{gate_text(gate)}",
                 flush=True,
             )
     if not args.no_global:
@@ -380,6 +394,7 @@ def main() -> None:
                     row.update(blur_spread=extra.metrics.get("coarse_blur_gate_spread"))
                     # the default global stage's basin guard (session 24): judged, and which map was kept
                     row.update(initial_basin=extra.metrics.get("initial_basin"))
+                    row.update(neural_3d_gate=neural_gate(label, extra))
                 rows.append(row)
                 ic_text = (
                     f"  IC mean {row['ic_mean']:.3f} max {row['ic_max']:.3f}" if "ic_mean" in row else ""
@@ -389,6 +404,7 @@ def main() -> None:
                 if row.get("initial_basin"):
                     ib = row["initial_basin"]
                     ic_text += f"  basin {'judged, ' if ib['judged'] else ''}{ib['kept']} kept ({ib['difference']:.1f} px)"
+                ic_text += gate_text(row.get("neural_3d_gate"))
                 print(
                     f"  {label:34s} EPE {row['epe']:.3f}  det J {row['jac_min']:.3f}..{row['jac_max']:.3f}"
                     f"{ic_text}  CPU {row['cpu_seconds']:6.1f} s",
