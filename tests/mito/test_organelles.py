@@ -95,3 +95,51 @@ def test_organelle_reading_is_checked_and_recorded():
     # the default since session 32 (the lead's held-out check, docs/mito.md)
     reg = align_stack(stack[:4], masks=masks[:4], warp=False, workers=1)
     assert reg.settings["organelle_reading"] == "local"
+    # what decided (session 33, review 2 of session 32 A5): 4 sections are too few for a drift decision,
+    # so neither reading ran, although "local" was asked (before session 33 only the choice was recorded)
+    assert reg.settings["organelle_reading_applied"] == "none"
+
+
+def test_the_settings_say_which_reading_decided():
+    """``organelle_reading_applied`` (session 33): "local" only where the local reading decided; where it
+    was undecided or too thin the background decided; where no drift decision ran, neither."""
+    from napari_nephi.engines.mito.align import _organelle_reading_applied as applied
+
+    background = {"decision": "undecided"}
+    assert applied({"method": "detrend-slope", "auto": {"organelles": {"decision": "both"}}}) == "local"
+    assert applied({"method": "none", "auto": {"organelles": {"decision": "sections"}}}) == "local"
+    undecided = {"organelles": {"decision": "undecided"}, "background": background}
+    assert applied({"method": "detrend", "auto": undecided}) == "background"
+    assert (
+        applied({"method": "none", "auto": {"organelles": {"readings": 3}, "background": background}})
+        == "background"
+    )
+    assert applied({"method": "none", "auto": {"p": 0.4}}) == "none"  # no trend: nobody read
+    assert applied(None) == "none" and applied({"method": "none", "skipped": "too few"}) == "none"
+
+
+def test_a_mitochondrion_is_matched_by_overlap_not_by_its_number():
+    """Review 2 of session 32 (A2): the two sections of a pair are labelled apart, so the size check "in
+    both sections" must find the other section's mitochondrion by overlap. Here the same mitochondrion
+    (40 x 28 px half-axes, 3500 px) is number 1 in ``a`` and number 2 in ``b``, where number 1 is a blob
+    of 100 px: matched by number (before session 33) it was dropped as too small in ``b``; matched by
+    overlap it is read, and its step through the tissue (0 here: ``b`` is ``a`` moved by 1 px as a whole)
+    is 0 within 0.15 px (-0.04, +0.09 here; the tiles' sub-pixel peaks)."""
+    from napari_nephi.engines.mito.organelles import match, pair_motion
+
+    stack, masks = _stack((0.0, 0.0), distortion=0.0, stage=(0.0, 0.0))
+    smooth = [
+        [cv2.GaussianBlur(s.astype(np.float32), (0, 0), sigma) for sigma in (1.0, 2.0)] for s in stack[:2]
+    ]
+    band = [fine - coarse for fine, coarse in smooth]
+    a_lab = cv2.connectedComponents(masks[0].astype(np.uint8))[1]
+    first = (a_lab == a_lab[110, 110]).astype(np.uint8)  # the upper left mitochondrion
+    a_lab = first.astype(np.int32)
+    b_lab = 2 * first.astype(np.int32)
+    b_lab[350:360, 10:20] = 1  # another, small one, that happens to be number 1 in b
+    b = np.roll(band[1], 1, axis=1)  # everything moved by one pixel: the mitochondrion not through the tissue
+    b_lab = np.roll(b_lab, 1, axis=1)
+    assert match(b_lab, first) == 2 and match(b_lab, np.zeros_like(first)) == 0
+    valid = np.ones(first.shape, np.uint8)
+    steps = pair_motion(band[0], a_lab, b, b_lab, valid)
+    assert len(steps) == 1 and np.abs(steps[0]).max() < 0.15

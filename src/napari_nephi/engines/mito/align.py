@@ -1137,7 +1137,8 @@ def align_stack(
         trend, "sections" keeps it, "both" removes the slope ``-v``; the reading and its decision
         are in ``metrics["drift_correction"]["auto"]["organelles"]``. Where it is undecided, or
         without masks, the elastic step or enough mitochondria read (16 pair readings), the
-        background decides as before.
+        background decides as before. The settings record the choice and, as
+        ``organelle_reading_applied``, what decided: "local", "background" or "none" (session 33).
     spacing
         ``(z, y, x)`` voxel size kept with the transform (default: from the file for a path,
         else 1).
@@ -1456,11 +1457,25 @@ def align_stack(
         "elastic_spacing": elastic_spacing, "elastic_radius": elastic_radius,
         "elastic_iterations": elastic_iterations, "elastic_solver": elastic_solver,
         "elastic_landmarks": elastic_landmarks,
-        # session 32: who reads the organelles' drift under the elastic step ("local": .organelles)
+        # session 32: who reads the organelles' drift under the elastic step ("local": .organelles), as
+        # asked; what decided (session 33, review 2 of session 32 A5): _organelle_reading_applied
         "organelle_reading": organelle_reading,
+        "organelle_reading_applied": _organelle_reading_applied(drift_info),
     }  # fmt: skip
     transform.settings = dict(settings)
     return Registration(warped=warped, transform=transform, metrics=metrics, settings=settings)
+
+
+def _organelle_reading_applied(drift_info: dict | None) -> str:
+    """Who decided whose the positions' trend is (``settings["organelle_reading_applied"]``, session 33):
+    ``"local"`` where :mod:`.organelles`' reading decided (``metrics["drift_correction"]["auto"]
+    ["organelles"]["decision"]`` "organelles", "sections" or "both"), ``"background"`` where the
+    background read it (asked, or fallen back to from an undecided or too thin local reading), ``"none"``
+    where neither read (no ``"auto"`` drift correction, no trend, too few placed sections)."""
+    test = (drift_info or {}).get("auto") or {}
+    if (test.get("organelles") or {}).get("decision") in ("organelles", "sections", "both"):
+        return "local"
+    return "background" if "background" in test else "none"
 
 
 def build_options(
