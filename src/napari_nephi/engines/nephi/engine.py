@@ -11,10 +11,10 @@ the predicted codes for ``iterations`` steps instead. The stored model never cha
 In ``optimize`` mode with ``levels > 1`` a cheap coarse stage runs first: a stationary velocity
 field, a cubic B-spline refined level by level, integrated on grids ``2**(levels-1)``, ..., 4, 2
 times coarser than the image (scaling and squaring, so it cannot fold; :mod:`.coarse`); the neural
-field then refines it at full resolution (fast preset: not on 2D images of 256 px a side or more, and on
-volumes only where the coarse map's displacement RMS reaches :data:`NEURAL_3D_GATE_RMS`). On 2D images
-its first level can compare the images blurred by :data:`.coarse.FIRST_LEVEL_BLUR` voxels of its grid
-(opt-in; ``settings["coarse_first_blur"]``).
+field then refines it at full resolution (fast preset: not on 2D images of 256 px a side or more; on
+volumes, with the opt-in :data:`NEURAL_3D_GATE_RMS`, only where the coarse map's displacement RMS reaches
+it). On 2D images its first level can compare the images blurred by :data:`.coarse.FIRST_LEVEL_BLUR`
+voxels of its grid (opt-in; ``settings["coarse_first_blur"]``).
 
 ``bspline_spacing > 0`` (SINR) evaluates each network on a grid of control points that many voxels
 apart and interpolates the field between them with cubic B-splines (:mod:`.bspline`).
@@ -98,7 +98,7 @@ PRESETS: dict[str, dict] = {
         # gained 0.014 px (0.137 -> 0.123), so smaller images keep it
         "iterations_2d_after_coarse": 0,
         # volumes in optimize mode (not chunked), after a coarse stage: the neural steps run only where the
-        # coarse stage's displacement RMS (voxels, rigid map removed) reaches this (NEURAL_3D_GATE_RMS)
+        # coarse map's displacement RMS (voxels, rigid map removed) reaches NEURAL_3D_GATE_RMS (None: always)
         "neural_3d_gate_rms": "auto",
         "hidden": 64,
         "layers": 3,
@@ -134,13 +134,14 @@ NEURAL_2D_MIN_SIDE = 256
 #: Volumes, fast preset (``PRESETS["fast"]["neural_3d_gate_rms"]``), ``optimize`` mode, not chunked, after
 #: a coarse stage, ``iterations`` not given: the neural stage runs only where the coarse stage's
 #: displacement (the rigid map removed) has an RMS of at least this many voxels
-#: (``metrics["neural_3d_gate"]``). Session 33 (docs/nephi.md): on the MRI its 50 steps lowered the endpoint
-#: error of 4 and 6 voxel deformations (coarse maps of RMS 0.89-1.45 voxel: 0.011-0.031 voxel) and raised it
-#: or tied at 0.5-2 voxels (0.09-0.47); on 16 rigid maps (0.1-0.2) they widened det J on all 16 and doubled
-#: the inverse-consistency error (IC max 0.01-0.06 -> 0.04-0.13 voxel). 0.4 was chosen on development and
-#: passed the fresh check (field sets 401 / 402, rigid draws 51 / 52: no field worse, det J narrower and IC
-#: lower on 12 of 12 rigid maps). None: the neural stage always runs (the default before session 33).
-NEURAL_3D_GATE_RMS: float | None = 0.4
+#: (``metrics["neural_3d_gate"]``). Session 33 (docs/nephi.md): on the MRI its 50 steps lowered the
+#: endpoint error of 4 and 6 voxel deformations of smoothness 7 voxels (coarse maps of RMS 0.89-1.45 voxel:
+#: 0.011-0.031 voxel) and raised it or tied at 0.5-2 voxels (0.09-0.47); on 16 rigid maps (0.09-0.21) they
+#: widened det J on all 16 and doubled the inverse-consistency error (IC max 0.01-0.06 -> 0.04-0.13 voxel).
+#: But on rougher fields (smoothness 3.5 voxels, review 1 of session 33) the coarse map reads lower where the
+#: neural stage has more to add: at 0.4 two such fields lost (EPE +0.0082 at 2 voxels, reading 0.39996).
+#: None (the default): the neural stage always runs; 0.3 / 0.4 are opt-in (docs/nephi.md, "Session 33").
+NEURAL_3D_GATE_RMS: float | None = None
 
 #: Global stage of ``optimize`` mode. Rigid, not affine: on seven benchmark deformations
 #: (benchmarks/nephi_large.py, 256 px) an affine stage raised the endpoint error by up to
@@ -232,9 +233,10 @@ def register_nephi(
     preset's cap (200 or 500)]. ``cycle_weight`` (default: 0 with
     GradICON or cycle consistency, else the cycle weight) keeps the backward field the inverse.
     ``iterations`` not given, the fast preset runs no neural steps after the coarse stage on 2D images
-    of :data:`NEURAL_2D_MIN_SIDE` px a side or more, and on volumes (``optimize``, not chunked) only where
-    the coarse map's displacement RMS (voxels, the global map removed) reaches :data:`NEURAL_3D_GATE_RMS`
-    (``metrics["neural_3d_gate"]``: the reading, the threshold, whether they ran).
+    of :data:`NEURAL_2D_MIN_SIDE` px a side or more; on volumes (``optimize``, not chunked), where
+    :data:`NEURAL_3D_GATE_RMS` is set (opt-in), only where the coarse map's displacement RMS (voxels, the
+    global map removed) reaches it (``metrics["neural_3d_gate"]``: the reading, the threshold, whether they
+    ran).
 
     ``coarse_finer_level`` (default True): after the coarse stage's last grid, one more level on it
     with half its knot spacing (:mod:`.coarse`); it runs only with ``coarse_reg_weight > 0``
@@ -376,13 +378,13 @@ def register_nephi(
     coarse_iterations = int(_resolve(coarse_iterations, p, coarse_key))
     after_coarse = mode != "predict" and levels > 1 and coarse_iterations > 0
     large_2d = d == 2 and min(pair.fixed.shape) >= NEURAL_2D_MIN_SIDE
-    # divide-and-downsample (decided again below): its chunks are optimised by the neural steps alone
-    chunking_volume = mode == "optimize" and (
-        bool(chunked) or (chunked is None and math.prod(pair.fixed.shape) > max_voxels)
-    )
+    fshape = pair.fixed.shape
+    nvox = math.prod(fshape)
+    # divide-and-downsample: its chunks are optimised by the neural steps alone (no neural gate there)
+    use_chunks = mode == "optimize" and (bool(chunked) or (chunked is None and nvox > max_voxels))
     neural_info: dict = {}  # the gate's reading (metrics["neural_3d_gate"])
     neural_gate = None  # volumes: the neural steps only where the coarse map's RMS reaches this (voxels)
-    if iterations is None and after_coarse and d == 3 and mode == "optimize" and not chunking_volume:
+    if iterations is None and after_coarse and d == 3 and mode == "optimize" and not use_chunks:
         if p.get("neural_3d_gate_rms") == "auto":
             neural_gate = NEURAL_3D_GATE_RMS
     if iterations is None and after_coarse and d == 2:
@@ -407,9 +409,6 @@ def register_nephi(
         # regularisers act on each field alone, so add cycle consistency to keep them inverse.
         cycle_weight = 0.0 if regularizer in ("gradicon", "cycle") else REG_WEIGHTS["cycle"]
 
-    fshape = pair.fixed.shape
-    nvox = math.prod(fshape)
-    use_chunks = mode == "optimize" and (bool(chunked) or (chunked is None and nvox > max_voxels))
     noise_supported = d == 2 and mode == "optimize" and not use_chunks
     if noise_adapt is True and not noise_supported:
         raise InputError(
@@ -820,7 +819,7 @@ def register_nephi(
             maps = Maps(field, codes, coarse)
             if neural_gate is not None and refine > 0 and isinstance(coarse, DenseMaps):
                 rms = displacement_rms(coarse, fshape)
-                neural_info = {"rms": round(rms, 4), "threshold": neural_gate, "ran": rms >= neural_gate}
+                neural_info = {"rms": rms, "threshold": neural_gate, "ran": rms >= neural_gate}
                 if not neural_info["ran"]:
                     refine = 0
             if refine > 0:
