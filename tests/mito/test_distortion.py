@@ -110,15 +110,15 @@ def test_the_lag_corrected_reading_takes_out_content_moving_on(kind):
     drifting or changing shape) correlates the two pairs through a section positively and hides a
     distortion from the ring reading. Pairs two sections apart share no section, so a distortion gives
     them nothing, while the moving content moves them as it moves the neighbours: the ring reading less
-    this lag-2 one is the distortion's. Moving content: ring +0.74, lag 2 +0.74, corrected 0.00;
-    distorted: -0.48 / +0.08 / -0.57; both: the ring reads 0.00 +- 0.05 (missed), corrected -0.33 +-
-    0.08, which ``decide(corrected=True)`` finds (``read_by`` "corrected") and the ring rule alone
-    (:data:`~.distortion.CORRECTED` False, the default) does not. Fails before session 33 (no
-    ``corrected`` reading)."""
+    this lag-2 one is the distortion's. 16 sections (12 with lag-2 sums, the corrected rule's least).
+    Moving content: ring +0.70, lag 2 +0.70, corrected 0.00; distorted: -0.46 / +0.09 / -0.55; both: the
+    ring reads +0.02 +- 0.04 (missed), corrected -0.31 +- 0.06, which ``decide(corrected=True)`` finds
+    (``read_by`` "corrected") and the ring rule alone (:data:`~.distortion.CORRECTED` False, the default)
+    does not. Fails before session 33 (no ``corrected`` reading)."""
     from napari_nephi.engines.mito.distortion import LIMIT, SE_FACTOR, decide, residual_correlation
 
-    r = residual_correlation(_pairs(kind), ring=(12.0, 30.0), radius=2.0)
-    assert r["sections"] == 10 and r["corrected_se"] is not None
+    r = residual_correlation(_pairs(kind, n=16), ring=(12.0, 30.0), radius=2.0)
+    assert r["sections"] == 14 and r["corrected_sections"] == 12 and r["corrected_se"] is not None
     if kind == "moving":
         assert r["value"] > 0.5 and r["lag2"] == pytest.approx(r["value"], abs=0.02)
         assert abs(r["corrected"]) < 0.02
@@ -133,6 +133,22 @@ def test_the_lag_corrected_reading_takes_out_content_moving_on(kind):
     assert old["distorted"] is (kind == "distorted") and new["distorted"] is (kind != "moving")
     assert new["read_by"] == {"moving": None, "distorted": "ring", "moving+distorted": "corrected"}[kind]
     assert old["lag2"] == r["lag2"] and old["corrected"] == r["corrected"]  # recorded either way
+
+
+def test_the_corrected_reading_decides_only_through_enough_sections():
+    """Development, session 33: an undistorted 8 x 384^2 stack at noise 0.3 (seed 119) read -0.0255 +-
+    0.0066 corrected, from 4 sections with lag-2 sums, under the limit and 3.9 standard errors: the
+    jackknife over so few sections is unreliable, so the corrected rule asks for
+    :data:`~.distortion.MIN_CORRECTED_SECTIONS` (12: stacks of 16 sections and more); the ring rule is
+    untouched."""
+    from napari_nephi.engines.mito.distortion import MIN_CORRECTED_SECTIONS, decide
+
+    base = {"value": -0.007, "se": 0.0067, "points": 5000, "sections": 6, "same_point": None, "rms": 1.0}
+    few = {**base, "lag2": 0.013, "corrected": -0.0255, "corrected_se": 0.0066, "corrected_sections": 4}
+    assert MIN_CORRECTED_SECTIONS == 12 and decide("auto", few, corrected=True)["distorted"] is False
+    enough = {**few, "corrected_sections": 12}
+    assert decide("auto", enough, corrected=True)["read_by"] == "corrected"
+    assert decide("auto", {**enough, "value": -0.04, "se": 0.01}, corrected=True)["read_by"] == "ring"
 
 
 def test_the_lag2_sums_count_every_inner_section_and_hold_few_pairs():

@@ -101,20 +101,33 @@ def test_organelle_reading_is_checked_and_recorded():
 
 
 def test_the_settings_say_which_reading_decided():
-    """``organelle_reading_applied`` (session 33): "local" only where the local reading decided; where it
-    was undecided or too thin the background decided; where no drift decision ran, neither."""
+    """``organelle_reading_applied`` (session 33; review 2 of session 32, A5): what decided, as
+    ``_auto_decision`` records it in the trend test's dict (``decided_by``). "local" only where the local
+    reading decided; with too few local readings the next reader decides: the trend test alone here (no
+    background given), the background where there is one (here too few steps: "unmeasured"); without
+    a trend nobody reads ("none"). Review 1 of session 33 (A3): the trend test deciding alone is named."""
     from napari_nephi.engines.mito.align import _organelle_reading_applied as applied
 
-    background = {"decision": "undecided"}
-    assert applied({"method": "detrend-slope", "auto": {"organelles": {"decision": "both"}}}) == "local"
-    assert applied({"method": "none", "auto": {"organelles": {"decision": "sections"}}}) == "local"
-    undecided = {"organelles": {"decision": "undecided"}, "background": background}
-    assert applied({"method": "detrend", "auto": undecided}) == "background"
-    assert (
-        applied({"method": "none", "auto": {"organelles": {"readings": 3}, "background": background}})
-        == "background"
-    )
-    assert applied({"method": "none", "auto": {"p": 0.4}}) == "none"  # no trend: nobody read
+    use = np.ones(40, bool)
+    mats = np.repeat(np.eye(3)[None], 40, axis=0)
+
+    def reading(v, readings=100):
+        return lambda m, u: {"slope": list(v), "se": [0.02, 0.02], "readings": readings, "drifts": True}
+
+    def background(m, u, second=False, trend=None):
+        return {"slope": [0.0, 0.0], "se": [1.0, 1.0], "pairs": 0, "planned": 2}
+
+    def decided(bg, local, p=1e-20):
+        test = {"p": p, "slope": [0.3, 0.0]}
+        _auto_decision(test, mats, use, bg, local)
+        return applied({"method": "detrend", "auto": test})
+
+    assert decided(None, reading((-0.15, 0.1))) == "local"  # "both"
+    assert decided(background, reading((0.0, 0.01))) == "local"  # "sections": kept, still the local reading's
+    assert decided(None, reading((0.0, 0.0), readings=3)) == "trend-test"
+    assert decided(background, reading((0.0, 0.0), readings=3)) == "background"
+    assert decided(background, None) == "background"
+    assert decided(background, reading((-0.3, 0.0)), p=0.5) == "none"  # no trend: nobody read
     assert applied(None) == "none" and applied({"method": "none", "skipped": "too few"}) == "none"
 
 

@@ -788,7 +788,9 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
             decision, _ = classify(test["slope"], motion)
             local["decision"] = decision
             if decision in ("organelles", "sections", "both"):
+                test["decided_by"] = "local"
                 return decision != "sections", (error if decision == "both" else None)
+    test["decided_by"] = "trend-test"  # below: the background, unless the trend test decides alone
     if background is None:
         return test["p"] < AUTO_P, None
     motion = background(matrices, use, trend=test["slope"])
@@ -837,6 +839,7 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     test["background"]["trend_test_alone"] = distorted and decision in ("undecided", "unmeasured")
     if test["background"]["trend_test_alone"]:
         return test["p"] < AUTO_P, None
+    test["decided_by"] = "background"
     if decision == "unmeasured":
         return False, None
     if decision == "undecided-organelles":
@@ -1138,7 +1141,8 @@ def align_stack(
         are in ``metrics["drift_correction"]["auto"]["organelles"]``. Where it is undecided, or
         without masks, the elastic step or enough mitochondria read (16 pair readings), the
         background decides as before. The settings record the choice and, as
-        ``organelle_reading_applied``, what decided: "local", "background" or "none" (session 33).
+        ``organelle_reading_applied``, what decided: "local", "background", "trend-test" or "none"
+        (session 33).
     spacing
         ``(z, y, x)`` voxel size kept with the transform (default: from the file for a path,
         else 1).
@@ -1467,15 +1471,15 @@ def align_stack(
 
 
 def _organelle_reading_applied(drift_info: dict | None) -> str:
-    """Who decided whose the positions' trend is (``settings["organelle_reading_applied"]``, session 33):
-    ``"local"`` where :mod:`.organelles`' reading decided (``metrics["drift_correction"]["auto"]
-    ["organelles"]["decision"]`` "organelles", "sections" or "both"), ``"background"`` where the
-    background read it (asked, or fallen back to from an undecided or too thin local reading), ``"none"``
-    where neither read (no ``"auto"`` drift correction, no trend, too few placed sections)."""
+    """What decided whose the positions' trend is (``settings["organelle_reading_applied"]``, session 33;
+    :func:`_auto_decision` records it as ``metrics["drift_correction"]["auto"]["decided_by"]``):
+    ``"local"`` where :mod:`.organelles`' reading decided ("organelles", "sections" or "both"),
+    ``"background"`` where the background did (asked, or fallen back to from an undecided or too thin
+    local reading; "undecided" and "unmeasured" included), ``"trend-test"`` where the variogram test
+    decided alone (no background, or distorted sections whose background could not tell), ``"none"``
+    where no decision ran (no ``"auto"`` drift correction, no trend, too few placed sections)."""
     test = (drift_info or {}).get("auto") or {}
-    if (test.get("organelles") or {}).get("decision") in ("organelles", "sections", "both"):
-        return "local"
-    return "background" if "background" in test else "none"
+    return str(test.get("decided_by", "none"))
 
 
 def build_options(

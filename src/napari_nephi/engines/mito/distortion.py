@@ -62,8 +62,16 @@ SE_FACTOR = 3.0
 #: ``elastic="auto"`` (session 33, opt-in): also distorted where the ring reading less its lag-2 share
 #: (:class:`Correlation`: the same ring sums between pairs two sections apart, which a distortion does not
 #: move and content moving on through the stack does) is at most :data:`LIMIT` and :data:`SE_FACTOR` of its
-#: own standard errors under 0. Recorded as ``metrics["distortion"]["corrected_rule"]``.
+#: own standard errors under 0. Recorded as ``metrics["distortion"]["corrected_rule"]``. The lag-2 sums run
+#: through sections 2 .. n - 3 and the corrected reading needs 3 of them, so it is None (never fires) on
+#: stacks of fewer than 8 sections (review 1 of session 33, A1).
 CORRECTED = False
+
+#: The corrected reading decides only with at least this many sections with lag-2 sums (stacks of 16 sections
+#: and more): its jackknife standard error from fewer is unreliable (development, session 33: undistorted
+#: 8 x 384^2 stacks at noise 0.3, seed 119, read -0.0255 +- 0.0066 from 4 such sections; none of 280
+#: undistorted small stacks of 16-48 sections on seeds 100-139 reads distorted with it).
+MIN_CORRECTED_SECTIONS = 12
 
 #: Fewest points over the stack (residuals of the upper pairs with a partner in the ring) for a
 #: reading; fewer: "unmeasured".
@@ -142,7 +150,7 @@ class Correlation:
     runs (review 2 of session 29, A4 / A5). ``ring`` (inner, outer) and ``radius`` in original pixels.
 
     Besides the ring reading through each section ``m`` (its two pairs, "lag 1"), the same ring sums
-    are taken between pairs two apart (:data:`LAG2`, session 33): the pair ``(m - 2, m - 1)``'s
+    are taken between pairs two apart (:meth:`_count_lag2`, session 33): the pair ``(m - 2, m - 1)``'s
     residual carried into ``m`` by the pair ``(m - 1, m)``'s map against the pair ``(m, m + 1)``'s,
     and the pair ``(m - 1, m)``'s against the pair ``(m + 1, m + 2)``'s carried back into ``m``. Those
     pairs share no section, so a distortion gives them nothing, while content that moves on through
@@ -240,13 +248,14 @@ class Correlation:
         rows, n_pairs = table[:, :3], table[:, 3].sum()
         tot = rows.sum(0)
         value = se = lag2 = corrected = corrected_se = None
+        corrected_sections = 0
         if self.count >= MIN_POINTS and tot[1] > 0 and tot[2] > 0:
             value = float(tot[0] / np.sqrt(tot[1] * tot[2]))
             rest = tot - rows
             if len(rows) >= 3 and np.all(rest[:, 1:] > 0):
                 jack = rest[:, 0] / np.sqrt(rest[:, 1] * rest[:, 2])
                 se = float(np.sqrt((len(rows) - 1) * np.mean((jack - jack.mean()) ** 2)))
-            lag2, corrected, corrected_se = _corrected(rows, self.middles, self.rows2)
+            lag2, corrected, corrected_se, corrected_sections = _corrected(rows, self.middles, self.rows2)
         same = None
         if self.same and self.p11 > 0 and self.p22 > 0:
             same = float(self.p12 / np.sqrt(self.p11 * self.p22))
@@ -260,6 +269,7 @@ class Correlation:
             "lag2": lag2,
             "corrected": corrected,
             "corrected_se": corrected_se,
+            "corrected_sections": corrected_sections,
         }
 
 
@@ -270,25 +280,25 @@ def _carried(p: np.ndarray, e: np.ndarray, fit: np.ndarray) -> tuple[np.ndarray,
 
 
 def _corrected(rows: np.ndarray, middles: list[int], rows2: dict) -> tuple:
-    """``(lag-2 correlation, ring less lag-2 correlation, its jackknife standard error)`` over the
-    middles with both sums (Nones under 3 such middles)."""
+    """``(lag-2 correlation, ring less lag-2 correlation, its jackknife standard error, middles)`` over
+    the middles with both sums (Nones under 3 such middles)."""
     at = {m: i for i, m in enumerate(middles)}
     common = [m for m in sorted(rows2) if m in at]
     if len(common) < 3:
-        return None, None, None
+        return None, None, None, len(common)
     a = rows[[at[m] for m in common]]
     b = np.asarray([rows2[m][:3] for m in common], np.float64)
     ta, tb = a.sum(0), b.sum(0)
     if min(ta[1], ta[2], tb[1], tb[2]) <= 0:
-        return None, None, None
+        return None, None, None, len(common)
     lag2 = float(tb[0] / np.sqrt(tb[1] * tb[2]))
     value = float(ta[0] / np.sqrt(ta[1] * ta[2])) - lag2
     ra, rb = ta - a, tb - b
     if not (np.all(ra[:, 1:] > 0) and np.all(rb[:, 1:] > 0)):
-        return lag2, value, None
+        return lag2, value, None, len(common)
     jack = ra[:, 0] / np.sqrt(ra[:, 1] * ra[:, 2]) - rb[:, 0] / np.sqrt(rb[:, 1] * rb[:, 2])
     se = float(np.sqrt((len(common) - 1) * np.mean((jack - jack.mean()) ** 2)))
-    return lag2, value, se
+    return lag2, value, se, len(common)
 
 
 def residual_correlation(
@@ -312,9 +322,10 @@ def decide(elastic, reading: dict, limit: float = LIMIT, corrected: bool | None 
     """``elastic="auto"``'s decision from :func:`residual_correlation`'s ``reading``: distorted where the
     correlation is at most ``limit`` and at least :data:`SE_FACTOR` of its standard errors under 0, or,
     with ``corrected`` (default :data:`CORRECTED`), where the lag-corrected reading (``corrected``,
-    session 33) is, with its own standard error. The record: ``correlation``, ``se``, ``limit``,
-    ``se_factor``, ``points``, ``sections``, ``same_point``, ``rms``, ``ring`` (work pixels), ``lag2``,
-    ``corrected``, ``corrected_se``, ``corrected_rule`` (whether the lag-corrected reading was asked),
+    session 33) is, with its own standard error, read through at least :data:`MIN_CORRECTED_SECTIONS`
+    sections. The record: ``correlation``, ``se``, ``limit``, ``se_factor``, ``points``, ``sections``,
+    ``same_point``, ``rms``, ``ring`` (work pixels), ``lag2``, ``corrected``, ``corrected_se``,
+    ``corrected_sections``, ``corrected_rule`` (whether the lag-corrected reading was asked),
     ``read_by`` (``"ring"``, ``"corrected"`` or None: which reading found the distortion) and
     ``distorted`` (whether the elastic step runs; an unmeasured stack, too few points or under 3
     sections for the standard error, is left undistorted)."""
@@ -322,11 +333,15 @@ def decide(elastic, reading: dict, limit: float = LIMIT, corrected: bool | None 
     value, se = reading["value"], reading["se"]
     ring = value is not None and se is not None and value <= limit and value <= -SE_FACTOR * se
     c, c_se = reading.get("corrected"), reading.get("corrected_se")
-    lag = corrected and c is not None and c_se is not None and c <= limit and c <= -SE_FACTOR * c_se
+    enough = reading.get("corrected_sections", 0) >= MIN_CORRECTED_SECTIONS
+    lag = (
+        corrected and enough and c is not None and c_se is not None and c <= limit and c <= -SE_FACTOR * c_se
+    )
     return {
         "elastic": elastic, "correlation": value, "se": se, "limit": limit, "se_factor": SE_FACTOR,
         "points": reading["points"], "sections": reading["sections"], "same_point": reading["same_point"],
         "rms": reading["rms"], "ring": list(RING), "lag2": reading.get("lag2"), "corrected": c,
-        "corrected_se": c_se, "corrected_rule": corrected,
+        "corrected_se": c_se, "corrected_sections": reading.get("corrected_sections", 0),
+        "corrected_rule": corrected,
         "read_by": "ring" if ring else "corrected" if lag else None, "distorted": bool(ring or lag),
     }  # fmt: skip

@@ -87,14 +87,24 @@ def tile_step(a: np.ndarray, weight: np.ndarray, b: np.ndarray, y0: int, x0: int
     return np.array([i - REACH + _vertex(*c[i - 1 : i + 2, j]), j - REACH + _vertex(*c[i, j - 1 : j + 2])])
 
 
-def match(b_lab: np.ndarray, mine: np.ndarray) -> int:
-    """The label of ``b_lab`` that covers most of the pixels of ``mine`` (0/1; 0 where none does).
-    The two sections are labelled apart (:func:`cv2.connectedComponents`), so a mitochondrion's number
-    in one says nothing of its number in the other (review 2 of session 32, A2: matched by number, 2
-    of 98 generator mitochondria were checked against another one)."""
+#: :func:`match`: the least share of the smaller of two mitochondria that must overlap the other.
+MIN_OVERLAP = 0.5
+
+
+def match(b_lab: np.ndarray, mine: np.ndarray, b_area: np.ndarray | None = None) -> int:
+    """The label of ``b_lab`` that covers most of the pixels of ``mine`` (0/1), where that overlap is at
+    least :data:`MIN_OVERLAP` of the smaller of the two (0 where none is; review 1 of session 33, A4: a
+    mitochondrion touching another by a few pixels is not it). The two sections are labelled apart
+    (:func:`cv2.connectedComponents`), so a mitochondrion's number in one says nothing of its number in
+    the other (review 2 of session 32, A2: matched by number, 2 of 98 generator mitochondria were
+    checked against another one). ``b_area``: ``np.bincount(b_lab.ravel())``, if already counted."""
     under = np.bincount(b_lab[mine > 0], minlength=1)
     under[0] = 0
-    return int(np.argmax(under)) if under.any() else 0
+    if not under.any():
+        return 0
+    j = int(np.argmax(under))
+    area = np.bincount(b_lab.ravel()) if b_area is None else b_area
+    return j if under[j] >= MIN_OVERLAP * min(int(mine.sum()), int(area[j])) else 0
 
 
 def pair_motion(a, a_lab, b, b_lab, valid) -> list[np.ndarray]:
@@ -115,7 +125,7 @@ def pair_motion(a, a_lab, b, b_lab, valid) -> list[np.ndarray]:
         mine = (a_lab == i).astype(np.uint8)
         if int(mine.sum()) < MIN_AREA:
             continue
-        j = match(b_lab, mine)
+        j = match(b_lab, mine, b_area)
         if j == 0 or int(b_area[j]) < MIN_AREA:
             continue
         weight = (cv2.dilate(mine, np.ones((7, 7), np.uint8)) & valid).astype(np.float32)
