@@ -32,8 +32,9 @@ Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, importe
   resampled by cubic splines besides the default linear one (whose blur, set by the sub-pixel part
   of the map, the deformable stages fit at strong edges); ``--global-degrees 5 60`` other rotations
   (NePhi's rows say whether the default global stage's basin guard judged the map and which it kept).
-  On volumes NePhi's rows also give the neural stage's gate (session 33: the coarse map's displacement RMS,
-  voxels, and whether the neural stage ran; JSON ``neural_3d_gate``).
+  ``--neural-3d-gate RMS`` sets the opt-in gate of the neural stage on volumes (session 33,
+  ``engine.NEURAL_3D_GATE_RMS``); NePhi's rows on volumes then give its reading (the coarse map's displacement RMS,
+  voxels) and whether the neural stage ran (JSON ``neural_3d_gate``).
 
 ``--noise SIGMA``: independent Gaussian noise of that standard deviation (intensities in [0, 1])
 added to both images of every case (seeded by the case), the warp made from the noise-free image;
@@ -312,8 +313,18 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=0.0, help="noise added to both images (0: none)")
     p.add_argument("--noise-kind", choices=["gaussian", "poisson"], default="gaussian")
     p.add_argument("--threads", type=int, default=1, help="threads for torch, elastix and ANTs")
+    p.add_argument(
+        "--neural-3d-gate",
+        type=float,
+        default=None,
+        help="volumes: run NePhi's neural stage only after a coarse map of at least this RMS (voxels; opt-in)",
+    )
     p.add_argument("--json")
     args = p.parse_args()
+    if args.neural_3d_gate is not None:
+        from napari_nephi.engines.nephi import engine as nephi_engine
+
+        nephi_engine.NEURAL_3D_GATE_RMS = args.neural_3d_gate
     if args.quick:
         args.images, args.amplitudes, args.mri_amplitudes, args.size2d = ["camera", "disc"], [2, 4], [4], 256
     torch.set_num_threads(NA.THREADS)
