@@ -69,8 +69,8 @@ CORRECTED = False
 
 #: The corrected reading decides only with at least this many sections with lag-2 sums (stacks of 16 sections
 #: and more): its jackknife standard error from fewer is unreliable (development, session 33: undistorted
-#: 8 x 384^2 stacks at noise 0.3, seed 119, read -0.0255 +- 0.0066 from 4 such sections; none of 280
-#: undistorted small stacks of 16-48 sections on seeds 100-139 reads distorted with it).
+#: 8 x 384^2 stacks at noise 0.3, seed 119, read -0.0255 +- 0.0066 from 4 such sections; with it none of the
+#: 320 undistorted small stacks on seeds 100-139 reads distorted, 280 of them of 16-48 sections).
 MIN_CORRECTED_SECTIONS = 12
 
 #: Fewest points over the stack (residuals of the upper pairs with a partner in the ring) for a
