@@ -186,13 +186,13 @@ class Correlation:
                 if all(j in self.done2 or j < 2 for j in range(k - 1, k + 3)):
                     del self.pairs[k]
 
-    def _ring(self, p1: np.ndarray, e1: np.ndarray, p2: np.ndarray, e2: np.ndarray) -> tuple[np.ndarray, int]:
+    def _ring(self, t1: cKDTree, e1: np.ndarray, p2: np.ndarray, e2: np.ndarray) -> tuple[np.ndarray, int]:
         """The ring sums ``(e1.e2, |e1|^2, |e2|^2, point pairs)`` over every point of ``p2`` with every
-        point of ``p1`` in the ring, and how many points of ``p2`` have a partner."""
+        point of the tree ``t1`` (residuals ``e1``) in the ring, and how many points of ``p2`` have a
+        partner."""
         sums, partners = np.zeros(4), 0
-        if len(p1) == 0 or len(p2) == 0:
+        if t1.n == 0 or len(p2) == 0:
             return sums, partners
-        t1 = cKDTree(p1)
         # p2 a block at a time: only a block's point pairs are held at once (dense tracks, ~1000 a
         # pair, make ~20 000 pairs in the ring, a few MB with their residuals)
         for a in range(0, len(p2), CHUNK):
@@ -209,12 +209,12 @@ class Correlation:
     def _count(self, m: int, below: PairResidual | None, above: PairResidual | None) -> None:
         if below is None or above is None or len(below.p_hi) == 0 or len(above.p_lo) == 0:
             return
-        sums, partners = self._ring(below.p_hi, below.e_hi, above.p_lo, above.e_lo)
+        t_below = cKDTree(below.p_hi)  # the ring sums and the same-point reading
+        sums, partners = self._ring(t_below, below.e_hi, above.p_lo, above.e_lo)
         if sums[3]:
             self.rows.append((float(sums[0]), float(sums[1]), float(sums[2]), int(sums[3])))
             self.middles.append(m)
             self.count += partners
-        t_below = cKDTree(below.p_hi)
         dist, idx = t_below.query(above.p_lo, distance_upper_bound=self.radius)
         ok = np.isfinite(dist)
         if ok.any():
@@ -230,9 +230,9 @@ class Correlation:
         if any(q is None or q.fit is None or len(q.p_lo) == 0 for q in p):
             return
         below, inner, above = _carried(p[0].p_hi, p[0].e_hi, p[1].fit), p[1], p[2]
-        s1, _ = self._ring(below[0], below[1], above.p_lo, above.e_lo)
+        s1, _ = self._ring(cKDTree(below[0]), below[1], above.p_lo, above.e_lo)
         back = _carried(p[3].p_lo, p[3].e_lo, np.linalg.inv(p[2].fit))
-        s2, _ = self._ring(inner.p_hi, inner.e_hi, back[0], back[1])
+        s2, _ = self._ring(cKDTree(inner.p_hi), inner.e_hi, back[0], back[1])
         if s1[3] and s2[3]:
             self.rows2[m] = s1 + s2
 

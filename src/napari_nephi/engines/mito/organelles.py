@@ -99,12 +99,13 @@ def match(b_lab: np.ndarray, mine: np.ndarray, b_area: np.ndarray | None = None)
     the other (review 2 of session 32, A2: matched by number, 2 of 98 generator mitochondria were
     checked against another one). ``b_area``: ``np.bincount(b_lab.ravel())``, if already counted."""
     under = np.bincount(b_lab[mine > 0], minlength=1)
+    size = int(under.sum())  # mine's pixels, each under some label of b_lab (0 included)
     under[0] = 0
     if not under.any():
         return 0
     j = int(np.argmax(under))
     area = np.bincount(b_lab.ravel()) if b_area is None else b_area
-    return j if under[j] >= MIN_OVERLAP * min(int(mine.sum()), int(area[j])) else 0
+    return j if under[j] >= MIN_OVERLAP * min(size, int(area[j])) else 0
 
 
 def pair_motion(a, a_lab, b, b_lab, valid) -> list[np.ndarray]:
@@ -117,14 +118,10 @@ def pair_motion(a, a_lab, b, b_lab, valid) -> list[np.ndarray]:
     near = cv2.dilate(((a_lab > 0) | (b_lab > 0)).view(np.uint8), square)
     tissue = (valid & (1 - near)).astype(np.float32)
     h, w = a.shape
-    b_area = np.bincount(b_lab.ravel())
+    a_area, b_area = np.bincount(a_lab.ravel()), np.bincount(b_lab.ravel())
     out = []
-    for i in np.unique(a_lab):
-        if i == 0:
-            continue
+    for i in np.flatnonzero(a_area[1:] >= MIN_AREA) + 1:
         mine = (a_lab == i).astype(np.uint8)
-        if int(mine.sum()) < MIN_AREA:
-            continue
         j = match(b_lab, mine, b_area)
         if j == 0 or int(b_area[j]) < MIN_AREA:
             continue

@@ -420,20 +420,24 @@ def match_blur_mode(match_blur: bool | str | None) -> str | None:
 MATCH_BLUR_NEAR_RIGID = 0.02
 
 
+def _in_voxels(u: torch.Tensor, sizes) -> torch.Tensor:
+    """A normalised displacement ``(1, D, *S)`` as ``(1, D, prod(S))`` in voxels; ``sizes``: the image's
+    size along each component, in the components' order."""
+    scale = torch.as_tensor([(n - 1) / 2 for n in sizes], dtype=u.dtype, device=u.device)
+    return u.flatten(2) * scale[None, :, None]
+
+
 def displacement_spread(u: torch.Tensor, full) -> float:
     """RMS distance (voxels of ``full``) of a displacement ``(1, D, *S)`` (normalised, components in
     grid_sample's order) from its mean over the grid."""
-    scale = torch.as_tensor([(n - 1) / 2 for n in full[::-1]], dtype=u.dtype, device=u.device)
-    vox = u.flatten(2) * scale[None, :, None]
+    vox = _in_voxels(u, full[::-1])
     return float((vox - vox.mean(-1, keepdim=True)).pow(2).sum(1).mean().sqrt())
 
 
 def displacement_rms(maps: DenseMaps, full) -> float:
     """RMS length (voxels of ``full``) over the grid of ``maps``' forward displacement ``u`` (the global
     map not included: ``A(x + u(x))``)."""
-    u = maps.forward_grid  # (1, D, *S), normalised, numpy component order
-    scale = torch.as_tensor([(n - 1) / 2 for n in full], dtype=u.dtype, device=u.device)
-    vox = u.flatten(2) * scale[None, :, None]
+    vox = _in_voxels(maps.forward_grid, full)  # forward_grid: (1, D, *S), numpy component order
     return float(vox.pow(2).sum(1).mean().sqrt())
 
 
