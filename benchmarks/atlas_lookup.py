@@ -160,7 +160,7 @@ def rerank_method(name: str, base: dict, ref, labels, args) -> dict:
     t0 = time.perf_counter()
     # per section: whether stage 1 ran again with the dense_sweep plates, whether stage 2 refined
     # stage 1's best start alone (route_gap)
-    flags: dict[str, list[bool]] = {"densified": [], "routed": []}
+    flags: dict[str, list[bool]] = {"densified": [], "routed": [], "refined": []}
 
     def record(found) -> list[int]:
         for key, values in flags.items():
@@ -260,7 +260,11 @@ def evaluate(name: str, m: dict, queries: dict) -> dict:
         settings=m["settings"],
     )
     fired = ""
-    for key, what in (("densified", "dense_sweep fired"), ("routed", "routed")):
+    for key, what in (
+        ("densified", "dense_sweep fired"),
+        ("routed", "routed"),
+        ("refined", "sweep_refine fired"),
+    ):
         if key in m:  # the pose search: each section's flag, and the share where it fired
             for row, flag in zip(rows, m[key], strict=True):
                 row[key] = flag

@@ -142,6 +142,17 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   development sections, replayed): mean rank 1.916 -> 1.797 ("replace" 1.986, ``sweep_step`` 3 1.953)
   for about 5 % more CPU, firing on 10 % of the sections; fresh query seeds 104-106 1.978 -> 1.978, Top-5
   93.3 -> 92.8 % ("replace" 2.083, ``sweep_step`` 3 2.139): not a default.
+* **Refining the sweep's best plates** (session 34, opt-in: ``sweep_refine`` 0, ``sweep_outside`` 0).
+  With ``sweep_refine`` (e.g. 4) stage 1 also scores the neighbours (``neighbours`` each side) of that
+  many best swept plates outside the shortlisted plates, as if they were shortlisted, and stage 2's
+  starts are chosen again; with ``sweep_outside`` only where at least that many of the starts already
+  lie outside the shortlisted plates (:func:`_refined`, :func:`_refine_sweep`). Why: a region the
+  embedding misses is sampled every ``sweep_step``-th plate against the shortlist's every plate, so a
+  wrong shortlisted region takes every start (session 34: the two far losses of the 7000-step index on
+  query seed 131, the truth at place 24-27 of its order). Development (query seeds 0, 1, 128-131,
+  360 sections, default index / 7000-step index): 4 everywhere 1.525 -> 1.522 (Top-5 94.2 -> 93.6 %,
+  6 better, 12 worse) / 1.700 -> 1.547; with ``sweep_outside`` 2 (fires on 34 / 24 of 360) 1.525 ->
+  1.478 (Top-5 the same, 4 / 5) / 1.700 -> 1.611 (4 / 2). docs/atlas.md, "Session 34".
 * **Two-pass stage 1** (session 30, ``stage1_prune`` 0.05; None: one pass, every pair, as before; the
   presets keep one pass). Stage 1 scores
   every plate's pairs at rotation 0 first; then the other rotations of the anchors' plates and of the
@@ -266,6 +277,14 @@ DEFAULTS = {
     # chooses every start again from the denser stage 1 (as sweep_step dense_sweep would)
     "dense_mode": "add",
     "dense_starts": 2,
+    # stage 1 also scores the neighbours (``neighbours`` each side) of the this many best swept plates
+    # outside the shortlisted plates, as if shortlisted, before stage 2's starts are chosen (0: none;
+    # module docstring, "Refining the sweep's best plates"): a region the embedding missed is otherwise
+    # sampled every sweep_step-th plate against the shortlist's every plate
+    "sweep_refine": 0,
+    # ... only where at least this many of stage 2's starts lie outside the shortlisted plates (as
+    # dense_outside; 0: wherever sweep_refine is on); stage 2's starts are then chosen again
+    "sweep_outside": 0,
     # stage 1 in two passes (None: one pass, every pair, before session 30): rotation 0 of every plate
     # first, then the other rotations only on plates whose rotation-0 best lies within this much of
     # stage 2's weakest start among the plates scored so far (the anchors' plates always; module
@@ -462,6 +481,8 @@ def check_rerank_options(options: dict | None) -> dict:
     out["dense_outside"] = check_int("dense_outside", out["dense_outside"], 1, 50)
     out["dense_mode"] = check_choice("dense_mode", out["dense_mode"], ("add", "replace"))
     out["dense_starts"] = check_int("dense_starts", out["dense_starts"], 1, 50)
+    out["sweep_refine"] = check_int("sweep_refine", out["sweep_refine"], 0, 50)
+    out["sweep_outside"] = check_int("sweep_outside", out["sweep_outside"], 0, 50)
     if out["dense_sweep"] and not 0 < out["dense_sweep"] < out["sweep_step"]:  # review 1 of session 29, C1
         raise InputError(
             f"dense_sweep ({out['dense_sweep']!r}) must be smaller than sweep_step ({out['sweep_step']!r}): "
@@ -562,7 +583,8 @@ class RerankResult:
     repeats the ranking); ``plain_ranked``: whether ``plain_reach`` ordered the plates next to the
     best pose (False where it is None or the outside band is off, as in :data:`SEEDED` and :data:`FAST`);
     ``densified``: whether stage 1 added the ``dense_sweep`` plates (its starts outscored the shortlist);
-    ``routed``: whether stage 2 refined stage 1's best start alone (``route_gap``)."""
+    ``routed``: whether stage 2 refined stage 1's best start alone (``route_gap``); ``refined``: whether
+    stage 1 also scored the neighbours of the best swept plates (``sweep_refine``)."""
 
     ranking: list[tuple[int, float]]
     poses: dict[int, Pose] = field(default_factory=dict)
@@ -573,6 +595,7 @@ class RerankResult:
     plain_ranked: bool = False
     densified: bool = False
     routed: bool = False
+    refined: bool = False
 
 
 def _steps(limit: float, step: float) -> list[float]:
@@ -655,6 +678,14 @@ class PoseSearch:
         else:
             first, pairs = _pruned_stage1(coarse, pairs, shortlist, options, self.n, progress)
         hyps = hypotheses(first, shortlist, options)
+        refined = _refined(hyps, shortlist, options)
+        if refined:  # the best swept plates' neighbours too, the starts again
+            found, more, extra = _refine_sweep(
+                coarse, coarse_atlas, mask, first, shortlist, zs, options, self.n
+            )
+            first, pairs, zs = first + found, pairs + more, sorted(set(zs) | set(extra))
+            _check(progress)
+            hyps = hypotheses(first, shortlist, options)
         densified = _outscored(hyps, shortlist, options)
         if densified:  # the sweep outscored the shortlist: every dense_sweep-th plate in stage 1 too
             short = _around(shortlist, options["neighbours"], self.n)
@@ -738,6 +769,7 @@ class PoseSearch:
         result.widened, result.widen_kept = widened, kept
         result.densified = densified
         result.routed = routed
+        result.refined = refined
         result.options = dict(options)
         return result
 
@@ -823,6 +855,47 @@ def _pruned_stage1(coarse: SectionGrid, pairs: list, shortlist: list[int], optio
         want = {z for z in ranked if z not in done and proxy[z] + options["stage1_prune"] >= floor}
         want = set(sorted(want, key=lambda z: -proxy[z])[:count])
     return [best[z] for z in proxy], used
+
+
+def _refine_sweep(
+    coarse, coarse_atlas, mask, first: list, shortlist: list[int], zs: list[int], options: dict, n: int
+):
+    """Stage 1 on the plates within ``neighbours`` of the ``sweep_refine`` best plates of ``first``
+    outside the shortlisted plates (each of ``shortlist`` and ``neighbours`` each side), those not
+    scored yet: each at rotation 0 and, with ``stage1_prune``, at the other rotations only where its
+    rotation-0 best lies within ``stage1_prune`` of the weakest of stage 2's ``hypotheses`` distinct
+    starts from ``first`` (every rotation without it). Returns (each new plate's best pose, the pairs
+    scored, the new plates)."""
+    near = set(_around(shortlist, options["neighbours"], n))
+    swept = sorted((p for p in first if p.plate not in near), key=lambda p: -p.score)
+    best = [p.plate for p in swept[: options["sweep_refine"]]]
+    scored = set(zs)
+    extra = [z for z in _around(best, options["neighbours"], n) if z not in scored]
+    pairs = _stage1(coarse, coarse_atlas, mask, extra, options) if extra else []
+    if not pairs:
+        return [], [], []
+    if options["stage1_prune"] is None:
+        return coarse.score(pairs, n, best_per_cut_z=True), pairs, extra
+    zero = [p for p in pairs if p[0] == 0.0]
+    found = {p.z: p for p in coarse.score(zero, n, best_per_cut_z=True)}
+    starts = _distinct(first, options["hypotheses"], options["hypothesis_gap"])
+    floor = starts[-1].score if len(starts) == options["hypotheses"] else -np.inf
+    want = {z for z, p in found.items() if p.score + options["stage1_prune"] >= floor}
+    more = [p for p in pairs if p[0] != 0.0 and p[2].z in want]
+    for pose in coarse.score(more, n, best_per_cut_z=True):
+        if pose.score > found[pose.z].score:
+            found[pose.z] = pose
+    return list(found.values()), zero + more, extra
+
+
+def _refined(hyps: list[Pose], shortlist: list[int], options: dict) -> bool:
+    """Whether ``sweep_refine`` runs: it is on, there is a sweep, and at least ``sweep_outside`` of
+    stage 2's starts ``hyps`` lie outside the shortlisted plates (each of ``shortlist`` and
+    ``neighbours`` on each side)."""
+    if options["sweep_refine"] <= 0 or options["sweep_step"] <= 0:
+        return False
+    near = set(_around(shortlist, options["neighbours"], 10**9))
+    return sum(h.plate not in near for h in hyps) >= options["sweep_outside"]
 
 
 def coarse_grid(
