@@ -43,6 +43,17 @@ validation rank from 9.9 to 5.4; on phantom sections of another brain (embedding
 the mean rank went from 9.1 / 7.4 / 8.0 to 7.4 / 8.2 / 6.8 (query seeds 0 and 1, 120 sections of
 seeds 5000-5004) and Top-20 from 88 / 87 / 89 % to 92 / 90 / 93 %. A slower machine anneals within
 ``max_minutes`` as before.
+
+**Prefetch** (session 34, opt-in ``prefetch``). About a third of a step's CPU is the synthesis and
+preparation of its 8 fresh views (profile of 200 steps on the benchmark's phantom, one thread: views
+5.2 ms each, 8.7 of 41.6 s; backward 11.6 s, forward 6.2 s); with ``prefetch`` a forked process
+synthesises the next step's views while the network trains on this one. The batch draws that say
+which plates get fresh views come from the batch's random stream and not from the views, so the
+next step's are drawn ahead on a copy of that stream; the worker owns the synthesiser (forked with
+its random state) and draws the views in the order the steps ask for them: the views, the batches and
+the trained weights are those of a run without it, bit for bit. It needs a second core to gain
+anything, a platform that forks and ``framed_partial`` off (a framed view draws from the batch's
+stream). docs/atlas.md, "Session 34".
 """
 
 from __future__ import annotations
@@ -116,6 +127,10 @@ DEFAULTS: dict = {
     # (lost on the benchmark: embedding alone 9.10 / 9.82 against 5.88 / 5.77 on query seeds 0 / 1,
     # see docs/atlas.md), a number in [0, 1] for that share of them (the others stay centred)
     "framed_partial": False,
+    # synthesise the next step's fresh views in a second process while the network trains (CPU and a
+    # platform that forks; needs framed_partial off). The same views in the same order: the trained
+    # weights are those of a run without it, bit for bit (module docstring, "Prefetch")
+    "prefetch": False,
 }
 LOSSES = ("triplet", "contrastive", "proxy")
 MININGS = ("semi-hard", "hard", "all")
@@ -206,6 +221,12 @@ def check_train_options(options: dict) -> dict:
                 "Option framed_partial must be True, False or the share of partial views framed "
                 f"(a number in [0, 1]), got {o['framed_partial']!r}."
             ) from None
+    o["prefetch"] = check_bool("prefetch", o["prefetch"])
+    if o["prefetch"] and o["framed_partial"] is not False and o["framed_partial"] != 0:
+        raise InputError(
+            "Option prefetch needs framed_partial off: a framed view draws from the batch's random "
+            "stream, so the next step's views cannot be synthesised ahead in the same order."
+        )
     if o["vote"] > 0 and o["vote_cells"] > o["input_size"] // 4:
         raise InputError(
             f"Option vote_cells ({o['vote_cells']}) must be at most input_size / 4 "
@@ -350,6 +371,8 @@ class _Batches:
         size = options["input_size"]
         #: with a cell head, 3 more channels per view: its per-pixel truth (see .vote.truth_channels)
         self.clean_truth = clean_truth
+        self._worker = self._conn = None  # the prefetch process (start_prefetch) and its pipe
+        self._pending: list[int] = []
         channels = 1 if self.clean_truth is None else 4
         self.bank = torch.empty((self.n, options["bank_views"], channels, size, size))
         for i in range(self.n):
@@ -357,13 +380,67 @@ class _Batches:
                 self.bank[i, j] = torch.from_numpy(self._view(i))
             progress.check()
 
-    def _plates(self) -> np.ndarray:
+    def _plates(self, rng: np.random.Generator) -> np.ndarray:
         n, k = self.n, min(self.o["batch_plates"], self.n)
-        if self.rng.random() < 0.5 and n > 2 * k:  # local window: neighbours are the hard negatives
+        if rng.random() < 0.5 and n > 2 * k:  # local window: neighbours are the hard negatives
             width = min(n, 3 * k)
-            lo = int(self.rng.integers(0, n - width + 1))
-            return lo + self.rng.choice(width, k, replace=False)
-        return self.rng.choice(n, k, replace=False)
+            lo = int(rng.integers(0, n - width + 1))
+            return lo + rng.choice(width, k, replace=False)
+        return rng.choice(n, k, replace=False)
+
+    def _choose(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A step's plates, real sections and plates whose bank gets a fresh view, drawn from ``rng``."""
+        plates = self._plates(rng)
+        real_idx = np.empty(0, dtype=np.int64)
+        if self.real is not None:
+            m = min(len(self.real_plates), max(1, len(plates) // 4))
+            real_idx = rng.choice(len(self.real_plates), m, replace=False)
+            own = np.unique(self.real_plates[real_idx])  # the real sections' plates join the batch
+            others = plates[~np.isin(plates, own)][: max(0, len(plates) - len(own))]
+            plates = np.concatenate([own, others])
+        return plates, real_idx, rng.choice(plates, min(len(plates), self.o["fresh_views"]), replace=False)
+
+    def start_prefetch(self) -> bool:
+        """Start the process that synthesises the next step's fresh views (``prefetch``); False where
+        the platform cannot fork (the run then synthesises them itself, with the same result)."""
+        import multiprocessing
+
+        if "fork" not in multiprocessing.get_all_start_methods():
+            return False
+        ctx = multiprocessing.get_context("fork")
+        self._conn, child = ctx.Pipe()
+        # forked: the worker has this object as it is now, its synthesiser's random state included, and
+        # from here on only the worker draws views, in the order the steps ask for them
+        self._worker = ctx.Process(target=_prefetch_views, args=(self, child), daemon=True)
+        self._worker.start()
+        child.close()
+        self._request_next()
+        return True
+
+    def stop_prefetch(self) -> None:
+        if self._worker is not None:
+            self._conn.send(None)
+            self._worker.join(timeout=30)
+            if self._worker.is_alive():
+                self._worker.terminate()
+            self._conn.close()
+            self._worker = self._conn = None
+
+    def _request_next(self) -> None:
+        """Ask the worker for the fresh views of the next step: its draws made on a copy of the
+        batch's random state, which is left where it was."""
+        state = copy.deepcopy(self.rng.bit_generator.state)
+        _, _, fresh = self._choose(self.rng)
+        self.rng.bit_generator.state = state
+        self._pending = [int(p) for p in fresh]
+        self._conn.send(self._pending)
+
+    def _fresh_views(self, fresh: np.ndarray) -> list[np.ndarray]:
+        if self._worker is None:
+            return [self._view(int(p)) for p in fresh]
+        if [int(p) for p in fresh] != self._pending:  # cannot happen: the same draws from the same state
+            raise RuntimeError("prefetched views for other plates than the step drew")
+        return self._conn.recv()
 
     def _view(self, plate: int) -> np.ndarray:
         """A prepared synthetic view of ``plate`` ``(C, S, S)`` (with the cell head's truth after the
@@ -384,17 +461,11 @@ class _Batches:
         return torch.cat([self.clean[plate], self.clean_truth[plate]]).numpy()
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
-        plates = self._plates()
-        real_idx = np.empty(0, dtype=np.int64)
-        if self.real is not None:
-            m = min(len(self.real_plates), max(1, len(plates) // 4))
-            real_idx = self.rng.choice(len(self.real_plates), m, replace=False)
-            own = np.unique(self.real_plates[real_idx])  # the real sections' plates join the batch
-            others = plates[~np.isin(plates, own)][: max(0, len(plates) - len(own))]
-            plates = np.concatenate([own, others])
+        plates, real_idx, fresh = self._choose(self.rng)
         v = self.o["views_per_plate"]
-        for p in self.rng.choice(plates, min(len(plates), self.o["fresh_views"]), replace=False):
-            self.bank[p, int(self.rng.integers(self.o["bank_views"]))] = torch.from_numpy(self._view(int(p)))
+        # each view is drawn before its bank slot (as before prefetch); the two draw from separate streams
+        for p, view in zip(fresh, self._fresh_views(fresh), strict=True):
+            self.bank[p, int(self.rng.integers(self.o["bank_views"]))] = torch.from_numpy(view)
         slots = np.argsort(self.rng.random((len(plates), self.o["bank_views"])), axis=1)[:, :v]
         views = _jitter(self.bank[plates[:, None], slots].reshape(-1, *self.bank.shape[2:]), self.rng)
         x = [self.clean[plates], views[:, :1]]
@@ -408,7 +479,17 @@ class _Batches:
             if truth is not None:  # real sections: no per-pixel truth, their cells do not vote
                 truth.append(torch.zeros((len(real_idx), *self.clean_truth.shape[1:])))
         batch_labels = torch.from_numpy(np.concatenate(labels).astype(np.int64))
+        if self._worker is not None:  # the next step's views are synthesised while this one trains
+            self._request_next()
         return torch.cat(x), batch_labels, None if truth is None else torch.cat(truth)
+
+
+def _prefetch_views(batches: _Batches, conn) -> None:
+    """The prefetch process: for each list of plates received, their fresh views (``_Batches._view``),
+    until None."""
+    torch.set_num_threads(1)
+    while (plates := conn.recv()) is not None:
+        conn.send([batches._view(p) for p in plates])
 
 
 def _jitter(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -614,50 +695,56 @@ def _train(plates, options, sections, section_plates, device, progress, seed) ->
         progress = 0.0
         step = 0
         ranks_of: dict = {}
-        for step in range(1, o["steps"] + 1):
-            x, labels, truth = batches.draw()
-            emb, logits = net.forward_all(x.to(dev), cells=truth is not None)
-            labels = labels.to(dev)
-            if o["loss"] == "triplet":
-                loss = triplet_loss(emb, labels, o["margin"], o["mining"], o["exclude_within"])
-            elif o["loss"] == "proxy":
-                loss = proxy_loss(emb, labels, proxies, o["proxy_scale"], o["proxy_sigma"])
-            else:
-                loss = contrastive_loss(emb, labels, o["margin"], o["exclude_within"])
-            if o["ordinal"] > 0:
-                loss = loss + o["ordinal"] * ordinal_loss(emb, labels, o["margin"], o["ordinal_reach"])
-            if truth is not None:
-                z, var, weight = cell_targets(truth.to(dev), o["vote_cells"])
-                loss = loss + o["vote"] * cell_loss(logits, z, var, weight, o["vote_sigma"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            now = time.perf_counter()
-            progress = run_progress(step, o["steps"], now - loop_start, available)
-            for group in opt.param_groups:
-                group["lr"] = group["scale"] * o["lr"] * lr_factor(progress, o["lr_decay"])
-            last = progress >= 1.0 or now - start > budget
-            if step % o["validate_every"] == 0 or last:
-                mirror = o["mirror"]
-                ranks = true_plate_ranks(
-                    embed_tensor(net, val_x, dev, mirror=mirror),
-                    embed_tensor(net, clean, dev, mirror=mirror),
-                    val_truth,
-                )
-                val_rank = float(ranks.mean())
-                if val_vote is not None:  # recorded; the embedding (the first stage) chooses the weights
-                    ranks_of = {"val_vote_rank": _vote_rank(net, val_x, val_truth, val_vote, dev, mirror)}
-                if val_rank < best[0]:
-                    best = (val_rank, _snapshot(net, proxies), step)
-            value = float(loss.detach())
-            lr = opt.param_groups[0]["lr"]
-            history.append({"step": step, "loss": value, "val_mean_rank": val_rank, "lr": lr, **ranks_of})
-            ranks_of = {}
-            prog.step(step, o["steps"], loss=value, stage="training", val_mean_rank=val_rank)
-            if last:
-                if step < o["steps"]:
-                    stopped = "max_minutes"
-                break
+        # the next step's fresh views synthesised while this one trains (CPU; the same weights)
+        if o["prefetch"] and dev.type == "cpu":
+            batches.start_prefetch()
+        try:
+            for step in range(1, o["steps"] + 1):
+                x, labels, truth = batches.draw()
+                emb, logits = net.forward_all(x.to(dev), cells=truth is not None)
+                labels = labels.to(dev)
+                if o["loss"] == "triplet":
+                    loss = triplet_loss(emb, labels, o["margin"], o["mining"], o["exclude_within"])
+                elif o["loss"] == "proxy":
+                    loss = proxy_loss(emb, labels, proxies, o["proxy_scale"], o["proxy_sigma"])
+                else:
+                    loss = contrastive_loss(emb, labels, o["margin"], o["exclude_within"])
+                if o["ordinal"] > 0:
+                    loss = loss + o["ordinal"] * ordinal_loss(emb, labels, o["margin"], o["ordinal_reach"])
+                if truth is not None:
+                    z, var, weight = cell_targets(truth.to(dev), o["vote_cells"])
+                    loss = loss + o["vote"] * cell_loss(logits, z, var, weight, o["vote_sigma"])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                now = time.perf_counter()
+                progress = run_progress(step, o["steps"], now - loop_start, available)
+                for group in opt.param_groups:
+                    group["lr"] = group["scale"] * o["lr"] * lr_factor(progress, o["lr_decay"])
+                last = progress >= 1.0 or now - start > budget
+                if step % o["validate_every"] == 0 or last:
+                    mirror = o["mirror"]
+                    ranks = true_plate_ranks(
+                        embed_tensor(net, val_x, dev, mirror=mirror),
+                        embed_tensor(net, clean, dev, mirror=mirror),
+                        val_truth,
+                    )
+                    val_rank = float(ranks.mean())
+                    if val_vote is not None:  # recorded; the embedding (the first stage) chooses the weights
+                        ranks_of = {"val_vote_rank": _vote_rank(net, val_x, val_truth, val_vote, dev, mirror)}
+                    if val_rank < best[0]:
+                        best = (val_rank, _snapshot(net, proxies), step)
+                value = float(loss.detach())
+                lr = opt.param_groups[0]["lr"]
+                history.append({"step": step, "loss": value, "val_mean_rank": val_rank, "lr": lr, **ranks_of})
+                ranks_of = {}
+                prog.step(step, o["steps"], loss=value, stage="training", val_mean_rank=val_rank)
+                if last:
+                    if step < o["steps"]:
+                        stopped = "max_minutes"
+                    break
+        finally:
+            batches.stop_prefetch()
         net.load_state_dict(best[1][0])
         net.eval()
     return TrainResult(
