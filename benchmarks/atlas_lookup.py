@@ -164,7 +164,7 @@ def rerank_method(name: str, base: dict, ref, labels, args) -> dict:
 
     def record(found) -> list[int]:
         for key, values in flags.items():
-            values.append(bool(getattr(found, key)))
+            values.append(bool(getattr(found, key, False)))  # False: a tree before the flag (frozen runs)
         return [p for p, _ in found.ranking]
 
     if name == "ours+rerank":
