@@ -1,6 +1,6 @@
-"""Stage 1 on the neighbours of the best swept plates outside the shortlist (rerank ``sweep_refine``;
-session 34, opt-in), on the toy atlas (40 plates; the default sweep scores every 6th plate from 3: 3, 9,
-..., 33, 39, so plate 36 lies 3 plates from every swept plate)."""
+"""Stage 1 on the neighbours of the best swept plates outside the shortlist (rerank ``sweep_refine``,
+``sweep_outside``; session 34, default 4 and 2), on the toy atlas (40 plates; the default sweep scores
+every 6th plate from 3: 3, 9, ..., 33, 39, so plate 36 lies 3 plates from every swept plate)."""
 
 from __future__ import annotations
 
@@ -34,13 +34,17 @@ def test_the_best_swept_plates_neighbours_are_scored_and_the_plate_is_found(sear
     reference, _ = toy_reference
     section = section_from_atlas(reference, PLATE, 0.0, crop=(0.0, 0.0, 0.45, 0.0))
     order = _far_order(search.n)
-    plain = search.search(section, order, check_rerank_options(FAST))
+    plain = search.search(section, order, check_rerank_options({**FAST, "sweep_refine": 0}))
     assert abs(plain.ranking[0][0] - PLATE) > 1  # no start near plate 36
     assert not plain.refined
-    refined = search.search(section, order, check_rerank_options({**FAST, "sweep_refine": 2}))
+    refined = search.search(
+        section, order, check_rerank_options({**FAST, "sweep_refine": 2, "sweep_outside": 0})
+    )
     assert refined.refined and abs(refined.ranking[0][0] - PLATE) <= 1, refined.ranking[:5]
     assert refined.pairs > plain.pairs
     assert refined.options["sweep_refine"] == 2  # recorded: rerank_options=result.options repeats it
+    default = search.search(section, order, check_rerank_options(FAST))  # sweep_refine 4, sweep_outside 2
+    assert default.refined and abs(default.ranking[0][0] - PLATE) <= 1, default.ranking[:5]
 
 
 def test_sweep_outside_refines_only_where_the_starts_left_the_shortlist(search, toy_reference):
@@ -95,9 +99,12 @@ def test_refine_sweep_scores_the_neighbours_of_the_best_swept_plates_only(search
     )
 
 
-def test_sweep_refine_off_by_default_and_checked():
-    assert check_rerank_options({})["sweep_refine"] == 0
-    assert check_rerank_options({})["sweep_outside"] == 0
+def test_sweep_refine_defaults_presets_and_checks():
+    """Session 34's defaults; the presets keep the search they were measured with (SEEDED has no sweep)."""
+    assert check_rerank_options({})["sweep_refine"] == 4
+    assert check_rerank_options({})["sweep_outside"] == 2
+    assert check_rerank_options(rerank.FAST)["sweep_refine"] == 0
+    assert check_rerank_options(rerank.SEEDED)["sweep_refine"] == 0
     for name in ("sweep_refine", "sweep_outside"):
         with pytest.raises(InputError, match=name):
             check_rerank_options({name: -1})

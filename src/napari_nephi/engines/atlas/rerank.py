@@ -142,7 +142,7 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   development sections, replayed): mean rank 1.916 -> 1.797 ("replace" 1.986, ``sweep_step`` 3 1.953)
   for about 5 % more CPU, firing on 10 % of the sections; fresh query seeds 104-106 1.978 -> 1.978, Top-5
   93.3 -> 92.8 % ("replace" 2.083, ``sweep_step`` 3 2.139): not a default.
-* **Refining the sweep's best plates** (session 34, opt-in: ``sweep_refine`` 0, ``sweep_outside`` 0).
+* **Refining the sweep's best plates** (session 34, ``sweep_refine`` 4, ``sweep_outside`` 2; 0 / 0 before).
   With ``sweep_refine`` (e.g. 4) stage 1 also scores the neighbours (``neighbours`` each side) of that
   many best swept plates outside the shortlisted plates, as if they were shortlisted, and stage 2's
   starts are chosen again; with ``sweep_outside`` only where at least that many of the starts already
@@ -152,7 +152,11 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   query seed 131, the truth at place 24-27 of its order). Development (query seeds 0, 1, 128-131,
   360 sections, default index / 7000-step index): 4 everywhere 1.525 -> 1.522 (Top-5 94.2 -> 93.6 %,
   6 better, 12 worse) / 1.700 -> 1.547; with ``sweep_outside`` 2 (fires on 34 / 24 of 360) 1.525 ->
-  1.478 (Top-5 the same, 4 / 5) / 1.700 -> 1.611 (4 / 2). docs/atlas.md, "Session 34".
+  1.478 (Top-5 the same, 4 / 5) / 1.700 -> 1.611 (4 / 2). Fresh query seeds 134-136 (rule written
+  first; the defaults and the option alternating per section): 1.428 -> 1.411, Top-1/5 51.1 / 93.9 ->
+  52.2 / 94.4 %, 2 better / 2 worse, fired on 19 of 180, CPU +2.3 % / 1.428 -> 1.383, Top-5 94.4 ->
+  95.0 %, 1 / 0. The presets :data:`SEEDED` (no sweep) and :data:`FAST` leave it off. docs/atlas.md,
+  "Session 34".
 * **Two-pass stage 1** (session 30, ``stage1_prune`` 0.05; None: one pass, every pair, as before; the
   presets keep one pass). Stage 1 scores
   every plate's pairs at rotation 0 first; then the other rotations of the anchors' plates and of the
@@ -277,14 +281,14 @@ DEFAULTS = {
     # chooses every start again from the denser stage 1 (as sweep_step dense_sweep would)
     "dense_mode": "add",
     "dense_starts": 2,
-    # stage 1 also scores the neighbours (``neighbours`` each side) of the this many best swept plates
-    # outside the shortlisted plates, as if shortlisted, before stage 2's starts are chosen (0: none;
-    # module docstring, "Refining the sweep's best plates"): a region the embedding missed is otherwise
-    # sampled every sweep_step-th plate against the shortlist's every plate
-    "sweep_refine": 0,
+    # stage 1 also scores the neighbours (``neighbours`` each side) of this many best swept plates
+    # outside the shortlisted plates, as if shortlisted, and stage 2's starts are chosen again (0: none,
+    # before session 34; module docstring, "Refining the sweep's best plates"): a region the embedding
+    # missed is otherwise sampled every sweep_step-th plate against the shortlist's every plate
+    "sweep_refine": 4,
     # ... only where at least this many of stage 2's starts lie outside the shortlisted plates (as
-    # dense_outside; 0: wherever sweep_refine is on); stage 2's starts are then chosen again
-    "sweep_outside": 0,
+    # dense_outside; 0: wherever sweep_refine is on; fires on ~8 % of the phantom's sections, +2-4 % CPU)
+    "sweep_outside": 2,
     # stage 1 in two passes (None: one pass, every pair, before session 30): rotation 0 of every plate
     # first, then the other rotations only on plates whose rotation-0 best lies within this much of
     # stage 2's weakest start among the plates scored so far (the anchors' plates always; module
@@ -401,6 +405,7 @@ DEFAULTS = {
 #: rotation of the untilted step (``finer_margin`` / ``untilted_prune`` None: session 31's defaults
 #: unmeasured here).
 SEEDED = {
+    "sweep_refine": 0,
     "stage1_prune": None,
     "finer_margin": None,
     "untilted_prune": None,
@@ -428,6 +433,7 @@ SEEDED = {
 #: and with stage 1 in one pass (``stage1_prune`` None; session 30's default 0.05 unmeasured here), as
 #: with every finer grid and every rotation of the untilted step (session 31's defaults unmeasured here).
 FAST = {
+    "sweep_refine": 0,
     "stage1_prune": None,
     "finer_margin": None,
     "untilted_prune": None,
