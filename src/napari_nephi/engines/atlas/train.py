@@ -419,6 +419,11 @@ class _Batches:
 
     def stop_prefetch(self) -> None:
         if self._worker is not None:
+            # the views asked for last are never used: take them, or the worker stays blocked sending
+            # them (larger than the pipe's buffer) and never reads the stop
+            if self._pending and self._conn.poll(60):
+                self._conn.recv()
+            self._pending = []
             self._conn.send(None)
             self._worker.join(timeout=30)
             if self._worker.is_alive():
