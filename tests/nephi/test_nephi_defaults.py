@@ -96,3 +96,48 @@ def test_no_neural_gate_when_iterations_are_given_or_chunked(monkeypatch):
     reg = nn.register(*small, chunked=True, chunk_iterations=1, **common)
     assert reg.settings["chunked"] and reg.settings["neural_3d_gate_rms"] is None
     assert "neural_3d_gate" not in reg.metrics
+
+
+def test_excess_blur_reads_which_image_is_blurrier():
+    """Session 34: the blur (voxel^2 per axis) of one image that best matches the other in the neural stage's
+    similarity; identity maps, the moving image the fixed one blurred by variance 0.2 (and the roles
+    swapped)."""
+    import torch
+
+    from napari_nephi.engines.nephi.blurgate import blur3, excess_blur
+    from napari_nephi.engines.nephi.coarse import global_maps
+    from napari_nephi.engines.nephi.optimize import OptimizeSettings
+
+    delta = torch.zeros(1, 1, 9, 9, 9)
+    delta[0, 0, 4, 4, 4] = 1.0
+    profile = blur3(delta, 0.3)[0, 0].sum((1, 2))  # variance 0.3 along each axis, mass kept
+    assert abs(float(profile.sum()) - 1) < 1e-6
+    assert abs(float((profile * (torch.arange(9.0) - 4) ** 2).sum()) - 0.3) < 1e-6
+    vol = torch.as_tensor(_volume_pair((0, 0, 0), 16)[0])[None, None]
+    soft = blur3(vol, 0.2)
+    maps, opts = global_maps(3, "cpu"), OptimizeSettings(frame_mask=True)
+    blurrier = excess_blur(vol, soft, maps, opts)
+    assert abs(blurrier["fixed"] - 0.2) < 0.04 and blurrier["moving"] == 0.0
+    assert abs(excess_blur(soft, vol, maps, opts)["excess"] + 0.2) < 0.04
+
+
+def test_small_coarse_map_keeps_the_neural_stage_unless_the_moving_image_is_blurrier(monkeypatch):
+    """Session 34 (engine.NEURAL_3D_GATE_BLUR, opt-in): under the RMS gate a small coarse map skips the neural
+    stage only where the moving image is blurrier than the fixed one. A shift of 0.5 voxel on every axis
+    resampled linearly blurs by 0.25 voxel^2 per axis and skips; the same shift by a cubic spline (sharp)
+    keeps the steps. Fails before session 34 (no NEURAL_3D_GATE_BLUR)."""
+    monkeypatch.setattr(nephi_engine, "NEURAL_3D_GATE_RMS", 1.0)
+    monkeypatch.setattr(nephi_engine, "NEURAL_3D_GATE_BLUR", 0.1)
+    rng = np.random.default_rng(1)
+    vol = ndi.gaussian_filter(rng.random((12, 14, 13)), 1.0).astype(np.float32)
+    vol = (vol - vol.min()) / (vol.max() - vol.min())
+    common = dict(method="nephi", device="cpu", coarse_iterations=6, initial="none", **TINY)
+    gates = {}
+    for order in (1, 3):
+        moving = ndi.shift(vol, (0.5, -0.5, 0.5), order=order, mode="nearest").astype(np.float32)
+        reg = nn.register(vol, moving, **common)
+        gates[order] = reg.metrics["neural_3d_gate"]
+        assert reg.settings["neural_3d_gate_blur"] == 0.1 and gates[order]["rms"] < 1.0
+        assert reg.metrics["iterations"] == (0 if order == 1 else PRESETS["fast"]["iterations"])
+    assert gates[1]["excess_blur"] > 0.15 and not gates[1]["ran"]
+    assert gates[3]["excess_blur"] < 0.1 and gates[3]["ran"]

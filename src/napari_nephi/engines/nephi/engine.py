@@ -50,6 +50,7 @@ from . import basin, contrast, flatfill, heldout, noise
 from . import chunked as chunking
 from . import coarse as coarse_module
 from . import predict as predict_module
+from .blurgate import excess_blur
 from .bspline import intervals_for_spacing
 from .checks import check_options, check_result, check_run_memory, heldout_memory_note, optimised_similarity
 from .coarse import (
@@ -142,6 +143,15 @@ NEURAL_2D_MIN_SIDE = 256
 #: neural stage has more to add: at 0.4 two such fields lost (EPE +0.0082 at 2 voxels, reading 0.39996).
 #: None (the default): the neural stage always runs; 0.3 / 0.4 are opt-in (docs/nephi.md, "Session 33").
 NEURAL_3D_GATE_RMS: float | None = None
+
+#: With :data:`NEURAL_3D_GATE_RMS` set, a coarse map under it skips the neural stage only where the moving
+#: image is also blurrier than the fixed one, as the stage compares them, by more than this many voxel^2 per
+#: axis (:func:`.blurgate.excess_blur`; ``metrics["neural_3d_gate"]["excess_blur"]``). Session 34
+#: (docs/nephi.md): the stage's 50 steps fit a linear resampling blur of the moving image (rigid maps: EPE
+#: up to 0.012 worse, inverse consistency doubled) and correct the coarse stage where the images are equally
+#: sharp (cubic-resampled rigid maps: EPE 0.0005-0.029 better). None (the default): the RMS alone decides,
+#: as in session 33.
+NEURAL_3D_GATE_BLUR: float | None = None
 
 #: Global stage of ``optimize`` mode. Rigid, not affine: on seven benchmark deformations
 #: (benchmarks/nephi_large.py, 256 px) an affine stage raised the endpoint error by up to
@@ -384,9 +394,11 @@ def register_nephi(
     use_chunks = mode == "optimize" and (bool(chunked) or (chunked is None and nvox > max_voxels))
     neural_info: dict = {}  # the gate's reading (metrics["neural_3d_gate"])
     neural_gate = None  # volumes: the neural steps only where the coarse map's RMS reaches this (voxels)
+    blur_gate = None  # ... or where the moving image is not blurrier than this (voxel^2; NEURAL_3D_GATE_BLUR)
     if iterations is None and after_coarse and d == 3 and mode == "optimize" and not use_chunks:
         if p.get("neural_3d_gate_rms") == "auto":
             neural_gate = NEURAL_3D_GATE_RMS
+            blur_gate = None if neural_gate is None else NEURAL_3D_GATE_BLUR
     if iterations is None and after_coarse and d == 2:
         if mode == "predict+refine":
             # predict+refine aims at speed: after its coarse stage the neural steps changed the
@@ -820,6 +832,13 @@ def register_nephi(
             if neural_gate is not None and refine > 0 and isinstance(coarse, DenseMaps):
                 rms = displacement_rms(coarse, fshape)
                 neural_info = {"rms": rms, "threshold": neural_gate, "ran": rms >= neural_gate}
+                if (
+                    not neural_info["ran"] and blur_gate is not None
+                ):  # small map: skip only on a blurrier moving image
+                    blur = excess_blur(fix_t, mov_t, coarse, settings_opt, fmask, mmask, seed)
+                    neural_info.update(
+                        excess_blur=blur["excess"], blur_threshold=blur_gate, ran=blur["excess"] <= blur_gate
+                    )
                 if not neural_info["ran"]:
                     refine = 0
             if refine > 0:
@@ -1008,6 +1027,7 @@ def register_nephi(
         "chunked": use_chunks,
         # volumes: the coarse map's displacement RMS (voxels) the neural steps need (None: they always run)
         "neural_3d_gate_rms": neural_gate,
+        "neural_3d_gate_blur": blur_gate,
         **settings_opt.to_dict(),
         "field": cfg.to_dict(),
     }
