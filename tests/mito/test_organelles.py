@@ -156,3 +156,29 @@ def test_a_mitochondrion_is_matched_by_overlap_not_by_its_number():
     valid = np.ones(first.shape, np.uint8)
     steps = pair_motion(band[0], a_lab, b, b_lab, valid)
     assert len(steps) == 1 and np.abs(steps[0]).max() < 0.15
+
+
+def test_the_tissue_step_read_over_a_grid_of_tiles():
+    """Session 34 (``organelle_reading="local-grid"``, opt-in): the tissue's step of each tile may be the
+    median over tissue tiles on a grid around it (the tissue's own content changes between sections, so one
+    tile's tissue step is noisy on the benchmark's stacks). Here the four mitochondria move by (2, -1) px
+    through a still tissue: both readings give (2, -1) within 0.15 px (grid: (1.93-1.96, -0.96..-1.00));
+    an unknown way is refused, and ``align_stack`` records the choice."""
+    from napari_nephi.engines.mito.organelles import pair_motion
+
+    stack, masks = _stack((2.0, -1.0), distortion=0.0, stage=(0.0, 0.0))
+    band = [
+        cv2.GaussianBlur(s.astype(np.float32), (0, 0), 1.0)
+        - cv2.GaussianBlur(s.astype(np.float32), (0, 0), 2.0)
+        for s in stack[:2]
+    ]
+    a_lab, b_lab = (cv2.connectedComponents(m.astype(np.uint8))[1] for m in masks[:2])
+    valid = np.ones(a_lab.shape, np.uint8)
+    for way in ("tile", "grid"):
+        steps = pair_motion(band[0], a_lab, band[1], b_lab, valid, way)
+        assert len(steps) == 4
+        np.testing.assert_allclose(steps, [[2.0, -1.0]] * 4, atol=0.15)
+    with pytest.raises(ValueError, match="tissue_read"):
+        pair_motion(band[0], a_lab, band[1], b_lab, valid, "ring")
+    reg = align_stack(stack[:4], masks=masks[:4], warp=False, workers=1, organelle_reading="local-grid")
+    assert reg.settings["organelle_reading"] == "local-grid"

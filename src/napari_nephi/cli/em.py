@@ -169,7 +169,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         choices=READINGS,
         help="with --drift-correction auto on stacks that get the elastic step: whose drift the trend is, "
         "read from the rest of the image (background) or from each mitochondrion against the tissue right "
-        f"around it (local; session 32) (default {DEFAULT_READING})",
+        f"around it (local; session 32), the tissue's step there taken over a grid of tiles around it "
+        f"(local-grid; session 34, opt-in) (default {DEFAULT_READING})",
     )
     elastic = p.add_mutually_exclusive_group()
     elastic.add_argument(

@@ -180,7 +180,8 @@ class EMOptions(QWidget):
             DEFAULT_READING,
             "Drift correction auto on stacks that get the elastic step: whose drift the trend is, read from "
             "the rest of the image (background) or from each mitochondrion against the tissue right around "
-            "it (local), which each section's distortion does not throw off",
+            "it (local), which each section's distortion does not throw off; local-grid: the tissue's step "
+            "there taken over a grid of tiles around it (opt-in)",
         )
         self.serial_sections = QPushButton("serial-section TEM settings")
         self.serial_sections.setToolTip(

@@ -52,7 +52,7 @@ MIN_READINGS = 16
 #: seeds 73 / 74: stage-drift+drift+distorted 0.596 -> 0.947, the other distorted rows level; docs/mito.md);
 #: "background" decides as before.
 DEFAULT_READING = "local"
-READINGS = ("background", "local")
+READINGS = ("background", "local", "local-grid")
 _SWAP = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=np.float64)
 
 
@@ -87,6 +87,16 @@ def tile_step(a: np.ndarray, weight: np.ndarray, b: np.ndarray, y0: int, x0: int
     return np.array([i - REACH + _vertex(*c[i - 1 : i + 2, j]), j - REACH + _vertex(*c[i, j - 1 : j + 2])])
 
 
+#: How the tissue's step is read for a tile of a mitochondrion's outline (session 34): ``"tile"``, from the
+#: tissue's pixels of that tile (session 32); ``"grid"``, the median of the steps of tissue tiles laid on a
+#: grid :data:`GRID` px apart whose centres lie within :data:`NEAR` px of the tile's centre. The tissue's own
+#: content is not the same from one section to the next (membranes and vesicles cut anew, granular texture),
+#: so one tile's tissue step is off the sections' distortion by 1.4 px (median; rms 2.7) on the benchmark's
+#: stacks, and that is most of the reading's error; the grid's median is off by 0.8 (rms 1.3; docs/mito.md,
+#: session 34). ``align_stack(organelle_reading="local-grid")`` (opt-in) reads with the grid.
+TISSUE_READS = ("tile", "grid")
+GRID, NEAR = 48, 144
+
 #: :func:`match`: the least share of the smaller of two mitochondria that must overlap the other.
 MIN_OVERLAP = 0.5
 
@@ -108,18 +118,37 @@ def match(b_lab: np.ndarray, mine: np.ndarray, b_area: np.ndarray | None = None)
     return j if under[j] >= MIN_OVERLAP * min(size, int(area[j])) else 0
 
 
-def pair_motion(a, a_lab, b, b_lab, valid) -> list[np.ndarray]:
+def pair_motion(a, a_lab, b, b_lab, valid, tissue_read: str = "tile") -> list[np.ndarray]:
     """Per mitochondrion read in both sections, the median over its outline's tiles of (its step -
     the tissue's step), (y, x) pixels. ``a``, ``b``: band-passed sections in the aligned frame;
     ``a_lab``, ``b_lab``: their mitochondria's labels there; ``valid``: pixels inside both sections.
     A mitochondrion is read where it and the one of ``b`` that overlaps it most (:func:`match`) both
-    have :data:`MIN_AREA` pixels (session 33; before, ``b``'s of the same number)."""
+    have :data:`MIN_AREA` pixels (session 33; before, ``b``'s of the same number). ``tissue_read``:
+    where the tissue's step comes from, ``"tile"`` or ``"grid"`` (:data:`TISSUE_READS`, session 34)."""
+    if tissue_read not in TISSUE_READS:
+        raise ValueError(f"tissue_read must be one of {TISSUE_READS}, got {tissue_read!r}")
     square = np.ones((2 * MARGIN + 1, 2 * MARGIN + 1), np.uint8)
     near = cv2.dilate(((a_lab > 0) | (b_lab > 0)).view(np.uint8), square)
     tissue = (valid & (1 - near)).astype(np.float32)
     h, w = a.shape
     a_area, b_area = np.bincount(a_lab.ravel()), np.bincount(b_lab.ravel())
     out = []
+    grid: dict[tuple[int, int], np.ndarray | None] = {}
+
+    def near_tissue(cy: int, cx: int) -> np.ndarray | None:  # "grid": the median of the tissue tiles near
+        got = []
+        for gy in range(max(0, (cy - NEAR - TILE // 2) // GRID), (cy + NEAR) // GRID + 1):
+            for gx in range(max(0, (cx - NEAR - TILE // 2) // GRID), (cx + NEAR) // GRID + 1):
+                y0, x0 = gy * GRID, gx * GRID
+                if math.hypot(y0 + TILE // 2 - cy, x0 + TILE // 2 - cx) > NEAR:
+                    continue
+                if (gy, gx) not in grid:
+                    inside = y0 >= REACH and x0 >= REACH and y0 + TILE + REACH <= h and x0 + TILE + REACH <= w
+                    grid[gy, gx] = tile_step(a, tissue, b, y0, x0) if inside else None
+                if grid[gy, gx] is not None:
+                    got.append(grid[gy, gx])
+        return np.median(np.asarray(got), axis=0) if len(got) >= 3 else None
+
     for i in np.flatnonzero(a_area[1:] >= MIN_AREA) + 1:
         mine = (a_lab == i).astype(np.uint8)
         j = match(b_lab, mine, b_area)
@@ -137,7 +166,12 @@ def pair_motion(a, a_lab, b, b_lab, valid) -> list[np.ndarray]:
             if y0 < REACH or x0 < REACH or y0 + TILE + REACH > h or x0 + TILE + REACH > w:
                 continue
             mito = tile_step(a, weight, b, y0, x0)
-            around = tile_step(a, tissue, b, y0, x0) if mito is not None else None
+            if mito is None:
+                continue
+            if tissue_read == "grid":
+                around = near_tissue(y0 + TILE // 2, x0 + TILE // 2)
+            else:
+                around = tile_step(a, tissue, b, y0, x0)
             if around is not None:
                 steps.append(mito - around)
         if steps:
@@ -152,11 +186,13 @@ def relative_motion(
     shape,
     use: np.ndarray,
     workers: int = 1,
+    tissue: str = "tile",
 ) -> dict:
     """The mitochondria's drift through the tissue around them, px per section (y, x) in the aligned
     frame (see the module doc). ``read(k)``: section ``k`` (uint8); ``mito(k)``: its mitochondria (0/1,
     any size: resized to the section's); ``matrices[k]`` maps the aligned frame to section ``k``; pairs
-    ``(k, k + 1)`` with both in ``use``. Returns ``{"slope", "se", "readings", "pairs", "chi2",
+    ``(k, k + 1)`` with both in ``use``; ``tissue``: how the tissue's step is read (:data:`TISSUE_READS`).
+    Returns ``{"slope", "se", "readings", "pairs", "chi2",
     "drifts"}``: ``readings`` (pair, mitochondrion) values, ``pairs`` neighbour pairs with one,
     ``chi2`` the slope's squared length in standard errors, ``drifts`` whether it stands out of 0
     (:data:`AGREE`: about 5 % false alarms, see above); an ``inf`` standard error where fewer than
@@ -185,7 +221,7 @@ def relative_motion(
                     ready[j] = prepare(j)
             (a, la, ia), (b, lb, ib) = ready[k], ready[k + 1]
             valid = cv2.erode(ia & ib, np.ones((9, 9), np.uint8))
-            out.extend((int(k), v) for v in pair_motion(a, la, b, lb, valid))
+            out.extend((int(k), v) for v in pair_motion(a, la, b, lb, valid, tissue))
             ready.pop(k)
         return out
 
