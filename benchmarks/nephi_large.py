@@ -34,7 +34,9 @@ Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, importe
   (NePhi's rows say whether the default global stage's basin guard judged the map and which it kept).
   ``--neural-3d-gate RMS`` sets the opt-in gate of the neural stage on volumes (session 33,
   ``engine.NEURAL_3D_GATE_RMS``); NePhi's rows on volumes then give its reading (the coarse map's displacement RMS,
-  voxels) and whether the neural stage ran (JSON ``neural_3d_gate``).
+  voxels) and whether the neural stage ran (JSON ``neural_3d_gate``). ``--neural-3d-gate-blur B`` with it: a map under
+  the RMS skips the stage only where the moving image is blurrier by more than B voxel^2 (session 34,
+  ``engine.NEURAL_3D_GATE_BLUR``; the reading is ``excess_blur`` in the JSON).
 
 ``--noise SIGMA``: independent Gaussian noise of that standard deviation (intensities in [0, 1])
 added to both images of every case (seeded by the case), the warp made from the noise-free image;
@@ -273,7 +275,8 @@ def neural_gate(label: str, extra) -> dict | None:
 def gate_text(gate: dict | None) -> str:
     if not gate:
         return ""
-    return f"  neural gate RMS {gate['rms']:.3f} ({'ran' if gate['ran'] else 'skipped'})"
+    blur = f" blur {gate['excess_blur']:.3f}" if "excess_blur" in gate else ""
+    return f"  neural gate RMS {gate['rms']:.3f}{blur} ({'ran' if gate['ran'] else 'skipped'})"
 
 
 def epe(est, truth, where) -> float:
@@ -319,12 +322,22 @@ def main() -> None:
         default=None,
         help="volumes: run NePhi's neural stage only after a coarse map of at least this RMS (voxels; opt-in)",
     )
+    p.add_argument(
+        "--neural-3d-gate-blur",
+        type=float,
+        default=None,
+        help="with --neural-3d-gate: skip the neural stage under it only where the moving image is blurrier than "
+        "the fixed one by more than this (voxel^2 per axis; engine.NEURAL_3D_GATE_BLUR, opt-in)",
+    )
     p.add_argument("--json")
     args = p.parse_args()
     if args.neural_3d_gate is not None:
         from napari_nephi.engines.nephi import engine as nephi_engine
 
         nephi_engine.NEURAL_3D_GATE_RMS = args.neural_3d_gate
+        nephi_engine.NEURAL_3D_GATE_BLUR = args.neural_3d_gate_blur
+    elif args.neural_3d_gate_blur is not None:
+        p.error("--neural-3d-gate-blur acts only with --neural-3d-gate")
     if args.quick:
         args.images, args.amplitudes, args.mri_amplitudes, args.size2d = ["camera", "disc"], [2, 4], [4], 256
     torch.set_num_threads(NA.THREADS)

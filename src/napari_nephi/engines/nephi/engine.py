@@ -246,7 +246,8 @@ def register_nephi(
     of :data:`NEURAL_2D_MIN_SIDE` px a side or more; on volumes (``optimize``, not chunked), where
     :data:`NEURAL_3D_GATE_RMS` is set (opt-in), only where the coarse map's displacement RMS (voxels, the
     global map removed) reaches it (``metrics["neural_3d_gate"]``: the reading, the threshold, whether they
-    ran).
+    ran); with :data:`NEURAL_3D_GATE_BLUR` also set (opt-in), a map under it skips them only where the moving
+    image is blurrier than the fixed one by more than that (``excess_blur``, :mod:`.blurgate`).
 
     ``coarse_finer_level`` (default True): after the coarse stage's last grid, one more level on it
     with half its knot spacing (:mod:`.coarse`); it runs only with ``coarse_reg_weight > 0``
