@@ -135,20 +135,30 @@ def test_the_lag_corrected_reading_takes_out_content_moving_on(kind):
     assert old["lag2"] == r["lag2"] and old["corrected"] == r["corrected"]  # recorded either way
 
 
-def test_the_corrected_reading_decides_only_through_enough_sections():
+def test_the_corrected_reading_is_bounded_by_students_t_over_its_sections():
     """Development, session 33: an undistorted 8 x 384^2 stack at noise 0.3 (seed 119) read -0.0255 +-
     0.0066 corrected, from 4 sections with lag-2 sums, under the limit and 3.9 standard errors: the
-    jackknife over so few sections is unreliable, so the corrected rule asks for
-    :data:`~.distortion.MIN_CORRECTED_SECTIONS` (12: stacks of 16 sections and more); the ring rule is
-    untouched."""
-    from napari_nephi.engines.mito.distortion import MIN_CORRECTED_SECTIONS, decide
+    jackknife over so few sections is unreliable. Session 34: the bound is Student's t over those sections
+    (:func:`~.distortion.corrected_bound`, 9.2 for 4, 3.85 for 12, 3.05 for 156) instead of 3 behind a
+    12-section guard: 3.2 standard errors through 12 sections no longer fire (the guard let them), 6 through
+    8 do (bound 4.53; the guard held them back), and through 156 the bound is 3.05, about the 3 of before.
+    The ring rule is untouched.
+    Fails on session 33's rule."""
+    from napari_nephi.engines.mito.distortion import corrected_bound, decide
 
+    assert corrected_bound(2) is None
+    np.testing.assert_allclose([corrected_bound(m) for m in (4, 12, 156)], [9.22, 3.85, 3.05], atol=0.01)
     base = {"value": -0.007, "se": 0.0067, "points": 5000, "sections": 6, "same_point": None, "rms": 1.0}
     few = {**base, "lag2": 0.013, "corrected": -0.0255, "corrected_se": 0.0066, "corrected_sections": 4}
-    assert MIN_CORRECTED_SECTIONS == 12 and decide("auto", few, corrected=True)["distorted"] is False
-    enough = {**few, "corrected_sections": 12}
-    assert decide("auto", enough, corrected=True)["read_by"] == "corrected"
-    assert decide("auto", {**enough, "value": -0.04, "se": 0.01}, corrected=True)["read_by"] == "ring"
+    assert decide("auto", few, corrected=True)["distorted"] is False
+    twelve = {**few, "corrected_se": 0.0080, "corrected_sections": 12}  # 3.2 se
+    assert decide("auto", twelve, corrected=True)["distorted"] is False
+    assert decide("auto", {**twelve, "corrected_sections": 156}, corrected=True)["read_by"] == "corrected"
+    eight = {**few, "corrected": -0.06, "corrected_se": 0.01, "corrected_sections": 8}  # 6 se, bound 4.53
+    record = decide("auto", eight, corrected=True)
+    assert record["read_by"] == "corrected" and record["corrected_bound"] > 4.5
+    assert decide("auto", {**eight, "value": -0.04, "se": 0.01}, corrected=True)["read_by"] == "ring"
+    assert decide("auto", eight)["distorted"] is False  # CORRECTED stays off by default
 
 
 def test_the_lag2_sums_count_every_inner_section_and_hold_few_pairs():
