@@ -3,6 +3,8 @@ process while the network trains; the views and their order are the same, so are
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -31,13 +33,14 @@ def test_prefetch_trains_the_same_weights_bit_for_bit(toy_reference, monkeypatch
     stop = train_module._Batches.stop_prefetch
 
     def watched(self):
-        worker = self._worker
+        worker, t0 = self._worker, time.perf_counter()
         stop(self)
-        ended.append(None if worker is None else worker.exitcode)
+        ended.append((None if worker is None else worker.exitcode, time.perf_counter() - t0 < 5.0))
 
     monkeypatch.setattr(train_module._Batches, "stop_prefetch", watched)
     ahead = _train(reference, labels, prefetch=True)
-    assert ended == [0]
+    assert ended == [(0, True)]  # the worker ran and ended by itself, at once
+    assert ahead.prefetched and not plain.prefetched
     assert ahead.options["prefetch"] and not plain.options["prefetch"]
     assert [h["loss"] for h in ahead.history] == [h["loss"] for h in plain.history]
     a, b = plain.net.state_dict(), ahead.net.state_dict()

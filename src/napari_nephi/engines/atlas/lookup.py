@@ -197,6 +197,7 @@ class AtlasLookup:
             "best_step": result.best_step,
             "val_mean_rank": result.val_mean_rank,
             "stopped": result.stopped,
+            "prefetched": result.prefetched,
             "real_sections": 0 if section_plates is None else len(list(section_plates)),
             "fingerprint": plates.fingerprint(),
             "plate_shapes": [list(s) for s in plates.shapes],

@@ -155,8 +155,11 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   1.478 (Top-5 the same, 4 / 5) / 1.700 -> 1.611 (4 / 2). Fresh query seeds 134-136 (rule written
   first; the defaults and the option alternating per section): 1.428 -> 1.411, Top-1/5 51.1 / 93.9 ->
   52.2 / 94.4 %, 2 better / 2 worse, fired on 19 of 180, CPU +2.3 % / 1.428 -> 1.383, Top-5 94.4 ->
-  95.0 %, 1 / 0. The presets :data:`SEEDED` (no sweep) and :data:`FAST` leave it off. docs/atlas.md,
-  "Session 34".
+  95.0 %, 1 / 0; 600 more development sections (query seeds 5-8, 113-118) 1.863 -> 1.798, 9 / 7. The
+  gains are a few sections per set (mostly one far rescue); with ``sweep_outside`` 2 the gate does not
+  fire on the two losses above (0 and 1 start outside), which refining everywhere (1x 6 better / 12
+  worse) would be needed for one of. The presets :data:`SEEDED` (no sweep) and :data:`FAST` leave it
+  off. docs/atlas.md, "Session 34".
 * **Two-pass stage 1** (session 30, ``stage1_prune`` 0.05; None: one pass, every pair, as before; the
   presets keep one pass). Stage 1 scores
   every plate's pairs at rotation 0 first; then the other rotations of the anchors' plates and of the

@@ -51,9 +51,12 @@ synthesises the next step's views while the network trains on this one. The batc
 which plates get fresh views come from the batch's random stream and not from the views, so the
 next step's are drawn ahead on a copy of that stream; the worker owns the synthesiser (forked with
 its random state) and draws the views in the order the steps ask for them: the views, the batches and
-the trained weights are those of a run without it, bit for bit. It needs a second core to gain
+the trained weights are those of a run without it, bit for bit, as long as the run does all its
+``steps`` before ``max_minutes`` (the learning rate follows the share of the steps done, or of the
+time budget where that is further, and prefetch changes the time). It needs a second core to gain
 anything, a platform that forks and ``framed_partial`` off (a framed view draws from the batch's
-stream). docs/atlas.md, "Session 34".
+stream); the result's ``prefetched`` and the index's ``settings["prefetched"]`` say whether it ran.
+docs/atlas.md, "Session 34".
 """
 
 from __future__ import annotations
@@ -169,6 +172,9 @@ class TrainResult:
     history: list = field(default_factory=list)
     proxies: np.ndarray | None = None  # (n_plates, D) L2-normalised learnt proxies, with loss="proxy"
     pixel_scale: float | None = None  # with a cell head: see pixel_scale()
+    #: whether the fresh views were synthesised in a second process (``prefetch`` asked for, on the CPU, on
+    #: a platform that forks; the ``prefetch`` option records only what was asked for)
+    prefetched: bool = False
 
 
 def check_train_options(options: dict) -> dict:
@@ -445,7 +451,9 @@ class _Batches:
             return [self._view(int(p)) for p in fresh]
         if [int(p) for p in fresh] != self._pending:  # cannot happen: the same draws from the same state
             raise RuntimeError("prefetched views for other plates than the step drew")
-        return self._conn.recv()
+        views = self._conn.recv()
+        self._pending = []  # received: nothing left for stop_prefetch to take
+        return views
 
     def _view(self, plate: int) -> np.ndarray:
         """A prepared synthetic view of ``plate`` ``(C, S, S)`` (with the cell head's truth after the
@@ -701,8 +709,7 @@ def _train(plates, options, sections, section_plates, device, progress, seed) ->
         step = 0
         ranks_of: dict = {}
         # the next step's fresh views synthesised while this one trains (CPU; the same weights)
-        if o["prefetch"] and dev.type == "cpu":
-            batches.start_prefetch()
+        prefetched = bool(o["prefetch"] and dev.type == "cpu" and batches.start_prefetch())
         try:
             for step in range(1, o["steps"] + 1):
                 x, labels, truth = batches.draw()
@@ -763,4 +770,5 @@ def _train(plates, options, sections, section_plates, device, progress, seed) ->
         history=history,
         proxies=best[1][1],
         pixel_scale=None if val_vote is None else val_vote[2],
+        prefetched=prefetched,
     )
