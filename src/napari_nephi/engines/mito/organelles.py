@@ -193,7 +193,7 @@ def relative_motion(
     any size: resized to the section's); ``matrices[k]`` maps the aligned frame to section ``k``; pairs
     ``(k, k + 1)`` with both in ``use``; ``tissue``: how the tissue's step is read (:data:`TISSUE_READS`).
     Returns ``{"slope", "se", "readings", "pairs", "chi2",
-    "drifts"}``: ``readings`` (pair, mitochondrion) values, ``pairs`` neighbour pairs with one,
+    "drifts", "tissue"}``: ``readings`` (pair, mitochondrion) values, ``pairs`` neighbour pairs with one,
     ``chi2`` the slope's squared length in standard errors, ``drifts`` whether it stands out of 0
     (:data:`AGREE`: about 5 % false alarms, see above); an ``inf`` standard error where fewer than
     :data:`MIN_READINGS` were read."""
@@ -229,6 +229,7 @@ def relative_motion(
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mito-organelles") as ex:
         found = [r for part in ex.map(chunk, parts) for r in part]
     result = {"slope": [0.0, 0.0], "se": [math.inf, math.inf], "readings": len(found), "drifts": False}
+    result["tissue"] = tissue  # how the tissue's step was read (session 34; review 1 of session 34)
     result["pairs"] = len({k for k, _ in found})
     if len(found) < MIN_READINGS:
         result["chi2"] = 0.0
