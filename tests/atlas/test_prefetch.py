@@ -51,3 +51,42 @@ def test_prefetch_needs_framed_partial_off():
     assert check_train_options({})["prefetch"] is False
     with pytest.raises(InputError, match="prefetch needs framed_partial off"):
         check_train_options({"prefetch": True, "framed_partial": 0.5})
+
+
+def test_without_prefetch_each_view_is_drawn_just_before_its_bank_slot(toy_reference, monkeypatch):
+    """A view may draw from the batch's stream (``framed_partial`` as a share), so without a worker each
+    fresh view is synthesised just before its bank slot is drawn, as before prefetch: the training of
+    4541a11 bit for bit (review 2 of session 34, C1: all views first changed its losses)."""
+    events = []
+
+    class Logged:  # the batch's random stream, logging the bank slots' draws
+        def __init__(self, rng):
+            self.rng = rng
+
+        def integers(self, *args, **kwargs):
+            events.append("slot")
+            return self.rng.integers(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.rng, name)
+
+    view, draw = train_module._Batches._view, train_module._Batches.draw
+
+    def logged_view(self, plate):
+        if isinstance(self.rng, Logged):  # inside a step (not the bank's first views)
+            events.append("view")
+        return view(self, plate)
+
+    def logged_draw(self):
+        self.rng = Logged(self.rng)
+        try:
+            return draw(self)
+        finally:
+            self.rng = self.rng.rng
+
+    monkeypatch.setattr(train_module._Batches, "_view", logged_view)
+    monkeypatch.setattr(train_module._Batches, "draw", logged_draw)
+    reference, labels = toy_reference
+    _train(reference, labels, steps=1, framed_partial=0.5)
+    # (the step's plates may draw integers first)
+    assert events[events.index("view") :] == ["view", "slot"] * 12

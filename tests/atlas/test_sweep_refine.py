@@ -108,3 +108,19 @@ def test_sweep_refine_defaults_presets_and_checks():
     for name in ("sweep_refine", "sweep_outside"):
         with pytest.raises(InputError, match=name):
             check_rerank_options({name: -1})
+
+
+def test_refined_is_recorded_only_where_a_plate_was_scored(search, toy_reference, monkeypatch):
+    """With ``neighbours`` 0 the best swept plates' neighbours are those plates, scored already: the gate
+    opens but nothing is scored, so the search is the one without the option and ``refined`` is False
+    (review 2 of session 34, C2: it said True)."""
+    reference, _ = toy_reference
+    section = section_from_atlas(reference, PLATE)
+    opts = {**FAST, "hypotheses": 2, "anchors": 1, "shortlist": 1, "neighbours": 0}
+    off = search.search(section, _far_order(search.n), check_rerank_options({**opts, "sweep_refine": 0}))
+    calls, refine = [], rerank._refine_sweep
+    monkeypatch.setattr(rerank, "_refine_sweep", lambda *a: calls.append(1) or refine(*a))
+    on = search.search(section, _far_order(search.n), check_rerank_options(opts))
+    assert calls == [1]  # the gate opened
+    assert on.ranking == off.ranking and on.pairs == off.pairs
+    assert not on.refined

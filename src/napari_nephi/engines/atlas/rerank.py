@@ -593,7 +593,8 @@ class RerankResult:
     best pose (False where it is None or the outside band is off, as in :data:`SEEDED` and :data:`FAST`);
     ``densified``: whether stage 1 added the ``dense_sweep`` plates (its starts outscored the shortlist);
     ``routed``: whether stage 2 refined stage 1's best start alone (``route_gap``); ``refined``: whether
-    stage 1 also scored the neighbours of the best swept plates (``sweep_refine``)."""
+    stage 1 also scored the neighbours of the best swept plates (``sweep_refine``; False where none was
+    left to score, e.g. with ``neighbours`` 0, where the option can do nothing)."""
 
     ranking: list[tuple[int, float]]
     poses: dict[int, Pose] = field(default_factory=dict)
@@ -695,6 +696,7 @@ class PoseSearch:
             first, pairs, zs = first + found, pairs + more, sorted(set(zs) | set(extra))
             _check(progress)
             hyps = hypotheses(first, shortlist, options)
+            refined = bool(more)  # recorded only where a plate was scored (review 2 of session 34, C2)
         densified = _outscored(hyps, shortlist, options)
         if densified:  # the sweep outscored the shortlist: every dense_sweep-th plate in stage 1 too
             short = _around(shortlist, options["neighbours"], self.n)

@@ -64,7 +64,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -446,9 +446,9 @@ class _Batches:
         self._pending = [int(p) for p in fresh]
         self._conn.send(self._pending)
 
-    def _fresh_views(self, fresh: np.ndarray) -> list[np.ndarray]:
-        if self._worker is None:
-            return [self._view(int(p)) for p in fresh]
+    def _fresh_views(self, fresh: np.ndarray) -> Iterator[np.ndarray] | list[np.ndarray]:
+        if self._worker is None:  # lazily: each view is drawn just before its bank slot, as before prefetch
+            return (self._view(int(p)) for p in fresh)
         if [int(p) for p in fresh] != self._pending:  # cannot happen: the same draws from the same state
             raise RuntimeError("prefetched views for other plates than the step drew")
         views = self._conn.recv()
@@ -476,7 +476,8 @@ class _Batches:
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         plates, real_idx, fresh = self._choose(self.rng)
         v = self.o["views_per_plate"]
-        # each view is drawn before its bank slot (as before prefetch); the two draw from separate streams
+        # each view is drawn just before its bank slot, as before prefetch: a view may draw from the batch's
+        # stream too (framed_partial as a share), so the order is kept (review 2 of session 34, C1)
         for p, view in zip(fresh, self._fresh_views(fresh), strict=True):
             self.bank[p, int(self.rng.integers(self.o["bank_views"]))] = torch.from_numpy(view)
         slots = np.argsort(self.rng.random((len(plates), self.o["bank_views"])), axis=1)[:, :v]
