@@ -178,12 +178,16 @@ def test_the_tissue_step_read_over_a_grid_of_tiles():
         steps = pair_motion(band[0], a_lab, band[1], b_lab, valid, way)
         assert len(steps) == 4
         np.testing.assert_allclose(steps, [[2.0, -1.0]] * 4, atol=0.15)
-    with pytest.raises(ValueError, match="tissue_read"):
+    with pytest.raises(InputError, match="tissue_read"):
         pair_motion(band[0], a_lab, band[1], b_lab, valid, "ring")
     eye = np.repeat(np.eye(3)[None], 2, axis=0)
     r = relative_motion(
         lambda k: stack[k], lambda k: masks[k], eye, (SIDE, SIDE), np.ones(2, bool), tissue="grid"
     )
     assert r["tissue"] == "grid" and r["readings"] == 4  # recorded in the drift decision's metrics
+    with pytest.raises(InputError, match="tissue must be one of"):  # up front, even where no pair is read
+        relative_motion(
+            lambda k: stack[k], lambda k: masks[k], eye, (SIDE, SIDE), np.zeros(2, bool), tissue="ring"
+        )
     reg = align_stack(stack[:4], masks=masks[:4], warp=False, workers=1, organelle_reading="local-grid")
     assert reg.settings["organelle_reading"] == "local-grid"

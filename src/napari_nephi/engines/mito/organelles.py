@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 
+from ...core.errors import InputError
+
 # as the background's: the band-pass, the margin around the mitochondria (both sections) left out of
 # the tissue's part of a tile, the blocks of consecutive pairs whose means give the standard error,
 # and the chi-square 9.21 from which the drift stands out of 0. That is p 0.01 for a known standard
@@ -126,7 +128,7 @@ def pair_motion(a, a_lab, b, b_lab, valid, tissue_read: str = "tile") -> list[np
     have :data:`MIN_AREA` pixels (session 33; before, ``b``'s of the same number). ``tissue_read``:
     where the tissue's step comes from, ``"tile"`` or ``"grid"`` (:data:`TISSUE_READS`, session 34)."""
     if tissue_read not in TISSUE_READS:
-        raise ValueError(f"tissue_read must be one of {TISSUE_READS}, got {tissue_read!r}")
+        raise InputError(f"tissue_read must be one of {TISSUE_READS}, got {tissue_read!r}.")
     square = np.ones((2 * MARGIN + 1, 2 * MARGIN + 1), np.uint8)
     near = cv2.dilate(((a_lab > 0) | (b_lab > 0)).view(np.uint8), square)
     tissue = (valid & (1 - near)).astype(np.float32)
@@ -197,6 +199,10 @@ def relative_motion(
     ``chi2`` the slope's squared length in standard errors, ``drifts`` whether it stands out of 0
     (:data:`AGREE`: about 5 % false alarms, see above); an ``inf`` standard error where fewer than
     :data:`MIN_READINGS` were read."""
+    if (
+        tissue not in TISSUE_READS
+    ):  # up front, not in a worker once a pair is read (review 2 of session 34, A1)
+        raise InputError(f"tissue must be one of {TISSUE_READS}, got {tissue!r}.")
     use = np.asarray(use, bool)
     h, w = int(shape[0]), int(shape[1])
     ks = np.flatnonzero(use[:-1] & use[1:])
