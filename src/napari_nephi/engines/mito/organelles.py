@@ -199,9 +199,7 @@ def relative_motion(
     ``chi2`` the slope's squared length in standard errors, ``drifts`` whether it stands out of 0
     (:data:`AGREE`: about 5 % false alarms, see above); an ``inf`` standard error where fewer than
     :data:`MIN_READINGS` were read."""
-    if (
-        tissue not in TISSUE_READS
-    ):  # up front, not in a worker once a pair is read (review 2 of session 34, A1)
+    if tissue not in TISSUE_READS:  # up front, not in a worker once a pair is read (review 2, A1)
         raise InputError(f"tissue must be one of {TISSUE_READS}, got {tissue!r}.")
     use = np.asarray(use, bool)
     h, w = int(shape[0]), int(shape[1])

@@ -834,9 +834,8 @@ def register_nephi(
             if neural_gate is not None and refine > 0 and isinstance(coarse, DenseMaps):
                 rms = displacement_rms(coarse, fshape)
                 neural_info = {"rms": rms, "threshold": neural_gate, "ran": rms >= neural_gate}
-                if (
-                    not neural_info["ran"] and blur_gate is not None
-                ):  # small map: skip only on a blurrier moving image
+                # a small map: skip only on a blurrier moving image
+                if not neural_info["ran"] and blur_gate is not None:
                     blur = excess_blur(fix_t, mov_t, coarse, settings_opt, fmask, mmask, seed)
                     neural_info.update(
                         excess_blur=blur["excess"], blur_threshold=blur_gate, ran=blur["excess"] <= blur_gate
