@@ -18,6 +18,7 @@ from dataclasses import replace
 import torch
 
 from .coarse import DenseMaps, grid_sample_points
+from .matchblur import blur
 from .optimize import OptimizeSettings, _SimilarityPoints, inside_frame
 
 #: Blur variances tried, voxel^2 per axis (a linear resampling at sub-voxel fraction f blurs by f (1 - f):
@@ -29,14 +30,9 @@ POINTS = 1 << 14
 
 def blur3(image: torch.Tensor, beta: float) -> torch.Tensor:
     """``image`` ``(1, 1, *S)`` blurred along every axis by the kernel ``[beta/2, 1 - beta, beta/2]``
-    (variance ``beta`` voxel^2, edge voxels repeated)."""
-    x = image
-    w = (beta / 2, 1 - beta, beta / 2)
-    for axis in range(2, image.dim()):
-        n = x.shape[axis]
-        padded = torch.cat([x.narrow(axis, 0, 1), x, x.narrow(axis, n - 1, 1)], axis)
-        x = sum(wk * padded.narrow(axis, k, n) for k, wk in enumerate(w))
-    return x
+    (variance ``beta`` voxel^2, edge voxels repeated): the coarse stage's matched blur
+    (:func:`.matchblur.blur`) with the same variance on every axis."""
+    return blur(image, torch.full((image.dim() - 2,), float(beta), device=image.device))
 
 
 def _best(values: list[float]) -> float:
