@@ -30,7 +30,11 @@ Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, importe
   the border. The moving image takes the edge value outside the frame (no black strip).
   ``--global-images camera retina`` adds other images, ``--global-orders 1 3`` a moving image
   resampled by cubic splines besides the default linear one (whose blur, set by the sub-pixel part
-  of the map, the deformable stages fit at strong edges); ``--global-degrees 5 60`` other rotations
+  of the map, the deformable stages fit at strong edges); ``--global-orders area`` a fair pair (session 35,
+  :func:`rigid_pair_area`): one object (the image upsampled 4 times by cubic splines) imaged twice by the same
+  voxels (means over 4-voxel blocks per axis), the second time after the map moved it on the fine grid, so the
+  two images carry the same blur, as two acquisitions of a moving object do (names end ", area 4x"; its fixed
+  image is the area-sampled object, not the image itself); ``--global-degrees 5 60`` other rotations
   (NePhi's rows say whether the default global stage's basin guard judged the map and which it kept).
   ``--neural-3d-gate RMS`` sets the opt-in gate of the neural stage on volumes (session 33,
   ``engine.NEURAL_3D_GATE_RMS``); NePhi's rows on volumes then give its reading (the coarse map's displacement RMS,
@@ -72,6 +76,9 @@ MRI_SMOOTHNESS = 7.0
 #: Margin (voxels) inside which the 3D global cases are measured.
 MARGIN_3D = 3
 CASE_OFFSETS = {"camera": 0, "retina": 1, "ihc": 2, "disc": 3, "mri": 4, "cell": 5}
+#: Fair rigid pairs (``--global-orders area``, session 35): both images area means over blocks of this many
+#: voxels per axis of one object upsampled by it (:func:`rigid_pair_area`).
+AREA_FACTOR = 4
 
 
 def local_gradient_rms(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -139,6 +146,64 @@ def make_case(name: str, amplitude: float, size: int, seed: int) -> dict:
     )
 
 
+def fine_object(img: np.ndarray, factor: int) -> np.ndarray:
+    """``img`` upsampled ``factor`` times by cubic splines (edge values outside): voxel ``i`` of ``img`` is the
+    centre of the fine voxels ``factor i .. factor i + factor - 1``. The "object" of a fair rigid pair."""
+    d = img.ndim
+    c = (factor - 1) / 2
+    shape = tuple(factor * n for n in img.shape)
+    return ndimage.affine_transform(
+        np.asarray(img, np.float64),
+        np.eye(d) / factor,
+        np.full(d, -c / factor),
+        shape,
+        order=3,
+        mode="nearest",
+    )
+
+
+def area_down(fine: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over blocks of ``factor`` voxels per axis: every voxel integrates its footprint on the fine grid."""
+    split = [x for n in fine.shape for x in (n // factor, factor)]
+    return np.ascontiguousarray(fine.reshape(split).mean(axis=tuple(range(1, 2 * fine.ndim, 2))), np.float32)
+
+
+def rigid_pair_area(
+    img: np.ndarray, mat: np.ndarray, factor: int = AREA_FACTOR
+) -> tuple[np.ndarray, np.ndarray]:
+    """A fair rigid pair ``(fixed, moving)`` with ``moving(mat x) = fixed(x)``: one object (``img`` upsampled
+    ``factor`` times, :func:`fine_object`) imaged twice by the same voxels (area means over ``factor``-voxel
+    blocks, :func:`area_down`), the second time after the object moved by ``mat`` (applied on the fine grid by
+    cubic splines). Both images carry the same blur, as two acquisitions of one moving object do; a moving image
+    resampled from the fixed one (:func:`rigid_moving`) carries the resampling's blur besides."""
+    d = img.ndim
+    fine = fine_object(img, factor)
+    scale = np.eye(d + 1)
+    scale[:d, :d] *= factor
+    scale[:d, d] = (factor - 1) / 2  # coarse voxel x -> its centre on the fine grid
+    inv = np.linalg.inv(scale @ mat @ np.linalg.inv(scale))
+    moved = ndimage.affine_transform(fine, inv[:d, :d], inv[:d, d], order=3, mode="nearest")
+    return area_down(fine, factor), area_down(moved, factor)
+
+
+def rigid_images(img: np.ndarray, mat: np.ndarray, order: int | str) -> tuple[np.ndarray, np.ndarray]:
+    """``(fixed, moving)`` of a rigid case: ``order`` 1 or 3, ``img`` and its resampling (:func:`rigid_moving`);
+    ``"area"``, the fair pair of :func:`rigid_pair_area`."""
+    if order == "area":
+        return rigid_pair_area(img, mat)
+    return img, rigid_moving(img, mat, int(order))
+
+
+def sampling_suffix(order: int | str) -> str:
+    """Case-name suffix of a rigid case's sampling: none for linear resampling (the earlier sessions' names)."""
+    return {1: "", 3: ", cubic", "area": f", area {AREA_FACTOR}x"}[order]
+
+
+def parse_order(text: str) -> int | str:
+    """``--global-orders`` values: a spline order (1, 3) or ``area``."""
+    return text if text == "area" else int(text)
+
+
 def rigid_moving(fixed: np.ndarray, mat: np.ndarray, order: int) -> np.ndarray:
     """``fixed`` resampled through the inverse of the homogeneous pull-back ``mat`` (``moving(mat x) =
     fixed(x)``) with spline ``order``, edge values outside the frame (not zeros, which would put a
@@ -169,26 +234,27 @@ def rotation_matrix(shape, degrees: float, axis=None, shift=None) -> np.ndarray:
     return mat
 
 
-def global_cases(size: int, image: str = "camera", order: int = 1, degrees=(5.0,)) -> list[dict]:
+def global_cases(size: int, image: str = "camera", order: int | str = 1, degrees=(5.0,)) -> list[dict]:
     """``image`` shifted by (7.5, -4) px (at 512) and rotated by each of ``degrees`` about its centre, the
     moving image resampled with spline ``order`` (1: linear, which blurs it by an amount set by the
-    sub-pixel part of the map; 3: cubic, nearly none). Names: "camera shift" and "camera rotation
+    sub-pixel part of the map; 3: cubic, nearly none; "area": the fair pair of :func:`rigid_pair_area`, whose
+    fixed image is the area-sampled object, not ``image`` itself). Names: "camera shift" and "camera rotation
     5 deg" for the camera at order 1 (the cases of earlier sessions), else with the image and
-    ", cubic" added. ``image="mri"``: the bundled MRI (25 x 41 x 33, 2 mm voxels) shifted by (1.25,
+    ", cubic" (", area 4x") added. ``image="mri"``: the bundled MRI (25 x 41 x 33, 2 mm voxels) shifted by (1.25,
     -0.75, 0.5) voxels and rotated about its first axis (in the plane of the last two): the 3D cases
     of docs/nephi.md (review R7)."""
-    fixed = mri_volume()[0] if image == "mri" else load(image, size)[0]
+    img = mri_volume()[0] if image == "mri" else load(image, size)[0]
     s = size / 512
-    shift = np.eye(fixed.ndim + 1)
-    shift[:-1, -1] = (1.25, -0.75, 0.5) if fixed.ndim == 3 else (7.5 * s, -4.0 * s)
+    shift = np.eye(img.ndim + 1)
+    shift[:-1, -1] = (1.25, -0.75, 0.5) if img.ndim == 3 else (7.5 * s, -4.0 * s)
     maps = [("shift", shift)] + [
-        (f"rotation {deg:g} deg", rotation_matrix(fixed.shape, deg)) for deg in degrees
+        (f"rotation {deg:g} deg", rotation_matrix(img.shape, deg)) for deg in degrees
     ]
     out = []
     for label, mat in maps:
-        moving = rigid_moving(fixed, mat, order)
+        fixed, moving = rigid_images(img, mat, order)
         truth = AffineTransform(mat).displacement(fixed.shape)  # pull-back: moving(phi(x)) = fixed(x)
-        name = f"{image} {label}" + ("" if order == 1 else ", cubic")
+        name = f"{image} {label}" + sampling_suffix(order)
         out.append(dict(name=name, fixed=fixed, moving=moving, truth=truth))
     return out
 
@@ -198,16 +264,17 @@ def random_rigid_cases(
     count: int,
     size: int,
     image: str,
-    order: int = 1,
+    order: int | str = 1,
     max_shift: float = 2.0,
     max_degrees: float = 6.0,
 ) -> list[dict]:
     """``count`` random rigid maps of ``image`` ("mri": the bundled MRI) drawn from ``seed``: draw ``i`` is
     a shift (``i % 3 == 0``), a rotation about the centre (1) or both (2); shifts uniform in
     +-``max_shift`` voxels per axis, rotations uniform in +-``max_degrees`` (at least a tenth of it), in
-    3D about a random axis. The draw depends on (seed, image, i) only, not on the other cases run."""
-    fixed = mri_volume()[0] if image == "mri" else load(image, size)[0]
-    d = fixed.ndim
+    3D about a random axis. The draw depends on (seed, image, i) only, not on the other cases run (nor on
+    ``order``: the three samplings of a draw share its map)."""
+    img = mri_volume()[0] if image == "mri" else load(image, size)[0]
+    d = img.ndim
     out = []
     for i in range(count):
         rng = np.random.default_rng([seed, CASE_OFFSETS[image], i, 31])
@@ -215,14 +282,14 @@ def random_rigid_cases(
         shift = rng.uniform(-max_shift, max_shift, d) if kind != "rotation" else np.zeros(d)
         deg = rng.uniform(0.1, 1.0) * max_degrees * rng.choice([-1, 1]) if kind != "shift" else 0.0
         axis = rng.normal(size=3) if d == 3 else None
-        mat = rotation_matrix(fixed.shape, deg, axis, shift)
-        moving = rigid_moving(fixed, mat, order)
+        mat = rotation_matrix(img.shape, deg, axis, shift)
+        fixed, moving = rigid_images(img, mat, order)
         truth = AffineTransform(mat).displacement(fixed.shape)
         parts = [f"shift ({', '.join(f'{t:.2f}' for t in shift)})"] if kind != "rotation" else []
         what = " ".join(parts + ([f"rotation {deg:.2f} deg"] if kind != "shift" else []))
-        name = f"{image} rigid {seed}.{i} {what}" + ("" if order == 1 else ", cubic")
+        name = f"{image} rigid {seed}.{i} {what}" + sampling_suffix(order)
         # --noise: seeded by the draw too, not by the case's place in the run
-        noise_seed = [seed, CASE_OFFSETS[image], i, order, 1000]
+        noise_seed = [seed, CASE_OFFSETS[image], i, 100 + AREA_FACTOR if order == "area" else order, 1000]
         out.append(dict(name=name, fixed=fixed, moving=moving, truth=truth, noise_seed=noise_seed))
     return out
 
@@ -299,7 +366,9 @@ def main() -> None:
     p.add_argument(
         "--global-images", nargs="*", default=["camera"], help="images of the shift/rotation cases"
     )
-    p.add_argument("--global-orders", nargs="*", type=int, default=[1], help="1: linear resampling, 3: cubic")
+    p.add_argument(
+        "--global-orders", nargs="*", type=parse_order, default=[1], help="1, 3 or area (fair pair)"
+    )
     p.add_argument(
         "--global-degrees", nargs="*", type=float, default=[5.0], help="rotations of the global cases"
     )
