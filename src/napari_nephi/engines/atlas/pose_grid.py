@@ -99,6 +99,9 @@ class Pose:
     #: the cut's plate pixels per section pixel along its rows over those along its columns (1: the
     #: same; the ``aspects`` rerank option): ``scale`` is their geometric mean
     aspect: float = 1.0
+    #: correlation ratio of the section's intensities given the atlas's regions at this pose
+    #: (region_fit; None: not measured), where ``region_weight`` counted it
+    region: float | None = None
 
 
 def field(image: np.ndarray, weight: np.ndarray, blur: float = 0.0) -> tuple[np.ndarray, np.ndarray]:

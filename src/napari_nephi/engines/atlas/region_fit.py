@@ -154,6 +154,14 @@ def pose_points(samples: SectionSamples, params: np.ndarray) -> np.ndarray:
     return params[:, None, [0, 5, 6]] + samples.offsets[None] @ lin @ axes
 
 
+def region_ratio(regions: RegionAtlas, samples: SectionSamples, pose: Pose) -> float:
+    """The adjusted correlation ratio (:func:`correlation_ratio`) of the section's samples given the
+    atlas's regions under them at ``pose`` (its scale in the sampled section's pixels per plate pixel)."""
+    params = np.array([[pose.z, *pose.tilt, pose.rotation, math.log(pose.scale), *pose.centre]])
+    groups = regions.lookup(pose_points(samples, params))
+    return float(correlation_ratio(samples.values, groups, regions.groups_count)[0])
+
+
 def refine(
     regions: RegionAtlas,
     samples: SectionSamples,

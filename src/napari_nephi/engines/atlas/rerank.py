@@ -102,6 +102,15 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   Top-1 48.4 -> 49.2 %, Top-5 94.3 -> 94.2 % (+22 / -25), straight sections 0.689 -> 0.767, fresh
   seeds 74-76 1.422 -> 1.472 (Top-5 94.4 -> 92.8 %): not a default (docs/atlas.md, "The similarity on
   the misses, session 24"). About 10 measured poses, a few ms of CPU per lookup.
+* **Regions** (session 35, opt-in: ``region_weight`` 0, ``region_margin`` 0.05, ``region_refit``
+  True). As the information term, with the adjusted correlation ratio of the section's tissue
+  intensities given the atlas's regions under them (:func:`.region_fit.region_ratio`; with
+  ``region_refit`` at the pose first moved to a local maximum of the ratio, its plate position fixed,
+  :func:`.region_fit.refine`): how much of the section's variance the atlas's regions explain,
+  whatever level the stain gives each region. Real stains (Nissl, fluorescent markers, autofluorescence)
+  do differ region by region, and the ratio assumes only that a region is about evenly stained, not
+  which boundaries show or how strongly (what the polarity-free edge field assumes). It needs an
+  annotation: without one the option does nothing. docs/atlas.md, "Session 35".
 * **Aspect** (session 26, opt-in: ``aspects`` empty, ``aspect_margin`` 0.05). The best pose of each
   plate within the margin of the best pose (score less prior) is cut again at each ratio of
   ``aspects`` (the cut's plate pixels per section pixel along its rows over those along its
@@ -264,7 +273,7 @@ from ...core.options import check_bool, check_choice, check_float, check_int, ch
 from .plates import Plates
 from .pose_grid import OUTSIDE_RING, AtlasGrid, Pose, SectionGrid, cut_zone, extent
 from .preprocess import _segment, downsample, to_grey
-from .region_fit import RegionAtlas, SectionSamples
+from .region_fit import RegionAtlas, SectionSamples, region_ratio
 from .region_fit import refine as refine_pose
 
 __all__ = ["DEFAULTS", "FAST", "SEEDED", "Pose", "PoseSearch", "RerankResult", "check_rerank_options"]
@@ -380,6 +389,14 @@ DEFAULTS = {
     # best pose (score less prior), over the least of them (module docstring, "Information"; 0: none)
     "information_weight": 0.0,
     "information_margin": 0.05,
+    # score gained per unit of the correlation ratio of the section's intensities given the atlas's
+    # regions (region_fit.correlation_ratio) by the plates whose best pose lies within region_margin
+    # of the best pose (score less prior), over the least of them (module docstring, "Regions"; 0:
+    # none; nothing without an annotation); region_refit: each such pose first moved to a local
+    # maximum of the ratio with its plate position fixed (region_fit.refine, free_z False)
+    "region_weight": 0.0,
+    "region_margin": 0.05,
+    "region_refit": True,
     # the best pose of each plate within aspect_margin of the best pose (score less prior) cut again
     # with its rows and columns scaled apart by each of these ratios (module docstring, "Aspect";
     # empty: none)
@@ -553,6 +570,9 @@ def check_rerank_options(options: dict | None) -> dict:
     out["tilt_rounds"] = check_int("tilt_rounds", out["tilt_rounds"], 1, 4)
     out["information_weight"] = check_float("information_weight", out["information_weight"], 0.0, 10.0)
     out["information_margin"] = check_float("information_margin", out["information_margin"], 0.0, 1.0)
+    out["region_weight"] = check_float("region_weight", out["region_weight"], 0.0, 10.0)
+    out["region_margin"] = check_float("region_margin", out["region_margin"], 0.0, 1.0)
+    out["region_refit"] = check_bool("region_refit", out["region_refit"])
     out["aspects"] = _check_aspects(out["aspects"])
     out["aspect_margin"] = check_float("aspect_margin", out["aspect_margin"], 0.0, 1.0)
     if out["aspect_max_tilt"] is not None:
@@ -765,6 +785,9 @@ class PoseSearch:
             poses = poses + refine.aspects(poses, prior)
         if options["information_weight"] > 0 and poses:
             _inform(poses, prior, fine, refine.atlas, options)
+        if options["region_weight"] > 0 and poses and self._plates.has_labels:
+            samples = SectionSamples(grey, mask, fine.tissue_centre)
+            _regions_score(poses, prior, self.regions(), samples, options)
         for p in poses:
             p.scale *= zoom
         result = _rank(
@@ -1195,12 +1218,44 @@ def _inform(poses: list[Pose], prior: np.ndarray, grid: SectionGrid, atlas: Atla
     it was, so ``plain_reach`` still orders the plates next to the best pose by the edges alone."""
     best = _best_near_top(poses, prior, options["information_margin"])
     info = {plate: grid.information(atlas, poses[k]) for plate, k in best.items()}
-    low = min(info.values())
+    _lift(poses, best, info, options["information_weight"], "info")
+
+
+def _lift(
+    poses: list[Pose], best: dict[int, int], values: dict[int, float], weight: float, name: str
+) -> None:
+    """Every pose of each plate of ``best`` (``{plate: index of its best pose}``) gains ``weight``
+    times the plate's value over the least of ``values``; the value is set as attribute ``name`` on
+    the plate's best pose."""
+    low = min(values.values())
     for plate, k in best.items():
-        poses[k].info = info[plate]
+        setattr(poses[k], name, values[plate])
     for p in poses:
-        if p.plate in info:
-            p.score += options["information_weight"] * (info[p.plate] - low)
+        if p.plate in values:
+            p.score += weight * (values[p.plate] - low)
+
+
+def _regions_score(
+    poses: list[Pose], prior: np.ndarray, regions: RegionAtlas, samples: SectionSamples, options: dict
+) -> None:
+    """Each plate whose best pose (score less prior) lies within ``region_margin`` of the best pose
+    gains ``region_weight`` times the correlation ratio of the section's intensities given the
+    atlas's regions at that pose (with ``region_refit``, at the pose moved to a local maximum of the
+    ratio, its plate position fixed) over the least such plate's, on the score of every pose of the
+    plate (:attr:`Pose.region` set on the pose measured); ``plain`` is left as it was (as
+    :func:`_inform`). Poses are those of the search's grid (scale before the section's zoom)."""
+    best = _best_near_top(poses, prior, options["region_margin"])
+    ratio = {}
+    for plate, k in best.items():
+        pose = poses[k]
+        if options["region_refit"]:
+            fitted = refine_pose(
+                regions, samples, pose, options["max_tilt"], options["max_rotation"], free_z=False
+            )
+            ratio[plate] = float(fitted.score)
+        else:
+            ratio[plate] = region_ratio(regions, samples, pose)
+    _lift(poses, best, ratio, options["region_weight"], "region")
 
 
 def _value(poses: list[Pose], prior: np.ndarray) -> float:
