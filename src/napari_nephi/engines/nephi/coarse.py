@@ -107,7 +107,8 @@ class DenseMaps:
         self.flat_fill_info: dict = {}
         #: the optimisation steps of the coarse stage that made these maps (None: not made by one)
         self.steps_run: int | None = None
-        #: volumes: {"cubic": warp, "exact_area": bins} of the stage (volume_sampling; None: 2D or none)
+        #: volumes: {"cubic": warp, "exact_area": bins} of the stage, "warp_blur": True where WARP_BLUR_3D ran
+        #: (volume_sampling; None: 2D or none)
         self.volume_sampling: dict | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -475,6 +476,42 @@ def match_blur_runs(match_blur: bool | str | None) -> bool:
 CUBIC_3D = False
 
 
+#: Volumes warped trilinearly: on the levels that compare on the grid they warp on, the image compared with a
+#: warped one is blurred by the warp's own smoothing, per voxel and axis the variance ``f (1 - f)`` of linear
+#: interpolation at the sub-voxel part ``f`` of where that voxel was sampled (:func:`interpolation_variance`,
+#: :func:`blur_by_variance`; session 35, docs/nephi.md): a sharp image is then not compared with a blurred
+#: one, whose difference the velocity would fit by compressing and stretching around edges. Opt-in.
+WARP_BLUR_3D = False
+
+
+def interpolation_variance(pts: torch.Tensor, shape) -> torch.Tensor:
+    """The smoothing of linear interpolation at the normalised points ``pts`` ``(1, *S, D)`` (grid_sample's
+    axis order, ``align_corners=True``) in an image of spatial ``shape`` (numpy order): per point and axis
+    ``f (1 - f)`` (voxel^2), ``f`` the sub-voxel part of the point, ``(1, D, *S)`` in ``pts``' axis order.
+    Detached: the blur follows the map, it is not a way for the map to lower the loss."""
+    sizes = torch.as_tensor([n - 1 for n in shape[::-1]], dtype=pts.dtype, device=pts.device)
+    c = (pts.detach() + 1) * 0.5 * sizes
+    f = c - torch.floor(c)
+    return torch.movedim(f * (1 - f), -1, 1)
+
+
+def blur_by_variance(image: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``image`` ``(1, 1, *S)`` blurred per voxel along each axis by the 3-tap kernel ``[s/2, 1 - s, s/2]``
+    of variance ``s`` (``var`` ``(1, D, *S)``, components in grid_sample's order as
+    :func:`interpolation_variance` gives them; edges repeated), the axes' blurs summed to first order."""
+    d = image.dim() - 2
+    out = image
+    for a in range(d):
+        ax = 2 + d - 1 - a  # numpy axis of component a (x is the last)
+        n = image.shape[ax]
+        if n < 2:
+            continue
+        pad = torch.cat([image.narrow(ax, 0, 1), image, image.narrow(ax, n - 1, 1)], ax)
+        second = pad.narrow(ax, 0, n) - 2 * image + pad.narrow(ax, 2, n)
+        out = out + 0.5 * var[:, a : a + 1] * second
+    return out
+
+
 #: Adam's learning rate of the coarse stage, in normalised coordinates (a knot's step: 1.3 px at 512^2).
 COARSE_LEARNING_RATE = 0.005
 
@@ -593,6 +630,9 @@ def optimize_velocity(
     d = fixed.dim() - 2
     full = tuple(fixed.shape[2:])
     cubic, exact = volume_sampling(full)  # small volumes: cubic warp, exact bins (session 32)
+    warp_blur = bool(
+        WARP_BLUR_3D and d == 3 and not cubic
+    )  # the trilinear warp's smoothing matched (session 35)
 
     def area(t, shape):
         return _area(t, shape, exact)
@@ -609,30 +649,33 @@ def optimize_velocity(
     a_xy = None if affine is None else affine.to(dev, torch.float32)[order][:, order]
     a_inv = None if a_xy is None else torch.linalg.inv(a_xy)
 
-    def sample(image, pts, interp, inside):
+    def sample(image, pts, interp, inside, var=None):
         """``image`` at the normalised points ``pts``; with a list ``inside``, their frame weight (1
-        inside the image, 0 outside) is appended to it."""
+        inside the image, 0 outside) is appended to it; with a list ``var``, the interpolation's
+        smoothing there (:func:`interpolation_variance`)."""
         if inside is not None:
             inside.append(in_frame(pts)[:, None])
+        if var is not None:
+            var.append(interpolation_variance(pts, image.shape[2:]))
         if interp == "cubic":  # ``image`` holds the spline coefficients (cubic.spline_coefficients)
             return cubic_sample(image, pts)
         return F.grid_sample(image, pts, mode=interp, padding_mode="border", align_corners=True)
 
-    def warp(image, u, ident, interp=mode, inside=None):
-        """``image`` pulled back through ``u`` (and ``A``); ``inside`` as in ``sample``."""
+    def warp(image, u, ident, interp=mode, inside=None, var=None):
+        """``image`` pulled back through ``u`` (and ``A``); ``inside`` and ``var`` as in ``sample``."""
         pts = ident + torch.movedim(_resample(u, ident.shape[1:-1]), 1, -1)
         if a_xy is not None:
             pts = apply_affine(pts, a_xy)
-        return sample(image, pts, interp, inside)
+        return sample(image, pts, interp, inside, var)
 
-    def warp_back(image, u, ident, interp=mode, inside=None):
+    def warp_back(image, u, ident, interp=mode, inside=None, var=None):
         if a_inv is None:
-            return warp(image, u, ident, interp, inside)
+            return warp(image, u, ident, interp, inside, var)
         q = apply_affine(ident, a_inv)
         pts = q + torch.movedim(
             F.grid_sample(u, q, mode="bilinear", padding_mode="border", align_corners=True), 1, -1
         )
-        return sample(image, pts, interp, inside)
+        return sample(image, pts, interp, inside, var)
 
     def mask_weights(masks_l, masks_w, u_f, u_b, ident, cmp):
         """Weights of the forward and backward comparisons (None: unweighted)."""
@@ -719,6 +762,9 @@ def optimize_velocity(
         opt = FlooredAdam(ctrl, learning_rate, MOMENT_FLOOR)
         blur_opt = torch.optim.Adam([blur], lr=MATCH_BLUR_LR) if blur is not None and cmp == fine else None
         blur_here = blur_opt is not None or (blur_mode == "once" and cmp == fine)
+        # WARP_BLUR_3D: trilinear volumes, on the levels that compare on the grid they warp on (matched blur,
+        # where it runs, learns the blur instead)
+        warp_blur_here = warp_blur and cmp == warp_grid and not blur_here
         blur_used = blur_used or (blur_here and n_steps > 0)
         if blur_here:  # white-noise variances of the images, unit noise to warp as probes
             noise = noise_variance(f_l), noise_variance(m_l)
@@ -741,8 +787,13 @@ def optimize_velocity(
             )
             u_f, u_b = _integrate_xy(vk, steps), _integrate_xy(-vk, steps)
             ins = [] if frame_mask else None  # frame weights of the two comparisons
-            wm = area(warp(m_w, u_f, ident, inside=ins), cmp)
-            wf = area(warp_back(f_w, u_b, ident, inside=ins), cmp)
+            var = [] if warp_blur_here else None  # the warps' smoothing (WARP_BLUR_3D)
+            wm = area(warp(m_w, u_f, ident, inside=ins, var=var), cmp)
+            wf = area(warp_back(f_w, u_b, ident, inside=ins, var=var), cmp)
+            f_c, m_c = (
+                (f_l, m_l) if var is None else (blur_by_variance(f_l, var[0]), blur_by_variance(m_l, var[1]))
+            )
+            del var
             w_fwd, w_bwd = mask_weights(masks_l, masks_w, u_f, u_b, ident, cmp) if masked else (None, None)
             if ins:
                 w_fwd, w_bwd = (
@@ -769,11 +820,11 @@ def optimize_velocity(
                 )
             elif w_fwd is not None or w_bwd is not None:
                 sims = (
-                    _weighted_similarity(similarity, f_l, wm, w_fwd),
-                    _weighted_similarity(similarity, m_l, wf, w_bwd),
+                    _weighted_similarity(similarity, f_c, wm, w_fwd),
+                    _weighted_similarity(similarity, m_c, wf, w_bwd),
                 )
             else:
-                sims = _similarity(similarity, f_l, wm), _similarity(similarity, m_l, wf)
+                sims = _similarity(similarity, f_c, wm), _similarity(similarity, m_c, wf)
             loss = 0.5 * (sims[0] + sims[1])
             if reg_weight > 0:
                 # the bending of what the levels add (with ``initial``, not of the start itself)
@@ -825,6 +876,8 @@ def optimize_velocity(
     maps.blur_gate_spread = spread
     maps.blur_gate_detj_rms = detj_rms
     maps.volume_sampling = {"cubic": cubic, "exact_area": exact} if d == 3 else None
+    if warp_blur:  # (recorded where it ran: the default's settings as before)
+        maps.volume_sampling["warp_blur"] = True
     maps.flat_fill_info = fill_info
     maps.steps_run = steps_run
     return maps
