@@ -261,3 +261,35 @@ def test_rois_keep_the_affine_part_on_the_landmarks(walk):
     )
     # measured: 1.42 px with rois, 4.46 without (0.55 with no sliding content)
     assert kept.mean() < 0.5 * plain.mean(), (kept.mean(), plain.mean())
+
+
+def test_landmark_spin_takes_the_rotation_from_the_landmarks_or_the_whole_section(monkeypatch):
+    """``LANDMARK_SPIN`` (session 35, a diagnosis switch): the share of a pair's rotation taken from the
+    landmarks' region. Here the region turns by 0.004 rad and the rest by -0.002: with 1 (the default) the
+    pair's rotation is the region's, with 0 the whole section's fit, with 0.5 halfway; scale, shear and the
+    displacement at the region's centroid stay the region fit's / the whole fit's as before."""
+    from napari_nephi.engines.mito import elastic
+
+    h, w, s = 200, 240, 1.0
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    cy, cx = yy - (h - 1) / 2, xx - (w - 1) / 2
+    region = np.zeros((h, w), bool)
+    region[60:140, 20:100] = True
+    turn = np.where(region, 0.004, -0.002)
+    flow = np.stack([turn * cy, -turn * cx], -1).astype(np.float32)  # (x, y): u_y = -t x, u_x = t y
+    whole = elastic._flow_affine(flow, np.ones((h, w), bool), s, (h, w))[0]
+
+    def spin(p):  # (G10 - G01) / 2 of the (y, x) parameters
+        return 0.5 * (p[2] - p[1])
+
+    got = {}
+    for share in (1.0, 0.5, 0.0):
+        monkeypatch.setattr(elastic, "LANDMARK_SPIN", share)
+        got[share] = elastic._on_landmarks(flow, region, s, (h, w), whole)
+    assert abs(spin(got[1.0]) - 0.004) < 2e-4, spin(got[1.0])  # the region's turn
+    assert spin(whole) < 0.0  # the rest's turn dominates the whole fit
+    assert abs(spin(got[0.0]) - spin(whole)) < 1e-9
+    assert abs(spin(got[0.5]) - 0.5 * (spin(got[1.0]) + spin(whole))) < 1e-9
+    for p in got.values():  # scale and shear are the whole fit's in every case
+        g, gw = p[:4].reshape(2, 2), whole[:4].reshape(2, 2)
+        assert np.allclose(g + g.T, gw + gw.T, atol=1e-12)

@@ -82,6 +82,10 @@ JOINT_KEYPOINT_SCALE = 4.5
 JOINT_WINDOW = 8.0
 #: A flow pair ``d`` sections apart weighs ``1 / d**JOINT_DISTANCE_POWER`` (its error grows with ``d``).
 JOINT_DISTANCE_POWER = 2.0
+#: Share of a flow pair's rotation taken from the landmarks' regions (:func:`_on_landmarks`) rather than
+#: from all textured pixels: 1 (the default) the landmarks' rotation, 0 the whole section's (session 35,
+#: diagnosis of the rotation walk; docs/mito.md).
+LANDMARK_SPIN = 1.0
 
 
 def _scaled(matrix: np.ndarray, s: float) -> np.ndarray:
@@ -333,7 +337,7 @@ def _on_landmarks(flow: np.ndarray, region: np.ndarray, s: float, shape, whole: 
     if fit is None:
         return whole
     g_roi, g = fit[0][:4].reshape(2, 2), whole[:4].reshape(2, 2)
-    spin = 0.5 * ((g_roi[0, 1] - g_roi[1, 0]) - (g[0, 1] - g[1, 0]))
+    spin = LANDMARK_SPIN * (0.5 * ((g_roi[0, 1] - g_roi[1, 0]) - (g[0, 1] - g[1, 0])))
     out = g + np.array([[0.0, spin], [-spin, 0.0]])
     ys, xs = np.nonzero(region)
     cy, cx = _centred(shape, region.shape, s)
