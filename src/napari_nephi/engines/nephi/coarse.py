@@ -107,8 +107,8 @@ class DenseMaps:
         self.flat_fill_info: dict = {}
         #: the optimisation steps of the coarse stage that made these maps (None: not made by one)
         self.steps_run: int | None = None
-        #: volumes: {"cubic": warp, "exact_area": bins} of the stage, "warp_blur": True where WARP_BLUR_3D ran
-        #: (volume_sampling; None: 2D or none)
+        #: volumes: {"cubic": warp, "exact_area": bins} of the stage, "warp_blur": True or "all" where
+        #: WARP_BLUR_3D ran (volume_sampling; None: 2D or none)
         self.volume_sampling: dict | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -476,12 +476,14 @@ def match_blur_runs(match_blur: bool | str | None) -> bool:
 CUBIC_3D = False
 
 
-#: Volumes warped trilinearly: on the levels that compare on the grid they warp on, the image compared with a
-#: warped one is blurred by the warp's own smoothing, per voxel and axis the variance ``f (1 - f)`` of linear
-#: interpolation at the sub-voxel part ``f`` of where that voxel was sampled (:func:`interpolation_variance`,
-#: :func:`blur_by_variance`; session 35, docs/nephi.md): a sharp image is then not compared with a blurred
-#: one, whose difference the velocity would fit by compressing and stretching around edges. Opt-in.
-WARP_BLUR_3D = False
+#: Volumes warped trilinearly: with True, on the levels that compare on the grid they warp on, the image
+#: compared with a warped one is blurred by the warp's own smoothing, per voxel and axis the variance
+#: ``f (1 - f)`` of linear interpolation at the sub-voxel part ``f`` of where that voxel was sampled
+#: (:func:`interpolation_variance`, :func:`blur_by_variance`; session 35, docs/nephi.md): a sharp image is
+#: then not compared with a blurred one, whose difference the velocity would fit by compressing and
+#: stretching around edges. ``"all"``: on the coarser levels too (blurred on the grid they warp on, then
+#: averaged down like the warped image). Opt-in (False): it costs textureless tissue on volume deformations.
+WARP_BLUR_3D: bool | str = False
 
 
 def interpolation_variance(pts: torch.Tensor, shape) -> torch.Tensor:
@@ -764,7 +766,7 @@ def optimize_velocity(
         blur_here = blur_opt is not None or (blur_mode == "once" and cmp == fine)
         # WARP_BLUR_3D: trilinear volumes, on the levels that compare on the grid they warp on (matched blur,
         # where it runs, learns the blur instead)
-        warp_blur_here = warp_blur and cmp == warp_grid and not blur_here
+        warp_blur_here = warp_blur and (cmp == warp_grid or WARP_BLUR_3D == "all") and not blur_here
         blur_used = blur_used or (blur_here and n_steps > 0)
         if blur_here:  # white-noise variances of the images, unit noise to warp as probes
             noise = noise_variance(f_l), noise_variance(m_l)
@@ -790,9 +792,12 @@ def optimize_velocity(
             var = [] if warp_blur_here else None  # the warps' smoothing (WARP_BLUR_3D)
             wm = area(warp(m_w, u_f, ident, inside=ins, var=var), cmp)
             wf = area(warp_back(f_w, u_b, ident, inside=ins, var=var), cmp)
-            f_c, m_c = (
-                (f_l, m_l) if var is None else (blur_by_variance(f_l, var[0]), blur_by_variance(m_l, var[1]))
-            )
+            if var is None:
+                f_c, m_c = f_l, m_l
+            elif cmp == warp_grid:
+                f_c, m_c = blur_by_variance(f_l, var[0]), blur_by_variance(m_l, var[1])
+            else:  # a coarser level ("all"): blurred on the grid it warps on, averaged down like the warps
+                f_c, m_c = area(blur_by_variance(f_w, var[0]), cmp), area(blur_by_variance(m_w, var[1]), cmp)
             del var
             w_fwd, w_bwd = mask_weights(masks_l, masks_w, u_f, u_b, ident, cmp) if masked else (None, None)
             if ins:
@@ -877,7 +882,7 @@ def optimize_velocity(
     maps.blur_gate_detj_rms = detj_rms
     maps.volume_sampling = {"cubic": cubic, "exact_area": exact} if d == 3 else None
     if warp_blur:  # (recorded where it ran: the default's settings as before)
-        maps.volume_sampling["warp_blur"] = True
+        maps.volume_sampling["warp_blur"] = "all" if WARP_BLUR_3D == "all" else True
     maps.flat_fill_info = fill_info
     maps.steps_run = steps_run
     return maps
