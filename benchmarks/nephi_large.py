@@ -40,7 +40,8 @@ Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, importe
   ``engine.NEURAL_3D_GATE_RMS``); NePhi's rows on volumes then give its reading (the coarse map's displacement RMS,
   voxels) and whether the neural stage ran (JSON ``neural_3d_gate``). ``--neural-3d-gate-blur B`` with it: a map under
   the RMS skips the stage only where the moving image is blurrier by more than B voxel^2 (session 34,
-  ``engine.NEURAL_3D_GATE_BLUR``; the reading is ``excess_blur`` in the JSON).
+  ``engine.NEURAL_3D_GATE_BLUR``; the reading is ``excess_blur`` in the JSON). ``--warp-blur-3d on|all``: the
+  coarse stage matches its trilinear warp's smoothing on volumes (session 35, ``coarse.WARP_BLUR_3D``; opt-in).
 
 ``--noise SIGMA``: independent Gaussian noise of that standard deviation (intensities in [0, 1])
 added to both images of every case (seeded by the case), the warp made from the noise-free image;
@@ -398,8 +399,17 @@ def main() -> None:
         help="with --neural-3d-gate: skip the neural stage under it only where the moving image is blurrier than "
         "the fixed one by more than this (voxel^2 per axis; engine.NEURAL_3D_GATE_BLUR, opt-in)",
     )
+    p.add_argument(
+        "--warp-blur-3d",
+        choices=["on", "all"],
+        help="volumes: match the coarse stage's trilinear warp smoothing (coarse.WARP_BLUR_3D True / 'all'; opt-in)",
+    )
     p.add_argument("--json")
     args = p.parse_args()
+    if args.warp_blur_3d:
+        from napari_nephi.engines.nephi import coarse as nephi_coarse
+
+        nephi_coarse.WARP_BLUR_3D = True if args.warp_blur_3d == "on" else "all"
     if args.neural_3d_gate is not None:
         from napari_nephi.engines.nephi import engine as nephi_engine
 
