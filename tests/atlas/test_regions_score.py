@@ -12,7 +12,7 @@ from napari_nephi import InputError
 from napari_nephi.engines.atlas import rerank
 from napari_nephi.engines.atlas.plates import Plates
 from napari_nephi.engines.atlas.pose_grid import Pose
-from napari_nephi.engines.atlas.region_fit import RegionAtlas, SectionSamples, region_ratio
+from napari_nephi.engines.atlas.region_fit import RegionAtlas, SectionSamples, refine, region_ratio
 from napari_nephi.engines.atlas.rerank import (
     SECTION_FACTOR,
     PoseSearch,
@@ -73,12 +73,30 @@ def test_region_ratio_is_highest_at_the_true_plate_of_a_restained_section(search
         assert here > region_ratio(regions, samples, away) + 0.1, dz
 
 
+def test_the_refit_stops_after_the_moves_and_halvings_it_is_given(toy_reference):
+    reference, labels = toy_reference
+    section = _restained(reference, labels, 20)
+    grey, mask, _ = PoseSearch.prepare(section, 128)
+    samples = SectionSamples(grey, mask, np.argwhere(mask).mean(axis=0), size=32)
+    regions = RegionAtlas(Plates.from_reference(reference, labels))
+    centre = np.argwhere(labels[20] > 0).mean(axis=0)
+    start = Pose(
+        0.0, 20.0, 20, (3.0, -2.0), 4.0, grey.shape[0] / 64 * 0.95, (centre[0] + 2.0, centre[1] - 2.0)
+    )
+    here = region_ratio(regions, samples, start)
+    assert refine(regions, samples, start, 10.0, 10.0, free_z=False, moves=0).score == pytest.approx(here)
+    one = refine(regions, samples, start, 10.0, 10.0, free_z=False, moves=1)
+    full = refine(regions, samples, start, 10.0, 10.0, free_z=False)
+    assert here < one.score <= full.score  # one move gains, the full search at least as much
+    assert one.z == full.z == 20.0  # the plate position stays
+
+
 def test_the_search_records_the_ratio_it_counted_and_does_nothing_without_labels(search, toy_reference):  # noqa: F811
     reference, labels = toy_reference
     section = _restained(reference, labels, 24, seed=1)
     order = [(24, 0.0)] + [(p, 0.0) for p in range(search.n) if p != 24]
     seeded = dict(rerank.SEEDED, region_margin=0.2)  # a small search: the plates next to the truth
-    off = search.search(section, order, check_rerank_options(seeded))
+    off = search.search(section, order, check_rerank_options(dict(seeded, region_weight=0.0)))
     on = search.search(section, order, check_rerank_options(dict(seeded, region_weight=0.2)))
     assert all(p.region is None for p in off.poses.values())
     measured = [p for p in on.poses.values() if p.region is not None]
@@ -90,7 +108,7 @@ def test_the_search_records_the_ratio_it_counted_and_does_nothing_without_labels
     assert on.options["region_weight"] == 0.2 and on.options["region_refit"] is True
     # an atlas without annotation: the option does nothing, the ranking is the one without it
     bare = PoseSearch(Plates.from_reference(reference))
-    plain_off = bare.search(section, order, check_rerank_options(seeded))
+    plain_off = bare.search(section, order, check_rerank_options(dict(seeded, region_weight=0.0)))
     plain_on = bare.search(section, order, check_rerank_options(dict(seeded, region_weight=0.2)))
     assert plain_on.ranking == plain_off.ranking
     assert all(p.region is None for p in plain_on.poses.values())
@@ -107,3 +125,11 @@ def test_the_search_records_the_ratio_it_counted_and_does_nothing_without_labels
 def test_bad_region_options_raise(options, match):
     with pytest.raises(InputError, match=match):
         check_rerank_options(options)
+
+
+def test_the_defaults_count_the_regions_and_the_seeded_and_fast_presets_do_not():
+    defaults = check_rerank_options({})
+    assert defaults["region_weight"] == 0.1 and defaults["region_margin"] == 0.03
+    assert defaults["region_refit"] is True
+    assert check_rerank_options(rerank.SEEDED)["region_weight"] == 0.0
+    assert check_rerank_options(rerank.FAST)["region_weight"] == 0.0

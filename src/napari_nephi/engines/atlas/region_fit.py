@@ -169,10 +169,13 @@ def refine(
     max_tilt: float,
     max_rotation: float,
     free_z: bool = True,
+    halvings: int = HALVINGS,
+    moves: int = MAX_MOVES,
 ) -> Pose:
     """``pose`` moved to a local maximum of the correlation ratio (pattern search); its score is
     the correlation ratio. ``max_tilt`` / ``max_rotation`` bound the angles (degrees); with
-    ``free_z`` False the plate position stays."""
+    ``free_z`` False the plate position stays; ``halvings`` / ``moves``: when the search stops
+    (:data:`HALVINGS`, :data:`MAX_MOVES`)."""
     x = np.array([pose.z, *pose.tilt, pose.rotation, math.log(pose.scale), *pose.centre])
     steps = np.array(STEPS) * np.array([1, 1, 1, 1, 1, regions.size / 100, regions.size / 100])
     free = np.ones(7, dtype=bool)
@@ -191,8 +194,8 @@ def refine(
         )
 
     best = float(score(x[None])[0])
-    halvings = moves = 0
-    while halvings <= HALVINGS and moves < MAX_MOVES:
+    halved = moved = 0
+    while halved <= halvings and moved < moves:
         cand = []
         for d in np.flatnonzero(free):
             for sign in (-1, 1):
@@ -204,10 +207,10 @@ def refine(
         k = int(np.argmax(values))
         if values[k] > best + 1e-9:
             x, best = cand[k], float(values[k])
-            moves += 1
+            moved += 1
         else:
             steps = steps / 2
-            halvings += 1
+            halved += 1
     z = float(np.rint(x[0])) if not regions.is_volume else float(x[0])
     return replace(
         pose,

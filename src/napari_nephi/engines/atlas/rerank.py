@@ -102,15 +102,23 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   Top-1 48.4 -> 49.2 %, Top-5 94.3 -> 94.2 % (+22 / -25), straight sections 0.689 -> 0.767, fresh
   seeds 74-76 1.422 -> 1.472 (Top-5 94.4 -> 92.8 %): not a default (docs/atlas.md, "The similarity on
   the misses, session 24"). About 10 measured poses, a few ms of CPU per lookup.
-* **Regions** (session 35, opt-in: ``region_weight`` 0, ``region_margin`` 0.05, ``region_refit``
-  True). As the information term, with the adjusted correlation ratio of the section's tissue
-  intensities given the atlas's regions under them (:func:`.region_fit.region_ratio`; with
-  ``region_refit`` at the pose first moved to a local maximum of the ratio, its plate position fixed,
-  :func:`.region_fit.refine`): how much of the section's variance the atlas's regions explain,
-  whatever level the stain gives each region. Real stains (Nissl, fluorescent markers, autofluorescence)
-  do differ region by region, and the ratio assumes only that a region is about evenly stained, not
-  which boundaries show or how strongly (what the polarity-free edge field assumes). It needs an
-  annotation: without one the option does nothing. docs/atlas.md, "Session 35".
+* **Regions** (session 35, ``region_weight`` 0.1, ``region_margin`` 0.03, ``region_refit`` True;
+  ``region_weight`` 0 searches as before; :data:`SEEDED` and :data:`FAST` leave it off). As the
+  information term, with the adjusted correlation ratio of the section's tissue intensities given
+  the atlas's regions under them (:func:`.region_fit.region_ratio`; with ``region_refit`` at the
+  pose first moved to a local maximum of the ratio, its plate position fixed,
+  :func:`.region_fit.refine` at :data:`REGION_FIT_SIZE` / :data:`REGION_HALVINGS` /
+  :data:`REGION_MOVES`): how much of the section's variance the atlas's regions explain, whatever
+  level the stain gives each region. Real stains (Nissl, fluorescent markers, autofluorescence)
+  differ region by region; the ratio assumes only that a region is about evenly stained, not which
+  boundaries show or how strongly (what the polarity-free edge field assumes). It needs an
+  annotation: without one it does nothing. Only the plates within 0.03 of the best pose move (by
+  0.001-0.004 of score typically). Of 63 far misses (rank 5 or beyond) on 960 development
+  sections, the refitted ratio is higher at the truth's pose than at the winner's in 38 (the edge
+  score in 22, mutual information in 23). Replayed on 480 development sections: mean rank 1.810 ->
+  1.733 (25 better / 11 worse, Top-5 the same), on 480 more after the choice 1.496 -> 1.427; fresh
+  query seeds 140-142 (180 sections, alternating per section): 1.800 -> 1.717, Top-1 / 5 74 / 169
+  -> 75 / 169 sections, 8 better / 2 worse, CPU per lookup +5.7 % (docs/atlas.md, "Session 35").
 * **Aspect** (session 26, opt-in: ``aspects`` empty, ``aspect_margin`` 0.05). The best pose of each
   plate within the margin of the best pose (score less prior) is cut again at each ratio of
   ``aspects`` (the cut's plate pixels per section pixel along its rows over those along its
@@ -392,10 +400,10 @@ DEFAULTS = {
     # score gained per unit of the correlation ratio of the section's intensities given the atlas's
     # regions (region_fit.correlation_ratio) by the plates whose best pose lies within region_margin
     # of the best pose (score less prior), over the least of them (module docstring, "Regions"; 0:
-    # none; nothing without an annotation); region_refit: each such pose first moved to a local
-    # maximum of the ratio with its plate position fixed (region_fit.refine, free_z False)
-    "region_weight": 0.0,
-    "region_margin": 0.05,
+    # none, before session 35; nothing without an annotation); region_refit: each such pose first
+    # moved to a local maximum of the ratio with its plate position fixed (region_fit.refine, free_z False)
+    "region_weight": 0.1,
+    "region_margin": 0.03,
     "region_refit": True,
     # the best pose of each plate within aspect_margin of the best pose (score less prior) cut again
     # with its rows and columns scaled apart by each of these ratios (module docstring, "Aspect";
@@ -439,6 +447,7 @@ SEEDED = {
     "widen_gap": None,
     "outside_weight": 0.0,
     "tilt_rounds": 1,
+    "region_weight": 0.0,
 }
 #: Options of a search about half as costly as :data:`DEFAULTS`' that ranks worse (opt-in, for
 #: many sections where speed matters more): a smaller stage 1 (the embedding's 6 best plates and 2
@@ -467,6 +476,7 @@ FAST = {
     "widen_gap": None,
     "outside_weight": 0.0,
     "tilt_rounds": 1,
+    "region_weight": 0.0,
 }
 #: Scales searched, as factors of the tissue-extent guess: a cut shortens the extents (the true
 #: scale is then larger than the guess); a whole section matches it within a specimen's variation.
@@ -489,6 +499,13 @@ JOINT_DZ = (0,)
 FINE_DZ = (-1, 0, 1)
 #: Poses refined by the correlation ratio start at least this many plates apart.
 REGION_GAP = 2.0
+#: The ``region_weight`` term's refit (region_fit.refine): the section sampled at most this many pixels
+#: along its tissue's longer side, the pattern search stopped after this many halvings of its steps or
+#: this many moves (region_refine's are 64, 3 and 40): about half its CPU at about the same rankings
+#: (session 35, docs/atlas.md).
+REGION_FIT_SIZE = 48
+REGION_HALVINGS = 2
+REGION_MOVES = 20
 
 
 def check_rerank_options(options: dict | None) -> dict:
@@ -786,7 +803,7 @@ class PoseSearch:
         if options["information_weight"] > 0 and poses:
             _inform(poses, prior, fine, refine.atlas, options)
         if options["region_weight"] > 0 and poses and self._plates.has_labels:
-            samples = SectionSamples(grey, mask, fine.tissue_centre)
+            samples = SectionSamples(grey, mask, fine.tissue_centre, size=REGION_FIT_SIZE)
             _regions_score(poses, prior, self.regions(), samples, options)
         for p in poses:
             p.scale *= zoom
@@ -1250,7 +1267,14 @@ def _regions_score(
         pose = poses[k]
         if options["region_refit"]:
             fitted = refine_pose(
-                regions, samples, pose, options["max_tilt"], options["max_rotation"], free_z=False
+                regions,
+                samples,
+                pose,
+                options["max_tilt"],
+                options["max_rotation"],
+                free_z=False,
+                halvings=REGION_HALVINGS,
+                moves=REGION_MOVES,
             )
             ratio[plate] = float(fitted.score)
         else:
