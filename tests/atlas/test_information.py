@@ -97,7 +97,7 @@ def test_the_search_records_the_information_it_counted(search, toy_reference):  
     reference, labels = toy_reference
     section = _restained(reference, labels, 24, seed=1)
     order = [(p, 0.0) for p in range(search.n)]
-    # the regions term (session 35's default) off: it would move other plates in each search
+    # the regions term (opt-in, session 35) pinned off: it would move other plates in each search
     off = search.search(
         section, order, check_rerank_options({"information_weight": 0.0, "region_weight": 0.0})
     )

@@ -127,9 +127,10 @@ def test_bad_region_options_raise(options, match):
         check_rerank_options(options)
 
 
-def test_the_defaults_count_the_regions_and_the_seeded_and_fast_presets_do_not():
+def test_the_regions_term_is_off_by_default_and_in_the_presets():
+    """Opt-in (session 35: the phantom's stain is the term's own model, review 1)."""
     defaults = check_rerank_options({})
-    assert defaults["region_weight"] == 0.1 and defaults["region_margin"] == 0.03
+    assert defaults["region_weight"] == 0.0 and defaults["region_margin"] == 0.03
     assert defaults["region_refit"] is True
     assert check_rerank_options(rerank.SEEDED)["region_weight"] == 0.0
     assert check_rerank_options(rerank.FAST)["region_weight"] == 0.0

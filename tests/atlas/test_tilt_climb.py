@@ -14,7 +14,7 @@ from napari_nephi.synthetic.atlas import section_from_atlas
 
 ANGLES = [0.0, -12.0, -6.0, 6.0, 12.0]  # the default grid: max_tilt 12, tilt_step 6
 #: the options of stage 2 before session 31: every finer grid, every rotation of the untilted step
-# the regions term (session 35's default) off: its gain is counted from the least of the plates near
+# the regions term (opt-in, session 35) pinned off: its gain is counted from the least of the plates near
 # the best, so a search that scores fewer poses shifts the best pose's score by a few thousandths
 BEFORE = {"finer_margin": None, "untilted_prune": None, "region_weight": 0.0}
 

@@ -102,23 +102,24 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   Top-1 48.4 -> 49.2 %, Top-5 94.3 -> 94.2 % (+22 / -25), straight sections 0.689 -> 0.767, fresh
   seeds 74-76 1.422 -> 1.472 (Top-5 94.4 -> 92.8 %): not a default (docs/atlas.md, "The similarity on
   the misses, session 24"). About 10 measured poses, a few ms of CPU per lookup.
-* **Regions** (session 35, ``region_weight`` 0.1, ``region_margin`` 0.03, ``region_refit`` True;
-  ``region_weight`` 0 searches as before; :data:`SEEDED` and :data:`FAST` leave it off). As the
+* **Regions** (session 35, opt-in: ``region_weight`` 0, ``region_margin`` 0.03, ``region_refit``
+  True; measured at ``{"region_weight": 0.1}``; :data:`SEEDED` and :data:`FAST` keep it off). As the
   information term, with the adjusted correlation ratio of the section's tissue intensities given
   the atlas's regions under them (:func:`.region_fit.region_ratio`; with ``region_refit`` at the
   pose first moved to a local maximum of the ratio, its plate position fixed,
   :func:`.region_fit.refine` at :data:`REGION_FIT_SIZE` / :data:`REGION_HALVINGS` /
   :data:`REGION_MOVES`): how much of the section's variance the atlas's regions explain, whatever
-  level the stain gives each region. Real stains (Nissl, fluorescent markers, autofluorescence)
-  differ region by region; the ratio assumes only that a region is about evenly stained, not which
-  boundaries show or how strongly (what the polarity-free edge field assumes). It needs an
-  annotation: without one it does nothing. Only the plates within 0.03 of the best pose move (by
-  0.001-0.004 of score typically). Of 63 far misses (rank 5 or beyond) on 960 development
-  sections, the refitted ratio is higher at the truth's pose than at the winner's in 38 (the edge
-  score in 22, mutual information in 23). Replayed on 480 development sections: mean rank 1.810 ->
-  1.733 (25 better / 11 worse, Top-5 the same), on 480 more after the choice 1.496 -> 1.427; fresh
-  query seeds 140-142 (180 sections, alternating per section): 1.800 -> 1.717, Top-1 / 5 74 / 169
-  -> 75 / 169 sections, 8 better / 2 worse, CPU per lookup +5.7 % (docs/atlas.md, "Session 35").
+  level the stain gives each region. It assumes the stain is even within each annotated region, at
+  the annotation's granularity; it needs an annotation (without one it does nothing). Only the
+  plates within the margin of the best pose move (by 0.001-0.004 of score typically). Of 63 far
+  misses (rank 5 or beyond) on 960 development sections, the refitted ratio is higher at the
+  truth's pose than at the winner's in 38 (the edge score in 22, mutual information in 23).
+  Weight 0.1: 480 development sections 1.810 -> 1.733 (replayed; 25 better / 11 worse, Top-5 the
+  same), 480 more 1.496 -> 1.427; query seeds 140-142 (180 sections, alternating per section):
+  1.800 -> 1.717, Top-1 / 5 74 / 169 -> 75 / 169 sections, 8 better / 2 worse, two far misses
+  carrying the gain; CPU per lookup +5.7 %. Not a default (review 1 of session 35): the phantom's
+  stain draws one level per annotation label, so the ratio is the generator's own model, and with
+  adjacent labels merged in pairs half the gain goes (docs/atlas.md, "Session 35").
 * **Aspect** (session 26, opt-in: ``aspects`` empty, ``aspect_margin`` 0.05). The best pose of each
   plate within the margin of the best pose (score less prior) is cut again at each ratio of
   ``aspects`` (the cut's plate pixels per section pixel along its rows over those along its
@@ -400,9 +401,10 @@ DEFAULTS = {
     # score gained per unit of the correlation ratio of the section's intensities given the atlas's
     # regions (region_fit.correlation_ratio) by the plates whose best pose lies within region_margin
     # of the best pose (score less prior), over the least of them (module docstring, "Regions"; 0:
-    # none, before session 35; nothing without an annotation); region_refit: each such pose first
-    # moved to a local maximum of the ratio with its plate position fixed (region_fit.refine, free_z False)
-    "region_weight": 0.1,
+    # none, the default: opt-in, module docstring; nothing without an annotation); region_refit: each
+    # such pose first moved to a local maximum of the ratio with its plate position fixed
+    # (region_fit.refine, free_z False); session 35's measured setting: {"region_weight": 0.1}
+    "region_weight": 0.0,
     "region_margin": 0.03,
     "region_refit": True,
     # the best pose of each plate within aspect_margin of the best pose (score less prior) cut again
@@ -447,7 +449,6 @@ SEEDED = {
     "widen_gap": None,
     "outside_weight": 0.0,
     "tilt_rounds": 1,
-    "region_weight": 0.0,
 }
 #: Options of a search about half as costly as :data:`DEFAULTS`' that ranks worse (opt-in, for
 #: many sections where speed matters more): a smaller stage 1 (the embedding's 6 best plates and 2
@@ -476,7 +477,6 @@ FAST = {
     "widen_gap": None,
     "outside_weight": 0.0,
     "tilt_rounds": 1,
-    "region_weight": 0.0,
 }
 #: Scales searched, as factors of the tissue-extent guess: a cut shortens the extents (the true
 #: scale is then larger than the guess); a whole section matches it within a specimen's variation.
