@@ -461,15 +461,19 @@ def main() -> None:
                 flush=True,
             )
     if not args.no_global:
-        cases = [
-            c
-            for im in args.global_images
-            for o in args.global_orders
-            for c in global_cases(
-                args.size2d, im, o, args.global_degrees_3d if im == "mri" else args.global_degrees
-            )
-            if not args.no_global_fixed
-        ]
+        cases, n_resampled = [], 0
+        for im in args.global_images if not args.no_global_fixed else []:
+            for o in args.global_orders:
+                degrees = args.global_degrees_3d if im == "mri" else args.global_degrees
+                for j, c in enumerate(global_cases(args.size2d, im, o, degrees)):
+                    # --noise: the linear and cubic cases by their place among them (as before the fair pairs),
+                    # the fair ones by image and map: adding "area" leaves the others' noise as it was
+                    if o == "area":
+                        c["noise_seed"] = [CASE_OFFSETS[im], j, 100 + AREA_FACTOR, 2000]
+                    else:
+                        c["noise_seed"] = 1000 + n_resampled
+                        n_resampled += 1
+                    cases.append(c)
         cases += [
             c
             for seed in args.global_rigid_seed
@@ -477,8 +481,8 @@ def main() -> None:
             for o in args.global_orders
             for c in random_rigid_cases(seed, args.global_rigid_count, args.size2d, im, o)
         ]
-        for i, case in enumerate(cases):
-            add_noise(case, args.noise, case.get("noise_seed", 1000 + i), args.noise_kind)
+        for case in cases:
+            add_noise(case, args.noise, case["noise_seed"], args.noise_kind)
             # 32 px inside the border at 512 px (scaled); 3 voxels inside the MRI (25 x 41 x 33)
             margin = round(32 * args.size2d / 512) if case["fixed"].ndim == 2 else MARGIN_3D
             sl = inner(case["fixed"].shape, margin)

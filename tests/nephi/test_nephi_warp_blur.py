@@ -29,6 +29,11 @@ def test_warp_blur_is_the_trilinear_smoothing_of_a_quadratic():
     var = coarse.interpolation_variance(pts, shape)
     assert var.shape == (1, 3, *shape)
     np.testing.assert_allclose(var[0, :, 4, 4, 4].numpy(), [0.25 * 0.75, 0.4 * 0.6, 0.3 * 0.7], atol=1e-4)
+    # outside the frame grid_sample (border padding) reads the edge voxel as it is: no smoothing (review B1)
+    out = torch.tensor([[[[[1.3, -1.2, 0.9]]]]])  # x, y beyond the frame, z inside at a sub-voxel point
+    np.testing.assert_allclose(
+        coarse.interpolation_variance(out, shape)[0, :, 0, 0, 0].numpy(), [0, 0, 0.24], atol=1e-4
+    )
     inner = (0, 0, slice(1, -1), slice(1, -1), slice(1, -1))
     blurred = coarse.blur_by_variance(fixed, var)
     assert float((warped - fixed)[inner].abs().max()) > 0.25
@@ -64,3 +69,29 @@ def test_warp_blur_recovers_a_shift_of_a_volume_sampled_like_the_fixed_one(monke
     for on in (True, "all"):
         assert out[on][0] < 0.1
         assert out[on][1] < 0.1 < out[False][1]
+
+
+def test_warp_blur_is_recorded_only_where_a_level_ran_it(monkeypatch):
+    """With matched blur ``"once"`` the full-grid levels learn the blur instead, so ``True`` (full-grid
+    levels only) runs nowhere and is not recorded; ``"all"`` still runs on the coarser levels and is
+    (review 1, B2)."""
+    import napari_nephi
+    from napari_nephi.synthetic import mri_volume
+
+    vol = mri_volume()[0][4:21, 8:33, 6:27]
+    moving = ndimage.shift(vol, (0.5, -0.5, 0.5), order=3, mode="nearest").astype(np.float32)
+    seen = {}
+    for on in (True, "all"):
+        monkeypatch.setattr(coarse, "WARP_BLUR_3D", on)
+        reg = napari_nephi.register(
+            vol,
+            moving,
+            method="nephi",
+            device="cpu",
+            iterations=0,
+            initial="none",
+            coarse_iterations=4,
+            coarse_match_blur="once",
+        )
+        seen[on] = reg.settings["coarse_volume_sampling"].get("warp_blur")
+    assert seen == {True: None, "all": "all"}

@@ -489,10 +489,12 @@ WARP_BLUR_3D: bool | str = False
 def interpolation_variance(pts: torch.Tensor, shape) -> torch.Tensor:
     """The smoothing of linear interpolation at the normalised points ``pts`` ``(1, *S, D)`` (grid_sample's
     axis order, ``align_corners=True``) in an image of spatial ``shape`` (numpy order): per point and axis
-    ``f (1 - f)`` (voxel^2), ``f`` the sub-voxel part of the point, ``(1, D, *S)`` in ``pts``' axis order.
-    Detached: the blur follows the map, it is not a way for the map to lower the loss."""
+    ``f (1 - f)`` (voxel^2), ``f`` the sub-voxel part of the point (0 outside the frame, where the edge
+    voxel is read as it is), ``(1, D, *S)`` in ``pts``' axis order. Detached: the blur follows the map, it
+    is not a way for the map to lower the loss."""
     sizes = torch.as_tensor([n - 1 for n in shape[::-1]], dtype=pts.dtype, device=pts.device)
-    c = (pts.detach() + 1) * 0.5 * sizes
+    # clamped: outside the frame grid_sample (padding "border") reads the edge voxel as it is, unsmoothed
+    c = torch.minimum(torch.maximum((pts.detach() + 1) * 0.5 * sizes, torch.zeros_like(sizes)), sizes)
     f = c - torch.floor(c)
     return torch.movedim(f * (1 - f), -1, 1)
 
@@ -711,6 +713,7 @@ def optimize_velocity(
     learn_blur = blur_mode == "learned"
     blur = torch.full((2, d), 1e-4, device=dev, requires_grad=True) if learn_blur else None
     blur_used = False
+    warp_blur_used = False  # WARP_BLUR_3D ran on a level with steps (recorded in volume_sampling)
     held = None  # "once": the variances estimated at the first full-grid step, and the probes there
     spread = detj_rms = None  # "auto": the coarser levels' displacement spread (voxels), det J RMS
     steps_run = 0  # the steps the levels ran (a level cut by max_levels or gated off runs none)
@@ -767,6 +770,7 @@ def optimize_velocity(
         # WARP_BLUR_3D: trilinear volumes, on the levels that compare on the grid they warp on (matched blur,
         # where it runs, learns the blur instead)
         warp_blur_here = warp_blur and (cmp == warp_grid or WARP_BLUR_3D == "all") and not blur_here
+        warp_blur_used = warp_blur_used or (warp_blur_here and n_steps > 0)
         blur_used = blur_used or (blur_here and n_steps > 0)
         if blur_here:  # white-noise variances of the images, unit noise to warp as probes
             noise = noise_variance(f_l), noise_variance(m_l)
@@ -881,7 +885,7 @@ def optimize_velocity(
     maps.blur_gate_spread = spread
     maps.blur_gate_detj_rms = detj_rms
     maps.volume_sampling = {"cubic": cubic, "exact_area": exact} if d == 3 else None
-    if warp_blur:  # (recorded where it ran: the default's settings as before)
+    if warp_blur_used:  # (recorded where it ran: the default's settings as before)
         maps.volume_sampling["warp_blur"] = "all" if WARP_BLUR_3D == "all" else True
     maps.flat_fill_info = fill_info
     maps.steps_run = steps_run
