@@ -290,6 +290,14 @@ def test_landmark_spin_takes_the_rotation_from_the_landmarks_or_the_whole_sectio
     assert spin(whole) < 0.0  # the rest's turn dominates the whole fit
     assert abs(spin(got[0.0]) - spin(whole)) < 1e-9
     assert abs(spin(got[0.5]) - 0.5 * (spin(got[1.0]) + spin(whole))) < 1e-9
+    roi = elastic._flow_affine(flow, region, s, (h, w))[0]
+    ys, xs = np.nonzero(region)
+    c = np.array([cy[ys, xs].mean(), cx[ys, xs].mean()])
+
+    def at(p, q):  # the affine field p's (y, x) displacement at q
+        return p[:4].reshape(2, 2) @ q + p[4:]
+
     for p in got.values():  # scale and shear are the whole fit's in every case
         g, gw = p[:4].reshape(2, 2), whole[:4].reshape(2, 2)
         assert np.allclose(g + g.T, gw + gw.T, atol=1e-12)
+        assert np.allclose(at(p, c), at(roi, c), atol=1e-9)  # the region fit's displacement at its centroid
