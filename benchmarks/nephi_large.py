@@ -201,8 +201,13 @@ def sampling_suffix(order: int | str) -> str:
 
 
 def parse_order(text: str) -> int | str:
-    """``--global-orders`` values: a spline order (1, 3) or ``area``."""
-    return text if text == "area" else int(text)
+    """``--global-orders`` values: a spline order (1, 3) or ``area``; anything else is refused with a clear
+    message (argparse's error, not a traceback where the case is named)."""
+    if text == "area":
+        return text
+    if text in ("1", "3"):
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: a global order is 1 (linear), 3 (cubic) or area (fair pair)")
 
 
 def rigid_moving(fixed: np.ndarray, mat: np.ndarray, order: int) -> np.ndarray:

@@ -2,11 +2,13 @@
 area-sampled from one finer object, the moving one after the object moved, so the pair differs by the map only
 (no resampling blur)."""
 
+import argparse
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from napari_nephi.synthetic import mri_volume
@@ -64,3 +66,14 @@ def test_fair_pair_matches_through_the_map_better_than_resampling():
     cubic = _back_residual(img, NL.rigid_moving(img, mat, 3), truth, NL.MARGIN_3D)
     assert fair < 0.45 * linear, (fair, linear)
     assert fair < 0.7 * cubic, (fair, cubic)
+
+
+def test_global_orders_refuses_other_values():
+    """``--global-orders`` takes 1, 3 or area; another order is refused with a message naming them (review 2
+    of session 35: ``2`` reached the case naming as a KeyError traceback)."""
+    assert NL.parse_order("1") == 1
+    assert NL.parse_order("3") == 3
+    assert NL.parse_order("area") == "area"
+    for bad in ("2", "cubic", "0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="1 \\(linear\\), 3 \\(cubic\\) or area"):
+            NL.parse_order(bad)
