@@ -24,7 +24,7 @@ from .bspline import bspline_on_grid, control_shape, grid_weights, intervals_for
 from .cubic import cubic_sample, spline_coefficients
 from .flatfill import FLAT_SHARE, fill_flat, flat_share
 from .interp import interpolate
-from .matchblur import blurred_similarity, estimate_blur, noise_variance
+from .matchblur import _second_difference, blurred_similarity, estimate_blur, noise_variance
 from .smoothing import gaussian_smoothed
 
 
@@ -505,14 +505,8 @@ def blur_by_variance(image: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     :func:`interpolation_variance` gives them; edges repeated), the axes' blurs summed to first order."""
     d = image.dim() - 2
     out = image
-    for a in range(d):
-        ax = 2 + d - 1 - a  # numpy axis of component a (x is the last)
-        n = image.shape[ax]
-        if n < 2:
-            continue
-        pad = torch.cat([image.narrow(ax, 0, 1), image, image.narrow(ax, n - 1, 1)], ax)
-        second = pad.narrow(ax, 0, n) - 2 * image + pad.narrow(ax, 2, n)
-        out = out + 0.5 * var[:, a : a + 1] * second
+    for a in range(d):  # numpy axis of component a: 2 + d - 1 - a (x is the last)
+        out = out + 0.5 * var[:, a : a + 1] * _second_difference(image, 2 + d - 1 - a)
     return out
 
 
