@@ -42,6 +42,11 @@ Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, importe
   the RMS skips the stage only where the moving image is blurrier by more than B voxel^2 (session 34,
   ``engine.NEURAL_3D_GATE_BLUR``; the reading is ``excess_blur`` in the JSON). ``--warp-blur-3d on|all``: the
   coarse stage matches its trilinear warp's smoothing on volumes (session 35, ``coarse.WARP_BLUR_3D``; opt-in).
+* ``--deformation-orders 1 area``: the deformation cases also as fair pairs (session 36,
+  :func:`deformation_pair_area`): both images area means over 4-voxel blocks of one object, the moving one after
+  the field moved the object on the fine grid, so the pair differs by the field only (names end ", area 4x"; same
+  fields). The default, ``1``, is the moving image resampled linearly through the field (earlier sessions' cases,
+  the same numbers), whose blur varies with the field's sub-voxel part.
 
 ``--noise SIGMA``: independent Gaussian noise of that standard deviation (intensities in [0, 1])
 added to both images of every case (seeded by the case), the warp made from the noise-free image;
@@ -121,21 +126,30 @@ def load(name: str, size: int) -> tuple[np.ndarray, bool]:
     return img, whole
 
 
-def make_case(name: str, amplitude: float, size: int, seed: int) -> dict:
+def make_case(name: str, amplitude: float, size: int, seed: int, order: int | str = 1) -> dict:
+    """A deformation case: the field drawn from ``seed`` (the same for every ``order``); ``order`` 1, the moving
+    image is the fixed one resampled linearly through it (the cases of earlier sessions, unchanged); ``"area"``,
+    the fair pair of :func:`deformation_pair_area` (names end ", area 4x")."""
+    if order not in (1, "area"):
+        raise ValueError(f"{order!r}: a deformation case is resampled linearly (1) or area-sampled (area)")
     if name == "mri":
-        fixed, _ = mri_volume()
+        img, _ = mri_volume()
         whole, umax, smooth = False, float(amplitude), MRI_SMOOTHNESS
     else:
-        fixed, whole = load(name, size)
+        img, whole = load(name, size)
         # amplitudes under 1 % (near-rigid pairs) take the 1 % smoothness
         umax, smooth = amplitude / 100 * size, SMOOTHNESS[max(1, int(amplitude))] * size
-    u, u_inv = random_smooth_displacement(fixed.shape, umax, smooth, seed=seed, return_inverse=True)
+    u, u_inv = random_smooth_displacement(img.shape, umax, smooth, seed=seed, return_inverse=True)
     assert np.all(jacobian_determinant(u) > 0)
-    moving = np.ascontiguousarray(DisplacementTransform(u_inv).warp(fixed), np.float32)
+    if order == "area":
+        fixed, moving = deformation_pair_area(img, u_inv)
+    else:
+        fixed = img
+        moving = np.ascontiguousarray(DisplacementTransform(u_inv).warp(fixed), np.float32)
     mask = NA.tissue_mask(fixed, whole)
     flat = textureless_mask(fixed) & mask
     return dict(
-        name=f"{name} {amplitude:g}{'' if name == 'mri' else ' %'}",
+        name=f"{name} {amplitude:g}{'' if name == 'mri' else ' %'}" + sampling_suffix(order),
         fixed=fixed,
         moving=moving,
         truth=u,
@@ -184,6 +198,31 @@ def rigid_pair_area(
     scale[:d, d] = (factor - 1) / 2  # coarse voxel x -> its centre on the fine grid
     inv = np.linalg.inv(scale @ mat @ np.linalg.inv(scale))
     moved = ndimage.affine_transform(fine, inv[:d, :d], inv[:d, d], order=3, mode="nearest")
+    return area_down(fine, factor), area_down(moved, factor)
+
+
+def deformation_pair_area(
+    img: np.ndarray, u_inv: np.ndarray, factor: int = AREA_FACTOR
+) -> tuple[np.ndarray, np.ndarray]:
+    """A fair deformation pair ``(fixed, moving)`` with ``moving(x + u(x)) = fixed(x)`` where ``u_inv`` is the
+    inverse of ``u`` (``moving(y) = object(y + u_inv(y))``): the object of :func:`rigid_pair_area` imaged twice by
+    the same voxels, the second time after the field moved it on the fine grid (``u_inv`` interpolated there by
+    cubic splines, the object sampled through it by cubic splines; session 36). Both images carry the voxel's box
+    blur; the moving one of :func:`make_case`'s linear pairs carries the resampling's blur besides, which varies
+    with the field's sub-voxel part."""
+    d = img.ndim
+    fine = fine_object(img, factor)
+    fgrid = np.stack(
+        np.meshgrid(*[np.arange(factor * n, dtype=np.float64) for n in img.shape], indexing="ij")
+    )
+    pts = (fgrid - (factor - 1) / 2) / factor  # fine voxels in coarse voxel coordinates
+    uf = np.stack(
+        [
+            ndimage.map_coordinates(np.asarray(u_inv[i], np.float64), pts, order=3, mode="nearest")
+            for i in range(d)
+        ]
+    )
+    moved = ndimage.map_coordinates(fine, fgrid + factor * uf, order=3, mode="nearest")
     return area_down(fine, factor), area_down(moved, factor)
 
 
@@ -385,6 +424,14 @@ def main() -> None:
         default=[4.0],
         help="rotations of the MRI's global cases",
     )
+    p.add_argument(
+        "--deformation-orders",
+        nargs="*",
+        type=parse_order,
+        choices=[1, "area"],
+        default=[1],
+        help="deformation cases: 1 (moving image resampled linearly) or area (fair pair)",
+    )
     p.add_argument("--global-rigid-seed", type=int, nargs="*", default=[], help="seeds of random rigid maps")
     p.add_argument("--global-rigid-count", type=int, default=6, help="random rigid maps per seed and image")
     p.add_argument("--no-global-fixed", action="store_true", help="only the random rigid maps")
@@ -433,12 +480,13 @@ def main() -> None:
     runs = [(lbl, lambda f, m, o=o: NA.run_nephi(f, m, **o)) for lbl, o in specs]
     runs += [NA.TOOLS[t] for t in args.tools]
     rows = []
-    plan = [(n, a) for n in args.images for a in args.amplitudes]
-    plan += [("mri", a) for a in args.mri_amplitudes]
-    for name, amp in plan:
-        # the seed depends on the case only (not on which other cases run)
-        case = make_case(name, amp, args.size2d, args.seeds + 10 * CASE_OFFSETS[name] + int(amp))
-        add_noise(case, args.noise, args.seeds + 10 * CASE_OFFSETS[name] + int(amp), args.noise_kind)
+    plan = [(n, a, o) for n in args.images for a in args.amplitudes for o in args.deformation_orders]
+    plan += [("mri", a, o) for a in args.mri_amplitudes for o in args.deformation_orders]
+    for name, amp, order in plan:
+        # the seed depends on the case only (not on which other cases run); the fair pair shares the field
+        seed = args.seeds + 10 * CASE_OFFSETS[name] + int(amp)
+        case = make_case(name, amp, args.size2d, seed, order)
+        add_noise(case, args.noise, seed if order == 1 else [seed, 100 + AREA_FACTOR, 3000], args.noise_kind)
         mask, flat, tex, truth = case["mask"], case["flat"], case["textured"], case["truth"]
         zero = np.zeros_like(truth)
         print(

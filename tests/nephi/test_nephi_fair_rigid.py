@@ -1,6 +1,6 @@
-"""The fair rigid pair of ``benchmarks/nephi_large.py`` (``--global-orders area``, session 35): both images
-area-sampled from one finer object, the moving one after the object moved, so the pair differs by the map only
-(no resampling blur)."""
+"""The fair rigid pair of ``benchmarks/nephi_large.py`` (``--global-orders area``, session 35) and the fair
+deformation pair (``--deformation-orders area``, session 36): both images area-sampled from one finer object,
+the moving one after the object moved, so the pair differs by the map only (no resampling blur)."""
 
 import argparse
 import os
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_nephi.synthetic import mri_volume
+from napari_nephi.core.transform import DisplacementTransform
+from napari_nephi.synthetic import mri_volume, random_smooth_displacement
 
 _BENCH = str(Path(__file__).resolve().parents[2] / "benchmarks")
 _ITK = os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
@@ -77,3 +78,37 @@ def test_global_orders_refuses_other_values():
     for bad in ("2", "cubic", "0"):
         with pytest.raises(argparse.ArgumentTypeError, match="1 \\(linear\\), 3 \\(cubic\\) or area"):
             NL.parse_order(bad)
+
+
+def test_fair_deformation_pair_grid_convention():
+    """``deformation_pair_area`` takes the inverse field in coarse voxels: none gives two equal images, a
+    constant whole-voxel one the fixed image shifted exactly (``moving(y) = fixed(y + t)``) inside."""
+    rng = np.random.default_rng(1)
+    img = ndimage.gaussian_filter(rng.random((24, 20)), 1.0).astype(np.float32)
+    fixed, moving = NL.deformation_pair_area(img, np.zeros((2, 24, 20)))
+    assert fixed.shape == moving.shape == img.shape
+    np.testing.assert_allclose(moving, fixed, atol=1e-6)
+    fixed_r, _ = NL.rigid_pair_area(img, np.eye(3))
+    np.testing.assert_allclose(fixed, fixed_r, atol=1e-6)  # the same object and voxels as the rigid pair
+    t = np.zeros((2, 24, 20))
+    t[0], t[1] = 2.0, -1.0
+    _, moving2 = NL.deformation_pair_area(img, t)
+    np.testing.assert_allclose(moving2[4:-8, 6:-4], fixed[6:-6, 5:-5], atol=1e-4)
+
+
+def test_fair_deformation_matches_through_the_field_better_than_resampling():
+    """A smooth 1-voxel field (smoothness 7, the MRI cases') on a 25 x 24 x 22 crop of the MRI: the fair pair
+    sampled back through the true field matches its fixed image with under 0.45 x the residual of today's
+    linear-resampled pair (measured 0.33 x: 0.063 against 0.191 of the fixed image's SD)."""
+    img = mri_volume()[0][:, 8:32, 6:28]
+    u, u_inv = random_smooth_displacement(img.shape, 1.0, NL.MRI_SMOOTHNESS, seed=0, return_inverse=True)
+    fair = _back_residual(*NL.deformation_pair_area(img, u_inv), u, NL.MARGIN_3D)
+    linear_moving = np.ascontiguousarray(DisplacementTransform(u_inv).warp(img), np.float32)
+    linear = _back_residual(img, linear_moving, u, NL.MARGIN_3D)
+    assert fair < 0.45 * linear, (fair, linear)
+
+
+def test_deformation_cases_refuse_other_orders():
+    """``make_case`` builds a deformation case linearly resampled (1) or fair (area), not a cubic one."""
+    with pytest.raises(ValueError, match="resampled linearly \\(1\\) or area-sampled"):
+        NL.make_case("mri", 1.0, 256, 0, 3)
