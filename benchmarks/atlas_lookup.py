@@ -14,6 +14,12 @@ texture, written independently of the engine's training synthesiser) in five cas
 Every query also has an in-plane rotation (+-10 degrees), another pixel size (0.8-1.25) and
 noise. The truth is the plate at the centre of the section's tissue.
 
+``--compartments foreign`` stains the same sections (same plates, cuts, noise and tears) with
+levels that do not follow the annotation's labels: touching regions merged, every region split
+by a smooth surface, a drift across the brain (``atlas_queries(..., compartments="foreign")``).
+A real stain does not know the atlas's parcellation; the default (``labels``: one level per
+label) is the phantom's own model, which a score built on the labels can exploit.
+
 Methods (``--methods``):
 
 * ``ours``: ``AtlasLookup.train(reference, labels)`` with default options (atlas alone);
@@ -70,6 +76,7 @@ from scipy import ndimage
 from napari_nephi import AtlasLookup
 from napari_nephi.engines.atlas.preprocess import prepare_input
 from napari_nephi.synthetic.atlas import atlas_queries, brain_phantom
+from napari_nephi.synthetic.atlas_sections import COMPARTMENTS
 
 #: Case groups: atlas_queries options.
 CASES = {
@@ -147,7 +154,9 @@ def make_queries(ref, labels, args) -> dict[str, list[dict]]:
     out = {}
     for i, case in enumerate(args.cases):
         seed = args.query_seed * 1000 + 101 + i
-        out[case] = atlas_queries(ref, labels, args.per_case, seed=seed, **CASES[case])
+        out[case] = atlas_queries(
+            ref, labels, args.per_case, seed=seed, compartments=args.compartments, **CASES[case]
+        )
     return out
 
 
@@ -358,6 +367,12 @@ def parse(argv=None):
     p.add_argument("--index-dir", default=None, help="save trained indexes here; load them when present")
     p.add_argument("--json", default=None, help="write the results here (after every method)")
     p.add_argument("--rerank-options", default="{}", help="JSON options of the re-ranking (rerank.DEFAULTS)")
+    p.add_argument(
+        "--compartments",
+        choices=COMPARTMENTS,
+        default="labels",
+        help="what the queries' stain follows: the annotation's labels (default) or foreign compartments",
+    )
     p.add_argument(
         "--first-stage", default=None, help="embedding, vote or vote+embedding (default: the index's own)"
     )

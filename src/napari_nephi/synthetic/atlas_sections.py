@@ -19,10 +19,12 @@ from scipy import ndimage
 from ..core.errors import InputError
 from ..core.options import check_choice, check_float, check_int
 
-__all__ = ["CONTRASTS", "atlas_queries", "plane_axes"]
+__all__ = ["COMPARTMENTS", "CONTRASTS", "atlas_queries", "plane_axes"]
 
 #: Stains :func:`atlas_queries` can render ("mixed": each query draws one of the other two).
 CONTRASTS = ("nissl", "fluorescence", "mixed")
+#: What a stain's per-region levels follow (:func:`atlas_queries` option ``compartments``).
+COMPARTMENTS = ("labels", "foreign")
 _PARTS = ("top", "bottom", "left", "right", "corner")
 
 
@@ -76,9 +78,79 @@ class _Atlas:
         valid = np.nonzero(area >= 0.25 * area.max())[0]
         self.zrange = (float(valid.min()), float(valid.max()))
         self.min_area = 0.1 * float(np.median(area[valid]))
+        self._pairs = None
+
+    def pairs(self) -> np.ndarray:
+        """``(P, 2)`` indices (into :attr:`values`) of the tissue regions that touch, each pair once."""
+        if self._pairs is None:
+            k = self.index_of(self.lab)
+            n = self.values.size
+            found = []
+            for axis in range(3):
+                a = np.moveaxis(k, axis, 0)
+                lo, hi = a[:-1].ravel(), a[1:].ravel()
+                diff = (lo != hi) & (lo > 0) & (hi > 0)
+                found.append(np.minimum(lo[diff], hi[diff]) * n + np.maximum(lo[diff], hi[diff]))
+            codes = np.unique(np.concatenate(found))
+            self._pairs = np.stack([codes // n, codes % n], axis=1)
+        return self._pairs
 
     def index_of(self, lab: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.values, lab)
+
+
+class _Compartments:
+    """A stain's own compartments, drawn per section: not the annotation's labels.
+
+    A stain does not know the atlas's parcellation. Here it cannot tell some touching regions
+    apart (touching regions merged in pairs, each pair with probability 0.5), it divides every
+    (merged) region into patches on the two sides of a smooth surface that no label follows (the
+    sign of a smooth random field with 9 knots along each axis: unannotated subdivisions, patches,
+    expression boundaries; the far side's level differs by 10-30 % of the range, up or down) and
+    its strength drifts smoothly across the brain (a multiplicative gradient of 10-25 %). Fields
+    live in atlas coordinates, so an oblique cut crosses them as it crosses the regions.
+    """
+
+    def __init__(self, atlas: _Atlas, rng: np.random.Generator):
+        n = atlas.values.size
+        group = np.arange(n)
+        pairs = atlas.pairs()
+        for i in rng.permutation(len(pairs)):
+            a, b = pairs[i]
+            # merge two touching regions with probability 0.5 each, only regions not merged yet
+            if group[a] == a and group[b] == b and (group == a).sum() == 1 and (group == b).sum() == 1:
+                if rng.uniform() < 0.5:
+                    group[b] = a
+        self.group = group
+        self.split = rng.standard_normal((9, 9, 9))
+        self.gradient = rng.standard_normal((3, 3, 3))
+        self.strength = rng.uniform(0.1, 0.25)
+        # the far side of the surface: its level moved by 10-30 % of the range, up or down
+        self.step = rng.uniform(0.1, 0.3, n) * rng.choice([-1.0, 1.0], n)
+        self.shape = np.asarray(atlas.shape, dtype=np.float64)
+
+    def _field(self, coarse: np.ndarray, coords: np.ndarray) -> np.ndarray:
+        scale = (np.array(coarse.shape, dtype=np.float64) - 1) / np.maximum(self.shape - 1, 1)
+        grid = coords * scale.reshape((3,) + (1,) * (coords.ndim - 1))
+        return ndimage.map_coordinates(coarse, grid, order=3, mode="nearest")
+
+    def side(self, coords: np.ndarray) -> np.ndarray:
+        """True on the second side of the splitting surface, at atlas coordinates ``(3, ...)``."""
+        return self._field(self.split, coords) < 0
+
+    def drift(self, coords: np.ndarray) -> np.ndarray:
+        """The stain's multiplicative drift across the brain (about ``1 +- strength``)."""
+        g = self._field(self.gradient, coords)
+        return 1 + self.strength * np.clip(g, -2, 2) / 1.5
+
+    def merged(self, per_region: np.ndarray) -> np.ndarray:
+        """``per_region`` levels made equal within each merged group (the group's first region's)."""
+        return per_region[self.group]
+
+    def regions(self, atlas: _Atlas, lab: np.ndarray, coords: np.ndarray) -> np.ndarray:
+        """The stain's compartment of each pixel (``2 group + side + 1``; 0 where ``lab`` is 0)."""
+        out = 2 * self.group[atlas.index_of(lab)] + self.side(coords) + 1
+        return np.where(lab > 0, out, 0).astype(np.int32)
 
 
 class _Specimen:
@@ -99,11 +171,12 @@ class _Specimen:
         return c + s * (p - c) + u
 
 
-def _check(n, max_tilt, partial, contrast, noise, tears, rotation, scale, deform):
+def _check(n, max_tilt, partial, contrast, noise, tears, rotation, scale, deform, compartments="labels"):
     n = check_int("n", n, 1, 100000)
     max_tilt = check_float("max_tilt", max_tilt, 0, 45)
     partial = check_float("partial", partial, 0, 1)
     check_choice("contrast", contrast, CONTRASTS)
+    check_choice("compartments", compartments, COMPARTMENTS)
     noise = check_float("noise", noise, 0, 0.5)
     tears = check_float("tears", tears, 0, 1)
     rotation = check_float("rotation", rotation, 0, 180)
@@ -155,20 +228,39 @@ def _tear_mask(rng, tissue: np.ndarray, pixel: float) -> np.ndarray:
     return ndimage.binary_dilation(mask, iterations=width) if width else mask
 
 
-def _stain(atlas: _Atlas, ref_q, lab_q, stain: str, rng) -> tuple[np.ndarray, float]:
-    """Section intensities in ``stain`` from the atlas's per-region levels, and the background level."""
+def _stain(
+    atlas: _Atlas, ref_q, lab_q, stain: str, rng, comp: _Compartments | None = None, coords=None
+) -> tuple[np.ndarray, float]:
+    """Section intensities in ``stain`` from the atlas's per-region levels, and the background level.
+
+    With ``comp`` (and the section's atlas ``coords``) the levels follow the stain's own
+    compartments instead of the labels; ``rng`` is drawn from exactly as without it.
+    """
     k = atlas.index_of(lab_q)
     smooth = ndimage.gaussian_filter(ref_q, 1.0)  # the atlas's own fine texture is not kept
     base = ndimage.gaussian_filter(atlas.means[k], 1.0)
     resid = smooth - base  # structure within regions that the labels do not hold
     tissue = lab_q > 0
+    if comp is not None:
+        side = comp.side(coords)
+        drift = comp.drift(coords)
     if stain == "nissl":  # the atlas's stain on another brain: region levels jitter a little
         gain = rng.uniform(0.85, 1.15, atlas.values.size)
-        image, bg = smooth + ndimage.gaussian_filter(atlas.means[k] * (gain[k] - 1), 1.0), atlas.bg
+        if comp is None:
+            image, bg = smooth + ndimage.gaussian_filter(atlas.means[k] * (gain[k] - 1), 1.0), atlas.bg
+        else:  # the jitter per compartment, drifting across the brain
+            g = comp.merged(gain)[k] * np.where(side, 1 + comp.merged(comp.step)[k], 1.0)
+            image = smooth + ndimage.gaussian_filter(atlas.means[k] * (g * drift - 1), 1.0)
+            bg = atlas.bg
     else:  # fluorescence-like: other region levels (partly inverted), the opposite background
         w = rng.uniform(0.5, 0.8)
         level = w * (1 - atlas.norm) + (1 - w) * rng.uniform(0, 1, atlas.values.size)
-        level = ndimage.gaussian_filter(level[k], 0.7)
+        if comp is None:
+            level = ndimage.gaussian_filter(level[k], 0.7)
+        else:  # one level per merged group and side of the surface
+            level = comp.merged(level)[k] + np.where(side, comp.merged(comp.step)[k], 0.0)
+            level = np.clip(level, 0, 1) * drift
+            level = ndimage.gaussian_filter(level, 0.7)
         if atlas.dark:
             image, bg = 0.05 + 0.75 * level - 0.5 * resid, rng.uniform(0.85, 0.97)
         else:
@@ -241,6 +333,7 @@ def atlas_queries(
     rotation: float = 10.0,
     scale: Sequence[float] = (0.8, 1.25),
     deform: float = 0.03,
+    compartments: str = "labels",
 ) -> list[dict]:
     """Sections of another brain cut from a labelled atlas, with the true plate of each.
 
@@ -273,6 +366,14 @@ def atlas_queries(
     deform
         Size of the specimen's difference from the atlas: per-axis scale within
         ``1 +- 1.5 deform`` and a smooth displacement of about ``deform`` of the volume size.
+    compartments
+        What the stain's per-region levels follow. ``"labels"`` (default): one level per
+        annotation label (the Nissl jitter and the fluorescence levels above). ``"foreign"``:
+        compartments the annotation does not hold, drawn per section: touching regions merged
+        in pairs, every merged region divided into patches by a smooth surface (the far side's
+        level 10-30 % of the range higher or lower) and a smooth 10-25 % drift of the stain
+        across the brain. The geometry, noise and tears are those of ``"labels"`` for the same
+        seed (the compartments come from a separate stream): the two compare section by section.
 
     Returns
     -------
@@ -282,13 +383,19 @@ def atlas_queries(
     (5th-95th percentile of the tissue's atlas ``z``: the plates an oblique cut crosses),
     ``tilt`` (degrees about ``x`` and ``y``), ``crop`` (``(top, bottom, left, right)`` fractions
     of the tissue's extent cut away), ``part`` (which part is missing, or None), ``contrast``,
-    ``rotation``, ``scale`` and ``index`` (the plane's position at the volume's centre).
+    ``rotation``, ``scale``, ``index`` (the plane's position at the volume's centre) and
+    ``compartments``; with ``"foreign"`` also ``stain_regions`` (int32 ``(h, w)``: the stain's
+    compartment of each pixel, 0 where ``labels`` is 0).
     """
     n, max_tilt, partial, noise, tears, rotation, scale, deform = _check(
-        n, max_tilt, partial, contrast, noise, tears, rotation, scale, deform
+        n, max_tilt, partial, contrast, noise, tears, rotation, scale, deform, compartments
     )
     atlas = _Atlas(reference, labels)
     rng = np.random.default_rng(seed)
+    # the stain's compartments from their own stream: rng's draws stay those of "labels"
+    crng = (
+        None if compartments == "labels" else np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
+    )
     z0, z1 = atlas.zrange
     slots = rng.permutation(n)
     out = []
@@ -296,7 +403,7 @@ def atlas_queries(
         for _attempt in range(20):
             centre = z0 + (slots[i] + rng.uniform()) / n * (z1 - z0)
             query = _one(
-                atlas, rng, centre, max_tilt, partial, contrast, noise, tears, rotation, scale, deform
+                atlas, rng, centre, max_tilt, partial, contrast, noise, tears, rotation, scale, deform, crng
             )
             if query is not None:
                 break
@@ -306,7 +413,7 @@ def atlas_queries(
     return out
 
 
-def _one(atlas, rng, centre, max_tilt, partial, contrast, noise, tears, rotation, scale, deform):
+def _one(atlas, rng, centre, max_tilt, partial, contrast, noise, tears, rotation, scale, deform, crng=None):
     tilt = tuple(float(t) for t in rng.uniform(-max_tilt, max_tilt, 2))
     part, crop = _crop(rng, partial)
     rot = float(rng.uniform(-rotation, rotation))
@@ -320,7 +427,8 @@ def _one(atlas, rng, centre, max_tilt, partial, contrast, noise, tears, rotation
         return None
     ref = ndimage.map_coordinates(atlas.ref, coords, order=1, mode="constant", cval=atlas.bg)
     stain = contrast if contrast != "mixed" else ("nissl", "fluorescence")[rng.integers(2)]
-    image, bg = _stain(atlas, ref, lab, stain, rng)
+    comp = None if crng is None else _Compartments(atlas, crng)
+    image, bg = _stain(atlas, ref, lab, stain, rng, comp, coords)
     if rng.uniform() < tears:
         for _ in range(rng.integers(1, 3)):
             crack = _tear_mask(rng, lab > 0, pix)
@@ -344,4 +452,6 @@ def _one(atlas, rng, centre, max_tilt, partial, contrast, noise, tears, rotation
         "rotation": rot,
         "scale": pix,
         "index": float(centre),
+        "compartments": "labels" if comp is None else "foreign",
+        **({} if comp is None else {"stain_regions": comp.regions(atlas, lab, coords)}),
     }
