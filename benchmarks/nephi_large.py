@@ -42,6 +42,8 @@ Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, importe
   the RMS skips the stage only where the moving image is blurrier by more than B voxel^2 (session 34,
   ``engine.NEURAL_3D_GATE_BLUR``; the reading is ``excess_blur`` in the JSON). ``--warp-blur-3d on|all``: the
   coarse stage matches its trilinear warp's smoothing on volumes (session 35, ``coarse.WARP_BLUR_3D``; opt-in).
+  ``--coarse-reg-weight-3d R``: the coarse stage's default bending weight on volumes (session 36,
+  ``engine.COARSE_REG_WEIGHT_3D``; opt-in; 2D keeps ``engine.COARSE_REG_WEIGHT``).
 * ``--deformation-orders 1 area``: the deformation cases also as fair pairs (session 36,
   :func:`deformation_pair_area`): both images area means over 4-voxel blocks of one object, the moving one after
   the field moved the object on the fine grid, so the pair differs by the field only (names end ", area 4x"; same
@@ -456,8 +458,18 @@ def main() -> None:
         choices=["on", "all"],
         help="volumes: match the coarse stage's trilinear warp smoothing (coarse.WARP_BLUR_3D True / 'all'; opt-in)",
     )
+    p.add_argument(
+        "--coarse-reg-weight-3d",
+        type=float,
+        default=None,
+        help="volumes: the coarse stage's default bending weight (engine.COARSE_REG_WEIGHT_3D; opt-in)",
+    )
     p.add_argument("--json")
     args = p.parse_args()
+    if args.coarse_reg_weight_3d is not None:
+        from napari_nephi.engines.nephi import engine as nephi_engine
+
+        nephi_engine.COARSE_REG_WEIGHT_3D = args.coarse_reg_weight_3d
     if args.warp_blur_3d:
         from napari_nephi.engines.nephi import coarse as nephi_coarse
 

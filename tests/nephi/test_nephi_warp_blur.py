@@ -95,3 +95,28 @@ def test_warp_blur_is_recorded_only_where_a_level_ran_it(monkeypatch):
         )
         seen[on] = reg.settings["coarse_volume_sampling"].get("warp_blur")
     assert seen == {True: None, "all": "all"}
+
+
+def test_volumes_take_their_own_coarse_bending_weight_where_set(monkeypatch):
+    """``engine.COARSE_REG_WEIGHT_3D`` (opt-in, session 36) is the coarse bending weight of volumes when
+    ``coarse_reg_weight`` is not given: recorded in the settings, used by the stage (another field than the 2D
+    default's), 2D keeps ``COARSE_REG_WEIGHT`` and an explicit weight wins."""
+    import napari_nephi
+    from napari_nephi.engines.nephi import engine
+    from napari_nephi.synthetic import mri_volume
+
+    vol = mri_volume()[0][4:21, 8:33, 6:27]
+    moving = ndimage.shift(vol, (0.5, -0.5, 0.5), order=3, mode="nearest").astype(np.float32)
+    opts = dict(method="nephi", device="cpu", iterations=0, initial="none", coarse_iterations=6)
+    base = napari_nephi.register(vol, moving, **opts)
+    assert base.settings["coarse_reg_weight"] == engine.COARSE_REG_WEIGHT == 0.1
+    monkeypatch.setattr(engine, "COARSE_REG_WEIGHT_3D", 0.01)
+    low = napari_nephi.register(vol, moving, **opts)
+    assert low.settings["coarse_reg_weight"] == 0.01
+    u0, u1 = (r.transform.displacement(vol.shape) for r in (base, low))
+    assert float(np.abs(u1 - u0).max()) > 1e-3
+    given = napari_nephi.register(vol, moving, coarse_reg_weight=0.1, **opts)
+    np.testing.assert_array_equal(given.transform.displacement(vol.shape), u0)
+    img = vol[8]
+    flat = napari_nephi.register(img, img, **opts)
+    assert flat.settings["coarse_reg_weight"] == 0.1

@@ -169,6 +169,14 @@ LEARNING_RATES = {"start": (2e-3, 1e-2), "refine": (5e-4, 2.5e-3)}
 
 #: Default bending weight of the coarse stage (``coarse_reg_weight``), before noise adaptation.
 COARSE_REG_WEIGHT = 0.1
+#: Volumes (``coarse_reg_weight`` not given): the coarse stage's bending weight there; None:
+#: :data:`COARSE_REG_WEIGHT` as in 2D. Opt-in (session 36, docs/nephi.md): 0.03 with
+#: ``coarse.WARP_BLUR_3D = "all"`` lowered the endpoint error of every fair MRI deformation of field set 10
+#: (0.5-6 voxels: 0.0390 / 0.0755 / 0.1129 / 0.1550 / 0.2965 -> 0.0273 / 0.0464 / 0.0773 / 0.1266 / 0.2416,
+#: textureless tissue too); without the warp blur it changed little (coarse stage alone 0.0415 -> 0.0411 at
+#: 0.5 voxel), and it widens det J on fair rigid pairs against 0.1 with the warp blur (coarse stage alone
+#: 0.977-1.038 -> 0.955-1.066 on rigid draw 0.0).
+COARSE_REG_WEIGHT_3D: float | None = None
 
 #: Default weight of each regulariser (the similarity loss is ``1 - NCC`` in [0, 2]).
 REG_WEIGHTS = {
@@ -249,6 +257,9 @@ def register_nephi(
     global map removed) reaches it (``metrics["neural_3d_gate"]``: the reading, the threshold, whether they
     ran); with :data:`NEURAL_3D_GATE_BLUR` also set (opt-in), a map under it skips them only where the moving
     image is blurrier than the fixed one by more than that (``excess_blur``, :mod:`.blurgate`).
+
+    ``coarse_reg_weight`` (None: :data:`COARSE_REG_WEIGHT`; on volumes :data:`COARSE_REG_WEIGHT_3D` where
+    it is set, opt-in): the coarse stage's bending weight, recorded in ``settings["coarse_reg_weight"]``.
 
     ``coarse_finer_level`` (default True): after the coarse stage's last grid, one more level on it
     with half its knot spacing (:mod:`.coarse`); it runs only with ``coarse_reg_weight > 0``
@@ -340,9 +351,6 @@ def register_nephi(
         coarse_finer_level = True
     if coarse_flat_fill is None:
         coarse_flat_fill = True
-    if coarse_reg_weight is None:
-        coarse_reg_weight = COARSE_REG_WEIGHT
-    coarse_reg_weight = float(coarse_reg_weight)
     if noise_adapt is None:
         noise_adapt = "auto"
     if noise_heldout is None:
@@ -355,6 +363,11 @@ def register_nephi(
             "(coarse_flat_fill=False); turn the fill on or leave coarse_flat_noisy off."
         )
     d = pair.fixed.ndim
+    if coarse_reg_weight is None:  # volumes: their own default where one is set (COARSE_REG_WEIGHT_3D)
+        coarse_reg_weight = (
+            COARSE_REG_WEIGHT_3D if d == 3 and COARSE_REG_WEIGHT_3D is not None else COARSE_REG_WEIGHT
+        )
+    coarse_reg_weight = float(coarse_reg_weight)
     if mode != "optimize" and weights is None:
         weights = default_model(d)
         if weights is None:
