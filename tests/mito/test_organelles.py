@@ -191,3 +191,36 @@ def test_the_tissue_step_read_over_a_grid_of_tiles():
         )
     reg = align_stack(stack[:4], masks=masks[:4], warp=False, workers=1, organelle_reading="local-grid")
     assert reg.settings["organelle_reading"] == "local-grid"
+
+
+def test_the_placement_error_read_at_the_mitochondria(monkeypatch):
+    """Session 36 (``organelles.BOTH_SLOPE``, opt-in "placement"): beside the mitochondria's drift through the
+    tissue, the reading gives the placement's error slope at the mitochondria (their own step in the aligned
+    frame less that drift). Here the sections are placed by the identity while they move as a whole by (0.5,
+    -0.3) px per section and the mitochondria drift (0.6, -0.4) through the tissue: the drift is read within
+    0.15 px and the placement's error is the sections' motion, (0.5, -0.3) within 0.15 px (not -drift, which
+    the placement would carry had it followed the mitochondria). Where the local reading decides "both",
+    ``_auto_decision`` removes ``-slope`` ("drift", the default) or ``placement_error`` ("placement"),
+    recorded as ``both_slope``; another value is refused."""
+    stack, masks = _stack((0.6, -0.4), distortion=0.3)
+    eye = np.repeat(np.eye(3)[None], N, axis=0)
+    r = relative_motion(lambda k: stack[k], lambda k: masks[k], eye, (SIDE, SIDE), np.ones(N, bool))
+    np.testing.assert_allclose(r["slope"], (0.6, -0.4), atol=0.15)
+    np.testing.assert_allclose(r["placement_error"], (0.5, -0.3), atol=0.15)
+    assert np.all(np.isfinite(r["placement_error_se"]))
+
+    from napari_nephi.engines.mito import organelles
+
+    use = np.ones(40, bool)
+    mats = np.repeat(np.eye(3)[None], 40, axis=0)
+    read = {"slope": [-0.15, 0.1], "se": [0.02, 0.02], "readings": 100, "drifts": True}
+    read["placement_error"] = [0.12, -0.07]
+    for way, removed in (("drift", [0.15, -0.1]), ("placement", [0.12, -0.07])):
+        monkeypatch.setattr(organelles, "BOTH_SLOPE", way)
+        test = {"p": 1e-20, "slope": [0.3, 0.0]}
+        apply, slope = _auto_decision(test, mats, use, None, lambda m, u: dict(read))
+        assert apply and np.allclose(slope, removed)
+        assert test["organelles"]["decision"] == "both" and test["organelles"]["both_slope"] == way
+    monkeypatch.setattr(organelles, "BOTH_SLOPE", "mitochondria")
+    with pytest.raises(InputError, match="BOTH_SLOPE"):
+        _auto_decision({"p": 1e-20, "slope": [0.3, 0.0]}, mats, use, None, lambda m, u: dict(read))

@@ -54,6 +54,7 @@ from ...core.registration import Registration
 from ...core.transform import ElasticSectionTransform, PerSectionTransform
 from . import background as bgm
 from . import features as ft
+from . import organelles
 from .background import background_motion, classify, second_look, sections_read, unread
 from .background import runs as background_runs
 from .detrend import (
@@ -84,7 +85,7 @@ from .elastic import (
 )
 from .elastic import default_solver as default_elastic_solver
 from .masks import detect_mitochondria_section, intensity_range, to_uint8, valid_region
-from .organelles import DEFAULT_READING, MIN_READINGS, READINGS, relative_motion
+from .organelles import BOTH_SLOPES, DEFAULT_READING, MIN_READINGS, READINGS, relative_motion
 from .solve import DRIFT_PRIOR, GLOBAL_MODEL, Edge, check_global_options, solve_global
 
 #: Native descriptor of each detector when it is used as a fallback.
@@ -789,6 +790,10 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
             local["decision"] = decision
             if decision in ("organelles", "sections", "both"):
                 test["decided_by"] = "local"
+                if decision == "both":  # session 36: organelles.BOTH_SLOPE, what "both" removes (recorded)
+                    local["both_slope"] = _both_slope()
+                    if local["both_slope"] == "placement":
+                        error = np.asarray(local["placement_error"], np.float64)
                 return decision != "sections", (error if decision == "both" else None)
     test["decided_by"] = "trend-test"  # below: the background, unless the trend test decides alone
     if background is None:
@@ -847,6 +852,11 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     if decision == "both":
         return True, np.asarray(motion["slope"], np.float64)
     return decision == "organelles", None
+
+
+def _both_slope() -> str:
+    """:data:`.organelles.BOTH_SLOPE`, checked (a module setting, read where it is used)."""
+    return ft.check_choice(organelles.BOTH_SLOPE, BOTH_SLOPES, "organelles.BOTH_SLOPE")
 
 
 def _detrended_elastic(

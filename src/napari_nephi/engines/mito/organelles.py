@@ -99,6 +99,14 @@ def tile_step(a: np.ndarray, weight: np.ndarray, b: np.ndarray, y0: int, x0: int
 TISSUE_READS = ("tile", "grid")
 GRID, NEAR = 48, 144
 
+#: What ``align._auto_decision`` removes where the local reading decides "both" (session 36): ``"drift"``,
+#: the mitochondria's drift through the tissue, negated (sessions 32-35: the placement taken to have
+#: followed all of it); ``"placement"``, :func:`relative_motion`'s ``placement_error``, the placement's
+#: error slope read at the mitochondria (their apparent step in the aligned frame less their drift through
+#: the tissue), whatever share of their drift the placement followed (docs/mito.md, session 36).
+BOTH_SLOPE = "drift"
+BOTH_SLOPES = ("drift", "placement")
+
 #: :func:`match`: the least share of the smaller of two mitochondria that must overlap the other.
 MIN_OVERLAP = 0.5
 
@@ -120,9 +128,13 @@ def match(b_lab: np.ndarray, mine: np.ndarray, b_area: np.ndarray | None = None)
     return j if under[j] >= MIN_OVERLAP * min(size, int(area[j])) else 0
 
 
-def pair_motion(a, a_lab, b, b_lab, valid, tissue_read: str = "tile") -> list[np.ndarray]:
+def pair_motion(
+    a, a_lab, b, b_lab, valid, tissue_read: str = "tile", parts: bool = False
+) -> list[np.ndarray]:
     """Per mitochondrion read in both sections, the median over its outline's tiles of (its step -
-    the tissue's step), (y, x) pixels. ``a``, ``b``: band-passed sections in the aligned frame;
+    the tissue's step), (y, x) pixels; with ``parts`` (session 36) a ``(4,)`` array, that and the median
+    of its own step (the mitochondrion's apparent step in the aligned frame, the tissue's left out).
+    ``a``, ``b``: band-passed sections in the aligned frame;
     ``a_lab``, ``b_lab``: their mitochondria's labels there; ``valid``: pixels inside both sections.
     A mitochondrion is read where it and the one of ``b`` that overlaps it most (:func:`match`) both
     have :data:`MIN_AREA` pixels (session 33; before, ``b``'s of the same number). ``tissue_read``:
@@ -175,9 +187,9 @@ def pair_motion(a, a_lab, b, b_lab, valid, tissue_read: str = "tile") -> list[np
             else:
                 around = tile_step(a, tissue, b, y0, x0)
             if around is not None:
-                steps.append(mito - around)
+                steps.append(np.concatenate([mito - around, mito]))
         if steps:
-            out.append(np.median(np.asarray(steps), axis=0))
+            out.append(np.median(np.asarray(steps), axis=0)[: 4 if parts else 2])
     return out
 
 
@@ -194,8 +206,11 @@ def relative_motion(
     frame (see the module doc). ``read(k)``: section ``k`` (uint8); ``mito(k)``: its mitochondria (0/1,
     any size: resized to the section's); ``matrices[k]`` maps the aligned frame to section ``k``; pairs
     ``(k, k + 1)`` with both in ``use``; ``tissue``: how the tissue's step is read (:data:`TISSUE_READS`).
-    Returns ``{"slope", "se", "readings", "pairs", "chi2",
-    "drifts", "tissue"}``: ``readings`` (pair, mitochondrion) values, ``pairs`` neighbour pairs with one,
+    Returns ``{"slope", "se", "readings", "pairs", "chi2", "drifts", "tissue", "placement_error",
+    "placement_error_se"}``: ``placement_error`` (session 36) the mean over readings of the mitochondrion's
+    own step in the aligned frame less its drift (the placement's error slope at the mitochondria, in the
+    sign of ``-slope``) where enough were read; ``readings`` (pair, mitochondrion) values, ``pairs``
+    neighbour pairs with one,
     ``chi2`` the slope's squared length in standard errors, ``drifts`` whether it stands out of 0
     (:data:`AGREE`: about 5 % false alarms, see above); an ``inf`` standard error where fewer than
     :data:`MIN_READINGS` were read."""
@@ -225,7 +240,7 @@ def relative_motion(
                     ready[j] = prepare(j)
             (a, la, ia), (b, lb, ib) = ready[k], ready[k + 1]
             valid = cv2.erode(ia & ib, np.ones((9, 9), np.uint8))
-            out.extend((int(k), v) for v in pair_motion(a, la, b, lb, valid, tissue))
+            out.extend((int(k), v) for v in pair_motion(a, la, b, lb, valid, tissue, parts=True))
             ready.pop(k)
         return out
 
@@ -239,14 +254,22 @@ def relative_motion(
         result["chi2"] = 0.0
         return result
     at = np.array([k for k, _ in found], dtype=np.float64)
-    values = np.array([v for _, v in found])
+    both = np.array([v for _, v in found])
     edges = np.linspace(at.min(), at.max() + 1, BLOCKS + 1)
-    means = np.array([values[(at >= lo) & (at < hi)].mean(axis=0) for lo, hi in zip(edges[:-1], edges[1:])
-                      if np.any((at >= lo) & (at < hi))])  # fmt: skip
-    slope = values.mean(axis=0)
-    se = means.std(axis=0, ddof=1) / math.sqrt(len(means)) if len(means) >= 3 else np.full(2, math.inf)
+
+    def mean_se(values):
+        means = np.array([values[(at >= lo) & (at < hi)].mean(axis=0) for lo, hi in zip(edges[:-1], edges[1:])
+                          if np.any((at >= lo) & (at < hi))])  # fmt: skip
+        se = means.std(axis=0, ddof=1) / math.sqrt(len(means)) if len(means) >= 3 else np.full(2, math.inf)
+        return values.mean(axis=0), se
+
+    slope, se = mean_se(np.ascontiguousarray(both[:, :2]))
     chi2 = float(np.sum((slope / np.maximum(se, 1e-9)) ** 2))
     result.update(
         slope=[float(v) for v in slope], se=[float(v) for v in se], chi2=chi2, drifts=bool(chi2 >= AGREE)
     )
+    # session 36: the placement's error slope read at the mitochondria, their apparent step in the aligned
+    # frame less their drift through the tissue, per reading (see PLACEMENT_SLOPE)
+    error, error_se = mean_se(np.ascontiguousarray(both[:, 2:] - both[:, :2]))
+    result.update(placement_error=[float(v) for v in error], placement_error_se=[float(v) for v in error_se])
     return result
