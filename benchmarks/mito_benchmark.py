@@ -338,6 +338,22 @@ def rigid_fit(src: np.ndarray, dst: np.ndarray, weights: np.ndarray) -> np.ndarr
     return g
 
 
+def _error_line(at: np.ndarray, error: np.ndarray, weights: np.ndarray) -> dict:
+    """The straight line through the sections' mean error (``error`` (m, 2) of points in sections ``at``,
+    weighted): its slope (px per section) and its rms over the sections (weights: their total weight)."""
+    ks = np.unique(at)
+    w = np.array([weights[at == k].sum() for k in ks])
+    mean = np.array([weights[at == k] @ error[at == k] / w[i] for i, k in enumerate(ks)])
+    if len(ks) < 2:
+        return {"slope": [0.0, 0.0], "slope_rms": 0.0}
+    dk = ks - (w @ ks) / w.sum()
+    slope = (w * dk) @ (mean - (w @ mean) / w.sum()) / float((w * dk) @ dk)
+    return {
+        "slope": [float(v) for v in slope],
+        "slope_rms": float(np.sqrt((w @ (dk**2)) / w.sum()) * np.hypot(*slope)),
+    }
+
+
 def dice_fit(matrices, data, ref: int, fields=None, warped=None, truth=None) -> tuple[np.ndarray, dict]:
     """Dice per section after the best single rigid map of the whole aligned stack onto the truth
     (session 36), and the map.
@@ -350,29 +366,34 @@ def dice_fit(matrices, data, ref: int, fields=None, warped=None, truth=None) -> 
     for the whole stack takes the first onto the second (least squares weighted by the true area). The
     true masks are then moved by its inverse (the same as moving the aligned stack by it; rigid maps keep
     areas). One map for all sections: a drift slope along the stack, a rotation walk, scale, shear and
-    every section's own error stay (only their common part goes).
+    every section's own error stay; only their common part goes. That common part includes a slope's
+    mean: with the reference at the stack's end, the offset of half the end-to-end drift (the slope itself
+    is left, and reported; Dice fit does not depend on which section is the reference).
 
     Returns the Dice per section and ``{"rotation": rad, "shift": (y, x) px at the centroids' mean,
-    "rms_before": px, "rms_after": px, "points": n}`` (the centroid error's weighted rms before and after
-    the map). ``warped`` / ``truth``: the aligned masks and the true masks in the reference's frame, when
-    already made."""
+    "rms_before": px, "rms_after": px, "points": n, "slope": (y, x) px per section, "slope_rms": px}``:
+    the centroid error's weighted rms before and after the map, and the straight line through the
+    sections' mean centroid error after it (weighted least squares over the section index): its slope
+    and the rms of the line over the sections (review 1 of session 36, A1). ``warped`` / ``truth``: the
+    aligned masks and the true masks in the reference's frame, when already made."""
     n = len(matrices)
     if warped is None:
         warped = warp_sections(data["masks"], matrices, labels=True, fields=fields)
     inv_ref = np.linalg.inv(data["matrices"][ref])
     if truth is None:
         truth = true_masks_in_reference(data, ref)
-    src, dst, wt = [], [], []
-    for w, t in zip(warped, truth):
+    src, dst, wt, at = [], [], [], []
+    for k, (w, t) in enumerate(zip(warped, truth)):
         cw, ct = _label_centroids(w), _label_centroids(t)
         for v in sorted(set(cw) & set(ct)):
             src.append(cw[v][:2])
             dst.append(ct[v][:2])
             wt.append(ct[v][2])
+            at.append(k)
     if not src:  # no mitochondria anywhere: nothing to fit, the reference frame as it is
         return np.array([dice(w, t) for w, t in zip(warped, truth)]), {
             "rotation": 0.0, "shift": [0.0, 0.0], "rms_before": float("nan"), "rms_after": float("nan"),
-            "points": 0,
+            "points": 0, "slope": [0.0, 0.0], "slope_rms": float("nan"),
         }  # fmt: skip
     src, dst, wt = np.array(src), np.array(dst), np.array(wt, dtype=np.float64)
     g = rigid_fit(src, dst, wt)
@@ -384,6 +405,7 @@ def dice_fit(matrices, data, ref: int, fields=None, warped=None, truth=None) -> 
         "rms_before": float(np.sqrt(wt @ ((src - dst) ** 2).sum(1) / wt.sum())),
         "rms_after": float(np.sqrt(wt @ ((moved - dst) ** 2).sum(1) / wt.sum())),
         "points": int(len(src)),
+        **_error_line(np.array(at), moved - dst, wt),
     }
     truth = warp_sections(data["unrotated_masks"], np.repeat((inv_ref @ g)[None], n, axis=0), labels=True)
     return np.array([dice(w, t) for w, t in zip(warped, truth)]), fit

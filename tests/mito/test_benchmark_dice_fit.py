@@ -52,13 +52,14 @@ def test_dice_fit_forgives_one_common_frame(stack):
     fit = moved["frame_fit"]
     assert fit["rotation"] == pytest.approx(0.06, abs=0.004)
     assert fit["rms_after"] < 1.0 < 5.0 < fit["rms_before"]
+    assert np.hypot(*fit["slope"]) < 0.05  # no slope along the stack
 
 
 @pytest.mark.parametrize("ref", [4, 0])
 def test_dice_fit_keeps_a_drift_slope(stack, ref):
     """A translation slope of 1.5 px per section along the stack is no common map: Dice fit stays far under
     the perfect alignment's (with the reference in the middle as low as Dice ref; at the end only the slope's
-    mean, the frame's offset, is forgiven)."""
+    mean, the frame's offset, is forgiven), and ``frame_fit`` reports the slope."""
     perfect = MB.evaluate(_perfect(stack, ref), stack, ref)
     slope = np.array([1.5, -1.5 / np.sqrt(2.0)])
     drifted = _perfect(stack, ref).copy()
@@ -66,6 +67,9 @@ def test_dice_fit_keeps_a_drift_slope(stack, ref):
         drifted[k] = drifted[k] @ _rigid(0.0, slope * (k - ref), (0.0, 0.0))
     res = MB.evaluate(drifted, stack, ref)
     assert res["dice_fit"] < perfect["dice_ref"] - 0.1
+    # the slope left is reported (review 1 of session 36, A1): the true points sit at p - slope (k - ref)
+    np.testing.assert_allclose(res["frame_fit"]["slope"], -slope, atol=0.1)
+    assert res["frame_fit"]["slope_rms"] == pytest.approx(np.hypot(*slope) * np.std(np.arange(9)), rel=0.1)
     if ref == 4:  # centred: nothing common to take off
         assert res["dice_fit"] == pytest.approx(res["dice_ref"], abs=0.01)
     else:
