@@ -241,6 +241,17 @@ def sampling_suffix(order: int | str) -> str:
     return {1: "", 3: ", cubic", "area": f", area {AREA_FACTOR}x"}[order]
 
 
+def parse_weight(text: str) -> float:
+    """``--coarse-reg-weight-3d``: a finite bending weight of at least 0 (argparse's error otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a bending weight is a finite number of at least 0")
+    return value
+
+
 def parse_order(text: str) -> int | str:
     """``--global-orders`` values: a spline order (1, 3) or ``area``; anything else is refused with a clear
     message (argparse's error, not a traceback where the case is named)."""
@@ -460,7 +471,7 @@ def main() -> None:
     )
     p.add_argument(
         "--coarse-reg-weight-3d",
-        type=float,
+        type=parse_weight,
         default=None,
         help="volumes: the coarse stage's default bending weight (engine.COARSE_REG_WEIGHT_3D; opt-in)",
     )
@@ -489,6 +500,8 @@ def main() -> None:
         f"{platform.node()} {os.cpu_count()} CPUs, torch {torch.__version__}, load {os.getloadavg()}",
         f"\n{' '.join(sys.argv)}",
     )
+    # the run's engine switches, recorded in NePhi's JSON rows (review 1 of session 36, B4)
+    switches = dict(warp_blur_3d=args.warp_blur_3d, coarse_reg_weight_3d=args.coarse_reg_weight_3d)
     runs = [(lbl, lambda f, m, o=o: NA.run_nephi(f, m, **o)) for lbl, o in specs]
     runs += [NA.TOOLS[t] for t in args.tools]
     rows = []
@@ -518,6 +531,8 @@ def main() -> None:
                 load=load0,
             )
             gate = row["neural_3d_gate"] = neural_gate(label, extra)
+            if label.startswith("NePhi"):
+                row.update(switches)
             rows.append(row)
             print(
                 f"  {label:34s} EPE {row['epe']:.3f}  textured {row['epe_textured']:.3f}  textureless "
@@ -567,6 +582,7 @@ def main() -> None:
                     # the default global stage's basin guard (session 24): judged, and which map was kept
                     row.update(initial_basin=extra.metrics.get("initial_basin"))
                     row.update(neural_3d_gate=neural_gate(label, extra))
+                    row.update(switches)
                 rows.append(row)
                 ic_text = (
                     f"  IC mean {row['ic_mean']:.3f} max {row['ic_max']:.3f}" if "ic_mean" in row else ""

@@ -112,3 +112,12 @@ def test_deformation_cases_refuse_other_orders():
     """``make_case`` builds a deformation case linearly resampled (1) or fair (area), not a cubic one."""
     with pytest.raises(ValueError, match="resampled linearly \\(1\\) or area-sampled"):
         NL.make_case("mri", 1.0, 256, 0, 3)
+
+
+def test_coarse_reg_weight_3d_refuses_bad_values():
+    """``--coarse-reg-weight-3d`` takes a finite weight of at least 0 (review 1 of session 36, B3)."""
+    assert NL.parse_weight("0.03") == 0.03
+    assert NL.parse_weight("0") == 0.0
+    for bad in ("-1", "nan", "inf", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="a finite number of at least 0"):
+            NL.parse_weight(bad)

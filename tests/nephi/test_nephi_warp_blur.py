@@ -120,3 +120,20 @@ def test_volumes_take_their_own_coarse_bending_weight_where_set(monkeypatch):
     img = vol[8]
     flat = napari_nephi.register(img, img, **opts)
     assert flat.settings["coarse_reg_weight"] == 0.1
+
+
+def test_a_bad_volume_bending_weight_is_refused(monkeypatch):
+    """``engine.COARSE_REG_WEIGHT_3D`` is checked where it is read, as ``coarse_reg_weight`` is (review 1 of
+    session 36, B3: -1 and NaN had run silently and been recorded)."""
+    import pytest
+
+    import napari_nephi
+    from napari_nephi.core.errors import InputError
+    from napari_nephi.engines.nephi import engine
+    from napari_nephi.synthetic import mri_volume
+
+    vol = mri_volume()[0][4:21, 8:33, 6:27]
+    for bad in (-1.0, float("nan"), float("inf")):
+        monkeypatch.setattr(engine, "COARSE_REG_WEIGHT_3D", bad)
+        with pytest.raises(InputError, match="COARSE_REG_WEIGHT_3D must be a finite number of at least 0"):
+            napari_nephi.register(vol, vol, method="nephi", device="cpu", iterations=0, coarse_iterations=2)

@@ -171,11 +171,12 @@ LEARNING_RATES = {"start": (2e-3, 1e-2), "refine": (5e-4, 2.5e-3)}
 COARSE_REG_WEIGHT = 0.1
 #: Volumes (``coarse_reg_weight`` not given): the coarse stage's bending weight there; None:
 #: :data:`COARSE_REG_WEIGHT` as in 2D. Opt-in (session 36, docs/nephi.md): 0.03 with
-#: ``coarse.WARP_BLUR_3D = "all"`` lowered the endpoint error of every fair MRI deformation of field set 10
-#: (0.5-6 voxels: 0.0390 / 0.0755 / 0.1129 / 0.1550 / 0.2965 -> 0.0273 / 0.0464 / 0.0773 / 0.1266 / 0.2416,
-#: textureless tissue too); without the warp blur it changed little (coarse stage alone 0.0415 -> 0.0411 at
-#: 0.5 voxel), and it widens det J on fair rigid pairs against 0.1 with the warp blur (coarse stage alone
-#: 0.977-1.038 -> 0.955-1.066 on rigid draw 0.0).
+#: ``coarse.WARP_BLUR_3D = "all"`` lowered the endpoint error of every fair MRI deformation of field
+#: sets 10 and 20 (0.5-6 voxels; set 10: 0.0390 / 0.0755 / 0.1129 / 0.1550 / 0.2965 -> 0.0273 / 0.0464 /
+#: 0.0773 / 0.1266 / 0.2416, textureless tissue too); without the warp blur it changed little (coarse stage
+#: alone, set 10 at 0.5 voxel: 0.0415 -> 0.0411). On fair rigid MRI draws 0.0-0.5 (whole engine) the worst
+#: det J is 0.936-1.077, against 0.868-1.173 by default and 0.955-1.067 with "all" and 0.1: it gives back
+#: part of what the warp blur gained towards the rigid target (docs/nephi.md, session 36).
 COARSE_REG_WEIGHT_3D: float | None = None
 
 #: Default weight of each regulariser (the similarity loss is ``1 - NCC`` in [0, 2]).
@@ -364,9 +365,14 @@ def register_nephi(
         )
     d = pair.fixed.ndim
     if coarse_reg_weight is None:  # volumes: their own default where one is set (COARSE_REG_WEIGHT_3D)
-        coarse_reg_weight = (
-            COARSE_REG_WEIGHT_3D if d == 3 and COARSE_REG_WEIGHT_3D is not None else COARSE_REG_WEIGHT
-        )
+        coarse_reg_weight = COARSE_REG_WEIGHT
+        if d == 3 and COARSE_REG_WEIGHT_3D is not None:
+            coarse_reg_weight = float(COARSE_REG_WEIGHT_3D)
+            if not (math.isfinite(coarse_reg_weight) and coarse_reg_weight >= 0):  # as check_options does
+                raise InputError(
+                    "engine.COARSE_REG_WEIGHT_3D must be a finite number of at least 0.0 "
+                    f"(now {COARSE_REG_WEIGHT_3D!r})."
+                )
     coarse_reg_weight = float(coarse_reg_weight)
     if mode != "optimize" and weights is None:
         weights = default_model(d)
