@@ -18,7 +18,10 @@ noise. The truth is the plate at the centre of the section's tissue.
 levels that do not follow the annotation's labels: touching regions merged, every region split
 by a smooth surface, a drift across the brain (``atlas_queries(..., compartments="foreign")``).
 A real stain does not know the atlas's parcellation; the default (``labels``: one level per
-label) is the phantom's own model, which a score built on the labels can exploit.
+label) is the phantom's own model, which a score built on the labels can exploit. ``foreign``'s
+compartments are still mostly the labels'; ``--compartments independent`` gives the
+fluorescence-like sections levels mostly (``--partition-weight``, 0.7) from Voronoi cells drawn
+independently of the annotation (the Nissl-like sections stay as they are).
 
 Methods (``--methods``):
 
@@ -76,7 +79,7 @@ from scipy import ndimage
 from napari_nephi import AtlasLookup
 from napari_nephi.engines.atlas.preprocess import prepare_input
 from napari_nephi.synthetic.atlas import atlas_queries, brain_phantom
-from napari_nephi.synthetic.atlas_sections import COMPARTMENTS
+from napari_nephi.synthetic.atlas_sections import COMPARTMENTS, PARTITION_WEIGHT
 
 #: Case groups: atlas_queries options.
 CASES = {
@@ -155,7 +158,13 @@ def make_queries(ref, labels, args) -> dict[str, list[dict]]:
     for i, case in enumerate(args.cases):
         seed = args.query_seed * 1000 + 101 + i
         out[case] = atlas_queries(
-            ref, labels, args.per_case, seed=seed, compartments=args.compartments, **CASES[case]
+            ref,
+            labels,
+            args.per_case,
+            seed=seed,
+            compartments=args.compartments,
+            partition_weight=args.partition_weight,
+            **CASES[case],
         )
     return out
 
@@ -371,7 +380,14 @@ def parse(argv=None):
         "--compartments",
         choices=COMPARTMENTS,
         default="labels",
-        help="what the queries' stain follows: the annotation's labels (default) or foreign compartments",
+        help="what the queries' stain follows: the annotation's labels (default), foreign compartments "
+        "(labels merged and split) or an independent partition (fluorescence-like sections only)",
+    )
+    p.add_argument(
+        "--partition-weight",
+        type=float,
+        default=PARTITION_WEIGHT,
+        help="with --compartments independent: the partition's share of the stain's level",
     )
     p.add_argument(
         "--first-stage", default=None, help="embedding, vote or vote+embedding (default: the index's own)"

@@ -45,3 +45,41 @@ def test_foreign_stain_same_sections_other_compartments(small_phantom):
     assert np.mean(gaps) > 0.04 and sum(g > 0 for g in gaps) >= 7, gaps
     with pytest.raises(InputError, match="Option compartments"):
         atlas_queries(ref, labels, 1, seed=0, compartments="regions")
+
+
+def _edges(regions, tissue):
+    """Pixels of ``tissue`` next to a pixel of another value of ``regions``."""
+    e = np.zeros(regions.shape, bool)
+    dy = (regions[1:] != regions[:-1]) & tissue[1:] & tissue[:-1]
+    dx = (regions[:, 1:] != regions[:, :-1]) & tissue[:, 1:] & tissue[:, :-1]
+    e[1:] |= dy
+    e[:-1] |= dy
+    e[:, 1:] |= dx
+    e[:, :-1] |= dx
+    return e
+
+
+def test_independent_stain_not_bound_to_the_labels(small_phantom):
+    ref, labels = small_phantom
+    opts = dict(max_tilt=8, partial=0, contrast="mixed", tears=0, noise=0.03)
+    own = atlas_queries(ref, labels, 10, seed=12, **opts)
+    ind = atlas_queries(ref, labels, 10, seed=12, compartments="independent", **opts)
+    ratios = []
+    for a, f in zip(own, ind, strict=True):
+        assert f["compartments"] == "independent" and f["contrast"] == a["contrast"]
+        np.testing.assert_array_equal(a["labels"], f["labels"])
+        if a["contrast"] == "nissl":  # the atlas's own stain is left as it is
+            np.testing.assert_array_equal(a["image"], f["image"])
+            continue
+        lab, cells = f["labels"], f["stain_regions"]
+        tissue = lab > 0
+        # the partition's edges lie on label edges about as often as any tissue pixel does
+        on_labels = _edges(cells, tissue)[_edges(lab, tissue)].sum() / _edges(cells, tissue).sum()
+        chance = _edges(lab, tissue).sum() / tissue.sum()
+        assert on_labels < chance + 0.15, (on_labels, chance)
+        # the labels explain much less of this stain than of today's (the same cut)
+        ratios.append((_ratio(a["image"], lab), _ratio(f["image"], lab), _ratio(f["image"], cells)))
+    r = np.array(ratios)
+    assert len(r) >= 3 and r[:, 1].mean() < r[:, 0].mean() - 0.1, r
+    # ... and its own cells explain more of it than the labels do
+    assert r[:, 2].mean() > r[:, 1].mean() + 0.1, r

@@ -24,7 +24,10 @@ __all__ = ["COMPARTMENTS", "CONTRASTS", "atlas_queries", "plane_axes"]
 #: Stains :func:`atlas_queries` can render ("mixed": each query draws one of the other two).
 CONTRASTS = ("nissl", "fluorescence", "mixed")
 #: What a stain's per-region levels follow (:func:`atlas_queries` option ``compartments``).
-COMPARTMENTS = ("labels", "foreign")
+COMPARTMENTS = ("labels", "foreign", "independent")
+#: ``"independent"``: the default weight of the partition's levels in the other stain's level (the
+#: labels' is 1 - it; :func:`atlas_queries` option ``partition_weight``).
+PARTITION_WEIGHT = 0.7
 _PARTS = ("top", "bottom", "left", "right", "corner")
 
 
@@ -79,6 +82,13 @@ class _Atlas:
         self.zrange = (float(valid.min()), float(valid.max()))
         self.min_area = 0.1 * float(np.median(area[valid]))
         self._pairs = None
+        self._tissue = None
+
+    def tissue_points(self) -> np.ndarray:
+        """``(N, 3)`` voxel coordinates of the labelled tissue."""
+        if self._tissue is None:
+            self._tissue = np.argwhere(self.lab > 0)
+        return self._tissue
 
     def pairs(self) -> np.ndarray:
         """``(P, 2)`` indices (into :attr:`values`) of the tissue regions that touch, each pair once."""
@@ -151,6 +161,44 @@ class _Compartments:
         """The stain's compartment of each pixel (``2 group + side + 1``; 0 where ``lab`` is 0)."""
         out = 2 * self.group[atlas.index_of(lab)] + self.side(coords) + 1
         return np.where(lab > 0, out, 0).astype(np.int32)
+
+
+class _Partition:
+    """Another stain's own compartments, drawn per section independently of the annotation.
+
+    Voronoi cells of as many points as the atlas has tissue regions, drawn uniformly in the atlas's
+    tissue, mirror-symmetric about the midline (the brain's two halves are stained alike), each
+    with its own level; the other stain's level is ``weight`` (:data:`PARTITION_WEIGHT`) of the
+    cell's and the rest of the region's (as ``"labels"`` draws it), so at 0.7 the cells carry
+    most of its variance, and their edges lie where no label has one. The drift across the brain
+    is :class:`_Compartments`'.
+    """
+
+    def __init__(self, atlas: _Atlas, rng: np.random.Generator, weight: float = PARTITION_WEIGHT):
+        self.weight = weight
+        points = atlas.tissue_points()
+        count = atlas.values.size - 1
+        self.mid = (atlas.shape[2] - 1) / 2
+        seeds = points[rng.choice(len(points), size=count, replace=False)].astype(np.float64)
+        seeds[:, 2] = np.abs(seeds[:, 2] - self.mid)
+        self.seeds = seeds
+        self.level = rng.uniform(0, 1, count)
+        self.gradient = rng.standard_normal((3, 3, 3))
+        self.strength = rng.uniform(0.1, 0.25)
+        self.shape = np.asarray(atlas.shape, dtype=np.float64)
+
+    def cell(self, coords: np.ndarray) -> np.ndarray:
+        """The cell of each point of atlas coordinates ``(3, ...)``."""
+        p = np.stack([coords[0], coords[1], np.abs(coords[2] - self.mid)], axis=-1)
+        d = ((p[..., None, :] - self.seeds) ** 2).sum(axis=-1)
+        return np.argmin(d, axis=-1)
+
+    drift = _Compartments.drift
+    _field = _Compartments._field
+
+    def regions(self, atlas: _Atlas, lab: np.ndarray, coords: np.ndarray) -> np.ndarray:
+        """The cell of each pixel plus 1 (0 where ``lab`` is 0)."""
+        return np.where(lab > 0, self.cell(coords) + 1, 0).astype(np.int32)
 
 
 class _Specimen:
@@ -241,12 +289,13 @@ def _stain(
     base = ndimage.gaussian_filter(atlas.means[k], 1.0)
     resid = smooth - base  # structure within regions that the labels do not hold
     tissue = lab_q > 0
+    foreign = isinstance(comp, _Compartments)
     if comp is not None:
-        side = comp.side(coords)
         drift = comp.drift(coords)
+        side = comp.side(coords) if foreign else None
     if stain == "nissl":  # the atlas's stain on another brain: region levels jitter a little
         gain = rng.uniform(0.85, 1.15, atlas.values.size)
-        if comp is None:
+        if not foreign:  # "independent" leaves the atlas's own stain as it is
             image, bg = smooth + ndimage.gaussian_filter(atlas.means[k] * (gain[k] - 1), 1.0), atlas.bg
         else:  # the jitter per compartment, drifting across the brain
             g = comp.merged(gain)[k] * np.where(side, 1 + comp.merged(comp.step)[k], 1.0)
@@ -257,6 +306,10 @@ def _stain(
         level = w * (1 - atlas.norm) + (1 - w) * rng.uniform(0, 1, atlas.values.size)
         if comp is None:
             level = ndimage.gaussian_filter(level[k], 0.7)
+        elif not foreign:  # mostly the independent partition's levels
+            cell = comp.level[comp.cell(coords)]
+            level = ((1 - comp.weight) * level[k] + comp.weight * cell) * drift
+            level = ndimage.gaussian_filter(level, 0.7)
         else:  # one level per merged group and side of the surface
             level = comp.merged(level)[k] + np.where(side, comp.merged(comp.step)[k], 0.0)
             level = np.clip(level, 0, 1) * drift
@@ -334,6 +387,7 @@ def atlas_queries(
     scale: Sequence[float] = (0.8, 1.25),
     deform: float = 0.03,
     compartments: str = "labels",
+    partition_weight: float = PARTITION_WEIGHT,
 ) -> list[dict]:
     """Sections of another brain cut from a labelled atlas, with the true plate of each.
 
@@ -374,6 +428,14 @@ def atlas_queries(
         level 10-30 % of the range higher or lower) and a smooth 10-25 % drift of the stain
         across the brain. The geometry, noise and tears are those of ``"labels"`` for the same
         seed (the compartments come from a separate stream): the two compare section by section.
+        Its compartments are still mostly the labels' (merged labels are per-label levels too).
+        ``"independent"``: the fluorescence-like stain's levels come mostly
+        (:data:`PARTITION_WEIGHT`) from a partition drawn independently of the annotation
+        (mirror-symmetric Voronoi cells, as many as the atlas's regions), with the same drift;
+        the Nissl-like stain (the atlas's own) is left as in ``"labels"``, bit for bit.
+    partition_weight
+        With ``"independent"``: the share of the partition's levels in the stain's level (0.7:
+        most of its variance; 0: the labels' levels with the drift); ignored otherwise.
 
     Returns
     -------
@@ -384,27 +446,28 @@ def atlas_queries(
     ``tilt`` (degrees about ``x`` and ``y``), ``crop`` (``(top, bottom, left, right)`` fractions
     of the tissue's extent cut away), ``part`` (which part is missing, or None), ``contrast``,
     ``rotation``, ``scale``, ``index`` (the plane's position at the volume's centre) and
-    ``compartments``; with ``"foreign"`` also ``stain_regions`` (int32 ``(h, w)``: the stain's
-    compartment of each pixel, 0 where ``labels`` is 0).
+    ``compartments``; with ``"foreign"`` or ``"independent"`` also ``stain_regions`` (int32
+    ``(h, w)``: the stain's compartment, or the partition's cell, of each pixel plus 1; 0 where
+    ``labels`` is 0).
     """
     n, max_tilt, partial, noise, tears, rotation, scale, deform = _check(
         n, max_tilt, partial, contrast, noise, tears, rotation, scale, deform, compartments
     )
+    weight = check_float("partition_weight", partition_weight, 0, 1)
     atlas = _Atlas(reference, labels)
     rng = np.random.default_rng(seed)
     # the stain's compartments from their own stream: rng's draws stay those of "labels"
     crng = (
         None if compartments == "labels" else np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
     )
+    draw = (max_tilt, partial, contrast, noise, tears, rotation, scale, deform)
     z0, z1 = atlas.zrange
     slots = rng.permutation(n)
     out = []
     for i in range(n):
         for _attempt in range(20):
             centre = z0 + (slots[i] + rng.uniform()) / n * (z1 - z0)
-            query = _one(
-                atlas, rng, centre, max_tilt, partial, contrast, noise, tears, rotation, scale, deform, crng
-            )
+            query = _one(atlas, rng, centre, draw, crng, (compartments, weight))
             if query is not None:
                 break
         else:  # pragma: no cover - only for atlases with almost no tissue
@@ -413,7 +476,8 @@ def atlas_queries(
     return out
 
 
-def _one(atlas, rng, centre, max_tilt, partial, contrast, noise, tears, rotation, scale, deform, crng=None):
+def _one(atlas, rng, centre, draw, crng=None, kind=("labels", 0.0)):
+    max_tilt, partial, contrast, noise, tears, rotation, scale, deform = draw
     tilt = tuple(float(t) for t in rng.uniform(-max_tilt, max_tilt, 2))
     part, crop = _crop(rng, partial)
     rot = float(rng.uniform(-rotation, rotation))
@@ -427,7 +491,11 @@ def _one(atlas, rng, centre, max_tilt, partial, contrast, noise, tears, rotation
         return None
     ref = ndimage.map_coordinates(atlas.ref, coords, order=1, mode="constant", cval=atlas.bg)
     stain = contrast if contrast != "mixed" else ("nissl", "fluorescence")[rng.integers(2)]
-    comp = None if crng is None else _Compartments(atlas, crng)
+    kind, weight = kind
+    if crng is None:
+        comp = None
+    else:
+        comp = _Compartments(atlas, crng) if kind == "foreign" else _Partition(atlas, crng, weight)
     image, bg = _stain(atlas, ref, lab, stain, rng, comp, coords)
     if rng.uniform() < tears:
         for _ in range(rng.integers(1, 3)):
@@ -452,6 +520,7 @@ def _one(atlas, rng, centre, max_tilt, partial, contrast, noise, tears, rotation
         "rotation": rot,
         "scale": pix,
         "index": float(centre),
-        "compartments": "labels" if comp is None else "foreign",
+        "compartments": kind,
+        **({"partition_weight": weight} if kind == "independent" else {}),
         **({} if comp is None else {"stain_regions": comp.regions(atlas, lab, coords)}),
     }
