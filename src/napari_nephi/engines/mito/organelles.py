@@ -103,7 +103,9 @@ GRID, NEAR = 48, 144
 #: the mitochondria's drift through the tissue, negated (sessions 32-35: the placement taken to have
 #: followed all of it); ``"placement"``, :func:`relative_motion`'s ``placement_error``, the placement's
 #: error slope read at the mitochondria (their apparent step in the aligned frame less their drift through
-#: the tissue), whatever share of their drift the placement followed (docs/mito.md, session 36).
+#: the tissue), whatever share of their drift the placement followed (docs/mito.md, session 36). A diagnosis
+#: switch: "placement" failed its rule (sdd 160/63, forced on the saved placement: Dice ref 0.9178 -> 0.8963;
+#: it keeps all of the reading's own noise, which the unfollowed share partly cancelled there).
 BOTH_SLOPE = "drift"
 BOTH_SLOPES = ("drift", "placement")
 
