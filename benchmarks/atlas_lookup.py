@@ -353,6 +353,18 @@ def table(results: dict, cases: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _share(text: str) -> float:
+    """``--partition-weight``: a number in [0, 1], refused with argparse's message otherwise (review 2
+    of session 36, C4: a value outside had failed with a traceback from inside ``atlas_queries``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -385,7 +397,7 @@ def parse(argv=None):
     )
     p.add_argument(
         "--partition-weight",
-        type=float,
+        type=_share,
         default=PARTITION_WEIGHT,
         help="with --compartments independent: the partition's share of the stain's level",
     )

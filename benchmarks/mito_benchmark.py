@@ -549,6 +549,14 @@ def run_case(case: str, rows, args) -> list[dict]:
             f"{r['inliers']:7.1f}",
             flush=True,
         )
+        if r.get("frame_fit"):  # review 2 of session 36, A2: Dice fit is read with the slope it keeps
+            f = r["frame_fit"]
+            (sy, sx), (ly, lx) = f["shift"], f["slope"]
+            print(
+                f"#   frame_fit: rotation {f['rotation']:.4f} rad, shift ({sy:.2f}, {sx:.2f}) px, "
+                f"slope ({ly:.3f}, {lx:.3f}) px per section, line rms {f['slope_rms']:.2f} px",
+                flush=True,
+            )
         if "drift_auto" in r:
             a = r["drift_auto"]
             bg = a.get("background")

@@ -83,3 +83,22 @@ def test_independent_stain_not_bound_to_the_labels(small_phantom):
     assert len(r) >= 3 and r[:, 1].mean() < r[:, 0].mean() - 0.1, r
     # ... and its own cells explain more of it than the labels do
     assert r[:, 2].mean() > r[:, 1].mean() + 0.1, r
+
+
+@pytest.mark.parametrize("bad", ["1.5", "-0.1", "nan", "half"])
+def test_benchmark_refuses_a_partition_weight_outside_0_1(bad, capsys):
+    """``atlas_lookup.py --partition-weight`` outside [0, 1] stops with argparse's message, not a
+    traceback from inside ``atlas_queries`` (review 2 of session 36, C4)."""
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        import atlas_lookup
+    finally:
+        sys.path.remove(bench)
+    assert atlas_lookup.parse(["--partition-weight", "0.4"]).partition_weight == 0.4
+    with pytest.raises(SystemExit):
+        atlas_lookup.parse(["--partition-weight", bad])
+    assert "--partition-weight" in capsys.readouterr().err

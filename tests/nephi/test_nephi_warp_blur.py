@@ -133,7 +133,7 @@ def test_a_bad_volume_bending_weight_is_refused(monkeypatch):
     from napari_nephi.synthetic import mri_volume
 
     vol = mri_volume()[0][4:21, 8:33, 6:27]
-    for bad in (-1.0, float("nan"), float("inf")):
+    for bad in (-1.0, float("nan"), float("inf"), "0.1x", True):  # the last two: review 2 of session 36, B1
         monkeypatch.setattr(engine, "COARSE_REG_WEIGHT_3D", bad)
         with pytest.raises(InputError, match="COARSE_REG_WEIGHT_3D must be a finite number of at least 0"):
             napari_nephi.register(vol, vol, method="nephi", device="cpu", iterations=0, coarse_iterations=2)

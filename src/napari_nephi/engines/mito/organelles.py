@@ -271,7 +271,7 @@ def relative_motion(
         slope=[float(v) for v in slope], se=[float(v) for v in se], chi2=chi2, drifts=bool(chi2 >= AGREE)
     )
     # session 36: the placement's error slope read at the mitochondria, their apparent step in the aligned
-    # frame less their drift through the tissue, per reading (see PLACEMENT_SLOPE)
+    # frame less their drift through the tissue, per reading (see BOTH_SLOPE)
     error, error_se = mean_se(np.ascontiguousarray(both[:, 2:] - both[:, :2]))
     result.update(placement_error=[float(v) for v in error], placement_error_se=[float(v) for v in error_se])
     return result

@@ -367,8 +367,13 @@ def register_nephi(
     if coarse_reg_weight is None:  # volumes: their own default where one is set (COARSE_REG_WEIGHT_3D)
         coarse_reg_weight = COARSE_REG_WEIGHT
         if d == 3 and COARSE_REG_WEIGHT_3D is not None:
-            coarse_reg_weight = float(COARSE_REG_WEIGHT_3D)
-            if not (math.isfinite(coarse_reg_weight) and coarse_reg_weight >= 0):  # as check_options does
+            try:
+                coarse_reg_weight = float(COARSE_REG_WEIGHT_3D)
+            except (TypeError, ValueError):  # a string or another object: the same message (review 2, B1)
+                coarse_reg_weight = math.nan
+            if isinstance(COARSE_REG_WEIGHT_3D, bool) or not (
+                math.isfinite(coarse_reg_weight) and coarse_reg_weight >= 0
+            ):  # as check_options does
                 raise InputError(
                     "engine.COARSE_REG_WEIGHT_3D must be a finite number of at least 0.0 "
                     f"(now {COARSE_REG_WEIGHT_3D!r})."
