@@ -102,3 +102,18 @@ def test_benchmark_refuses_a_partition_weight_outside_0_1(bad, capsys):
     with pytest.raises(SystemExit):
         atlas_lookup.parse(["--partition-weight", bad])
     assert "--partition-weight" in capsys.readouterr().err
+
+
+def test_independent_nissl_sections_report_the_labels_they_follow(small_phantom):
+    """Under ``"independent"`` the Nissl-like stain stays the atlas's own, so its ``stain_regions`` are
+    the labels (review 2 of session 36, C2: they had been the partition's cells); the fluorescence-like
+    ones' are the cells."""
+    ref, labels = small_phantom
+    qs = atlas_queries(ref, labels, 6, seed=12, contrast="mixed", compartments="independent", max_tilt=8)
+    kinds = {q["contrast"] for q in qs}
+    assert kinds == {"nissl", "fluorescence"}
+    for q in qs:
+        if q["contrast"] == "nissl":
+            np.testing.assert_array_equal(q["stain_regions"], q["labels"])
+        else:
+            assert not np.array_equal(q["stain_regions"], q["labels"])

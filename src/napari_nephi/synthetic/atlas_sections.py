@@ -449,8 +449,8 @@ def atlas_queries(
     of the tissue's extent cut away), ``part`` (which part is missing, or None), ``contrast``,
     ``rotation``, ``scale``, ``index`` (the plane's position at the volume's centre) and
     ``compartments``; with ``"foreign"`` or ``"independent"`` also ``stain_regions`` (int32
-    ``(h, w)``: the stain's compartment, or the partition's cell, of each pixel plus 1; 0 where
-    ``labels`` is 0).
+    ``(h, w)``: the stain's compartment, or the partition's cell, of each pixel plus 1; under
+    ``"independent"`` the labels for Nissl-like sections, whose stain follows them; 0 where ``labels`` is 0).
     """
     n, max_tilt, partial, noise, tears, rotation, scale, deform = _check(
         n, max_tilt, partial, contrast, noise, tears, rotation, scale, deform, compartments
@@ -476,6 +476,15 @@ def atlas_queries(
             raise InputError("Could not cut a section with tissue from this atlas; check its labels.")
         out.append(query)
     return out
+
+
+def _stain_regions(atlas: _Atlas, comp, stain: str, lab: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """What the section's stain follows, per pixel: the stain's compartments, or under ``"independent"``
+    the annotation's labels for the Nissl-like stain, which stays the atlas's own (review 2 of session 36,
+    C2: its sections had returned cells their stain does not follow)."""
+    if isinstance(comp, _Partition) and stain == "nissl":
+        return np.asarray(lab, np.int32)
+    return comp.regions(atlas, lab, coords)
 
 
 def _one(atlas, rng, centre, draw, crng=None, kind=("labels", 0.0)):
@@ -524,5 +533,5 @@ def _one(atlas, rng, centre, draw, crng=None, kind=("labels", 0.0)):
         "index": float(centre),
         "compartments": kind,
         **({"partition_weight": weight} if kind == "independent" else {}),
-        **({} if comp is None else {"stain_regions": comp.regions(atlas, lab, coords)}),
+        **({} if comp is None else {"stain_regions": _stain_regions(atlas, comp, stain, lab, coords)}),
     }
