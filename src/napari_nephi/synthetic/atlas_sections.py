@@ -182,7 +182,7 @@ class _Partition:
         self.mid = (atlas.shape[2] - 1) / 2
         seeds = points[rng.choice(len(points), size=count, replace=False)].astype(np.float64)
         seeds[:, 2] = np.abs(seeds[:, 2] - self.mid)
-        self.seeds = seeds
+        self._tree = cKDTree(seeds)  # built once: a fluorescence-like section's stain and regions both ask
         self.level = rng.uniform(0, 1, count)
         self.gradient = rng.standard_normal((3, 3, 3))
         self.strength = rng.uniform(0.1, 0.25)
@@ -193,7 +193,7 @@ class _Partition:
         p = np.stack([coords[0], coords[1], np.abs(coords[2] - self.mid)], axis=-1)
         # a k-d tree, not a (points, cells, 3) difference array: memory bounded for real atlases with
         # hundreds of regions at 512^2 (review 2 of session 36, C3; the same cells)
-        return cKDTree(self.seeds).query(p.reshape(-1, 3))[1].reshape(p.shape[:-1])
+        return self._tree.query(p.reshape(-1, 3))[1].reshape(p.shape[:-1])
 
     drift = _Compartments.drift
     _field = _Compartments._field
