@@ -41,7 +41,9 @@ COARSE = 3
 #: Standard deviation of the log of the per-region gains of a restained section.
 RESTAIN_GAIN = 0.35
 _PAIRS = ("scale", "contrast", "gamma")
-_PROBABILITIES = ("partial", "tears", "holes", "invert", "modality", "flip", "restain")
+_PROBABILITIES = ("partial", "tears", "holes", "invert", "modality", "flip", "restain", "partition")
+#: ``partition``: the share of a view's tissue signal replaced by the partition's levels (drawn range).
+PARTITION_SHARE = (0.3, 0.8)
 _LIMITS = {  # option -> (low, high)
     "max_tilt": (0.0, 45.0),
     "rotation": (0.0, 180.0),
@@ -84,7 +86,11 @@ class SynthesisConfig:
     brain's structures lie a little earlier or later in places); ``restain``: probability that the
     atlas's texture is replaced (the plate smoothed, a random gain per labelled region, a fresh
     random texture); off by default: on the phantom benchmark it lowered the accuracy (mean rank
-    16.7 -> 19.8 at probability 0.5 on 120 held-out sections, see docs/atlas.md).
+    16.7 -> 19.8 at probability 0.5 on 120 held-out sections, see docs/atlas.md); ``partition``:
+    probability that a share (:data:`PARTITION_SHARE`) of the view's tissue signal is replaced by the
+    levels of compartments that follow no atlas region (level sets of a smooth random field), as a
+    stain whose compartments are not the atlas's (session 37, opt-in; off by default: no draw, the
+    views as before).
     """
 
     max_tilt: float = 10.0
@@ -109,6 +115,7 @@ class SynthesisConfig:
     flip: float = 0.5
     depth_warp: float = 0.025
     restain: float = 0.0
+    partition: float = 0.0
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (ranges as lists)."""
@@ -473,6 +480,8 @@ class SectionSynthesizer:
         labels = self._labels_at(coords) if need and self.plates.has_labels else None
         if restain:
             image = _restain(image, labels, fr, rng, params)
+        if cfg.partition > 0 and rng.random() < cfg.partition:  # no draw when off: the views as before
+            image = _partition_stain(image, fr, rng, params)
         image = self._apply_damage(image, keep, folds, fr.background)
         image = self._intensity(image, fr, rng, params)
         return SyntheticSection(
@@ -660,6 +669,27 @@ def _restain(image: np.ndarray, labels: np.ndarray | None, fr: _Frame, rng, para
     texture = cv2.GaussianBlur(rng.standard_normal(s.shape).astype(np.float32), (0, 0), rng.uniform(0.6, 1.5))
     texture /= max(float(texture.std()), 1e-6)
     new = np.clip(new * (1 + rng.uniform(0.1, 0.4) * texture), 0, 1)
+    span = fr.background if fr.bright else 1.0 - fr.background
+    return fr.background - new * span if fr.bright else fr.background + new * span
+
+
+def _partition_stain(image: np.ndarray, fr: _Frame, rng, params: dict) -> np.ndarray:
+    """``image`` with a share ``w`` (:data:`PARTITION_SHARE`) of its tissue signal replaced by the
+    levels of another stain's own compartments, in the frame's polarity: 4-8 level sets of a smooth
+    random field (3-6 cells per side) over the view, each with a random level, so their boundaries
+    lie where the atlas has none (``params["partition"]``: ``w``)."""
+    s = _signal(image, fr)
+    tissue = s > 0.05
+    if not tissue.any():
+        return image
+    field = _smooth_field(rng, s.shape, int(rng.integers(3, 7)))
+    count = int(rng.integers(4, 9))
+    edges = np.quantile(field[tissue], np.linspace(0, 1, count + 1)[1:-1])
+    levels = rng.uniform(0.1, 1.0, count).astype(np.float32)
+    cells = cv2.GaussianBlur(levels[np.digitize(field, edges)], (0, 0), 0.7)
+    w = float(rng.uniform(*PARTITION_SHARE))
+    params["partition"] = w
+    new = np.where(tissue, (1 - w) * s + w * cells, 0.0).astype(np.float32)
     span = fr.background if fr.bright else 1.0 - fr.background
     return fr.background - new * span if fr.bright else fr.background + new * span
 

@@ -134,6 +134,9 @@ DEFAULTS: dict = {
     # platform that forks; needs framed_partial off). The same views in the same order: the trained
     # weights are those of a run without it, bit for bit (module docstring, "Prefetch")
     "prefetch": False,
+    # probability that a training view's stain partly follows compartments of its own, not the atlas's
+    # regions (SynthesisConfig.partition; 0: none, the views as before; session 37, opt-in)
+    "partition": 0.0,
 }
 LOSSES = ("triplet", "contrastive", "proxy")
 MININGS = ("semi-hard", "hard", "all")
@@ -207,6 +210,7 @@ def check_train_options(options: dict) -> dict:
     o["lr_decay"] = check_choice("lr_decay", o["lr_decay"], DECAYS)
     o["exclude_within"] = check_int("exclude_within", o["exclude_within"], 0, 1000)
     o["augment"] = check_choice("augment", o["augment"], AUGMENTS)
+    o["partition"] = check_float("partition", o["partition"], 0.0, 1.0)
     o["max_minutes"] = check_float("max_minutes", o["max_minutes"], 0.0, 10**6, low_open=True)
     o["validate_every"] = check_int("validate_every", o["validate_every"], 1, 10**7)
     o["validation_size"] = check_int("validation_size", o["validation_size"], 1, 10**5)
@@ -242,8 +246,11 @@ def check_train_options(options: dict) -> dict:
 
 
 def synthesis_config(options: dict) -> SynthesisConfig:
-    """The augmentation preset of ``options["augment"]``."""
-    return SynthesisConfig.paper() if options["augment"] == "paper" else SynthesisConfig()
+    """The augmentation preset of ``options["augment"]``, with ``options["partition"]`` (when set)."""
+    cfg = SynthesisConfig.paper() if options["augment"] == "paper" else SynthesisConfig()
+    if options.get("partition"):
+        cfg.partition = float(options["partition"])
+    return cfg
 
 
 def work_size(options: dict) -> int:
