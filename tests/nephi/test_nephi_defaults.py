@@ -43,18 +43,36 @@ TINY = dict(sample_points=64, reg_points=4, hidden=8, layers=1, n_frequencies=4,
 GATE = 0.4  # an opt-in threshold measured in session 33 (engine.NEURAL_3D_GATE_RMS; None by default)
 
 
-def test_volumes_keep_the_neural_stage_by_default():
-    """The gate is opt-in (review 1 of session 33: on rough fields it skipped the stage where it gains)."""
-    reg = nn.register(
-        *_volume_pair((0.2, -0.15, 0.1), 8),
-        method="nephi",
-        device="cpu",
-        coarse_iterations=2,
-        initial="none",
-        **TINY,
-    )
+def test_volumes_skip_the_neural_stage_by_default():
+    """Session 37: on volumes (optimize, not chunked) the fast preset runs no neural steps after the coarse
+    stage, whose warp blur is "all" and bending weight 0.03 (R0 of session 36), all recorded; the options
+    give the earlier default back (50 neural steps, weight 0.1, no warp blur); the gate stays opt-in. Fails
+    before session 37 (50 neural steps, weight 0.1, no warp blur)."""
+    pair = _volume_pair((0.2, -0.15, 0.1), 8)
+    common = dict(method="nephi", device="cpu", coarse_iterations=2, initial="none", **TINY)
+    reg = nn.register(*pair, **common)
     assert NEURAL_3D_GATE_RMS is None and reg.settings["neural_3d_gate_rms"] is None
-    assert "neural_3d_gate" not in reg.metrics and reg.metrics["iterations"] == PRESETS["fast"]["iterations"]
+    assert "neural_3d_gate" not in reg.metrics
+    assert reg.settings["iterations"] == reg.metrics["iterations"] == 0
+    assert reg.settings["coarse_reg_weight"] == PRESETS["fast"]["coarse_reg_weight_3d"] == 0.03
+    assert reg.settings["coarse_warp_blur"] == PRESETS["fast"]["coarse_warp_blur_3d"] == "all"
+    assert reg.settings["coarse_volume_sampling"]["warp_blur"] == "all"
+    old = nn.register(*pair, coarse_warp_blur=False, coarse_reg_weight=0.1, iterations=50, **common)
+    assert old.metrics["iterations"] == PRESETS["fast"]["iterations"] == 50
+    assert old.settings["coarse_reg_weight"] == 0.1 and old.settings["coarse_warp_blur"] is False
+    assert "warp_blur" not in old.settings["coarse_volume_sampling"]
+
+
+def test_the_volume_default_stays_out_of_chunked_and_accurate_runs():
+    """Divide-and-downsample and the accurate preset keep the earlier volume default (weight 0.1, no warp
+    blur, their neural steps): R0 was not measured there (session 37)."""
+    pair = _volume_pair((0.2, -0.15, 0.1), 8)
+    common = dict(method="nephi", device="cpu", coarse_iterations=1, initial="none", levels=2, **TINY)
+    reg = nn.register(*pair, chunked=True, chunk_iterations=1, iterations=1, **common)
+    assert reg.settings["coarse_reg_weight"] == 0.1 and reg.settings["coarse_warp_blur"] is False
+    reg = nn.register(*pair, preset="accurate", iterations=1, **common)
+    assert reg.settings["coarse_reg_weight"] == 0.1 and reg.settings["coarse_warp_blur"] is False
+    assert "warp_blur" not in reg.settings["coarse_volume_sampling"]
 
 
 def test_volumes_skip_the_neural_stage_after_a_small_coarse_map(monkeypatch):

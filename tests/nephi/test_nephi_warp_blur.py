@@ -40,13 +40,23 @@ def test_warp_blur_is_the_trilinear_smoothing_of_a_quadratic():
     assert float((warped - blurred)[inner].abs().max()) < 2e-3
 
 
-def test_warp_blur_recovers_a_shift_of_a_volume_sampled_like_the_fixed_one(monkeypatch):
+def _coarse_only(fixed, moving, **options):
+    """NePhi's coarse stage alone (no global stage, no neural steps) with ``options``."""
+    import napari_nephi
+
+    return napari_nephi.register(
+        fixed, moving, method="nephi", device="cpu", iterations=0, initial="none", **options
+    )
+
+
+def test_warp_blur_recovers_a_shift_of_a_volume_sampled_like_the_fixed_one():
     """The MRI (a 17 x 25 x 21 crop) shifted by (0.5, -0.5, 0.5) voxels (cubic spline, which smooths
     nearly alike at every shift), coarse stage alone (20 steps, no global stage): with the trilinear warp
     compared as it is the field ends 0.26 voxels off on average, with its smoothing matched 0.03 (largest
     |det J - 1| three voxels inside 0.22 -> 0.06; ``"all"`` levels: 0.03, 0.05). The settings say where it
-    ran (about 0.5 s of CPU a run)."""
-    import napari_nephi
+    ran (about 0.5 s of CPU a run). Since session 37 the option ``coarse_warp_blur`` chooses (the fast
+    preset's default on volumes is ``"all"``, which the module switch set to False no longer turns off), and
+    the bending weight 0.1 of these numbers is given (the volume default is now 0.03)."""
     from napari_nephi.core.jacobian import jacobian_determinant
     from napari_nephi.synthetic import mri_volume
 
@@ -56,11 +66,9 @@ def test_warp_blur_recovers_a_shift_of_a_volume_sampled_like_the_fixed_one(monke
     inner = (slice(3, -3),) * 3
     out = {}
     for on in (False, True, "all"):
-        monkeypatch.setattr(coarse, "WARP_BLUR_3D", on)
-        reg = napari_nephi.register(
-            vol, moving, method="nephi", device="cpu", iterations=0, initial="none", coarse_iterations=20
-        )
+        reg = _coarse_only(vol, moving, coarse_iterations=20, coarse_reg_weight=0.1, coarse_warp_blur=on)
         assert reg.settings["coarse_volume_sampling"].get("warp_blur", False) == on
+        assert reg.settings["coarse_warp_blur"] == on
         u = reg.transform.displacement(vol.shape)
         err = np.sqrt(((u - np.reshape(shift, (3, 1, 1, 1))) ** 2).sum(0))[inner]
         det = jacobian_determinant(u)[inner]
@@ -75,7 +83,6 @@ def test_warp_blur_is_recorded_only_where_a_level_ran_it(monkeypatch):
     """With matched blur ``"once"`` the full-grid levels learn the blur instead, so ``True`` (full-grid
     levels only) runs nowhere and is not recorded; ``"all"`` still runs on the coarser levels and is
     (review 1, B2)."""
-    import napari_nephi
     from napari_nephi.synthetic import mri_volume
 
     vol = mri_volume()[0][4:21, 8:33, 6:27]
@@ -83,24 +90,16 @@ def test_warp_blur_is_recorded_only_where_a_level_ran_it(monkeypatch):
     seen = {}
     for on in (True, "all"):
         monkeypatch.setattr(coarse, "WARP_BLUR_3D", on)
-        reg = napari_nephi.register(
-            vol,
-            moving,
-            method="nephi",
-            device="cpu",
-            iterations=0,
-            initial="none",
-            coarse_iterations=4,
-            coarse_match_blur="once",
-        )
+        reg = _coarse_only(vol, moving, coarse_iterations=4, coarse_match_blur="once")
         seen[on] = reg.settings["coarse_volume_sampling"].get("warp_blur")
     assert seen == {True: None, "all": "all"}
 
 
 def test_volumes_take_their_own_coarse_bending_weight_where_set(monkeypatch):
     """``engine.COARSE_REG_WEIGHT_3D`` (opt-in, session 36) is the coarse bending weight of volumes when
-    ``coarse_reg_weight`` is not given: recorded in the settings, used by the stage (another field than the 2D
-    default's), 2D keeps ``COARSE_REG_WEIGHT`` and an explicit weight wins."""
+    ``coarse_reg_weight`` is not given: recorded in the settings, used by the stage (another field than the
+    default's), 2D keeps ``COARSE_REG_WEIGHT`` and an explicit weight wins. Since session 37 the default on
+    volumes (optimize, fast preset) is the preset's ``coarse_reg_weight_3d``, 0.03 (it was 0.1 as in 2D)."""
     import napari_nephi
     from napari_nephi.engines.nephi import engine
     from napari_nephi.synthetic import mri_volume
@@ -109,17 +108,17 @@ def test_volumes_take_their_own_coarse_bending_weight_where_set(monkeypatch):
     moving = ndimage.shift(vol, (0.5, -0.5, 0.5), order=3, mode="nearest").astype(np.float32)
     opts = dict(method="nephi", device="cpu", iterations=0, initial="none", coarse_iterations=6)
     base = napari_nephi.register(vol, moving, **opts)
-    assert base.settings["coarse_reg_weight"] == engine.COARSE_REG_WEIGHT == 0.1
+    assert base.settings["coarse_reg_weight"] == engine.PRESETS["fast"]["coarse_reg_weight_3d"] == 0.03
     monkeypatch.setattr(engine, "COARSE_REG_WEIGHT_3D", 0.01)
     low = napari_nephi.register(vol, moving, **opts)
     assert low.settings["coarse_reg_weight"] == 0.01
     u0, u1 = (r.transform.displacement(vol.shape) for r in (base, low))
     assert float(np.abs(u1 - u0).max()) > 1e-3
-    given = napari_nephi.register(vol, moving, coarse_reg_weight=0.1, **opts)
+    given = napari_nephi.register(vol, moving, coarse_reg_weight=0.03, **opts)
     np.testing.assert_array_equal(given.transform.displacement(vol.shape), u0)
     img = vol[8]
     flat = napari_nephi.register(img, img, **opts)
-    assert flat.settings["coarse_reg_weight"] == 0.1
+    assert flat.settings["coarse_reg_weight"] == engine.COARSE_REG_WEIGHT == 0.1
 
 
 def test_a_bad_volume_bending_weight_is_refused(monkeypatch):

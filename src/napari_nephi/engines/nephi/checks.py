@@ -105,6 +105,8 @@ def check_options(options: dict[str, Any]) -> None:
         ):
             modes = ", ".join(repr(m) for m in MATCH_BLUR_MODES)
             raise InputError(f"coarse_match_blur must be one of {modes}, not {value!r}.")
+        elif name == "coarse_warp_blur" and not (isinstance(value, bool) or value == "all"):
+            raise InputError(f"coarse_warp_blur must be True, False or 'all', not {value!r}.")
         elif name in AUTO_BOOLS and not (
             isinstance(value, bool) or (isinstance(value, str) and value == "auto")
         ):

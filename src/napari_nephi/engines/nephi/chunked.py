@@ -315,8 +315,10 @@ def optimize_pair(
     match_blur: bool | str | None = None,
     flat_fill: bool = True,
     flat_noisy: bool = False,
+    warp_blur: bool | str | None = None,
 ) -> tuple[Maps, list[float]]:
-    """The optimise mode on one pair ``(1, 1, *shape)``: coarse stage (``levels > 1``) + NePhi field."""
+    """The optimise mode on one pair ``(1, 1, *shape)``: coarse stage (``levels > 1``) + NePhi field;
+    ``warp_blur`` as :func:`.coarse.optimize_velocity`'s (None: ``coarse.WARP_BLUR_3D``)."""
     shape = tuple(fixed.shape[2:])
     factors = [2**k for k in range(levels - 1, 0, -1)]
     shapes = pyramid_shapes(shape, factors) if levels > 1 else []
@@ -337,6 +339,7 @@ def optimize_pair(
             flat_fill=flat_fill,
             flat_noisy=flat_noisy,
             frame_mask=settings.frame_mask,
+            warp_blur=warp_blur,
         )
     field = NeuralDeformationField(cfg).to(fixed.device)
     codes = zero_codes(cfg, local_grid_shape(shape, local_stride), device=fixed.device)
@@ -397,6 +400,7 @@ def register_chunked(
     coarse_match_blur: bool | str | None = None,
     coarse_flat_fill: bool = True,
     coarse_flat_noisy: bool = False,
+    coarse_warp_blur: bool | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Divide-and-downsample registration of ``moving`` onto ``fixed`` (same grid, numpy arrays).
 
@@ -436,6 +440,7 @@ def register_chunked(
         match_blur=coarse_match_blur,
         flat_fill=coarse_flat_fill,
         flat_noisy=coarse_flat_noisy,
+        warp_blur=coarse_warp_blur,
     )
     del fix_g, mov_g, fm_g, mm_g
     gforward, gbackward = _frozen(gmaps.forward), _frozen(gmaps.backward)

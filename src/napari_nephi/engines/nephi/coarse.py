@@ -482,7 +482,10 @@ CUBIC_3D = False
 #: (:func:`interpolation_variance`, :func:`blur_by_variance`; session 35, docs/nephi.md): a sharp image is
 #: then not compared with a blurred one, whose difference the velocity would fit by compressing and
 #: stretching around edges. ``"all"``: on the coarser levels too (blurred on the grid they warp on, then
-#: averaged down like the warped image). Opt-in (False): it costs textureless tissue on volume deformations.
+#: averaged down like the warped image). The stage's default where its ``warp_blur`` is None; False here,
+#: but the engine's fast preset asks for ``"all"`` on volumes in ``optimize`` mode (not chunked) since
+#: session 37 (``engine.PRESETS["fast"]["coarse_warp_blur_3d"]``, option ``coarse_warp_blur``). Set truthy,
+#: this switch overrides the engine's default wherever the engine leaves ``coarse_warp_blur`` to it.
 WARP_BLUR_3D: bool | str = False
 
 
@@ -545,6 +548,7 @@ def optimize_velocity(
     flat_empty: float | None = None,
     schedule: list[int] | None = None,
     compare_on_warp_grid: bool = False,
+    warp_blur: bool | str | None = None,
 ) -> DenseMaps:
     """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
 
@@ -624,12 +628,15 @@ def optimize_velocity(
     ``shapes`` (predict+refine's :func:`.predict.refine_schedule`). With ``compare_on_warp_grid`` a coarser
     level compares the images on the grid it warps them on (twice as fine as its own per axis), not
     averaged down to its own (predict+refine's :data:`.predict.REFINE_COMPARE_ON_WARP_GRID`).
+    ``warp_blur`` (None: :data:`WARP_BLUR_3D`; False, True or ``"all"``): on volumes warped trilinearly, the
+    image compared with a warped one is blurred by the warp's own smoothing (see :data:`WARP_BLUR_3D`).
     """
     d = fixed.dim() - 2
     full = tuple(fixed.shape[2:])
     cubic, exact = volume_sampling(full)  # small volumes: cubic warp, exact bins (session 32)
+    warp_blur_mode = WARP_BLUR_3D if warp_blur is None else warp_blur
     warp_blur = bool(
-        WARP_BLUR_3D and d == 3 and not cubic
+        warp_blur_mode and d == 3 and not cubic
     )  # the trilinear warp's smoothing matched (session 35)
 
     def area(t, shape):
@@ -763,7 +770,7 @@ def optimize_velocity(
         blur_here = blur_opt is not None or (blur_mode == "once" and cmp == fine)
         # WARP_BLUR_3D: trilinear volumes, on the levels that compare on the grid they warp on (matched blur,
         # where it runs, learns the blur instead)
-        warp_blur_here = warp_blur and (cmp == warp_grid or WARP_BLUR_3D == "all") and not blur_here
+        warp_blur_here = warp_blur and (cmp == warp_grid or warp_blur_mode == "all") and not blur_here
         warp_blur_used = warp_blur_used or (warp_blur_here and n_steps > 0)
         blur_used = blur_used or (blur_here and n_steps > 0)
         if blur_here:  # white-noise variances of the images, unit noise to warp as probes
@@ -880,7 +887,7 @@ def optimize_velocity(
     maps.blur_gate_detj_rms = detj_rms
     maps.volume_sampling = {"cubic": cubic, "exact_area": exact} if d == 3 else None
     if warp_blur_used:  # (recorded where it ran: the default's settings as before)
-        maps.volume_sampling["warp_blur"] = "all" if WARP_BLUR_3D == "all" else True
+        maps.volume_sampling["warp_blur"] = "all" if warp_blur_mode == "all" else True
     maps.flat_fill_info = fill_info
     maps.steps_run = steps_run
     return maps

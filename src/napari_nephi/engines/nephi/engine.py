@@ -98,6 +98,17 @@ PRESETS: dict[str, dict] = {
         # 0.002 px) and doubled the CPU time (benchmarks/README.md); on a 96 px image it still
         # gained 0.014 px (0.137 -> 0.123), so smaller images keep it
         "iterations_2d_after_coarse": 0,
+        # volumes in optimize mode (not chunked), after a coarse stage, iterations not given and the opt-in
+        # NEURAL_3D_GATE_RMS unset: no neural steps (session 37, R0 of session 36; docs/nephi.md). On fair
+        # MRI deformations of 0.5-6 voxels the coarse stage below (warp blur "all", bending weight 0.03)
+        # alone had a lower endpoint error than the old whole default on 25 of 25 (field sets 10, 20, 406,
+        # 407, 408), a narrower det J on 30 of 30 fair rigid pairs (IC max at most 0.028), half its CPU
+        "iterations_3d_after_coarse": 0,
+        # the coarse stage of volumes in optimize mode (not chunked): the trilinear warp's smoothing matched
+        # on every level (coarse.WARP_BLUR_3D's "all", option coarse_warp_blur) and a bending weight of 0.03
+        # (coarse_reg_weight; 2D keeps COARSE_REG_WEIGHT): session 36, made the default in session 37
+        "coarse_warp_blur_3d": "all",
+        "coarse_reg_weight_3d": 0.03,
         # volumes in optimize mode (not chunked), after a coarse stage: the neural steps run only where the
         # coarse map's displacement RMS (voxels, rigid map removed) reaches NEURAL_3D_GATE_RMS (None: always)
         "neural_3d_gate_rms": "auto",
@@ -169,8 +180,9 @@ LEARNING_RATES = {"start": (2e-3, 1e-2), "refine": (5e-4, 2.5e-3)}
 
 #: Default bending weight of the coarse stage (``coarse_reg_weight``), before noise adaptation.
 COARSE_REG_WEIGHT = 0.1
-#: Volumes (``coarse_reg_weight`` not given): the coarse stage's bending weight there; None:
-#: :data:`COARSE_REG_WEIGHT` as in 2D. Opt-in (session 36, docs/nephi.md): 0.03 with
+#: Volumes (``coarse_reg_weight`` not given): the coarse stage's bending weight there, in every mode; None:
+#: the preset's ``coarse_reg_weight_3d`` in ``optimize`` mode (not chunked; 0.03 with the fast preset since
+#: session 37), else :data:`COARSE_REG_WEIGHT` as in 2D. Session 36 (docs/nephi.md): 0.03 with
 #: ``coarse.WARP_BLUR_3D = "all"`` lowered the endpoint error of every fair MRI deformation of field
 #: sets 10 and 20 (0.5-6 voxels; set 10: 0.0390 / 0.0755 / 0.1129 / 0.1550 / 0.2965 -> 0.0273 / 0.0464 /
 #: 0.0773 / 0.1266 / 0.2416, textureless tissue too); without the warp blur it changed little (coarse stage
@@ -212,6 +224,7 @@ def register_nephi(
     coarse_reg_weight: float | None = None,
     coarse_finer_level: bool = True,
     coarse_match_blur: bool | str | None = None,
+    coarse_warp_blur: bool | str | None = None,
     coarse_flat_fill: bool = True,
     coarse_flat_noisy: bool = False,
     noise_adapt: bool | str = "auto",
@@ -260,7 +273,21 @@ def register_nephi(
     image is blurrier than the fixed one by more than that (``excess_blur``, :mod:`.blurgate`).
 
     ``coarse_reg_weight`` (None: :data:`COARSE_REG_WEIGHT`; on volumes :data:`COARSE_REG_WEIGHT_3D` where
-    it is set, opt-in): the coarse stage's bending weight, recorded in ``settings["coarse_reg_weight"]``.
+    it is set, opt-in, else in ``optimize`` mode (not chunked) the preset's ``coarse_reg_weight_3d``, 0.03
+    with the fast preset since session 37): the coarse stage's bending weight, recorded in
+    ``settings["coarse_reg_weight"]``.
+
+    ``coarse_warp_blur`` (None: on volumes in ``optimize`` mode, not chunked, the preset's
+    ``coarse_warp_blur_3d``, ``"all"`` with the fast preset since session 37, unless the module switch
+    :data:`.coarse.WARP_BLUR_3D` is set, which then decides as before; elsewhere that switch, off; False,
+    True or ``"all"``): on volumes warped trilinearly the coarse stage compares a warped image with the other
+    one blurred by the warp's own smoothing (True: on the levels compared on their warp grid; ``"all"``: on
+    every level; :mod:`.coarse`). Without it the stage fits the smoothing by compressing and stretching the
+    map around edges (det J 0.87-1.17 on fair rigid MRI pairs). Recorded in ``settings["coarse_warp_blur"]``
+    (what was asked on a volume, None on 2D) and ``settings["coarse_volume_sampling"]["warp_blur"]`` (where it
+    ran). On volumes the fast preset runs no neural steps after the coarse stage in ``optimize`` mode (not
+    chunked) unless ``iterations`` is given: ``coarse_warp_blur=False, coarse_reg_weight=0.1,
+    iterations=50`` is the volume default before session 37.
 
     ``coarse_finer_level`` (default True): after the coarse stage's last grid, one more level on it
     with half its knot spacing (:mod:`.coarse`); it runs only with ``coarse_reg_weight > 0``
@@ -364,21 +391,18 @@ def register_nephi(
             "(coarse_flat_fill=False); turn the fill on or leave coarse_flat_noisy off."
         )
     d = pair.fixed.ndim
-    if coarse_reg_weight is None:  # volumes: their own default where one is set (COARSE_REG_WEIGHT_3D)
-        coarse_reg_weight = COARSE_REG_WEIGHT
-        if d == 3 and COARSE_REG_WEIGHT_3D is not None:
-            try:
-                coarse_reg_weight = float(COARSE_REG_WEIGHT_3D)
-            except (TypeError, ValueError):  # a string or another object: the same message (review 2, B1)
-                coarse_reg_weight = math.nan
-            if isinstance(COARSE_REG_WEIGHT_3D, bool) or not (
-                math.isfinite(coarse_reg_weight) and coarse_reg_weight >= 0
-            ):  # as check_options does
-                raise InputError(
-                    "engine.COARSE_REG_WEIGHT_3D must be a finite number of at least 0.0 "
-                    f"(now {COARSE_REG_WEIGHT_3D!r})."
-                )
-    coarse_reg_weight = float(coarse_reg_weight)
+    if coarse_reg_weight is None and d == 3 and COARSE_REG_WEIGHT_3D is not None:  # opt-in module switch
+        try:
+            coarse_reg_weight = float(COARSE_REG_WEIGHT_3D)
+        except (TypeError, ValueError):  # a string or another object: the same message (review 2, B1)
+            coarse_reg_weight = math.nan
+        if isinstance(COARSE_REG_WEIGHT_3D, bool) or not (
+            math.isfinite(coarse_reg_weight) and coarse_reg_weight >= 0
+        ):  # as check_options does
+            raise InputError(
+                "engine.COARSE_REG_WEIGHT_3D must be a finite number of at least 0.0 "
+                f"(now {COARSE_REG_WEIGHT_3D!r})."
+            )
     if mode != "optimize" and weights is None:
         weights = default_model(d)
         if weights is None:
@@ -418,6 +442,14 @@ def register_nephi(
     nvox = math.prod(fshape)
     # divide-and-downsample: its chunks are optimised by the neural steps alone (no neural gate there)
     use_chunks = mode == "optimize" and (bool(chunked) or (chunked is None and nvox > max_voxels))
+    # volumes in optimize mode, not chunked: the preset's own coarse stage and neural steps (session 37)
+    volume_default = d == 3 and mode == "optimize" and not use_chunks
+    if coarse_reg_weight is None:
+        coarse_reg_weight = p.get("coarse_reg_weight_3d") if volume_default else None
+        coarse_reg_weight = COARSE_REG_WEIGHT if coarse_reg_weight is None else coarse_reg_weight
+    coarse_reg_weight = float(coarse_reg_weight)
+    if coarse_warp_blur is None and volume_default and not coarse_module.WARP_BLUR_3D:
+        coarse_warp_blur = p.get("coarse_warp_blur_3d")  # (None: the module switch, off)
     neural_info: dict = {}  # the gate's reading (metrics["neural_3d_gate"])
     neural_gate = None  # volumes: the neural steps only where the coarse map's RMS reaches this (voxels)
     blur_gate = None  # ... or where the moving image is not blurrier than this (voxel^2; NEURAL_3D_GATE_BLUR)
@@ -425,6 +457,8 @@ def register_nephi(
         if p.get("neural_3d_gate_rms") == "auto":
             neural_gate = NEURAL_3D_GATE_RMS
             blur_gate = None if neural_gate is None else NEURAL_3D_GATE_BLUR
+        if neural_gate is None and "iterations_3d_after_coarse" in p:  # the opt-in gate set: it decides
+            iterations = p["iterations_3d_after_coarse"]
     if iterations is None and after_coarse and d == 2:
         if mode == "predict+refine":
             # predict+refine aims at speed: after its coarse stage the neural steps changed the
@@ -698,6 +732,7 @@ def register_nephi(
                 coarse_match_blur=coarse_match_blur,
                 coarse_flat_fill=coarse_flat_fill,
                 coarse_flat_noisy=coarse_flat_noisy,
+                coarse_warp_blur=coarse_warp_blur,
             )
         global_loss = chunk_info.pop("global_final_loss")
         coarse_info["blur_variance"] = chunk_info.pop("coarse_blur_variance", None)
@@ -724,6 +759,7 @@ def register_nephi(
                     flat_noisy=coarse_flat_noisy,
                     frame_mask=settings_opt.frame_mask,
                     first_blur=first_blur,
+                    warp_blur=coarse_warp_blur,
                 )
                 options.update(kw)
                 maps = optimize_velocity(
@@ -1027,6 +1063,11 @@ def register_nephi(
         # the mode that ran (True: learned with the velocity, "once": estimated once, also as the
         # outcome of "auto", whose gate measure is metrics["coarse_blur_gate_detj_rms"]), False if none
         "coarse_match_blur": blur_ran,
+        # volumes: the warp blur the coarse stage was asked for (coarse_warp_blur, or coarse.WARP_BLUR_3D
+        # where left to it; coarse_volume_sampling["warp_blur"] says where it ran); None on 2D
+        "coarse_warp_blur": (coarse_module.WARP_BLUR_3D if coarse_warp_blur is None else coarse_warp_blur)
+        if d == 3
+        else None,
         "coarse_shapes": [list(sh) for sh in shapes],
         "coarse_spacings": [float(sp) for sp in coarse_spacings],
         "coarse_warmup": coarse_warmup,
