@@ -7,6 +7,7 @@ from scipy import ndimage
 
 from napari_nephi.engines.mito import align, align_stack
 from napari_nephi.engines.mito import background as bgm
+from napari_nephi.engines.mito import detrend as detrend_module
 from napari_nephi.engines.mito.align import _auto_decision, _detrended
 from napari_nephi.engines.mito.background import (
     FAVOUR,
@@ -588,3 +589,68 @@ def test_a_background_moving_apart_from_the_trend_is_followed_and_not_taken_for_
         assert bg["unread"] <= 0.05 and bg["unread_around_0"] >= 2 * bgm.UNREAD, bg
         assert bg["distorted"] is False and bg["slope_from"] == "widened"
         assert np.abs(np.add(bg["slope"], v)).max() < 0.2, (bg["slope"], v)
+
+
+def _looks(first, again, se=(0.135, 0.085)):
+    """A background read as 8 runs, then 7 on a second look: runs' means ``first`` / ``again`` (y, x) +- a
+    fixed pattern whose spread gives the first look the standard error ``se`` (seed 88's drift+jitter)."""
+    on = np.array([-1, 1, -1, 1, -1, 1, -1, 1.0])
+    spread = np.asarray(se) * np.sqrt(7.0)
+
+    def background(mats, use, second=False, **_):
+        pattern = on[:7] * (np.arange(7) < 6) if second else on
+        means = np.asarray(again if second else first) + pattern[:, None] * spread
+        sd = means.std(0, ddof=1) / np.sqrt(len(means))
+        pairs = 8 * len(means)
+        return {
+            "slope": list(means.mean(0)),
+            "se": list(sd),
+            "pairs": pairs,
+            "planned": pairs,
+            "runs": means.tolist(),
+        }
+
+    return background
+
+
+def test_a_drift_under_heavy_scatter_is_screened_by_either_test_and_read_twice(monkeypatch):
+    """Session 37 (drift+jitter, seed 88: Dice ref 0.597): under 20 px of per-section scatter the variogram
+    fits the scatter's own noise as a wander (here 2.3 px per section, p 0.30) and its screen stops a real
+    drift of 0.35 px per section; the likelihood test does not (p 0.008). The background then reads the
+    drift at share ~1 but with seed 88's standard error (0.135, 0.085): "undecided-organelles", which the
+    trend test alone kept (p >= AUTO_P). Now the screen reads either test and such a first look gets the
+    second look an "undecided" one gets: twice the pairs decide "organelles" and the stack is detrended.
+    With a still background (a stage drift under the same scatter) it is kept, as is the scatter alone."""
+    rng = np.random.default_rng(32)
+    n = 160
+    use = np.ones(n, bool)
+    pos = rng.normal(0, 20, (n, 2)) + np.cumsum(rng.normal(0, 0.2, (n, 2)), axis=0)
+    pos += np.outer(np.arange(n), [0.35, 0.0])
+    test = trend_test(pos, use)
+    p_likelihood = np.exp(-test["q_likelihood"] / 2)
+    assert test["p"] > 0.25 and test["wander"] > 2.0 and p_likelihood < 0.01, test
+    moving = _looks([0.315, 0.10], [0.30, 0.09])
+    assert classify(test["slope"], moving(None, None))[0] == "undecided-organelles"
+
+    t = dict(test)  # up to session 36: the variogram's screen stops it; and a first look alone keeps it
+    assert _auto_decision(t, None, use, moving) == (False, None) and "background" not in t
+    monkeypatch.setattr(detrend_module, "SCREEN_TEST", "either")
+    t = dict(test)
+    assert _auto_decision(t, None, use, moving) == (False, None)
+    assert t["background"]["decision"] == "undecided-organelles" and t["background"]["pairs"] == 64
+    monkeypatch.setattr(bgm, "SECOND_LOOK", "kept")
+
+    t = dict(test)
+    assert _auto_decision(t, None, use, moving) == (True, None)
+    assert t["screen_test"] == "either" and t["screen_p"] == pytest.approx(p_likelihood)
+    assert t["background"]["decision"] == "organelles" and t["background"]["pairs"] == 64 + 56
+    assert t["background"]["first_look"]["decision"] == "undecided-organelles"
+
+    t = dict(test)  # the same trend, a background that does not move: the sections' (stage drift), kept
+    assert _auto_decision(t, None, use, _looks([0.0, 0.0], [0.01, -0.01])) == (False, None)
+    assert t["background"]["decision"] == "sections"
+
+    null = np.random.default_rng(1095).normal(0, 20, (n, 2))  # the scatter alone, screened by chance
+    t = trend_test(null, use)
+    assert t["p"] < SCREEN_P
+    assert _auto_decision(t, None, use, _looks([0.0, 0.0], [0.01, -0.01])) == (False, None)

@@ -53,6 +53,7 @@ from ...core.progress import CancelFlag, Progress, ProgressCallback
 from ...core.registration import Registration
 from ...core.transform import ElasticSectionTransform, PerSectionTransform
 from . import background as bgm
+from . import detrend as detrend_module
 from . import features as ft
 from . import organelles
 from .background import background_motion, classify, second_look, sections_read, unread
@@ -774,7 +775,8 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     the organelles' drift alone, longer than the trend and elsewhere, and an undistorted stack was flagged."""
     placed = np.flatnonzero(use)
     span = placed[-1] - placed[0] if len(placed) else 0
-    if test["p"] >= SCREEN_P or float(np.hypot(*test["slope"])) * span < MIN_TREND:
+    test["screen_test"], test["screen_p"] = _screen(test)  # session 37: what the screen read (recorded)
+    if test["screen_p"] >= SCREEN_P or float(np.hypot(*test["slope"])) * span < MIN_TREND:
         return False, None
     if relative is not None:  # organelle_reading="local" under the elastic step (session 32)
         local = relative(matrices, use)
@@ -820,7 +822,10 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     decision, share = classify(test["slope"], motion)
     first = None
     # a second look, at as many other sections (not on distorted sections: the trend test decides there)
-    if decision == "undecided" and "runs" in motion and not distorted:
+    again = decision == "undecided" or (
+        decision == "undecided-organelles" and test["p"] >= AUTO_P and _second_look() == "kept"
+    )  # session 37: bgm.SECOND_LOOK; an "undecided-organelles" first look that the trend test would keep
+    if again and "runs" in motion and not distorted:
         first = {"slope": motion["slope"], "se": motion["se"], "pairs": motion["pairs"], "decision": decision}
         motion = second_look(motion, background(matrices, use, True, trend=test["slope"]))
         if motion["pairs"] <= first["pairs"]:  # no room for a second look (e.g. 80 sections)
@@ -834,6 +839,7 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
         **{k: v for k, v in motion.items() if k != "runs"},
         "decision": decision,
         "share": share,
+        "second_look_on": _second_look(),  # session 37: which first looks get a second (recorded)
         "unread": missed,
         "unread_limit": bgm.UNREAD,
         "distorted": distorted,
@@ -852,6 +858,21 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     if decision == "both":
         return True, np.asarray(motion["slope"], np.float64)
     return decision == "organelles", None
+
+
+def _screen(test: dict) -> tuple[str, float]:
+    """``(test read, p)`` of the screen of ``"auto"`` (:data:`.detrend.SCREEN_TEST`, session 37): the
+    variogram test's ``p``, or the smaller of it and the likelihood test's (``q_likelihood``, where
+    recorded)."""
+    how = ft.check_choice(detrend_module.SCREEN_TEST, detrend_module.SCREEN_TESTS, "detrend.SCREEN_TEST")
+    if how == "variogram" or "q_likelihood" not in test:
+        return how, float(test["p"])
+    return how, min(float(test["p"]), math.exp(-float(test["q_likelihood"]) / 2.0))
+
+
+def _second_look() -> str:
+    """:data:`.background.SECOND_LOOK`, checked (a module setting, read where it is used)."""
+    return ft.check_choice(bgm.SECOND_LOOK, bgm.SECOND_LOOKS, "background.SECOND_LOOK")
 
 
 def _both_slope() -> str:

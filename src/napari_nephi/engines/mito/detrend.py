@@ -58,6 +58,14 @@ AUTO_P = 1e-3
 #: and wander that passes it is kept where the background does not move.
 SCREEN_P = 0.05
 
+#: Session 37: the trend test whose ``p`` the screen (:data:`SCREEN_P`) reads (``align._auto_decision``):
+#: ``"variogram"`` (:func:`variogram_test`'s, up to session 36) or ``"either"`` (the smaller of the
+#: variogram's and :func:`likelihood_test`'s). Under heavy per-section scatter the variogram fits the
+#: scatter's own variogram noise as wander and stops a real drift (drift + jitter, 20 px of scatter,
+#: seed 88: wander 2.45 px per section, p 0.26; the likelihood's p 0.030; docs/mito.md, session 37).
+SCREEN_TESTS = ("variogram", "either")
+SCREEN_TEST = "variogram"
+
 #: ``drift_correction="auto"`` leaves alone a trend that moves the sections by less than this (pixels)
 #: over the whole stack: there is nothing to correct, and the background is not read again.
 MIN_TREND = 1.0
