@@ -90,7 +90,8 @@ class SynthesisConfig:
     probability that a share (:data:`PARTITION_SHARE`) of the view's tissue signal is replaced by the
     levels of compartments that follow no atlas region (level sets of a smooth random field), as a
     stain whose compartments are not the atlas's (session 37, opt-in; off by default: no draw, the
-    views as before).
+    views as before; an index trained at 0.3 ranked the benchmark's independent stain better, 15.93 ->
+    13.36 at W 0.55, but today's stain worse, 1.917 -> 2.346: docs/atlas.md, "Session 37").
     """
 
     max_tilt: float = 10.0

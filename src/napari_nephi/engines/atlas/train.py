@@ -135,7 +135,8 @@ DEFAULTS: dict = {
     # weights are those of a run without it, bit for bit (module docstring, "Prefetch")
     "prefetch": False,
     # probability that a training view's stain partly follows compartments of its own, not the atlas's
-    # regions (SynthesisConfig.partition; 0: none, the views as before; session 37, opt-in)
+    # regions (SynthesisConfig.partition; 0: none, the views as before; session 37, opt-in: at 0.3 the
+    # benchmark's independent stain ranked better and today's stain worse, docs/atlas.md "Session 37")
     "partition": 0.0,
 }
 LOSSES = ("triplet", "contrastive", "proxy")
