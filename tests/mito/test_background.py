@@ -632,15 +632,7 @@ def test_a_drift_under_heavy_scatter_is_screened_by_either_test_and_read_twice(m
     moving = _looks([0.315, 0.10], [0.30, 0.09])
     assert classify(test["slope"], moving(None, None))[0] == "undecided-organelles"
 
-    t = dict(test)  # up to session 36: the variogram's screen stops it; and a first look alone keeps it
-    assert _auto_decision(t, None, use, moving) == (False, None) and "background" not in t
-    monkeypatch.setattr(detrend_module, "SCREEN_TEST", "either")
-    t = dict(test)
-    assert _auto_decision(t, None, use, moving) == (False, None)
-    assert t["background"]["decision"] == "undecided-organelles" and t["background"]["pairs"] == 64
-    monkeypatch.setattr(bgm, "SECOND_LOOK", "kept")
-
-    t = dict(test)
+    t = dict(test)  # the defaults since session 37
     assert _auto_decision(t, None, use, moving) == (True, None)
     assert t["screen_test"] == "either" and t["screen_p"] == pytest.approx(p_likelihood)
     assert t["background"]["decision"] == "organelles" and t["background"]["pairs"] == 64 + 56
@@ -654,3 +646,13 @@ def test_a_drift_under_heavy_scatter_is_screened_by_either_test_and_read_twice(m
     t = trend_test(null, use)
     assert t["p"] < SCREEN_P
     assert _auto_decision(t, None, use, _looks([0.0, 0.0], [0.01, -0.01])) == (False, None)
+
+    # up to session 36: the variogram's screen stops the drift; with the screen alone, one look keeps it
+    monkeypatch.setattr(detrend_module, "SCREEN_TEST", "variogram")
+    t = dict(test)
+    assert _auto_decision(t, None, use, moving) == (False, None) and "background" not in t
+    monkeypatch.setattr(detrend_module, "SCREEN_TEST", "either")
+    monkeypatch.setattr(bgm, "SECOND_LOOK", "undecided")
+    t = dict(test)
+    assert _auto_decision(t, None, use, moving) == (False, None)
+    assert t["background"]["decision"] == "undecided-organelles" and t["background"]["pairs"] == 64

@@ -772,7 +772,14 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     Session 28: the pairs read in neither box are climbed again from the background's own step (the widened
     box's median step, rounded; recorded as ``"followed"``, :func:`.background.followed`) where that is
     neither 0 nor the trend's step: where the sections drift against the organelles the background moves by
-    the organelles' drift alone, longer than the trend and elsewhere, and an undistorted stack was flagged."""
+    the organelles' drift alone, longer than the trend and elsewhere, and an undistorted stack was flagged.
+
+    Session 37 (drift + jitter under 20 px of per-section scatter, seed 88: Dice 0.597 -> 0.967): the screen
+    reads the smaller of the variogram's and the likelihood's p (:data:`.detrend.SCREEN_TEST` ``"either"``;
+    recorded as ``"screen_test"``, ``"screen_p"``), and an ``"undecided-organelles"`` first look that the
+    trend test alone would keep (p at least :data:`.detrend.AUTO_P`) gets the second look too
+    (:data:`.background.SECOND_LOOK` ``"kept"``; recorded as ``["background"]["second_look_on"]``). Both can
+    only turn a kept stack into a detrended one; the old rules are ``"variogram"`` / ``"undecided"``."""
     placed = np.flatnonzero(use)
     span = placed[-1] - placed[0] if len(placed) else 0
     test["screen_test"], test["screen_p"] = _screen(test)  # session 37: what the screen read (recorded)
