@@ -41,9 +41,12 @@ Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, importe
   voxels) and whether the neural stage ran (JSON ``neural_3d_gate``). ``--neural-3d-gate-blur B`` with it: a map under
   the RMS skips the stage only where the moving image is blurrier by more than B voxel^2 (session 34,
   ``engine.NEURAL_3D_GATE_BLUR``; the reading is ``excess_blur`` in the JSON). ``--warp-blur-3d on|all``: the
-  coarse stage matches its trilinear warp's smoothing on volumes (session 35, ``coarse.WARP_BLUR_3D``; opt-in).
-  ``--coarse-reg-weight-3d R``: the coarse stage's default bending weight on volumes (session 36,
-  ``engine.COARSE_REG_WEIGHT_3D``; opt-in; 2D keeps ``engine.COARSE_REG_WEIGHT``).
+  coarse stage matches its trilinear warp's smoothing on volumes (session 35, ``coarse.WARP_BLUR_3D``, which
+  overrides the engine's default where set). ``--coarse-reg-weight-3d R``: the coarse stage's default bending
+  weight on volumes (session 36, ``engine.COARSE_REG_WEIGHT_3D``; 2D keeps ``engine.COARSE_REG_WEIGHT``). Since
+  session 37 the fast preset's volume default (optimize, not chunked) is warp blur "all", weight 0.03 and no
+  neural steps after the coarse stage; the earlier one is ``--nephi
+  "old:coarse_warp_blur=False,coarse_reg_weight=0.1,iterations=50"``.
 * ``--deformation-orders 1 area``: the deformation cases also as fair pairs (session 36,
   :func:`deformation_pair_area`): both images area means over 4-voxel blocks of one object, the moving one after
   the field moved the object on the fine grid, so the pair differs by the field only (names end ", area 4x"; same
@@ -467,13 +470,15 @@ def main() -> None:
     p.add_argument(
         "--warp-blur-3d",
         choices=["on", "all"],
-        help="volumes: match the coarse stage's trilinear warp smoothing (coarse.WARP_BLUR_3D True / 'all'; opt-in)",
+        help="volumes: match the coarse stage's trilinear warp smoothing (coarse.WARP_BLUR_3D True / 'all', "
+        "overriding the fast preset's 'all' on volumes since session 37)",
     )
     p.add_argument(
         "--coarse-reg-weight-3d",
         type=parse_weight,
         default=None,
-        help="volumes: the coarse stage's default bending weight (engine.COARSE_REG_WEIGHT_3D; opt-in)",
+        help="volumes: the coarse stage's default bending weight (engine.COARSE_REG_WEIGHT_3D; the fast preset's "
+        "is 0.03 on volumes in optimize mode since session 37)",
     )
     p.add_argument("--json")
     args = p.parse_args()

@@ -63,9 +63,11 @@ def test_volumes_skip_the_neural_stage_by_default():
     assert "warp_blur" not in old.settings["coarse_volume_sampling"]
 
 
-def test_the_volume_default_stays_out_of_chunked_and_accurate_runs():
-    """Divide-and-downsample and the accurate preset keep the earlier volume default (weight 0.1, no warp
-    blur, their neural steps): R0 was not measured there (session 37)."""
+def test_the_volume_default_stays_out_of_chunked_accurate_and_large_runs(monkeypatch):
+    """Divide-and-downsample, the accurate preset and volumes over engine.VOLUME_DEFAULT_MAX_VOXELS keep the
+    earlier volume default (weight 0.1, no warp blur, their neural steps): R0 was not measured in the first
+    two and failed the marks on a volume over the cap (session 37). Fails before session 37 (no
+    coarse_warp_blur setting)."""
     pair = _volume_pair((0.2, -0.15, 0.1), 8)
     common = dict(method="nephi", device="cpu", coarse_iterations=1, initial="none", levels=2, **TINY)
     reg = nn.register(*pair, chunked=True, chunk_iterations=1, iterations=1, **common)
@@ -73,6 +75,14 @@ def test_the_volume_default_stays_out_of_chunked_and_accurate_runs():
     reg = nn.register(*pair, preset="accurate", iterations=1, **common)
     assert reg.settings["coarse_reg_weight"] == 0.1 and reg.settings["coarse_warp_blur"] is False
     assert "warp_blur" not in reg.settings["coarse_volume_sampling"]
+    assert nephi_engine.VOLUME_DEFAULT_MAX_VOXELS == 1 << 18
+    monkeypatch.setattr(nephi_engine, "VOLUME_DEFAULT_MAX_VOXELS", pair[0].size - 1)  # 8 x 10 x 9: over it
+    reg = nn.register(*pair, **common)
+    assert reg.settings["coarse_reg_weight"] == 0.1 and reg.settings["coarse_warp_blur"] is False
+    assert reg.metrics["iterations"] == PRESETS["fast"]["iterations"]
+    monkeypatch.setattr(nephi_engine, "VOLUME_DEFAULT_MAX_VOXELS", pair[0].size)  # at the cap: the default
+    reg = nn.register(*pair, **common)
+    assert reg.settings["coarse_reg_weight"] == 0.03 and reg.metrics["iterations"] == 0
 
 
 def test_volumes_skip_the_neural_stage_after_a_small_coarse_map(monkeypatch):

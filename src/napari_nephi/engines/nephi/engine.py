@@ -11,9 +11,11 @@ the predicted codes for ``iterations`` steps instead. The stored model never cha
 In ``optimize`` mode with ``levels > 1`` a cheap coarse stage runs first: a stationary velocity
 field, a cubic B-spline refined level by level, integrated on grids ``2**(levels-1)``, ..., 4, 2
 times coarser than the image (scaling and squaring, so it cannot fold; :mod:`.coarse`); the neural
-field then refines it at full resolution (fast preset: not on 2D images of 256 px a side or more; on
-volumes, with the opt-in :data:`NEURAL_3D_GATE_RMS`, only where the coarse map's displacement RMS reaches
-it). On 2D images its first level can compare the images blurred by :data:`.coarse.FIRST_LEVEL_BLUR`
+field then refines it at full resolution (fast preset: not on 2D images of 256 px a side or more, nor on
+volumes in ``optimize`` mode (not chunked) since session 37, whose coarse stage matches its trilinear warp's
+smoothing on every level with a bending weight of 0.03; with the opt-in :data:`NEURAL_3D_GATE_RMS`, on
+volumes only where the coarse map's displacement RMS reaches it). On 2D images its first level can
+compare the images blurred by :data:`.coarse.FIRST_LEVEL_BLUR`
 voxels of its grid (opt-in; ``settings["coarse_first_blur"]``).
 
 ``bspline_spacing > 0`` (SINR) evaluates each network on a grid of control points that many voxels
@@ -178,6 +180,15 @@ INITIAL_DEFAULT = "rigid"
 #: (benchmarks/README.md).
 LEARNING_RATES = {"start": (2e-3, 1e-2), "refine": (5e-4, 2.5e-3)}
 
+#: Volumes of at most this many voxels (2^18, e.g. 64^3; the value of
+#: :data:`.coarse.VOLUME_SAMPLING_MAX_VOXELS`) take the preset's volume default in ``optimize`` mode (not
+#: chunked): ``coarse_warp_blur_3d``, ``coarse_reg_weight_3d`` and ``iterations_3d_after_coarse`` (session
+#: 37). Larger ones keep the earlier default (no warp blur, weight 0.1, the neural steps): on the MRI zoomed
+#: 2.5x (62 x 102 x 82, shifted by (1.25, -0.75, 0.5) voxels, linear-resampled) the volume default widened
+#: det J (0.934-1.054 -> 0.921-1.062) and raised the peak memory by 31 % (238 -> 313 MiB), over the marks
+#: written first (docs/nephi.md, "Session 37").
+VOLUME_DEFAULT_MAX_VOXELS = 1 << 18
+
 #: Default bending weight of the coarse stage (``coarse_reg_weight``), before noise adaptation.
 COARSE_REG_WEIGHT = 0.1
 #: Volumes (``coarse_reg_weight`` not given): the coarse stage's bending weight there, in every mode; None:
@@ -273,21 +284,21 @@ def register_nephi(
     image is blurrier than the fixed one by more than that (``excess_blur``, :mod:`.blurgate`).
 
     ``coarse_reg_weight`` (None: :data:`COARSE_REG_WEIGHT`; on volumes :data:`COARSE_REG_WEIGHT_3D` where
-    it is set, opt-in, else in ``optimize`` mode (not chunked) the preset's ``coarse_reg_weight_3d``, 0.03
-    with the fast preset since session 37): the coarse stage's bending weight, recorded in
-    ``settings["coarse_reg_weight"]``.
+    it is set, opt-in, else in ``optimize`` mode (not chunked) on volumes of at most
+    :data:`VOLUME_DEFAULT_MAX_VOXELS` the preset's ``coarse_reg_weight_3d``, 0.03 with the fast preset since
+    session 37): the coarse stage's bending weight, recorded in ``settings["coarse_reg_weight"]``.
 
-    ``coarse_warp_blur`` (None: on volumes in ``optimize`` mode, not chunked, the preset's
-    ``coarse_warp_blur_3d``, ``"all"`` with the fast preset since session 37, unless the module switch
-    :data:`.coarse.WARP_BLUR_3D` is set, which then decides as before; elsewhere that switch, off; False,
-    True or ``"all"``): on volumes warped trilinearly the coarse stage compares a warped image with the other
-    one blurred by the warp's own smoothing (True: on the levels compared on their warp grid; ``"all"``: on
-    every level; :mod:`.coarse`). Without it the stage fits the smoothing by compressing and stretching the
-    map around edges (det J 0.87-1.17 on fair rigid MRI pairs). Recorded in ``settings["coarse_warp_blur"]``
-    (what was asked on a volume, None on 2D) and ``settings["coarse_volume_sampling"]["warp_blur"]`` (where it
-    ran). On volumes the fast preset runs no neural steps after the coarse stage in ``optimize`` mode (not
-    chunked) unless ``iterations`` is given: ``coarse_warp_blur=False, coarse_reg_weight=0.1,
-    iterations=50`` is the volume default before session 37.
+    ``coarse_warp_blur`` (None: on volumes of at most :data:`VOLUME_DEFAULT_MAX_VOXELS` in ``optimize``
+    mode, not chunked, the preset's ``coarse_warp_blur_3d``, ``"all"`` with the fast preset since session
+    37, unless the module switch :data:`.coarse.WARP_BLUR_3D` is set, which then decides as before;
+    elsewhere that switch, off; False, True or ``"all"``): on volumes warped trilinearly the coarse stage
+    compares a warped image with the other one blurred by the warp's own smoothing (True: on the levels
+    compared on their warp grid; ``"all"``: on every level; :mod:`.coarse`). Without it the stage fits the
+    smoothing by compressing and stretching the map around edges (det J 0.87-1.17 on fair rigid MRI pairs).
+    Recorded in ``settings["coarse_warp_blur"]`` (what was asked on a volume, None on 2D) and
+    ``settings["coarse_volume_sampling"]["warp_blur"]`` (where it ran). On those volumes the fast preset runs
+    no neural steps after the coarse stage unless ``iterations`` is given: ``coarse_warp_blur=False,
+    coarse_reg_weight=0.1, iterations=50`` is the volume default before session 37.
 
     ``coarse_finer_level`` (default True): after the coarse stage's last grid, one more level on it
     with half its knot spacing (:mod:`.coarse`); it runs only with ``coarse_reg_weight > 0``
@@ -442,8 +453,9 @@ def register_nephi(
     nvox = math.prod(fshape)
     # divide-and-downsample: its chunks are optimised by the neural steps alone (no neural gate there)
     use_chunks = mode == "optimize" and (bool(chunked) or (chunked is None and nvox > max_voxels))
-    # volumes in optimize mode, not chunked: the preset's own coarse stage and neural steps (session 37)
-    volume_default = d == 3 and mode == "optimize" and not use_chunks
+    # volumes in optimize mode, not chunked, up to VOLUME_DEFAULT_MAX_VOXELS: the preset's own coarse stage
+    # and neural steps (session 37)
+    volume_default = d == 3 and mode == "optimize" and not use_chunks and nvox <= VOLUME_DEFAULT_MAX_VOXELS
     if coarse_reg_weight is None:
         coarse_reg_weight = p.get("coarse_reg_weight_3d") if volume_default else None
         coarse_reg_weight = COARSE_REG_WEIGHT if coarse_reg_weight is None else coarse_reg_weight
@@ -457,7 +469,9 @@ def register_nephi(
         if p.get("neural_3d_gate_rms") == "auto":
             neural_gate = NEURAL_3D_GATE_RMS
             blur_gate = None if neural_gate is None else NEURAL_3D_GATE_BLUR
-        if neural_gate is None and "iterations_3d_after_coarse" in p:  # the opt-in gate set: it decides
+        if (
+            neural_gate is None and volume_default and "iterations_3d_after_coarse" in p
+        ):  # the opt-in gate set: it decides
             iterations = p["iterations_3d_after_coarse"]
     if iterations is None and after_coarse and d == 2:
         if mode == "predict+refine":
