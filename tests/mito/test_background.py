@@ -618,9 +618,10 @@ def test_a_drift_under_heavy_scatter_is_screened_by_either_test_and_read_twice(m
     fits the scatter's own noise as a wander (here 2.3 px per section, p 0.30) and its screen stops a real
     drift of 0.35 px per section; the likelihood test does not (p 0.008). The background then reads the
     drift at share ~1 but with seed 88's standard error (0.135, 0.085): "undecided-organelles", which the
-    trend test alone kept (p >= AUTO_P). Now the screen reads either test and such a first look gets the
-    second look an "undecided" one gets: twice the pairs decide "organelles" and the stack is detrended.
-    With a still background (a stage drift under the same scatter) it is kept, as is the scatter alone."""
+    trend test alone kept (p >= AUTO_P). With both opt-in switches (detrend.SCREEN_TEST "either",
+    background.SECOND_LOOK "kept") the screen reads either test and such a first look gets the second look
+    an "undecided" one gets: twice the pairs decide "organelles" and the stack is detrended. With a still
+    background (a stage drift under the same scatter) it is kept, as is the scatter alone."""
     rng = np.random.default_rng(32)
     n = 160
     use = np.ones(n, bool)
@@ -632,7 +633,15 @@ def test_a_drift_under_heavy_scatter_is_screened_by_either_test_and_read_twice(m
     moving = _looks([0.315, 0.10], [0.30, 0.09])
     assert classify(test["slope"], moving(None, None))[0] == "undecided-organelles"
 
-    t = dict(test)  # the defaults since session 37
+    t = dict(test)  # the defaults (the rules up to session 36): the variogram's screen stops it
+    assert _auto_decision(t, None, use, moving) == (False, None) and "background" not in t
+    monkeypatch.setattr(detrend_module, "SCREEN_TEST", "either")
+    t = dict(test)  # the screen alone: one look, "undecided-organelles", and the trend test keeps it
+    assert _auto_decision(t, None, use, moving) == (False, None)
+    assert t["background"]["decision"] == "undecided-organelles" and t["background"]["pairs"] == 64
+    monkeypatch.setattr(bgm, "SECOND_LOOK", "kept")
+
+    t = dict(test)  # both switches (session 37's candidate D)
     assert _auto_decision(t, None, use, moving) == (True, None)
     assert t["screen_test"] == "either" and t["screen_p"] == pytest.approx(p_likelihood)
     assert t["background"]["decision"] == "organelles" and t["background"]["pairs"] == 64 + 56
@@ -646,13 +655,3 @@ def test_a_drift_under_heavy_scatter_is_screened_by_either_test_and_read_twice(m
     t = trend_test(null, use)
     assert t["p"] < SCREEN_P
     assert _auto_decision(t, None, use, _looks([0.0, 0.0], [0.01, -0.01])) == (False, None)
-
-    # up to session 36: the variogram's screen stops the drift; with the screen alone, one look keeps it
-    monkeypatch.setattr(detrend_module, "SCREEN_TEST", "variogram")
-    t = dict(test)
-    assert _auto_decision(t, None, use, moving) == (False, None) and "background" not in t
-    monkeypatch.setattr(detrend_module, "SCREEN_TEST", "either")
-    monkeypatch.setattr(bgm, "SECOND_LOOK", "undecided")
-    t = dict(test)
-    assert _auto_decision(t, None, use, moving) == (False, None)
-    assert t["background"]["decision"] == "undecided-organelles" and t["background"]["pairs"] == 64

@@ -774,12 +774,14 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     neither 0 nor the trend's step: where the sections drift against the organelles the background moves by
     the organelles' drift alone, longer than the trend and elsewhere, and an undistorted stack was flagged.
 
-    Session 37 (drift + jitter under 20 px of per-section scatter, seed 88: Dice 0.597 -> 0.967): the screen
-    reads the smaller of the variogram's and the likelihood's p (:data:`.detrend.SCREEN_TEST` ``"either"``;
-    recorded as ``"screen_test"``, ``"screen_p"``), and an ``"undecided-organelles"`` first look that the
-    trend test alone would keep (p at least :data:`.detrend.AUTO_P`) gets the second look too
-    (:data:`.background.SECOND_LOOK` ``"kept"``; recorded as ``["background"]["second_look_on"]``). Both can
-    only turn a kept stack into a detrended one; the old rules are ``"variogram"`` / ``"undecided"``."""
+    Session 37, opt-in (drift + jitter under 20 px of per-section scatter, seed 88: Dice 0.597 -> 0.967 with
+    both): the screen can read the smaller of the variogram's and the likelihood's p
+    (:data:`.detrend.SCREEN_TEST` ``"either"``, no correction for testing twice), and an
+    ``"undecided-organelles"`` first look that the trend test alone would keep (p at least
+    :data:`.detrend.AUTO_P`) can get the second look too (:data:`.background.SECOND_LOOK` ``"kept"``).
+    Recorded: ``"screen_test"``, ``"screen_p"``, ``["background"]["second_look_on"]``. Both can only turn a
+    kept stack into a detrended one; the defaults ``"variogram"`` / ``"undecided"`` are the rules up to
+    session 36."""
     placed = np.flatnonzero(use)
     span = placed[-1] - placed[0] if len(placed) else 0
     test["screen_test"], test["screen_p"] = _screen(test)  # session 37: what the screen read (recorded)
@@ -829,9 +831,10 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     decision, share = classify(test["slope"], motion)
     first = None
     # a second look, at as many other sections (not on distorted sections: the trend test decides there)
+    # session 37, bgm.SECOND_LOOK "kept" (opt-in): also an "undecided-organelles" one the trend test keeps
     again = decision == "undecided" or (
         decision == "undecided-organelles" and test["p"] >= AUTO_P and _second_look() == "kept"
-    )  # session 37: bgm.SECOND_LOOK; an "undecided-organelles" first look that the trend test would keep
+    )
     if again and "runs" in motion and not distorted:
         first = {"slope": motion["slope"], "se": motion["se"], "pairs": motion["pairs"], "decision": decision}
         motion = second_look(motion, background(matrices, use, True, trend=test["slope"]))

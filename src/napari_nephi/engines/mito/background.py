@@ -107,12 +107,13 @@ TOWARD_FROM = 0.6
 #: set to 0.51 px per section).
 UNREAD_WIDE = 0.10
 #: Session 37: which first looks get a second one (``align._auto_decision``): ``"undecided"`` (up to
-#: session 36) or ``"kept"`` (the default since session 37): also an ``"undecided-organelles"`` one where
+#: session 36) or ``"kept"`` (opt-in; the session 37 candidate with :data:`.detrend.SCREEN_TEST`
+#: ``"either"``, which the lead decides on): also an ``"undecided-organelles"`` one where
 #: the trend test alone would keep the trend (``p`` at least :data:`.detrend.AUTO_P`), so that the decision
 #: comes from twice the pairs rather than from a trend test that heavy scatter blinds (drift + jitter, seed
 #: 88: first look se (0.135, 0.085), second (0.077, 0.059) -> "organelles"; docs/mito.md, session 37).
 SECOND_LOOKS = ("undecided", "kept")
-SECOND_LOOK = "kept"
+SECOND_LOOK = "undecided"
 #: Smallest standard error (px per section) trusted per axis: a handful of blocks can agree by chance.
 SE_FLOOR = 0.02
 
