@@ -91,7 +91,8 @@ class SynthesisConfig:
     levels of compartments that follow no atlas region (level sets of a smooth random field), as a
     stain whose compartments are not the atlas's (session 37, opt-in; off by default: no draw, the
     views as before; an index trained at 0.3 ranked the benchmark's independent stain better, 15.93 ->
-    13.36 at W 0.55, but today's stain worse, 1.917 -> 2.346: docs/atlas.md, "Session 37").
+    13.36 at W 0.55, whose mixing form it imitates, but today's stain worse, 1.917 -> 2.346, and the
+    ``foreign`` stain worse, 4.729 -> 5.025: docs/atlas.md, "Session 37").
     """
 
     max_tilt: float = 10.0
