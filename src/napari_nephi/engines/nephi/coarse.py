@@ -483,9 +483,10 @@ CUBIC_3D = False
 #: then not compared with a blurred one, whose difference the velocity would fit by compressing and
 #: stretching around edges. ``"all"``: on the coarser levels too (blurred on the grid they warp on, then
 #: averaged down like the warped image). The stage's default where its ``warp_blur`` is None; False here,
-#: but the engine's fast preset asks for ``"all"`` on volumes in ``optimize`` mode (not chunked) since
-#: session 37 (``engine.PRESETS["fast"]["coarse_warp_blur_3d"]``, option ``coarse_warp_blur``). Set truthy,
-#: this switch overrides the engine's default wherever the engine leaves ``coarse_warp_blur`` to it.
+#: but the engine's fast preset asks for ``"all"`` on volumes of at most ``engine.VOLUME_DEFAULT_MAX_VOXELS``
+#: in ``optimize`` mode (not chunked) since session 37 (``engine.PRESETS["fast"]["coarse_warp_blur_3d"]``,
+#: option ``coarse_warp_blur``). Set truthy, this switch overrides the engine's default wherever the engine
+#: leaves ``coarse_warp_blur`` to it.
 WARP_BLUR_3D: bool | str = False
 
 
