@@ -75,7 +75,7 @@ def test_the_volume_default_stays_out_of_chunked_accurate_and_large_runs(monkeyp
     reg = nn.register(*pair, preset="accurate", iterations=1, **common)
     assert reg.settings["coarse_reg_weight"] == 0.1 and reg.settings["coarse_warp_blur"] is False
     assert "warp_blur" not in reg.settings["coarse_volume_sampling"]
-    assert nephi_engine.VOLUME_DEFAULT_MAX_VOXELS == 1 << 18
+    assert nephi_engine.VOLUME_DEFAULT_MAX_VOXELS == 25 * 41 * 33  # the bundled MRI
     monkeypatch.setattr(nephi_engine, "VOLUME_DEFAULT_MAX_VOXELS", pair[0].size - 1)  # 8 x 10 x 9: over it
     reg = nn.register(*pair, **common)
     assert reg.settings["coarse_reg_weight"] == 0.1 and reg.settings["coarse_warp_blur"] is False

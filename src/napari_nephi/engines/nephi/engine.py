@@ -180,14 +180,15 @@ INITIAL_DEFAULT = "rigid"
 #: (benchmarks/README.md).
 LEARNING_RATES = {"start": (2e-3, 1e-2), "refine": (5e-4, 2.5e-3)}
 
-#: Volumes of at most this many voxels (2^18, e.g. 64^3; the value of
-#: :data:`.coarse.VOLUME_SAMPLING_MAX_VOXELS`) take the preset's volume default in ``optimize`` mode (not
+#: Volumes of at most this many voxels (33,825: the bundled MRI, 25 x 41 x 33, the largest size where the
+#: volume default was measured and passed) take the preset's volume default in ``optimize`` mode (not
 #: chunked): ``coarse_warp_blur_3d``, ``coarse_reg_weight_3d`` and ``iterations_3d_after_coarse`` (session
 #: 37). Larger ones keep the earlier default (no warp blur, weight 0.1, the neural steps): on the MRI zoomed
-#: 2.5x (62 x 102 x 82, shifted by (1.25, -0.75, 0.5) voxels, linear-resampled) the volume default widened
-#: det J (0.934-1.054 -> 0.921-1.062) and raised the peak memory by 31 % (238 -> 313 MiB), over the marks
-#: written first (docs/nephi.md, "Session 37").
-VOLUME_DEFAULT_MAX_VOXELS = 1 << 18
+#: 1.8x and 2.5x (45 x 74 x 59 and 62 x 102 x 82 voxels, shifted by (1.25, -0.75, 0.5) voxels,
+#: linear-resampled) the volume default lowered the endpoint error but widened det J (0.898-1.083 ->
+#: 0.873-1.100; 0.934-1.054 -> 0.921-1.062) and raised the peak memory (153 -> 185, 238 -> 313 MiB), over
+#: the marks written first (docs/nephi.md, "Session 37").
+VOLUME_DEFAULT_MAX_VOXELS = 25 * 41 * 33
 
 #: Default bending weight of the coarse stage (``coarse_reg_weight``), before noise adaptation.
 COARSE_REG_WEIGHT = 0.1
