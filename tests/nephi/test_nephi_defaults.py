@@ -5,6 +5,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 import napari_nephi as nn
+from napari_nephi.engines.nephi import coarse as coarse_module
 from napari_nephi.engines.nephi import engine as nephi_engine
 from napari_nephi.engines.nephi.engine import NEURAL_2D_MIN_SIDE, NEURAL_3D_GATE_RMS, PRESETS
 
@@ -61,6 +62,28 @@ def test_volumes_skip_the_neural_stage_by_default():
     assert old.metrics["iterations"] == PRESETS["fast"]["iterations"] == 50
     assert old.settings["coarse_reg_weight"] == 0.1 and old.settings["coarse_warp_blur"] is False
     assert "warp_blur" not in old.settings["coarse_volume_sampling"]
+
+
+def test_turning_the_volume_warp_blur_off_gives_the_earlier_volume_default(monkeypatch):
+    """The volume default's bending weight 0.03 and its skipped neural steps go with its warp blur "all":
+    with the blur off (coarse_warp_blur=False) or partial (True, or the module switch True) a volume gets
+    the earlier default (weight 0.1, the preset's 50 neural steps), the same result as the three options
+    given together. Fails at 89b2296 (blur off alone: 0.03 and no neural steps, a coarse-only run without
+    the blur that was worse than both defaults on fair rigid MRI pairs; review 2 of session 37, B1)."""
+    pair = _volume_pair((0.2, -0.15, 0.1), 8)
+    common = dict(method="nephi", device="cpu", coarse_iterations=2, initial="none", **TINY)
+    off = nn.register(*pair, coarse_warp_blur=False, **common)
+    assert off.settings["coarse_reg_weight"] == 0.1 and off.metrics["iterations"] == 50
+    old = nn.register(*pair, coarse_warp_blur=False, coarse_reg_weight=0.1, iterations=50, **common)
+    np.testing.assert_array_equal(off.transform.displacement(), old.transform.displacement())
+    part = nn.register(*pair, coarse_warp_blur=True, **common)
+    assert part.settings["coarse_reg_weight"] == 0.1 and part.metrics["iterations"] == 50
+    monkeypatch.setattr(coarse_module, "WARP_BLUR_3D", True)
+    switch = nn.register(*pair, **common)
+    assert switch.settings["coarse_reg_weight"] == 0.1 and switch.metrics["iterations"] == 50
+    monkeypatch.setattr(coarse_module, "WARP_BLUR_3D", "all")  # the default's blur by the switch: R0
+    switch = nn.register(*pair, **common)
+    assert switch.settings["coarse_reg_weight"] == 0.03 and switch.metrics["iterations"] == 0
 
 
 def test_the_volume_default_stays_out_of_chunked_accurate_and_large_runs(monkeypatch):

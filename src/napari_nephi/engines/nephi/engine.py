@@ -298,8 +298,9 @@ def register_nephi(
     smoothing by compressing and stretching the map around edges (det J 0.87-1.17 on fair rigid MRI pairs).
     Recorded in ``settings["coarse_warp_blur"]`` (what was asked on a volume, None on 2D) and
     ``settings["coarse_volume_sampling"]["warp_blur"]`` (where it ran). On those volumes the fast preset runs
-    no neural steps after the coarse stage unless ``iterations`` is given: ``coarse_warp_blur=False,
-    coarse_reg_weight=0.1, iterations=50`` is the volume default before session 37.
+    no neural steps after the coarse stage unless ``iterations`` is given. The weight 0.03 and the skipped
+    neural steps go with the warp blur ``"all"``: ``coarse_warp_blur=False`` (or True) alone gives the volume
+    default before session 37 (weight 0.1, the preset's neural steps).
 
     ``coarse_finer_level`` (default True): after the coarse stage's last grid, one more level on it
     with half its knot spacing (:mod:`.coarse`); it runs only with ``coarse_reg_weight > 0``
@@ -457,12 +458,17 @@ def register_nephi(
     # volumes in optimize mode, not chunked, up to VOLUME_DEFAULT_MAX_VOXELS: the preset's own coarse stage
     # and neural steps (session 37)
     volume_default = d == 3 and mode == "optimize" and not use_chunks and nvox <= VOLUME_DEFAULT_MAX_VOXELS
+    if coarse_warp_blur is None and volume_default and not coarse_module.WARP_BLUR_3D:
+        coarse_warp_blur = p.get("coarse_warp_blur_3d")  # (None: the module switch, off)
+    # the volume default's bending weight and skipped neural steps go with its warp blur "all": with the
+    # blur off or partial (False / True, by option or module switch) a volume gets the earlier default
+    # (review 2 of session 37: the blur off alone gave a coarse-only run worse than both defaults)
+    blur_mode = coarse_module.WARP_BLUR_3D if coarse_warp_blur is None else coarse_warp_blur
+    volume_default = volume_default and isinstance(blur_mode, str) and blur_mode == "all"
     if coarse_reg_weight is None:
         coarse_reg_weight = p.get("coarse_reg_weight_3d") if volume_default else None
         coarse_reg_weight = COARSE_REG_WEIGHT if coarse_reg_weight is None else coarse_reg_weight
     coarse_reg_weight = float(coarse_reg_weight)
-    if coarse_warp_blur is None and volume_default and not coarse_module.WARP_BLUR_3D:
-        coarse_warp_blur = p.get("coarse_warp_blur_3d")  # (None: the module switch, off)
     neural_info: dict = {}  # the gate's reading (metrics["neural_3d_gate"])
     neural_gate = None  # volumes: the neural steps only where the coarse map's RMS reaches this (voxels)
     blur_gate = None  # ... or where the moving image is not blurrier than this (voxel^2; NEURAL_3D_GATE_BLUR)
