@@ -478,7 +478,7 @@ def register_nephi(
             blur_gate = None if neural_gate is None else NEURAL_3D_GATE_BLUR
         if (
             neural_gate is None and volume_default and "iterations_3d_after_coarse" in p
-        ):  # the opt-in gate set: it decides
+        ):  # the volume default's neural steps (where the opt-in gate is set, the gate decides instead)
             iterations = p["iterations_3d_after_coarse"]
     if iterations is None and after_coarse and d == 2:
         if mode == "predict+refine":
