@@ -646,6 +646,12 @@ def _signal(image: np.ndarray, fr: _Frame) -> np.ndarray:
     return np.clip(s, 0, 1).astype(np.float32, copy=False)
 
 
+def _from_signal(signal: np.ndarray, fr: _Frame) -> np.ndarray:
+    """The image of a tissue ``signal`` in the frame's polarity (the inverse of :func:`_signal`)."""
+    span = fr.background if fr.bright else 1.0 - fr.background
+    return fr.background - signal * span if fr.bright else fr.background + signal * span
+
+
 def _restain(image: np.ndarray, labels: np.ndarray | None, fr: _Frame, rng, params: dict) -> np.ndarray:
     """``image`` stained anew, in the frame's polarity: the atlas's texture replaced.
 
@@ -671,8 +677,7 @@ def _restain(image: np.ndarray, labels: np.ndarray | None, fr: _Frame, rng, para
     texture = cv2.GaussianBlur(rng.standard_normal(s.shape).astype(np.float32), (0, 0), rng.uniform(0.6, 1.5))
     texture /= max(float(texture.std()), 1e-6)
     new = np.clip(new * (1 + rng.uniform(0.1, 0.4) * texture), 0, 1)
-    span = fr.background if fr.bright else 1.0 - fr.background
-    return fr.background - new * span if fr.bright else fr.background + new * span
+    return _from_signal(new, fr)
 
 
 def _partition_stain(image: np.ndarray, fr: _Frame, rng, params: dict) -> np.ndarray:
@@ -692,8 +697,7 @@ def _partition_stain(image: np.ndarray, fr: _Frame, rng, params: dict) -> np.nda
     w = float(rng.uniform(*PARTITION_SHARE))
     params["partition"] = w
     new = np.where(tissue, (1 - w) * s + w * cells, 0.0).astype(np.float32)
-    span = fr.background if fr.bright else 1.0 - fr.background
-    return fr.background - new * span if fr.bright else fr.background + new * span
+    return _from_signal(new, fr)
 
 
 def _partial_keep(mode: str, tissue: np.ndarray, rng) -> np.ndarray:

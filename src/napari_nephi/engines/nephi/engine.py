@@ -1086,9 +1086,7 @@ def register_nephi(
         "coarse_match_blur": blur_ran,
         # volumes: the warp blur the coarse stage was asked for (coarse_warp_blur, or coarse.WARP_BLUR_3D
         # where left to it; coarse_volume_sampling["warp_blur"] says where it ran); None on 2D
-        "coarse_warp_blur": (coarse_module.WARP_BLUR_3D if coarse_warp_blur is None else coarse_warp_blur)
-        if d == 3
-        else None,
+        "coarse_warp_blur": blur_mode if d == 3 else None,
         "coarse_shapes": [list(sh) for sh in shapes],
         "coarse_spacings": [float(sp) for sp in coarse_spacings],
         "coarse_warmup": coarse_warmup,
