@@ -22,6 +22,8 @@ label) is the phantom's own model, which a score built on the labels can exploit
 compartments are still mostly the labels'; ``--compartments independent`` gives the
 fluorescence-like sections levels mostly (``--partition-weight``, 0.7) from Voronoi cells drawn
 independently of the annotation (the Nissl-like sections stay as they are).
+``--compartments marker`` (session 38) gives them a marker's stain: a random subset of the
+regions lit, each with a texture inside it, the others one dim level (``atlas_queries`` option).
 
 Methods (``--methods``):
 
@@ -393,7 +395,8 @@ def parse(argv=None):
         choices=COMPARTMENTS,
         default="labels",
         help="what the queries' stain follows: the annotation's labels (default), foreign compartments "
-        "(labels merged and split) or an independent partition (fluorescence-like sections only)",
+        "(labels merged and split), an independent partition or a marker in a subset of the regions with a "
+        "texture (the last two: fluorescence-like sections only)",
     )
     p.add_argument(
         "--partition-weight",

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from napari_nephi.core.errors import InputError
 from napari_nephi.engines.atlas.region_fit import correlation_ratio
@@ -117,3 +118,47 @@ def test_independent_nissl_sections_report_the_labels_they_follow(small_phantom)
             np.testing.assert_array_equal(q["stain_regions"], q["labels"])
         else:
             assert not np.array_equal(q["stain_regions"], q["labels"])
+
+
+def test_marker_stain_keeps_the_cut_and_is_not_the_independent_generator(small_phantom):
+    """``"marker"`` (session 38, the judge's stain for first-stage candidates): the same cuts and labels as
+    today's stain; the fluorescence-like sections lit in a subset of the regions (the rest one dim level)
+    with a texture inside the lit ones; its compartments are labels (unions of them), not the independent
+    stain's Voronoi cells, whose edges lie where no label has one."""
+    ref, labels = small_phantom
+    opts = dict(max_tilt=8, partial=0.3, contrast="mixed", tears=0.3, noise=0.03)
+    own = atlas_queries(ref, labels, 10, seed=13, **opts)
+    mark = atlas_queries(ref, labels, 10, seed=13, compartments="marker", **opts)
+    ind = atlas_queries(ref, labels, 10, seed=13, compartments="independent", **opts)
+    fluo, spread = 0, []
+    for a, m, i in zip(own, mark, ind, strict=True):
+        np.testing.assert_array_equal(a["labels"], m["labels"])
+        assert (a["plate"], a["tilt"], a["crop"], a["contrast"]) == (
+            m["plate"],
+            m["tilt"],
+            m["crop"],
+            m["contrast"],
+        )
+        lab, reg = m["labels"], m["stain_regions"]
+        assert m["compartments"] == "marker" and ((reg > 0) == (lab > 0)).all()
+        if a["contrast"] == "nissl":  # the atlas's own stain is left as it is
+            np.testing.assert_array_equal(a["image"], m["image"])
+            np.testing.assert_array_equal(reg, lab)
+            continue
+        fluo += 1
+        tissue = lab > 0
+        assert not np.array_equal(m["image"], i["image"])
+        # every compartment is a label or the union of the unlit ones: its edges lie on label edges
+        assert not (_edges(reg, tissue) & ~_edges(lab, tissue)).any()
+        lit = reg > 1
+        assert lit.any() and (tissue & ~lit).any()  # some regions lit, some not
+        inner = {r: ndimage.binary_erosion(lab == r) for r in np.unique(lab[tissue])}
+        dark = np.concatenate([m["image"][inner[r]] for r in np.unique(lab[tissue & ~lit])])
+        bright = np.concatenate([m["image"][inner[r]] for r in np.unique(lab[lit])])
+        assert np.median(dark) < np.median(bright) - 0.1, (np.median(dark), np.median(bright))
+        # a texture inside the lit regions that today's stain of the same regions does not have
+        for r in np.unique(lab[lit]):
+            if inner[r].sum() > 10:
+                spread.append((m["image"][inner[r]].std(), a["image"][inner[r]].std()))
+    s = np.array(spread)
+    assert fluo >= 3 and len(s) >= 3 and np.median(s[:, 0]) > 2 * np.median(s[:, 1]), s

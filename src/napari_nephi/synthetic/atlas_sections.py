@@ -25,7 +25,7 @@ __all__ = ["COMPARTMENTS", "CONTRASTS", "atlas_queries", "plane_axes"]
 #: Stains :func:`atlas_queries` can render ("mixed": each query draws one of the other two).
 CONTRASTS = ("nissl", "fluorescence", "mixed")
 #: What a stain's per-region levels follow (:func:`atlas_queries` option ``compartments``).
-COMPARTMENTS = ("labels", "foreign", "independent")
+COMPARTMENTS = ("labels", "foreign", "independent", "marker")
 #: ``"independent"``: the default weight of the partition's levels in the other stain's level (the
 #: labels' is 1 - it; :func:`atlas_queries` option ``partition_weight``).
 PARTITION_WEIGHT = 0.7
@@ -203,6 +203,52 @@ class _Partition:
         return np.where(lab > 0, self.cell(coords) + 1, 0).astype(np.int32)
 
 
+class _Marker:
+    """A marker stain (session 38): expressed in a random subset of the atlas's regions, with a texture.
+
+    Per section each tissue region expresses the marker with probability ``q`` ~ U(0.35, 0.65) (at
+    least two do); the regions that do not share one dim level (autofluorescence), so the edges
+    between two of them vanish; an expressing region keeps the fluorescence-like level the labels
+    give it, lifted to 0.45-1, times a texture ``1 + a tanh(1.5 t)`` (``a`` ~ U(0.4, 0.7)) of a
+    smooth random field ``t`` with a knot every 4 atlas voxels (patchy expression, fibre bundles):
+    edges inside regions at a few voxels' scale that no label has. No mixing with a partition (not
+    ``"independent"``'s Voronoi cells, nor the training's ``partition`` level sets) and no drift.
+    Fields live in atlas coordinates; the Nissl-like stain (the atlas's own) is left as in
+    ``"labels"``, bit for bit.
+    """
+
+    KNOT = 4.0
+    _field = _Compartments._field
+
+    def __init__(self, atlas: _Atlas, rng: np.random.Generator):
+        n = atlas.values.size
+        q = rng.uniform(0.35, 0.65)
+        on = rng.uniform(size=n) < q
+        tissue = np.flatnonzero(atlas.values > 0)
+        if on[tissue].sum() < 2:  # at least two expressing regions
+            on[rng.choice(tissue, size=min(2, tissue.size), replace=False)] = True
+        on[atlas.values == 0] = False
+        self.on = on
+        self.dim = rng.uniform(0.02, 0.15)
+        self.amp = rng.uniform(0.4, 0.7)
+        self.shape = np.asarray(atlas.shape, dtype=np.float64)
+        knots = np.ceil(self.shape / self.KNOT).astype(int) + 1
+        self.texture = rng.standard_normal(tuple(knots))
+
+    def level(self, level: np.ndarray, k: np.ndarray, coords: np.ndarray) -> np.ndarray:
+        """The marker's level of each pixel from the labels' fluorescence-like ``level`` per region
+        index and the section's region indices ``k`` at atlas ``coords``."""
+        t = self._field(self.texture, coords)
+        lit = (0.45 + 0.55 * level[k]) * (1 + self.amp * np.tanh(1.5 * t))
+        return np.where(self.on[k], lit, self.dim)
+
+    def regions(self, atlas: _Atlas, lab: np.ndarray, coords: np.ndarray) -> np.ndarray:
+        """The expressing region of each pixel (its label index plus 1), 1 for every region that does
+        not express the marker, 0 where ``lab`` is 0."""
+        k = atlas.index_of(lab)
+        return np.where(lab > 0, np.where(self.on[k], k + 1, 1), 0).astype(np.int32)
+
+
 class _Specimen:
     """Another brain: the atlas anisotropically rescaled and smoothly deformed (pull-back map)."""
 
@@ -292,12 +338,12 @@ def _stain(
     resid = smooth - base  # structure within regions that the labels do not hold
     tissue = lab_q > 0
     foreign = isinstance(comp, _Compartments)
-    if comp is not None:
+    if comp is not None and not isinstance(comp, _Marker):
         drift = comp.drift(coords)
         side = comp.side(coords) if foreign else None
     if stain == "nissl":  # the atlas's stain on another brain: region levels jitter a little
         gain = rng.uniform(0.85, 1.15, atlas.values.size)
-        if not foreign:  # "independent" leaves the atlas's own stain as it is
+        if not foreign:  # "independent" and "marker" leave the atlas's own stain as it is
             image, bg = smooth + ndimage.gaussian_filter(atlas.means[k] * (gain[k] - 1), 1.0), atlas.bg
         else:  # the jitter per compartment, drifting across the brain
             g = comp.merged(gain)[k] * np.where(side, 1 + comp.merged(comp.step)[k], 1.0)
@@ -308,6 +354,8 @@ def _stain(
         level = w * (1 - atlas.norm) + (1 - w) * rng.uniform(0, 1, atlas.values.size)
         if comp is None:
             level = ndimage.gaussian_filter(level[k], 0.7)
+        elif isinstance(comp, _Marker):  # a subset of the regions lit, with a texture
+            level = ndimage.gaussian_filter(comp.level(level, k, coords), 0.7)
         elif not foreign:  # mostly the independent partition's levels
             cell = comp.level[comp.cell(coords)]
             level = ((1 - comp.weight) * level[k] + comp.weight * cell) * drift
@@ -435,6 +483,10 @@ def atlas_queries(
         (:data:`PARTITION_WEIGHT`) from a partition drawn independently of the annotation
         (mirror-symmetric Voronoi cells, as many as the atlas's regions), with the same drift;
         the Nissl-like stain (the atlas's own) is left as in ``"labels"``, bit for bit.
+        ``"marker"`` (session 38): the fluorescence-like stain of a marker expressed in a random
+        subset of the regions (each with probability 0.35-0.65 per section), one dim level on the
+        others, and a texture inside the expressing ones (a smooth random field, a knot every 4
+        voxels, +-40-70 %); the Nissl-like stain is left as in ``"labels"``, bit for bit.
     partition_weight
         With ``"independent"``: the share of the partition's levels in the stain's level (0.7:
         most of its variance; 0: the labels' levels with the drift); ignored otherwise.
@@ -448,9 +500,10 @@ def atlas_queries(
     ``tilt`` (degrees about ``x`` and ``y``), ``crop`` (``(top, bottom, left, right)`` fractions
     of the tissue's extent cut away), ``part`` (which part is missing, or None), ``contrast``,
     ``rotation``, ``scale``, ``index`` (the plane's position at the volume's centre) and
-    ``compartments``; with ``"foreign"`` or ``"independent"`` also ``stain_regions`` (int32
-    ``(h, w)``: the stain's compartment, or the partition's cell, of each pixel plus 1; under
-    ``"independent"`` the labels for Nissl-like sections, whose stain follows them; 0 where ``labels`` is 0).
+    ``compartments``; with another stain also ``stain_regions`` (int32 ``(h, w)``: the stain's
+    compartment, or the partition's cell, of each pixel plus 1 (``"marker"``: the expressing region's
+    label index plus 1, 1 on the regions without the marker); under ``"independent"`` and ``"marker"``
+    the labels for Nissl-like sections, whose stain follows them; 0 where ``labels`` is 0).
     """
     n, max_tilt, partial, noise, tears, rotation, scale, deform = _check(
         n, max_tilt, partial, contrast, noise, tears, rotation, scale, deform, compartments
@@ -482,7 +535,7 @@ def _stain_regions(atlas: _Atlas, comp, stain: str, lab: np.ndarray, coords: np.
     """What the section's stain follows, per pixel: the stain's compartments, or under ``"independent"``
     the annotation's labels for the Nissl-like stain, which stays the atlas's own (review 2 of session 36,
     C2: its sections had returned cells their stain does not follow)."""
-    if isinstance(comp, _Partition) and stain == "nissl":
+    if isinstance(comp, (_Partition, _Marker)) and stain == "nissl":
         return np.asarray(lab, np.int32)
     return comp.regions(atlas, lab, coords)
 
@@ -506,7 +559,8 @@ def _one(atlas, rng, centre, draw, crng=None, kind=("labels", 0.0)):
     if crng is None:
         comp = None
     else:
-        comp = _Compartments(atlas, crng) if kind == "foreign" else _Partition(atlas, crng, weight)
+        make = {"foreign": _Compartments, "marker": _Marker}.get(kind)
+        comp = _Partition(atlas, crng, weight) if make is None else make(atlas, crng)
     image, bg = _stain(atlas, ref, lab, stain, rng, comp, coords)
     if rng.uniform() < tears:
         for _ in range(rng.integers(1, 3)):
