@@ -136,3 +136,38 @@ def test_a_bad_volume_bending_weight_is_refused(monkeypatch):
         monkeypatch.setattr(engine, "COARSE_REG_WEIGHT_3D", bad)
         with pytest.raises(InputError, match="COARSE_REG_WEIGHT_3D must be a finite number of at least 0"):
             napari_nephi.register(vol, vol, method="nephi", device="cpu", iterations=0, coarse_iterations=2)
+
+
+def test_the_warp_blur_never_holds_the_variance_and_gives_its_blur_bit_for_bit(monkeypatch):
+    """Session 38: the coarse stage blurs by the interpolation's smoothing one axis at a time from the
+    detached warp points (:func:`coarse.blur_by_interpolation`), never holding the ``(1, 3, *S)`` variance of
+    :func:`coarse.interpolation_variance` (its peak memory on large comparison grids: the 2.5x MRI's coarse
+    stage 292-306 -> 253 MiB at 12 steps). The image blurred either way is the same bit for bit (points
+    inside and outside the frame, axes of 1 and 2 voxels), and so is the coarse stage's displacement with
+    the old formulation put back (warp blur ``"all"``, the volume default)."""
+    from napari_nephi.synthetic import mri_volume
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(7, 9, 8), (1, 6, 2)]:
+        pts = torch.rand(1, *shape, 3, generator=gen) * 2.4 - 1.2
+        image = torch.rand(1, 1, *shape, generator=gen)
+        old = coarse.blur_by_variance(image, coarse.interpolation_variance(pts, shape))
+        assert torch.equal(coarse.blur_by_interpolation(image, pts), old)
+    vol = mri_volume()[0][4:21, 8:33, 6:27]
+    moving = ndimage.shift(vol, (0.5, -0.5, 0.5), order=3, mode="nearest").astype(np.float32)
+    new = _coarse_only(vol, moving, coarse_iterations=8, coarse_warp_blur="all")
+    assert new.settings["coarse_volume_sampling"]["warp_blur"] == "all"
+
+    def via_variance(image, pts, shape=None):
+        shape = image.shape[2:] if shape is None else shape
+        return coarse.blur_by_variance(image, coarse.interpolation_variance(pts, shape))
+
+    monkeypatch.setattr(coarse, "blur_by_interpolation", via_variance)
+    old = _coarse_only(vol, moving, coarse_iterations=8, coarse_warp_blur="all")
+    assert np.array_equal(new.transform.displacement(vol.shape), old.transform.displacement(vol.shape))
+    assert not np.array_equal(
+        new.transform.displacement(vol.shape),
+        _coarse_only(vol, moving, coarse_iterations=8, coarse_warp_blur=False).transform.displacement(
+            vol.shape
+        ),
+    )

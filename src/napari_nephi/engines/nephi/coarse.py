@@ -490,17 +490,24 @@ CUBIC_3D = False
 WARP_BLUR_3D: bool | str = False
 
 
+def _axis_interpolation_variance(pts: torch.Tensor, a: int, n: int) -> torch.Tensor:
+    """``f (1 - f)`` of component ``a`` of the normalised points ``pts`` ``(1, *S, D)`` along an axis of
+    ``n`` voxels, ``(1, *S)``, detached (:func:`interpolation_variance`'s component ``a``, bit for bit: the
+    same operations on one component, in place, so no ``(1, *S, D)`` temporary is made)."""
+    # clamped: outside the frame grid_sample (padding "border") reads the edge voxel as it is, unsmoothed
+    c = (pts.detach()[..., a] + 1).mul_(0.5).mul_(n - 1).clamp_(0, n - 1)
+    f = c.sub_(torch.floor(c))
+    return f.mul_(1 - f)
+
+
 def interpolation_variance(pts: torch.Tensor, shape) -> torch.Tensor:
     """The smoothing of linear interpolation at the normalised points ``pts`` ``(1, *S, D)`` (grid_sample's
     axis order, ``align_corners=True``) in an image of spatial ``shape`` (numpy order): per point and axis
     ``f (1 - f)`` (voxel^2), ``f`` the sub-voxel part of the point (0 outside the frame, where the edge
     voxel is read as it is), ``(1, D, *S)`` in ``pts``' axis order. Detached: the blur follows the map, it
     is not a way for the map to lower the loss."""
-    sizes = torch.as_tensor([n - 1 for n in shape[::-1]], dtype=pts.dtype, device=pts.device)
-    # clamped: outside the frame grid_sample (padding "border") reads the edge voxel as it is, unsmoothed
-    c = torch.minimum(torch.maximum((pts.detach() + 1) * 0.5 * sizes, torch.zeros_like(sizes)), sizes)
-    f = c - torch.floor(c)
-    return torch.movedim(f * (1 - f), -1, 1)
+    d = pts.shape[-1]
+    return torch.stack([_axis_interpolation_variance(pts, a, shape[d - 1 - a]) for a in range(d)], 1)
 
 
 def blur_by_variance(image: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -511,6 +518,36 @@ def blur_by_variance(image: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     out = image
     for a in range(d):  # numpy axis of component a: 2 + d - 1 - a (x is the last)
         out = out + 0.5 * var[:, a : a + 1] * _second_difference(image, 2 + d - 1 - a)
+    return out
+
+
+def blur_by_interpolation(image: torch.Tensor, pts: torch.Tensor, shape=None) -> torch.Tensor:
+    """``image`` ``(1, 1, *S)`` blurred by the smoothing of linear interpolation at ``pts`` ``(1, *S, D)`` in
+    an image of spatial ``shape`` (default: ``image``'s): ``blur_by_variance(image,
+    interpolation_variance(pts, shape))`` bit for bit, one axis at a time, so the ``(1, D, *S)`` variance
+    is never held (its memory on large comparison grids; session 38, docs/nephi.md)."""
+    d = image.dim() - 2
+    shape = tuple(image.shape[2:]) if shape is None else tuple(shape)
+    out = image
+    for a in range(d):  # numpy axis of component a: 2 + d - 1 - a (x is the last)
+        term = _axis_interpolation_variance(pts, a, shape[d - 1 - a])[:, None].mul_(0.5)
+        term = term.mul_(_second_difference_inplace(image, 2 + d - 1 - a))
+        out = out + term if a == 0 else out.add_(term)
+        del term
+    return out
+
+
+def _second_difference_inplace(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """:func:`.matchblur._second_difference` bit for bit (``(-2 t + t[i-1]) + t[i+1]`` is ``(t[i-1] - 2 t) +
+    t[i+1]`` in floating point) with one temporary of ``t``'s size instead of four."""
+    n = t.shape[axis]
+    if n < 2:
+        return torch.zeros_like(t)
+    out = t * -2
+    out.narrow(axis, 1, n - 1).add_(t.narrow(axis, 0, n - 1))  # + t[i-1] (edges replicated)
+    out.narrow(axis, 0, 1).add_(t.narrow(axis, 0, 1))
+    out.narrow(axis, 0, n - 1).add_(t.narrow(axis, 1, n - 1))  # + t[i+1]
+    out.narrow(axis, n - 1, 1).add_(t.narrow(axis, n - 1, 1))
     return out
 
 
@@ -657,12 +694,13 @@ def optimize_velocity(
 
     def sample(image, pts, interp, inside, var=None):
         """``image`` at the normalised points ``pts``; with a list ``inside``, their frame weight (1
-        inside the image, 0 outside) is appended to it; with a list ``var``, the interpolation's
-        smoothing there (:func:`interpolation_variance`)."""
+        inside the image, 0 outside) is appended to it; with a list ``var``, the points (detached: the
+        interpolation's smoothing there is read from them, :func:`blur_by_interpolation`; they are
+        held for the backward pass anyway) and the image's shape."""
         if inside is not None:
             inside.append(in_frame(pts)[:, None])
         if var is not None:
-            var.append(interpolation_variance(pts, image.shape[2:]))
+            var.append((pts.detach(), image.shape[2:]))
         if interp == "cubic":  # ``image`` holds the spline coefficients (cubic.spline_coefficients)
             return cubic_sample(image, pts)
         return F.grid_sample(image, pts, mode=interp, padding_mode="border", align_corners=True)
@@ -801,9 +839,10 @@ def optimize_velocity(
             if var is None:
                 f_c, m_c = f_l, m_l
             elif cmp == warp_grid:
-                f_c, m_c = blur_by_variance(f_l, var[0]), blur_by_variance(m_l, var[1])
+                f_c, m_c = blur_by_interpolation(f_l, *var[0]), blur_by_interpolation(m_l, *var[1])
             else:  # a coarser level ("all"): blurred on the grid it warps on, averaged down like the warps
-                f_c, m_c = area(blur_by_variance(f_w, var[0]), cmp), area(blur_by_variance(m_w, var[1]), cmp)
+                f_c = area(blur_by_interpolation(f_w, *var[0]), cmp)
+                m_c = area(blur_by_interpolation(m_w, *var[1]), cmp)
             del var
             w_fwd, w_bwd = mask_weights(masks_l, masks_w, u_f, u_b, ident, cmp) if masked else (None, None)
             if ins:
