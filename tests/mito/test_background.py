@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from napari_nephi.core.errors import InputError
 from napari_nephi.engines.mito import align, align_stack
 from napari_nephi.engines.mito import background as bgm
 from napari_nephi.engines.mito import detrend as detrend_module
@@ -655,3 +656,65 @@ def test_a_drift_under_heavy_scatter_is_screened_by_either_test_and_read_twice(m
     t = trend_test(null, use)
     assert t["p"] < SCREEN_P
     assert _auto_decision(t, None, use, _looks([0.0, 0.0], [0.01, -0.01])) == (False, None)
+
+
+def _distorted(background):
+    """``background`` with a third of its pairs planned left unread (distorted sections, :func:`unread`)."""
+
+    def read(mats, use, second=False, **kw):
+        out = background(mats, use, second, **kw)
+        return {**out, "planned": int(out["pairs"] * 1.5)}
+
+    return read
+
+
+def test_a_first_look_both_gets_a_second_look_under_the_se_floor(monkeypatch):
+    """Session 38 (session 37 A2's candidate: background.SE_FLOOR 0.06, background.SECOND_LOOK "both"). One
+    look's se comes from 8 runs' spread and can under-read the tissue's own apparent motion (about 0.05 px per
+    section): a still background under a stage drift read (0.156, -0.030) +- (0.046, 0.048) (stage drift,
+    seed 86) is "both" at the old floor 0.02, and its slope is removed; at 0.06 it is "sections" and the
+    stack is kept. A still background that one look reads as moving even over the floor ("both") gets a
+    second look, and both looks' runs keep it; an organelle drift that one look reads short ("both": drift +
+    jitter, seed 93's first look) is read whole by both looks and the whole trend is removed. On distorted
+    sections a first-look "both" stands (no second look)."""
+    use = np.ones(160, bool)
+    stage = {"p": 1e-12, "slope": [-0.44, 0.19]}  # the positions' trend (stage drift, 86)
+    still_86 = _looks([0.156, -0.030], [0.0, 0.0], se=(0.046, 0.048))
+    drift_93 = {"p": 1e-12, "slope": [-0.297, -0.247]}
+    short_93 = _looks([-0.046, -0.215], [-0.30, -0.25], se=(0.066, 0.051))
+    still = _looks([0.20, 0.05], [0.0, 0.0], se=(0.06, 0.06))
+
+    t = dict(stage)  # the defaults: "both" on one look, its slope removed
+    detrend, slope = _auto_decision(t, None, use, still_86)
+    assert detrend and np.allclose(slope, [0.156, -0.030])
+    assert t["background"]["decision"] == "both" and t["background"]["se_floor"] == 0.02
+    t = dict(drift_93)
+    detrend, slope = _auto_decision(t, None, use, short_93)
+    assert detrend and np.allclose(slope, [-0.046, -0.215]) and t["background"]["decision"] == "both"
+
+    monkeypatch.setattr(bgm, "SE_FLOOR", 0.06)
+    monkeypatch.setattr(bgm, "SECOND_LOOK", "both")
+    t = dict(stage)  # the floor: the sections' drift, kept on one look
+    assert _auto_decision(t, None, use, still_86) == (False, None)
+    assert t["background"]["decision"] == "sections" and t["background"]["pairs"] == 64
+    assert t["background"]["se_floor"] == 0.06 and t["background"]["second_look_on"] == "both"
+    t = dict(stage)  # "both" over the floor on the first look, "sections" on both looks: kept
+    assert classify(stage["slope"], still(None, None), floor=0.06)[0] == "both"
+    assert _auto_decision(t, None, use, still) == (False, None)
+    assert t["background"]["first_look"]["decision"] == "both"
+    assert t["background"]["decision"] == "sections" and t["background"]["pairs"] == 64 + 56
+    t = dict(drift_93)  # the organelles' drift read short by one look, whole by both: the whole trend removed
+    assert _auto_decision(t, None, use, short_93) == (True, None)
+    assert t["background"]["first_look"]["decision"] == "both"
+    assert t["background"]["decision"] == "organelles"
+    t = dict(drift_93)  # distorted sections: the first-look "both" stands
+    detrend, slope = _auto_decision(t, None, use, _distorted(short_93))
+    assert detrend and np.allclose(slope, [-0.046, -0.215])
+    assert t["background"]["distorted"] and "first_look" not in t["background"]
+    monkeypatch.setattr(bgm, "SECOND_LOOK", "every")
+    with pytest.raises(InputError, match="SECOND_LOOK"):
+        _auto_decision(dict(stage), None, use, still)
+    monkeypatch.setattr(bgm, "SECOND_LOOK", "both")
+    monkeypatch.setattr(bgm, "SE_FLOOR", -0.1)
+    with pytest.raises(InputError, match="SE_FLOOR"):
+        _auto_decision(dict(stage), None, use, still)

@@ -781,7 +781,14 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     :data:`.detrend.AUTO_P`) can get the second look too (:data:`.background.SECOND_LOOK` ``"kept"``).
     Recorded: ``"screen_test"``, ``"screen_p"``, ``["background"]["second_look_on"]``. Both can only turn a
     kept stack into a detrended one; the defaults ``"variogram"`` / ``"undecided"`` are the rules up to
-    session 36."""
+    session 36.
+
+    Session 38 (session 37 A2's candidate): :data:`.background.SE_FLOOR` (recorded as
+    ``["background"]["se_floor"]``; the local reading's is :data:`.organelles.SE_FLOOR`, recorded as
+    ``["organelles"]["se_floor"]``) and :data:`.background.SECOND_LOOK` ``"both"`` (or ``"kept+both"``): a
+    first look that reads ``"both"`` on undistorted sections gets the second look too, decided as after an
+    ``"undecided"`` one (a still background read as moving by one look's runs is then kept, and an organelle
+    drift read short by one look can be read whole)."""
     placed = np.flatnonzero(use)
     span = placed[-1] - placed[0] if len(placed) else 0
     test["screen_test"], test["screen_p"] = _screen(test)  # session 37: what the screen read (recorded)
@@ -797,7 +804,8 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
             # whole trend, "sections" keeps it, "both" removes -v; undecided: the background decides
             error = -np.asarray(local["slope"], np.float64)
             motion = {"slope": error.tolist(), "se": local["se"], "pairs": local["readings"]}
-            decision, _ = classify(test["slope"], motion)
+            local["se_floor"] = _se_floor(organelles.SE_FLOOR, "organelles.SE_FLOOR")  # session 38 (recorded)
+            decision, _ = classify(test["slope"], motion, floor=local["se_floor"])
             local["decision"] = decision
             if decision in ("organelles", "sections", "both"):
                 test["decided_by"] = "local"
@@ -828,12 +836,17 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
             # drift on distorted sections, 80 sections, elastic, seed 39 with toward [1, 0]: -0.15 -> +0.07
             # px per section along it); the box around 0 alone, as before session 26 (without that pull)
             motion = {**{k: v for k, v in motion.items() if k != "runs"}, **around_0}
-    decision, share = classify(test["slope"], motion)
+    floor = _se_floor(bgm.SE_FLOOR, "background.SE_FLOOR")  # session 38 (recorded)
+    decision, share = classify(test["slope"], motion, floor=floor)
     first = None
     # a second look, at as many other sections (not on distorted sections: the trend test decides there)
-    # session 37, bgm.SECOND_LOOK "kept" (opt-in): also an "undecided-organelles" one the trend test keeps
-    again = decision == "undecided" or (
-        decision == "undecided-organelles" and test["p"] >= AUTO_P and _second_look() == "kept"
+    # session 37, bgm.SECOND_LOOK "kept" (opt-in): also an "undecided-organelles" one the trend test keeps;
+    # session 38, "both": also a first look that reads "both" (each look's se from 8 runs' spread)
+    looks = _second_look().split("+")
+    again = (
+        decision == "undecided"
+        or (decision == "undecided-organelles" and test["p"] >= AUTO_P and "kept" in looks)
+        or (decision == "both" and "both" in looks)
     )
     if again and "runs" in motion and not distorted:
         first = {"slope": motion["slope"], "se": motion["se"], "pairs": motion["pairs"], "decision": decision}
@@ -841,7 +854,7 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
         if motion["pairs"] <= first["pairs"]:  # no room for a second look (e.g. 80 sections)
             first = None
         else:
-            decision, share = classify(test["slope"], motion)
+            decision, share = classify(test["slope"], motion, floor=floor)
             # no FAVOUR on a second look: its bound holds for one (simulated, se from the runs: a still
             # background detrended 1.2-3.2 % -> 1.8-3.6 %, with FAVOUR here 1.8-4.9 %; docs/mito.md)
             decision = "undecided" if decision == "undecided-organelles" else decision
@@ -850,6 +863,7 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
         "decision": decision,
         "share": share,
         "second_look_on": _second_look(),  # session 37: which first looks get a second (recorded)
+        "se_floor": floor,  # session 38: the smallest se trusted per axis (recorded)
         "unread": missed,
         "unread_limit": bgm.UNREAD,
         "distorted": distorted,
@@ -883,6 +897,11 @@ def _screen(test: dict) -> tuple[str, float]:
 def _second_look() -> str:
     """:data:`.background.SECOND_LOOK`, checked (a module setting, read where it is used)."""
     return ft.check_choice(bgm.SECOND_LOOK, bgm.SECOND_LOOKS, "background.SECOND_LOOK")
+
+
+def _se_floor(value, what: str) -> float:
+    """A standard error floor (px per section; a module setting, read where it is used), checked."""
+    return check_float(what, value, 0.0, 10.0)
 
 
 def _both_slope() -> str:

@@ -112,9 +112,21 @@ UNREAD_WIDE = 0.10
 #: the trend test alone would keep the trend (``p`` at least :data:`.detrend.AUTO_P`), so that the decision
 #: comes from twice the pairs rather than from a trend test that heavy scatter blinds (drift + jitter, seed
 #: 88: first look se (0.135, 0.085), second (0.077, 0.059) -> "organelles"; docs/mito.md, session 37).
-SECOND_LOOKS = ("undecided", "kept")
+#: Session 38 (session 37 A2's candidate E, with :data:`SE_FLOOR` 0.06): ``"both"``, also a first look that
+#: reads ``"both"`` on undistorted sections gets the second look, and both looks' runs decide as after an
+#: ``"undecided"`` first look (no :data:`FAVOUR`): one look's 8 runs read a still background as moving
+#: about 5 % of the time (their se from 7 degrees of freedom), and the drift+jitter 93 first look read the
+#: organelles' drift short in y (share 0.45, "both"; both looks: "organelles", Dice ref 0.851 -> 0.940);
+#: ``"kept+both"`` both extensions. A first-look "both" on distorted sections stands as before (docs/mito.md,
+#: session 38).
+SECOND_LOOKS = ("undecided", "kept", "both", "kept+both")
 SECOND_LOOK = "undecided"
-#: Smallest standard error (px per section) trusted per axis: a handful of blocks can agree by chance.
+#: Smallest standard error (px per section) trusted per axis of the background's slope (:func:`classify`):
+#: a handful of blocks can agree by chance. Session 38: 0.06 with :data:`SECOND_LOOK` ``"both"`` is session 37
+#: A2's candidate: the tissue's own apparent motion over a look's runs, read with the generator's true
+#: matrices on 6 stacks, is about 0.05 px per section, which 8 runs' spread can under-read (stage drift 86:
+#: se (0.046, 0.048), slope (0.156, -0.030), "both" and its slope removed, Dice ref 0.891; at 0.06 "sections",
+#: 0.970). The elastic step's local reading keeps its own floor (:data:`.organelles.SE_FLOOR`).
 SE_FLOOR = 0.02
 
 
@@ -426,7 +438,7 @@ def unread(motion: dict) -> float | None:
     return None if planned <= 0 else 1.0 - motion.get("pairs", 0) / planned
 
 
-def classify(trend_slope, motion: dict) -> tuple[str, float]:
+def classify(trend_slope, motion: dict, floor: float | None = None) -> tuple[str, float]:
     """``(decision, share)``: is the positions' trend ``trend_slope`` (px per section, y, x) the
     organelles' drift or the sections'? ``motion``: :func:`background_motion`'s. ``share``: the
     part of the trend the background follows (its projection on the trend: 1 organelle drift, 0
@@ -436,12 +448,13 @@ def classify(trend_slope, motion: dict) -> tuple[str, float]:
     ``"undecided"`` where both fit (the trend is too small for the background to tell: it is kept
     as solved); ``"both"`` where neither fits (the sections drift and the organelles drift within
     them: only the background's slope is theirs). ``"unmeasured"`` with fewer than
-    :data:`MIN_PAIRS` pairs measured."""
+    :data:`MIN_PAIRS` pairs measured. ``floor``: the smallest standard error trusted per axis (None:
+    :data:`SE_FLOOR`)."""
     s, b, se = (np.asarray(v, np.float64) for v in (trend_slope, motion["slope"], motion["se"]))
     share = float(b @ s / max(float(s @ s), 1e-12))
     if motion["pairs"] < MIN_PAIRS or not np.all(np.isfinite(se)):
         return "unmeasured", share
-    se = np.maximum(se, SE_FLOOR)
+    se = np.maximum(se, SE_FLOOR if floor is None else float(floor))
     organelles = float((((b - s) / se) ** 2).sum()) < AGREE
     sections = float(((b / se) ** 2).sum()) < AGREE
     if organelles and sections:

@@ -109,6 +109,12 @@ GRID, NEAR = 48, 144
 BOTH_SLOPE = "drift"
 BOTH_SLOPES = ("drift", "placement")
 
+#: Smallest standard error (px per section) trusted per axis where the local reading is classified against the
+#: trend (``align._auto_decision``, :func:`.background.classify`). Session 38: kept at 0.02 when the
+#: background's own floor (:data:`.background.SE_FLOOR`) is set apart: the local reading's se comes from its
+#: many readings (e.g. 1577 on stage-drift+drift+distorted 88: (0.059, 0.049)), not from 8 runs' spread.
+SE_FLOOR = 0.02
+
 #: :func:`match`: the least share of the smaller of two mitochondria that must overlap the other.
 MIN_OVERLAP = 0.5
 
