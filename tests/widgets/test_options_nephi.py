@@ -31,3 +31,43 @@ def test_an_empty_model_field_lets_the_engine_choose_its_default(nephi_options):
     assert all(name in opts.model_path.placeholderText() for name in BUILTIN)
     opts.model_path.setText("tc")
     assert opts.values()["weights"] == "tc"
+
+
+def test_the_volume_warp_blur_row_reaches_the_engine(nephi_options):
+    """Session 38 (review 2 of session 37, B4): the row "coarse warp blur (3D)" sends the engine's
+    ``coarse_warp_blur``: "default" sends nothing (the engine's volume default: blur "all", weight 0.03, no
+    neural steps), "off" gives the earlier volume default (no blur, weight 0.1, the neural steps asked), "on"
+    the blur on every level at any size; each lands in the result's settings."""
+    import numpy as np
+    from scipy import ndimage as ndi
+
+    import napari_nephi
+
+    opts = nephi_options
+    label = opts.advanced_form.labelForField(opts.warp_blur)
+    assert label is not None and not label.isHidden() and not opts.warp_blur.isHidden()
+    assert opts.warp_blur.currentText() == "default" and "coarse_warp_blur" not in opts.values()
+    rng = np.random.default_rng(1)
+    vol = ndi.gaussian_filter(rng.random((8, 10, 9)), 1.5).astype(np.float32)
+    moving = ndi.shift(vol, (0.2, -0.15, 0.1), order=3, mode="nearest").astype(np.float32)
+    tiny = dict(coarse_iterations=2, initial="none", sample_points=64, reg_points=4, hidden=8, layers=1,
+                n_frequencies=4, local_dim=0)  # fmt: skip
+    seen = {}
+    for text in ("default", "off", "on"):
+        opts.warp_blur.setCurrentText(text)
+        opts.iterations.setValue(2 if text == "off" else 0)  # 0: "auto"
+        values = {**opts.values(), "device": "cpu"}
+        s = napari_nephi.register(vol, moving, **values, **tiny).settings
+        seen[text] = (
+            values.get("coarse_warp_blur"),
+            s["coarse_warp_blur"],
+            s["coarse_reg_weight"],
+            s["iterations"],
+        )
+    assert seen == {
+        "default": (None, "all", 0.03, 0),
+        "off": (False, False, 0.1, 2),
+        "on": ("all", "all", 0.03, 0),
+    }
+    opts.method.setCurrentText("affine")
+    assert opts.warp_blur.isHidden() and "coarse_warp_blur" not in opts.values()

@@ -39,6 +39,11 @@ NEPHI_REPRESENTATIONS = ("modulated", "siren", "relu_fourier")
 #: Global stage of a NePhi run: "auto" leaves it to the engine (affine when optimising, none when
 #: predicting), the others are the engine's ``initial`` values.
 NEPHI_INITIALS = ("auto", *INITIALS)
+#: The coarse stage's warp blur on volumes (the engine's ``coarse_warp_blur``): "default" leaves it to the
+#: engine (on, with its bending weight 0.03 and no neural steps, on volumes up to
+#: ``engine.VOLUME_DEFAULT_MAX_VOXELS`` in optimize mode); "on" asks for it on every level ("all") at any
+#: size; "off" gives the earlier volume default (weight 0.1, the preset's neural steps). 2D ignores it.
+NEPHI_WARP_BLURS = {"default": None, "on": "all", "off": False}
 
 
 def model_placeholder() -> str:
@@ -104,6 +109,11 @@ class RegistrationOptions(QWidget):
         self.regularizer = _combo(NEPHI_REGULARIZERS)
         self.representation = _combo(NEPHI_REPRESENTATIONS)
         self.initial = _combo(NEPHI_INITIALS)
+        self.warp_blur = _combo(NEPHI_WARP_BLURS)
+        self.warp_blur.setToolTip(
+            "Volumes: match the trilinear warp's smoothing in the coarse stage (coarse_warp_blur). "
+            "default: on up to the engine's size cap in optimize mode; off: the earlier volume default."
+        )
         self.reg_weight = QDoubleSpinBox()
         self.reg_weight.setRange(0.0, 1000.0)
         self.reg_weight.setDecimals(4)
@@ -130,6 +140,7 @@ class RegistrationOptions(QWidget):
                 ("preset", self.preset, False),
                 ("model file", self.model_row, False),
                 ("global stage", self.initial, True),
+                ("coarse warp blur (3D)", self.warp_blur, True),
                 ("regulariser", self.regularizer, True),
                 ("regularisation weight", self.reg_weight, True),
                 ("representation", self.representation, True),
@@ -153,7 +164,7 @@ class RegistrationOptions(QWidget):
         box.addLayout(self.form)
         box.addWidget(self.advanced)
         for w in (self.method, self.kind, self.similarity, self.device, self.mode, self.preset,
-                  self.regularizer, self.representation, self.initial):  # fmt: skip
+                  self.regularizer, self.representation, self.initial, self.warp_blur):  # fmt: skip
             w.currentIndexChanged.connect(self._on_change)
         for w in (self.iterations, self.levels, self.sample_points, self.reg_weight):
             w.valueChanged.connect(self._on_change)
@@ -211,6 +222,8 @@ class RegistrationOptions(QWidget):
                 opts["sample_points"] = self.sample_points.value()
             if self.initial.currentText() != "auto":
                 opts["initial"] = self.initial.currentText()
+            if NEPHI_WARP_BLURS[self.warp_blur.currentText()] is not None:
+                opts["coarse_warp_blur"] = NEPHI_WARP_BLURS[self.warp_blur.currentText()]
             if opts["mode"] != "optimize" and self.model_path.text().strip():
                 opts["weights"] = self.model_path.text().strip()  # else the engine's default model
         return {k: v for k, v in opts.items() if k in ("method", "device") or self._takes(method, k)}
