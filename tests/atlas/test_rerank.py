@@ -299,6 +299,34 @@ def test_prior_weight_pulls_the_ranking_to_the_first_stage(search, toy_reference
     assert abs(pulled.ranking[0][0] - favoured) <= PLATE_TOLERANCE  # plate 20 loses 0.5 (half-way to median)
 
 
+def test_prior_margin_strengthens_the_prior_only_where_the_first_stage_is_confident(search, toy_reference):
+    """``prior_margin`` (session 38, opt-in): ``prior_margin_weight`` replaces ``prior_weight`` where the
+    first stage's best distance lies clear of every plate more than 5 plates away: here plate 20, the
+    nearest such, at 0.5 of the way to the median (1.0), so a margin of 0.5."""
+    from napari_nephi.engines.atlas.rerank import first_stage_margin
+
+    reference, _ = toy_reference
+    plate, favoured = 20, 26
+    section = section_from_atlas(reference, plate)
+    order = [(favoured, 0.0), (plate, 0.5)] + [
+        (p, 1.0) for p in range(search.n) if p not in (plate, favoured)
+    ]
+    assert first_stage_margin(order) == pytest.approx(0.5)
+    hand = [(4, 0.1), (3, 0.0), (5, 0.4), (6, 0.5), (10, 0.3), (20, 1.0)]
+    assert first_stage_margin(hand) == pytest.approx(0.3 / 0.35)  # plate 10 against the median 0.35
+    opts = {"shortlist": 2, "neighbours": 1, "sweep_step": 0, "hypotheses": 2, "anchors": 1}
+    unsure = search.search(
+        section, order, check_rerank_options({**opts, "prior_margin": 0.6, "prior_margin_weight": 1.0})
+    )
+    sure = search.search(
+        section, order, check_rerank_options({**opts, "prior_margin": 0.4, "prior_margin_weight": 1.0})
+    )
+    assert unsure.prior_weight == 0.02 and sure.prior_weight == 1.0
+    assert abs(unsure.ranking[0][0] - plate) <= PLATE_TOLERANCE  # the default weight: the truth
+    assert abs(sure.ranking[0][0] - favoured) <= PLATE_TOLERANCE  # pulled as prior_weight 1.0 pulls it
+    assert check_rerank_options({})["prior_margin"] is None  # off by default
+
+
 def _pose(z: float, score: float):
     from napari_nephi.engines.atlas.pose_grid import Pose
 

@@ -33,7 +33,9 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   rotation and scale again. Optional: ``region_refine`` best poses moved to a maximum of the
   correlation ratio of the section given the atlas's regions (:mod:`.region_fit`; measured worse
   on the phantom, off), ``prior_weight`` (score lost in proportion to the first stage's distance,
-  0 at its best plate, the weight at its median distance and beyond; 0.02 since session 16, 0 before),
+  0 at its best plate, the weight at its median distance and beyond; 0.02 since session 16, 0 before;
+  with ``prior_margin``, session 38, opt-in, ``prior_margin_weight`` instead where the first stage
+  places the section clearly, :func:`first_stage_margin`),
   ``tilt_margin`` (tilts searched only around hypotheses whose untilted best lies within the margin
   of the best one; session 14, query seeds 0 / 1: 0.1 kept all 120 rankings but cut only 10 % of the
   tilted cuts and ~3 % of the CPU, 0 cut 74 % and ~32 % but ranked 2.80 against 2.32; off).
@@ -358,6 +360,12 @@ DEFAULTS = {
     # score lost by a pose whose plate the first stage ranks far (0: none; the safe setting where the
     # embedding, trained on synthetic views of the atlas, is not trusted on real sections)
     "prior_weight": 0.02,
+    # the prior's weight is prior_margin_weight instead where the first stage is confident: its best
+    # distance lies at least this share of the way from its best plate's to its median below the best
+    # distance of every plate more than PRIOR_MARGIN_REACH plates from that plate (None: prior_weight
+    # everywhere, the default; session 38, opt-in: docs/atlas.md, "Session 38")
+    "prior_margin": None,
+    "prior_margin_weight": 0.04,
     "region_refine": 0,  # best distinct stage-2 poses refined by the correlation ratio (0: none)
     # tilts searched only for hypotheses whose untilted stage-2 best lies within this much of the
     # best hypothesis's (None: every hypothesis, the default)
@@ -488,6 +496,9 @@ SECTION_FACTOR = 4
 HYPOTHESIS_GAP = 3
 #: ``route_gap`` compares stage 1's best start with the stage-1 poses more than this many plates from it.
 ROUTE_REACH = 3
+#: ``prior_margin``: the first stage's margin is measured against the plates more than this many
+#: plates from its best plate (its neighbours share its region).
+PRIOR_MARGIN_REACH = 5
 #: Plates on each side of a hypothesis searched again in stage 2.
 REFINE_PLATES = 2
 #: Stage 2 searches shifts up to this share of ``work_size`` (canvas pixels per axis) from the
@@ -569,6 +580,9 @@ def check_rerank_options(options: dict | None) -> dict:
             )
     out["anchors"] = check_int("anchors", out["anchors"], 0, 50)
     out["prior_weight"] = check_float("prior_weight", out["prior_weight"], 0.0, 1.0)
+    if out["prior_margin"] is not None:
+        out["prior_margin"] = check_float("prior_margin", out["prior_margin"], 0.0, 1.0)
+    out["prior_margin_weight"] = check_float("prior_margin_weight", out["prior_margin_weight"], 0.0, 1.0)
     out["region_refine"] = check_int("region_refine", out["region_refine"], 0, 50)
     if out["tilt_margin"] is not None:
         out["tilt_margin"] = check_float("tilt_margin", out["tilt_margin"], 0.0, 2.0)
@@ -631,7 +645,9 @@ class RerankResult:
     ``densified``: whether stage 1 added the ``dense_sweep`` plates (its starts outscored the shortlist);
     ``routed``: whether stage 2 refined stage 1's best start alone (``route_gap``); ``refined``: whether
     stage 1 also scored the neighbours of the best swept plates (``sweep_refine``; False where none was
-    left to score, e.g. with ``neighbours`` 0, where the option can do nothing)."""
+    left to score, e.g. with ``neighbours`` 0, where the option can do nothing); ``prior_weight``: the
+    prior's weight the ranking used (``prior_margin_weight`` where ``prior_margin`` found the first
+    stage confident, else ``prior_weight``)."""
 
     ranking: list[tuple[int, float]]
     poses: dict[int, Pose] = field(default_factory=dict)
@@ -643,6 +659,7 @@ class RerankResult:
     densified: bool = False
     routed: bool = False
     refined: bool = False
+    prior_weight: float = 0.0
 
 
 def _steps(limit: float, step: float) -> list[float]:
@@ -781,7 +798,8 @@ class PoseSearch:
         scanned = _distinct(refine.poses, scan_count) if options["z_scan"] > 0 else []
         for start in scanned:
             refine.z_scan(start, options["z_scan"])
-        prior = _prior(order, self.n) * options["prior_weight"]
+        weight = _prior_weight(order, options)
+        prior = _prior(order, self.n) * weight
         pairs_done = len(pairs)
         widened = _far_from(refine.poses, prior, shortlist, options["widen_gap"]) or _weak(
             refine.poses, options["widen_score"]
@@ -821,6 +839,7 @@ class PoseSearch:
         result.densified = densified
         result.routed = routed
         result.refined = refined
+        result.prior_weight = weight
         result.options = dict(options)
         return result
 
@@ -1359,6 +1378,28 @@ def _prior(order, n: int) -> np.ndarray:
     d[~np.isfinite(d)] = np.nanmax(np.where(np.isfinite(d), d, np.nan)) if np.isfinite(d).any() else 0.0
     low, mid = float(d.min()), float(np.median(d))
     return np.clip((d - low) / max(mid - low, 1e-12), 0.0, 1.0)
+
+
+def first_stage_margin(order, reach: int = PRIOR_MARGIN_REACH) -> float:
+    """How clearly the first stage places a section: the best distance of the plates more than ``reach``
+    plates from its best plate, less its best distance, over its median distance less its best (0: a
+    plate elsewhere as close as the best; inf where no plate lies that far)."""
+    by_distance = sorted(((int(p), float(d)) for p, d in order), key=lambda e: e[1])
+    best, low = by_distance[0]
+    far = [d for p, d in by_distance if abs(p - best) > reach]
+    if not far:
+        return float("inf")
+    mid = float(np.median([d for _, d in by_distance]))
+    return (min(far) - low) / max(mid - low, 1e-12)
+
+
+def _prior_weight(order, options: dict) -> float:
+    """The prior's weight for this section: ``prior_margin_weight`` where ``prior_margin`` is set and
+    the first stage's margin (:func:`first_stage_margin`) reaches it, else ``prior_weight``."""
+    threshold = options.get("prior_margin")
+    if threshold is not None and order and first_stage_margin(order) >= threshold:
+        return options["prior_margin_weight"]
+    return options["prior_weight"]
 
 
 def _plain_near_best(poses, own, z, dist, penalty: float, reach: int, prior) -> np.ndarray:
