@@ -142,9 +142,10 @@ def test_the_warp_blur_never_holds_the_variance_and_gives_its_blur_bit_for_bit(m
     """Session 38: the coarse stage blurs by the interpolation's smoothing one axis at a time from the
     detached warp points (:func:`coarse.blur_by_interpolation`), never holding the ``(1, 3, *S)`` variance of
     :func:`coarse.interpolation_variance` (its peak memory on large comparison grids: the 2.5x MRI's coarse
-    stage 292-306 -> 253 MiB at 12 steps). The image blurred either way is the same bit for bit (points
-    inside and outside the frame, axes of 1 and 2 voxels), and so is the coarse stage's displacement with
-    the old formulation put back (warp blur ``"all"``, the volume default)."""
+    stage at 12 steps 291.6 / 316.6 / 301.7 -> 235.6 / 237.8 / 237.7 MiB, blur off 233.0 / 235.1 / 218.8;
+    /tmp/s38/B/q1.out). The blurred image's values are the same bit for bit either way (points inside and
+    outside the frame, axes of 1 and 2 voxels), and so is the coarse stage's displacement with the old
+    formulation put back (warp blur ``"all"``, the volume default)."""
     from napari_nephi.synthetic import mri_volume
 
     gen = torch.Generator().manual_seed(0)

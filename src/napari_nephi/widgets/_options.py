@@ -41,9 +41,11 @@ NEPHI_REPRESENTATIONS = ("modulated", "siren", "relu_fourier")
 NEPHI_INITIALS = ("auto", *INITIALS)
 #: The coarse stage's warp blur on volumes (the engine's ``coarse_warp_blur``): "default" leaves it to the
 #: engine (on, with its bending weight 0.03 and no neural steps, on volumes up to
-#: ``engine.VOLUME_DEFAULT_MAX_VOXELS`` in optimize mode); "on" asks for it on every level ("all") at any
-#: size; "off" gives the earlier volume default (weight 0.1, the preset's neural steps). 2D ignores it.
-NEPHI_WARP_BLURS = {"default": None, "on": "all", "off": False}
+#: ``engine.VOLUME_DEFAULT_MAX_VOXELS`` in optimize mode; the earlier default above); "off" gives the earlier
+#: volume default at any size (no blur, weight 0.1, the preset's neural steps). 2D ignores it. No "on": the
+#: option ``"all"`` above the cap keeps weight 0.1 and the neural steps, a combination never measured
+#: (review 1 of session 38, B4); Python and ``--option`` still reach it.
+NEPHI_WARP_BLURS = {"default": None, "off": False}
 
 
 def model_placeholder() -> str:
@@ -111,8 +113,10 @@ class RegistrationOptions(QWidget):
         self.initial = _combo(NEPHI_INITIALS)
         self.warp_blur = _combo(NEPHI_WARP_BLURS)
         self.warp_blur.setToolTip(
-            "Volumes: match the trilinear warp's smoothing in the coarse stage (coarse_warp_blur). "
-            "default: on up to the engine's size cap in optimize mode; off: the earlier volume default."
+            "Volumes (coarse_warp_blur): default: the coarse stage matches the trilinear warp's smoothing, "
+            "bending weight 0.03, no neural steps, on volumes up to the engine's size cap in optimize mode "
+            "(larger ones: the earlier default); off: the earlier volume default at any size (no blur, "
+            "weight 0.1, the preset's neural steps)."
         )
         self.reg_weight = QDoubleSpinBox()
         self.reg_weight.setRange(0.0, 1000.0)

@@ -492,8 +492,8 @@ WARP_BLUR_3D: bool | str = False
 
 def _axis_interpolation_variance(pts: torch.Tensor, a: int, n: int) -> torch.Tensor:
     """``f (1 - f)`` of component ``a`` of the normalised points ``pts`` ``(1, *S, D)`` along an axis of
-    ``n`` voxels, ``(1, *S)``, detached (:func:`interpolation_variance`'s component ``a``, bit for bit: the
-    same operations on one component, in place, so no ``(1, *S, D)`` temporary is made)."""
+    ``n`` voxels, ``(1, *S)``, detached (:func:`interpolation_variance`'s component ``a``, the same values bit
+    for bit: the same operations on one component, in place, so no ``(1, *S, D)`` temporary is made)."""
     # clamped: outside the frame grid_sample (padding "border") reads the edge voxel as it is, unsmoothed
     c = (pts.detach()[..., a] + 1).mul_(0.5).mul_(n - 1).clamp_(0, n - 1)
     f = c.sub_(torch.floor(c))
@@ -523,9 +523,11 @@ def blur_by_variance(image: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
 
 def blur_by_interpolation(image: torch.Tensor, pts: torch.Tensor, shape=None) -> torch.Tensor:
     """``image`` ``(1, 1, *S)`` blurred by the smoothing of linear interpolation at ``pts`` ``(1, *S, D)`` in
-    an image of spatial ``shape`` (default: ``image``'s): ``blur_by_variance(image,
+    an image of spatial ``shape`` (default: ``image``'s): the values of ``blur_by_variance(image,
     interpolation_variance(pts, shape))`` bit for bit, one axis at a time, so the ``(1, D, *S)`` variance
-    is never held (its memory on large comparison grids; session 38, docs/nephi.md)."""
+    is never held (its memory on large comparison grids; session 38, docs/nephi.md). Gradients with respect
+    to ``image`` may differ from that formulation's by an ulp (the coarse stage never takes them: its compared
+    images are constants and the variance is detached)."""
     d = image.dim() - 2
     shape = tuple(image.shape[2:]) if shape is None else tuple(shape)
     out = image
@@ -538,8 +540,9 @@ def blur_by_interpolation(image: torch.Tensor, pts: torch.Tensor, shape=None) ->
 
 
 def _second_difference_inplace(t: torch.Tensor, axis: int) -> torch.Tensor:
-    """:func:`.matchblur._second_difference` bit for bit (``(-2 t + t[i-1]) + t[i+1]`` is ``(t[i-1] - 2 t) +
-    t[i+1]`` in floating point) with one temporary of ``t``'s size instead of four."""
+    """The values of :func:`.matchblur._second_difference` bit for bit (``(-2 t + t[i-1]) + t[i+1]`` is
+    ``(t[i-1] - 2 t) + t[i+1]`` in floating point) with one temporary of ``t``'s size instead of four (its
+    gradient may differ by an ulp; no gradient is taken through it)."""
     n = t.shape[axis]
     if n < 2:
         return torch.zeros_like(t)
