@@ -363,7 +363,10 @@ DEFAULTS = {
     # the prior's weight is prior_margin_weight instead where the first stage is confident: its best
     # distance lies at least this share of the way from its best plate's to its median below the best
     # distance of every plate more than PRIOR_MARGIN_REACH plates from that plate (None: prior_weight
-    # everywhere, the default; session 38, opt-in: docs/atlas.md, "Session 38")
+    # everywhere, the default; session 38, opt-in: docs/atlas.md, "Session 38"). Exact replays on the
+    # default searches of development query seeds 5-8: prior_margin 0.458 today's stain 1.917 -> 1.925
+    # (Top-5 218 -> 218; 3 better / 1 worse), foreign 4.729 -> 4.596, marker (fluorescence-like) 13.814
+    # -> 13.300; 0.363: 1.925 (217), 4.550, 13.243. Today's mean rank rose, so it is not the default
     "prior_margin": None,
     "prior_margin_weight": 0.04,
     "region_refine": 0,  # best distinct stage-2 poses refined by the correlation ratio (0: none)
