@@ -45,8 +45,8 @@ Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, importe
   overrides the engine's default where set). ``--coarse-reg-weight-3d R``: the coarse stage's default bending
   weight on volumes (session 36, ``engine.COARSE_REG_WEIGHT_3D``; 2D keeps ``engine.COARSE_REG_WEIGHT``). Since
   session 37 the fast preset's volume default (optimize, not chunked, volumes of at most
-  ``engine.VOLUME_DEFAULT_MAX_VOXELS``, 33,825: the bundled MRI) is warp blur "all", weight 0.03 and no neural
-  steps after the coarse stage; the earlier one is ``--nephi
+  ``engine.VOLUME_DEFAULT_MAX_VOXELS``, 33,825: the bundled MRI; 2^19 since session 38) is warp blur "all",
+  weight 0.03 and no neural steps after the coarse stage; the earlier one is ``--nephi
   "old:coarse_warp_blur=False,coarse_reg_weight=0.1,iterations=50"``.
 * ``--deformation-orders 1 area``: the deformation cases also as fair pairs (session 36,
   :func:`deformation_pair_area`): both images area means over 4-voxel blocks of one object, the moving one after
@@ -472,14 +472,14 @@ def main() -> None:
         "--warp-blur-3d",
         choices=["on", "all"],
         help="volumes: match the coarse stage's trilinear warp smoothing (coarse.WARP_BLUR_3D True / 'all', "
-        "overriding the fast preset's 'all' on volumes up to the MRI's size since session 37)",
+        "overriding the fast preset's 'all' on volumes up to engine.VOLUME_DEFAULT_MAX_VOXELS since session 37)",
     )
     p.add_argument(
         "--coarse-reg-weight-3d",
         type=parse_weight,
         default=None,
         help="volumes: the coarse stage's default bending weight (engine.COARSE_REG_WEIGHT_3D; the fast preset's "
-        "is 0.03 on volumes up to the MRI's size in optimize mode since session 37)",
+        "is 0.03 on volumes up to engine.VOLUME_DEFAULT_MAX_VOXELS in optimize mode since session 37)",
     )
     p.add_argument("--json")
     args = p.parse_args()

@@ -98,7 +98,7 @@ def test_the_volume_default_stays_out_of_chunked_accurate_and_large_runs(monkeyp
     reg = nn.register(*pair, preset="accurate", iterations=1, **common)
     assert reg.settings["coarse_reg_weight"] == 0.1 and reg.settings["coarse_warp_blur"] is False
     assert "warp_blur" not in reg.settings["coarse_volume_sampling"]
-    assert nephi_engine.VOLUME_DEFAULT_MAX_VOXELS == 25 * 41 * 33  # the bundled MRI
+    assert nephi_engine.VOLUME_DEFAULT_MAX_VOXELS == 1 << 19  # session 38 (33,825, the MRI's size, before)
     monkeypatch.setattr(nephi_engine, "VOLUME_DEFAULT_MAX_VOXELS", pair[0].size - 1)  # 8 x 10 x 9: over it
     reg = nn.register(*pair, **common)
     assert reg.settings["coarse_reg_weight"] == 0.1 and reg.settings["coarse_warp_blur"] is False
@@ -106,6 +106,22 @@ def test_the_volume_default_stays_out_of_chunked_accurate_and_large_runs(monkeyp
     monkeypatch.setattr(nephi_engine, "VOLUME_DEFAULT_MAX_VOXELS", pair[0].size)  # at the cap: the default
     reg = nn.register(*pair, **common)
     assert reg.settings["coarse_reg_weight"] == 0.03 and reg.metrics["iterations"] == 0
+
+
+def test_a_volume_larger_than_the_mri_gets_the_volume_default():
+    """Session 38: the cap rose from the bundled MRI's 33,825 voxels to 2^19 (the fair zoomed MRI passed the
+    marks up to 518,568 voxels), so a 33 x 35 x 34 volume (39,270 voxels) gets the volume default: warp blur
+    "all" where it ran, weight 0.03, no neural steps. Fails on f9b086b (the earlier default there: no blur,
+    weight 0.1, 50 neural steps)."""
+    pair = _volume_pair((0.2, -0.15, 0.1), 33)
+    reg = nn.register(*pair, method="nephi", device="cpu", coarse_iterations=2, initial="none", **TINY)
+    assert (
+        reg.settings["coarse_warp_blur"] == "all"
+        and reg.settings["coarse_volume_sampling"]["warp_blur"] == "all"
+    )
+    assert reg.settings["coarse_reg_weight"] == 0.03
+    assert reg.settings["iterations"] == reg.metrics["iterations"] == 0
+    assert 25 * 41 * 33 < pair[0].size <= nephi_engine.VOLUME_DEFAULT_MAX_VOXELS
 
 
 def test_volumes_skip_the_neural_stage_after_a_small_coarse_map(monkeypatch):

@@ -180,15 +180,15 @@ INITIAL_DEFAULT = "rigid"
 #: (benchmarks/README.md).
 LEARNING_RATES = {"start": (2e-3, 1e-2), "refine": (5e-4, 2.5e-3)}
 
-#: Volumes of at most this many voxels (33,825: the bundled MRI, 25 x 41 x 33, the largest size where the
-#: volume default was measured and passed) take the preset's volume default in ``optimize`` mode (not
-#: chunked): ``coarse_warp_blur_3d``, ``coarse_reg_weight_3d`` and ``iterations_3d_after_coarse`` (session
-#: 37). Larger ones keep the earlier default (no warp blur, weight 0.1, the neural steps): on the MRI zoomed
-#: 1.8x and 2.5x (45 x 74 x 59 and 62 x 102 x 82 voxels, shifted by (1.25, -0.75, 0.5) voxels,
-#: linear-resampled) the volume default lowered the endpoint error but widened det J (0.898-1.083 ->
-#: 0.873-1.100; 0.934-1.054 -> 0.921-1.062) and raised the peak memory (153 -> 185, 238 -> 313 MiB), over
-#: the marks written first (docs/nephi.md, "Session 37").
-VOLUME_DEFAULT_MAX_VOXELS = 25 * 41 * 33
+#: Volumes of at most this many voxels (2^19 = 524,288 since session 38; 33,825, the bundled MRI, in session
+#: 37) take the preset's volume default in ``optimize`` mode (not chunked): ``coarse_warp_blur_3d``,
+#: ``coarse_reg_weight_3d`` and ``iterations_3d_after_coarse`` (session 37). Larger ones keep the earlier
+#: default (no warp blur, weight 0.1, the neural steps). Session 38 (docs/nephi.md): on fair (area) pairs of
+#: the MRI zoomed 1.2x-2.5x (58,800-518,568 voxels; fresh rigid draws 70, 71 and field sets 414, 415) the
+#: volume default passed every mark written first (EPE, det J, folds, CPU, peak memory) once its warp blur
+#: stopped holding the (1, 3, *S) interpolation variance (:func:`.coarse.blur_by_interpolation`); session
+#: 37's det J failure at 1.8x and 2.5x was a linear-resampled pair's. 128^3 and 256^3 stay over it.
+VOLUME_DEFAULT_MAX_VOXELS = 1 << 19
 
 #: Default bending weight of the coarse stage (``coarse_reg_weight``), before noise adaptation.
 COARSE_REG_WEIGHT = 0.1
