@@ -669,7 +669,7 @@ def _distorted(background):
 
 
 def test_a_first_look_both_gets_a_second_look_under_the_se_floor(monkeypatch):
-    """Session 38 (session 37 A2's candidate: background.SE_FLOOR 0.06, background.SECOND_LOOK "both"). One
+    """Session 38, opt-in (session 37 A2's candidate: background.SE_FLOOR 0.06, SECOND_LOOK "both"). One
     look's se comes from 8 runs' spread and can under-read the tissue's own apparent motion (about 0.05 px per
     section): a still background under a stage drift read (0.156, -0.030) +- (0.046, 0.048) (stage drift,
     seed 86) is "both" at the old floor 0.02, and its slope is removed; at 0.06 it is "sections" and the
@@ -711,10 +711,24 @@ def test_a_first_look_both_gets_a_second_look_under_the_se_floor(monkeypatch):
     detrend, slope = _auto_decision(t, None, use, _distorted(short_93))
     assert detrend and np.allclose(slope, [-0.046, -0.215])
     assert t["background"]["distorted"] and "first_look" not in t["background"]
+    # "kept+both": an "undecided-organelles" first look the trend test would keep (p >= AUTO_P) gets the
+    # second look too ("both" alone: not), and a first-look "both" still does
+    kept = {"p": 0.01, "slope": [0.35, 0.0]}
+    moving = _looks([0.315, 0.10], [0.30, 0.09])
+    t = dict(kept)
+    assert _auto_decision(t, None, use, moving) == (False, None) and "first_look" not in t["background"]
+    monkeypatch.setattr(bgm, "SECOND_LOOK", "kept+both")
+    t = dict(kept)
+    assert _auto_decision(t, None, use, moving) == (True, None) and t["background"]["pairs"] == 64 + 56
+    assert t["background"]["first_look"]["decision"] == "undecided-organelles"
+    t = dict(drift_93)
+    assert _auto_decision(t, None, use, short_93) == (True, None)
+    assert t["background"]["first_look"]["decision"] == "both"
     monkeypatch.setattr(bgm, "SECOND_LOOK", "every")
     with pytest.raises(InputError, match="SECOND_LOOK"):
         _auto_decision(dict(stage), None, use, still)
     monkeypatch.setattr(bgm, "SECOND_LOOK", "both")
-    monkeypatch.setattr(bgm, "SE_FLOOR", -0.1)
-    with pytest.raises(InputError, match="SE_FLOOR"):
-        _auto_decision(dict(stage), None, use, still)
+    for floor in (-0.1, 0.0):  # a floor of 0 would divide by a zero se (review 1 of session 38, A3)
+        monkeypatch.setattr(bgm, "SE_FLOOR", floor)
+        with pytest.raises(InputError, match="SE_FLOOR"):
+            _auto_decision(dict(stage), None, use, still)

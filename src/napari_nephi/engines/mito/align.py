@@ -783,7 +783,8 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     kept stack into a detrended one; the defaults ``"variogram"`` / ``"undecided"`` are the rules up to
     session 36.
 
-    Session 38 (session 37 A2's candidate): :data:`.background.SE_FLOOR` (recorded as
+    Session 38, opt-in (session 37 A2's candidate: 0.06 and ``"both"``; the defaults 0.02 and
+    ``"undecided"`` are the rules up to session 37): :data:`.background.SE_FLOOR` (recorded as
     ``["background"]["se_floor"]``; the local reading's is :data:`.organelles.SE_FLOOR`, recorded as
     ``["organelles"]["se_floor"]``) and :data:`.background.SECOND_LOOK` ``"both"`` (or ``"kept+both"``): a
     first look that reads ``"both"`` on undistorted sections gets the second look too, decided as after an
@@ -900,8 +901,9 @@ def _second_look() -> str:
 
 
 def _se_floor(value, what: str) -> float:
-    """A standard error floor (px per section; a module setting, read where it is used), checked."""
-    return check_float(what, value, 0.0, 10.0)
+    """A standard error floor (px per section; a module setting, read where it is used), checked: over 0 (a
+    zero se would divide by zero in :func:`.background.classify`)."""
+    return check_float(what, value, 0.0, 10.0, low_open=True)
 
 
 def _both_slope() -> str:

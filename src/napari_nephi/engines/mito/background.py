@@ -117,8 +117,10 @@ UNREAD_WIDE = 0.10
 #: ``"undecided"`` first look (no :data:`FAVOUR`): one look's 8 runs read a still background as moving
 #: about 5 % of the time (their se from 7 degrees of freedom), and the drift+jitter 93 first look read the
 #: organelles' drift short in y (share 0.45, "both"; both looks: "organelles", Dice ref 0.851 -> 0.940);
-#: ``"kept+both"`` both extensions. A first-look "both" on distorted sections stands as before (docs/mito.md,
-#: session 38).
+#: ``"kept+both"`` both extensions. A first-look "both" on distorted sections stands as before. Opt-in
+#: (with :data:`SE_FLOOR` 0.06; fresh seeds 98 / 99, 16 rows: drift+jitter 99 0.904 -> 0.970, drift 99
+#: 0.902 -> 0.972, strong-drift 99 0.880 -> 0.944, drift04 99 0.867 -> 0.901, but tissue-drift 99 0.691 ->
+#: 0.610, against its preregistered rule; docs/mito.md, session 38).
 SECOND_LOOKS = ("undecided", "kept", "both", "kept+both")
 SECOND_LOOK = "undecided"
 #: Smallest standard error (px per section) trusted per axis of the background's slope (:func:`classify`):
@@ -126,7 +128,8 @@ SECOND_LOOK = "undecided"
 #: A2's candidate: the tissue's own apparent motion over a look's runs, read with the generator's true
 #: matrices on 6 stacks, is about 0.05 px per section, which 8 runs' spread can under-read (stage drift 86:
 #: se (0.046, 0.048), slope (0.156, -0.030), "both" and its slope removed, Dice ref 0.891; at 0.06 "sections",
-#: 0.970). The elastic step's local reading keeps its own floor (:data:`.organelles.SE_FLOOR`).
+#: 0.970). The elastic step's local reading keeps its own floor (:data:`.organelles.SE_FLOOR`). Opt-in (see
+#: :data:`SECOND_LOOK`).
 SE_FLOOR = 0.02
 
 
