@@ -242,6 +242,37 @@ def test_tilt_margin_tilts_only_near_the_best_hypothesis(search, toy_reference):
     assert any(abs(p.z - plate) > 4 and p.tilt != (0.0, 0.0) for p in full.poses.values())
 
 
+def test_own_plate_tilt_also_tilts_at_a_drifted_hypothesis_own_plate(search, toy_reference):
+    """``own_plate_tilt`` (session 38, opt-in): a hypothesis at plate 23 whose untilted best drifts
+    to the section's plate 20 gets a second tilt search at its best untilted pose on plate 23 (one
+    search more, its pairs more), under ``tilt_margin``'s rule (margin 0: that pose scores below the
+    best, none); off, the search is the default one."""
+    reference, _ = toy_reference
+    section = section_from_atlas(reference, 20, (8.0, 0.0))
+    order = [(23, 0.0)] + [(p, 1.0) for p in range(search.n) if p != 23]
+    opts = {"shortlist": 1, "neighbours": 0, "sweep_step": 0, "hypotheses": 1, "anchors": 1, "z_scan": 0}
+
+    def run(**more):
+        return search.search(section, order, check_rerank_options({**opts, **more}))
+
+    default, off, on, narrow = (
+        run(),
+        run(own_plate_tilt=False),
+        run(own_plate_tilt=True),
+        run(own_plate_tilt=True, tilt_margin=0.0),
+    )
+    assert abs(default.ranking[0][0] - 20) <= PLATE_TOLERANCE  # the hypothesis drifted to the truth
+    assert (default.own_plate_tilts, off.own_plate_tilts, on.own_plate_tilts, narrow.own_plate_tilts) == (
+        0,
+        0,
+        1,
+        0,
+    )
+    assert on.pairs > default.pairs == off.pairs == narrow.pairs
+    assert off.ranking == default.ranking
+    assert on.options["own_plate_tilt"] is True and check_rerank_options({})["own_plate_tilt"] is False
+
+
 def _scan_from(search, section, truth, start):
     """The search from one stage-2 hypothesis at plate ``start``, without and with the plate-axis
     scan: asserts that only the scan reaches ``truth``; returns both results."""
@@ -426,6 +457,8 @@ def test_inverted_contrast_scores_the_same_plate_best(search, toy_reference):
         ({"anchors": 1.5}, "anchors"),
         ({"prior_weight": 2}, "prior_weight"),
         ({"tilt_margin": -0.1}, "tilt_margin"),
+        ({"own_plate_tilt": 1}, "own_plate_tilt"),
+        ({"own_plate_tilt": "yes"}, "own_plate_tilt"),
         ({"z_scan": -1}, "z_scan"),
         ({"z_scan_poses": 0}, "z_scan_poses"),
         ({"edge_blur": -0.5}, "edge_blur"),

@@ -373,6 +373,13 @@ DEFAULTS = {
     # tilts searched only for hypotheses whose untilted stage-2 best lies within this much of the
     # best hypothesis's (None: every hypothesis, the default)
     "tilt_margin": None,
+    # where a hypothesis's untilted best lies on another plate than the hypothesis's own, the tilt
+    # search also runs at the best untilted pose on its own plate (under tilt_margin's rule, after every
+    # hypothesis's own tilt search; False: the default). Session 38, opt-in (docs/atlas.md, "Session 38"):
+    # development query seeds 5-8 today's stain 1.917 -> 1.812, foreign 4.729 -> 4.383, marker
+    # (fluorescence-like) 13.814 -> 14.043; seeds 146 / 147 today's 1.708 -> 1.567, foreign 3.392 ->
+    # 3.217; CPU +25-29 % (about 3 more tilt searches per section). No held-out reading yet
+    "own_plate_tilt": False,
     "z_scan": 6,  # plates each side of a best stage-2 pose re-cut at its tilt, rotation and scale (0: none)
     "z_scan_poses": 2,  # best distinct stage-2 poses (HYPOTHESIS_GAP apart) scanned along the plate axis
     # grid pixels (Gaussian sigma) of the blurred copy whose edge field is averaged with the plain
@@ -589,6 +596,7 @@ def check_rerank_options(options: dict | None) -> dict:
     out["region_refine"] = check_int("region_refine", out["region_refine"], 0, 50)
     if out["tilt_margin"] is not None:
         out["tilt_margin"] = check_float("tilt_margin", out["tilt_margin"], 0.0, 2.0)
+    out["own_plate_tilt"] = check_bool("own_plate_tilt", out["own_plate_tilt"])
     out["z_scan"] = check_int("z_scan", out["z_scan"], 0, 50)
     out["z_scan_poses"] = check_int("z_scan_poses", out["z_scan_poses"], 1, 50)
     out["edge_blur"] = check_float("edge_blur", out["edge_blur"], 0.0, 8.0)
@@ -650,7 +658,8 @@ class RerankResult:
     stage 1 also scored the neighbours of the best swept plates (``sweep_refine``; False where none was
     left to score, e.g. with ``neighbours`` 0, where the option can do nothing); ``prior_weight``: the
     prior's weight the ranking used (``prior_margin_weight`` where ``prior_margin`` found the first
-    stage confident, else ``prior_weight``)."""
+    stage confident, else ``prior_weight``); ``own_plate_tilts``: how many tilt searches ``own_plate_tilt``
+    added (0 without it)."""
 
     ranking: list[tuple[int, float]]
     poses: dict[int, Pose] = field(default_factory=dict)
@@ -663,6 +672,7 @@ class RerankResult:
     routed: bool = False
     refined: bool = False
     prior_weight: float = 0.0
+    own_plate_tilts: int = 0
 
 
 def _steps(limit: float, step: float) -> list[float]:
@@ -795,8 +805,10 @@ class PoseSearch:
             **band,
         )
         refine = _Refine(self.atlas(options["work_size"]), fine, options, progress)
-        bests = [refine.untilted(hyp) for hyp in hyps]
-        _tilt_near_top(refine, bests, options["tilt_margin"], max((b.score for b in bests), default=0.0))
+        bests, own = _untilted_all(refine, hyps, options["own_plate_tilt"])
+        top = max((b.score for b in bests), default=0.0)
+        _tilt_near_top(refine, bests, options["tilt_margin"], top)
+        own_tilts = _tilt_near_top(refine, own, options["tilt_margin"], top)
         scan_count = 1 if routed else options["z_scan_poses"]
         scanned = _distinct(refine.poses, scan_count) if options["z_scan"] > 0 else []
         for start in scanned:
@@ -810,7 +822,11 @@ class PoseSearch:
         kept = False
         if widened:  # the search failed (no pose above widen_score, or far from the shortlist)
             before = len(refine.poses)
-            pairs_done += self._widen(coarse, coarse_atlas, mask, zs, first, hyps, refine, scanned, options)
+            more, own_more = self._widen(
+                coarse, coarse_atlas, mask, zs, first, hyps, refine, scanned, options
+            )
+            pairs_done += more
+            own_tilts += own_more
             # the second pass's poses count only where one ranks before the first pass's best: a
             # wrong region it adds would otherwise push the truth further down (docs/atlas.md)
             kept = bool(_value(refine.poses[before:], prior) > _value(refine.poses[:before], prior))
@@ -843,13 +859,17 @@ class PoseSearch:
         result.routed = routed
         result.refined = refined
         result.prior_weight = weight
+        result.own_plate_tilts = own_tilts
         result.options = dict(options)
         return result
 
-    def _widen(self, coarse, coarse_atlas, mask, zs, first, hyps, refine, scanned, options) -> int:
+    def _widen(
+        self, coarse, coarse_atlas, mask, zs, first, hyps, refine, scanned, options
+    ) -> tuple[int, int]:
         """The second pass: stage 1 on every plate not yet searched, stage 2 on the best distinct
         stage-1 poses away from the first pass's hypotheses, scanned along the plate axis where
-        apart from the first pass's scans. Returns stage 1's pair count (stage 2's are in ``refine``)."""
+        apart from the first pass's scans. Returns stage 1's pair count (stage 2's are in ``refine``)
+        and how many tilt searches ``own_plate_tilt`` added."""
         searched = set(zs)
         rest = [z for z in range(self.n) if z not in searched]
         more = _stage1(coarse, coarse_atlas, mask, rest, options) if rest else []
@@ -859,12 +879,14 @@ class PoseSearch:
             [p for p in first + found if _apart(p, hyps)], options["hypotheses"], options["hypothesis_gap"]
         )
         top = max((p.score for p in refine.poses), default=0.0)
-        _tilt_near_top(refine, [refine.untilted(h) for h in new], options["tilt_margin"], top)
+        bests, own = _untilted_all(refine, new, options["own_plate_tilt"])
+        _tilt_near_top(refine, bests, options["tilt_margin"], top)
+        own_tilts = _tilt_near_top(refine, own, options["tilt_margin"], top)
         if options["z_scan"] > 0:
             for start in _distinct(refine.poses, options["z_scan_poses"]):
                 if _apart(start, scanned):
                     refine.z_scan(start, options["z_scan"])
-        return len(more)
+        return len(more), own_tilts
 
 
 def stage1_pairs(
@@ -1241,12 +1263,28 @@ def _stage1(coarse, coarse_atlas, mask, zs: list[int], options: dict) -> list:
     )
 
 
-def _tilt_near_top(refine, bests: list[Pose], margin: float | None, top: float) -> None:
+def _tilt_near_top(refine, bests: list[Pose], margin: float | None, top: float) -> int:
     """Tilt-search each of ``bests`` (untilted stage-2 poses) scoring within ``margin`` of ``top``
-    (``margin`` None: every one)."""
-    for best in bests:
-        if margin is None or best.score >= top - margin:
-            refine.tilted(best)
+    (``margin`` None: every one); how many were searched."""
+    near = [best for best in bests if margin is None or best.score >= top - margin]
+    for best in near:
+        refine.tilted(best)
+    return len(near)
+
+
+def _untilted_all(refine, hyps: list[Pose], own_plate: bool) -> tuple[list[Pose], list[Pose]]:
+    """The untilted best pose of each hypothesis (:meth:`_Refine.untilted`) and, with ``own_plate``
+    (``own_plate_tilt``), for each hypothesis whose best lies on another plate, the best untilted pose
+    on the hypothesis's own plate (of the poses that step scored; empty without ``own_plate``)."""
+    bests, own = [], []
+    for hyp in hyps:
+        before = len(refine.poses)
+        best = refine.untilted(hyp)
+        bests.append(best)
+        if own_plate and best.plate != hyp.plate:
+            mine = [p for p in refine.poses[before:] if p.plate == hyp.plate]
+            own += [max(mine, key=lambda p: p.score)] if mine else []
+    return bests, own
 
 
 def _inform(poses: list[Pose], prior: np.ndarray, grid: SectionGrid, atlas: AtlasGrid, options: dict) -> None:
