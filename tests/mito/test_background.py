@@ -732,3 +732,13 @@ def test_a_first_look_both_gets_a_second_look_under_the_se_floor(monkeypatch):
         monkeypatch.setattr(bgm, "SE_FLOOR", floor)
         with pytest.raises(InputError, match="SE_FLOOR"):
             _auto_decision(dict(stage), None, use, still)
+
+
+@pytest.mark.parametrize("floor", [0.0, -0.1, float("nan")])
+def test_classify_refuses_a_floor_that_is_not_over_0(floor):
+    """Review 2 of session 38 (A1): a direct ``classify(floor=0)`` divided by a zero se and read a background
+    that matches the trend exactly as "both"; the floor is checked like the module settings."""
+    motion = {"slope": [0.3, 0.0], "se": [0.0, 0.0], "pairs": 64}
+    with pytest.raises(InputError, match="floor"):
+        classify([0.3, 0.0], motion, floor=floor)
+    assert classify([0.3, 0.0], {**motion, "se": [0.05, 0.05]}, floor=0.06)[0] == "organelles"

@@ -34,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 
+from ...core.options import check_float
+
 #: Neighbour pairs measured (evenly spread over the sections placed by a real match).
 PAIRS = 64
 #: Side (pixels) of the square crops compared, at full resolution, and their grid: ``GRID x GRID``
@@ -452,12 +454,12 @@ def classify(trend_slope, motion: dict, floor: float | None = None) -> tuple[str
     as solved); ``"both"`` where neither fits (the sections drift and the organelles drift within
     them: only the background's slope is theirs). ``"unmeasured"`` with fewer than
     :data:`MIN_PAIRS` pairs measured. ``floor``: the smallest standard error trusted per axis (None:
-    :data:`SE_FLOOR`)."""
+    :data:`SE_FLOOR`; over 0, else :class:`InputError`)."""
     s, b, se = (np.asarray(v, np.float64) for v in (trend_slope, motion["slope"], motion["se"]))
     share = float(b @ s / max(float(s @ s), 1e-12))
     if motion["pairs"] < MIN_PAIRS or not np.all(np.isfinite(se)):
         return "unmeasured", share
-    se = np.maximum(se, SE_FLOOR if floor is None else float(floor))
+    se = np.maximum(se, check_float("floor", SE_FLOOR if floor is None else floor, 0.0, 10.0, low_open=True))
     organelles = float((((b - s) / se) ** 2).sum()) < AGREE
     sections = float(((b / se) ** 2).sum()) < AGREE
     if organelles and sections:
