@@ -271,6 +271,9 @@ def test_own_plate_tilt_also_tilts_at_a_drifted_hypothesis_own_plate(search, toy
     assert on.pairs > default.pairs == off.pairs == narrow.pairs
     assert off.ranking == default.ranking
     assert on.options["own_plate_tilt"] is True and check_rerank_options({})["own_plate_tilt"] is False
+    # review 2 of session 38 (C1): without tilts (max_tilt 0) none runs and none is counted
+    untilted = run(own_plate_tilt=True, max_tilt=0.0)
+    assert untilted.own_plate_tilts == 0 and untilted.pairs == run(max_tilt=0.0).pairs
 
 
 def _scan_from(search, section, truth, start):

@@ -378,7 +378,8 @@ DEFAULTS = {
     # hypothesis's own tilt search; False: the default). Session 38, opt-in (docs/atlas.md, "Session 38"):
     # development query seeds 5-8 today's stain 1.917 -> 1.812, foreign 4.729 -> 4.383, marker
     # (fluorescence-like) 13.814 -> 14.043; seeds 146 / 147 today's 1.708 -> 1.567, foreign 3.392 ->
-    # 3.217; CPU +25-29 % (about 3 more tilt searches per section). No held-out reading yet
+    # 3.217; CPU +25-29 % (about 3 more tilt searches per section). The lead's held-out query seeds
+    # 148 / 154 fail every mark (today's 2.208 -> 2.258, Top-5 112 -> 108; foreign 7 better / 13 worse)
     "own_plate_tilt": False,
     "z_scan": 6,  # plates each side of a best stage-2 pose re-cut at its tilt, rotation and scale (0: none)
     "z_scan_poses": 2,  # best distinct stage-2 poses (HYPOTHESIS_GAP apart) scanned along the plate axis
@@ -859,7 +860,8 @@ class PoseSearch:
         result.routed = routed
         result.refined = refined
         result.prior_weight = weight
-        result.own_plate_tilts = own_tilts
+        # the tilt searches it added that ran (none without tilts: a plate stack, or max_tilt 0)
+        result.own_plate_tilts = own_tilts if refine.atlas.is_volume and options["max_tilt"] > 0 else 0
         result.options = dict(options)
         return result
 
