@@ -860,8 +860,7 @@ class PoseSearch:
         result.routed = routed
         result.refined = refined
         result.prior_weight = weight
-        # the tilt searches it added that ran (none without tilts: a plate stack, or max_tilt 0)
-        result.own_plate_tilts = own_tilts if refine.atlas.is_volume and options["max_tilt"] > 0 else 0
+        result.own_plate_tilts = own_tilts
         result.options = dict(options)
         return result
 
@@ -1088,11 +1087,12 @@ class _Refine:
         ]
         return max([top, self._score(more)], key=lambda p: p.score) if more else top
 
-    def tilted(self, best: Pose) -> None:
-        """Tilted cuts around the untilted best pose of a hypothesis, then rotation and scale again."""
+    def tilted(self, best: Pose) -> bool:
+        """Tilted cuts around the untilted best pose of a hypothesis, then rotation and scale again;
+        whether any ran (none on a plate stack or with ``max_tilt`` 0)."""
         a, g = self.atlas, self.grid
         if not (a.is_volume and self.options["max_tilt"] > 0):
-            return
+            return False
         angles = [t for t in _steps(self.options["max_tilt"], self.options["tilt_step"]) if t != 0]
 
         def cuts(tilts, at: Pose = best, dzs=(-1, 0, 1)):
@@ -1109,7 +1109,7 @@ class _Refine:
                 top = max([best, tilted], key=lambda p: p.score)
             margin = self.options["finer_margin"]
             if margin is not None and top.score < max(p.score for p in self.poses) - margin:
-                return  # far below the best pose so far: no finer grid, rotation and scale or rounds
+                return True  # far below the best pose so far: no finer grid, rotation and scale or rounds
             finer = self._finer_tilts(top)
             if finer:
                 top = max([top, self._score(cuts(finer, top, FINE_DZ))], key=lambda p: p.score)
@@ -1134,6 +1134,7 @@ class _Refine:
             if again is top:
                 break
             top = self._turn_and_scale(again)
+        return True
 
     def _climb(self, best: Pose, angles: list[float], cuts) -> Pose:
         """The joint pitch x yaw grid ``angles`` x ``angles`` climbed from the untilted ``best``: the
@@ -1267,11 +1268,12 @@ def _stage1(coarse, coarse_atlas, mask, zs: list[int], options: dict) -> list:
 
 def _tilt_near_top(refine, bests: list[Pose], margin: float | None, top: float) -> int:
     """Tilt-search each of ``bests`` (untilted stage-2 poses) scoring within ``margin`` of ``top``
-    (``margin`` None: every one); how many were searched."""
-    near = [best for best in bests if margin is None or best.score >= top - margin]
-    for best in near:
-        refine.tilted(best)
-    return len(near)
+    (``margin`` None: every one); how many tilt searches ran."""
+    ran = 0
+    for best in bests:
+        if margin is None or best.score >= top - margin:
+            ran += refine.tilted(best)
+    return ran
 
 
 def _untilted_all(refine, hyps: list[Pose], own_plate: bool) -> tuple[list[Pose], list[Pose]]:
