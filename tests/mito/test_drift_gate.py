@@ -1,0 +1,82 @@
+"""The clause check of ``benchmarks/mito_drift_gate.py`` (session 39: session 38 A3's simulation gate,
+committed): C1-C4 of a candidate rule against ``TODAY`` on a small hand-made table."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_BENCH = str(Path(__file__).resolve().parents[2] / "benchmarks")
+sys.path.insert(0, _BENCH)
+try:
+    import mito_drift_gate as G  # noqa: E402
+finally:
+    sys.path.remove(_BENCH)
+
+
+def _cell(detrended, rms=0.1):
+    return {"detrended": detrended, "both": 0, "whole": detrended, "rms": rms, "second_looks": 0}
+
+
+def _table():
+    """One cell per kind (se 0.1, no bias) where the candidate X sits exactly on every bound (N 2000)."""
+    t = {
+        ("null", 0.1, 0.0): (50, 60),  # C1: +10 allowed
+        ("stage", 0.1, 0.0): (100, 120),  # C2: +20 allowed
+        ("organelles", 0.1, 0.0): (1900, 1880),  # C3: -20 allowed
+        ("stage+organelles", 0.1, 0.0): (1500, 1501),  # C4b: must rise (TODAY < 1980)
+        ("stage+organelles", 0.05, 0.0): (1990, 1970),  # C4b: -20 allowed (TODAY >= 1980)
+    }
+    table = {}
+    for (kind, se, bias), (today, x) in t.items():
+        table[(kind, se, bias, "TODAY")] = _cell(today, 0.2004)
+        table[(kind, se, bias, "X")] = _cell(x, 0.2001)  # rms 0.200 at 3 decimals: equal, not grown
+    return table
+
+
+def test_a_rule_on_every_bound_passes_and_one_past_each_fails():
+    table = _table()
+    assert G.clause_failures(table, "X", 2000) == []
+    for key, clause in (
+        (("null", 0.1, 0.0, "X"), "C1"),
+        (("stage", 0.1, 0.0, "X"), "C2"),
+        (("organelles", 0.1, 0.0, "X"), "C3"),
+        (("stage+organelles", 0.1, 0.0, "X"), "C4b"),
+        (("stage+organelles", 0.05, 0.0, "X"), "C4b"),
+    ):
+        bad = _table()
+        step = -1 if clause in ("C3", "C4b") else 1
+        bad[key] = _cell(bad[key]["detrended"] + step, 0.2001)
+        fails = G.clause_failures(bad, "X", 2000)
+        assert [(f[0], f[1], f[3]) for f in fails] == [(key[0], key[1], clause)], (clause, fails)
+    grown = _table()
+    grown[("stage+organelles", 0.1, 0.0, "X")]["rms"] = 0.2006  # 0.201 against 0.200
+    assert [f[3] for f in G.clause_failures(grown, "X", 2000)] == ["C4a"]
+    # bounds scale with N: at 200 stacks C2 allows +2 (100 -> 120 fails) and C4b -2 from 198
+    assert sorted(f[3] for f in G.clause_failures(table, "X", 200)) == ["C1", "C2", "C3", "C4b"]
+
+
+def test_check_prints_the_table_and_fails_on_a_gated_rule(tmp_path, capsys):
+    cells = [{"kind": k, "se": se, "bias": b, "rule": r, **c} for (k, se, b, r), c in _table().items()]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"n": 2000, "cells": cells}))
+    assert G.check([str(path)]) == 0
+    cells[1]["detrended"] += 1  # the null cell of X: 61 > 50 + 10
+    path.write_text(json.dumps({"n": 2000, "cells": cells}))
+    assert G.check([str(path)]) == 1
+    assert "C1 null se 0.1 bias 0: TODAY 50 -> 61" in capsys.readouterr().out
+
+
+def test_rules_parse_and_the_background_is_paired():
+    assert G.parse_rule("S+F", 2.0) == G.Rule("S+F", G.FLOOR, 2.0)
+    assert G.parse_rule("F", 2.0).c0 is None and G.parse_rule("TODAY", 2.0).floor == 0.02
+    with pytest.raises(SystemExit, match="tokens"):
+        G.parse_rule("S+Q", 2.0)
+    a = G.simulated_background(7, [0.3, 0.0], 0.1, 0.055)
+    b = G.simulated_background(7, [0.3, 0.0], 0.1, 0.055)
+    first, again = a(None, None), b(None, None)
+    assert first == again and len(first["runs"]) == 8 and first["pairs"] == 64
+    assert len(a(None, None, True)["runs"]) == 7
+    assert np.allclose(np.mean(first["runs"], 0), first["slope"])
