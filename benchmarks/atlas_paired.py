@@ -1,0 +1,382 @@
+"""Atlas lookup, two arms of the pose search paired per section, and a judge with written marks.
+
+Session 39 (issue 12). A candidate option of the re-ranking (``rerank_options``) is judged
+against another arm (usually the defaults) on the benchmark's sections (``atlas_lookup.py``'s
+queries: query seed ``S`` gives 60 sections, 12 per case, built by ``atlas_lookup.make_queries``).
+Both arms run on every section in one process, their order alternating section by section (the
+first arm first on even sections, the second first on odd ones), so their CPU times are paired
+under the same load. Each arm may name its own index (a retrained network against the default
+one, or the same candidate on two indexes).
+
+Commands::
+
+    # an index of the benchmark's phantom with another training seed (saved as DIR/ours, the
+    # layout atlas_lookup.py --index-dir writes; the atlas stays the phantom of seed 0)
+    python atlas_paired.py train DIR --train-seed 1 --train-options '{"max_minutes": 90, "prefetch": true}'
+
+    # both arms per section, saved to OUT.json after every section
+    python atlas_paired.py run OUT.json --index /tmp/c13/idx --seeds 155,156 --compartments labels \\
+        --arm-a '{}' --arm-b '{"prior_margin": 0.458}' [--index-b DIR] [--sections 0,12,13]
+
+    # the judge: pooled and per case / seed, paired differences (b - a), the marks
+    python atlas_paired.py judge OUT.json [MORE.json ...] --marks today|offlabel|JSON \\
+        [--fluorescence] [--list]
+
+Each row of OUT.json: query seed, case, the query's place in its case, its flat index (0-59),
+contrast (``nissl`` / ``fluorescence``), true plate, and per arm the true plate's rank (0-based,
+the paper's MAE as ``atlas_lookup.py``), the top-10 plates, the lookup's CPU / wall ms and the
+prior's weight the ranking used (``RerankResult.prior_weight``).
+
+The judge prints mean rank, Top-1/3/5/10, better / worse counts (by the true plate's rank) and
+the paired mean difference with its standard error (sd / sqrt(n)), pooled, per case and per
+query seed, and applies marks: ``today`` (session 38's paired mark for today's stain: pooled
+mean rank not higher, Top-5 not lower, the mean difference not above zero by more than its SE,
+no case worse by more than 0.15) or ``offlabel`` (for ``foreign`` / ``marker``: pooled mean
+rank lower, more sections better than worse, the mean difference below zero by more than its
+SE, no case worse by more than 0.3), or a JSON object with the keys ``mean_rank``
+(``"not_higher"`` / ``"lower"``), ``top5`` (``"not_lower"``), ``better_than_worse`` (true),
+``diff_se`` (``"not_above"`` / ``"below"``) and ``case_bound`` (a number). ``--fluorescence``
+judges the fluorescence-like sections alone (``marker`` stains only those; its Nissl-like
+sections are today's bit for bit, so a ``marker`` run over every section is the pooled reading).
+The judge exits with status 1 when a mark fails.
+
+CPU: run with ``OMP_NUM_THREADS=1`` (the lookup uses 1 thread, ``--threads``). Not part of the test
+run; the judge's arithmetic is tested in ``tests/atlas/test_paired_judge.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+TOPS = (1, 3, 5, 10)
+
+#: Session 38's paired marks (docs/atlas.md, "Session 38 (C2)").
+MARKS = {
+    "today": {"mean_rank": "not_higher", "top5": "not_lower", "diff_se": "not_above", "case_bound": 0.15},
+    "offlabel": {"mean_rank": "lower", "better_than_worse": True, "diff_se": "below", "case_bound": 0.3},
+}
+MARK_KEYS = {
+    "mean_rank": ("not_higher", "lower"),
+    "top5": ("not_lower",),
+    "better_than_worse": (True,),
+    "diff_se": ("not_above", "below"),
+    "case_bound": None,
+}
+
+
+# --- the judge (pure arithmetic on rows) ---------------------------------------------------------
+
+
+def _stats(ranks) -> dict:
+    r = np.asarray(ranks, dtype=float)
+    out = {"n": int(r.size), "mean_rank": float(r.mean()) if r.size else float("nan")}
+    for k in TOPS:
+        out[f"top{k}"] = int((r < k).sum())
+    return out
+
+
+def compare(rows: list[dict]) -> dict:
+    """Arm a against arm b on ``rows`` (each with ``rank_a`` and ``rank_b``): both arms' stats,
+    better / worse counts of b (a lower / higher rank of the truth), the paired mean difference
+    b - a and its standard error."""
+    a = np.array([r["rank_a"] for r in rows], dtype=float)
+    b = np.array([r["rank_b"] for r in rows], dtype=float)
+    d = b - a
+    se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+    return {
+        "a": _stats(a),
+        "b": _stats(b),
+        "better": int((d < 0).sum()),
+        "worse": int((d > 0).sum()),
+        "diff": float(d.mean()) if d.size else float("nan"),
+        "se": se,
+    }
+
+
+def groups(rows: list[dict], key: str) -> dict:
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r[key], []).append(r)
+    return out
+
+
+def check_marks(marks) -> dict:
+    """A preset name, a JSON string or a dict of marks, checked against :data:`MARK_KEYS`."""
+    if isinstance(marks, str):
+        marks = MARKS[marks] if marks in MARKS else json.loads(marks)
+    for key, value in marks.items():
+        if key not in MARK_KEYS:
+            raise ValueError(f"unknown mark {key!r}; choose from {', '.join(MARK_KEYS)}")
+        allowed = MARK_KEYS[key]
+        if allowed is None:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"mark {key} must be a number >= 0, got {value!r}")
+        elif value not in allowed:
+            raise ValueError(f"mark {key} must be one of {allowed}, got {value!r}")
+    return dict(marks)
+
+
+def apply_marks(rows: list[dict], marks) -> list[tuple[str, bool, str]]:
+    """Each mark as ``(name, passed, what was read)``; b is the candidate, a the reference."""
+    marks = check_marks(marks)
+    c = compare(rows)
+    ma, mb = c["a"]["mean_rank"], c["b"]["mean_rank"]
+    out = []
+    if "mean_rank" in marks:
+        ok = mb <= ma if marks["mean_rank"] == "not_higher" else mb < ma
+        out.append((f"pooled mean rank {marks['mean_rank']}", ok, f"{ma:.3f} -> {mb:.3f}"))
+    if "top5" in marks:
+        ok = c["b"]["top5"] >= c["a"]["top5"]
+        out.append(("Top-5 not lower", ok, f"{c['a']['top5']} -> {c['b']['top5']} of {c['a']['n']}"))
+    if "better_than_worse" in marks:
+        ok = c["better"] > c["worse"]
+        out.append(("more better than worse", ok, f"{c['better']} better / {c['worse']} worse"))
+    if "diff_se" in marks:
+        if marks["diff_se"] == "not_above":
+            ok = c["diff"] <= c["se"]
+            what = "mean difference not above zero by more than its SE"
+        else:
+            ok = c["diff"] < -c["se"]
+            what = "mean difference below zero by more than its SE"
+        out.append((what, ok, f"{c['diff']:+.3f} (se {c['se']:.3f})"))
+    if "case_bound" in marks:
+        bound = float(marks["case_bound"])
+        worst_case, worst = None, -np.inf
+        for case, rs in groups(rows, "case").items():
+            cc = compare(rs)
+            if cc["diff"] > worst:
+                worst_case, worst = case, cc["diff"]
+        out.append(
+            (f"no case worse by more than {bound}", worst <= bound, f"worst {worst_case} {worst:+.3f}")
+        )
+    return out
+
+
+def _line(name: str, c: dict) -> str:
+    a, b = c["a"], c["b"]
+    tops = " ".join(f"{a[f'top{k}']}->{b[f'top{k}']}" for k in TOPS)
+    return (
+        f"| {name} | {a['n']} | {a['mean_rank']:.3f} -> {b['mean_rank']:.3f} | {tops} | "
+        f"{c['better']} / {c['worse']} | {c['diff']:+.3f} ({c['se']:.3f}) |"
+    )
+
+
+def report(rows: list[dict], marks=None) -> tuple[str, bool]:
+    """The judge's table (pooled, per case, per query seed) and the marks; returns (text, passed)."""
+    lines = [
+        "| sections | n | mean rank a -> b | Top-1/3/5/10 a->b | better / worse | b - a (se) |",
+        "|---|---|---|---|---|---|",
+        _line("pooled", compare(rows)),
+    ]
+    for key in ("case", "seed"):
+        for value, rs in groups(rows, key).items():
+            lines.append(_line(f"{key} {value}", compare(rs)))
+    cpu = [(r["cpu_ms_a"], r["cpu_ms_b"]) for r in rows if "cpu_ms_a" in r]
+    if cpu:
+        ca, cb = np.median(np.array(cpu), axis=0)
+        lines.append(f"CPU per lookup, median: a {ca:.0f} ms, b {cb:.0f} ms (b / a {cb / ca:.3f})")
+    passed = True
+    if marks is not None:
+        for name, ok, what in apply_marks(rows, marks):
+            passed &= ok
+            lines.append(f"{'PASS' if ok else 'FAIL'}: {name}: {what}")
+        lines.append("all marks pass" if passed else "a mark fails")
+    return "\n".join(lines), passed
+
+
+# --- running the arms -----------------------------------------------------------------------------
+
+
+def _lookup_folder(path: str) -> str:
+    """An index folder, or a folder holding one as ``ours`` (``atlas_lookup.py --index-dir``)."""
+    inner = os.path.join(path, "ours")
+    return inner if os.path.isdir(inner) else path
+
+
+def _load(path: str):
+    from napari_nephi import AtlasLookup
+
+    lk = AtlasLookup.load(_lookup_folder(path), device="cpu")
+    lk.framing = True  # as atlas_lookup.py's default --framing on
+    return lk
+
+
+def sections_of(seed: int, compartments: str):
+    """The benchmark's 60 sections of query seed ``seed``: atlas_lookup.py's own construction."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import atlas_lookup
+
+    from napari_nephi.synthetic.atlas import brain_phantom
+
+    args = atlas_lookup.parse(["--query-seed", str(seed), "--compartments", compartments])
+    ref, labels = brain_phantom(args.shape, seed=args.seed)
+    queries = atlas_lookup.make_queries(ref, labels, args)
+    flat = []
+    for case, qs in queries.items():
+        for j, q in enumerate(qs):
+            flat.append((case, j, q))
+    return flat
+
+
+def _one(lk, image, options) -> tuple[list[int], float, float, float]:
+    """The ranking, CPU and wall ms, and the prior's weight the ranking used."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    found = lk.search_poses(image, options)
+    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    return [p for p, _ in found.ranking], 1000 * cpu, 1000 * wall, float(found.prior_weight)
+
+
+def _write(path: str, out: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(out, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def run(args) -> dict:
+    import torch
+
+    from napari_nephi.engines.atlas.rerank import check_rerank_options
+
+    torch.set_num_threads(args.threads)
+    opts = {
+        "a": check_rerank_options(json.loads(args.arm_a)),
+        "b": check_rerank_options(json.loads(args.arm_b)),
+    }
+    lk_a = _load(args.index)
+    lk = {"a": lk_a, "b": lk_a if args.index_b is None else _load(args.index_b)}
+    out = {
+        "command": " ".join(sys.argv),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "index_a": os.path.abspath(args.index),
+        "index_b": os.path.abspath(args.index_b or args.index),
+        "arm_a": opts["a"],
+        "arm_b": opts["b"],
+        "compartments": args.compartments,
+        "load_start": os.getloadavg()[0],
+        "rows": [],
+    }
+    wanted = None if args.sections is None else {int(s) for s in args.sections.split(",")}
+    warm = False  # one untimed lookup per index first: the first call's set-up is no arm's CPU
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for k, (case, j, q) in enumerate(sections_of(seed, args.compartments)):
+            if wanted is not None and k not in wanted:
+                continue
+            if not warm:
+                for arm in "ab" if args.index_b is not None else "a":
+                    _one(lk[arm], q["image"], opts[arm])
+                warm = True
+            row = dict(seed=seed, case=case, query=j, section=k, contrast=q["contrast"], plate=q["plate"])
+            for arm in "ab" if k % 2 == 0 else "ba":
+                order, cpu, wall, row[f"prior_weight_{arm}"] = _one(lk[arm], q["image"], opts[arm])
+                row[f"rank_{arm}"] = order.index(q["plate"])
+                row[f"top10_{arm}"] = order[:10]
+                row[f"cpu_ms_{arm}"] = cpu
+                row[f"wall_ms_{arm}"] = wall
+            out["rows"].append(row)
+            out["load_end"] = os.getloadavg()[0]
+            _write(args.out, out)
+            print(
+                f"{seed} {case} {j:2d} plate {q['plate']:3d}: rank {row['rank_a']} / {row['rank_b']}, "
+                f"CPU {row['cpu_ms_a']:.0f} / {row['cpu_ms_b']:.0f} ms",
+                flush=True,
+            )
+    return out
+
+
+def train(args) -> None:
+    import torch
+
+    from napari_nephi import AtlasLookup
+    from napari_nephi.synthetic.atlas import brain_phantom
+
+    torch.set_num_threads(args.threads)
+    ref, labels = brain_phantom((132, 96, 112), seed=0)  # atlas_lookup.py's default atlas
+    t0, c0 = time.perf_counter(), time.process_time()
+    lk = AtlasLookup.train(ref, labels, device="cpu", seed=args.train_seed, **json.loads(args.train_options))
+    folder = os.path.join(args.out, "ours")
+    lk.save(folder)
+    s = lk.settings
+    print(
+        f"saved {folder}: training seed {args.train_seed}, steps {s.get('steps')}, best step "
+        f"{s.get('best_step')}, validation mean rank {s.get('val_mean_rank')}, "
+        f"{time.process_time() - c0:.0f} s CPU, {time.perf_counter() - t0:.0f} s wall",
+        flush=True,
+    )
+
+
+def judge(args) -> bool:
+    rows = []
+    for path in args.files:
+        with open(path) as fh:
+            rows += json.load(fh)["rows"]
+    if args.fluorescence:
+        rows = [r for r in rows if r["contrast"] == "fluorescence"]
+    text, passed = report(rows, args.marks)
+    if args.list:
+        changed = [r for r in rows if r["rank_a"] != r["rank_b"]]
+        text += f"\nsections whose rank differs ({len(changed)}): seed case query (section): a -> b"
+        for r in changed:
+            weight = r.get("prior_weight_b")
+            text += (
+                f"\n  {r['seed']} {r['case']} {r['query']} ({r['section']}, {r['contrast']}, "
+                f"plate {r['plate']}): "
+                f"{r['rank_a']} -> {r['rank_b']}"
+                + ("" if weight is None else f" (b's prior weight {weight})")
+            )
+        far = [r for r in rows if r["rank_a"] >= 5]
+        text += f"\nfar misses of a (rank >= 5): {len(far)}, of b: {sum(r['rank_b'] >= 5 for r in rows)}"
+    print(
+        f"{len(rows)} sections from {', '.join(args.files)}"
+        + (" (fluorescence-like only)" if args.fluorescence else "")
+    )
+    print(text)
+    return passed
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train an index of the benchmark's phantom with a training seed")
+    t.add_argument("out")
+    t.add_argument("--train-seed", type=int, default=0)
+    t.add_argument("--train-options", default="{}", help="JSON options of AtlasLookup.train")
+    t.add_argument("--threads", type=int, default=1)
+    r = sub.add_parser("run", help="both arms per section, alternating")
+    r.add_argument("out", help="JSON written after every section")
+    r.add_argument("--index", required=True, help="index folder (or a folder holding it as 'ours')")
+    r.add_argument("--index-b", default=None, help="arm b's own index (default: --index)")
+    r.add_argument("--seeds", required=True, help="comma-separated query seeds")
+    r.add_argument("--compartments", default="labels", help="labels, foreign, independent or marker")
+    r.add_argument("--arm-a", default="{}", help="JSON rerank_options of arm a")
+    r.add_argument("--arm-b", default="{}", help="JSON rerank_options of arm b")
+    r.add_argument("--sections", default=None, help="comma-separated flat indexes (0-59) only")
+    r.add_argument("--threads", type=int, default=1)
+    j = sub.add_parser("judge", help="pooled / per case / per seed, paired differences, marks")
+    j.add_argument("files", nargs="+")
+    j.add_argument("--marks", default=None, help="today, offlabel or a JSON object")
+    j.add_argument("--fluorescence", action="store_true", help="the fluorescence-like sections only")
+    j.add_argument("--list", action="store_true", help="also list every section whose rank differs")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.command == "train":
+        train(args)
+    elif args.command == "run":
+        run(args)
+    else:
+        return 0 if judge(args) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
