@@ -321,6 +321,23 @@ def global_cases(size: int, image: str = "camera", order: int | str = 1, degrees
     return out
 
 
+def rigid_draw(
+    seed: int, image: str, i: int, shape, max_shift: float = 2.0, max_degrees: float = 6.0
+) -> tuple[np.ndarray, str]:
+    """Draw ``i`` of :func:`random_rigid_cases` for an image of ``shape``: ``(homogeneous pull-back map, its
+    description)``; the numbers drawn depend on (seed, image, i) only, the centre of rotation on ``shape``
+    (``nephi_zoom_cases.py`` draws the maps of the zoomed MRI with it)."""
+    d = len(shape)
+    rng = np.random.default_rng([seed, CASE_OFFSETS[image], i, 31])
+    kind = ("shift", "rotation", "both")[i % 3]
+    shift = rng.uniform(-max_shift, max_shift, d) if kind != "rotation" else np.zeros(d)
+    deg = rng.uniform(0.1, 1.0) * max_degrees * rng.choice([-1, 1]) if kind != "shift" else 0.0
+    axis = rng.normal(size=3) if d == 3 else None
+    mat = rotation_matrix(shape, deg, axis, shift)
+    parts = [f"shift ({', '.join(f'{t:.2f}' for t in shift)})"] if kind != "rotation" else []
+    return mat, " ".join(parts + ([f"rotation {deg:.2f} deg"] if kind != "shift" else []))
+
+
 def random_rigid_cases(
     seed: int,
     count: int,
@@ -336,19 +353,11 @@ def random_rigid_cases(
     3D about a random axis. The draw depends on (seed, image, i) only, not on the other cases run (nor on
     ``order``: the three samplings of a draw share its map)."""
     img = mri_volume()[0] if image == "mri" else load(image, size)[0]
-    d = img.ndim
     out = []
     for i in range(count):
-        rng = np.random.default_rng([seed, CASE_OFFSETS[image], i, 31])
-        kind = ("shift", "rotation", "both")[i % 3]
-        shift = rng.uniform(-max_shift, max_shift, d) if kind != "rotation" else np.zeros(d)
-        deg = rng.uniform(0.1, 1.0) * max_degrees * rng.choice([-1, 1]) if kind != "shift" else 0.0
-        axis = rng.normal(size=3) if d == 3 else None
-        mat = rotation_matrix(img.shape, deg, axis, shift)
+        mat, what = rigid_draw(seed, image, i, img.shape, max_shift, max_degrees)
         fixed, moving = rigid_images(img, mat, order)
         truth = AffineTransform(mat).displacement(fixed.shape)
-        parts = [f"shift ({', '.join(f'{t:.2f}' for t in shift)})"] if kind != "rotation" else []
-        what = " ".join(parts + ([f"rotation {deg:.2f} deg"] if kind != "shift" else []))
         name = f"{image} rigid {seed}.{i} {what}" + sampling_suffix(order)
         # --noise: seeded by the draw too, not by the case's place in the run
         noise_seed = [seed, CASE_OFFSETS[image], i, 100 + AREA_FACTOR if order == "area" else order, 1000]

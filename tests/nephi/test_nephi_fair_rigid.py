@@ -3,9 +3,6 @@ deformation pair (``--deformation-orders area``, session 36): both images area-s
 the moving one after the object moved, so the pair differs by the map only (no resampling blur)."""
 
 import argparse
-import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,17 +11,9 @@ from scipy import ndimage
 from napari_nephi.core.transform import DisplacementTransform
 from napari_nephi.synthetic import mri_volume, random_smooth_displacement
 
-_BENCH = str(Path(__file__).resolve().parents[2] / "benchmarks")
-_ITK = os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
-sys.path.insert(0, _BENCH)
-try:
-    import nephi_large as NL  # noqa: E402  (sets ITK's thread count: restored below)
-finally:
-    sys.path.remove(_BENCH)
-    if _ITK is None:
-        os.environ.pop("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", None)
-    else:
-        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = _ITK
+from .conftest import import_benchmark
+
+NL = import_benchmark("nephi_large")  # (sets ITK's thread count: restored by import_benchmark)
 
 
 def _back_residual(fixed, moving, truth, margin):

@@ -1,0 +1,338 @@
+# ruff: noqa: E501  (table-printing lines)
+"""NePhi's volume default on the bundled MRI zoomed up: fair pairs, one case per process (session 39).
+
+    python benchmarks/nephi_zoom_cases.py run CASE ARM ZOOM [--pairs DIR] [--out FILE.jsonl] [--cap VOXELS]
+    python benchmarks/nephi_zoom_cases.py pair CASE ZOOM [--pairs DIR]          # build and cache the pair only
+    python benchmarks/nephi_zoom_cases.py table BEFORE AFTER                    # B's marks, a markdown table
+
+The harness of sessions 37-38 (``/tmp/s37/B2/fairzoom.py``, ``/tmp/s38/B/zoomcase.py``, ``cmp.py``), committed.
+The image is nibabel's MRI (25 x 41 x 33) zoomed ``ZOOM`` times by ``ndimage.zoom(order=3)`` (itself at 1);
+every pair is fair: both images area means over 4-voxel blocks of one object (the image upsampled 4x by cubic
+splines), the moving one after the map moved the object on the fine grid (``nephi_large.rigid_pair_area`` and
+``deformation_pair_area``). CASE:
+
+* ``shift``: the shift (1.25, -0.75, 0.5) voxels.
+* ``drawS.I``: pair ``I`` of rigid draw ``S`` (``nephi_large.rigid_draw``, as ``--global-rigid-seed S``: shifts
+  in +-2 voxels, not scaled by the zoom; rotations about the zoomed volume's centre).
+* ``setS.A``: field set ``S`` at ``A`` voxels times the zoom, smoothness 7 x the zoom, seed ``S + 40 + int(A)``
+  (as ``nephi_large.py --seeds S --mri-amplitudes A``; at zoom 1 the pair equals its ``make_case(..., "area")``);
+  the fine grid is warped in slabs of 4 voxels (:func:`deformation_pair_slabs`, the same values).
+
+ARM: ``def`` (no options: the code's default), ``r0`` (R0 forced: ``coarse_warp_blur="all",
+coarse_reg_weight=0.03, iterations=0``) or ``old`` (the earlier volume default: ``coarse_warp_blur=False,
+coarse_reg_weight=0.1, iterations=50``). ``--cap N`` sets ``engine.VOLUME_DEFAULT_MAX_VOXELS`` to ``N`` in the
+process first (the default with another cap; recorded as ``cap``).
+
+Pairs are cached as ``CASE_zZOOM.npz`` in ``--pairs`` (default ``$NEPHI_ZOOM_PAIRS``, else
+``/tmp/nephi_zoom_pairs``): build them once (``pair``), then run the arms on the same arrays. NePhi runs on the
+CPU with one torch thread, through ``nephi_accuracy.run_nephi`` and ``timed`` (CPU seconds of this process during
+the call, peak resident MiB above the level before it). One JSON line per run, printed and appended to ``--out``:
+EPE (voxels) on tissue (``nephi_accuracy.tissue_mask``; on field cases textured and textureless besides;
+``epe_inside``: 8 voxels inside the border), det J 8 voxels inside (min, max, largest ``|det J - 1|``), the
+engine's inverse consistency ``|phi_inv(phi(x)) - x|`` (``metrics["inverse_consistency_max"]``, as sessions 37-38
+reported it; ``ic_max_inside``: 8 voxels inside), folds (% of voxels with det J <= 0), the settings the engine
+recorded and a hash of the displacement.
+
+``table BEFORE AFTER`` (files of JSON lines, or folders of ``*.jsonl``) pairs the rows by case and zoom and applies
+B's marks (session 38): EPE not worse by more than 0.003; textureless not worse by more than 0.005 (field cases);
+largest ``|det J - 1|`` not above before + 0.01 (rigid cases); folds 0; CPU at most 1.3x; peak at most 1.3x or
++50 MiB. Run from anywhere with ``OMP_NUM_THREADS=1 nice -n 5``; a 2.9x case costs about 2 CPU minutes an arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import nephi_accuracy as NA  # (sets ITK's thread count before anything imports it)
+import nephi_large as NL
+import numpy as np
+from scipy import ndimage
+
+#: Options of each arm (``def``: none, the code's default).
+ARMS = {
+    "def": {},
+    "r0": {"coarse_warp_blur": "all", "coarse_reg_weight": 0.03, "iterations": 0},
+    "old": {"coarse_warp_blur": False, "coarse_reg_weight": 0.1, "iterations": 50},
+}
+#: Voxels inside the border where det J is read (and ``epe_inside``, ``ic_max_inside``).
+MARGIN = 8
+SHIFT = (1.25, -0.75, 0.5)
+#: B's marks (sessions 37-38): EPE, textureless EPE (fields), largest |det J - 1| (rigid), CPU ratio, peak.
+MARKS = {"epe": 0.003, "textureless": 0.005, "det": 0.01, "cpu": 1.3, "peak_ratio": 1.3, "peak_mib": 50.0}
+#: Fine voxels per slab of the deformation pair's fine grid: a multiple of the area factor.
+SLAB = 4 * NL.AREA_FACTOR
+#: Settings copied into the JSON line (the volume default's switches and what decides them).
+SETTING_KEYS = (
+    "preset",
+    "mode",
+    "iterations",
+    "coarse_warp_blur",
+    "coarse_reg_weight",
+    "coarse_volume_sampling",
+)
+
+
+def zoomed_mri(zoom: float) -> np.ndarray:
+    from napari_nephi.synthetic import mri_volume
+
+    img = mri_volume()[0]
+    return img if zoom == 1 else ndimage.zoom(img, zoom, order=3)
+
+
+def parse_case(case: str) -> tuple[str, int, float]:
+    """``(kind, seed, index or amplitude)``: ``("shift", 0, 0)``, ``("draw", S, I)`` or ``("set", S, A)``."""
+    if case == "shift":
+        return "shift", 0, 0.0
+    m = re.fullmatch(r"(draw|set)(\d+)\.(\d+(?:\.\d+)?)", case)
+    if not m or (m[1] == "draw" and "." in m[3]):
+        raise SystemExit(
+            f"{case!r}: a case is shift, drawS.I (rigid draw S, pair I) or setS.A (field set S, A voxels)"
+        )
+    return m[1], int(m[2]), float(m[3])
+
+
+def _spline_coefficients(img: np.ndarray) -> np.ndarray:
+    """What ``map_coordinates(img, ..., order=3, mode="nearest")`` interpolates: ``img`` padded by 12 edge voxels
+    and spline-filtered (scipy's prefilter); read with coordinates + 12 and ``prefilter=False``."""
+    return ndimage.spline_filter(np.pad(img, 12, mode="edge"), 3, output=np.float64, mode="nearest")
+
+
+def deformation_pair_slabs(
+    img: np.ndarray, u_inv: np.ndarray, factor: int = NL.AREA_FACTOR, slab: int = SLAB
+):
+    """``nephi_large.deformation_pair_area`` with the fine grid warped ``slab`` fine voxels of the first axis at a
+    time (the same values; the whole fine grid's coordinates would take 12 GiB at 3x the MRI)."""
+    if slab % factor:
+        raise ValueError(f"slab {slab} is not a multiple of the area factor {factor}")
+    d = img.ndim
+    fine = NL.fine_object(img, factor)
+    fshape = fine.shape
+    coef = _spline_coefficients(fine)
+    ucoef = [_spline_coefficients(np.asarray(u_inv[i], np.float64)) for i in range(d)]
+    out = []
+    for a in range(0, fshape[0], slab):
+        rows = np.arange(a, min(a + slab, fshape[0]), dtype=np.float64)
+        fgrid = np.stack(
+            np.meshgrid(rows, *[np.arange(n, dtype=np.float64) for n in fshape[1:]], indexing="ij")
+        )
+        pts = (fgrid - (factor - 1) / 2) / factor + 12
+        uf = np.stack(
+            [ndimage.map_coordinates(c, pts, order=3, mode="nearest", prefilter=False) for c in ucoef]
+        )
+        del pts
+        moved = ndimage.map_coordinates(
+            coef, fgrid + factor * uf + 12, order=3, mode="nearest", prefilter=False
+        )
+        out.append(NL.area_down(moved, factor))
+    return NL.area_down(fine, factor), np.ascontiguousarray(np.concatenate(out), np.float32)
+
+
+def build_pair(case: str, zoom: float) -> dict:
+    """The fair pair of ``case`` on the MRI zoomed ``zoom`` times, with its truth and (field cases) masks."""
+    from napari_nephi.core.jacobian import jacobian_determinant
+    from napari_nephi.core.transform import AffineTransform
+    from napari_nephi.synthetic import random_smooth_displacement
+
+    kind, seed, k = parse_case(case)
+    img = zoomed_mri(zoom)
+    if kind == "set":
+        u, u_inv = random_smooth_displacement(
+            img.shape,
+            k * zoom,
+            NL.MRI_SMOOTHNESS * zoom,
+            seed=seed + 10 * NL.CASE_OFFSETS["mri"] + int(k),
+            return_inverse=True,
+        )
+        assert np.all(jacobian_determinant(u) > 0)
+        fixed, moving = deformation_pair_slabs(img, u_inv)
+        mask = NA.tissue_mask(fixed, False)
+        flat = NL.textureless_mask(fixed) & mask
+        what = f"field set {seed} at {k:g} x {zoom:g} voxels, smoothness {NL.MRI_SMOOTHNESS * zoom:.1f}"
+        return dict(
+            fixed=fixed, moving=moving, truth=np.asarray(u, np.float32), mask=mask, flat=flat, what=what
+        )
+    if kind == "shift":
+        mat = np.eye(4)
+        mat[:3, 3] = SHIFT
+        what = f"shift ({', '.join(f'{t:g}' for t in SHIFT)})"
+    else:
+        mat, what = NL.rigid_draw(seed, "mri", int(k), img.shape)
+        what = f"draw {seed}.{int(k)}: {what}"
+    fixed, moving = NL.rigid_pair_area(img, mat)
+    truth = np.asarray(AffineTransform(mat).displacement(fixed.shape), np.float32)
+    return dict(fixed=fixed, moving=moving, truth=truth, what=what)
+
+
+def pairs_dir(option: str | None) -> Path:
+    return Path(option or os.environ.get("NEPHI_ZOOM_PAIRS") or "/tmp/nephi_zoom_pairs")
+
+
+def load_pair(case: str, zoom: float, folder: Path) -> dict:
+    """The cached pair (built and written atomically first if missing)."""
+    path = folder / f"{case}_z{zoom:g}.npz"
+    if not path.exists():
+        pair = build_pair(case, zoom)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **pair)
+        os.replace(tmp, path)
+    with np.load(path) as f:
+        return {k: (f[k].item() if f[k].ndim == 0 else f[k]) for k in f.files}
+
+
+def evaluate(est: np.ndarray, pair: dict) -> dict:
+    """EPE on tissue (textured and textureless besides on field cases; ``epe_inside``: 8 voxels inside the
+    border), det J 8 voxels inside, folds (% of all voxels)."""
+    from napari_nephi.core.jacobian import jacobian_determinant
+
+    truth = pair["truth"]
+    err = np.sqrt(((est - truth) ** 2).sum(0))
+    det = jacobian_determinant(est)
+    sl = NL.inner(est.shape[1:], MARGIN)
+    mask = pair["mask"] if "mask" in pair else NA.tissue_mask(pair["fixed"], False)
+    row = {"folds_pct": 100.0 * float((det <= 0).mean()), "epe": float(err[mask].mean())}
+    if "flat" in pair:
+        flat = pair["flat"]
+        row["epe_textured"] = float(err[mask & ~flat].mean())
+        row["epe_textureless"] = float(err[flat].mean()) if flat.any() else float("nan")
+    row["epe_inside"] = float(err[sl].mean())
+    inner = det[sl]
+    row.update(det_min=float(inner.min()), det_max=float(inner.max()), det_dev=float(np.abs(inner - 1).max()))
+    return row
+
+
+def git_head() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except OSError:
+        return ""
+
+
+def run(case: str, arm: str, zoom: float, folder: Path, cap: int | None) -> dict:
+    import torch
+
+    from napari_nephi.engines.nephi import engine
+
+    torch.set_num_threads(1)
+    if cap is not None:
+        engine.VOLUME_DEFAULT_MAX_VOXELS = cap
+    pair = load_pair(case, zoom, folder)
+    fixed, moving = pair["fixed"], pair["moving"]
+    load0 = os.getloadavg()[0]
+    (est, reg), wall, cpu, mib = NA.timed(lambda f, m: NA.run_nephi(f, m, **ARMS[arm]), fixed, moving)
+    row = dict(
+        case=case, arm=arm, zoom=zoom, what=pair["what"], shape=list(fixed.shape), voxels=int(fixed.size)
+    )
+    row.update(evaluate(est, pair))
+    ic = NL.inverse_consistency_inside(reg.transform, fixed.shape, MARGIN)
+    row.update(
+        ic_mean=reg.metrics.get("inverse_consistency_mean"), ic_max=reg.metrics.get("inverse_consistency_max")
+    )
+    row.update(ic_mean_inside=ic[0], ic_max_inside=ic[1], engine_fold_pct=reg.metrics.get("fold_percent"))
+    row.update(cpu_s=cpu, wall_s=wall, peak_mib=mib, load=load0, options=ARMS[arm], head=git_head())
+    row.update(cap=int(engine.VOLUME_DEFAULT_MAX_VOXELS), cap_set=cap is not None)
+    row["settings"] = {k: reg.settings.get(k) for k in SETTING_KEYS}
+    row["displacement_sha"] = (
+        __import__("hashlib").sha256(np.ascontiguousarray(est).tobytes()).hexdigest()[:16]
+    )
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# the table (pure: tested in tests/nephi/test_nephi_zoom_cases.py)
+
+
+def marks(before: dict, after: dict) -> dict[str, bool]:
+    """B's marks on one case: which pass (``textureless`` only on field rows, ``det`` only on rigid ones)."""
+    out = {"epe": after["epe"] <= before["epe"] + MARKS["epe"]}
+    if "epe_textureless" in before:
+        out["textureless"] = after["epe_textureless"] <= before["epe_textureless"] + MARKS["textureless"]
+    else:
+        out["det"] = after["det_dev"] <= before["det_dev"] + MARKS["det"]
+    out["folds"] = after["folds_pct"] == 0
+    out["cpu"] = after["cpu_s"] <= MARKS["cpu"] * before["cpu_s"]
+    out["peak"] = (
+        after["peak_mib"] <= MARKS["peak_ratio"] * before["peak_mib"]
+        or after["peak_mib"] <= before["peak_mib"] + MARKS["peak_mib"]
+    )
+    return out
+
+
+def read_rows(source: str) -> list[dict]:
+    path = Path(source)
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    return [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+
+
+def table(before_rows: list[dict], after_rows: list[dict]) -> list[str]:
+    """Markdown lines: one row per (case, zoom) found in both (the last run of each), marks applied."""
+    before = {(r["case"], r["zoom"]): r for r in before_rows}
+    after = {(r["case"], r["zoom"]): r for r in after_rows}
+    lines = [
+        "| zoom (voxels) | case | EPE | det J (8 inside), largest abs(det J - 1) | IC max | CPU s | peak MiB | marks |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(set(before) & set(after), key=lambda k: (k[1], k[0])):
+        b, a = before[key], after[key]
+        m = marks(b, a)
+        epe = f"{b['epe']:.4f} -> {a['epe']:.4f}"
+        if "epe_textureless" in b:
+            epe += f" (textureless {b['epe_textureless']:.4f} -> {a['epe_textureless']:.4f})"
+        det = (
+            f"{b['det_min']:.3f}-{b['det_max']:.3f} -> {a['det_min']:.3f}-{a['det_max']:.3f} "
+            f"({b['det_dev']:.3f} -> {a['det_dev']:.3f})"
+        )
+        cpu = f"{b['cpu_s']:.1f} -> {a['cpu_s']:.1f} ({a['cpu_s'] / b['cpu_s']:.2f}x)"
+        peak = f"{b['peak_mib']:.0f} -> {a['peak_mib']:.0f} ({a['peak_mib'] / b['peak_mib']:.2f}x, {a['peak_mib'] - b['peak_mib']:+.0f})"
+        failed = [k for k, ok in m.items() if not ok]
+        verdict = "pass" if not failed else "**fails " + ", ".join(failed) + "**"
+        lines.append(
+            f"| {key[1]:g}x ({a['voxels']:,}) | {a['what']} | {epe} | {det} | {b['ic_max']:.3f} -> {a['ic_max']:.3f} "
+            f"| {cpu} | {peak} | {verdict} |"
+        )
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("case")
+    r.add_argument("arm", choices=sorted(ARMS))
+    r.add_argument("zoom", type=float)
+    r.add_argument("--pairs")
+    r.add_argument("--out")
+    r.add_argument("--cap", type=int, help="engine.VOLUME_DEFAULT_MAX_VOXELS for this run")
+    b = sub.add_parser("pair")
+    b.add_argument("case")
+    b.add_argument("zoom", type=float)
+    b.add_argument("--pairs")
+    t = sub.add_parser("table")
+    t.add_argument("before")
+    t.add_argument("after")
+    args = p.parse_args()
+    if args.command == "table":
+        print("\n".join(table(read_rows(args.before), read_rows(args.after))))
+        return
+    parse_case(args.case)
+    if args.command == "pair":
+        pair = load_pair(args.case, args.zoom, pairs_dir(args.pairs))
+        print(f"{args.case} at {args.zoom:g}x: {pair['what']}, shape {pair['fixed'].shape}")
+        return
+    row = run(args.case, args.arm, args.zoom, pairs_dir(args.pairs), args.cap)
+    line = json.dumps(row, default=str)
+    print(line, flush=True)
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The pure parts of ``benchmarks/nephi_zoom_cases.py`` (session 39): B's marks on hand-made rows, the
+table, the case names, and the slabbed fair deformation pair (equal to
+``nephi_large.deformation_pair_area``)."""
+
+import numpy as np
+import pytest
+
+from napari_nephi.synthetic import random_smooth_displacement
+
+from .conftest import import_benchmark
+
+NL = import_benchmark("nephi_large")
+ZC = import_benchmark("nephi_zoom_cases")  # imports nephi_large and nephi_accuracy from benchmarks/ itself
+
+
+def _rigid(**kw):
+    row = dict(case="draw1.0", zoom=2.0, what="draw 1.0", voxels=1000, epe=0.05, det_min=0.98, det_max=1.02)
+    row.update(det_dev=0.02, ic_max=0.01, folds_pct=0.0, cpu_s=100.0, peak_mib=300.0)
+    row.update(kw)
+    return row
+
+
+def _field(**kw):
+    return _rigid(**{"case": "set1.2", "what": "set 1 at 2", "epe_textureless": 0.08, **kw})
+
+
+def test_marks_pass_at_their_bounds_and_fail_just_past_them():
+    before = _rigid()
+    at_bounds = _rigid(epe=0.053, det_dev=0.03, cpu_s=130.0, peak_mib=390.0)
+    assert ZC.marks(before, at_bounds) == dict(epe=True, det=True, folds=True, cpu=True, peak=True)
+    past = _rigid(epe=0.0531, det_dev=0.0301, cpu_s=130.1, peak_mib=390.1, folds_pct=0.001)
+    assert ZC.marks(before, past) == dict(epe=False, det=False, folds=False, cpu=False, peak=False)
+    # the peak passes by ratio or by +50 MiB: 60 -> 110 MiB is 1.83x but +50
+    assert ZC.marks(_rigid(peak_mib=60.0), _rigid(peak_mib=110.0))["peak"]
+    assert not ZC.marks(_rigid(peak_mib=60.0), _rigid(peak_mib=110.1))["peak"]
+
+
+def test_field_rows_read_textureless_not_det_j():
+    m = ZC.marks(_field(), _field(epe_textureless=0.0851, det_dev=0.5))
+    assert m == dict(epe=True, textureless=False, folds=True, cpu=True, peak=True)
+
+
+def test_the_table_pairs_rows_by_case_and_zoom_and_names_the_failed_marks():
+    before = [_rigid(), _field(), _rigid(case="shift", zoom=3.0)]
+    after = [_rigid(det_dev=0.05, det_max=1.05), _field(epe=0.04)]
+    lines = ZC.table(before, after)
+    assert len(lines) == 4  # header, rule, the two cases in both (shift at 3x has no after row)
+    assert lines[2].endswith("| **fails det** |") and "0.020 -> 0.050" in lines[2]
+    assert "textureless 0.0800 -> 0.0800" in lines[3] and lines[3].endswith("| pass |")
+
+
+def test_case_names():
+    assert ZC.parse_case("draw73.2") == ("draw", 73, 2.0)
+    assert ZC.parse_case("set417.4") == ("set", 417, 4.0)
+    assert ZC.parse_case("shift") == ("shift", 0, 0.0)
+    for bad in ("draw73", "draw7.2.5", "set417", "rot1.0"):
+        with pytest.raises(SystemExit, match="a case is shift"):
+            ZC.parse_case(bad)
+
+
+def test_the_slabbed_deformation_pair_equals_nephi_large_bit_for_bit():
+    img = np.random.default_rng(0).random((7, 9, 8)).astype(np.float32)
+    _, u_inv = random_smooth_displacement(img.shape, 1.5, 3.0, seed=3, return_inverse=True)
+    fixed, moving = NL.deformation_pair_area(img, u_inv)
+    f2, m2 = ZC.deformation_pair_slabs(img, u_inv, slab=8)  # 28 fine rows: three full slabs and a half one
+    assert np.array_equal(fixed, f2) and np.array_equal(moving, m2)
+    with pytest.raises(ValueError, match="multiple of the area factor"):
+        ZC.deformation_pair_slabs(img, u_inv, slab=6)
