@@ -610,6 +610,13 @@ def run_case(case: str, rows, args) -> list[dict]:
     return results
 
 
+def bgm_looks() -> tuple:
+    """``background.SECOND_LOOKS`` (the values ``--second-look`` takes)."""
+    from napari_nephi.engines.mito import background as bgm
+
+    return bgm.SECOND_LOOKS
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", type=int, default=160)
@@ -631,7 +638,21 @@ def main(argv=None) -> int:
         help="elastic='auto' also reads the lag-corrected distortion reading (distortion.CORRECTED, "
         "session 33); default: the engine's",
     )  # fmt: skip
+    p.add_argument(
+        "--second-look", choices=bgm_looks(), default=None,
+        help="background.SECOND_LOOK (which first looks of drift_correction='auto' get a second; "
+        "session 39's opt-in: sections); default: the engine's",
+    )  # fmt: skip
+    p.add_argument(
+        "--se-floor", type=float, default=None,
+        help="background.SE_FLOOR (session 38's opt-in: 0.06); default: the engine's",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.second_look is not None or args.se_floor is not None:  # module settings, recorded per row
+        from napari_nephi.engines.mito import background as bgm
+
+        bgm.SECOND_LOOK = bgm.SECOND_LOOK if args.second_look is None else args.second_look
+        bgm.SE_FLOOR = bgm.SE_FLOOR if args.se_floor is None else args.se_floor
     if args.distortion_corrected is not None:
         from napari_nephi.engines.mito import distortion
 

@@ -30,7 +30,11 @@ and cell) for every rule.
 * ``S``: a first look that reads "sections" with a chi-square from 0, ``sum((b / max(se, floor))^2)``,
   of at least ``--c0`` (2) is taken as "undecided", so it gets the second look and both looks' runs
   decide, no ``FAVOUR`` (``align.classify`` wrapped for the first call of each decision);
-* ``S+F``: both; further gates on S's first look can be added as ``+`` tokens (see :data:`GATES`).
+* ``S+F``: both; further gates on S's first look can be added as ``+`` tokens (see :data:`GATES`):
+  ``P`` (session 39), the first look's slope ``b`` projects positively on the trend ``s`` (``b . s > 0``);
+  ``A`` (session 39), ``P`` or the first look's se under the floor on an axis;
+* ``L``: the engine's own ``background.SECOND_LOOK = "sections"`` (session 39's build of ``S+A``, no
+  wrapper; ``L+F`` decides as ``S+F+A``).
 
 **Clauses** (``check``; session 38 A3's, written before its output, ``/tmp/s38/A3/prereg.txt``), for
 each gated rule against ``TODAY`` in every cell, counts of ``N`` (bounds scaled from 2000 to ``N``):
@@ -75,8 +79,24 @@ SECTIONS, SCATTER, WALK = 160, 3.5, 0.3
 STAGE, ORGANELLES = 0.5, (0.33, 0.35)
 RUNS, RUNS_SECOND = 8, 7
 FLOOR = 0.06
-#: Gates on S's first look (tokens of a rule's name besides ``S`` and ``F``), filled in session 39.
-GATES: dict = {}
+
+
+def _along_trend(trend_slope, motion, floor) -> bool:
+    """Session 39's gate ``P``: the first look's slope projects positively on the trend (share > 0)."""
+    return float(np.dot(motion["slope"], trend_slope)) > 0
+
+
+def _along_or_floored(trend_slope, motion, floor) -> bool:
+    """Session 39's gate ``A``: ``P``, or the floor raised the first look's se on an axis (there the floor,
+    not the runs' noise, may have made the "sections", and a still background's pooled look is read at the
+    floor)."""
+    return _along_trend(trend_slope, motion, floor) or float(np.min(motion["se"])) < floor
+
+
+#: Gates on S's first look (tokens of a rule's name besides ``S`` and ``F``), session 39: ``P``, the first
+#: look's slope points along the trend (:func:`_along_trend`); ``A``, ``P`` or a se under the floor
+#: (:func:`_along_or_floored`).
+GATES: dict = {"P": _along_trend, "A": _along_or_floored}
 #: Clause bounds in stacks of 2000 (scaled to N).
 C1, C2, C3, C4_HIGH, C4_DROP = 10, 20, 20, 1980, 20
 
@@ -87,21 +107,23 @@ class Rule:
     floor: float
     c0: float | None  # None: no second look on "sections"
     gates: tuple = ()
+    look: str | None = None  # background.SECOND_LOOK while deciding (None: as found)
 
 
 def parse_rule(name: str, c0: float) -> Rule:
-    """``TODAY``, or ``+``-joined tokens: ``F`` (the floor), ``S`` (second look on "sections" at ``c0``)
-    and the names of :data:`GATES`."""
+    """``TODAY``, or ``+``-joined tokens: ``F`` (the floor), ``S`` (second look on "sections" at ``c0``),
+    the names of :data:`GATES`, ``L`` (the engine's ``SECOND_LOOK`` "sections")."""
     if name == "TODAY":
         return Rule(name, bgm.SE_FLOOR, None)
     tokens = name.split("+")
-    unknown = [t for t in tokens if t not in ("F", "S", *GATES)]
+    unknown = [t for t in tokens if t not in ("F", "S", "L", *GATES)]
     if unknown or len(set(tokens)) != len(tokens):
-        raise SystemExit(f"rule {name!r}: tokens are F, S, {', '.join(GATES) or '(no gates)'}, each once")
+        raise SystemExit(f"rule {name!r}: tokens are F, S, L, {', '.join(GATES)}, each once")
     gates = tuple(t for t in tokens if t in GATES)
-    if gates and "S" not in tokens:
-        raise SystemExit(f"rule {name!r}: a gate needs S")
-    return Rule(name, FLOOR if "F" in tokens else bgm.SE_FLOOR, c0 if "S" in tokens else None, gates)
+    if (gates and "S" not in tokens) or ("S" in tokens and "L" in tokens):
+        raise SystemExit(f"rule {name!r}: a gate needs S, and L is not combined with S")
+    floor = FLOOR if "F" in tokens else bgm.SE_FLOOR
+    return Rule(name, floor, c0 if "S" in tokens else None, gates, "sections" if "L" in tokens else None)
 
 
 def chi_from_0(motion: dict, floor: float) -> float:
@@ -127,14 +149,16 @@ def _wrapped(classify, rule: Rule):
 
 @contextlib.contextmanager
 def in_force(rule: Rule):
-    saved = bgm.SE_FLOOR, align.classify
+    saved = bgm.SE_FLOOR, align.classify, bgm.SECOND_LOOK
     bgm.SE_FLOOR = rule.floor
     if rule.c0 is not None:
         align.classify = _wrapped(saved[1], rule)
+    if rule.look is not None:
+        bgm.SECOND_LOOK = rule.look
     try:
         yield
     finally:
-        bgm.SE_FLOOR, align.classify = saved
+        bgm.SE_FLOOR, align.classify, bgm.SECOND_LOOK = saved
 
 
 def simulated_background(seed: int, truth, se: float, bias: float):

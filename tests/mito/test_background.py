@@ -742,3 +742,44 @@ def test_classify_refuses_a_floor_that_is_not_over_0(floor):
     with pytest.raises(InputError, match="floor"):
         classify([0.3, 0.0], motion, floor=floor)
     assert classify([0.3, 0.0], {**motion, "se": [0.05, 0.05]}, floor=0.06)[0] == "organelles"
+
+
+def test_a_first_look_sections_off_0_and_along_the_trend_gets_a_second_look(monkeypatch):
+    """Session 39, opt-in (background.SECOND_LOOK "sections", with SE_FLOOR 0.06): stage-drift+drift 98 / 99
+    keep the whole trend because one look reads the organelles' drift of 0.33 px per section inside 0's
+    region ("sections"). A first-look "sections" whose slope lies off 0 (chi-square from 0 at least
+    SECTIONS_C0 = 2) and along the trend (share over 0) gets the second look: an organelle drift inside a
+    stage drift is then read "both" by both looks and its pooled slope removed; a still background read
+    off 0 is kept on both looks. Against the trend a first look gets it only where its se lies under the
+    floor on an axis (the floor may have made the "sections"). A first look against the trend over the
+    floor, or near 0, or on distorted sections, gets no second look; with the defaults none does."""
+    use = np.ones(160, bool)
+    trend = {"p": 1e-12, "slope": [0.59, -0.34]}  # stage drift + organelle drift (98's trend)
+    se = (0.10, 0.06)
+    drift = _looks([0.25, 0.0], [0.30, 0.05], se=se)  # 98-like: the organelles' part read short by one look
+    still = _looks([0.16, 0.0], [-0.02, 0.01], se=se)  # a still background, chi-square 2.56 from 0
+    against = _looks([-0.25, 0.0], [-0.30, 0.05], se=se)  # off 0 but against the trend (share -0.32)
+    near_0 = _looks([0.10, 0.0], [0.30, 0.05], se=se)  # chi-square 1.0 from 0
+    monkeypatch.setattr(bgm, "SE_FLOOR", 0.06)
+    for bg in (drift, still, against, near_0):  # the defaults: "sections" on one look, the trend kept
+        t = dict(trend)
+        assert _auto_decision(t, None, use, bg) == (False, None)
+        assert t["background"]["decision"] == "sections" and "first_look" not in t["background"]
+    assert bgm.chi_square_from_0(drift(None, None), 0.06) == pytest.approx(6.25)
+    monkeypatch.setattr(bgm, "SECOND_LOOK", "sections")
+    t = dict(trend)
+    detrend, slope = _auto_decision(t, None, use, drift)
+    assert detrend and np.allclose(slope, [(8 * 0.25 + 7 * 0.30) / 15, 7 * 0.05 / 15])
+    assert t["background"]["decision"] == "both" and t["background"]["pairs"] == 64 + 56
+    first = t["background"]["first_look"]
+    assert first["decision"] == "sections" and first["chi_square_from_0"] == pytest.approx(6.25)
+    t = dict(trend)
+    assert _auto_decision(t, None, use, still) == (False, None)
+    assert t["background"]["decision"] == "sections" and t["background"]["pairs"] == 64 + 56
+    for bg in (against, near_0, _distorted(drift)):
+        t = dict(trend)
+        assert _auto_decision(t, None, use, bg) == (False, None)
+        assert t["background"]["pairs"] == 64 and "first_look" not in t["background"]
+    t = dict(trend)  # against the trend, but floored in x (se 0.05): the second look runs (and keeps it)
+    assert _auto_decision(t, None, use, _looks([-0.25, 0.0], [-0.02, 0.01], se=(0.10, 0.05))) == (False, None)
+    assert t["background"]["first_look"]["decision"] == "sections" and t["background"]["pairs"] == 64 + 56

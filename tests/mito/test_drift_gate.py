@@ -80,3 +80,24 @@ def test_rules_parse_and_the_background_is_paired():
     assert first == again and len(first["runs"]) == 8 and first["pairs"] == 64
     assert len(a(None, None, True)["runs"]) == 7
     assert np.allclose(np.mean(first["runs"], 0), first["slope"])
+
+
+def test_the_engine_switch_decides_as_the_gate_s_wrapper():
+    """Session 39's build (``background.SECOND_LOOK = "sections"``, rule ``L+F``) decides every simulated
+    stack as the gate's wrapper of ``align.classify`` (rule ``S+F+A``) did: the same detrend, slope and second
+    look (still background and stage + organelle drift, se 0.05 / 0.10 / 0.135 with the per-look bias)."""
+    rng = np.random.default_rng(39)
+    wrapper, built = G.parse_rule("S+F+A", 2.0), G.parse_rule("L+F", 2.0)
+    reached = 0
+    for kind in ("stage", "stage+organelles"):
+        for _ in range(150):
+            positions, truth, _ = G.draw_stack(rng, kind)
+            test = {"p": 1e-12, "slope": list(np.polyfit(np.arange(G.SECTIONS), positions, 1)[0])}
+            for se in (0.05, 0.10, 0.135):
+                seed = int(rng.integers(1 << 62))
+                a = G.decide(test, G.simulated_background(seed, truth, se, 0.055), wrapper)
+                b = G.decide(test, G.simulated_background(seed, truth, se, 0.055), built)
+                assert a[:2] == b[:2] and np.allclose(a[2], b[2]) and a[3] == b[3]
+                today = G.decide(test, G.simulated_background(seed, truth, se, 0.055), G.parse_rule("F", 2.0))
+                reached += a[3] and not today[3]
+    assert reached >= 50  # stacks where the "sections" second look ran

@@ -789,7 +789,14 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     ``["organelles"]["se_floor"]``) and :data:`.background.SECOND_LOOK` ``"both"`` (or ``"kept+both"``): a
     first look that reads ``"both"`` on undistorted sections gets the second look too, decided as after an
     ``"undecided"`` one (a still background read as moving by one look's runs is then kept, and an organelle
-    drift read short by one look can be read whole)."""
+    drift read short by one look can be read whole).
+
+    Session 39, opt-in (session 38 A2's candidate with a gate, with :data:`.background.SE_FLOOR` 0.06):
+    :data:`.background.SECOND_LOOK` ``"sections"``, a first look that reads ``"sections"`` on undistorted
+    sections with a chi-square from 0 of at least :data:`.background.SECTIONS_C0` and a slope along the trend
+    (share over 0), or an se under the floor on an axis, gets the second look too (recorded:
+    ``["first_look"]["chi_square_from_0"]``): an organelle drift of 0.33 px per section inside a stage drift
+    that one look reads inside 0's region can be read by both looks."""
     placed = np.flatnonzero(use)
     span = placed[-1] - placed[0] if len(placed) else 0
     test["screen_test"], test["screen_p"] = _screen(test)  # session 37: what the screen read (recorded)
@@ -844,13 +851,27 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     # session 37, bgm.SECOND_LOOK "kept" (opt-in): also an "undecided-organelles" one the trend test keeps;
     # session 38, "both": also a first look that reads "both" (each look's se from 8 runs' spread)
     looks = _second_look().split("+")
+    # session 39, "sections" (opt-in): also a first-look "sections" off 0, along the trend (share over 0) or
+    # with an se under the floor on an axis (there the floor may have made the "sections")
+    off_0 = (
+        bgm.chi_square_from_0(motion, floor)
+        if decision == "sections" and "sections" in looks and "runs" in motion
+        else None
+    )
     again = (
         decision == "undecided"
         or (decision == "undecided-organelles" and test["p"] >= AUTO_P and "kept" in looks)
         or (decision == "both" and "both" in looks)
+        or (
+            off_0 is not None
+            and off_0 >= bgm.SECTIONS_C0
+            and (share > 0 or float(np.min(motion["se"])) < floor)
+        )
     )
     if again and "runs" in motion and not distorted:
         first = {"slope": motion["slope"], "se": motion["se"], "pairs": motion["pairs"], "decision": decision}
+        if off_0 is not None:
+            first["chi_square_from_0"] = off_0  # session 39 (recorded)
         motion = second_look(motion, background(matrices, use, True, trend=test["slope"]))
         if motion["pairs"] <= first["pairs"]:  # no room for a second look (e.g. 80 sections)
             first = None

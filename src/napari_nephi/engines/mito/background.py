@@ -123,8 +123,23 @@ UNREAD_WIDE = 0.10
 #: (with :data:`SE_FLOOR` 0.06; fresh seeds 98 / 99, 16 rows: drift+jitter 99 0.904 -> 0.970, drift 99
 #: 0.902 -> 0.972, strong-drift 99 0.880 -> 0.944, drift04 99 0.867 -> 0.901, but tissue-drift 99 0.691 ->
 #: 0.610, against its preregistered rule; docs/mito.md, session 38).
-SECOND_LOOKS = ("undecided", "kept", "both", "kept+both")
+#: Session 39 (the session 38 A2 / A3 candidate, gated): ``"sections"``, also a first look that reads
+#: ``"sections"`` on undistorted sections while its slope ``b`` lies off 0 (:func:`chi_square_from_0` at
+#: least :data:`SECTIONS_C0`) and either along the trend ``s`` (``b . s > 0``: classify's share over 0) or
+#: with an se under the floor on an axis gets the second look, decided as after an ``"undecided"`` one. One
+#: look of 8 runs cannot reject 0 for an organelle drift of 0.33 px per section at an se of 0.10-0.155
+#: (stage-drift+drift 98 / 99: "sections", the whole trend kept, Dice ref 0.604 / 0.641). Under "both" the
+#: background's slope is the organelles' part of the trend (``b . s = |v_o|^2 + v_o . v_s``, positive unless
+#: the drifts point over 90 deg + asin(|v_o| / |v_s|) apart), while a still background's first look points
+#: anywhere, and the ones pointing against the trend are those whose pooled reading lands in "both" most
+#: often; where the floor raised the se, the floor may have made the "sections" (a right "both" read at the
+#: floor) and a still background's pooled look is read at the floor too. Simulated with :data:`SE_FLOOR`
+#: 0.06 (``benchmarks/mito_drift_gate.py``, rule ``S+F+A``; docs/mito.md, session 39). Opt-in.
+SECOND_LOOKS = ("undecided", "kept", "both", "kept+both", "sections")
 SECOND_LOOK = "undecided"
+#: Session 39: the chi-square from 0 (:func:`chi_square_from_0`) from which a first-look ``"sections"`` is
+#: off 0 enough for :data:`SECOND_LOOK` ``"sections"`` (session 38 A2's C0, as A3's gate ran it).
+SECTIONS_C0 = 2.0
 #: Smallest standard error (px per section) trusted per axis of the background's slope (:func:`classify`):
 #: a handful of blocks can agree by chance. Session 38: 0.06 with :data:`SECOND_LOOK` ``"both"`` is session 37
 #: A2's candidate: the tissue's own apparent motion over a look's runs, read with the generator's true
@@ -441,6 +456,13 @@ def unread(motion: dict) -> float | None:
     distorted their texture does not line up within the reach after the alignment (:data:`UNREAD`)."""
     planned = motion.get("planned", 0)
     return None if planned <= 0 else 1.0 - motion.get("pairs", 0) / planned
+
+
+def chi_square_from_0(motion: dict, floor: float) -> float:
+    """``sum((slope / max(se, floor))^2)`` over both axes: how far the background's slope lies from 0 (a
+    still background), in the units :func:`classify` reads (``floor`` checked as there)."""
+    b, se = np.asarray(motion["slope"], np.float64), np.asarray(motion["se"], np.float64)
+    return float(((b / np.maximum(se, check_float("floor", floor, 0.0, 10.0, low_open=True))) ** 2).sum())
 
 
 def classify(trend_slope, motion: dict, floor: float | None = None) -> tuple[str, float]:
