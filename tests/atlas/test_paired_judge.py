@@ -69,3 +69,13 @@ def test_marks_refuse_unknown_names_and_values():
     with pytest.raises(ValueError, match="case_bound"):
         AP.check_marks({"case_bound": -1})
     assert AP.check_marks("today")["case_bound"] == 0.15
+
+
+def test_cap_counts_a_far_miss_as_the_cap():
+    # b - a: +50 (a far miss moved further) and -1, -1: uncapped +16, capped at 10: (10 - 4) - 2 -> +4 / 3
+    rows = _rows([(4, 54), (2, 1), (3, 2)])
+    assert AP.compare(rows)["diff"] == pytest.approx(16.0)
+    capped = AP.capped(rows, 10)
+    assert [(r["rank_a"], r["rank_b"]) for r in capped] == [(4, 10), (2, 1), (3, 2)]
+    assert AP.compare(capped)["diff"] == pytest.approx(4 / 3)
+    assert rows[0]["rank_b"] == 54  # the input rows are not modified
