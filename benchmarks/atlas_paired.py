@@ -42,7 +42,7 @@ SE, no case worse by more than 0.3), or a JSON object with the keys ``mean_rank`
 judges the fluorescence-like sections alone (``marker`` stains only those; its Nissl-like
 sections are today's bit for bit, so a ``marker`` run over every section is the pooled reading).
 ``--cap N`` judges the ranks capped at ``N`` (a far miss counts as ``N``). The judge exits with status 1
-when a mark fails.
+when a mark fails (2 on a bad ``--marks``).
 
 CPU: run with ``OMP_NUM_THREADS=1`` (the lookup uses 1 thread, ``--threads``). Not part of the test
 run; the judge's arithmetic is tested in ``tests/atlas/test_paired_judge.py``.
@@ -365,6 +365,12 @@ def train(args) -> None:
 
 
 def judge(args) -> bool:
+    if args.marks is not None:
+        try:
+            check_marks(args.marks)
+        except ValueError as err:  # a bad mark (or its JSON) is the user's: a message, no traceback
+            print(f"--marks: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
     rows = []
     for path in args.files:
         with open(path) as fh:

@@ -1,6 +1,7 @@
 """The judge of ``benchmarks/atlas_paired.py`` (session 39) on a hand-made table: its counts, the paired
 mean difference and its standard error, and session 38's marks, each read by hand."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -79,3 +80,19 @@ def test_cap_counts_a_far_miss_as_the_cap():
     assert [(r["rank_a"], r["rank_b"]) for r in capped] == [(4, 10), (2, 1), (3, 2)]
     assert AP.compare(capped)["diff"] == pytest.approx(4 / 3)
     assert rows[0]["rank_b"] == 54  # the input rows are not modified
+
+
+def test_judge_command_exit_status(tmp_path, capsys):
+    # 1 when a mark fails, 0 when all pass, 2 with a message (no traceback) for a bad --marks
+    path = tmp_path / "pair.json"
+    rows = _rows([(3, 1), (5, 3), (4, 2), (0, 0)])
+    path.write_text(json.dumps({"rows": rows}))
+    assert AP.main(["judge", str(path), "--marks", "offlabel"]) == 0
+    assert AP.main(["judge", str(path), "--marks", '{"mean_rank": "not_higher", "top5": "not_lower"}']) == 0
+    assert AP.main(["judge", str(path), "--marks", "today", "--cap", "2"]) == 0
+    rows[0]["rank_b"] = 9
+    path.write_text(json.dumps({"rows": rows}))
+    assert AP.main(["judge", str(path), "--marks", "today"]) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        AP.main(["judge", str(path), "--marks", '{"x": 1}'])
+    assert exit_info.value.code == 2 and "unknown mark 'x'" in capsys.readouterr().err
