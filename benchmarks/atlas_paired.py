@@ -3,15 +3,18 @@
 Session 39 (issue 12). A candidate option of the re-ranking (``rerank_options``) is judged
 against another arm (usually the defaults) on the benchmark's sections (``atlas_lookup.py``'s
 queries: query seed ``S`` gives 60 sections, 12 per case, built by ``atlas_lookup.make_queries``).
-Both arms run on every section in one process, their order alternating section by section (the
-first arm first on even sections, the second first on odd ones), so their CPU times are paired
-under the same load. Each arm may name its own index (a retrained network against the default
-one, or the same candidate on two indexes).
+Both arms run on every section in one process, their order alternating section by section (arm a
+first on the run's 1st, 3rd, ... section, arm b first on its 2nd, 4th, ...; each row's ``first_arm``
+says which), so their CPU times are paired under the same load. The order alternates on the
+section's place in the run (C2, session 39), not on its flat index: with ``--sections`` a subset of
+even indexes is balanced too; a full run's order is unchanged (60 sections per seed, so the place
+and the flat index have the same parity). Each arm may name its own index (a retrained network
+against the default one, or the same candidate on two indexes).
 
 Commands::
 
     # an index of the benchmark's phantom with another training seed (saved as DIR/ours, the
-    # layout atlas_lookup.py --index-dir writes; the atlas stays the phantom of seed 0)
+    # layout atlas_lookup.py --index-dir writes; the atlas is atlas_lookup.parse([])'s phantom)
     python atlas_paired.py train DIR --train-seed 1 --train-options '{"max_minutes": 90, "prefetch": true}'
 
     # both arms per section, saved to OUT.json after every section
@@ -20,7 +23,7 @@ Commands::
 
     # the judge: pooled and per case / seed, paired differences (b - a), the marks
     python atlas_paired.py judge OUT.json [MORE.json ...] --marks today|offlabel|JSON \\
-        [--fluorescence] [--cap 10] [--list]
+        [--fluorescence] [--cap 10] [--list] [--mix]
 
 ``--ensemble-b DIR,DIR`` gives arm b a first stage averaged over several indexes (:class:`Ensemble`,
 session 39's screen; measured only, nothing in the engine).
@@ -30,19 +33,23 @@ contrast (``nissl`` / ``fluorescence``), true plate, and per arm the true plate'
 the paper's MAE as ``atlas_lookup.py``), the top-10 plates, the lookup's CPU / wall ms and the
 prior's weight the ranking used (``RerankResult.prior_weight``).
 
-The judge prints mean rank, Top-1/3/5/10, better / worse counts (by the true plate's rank) and
-the paired mean difference with its standard error (sd / sqrt(n)), pooled, per case and per
-query seed, and applies marks: ``today`` (session 38's paired mark for today's stain: pooled
-mean rank not higher, Top-5 not lower, the mean difference not above zero by more than its SE,
-no case worse by more than 0.15) or ``offlabel`` (for ``foreign`` / ``marker``: pooled mean
-rank lower, more sections better than worse, the mean difference below zero by more than its
-SE, no case worse by more than 0.3), or a JSON object with the keys ``mean_rank``
-(``"not_higher"`` / ``"lower"``), ``top5`` (``"not_lower"``), ``better_than_worse`` (true),
-``diff_se`` (``"not_above"`` / ``"below"``) and ``case_bound`` (a number). ``--fluorescence``
-judges the fluorescence-like sections alone (``marker`` stains only those; its Nissl-like
-sections are today's bit for bit, so a ``marker`` run over every section is the pooled reading).
-``--cap N`` judges the ranks capped at ``N`` (a far miss counts as ``N``). The judge exits with status 1
-when a mark fails (2 on a bad ``--marks``).
+The judge first prints each file's stain, indexes and arms (the options that differ from the
+defaults). It refuses (exit status 2) to pool files that differ in any of these unless ``--mix`` is
+given, and it drops (and lists) a row that an earlier file of the same setup already holds (same
+query seed and section), so a re-run seed is not counted twice. Then it prints mean rank,
+Top-1/3/5/10, better / worse counts (by the true plate's rank) and the paired mean difference with
+its standard error (sd / sqrt(n)), pooled, per case and per query seed, and applies marks: ``today``
+(session 38's paired mark for today's stain: pooled mean rank not higher, Top-5 not lower, the mean
+difference not above zero by more than its SE, no case worse by more than 0.15) or ``offlabel`` (for
+``foreign`` / ``marker``: pooled mean rank lower, more sections better than worse, the mean
+difference below zero by more than its SE, no case worse by more than 0.3), or a JSON object with
+the keys ``mean_rank`` (``"not_higher"`` / ``"lower"``), ``top5`` (``"not_lower"``),
+``better_than_worse`` (true), ``diff_se`` (``"not_above"`` / ``"below"``) and ``case_bound`` (a
+number). ``--fluorescence`` judges the fluorescence-like sections alone (``marker`` stains only
+those; its Nissl-like sections are today's bit for bit, so a ``marker`` run over every section is
+the pooled reading). ``--cap N`` judges the ranks capped at ``N`` (a far miss counts as ``N``). The
+judge exits with status 1 when a mark fails (2 on a bad ``--marks`` or on files that do not belong
+together).
 
 CPU: run with ``OMP_NUM_THREADS=1`` (the lookup uses 1 thread, ``--threads``). Not part of the test
 run; the judge's arithmetic is tested in ``tests/atlas/test_paired_judge.py``.
@@ -219,11 +226,28 @@ def _load(path: str):
     return lk
 
 
-def sections_of(seed: int, compartments: str):
-    """The benchmark's 60 sections of query seed ``seed``: atlas_lookup.py's own construction."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+def _atlas_lookup():
+    """``benchmarks/atlas_lookup.py`` as a module (its folder put on ``sys.path`` once)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
     import atlas_lookup
 
+    return atlas_lookup
+
+
+def benchmark_atlas():
+    """The benchmark's atlas (reference, labels): the phantom of ``atlas_lookup.parse([])``'s shape
+    and seed."""
+    from napari_nephi.synthetic.atlas import brain_phantom
+
+    args = _atlas_lookup().parse([])
+    return brain_phantom(args.shape, seed=args.seed)
+
+
+def sections_of(seed: int, compartments: str):
+    """The benchmark's 60 sections of query seed ``seed``: atlas_lookup.py's own construction."""
+    atlas_lookup = _atlas_lookup()
     from napari_nephi.synthetic.atlas import brain_phantom
 
     args = atlas_lookup.parse(["--query-seed", str(seed), "--compartments", compartments])
@@ -255,10 +279,9 @@ class Ensemble:
     def __init__(self, folders: list[str]):
         from napari_nephi.engines.atlas.plates import Plates
         from napari_nephi.engines.atlas.rerank import PoseSearch
-        from napari_nephi.synthetic.atlas import brain_phantom
 
         self.lks = [_load(f) for f in folders]
-        self.search = PoseSearch(Plates.from_reference(*brain_phantom((132, 96, 112), seed=0)))
+        self.search = PoseSearch(Plates.from_reference(*benchmark_atlas()))
 
     @staticmethod
     def _scaled(v: np.ndarray) -> np.ndarray:
@@ -317,6 +340,7 @@ def run(args) -> dict:
     }
     wanted = None if args.sections is None else {int(s) for s in args.sections.split(",")}
     warm = False  # one untimed lookup per index first: the first call's set-up is no arm's CPU
+    position = 0  # the section's place in this run: the arms' order alternates on it
     for seed in [int(s) for s in args.seeds.split(",")]:
         for k, (case, j, q) in enumerate(sections_of(seed, args.compartments)):
             if wanted is not None and k not in wanted:
@@ -326,13 +350,15 @@ def run(args) -> dict:
                     _one(lk[arm], q["image"], opts[arm])
                 warm = True
             row = dict(seed=seed, case=case, query=j, section=k, contrast=q["contrast"], plate=q["plate"])
-            for arm in "ab" if k % 2 == 0 else "ba":
+            row["first_arm"] = "a" if position % 2 == 0 else "b"
+            for arm in "ab" if position % 2 == 0 else "ba":
                 order, cpu, wall, row[f"prior_weight_{arm}"] = _one(lk[arm], q["image"], opts[arm])
                 row[f"rank_{arm}"] = order.index(q["plate"])
                 row[f"top10_{arm}"] = order[:10]
                 row[f"cpu_ms_{arm}"] = cpu
                 row[f"wall_ms_{arm}"] = wall
             out["rows"].append(row)
+            position += 1
             out["load_end"] = os.getloadavg()[0]
             _write(args.out, out)
             print(
@@ -347,21 +373,113 @@ def train(args) -> None:
     import torch
 
     from napari_nephi import AtlasLookup
-    from napari_nephi.synthetic.atlas import brain_phantom
 
     torch.set_num_threads(args.threads)
-    ref, labels = brain_phantom((132, 96, 112), seed=0)  # atlas_lookup.py's default atlas
+    ref, labels = benchmark_atlas()
     t0, c0 = time.perf_counter(), time.process_time()
     lk = AtlasLookup.train(ref, labels, device="cpu", seed=args.train_seed, **json.loads(args.train_options))
     folder = os.path.join(args.out, "ours")
     lk.save(folder)
     s = lk.settings
     print(
-        f"saved {folder}: training seed {args.train_seed}, steps {s.get('steps')}, best step "
+        f"saved {folder}: training seed {args.train_seed}, steps {s.get('steps_done')}, best step "
         f"{s.get('best_step')}, validation mean rank {s.get('val_mean_rank')}, "
         f"{time.process_time() - c0:.0f} s CPU, {time.perf_counter() - t0:.0f} s wall",
         flush=True,
     )
+
+
+def _index_name(path):
+    """An index as a run file names it, ``DIR`` and ``DIR/ours`` alike."""
+    if path is None:
+        return None
+    path = os.path.normpath(path)
+    return os.path.dirname(path) if os.path.basename(path) == "ours" else path
+
+
+def setup_of(run_file: dict) -> dict:
+    """What a run file compared: its stain, each arm's index and options (as ``run`` saved them)."""
+    return {
+        "compartments": run_file.get("compartments"),
+        "index_a": _index_name(run_file.get("index_a")),
+        "index_b": _index_name(run_file.get("index_b")),
+        "ensemble_b": run_file.get("ensemble_b"),
+        "arm_a": run_file.get("arm_a"),
+        "arm_b": run_file.get("arm_b"),
+    }
+
+
+def _rerank_defaults() -> dict | None:
+    try:
+        from napari_nephi.engines.atlas.rerank import check_rerank_options
+    except ImportError:  # the judge's arithmetic needs numpy only
+        return None
+    return check_rerank_options({})
+
+
+def describe(setup: dict, defaults: dict | None = None) -> str:
+    """One line: the stain, the indexes and each arm's options that differ from ``defaults``."""
+
+    def arm(options):
+        if options is None:
+            return "?"
+        if defaults is None:
+            return json.dumps(options, sort_keys=True)
+        changed = {k: v for k, v in options.items() if defaults.get(k, object()) != v}
+        return json.dumps(changed, sort_keys=True) if changed else "defaults"
+
+    index_b = setup["index_b"] if setup["ensemble_b"] is None else f"ensemble {setup['ensemble_b']}"
+    return (
+        f"stain {setup['compartments']}; index a {setup['index_a']}, b {index_b}; "
+        f"arm a {arm(setup['arm_a'])}, arm b {arm(setup['arm_b'])}"
+    )
+
+
+def pool(runs: list[tuple[str, dict]], mix: bool = False, defaults: dict | None = None):
+    """The rows of several run files ``(path, contents)`` and the lines that say what was pooled.
+
+    Each file's stain, indexes and arms are printed; files that differ in any of them are refused
+    (``ValueError``) unless ``mix``. A row that an earlier file already holds (the same setup, query
+    seed and section) is dropped and reported; rows within one file are kept as they are."""
+    lines, rows, seen, dropped = [], [], set(), []
+    setups = [setup_of(run_file) for _, run_file in runs]
+    for (path, run_file), setup in zip(runs, setups):
+        n = len(run_file["rows"])
+        lines.append(f"{path}: {n} sections; {describe(setup, defaults)}")
+    if not mix and any(setup != setups[0] for setup in setups[1:]):
+        raise ValueError(
+            "the files differ in their stain, indexes or arms (above): give --mix to pool them anyway"
+        )
+    first = {}
+    for (path, run_file), setup in zip(runs, setups):
+        tag = json.dumps(setup, sort_keys=True)
+        keys = []
+        for r in run_file["rows"]:
+            key = (tag, r.get("seed"), r.get("section", r.get("query")), r.get("case"))
+            if key in seen:
+                dropped.append((path, r, first[key]))
+                continue
+            keys.append(key)
+            first.setdefault(key, r)
+            rows.append(r)
+        seen.update(keys)
+    if dropped:
+        lines.append(f"dropped {len(dropped)} rows repeated across files (the first file's row is kept):")
+        shown, hidden = 0, 0
+        for path, r, kept in dropped:
+            same = (r["rank_a"], r["rank_b"]) == (kept["rank_a"], kept["rank_b"])
+            if same and shown >= 10:  # every row whose ranks differ is listed, 10 of the others
+                hidden += 1
+                continue
+            shown += same
+            lines.append(
+                f"  {path}: seed {r.get('seed')} section {r.get('section')} ({r.get('case')}): ranks "
+                f"{r['rank_a']} / {r['rank_b']}"
+                + (" (as kept)" if same else f", kept {kept['rank_a']} / {kept['rank_b']}")
+            )
+        if hidden:
+            lines.append(f"  ... and {hidden} more with the kept ranks")
+    return rows, lines
 
 
 def judge(args) -> bool:
@@ -371,10 +489,17 @@ def judge(args) -> bool:
         except ValueError as err:  # a bad mark (or its JSON) is the user's: a message, no traceback
             print(f"--marks: {err}", file=sys.stderr)
             raise SystemExit(2) from None
-    rows = []
+    runs = []
     for path in args.files:
         with open(path) as fh:
-            rows += json.load(fh)["rows"]
+            runs.append((path, json.load(fh)))
+    try:
+        rows, lines = pool(runs, args.mix, _rerank_defaults())
+    except ValueError as err:
+        print("\n".join(f"{path}: {describe(setup_of(r), _rerank_defaults())}" for path, r in runs))
+        print(f"judge: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print("\n".join(lines))
     if args.fluorescence:
         rows = [r for r in rows if r["contrast"] == "fluorescence"]
     if args.cap is not None:
@@ -430,6 +555,11 @@ def parse(argv=None):
     j.add_argument("--fluorescence", action="store_true", help="the fluorescence-like sections only")
     j.add_argument("--cap", type=int, default=None, help="judge the ranks capped at this (e.g. 10)")
     j.add_argument("--list", action="store_true", help="also list every section whose rank differs")
+    j.add_argument(
+        "--mix",
+        action="store_true",
+        help="pool files whose stain, indexes or arms differ (refused otherwise)",
+    )
     return p.parse_args(argv)
 
 

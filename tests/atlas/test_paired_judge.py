@@ -1,5 +1,7 @@
 """The judge of ``benchmarks/atlas_paired.py`` (session 39) on a hand-made table: its counts, the paired
-mean difference and its standard error, and session 38's marks, each read by hand."""
+mean difference and its standard error, and session 38's marks, each read by hand. Then (C2) the judge's
+pooling of several files, the arms' order in a run, ``train``'s atlas and summary, and ``sys.path``, on
+fakes (no lookup is run)."""
 
 import json
 import sys
@@ -96,3 +98,143 @@ def test_judge_command_exit_status(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         AP.main(["judge", str(path), "--marks", '{"x": 1}'])
     assert exit_info.value.code == 2 and "unknown mark 'x'" in capsys.readouterr().err
+
+
+# --- C2, session 39: review 1's findings (the judge's pooling, the run's order, train, sys.path) ---
+
+
+def _run_file(rows, arm_b=None, index="/x/idx", stain="labels"):
+    return {
+        "index_a": index,
+        "index_b": index + "/ours",  # DIR and DIR/ours name the same index
+        "ensemble_b": None,
+        "arm_a": {},
+        "arm_b": {"prior_margin": 0.458} if arm_b is None else arm_b,
+        "compartments": stain,
+        "rows": rows,
+    }
+
+
+def _sections(pairs, seed=5, start=0):
+    return [
+        dict(seed=seed, case="straight", query=k, section=start + k, rank_a=a, rank_b=b, contrast="nissl")
+        for k, (a, b) in enumerate(pairs)
+    ]
+
+
+def test_judge_prints_each_files_setup_and_refuses_files_that_differ_unless_mix(tmp_path, capsys):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    one.write_text(json.dumps(_run_file(_sections([(3, 1), (5, 3)]))))
+    for other in (
+        _run_file(_sections([(4, 2)], seed=6), arm_b={"prior_margin": 0.3}),  # another candidate
+        _run_file(_sections([(4, 2)], seed=6), index="/x/idx_s1"),  # another index
+        _run_file(_sections([(4, 2)], seed=6), stain="marker"),  # another stain
+    ):
+        two.write_text(json.dumps(other))
+        with pytest.raises(SystemExit) as exit_info:
+            AP.main(["judge", str(one), str(two)])
+        assert exit_info.value.code == 2 and "--mix" in capsys.readouterr().err
+    assert AP.main(["judge", str(one), str(two), "--mix"]) == 0
+    out = capsys.readouterr().out
+    assert "3 sections from" in out
+    assert 'stain labels; index a /x/idx, b /x/idx; arm a defaults, arm b {"prior_margin": 0.458}' in out
+    assert "stain marker" in out
+
+
+def test_judge_drops_rows_repeated_across_files(tmp_path, capsys):
+    # seed 5 run twice (the second file repeats section 1, with another rank) and seed 6 once
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    one.write_text(json.dumps(_run_file(_sections([(3, 1), (5, 3)]))))
+    two.write_text(json.dumps(_run_file(_sections([(5, 4)], start=1) + _sections([(2, 2)], seed=6))))
+    assert AP.main(["judge", str(one), str(two)]) == 0
+    out = capsys.readouterr().out
+    assert "3 sections from" in out and "| pooled | 3 | 3.333 -> 2.000 |" in out
+    assert "dropped 1 rows repeated across files" in out and "seed 5 section 1" in out and "kept 5 / 3" in out
+    rows, _ = AP.pool([("one", json.loads(one.read_text())), ("two", json.loads(two.read_text()))])
+    assert [(r["seed"], r["section"]) for r in rows] == [(5, 0), (5, 1), (6, 0)]
+
+
+class _FakeLookup:
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def search_poses(self, image, options):
+        from types import SimpleNamespace
+
+        self.calls.append(self.name)
+        return SimpleNamespace(ranking=[(3, 0.0), (4, 1.0)], prior_weight=0.02)
+
+
+def _fake_run(monkeypatch, tmp_path, argv):
+    calls = []
+    monkeypatch.setattr(AP, "_load", lambda path: _FakeLookup(path, calls))
+    q = {"image": None, "contrast": "nissl", "plate": 4}
+    monkeypatch.setattr(AP, "sections_of", lambda seed, stain: [("straight", k, q) for k in range(60)])
+    out = tmp_path / "run.json"
+    assert AP.main(["run", str(out), "--index", "A", "--index-b", "B", *argv]) == 0
+    return calls[2:], json.loads(out.read_text())["rows"]  # calls[:2]: the untimed warm-up
+
+
+def test_run_alternates_the_arms_on_the_place_in_the_run(monkeypatch, tmp_path):
+    # even flat indexes only: the order alternates all the same (it was a first on each, review 1)
+    calls, rows = _fake_run(monkeypatch, tmp_path, ["--seeds", "5", "--sections", "0,2,4,6"])
+    assert calls == ["A", "B", "B", "A", "A", "B", "B", "A"]
+    assert [r["first_arm"] for r in rows] == ["a", "b", "a", "b"]
+    assert {(r["rank_a"], r["rank_b"]) for r in rows} == {(1, 1)}
+    # a full run of two seeds: as before, arm a first on even flat indexes
+    calls, rows = _fake_run(monkeypatch, tmp_path, ["--seeds", "5,6"])
+    assert calls == ["A", "B", "B", "A"] * 60
+    assert all(r["first_arm"] == ("a" if r["section"] % 2 == 0 else "b") for r in rows)
+
+
+def _atlas_lookup_module(monkeypatch):
+    """``benchmarks/atlas_lookup.py``, the module atlas_paired imports (``sys.path`` restored after)."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    sys.path.insert(0, _BENCH)
+    import atlas_lookup
+
+    sys.path.remove(_BENCH)
+    return atlas_lookup
+
+
+def test_train_takes_the_atlas_from_atlas_lookup_and_prints_steps_done(monkeypatch, tmp_path, capsys):
+    import argparse
+
+    import napari_nephi
+    import napari_nephi.synthetic.atlas as synthetic_atlas
+
+    atlas_lookup = _atlas_lookup_module(monkeypatch)
+    monkeypatch.setattr(atlas_lookup, "parse", lambda argv: argparse.Namespace(shape=(66, 64, 72), seed=4))
+    phantoms, trained = [], []
+    monkeypatch.setattr(
+        synthetic_atlas, "brain_phantom", lambda shape, seed: phantoms.append((shape, seed)) or ("ref", "lab")
+    )
+
+    class Trained:
+        settings = {"steps_done": 3500, "best_step": 2500, "val_mean_rank": 5.234}
+
+        def save(self, folder):
+            trained.append(folder)
+
+    def fake_train(ref, labels, device, seed, **options):
+        trained.append((ref, labels, seed, options))
+        return Trained()
+
+    monkeypatch.setattr(napari_nephi.AtlasLookup, "train", staticmethod(fake_train))
+    AP.main(["train", str(tmp_path / "idx"), "--train-seed", "1", "--train-options", '{"prefetch": true}'])
+    assert phantoms == [((66, 64, 72), 4)]
+    assert trained == [("ref", "lab", 1, {"prefetch": True}), str(tmp_path / "idx" / "ours")]
+    assert "steps 3500, best step 2500, validation mean rank 5.234" in capsys.readouterr().out
+
+
+def test_sections_of_puts_the_benchmarks_folder_on_sys_path_once(monkeypatch):
+    import napari_nephi.synthetic.atlas as synthetic_atlas
+
+    atlas_lookup = _atlas_lookup_module(monkeypatch)
+    here = str(Path(AP.__file__).resolve().parent)
+    before = sys.path.count(here)
+    monkeypatch.setattr(synthetic_atlas, "brain_phantom", lambda shape, seed: (None, None))
+    monkeypatch.setattr(atlas_lookup, "make_queries", lambda ref, labels, args: {"straight": [{"plate": 1}]})
+    for seed in (5, 6, 7):
+        assert AP.sections_of(seed, "labels") == [("straight", 0, {"plate": 1})]
+    assert sys.path.count(here) == max(before, 1)
