@@ -46,11 +46,11 @@ Cells print as: detrended / removed the background's slope ("both") / removed th
 error of the removed slope (px per section; against 0 for null and stage, kept stacks remove 0) /
 stacks given a second look.
 
-Commands (``OMP_NUM_THREADS=1 nice -n 5``; 2000 stacks of 2 kinds and 4 rules take about 10 min of
-one core at load 2-5)::
+Commands (``OMP_NUM_THREADS=1 nice -n 5``; 2000 stacks of 2 kinds and 4 rules take about 150 CPU s, 5-10
+min of wall at load 5-7; ``--n`` 2000 by default; session 39's fresh gate ran ``S+F+P`` too)::
 
-    python benchmarks/mito_drift_gate.py run --n 2000 --seed 3838 38 --kinds 0 2 --json a.json
-    python benchmarks/mito_drift_gate.py run --n 2000 --seed 3838 38 --kinds 1 3 --json b.json
+    python benchmarks/mito_drift_gate.py run --seed 3939 39 --kinds 0 2 --rules TODAY S+F S+F+A --json a.json
+    python benchmarks/mito_drift_gate.py run --seed 3939 39 --kinds 1 3 --rules TODAY S+F S+F+A --json b.json
     python benchmarks/mito_drift_gate.py check a.json b.json
 
 The kind's index is appended to ``--seed`` (session 38 A3: ``[3838, 38, kind]``).
