@@ -765,6 +765,7 @@ def test_a_first_look_sections_off_0_and_along_the_trend_gets_a_second_look(monk
         t = dict(trend)
         assert _auto_decision(t, None, use, bg) == (False, None)
         assert t["background"]["decision"] == "sections" and "first_look" not in t["background"]
+        assert "sections_c0" not in t["background"]  # the records as before
     assert bgm.chi_square_from_0(drift(None, None), 0.06) == pytest.approx(6.25)
     monkeypatch.setattr(bgm, "SECOND_LOOK", "sections")
     t = dict(trend)
@@ -773,6 +774,7 @@ def test_a_first_look_sections_off_0_and_along_the_trend_gets_a_second_look(monk
     assert t["background"]["decision"] == "both" and t["background"]["pairs"] == 64 + 56
     first = t["background"]["first_look"]
     assert first["decision"] == "sections" and first["chi_square_from_0"] == pytest.approx(6.25)
+    assert t["background"]["sections_c0"] == 2.0 and t["background"]["second_look_on"] == "sections"
     t = dict(trend)
     assert _auto_decision(t, None, use, still) == (False, None)
     assert t["background"]["decision"] == "sections" and t["background"]["pairs"] == 64 + 56
@@ -783,3 +785,6 @@ def test_a_first_look_sections_off_0_and_along_the_trend_gets_a_second_look(monk
     t = dict(trend)  # against the trend, but floored in x (se 0.05): the second look runs (and keeps it)
     assert _auto_decision(t, None, use, _looks([-0.25, 0.0], [-0.02, 0.01], se=(0.10, 0.05))) == (False, None)
     assert t["background"]["first_look"]["decision"] == "sections" and t["background"]["pairs"] == 64 + 56
+    monkeypatch.setattr(bgm, "SECTIONS_C0", -1.0)
+    with pytest.raises(InputError, match="SECTIONS_C0"):
+        _auto_decision(dict(trend), None, use, drift)

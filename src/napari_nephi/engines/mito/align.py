@@ -853,20 +853,19 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     looks = _second_look().split("+")
     # session 39, "sections" (opt-in): also a first-look "sections" off 0, along the trend (share over 0) or
     # with an se under the floor on an axis (there the floor may have made the "sections")
+    c0 = (
+        check_float("background.SECTIONS_C0", bgm.SECTIONS_C0, 0.0, math.inf) if "sections" in looks else None
+    )
     off_0 = (
         bgm.chi_square_from_0(motion, floor)
-        if decision == "sections" and "sections" in looks and "runs" in motion
+        if c0 is not None and decision == "sections" and "runs" in motion
         else None
     )
     again = (
         decision == "undecided"
         or (decision == "undecided-organelles" and test["p"] >= AUTO_P and "kept" in looks)
         or (decision == "both" and "both" in looks)
-        or (
-            off_0 is not None
-            and off_0 >= bgm.SECTIONS_C0
-            and (share > 0 or float(np.min(motion["se"])) < floor)
-        )
+        or (off_0 is not None and off_0 >= c0 and (share > 0 or float(np.min(motion["se"])) < floor))
     )
     if again and "runs" in motion and not distorted:
         first = {"slope": motion["slope"], "se": motion["se"], "pairs": motion["pairs"], "decision": decision}
@@ -891,6 +890,8 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
         "distorted": distorted,
         **widened,
     }
+    if c0 is not None:
+        test["background"]["sections_c0"] = c0  # session 39 (recorded where "sections" is on)
     if first is not None:
         test["background"]["first_look"] = first
     test["background"]["trend_test_alone"] = distorted and decision in ("undecided", "unmeasured")
