@@ -31,7 +31,11 @@ session 39's screen; measured only, nothing in the engine).
 Each row of OUT.json: query seed, case, the query's place in its case, its flat index (0-59),
 contrast (``nissl`` / ``fluorescence``), true plate, and per arm the true plate's rank (0-based,
 the paper's MAE as ``atlas_lookup.py``), the top-10 plates, the lookup's CPU / wall ms and the
-prior's weight the ranking used (``RerankResult.prior_weight``).
+prior's weight the ranking used (``RerankResult.prior_weight``). With ``--stages`` (C2, session 39;
+computed after the timed lookup) also, per arm, where the truth was lost (:func:`stages`): its rank
+in the first stage's order, the plates from it to the nearest stage-2 pose (0: the search reached
+its plate) and its best pose score against the winner's; ``judge --list`` lists them for the far
+misses.
 
 The judge first prints each file's stain, indexes and arms (the options that differ from the
 defaults). It refuses (exit status 2) to pool files that differ in any of these unless ``--mix`` is
@@ -260,12 +264,29 @@ def sections_of(seed: int, compartments: str):
     return flat
 
 
-def _one(lk, image, options) -> tuple[list[int], float, float, float]:
-    """The ranking, CPU and wall ms, and the prior's weight the ranking used."""
+def _one(lk, image, options) -> tuple[list[int], float, float, float, object]:
+    """The ranking, CPU and wall ms, the prior's weight the ranking used, and the search's result."""
     t0, c0 = time.perf_counter(), time.process_time()
     found = lk.search_poses(image, options)
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-    return [p for p, _ in found.ranking], 1000 * cpu, 1000 * wall, float(found.prior_weight)
+    return [p for p, _ in found.ranking], 1000 * cpu, 1000 * wall, float(found.prior_weight), found
+
+
+def stages(lk, image, found, plate: int) -> dict:
+    """Where the search lost the truth (``run --stages``, C2 of session 39; untimed): the truth's rank in
+    the first stage's order (the order the pose search starts from), the plates between the truth and the
+    nearest stage-2 pose (0: the search reached the truth's plate; ``RerankResult.poses``), the best pose
+    score on the truth's plate (None: no pose there) and the winner's."""
+    order = lk.order(image) if isinstance(lk, Ensemble) else lk._search_order(image)
+    reached = sorted(found.poses)
+    winner = found.ranking[0][0]
+    own = found.poses.get(plate)
+    return {
+        "first_rank": [int(p) for p, _ in order].index(plate),
+        "pose_gap": min(abs(plate - p) for p in reached) if reached else None,
+        "truth_score": None if own is None else float(own.score),
+        "winner_score": float(found.poses[winner].score) if winner in found.poses else None,
+    }
 
 
 class Ensemble:
@@ -352,11 +373,14 @@ def run(args) -> dict:
             row = dict(seed=seed, case=case, query=j, section=k, contrast=q["contrast"], plate=q["plate"])
             row["first_arm"] = "a" if position % 2 == 0 else "b"
             for arm in "ab" if position % 2 == 0 else "ba":
-                order, cpu, wall, row[f"prior_weight_{arm}"] = _one(lk[arm], q["image"], opts[arm])
+                order, cpu, wall, row[f"prior_weight_{arm}"], found = _one(lk[arm], q["image"], opts[arm])
                 row[f"rank_{arm}"] = order.index(q["plate"])
                 row[f"top10_{arm}"] = order[:10]
                 row[f"cpu_ms_{arm}"] = cpu
                 row[f"wall_ms_{arm}"] = wall
+                if args.stages:
+                    for key, value in stages(lk[arm], q["image"], found, q["plate"]).items():
+                        row[f"{key}_{arm}"] = value
             out["rows"].append(row)
             position += 1
             out["load_end"] = os.getloadavg()[0]
@@ -482,6 +506,33 @@ def pool(runs: list[tuple[str, dict]], mix: bool = False, defaults: dict | None 
     return rows, lines
 
 
+def far_misses(rows: list[dict], far: int = 5) -> str:
+    """``judge --list``'s lines on the far misses (either arm's rank >= ``far``) of rows run with
+    ``--stages``: per arm the truth's rank in the first stage -> after the pose search, the plates from
+    the truth to the nearest pose, and the truth's best pose score against the winner's ("" without
+    ``--stages``)."""
+    staged = [r for r in rows if "first_rank_a" in r and max(r["rank_a"], r["rank_b"]) >= far]
+    if not staged:
+        return ""
+
+    def score(value):
+        return "none" if value is None else f"{value:.3f}"
+
+    text = (
+        f"\nfar misses (rank >= {far}), per arm a; b: first stage -> final rank, winner plate, nearest "
+        "pose (plates from the truth), truth's / winner's pose score"
+    )
+    for r in staged:
+        text += f"\n  {r['seed']} {r['case']} {r['query']} ({r['section']}, plate {r['plate']}):"
+        for arm in "ab":
+            scores = f"{score(r[f'truth_score_{arm}'])} / {score(r[f'winner_score_{arm}'])}"
+            text += (
+                f" {r[f'first_rank_{arm}']} -> {r[f'rank_{arm}']}, {r[f'top10_{arm}'][0]}, "
+                f"{r[f'pose_gap_{arm}']}, {scores}" + (";" if arm == "a" else "")
+            )
+    return text
+
+
 def judge(args) -> bool:
     if args.marks is not None:
         try:
@@ -518,6 +569,7 @@ def judge(args) -> bool:
             )
         far = [r for r in rows if r["rank_a"] >= 5]
         text += f"\nfar misses of a (rank >= 5): {len(far)}, of b: {sum(r['rank_b'] >= 5 for r in rows)}"
+        text += far_misses(rows)
     print(
         f"{len(rows)} sections from {', '.join(args.files)}"
         + (" (fluorescence-like only)" if args.fluorescence else "")
@@ -548,6 +600,11 @@ def parse(argv=None):
         help="comma-separated index folders: arm b's first stage averages theirs (class Ensemble)",
     )
     r.add_argument("--sections", default=None, help="comma-separated flat indexes (0-59) only")
+    r.add_argument(
+        "--stages",
+        action="store_true",
+        help="also record per arm the truth's first-stage rank, nearest pose and pose scores (untimed)",
+    )
     r.add_argument("--threads", type=int, default=1)
     j = sub.add_parser("judge", help="pooled / per case / per seed, paired differences, marks")
     j.add_argument("files", nargs="+")

@@ -162,7 +162,12 @@ class _FakeLookup:
         from types import SimpleNamespace
 
         self.calls.append(self.name)
-        return SimpleNamespace(ranking=[(3, 0.0), (4, 1.0)], prior_weight=0.02)
+        # poses on plates 3 (the winner, 0.5) and 6 (0.25), none on the truth's plate 4
+        poses = {3: SimpleNamespace(score=0.5), 6: SimpleNamespace(score=0.25)}
+        return SimpleNamespace(ranking=[(3, 0.0), (4, 1.0), (6, 1.5)], prior_weight=0.02, poses=poses)
+
+    def _search_order(self, image):
+        return [(6, 0.1), (4, 0.2), (3, 0.3)] if self.name == "A" else [(4, 0.1), (3, 0.2), (6, 0.3)]
 
 
 def _fake_run(monkeypatch, tmp_path, argv):
@@ -238,3 +243,22 @@ def test_sections_of_puts_the_benchmarks_folder_on_sys_path_once(monkeypatch):
     for seed in (5, 6, 7):
         assert AP.sections_of(seed, "labels") == [("straight", 0, {"plate": 1})]
     assert sys.path.count(here) == max(before, 1)
+
+
+def test_run_stages_records_where_the_truth_was_lost_and_judge_lists_it(monkeypatch, tmp_path, capsys):
+    # the truth (plate 4) is 2nd in A's first stage and 1st in B's; no pose on it, the nearest 1 plate off
+    calls, rows = _fake_run(monkeypatch, tmp_path, ["--seeds", "5", "--sections", "7", "--stages"])
+    assert calls == ["A", "B"]  # the run's first section: arm a first (its flat index 7 is odd)
+    (row,) = rows
+    assert (row["first_rank_a"], row["first_rank_b"]) == (1, 0)
+    assert (row["pose_gap_a"], row["truth_score_a"], row["winner_score_a"]) == (1, None, 0.5)
+    _, plain = _fake_run(monkeypatch, tmp_path, ["--seeds", "5", "--sections", "7"])
+    assert "first_rank_a" not in plain[0]  # only with --stages
+    path = tmp_path / "staged.json"
+    row["rank_a"] = row["rank_b"] = 5  # a far miss
+    path.write_text(json.dumps({"rows": [row]}))
+    assert AP.main(["judge", str(path), "--list"]) == 0
+    assert (
+        "5 straight 7 (7, plate 4): 1 -> 5, 3, 1, none / 0.500; 0 -> 5, 3, 1, none / 0.500"
+        in capsys.readouterr().out
+    )
