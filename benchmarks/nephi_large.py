@@ -45,7 +45,7 @@ Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, importe
   overrides the engine's default where set). ``--coarse-reg-weight-3d R``: the coarse stage's default bending
   weight on volumes (session 36, ``engine.COARSE_REG_WEIGHT_3D``; 2D keeps ``engine.COARSE_REG_WEIGHT``). Since
   session 37 the fast preset's volume default (optimize, not chunked, volumes of at most
-  ``engine.VOLUME_DEFAULT_MAX_VOXELS``, 33,825: the bundled MRI; 2^19 since session 38) is warp blur "all",
+  ``engine.VOLUME_DEFAULT_MAX_VOXELS``, 33,825: the bundled MRI; 2^19 since session 38, 2^20 since 39) is warp blur "all",
   weight 0.03 and no neural steps after the coarse stage; the earlier one is ``--nephi
   "old:coarse_warp_blur=False,coarse_reg_weight=0.1,iterations=50"``.
 * ``--deformation-orders 1 area``: the deformation cases also as fair pairs (session 36,

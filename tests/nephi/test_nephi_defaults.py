@@ -98,7 +98,8 @@ def test_the_volume_default_stays_out_of_chunked_accurate_and_large_runs(monkeyp
     reg = nn.register(*pair, preset="accurate", iterations=1, **common)
     assert reg.settings["coarse_reg_weight"] == 0.1 and reg.settings["coarse_warp_blur"] is False
     assert "warp_blur" not in reg.settings["coarse_volume_sampling"]
-    assert nephi_engine.VOLUME_DEFAULT_MAX_VOXELS == 1 << 19  # session 38 (33,825, the MRI's size, before)
+    # session 39 (2^19 in session 38, the MRI's 33,825 in 37)
+    assert nephi_engine.VOLUME_DEFAULT_MAX_VOXELS == 1 << 20
     monkeypatch.setattr(nephi_engine, "VOLUME_DEFAULT_MAX_VOXELS", pair[0].size - 1)  # 8 x 10 x 9: over it
     reg = nn.register(*pair, **common)
     assert reg.settings["coarse_reg_weight"] == 0.1 and reg.settings["coarse_warp_blur"] is False
@@ -122,6 +123,20 @@ def test_a_volume_larger_than_the_mri_gets_the_volume_default():
     assert reg.settings["coarse_reg_weight"] == 0.03
     assert reg.settings["iterations"] == reg.metrics["iterations"] == 0
     assert 25 * 41 * 33 < pair[0].size <= nephi_engine.VOLUME_DEFAULT_MAX_VOXELS
+
+
+def test_a_volume_over_2_to_the_19_voxels_gets_the_volume_default():
+    """Session 39: the cap rose from 2^19 to 2^20 voxels (fair pairs of the MRI zoomed 2.6x-3.1x, up to
+    1,010,412 voxels, passed every mark written first; docs/nephi.md "Session 39"), so an 80 x 82 x 81 volume
+    (531,360 voxels) gets warp blur "all", weight 0.03 and no neural steps. Fails at 2f780f5 (the earlier
+    default there: no blur, weight 0.1, 50 neural steps)."""
+    pair = _volume_pair((0.2, -0.15, 0.1), 80)
+    reg = nn.register(*pair, method="nephi", device="cpu", coarse_iterations=1, initial="none", **TINY)
+    assert reg.settings["coarse_warp_blur"] == "all"
+    assert reg.settings["coarse_volume_sampling"]["warp_blur"] == "all"
+    assert reg.settings["coarse_reg_weight"] == 0.03
+    assert reg.settings["iterations"] == reg.metrics["iterations"] == 0
+    assert 1 << 19 < pair[0].size <= nephi_engine.VOLUME_DEFAULT_MAX_VOXELS
 
 
 def test_volumes_skip_the_neural_stage_after_a_small_coarse_map(monkeypatch):
