@@ -42,6 +42,7 @@ largest ``|det J - 1|`` not above before + 0.01 (rigid cases); folds 0; CPU at m
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -239,9 +240,7 @@ def run(case: str, arm: str, zoom: float, folder: Path, cap: int | None) -> dict
     row.update(cpu_s=cpu, wall_s=wall, peak_mib=mib, load=load0, options=ARMS[arm], head=git_head())
     row.update(cap=int(engine.VOLUME_DEFAULT_MAX_VOXELS), cap_set=cap is not None)
     row["settings"] = {k: reg.settings.get(k) for k in SETTING_KEYS}
-    row["displacement_sha"] = (
-        __import__("hashlib").sha256(np.ascontiguousarray(est).tobytes()).hexdigest()[:16]
-    )
+    row["displacement_sha"] = hashlib.sha256(np.ascontiguousarray(est).tobytes()).hexdigest()[:16]
     return row
 
 
