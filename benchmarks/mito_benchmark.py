@@ -653,6 +653,10 @@ def main(argv=None) -> int:
 
         bgm.SECOND_LOOK = bgm.SECOND_LOOK if args.second_look is None else args.second_look
         bgm.SE_FLOOR = bgm.SE_FLOOR if args.se_floor is None else args.se_floor
+        if bgm.SECOND_LOOK == "sections" and bgm.SE_FLOOR < bgm.SECTIONS_MIN_FLOOR:  # the engine refuses it
+            p.error(
+                f"--second-look sections needs --se-floor {bgm.SECTIONS_MIN_FLOOR} or more (docs/mito.md)"
+            )
     if args.distortion_corrected is not None:
         from napari_nephi.engines.mito import distortion
 

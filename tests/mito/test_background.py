@@ -788,3 +788,30 @@ def test_a_first_look_sections_off_0_and_along_the_trend_gets_a_second_look(monk
     monkeypatch.setattr(bgm, "SECTIONS_C0", -1.0)
     with pytest.raises(InputError, match="SECTIONS_C0"):
         _auto_decision(dict(trend), None, use, drift)
+
+
+def test_second_look_sections_is_refused_without_the_floor(monkeypatch):
+    """Session 39, review 1: SECOND_LOOK "sections" was gated only with SE_FLOOR 0.06 (rule S+F+A). Without
+    the floor (S+P on the development seed [3838, 38]) a still background under a stage drift was detrended
+    more often than the bound in 3 of 8 stage cells (C2: 407 -> 461, 309 -> 358, 189 -> 215), so the switch
+    is refused under background.SECTIONS_MIN_FLOOR (0.06) with an InputError naming both settings. At the
+    floor and over it the switch runs; the defaults (0.02, "undecided") are untouched."""
+    use = np.ones(160, bool)
+    trend = {"p": 1e-12, "slope": [0.59, -0.34]}
+    drift = _looks([0.25, 0.0], [0.30, 0.05], se=(0.10, 0.06))
+    assert bgm.SECTIONS_MIN_FLOOR == 0.06
+    monkeypatch.setattr(bgm, "SECOND_LOOK", "sections")
+    for floor in (0.02, 0.059):
+        monkeypatch.setattr(bgm, "SE_FLOOR", floor)
+        with pytest.raises(InputError, match=r"SECOND_LOOK.*sections.*SE_FLOOR.*0\.06") as e:
+            _auto_decision(dict(trend), None, use, drift)
+        assert "simulation gate" in str(e.value) and str(floor) in str(e.value)
+    for floor in (0.06, 0.08):
+        monkeypatch.setattr(bgm, "SE_FLOOR", floor)
+        t = dict(trend)
+        _auto_decision(t, None, use, drift)
+        assert t["background"]["se_floor"] == floor and "first_look" in t["background"]
+    monkeypatch.setattr(bgm, "SECOND_LOOK", "undecided")
+    monkeypatch.setattr(bgm, "SE_FLOOR", 0.02)  # the defaults: no second look on "sections", no error
+    t = dict(trend)
+    assert _auto_decision(t, None, use, drift) == (False, None) and "first_look" not in t["background"]

@@ -796,7 +796,9 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     sections with a chi-square from 0 of at least :data:`.background.SECTIONS_C0` and a slope along the trend
     (share over 0), or an se under the floor on an axis, gets the second look too (recorded:
     ``["first_look"]["chi_square_from_0"]``): an organelle drift of 0.33 px per section inside a stage drift
-    that one look reads inside 0's region can be read by both looks."""
+    that one look reads inside 0's region can be read by both looks. It needs :data:`.background.SE_FLOOR` of
+    at least :data:`.background.SECTIONS_MIN_FLOOR` (0.06; ``InputError`` otherwise): without the floor it
+    failed the simulation gate."""
     placed = np.flatnonzero(use)
     span = placed[-1] - placed[0] if len(placed) else 0
     test["screen_test"], test["screen_p"] = _screen(test)  # session 37: what the screen read (recorded)
@@ -856,6 +858,13 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     c0 = (
         check_float("background.SECTIONS_C0", bgm.SECTIONS_C0, 0.0, math.inf) if "sections" in looks else None
     )
+    if c0 is not None and floor < bgm.SECTIONS_MIN_FLOOR:  # session 39, review 1: gated only with the floor
+        raise InputError(
+            f"background.SECOND_LOOK 'sections' needs background.SE_FLOOR at least {bgm.SECTIONS_MIN_FLOOR}"
+            f" (got {floor}): without the floor the second look on a first-look 'sections' failed the"
+            " simulation gate (a still background under a stage drift detrended too often; docs/mito.md,"
+            f" session 39). Set background.SE_FLOOR = {bgm.SECTIONS_MIN_FLOOR} too."
+        )
     off_0 = (
         bgm.chi_square_from_0(motion, floor)
         if c0 is not None and decision == "sections" and "runs" in motion

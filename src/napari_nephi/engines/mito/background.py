@@ -134,12 +134,19 @@ UNREAD_WIDE = 0.10
 #: anywhere, and the ones pointing against the trend are those whose pooled reading lands in "both" most
 #: often; where the floor raised the se, the floor may have made the "sections" (a right "both" read at the
 #: floor) and a still background's pooled look is read at the floor too. Simulated with :data:`SE_FLOOR`
-#: 0.06 (``benchmarks/mito_drift_gate.py``, rule ``S+F+A``; docs/mito.md, session 39). Opt-in.
+#: 0.06 (``benchmarks/mito_drift_gate.py``, rule ``S+F+A``; docs/mito.md, session 39). Opt-in, and only
+#: with :data:`SE_FLOOR` at least :data:`SECTIONS_MIN_FLOOR` (0.06): without the floor it failed the
+#: simulation (an ``InputError``). It is not combined with ``"both"`` (no ``"sections+both"``: not gated).
 SECOND_LOOKS = ("undecided", "kept", "both", "kept+both", "sections")
 SECOND_LOOK = "undecided"
 #: Session 39: the chi-square from 0 (:func:`chi_square_from_0`) from which a first-look ``"sections"`` is
 #: off 0 enough for :data:`SECOND_LOOK` ``"sections"`` (session 38 A2's C0, as A3's gate ran it).
 SECTIONS_C0 = 2.0
+#: Session 39 (review 1): the smallest :data:`SE_FLOOR` with which :data:`SECOND_LOOK` ``"sections"`` runs
+#: (an ``InputError`` under it). The switch was gated only with the floor 0.06 (rule ``S+F+A``); without it
+#: (``S+P``, development seed [3838, 38]) a still background under a stage drift was detrended more often
+#: than the bound in 3 of 8 stage cells (C2: 407 -> 461, 309 -> 358, 189 -> 215; docs/mito.md, session 39).
+SECTIONS_MIN_FLOOR = 0.06
 #: Smallest standard error (px per section) trusted per axis of the background's slope (:func:`classify`):
 #: a handful of blocks can agree by chance. Session 38: 0.06 with :data:`SECOND_LOOK` ``"both"`` is session 37
 #: A2's candidate: the tissue's own apparent motion over a look's runs, read with the generator's true
