@@ -34,7 +34,8 @@ and cell) for every rule.
   ``P`` (session 39), the first look's slope ``b`` projects positively on the trend ``s`` (``b . s > 0``);
   ``A`` (session 39), ``P`` or the first look's se under the floor on an axis;
 * ``L``: the engine's own ``background.SECOND_LOOK = "sections"`` (session 39's build of ``S+A``, no
-  wrapper; ``L+F`` decides as ``S+F+A``).
+  wrapper; ``L+F`` decides as ``S+F+A``). Only with ``F``: the engine refuses "sections" under the floor
+  0.06 (``background.SECTIONS_MIN_FLOOR``), since ``S+P`` failed C2 on the development seed.
 
 **Clauses** (``check``; session 38 A3's, written before its output, ``/tmp/s38/A3/prereg.txt``), for
 each gated rule against ``TODAY`` in every cell, counts of ``N`` (bounds scaled from 2000 to ``N``):
@@ -42,12 +43,20 @@ C1 nulls detrended <= TODAY + 10; C2 stage detrended <= TODAY + 20; C3 organelle
 - 20; C4 stage+organelles: (a) the rms error of the removed slope against the organelle drift does not
 grow at 3 decimals, (b) detrended rises where TODAY < 1980, falls by at most 20 where TODAY >= 1980.
 
+A gated rule passes only with all 32 cells (4 kinds x 4 se x 2 biases) beside ``TODAY``'s; with fewer
+``check`` prints ``INCOMPLETE (n of 32)``. Gated (``--gated``): by default every rule but ``TODAY`` and
+``F``; the others are printed as reference. Exit status: 1 where a gated rule fails a clause (in the
+cells there are), else 3 where one is incomplete, else 0. ``run`` checks its own file, so a run over
+fewer than 4 kinds ends INCOMPLETE (status 3): check the files together.
+
 Cells print as: detrended / removed the background's slope ("both") / removed the whole trend / rms
 error of the removed slope (px per section; against 0 for null and stage, kept stacks remove 0) /
 stacks given a second look.
 
-Commands (``OMP_NUM_THREADS=1 nice -n 5``; 2000 stacks of 2 kinds and 4 rules take about 150 CPU s, 5-10
-min of wall at load 5-7; ``--n`` 2000 by default; session 39's fresh gate ran ``S+F+P`` too)::
+Commands (``OMP_NUM_THREADS=1 nice -n 5``; ``--n`` 2000 by default; session 39's fresh gate ran ``S+F+P``
+too). Run time at N 2000 with 4 rules: 74-82 CPU s per kind (session 39's ten runs: 152-156 CPU s per 2
+kinds, 74-82 per kind alone; ``cpu_s`` in the JSON), 5-10 min of wall per 2-kind process at load 5-7 on
+2 cores::
 
     python benchmarks/mito_drift_gate.py run --seed 3939 39 --kinds 0 2 --rules TODAY S+F S+F+A --json a.json
     python benchmarks/mito_drift_gate.py run --seed 3939 39 --kinds 1 3 --rules TODAY S+F S+F+A --json b.json
@@ -122,6 +131,8 @@ def parse_rule(name: str, c0: float) -> Rule:
     gates = tuple(t for t in tokens if t in GATES)
     if (gates and "S" not in tokens) or ("S" in tokens and "L" in tokens):
         raise SystemExit(f"rule {name!r}: a gate needs S, and L is not combined with S")
+    if "L" in tokens and "F" not in tokens:
+        raise SystemExit(f"rule {name!r}: L needs F (the engine refuses 'sections' under the floor 0.06)")
     floor = FLOOR if "F" in tokens else bgm.SE_FLOOR
     return Rule(name, floor, c0 if "S" in tokens else None, gates, "sections" if "L" in tokens else None)
 
@@ -256,8 +267,24 @@ def clause_failures(table: dict, rule: str, n: int) -> list[tuple]:
     return out
 
 
-def check(paths: list[str], out=None) -> int:
-    """Prints the table and each rule's clause check; 1 where a gated rule fails a clause."""
+CELLS = len(KINDS) * len(SES) * len(BIASES)  # 32: a gated rule passes only with all of them
+INCOMPLETE = 3  # check's exit status where a gated rule has fewer cells beside TODAY's (1: a clause fails)
+
+
+def cells_beside_today(table: dict, rule: str) -> int:
+    """How many of the 32 cells (kind, se, bias) ``table`` holds for both ``rule`` and ``TODAY``."""
+    return sum(
+        (kind, se, bias, rule) in table and (kind, se, bias, "TODAY") in table
+        for kind in KINDS
+        for se in SES
+        for bias in BIASES
+    )
+
+
+def check(paths: list[str], out=None, gated: list[str] | None = None) -> int:
+    """Prints the table and each rule's clause check. ``gated``: the rules judged (default: every rule but
+    ``TODAY`` and ``F``; the others are reference). Returns 1 where a gated rule fails a clause,
+    else :data:`INCOMPLETE` where a gated rule lacks some of the 32 cells beside ``TODAY``'s, else 0."""
     out = sys.stdout if out is None else out
     table, n, rules = {}, None, []
     for path in paths:
@@ -269,7 +296,8 @@ def check(paths: list[str], out=None) -> int:
         for c in data["cells"]:
             table[(c["kind"], c["se"], c["bias"], c["rule"])] = c
             rules += [c["rule"]] if c["rule"] not in rules else []
-    fails = {r: clause_failures(table, r, n) for r in rules if r != "TODAY"}
+    gated = [r for r in rules if r not in ("TODAY", "F")] if gated is None else list(gated)
+    fails = {r: clause_failures(table, r, n) for r in [*rules, *gated] if r != "TODAY"}
     print(f"| kind | se | bias | {' | '.join(rules)} |", file=out)
     print("|---|---|---|" + "---|" * len(rules), file=out)
     for kind in KINDS:
@@ -287,17 +315,18 @@ def check(paths: list[str], out=None) -> int:
                     row.append(text + (f" **FAIL {','.join(mark)}**" if mark else ""))
                 if any(row):
                     print(f"| {kind} | {se:g} | {bias:g} | {' | '.join(row)} |", file=out)
-    bad = 0
+    failed = incomplete = False
     for r, f in fails.items():
-        gated = r != "F"
-        print(
-            f"{r}{'' if gated else ' (reference, not gated)'}: {'PASS' if not f else f'{len(f)} failed'}",
-            file=out,
-        )
+        judged, have = r in gated, cells_beside_today(table, r)
+        verdict = f"{len(f)} failed" if f else "PASS" if have == CELLS else f"INCOMPLETE ({have} of {CELLS})"
+        if f and have < CELLS:
+            verdict += f", INCOMPLETE ({have} of {CELLS})"
+        print(f"{r}{'' if judged else ' (reference, not gated)'}: {verdict}", file=out)
         for kind, se, bias, clause, t, d in f:
             print(f"  {clause} {kind} se {se:g} bias {bias:g}: TODAY {t} -> {d}", file=out)
-        bad |= gated and bool(f)
-    return int(bad)
+        failed |= judged and bool(f)
+        incomplete |= judged and have < CELLS
+    return 1 if failed else INCOMPLETE if incomplete else 0
 
 
 def main(argv=None) -> int:
@@ -314,9 +343,10 @@ def main(argv=None) -> int:
     r.add_argument("--json", required=True)
     c = sub.add_parser("check", help="the table and the clauses C1-C4 from run's JSONs")
     c.add_argument("json", nargs="+")
+    c.add_argument("--gated", nargs="+", help="the rules judged (default: every rule but TODAY and F)")
     a = p.parse_args(argv)
     if a.cmd == "check":
-        return check(a.json)
+        return check(a.json, gated=a.gated)
     rules = [parse_rule(name, a.c0) for name in a.rules]
     if rules[0].name != "TODAY":
         rules.insert(0, parse_rule("TODAY", a.c0))

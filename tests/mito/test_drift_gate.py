@@ -58,15 +58,72 @@ def test_a_rule_on_every_bound_passes_and_one_past_each_fails():
     assert sorted(f[3] for f in G.clause_failures(table, "X", 200)) == ["C1", "C2", "C3", "C4b"]
 
 
+def _full(rules=("TODAY", "X")):
+    """Run's JSON cells: all 32 cells (kinds x se x bias) for each of ``rules``, every rule equal to TODAY
+    (stage+organelles TODAY 1990, so that C4b allows a drop of 20 and an equal count passes)."""
+    out = []
+    for kind in G.KINDS:
+        d = 1990 if kind == "stage+organelles" else 100
+        for se in G.SES:
+            for b in G.BIASES:
+                out += [{"kind": kind, "se": se, "bias": b, "rule": r, **_cell(d, 0.2)} for r in rules]
+    return out
+
+
+def _write(path, cells):
+    path.write_text(json.dumps({"n": 2000, "cells": cells}))
+    return str(path)
+
+
 def test_check_prints_the_table_and_fails_on_a_gated_rule(tmp_path, capsys):
-    cells = [{"kind": k, "se": se, "bias": b, "rule": r, **c} for (k, se, b, r), c in _table().items()]
-    path = tmp_path / "a.json"
-    path.write_text(json.dumps({"n": 2000, "cells": cells}))
-    assert G.check([str(path)]) == 0
-    cells[1]["detrended"] += 1  # the null cell of X: 61 > 50 + 10
-    path.write_text(json.dumps({"n": 2000, "cells": cells}))
-    assert G.check([str(path)]) == 1
-    assert "C1 null se 0.1 bias 0: TODAY 50 -> 61" in capsys.readouterr().out
+    cells = _full()
+    path = _write(tmp_path / "a.json", cells)
+    assert G.check([path]) == 0 and "X: PASS" in capsys.readouterr().out
+    null = next(c for c in cells if c["kind"] == "null" and c["rule"] == "X")
+    null["detrended"] += 11  # 111 > 100 + 10
+    assert G.check([_write(tmp_path / "a.json", cells)]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "X: 1 failed" in out and f"C1 null se {null['se']:g} bias {null['bias']:g}: TODAY 100 -> 111" in out
+    )
+
+
+def test_check_says_incomplete_below_32_cells(tmp_path, capsys):
+    """Review 1 of session 39: a gated rule with cells missing (a run over some kinds only) printed PASS.
+    Now: INCOMPLETE (n of 32) and exit status 3; 1 (a clause fails) stays 1; the files together pass."""
+    cells = _full()
+    half = [c for c in cells if c["kind"] in ("null", "organelles")]  # run --kinds 0 3
+    rest = [c for c in cells if c["kind"] not in ("null", "organelles")]
+    a, b = _write(tmp_path / "a.json", half), _write(tmp_path / "b.json", rest)
+    assert G.check([a]) == G.INCOMPLETE == 3
+    out = capsys.readouterr().out
+    assert "X: INCOMPLETE (16 of 32)" in out and "PASS" not in out
+    assert G.check([a, b]) == 0 and "X: PASS" in capsys.readouterr().out
+    # a TODAY cell missing counts too (the rule's cell has no partner)
+    assert G.check([_write(tmp_path / "c.json", cells[1:])]) == 3 and "(31 of 32)" in capsys.readouterr().out
+    half[1]["detrended"] += 11  # X's null cell fails C1 on the half: a failure is a failure
+    assert G.check([_write(tmp_path / "a.json", half)]) == 1
+    assert "X: 1 failed, INCOMPLETE (16 of 32)" in capsys.readouterr().out
+    # a gated rule that is not in the files at all
+    assert G.check([b, a], gated=["Y"]) == 3 and "Y: INCOMPLETE (0 of 32)" in capsys.readouterr().out
+
+
+def test_check_gates_the_rules_named(tmp_path, capsys):
+    """``--gated``: by default every rule but TODAY and F; the others print as reference and leave the exit
+    status alone (review 1: S+P, reported but not gated, turned it to 1)."""
+    cells = _full(("TODAY", "F", "X", "S+P"))
+    for c in cells:
+        if c["kind"] == "stage" and c["rule"] in ("F", "S+P"):
+            c["detrended"] += 21  # C2 fails in all 8 stage cells
+    path = _write(tmp_path / "a.json", cells)
+    assert G.check([path]) == 1  # S+P gated by default
+    out = capsys.readouterr().out
+    assert "F (reference, not gated): 8 failed" in out and "S+P: 8 failed" in out
+    assert G.check([path], gated=["X"]) == 0
+    out = capsys.readouterr().out
+    assert "X: PASS" in out and "S+P (reference, not gated): 8 failed" in out
+    assert G.main(["check", path, "--gated", "X"]) == 0 and G.main(["check", path, "--gated", "F"]) == 1
+    capsys.readouterr()
 
 
 def test_rules_parse_and_the_background_is_paired():
@@ -74,6 +131,8 @@ def test_rules_parse_and_the_background_is_paired():
     assert G.parse_rule("F", 2.0).c0 is None and G.parse_rule("TODAY", 2.0).floor == 0.02
     with pytest.raises(SystemExit, match="tokens"):
         G.parse_rule("S+Q", 2.0)
+    with pytest.raises(SystemExit, match="L needs F"):  # the engine refuses "sections" under the floor
+        G.parse_rule("L", 2.0)
     a = G.simulated_background(7, [0.3, 0.0], 0.1, 0.055)
     b = G.simulated_background(7, [0.3, 0.0], 0.1, 0.055)
     first, again = a(None, None), b(None, None)
