@@ -3,7 +3,7 @@
 
     python benchmarks/nephi_zoom_cases.py run CASE ARM ZOOM [--pairs DIR] [--out FILE.jsonl] [--cap VOXELS]
     python benchmarks/nephi_zoom_cases.py pair CASE ZOOM [--pairs DIR]          # build and cache the pair only
-    python benchmarks/nephi_zoom_cases.py table BEFORE AFTER                    # B's marks, a markdown table
+    python benchmarks/nephi_zoom_cases.py table BEFORE AFTER [--expect-before ARM] [--expect-after ARM] [--last]
 
 The harness of sessions 37-38 (``/tmp/s37/B2/fairzoom.py``, ``/tmp/s38/B/zoomcase.py``, ``cmp.py``), committed.
 The image is nibabel's MRI (25 x 41 x 33) zoomed ``ZOOM`` times by ``ndimage.zoom(order=3)`` (itself at 1);
@@ -31,12 +31,19 @@ EPE (voxels) on tissue (``nephi_accuracy.tissue_mask``; on field cases textured 
 ``epe_inside``: 8 voxels inside the border), det J 8 voxels inside (min, max, largest ``|det J - 1|``), the
 engine's inverse consistency ``|phi_inv(phi(x)) - x|`` (``metrics["inverse_consistency_max"]``, as sessions 37-38
 reported it; ``ic_max_inside``: 8 voxels inside), folds (% of voxels with det J <= 0), the settings the engine
-recorded and a hash of the displacement.
+recorded, a hash of the displacement, the 1-minute load at the start, and the code: ``head``, ``dirty``
+(``git status --porcelain -- benchmarks src`` not empty) at the start, ``package`` (the imported
+``napari_nephi``'s folder); ``head`` and ``dirty`` read "unknown" outside a repository or where the imported
+package is not under it.
 
 ``table BEFORE AFTER`` (files of JSON lines, or folders of ``*.jsonl``) pairs the rows by case and zoom and applies
 B's marks (session 38): EPE not worse by more than 0.003; textureless not worse by more than 0.005 (field cases);
 largest ``|det J - 1|`` not above before + 0.01 (rigid cases); folds 0; CPU at most 1.3x; peak at most 1.3x or
-+50 MiB. Run from anywhere with ``OMP_NUM_THREADS=1 nice -n 5``; a 2.9x case costs about 2 CPU minutes an arm.
++50 MiB. The CPU mark compares two unpaired single runs (one process each, at the load shown beside
+it), not a paired timing: it catches a gross cost, not a few percent. ``--expect-before old --expect-after r0``
+(the session 39 reading) marks a row whose recorded settings are not that arm's options "**wrong arm**"
+(``def``, the default, checks nothing). A case (case, zoom) given twice in BEFORE or in AFTER is listed and
+refused (exit status 2) unless ``--last`` (then its last row counts). Run from anywhere with ``OMP_NUM_THREADS=1 nice -n 5``; a 2.9x case costs about 2 CPU minutes an arm.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import nephi_accuracy as NA  # (sets ITK's thread count before anything imports it)
@@ -207,13 +215,34 @@ def evaluate(est: np.ndarray, pair: dict) -> dict:
     return row
 
 
-def git_head() -> str:
+def _git(args: list[str], cwd: Path) -> str | None:
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        ).stdout.strip()
+        out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=cwd)
     except OSError:
-        return ""
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def code_state(here: Path | None = None, package: Path | None = None) -> dict:
+    """Which code a run measures: ``head`` (short hash) and ``dirty`` (``git status --porcelain -- benchmarks
+    src`` not empty) of the repository holding ``here`` (this script's folder), and ``package``, the imported
+    ``napari_nephi``'s folder. ``head`` and ``dirty`` are ``"unknown"`` outside a repository or where the
+    package is not under the repository (an installed copy: the hash would not name the code that ran)."""
+    if package is None:
+        import napari_nephi
+
+        package = Path(napari_nephi.__file__).parent
+    here = Path(here or Path(__file__).parent).resolve()
+    package = Path(package).resolve()
+    state = {"head": "unknown", "dirty": "unknown", "package": str(package)}
+    top = _git(["rev-parse", "--show-toplevel"], here)
+    if top is None or not package.is_relative_to(Path(top.strip()).resolve()):
+        return state
+    head = _git(["rev-parse", "--short", "HEAD"], here)
+    status = _git(["status", "--porcelain", "--", "benchmarks", "src"], Path(top.strip()))
+    if head is not None and status is not None:
+        state.update(head=head.strip(), dirty=bool(status.strip()))
+    return state
 
 
 def run(case: str, arm: str, zoom: float, folder: Path, cap: int | None) -> dict:
@@ -221,6 +250,7 @@ def run(case: str, arm: str, zoom: float, folder: Path, cap: int | None) -> dict
 
     from napari_nephi.engines.nephi import engine
 
+    state = code_state()  # at the start: the code that runs
     torch.set_num_threads(1)
     if cap is not None:
         engine.VOLUME_DEFAULT_MAX_VOXELS = cap
@@ -237,7 +267,7 @@ def run(case: str, arm: str, zoom: float, folder: Path, cap: int | None) -> dict
         ic_mean=reg.metrics.get("inverse_consistency_mean"), ic_max=reg.metrics.get("inverse_consistency_max")
     )
     row.update(ic_mean_inside=ic[0], ic_max_inside=ic[1], engine_fold_pct=reg.metrics.get("fold_percent"))
-    row.update(cpu_s=cpu, wall_s=wall, peak_mib=mib, load=load0, options=ARMS[arm], head=git_head())
+    row.update(cpu_s=cpu, wall_s=wall, peak_mib=mib, load=load0, options=ARMS[arm], **state)
     row.update(cap=int(engine.VOLUME_DEFAULT_MAX_VOXELS), cap_set=cap is not None)
     row["settings"] = {k: reg.settings.get(k) for k in SETTING_KEYS}
     row["displacement_sha"] = hashlib.sha256(np.ascontiguousarray(est).tobytes()).hexdigest()[:16]
@@ -270,13 +300,56 @@ def read_rows(source: str) -> list[dict]:
     return [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
 
 
-def table(before_rows: list[dict], after_rows: list[dict]) -> list[str]:
-    """Markdown lines: one row per (case, zoom) found in both (the last run of each), marks applied."""
-    before = {(r["case"], r["zoom"]): r for r in before_rows}
-    after = {(r["case"], r["zoom"]): r for r in after_rows}
+def wrong_arm(row: dict, arm: str) -> str | None:
+    """Where ``row``'s recorded settings are not arm ``arm``'s options (``r0``, ``old``), a note naming them;
+    None where they are, and always for ``def`` (whatever the default records: nothing to check)."""
+    want = ARMS[arm]
+    got = {k: row.get("settings", {}).get(k) for k in want}
+    if got == want:
+        return None
+    return "/".join(str(got[k]) for k in want) + f", not {arm}"
+
+
+def by_case(rows: list[dict], last: bool = False) -> tuple[dict, list]:
+    """Rows keyed by (case, zoom), and the keys seen more than once (with ``last``, the last row of each)."""
+    out: dict = {}
+    seen_twice = []
+    for r in rows:
+        key = (r["case"], r["zoom"])
+        if key in out and key not in seen_twice:
+            seen_twice.append(key)
+        out[key] = r
+    return out, seen_twice
+
+
+def _load(row: dict) -> str:
+    return f"{row['load']:.1f}" if isinstance(row.get("load"), (int, float)) else "?"
+
+
+def table(
+    before_rows: list[dict],
+    after_rows: list[dict],
+    expect_before: str = "def",
+    expect_after: str = "def",
+    last: bool = False,
+) -> list[str]:
+    """Markdown lines: one row per (case, zoom) found in both, marks applied; a row whose recorded settings
+    are not the expected arm's (``expect_before``, ``expect_after``: ``r0`` or ``old``) reads "**wrong
+    arm**". A (case, zoom) given twice in one side raises ``ValueError`` naming them, unless ``last`` (then
+    the last row of each counts). Load: the 1-minute load average at each run's start (the CPU mark compares
+    two unpaired single runs)."""
+    before, twice_b = by_case(before_rows)
+    after, twice_a = by_case(after_rows)
+    if (twice_b or twice_a) and not last:
+        names = [
+            f"{side} {c} at {z:g}x"
+            for side, keys in (("before", twice_b), ("after", twice_a))
+            for c, z in keys
+        ]
+        raise ValueError(f"cases given more than once ({', '.join(names)}): keep one, or pass --last")
     lines = [
-        "| zoom (voxels) | case | EPE | det J (8 inside), largest abs(det J - 1) | IC max | CPU s | peak MiB | marks |",
-        "|---|---|---|---|---|---|---|---|",
+        "| zoom (voxels) | case | EPE | det J (8 inside), largest abs(det J - 1) | IC max | CPU s (unpaired) | load b / a | peak MiB | marks |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(set(before) & set(after), key=lambda k: (k[1], k[0])):
         b, a = before[key], after[key]
@@ -292,9 +365,16 @@ def table(before_rows: list[dict], after_rows: list[dict]) -> list[str]:
         peak = f"{b['peak_mib']:.0f} -> {a['peak_mib']:.0f} ({a['peak_mib'] / b['peak_mib']:.2f}x, {a['peak_mib'] - b['peak_mib']:+.0f})"
         failed = [k for k, ok in m.items() if not ok]
         verdict = "pass" if not failed else "**fails " + ", ".join(failed) + "**"
+        wrong = [
+            f"{side} reads {note}"
+            for side, row, arm in (("before", b, expect_before), ("after", a, expect_after))
+            if (note := wrong_arm(row, arm))
+        ]
+        if wrong:
+            verdict = "**wrong arm** (" + "; ".join(wrong) + "); " + verdict
         lines.append(
             f"| {key[1]:g}x ({a['voxels']:,}) | {a['what']} | {epe} | {det} | {b['ic_max']:.3f} -> {a['ic_max']:.3f} "
-            f"| {cpu} | {peak} | {verdict} |"
+            f"| {cpu} | {_load(b)} / {_load(a)} | {peak} | {verdict} |"
         )
     return lines
 
@@ -316,9 +396,27 @@ def main() -> None:
     t = sub.add_parser("table")
     t.add_argument("before")
     t.add_argument("after")
+    t.add_argument(
+        "--expect-before", choices=sorted(ARMS), default="def", help="the arm before's rows must read"
+    )
+    t.add_argument(
+        "--expect-after", choices=sorted(ARMS), default="def", help="the arm after's rows must read"
+    )
+    t.add_argument("--last", action="store_true", help="a case given twice: keep its last row")
     args = p.parse_args()
     if args.command == "table":
-        print("\n".join(table(read_rows(args.before), read_rows(args.after))))
+        try:
+            lines = table(
+                read_rows(args.before),
+                read_rows(args.after),
+                args.expect_before,
+                args.expect_after,
+                args.last,
+            )
+        except ValueError as e:
+            print(f"table: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print("\n".join(lines))
         return
     parse_case(args.case)
     if args.command == "pair":

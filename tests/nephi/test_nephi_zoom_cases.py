@@ -2,6 +2,9 @@
 table, the case names, and the slabbed fair deformation pair (equal to
 ``nephi_large.deformation_pair_area``)."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -66,3 +69,42 @@ def test_the_slabbed_deformation_pair_equals_nephi_large_bit_for_bit():
     assert np.array_equal(fixed, f2) and np.array_equal(moving, m2)
     with pytest.raises(ValueError, match="multiple of the area factor"):
         ZC.deformation_pair_slabs(img, u_inv, slab=6)
+
+
+# --- B2, session 39: review 2's findings (the arm each row records, repeated cases, the code, the load) ---
+
+OLD = {"coarse_warp_blur": False, "coarse_reg_weight": 0.1, "iterations": 50, "preset": "fast"}
+R0 = {"coarse_warp_blur": "all", "coarse_reg_weight": 0.03, "iterations": 0, "preset": "fast"}
+
+
+def test_the_table_marks_a_row_whose_settings_are_not_the_expected_arm():
+    before = [_rigid(settings=OLD, load=7.6), _field(settings=R0, load=9.1)]  # the field's before ran R0
+    after = [_rigid(settings=R0, load=6.5), _field(settings=R0)]
+    lines = ZC.table(before, after, expect_before="old", expect_after="r0")
+    assert lines[2].endswith("| pass |") and "| 7.6 / 6.5 |" in lines[2]  # the load before / after
+    assert (
+        "| **wrong arm** (before reads all/0.03/0, not old); pass |" in lines[3] and "| 9.1 / ? |" in lines[3]
+    )
+    # def checks nothing; a row with no settings at all is the wrong arm for r0
+    assert not any("wrong arm" in line for line in ZC.table(before, after))
+    assert "after reads None/None/None, not r0" in ZC.table([_rigid()], [_rigid()], expect_after="r0")[2]
+
+
+def test_the_table_refuses_a_case_given_twice_unless_last():
+    before = [_rigid(epe=0.09), _field(), _rigid(epe=0.05)]
+    with pytest.raises(ValueError, match=r"before draw1\.0 at 2x\): keep one, or pass --last"):
+        ZC.table(before, [_rigid(), _field()])
+    with pytest.raises(ValueError, match=r"after set1\.2 at 2x"):
+        ZC.table([_rigid()], [_field(), _field()])
+    lines = ZC.table(before, [_rigid(), _field()], last=True)
+    assert "| 0.0500 -> 0.0500 |" in lines[2]  # the last before row counts
+
+
+def test_the_code_state_names_the_head_only_for_the_repository_s_own_package(tmp_path):
+    repo = Path(__file__).resolve().parents[2]
+    here = ZC.code_state(repo / "benchmarks", repo / "src" / "napari_nephi")
+    assert re.fullmatch(r"[0-9a-f]{7,}", here["head"]) and isinstance(here["dirty"], bool)
+    elsewhere = ZC.code_state(repo / "benchmarks", tmp_path)  # an installed copy: not this tree's code
+    assert elsewhere == {"head": "unknown", "dirty": "unknown", "package": str(tmp_path.resolve())}
+    outside = ZC.code_state(tmp_path, repo / "src" / "napari_nephi")  # run from outside any repository
+    assert outside["head"] == outside["dirty"] == "unknown"
