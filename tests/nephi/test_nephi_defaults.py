@@ -1,6 +1,8 @@
 """The fast preset's cheaper default: no neural steps after the coarse stage on large 2D images and on
 volumes (optimize, not chunked)."""
 
+import math
+
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -107,6 +109,23 @@ def test_the_volume_default_stays_out_of_chunked_accurate_and_large_runs(monkeyp
     monkeypatch.setattr(nephi_engine, "VOLUME_DEFAULT_MAX_VOXELS", pair[0].size)  # at the cap: the default
     reg = nn.register(*pair, **common)
     assert reg.settings["coarse_reg_weight"] == 0.03 and reg.metrics["iterations"] == 0
+
+
+def test_the_volume_default_s_cap_stays_within_the_full_image_comparison_grid():
+    """The volume default (R0) was measured only where the coarse stage compares on the full image (sessions
+    38-39, up to 1,010,412 voxels); above ``coarse.WARP_MAX_VOXELS`` it compares on a downsampled grid, where
+    R0 failed EPE and det J on a development case (session 38, B2, 3.3x). Lowering WARP_MAX_VOXELS under the
+    cap would move R0 onto downsampled grids without a word: lower the cap with it, or measure first. (The
+    boundary itself, a volume of exactly the cap and one voxel over, is asserted with a monkeypatched cap in
+    test_the_volume_default_stays_out_of_chunked_accurate_and_large_runs.)"""
+    assert nephi_engine.VOLUME_DEFAULT_MAX_VOXELS <= coarse_module.WARP_MAX_VOXELS, (
+        "engine.VOLUME_DEFAULT_MAX_VOXELS is over coarse.WARP_MAX_VOXELS: R0 would run on a downsampled "
+        "comparison grid, where it is unmeasured (and failed at 3.3x the MRI, docs/nephi.md session 38)"
+    )
+    # a thin stack of 2^20 voxels exactly compares on the full image; one column more, on a downsampled grid
+    assert coarse_module.comparison_shape((16, 256, 256)) == (16, 256, 256)
+    assert math.prod(coarse_module.comparison_shape((16, 256, 257))) <= coarse_module.WARP_MAX_VOXELS
+    assert coarse_module.comparison_shape((16, 256, 257)) != (16, 256, 257)
 
 
 def test_a_volume_larger_than_the_mri_gets_the_volume_default():
