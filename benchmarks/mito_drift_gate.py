@@ -45,9 +45,12 @@ grow at 3 decimals, (b) detrended rises where TODAY < 1980, falls by at most 20 
 
 A gated rule passes only with all 32 cells (4 kinds x 4 se x 2 biases) beside ``TODAY``'s; with fewer
 ``check`` prints ``INCOMPLETE (n of 32)``. Gated (``--gated``): by default every rule but ``TODAY`` and
-``F``; the others are printed as reference. Exit status: 1 where a gated rule fails a clause (in the
-cells there are), else 3 where one is incomplete, else 0. ``run`` checks its own file, so a run over
-fewer than 4 kinds ends INCOMPLETE (status 3): check the files together.
+``F``; the others are printed as reference. ``check`` prints each file's seed, c0, N, rules and kinds,
+and the seed beside each verdict; it refuses (exit status 2, a message) files whose N differ, files whose
+seed or c0 differ (unless ``--mix``: a gate reads one seed) and a cell (kind, se, bias, rule) given twice
+(session 39, review 2). Exit status otherwise: 1 where a gated rule fails a clause (in the cells there
+are), else 3 where one is incomplete, else 0. ``run`` checks its own file, so a run over fewer than 4
+kinds ends INCOMPLETE (status 3): check the files together.
 
 Cells print as: detrended / removed the background's slope ("both") / removed the whole trend / rms
 error of the removed slope (px per section; against 0 for null and stage, kept stacks remove 0) /
@@ -60,7 +63,11 @@ kinds, 74-82 per kind alone; ``cpu_s`` in the JSON), 5-10 min of wall per 2-kind
 
     python benchmarks/mito_drift_gate.py run --seed 3939 39 --kinds 0 2 --rules TODAY S+F S+F+A --json a.json
     python benchmarks/mito_drift_gate.py run --seed 3939 39 --kinds 1 3 --rules TODAY S+F S+F+A --json b.json
-    python benchmarks/mito_drift_gate.py check a.json b.json
+    python benchmarks/mito_drift_gate.py check a.json b.json --gated S+F+A
+
+``--gated S+F+A`` judges the one preregistered candidate (exit 0: it passes all 32 cells of the
+seed; 1: a clause fails; 3: INCOMPLETE, fewer than 32 cells); without it S+F is gated too (it fails C2
+on the development seed).
 
 The kind's index is appended to ``--seed`` (session 38 A3: ``[3838, 38, kind]``).
 """
@@ -281,21 +288,56 @@ def cells_beside_today(table: dict, rule: str) -> int:
     )
 
 
-def check(paths: list[str], out=None, gated: list[str] | None = None) -> int:
-    """Prints the table and each rule's clause check. ``gated``: the rules judged (default: every rule but
-    ``TODAY`` and ``F``; the others are reference). Returns 1 where a gated rule fails a clause,
-    else :data:`INCOMPLETE` where a gated rule lacks some of the 32 cells beside ``TODAY``'s, else 0."""
+REFUSED = 2  # check's exit status where the files do not belong together (seed, c0, N) or repeat a cell
+
+
+def _seed_text(seed) -> str:
+    return "?" if seed is None else f"[{', '.join(str(s) for s in seed)}]"
+
+
+def check(paths: list[str], out=None, gated: list[str] | None = None, mix: bool = False) -> int:
+    """Prints each file's seed, c0, N, rules and kinds, the table and each rule's clause check (the seed
+    beside each verdict). ``gated``: the rules judged (default: every rule but ``TODAY`` and ``F``; the
+    others are reference). Returns :data:`REFUSED` (2, a message) where the files' N differ, where their
+    seed or c0 differ (unless ``mix``) or where a cell (kind, se, bias, rule) is given twice; else 1 where a
+    gated rule fails a clause, else :data:`INCOMPLETE` where a gated rule lacks some of the 32 cells beside
+    ``TODAY``'s, else 0."""
     out = sys.stdout if out is None else out
-    table, n, rules = {}, None, []
+    table, rules, files, twice = {}, [], [], []
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        if n not in (None, data["n"]):
-            raise SystemExit("the files have different N")
-        n = data["n"]
+        kinds = data.get("kinds") or sorted({c["kind"] for c in data["cells"]}, key=KINDS.index)
+        names = data.get("rules") or list(dict.fromkeys(c["rule"] for c in data["cells"]))
+        files.append((data.get("seed"), data.get("c0"), data["n"]))
+        print(
+            f"{path}: seed {_seed_text(data.get('seed'))}, c0 {data.get('c0', '?')}, N {data['n']},"
+            f" rules {' '.join(names)}, kinds {' '.join(kinds)}",
+            file=out,
+        )
         for c in data["cells"]:
-            table[(c["kind"], c["se"], c["bias"], c["rule"])] = c
+            key = (c["kind"], c["se"], c["bias"], c["rule"])
+            if key in table:
+                twice.append(key)
+            table[key] = c
             rules += [c["rule"]] if c["rule"] not in rules else []
+    seeds = list(dict.fromkeys(_seed_text(f[0]) for f in files))
+    refused = []
+    if len({f[2] for f in files}) > 1:
+        refused.append("the files have different N (the bounds scale with N)")
+    for what, i in (("seeds", 0), ("c0", 1)):
+        if not mix and len({json.dumps(f[i]) for f in files}) > 1:
+            refused.append(
+                f"the files have different {what}: a gate reads one seed and one c0 (--mix pools them)"
+            )
+    if twice:  # a later file's cell would overwrite an earlier one's
+        listed = ", ".join(f"{k} se {se:g} bias {b:g} {r}" for k, se, b, r in twice[:4])
+        refused.append(f"{len(twice)} cell(s) given twice: {listed}{', ...' if len(twice) > 4 else ''}")
+    if refused:
+        print("REFUSED: " + "; ".join(refused), file=out)
+        return REFUSED
+    n = files[0][2]
+    seed = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {' '.join(seeds)}, mixed"
     gated = [r for r in rules if r not in ("TODAY", "F")] if gated is None else list(gated)
     fails = {r: clause_failures(table, r, n) for r in [*rules, *gated] if r != "TODAY"}
     print(f"| kind | se | bias | {' | '.join(rules)} |", file=out)
@@ -321,7 +363,7 @@ def check(paths: list[str], out=None, gated: list[str] | None = None) -> int:
         verdict = f"{len(f)} failed" if f else "PASS" if have == CELLS else f"INCOMPLETE ({have} of {CELLS})"
         if f and have < CELLS:
             verdict += f", INCOMPLETE ({have} of {CELLS})"
-        print(f"{r}{'' if judged else ' (reference, not gated)'}: {verdict}", file=out)
+        print(f"{r}{'' if judged else ' (reference, not gated)'}: {verdict} ({seed})", file=out)
         for kind, se, bias, clause, t, d in f:
             print(f"  {clause} {kind} se {se:g} bias {bias:g}: TODAY {t} -> {d}", file=out)
         failed |= judged and bool(f)
@@ -344,9 +386,10 @@ def main(argv=None) -> int:
     c = sub.add_parser("check", help="the table and the clauses C1-C4 from run's JSONs")
     c.add_argument("json", nargs="+")
     c.add_argument("--gated", nargs="+", help="the rules judged (default: every rule but TODAY and F)")
+    c.add_argument("--mix", action="store_true", help="pool files of different seeds or c0 (else exit 2)")
     a = p.parse_args(argv)
     if a.cmd == "check":
-        return check(a.json, gated=a.gated)
+        return check(a.json, gated=a.gated, mix=a.mix)
     rules = [parse_rule(name, a.c0) for name in a.rules]
     if rules[0].name != "TODAY":
         rules.insert(0, parse_rule("TODAY", a.c0))

@@ -160,3 +160,42 @@ def test_the_engine_switch_decides_as_the_gate_s_wrapper():
                 today = G.decide(test, G.simulated_background(seed, truth, se, 0.055), G.parse_rule("F", 2.0))
                 reached += a[3] and not today[3]
     assert reached >= 50  # stacks where the "sections" second look ran
+
+
+def test_check_refuses_files_of_other_seeds_or_c0_and_repeated_cells(tmp_path, capsys):
+    """Review 2 of session 39: ``check`` compared only N, so two kinds of the fresh seed and two of the
+    development seed printed PASS on 32 cells. Now each file's seed, c0, N, rules and kinds are printed;
+    files of another seed or c0 are refused (exit status 2) unless ``mix``; a cell (kind, se, bias, rule)
+    given twice is refused (2) always; the seed is printed beside each rule's verdict."""
+    cells = _full(("TODAY", "S+F+A"))
+    half = [c for c in cells if c["kind"] in ("null", "stage+organelles")]  # run --kinds 0 2
+    rest = [c for c in cells if c["kind"] not in ("null", "stage+organelles")]
+
+    def write(name, part, seed, c0=2.0):
+        path = tmp_path / name
+        path.write_text(
+            json.dumps({"n": 2000, "seed": seed, "c0": c0, "rules": ["TODAY", "S+F+A"], "cells": part})
+        )
+        return str(path)
+
+    a, b = write("a.json", half, [3939, 39]), write("b.json", rest, [3939, 39])
+    assert G.check([a, b], gated=["S+F+A"]) == 0
+    out = capsys.readouterr().out
+    assert f"{a}: seed [3939, 39], c0 2.0, N 2000, rules TODAY S+F+A, kinds null stage+organelles" in out
+    assert "S+F+A: PASS (seed [3939, 39])" in out
+    dev = write("dev.json", rest, [3838, 38])
+    assert G.check([a, dev], gated=["S+F+A"]) == 2
+    out = capsys.readouterr().out
+    assert "different seeds" in out and "--mix" in out and "PASS" not in out
+    assert G.check([a, dev], gated=["S+F+A"], mix=True) == 0
+    assert "S+F+A: PASS (seeds [3939, 39] [3838, 38], mixed)" in capsys.readouterr().out
+    assert G.check([a, write("c1.json", rest, [3939, 39], c0=3.0)]) == 2
+    assert "different c0" in capsys.readouterr().out
+    assert G.check([a, write("a2.json", half[:1], [3939, 39])]) == 2  # a cell twice, even of one seed
+    out = capsys.readouterr().out
+    assert "given twice" in out and "null se 0.05 bias 0 TODAY" in out and "PASS" not in out
+    assert G.check([a, write("a3.json", half[:1], [3838, 38])], mix=True) == 2  # --mix does not allow it
+    capsys.readouterr()
+    assert G.main(["check", a, dev, "--gated", "S+F+A"]) == 2
+    assert G.main(["check", a, dev, "--gated", "S+F+A", "--mix"]) == 0
+    capsys.readouterr()
