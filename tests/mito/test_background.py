@@ -815,3 +815,30 @@ def test_second_look_sections_is_refused_without_the_floor(monkeypatch):
     monkeypatch.setattr(bgm, "SE_FLOOR", 0.02)  # the defaults: no second look on "sections", no error
     t = dict(trend)
     assert _auto_decision(t, None, use, drift) == (False, None) and "first_look" not in t["background"]
+
+
+def test_second_look_sections_without_the_floor_is_refused_before_the_screen(monkeypatch):
+    """Session 39, review 2: the floor check of SECOND_LOOK "sections" ran only where a stack reached the
+    background decision, so a stack whose screen found no trend ran without an error and the next stack with
+    a trend raised. Now it is checked where the decision starts: the stack without a trend refuses the
+    combination too; with the floor (and with the defaults) it is kept as before, the background unread."""
+    use = np.ones(160, bool)
+    flat = {"p": 0.9, "slope": [0.001, 0.0]}  # the screen finds no trend: returns before the background
+
+    def unread(*_, **__):
+        raise AssertionError("the background is not read without a trend")
+
+    monkeypatch.setattr(bgm, "SECOND_LOOK", "sections")
+    monkeypatch.setattr(bgm, "SE_FLOOR", 0.02)
+    with pytest.raises(InputError, match=r"SECOND_LOOK.*sections.*SE_FLOOR.*0\.06"):
+        _auto_decision(dict(flat), None, use, unread)
+    monkeypatch.setattr(bgm, "SECTIONS_C0", -1.0)
+    monkeypatch.setattr(bgm, "SE_FLOOR", 0.06)
+    with pytest.raises(InputError, match="SECTIONS_C0"):
+        _auto_decision(dict(flat), None, use, unread)
+    monkeypatch.setattr(bgm, "SECTIONS_C0", 2.0)
+    t = dict(flat)
+    assert _auto_decision(t, None, use, unread) == (False, None) and "background" not in t
+    monkeypatch.setattr(bgm, "SECOND_LOOK", "undecided")
+    monkeypatch.setattr(bgm, "SE_FLOOR", 0.02)
+    assert _auto_decision(dict(flat), None, use, unread) == (False, None)

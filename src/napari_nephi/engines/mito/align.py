@@ -797,8 +797,9 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     (share over 0), or an se under the floor on an axis, gets the second look too (recorded:
     ``["first_look"]["chi_square_from_0"]``): an organelle drift of 0.33 px per section inside a stage drift
     that one look reads inside 0's region can be read by both looks. It needs :data:`.background.SE_FLOOR` of
-    at least :data:`.background.SECTIONS_MIN_FLOOR` (0.06; ``InputError`` otherwise): without the floor it
-    failed the simulation gate."""
+    at least :data:`.background.SECTIONS_MIN_FLOOR` (0.06; ``InputError`` otherwise, checked first, on every
+    stack, with or without a trend: :func:`_sections_c0`): without the floor it failed the simulation gate."""
+    _sections_c0()  # session 39, review 2: "sections" without the floor refused on every stack, trend or not
     placed = np.flatnonzero(use)
     span = placed[-1] - placed[0] if len(placed) else 0
     test["screen_test"], test["screen_p"] = _screen(test)  # session 37: what the screen read (recorded)
@@ -855,16 +856,7 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     looks = _second_look().split("+")
     # session 39, "sections" (opt-in): also a first-look "sections" off 0, along the trend (share over 0) or
     # with an se under the floor on an axis (there the floor may have made the "sections")
-    c0 = (
-        check_float("background.SECTIONS_C0", bgm.SECTIONS_C0, 0.0, math.inf) if "sections" in looks else None
-    )
-    if c0 is not None and floor < bgm.SECTIONS_MIN_FLOOR:  # session 39, review 1: gated only with the floor
-        raise InputError(
-            f"background.SECOND_LOOK 'sections' needs background.SE_FLOOR at least {bgm.SECTIONS_MIN_FLOOR}"
-            f" (got {floor}): without the floor the second look on a first-look 'sections' failed the"
-            " simulation gate (a still background under a stage drift detrended too often; docs/mito.md,"
-            f" session 39). Set background.SE_FLOOR = {bgm.SECTIONS_MIN_FLOOR} too."
-        )
+    c0 = _sections_c0()  # checked at the start too (above); the same settings, so the same value
     off_0 = (
         bgm.chi_square_from_0(motion, floor)
         if c0 is not None and decision == "sections" and "runs" in motion
@@ -929,6 +921,26 @@ def _screen(test: dict) -> tuple[str, float]:
 def _second_look() -> str:
     """:data:`.background.SECOND_LOOK`, checked (a module setting, read where it is used)."""
     return ft.check_choice(bgm.SECOND_LOOK, bgm.SECOND_LOOKS, "background.SECOND_LOOK")
+
+
+def _sections_c0() -> float | None:
+    """:data:`.background.SECTIONS_C0`, checked, where :data:`.background.SECOND_LOOK` holds ``"sections"``
+    (else None; module settings, read where they are used). Session 39 (review 1): ``"sections"`` with
+    :data:`.background.SE_FLOOR` under :data:`.background.SECTIONS_MIN_FLOOR` raises an ``InputError``;
+    :func:`_auto_decision` calls this first (review 2), so a stack without a trend refuses it too. Only
+    checks: it changes no value."""
+    if "sections" not in _second_look().split("+"):
+        return None
+    c0 = check_float("background.SECTIONS_C0", bgm.SECTIONS_C0, 0.0, math.inf)
+    floor = _se_floor(bgm.SE_FLOOR, "background.SE_FLOOR")
+    if floor < bgm.SECTIONS_MIN_FLOOR:  # session 39, review 1: gated only with the floor
+        raise InputError(
+            f"background.SECOND_LOOK 'sections' needs background.SE_FLOOR at least {bgm.SECTIONS_MIN_FLOOR}"
+            f" (got {floor}): without the floor the second look on a first-look 'sections' failed the"
+            " simulation gate (a still background under a stage drift detrended too often; docs/mito.md,"
+            f" session 39). Set background.SE_FLOOR = {bgm.SECTIONS_MIN_FLOOR} too."
+        )
+    return c0
 
 
 def _se_floor(value, what: str) -> float:
