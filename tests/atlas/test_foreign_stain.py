@@ -8,6 +8,8 @@ from napari_nephi.core.errors import InputError
 from napari_nephi.engines.atlas.region_fit import correlation_ratio
 from napari_nephi.synthetic.atlas import atlas_queries, brain_phantom
 
+from .._bench import import_benchmark
+
 
 @pytest.fixture(scope="module")
 def small_phantom():
@@ -90,15 +92,7 @@ def test_independent_stain_not_bound_to_the_labels(small_phantom):
 def test_benchmark_refuses_a_partition_weight_outside_0_1(bad, capsys):
     """``atlas_lookup.py --partition-weight`` outside [0, 1] stops with argparse's message, not a
     traceback from inside ``atlas_queries`` (review 2 of session 36, C4)."""
-    import sys
-    from pathlib import Path
-
-    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
-    sys.path.insert(0, bench)
-    try:
-        import atlas_lookup
-    finally:
-        sys.path.remove(bench)
+    atlas_lookup = import_benchmark("atlas_lookup")
     assert atlas_lookup.parse(["--partition-weight", "0.4"]).partition_weight == 0.4
     with pytest.raises(SystemExit):
         atlas_lookup.parse(["--partition-weight", bad])

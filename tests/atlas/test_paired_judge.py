@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 
-_BENCH = str(Path(__file__).resolve().parents[2] / "benchmarks")
-sys.path.insert(0, _BENCH)
-try:
-    import atlas_paired as AP  # noqa: E402
-finally:
-    sys.path.remove(_BENCH)
+from .._bench import BENCH as _BENCH
+from .._bench import import_benchmark
+
+AP = import_benchmark("atlas_paired")
 
 
 def _rows(pairs, case="straight", seed=5):

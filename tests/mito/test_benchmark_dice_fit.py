@@ -2,20 +2,14 @@
 map of the whole aligned stack onto the truth, fitted on the true mitochondria's positions. A perfect
 alignment put in a turned and shifted frame scores as the perfect one; a drift slope keeps its loss."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from napari_nephi.synthetic import em_stack
 
-_BENCH = str(Path(__file__).resolve().parents[2] / "benchmarks")
-sys.path.insert(0, _BENCH)
-try:
-    import mito_benchmark as MB  # noqa: E402
-finally:
-    sys.path.remove(_BENCH)
+from .._bench import import_benchmark
+
+MB = import_benchmark("mito_benchmark")
 
 
 def _rigid(theta: float, shift, centre) -> np.ndarray:

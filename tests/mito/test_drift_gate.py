@@ -2,18 +2,13 @@
 committed): C1-C4 of a candidate rule against ``TODAY`` on a small hand-made table."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-_BENCH = str(Path(__file__).resolve().parents[2] / "benchmarks")
-sys.path.insert(0, _BENCH)
-try:
-    import mito_drift_gate as G  # noqa: E402
-finally:
-    sys.path.remove(_BENCH)
+from .._bench import import_benchmark
+
+G = import_benchmark("mito_drift_gate")
 
 
 def _cell(detrended, rms=0.1):

@@ -4,32 +4,11 @@
 should find is exactly ``phi(x) = x + u(x)``: ``moving(phi(x)) = fixed(x)``.
 """
 
-import importlib
-import os
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
 from napari_nephi.core.jacobian import jacobian_determinant
-
-
-def import_benchmark(name: str):
-    """The module ``benchmarks/<name>.py``, imported with that folder on ``sys.path`` for the import only;
-    ``nephi_accuracy`` (imported by the NePhi benchmarks) sets ITK's thread count, which is restored."""
-    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
-    itk = os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
-    sys.path.insert(0, bench)
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(bench)
-        if itk is None:
-            os.environ.pop("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", None)
-        else:
-            os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = itk
 
 
 def smooth_displacement(shape, sigma, amplitude, seed):

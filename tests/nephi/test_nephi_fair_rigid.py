@@ -11,7 +11,7 @@ from scipy import ndimage
 from napari_nephi.core.transform import DisplacementTransform
 from napari_nephi.synthetic import mri_volume, random_smooth_displacement
 
-from .conftest import import_benchmark
+from .._bench import import_benchmark
 
 NL = import_benchmark("nephi_large")  # (sets ITK's thread count: restored by import_benchmark)
 

@@ -10,7 +10,7 @@ import pytest
 
 from napari_nephi.synthetic import random_smooth_displacement
 
-from .conftest import import_benchmark
+from .._bench import import_benchmark
 
 NL = import_benchmark("nephi_large")
 ZC = import_benchmark("nephi_zoom_cases")  # imports nephi_large and nephi_accuracy from benchmarks/ itself
