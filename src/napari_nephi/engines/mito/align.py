@@ -799,7 +799,8 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     that one look reads inside 0's region can be read by both looks. It needs :data:`.background.SE_FLOOR` of
     at least :data:`.background.SECTIONS_MIN_FLOOR` (0.06; ``InputError`` otherwise, checked first, on every
     stack, with or without a trend: :func:`_sections_c0`): without the floor it failed the simulation gate."""
-    _sections_c0()  # session 39, review 2: "sections" without the floor refused on every stack, trend or not
+    # session 39, review 2: "sections" without the floor refused on every stack, trend or not
+    c0 = _sections_c0()
     placed = np.flatnonzero(use)
     span = placed[-1] - placed[0] if len(placed) else 0
     test["screen_test"], test["screen_p"] = _screen(test)  # session 37: what the screen read (recorded)
@@ -856,7 +857,6 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     looks = _second_look().split("+")
     # session 39, "sections" (opt-in): also a first-look "sections" off 0, along the trend (share over 0) or
     # with an se under the floor on an axis (there the floor may have made the "sections")
-    c0 = _sections_c0()  # checked at the start too (above); the same settings, so the same value
     off_0 = (
         bgm.chi_square_from_0(motion, floor)
         if c0 is not None and decision == "sections" and "runs" in motion
