@@ -103,8 +103,8 @@ def main(argv=None) -> list[dict]:
             seed = qs * 1000 + 101 + list(CASES).index(case)
             for q in atlas_queries(ref, labels, args.per_case, seed=seed, **CASES[case]):
                 # the order the pose search starts from (the centred framing's ranking interleaved with
-                # the pooled framings'; a private method of the project's own class)
-                order = lk._search_order(q["image"])
+                # the pooled framings'; AtlasLookup.search_order, public since session 40)
+                order = lk.search_order(q["image"])
                 emb = np.zeros(search.n)
                 for i, (plate, _) in enumerate(order):
                     emb[plate] = -i  # a plate's value: its place in that order

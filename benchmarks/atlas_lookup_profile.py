@@ -143,8 +143,8 @@ def main(argv=None) -> dict:
         for case in (c for c in args.cases.split(",") if c):
             seed = qs * 1000 + 101 + list(CASES).index(case)
             for q in atlas_queries(ref, labels, args.per_case, seed=seed, **CASES[case]):
-                # the order the pose search starts from (a private method of the project's own class)
-                sections.append((q["image"], lk._search_order(q["image"]), q["plate"]))
+                # the order the pose search starts from (AtlasLookup.search_order)
+                sections.append((q["image"], lk.search_order(q["image"]), q["plate"]))
     if len(sections) < 2:
         p.error("profiling needs at least 2 sections (--per-case, --cases, --query-seeds)")
     options = rerank.check_rerank_options(json.loads(args.rerank_options))

@@ -277,7 +277,7 @@ def stages(lk, image, found, plate: int) -> dict:
     the first stage's order (the order the pose search starts from), the plates between the truth and the
     nearest stage-2 pose (0: the search reached the truth's plate; ``RerankResult.poses``), the best pose
     score on the truth's plate (None: no pose there) and the winner's."""
-    order = lk.order(image) if isinstance(lk, Ensemble) else lk._search_order(image)
+    order = lk.order(image) if isinstance(lk, Ensemble) else lk.search_order(image)
     reached = sorted(found.poses)
     winner = found.ranking[0][0]
     own = found.poses.get(plate)
@@ -292,7 +292,7 @@ def stages(lk, image, found, plate: int) -> dict:
 class Ensemble:
     """Arm b's first stage from several indexes (``--ensemble-b``, session 39's screen): per section each
     index's centred and pooled framing distances scaled to 0 at the best plate and 1 at the median, averaged
-    over the indexes; the order interleaved as :meth:`AtlasLookup._search_order` does (the centred order with
+    over the indexes; the order interleaved as :meth:`AtlasLookup.search_order` does (the centred order with
     the pooled one's), each plate with its averaged pooled distance (the prior's input); then the default
     pose search. With one index the ranking is that index's own (a linear rescaling changes neither the
     order, the prior nor ``prior_margin``'s margin)."""

@@ -315,7 +315,7 @@ def test_lookup_with_rerank_ranks_every_plate_by_the_pose_search(trained_lookup,
     from napari_nephi.engines.atlas.rerank import DEFAULTS, _prior
 
     penalty, reach = DEFAULTS["plate_penalty"], DEFAULTS["penalty_reach"]
-    prior = DEFAULTS["prior_weight"] * _prior(trained_lookup._search_order(section), trained_lookup.n_plates)
+    prior = DEFAULTS["prior_weight"] * _prior(trained_lookup.search_order(section), trained_lookup.n_plates)
 
     def value(pose, plate):
         return pose.score - prior[pose.plate] - penalty * min(abs(plate - pose.z), reach)
@@ -368,3 +368,21 @@ def test_train_with_sections_given_as_arrays(toy_reference):
     )
     assert lk.settings["real_sections"] == 2
     assert len(lk.lookup(reference[3], top=3, rerank=False)) == 3
+
+
+def test_search_order_is_public_and_is_the_order_the_pose_search_starts_from(trained_lookup, toy_reference):
+    """Session 40 (C): ``AtlasLookup.search_order`` (public; the benchmarks called the private
+    ``_search_order``) gives every plate once, is deterministic, and the pose search run from it gives
+    ``search_poses``' ranking bit for bit."""
+    from napari_nephi.engines.atlas.rerank import PoseSearch, check_rerank_options
+
+    reference, _ = toy_reference
+    section = section_from_atlas(reference, 12.0, (3.0, -2.0), crop=(0.2, 0, 0, 0))
+    order = trained_lookup.search_order(section)
+    assert sorted(p for p, _ in order) == list(range(trained_lookup.n_plates))
+    assert all(isinstance(p, int) and isinstance(d, float) for p, d in order)
+    assert trained_lookup.search_order(section) == order
+    found = PoseSearch(trained_lookup.plates).search(section, order, check_rerank_options(None))
+    assert found.ranking == trained_lookup.search_poses(section).ranking
+    with pytest.raises(InputError, match="No section given"):
+        trained_lookup.search_order(None)

@@ -164,7 +164,7 @@ class _FakeLookup:
         poses = {3: SimpleNamespace(score=0.5), 6: SimpleNamespace(score=0.25)}
         return SimpleNamespace(ranking=[(3, 0.0), (4, 1.0), (6, 1.5)], prior_weight=0.02, poses=poses)
 
-    def _search_order(self, image):
+    def search_order(self, image):
         return [(6, 0.1), (4, 0.2), (3, 0.3)] if self.name == "A" else [(4, 0.1), (3, 0.2), (6, 0.3)]
 
 

@@ -322,15 +322,23 @@ class AtlasLookup:
         section = _section(section)
         prog = Progress(progress, cancel)
         prog.check()
-        order = self._search_order(section)
+        order = self.search_order(section)
         if self._pose_search is None:
             self._pose_search = PoseSearch(self._plates)
         return self._pose_search.search(section, order, opts, prog)
 
-    def _search_order(self, section) -> list[tuple[int, float]]:
-        """The order the pose search starts from: :attr:`first_stage`'s, or with the embedding and
-        :attr:`framing` the centred section's order interleaved with the pooled framings' (each plate
-        with its pooled distance; :func:`.framing.interleaved_order`)."""
+    def search_order(self, section) -> list[tuple[int, float]]:
+        """The first stage's order of every plate for ``section``: the order the pose search
+        (:meth:`search_poses`) starts from, as ``[(plate_index, distance), ...]``, each plate once.
+
+        With :attr:`first_stage` ``"embedding"`` and :attr:`framing` on (the defaults) it is the
+        centred section's order interleaved with the pooled framings' (:func:`.framing.interleaved_order`),
+        each plate with its pooled distance, so the list is not sorted by distance; otherwise it is
+        :attr:`first_stage`'s ranking, best first. The pose search shortlists its first plates and
+        its prior reads the distances (:mod:`.rerank`). ``section``: a 2D image (y, x) or RGB (y, x, 3),
+        as for :meth:`lookup`. Public since session 40 (the benchmarks called the private
+        ``_search_order``, the same method)."""
+        section = _section(section)
         if self._first_stage != "embedding" or not self.framing:
             return self._first_rank([section], self.n_plates)[0]
         d = self.framed_distances(section)
