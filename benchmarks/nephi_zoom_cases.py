@@ -1,7 +1,7 @@
 # ruff: noqa: E501  (table-printing lines)
 """NePhi's volume default on the bundled MRI zoomed up: fair pairs, one case per process (session 39).
 
-    python benchmarks/nephi_zoom_cases.py run CASE ARM ZOOM [--pairs DIR] [--out FILE.jsonl] [--cap VOXELS]
+    python benchmarks/nephi_zoom_cases.py run CASE ARM ZOOM [--pairs DIR] [--out FILE.jsonl] [--cap N] [--cap2 N]
     python benchmarks/nephi_zoom_cases.py pair CASE ZOOM [--pairs DIR]          # build and cache the pair only
     python benchmarks/nephi_zoom_cases.py table BEFORE AFTER [--expect-before ARM] [--expect-after ARM] [--last]
 
@@ -20,8 +20,11 @@ splines), the moving one after the map moved the object on the fine grid (``neph
 
 ARM: ``def`` (no options: the code's default), ``r0`` (R0 forced: ``coarse_warp_blur="all",
 coarse_reg_weight=0.03, iterations=0``) or ``old`` (the earlier volume default: ``coarse_warp_blur=False,
-coarse_reg_weight=0.1, iterations=50``). ``--cap N`` sets ``engine.VOLUME_DEFAULT_MAX_VOXELS`` to ``N`` in the
-process first (the default with another cap; recorded as ``cap``).
+coarse_reg_weight=0.1, iterations=50``) or ``r0s`` (R0's coarse stage with the preset's 50 neural steps:
+``coarse_warp_blur="all", coarse_reg_weight=0.03, iterations=50``; session 40, the candidate above 2^20). ``--cap
+N`` sets ``engine.VOLUME_DEFAULT_MAX_VOXELS`` to ``N`` in the process first (the default with another cap;
+recorded as ``cap``); ``--cap2 N`` sets ``engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS`` (the second cap, session 40:
+over the first cap and up to it, R0's coarse stage with the neural steps; recorded as ``cap2``).
 
 Pairs are cached as ``CASE_zZOOM.npz`` in ``--pairs`` (default ``$NEPHI_ZOOM_PAIRS``, else
 ``/tmp/nephi_zoom_pairs``): build them once (``pair``), then run the arms on the same arrays. NePhi runs on the
@@ -67,6 +70,7 @@ ARMS = {
     "def": {},
     "r0": {"coarse_warp_blur": "all", "coarse_reg_weight": 0.03, "iterations": 0},
     "old": {"coarse_warp_blur": False, "coarse_reg_weight": 0.1, "iterations": 50},
+    "r0s": {"coarse_warp_blur": "all", "coarse_reg_weight": 0.03, "iterations": 50},
 }
 #: Voxels inside the border where det J is read (and ``epe_inside``, ``ic_max_inside``).
 MARGIN = 8
@@ -245,7 +249,7 @@ def code_state(here: Path | None = None, package: Path | None = None) -> dict:
     return state
 
 
-def run(case: str, arm: str, zoom: float, folder: Path, cap: int | None) -> dict:
+def run(case: str, arm: str, zoom: float, folder: Path, cap: int | None, cap2: int | None = None) -> dict:
     import torch
 
     from napari_nephi.engines.nephi import engine
@@ -254,6 +258,8 @@ def run(case: str, arm: str, zoom: float, folder: Path, cap: int | None) -> dict
     torch.set_num_threads(1)
     if cap is not None:
         engine.VOLUME_DEFAULT_MAX_VOXELS = cap
+    if cap2 is not None:
+        engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS = cap2
     pair = load_pair(case, zoom, folder)
     fixed, moving = pair["fixed"], pair["moving"]
     load0 = os.getloadavg()[0]
@@ -269,6 +275,7 @@ def run(case: str, arm: str, zoom: float, folder: Path, cap: int | None) -> dict
     row.update(ic_mean_inside=ic[0], ic_max_inside=ic[1], engine_fold_pct=reg.metrics.get("fold_percent"))
     row.update(cpu_s=cpu, wall_s=wall, peak_mib=mib, load=load0, options=ARMS[arm], **state)
     row.update(cap=int(engine.VOLUME_DEFAULT_MAX_VOXELS), cap_set=cap is not None)
+    row.update(cap2=getattr(engine, "VOLUME_DEFAULT_STEPS_MAX_VOXELS", None), cap2_set=cap2 is not None)
     row["settings"] = {k: reg.settings.get(k) for k in SETTING_KEYS}
     row["displacement_sha"] = hashlib.sha256(np.ascontiguousarray(est).tobytes()).hexdigest()[:16]
     return row
@@ -389,6 +396,7 @@ def main() -> None:
     r.add_argument("--pairs")
     r.add_argument("--out")
     r.add_argument("--cap", type=int, help="engine.VOLUME_DEFAULT_MAX_VOXELS for this run")
+    r.add_argument("--cap2", type=int, help="engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS for this run")
     b = sub.add_parser("pair")
     b.add_argument("case")
     b.add_argument("zoom", type=float)
@@ -423,7 +431,7 @@ def main() -> None:
         pair = load_pair(args.case, args.zoom, pairs_dir(args.pairs))
         print(f"{args.case} at {args.zoom:g}x: {pair['what']}, shape {pair['fixed'].shape}")
         return
-    row = run(args.case, args.arm, args.zoom, pairs_dir(args.pairs), args.cap)
+    row = run(args.case, args.arm, args.zoom, pairs_dir(args.pairs), args.cap, args.cap2)
     line = json.dumps(row, default=str)
     print(line, flush=True)
     if args.out:

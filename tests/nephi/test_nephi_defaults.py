@@ -111,6 +111,53 @@ def test_the_volume_default_stays_out_of_chunked_accurate_and_large_runs(monkeyp
     assert reg.settings["coarse_reg_weight"] == 0.03 and reg.metrics["iterations"] == 0
 
 
+def test_volumes_between_the_two_caps_get_the_volume_default_with_the_neural_steps(monkeypatch):
+    """Session 40: volumes over engine.VOLUME_DEFAULT_MAX_VOXELS and at most VOLUME_DEFAULT_STEPS_MAX_VOXELS
+    (optimize, fast preset, not chunked) get the volume default's coarse stage (warp blur "all", weight 0.03)
+    with the preset's 50 neural steps, where the coarse stage compares on a downsampled grid (session 39,
+    B3: R0 alone failed there, R0 plus the steps passed). Just under the first cap: R0 (no steps); over the
+    second cap: the earlier default (no blur, weight 0.1, 50 steps); ``iterations`` given wins; the blur off
+    by option gives the earlier default. Tiny shapes, the caps monkeypatched around the 8 x 10 x 9 pair.
+    Fails before session 40 (no second cap: over the first cap, the earlier default)."""
+    pair = _volume_pair((0.2, -0.15, 0.1), 8)
+    n = pair[0].size
+    common = dict(method="nephi", device="cpu", coarse_iterations=1, initial="none", levels=2, **TINY)
+
+    def read(first: int, second: int, **options):
+        monkeypatch.setattr(nephi_engine, "VOLUME_DEFAULT_MAX_VOXELS", first)
+        monkeypatch.setattr(nephi_engine, "VOLUME_DEFAULT_STEPS_MAX_VOXELS", second)
+        reg = nn.register(*pair, **common, **options)
+        sampling = reg.settings["coarse_volume_sampling"] or {}
+        return (
+            reg.settings["coarse_warp_blur"],
+            sampling.get("warp_blur"),
+            reg.settings["coarse_reg_weight"],
+            reg.metrics["iterations"],
+        )
+
+    steps = PRESETS["fast"]["iterations"]
+    assert steps == 50
+    assert read(n, n + 10) == ("all", "all", 0.03, 0)  # at the first cap: R0
+    assert read(n - 1, n) == ("all", "all", 0.03, steps)  # just over the first, at the second: the band
+    assert read(n - 10, n + 10) == ("all", "all", 0.03, steps)  # inside the band
+    assert read(n - 10, n - 1) == (False, None, 0.1, steps)  # just over the second: the earlier default
+    assert read(n - 1, n - 1) == (False, None, 0.1, steps)  # no band (the caps equal)
+    assert read(n - 1, None) == (False, None, 0.1, steps)  # no band (None): as before session 40
+    assert read(n - 1, n, iterations=3) == ("all", "all", 0.03, 3)  # iterations given wins
+    assert read(n - 1, n, coarse_warp_blur=False) == (
+        False,
+        None,
+        0.1,
+        steps,
+    )  # blur off: the earlier default
+    # the band uses the preset's steps (not the volume default's 0) with its coarse stage (the same maps)
+    monkeypatch.setattr(nephi_engine, "VOLUME_DEFAULT_MAX_VOXELS", n - 1)
+    monkeypatch.setattr(nephi_engine, "VOLUME_DEFAULT_STEPS_MAX_VOXELS", n)
+    band = nn.register(*pair, **common)
+    forced = nn.register(*pair, coarse_warp_blur="all", coarse_reg_weight=0.03, iterations=steps, **common)
+    np.testing.assert_array_equal(band.transform.displacement(), forced.transform.displacement())
+
+
 def test_the_volume_default_s_cap_stays_within_the_full_image_comparison_grid():
     """The volume default (R0) was measured only where the coarse stage compares on the full image (sessions
     38-39, up to 1,010,412 voxels); above ``coarse.WARP_MAX_VOXELS`` it compares on a downsampled grid, where

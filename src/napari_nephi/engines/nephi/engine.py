@@ -194,6 +194,15 @@ LEARNING_RATES = {"start": (2e-3, 1e-2), "refine": (5e-4, 2.5e-3)}
 #: failing development case (session 38, B2). 128^3 and 256^3 stay over it.
 VOLUME_DEFAULT_MAX_VOXELS = 1 << 20
 
+#: Volumes of more than :data:`VOLUME_DEFAULT_MAX_VOXELS` and at most this many voxels (``optimize`` mode, not
+#: chunked) take the volume default's coarse stage (``coarse_warp_blur_3d`` "all", ``coarse_reg_weight_3d``
+#: 0.03) with the preset's neural steps (50 with the fast preset; ``iterations`` given still wins). There the
+#: coarse stage compares on a downsampled grid (over :data:`.coarse.WARP_MAX_VOXELS`), where its coarse stage
+#: alone failed (session 39, B3: draw 70.2 at 3.3x the MRI) and with the 50 steps passed B's marks on 6 of 6
+#: development cases. Larger volumes keep the earlier default. None: no such band (the default until session
+#: 40's rule is read; docs/nephi.md, "Session 40").
+VOLUME_DEFAULT_STEPS_MAX_VOXELS: int | None = None
+
 #: Default bending weight of the coarse stage (``coarse_reg_weight``), before noise adaptation.
 COARSE_REG_WEIGHT = 0.1
 #: Volumes (``coarse_reg_weight`` not given): the coarse stage's bending weight there, in every mode; None:
@@ -461,16 +470,22 @@ def register_nephi(
     use_chunks = mode == "optimize" and (bool(chunked) or (chunked is None and nvox > max_voxels))
     # volumes in optimize mode, not chunked, up to VOLUME_DEFAULT_MAX_VOXELS: the preset's own coarse stage
     # and neural steps (session 37)
-    volume_default = d == 3 and mode == "optimize" and not use_chunks and nvox <= VOLUME_DEFAULT_MAX_VOXELS
-    if coarse_warp_blur is None and volume_default and not coarse_module.WARP_BLUR_3D:
+    volume_run = d == 3 and mode == "optimize" and not use_chunks
+    volume_default = volume_run and nvox <= VOLUME_DEFAULT_MAX_VOXELS
+    # over it, up to VOLUME_DEFAULT_STEPS_MAX_VOXELS: the same coarse stage, the preset's neural steps kept
+    steps_cap = VOLUME_DEFAULT_STEPS_MAX_VOXELS
+    volume_steps = volume_run and steps_cap is not None and VOLUME_DEFAULT_MAX_VOXELS < nvox <= steps_cap
+    if coarse_warp_blur is None and (volume_default or volume_steps) and not coarse_module.WARP_BLUR_3D:
         coarse_warp_blur = p.get("coarse_warp_blur_3d")  # (None: the module switch, off)
     # the volume default's bending weight and skipped neural steps go with its warp blur "all": with the
     # blur off or partial (False / True, by option or module switch) a volume gets the earlier default
     # (review 2 of session 37: the blur off alone gave a coarse-only run worse than both defaults)
     blur_mode = coarse_module.WARP_BLUR_3D if coarse_warp_blur is None else coarse_warp_blur
-    volume_default = volume_default and isinstance(blur_mode, str) and blur_mode == "all"
+    blur_all = isinstance(blur_mode, str) and blur_mode == "all"
+    volume_default = volume_default and blur_all
+    volume_steps = volume_steps and blur_all
     if coarse_reg_weight is None:
-        coarse_reg_weight = p.get("coarse_reg_weight_3d") if volume_default else None
+        coarse_reg_weight = p.get("coarse_reg_weight_3d") if volume_default or volume_steps else None
         coarse_reg_weight = COARSE_REG_WEIGHT if coarse_reg_weight is None else coarse_reg_weight
     coarse_reg_weight = float(coarse_reg_weight)
     neural_info: dict = {}  # the gate's reading (metrics["neural_3d_gate"])
