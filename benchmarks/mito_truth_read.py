@@ -1,0 +1,278 @@
+"""MITO truth read: the background's looks read on the generator's own placement (session 40).
+
+Where ``drift_correction="auto"`` reads an organelle drift short (stage-drift+drift 99: both looks
+(0.166, -0.097) px per section against the (0.306, -0.038) the alignment left), is it the placement
+or the sample? This script reads the background (:func:`.background.background_motion`, the engine's
+crops, masks and runs) on the placement an aligner that follows the mitochondria perfectly would give:
+the generator's true matrices followed by the mitochondria's true mean drift (captured from the
+generator's ``_add_drift``), so that the background moves by exactly ``-v`` per section (``v``: the
+mitochondria's mean drift). What it reads off ``-v`` there is the reading's own error on those pairs
+(their sample, or a bias of the reading); what the engine's placement reads off the truth's reading
+on the same pairs and crops is the placement's.
+
+Readings (each: slope, se, pairs, :func:`.background.classify`'s decision at the floor ``--floor``,
+chi-square from 0): the first look, the second, both (:func:`.background.second_look`) and ``all``
+(:data:`--all-pairs` neighbour pairs in 8 runs: what the stack itself holds, a far larger sample).
+
+* ``unrotated`` frame (session 38 A2's ``sdd_truth.py``, lost with /tmp): the truth placement in the
+  generator's unrotated frame; the organelles' part is ``-v``.
+* ``--engine``: also runs the benchmark's ``mito-default`` row (``mito_benchmark.run_mito``, the
+  defaults), keeps the placement the engine decided on (the matrices given to
+  ``align._auto_decision``), reads it with the same function (which must reproduce the engine's own
+  first look: ``engine_first_look_reproduced``) and reads the truth placement moved into the engine's
+  frame (the reference section's), where the organelles' part is the reference's rotation of ``-v``.
+
+Usage (``cd /work/main``; one 160-section stack: about 1 CPU min to generate, 1-2 per frame's reads, 3-4
+for ``--engine``)::
+
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/mito_truth_read.py --seeds 98 99 \\
+        --case stage-drift+drift --json /tmp/truth.json [--engine]
+
+Not part of the test run (``tests/mito/test_mito_truth_read.py`` tests the truth placement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mito_benchmark as mb  # noqa: E402
+
+from napari_nephi.engines.mito import align  # noqa: E402
+from napari_nephi.engines.mito import background as bgm  # noqa: E402
+from napari_nephi.engines.mito.detrend import section_centres, trend_test  # noqa: E402
+from napari_nephi.synthetic import em as em_module  # noqa: E402
+
+
+def translation(t) -> np.ndarray:
+    """The homogeneous (y, x) translation by ``t``."""
+    m = np.eye(3)
+    m[:2, 2] = t
+    return m
+
+
+def truth_placement(matrices: np.ndarray, velocity, ref: int | None = None) -> np.ndarray:
+    """The placement that follows the mitochondria perfectly: ``matrices[k] @ T(velocity * (k - k0))``
+    (``matrices``: the generator's, unrotated frame -> section ``k``; ``k0`` the middle section, where the
+    generator's drift is zero), so that aligned content moving by ``velocity`` per section stands still
+    and a still background moves by ``-velocity``. ``ref``: expressed in section ``ref``'s frame (the
+    engine's aligned frame), i.e. multiplied by the inverse of its matrix ``ref``."""
+    n = len(matrices)
+    k0 = (n - 1) / 2.0
+    v = np.asarray(velocity, np.float64)
+    out = np.stack([matrices[k] @ translation(v * (k - k0)) for k in range(n)])
+    if ref is not None:
+        out = out @ np.linalg.inv(out[ref])
+    return out
+
+
+def expected_background(velocity, frame: np.ndarray | None = None) -> np.ndarray:
+    """The still background's slope under :func:`truth_placement`: ``-velocity``, turned by the linear
+    part of ``frame`` (the truth placement's matrix of the reference section) where given."""
+    v = -np.asarray(velocity, np.float64)
+    return v if frame is None else (frame[:2, :2] / frame[2, 2]) @ v
+
+
+def generate(seed: int, case: str, args) -> tuple[dict, dict]:
+    """The benchmark's stack and the generator's truth: the mitochondria's drifts (each, their mean and
+    the population's velocity) and the stage's path (captured from ``_add_drift`` / ``_stage_path``)."""
+    seen: dict = {}
+    add_drift, stage_path = em_module._add_drift, em_module._stage_path
+
+    def add(mitos, *a):
+        seen["population"] = add_drift(mitos, *a)
+        seen["mitos"] = [list(m.drift[0]) for m in mitos]
+        return seen["population"]
+
+    def path(*a):
+        seen["path"] = stage_path(*a)
+        return seen["path"]
+
+    em_module._add_drift, em_module._stage_path = add, path
+    try:
+        data = mb.em_stack(args.sections, tuple(args.shape), seed=seed, pad=args.pad, **mb.CASES[case])
+    finally:
+        em_module._add_drift, em_module._stage_path = add_drift, stage_path
+    truth = {"population": [0.0, 0.0], "mitos_mean": [0.0, 0.0], "stage_step": [0.0, 0.0]}
+    if "mitos" in seen:
+        truth["population"] = [float(v) for v in seen["population"]]
+        truth["mitos_mean"] = [float(v) for v in np.mean(seen["mitos"], axis=0)]
+    if "path" in seen:
+        truth["stage_step"] = [float(v) for v in np.polyfit(np.arange(args.sections), seen["path"], 1)[0]]
+    return data, truth
+
+
+def reader(data: dict, workers: int):
+    """``background(mats, use, second, trend, pairs)``: :func:`.background.background_motion` as
+    ``align_stack`` calls it with the given masks (the keypoint stage's masks at its working scale)."""
+    stack, masks = data["stack"], data["masks"]
+    h, w = stack.shape[1:]
+    opts = align.build_options(
+        (h, w), "mito", "brisk", "bf", "homography", None, 3.0, 0.8, 1000, None, 1.0, 12.0, 6, 10,
+        ("sift", "identity"), 2, None, 10, 1.5, None, True, masks_given=True, refine=True,
+    )  # fmt: skip
+    sections = align._Sections(stack, masks, opts, (None, None))
+
+    def background(mats, use, second=False, trend=None, pairs=bgm.PAIRS):
+        try:
+            return bgm.background_motion(
+                lambda k: align.to_uint8(align.read_section(stack, k), None, None), sections.background_mask,
+                mats, (h, w), use, pairs=pairs, workers=workers, second=second, trend=trend,
+            )  # fmt: skip
+        finally:
+            sections.release_masks()
+
+    return background
+
+
+def looks(background, mats, use, shape, floor: float, all_pairs: int, expected=None) -> dict:
+    """The first, second, both looks and ``all`` pairs on the placement ``mats`` (sections of ``shape``; see
+    the module's docstring); ``expected``: the background's true slope there (errors reported against it)."""
+    trend = trend_test(section_centres(mats, shape), use)["slope"]
+    first = background(mats, use, False, trend)
+    second = background(mats, use, True, trend)
+    out = {"trend": [float(v) for v in trend], "first": first, "second": second}
+    out["both"] = bgm.second_look(first, second)
+    out["all"] = background(mats, use, False, trend, all_pairs)
+    for name in ("first", "second", "both", "all"):
+        r = out[name]
+        r.pop("around_0", None)
+        r.pop("runs", None)
+        if math.isfinite(r["se"][0]):
+            r["decision"], r["share"] = bgm.classify(trend, r, floor=floor)
+            r["chi_square_from_0"] = bgm.chi_square_from_0(r, floor)
+            if expected is not None:
+                err = np.asarray(r["slope"]) - expected
+                r["error"] = [float(v) for v in err]
+                r["error_in_se"] = [float(v) for v in err / np.maximum(r["se"], floor)]
+    if expected is not None:
+        out["organelles_part"] = [float(v) for v in expected]
+    return out
+
+
+def engine_placement(data: dict, workers: int) -> dict:
+    """The benchmark's ``mito-default`` row with the defaults; the placement, ``use`` and the trend test
+    that ``align._auto_decision`` was given, and the row's result."""
+    seen: dict = {}
+    decide = align._auto_decision
+
+    def hook(test, matrices, use, background, relative=None):
+        seen.update(matrices=np.array(matrices), use=np.array(use), test_in=copy.deepcopy(test))
+        out = decide(test, matrices, use, background, relative)
+        seen["test"] = copy.deepcopy(test)
+        return out
+
+    bench = SimpleNamespace(model="homography", reference="auto", workers=workers, extra={})
+    align._auto_decision = hook
+    try:
+        seen["result"] = mb.run_mito(data, "mito-default", "bf", bench)
+    finally:
+        align._auto_decision = decide
+    return seen
+
+
+def _line(name: str, r: dict) -> str:
+    if not math.isfinite(r["se"][0]):
+        return f"  {name:<6} unmeasured ({r['pairs']} pairs)"
+    (by, bx), (sy, sx) = r["slope"], r["se"]
+    s = f"  {name:<6} ({by:.3f}, {bx:.3f}) +- ({sy:.3f}, {sx:.3f}), {r['pairs']} pairs"
+    s += f", |b| {math.hypot(by, bx):.3f}"
+    s += f", chi-square from 0 {r['chi_square_from_0']:.1f}: {r['decision']}"
+    if "error" in r:
+        (ey, ex), (zy, zx) = r["error"], r["error_in_se"]
+        s += f"; error ({ey:.3f}, {ex:.3f}) = ({zy:.1f}, {zx:.1f}) se"
+    return s
+
+
+def _show(title: str, out: dict) -> None:
+    part = out.get("organelles_part")
+    extra = (
+        "" if part is None else f", organelles' part ({part[0]:.3f}, {part[1]:.3f}) |{math.hypot(*part):.3f}|"
+    )
+    print(f" {title}: trend ({out['trend'][0]:.3f}, {out['trend'][1]:.3f}){extra}")
+    for name in ("first", "second", "both", "all"):
+        print(_line(name, out[name]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", required=True)
+    p.add_argument("--case", default="stage-drift+drift")
+    p.add_argument("--sections", type=int, default=160)
+    p.add_argument("--shape", type=int, nargs=2, default=(768, 1024))
+    p.add_argument("--pad", type=int, default=250)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--floor", type=float, default=0.02, help="se floor of the decisions (the default's)")
+    p.add_argument("--all-pairs", type=int, default=159, help="pairs of the 'all' reading")
+    p.add_argument("--engine", action="store_true", help="also the engine's placement (a full alignment)")
+    p.add_argument("--json", help="write the readings here")
+    args = p.parse_args(argv)
+    if args.case not in mb.CASES:
+        p.error(f"unknown case {args.case}; choose from {', '.join(mb.CASES)}")
+    results = []
+    for seed in args.seeds:
+        cpu = time.process_time()
+        data, truth = generate(seed, args.case, args)
+        shape = data["stack"].shape[1:]
+        background = reader(data, args.workers)
+        v = np.asarray(truth["mitos_mean"])
+        use = np.ones(args.sections, bool)
+        row = {"seed": seed, "case": args.case, "truth": truth}
+        print(
+            f"# seed {seed} {args.case}: mitochondria's mean drift ({v[0]:.3f}, {v[1]:.3f}) "
+            f"|{math.hypot(*v):.3f}|, "
+            f"population ({truth['population'][0]:.3f}, {truth['population'][1]:.3f}), stage step "
+            f"({truth['stage_step'][0]:.3f}, {truth['stage_step'][1]:.3f}) px per section",
+            flush=True,
+        )
+        row["unrotated"] = looks(
+            background, truth_placement(data["matrices"], v), use, shape, args.floor, args.all_pairs,
+            expected_background(v),
+        )  # fmt: skip
+        _show("truth placement, unrotated frame", row["unrotated"])
+        if args.engine:
+            seen = engine_placement(data, args.workers)
+            mats, use_e = seen["matrices"], seen["use"]
+            ref = int(np.argmin([np.abs(m - np.eye(3)).sum() for m in mats]))
+            placed = truth_placement(data["matrices"], v)
+            frame = placed[ref]
+            res = seen["result"]
+            row["engine"] = {
+                "reference": ref, "dice_ref": res["dice_ref"], "dice_fit": res["dice_fit"],
+                "frame_fit_slope": res["frame_fit"]["slope"], "drift_auto": res.get("drift_auto"),
+            }  # fmt: skip
+            row["engine_placement"] = looks(background, mats, use_e, shape, args.floor, args.all_pairs)
+            bg = seen["test"].get("background") or {}
+            rec = bg.get("first_look", bg).get("slope")
+            row["engine_first_look_reproduced"] = rec == row["engine_placement"]["first"]["slope"]
+            row["truth_in_engine_frame"] = looks(
+                background, truth_placement(data["matrices"], v, ref), use_e, shape, args.floor,
+                args.all_pairs, expected_background(v, frame),
+            )  # fmt: skip
+            print(
+                f" engine (defaults): reference {ref}, Dice ref {res['dice_ref']:.4f}, "
+                f"fit {res['dice_fit']:.4f}, "
+                f"left slope ({res['frame_fit']['slope'][0]:.3f}, {res['frame_fit']['slope'][1]:.3f}); "
+                f"engine's first look reproduced: {row['engine_first_look_reproduced']}"
+            )
+            _show("engine placement (reference frame)", row["engine_placement"])
+            _show("truth placement, reference frame", row["truth_in_engine_frame"])
+        row["cpu_s"] = time.process_time() - cpu
+        results.append(row)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(results, fh, indent=1, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

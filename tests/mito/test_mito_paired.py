@@ -1,0 +1,112 @@
+"""``benchmarks/mito_paired.py`` (session 40): the paired queue's lanes, its decision twin (the candidate's
+arm shared only where it decides as the base, run in full otherwise) and the marks of session 40's rule."""
+
+import numpy as np
+import pytest
+
+from .._bench import import_benchmark
+
+P = import_benchmark("mito_paired")
+
+
+def _row(seed, case, base, cand, applied=("none", "none"), first="sections", looks=1):
+    arm = {"dice_fit": 0.0, "chi0": None}
+    return {
+        "seed": seed, "case": case, "cand_from": "shared", "prediction_matches": None,
+        "base": {**arm, "dice_ref": base, "applied": applied[0], "decision": first, "first_look": first,
+                 "looks": looks},
+        "cand": {**arm, "dice_ref": cand, "applied": applied[1], "decision": first, "first_look": first,
+                 "looks": looks},
+    }  # fmt: skip
+
+
+def _passing():
+    """Three stage-drift+drift rows read "sections" on one look (one gains 0.02: ceil(3 / 3) = 1 needed),
+    one read "both", and two stage-drift rows kept."""
+    return [
+        _row(1, "stage-drift+drift", 0.60, 0.62, ("none", "detrend-slope")),
+        _row(2, "stage-drift+drift", 0.64, 0.64),
+        _row(3, "stage-drift+drift", 0.61, 0.605),  # a loss of exactly 0.005 is allowed
+        _row(4, "stage-drift+drift", 0.92, 0.92, ("detrend-slope",) * 2, first="both"),
+        _row(1, "stage-drift", 0.97, 0.97),
+        _row(2, "stage-drift", 0.89, 0.97, ("detrend-slope", "none"), first="both"),  # a floored gain
+    ]
+
+
+def test_marks_pass_on_every_bound_and_fail_one_past_each():
+    rows = _passing()
+    m = P.marks(rows)
+    assert m["verdict"] == "PASS", m
+    assert m["c_sections_rows"] == [
+        (1, "stage-drift+drift"),
+        (2, "stage-drift+drift"),
+        (3, "stage-drift+drift"),
+    ]
+    assert m["c_gained"] == [(1, "stage-drift+drift")] and m["c_needed"] == 1
+    lost = _passing()
+    lost[2]["cand"]["dice_ref"] = 0.6049  # (a): a loss over 0.005
+    assert P.marks(lost)["verdict"] == "FAIL" and P.marks(lost)["a_losses"] == [(3, "stage-drift+drift")]
+    detrended = _passing()
+    detrended[4]["cand"]["applied"] = "detrend-slope"  # (b): a kept stage-drift row detrended
+    assert P.marks(detrended)["b_detrended"] == [(1, "stage-drift")]
+    assert P.marks(detrended)["verdict"] == "FAIL"
+    short = _passing()
+    short[0]["cand"]["dice_ref"] = 0.6199  # (c): the gain under 0.02
+    assert P.marks(short)["verdict"] == "FAIL" and P.marks(short)["c_gained"] == []
+    more = _passing() + [_row(k, "stage-drift+drift", 0.6, 0.6) for k in (5, 6, 7)]  # 6 rows: 2 needed
+    assert P.marks(more)["c_needed"] == 2 and P.marks(more)["verdict"] == "FAIL"
+
+
+def test_marks_say_not_enough_rows_below_two_sections_rows():
+    rows = [r for r in _passing() if r["seed"] != 2 and r["seed"] != 3]  # one "sections" row left
+    m = P.marks(rows)
+    assert m["c_sections_rows"] == [(1, "stage-drift+drift")] and m["verdict"] == "NOT ENOUGH ROWS"
+    second = _passing()  # a first look "undecided" whose second look read "sections" is not in S
+    for r in second[1:3]:
+        r["base"]["looks"] = 2
+    assert P.marks(second)["verdict"] == "NOT ENOUGH ROWS"
+
+
+def test_lanes_split_one_seed_major_list():
+    rows = [(s, c) for s in (106, 107, 108) for c in ("a", "b")]
+    one, two = P.queue([106, 107, 108], ["a", "b"], "1/2"), P.queue([106, 107, 108], ["a", "b"], "2/2")
+    assert one == rows[0::2] and two == rows[1::2] and sorted(one + two) == sorted(rows)
+    assert P.queue([1], ["a"]) == [(1, "a")]
+    with pytest.raises(SystemExit):
+        P.queue([1], ["a"], "3/2")
+
+
+def test_same_decision():
+    assert P.same_decision((False, None), (False, np.ones(2)))  # kept either way: the slope is not used
+    assert P.same_decision((True, None), (True, None))
+    assert P.same_decision((True, np.array([0.1, 0.2])), (True, np.array([0.1, 0.2])))
+    assert not P.same_decision((True, np.array([0.1, 0.2])), (True, np.array([0.1, 0.2000001])))
+    assert not P.same_decision((True, None), (True, np.zeros(2)))
+    assert not P.same_decision((True, None), (False, None))
+
+
+def _args(tmp_path, full=False):
+    return P.argparse.Namespace(sections=48, shape=(256, 256), pad=40, workers=1, full=full)
+
+
+def test_the_twin_leaves_the_base_as_a_plain_run_and_runs_a_differing_candidate_in_full(tmp_path):
+    """48 sections of 256 x 256, organelle drift 0.4: the defaults detrend ("organelles"); a floor of 10 px
+    per section makes every reading "undecided" (kept), so the candidate decides otherwise and runs in full,
+    and its recorded reading is the one predicted at the base's decision. The base arm is the plain row's."""
+    data = P.em_stack(48, (256, 256), seed=21, pad=40, **P.mb.CASES["drift04"])
+    plain = P.mb.run_mito(data, "mito-default", "bf", P.SimpleNamespace(
+        model="homography", reference="auto", workers=1, extra={}))  # fmt: skip
+    row = P.run_row(21, "drift04", _args(tmp_path), {"SE_FLOOR": 10.0, "SECOND_LOOK": "undecided"})
+    assert row["base"]["dice_ref"] == plain["dice_ref"] and row["base"]["drift_auto"]["applied"] == "detrend"
+    assert row["cand_from"] == "full" and row["prediction_matches"] is True
+    assert row["cand"]["drift_auto"]["applied"] == "none" and row["predicted"] == [[False, None]]
+    assert row["cand"]["dice_ref"] < row["base"]["dice_ref"] - 0.1  # the drift kept
+    assert P.bgm.SE_FLOOR == 0.02 and P.bgm.SECOND_LOOK == "undecided"  # the settings restored
+    # a candidate deciding alike shares the base's alignment, and equals the same candidate run in full
+    same = {"SE_FLOOR": 0.06, "SECOND_LOOK": "sections"}
+    shared = P.run_row(21, "drift04", _args(tmp_path), same)
+    full = P.run_row(21, "drift04", _args(tmp_path, full=True), same)
+    assert shared["cand_from"] == "shared" and full["cand_from"] == "full"
+    for key in ("dice_ref", "dice_fit", "frame_fit"):
+        assert shared["cand"][key] == full["cand"][key]
+    assert shared["cand"]["drift_auto"]["background"] == full["cand"]["drift_auto"]["background"]

@@ -1,0 +1,48 @@
+"""``benchmarks/mito_truth_read.py`` (session 40; session 38 A2's truth read, committed): the placement that
+follows the mitochondria perfectly, in the generator's frame and in a reference section's."""
+
+import numpy as np
+
+from napari_nephi.engines.mito.detrend import section_centres, trend_test
+from napari_nephi.synthetic import rotation_matrix
+
+from .._bench import import_benchmark
+
+T = import_benchmark("mito_truth_read")
+
+
+def _true(n=9, shape=(300, 400), seed=3):
+    rng = np.random.default_rng(seed)
+    mats = np.stack([rotation_matrix(a, shape) for a in rng.uniform(-np.pi, np.pi, n)])
+    mats[:, :2, 2] += rng.normal(0, 5, (n, 2))  # scatter, as placement_shift
+    return mats
+
+
+def test_truth_placement_moves_aligned_content_by_the_drift_and_the_background_by_minus_it():
+    n, shape, v = 9, (300, 400), np.array([0.3, -0.2])
+    true = _true(n, shape)
+    placed = T.truth_placement(true, v)
+    k0 = (n - 1) / 2
+    p = np.array([120.0, 80.0, 1.0])  # a point of the generator's (unrotated) frame
+    for k in range(n):
+        # aligned point p samples the unrotated frame at p + v (k - k0): content moving by v stands still
+        assert np.allclose(placed[k] @ p, true[k] @ (p + np.r_[v * (k - k0), 0.0]))
+    assert np.allclose(placed[int(k0)], true[int(k0)])  # no drift at the middle section
+    assert np.allclose(T.expected_background(v), -v)
+    # the sections' centres move by -v per section in the aligned frame: the trend reads the organelles' part
+    m = 40  # sections enough for the trend test
+    still = T.truth_placement(np.repeat(np.eye(3)[None], m, 0), v)
+    slope = trend_test(section_centres(still, shape), np.ones(m, bool))["slope"]
+    assert np.allclose(slope, -v, atol=1e-9)
+
+
+def test_truth_placement_in_a_reference_frame():
+    n, v, ref = 9, np.array([0.3, -0.2]), 6
+    true = _true(n)
+    placed, in_ref = T.truth_placement(true, v), T.truth_placement(true, v, ref)
+    assert np.allclose(in_ref[ref], np.eye(3))
+    for k in range(n):  # the same placement, seen from section ref's frame
+        assert np.allclose(in_ref[k], placed[k] @ np.linalg.inv(placed[ref]))
+    rot = placed[ref][:2, :2]
+    assert np.allclose(T.expected_background(v, placed[ref]), rot @ -v)
+    assert np.isclose(np.hypot(*T.expected_background(v, placed[ref])), np.hypot(*v))  # a rotation
