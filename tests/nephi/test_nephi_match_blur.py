@@ -157,6 +157,37 @@ def test_matched_blur_is_skipped_on_images_above_its_memory_bound(monkeypatch):
     assert run().blur_variance is None
 
 
+def test_the_coarse_stage_reads_its_module_constants_when_called(monkeypatch):
+    """Session 40: ``optimize_velocity``'s comparison grid and learning rate and ``pyramid_shapes``'s and
+    ``comparison_shape``'s caps default to None, read at the call as ``coarse.WARP_MAX_VOXELS``,
+    ``COARSE_LEARNING_RATE`` and ``COARSE_MAX_VOXELS``: setting a constant takes effect. Fails before (the
+    defaults were bound when the functions were defined, so a patched WARP_MAX_VOXELS changed nothing; session
+    39, B3)."""
+    from napari_nephi.engines.nephi import coarse
+
+    cam = torch.as_tensor(_camera(48))[None, None]
+    moved = torch.roll(cam, 1, dims=2)
+    shapes = pyramid_shapes((48, 48), [4, 2])
+
+    def run(**kw):
+        return optimize_velocity(cam, moved, shapes, 4, 0.1, "ncc", lambda _: None, match_blur=True, **kw)
+
+    assert run().blur_variance is not None and coarse.comparison_shape((48, 48)) == (48, 48)
+    monkeypatch.setattr(coarse, "WARP_MAX_VOXELS", 24 * 24)
+    assert coarse.comparison_shape((48, 48)) == (24, 24)
+    assert run().blur_variance is None  # compared on 24 x 24, as with compare_max_voxels=24 * 24
+    monkeypatch.undo()
+    assert pyramid_shapes((48, 48), [2]) == [(24, 24)]
+    monkeypatch.setattr(coarse, "COARSE_MAX_VOXELS", 16 * 16)
+    assert pyramid_shapes((48, 48), [2]) == [(16, 16)]
+    monkeypatch.undo()
+    moving_default = run().forward_grid
+    assert moving_default.abs().max() > 0
+    monkeypatch.setattr(coarse, "COARSE_LEARNING_RATE", 0.0)  # no step moves the map
+    assert torch.equal(run().forward_grid, run(learning_rate=0.0).forward_grid)
+    assert run().forward_grid.abs().max() == 0
+
+
 def test_register_says_when_asked_matched_blur_did_not_run(monkeypatch):
     """Above its memory bound the matched blur is left out; a run that asked for it says so in a note
     (and the settings record that it did not run), a run that did not ask gets no such note."""

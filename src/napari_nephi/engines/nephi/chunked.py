@@ -157,13 +157,15 @@ def _resample_axis(t: torch.Tensor, axis: int, pos: torch.Tensor) -> torch.Tenso
     return a + (b - a) * w.reshape(view).to(t.dtype)
 
 
-def downsample(image: np.ndarray, out_shape: Sequence[int], rng, device, slab_voxels: int = SLAB_VOXELS):
+def downsample(image: np.ndarray, out_shape: Sequence[int], rng, device, slab_voxels: int | None = None):
     """``image`` normalised with ``rng`` and resampled to ``out_shape`` on the align-corners grid.
 
     Gaussian anti-aliasing (sigma ``(scale - 1) / 2`` voxels per axis) then linear sampling at full
     voxels ``j * (n - 1) / (m - 1)``; read slab by slab, so only a slab of the input is on the
     device. Returns ``(1, 1, *out_shape)`` float32.
     """
+    if slab_voxels is None:  # read at the call (session 40)
+        slab_voxels = SLAB_VOXELS
     shape = image.shape
     out_shape = tuple(int(m) for m in out_shape)
     scale = [(n - 1) / (m - 1) if m > 1 else 1.0 for n, m in zip(shape, out_shape)]

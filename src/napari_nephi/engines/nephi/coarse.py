@@ -138,8 +138,11 @@ def _downsampled_under(shape, factor: int, max_voxels: int, minimum: int) -> tup
         f += 1
 
 
-def pyramid_shapes(shape, factors, max_voxels: int = COARSE_MAX_VOXELS) -> list[tuple[int, ...]]:
-    """Coarse grids of ``shape`` downsampled by each factor (coarse first), none above ``max_voxels``."""
+def pyramid_shapes(shape, factors, max_voxels: int | None = None) -> list[tuple[int, ...]]:
+    """Coarse grids of ``shape`` downsampled by each factor (coarse first), none above ``max_voxels`` (None:
+    :data:`COARSE_MAX_VOXELS`, read at the call)."""
+    if max_voxels is None:
+        max_voxels = COARSE_MAX_VOXELS
     out: list[tuple[int, ...]] = []
     for f in factors:
         s = _downsampled_under(shape, f, max_voxels, 4)
@@ -180,8 +183,11 @@ def _weighted_similarity(name: str, a: torch.Tensor, b: torch.Tensor, w: torch.T
 WARP_MAX_VOXELS = 1 << 20
 
 
-def comparison_shape(shape, max_voxels: int = WARP_MAX_VOXELS) -> tuple[int, ...]:
-    """The image ``shape``, or its finest integer downsampling with at most ``max_voxels`` voxels."""
+def comparison_shape(shape, max_voxels: int | None = None) -> tuple[int, ...]:
+    """The image ``shape``, or its finest integer downsampling with at most ``max_voxels`` voxels (None:
+    :data:`WARP_MAX_VOXELS`, read at the call, so setting the module constant takes effect; session 40)."""
+    if max_voxels is None:
+        max_voxels = WARP_MAX_VOXELS
     return _downsampled_under(shape, 1, max_voxels, 1)
 
 
@@ -566,10 +572,10 @@ def optimize_velocity(
     reg_weight: float,
     similarity: str,
     on_step,
-    learning_rate: float = COARSE_LEARNING_RATE,
+    learning_rate: float | None = None,
     steps: int = 6,
     spacings: list[float] | None = None,
-    compare_max_voxels: int = WARP_MAX_VOXELS,
+    compare_max_voxels: int | None = None,
     affine: torch.Tensor | None = None,
     fixed_mask: torch.Tensor | None = None,
     moving_mask: torch.Tensor | None = None,
@@ -596,15 +602,18 @@ def optimize_velocity(
     At each level the velocity is the previous levels' (frozen) plus a cubic B-spline with knots
     ``spacings[k]`` voxels of the image apart (default :func:`knot_spacings`, halving with the
     grid), evaluated on the level's grid and integrated there by scaling and squaring; the level
-    runs :func:`level_iterations` steps of Adam; with ``finer_level`` and ``reg_weight > 0``
-    (:func:`finer_level_runs`) a last level on the last grid halves the knot spacing once more.
+    runs :func:`level_iterations` steps of Adam (``learning_rate``, None: :data:`COARSE_LEARNING_RATE`,
+    read at the call like every module constant named as a default here, since session 40); with
+    ``finer_level`` and ``reg_weight > 0`` (:func:`finer_level_runs`) a last level on the last grid halves
+    the knot spacing once more.
     ``reg_weight`` weights the bending energy of ``v`` in voxels of the level's grid: the spline
     alone keeps ``v`` smooth, the penalty fills in regions without texture from their surroundings.
 
     The last level warps the images on the full grid (or the finest downsampling with at most
-    ``compare_max_voxels`` voxels, :func:`comparison_shape`) and compares them there, which resolves
-    detail a small volume's coarse grids lose; a coarser level warps them on a grid twice as fine
-    as its own per axis (at most the full one) and compares them averaged down to its own. Warping
+    ``compare_max_voxels`` voxels, None: :data:`WARP_MAX_VOXELS`; :func:`comparison_shape`) and compares
+    them there, which resolves detail a small volume's coarse grids lose; a coarser level warps them on a
+    grid twice as fine as its own per axis (at most the full one) and compares them averaged down to its
+    own. Warping
     images downsampled to the level's grid would be cheaper but biased: averaging does not commute
     with a non-uniform warp, which moves each level's optimum by a fraction of a voxel and lands
     the next level in a worse basin.
@@ -672,6 +681,8 @@ def optimize_velocity(
     ``warp_blur`` (None: :data:`WARP_BLUR_3D`; False, True or ``"all"``): on volumes warped trilinearly, the
     image compared with a warped one is blurred by the warp's own smoothing (see :data:`WARP_BLUR_3D`).
     """
+    if learning_rate is None:
+        learning_rate = COARSE_LEARNING_RATE
     d = fixed.dim() - 2
     full = tuple(fixed.shape[2:])
     cubic, exact = volume_sampling(full)  # small volumes: cubic warp, exact bins (session 32)

@@ -54,10 +54,12 @@ def paired_samples(fixed, moving, matrix=None, fixed_mask=None, moving_mask=None
     return f[keep], m.astype(np.float64)
 
 
-def regression(f: np.ndarray, m: np.ndarray, bins: int = BINS):
+def regression(f: np.ndarray, m: np.ndarray, bins: int | None = None):
     """``(score, knots_m, knots_f)``: the mean ``m`` and ``f`` in ``bins`` equal-count bins of ``m``
     (bins of one value merged), and the share of the variance of ``f`` left by the least-squares line
     in ``m`` that those means explain (0: linear, as NCC assumes; near 1: a non-linear function)."""
+    if bins is None:  # read at the call (session 40)
+        bins = BINS
     if len(f) < 4 * bins or np.ptp(m) <= 0 or np.ptp(f) <= 0:
         return 0.0, None, None
     order = np.argsort(m, kind="stable")

@@ -17,8 +17,10 @@ from .coarse import grid_sample_points
 DENSE_CHUNK = 1 << 14
 
 
-def dense_displacement(point_map, shape, device, chunk: int = DENSE_CHUNK) -> np.ndarray:
+def dense_displacement(point_map, shape, device, chunk: int | None = None) -> np.ndarray:
     """``phi(x) - x`` in voxels on every voxel of ``shape`` for a map in normalised coordinates."""
+    if chunk is None:  # read at the call (session 40)
+        chunk = DENSE_CHUNK
 
     def voxel_map(v: torch.Tensor) -> torch.Tensor:
         y = point_map(voxel_to_normalized(v, shape)[None])[0]
@@ -27,8 +29,10 @@ def dense_displacement(point_map, shape, device, chunk: int = DENSE_CHUNK) -> np
     return displacement_field(voxel_map, shape, device, chunk_voxels=chunk)
 
 
-def inverse_consistency(transform: DisplacementTransform, chunk: int = DENSE_CHUNK) -> dict:
+def inverse_consistency(transform: DisplacementTransform, chunk: int | None = None) -> dict:
     """Mean and max of ``|phi_inv(phi(x)) - x|`` (voxels) over the voxels ``phi`` keeps inside."""
+    if chunk is None:  # read at the call (session 40)
+        chunk = DENSE_CHUNK
     shape = transform.shape
     inverse = transform.inverse()
     upper = torch.as_tensor(shape, dtype=torch.float32) - 1

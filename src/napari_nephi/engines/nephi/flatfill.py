@@ -67,8 +67,10 @@ def local_texture(image: torch.Tensor) -> torch.Tensor:
     return energy.sqrt()
 
 
-def smoothed(image: torch.Tensor, sigma: float = SMOOTH_SIGMA) -> torch.Tensor:
+def smoothed(image: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
     """``image`` ``(1, 1, *spatial)`` blurred by a Gaussian of ``sigma`` voxels (edges replicated)."""
+    if sigma is None:  # read at the call (session 40)
+        sigma = SMOOTH_SIGMA
     s = image.float()
     for a in range(s.dim() - 2):
         if s.shape[2 + a] > 1:

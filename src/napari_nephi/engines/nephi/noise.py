@@ -82,7 +82,7 @@ def _second_difference_product(image: np.ndarray) -> np.ndarray:
     return second_difference_product(x)[0, 0].numpy()
 
 
-def estimate_noise(image: np.ndarray, block: int = BLOCK, percentile: float = PERCENTILE) -> float:
+def estimate_noise(image: np.ndarray, block: int | None = None, percentile: float | None = None) -> float:
     """Standard deviation of white noise in ``image`` (2D or 3D, in the image's intensity units).
 
     Immerkaer's operator (:func:`_second_difference_product`) in blocks of ``block`` voxels a side
@@ -97,6 +97,10 @@ def estimate_noise(image: np.ndarray, block: int = BLOCK, percentile: float = PE
     share of the blocks the estimate is 0 and nothing adapts, as before. An image smaller than 3
     voxels along an axis reads 0.
     """
+    if block is None:  # read at the call (session 40)
+        block = BLOCK
+    if percentile is None:  # read at the call (session 40)
+        percentile = PERCENTILE
     x = np.asarray(image, np.float32)
     d = x.ndim
     if any(n < 3 for n in x.shape):

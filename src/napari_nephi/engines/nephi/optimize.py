@@ -224,7 +224,7 @@ def step_backward(
     generator: torch.Generator,
     fixed_mask: torch.Tensor | None = None,
     moving_mask: torch.Tensor | None = None,
-    chunk: int = SIMILARITY_CHUNK,
+    chunk: int | None = None,
     frame: bool = True,
 ) -> float:
     """:func:`step_loss` and its backward pass, in memory bounded by ``chunk`` points; the loss.
@@ -236,6 +236,8 @@ def step_backward(
     then re-run chunk by chunk and back-propagated with that gradient: the same gradient (same
     points, same random draws), but autograd never holds more than ``chunk`` points' activations.
     """
+    if chunk is None:  # read at the call (session 40)
+        chunk = SIMILARITY_CHUNK
     n = settings.sample_points
     if settings.similarity == "lncc" or n <= chunk:
         loss = step_loss(maps, fixed, moving, settings, generator, fixed_mask, moving_mask, frame)

@@ -144,8 +144,10 @@ def prediction_maps(field: NeuralDeformationField, codes: Codes, grid_shape) -> 
 LOW_PASS_VOXELS = 4.0
 
 
-def low_passed_maps(maps: DenseMaps, sigma: float = LOW_PASS_VOXELS) -> DenseMaps:
+def low_passed_maps(maps: DenseMaps, sigma: float | None = None) -> DenseMaps:
     """``maps`` on a grid, both directions filtered by a Gaussian of ``sigma`` grid voxels."""
+    if sigma is None:  # read at the call (session 40)
+        sigma = LOW_PASS_VOXELS
     sig = [sigma] * (maps.forward_grid.dim() - 2)
     return DenseMaps(gaussian_smoothed(maps.forward_grid, sig), gaussian_smoothed(maps.backward_grid, sig))
 
@@ -295,10 +297,12 @@ VELOCITY_STEPS = 8
 
 
 @torch.no_grad()
-def velocity_of(maps: DenseMaps, steps: int = 6, iterations: int = VELOCITY_STEPS) -> torch.Tensor:
+def velocity_of(maps: DenseMaps, steps: int = 6, iterations: int | None = None) -> torch.Tensor:
     """A stationary velocity whose exponential (``steps`` squarings) is the forward map of ``maps``
     (displacement grid, normalised, numpy axis order), on its grid, with components in grid_sample's
     order as the coarse stage holds them: ``v <- v + (u - exp(v))`` from ``v = u``."""
+    if iterations is None:  # read at the call (session 40)
+        iterations = VELOCITY_STEPS
     u = maps.forward_grid.flip(1).float()
     v = u.clone()
     for _ in range(iterations):

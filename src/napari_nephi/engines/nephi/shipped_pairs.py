@@ -179,7 +179,9 @@ class ShippedPairs:
 
     has_truth = True
 
-    def __init__(self, shape, val_pairs: int = 16, seed: int = 0, bank: int = FIELD_BANK):
+    def __init__(self, shape, val_pairs: int = 16, seed: int = 0, bank: int | None = None):
+        if bank is None:  # read at the call (session 40)
+            bank = FIELD_BANK
         if len(shape) != 2 or shape[0] != shape[1]:
             raise InputError(f"General 2D pairs are square 2D images; got shape {tuple(shape)}.")
         self.size, self.n_val, self.seed, self.bank = int(shape[0]), int(val_pairs), int(seed), int(bank)
