@@ -3,6 +3,7 @@
 
     python benchmarks/nephi_zoom_cases.py run CASE ARM ZOOM [--pairs DIR] [--out FILE.jsonl] [--cap N] [--cap2 N]
     python benchmarks/nephi_zoom_cases.py pair CASE ZOOM [--pairs DIR]          # build and cache the pair only
+    python benchmarks/nephi_zoom_cases.py paired CASE ZOOM --cap2 N [--order ABBA] [--pairs DIR] [--out FILE.jsonl]
     python benchmarks/nephi_zoom_cases.py table BEFORE AFTER [--expect-before ARM] [--expect-after ARM] [--last]
 
 The harness of sessions 37-38 (``/tmp/s37/B2/fairzoom.py``, ``/tmp/s38/B/zoomcase.py``, ``cmp.py``), committed.
@@ -25,6 +26,11 @@ coarse_reg_weight=0.1, iterations=50``) or ``r0s`` (R0's coarse stage with the p
 N`` sets ``engine.VOLUME_DEFAULT_MAX_VOXELS`` to ``N`` in the process first (the default with another cap;
 recorded as ``cap``); ``--cap2 N`` sets ``engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS`` (the second cap, session 40:
 over the first cap and up to it, R0's coarse stage with the neural steps; recorded as ``cap2``).
+
+``paired CASE ZOOM --cap2 N`` (session 40) times the default without (A: the second cap as the code has it) and
+with (B: ``--cap2 N``) the second cap in one process, alternating in ``--order`` (default ABBA), on one cached
+pair: CPU seconds of each run, the ratio of B's sum to A's, each run's settings and displacement hash (the same
+arm twice must hash the same). CPU only: a process's resident peak is not reset between runs.
 
 Pairs are cached as ``CASE_zZOOM.npz`` in ``--pairs`` (default ``$NEPHI_ZOOM_PAIRS``, else
 ``/tmp/nephi_zoom_pairs``): build them once (``pair``), then run the arms on the same arrays. NePhi runs on the
@@ -281,6 +287,57 @@ def run(case: str, arm: str, zoom: float, folder: Path, cap: int | None, cap2: i
     return row
 
 
+def paired(case: str, zoom: float, folder: Path, cap2: int, order: str = "ABBA") -> dict:
+    """CPU seconds of the default without (A) and with (B) ``engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS = cap2``,
+    the runs alternating in ``order`` in this process on one cached pair (a paired timing)."""
+    import torch
+
+    from napari_nephi.engines.nephi import engine
+
+    if not order or set(order) - {"A", "B"}:
+        raise SystemExit(f"--order {order!r}: a string of A and B (e.g. ABBA)")
+    state = code_state()
+    torch.set_num_threads(1)
+    pair = load_pair(case, zoom, folder)
+    base = engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS
+    runs = []
+    try:
+        for arm in order:
+            engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS = cap2 if arm == "B" else base
+            load0 = os.getloadavg()[0]
+            (est, reg), wall, cpu, _ = NA.timed(
+                lambda f, m: NA.run_nephi(f, m), pair["fixed"], pair["moving"]
+            )
+            runs.append(
+                dict(
+                    arm=arm,
+                    cpu_s=cpu,
+                    wall_s=wall,
+                    load=load0,
+                    settings={k: reg.settings.get(k) for k in SETTING_KEYS[2:5]},
+                    displacement_sha=hashlib.sha256(np.ascontiguousarray(est).tobytes()).hexdigest()[:16],
+                )
+            )
+    finally:
+        engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS = base
+    cpu = {a: sum(r["cpu_s"] for r in runs if r["arm"] == a) for a in "AB"}
+    ratio = cpu["B"] / cpu["A"] if cpu["A"] and cpu["B"] else None
+    n = {a: sum(r["arm"] == a for r in runs) for a in "AB"}
+    if ratio is not None:
+        ratio *= n["A"] / n["B"]  # per run
+    return dict(
+        case=case,
+        zoom=zoom,
+        what=pair["what"],
+        order=order,
+        cap2=cap2,
+        base_cap2=base,
+        runs=runs,
+        cpu_ratio_b_over_a=ratio,
+        **state,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # the table (pure: tested in tests/nephi/test_nephi_zoom_cases.py)
 
@@ -397,6 +454,13 @@ def main() -> None:
     r.add_argument("--out")
     r.add_argument("--cap", type=int, help="engine.VOLUME_DEFAULT_MAX_VOXELS for this run")
     r.add_argument("--cap2", type=int, help="engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS for this run")
+    q = sub.add_parser("paired")
+    q.add_argument("case")
+    q.add_argument("zoom", type=float)
+    q.add_argument("--cap2", type=int, required=True, help="engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS of arm B")
+    q.add_argument("--order", default="ABBA")
+    q.add_argument("--pairs")
+    q.add_argument("--out")
     b = sub.add_parser("pair")
     b.add_argument("case")
     b.add_argument("zoom", type=float)
@@ -431,7 +495,10 @@ def main() -> None:
         pair = load_pair(args.case, args.zoom, pairs_dir(args.pairs))
         print(f"{args.case} at {args.zoom:g}x: {pair['what']}, shape {pair['fixed'].shape}")
         return
-    row = run(args.case, args.arm, args.zoom, pairs_dir(args.pairs), args.cap, args.cap2)
+    if args.command == "paired":
+        row = paired(args.case, args.zoom, pairs_dir(args.pairs), args.cap2, args.order)
+    else:
+        row = run(args.case, args.arm, args.zoom, pairs_dir(args.pairs), args.cap, args.cap2)
     line = json.dumps(row, default=str)
     print(line, flush=True)
     if args.out:

@@ -108,3 +108,13 @@ def test_the_code_state_names_the_head_only_for_the_repository_s_own_package(tmp
     assert elsewhere == {"head": "unknown", "dirty": "unknown", "package": str(tmp_path.resolve())}
     outside = ZC.code_state(tmp_path, repo / "src" / "napari_nephi")  # run from outside any repository
     assert outside["head"] == outside["dirty"] == "unknown"
+
+
+def test_paired_refuses_an_order_of_other_arms(tmp_path):
+    """Session 40: ``paired`` alternates arms A and B only; another letter is refused before any pair is built
+    (no file written)."""
+    for order in ("AC", "", "abba"):
+        with pytest.raises(SystemExit, match="a string of A and B"):
+            ZC.paired("shift", 1.0, tmp_path, 1 << 21, order)
+    assert not list(tmp_path.iterdir())
+    assert ZC.ARMS["r0s"] == {"coarse_warp_blur": "all", "coarse_reg_weight": 0.03, "iterations": 50}
