@@ -7,7 +7,8 @@
     python benchmarks/nephi_zoom_cases.py table BEFORE AFTER [--expect-before ARM] [--expect-after ARM] [--last]
 
 The harness of sessions 37-38 (``/tmp/s37/B2/fairzoom.py``, ``/tmp/s38/B/zoomcase.py``, ``cmp.py``), committed.
-The image is nibabel's MRI (25 x 41 x 33) zoomed ``ZOOM`` times by ``ndimage.zoom(order=3)`` (itself at 1);
+The image is nibabel's MRI (25 x 41 x 33) zoomed ``ZOOM`` times by ``ndimage.zoom(order=3)`` (itself at 1;
+``ZOOM`` may give one factor per axis, ``0.5x3x3`` (z y x), for thin or anisotropic volumes, rigid cases only);
 every pair is fair: both images area means over 4-voxel blocks of one object (the image upsampled 4x by cubic
 splines), the moving one after the map moved the object on the fine grid (``nephi_large.rigid_pair_area`` and
 ``deformation_pair_area``). CASE:
@@ -96,11 +97,33 @@ SETTING_KEYS = (
 )
 
 
-def zoomed_mri(zoom: float) -> np.ndarray:
+def parse_zoom(text: str) -> float | str:
+    """``"3.3"`` -> 3.3 (every axis); ``"0.5x3x3"`` -> ``"0.5x3x3"`` (one factor per axis, z y x: thin or
+    anisotropic volumes, session 40; rigid cases only)."""
+    parts = str(text).split("x")
+    try:
+        values = [float(v) for v in parts]
+    except ValueError:
+        raise SystemExit(f"zoom {text!r}: a number (3.3) or one per axis (0.5x3x3)") from None
+    if len(values) not in (1, 3) or min(values) <= 0:
+        raise SystemExit(f"zoom {text!r}: a positive number (3.3) or three (0.5x3x3)")
+    return values[0] if len(values) == 1 else "x".join(f"{v:g}" for v in values)
+
+
+def zoom_label(zoom: float | str) -> str:
+    return zoom if isinstance(zoom, str) else f"{zoom:g}"
+
+
+def zoom_factors(zoom: float | str) -> float | tuple[float, ...]:
+    return tuple(float(v) for v in zoom.split("x")) if isinstance(zoom, str) else float(zoom)
+
+
+def zoomed_mri(zoom: float | str) -> np.ndarray:
     from napari_nephi.synthetic import mri_volume
 
     img = mri_volume()[0]
-    return img if zoom == 1 else ndimage.zoom(img, zoom, order=3)
+    factors = zoom_factors(zoom)
+    return img if factors == 1 else ndimage.zoom(img, factors, order=3)
 
 
 def parse_case(case: str) -> tuple[str, int, float]:
@@ -158,6 +181,10 @@ def build_pair(case: str, zoom: float) -> dict:
     from napari_nephi.synthetic import random_smooth_displacement
 
     kind, seed, k = parse_case(case)
+    if kind == "set" and isinstance(zoom, str):
+        raise SystemExit(
+            f"{case}: field sets scale with one zoom; {zoom!r} zooms the axes apart (rigid cases only)"
+        )
     img = zoomed_mri(zoom)
     if kind == "set":
         u, u_inv = random_smooth_displacement(
@@ -193,7 +220,7 @@ def pairs_dir(option: str | None) -> Path:
 
 def load_pair(case: str, zoom: float, folder: Path) -> dict:
     """The cached pair (built and written atomically first if missing)."""
-    path = folder / f"{case}_z{zoom:g}.npz"
+    path = folder / f"{case}_z{zoom_label(zoom)}.npz"
     if not path.exists():
         pair = build_pair(case, zoom)
         folder.mkdir(parents=True, exist_ok=True)
@@ -406,7 +433,7 @@ def table(
     after, twice_a = by_case(after_rows)
     if (twice_b or twice_a) and not last:
         names = [
-            f"{side} {c} at {z:g}x"
+            f"{side} {c} at {zoom_label(z)}x"
             for side, keys in (("before", twice_b), ("after", twice_a))
             for c, z in keys
         ]
@@ -415,7 +442,10 @@ def table(
         "| zoom (voxels) | case | EPE | det J (8 inside), largest abs(det J - 1) | IC max | CPU s (unpaired) | load b / a | peak MiB | marks |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for key in sorted(set(before) & set(after), key=lambda k: (k[1], k[0])):
+    for key in sorted(
+        set(before) & set(after),
+        key=lambda k: (isinstance(k[1], str), str(k[1]) if isinstance(k[1], str) else k[1], k[0]),
+    ):
         b, a = before[key], after[key]
         m = marks(b, a)
         epe = f"{b['epe']:.4f} -> {a['epe']:.4f}"
@@ -437,7 +467,7 @@ def table(
         if wrong:
             verdict = "**wrong arm** (" + "; ".join(wrong) + "); " + verdict
         lines.append(
-            f"| {key[1]:g}x ({a['voxels']:,}) | {a['what']} | {epe} | {det} | {b['ic_max']:.3f} -> {a['ic_max']:.3f} "
+            f"| {zoom_label(key[1])}x ({a['voxels']:,}) | {a['what']} | {epe} | {det} | {b['ic_max']:.3f} -> {a['ic_max']:.3f} "
             f"| {cpu} | {_load(b)} / {_load(a)} | {peak} | {verdict} |"
         )
     return lines
@@ -449,21 +479,21 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("case")
     r.add_argument("arm", choices=sorted(ARMS))
-    r.add_argument("zoom", type=float)
+    r.add_argument("zoom", type=parse_zoom)
     r.add_argument("--pairs")
     r.add_argument("--out")
     r.add_argument("--cap", type=int, help="engine.VOLUME_DEFAULT_MAX_VOXELS for this run")
     r.add_argument("--cap2", type=int, help="engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS for this run")
     q = sub.add_parser("paired")
     q.add_argument("case")
-    q.add_argument("zoom", type=float)
+    q.add_argument("zoom", type=parse_zoom)
     q.add_argument("--cap2", type=int, required=True, help="engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS of arm B")
     q.add_argument("--order", default="ABBA")
     q.add_argument("--pairs")
     q.add_argument("--out")
     b = sub.add_parser("pair")
     b.add_argument("case")
-    b.add_argument("zoom", type=float)
+    b.add_argument("zoom", type=parse_zoom)
     b.add_argument("--pairs")
     t = sub.add_parser("table")
     t.add_argument("before")
@@ -493,7 +523,7 @@ def main() -> None:
     parse_case(args.case)
     if args.command == "pair":
         pair = load_pair(args.case, args.zoom, pairs_dir(args.pairs))
-        print(f"{args.case} at {args.zoom:g}x: {pair['what']}, shape {pair['fixed'].shape}")
+        print(f"{args.case} at {zoom_label(args.zoom)}x: {pair['what']}, shape {pair['fixed'].shape}")
         return
     if args.command == "paired":
         row = paired(args.case, args.zoom, pairs_dir(args.pairs), args.cap2, args.order)

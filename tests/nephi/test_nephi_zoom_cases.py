@@ -118,3 +118,19 @@ def test_paired_refuses_an_order_of_other_arms(tmp_path):
             ZC.paired("shift", 1.0, tmp_path, 1 << 21, order)
     assert not list(tmp_path.iterdir())
     assert ZC.ARMS["r0s"] == {"coarse_warp_blur": "all", "coarse_reg_weight": 0.03, "iterations": 50}
+
+
+def test_a_zoom_per_axis_names_thin_volumes_and_refuses_field_sets(tmp_path):
+    """Session 40: ZOOM ``0.5x3x3`` zooms the axes apart (thin / anisotropic volumes): its label names the
+    cached pair and the table row; a field set, scaled by one zoom, is refused."""
+    assert ZC.parse_zoom("3.3") == 3.3 and ZC.parse_zoom("0.5x3x3") == "0.5x3x3"
+    assert ZC.parse_zoom("0.50x3x3.0") == "0.5x3x3" and ZC.zoom_factors("0.5x3x3") == (0.5, 3.0, 3.0)
+    for bad in ("3x3", "0x3x3", "ax3x3"):
+        with pytest.raises(SystemExit):
+            ZC.parse_zoom(bad)
+    assert ZC.zoomed_mri("0.64x3x3").shape == (16, 123, 99)
+    with pytest.raises(SystemExit, match="rigid cases only"):
+        ZC.build_pair("set1.2", "0.5x3x3")
+    rows = [_rigid(zoom="0.5x3x3"), _rigid(zoom=2.0)]
+    lines = ZC.table(rows, rows)
+    assert lines[2].startswith("| 2x") and lines[3].startswith("| 0.5x3x3x")
