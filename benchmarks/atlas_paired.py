@@ -371,6 +371,8 @@ def run(args) -> dict:
                     _one(lk[arm], q["image"], opts[arm])
                 warm = True
             row = dict(seed=seed, case=case, query=j, section=k, contrast=q["contrast"], plate=q["plate"])
+            if "plate_range" in q:  # the plates the section's tissue spans, 5th-95th percentile (session 40)
+                row["plate_range"] = [int(v) for v in q["plate_range"]]
             row["first_arm"] = "a" if position % 2 == 0 else "b"
             for arm in "ab" if position % 2 == 0 else "ba":
                 order, cpu, wall, row[f"prior_weight_{arm}"], found = _one(lk[arm], q["image"], opts[arm])
@@ -510,7 +512,8 @@ def far_misses(rows: list[dict], far: int = 5) -> str:
     """``judge --list``'s lines on the far misses (either arm's rank >= ``far``) of rows run with
     ``--stages``: per arm the truth's rank in the first stage -> after the pose search, the plates from
     the truth to the nearest pose, and the truth's best pose score against the winner's ("" without
-    ``--stages``)."""
+    ``--stages``); with the plates the section's tissue spans where the run recorded them (session 40:
+    a warped brain's cut is not flat in the atlas, and far misses span more plates than hits)."""
     staged = [r for r in rows if "first_rank_a" in r and max(r["rank_a"], r["rank_b"]) >= far]
     if not staged:
         return ""
@@ -523,7 +526,9 @@ def far_misses(rows: list[dict], far: int = 5) -> str:
         "pose (plates from the truth), truth's / winner's pose score"
     )
     for r in staged:
-        text += f"\n  {r['seed']} {r['case']} {r['query']} ({r['section']}, plate {r['plate']}):"
+        span = r.get("plate_range")
+        text += f"\n  {r['seed']} {r['case']} {r['query']} ({r['section']}, plate {r['plate']}"
+        text += "):" if span is None else f", its tissue on plates {span[0]}-{span[1]}):"
         for arm in "ab":
             scores = f"{score(r[f'truth_score_{arm}'])} / {score(r[f'winner_score_{arm}'])}"
             text += (

@@ -260,3 +260,22 @@ def test_run_stages_records_where_the_truth_was_lost_and_judge_lists_it(monkeypa
         "5 straight 7 (7, plate 4): 1 -> 5, 3, 1, none / 0.500; 0 -> 5, 3, 1, none / 0.500"
         in capsys.readouterr().out
     )
+
+
+def test_run_records_the_plates_the_section_spans_and_judge_lists_them(monkeypatch, tmp_path, capsys):
+    # session 40: the plates the section's tissue spans (the generator's plate_range), where a query has them
+    calls = []
+    monkeypatch.setattr(AP, "_load", lambda path: _FakeLookup(path, calls))
+    q = {"image": None, "contrast": "nissl", "plate": 4, "plate_range": (2, 7)}
+    monkeypatch.setattr(AP, "sections_of", lambda seed, stain: [("straight", k, q) for k in range(60)])
+    out = tmp_path / "run.json"
+    assert AP.main(["run", str(out), "--index", "A", "--seeds", "5", "--sections", "7", "--stages"]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["plate_range"] == [2, 7]
+    row["rank_a"] = row["rank_b"] = 5  # a far miss
+    path = tmp_path / "staged.json"
+    path.write_text(json.dumps({"rows": [row]}))
+    assert AP.main(["judge", str(path), "--list"]) == 0
+    assert "5 straight 7 (7, plate 4, its tissue on plates 2-7): 1 -> 5, 3, 1" in capsys.readouterr().out
+    _, plain = _fake_run(monkeypatch, tmp_path, ["--seeds", "5", "--sections", "7"])
+    assert "plate_range" not in plain[0]  # a query without it: nothing recorded

@@ -65,6 +65,9 @@ INFO_BINS = 16
 INFO_BLUR = 1.0
 #: Shared tissue pixels below which :meth:`SectionGrid.information` gives 0 (too few to count).
 INFO_MIN_PIXELS = 32
+#: A quarter of the section's tissue with fewer pixels than this on the grid does not count in
+#: :meth:`SectionGrid.quarter_offsets` (session 40, the ``quarter_shift`` rerank option).
+QUARTER_MIN_PIXELS = 20
 #: Bytes of untilted plate cuts (their FFTs) an :class:`AtlasGrid` keeps between sections: a cut
 #: depends only on the plate, the canvas and the plate pixels per canvas pixel, which the search
 #: takes from a fixed geometric grid, so sections of similar size reuse the same cuts.
@@ -102,6 +105,8 @@ class Pose:
     #: correlation ratio of the section's intensities given the atlas's regions at this pose
     #: (region_fit; None: not measured), where ``region_weight`` counted it
     region: float | None = None
+    #: plates the pose's ``z`` was moved by the ``quarter_shift`` rerank option (None: not moved)
+    shifted: float | None = None
 
 
 def field(image: np.ndarray, weight: np.ndarray, blur: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -583,6 +588,7 @@ class SectionGrid:
         self.corr = Correlator(self.canvas, reach)
         self._variants: dict[float, tuple] = {}
         self._images: dict[float, tuple[np.ndarray, np.ndarray]] = {}  # turned canvases (information)
+        self._plain: dict[float, tuple[np.ndarray, np.ndarray]] = {}  # turned canvases (quarter_offsets)
         self.grid_size = int(work_size)
 
     def variant(self, rotation: float):
@@ -693,6 +699,42 @@ class SectionGrid:
         if int(both.sum()) < INFO_MIN_PIXELS:
             return 0.0
         return information(img[both], cv2.GaussianBlur(cut, (0, 0), INFO_BLUR)[both])
+
+    def quarter_offsets(self, atlas: AtlasGrid, pose: Pose, reach: int) -> tuple[np.ndarray, np.ndarray]:
+        """For each quarter of the section's tissue (split at its tissue centre along the pose's turned
+        axes), the plate offset ``dz`` in ``-reach .. reach`` whose cut (the pose's tilt, rotation,
+        scale, aspect and atlas point, its ``z`` plus ``dz``) scores best by the edge field on that
+        quarter alone (normalised as :class:`Correlator` at the pose's own shift), and the quarter's
+        tissue pixels: ``(offsets, areas)``, each of 4; a quarter with fewer than
+        :data:`QUARTER_MIN_PIXELS` pixels has area 0 (session 40, the ``quarter_shift`` rerank option).
+        A cut of a warped brain is not flat in the atlas: where its parts lie at different plates,
+        one plane's best plate follows the parts whose edges fit best, not the section as a whole."""
+        key = round(float(pose.rotation), 6)
+        if key not in self._plain:
+            self._plain[key] = self._turned(rotation_matrix(pose.rotation) * self.q)
+        img, msk = self._plain[key]
+        rs, is_ = field(img, section_weight(msk), self.blur)
+        dzs = list(range(-int(reach), int(reach) + 1))
+        specs = [(pose.z + dz, pose.tilt) for dz in dzs]
+        cuts, masks = self._sample(atlas, specs, np.asarray(pose.centre, np.float64), pose.scale, pose.aspect)
+        rows, cols = np.ogrid[: msk.shape[0], : msk.shape[1]]
+        top, left = rows < self.centre[0], cols < self.centre[1]
+        quarters = [msk & top & left, msk & top & ~left, msk & ~top & left, msk & ~top & ~left]
+        areas = np.array([float(q.sum()) for q in quarters])
+        areas[areas < QUARTER_MIN_PIXELS] = 0.0
+        scores = np.full((4, len(dzs)), -np.inf)
+        for k, (cut, cm) in enumerate(zip(cuts, masks > 0.5, strict=True)):
+            ra, ia = field(cut, dilate(cm), self.blur)
+            for i, q in enumerate(quarters):
+                if areas[i] == 0:
+                    continue
+                ea = float((rs[q].astype(np.float64) ** 2 + is_[q].astype(np.float64) ** 2).sum())
+                en = float((ra[q].astype(np.float64) ** 2 + ia[q].astype(np.float64) ** 2).sum())
+                num = float((rs[q].astype(np.float64) * ra[q] + is_[q].astype(np.float64) * ia[q]).sum())
+                share = float((q & cm).sum()) / areas[i]
+                scores[i, k] = num / math.sqrt(ea * max(en, 1e-3 * ea) + 1e-12) * min(share, 1.0)
+        offsets = np.array([dzs[int(np.argmax(row))] for row in scores], dtype=np.float64)
+        return offsets, areas
 
     def oblique_cut(self, atlas: AtlasGrid, z: float, tilt, pivot, scale: float) -> Cut:
         """One cut of :meth:`oblique_cuts`."""

@@ -122,6 +122,17 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   carrying the gain; CPU per lookup +5.7 %. Not a default (review 1 of session 35): the phantom's
   stain draws one level per annotation label, so the ratio is the generator's own model, and with
   adjacent labels merged in pairs half the gain goes (docs/atlas.md, "Session 35").
+* **Quarters** (session 40, opt-in: ``quarter_shift`` 0, ``quarter_margin`` 0.05, ``quarter_reach`` 4;
+  volumes only). The best pose of each plate within the margin of the best pose (score less prior) is
+  cut again at ``z + dz`` for every ``dz`` within the reach (its tilt, rotation, scale, aspect and atlas
+  point kept), each quarter of the section's tissue (split at its tissue centre) takes the ``dz`` that
+  scores best by the edge field on it alone (:meth:`.pose_grid.SectionGrid.quarter_offsets`), and the
+  pose moves along the plate axis by ``quarter_shift`` times their tissue-weighted mean (its score
+  kept; :attr:`.pose_grid.Pose.shifted`). Why: a section of another (warped) brain is not flat in the
+  atlas; the benchmark's far misses span a median 9 plates (5th-95th percentile of their tissue's atlas
+  plate) against 5 for its hits, and one plane's best plate follows the parts whose edges fit best,
+  often 3-5 plates from the tissue's mean plate. About 9 more cuts per plate moved (~5 plates), CPU
+  +8-9 % per lookup. docs/atlas.md, "Session 40".
 * **Aspect** (session 26, opt-in: ``aspects`` empty, ``aspect_margin`` 0.05). The best pose of each
   plate within the margin of the best pose (score less prior) is cut again at each ratio of
   ``aspects`` (the cut's plate pixels per section pixel along its rows over those along its
@@ -426,6 +437,13 @@ DEFAULTS = {
     "region_weight": 0.0,
     "region_margin": 0.03,
     "region_refit": True,
+    # the best pose of each plate within quarter_margin of the best pose (score less prior) moved along
+    # the plate axis by this share of the tissue-weighted mean of its quarters' best plate offsets
+    # (pose_grid.SectionGrid.quarter_offsets, each within quarter_reach plates; volumes only; module
+    # docstring, "Quarters"; session 40, opt-in; 0: none, the default)
+    "quarter_shift": 0.0,
+    "quarter_margin": 0.05,
+    "quarter_reach": 4,
     # the best pose of each plate within aspect_margin of the best pose (score less prior) cut again
     # with its rows and columns scaled apart by each of these ratios (module docstring, "Aspect";
     # empty: none)
@@ -616,6 +634,9 @@ def check_rerank_options(options: dict | None) -> dict:
     out["region_weight"] = check_float("region_weight", out["region_weight"], 0.0, 10.0)
     out["region_margin"] = check_float("region_margin", out["region_margin"], 0.0, 1.0)
     out["region_refit"] = check_bool("region_refit", out["region_refit"])
+    out["quarter_shift"] = check_float("quarter_shift", out["quarter_shift"], 0.0, 1.0)
+    out["quarter_margin"] = check_float("quarter_margin", out["quarter_margin"], 0.0, 1.0)
+    out["quarter_reach"] = check_int("quarter_reach", out["quarter_reach"], 1, 12)
     out["aspects"] = _check_aspects(out["aspects"])
     out["aspect_margin"] = check_float("aspect_margin", out["aspect_margin"], 0.0, 1.0)
     if out["aspect_max_tilt"] is not None:
@@ -843,6 +864,8 @@ class PoseSearch:
         if options["region_weight"] > 0 and poses and self._plates.has_labels:
             samples = SectionSamples(grey, mask, fine.tissue_centre, size=REGION_FIT_SIZE)
             _regions_score(poses, prior, self.regions(), samples, options)
+        if options["quarter_shift"] > 0 and poses and self.is_volume:
+            _quarter_shift(poses, prior, fine, refine.atlas, options, self.n)
         for p in poses:
             p.scale *= zoom
         result = _rank(
@@ -1300,6 +1323,27 @@ def _inform(poses: list[Pose], prior: np.ndarray, grid: SectionGrid, atlas: Atla
     best = _best_near_top(poses, prior, options["information_margin"])
     info = {plate: grid.information(atlas, poses[k]) for plate, k in best.items()}
     _lift(poses, best, info, options["information_weight"], "info")
+
+
+def _quarter_shift(
+    poses: list[Pose], prior: np.ndarray, grid: SectionGrid, atlas: AtlasGrid, options: dict, n: int
+) -> None:
+    """The best pose of each plate whose best lies within ``quarter_margin`` of the best pose (score less
+    prior) moved along the plate axis by ``quarter_shift`` times the tissue-weighted mean of its quarters'
+    best plate offsets (:meth:`.pose_grid.SectionGrid.quarter_offsets`, within ``quarter_reach``);
+    its plate follows its ``z`` (within the atlas), its score is kept, the move is set as
+    :attr:`Pose.shifted`. The ranking (:func:`_rank`) then reads each pose at its new ``z`` and plate
+    (the prior too)."""
+    best = _best_near_top(poses, prior, options["quarter_margin"])
+    for k in best.values():
+        pose = poses[k]
+        offsets, areas = grid.quarter_offsets(atlas, pose, options["quarter_reach"])
+        if areas.sum() <= 0:
+            continue
+        move = options["quarter_shift"] * float((offsets * areas).sum() / areas.sum())
+        pose.z = float(min(max(pose.z + move, 0.0), n - 1.0))
+        pose.plate = int(round(pose.z))
+        pose.shifted = move
 
 
 def _lift(
