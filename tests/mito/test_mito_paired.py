@@ -110,3 +110,25 @@ def test_the_twin_leaves_the_base_as_a_plain_run_and_runs_a_differing_candidate_
     for key in ("dice_ref", "dice_fit", "frame_fit"):
         assert shared["cand"][key] == full["cand"][key]
     assert shared["cand"]["drift_auto"]["background"] == full["cand"]["drift_auto"]["background"]
+
+
+def test_a_full_candidate_matches_its_prediction_within_1e_6_not_more():
+    """Two runs of one stack read a slope alike to about 1e-9 (stage-drift+drift 112: 0.21655324968 predicted,
+    0.21655325047 in full): that matches; another decision or a slope off by 1e-5 does not."""
+    row = {
+        "predicted": [[True, [0.21655324967937886, -0.2717]]],
+        "cand": {
+            "drift_auto": {
+                "applied": "detrend-slope",
+                "background": {"slope": [0.21655325047261298, -0.2717]},
+            }
+        },
+    }
+    assert P.prediction_matches(row) is True
+    row["cand"]["drift_auto"]["background"]["slope"][1] += 1e-5
+    assert P.prediction_matches(row) is False
+    row["cand"]["drift_auto"]["applied"] = "none"
+    assert P.prediction_matches(row) is False
+    assert P.prediction_matches({"predicted": [[False, None]], "cand": {"drift_auto": {"applied": "none"}}})
+    assert P.prediction_matches({"predicted": [[True, None]], "cand": {"drift_auto": {"applied": "detrend"}}})
+    assert P.prediction_matches({"predicted": [], "cand": {}}) is None
