@@ -29,13 +29,14 @@ Commands::
 session 39's screen; measured only, nothing in the engine).
 
 Each row of OUT.json: query seed, case, the query's place in its case, its flat index (0-59),
-contrast (``nissl`` / ``fluorescence``), true plate, and per arm the true plate's rank (0-based,
-the paper's MAE as ``atlas_lookup.py``), the top-10 plates, the lookup's CPU / wall ms and the
-prior's weight the ranking used (``RerankResult.prior_weight``). With ``--stages`` (C2, session 39;
-computed after the timed lookup) also, per arm, where the truth was lost (:func:`stages`): its rank
-in the first stage's order, the plates from it to the nearest stage-2 pose (0: the search reached
-its plate) and its best pose score against the winner's; ``judge --list`` lists them for the far
-misses.
+contrast (``nissl`` / ``fluorescence``), true plate, the plates the section's tissue spans (the
+generator's ``plate_range``, 5th-95th percentile; session 40, where the query has it), and per arm
+the true plate's rank (0-based, the paper's MAE as ``atlas_lookup.py``), the top-10 plates, the
+lookup's CPU / wall ms and the prior's weight the ranking used (``RerankResult.prior_weight``). With
+``--stages`` (C2, session 39; computed after the timed lookup) also, per arm, where the truth was
+lost (:func:`stages`): its rank in the first stage's order, the plates from it to the nearest
+stage-2 pose (0: the search reached its plate) and its best pose score against the winner's;
+``judge --list`` lists them for the far misses.
 
 The judge first prints each file's stain, indexes and arms (the options that differ from the
 defaults). It refuses (exit status 2) to pool files that differ in any of these unless ``--mix`` is

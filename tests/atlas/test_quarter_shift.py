@@ -95,6 +95,11 @@ def test_off_by_default_and_the_off_state_is_the_search_as_before(search, toy_re
     section = _restained(reference, labels, 24, seed=1)
     order = [(p, 0.0) for p in range(search.n)]
     default = search.search(section, order, check_rerank_options({}))
+    # the defaults' search as at 8008ee3, before the option (review 1 of session 40, C3; recorded there with
+    # this toy atlas, section and order: /tmp/s40/C/pin.py on that commit's src and on this one agree)
+    assert [p for p, _ in default.ranking[:10]] == [24, 23, 25, 22, 26, 21, 27, 20, 28, 19]
+    assert default.pairs == 1677
+    assert default.ranking[0][1] == pytest.approx(0.537109285593, abs=1e-9)
     idle = search.search(section, order, check_rerank_options({"quarter_margin": 0.5, "quarter_reach": 8}))
     assert idle.ranking == default.ranking and idle.pairs == default.pairs
     assert all(p.shifted is None for p in default.poses.values())

@@ -316,7 +316,9 @@ class AtlasLookup:
         """The pose search of :mod:`.rerank` for one section: every plate ranked and the best pose
         found near each searched plate (atlas position, tilt, rotation, scale, centre), with every
         option it ran with (``.options``: ``rerank_options=result.options`` repeats the ranking) and
-        whether ``plain_reach`` ordered the plates next to the best pose (``.plain_ranked``).
+        whether ``plain_reach`` ordered the plates next to the best pose (``.plain_ranked``). With the
+        opt-in ``quarter_shift`` a plate's pose may have been moved there along the plate axis, with the
+        score of its cut before the move (:attr:`.pose_grid.Pose.shifted`).
         ``cancel`` is checked between the search's steps (:class:`~napari_nephi.Cancelled`)."""
         opts = check_rerank_options(rerank_options)
         section = _section(section)

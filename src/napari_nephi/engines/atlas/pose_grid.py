@@ -105,7 +105,9 @@ class Pose:
     #: correlation ratio of the section's intensities given the atlas's regions at this pose
     #: (region_fit; None: not measured), where ``region_weight`` counted it
     region: float | None = None
-    #: plates the pose's ``z`` was moved by the ``quarter_shift`` rerank option (None: not moved)
+    #: plates the pose's ``z`` was moved by the ``quarter_shift`` rerank option (None: not moved); a
+    #: moved pose keeps the ``score`` (and ``plain``) of its cut before the move, not measured at its new
+    #: ``z`` and ``plate``
     shifted: float | None = None
 
 

@@ -123,16 +123,24 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   stain draws one level per annotation label, so the ratio is the generator's own model, and with
   adjacent labels merged in pairs half the gain goes (docs/atlas.md, "Session 35").
 * **Quarters** (session 40, opt-in: ``quarter_shift`` 0, ``quarter_margin`` 0.05, ``quarter_reach`` 4;
-  volumes only). The best pose of each plate within the margin of the best pose (score less prior) is
-  cut again at ``z + dz`` for every ``dz`` within the reach (its tilt, rotation, scale, aspect and atlas
-  point kept), each quarter of the section's tissue (split at its tissue centre) takes the ``dz`` that
-  scores best by the edge field on it alone (:meth:`.pose_grid.SectionGrid.quarter_offsets`), and the
-  pose moves along the plate axis by ``quarter_shift`` times their tissue-weighted mean (its score
-  kept; :attr:`.pose_grid.Pose.shifted`). Why: a section of another (warped) brain is not flat in the
-  atlas; the benchmark's far misses span a median 9 plates (5th-95th percentile of their tissue's atlas
-  plate) against 5 for its hits, and one plane's best plate follows the parts whose edges fit best,
-  often 3-5 plates from the tissue's mean plate. About 9 more cuts per plate moved (~5 plates), CPU
-  +8-9 % per lookup. docs/atlas.md, "Session 40".
+  volumes only: on a list of 2D plates nothing moves, :attr:`.pose_grid.Pose.shifted` stays None). The
+  best pose of each plate within the margin of the best pose (score less prior) is cut again at
+  ``z + dz`` for every ``dz`` within the reach (its tilt, rotation, scale, aspect and atlas point
+  kept), each quarter of the section's tissue (split at its tissue centre) takes the ``dz`` that scores
+  best by the edge field on it alone (:meth:`.pose_grid.SectionGrid.quarter_offsets`), and the pose
+  moves along the plate axis by ``quarter_shift`` times their tissue-weighted mean. The moved pose
+  keeps the score of its cut before the move (it is not scored again at its new plate), so
+  ``search_poses(...).poses`` may hold, for a plate, a pose whose score was measured a plate or two
+  away. The idea (development only): a section of another (warped) brain is not flat in the atlas (on
+  development query seeds 5-8 the far misses' tissue spans a median 9 plates against 5 for the hits),
+  and one plane's best plate follows the parts whose edges fit best. The fresh reading does not
+  support it where it was aimed: query seeds 159 / 160 at 0.5 (rule written first), today's stain
+  1.375 -> 1.300 / 1.275 -> 1.217 on the training-seed-0 / 1 indexes, gains on straight, oblique
+  (1.667 -> 1.333 / 1.583 -> 1.208) and partial sections but losses on the fluorescence-like contrast
+  (+0.083 / +0.083) and combined (+0.083 / +0.167) ones, and ``foreign`` 3.167 -> 3.200 (Top-5 101 ->
+  99) on index 0: it failed the rule (index 1's combined case, index 0's ``foreign``) and is not a
+  default. About 9 more cuts per plate moved (~5 plates), CPU +7-10 % per lookup. docs/atlas.md,
+  "Session 40".
 * **Aspect** (session 26, opt-in: ``aspects`` empty, ``aspect_margin`` 0.05). The best pose of each
   plate within the margin of the best pose (score less prior) is cut again at each ratio of
   ``aspects`` (the cut's plate pixels per section pixel along its rows over those along its
@@ -440,7 +448,8 @@ DEFAULTS = {
     # the best pose of each plate within quarter_margin of the best pose (score less prior) moved along
     # the plate axis by this share of the tissue-weighted mean of its quarters' best plate offsets
     # (pose_grid.SectionGrid.quarter_offsets, each within quarter_reach plates; volumes only; module
-    # docstring, "Quarters"; session 40, opt-in; 0: none, the default)
+    # docstring, "Quarters"; session 40, opt-in: it failed its fresh check, a moved pose keeps the score of
+    # its cut before the move; 0: none, the default)
     "quarter_shift": 0.0,
     "quarter_margin": 0.05,
     "quarter_reach": 4,
@@ -1331,9 +1340,9 @@ def _quarter_shift(
     """The best pose of each plate whose best lies within ``quarter_margin`` of the best pose (score less
     prior) moved along the plate axis by ``quarter_shift`` times the tissue-weighted mean of its quarters'
     best plate offsets (:meth:`.pose_grid.SectionGrid.quarter_offsets`, within ``quarter_reach``);
-    its plate follows its ``z`` (within the atlas), its score is kept, the move is set as
-    :attr:`Pose.shifted`. The ranking (:func:`_rank`) then reads each pose at its new ``z`` and plate
-    (the prior too)."""
+    its plate follows its ``z`` (within the atlas), its score is kept (the cut's before the move: it is
+    not scored again at the new plate), the move is set as :attr:`Pose.shifted`. The ranking
+    (:func:`_rank`) then reads each pose at its new ``z`` and plate (the prior too)."""
     best = _best_near_top(poses, prior, options["quarter_margin"])
     for k in best.values():
         pose = poses[k]
