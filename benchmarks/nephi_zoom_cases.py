@@ -30,8 +30,9 @@ over the first cap and up to it, R0's coarse stage with the neural steps; record
 
 ``paired CASE ZOOM --cap2 N`` (session 40) times the default without (A: the second cap as the code has it) and
 with (B: ``--cap2 N``) the second cap in one process, alternating in ``--order`` (default ABBA), on one cached
-pair: CPU seconds of each run, the ratio of B's sum to A's, each run's settings and displacement hash (the same
-arm twice must hash the same). CPU only: a process's resident peak is not reset between runs.
+pair: CPU seconds of each run, the ratio of B's mean to A's, each run's settings and displacement hash (the
+same arm twice must hash the same: ``hashes_agree``, else exit status 1 after the row is written). CPU only: a
+process's resident peak is not reset between runs.
 
 Pairs are cached as ``CASE_zZOOM.npz`` in ``--pairs`` (default ``$NEPHI_ZOOM_PAIRS``, else
 ``/tmp/nephi_zoom_pairs``): build them once (``pair``), then run the arms on the same arrays. NePhi runs on the
@@ -79,6 +80,8 @@ ARMS = {
     "old": {"coarse_warp_blur": False, "coarse_reg_weight": 0.1, "iterations": 50},
     "r0s": {"coarse_warp_blur": "all", "coarse_reg_weight": 0.03, "iterations": 50},
 }
+#: Settings ``paired`` records of each run.
+PAIRED_KEYS = ("iterations", "coarse_warp_blur", "coarse_reg_weight")
 #: Voxels inside the border where det J is read (and ``epe_inside``, ``ic_max_inside``).
 MARGIN = 8
 SHIFT = (1.25, -0.75, 0.5)
@@ -260,11 +263,22 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
+def files_sha(paths: list[Path]) -> str:
+    """A short sha256 of the files' names and bytes, in the order given."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def code_state(here: Path | None = None, package: Path | None = None) -> dict:
     """Which code a run measures: ``head`` (short hash) and ``dirty`` (``git status --porcelain -- benchmarks
     src`` not empty) of the repository holding ``here`` (this script's folder), and ``package``, the imported
     ``napari_nephi``'s folder. ``head`` and ``dirty`` are ``"unknown"`` outside a repository or where the
-    package is not under the repository (an installed copy: the hash would not name the code that ran)."""
+    package is not under the repository (an installed copy: the hash would not name the code that ran).
+    Besides (session 40, review 1): ``code_sha``, a hash of the package's ``engines/nephi/*.py`` and
+    ``core/*.py`` as they are on disk at the start, and ``harness_sha``, of this script: in a shared checkout
+    ``dirty`` is always True, and two rows with the same ``code_sha`` ran the same engine code."""
     if package is None:
         import napari_nephi
 
@@ -272,6 +286,10 @@ def code_state(here: Path | None = None, package: Path | None = None) -> dict:
     here = Path(here or Path(__file__).parent).resolve()
     package = Path(package).resolve()
     state = {"head": "unknown", "dirty": "unknown", "package": str(package)}
+    state.update(
+        code_sha=files_sha(sorted(package.glob("engines/nephi/*.py")) + sorted(package.glob("core/*.py")))
+    )
+    state["harness_sha"] = files_sha([Path(__file__)])
     top = _git(["rev-parse", "--show-toplevel"], here)
     if top is None or not package.is_relative_to(Path(top.strip()).resolve()):
         return state
@@ -341,13 +359,14 @@ def paired(case: str, zoom: float, folder: Path, cap2: int, order: str = "ABBA")
                     cpu_s=cpu,
                     wall_s=wall,
                     load=load0,
-                    settings={k: reg.settings.get(k) for k in SETTING_KEYS[2:5]},
+                    settings={k: reg.settings.get(k) for k in PAIRED_KEYS},
                     displacement_sha=hashlib.sha256(np.ascontiguousarray(est).tobytes()).hexdigest()[:16],
                 )
             )
     finally:
         engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS = base
     cpu = {a: sum(r["cpu_s"] for r in runs if r["arm"] == a) for a in "AB"}
+    hashes = {a: {r["displacement_sha"] for r in runs if r["arm"] == a} for a in "AB"}
     ratio = cpu["B"] / cpu["A"] if cpu["A"] and cpu["B"] else None
     n = {a: sum(r["arm"] == a for r in runs) for a in "AB"}
     if ratio is not None:
@@ -361,6 +380,7 @@ def paired(case: str, zoom: float, folder: Path, cap2: int, order: str = "ABBA")
         base_cap2=base,
         runs=runs,
         cpu_ratio_b_over_a=ratio,
+        hashes_agree={a: len(hashes[a]) <= 1 for a in "AB"},
         **state,
     )
 
@@ -534,6 +554,9 @@ def main() -> None:
     if args.out:
         with open(args.out, "a") as fh:
             fh.write(line + "\n")
+    if args.command == "paired" and not all(row["hashes_agree"].values()):
+        print("paired: one arm's runs hash differently (not deterministic?)", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

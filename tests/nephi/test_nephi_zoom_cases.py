@@ -105,7 +105,11 @@ def test_the_code_state_names_the_head_only_for_the_repository_s_own_package(tmp
     here = ZC.code_state(repo / "benchmarks", repo / "src" / "napari_nephi")
     assert re.fullmatch(r"[0-9a-f]{7,}", here["head"]) and isinstance(here["dirty"], bool)
     elsewhere = ZC.code_state(repo / "benchmarks", tmp_path)  # an installed copy: not this tree's code
-    assert elsewhere == {"head": "unknown", "dirty": "unknown", "package": str(tmp_path.resolve())}
+    assert {k: elsewhere[k] for k in ("head", "dirty", "package")} == {
+        "head": "unknown",
+        "dirty": "unknown",
+        "package": str(tmp_path.resolve()),
+    }
     outside = ZC.code_state(tmp_path, repo / "src" / "napari_nephi")  # run from outside any repository
     assert outside["head"] == outside["dirty"] == "unknown"
 
@@ -134,3 +138,18 @@ def test_a_zoom_per_axis_names_thin_volumes_and_refuses_field_sets(tmp_path):
     rows = [_rigid(zoom="0.5x3x3"), _rigid(zoom=2.0)]
     lines = ZC.table(rows, rows)
     assert lines[2].startswith("| 2x") and lines[3].startswith("| 0.5x3x3x")
+
+
+def test_the_code_state_hashes_the_engine_code_it_runs(tmp_path):
+    """Session 40, review 1: ``code_sha`` names the engine code on disk (``engines/nephi`` and ``core``): a
+    changed file changes it, another folder does not."""
+    pkg = tmp_path / "napari_nephi"
+    for sub in ("engines/nephi", "core", "widgets"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "a.py").write_text("x = 1\n")
+    first = ZC.code_state(here=tmp_path, package=pkg)
+    assert first["head"] == "unknown" and len(first["code_sha"]) == 16 and len(first["harness_sha"]) == 16
+    (pkg / "widgets" / "a.py").write_text("x = 2\n")
+    assert ZC.code_state(here=tmp_path, package=pkg)["code_sha"] == first["code_sha"]
+    (pkg / "engines/nephi" / "a.py").write_text("x = 2\n")
+    assert ZC.code_state(here=tmp_path, package=pkg)["code_sha"] != first["code_sha"]
