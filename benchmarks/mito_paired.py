@@ -41,9 +41,11 @@ import contextlib
 import copy
 import datetime
 import glob
+import hashlib
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -105,6 +107,35 @@ class Twin:
         return mine
 
 
+def code_state() -> dict:
+    """The code a row ran (review 1 of session 40): ``head`` (``git rev-parse --short HEAD`` of this
+    script's checkout, "unknown" outside one; the checkout may hold other uncommitted changes) and sha256
+    (first 12 hex) of this script, of ``mito_benchmark.py`` and of the imported MITO engine's ``*.py`` (with
+    ``PYTHONPATH`` set to a frozen ``src``, that one's), with the engine's folder."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here
+        )
+        head = out.stdout.strip() if out.returncode == 0 else "unknown"
+    except OSError:
+        head = "unknown"
+
+    def sha(paths):
+        h = hashlib.sha256()
+        for path in paths:
+            with open(path, "rb") as fh:
+                h.update(fh.read())
+        return h.hexdigest()[:12]
+
+    engine = os.path.dirname(os.path.abspath(align.__file__))
+    return {
+        "head": head, "script_sha": sha([os.path.abspath(__file__)]),
+        "benchmark_sha": sha([os.path.join(here, "mito_benchmark.py")]),
+        "engine_sha": sha(sorted(glob.glob(os.path.join(engine, "*.py")))), "engine": engine,
+    }  # fmt: skip
+
+
 def _jsonable(value):
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
@@ -132,7 +163,7 @@ def run_row(seed: int, case: str, args, cand: dict) -> dict:
         align._auto_decision = twin.decide
     row = {
         "seed": seed, "case": case, "sections": args.sections, "base_settings": base_settings,
-        "cand_settings": dict(cand), "base": base, "decisions": len(twin.calls),
+        "cand_settings": dict(cand), "base": base, "decisions": len(twin.calls), "code": code_state(),
     }  # fmt: skip
     extra_cpu = sum(c["cpu_s"] for c in twin.calls)
     row["cpu_s"] = {"base": base_cpu - extra_cpu, "cand_decision": extra_cpu}
@@ -179,6 +210,15 @@ def prediction_matches(row: dict, atol: float = 1e-6) -> bool | None:
     return applied == "detrend-slope" and got is not None and bool(np.allclose(got, slope, rtol=0, atol=atol))
 
 
+def prediction_diff(row: dict) -> float | None:
+    """The largest difference between the predicted slope and the full candidate's background slope (px per
+    section; 0.0 where identical), or None where no slope was predicted."""
+    if len(row.get("predicted", [])) != 1 or row["predicted"][0][1] is None:
+        return None
+    got = (row["cand"].get("drift_auto", {}).get("background") or {}).get("slope")
+    return None if got is None else float(np.max(np.abs(np.subtract(got, row["predicted"][0][1]))))
+
+
 def queue(seeds, cases, lane: str = "1/1") -> list[tuple[int, str]]:
     """The rows ``(seed, case)`` of lane ``K/N``: positions K, K + N, ... of the seed-major list."""
     k, n = (int(v) for v in lane.split("/"))
@@ -206,6 +246,7 @@ def summary(row: dict) -> dict:
         "seed": row["seed"], "case": row["case"], "base": arm(row["base"]), "cand": arm(row["cand"]),
         "cand_from": row.get("cand_from"),
         "prediction_matches": prediction_matches(row) if row.get("cand_from") == "full" else None,
+        "prediction_diff": prediction_diff(row) if row.get("cand_from") == "full" else None,
     }  # fmt: skip
 
 
@@ -258,6 +299,7 @@ def _read(args) -> int:
             f"{b['first_look']}) | {c['dice_ref']:.4f} / {c['dice_fit']:.4f} ({c['applied']}, {c['looks']} "
             f"look(s): {c['decision']}{chi}) | {r['cand_from']}"
             + ("" if r["prediction_matches"] is None else f", prediction {r['prediction_matches']}")
+            + ("" if r["prediction_diff"] is None else f" (slope {r['prediction_diff']:.1g} apart)")
             + " |"
         )
     m = marks(rows, args.loss, args.gain, args.share, args.min_rows)

@@ -120,9 +120,12 @@ def reader(data: dict, workers: int, mask: str = "keypoint"):
     undilated; the background's own margin still applies)."""
     stack, masks = data["stack"], data["masks"]
     h, w = stack.shape[1:]
-    opts = align.build_options(
-        (h, w), "mito", "brisk", "bf", "homography", None, 3.0, 0.8, 1000, None, 1.0, 12.0, 6, 10,
-        ("sift", "identity"), 2, None, 10, 1.5, None, True, masks_given=True, refine=True,
+    opts = align.build_options(  # align_stack's defaults, by name (the mito-default row with given masks)
+        shape=(h, w), detector="mito", descriptor="brisk", matcher="bf", model="homography", use_masks=None,
+        ransac_threshold=3.0, ratio=0.8, max_keypoints=1000, scale=None, smooth=1.0, mask_dilation=12.0,
+        border=6, min_inliers=10, fallback=("sift", "identity"), max_skip=2, mito_radius=None,
+        fast_threshold=10, max_scale=1.5, keypoint_size=None, model_selection=True, masks_given=True,
+        refine=True,
     )  # fmt: skip
     sections = align._Sections(stack, masks, opts, (None, None))
     mito = sections.background_mask if mask == "keypoint" else (lambda k: (masks[k] > 0).view(np.uint8))

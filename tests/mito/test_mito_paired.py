@@ -86,14 +86,14 @@ def test_same_decision():
 
 
 def _args(tmp_path, full=False):
-    return P.argparse.Namespace(sections=48, shape=(256, 256), pad=40, workers=1, full=full)
+    return P.argparse.Namespace(sections=24, shape=(256, 256), pad=40, workers=1, full=full)
 
 
 def test_the_twin_leaves_the_base_as_a_plain_run_and_runs_a_differing_candidate_in_full(tmp_path):
-    """48 sections of 256 x 256, organelle drift 0.4: the defaults detrend ("organelles"); a floor of 10 px
+    """24 sections of 256 x 256, organelle drift 0.4: the defaults detrend ("organelles"); a floor of 10 px
     per section makes every reading "undecided" (kept), so the candidate decides otherwise and runs in full,
     and its recorded reading is the one predicted at the base's decision. The base arm is the plain row's."""
-    data = P.em_stack(48, (256, 256), seed=21, pad=40, **P.mb.CASES["drift04"])
+    data = P.em_stack(24, (256, 256), seed=21, pad=40, **P.mb.CASES["drift04"])
     plain = P.mb.run_mito(data, "mito-default", "bf", P.SimpleNamespace(
         model="homography", reference="auto", workers=1, extra={}))  # fmt: skip
     row = P.run_row(21, "drift04", _args(tmp_path), {"SE_FLOOR": 10.0, "SECOND_LOOK": "undecided"})

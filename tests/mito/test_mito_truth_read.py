@@ -37,12 +37,18 @@ def test_truth_placement_moves_aligned_content_by_the_drift_and_the_background_b
 
 
 def test_truth_placement_in_a_reference_frame():
-    n, v, ref = 9, np.array([0.3, -0.2]), 6
-    true = _true(n)
+    """Seen from section ``ref``'s frame (the engine's), the same placement: section ``ref`` is the identity,
+    and the sections' centres of rotated sections (about their centre, no scatter) move by ``-v`` turned into
+    that frame, which the trend test reads and :func:`expected_background` predicts."""
+    n, shape, v, ref = 40, (300, 400), np.array([0.3, -0.2]), 27
+    rng = np.random.default_rng(5)
+    true = np.stack([rotation_matrix(a, shape) for a in rng.uniform(-np.pi, np.pi, n)])
     placed, in_ref = T.truth_placement(true, v), T.truth_placement(true, v, ref)
     assert np.allclose(in_ref[ref], np.eye(3))
-    for k in range(n):  # the same placement, seen from section ref's frame
-        assert np.allclose(in_ref[k], placed[k] @ np.linalg.inv(placed[ref]))
-    rot = placed[ref][:2, :2]
-    assert np.allclose(T.expected_background(v, placed[ref]), rot @ -v)
-    assert np.isclose(np.hypot(*T.expected_background(v, placed[ref])), np.hypot(*v))  # a rotation
+    p = np.array([120.0, 80.0, 1.0])  # a point of section ref's frame lands where the placement puts it
+    for k in (0, 13, ref, n - 1):
+        assert np.allclose(in_ref[k] @ p, placed[k] @ np.linalg.solve(placed[ref], p))
+    slope = trend_test(section_centres(in_ref, shape), np.ones(n, bool))["slope"]
+    expected = T.expected_background(v, placed[ref])
+    assert np.allclose(slope, expected, atol=1e-9)
+    assert np.isclose(np.hypot(*expected), np.hypot(*v)) and not np.allclose(expected, -v)  # turned, not -v
