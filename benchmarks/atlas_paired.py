@@ -191,6 +191,22 @@ def _line(name: str, c: dict) -> str:
     )
 
 
+def in_span(rows: list[dict]) -> tuple[int, int, int] | None:
+    """``(n, a, b)``: of the ``n`` rows that record the plates the section's tissue spans
+    (``plate_range``, session 40), how many have arm a's and arm b's top plate within that span (a
+    warped section is not flat in the atlas: a top plate a few plates from the tissue's mean plate may
+    still be one its tissue lies on); None where no row records it."""
+    spanned = [r for r in rows if r.get("plate_range") is not None]
+    if not spanned:
+        return None
+
+    def inside(r, arm):
+        lo, hi = r["plate_range"]
+        return lo <= r[f"top10_{arm}"][0] <= hi
+
+    return len(spanned), sum(inside(r, "a") for r in spanned), sum(inside(r, "b") for r in spanned)
+
+
 def report(rows: list[dict], marks=None) -> tuple[str, bool]:
     """The judge's table (pooled, per case, per query seed) and the marks; returns (text, passed)."""
     lines = [
@@ -205,6 +221,10 @@ def report(rows: list[dict], marks=None) -> tuple[str, bool]:
     if cpu:
         ca, cb = np.median(np.array(cpu), axis=0)
         lines.append(f"CPU per lookup, median: a {ca:.0f} ms, b {cb:.0f} ms (b / a {cb / ca:.3f})")
+    span = in_span(rows)
+    if span is not None:
+        n, a, b = span
+        lines.append(f"top plate within the section's own plate span (plate_range): a {a} / {n}, b {b} / {n}")
     passed = True
     if marks is not None:
         for name, ok, what in apply_marks(rows, marks):

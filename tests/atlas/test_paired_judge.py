@@ -279,3 +279,15 @@ def test_run_records_the_plates_the_section_spans_and_judge_lists_them(monkeypat
     assert "5 straight 7 (7, plate 4, its tissue on plates 2-7): 1 -> 5, 3, 1" in capsys.readouterr().out
     _, plain = _fake_run(monkeypatch, tmp_path, ["--seeds", "5", "--sections", "7"])
     assert "plate_range" not in plain[0]  # a query without it: nothing recorded
+
+
+def test_in_span_counts_the_top_plates_within_the_sections_plate_span():
+    rows = [
+        {"plate_range": [10, 14], "top10_a": [9, 10], "top10_b": [12, 9]},  # a just outside, b inside
+        {"plate_range": [20, 20], "top10_a": [20], "top10_b": [21]},
+        {"top10_a": [5], "top10_b": [5]},  # a run before session 40: not counted
+    ]
+    assert AP.in_span(rows) == (2, 1, 1)
+    assert AP.in_span(rows[2:]) is None
+    text, _ = AP.report([dict(r, rank_a=0, rank_b=1, case="straight", seed=5) for r in rows[:2]])
+    assert "top plate within the section's own plate span (plate_range): a 1 / 2, b 1 / 2" in text
