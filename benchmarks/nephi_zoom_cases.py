@@ -3,7 +3,7 @@
 
     python benchmarks/nephi_zoom_cases.py run CASE ARM ZOOM [--pairs DIR] [--out FILE.jsonl] [--cap N] [--cap2 N]
     python benchmarks/nephi_zoom_cases.py pair CASE ZOOM [--pairs DIR]          # build and cache the pair only
-    python benchmarks/nephi_zoom_cases.py paired CASE ZOOM --cap2 N [--order ABBA] [--pairs DIR] [--out FILE.jsonl]
+    python benchmarks/nephi_zoom_cases.py paired CASE ZOOM --cap2 N [--cap2-a M|none] [--order ABBA] [--pairs DIR] [--out F]
     python benchmarks/nephi_zoom_cases.py table BEFORE AFTER [--expect-before ARM] [--expect-after ARM] [--last]
 
 The harness of sessions 37-38 (``/tmp/s37/B2/fairzoom.py``, ``/tmp/s38/B/zoomcase.py``, ``cmp.py``), committed.
@@ -28,8 +28,8 @@ N`` sets ``engine.VOLUME_DEFAULT_MAX_VOXELS`` to ``N`` in the process first (the
 recorded as ``cap``); ``--cap2 N`` sets ``engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS`` (the second cap, session 40:
 over the first cap and up to it, R0's coarse stage with the neural steps; recorded as ``cap2``).
 
-``paired CASE ZOOM --cap2 N`` (session 40) times the default without (A: the second cap as the code has it) and
-with (B: ``--cap2 N``) the second cap in one process, alternating in ``--order`` (default ABBA), on one cached
+``paired CASE ZOOM --cap2 N [--cap2-a M|none]`` (session 40) times the default without (A: the second cap as the
+code has it, or ``--cap2-a``) and with (B: ``--cap2 N``) the second cap in one process, alternating in ``--order`` (default ABBA), on one cached
 pair: CPU seconds of each run, the ratio of B's mean to A's, each run's settings and displacement hash (the
 same arm twice must hash the same: ``hashes_agree``, else exit status 1 after the row is written). CPU only: a
 process's resident peak is not reset between runs.
@@ -332,7 +332,9 @@ def run(case: str, arm: str, zoom: float, folder: Path, cap: int | None, cap2: i
     return row
 
 
-def paired(case: str, zoom: float, folder: Path, cap2: int, order: str = "ABBA") -> dict:
+def paired(
+    case: str, zoom: float, folder: Path, cap2: int, order: str = "ABBA", cap2_a: int | None | str = "code"
+) -> dict:
     """CPU seconds of the default without (A) and with (B) ``engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS = cap2``,
     the runs alternating in ``order`` in this process on one cached pair (a paired timing)."""
     import torch
@@ -345,10 +347,11 @@ def paired(case: str, zoom: float, folder: Path, cap2: int, order: str = "ABBA")
     torch.set_num_threads(1)
     pair = load_pair(case, zoom, folder)
     base = engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS
+    arm_a = base if cap2_a == "code" else cap2_a
     runs = []
     try:
         for arm in order:
-            engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS = cap2 if arm == "B" else base
+            engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS = cap2 if arm == "B" else arm_a
             load0 = os.getloadavg()[0]
             (est, reg), wall, cpu, _ = NA.timed(
                 lambda f, m: NA.run_nephi(f, m), pair["fixed"], pair["moving"]
@@ -378,6 +381,7 @@ def paired(case: str, zoom: float, folder: Path, cap2: int, order: str = "ABBA")
         order=order,
         cap2=cap2,
         base_cap2=base,
+        cap2_a=arm_a,
         runs=runs,
         cpu_ratio_b_over_a=ratio,
         hashes_agree={a: len(hashes[a]) <= 1 for a in "AB"},
@@ -509,6 +513,12 @@ def main() -> None:
     q.add_argument("zoom", type=parse_zoom)
     q.add_argument("--cap2", type=int, required=True, help="engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS of arm B")
     q.add_argument("--order", default="ABBA")
+    q.add_argument(
+        "--cap2-a",
+        type=lambda v: None if v.lower() == "none" else int(v),
+        default="code",
+        help="arm A's second cap (none: no band; default: the code's)",
+    )
     q.add_argument("--pairs")
     q.add_argument("--out")
     b = sub.add_parser("pair")
@@ -546,7 +556,7 @@ def main() -> None:
         print(f"{args.case} at {zoom_label(args.zoom)}x: {pair['what']}, shape {pair['fixed'].shape}")
         return
     if args.command == "paired":
-        row = paired(args.case, args.zoom, pairs_dir(args.pairs), args.cap2, args.order)
+        row = paired(args.case, args.zoom, pairs_dir(args.pairs), args.cap2, args.order, args.cap2_a)
     else:
         row = run(args.case, args.arm, args.zoom, pairs_dir(args.pairs), args.cap, args.cap2)
     line = json.dumps(row, default=str)
