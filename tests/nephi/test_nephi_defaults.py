@@ -4,9 +4,11 @@ volumes (optimize, not chunked)."""
 import math
 
 import numpy as np
+import pytest
 from scipy import ndimage as ndi
 
 import napari_nephi as nn
+from napari_nephi.core.errors import InputError
 from napari_nephi.engines.nephi import coarse as coarse_module
 from napari_nephi.engines.nephi import engine as nephi_engine
 from napari_nephi.engines.nephi.engine import NEURAL_2D_MIN_SIDE, NEURAL_3D_GATE_RMS, PRESETS
@@ -103,6 +105,9 @@ def test_the_volume_default_stays_out_of_chunked_accurate_and_large_runs(monkeyp
     # session 39 (2^19 in session 38, the MRI's 33,825 in 37)
     assert nephi_engine.VOLUME_DEFAULT_MAX_VOXELS == 1 << 20
     monkeypatch.setattr(nephi_engine, "VOLUME_DEFAULT_MAX_VOXELS", pair[0].size - 1)  # 8 x 10 x 9: over it
+    monkeypatch.setattr(
+        nephi_engine, "VOLUME_DEFAULT_STEPS_MAX_VOXELS", None
+    )  # (and no band over it, session 40)
     reg = nn.register(*pair, **common)
     assert reg.settings["coarse_reg_weight"] == 0.1 and reg.settings["coarse_warp_blur"] is False
     assert reg.metrics["iterations"] == PRESETS["fast"]["iterations"]
@@ -157,6 +162,22 @@ def test_volumes_between_the_two_caps_get_the_volume_default_with_the_neural_ste
     band = nn.register(*pair, **common)
     forced = nn.register(*pair, coarse_warp_blur="all", coarse_reg_weight=0.03, iterations=steps, **common)
     np.testing.assert_array_equal(band.transform.displacement(), forced.transform.displacement())
+
+
+def test_the_second_cap_is_the_mri_zoomed_3_3x_and_bad_values_are_refused(monkeypatch):
+    """Session 40's rule (docs/nephi.md, "Session 40"): every fresh case passed at 3.3x the MRI (82 x 135 x
+    109), two rotations failed det J at 3.6x, so the band ends at 1,206,630 voxels, over the first cap; 128^3
+    (2,097,152) stays on the earlier default. A value that is not None or a whole number of at least 0 is
+    refused with a message. Fails before session 40 (None, no such constant before cb0e447)."""
+    assert nephi_engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS == 82 * 135 * 109 == 1_206_630
+    assert nephi_engine.VOLUME_DEFAULT_MAX_VOXELS < nephi_engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS < 128**3
+    pair = _volume_pair((0.2, -0.15, 0.1), 8)
+    for bad in (-1, 1.5e6, True, "1206630"):
+        monkeypatch.setattr(nephi_engine, "VOLUME_DEFAULT_STEPS_MAX_VOXELS", bad)
+        with pytest.raises(
+            InputError, match="VOLUME_DEFAULT_STEPS_MAX_VOXELS must be None or a whole number"
+        ):
+            nn.register(*pair, method="nephi", device="cpu", coarse_iterations=1, initial="none", **TINY)
 
 
 def test_the_volume_default_s_cap_stays_within_the_full_image_comparison_grid():

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
 from superqt import QCollapsible
 
 from ..core.device import available_devices
-from ..engines.nephi.engine import VOLUME_DEFAULT_MAX_VOXELS
+from ..engines.nephi.engine import VOLUME_DEFAULT_MAX_VOXELS, VOLUME_DEFAULT_STEPS_MAX_VOXELS
 from ..engines.nephi.initial import INITIALS
 from ..engines.nephi.weights import BUILTIN, DEFAULTS
 from ..engines.registry import available_methods, engine_info
@@ -42,10 +42,12 @@ NEPHI_REPRESENTATIONS = ("modulated", "siren", "relu_fourier")
 NEPHI_INITIALS = ("auto", *INITIALS)
 #: The coarse stage's warp blur on volumes (the engine's ``coarse_warp_blur``): "default" leaves it to the
 #: engine (on, with its bending weight 0.03 and no neural steps, on volumes up to
-#: ``engine.VOLUME_DEFAULT_MAX_VOXELS`` in optimize mode with the fast preset, not divided; the earlier
+#: ``engine.VOLUME_DEFAULT_MAX_VOXELS`` in optimize mode with the fast preset, not divided, and with the
+#: preset's neural steps up to ``engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS`` since session 40; the earlier
 #: default otherwise); "off" gives the earlier volume default at any size (no blur, weight 0.1, the preset's
-#: neural steps). 2D ignores it. No "on": the option ``"all"`` above the cap keeps weight 0.1 and the neural
-#: steps, a combination never measured (review 1 of session 38, B4); Python and ``--option`` still reach it.
+#: neural steps). 2D ignores it. No "on": the option ``"all"`` above the second cap keeps weight 0.1 and the
+#: neural steps, a combination never measured (review 1 of session 38, B4); Python and ``--option`` still
+#: reach it.
 NEPHI_WARP_BLURS = {"default": None, "off": False}
 
 
@@ -116,7 +118,13 @@ class RegistrationOptions(QWidget):
         self.warp_blur.setToolTip(
             "Volumes (coarse_warp_blur): default: the coarse stage matches the trilinear warp's smoothing, "
             f"bending weight 0.03, no neural steps, on volumes up to {VOLUME_DEFAULT_MAX_VOXELS:,} voxels in "
-            "optimize mode with the fast preset, not divided (otherwise: the earlier default); off: the "
+            "optimize mode with the fast preset, not divided"
+            + (
+                f" (with the preset's neural steps up to {VOLUME_DEFAULT_STEPS_MAX_VOXELS:,})"
+                if VOLUME_DEFAULT_STEPS_MAX_VOXELS
+                else ""
+            )
+            + " (otherwise: the earlier default); off: the "
             "earlier volume default at any size (no blur, weight 0.1, the preset's neural steps)."
         )
         self.reg_weight = QDoubleSpinBox()

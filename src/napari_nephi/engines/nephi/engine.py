@@ -194,14 +194,16 @@ LEARNING_RATES = {"start": (2e-3, 1e-2), "refine": (5e-4, 2.5e-3)}
 #: failing development case (session 38, B2). 128^3 and 256^3 stay over it.
 VOLUME_DEFAULT_MAX_VOXELS = 1 << 20
 
-#: Volumes of more than :data:`VOLUME_DEFAULT_MAX_VOXELS` and at most this many voxels (``optimize`` mode, not
-#: chunked) take the volume default's coarse stage (``coarse_warp_blur_3d`` "all", ``coarse_reg_weight_3d``
-#: 0.03) with the preset's neural steps (50 with the fast preset; ``iterations`` given still wins). There the
-#: coarse stage compares on a downsampled grid (over :data:`.coarse.WARP_MAX_VOXELS`), where its coarse stage
-#: alone failed (session 39, B3: draw 70.2 at 3.3x the MRI) and with the 50 steps passed B's marks on 6 of 6
-#: development cases. Larger volumes keep the earlier default. None: no such band (the default until session
-#: 40's rule is read; docs/nephi.md, "Session 40").
-VOLUME_DEFAULT_STEPS_MAX_VOXELS: int | None = None
+#: Volumes of more than :data:`VOLUME_DEFAULT_MAX_VOXELS` and at most this many voxels (``optimize`` mode,
+#: not chunked; 1,206,630 = the MRI zoomed 3.3x, 82 x 135 x 109, since session 40) take the volume default's
+#: coarse stage (``coarse_warp_blur_3d`` "all", ``coarse_reg_weight_3d`` 0.03) with the preset's neural steps
+#: (50 with the fast preset; ``iterations`` given still wins; the blur off by option gives the earlier
+#: default). There the coarse stage compares on a downsampled grid (over :data:`.coarse.WARP_MAX_VOXELS`),
+#: where it alone failed (session 39, B3) and with the 50 steps passed every mark written first on the fresh
+#: cases at 3.3x (rigid draw 76, field sets 420, 421); at 3.6x (1,585,080) two fresh rotations failed det J
+#: (docs/nephi.md, "Session 40"), so larger volumes keep the earlier default (128^3 too). None (or a value
+#: of at most :data:`VOLUME_DEFAULT_MAX_VOXELS`): no such band, as before session 40.
+VOLUME_DEFAULT_STEPS_MAX_VOXELS: int | None = 1_206_630
 
 #: Default bending weight of the coarse stage (``coarse_reg_weight``), before noise adaptation.
 COARSE_REG_WEIGHT = 0.1
@@ -313,7 +315,10 @@ def register_nephi(
     ``settings["coarse_volume_sampling"]["warp_blur"]`` (where it ran). On those volumes the fast preset runs
     no neural steps after the coarse stage unless ``iterations`` is given. The weight 0.03 and the skipped
     neural steps go with the warp blur ``"all"``: ``coarse_warp_blur=False`` (or True) alone gives the volume
-    default before session 37 (weight 0.1, the preset's neural steps).
+    default before session 37 (weight 0.1, the preset's neural steps). Volumes of more than
+    :data:`VOLUME_DEFAULT_MAX_VOXELS` and at most :data:`VOLUME_DEFAULT_STEPS_MAX_VOXELS` (1,206,630 since
+    session 40) get the same warp blur and weight 0.03 with the preset's neural steps (their coarse stage
+    compares on a downsampled grid, where it alone was less accurate); larger ones the earlier default.
 
     ``coarse_finer_level`` (default True): after the coarse stage's last grid, one more level on it
     with half its knot spacing (:mod:`.coarse`); it runs only with ``coarse_reg_weight > 0``
@@ -474,6 +479,15 @@ def register_nephi(
     volume_default = volume_run and nvox <= VOLUME_DEFAULT_MAX_VOXELS
     # over it, up to VOLUME_DEFAULT_STEPS_MAX_VOXELS: the same coarse stage, the preset's neural steps kept
     steps_cap = VOLUME_DEFAULT_STEPS_MAX_VOXELS
+    if (
+        volume_run
+        and steps_cap is not None
+        and (isinstance(steps_cap, bool) or not isinstance(steps_cap, int) or steps_cap < 0)
+    ):  # as COARSE_REG_WEIGHT_3D: checked where it decides
+        raise InputError(
+            "engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS must be None or a whole number of voxels of at least 0 "
+            f"(now {steps_cap!r})."
+        )
     volume_steps = volume_run and steps_cap is not None and VOLUME_DEFAULT_MAX_VOXELS < nvox <= steps_cap
     if coarse_warp_blur is None and (volume_default or volume_steps) and not coarse_module.WARP_BLUR_3D:
         coarse_warp_blur = p.get("coarse_warp_blur_3d")  # (None: the module switch, off)
