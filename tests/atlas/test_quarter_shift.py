@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from napari_nephi import InputError
-from napari_nephi.engines.atlas.pose_grid import Pose, SectionGrid
+from napari_nephi.engines.atlas.pose_grid import Pose, SectionGrid, best_offset
 from napari_nephi.engines.atlas.rerank import (
     DEFAULTS,
     SECTION_FACTOR,
@@ -43,6 +43,14 @@ def test_quarter_offsets_recover_a_known_shift_along_the_plate_axis(search, toy_
         off = Pose(0.0, at.z + dz, at.plate + dz, at.tilt, at.rotation, at.scale, at.centre)
         offsets, areas = grid.quarter_offsets(atlas, off, 4)
         assert float((offsets * areas).sum() / areas.sum()) == pytest.approx(-dz, abs=1.0), dz
+
+
+def test_best_offset_takes_the_offset_nearest_zero_among_ties():
+    offsets = [-2, -1, 0, 1, 2]
+    assert best_offset([0.1, 0.3, 0.2, 0.1, 0.0], offsets) == -1.0
+    assert best_offset([0.0] * 5, offsets) == 0.0  # a quarter without edges: no move (it was -2, the first)
+    assert best_offset([0.5, 0.1, 0.1, 0.1, 0.5], offsets) == -2.0  # a tie away from 0: the first nearest
+    assert best_offset([0.1, 0.1, 0.1, 0.5, 0.5 - 1e-9], offsets) == 1.0  # within TIE of the best
 
 
 class _Quarters:

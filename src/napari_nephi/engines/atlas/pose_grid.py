@@ -261,6 +261,15 @@ def information(x: np.ndarray, y: np.ndarray, bins: int = INFO_BINS) -> float:
     return float((p[on] * np.log(p[on] / np.outer(px, py)[on])).sum())
 
 
+def best_offset(scores, offsets) -> float:
+    """The offset of the best of ``scores`` (one per offset), the one nearest 0 among those within
+    :data:`TIE` of the best (a quarter without edges scores alike everywhere: no move, not the first
+    offset; :meth:`SectionGrid.quarter_offsets`)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    near = [k for k in range(len(offsets)) if scores[k] >= scores.max() - TIE]
+    return float(offsets[min(near, key=lambda k: abs(offsets[k]))])
+
+
 class Correlator:
     """Scores of section variants against atlas slices for every shift, by FFT (batched).
 
@@ -735,7 +744,7 @@ class SectionGrid:
                 num = float((rs[q].astype(np.float64) * ra[q] + is_[q].astype(np.float64) * ia[q]).sum())
                 share = float((q & cm).sum()) / areas[i]
                 scores[i, k] = num / math.sqrt(ea * max(en, 1e-3 * ea) + 1e-12) * min(share, 1.0)
-        offsets = np.array([dzs[int(np.argmax(row))] for row in scores], dtype=np.float64)
+        offsets = np.array([best_offset(row, dzs) for row in scores], dtype=np.float64)
         return offsets, areas
 
     def oblique_cut(self, atlas: AtlasGrid, z: float, tilt, pivot, scale: float) -> Cut:
