@@ -84,6 +84,15 @@ ARMS = {
 PAIRED_KEYS = ("iterations", "coarse_warp_blur", "coarse_reg_weight")
 #: Voxels inside the border where det J is read (and ``epe_inside``, ``ic_max_inside``).
 MARGIN = 8
+
+
+def margin_for(shape) -> int:
+    """:data:`MARGIN`, or on a volume with an axis of at most ``2 * MARGIN + 4`` voxels (thin volumes, session 40)
+    a quarter of its shortest axis (at least 1): 8 voxels inside would leave nothing of 12 slices."""
+    short = min(int(n) for n in shape)
+    return MARGIN if short > 2 * MARGIN + 4 else max(1, short // 4)
+
+
 SHIFT = (1.25, -0.75, 0.5)
 #: B's marks (sessions 37-38): EPE, textureless EPE (fields), largest |det J - 1| (rigid), CPU ratio, peak.
 MARKS = {"epe": 0.003, "textureless": 0.005, "det": 0.01, "cpu": 1.3, "peak_ratio": 1.3, "peak_mib": 50.0}
@@ -242,7 +251,7 @@ def evaluate(est: np.ndarray, pair: dict) -> dict:
     truth = pair["truth"]
     err = np.sqrt(((est - truth) ** 2).sum(0))
     det = jacobian_determinant(est)
-    sl = NL.inner(est.shape[1:], MARGIN)
+    sl = NL.inner(est.shape[1:], margin_for(est.shape[1:]))
     mask = pair["mask"] if "mask" in pair else NA.tissue_mask(pair["fixed"], False)
     row = {"folds_pct": 100.0 * float((det <= 0).mean()), "epe": float(err[mask].mean())}
     if "flat" in pair:
@@ -319,11 +328,12 @@ def run(case: str, arm: str, zoom: float, folder: Path, cap: int | None, cap2: i
         case=case, arm=arm, zoom=zoom, what=pair["what"], shape=list(fixed.shape), voxels=int(fixed.size)
     )
     row.update(evaluate(est, pair))
-    ic = NL.inverse_consistency_inside(reg.transform, fixed.shape, MARGIN)
+    ic = NL.inverse_consistency_inside(reg.transform, fixed.shape, margin_for(fixed.shape))
     row.update(
         ic_mean=reg.metrics.get("inverse_consistency_mean"), ic_max=reg.metrics.get("inverse_consistency_max")
     )
     row.update(ic_mean_inside=ic[0], ic_max_inside=ic[1], engine_fold_pct=reg.metrics.get("fold_percent"))
+    row["margin"] = margin_for(fixed.shape)
     row.update(cpu_s=cpu, wall_s=wall, peak_mib=mib, load=load0, options=ARMS[arm], **state)
     row.update(cap=int(engine.VOLUME_DEFAULT_MAX_VOXELS), cap_set=cap is not None)
     row.update(cap2=getattr(engine, "VOLUME_DEFAULT_STEPS_MAX_VOXELS", None), cap2_set=cap2 is not None)

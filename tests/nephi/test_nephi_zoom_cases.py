@@ -133,6 +133,9 @@ def test_a_zoom_per_axis_names_thin_volumes_and_refuses_field_sets(tmp_path):
         with pytest.raises(SystemExit):
             ZC.parse_zoom(bad)
     assert ZC.zoomed_mri("0.64x3x3").shape == (16, 123, 99)
+    # det J and IC are read a quarter of the shortest axis inside on thin volumes, 8 voxels elsewhere
+    assert ZC.margin_for((12, 164, 132)) == 3 and ZC.margin_for((16, 123, 99)) == 4
+    assert ZC.margin_for((25, 41, 33)) == ZC.margin_for((82, 135, 109)) == ZC.MARGIN == 8
     with pytest.raises(SystemExit, match="rigid cases only"):
         ZC.build_pair("set1.2", "0.5x3x3")
     rows = [_rigid(zoom="0.5x3x3"), _rigid(zoom=2.0)]
