@@ -641,11 +641,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--second-look", choices=bgm_looks(), default=None,
         help="background.SECOND_LOOK (which first looks of drift_correction='auto' get a second; "
-        "session 39's opt-in: sections); default: the engine's",
+        "the engine's default since session 40: sections; the earlier rule: undecided, with --se-floor "
+        "0.02); default: the engine's",
     )  # fmt: skip
     p.add_argument(
         "--se-floor", type=float, default=None,
-        help="background.SE_FLOOR (session 38's opt-in: 0.06); default: the engine's",
+        help="background.SE_FLOOR (the engine's default since session 40: 0.06; the earlier rule: 0.02, with "
+        "--second-look undecided); default: the engine's",
     )  # fmt: skip
     args = p.parse_args(argv)
     if args.second_look is not None or args.se_floor is not None:  # module settings, recorded per row
@@ -655,7 +657,9 @@ def main(argv=None) -> int:
         bgm.SE_FLOOR = bgm.SE_FLOOR if args.se_floor is None else args.se_floor
         if bgm.SECOND_LOOK == "sections" and bgm.SE_FLOOR < bgm.SECTIONS_MIN_FLOOR:  # the engine refuses it
             p.error(
-                f"--second-look sections needs --se-floor {bgm.SECTIONS_MIN_FLOOR} or more (docs/mito.md)"
+                f"--second-look sections (the engine's default since session 40) needs --se-floor "
+                f"{bgm.SECTIONS_MIN_FLOOR} or more; the earlier rule is --se-floor 0.02 --second-look "
+                "undecided (docs/mito.md)"
             )
     if args.distortion_corrected is not None:
         from napari_nephi.engines.mito import distortion

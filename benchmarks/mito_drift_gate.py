@@ -25,7 +25,10 @@ se 0.05 / 0.06 / 0.10 / 0.135, bias none / 0.055.
 **Rules** (``--rules``), paired: the same positions, trend test and background draws (a seed per stack
 and cell) for every rule.
 
-* ``TODAY``: the engine's settings as found (``background.SE_FLOOR`` 0.02, ``SECOND_LOOK`` "undecided");
+* ``TODAY``: the earlier rule, ``background.SE_FLOOR`` 0.02 and ``SECOND_LOOK`` "undecided" (the
+  engine's defaults up to session 40, which moved them to ``L+F``; the name kept so that the gate's
+  files and commands read as before). Every rule but ``L`` decides with ``SECOND_LOOK`` "undecided" and
+  every rule without ``F`` with the floor 0.02 (:data:`EARLIER_FLOOR`), whatever the engine's defaults;
 * ``F``: ``SE_FLOOR`` 0.06 (reference only, not gated);
 * ``S``: a first look that reads "sections" with a chi-square from 0, ``sum((b / max(se, floor))^2)``,
   of at least ``--c0`` (2) is taken as "undecided", so it gets the second look and both looks' runs
@@ -95,6 +98,8 @@ SECTIONS, SCATTER, WALK = 160, 3.5, 0.3
 STAGE, ORGANELLES = 0.5, (0.33, 0.35)
 RUNS, RUNS_SECOND = 8, 7
 FLOOR = 0.06
+#: Session 40 (A2): the floor of the rules without ``F`` (the engine's default up to session 40).
+EARLIER_FLOOR = 0.02
 
 
 def _along_trend(trend_slope, motion, floor) -> bool:
@@ -123,14 +128,14 @@ class Rule:
     floor: float
     c0: float | None  # None: no second look on "sections"
     gates: tuple = ()
-    look: str | None = None  # background.SECOND_LOOK while deciding (None: as found)
+    look: str = "undecided"  # background.SECOND_LOOK while deciding (session 40: never as found)
 
 
 def parse_rule(name: str, c0: float) -> Rule:
     """``TODAY``, or ``+``-joined tokens: ``F`` (the floor), ``S`` (second look on "sections" at ``c0``),
     the names of :data:`GATES`, ``L`` (the engine's ``SECOND_LOOK`` "sections")."""
-    if name == "TODAY":
-        return Rule(name, bgm.SE_FLOOR, None)
+    if name == "TODAY":  # session 40 (A2): the earlier rule, not the engine's defaults as found
+        return Rule(name, EARLIER_FLOOR, None)
     tokens = name.split("+")
     unknown = [t for t in tokens if t not in ("F", "S", "L", *GATES)]
     if unknown or len(set(tokens)) != len(tokens):
@@ -140,8 +145,9 @@ def parse_rule(name: str, c0: float) -> Rule:
         raise SystemExit(f"rule {name!r}: a gate needs S, and L is not combined with S")
     if "L" in tokens and "F" not in tokens:
         raise SystemExit(f"rule {name!r}: L needs F (the engine refuses 'sections' under the floor 0.06)")
-    floor = FLOOR if "F" in tokens else bgm.SE_FLOOR
-    return Rule(name, floor, c0 if "S" in tokens else None, gates, "sections" if "L" in tokens else None)
+    floor = FLOOR if "F" in tokens else EARLIER_FLOOR
+    look = "sections" if "L" in tokens else "undecided"
+    return Rule(name, floor, c0 if "S" in tokens else None, gates, look)
 
 
 def chi_from_0(motion: dict, floor: float) -> float:
@@ -171,8 +177,7 @@ def in_force(rule: Rule):
     bgm.SE_FLOOR = rule.floor
     if rule.c0 is not None:
         align.classify = _wrapped(saved[1], rule)
-    if rule.look is not None:
-        bgm.SECOND_LOOK = rule.look
+    bgm.SECOND_LOOK = rule.look
     try:
         yield
     finally:

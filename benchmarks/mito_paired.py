@@ -1,11 +1,15 @@
-"""MITO paired queue: the engine's defaults against a drift-decision switch, both arms per row.
+"""MITO paired queue: a base drift decision against a switch of it, both arms per row.
 
-Session 40 (issue 15). A switch of ``drift_correction="auto"`` (``background.SE_FLOOR``,
-``background.SECOND_LOOK``: module settings) changes nothing but the drift decision
+Session 40 (issue 15). The base arm runs the earlier rule (:data:`BASE`: ``SE_FLOOR`` 0.02,
+``SECOND_LOOK`` "undecided", the defaults up to session 40's change; ``--base-se-floor`` /
+``--base-second-look`` name another, ``found`` the engine's settings as found) and the candidate
+:data:`CANDIDATE` (0.06, "sections": since session 40 the engine's defaults), so the session 40 readings
+rerun with the same command after the default moved. A switch of ``drift_correction="auto"``
+(``background.SE_FLOOR``, ``background.SECOND_LOOK``: module settings) changes nothing but the drift decision
 (``align._auto_decision``), which comes after the placement. So each row (seed, case) is run once:
 the stack is generated once, the base arm runs ``mito_benchmark.py``'s ``mito-default`` row (its
 ``run_mito``: the same options, Dice ref / Dice fit / frame fit, the same JSON fields) with the
-engine's settings, and at its decision the candidate's decision is computed too, on the same
+base's settings, and at its decision the candidate's decision is computed too, on the same
 placement (a copy of the trend test, the same matrices; the settings switched for that call only).
 
 * Where the candidate decides as the base (detrend or not, the same slope removed), its alignment is
@@ -21,8 +25,8 @@ Rows are taken in the order ``for seed in --seeds: for case in --cases``; ``--la
 list's positions K, K + N, ... (two lanes: ``1/2`` and ``2/2``), so lanes split one fixed list;
 ``--until HH:MM`` (UTC) starts no row after that time; rows whose JSON exists are skipped.
 ``read DIR`` prints the table and the marks of session 40's rule (docs/mito.md): (a) no row loses more
-than ``--loss`` Dice ref, (b) no stage-drift row the defaults keep is detrended by the candidate, (c)
-among the stage-drift+drift rows whose first look reads "sections" in the defaults' own record, at
+than ``--loss`` Dice ref, (b) no stage-drift row the base keeps is detrended by the candidate, (c)
+among the stage-drift+drift rows whose first look reads "sections" in the base's own record, at
 least ``--min-rows`` exist and the candidate gains ``--gain`` Dice ref on at least ``--share`` of them.
 
 Usage (``cd /work/main``; one row of 160 sections takes 3-4 CPU min per arm run in full)::
@@ -59,8 +63,10 @@ from napari_nephi.engines.mito import align  # noqa: E402
 from napari_nephi.engines.mito import background as bgm  # noqa: E402
 from napari_nephi.synthetic import em_stack  # noqa: E402
 
-#: The switch judged in session 40 (session 39's opt-in pair).
+#: The switch judged in session 40 (session 39's opt-in pair; the engine's defaults since session 40).
 CANDIDATE = {"SE_FLOOR": 0.06, "SECOND_LOOK": "sections"}
+#: The base arm's settings: the earlier rule (the engine's defaults up to session 40's change).
+BASE = {"SE_FLOOR": 0.02, "SECOND_LOOK": "undecided"}
 
 
 @contextlib.contextmanager
@@ -74,6 +80,20 @@ def settings(values: dict):
     finally:
         for k, v in old.items():
             setattr(bgm, k, v)
+
+
+def base_settings(se_floor: str, second_look: str) -> dict:
+    """The base arm's module settings from ``--base-se-floor`` / ``--base-second-look`` (``found``: the
+    engine's as found, left out)."""
+    out = {}
+    if se_floor != "found":
+        try:
+            out["SE_FLOOR"] = float(se_floor)
+        except ValueError:
+            raise SystemExit(f"--base-se-floor {se_floor!r}: a number or found") from None
+    if second_look != "found":
+        out["SECOND_LOOK"] = second_look
+    return out
 
 
 def same_decision(a, b) -> bool:
@@ -148,21 +168,23 @@ def _jsonable(value):
     return value
 
 
-def run_row(seed: int, case: str, args, cand: dict) -> dict:
-    """Both arms of one (seed, case) row (see the module's docstring)."""
+def run_row(seed: int, case: str, args, cand: dict, base: dict | None = None) -> dict:
+    """Both arms of one (seed, case) row (see the module's docstring); the base arm under the module
+    settings ``base`` (None: the engine's as found)."""
     data = em_stack(args.sections, tuple(args.shape), seed=seed, pad=args.pad, **mb.CASES[case])
     bench = SimpleNamespace(model="homography", reference="auto", workers=args.workers, extra={})
-    base_settings = {k: getattr(bgm, k) for k in cand}
     twin = Twin(align._auto_decision, cand)
-    align._auto_decision = twin
-    try:
-        cpu = time.process_time()
-        base = mb.run_mito(data, "mito-default", "bf", bench)
-        base_cpu = time.process_time() - cpu
-    finally:
-        align._auto_decision = twin.decide
+    with settings(base or {}):
+        used = {k: getattr(bgm, k) for k in cand}
+        align._auto_decision = twin
+        try:
+            cpu = time.process_time()
+            base = mb.run_mito(data, "mito-default", "bf", bench)
+            base_cpu = time.process_time() - cpu
+        finally:
+            align._auto_decision = twin.decide
     row = {
-        "seed": seed, "case": case, "sections": args.sections, "base_settings": base_settings,
+        "seed": seed, "case": case, "sections": args.sections, "base_settings": used,
         "cand_settings": dict(cand), "base": base, "decisions": len(twin.calls), "code": code_state(),
     }  # fmt: skip
     extra_cpu = sum(c["cpu_s"] for c in twin.calls)
@@ -326,6 +348,11 @@ def main(argv=None) -> int:
     r.add_argument(
         "--second-look", choices=bgm.SECOND_LOOKS, default=CANDIDATE["SECOND_LOOK"], help="the candidate's"
     )
+    r.add_argument("--base-se-floor", default=str(BASE["SE_FLOOR"]), help="the base's; found: as found")
+    r.add_argument(
+        "--base-second-look", choices=(*bgm.SECOND_LOOKS, "found"), default=BASE["SECOND_LOOK"],
+        help="the base's (default: the earlier rule); found: the engine's as found",
+    )  # fmt: skip
     d = sub.add_parser("read", help="the table and the marks of a folder of row JSONs")
     d.add_argument("dir")
     d.add_argument("--loss", type=float, default=0.005)
@@ -340,8 +367,10 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(mb.CASES)}")
     cand = {"SE_FLOOR": args.se_floor, "SECOND_LOOK": args.second_look}
-    with settings(cand):  # the engine refuses a bad pair (e.g. "sections" under the floor): at the start
-        align._sections_c0()
+    base = base_settings(args.base_se_floor, args.base_second_look)
+    for arm in (cand, base):
+        with settings(arm):  # the engine refuses a bad pair (e.g. "sections" under the floor): at the start
+            align._sections_c0()
     os.makedirs(args.out, exist_ok=True)
     for seed, case in queue(args.seeds, cases, args.lane):
         path = os.path.join(args.out, f"pair_{seed}_{case}.json")
@@ -352,7 +381,7 @@ def main(argv=None) -> int:
             print(f"# {now:%H:%M} UTC: --until {args.until}, no more rows started", flush=True)
             break
         t0 = time.perf_counter()
-        row = run_row(seed, case, args, cand)
+        row = run_row(seed, case, args, cand, base)
         row["started_utc"], row["wall_s"], row["load"] = (
             f"{now:%H:%M:%S}",
             time.perf_counter() - t0,

@@ -62,13 +62,15 @@ def test_the_background_stays_put_under_stage_drift_and_moves_under_organelle_dr
 
 
 def test_the_decision_follows_the_background_in_every_case():
-    """classify's four answers, from the background's slope and standard error."""
+    """classify's four answers, from the background's slope and standard error (session 40: read at the
+    floor 0.02 they were written for; at the default floor 0.06 an se of 0.03 counts as 0.06)."""
     s = [0.3, -0.2]
     se = {"se": [0.03, 0.03], "pairs": 60}
-    assert classify(s, {"slope": [0.29, -0.22], **se})[0] == "organelles"
-    assert classify(s, {"slope": [0.01, 0.02], **se})[0] == "sections"
-    assert classify(s, {"slope": [0.1, 0.1], **se})[0] == "both"  # fits neither: both drift
-    assert classify([0.02, 0.0], {"slope": [0.01, 0.0], **se})[0] == "undecided"  # too small to tell
+    assert classify(s, {"slope": [0.29, -0.22], **se}, floor=0.02)[0] == "organelles"
+    assert classify(s, {"slope": [0.01, 0.02], **se}, floor=0.02)[0] == "sections"
+    assert classify(s, {"slope": [0.1, 0.1], **se}, floor=0.02)[0] == "both"  # fits neither: both drift
+    assert classify(s, {"slope": [0.1, 0.1], **se})[0] == "sections"  # the default floor 0.06: fits 0
+    assert classify([0.02, 0.0], {"slope": [0.01, 0.0], **se}, floor=0.02)[0] == "undecided"  # too small
     assert classify(s, {"slope": [0.3, -0.2], "se": [0.03, 0.03], "pairs": 5})[0] == "unmeasured"
     # both fit, but the background favours the organelles by 6.6 in chi-square (drift + distorted with
     # elastic=True, 160 sections, seed 19): the trend test decides then, as before session 22
@@ -238,12 +240,13 @@ def test_where_only_the_backgrounds_slope_is_removed_the_method_says_so():
     mats = np.repeat(np.eye(3)[None], n, axis=0)
     mats[:, :2, 2] = -np.outer(np.arange(n), [0.3, -0.2])  # the positions trend by (0.3, -0.2) per section
     rows = [{"fallback": ""} for _ in range(n)]
-    motion = {"slope": [0.1, 0.1], "se": [0.02, 0.02], "pairs": 64}  # neither 0 nor the trend: both
+    # neither 0 nor the trend: both (session 40: 0.15, not 0.1, which the default floor 0.06 reads as 0)
+    motion = {"slope": [0.15, 0.15], "se": [0.02, 0.02], "pairs": 64}
     out, info = _detrended(mats, shape, 0, rows, 0.0, True, lambda m, use, **_: motion)
     assert info["auto"]["background"]["decision"] == "both"
-    assert info["method"] == "detrend-slope" and info["slope_removed"] == [0.1, 0.1]
+    assert info["method"] == "detrend-slope" and info["slope_removed"] == [0.15, 0.15]
     moved = out[:, :2, 2] - mats[:, :2, 2]
-    np.testing.assert_allclose(moved[-1], np.multiply(59, [0.1, 0.1]), atol=0.5)  # the slope only
+    np.testing.assert_allclose(moved[-1], np.multiply(59, [0.15, 0.15]), atol=0.5)  # the slope only
     motion = {"slope": [0.3, -0.2], "se": [0.02, 0.02], "pairs": 64}  # the organelles': the whole trend
     out, info = _detrended(mats, shape, 0, [dict(r) for r in rows], 0.0, True, lambda m, use, **_: motion)
     assert info["method"] == "detrend" and "slope_removed" not in info
@@ -622,7 +625,9 @@ def test_a_drift_under_heavy_scatter_is_screened_by_either_test_and_read_twice(m
     trend test alone kept (p >= AUTO_P). With both opt-in switches (detrend.SCREEN_TEST "either",
     background.SECOND_LOOK "kept") the screen reads either test and such a first look gets the second look
     an "undecided" one gets: twice the pairs decide "organelles" and the stack is detrended. With a still
-    background (a stage drift under the same scatter) it is kept, as is the scatter alone."""
+    background (a stage drift under the same scatter) it is kept, as is the scatter alone. (Session 40: read
+    under the earlier rule, SE_FLOOR 0.02, which this test was written for.)"""
+    _earlier_rule(monkeypatch)
     rng = np.random.default_rng(32)
     n = 160
     use = np.ones(n, bool)
@@ -676,7 +681,9 @@ def test_a_first_look_both_gets_a_second_look_under_the_se_floor(monkeypatch):
     stack is kept. A still background that one look reads as moving even over the floor ("both") gets a
     second look, and both looks' runs keep it; an organelle drift that one look reads short ("both": drift +
     jitter, seed 93's first look) is read whole by both looks and the whole trend is removed. On distorted
-    sections a first-look "both" stands (no second look)."""
+    sections a first-look "both" stands (no second look). (Session 40: "the defaults" below are the earlier
+    rule, set by _earlier_rule; the defaults since then keep 86 on one look, as a later test shows.)"""
+    _earlier_rule(monkeypatch)
     use = np.ones(160, bool)
     stage = {"p": 1e-12, "slope": [-0.44, 0.19]}  # the positions' trend (stage drift, 86)
     still_86 = _looks([0.156, -0.030], [0.0, 0.0], se=(0.046, 0.048))
@@ -684,7 +691,7 @@ def test_a_first_look_both_gets_a_second_look_under_the_se_floor(monkeypatch):
     short_93 = _looks([-0.046, -0.215], [-0.30, -0.25], se=(0.066, 0.051))
     still = _looks([0.20, 0.05], [0.0, 0.0], se=(0.06, 0.06))
 
-    t = dict(stage)  # the defaults: "both" on one look, its slope removed
+    t = dict(stage)  # the earlier rule: "both" on one look, its slope removed
     detrend, slope = _auto_decision(t, None, use, still_86)
     assert detrend and np.allclose(slope, [0.156, -0.030])
     assert t["background"]["decision"] == "both" and t["background"]["se_floor"] == 0.02
@@ -745,14 +752,16 @@ def test_classify_refuses_a_floor_that_is_not_over_0(floor):
 
 
 def test_a_first_look_sections_off_0_and_along_the_trend_gets_a_second_look(monkeypatch):
-    """Session 39, opt-in (background.SECOND_LOOK "sections", with SE_FLOOR 0.06): stage-drift+drift 98 / 99
+    """Session 39, opt-in then (background.SECOND_LOOK "sections", with SE_FLOOR 0.06; the defaults since
+    session 40): stage-drift+drift 98 / 99
     keep the whole trend because one look reads the organelles' drift of 0.33 px per section inside 0's
     region ("sections"). A first-look "sections" whose slope lies off 0 (chi-square from 0 at least
     SECTIONS_C0 = 2) and along the trend (share over 0) gets the second look: an organelle drift inside a
     stage drift is then read "both" by both looks and its pooled slope removed; a still background read
     off 0 is kept on both looks. Against the trend a first look gets it only where its se lies under the
     floor on an axis (the floor may have made the "sections"). A first look against the trend over the
-    floor, or near 0, or on distorted sections, gets no second look; with the defaults none does."""
+    floor, or near 0, or on distorted sections, gets no second look; with SECOND_LOOK "undecided" (the
+    defaults up to session 40) none does."""
     use = np.ones(160, bool)
     trend = {"p": 1e-12, "slope": [0.59, -0.34]}  # stage drift + organelle drift (98's trend)
     se = (0.10, 0.06)
@@ -761,7 +770,8 @@ def test_a_first_look_sections_off_0_and_along_the_trend_gets_a_second_look(monk
     against = _looks([-0.25, 0.0], [-0.30, 0.05], se=se)  # off 0 but against the trend (share -0.32)
     near_0 = _looks([0.10, 0.0], [0.30, 0.05], se=se)  # chi-square 1.0 from 0
     monkeypatch.setattr(bgm, "SE_FLOOR", 0.06)
-    for bg in (drift, still, against, near_0):  # the defaults: "sections" on one look, the trend kept
+    monkeypatch.setattr(bgm, "SECOND_LOOK", "undecided")
+    for bg in (drift, still, against, near_0):  # "undecided": "sections" on one look, the trend kept
         t = dict(trend)
         assert _auto_decision(t, None, use, bg) == (False, None)
         assert t["background"]["decision"] == "sections" and "first_look" not in t["background"]
@@ -790,12 +800,54 @@ def test_a_first_look_sections_off_0_and_along_the_trend_gets_a_second_look(monk
         _auto_decision(dict(trend), None, use, drift)
 
 
+def _earlier_rule(monkeypatch):
+    """The drift decision's rule up to session 40 (the defaults then): SE_FLOOR 0.02, SECOND_LOOK
+    "undecided"."""
+    monkeypatch.setattr(bgm, "SE_FLOOR", 0.02)
+    monkeypatch.setattr(bgm, "SECOND_LOOK", "undecided")
+
+
+def test_the_defaults_are_the_sections_second_look_and_the_earlier_rule_stays_reachable(monkeypatch):
+    """Session 40 (A2): the defaults are background.SE_FLOOR 0.06 and SECOND_LOOK "sections" (A's rule passed
+    on fresh seeds 106-117, the lead's held-out 118 / 119: no row lost, stage-drift+drift 119 0.661 ->
+    0.938). With the defaults an organelle drift read short inside a stage drift (98-like first look:
+    "sections" off 0, along the trend) is read by both looks and its pooled slope removed, and a still
+    background under a stage drift that one look reads (0.156, -0.030) +- (0.046, 0.048) (stage drift 86) is
+    "sections" at the floor, off 0 with its se under the floor, so read again, and both looks keep it. The
+    earlier rule, set by the two settings, keeps the first and removes the second's slope, as before session
+    40. Fails if either default reverts."""
+    assert (bgm.SE_FLOOR, bgm.SECOND_LOOK) == (0.06, "sections")
+    use = np.ones(160, bool)
+    trend = {"p": 1e-12, "slope": [0.59, -0.34]}  # stage drift + organelle drift (98's trend)
+    drift = _looks([0.25, 0.0], [0.30, 0.05], se=(0.10, 0.06))
+    stage = {"p": 1e-12, "slope": [-0.44, 0.19]}  # stage drift 86's trend
+    still_86 = _looks([0.156, -0.030], [0.0, 0.0], se=(0.046, 0.048))
+    t = dict(trend)  # the defaults
+    detrend, slope = _auto_decision(t, None, use, drift)
+    assert detrend and np.allclose(slope, [(8 * 0.25 + 7 * 0.30) / 15, 7 * 0.05 / 15])
+    assert t["background"]["decision"] == "both" and t["background"]["first_look"]["decision"] == "sections"
+    assert t["background"]["se_floor"] == 0.06 and t["background"]["second_look_on"] == "sections"
+    t = dict(stage)
+    assert _auto_decision(t, None, use, still_86) == (False, None)
+    assert t["background"]["decision"] == "sections" and t["background"]["pairs"] == 64 + 56
+    assert t["background"]["first_look"]["decision"] == "sections"
+    _earlier_rule(monkeypatch)  # the earlier rule: one look decides both
+    t = dict(trend)
+    assert _auto_decision(t, None, use, drift) == (False, None)
+    assert t["background"]["decision"] == "sections" and "first_look" not in t["background"]
+    assert t["background"]["se_floor"] == 0.02
+    t = dict(stage)
+    detrend, slope = _auto_decision(t, None, use, still_86)
+    assert detrend and np.allclose(slope, [0.156, -0.030]) and t["background"]["decision"] == "both"
+
+
 def test_second_look_sections_is_refused_without_the_floor(monkeypatch):
     """Session 39, review 1: SECOND_LOOK "sections" was gated only with SE_FLOOR 0.06 (rule S+F+A). Without
     the floor (S+P on the development seed [3838, 38]) a still background under a stage drift was detrended
     more often than the bound in 3 of 8 stage cells (C2: 407 -> 461, 309 -> 358, 189 -> 215), so the switch
     is refused under background.SECTIONS_MIN_FLOOR (0.06) with an InputError naming both settings. At the
-    floor and over it the switch runs; the defaults (0.02, "undecided") are untouched."""
+    floor and over it the switch runs; the earlier rule (0.02, "undecided", the defaults up to session 40)
+    is untouched."""
     use = np.ones(160, bool)
     trend = {"p": 1e-12, "slope": [0.59, -0.34]}
     drift = _looks([0.25, 0.0], [0.30, 0.05], se=(0.10, 0.06))
@@ -812,7 +864,7 @@ def test_second_look_sections_is_refused_without_the_floor(monkeypatch):
         _auto_decision(t, None, use, drift)
         assert t["background"]["se_floor"] == floor and "first_look" in t["background"]
     monkeypatch.setattr(bgm, "SECOND_LOOK", "undecided")
-    monkeypatch.setattr(bgm, "SE_FLOOR", 0.02)  # the defaults: no second look on "sections", no error
+    monkeypatch.setattr(bgm, "SE_FLOOR", 0.02)  # the earlier rule: no second look on "sections", no error
     t = dict(trend)
     assert _auto_decision(t, None, use, drift) == (False, None) and "first_look" not in t["background"]
 
@@ -821,7 +873,8 @@ def test_second_look_sections_without_the_floor_is_refused_before_the_screen(mon
     """Session 39, review 2: the floor check of SECOND_LOOK "sections" ran only where a stack reached the
     background decision, so a stack whose screen found no trend ran without an error and the next stack with
     a trend raised. Now it is checked where the decision starts: the stack without a trend refuses the
-    combination too; with the floor (and with the defaults) it is kept as before, the background unread."""
+    combination too; with the floor (the defaults since session 40) and with the earlier rule it is kept as
+    before, the background unread."""
     use = np.ones(160, bool)
     flat = {"p": 0.9, "slope": [0.001, 0.0]}  # the screen finds no trend: returns before the background
 

@@ -124,6 +124,14 @@ def test_check_gates_the_rules_named(tmp_path, capsys):
 def test_rules_parse_and_the_background_is_paired():
     assert G.parse_rule("S+F", 2.0) == G.Rule("S+F", G.FLOOR, 2.0)
     assert G.parse_rule("F", 2.0).c0 is None and G.parse_rule("TODAY", 2.0).floor == 0.02
+    # session 40 (A2): the engine's defaults moved to L+F; TODAY stays the earlier rule, and every rule but L
+    # decides with SECOND_LOOK "undecided" whatever the defaults
+    assert G.parse_rule("TODAY", 2.0) == G.Rule("TODAY", 0.02, None, (), "undecided")
+    assert G.parse_rule("S", 2.0).floor == 0.02 and G.parse_rule("F", 2.0).look == "undecided"
+    assert G.parse_rule("L+F", 2.0).look == "sections"
+    with G.in_force(G.parse_rule("TODAY", 2.0)):
+        assert (G.bgm.SE_FLOOR, G.bgm.SECOND_LOOK) == (0.02, "undecided")
+    assert (G.bgm.SE_FLOOR, G.bgm.SECOND_LOOK) == (0.06, "sections")  # restored: the defaults
     with pytest.raises(SystemExit, match="tokens"):
         G.parse_rule("S+Q", 2.0)
     with pytest.raises(SystemExit, match="L needs F"):  # the engine refuses "sections" under the floor

@@ -92,7 +92,9 @@ def _args(tmp_path, full=False):
 def test_the_twin_leaves_the_base_as_a_plain_run_and_runs_a_differing_candidate_in_full(tmp_path):
     """24 sections of 256 x 256, organelle drift 0.4: the defaults detrend ("organelles"); a floor of 10 px
     per section makes every reading "undecided" (kept), so the candidate decides otherwise and runs in full,
-    and its recorded reading is the one predicted at the base's decision. The base arm is the plain row's."""
+    and its recorded reading is the one predicted at the base's decision. The base arm is the plain row's.
+    Session 40 (A2): the base arm under the earlier rule (BASE, the defaults up to session 40) records it
+    and restores the engine's defaults (0.06, "sections") after the row."""
     data = P.em_stack(24, (256, 256), seed=21, pad=40, **P.mb.CASES["drift04"])
     plain = P.mb.run_mito(data, "mito-default", "bf", P.SimpleNamespace(
         model="homography", reference="auto", workers=1, extra={}))  # fmt: skip
@@ -101,11 +103,15 @@ def test_the_twin_leaves_the_base_as_a_plain_run_and_runs_a_differing_candidate_
     assert row["cand_from"] == "full" and row["prediction_matches"] is True
     assert row["cand"]["drift_auto"]["applied"] == "none" and row["predicted"] == [[False, None]]
     assert row["cand"]["dice_ref"] < row["base"]["dice_ref"] - 0.1  # the drift kept
-    assert P.bgm.SE_FLOOR == 0.02 and P.bgm.SECOND_LOOK == "undecided"  # the settings restored
+    assert P.bgm.SE_FLOOR == 0.06 and P.bgm.SECOND_LOOK == "sections"  # the settings restored
     # a candidate deciding alike shares the base's alignment, and equals the same candidate run in full
     same = {"SE_FLOOR": 0.06, "SECOND_LOOK": "sections"}
-    shared = P.run_row(21, "drift04", _args(tmp_path), same)
-    full = P.run_row(21, "drift04", _args(tmp_path, full=True), same)
+    shared = P.run_row(21, "drift04", _args(tmp_path), same, P.BASE)
+    assert (
+        shared["base_settings"] == P.BASE and shared["base"]["drift_auto"]["background"]["se_floor"] == 0.02
+    )
+    assert P.bgm.SE_FLOOR == 0.06 and P.bgm.SECOND_LOOK == "sections"
+    full = P.run_row(21, "drift04", _args(tmp_path, full=True), same, P.BASE)
     assert shared["cand_from"] == "shared" and full["cand_from"] == "full"
     for key in ("dice_ref", "dice_fit", "frame_fit"):
         assert shared["cand"][key] == full["cand"][key]
@@ -132,3 +138,15 @@ def test_a_full_candidate_matches_its_prediction_within_1e_6_not_more():
     assert P.prediction_matches({"predicted": [[False, None]], "cand": {"drift_auto": {"applied": "none"}}})
     assert P.prediction_matches({"predicted": [[True, None]], "cand": {"drift_auto": {"applied": "detrend"}}})
     assert P.prediction_matches({"predicted": [], "cand": {}}) is None
+
+
+def test_the_base_is_the_earlier_rule_unless_named():
+    """Session 40 (A2): the defaults moved to the candidate (0.06, "sections"), so the base arm is named: the
+    earlier rule by default, another pair or ``found`` (the engine's as found) by the two options."""
+    assert P.BASE == {"SE_FLOOR": 0.02, "SECOND_LOOK": "undecided"}
+    assert P.CANDIDATE == {"SE_FLOOR": P.bgm.SE_FLOOR, "SECOND_LOOK": P.bgm.SECOND_LOOK}  # the defaults now
+    assert P.base_settings("0.02", "undecided") == P.BASE
+    assert P.base_settings("found", "found") == {}
+    assert P.base_settings("0.06", "found") == {"SE_FLOOR": 0.06}
+    with pytest.raises(SystemExit, match="base-se-floor"):
+        P.base_settings("low", "undecided")

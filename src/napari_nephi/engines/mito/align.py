@@ -783,8 +783,8 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     kept stack into a detrended one; the defaults ``"variogram"`` / ``"undecided"`` are the rules up to
     session 36.
 
-    Session 38, opt-in (session 37 A2's candidate: 0.06 and ``"both"``; the defaults 0.02 and
-    ``"undecided"`` are the rules up to session 37): :data:`.background.SE_FLOOR` (recorded as
+    Session 38, opt-in (session 37 A2's candidate: 0.06 and ``"both"``; 0.02 and ``"undecided"``, the
+    defaults up to session 39, are the rules up to session 37): :data:`.background.SE_FLOOR` (recorded as
     ``["background"]["se_floor"]``; the local reading's is :data:`.organelles.SE_FLOOR`, recorded as
     ``["organelles"]["se_floor"]``) and :data:`.background.SECOND_LOOK` ``"both"`` (or ``"kept+both"``): a
     first look that reads ``"both"`` on undistorted sections gets the second look too, decided as after an
@@ -798,7 +798,12 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     ``["first_look"]["chi_square_from_0"]``): an organelle drift of 0.33 px per section inside a stage drift
     that one look reads inside 0's region can be read by both looks. It needs :data:`.background.SE_FLOOR` of
     at least :data:`.background.SECTIONS_MIN_FLOOR` (0.06; ``InputError`` otherwise, checked first, on every
-    stack, with or without a trend: :func:`_sections_c0`): without the floor it failed the simulation gate."""
+    stack, with or without a trend: :func:`_sections_c0`): without the floor it failed the simulation gate.
+
+    Session 40: the default is :data:`.background.SE_FLOOR` 0.06 with :data:`.background.SECOND_LOOK`
+    ``"sections"`` (fresh seeds 106-117 and the lead's held-out 118 / 119: no row lost, stage-drift+drift
+    0.55-0.67 -> 0.92-0.96 where it reaches; docs/mito.md, session 40). The earlier rule stays reachable by
+    setting ``SE_FLOOR = 0.02`` and ``SECOND_LOOK = "undecided"``."""
     # session 39, review 2: "sections" without the floor refused on every stack, trend or not
     c0 = _sections_c0()
     placed = np.flatnonzero(use)
@@ -855,8 +860,9 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     # session 37, bgm.SECOND_LOOK "kept" (opt-in): also an "undecided-organelles" one the trend test keeps;
     # session 38, "both": also a first look that reads "both" (each look's se from 8 runs' spread)
     looks = _second_look().split("+")
-    # session 39, "sections" (opt-in): also a first-look "sections" off 0, along the trend (share over 0) or
-    # with an se under the floor on an axis (there the floor may have made the "sections")
+    # session 39, "sections" (the default since session 40): also a first-look "sections" off 0, along the
+    # trend (share over 0) or with an se under the floor on an axis (there the floor may have made the
+    # "sections")
     off_0 = (
         bgm.chi_square_from_0(motion, floor)
         if c0 is not None and decision == "sections" and "runs" in motion

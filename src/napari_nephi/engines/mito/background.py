@@ -134,11 +134,15 @@ UNREAD_WIDE = 0.10
 #: anywhere, and the ones pointing against the trend are those whose pooled reading lands in "both" most
 #: often; where the floor raised the se, the floor may have made the "sections" (a right "both" read at the
 #: floor) and a still background's pooled look is read at the floor too. Simulated with :data:`SE_FLOOR`
-#: 0.06 (``benchmarks/mito_drift_gate.py``, rule ``S+F+A``; docs/mito.md, session 39). Opt-in, and only
+#: 0.06 (``benchmarks/mito_drift_gate.py``, rule ``S+F+A``; docs/mito.md, session 39). Opt-in then, and only
 #: with :data:`SE_FLOOR` at least :data:`SECTIONS_MIN_FLOOR` (0.06): without the floor it failed the
 #: simulation (an ``InputError``). It is not combined with ``"both"`` (no ``"sections+both"``: not gated).
+#: Session 40: ``"sections"`` (with :data:`SE_FLOOR` 0.06) is the default. Its preregistered rule passed on
+#: fresh seeds 106-117 (24 rows, none lost; stage-drift+drift 107 / 108 / 112 / 113 0.55-0.67 -> 0.92-0.96)
+#: and the lead's held-out 118 / 119 (10 rows, none lost; stage-drift+drift 119 0.661 -> 0.938; docs/mito.md,
+#: session 40). The earlier rule stays reachable: ``SECOND_LOOK = "undecided"`` with :data:`SE_FLOOR` 0.02.
 SECOND_LOOKS = ("undecided", "kept", "both", "kept+both", "sections")
-SECOND_LOOK = "undecided"
+SECOND_LOOK = "sections"
 #: Session 39: the chi-square from 0 (:func:`chi_square_from_0`) from which a first-look ``"sections"`` is
 #: off 0 enough for :data:`SECOND_LOOK` ``"sections"`` (session 38 A2's C0, as A3's gate ran it).
 SECTIONS_C0 = 2.0
@@ -152,9 +156,10 @@ SECTIONS_MIN_FLOOR = 0.06
 #: A2's candidate: the tissue's own apparent motion over a look's runs, read with the generator's true
 #: matrices on 6 stacks, is about 0.05 px per section, which 8 runs' spread can under-read (stage drift 86:
 #: se (0.046, 0.048), slope (0.156, -0.030), "both" and its slope removed, Dice ref 0.891; at 0.06 "sections",
-#: 0.970). The elastic step's local reading keeps its own floor (:data:`.organelles.SE_FLOOR`). Opt-in (see
-#: :data:`SECOND_LOOK`).
-SE_FLOOR = 0.02
+#: 0.970). The elastic step's local reading keeps its own floor (:data:`.organelles.SE_FLOOR`).
+#: Session 40: 0.06 is the default, with :data:`SECOND_LOOK` ``"sections"`` (which needs it; the evidence
+#: there). The earlier rule (up to session 39): ``SE_FLOOR = 0.02`` with ``SECOND_LOOK = "undecided"``.
+SE_FLOOR = 0.06
 
 
 def crops(shape) -> list[tuple[int, int, int, int]]:
