@@ -839,6 +839,13 @@ def test_the_defaults_are_the_sections_second_look_and_the_earlier_rule_stays_re
     t = dict(stage)
     detrend, slope = _auto_decision(t, None, use, still_86)
     assert detrend and np.allclose(slope, [0.156, -0.030]) and t["background"]["decision"] == "both"
+    # review 2: half of the earlier rule (the floor alone) is refused with advice naming both settings
+    monkeypatch.setattr(bgm, "SECOND_LOOK", "sections")
+    with pytest.raises(
+        InputError,
+        match=r"SE_FLOOR = 0\.06 too, or.*SECOND_LOOK = 'undecided' together with .*SE_FLOOR = 0\.02",
+    ):
+        _auto_decision(dict(trend), None, use, drift)
 
 
 def test_second_look_sections_is_refused_without_the_floor(monkeypatch):

@@ -944,7 +944,8 @@ def _sections_c0() -> float | None:
             f"background.SECOND_LOOK 'sections' needs background.SE_FLOOR at least {bgm.SECTIONS_MIN_FLOOR}"
             f" (got {floor}): without the floor the second look on a first-look 'sections' failed the"
             " simulation gate (a still background under a stage drift detrended too often; docs/mito.md,"
-            f" session 39). Set background.SE_FLOOR = {bgm.SECTIONS_MIN_FLOOR} too."
+            f" session 39). Set background.SE_FLOOR = {bgm.SECTIONS_MIN_FLOOR} too, or, for the rule before"
+            " session 40, set background.SECOND_LOOK = 'undecided' together with background.SE_FLOOR = 0.02."
         )
     return c0
 
