@@ -122,7 +122,9 @@ def test_volumes_between_the_two_caps_get_the_volume_default_with_the_neural_ste
     with the preset's 50 neural steps, where the coarse stage compares on a downsampled grid (session 39,
     B3: R0 alone failed there, R0 plus the steps passed). Just under the first cap: R0 (no steps); over the
     second cap: the earlier default (no blur, weight 0.1, 50 steps); ``iterations`` given wins; the blur off
-    by option gives the earlier default. Tiny shapes, the caps monkeypatched around the 8 x 10 x 9 pair.
+    by option gives the earlier default; divide-and-downsample and the accurate preset inside the band keep
+    the earlier default; the cap may be a numpy integer (review 2, B-2 / B-3). Tiny shapes, the caps
+    monkeypatched around the 8 x 10 x 9 pair.
     Fails before session 40 (no second cap: over the first cap, the earlier default)."""
     pair = _volume_pair((0.2, -0.15, 0.1), 8)
     n = pair[0].size
@@ -149,7 +151,11 @@ def test_volumes_between_the_two_caps_get_the_volume_default_with_the_neural_ste
     assert read(n - 10, n - 1) == (False, None, 0.1, steps)  # just over the second: the earlier default
     assert read(n - 1, n - 1) == (False, None, 0.1, steps)  # no band (the caps equal)
     assert read(n - 1, None) == (False, None, 0.1, steps)  # no band (None): as before session 40
+    assert read(n - 1, np.int64(n)) == ("all", "all", 0.03, steps)  # a numpy integer is a whole number
     assert read(n - 1, n, iterations=3) == ("all", "all", 0.03, 3)  # iterations given wins
+    # inside the band, divide-and-downsample and the accurate preset keep the earlier default
+    assert read(n - 1, n, chunked=True, chunk_iterations=1, iterations=1) == (False, None, 0.1, 1)
+    assert read(n - 1, n, preset="accurate", iterations=1) == (False, None, 0.1, 1)
     assert read(n - 1, n, coarse_warp_blur=False) == (
         False,
         None,
@@ -172,7 +178,7 @@ def test_the_second_cap_is_the_mri_zoomed_3_3x_and_bad_values_are_refused(monkey
     assert nephi_engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS == 82 * 135 * 109 == 1_206_630
     assert nephi_engine.VOLUME_DEFAULT_MAX_VOXELS < nephi_engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS < 128**3
     pair = _volume_pair((0.2, -0.15, 0.1), 8)
-    for bad in (-1, 1.5e6, True, "1206630"):
+    for bad in (-1, np.int64(-1), 1.5e6, True, np.bool_(True), "1206630"):
         monkeypatch.setattr(nephi_engine, "VOLUME_DEFAULT_STEPS_MAX_VOXELS", bad)
         with pytest.raises(
             InputError, match="VOLUME_DEFAULT_STEPS_MAX_VOXELS must be None or a whole number"

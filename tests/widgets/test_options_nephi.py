@@ -69,3 +69,25 @@ def test_the_volume_warp_blur_row_reaches_the_engine(nephi_options):
     assert seen == {"default": (None, "all", 0.03, 0), "off": (False, False, 0.1, 2)}
     opts.method.setCurrentText("affine")
     assert opts.warp_blur.isHidden() and "coarse_warp_blur" not in opts.values()
+
+
+def test_the_warp_blur_tooltip_names_the_caps_as_they_are_when_built(qtbot, monkeypatch, nephi_options):
+    """Session 40 (review 2, B-4): the tooltip reads engine.VOLUME_DEFAULT_MAX_VOXELS and
+    VOLUME_DEFAULT_STEPS_MAX_VOXELS when the panel is built, not when the module is imported, so a cap changed
+    at run time (or the band switched off, None) is what the tooltip names. Fails when the widget imports the
+    constants by name."""
+    from napari_nephi.engines.nephi import engine as nephi_engine
+
+    tip = nephi_options.warp_blur.toolTip()
+    assert f"{nephi_engine.VOLUME_DEFAULT_MAX_VOXELS:,}" in tip
+    assert f"neural steps up to {nephi_engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS:,}" in tip
+    monkeypatch.setattr(nephi_engine, "VOLUME_DEFAULT_MAX_VOXELS", 12_345)
+    monkeypatch.setattr(nephi_engine, "VOLUME_DEFAULT_STEPS_MAX_VOXELS", None)
+    opts = RegistrationOptions("nephi")
+    qtbot.addWidget(opts)
+    tip = opts.warp_blur.toolTip()
+    assert "up to 12,345 voxels" in tip and "neural steps up to" not in tip
+    monkeypatch.setattr(nephi_engine, "VOLUME_DEFAULT_STEPS_MAX_VOXELS", 67_890)
+    opts = RegistrationOptions("nephi")
+    qtbot.addWidget(opts)
+    assert "neural steps up to 67,890" in opts.warp_blur.toolTip()

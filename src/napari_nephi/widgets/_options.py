@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
 from superqt import QCollapsible
 
 from ..core.device import available_devices
-from ..engines.nephi.engine import VOLUME_DEFAULT_MAX_VOXELS, VOLUME_DEFAULT_STEPS_MAX_VOXELS
+from ..engines.nephi import engine as nephi_engine
 from ..engines.nephi.initial import INITIALS
 from ..engines.nephi.weights import BUILTIN, DEFAULTS
 from ..engines.registry import available_methods, engine_info
@@ -115,15 +115,14 @@ class RegistrationOptions(QWidget):
         self.representation = _combo(NEPHI_REPRESENTATIONS)
         self.initial = _combo(NEPHI_INITIALS)
         self.warp_blur = _combo(NEPHI_WARP_BLURS)
+        # the caps are read here, when the panel is built, so a cap set at run time is the one named
+        first_cap = nephi_engine.VOLUME_DEFAULT_MAX_VOXELS
+        steps_cap = nephi_engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS
         self.warp_blur.setToolTip(
             "Volumes (coarse_warp_blur): default: the coarse stage matches the trilinear warp's smoothing, "
-            f"bending weight 0.03, no neural steps, on volumes up to {VOLUME_DEFAULT_MAX_VOXELS:,} voxels in "
+            f"bending weight 0.03, no neural steps, on volumes up to {first_cap:,} voxels in "
             "optimize mode with the fast preset, not divided"
-            + (
-                f" (with the preset's neural steps up to {VOLUME_DEFAULT_STEPS_MAX_VOXELS:,})"
-                if VOLUME_DEFAULT_STEPS_MAX_VOXELS
-                else ""
-            )
+            + (f" (with the preset's neural steps up to {steps_cap:,})" if steps_cap else "")
             + " (otherwise: the earlier default); off: the "
             "earlier volume default at any size (no blur, weight 0.1, the preset's neural steps)."
         )

@@ -34,6 +34,7 @@ units of the fixed grid.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -482,7 +483,7 @@ def register_nephi(
     if (
         volume_run
         and steps_cap is not None
-        and (isinstance(steps_cap, bool) or not isinstance(steps_cap, int) or steps_cap < 0)
+        and (isinstance(steps_cap, bool) or not isinstance(steps_cap, numbers.Integral) or steps_cap < 0)
     ):  # as COARSE_REG_WEIGHT_3D: checked where it decides
         raise InputError(
             "engine.VOLUME_DEFAULT_STEPS_MAX_VOXELS must be None or a whole number of voxels of at least 0 "
