@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from napari_nephi import InputError
+from napari_nephi.engines.atlas.plates import Plates
 from napari_nephi.engines.atlas.pose_grid import Pose, SectionGrid, best_offset
 from napari_nephi.engines.atlas.rerank import (
     DEFAULTS,
@@ -115,6 +116,21 @@ def test_off_by_default_and_the_off_state_is_the_search_as_before(search, toy_re
     moved = [p for p in on.poses.values() if p.shifted is not None]
     assert moved and all(abs(p.shifted) <= 0.5 * 4 for p in moved)
     assert on.options["quarter_shift"] == 0.5 and on.options["quarter_reach"] == 4
+    assert default.quarter_moved == idle.quarter_moved == 0
+    assert on.quarter_moved >= len(moved)  # poses moved onto one plate: on.poses keeps one of them
+
+
+def test_on_a_list_of_plates_nothing_moves_and_the_result_says_so(toy_reference):
+    """A flat atlas (a list of 2D plates, no volume) has no plate axis to cut along: the option is
+    recorded as asked but moves nothing, and ``quarter_moved`` is 0 (review 2 of session 40, C-2)."""
+    reference, labels = toy_reference
+    flat = PoseSearch(Plates.from_reference([reference[i] for i in range(0, reference.shape[0], 2)]))
+    assert not flat.is_volume
+    section = _restained(reference, labels, 24, seed=1)
+    order = [(p, 0.0) for p in range(flat.n)]
+    on = flat.search(section, order, check_rerank_options({"quarter_shift": 0.5}))
+    assert on.options["quarter_shift"] == 0.5
+    assert on.quarter_moved == 0 and all(p.shifted is None for p in on.poses.values())
 
 
 @pytest.mark.parametrize(

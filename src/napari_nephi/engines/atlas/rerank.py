@@ -123,7 +123,8 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   stain draws one level per annotation label, so the ratio is the generator's own model, and with
   adjacent labels merged in pairs half the gain goes (docs/atlas.md, "Session 35").
 * **Quarters** (session 40, opt-in: ``quarter_shift`` 0, ``quarter_margin`` 0.05, ``quarter_reach`` 4;
-  volumes only: on a list of 2D plates nothing moves, :attr:`.pose_grid.Pose.shifted` stays None). The
+  volumes only: on a list of 2D plates nothing moves, :attr:`.pose_grid.Pose.shifted` stays None and
+  :attr:`RerankResult.quarter_moved` is 0, the count of poses moved). The
   best pose of each plate within the margin of the best pose (score less prior) is cut again at
   ``z + dz`` for every ``dz`` within the reach (its tilt, rotation, scale, aspect and atlas point
   kept), each quarter of the section's tissue (split at its tissue centre) takes the ``dz`` that scores
@@ -134,7 +135,9 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   away. The idea (development only): a section of another (warped) brain is not flat in the atlas (on
   development query seeds 5-8 the far misses' tissue spans a median 9 plates against 5 for the hits),
   and one plane's best plate follows the parts whose edges fit best. The fresh reading does not
-  support it where it was aimed: query seeds 159 / 160 at 0.5 (rule written first), today's stain
+  support it where it was aimed: query seeds 159 / 160 at 0.5 (rule written first; read with 91ab02d's
+  ``quarter_offsets``, before the tie rule of fa215d6: 12 sections of seed 159 read again after it give the
+  same top-10), today's stain
   1.375 -> 1.300 / 1.275 -> 1.217 on the training-seed-0 / 1 indexes, gains on straight, oblique
   (1.667 -> 1.333 / 1.583 -> 1.208) and partial sections but losses on the fluorescence-like contrast
   (+0.083 / +0.083) and combined (+0.083 / +0.167) ones, and ``foreign`` 3.167 -> 3.200 (Top-5 101 ->
@@ -690,7 +693,10 @@ class RerankResult:
     left to score, e.g. with ``neighbours`` 0, where the option can do nothing); ``prior_weight``: the
     prior's weight the ranking used (``prior_margin_weight`` where ``prior_margin`` found the first
     stage confident, else ``prior_weight``); ``own_plate_tilts``: how many tilt searches ``own_plate_tilt``
-    added (0 without it)."""
+    added (0 without it); ``quarter_moved``: how many poses ``quarter_shift`` set
+    :attr:`.pose_grid.Pose.shifted` on (by 0.0 too, where the quarters agreed with the pose; 0 without
+    it, and always 0 on a list of 2D plates, where the option is recorded in ``options`` but can move
+    nothing: there is no plate axis to cut along)."""
 
     ranking: list[tuple[int, float]]
     poses: dict[int, Pose] = field(default_factory=dict)
@@ -704,6 +710,7 @@ class RerankResult:
     refined: bool = False
     prior_weight: float = 0.0
     own_plate_tilts: int = 0
+    quarter_moved: int = 0
 
 
 def _steps(limit: float, step: float) -> list[float]:
@@ -873,8 +880,9 @@ class PoseSearch:
         if options["region_weight"] > 0 and poses and self._plates.has_labels:
             samples = SectionSamples(grey, mask, fine.tissue_centre, size=REGION_FIT_SIZE)
             _regions_score(poses, prior, self.regions(), samples, options)
+        moved = 0  # a list of 2D plates has no plate axis: nothing moves (result.quarter_moved says so)
         if options["quarter_shift"] > 0 and poses and self.is_volume:
-            _quarter_shift(poses, prior, fine, refine.atlas, options, self.n)
+            moved = _quarter_shift(poses, prior, fine, refine.atlas, options, self.n)
         for p in poses:
             p.scale *= zoom
         result = _rank(
@@ -893,6 +901,7 @@ class PoseSearch:
         result.refined = refined
         result.prior_weight = weight
         result.own_plate_tilts = own_tilts
+        result.quarter_moved = moved
         result.options = dict(options)
         return result
 
@@ -1336,14 +1345,16 @@ def _inform(poses: list[Pose], prior: np.ndarray, grid: SectionGrid, atlas: Atla
 
 def _quarter_shift(
     poses: list[Pose], prior: np.ndarray, grid: SectionGrid, atlas: AtlasGrid, options: dict, n: int
-) -> None:
+) -> int:
     """The best pose of each plate whose best lies within ``quarter_margin`` of the best pose (score less
     prior) moved along the plate axis by ``quarter_shift`` times the tissue-weighted mean of its quarters'
     best plate offsets (:meth:`.pose_grid.SectionGrid.quarter_offsets`, within ``quarter_reach``);
     its plate follows its ``z`` (within the atlas), its score is kept (the cut's before the move: it is
     not scored again at the new plate), the move is set as :attr:`Pose.shifted`. The ranking
-    (:func:`_rank`) then reads each pose at its new ``z`` and plate (the prior too)."""
+    (:func:`_rank`) then reads each pose at its new ``z`` and plate (the prior too). Returns how many
+    poses it set ``shifted`` on (:attr:`RerankResult.quarter_moved`)."""
     best = _best_near_top(poses, prior, options["quarter_margin"])
+    moved = 0
     for k in best.values():
         pose = poses[k]
         offsets, areas = grid.quarter_offsets(atlas, pose, options["quarter_reach"])
@@ -1353,6 +1364,8 @@ def _quarter_shift(
         pose.z = float(min(max(pose.z + move, 0.0), n - 1.0))
         pose.plate = int(round(pose.z))
         pose.shifted = move
+        moved += 1
+    return moved
 
 
 def _lift(
