@@ -142,9 +142,18 @@ def reader(data: dict, workers: int, mask: str = "keypoint"):
     return background
 
 
-def looks(background, mats, use, shape, floor: float, all_pairs: int, expected=None) -> dict:
+def along_drift(slope, part) -> float:
+    """The share of the organelles' part ``part`` (the background's true slope, ``-v``) that ``slope`` reads
+    along it: ``slope . part / |part|^2`` (1: the drift read whole; review 2, A-2)."""
+    part = np.asarray(part, np.float64)
+    return float(np.asarray(slope, np.float64) @ part / (part @ part))
+
+
+def looks(background, mats, use, shape, floor: float, all_pairs: int, expected=None, part=None) -> dict:
     """The first, second, both looks and ``all`` pairs on the placement ``mats`` (sections of ``shape``; see
-    the module's docstring); ``expected``: the background's true slope there (errors reported against it)."""
+    the module's docstring); ``expected``: the background's true slope there (errors reported against it);
+    ``part`` (default ``expected``): the organelles' part each reading's ``along_drift`` share is taken of."""
+    part = expected if part is None else part
     trend = trend_test(section_centres(mats, shape), use)["slope"]
     first = background(mats, use, False, trend)
     second = background(mats, use, True, trend)
@@ -162,6 +171,8 @@ def looks(background, mats, use, shape, floor: float, all_pairs: int, expected=N
                 err = np.asarray(r["slope"]) - expected
                 r["error"] = [float(v) for v in err]
                 r["error_in_se"] = [float(v) for v in err / np.maximum(r["se"], floor)]
+            if part is not None:
+                r["along_drift"] = along_drift(r["slope"], part)
     if expected is not None:
         out["organelles_part"] = [float(v) for v in expected]
     return out
@@ -198,6 +209,8 @@ def _line(name: str, r: dict) -> str:
     if "error" in r:
         (ey, ex), (zy, zx) = r["error"], r["error_in_se"]
         s += f"; error ({ey:.3f}, {ex:.3f}) = ({zy:.1f}, {zx:.1f}) se"
+    if "along_drift" in r:
+        s += f"; along the drift {r['along_drift']:.2f} of it"
     return s
 
 
@@ -211,9 +224,42 @@ def _show(title: str, out: dict) -> None:
         print(_line(name, out[name]))
 
 
+def table(paths) -> dict:
+    """The truth placement's looks along the drift (unrotated frame), as a share of it, for every row of the
+    JSON files ``paths`` (this script's ``--json``; rows without the share are read from their slopes), one
+    row a seed, then the mean (sd) and the se of the mean; returned as ``{look: [shares]}`` with ``seeds``."""
+    rows = sorted((r for path in paths for r in json.load(open(path))), key=lambda r: r["seed"])
+    out: dict = {"seeds": [r["seed"] for r in rows], **{k: [] for k in ("first", "second", "both", "all")}}
+    print("| seed | drift (px per section) | first look | second | both | all pairs | first / both decide |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        u = r["unrotated"]
+        for k in ("first", "second", "both", "all"):
+            out[k].append(u[k].get("along_drift", along_drift(u[k]["slope"], u["organelles_part"])))
+        shares = " | ".join(f"{out[k][-1]:.2f}" for k in ("first", "second", "both", "all"))
+        decide = f"{u['first'].get('decision')} / {u['both'].get('decision')}"
+        print(f"| {r['seed']} | {math.hypot(*u['organelles_part']):.3f} | {shares} | {decide} |")
+    a = {k: np.array(out[k]) for k in ("first", "second", "both", "all")}
+    ms = " | ".join(f"{a[k].mean():.2f} ({a[k].std(ddof=1):.2f})" for k in a) if len(rows) > 1 else ""
+    print(f"| mean (sd) of {len(rows)} | | {ms} | |")
+    if len(rows) > 1:
+        se = {k: a[k].std(ddof=1) / math.sqrt(len(rows)) for k in a}
+        print(f"# se of the mean: both looks {se['both']:.3f}, all pairs {se['all']:.3f}")
+    for r in rows:  # --engine rows: the reference frame, the truth's part there
+        if "truth_in_engine_frame" in r:
+            t, e = r["truth_in_engine_frame"], r["engine_placement"]
+            part = t["organelles_part"]
+            shares = ", ".join(
+                f"{k} {along_drift(t[k]['slope'], part):.2f} / {along_drift(e[k]['slope'], part):.2f}"
+                for k in ("first", "second", "both", "all")
+            )
+            print(f"# {r['seed']} reference frame, along the drift (truth / engine placement): {shares}")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", required=True)
+    p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--case", default="stage-drift+drift")
     p.add_argument("--sections", type=int, default=160)
     p.add_argument("--shape", type=int, nargs=2, default=(768, 1024))
@@ -224,7 +270,15 @@ def main(argv=None) -> int:
     p.add_argument("--mask", choices=("keypoint", "given"), default="keypoint", help="see reader()")
     p.add_argument("--engine", action="store_true", help="also the engine's placement (a full alignment)")
     p.add_argument("--json", help="write the readings here")
+    p.add_argument(
+        "--table", nargs="+", metavar="JSON", help="only print the along-drift table of these --json files"
+    )
     args = p.parse_args(argv)
+    if args.table:
+        table(args.table)
+        return 0
+    if not args.seeds:
+        p.error("--seeds is required (or --table JSON ...)")
     if args.case not in mb.CASES:
         p.error(f"unknown case {args.case}; choose from {', '.join(mb.CASES)}")
     results = []
@@ -259,7 +313,9 @@ def main(argv=None) -> int:
                 "reference": ref, "dice_ref": res["dice_ref"], "dice_fit": res["dice_fit"],
                 "frame_fit_slope": res["frame_fit"]["slope"], "drift_auto": res.get("drift_auto"),
             }  # fmt: skip
-            row["engine_placement"] = looks(background, mats, use_e, shape, args.floor, args.all_pairs)
+            row["engine_placement"] = looks(
+                background, mats, use_e, shape, args.floor, args.all_pairs, part=expected_background(v, frame)
+            )
             bg = seen["test"].get("background") or {}
             rec = bg.get("first_look", bg).get("slope")
             # within 1e-6: two readings of one placement differ by about 1e-9 (98: 6e-9)

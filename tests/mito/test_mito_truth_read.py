@@ -1,6 +1,8 @@
 """``benchmarks/mito_truth_read.py`` (session 40; session 38 A2's truth read, committed): the placement that
 follows the mitochondria perfectly, in the generator's frame and in a reference section's."""
 
+import json
+
 import numpy as np
 
 from napari_nephi.engines.mito.detrend import section_centres, trend_test
@@ -52,3 +54,26 @@ def test_truth_placement_in_a_reference_frame():
     expected = T.expected_background(v, placed[ref])
     assert np.allclose(slope, expected, atol=1e-9)
     assert np.isclose(np.hypot(*expected), np.hypot(*v)) and not np.allclose(expected, -v)  # turned, not -v
+
+
+def test_the_table_reads_each_look_along_the_drift_as_a_share_of_it(tmp_path, capsys):
+    """Review 2 (A-2): the share of the organelles' part a reading reads along it (docs/mito.md's 14-stack
+    table), from a reading's ``along_drift`` or, in rows written before it, from the slopes."""
+    part = [0.3, -0.4]  # |0.5|
+    assert np.isclose(T.along_drift([0.15, -0.2], part), 0.5)
+    assert np.isclose(T.along_drift([0.4, 0.3], part), 0.0)  # across the drift: none of it
+    look = {"slope": [0.3, -0.4], "decision": "both"}
+    rows = [
+        {"seed": 2, "unrotated": {"organelles_part": part, "first": dict(look, slope=[0.15, -0.2]),
+                                  "second": look, "both": look, "all": dict(look, along_drift=0.25)}},
+        {"seed": 1, "unrotated": {"organelles_part": part, "first": look, "second": look, "both": look,
+                                  "all": look}},
+    ]  # fmt: skip
+    (tmp_path / "t.json").write_text(json.dumps(rows))
+    out = T.table([tmp_path / "t.json"])
+    assert (
+        out["seeds"] == [1, 2]
+        and np.allclose(out["first"], [1.0, 0.5])
+        and np.allclose(out["all"], [1, 0.25])
+    )
+    assert "| 2 | 0.500 | 0.50 | 1.00 | 1.00 | 0.25 | both / both |" in capsys.readouterr().out
