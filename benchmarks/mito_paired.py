@@ -29,7 +29,8 @@ than ``--loss`` Dice ref, (b) no stage-drift row the base keeps is detrended by 
 among the stage-drift+drift rows whose first look reads "sections" in the base's own record, at
 least ``--min-rows`` exist and the candidate gains ``--gain`` Dice ref on at least ``--share`` of them.
 
-Usage (``cd /work/main``; one row of 160 sections takes 3-4 CPU min per arm run in full)::
+Usage (``cd /work/main``; a row of 160 sections records about 22-25 CPU s per arm run in full, the
+distorted cases 182-210 s with the elastic step; 1.5-4 min wall at load 10)::
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/mito_paired.py run \\
         --seeds 106 107 --cases stage-drift+drift,stage-drift --out /tmp/pairs --lane 1/2
