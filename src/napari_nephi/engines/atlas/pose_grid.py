@@ -733,15 +733,19 @@ class SectionGrid:
         quarters = [msk & top & left, msk & top & ~left, msk & ~top & left, msk & ~top & ~left]
         areas = np.array([float(q.sum()) for q in quarters])
         areas[areas < QUARTER_MIN_PIXELS] = 0.0
+        # the section's field on each counted quarter and its energy: the same for every cut
+        parts = {}
+        for i, q in enumerate(quarters):
+            if areas[i] > 0:
+                rq, iq = rs[q].astype(np.float64), is_[q].astype(np.float64)
+                parts[i] = (rq, iq, float((rq**2 + iq**2).sum()))
         scores = np.full((4, len(dzs)), -np.inf)
         for k, (cut, cm) in enumerate(zip(cuts, masks > 0.5, strict=True)):
             ra, ia = field(cut, dilate(cm), self.blur)
-            for i, q in enumerate(quarters):
-                if areas[i] == 0:
-                    continue
-                ea = float((rs[q].astype(np.float64) ** 2 + is_[q].astype(np.float64) ** 2).sum())
+            for i, (rq, iq, ea) in parts.items():
+                q = quarters[i]
                 en = float((ra[q].astype(np.float64) ** 2 + ia[q].astype(np.float64) ** 2).sum())
-                num = float((rs[q].astype(np.float64) * ra[q] + is_[q].astype(np.float64) * ia[q]).sum())
+                num = float((rq * ra[q] + iq * ia[q]).sum())
                 share = float((q & cm).sum()) / areas[i]
                 scores[i, k] = num / math.sqrt(ea * max(en, 1e-3 * ea) + 1e-12) * min(share, 1.0)
         offsets = np.array([best_offset(row, dzs) for row in scores], dtype=np.float64)
