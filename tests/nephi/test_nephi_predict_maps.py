@@ -257,6 +257,19 @@ def test_the_ramp_runs_where_the_rate_moves_a_knot_by_0_85_px_or_more():
     assert refine_warmup((1024, 200)) == refine_warmup((200, 1024)) == REFINE_WARMUP
 
 
+def test_the_ramp_reads_the_coarse_learning_rate_when_called(monkeypatch):
+    """Session 41 (issue 13, task 3): the ramp's kick is ``coarse.COARSE_LEARNING_RATE`` read at the call,
+    so patching the constant in ``coarse`` reaches the predict modes, as it reaches the coarse stage since
+    session 40. Fails before (``predict`` bound the rate by name at import: 256 px stayed without a ramp)."""
+    from napari_nephi.engines.nephi import coarse
+
+    assert refine_warmup((256, 256)) == refine_cooldown((256, 256)) == 0.0  # kick 0.64 px a step
+    monkeypatch.setattr(coarse, "COARSE_LEARNING_RATE", 0.01)  # kick 1.28 px a step
+    assert refine_warmup((256, 256)) == REFINE_WARMUP and refine_cooldown((256, 256)) == REFINE_COOLDOWN
+    monkeypatch.setattr(coarse, "COARSE_LEARNING_RATE", 0.001)  # 512 px: kick 0.26 px a step
+    assert refine_warmup((512, 512)) == refine_cooldown((512, 512)) == 0.0
+
+
 def test_predict_refine_ramps_each_coarse_level_and_optimize_does_not(camera_pair, monkeypatch):
     """predict+refine passes :func:`refine_warmup` and :func:`refine_cooldown` (session 24: only where the
     ramp runs) to its coarse stage and records them (0 on this 64 px pair; the shares where the kick rule

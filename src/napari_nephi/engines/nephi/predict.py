@@ -31,9 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import flatfill
+from . import coarse, flatfill
 from .coarse import (
-    COARSE_LEARNING_RATE,
     DenseMaps,
     _integrate_xy,
     _resample,
@@ -77,7 +76,8 @@ FINER_ON_OPTIMIZE_GRID = True
 REFINE_WARMUP = 0.2
 
 #: The ramp runs where the coarse stage's rate moves a knot by at least this many pixels a step along the
-#: longest side (``COARSE_LEARNING_RATE * (longest side - 1) / 2``: images of at least 341 px). Camera /
+#: longest side (``coarse.COARSE_LEARNING_RATE * (longest side - 1) / 2``, the rate read at the call since
+#: session 41: images of at least 341 px). Camera /
 #: retina / IHC at 1 / 2 / 4 % (review 2 of session 23, B7; docs/nephi.md), better / worse, seeds 0 / 70 /
 #: 74 / 75:
 #: 384 px 32 / 4 of 36 (at most +0.007 px), 352 px 32 / 4 (+0.010), 320 px 28 / 8 (retina 1 % +0.015, as
@@ -90,7 +90,7 @@ def refine_warmup(shape) -> float:
     """The ramp's share of each coarse level's steps in ``predict+refine`` for an image of ``shape``:
     :data:`REFINE_WARMUP` where the coarse rate moves a knot by at least :data:`REFINE_WARMUP_MIN_KICK` px a
     step, else 0."""
-    kick = COARSE_LEARNING_RATE * (max(int(n) for n in shape) - 1) / 2
+    kick = coarse.COARSE_LEARNING_RATE * (max(int(n) for n in shape) - 1) / 2  # read here, not at import
     return float(REFINE_WARMUP) if kick >= REFINE_WARMUP_MIN_KICK else 0.0
 
 
