@@ -46,11 +46,9 @@ import contextlib
 import copy
 import datetime
 import glob
-import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -58,6 +56,7 @@ from types import SimpleNamespace
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _code_state  # noqa: E402
 import mito_benchmark as mb  # noqa: E402
 
 from napari_nephi.engines.mito import align  # noqa: E402
@@ -132,29 +131,9 @@ def code_state() -> dict:
     """The code a row ran (review 1 of session 40): ``head`` (``git rev-parse --short HEAD`` of this
     script's checkout, "unknown" outside one; the checkout may hold other uncommitted changes) and sha256
     (first 12 hex) of this script, of ``mito_benchmark.py`` and of the imported MITO engine's ``*.py`` (with
-    ``PYTHONPATH`` set to a frozen ``src``, that one's), with the engine's folder."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here
-        )
-        head = out.stdout.strip() if out.returncode == 0 else "unknown"
-    except OSError:
-        head = "unknown"
-
-    def sha(paths):
-        h = hashlib.sha256()
-        for path in paths:
-            with open(path, "rb") as fh:
-                h.update(fh.read())
-        return h.hexdigest()[:12]
-
-    engine = os.path.dirname(os.path.abspath(align.__file__))
-    return {
-        "head": head, "script_sha": sha([os.path.abspath(__file__)]),
-        "benchmark_sha": sha([os.path.join(here, "mito_benchmark.py")]),
-        "engine_sha": sha(sorted(glob.glob(os.path.join(engine, "*.py")))), "engine": engine,
-    }  # fmt: skip
+    ``PYTHONPATH`` set to a frozen ``src``, that one's), with the engine's folder
+    (:func:`_code_state.mito_state`, since session 41; the same values)."""
+    return _code_state.mito_state(__file__, os.path.dirname(os.path.abspath(align.__file__)))
 
 
 def _jsonable(value):

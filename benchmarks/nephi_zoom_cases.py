@@ -64,10 +64,10 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
+import _code_state
 import nephi_accuracy as NA  # (sets ITK's thread count before anything imports it)
 import nephi_large as NL
 import numpy as np
@@ -98,6 +98,8 @@ SHIFT = (1.25, -0.75, 0.5)
 MARKS = {"epe": 0.003, "textureless": 0.005, "det": 0.01, "cpu": 1.3, "peak_ratio": 1.3, "peak_mib": 50.0}
 #: Fine voxels per slab of the deformation pair's fine grid: a multiple of the area factor.
 SLAB = 4 * NL.AREA_FACTOR
+#: The package files ``code_sha`` hashes, in this order (:func:`code_state`).
+CODE = ("engines/nephi/*.py", "core/*.py")
 #: Settings copied into the JSON line (the volume default's switches and what decides them).
 SETTING_KEYS = (
     "preset",
@@ -264,22 +266,6 @@ def evaluate(est: np.ndarray, pair: dict) -> dict:
     return row
 
 
-def _git(args: list[str], cwd: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=cwd)
-    except OSError:
-        return None
-    return out.stdout if out.returncode == 0 else None
-
-
-def files_sha(paths: list[Path]) -> str:
-    """A short sha256 of the files' names and bytes, in the order given."""
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
-
-
 def code_state(here: Path | None = None, package: Path | None = None) -> dict:
     """Which code a run measures: ``head`` (short hash) and ``dirty`` (``git status --porcelain -- benchmarks
     src`` not empty) of the repository holding ``here`` (this script's folder), and ``package``, the imported
@@ -287,26 +273,13 @@ def code_state(here: Path | None = None, package: Path | None = None) -> dict:
     package is not under the repository (an installed copy: the hash would not name the code that ran).
     Besides (session 40, review 1): ``code_sha``, a hash of the package's ``engines/nephi/*.py`` and
     ``core/*.py`` as they are on disk at the start, and ``harness_sha``, of this script: in a shared checkout
-    ``dirty`` is always True, and two rows with the same ``code_sha`` ran the same engine code."""
+    ``dirty`` is always True, and two rows with the same ``code_sha`` ran the same engine code
+    (:func:`_code_state.package_state`, since session 41; the same values)."""
     if package is None:
         import napari_nephi
 
         package = Path(napari_nephi.__file__).parent
-    here = Path(here or Path(__file__).parent).resolve()
-    package = Path(package).resolve()
-    state = {"head": "unknown", "dirty": "unknown", "package": str(package)}
-    state.update(
-        code_sha=files_sha(sorted(package.glob("engines/nephi/*.py")) + sorted(package.glob("core/*.py")))
-    )
-    state["harness_sha"] = files_sha([Path(__file__)])
-    top = _git(["rev-parse", "--show-toplevel"], here)
-    if top is None or not package.is_relative_to(Path(top.strip()).resolve()):
-        return state
-    head = _git(["rev-parse", "--short", "HEAD"], here)
-    status = _git(["status", "--porcelain", "--", "benchmarks", "src"], Path(top.strip()))
-    if head is not None and status is not None:
-        state.update(head=head.strip(), dirty=bool(status.strip()))
-    return state
+    return _code_state.package_state(__file__, here or Path(__file__).parent, package, CODE)
 
 
 def run(case: str, arm: str, zoom: float, folder: Path, cap: int | None, cap2: int | None = None) -> dict:
