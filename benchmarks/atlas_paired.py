@@ -32,7 +32,9 @@ Each row of OUT.json: query seed, case, the query's place in its case, its flat 
 contrast (``nissl`` / ``fluorescence``), true plate, the plates the section's tissue spans (the
 generator's ``plate_range``, 5th-95th percentile; session 40, where the query has it), and per arm
 the true plate's rank (0-based, the paper's MAE as ``atlas_lookup.py``), the top-10 plates, the
-lookup's CPU / wall ms and the prior's weight the ranking used (``RerankResult.prior_weight``). With
+lookup's CPU / wall ms and the prior's weight the ranking used (``RerankResult.prior_weight``); where an
+arm runs ``quarter_gate`` (session 41) also its stain reading and whether the gate opened
+(``quarter_reading_a`` / ``quarter_open_a``, ``RerankResult.quarter_reading`` / ``quarter_open``). With
 ``--stages`` (C2, session 39; computed after the timed lookup) also, per arm, where the truth was
 lost (:func:`stages`): its rank in the first stage's order, the plates from it to the nearest
 stage-2 pose (0: the search reached its plate) and its best pose score against the winner's;
@@ -401,6 +403,9 @@ def run(args) -> dict:
                 row[f"top10_{arm}"] = order[:10]
                 row[f"cpu_ms_{arm}"] = cpu
                 row[f"wall_ms_{arm}"] = wall
+                if getattr(found, "quarter_open", None) is not None:  # quarter_gate (session 41)
+                    row[f"quarter_reading_{arm}"] = found.quarter_reading
+                    row[f"quarter_open_{arm}"] = found.quarter_open
                 if args.stages:
                     for key, value in stages(lk[arm], q["image"], found, q["plate"]).items():
                         row[f"{key}_{arm}"] = value

@@ -291,3 +291,27 @@ def test_in_span_counts_the_top_plates_within_the_sections_plate_span():
     assert AP.in_span(rows[2:]) is None
     text, _ = AP.report([dict(r, rank_a=0, rank_b=1, case="straight", seed=5) for r in rows[:2]])
     assert "top plate within the section's own plate span (plate_range): a 1 / 2, b 1 / 2" in text
+
+
+def test_run_records_the_quarter_gates_reading_where_an_arm_has_it(monkeypatch, tmp_path):
+    # session 41: an arm with quarter_gate records its stain reading and whether the gate opened
+    from types import SimpleNamespace
+
+    class Gated(_FakeLookup):
+        def search_poses(self, image, options):
+            found = super().search_poses(image, options)
+            if self.name == "B":
+                return SimpleNamespace(**vars(found), quarter_reading=-0.4, quarter_open=False)
+            return SimpleNamespace(**vars(found), quarter_reading=None, quarter_open=None)
+
+    calls = []
+    monkeypatch.setattr(AP, "_load", lambda path: Gated(path, calls))
+    q = {"image": None, "contrast": "fluorescence", "plate": 4}
+    monkeypatch.setattr(AP, "sections_of", lambda seed, stain: [("contrast", k, q) for k in range(60)])
+    out = tmp_path / "run.json"
+    assert (
+        AP.main(["run", str(out), "--index", "A", "--index-b", "B", "--seeds", "5", "--sections", "3"]) == 0
+    )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["quarter_reading_b"], row["quarter_open_b"]) == (-0.4, False)
+    assert "quarter_reading_a" not in row and "quarter_open_a" not in row

@@ -394,7 +394,11 @@ class AtlasGrid:
         #: plate pixels per base pixel (one factor for every plate: they share a pixel size)
         self.factor = max(1.0, float(shapes.max()) / base_size)
         self.images = [self._small(plates.plate(i)) for i in range(self.n)]
-        self.masks = [_segment(im)[0] for im in self.images]
+        segmented = [_segment(im) for im in self.images]
+        self.masks = [mask for mask, _, _ in segmented]
+        #: whether the atlas's background is bright (brightfield): most of its plates with tissue say so
+        #: (:func:`.preprocess._segment`'s polarity; session 41, the ``quarter_gate`` rerank option)
+        self.bright = bool(np.mean([b for m, b, _ in segmented if m.any()] or [False]) > 0.5)
         #: tissue extents (height, width) and tissue box centres (y, x) in plate pixels
         self.extents = np.stack([extent(m) for m in self.masks]) * self.factor
         self.centres = np.stack([_box_centre(m) for m in self.masks]) * self.factor
@@ -700,16 +704,50 @@ class SectionGrid:
             img, msk = self._turned(rotation_matrix(pose.rotation) * self.q)
             self._images[key] = (cv2.GaussianBlur(img, (0, 0), INFO_BLUR), msk)
         img, msk = self._images[key]
-        centre = np.asarray(pose.centre, dtype=np.float64)
-        if atlas.is_volume:  # cut as the pose was found, its aspect included
-            cut, cut_mask = self._sample(atlas, [(pose.z, pose.tilt)], centre, pose.scale, pose.aspect)
-            cut, cut_mask = cut[0], cut_mask[0] > 0.5
-        else:
-            cut, cut_mask = self._plate_pixels(atlas, pose.plate, self.q / pose.scale, centre, pose.aspect)
+        cut, cut_mask = self._cut_at(atlas, pose)
         both = msk & cut_mask
         if int(both.sum()) < INFO_MIN_PIXELS:
             return 0.0
         return information(img[both], cv2.GaussianBlur(cut, (0, 0), INFO_BLUR)[both])
+
+    def _cut_at(self, atlas: AtlasGrid, pose: Pose) -> tuple[np.ndarray, np.ndarray]:
+        """The atlas and its tissue mask (bool) on the canvas at ``pose`` (found on this grid), cut as
+        the pose was found, its aspect included (a volume's oblique cut, or a plate)."""
+        centre = np.asarray(pose.centre, dtype=np.float64)
+        if atlas.is_volume:
+            cut, cut_mask = self._sample(atlas, [(pose.z, pose.tilt)], centre, pose.scale, pose.aspect)
+            return cut[0], cut_mask[0] > 0.5
+        return self._plate_pixels(atlas, pose.plate, self.q / pose.scale, centre, pose.aspect)
+
+    def _plain_turned(self, rotation: float) -> tuple[np.ndarray, np.ndarray]:
+        """The section and its mask turned by ``rotation`` on the canvas, unsmoothed (cached)."""
+        key = round(float(rotation), 6)
+        if key not in self._plain:
+            self._plain[key] = self._turned(rotation_matrix(rotation) * self.q)
+        return self._plain[key]
+
+    def level_correlation(self, atlas: AtlasGrid, pose: Pose, section_bright: bool) -> float:
+        """Pearson correlation of the section's intensities with the atlas's at ``pose`` (found on this
+        grid), over the tissue both share, each in its own polarity (the section's as it was given:
+        ``section_bright`` says it was inverted to bright tissue, :meth:`.rerank.PoseSearch.prepare`;
+        the atlas's as it is): near +1 where the section's stain brightens where the atlas's does (the
+        atlas's stain on another brain), negative where it is the other way round (a fluorescence-like
+        section against a Nissl-like atlas, its background opposite); NaN with fewer than
+        :data:`INFO_MIN_PIXELS` shared pixels or a flat side. The edge field ignores polarity; this
+        reads it (session 41, the ``quarter_gate`` rerank option)."""
+        img, msk = self._plain_turned(pose.rotation)
+        cut, cut_mask = self._cut_at(atlas, pose)
+        both = msk & cut_mask
+        if int(both.sum()) < INFO_MIN_PIXELS:
+            return float("nan")
+        s = img[both].astype(np.float64)
+        a = cut[both].astype(np.float64)
+        s, a = s - s.mean(), a - a.mean()
+        norm = math.sqrt(float(s @ s) * float(a @ a))
+        if norm <= 1e-12:
+            return float("nan")
+        r = float(s @ a) / norm
+        return -r if section_bright else r
 
     def quarter_offsets(self, atlas: AtlasGrid, pose: Pose, reach: int) -> tuple[np.ndarray, np.ndarray]:
         """For each quarter of the section's tissue (split at its tissue centre along the pose's turned
@@ -720,10 +758,7 @@ class SectionGrid:
         :data:`QUARTER_MIN_PIXELS` pixels has area 0 (session 40, the ``quarter_shift`` rerank option).
         A cut of a warped brain is not flat in the atlas: where its parts lie at different plates,
         one plane's best plate follows the parts whose edges fit best, not the section as a whole."""
-        key = round(float(pose.rotation), 6)
-        if key not in self._plain:
-            self._plain[key] = self._turned(rotation_matrix(pose.rotation) * self.q)
-        img, msk = self._plain[key]
+        img, msk = self._plain_turned(pose.rotation)
         rs, is_ = field(img, section_weight(msk), self.blur)
         dzs = list(range(-int(reach), int(reach) + 1))
         specs = [(pose.z + dz, pose.tilt) for dz in dzs]

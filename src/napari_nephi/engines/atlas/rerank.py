@@ -144,6 +144,20 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   99) on index 0: it failed the rule (index 1's combined case, index 0's ``foreign``) and is not a
   default. About 9 more cuts per plate moved (~5 plates), CPU +7-10 % per lookup. docs/atlas.md,
   "Session 40".
+  **Stain gate** (session 41, opt-in: ``quarter_gate`` None). The re-estimate gained on Nissl-like
+  sections and lost on fluorescence-like ones, so with ``quarter_gate`` it acts only on sections whose
+  stain reads like the atlas's: ``"polarity"``, where the section's background is bright or dark as the
+  atlas's plates' are (:attr:`.pose_grid.AtlasGrid.bright`; a section imaged as the atlas was); a number,
+  where the correlation of the section's intensities with the atlas's at the best pose (score less
+  prior), each in its own polarity (:meth:`.pose_grid.SectionGrid.level_correlation`), lies above it.
+  The reading is one cut at one pose; :attr:`RerankResult.quarter_reading` and ``quarter_open`` say what
+  it read and whether the gate opened. On the phantom the fluorescence-like stain always has the
+  opposite background, so ``"polarity"`` is the generator's own switch there (development query seeds
+  159 / 160, index 0: 91 / 91 Nissl-like sections open, 29 / 29 fluorescence-like shut, each stain);
+  the correlation's sign separates today's stain as well (Nissl-like 0.058 to 0.891, fluorescence-like
+  -0.798 to -0.253) but not ``marker``'s (12 of its 29 fluorescence-like sections above 0). A real
+  section stained like the atlas but imaged the other way (fluorescent Nissl against a brightfield
+  atlas) shuts ``"polarity"``'s gate. docs/atlas.md, "Session 41".
 * **Aspect** (session 26, opt-in: ``aspects`` empty, ``aspect_margin`` 0.05). The best pose of each
   plate within the margin of the best pose (score less prior) is cut again at each ratio of
   ``aspects`` (the cut's plate pixels per section pixel along its rows over those along its
@@ -456,6 +470,13 @@ DEFAULTS = {
     "quarter_shift": 0.0,
     "quarter_margin": 0.05,
     "quarter_reach": 4,
+    # quarter_shift acts only on sections whose stain reads like the atlas's (module docstring,
+    # "Quarters"; session 41, opt-in; an error without quarter_shift): "polarity", where the section's
+    # background is bright or dark as the atlas's (pose_grid.AtlasGrid.bright); a number, where the
+    # correlation of the section's intensities with the atlas's at the best pose (score less prior),
+    # each in its own polarity (pose_grid.SectionGrid.level_correlation), lies above it; None: every
+    # section (session 40's option, bit for bit)
+    "quarter_gate": None,
     # the best pose of each plate within aspect_margin of the best pose (score less prior) cut again
     # with its rows and columns scaled apart by each of these ratios (module docstring, "Aspect";
     # empty: none)
@@ -649,6 +670,19 @@ def check_rerank_options(options: dict | None) -> dict:
     out["quarter_shift"] = check_float("quarter_shift", out["quarter_shift"], 0.0, 1.0)
     out["quarter_margin"] = check_float("quarter_margin", out["quarter_margin"], 0.0, 1.0)
     out["quarter_reach"] = check_int("quarter_reach", out["quarter_reach"], 1, 12)
+    if out["quarter_gate"] is not None:
+        if out["quarter_gate"] != "polarity":
+            if isinstance(out["quarter_gate"], str):
+                raise InputError(
+                    f"quarter_gate must be None, 'polarity' or a correlation in [-1, 1] (e.g. 0.0), got "
+                    f"{out['quarter_gate']!r}."
+                )
+            out["quarter_gate"] = check_float("quarter_gate", out["quarter_gate"], -1.0, 1.0)
+        if out["quarter_shift"] == 0:  # it would silently do nothing
+            raise InputError(
+                f"quarter_gate ({out['quarter_gate']!r}) chooses the sections quarter_shift acts on, which "
+                "moves nothing at 0; set quarter_shift (e.g. 0.5) or leave quarter_gate None."
+            )
     out["aspects"] = _check_aspects(out["aspects"])
     out["aspect_margin"] = check_float("aspect_margin", out["aspect_margin"], 0.0, 1.0)
     if out["aspect_max_tilt"] is not None:
@@ -696,7 +730,12 @@ class RerankResult:
     added (0 without it); ``quarter_moved``: how many poses ``quarter_shift`` set
     :attr:`.pose_grid.Pose.shifted` on (by 0.0 too, where the quarters agreed with the pose; 0 without
     it, and always 0 on a list of 2D plates, where the option is recorded in ``options`` but can move
-    nothing: there is no plate axis to cut along)."""
+    nothing: there is no plate axis to cut along); with ``quarter_gate`` (volumes, ``quarter_shift`` on),
+    ``quarter_reading``: the correlation of the section's levels with the atlas's at the best pose
+    (:meth:`.pose_grid.SectionGrid.level_correlation`; NaN where too little tissue is shared), read in
+    either mode, and ``quarter_open``: whether the gate let ``quarter_shift`` act (by the polarity, or
+    the reading above the number; a NaN reading shuts a number's gate); where it is shut
+    ``quarter_moved`` is 0; both None without the gate."""
 
     ranking: list[tuple[int, float]]
     poses: dict[int, Pose] = field(default_factory=dict)
@@ -711,6 +750,8 @@ class RerankResult:
     prior_weight: float = 0.0
     own_plate_tilts: int = 0
     quarter_moved: int = 0
+    quarter_reading: float | None = None
+    quarter_open: bool | None = None
 
 
 def _steps(limit: float, step: float) -> list[float]:
@@ -738,6 +779,11 @@ class PoseSearch:
     def prepare(section, longest: int) -> tuple[np.ndarray, np.ndarray, float]:
         """(grey, bright tissue on black; its tissue mask; section pixels per pixel of it) of a
         section at most ``longest`` pixels long. The section is not modified."""
+        return PoseSearch._prepare(section, longest)[:3]
+
+    @staticmethod
+    def _prepare(section, longest: int) -> tuple[np.ndarray, np.ndarray, float, bool]:
+        """:meth:`prepare`'s and whether the section's background was bright (it was inverted)."""
         full = max(np.shape(section)[:2])
         grey = to_grey(downsample(section, 2 * longest, "section"), "section")
         if max(grey.shape) > longest:
@@ -752,7 +798,7 @@ class PoseSearch:
             )
         if bright:
             grey = 1.0 - grey
-        return np.where(mask, grey, np.float32(0.0)).astype(np.float32), mask, full / max(grey.shape)
+        return np.where(mask, grey, np.float32(0.0)).astype(np.float32), mask, full / max(grey.shape), bright
 
     def regions(self) -> RegionAtlas:
         """The atlas's regions for the correlation ratio (built on first use)."""
@@ -773,7 +819,7 @@ class PoseSearch:
         """Poses of ``section`` near the first ``shortlist`` plates of the embedding's ranking
         ``order`` (every plate, best first), and the ranking they give (see the module).
         ``options``: :func:`check_rerank_options`'s; ``progress``: checked for cancel between steps."""
-        grey, mask, zoom = self.prepare(section, SECTION_FACTOR * options["work_size"])
+        grey, mask, zoom, bright = self._prepare(section, SECTION_FACTOR * options["work_size"])
         coarse_atlas = self.atlas(options["coarse_size"])
         spare = None
         if options["spare_cuts"] and options["outside_weight"] > 0:
@@ -881,8 +927,14 @@ class PoseSearch:
             samples = SectionSamples(grey, mask, fine.tissue_centre, size=REGION_FIT_SIZE)
             _regions_score(poses, prior, self.regions(), samples, options)
         moved = 0  # a list of 2D plates has no plate axis: nothing moves (result.quarter_moved says so)
+        reading = is_open = None
         if options["quarter_shift"] > 0 and poses and self.is_volume:
-            moved = _quarter_shift(poses, prior, fine, refine.atlas, options, self.n)
+            gate = options["quarter_gate"]
+            if gate is not None:  # the section's stain read at the best pose (NaN: a number's gate shuts)
+                reading = _stain_reading(poses, prior, fine, refine.atlas, bright)
+                is_open = bool(bright == refine.atlas.bright if gate == "polarity" else reading > gate)
+            if gate is None or is_open:
+                moved = _quarter_shift(poses, prior, fine, refine.atlas, options, self.n)
         for p in poses:
             p.scale *= zoom
         result = _rank(
@@ -902,6 +954,8 @@ class PoseSearch:
         result.prior_weight = weight
         result.own_plate_tilts = own_tilts
         result.quarter_moved = moved
+        result.quarter_reading = reading
+        result.quarter_open = is_open
         result.options = dict(options)
         return result
 
@@ -1341,6 +1395,16 @@ def _inform(poses: list[Pose], prior: np.ndarray, grid: SectionGrid, atlas: Atla
     best = _best_near_top(poses, prior, options["information_margin"])
     info = {plate: grid.information(atlas, poses[k]) for plate, k in best.items()}
     _lift(poses, best, info, options["information_weight"], "info")
+
+
+def _stain_reading(
+    poses: list[Pose], prior: np.ndarray, grid: SectionGrid, atlas: AtlasGrid, section_bright: bool
+) -> float:
+    """The ``quarter_gate`` reading (:attr:`RerankResult.quarter_reading`):
+    :meth:`.pose_grid.SectionGrid.level_correlation` at the best pose (score less prior), before any
+    pose moves."""
+    value = np.array([p.score for p in poses]) - prior[np.array([p.plate for p in poses])]
+    return grid.level_correlation(atlas, poses[int(np.argmax(value))], section_bright)
 
 
 def _quarter_shift(
