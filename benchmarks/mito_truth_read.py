@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import math
 import os
@@ -113,6 +114,17 @@ def generate(seed: int, case: str, args) -> tuple[dict, dict]:
     return data, truth
 
 
+def stack_defaults() -> dict:
+    """:func:`.align.build_options`'s arguments as ``align_stack`` passes them by default (the
+    ``mito-default`` row: its detector, descriptor, matcher and model are ``align_stack``'s own defaults),
+    read from ``align_stack``'s signature so that they follow a changed default (session 41; they were
+    restated by hand up to session 40). ``shape`` and ``masks_given`` are the caller's."""
+    given = ("shape", "masks_given")
+    stack = inspect.signature(align.align_stack).parameters
+    names = [name for name in inspect.signature(align.build_options).parameters if name not in given]
+    return {name: stack[name].default for name in names}
+
+
 def reader(data: dict, workers: int, mask: str = "keypoint"):
     """``background(mats, use, second, trend, pairs)``: :func:`.background.background_motion` as
     ``align_stack`` calls it with the given masks (``mask`` "keypoint": the keypoint stage's masks at its
@@ -120,13 +132,7 @@ def reader(data: dict, workers: int, mask: str = "keypoint"):
     undilated; the background's own margin still applies)."""
     stack, masks = data["stack"], data["masks"]
     h, w = stack.shape[1:]
-    opts = align.build_options(  # align_stack's defaults, by name (the mito-default row with given masks)
-        shape=(h, w), detector="mito", descriptor="brisk", matcher="bf", model="homography", use_masks=None,
-        ransac_threshold=3.0, ratio=0.8, max_keypoints=1000, scale=None, smooth=1.0, mask_dilation=12.0,
-        border=6, min_inliers=10, fallback=("sift", "identity"), max_skip=2, mito_radius=None,
-        fast_threshold=10, max_scale=1.5, keypoint_size=None, model_selection=True, masks_given=True,
-        refine=True,
-    )  # fmt: skip
+    opts = align.build_options(shape=(h, w), masks_given=True, **stack_defaults())
     sections = align._Sections(stack, masks, opts, (None, None))
     mito = sections.background_mask if mask == "keypoint" else (lambda k: (masks[k] > 0).view(np.uint8))
 

@@ -1,6 +1,7 @@
 """``benchmarks/mito_truth_read.py`` (session 40; session 38 A2's truth read, committed): the placement that
 follows the mitochondria perfectly, in the generator's frame and in a reference section's."""
 
+import inspect
 import json
 
 import numpy as np
@@ -77,3 +78,35 @@ def test_the_table_reads_each_look_along_the_drift_as_a_share_of_it(tmp_path, ca
         and np.allclose(out["all"], [1, 0.25])
     )
     assert "| 2 | 0.500 | 0.50 | 1.00 | 1.00 | 0.25 | both / both |" in capsys.readouterr().out
+
+
+def test_the_reader_builds_the_options_align_stack_builds_by_default(monkeypatch):
+    """Session 41: the reader's keypoint-stage options come from ``align_stack``'s signature, not restated by
+    hand: they equal those ``align_stack`` builds with given masks and its defaults (captured at the call),
+    and they follow a changed default (``mask_dilation``, which sets the background's masks)."""
+    from napari_nephi.engines.mito import align
+
+    built, build = [], align.build_options
+
+    class Stop(Exception):
+        pass
+
+    def capture(*args, **kwargs):
+        built.append(build(*args, **kwargs))
+        raise Stop
+
+    stack = np.zeros((3, 64, 80), np.uint8)
+    monkeypatch.setattr(align, "build_options", capture)
+    try:
+        align.align_stack(stack, masks=np.zeros_like(stack))
+    except Stop:
+        pass
+    monkeypatch.setattr(align, "build_options", build)
+    assert len(built) == 1 and built[0] == build(shape=(64, 80), masks_given=True, **T.stack_defaults())
+    wrapped = align.align_stack.__wrapped__
+    params = dict(inspect.signature(wrapped).parameters)
+    params["mask_dilation"] = params["mask_dilation"].replace(default=5.0)
+    monkeypatch.setattr(
+        align.align_stack, "__signature__", inspect.Signature(list(params.values())), raising=False
+    )
+    assert T.stack_defaults()["mask_dilation"] == 5.0
