@@ -414,7 +414,7 @@ def test_cancel_before_the_worker_starts(make_napari_viewer, qtbot, pair, errors
     assert widget.run_button.isEnabled() and errors == []
 
 
-def test_preview_and_loss_curve(make_napari_viewer, qtbot, pair, errors):
+def test_preview_and_loss_curve(make_napari_viewer, qtbot, pair, errors, monkeypatch):
     fixed, moving, _ = pair
     viewer = make_napari_viewer()
     viewer.add_image(fixed, name="fixed", scale=(2.0, 2.0))
@@ -425,13 +425,26 @@ def test_preview_and_loss_curve(make_napari_viewer, qtbot, pair, errors):
     widget.options.levels.setValue(2)
     import gc
 
-    seen, frozen, losses = [], [], []
+    # gc.get_freeze_count() walks every frozen object (~1e6 late in the suite: ~0.1 s a call), so it is read
+    # at the first progress event only; the count falls only through gc.unfreeze, whose calls are logged in
+    # order with the events: frozen at the first event and no unfreeze before the last one = frozen at each.
+    seen, frozen, losses, order = [], [], [], []
+    real_unfreeze = gc.unfreeze
+
+    def unfreeze():
+        order.append("unfreeze")
+        real_unfreeze()
+
+    monkeypatch.setattr(gc, "unfreeze", unfreeze)
     widget.runner.progressed.connect(lambda ev: seen.append(widget.preview_layer is not None))
-    widget.runner.progressed.connect(lambda ev: frozen.append(gc.get_freeze_count()))
+    widget.runner.progressed.connect(lambda ev: frozen or frozen.append(gc.get_freeze_count()))
+    widget.runner.progressed.connect(lambda ev: order.append("progress"))
     widget.runner.progressed.connect(lambda ev: ev.loss is not None and losses.append(float(ev.loss)))
     _run(widget, qtbot)
-    assert min(frozen) > 0  # full collections skip the objects older than the run while it runs
-    assert gc.get_freeze_count() == 0  # ... and not after
+    last = len(order) - order[::-1].index("progress")
+    assert frozen[0] > 0 and "unfreeze" not in order[:last]  # full collections skip the objects older than
+    # the run while it runs ...
+    assert gc.get_freeze_count() == 0 and "unfreeze" in order  # ... and not after
     assert len(losses) >= 2 and widget.loss_plot.values == losses  # every reported loss is plotted
     assert any(seen)  # a preview layer was shown while running ...
     assert not [ly for ly in viewer.layers if "preview" in ly.name]  # ... and removed at the end
