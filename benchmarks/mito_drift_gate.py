@@ -36,6 +36,8 @@ and cell) for every rule.
 * ``S+F``: both; further gates on S's first look can be added as ``+`` tokens (see :data:`GATES`):
   ``P`` (session 39), the first look's slope ``b`` projects positively on the trend ``s`` (``b . s > 0``);
   ``A`` (session 39), ``P`` or the first look's se under the floor on an axis;
+  ``W`` (session 41, a diagnosis of organelles drifting against the stage, not a candidate): ``A`` or a
+  chi-square from 0 of at least ``--c0-against`` (5; recorded as ``c0_against``) whatever the direction;
 * ``L``: the engine's own ``background.SECOND_LOOK = "sections"`` (session 39's build of ``S+A``, no
   wrapper; ``L+F`` decides as ``S+F+A``). Only with ``F``: the engine refuses "sections" under the floor
   0.06 (``background.SECTIONS_MIN_FLOOR``), since ``S+P`` failed C2 on the development seed.
@@ -79,6 +81,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import sys
@@ -114,10 +117,24 @@ def _along_or_floored(trend_slope, motion, floor) -> bool:
     return _along_trend(trend_slope, motion, floor) or float(np.min(motion["se"])) < floor
 
 
+#: Session 41 (item 2, a diagnosis): the chi-square from 0 from which gate ``W`` also lets a first look that
+#: points against the trend through (``--c0-against``; recorded in the run's JSON as ``c0_against``).
+C0_AGAINST = 5.0
+
+
+def _along_floored_or_far(trend_slope, motion, floor, c0_against: float = C0_AGAINST) -> bool:
+    """Session 41's gate ``W`` (measurement only, not a candidate): ``A``, or the first look lies at least
+    ``c0_against`` (the rule's, :data:`C0_AGAINST` unless ``--c0-against``) in chi-square from 0 whatever its
+    direction (stage-drift+drift 111 / 114, whose
+    organelles drift against the stage: first looks 5.66 / 8.64 against the trend; the 12 stage-drift rows of
+    seeds 106-117: at most 3.70; docs/mito.md, session 41)."""
+    return _along_or_floored(trend_slope, motion, floor) or chi_from_0(motion, floor) >= c0_against
+
+
 #: Gates on S's first look (tokens of a rule's name besides ``S`` and ``F``), session 39: ``P``, the first
 #: look's slope points along the trend (:func:`_along_trend`); ``A``, ``P`` or a se under the floor
-#: (:func:`_along_or_floored`).
-GATES: dict = {"P": _along_trend, "A": _along_or_floored}
+#: (:func:`_along_or_floored`); session 41: ``W``, ``A`` or far from 0 (:func:`_along_floored_or_far`).
+GATES: dict = {"P": _along_trend, "A": _along_or_floored, "W": _along_floored_or_far}
 #: Clause bounds in stacks of 2000 (scaled to N).
 C1, C2, C3, C4_HIGH, C4_DROP = 10, 20, 20, 1980, 20
 
@@ -129,9 +146,10 @@ class Rule:
     c0: float | None  # None: no second look on "sections"
     gates: tuple = ()
     look: str = "undecided"  # background.SECOND_LOOK while deciding (session 40: never as found)
+    c0_against: float = C0_AGAINST  # gate W's bound (session 41), bound into the rule as c0 is
 
 
-def parse_rule(name: str, c0: float) -> Rule:
+def parse_rule(name: str, c0: float, c0_against: float = C0_AGAINST) -> Rule:
     """``TODAY``, or ``+``-joined tokens: ``F`` (the floor), ``S`` (second look on "sections" at ``c0``),
     the names of :data:`GATES`, ``L`` (the engine's ``SECOND_LOOK`` "sections")."""
     if name == "TODAY":  # session 40 (A2): the earlier rule, not the engine's defaults as found
@@ -147,12 +165,18 @@ def parse_rule(name: str, c0: float) -> Rule:
         raise SystemExit(f"rule {name!r}: L needs F (the engine refuses 'sections' under the floor 0.06)")
     floor = FLOOR if "F" in tokens else EARLIER_FLOOR
     look = "sections" if "L" in tokens else "undecided"
-    return Rule(name, floor, c0 if "S" in tokens else None, gates, look)
+    return Rule(name, floor, c0 if "S" in tokens else None, gates, look=look, c0_against=c0_against)
 
 
 def chi_from_0(motion: dict, floor: float) -> float:
     b, se = np.asarray(motion["slope"], np.float64), np.maximum(np.asarray(motion["se"], np.float64), floor)
     return float(((b / se) ** 2).sum())
+
+
+def _gate(name: str, rule: Rule):
+    """Gate ``name`` of :data:`GATES` as ``rule`` reads it (``W`` with the rule's own ``c0_against``)."""
+    gate = GATES[name]
+    return functools.partial(gate, c0_against=rule.c0_against) if name == "W" else gate
 
 
 def _wrapped(classify, rule: Rule):
@@ -164,7 +188,7 @@ def _wrapped(classify, rule: Rule):
         floor = rule.floor if floor is None else floor
         calls[0] += 1
         if calls[0] == 1 and decision == "sections" and chi_from_0(motion, floor) >= rule.c0:
-            if all(GATES[g](trend_slope, motion, floor) for g in rule.gates):
+            if all(_gate(g, rule)(trend_slope, motion, floor) for g in rule.gates):
                 return "undecided", share
         return decision, share
 
@@ -387,6 +411,9 @@ def main(argv=None) -> int:
     )
     r.add_argument("--rules", nargs="+", default=["TODAY", "F", "S", "S+F"])
     r.add_argument("--c0", type=float, default=2.0)
+    r.add_argument(
+        "--c0-against", type=float, default=C0_AGAINST, help="gate W's chi-square from 0 (session 41)"
+    )
     r.add_argument("--json", required=True)
     c = sub.add_parser("check", help="the table and the clauses C1-C4 from run's JSONs")
     c.add_argument("json", nargs="+")
@@ -395,11 +422,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "check":
         return check(a.json, gated=a.gated, mix=a.mix)
-    rules = [parse_rule(name, a.c0) for name in a.rules]
+    rules = [parse_rule(name, a.c0, a.c0_against) for name in a.rules]
     if rules[0].name != "TODAY":
         rules.insert(0, parse_rule("TODAY", a.c0))
     t0 = time.process_time()
     result = run(a.n, a.seed, a.kinds, rules)
+    if any("W" in x.gates for x in rules):
+        result["c0_against"] = a.c0_against
     result.update(c0=a.c0, rules=[x.name for x in rules], cpu_s=round(time.process_time() - t0, 1))
     with open(a.json, "w") as f:
         json.dump(result, f, indent=1)

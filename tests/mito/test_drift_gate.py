@@ -202,3 +202,20 @@ def test_check_refuses_files_of_other_seeds_or_c0_and_repeated_cells(tmp_path, c
     assert G.main(["check", a, dev, "--gated", "S+F+A"]) == 2
     assert G.main(["check", a, dev, "--gated", "S+F+A", "--mix"]) == 0
     capsys.readouterr()
+
+
+def test_gate_w_also_passes_a_first_look_against_the_trend_far_from_0():
+    """Session 41 (item 2, measurement only): ``W`` is ``A``, or a first look whose chi-square from 0 (at the
+    floor) reaches the rule's ``c0_against`` whatever its direction; the bound is the rule's own (review 1: no
+    module setting changed by a run), and ``S+F+W`` parses with it."""
+    trend = [0.3, 0.0]
+    against = {"slope": [-0.1, 0.0], "se": [0.06, 0.06]}  # chi-square from 0: (0.1 / 0.06)^2 = 2.78
+    assert not G.GATES["A"](trend, against, 0.06)
+    strict, loose = G.parse_rule("S+F+W", 2.0, 2.8), G.parse_rule("S+F+W", 2.0, 2.7)
+    assert strict.gates == ("W",) and strict.floor == 0.06 and strict.c0 == 2.0 and strict.c0_against == 2.8
+    assert not G._gate("W", strict)(trend, against, 0.06)
+    assert G._gate("W", loose)(trend, against, 0.06)
+    along = {"slope": [0.01, 0.0], "se": [0.06, 0.06]}  # along the trend: A's, whatever the distance
+    assert G._gate("W", G.parse_rule("S+F+W", 2.0, 100.0))(trend, along, 0.06)
+    assert G.parse_rule("S+F+W", 2.0).c0_against == G.C0_AGAINST == 5.0
+    assert G._gate("A", strict) is G.GATES["A"]
