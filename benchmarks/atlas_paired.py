@@ -202,9 +202,8 @@ def in_span(rows: list[dict]) -> tuple[int, int, int] | None:
     if not spanned:
         return None
 
-    def inside(r, arm):
-        lo, hi = r["plate_range"]
-        return lo <= r[f"top10_{arm}"][0] <= hi
+    def inside(r, arm):  # atlas_lookup.in_span: one definition for both benchmarks (review 1 of session 41)
+        return _atlas_lookup().in_span(r[f"top10_{arm}"][0], r["plate_range"])
 
     return len(spanned), sum(inside(r, "a") for r in spanned), sum(inside(r, "b") for r in spanned)
 
