@@ -153,11 +153,17 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   The reading is one cut at one pose; :attr:`RerankResult.quarter_reading` and ``quarter_open`` say what
   it read and whether the gate opened. On the phantom the fluorescence-like stain always has the
   opposite background, so ``"polarity"`` is the generator's own switch there (development query seeds
-  159 / 160, index 0: 91 / 91 Nissl-like sections open, 29 / 29 fluorescence-like shut, each stain);
-  the correlation's sign separates today's stain as well (Nissl-like 0.058 to 0.891, fluorescence-like
-  -0.798 to -0.253) but not ``marker``'s (12 of its 29 fluorescence-like sections above 0). A real
-  section stained like the atlas but imaged the other way (fluorescent Nissl against a brightfield
-  atlas) shuts ``"polarity"``'s gate. docs/atlas.md, "Session 41".
+  159 / 160, both indexes: 91 / 91 Nissl-like sections open, 29 / 29 fluorescence-like shut, each stain),
+  and a reading of it on the phantom is that of a perfect stain reader, not evidence for the polarity on
+  real stains; the correlation's sign separates today's stain nearly as well (index 0: Nissl-like 0.058
+  to 0.891, fluorescence-like -0.798 to -0.253; index 1: one Nissl-like section at -0.119) but not
+  ``marker``'s (12 / 10 of its 29 fluorescence-like sections above 0, index 0 / 1). A real section
+  stained like the atlas but imaged the other way (fluorescent Nissl against a brightfield atlas) shuts
+  ``"polarity"``'s gate, and a brightfield stain unlike the atlas's (DAB) passes it. Fresh query seeds
+  161 / 162 (rule written first), ``{"quarter_shift": 0.5, "quarter_gate": "polarity"}`` against the
+  defaults: today's stain 1.717 -> 1.700 / 2.133 -> 2.117 (index 0 / 1), no fluorescence-like section
+  changed, ``foreign`` on index 0 Top-5 100 -> 99 (one Nissl-like combined section, 4 -> 7): it failed the
+  rule and is not a default. docs/atlas.md, "Session 41".
 * **Aspect** (session 26, opt-in: ``aspects`` empty, ``aspect_margin`` 0.05). The best pose of each
   plate within the margin of the best pose (score less prior) is cut again at each ratio of
   ``aspects`` (the cut's plate pixels per section pixel along its rows over those along its
@@ -475,7 +481,7 @@ DEFAULTS = {
     # background is bright or dark as the atlas's (pose_grid.AtlasGrid.bright); a number, where the
     # correlation of the section's intensities with the atlas's at the best pose (score less prior),
     # each in its own polarity (pose_grid.SectionGrid.level_correlation), lies above it; None: every
-    # section (session 40's option, bit for bit)
+    # section (session 40's option, bit for bit); "polarity" failed its fresh check (index 0 foreign Top-5)
     "quarter_gate": None,
     # the best pose of each plate within aspect_margin of the best pose (score less prior) cut again
     # with its rows and columns scaled apart by each of these ratios (module docstring, "Aspect";
