@@ -23,19 +23,31 @@ chi-square from 0): the first look, the second, both (:func:`.background.second_
   ``align._auto_decision``), reads it with the same function (which must reproduce the engine's own
   first look: ``engine_first_look_reproduced``) and reads the truth placement moved into the engine's
   frame (the reference section's), where the organelles' part is the reference's rotation of ``-v``.
+* ``--oracle`` (session 41, with ``--engine``): where the engine's placement loses its reading. Every
+  placement is read twice on the same looks' pairs: by the images (as above) and by geometry
+  (:func:`background_geometry`: the still background's exact motion on that placement, from the generator's
+  matrices; no image), so ``img - geo`` is the reading's own error and ``geo`` the placement's. The engine's
+  placement against the truth's (:func:`placement_parts`): its translation's straight line over the sections
+  (the lag: what it does not follow of the mitochondria's drift), the rest (jitter) and its linear part, and
+  hybrids that put one part at a time on the truth placement (``trend``, ``jitter``, ``translation``,
+  ``linear``), each read both ways (:func:`oracle_reads`). ``--engine-option NAME=VALUE`` (repeatable) runs
+  the engine with an ``align_stack`` option, e.g. ``mask_dilation=0`` (the keypoint masks' oracle).
 
 Usage (``cd /work/main``; one 160-section stack: about 1 CPU min to generate, 1-2 per frame's reads, 3-4
-for ``--engine``)::
+for ``--engine``, 2-3 more for ``--oracle``)::
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/mito_truth_read.py --seeds 98 99 \\
-        --case stage-drift+drift --json /tmp/truth.json [--engine]
+        --case stage-drift+drift --json /tmp/truth.json [--engine [--oracle] \\
+        [--engine-option mask_dilation=0]]
 
-Not part of the test run (``tests/mito/test_mito_truth_read.py`` tests the truth placement).
+Not part of the test run (``tests/mito/test_mito_truth_read.py`` tests the truth placement, the geometry and
+the placement's parts).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import inspect
 import json
@@ -122,6 +134,9 @@ def stack_defaults() -> dict:
     given = ("shape", "masks_given")
     stack = inspect.signature(align.align_stack).parameters
     names = [name for name in inspect.signature(align.build_options).parameters if name not in given]
+    missing = [n for n in names if n not in stack or stack[n].default is inspect.Parameter.empty]
+    if missing:  # review 1 (LOW): the signatures no longer match; never pass a sentinel on
+        raise ValueError(f"align_stack has no default for build_options' {', '.join(missing)}")
     return {name: stack[name].default for name in names}
 
 
@@ -184,8 +199,9 @@ def looks(background, mats, use, shape, floor: float, all_pairs: int, expected=N
     return out
 
 
-def engine_placement(data: dict, workers: int) -> dict:
-    """The benchmark's ``mito-default`` row with the defaults; the placement, ``use`` and the trend test
+def engine_placement(data: dict, workers: int, options: dict | None = None) -> dict:
+    """The benchmark's ``mito-default`` row with the defaults (and ``options``, ``align_stack``'s, e.g.
+    ``mask_dilation``: session 41's oracle of the keypoint masks); the placement, ``use`` and the trend test
     that ``align._auto_decision`` was given, and the row's result."""
     seen: dict = {}
     decide = align._auto_decision
@@ -196,13 +212,101 @@ def engine_placement(data: dict, workers: int) -> dict:
         seen["test"] = copy.deepcopy(test)
         return out
 
-    bench = SimpleNamespace(model="homography", reference="auto", workers=workers, extra={})
+    bench = SimpleNamespace(model="homography", reference="auto", workers=workers, extra=dict(options or {}))
     align._auto_decision = hook
     try:
         seen["result"] = mb.run_mito(data, "mito-default", "bf", bench)
     finally:
         align._auto_decision = decide
     return seen
+
+
+def _apply(m: np.ndarray, p) -> np.ndarray:
+    q = m @ np.array([p[0], p[1], 1.0])
+    return q[:2] / q[2]
+
+
+def background_geometry(mats, true, use, shape, second: bool = False, pairs: int = bgm.PAIRS) -> np.ndarray:
+    """Session 41: the still background's exact motion per section on the placement ``mats`` (aligned frame ->
+    section ``k``), from the generator's matrices ``true`` (its unrotated frame -> section ``k``, where the
+    background stands still), on the runs of pairs :func:`.background.runs` plans (``second``, ``pairs``) and
+    averaged over the crops' centres (:func:`.background.crops`): what a perfect reading of those pairs would
+    read, no image involved. Returns the runs' mean steps ``(runs, 2)`` (their mean: the slope)."""
+    centres = [(y0 + ch / 2 - 0.5, x0 + cw / 2 - 0.5) for y0, x0, ch, cw in bgm.crops(shape)]
+    means = []
+    for run in bgm.runs(np.asarray(use, bool), pairs, second):
+        steps = []
+        for k in run:  # where section k's background at aligned c lies in the aligned frame of k + GAP
+            m = np.linalg.inv(mats[k + bgm.GAP]) @ true[k + bgm.GAP] @ np.linalg.inv(true[k]) @ mats[k]
+            steps.append(np.mean([_apply(m, c) - c for c in centres], axis=0) / bgm.GAP)
+        means.append(np.mean(steps, axis=0))
+    return np.array(means)
+
+
+def placement_parts(truth: np.ndarray, engine: np.ndarray, use, shape, ref: int) -> dict:
+    """Session 41: the engine's placement against the truth's (both in one frame), ``D_k = truth_k^-1
+    engine_k``, split into its translation at the frame's centre (a straight line over the placed sections,
+    ``lag``: px per section, and what is left, ``jitter``) and its linear part; and the hybrids that put one
+    part at a time on the truth placement: ``trend``, ``jitter``, ``translation`` (both), ``linear``."""
+    h, w = shape
+    c0 = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
+    d = np.stack([np.linalg.solve(t, e) for t, e in zip(truth, engine)])
+    t = np.array([_apply(m, c0) - c0 for m in d])
+    ks = np.arange(len(d))
+    use = np.asarray(use, bool)
+    lag, icpt = np.polyfit(ks[use], t[use], 1)
+    line = np.outer(ks, lag) + icpt
+    jitter = t - line
+
+    def moved(part):
+        return np.stack([truth[k] @ translation(part[k] - part[ref]) for k in ks])
+
+    linear = []
+    for k in ks:
+        a = d[k, :2, :2] / d[k, 2, 2]
+        m = np.eye(3)
+        m[:2, :2], m[:2, 2] = a, c0 - a @ c0
+        linear.append(truth[k] @ m)
+    steps = np.diff(jitter, axis=0)[use[1:] & use[:-1]]
+    hybrids = {
+        "trend": moved(line),
+        "jitter": moved(jitter),
+        "translation": moved(t),
+        "linear": np.stack(linear),
+    }
+    return {
+        "lag": lag, "jitter_rms": np.sqrt((jitter[use] ** 2).mean(0)),
+        "jitter_step_rms": np.sqrt((steps**2).mean(0)), "hybrids": hybrids,
+    }  # fmt: skip
+
+
+def oracle_reads(background, true, placements: dict, use, shape, part) -> dict:
+    """Session 41: each placement read twice on the same looks' pairs, by the images (``img``: the first, the
+    second and both looks, as the engine reads) and by :func:`background_geometry` (``geo``), along the
+    organelles' part ``part`` (the truth placement's background slope): ``img - geo`` is the reading's own
+    error there, ``geo`` the placement's."""
+    u = np.asarray(part, np.float64) / float(np.linalg.norm(part))
+    out = {}
+    for name, mats in placements.items():
+        trend = trend_test(section_centres(mats, shape), use)["slope"]
+        first, second = background(mats, use, False, trend), background(mats, use, True, trend)
+        both = bgm.second_look(first, second)
+        g1, g2 = (background_geometry(mats, true, use, shape, look) for look in (False, True))
+        gb = np.concatenate([g1, g2]).mean(0)
+        looks = {"first": first, "second": second, "both": both}
+        out[name] = r = {
+            "img": {k: float(np.asarray(look["slope"]) @ u) for k, look in looks.items()},
+            "geo": {"first": float(g1.mean(0) @ u), "both": float(gb @ u)}, "both_slope": both["slope"],
+            "both_geo": gb.tolist(), "pairs": [first["pairs"], second["pairs"]],
+        }  # fmt: skip
+        img, geo = r["img"], r["geo"]
+        print(
+            f"  {name:<11} along the drift: geo first {geo['first']:.4f} both {geo['both']:.4f} | img first "
+            f"{img['first']:.4f} second {img['second']:.4f} both {img['both']:.4f} "
+            f"({first['pairs']}+{second['pairs']} pairs); img - geo both {img['both'] - geo['both']:+.4f}",
+            flush=True,
+        )
+    return out
 
 
 def _line(name: str, r: dict) -> str:
@@ -275,6 +379,15 @@ def main(argv=None) -> int:
     p.add_argument("--all-pairs", type=int, default=159, help="pairs of the 'all' reading")
     p.add_argument("--mask", choices=("keypoint", "given"), default="keypoint", help="see reader()")
     p.add_argument("--engine", action="store_true", help="also the engine's placement (a full alignment)")
+    p.add_argument(
+        "--oracle",
+        action="store_true",
+        help="with --engine: the placement split into parts, read by image and geometry",
+    )
+    p.add_argument(
+        "--engine-option", action="append", default=[], metavar="NAME=VALUE",
+        help="an align_stack option of the engine's run (a Python literal), e.g. mask_dilation=0",
+    )  # fmt: skip
     p.add_argument("--json", help="write the readings here")
     p.add_argument(
         "--table", nargs="+", metavar="JSON", help="only print the along-drift table of these --json files"
@@ -285,6 +398,14 @@ def main(argv=None) -> int:
         return 0
     if not args.seeds:
         p.error("--seeds is required (or --table JSON ...)")
+    if args.oracle and not args.engine:
+        p.error("--oracle needs --engine")
+    options = {}
+    for item in args.engine_option:
+        name, _, value = item.partition("=")
+        if name not in align.STACK_OPTIONS or not value:
+            p.error(f"--engine-option {item!r}: give NAME=VALUE with an align_stack option")
+        options[name] = ast.literal_eval(value)
     if args.case not in mb.CASES:
         p.error(f"unknown case {args.case}; choose from {', '.join(mb.CASES)}")
     results = []
@@ -309,7 +430,7 @@ def main(argv=None) -> int:
         )  # fmt: skip
         _show("truth placement, unrotated frame", row["unrotated"])
         if args.engine:
-            seen = engine_placement(data, args.workers)
+            seen = engine_placement(data, args.workers, options)
             mats, use_e = seen["matrices"], seen["use"]
             ref = int(np.argmin([np.abs(m - np.eye(3)).sum() for m in mats]))
             placed = truth_placement(data["matrices"], v)
@@ -318,6 +439,7 @@ def main(argv=None) -> int:
             row["engine"] = {
                 "reference": ref, "dice_ref": res["dice_ref"], "dice_fit": res["dice_fit"],
                 "frame_fit_slope": res["frame_fit"]["slope"], "drift_auto": res.get("drift_auto"),
+                "options": options,
             }  # fmt: skip
             row["engine_placement"] = looks(
                 background, mats, use_e, shape, args.floor, args.all_pairs, part=expected_background(v, frame)
@@ -341,6 +463,26 @@ def main(argv=None) -> int:
             )
             _show("engine placement (reference frame)", row["engine_placement"])
             _show("truth placement, reference frame", row["truth_in_engine_frame"])
+            if args.oracle:
+                truth_ref = truth_placement(data["matrices"], v, ref)
+                part = expected_background(v, frame)
+                split = placement_parts(truth_ref, mats, use_e, shape, ref)
+                u = part / np.linalg.norm(part)
+                lag, rms, step = split["lag"], split["jitter_rms"], split["jitter_step_rms"]
+                row["oracle"] = {
+                    "lag": lag.tolist(), "lag_along_drift": float(lag @ u), "jitter_rms": rms.tolist(),
+                    "jitter_step_rms": step.tolist(),
+                }  # fmt: skip
+                print(
+                    f" oracle: the engine's placement against the truth's: translation lag ({lag[0]:.4f}, "
+                    f"{lag[1]:.4f}) px per section, {lag @ u:+.4f} along the drift (+: follows it less); "
+                    f"jitter rms {np.round(rms, 3).tolist()}, per section {np.round(step, 3).tolist()}",
+                    flush=True,
+                )
+                row["oracle"]["reads"] = oracle_reads(
+                    background, data["matrices"], {"engine": mats, "truth": truth_ref, **split["hybrids"]},
+                    use_e, shape, part,
+                )  # fmt: skip
         row["cpu_s"] = time.process_time() - cpu
         results.append(row)
         if args.json:

@@ -5,6 +5,7 @@ import inspect
 import json
 
 import numpy as np
+import pytest
 
 from napari_nephi.engines.mito.detrend import section_centres, trend_test
 from napari_nephi.synthetic import rotation_matrix
@@ -110,3 +111,32 @@ def test_the_reader_builds_the_options_align_stack_builds_by_default(monkeypatch
         align.align_stack, "__signature__", inspect.Signature(list(params.values())), raising=False
     )
     assert T.stack_defaults()["mask_dilation"] == 5.0
+    del params["border"]  # review 1: a parameter missing, or without a default, is named, not passed on
+    params["mask_dilation"] = params["mask_dilation"].replace(default=inspect.Parameter.empty)
+    monkeypatch.setattr(align.align_stack, "__signature__", inspect.Signature(list(params.values())))
+    with pytest.raises(ValueError, match="mask_dilation, border"):
+        T.stack_defaults()
+
+
+def test_the_background_geometry_reads_minus_the_drift_on_the_truth_placement_and_the_lag_elsewhere():
+    """Session 41's oracle: on the truth placement a still background moves by exactly ``-v`` (turned into the
+    reference's frame) on every run of pairs; a placement that follows only part of the drift (the truth's
+    moved by a straight line, ``lag`` px per section) moves it by ``-v - lag`` there, and
+    :func:`placement_parts` finds that line (no jitter, no linear part) and rebuilds the placement from it."""
+    n, shape, v, ref = 80, (300, 400), np.array([0.3, -0.2]), 0
+    rng = np.random.default_rng(7)
+    true = np.stack([rotation_matrix(a, shape) for a in rng.uniform(-np.pi, np.pi, n)])
+    use = np.ones(n, bool)
+    truth = T.truth_placement(true, v, ref)
+    expected = T.expected_background(v, T.truth_placement(true, v)[ref])
+    for second in (False, True):
+        runs = T.background_geometry(truth, true, use, shape, second, pairs=32)
+        assert len(runs) >= 3 and np.allclose(runs, expected, atol=1e-9)
+    lag = np.array([0.02, 0.01])
+    engine = np.stack([truth[k] @ T.translation(lag * (k - ref)) for k in range(n)])
+    assert np.allclose(T.background_geometry(engine, true, use, shape).mean(0), expected - lag, atol=1e-9)
+    split = T.placement_parts(truth, engine, use, shape, ref)
+    assert np.allclose(split["lag"], lag, atol=1e-12) and np.allclose(split["jitter_rms"], 0, atol=1e-9)
+    assert np.allclose(split["hybrids"]["trend"], engine, atol=1e-9)
+    assert np.allclose(split["hybrids"]["linear"], truth, atol=1e-9)
+    assert np.allclose(split["hybrids"]["jitter"], truth, atol=1e-9)
