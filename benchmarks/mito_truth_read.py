@@ -140,14 +140,18 @@ def stack_defaults() -> dict:
     return {name: stack[name].default for name in names}
 
 
-def reader(data: dict, workers: int, mask: str = "keypoint"):
+def reader(data: dict, workers: int, mask: str = "keypoint", options: dict | None = None):
     """``background(mats, use, second, trend, pairs)``: :func:`.background.background_motion` as
     ``align_stack`` calls it with the given masks (``mask`` "keypoint": the keypoint stage's masks at its
     working scale, dilated by ``mask_dilation``), or with the true masks themselves ("given": full size,
-    undilated; the background's own margin still applies)."""
+    undilated; the background's own margin still applies). ``options``: the engine run's ``align_stack``
+    options (``--engine-option``); those :func:`.align.build_options` takes (e.g. ``mask_dilation``) build the
+    masks as the engine's run did (session 41)."""
     stack, masks = data["stack"], data["masks"]
     h, w = stack.shape[1:]
-    opts = align.build_options(shape=(h, w), masks_given=True, **stack_defaults())
+    defaults = stack_defaults()  # with the engine's options (--engine-option) where they set the masks
+    given = {name: value for name, value in (options or {}).items() if name in defaults}
+    opts = align.build_options(shape=(h, w), masks_given=True, **{**defaults, **given})
     sections = align._Sections(stack, masks, opts, (None, None))
     mito = sections.background_mask if mask == "keypoint" else (lambda k: (masks[k] > 0).view(np.uint8))
 
@@ -413,7 +417,7 @@ def main(argv=None) -> int:
         cpu = time.process_time()
         data, truth = generate(seed, args.case, args)
         shape = data["stack"].shape[1:]
-        background = reader(data, args.workers, args.mask)
+        background = reader(data, args.workers, args.mask, options)
         v = np.asarray(truth["mitos_mean"])
         use = np.ones(args.sections, bool)
         row = {"seed": seed, "case": args.case, "mask": args.mask, "truth": truth}

@@ -140,3 +140,22 @@ def test_the_background_geometry_reads_minus_the_drift_on_the_truth_placement_an
     assert np.allclose(split["hybrids"]["trend"], engine, atol=1e-9)
     assert np.allclose(split["hybrids"]["linear"], truth, atol=1e-9)
     assert np.allclose(split["hybrids"]["jitter"], truth, atol=1e-9)
+
+
+def test_the_reader_builds_the_masks_with_the_engine_run_s_options(monkeypatch):
+    """Session 41: with ``--engine-option mask_dilation=0`` the background is read with the masks that run
+    used (the engine's first look is reproduced), not with the default dilation; other options pass by."""
+    seen = []
+
+    class Sections:
+        def __init__(self, stack, masks, opts, intensity):
+            seen.append(opts)
+
+        def background_mask(self, k):
+            return None
+
+    monkeypatch.setattr(T.align, "_Sections", Sections)
+    data = {"stack": np.zeros((2, 32, 32), np.uint8), "masks": np.zeros((2, 32, 32), np.uint8)}
+    T.reader(data, 1, options={"mask_dilation": 0.0, "drift_correction": "none"})
+    T.reader(data, 1)
+    assert [o.mask_dilation for o in seen] == [0.0, 12.0]
