@@ -33,8 +33,8 @@ chi-square from 0): the first look, the second, both (:func:`.background.second_
   ``linear``), each read both ways (:func:`oracle_reads`). ``--engine-option NAME=VALUE`` (repeatable) runs
   the engine with an ``align_stack`` option, e.g. ``mask_dilation=0`` (the keypoint masks' oracle).
 
-Usage (``cd /work/main``; one 160-section stack: about 1 CPU min to generate, 1-2 per frame's reads, 3-4
-for ``--engine``, 2-3 more for ``--oracle``)::
+Usage (``cd /work/main``; one 160-section stack, measured in session 41: about 16 CPU s to generate, 37 for
+the engine's run, 87 in all with ``--engine --oracle`` on 98; 5 min of wall at load 11-14)::
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/mito_truth_read.py --seeds 98 99 \\
         --case stage-drift+drift --json /tmp/truth.json [--engine [--oracle] \\
