@@ -56,6 +56,27 @@ def oblique_partial(toy_reference):
     return image, section_labels, 21, oracle_dice(coords, labels[21], section_labels)
 
 
+@pytest.fixture(scope="module")
+def nephi_oblique(trained_lookup, oblique_partial):
+    """``(reg, seen)``: the nephi registration of ``oblique_partial`` with :data:`NEPHI_FAST` (read only; two
+    tests share it, session 41) and the ``(initial, contrast_match)`` of every nephi call it made."""
+    from napari_nephi.engines.atlas import register as module
+
+    seen = []
+    real = module.register
+
+    def spy(*args, **kwargs):
+        if kwargs.get("method") == "nephi":
+            seen.append((kwargs.get("initial"), kwargs.get("contrast_match")))
+        return real(*args, **kwargs)
+
+    image, _, plate, _ = oblique_partial
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(module, "register", spy)
+        reg = trained_lookup.register(image, plate, method="nephi", device="cpu", **NEPHI_FAST)
+    return reg, seen
+
+
 def test_affine_carries_labels_that_keep_their_values(trained_lookup, toy_reference, oblique_partial):
     _, labels = toy_reference
     image, truth, plate, best = oblique_partial
@@ -77,11 +98,11 @@ def test_affine_carries_labels_that_keep_their_values(trained_lookup, toy_refere
     )
 
 
-def test_nephi_refines_the_affine_map(trained_lookup, toy_reference, oblique_partial):
+def test_nephi_refines_the_affine_map(trained_lookup, toy_reference, oblique_partial, nephi_oblique):
     _, labels = toy_reference
     image, truth, plate, best = oblique_partial
     affine = trained_lookup.register(image, plate, method="affine", device="cpu")
-    reg = trained_lookup.register(image, plate, method="nephi", device="cpu", **NEPHI_FAST)
+    reg = nephi_oblique[0]
     dice = mean_dice(reg.metrics["labels"], truth)
     assert dice >= ORACLE_SHARE * best
     assert dice >= mean_dice(affine.metrics["labels"], truth) - 0.02
@@ -89,11 +110,13 @@ def test_nephi_refines_the_affine_map(trained_lookup, toy_reference, oblique_par
     assert "nephi" in reg.metrics and reg.settings["method"] == "nephi"
 
 
-def test_nephi_runs_no_second_global_stage(trained_lookup, oblique_partial, monkeypatch):
+def test_nephi_runs_no_second_global_stage(trained_lookup, oblique_partial, nephi_oblique, monkeypatch):
     """The plate is already affinely aligned and mapped to the section's contrast: nephi gets
-    initial='none' and contrast_match=False unless the caller says otherwise."""
+    initial='none' and contrast_match=False unless the caller says otherwise (the default call is
+    ``nephi_oblique``'s, made under the same spy)."""
     from napari_nephi.engines.atlas import register as module
 
+    first = nephi_oblique[1]
     seen = []
 
     def spy(*args, **kwargs):
@@ -104,13 +127,11 @@ def test_nephi_runs_no_second_global_stage(trained_lookup, oblique_partial, monk
     real = module.register
     monkeypatch.setattr(module, "register", spy)
     image, _, plate, _ = oblique_partial
-    trained_lookup.register(image, plate, method="nephi", device="cpu", **NEPHI_FAST)
-    first = len(seen)
     trained_lookup.register(
         image, plate, method="nephi", device="cpu", initial="translation", contrast_match=True, **NEPHI_FAST
     )
-    assert first >= 1 and all(call == ("none", False) for call in seen[:first])
-    assert seen[-1] == ("translation", True)
+    assert len(first) >= 1 and all(call == ("none", False) for call in first)
+    assert seen and seen[-1] == ("translation", True)
 
 
 #: Share of that best Dice required on a section of another stain (region levels redrawn): the
