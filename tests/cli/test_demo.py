@@ -18,8 +18,9 @@ def test_em_sample_docks_the_em_alignment_widget(make_napari_viewer):
     assert isinstance(setup.inputs["stack"], Image) and setup.inputs["stack"].data.ndim == 3
     assert setup.widget.masks.layer() is setup.inputs["masks"] and isinstance(setup.inputs["masks"], Labels)
     assert setup.title in viewer.window.dock_widgets
+    # the same viewer (one fewer to open and close): the refusal does not depend on its layers
     with pytest.raises(InputError, match="takes no --method"):
-        setup_demo(make_napari_viewer(), "em", method="nephi")
+        setup_demo(viewer, "em", method="nephi")
 
 
 def test_atlas_sample_registers_the_section_onto_its_plate(make_napari_viewer):
@@ -45,8 +46,8 @@ def test_pair_samples_use_fixed_and_moving_of_the_pair(make_napari_viewer, sampl
     widget = setup.widget
     assert isinstance(widget, NephiWidget) and widget.options.method.currentText() == "nephi"
     assert widget.fixed.layer().name.startswith("fixed") and widget.moving.layer().name.startswith("moving")
-    with pytest.raises(InputError, match="Unknown method 'nefi'"):
-        setup_demo(make_napari_viewer(), sample, method="nefi")
+    with pytest.raises(InputError, match="Unknown method 'nefi'"):  # (the same viewer, as above)
+        setup_demo(viewer, sample, method="nefi")
 
 
 def test_em_demo_runs_and_writes_a_screenshot(tmp_path, capsys, qapp):
