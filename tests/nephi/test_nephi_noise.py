@@ -143,3 +143,42 @@ def test_the_shared_immerkaer_operator_cancels_ramps_and_scales_white_noise_by_s
         assert out.shape[2:] == tuple(n - 2 for n in shape)
         assert float(out.var()) == pytest.approx(factor, rel=0.05)
         assert noise_variance(0.1 * white) == pytest.approx(0.01, rel=0.05)
+
+
+def test_the_immerkaer_operator_runs_in_slabs_with_the_same_values(monkeypatch):
+    """Session 41 (issue 13, memory target): one 3-tap ``conv2d`` over a whole 2048^2 image peaked at about
+    260 MiB on CPU (16 MiB of output), so ``estimate_noise`` held 530 MiB of ``nephi_memory.py``'s 2048^2
+    peak. The operator runs in slabs of at most ``noise.SLAB_VOXELS`` input voxels along the first axis
+    (read at the call), and gives the one-shot values bit for bit, in 2D and 3D, at and across slab
+    boundaries. Fails before (one convolution of the whole image)."""
+    import torch
+    import torch.nn.functional as F
+
+    from napari_nephi.engines.nephi import noise
+
+    rng = np.random.default_rng(5)
+    images = [
+        rng.random((70, 33), dtype=np.float32),
+        rng.random((9, 11, 13), dtype=np.float32),
+        (np.mgrid[:64, :40][1] ** 2 * 1e-3 + rng.standard_normal((64, 40))).astype(np.float32),
+    ]
+    whole = {}
+    for i, im in enumerate(images):
+        whole[i] = noise._second_difference_product(im)  # the default slab holds these whole
+    seen = []
+    conv2d, conv3d = F.conv2d, F.conv3d
+    monkeypatch.setattr(F, "conv2d", lambda x, k: seen.append(x.numel()) or conv2d(x, k))
+    monkeypatch.setattr(F, "conv3d", lambda x, k: seen.append(x.numel()) or conv3d(x, k))
+    for slab in (40, 99, 200, 5 * 33):
+        monkeypatch.setattr(noise, "SLAB_VOXELS", slab)
+        for i, im in enumerate(images):
+            seen.clear()
+            out = noise._second_difference_product(im)
+            assert out.shape == tuple(n - 2 for n in im.shape) and np.array_equal(out, whole[i]), (slab, i)
+            row = int(np.prod(im.shape[1:]))
+            assert max(seen) <= max(slab, 3 * row), (slab, i, max(seen))  # 3 rows at least
+    assert noise.estimate_noise(images[2]) == pytest.approx(noise.estimate_noise(images[2]), abs=0)
+    monkeypatch.setattr(noise, "SLAB_VOXELS", 1 << 18)
+    seen.clear()
+    noise._second_difference_product(np.zeros((1024, 512), np.float32))
+    assert max(seen) <= 1 << 18 and torch.is_tensor(noise.second_difference_product(torch.zeros(1, 1, 5, 5)))

@@ -62,18 +62,39 @@ BLOCK = 32
 PERCENTILE = 10.0
 
 
-def second_difference_product(t: torch.Tensor) -> torch.Tensor:
-    """Immerkaer's operator on ``t`` ``(1, 1, *spatial)`` (2D or 3D): the product over axes of second
-    differences (``[1, -2, 1]``), on the interior (each axis 2 shorter). It cancels signals linear along
-    any axis; on white noise of variance ``v`` its output has variance ``6^d v``. Shared by
-    :func:`estimate_noise` and the matched blur's :func:`.matchblur.noise_variance`."""
-    x = t.float()
+#: Input voxels per slab of :func:`second_difference_product` (along the first axis, at least three
+#: rows; read at the call). One 3-tap ``conv2d`` over a whole 2048^2 image peaked at about 260 MiB on CPU
+#: for 16 MiB of output, and ``estimate_noise`` held 530 MiB of ``benchmarks/nephi_memory.py``'s 2048^2
+#: peak (session 41); slabs of 2^18 voxels give the same values bit for bit (each output voxel sees the
+#: same input voxels).
+SLAB_VOXELS = 1 << 18
+
+
+def _second_differences(x: torch.Tensor) -> torch.Tensor:
     d = x.dim() - 2
     k = torch.tensor([1.0, -2.0, 1.0], device=x.device)
     conv = F.conv2d if d == 2 else F.conv3d
     for i in range(d):
         x = conv(x, k.reshape([1, 1] + [3 if j == i else 1 for j in range(d)]))
     return x
+
+
+def second_difference_product(t: torch.Tensor) -> torch.Tensor:
+    """Immerkaer's operator on ``t`` ``(1, 1, *spatial)`` (2D or 3D): the product over axes of second
+    differences (``[1, -2, 1]``), on the interior (each axis 2 shorter). It cancels signals linear along
+    any axis; on white noise of variance ``v`` its output has variance ``6^d v``. Shared by
+    :func:`estimate_noise` and the matched blur's :func:`.matchblur.noise_variance`. Computed in slabs of
+    at most :data:`SLAB_VOXELS` input voxels along the first axis (session 41: memory)."""
+    x = t.float()
+    n = x.shape[2]
+    row = x[0, 0, 0].numel()
+    out_rows = max(1, SLAB_VOXELS // max(row, 1) - 2)  # output rows a slab: input rows - 2
+    if n - 2 <= out_rows:
+        return _second_differences(x)
+    parts = [
+        _second_differences(x[:, :, s : min(s + out_rows, n - 2) + 2]) for s in range(0, n - 2, out_rows)
+    ]
+    return torch.cat(parts, dim=2)
 
 
 def _second_difference_product(image: np.ndarray) -> np.ndarray:
