@@ -596,10 +596,17 @@ def test_cancelled_second_run_gives_the_warped_layer_back(
     assert errors == []
 
 
-def test_a_preview_right_after_a_throttled_step_is_still_shown(make_napari_viewer, qtbot, pair):
-    """Status updates are throttled; previews (already throttled by the engine) never are."""
+def test_a_preview_right_after_a_throttled_step_is_still_shown(make_napari_viewer, qtbot, pair, monkeypatch):
+    """Status updates are throttled; previews (already throttled by the engine) never are. The widget's
+    clock stands still (session 41: at load 12 the real one passed PREVIEW_INTERVAL between two emits and
+    step 3 was shown), so all three events fall in one interval."""
+    import time
+    from types import SimpleNamespace
+
     from napari_nephi.core.progress import ProgressEvent
 
+    still = {k: getattr(time, k) for k in dir(time) if not k.startswith("_")}
+    monkeypatch.setattr(rw, "time", SimpleNamespace(**{**still, "monotonic": lambda: 1e6}))
     _, widget = _viewer_with_widget(make_napari_viewer, qtbot, pair)
     widget._inputs = {"scale": (1.0, 1.0), "name": "moving"}
     widget.state.to(RunState.RUNNING)  # as if Run was clicked; the runner's signals come by hand
