@@ -403,7 +403,8 @@ def run(args) -> dict:
                 row[f"cpu_ms_{arm}"] = cpu
                 row[f"wall_ms_{arm}"] = wall
                 if getattr(found, "quarter_open", None) is not None:  # quarter_gate (session 41)
-                    row[f"quarter_reading_{arm}"] = found.quarter_reading
+                    reading = found.quarter_reading  # NaN (too little shared tissue) written as null
+                    row[f"quarter_reading_{arm}"] = None if reading != reading else reading
                     row[f"quarter_open_{arm}"] = found.quarter_open
                 if args.stages:
                     for key, value in stages(lk[arm], q["image"], found, q["plate"]).items():
