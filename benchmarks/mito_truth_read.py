@@ -439,6 +439,8 @@ def main(argv=None) -> int:
             ref = int(np.argmin([np.abs(m - np.eye(3)).sum() for m in mats]))
             placed = truth_placement(data["matrices"], v)
             frame = placed[ref]
+            truth_ref = truth_placement(data["matrices"], v, ref)  # the truth placement in the engine's frame
+            part = expected_background(v, frame)  # the organelles' part there
             res = seen["result"]
             row["engine"] = {
                 "reference": ref, "dice_ref": res["dice_ref"], "dice_fit": res["dice_fit"],
@@ -446,7 +448,7 @@ def main(argv=None) -> int:
                 "options": options,
             }  # fmt: skip
             row["engine_placement"] = looks(
-                background, mats, use_e, shape, args.floor, args.all_pairs, part=expected_background(v, frame)
+                background, mats, use_e, shape, args.floor, args.all_pairs, part=part
             )
             bg = seen["test"].get("background") or {}
             rec = bg.get("first_look", bg).get("slope")
@@ -456,8 +458,7 @@ def main(argv=None) -> int:
                 np.allclose(rec, got, rtol=0, atol=1e-6)
             )
             row["truth_in_engine_frame"] = looks(
-                background, truth_placement(data["matrices"], v, ref), use_e, shape, args.floor,
-                args.all_pairs, expected_background(v, frame),
+                background, truth_ref, use_e, shape, args.floor, args.all_pairs, part,
             )  # fmt: skip
             print(
                 f" engine (defaults): reference {ref}, Dice ref {res['dice_ref']:.4f}, "
@@ -468,8 +469,6 @@ def main(argv=None) -> int:
             _show("engine placement (reference frame)", row["engine_placement"])
             _show("truth placement, reference frame", row["truth_in_engine_frame"])
             if args.oracle:
-                truth_ref = truth_placement(data["matrices"], v, ref)
-                part = expected_background(v, frame)
                 split = placement_parts(truth_ref, mats, use_e, shape, ref)
                 u = part / np.linalg.norm(part)
                 lag, rms, step = split["lag"], split["jitter_rms"], split["jitter_step_rms"]
