@@ -244,7 +244,7 @@ def background_geometry(mats, true, use, shape, second: bool = False, pairs: int
             m = np.linalg.inv(mats[k + bgm.GAP]) @ true[k + bgm.GAP] @ np.linalg.inv(true[k]) @ mats[k]
             steps.append(np.mean([_apply(m, c) - c for c in centres], axis=0) / bgm.GAP)
         means.append(np.mean(steps, axis=0))
-    return np.array(means)
+    return np.array(means, dtype=np.float64).reshape(-1, 2)  # (0, 2) where a look plans no run
 
 
 def placement_parts(truth: np.ndarray, engine: np.ndarray, use, shape, ref: int) -> dict:

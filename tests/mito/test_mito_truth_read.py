@@ -142,6 +142,18 @@ def test_the_background_geometry_reads_minus_the_drift_on_the_truth_placement_an
     assert np.allclose(split["hybrids"]["jitter"], truth, atol=1e-9)
 
 
+def test_a_look_that_plans_no_run_reads_an_empty_geometry_that_pools_with_the_other():
+    """A short stack (48 sections) plans no run for the second look: its geometry is ``(0, 2)``, so the pooled
+    "both" of ``--oracle`` is the first look's (it raised in ``np.concatenate`` before)."""
+    n, shape, v, ref = 48, (300, 400), np.array([0.3, -0.2]), 0
+    true = np.stack([rotation_matrix(a, shape) for a in np.random.default_rng(3).uniform(-np.pi, np.pi, n)])
+    use = np.ones(n, bool)
+    truth = T.truth_placement(true, v, ref)
+    first, second = (T.background_geometry(truth, true, use, shape, look) for look in (False, True))
+    assert second.shape == (0, 2) and len(first) >= 1
+    assert np.allclose(np.concatenate([first, second]).mean(0), first.mean(0))
+
+
 def test_the_reader_builds_the_masks_with_the_engine_run_s_options(monkeypatch):
     """Session 41: with ``--engine-option mask_dilation=0`` the background is read with the masks that run
     used (the engine's first look is reproduced), not with the default dilation; other options pass by."""
