@@ -21,6 +21,17 @@ placement (a copy of the trend test, the same matrices; the settings switched fo
   whole record equal, which two runs of one stack miss by about 1e-9 in a slope). ``--full`` runs the
   candidate in full on every row.
 
+Session 42 (issue 15): ``--arm-b-options JSON`` (an object of :func:`align_stack` options, e.g.
+``'{"mask_dilation": 0}'``; names checked against ``align.STACK_OPTIONS`` at the start) gives arm B
+(the candidate) those options too. They act before the decision (the keypoint stage, the placement), so
+no twin is used: both arms run in full on the same stack in one process, the base first
+(``"cand_from": "full"``, no prediction), and the row records ``"base_options": {}`` and
+``"cand_options"``. With options, the two arms' decision settings default to the engine's as found
+(``--base-se-floor`` / ``--base-second-look`` / ``--se-floor`` / ``--second-look`` left out): only the
+options differ. Without them every row is as before (no new key). ``read --targets kept`` takes as
+targeted rows (c) the stage-drift+drift rows whose background the base keeps (any look), not only those
+read "sections" on one look (session 40's rule, the default ``one-look``).
+
 Rows are taken in the order ``for seed in --seeds: for case in --cases``; ``--lane K/N`` takes the
 list's positions K, K + N, ... (two lanes: ``1/2`` and ``2/2``), so lanes split one fixed list;
 ``--until HH:MM`` (UTC) starts no row after that time; rows whose JSON exists are skipped.
@@ -96,6 +107,22 @@ def base_settings(se_floor: str, second_look: str) -> dict:
     return out
 
 
+def arm_settings(args, options: dict) -> tuple[dict, dict]:
+    """The candidate's and the base's module settings from ``run``'s arguments: each one left out is
+    :data:`CANDIDATE`'s / :data:`BASE`'s, or with ``options`` (``--arm-b-options``) the engine's as found."""
+    cand = {} if options else dict(CANDIDATE)
+    if args.se_floor is not None:
+        cand["SE_FLOOR"] = args.se_floor
+    if args.second_look is not None:
+        cand["SECOND_LOOK"] = args.second_look
+    found = "found" if options else None
+    base = base_settings(
+        args.base_se_floor or found or str(BASE["SE_FLOOR"]),
+        args.base_second_look or found or BASE["SECOND_LOOK"],
+    )
+    return cand, base
+
+
 def same_decision(a, b) -> bool:
     """Whether two ``_auto_decision`` results ``(detrend?, slope or None)`` move the sections alike."""
     if bool(a[0]) != bool(b[0]):
@@ -148,11 +175,44 @@ def _jsonable(value):
     return value
 
 
-def run_row(seed: int, case: str, args, cand: dict, base: dict | None = None) -> dict:
+def arm_options(text: str | None) -> dict:
+    """``--arm-b-options``: a JSON object of :func:`align_stack` options ({} for None or empty); a name
+    ``align_stack`` lacks, or one the row sets itself (the stack, masks, detector, descriptor, matcher,
+    model, reference, workers, warp), stops the run at the start."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--arm-b-options {text!r}: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"--arm-b-options {text!r}: a JSON object of align_stack options, e.g. "
+                         '\'{"mask_dilation": 0}\'')  # fmt: skip
+    bad = sorted(k for k in value if k not in align.STACK_OPTIONS or k in ROW_SETS)
+    if bad:
+        raise SystemExit(
+            f"--arm-b-options: {', '.join(bad)} not an align_stack option the arm may set; choose from "
+            f"{', '.join(k for k in align.STACK_OPTIONS if k not in ROW_SETS)}"
+        )
+    return value
+
+
+#: ``align_stack`` arguments the row itself sets (``mito_benchmark.run_mito``), not an arm's to change.
+ROW_SETS = ("masks", "detector", "descriptor", "matcher", "model", "reference", "workers", "warp")
+
+
+def _bench(workers: int, options: dict | None = None) -> SimpleNamespace:
+    return SimpleNamespace(model="homography", reference="auto", workers=workers, extra=dict(options or {}))
+
+
+def run_row(seed: int, case: str, args, cand: dict, base: dict | None = None, cand_options=None) -> dict:
     """Both arms of one (seed, case) row (see the module's docstring); the base arm under the module
-    settings ``base`` (None: the engine's as found)."""
+    settings ``base`` (None: the engine's as found); the candidate's with the ``align_stack`` options
+    ``cand_options`` too (session 42; both arms then run in full, no twin)."""
     data = em_stack(args.sections, tuple(args.shape), seed=seed, pad=args.pad, **mb.CASES[case])
-    bench = SimpleNamespace(model="homography", reference="auto", workers=args.workers, extra={})
+    if cand_options:
+        return _run_options_row(seed, case, data, args, cand, base, dict(cand_options))
+    bench = _bench(args.workers)
     twin = Twin(align._auto_decision, cand)
     with settings(base or {}):
         used = {k: getattr(bgm, k) for k in cand}
@@ -192,6 +252,28 @@ def run_row(seed: int, case: str, args, cand: dict, base: dict | None = None) ->
     if row["cand_from"] == "full":
         row["prediction_matches"] = prediction_matches(row)
     return row
+
+
+def _run_options_row(seed, case, data, args, cand: dict, base: dict | None, options: dict) -> dict:
+    """A row whose candidate takes ``align_stack`` options: the base arm, then the candidate's, each in
+    full on ``data`` (the options act before the decision, so nothing is shared or predicted)."""
+    with settings(base or {}):
+        used = {k: getattr(bgm, k) for k in CANDIDATE}
+        cpu = time.process_time()
+        base_res = mb.run_mito(data, "mito-default", "bf", _bench(args.workers))
+        base_cpu = time.process_time() - cpu
+    with settings(cand):
+        cand_used = {k: getattr(bgm, k) for k in CANDIDATE}
+        cpu = time.process_time()
+        cand_res = mb.run_mito(data, "mito-default", "bf", _bench(args.workers, options))
+        cand_cpu = time.process_time() - cpu
+    row = {
+        "seed": seed, "case": case, "sections": args.sections, "base_settings": used,
+        "cand_settings": cand_used, "base_options": {}, "cand_options": options, "base": base_res,
+        "decisions": None, "code": code_state(), "cpu_s": {"base": base_cpu, "cand": cand_cpu},
+        "cand": cand_res, "cand_from": "full", "predicted": [], "prediction_matches": None,
+    }  # fmt: skip
+    return _jsonable(row)
 
 
 def prediction_matches(row: dict, atol: float = 1e-6) -> bool | None:
@@ -262,15 +344,29 @@ def _one_look_sections(arm: dict) -> bool:
     return arm["looks"] == 1 and arm["decision"] == "sections"
 
 
-def marks(rows: list[dict], loss=0.005, gain=0.02, share=1 / 3, min_rows=2) -> dict:
+def _targeted(row: dict, targets: str) -> bool:
+    """Whether a stage-drift+drift row is one the mark (c) reads: ``one-look`` (session 40) its base read
+    "sections" on one look; ``kept`` (session 42) its base kept the background (``applied`` "none")."""
+    if row["case"] != "stage-drift+drift":
+        return False
+    if targets == "kept":
+        return row["base"]["applied"] == "none"
+    return _one_look_sections(row["base"])
+
+
+#: The rows the mark (c) reads (:func:`_targeted`).
+TARGETS = ("one-look", "kept")
+
+
+def marks(rows: list[dict], loss=0.005, gain=0.02, share=1 / 3, min_rows=2, targets="one-look") -> dict:
     """Session 40's marks on row summaries (:func:`summary`; Dice ref to 4 decimals); ``verdict`` PASS,
-    FAIL or NOT ENOUGH ROWS."""
+    FAIL or NOT ENOUGH ROWS; ``targets`` the rows (c) reads (:func:`_targeted`)."""
     losers = [r for r in rows if _change(r) < -loss - 1e-9]
     detrended = [
         r for r in rows
         if r["case"] == "stage-drift" and r["base"]["applied"] == "none" and r["cand"]["applied"] != "none"
     ]  # fmt: skip
-    s_rows = [r for r in rows if r["case"] == "stage-drift+drift" and _one_look_sections(r["base"])]
+    s_rows = [r for r in rows if _targeted(r, targets)]
     gained = [r for r in s_rows if _change(r) >= gain - 1e-9]
     need = max(1, math.ceil(len(s_rows) * share - 1e-9))
     if losers or detrended:
@@ -304,7 +400,7 @@ def _read(args) -> int:
             + ("" if r["prediction_diff"] is None else f" (slope {r['prediction_diff']:.1g} apart)")
             + " |"
         )
-    m = marks(rows, args.loss, args.gain, args.share, args.min_rows)
+    m = marks(rows, args.loss, args.gain, args.share, args.min_rows, args.targets)
     for k, v in m.items():
         print(f"{k}: {v}")
     return 0 if m["verdict"] == "PASS" else 1
@@ -324,14 +420,19 @@ def main(argv=None) -> int:
     r.add_argument("--shape", type=int, nargs=2, default=(768, 1024))
     r.add_argument("--pad", type=int, default=250)
     r.add_argument("--workers", type=int, default=2)
-    r.add_argument("--se-floor", type=float, default=CANDIDATE["SE_FLOOR"], help="the candidate's")
+    r.add_argument("--se-floor", type=float, default=None, help="the candidate's (default: CANDIDATE's)")
     r.add_argument(
-        "--second-look", choices=bgm.SECOND_LOOKS, default=CANDIDATE["SECOND_LOOK"], help="the candidate's"
+        "--second-look", choices=bgm.SECOND_LOOKS, default=None, help="the candidate's (default: CANDIDATE's)"
     )
-    r.add_argument("--base-se-floor", default=str(BASE["SE_FLOOR"]), help="the base's; found: as found")
+    r.add_argument("--base-se-floor", default=None, help="the base's (default: BASE's); found: as found")
     r.add_argument(
-        "--base-second-look", choices=(*bgm.SECOND_LOOKS, "found"), default=BASE["SECOND_LOOK"],
+        "--base-second-look", choices=(*bgm.SECOND_LOOKS, "found"), default=None,
         help="the base's (default: the earlier rule); found: the engine's as found",
+    )  # fmt: skip
+    r.add_argument(
+        "--arm-b-options", default=None,
+        help='JSON object of align_stack options for the candidate only, e.g. \'{"mask_dilation": 0}\'; '
+        "the four decision settings then default to the engine's as found",
     )  # fmt: skip
     d = sub.add_parser("read", help="the table and the marks of a folder of row JSONs")
     d.add_argument("dir")
@@ -339,6 +440,7 @@ def main(argv=None) -> int:
     d.add_argument("--gain", type=float, default=0.02)
     d.add_argument("--share", type=float, default=1 / 3)
     d.add_argument("--min-rows", type=int, default=2)
+    d.add_argument("--targets", choices=TARGETS, default="one-look", help="the rows (c) reads")
     args = p.parse_args(argv)
     if args.command == "read":
         return _read(args)
@@ -346,8 +448,8 @@ def main(argv=None) -> int:
     unknown = [c for c in cases if c not in mb.CASES]
     if unknown:
         p.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(mb.CASES)}")
-    cand = {"SE_FLOOR": args.se_floor, "SECOND_LOOK": args.second_look}
-    base = base_settings(args.base_se_floor, args.base_second_look)
+    options = arm_options(args.arm_b_options)
+    cand, base = arm_settings(args, options)
     for arm in (cand, base):
         with settings(arm):  # the engine refuses a bad pair (e.g. "sections" under the floor): at the start
             align._sections_c0()
@@ -361,7 +463,7 @@ def main(argv=None) -> int:
             print(f"# {now:%H:%M} UTC: --until {args.until}, no more rows started", flush=True)
             break
         t0 = time.perf_counter()
-        row = run_row(seed, case, args, cand, base)
+        row = run_row(seed, case, args, cand, base, options)
         row["started_utc"], row["wall_s"], row["load"] = (
             f"{now:%H:%M:%S}",
             time.perf_counter() - t0,

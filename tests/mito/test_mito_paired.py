@@ -150,3 +150,90 @@ def test_the_base_is_the_earlier_rule_unless_named():
     assert P.base_settings("0.06", "found") == {"SE_FLOOR": 0.06}
     with pytest.raises(SystemExit, match="base-se-floor"):
         P.base_settings("low", "undecided")
+
+
+def test_an_options_arm_reaches_align_stack_in_arm_b_only(monkeypatch, tmp_path):
+    """Session 42: ``--arm-b-options '{"mask_dilation": 0}'`` reaches ``align_stack`` in the candidate's run
+    only; the base's run is the plain row's (the engine's default 12 px), both decide under the engine's
+    settings as found, and the row records the options. 24 sections of 256 x 256, stage-drift+drift."""
+    calls = []
+    plain_align = P.mb.align_stack
+
+    def spy(stack, **kw):
+        calls.append(kw)
+        return plain_align(stack, **kw)
+
+    monkeypatch.setattr(P.mb, "align_stack", spy)
+    data = P.em_stack(24, (256, 256), seed=21, pad=40, **P.mb.CASES["stage-drift+drift"])
+    plain = P.mb.run_mito(data, "mito-default", "bf", P._bench(1))
+    cand, base = P.arm_settings(_settings_args(), {"mask_dilation": 0})
+    assert cand == {} and base == {}  # the engine's settings as found in both arms
+    row = P.run_row(21, "stage-drift+drift", _args(tmp_path), cand, base, {"mask_dilation": 0})
+    assert len(calls) == 3 and "mask_dilation" not in calls[0] and "mask_dilation" not in calls[1]
+    assert calls[2]["mask_dilation"] == 0 and {k: v for k, v in calls[2].items() if k != "mask_dilation"} == {
+        k: v for k, v in calls[1].items()
+    }
+    assert row["base"]["dice_ref"] == plain["dice_ref"] and row["base"]["inliers"] == plain["inliers"]
+    assert row["cand"]["inliers"] < row["base"]["inliers"]  # no ring of tissue: fewer inliers per pair
+    assert row["base_options"] == {} and row["cand_options"] == {"mask_dilation": 0}
+    assert row["cand_from"] == "full" and row["predicted"] == [] and row["prediction_matches"] is None
+    found = {"SE_FLOOR": P.bgm.SE_FLOOR, "SECOND_LOOK": P.bgm.SECOND_LOOK}
+    assert row["base_settings"] == found and row["cand_settings"] == found
+
+
+def _settings_args(**named):
+    keys = ("se_floor", "second_look", "base_se_floor", "base_second_look")
+    return P.argparse.Namespace(**{k: named.get(k) for k in keys})
+
+
+def test_without_options_a_row_is_as_before(tmp_path):
+    """Session 42: without options (None or {}) the row has session 41's keys and the same values (every key
+    but the CPU seconds), and the arms' settings default to CANDIDATE / BASE as before."""
+    assert P.arm_settings(_settings_args(), {}) == (P.CANDIDATE, P.BASE)
+    assert P.arm_settings(_settings_args(base_se_floor="found", second_look="undecided"), {}) == (
+        {**P.CANDIDATE, "SECOND_LOOK": "undecided"},
+        {"SECOND_LOOK": P.BASE["SECOND_LOOK"]},
+    )
+    assert P.arm_settings(_settings_args(se_floor=0.1), {"mask_dilation": 3}) == ({"SE_FLOOR": 0.1}, {})
+    rows = [P.run_row(21, "drift04", _args(tmp_path), P.CANDIDATE, P.BASE, options) for options in (None, {})]
+    keys = {
+        "seed", "case", "sections", "base_settings", "cand_settings", "base", "decisions", "code", "cpu_s",
+        "cand", "cand_from", "prediction_matches", "predicted",
+    }  # fmt: skip
+    assert set(rows[0]) == keys and set(rows[1]) == keys
+    for r in rows:
+        r.pop("cpu_s")
+        for arm in ("base", "cand"):
+            for k in ("mp_s", "mp_cpu_s", "load", "seconds", "warp_s"):
+                r[arm].pop(k)
+    assert rows[0] == rows[1] and rows[0]["cand_from"] == "shared"
+
+
+def test_arm_options_are_checked_at_the_start():
+    assert P.arm_options(None) == {} and P.arm_options("") == {}
+    assert P.arm_options('{"mask_dilation": 3, "smooth": 1.5}') == {"mask_dilation": 3, "smooth": 1.5}
+    with pytest.raises(SystemExit, match="mask_dilatation not an align_stack option"):
+        P.arm_options('{"mask_dilatation": 3}')
+    with pytest.raises(SystemExit, match="masks, workers not an align_stack option the arm may set"):
+        P.arm_options('{"workers": 1, "masks": null}')
+    with pytest.raises(SystemExit, match="a JSON object"):
+        P.arm_options("[3]")
+    with pytest.raises(SystemExit, match="not JSON"):
+        P.arm_options("mask_dilation=3")
+
+
+def test_marks_can_target_every_stage_drift_drift_row_the_base_keeps():
+    """Session 42's rule (``read --targets kept``): (c) reads the stage-drift+drift rows whose base keeps the
+    background, whatever its looks; a row the base detrends is not targeted."""
+    rows = _passing()
+    rows[1]["base"]["looks"] = 2  # kept after two looks: targeted by "kept", not by "one-look"
+    m = P.marks(rows, targets="kept")
+    assert m["c_sections_rows"] == [
+        (1, "stage-drift+drift"),
+        (2, "stage-drift+drift"),
+        (3, "stage-drift+drift"),
+    ]
+    assert P.marks(rows)["c_sections_rows"] == [(1, "stage-drift+drift"), (3, "stage-drift+drift")]
+    assert m["verdict"] == "PASS" and m["c_gained"] == [(1, "stage-drift+drift")]
+    rows[0]["cand"]["dice_ref"] = 0.61  # the one gain gone: 0 of the 3 targeted rows gain 0.02
+    assert P.marks(rows, targets="kept")["verdict"] == "FAIL"
