@@ -28,6 +28,7 @@ from .optimize import REGULARIZERS, SIMILARITIES
 INT_RANGES: dict[str, tuple[int, int | None]] = {
     "iterations": (0, 1_000_000),
     "coarse_iterations": (0, 1_000_000),
+    "coarse_capture": (0, 1_000_000),
     "chunk_iterations": (0, 1_000_000),
     "levels": (1, 12),
     "sample_points": (16, 1 << 28),

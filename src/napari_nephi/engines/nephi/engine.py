@@ -251,6 +251,7 @@ def register_nephi(
     coarse_iterations: int | None = None,
     coarse_reg_weight: float | None = None,
     coarse_finer_level: bool = True,
+    coarse_capture: int = 0,
     coarse_match_blur: bool | str | None = None,
     coarse_warp_blur: bool | str | None = None,
     coarse_flat_fill: bool = True,
@@ -325,6 +326,15 @@ def register_nephi(
     with half its knot spacing (:mod:`.coarse`); it runs only with ``coarse_reg_weight > 0``
     (unregularised, its knots fit noise). Settings record it and the knot spacing of every level run
     (``coarse_spacings``); False runs the stage as before the level was added.
+
+    ``coarse_capture`` (default 0: off; 2D ``optimize``, not chunked, with a coarse stage): that many steps of
+    one more level before the coarse stage's schedule, on a grid twice as coarse per axis as its first (64^2 at
+    512 px) with knots twice as far apart; the schedule after it runs as it would without it (the same grids,
+    knots and steps). A wider capture range for large displacements: at 512 px the schedule's first grid (128^2,
+    32 px knots) settles 4 % fields (20 px) of a texture of repeated blobs in local minima (IHC: patches up to
+    25 px off), which a 64^2 level of 16 steps removes (docs/nephi.md, "Session 42"). Opt-in: it also moves
+    results where the default is right (the camera's sky). Recorded in ``settings["coarse_capture"]`` (the
+    steps run; 0 where the image is too small for a coarser grid).
 
     ``coarse_match_blur`` (None: ``"auto"`` in optimize mode, the default since session 18, and off
     in predict+refine, measured when its coarse stage saw a pre-warped moving image (before session 28's
@@ -604,7 +614,11 @@ def register_nephi(
         and coarse_iterations > 0
         and noise_heldout is True
     )
-    check_levels = levels - 1 + finer_level_runs(coarse_finer_level, coarse_reg_weight) if will_check else 0
+    check_levels = (
+        levels - 1 + finer_level_runs(coarse_finer_level, coarse_reg_weight) + (1 if coarse_capture else 0)
+        if will_check
+        else 0
+    )
     check_run_memory(fshape, device, use_chunks, same_grid, masks, heldout_levels=check_levels)
     reset_peak_memory(device)
     start = time.perf_counter()
@@ -660,6 +674,21 @@ def register_nephi(
         refine_steps = predict_module.refine_schedule(coarse_iterations, len(shapes), fshape)
         coarse_schedule = refine_steps or coarse_schedule
         compare_on_warp = predict_module.refine_compare_on_warp_grid(fshape)
+    basin_shapes = shapes  # the basin guard's short coarse stages keep the schedule's grids
+    capture_steps = 0  # coarse_capture: the steps of the coarser level run first (0: none ran)
+    capture_schedule = None  # ... and the stage's schedule with it
+    if coarse_capture:
+        if not (mode == "optimize" and d == 2 and not use_chunks and shapes and coarse_iterations > 0):
+            raise InputError(
+                "coarse_capture adds a coarser level to the coarse stage of 2D images in mode='optimize' "
+                "(not chunked) with a coarse stage (levels > 1, coarse_iterations > 0); leave it at 0 here."
+            )
+        wider = pyramid_shapes(fshape, [2 * factors[0], *factors])
+        if len(wider) > len(shapes):  # (an image too small for a coarser grid runs the schedule alone)
+            shapes, capture_steps = wider, int(coarse_capture)
+            coarse_spacings = level_spacings(fshape, shapes, spacings, finer)
+            coarse_schedule = capture_schedule = [capture_steps, *coarse_schedule]
+            coarse_label = f"coarse ({len(coarse_spacings)} level(s))"
     coarse_tail = cooldown_steps(coarse_cooldown, coarse_schedule[-1]) if coarse_schedule else 0
     coarse_steps = sum(coarse_schedule) + coarse_tail
     total = coarse_steps + refine + (1 if predicting else 0)
@@ -683,7 +712,7 @@ def register_nephi(
                 pair,
                 stage0,
                 initial,
-                shapes,
+                basin_shapes,
                 coarse_reg_weight,
                 similarity,
                 device,
@@ -816,6 +845,8 @@ def register_nephi(
                     first_blur=first_blur,
                     warp_blur=coarse_warp_blur,
                 )
+                if capture_schedule is not None:  # the capture level first, then the schedule as it was
+                    options["schedule"] = capture_schedule
                 options.update(kw)
                 maps = optimize_velocity(
                     fix_t if fixed is None else fixed,
@@ -1101,6 +1132,8 @@ def register_nephi(
         "coarse_iterations": coarse_iterations,
         "coarse_reg_weight": coarse_reg_weight,
         "coarse_finer_level": coarse_finer_level,
+        # steps of the coarser level run before the coarse stage's schedule (coarse_capture; 0: none ran)
+        "coarse_capture": capture_steps,
         "coarse_flat_fill": bool(coarse_flat_fill),
         "coarse_flat_noisy": bool(coarse_flat_noisy),
         # the flat fill's texture threshold, RMS gradient per voxel (predict.refine_flat_gradient)

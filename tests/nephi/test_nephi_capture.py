@@ -1,0 +1,73 @@
+"""The coarse stage's capture level (option ``coarse_capture``, opt-in, session 42): one level on a grid
+and with knots twice as coarse as the schedule's first, run before the schedule, which stays as it was."""
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+import napari_nephi as nn
+from napari_nephi.core.errors import InputError
+from napari_nephi.engines.nephi.coarse import knot_spacings, level_iterations
+
+RUN = dict(method="nephi", device="cpu", initial="none", levels=3, coarse_iterations=4, iterations=0)
+SIZE = (64, 64)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Smoothed noise and its copy shifted by one pixel along x (64 x 64)."""
+    texture = ndi.gaussian_filter(np.random.default_rng(1).random(SIZE), 2.0).astype(np.float32)
+    return texture, np.roll(texture, 1, axis=1)
+
+
+def _run(pair, **options):
+    """The registration and the stage name of every coarse progress event."""
+    stages: list[str] = []
+    reg = nn.register(*pair, progress=lambda e: stages.append(e.stage), **RUN, **options)
+    return reg, [name for name in stages if name.startswith("coarse")]
+
+
+def test_capture_is_off_by_default_and_zero_is_the_default_bit_for_bit(pair):
+    default, stages = _run(pair)
+    off, _ = _run(pair, coarse_capture=0)
+    assert default.settings["coarse_capture"] == off.settings["coarse_capture"] == 0
+    assert [tuple(g) for g in default.settings["coarse_shapes"]] == [(16, 16), (32, 32)]
+    assert default.metrics["coarse_iterations"] == len(stages) == sum(level_iterations(4, 2))
+    assert np.array_equal(default.transform.displacement(SIZE), off.transform.displacement(SIZE))
+
+
+def test_capture_adds_a_coarser_level_before_the_same_schedule(pair):
+    default, _ = _run(pair)
+    reg, stages = _run(pair, coarse_capture=3)
+    s, s0 = reg.settings, default.settings
+    assert s["coarse_capture"] == 3
+    grids = [tuple(g) for g in s["coarse_shapes"]]
+    assert grids == [(8, 8), (16, 16), (32, 32)]  # a grid twice as coarse first, then the schedule's
+    assert s["coarse_spacings"][1:] == s0["coarse_spacings"]  # the later levels' knots unchanged
+    assert s["coarse_spacings"][0] == pytest.approx(2 * s0["coarse_spacings"][0])
+    assert s["coarse_spacings"][:3] == pytest.approx(knot_spacings(SIZE, grids))
+    # the capture level's steps, then the schedule's steps as they were
+    assert reg.metrics["coarse_iterations"] == len(stages) == 3 + default.metrics["coarse_iterations"]
+    assert set(stages) == {"coarse (4 level(s))"} and reg.metrics["coarse_levels"] == 4
+    assert not np.array_equal(reg.transform.displacement(SIZE), default.transform.displacement(SIZE))
+
+
+@pytest.mark.parametrize(
+    "options, why",
+    [
+        (dict(mode="predict+refine"), "mode='optimize'"),
+        (dict(levels=1), "levels > 1"),
+        (dict(coarse_capture=-1), "coarse_capture"),
+        (dict(coarse_capture=2.5), "coarse_capture"),
+    ],
+)
+def test_capture_where_it_cannot_run_is_refused(pair, options, why):
+    options = {"coarse_capture": 5, **options}
+    with pytest.raises(InputError, match=why.replace("(", r"\(").replace(")", r"\)")):
+        nn.register(*pair, **{**RUN, **options})
+
+
+def test_capture_is_refused_on_volumes():
+    vol = ndi.gaussian_filter(np.random.default_rng(2).random((16, 16, 16)), 1.5).astype(np.float32)
+    with pytest.raises(InputError, match="2D images"):
+        nn.register(vol, vol, **RUN, coarse_capture=5)
