@@ -327,14 +327,14 @@ def register_nephi(
     (unregularised, its knots fit noise). Settings record it and the knot spacing of every level run
     (``coarse_spacings``); False runs the stage as before the level was added.
 
-    ``coarse_capture`` (default 0: off; 2D ``optimize``, not chunked, with a coarse stage): that many steps of
-    one more level before the coarse stage's schedule, on a grid twice as coarse per axis as its first (64^2 at
-    512 px) with knots twice as far apart; the schedule after it runs as it would without it (the same grids,
-    knots and steps). A wider capture range for large displacements: at 512 px the schedule's first grid (128^2,
-    32 px knots) settles 4 % fields (20 px) of a texture of repeated blobs in local minima (IHC: patches up to
-    25 px off), which a 64^2 level of 16 steps removes (docs/nephi.md, "Session 42"). Opt-in: it also moves
-    results where the default is right (the camera's sky). Recorded in ``settings["coarse_capture"]`` (the
-    steps run; 0 where the image is too small for a coarser grid).
+    ``coarse_capture`` (default 0: off; 2D ``optimize``, not chunked, with a coarse stage): that many steps
+    of one more level before the coarse stage's schedule, on a grid twice as coarse per axis as its first
+    (64^2 at 512 px) with knots twice as far apart; the schedule after it runs as it would without it (the
+    same grids, knots and steps). A wider capture range for large displacements: at 512 px the schedule's
+    first grid (128^2, 32 px knots) settles 4 % fields (20 px) of a texture of repeated blobs in local minima
+    (IHC: patches up to 25 px off), which a 64^2 level of 16 steps removes (docs/nephi.md, "Session 42").
+    Opt-in: it also moves results where the default is right (the camera's sky). Recorded in
+    ``settings["coarse_capture"]`` (the steps run; 0 where the image is too small for a coarser grid).
 
     ``coarse_match_blur`` (None: ``"auto"`` in optimize mode, the default since session 18, and off
     in predict+refine, measured when its coarse stage saw a pre-warped moving image (before session 28's
