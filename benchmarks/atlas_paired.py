@@ -86,6 +86,8 @@ MARK_KEYS = {
     "better_than_worse": (True,),
     "diff_se": ("not_above", "below"),
     "case_bound": None,
+    "identical": None,
+    "cpu_ratio": None,
 }
 
 
@@ -181,7 +183,27 @@ def apply_marks(rows: list[dict], marks) -> list[tuple[str, bool, str]]:
         out.append(
             (f"no case worse by more than {bound}", worst <= bound, f"worst {worst_case} {worst:+.3f}")
         )
+    if "identical" in marks:  # session 42: a speed-up judged by the rankings it keeps
+        share = float(marks["identical"])
+        known = [r for r in rows if "identical" in r]
+        same = sum(bool(r["identical"]) for r in known)
+        ok = bool(known) and len(known) == len(rows) and same >= share * len(rows)
+        out.append((f"rankings identical on at least {share:.0%}", ok, f"{same} / {len(rows)}"))
+    if "cpu_ratio" in marks:
+        bound = float(marks["cpu_ratio"])
+        ratio = cpu_ratio(rows)
+        ok = ratio is not None and ratio <= bound
+        what = "no CPU recorded" if ratio is None else f"{ratio:.3f}"
+        out.append((f"CPU per lookup, per section b / a, median at most {bound}", ok, what))
     return out
+
+
+def cpu_ratio(rows: list[dict]) -> float | None:
+    """The paired CPU ratio: the median over sections of arm b's CPU per lookup over arm a's on the
+    same section (both arms run one after the other, under the same load; None where no row records
+    both)."""
+    ratios = [r["cpu_ms_b"] / r["cpu_ms_a"] for r in rows if r.get("cpu_ms_a") and "cpu_ms_b" in r]
+    return float(np.median(ratios)) if ratios else None
 
 
 def _line(name: str, c: dict) -> str:
@@ -221,11 +243,22 @@ def report(rows: list[dict], marks=None) -> tuple[str, bool]:
     cpu = [(r["cpu_ms_a"], r["cpu_ms_b"]) for r in rows if "cpu_ms_a" in r]
     if cpu:
         ca, cb = np.median(np.array(cpu), axis=0)
-        lines.append(f"CPU per lookup, median: a {ca:.0f} ms, b {cb:.0f} ms (b / a {cb / ca:.3f})")
+        lines.append(
+            f"CPU per lookup, median: a {ca:.0f} ms, b {cb:.0f} ms (b / a {cb / ca:.3f}; "
+            f"per section, median b / a {cpu_ratio(rows):.3f})"
+        )
     span = in_span(rows)
     if span is not None:
         n, a, b = span
         lines.append(f"top plate within the section's own plate span (plate_range): a {a} / {n}, b {b} / {n}")
+    known = [r for r in rows if "identical" in r]
+    if known:  # session 42
+        same = sum(bool(r["identical"]) for r in known)
+        poses = sum(bool(r.get("same_poses")) for r in known)
+        lines.append(
+            f"rankings identical (every plate and distance): {same} / {len(known)}; "
+            f"the same poses and pair count: {poses} / {len(known)}"
+        )
     passed = True
     if marks is not None:
         for name, ok, what in apply_marks(rows, marks):
@@ -396,8 +429,10 @@ def run(args) -> dict:
             if "plate_range" in q:  # the plates the section's tissue spans, 5th-95th percentile (session 40)
                 row["plate_range"] = [int(v) for v in q["plate_range"]]
             row["first_arm"] = "a" if position % 2 == 0 else "b"
+            results = {}
             for arm in "ab" if position % 2 == 0 else "ba":
                 order, cpu, wall, row[f"prior_weight_{arm}"], found = _one(lk[arm], q["image"], opts[arm])
+                results[arm] = found
                 row[f"rank_{arm}"] = order.index(q["plate"])
                 row[f"top10_{arm}"] = order[:10]
                 row[f"cpu_ms_{arm}"] = cpu
@@ -409,6 +444,13 @@ def run(args) -> dict:
                 if args.stages:
                     for key, value in stages(lk[arm], q["image"], found, q["plate"]).items():
                         row[f"{key}_{arm}"] = value
+            # session 42: whether b's ranking is a's (every plate and distance), and its poses and pairs
+            a, b = results["a"], results["b"]
+            row["identical"] = bool(a.ranking == b.ranking)
+            row["same_poses"] = bool(
+                getattr(a, "poses", None) == getattr(b, "poses", None)
+                and getattr(a, "pairs", None) == getattr(b, "pairs", None)
+            )
             out["rows"].append(row)
             position += 1
             out["load_end"] = os.getloadavg()[0]

@@ -315,3 +315,43 @@ def test_run_records_the_quarter_gates_reading_where_an_arm_has_it(monkeypatch, 
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["quarter_reading_b"], row["quarter_open_b"]) == (-0.4, False)
     assert "quarter_reading_a" not in row and "quarter_open_a" not in row
+
+
+def test_identical_and_cpu_ratio_marks_by_hand(monkeypatch, tmp_path):
+    """Session 42: a speed-up is judged by the rankings it keeps (every plate and distance) and by the
+    paired CPU ratio (the median over sections of b / a)."""
+    rows = _rows([(0, 0), (1, 1), (2, 2), (0, 0)])
+    for r, same, (ca, cb) in zip(
+        rows, (True, True, True, False), ((100, 80), (200, 180), (100, 70), (50, 60))
+    ):
+        r.update(identical=same, same_poses=same, cpu_ms_a=ca, cpu_ms_b=cb)
+    assert AP.cpu_ratio(rows) == pytest.approx((0.8 + 0.9) / 2)  # ratios 0.8, 0.9, 0.7, 1.2
+    got = {n: (ok, what) for n, ok, what in AP.apply_marks(rows, {"identical": 0.75, "cpu_ratio": 0.85})}
+    assert got["rankings identical on at least 75%"] == (True, "3 / 4")
+    assert got["CPU per lookup, per section b / a, median at most 0.85"] == (False, "0.850")
+    got = {n: ok for n, ok, _ in AP.apply_marks(rows, {"identical": 1.0, "cpu_ratio": 0.86})}
+    assert got == {
+        "rankings identical on at least 100%": False,
+        "CPU per lookup, per section b / a, median at most 0.86": True,
+    }
+    text, _ = AP.report(rows)
+    assert "rankings identical (every plate and distance): 3 / 4" in text
+    # a run records whether the arms' rankings are the same, distances included
+    _, same = _fake_run(monkeypatch, tmp_path, ["--seeds", "5", "--sections", "0,1"])
+    assert [r["identical"] for r in same] == [True, True] and all(r["same_poses"] for r in same)
+
+    class _Other(_FakeLookup):
+        def search_poses(self, image, options):
+            found = super().search_poses(image, options)
+            if self.name == "B":
+                found.ranking = [(3, 0.0), (4, 1.0), (6, 1.25)]  # the same plates, another distance
+            return found
+
+    calls = []
+    monkeypatch.setattr(AP, "_load", lambda path: _Other(path, calls))
+    out = tmp_path / "other.json"
+    assert (
+        AP.main(["run", str(out), "--index", "A", "--index-b", "B", "--seeds", "5", "--sections", "0"]) == 0
+    )
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["identical"] is False and row["rank_a"] == row["rank_b"]

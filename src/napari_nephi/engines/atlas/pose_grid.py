@@ -111,14 +111,19 @@ class Pose:
     shifted: float | None = None
 
 
-def field(image: np.ndarray, weight: np.ndarray, blur: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def field(
+    image: np.ndarray, weight: np.ndarray, blur: float = 0.0, lean: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """(real, imaginary) double-angle normalised gradient field of ``image``, times ``weight``; with
-    ``blur`` > 0 the mean of that field and the field of ``image`` blurred by ``blur`` pixels (sigma)."""
+    ``blur`` > 0 the mean of that field and the field of ``image`` blurred by ``blur`` pixels (sigma).
+    ``lean`` (the ``lean`` rerank option, session 42): :func:`_field_lean`, the same values bit for bit
+    with fewer array passes (``weight`` must be >= 0, as every caller's is)."""
+    one = _field_lean if lean else _field
     if blur > 0:
         smooth = cv2.GaussianBlur(np.ascontiguousarray(image, dtype=np.float32), (0, 0), blur)
-        (r0, i0), (r1, i1) = _field(image, weight), _field(smooth, weight)
+        (r0, i0), (r1, i1) = one(image, weight), one(smooth, weight)
         return 0.5 * (r0 + r1), 0.5 * (i0 + i1)
-    return _field(image, weight)
+    return one(image, weight)
 
 
 def _field(image: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -140,6 +145,41 @@ def _field(image: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarra
     gx *= gy
     gx *= scale
     return gx2.astype(np.float32, copy=False), gx.astype(np.float32, copy=False)
+
+
+def _field_lean(image: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_field` bit for bit, with two array passes fewer: a boolean ``weight`` is its own
+    ``inside`` (no comparison), and ``weight / mag2`` is already 0 where ``weight`` is 0 (``mag2`` is
+    at least ``eps2`` > 0), so no ``np.where`` (session 42, the ``lean`` rerank option)."""
+    gy = cv2.Sobel(image, cv2.CV_32F, 0, 1, ksize=3)
+    gx = cv2.Sobel(image, cv2.CV_32F, 1, 0, ksize=3)
+    gx2, gy2 = gx * gx, gy * gy
+    mag2 = gx2 + gy2
+    inside = weight if weight.dtype == np.bool_ else weight > 0
+    on = mag2[inside]
+    ref = 0.0
+    if on.size:  # 90th percentile of the magnitude (nearest rank)
+        k = int(0.9 * (on.size - 1))
+        ref = math.sqrt(float(np.partition(on, k)[k]))
+    mag2 += np.float32(max((EDGE_EPS * ref) ** 2, 1e-12))
+    scale = np.divide(weight, mag2, dtype=np.float32)
+    gx2 -= gy2
+    gx2 *= scale
+    gx *= 2
+    gx *= gy
+    gx *= scale
+    return gx2, gx
+
+
+@functools.lru_cache(maxsize=16)
+def _disc(radius: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
+def _dilate_lean(mask: np.ndarray) -> np.ndarray:
+    """:func:`dilate` by 1 pixel, its disc built once."""
+    plain = mask.dtype == np.bool_ and mask.flags.c_contiguous
+    return cv2.dilate(mask.view(np.uint8) if plain else mask.astype(np.uint8), _disc(1)) > 0
 
 
 def dilate(mask: np.ndarray, radius: int = 1) -> np.ndarray:
@@ -323,14 +363,35 @@ class Correlator:
         """:meth:`slice` of several slices ``(re, im, mask)`` at once: (N, 4, ...)."""
         return self.fft(np.stack([np.stack([re, im, re * re + im * im, mask]) for re, im, mask in parts]))
 
-    def best(self, fa, ea, na, fb, nr=None, outside: float = 0.0, free: float = 0.0, plain: bool = False):
+    def slices_into(self, stack: np.ndarray) -> torch.Tensor:
+        """:meth:`slices` of a float32 stack (N, 4, ...) whose channels 0, 1 and 3 hold each slice's
+        field parts and tissue mask: channel 2 (the field energy) is written in place, then the FFTs;
+        the same values as :meth:`slices` without its copies (session 42, the ``lean`` rerank option)."""
+        energy = stack[:, 2]
+        np.multiply(stack[:, 0], stack[:, 0], out=energy)
+        energy += stack[:, 1] * stack[:, 1]
+        return torch.fft.rfft2(torch.from_numpy(stack), s=self.pad)
+
+    def best(
+        self,
+        fa,
+        ea,
+        na,
+        fb,
+        nr=None,
+        outside: float = 0.0,
+        free: float = 0.0,
+        plain: bool = False,
+        lean: bool = False,
+    ):
         """Best score and its flat shift index of every pair of section variants ``fa`` (R, 3, ...)
         (field energies ``ea``, tissue areas ``na``, (R,)) and atlas slices ``fb`` (C, 4, ...): (C, R).
         With ``outside`` > 0, ``fa`` (R, 4, ...) also holds the band outside each variant's tissue
         (areas ``nr``, (R,)), and a score loses ``outside`` times the share of that band lying on the
         atlas's tissue (:data:`OUTSIDE_RING`); with ``free`` > 0 only the share above ``free`` counts,
         scaled to reach ``outside`` at a share of 1. With ``plain`` also the score without the band at
-        each best shift (C, R) (the score itself without ``outside``)."""
+        each best shift (C, R) (the score itself without ``outside``). ``lean`` (session 42): the field's
+        second product added in place (``addcmul_``, the same values bit for bit, no temporary)."""
         ring = outside > 0
         # the spectra of the field's correlation (real and imaginary parts summed), the field energy
         # under the section's mask, the tissue overlap (and the band's), each product written in
@@ -341,7 +402,10 @@ class Correlator:
         pairs = ((2, 2), (2, 3), (3, 3)) if ring else ((2, 2), (2, 3))
         spec = torch.empty((fb.shape[0], fa.shape[0], 1 + len(pairs), *fa.shape[-2:]), dtype=fa.dtype)
         torch.mul(ca[:, :, 1], fb[:, :, 1], out=spec[:, :, 0])
-        spec[:, :, 0] += ca[:, :, 0] * fb[:, :, 0]
+        if lean:
+            spec[:, :, 0].addcmul_(ca[:, :, 0], fb[:, :, 0])
+        else:
+            spec[:, :, 0] += ca[:, :, 0] * fb[:, :, 0]
         for k, (i, j) in enumerate(pairs, 1):
             torch.mul(ca[:, :, i], fb[:, :, j], out=spec[:, :, k])
         # the 2D inverse as two 1D ones, the second only on the rows of searched shifts (the same
@@ -556,6 +620,9 @@ class Cut:
     step: float
     #: ``step`` times ``sqrt(aspect)`` along the rows and divided by it along the columns
     aspect: float = 1.0
+    #: what the cut was made from, where a lean grid (:class:`SectionGrid`'s ``lean``) memoised it:
+    #: its scores against a section variant are memoised under it too (None: not memoised)
+    key: tuple | None = None
 
     @property
     def steps(self) -> np.ndarray:
@@ -580,8 +647,17 @@ class SectionGrid:
         outside: float = 0.0,
         spare: np.ndarray | None = None,
         free: float = 0.0,
+        lean: bool = False,
     ):
         self.grey, self.mask = grey, mask
+        #: the ``lean`` rerank option (session 42): the same cuts, scores and poses bit for bit with
+        #: less work: fields with fewer array passes (:func:`_field_lean`), a cut's channels written
+        #: into one stack (:meth:`Correlator.slices_into`), every oblique cut and every plate cut
+        #: through a given atlas point made once per grid (:attr:`Cut.key`), and every pair of a
+        #: memoised cut and a section variant correlated once per grid (:meth:`score`)
+        self.lean = bool(lean)
+        self._cut_memo: dict[tuple, Cut] = {}
+        self._pair_memo: dict[tuple, tuple[float, int, float]] = {}
         #: ``blur`` of :func:`field` (grid pixels) for the section and the atlas cuts
         self.blur = float(blur)
         #: score lost per share of the band outside the section's tissue lying on atlas tissue
@@ -625,7 +701,7 @@ class SectionGrid:
                     )
                 ] = 0
             fft, energy, area = self.corr.section(
-                *field(img, section_weight(msk), self.blur), msk.astype(np.float32), ring
+                *field(img, section_weight(msk), self.blur, self.lean), msk.astype(np.float32), ring
             )
             self._variants[key] = (fft, energy, area, 0.0 if ring is None else float(ring.sum()))
         return self._variants[key]
@@ -654,13 +730,26 @@ class SectionGrid:
         cached = pivot is None and aspect == 1.0
         key = (self.canvas, self.corr.pad, int(z), round(step, 9), self.blur) if cached else None
         pivot = atlas.centres[z] if pivot is None else np.asarray(pivot, dtype=np.float64)
+        memo = None
+        if self.lean and key is None:  # a cut through a given atlas point: made once per grid
+            memo = ("plate", int(z), float(step), tuple(pivot.tolist()), float(aspect))
+            if memo in self._cut_memo:
+                return self._cut_memo[memo]
 
         def build():
             img, msk = self._plate_pixels(atlas, z, step, pivot, aspect)
+            if self.lean:
+                stack = np.empty((1, 4, *img.shape), dtype=np.float32)
+                stack[0, 0], stack[0, 1] = field(img, _dilate_lean(msk), self.blur, True)
+                stack[0, 3] = msk
+                return self.corr.slices_into(stack)[0]
             return self.corr.slice(*field(img, dilate(msk), self.blur), msk.astype(np.float32))
 
         fft = build() if key is None else atlas.cached_cut(key, build)
-        return Cut(fft, float(z), (0.0, 0.0), pivot, step, float(aspect))
+        cut = Cut(fft, float(z), (0.0, 0.0), pivot, step, float(aspect), memo)
+        if memo is not None:
+            self._cut_memo[memo] = cut
+        return cut
 
     def oblique_cuts(self, atlas: AtlasGrid, specs, pivot, scale: float, aspect: float = 1.0) -> list[Cut]:
         """Cuts of the volume, one per ``(z, tilt)`` of ``specs``: tilted by ``tilt`` through plate
@@ -669,6 +758,8 @@ class SectionGrid:
         if not specs:
             return []
         pivot = np.asarray(pivot, dtype=np.float64)
+        if self.lean:
+            return self._oblique_cuts_lean(atlas, specs, pivot, scale, aspect)
         img, msk = self._sample(atlas, specs, pivot, scale, aspect)
         ffts = self.corr.slices(
             [(*field(i, dilate(m), self.blur), m.astype(np.float32)) for i, m in zip(img, msk > 0.5)]
@@ -677,6 +768,29 @@ class SectionGrid:
             Cut(fft, float(z), (float(tilt[0]), float(tilt[1])), pivot, self.q / scale, float(aspect))
             for fft, (z, tilt) in zip(ffts, specs, strict=True)
         ]
+
+    def _oblique_cuts_lean(self, atlas: AtlasGrid, specs, pivot: np.ndarray, scale: float, aspect: float):
+        """:meth:`oblique_cuts` with each cut made once per grid (``lean``): the cuts not made yet are
+        sampled together, their fields written into one stack and transformed at once; the same
+        values as :meth:`oblique_cuts` (each plane is sampled, and each slice transformed, on its own)."""
+        where = tuple(pivot.tolist())
+        keys = [
+            ("oblique", float(z), (float(t[0]), float(t[1])), where, float(scale), float(aspect))
+            for z, t in specs
+        ]
+        todo = list(dict.fromkeys(k for k in keys if k not in self._cut_memo))
+        if todo:
+            img, msk = self._sample(atlas, [(k[1], k[2]) for k in todo], pivot, scale, aspect)
+            inside = msk > 0.5
+            stack = np.empty((len(todo), 4, *img.shape[1:]), dtype=np.float32)
+            for j in range(len(todo)):
+                stack[j, 0], stack[j, 1] = field(img[j], _dilate_lean(inside[j]), self.blur, True)
+                stack[j, 3] = inside[j]
+            ffts = self.corr.slices_into(stack)
+            step = self.q / scale
+            for j, k in enumerate(todo):
+                self._cut_memo[k] = Cut(ffts[j], k[1], k[2], pivot, step, float(aspect), k)
+        return [self._cut_memo[k] for k in keys]
 
     def _sample(self, atlas: AtlasGrid, specs, pivot: np.ndarray, scale: float, aspect: float = 1.0):
         """The volume and its tissue mask on the canvas for each ``(z, tilt)`` of ``specs``
@@ -796,31 +910,10 @@ class SectionGrid:
         ``best_per_cut_z`` only the best pose of each cut position ``z``, in first-seen order)."""
         if not pairs:
             return []
-        rots = sorted({r for r, _, _ in pairs})
-        r_index = {r: i for i, r in enumerate(rots)}
-        variants = [self.variant(r) for r in rots]
-        fa_all = torch.stack([v[0] for v in variants])
-        ea_all = torch.tensor([v[1] for v in variants], dtype=torch.float32)
-        na_all = torch.tensor([v[2] for v in variants], dtype=torch.float32)
-        cut_index: dict[int, int] = {}
-        ffts = []
-        for _, _, cut in pairs:
-            if id(cut) not in cut_index:
-                cut_index[id(cut)] = len(ffts)
-                ffts.append(cut.fft)
-        # every cut against every rotation of the call (pairs are nearly always that cross product)
-        per = max(1, BATCH // len(rots))
-        nr_all = torch.tensor([v[3] for v in variants], dtype=torch.float32)
-        parts = [
-            self.corr.best(
-                fa_all, ea_all, na_all, torch.stack(ffts[b : b + per]), nr_all, self.outside, self.free, True
-            )
-            for b in range(0, len(ffts), per)
-        ]
-        grid_values, grid_indices, grid_plain = (torch.cat([p[k] for p in parts]).tolist() for k in range(3))
-        values = [grid_values[cut_index[id(c)]][r_index[r]] for r, _, c in pairs]
-        indices = [grid_indices[cut_index[id(c)]][r_index[r]] for r, _, c in pairs]
-        plains = [grid_plain[cut_index[id(c)]][r_index[r]] for r, _, c in pairs]
+        if self.lean:
+            values, indices, plains = self._scores_lean(pairs)
+        else:
+            values, indices, plains = self._scores(pairs)
         keep = range(len(pairs))
         if best_per_cut_z:
             best: dict[float, int] = {}
@@ -840,6 +933,71 @@ class SectionGrid:
             )
             for k in keep
         ]
+
+    def _scores(self, pairs: list) -> tuple[list, list, list]:
+        """Best score, its flat shift index and its score without the band, of each pair."""
+        rots = sorted({r for r, _, _ in pairs})
+        r_index = {r: i for i, r in enumerate(rots)}
+        cut_index: dict[int, int] = {}
+        ffts = []
+        for _, _, cut in pairs:
+            if id(cut) not in cut_index:
+                cut_index[id(cut)] = len(ffts)
+                ffts.append(cut.fft)
+        grid_values, grid_indices, grid_plain = self._grid(rots, ffts)
+        values = [grid_values[cut_index[id(c)]][r_index[r]] for r, _, c in pairs]
+        indices = [grid_indices[cut_index[id(c)]][r_index[r]] for r, _, c in pairs]
+        plains = [grid_plain[cut_index[id(c)]][r_index[r]] for r, _, c in pairs]
+        return values, indices, plains
+
+    def _grid(self, rots: list[float], ffts: list[torch.Tensor]) -> tuple[list, list, list]:
+        """Every cut ``ffts`` against every section variant turned by ``rots`` (pairs are nearly always
+        that cross product): best scores, flat shift indexes and scores without the band, (cuts, rots)
+        nested lists."""
+        variants = [self.variant(r) for r in rots]
+        fa_all = torch.stack([v[0] for v in variants])
+        ea_all = torch.tensor([v[1] for v in variants], dtype=torch.float32)
+        na_all = torch.tensor([v[2] for v in variants], dtype=torch.float32)
+        per = max(1, BATCH // len(rots))
+        nr_all = torch.tensor([v[3] for v in variants], dtype=torch.float32)
+        stack = _stacked if self.lean else torch.stack
+        parts = [
+            self.corr.best(
+                fa_all,
+                ea_all,
+                na_all,
+                stack(ffts[b : b + per]),
+                nr_all,
+                self.outside,
+                self.free,
+                True,
+                self.lean,
+            )
+            for b in range(0, len(ffts), per)
+        ]
+        return tuple(torch.cat([p[k] for p in parts]).tolist() for k in range(3))
+
+    def _scores_lean(self, pairs: list) -> tuple[list, list, list]:
+        """:meth:`_scores` with the pairs of memoised cuts (:attr:`Cut.key`) correlated once per grid:
+        the rotations and cuts of the pairs not scored yet are correlated as a cross product (as
+        :meth:`_scores`), every result of a memoised cut kept. A pair's result does not depend on the
+        batch it is correlated in (each product, transform and maximum is the pair's own), so these are
+        :meth:`_scores`' values bit for bit."""
+        memo = self._pair_memo
+        todo = [(r, c) for r, _, c in pairs if c.key is None or (c.key, r) not in memo]
+        found: dict[tuple, tuple] = {}
+        if todo:
+            rots = sorted({r for r, _ in todo})
+            cuts = list({id(c): c for _, c in todo}.values())
+            values, indices, plains = self._grid(rots, [c.fft for c in cuts])
+            for i, c in enumerate(cuts):
+                for j, r in enumerate(rots):
+                    result = (values[i][j], indices[i][j], plains[i][j])
+                    found[(id(c), r)] = result
+                    if c.key is not None:
+                        memo[(c.key, r)] = result
+        out = [found[(id(c), r)] if (id(c), r) in found else memo[(c.key, r)] for r, _, c in pairs]
+        return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
 
     def _pose(
         self, rotation, scale, cut: Cut, score: float, shift: np.ndarray, n_plates: int, plain=None
@@ -863,6 +1021,26 @@ class SectionGrid:
             plain=None if plain is None else float(plain),
             aspect=cut.aspect,
         )
+
+
+def _stacked(ffts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(ffts)``; where ``ffts`` are consecutive contiguous rows of one storage (an oblique
+    batch's cuts, :meth:`SectionGrid.oblique_cuts`), a view of those rows instead of a copy (the same
+    values)."""
+    first = ffts[0]
+    row = first.numel()
+    storage = first.untyped_storage()
+    consecutive = all(
+        f.is_contiguous()
+        and f.shape == first.shape
+        and f.dtype == first.dtype
+        and f.untyped_storage().data_ptr() == storage.data_ptr()
+        and f.storage_offset() == first.storage_offset() + j * row
+        for j, f in enumerate(ffts)
+    )
+    if consecutive and (first.storage_offset() + len(ffts) * row) * first.element_size() <= storage.nbytes():
+        return first.as_strided((len(ffts), *first.shape), (row, *first.stride()))
+    return torch.stack(ffts)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -491,6 +491,11 @@ DEFAULTS = {
     # ... only where that pose is tilted by at most this many degrees about either axis (None: every
     # pose; 0: untilted poses alone, where a stretch cannot stand in for a tilt); an error without aspects
     "aspect_max_tilt": None,
+    # the same search with less work (pose_grid.SectionGrid's lean; session 42, opt-in; module
+    # docstring, "Lean"): fields with fewer array passes, each oblique cut and each plate cut through a
+    # given atlas point made once per section, each pair of such a cut and a section variant
+    # correlated once; the same poses, scores and ranking bit for bit (False: as before session 42)
+    "lean": False,
 }
 #: Options of a seeded search, for a first stage whose best plate lies within about 2 plates of the
 #: truth: no sweep of the atlas, its best plate and 2 neighbours each side in stage 1, one
@@ -699,6 +704,7 @@ def check_rerank_options(options: dict | None) -> dict:
                 "'aspects' lists ratios (e.g. [0.94, 0.97, 1.03, 1.06]); set aspects or leave "
                 "aspect_max_tilt None."
             )
+    out["lean"] = check_bool("lean", out["lean"])
     return out
 
 
@@ -832,7 +838,13 @@ class PoseSearch:
             spare = cut_zone(mask, max(1, round(OUTSIDE_RING * float(extent(mask).max()))))
         band = {"spare": spare, "free": options["outside_free"]}
         coarse = coarse_grid(
-            grey, mask, options["coarse_size"], options["edge_blur"], options["outside_weight"], **band
+            grey,
+            mask,
+            options["coarse_size"],
+            options["edge_blur"],
+            options["outside_weight"],
+            **band,
+            lean=options["lean"],
         )
         shortlist = [int(p) for p, _ in order[: options["shortlist"]]]
         zs = _around(shortlist, options["neighbours"], self.n)
@@ -893,6 +905,7 @@ class PoseSearch:
             blur=options["edge_blur"],
             outside=options["outside_weight"],
             **band,
+            lean=options["lean"],
         )
         refine = _Refine(self.atlas(options["work_size"]), fine, options, progress)
         bests, own = _untilted_all(refine, hyps, options["own_plate_tilt"])
@@ -1103,6 +1116,7 @@ def coarse_grid(
     outside: float = 0.0,
     spare: np.ndarray | None = None,
     free: float = 0.0,
+    lean: bool = False,
 ) -> SectionGrid:
     """Stage 1's grid of a section: every shift that does not wrap around is searched (27 canvas
     pixels per axis at the default ``coarse_size`` 32, a 72-pixel FFT). A partial section whose tissue
@@ -1111,7 +1125,7 @@ def coarse_grid(
     poses, so a shorter reach loses such poses for good. Session 13 tried 19 pixels (a 64-pixel FFT,
     ~18 % less CPU, the same ranks on the phantom benchmark's sections) and went back: that saving was
     measured on the phantom alone."""
-    return SectionGrid(grey, mask, coarse_size, blur=blur, outside=outside, spare=spare, free=free)
+    return SectionGrid(grey, mask, coarse_size, blur=blur, outside=outside, spare=spare, free=free, lean=lean)
 
 
 class _Refine:
