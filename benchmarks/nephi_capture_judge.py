@@ -1,0 +1,155 @@
+# ruff: noqa: E501  (table-printing lines)
+"""Judge a NePhi candidate against the default on ``nephi_large.py`` JSON files (session 42, coarse_capture).
+
+    python benchmarks/nephi_capture_judge.py fresh425.json fresh426.json rigid79_camera.json ...
+        [--before "NePhi fast"] [--after "NePhi cap16"] [--gain-cases " 4 %"] [--list]
+
+Each argument is one group of rows, normally one process of ``nephi_large.py`` run with ``--nephi fast --nephi
+"cap16:coarse_capture=16"`` (both arms alternating in every case, the default first); ``A.json+B.json`` joins
+two files into one group (e.g. the default from a frozen tree in ``A`` and the candidate at HEAD in ``B``, same
+cases). Rows are paired by (group, case); a case missing either arm is an error.
+
+The marks are the rule of session 42 (``docs/prereg/``, B's file; written before its fresh runs):
+
+* M1 whole-image EPE: after <= before + max(0.025 px, 5 % of before), every deformation case;
+* M2 textured EPE: the same bound, every deformation case;
+* M3 textureless EPE (cases with a textureless part): after <= before + max(0.05 px, 10 % of before);
+* M4 gain: over the deformation cases whose name contains ``--gain-cases`` (" 4 %"), the sum of after's whole
+  EPE at most 0.9 x before's;
+* M5 folds: 0 % in both arms, every case;
+* M6 rigid cases (rows with a Jacobian range): EPE after <= before + 0.005 px, the largest |det J - 1| after <=
+  before's + 0.01, IC max after <= before's + 0.01 px;
+* M7 CPU: the sum of after's CPU seconds over all cases at most 1.10 x before's, no case above 1.30 x;
+* M8 peak memory: after <= before + 10 MiB on every case but the first of each group (whose first call, the
+  default's, carries the process's warm-up).
+
+Prints one line per case with the marks it fails, then each mark's verdict and ``PASS`` or ``FAIL``; exit
+status 0 either way (the verdict is the output). ``--list`` prints every pair's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+
+def load_groups(specs: list[str]) -> list[tuple[str, list[dict]]]:
+    """``[(name, rows)]``, one group per argument (``A+B`` joins files)."""
+    groups = []
+    for spec in specs:
+        rows: list[dict] = []
+        for path in spec.split("+"):
+            with open(path) as fh:
+                rows += json.load(fh)
+        groups.append((spec, rows))
+    return groups
+
+
+def pairs(groups, before: str, after: str) -> list[dict]:
+    """One entry per (group, case): ``group``, ``case``, ``first`` (the group's first case), ``b``, ``a``."""
+    out = []
+    for name, rows in groups:
+        order: list[str] = []
+        by = {}
+        for r in rows:
+            if r["tool"] not in (before, after):
+                continue
+            if r["case"] not in order:
+                order.append(r["case"])
+            by[(r["case"], r["tool"])] = r
+        for i, case in enumerate(order):
+            b, a = by.get((case, before)), by.get((case, after))
+            if b is None or a is None:
+                raise SystemExit(f"{name}: case {case!r} lacks {before!r} or {after!r}")
+            out.append(dict(group=name, case=case, first=i == 0, b=b, a=a))
+    return out
+
+
+def _num(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def judge(entries: list[dict], gain_cases: str = " 4 %") -> tuple[list[str], dict[str, bool]]:
+    """Failures, one text per (case, mark), and each mark's verdict (True: passed; marks with no case pass)."""
+    fails: list[str] = []
+    gain_b = gain_a = 0.0
+    cpu_b = cpu_a = 0.0
+    for e in entries:
+        b, a, where = e["b"], e["a"], f"{e['group']} / {e['case']}"
+        rigid = "jac_min" in b
+        if not rigid:
+            for mark, key, floor, share in (
+                ("M1", "epe", 0.025, 0.05),
+                ("M2", "epe_textured", 0.025, 0.05),
+                ("M3", "epe_textureless", 0.05, 0.10),
+            ):
+                vb, va = _num(b.get(key)), _num(a.get(key))
+                if math.isnan(vb) and math.isnan(va):
+                    continue  # no textureless part
+                if not va <= vb + max(floor, share * vb):
+                    fails.append(f"{mark} {where}: {key} {vb:.4f} -> {va:.4f}")
+            if gain_cases in e["case"]:
+                gain_b, gain_a = gain_b + b["epe"], gain_a + a["epe"]
+        else:
+            worst_b = max(abs(b["jac_min"] - 1), abs(b["jac_max"] - 1))
+            worst_a = max(abs(a["jac_min"] - 1), abs(a["jac_max"] - 1))
+            if not a["epe"] <= b["epe"] + 0.005:
+                fails.append(f"M6 {where}: EPE {b['epe']:.4f} -> {a['epe']:.4f}")
+            if not worst_a <= worst_b + 0.01:
+                fails.append(f"M6 {where}: |det J - 1| max {worst_b:.4f} -> {worst_a:.4f}")
+            if not _num(a.get("ic_max")) <= _num(b.get("ic_max")) + 0.01:
+                fails.append(f"M6 {where}: IC max {b.get('ic_max')} -> {a.get('ic_max')}")
+        for r, arm in ((b, "before"), (a, "after")):
+            if r.get("folds_pct", 0.0) != 0.0:
+                fails.append(f"M5 {where}: {arm} folds {r['folds_pct']:.4f} %")
+        cpu_b, cpu_a = cpu_b + b["cpu_seconds"], cpu_a + a["cpu_seconds"]
+        if a["cpu_seconds"] > 1.30 * b["cpu_seconds"]:
+            fails.append(f"M7 {where}: CPU {b['cpu_seconds']:.1f} -> {a['cpu_seconds']:.1f} s")
+        if not e["first"] and a["peak_mib"] > b["peak_mib"] + 10:
+            fails.append(f"M8 {where}: peak {b['peak_mib']:.0f} -> {a['peak_mib']:.0f} MiB")
+    if gain_b > 0 and not gain_a <= 0.9 * gain_b:
+        fails.append(f"M4: sum of whole EPE over{gain_cases} cases {gain_b:.4f} -> {gain_a:.4f}")
+    if cpu_b > 0 and not cpu_a <= 1.10 * cpu_b:
+        fails.append(f"M7: CPU sum {cpu_b:.1f} -> {cpu_a:.1f} s ({cpu_a / cpu_b:.3f}x)")
+    marks = {f"M{k}": not any(f.startswith(f"M{k}") for f in fails) for k in range(1, 9)}
+    return fails, marks
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", help="nephi_large.py JSON files, one group each (A+B joins two)")
+    p.add_argument("--before", default="NePhi fast")
+    p.add_argument("--after", default="NePhi cap16")
+    p.add_argument("--gain-cases", default=" 4 %", help="M4's cases: names containing this")
+    p.add_argument("--list", action="store_true", help="print every pair's numbers")
+    args = p.parse_args()
+    entries = pairs(load_groups(args.files), args.before, args.after)
+    if args.list:
+        print("| group | case | whole | textured | textureless | det J | IC max | CPU s | peak MiB |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for e in entries:
+            b, a = e["b"], e["a"]
+            cells = []
+            for key in ("epe", "epe_textured", "epe_textureless"):
+                cells.append(f"{_num(b.get(key)):.3f} -> {_num(a.get(key)):.3f}" if key in b else "-")
+            jac = (
+                f"{b['jac_min']:.3f}..{b['jac_max']:.3f} -> {a['jac_min']:.3f}..{a['jac_max']:.3f}"
+                if "jac_min" in b
+                else "-"
+            )
+            ic = f"{_num(b.get('ic_max')):.3f} -> {_num(a.get('ic_max')):.3f}" if "ic_max" in b else "-"
+            cpu = f"{b['cpu_seconds']:.1f} -> {a['cpu_seconds']:.1f}"
+            peak = f"{b['peak_mib']:.0f} -> {a['peak_mib']:.0f}"
+            print(f"| {e['group']} | {e['case']} | {' | '.join(cells)} | {jac} | {ic} | {cpu} | {peak} |")
+    fails, marks = judge(entries, args.gain_cases)
+    for f in fails:
+        print("fail", f)
+    print(" ".join(f"{m} {'pass' if ok else 'FAIL'}" for m, ok in marks.items()))
+    print(f"{len(entries)} cases: {'PASS' if all(marks.values()) else 'FAIL'}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""``benchmarks/nephi_capture_judge.py`` (session 42): the rule's marks on hand-made rows."""
+
+import json
+
+import pytest
+
+from .._bench import import_benchmark
+
+CJ = import_benchmark("nephi_capture_judge")
+
+
+def _row(case, tool, epe, tex=None, flat=float("nan"), cpu=10.0, peak=90.0, **extra):
+    tex = epe if tex is None else tex
+    return dict(
+        case=case,
+        tool=tool,
+        epe=epe,
+        epe_textured=tex,
+        epe_textureless=flat,
+        folds_pct=0.0,
+        cpu_seconds=cpu,
+        peak_mib=peak,
+        **extra,
+    )
+
+
+def _judge(rows, gain=" 4 %"):
+    entries = CJ.pairs([("g", rows)], "NePhi fast", "NePhi cap16")
+    return CJ.judge(entries, gain)
+
+
+def test_a_gain_at_4_percent_within_the_bounds_elsewhere_passes():
+    rows = [
+        _row("ihc 4 %", "NePhi fast", 0.225, peak=200.0),  # the first case: its peak is not judged
+        _row("ihc 4 %", "NePhi cap16", 0.027, peak=90.0),
+        _row("camera 1 %", "NePhi fast", 0.459, 0.088, 1.117),
+        _row("camera 1 %", "NePhi cap16", 0.480, 0.100, 1.160),  # +0.021 whole, +0.043 sky: inside
+    ]
+    fails, marks = _judge(rows)
+    assert fails == [] and all(marks.values())
+
+
+@pytest.mark.parametrize(
+    "after, mark",
+    [
+        (dict(epe=0.100), "M1"),  # 0.07 -> 0.100: above 0.07 + 0.025
+        (dict(epe=0.07, tex=0.100), "M2"),
+        (dict(epe=0.07, flat=2.3), "M3"),  # 2.0 -> 2.3: above 10 %
+        (dict(epe=0.07, cpu=13.5), "M7"),  # one case above 1.3x
+        (dict(epe=0.07, peak=101.0), "M8"),  # not the first case: judged
+    ],
+)
+def test_each_mark_fails_where_its_bound_is_crossed(after, mark):
+    base = dict(epe=0.07, tex=0.07, flat=2.0, cpu=10.0, peak=90.0)
+    rows = [
+        _row("ihc 4 %", "NePhi fast", 1.0),
+        _row("ihc 4 %", "NePhi cap16", 0.5),
+        _row("disc 2 %", "NePhi fast", **base),
+        _row("disc 2 %", "NePhi cap16", **{**base, **after}),
+    ]
+    fails, marks = _judge(rows)
+    assert not marks[mark] and all(ok for m, ok in marks.items() if m != mark), fails
+
+
+def test_no_gain_at_4_percent_fails_m4_and_folds_fail_m5():
+    rows = [_row("ihc 4 %", "NePhi fast", 0.2), _row("ihc 4 %", "NePhi cap16", 0.19)]
+    assert not _judge(rows)[1]["M4"]  # 5 % lower, not 10 %
+    rows[1]["folds_pct"] = 0.01
+    assert not _judge(rows)[1]["M5"]
+
+
+def test_rigid_rows_are_judged_by_epe_det_j_and_ic(tmp_path):
+    rigid = dict(jac_min=0.98, jac_max=1.02, ic_max=0.004)
+    rows = [
+        _row("camera rigid 79.0 shift", "NePhi fast", 0.010, **rigid),
+        _row("camera rigid 79.0 shift", "NePhi cap16", 0.012, **{**rigid, "jac_max": 1.035}),
+    ]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rows))
+    entries = CJ.pairs(CJ.load_groups([str(path)]), "NePhi fast", "NePhi cap16")
+    fails, marks = CJ.judge(entries)
+    assert not marks["M6"] and fails == [
+        "M6 " + str(path) + " / camera rigid 79.0 shift: |det J - 1| max 0.0200 -> 0.0350"
+    ]
+
+
+def test_a_case_without_both_arms_is_an_error():
+    with pytest.raises(SystemExit, match="lacks"):
+        CJ.pairs([("g", [_row("ihc 4 %", "NePhi fast", 0.2)])], "NePhi fast", "NePhi cap16")
