@@ -71,3 +71,26 @@ def test_capture_is_refused_on_volumes():
     vol = ndi.gaussian_filter(np.random.default_rng(2).random((16, 16, 16)), 1.5).astype(np.float32)
     with pytest.raises(InputError, match="2D images"):
         nn.register(vol, vol, **RUN, coarse_capture=5)
+
+
+def test_the_gate_drops_a_near_rigid_capture_and_gives_the_default_bit_for_bit(pair):
+    """A one-pixel shift: the capture level's map is near-rigid (RMS of det J - 1 about 0.0015), so with the
+    gate at 0.02 its velocity is dropped and the result is the default's; with the gate at 0 it is kept."""
+    default, _ = _run(pair)
+    ungated, _ = _run(pair, coarse_capture=3)
+    dropped, stages = _run(pair, coarse_capture=3, coarse_capture_gate=0.02)
+    kept, _ = _run(pair, coarse_capture=3, coarse_capture_gate=0.0)
+    reading = dropped.metrics["coarse_capture_detj_rms"]
+    assert 0 < reading <= 0.02 and dropped.metrics["coarse_capture_kept"] is False
+    assert dropped.settings["coarse_capture_gate"] == 0.02 and len(stages) == 3 + 2 + 4 + 4  # it still ran
+    assert np.array_equal(dropped.transform.displacement(SIZE), default.transform.displacement(SIZE))
+    assert kept.metrics["coarse_capture_kept"] is True and kept.metrics["coarse_capture_detj_rms"] == reading
+    assert np.array_equal(kept.transform.displacement(SIZE), ungated.transform.displacement(SIZE))
+    assert "coarse_capture_detj_rms" not in ungated.metrics  # no gate: no reading
+
+
+def test_the_gate_needs_the_capture_level(pair):
+    with pytest.raises(InputError, match="set coarse_capture"):
+        nn.register(*pair, coarse_capture_gate=0.02, **RUN)
+    with pytest.raises(InputError, match="coarse_capture_gate"):
+        nn.register(*pair, coarse_capture=3, coarse_capture_gate=-0.1, **RUN)

@@ -107,6 +107,9 @@ class DenseMaps:
         self.flat_fill_info: dict = {}
         #: the optimisation steps of the coarse stage that made these maps (None: not made by one)
         self.steps_run: int | None = None
+        #: ``first_gate``: the first level's RMS of det J - 1 and whether it was kept (None: no gate)
+        self.first_gate_reading: float | None = None
+        self.first_kept: bool | None = None
         #: volumes: {"cubic": warp, "exact_area": bins} of the stage, "warp_blur": True or "all" where
         #: WARP_BLUR_3D ran (volume_sampling; None: 2D or none)
         self.volume_sampling: dict | None = None
@@ -596,6 +599,7 @@ def optimize_velocity(
     schedule: list[int] | None = None,
     compare_on_warp_grid: bool = False,
     warp_blur: bool | str | None = None,
+    first_gate: float | None = None,
 ) -> DenseMaps:
     """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
 
@@ -680,6 +684,10 @@ def optimize_velocity(
     averaged down to its own (predict+refine's :data:`.predict.REFINE_COMPARE_ON_WARP_GRID`).
     ``warp_blur`` (None: :data:`WARP_BLUR_3D`; False, True or ``"all"``): on volumes warped trilinearly, the
     image compared with a warped one is blurred by the warp's own smoothing (see :data:`WARP_BLUR_3D`).
+    ``first_gate`` (None: none): the first level's velocity is dropped, and the next level starts from zero as
+    if it had not run, where the RMS of det J - 1 of its map (:func:`displacement_detj_rms`) is at most this
+    (the engine's ``coarse_capture_gate``; the reading and whether it was kept: ``first_gate_reading``,
+    ``first_kept``).
     """
     if learning_rate is None:
         learning_rate = COARSE_LEARNING_RATE
@@ -770,6 +778,7 @@ def optimize_velocity(
     warp_blur_used = False  # WARP_BLUR_3D ran on a level with steps (recorded in volume_sampling)
     held = None  # "once": the variances estimated at the first full-grid step, and the probes there
     spread = detj_rms = None  # "auto": the coarser levels' displacement spread (voxels), det J RMS
+    first_reading = first_kept = None  # first_gate: the first level's det J RMS, whether it was kept
     steps_run = 0  # the steps the levels ran (a level cut by max_levels or gated off runs none)
 
     def total(increment, shape):
@@ -911,6 +920,11 @@ def optimize_velocity(
             on_step(value)
         with torch.no_grad():
             v = increment + (1 if gate is None else gate) * bspline_on_grid(ctrl.detach(), weights)
+            if first_gate is not None and k == 0 and len(steps_per) > 1:  # near-rigid: as if it had not run
+                first_reading = displacement_detj_rms(_integrate_xy(total(v, shape), steps), full)
+                first_kept = first_reading > first_gate
+                if not first_kept:
+                    v = None
         if on_level is not None:  # (level, velocity so far on its grid), e.g. for diagnostics
             on_level(k, total(v, shape))
         del f_w, m_w, ident, masks_l, masks_w
@@ -944,4 +958,5 @@ def optimize_velocity(
         maps.volume_sampling["warp_blur"] = "all" if warp_blur_mode == "all" else True
     maps.flat_fill_info = fill_info
     maps.steps_run = steps_run
+    maps.first_gate_reading, maps.first_kept = first_reading, first_kept
     return maps

@@ -252,6 +252,7 @@ def register_nephi(
     coarse_reg_weight: float | None = None,
     coarse_finer_level: bool = True,
     coarse_capture: int = 0,
+    coarse_capture_gate: float | None = None,
     coarse_match_blur: bool | str | None = None,
     coarse_warp_blur: bool | str | None = None,
     coarse_flat_fill: bool = True,
@@ -335,6 +336,11 @@ def register_nephi(
     (IHC: patches up to 25 px off), which a 64^2 level of 16 steps removes (docs/nephi.md, "Session 42").
     Opt-in: it also moves results where the default is right (the camera's sky). Recorded in
     ``settings["coarse_capture"]`` (the steps run; 0 where the image is too small for a coarser grid).
+    ``coarse_capture_gate`` (None: none; with ``coarse_capture``): the capture level's velocity is dropped,
+    and the schedule runs from zero as without it (the same result bit for bit), where the RMS of det J - 1 of
+    its map is at most this (0.02: :data:`.coarse.MATCH_BLUR_NEAR_RIGID`'s near-rigid bound), so a shift or
+    rotation, which the global stage holds, is not moved by a fresh level (``metrics["coarse_capture_detj_rms"]``
+    and ``["coarse_capture_kept"]``).
 
     ``coarse_match_blur`` (None: ``"auto"`` in optimize mode, the default since session 18, and off
     in predict+refine, measured when its coarse stage saw a pre-warped moving image (before session 28's
@@ -677,6 +683,8 @@ def register_nephi(
     basin_shapes = shapes  # the basin guard's short coarse stages keep the schedule's grids
     capture_steps = 0  # coarse_capture: the steps of the coarser level run first (0: none ran)
     capture_schedule = None  # ... and the stage's schedule with it
+    if coarse_capture_gate is not None and not coarse_capture:
+        raise InputError("coarse_capture_gate gates the capture level; set coarse_capture (steps) with it.")
     if coarse_capture:
         if not (mode == "optimize" and d == 2 and not use_chunks and shapes and coarse_iterations > 0):
             raise InputError(
@@ -847,6 +855,8 @@ def register_nephi(
                 )
                 if capture_schedule is not None:  # the capture level first, then the schedule as it was
                     options["schedule"] = capture_schedule
+                    if coarse_capture_gate is not None:  # kept only where its map is not near-rigid
+                        options["first_gate"] = float(coarse_capture_gate)
                 options.update(kw)
                 maps = optimize_velocity(
                     fix_t if fixed is None else fixed,
@@ -866,6 +876,7 @@ def register_nephi(
                 coarse_info["flat_share"] = maps.flat_share
                 coarse_info["flat_fill_info"] = maps.flat_fill_info
                 coarse_info["steps_run"] = maps.steps_run
+                coarse_info["capture_gate"] = (maps.first_gate_reading, maps.first_kept)
                 coarse_info["volume_sampling"] = maps.volume_sampling
                 return maps
 
@@ -1044,6 +1055,10 @@ def register_nephi(
         "initial_steps": initial_steps,
     }
     metrics.update(initial_metrics)
+    capture_reading, capture_kept = coarse_info.get("capture_gate", (None, None))
+    if capture_reading is not None:  # coarse_capture_gate: the capture level's reading, whether it was kept
+        metrics["coarse_capture_detj_rms"] = round(capture_reading, 5)
+        metrics["coarse_capture_kept"] = bool(capture_kept)
     if neural_info:  # volumes: the coarse map's displacement RMS and whether the neural steps ran
         metrics["neural_3d_gate"] = neural_info
     if coarse_info.get("flat_share") is not None:  # the flat fill ran: share of the last grid filled
@@ -1134,6 +1149,8 @@ def register_nephi(
         "coarse_finer_level": coarse_finer_level,
         # steps of the coarser level run before the coarse stage's schedule (coarse_capture; 0: none ran)
         "coarse_capture": capture_steps,
+        # its map's RMS of det J - 1 up to which its velocity is dropped (None: kept whatever it reads)
+        "coarse_capture_gate": coarse_capture_gate if capture_steps else None,
         "coarse_flat_fill": bool(coarse_flat_fill),
         "coarse_flat_noisy": bool(coarse_flat_noisy),
         # the flat fill's texture threshold, RMS gradient per voxel (predict.refine_flat_gradient)
