@@ -339,8 +339,8 @@ def register_nephi(
     ``coarse_capture_gate`` (None: none; with ``coarse_capture``): the capture level's velocity is dropped,
     and the schedule runs from zero as without it (the same result bit for bit), where the RMS of det J - 1 of
     its map is at most this (0.02: :data:`.coarse.MATCH_BLUR_NEAR_RIGID`'s near-rigid bound), so a shift or
-    rotation, which the global stage holds, is not moved by a fresh level (``metrics["coarse_capture_detj_rms"]``
-    and ``["coarse_capture_kept"]``).
+    rotation, which the global stage holds, is not moved by a fresh level
+    (``metrics["coarse_capture_detj_rms"]`` and ``["coarse_capture_kept"]``).
 
     ``coarse_match_blur`` (None: ``"auto"`` in optimize mode, the default since session 18, and off
     in predict+refine, measured when its coarse stage saw a pre-warped moving image (before session 28's
