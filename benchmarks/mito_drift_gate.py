@@ -38,6 +38,7 @@ and cell) for every rule.
   ``A`` (session 39), ``P`` or the first look's se under the floor on an axis;
   ``W`` (session 41, a diagnosis of organelles drifting against the stage, not a candidate): ``A`` or a
   chi-square from 0 of at least ``--c0-against`` (5; recorded as ``c0_against``) whatever the direction;
+  every gate is called with the rule it serves (session 42: ``W`` reads its bound there, no name special);
 * ``L``: the engine's own ``background.SECOND_LOOK = "sections"`` (session 39's build of ``S+A``, no
   wrapper; ``L+F`` decides as ``S+F+A``). Only with ``F``: the engine refuses "sections" under the floor
   0.06 (``background.SECTIONS_MIN_FLOOR``), since ``S+P`` failed C2 on the development seed.
@@ -81,7 +82,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import sys
@@ -105,12 +105,13 @@ FLOOR = 0.06
 EARLIER_FLOOR = 0.02
 
 
-def _along_trend(trend_slope, motion, floor) -> bool:
-    """Session 39's gate ``P``: the first look's slope projects positively on the trend (share > 0)."""
+def _along_trend(trend_slope, motion, floor, rule=None) -> bool:
+    """Session 39's gate ``P``: the first look's slope projects positively on the trend (share > 0). Every
+    gate takes the rule it serves (session 42: ``W`` reads its bound there; the others need none)."""
     return float(np.dot(motion["slope"], trend_slope)) > 0
 
 
-def _along_or_floored(trend_slope, motion, floor) -> bool:
+def _along_or_floored(trend_slope, motion, floor, rule=None) -> bool:
     """Session 39's gate ``A``: ``P``, or the floor raised the first look's se on an axis (there the floor,
     not the runs' noise, may have made the "sections", and a still background's pooled look is read at the
     floor)."""
@@ -122,18 +123,20 @@ def _along_or_floored(trend_slope, motion, floor) -> bool:
 C0_AGAINST = 5.0
 
 
-def _along_floored_or_far(trend_slope, motion, floor, c0_against: float = C0_AGAINST) -> bool:
+def _along_floored_or_far(trend_slope, motion, floor, rule=None) -> bool:
     """Session 41's gate ``W`` (measurement only, not a candidate): ``A``, or the first look lies at least
-    ``c0_against`` (the rule's, :data:`C0_AGAINST` unless ``--c0-against``) in chi-square from 0 whatever its
-    direction (stage-drift+drift 111 / 114, whose
+    the rule's ``c0_against`` (:data:`C0_AGAINST` unless ``--c0-against``; without a rule
+    :data:`C0_AGAINST`) in chi-square from 0 whatever its direction (stage-drift+drift 111 / 114, whose
     organelles drift against the stage: first looks 5.66 / 8.64 against the trend; the 12 stage-drift rows of
     seeds 106-117: at most 3.70; docs/mito.md, session 41)."""
+    c0_against = C0_AGAINST if rule is None else rule.c0_against
     return _along_or_floored(trend_slope, motion, floor) or chi_from_0(motion, floor) >= c0_against
 
 
 #: Gates on S's first look (tokens of a rule's name besides ``S`` and ``F``), session 39: ``P``, the first
 #: look's slope points along the trend (:func:`_along_trend`); ``A``, ``P`` or a se under the floor
 #: (:func:`_along_or_floored`); session 41: ``W``, ``A`` or far from 0 (:func:`_along_floored_or_far`).
+#: Each is called ``gate(trend_slope, motion, floor, rule)`` (session 42: no name special-cased).
 GATES: dict = {"P": _along_trend, "A": _along_or_floored, "W": _along_floored_or_far}
 #: Clause bounds in stacks of 2000 (scaled to N).
 C1, C2, C3, C4_HIGH, C4_DROP = 10, 20, 20, 1980, 20
@@ -173,12 +176,6 @@ def chi_from_0(motion: dict, floor: float) -> float:
     return float(((b / se) ** 2).sum())
 
 
-def _gate(name: str, rule: Rule):
-    """Gate ``name`` of :data:`GATES` as ``rule`` reads it (``W`` with the rule's own ``c0_against``)."""
-    gate = GATES[name]
-    return functools.partial(gate, c0_against=rule.c0_against) if name == "W" else gate
-
-
 def _wrapped(classify, rule: Rule):
     """``align.classify`` with S's first-look "sections" turned into "undecided" (first call only)."""
     calls = [0]
@@ -188,7 +185,7 @@ def _wrapped(classify, rule: Rule):
         floor = rule.floor if floor is None else floor
         calls[0] += 1
         if calls[0] == 1 and decision == "sections" and chi_from_0(motion, floor) >= rule.c0:
-            if all(_gate(g, rule)(trend_slope, motion, floor) for g in rule.gates):
+            if all(GATES[g](trend_slope, motion, floor, rule) for g in rule.gates):
                 return "undecided", share
         return decision, share
 

@@ -31,7 +31,9 @@ chi-square from 0): the first look, the second, both (:func:`.background.second_
   (the lag: what it does not follow of the mitochondria's drift), the rest (jitter) and its linear part, and
   hybrids that put one part at a time on the truth placement (``trend``, ``jitter``, ``translation``,
   ``linear``), each read both ways (:func:`oracle_reads`). ``--engine-option NAME=VALUE`` (repeatable) runs
-  the engine with an ``align_stack`` option, e.g. ``mask_dilation=0`` (the keypoint masks' oracle).
+  the engine with an ``align_stack`` option, e.g. ``mask_dilation=0`` (the keypoint masks' oracle). A look
+  that measures no pair (a short stack's second look) reads "unmeasured" and None in the JSON (session 42;
+  it printed 0.0000 before).
 
 Usage (``cd /work/main``; one 160-section stack, measured in session 41: about 16 CPU s to generate, 37 for
 the engine's run, 87 in all with ``--engine --oracle`` on 98; 5 min of wall at load 11-14)::
@@ -299,18 +301,28 @@ def oracle_reads(background, true, placements: dict, use, shape, part) -> dict:
         gb = np.concatenate([g1, g2]).mean(0)
         looks = {"first": first, "second": second, "both": both}
         out[name] = r = {
-            "img": {k: float(np.asarray(look["slope"]) @ u) for k, look in looks.items()},
+            "img": {k: _along(look, u) for k, look in looks.items()},
             "geo": {"first": float(g1.mean(0) @ u), "both": float(gb @ u)}, "both_slope": both["slope"],
             "both_geo": gb.tolist(), "pairs": [first["pairs"], second["pairs"]],
         }  # fmt: skip
         img, geo = r["img"], r["geo"]
+        shown = {k: "unmeasured" if v is None else f"{v:.4f}" for k, v in img.items()}
+        diff = "unmeasured" if img["both"] is None else f"{img['both'] - geo['both']:+.4f}"
         print(
             f"  {name:<11} along the drift: geo first {geo['first']:.4f} both {geo['both']:.4f} | img first "
-            f"{img['first']:.4f} second {img['second']:.4f} both {img['both']:.4f} "
-            f"({first['pairs']}+{second['pairs']} pairs); img - geo both {img['both'] - geo['both']:+.4f}",
+            f"{shown['first']} second {shown['second']} both {shown['both']} "
+            f"({first['pairs']}+{second['pairs']} pairs); img - geo both {diff}",
             flush=True,
         )
     return out
+
+
+def _along(look: dict, u: np.ndarray) -> float | None:
+    """A look's slope along the unit vector ``u``; None where the look is unmeasured (its se not finite, the
+    slope a placeholder 0: session 42, as :func:`_line` shows it)."""
+    if not np.all(np.isfinite(look["se"])):
+        return None
+    return float(np.asarray(look["slope"]) @ u)
 
 
 def _line(name: str, r: dict) -> str:

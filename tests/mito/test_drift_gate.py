@@ -213,9 +213,29 @@ def test_gate_w_also_passes_a_first_look_against_the_trend_far_from_0():
     assert not G.GATES["A"](trend, against, 0.06)
     strict, loose = G.parse_rule("S+F+W", 2.0, 2.8), G.parse_rule("S+F+W", 2.0, 2.7)
     assert strict.gates == ("W",) and strict.floor == 0.06 and strict.c0 == 2.0 and strict.c0_against == 2.8
-    assert not G._gate("W", strict)(trend, against, 0.06)
-    assert G._gate("W", loose)(trend, against, 0.06)
+    assert not G.GATES["W"](trend, against, 0.06, strict)
+    assert G.GATES["W"](trend, against, 0.06, loose)
     along = {"slope": [0.01, 0.0], "se": [0.06, 0.06]}  # along the trend: A's, whatever the distance
-    assert G._gate("W", G.parse_rule("S+F+W", 2.0, 100.0))(trend, along, 0.06)
+    assert G.GATES["W"](trend, along, 0.06, G.parse_rule("S+F+W", 2.0, 100.0))
     assert G.parse_rule("S+F+W", 2.0).c0_against == G.C0_AGAINST == 5.0
-    assert G._gate("A", strict) is G.GATES["A"]
+
+
+def test_every_gate_takes_the_rule_and_no_name_is_special():
+    """Session 42 (session 41's reread): the gates are called alike, ``gate(trend, motion, floor, rule)``;
+    ``W`` reads its bound from the rule it is given (and :data:`C0_AGAINST` without one), ``P`` / ``A`` ignore
+    it; the wrapped classify passes each rule's own bound (two rules, two bounds, one module)."""
+    import inspect
+
+    assert not hasattr(G, "_gate") and not hasattr(G, "functools")
+    for gate in G.GATES.values():
+        assert list(inspect.signature(gate).parameters) == ["trend_slope", "motion", "floor", "rule"]
+    trend, against = [0.3, 0.0], {"slope": [-0.1, 0.0], "se": [0.06, 0.06]}  # chi-square from 0: 2.78
+    assert G.GATES["W"](trend, against, 0.06) is False  # C0_AGAINST 5
+    assert G.GATES["W"](trend, against, 0.06, G.parse_rule("S+F+W", 2.0, 2.7)) is True
+    assert G.GATES["A"](trend, against, 0.06, G.parse_rule("S+F+W", 2.0, 2.7)) is False
+
+    def classify(trend_slope, motion, floor=None):
+        return "sections", -0.3
+
+    loose, strict = (G._wrapped(classify, G.parse_rule("S+F+W", 2.0, c)) for c in (2.7, 2.8))
+    assert loose(trend, against, 0.06)[0] == "undecided" and strict(trend, against, 0.06)[0] == "sections"

@@ -171,3 +171,25 @@ def test_the_reader_builds_the_masks_with_the_engine_run_s_options(monkeypatch):
     T.reader(data, 1, options={"mask_dilation": 0.0, "drift_correction": "none"})
     T.reader(data, 1)
     assert [o.mask_dilation for o in seen] == [0.0, 12.0]
+
+
+def test_an_unmeasured_look_reads_unmeasured_not_zero(capsys):
+    """Session 42 (session 41's reread): on a short stack the second look measures no pair (slope 0, se inf);
+    ``oracle_reads`` prints it "unmeasured" (as ``_show`` does) and records None, not 0.0000 along the drift;
+    a measured look still prints its value."""
+    n, shape, v = 48, (300, 400), np.array([0.3, -0.2])
+    true = np.stack([rotation_matrix(a, shape) for a in np.random.default_rng(3).uniform(-np.pi, np.pi, n)])
+    truth = T.truth_placement(true, v, 0)
+    runs = [[-0.3, 0.2], [-0.28, 0.21], [-0.31, 0.19]]
+    first = {"slope": [-0.2963, 0.2], "se": [0.01, 0.006], "runs": runs, "pairs": 40, "planned": 42}
+    second = {"slope": [0.0, 0.0], "se": [np.inf, np.inf], "runs": [], "pairs": 0, "planned": 0}
+
+    def background(mats, use, look=False, trend=None, pairs=None):
+        return second if look else first
+
+    out = T.oracle_reads(background, true, {"truth": truth}, np.ones(n, bool), shape, v)
+    line = capsys.readouterr().out
+    assert "second unmeasured" in line and "second 0.0000" not in line, line
+    assert out["truth"]["img"]["second"] is None
+    assert out["truth"]["img"]["both"] == pytest.approx(out["truth"]["img"]["first"])
+    assert f"first {out['truth']['img']['first']:.4f}" in line and "(40+0 pairs)" in line
