@@ -151,7 +151,16 @@ def test_a_check_that_cannot_judge_says_so():
     m = (np.roll(img, 1, 0) + 0.05 * rng.standard_normal(img.shape)).astype(np.float32)
     mask = np.zeros(img.shape, bool)
     mask[20:25, 20:25] = True
-    reg = nn.register(f, m, method="nephi", device="cpu", iterations=2, fixed_mask=mask, noise_heldout=True)
+    reg = nn.register(
+        f,
+        m,
+        method="nephi",
+        device="cpu",
+        iterations=2,
+        coarse_iterations=2,
+        fixed_mask=mask,
+        noise_heldout=True,
+    )
     assert reg.settings["noise_heldout"] is True
     assert reg.metrics["noise_heldout_shares"] is None
     assert reg.metrics["noise_heldout_levels"] == len(reg.settings["coarse_spacings"])
