@@ -162,7 +162,7 @@ def _field_lean(image: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.n
         k = int(0.9 * (on.size - 1))
         ref = math.sqrt(float(np.partition(on, k)[k]))
     mag2 += np.float32(max((EDGE_EPS * ref) ** 2, 1e-12))
-    scale = np.divide(weight, mag2, dtype=np.float32)
+    scale = weight / mag2  # numpy's promotion, as _field's
     gx2 -= gy2
     gx2 *= scale
     gx *= 2
