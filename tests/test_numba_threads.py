@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
+
+import pytest
 
 from napari_nephi import _numba_threads
 
@@ -55,3 +58,36 @@ def test_before_numba_is_imported_the_environment_picks_the_layer(monkeypatch):
     monkeypatch.delitem(sys.modules, "numba", raising=False)
     _numba_threads.keep_torch_threads()
     assert os.environ["NUMBA_THREADING_LAYER_PRIORITY"] == "tbb workqueue omp"
+
+
+def _fake_numba(started: bool, layer: str = "default"):
+    """A stand-in for an imported numba: its config and ``threading_layer()`` (ValueError before the pool)."""
+
+    def threading_layer():
+        if not started:
+            raise ValueError("Threading layer is not initialized.")
+        return "omp"
+
+    config = types.SimpleNamespace(
+        THREADING_LAYER=layer, THREADING_LAYER_PRIORITY=["tbb", "omp", "workqueue"]
+    )
+    return types.SimpleNamespace(config=config, threading_layer=threading_layer)
+
+
+@pytest.mark.parametrize(
+    ("started", "layer", "changed"),
+    [(False, "default", True), (True, "default", False), (False, "omp", False)],
+)
+def test_an_imported_numba_is_set_only_before_its_pool_starts_and_unless_its_config_chose(
+    monkeypatch, started, layer, changed
+):
+    """numba imported first (napari's order): its config gets OpenMP last if the pool has not started and
+    neither the environment nor numba's config (e.g. a .numba_config.yaml) chose a layer."""
+    monkeypatch.delenv("NUMBA_THREADING_LAYER", raising=False)
+    monkeypatch.delenv("NUMBA_THREADING_LAYER_PRIORITY", raising=False)
+    fake = _fake_numba(started, layer)
+    monkeypatch.setitem(sys.modules, "numba", fake)
+    _numba_threads.keep_torch_threads()
+    expected = ["tbb", "workqueue", "omp"] if changed else ["tbb", "omp", "workqueue"]
+    assert fake.config.THREADING_LAYER_PRIORITY == expected
+    assert ("NUMBA_THREADING_LAYER_PRIORITY" in os.environ) is changed
