@@ -8,7 +8,6 @@ try:
 except ImportError:  # not installed from a git checkout
     __version__ = "0.0.0"
 
-from ._numba_threads import keep_torch_threads as _keep_torch_threads
 from .core import (
     AffineTransform,
     Cancelled,
@@ -27,8 +26,6 @@ from .core import (
 )
 from .engines.mito import align_stack
 from .engines.registry import available_methods, method_descriptions, register, register_engine
-
-_keep_torch_threads()  # before a dependency starts numba's thread pool; see _numba_threads
 
 __all__ = [
     "AffineTransform",
