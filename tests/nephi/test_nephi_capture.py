@@ -94,3 +94,12 @@ def test_the_gate_needs_the_capture_level(pair):
         nn.register(*pair, coarse_capture_gate=0.02, **RUN)
     with pytest.raises(InputError, match="coarse_capture_gate"):
         nn.register(*pair, coarse_capture=3, coarse_capture_gate=-0.1, **RUN)
+
+
+def test_capture_is_refused_with_the_first_level_blur(pair, monkeypatch):
+    """The opt-in first-level blur acts on level 0, which would be the capture level: refused, not moved."""
+    from napari_nephi.engines.nephi import coarse
+
+    monkeypatch.setattr(coarse, "FIRST_LEVEL_BLUR", 1.0)
+    with pytest.raises(InputError, match="FIRST_LEVEL_BLUR"):
+        nn.register(*pair, coarse_capture=3, **RUN)

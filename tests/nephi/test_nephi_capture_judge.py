@@ -37,7 +37,9 @@ def test_a_gain_at_4_percent_within_the_bounds_elsewhere_passes():
         _row("camera 1 %", "NePhi cap16", 0.480, 0.100, 1.160),  # +0.021 whole, +0.043 sky: inside
     ]
     fails, marks = _judge(rows)
-    assert fails == [] and all(marks.values())
+    assert fails == [] and marks["M6"] is None  # no rigid rows: no case, not a pass
+    assert all(ok for m, ok in marks.items() if m != "M6")
+    assert CJ.cpu_ratio_without_first(CJ.pairs([("g", rows)], "NePhi fast", "NePhi cap16")) == 1.0
 
 
 @pytest.mark.parametrize(
@@ -59,14 +61,15 @@ def test_each_mark_fails_where_its_bound_is_crossed(after, mark):
         _row("disc 2 %", "NePhi cap16", **{**base, **after}),
     ]
     fails, marks = _judge(rows)
-    assert not marks[mark] and all(ok for m, ok in marks.items() if m != mark), fails
+    assert marks[mark] is False and all(ok for m, ok in marks.items() if m not in (mark, "M6")), fails
 
 
 def test_no_gain_at_4_percent_fails_m4_and_folds_fail_m5():
     rows = [_row("ihc 4 %", "NePhi fast", 0.2), _row("ihc 4 %", "NePhi cap16", 0.19)]
-    assert not _judge(rows)[1]["M4"]  # 5 % lower, not 10 %
+    assert _judge(rows)[1]["M4"] is False  # 5 % lower, not 10 %
+    assert _judge(rows, gain=" 8 %")[1]["M4"] is None  # no gain case: no case, not a pass
     rows[1]["folds_pct"] = 0.01
-    assert not _judge(rows)[1]["M5"]
+    assert _judge(rows)[1]["M5"] is False
 
 
 def test_rigid_rows_are_judged_by_epe_det_j_and_ic(tmp_path):
@@ -79,9 +82,11 @@ def test_rigid_rows_are_judged_by_epe_det_j_and_ic(tmp_path):
     path.write_text(json.dumps(rows))
     entries = CJ.pairs(CJ.load_groups([str(path)]), "NePhi fast", "NePhi cap16")
     fails, marks = CJ.judge(entries)
-    assert not marks["M6"] and fails == [
-        "M6 " + str(path) + " / camera rigid 79.0 shift: |det J - 1| max 0.0200 -> 0.0350"
-    ]
+    assert (
+        marks["M6"] is False
+        and marks["M4"] is None
+        and fails == ["M6 " + str(path) + " / camera rigid 79.0 shift: |det J - 1| max 0.0200 -> 0.0350"]
+    )
 
 
 def test_a_case_without_both_arms_is_an_error():

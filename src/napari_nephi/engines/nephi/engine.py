@@ -335,7 +335,8 @@ def register_nephi(
     first grid (128^2, 32 px knots) settles 4 % fields (20 px) of a texture of repeated blobs in local minima
     (IHC: patches up to 25 px off), which a 64^2 level of 16 steps removes (docs/nephi.md, "Session 42").
     Opt-in: it also moves results where the default is right (the camera's sky). Recorded in
-    ``settings["coarse_capture"]`` (the steps run; 0 where the image is too small for a coarser grid).
+    ``settings["coarse_capture"]`` (the steps run; 0 where the image is too small for a coarser grid). Not
+    with the opt-in :data:`.coarse.FIRST_LEVEL_BLUR` (``InputError``).
     ``coarse_capture_gate`` (None: none; with ``coarse_capture``): the capture level's velocity is dropped,
     and the schedule runs from zero as without it (the same result bit for bit), where the RMS of det J - 1 of
     its map is at most this (0.02: :data:`.coarse.MATCH_BLUR_NEAR_RIGID`'s near-rigid bound), so a shift or
@@ -690,6 +691,11 @@ def register_nephi(
             raise InputError(
                 "coarse_capture adds a coarser level to the coarse stage of 2D images in mode='optimize' "
                 "(not chunked) with a coarse stage (levels > 1, coarse_iterations > 0); leave it at 0 here."
+            )
+        if first_blur > 0:  # it blurs level 0, which would be the capture level (review 1 of session 42)
+            raise InputError(
+                "coarse_capture does not run with coarse.FIRST_LEVEL_BLUR set (it would blur the capture "
+                "level, not the schedule's first); set one of them only."
             )
         wider = pyramid_shapes(fshape, [2 * factors[0], *factors])
         if len(wider) > len(shapes):  # (an image too small for a coarser grid runs the schedule alone)
