@@ -107,7 +107,9 @@ def test_lean_search_gives_the_same_poses_scores_and_ranking_with_less_work(
     else:
         section = section_from_atlas(reference, 17, (4.0, -4.0))
     order = [(p, 0.0) for p in range(search.n)]
-    search.search(section, order, check_rerank_options({}))  # stage 1's plate cuts cached for both arms
+    counted = which == "restained"  # the work is counted on one section (review 1: test time)
+    if counted:
+        search.search(section, order, check_rerank_options({}))  # stage 1's plate cuts cached for both arms
     made = _counting(monkeypatch)
     off = search.search(section, order, check_rerank_options({}))
     work_off = dict(made)
@@ -116,10 +118,10 @@ def test_lean_search_gives_the_same_poses_scores_and_ranking_with_less_work(
     assert on.ranking == off.ranking  # every plate and distance
     assert on.poses == off.poses and on.pairs == off.pairs
     assert on.options["lean"] is True and off.options["lean"] is False
-    # less work: cuts made again and pairs correlated again are not
-    assert made["fields"] < work_off["fields"], (made, work_off)
-    assert made["pairs"] <= work_off["pairs"], (made, work_off)
-    if which == "restained":  # the defaults' pinned toy search (test_quarter_shift) holds with lean too
+    if counted:  # less work: cuts made again and pairs correlated again are not
+        assert made["fields"] < work_off["fields"], (made, work_off)
+        assert made["pairs"] <= work_off["pairs"], (made, work_off)
+        # the defaults' pinned toy search (test_quarter_shift) holds with lean too
         assert [p for p, _ in on.ranking[:10]] == [24, 23, 25, 22, 26, 21, 27, 20, 28, 19]
         assert on.pairs == 1677
         assert on.ranking[0][1] == pytest.approx(0.537109285593, abs=1e-9)
