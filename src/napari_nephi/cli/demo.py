@@ -185,7 +185,21 @@ def known_error(setup: DemoSetup) -> tuple[float, float] | None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run ``napari-nephi demo``."""
+    """Run ``napari-nephi demo``; the caller gets torch's thread count back (see :func:`_demo`)."""
+    import torch
+
+    # napari colours a labels layer with numba, whose OpenMP pool starts (once per process) with
+    # omp_set_num_threads(cores) on the libgomp torch shares: torch's count on this thread follows
+    # (the registration runs in a worker thread, which keeps torch's own count)
+    threads = torch.get_num_threads()
+    try:
+        return _demo(args)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _demo(args: argparse.Namespace) -> int:
     import napari
 
     viewer = napari.Viewer(title="napari-nephi demo")
