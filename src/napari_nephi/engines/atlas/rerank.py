@@ -277,8 +277,9 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   oblique 8 ranks 1 -> 20). Fresh query seeds 122-124 (180 sections, the rule written first): 2.650 ->
   2.644, Top-5 88.3 -> 87.8 %, 5 better / 5 worse, CPU -15.5 %, but seed 122 3.117 -> 3.233, over the
   pre-written limit of 0.10 for one seed: not a default. docs/atlas.md, "Session 32".
-* **Lean** (session 42, opt-in: ``lean`` False). The same search with less work, every value bit for
-  bit (:class:`.pose_grid.SectionGrid`'s ``lean``): the edge fields with two array passes fewer, a
+* **Lean** (session 42, ``lean`` True; False: the code path before). The same search with less work,
+  every value bit for bit (:class:`.pose_grid.SectionGrid`'s ``lean``): the edge fields with two array
+  passes fewer, a
   cut's channels written into one stack before its FFT, every oblique cut and every plate cut through
   a given atlas point made once per section (about 9 % of them were made again: the same tilt, plate,
   pivot and scale asked by another hypothesis, round or scan), every pair of such a cut and a section
@@ -287,7 +288,9 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   index, load 10-12): rankings, poses and pair counts identical on 120 of 120, CPU per lookup
   per section b / a median 0.883 / 0.918 (index 0 / 1). Fresh query seeds 163 / 164 (the rule written
   first; 240 sections, load 10-11): identical 240 / 240, b / a 0.903 / 0.909, 482 / 473 -> 428 ms: it
-  passes, proposed as the default for the lead's held-out reading. docs/atlas.md, "Session 42".
+  passes. The lead's held-out query seeds 157 / 158 (240 sections, load 11-12): identical 240 / 240, b / a
+  0.890 / 0.878 (493 / 492 -> 436 / 434 ms): the default since then. It holds the cuts it made until the
+  search ends (a median 36 MiB, at most 60 MiB, at a search's end). docs/atlas.md, "Session 42".
 * **Cost.** Untilted cuts of stage 1 depend only on the plate and on plate pixels per canvas
   pixel, which come from a fixed geometric grid: they are cached across sections
   (:data:`.pose_grid.CUT_CACHE_BYTES`). Stage 2 centres its cuts on the stage-1 pose and searches
@@ -502,11 +505,12 @@ DEFAULTS = {
     # ... only where that pose is tilted by at most this many degrees about either axis (None: every
     # pose; 0: untilted poses alone, where a stretch cannot stand in for a tilt); an error without aspects
     "aspect_max_tilt": None,
-    # the same search with less work (pose_grid.SectionGrid's lean; session 42, opt-in; module
-    # docstring, "Lean"): fields with fewer array passes, each oblique cut and each plate cut through a
-    # given atlas point made once per section, each pair of such a cut and a section variant
-    # correlated once; the same poses, scores and ranking bit for bit (False: as before session 42)
-    "lean": False,
+    # the same search with less work (pose_grid.SectionGrid's lean; session 42, the default since the
+    # lead's held-out reading; module docstring, "Lean"): fields with fewer array passes, each oblique cut
+    # and each plate cut through a given atlas point made once per section, each pair of such a cut and a
+    # section variant correlated once; the same poses, scores and ranking bit for bit, about 10 % less CPU
+    # per lookup, some 36-60 MiB more held during a search (False: the search's code path before session 42)
+    "lean": True,
 }
 #: Options of a seeded search, for a first stage whose best plate lies within about 2 plates of the
 #: truth: no sweep of the atlas, its best plate and 2 neighbours each side in stage 1, one
