@@ -172,7 +172,8 @@ def test_a_default_global_map_that_loses_the_overlap_is_dropped():
     error, notes = {}, {}
     for initial in (None, "rigid"):
         extra = {} if initial is None else {"initial": initial}
-        reg = nn.register(fixed, moving, method="nephi", device="cpu", coarse_iterations=30, **extra)
+        # 10 coarse steps (30 until session 42): errors 8.3 / 147.8 px (13.8 / 147.7 px with 30)
+        reg = nn.register(fixed, moving, method="nephi", device="cpu", coarse_iterations=10, **extra)
         d = reg.transform.displacement(fixed.shape)
         error[initial] = float(np.sqrt(((d - truth) ** 2).sum(0)).mean())
         notes[initial] = " ".join(reg.metrics.get("notes") or [])
