@@ -185,7 +185,7 @@ def known_error(setup: DemoSetup) -> tuple[float, float] | None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run ``napari-nephi demo``; the caller gets torch's thread count back (see :func:`_demo`)."""
+    """Run ``napari-nephi demo``; the caller gets torch's thread count back (numba's pool, below)."""
     import torch
 
     # napari colours a labels layer with numba, whose OpenMP pool starts (once per process) with
