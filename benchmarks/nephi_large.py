@@ -4,7 +4,7 @@
     python benchmarks/nephi_large.py [--quick] [--images camera retina ihc disc] [--amplitudes 1 2 4]
         [--mri-amplitudes 2 4 6] [--seeds 10] [--tools elastix elastix-ncc ants]
         [--nephi fast] [--nephi "label:key=value,..."] [--size2d 512] [--no-global] [--noise 0.02] [--noise-kind poisson]
-        [--json out.json]
+        [--warmup] [--alternate-arms] [--json out.json]
 
 Extends ``nephi_accuracy.py`` (same tools, conventions and measurements, imported from it):
 
@@ -59,6 +59,12 @@ added to both images of every case (seeded by the case), the warp made from the 
 ``--noise-kind poisson``: photon noise instead, ``SIGMA`` at mid-range (:func:`add_noise`). The
 textured and textureless parts are those of the noise-free image.
 ``--images cell`` (not in the default list): scikit-image's cell (faint texture, whole frame).
+
+``--warmup`` (session 42): one small NePhi registration (64 x 64, two coarse steps) before the first case, so the
+process's warm-up (imports, torch's first kernels and allocations: about 200 against 90 MiB resident and a few CPU
+seconds in session 42's runs) does not fall on the first arm of the first case. ``--alternate-arms``: NePhi's arms
+(``--nephi``, two or more) run in reverse order on every second case of the run (deformation cases, then global
+ones, counted together), so no arm always runs first within a case. Both off by default (as before).
 
 ``--quick``: 256 x 256, camera and disc at 2 % and 4 %, the MRI at 4 voxels, the two global cases.
 """
@@ -417,6 +423,25 @@ def gate_text(gate: dict | None) -> str:
     return f"  neural gate RMS {gate['rms']:.3f}{blur} ({'ran' if gate['ran'] else 'skipped'})"
 
 
+def warm_up() -> None:
+    """One small NePhi registration (``--warmup``): the camera at 64 x 64 against itself shifted by a pixel."""
+    from skimage import data
+    from skimage.transform import resize
+
+    import napari_nephi
+
+    img = resize(NA._unit(data.camera()), (64, 64), anti_aliasing=True).astype(np.float32)
+    napari_nephi.register(img, np.roll(img, 1, axis=1), method="nephi", device="cpu", coarse_iterations=2)
+
+
+def arm_order(runs: list, n_nephi: int, index: int, alternate: bool) -> list:
+    """The tools of case ``index`` (0-based over the run) in the order they run: NePhi's ``n_nephi`` arms first,
+    reversed on odd cases with ``alternate`` (``--alternate-arms``, session 42: so no arm always runs first in a
+    case; the process's warm-up itself is ``--warmup``'s), then the peers as given."""
+    arms, peers = runs[:n_nephi], runs[n_nephi:]
+    return (arms[::-1] if alternate and index % 2 else arms) + peers
+
+
 def epe(est, truth, where) -> float:
     if not where.any():
         return float("nan")
@@ -490,6 +515,12 @@ def main() -> None:
         help="volumes: the coarse stage's default bending weight (engine.COARSE_REG_WEIGHT_3D; the fast preset's "
         "is 0.03 on volumes up to engine.VOLUME_DEFAULT_MAX_VOXELS in optimize mode since session 37)",
     )
+    p.add_argument("--warmup", action="store_true", help="one small NePhi call before the first case")
+    p.add_argument(
+        "--alternate-arms",
+        action="store_true",
+        help="run NePhi's arms in reverse order on every second case (default: the order given, as before)",
+    )
     p.add_argument("--json")
     args = p.parse_args()
     if args.coarse_reg_weight_3d is not None:
@@ -520,9 +551,11 @@ def main() -> None:
     runs = [(lbl, lambda f, m, o=o: NA.run_nephi(f, m, **o)) for lbl, o in specs]
     runs += [NA.TOOLS[t] for t in args.tools]
     rows = []
+    if args.warmup:
+        warm_up()
     plan = [(n, a, o) for n in args.images for a in args.amplitudes for o in args.deformation_orders]
     plan += [("mri", a, o) for a in args.mri_amplitudes for o in args.deformation_orders]
-    for name, amp, order in plan:
+    for index, (name, amp, order) in enumerate(plan):
         # the seed depends on the case only (not on which other cases run); the fair pair shares the field
         seed = args.seeds + 10 * CASE_OFFSETS[name] + int(amp)
         case = make_case(name, amp, args.size2d, seed, order)
@@ -535,7 +568,7 @@ def main() -> None:
             f"{100 * flat.sum() / mask.sum():.0f} % of it; EPE before {epe(zero, truth, mask):.2f}",
             flush=True,
         )
-        for label, fn in runs:
+        for label, fn in arm_order(runs, len(specs), index, args.alternate_arms):
             load0 = os.getloadavg()[0]
             row, (est, extra) = run_tool(label, fn, case)
             row.update(
@@ -576,13 +609,13 @@ def main() -> None:
             for o in args.global_orders
             for c in random_rigid_cases(seed, args.global_rigid_count, args.size2d, im, o)
         ]
-        for case in cases:
+        for index, case in enumerate(cases, start=len(plan)):
             add_noise(case, args.noise, case["noise_seed"], args.noise_kind)
             # 32 px inside the border at 512 px (scaled); 3 voxels inside the MRI (25 x 41 x 33)
             margin = round(32 * args.size2d / 512) if case["fixed"].ndim == 2 else MARGIN_3D
             sl = inner(case["fixed"].shape, margin)
             print(f"\n{case['name']} (inside {margin} px of the border)", flush=True)
-            for label, fn in runs:
+            for label, fn in arm_order(runs, len(specs), index, args.alternate_arms):
                 row, (est, extra) = run_tool(label, fn, case)
                 det = jacobian_determinant(est)[sl]
                 row.update(epe=float(np.sqrt(((est - case["truth"]) ** 2).sum(0))[sl].mean()))

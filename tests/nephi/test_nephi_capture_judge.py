@@ -7,6 +7,7 @@ import pytest
 from .._bench import import_benchmark
 
 CJ = import_benchmark("nephi_capture_judge")
+NL = import_benchmark("nephi_large")
 
 
 def _row(case, tool, epe, tex=None, flat=float("nan"), cpu=10.0, peak=90.0, **extra):
@@ -92,3 +93,11 @@ def test_rigid_rows_are_judged_by_epe_det_j_and_ic(tmp_path):
 def test_a_case_without_both_arms_is_an_error():
     with pytest.raises(SystemExit, match="lacks"):
         CJ.pairs([("g", [_row("ihc 4 %", "NePhi fast", 0.2)])], "NePhi fast", "NePhi cap16")
+
+
+def test_nephi_large_alternates_nephi_arms_only_when_asked():
+    runs = ["fast", "cap16", "elastix", "ants"]
+    assert [NL.arm_order(runs, 2, i, False) for i in (0, 1)] == [runs, runs]  # the default: as before
+    assert NL.arm_order(runs, 2, 0, True) == runs
+    assert NL.arm_order(runs, 2, 1, True) == ["cap16", "fast", "elastix", "ants"]  # peers keep their place
+    assert NL.arm_order(runs, 1, 1, True) == runs
