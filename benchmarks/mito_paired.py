@@ -26,7 +26,11 @@ Session 42 (issue 15): ``--arm-b-options JSON`` (an object of :func:`align_stack
 (the candidate) those options too. They act before the decision (the keypoint stage, the placement), so
 no twin is used: both arms run in full on the same stack in one process, the base first
 (``"cand_from": "full"``, no prediction), and the row records ``"base_options": {}`` and
-``"cand_options"``. With options, the two arms' decision settings default to the engine's as found
+``"cand_options"``. The arm run first alternates with the row (:func:`first_arm`: seed + the case's position
+in ``mito_benchmark.CASES`` even: the base; recorded as ``"first_arm"``, so ``cpu_s`` is paired; the rows of
+session 42's fresh run, before this, all ran the base first). ``read --require-cases a,b`` reads a case
+without a row as INCOMPLETE (mark (d)).
+With options, the two arms' decision settings default to the engine's as found
 (``--base-se-floor`` / ``--base-second-look`` / ``--se-floor`` / ``--second-look`` left out): only the
 options differ. Without them every row is as before (no new key). ``read --targets kept`` takes as
 targeted rows (c) the stage-drift+drift rows whose background the base keeps (any look), not only those
@@ -254,23 +258,32 @@ def run_row(seed: int, case: str, args, cand: dict, base: dict | None = None, ca
     return row
 
 
+def first_arm(seed: int, case: str) -> str:
+    """The arm an options row runs first (review 1 of session 42: paired CPU alternates): ``"base"`` where
+    ``seed`` + the case's position in ``mito_benchmark.CASES`` is even, else ``"cand"``; fixed by the row, so
+    a row run alone or in a lane starts alike."""
+    return "base" if (int(seed) + list(mb.CASES).index(case)) % 2 == 0 else "cand"
+
+
 def _run_options_row(seed, case, data, args, cand: dict, base: dict | None, options: dict) -> dict:
-    """A row whose candidate takes ``align_stack`` options: the base arm, then the candidate's, each in
-    full on ``data`` (the options act before the decision, so nothing is shared or predicted)."""
-    with settings(base or {}):
-        used = {k: getattr(bgm, k) for k in CANDIDATE}
-        cpu = time.process_time()
-        base_res = mb.run_mito(data, "mito-default", "bf", _bench(args.workers))
-        base_cpu = time.process_time() - cpu
-    with settings(cand):
-        cand_used = {k: getattr(bgm, k) for k in CANDIDATE}
-        cpu = time.process_time()
-        cand_res = mb.run_mito(data, "mito-default", "bf", _bench(args.workers, options))
-        cand_cpu = time.process_time() - cpu
+    """A row whose candidate takes ``align_stack`` options: both arms in full on ``data``, in the order
+    :func:`first_arm` (the options act before the decision, so nothing is shared or predicted)."""
+    arms = {"base": (base or {}, {}), "cand": (cand, options)}
+    res, used, cpu_s = {}, {}, {}
+    first = first_arm(seed, case)
+    for name in (first, "cand" if first == "base" else "base"):
+        module, opts = arms[name]
+        with settings(module):
+            used[name] = {k: getattr(bgm, k) for k in CANDIDATE}
+            cpu = time.process_time()
+            res[name] = mb.run_mito(data, "mito-default", "bf", _bench(args.workers, opts))
+            cpu_s[name] = time.process_time() - cpu
+    base_res, cand_res, cand_used = res["base"], res["cand"], used["cand"]
+    used = used["base"]
     row = {
         "seed": seed, "case": case, "sections": args.sections, "base_settings": used,
         "cand_settings": cand_used, "base_options": {}, "cand_options": options, "base": base_res,
-        "decisions": None, "code": code_state(), "cpu_s": {"base": base_cpu, "cand": cand_cpu},
+        "decisions": None, "code": code_state(), "cpu_s": cpu_s, "first_arm": first,
         "cand": cand_res, "cand_from": "full", "predicted": [], "prediction_matches": None,
     }  # fmt: skip
     return _jsonable(row)
@@ -358,9 +371,12 @@ def _targeted(row: dict, targets: str) -> bool:
 TARGETS = ("one-look", "kept")
 
 
-def marks(rows: list[dict], loss=0.005, gain=0.02, share=1 / 3, min_rows=2, targets="one-look") -> dict:
+def marks(
+    rows: list[dict], loss=0.005, gain=0.02, share=1 / 3, min_rows=2, targets="one-look", require_cases=()
+) -> dict:
     """Session 40's marks on row summaries (:func:`summary`; Dice ref to 4 decimals); ``verdict`` PASS,
-    FAIL or NOT ENOUGH ROWS; ``targets`` the rows (c) reads (:func:`_targeted`)."""
+    FAIL, NOT ENOUGH ROWS or (session 42's mark (d)) INCOMPLETE where a case of ``require_cases`` has no
+    row (FAIL wins over it); ``targets`` the rows (c) reads (:func:`_targeted`)."""
     losers = [r for r in rows if _change(r) < -loss - 1e-9]
     detrended = [
         r for r in rows
@@ -369,8 +385,11 @@ def marks(rows: list[dict], loss=0.005, gain=0.02, share=1 / 3, min_rows=2, targ
     s_rows = [r for r in rows if _targeted(r, targets)]
     gained = [r for r in s_rows if _change(r) >= gain - 1e-9]
     need = max(1, math.ceil(len(s_rows) * share - 1e-9))
+    missing = [c for c in require_cases if c not in {r["case"] for r in rows}]
     if losers or detrended:
         verdict = "FAIL"
+    elif missing:
+        verdict = "INCOMPLETE"
     elif len(s_rows) < min_rows:
         verdict = "NOT ENOUGH ROWS"
     else:
@@ -380,7 +399,7 @@ def marks(rows: list[dict], loss=0.005, gain=0.02, share=1 / 3, min_rows=2, targ
         "b_detrended": [(r["seed"], r["case"]) for r in detrended],
         "c_sections_rows": [(r["seed"], r["case"]) for r in s_rows],
         "c_gained": [(r["seed"], r["case"]) for r in gained],
-        "c_needed": need, "verdict": verdict,
+        "c_needed": need, "d_missing_cases": missing, "verdict": verdict,
     }  # fmt: skip
 
 
@@ -400,7 +419,8 @@ def _read(args) -> int:
             + ("" if r["prediction_diff"] is None else f" (slope {r['prediction_diff']:.1g} apart)")
             + " |"
         )
-    m = marks(rows, args.loss, args.gain, args.share, args.min_rows, args.targets)
+    need = [c for c in (args.require_cases or "").split(",") if c]
+    m = marks(rows, args.loss, args.gain, args.share, args.min_rows, args.targets, need)
     for k, v in m.items():
         print(f"{k}: {v}")
     return 0 if m["verdict"] == "PASS" else 1
@@ -441,6 +461,7 @@ def main(argv=None) -> int:
     d.add_argument("--share", type=float, default=1 / 3)
     d.add_argument("--min-rows", type=int, default=2)
     d.add_argument("--targets", choices=TARGETS, default="one-look", help="the rows (c) reads")
+    d.add_argument("--require-cases", default=None, help="comma-separated: INCOMPLETE where one has no row")
     args = p.parse_args(argv)
     if args.command == "read":
         return _read(args)

@@ -85,8 +85,8 @@ def test_same_decision():
     assert not P.same_decision((True, None), (False, None))
 
 
-def _args(tmp_path, full=False):
-    return P.argparse.Namespace(sections=24, shape=(256, 256), pad=40, workers=1, full=full)
+def _args(tmp_path, full=False, sections=24):
+    return P.argparse.Namespace(sections=sections, shape=(256, 256), pad=40, workers=1, full=full)
 
 
 def test_the_twin_leaves_the_base_as_a_plain_run_and_runs_a_differing_candidate_in_full(tmp_path):
@@ -155,7 +155,7 @@ def test_the_base_is_the_earlier_rule_unless_named():
 def test_an_options_arm_reaches_align_stack_in_arm_b_only(monkeypatch, tmp_path):
     """Session 42: ``--arm-b-options '{"mask_dilation": 0}'`` reaches ``align_stack`` in the candidate's run
     only; the base's run is the plain row's (the engine's default 12 px), both decide under the engine's
-    settings as found, and the row records the options. 24 sections of 256 x 256, stage-drift+drift."""
+    settings as found, and the row records the options. 12 sections of 256 x 256, stage-drift+drift."""
     calls = []
     plain_align = P.mb.align_stack
 
@@ -164,11 +164,12 @@ def test_an_options_arm_reaches_align_stack_in_arm_b_only(monkeypatch, tmp_path)
         return plain_align(stack, **kw)
 
     monkeypatch.setattr(P.mb, "align_stack", spy)
-    data = P.em_stack(24, (256, 256), seed=21, pad=40, **P.mb.CASES["stage-drift+drift"])
+    data = P.em_stack(12, (256, 256), seed=21, pad=40, **P.mb.CASES["stage-drift+drift"])
     plain = P.mb.run_mito(data, "mito-default", "bf", P._bench(1))
     cand, base = P.arm_settings(_settings_args(), {"mask_dilation": 0})
     assert cand == {} and base == {}  # the engine's settings as found in both arms
-    row = P.run_row(21, "stage-drift+drift", _args(tmp_path), cand, base, {"mask_dilation": 0})
+    monkeypatch.setattr(P, "first_arm", lambda seed, case: "base")
+    row = P.run_row(21, "stage-drift+drift", _args(tmp_path, sections=12), cand, base, {"mask_dilation": 0})
     assert len(calls) == 3 and "mask_dilation" not in calls[0] and "mask_dilation" not in calls[1]
     assert calls[2]["mask_dilation"] == 0 and {k: v for k, v in calls[2].items() if k != "mask_dilation"} == {
         k: v for k, v in calls[1].items()
@@ -201,6 +202,10 @@ def test_without_options_a_row_is_as_before(tmp_path):
         "cand", "cand_from", "prediction_matches", "predicted",
     }  # fmt: skip
     assert set(rows[0]) == keys and set(rows[1]) == keys
+    # the values session 41's script (ccab1dc) recorded for this row (review 1: the plain path itself)
+    assert rows[0]["base"]["dice_ref"] == pytest.approx(0.9724870762228793, abs=1e-9)
+    assert rows[0]["base"]["dice_fit"] == pytest.approx(0.9724275088830456, abs=1e-9)
+    assert rows[0]["base"]["drift_auto"]["applied"] == "detrend" and rows[0]["decisions"] == 1
     for r in rows:
         r.pop("cpu_s")
         for arm in ("base", "cand"):
@@ -237,3 +242,31 @@ def test_marks_can_target_every_stage_drift_drift_row_the_base_keeps():
     assert m["verdict"] == "PASS" and m["c_gained"] == [(1, "stage-drift+drift")]
     rows[0]["cand"]["dice_ref"] = 0.61  # the one gain gone: 0 of the 3 targeted rows gain 0.02
     assert P.marks(rows, targets="kept")["verdict"] == "FAIL"
+
+
+def test_an_options_row_alternates_its_first_arm_and_the_order_moves_no_value(monkeypatch, tmp_path):
+    """Review 1 of session 42 (paired CPU alternates): the arm run first follows the row (seed + the case's
+    position, even: the base), is recorded, and either order gives the same arms (12 sections)."""
+    assert P.first_arm(120, "stage-drift+drift") != P.first_arm(121, "stage-drift+drift")
+    assert P.first_arm(120, "stage-drift+drift") != P.first_arm(120, "stage-drift")
+    assert P.first_arm(120, "default") == "base"
+    rows = {}
+    for first in ("base", "cand"):
+        monkeypatch.setattr(P, "first_arm", lambda seed, case, f=first: f)
+        rows[first] = P.run_row(21, "stage-drift", _args(tmp_path, sections=12), {}, {}, {"mask_dilation": 0})
+        assert rows[first]["first_arm"] == first and list(rows[first]["cpu_s"])[0] == first
+    for arm in ("base", "cand"):
+        for k in ("dice_ref", "dice_fit", "inliers", "frame_fit"):
+            assert rows["base"][arm][k] == rows["cand"][arm][k]
+    assert rows["base"]["cand"]["inliers"] != rows["base"]["base"]["inliers"]
+
+
+def test_mark_d_says_incomplete_where_a_required_case_has_no_row():
+    """Session 42's mark (d) (``read --require-cases``): a required case without a row makes a passing read
+    INCOMPLETE; a failing one stays FAIL."""
+    rows = _passing()
+    assert P.marks(rows, require_cases=("stage-drift", "stage-drift+drift"))["verdict"] == "PASS"
+    m = P.marks(rows, require_cases=("stage-drift", "jitter"))
+    assert m["verdict"] == "INCOMPLETE" and m["d_missing_cases"] == ["jitter"]
+    rows[2]["cand"]["dice_ref"] = 0.6049
+    assert P.marks(rows, require_cases=("jitter",))["verdict"] == "FAIL"
