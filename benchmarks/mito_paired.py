@@ -24,7 +24,7 @@ placement (a copy of the trend test, the same matrices; the settings switched fo
 Session 42 (issue 15): ``--arm-b-options JSON`` (an object of :func:`align_stack` options, e.g.
 ``'{"mask_dilation": 0}'``; names checked against ``align.STACK_OPTIONS`` at the start) gives arm B
 (the candidate) those options too. They act before the decision (the keypoint stage, the placement), so
-no twin is used: both arms run in full on the same stack in one process, the base first
+no twin is used: both arms run in full on the same stack in one process
 (``"cand_from": "full"``, no prediction), and the row records ``"base_options": {}`` and
 ``"cand_options"``. The arm run first alternates with the row (:func:`first_arm`: seed + the case's position
 in ``mito_benchmark.CASES`` even: the base; recorded as ``"first_arm"``, so ``cpu_s`` is paired; the rows of

@@ -5,12 +5,12 @@
         [--before "NePhi fast"] [--after "NePhi cap16"] [--gain-cases " 4 %"] [--list]
 
 Each argument is one group of rows, normally one process of ``nephi_large.py`` run with ``--nephi fast --nephi
-"cap16:coarse_capture=16"`` (both arms alternating in every case, the default first); ``A.json+B.json`` joins
+"cap16:coarse_capture=16"`` (both arms in every case, the default first unless ``--alternate-arms``); ``A.json+B.json`` joins
 two files into one group (e.g. the default from a frozen tree in ``A`` and the candidate at HEAD in ``B``, same
 cases). Rows are paired by (group, case); a case missing either arm is an error.
 
-The marks are the rules of session 42 (B's ``/tmp/s42/B/prereg.txt`` and ``prereg2.txt``, written before their
-fresh runs; the lead copies them into ``docs/prereg/``):
+The marks are the rules of session 42 (B's ``docs/prereg/s42_B.txt`` and ``s42_B2.txt``, written before their
+fresh runs):
 
 * M1 whole-image EPE: after <= before + max(0.025 px, 5 % of before), every deformation case;
 * M2 textured EPE: the same bound, every deformation case;
