@@ -11,6 +11,41 @@ from napari_nephi.engines.nephi.coarse import knot_spacings, level_iterations
 
 RUN = dict(method="nephi", device="cpu", initial="none", levels=3, coarse_iterations=4, iterations=0)
 SIZE = (64, 64)
+# ``displacement(SIZE)[:, 8::16, 8::16]`` of the default run below, read at ccab1dc, before ``coarse_capture``
+BEFORE_OPTION = [
+    -0.01283,
+    -0.09237,
+    0.00020,
+    0.04193,
+    -0.07503,
+    -0.02105,
+    -0.07138,
+    -0.07001,
+    -0.02642,
+    0.05784,
+    -0.01384,
+    0.14013,
+    0.08555,
+    -0.02944,
+    -0.07447,
+    0.11857,
+    1.06093,
+    1.00818,
+    1.02156,
+    1.04346,
+    0.98942,
+    0.96011,
+    0.94529,
+    0.99509,
+    1.01359,
+    0.95791,
+    0.95808,
+    1.02339,
+    1.04250,
+    1.01973,
+    1.01937,
+    1.07596,
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +69,9 @@ def test_capture_is_off_by_default_and_zero_is_the_default_bit_for_bit(pair):
     assert [tuple(g) for g in default.settings["coarse_shapes"]] == [(16, 16), (32, 32)]
     assert default.metrics["coarse_iterations"] == len(stages) == sum(level_iterations(4, 2))
     assert np.array_equal(default.transform.displacement(SIZE), off.transform.displacement(SIZE))
+    # the off path as before the option existed: a 4 x 4 sample read at ccab1dc (frozen tree, CPU, torch 2.13)
+    sample = default.transform.displacement(SIZE)[:, 8::16, 8::16].ravel()
+    np.testing.assert_allclose(sample, BEFORE_OPTION, atol=1e-4)
 
 
 def test_capture_adds_a_coarser_level_before_the_same_schedule(pair):
