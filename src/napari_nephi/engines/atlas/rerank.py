@@ -290,7 +290,8 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   first; 240 sections, load 10-11): identical 240 / 240, b / a 0.903 / 0.909, 482 / 473 -> 428 ms: it
   passes. The lead's held-out query seeds 157 / 158 (240 sections, load 11-12): identical 240 / 240, b / a
   0.890 / 0.878 (493 / 492 -> 436 / 434 ms): the default since then. It holds the cuts it made until the
-  search ends (a median 36 MiB, at most 60 MiB, at a search's end). docs/atlas.md, "Session 42".
+  search ends (a median 36 MiB, at most 60 MiB, at a search's end; a process's peak resident memory over
+  10 sections 539 -> 647 MiB, more than the memo holds, not traced). docs/atlas.md, "Session 42".
 * **Cost.** Untilted cuts of stage 1 depend only on the plate and on plate pixels per canvas
   pixel, which come from a fixed geometric grid: they are cached across sections
   (:data:`.pose_grid.CUT_CACHE_BYTES`). Stage 2 centres its cuts on the stage-1 pose and searches
@@ -509,7 +510,9 @@ DEFAULTS = {
     # lead's held-out reading; module docstring, "Lean"): fields with fewer array passes, each oblique cut
     # and each plate cut through a given atlas point made once per section, each pair of such a cut and a
     # section variant correlated once; the same poses, scores and ranking bit for bit, about 10 % less CPU
-    # per lookup, some 36-60 MiB more held during a search (False: the search's code path before session 42)
+    # per lookup; it holds the cuts it made until the search ends (36-60 MiB of spectra; a process's peak
+    # resident memory over 10 sections 539 -> 647 MiB, more than the memo holds, not traced) (False: the
+    # search's code path before session 42)
     "lean": True,
 }
 #: Options of a seeded search, for a first stage whose best plate lies within about 2 plates of the
