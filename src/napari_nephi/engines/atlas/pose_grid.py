@@ -173,19 +173,15 @@ def _field_lean(image: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.n
 
 @functools.lru_cache(maxsize=16)
 def _disc(radius: int) -> np.ndarray:
+    """The structuring element of :func:`dilate`, built once per radius (read only)."""
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
 
 
-def _dilate_lean(mask: np.ndarray) -> np.ndarray:
-    """:func:`dilate` by 1 pixel, its disc built once."""
-    plain = mask.dtype == np.bool_ and mask.flags.c_contiguous
-    return cv2.dilate(mask.view(np.uint8) if plain else mask.astype(np.uint8), _disc(1)) > 0
-
-
 def dilate(mask: np.ndarray, radius: int = 1) -> np.ndarray:
-    """``mask`` grown by a disc of ``radius`` pixels."""
-    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    return cv2.dilate(mask.astype(np.uint8), k) > 0
+    """``mask`` grown by a disc of ``radius`` pixels (a contiguous boolean mask is read as uint8 in
+    place, without a copy)."""
+    plain = mask.dtype == np.bool_ and mask.flags.c_contiguous
+    return cv2.dilate(mask.view(np.uint8) if plain else mask.astype(np.uint8), _disc(radius)) > 0
 
 
 def section_weight(mask: np.ndarray) -> np.ndarray:
@@ -740,7 +736,7 @@ class SectionGrid:
             img, msk = self._plate_pixels(atlas, z, step, pivot, aspect)
             if self.lean:
                 stack = np.empty((1, 4, *img.shape), dtype=np.float32)
-                stack[0, 0], stack[0, 1] = field(img, _dilate_lean(msk), self.blur, True)
+                stack[0, 0], stack[0, 1] = field(img, dilate(msk), self.blur, True)
                 stack[0, 3] = msk
                 return self.corr.slices_into(stack)[0]
             return self.corr.slice(*field(img, dilate(msk), self.blur), msk.astype(np.float32))
@@ -784,7 +780,7 @@ class SectionGrid:
             inside = msk > 0.5
             stack = np.empty((len(todo), 4, *img.shape[1:]), dtype=np.float32)
             for j in range(len(todo)):
-                stack[j, 0], stack[j, 1] = field(img[j], _dilate_lean(inside[j]), self.blur, True)
+                stack[j, 0], stack[j, 1] = field(img[j], dilate(inside[j]), self.blur, True)
                 stack[j, 3] = inside[j]
             ffts = self.corr.slices_into(stack)
             step = self.q / scale
