@@ -36,6 +36,15 @@ options differ. Without them every row is as before (no new key). ``read --targe
 targeted rows (c) the stage-drift+drift rows whose background the base keeps (any look), not only those
 read "sections" on one look (session 40's rule, the default ``one-look``).
 
+Session 43 (issue 15): options that act only on the background reading, after the placement
+(:data:`READING_OPTIONS`: ``background_mask_dilation``), go through the decision twin after all: the base
+arm runs once, and at each of its decisions the candidate's is computed on the same placement with the
+background read as the option sets it (:class:`Twin` ``reading``: ``align.background_motion`` given the
+masks at the option's dilation for that call only). A row that decides alike is the base's
+(``"cand_from": "shared"``); one that does not (another decision, or "both" with another slope) runs the
+candidate in full with the options, checked against the prediction as above. ``--full`` runs every such row
+in full. Any other option in ``--arm-b-options`` runs both arms in full as in session 42.
+
 Rows are taken in the order ``for seed in --seeds: for case in --cases``; ``--lane K/N`` takes the
 list's positions K, K + N, ... (two lanes: ``1/2`` and ``2/2``), so lanes split one fixed list;
 ``--until HH:MM`` (UTC) starts no row after that time; rows whose JSON exists are skipped.
@@ -60,6 +69,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import glob
 import json
 import math
@@ -82,6 +92,36 @@ from napari_nephi.synthetic import em_stack  # noqa: E402
 CANDIDATE = {"SE_FLOOR": 0.06, "SECOND_LOOK": "sections"}
 #: The base arm's settings: the earlier rule (the engine's defaults up to session 40's change).
 BASE = {"SE_FLOOR": 0.02, "SECOND_LOOK": "undecided"}
+
+
+#: ``align_stack`` options that act only on the background reading of ``drift_correction="auto"`` (after the
+#: placement; session 43), so the decision twin judges them (:func:`read_as`).
+READING_OPTIONS = ("background_mask_dilation",)
+
+
+@contextlib.contextmanager
+def read_as(reading: dict):
+    """Inside the block, ``align_stack``'s background reading (``align.background_motion``) reads the masks
+    as the :data:`READING_OPTIONS` in ``reading`` set them: ``background_mask_dilation`` -> the keypoint
+    stage's ``background_mask`` at that dilation (None: the run's own). Nothing is changed for ``{}``."""
+    unknown = sorted(set(reading) - set(READING_OPTIONS))
+    if unknown:
+        raise ValueError(f"not a reading option: {', '.join(unknown)}")
+    if "background_mask_dilation" not in reading:
+        yield
+        return
+    plain, dilation = align.background_motion, reading["background_mask_dilation"]
+
+    def motion(read, mito, *args, **kwargs):
+        if mito is not None:  # the bound _Sections.background_mask of the run
+            mito = functools.partial(mito, dilation=dilation)
+        return plain(read, mito, *args, **kwargs)
+
+    align.background_motion = motion
+    try:
+        yield
+    finally:
+        align.background_motion = plain
 
 
 @contextlib.contextmanager
@@ -142,17 +182,19 @@ class Twin:
     """``align._auto_decision`` that also decides under ``other`` (module settings) on the same input.
 
     The wrapped call runs first, exactly as without the twin, on ``test``; the other decision then runs
-    on a copy of ``test`` as it came in. ``calls``: one dict per decision (``mine``, ``other``, the other's
-    ``test`` record and its CPU seconds)."""
+    on a copy of ``test`` as it came in, with the background read as the :data:`READING_OPTIONS` in
+    ``reading`` set it (:func:`read_as`; session 43). ``calls``: one dict per decision (``mine``, ``other``,
+    the other's ``test`` record and its CPU seconds)."""
 
-    def __init__(self, decide, other: dict):
+    def __init__(self, decide, other: dict, reading: dict | None = None):
         self.decide, self.other, self.calls = decide, other, []
+        self.reading = dict(reading or {})
 
     def __call__(self, test, matrices, use, background, relative=None):
         twin = copy.deepcopy(test)
         mine = self.decide(test, matrices, use, background, relative)
         cpu = time.process_time()
-        with settings(self.other):
+        with settings(self.other), read_as(self.reading):
             other = self.decide(twin, matrices, use, background, relative)
         self.calls.append({"mine": mine, "other": other, "test": twin, "cpu_s": time.process_time() - cpu})
         return mine
@@ -214,10 +256,11 @@ def run_row(seed: int, case: str, args, cand: dict, base: dict | None = None, ca
     settings ``base`` (None: the engine's as found); the candidate's with the ``align_stack`` options
     ``cand_options`` too (session 42; both arms then run in full, no twin)."""
     data = em_stack(args.sections, tuple(args.shape), seed=seed, pad=args.pad, **mb.CASES[case])
-    if cand_options:
-        return _run_options_row(seed, case, data, args, cand, base, dict(cand_options))
+    reading = dict(cand_options or {})
+    if reading and not set(reading) <= set(READING_OPTIONS):
+        return _run_options_row(seed, case, data, args, cand, base, reading)
     bench = _bench(args.workers)
-    twin = Twin(align._auto_decision, cand)
+    twin = Twin(align._auto_decision, cand, reading)
     with settings(base or {}):
         used = {k: getattr(bgm, k) for k in cand}
         align._auto_decision = twin
@@ -231,6 +274,8 @@ def run_row(seed: int, case: str, args, cand: dict, base: dict | None = None, ca
         "seed": seed, "case": case, "sections": args.sections, "base_settings": used,
         "cand_settings": dict(cand), "base": base, "decisions": len(twin.calls), "code": code_state(),
     }  # fmt: skip
+    if reading:  # session 43: a reading option, judged by the twin
+        row.update(base_options={}, cand_options=reading)
     extra_cpu = sum(c["cpu_s"] for c in twin.calls)
     row["cpu_s"] = {"base": base_cpu - extra_cpu, "cand_decision": extra_cpu}
     shared = len(twin.calls) <= 1 and all(same_decision(c["mine"], c["other"]) for c in twin.calls)
@@ -243,7 +288,7 @@ def run_row(seed: int, case: str, args, cand: dict, base: dict | None = None, ca
     else:
         with settings(cand):
             cpu = time.process_time()
-            row["cand"] = mb.run_mito(data, "mito-default", "bf", bench)
+            row["cand"] = mb.run_mito(data, "mito-default", "bf", _bench(args.workers, reading))
             row["cpu_s"]["cand"] = time.process_time() - cpu
         row["cand_from"] = "full"
         if len(twin.calls) == 1:

@@ -463,7 +463,7 @@ def test_pair_engine_checks_option_names_and_values(rotated_copies, options, mes
         (
             {"iteratons": 3},
             r"Unknown option for method 'mito': 'iteratons' \(did you mean 'elastic_iterations'\?\)\. "
-            "Valid options: border, cancel",
+            "Valid options: background_mask_dilation, border, cancel",
         ),
         ({"wrkers": 2}, "'wrkers' \\(did you mean 'workers'\\?\\)"),
         ({"fallback": 5}, "fallback must be detector names; give a detector name or a list .* got 5"),

@@ -270,3 +270,29 @@ def test_mark_d_says_incomplete_where_a_required_case_has_no_row():
     assert m["verdict"] == "INCOMPLETE" and m["d_missing_cases"] == ["jitter"]
     rows[2]["cand"]["dice_ref"] = 0.6049
     assert P.marks(rows, require_cases=("jitter",))["verdict"] == "FAIL"
+
+
+def test_a_reading_option_is_judged_by_the_twin_and_a_shared_row_is_the_full_run(tmp_path):
+    """Session 43: ``background_mask_dilation`` acts only on the background reading, so the twin judges it:
+    at the keypoints' own 12 px the candidate is the base; at 0 px on drift04 (24 sections of 256 x 256) the
+    decision is the base's ("organelles": the whole trend, no slope), so the row is shared, and it equals the
+    candidate run in full with the option, its reading included (the twin reads the masks as the option
+    does); a row the twin cannot share runs in full. Any other option still runs both arms in full."""
+    assert P.READING_OPTIONS == ("background_mask_dilation",)
+    same = P.run_row(21, "drift04", _args(tmp_path), {}, {}, {"background_mask_dilation": 12.0})
+    assert same["cand_from"] == "shared" and same["decisions"] == 1
+    assert same["cand"] == same["base"] and same["cand_options"] == {"background_mask_dilation": 12.0}
+    rows = {
+        full: P.run_row(21, "drift04", _args(tmp_path, full=full), {}, {}, {"background_mask_dilation": 0})
+        for full in (False, True)
+    }
+    shared, full = rows[False], rows[True]
+    assert shared["cand_from"] == "shared" and full["cand_from"] == "full" and full["prediction_matches"]
+    for key in ("dice_ref", "dice_fit", "frame_fit", "inliers"):
+        assert shared["cand"][key] == full["cand"][key] == shared["base"][key]
+    read, base_read = shared["cand"]["drift_auto"]["background"], shared["base"]["drift_auto"]["background"]
+    assert read == full["cand"]["drift_auto"]["background"] and read["slope"] != base_read["slope"]
+    assert P.align.background_motion is P.bgm.background_motion  # restored after the twin's call
+    with pytest.raises(ValueError, match="not a reading option"):
+        with P.read_as({"mask_dilation": 0}):
+            pass

@@ -176,6 +176,14 @@ class _Options:
     keypoint_size: float | None = None  # original pixels; None: from the mitochondria size
     model_selection: bool = True
     refine: bool = True
+    # session 43: the dilation (original px) of the background reading's masks; None: mask_dilation's
+    background_mask_dilation: float | None = None
+
+    @property
+    def background_dilation(self) -> float:
+        """The dilation of the background reading's masks (original px): ``background_mask_dilation``, or
+        ``mask_dilation`` where that is None."""
+        return self.mask_dilation if self.background_mask_dilation is None else self.background_mask_dilation
 
 
 @dataclass
@@ -195,8 +203,9 @@ class _Sections:
         self._fallback: dict[tuple[str, int], ft.Features] = {}
         self._lock = threading.Lock()
         self.mask_fraction: dict[int, float] = {}
-        # the keypoint masks of the sections the background will read (drift_correction="auto"),
-        # kept packed at the working scale (:meth:`background_mask`)
+        # the background's masks (the keypoint masks, or dilated by background_mask_dilation) of the sections
+        # the background will read (drift_correction="auto"), kept packed at the working scale
+        # (:meth:`background_mask`)
         self.keep_masks: set[int] = set()
         self._kept: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}
         self.blank: dict[int, str] = {}  # sections without content: "constant (v)" or "all NaN"
@@ -252,17 +261,26 @@ class _Sections:
         radius = None if o.mito_radius is None else o.mito_radius * o.scale
         return detect_mitochondria_section(work, radius)
 
-    def keypoint_mask(self, k: int, work: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        o = self.opts
-        m = self._raw_mask(k, work)
-        self.mask_fraction[k] = float(m.mean())
-        r = int(round(o.mask_dilation * o.scale))
+    def _dilated(self, raw: np.ndarray, dilation: float, valid: np.ndarray) -> np.ndarray:
+        """``raw`` (work scale, 0/1) dilated by ``dilation`` original px (a disc of its work-pixel radius),
+        within ``valid``."""
+        r = int(round(dilation * self.opts.scale))
+        m = raw
         if r > 0 and m.any():
             m = cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
-        m = m & valid
+        return m & valid
+
+    def keypoint_mask(self, k: int, work: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        o = self.opts
+        raw = self._raw_mask(k, work)
+        self.mask_fraction[k] = float(raw.mean())
+        m = self._dilated(raw, o.mask_dilation, valid)
         if k in self.keep_masks:
+            b = m  # the background reads the keypoint masks, or (session 43) its own dilation of the same
+            if o.background_dilation != o.mask_dilation:
+                b = self._dilated(raw, o.background_dilation, valid)
             with self._lock:
-                self._kept[k] = (np.packbits(m), m.shape)
+                self._kept[k] = (np.packbits(b), b.shape)
         return m
 
     def release_masks(self) -> None:
@@ -271,16 +289,23 @@ class _Sections:
             self.keep_masks = set()
             self._kept.clear()
 
-    def background_mask(self, k: int) -> np.ndarray:
-        """Section ``k``'s keypoint region at the working scale (0/1), as the keypoint stage made it
-        where it was kept (:attr:`keep_masks`), else made again."""
+    def background_mask(self, k: int, dilation: float | None = None) -> np.ndarray:
+        """Section ``k``'s region the background reading leaves out, at the working scale (0/1): the
+        mitochondria dilated by ``dilation`` original px (None: the run's ``background_mask_dilation``, by
+        default the keypoint masks' ``mask_dilation``), as the keypoint stage kept it (:attr:`keep_masks`),
+        else made again. A ``dilation`` other than the run's is always made again (and drops the kept one)."""
+        o = self.opts
         with self._lock:
             kept = self._kept.pop(k, None)
-        if kept is not None:
+        own = dilation is None or dilation == o.background_dilation
+        if kept is not None and own:
             packed, shape = kept
             return np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape)
         work, _, valid = self.work_image(k)
-        m = self.keypoint_mask(k, work, valid)
+        if own and o.background_dilation == o.mask_dilation:
+            m = self.keypoint_mask(k, work, valid)  # as before session 43
+        else:
+            m = self._dilated(self._raw_mask(k, work), o.background_dilation if own else dilation, valid)
         with self._lock:
             self._kept.pop(k, None)
         return m
@@ -1060,6 +1085,7 @@ def align_stack(
     keypoint_size: float | None = None,
     model_selection: bool = True,
     refine: bool = True,
+    background_mask_dilation: float | None = None,
     neighbours: int | None = None,
     solver: str | None = None,
     global_model: str = GLOBAL_MODEL,
@@ -1134,6 +1160,12 @@ def align_stack(
         Gaussian sigma (work pixels) applied before detection and description.
     mask_dilation
         Margin (original pixels) added around the mitochondria masks.
+    background_mask_dilation
+        Margin (original pixels) added around the mitochondria masks that the background reading of
+        ``drift_correction="auto"`` leaves out (:mod:`.background`, which adds its own
+        :data:`.background.MARGIN`); the keypoints keep ``mask_dilation``. Default None: ``mask_dilation``
+        (the keypoints' masks themselves, as up to session 43). It changes nothing before the drift
+        decision. Needs masks (``use_masks``). Session 43, opt-in (docs/mito.md).
     border
         Keypoints closer than this (work pixels) to the zero padding of a section are dropped.
     min_inliers
@@ -1302,7 +1334,7 @@ def align_stack(
         (h, w), detector, descriptor, matcher, model, use_masks, ransac_threshold, ratio,
         max_keypoints, scale, smooth, mask_dilation, border, min_inliers, fallback, max_skip,
         mito_radius, fast_threshold, max_scale, keypoint_size, model_selection,
-        masks_given=masks is not None, refine=refine,
+        masks_given=masks is not None, refine=refine, background_mask_dilation=background_mask_dilation,
     )  # fmt: skip
     det, desc, mat, mod, fb = opts.detector, opts.descriptor, opts.matcher, opts.model, opts.fallback
     ref = _reference(reference, n)
@@ -1559,6 +1591,9 @@ def align_stack(
         "ransac_threshold": opts.ransac_threshold, "ratio": opts.ratio, "workers": workers,
         "use_masks": opts.use_masks, "max_keypoints": opts.max_keypoints, "scale": opts.scale,
         "smooth": opts.smooth, "mask_dilation": opts.mask_dilation, "border": opts.border,
+        # session 43: as asked (None: the keypoints' masks); what the background read with, "_applied"
+        "background_mask_dilation": opts.background_mask_dilation,
+        "background_mask_dilation_applied": opts.background_dilation if opts.use_masks else None,
         "min_inliers": opts.min_inliers, "fallback": list(fb), "max_skip": opts.max_skip,
         "mito_radius": mito_radius, "fast_threshold": opts.fast_threshold, "max_scale": opts.max_scale,
         "keypoint_size": sections.keypoint_size / opts.scale,
@@ -1601,7 +1636,7 @@ def build_options(
     shape, detector, descriptor, matcher, model, use_masks, ransac_threshold, ratio, max_keypoints,
     scale, smooth, mask_dilation, border, min_inliers, fallback, max_skip, mito_radius,
     fast_threshold, max_scale, keypoint_size=None, model_selection=True, masks_given=False,
-    refine=True,
+    refine=True, background_mask_dilation=None,
 ) -> _Options:  # fmt: skip
     """Validate the options of :func:`align_stack` (shared with :func:`.engine.match_pair`).
 
@@ -1621,6 +1656,14 @@ def build_options(
     def optional(name, value, low, high):
         return None if value is None else check_float(name, value, low, high, low_open=True)
 
+    if background_mask_dilation is not None:
+        background_mask_dilation = check_float("background_mask_dilation", background_mask_dilation, 0, 10**4)
+        if not use_masks:
+            raise InputError(
+                "background_mask_dilation sets the mitochondria masks the background reading leaves out; "
+                "it needs masks (give masks, use_masks=True or detector='mito'), or leave it at None."
+            )
+
     return _Options(
         detector=det, descriptor=desc, matcher=mat, model=mod, use_masks=use_masks,
         ransac_threshold=check_float("ransac_threshold", ransac_threshold, 0, 1000, low_open=True),
@@ -1638,6 +1681,7 @@ def build_options(
         keypoint_size=optional("keypoint_size", keypoint_size, 0, 10**4),
         model_selection=check_bool("model_selection", model_selection),
         refine=check_bool("refine", refine),
+        background_mask_dilation=background_mask_dilation,
     )  # fmt: skip
 
 
