@@ -14,7 +14,7 @@ import torch
 from napari.layers import Image, Labels, Layer, Points
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QTimer, Signal
+from qtpy.QtCore import QEventLoop, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QFileDialog,
@@ -28,8 +28,8 @@ from .. import overlays
 from ..core.errors import RegistrationError
 from ..core.files import atomic_write_bytes
 from ..core.progress import is_cancelled
-from ..core.transform_io import load_transform
 from ..engines.registry import register
+from ._apply import apply_saved_transform, layer_job
 from ._options import RegistrationOptions, folded
 from ._panel import scrolling_body
 from ._pickers import LayerPicker
@@ -68,6 +68,9 @@ class RegisterWidget(QWidget):
     #: Emitted when a run is over and its result layers (if any) are all in the viewer.
     run_done = Signal()
 
+    #: Emitted when an "Apply saved transform" is over: the new layer, or None (error or Cancel).
+    apply_done = Signal(object)
+
     #: The method selected when the widget opens.
     default_method = "affine"
 
@@ -92,6 +95,8 @@ class RegisterWidget(QWidget):
         self.status = QLabel("Pick a fixed and a moving image, then Run.")
         self.status.setWordWrap(True)
         self.runner = RegistrationRunner(self)
+        self.applier = RegistrationRunner(self)  # "Apply saved transform": one job at a time, as a run
+        self._applied = {"layer": None, "shown": False, "on": False}  # the apply's state, beside RunState
         self.results = ResultLayers(napari_viewer, self)
         self.steps = StepQueue(self)  # turns of the event loop owned by this widget
         self.last = None  # the last Registration
@@ -107,12 +112,17 @@ class RegisterWidget(QWidget):
         self.run_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.cancel)
         self.save_button.clicked.connect(lambda: self.save_transform())
-        self.apply_button.clicked.connect(lambda: self.apply_transform())
+        self.apply_button.clicked.connect(lambda: self.apply_transform(wait=False))
+        self.state.changed.connect(lambda _old, new: self.apply_button.setEnabled(new is RunState.IDLE))
         self.runner.progressed.connect(self._on_progress)
         self.runner.finished.connect(self._on_finished)
         self.runner.failed.connect(self._on_failed)
         self.runner.cancelled.connect(self._on_cancelled)
         self.runner.stopped.connect(self._on_stopped)
+        self.applier.finished.connect(self._on_applied)
+        self.applier.failed.connect(self._on_apply_failed)
+        self.applier.cancelled.connect(self._on_apply_cancelled)
+        self.applier.stopped.connect(self._on_apply_stopped)
         images = self.moving.layers()
         if len(images) >= 2:
             self.fixed.set_layer(images[0])
@@ -132,10 +142,9 @@ class RegisterWidget(QWidget):
     def _closed(self) -> None:
         """The widget is being deleted (its viewer closed): end what a run holds. No Qt calls here."""
         self.runner.cancel()  # the runner cancels its worker when deleted too
+        self.applier.cancel()
         self._gui_idle.set()
-        if self._progress_bar is not None:
-            self._progress_bar.close()
-            self._progress_bar = None
+        self._close_progress_bar()
         self._gc_pause.end()
 
     def _layout(self):
@@ -230,8 +239,8 @@ class RegisterWidget(QWidget):
         self.runner.run(register_with_overlays, **job)
 
     def cancel(self) -> None:
-        """Stop the running registration (the Cancel button)."""
-        self.state.cancel(self.runner, self.status)
+        """Stop the running registration, or drop the transform being applied (the Cancel button)."""
+        self.state.cancel(self.applier if self.applier.busy else self.runner, self.status)
 
     def _on_progress(self, event) -> None:
         if event.preview is not None:  # the worker waits until this is drawn (next turn)
@@ -405,9 +414,7 @@ class RegisterWidget(QWidget):
             self.status.setText("Cancelled; no layers were changed.")
 
     def _on_stopped(self) -> None:
-        if self._progress_bar is not None:
-            self._progress_bar.close()
-            self._progress_bar = None
+        self._close_progress_bar()
         if self.state.is_(RunState.RUNNING, RunState.CANCELLING):  # not adding results
             self._gc_pause.end()
             self.state.to(RunState.IDLE)
@@ -447,8 +454,20 @@ class RegisterWidget(QWidget):
         show_info(f"Transform saved to {folder}")
         return folder
 
-    def apply_transform(self, folder: str | Path | None = None, layer=None):
-        """Warp ``layer`` (default: the selected layer) with a saved transform; adds a new layer."""
+    def apply_transform(self, folder: str | Path | None = None, layer=None, *, wait: bool = True):
+        """Warp ``layer`` (default: the selected layer) with a saved transform; adds a new layer.
+
+        The warp runs in a worker thread (the button's call, ``wait=False``, returns at once) while
+        Run and Apply are disabled and Cancel drops the result; :attr:`apply_done` gives the new
+        layer (None after an error or Cancel), which is added on napari's thread. With ``wait``
+        (scripts, tests) the call runs the event loop until then and returns that layer.
+        """
+        if not self.state.is_(RunState.IDLE):
+            show_error(
+                ("A transform is being applied" if self._applied["on"] else "A registration is running")
+                + "; wait for it to finish (or Cancel it) first."
+            )
+            return None
         if folder is None:
             folder = QFileDialog.getExistingDirectory(self, "Saved transform folder")
             if not folder:
@@ -457,27 +476,74 @@ class RegisterWidget(QWidget):
         if layer is None:
             show_error("Select the layer to transform first.")
             return None
-        try:
-            t = load_transform(folder)
-            name = f"{layer.name} (transformed)"
-            scale = t.spacing  # results lie on the transform's fixed grid
-            # a layer of another spacing than the registered moving image is rescaled to it
-            frame = {"image_spacing": tuple(layer.scale[-t.ndim :])} if t.has_moving_frame else {}
-            if isinstance(layer, Labels):
-                warped = t.warp_labels(np.asarray(layer.data), **frame)
-                return self.viewer.add_labels(warped, name=name, scale=scale)
-            if isinstance(layer, Points):
-                # moving world coordinates -> moving voxels -> fixed voxels
-                world = np.asarray(layer.data, float) * layer.scale + layer.translate
-                fixed_voxels = t.inverse().map_points(world / np.asarray(t.moving_spacing))
-                return self.viewer.add_points(fixed_voxels, name=name, scale=scale)
-            if isinstance(layer, Image):
-                data = layer_image(layer)
-                return self.viewer.add_image(t.warp(data, **frame), name=name, scale=scale, rgb=layer.rgb)
+        job = layer_job(layer)
+        if job is None:
             show_error(f"Cannot apply a transform to a {type(layer).__name__} layer.")
-        except (RegistrationError, NotImplementedError) as exc:
-            show_error(str(exc))
-        return None
+            return None
+        self.state.to(RunState.RUNNING)
+        self._applied = {"layer": None, "shown": False, "on": True}
+        self.status.setText(f"Applying the transform to {layer.name}…")
+        self._progress_bar = napari_progress(total=0, desc=f"Applying a transform to {layer.name}")
+        loop = QEventLoop() if wait else None
+        if loop is not None:  # it also ends if the widget is deleted (its viewer closed) meanwhile
+            self.apply_done.connect(loop.quit)
+            self.destroyed.connect(loop.quit)
+        self.applier.run(apply_saved_transform, folder=folder, **job)
+        if loop is None:
+            return None
+        loop.exec()  # the worker's signals arrive here, as in the viewer's own loop
+        try:
+            self.apply_done.disconnect(loop.quit)
+            self.destroyed.disconnect(loop.quit)
+        except (RuntimeError, TypeError):  # pragma: no cover  the widget is gone
+            pass
+        return self._applied["layer"]
+
+    def _on_applied(self, layer) -> None:
+        """The worker's layer (hidden): insert it now and show it in the next turn (two costs)."""
+        if self.state.is_(RunState.CANCELLING):  # it ended before it saw the Cancel: drop it
+            self._on_apply_cancelled()
+            return
+        self.state.to(RunState.ADDING_RESULTS)
+        self.status.setText("Adding the transformed layer…")
+        self._applied["layer"] = self.viewer.add_layer(layer)
+
+        def show():
+            if layer in self.viewer.layers:
+                layer.visible = True
+            self._applied["shown"] = True
+            self.status.setText(f"Added {layer.name}.")
+            self._apply_idle()
+
+        self.steps.later(show)
+
+    def _on_apply_failed(self, message: str) -> None:
+        show_error(message)
+        self.status.setText(f"Failed: {message}")
+
+    def _on_apply_cancelled(self) -> None:
+        self.status.setText("Cancelled; no layers were changed.")
+
+    def _close_progress_bar(self) -> None:
+        if self._progress_bar is not None:
+            self._progress_bar.close()
+            self._progress_bar = None
+
+    def _on_apply_stopped(self) -> None:
+        self._close_progress_bar()
+        if self.state.is_(RunState.RUNNING, RunState.CANCELLING):  # failed or cancelled
+            self._applied.update(layer=None, on=False)
+            self.state.to(RunState.IDLE)
+            self.apply_done.emit(None)
+        else:
+            self._apply_idle()
+
+    def _apply_idle(self) -> None:
+        """IDLE once the layer is shown and the worker thread has ended (either comes last)."""
+        if self.state.is_(RunState.ADDING_RESULTS) and self._applied["shown"] and not self.applier.busy:
+            self._applied["on"] = False
+            self.state.to(RunState.IDLE)
+            self.apply_done.emit(self._applied["layer"])
 
 
 def register_with_overlays(

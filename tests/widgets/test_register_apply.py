@@ -1,0 +1,243 @@
+"""The register widget's "Apply saved transform": the warp runs in a worker thread (session 43)."""
+
+import threading
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import torch
+
+from napari_nephi.core import AffineTransform
+from napari_nephi.core.errors import InputError
+from napari_nephi.core.transform_io import load_transform
+from napari_nephi.widgets import RegisterWidget
+from napari_nephi.widgets import register_widget as rw
+from napari_nephi.widgets._state import RunState
+
+WAIT_MS = 30000
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    messages = []
+    monkeypatch.setattr(rw, "show_error", messages.append)
+    return messages
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A saved affine transform with a moving frame (so a layer of another spacing is rescaled)."""
+    m = np.eye(3)
+    m[:2, 2] = (6.0, -4.0)
+    m[0, 1] = 0.05
+    AffineTransform(m, shape=(48, 40), spacing=(1.0, 1.0), moving_spacing=(1.0, 1.0)).save(tmp_path / "t")
+    return tmp_path / "t"
+
+
+class Gate:
+    """Replaces the transform's warps: each waits until :meth:`open` (at most 30 s), records where and
+    with how many torch threads it ran, then warps as before (or raises ``error``)."""
+
+    def __init__(self, monkeypatch, cls):
+        self.opened = threading.Event()
+        self.entered = threading.Event()
+        self.threads: list = []
+        self.torch_threads: list[int] = []
+        self.error: Exception | None = None
+        for name in ("warp", "warp_labels"):
+            monkeypatch.setattr(cls, name, self._wrap(getattr(cls, name)))
+
+    def _wrap(self, real):
+        def warp(transform, *args, **kwargs):
+            self.threads.append(threading.current_thread())
+            self.torch_threads.append(torch.get_num_threads())
+            self.entered.set()
+            assert self.opened.wait(30)
+            if self.error is not None:
+                raise self.error
+            return real(transform, *args, **kwargs)
+
+        return warp
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+@pytest.fixture
+def gate(monkeypatch, saved):
+    return Gate(monkeypatch, type(load_transform(saved)))
+
+
+def _viewer(make_napari_viewer):
+    rng = np.random.default_rng(0)
+    image = ndi.gaussian_filter(rng.random((40, 36)), 2).astype(np.float32)
+    labels = np.zeros((20, 18), np.uint16)
+    labels[4:12, 5:14] = 7
+    labels[13:18, 2:8] = 300
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="image")
+    viewer.add_labels(labels, name="labels", scale=(2.0, 2.0))  # half resolution: rescaled by the frame
+    viewer.add_points(np.array([[15.0, 10.0], [30.0, 20.5]]), name="points", scale=(1.0, 2.0))
+    widget = RegisterWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    return viewer, widget
+
+
+def _wait_idle(widget, qtbot):
+    qtbot.waitUntil(lambda: widget.state.is_(RunState.IDLE) and not widget.applier.busy, timeout=WAIT_MS)
+
+
+def test_apply_returns_before_the_warp_ends_and_adds_the_layer_after(make_napari_viewer, qtbot, saved, gate):
+    viewer, widget = _viewer(make_napari_viewer)
+    image = viewer.layers["image"]
+    before = image.data.copy()
+    assert widget.apply_transform(saved, layer=image, wait=False) is None  # returns at once
+    assert gate.entered.wait(10)  # the warp has started and waits for the gate
+    assert "image (transformed)" not in viewer.layers
+    assert not widget.apply_button.isEnabled() and not widget.run_button.isEnabled()
+    assert widget.cancel_button.isEnabled()
+    assert "Applying" in widget.status.text()
+    with qtbot.waitSignal(widget.apply_done, timeout=WAIT_MS) as done:
+        gate.open()
+    new = viewer.layers["image (transformed)"]
+    assert done.args == [new]
+    assert gate.threads[0] is not threading.main_thread()
+    t = load_transform(saved)
+    np.testing.assert_array_equal(new.data, t.warp(before, image_spacing=(1.0, 1.0)))
+    np.testing.assert_array_equal(image.data, before)  # the input is untouched
+    _wait_idle(widget, qtbot)
+    assert widget.apply_button.isEnabled() and widget.run_button.isEnabled()
+
+
+def test_apply_in_a_worker_gives_the_synchronous_result(make_napari_viewer, qtbot, saved, errors):
+    """Image, labels (half resolution) and points: the same arrays as the warps called directly."""
+    viewer, widget = _viewer(make_napari_viewer)
+    t = load_transform(saved)
+    image, labels, points = (viewer.layers[n] for n in ("image", "labels", "points"))
+    new_image = widget.apply_transform(saved, layer=image)  # wait=True: returns the new layer
+    np.testing.assert_array_equal(new_image.data, t.warp(np.asarray(image.data), image_spacing=(1.0, 1.0)))
+    new_labels = widget.apply_transform(saved, layer=labels)
+    expected = t.warp_labels(np.asarray(labels.data), image_spacing=(2.0, 2.0))
+    np.testing.assert_array_equal(new_labels.data, expected)
+    assert new_labels.data.dtype == np.uint16 and set(np.unique(expected)) == {0, 7, 300}
+    new_points = widget.apply_transform(saved, layer=points)
+    world = np.asarray(points.data, float) * points.scale + points.translate
+    np.testing.assert_array_equal(
+        new_points.data, t.inverse().map_points(world / np.asarray(t.moving_spacing))
+    )
+    for new, kind in ((new_image, "Image"), (new_labels, "Labels"), (new_points, "Points")):
+        assert type(new).__name__ == kind and new.visible and new in viewer.layers
+        np.testing.assert_allclose(new.scale, t.spacing)
+    assert [ly.name for ly in viewer.layers][3:] == [
+        "image (transformed)", "labels (transformed)", "points (transformed)"
+    ]  # fmt: skip
+    assert errors == []
+
+
+def test_the_warp_runs_with_torchs_own_thread_count(make_napari_viewer, qtbot, saved, gate):
+    """Off napari's thread, whose count numba's OpenMP pool may have set to the cores' count."""
+    viewer, widget = _viewer(make_napari_viewer)
+    fresh = []
+    reader = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    reader.start()
+    reader.join()
+    gate.open()
+    widget.apply_transform(saved, layer=viewer.layers["labels"])
+    assert gate.threads[0] is not threading.main_thread()
+    assert gate.torch_threads == fresh
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (
+            InputError("The labels are too large; crop them first."),
+            "The labels are too large; crop them first.",
+        ),
+        (RuntimeError("boom"), "Applying the transform failed unexpectedly: RuntimeError: boom"),
+    ],
+)
+def test_an_error_in_the_warp_reaches_show_error(
+    make_napari_viewer, qtbot, saved, gate, errors, error, message
+):
+    viewer, widget = _viewer(make_napari_viewer)
+    gate.error = error
+    gate.open()
+    n = len(viewer.layers)
+    assert widget.apply_transform(saved, layer=viewer.layers["labels"]) is None
+    assert errors == [message]
+    assert len(viewer.layers) == n
+    assert message in widget.status.text()
+    _wait_idle(widget, qtbot)
+    assert widget.apply_button.isEnabled()
+
+
+def test_a_missing_folder_and_an_untransformable_layer_say_so(make_napari_viewer, qtbot, tmp_path, errors):
+    viewer, widget = _viewer(make_napari_viewer)
+    n = len(viewer.layers)
+    assert widget.apply_transform(tmp_path / "nothing here", layer=viewer.layers["image"]) is None
+    assert len(errors) == 1 and "nothing here" in errors[0]
+    shapes = viewer.add_shapes(
+        [np.array([[1.0, 1.0], [5.0, 5.0], [1.0, 8.0]])], shape_type="polygon", name="shapes"
+    )
+    assert widget.apply_transform(tmp_path, layer=shapes) is None
+    assert errors[1] == "Cannot apply a transform to a Shapes layer."
+    assert len(viewer.layers) == n + 1
+    _wait_idle(widget, qtbot)
+
+
+def test_a_second_apply_while_one_runs_is_refused(make_napari_viewer, qtbot, saved, gate, errors):
+    viewer, widget = _viewer(make_napari_viewer)
+    widget.apply_transform(saved, layer=viewer.layers["image"], wait=False)
+    assert gate.entered.wait(10)
+    assert widget.apply_transform(saved, layer=viewer.layers["labels"], wait=False) is None
+    assert errors == ["A transform is being applied; wait for it to finish (or Cancel it) first."]
+    widget.start()  # Run is refused too (its button is disabled)
+    assert not widget.runner.busy
+    with qtbot.waitSignal(widget.apply_done, timeout=WAIT_MS):
+        gate.open()
+    assert [ly.name for ly in viewer.layers][3:] == ["image (transformed)"]
+    assert len(gate.threads) == 1
+
+
+def test_an_apply_while_a_registration_runs_is_refused(make_napari_viewer, qtbot, saved, errors, monkeypatch):
+    viewer, widget = _viewer(make_napari_viewer)
+    widget.state.to(RunState.RUNNING)  # as start() does
+    assert not widget.apply_button.isEnabled()
+    assert widget.apply_transform(saved, layer=viewer.layers["image"]) is None
+    assert errors == ["A registration is running; wait for it to finish (or Cancel it) first."]
+    assert not widget.applier.busy
+    widget.state.to(RunState.IDLE)
+    assert widget.apply_button.isEnabled()
+
+
+def test_cancel_drops_the_result_of_an_apply(make_napari_viewer, qtbot, saved, gate, errors):
+    viewer, widget = _viewer(make_napari_viewer)
+    n = len(viewer.layers)
+    widget.apply_transform(saved, layer=viewer.layers["image"], wait=False)
+    assert gate.entered.wait(10)
+    widget.cancel_button.click()
+    assert widget.state.is_(RunState.CANCELLING)
+    with qtbot.waitSignal(widget.apply_done, timeout=WAIT_MS) as done:
+        gate.open()
+    assert done.args == [None]
+    _wait_idle(widget, qtbot)
+    assert len(viewer.layers) == n and errors == []
+    assert "Cancelled" in widget.status.text()
+    assert not widget.runner.busy  # the registration runner was never involved
+    # and the widget applies again afterwards
+    assert widget.apply_transform(saved, layer=viewer.layers["image"]) in viewer.layers
+
+
+def test_closing_the_viewer_during_an_apply_adds_nothing(make_napari_viewer, qtbot, saved, gate):
+    viewer, widget = _viewer(make_napari_viewer)
+    applier = widget.applier
+    widget.apply_transform(saved, layer=viewer.layers["image"], wait=False)
+    assert gate.entered.wait(10)
+    worker = applier._worker
+    with qtbot.waitSignal(widget.destroyed, timeout=WAIT_MS):
+        widget.deleteLater()
+    gate.open()
+    worker.await_workers(WAIT_MS)
+    qtbot.wait(50)  # a late signal would land here
+    assert "image (transformed)" not in viewer.layers
