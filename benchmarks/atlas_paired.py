@@ -32,7 +32,9 @@ Each row of OUT.json: query seed, case, the query's place in its case, its flat 
 contrast (``nissl`` / ``fluorescence``), true plate, the plates the section's tissue spans (the
 generator's ``plate_range``, 5th-95th percentile; session 40, where the query has it), and per arm
 the true plate's rank (0-based, the paper's MAE as ``atlas_lookup.py``), the top-10 plates, the
-lookup's CPU / wall ms and the prior's weight the ranking used (``RerankResult.prior_weight``); where an
+lookup's CPU / wall ms, its pairs scored, all and stage 1's (``pairs_a`` / ``stage1_pairs_a``, session 43;
+``RerankResult.pairs`` / ``stage1_pairs``; the judge prints their medians) and the prior's weight the ranking
+used (``RerankResult.prior_weight``); where an
 arm runs ``quarter_gate`` (session 41) also its stain reading and whether the gate opened
 (``quarter_reading_a`` / ``quarter_open_a``, ``RerankResult.quarter_reading`` / ``quarter_open``). With
 ``--stages`` (C2, session 39; computed after the timed lookup) also, per arm, where the truth was
@@ -185,9 +187,8 @@ def apply_marks(rows: list[dict], marks) -> list[tuple[str, bool, str]]:
         )
     if "identical" in marks:  # session 42: a speed-up judged by the rankings it keeps
         share = float(marks["identical"])
-        known = [r for r in rows if "identical" in r]
-        same = sum(bool(r["identical"]) for r in known)
-        ok = bool(known) and len(known) == len(rows) and same >= share * len(rows)
+        known, same, _ = identical_counts(rows)
+        ok = known > 0 and known == len(rows) and same >= share * len(rows)
         out.append((f"rankings identical on at least {share:.0%}", ok, f"{same} / {len(rows)}"))
     if "cpu_ratio" in marks:
         bound = float(marks["cpu_ratio"])
@@ -196,6 +197,27 @@ def apply_marks(rows: list[dict], marks) -> list[tuple[str, bool, str]]:
         what = "no CPU recorded" if ratio is None else f"{ratio:.3f}"
         out.append((f"CPU per lookup, per section b / a, median at most {bound}", ok, what))
     return out
+
+
+def identical_counts(rows: list[dict]) -> tuple[int, int, int]:
+    """``(known, same, poses)``: of the rows that record whether the arms' rankings are identical
+    (``identical``, session 42), how many there are, how many are (every plate and distance) and how
+    many also have the same poses and pair count (``same_poses``). One count for the marks and the table
+    (session 43: they were counted twice, by two copies of the same lines)."""
+    known = [r for r in rows if "identical" in r]
+    same = sum(bool(r["identical"]) for r in known)
+    poses = sum(bool(r.get("same_poses")) for r in known)
+    return len(known), same, poses
+
+
+def pair_medians(rows: list[dict]) -> dict | None:
+    """The median pairs per lookup of each arm, all and stage 1's (``pairs_a`` / ``stage1_pairs_a`` ...,
+    session 43; None where no row records them)."""
+    keys = ("pairs_a", "pairs_b", "stage1_pairs_a", "stage1_pairs_b")
+    known = [r for r in rows if all(r.get(k) is not None for k in keys)]
+    if not known:
+        return None
+    return {k: float(np.median([r[k] for r in known])) for k in keys}
 
 
 def cpu_ratio(rows: list[dict]) -> float | None:
@@ -251,13 +273,17 @@ def report(rows: list[dict], marks=None) -> tuple[str, bool]:
     if span is not None:
         n, a, b = span
         lines.append(f"top plate within the section's own plate span (plate_range): a {a} / {n}, b {b} / {n}")
-    known = [r for r in rows if "identical" in r]
+    known, same, poses = identical_counts(rows)
     if known:  # session 42
-        same = sum(bool(r["identical"]) for r in known)
-        poses = sum(bool(r.get("same_poses")) for r in known)
         lines.append(
-            f"rankings identical (every plate and distance): {same} / {len(known)}; "
-            f"the same poses and pair count: {poses} / {len(known)}"
+            f"rankings identical (every plate and distance): {same} / {known}; "
+            f"the same poses and pair count: {poses} / {known}"
+        )
+    pairs = pair_medians(rows)
+    if pairs is not None:  # session 43
+        lines.append(
+            f"pairs per lookup, median: a {pairs['pairs_a']:.0f} (stage 1 {pairs['stage1_pairs_a']:.0f}), "
+            f"b {pairs['pairs_b']:.0f} (stage 1 {pairs['stage1_pairs_b']:.0f})"
         )
     passed = True
     if marks is not None:
@@ -437,6 +463,8 @@ def run(args) -> dict:
                 row[f"top10_{arm}"] = order[:10]
                 row[f"cpu_ms_{arm}"] = cpu
                 row[f"wall_ms_{arm}"] = wall
+                row[f"pairs_{arm}"] = getattr(found, "pairs", None)  # session 43: the work, in pairs
+                row[f"stage1_pairs_{arm}"] = getattr(found, "stage1_pairs", None)
                 if getattr(found, "quarter_open", None) is not None:  # quarter_gate (session 41)
                     reading = found.quarter_reading  # NaN (too little shared tissue) written as null
                     row[f"quarter_reading_{arm}"] = None if reading != reading else reading

@@ -178,6 +178,19 @@ def _fake_run(monkeypatch, tmp_path, argv):
     return calls[2:], json.loads(out.read_text())["rows"]  # calls[:2]: the untimed warm-up
 
 
+def _one_row(monkeypatch, tmp_path, lookup, case: str, contrast: str, section: int) -> dict:
+    """The row of a run of the fake lookup class ``lookup`` (arms "A" and "B") on one section."""
+    calls = []
+    monkeypatch.setattr(AP, "_load", lambda path: lookup(path, calls))
+    q = {"image": None, "contrast": contrast, "plate": 4}
+    monkeypatch.setattr(AP, "sections_of", lambda seed, stain: [(case, k, q) for k in range(60)])
+    out = tmp_path / "one.json"
+    argv = ["run", str(out), "--index", "A", "--index-b", "B", "--seeds", "5", "--sections", str(section)]
+    assert AP.main(argv) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    return row
+
+
 def test_run_alternates_the_arms_on_the_place_in_the_run(monkeypatch, tmp_path):
     # even flat indexes only: the order alternates all the same (it was a first on each, review 1)
     calls, rows = _fake_run(monkeypatch, tmp_path, ["--seeds", "5", "--sections", "0,2,4,6"])
@@ -304,15 +317,7 @@ def test_run_records_the_quarter_gates_reading_where_an_arm_has_it(monkeypatch, 
                 return SimpleNamespace(**vars(found), quarter_reading=-0.4, quarter_open=False)
             return SimpleNamespace(**vars(found), quarter_reading=None, quarter_open=None)
 
-    calls = []
-    monkeypatch.setattr(AP, "_load", lambda path: Gated(path, calls))
-    q = {"image": None, "contrast": "fluorescence", "plate": 4}
-    monkeypatch.setattr(AP, "sections_of", lambda seed, stain: [("contrast", k, q) for k in range(60)])
-    out = tmp_path / "run.json"
-    assert (
-        AP.main(["run", str(out), "--index", "A", "--index-b", "B", "--seeds", "5", "--sections", "3"]) == 0
-    )
-    (row,) = json.loads(out.read_text())["rows"]
+    row = _one_row(monkeypatch, tmp_path, Gated, "contrast", "fluorescence", 3)
     assert (row["quarter_reading_b"], row["quarter_open_b"]) == (-0.4, False)
     assert "quarter_reading_a" not in row and "quarter_open_a" not in row
 
@@ -355,3 +360,43 @@ def test_identical_and_cpu_ratio_marks_by_hand(monkeypatch, tmp_path):
     )
     row = json.loads(out.read_text())["rows"][0]
     assert row["identical"] is False and row["rank_a"] == row["rank_b"]
+
+
+def test_identical_counted_once_and_pairs_recorded(monkeypatch, tmp_path):
+    """Session 43: one count of the identical rankings for the marks and the table (rows without the
+    key not counted as known; a mark needs every row known), and a run records each arm's pairs, all
+    and stage 1's, whose medians the table prints."""
+    rows = _rows([(0, 0), (1, 1), (2, 2)])
+    rows[0].update(identical=True, same_poses=True)
+    rows[1].update(identical=True, same_poses=False)
+    assert AP.identical_counts(rows) == (2, 2, 1)
+    got = {n: (ok, what) for n, ok, what in AP.apply_marks(rows, {"identical": 0.5})}
+    assert got["rankings identical on at least 50%"] == (False, "2 / 3")  # a row does not record it
+    text, _ = AP.report(rows)
+    assert (
+        "rankings identical (every plate and distance): 2 / 2; the same poses and pair count: 1 / 2" in text
+    )
+    assert AP.pair_medians(rows) is None and "pairs per lookup" not in text
+    for r, (pa, pb) in zip(rows, ((900, 600), (1000, 700), (1100, 500)), strict=True):
+        r.update(pairs_a=pa, pairs_b=pb, stage1_pairs_a=pa // 2, stage1_pairs_b=pb // 4)
+    assert AP.pair_medians(rows) == {
+        "pairs_a": 1000,
+        "pairs_b": 600,
+        "stage1_pairs_a": 500,
+        "stage1_pairs_b": 150,
+    }
+    assert "pairs per lookup, median: a 1000 (stage 1 500), b 600 (stage 1 150)" in AP.report(rows)[0]
+
+    class _Counted(_FakeLookup):
+        def search_poses(self, image, options):
+            found = super().search_poses(image, options)
+            found.pairs, found.stage1_pairs = (900, 600) if self.name == "A" else (700, 400)
+            return found
+
+    row = _one_row(monkeypatch, tmp_path, _Counted, "straight", "nissl", 0)
+    assert (row["pairs_a"], row["stage1_pairs_a"], row["pairs_b"], row["stage1_pairs_b"]) == (
+        900,
+        600,
+        700,
+        400,
+    )

@@ -111,46 +111,22 @@ class Pose:
     shifted: float | None = None
 
 
-def field(
-    image: np.ndarray, weight: np.ndarray, blur: float = 0.0, lean: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """(real, imaginary) double-angle normalised gradient field of ``image``, times ``weight``; with
-    ``blur`` > 0 the mean of that field and the field of ``image`` blurred by ``blur`` pixels (sigma).
-    ``lean`` (the ``lean`` rerank option, session 42): :func:`_field_lean`, the same values bit for bit
-    with fewer array passes (``weight`` must be >= 0, as every caller's is)."""
-    one = _field_lean if lean else _field
+def field(image: np.ndarray, weight: np.ndarray, blur: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(real, imaginary) double-angle normalised gradient field of ``image``, times ``weight`` (>= 0, as
+    every caller's is); with ``blur`` > 0 the mean of that field and the field of ``image`` blurred by
+    ``blur`` pixels (sigma)."""
     if blur > 0:
         smooth = cv2.GaussianBlur(np.ascontiguousarray(image, dtype=np.float32), (0, 0), blur)
-        (r0, i0), (r1, i1) = one(image, weight), one(smooth, weight)
+        (r0, i0), (r1, i1) = _field(image, weight), _field(smooth, weight)
         return 0.5 * (r0 + r1), 0.5 * (i0 + i1)
-    return one(image, weight)
+    return _field(image, weight)
 
 
 def _field(image: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    gy = cv2.Sobel(image, cv2.CV_32F, 0, 1, ksize=3)
-    gx = cv2.Sobel(image, cv2.CV_32F, 1, 0, ksize=3)
-    gx2, gy2 = gx * gx, gy * gy
-    mag2 = gx2 + gy2
-    inside = weight > 0
-    on = mag2[inside]
-    ref = 0.0
-    if on.size:  # 90th percentile of the magnitude (nearest rank)
-        ref = math.sqrt(float(np.partition(on, int(0.9 * (on.size - 1)))[int(0.9 * (on.size - 1))]))
-    eps2 = max((EDGE_EPS * ref) ** 2, 1e-12)
-    mag2 += np.float32(eps2)
-    scale = np.where(inside, weight / mag2, np.float32(0.0))
-    gx2 -= gy2
-    gx2 *= scale
-    gx *= 2
-    gx *= gy
-    gx *= scale
-    return gx2.astype(np.float32, copy=False), gx.astype(np.float32, copy=False)
-
-
-def _field_lean(image: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_field` bit for bit, with two array passes fewer: a boolean ``weight`` is its own
-    ``inside`` (no comparison), and ``weight / mag2`` is already 0 where ``weight`` is 0 (``mag2`` is
-    at least ``eps2`` > 0), so no ``np.where`` (session 42, the ``lean`` rerank option)."""
+    """:func:`field` without the blur. A boolean ``weight`` is its own inside (no comparison), and
+    ``weight / mag2`` is already 0 where ``weight`` is (``mag2`` is at least ``eps2`` > 0), so no
+    ``np.where`` (session 42's ``lean``, the one path since session 43: the values of the field before
+    session 42 bit for bit, with two array passes fewer)."""
     gy = cv2.Sobel(image, cv2.CV_32F, 0, 1, ksize=3)
     gx = cv2.Sobel(image, cv2.CV_32F, 1, 0, ksize=3)
     gx2, gy2 = gx * gx, gy * gy
@@ -162,7 +138,7 @@ def _field_lean(image: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.n
         k = int(0.9 * (on.size - 1))
         ref = math.sqrt(float(np.partition(on, k)[k]))
     mag2 += np.float32(max((EDGE_EPS * ref) ** 2, 1e-12))
-    scale = weight / mag2  # numpy's promotion, as _field's
+    scale = weight / mag2  # numpy's promotion
     gx2 -= gy2
     gx2 *= scale
     gx *= 2
@@ -352,17 +328,16 @@ class Correlator:
         return self.fft(np.stack(parts)), energy, float(mask.sum())
 
     def slice(self, re: np.ndarray, im: np.ndarray, mask: np.ndarray) -> torch.Tensor:
-        """FFTs of an atlas slice: field parts, field energy per pixel, tissue mask."""
-        return self.slices([(re, im, mask)])[0]
-
-    def slices(self, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> torch.Tensor:
-        """:meth:`slice` of several slices ``(re, im, mask)`` at once: (N, 4, ...)."""
-        return self.fft(np.stack([np.stack([re, im, re * re + im * im, mask]) for re, im, mask in parts]))
+        """FFTs of an atlas slice: field parts, field energy per pixel, tissue mask (:meth:`slices_into`
+        of one slice)."""
+        stack = np.empty((1, 4, *np.shape(re)), dtype=np.float32)
+        stack[0, 0], stack[0, 1], stack[0, 3] = re, im, mask
+        return self.slices_into(stack)[0]
 
     def slices_into(self, stack: np.ndarray) -> torch.Tensor:
-        """:meth:`slices` of a float32 stack (N, 4, ...) whose channels 0, 1 and 3 hold each slice's
-        field parts and tissue mask: channel 2 (the field energy) is written in place, then the FFTs;
-        the same values as :meth:`slices` without its copies (session 42, the ``lean`` rerank option)."""
+        """:meth:`slice` of several slices at once: a float32 stack (N, 4, ...) whose channels 0, 1 and 3
+        hold each slice's field parts and tissue mask; channel 2 (the field energy) is written in place,
+        then the FFTs (N, 4, ...) (session 42's ``lean``; since session 43 the only way)."""
         energy = stack[:, 2]
         np.multiply(stack[:, 0], stack[:, 0], out=energy)
         energy += stack[:, 1] * stack[:, 1]
@@ -378,7 +353,6 @@ class Correlator:
         outside: float = 0.0,
         free: float = 0.0,
         plain: bool = False,
-        lean: bool = False,
     ):
         """Best score and its flat shift index of every pair of section variants ``fa`` (R, 3, ...)
         (field energies ``ea``, tissue areas ``na``, (R,)) and atlas slices ``fb`` (C, 4, ...): (C, R).
@@ -386,8 +360,8 @@ class Correlator:
         (areas ``nr``, (R,)), and a score loses ``outside`` times the share of that band lying on the
         atlas's tissue (:data:`OUTSIDE_RING`); with ``free`` > 0 only the share above ``free`` counts,
         scaled to reach ``outside`` at a share of 1. With ``plain`` also the score without the band at
-        each best shift (C, R) (the score itself without ``outside``). ``lean`` (session 42): the field's
-        second product added in place (``addcmul_``, the same values bit for bit, no temporary)."""
+        each best shift (C, R) (the score itself without ``outside``). The field's second spectral product is
+        added in place (``addcmul_``; session 42's ``lean``, the same values bit for bit, no temporary)."""
         ring = outside > 0
         # the spectra of the field's correlation (real and imaginary parts summed), the field energy
         # under the section's mask, the tissue overlap (and the band's), each product written in
@@ -398,10 +372,7 @@ class Correlator:
         pairs = ((2, 2), (2, 3), (3, 3)) if ring else ((2, 2), (2, 3))
         spec = torch.empty((fb.shape[0], fa.shape[0], 1 + len(pairs), *fa.shape[-2:]), dtype=fa.dtype)
         torch.mul(ca[:, :, 1], fb[:, :, 1], out=spec[:, :, 0])
-        if lean:
-            spec[:, :, 0].addcmul_(ca[:, :, 0], fb[:, :, 0])
-        else:
-            spec[:, :, 0] += ca[:, :, 0] * fb[:, :, 0]
+        spec[:, :, 0].addcmul_(ca[:, :, 0], fb[:, :, 0])
         for k, (i, j) in enumerate(pairs, 1):
             torch.mul(ca[:, :, i], fb[:, :, j], out=spec[:, :, k])
         # the 2D inverse as two 1D ones, the second only on the rows of searched shifts (the same
@@ -616,8 +587,9 @@ class Cut:
     step: float
     #: ``step`` times ``sqrt(aspect)`` along the rows and divided by it along the columns
     aspect: float = 1.0
-    #: what the cut was made from, where a lean grid (:class:`SectionGrid`'s ``lean``) memoised it:
-    #: its scores against a section variant are memoised under it too (None: not memoised)
+    #: what the cut was made from, where its :class:`SectionGrid` memoised it: its scores against a
+    #: section variant are memoised under it too (None: not memoised: a stage-1 plate cut, cached by
+    #: its :class:`AtlasGrid` across sections instead)
     key: tuple | None = None
 
     @property
@@ -643,15 +615,11 @@ class SectionGrid:
         outside: float = 0.0,
         spare: np.ndarray | None = None,
         free: float = 0.0,
-        lean: bool = False,
     ):
         self.grey, self.mask = grey, mask
-        #: the ``lean`` rerank option (session 42): the same cuts, scores and poses bit for bit with
-        #: less work: fields with fewer array passes (:func:`_field_lean`), a cut's channels written
-        #: into one stack (:meth:`Correlator.slices_into`), every oblique cut and every plate cut
-        #: through a given atlas point made once per grid (:attr:`Cut.key`), and every pair of a
-        #: memoised cut and a section variant correlated once per grid (:meth:`score`)
-        self.lean = bool(lean)
+        # session 42's ``lean`` (the one path since session 43): every oblique cut and every plate cut
+        # through a given atlas point made once per grid (:attr:`Cut.key`), and every pair of a memoised
+        # cut and a section variant correlated once per grid (:meth:`score`)
         self._cut_memo: dict[tuple, Cut] = {}
         self._pair_memo: dict[tuple, tuple[float, int, float]] = {}
         #: ``blur`` of :func:`field` (grid pixels) for the section and the atlas cuts
@@ -697,7 +665,7 @@ class SectionGrid:
                     )
                 ] = 0
             fft, energy, area = self.corr.section(
-                *field(img, section_weight(msk), self.blur, self.lean), msk.astype(np.float32), ring
+                *field(img, section_weight(msk), self.blur), msk.astype(np.float32), ring
             )
             self._variants[key] = (fft, energy, area, 0.0 if ring is None else float(ring.sum()))
         return self._variants[key]
@@ -727,19 +695,17 @@ class SectionGrid:
         key = (self.canvas, self.corr.pad, int(z), round(step, 9), self.blur) if cached else None
         pivot = atlas.centres[z] if pivot is None else np.asarray(pivot, dtype=np.float64)
         memo = None
-        if self.lean and key is None:  # a cut through a given atlas point: made once per grid
+        if key is None:  # a cut through a given atlas point: made once per grid
             memo = ("plate", int(z), float(step), tuple(pivot.tolist()), float(aspect))
             if memo in self._cut_memo:
                 return self._cut_memo[memo]
 
         def build():
             img, msk = self._plate_pixels(atlas, z, step, pivot, aspect)
-            if self.lean:
-                stack = np.empty((1, 4, *img.shape), dtype=np.float32)
-                stack[0, 0], stack[0, 1] = field(img, dilate(msk), self.blur, True)
-                stack[0, 3] = msk
-                return self.corr.slices_into(stack)[0]
-            return self.corr.slice(*field(img, dilate(msk), self.blur), msk.astype(np.float32))
+            stack = np.empty((1, 4, *img.shape), dtype=np.float32)
+            stack[0, 0], stack[0, 1] = field(img, dilate(msk), self.blur)
+            stack[0, 3] = msk
+            return self.corr.slices_into(stack)[0]
 
         fft = build() if key is None else atlas.cached_cut(key, build)
         cut = Cut(fft, float(z), (0.0, 0.0), pivot, step, float(aspect), memo)
@@ -750,25 +716,13 @@ class SectionGrid:
     def oblique_cuts(self, atlas: AtlasGrid, specs, pivot, scale: float, aspect: float = 1.0) -> list[Cut]:
         """Cuts of the volume, one per ``(z, tilt)`` of ``specs``: tilted by ``tilt`` through plate
         pixel ``pivot`` at plate position ``z`` (the canvas centre), at ``scale`` section pixels per
-        plate pixel (voxels as cubes; ``aspect``: see :class:`Cut`); sampled together (trilinear)."""
+        plate pixel (voxels as cubes; ``aspect``: see :class:`Cut`). Each cut is made once per grid
+        (:attr:`Cut.key`): those not made yet are sampled together (trilinear), their fields written into
+        one stack and transformed at once (each plane is sampled, and each slice transformed, on its own:
+        the values do not depend on the batch)."""
         if not specs:
             return []
         pivot = np.asarray(pivot, dtype=np.float64)
-        if self.lean:
-            return self._oblique_cuts_lean(atlas, specs, pivot, scale, aspect)
-        img, msk = self._sample(atlas, specs, pivot, scale, aspect)
-        ffts = self.corr.slices(
-            [(*field(i, dilate(m), self.blur), m.astype(np.float32)) for i, m in zip(img, msk > 0.5)]
-        )
-        return [
-            Cut(fft, float(z), (float(tilt[0]), float(tilt[1])), pivot, self.q / scale, float(aspect))
-            for fft, (z, tilt) in zip(ffts, specs, strict=True)
-        ]
-
-    def _oblique_cuts_lean(self, atlas: AtlasGrid, specs, pivot: np.ndarray, scale: float, aspect: float):
-        """:meth:`oblique_cuts` with each cut made once per grid (``lean``): the cuts not made yet are
-        sampled together, their fields written into one stack and transformed at once; the same
-        values as :meth:`oblique_cuts` (each plane is sampled, and each slice transformed, on its own)."""
         where = tuple(pivot.tolist())
         keys = [
             ("oblique", float(z), (float(t[0]), float(t[1])), where, float(scale), float(aspect))
@@ -780,7 +734,7 @@ class SectionGrid:
             inside = msk > 0.5
             stack = np.empty((len(todo), 4, *img.shape[1:]), dtype=np.float32)
             for j in range(len(todo)):
-                stack[j, 0], stack[j, 1] = field(img[j], dilate(inside[j]), self.blur, True)
+                stack[j, 0], stack[j, 1] = field(img[j], dilate(inside[j]), self.blur)
                 stack[j, 3] = inside[j]
             ffts = self.corr.slices_into(stack)
             step = self.q / scale
@@ -906,10 +860,7 @@ class SectionGrid:
         ``best_per_cut_z`` only the best pose of each cut position ``z``, in first-seen order)."""
         if not pairs:
             return []
-        if self.lean:
-            values, indices, plains = self._scores_lean(pairs)
-        else:
-            values, indices, plains = self._scores(pairs)
+        values, indices, plains = self._scores(pairs)
         keep = range(len(pairs))
         if best_per_cut_z:
             best: dict[float, int] = {}
@@ -930,22 +881,6 @@ class SectionGrid:
             for k in keep
         ]
 
-    def _scores(self, pairs: list) -> tuple[list, list, list]:
-        """Best score, its flat shift index and its score without the band, of each pair."""
-        rots = sorted({r for r, _, _ in pairs})
-        r_index = {r: i for i, r in enumerate(rots)}
-        cut_index: dict[int, int] = {}
-        ffts = []
-        for _, _, cut in pairs:
-            if id(cut) not in cut_index:
-                cut_index[id(cut)] = len(ffts)
-                ffts.append(cut.fft)
-        grid_values, grid_indices, grid_plain = self._grid(rots, ffts)
-        values = [grid_values[cut_index[id(c)]][r_index[r]] for r, _, c in pairs]
-        indices = [grid_indices[cut_index[id(c)]][r_index[r]] for r, _, c in pairs]
-        plains = [grid_plain[cut_index[id(c)]][r_index[r]] for r, _, c in pairs]
-        return values, indices, plains
-
     def _grid(self, rots: list[float], ffts: list[torch.Tensor]) -> tuple[list, list, list]:
         """Every cut ``ffts`` against every section variant turned by ``rots`` (pairs are nearly always
         that cross product): best scores, flat shift indexes and scores without the band, (cuts, rots)
@@ -956,29 +891,27 @@ class SectionGrid:
         na_all = torch.tensor([v[2] for v in variants], dtype=torch.float32)
         per = max(1, BATCH // len(rots))
         nr_all = torch.tensor([v[3] for v in variants], dtype=torch.float32)
-        stack = _stacked if self.lean else torch.stack
         parts = [
             self.corr.best(
                 fa_all,
                 ea_all,
                 na_all,
-                stack(ffts[b : b + per]),
+                _stacked(ffts[b : b + per]),
                 nr_all,
                 self.outside,
                 self.free,
                 True,
-                self.lean,
             )
             for b in range(0, len(ffts), per)
         ]
         return tuple(torch.cat([p[k] for p in parts]).tolist() for k in range(3))
 
-    def _scores_lean(self, pairs: list) -> tuple[list, list, list]:
-        """:meth:`_scores` with the pairs of memoised cuts (:attr:`Cut.key`) correlated once per grid:
-        the rotations and cuts of the pairs not scored yet are correlated as a cross product (as
-        :meth:`_scores`), every result of a memoised cut kept. A pair's result does not depend on the
-        batch it is correlated in (each product, transform and maximum is the pair's own), so these are
-        :meth:`_scores`' values bit for bit."""
+    def _scores(self, pairs: list) -> tuple[list, list, list]:
+        """Best score, its flat shift index and its score without the band, of each pair; the pairs of
+        memoised cuts (:attr:`Cut.key`) correlated once per grid: the rotations and cuts of the pairs not
+        scored yet are correlated as a cross product (:meth:`_grid`), every result of a memoised cut
+        kept. A pair's result does not depend on the batch it is correlated in (each product, transform
+        and maximum is the pair's own)."""
         memo = self._pair_memo
         todo = [(r, c) for r, _, c in pairs if c.key is None or (c.key, r) not in memo]
         found: dict[tuple, tuple] = {}

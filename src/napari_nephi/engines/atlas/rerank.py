@@ -277,13 +277,14 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   oblique 8 ranks 1 -> 20). Fresh query seeds 122-124 (180 sections, the rule written first): 2.650 ->
   2.644, Top-5 88.3 -> 87.8 %, 5 better / 5 worse, CPU -15.5 %, but seed 122 3.117 -> 3.233, over the
   pre-written limit of 0.10 for one seed: not a default. docs/atlas.md, "Session 32".
-* **Lean** (session 42, ``lean`` True; False: the code path before). The same search with less work,
-  every value bit for bit (:class:`.pose_grid.SectionGrid`'s ``lean``): the edge fields with two array
-  passes fewer, a
-  cut's channels written into one stack before its FFT, every oblique cut and every plate cut through
-  a given atlas point made once per section (about 9 % of them were made again: the same tilt, plate,
-  pivot and scale asked by another hypothesis, round or scan), every pair of such a cut and a section
-  variant correlated once, the field's second spectral product added in place, an oblique batch's
+* **Lean** (session 42; since session 43 the only code path, and the ``lean`` option does nothing:
+  True and False are accepted and recorded, as saved options and session 42's commands name it, and
+  both give the same search, whose results were the path before's bit for bit). The same search with
+  less work, every value bit for bit: the edge fields with two array passes fewer, a cut's channels
+  written into one stack before its FFT, every oblique cut and every plate cut through a given atlas point
+  made once per section (about 9 % of them were made again: the same tilt, plate, pivot and scale
+  asked by another hypothesis, round or scan), every pair of such a cut and a section variant
+  correlated once, the field's second spectral product added in place, an oblique batch's
   spectra taken as a view instead of stacked again. Development (query seed 5, 60 sections per
   index, load 10-12): rankings, poses and pair counts identical on 120 of 120, CPU per lookup
   per section b / a median 0.883 / 0.918 (index 0 / 1). Fresh query seeds 163 / 164 (the rule written
@@ -506,13 +507,10 @@ DEFAULTS = {
     # ... only where that pose is tilted by at most this many degrees about either axis (None: every
     # pose; 0: untilted poses alone, where a stretch cannot stand in for a tilt); an error without aspects
     "aspect_max_tilt": None,
-    # the same search with less work (pose_grid.SectionGrid's lean; session 42, the default since the
-    # lead's held-out reading; module docstring, "Lean"): fields with fewer array passes, each oblique cut
-    # and each plate cut through a given atlas point made once per section, each pair of such a cut and a
-    # section variant correlated once; the same poses, scores and ranking bit for bit, about 10 % less CPU
-    # per lookup; it holds the cuts it made until the search ends (36-60 MiB of spectra; a process's peak
-    # resident memory over 10 sections 539 -> 647 MiB, more than the memo holds, not traced) (False: the
-    # search's code path before session 42)
+    # session 42's "the same search with less work" (module docstring, "Lean"): the one code path since
+    # session 43, so this option does nothing; True and False are accepted (and recorded) because saved
+    # options and session 42's commands name it and both paths gave the same results bit for bit (the
+    # search holds the cuts it made until it ends: 36-60 MiB of spectra)
     "lean": True,
 }
 #: Options of a seeded search, for a first stage whose best plate lies within about 2 plates of the
@@ -722,7 +720,7 @@ def check_rerank_options(options: dict | None) -> dict:
                 "'aspects' lists ratios (e.g. [0.94, 0.97, 1.03, 1.06]); set aspects or leave "
                 "aspect_max_tilt None."
             )
-    out["lean"] = check_bool("lean", out["lean"])
+    out["lean"] = check_bool("lean", out["lean"])  # no effect since session 43 (DEFAULTS' comment)
     return out
 
 
@@ -770,6 +768,8 @@ class RerankResult:
     ranking: list[tuple[int, float]]
     poses: dict[int, Pose] = field(default_factory=dict)
     pairs: int = 0
+    #: of ``pairs``, those of stage 1 (its widening's included; session 43)
+    stage1_pairs: int = 0
     widened: bool = False
     widen_kept: bool = False
     options: dict = field(default_factory=dict)
@@ -862,7 +862,6 @@ class PoseSearch:
             options["edge_blur"],
             options["outside_weight"],
             **band,
-            lean=options["lean"],
         )
         shortlist = [int(p) for p, _ in order[: options["shortlist"]]]
         zs = _around(shortlist, options["neighbours"], self.n)
@@ -923,7 +922,6 @@ class PoseSearch:
             blur=options["edge_blur"],
             outside=options["outside_weight"],
             **band,
-            lean=options["lean"],
         )
         refine = _Refine(self.atlas(options["work_size"]), fine, options, progress)
         bests, own = _untilted_all(refine, hyps, options["own_plate_tilt"])
@@ -985,6 +983,7 @@ class PoseSearch:
             options["plain_reach"],
         )
         result.widened, result.widen_kept = widened, kept
+        result.stage1_pairs = pairs_done
         result.densified = densified
         result.routed = routed
         result.refined = refined
@@ -1134,7 +1133,6 @@ def coarse_grid(
     outside: float = 0.0,
     spare: np.ndarray | None = None,
     free: float = 0.0,
-    lean: bool = False,
 ) -> SectionGrid:
     """Stage 1's grid of a section: every shift that does not wrap around is searched (27 canvas
     pixels per axis at the default ``coarse_size`` 32, a 72-pixel FFT). A partial section whose tissue
@@ -1143,7 +1141,7 @@ def coarse_grid(
     poses, so a shorter reach loses such poses for good. Session 13 tried 19 pixels (a 64-pixel FFT,
     ~18 % less CPU, the same ranks on the phantom benchmark's sections) and went back: that saving was
     measured on the phantom alone."""
-    return SectionGrid(grey, mask, coarse_size, blur=blur, outside=outside, spare=spare, free=free, lean=lean)
+    return SectionGrid(grey, mask, coarse_size, blur=blur, outside=outside, spare=spare, free=free)
 
 
 class _Refine:
