@@ -2,7 +2,8 @@
 """Judge a NePhi candidate against the default on ``nephi_large.py`` JSON files (session 42, coarse_capture).
 
     python benchmarks/nephi_capture_judge.py fresh425.json fresh426.json rigid79_camera.json ...
-        [--before "NePhi fast"] [--after "NePhi cap16"] [--gain-cases " 4 %"] [--list]
+        [--before "NePhi fast"] [--after "NePhi cap16"] [--gain-cases " 4 %"] [--detj-target 0.05]
+        [--skip M4] [--list]
 
 Each argument is one group of rows, normally one process of ``nephi_large.py`` run with ``--nephi fast --nephi
 "cap16:coarse_capture=16"`` (both arms in every case, the default first unless ``--alternate-arms``); ``A.json+B.json`` joins
@@ -23,6 +24,12 @@ fresh runs):
 * M7 CPU: the sum of after's CPU seconds over all cases at most 1.10 x before's, no case above 1.30 x;
 * M8 peak memory: after <= before + 10 MiB on every case but the first of each group (whose first call, the
   default's, carries the process's warm-up).
+
+Session 43 (B, ``coarse_finer_gate``) adds, only where asked:
+
+* M9 (``--detj-target T``) rigid cases: after's det J within 1 +- T (the issue-13 target: T = 0.05), every rigid
+  case;
+* ``--skip M4`` (repeatable): a mark not part of the rule is printed ``not judged`` and left out of the verdict.
 
 Prints one line per case with the marks it fails, then each mark's verdict (``no case`` where no row is of its
 kind: M4 without a gain case, M6 without rigid rows; such a mark is not a pass) and ``PASS`` or ``FAIL``; exit
@@ -75,9 +82,12 @@ def _num(x) -> float:
     return float("nan") if x is None else float(x)
 
 
-def judge(entries: list[dict], gain_cases: str = " 4 %") -> tuple[list[str], dict[str, bool | None]]:
+def judge(
+    entries: list[dict], gain_cases: str = " 4 %", detj_target: float | None = None, skip=()
+) -> tuple[list[str], dict[str, bool | None]]:
     """Failures, one text per (case, mark), and each mark's verdict (True: passed, False: failed, None: no case
-    of its kind, M4 and M6)."""
+    of its kind, M4, M6 and M9). ``detj_target`` (None: no M9) is M9's bound; marks in ``skip`` are left out
+    (neither their failures nor their verdict)."""
     fails: list[str] = []
     gain_b = gain_a = 0.0
     cpu_b = cpu_a = 0.0
@@ -106,6 +116,10 @@ def judge(entries: list[dict], gain_cases: str = " 4 %") -> tuple[list[str], dic
                 fails.append(f"M6 {where}: |det J - 1| max {worst_b:.4f} -> {worst_a:.4f}")
             if not _num(a.get("ic_max")) <= _num(b.get("ic_max")) + 0.01:
                 fails.append(f"M6 {where}: IC max {b.get('ic_max')} -> {a.get('ic_max')}")
+            if detj_target is not None and not worst_a <= detj_target:
+                fails.append(
+                    f"M9 {where}: det J {a['jac_min']:.4f}..{a['jac_max']:.4f} outside 1 +- {detj_target}"
+                )
         for r, arm in ((b, "before"), (a, "after")):
             if r.get("folds_pct", 0.0) != 0.0:
                 fails.append(f"M5 {where}: {arm} folds {r['folds_pct']:.4f} %")
@@ -118,13 +132,19 @@ def judge(entries: list[dict], gain_cases: str = " 4 %") -> tuple[list[str], dic
         fails.append(f"M4: sum of whole EPE over{gain_cases} cases {gain_b:.4f} -> {gain_a:.4f}")
     if cpu_b > 0 and not cpu_a <= 1.10 * cpu_b:
         fails.append(f"M7: CPU sum {cpu_b:.1f} -> {cpu_a:.1f} s ({cpu_a / cpu_b:.3f}x)")
+    last = 9 if detj_target is not None else 8
+    fails = [f for f in fails if f.split()[0].rstrip(":") not in skip]
     marks: dict[str, bool | None] = {
-        f"M{k}": not any(f.startswith(f"M{k}") for f in fails) for k in range(1, 9)
+        f"M{k}": not any(f.split()[0].rstrip(":") == f"M{k}" for f in fails) for k in range(1, last + 1)
     }
     if gain_b == 0:
         marks["M4"] = None
     if not any("jac_min" in e["b"] for e in entries):
         marks["M6"] = None
+        if detj_target is not None:
+            marks["M9"] = None
+    for m in skip:
+        marks.pop(m, None)
     return fails, marks
 
 
@@ -141,6 +161,8 @@ def main() -> None:
     p.add_argument("--before", default="NePhi fast")
     p.add_argument("--after", default="NePhi cap16")
     p.add_argument("--gain-cases", default=" 4 %", help="M4's cases: names containing this")
+    p.add_argument("--detj-target", type=float, help="M9: after's det J within 1 +- this on every rigid case")
+    p.add_argument("--skip", action="append", default=[], help="a mark left out of the rule (repeatable)")
     p.add_argument("--list", action="store_true", help="print every pair's numbers")
     args = p.parse_args()
     entries = pairs(load_groups(args.files), args.before, args.after)
@@ -161,11 +183,14 @@ def main() -> None:
             cpu = f"{b['cpu_seconds']:.1f} -> {a['cpu_seconds']:.1f}"
             peak = f"{b['peak_mib']:.0f} -> {a['peak_mib']:.0f}"
             print(f"| {e['group']} | {e['case']} | {' | '.join(cells)} | {jac} | {ic} | {cpu} | {peak} |")
-    fails, marks = judge(entries, args.gain_cases)
+    fails, marks = judge(entries, args.gain_cases, args.detj_target, tuple(args.skip))
     for f in fails:
         print("fail", f)
     words = {True: "pass", False: "FAIL", None: "no case"}
-    print(" ".join(f"{m} {words[ok]}" for m, ok in marks.items()))
+    print(
+        " ".join(f"{m} {words[ok]}" for m, ok in marks.items())
+        + "".join(f" {m} not judged" for m in args.skip)
+    )
     ratio = cpu_ratio_without_first(entries)
     if ratio is not None:
         print(f"CPU ratio without each group's first case (not a mark): {ratio:.3f}")

@@ -423,6 +423,21 @@ def gate_text(gate: dict | None) -> str:
     return f"  neural gate RMS {gate['rms']:.3f}{blur} ({'ran' if gate['ran'] else 'skipped'})"
 
 
+def finer_gate(label: str, extra) -> dict | None:
+    """NePhi's opt-in ``coarse_finer_gate`` (session 43): the RMS of det J - 1 of the map before the coarse
+    stage's finer-knot level and whether that level ran (None: no gate)."""
+    m = extra.metrics if label.startswith("NePhi") else {}
+    return (
+        None
+        if "coarse_finer_detj_rms" not in m
+        else dict(rms=m["coarse_finer_detj_rms"], kept=m["coarse_finer_kept"])
+    )
+
+
+def finer_text(gate: dict | None) -> str:
+    return "" if not gate else f"  finer gate {gate['rms']:.4f} ({'ran' if gate['kept'] else 'skipped'})"
+
+
 def warm_up() -> None:
     """One small NePhi registration (``--warmup``): the camera at 64 x 64 against itself shifted by a pixel."""
     from skimage import data
@@ -579,13 +594,14 @@ def main() -> None:
                 load=load0,
             )
             gate = row["neural_3d_gate"] = neural_gate(label, extra)
+            row["finer_gate"] = finer_gate(label, extra)
             if label.startswith("NePhi"):
                 row.update(switches)
             rows.append(row)
             print(
                 f"  {label:34s} EPE {row['epe']:.3f}  textured {row['epe_textured']:.3f}  textureless "
                 f"{row['epe_textureless']:.3f}  folds {row['folds_pct']:.3f}%  CPU {row['cpu_seconds']:6.1f} s  "
-                f"{row['peak_mib']:5.0f} MiB  load {load0:.1f}{gate_text(gate)}",
+                f"{row['peak_mib']:5.0f} MiB  load {load0:.1f}{gate_text(gate)}{finer_text(row['finer_gate'])}",
                 flush=True,
             )
     if not args.no_global:
@@ -629,7 +645,7 @@ def main() -> None:
                     row.update(blur_spread=extra.metrics.get("coarse_blur_gate_spread"))
                     # the default global stage's basin guard (session 24): judged, and which map was kept
                     row.update(initial_basin=extra.metrics.get("initial_basin"))
-                    row.update(neural_3d_gate=neural_gate(label, extra))
+                    row.update(neural_3d_gate=neural_gate(label, extra), finer_gate=finer_gate(label, extra))
                     row.update(switches)
                 rows.append(row)
                 ic_text = (
@@ -640,7 +656,7 @@ def main() -> None:
                 if row.get("initial_basin"):
                     ib = row["initial_basin"]
                     ic_text += f"  basin {'judged, ' if ib['judged'] else ''}{ib['kept']} kept ({ib['difference']:.1f} px)"
-                ic_text += gate_text(row.get("neural_3d_gate"))
+                ic_text += gate_text(row.get("neural_3d_gate")) + finer_text(row.get("finer_gate"))
                 print(
                     f"  {label:34s} EPE {row['epe']:.3f}  det J {row['jac_min']:.3f}..{row['jac_max']:.3f}"
                     f"{ic_text}  CPU {row['cpu_seconds']:6.1f} s",

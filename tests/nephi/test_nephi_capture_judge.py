@@ -101,3 +101,33 @@ def test_nephi_large_alternates_nephi_arms_only_when_asked():
     assert NL.arm_order(runs, 2, 0, True) == runs
     assert NL.arm_order(runs, 2, 1, True) == ["cap16", "fast", "elastix", "ants"]  # peers keep their place
     assert NL.arm_order(runs, 1, 1, True) == runs
+
+
+def test_m9_holds_the_candidates_det_j_to_the_target_and_skipped_marks_are_left_out():
+    """Session 43: ``detj_target`` adds M9 (after's det J within 1 +- T on every rigid case); ``skip`` drops a
+    mark not in the rule from the failures and the verdicts."""
+    rigid = dict(jac_min=0.874, jac_max=1.090, ic_max=0.014)
+    rows = [
+        _row("camera rigid 79.0 shift", "NePhi fast", 0.051, **rigid),
+        _row(
+            "camera rigid 79.0 shift", "NePhi cap16", 0.047, **{**rigid, "jac_min": 0.985, "jac_max": 1.012}
+        ),
+        _row("camera rigid 79.1 rotation", "NePhi fast", 0.035, **rigid),
+        _row(
+            "camera rigid 79.1 rotation",
+            "NePhi cap16",
+            0.035,
+            **{**rigid, "jac_min": 0.960, "jac_max": 1.051},
+        ),
+        _row("ihc 4 %", "NePhi fast", 0.2),
+        _row("ihc 4 %", "NePhi cap16", 0.2),  # no 4 % gain: M4 fails unless skipped
+    ]
+    entries = CJ.pairs([("g", rows)], "NePhi fast", "NePhi cap16")
+    fails, marks = CJ.judge(entries, detj_target=0.05)
+    assert marks["M9"] is False and marks["M4"] is False and marks["M6"] is True
+    assert [f for f in fails if f.startswith("M9")] == [
+        "M9 g / camera rigid 79.1 rotation: det J 0.9600..1.0510 outside 1 +- 0.05"
+    ]
+    fails, marks = CJ.judge(entries, detj_target=0.06, skip=("M4",))
+    assert "M4" not in marks and marks["M9"] is True and fails == [] and all(marks.values())
+    assert "M9" not in CJ.judge(entries)[1]  # not asked: no M9

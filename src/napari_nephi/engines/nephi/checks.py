@@ -55,6 +55,7 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     "reg_weight": (0.0, 1e4, False),
     "coarse_reg_weight": (0.0, 1e4, False),
     "coarse_capture_gate": (0.0, 1.0, False),
+    "coarse_finer_gate": (0.0, 1.0, False),
     "cycle_weight": (0.0, 1e4, False),
     "latent_weight": (0.0, 1e4, False),
     "sample_fraction": (0.0, 1.0, True),

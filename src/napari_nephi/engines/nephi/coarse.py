@@ -110,6 +110,10 @@ class DenseMaps:
         #: ``first_gate``: the first level's RMS of det J - 1 and whether it was kept (None: no gate)
         self.first_gate_reading: float | None = None
         self.first_kept: bool | None = None
+        #: ``finer_gate``: RMS of det J - 1 of the map before the finer-knot level and whether that level
+        #: ran (None: no gate, or no finer-knot level)
+        self.finer_gate_reading: float | None = None
+        self.finer_kept: bool | None = None
         #: volumes: {"cubic": warp, "exact_area": bins} of the stage, "warp_blur": True or "all" where
         #: WARP_BLUR_3D ran (volume_sampling; None: 2D or none)
         self.volume_sampling: dict | None = None
@@ -600,6 +604,7 @@ def optimize_velocity(
     compare_on_warp_grid: bool = False,
     warp_blur: bool | str | None = None,
     first_gate: float | None = None,
+    finer_gate: float | None = None,
 ) -> DenseMaps:
     """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
 
@@ -688,6 +693,12 @@ def optimize_velocity(
     if it had not run, where the RMS of det J - 1 of its map (:func:`displacement_detj_rms`) is at most this
     (the engine's ``coarse_capture_gate``; the reading and whether it was kept: ``first_gate_reading``,
     ``first_kept``).
+    ``finer_gate`` (None: none): the finer-knot level does not run (its steps are not taken), and the stage
+    ends with the last grid's first level as without that level, where the RMS of det J - 1 of the map before
+    it (:func:`displacement_detj_rms`) is at most this (the engine's ``coarse_finer_gate``; the reading and
+    whether the level ran: ``finer_gate_reading``, ``finer_kept``). A near-rigid map there is the global
+    stage's shift or rotation, which leaves the 8 px knots of that level nothing to fit but the slide of a
+    straight edge between flat regions along itself (docs/nephi.md, "Session 43 (B)").
     """
     if learning_rate is None:
         learning_rate = COARSE_LEARNING_RATE
@@ -779,6 +790,9 @@ def optimize_velocity(
     held = None  # "once": the variances estimated at the first full-grid step, and the probes there
     spread = detj_rms = None  # "auto": the coarser levels' displacement spread (voxels), det J RMS
     first_reading = first_kept = None  # first_gate: the first level's det J RMS, whether it was kept
+    finer_reading = finer_kept = (
+        None  # finer_gate: the map's det J RMS before the finer level, whether it ran
+    )
     steps_run = 0  # the steps the levels ran (a level cut by max_levels or gated off runs none)
 
     def total(increment, shape):
@@ -797,6 +811,16 @@ def optimize_velocity(
             detj_rms = None if u_c is None else displacement_detj_rms(u_c, full)
             near_rigid = d == 2 and detj_rms is not None and detj_rms <= MATCH_BLUR_NEAR_RIGID
             blur_mode = "once" if near_rigid else None
+        if finer_gate is not None and finer and k == len(steps_per) - 1 and v is not None:
+            # near-rigid before the finer-knot level: it does not run (as a level gated off everywhere)
+            with torch.no_grad():
+                finer_reading = displacement_detj_rms(_integrate_xy(total(v, shape), steps), full)
+            finer_kept = finer_reading > finer_gate
+            if not finer_kept:
+                v = _resample(v, shape)
+                if on_level is not None:
+                    on_level(k, total(v, shape))
+                continue
         gate = None if gates is None or k >= len(gates) or gates[k] is None else gates[k]
         if gate is not None:
             gate = _resample(
@@ -959,4 +983,5 @@ def optimize_velocity(
     maps.flat_fill_info = fill_info
     maps.steps_run = steps_run
     maps.first_gate_reading, maps.first_kept = first_reading, first_kept
+    maps.finer_gate_reading, maps.finer_kept = finer_reading, finer_kept
     return maps

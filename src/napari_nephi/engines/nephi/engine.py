@@ -253,6 +253,7 @@ def register_nephi(
     coarse_finer_level: bool = True,
     coarse_capture: int = 0,
     coarse_capture_gate: float | None = None,
+    coarse_finer_gate: float | None = None,
     coarse_match_blur: bool | str | None = None,
     coarse_warp_blur: bool | str | None = None,
     coarse_flat_fill: bool = True,
@@ -342,6 +343,16 @@ def register_nephi(
     its map is at most this (0.02: :data:`.coarse.MATCH_BLUR_NEAR_RIGID`'s near-rigid bound), so a shift or
     rotation, which the global stage holds, is not moved by a fresh level
     (``metrics["coarse_capture_detj_rms"]`` and ``["coarse_capture_kept"]``).
+
+    ``coarse_finer_gate`` (None: none, the default; 2D ``optimize``, not chunked, with a coarse stage and its
+    finer-knot level): the finer-knot level does not run where the RMS of det J - 1 of the map before it is
+    at most this (0.02: :data:`.coarse.MATCH_BLUR_NEAR_RIGID`'s near-rigid bound), so a shift or rotation,
+    which the global stage holds, keeps the smoother map of the levels before it; elsewhere the stage is
+    the default's bit for bit. At 512 px the level's 8 px knots slid a straight edge between flat regions
+    along itself on the camera shifted by (1.00, -0.76) px (det J 0.874..1.090; without the level
+    0.985..1.012; docs/nephi.md, "Session 43 (B)"). Opt-in. Recorded in ``settings["coarse_finer_gate"]``;
+    ``metrics["coarse_finer_detj_rms"]`` and ``["coarse_finer_kept"]`` give the reading and whether the
+    level ran.
 
     ``coarse_match_blur`` (None: ``"auto"`` in optimize mode, the default since session 18, and off
     in predict+refine, measured when its coarse stage saw a pre-warped moving image (before session 28's
@@ -703,6 +714,14 @@ def register_nephi(
             coarse_spacings = level_spacings(fshape, shapes, spacings, finer)
             coarse_schedule = capture_schedule = [capture_steps, *coarse_schedule]
             coarse_label = f"coarse ({len(coarse_spacings)} level(s))"
+    if coarse_finer_gate is not None and not (
+        mode == "optimize" and d == 2 and not use_chunks and shapes and coarse_iterations > 0 and finer
+    ):
+        raise InputError(
+            "coarse_finer_gate gates the finer-knot level of the coarse stage of 2D images in "
+            "mode='optimize' (not chunked) with a coarse stage (levels > 1, coarse_iterations > 0) and "
+            "that level (coarse_finer_level=True, coarse_reg_weight > 0); leave it at None here."
+        )
     coarse_tail = cooldown_steps(coarse_cooldown, coarse_schedule[-1]) if coarse_schedule else 0
     coarse_steps = sum(coarse_schedule) + coarse_tail
     total = coarse_steps + refine + (1 if predicting else 0)
@@ -863,6 +882,8 @@ def register_nephi(
                     options["schedule"] = capture_schedule
                     if coarse_capture_gate is not None:  # kept only where its map is not near-rigid
                         options["first_gate"] = float(coarse_capture_gate)
+                if coarse_finer_gate is not None:  # the finer-knot level only where the map is not near-rigid
+                    options["finer_gate"] = float(coarse_finer_gate)
                 options.update(kw)
                 maps = optimize_velocity(
                     fix_t if fixed is None else fixed,
@@ -883,6 +904,7 @@ def register_nephi(
                 coarse_info["flat_fill_info"] = maps.flat_fill_info
                 coarse_info["steps_run"] = maps.steps_run
                 coarse_info["capture_gate"] = (maps.first_gate_reading, maps.first_kept)
+                coarse_info["finer_gate"] = (maps.finer_gate_reading, maps.finer_kept)
                 coarse_info["volume_sampling"] = maps.volume_sampling
                 return maps
 
@@ -1065,6 +1087,12 @@ def register_nephi(
     if capture_reading is not None:  # coarse_capture_gate: the capture level's reading, whether it was kept
         metrics["coarse_capture_detj_rms"] = round(capture_reading, 5)
         metrics["coarse_capture_kept"] = bool(capture_kept)
+    finer_reading, finer_kept = coarse_info.get("finer_gate", (None, None))
+    if (
+        finer_reading is not None
+    ):  # coarse_finer_gate: the reading before the finer-knot level, whether it ran
+        metrics["coarse_finer_detj_rms"] = round(finer_reading, 5)
+        metrics["coarse_finer_kept"] = bool(finer_kept)
     if neural_info:  # volumes: the coarse map's displacement RMS and whether the neural steps ran
         metrics["neural_3d_gate"] = neural_info
     if coarse_info.get("flat_share") is not None:  # the flat fill ran: share of the last grid filled
@@ -1157,6 +1185,8 @@ def register_nephi(
         "coarse_capture": capture_steps,
         # its map's RMS of det J - 1 up to which its velocity is dropped (None: kept whatever it reads)
         "coarse_capture_gate": coarse_capture_gate if capture_steps else None,
+        # the map's RMS of det J - 1 up to which the finer-knot level does not run (None: it runs)
+        "coarse_finer_gate": None if coarse_finer_gate is None else float(coarse_finer_gate),
         "coarse_flat_fill": bool(coarse_flat_fill),
         "coarse_flat_noisy": bool(coarse_flat_noisy),
         # the flat fill's texture threshold, RMS gradient per voxel (predict.refine_flat_gradient)
