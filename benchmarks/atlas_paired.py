@@ -54,7 +54,10 @@ difference not above zero by more than its SE, no case worse by more than 0.15) 
 difference below zero by more than its SE, no case worse by more than 0.3), or a JSON object with
 the keys ``mean_rank`` (``"not_higher"`` / ``"lower"``), ``top5`` (``"not_lower"``),
 ``better_than_worse`` (true), ``diff_se`` (``"not_above"`` / ``"below"``) and ``case_bound`` (a
-number). ``--fluorescence`` judges the fluorescence-like sections alone (``marker`` stains only
+number); session 42 added ``identical`` (share of sections) and ``cpu_ratio`` (per-section b / a, median),
+session 43 ``mean_rank_margin`` (b's pooled mean rank at most a's plus this) and ``top5_margin`` (b's
+Top-5 at least a's less this many sections), for a cheaper search allowed a stated loss.
+``--fluorescence`` judges the fluorescence-like sections alone (``marker`` stains only
 those; its Nissl-like sections are today's bit for bit, so a ``marker`` run over every section is
 the pooled reading). ``--cap N`` judges the ranks capped at ``N`` (a far miss counts as ``N``). The
 judge exits with status 1 when a mark fails (2 on a bad ``--marks`` or on files that do not belong
@@ -90,6 +93,8 @@ MARK_KEYS = {
     "case_bound": None,
     "identical": None,
     "cpu_ratio": None,
+    "mean_rank_margin": None,
+    "top5_margin": None,
 }
 
 
@@ -164,6 +169,15 @@ def apply_marks(rows: list[dict], marks) -> list[tuple[str, bool, str]]:
     if "top5" in marks:
         ok = c["b"]["top5"] >= c["a"]["top5"]
         out.append(("Top-5 not lower", ok, f"{c['a']['top5']} -> {c['b']['top5']} of {c['a']['n']}"))
+    if "mean_rank_margin" in marks:  # session 43: a cheaper search may cost at most this much rank
+        bound = float(marks["mean_rank_margin"])
+        ok = mb <= ma + bound + 1e-9
+        out.append((f"pooled mean rank not higher by more than {bound}", ok, f"{ma:.3f} -> {mb:.3f}"))
+    if "top5_margin" in marks:  # ... and at most this many sections out of the Top-5
+        bound = float(marks["top5_margin"])
+        ok = c["b"]["top5"] >= c["a"]["top5"] - bound
+        what = f"{c['a']['top5']} -> {c['b']['top5']} of {c['a']['n']}"
+        out.append((f"Top-5 not lower by more than {bound:g} sections", ok, what))
     if "better_than_worse" in marks:
         ok = c["better"] > c["worse"]
         out.append(("more better than worse", ok, f"{c['better']} better / {c['worse']} worse"))

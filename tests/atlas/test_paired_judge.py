@@ -400,3 +400,21 @@ def test_identical_counted_once_and_pairs_recorded(monkeypatch, tmp_path):
         700,
         400,
     )
+
+
+def test_margin_marks_allow_a_stated_loss_by_hand():
+    """Session 43: a cheaper search judged with a stated allowance: mean rank at most a's plus the
+    margin, Top-5 at most that many sections lower."""
+    rows = _rows([(0, 0), (1, 1), (4, 5), (3, 6), (2, 2)])  # mean 2.0 -> 2.8; Top-5 5 -> 3
+    got = {n: ok for n, ok, _ in AP.apply_marks(rows, {"mean_rank_margin": 0.8, "top5_margin": 2})}
+    assert got == {
+        "pooled mean rank not higher by more than 0.8": True,
+        "Top-5 not lower by more than 2 sections": True,
+    }
+    got = {n: ok for n, ok, _ in AP.apply_marks(rows, {"mean_rank_margin": 0.79, "top5_margin": 1})}
+    assert got == {
+        "pooled mean rank not higher by more than 0.79": False,
+        "Top-5 not lower by more than 1 sections": False,
+    }
+    with pytest.raises(ValueError, match="top5_margin"):
+        AP.check_marks({"top5_margin": -1})

@@ -277,6 +277,13 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   oblique 8 ranks 1 -> 20). Fresh query seeds 122-124 (180 sections, the rule written first): 2.650 ->
   2.644, Top-5 88.3 -> 87.8 %, 5 better / 5 worse, CPU -15.5 %, but seed 122 3.117 -> 3.233, over the
   pre-written limit of 0.10 for one seed: not a default. docs/atlas.md, "Session 32".
+* **Scales near the rotation-0 best** (session 43, opt-in ``stage1_scale_reach``: None, every scale,
+  the default). Stage 1's second pass (the other rotations of the plates the two-pass stage 1 keeps,
+  and of the refined sweep's) scores each plate only at the scales within that many ``scale_step``
+  steps of its rotation-0 best pose's scale (half a step of slack for the scale grid's rounding,
+  :func:`_near_scales`). Why: the scale says how large the section's anatomy is against the plate's,
+  and an in-plane turn of at most ``max_rotation`` does not change that; each plate's scales span
+  about 1.9x (7 steps of 1.1), so at 1 the second pass scores 3 of them. docs/atlas.md, "Session 43".
 * **Lean** (session 42; since session 43 the only code path, and the ``lean`` option does nothing:
   True and False are accepted and recorded, as saved options and session 42's commands name it, and
   both give the same search, whose results were the path before's bit for bit). The same search with
@@ -375,6 +382,11 @@ DEFAULTS = {
     # stage 2's weakest start among the plates scored so far (the anchors' plates always; module
     # docstring, "Two-pass stage 1"; about 15 % less CPU per lookup, the same ranks within noise)
     "stage1_prune": 0.05,
+    # ... and the second pass scores each plate only at the scales within this many scale_step steps of
+    # its rotation-0 best scale (None: every scale, the default; session 43, opt-in; an error without
+    # stage1_prune; module docstring, "Scales near the rotation-0 best"): an in-plane turn of at most
+    # max_rotation does not change how large the section's anatomy is against the plate's
+    "stage1_scale_reach": None,
     "coarse_size": 32,  # longest side (pixels) of a plate on the grid of stage 1
     "work_size": 56,  # ... and of stage 2
     "max_rotation": 15.0,  # in-plane rotation searched (degrees, either way)
@@ -635,6 +647,14 @@ def check_rerank_options(options: dict | None) -> dict:
         )
     if out["stage1_prune"] is not None:
         out["stage1_prune"] = check_float("stage1_prune", out["stage1_prune"], 0.0, 2.0)
+    if out["stage1_scale_reach"] is not None:
+        out["stage1_scale_reach"] = check_int("stage1_scale_reach", out["stage1_scale_reach"], 0, 20)
+        if out["stage1_prune"] is None:  # it would silently do nothing
+            raise InputError(
+                f"stage1_scale_reach ({out['stage1_scale_reach']!r}) limits the scales of stage 1's second "
+                "pass, which runs only with stage1_prune (e.g. 0.05, the default); set stage1_prune or leave "
+                "stage1_scale_reach None."
+            )
     out["coarse_size"] = check_int("coarse_size", out["coarse_size"], 16, 256)
     out["work_size"] = check_int("work_size", out["work_size"], 16, 256)
     out["max_rotation"] = check_float("max_rotation", out["max_rotation"], 0.0, 180.0)
@@ -1062,6 +1082,7 @@ def _pruned_stage1(coarse: SectionGrid, pairs: list, shortlist: list[int], optio
         return coarse.score(pairs, n, best_per_cut_z=True), pairs
     best = {p.z: p for p in coarse.score(zero, n, best_per_cut_z=True)}
     proxy = {z: p.score for z, p in best.items()}
+    rest = _near_scales(rest, best, options)
     ranked = sorted(proxy, key=lambda z: -proxy[z])  # stable: ties in the plates' order
     count = options["hypotheses"]
     want = {float(z) for z in shortlist[: options["anchors"]] if float(z) in proxy} | set(ranked[:count])
@@ -1108,11 +1129,30 @@ def _refine_sweep(
     starts = _distinct(first, options["hypotheses"], options["hypothesis_gap"])
     floor = starts[-1].score if len(starts) == options["hypotheses"] else -np.inf
     want = {z for z, p in found.items() if p.score + options["stage1_prune"] >= floor}
-    more = [p for p in pairs if p[0] != 0.0 and p[2].z in want]
+    rest: dict[float, list] = {}
+    for p in pairs:
+        if p[0] != 0.0 and p[2].z in want:
+            rest.setdefault(p[2].z, []).append(p)
+    more = [p for ps in _near_scales(rest, found, options).values() for p in ps]
     for pose in coarse.score(more, n, best_per_cut_z=True):
         if pose.score > found[pose.z].score:
             found[pose.z] = pose
     return list(found.values()), zero + more, extra
+
+
+def _near_scales(rest: dict[float, list], best: dict[float, Pose], options: dict) -> dict[float, list]:
+    """Stage 1's second-pass pairs ``rest`` (per plate position) at the scales within
+    ``stage1_scale_reach`` steps of ``scale_step`` of the plate's rotation-0 best pose in ``best``
+    (every pair where the option is None, or where a plate has no such pose): the section's anatomy is
+    as large against the plate at every in-plane turn the search tries (session 43, opt-in)."""
+    reach = options["stage1_scale_reach"]
+    if reach is None:
+        return rest
+    bound = (reach + 0.5) * math.log(options["scale_step"])  # half a step of slack: the grid's rounding
+    return {
+        z: [p for p in ps if z not in best or abs(math.log(p[1] / best[z].scale)) <= bound]
+        for z, ps in rest.items()
+    }
 
 
 def _refined(hyps: list[Pose], shortlist: list[int], options: dict) -> bool:
