@@ -16,6 +16,16 @@ It prints one line per copy (``1old: cpu 14.91 s, wall 63.54 s``) and the load a
 phase to ``<scratch>/cpu.jsonl``. The scratch folder is ``--scratch`` (default: a temporary folder, removed
 afterwards unless ``--keep``). Not a benchmark of the package; session 42's test cuts were timed with it
 (benchmarks/README.md, "Test time, paired").
+
+``--gc-freeze`` (session 43) compares the collector's state instead of two versions of the file: all four
+copies are the working tree's file; the new copies run with the objects of the collected session frozen
+(``gc.freeze`` once the tests are collected, as ``tests/conftest.py`` does since session 43), the old copies
+with them unfrozen (the plugin unfreezes before each of their tests and collects and freezes again after
+it, outside the timed phases). What an old copy's test leaves alive is frozen with the rest, so the new
+copies' frozen set is a little larger than a real session's: read the saving as an upper bound.
+
+    OMP_NUM_THREADS=1 nice -n 5 xvfb-run -a .venv/bin/python benchmarks/paired_test_time.py \\
+        tests/widgets/test_register_widget.py test_end_to_end_affine_run --gc-freeze
 """
 
 from __future__ import annotations
@@ -57,6 +67,23 @@ def _timed(phase):
 pytest_runtest_setup = _timed("setup")
 pytest_runtest_call = _timed("call")
 pytest_runtest_teardown = _timed("teardown")
+
+if os.environ.get("TEST_TIME_GC_FREEZE"):
+    import gc
+
+    def pytest_collection_finish(session):
+        gc.collect()
+        gc.freeze()
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        old = item.nodeid.split("::")[0].endswith("old.py")
+        if old:
+            gc.unfreeze()
+        yield
+        if old:
+            gc.collect()
+            gc.freeze()
 '''
 
 
@@ -68,8 +95,10 @@ def old_source(path: Path, rev: str) -> str:
     return done.stdout
 
 
-def build(scratch: Path, test_file: Path, rev: str) -> list[Path]:
-    """The scratch tree: every conftest.py under tests/, the file's folder, and the four copies."""
+def build(scratch: Path, test_file: Path, rev: str | None) -> list[Path]:
+    """The scratch tree: every conftest.py under tests/, the file's folder, and the four copies.
+
+    ``rev`` None: every copy is the working tree's file (``--gc-freeze``)."""
     tests = ROOT / "tests"
     for conf in tests.rglob("conftest.py"):
         target = scratch / conf.relative_to(ROOT)
@@ -81,7 +110,8 @@ def build(scratch: Path, test_file: Path, rev: str) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     for sibling in test_file.parent.glob("*.py"):  # modules the file imports from its folder
         shutil.copy(sibling, folder / sibling.name)
-    old, new = old_source(test_file, rev), test_file.read_text()
+    new = test_file.read_text()
+    old = new if rev is None else old_source(test_file, rev)
     copies = []
     for tag in ORDER:
         copy = folder / f"{test_file.stem}_{tag}.py"
@@ -111,15 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rev", default="HEAD", help="the revision of the old copies (default HEAD)")
     parser.add_argument("--scratch", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument(
+        "--gc-freeze", action="store_true", help="arms: the session's objects unfrozen (old) or frozen (new)"
+    )
     args = parser.parse_args(argv)
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="paired_test_time_"))
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        copies = build(scratch, args.test_file, args.rev)
+        copies = build(scratch, args.test_file, None if args.gc_freeze else args.rev)
         out = scratch / "cpu.jsonl"
         out.unlink(missing_ok=True)
         ids = [f"{copy.relative_to(scratch).as_posix()}::{name}" for copy in copies for name in args.tests]
         env = {**os.environ, "TEST_TIME_OUT": str(out), "PYTHONPATH": str(scratch)}
+        if args.gc_freeze:
+            env["TEST_TIME_GC_FREEZE"] = "1"
         cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "timing_plugin", "-q"]
         cmd += ["-c", str(scratch / "pyproject.toml"), "--rootdir", str(scratch), *ids]
         done = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True)

@@ -23,3 +23,12 @@ def test_the_summary_adds_the_phases_of_each_copy():
         {"id": "tests/x/test_a_2new.py::t[p]", "phase": "call", "cpu": 0.25, "wall": 0.5},
     ]
     assert TP.summarise(rows) == {"1old": (1.5, 3.0), "2new": (0.25, 0.5)}
+
+
+def test_gc_freeze_arms_run_the_working_trees_file_in_every_copy(tmp_path):
+    """``--gc-freeze``: the arms differ by the collector's state, so all four copies are the same file."""
+    source = TP.ROOT / "tests" / "test_code_state.py"
+    copies = TP.build(tmp_path, source, None)
+    assert {c.read_text() for c in copies} == {source.read_text()}
+    plugin = (tmp_path / "timing_plugin.py").read_text()
+    assert 'os.environ.get("TEST_TIME_GC_FREEZE")' in plugin and "gc.unfreeze()" in plugin

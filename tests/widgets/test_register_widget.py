@@ -184,7 +184,7 @@ def test_result_layers_adopt_an_existing_layer(make_napari_viewer, qtbot):
     np.testing.assert_array_equal(warped.data, data)
 
 
-def test_remove_layer_leaves_the_collector_as_it_was(make_napari_viewer):
+def test_remove_layer_leaves_the_collector_as_it_was(gc_unfrozen, make_napari_viewer):
     import gc
 
     from napari_nephi.widgets._results import remove_layer
@@ -414,7 +414,7 @@ def test_cancel_before_the_worker_starts(make_napari_viewer, qtbot, pair, errors
     assert widget.run_button.isEnabled() and errors == []
 
 
-def test_preview_and_loss_curve(make_napari_viewer, qtbot, pair, errors, monkeypatch):
+def test_preview_and_loss_curve(gc_unfrozen, make_napari_viewer, qtbot, pair, errors, monkeypatch):
     fixed, moving, _ = pair
     viewer = make_napari_viewer()
     viewer.add_image(fixed, name="fixed", scale=(2.0, 2.0))
@@ -665,7 +665,7 @@ def test_buttons_follow_the_run_state_and_a_run_after_cancel_works(
     assert errors == []
 
 
-def test_closing_the_viewer_mid_run_is_safe(make_napari_viewer, qtbot, pair, endless):
+def test_closing_the_viewer_mid_run_is_safe(gc_unfrozen, make_napari_viewer, qtbot, pair, endless):
     """Closing napari while a run is on deletes the widget, which cancels the run; nothing is left."""
     import gc
 
