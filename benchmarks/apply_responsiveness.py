@@ -1,0 +1,104 @@
+"""Longest GUI-thread stall while the register widget applies a saved transform to a volume (session 43).
+
+    OMP_NUM_THREADS=1 nice -n 5 xvfb-run -a python benchmarks/apply_responsiveness.py [--size 160]
+
+A QTimer ticks every 10 ms on the GUI thread; the longest gap between two ticks is the longest time napari
+could not respond. Two arms in one process, alternating (sync, worker, worker, sync per round):
+
+- ``sync``: what "Apply saved transform" did before session 43, on napari's thread: ``t.warp`` of the
+  layer's data, then ``viewer.add_image``.
+- ``worker``: ``RegisterWidget.apply_transform(folder, layer=...)``, which warps in a worker thread while
+  the event loop runs (its ``wait=True`` form spins it until the layer is in).
+
+The transform is a smooth random displacement field of ``--size``^3 voxels (up to 3 voxels), the image
+a float32 volume of the same size. Prints, per arm and round, the wall seconds of the apply and the
+longest gap, and checks that both arms give the same array. Not a test; the numbers are quoted in
+docs/register_widget.md ("Session 43").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", type=int, default=160)
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+
+    import napari
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from napari_nephi.core import DisplacementTransform, load_transform
+    from napari_nephi.synthetic.deformation import random_smooth_displacement
+    from napari_nephi.widgets import RegisterWidget
+
+    shape = (args.size,) * 3
+    rng = np.random.default_rng(0)
+    volume = rng.random(shape, dtype=np.float32)
+    u = random_smooth_displacement(shape, 3.0, args.size / 4, seed=1)
+    folder = Path(tempfile.mkdtemp(prefix="apply_responsiveness_")) / "t"
+    DisplacementTransform(u).save(folder)
+
+    viewer = napari.Viewer(show=True)
+    layer = viewer.add_image(volume, name="volume")
+    widget = RegisterWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    app = QApplication.instance()
+    for _ in range(100):  # let the window and the widget's warm-up settle
+        app.processEvents()
+        time.sleep(0.01)
+
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+
+    def sync():
+        t = load_transform(folder)
+        return viewer.add_image(t.warp(np.asarray(layer.data)), name="volume (sync)", scale=t.spacing)
+
+    def worker():
+        return widget.apply_transform(folder, layer=layer)
+
+    results = {}
+    print(f"load average {os.getloadavg()[0]:.2f}; volume {shape}")
+    for r in range(args.rounds):
+        for arm, run in (("sync", sync), ("worker", worker), ("worker", worker), ("sync", sync)):
+            ticks.clear()
+            timer.start()
+            for _ in range(5):
+                app.processEvents()
+                time.sleep(0.01)
+            start = time.perf_counter()
+            new = run()
+            seconds = time.perf_counter() - start
+            for _ in range(5):
+                app.processEvents()
+                time.sleep(0.01)
+            timer.stop()
+            gaps = np.diff(ticks) if len(ticks) > 1 else np.array([seconds])
+            # a run that never gave the loop back leaves no tick inside it: its gap is the whole run
+            longest = max(float(gaps.max()), seconds if len(ticks) < 3 else 0.0)
+            print(
+                f"round {r} {arm:6s}: {seconds:6.2f} s, longest GUI gap {1000 * longest:7.0f} ms", flush=True
+            )
+            results.setdefault(arm, new.data)
+            new.visible = (
+                False  # kept: removing a layer here crashed software OpenGL under Xvfb (draw after removal)
+            )
+    same = np.array_equal(results["sync"], results["worker"])
+    print(f"same array in both arms: {same}")
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
