@@ -54,7 +54,11 @@ def _inner_error(disp, u) -> float:
     return float(np.linalg.norm(disp[INNER] - u[INNER], axis=0).mean())
 
 
-@pytest.mark.parametrize("mode, options", [("predict+refine", {}), ("optimize", {"iterations": 0})])
+# optimize: 50 coarse steps a level instead of the preset's 100 (session 43, half the CPU). Endpoint errors
+# without / with the fixed / with the moving mask: 2.715 / 0.107 / 0.198 px (at 100: 2.880 / 0.097 / 0.261)
+@pytest.mark.parametrize(
+    "mode, options", [("predict+refine", {}), ("optimize", {"iterations": 0, "coarse_iterations": 50})]
+)
 def test_masks_keep_unrelated_texture_out_of_the_coarse_stage(half_replaced_pair, mode, options):
     fixed, moving, u = (half_replaced_pair[k] for k in ("fixed", "moving", "u"))
     fixed_mask, moving_mask = half_replaced_pair["masks"]
