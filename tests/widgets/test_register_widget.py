@@ -479,7 +479,7 @@ def test_nephi_widget_end_to_end(make_napari_viewer, qtbot, errors):
     widget.fixed.set_layer(viewer.layers["fixed (T&C)"])
     widget.moving.set_layer(viewer.layers["moving (T&C)"])
     widget.moving_labels.set_layer(viewer.layers["moving labels (T&C)"])
-    widget.options.iterations.setValue(60)
+    widget.options.iterations.setValue(20)  # 60 until session 43: NCC 0.948 -> 1.000 and no folds either way
     widget.options.levels.setValue(2)
     _run(widget, qtbot)
     assert errors == []
