@@ -329,7 +329,8 @@ class Correlator:
 
     def slice(self, re: np.ndarray, im: np.ndarray, mask: np.ndarray) -> torch.Tensor:
         """FFTs of an atlas slice: field parts, field energy per pixel, tissue mask (:meth:`slices_into`
-        of one slice)."""
+        of one slice; the search itself calls :meth:`slices_into`, this one-slice form is kept for hand-made
+        slices, as the tests build them, beside :meth:`section`)."""
         stack = np.empty((1, 4, *np.shape(re)), dtype=np.float32)
         stack[0, 0], stack[0, 1], stack[0, 3] = re, im, mask
         return self.slices_into(stack)[0]

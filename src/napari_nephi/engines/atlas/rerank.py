@@ -284,22 +284,22 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   :func:`_near_scales`). Why: the scale says how large the section's anatomy is against the plate's,
   and an in-plane turn of at most ``max_rotation`` does not change that; each plate's scales span
   about 1.9x (7 steps of 1.1), so at 1 the second pass scores 3 of them. docs/atlas.md, "Session 43".
-* **Lean** (session 42; since session 43 the only code path, and the ``lean`` option does nothing:
-  True and False are accepted and recorded, as saved options and session 42's commands name it, and
-  both give the same search, whose results were the path before's bit for bit). The same search with
-  less work, every value bit for bit: the edge fields with two array passes fewer, a cut's channels
-  written into one stack before its FFT, every oblique cut and every plate cut through a given atlas point
-  made once per section (about 9 % of them were made again: the same tilt, plate, pivot and scale
-  asked by another hypothesis, round or scan), every pair of such a cut and a section variant
-  correlated once, the field's second spectral product added in place, an oblique batch's
-  spectra taken as a view instead of stacked again. Development (query seed 5, 60 sections per
-  index, load 10-12): rankings, poses and pair counts identical on 120 of 120, CPU per lookup
-  per section b / a median 0.883 / 0.918 (index 0 / 1). Fresh query seeds 163 / 164 (the rule written
-  first; 240 sections, load 10-11): identical 240 / 240, b / a 0.903 / 0.909, 482 / 473 -> 428 ms: it
-  passes. The lead's held-out query seeds 157 / 158 (240 sections, load 11-12): identical 240 / 240, b / a
-  0.890 / 0.878 (493 / 492 -> 436 / 434 ms): the default since then. It holds the cuts it made until the
-  search ends (a median 36 MiB, at most 60 MiB, at a search's end; a process's peak resident memory over
-  10 sections 539 -> 647 MiB, more than the memo holds, not traced). docs/atlas.md, "Session 42".
+* **Lean** (session 42; since session 43 the only code path, and the ``lean`` option does nothing: True
+  and False are accepted, as saved options and session 42's commands name it, and both give the same
+  search, whose results were the path before's bit for bit; the options record True, what ran). The same
+  search with less work, every value bit for bit: the edge fields with two array passes fewer, a cut's
+  channels written into one stack before its FFT, every oblique cut and every plate cut through a given
+  atlas point made once per section (about 9 % of them were made again: the same tilt, plate, pivot and
+  scale asked by another hypothesis, round or scan), every pair of such a cut and a section variant
+  correlated once, the field's second spectral product added in place, an oblique batch's spectra taken
+  as a view instead of stacked again. Development (query seed 5, 60 sections per index, load 10-12):
+  rankings, poses and pair counts identical on 120 of 120, CPU per lookup per section b / a median 0.883
+  / 0.918 (index 0 / 1). Fresh query seeds 163 / 164 (the rule written first; 240 sections, load 10-11):
+  identical 240 / 240, b / a 0.903 / 0.909, 482 / 473 -> 428 ms: it passes. The lead's held-out query
+  seeds 157 / 158 (240 sections, load 11-12): identical 240 / 240, b / a 0.890 / 0.878 (493 / 492 -> 436
+  / 434 ms): the default since then. It holds the cuts it made until the search ends (a median 36 MiB,
+  at most 60 MiB, at a search's end; a process's peak resident memory over 10 sections 539 -> 647 MiB,
+  more than the memo holds, not traced). docs/atlas.md, "Session 42".
 * **Cost.** Untilted cuts of stage 1 depend only on the plate and on plate pixels per canvas
   pixel, which come from a fixed geometric grid: they are cached across sections
   (:data:`.pose_grid.CUT_CACHE_BYTES`). Stage 2 centres its cuts on the stage-1 pose and searches
@@ -520,9 +520,10 @@ DEFAULTS = {
     # pose; 0: untilted poses alone, where a stretch cannot stand in for a tilt); an error without aspects
     "aspect_max_tilt": None,
     # session 42's "the same search with less work" (module docstring, "Lean"): the one code path since
-    # session 43, so this option does nothing; True and False are accepted (and recorded) because saved
-    # options and session 42's commands name it and both paths gave the same results bit for bit (the
-    # search holds the cuts it made until it ends: 36-60 MiB of spectra)
+    # session 43, so this option does nothing; True and False are accepted because saved options and
+    # session 42's commands name it and both paths gave the same results bit for bit, and the options
+    # record True, the path that ran (review 1 of session 43, C3; the search holds the cuts it made until
+    # it ends: 36-60 MiB of spectra)
     "lean": True,
 }
 #: Options of a seeded search, for a first stage whose best plate lies within about 2 plates of the
@@ -740,7 +741,8 @@ def check_rerank_options(options: dict | None) -> dict:
                 "'aspects' lists ratios (e.g. [0.94, 0.97, 1.03, 1.06]); set aspects or leave "
                 "aspect_max_tilt None."
             )
-    out["lean"] = check_bool("lean", out["lean"])  # no effect since session 43 (DEFAULTS' comment)
+    check_bool("lean", out["lean"])  # no effect since session 43 (DEFAULTS' comment): recorded as what ran
+    out["lean"] = True
     return out
 
 
