@@ -241,3 +241,48 @@ def test_closing_the_viewer_during_an_apply_adds_nothing(make_napari_viewer, qtb
     worker.await_workers(WAIT_MS)
     qtbot.wait(50)  # a late signal would land here
     assert "image (transformed)" not in viewer.layers
+
+
+def test_a_late_stopped_of_the_registration_runner_leaves_an_apply_alone(
+    make_napari_viewer, qtbot, saved, gate
+):
+    """Each runner's signals act on its own job only (review 1 of session 43, D1)."""
+    viewer, widget = _viewer(make_napari_viewer)
+    widget.apply_transform(saved, layer=viewer.layers["image"], wait=False)
+    assert gate.entered.wait(10)
+    bar = widget._apply_bar
+    widget.runner.stopped.emit()  # as if a registration's worker ended now
+    assert widget.state.is_(RunState.RUNNING) and not widget.apply_button.isEnabled()
+    assert widget._apply_bar is bar is not None  # the apply's progress bar is still open
+    with qtbot.waitSignal(widget.apply_done, timeout=WAIT_MS) as done:
+        gate.open()
+    assert done.args == [viewer.layers["image (transformed)"]]
+    _wait_idle(widget, qtbot)
+
+
+def test_a_run_is_idle_only_once_its_worker_thread_has_ended(make_napari_viewer, qtbot, saved, errors):
+    """A run whose layers are in but whose worker has not ended yet holds the state (review 1, D1): an Apply
+    then is refused instead of sharing the state with the run's late ``stopped``."""
+    viewer, widget = _viewer(make_napari_viewer)
+    image = viewer.layers["image"]
+    viewer.add_image(np.roll(image.data, (2, -1), axis=(0, 1)), name="moving")
+    widget.fixed.set_layer(image)
+    widget.moving.set_layer(viewer.layers["moving"])
+    widget.options.kind.setCurrentText("translation")
+    widget.options.iterations.setValue(5)
+    held = []
+    real = widget.runner._on_finished  # the worker thread's end (connected when the run starts)
+    widget.runner._on_finished = lambda: held.append(real)
+    ended = []
+    widget.run_done.connect(lambda: ended.append(True))
+    widget.start()
+    qtbot.waitUntil(lambda: bool(held) and widget.status.text().startswith("Done"), timeout=WAIT_MS)
+    qtbot.wait(100)
+    assert widget.state.is_(RunState.ADDING_RESULTS) and not ended
+    assert not widget.apply_button.isEnabled() and not widget.run_button.isEnabled()
+    assert widget.apply_transform(saved, layer=image) is None
+    assert errors == ["A registration is running; wait for it to finish (or Cancel it) first."]
+    held[0]()  # the worker thread ends
+    assert widget.state.is_(RunState.IDLE) and ended == [True]
+    assert widget.apply_button.isEnabled() and widget._progress_bar is None
+    assert widget.apply_transform(saved, layer=image) in viewer.layers

@@ -100,7 +100,9 @@ class RegisterWidget(QWidget):
         self.results = ResultLayers(napari_viewer, self)
         self.steps = StepQueue(self)  # turns of the event loop owned by this widget
         self.last = None  # the last Registration
-        self._progress_bar = None
+        self._progress_bar = None  # the registration's
+        self._apply_bar = None  # the apply's
+        self._results_shown = False  # the run's result layers are in (it is IDLE once its worker ended too)
         self._last_preview = 0.0
         self.preview_layer = None
         self._reused = None  # the previous run's warped layer showing this run's previews, and its state
@@ -145,6 +147,7 @@ class RegisterWidget(QWidget):
         self.applier.cancel()
         self._gui_idle.set()
         self._close_progress_bar()
+        self._close_apply_bar()
         self._gc_pause.end()
 
     def _layout(self):
@@ -355,6 +358,7 @@ class RegisterWidget(QWidget):
             self._on_cancelled()
             return
         self.state.to(RunState.ADDING_RESULTS)
+        self._results_shown = False
         reg, layers, notes, prebuilt = result
         self.last = reg
         self._last_run = {
@@ -371,8 +375,8 @@ class RegisterWidget(QWidget):
             self.status.setText(_summary(reg.metrics))
             self.save_button.setEnabled(True)
             self._gc_pause.end()
-            self.state.to(RunState.IDLE)
-            self.run_done.emit()
+            self._results_shown = True
+            self._run_idle()
 
         prefix = f"{self._inputs['name']} "
         roles = [
@@ -415,8 +419,20 @@ class RegisterWidget(QWidget):
 
     def _on_stopped(self) -> None:
         self._close_progress_bar()
+        if self._applied["on"]:  # an apply holds the state (a run's worker has ended before one starts)
+            return
         if self.state.is_(RunState.RUNNING, RunState.CANCELLING):  # not adding results
             self._gc_pause.end()
+            self.state.to(RunState.IDLE)
+            self.run_done.emit()
+        else:
+            self._run_idle()
+
+    def _run_idle(self) -> None:
+        """IDLE once the run's layers are in and its worker thread has ended (either comes last), so an
+        Apply never shares the state with the run's late ``stopped``."""
+        if self.state.is_(RunState.ADDING_RESULTS) and self._results_shown and not self.runner.busy:
+            self._results_shown = False
             self.state.to(RunState.IDLE)
             self.run_done.emit()
 
@@ -483,7 +499,7 @@ class RegisterWidget(QWidget):
         self.state.to(RunState.RUNNING)
         self._applied = {"layer": None, "shown": False, "on": True}
         self.status.setText(f"Applying the transform to {layer.name}…")
-        self._progress_bar = napari_progress(total=0, desc=f"Applying a transform to {layer.name}")
+        self._apply_bar = napari_progress(total=0, desc=f"Applying a transform to {layer.name}")
         loop = QEventLoop() if wait else None
         if loop is not None:  # it also ends if the widget is deleted (its viewer closed) meanwhile
             self.apply_done.connect(loop.quit)
@@ -529,8 +545,15 @@ class RegisterWidget(QWidget):
             self._progress_bar.close()
             self._progress_bar = None
 
+    def _close_apply_bar(self) -> None:
+        if self._apply_bar is not None:
+            self._apply_bar.close()
+            self._apply_bar = None
+
     def _on_apply_stopped(self) -> None:
-        self._close_progress_bar()
+        self._close_apply_bar()
+        if not self._applied["on"]:  # not this runner's job
+            return
         if self.state.is_(RunState.RUNNING, RunState.CANCELLING):  # failed or cancelled
             self._applied.update(layer=None, on=False)
             self.state.to(RunState.IDLE)
