@@ -27,8 +27,13 @@ def ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> t
     n = w.sum(1, keepdim=True).clamp_min(1)
     am = a - (w * a).sum(1, keepdim=True) / n
     bm = b - (w * b).sum(1, keepdim=True) / n
-    cov = (w * am * bm).sum(1)
-    var = ((w * am * am).sum(1) * (w * bm * bm).sum(1)).clamp_min(EPS**2)
+    wam = w * am
+    cov = (wam * bm).sum(1)
+    if wam.requires_grad:  # as it always was: (w * am * am), the same graph
+        va = (w * am * am).sum(1)
+    else:  # no graph on this side (a fixed image): (w * am) is wam exactly, multiplied into am's memory
+        va = torch.mul(wam, am, out=am).sum(1)
+    var = (va * (w * bm * bm).sum(1)).clamp_min(EPS**2)
     return (cov / var.sqrt()).mean()
 
 
@@ -140,7 +145,8 @@ def metric(name: str, a, b, mask=None, max_voxels: int = 1 << 20) -> float:
     if mask is not None and np.shape(mask) != a.shape:
         raise DimensionMismatchError(f"The mask has shape {np.shape(mask)} but the images have {a.shape}.")
     for what, x in (("first", a), ("second", b)):
-        if not np.isfinite(x).all():
+        flat = x.reshape(-1)  # (checked in slabs: no boolean copy of the whole image)
+        if not all(np.isfinite(flat[s : s + (1 << 18)]).all() for s in range(0, flat.size, 1 << 18)):
             raise InputError(f"The {what} image holds NaN or infinite values; fill or mask them first.")
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     with torch.no_grad():

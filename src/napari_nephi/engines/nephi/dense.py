@@ -10,11 +10,15 @@ import torch
 from ...core.grid import normalized_to_voxel, voxel_to_normalized
 from ...core.registration import Pair
 from ...core.transform import DisplacementTransform
-from ...core.warp import displacement_field, iter_slabs, slab_grid
+from ...core.warp import displacement_field, iter_slabs, slab_grid, warp_image
 from .coarse import grid_sample_points
 
 #: Points evaluated at once when a field is made dense.
 DENSE_CHUNK = 1 << 14
+#: Output voxels per slab when the result warps the moving image (:func:`warped_image`): a quarter of
+#: :data:`napari_nephi.core.warp.CHUNK_VOXELS`, whose slabs of 2^20 points held about 40 MiB of coordinate
+#: temporaries at once (session 43: the 2048^2 peak of ``benchmarks/nephi_memory.py``).
+WARP_CHUNK = 1 << 18
 
 
 def dense_displacement(point_map, shape, device, chunk: int | None = None) -> np.ndarray:
@@ -27,6 +31,14 @@ def dense_displacement(point_map, shape, device, chunk: int | None = None) -> np
         return normalized_to_voxel(y, shape)
 
     return displacement_field(voxel_map, shape, device, chunk_voxels=chunk)
+
+
+def warped_image(transform, image, shape, device, chunk: int | None = None) -> np.ndarray:
+    """``transform.warp(image, output_shape=shape, device=device)`` in slabs of ``chunk`` output voxels (None:
+    :data:`WARP_CHUNK`, read at the call): every voxel is sampled alone, so the values do not depend on it."""
+    if chunk is None:
+        chunk = WARP_CHUNK
+    return warp_image(np.asarray(image), transform.for_moving_image(), transform.ndim, shape, device, chunk)
 
 
 def inverse_consistency(transform: DisplacementTransform, chunk: int | None = None) -> dict:

@@ -70,7 +70,7 @@ from .coarse import (
     pyramid_shapes,
     velocity_maps,
 )
-from .dense import Previewer, dense_displacement, inside_mask, inverse_consistency, mask_tensor
+from .dense import Previewer, dense_displacement, inside_mask, inverse_consistency, mask_tensor, warped_image
 from .field import FieldConfig, NeuralDeformationField, local_grid_shape, zero_codes
 from .initial import INITIALS, MIN_OVERLAP, normalized_matrix, run_global_stage
 from .mlp import REPRESENTATIONS
@@ -1065,7 +1065,10 @@ def register_nephi(
         counter["step"] = total
         pair.progress.step(total, total, stage="nephi")
     seconds_opt = time.perf_counter() - start
-    warped = transform.warp(pair.moving, output_shape=fshape, device=device)
+    # in smaller slabs than Transform.warp's (the same values), and the freed slabs handed back before the
+    # metrics (session 43: the 2048^2 memory peak)
+    warped = warped_image(transform, pair.moving, fshape, device)
+    release_free_memory(device)
     metrics = {
         "iterations": refine,
         # the steps the coarse stage ran: levels the held-out check cut or gated off everywhere run none,
@@ -1088,9 +1091,8 @@ def register_nephi(
         metrics["coarse_capture_detj_rms"] = round(capture_reading, 5)
         metrics["coarse_capture_kept"] = bool(capture_kept)
     finer_reading, finer_kept = coarse_info.get("finer_gate", (None, None))
-    if (
-        finer_reading is not None
-    ):  # coarse_finer_gate: the reading before the finer-knot level, whether it ran
+    # coarse_finer_gate: the reading before the finer-knot level, whether it ran
+    if finer_reading is not None:
         metrics["coarse_finer_detj_rms"] = round(finer_reading, 5)
         metrics["coarse_finer_kept"] = bool(finer_kept)
     if neural_info:  # volumes: the coarse map's displacement RMS and whether the neural steps ran
