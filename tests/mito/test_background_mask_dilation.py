@@ -56,6 +56,10 @@ def test_another_dilation_changes_the_reading_and_nothing_before_it(drifting):
     theirs = plain.metrics["drift_correction"]["auto"]["background"]
     assert mine["pairs"] == theirs["pairs"] and mine["slope"] != theirs["slope"]
     assert reg.settings["mask_dilation"] == 12.0 and reg.settings["background_mask_dilation_applied"] == 0.0
+    # review 1 of session 43 (A2): where no background is read, nothing is recorded as applied
+    none = _run(drifting, background_mask_dilation=0, drift_correction="none")
+    assert none.settings["background_mask_dilation"] == 0.0
+    assert none.settings["background_mask_dilation_applied"] is None
 
 
 def test_the_background_masks_are_the_raw_masks_dilated_by_the_option(drifting):

@@ -1591,9 +1591,10 @@ def align_stack(
         "ransac_threshold": opts.ransac_threshold, "ratio": opts.ratio, "workers": workers,
         "use_masks": opts.use_masks, "max_keypoints": opts.max_keypoints, "scale": opts.scale,
         "smooth": opts.smooth, "mask_dilation": opts.mask_dilation, "border": opts.border,
-        # session 43: as asked (None: the keypoints' masks); what the background read with, "_applied"
+        # session 43: as asked (None: the keypoints' masks); "_applied": the dilation the background's masks
+        # had, None where no background reading could run (no masks, or drift_correction other than "auto")
         "background_mask_dilation": opts.background_mask_dilation,
-        "background_mask_dilation_applied": opts.background_dilation if opts.use_masks else None,
+        "background_mask_dilation_applied": opts.background_dilation if opts.use_masks and auto else None,
         "min_inliers": opts.min_inliers, "fallback": list(fb), "max_skip": opts.max_skip,
         "mito_radius": mito_radius, "fast_threshold": opts.fast_threshold, "max_scale": opts.max_scale,
         "keypoint_size": sections.keypoint_size / opts.scale,
