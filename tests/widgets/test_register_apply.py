@@ -286,3 +286,22 @@ def test_a_run_is_idle_only_once_its_worker_thread_has_ended(make_napari_viewer,
     assert widget.state.is_(RunState.IDLE) and ended == [True]
     assert widget.apply_button.isEnabled() and widget._progress_bar is None
     assert widget.apply_transform(saved, layer=image) in viewer.layers
+
+
+def test_a_layer_napari_refuses_is_an_error_not_a_stuck_widget(
+    make_napari_viewer, qtbot, saved, errors, monkeypatch
+):
+    """Review 2 (session 43): an exception while inserting the layer reaches show_error and the
+    widget goes back to IDLE (before, Run and Apply stayed disabled and ``wait=True`` hung)."""
+    viewer, widget = _viewer(make_napari_viewer)
+
+    def refuse(self, layer):
+        raise ValueError("napari refused the layer")
+
+    monkeypatch.setattr(type(viewer), "add_layer", refuse)  # a pydantic model: patch its class
+    n = len(viewer.layers)
+    assert widget.apply_transform(saved, layer=viewer.layers["image"]) is None
+    assert errors == ["Could not add the transformed layer: ValueError: napari refused the layer"]
+    assert len(viewer.layers) == n
+    _wait_idle(widget, qtbot)
+    assert widget.apply_button.isEnabled() and widget.run_button.isEnabled()

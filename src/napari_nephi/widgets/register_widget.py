@@ -522,7 +522,15 @@ class RegisterWidget(QWidget):
             return
         self.state.to(RunState.ADDING_RESULTS)
         self.status.setText("Adding the transformed layer…")
-        self._applied["layer"] = self.viewer.add_layer(layer)
+        try:
+            self._applied["layer"] = self.viewer.add_layer(layer)
+        except Exception as exc:  # noqa: BLE001  a Qt slot: anything napari raises must not leave Apply stuck
+            message = f"Could not add the transformed layer: {type(exc).__name__}: {exc}"
+            show_error(message)
+            self.status.setText(f"Failed: {message}")
+            self._applied.update(layer=None, shown=True)
+            self._apply_idle()
+            return
 
         def show():
             if layer in self.viewer.layers:
