@@ -1,10 +1,17 @@
 """One code path for the pose search (session 43): session 42's ``lean`` search (fields with fewer array
 passes, a cut's channels written into one stack, each oblique cut and each plate cut through a given
 atlas point made once per section, each pair of such a cut and a section variant correlated once) is the
-only one, and ``rerank_options={"lean": ...}`` is accepted, recorded and does nothing.
+only one, and ``rerank_options={"lean": ...}`` is accepted, recorded as True and does nothing.
 
-The default search's rankings, poses and pair counts are pinned to the values read at a7bced9 (the
-frozen tree before the old path went, ``PYTHONPATH=/tmp/f43/src``; scratch ``/tmp/s43/C/toy_pin.py``).
+The default search's rankings, poses, pair counts and work are pinned to the values read at a7bced9 (the
+tree before the old path went). To read them again (e.g. after a change that moves them on purpose):
+``git worktree add /tmp/x a7bced9``, then with ``PYTHONPATH=/tmp/x/src`` run the search of
+:func:`test_the_default_search_is_a7bced9s_bit_for_bit` on each section of :data:`PINNED` (a fresh
+``PoseSearch(Plates.from_reference(...))``, the order ``[(p, 0.0) for p in range(n)]``, the default
+options) and print the top 10, ``pairs``, the first 3 distances (``repr``) and the best pose; for
+:data:`WORK`, count the calls of ``pose_grid._field`` and ``_field_lean`` (both there) and
+``Correlator.best``'s ``fa.shape[0] * fb.shape[0]`` with the same monkeypatching as the test (session 43's
+scratch ``toy_pin.py`` and ``work_count.py`` did exactly this; they are not kept in the repository).
 "Bit for bit" is measured on this CPU and torch build: vectorised kernels elsewhere (FMA, other SIMD
 widths) could differ in the last bit; should these exact asserts trip on other hardware without a
 regression, compare the scores to 1 ulp and the rankings exactly (review 2 of session 42)."""
@@ -122,8 +129,8 @@ def test_the_lean_option_is_accepted_recorded_as_what_ran_and_changes_nothing(to
 
 
 #: The default search at a7bced9 (both code paths there gave these): (top 10 plates, pairs, the first
-#: 3 distances, the best pose's (score, z, tilt, rotation, scale, centre, plain)); scratch
-#: /tmp/s43/C/toy_pin.py.
+#: 3 distances, the best pose's (score, z, tilt, rotation, scale, centre, plain)); how to read them
+#: again: the module docstring.
 PINNED = {
     "restained24": (
         [24, 23, 25, 22, 26, 21, 27, 20, 28, 19],
@@ -164,9 +171,9 @@ PINNED = {
 
 #: The work of the default search from a cold PoseSearch at a7bced9 (``lean`` True): edge fields computed
 #: (``_field`` calls, two per cut or variant with the blur) and pairs correlated (``Correlator.best``'s
-#: cross products), scratch /tmp/s43/C/work_count.py. A broken memo (:attr:`.pose_grid.Cut.key`, the
-#: pair memo) would make the cuts and pairs asked again: the code path before session 42 did 1,136 /
-#: 1,680 and 1,140 / 1,138 here (review 1 of session 43, C2).
+#: cross products; how to read them again: the module docstring). A broken memo
+#: (:attr:`.pose_grid.Cut.key`, the pair memo) would make the cuts and pairs asked again: the code path
+#: before session 42 did 1,136 / 1,680 and 1,140 / 1,138 here (review 1 of session 43, C2).
 WORK = {"restained24": (1130, 1678), "oblique17": (1136, 1138)}
 
 
