@@ -790,9 +790,8 @@ def optimize_velocity(
     held = None  # "once": the variances estimated at the first full-grid step, and the probes there
     spread = detj_rms = None  # "auto": the coarser levels' displacement spread (voxels), det J RMS
     first_reading = first_kept = None  # first_gate: the first level's det J RMS, whether it was kept
-    finer_reading = finer_kept = (
-        None  # finer_gate: the map's det J RMS before the finer level, whether it ran
-    )
+    # finer_gate: the map's det J RMS before the finer level, whether it ran
+    finer_reading = finer_kept = None
     steps_run = 0  # the steps the levels ran (a level cut by max_levels or gated off runs none)
 
     def total(increment, shape):
