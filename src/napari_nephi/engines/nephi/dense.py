@@ -35,7 +35,9 @@ def dense_displacement(point_map, shape, device, chunk: int | None = None) -> np
 
 def warped_image(transform, image, shape, device, chunk: int | None = None) -> np.ndarray:
     """``transform.warp(image, output_shape=shape, device=device)`` in slabs of ``chunk`` output voxels (None:
-    :data:`WARP_CHUNK`, read at the call): every voxel is sampled alone, so the values do not depend on it."""
+    :data:`WARP_CHUNK`, read at the call): every voxel is sampled alone, so the values do not depend on it.
+    Unlike ``Transform.warp`` it skips the output-memory check: the output has the fixed image's shape, of
+    which the registration that made ``transform`` already held several fields."""
     if chunk is None:
         chunk = WARP_CHUNK
     return warp_image(np.asarray(image), transform.for_moving_image(), transform.ndim, shape, device, chunk)
