@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from napari_nephi.core.errors import InputError
-from napari_nephi.core.similarity import EPS, metric, ncc
+from napari_nephi.core.similarity import EPS, _all_finite, metric, ncc
 
 
 def ncc_before(a, b, mask=None):
@@ -62,3 +62,19 @@ def test_metric_checks_every_slab_for_non_finite_values():
         bad[where] = np.nan
         with pytest.raises(InputError, match="NaN"):
             metric("ncc", a, bad)
+
+
+@pytest.mark.parametrize("where", [(0, 0), (-1, -1), (7, 3)])
+def test_the_finite_check_reads_non_contiguous_views_in_slabs(where):
+    """metric's NaN check (session 43, review 2 B-3): a strided view is read in row slabs, not copied
+    whole, and a NaN anywhere in it, in the first or last slab or between, is found."""
+    base = np.random.default_rng(0).random((64, 80), dtype=np.float32)
+    view = base[:, ::2]  # non-contiguous
+    assert not view.flags.c_contiguous and _all_finite(view, slab=100)
+    bad = base.copy()
+    bad[:, ::2][where] = np.nan
+    assert not _all_finite(bad[:, ::2], slab=100)
+    assert not _all_finite(bad[:, ::2])  # one slab
+    bad[:, ::2][where] = np.inf
+    assert not _all_finite(bad[:, ::2], slab=100)
+    assert _all_finite(np.float32(1.0)) and not _all_finite(np.float32(np.nan))

@@ -131,6 +131,15 @@ def _ncc_numpy(a: np.ndarray, b: np.ndarray, mask=None, chunk: int = 1 << 18) ->
     return cov / math.sqrt(max(va * vb, EPS**2))
 
 
+def _all_finite(x: np.ndarray, slab: int = 1 << 18) -> bool:
+    """Whether ``x`` holds no NaN or infinity, read in slabs of about ``slab`` voxels along its first axis
+    (no boolean copy of the whole image, and no copy of a non-contiguous view)."""
+    if x.ndim == 0 or x.size == 0:
+        return bool(np.isfinite(x).all())
+    rows = max(1, slab // max(1, x[0].size))
+    return all(np.isfinite(x[s : s + rows]).all() for s in range(0, x.shape[0], rows))
+
+
 def metric(name: str, a, b, mask=None, max_voxels: int = 1 << 20) -> float:
     """Evaluate a measure on numpy arrays (subsampled to ``max_voxels`` for NMI)."""
     if name not in MEASURES:
@@ -145,8 +154,7 @@ def metric(name: str, a, b, mask=None, max_voxels: int = 1 << 20) -> float:
     if mask is not None and np.shape(mask) != a.shape:
         raise DimensionMismatchError(f"The mask has shape {np.shape(mask)} but the images have {a.shape}.")
     for what, x in (("first", a), ("second", b)):
-        flat = x.reshape(-1)  # (checked in slabs: no boolean copy of the whole image)
-        if not all(np.isfinite(flat[s : s + (1 << 18)]).all() for s in range(0, flat.size, 1 << 18)):
+        if not _all_finite(x):
             raise InputError(f"The {what} image holds NaN or infinite values; fill or mask them first.")
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     with torch.no_grad():
