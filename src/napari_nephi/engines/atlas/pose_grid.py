@@ -329,8 +329,7 @@ class Correlator:
 
     def slice(self, re: np.ndarray, im: np.ndarray, mask: np.ndarray) -> torch.Tensor:
         """FFTs of an atlas slice: field parts, field energy per pixel, tissue mask (:meth:`slices_into`
-        of one slice; the search itself calls :meth:`slices_into`, this one-slice form is kept for hand-made
-        slices, as the tests build them, beside :meth:`section`)."""
+        of one slice: a plate cut, or a slice built by hand as the tests do)."""
         stack = np.empty((1, 4, *np.shape(re)), dtype=np.float32)
         stack[0, 0], stack[0, 1], stack[0, 3] = re, im, mask
         return self.slices_into(stack)[0]
@@ -703,10 +702,7 @@ class SectionGrid:
 
         def build():
             img, msk = self._plate_pixels(atlas, z, step, pivot, aspect)
-            stack = np.empty((1, 4, *img.shape), dtype=np.float32)
-            stack[0, 0], stack[0, 1] = field(img, dilate(msk), self.blur)
-            stack[0, 3] = msk
-            return self.corr.slices_into(stack)[0]
+            return self.corr.slice(*field(img, dilate(msk), self.blur), msk)
 
         fft = build() if key is None else atlas.cached_cut(key, build)
         cut = Cut(fft, float(z), (0.0, 0.0), pivot, step, float(aspect), memo)
