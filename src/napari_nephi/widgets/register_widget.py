@@ -525,9 +525,7 @@ class RegisterWidget(QWidget):
         try:
             self._applied["layer"] = self.viewer.add_layer(layer)
         except Exception as exc:  # noqa: BLE001  a Qt slot: anything napari raises must not leave Apply stuck
-            message = f"Could not add the transformed layer: {type(exc).__name__}: {exc}"
-            show_error(message)
-            self.status.setText(f"Failed: {message}")
+            self._on_apply_failed(f"Could not add the transformed layer: {type(exc).__name__}: {exc}")
             self._applied.update(layer=None, shown=True)
             self._apply_idle()
             return
