@@ -609,7 +609,7 @@ def test_a_preview_right_after_a_throttled_step_is_still_shown(make_napari_viewe
     monkeypatch.setattr(rw, "time", SimpleNamespace(**{**still, "monotonic": lambda: 1e6}))
     _, widget = _viewer_with_widget(make_napari_viewer, qtbot, pair)
     widget._inputs = {"scale": (1.0, 1.0), "name": "moving"}
-    widget.state.to(RunState.RUNNING)  # as if Run was clicked; the runner's signals come by hand
+    widget.state.start(widget.runner)  # as if Run was clicked; the runner's signals come by hand
     widget.runner.progressed.emit(ProgressEvent(1, 100, 0.5))  # a plain step: shown, starts the throttle
     preview = np.full(pair[0].shape, 0.25, np.float32)
     widget.runner.progressed.emit(ProgressEvent(2, 100, 0.4, preview=preview))  # within the same interval

@@ -96,13 +96,12 @@ class RegisterWidget(QWidget):
         self.status.setWordWrap(True)
         self.runner = RegistrationRunner(self)
         self.applier = RegistrationRunner(self)  # "Apply saved transform": one job at a time, as a run
-        self._applied = {"layer": None, "shown": False, "on": False}  # the apply's state, beside RunState
+        self._applied_layer = None  # the layer the last apply added (None after an error or Cancel)
         self.results = ResultLayers(napari_viewer, self)
         self.steps = StepQueue(self)  # turns of the event loop owned by this widget
         self.last = None  # the last Registration
         self._progress_bar = None  # the registration's
         self._apply_bar = None  # the apply's
-        self._results_shown = False  # the run's result layers are in (it is IDLE once its worker ended too)
         self._last_preview = 0.0
         self.preview_layer = None
         self._reused = None  # the previous run's warped layer showing this run's previews, and its state
@@ -116,15 +115,13 @@ class RegisterWidget(QWidget):
         self.save_button.clicked.connect(lambda: self.save_transform())
         self.apply_button.clicked.connect(lambda: self.apply_transform(wait=False))
         self.state.changed.connect(lambda _old, new: self.apply_button.setEnabled(new is RunState.IDLE))
-        self.runner.progressed.connect(self._on_progress)
-        self.runner.finished.connect(self._on_finished)
-        self.runner.failed.connect(self._on_failed)
-        self.runner.cancelled.connect(self._on_cancelled)
-        self.runner.stopped.connect(self._on_stopped)
-        self.applier.finished.connect(self._on_applied)
-        self.applier.failed.connect(self._on_apply_failed)
-        self.applier.cancelled.connect(self._on_apply_cancelled)
-        self.applier.stopped.connect(self._on_apply_stopped)
+        # both jobs share one state (one job at a time); each runner's signals act on its own job only
+        run = (self._on_finished, self._on_failed, self._on_cancelled)
+        self.state.drive(
+            self.runner, *run, progressed=self._on_progress, stopped=self._gc_pause.end, done=self._run_over
+        )
+        apply = (self._on_applied, self._on_apply_failed, self._on_apply_cancelled)
+        self.state.drive(self.applier, *apply, done=self._apply_over)
         images = self.moving.layers()
         if len(images) >= 2:
             self.fixed.set_layer(images[0])
@@ -208,7 +205,7 @@ class RegisterWidget(QWidget):
             "moving_points": self.moving_points.layer(),
         }
         self._settings = {"fixed": fixed.name, "moving": moving.name, **opts}
-        self.state.to(RunState.RUNNING)
+        self.state.start(self.runner)
         self.status.setText("Running…")
         self._gc_pause.begin()
         self.loss_plot.clear()
@@ -235,15 +232,14 @@ class RegisterWidget(QWidget):
 
     def _launch(self, job: dict) -> None:
         if self.state.is_(RunState.CANCELLING):  # Cancel came before the worker started
-            self._on_cancelled()
-            self._on_stopped()
+            self.state.not_started()
             return
         self._progress_bar = napari_progress(total=0, desc=f"Registering {self._inputs['name']}")
         self.runner.run(register_with_overlays, **job)
 
     def cancel(self) -> None:
         """Stop the running registration, or drop the transform being applied (the Cancel button)."""
-        self.state.cancel(self.applier if self.applier.busy else self.runner, self.status)
+        self.state.cancel(status=self.status)  # the runner of the job that holds the state
 
     def _on_progress(self, event) -> None:
         if event.preview is not None:  # the worker waits until this is drawn (next turn)
@@ -354,11 +350,7 @@ class RegisterWidget(QWidget):
         self.preview_layer = None
 
     def _on_finished(self, result) -> None:
-        if self.state.is_(RunState.CANCELLING):  # it finished before it saw the Cancel: drop it
-            self._on_cancelled()
-            return
-        self.state.to(RunState.ADDING_RESULTS)
-        self._results_shown = False
+        """The run's result (in ADDING_RESULTS; the state machine drops a result that came after Cancel)."""
         reg, layers, notes, prebuilt = result
         self.last = reg
         self._last_run = {
@@ -375,8 +367,7 @@ class RegisterWidget(QWidget):
             self.status.setText(_summary(reg.metrics))
             self.save_button.setEnabled(True)
             self._gc_pause.end()
-            self._results_shown = True
-            self._run_idle()
+            self.state.results_in()  # IDLE once the worker thread has ended too
 
         prefix = f"{self._inputs['name']} "
         roles = [
@@ -417,24 +408,10 @@ class RegisterWidget(QWidget):
             self._remove_preview()
             self.status.setText("Cancelled; no layers were changed.")
 
-    def _on_stopped(self) -> None:
+    def _run_over(self) -> None:
+        """The run is over (IDLE): its layers are in, or it failed or was cancelled."""
         self._close_progress_bar()
-        if self._applied["on"]:  # an apply holds the state (a run's worker has ended before one starts)
-            return
-        if self.state.is_(RunState.RUNNING, RunState.CANCELLING):  # not adding results
-            self._gc_pause.end()
-            self.state.to(RunState.IDLE)
-            self.run_done.emit()
-        else:
-            self._run_idle()
-
-    def _run_idle(self) -> None:
-        """IDLE once the run's layers are in and its worker thread has ended (either comes last), so an
-        Apply never shares the state with the run's late ``stopped``."""
-        if self.state.is_(RunState.ADDING_RESULTS) and self._results_shown and not self.runner.busy:
-            self._results_shown = False
-            self.state.to(RunState.IDLE)
-            self.run_done.emit()
+        self.run_done.emit()
 
     # -- saving and applying -------------------------------------------------------------
     def save_transform(self, folder: str | Path | None = None) -> Path | None:
@@ -480,7 +457,11 @@ class RegisterWidget(QWidget):
         """
         if not self.state.is_(RunState.IDLE):
             show_error(
-                ("A transform is being applied" if self._applied["on"] else "A registration is running")
+                (
+                    "A transform is being applied"
+                    if self.state.job is self.applier
+                    else "A registration is running"
+                )
                 + "; wait for it to finish (or Cancel it) first."
             )
             return None
@@ -496,8 +477,8 @@ class RegisterWidget(QWidget):
         if job is None:
             show_error(f"Cannot apply a transform to a {type(layer).__name__} layer.")
             return None
-        self.state.to(RunState.RUNNING)
-        self._applied = {"layer": None, "shown": False, "on": True}
+        self._applied_layer = None
+        self.state.start(self.applier)
         self.status.setText(f"Applying the transform to {layer.name}…")
         self._apply_bar = napari_progress(total=0, desc=f"Applying a transform to {layer.name}")
         loop = QEventLoop() if wait else None
@@ -513,29 +494,26 @@ class RegisterWidget(QWidget):
             self.destroyed.disconnect(loop.quit)
         except (RuntimeError, TypeError):  # pragma: no cover  the widget is gone
             pass
-        return self._applied["layer"]
+        return self._applied_layer
 
     def _on_applied(self, layer) -> None:
-        """The worker's layer (hidden): insert it now and show it in the next turn (two costs)."""
-        if self.state.is_(RunState.CANCELLING):  # it ended before it saw the Cancel: drop it
-            self._on_apply_cancelled()
-            return
-        self.state.to(RunState.ADDING_RESULTS)
+        """The worker's layer (hidden): insert it now and show it in the next turn (two costs).
+
+        Called in ADDING_RESULTS (the state machine drops a layer that came after Cancel).
+        """
         self.status.setText("Adding the transformed layer…")
         try:
-            self._applied["layer"] = self.viewer.add_layer(layer)
+            self._applied_layer = self.viewer.add_layer(layer)
         except Exception as exc:  # noqa: BLE001  a Qt slot: anything napari raises must not leave Apply stuck
             self._on_apply_failed(f"Could not add the transformed layer: {type(exc).__name__}: {exc}")
-            self._applied.update(layer=None, shown=True)
-            self._apply_idle()
+            self.state.results_in()  # nothing to add: IDLE once the worker thread has ended
             return
 
         def show():
             if layer in self.viewer.layers:
                 layer.visible = True
-            self._applied["shown"] = True
             self.status.setText(f"Added {layer.name}.")
-            self._apply_idle()
+            self.state.results_in()
 
         self.steps.later(show)
 
@@ -556,23 +534,10 @@ class RegisterWidget(QWidget):
             self._apply_bar.close()
             self._apply_bar = None
 
-    def _on_apply_stopped(self) -> None:
+    def _apply_over(self) -> None:
+        """The apply is over (IDLE): its layer is in, or it failed or was cancelled."""
         self._close_apply_bar()
-        if not self._applied["on"]:  # not this runner's job
-            return
-        if self.state.is_(RunState.RUNNING, RunState.CANCELLING):  # failed or cancelled
-            self._applied.update(layer=None, on=False)
-            self.state.to(RunState.IDLE)
-            self.apply_done.emit(None)
-        else:
-            self._apply_idle()
-
-    def _apply_idle(self) -> None:
-        """IDLE once the layer is shown and the worker thread has ended (either comes last)."""
-        if self.state.is_(RunState.ADDING_RESULTS) and self._applied["shown"] and not self.applier.busy:
-            self._applied["on"] = False
-            self.state.to(RunState.IDLE)
-            self.apply_done.emit(self._applied["layer"])
+        self.apply_done.emit(self._applied_layer)
 
 
 def register_with_overlays(
