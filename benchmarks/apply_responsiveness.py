@@ -14,6 +14,16 @@ The transform is a smooth random displacement field of ``--size``^3 voxels (up t
 a float32 volume of the same size. Prints, per arm and round, the wall seconds of the apply and the
 longest gap, and checks that both arms give the same array. Not a test; the numbers are quoted in
 docs/register_widget.md ("Session 43").
+
+``--cancel-after S`` (session 44) times a Cancel instead: the Apply starts (``wait=False``), Cancel is
+clicked ``S`` seconds after the warp has started, and the time from the click until the widget is idle
+again (``apply_done``) is printed. Two arms, alternating (to-end, chunked, chunked, to-end per round):
+
+- ``to-end``: the warp ignores the cancel (``Transform.warp`` called without it), as before session 44:
+  the warp runs to its end and its result is dropped.
+- ``chunked``: the widget as it is: the warp stops before its next chunk (2^20 output voxels each).
+
+Both arms must add no layer.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size", type=int, default=160)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--cancel-after", type=float, default=None, help="time a Cancel this many s into the warp")
     args = p.parse_args()
 
     import napari
@@ -69,6 +80,11 @@ def main() -> None:
     def worker():
         return widget.apply_transform(folder, layer=layer)
 
+    if args.cancel_after is not None:
+        cancel_latency(viewer, widget, layer, folder, args.cancel_after, args.rounds)
+        viewer.close()
+        return
+
     results = {}
     print(f"load average {os.getloadavg()[0]:.2f}; volume {shape}")
     for r in range(args.rounds):
@@ -98,6 +114,60 @@ def main() -> None:
     same = np.array_equal(results["sync"], results["worker"])
     print(f"same array in both arms: {same}")
     viewer.close()
+
+
+def cancel_latency(viewer, widget, layer, folder, after: float, rounds: int) -> None:
+    """Cancel an Apply ``after`` seconds into its warp; print the seconds from the click until it is idle."""
+    import threading
+
+    from qtpy.QtWidgets import QApplication
+
+    from napari_nephi.core import load_transform
+
+    app = QApplication.instance()
+    cls = type(load_transform(folder))
+    real = cls.warp
+    started = threading.Event()
+    arm = {"to-end": False}
+
+    def warp(self, image, *a, cancel=None, **kw):
+        started.set()
+        return real(self, image, *a, cancel=None if arm["to-end"] else cancel, **kw)
+
+    cls.warp = warp
+    n = len(viewer.layers)
+    print(f"load average {os.getloadavg()[0]:.2f}; volume {layer.data.shape}; Cancel {after} s into the warp")
+    try:
+        for r in range(rounds):
+            for name in ("to-end", "chunked", "chunked", "to-end"):
+                arm["to-end"] = name == "to-end"
+                started.clear()
+                done = []
+                widget.apply_done.connect(done.append)
+                begin = time.perf_counter()
+                widget.apply_transform(folder, layer=layer, wait=False)
+                while not started.is_set():
+                    app.processEvents()
+                    time.sleep(0.005)
+                warp_start = time.perf_counter()
+                while time.perf_counter() - warp_start < after:
+                    app.processEvents()
+                    time.sleep(0.005)
+                click = time.perf_counter()
+                widget.cancel_button.click()
+                while not done:
+                    app.processEvents()
+                    time.sleep(0.002)
+                idle = time.perf_counter()
+                widget.apply_done.disconnect(done.append)
+                assert done == [None] and len(viewer.layers) == n, "a cancelled apply added a layer"
+                print(
+                    f"round {r} {name:7s}: Cancel to idle {1000 * (idle - click):6.0f} ms "
+                    f"(apply to idle {idle - begin:5.2f} s)",
+                    flush=True,
+                )
+    finally:
+        cls.warp = real
 
 
 if __name__ == "__main__":

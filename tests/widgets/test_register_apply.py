@@ -214,19 +214,24 @@ def test_an_apply_while_a_registration_runs_is_refused(make_napari_viewer, qtbot
 def test_cancel_drops_the_result_of_an_apply(make_napari_viewer, qtbot, saved, gate, errors):
     viewer, widget = _viewer(make_napari_viewer)
     n = len(viewer.layers)
-    widget.apply_transform(saved, layer=viewer.layers["image"], wait=False)
-    assert gate.entered.wait(10)
-    widget.cancel_button.click()
-    assert widget.state.is_(RunState.CANCELLING)
-    with qtbot.waitSignal(widget.apply_done, timeout=WAIT_MS) as done:
-        gate.open()
-    assert done.args == [None]
-    _wait_idle(widget, qtbot)
+    _cancel_a_held_apply(widget, qtbot, saved, viewer.layers["image"], gate.entered, gate.open)
     assert len(viewer.layers) == n and errors == []
     assert "Cancelled" in widget.status.text()
     assert not widget.runner.busy  # the registration runner was never involved
     # and the widget applies again afterwards
     assert widget.apply_transform(saved, layer=viewer.layers["image"]) in viewer.layers
+
+
+def _cancel_a_held_apply(widget, qtbot, saved, layer, held: threading.Event, release) -> None:
+    """Apply to ``layer``; once the worker is ``held``, click Cancel, ``release`` it and wait until idle."""
+    widget.apply_transform(saved, layer=layer, wait=False)
+    assert held.wait(10)
+    widget.cancel_button.click()
+    assert widget.state.is_(RunState.CANCELLING)
+    with qtbot.waitSignal(widget.apply_done, timeout=WAIT_MS) as done:
+        release()
+    assert done.args == [None]
+    _wait_idle(widget, qtbot)
 
 
 def test_closing_the_viewer_during_an_apply_adds_nothing(make_napari_viewer, qtbot, saved, gate):
@@ -305,3 +310,61 @@ def test_a_layer_napari_refuses_is_an_error_not_a_stuck_widget(
     assert len(viewer.layers) == n
     _wait_idle(widget, qtbot)
     assert widget.apply_button.isEnabled() and widget.run_button.isEnabled()
+
+
+class SlowSlabs:
+    """The warps work on one-row slabs; with :attr:`hold` set, the second slab is handed out only after
+    :meth:`go` (the first chunk is done by then). Counts the chunks actually mapped."""
+
+    def __init__(self, monkeypatch):
+        from napari_nephi.core import warp as warp_module
+
+        self.hold = False
+        self.first_done, self.went = threading.Event(), threading.Event()
+        self.given, self.mapped = 0, 0
+        real_slabs, real_grid = warp_module.iter_slabs, warp_module.slab_grid
+
+        def slabs(shape, chunk_voxels=warp_module.CHUNK_VOXELS):
+            for i, slab in enumerate(real_slabs(shape, 1)):  # one row a chunk
+                if i == 1 and self.hold:
+                    self.first_done.set()
+                    assert self.went.wait(30)
+                self.given += 1
+                yield slab
+
+        def grid(*args, **kwargs):
+            self.mapped += 1
+            return real_grid(*args, **kwargs)
+
+        monkeypatch.setattr(warp_module, "iter_slabs", slabs)
+        monkeypatch.setattr(warp_module, "slab_grid", grid)
+
+    def go(self) -> None:
+        self.went.set()
+
+
+@pytest.mark.parametrize("name", ["image", "labels"])
+def test_cancel_stops_the_apply_inside_the_warp(make_napari_viewer, qtbot, saved, errors, monkeypatch, name):
+    """Session 44: Cancel during the warp stops it before its next chunk (before, the warp ran to its end
+    and the result was dropped); the widget is idle with no new layer. Uncancelled, the chunked warp in the
+    worker gives the synchronous result."""
+    viewer, widget = _viewer(make_napari_viewer)
+    layer = viewer.layers[name]
+    slabs = SlowSlabs(monkeypatch)
+    slabs.hold = True
+    n = len(viewer.layers)
+    # the worker is held after the first chunk, before the second is handed out
+    _cancel_a_held_apply(widget, qtbot, saved, layer, slabs.first_done, slabs.go)
+    assert slabs.given == 2 and slabs.mapped == 1  # the second chunk was handed out, then refused
+    assert len(viewer.layers) == n and errors == []
+    assert widget.status.text() == "Cancelled; no layers were changed."
+    assert widget.run_button.isEnabled() and widget.apply_button.isEnabled()
+    assert not widget.cancel_button.isEnabled()
+    # uncancelled, one-row chunks in the worker: the synchronous warp's array
+    slabs.hold, slabs.given = False, 0
+    new = widget.apply_transform(saved, layer=layer)
+    t = load_transform(saved)
+    frame = {"image_spacing": tuple(layer.scale)}
+    expected = t.warp(layer.data, **frame) if name == "image" else t.warp_labels(layer.data, **frame)
+    assert slabs.given == 2 * t.shape[0]  # the worker's warp and this one, a row at a time
+    np.testing.assert_array_equal(new.data, expected)

@@ -323,18 +323,22 @@ class Transform:
         *,
         image_spacing=None,
         image_world_affine=None,
+        cancel=None,
     ) -> np.ndarray:
         """Resample a moving image (channels last allowed) onto the fixed grid, linearly.
 
         ``image`` is taken to lie in the moving frame; give ``image_spacing`` (napari order) and/or
         ``image_world_affine`` when it has another (e.g. the same anatomy at another voxel size).
+        ``cancel`` (a ``threading.Event`` or a callable returning True to stop) is checked before
+        each chunk of the output; once set, :class:`~napari_nephi.core.errors.Cancelled` is raised
+        (anything else: :class:`InputError`). None (the default) leaves the warp as it was.
         """
         img = np.asarray(image)
         channels = img.shape[-1] if _warp.channels_last(img.shape, self.ndim) else 1
         out_shape = self._out_shape(output_shape, img.shape[: self.ndim], "output_shape")
         check_output_memory(out_shape, channels, 4, "warped image", _WARP_ADVICE, extra=4.0 * img.size)
         t = self.for_moving_image(image_spacing, image_world_affine)
-        return _warp.warp_image(img, t, self.ndim, out_shape, choose_device(device))
+        return _warp.warp_image(img, t, self.ndim, out_shape, choose_device(device), cancel=cancel)
 
     def warp_labels(
         self,
@@ -344,10 +348,11 @@ class Transform:
         *,
         image_spacing=None,
         image_world_affine=None,
+        cancel=None,
     ) -> np.ndarray:
         """Resample moving labels onto the fixed grid by nearest neighbour; dtype and values kept.
 
-        ``image_spacing`` / ``image_world_affine``: the labels' frame, as for :meth:`warp`.
+        ``image_spacing`` / ``image_world_affine`` / ``cancel``: as for :meth:`warp`.
         """
         lab = np.asarray(labels)
         if lab.ndim != self.ndim:
@@ -358,7 +363,7 @@ class Transform:
         out_shape = self._out_shape(output_shape, lab.shape, "output_shape")
         check_output_memory(out_shape, 1, lab.dtype.itemsize, "warped labels", _WARP_ADVICE)
         t = self.for_moving_image(image_spacing, image_world_affine)
-        return _warp.warp_labels(lab, t, self.ndim, out_shape, choose_device(device))
+        return _warp.warp_labels(lab, t, self.ndim, out_shape, choose_device(device), cancel=cancel)
 
     def inverse(self) -> Transform:
         """The inverse map (moving -> fixed coordinates), where it exists."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .device import memory_guard
 from .errors import DimensionMismatchError, InputError
 from .grid import to_grid_sample
+from .progress import CancelFlag, Progress
 
 PointMap = Callable[[torch.Tensor], torch.Tensor]
 
@@ -91,11 +92,16 @@ def warp_image(
     output_shape: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
     chunk_voxels: int = CHUNK_VOXELS,
+    *,
+    cancel: CancelFlag = None,
 ) -> np.ndarray:
     """Linearly resample ``image`` at ``point_map(x)`` for every voxel ``x`` of the output grid.
 
     Channels-last images are warped channel by channel. Values outside are 0. Returns float32.
+    ``cancel`` (a ``threading.Event`` or a callable) is checked before each chunk; once it is set,
+    :class:`~napari_nephi.core.errors.Cancelled` is raised. Anything else raises :class:`InputError`.
     """
+    stop_flag = Progress(cancel=cancel)  # checks what ``cancel`` is
     img = np.asarray(image)
     if img.dtype == bool:
         img = img.astype(np.float32)
@@ -105,6 +111,7 @@ def warp_image(
         vol = torch.as_tensor(np.ascontiguousarray(chans, dtype=np.float32), device=device)
         out = np.empty((chans.shape[0], *out_shape), dtype=np.float32)
         for start, stop in iter_slabs(out_shape, chunk_voxels):
+            stop_flag.check()
             pts = point_map(slab_grid(out_shape, start, stop, device))
             vals = sample(vol, pts)
             out[:, start:stop] = vals.reshape(chans.shape[0], stop - start, *out_shape[1:]).cpu()
@@ -118,8 +125,14 @@ def warp_labels(
     output_shape: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
     chunk_voxels: int = CHUNK_VOXELS,
+    *,
+    cancel: CancelFlag = None,
 ) -> np.ndarray:
-    """Nearest-neighbour resampling that keeps dtype and label values exactly; 0 outside."""
+    """Nearest-neighbour resampling that keeps dtype and label values exactly; 0 outside.
+
+    ``cancel``: as for :func:`warp_image`.
+    """
+    stop_flag = Progress(cancel=cancel)
     lab = np.asarray(labels)
     if lab.ndim != ndim:
         raise DimensionMismatchError(
@@ -135,6 +148,7 @@ def warp_labels(
     with memory_guard("label warp"), torch.no_grad():
         out = np.zeros(out_shape, dtype=lab.dtype)
         for start, stop in iter_slabs(out_shape, chunk_voxels):
+            stop_flag.check()
             pts = point_map(slab_grid(out_shape, start, stop, device)).cpu()
             idx = torch.floor(pts + 0.5).to(torch.int64)
             inside = ((idx >= 0) & (idx < upper)).all(dim=1) & torch.isfinite(pts).all(dim=1)

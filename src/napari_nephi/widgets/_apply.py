@@ -53,9 +53,10 @@ def apply_saved_transform(
 
     Results lie on the transform's fixed grid (the layer's scale is the transform's spacing); a
     layer of another spacing than the registered moving image is rescaled to it when the transform
-    carries its moving frame. Raises :class:`Cancelled` when ``cancel`` is set between the steps
-    (the warp itself runs to its end), and :class:`RegistrationError` for every failure, with
-    the message the user sees.
+    carries its moving frame. Raises :class:`Cancelled` when ``cancel`` is set: between the steps,
+    and inside an image's or labels' warp before each of its chunks (about 2^20 output voxels
+    each); points are mapped to their end. Raises :class:`RegistrationError` for every failure,
+    with the message the user sees.
     """
     del progress  # the warp reports no steps; the widget shows a busy bar
     try:
@@ -64,13 +65,13 @@ def apply_saved_transform(
         frame = {"image_spacing": tuple(layer_scale[-t.ndim :])} if t.has_moving_frame else {}
         meta = {"name": name, "scale": t.spacing, "visible": False}
         if kind == "labels":
-            warped = t.warp_labels(np.asarray(data), **frame)
+            warped = t.warp_labels(np.asarray(data), **frame, cancel=cancel)
         elif kind == "points":
             # moving world coordinates -> moving voxels -> fixed voxels
             world = np.asarray(data, float) * layer_scale + layer_translate
             warped = t.inverse().map_points(world / np.asarray(t.moving_spacing))
         else:
-            warped = t.warp(np.asarray(data), **frame)
+            warped = t.warp(np.asarray(data), **frame, cancel=cancel)
             meta["rgb"] = rgb
         _check(cancel)
         return Layer.create(warped, meta, kind)  # napari's scan of the data happens here too

@@ -1,0 +1,108 @@
+"""``Transform.warp`` / ``warp_labels`` stop between chunks when cancelled (session 44); None: as before."""
+
+import threading
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from napari_nephi.core import AffineTransform, DisplacementTransform
+from napari_nephi.core import warp as warp_module
+from napari_nephi.core.errors import Cancelled, InputError
+
+CASES = [(37, 41), (9, 11, 13)]  # 2D and 3D
+
+
+def _transforms(shape):
+    """An affine and a smooth displacement transform of ``shape``."""
+    rng = np.random.default_rng(len(shape))
+    m = np.eye(len(shape) + 1)
+    m[: len(shape), : len(shape)] += rng.uniform(-0.08, 0.08, (len(shape), len(shape)))
+    m[: len(shape), -1] = rng.uniform(-2.5, 2.5, len(shape))
+    field = np.stack([ndi.gaussian_filter(rng.normal(0, 6, shape), 3) for _ in shape]).astype(np.float32)
+    return AffineTransform(m, shape=shape), DisplacementTransform(field)
+
+
+def _inputs(shape):
+    rng = np.random.default_rng(7)
+    image = ndi.gaussian_filter(rng.random(shape), 1.5).astype(np.float32)
+    labels = (image * 9).astype(np.uint16) * 37
+    return image, labels
+
+
+@pytest.fixture
+def slabs(monkeypatch):
+    """The warps work on slabs of at most 64 output voxels (many chunks); counts the slabs handed out."""
+    real = warp_module.iter_slabs
+    given = []
+
+    def small(shape, chunk_voxels=warp_module.CHUNK_VOXELS):
+        for slab in real(shape, 64):
+            given.append(slab)
+            yield slab
+
+    monkeypatch.setattr(warp_module, "iter_slabs", small)
+    return given
+
+
+@pytest.mark.parametrize("shape", CASES)
+def test_an_unset_cancel_gives_the_same_arrays_bit_for_bit(shape, slabs):
+    image, labels = _inputs(shape)
+    for t in _transforms(shape):
+        plain_image, plain_labels = t.warp(image), t.warp_labels(labels)
+        assert len(slabs) > 4  # the chunked path, many chunks
+        for cancel in (None, threading.Event(), lambda: False):
+            assert np.array_equal(t.warp(image, cancel=cancel), plain_image)
+            out = t.warp_labels(labels, cancel=cancel)
+            assert np.array_equal(out, plain_labels) and out.dtype == labels.dtype
+
+
+@pytest.mark.parametrize("shape", CASES)
+@pytest.mark.parametrize("kind", ["image", "labels"])
+def test_a_cancel_set_during_the_first_chunk_stops_before_the_next(shape, kind, slabs):
+    """The cancel is set (as by another thread) while the first chunk is mapped: no second chunk is mapped."""
+    image, labels = _inputs(shape)
+    t = _transforms(shape)[1]
+    cancel = threading.Event()
+    mapped = []
+    real_map = type(t)._map
+
+    def map_and_cancel(self, points):
+        mapped.append(len(points))
+        cancel.set()
+        return real_map(self, points)
+
+    type(t)._map = map_and_cancel
+    try:
+        with pytest.raises(Cancelled):
+            if kind == "image":
+                t.warp(image, cancel=cancel)
+            else:
+                t.warp_labels(labels, cancel=cancel)
+    finally:
+        type(t)._map = real_map
+    total = len(list(warp_module.iter_slabs(shape)))
+    assert total > 4 and len(mapped) == 1  # one chunk of many
+
+
+def test_a_callable_cancel_is_asked_before_each_chunk(slabs):
+    image, _ = _inputs(CASES[1])
+    t = _transforms(CASES[1])[0]
+    asked = []
+
+    def cancel():
+        asked.append(len(asked))
+        return len(asked) == 3  # stop before the third chunk
+
+    with pytest.raises(Cancelled):
+        t.warp(image, cancel=cancel)
+    assert len(asked) == 3 and len(slabs) == 3  # the third slab was handed out, then refused
+
+
+def test_a_cancel_that_is_neither_an_event_nor_callable_is_an_input_error():
+    image, labels = _inputs(CASES[0])
+    t = _transforms(CASES[0])[0]
+    with pytest.raises(InputError, match="cancel must be a threading.Event"):
+        t.warp(image, cancel="yes")
+    with pytest.raises(InputError, match="cancel must be a threading.Event"):
+        t.warp_labels(labels, cancel=1)
