@@ -24,6 +24,13 @@ again (``apply_done``) is printed. Two arms, alternating (to-end, chunked, chunk
 - ``chunked``: the widget as it is: the warp stops before its next chunk (2^20 output voxels each).
 
 Both arms must add no layer.
+
+``--job save`` (session 44) times "Save transform…" the same way as the Apply (sync, worker, worker,
+sync): ``sync`` writes the transform folder and run.json on napari's thread (``save_with_run`` called
+there, which is what ``save_transform`` did before session 44), ``worker`` is
+``RegisterWidget.save_transform(folder)`` now. The widget's last registration is a ``--size``^3
+displacement transform with its inverse field (as NePhi saves one). Both arms' saved fields must be
+equal.
 """
 
 from __future__ import annotations
@@ -42,15 +49,17 @@ def main() -> None:
     p.add_argument("--size", type=int, default=160)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--cancel-after", type=float, default=None, help="time a Cancel this many s into the warp")
+    p.add_argument("--job", choices=("apply", "save"), default="apply")
     args = p.parse_args()
 
     import napari
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
-    from napari_nephi.core import DisplacementTransform, load_transform
+    from napari_nephi.core import DisplacementTransform, Registration, load_transform
     from napari_nephi.synthetic.deformation import random_smooth_displacement
     from napari_nephi.widgets import RegisterWidget
+    from napari_nephi.widgets.register_widget import save_with_run
 
     shape = (args.size,) * 3
     rng = np.random.default_rng(0)
@@ -79,6 +88,21 @@ def main() -> None:
 
     def worker():
         return widget.apply_transform(folder, layer=layer)
+
+    if args.job == "save":
+        widget.last = Registration(
+            volume, DisplacementTransform(u, inverse_field=-u), metrics={"seconds": 1.0}
+        )
+        widget._last_run = {"settings": {"method": "nephi"}, "world_affine": None}
+        out = Path(tempfile.mkdtemp(prefix="save_responsiveness_"))
+        count = iter(range(1000))
+
+        def sync():  # what save_transform did on napari's thread before session 44
+            run = {"settings": widget._last_run["settings"], "metrics": widget.last.metrics}
+            return _Saved(save_with_run(None, None, widget.last.transform, out / f"s{next(count)}", run))
+
+        def worker():
+            return _Saved(widget.save_transform(out / f"w{next(count)}"))
 
     if args.cancel_after is not None:
         cancel_latency(viewer, widget, layer, folder, args.cancel_after, args.rounds)
@@ -111,9 +135,19 @@ def main() -> None:
             new.visible = (
                 False  # kept: removing a layer here crashed software OpenGL under Xvfb (draw after removal)
             )
+    if args.job == "save":  # the saved folders: their fields
+        results = {arm: load_transform(folder).displacement() for arm, folder in results.items()}
     same = np.array_equal(results["sync"], results["worker"])
     print(f"same array in both arms: {same}")
     viewer.close()
+
+
+class _Saved:
+    """A saved folder in the place of a layer (``data``: the folder; ``visible``: ignored)."""
+
+    def __init__(self, folder):
+        assert folder is not None, "the save failed"
+        self.data, self.visible = folder, True
 
 
 def cancel_latency(viewer, widget, layer, folder, after: float, rounds: int) -> None:

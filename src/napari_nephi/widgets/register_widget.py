@@ -71,6 +71,9 @@ class RegisterWidget(QWidget):
     #: Emitted when an "Apply saved transform" is over: the new layer, or None (error or Cancel).
     apply_done = Signal(object)
 
+    #: Emitted when a "Save transform" is over: the folder, or None after an error.
+    save_done = Signal(object)
+
     #: The method selected when the widget opens.
     default_method = "affine"
 
@@ -97,6 +100,8 @@ class RegisterWidget(QWidget):
         self.runner = RegistrationRunner(self)
         self.applier = RegistrationRunner(self)  # "Apply saved transform": one job at a time, as a run
         self._applied_layer = None  # the layer the last apply added (None after an error or Cancel)
+        self.saver = RegistrationRunner(self)  # "Save transform": the files are written off napari's thread
+        self._saving = {"folder": None, "status": ""}  # the save's folder once written; the status to restore
         self.results = ResultLayers(napari_viewer, self)
         self.steps = StepQueue(self)  # turns of the event loop owned by this widget
         self.last = None  # the last Registration
@@ -112,9 +117,9 @@ class RegisterWidget(QWidget):
         self._layout()
         self.run_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.cancel)
-        self.save_button.clicked.connect(lambda: self.save_transform())
+        self.save_button.clicked.connect(lambda: self.save_transform(wait=False))
         self.apply_button.clicked.connect(lambda: self.apply_transform(wait=False))
-        self.state.changed.connect(lambda _old, new: self.apply_button.setEnabled(new is RunState.IDLE))
+        self.state.changed.connect(self._follow_state)
         # both jobs share one state (one job at a time); each runner's signals act on its own job only
         run = (self._on_finished, self._on_failed, self._on_cancelled)
         self.state.drive(
@@ -122,6 +127,7 @@ class RegisterWidget(QWidget):
         )
         apply = (self._on_applied, self._on_apply_failed, self._on_apply_cancelled)
         self.state.drive(self.applier, *apply, done=self._apply_over)
+        self.state.drive(self.saver, self._on_saved, self._on_save_failed, lambda: None, done=self._save_over)
         images = self.moving.layers()
         if len(images) >= 2:
             self.fixed.set_layer(images[0])
@@ -141,7 +147,7 @@ class RegisterWidget(QWidget):
     def _closed(self) -> None:
         """The widget is being deleted (its viewer closed): end what a run holds. No Qt calls here."""
         self.runner.cancel()  # the runner cancels its worker when deleted too
-        self.applier.cancel()
+        self.applier.cancel()  # (a save is written to its end: each file atomically)
         self._gui_idle.set()
         self._close_progress_bar()
         self._close_apply_bar()
@@ -238,8 +244,48 @@ class RegisterWidget(QWidget):
         self.runner.run(register_with_overlays, **job)
 
     def cancel(self) -> None:
-        """Stop the running registration, or drop the transform being applied (the Cancel button)."""
-        self.state.cancel(status=self.status)  # the runner of the job that holds the state
+        """Stop the running registration, or the transform being applied (the Cancel button).
+
+        A save is not stopped: its files are being written (Cancel is disabled meanwhile)."""
+        if self.state.job is not self.saver:
+            self.state.cancel(status=self.status)  # the runner of the job that holds the state
+
+    def _follow_state(self, _old, new: RunState) -> None:
+        """Apply and Save only when idle; no Cancel while a save writes (Run and Cancel: RunControls)."""
+        idle = new is RunState.IDLE
+        self.apply_button.setEnabled(idle)
+        self.save_button.setEnabled(idle and self.last is not None)
+        if self.state.job is self.saver:
+            self.cancel_button.setEnabled(False)
+
+    def _busy(self) -> bool:
+        """Whether a job is on (a registration, an apply or a save); if so, tells the user which."""
+        if self.state.is_(RunState.IDLE):
+            return False
+        job = self.state.job
+        if job is self.saver:
+            show_error("A transform is being saved; wait for it to finish first.")
+        else:
+            what = "A transform is being applied" if job is self.applier else "A registration is running"
+            show_error(f"{what}; wait for it to finish (or Cancel it) first.")
+        return True
+
+    def _run_job(self, runner, func, done_signal, wait: bool, **kwargs) -> None:
+        """Run ``func`` in ``runner``'s worker; with ``wait``, run the event loop until ``done_signal``
+        (or until the widget is deleted, its viewer closed), as the viewer's own loop would."""
+        loop = QEventLoop() if wait else None
+        if loop is not None:
+            done_signal.connect(loop.quit)
+            self.destroyed.connect(loop.quit)
+        runner.run(func, **kwargs)
+        if loop is None:
+            return
+        loop.exec()  # the worker's signals arrive here
+        try:
+            done_signal.disconnect(loop.quit)
+            self.destroyed.disconnect(loop.quit)
+        except (RuntimeError, TypeError):  # pragma: no cover  the widget is gone
+            pass
 
     def _on_progress(self, event) -> None:
         if event.preview is not None:  # the worker waits until this is drawn (next turn)
@@ -365,7 +411,6 @@ class RegisterWidget(QWidget):
 
         def shown(_layers):
             self.status.setText(_summary(reg.metrics))
-            self.save_button.setEnabled(True)
             self._gc_pause.end()
             self.state.results_in()  # IDLE once the worker thread has ended too
 
@@ -414,10 +459,18 @@ class RegisterWidget(QWidget):
         self.run_done.emit()
 
     # -- saving and applying -------------------------------------------------------------
-    def save_transform(self, folder: str | Path | None = None) -> Path | None:
-        """Save the last transform and the run's settings JSON into ``folder``."""
+    def save_transform(self, folder: str | Path | None = None, *, wait: bool = True) -> Path | None:
+        """Save the last transform and the run's settings JSON into ``folder``.
+
+        The files are written in a worker thread (the button's call, ``wait=False``, returns at once)
+        while Run, Apply and Save are disabled; :attr:`save_done` gives the folder (None after an
+        error). With ``wait`` (scripts, tests) the call runs the event loop until then and returns it.
+        A save is not cancelled half way; each file is written atomically.
+        """
         if self.last is None:
             show_error("Run a registration first.")
+            return None
+        if self._busy():
             return None
         if folder is None:
             folder = QFileDialog.getSaveFileName(self, "Save transform folder")[0]
@@ -433,19 +486,28 @@ class RegisterWidget(QWidget):
             t.moving_spacing = run["moving_scale"]
             if run.get("moving_world_affine") is not None and t.ndim == 3:
                 t.moving_world_affine = np.asarray(run["moving_world_affine"], float)
-        try:
-            t.save(folder)
-            atomic_write_bytes(
-                folder / "run.json",
-                json.dumps(
-                    {"settings": run["settings"], "metrics": self.last.metrics}, indent=2, default=str
-                ).encode(),
-            )
-        except (RegistrationError, OSError) as exc:
-            show_error(f"Could not save the transform: {exc}")
-            return None
+        self._saving = {"folder": None, "status": self.status.text()}
+        self.state.start(self.saver)
+        self.status.setText(f"Saving the transform to {folder}…")
+        job = {
+            "transform": t,
+            "folder": folder,
+            "run": {"settings": run["settings"], "metrics": self.last.metrics},
+        }
+        self._run_job(self.saver, save_with_run, self.save_done, wait, **job)
+        return self._saving["folder"]
+
+    def _on_saved(self, folder: Path) -> None:
+        self._saving["folder"] = folder
         show_info(f"Transform saved to {folder}")
-        return folder
+        self.state.results_in()
+
+    def _on_save_failed(self, message: str) -> None:
+        show_error(message)
+
+    def _save_over(self) -> None:
+        self.status.setText(self._saving["status"])
+        self.save_done.emit(self._saving["folder"])
 
     def apply_transform(self, folder: str | Path | None = None, layer=None, *, wait: bool = True):
         """Warp ``layer`` (default: the selected layer) with a saved transform; adds a new layer.
@@ -455,15 +517,7 @@ class RegisterWidget(QWidget):
         layer (None after an error or Cancel), which is added on napari's thread. With ``wait``
         (scripts, tests) the call runs the event loop until then and returns that layer.
         """
-        if not self.state.is_(RunState.IDLE):
-            show_error(
-                (
-                    "A transform is being applied"
-                    if self.state.job is self.applier
-                    else "A registration is running"
-                )
-                + "; wait for it to finish (or Cancel it) first."
-            )
+        if self._busy():
             return None
         if folder is None:
             folder = QFileDialog.getExistingDirectory(self, "Saved transform folder")
@@ -481,20 +535,8 @@ class RegisterWidget(QWidget):
         self.state.start(self.applier)
         self.status.setText(f"Applying the transform to {layer.name}…")
         self._apply_bar = napari_progress(total=0, desc=f"Applying a transform to {layer.name}")
-        loop = QEventLoop() if wait else None
-        if loop is not None:  # it also ends if the widget is deleted (its viewer closed) meanwhile
-            self.apply_done.connect(loop.quit)
-            self.destroyed.connect(loop.quit)
-        self.applier.run(apply_saved_transform, folder=folder, **job)
-        if loop is None:
-            return None
-        loop.exec()  # the worker's signals arrive here, as in the viewer's own loop
-        try:
-            self.apply_done.disconnect(loop.quit)
-            self.destroyed.disconnect(loop.quit)
-        except (RuntimeError, TypeError):  # pragma: no cover  the widget is gone
-            pass
-        return self._applied_layer
+        self._run_job(self.applier, apply_saved_transform, self.apply_done, wait, folder=folder, **job)
+        return self._applied_layer if wait else None
 
     def _on_applied(self, layer) -> None:
         """The worker's layer (hidden): insert it now and show it in the next turn (two costs).
@@ -618,6 +660,23 @@ def register_with_overlays(
     # only inserts them (they are used for new layers; a rerun updates its layers in place)
     prebuilt = [Layer.create(data, {**kwargs, "visible": False}, kind) for data, kwargs, kind in layers]
     return reg, layers, notes, prebuilt
+
+
+def save_with_run(progress, cancel, transform, folder: Path, run: dict) -> Path:
+    """Worker-thread job: write ``transform`` into ``folder``, then ``run`` (settings, metrics) as run.json.
+
+    Runs to its end (each file is written atomically); every failure is a :class:`RegistrationError`
+    whose message the user sees.
+    """
+    del progress, cancel
+    try:
+        transform.save(folder)
+        atomic_write_bytes(folder / "run.json", json.dumps(run, indent=2, default=str).encode())
+    except (RegistrationError, OSError) as exc:
+        raise RegistrationError(f"Could not save the transform: {exc}") from exc
+    except Exception as exc:
+        raise RegistrationError(f"Could not save the transform: {type(exc).__name__}: {exc}") from exc
+    return folder
 
 
 class FullCollectionPause:
