@@ -343,7 +343,7 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -432,6 +432,12 @@ DEFAULTS = {
     # around the best so far, until none is better (module docstring, "Tilt climb"; False: every
     # pitch x yaw of the grid, as before session 31)
     "tilt_climb": False,
+    # a hypothesis whose untilted best lies within this many plates of a better hypothesis's untilted
+    # best gets no joint grid of its own: its finer grid (at its own plate, atlas point, rotation and
+    # scale) is centred on the tilt that better one's joint grid found, and the rest of its tilt search
+    # follows as before (None: every hypothesis cuts its own joint grid, the default; session 44, opt-in;
+    # module docstring, "Shared joint grid"; an error with tilt_climb or tilt_search "sequential")
+    "tilt_share": None,
     "anchors": 2,  # the first stage's best plates that always get a stage-2 hypothesis
     # score lost by a pose whose plate the first stage ranks far (0: none; the safe setting where the
     # embedding, trained on synthetic views of the atlas, is not trusted on real sections)
@@ -681,6 +687,14 @@ def check_rerank_options(options: dict | None) -> dict:
             "tilt_climb climbs the joint pitch x yaw grid, so it needs tilt_search 'joint' (the "
             f"default), not {out['tilt_search']!r}: pass one or the other."
         )
+    if out["tilt_share"] is not None:
+        out["tilt_share"] = check_int("tilt_share", out["tilt_share"], 0, 1000)
+        if out["tilt_climb"] or out["tilt_search"] != "joint":  # it shares the whole joint grid's best
+            raise InputError(
+                f"tilt_share ({out['tilt_share']!r}) shares the joint pitch x yaw grid's best tilt, so it "
+                "needs tilt_search 'joint' (the default) and tilt_climb False (the default), which climbs "
+                "that grid instead; pass one or the other."
+            )
     if out["finer_margin"] is not None:
         out["finer_margin"] = check_float("finer_margin", out["finer_margin"], 0.0, 2.0)
     if out["untilted_prune"] is not None:
@@ -798,6 +812,9 @@ class RerankResult:
     pairs: int = 0
     #: of ``pairs``, those of stage 1 (its widening's included; session 43)
     stage1_pairs: int = 0
+    #: tilt searches that ``tilt_share`` started from another hypothesis's joint-grid tilt instead of a
+    #: joint grid of their own (the first pass's; 0 without it; session 44)
+    tilts_shared: int = 0
     widened: bool = False
     widen_kept: bool = False
     options: dict = field(default_factory=dict)
@@ -954,8 +971,8 @@ class PoseSearch:
         refine = _Refine(self.atlas(options["work_size"]), fine, options, progress)
         bests, own = _untilted_all(refine, hyps, options["own_plate_tilt"])
         top = max((b.score for b in bests), default=0.0)
-        _tilt_near_top(refine, bests, options["tilt_margin"], top)
-        own_tilts = _tilt_near_top(refine, own, options["tilt_margin"], top)
+        shared = _tilt_near_top(refine, bests, options["tilt_margin"], top, options["tilt_share"])[1]
+        own_tilts = _tilt_near_top(refine, own, options["tilt_margin"], top)[0]
         scan_count = 1 if routed else options["z_scan_poses"]
         scanned = _distinct(refine.poses, scan_count) if options["z_scan"] > 0 else []
         for start in scanned:
@@ -1012,6 +1029,7 @@ class PoseSearch:
         )
         result.widened, result.widen_kept = widened, kept
         result.stage1_pairs = pairs_done
+        result.tilts_shared = shared
         result.densified = densified
         result.routed = routed
         result.refined = refined
@@ -1040,8 +1058,8 @@ class PoseSearch:
         )
         top = max((p.score for p in refine.poses), default=0.0)
         bests, own = _untilted_all(refine, new, options["own_plate_tilt"])
-        _tilt_near_top(refine, bests, options["tilt_margin"], top)
-        own_tilts = _tilt_near_top(refine, own, options["tilt_margin"], top)
+        _tilt_near_top(refine, bests, options["tilt_margin"], top, options["tilt_share"])
+        own_tilts = _tilt_near_top(refine, own, options["tilt_margin"], top)[0]
         if options["z_scan"] > 0:
             for start in _distinct(refine.poses, options["z_scan_poses"]):
                 if _apart(start, scanned):
@@ -1266,10 +1284,14 @@ class _Refine:
         ]
         return max([top, self._score(more)], key=lambda p: p.score) if more else top
 
-    def tilted(self, best: Pose) -> bool:
+    def tilted(self, best: Pose, shared: tuple[float, float] | None = None) -> bool:
         """Tilted cuts around the untilted best pose of a hypothesis, then rotation and scale again;
-        whether any ran (none on a plate stack or with ``max_tilt`` 0)."""
+        whether any ran (none on a plate stack or with ``max_tilt`` 0). The joint grid's best tilt is
+        kept in :attr:`joint_tilt`. ``shared`` (``tilt_share``; joint search only): no joint grid, the
+        finer grid is centred on this tilt (itself cut too, unless untilted) at ``best``'s plate, atlas
+        point, rotation and scale, and the search goes on from the best of those and ``best``."""
         a, g = self.atlas, self.grid
+        self.joint_tilt = None
         if not (a.is_volume and self.options["max_tilt"] > 0):
             return False
         angles = [t for t in _steps(self.options["max_tilt"], self.options["tilt_step"]) if t != 0]
@@ -1279,13 +1301,23 @@ class _Refine:
             found = g.oblique_cuts(a, specs, np.asarray(at.centre), at.scale)
             return [(at.rotation, at.scale, cut) for cut in found]
 
-        if self.options["tilt_search"] == "joint":
+        if self.options["tilt_search"] == "joint" and shared is not None:
+            top = best
+            margin = self.options["finer_margin"]
+            if margin is not None and top.score < max(p.score for p in self.poses) - margin:
+                return True  # as below: far below the best pose so far
+            centre = replace(best, tilt=(float(shared[0]), float(shared[1])))
+            finer = ([] if centre.tilt == (0.0, 0.0) else [centre.tilt]) + self._finer_tilts(centre)
+            if finer:
+                top = max([top, self._score(cuts(finer, top, FINE_DZ))], key=lambda p: p.score)
+        elif self.options["tilt_search"] == "joint":
             if self.options["tilt_climb"]:
                 top = self._climb(best, [0.0, *angles], lambda tilts: cuts(tilts, dzs=JOINT_DZ))
             else:
                 grid = [(p, y) for p in [0.0, *angles] for y in [0.0, *angles] if (p, y) != (0.0, 0.0)]
                 tilted = self._score(cuts(grid, dzs=JOINT_DZ))
                 top = max([best, tilted], key=lambda p: p.score)
+            self.joint_tilt = top.tilt
             margin = self.options["finer_margin"]
             if margin is not None and top.score < max(p.score for p in self.poses) - margin:
                 return True  # far below the best pose so far: no finer grid, rotation and scale or rounds
@@ -1445,14 +1477,43 @@ def _stage1(coarse, coarse_atlas, mask, zs: list[int], options: dict) -> list:
     )
 
 
-def _tilt_near_top(refine, bests: list[Pose], margin: float | None, top: float) -> int:
+def _tilt_near_top(
+    refine, bests: list[Pose], margin: float | None, top: float, share: int | None = None
+) -> tuple[int, int]:
     """Tilt-search each of ``bests`` (untilted stage-2 poses) scoring within ``margin`` of ``top``
-    (``margin`` None: every one); how many tilt searches ran."""
-    ran = 0
-    for best in bests:
-        if margin is None or best.score >= top - margin:
-            ran += refine.tilted(best)
-    return ran
+    (``margin`` None: every one); how many tilt searches ran, and how many of them ``share``
+    (``tilt_share``) started from another's joint-grid tilt. With ``share``, the poses that lie within
+    ``share`` plates of a better one of those searched (taken best first, ties in list order) follow
+    the others, each from the joint-grid tilt of the best such one (:func:`_leaders`)."""
+    chosen = [b for b in bests if margin is None or b.score >= top - margin]
+    if share is None:
+        return sum(refine.tilted(best) for best in chosen), 0
+    leader = _leaders(chosen, share)
+    ran, shared, tilts = 0, 0, {}
+    for k in [k for k in range(len(chosen)) if leader[k] == k]:
+        ran += refine.tilted(chosen[k])
+        tilts[k] = refine.joint_tilt
+    for k in [k for k in range(len(chosen)) if leader[k] != k]:
+        start = tilts.get(leader[k])
+        ran += refine.tilted(chosen[k], start)
+        shared += start is not None
+    return ran, shared
+
+
+def _leaders(bests: list[Pose], reach: int) -> list[int]:
+    """For each of ``bests``, the index of the best one within ``reach`` plates of it that leads a
+    region (itself where none better lies that close): taken best first (ties in list order), a pose
+    leads where no leader found so far lies within ``reach`` plates; the others follow the best leader
+    within ``reach`` (``tilt_share``)."""
+    leader = list(range(len(bests)))
+    heads: list[int] = []
+    for k in sorted(range(len(bests)), key=lambda k: -bests[k].score):  # stable
+        near = [j for j in heads if abs(bests[k].plate - bests[j].plate) <= reach]
+        if near:
+            leader[k] = near[0]  # heads are in descending score order: the best leader near it
+        else:
+            heads.append(k)
+    return leader
 
 
 def _untilted_all(refine, hyps: list[Pose], own_plate: bool) -> tuple[list[Pose], list[Pose]]:
