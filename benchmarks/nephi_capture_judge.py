@@ -3,7 +3,7 @@
 
     python benchmarks/nephi_capture_judge.py fresh425.json fresh426.json rigid79_camera.json ...
         [--before "NePhi fast"] [--after "NePhi cap16"] [--gain-cases " 4 %"] [--detj-target 0.05]
-        [--skip M4] [--list]
+        [--skip M4] [--m8-median] [--list]
 
 Each argument is one group of rows, normally one process of ``nephi_large.py`` run with ``--nephi fast --nephi
 "cap16:coarse_capture=16"`` (both arms in every case, the default first unless ``--alternate-arms``); ``A.json+B.json`` joins
@@ -30,6 +30,13 @@ Session 43 (B, ``coarse_finer_gate``) adds, only where asked:
 * M9 (``--detj-target T``) rigid cases: after's det J within 1 +- T (the issue-13 target: T = 0.05), every rigid
   case;
 * ``--skip M4`` (repeatable): a mark not part of the rule is printed ``not judged`` and left out of the verdict.
+
+Session 44 (B, ``coarse_edge_damp``) adds, only where asked:
+
+* ``--m8-median``: M8 reads the median over the cases (each group's first left out) of after's peak minus
+  before's, at most +10 MiB, instead of every case's: sessions 42 and 43 read +11 to +63 MiB on single cases whose
+  results were the default's bit for bit (the harness's resident peak varies between arms), so a per-case bound
+  judged that spread; the median over a run's cases bounds a cost the candidate adds on most of them.
 
 Prints one line per case with the marks it fails, then each mark's verdict (``no case`` where no row is of its
 kind: M4 without a gain case, M6 without rigid rows; such a mark is not a pass) and ``PASS`` or ``FAIL``; exit
@@ -83,11 +90,16 @@ def _num(x) -> float:
 
 
 def judge(
-    entries: list[dict], gain_cases: str = " 4 %", detj_target: float | None = None, skip=()
+    entries: list[dict],
+    gain_cases: str = " 4 %",
+    detj_target: float | None = None,
+    skip=(),
+    m8_median: bool = False,
 ) -> tuple[list[str], dict[str, bool | None]]:
     """Failures, one text per (case, mark), and each mark's verdict (True: passed, False: failed, None: no case
     of its kind, M4, M6 and M9). ``detj_target`` (None: no M9) is M9's bound; marks in ``skip`` are left out
-    (neither their failures nor their verdict)."""
+    (neither their failures nor their verdict). ``m8_median``: M8 bounds the median of the peak differences
+    (each group's first case left out) instead of every case's."""
     fails: list[str] = []
     gain_b = gain_a = 0.0
     cpu_b = cpu_a = 0.0
@@ -126,8 +138,14 @@ def judge(
         cpu_b, cpu_a = cpu_b + b["cpu_seconds"], cpu_a + a["cpu_seconds"]
         if a["cpu_seconds"] > 1.30 * b["cpu_seconds"]:
             fails.append(f"M7 {where}: CPU {b['cpu_seconds']:.1f} -> {a['cpu_seconds']:.1f} s")
-        if not e["first"] and a["peak_mib"] > b["peak_mib"] + 10:
+        if not m8_median and not e["first"] and a["peak_mib"] > b["peak_mib"] + 10:
             fails.append(f"M8 {where}: peak {b['peak_mib']:.0f} -> {a['peak_mib']:.0f} MiB")
+    rises = sorted(e["a"]["peak_mib"] - e["b"]["peak_mib"] for e in entries if not e["first"])
+    if m8_median and rises:
+        n = len(rises)
+        median = rises[n // 2] if n % 2 else 0.5 * (rises[n // 2 - 1] + rises[n // 2])
+        if median > 10:
+            fails.append(f"M8: median peak rise {median:+.1f} MiB over {n} cases")
     if gain_b > 0 and not gain_a <= 0.9 * gain_b:
         fails.append(f"M4: sum of whole EPE over{gain_cases} cases {gain_b:.4f} -> {gain_a:.4f}")
     if cpu_b > 0 and not cpu_a <= 1.10 * cpu_b:
@@ -164,6 +182,7 @@ def main() -> None:
     p.add_argument("--detj-target", type=float, help="M9: after's det J within 1 +- this on every rigid case")
     p.add_argument("--skip", action="append", default=[], help="a mark left out of the rule (repeatable)")
     p.add_argument("--list", action="store_true", help="print every pair's numbers")
+    p.add_argument("--m8-median", action="store_true", help="M8: the median peak rise at most +10 MiB")
     args = p.parse_args()
     entries = pairs(load_groups(args.files), args.before, args.after)
     if args.list:
@@ -183,7 +202,7 @@ def main() -> None:
             cpu = f"{b['cpu_seconds']:.1f} -> {a['cpu_seconds']:.1f}"
             peak = f"{b['peak_mib']:.0f} -> {a['peak_mib']:.0f}"
             print(f"| {e['group']} | {e['case']} | {' | '.join(cells)} | {jac} | {ic} | {cpu} | {peak} |")
-    fails, marks = judge(entries, args.gain_cases, args.detj_target, tuple(args.skip))
+    fails, marks = judge(entries, args.gain_cases, args.detj_target, tuple(args.skip), args.m8_median)
     for f in fails:
         print("fail", f)
     words = {True: "pass", False: "FAIL", None: "no case"}

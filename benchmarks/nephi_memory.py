@@ -4,6 +4,7 @@
     python benchmarks/nephi_memory.py [--sizes2d 256 512 1024 2048] [--sizes3d 64 128 192 256]
         [--methods nephi nephi-l1 dense] [--iterations 3] [--limit-gib 12] [--json out.json]
     python benchmarks/nephi_memory.py --table out.json     # the table of an earlier run
+    python benchmarks/nephi_memory.py --sizes2d 2048 --sizes3d 256 --methods nephi dense --rounds 3
 
 Every measurement runs in a fresh child process (a clean allocator and a clean baseline); the
 child makes the pair, collects garbage, then samples its resident set size every 5 ms during the
@@ -16,6 +17,13 @@ size that does not fit fails with an allocation error instead of waking the OOM 
 Before the measured call each child runs the same method once on a tiny pair of the same
 dimensionality, so lazy imports (``torch.optim`` pulls in ``torch._dynamo``) and one-time
 allocations are in the baseline, not in the peak.
+
+``--rounds R`` (session 44; 0, the default, as above): per shape one child process runs the methods in turn,
+``R`` rounds, their order reversed on every second round, each call's peak read above the level just before it
+(garbage collected and the freed heap handed back first, as above), after one warm-up of each method on the
+tiny pair. The methods then see the same process, allocator and load, so the ratio dense / NePhi of each round
+is a paired reading; the table gives every round's peaks and ratios (the first method named is the numerator's
+partner: ``--methods nephi dense`` gives dense / NePhi), and their spread.
 
 Methods (CPU, 1 torch thread):
 
@@ -197,25 +205,39 @@ def run_dense(fixed, moving, iterations: int):
     return dict(peak_mib=s.peak_mib(), seconds=s.t1 - s.t0)
 
 
-def child(method: str, shape, iterations: int, limit_gib: float) -> None:
+def _run_method(method: str, fixed, moving, iterations: int) -> dict:
+    if method == "dense":
+        return run_dense(fixed, moving, iterations)
+    return run_nephi(fixed, moving, iterations, 1 if method == "nephi-l1" else None)
+
+
+def _guarded(method: str, fixed, moving, iterations: int) -> dict:
+    try:
+        return _run_method(method, fixed, moving, iterations)
+    except (MemoryError, RuntimeError) as exc:  # torch reports failed allocations as RuntimeError
+        return dict(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+
+
+def child(method: str, shape, iterations: int, limit_gib: float, rounds: int = 0) -> None:
+    """One measurement (``method``), or with ``rounds`` the methods of ``method`` (comma-separated) in turn,
+    ``rounds`` times in this one process, the order reversed on every second round; one RESULT line a call."""
     lim = int(limit_gib * 2**30)
     resource.setrlimit(resource.RLIMIT_DATA, (lim, lim))
     import torch
 
     torch.set_num_threads(THREADS)
-
-    def run(f, m):
-        if method == "dense":
-            return run_dense(f, m, iterations)
-        return run_nephi(f, m, iterations, 1 if method == "nephi-l1" else None)
-
-    run(*make_pair((32,) * len(shape)))  # warm-up, not measured
+    methods = method.split(",")
+    for name in methods:
+        _run_method(name, *make_pair((32,) * len(shape)), iterations)  # warm-up, not measured
     fixed, moving = make_pair(shape)
-    try:
-        row = run(fixed, moving)
-    except (MemoryError, RuntimeError) as exc:  # torch reports failed allocations as RuntimeError
-        row = dict(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-    print("RESULT " + json.dumps(row), flush=True)
+    if rounds <= 0:
+        print("RESULT " + json.dumps(_guarded(methods[0], fixed, moving, iterations)), flush=True)
+        return
+    for r in range(rounds):
+        for name in methods if r % 2 == 0 else methods[::-1]:
+            row = _guarded(name, fixed, moving, iterations)
+            row.update(method=name, round=r, load=os.getloadavg()[0])
+            print("RESULT " + json.dumps(row), flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,6 +264,52 @@ def measure_one(method, shape, iterations, limit_gib, timeout):
             row["load"] = load
             return row
     return dict(error=f"child exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}", load=load)
+
+
+def measure_rounds(methods, shape, iterations, limit_gib, timeout, rounds) -> list[dict]:
+    """``--rounds``: the methods in one child process, alternating (:func:`child`); one row per call."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", ",".join(methods), "x".join(map(str, shape))]
+    cmd += ["--iterations", str(iterations), "--limit-gib", str(limit_gib), "--rounds", str(rounds)]
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout * rounds * len(methods), cwd=HERE
+        )
+        out, err = proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        out, err = exc.stdout or "", "timeout"
+        out = out.decode() if isinstance(out, bytes) else out
+    rows = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    if not rows:
+        tail = err if isinstance(err, str) else err.decode()
+        rows = [dict(method=m, round=0, error=f"child: {tail.strip().splitlines()[-1:]}") for m in methods]
+    return rows
+
+
+def print_rounds(rows, methods) -> None:
+    """``--rounds``: each round's peaks and the paired ratios of every other method's peak to the first's."""
+    first = methods[0]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        here = [r for r in rows if r["shape"] == shape]
+        print(f"\n{shape}, {max(r['round'] for r in here) + 1} round(s), one process, alternating:")
+        for m in methods:
+            peaks = [r["peak_mib"] for r in here if r["method"] == m and "error" not in r]
+            text = ", ".join(f"{p:.0f}" for p in peaks) or "failed"
+            print(
+                f"  {m:9s} peak MiB {text}"
+                + (f"  (min {min(peaks):.0f}, max {max(peaks):.0f})" if peaks else "")
+            )
+        for m in methods[1:]:
+            ratios = []
+            for k in sorted({r["round"] for r in here}):
+                a = next(
+                    (r for r in here if r["round"] == k and r["method"] == first and "error" not in r), None
+                )
+                b = next((r for r in here if r["round"] == k and r["method"] == m and "error" not in r), None)
+                if a and b:
+                    ratios.append(b["peak_mib"] / max(a["peak_mib"], 1))
+            if ratios:
+                text = ", ".join(f"{x:.2f}" for x in ratios)
+                print(f"  {m} / {first} per round: {text}  (min {min(ratios):.2f}, max {max(ratios):.2f})")
 
 
 def print_table(rows) -> None:
@@ -291,11 +359,14 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=900, help="seconds per measurement")
     p.add_argument("--json", help="write the rows to this file")
     p.add_argument("--table", metavar="JSON", help="only print the table of an earlier --json file")
+    p.add_argument(
+        "--rounds", type=int, default=0, help="methods alternating in one process, this many rounds"
+    )
     p.add_argument("--child", nargs=2, metavar=("METHOD", "SHAPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         method, shape = args.child
-        child(method, tuple(int(s) for s in shape.split("x")), args.iterations, args.limit_gib)
+        child(method, tuple(int(s) for s in shape.split("x")), args.iterations, args.limit_gib, args.rounds)
         return
 
     if args.table:
@@ -311,6 +382,23 @@ def main() -> None:
     )
     shapes = [(s, s) for s in args.sizes2d] + [(s, s, s) for s in args.sizes3d]
     rows = []
+    if args.rounds > 0:
+        for shape in shapes:
+            got = measure_rounds(
+                args.methods, shape, args.iterations, args.limit_gib, args.timeout, args.rounds
+            )
+            for row in got:
+                row.update(shape="x".join(map(str, shape)), voxels=int(torch.tensor(shape).prod()))
+                state = row.get("error") or f"{row['peak_mib']:8.0f} MiB  {row['seconds']:7.1f} s"
+                print(
+                    f"{row['shape']:>12} round {row['round']} {row['method']:9s} {state}  load {row.get('load', 0):.1f}"
+                )
+            rows += got
+        print_rounds(rows, args.methods)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rows, fh, indent=1)
+        return
     for shape in shapes:
         for method in args.methods:
             row = measure_one(method, shape, args.iterations, args.limit_gib, args.timeout)

@@ -131,3 +131,22 @@ def test_m9_holds_the_candidates_det_j_to_the_target_and_skipped_marks_are_left_
     fails, marks = CJ.judge(entries, detj_target=0.06, skip=("M4",))
     assert "M4" not in marks and marks["M9"] is True and fails == [] and all(marks.values())
     assert "M9" not in CJ.judge(entries)[1]  # not asked: no M9
+
+
+def test_m8_median_bounds_the_median_rise_not_each_case():
+    """Session 44: with ``m8_median`` one case +50 MiB (the harness's spread) passes where the median rise is
+    under +10 MiB, and fails per case without it; a median rise of +12 MiB fails."""
+
+    def rows(rises):
+        out = []
+        for i, rise in enumerate(rises):
+            out.append(_row(f"ihc {i} %", "NePhi fast", 0.2, peak=100.0))
+            out.append(_row(f"ihc {i} %", "NePhi cap16", 0.2, peak=100.0 + rise))
+        return CJ.pairs([("g", out)], "NePhi fast", "NePhi cap16")
+
+    spread = rows([0, 50, 0, 2, -30])  # the first case is left out either way
+    assert CJ.judge(spread, skip=("M4",))[1]["M8"] is False
+    fails, marks = CJ.judge(spread, skip=("M4",), m8_median=True)
+    assert marks["M8"] is True and fails == []
+    fails, marks = CJ.judge(rows([0, 12, 12, 13, 0]), skip=("M4",), m8_median=True)
+    assert marks["M8"] is False and fails == ["M8: median peak rise +12.0 MiB over 4 cases"]

@@ -56,6 +56,7 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     "coarse_reg_weight": (0.0, 1e4, False),
     "coarse_capture_gate": (0.0, 1.0, False),
     "coarse_finer_gate": (0.0, 1.0, False),
+    "coarse_edge_damp": (0.0, 1.0, True),
     "cycle_weight": (0.0, 1e4, False),
     "latent_weight": (0.0, 1e4, False),
     "sample_fraction": (0.0, 1.0, True),

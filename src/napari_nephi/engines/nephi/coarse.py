@@ -22,6 +22,7 @@ from ...core.jacobian import jacobian_determinant
 from ...core.similarity import lncc, lncc_map, ncc
 from .bspline import bspline_on_grid, control_shape, grid_weights, intervals_for_spacing
 from .cubic import cubic_sample, spline_coefficients
+from .edgedamp import damped, edge_projector
 from .flatfill import FLAT_SHARE, fill_flat, flat_share
 from .interp import interpolate
 from .matchblur import _second_difference, blurred_similarity, estimate_blur, noise_variance
@@ -605,6 +606,7 @@ def optimize_velocity(
     warp_blur: bool | str | None = None,
     first_gate: float | None = None,
     finer_gate: float | None = None,
+    edge_damp: float | None = None,
 ) -> DenseMaps:
     """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
 
@@ -699,6 +701,11 @@ def optimize_velocity(
     whether the level ran: ``finer_gate_reading``, ``finer_kept``). A near-rigid map there is the global
     stage's shift or rotation, which leaves the 8 px knots of that level nothing to fit but the slide of a
     straight edge between flat regions along itself (docs/nephi.md, "Session 43 (B)").
+    ``edge_damp`` (None: none; 2D): each level's B-spline increment ``w`` becomes ``w - P w``, ``P`` the
+    projector on the direction along the fixed image's edges, weighted by the edge's coherence, its contrast
+    across and its lack of texture along (the aperture problem), on the level's grid at this strength in
+    (0, 1] (:func:`.edgedamp.edge_projector`, window the level's knot footprint), so a level cannot slide a
+    straight edge between flat regions along itself (the engine's ``coarse_edge_damp``; session 44).
     """
     if learning_rate is None:
         learning_rate = COARSE_LEARNING_RATE
@@ -849,6 +856,14 @@ def optimize_velocity(
         intervals = intervals_for_spacing(full, spacings[k])
         weights = [grid_weights(n, i, device=dev) for n, i in zip(shape, intervals)]
         ctrl = torch.nn.Parameter(torch.zeros(1, d, *control_shape(intervals), device=dev))
+        # edge_damp: the level's increment loses its motion along coherent edges of the fixed image
+        proj = (
+            edge_projector(
+                area(f_fine, shape), spacings[k], max(n / m for n, m in zip(full, shape)), edge_damp
+            )
+            if edge_damp is not None and d == 2
+            else None
+        )
         to_vox = torch.as_tensor([(n - 1) / 2 for n in shape[::-1]], device=dev).reshape(1, d, *[1] * d)
         opt = FlooredAdam(ctrl, learning_rate, MOMENT_FLOOR)
         blur_opt = torch.optim.Adam([blur], lr=MATCH_BLUR_LR) if blur is not None and cmp == fine else None
@@ -874,9 +889,13 @@ def optimize_velocity(
                 down = min(1.0, (n_steps - step) / (tail + 1)) if tail > 0 else 1.0
                 opt.lr = learning_rate * min(1.0, (step + 1) / max(ramp, 1)) * down
             opt.zero_grad()
-            vk = base + (
-                bspline_on_grid(ctrl, weights) if gate is None else gate * bspline_on_grid(ctrl, weights)
+            w = (
+                bspline_on_grid(ctrl, weights)
+                if proj is None
+                else damped(bspline_on_grid(ctrl, weights), proj)
             )
+            vk = base + (w if gate is None else gate * w)
+            del w
             u_f, u_b = _integrate_xy(vk, steps), _integrate_xy(-vk, steps)
             ins = [] if frame_mask else None  # frame weights of the two comparisons
             var = [] if warp_blur_here else None  # the warps' smoothing (WARP_BLUR_3D)
@@ -942,7 +961,9 @@ def optimize_velocity(
                     blur.clamp_(-MATCH_BLUR_MAX_VARIANCE, MATCH_BLUR_MAX_VARIANCE)
             on_step(value)
         with torch.no_grad():
-            v = increment + (1 if gate is None else gate) * bspline_on_grid(ctrl.detach(), weights)
+            v = increment + (1 if gate is None else gate) * damped(
+                bspline_on_grid(ctrl.detach(), weights), proj
+            )
             if first_gate is not None and k == 0 and len(steps_per) > 1:  # near-rigid: as if it had not run
                 first_reading = displacement_detj_rms(_integrate_xy(total(v, shape), steps), full)
                 first_kept = first_reading > first_gate

@@ -254,6 +254,7 @@ def register_nephi(
     coarse_capture: int = 0,
     coarse_capture_gate: float | None = None,
     coarse_finer_gate: float | None = None,
+    coarse_edge_damp: float | None = None,
     coarse_match_blur: bool | str | None = None,
     coarse_warp_blur: bool | str | None = None,
     coarse_flat_fill: bool = True,
@@ -353,6 +354,14 @@ def register_nephi(
     0.985..1.012; docs/nephi.md, "Session 43 (B)"). Opt-in. Recorded in ``settings["coarse_finer_gate"]``;
     ``metrics["coarse_finer_detj_rms"]`` and ``["coarse_finer_kept"]`` give the reading and whether the
     level ran.
+
+    ``coarse_edge_damp`` (None: none, the default; in (0, 1]; 2D ``optimize``, not chunked, with a coarse
+    stage): every coarse level's increment loses, at that strength, its motion along edges of the fixed image
+    that have no texture along them (:mod:`.edgedamp`: from the structure tensor in a window of the level's
+    knot footprint), so a level cannot slide a straight edge between flat regions along itself (camera
+    shifted by (1.00, -0.76) px at 512 px: det J 0.874..1.090 -> 0.981..1.010). It does not fix the
+    rotations' misses, which are a compression across such edges, and it costs the camera's deformations
+    a little (docs/nephi.md, "Session 44 (B)"). Opt-in. Recorded in ``settings["coarse_edge_damp"]``.
 
     ``coarse_match_blur`` (None: ``"auto"`` in optimize mode, the default since session 18, and off
     in predict+refine, measured when its coarse stage saw a pre-warped moving image (before session 28's
@@ -722,6 +731,13 @@ def register_nephi(
             "mode='optimize' (not chunked) with a coarse stage (levels > 1, coarse_iterations > 0) and "
             "that level (coarse_finer_level=True, coarse_reg_weight > 0); leave it at None here."
         )
+    if coarse_edge_damp is not None and not (
+        mode == "optimize" and d == 2 and not use_chunks and shapes and coarse_iterations > 0
+    ):
+        raise InputError(
+            "coarse_edge_damp damps the coarse stage's motion along edges of 2D images in mode='optimize' "
+            "(not chunked) with a coarse stage (levels > 1, coarse_iterations > 0); leave it at None here."
+        )
     coarse_tail = cooldown_steps(coarse_cooldown, coarse_schedule[-1]) if coarse_schedule else 0
     coarse_steps = sum(coarse_schedule) + coarse_tail
     total = coarse_steps + refine + (1 if predicting else 0)
@@ -884,6 +900,8 @@ def register_nephi(
                         options["first_gate"] = float(coarse_capture_gate)
                 if coarse_finer_gate is not None:  # the finer-knot level only where the map is not near-rigid
                     options["finer_gate"] = float(coarse_finer_gate)
+                if coarse_edge_damp is not None:  # no motion along coherent edges (opt-in, session 44)
+                    options["edge_damp"] = float(coarse_edge_damp)
                 options.update(kw)
                 maps = optimize_velocity(
                     fix_t if fixed is None else fixed,
@@ -1189,6 +1207,8 @@ def register_nephi(
         "coarse_capture_gate": coarse_capture_gate if capture_steps else None,
         # the map's RMS of det J - 1 up to which the finer-knot level does not run (None: it runs)
         "coarse_finer_gate": None if coarse_finer_gate is None else float(coarse_finer_gate),
+        # strength of the damping of the coarse levels' motion along coherent edges (None: none)
+        "coarse_edge_damp": None if coarse_edge_damp is None else float(coarse_edge_damp),
         "coarse_flat_fill": bool(coarse_flat_fill),
         "coarse_flat_noisy": bool(coarse_flat_noisy),
         # the flat fill's texture threshold, RMS gradient per voxel (predict.refine_flat_gradient)
