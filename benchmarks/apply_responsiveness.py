@@ -31,6 +31,13 @@ there, which is what ``save_transform`` did before session 44), ``worker`` is
 ``RegisterWidget.save_transform(folder)`` now. The widget's last registration is a ``--size``^3
 displacement transform with its inverse field (as NePhi saves one). Both arms' saved fields must be
 equal.
+
+``--job start`` (session 44) times Run with a lazy moving layer: a folder of ``--size`` section TIFFs of
+``--size``^2 float32 opened lazily (``read_section_folder``, dask), the fixed layer the same volume in
+memory. Each arm clicks Run, lets the registration go for ``--window`` seconds, cancels it and waits until
+the widget is idle; the longest gap covers the whole arm. ``sync`` reads the lazy layer on napari's thread
+in ``start`` (``np.asarray``, what the widget did before session 44), ``worker`` is the widget now (the
+worker thread reads it).
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=160)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--cancel-after", type=float, default=None, help="time a Cancel this many s into the warp")
-    p.add_argument("--job", choices=("apply", "save"), default="apply")
+    p.add_argument("--job", choices=("apply", "save", "start"), default="apply")
+    p.add_argument("--window", type=float, default=3.0, help="--job start: seconds before Cancel")
     args = p.parse_args()
 
     import napari
@@ -109,6 +117,9 @@ def main() -> None:
         viewer.close()
         return
 
+    if args.job == "start":
+        sync, worker = _lazy_start_arms(viewer, widget, volume, args.window)
+
     results = {}
     print(f"load average {os.getloadavg()[0]:.2f}; volume {shape}")
     for r in range(args.rounds):
@@ -142,8 +153,52 @@ def main() -> None:
     viewer.close()
 
 
+def _lazy_start_arms(viewer, widget, volume, window: float):
+    """The two arms of ``--job start``: Run on a lazy moving layer, Cancel after ``window`` seconds."""
+    import tifffile
+    from qtpy.QtWidgets import QApplication
+
+    from napari_nephi.io.stack import read_section_folder
+    from napari_nephi.widgets import register_widget as rw
+
+    folder = Path(tempfile.mkdtemp(prefix="start_responsiveness_"))
+    for k, section in enumerate(volume):
+        tifffile.imwrite(folder / f"s{k}.tif", section)
+    lazy, _ = read_section_folder(folder)
+    widget.fixed.set_layer(viewer.add_image(volume, name="fixed", contrast_limits=(0, 1)))
+    widget.moving.set_layer(viewer.add_image(lazy, name="moving (lazy)", contrast_limits=(0, 1)))
+    widget.options.iterations.setValue(500)  # still running when Cancel comes
+    app, new = QApplication.instance(), rw.layer_image
+
+    def old(layer):  # session 43: the level was read with np.asarray on napari's thread
+        return np.asarray(new(layer))
+
+    def arm(read):
+        rw.layer_image = read
+        done = []
+
+        def over():
+            done.append(True)
+
+        widget.run_done.connect(over)
+        widget.start()
+        begin = time.perf_counter()
+        while time.perf_counter() - begin < window:
+            app.processEvents()
+            time.sleep(0.005)
+        widget.cancel()
+        while not done:
+            app.processEvents()
+            time.sleep(0.005)
+        widget.run_done.disconnect(over)
+        rw.layer_image = new
+        return _Saved(np.zeros(1))  # nothing to compare: the run was cancelled
+
+    return (lambda: arm(old)), (lambda: arm(new))
+
+
 class _Saved:
-    """A saved folder in the place of a layer (``data``: the folder; ``visible``: ignored)."""
+    """A saved folder (or nothing) in the place of a layer (``data``; ``visible``: ignored)."""
 
     def __init__(self, folder):
         assert folder is not None, "the save failed"

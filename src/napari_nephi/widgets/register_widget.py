@@ -51,10 +51,10 @@ PREVIEW_INTERVAL = 0.5
 PREVIEW_WAIT = 0.5
 
 
-def layer_image(layer) -> np.ndarray:
-    """The full-resolution data of an Image layer as numpy (level 0 of a multiscale)."""
-    data = layer.data[0] if layer.multiscale else layer.data
-    return np.asarray(data)
+def layer_image(layer):
+    """The full-resolution data of an Image layer (level 0 of a multiscale), not read: a lazy (dask)
+    layer is read in the worker thread (:func:`register_with_overlays`), not on napari's."""
+    return layer.data[0] if layer.multiscale else layer.data
 
 
 class RegisterWidget(QWidget):
@@ -217,13 +217,13 @@ class RegisterWidget(QWidget):
         self.loss_plot.clear()
         self._remove_preview()
         inp = self._inputs
-        labels = inp["labels"].data if inp["labels"] is not None else None
+        labels = inp["labels"].data if inp["labels"] is not None else None  # read in the worker too
         job = {
             "fixed": layer_image(fixed),
             "moving": layer_image(moving),
             "spacing": spacing,
             "rgb": bool(fixed.rgb),
-            "moving_labels": None if labels is None else np.asarray(labels),
+            "moving_labels": labels,
             "fixed_points": points_in_voxels(inp["fixed_points"], fixed),
             "moving_points": points_in_voxels(inp["moving_points"], moving),
             "name_prefix": f"{moving.name} ",
@@ -595,7 +595,8 @@ def register_with_overlays(
     gui_idle: threading.Event | None = None,
     **options,
 ):
-    """Worker-thread job: register, then build every result layer.
+    """Worker-thread job: read the inputs (a lazy layer's data is computed here), register, then build
+    every result layer.
 
     Returns ``(reg, layers, notes, prebuilt)``: the Registration, the result LayerData tuples, notes
     for the user and the same layers as napari layer objects.
@@ -606,6 +607,8 @@ def register_with_overlays(
     its paths), so the GUI thread only has to insert them.
     """
     _import_lazy_dependencies()  # usually done already (the widget starts it when it opens)
+    fixed, moving = np.asarray(fixed), np.asarray(moving)  # a lazy (dask) layer is read here
+    moving_labels = None if moving_labels is None else np.asarray(moving_labels)
 
     def report(event):
         if event.preview is None:
