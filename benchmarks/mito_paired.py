@@ -45,6 +45,14 @@ masks at the option's dilation for that call only). A row that decides alike is 
 candidate in full with the options, checked against the prediction as above. ``--full`` runs every such row
 in full. Any other option in ``--arm-b-options`` runs both arms in full as in session 42.
 
+Session 44 (issue 15): ``run --placement`` also records, per arm, the placement that the drift correction
+was given (``align._detrended`` / ``align._detrended_elastic``'s input: the solve's, before any detrend)
+against the truth's (:func:`placement_record`, session 41's split from ``mito_truth_read.placement_parts``):
+``lag`` ((y, x) px per section; ``lag_along_drift``: along the mitochondria's mean drift, +: follows it less;
+None without organelle drift) and ``jitter_rms`` ((y, x) px, what is left off the straight line). The stack is
+then made by ``mito_truth_read.generate`` (the same ``em_stack`` call, the drifts captured). Rows without it
+are as before. For ``track_shift`` (session 44, an option that moves the placement) both arms run in full.
+
 Rows are taken in the order ``for seed in --seeds: for case in --cases``; ``--lane K/N`` takes the
 list's positions K, K + N, ... (two lanes: ``1/2`` and ``2/2``), so lanes split one fixed list;
 ``--until HH:MM`` (UTC) starts no row after that time; rows whose JSON exists are skipped.
@@ -83,6 +91,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _code_state  # noqa: E402
 import mito_benchmark as mb  # noqa: E402
+import mito_truth_read as mtr  # noqa: E402
 
 from napari_nephi.engines.mito import align  # noqa: E402
 from napari_nephi.engines.mito import background as bgm  # noqa: E402
@@ -255,10 +264,14 @@ def run_row(seed: int, case: str, args, cand: dict, base: dict | None = None, ca
     """Both arms of one (seed, case) row (see the module's docstring); the base arm under the module
     settings ``base`` (None: the engine's as found); the candidate's with the ``align_stack`` options
     ``cand_options`` too (session 42; both arms then run in full, no twin)."""
-    data = em_stack(args.sections, tuple(args.shape), seed=seed, pad=args.pad, **mb.CASES[case])
+    truth = None
+    if getattr(args, "placement", False):  # session 44: the same stack, its drifts captured
+        data, truth = mtr.generate(seed, case, args)
+    else:
+        data = em_stack(args.sections, tuple(args.shape), seed=seed, pad=args.pad, **mb.CASES[case])
     reading = dict(cand_options or {})
     if reading and not set(reading) <= set(READING_OPTIONS):
-        return _run_options_row(seed, case, data, args, cand, base, reading)
+        return _run_options_row(seed, case, data, args, cand, base, reading, truth)
     bench = _bench(args.workers)
     twin = Twin(align._auto_decision, cand, reading)
     with settings(base or {}):
@@ -303,6 +316,50 @@ def run_row(seed: int, case: str, args, cand: dict, base: dict | None = None, ca
     return row
 
 
+@contextlib.contextmanager
+def placement_seen(seen: dict):
+    """Inside the block, the placement ``align_stack`` gives its drift correction (``_detrended`` /
+    ``_detrended_elastic``: matrices and reference) is kept in ``seen`` (the last call's); nothing else
+    changes."""
+    plain, elastic = align._detrended, align._detrended_elastic
+
+    def detrended(matrices, shape, ref, *a, **kw):
+        seen.update(matrices=np.array(matrices), ref=int(ref), shape=tuple(shape))
+        return plain(matrices, shape, ref, *a, **kw)
+
+    def detrended_elastic(matrices, fields, shape, ref, *a, **kw):
+        seen.update(matrices=np.array(matrices), ref=int(ref), shape=tuple(shape))
+        return elastic(matrices, fields, shape, ref, *a, **kw)
+
+    align._detrended, align._detrended_elastic = detrended, detrended_elastic
+    try:
+        yield
+    finally:
+        align._detrended, align._detrended_elastic = plain, elastic
+
+
+def placement_record(seen: dict, data: dict, truth: dict) -> dict | None:
+    """Session 44: the placement in ``seen`` (:func:`placement_seen`) against the truth placement (the
+    generator's matrices and the mitochondria's mean drift ``truth["mitos_mean"]``, in the placement's
+    reference frame): ``lag`` / ``jitter_rms`` ((y, x) px; :func:`mito_truth_read.placement_parts`) and
+    ``lag_along_drift`` (px per section along the drift, +: follows it less; None without drift). None
+    where no drift correction ran."""
+    if "matrices" not in seen:
+        return None
+    mats, ref, shape = seen["matrices"], seen["ref"], seen["shape"]
+    v = np.asarray(truth["mitos_mean"], np.float64)
+    parts = mtr.placement_parts(
+        mtr.truth_placement(data["matrices"], v, ref), mats, np.ones(len(mats), bool), shape, ref
+    )
+    part = mtr.expected_background(v, mtr.truth_placement(data["matrices"], v)[ref])
+    norm = float(np.linalg.norm(part))
+    return {
+        "reference": ref, "lag": [float(x) for x in parts["lag"]],
+        "lag_along_drift": float(parts["lag"] @ part / norm) if norm > 0 else None,
+        "jitter_rms": [float(x) for x in parts["jitter_rms"]],
+    }  # fmt: skip
+
+
 def first_arm(seed: int, case: str) -> str:
     """The arm an options row runs first (review 1 of session 42: paired CPU alternates): ``"base"`` where
     ``seed`` + the case's position in ``mito_benchmark.CASES`` is even, else ``"cand"``; fixed by the row, so
@@ -310,19 +367,26 @@ def first_arm(seed: int, case: str) -> str:
     return "base" if (int(seed) + list(mb.CASES).index(case)) % 2 == 0 else "cand"
 
 
-def _run_options_row(seed, case, data, args, cand: dict, base: dict | None, options: dict) -> dict:
+def _run_options_row(
+    seed, case, data, args, cand: dict, base: dict | None, options: dict, truth: dict | None = None
+) -> dict:
     """A row whose candidate takes ``align_stack`` options: both arms in full on ``data``, in the order
-    :func:`first_arm` (the options act before the decision, so nothing is shared or predicted)."""
+    :func:`first_arm` (the options act before the decision, so nothing is shared or predicted). With the
+    generator's ``truth`` (``--placement``) each arm's result gets its ``placement`` record
+    (:func:`placement_record`)."""
     arms = {"base": (base or {}, {}), "cand": (cand, options)}
     res, used, cpu_s = {}, {}, {}
     first = first_arm(seed, case)
     for name in (first, "cand" if first == "base" else "base"):
         module, opts = arms[name]
-        with settings(module):
+        seen: dict = {}
+        with settings(module), placement_seen(seen) if truth is not None else contextlib.nullcontext():
             used[name] = {k: getattr(bgm, k) for k in CANDIDATE}
             cpu = time.process_time()
             res[name] = mb.run_mito(data, "mito-default", "bf", _bench(args.workers, opts))
             cpu_s[name] = time.process_time() - cpu
+        if truth is not None:
+            res[name]["placement"] = placement_record(seen, data, truth)
     base_res, cand_res, cand_used = res["base"], res["cand"], used["cand"]
     used = used["base"]
     row = {
@@ -331,6 +395,8 @@ def _run_options_row(seed, case, data, args, cand: dict, base: dict | None, opti
         "decisions": None, "code": code_state(), "cpu_s": cpu_s, "first_arm": first,
         "cand": cand_res, "cand_from": "full", "predicted": [], "prediction_matches": None,
     }  # fmt: skip
+    if truth is not None:
+        row["truth"] = truth
     return _jsonable(row)
 
 
@@ -382,6 +448,7 @@ def summary(row: dict) -> dict:
             "decision": bg.get("decision"), "first_look": first["decision"] if first else bg.get("decision"),
             "looks": 2 if first else (1 if bg else 0),
             "chi0": (first or {}).get("chi_square_from_0"),
+            **({"placement": r["placement"]} if "placement" in r else {}),
         }  # fmt: skip
 
     return {
@@ -464,6 +531,15 @@ def _read(args) -> int:
             + ("" if r["prediction_diff"] is None else f" (slope {r['prediction_diff']:.1g} apart)")
             + " |"
         )
+    for r in rows:  # session 44 (--placement): the placement's lag along the drift and jitter, both arms
+        if "placement" in r["base"] and r["base"]["placement"] and r["cand"].get("placement"):
+            b, c = r["base"]["placement"], r["cand"]["placement"]
+            along = [x["lag_along_drift"] for x in (b, c)]
+            text = "" if None in along else f"lag along the drift {along[0]:+.4f} -> {along[1]:+.4f}, "
+            print(
+                f"# {r['seed']} {r['case']}: {text}jitter rms ({b['jitter_rms'][0]:.3f}, "
+                f"{b['jitter_rms'][1]:.3f}) -> ({c['jitter_rms'][0]:.3f}, {c['jitter_rms'][1]:.3f})"
+            )
     need = [c for c in (args.require_cases or "").split(",") if c]
     m = marks(rows, args.loss, args.gain, args.share, args.min_rows, args.targets, need)
     for k, v in m.items():
@@ -481,6 +557,10 @@ def main(argv=None) -> int:
     r.add_argument("--lane", default="1/1", help="K/N: this lane's share of the row list")
     r.add_argument("--until", default=None, help="HH:MM UTC: start no row after it")
     r.add_argument("--full", action="store_true", help="run the candidate in full on every row")
+    r.add_argument(
+        "--placement", action="store_true",
+        help="options rows: record each arm's placement lag and jitter against the truth (session 44)",
+    )  # fmt: skip
     r.add_argument("--sections", type=int, default=160)
     r.add_argument("--shape", type=int, nargs=2, default=(768, 1024))
     r.add_argument("--pad", type=int, default=250)

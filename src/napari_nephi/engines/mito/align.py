@@ -92,6 +92,15 @@ from .solve import DRIFT_PRIOR, GLOBAL_MODEL, Edge, check_global_options, solve_
 #: Native descriptor of each detector when it is used as a fallback.
 FALLBACK_DESCRIPTOR = {"sift": "sift", "orb": "orb", "brisk": "brisk", "fast": "brisk"}
 
+#: Session 44 (opt-in ``track_shift``): the values besides None. ``"stack"``: the placement moved by one
+#: velocity for the stack; ``"decision"``: that placement read by the drift decision only
+#: (:func:`_decided_on_shifted`).
+TRACK_SHIFTS = ("stack", "decision")
+#: Refined tracks inside the mitochondria (both ends) a neighbour pair needs for its reading (session 43's).
+TRACK_SHIFT_MIN_TRACKS = 8
+#: Neighbour pairs with a reading the stack needs before ``track_shift`` moves anything (as the background's).
+TRACK_SHIFT_MIN_PAIRS = 16
+
 
 # -- inputs ---------------------------------------------------------------------------------------
 def _read_path(path, what: str):
@@ -178,6 +187,8 @@ class _Options:
     refine: bool = True
     # session 43: the dilation (original px) of the background reading's masks; None: mask_dilation's
     background_mask_dilation: float | None = None
+    # session 44: the placement moved along the mitochondria's own tracks (None: off; "stack")
+    track_shift: str | None = None
 
     @property
     def background_dilation(self) -> float:
@@ -193,6 +204,8 @@ class _PairResult:
     matrix: np.ndarray  # (y, x) map from section `source` coordinates to section `section` coordinates
     row: dict
     residual: Any = None  # the refined tracks' residuals where `source` is a neighbour (.distortion)
+    # session 44 (track_shift): the mean (x, y) residual of the refined tracks inside the mitochondria
+    track_reading: Any = None
 
 
 class _Sections:
@@ -309,6 +322,31 @@ class _Sections:
         with self._lock:
             self._kept.pop(k, None)
         return m
+
+    def inside(self, k: int, pts: np.ndarray) -> np.ndarray:
+        """Whether the (x, y) points ``pts`` (original px) of section ``k`` lie inside its mitochondria (the
+        given masks at full size, else those detected at work scale; not dilated)."""
+        if self.masks is not None:
+            m = read_section(self.masks, k) > 0
+        else:
+            m = self._raw_mask(k, self.work_image(k)[0]) > 0
+            pts = np.asarray(pts, np.float64) * self.work_ratio
+        x = np.clip(np.round(pts[:, 0]).astype(int), 0, m.shape[1] - 1)
+        y = np.clip(np.round(pts[:, 1]).astype(int), 0, m.shape[0] - 1)
+        return m[y, x]
+
+    def track_reading(self, j: int, k: int, src, dst, matrix_xy) -> np.ndarray | None:
+        """Session 44 (``track_shift``): the mean residual ``dst - map(src)`` ((x, y), section ``k``'s px) of
+        the refined tracks ``src`` (section ``j``) -> ``dst`` (section ``k``) whose both ends lie inside the
+        mitochondria: where they went against the map fitted to all tracks (the ring of still tissue
+        included). None with fewer than :data:`TRACK_SHIFT_MIN_TRACKS` such tracks."""
+        src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+        if len(src) < TRACK_SHIFT_MIN_TRACKS:
+            return None
+        ins = self.inside(j, src) & self.inside(k, dst)
+        if int(ins.sum()) < TRACK_SHIFT_MIN_TRACKS:
+            return None
+        return np.mean(dst[ins] - ft.project(matrix_xy, src[ins]), axis=0)
 
     def region(self, k: int) -> np.ndarray:
         """Section ``k``'s keypoint region (:meth:`keypoint_mask`) at the section's own size, 0/1."""
@@ -518,7 +556,10 @@ def _pair_job(sections: _Sections, futs: dict, k: int, chain: list[int], shape) 
             if step:
                 row.update(stats, fallback=f"skip to {j}", neighbour=j, tried=list(tried))
             residual = None if step or fit.get("residual") is None else pair_residual(j, k, *fit["residual"])
-            return _PairResult(k, j, ft.xy_to_yx(m), row, residual)
+            reading = None  # session 44: the neighbour pair's mitochondria against its map
+            if o.track_shift is not None and not step and fit.get("residual") is not None:
+                reading = sections.track_reading(j, k, fit["residual"][0], fit["residual"][1], m)
+            return _PairResult(k, j, ft.xy_to_yx(m), row, residual, reading)
         row["failed"] = True
         tried.append(f"{label} vs {j}")
         for det in o.fallback:
@@ -640,6 +681,85 @@ def _composed(chain: dict, j: int, k: int) -> np.ndarray | None:
         m = m @ res.matrix
         s = res.source
     return _normalise(m)
+
+
+def _aligned_step(res: _PairResult, placed: np.ndarray) -> np.ndarray:
+    """Session 44: a neighbour pair's :meth:`_Sections.track_reading` (section ``res.section``'s (x, y) px)
+    as the mitochondria's motion per section in the aligned frame, (x, y): turned back by the linear part of
+    the section's chained placement ``placed`` ((y, x), aligned -> section; sections may be turned by any
+    angle) and divided by the pair's step (``section - source``, +-1)."""
+    lin = placed[:2, :2] / placed[2, 2]
+    d_yx = np.linalg.solve(lin, np.asarray(res.track_reading, np.float64)[::-1])
+    return d_yx[::-1] / float(res.section - res.source)
+
+
+def _track_velocity(readings, option: str) -> tuple[np.ndarray | None, dict]:
+    """Session 44: the stack's velocity ``v`` ((y, x) px per section, aligned frame; None with fewer than
+    :data:`TRACK_SHIFT_MIN_PAIRS` readings) from the neighbour pairs' readings (:func:`_aligned_step`), the
+    median per axis, and the record for ``metrics["track_shift"]`` (see :func:`_track_shifted`)."""
+    info: dict[str, Any] = {
+        "option": option, "pairs_read": len(readings), "min_pairs": TRACK_SHIFT_MIN_PAIRS,
+        "min_tracks": TRACK_SHIFT_MIN_TRACKS, "applied": False, "velocity": None,
+    }  # fmt: skip
+    if len(readings) < TRACK_SHIFT_MIN_PAIRS:
+        info["note"] = (
+            f"track_shift: {len(readings)} neighbour pairs had {TRACK_SHIFT_MIN_TRACKS} tracks inside the "
+            f"mitochondria, {TRACK_SHIFT_MIN_PAIRS} needed; the placement was not moved."
+        )
+        return None, info
+    r = np.asarray(readings, np.float64)
+    v = np.median(r, axis=0)[::-1]
+    mad = np.median(np.abs(r - np.median(r, axis=0)), axis=0)[::-1]
+    info.update(velocity=[float(x) for x in v], reading_mad=[float(x) for x in mad])
+    return v, info
+
+
+def _line(steps: float, v: np.ndarray) -> np.ndarray:
+    """The homogeneous (y, x) translation by ``steps * v``."""
+    t = np.eye(3)
+    t[:2, 2] = steps * v
+    return t
+
+
+def _track_shifted(matrices, chain_edges, extra_edges, readings, ref: int) -> tuple[np.ndarray, dict]:
+    """Session 44 (``track_shift="stack"``, opt-in): every pair map and the chained placement moved along the
+    mitochondria's own tracks by one velocity for the whole stack.
+
+    ``readings``: the neighbour pairs' :meth:`_Sections.track_reading` in the aligned frame, per section
+    (:func:`_aligned_step`), (x, y). Their median per axis ``v`` ((y, x) here) moves the placement of section
+    ``k`` by ``(k - ref) v`` in the aligned frame (``matrices[k] @ T((k - ref) v)``) and every edge ``a -> b``
+    alike (conjugated by the chained placement of ``b``): a straight line, the lag of a placement whose maps
+    are fitted to the mitochondria and
+    the still tissue around them together (docs/mito.md, sessions 41 and 43). One velocity, not each pair's
+    own (session 43's diagnosis): each pair's reading scatters (about 0.1 px), and the placement sums the
+    shifts, so every pair's own shift, or a shift averaged over a window of pairs, adds a random walk that
+    only a shift shared by the whole stack leaves out. The median: a pair whose tracks caught a mitochondrion
+    badly counts as one vote. Fewer than :data:`TRACK_SHIFT_MIN_PAIRS` readings: nothing moves.
+    Returns the placement and the record for ``metrics["track_shift"]``."""
+    v, info = _track_velocity(readings, "stack")
+    if v is None:
+        return matrices, info
+    for e in (*chain_edges, *extra_edges):  # E' = M_b T((b - a) v) M_b^-1 E: the placements' own step
+        e.matrix = _normalise(matrices[e.b] @ _line(e.b - e.a, v) @ np.linalg.inv(matrices[e.b]) @ e.matrix)
+    info["applied"] = True
+    return np.stack([_normalise(m @ _line(k - ref, v)) for k, m in enumerate(matrices)]), info
+
+
+def _decided_on_shifted(detrended: Callable, matrices, v, ref: int, info: dict):
+    """Session 44 (``track_shift="decision"``, opt-in): the drift decision (``detrended``: :func:`_detrended`
+    bound to its other arguments) reads the solved placement moved by ``(k - ref) v`` in the aligned frame
+    (the line :func:`_track_shifted` adds: a placement that follows the mitochondria, which is what the
+    decision's reading assumes; about 9 % of their drift more), and only a detrend keeps it (the trend, or
+    the background's slope, is removed from it). Where the decision keeps the placement (the trend is the
+    sections', or no trend), the solved one is kept: it follows the still tissue best, and a kept
+    mitochondria's drift would be added to it (session 44's development: the "stack" arm lost 0.022-0.024
+    Dice ref on kept stage-drift+drift rows). Returns ``(matrices, drift_info)``; ``info`` records it."""
+    shifted = np.stack([_normalise(m @ _line(k - ref, v)) for k, m in enumerate(matrices)])
+    out, drift_info = detrended(shifted)
+    info["applied"] = drift_info["method"] != "none"
+    if not info["applied"]:
+        return matrices, drift_info
+    return out, drift_info
 
 
 def _global_placement(n, ref, shape, chain_edges, extra_edges, chained, rows, model, opts, drift_prior):
@@ -1086,6 +1206,7 @@ def align_stack(
     model_selection: bool = True,
     refine: bool = True,
     background_mask_dilation: float | None = None,
+    track_shift: str | None = None,
     neighbours: int | None = None,
     solver: str | None = None,
     global_model: str = GLOBAL_MODEL,
@@ -1166,6 +1287,14 @@ def align_stack(
         :data:`.background.MARGIN`); the keypoints keep ``mask_dilation``. Default None: ``mask_dilation``
         (the keypoints' masks themselves, as up to session 43). It changes nothing before the drift
         decision. Needs masks (``use_masks``). Session 43, opt-in (docs/mito.md).
+    track_shift
+        ``"stack"`` (session 44, opt-in; default None: off, bit for bit as before): the pair maps are fitted
+        to all tracks, the mitochondria's and the still tissue's around them, so the placement follows only
+        91-94 % of a drift of the mitochondria (docs/mito.md, session 41). Each neighbour pair reads where
+        its refined tracks inside the mitochondria went against its map (at least 8 tracks); the median over
+        the pairs, one velocity for the stack, then moves every pair map and the placement along it (a
+        straight line; :func:`_track_shifted`). Needs masks (``use_masks``) and ``refine``, and 16 such pairs
+        (else nothing moves). ``metrics["track_shift"]`` has the reading.
     border
         Keypoints closer than this (work pixels) to the zero padding of a section are dropped.
     min_inliers
@@ -1335,6 +1464,7 @@ def align_stack(
         max_keypoints, scale, smooth, mask_dilation, border, min_inliers, fallback, max_skip,
         mito_radius, fast_threshold, max_scale, keypoint_size, model_selection,
         masks_given=masks is not None, refine=refine, background_mask_dilation=background_mask_dilation,
+        track_shift=track_shift,
     )  # fmt: skip
     det, desc, mat, mod, fb = opts.detector, opts.descriptor, opts.matcher, opts.model, opts.fallback
     ref = _reference(reference, n)
@@ -1387,6 +1517,7 @@ def align_stack(
     )
     chain_edges: list[Edge] = []  # the chained pairs (identity fallbacks with a tiny weight)
     extra_edges: list[Edge] = []  # the further neighbours of the global solve
+    track_readings: list[np.ndarray] = []  # track_shift (session 44): the mitochondria's motion per section
     t_align = time.perf_counter()
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mito")
     try:
@@ -1443,6 +1574,8 @@ def align_stack(
                     matrices[res.section] = _normalise(res.matrix @ matrices[res.source])
                     rows[res.section] = res.row
                     correlation.add(res.section - 1 if res.section > ref else res.section, res.residual)
+                    if res.track_reading is not None:  # per section, in the aligned frame (x, y)
+                        track_readings.append(_aligned_step(res, matrices[res.section]))
                     identity = res.row["fallback"] == "identity"
                     chain_edges.append(Edge(res.source, res.section, res.matrix, 1e-3 if identity else 1.0))
                     done += 1
@@ -1460,6 +1593,11 @@ def align_stack(
         if landmarks_asked is None:
             elastic_landmarks = elastic and elastic_solver == "joint" and opts.use_masks
         elastic_landmarks = elastic_landmarks and elastic  # what runs
+    track_info = track_v = None
+    if opts.track_shift == "stack":  # session 44, opt-in: before the solve, so its pairs carry it too
+        matrices, track_info = _track_shifted(matrices, chain_edges, extra_edges, track_readings, ref)
+    elif opts.track_shift == "decision":  # read by the decision only, after the solve
+        track_v, track_info = _track_velocity(track_readings, "decision")
     solve_info = drift_info = None
     placed_by: list = []  # the keypoint pairs of the global solve, for the joint elastic solve
     if solver == "global":
@@ -1498,7 +1636,18 @@ def align_stack(
             )  # fmt: skip
 
     recentre = auto_reference
-    if drift_correction != "none" and not late_detrend:
+    if track_v is not None and not (auto and not late_detrend):
+        track_v = None  # "decision" reads where the background decides (no elastic step), else nothing moves
+        track_info["note"] = (
+            "track_shift='decision' acts on drift_correction='auto''s background decision, which this run "
+            "did not make (another drift_correction, or the elastic step's late decision); nothing moved."
+        )
+    if track_v is not None:
+        matrices, drift_info = _decided_on_shifted(
+            lambda m: _detrended(m, (h, w), ref, rows, drift_window, auto, background, recentre),
+            matrices, track_v, ref, track_info,
+        )  # fmt: skip
+    elif drift_correction != "none" and not late_detrend:
         matrices, drift_info = _detrended(
             matrices, (h, w), ref, rows, drift_window, auto, background, recentre
         )  # fmt: skip
@@ -1564,6 +1713,8 @@ def align_stack(
     metrics["distortion"] = distortion
     if drift_info is not None:
         metrics["drift_correction"] = drift_info
+    if track_info is not None:
+        metrics["track_shift"] = track_info
     if fields is not None:
         norm = np.linalg.norm(fields, axis=-1)
         metrics["elastic"] = {
@@ -1581,6 +1732,8 @@ def align_stack(
     for key in ("skipped", "note"):
         if drift_info is not None and key in drift_info:
             metrics.setdefault("notes", []).append(drift_info[key])
+    if track_info is not None and "note" in track_info:
+        metrics.setdefault("notes", []).append(track_info["note"])
     if opts.use_masks and sections.mask_fraction:
         metrics["mask_fraction_mean"] = float(np.mean(list(sections.mask_fraction.values())))
     settings = {
@@ -1595,6 +1748,8 @@ def align_stack(
         # had, None where no background reading could run (no masks, or drift_correction other than "auto")
         "background_mask_dilation": opts.background_mask_dilation,
         "background_mask_dilation_applied": opts.background_dilation if opts.use_masks and auto else None,
+        # session 44: as asked (None: off); what moved: metrics["track_shift"]
+        "track_shift": opts.track_shift,
         "min_inliers": opts.min_inliers, "fallback": list(fb), "max_skip": opts.max_skip,
         "mito_radius": mito_radius, "fast_threshold": opts.fast_threshold, "max_scale": opts.max_scale,
         "keypoint_size": sections.keypoint_size / opts.scale,
@@ -1637,7 +1792,7 @@ def build_options(
     shape, detector, descriptor, matcher, model, use_masks, ransac_threshold, ratio, max_keypoints,
     scale, smooth, mask_dilation, border, min_inliers, fallback, max_skip, mito_radius,
     fast_threshold, max_scale, keypoint_size=None, model_selection=True, masks_given=False,
-    refine=True, background_mask_dilation=None,
+    refine=True, background_mask_dilation=None, track_shift=None,
 ) -> _Options:  # fmt: skip
     """Validate the options of :func:`align_stack` (shared with :func:`.engine.match_pair`).
 
@@ -1664,6 +1819,18 @@ def build_options(
                 "background_mask_dilation sets the mitochondria masks the background reading leaves out; "
                 "it needs masks (give masks, use_masks=True or detector='mito'), or leave it at None."
             )
+    if track_shift is not None:
+        if not isinstance(track_shift, str) or track_shift.lower() not in TRACK_SHIFTS:
+            raise InputError(
+                f"track_shift must be None (off) or one of {', '.join(repr(t) for t in TRACK_SHIFTS)}, "
+                f"got {track_shift!r}."
+            )
+        track_shift = track_shift.lower()
+        if not use_masks or not check_bool("refine", refine):
+            raise InputError(
+                "track_shift reads the refined tracks inside the mitochondria; it needs masks (give masks, "
+                "use_masks=True or detector='mito') and refine=True, or leave it at None."
+            )
 
     return _Options(
         detector=det, descriptor=desc, matcher=mat, model=mod, use_masks=use_masks,
@@ -1682,7 +1849,7 @@ def build_options(
         keypoint_size=optional("keypoint_size", keypoint_size, 0, 10**4),
         model_selection=check_bool("model_selection", model_selection),
         refine=check_bool("refine", refine),
-        background_mask_dilation=background_mask_dilation,
+        background_mask_dilation=background_mask_dilation, track_shift=track_shift,
     )  # fmt: skip
 
 
