@@ -152,3 +152,8 @@ def test_a_state_moved_by_hand_binds_no_job(qtbot):
     _signal_everything(a)
     assert machine.is_(RunState.RUNNING) and ca.seen == [] and done == []
     machine.to(RunState.IDLE)
+    machine.start(b)
+    machine.to(RunState.IDLE)  # by hand: the job is let go too
+    assert machine.job is None
+    b.stopped.emit()
+    assert cb.seen == [] and done == []

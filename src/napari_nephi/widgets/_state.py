@@ -29,11 +29,11 @@ TRANSITIONS: dict[RunState, frozenset[RunState]] = {
 class RunStateMachine(QObject):
     """Holds a :class:`RunState`; :meth:`to` is the only way to change it and emits :attr:`changed`.
 
-    A widget may drive several runners (the register widget: its registrations and its "Apply
-    saved transform") through one machine: one state, so one job at a time and one set of buttons.
-    :meth:`start` binds the runner whose job holds the state (:attr:`job`); the signals of every
-    other driven runner are ignored until that job is over, so a late signal of one job never moves
-    the state of another.
+    A widget may drive several runners (the register widget: its registrations, "Apply saved
+    transform" and "Save transform") through one machine: one state, so one job at a time and one
+    set of buttons. :meth:`start` binds the runner whose job holds the state (:attr:`job`); the
+    signals of every other driven runner are ignored until that job is over, so a late signal of one
+    job never moves the state of another.
     """
 
     changed = Signal(object, object)  # (old RunState, new RunState)
@@ -69,6 +69,8 @@ class RunStateMachine(QObject):
         if not self.can(new):
             raise RuntimeError(f"A widget's run cannot go from {self._state.value} to {new.value}.")
         old, self._state = self._state, new
+        if new is RunState.IDLE:  # no job holds an idle state (also when it is moved there by hand)
+            self._runner = None
         self.changed.emit(old, new)
 
     def drive(self, runner, finished, failed, cancelled, *, progressed=None, stopped=None, done=None) -> None:
@@ -156,7 +158,7 @@ class RunStateMachine(QObject):
             self._maybe_idle()
 
     def _idle(self) -> None:
-        runner, self._runner = self._runner, None
+        runner = self._runner
         self.to(RunState.IDLE)
         done = self._jobs[runner]["done"] if runner is not None else None
         if done is not None:
