@@ -49,8 +49,8 @@ def test_the_toy_search_scores_fewer_stage1_pairs_and_finds_the_same_plates(toy_
     seen = []
     near = rerank._near_scales
 
-    def spy(rest, best, options):
-        out = near(rest, best, options)
+    def spy(rest, best, options, close=None):
+        out = near(rest, best, options, close)
         seen.extend((best[z].scale, p[1]) for z, ps in out.items() for p in ps if z in best)
         return out
 
@@ -61,3 +61,45 @@ def test_the_toy_search_scores_fewer_stage1_pairs_and_finds_the_same_plates(toy_
     assert on.pairs - on.stage1_pairs == off.pairs - off.stage1_pairs  # stage 2 from the same starts
     assert [p for p, _ in on.ranking[:5]] == [p for p, _ in off.ranking[:5]] == [17, 16, 18, 15, 19]
     assert on.options["stage1_scale_reach"] == 1 and off.options["stage1_scale_reach"] is None
+
+
+def test_the_margin_is_off_by_default_recorded_and_bad_values_refused():
+    assert DEFAULTS["stage1_scale_margin"] is None
+    assert check_rerank_options({})["stage1_scale_margin"] is None
+    got = check_rerank_options({"stage1_scale_reach": 1, "stage1_scale_margin": 0.04})
+    assert got["stage1_scale_margin"] == 0.04
+    for bad in (-0.1, "wide", 2.5):
+        with pytest.raises(InputError, match="stage1_scale_margin"):
+            check_rerank_options({"stage1_scale_reach": 1, "stage1_scale_margin": bad})
+    with pytest.raises(InputError, match="stage1_scale_reach"):  # without the reach every scale is kept
+        check_rerank_options({"stage1_scale_margin": 0.04})
+
+
+def test_near_scales_keeps_the_close_cuts_too_by_hand():
+    cuts = {s: SimpleNamespace(z=5.0) for s in [1.1**k for k in range(-3, 4)]}
+    rest = {5.0: [(7.5, s, c) for s, c in cuts.items()]}
+    best = {5.0: SimpleNamespace(scale=1.0)}
+    options = {"scale_step": 1.1, "stage1_scale_reach": 0}
+    far = 1.1**3  # three steps from the rotation-0 best: kept only where its cut is close
+    assert [p[1] for p in _near_scales(rest, best, options)[5.0]] == [1.0]
+    assert [p[1] for p in _near_scales(rest, best, options, {id(cuts[far])})[5.0]] == [1.0, far]
+    assert [p[1] for p in _near_scales(rest, best, options, set())[5.0]] == [1.0]
+
+
+def test_a_wide_margin_scores_every_scale_and_is_the_default_search(toy_reference, monkeypatch):
+    reference, labels = toy_reference
+    plates = Plates.from_reference(reference, labels)
+    section = section_from_atlas(reference, 17, (4.0, -4.0))
+    order = [(p, 0.0) for p in range(plates.n)]
+    off = PoseSearch(plates).search(section, order, check_rerank_options({}))
+    reach = check_rerank_options({"stage1_scale_reach": 0})
+    narrow = PoseSearch(plates).search(section, order, reach)
+    some = PoseSearch(plates).search(section, order, {**reach, "stage1_scale_margin": 0.05})
+    wide = PoseSearch(plates).search(section, order, {**reach, "stage1_scale_margin": 2.0})
+    # every rotation-0 score lies within 2 of its plate's best: every scale kept, the search before
+    assert wide.ranking == off.ranking and wide.pairs == off.pairs and wide.poses == off.poses
+    assert narrow.stage1_pairs < some.stage1_pairs < off.stage1_pairs, (
+        narrow.stage1_pairs,
+        some.stage1_pairs,
+    )
+    assert some.options["stage1_scale_margin"] == 0.05 and off.options["stage1_scale_margin"] is None

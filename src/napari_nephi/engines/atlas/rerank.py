@@ -393,6 +393,11 @@ DEFAULTS = {
     # less CPU per lookup, today's stain the same on fresh and held-out seeds, but the lead's off-label
     # held-out condition failed on one index's marker stain (+0.133 mean rank, margin 0.10), so opt-in
     "stage1_scale_reach": None,
+    # ... and also at every scale whose rotation-0 pose on that plate scores within this much of the
+    # plate's rotation-0 best (None: the reach alone; session 44, opt-in; module docstring, "Scales near
+    # the rotation-0 best"; an error without stage1_scale_reach): where the rotation-0 pass cannot tell the
+    # scales apart (a stain that does not follow the atlas's regions), it cannot rule the far ones out
+    "stage1_scale_margin": None,
     "coarse_size": 32,  # longest side (pixels) of a plate on the grid of stage 1
     "work_size": 56,  # ... and of stage 2
     "max_rotation": 15.0,  # in-plane rotation searched (degrees, either way)
@@ -667,6 +672,14 @@ def check_rerank_options(options: dict | None) -> dict:
                 f"stage1_scale_reach ({out['stage1_scale_reach']!r}) limits the scales of stage 1's second "
                 "pass, which runs only with stage1_prune (e.g. 0.05, the default); set stage1_prune or leave "
                 "stage1_scale_reach None."
+            )
+    if out["stage1_scale_margin"] is not None:
+        out["stage1_scale_margin"] = check_float("stage1_scale_margin", out["stage1_scale_margin"], 0.0, 2.0)
+        if out["stage1_scale_reach"] is None:  # it would silently do nothing
+            raise InputError(
+                f"stage1_scale_margin ({out['stage1_scale_margin']!r}) keeps more scales than "
+                "stage1_scale_reach's, which without it keeps every scale already: set stage1_scale_reach "
+                "(e.g. 1) or leave stage1_scale_margin None."
             )
     out["coarse_size"] = check_int("coarse_size", out["coarse_size"], 16, 256)
     out["work_size"] = check_int("work_size", out["work_size"], 16, 256)
@@ -1106,9 +1119,9 @@ def _pruned_stage1(coarse: SectionGrid, pairs: list, shortlist: list[int], optio
             rest.setdefault(p[2].z, []).append(p)
     if not zero or not rest:  # no rotation 0, or nothing else: one pass
         return coarse.score(pairs, n, best_per_cut_z=True), pairs
-    best = {p.z: p for p in coarse.score(zero, n, best_per_cut_z=True)}
+    best, close = _rotation0(coarse, zero, n, options)
     proxy = {z: p.score for z, p in best.items()}
-    rest = _near_scales(rest, best, options)
+    rest = _near_scales(rest, best, options, close)
     ranked = sorted(proxy, key=lambda z: -proxy[z])  # stable: ties in the plates' order
     count = options["hypotheses"]
     want = {float(z) for z in shortlist[: options["anchors"]] if float(z) in proxy} | set(ranked[:count])
@@ -1151,7 +1164,7 @@ def _refine_sweep(
     if options["stage1_prune"] is None:
         return coarse.score(pairs, n, best_per_cut_z=True), pairs, extra
     zero = [p for p in pairs if p[0] == 0.0]
-    found = {p.z: p for p in coarse.score(zero, n, best_per_cut_z=True)}
+    found, close = _rotation0(coarse, zero, n, options)
     starts = _distinct(first, options["hypotheses"], options["hypothesis_gap"])
     floor = starts[-1].score if len(starts) == options["hypotheses"] else -np.inf
     want = {z for z, p in found.items() if p.score + options["stage1_prune"] >= floor}
@@ -1159,24 +1172,56 @@ def _refine_sweep(
     for p in pairs:
         if p[0] != 0.0 and p[2].z in want:
             rest.setdefault(p[2].z, []).append(p)
-    more = [p for ps in _near_scales(rest, found, options).values() for p in ps]
+    more = [p for ps in _near_scales(rest, found, options, close).values() for p in ps]
     for pose in coarse.score(more, n, best_per_cut_z=True):
         if pose.score > found[pose.z].score:
             found[pose.z] = pose
     return list(found.values()), zero + more, extra
 
 
-def _near_scales(rest: dict[float, list], best: dict[float, Pose], options: dict) -> dict[float, list]:
+def _rotation0(
+    coarse: SectionGrid, zero: list, n: int, options: dict
+) -> tuple[dict[float, Pose], set | None]:
+    """Stage 1's rotation-0 pairs ``zero`` scored: each plate position's best pose (first seen among equals,
+    as :meth:`SectionGrid.score`'s ``best_per_cut_z``) and, with ``stage1_scale_margin``, the ids of the
+    cuts (plate and scale) whose rotation-0 pose scores within that margin of their plate's best (None
+    without it)."""
+    margin = options["stage1_scale_margin"]
+    if margin is None:
+        return {p.z: p for p in coarse.score(zero, n, best_per_cut_z=True)}, None
+    poses = coarse.score(zero, n)
+    best: dict[float, Pose] = {}
+    for pose in poses:
+        if pose.z not in best or pose.score > best[pose.z].score:
+            best[pose.z] = pose
+    close = {
+        id(pair[2])
+        for pair, pose in zip(zero, poses, strict=True)
+        if pose.score >= best[pose.z].score - margin
+    }
+    return best, close
+
+
+def _near_scales(
+    rest: dict[float, list], best: dict[float, Pose], options: dict, close: set | None = None
+) -> dict[float, list]:
     """Stage 1's second-pass pairs ``rest`` (per plate position) at the scales within
     ``stage1_scale_reach`` steps of ``scale_step`` of the plate's rotation-0 best pose in ``best``
     (every pair where the option is None, or where a plate has no such pose): the section's anatomy is
-    as large against the plate at every in-plane turn the search tries (session 43, opt-in)."""
+    as large against the plate at every in-plane turn the search tries (session 43, opt-in). ``close``
+    (``stage1_scale_margin``, session 44): the ids of further cuts kept at every rotation."""
     reach = options["stage1_scale_reach"]
     if reach is None:
         return rest
     bound = (reach + 0.5) * math.log(options["scale_step"])  # half a step of slack: the grid's rounding
     return {
-        z: [p for p in ps if z not in best or abs(math.log(p[1] / best[z].scale)) <= bound]
+        z: [
+            p
+            for p in ps
+            if z not in best
+            or abs(math.log(p[1] / best[z].scale)) <= bound
+            or (close is not None and id(p[2]) in close)
+        ]
         for z, ps in rest.items()
     }
 
