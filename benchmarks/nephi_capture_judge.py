@@ -36,7 +36,9 @@ Session 44 (B, ``coarse_edge_damp``) adds, only where asked:
 * ``--m8-median``: M8 reads the median over the cases (each group's first left out) of after's peak minus
   before's, at most +10 MiB, instead of every case's: sessions 42 and 43 read +11 to +63 MiB on single cases whose
   results were the default's bit for bit (the harness's resident peak varies between arms), so a per-case bound
-  judged that spread; the median over a run's cases bounds a cost the candidate adds on most of them.
+  judged that spread; the median over a run's cases bounds a cost the candidate adds on most of them. It is
+  looser (a candidate adding +60 MiB on 40 % of the cases passes), so a rule must name it before its fresh run
+  (no rule has yet; review 1 of session 44); the largest rise and the count over +10 MiB are printed beside it.
 
 Prints one line per case with the marks it fails, then each mark's verdict (``no case`` where no row is of its
 kind: M4 without a gain case, M6 without rigid rows; such a mark is not a pass) and ``PASS`` or ``FAIL``; exit
@@ -140,12 +142,9 @@ def judge(
             fails.append(f"M7 {where}: CPU {b['cpu_seconds']:.1f} -> {a['cpu_seconds']:.1f} s")
         if not m8_median and not e["first"] and a["peak_mib"] > b["peak_mib"] + 10:
             fails.append(f"M8 {where}: peak {b['peak_mib']:.0f} -> {a['peak_mib']:.0f} MiB")
-    rises = sorted(e["a"]["peak_mib"] - e["b"]["peak_mib"] for e in entries if not e["first"])
-    if m8_median and rises:
-        n = len(rises)
-        median = rises[n // 2] if n % 2 else 0.5 * (rises[n // 2 - 1] + rises[n // 2])
-        if median > 10:
-            fails.append(f"M8: median peak rise {median:+.1f} MiB over {n} cases")
+    rises = peak_rises(entries)
+    if m8_median and rises["n"] and rises["median"] > 10:
+        fails.append(f"M8: median peak rise {rises['median']:+.1f} MiB over {rises['n']} cases")
     if gain_b > 0 and not gain_a <= 0.9 * gain_b:
         fails.append(f"M4: sum of whole EPE over{gain_cases} cases {gain_b:.4f} -> {gain_a:.4f}")
     if cpu_b > 0 and not cpu_a <= 1.10 * cpu_b:
@@ -164,6 +163,17 @@ def judge(
     for m in skip:
         marks.pop(m, None)
     return fails, marks
+
+
+def peak_rises(entries: list[dict]) -> dict:
+    """After's peak minus before's over the cases, each group's first left out: ``n``, ``median``, ``largest``
+    and ``over`` (the cases above +10 MiB); ``n`` 0 without such a case."""
+    rises = sorted(e["a"]["peak_mib"] - e["b"]["peak_mib"] for e in entries if not e["first"])
+    n = len(rises)
+    if not n:
+        return dict(n=0, median=0.0, largest=0.0, over=0)
+    median = rises[n // 2] if n % 2 else 0.5 * (rises[n // 2 - 1] + rises[n // 2])
+    return dict(n=n, median=median, largest=rises[-1], over=sum(r > 10 for r in rises))
 
 
 def cpu_ratio_without_first(entries: list[dict]) -> float | None:
@@ -205,6 +215,12 @@ def main() -> None:
     fails, marks = judge(entries, args.gain_cases, args.detj_target, tuple(args.skip), args.m8_median)
     for f in fails:
         print("fail", f)
+    if args.m8_median:  # the tail the median does not judge
+        r = peak_rises(entries)
+        print(
+            f"M8 (median): median {r['median']:+.1f} MiB, largest {r['largest']:+.1f} MiB, "
+            f"{r['over']} of {r['n']} cases over +10 MiB"
+        )
     words = {True: "pass", False: "FAIL", None: "no case"}
     print(
         " ".join(f"{m} {words[ok]}" for m, ok in marks.items())

@@ -267,21 +267,30 @@ def measure_one(method, shape, iterations, limit_gib, timeout):
 
 
 def measure_rounds(methods, shape, iterations, limit_gib, timeout, rounds) -> list[dict]:
-    """``--rounds``: the methods in one child process, alternating (:func:`child`); one row per call."""
+    """``--rounds``: the methods in one child process, alternating (:func:`child`); one row per call, each
+    printed as it comes (a run cut short keeps the calls it finished)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", ",".join(methods), "x".join(map(str, shape))]
     cmd += ["--iterations", str(iterations), "--limit-gib", str(limit_gib), "--rounds", str(rounds)]
+    rows: list[dict] = []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE)
+    timer = threading.Timer(timeout * rounds * len(methods), proc.kill)
+    timer.start()
     try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout * rounds * len(methods), cwd=HERE
-        )
-        out, err = proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        out, err = exc.stdout or "", "timeout"
-        out = out.decode() if isinstance(out, bytes) else out
-    rows = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+        for line in proc.stdout:
+            if line.startswith("RESULT "):
+                row = json.loads(line[7:])
+                rows.append(row)
+                state = row.get("error") or f"{row['peak_mib']:8.0f} MiB  {row['seconds']:7.1f} s"
+                name = "x".join(map(str, shape))
+                print(
+                    f"{name:>12} round {row['round']} {row['method']:9s} {state}  load {row['load']:.1f}",
+                    flush=True,
+                )
+    finally:
+        timer.cancel()
+        proc.wait()
     if not rows:
-        tail = err if isinstance(err, str) else err.decode()
-        rows = [dict(method=m, round=0, error=f"child: {tail.strip().splitlines()[-1:]}") for m in methods]
+        rows = [dict(method=m, round=0, error=f"child exit {proc.returncode}") for m in methods]
     return rows
 
 
@@ -389,10 +398,6 @@ def main() -> None:
             )
             for row in got:
                 row.update(shape="x".join(map(str, shape)), voxels=int(torch.tensor(shape).prod()))
-                state = row.get("error") or f"{row['peak_mib']:8.0f} MiB  {row['seconds']:7.1f} s"
-                print(
-                    f"{row['shape']:>12} round {row['round']} {row['method']:9s} {state}  load {row.get('load', 0):.1f}"
-                )
             rows += got
         print_rounds(rows, args.methods)
         if args.json:

@@ -150,3 +150,4 @@ def test_m8_median_bounds_the_median_rise_not_each_case():
     assert marks["M8"] is True and fails == []
     fails, marks = CJ.judge(rows([0, 12, 12, 13, 0]), skip=("M4",), m8_median=True)
     assert marks["M8"] is False and fails == ["M8: median peak rise +12.0 MiB over 4 cases"]
+    assert CJ.peak_rises(spread) == dict(n=4, median=1.0, largest=50.0, over=1)  # the tail, printed beside it

@@ -2,6 +2,7 @@
 each level's increment ``w`` becomes ``w - P w`` with ``P`` the fixed image's edge projector; off by default,
 and None is the default bit for bit."""
 
+import hashlib
 import math
 
 import numpy as np
@@ -95,11 +96,19 @@ def _run(pair, **options):
     return nn.register(*pair[:2], **{**RUN, **options})
 
 
-def test_off_by_default_and_none_is_the_default_bit_for_bit(pair):
+#: sha256 of the off path's displacement on ``warped_pair`` (40 coarse steps), read in the tree before the
+#: option existed (189fa38, session 44's base) and at its commit: the off path is that code bit for bit.
+OFF_SHA256 = "20ef02d7c21a77f1eb1b481cbd3c79e376833b6f7a46680f4c1703a8066f661e"
+
+
+def test_off_by_default_and_none_is_the_code_before_the_option_bit_for_bit(pair, warped_pair):
     default = _run(pair)
     off = _run(pair, coarse_edge_damp=None)
     assert default.settings["coarse_edge_damp"] is None and off.settings["coarse_edge_damp"] is None
     assert np.array_equal(default.transform.displacement(SIZE), off.transform.displacement(SIZE))
+    before = _run(warped_pair, coarse_iterations=40, coarse_edge_damp=None)
+    field = np.ascontiguousarray(before.transform.displacement(SIZE))
+    assert hashlib.sha256(field.tobytes()).hexdigest() == OFF_SHA256
 
 
 def test_a_known_deformation_is_recovered_with_the_damping_on(warped_pair):
