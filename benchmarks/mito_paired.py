@@ -47,7 +47,9 @@ in full. Any other option in ``--arm-b-options`` runs both arms in full as in se
 
 Session 44 (issue 15): ``run --placement`` also records, per arm, the placement that the drift correction
 was given (``align._detrended`` / ``align._detrended_elastic``'s input: the solve's, before any detrend)
-against the truth's (:func:`placement_record`, session 41's split from ``mito_truth_read.placement_parts``):
+against the truth's (:func:`placement_record`, session 41's split from ``mito_truth_read.placement_parts``),
+and as ``placement_out`` the same of the placement the arm returned (what its Dice scores; review 1 of
+session 44):
 ``lag`` ((y, x) px per section; ``lag_along_drift``: along the mitochondria's mean drift, +: follows it less;
 None without organelle drift) and ``jitter_rms`` ((y, x) px, what is left off the straight line). The stack is
 then made by ``mito_truth_read.generate`` (the same ``em_stack`` call, the drifts captured). Rows without it
@@ -319,9 +321,19 @@ def run_row(seed: int, case: str, args, cand: dict, base: dict | None = None, ca
 @contextlib.contextmanager
 def placement_seen(seen: dict):
     """Inside the block, the placement ``align_stack`` gives its drift correction (``_detrended`` /
-    ``_detrended_elastic``: matrices and reference) is kept in ``seen`` (the last call's); nothing else
-    changes."""
-    plain, elastic = align._detrended, align._detrended_elastic
+    ``_detrended_elastic``: matrices and reference) is kept in ``seen`` (the last call's), and the placement
+    it returned, as ``mito_benchmark.evaluate`` scores it, in ``seen["out"]`` (review 1 of session 44, A1:
+    ``track_shift="decision"`` hands the decision a shifted placement and returns the solved one where it
+    keeps); nothing else changes."""
+    plain, elastic, evaluate = align._detrended, align._detrended_elastic, mb.evaluate
+
+    def scored(matrices, data, ref, *a, **kw):
+        seen["out"] = {
+            "matrices": np.array(matrices),
+            "ref": int(ref),
+            "shape": tuple(data["stack"].shape[1:]),
+        }
+        return evaluate(matrices, data, ref, *a, **kw)
 
     def detrended(matrices, shape, ref, *a, **kw):
         seen.update(matrices=np.array(matrices), ref=int(ref), shape=tuple(shape))
@@ -331,11 +343,11 @@ def placement_seen(seen: dict):
         seen.update(matrices=np.array(matrices), ref=int(ref), shape=tuple(shape))
         return elastic(matrices, fields, shape, ref, *a, **kw)
 
-    align._detrended, align._detrended_elastic = detrended, detrended_elastic
+    align._detrended, align._detrended_elastic, mb.evaluate = detrended, detrended_elastic, scored
     try:
         yield
     finally:
-        align._detrended, align._detrended_elastic = plain, elastic
+        align._detrended, align._detrended_elastic, mb.evaluate = plain, elastic, evaluate
 
 
 def placement_record(seen: dict, data: dict, truth: dict) -> dict | None:
@@ -387,6 +399,7 @@ def _run_options_row(
             cpu_s[name] = time.process_time() - cpu
         if truth is not None:
             res[name]["placement"] = placement_record(seen, data, truth)
+            res[name]["placement_out"] = placement_record(seen.get("out", {}), data, truth)
     base_res, cand_res, cand_used = res["base"], res["cand"], used["cand"]
     used = used["base"]
     row = {
@@ -448,7 +461,7 @@ def summary(row: dict) -> dict:
             "decision": bg.get("decision"), "first_look": first["decision"] if first else bg.get("decision"),
             "looks": 2 if first else (1 if bg else 0),
             "chi0": (first or {}).get("chi_square_from_0"),
-            **({"placement": r["placement"]} if "placement" in r else {}),
+            **{k: r[k] for k in ("placement", "placement_out") if k in r},
         }  # fmt: skip
 
     return {
@@ -532,12 +545,14 @@ def _read(args) -> int:
             + " |"
         )
     for r in rows:  # session 44 (--placement): the placement's lag along the drift and jitter, both arms
-        if "placement" in r["base"] and r["base"]["placement"] and r["cand"].get("placement"):
-            b, c = r["base"]["placement"], r["cand"]["placement"]
+        for key, what in (("placement", "given to the decision"), ("placement_out", "returned")):
+            b, c = r["base"].get(key), r["cand"].get(key)
+            if not b or not c:
+                continue
             along = [x["lag_along_drift"] for x in (b, c)]
             text = "" if None in along else f"lag along the drift {along[0]:+.4f} -> {along[1]:+.4f}, "
             print(
-                f"# {r['seed']} {r['case']}: {text}jitter rms ({b['jitter_rms'][0]:.3f}, "
+                f"# {r['seed']} {r['case']} ({what}): {text}jitter rms ({b['jitter_rms'][0]:.3f}, "
                 f"{b['jitter_rms'][1]:.3f}) -> ({c['jitter_rms'][0]:.3f}, {c['jitter_rms'][1]:.3f})"
             )
     need = [c for c in (args.require_cases or "").split(",") if c]

@@ -296,3 +296,18 @@ def test_a_reading_option_is_judged_by_the_twin_and_a_shared_row_is_the_full_run
     with pytest.raises(ValueError, match="not a reading option"):
         with P.read_as({"mask_dilation": 0}):
             pass
+
+
+def test_placement_records_the_decisions_input_and_the_returned_placement(tmp_path):
+    """Session 44 (``--placement``): each arm records the placement given to the drift correction and, as
+    ``placement_out``, the one it returned (review 1 of session 44, A1). On a stage-drift stack the decision
+    keeps, so ``track_shift="decision"`` hands it a placement moved by a straight line (another lag, the same
+    jitter) and returns the base's: the returned records are equal, the given ones are not."""
+    args = P.argparse.Namespace(sections=24, shape=(256, 256), pad=40, workers=1, full=False, placement=True)
+    row = P.run_row(21, "stage-drift", args, {}, None, {"track_shift": "decision"})
+    b, c = row["base"], row["cand"]
+    assert row["truth"]["stage_step"] != [0.0, 0.0] and c["drift_auto"]["applied"] == "none"
+    assert b["placement_out"] == c["placement_out"] and b["dice_ref"] == c["dice_ref"]
+    assert b["placement"]["lag"] != c["placement"]["lag"]
+    np.testing.assert_allclose(c["placement"]["jitter_rms"], b["placement"]["jitter_rms"], atol=0.01)
+    assert b["placement"]["lag_along_drift"] is None  # no organelle drift: no direction to read along
