@@ -140,7 +140,8 @@ def test_a_save_is_refused_while_another_job_runs_and_blocks_the_others(
     assert widget.apply_transform(tmp_path / "b", layer=viewer.layers["image"], wait=False) is None
     assert messages["error"][1:] == ["A transform is being saved; wait for it to finish first."] * 2
     widget.cancel()  # not cancelled: the files are being written
-    assert widget.state.is_(RunState.RUNNING)
+    widget.state.cancel()  # nor through the machine (review 1 of session 44, D1)
+    assert widget.state.is_(RunState.RUNNING) and not widget.cancel_button.isEnabled()
     with qtbot.waitSignal(widget.save_done, timeout=WAIT_MS) as done:
         gate.open()
     assert done.args == [tmp_path / "b"] and not (tmp_path / "c").exists()

@@ -157,3 +157,26 @@ def test_a_state_moved_by_hand_binds_no_job(qtbot):
     assert machine.job is None
     b.stopped.emit()
     assert cb.seen == [] and done == []
+
+
+def test_a_job_that_is_not_cancellable_ignores_cancel_and_its_controls_show_no_cancel(qtbot):
+    """Review 1 of session 44 (D1): the machine, not the widget, knows that a save is written to its end."""
+    from napari_nephi.widgets._state import RunControls
+
+    machine = RunStateMachine()
+    a, s = FakeRunner(), FakeRunner()
+    ca, cs = Calls(), Calls()
+    machine.drive(a, ca.finished, ca.failed, ca.cancelled)
+    machine.drive(s, cs.finished, cs.failed, cs.cancelled, done=cs.done, cancellable=False)
+    controls = RunControls(machine)
+    qtbot.addWidget(controls)
+    machine.start(s)
+    assert not machine.cancellable and not controls.cancel_button.isEnabled()
+    machine.cancel()
+    assert machine.is_(RunState.RUNNING) and s.cancels == 0
+    s.finished.emit("folder")
+    machine.results_in()
+    s.end()
+    assert cs.seen == [("finished", "folder"), ("done",)] and machine.is_(RunState.IDLE)
+    machine.start(a)
+    assert machine.cancellable and controls.cancel_button.isEnabled()

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from .device import memory_guard
-from .errors import DimensionMismatchError, InputError
+from .errors import Cancelled, DimensionMismatchError, InputError
 from .grid import to_grid_sample
-from .progress import CancelFlag, Progress
+from .progress import CancelFlag, Progress, is_cancelled
 
 PointMap = Callable[[torch.Tensor], torch.Tensor]
 
@@ -85,6 +85,19 @@ def _as_channels(image: np.ndarray, ndim: int) -> tuple[np.ndarray, bool]:
     return image[None], False
 
 
+class _StopFlag:
+    """A warp's ``cancel``, checked when made (an Event, a callable or None; else :class:`InputError`)."""
+
+    def __init__(self, cancel: CancelFlag):
+        Progress(cancel=cancel)  # its check of what ``cancel`` is
+        self.cancel = cancel
+
+    def check(self) -> None:
+        """Raise :class:`Cancelled` once the flag is set (checked before each chunk)."""
+        if is_cancelled(self.cancel):
+            raise Cancelled("Warp cancelled.")
+
+
 def warp_image(
     image,
     point_map: PointMap,
@@ -101,7 +114,7 @@ def warp_image(
     ``cancel`` (a ``threading.Event`` or a callable) is checked before each chunk; once it is set,
     :class:`~napari_nephi.core.errors.Cancelled` is raised. Anything else raises :class:`InputError`.
     """
-    stop_flag = Progress(cancel=cancel)  # checks what ``cancel`` is
+    stop_flag = _StopFlag(cancel)
     img = np.asarray(image)
     if img.dtype == bool:
         img = img.astype(np.float32)
@@ -132,7 +145,7 @@ def warp_labels(
 
     ``cancel``: as for :func:`warp_image`.
     """
-    stop_flag = Progress(cancel=cancel)
+    stop_flag = _StopFlag(cancel)
     lab = np.asarray(labels)
     if lab.ndim != ndim:
         raise DimensionMismatchError(

@@ -73,7 +73,18 @@ class RunStateMachine(QObject):
             self._runner = None
         self.changed.emit(old, new)
 
-    def drive(self, runner, finished, failed, cancelled, *, progressed=None, stopped=None, done=None) -> None:
+    def drive(
+        self,
+        runner,
+        finished,
+        failed,
+        cancelled,
+        *,
+        progressed=None,
+        stopped=None,
+        done=None,
+        cancellable=True,
+    ) -> None:
         """Follow ``runner``'s signals through the run states while its job holds the state.
 
         ``finished(result)`` is called in ADDING_RESULTS (a result that comes after Cancel goes to
@@ -81,14 +92,16 @@ class RunStateMachine(QObject):
         and ``cancelled()`` report; ``stopped()`` (optional) cleans up after a failed or cancelled job,
         just before IDLE; ``done()`` (optional) is called for every end of the job, just after IDLE,
         before :attr:`done` is emitted. The state goes back to IDLE only once the worker thread has
-        ended too. Each runner is driven once.
+        ended too. Each runner is driven once. A job that is not ``cancellable`` (a save, whose files
+        are written to their end) ignores :meth:`cancel`, and :class:`RunControls` keeps its Cancel
+        button disabled.
         """
         if runner in self._jobs:
             raise RuntimeError("This runner is driven already.")
         self._jobs[runner] = {
             "finished": finished, "failed": failed, "cancelled": cancelled,
             "progressed": progressed, "stopped": stopped, "done": done,
-            "relay": _Relay(self, runner),
+            "cancellable": bool(cancellable), "relay": _Relay(self, runner),
         }  # fmt: skip
 
     def start(self, runner=None) -> None:
@@ -101,6 +114,11 @@ class RunStateMachine(QObject):
             self.to(RunState.RUNNING)  # raises, and binds nothing
         self._runner, self._results_in = runner, False
         self.to(RunState.RUNNING)
+
+    @property
+    def cancellable(self) -> bool:
+        """Whether :meth:`cancel` would stop the job that holds the state (True when no driven job does)."""
+        return self._runner is None or self._jobs[self._runner]["cancellable"]
 
     def results_in(self) -> None:
         """The finished job's results are in the viewer: IDLE once its worker thread has ended."""
@@ -115,9 +133,10 @@ class RunStateMachine(QObject):
     def cancel(self, runner=None, status=None) -> None:
         """Cancel: a running job moves to CANCELLING, ``status`` (a label) says so, its runner stops.
 
-        ``runner``: the runner to stop (default: the one whose job holds the state).
+        ``runner``: the runner to stop (default: the one whose job holds the state). A job driven
+        with ``cancellable=False`` is left to run.
         """
-        if self.is_(RunState.RUNNING):
+        if self.is_(RunState.RUNNING) and self.cancellable:
             self.to(RunState.CANCELLING)
             if status is not None:
                 status.setText("Cancelling…")
@@ -201,8 +220,8 @@ class _Relay(QObject):
 class RunControls(QWidget):
     """Run and Cancel buttons that follow a :class:`RunStateMachine`.
 
-    Run is enabled only when idle, Cancel only while running. The buttons' ``clicked`` signals are
-    the widget's to connect.
+    Run is enabled only when idle, Cancel only while a job that can be cancelled is running. The
+    buttons' ``clicked`` signals are the widget's to connect.
     """
 
     def __init__(self, machine: RunStateMachine, parent=None):
@@ -213,9 +232,10 @@ class RunControls(QWidget):
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.run_button)
         row.addWidget(self.cancel_button)
+        self._machine = machine
         machine.changed.connect(self._follow)
         self._follow(None, machine.state)
 
     def _follow(self, _old, new: RunState) -> None:
         self.run_button.setEnabled(new is RunState.IDLE)
-        self.cancel_button.setEnabled(new is RunState.RUNNING)
+        self.cancel_button.setEnabled(new is RunState.RUNNING and self._machine.cancellable)

@@ -127,7 +127,8 @@ class RegisterWidget(QWidget):
         )
         apply = (self._on_applied, self._on_apply_failed, self._on_apply_cancelled)
         self.state.drive(self.applier, *apply, done=self._apply_over)
-        self.state.drive(self.saver, self._on_saved, self._on_save_failed, lambda: None, done=self._save_over)
+        saving = (self._on_saved, self._on_save_failed, lambda: None)
+        self.state.drive(self.saver, *saving, done=self._save_over, cancellable=False)  # written to its end
         images = self.moving.layers()
         if len(images) >= 2:
             self.fixed.set_layer(images[0])
@@ -246,17 +247,14 @@ class RegisterWidget(QWidget):
     def cancel(self) -> None:
         """Stop the running registration, or the transform being applied (the Cancel button).
 
-        A save is not stopped: its files are being written (Cancel is disabled meanwhile)."""
-        if self.state.job is not self.saver:
-            self.state.cancel(status=self.status)  # the runner of the job that holds the state
+        A save is not stopped: its files are being written (it is driven as not cancellable)."""
+        self.state.cancel(status=self.status)  # the runner of the job that holds the state
 
     def _follow_state(self, _old, new: RunState) -> None:
-        """Apply and Save only when idle; no Cancel while a save writes (Run and Cancel: RunControls)."""
+        """Apply and Save only when idle (Run and Cancel follow the state in RunControls)."""
         idle = new is RunState.IDLE
         self.apply_button.setEnabled(idle)
         self.save_button.setEnabled(idle and self.last is not None)
-        if self.state.job is self.saver:
-            self.cancel_button.setEnabled(False)
 
     def _busy(self) -> bool:
         """Whether a job is on (a registration, an apply or a save); if so, tells the user which."""
