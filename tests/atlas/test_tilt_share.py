@@ -51,12 +51,54 @@ def toy(toy_reference):
     return plates, section, [(p, 0.0) for p in range(plates.n)]
 
 
-def test_off_is_the_default_search_bit_for_bit(toy):
+#: The default search of the toy section below in the frozen tree of 189fa38 (before tilt_share; review 1 of
+#: session 44, C2): ``PYTHONPATH=/tmp/f44/src`` (``git worktree add /tmp/f44 189fa38``), the volume and
+#: the list of 2D plates of ``toy_atlas((40, 64, 64), seed=0)``, the section
+#: ``section_from_atlas(reference, 20, (12.0, 6.0))``, the order ``[(p, 0.0) for p in range(40)]``:
+#: ``ranking[:5]``, ``pairs``, ``stage1_pairs``, ``poses[20]``'s score and tilt, printed with ``repr``.
+FROZEN = {
+    "volume": (
+        [
+            (20, 0.22259122133255005),
+            (19, 0.22759122133255005),
+            (21, 0.22759122133255005),
+            (18, 0.23259122133255006),
+            (22, 0.23259122133255006),
+        ],
+        825,
+        555,
+        0.77740877866745,
+        (9.0, 6.0),
+    ),
+    "list": (
+        [
+            (20, 0.3615546226501465),
+            (19, 0.3665546226501465),
+            (21, 0.3665546226501465),
+            (18, 0.3715546226501465),
+            (22, 0.3715546226501465),
+        ],
+        682,
+        555,
+        0.6384453773498535,
+        (0.0, 0.0),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", ["volume", "list"])
+@pytest.mark.parametrize("options", [{}, {"tilt_share": None}])
+def test_off_is_the_frozen_default_search_bit_for_bit(toy, toy_reference, kind, options):
     plates, section, order = toy
-    a = PoseSearch(plates).search(section, order, check_rerank_options({}))
-    b = PoseSearch(plates).search(section, order, check_rerank_options({"tilt_share": None}))
-    assert a.ranking == b.ranking and a.poses == b.poses and a.pairs == b.pairs
-    assert a.tilts_shared == b.tilts_shared == 0
+    if kind == "list":
+        reference, labels = toy_reference
+        plates = Plates(list(reference), list(labels))
+    found = PoseSearch(plates).search(section, order, check_rerank_options(options))
+    ranking, pairs, stage1, score, tilt = FROZEN[kind]
+    assert found.ranking[:5] == ranking
+    assert (found.pairs, found.stage1_pairs) == (pairs, stage1)
+    assert (found.poses[20].score, found.poses[20].tilt) == (score, tilt)
+    assert found.tilts_shared == 0
 
 
 def test_followers_skip_their_joint_grid_and_keep_the_truth(toy, monkeypatch):
@@ -84,3 +126,12 @@ def test_followers_skip_their_joint_grid_and_keep_the_truth(toy, monkeypatch):
     assert on.pairs - on.stage1_pairs < off.pairs - off.stage1_pairs
     assert on.ranking[0][0] == off.ranking[0][0] == 20
     assert on.options["tilt_share"] == 1000 and off.options["tilt_share"] is None
+
+
+def test_the_widening_pass_shares_and_counts_too(toy):
+    plates, section, order = toy
+    once = PoseSearch(plates).search(section, order, check_rerank_options({"tilt_share": 1000}))
+    wide = {"tilt_share": 1000, "widen_score": 0.99}  # no pose scores that: the second pass always runs
+    found = PoseSearch(plates).search(section, order, check_rerank_options(wide))
+    assert found.widened and not once.widened
+    assert found.tilts_shared > once.tilts_shared > 0  # the second pass's followers counted (review 1, C5)

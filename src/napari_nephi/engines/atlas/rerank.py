@@ -826,7 +826,7 @@ class RerankResult:
     #: of ``pairs``, those of stage 1 (its widening's included; session 43)
     stage1_pairs: int = 0
     #: tilt searches that ``tilt_share`` started from another hypothesis's joint-grid tilt instead of a
-    #: joint grid of their own (the first pass's; 0 without it; session 44)
+    #: joint grid of their own (the widening's second pass's too; 0 without it; session 44)
     tilts_shared: int = 0
     widened: bool = False
     widen_kept: bool = False
@@ -999,10 +999,11 @@ class PoseSearch:
         kept = False
         if widened:  # the search failed (no pose above widen_score, or far from the shortlist)
             before = len(refine.poses)
-            more, own_more = self._widen(
+            more, own_more, more_shared = self._widen(
                 coarse, coarse_atlas, mask, zs, first, hyps, refine, scanned, options
             )
             pairs_done += more
+            shared += more_shared
             own_tilts += own_more
             # the second pass's poses count only where one ranks before the first pass's best: a
             # wrong region it adds would otherwise push the truth further down (docs/atlas.md)
@@ -1056,11 +1057,11 @@ class PoseSearch:
 
     def _widen(
         self, coarse, coarse_atlas, mask, zs, first, hyps, refine, scanned, options
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, int]:
         """The second pass: stage 1 on every plate not yet searched, stage 2 on the best distinct
         stage-1 poses away from the first pass's hypotheses, scanned along the plate axis where
-        apart from the first pass's scans. Returns stage 1's pair count (stage 2's are in ``refine``)
-        and how many tilt searches ``own_plate_tilt`` added."""
+        apart from the first pass's scans. Returns stage 1's pair count (stage 2's are in ``refine``),
+        how many tilt searches ``own_plate_tilt`` added and how many ``tilt_share`` shared."""
         searched = set(zs)
         rest = [z for z in range(self.n) if z not in searched]
         more = _stage1(coarse, coarse_atlas, mask, rest, options) if rest else []
@@ -1071,13 +1072,13 @@ class PoseSearch:
         )
         top = max((p.score for p in refine.poses), default=0.0)
         bests, own = _untilted_all(refine, new, options["own_plate_tilt"])
-        _tilt_near_top(refine, bests, options["tilt_margin"], top, options["tilt_share"])
+        shared = _tilt_near_top(refine, bests, options["tilt_margin"], top, options["tilt_share"])[1]
         own_tilts = _tilt_near_top(refine, own, options["tilt_margin"], top)[0]
         if options["z_scan"] > 0:
             for start in _distinct(refine.poses, options["z_scan_poses"]):
                 if _apart(start, scanned):
                     refine.z_scan(start, options["z_scan"])
-        return len(more), own_tilts
+        return len(more), own_tilts, shared
 
 
 def stage1_pairs(
