@@ -667,20 +667,22 @@ def check_rerank_options(options: dict | None) -> dict:
         out["stage1_prune"] = check_float("stage1_prune", out["stage1_prune"], 0.0, 2.0)
     if out["stage1_scale_reach"] is not None:
         out["stage1_scale_reach"] = check_int("stage1_scale_reach", out["stage1_scale_reach"], 0, 20)
-        if out["stage1_prune"] is None:  # it would silently do nothing
-            raise InputError(
-                f"stage1_scale_reach ({out['stage1_scale_reach']!r}) limits the scales of stage 1's second "
-                "pass, which runs only with stage1_prune (e.g. 0.05, the default); set stage1_prune or leave "
-                "stage1_scale_reach None."
-            )
+        _needs(
+            out,
+            "stage1_scale_reach",
+            "stage1_prune",
+            "limits the scales of stage 1's second pass, which runs only with stage1_prune (e.g. 0.05, the "
+            "default)",
+        )
     if out["stage1_scale_margin"] is not None:
         out["stage1_scale_margin"] = check_float("stage1_scale_margin", out["stage1_scale_margin"], 0.0, 2.0)
-        if out["stage1_scale_reach"] is None:  # it would silently do nothing
-            raise InputError(
-                f"stage1_scale_margin ({out['stage1_scale_margin']!r}) keeps more scales than "
-                "stage1_scale_reach's, which without it keeps every scale already: set stage1_scale_reach "
-                "(e.g. 1) or leave stage1_scale_margin None."
-            )
+        _needs(
+            out,
+            "stage1_scale_margin",
+            "stage1_scale_reach",
+            "keeps more scales than stage1_scale_reach's, which without it keeps every scale already (set it "
+            "e.g. to 1)",
+        )
     out["coarse_size"] = check_int("coarse_size", out["coarse_size"], 16, 256)
     out["work_size"] = check_int("work_size", out["work_size"], 16, 256)
     out["max_rotation"] = check_float("max_rotation", out["max_rotation"], 0.0, 180.0)
@@ -777,6 +779,13 @@ def check_rerank_options(options: dict | None) -> dict:
     check_bool("lean", out["lean"])  # no effect since session 43 (DEFAULTS' comment): recorded as what ran
     out["lean"] = True
     return out
+
+
+def _needs(out: dict, name: str, other: str, why: str) -> None:
+    """:class:`InputError` where option ``name`` is set and ``other``, without which it would silently do
+    nothing, is None (``why``: what ``name`` does and why it needs ``other``)."""
+    if out[other] is None:
+        raise InputError(f"{name} ({out[name]!r}) {why}; set {other} or leave {name} None.")
 
 
 def _check_aspects(value) -> list[float]:
