@@ -57,7 +57,8 @@ are as before. For ``track_shift`` (session 44, an option that moves the placeme
 
 Rows are taken in the order ``for seed in --seeds: for case in --cases``; ``--lane K/N`` takes the
 list's positions K, K + N, ... (two lanes: ``1/2`` and ``2/2``), so lanes split one fixed list;
-``--until HH:MM`` (UTC) starts no row after that time; rows whose JSON exists are skipped.
+``--until HH:MM`` (UTC) starts no row after that time (the bound within 12 h of the row's start: session 44,
+:func:`past_until`); rows whose JSON exists are skipped.
 ``read DIR`` prints the table and the marks of session 40's rule (docs/mito.md): (a) no row loses more
 than ``--loss`` Dice ref, (b) no stage-drift row the base keeps is detrended by the candidate, (c)
 among the stage-drift+drift rows whose first look reads "sections" in the base's own record, at
@@ -440,6 +441,23 @@ def prediction_diff(row: dict) -> float | None:
     return None if got is None else float(np.max(np.abs(np.subtract(got, row["predicted"][0][1]))))
 
 
+def past_until(until: str, now: datetime.datetime) -> bool:
+    """Whether ``now`` is at or past ``--until HH:MM`` (UTC), the bound taken on the day that puts it within
+    12 h of ``now`` (session 44: the "HH:MM" strings compared before let a lane start rows after midnight past
+    a bound of 23:58)."""
+    try:
+        h, m = (int(v) for v in until.split(":"))
+        bound = now.replace(hour=h, minute=m, second=0, microsecond=0)
+    except ValueError:
+        raise SystemExit(f"--until {until!r}: give HH:MM (UTC)") from None
+    half = datetime.timedelta(hours=12)
+    if bound - now > half:
+        bound -= datetime.timedelta(days=1)
+    elif now - bound >= half:
+        bound += datetime.timedelta(days=1)
+    return now >= bound
+
+
 def queue(seeds, cases, lane: str = "1/1") -> list[tuple[int, str]]:
     """The rows ``(seed, case)`` of lane ``K/N``: positions K, K + N, ... of the seed-major list."""
     k, n = (int(v) for v in lane.split("/"))
@@ -620,7 +638,7 @@ def main(argv=None) -> int:
         if os.path.exists(path):
             continue
         now = datetime.datetime.now(datetime.timezone.utc)
-        if args.until and now.strftime("%H:%M") >= args.until:
+        if args.until and past_until(args.until, now):
             print(f"# {now:%H:%M} UTC: --until {args.until}, no more rows started", flush=True)
             break
         t0 = time.perf_counter()

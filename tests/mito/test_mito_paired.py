@@ -311,3 +311,18 @@ def test_placement_records_the_decisions_input_and_the_returned_placement(tmp_pa
     assert b["placement"]["lag"] != c["placement"]["lag"]
     np.testing.assert_allclose(c["placement"]["jitter_rms"], b["placement"]["jitter_rms"], atol=0.01)
     assert b["placement"]["lag_along_drift"] is None  # no organelle drift: no direction to read along
+
+
+def test_until_is_a_time_not_a_string_across_midnight():
+    """Session 44: ``--until 23:58`` compared "HH:MM" strings, so a row at 00:03 ("00:03" < "23:58") was
+    started. ``past_until`` takes the bound nearest the time (within 12 h): 00:03 is past 23:58 of the day
+    before, 23:30 is not, and 00:03 is not past 00:10."""
+    utc = P.datetime.timezone.utc
+    at = P.datetime.datetime
+    assert P.past_until("23:58", at(2026, 12, 8, 0, 3, tzinfo=utc))
+    assert not P.past_until("23:58", at(2026, 12, 7, 23, 30, tzinfo=utc))
+    assert P.past_until("23:58", at(2026, 12, 7, 23, 58, tzinfo=utc))
+    assert not P.past_until("00:10", at(2026, 12, 8, 0, 3, tzinfo=utc))
+    assert P.past_until("00:10", at(2026, 12, 8, 0, 10, tzinfo=utc))
+    with pytest.raises(SystemExit, match="--until"):
+        P.past_until("25:00", at(2026, 12, 8, 0, 3, tzinfo=utc))
