@@ -6,6 +6,7 @@ import threading
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+import torch
 
 from napari_nephi.core import AffineTransform, DisplacementTransform
 from napari_nephi.core import warp as warp_module
@@ -72,6 +73,10 @@ BEFORE = {
 }
 
 
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="the digests were read with torch's AVX2 / AVX512 kernels (review 2 of session 44)",
+)
 @pytest.mark.parametrize("shape", CASES)
 def test_no_cancel_gives_the_arrays_of_the_code_before_the_option(shape, slabs):
     image, labels = _inputs(shape)

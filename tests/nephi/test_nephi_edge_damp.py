@@ -99,6 +99,8 @@ def _run(pair, **options):
 #: sha256 of the off path's displacement on ``warped_pair`` (40 coarse steps), read in the tree before the
 #: option existed (189fa38, session 44's base) and at its commit: the off path is that code bit for bit.
 OFF_SHA256 = "20ef02d7c21a77f1eb1b481cbd3c79e376833b6f7a46680f4c1703a8066f661e"
+#: torch CPU kernels the digest holds for (review 2 of session 44: ATEN_CPU_CAPABILITY=default differs)
+PINNED_KERNELS = ("AVX2", "AVX512")
 
 
 def test_off_by_default_and_none_is_the_code_before_the_option_bit_for_bit(pair, warped_pair):
@@ -106,6 +108,8 @@ def test_off_by_default_and_none_is_the_code_before_the_option_bit_for_bit(pair,
     off = _run(pair, coarse_edge_damp=None)
     assert default.settings["coarse_edge_damp"] is None and off.settings["coarse_edge_damp"] is None
     assert np.array_equal(default.transform.displacement(SIZE), off.transform.displacement(SIZE))
+    if torch.backends.cpu.get_cpu_capability() not in PINNED_KERNELS:
+        pytest.skip("the pinned digest was read with torch's AVX2 / AVX512 kernels; others round differently")
     before = _run(warped_pair, coarse_iterations=40, coarse_edge_damp=None)
     field = np.ascontiguousarray(before.transform.displacement(SIZE))
     assert hashlib.sha256(field.tobytes()).hexdigest() == OFF_SHA256

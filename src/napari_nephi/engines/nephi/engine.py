@@ -359,7 +359,7 @@ def register_nephi(
     stage): every coarse level's increment loses, at that strength, its motion along edges of the fixed image
     that have no texture along them (:mod:`.edgedamp`: from the structure tensor in a window of the level's
     knot footprint), so a level cannot slide a straight edge between flat regions along itself (camera
-    shifted by (1.00, -0.76) px at 512 px: det J 0.874..1.090 -> 0.981..1.010). It does not fix the
+    shifted by (1.00, -0.76) px at 512 px: det J 0.874..1.090 -> 0.980..1.010). It does not fix the
     rotations' misses, which are a compression across such edges, and it costs the camera's deformations
     a little (docs/nephi.md, "Session 44 (B)"). Opt-in. Recorded in ``settings["coarse_edge_damp"]``.
 
