@@ -42,6 +42,7 @@ def test_a_lazy_moving_layer_is_read_in_the_worker_and_registers_as_numpy(make_n
     widget.fixed.set_layer(viewer.layers["fixed"])
     widget.moving.set_layer(lazy)
     qtbot.wait(50)  # napari draws the layer (reads on its thread)
+    lazy.visible = False  # no redraw of it on napari's thread during the run (review 2 of session 44, D-a)
     reads.clear()
     with dask.config.set(scheduler="synchronous"):
         _run(widget, qtbot)
