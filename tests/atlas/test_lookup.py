@@ -321,7 +321,16 @@ def test_lookup_with_rerank_ranks_every_plate_by_the_pose_search(trained_lookup,
         return pose.score - prior[pose.plate] - penalty * min(abs(plate - pose.z), reach)
 
     poses = list(result.poses.values())  # the best pose of each plate reached
+    # plain_reach: the plates next to the best pose are spaced from the best distance by the scores
+    # without the outside band instead (rerank._plain_near_best): they only lie at or after the first
+    lead = max(poses, key=lambda p: p.score - prior[p.plate])
+    near = {lead.plate} | {
+        q for q in range(trained_lookup.n_plates) if abs(q - lead.z) <= DEFAULTS["plain_reach"]
+    }
     for plate, d in ranking:
+        if result.plain_ranked and plate in near:
+            assert d >= ranking[0][1]
+            continue
         assert d <= 1.0 - max(value(p, plate) for p in poses) + 1e-6
     # a plate's other poses lie within half a plate of its best: at most a penalty apart
     top = 1.0 - max(value(p, ranking[0][0]) for p in poses)

@@ -103,16 +103,20 @@ def test_off_by_default_and_the_off_state_is_the_search_as_before(search, toy_re
     reference, labels = toy_reference
     section = _restained(reference, labels, 24, seed=1)
     order = [(p, 0.0) for p in range(search.n)]
-    default = search.search(section, order, check_rerank_options({}))
+    default = search.search(
+        section, order, check_rerank_options({"tilt_share": None})
+    )  # as pinned (before 44)
     # the defaults' search as at 8008ee3, before the option (review 1 of session 40, C3; recorded there with
     # this toy atlas, section and order: /tmp/s40/C/pin.py on that commit's src and on this one agree)
     assert [p for p, _ in default.ranking[:10]] == [24, 23, 25, 22, 26, 21, 27, 20, 28, 19]
     assert default.pairs == 1677
     assert default.ranking[0][1] == pytest.approx(0.537109285593, abs=1e-9)
-    idle = search.search(section, order, check_rerank_options({"quarter_margin": 0.5, "quarter_reach": 8}))
+    idle = search.search(
+        section, order, check_rerank_options({"quarter_margin": 0.5, "quarter_reach": 8, "tilt_share": None})
+    )
     assert idle.ranking == default.ranking and idle.pairs == default.pairs
     assert all(p.shifted is None for p in default.poses.values())
-    on = search.search(section, order, check_rerank_options({"quarter_shift": 0.5}))
+    on = search.search(section, order, check_rerank_options({"quarter_shift": 0.5, "tilt_share": None}))
     moved = [p for p in on.poses.values() if p.shifted is not None]
     assert moved and all(abs(p.shifted) <= 0.5 * 4 for p in moved)
     assert on.options["quarter_shift"] == 0.5 and on.options["quarter_reach"] == 4
@@ -128,7 +132,7 @@ def test_on_a_list_of_plates_nothing_moves_and_the_result_says_so(toy_reference)
     assert not flat.is_volume
     section = _restained(reference, labels, 24, seed=1)
     order = [(p, 0.0) for p in range(flat.n)]
-    on = flat.search(section, order, check_rerank_options({"quarter_shift": 0.5}))
+    on = flat.search(section, order, check_rerank_options({"quarter_shift": 0.5, "tilt_share": None}))
     assert on.options["quarter_shift"] == 0.5
     assert on.quarter_moved == 0 and all(p.shifted is None for p in on.poses.values())
 

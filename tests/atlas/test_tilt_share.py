@@ -16,8 +16,12 @@ from napari_nephi.synthetic.atlas import section_from_atlas
 
 
 def test_off_by_default_recorded_and_bad_values_refused():
-    assert DEFAULTS["tilt_share"] is None
-    assert check_rerank_options({})["tilt_share"] is None
+    assert DEFAULTS["tilt_share"] == 1  # since session 44 (held out: docs/prereg/s44_lead_C.txt)
+    assert check_rerank_options({})["tilt_share"] == 1
+    # the default steps aside where the joint grid is not cut whole; given with them, it is refused below
+    assert check_rerank_options({"tilt_climb": True})["tilt_share"] is None
+    assert check_rerank_options({"tilt_search": "sequential"})["tilt_share"] is None
+    assert check_rerank_options({"tilt_share": None})["tilt_share"] is None
     assert check_rerank_options({"tilt_share": 1})["tilt_share"] == 1
     for bad in (-1, 1.5, "one", 1001):
         with pytest.raises(InputError, match="tilt_share"):
@@ -87,7 +91,7 @@ FROZEN = {
 
 
 @pytest.mark.parametrize("kind", ["volume", "list"])
-@pytest.mark.parametrize("options", [{}, {"tilt_share": None}])
+@pytest.mark.parametrize("options", [{"tilt_share": None}])
 def test_off_is_the_frozen_default_search_bit_for_bit(toy, toy_reference, kind, options):
     plates, section, order = toy
     if kind == "list":
@@ -111,7 +115,7 @@ def test_followers_skip_their_joint_grid_and_keep_the_truth(toy, monkeypatch):
         return tilted(self, best, shared)
 
     monkeypatch.setattr(rerank._Refine, "tilted", spy)
-    off = PoseSearch(plates).search(section, order, check_rerank_options({}))
+    off = PoseSearch(plates).search(section, order, check_rerank_options({"tilt_share": None}))
     own = len(grids)
     assert own >= 3 and all(s is None for s in grids)  # every hypothesis its own joint grid
     grids.clear()

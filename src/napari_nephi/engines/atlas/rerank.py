@@ -288,6 +288,19 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   165 / 166 and the lead's held-out 167 / 168 (both indexes), but on the ``marker`` stain a
   fluorescence-like section's rotation-0 best scale can be wrong, and the lead's off-label held-out
   condition failed on one index (7.467 -> 7.600, margin 0.10): opt-in. docs/atlas.md, "Session 43".
+* **Shared joint grid** (session 44, ``tilt_share`` 1; None before). A hypothesis whose untilted best
+  lies within ``tilt_share`` plates of a better hypothesis's untilted best cuts no joint pitch x yaw grid
+  of its own (24 oblique cuts): its finer grid, at its own plate, atlas point, rotation and scale, is
+  centred on the tilt that better one's joint grid found (neighbouring plates of one region share the
+  cut's tilt); ``RerankResult.tilts_shared`` counts them. Where the grid is not cut whole
+  (``tilt_climb``, ``tilt_search`` "sequential") the default steps aside (None); given with them it is
+  an error. Development (query seeds 167 / 168, 120 sections per index): mean rank 3.608 -> 3.567 /
+  3.950 -> 3.933, CPU per section 0.954 / 0.952 (3 plates: 0.920 but oblique sections lose). Fresh query
+  seeds 169 / 170 (rule first, both indexes, three stains): today's stain 2.925 -> 2.925 / 2.183 ->
+  2.183, CPU 0.963 / 0.970, foreign and marker within +0.042. The lead's held-out query seeds 171 / 172
+  (both indexes; today's, foreign, marker): 1.200 -> 1.208 / 1.250 -> 1.233 (CPU 0.946 / 0.950), 3.500
+  -> 3.408 / 4.050 -> 4.100, 5.675 -> 5.692 / 5.067 -> 5.025, Top-5 never lower, every
+  mark passed: the default since then, a saving of 3-5 %. docs/atlas.md, "Session 44".
 * **Lean** (session 42; since session 43 the only code path, and the ``lean`` option does nothing: True
   and False are accepted, as saved options and session 42's commands name it, and both give the same
   search, whose results were the path before's bit for bit; the options record True, what ran). The same
@@ -440,9 +453,10 @@ DEFAULTS = {
     # a hypothesis whose untilted best lies within this many plates of a better hypothesis's untilted
     # best gets no joint grid of its own: its finer grid (at its own plate, atlas point, rotation and
     # scale) is centred on the tilt that better one's joint grid found, and the rest of its tilt search
-    # follows as before (None: every hypothesis cuts its own joint grid, the default; session 44, opt-in;
-    # module docstring, "Shared joint grid"; an error with tilt_climb or tilt_search "sequential")
-    "tilt_share": None,
+    # follows as before (None: every hypothesis cuts its own joint grid, as before session 44; the default
+    # 1 since session 44, held out: module docstring, "Shared joint grid"; an error with tilt_climb or
+    # tilt_search "sequential" when given, and None when those are given without it)
+    "tilt_share": 1,
     "anchors": 2,  # the first stage's best plates that always get a stage-2 hypothesis
     # score lost by a pose whose plate the first stage ranks far (0: none; the safe setting where the
     # embedding, trained on synthetic views of the atlas, is not trusted on real sections)
@@ -576,6 +590,7 @@ SEEDED = {
     "widen_gap": None,
     "outside_weight": 0.0,
     "tilt_rounds": 1,
+    "tilt_share": None,  # as measured (session 44's default unmeasured here)
 }
 #: Options of a search about half as costly as :data:`DEFAULTS`' that ranks worse (opt-in, for
 #: many sections where speed matters more): a smaller stage 1 (the embedding's 6 best plates and 2
@@ -604,6 +619,7 @@ FAST = {
     "widen_gap": None,
     "outside_weight": 0.0,
     "tilt_rounds": 1,
+    "tilt_share": None,  # as measured (session 44's default unmeasured here)
 }
 #: Scales searched, as factors of the tissue-extent guess: a cut shortens the extents (the true
 #: scale is then larger than the guess); a whole section matches it within a specimen's variation.
@@ -702,6 +718,8 @@ def check_rerank_options(options: dict | None) -> dict:
             "tilt_climb climbs the joint pitch x yaw grid, so it needs tilt_search 'joint' (the "
             f"default), not {out['tilt_search']!r}: pass one or the other."
         )
+    if "tilt_share" not in options and (out["tilt_climb"] or out["tilt_search"] != "joint"):
+        out["tilt_share"] = None  # the default shares the whole joint grid's best: there is none to share
     if out["tilt_share"] is not None:
         out["tilt_share"] = check_int("tilt_share", out["tilt_share"], 0, 1000)
         if out["tilt_climb"] or out["tilt_search"] != "joint":  # it shares the whole joint grid's best
