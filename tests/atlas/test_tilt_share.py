@@ -1,6 +1,7 @@
-"""Stage 2's joint tilt grid shared within a region (session 44, opt-in ``rerank_options={"tilt_share": k}``;
-None, every hypothesis cuts its own joint grid, by default): a hypothesis whose untilted best lies within
-``k`` plates of a better one's starts its finer grid from the tilt that one's joint grid found."""
+"""Stage 2's joint tilt grid shared within a region (session 44, ``rerank_options={"tilt_share": k}``; 1 by
+default since the lead's held-out reading, None: every hypothesis cuts its own joint grid, the search before):
+a hypothesis whose untilted best lies within ``k`` plates of a better one's starts its finer grid from the
+tilt that one's joint grid found."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from napari_nephi.engines.atlas.rerank import DEFAULTS, PoseSearch, _leaders, ch
 from napari_nephi.synthetic.atlas import section_from_atlas
 
 
-def test_off_by_default_recorded_and_bad_values_refused():
+def test_one_by_default_recorded_and_bad_values_refused():
     assert DEFAULTS["tilt_share"] == 1  # since session 44 (held out: docs/prereg/s44_lead_C.txt)
     assert check_rerank_options({})["tilt_share"] == 1
     # the default steps aside where the joint grid is not cut whole; given with them, it is refused below

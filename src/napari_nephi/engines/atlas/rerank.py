@@ -718,11 +718,12 @@ def check_rerank_options(options: dict | None) -> dict:
             "tilt_climb climbs the joint pitch x yaw grid, so it needs tilt_search 'joint' (the "
             f"default), not {out['tilt_search']!r}: pass one or the other."
         )
-    if "tilt_share" not in options and (out["tilt_climb"] or out["tilt_search"] != "joint"):
-        out["tilt_share"] = None  # the default shares the whole joint grid's best: there is none to share
+    whole_grid = not out["tilt_climb"] and out["tilt_search"] == "joint"  # tilt_share shares its best
+    if "tilt_share" not in options and not whole_grid:
+        out["tilt_share"] = None  # the default steps aside: there is no whole grid to share
     if out["tilt_share"] is not None:
         out["tilt_share"] = check_int("tilt_share", out["tilt_share"], 0, 1000)
-        if out["tilt_climb"] or out["tilt_search"] != "joint":  # it shares the whole joint grid's best
+        if not whole_grid:
             raise InputError(
                 f"tilt_share ({out['tilt_share']!r}) shares the joint pitch x yaw grid's best tilt, so it "
                 "needs tilt_search 'joint' (the default) and tilt_climb False (the default), which climbs "
