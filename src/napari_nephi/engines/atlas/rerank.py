@@ -301,6 +301,15 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   (both indexes; today's, foreign, marker): 1.200 -> 1.208 / 1.250 -> 1.233 (CPU 0.946 / 0.950), 3.500
   -> 3.408 / 4.050 -> 4.100, 5.675 -> 5.692 / 5.067 -> 5.025, Top-5 never lower, every
   mark passed: the default since then, a saving of 3-5 %. docs/atlas.md, "Session 44".
+* **Follower's offsets** (session 45, opt-in ``share_finer_reach``: None, a ``tilt_share`` follower's
+  finer grid at :data:`FINE_DZ`, one plate each side, as session 44). At 0 a follower's first finer
+  grid is cut at its own plate only (9 tilts instead of 9 x 3): its leader's finer grid, within
+  ``tilt_share`` plates, already searched the plates around it at nearly the same tilts. Its second
+  round is as before. An error where ``tilt_share`` is None. docs/atlas.md, "Session 45".
+* **Untilted reach** (session 45, opt-in ``untilted_reach``: None, :data:`REFINE_PLATES` (2) plates each
+  side of a hypothesis in stage 2's untilted step, as before). At 1 the step cuts 3 plates x 3 scales
+  per hypothesis instead of 5 x 3; the tilt search and the scan along the plate axis (``z_scan``)
+  still reach the plates farther off. docs/atlas.md, "Session 45".
 * **Lean** (session 42; since session 43 the only code path, and the ``lean`` option does nothing: True
   and False are accepted, as saved options and session 42's commands name it, and both give the same
   search, whose results were the path before's bit for bit; the options record True, what ran). The same
@@ -457,6 +466,13 @@ DEFAULTS = {
     # 1 since session 44, held out: module docstring, "Shared joint grid"; an error with tilt_climb or
     # tilt_search "sequential" when given, and None when those are given without it)
     "tilt_share": 1,
+    # plates each side of a tilt_share follower's own plate that its finer grid cuts (None: FINE_DZ's
+    # one each side, as session 44; 0: its own plate only, 9 cuts instead of 27; session 45, opt-in:
+    # module docstring, "Follower's offsets"; an error where tilt_share is None)
+    "share_finer_reach": None,
+    # plates each side of a hypothesis's plate that stage 2's untilted step cuts (None: REFINE_PLATES,
+    # 2, as before session 45; session 45, opt-in: module docstring, "Untilted reach")
+    "untilted_reach": None,
     "anchors": 2,  # the first stage's best plates that always get a stage-2 hypothesis
     # score lost by a pose whose plate the first stage ranks far (0: none; the safe setting where the
     # embedding, trained on synthetic views of the atlas, is not trusted on real sections)
@@ -729,6 +745,18 @@ def check_rerank_options(options: dict | None) -> dict:
                 "needs tilt_search 'joint' (the default) and tilt_climb False (the default), which climbs "
                 "that grid instead; pass one or the other."
             )
+    if out["share_finer_reach"] is not None:
+        out["share_finer_reach"] = check_int("share_finer_reach", out["share_finer_reach"], 0, 1)
+        _needs(
+            out,
+            "share_finer_reach",
+            "tilt_share",
+            "sets the plate offsets of a tilt_share follower's finer grid, and without tilt_share no "
+            "hypothesis follows (tilt_share is 1 by default; tilt_climb or tilt_search 'sequential' "
+            "turn it off)",
+        )
+    if out["untilted_reach"] is not None:
+        out["untilted_reach"] = check_int("untilted_reach", out["untilted_reach"], 0, 10)
     if out["finer_margin"] is not None:
         out["finer_margin"] = check_float("finer_margin", out["finer_margin"], 0.0, 2.0)
     if out["untilted_prune"] is not None:
@@ -1340,7 +1368,8 @@ class _Refine:
         a, g = self.atlas, self.grid
         cuts = []
         offset = np.asarray(hyp.centre) - a.centres[hyp.plate]  # from the plate's tissue box centre
-        for z in _around([hyp.plate], REFINE_PLATES, a.n):
+        reach = self.options["untilted_reach"]
+        for z in _around([hyp.plate], REFINE_PLATES if reach is None else reach, a.n):
             for s in self._scales(hyp):
                 cuts.append((s, g.plate_cut(a, z, s, pivot=a.centres[z] + offset)))
         rotations = self._rotations(hyp)
@@ -1382,8 +1411,10 @@ class _Refine:
                 return True  # as below: far below the best pose so far
             centre = replace(best, tilt=(float(shared[0]), float(shared[1])))
             finer = ([] if centre.tilt == (0.0, 0.0) else [centre.tilt]) + self._finer_tilts(centre)
+            reach = self.options["share_finer_reach"]
+            dzs = FINE_DZ if reach is None else tuple(range(-reach, reach + 1))
             if finer:
-                top = max([top, self._score(cuts(finer, top, FINE_DZ))], key=lambda p: p.score)
+                top = max([top, self._score(cuts(finer, top, dzs))], key=lambda p: p.score)
         elif self.options["tilt_search"] == "joint":
             if self.options["tilt_climb"]:
                 top = self._climb(best, [0.0, *angles], lambda tilts: cuts(tilts, dzs=JOINT_DZ))
