@@ -11,11 +11,17 @@ plate cuts. Stage 1 (everything before stage 2's grid) is one row. The sections 
 (``atlas_paired.sections_of``: query seed ``S`` gives 60 sections, 12 per case); the first stage's order
 (``AtlasLookup.search_order``) is timed apart. 1 thread; timings depend on the machine's load (printed).
 
+Session 45: ``--arm-b JSON`` runs a second arm of options on every section in the same process (arm a:
+``--rerank-options``), the arms' order alternating section by section as :mod:`atlas_paired`'s (arm a
+first on the 1st, 3rd, ... section), so their CPU is paired under the same load: a table per arm, then the
+whole lookup (the first stage's order and the pose search) per arm, median, and per section b / a, median.
+
 Usage::
 
     cd benchmarks
     OMP_NUM_THREADS=1 nice -n 5 ../.venv/bin/python atlas_stage2_steps.py --index /tmp/c13/idx \\
-        --seeds 167,168 --compartments labels --per-case 4 [--rerank-options JSON] [--json OUT]
+        --seeds 167,168 --compartments labels --per-case 4 [--rerank-options JSON] [--arm-b JSON] \\
+        [--json OUT]
 
 Not part of the test run.
 """
@@ -207,52 +213,81 @@ def main(argv=None) -> dict:
     p.add_argument("--per-case", type=int, default=4, help="sections per case and seed (at most 12)")
     p.add_argument("--rerank-options", default="{}", help="JSON options of the re-ranking (rerank.DEFAULTS)")
     p.add_argument("--json", default=None, help="write every section's steps here")
+    p.add_argument("--arm-b", default=None, help="JSON options of a second arm, paired per section")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    options = rerank.check_rerank_options(json.loads(args.rerank_options))
+    arms = {"a": rerank.check_rerank_options(json.loads(args.rerank_options))}
+    if args.arm_b is not None:
+        arms["b"] = rerank.check_rerank_options(json.loads(args.arm_b))
     lk = atlas_paired._load(args.index)
     load0 = os.getloadavg()[0]
-    clock, rows, warm = StepClock(), [], False
+    clock, rows, warm = StepClock(), {arm: [] for arm in arms}, False
     clock.patch()
     try:
+        place = 0
         for seed in [int(s) for s in args.seeds.split(",")]:
             for case, j, q in atlas_paired.sections_of(seed, args.compartments):
                 if j >= args.per_case:
                     continue
                 if not warm:  # the first call's set-up (atlas grids) is no section's
-                    lk.search_poses(q["image"], options)
+                    for options in arms.values():
+                        lk.search_poses(q["image"], options)
                     warm = True
-                clock.cpu.clear()
-                clock.count.clear()
-                t0 = time.process_time()
-                order = lk.search_order(q["image"])
-                t1 = time.process_time()
-                clock.step = "stage 1"
-                found = lk._pose_search.search(q["image"], order, options)
-                t2 = time.process_time()
-                ranking = [p for p, _ in found.ranking]
-                rows.append(
-                    {
-                        "seed": seed,
-                        "case": case,
-                        "query": j,
-                        "rank": ranking.index(q["plate"]),
-                        "order_ms": 1000 * (t1 - t0),
-                        "search_ms": 1000 * (t2 - t1),
-                        "pairs": found.pairs,
-                        "cpu_ms": {f"{s}|{k}": 1000 * v for (s, k), v in clock.cpu.items()},
-                        "count": {f"{s}|{k}": v for (s, k), v in clock.count.items()},
-                    }
-                )
+                order = list(arms) if place % 2 == 0 else list(arms)[::-1]  # alternating (atlas_paired)
+                place += 1
+                for arm in order:
+                    row = _one_section(lk, clock, q, arms[arm])
+                    rows[arm].append({"seed": seed, "case": case, "query": j, "first_arm": order[0], **row})
     finally:
         clock.unpatch()
-    print(f"index {args.index}, seeds {args.seeds}, {args.compartments}, options {args.rerank_options}")
+    print(f"index {args.index}, seeds {args.seeds}, {args.compartments}")
     print(f"load {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
-    print(table(rows))
-    out = {"command": " ".join(sys.argv), "load": [load0, os.getloadavg()[0]], "rows": rows}
+    for arm in arms:
+        name = args.rerank_options if arm == "a" else args.arm_b
+        print(f"\narm {arm}, options {name}")
+        print(table(rows[arm]))
+    if "b" in arms:
+        print()
+        print(paired(rows["a"], rows["b"]))
+    out = {"command": " ".join(sys.argv), "load": [load0, os.getloadavg()[0]], "rows": rows["a"]}
+    if "b" in arms:
+        out["rows_b"] = rows["b"]
     if args.json:
         atlas_paired._write(args.json, out)  # atomically
     return out
+
+
+def _one_section(lk, clock: StepClock, q: dict, options: dict) -> dict:
+    """One lookup of ``q``'s section, timed (the first stage's order, then the pose search by step)."""
+    clock.cpu.clear()
+    clock.count.clear()
+    t0 = time.process_time()
+    order = lk.search_order(q["image"])
+    t1 = time.process_time()
+    clock.step = "stage 1"
+    found = lk._pose_search.search(q["image"], order, options)
+    t2 = time.process_time()
+    ranking = [p for p, _ in found.ranking]
+    return {
+        "rank": ranking.index(q["plate"]),
+        "order_ms": 1000 * (t1 - t0),
+        "search_ms": 1000 * (t2 - t1),
+        "pairs": found.pairs,
+        "cpu_ms": {f"{s}|{k}": 1000 * v for (s, k), v in clock.cpu.items()},
+        "count": {f"{s}|{k}": v for (s, k), v in clock.count.items()},
+    }
+
+
+def paired(a: list[dict], b: list[dict]) -> str:
+    """The whole lookup (order + search) of two arms on the same sections: medians and per-section b / a."""
+    whole_a = np.array([r["order_ms"] + r["search_ms"] for r in a])
+    whole_b = np.array([r["order_ms"] + r["search_ms"] for r in b])
+    return (
+        f"whole lookup (order + search), median: a {np.median(whole_a):.0f} ms, "
+        f"b {np.median(whole_b):.0f} ms; "
+        f"per section b / a, median {np.median(whole_b / whole_a):.3f} over {len(a)} sections; "
+        f"mean rank a {np.mean([r['rank'] for r in a]):.3f}, b {np.mean([r['rank'] for r in b]):.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -112,3 +112,52 @@ def test_untilted_reach_cuts_fewer_plates_per_hypothesis(toy, monkeypatch):  # n
     assert one.pairs < base.pairs
     assert one.ranking[0][0] == base.ranking[0][0] == 20
     assert one.options["untilted_reach"] == 1
+
+
+def test_untilted_scale_prune_refused_without_the_rotation_pass_and_bad_values():
+    assert DEFAULTS["untilted_scale_prune"] is None
+    assert check_rerank_options({"untilted_scale_prune": 0.02})["untilted_scale_prune"] == 0.02
+    for bad in (-0.1, 2.5, "tight"):
+        with pytest.raises(InputError, match="untilted_scale_prune"):
+            check_rerank_options({"untilted_scale_prune": bad})
+    with pytest.raises(InputError, match="untilted_prune"):
+        check_rerank_options({"untilted_scale_prune": 0.02, "untilted_prune": None})
+
+
+def test_untilted_scale_prune_cuts_the_other_scales_on_the_near_plates_only(toy, monkeypatch):  # noqa: F811
+    plates, section, order = toy
+    calls = []  # per untilted step: the hypothesis's scale and the (plate offset, scale) of each cut asked
+    untilted, plate_cut = rerank._Refine.untilted, pose_grid.SectionGrid.plate_cut
+
+    def spy_untilted(self, hyp):
+        calls.append((hyp, []))
+        return untilted(self, hyp)
+
+    def spy_plate_cut(self, atlas, z, scale, pivot=None, aspect=1.0):
+        if calls and pivot is not None:
+            calls[-1][1].append((int(z) - calls[-1][0].plate, scale))
+        return plate_cut(self, atlas, z, scale, pivot, aspect)
+
+    monkeypatch.setattr(rerank._Refine, "untilted", spy_untilted)
+    monkeypatch.setattr(pose_grid.SectionGrid, "plate_cut", spy_plate_cut)
+    base = PoseSearch(plates).search(section, order, check_rerank_options({}))
+    full = [sorted(cuts) for _, cuts in calls]
+    calls.clear()
+    # the widest margin: the default's cuts (in another order) on every plate but those whose cut at the
+    # hypothesis's scale overlaps the section too little for any shift (scored -2, below any margin)
+    PoseSearch(plates).search(section, order, check_rerank_options({"untilted_scale_prune": 2.0}))
+    wide = [sorted(cuts) for _, cuts in calls]
+    assert len(wide) == len(full) and all(set(w) <= set(f) for w, f in zip(wide, full, strict=True))
+    assert sum(w == f for w, f in zip(wide, full, strict=True)) >= len(full) - 1
+    calls.clear()
+    tight = PoseSearch(plates).search(section, order, check_rerank_options({"untilted_scale_prune": 0.0}))
+    for hyp, cuts in calls:
+        at_own = [d for d, s in cuts if s == hyp.scale]
+        others = [d for d, s in cuts if s != hyp.scale]
+        assert cuts[: len(at_own)] == [(d, hyp.scale) for d in at_own]  # the hypothesis's scale first
+        assert len(set(at_own)) == len(at_own) >= 3  # every plate once at its scale
+        assert len(others) == 2 * len(set(others)) and set(others) < set(at_own)  # both scales, some plates
+    assert sum(len(c) for _, c in calls) < sum(len(c) for c in full)
+    assert tight.pairs < base.pairs and tight.stage1_pairs == base.stage1_pairs
+    assert tight.ranking[0][0] == base.ranking[0][0] == 20
+    assert tight.options["untilted_scale_prune"] == 0.0

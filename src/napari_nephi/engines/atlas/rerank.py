@@ -310,6 +310,12 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   side of a hypothesis in stage 2's untilted step, as before). At 1 the step cuts 3 plates x 3 scales
   per hypothesis instead of 5 x 3; the tilt search and the scan along the plate axis (``z_scan``)
   still reach the plates farther off. docs/atlas.md, "Session 45".
+* **Untilted scales** (session 45, opt-in ``untilted_scale_prune``: None, every scale). The untilted
+  step's first pass (at the hypothesis's rotation) cuts each plate at the hypothesis's scale first and
+  the scales either side only on the plates scoring within ``untilted_scale_prune`` of the best of those;
+  ``untilted_prune``'s rotation pass then runs on every cut made (an error without ``untilted_prune``).
+  A plate whose cut at that scale overlaps the section too little for any shift (scored -2) is pruned
+  at any margin. docs/atlas.md, "Session 45".
 * **Lean** (session 42; since session 43 the only code path, and the ``lean`` option does nothing: True
   and False are accepted, as saved options and session 42's commands name it, and both give the same
   search, whose results were the path before's bit for bit; the options record True, what ran). The same
@@ -473,6 +479,10 @@ DEFAULTS = {
     # plates each side of a hypothesis's plate that stage 2's untilted step cuts (None: REFINE_PLATES,
     # 2, as before session 45; session 45, opt-in: module docstring, "Untilted reach")
     "untilted_reach": None,
+    # stage 2's untilted step cuts each plate at the hypothesis's scale first, the scales either side
+    # only on the plates scoring within this much of the best of those (None: every scale, as before
+    # session 45; session 45, opt-in: module docstring, "Untilted scales"; an error without untilted_prune)
+    "untilted_scale_prune": None,
     "anchors": 2,  # the first stage's best plates that always get a stage-2 hypothesis
     # score lost by a pose whose plate the first stage ranks far (0: none; the safe setting where the
     # embedding, trained on synthetic views of the atlas, is not trusted on real sections)
@@ -757,6 +767,17 @@ def check_rerank_options(options: dict | None) -> dict:
         )
     if out["untilted_reach"] is not None:
         out["untilted_reach"] = check_int("untilted_reach", out["untilted_reach"], 0, 10)
+    if out["untilted_scale_prune"] is not None:
+        out["untilted_scale_prune"] = check_float(
+            "untilted_scale_prune", out["untilted_scale_prune"], 0.0, 2.0
+        )
+        _needs(
+            out,
+            "untilted_scale_prune",
+            "untilted_prune",
+            "adds a scale pass before untilted_prune's rotation pass, which it runs on the cuts it made (set "
+            "untilted_prune e.g. to 0.05, the default)",
+        )
     if out["finer_margin"] is not None:
         out["finer_margin"] = check_float("finer_margin", out["finer_margin"], 0.0, 2.0)
     if out["untilted_prune"] is not None:
@@ -1364,12 +1385,17 @@ class _Refine:
     def untilted(self, hyp: Pose) -> Pose:
         """The best pose on the plates near a stage-1 hypothesis, untilted, near its rotation and scale.
         With ``untilted_prune``: each cut at the hypothesis's rotation first, the other rotations only
-        on the cuts that scored within that much of the best of those."""
+        on the cuts that scored within that much of the best of those. With ``untilted_scale_prune``
+        (which needs ``untilted_prune``): that first pass cuts each plate at the hypothesis's scale
+        first, the scales either side only on the plates that scored within that much of the best."""
         a, g = self.atlas, self.grid
         cuts = []
         offset = np.asarray(hyp.centre) - a.centres[hyp.plate]  # from the plate's tissue box centre
         reach = self.options["untilted_reach"]
-        for z in _around([hyp.plate], REFINE_PLATES if reach is None else reach, a.n):
+        plates = _around([hyp.plate], REFINE_PLATES if reach is None else reach, a.n)
+        if self.options["untilted_scale_prune"] is not None:
+            return self._untilted_by_scale(hyp, plates, offset)
+        for z in plates:
             for s in self._scales(hyp):
                 cuts.append((s, g.plate_cut(a, z, s, pivot=a.centres[z] + offset)))
         rotations = self._rotations(hyp)
@@ -1378,6 +1404,12 @@ class _Refine:
             return self._score([(r, s, cut) for s, cut in cuts for r in rotations])
         top = self._score([(hyp.rotation, s, cut) for s, cut in cuts])
         first = self.poses[-len(cuts) :]
+        return self._other_rotations(hyp, rotations, cuts, first, top)
+
+    def _other_rotations(self, hyp: Pose, rotations, cuts, first: list[Pose], top: Pose) -> Pose:
+        """``untilted_prune``'s second pass: the rotations other than ``hyp``'s on the ``cuts`` whose
+        poses at ``hyp``'s rotation (``first``) scored within the margin of ``top``; the best pose."""
+        margin = self.options["untilted_prune"]
         more = [
             (r, s, cut)
             for (s, cut), pose in zip(cuts, first, strict=True)
@@ -1386,6 +1418,31 @@ class _Refine:
             if r != hyp.rotation
         ]
         return max([top, self._score(more)], key=lambda p: p.score) if more else top
+
+    def _untilted_by_scale(self, hyp: Pose, plates: list[int], offset: np.ndarray) -> Pose:
+        """:meth:`untilted` with ``untilted_scale_prune`` (session 45, opt-in): each plate cut at the
+        hypothesis's scale and scored at its rotation, the scales either side cut only on the plates
+        scoring within ``untilted_scale_prune`` of the best of those; then ``untilted_prune``'s other
+        rotations on every cut made (:meth:`_other_rotations`)."""
+        a, g = self.atlas, self.grid
+
+        def cut(z: int, s: float):
+            return (s, g.plate_cut(a, z, s, pivot=a.centres[z] + offset))
+
+        cuts = [cut(z, hyp.scale) for z in plates]
+        top = self._score([(hyp.rotation, s, c) for s, c in cuts])
+        first = list(self.poses[-len(cuts) :])
+        margin = self.options["untilted_scale_prune"]
+        near = [z for z, pose in zip(plates, first, strict=True) if pose.score >= top.score - margin]
+        others = [cut(z, s) for z in near for s in self._scales(hyp) if s != hyp.scale]
+        if others:
+            top = max([top, self._score([(hyp.rotation, s, c) for s, c in others])], key=lambda p: p.score)
+            first += self.poses[-len(others) :]
+            cuts += others
+        rotations = self._rotations(hyp)
+        if len(rotations) == 1:
+            return top
+        return self._other_rotations(hyp, rotations, cuts, first, top)
 
     def tilted(self, best: Pose, shared: tuple[float, float] | None = None) -> bool:
         """Tilted cuts around the untilted best pose of a hypothesis, then rotation and scale again;
