@@ -288,6 +288,10 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   165 / 166 and the lead's held-out 167 / 168 (both indexes), but on the ``marker`` stain a
   fluorescence-like section's rotation-0 best scale can be wrong, and the lead's off-label held-out
   condition failed on one index (7.467 -> 7.600, margin 0.10): opt-in. docs/atlas.md, "Session 43".
+  Session 44's ``stage1_scale_margin`` (0.04) also keeps every scale whose rotation-0 pose scores within
+  it of the plate's rotation-0 best; fresh query seeds 173 / 174 (session 45, rule first, both indexes,
+  three stains): rankings the defaults' on 716 of 720 sections, mean rank within +0.008, Top-5 never
+  lower, CPU per section 0.876-0.904; opt-in until the lead's held-out reading. docs/atlas.md, "Session 45".
 * **Shared joint grid** (session 44, ``tilt_share`` 1; None before). A hypothesis whose untilted best
   lies within ``tilt_share`` plates of a better hypothesis's untilted best cuts no joint pitch x yaw grid
   of its own (24 oblique cuts): its finer grid, at its own plate, atlas point, rotation and scale, is
@@ -315,7 +319,9 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   the scales either side only on the plates scoring within ``untilted_scale_prune`` of the best of those;
   ``untilted_prune``'s rotation pass then runs on every cut made (an error without ``untilted_prune``).
   A plate whose cut at that scale overlaps the section too little for any shift (scored -2) is pruned
-  at any margin. docs/atlas.md, "Session 45".
+  at any margin. With ``share_finer_reach`` 0, at 0.01, under a rule on fresh query seeds 177 / 178: CPU
+  per section 0.938-0.953, but ``marker`` on one index 5.142 -> 5.258 (margin 0.10): it failed, opt-in;
+  each part alone saves 1-5 % on development. docs/atlas.md, "Session 45".
 * **Lean** (session 42; since session 43 the only code path, and the ``lean`` option does nothing: True
   and False are accepted, as saved options and session 42's commands name it, and both give the same
   search, whose results were the path before's bit for bit; the options record True, what ran). The same
