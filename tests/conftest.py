@@ -1,10 +1,85 @@
-"""Fixtures shared by every test folder."""
+"""Fixtures shared by every test folder, and the suite's worker processes and their threads.
+
+The suite runs in worker processes (pytest-xdist; ``addopts`` in ``pyproject.toml``: ``-n auto --dist
+loadfile``); ``pytest -n 0`` runs it in one process. See :func:`pytest_xdist_auto_num_workers` for the
+number of workers and :func:`thread_share` for each one's threads.
+"""
 
 from __future__ import annotations
 
 import gc
+import os
+import sys
 
 import pytest
+
+#: At most this many workers for ``-n auto``: the slowest files decide the end of the run beyond it.
+MAX_WORKERS = 8
+#: Each worker holds torch, napari and Qt (1.1-1.4 GB resident on a 2-worker run): one worker per 2 GiB
+#: of available memory at most.
+WORKER_MEMORY = 2 * 1024**3
+#: The thread pools a worker's share is given to before any is started: OpenMP (torch and numba share
+#: libgomp), MKL, OpenBLAS, numba and OpenCV.
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMBA_NUM_THREADS",
+    "OPENCV_FOR_THREADS_NUM",
+)
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core, at most :data:`MAX_WORKERS` and one per :data:`WORKER_MEMORY`
+    of available memory (xdist's ``PYTEST_XDIST_AUTO_NUM_WORKERS`` overrides it, as in xdist)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").isdigit():
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    workers = min(_cores(), MAX_WORKERS)
+    try:
+        import psutil
+
+        workers = min(workers, int(psutil.virtual_memory().available // WORKER_MEMORY))
+    except ImportError:
+        pass
+    return max(1, workers)
+
+
+def thread_share(workers: int) -> int:
+    """Each of ``workers`` processes' threads: the cores divided among them (``OMP_NUM_THREADS`` set by
+    the caller lowers it).
+
+    Each worker with torch's default (one thread per core) would oversubscribe the cores, and libgomp's
+    threads spin while they wait for each other, so a descheduled one stalls its team: NePhi tests ran
+    7-14x slower in two workers than alone (session 45).
+    """
+    share = max(1, _cores() // workers)
+    asked = os.environ.get("OMP_NUM_THREADS", "")
+    return min(share, int(asked)) if asked.isdigit() and int(asked) > 0 else share
+
+
+def pytest_configure(config):
+    """Before xdist starts the workers (in ``pytest_sessionstart``): their share of threads in the
+    environment they inherit, which the pools read once when they start (libgomp's for every thread,
+    the widgets' worker threads too, not just the main one). Set here because napari's pytest plugin
+    imports numba in each worker before this file is imported there."""
+    workers = getattr(config.option, "numprocesses", None)
+    if isinstance(workers, int) and workers > 0 and "PYTEST_XDIST_WORKER" not in os.environ:
+        os.environ.update(dict.fromkeys(THREAD_VARIABLES, str(thread_share(workers))))
+
+
+#: In a worker, its share of threads (put in its environment by the controller's :func:`pytest_configure`);
+#: else None.
+_SHARE = None
+if "PYTEST_XDIST_WORKER" in os.environ:
+    _SHARE = thread_share(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 def pytest_collection_finish(session):
@@ -21,6 +96,27 @@ def pytest_collection_finish(session):
     """
     gc.collect()
     gc.freeze()
+    global _THREADS
+    import torch
+
+    _THREADS = torch.get_num_threads() if _SHARE is None else _SHARE
+
+
+#: torch's thread count every test starts with (:func:`_restore_threads`), read once tests are collected.
+_THREADS: int | None = None
+
+
+def _restore_threads() -> None:
+    """Give this thread torch's count of the session's start (a worker: its share) before each test.
+
+    Left alone, the count depended on the tests that ran before: numba's OpenMP pool, which napari
+    starts when it first colours a labels layer, sets this thread's count to the number of cores
+    (session 41), and a few module fixtures set one thread and left it so.
+    """
+    import torch
+
+    if _THREADS is not None and torch.get_num_threads() != _THREADS:
+        torch.set_num_threads(_THREADS)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -28,6 +124,7 @@ def pytest_runtest_protocol(item, nextitem):
     """For a test that takes :func:`gc_unfrozen`: unfrozen before its first fixture is set up, frozen
     again after its last one is torn down (a viewer closed and its garbage collected first), whatever
     the order of its fixtures."""
+    _restore_threads()
     unfrozen = "gc_unfrozen" in getattr(item, "fixturenames", ())
     if unfrozen:
         gc.unfreeze()
@@ -43,6 +140,12 @@ def gc_unfrozen():
     an application that froze nothing. The work is done by :func:`pytest_runtest_protocol`."""
     assert gc.get_freeze_count() == 0
     yield
+
+
+@pytest.fixture
+def suite_setup():
+    """This module: its worker count, thread share and thread restore, for ``tests/test_suite_workers.py``."""
+    return sys.modules[__name__]
 
 
 @pytest.fixture
