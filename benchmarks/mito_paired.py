@@ -107,8 +107,12 @@ BASE = {"SE_FLOOR": 0.02, "SECOND_LOOK": "undecided"}
 
 
 #: ``align_stack`` options that act only on the background reading of ``drift_correction="auto"`` (after the
-#: placement; session 43), so the decision twin judges them (:func:`read_as`).
-READING_OPTIONS = ("background_mask_dilation",)
+#: placement; session 43), so the decision twin judges them (:func:`read_as`). Session 45: ``kept_reading``,
+#: which acts only inside the decision (the local reading where the background keeps), is passed to the
+#: twin's call (:class:`Twin`).
+READING_OPTIONS = ("background_mask_dilation", "kept_reading")
+#: The :data:`READING_OPTIONS` the twin passes to ``align._auto_decision`` itself (not :func:`read_as`).
+DECISION_OPTIONS = ("kept_reading",)
 
 
 @contextlib.contextmanager
@@ -116,7 +120,7 @@ def read_as(reading: dict):
     """Inside the block, ``align_stack``'s background reading (``align.background_motion``) reads the masks
     as the :data:`READING_OPTIONS` in ``reading`` set them: ``background_mask_dilation`` -> the keypoint
     stage's ``background_mask`` at that dilation (None: the run's own). Nothing is changed for ``{}``."""
-    unknown = sorted(set(reading) - set(READING_OPTIONS))
+    unknown = sorted(set(reading) - set(READING_OPTIONS) | set(reading) & set(DECISION_OPTIONS))
     if unknown:
         raise ValueError(f"not a reading option: {', '.join(unknown)}")
     if "background_mask_dilation" not in reading:
@@ -195,19 +199,22 @@ class Twin:
 
     The wrapped call runs first, exactly as without the twin, on ``test``; the other decision then runs
     on a copy of ``test`` as it came in, with the background read as the :data:`READING_OPTIONS` in
-    ``reading`` set it (:func:`read_as`; session 43). ``calls``: one dict per decision (``mine``, ``other``,
-    the other's ``test`` record and its CPU seconds)."""
+    ``reading`` set it (:func:`read_as`; session 43) and the :data:`DECISION_OPTIONS` in ``reading`` given to
+    the call (session 45: ``kept_reading``, with the run's own local reader ``kept``). ``calls``: one dict per
+    decision (``mine``, ``other``, the other's ``test`` record and its CPU seconds)."""
 
     def __init__(self, decide, other: dict, reading: dict | None = None):
         self.decide, self.other, self.calls = decide, other, []
-        self.reading = dict(reading or {})
+        reading = dict(reading or {})
+        self.passed = {k: reading.pop(k) for k in DECISION_OPTIONS if k in reading}
+        self.reading = reading
 
-    def __call__(self, test, matrices, use, background, relative=None):
+    def __call__(self, test, matrices, use, background, relative=None, **kw):
         twin = copy.deepcopy(test)
-        mine = self.decide(test, matrices, use, background, relative)
+        mine = self.decide(test, matrices, use, background, relative, **kw)
         cpu = time.process_time()
         with settings(self.other), read_as(self.reading):
-            other = self.decide(twin, matrices, use, background, relative)
+            other = self.decide(twin, matrices, use, background, relative, **{**kw, **self.passed})
         self.calls.append({"mine": mine, "other": other, "test": twin, "cpu_s": time.process_time() - cpu})
         return mine
 
@@ -428,8 +435,20 @@ def prediction_matches(row: dict, atol: float = 1e-6) -> bool | None:
         return applied == "none"
     if slope is None:
         return applied == "detrend"
-    got = (auto.get("background") or {}).get("slope")
+    got = removed_slope(auto)
     return applied == "detrend-slope" and got is not None and bool(np.allclose(got, slope, rtol=0, atol=atol))
+
+
+def removed_slope(auto: dict):
+    """The slope a "detrend-slope" decision removes, from an arm's ``drift_auto`` record: the background's,
+    or (session 45, ``decided_by`` "kept-local") the local reading's ``-v`` (its placement error where
+    ``both_slope`` is "placement"); None where neither was read."""
+    if auto.get("decided_by") == "kept-local":
+        local = auto.get("kept_reading") or {}
+        if local.get("both_slope") == "placement":
+            return local.get("placement_error")
+        return None if "slope" not in local else [-float(v) for v in local["slope"]]
+    return (auto.get("background") or {}).get("slope")
 
 
 def prediction_diff(row: dict) -> float | None:
@@ -437,7 +456,7 @@ def prediction_diff(row: dict) -> float | None:
     section; 0.0 where identical), or None where no slope was predicted."""
     if len(row.get("predicted", [])) != 1 or row["predicted"][0][1] is None:
         return None
-    got = (row["cand"].get("drift_auto", {}).get("background") or {}).get("slope")
+    got = removed_slope(row["cand"].get("drift_auto", {}))
     return None if got is None else float(np.max(np.abs(np.subtract(got, row["predicted"][0][1]))))
 
 

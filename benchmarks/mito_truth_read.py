@@ -212,9 +212,9 @@ def engine_placement(data: dict, workers: int, options: dict | None = None) -> d
     seen: dict = {}
     decide = align._auto_decision
 
-    def hook(test, matrices, use, background, relative=None):
+    def hook(test, matrices, use, background, relative=None, **kw):  # kw: session 45's kept reader
         seen.update(matrices=np.array(matrices), use=np.array(use), test_in=copy.deepcopy(test))
-        out = decide(test, matrices, use, background, relative)
+        out = decide(test, matrices, use, background, relative, **kw)
         seen["test"] = copy.deepcopy(test)
         return out
 

@@ -278,7 +278,8 @@ def test_a_reading_option_is_judged_by_the_twin_and_a_shared_row_is_the_full_run
     decision is the base's ("organelles": the whole trend, no slope), so the row is shared, and it equals the
     candidate run in full with the option, its reading included (the twin reads the masks as the option
     does); a row the twin cannot share runs in full. Any other option still runs both arms in full."""
-    assert P.READING_OPTIONS == ("background_mask_dilation",)
+    assert P.READING_OPTIONS == ("background_mask_dilation", "kept_reading")  # session 45: kept_reading too
+    assert P.DECISION_OPTIONS == ("kept_reading",)
     same = P.run_row(21, "drift04", _args(tmp_path), {}, {}, {"background_mask_dilation": 12.0})
     assert same["cand_from"] == "shared" and same["decisions"] == 1
     assert same["cand"] == same["base"] and same["cand_options"] == {"background_mask_dilation": 12.0}

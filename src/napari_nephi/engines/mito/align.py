@@ -100,6 +100,11 @@ TRACK_SHIFTS = ("stack", "decision")
 TRACK_SHIFT_MIN_TRACKS = 8
 #: Neighbour pairs with a reading the stack needs before ``track_shift`` moves anything (as the background's).
 TRACK_SHIFT_MIN_PAIRS = 16
+#: Session 45 (opt-in ``kept_reading``): the values besides None. ``"local"``: where the background's reading
+#: keeps the trend ("sections") on undistorted sections, the mitochondria are read against the tissue right
+#: around them (:func:`.organelles.relative_motion`, as under the elastic step) and only that reading's
+#: "both" removes its slope (:func:`_kept_read_locally`).
+KEPT_READINGS = ("local",)
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -811,6 +816,8 @@ def _detrended(
     recentre=False,
     frames=None,
     relative=None,
+    kept=None,
+    kept_reading=None,
 ):
     """:func:`.detrend.detrend` over the sections placed by a real match (not blank, no identity
     fallback); the shifts go into the report rows; the summary for the metrics. ``auto``: only
@@ -819,7 +826,8 @@ def _detrended(
     see :func:`_auto_decision`. ``recentre`` (``reference="auto"``, session 24): where it detrends,
     the stack first goes into the frame of the placed section nearest the middle
     (:func:`.detrend.recentred`, where ``frames`` places it, default ``matrices``); the summary's
-    ``"reference"`` is then ``[from, to]``."""
+    ``"reference"`` is then ``[from, to]``. ``kept`` / ``kept_reading`` (session 45): see
+    :func:`_auto_decision`."""
     use = np.array([r is not None and r["fallback"] != "identity" for r in rows])
     use[ref] = True
     if use.sum() < MIN_DETREND_SECTIONS:
@@ -837,7 +845,12 @@ def _detrended(
     test = None
     if auto:
         test = trend_test(section_centres(matrices, shape), use)
-        apply, slope = _auto_decision(test, matrices, use, background, relative)
+        if kept is None and kept_reading is None:  # as before session 45 (the call a wrapper sees)
+            apply, slope = _auto_decision(test, matrices, use, background, relative)
+        else:
+            apply, slope = _auto_decision(
+                test, matrices, use, background, relative, kept=kept, kept_reading=kept_reading
+            )
         if not apply:
             return matrices, {
                 "method": "none",
@@ -880,7 +893,9 @@ def _detrended(
     return matrices, info
 
 
-def _auto_decision(test: dict, matrices, use, background, relative=None) -> tuple[bool, np.ndarray | None]:
+def _auto_decision(
+    test: dict, matrices, use, background, relative=None, kept=None, kept_reading=None
+) -> tuple[bool, np.ndarray | None]:
     """``(detrend?, slope to remove or None for the whole trend)`` of ``drift_correction="auto"``;
     ``test`` (:func:`.detrend.trend_test`'s) gains what decided under ``"background"``.
 
@@ -948,7 +963,14 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
     Session 40: the default is :data:`.background.SE_FLOOR` 0.06 with :data:`.background.SECOND_LOOK`
     ``"sections"`` (fresh seeds 106-117 and the lead's held-out 118 / 119: no row lost, stage-drift+drift
     0.55-0.67 -> 0.92-0.96 where it reaches; docs/mito.md, session 40). The earlier rule stays reachable by
-    setting ``SE_FLOOR = 0.02`` and ``SECOND_LOOK = "undecided"``."""
+    setting ``SE_FLOOR = 0.02`` and ``SECOND_LOOK = "undecided"``.
+
+    Session 45, opt-in (``kept_reading="local"``; ``kept``: the local reading ``kept(matrices, use)``, as
+    ``relative``): where the background decides "sections" on undistorted sections (the trend kept as the
+    sections'), the local reading is read on the same placement and classified against the trend as under
+    the elastic step (:data:`.organelles.SE_FLOOR`); its "both" removes ``-v`` (:func:`_kept_read_locally`),
+    anything else keeps the trend. Recorded as ``test["kept_reading"]``; ``decided_by`` ``"kept-local"``
+    where it changed the decision."""
     # session 39, review 2: "sections" without the floor refused on every stack, trend or not
     c0 = _sections_c0()
     placed = np.flatnonzero(use)
@@ -964,17 +986,9 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
             # placement's error: like the background's slope, the trend where only they drift, 0 where only
             # the sections do. Classified against the trend as the background is: "organelles" removes the
             # whole trend, "sections" keeps it, "both" removes -v; undecided: the background decides
-            error = -np.asarray(local["slope"], np.float64)
-            motion = {"slope": error.tolist(), "se": local["se"], "pairs": local["readings"]}
-            local["se_floor"] = _se_floor(organelles.SE_FLOOR, "organelles.SE_FLOOR")  # session 38 (recorded)
-            decision, _ = classify(test["slope"], motion, floor=local["se_floor"])
-            local["decision"] = decision
+            decision, error = _classified_locally(test, local)
             if decision in ("organelles", "sections", "both"):
                 test["decided_by"] = "local"
-                if decision == "both":  # session 36: organelles.BOTH_SLOPE, what "both" removes (recorded)
-                    local["both_slope"] = _both_slope()
-                    if local["both_slope"] == "placement":
-                        error = np.asarray(local["placement_error"], np.float64)
                 return decision != "sections", (error if decision == "both" else None)
     test["decided_by"] = "trend-test"  # below: the background, unless the trend test decides alone
     if background is None:
@@ -1056,7 +1070,54 @@ def _auto_decision(test: dict, matrices, use, background, relative=None) -> tupl
         return test["p"] < AUTO_P, None
     if decision == "both":
         return True, np.asarray(motion["slope"], np.float64)
+    if decision == "sections" and kept_reading is not None and not distorted:
+        return _kept_read_locally(test, matrices, use, kept)
     return decision == "organelles", None
+
+
+def _kept_read_locally(test: dict, matrices, use, kept) -> tuple[bool, np.ndarray | None]:
+    """Session 45 (``kept_reading="local"``, opt-in): the background read "sections" (kept) on undistorted
+    sections. The mitochondria against the tissue right around them (``kept``:
+    :func:`.organelles.relative_motion` on the same placement) are classified against the positions' trend as
+    under the elastic step; only "both" changes the decision: ``(True, -v)`` (or the placement's error slope,
+    :data:`.organelles.BOTH_SLOPE`). Otherwise, or without the reading (no masks, fewer than
+    :data:`.organelles.MIN_READINGS` readings), the trend is kept. Recorded as ``test["kept_reading"]``."""
+    if kept is None:
+        test["kept_reading"] = {
+            "decision": "unread",
+            "note": "no local reading (no masks or the elastic step)",
+        }
+        return False, None
+    local = kept(matrices, use)
+    test["kept_reading"] = local
+    if local["readings"] < MIN_READINGS:
+        local["decision"] = "unmeasured"
+        return False, None
+    decision, error = _classified_locally(test, local)
+    if decision != "both":
+        return False, None
+    test["decided_by"] = "kept-local"
+    return True, error
+
+
+def _classified_locally(test: dict, local: dict) -> tuple[str, np.ndarray]:
+    """The local reading ``local`` (:func:`.organelles.relative_motion`'s) classified against the positions'
+    trend as the background's slope is (:func:`.background.classify`, at :data:`.organelles.SE_FLOOR`): the
+    alignment followed the mitochondria, so their drift through the tissue, negated, is the placement's
+    error, like the background's slope the trend where only they drift, 0 where only the sections do.
+    Returns the decision and the slope "both" removes: ``-v``, or (session 36, :data:`.organelles.BOTH_SLOPE`
+    "placement") the placement's error slope. Records ``se_floor``, ``decision`` and, for "both",
+    ``both_slope`` in ``local`` (session 45: shared by the elastic step's and ``kept_reading``'s readings)."""
+    error = -np.asarray(local["slope"], np.float64)
+    motion = {"slope": error.tolist(), "se": local["se"], "pairs": local["readings"]}
+    local["se_floor"] = _se_floor(organelles.SE_FLOOR, "organelles.SE_FLOOR")  # session 38 (recorded)
+    decision, _ = classify(test["slope"], motion, floor=local["se_floor"])
+    local["decision"] = decision
+    if decision == "both":  # session 36: organelles.BOTH_SLOPE, what "both" removes (recorded)
+        local["both_slope"] = _both_slope()
+        if local["both_slope"] == "placement":
+            error = np.asarray(local["placement_error"], np.float64)
+    return decision, error
 
 
 def _screen(test: dict) -> tuple[str, float]:
@@ -1221,6 +1282,7 @@ def align_stack(
     elastic_solver: str | None = None,
     elastic_landmarks: bool | None = None,
     organelle_reading: str = DEFAULT_READING,
+    kept_reading: str | None = None,
     warp: bool = True,
     lazy: bool = False,
     spacing: Sequence[float] | None = None,
@@ -1418,6 +1480,16 @@ def align_stack(
         (session 33). ``"local-grid"`` (session 34, opt-in): ``"local"`` with the tissue's step of each
         tile taken as the median over tissue tiles on a grid around it (:data:`.organelles.TISSUE_READS`),
         which halves the reading's noise on the benchmark's stacks (docs/mito.md).
+    kept_reading
+        ``"local"`` (session 45, opt-in; default None: off, bit for bit as before): with
+        ``drift_correction="auto"``, masks (``use_masks``) and no elastic step, where the background's
+        reading keeps the positions' trend as the sections' ("sections", on undistorted sections), the
+        mitochondria are read against the tissue right around them as ``organelle_reading="local"`` reads
+        them under the elastic step, on the same placement. The placement's own wander, the background
+        reading's largest error on the engine's placement, cancels in that difference. Only its "both"
+        changes the decision: the slope ``-v`` is removed ("detrend-slope"); anything else keeps the trend
+        as before. The reading is in ``metrics["drift_correction"]["auto"]["kept_reading"]``
+        (docs/mito.md, session 45).
     spacing
         ``(z, y, x)`` voxel size kept with the transform (default: from the file for a path,
         else 1).
@@ -1481,6 +1553,7 @@ def align_stack(
     warp, lazy = check_bool("warp", warp), check_bool("lazy", lazy)
     elastic = check_elastic(elastic)
     organelle_reading = ft.check_choice(organelle_reading, READINGS, "organelle_reading")
+    kept_reading = check_kept_reading(kept_reading, opts.use_masks)
     elastic_auto = elastic == "auto"  # decided after the pairs (.distortion), before the global solve
     elastic_spacing = check_float("elastic_spacing", elastic_spacing, 4.0, 1e5)
     elastic_radius = check_int("elastic_radius", elastic_radius, 1, 32)
@@ -1620,20 +1693,27 @@ def align_stack(
                 sections.release_masks()
 
     late_detrend = drift_correction != "none" and elastic and elastic_solver == "joint"
+
+    def mito_of(k):  # the given masks at full size, else those detected at work scale
+        if masks is not None:
+            return read_section(masks, k)
+        return sections._raw_mask(k, sections.work_image(k)[0])
+
+    def local_reading(mats, use, tissue="tile"):  # the mitochondria against the tissue around them
+        return relative_motion(
+            lambda k: to_uint8(read_section(stack, k), *intensity), mito_of, mats, (h, w), use,
+            workers=workers, tissue=tissue,
+        )  # fmt: skip
+
     relative = None
     if auto and organelle_reading in ("local", "local-grid") and late_detrend and opts.use_masks:
         tissue = "grid" if organelle_reading == "local-grid" else "tile"  # session 34, opt-in
 
-        def mito_of(k):  # the given masks at full size, else those detected at work scale
-            if masks is not None:
-                return read_section(masks, k)
-            return sections._raw_mask(k, sections.work_image(k)[0])
+        def relative(mats, use):  # (.organelles)
+            return local_reading(mats, use, tissue)
 
-        def relative(mats, use):  # the mitochondria against the tissue around them (.organelles)
-            return relative_motion(
-                lambda k: to_uint8(read_section(stack, k), *intensity), mito_of, mats, (h, w), use,
-                workers=workers, tissue=tissue,
-            )  # fmt: skip
+    # session 45 (kept_reading, opt-in): the same reading where the background keeps on undistorted sections
+    kept = local_reading if auto and opts.use_masks and not late_detrend else None
 
     recentre = auto_reference
     if track_v is not None and not (auto and not late_detrend):
@@ -1644,12 +1724,16 @@ def align_stack(
         )
     if track_v is not None:
         matrices, drift_info = _decided_on_shifted(
-            lambda m: _detrended(m, (h, w), ref, rows, drift_window, auto, background, recentre),
+            lambda m: _detrended(
+                m, (h, w), ref, rows, drift_window, auto, background, recentre, kept=kept,
+                kept_reading=kept_reading,
+            ),
             matrices, track_v, ref, track_info,
         )  # fmt: skip
     elif drift_correction != "none" and not late_detrend:
         matrices, drift_info = _detrended(
-            matrices, (h, w), ref, rows, drift_window, auto, background, recentre
+            matrices, (h, w), ref, rows, drift_window, auto, background, recentre, kept=kept,
+            kept_reading=kept_reading,
         )  # fmt: skip
     fields = None
     if elastic:  # part of the alignment time
@@ -1771,9 +1855,29 @@ def align_stack(
         # asked; what decided (session 33, review 2 of session 32 A5): _organelle_reading_applied
         "organelle_reading": organelle_reading,
         "organelle_reading_applied": _organelle_reading_applied(drift_info),
+        # session 45: as asked (None: off); where it read: metrics["drift_correction"]["auto"]["kept_reading"]
+        "kept_reading": kept_reading,
     }  # fmt: skip
     transform.settings = dict(settings)
     return Registration(warped=warped, transform=transform, metrics=metrics, settings=settings)
+
+
+def check_kept_reading(kept_reading, use_masks: bool) -> str | None:
+    """``align_stack(kept_reading=...)`` checked (session 45): None (off) or one of :data:`KEPT_READINGS`
+    (any case), which reads the mitochondria and so needs masks (``use_masks``); else :class:`InputError`."""
+    if kept_reading is None:
+        return None
+    if not isinstance(kept_reading, str) or kept_reading.lower() not in KEPT_READINGS:
+        raise InputError(
+            f"kept_reading must be None (off) or one of {', '.join(repr(k) for k in KEPT_READINGS)}, "
+            f"got {kept_reading!r}."
+        )
+    if not use_masks:
+        raise InputError(
+            "kept_reading='local' reads the mitochondria against the tissue around them; it needs masks "
+            "(give masks, or use detector='mito' / use_masks=True to detect them)."
+        )
+    return kept_reading.lower()
 
 
 def _organelle_reading_applied(drift_info: dict | None) -> str:
@@ -1783,7 +1887,9 @@ def _organelle_reading_applied(drift_info: dict | None) -> str:
     ``"background"`` where the background did (asked, or fallen back to from an undecided or too thin
     local reading; "undecided" and "unmeasured" included), ``"trend-test"`` where the variogram test
     decided alone (no background, or distorted sections whose background could not tell), ``"none"``
-    where no decision ran (no ``"auto"`` drift correction, no trend, too few placed sections)."""
+    where no decision ran (no ``"auto"`` drift correction, no trend, too few placed sections);
+    ``"kept-local"`` (session 45, ``kept_reading="local"``) where the local reading turned the background's
+    "sections" into "both"."""
     test = (drift_info or {}).get("auto") or {}
     return str(test.get("decided_by", "none"))
 
