@@ -15,6 +15,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ...core import regularizers as R
 from ...core.errors import InputError
@@ -568,6 +569,24 @@ def _second_difference_inplace(t: torch.Tensor, axis: int) -> torch.Tensor:
     return out
 
 
+#: Images of at least this many voxels (2^21: 1448^2, 128^3; session 45) compare each direction of the coarse
+#: stage in its own segment that the backward pass recomputes (:func:`_recomputed`): the comparison grid's
+#: warped images, sampling points and similarity terms of one direction are held at a time, not those of both
+#: for the whole step. The same values and gradients bit for bit (the graph's nodes and their order are kept;
+#: only what they saved is recomputed), at the cost of one more forward pass of the comparisons a step. There
+#: the coarse stage's optimisation was the whole call's memory peak (2048^2, ``benchmarks/nephi_memory.py``).
+RECOMPUTE_MIN_VOXELS = 1 << 21
+
+
+def _recomputed(fn, u: torch.Tensor, forward: bool, recompute: bool) -> torch.Tensor:
+    """``fn(u, forward)``; with ``recompute`` (and autograd on) as a checkpointed segment: what its operations
+    save for the backward pass is not kept but recomputed there (``torch.utils.checkpoint``, non-reentrant:
+    the same nodes, run in the same order, so the gradients are those of ``fn`` bit for bit)."""
+    if not (recompute and torch.is_grad_enabled() and u.requires_grad):
+        return fn(u, forward)
+    return checkpoint(fn, u, forward, use_reentrant=False, preserve_rng_state=False)
+
+
 #: Adam's learning rate of the coarse stage, in normalised coordinates (a knot's step: 1.3 px at 512^2).
 COARSE_LEARNING_RATE = 0.005
 
@@ -722,6 +741,7 @@ def optimize_velocity(
 
     dev = fixed.device
     fine = comparison_shape(full, compare_max_voxels)
+    recompute = math.prod(full) >= RECOMPUTE_MIN_VOXELS  # one direction's comparison held at a time
     f_fine, m_fine = area(fixed, fine), area(moving, fine)
     masks_fine = [None if m is None else area(m.to(fixed.dtype), fine) for m in (fixed_mask, moving_mask)]
     masked = masks_fine != [None, None]
@@ -770,6 +790,20 @@ def optimize_velocity(
         w_fwd = fk_l if w_fwd is None else (w_fwd if fk_l is None else w_fwd * fk_l)
         w_bwd = mk_l if w_bwd is None else (w_bwd if mk_l is None else w_bwd * mk_l)
         return w_fwd, w_bwd
+
+    def direction_weight(masks_l, masks_w, u, ident, cmp, forward):
+        """:func:`mask_weights`' weight of one direction (``forward``: of the fixed image against the warped
+        moving one, from ``u_f``; else the other, from ``u_b``), the same values."""
+        (fk_l, mk_l), (fk_w, mk_w) = masks_l, masks_w
+        own_l, other_w = (fk_l, mk_w) if forward else (mk_l, fk_w)
+        with torch.no_grad():
+            if other_w is None:
+                w = None
+            elif forward:
+                w = area(warp(other_w, u, ident, "bilinear"), cmp)
+            else:
+                w = area(warp_back(other_w, u, ident, "bilinear"), cmp)
+        return own_l if w is None else (w if own_l is None else w * own_l)
 
     finer = finer_level_runs(finer_level, reg_weight)
     steps_per = level_iterations(iterations, len(shapes), finer) if schedule is None else list(schedule)
@@ -884,6 +918,37 @@ def optimize_velocity(
         tail = cooldown_steps(cooldown, n_steps) if k == len(steps_per) - 1 else 0  # the last level's decay
         n_steps += tail
         steps_run += n_steps
+
+        def compare(
+            u,
+            forward,
+            level=(f_l, m_l, f_w, m_w, ident, masks_l, masks_w, cmp, warp_grid, warp_blur_here),
+        ):
+            """The similarity of one direction (``u``: ``u_f``, fixed against the warped moving image, or
+            ``u_b``, moving against the warped fixed one): the values and graph of the two directions
+            computed together as before session 45, one direction at a time (:func:`_recomputed`)."""
+            f_l, m_l, f_w, m_w, ident, masks_l, masks_w, cmp, warp_grid, blur_warp = level
+            ins = [] if frame_mask else None  # frame weight of the comparison
+            var = [] if blur_warp else None  # the warp's smoothing (WARP_BLUR_3D)
+            if forward:
+                warped = area(warp(m_w, u, ident, inside=ins, var=var), cmp)
+                ref_l, ref_w = f_l, f_w
+            else:
+                warped = area(warp_back(f_w, u, ident, inside=ins, var=var), cmp)
+                ref_l, ref_w = m_l, m_w
+            if var is None:
+                ref = ref_l
+            elif cmp == warp_grid:
+                ref = blur_by_interpolation(ref_l, *var[0])
+            else:  # a coarser level ("all"): blurred on the grid it warps on, averaged down like the warp
+                ref = area(blur_by_interpolation(ref_w, *var[0]), cmp)
+            del var
+            weight = direction_weight(masks_l, masks_w, u, ident, cmp, forward) if masked else None
+            if ins:
+                weight = _times_frame(weight, ins[0], cmp, exact)
+            del ins
+            return _weighted_similarity(similarity, ref, warped, weight)
+
         for step in range(n_steps):
             if ramp > 0 or tail > 0:
                 down = min(1.0, (n_steps - step) / (tail + 1)) if tail > 0 else 1.0
@@ -897,26 +962,19 @@ def optimize_velocity(
             vk = base + (w if gate is None else gate * w)
             del w
             u_f, u_b = _integrate_xy(vk, steps), _integrate_xy(-vk, steps)
-            ins = [] if frame_mask else None  # frame weights of the two comparisons
-            var = [] if warp_blur_here else None  # the warps' smoothing (WARP_BLUR_3D)
-            wm = area(warp(m_w, u_f, ident, inside=ins, var=var), cmp)
-            wf = area(warp_back(f_w, u_b, ident, inside=ins, var=var), cmp)
-            if var is None:
-                f_c, m_c = f_l, m_l
-            elif cmp == warp_grid:
-                f_c, m_c = blur_by_interpolation(f_l, *var[0]), blur_by_interpolation(m_l, *var[1])
-            else:  # a coarser level ("all"): blurred on the grid it warps on, averaged down like the warps
-                f_c = area(blur_by_interpolation(f_w, *var[0]), cmp)
-                m_c = area(blur_by_interpolation(m_w, *var[1]), cmp)
-            del var
-            w_fwd, w_bwd = mask_weights(masks_l, masks_w, u_f, u_b, ident, cmp) if masked else (None, None)
-            if ins:
-                w_fwd, w_bwd = (
-                    _times_frame(w_fwd, ins[0], cmp, exact),
-                    _times_frame(w_bwd, ins[1], cmp, exact),
-                )
-            del ins
             if blur_here:
+                ins = [] if frame_mask else None  # frame weights of the two comparisons
+                wm = area(warp(m_w, u_f, ident, inside=ins), cmp)
+                wf = area(warp_back(f_w, u_b, ident, inside=ins), cmp)
+                w_fwd, w_bwd = (
+                    mask_weights(masks_l, masks_w, u_f, u_b, ident, cmp) if masked else (None, None)
+                )
+                if ins:
+                    w_fwd, w_bwd = (
+                        _times_frame(w_fwd, ins[0], cmp, exact),
+                        _times_frame(w_bwd, ins[1], cmp, exact),
+                    )
+                del ins
                 # the noise a blur removes is added back (matchblur): only matching the signal pays
                 w_fwd, w_bwd = (None if w is None else w.to(f_l.dtype) for w in (w_fwd, w_bwd))
                 if held is None:
@@ -933,13 +991,10 @@ def optimize_velocity(
                     blurred_similarity(similarity, f_l, wm, w_fwd, s_now[0], noise, probes[0]),
                     blurred_similarity(similarity, m_l, wf, w_bwd, s_now[1], noise[::-1], probes[1]),
                 )
-            elif w_fwd is not None or w_bwd is not None:
-                sims = (
-                    _weighted_similarity(similarity, f_c, wm, w_fwd),
-                    _weighted_similarity(similarity, m_c, wf, w_bwd),
+            else:  # each direction on its own, recomputed in the backward pass on large images
+                sims = tuple(
+                    _recomputed(compare, u, forward, recompute) for u, forward in ((u_f, True), (u_b, False))
                 )
-            else:
-                sims = _similarity(similarity, f_c, wm), _similarity(similarity, m_c, wf)
             loss = 0.5 * (sims[0] + sims[1])
             if reg_weight > 0:
                 # the bending of what the levels add (with ``initial``, not of the start itself)
@@ -971,7 +1026,7 @@ def optimize_velocity(
                     v = None
         if on_level is not None:  # (level, velocity so far on its grid), e.g. for diagnostics
             on_level(k, total(v, shape))
-        del f_w, m_w, ident, masks_l, masks_w
+        del f_w, m_w, ident, masks_l, masks_w, compare
     filled, fill_info = None, {}
     if flat_shares is not None and (v is not None or initial is not None):  # where the images say nothing:
         with torch.no_grad():  # a smooth extension (of the levels' increments; the start is kept there)
