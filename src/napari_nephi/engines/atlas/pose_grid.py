@@ -313,6 +313,7 @@ class Correlator:
             -2 * np.pi * (k0[:, None] * self.low[0] / self.pad[0] + k1[None, :] * self.low[1] / self.pad[1])
         )
         self.ramp = torch.from_numpy(np.exp(1j * phase).astype(np.complex64))
+        self._lattice_ramp: torch.Tensor | None = None  # best_lattice's, built on first use
 
     def fft(self, stack: np.ndarray) -> torch.Tensor:
         """2D real FFTs of a stack of canvases, zero-padded."""
@@ -362,12 +363,23 @@ class Correlator:
         scaled to reach ``outside`` at a share of 1. With ``plain`` also the score without the band at
         each best shift (C, R) (the score itself without ``outside``). The field's second spectral product is
         added in place (``addcmul_``; session 42's ``lean``, the same values bit for bit, no temporary)."""
-        ring = outside > 0
-        # the spectra of the field's correlation (real and imaginary parts summed), the field energy
-        # under the section's mask, the tissue overlap (and the band's), each product written in
-        # place into one contiguous stack: no gathered copies, and a contiguous inverse FFT (~25 %
-        # less CPU than one product per gathered channel pair; the same values)
-        ca = (torch.conj_physical(fa) * self.ramp)[None]
+        spec = self._spectra(fa, fb, outside > 0, self.ramp)
+        # the 2D inverse as two 1D ones, the second only on the rows of searched shifts (the same
+        # values as one 2D inverse); the block copied out contiguous, so that the ~20 element-wise
+        # operations below run on whole rows (session 30, second round: ~5 % less CPU in best, bit for bit)
+        h, w = self.window
+        rows = torch.fft.irfft(torch.fft.ifft(spec, dim=-2)[..., :h, :], n=self.pad[1], dim=-1)
+        out = rows[..., :w].contiguous()
+        return self._scored(out, ea, na, nr, outside, free, plain, (self.low[0], self.low[1]))
+
+    def _spectra(self, fa, fb, ring: bool, ramp: torch.Tensor) -> torch.Tensor:
+        """The spectra of the field's correlation (real and imaginary parts summed), the field energy
+        under the section's mask, the tissue overlap (and with ``ring`` the band's) of every pair,
+        (C, R, 3 or 4, ...), the section's spectra multiplied by ``ramp``."""
+        # each product written in place into one contiguous stack: no gathered copies, and a
+        # contiguous inverse FFT (~25 % less CPU than one product per gathered channel pair; the same
+        # values)
+        ca = (torch.conj_physical(fa) * ramp)[None]
         fb = fb[:, None]
         pairs = ((2, 2), (2, 3), (3, 3)) if ring else ((2, 2), (2, 3))
         spec = torch.empty((fb.shape[0], fa.shape[0], 1 + len(pairs), *fa.shape[-2:]), dtype=fa.dtype)
@@ -375,12 +387,14 @@ class Correlator:
         spec[:, :, 0].addcmul_(ca[:, :, 0], fb[:, :, 0])
         for k, (i, j) in enumerate(pairs, 1):
             torch.mul(ca[:, :, i], fb[:, :, j], out=spec[:, :, k])
-        # the 2D inverse as two 1D ones, the second only on the rows of searched shifts (the same
-        # values as one 2D inverse); the block copied out contiguous, so that the ~20 element-wise
-        # operations below run on whole rows (session 30, second round: ~5 % less CPU in best, bit for bit)
-        h, w = self.window
-        rows = torch.fft.irfft(torch.fft.ifft(spec, dim=-2)[..., :h, :], n=self.pad[1], dim=-1)
-        out = rows[..., :w].contiguous()
+        return spec
+
+    def _scored(self, out, ea, na, nr, outside, free, plain, zero_at):
+        """:meth:`best`'s scores of the correlations ``out`` (C, R, 3 or 4, h, w; overwritten) of a
+        block of shifts whose shift (0, 0) lies at ``zero_at``: best score and its flat index in the
+        block (and with ``plain`` the score without the band there)."""
+        ring = outside > 0
+        w = out.shape[-1]
         num, energy, overlap = out[:, :, :3].unbind(2)  # (C, R, h, w): the searched shifts
         ea, na = ea[None, :, None, None], na[None, :, None, None]
         # num / sqrt(ea * max(energy, 1e-3 ea) + 1e-12) * clamp(share, 0, 1), in place (fewer
@@ -399,15 +413,72 @@ class Correlator:
         # the shift (0, 0) where it ties with the best (within TIE; a textureless section, a band that
         # takes the whole score) or where no shift is searched (-2 everywhere), as the unshifted
         # correlation's first index gave before session 30 (review 1 of session 30, C1)
-        at_zero = score[..., self.low[0], self.low[1]]
+        at_zero = score[..., zero_at[0], zero_at[1]]
         zero = at_zero >= value - TIE
         value = torch.where(zero, at_zero, value)
-        index.masked_fill_(zero, self.low[0] * w + self.low[1])
+        index.masked_fill_(zero, zero_at[0] * w + zero_at[1])
         extra = ()
         if plain:  # the score without the band at the best shift (-2 where no shift was searched)
             at = unbanded.flatten(2).gather(2, index[..., None])[..., 0]
             extra = (torch.where(value > -2.0, at, value),)
         return (value, index, *extra)
+
+    def lattice_ok(self) -> bool:
+        """Whether :meth:`best_lattice` can run: both padded lengths even."""
+        return self.pad[0] % 2 == 0 and self.pad[1] % 2 == 0
+
+    def best_lattice(
+        self, fa, ea, na, fb, nr=None, outside: float = 0.0, free: float = 0.0, plain: bool = False
+    ):
+        """:meth:`best` on every second searched shift per axis only, the lattice through the shift
+        (0, 0) (session 46, the ``stage1_lattice_margin`` rerank option): the same scores there (to
+        float rounding), for about a quarter of the inverse FFTs and score arithmetic. The correlation
+        at every second shift is the inverse FFT of half the length of the spectrum folded onto half
+        its frequencies (sampling in space is aliasing in frequency), so it is exact, not a blurred
+        stand-in. Returns :meth:`best`'s values with flat indexes into :meth:`best`'s window."""
+        if not self.lattice_ok():
+            raise ValueError("best_lattice needs even padded lengths")
+        (l0, n0), (l1, n1) = self._lattice_axes()
+        if self._lattice_ramp is None:  # moves the shift -l0, -l1 to index 0; times 1/4: each axis's
+            # inverse below divides by half the padded length
+            k0 = np.fft.fftfreq(self.pad[0]) * self.pad[0]
+            k1 = np.arange(self.pad[1] // 2 + 1)
+            phase = -2 * np.pi * (k0[:, None] * l0 / self.pad[0] + k1[None, :] * l1 / self.pad[1])
+            self._lattice_ramp = torch.from_numpy((0.25 * np.exp(1j * phase)).astype(np.complex64))
+        ring = outside > 0
+        m0, m1 = self.pad[0] // 2, self.pad[1] // 2
+        # the products folded along the rows as they are made: row frequency k and k + m0 summed
+        ca = (torch.conj_physical(fa) * self._lattice_ramp)[None]
+        fb = fb[:, None]
+        top, low = (slice(None, m0), slice(m0, None))
+        pairs = ((2, 2), (2, 3), (3, 3)) if ring else ((2, 2), (2, 3))
+        spec = torch.empty((fb.shape[0], fa.shape[0], 1 + len(pairs), m0, fa.shape[-1]), dtype=fa.dtype)
+        torch.mul(ca[:, :, 1, top], fb[:, :, 1, top], out=spec[:, :, 0])
+        spec[:, :, 0].addcmul_(ca[:, :, 0, top], fb[:, :, 0, top])
+        spec[:, :, 0].addcmul_(ca[:, :, 1, low], fb[:, :, 1, low])
+        spec[:, :, 0].addcmul_(ca[:, :, 0, low], fb[:, :, 0, low])
+        for k, (i, j) in enumerate(pairs, 1):
+            torch.mul(ca[:, :, i, top], fb[:, :, j, top], out=spec[:, :, k])
+            spec[:, :, k].addcmul_(ca[:, :, i, low], fb[:, :, j, low])
+        rows = torch.fft.ifft(spec, dim=-2)[..., :n0, :]  # the lattice's rows: real signals along x
+        # along the columns: frequency k and k + m1 summed, the latter the conjugate of m1 - k (a real
+        # signal's spectrum); then the inverse of length m1
+        half = m1 // 2 + 1
+        folded = rows[..., :half] + torch.conj(rows[..., m1 - half + 1 : m1 + 1].flip(-1))
+        out = torch.fft.irfft(folded, n=m1, dim=-1)[..., :n1].contiguous()
+        value, index, *extra = self._scored(out, ea, na, nr, outside, free, plain, (l0 // 2, l1 // 2))
+        r, c = index // n1, index % n1
+        full = (2 * r - l0 + self.low[0]) * self.window[1] + (2 * c - l1 + self.low[1])
+        return (value, full, *extra)
+
+    def _lattice_axes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Per axis of :meth:`best_lattice`: the even ``l`` such that lattice point ``t`` is the shift
+        ``2 t - l``, and the lattice points searched (every even shift within the window)."""
+        axes = []
+        for low, size in zip(self.low, self.window, strict=True):
+            lo = low - low % 2
+            axes.append((lo, (size - 1 - low + lo) // 2 + 1))
+        return tuple(axes)
 
     def shift(self, index: int) -> tuple[float, float]:
         """The shift (rows, columns) of a flat index of :meth:`best`."""
@@ -645,6 +716,11 @@ class SectionGrid:
         self._images: dict[float, tuple[np.ndarray, np.ndarray]] = {}  # turned canvases (information)
         self._plain: dict[float, tuple[np.ndarray, np.ndarray]] = {}  # turned canvases (quarter_offsets)
         self.grid_size = int(work_size)
+        #: with a margin, :meth:`score` scores every pair on every second shift per axis first
+        #: (:meth:`Correlator.best_lattice`), then every shift of the pairs within the margin of their
+        #: cut position's best there (session 46, stage 1's ``stage1_lattice_margin``; None: every shift)
+        self.lattice_margin: float | None = None
+        self._lattice_memo: dict[tuple, tuple[float, int, float]] = {}
 
     def variant(self, rotation: float):
         """The section turned by ``rotation`` degrees about its tissue centre (at the canvas centre):
@@ -857,7 +933,10 @@ class SectionGrid:
         ``best_per_cut_z`` only the best pose of each cut position ``z``, in first-seen order)."""
         if not pairs:
             return []
-        values, indices, plains = self._scores(pairs)
+        if self.lattice_margin is not None and self.corr.lattice_ok():
+            values, indices, plains = self._lattice_scores(pairs, self.lattice_margin)
+        else:
+            values, indices, plains = self._scores(pairs)
         keep = range(len(pairs))
         if best_per_cut_z:
             best: dict[float, int] = {}
@@ -878,10 +957,31 @@ class SectionGrid:
             for k in keep
         ]
 
-    def _grid(self, rots: list[float], ffts: list[torch.Tensor]) -> tuple[list, list, list]:
+    def _lattice_scores(self, pairs: list, margin: float) -> tuple[list, list, list]:
+        """:meth:`_scores` of ``pairs`` on every second shift per axis (:meth:`Correlator.best_lattice`),
+        then on every shift for the pairs that score there within ``margin`` of the best pair of their
+        cut position ``z`` (at least that one): those pairs' results are :meth:`_scores`'s own, the
+        others' their lattice best (never above their best on every shift, to float rounding)."""
+        values, indices, plains = self._scores(pairs, lattice=True)
+        top: dict[float, float] = {}
+        for (_, _, cut), v in zip(pairs, values, strict=True):
+            top[cut.z] = max(v, top.get(cut.z, -np.inf))
+        again: dict[float, list[int]] = {}  # by rotation: _scores correlates a cross product
+        for k, (rotation, _, cut) in enumerate(pairs):
+            if values[k] >= top[cut.z] - margin:
+                again.setdefault(rotation, []).append(k)
+        for ks in again.values():
+            for k, result in zip(ks, zip(*self._scores([pairs[k] for k in ks]), strict=True), strict=True):
+                values[k], indices[k], plains[k] = result
+        return values, indices, plains
+
+    def _grid(
+        self, rots: list[float], ffts: list[torch.Tensor], lattice: bool = False
+    ) -> tuple[list, list, list]:
         """Every cut ``ffts`` against every section variant turned by ``rots`` (pairs are nearly always
         that cross product): best scores, flat shift indexes and scores without the band, (cuts, rots)
-        nested lists."""
+        nested lists (with ``lattice`` on every second shift per axis, :meth:`Correlator.best_lattice`)."""
+        best = self.corr.best_lattice if lattice else self.corr.best
         variants = [self.variant(r) for r in rots]
         fa_all = torch.stack([v[0] for v in variants])
         ea_all = torch.tensor([v[1] for v in variants], dtype=torch.float32)
@@ -889,7 +989,7 @@ class SectionGrid:
         per = max(1, BATCH // len(rots))
         nr_all = torch.tensor([v[3] for v in variants], dtype=torch.float32)
         parts = [
-            self.corr.best(
+            best(
                 fa_all,
                 ea_all,
                 na_all,
@@ -903,19 +1003,19 @@ class SectionGrid:
         ]
         return tuple(torch.cat([p[k] for p in parts]).tolist() for k in range(3))
 
-    def _scores(self, pairs: list) -> tuple[list, list, list]:
+    def _scores(self, pairs: list, lattice: bool = False) -> tuple[list, list, list]:
         """Best score, its flat shift index and its score without the band, of each pair; the pairs of
         memoised cuts (:attr:`Cut.key`) correlated once per grid: the rotations and cuts of the pairs not
         scored yet are correlated as a cross product (:meth:`_grid`), every result of a memoised cut
         kept. A pair's result does not depend on the batch it is correlated in (each product, transform
-        and maximum is the pair's own)."""
-        memo = self._pair_memo
+        and maximum is the pair's own). With ``lattice`` on every second shift per axis (memoised apart)."""
+        memo = self._lattice_memo if lattice else self._pair_memo
         todo = [(r, c) for r, _, c in pairs if c.key is None or (c.key, r) not in memo]
         found: dict[tuple, tuple] = {}
         if todo:
             rots = sorted({r for r, _ in todo})
             cuts = list({id(c): c for _, c in todo}.values())
-            values, indices, plains = self._grid(rots, [c.fft for c in cuts])
+            values, indices, plains = self._grid(rots, [c.fft for c in cuts], lattice)
             for i, c in enumerate(cuts):
                 for j, r in enumerate(rots):
                     result = (values[i][j], indices[i][j], plains[i][j])

@@ -322,6 +322,16 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   at any margin. With ``share_finer_reach`` 0, at 0.01, under a rule on fresh query seeds 177 / 178: CPU
   per section 0.938-0.953, but ``marker`` on one index 5.142 -> 5.258 (margin 0.10): it failed, opt-in;
   each part alone saves 1-5 % on development. docs/atlas.md, "Session 45".
+* **Stage 1 on every second shift** (session 46, opt-in ``stage1_lattice_margin``: None, every shift of
+  every pair, the default). Stage 1 scores every pair first on the lattice of every second shift per
+  axis through the shift (0, 0) (:meth:`~.pose_grid.Correlator.best_lattice`: the correlation there
+  exactly, the spectrum folded onto half its frequencies and inverted at half the length per axis: a
+  quarter of the inverse FFTs' points and of the score arithmetic), then at every shift only the pairs
+  whose lattice best lies within the margin of their plate's (:meth:`~.pose_grid.SectionGrid._lattice_scores`;
+  those pairs' results are the default's own, the others keep their lattice best, never above it). On
+  development (query seed 171, both indexes, today's stain) at 0.01 the lookup cost 4-6 % less and ranked
+  worse (+0.18 / +0.23), at 0.03 about the same CPU: the lattice's loss (median 0.008, p90 0.030 of a
+  score) is as large as the gaps between a plate's pairs. Not taken to a rule. docs/atlas.md, "Session 46".
 * **Lean** (session 42; since session 43 the only code path, and the ``lean`` option does nothing: True
   and False are accepted, as saved options and session 42's commands name it, and both give the same
   search, whose results were the path before's bit for bit; the options record True, what ran). The same
@@ -432,6 +442,11 @@ DEFAULTS = {
     # the rotation-0 best"; an error without stage1_scale_reach): where the rotation-0 pass cannot tell the
     # scales apart (a stain that does not follow the atlas's regions), it cannot rule the far ones out
     "stage1_scale_margin": None,
+    # stage 1 scores every pair on every second shift per axis first (the exact correlation there, by
+    # an FFT of half the length per axis), then every shift only of the pairs that score within this
+    # much of their plate's best on that lattice (None: every shift of every pair, the default; session
+    # 46, opt-in; module docstring, "Stage 1 on every second shift")
+    "stage1_lattice_margin": None,
     "coarse_size": 32,  # longest side (pixels) of a plate on the grid of stage 1
     "work_size": 56,  # ... and of stage 2
     "max_rotation": 15.0,  # in-plane rotation searched (degrees, either way)
@@ -731,6 +746,10 @@ def check_rerank_options(options: dict | None) -> dict:
             "keeps more scales than stage1_scale_reach's, which without it keeps every scale already (set it "
             "e.g. to 1)",
         )
+    if out["stage1_lattice_margin"] is not None:
+        out["stage1_lattice_margin"] = check_float(
+            "stage1_lattice_margin", out["stage1_lattice_margin"], 0.0, 2.0
+        )
     out["coarse_size"] = check_int("coarse_size", out["coarse_size"], 16, 256)
     out["work_size"] = check_int("work_size", out["work_size"], 16, 256)
     out["max_rotation"] = check_float("max_rotation", out["max_rotation"], 0.0, 180.0)
@@ -1003,6 +1022,7 @@ class PoseSearch:
             options["edge_blur"],
             options["outside_weight"],
             **band,
+            lattice_margin=options["stage1_lattice_margin"],
         )
         shortlist = [int(p) for p, _ in order[: options["shortlist"]]]
         zs = _around(shortlist, options["neighbours"], self.n)
@@ -1328,6 +1348,7 @@ def coarse_grid(
     outside: float = 0.0,
     spare: np.ndarray | None = None,
     free: float = 0.0,
+    lattice_margin: float | None = None,
 ) -> SectionGrid:
     """Stage 1's grid of a section: every shift that does not wrap around is searched (27 canvas
     pixels per axis at the default ``coarse_size`` 32, a 72-pixel FFT). A partial section whose tissue
@@ -1336,7 +1357,9 @@ def coarse_grid(
     poses, so a shorter reach loses such poses for good. Session 13 tried 19 pixels (a 64-pixel FFT,
     ~18 % less CPU, the same ranks on the phantom benchmark's sections) and went back: that saving was
     measured on the phantom alone."""
-    return SectionGrid(grey, mask, coarse_size, blur=blur, outside=outside, spare=spare, free=free)
+    grid = SectionGrid(grey, mask, coarse_size, blur=blur, outside=outside, spare=spare, free=free)
+    grid.lattice_margin = lattice_margin  # the stage1_lattice_margin rerank option (session 46)
+    return grid
 
 
 class _Refine:

@@ -1,0 +1,168 @@
+"""Stage 1 on every second shift first (session 46, opt-in ``stage1_lattice_margin``).
+
+:meth:`Correlator.best_lattice` gives :meth:`Correlator.best`'s scores on the lattice of every second
+shift per axis through the shift (0, 0), from the spectrum folded onto half its frequencies; the search
+then scores at every shift only the pairs within the margin of their plate's lattice best. None by
+default, and then the search is the one before bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_nephi import InputError
+from napari_nephi.engines.atlas import pose_grid
+from napari_nephi.engines.atlas.pose_grid import MIN_OVERLAP, Correlator, field
+from napari_nephi.engines.atlas.rerank import DEFAULTS, PoseSearch, check_rerank_options
+
+from .test_tilt_share import toy  # noqa: F401 (the fixture: the toy atlas cut at plate 20, tilted)
+
+#: The default search of the toy section (``test_tilt_share.toy``) in the frozen tree of 849993e, the
+#: session's base (``PYTHONPATH=/tmp/f46/src``): ``ranking[:3]``, ``pairs``, ``stage1_pairs`` and the best
+#: pose's score, printed with ``repr``.
+FROZEN = (
+    [(20, 0.22259122133255005), (19, 0.22759122133255005), (21, 0.22759122133255005)],
+    825,
+    555,
+    0.77740877866745,
+)
+
+
+def _score_map(corr: Correlator, fa, ea, na, fb, nr, outside):
+    """Every searched shift's score (C, R, h, w), in float64 from one 2D inverse FFT: an independent
+    reading of what :meth:`Correlator.best` maximises."""
+    spec = corr._spectra(fa, fb, outside > 0, corr.ramp)
+    h, w = corr.window
+    num, energy, overlap, band = torch.fft.irfft2(spec, s=corr.pad)[..., :h, :w].double().unbind(2)
+    ea, na = ea.double()[None, :, None, None], na.double()[None, :, None, None]
+    share = overlap / na
+    score = num / torch.sqrt(torch.clamp(energy, min=1e-3 * ea) * ea + 1e-12) * share.clamp(0, 1)
+    score = score * (1 - outside * (band / nr.double()[None, :, None, None].clamp_min(1)).clamp(0, 1))
+    return score.masked_fill(share < MIN_OVERLAP, -2.0)
+
+
+def _pairs(corr: Correlator, rng, n_sections=3, n_slices=5):
+    """Random section variants (smooth blobs of tissue) and atlas slices with shifted copies of them."""
+    h, w = corr.shape
+    yy, xx = np.mgrid[:h, :w]
+    fa, ea, na, nr, fb = [], [], [], [], []
+    for _ in range(n_sections):
+        img = sum(
+            rng.uniform(0.5, 1)
+            * np.exp(-((yy - rng.uniform(10, h - 10)) ** 2 + (xx - rng.uniform(10, w - 10)) ** 2) / 30)
+            for _ in range(6)
+        ).astype(np.float32)
+        mask = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (0.3 * h) ** 2).astype(np.float32)
+        re, im = field(img, mask > 0)
+        ring = pose_grid.outside_band(mask > 0, 2).astype(np.float32)
+        f, e, a = corr.section(re * mask, im * mask, mask, ring)
+        fa.append(f)
+        ea.append(e)
+        na.append(a)
+        nr.append(float(ring.sum()))
+        for _ in range(n_slices // n_sections + 1):
+            dy, dx = rng.integers(-6, 7, size=2)
+            moved = np.roll(img, (dy, dx), axis=(0, 1)) + rng.normal(0, 0.05, img.shape).astype(np.float32)
+            big = np.roll((((yy - h / 2) ** 2 + (xx - w / 2) ** 2) < (0.42 * h) ** 2), (dy, dx), axis=(0, 1))
+            fb.append(corr.slice(*field(moved, big), big.astype(np.float32)))
+    as_f = torch.tensor
+    return (
+        torch.stack(fa),
+        as_f(ea, dtype=torch.float32),
+        as_f(na, dtype=torch.float32),
+        torch.stack(fb[:n_slices]),
+        as_f(nr, dtype=torch.float32),
+    )
+
+
+@pytest.mark.parametrize("shape", [(45, 45), (44, 46)])
+def test_lattice_scores_are_the_full_map_on_every_second_shift(shape):
+    corr = Correlator(shape)
+    assert corr.lattice_ok()
+    fa, ea, na, fb, nr = _pairs(corr, np.random.default_rng(3))
+    full = _score_map(corr, fa, ea, na, fb, nr, 0.3)
+    value, index, plain = corr.best_lattice(fa, ea, na, fb, nr, 0.3, 0.0, True)
+    exact, _, _ = corr.best(fa, ea, na, fb, nr, 0.3, 0.0, True)
+    (l0, n0), (l1, n1) = corr._lattice_axes()
+    assert l0 % 2 == 0 and l1 % 2 == 0
+    # the lattice holds the shift (0, 0) and only shifts of the window, every second one
+    rows = np.arange(n0) * 2 - l0 + corr.low[0]
+    cols = np.arange(n1) * 2 - l1 + corr.low[1]
+    assert corr.low[0] in rows and corr.low[1] in cols
+    assert rows.min() >= 0 and rows.max() < corr.window[0] and cols.max() < corr.window[1]
+    on = full[..., rows[:, None], cols[None, :]]
+    want = on.flatten(2).max(2).values
+    assert torch.allclose(value.double(), want, atol=2e-6)
+    # the index names a lattice shift of the window whose score is that value
+    r, c = index // corr.window[1], index % corr.window[1]
+    assert set(r.flatten().tolist()) <= set(rows.tolist()) and set(c.flatten().tolist()) <= set(cols.tolist())
+    assert torch.allclose(full.flatten(2).gather(2, index[..., None])[..., 0], value.double(), atol=2e-6)
+    # never above the best over every shift, and most pairs found their slice's shifted copy
+    assert bool((value <= exact + 1e-6).all())
+    assert (plain >= value - 1e-6).all()
+    assert float((exact - value).max()) > 1e-4  # some pair's best lies off the lattice
+
+
+def test_lattice_needs_even_padding():
+    corr = Correlator((45, 45))
+    corr.pad = (75, 72)
+    assert not corr.lattice_ok()
+    with pytest.raises(ValueError, match="even"):
+        corr.best_lattice(None, None, None, None)
+
+
+def test_off_by_default_recorded_and_bad_values_refused():
+    assert DEFAULTS["stage1_lattice_margin"] is None
+    assert check_rerank_options({"stage1_lattice_margin": 0.02})["stage1_lattice_margin"] == 0.02
+    for bad in (-0.1, 2.5, "small"):
+        with pytest.raises(InputError, match="stage1_lattice_margin"):
+            check_rerank_options({"stage1_lattice_margin": bad})
+
+
+def _facts(found):
+    poses = {k: (p.score, p.z, p.tilt, p.rotation, p.scale, p.centre) for k, p in found.poses.items()}
+    return found.ranking, found.pairs, found.stage1_pairs, poses
+
+
+def test_default_search_is_the_frozen_one_and_a_wide_margin_the_default(toy, monkeypatch):  # noqa: F811
+    plates, section, order = toy
+    base = PoseSearch(plates).search(section, order, check_rerank_options({}))
+    assert (base.ranking[:3], base.pairs, base.stage1_pairs, base.poses[20].score) == FROZEN
+    assert base.options["stage1_lattice_margin"] is None
+    calls = {"lattice": 0, "full": 0}
+    lattice, full = Correlator.best_lattice, Correlator.best
+
+    def spy_lattice(self, *a, **k):
+        calls["lattice"] += 1
+        return lattice(self, *a, **k)
+
+    def spy_full(self, *a, **k):
+        calls["full"] += 1
+        return full(self, *a, **k)
+
+    monkeypatch.setattr(Correlator, "best_lattice", spy_lattice)
+    monkeypatch.setattr(Correlator, "best", spy_full)
+    # margin 2: every pair scored again at every shift, so the search is the default's bit for bit
+    wide = PoseSearch(plates).search(section, order, check_rerank_options({"stage1_lattice_margin": 2.0}))
+    assert calls["lattice"] > 0
+    assert _facts(wide) == _facts(base)
+    assert wide.options["stage1_lattice_margin"] == 2.0
+
+
+def test_a_small_margin_scores_fewer_pairs_at_every_shift(toy, monkeypatch):  # noqa: F811
+    plates, section, order = toy
+    counted = {"lattice": 0, "full": 0}
+    scores = pose_grid.SectionGrid._scores
+
+    def spy(self, pairs, lattice=False):
+        if self.lattice_margin is not None:  # stage 1's grid only
+            counted["lattice" if lattice else "full"] += len(pairs)
+        return scores(self, pairs, lattice)
+
+    monkeypatch.setattr(pose_grid.SectionGrid, "_scores", spy)
+    found = PoseSearch(plates).search(section, order, check_rerank_options({"stage1_lattice_margin": 0.0}))
+    assert found.ranking[0][0] in (19, 20, 21)  # the section's plate (20) or its neighbour first
+    # every stage-1 pair on the lattice; at every shift at least one per plate, far from all
+    assert counted["lattice"] == found.stage1_pairs
+    assert 0 < counted["full"] < counted["lattice"] / 3
