@@ -29,12 +29,21 @@ THREAD_VARIABLES = (
 )
 
 
-def _cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+def _light_module(name: str):
+    """``napari_nephi.<name>`` loaded by its file's path, without the package: importing the package would
+    import torch in xdist's controller. Only for modules that import nothing from the package."""
+    import importlib.util
+
+    package = importlib.util.find_spec("napari_nephi")
+    path = os.path.join(package.submodule_search_locations[0], *name.split(".")) + ".py"
+    spec = importlib.util.spec_from_file_location(f"_conftest_napari_nephi_{name.replace('.', '_')}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+#: The cores this process may run on: :func:`napari_nephi.core.system.cores` (``batch.cluster.cores``).
+_cores = _light_module("core.system").cores
 
 
 def pytest_xdist_auto_num_workers(config):

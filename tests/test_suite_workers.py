@@ -72,3 +72,29 @@ def test_a_changed_thread_count_is_given_back_before_the_next_test(suite_setup):
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_controller_counts_cores_without_importing_torch(suite_setup, tmp_path):
+    """``tests/conftest.py`` takes ``cores()`` from ``napari_nephi/core/system.py``, loaded by its path
+    (session 46): in xdist's controller neither torch nor the package is imported."""
+    import subprocess
+    import sys
+
+    from napari_nephi.batch.cluster import cores
+    from napari_nephi.core import system
+
+    assert cores is system.cores and suite_setup._cores() == cores() >= 1
+    assert suite_setup._cores.__code__.co_filename == system.__file__
+    probe = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('probe_conftest', {suite_setup.__file__!r})\n"
+        "conftest = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(conftest)\n"
+        "heavy = sorted(m for m in ('torch', 'numpy', 'napari', 'napari_nephi') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "print(conftest._cores())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_WORKER"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == cores()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..core.errors import InputError, RegistrationError
 from ..core.options import check_int
+from ..core.system import cores
 
 #: Thread pools of compiled libraries, limited in every worker process of a local cluster.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -45,11 +45,6 @@ def import_distributed():
             "pip install 'napari-nephi[batch]' (or pip install distributed)."
         ) from None
     return distributed
-
-
-def cores() -> int:
-    """CPU cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass
