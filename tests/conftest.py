@@ -31,11 +31,18 @@ THREAD_VARIABLES = (
 
 def _light_module(name: str):
     """``napari_nephi.<name>`` loaded by its file's path, without the package: importing the package would
-    import torch in xdist's controller. Only for modules that import nothing from the package."""
+    import torch in xdist's controller. Only for modules that import nothing from the package.
+
+    The file of this checkout's ``src`` is taken first, so a run against another tree on the path
+    (``PYTHONPATH=<frozen tree>/src``, which may predate the module) still starts."""
     import importlib.util
 
-    package = importlib.util.find_spec("napari_nephi")
-    path = os.path.join(package.submodule_search_locations[0], *name.split(".")) + ".py"
+    rel = os.path.join(*name.split(".")) + ".py"
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src", "napari_nephi", rel
+    )
+    if not os.path.exists(path):  # an installed package without this checkout's sources
+        path = os.path.join(importlib.util.find_spec("napari_nephi").submodule_search_locations[0], rel)
     spec = importlib.util.spec_from_file_location(f"_conftest_napari_nephi_{name.replace('.', '_')}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
