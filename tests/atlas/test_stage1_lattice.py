@@ -166,3 +166,57 @@ def test_a_small_margin_scores_fewer_pairs_at_every_shift(toy, monkeypatch):  # 
     # every stage-1 pair on the lattice; at every shift at least one per plate, far from all
     assert counted["lattice"] == found.stage1_pairs
     assert 0 < counted["full"] < counted["lattice"] / 3
+
+
+def test_stage2_canvas_off_by_default_recorded_and_bad_values_refused():
+    assert DEFAULTS["stage2_canvas"] is None
+    assert check_rerank_options({"stage2_canvas": 1.2})["stage2_canvas"] == 1.2
+    for bad in (1.0, 3.5, "wide"):
+        with pytest.raises(InputError, match="stage2_canvas"):
+            check_rerank_options({"stage2_canvas": bad})
+
+
+def test_stage2_canvas_sizes_stage_2_grid_only(toy, monkeypatch):  # noqa: F811
+    plates, section, order = toy
+    base = PoseSearch(plates).search(section, order, check_rerank_options({}))
+    # the value of None (pose_grid.CANVAS) is the default search bit for bit
+    same = PoseSearch(plates).search(
+        section, order, check_rerank_options({"stage2_canvas": pose_grid.CANVAS})
+    )
+    assert _facts(same) == _facts(base)
+    grids = []
+    init = pose_grid.SectionGrid.__init__
+
+    def spy(self, *a, **k):
+        init(self, *a, **k)
+        grids.append((self.grid_size, self.canvas, self.corr.pad, self.corr.window))
+
+    monkeypatch.setattr(pose_grid.SectionGrid, "__init__", spy)
+    small = PoseSearch(plates).search(section, order, check_rerank_options({"stage2_canvas": 1.2}))
+    # stage 1's grid as before (32 px of tissue on 45, a 72-pixel FFT); stage 2's 56 on 67, an 81-pixel
+    # FFT whose 29 x 29 shifts are LOCAL_REACH's +-14 exactly (96 and 37 x 37 at 1.4)
+    assert grids == [(32, (45, 45), (72, 72), [55, 55]), (56, (67, 67), (81, 81), [29, 29])]
+    assert small.ranking[0][0] == 20 and small.options["stage2_canvas"] == 1.2
+    assert small.stage1_pairs == base.stage1_pairs
+
+
+def test_the_cut_cache_drops_the_cut_used_longest_ago(toy_reference, monkeypatch):
+    from napari_nephi.engines.atlas.plates import Plates
+
+    grid = pose_grid.AtlasGrid(Plates.from_reference(*toy_reference), 32)
+    one = torch.zeros(4, 8, 5, dtype=torch.complex64)
+    monkeypatch.setattr(pose_grid, "CUT_CACHE_BYTES", 2 * one.element_size() * one.nelement())
+    built = []
+
+    def make(name):
+        def build():
+            built.append(name)
+            return one.clone()
+
+        return build
+
+    for name in ("a", "b", "a", "c", "a", "b"):
+        grid.cached_cut(name, make(name))
+    # "a" used again before "c" came: "b" (used longest ago) was dropped, not "a" (made first)
+    assert built == ["a", "b", "c", "b"]
+    assert list(grid._cuts) == ["a", "b"]

@@ -330,8 +330,15 @@ obliqueness and a foreign stain poorly. Here the section is compared with the at
   whose lattice best lies within the margin of their plate's (:meth:`~.pose_grid.SectionGrid._lattice_scores`;
   those pairs' results are the default's own, the others keep their lattice best, never above it). On
   development (query seed 171, both indexes, today's stain) at 0.01 the lookup cost 4-6 % less and ranked
-  worse (+0.18 / +0.23), at 0.03 about the same CPU: the lattice's loss (median 0.008, p90 0.030 of a
-  score) is as large as the gaps between a plate's pairs. Not taken to a rule. docs/atlas.md, "Session 46".
+  worse (+0.18 / +0.23), at 0.03 1.5 % less and +0.05 / +0.05: the lattice's loss (median 0.008, p90 0.030
+  of a score) is as large as the gaps between a plate's pairs, and the spectral products and the score
+  arithmetic stay. Not taken to a rule. docs/atlas.md, "Session 46".
+* **Stage 2's canvas** (session 46, opt-in ``stage2_canvas``: None, :data:`~.pose_grid.CANVAS` 1.4, the
+  default). Stage 2's grid on a canvas of that many tissue extents: at 1.2, 67 pixels for the work size
+  56 instead of 78, an 81-pixel FFT instead of 96 whose 29 x 29 shifts are :data:`LOCAL_REACH`'s +-14
+  exactly (96 searches +-18). On development (query seed 171, both indexes, today's stain) CPU per
+  section 0.937 / 0.953 and mean rank +0.10 / +0.25 (oblique sections lose): not taken to a rule.
+  docs/atlas.md, "Session 46".
 * **Lean** (session 42; since session 43 the only code path, and the ``lean`` option does nothing: True
   and False are accepted, as saved options and session 42's commands name it, and both give the same
   search, whose results were the path before's bit for bit; the options record True, what ran). The same
@@ -395,7 +402,7 @@ import numpy as np
 from ...core.errors import InputError
 from ...core.options import check_bool, check_choice, check_float, check_int, check_known
 from .plates import Plates
-from .pose_grid import OUTSIDE_RING, AtlasGrid, Pose, SectionGrid, cut_zone, extent
+from .pose_grid import CANVAS, OUTSIDE_RING, AtlasGrid, Pose, SectionGrid, cut_zone, extent
 from .preprocess import _segment, downsample, to_grey
 from .region_fit import RegionAtlas, SectionSamples, region_ratio
 from .region_fit import refine as refine_pose
@@ -447,6 +454,9 @@ DEFAULTS = {
     # much of their plate's best on that lattice (None: every shift of every pair, the default; session
     # 46, opt-in; module docstring, "Stage 1 on every second shift")
     "stage1_lattice_margin": None,
+    # stage 2's canvas side in units of the section's tissue extent (None: pose_grid.CANVAS, 1.4, the
+    # default; session 46, opt-in; module docstring, "Stage 2's canvas")
+    "stage2_canvas": None,
     "coarse_size": 32,  # longest side (pixels) of a plate on the grid of stage 1
     "work_size": 56,  # ... and of stage 2
     "max_rotation": 15.0,  # in-plane rotation searched (degrees, either way)
@@ -750,6 +760,8 @@ def check_rerank_options(options: dict | None) -> dict:
         out["stage1_lattice_margin"] = check_float(
             "stage1_lattice_margin", out["stage1_lattice_margin"], 0.0, 2.0
         )
+    if out["stage2_canvas"] is not None:
+        out["stage2_canvas"] = check_float("stage2_canvas", out["stage2_canvas"], 1.1, 3.0)
     out["coarse_size"] = check_int("coarse_size", out["coarse_size"], 16, 256)
     out["work_size"] = check_int("work_size", out["work_size"], 16, 256)
     out["max_rotation"] = check_float("max_rotation", out["max_rotation"], 0.0, 180.0)
@@ -1083,6 +1095,7 @@ class PoseSearch:
             blur=options["edge_blur"],
             outside=options["outside_weight"],
             **band,
+            canvas=CANVAS if options["stage2_canvas"] is None else options["stage2_canvas"],
         )
         refine = _Refine(self.atlas(options["work_size"]), fine, options, progress)
         bests, own = _untilted_all(refine, hyps, options["own_plate_tilt"])
