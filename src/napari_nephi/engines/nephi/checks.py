@@ -69,6 +69,7 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
 #: Options that are True or False.
 BOOLS = (
     "chunked",
+    "coarse_blur_pattern",
     "coarse_finer_level",
     "coarse_flat_fill",
     "coarse_flat_noisy",

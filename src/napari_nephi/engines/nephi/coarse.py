@@ -26,7 +26,14 @@ from .cubic import cubic_sample, spline_coefficients
 from .edgedamp import damped, edge_projector
 from .flatfill import FLAT_SHARE, fill_flat, flat_share
 from .interp import interpolate
-from .matchblur import _second_difference, blurred_similarity, estimate_blur, noise_variance
+from .matchblur import (
+    _second_difference,
+    blur_pattern,
+    blurred_similarity,
+    estimate_blur,
+    noise_variance,
+    patterned_variance,
+)
 from .smoothing import gaussian_smoothed
 
 
@@ -99,6 +106,8 @@ class DenseMaps:
         self.affine_inverse = None if affine is None else torch.linalg.inv(affine)
         #: matched-blur variances of the coarse stage that made these maps (None: not used)
         self.blur_variance = None
+        #: pattern_blur: the matched blur's uniform and patterned parts (direction, part, axis; None: off)
+        self.blur_pattern = None
         #: matched blur "auto": the coarser levels' displacement spread, voxels (None: not measured)
         self.blur_gate_spread = None
         #: matched blur "auto": RMS of det J - 1 of the coarser levels' map (None: not measured)
@@ -575,6 +584,8 @@ def _second_difference_inplace(t: torch.Tensor, axis: int) -> torch.Tensor:
 #: for the whole step. The same values and gradients bit for bit (the graph's nodes and their order are kept;
 #: only what they saved is recomputed), at the cost of one more forward pass of the comparisons a step. There
 #: the coarse stage's optimisation was the whole call's memory peak (2048^2, ``benchmarks/nephi_memory.py``).
+#: Its CPU cost (session 46, ``benchmarks/nephi_recompute_cpu.py``): a default 2048^2 call (100 coarse steps)
+#: took 1.38x the CPU seconds with the segment (41.4 -> 57.0 s; the coarse stage 37.6 -> 53.1 s).
 RECOMPUTE_MIN_VOXELS = 1 << 21
 
 
@@ -626,6 +637,7 @@ def optimize_velocity(
     first_gate: float | None = None,
     finer_gate: float | None = None,
     edge_damp: float | None = None,
+    pattern_blur: bool = False,
 ) -> DenseMaps:
     """Optimise a stationary velocity field level by level on the grids ``shapes`` (coarse first).
 
@@ -725,6 +737,12 @@ def optimize_velocity(
     across and its lack of texture along (the aperture problem), on the level's grid at this strength in
     (0, 1] (:func:`.edgedamp.edge_projector`, window the level's knot footprint), so a level cannot slide a
     straight edge between flat regions along itself (the engine's ``coarse_edge_damp``; session 44).
+    ``pattern_blur`` (False: off): where the matched blur is estimated once (``"once"``, or ``"auto"`` on a
+    near-rigid pair), each direction's variance is a uniform part plus a part that follows the sub-voxel
+    position of the map's sampling points, ``6 f (1 - f)`` per voxel and axis (:mod:`.matchblur`,
+    :func:`.matchblur.estimate_blur`): a linear resampling's blur on a rotation varies as a moire
+    over the image, which one variance cannot follow (the engine's ``coarse_blur_pattern``; session 46). The
+    parts are returned as ``blur_pattern`` ``(2, 2, D)``, ``blur_variance`` the variance fields' means.
     """
     if learning_rate is None:
         learning_rate = COARSE_LEARNING_RATE
@@ -829,6 +847,7 @@ def optimize_velocity(
     blur_used = False
     warp_blur_used = False  # WARP_BLUR_3D ran on a level with steps (recorded in volume_sampling)
     held = None  # "once": the variances estimated at the first full-grid step, and the probes there
+    held_parts = None  # pattern_blur: the uniform and patterned parts estimated with them
     spread = detj_rms = None  # "auto": the coarser levels' displacement spread (voxels), det J RMS
     first_reading = first_kept = None  # first_gate: the first level's det J RMS, whether it was kept
     # finer_gate: the map's det J RMS before the finer level, whether it ran
@@ -964,8 +983,10 @@ def optimize_velocity(
             u_f, u_b = _integrate_xy(vk, steps), _integrate_xy(-vk, steps)
             if blur_here:
                 ins = [] if frame_mask else None  # frame weights of the two comparisons
-                wm = area(warp(m_w, u_f, ident, inside=ins), cmp)
-                wf = area(warp_back(f_w, u_b, ident, inside=ins), cmp)
+                # pattern_blur, once: the sampling points, whose sub-voxel part the blur follows
+                pts = [] if pattern_blur and blur_mode == "once" and held is None else None
+                wm = area(warp(m_w, u_f, ident, inside=ins, var=pts), cmp)
+                wf = area(warp_back(f_w, u_b, ident, inside=ins, var=pts), cmp)
                 w_fwd, w_bwd = (
                     mask_weights(masks_l, masks_w, u_f, u_b, ident, cmp) if masked else (None, None)
                 )
@@ -985,11 +1006,30 @@ def optimize_velocity(
                         )
                 if blur_mode == "once" and held is None:
                     pairs = [(f_l, wm.detach(), w_fwd), (m_l, wf.detach(), w_bwd)]
-                    held = estimate_blur(similarity, pairs, noise, probes, MATCH_BLUR_MAX_VARIANCE), probes
+                    if pts is not None:  # pattern_blur: a variance per voxel, held like the variances
+                        patterns = tuple(blur_pattern(interpolation_variance(p, n)) for p, n in pts)
+                        held_parts = estimate_blur(
+                            similarity, pairs, noise, probes, MATCH_BLUR_MAX_VARIANCE, patterns
+                        )
+                        fields = tuple(
+                            patterned_variance(held_parts[i], patterns[i], MATCH_BLUR_MAX_VARIANCE)
+                            for i in range(2)
+                        )
+                        held = fields, probes
+                        del patterns
+                    else:
+                        held = (
+                            estimate_blur(similarity, pairs, noise, probes, MATCH_BLUR_MAX_VARIANCE),
+                            probes,
+                        )
+                del pts
                 s_now, probes = (blur, probes) if held is None else held
+                per_voxel = held_parts is not None  # pattern_blur: a variance per voxel
                 sims = (
-                    blurred_similarity(similarity, f_l, wm, w_fwd, s_now[0], noise, probes[0]),
-                    blurred_similarity(similarity, m_l, wf, w_bwd, s_now[1], noise[::-1], probes[1]),
+                    blurred_similarity(similarity, f_l, wm, w_fwd, s_now[0], noise, probes[0], per_voxel),
+                    blurred_similarity(
+                        similarity, m_l, wf, w_bwd, s_now[1], noise[::-1], probes[1], per_voxel
+                    ),
                 )
             else:  # each direction on its own, recomputed in the backward pass on large images
                 sims = tuple(
@@ -1048,7 +1088,10 @@ def optimize_velocity(
         v = torch.zeros(1, d, *full, device=dev)
     maps = velocity_maps(v, affine, steps)
     s_end = held[0] if held is not None else blur
+    if held_parts is not None:  # pattern_blur: the variance fields' means per direction and axis
+        s_end = torch.stack([r.flatten(1).mean(1) for r in s_end])
     maps.blur_variance = s_end.detach().cpu().numpy().copy() if blur_used and s_end is not None else None
+    maps.blur_pattern = None if held_parts is None else held_parts.cpu().numpy().copy()
     maps.flat_share = filled
     maps.blur_gate_spread = spread
     maps.blur_gate_detj_rms = detj_rms

@@ -255,6 +255,7 @@ def register_nephi(
     coarse_capture_gate: float | None = None,
     coarse_finer_gate: float | None = None,
     coarse_edge_damp: float | None = None,
+    coarse_blur_pattern: bool = False,
     coarse_match_blur: bool | str | None = None,
     coarse_warp_blur: bool | str | None = None,
     coarse_flat_fill: bool = True,
@@ -362,6 +363,14 @@ def register_nephi(
     shifted by (1.00, -0.76) px at 512 px: det J 0.874..1.090 -> 0.980..1.010). It does not fix the
     rotations' misses, which are a compression across such edges, and it costs the camera's deformations
     a little (docs/nephi.md, "Session 44 (B)"). Opt-in. Recorded in ``settings["coarse_edge_damp"]``.
+
+    ``coarse_blur_pattern`` (default False; 2D ``optimize``, not chunked, with a coarse stage and the matched
+    blur estimated once, ``coarse_match_blur`` None, ``"auto"`` or ``"once"``): the matched blur's variance
+    is a uniform part plus a part that follows the sub-voxel position of the map's sampling points, ``6 f (1 -
+    f)`` per voxel and axis (:mod:`.matchblur`): a moving image resampled linearly through a rotation carries
+    a blur that varies over the image as a moire, which one variance per axis cannot follow (docs/nephi.md,
+    "Session 46 (B)"). Opt-in. Recorded in ``settings["coarse_blur_pattern"]``;
+    ``metrics["coarse_blur_pattern"]`` gives the parts (direction, uniform / patterned, axis) where it ran.
 
     ``coarse_match_blur`` (None: ``"auto"`` in optimize mode, the default since session 18, and off
     in predict+refine, measured when its coarse stage saw a pre-warped moving image (before session 28's
@@ -738,6 +747,19 @@ def register_nephi(
             "coarse_edge_damp damps the coarse stage's motion along edges of 2D images in mode='optimize' "
             "(not chunked) with a coarse stage (levels > 1, coarse_iterations > 0); leave it at None here."
         )
+    if coarse_blur_pattern and not (
+        mode == "optimize"
+        and d == 2
+        and not use_chunks
+        and shapes
+        and coarse_iterations > 0
+        and match_blur_mode(coarse_match_blur) in ("auto", "once")
+    ):
+        raise InputError(
+            "coarse_blur_pattern shapes the matched blur of the coarse stage of 2D images in mode='optimize' "
+            "(not chunked) with a coarse stage (levels > 1, coarse_iterations > 0), estimated once "
+            "(coarse_match_blur None, 'auto' or 'once'); leave it False here."
+        )
     coarse_tail = cooldown_steps(coarse_cooldown, coarse_schedule[-1]) if coarse_schedule else 0
     coarse_steps = sum(coarse_schedule) + coarse_tail
     total = coarse_steps + refine + (1 if predicting else 0)
@@ -902,6 +924,8 @@ def register_nephi(
                     options["finer_gate"] = float(coarse_finer_gate)
                 if coarse_edge_damp is not None:  # no motion along coherent edges (opt-in, session 44)
                     options["edge_damp"] = float(coarse_edge_damp)
+                if coarse_blur_pattern:  # the matched blur follows the map's sub-voxel position (session 46)
+                    options["pattern_blur"] = True
                 options.update(kw)
                 maps = optimize_velocity(
                     fix_t if fixed is None else fixed,
@@ -916,6 +940,7 @@ def register_nephi(
                 if fixed is not None:  # not the registration's own coarse stage (the held-out check)
                     return maps
                 coarse_info["blur_variance"] = maps.blur_variance
+                coarse_info["blur_pattern"] = maps.blur_pattern
                 coarse_info["blur_gate_spread"] = maps.blur_gate_spread
                 coarse_info["blur_gate_detj_rms"] = maps.blur_gate_detj_rms
                 coarse_info["flat_share"] = maps.flat_share
@@ -1136,6 +1161,10 @@ def register_nephi(
         metrics["coarse_blur_variance"] = [
             [round(float(x), 4) for x in row] for row in coarse_info["blur_variance"]
         ]
+        if coarse_info.get("blur_pattern") is not None:  # (direction, uniform / patterned, axis)
+            metrics["coarse_blur_pattern"] = [
+                [[round(float(x), 4) for x in part] for part in row] for row in coarse_info["blur_pattern"]
+            ]
     elif (
         coarse_match_blur and match_blur_mode(coarse_match_blur) != "auto"
     ):  # asked for, but left out: say why
@@ -1209,6 +1238,8 @@ def register_nephi(
         "coarse_finer_gate": None if coarse_finer_gate is None else float(coarse_finer_gate),
         # strength of the damping of the coarse levels' motion along coherent edges (None: none)
         "coarse_edge_damp": None if coarse_edge_damp is None else float(coarse_edge_damp),
+        # the matched blur's variance follows the map's sub-voxel position (opt-in, session 46)
+        "coarse_blur_pattern": bool(coarse_blur_pattern),
         "coarse_flat_fill": bool(coarse_flat_fill),
         "coarse_flat_noisy": bool(coarse_flat_noisy),
         # the flat fill's texture threshold, RMS gradient per voxel (predict.refine_flat_gradient)

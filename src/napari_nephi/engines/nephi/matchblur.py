@@ -120,12 +120,15 @@ def blurred_similarity(
     s: torch.Tensor,
     noise: tuple[float, float],
     probe: torch.Tensor,
+    per_voxel: bool = False,
 ) -> torch.Tensor:
     """The similarity loss of ``a`` and the warped ``b`` compared at matched blur ``s``
     (:func:`blur_pair`) with the noise each blur removed added back: ``noise`` holds the white-noise
     variances of ``a`` and of ``b`` before its warp (:func:`noise_variance`), ``probe`` unit white
-    noise warped like ``b`` (:func:`removed_warped_noise`)."""
-    add_a, add_b = removed_noise(s, noise[0]), removed_warped_noise(s, noise[1], probe)
+    noise warped like ``b`` (:func:`removed_warped_noise`). With ``per_voxel``, ``s`` is a variance per
+    voxel and axis (:func:`patterned_variance`; the removed noise :func:`removed_noise_field`)."""
+    removed = removed_noise_field if per_voxel else removed_noise
+    add_a, add_b = removed(s, noise[0]), removed_warped_noise(s, noise[1], probe)
     a, b = blur_pair(a, b, s)
     return matched_similarity(name, a, b, w, add_a, add_b)
 
@@ -141,24 +144,76 @@ def estimate_blur(
     noise: tuple[float, float],
     probes: tuple[torch.Tensor, torch.Tensor],
     bound: float,
+    patterns: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Matched-blur variances ``(2, D)`` for the two comparisons ``pairs`` (image, warped other
     image, weights or None; detached) held still: each row minimises :func:`blurred_similarity` of
     its pair alone, by Adam from 0, within ``[-bound, bound]``. Only the blur moves, so the images
-    are warped once (not at every step of the velocity, as learning the blur with it does)."""
+    are warped once (not at every step of the velocity, as learning the blur with it does).
+    With ``patterns`` (one per comparison, :func:`blur_pattern`; session 46): ``(2, 2, D)`` (comparison,
+    uniform / patterned part, axis), each comparison's variance ``s_u + s_p p`` (:func:`patterned_variance`),
+    each part within ``[-bound, bound]``."""
     d = pairs[0][0].dim() - 2
-    s = torch.full((2, d), 1e-4, device=pairs[0][0].device, requires_grad=True)
+    shape = (2, d) if patterns is None else (2, 2, d)
+    s = torch.full(shape, 1e-4, device=pairs[0][0].device, requires_grad=True)
     opt = torch.optim.Adam([s], lr=ESTIMATE_LR)
     noises = (noise, noise[::-1])
     with torch.enable_grad():
         for _ in range(ESTIMATE_STEPS):
             opt.zero_grad()
-            loss = sum(
-                blurred_similarity(name, a, b, w, s[i], noises[i], probes[i])
-                for i, (a, b, w) in enumerate(pairs)
-            )
+            if patterns is None:
+                loss = sum(
+                    blurred_similarity(name, a, b, w, s[i], noises[i], probes[i])
+                    for i, (a, b, w) in enumerate(pairs)
+                )
+            else:
+                loss = sum(
+                    blurred_similarity(
+                        name,
+                        a,
+                        b,
+                        w,
+                        patterned_variance(s[i], patterns[i], bound),
+                        noises[i],
+                        probes[i],
+                        True,
+                    )
+                    for i, (a, b, w) in enumerate(pairs)
+                )
             loss.backward()
             opt.step()
             with torch.no_grad():
                 s.clamp_(-bound, bound)
     return s.detach()
+
+
+# The matched blur that follows the map's sub-voxel position (opt-in ``coarse_blur_pattern``, session 46).
+#
+# A moving image made by linear resampling through a map carries, at each of its voxels, the blur of linear
+# interpolation at that voxel's sub-voxel position in the source, ``f (1 - f)`` voxel^2 per axis. Seen from
+# the fixed grid through the same map, that position is the sub-voxel part of the map itself (``x`` is a
+# voxel, so the fraction of ``phi(x)`` is that of ``phi(x) - x``): constant on a shift, a moire of period
+# ``1 / sin(angle)`` voxels on a rotation (33 px at 1.7 degrees, 12 px at 4.8), which one variance per axis
+# (:func:`estimate_blur`) cannot follow. Here each direction's variance is ``r = s_u + s_p p`` per voxel and
+# axis, ``p = 6 f (1 - f)`` of the current map's sampling points there (mean 1 over uniform fractions; a
+# linear resampling reads ``s_p`` about 1/6), ``s_u`` a uniform part (optics, or a pair not made by
+# resampling: ``s_p`` about 0); both estimated once by :func:`estimate_blur` (its ``patterns``).
+
+
+def blur_pattern(variance: torch.Tensor) -> torch.Tensor:
+    """``6 f (1 - f)`` per voxel and axis from :func:`.coarse.interpolation_variance`'s ``(1, D, *S)``
+    (grid_sample's axis order): ``(D, 1, 1, *S)`` in numpy axis order, as :func:`blur` takes a variance."""
+    return (6.0 * variance.detach().flip(1))[0][:, None, None]
+
+
+def patterned_variance(s: torch.Tensor, pattern: torch.Tensor, bound: float) -> torch.Tensor:
+    """The variance ``s[0] + s[1] p`` per axis and voxel (``s`` ``(2, D)``: uniform and patterned parts,
+    ``pattern`` :func:`blur_pattern`'s), within ``[-bound, bound]``: ``(D, 1, 1, *S)``."""
+    shape = (-1,) + (1,) * (pattern.dim() - 1)
+    return (s[0].reshape(shape) + s[1].reshape(shape) * pattern).clamp(-bound, bound)
+
+
+def removed_noise_field(r: torch.Tensor, variance: float) -> torch.Tensor:
+    """:func:`removed_noise` for a variance per voxel ``r`` (``(D, 1, 1, *S)``): the mean over voxels."""
+    q = torch.relu(r)
+    return variance * (1 - torch.prod(1 - 2 * q + 1.5 * q * q, dim=0)).mean()

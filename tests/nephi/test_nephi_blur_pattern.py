@@ -1,0 +1,122 @@
+"""Session 46 (B): a matched blur that follows the map's sub-voxel position (opt-in ``coarse_blur_pattern``).
+
+A moving image resampled linearly through a map carries the blur ``f (1 - f)`` of its sampling points'
+sub-voxel part, a moire over the image on a rotation. The option estimates a uniform and a patterned part
+of the matched blur's variance (:func:`.matchblur.estimate_blur` with ``patterns``); off, the engine is the
+code before the option bit for bit (the digest was read on the frozen tree 849993e,
+``PYTHONPATH=/tmp/f46/src``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from skimage import data
+
+import napari_nephi
+from napari_nephi import InputError
+from napari_nephi.engines.nephi import coarse, matchblur
+
+#: sha256 (first 16 hex digits) of the forward displacement of ``_rotated()`` with the default options, read
+#: on the frozen tree 849993e (the option did not exist there), one torch thread.
+FROZEN_OFF = "155ecc986ec4e0d8"
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the pin (the digest depends on the count), the count restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _digest(a) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a, np.float32).tobytes()).hexdigest()[:16]
+
+
+def _rotated(n=96, degrees=2.5):
+    """The camera at ``n`` px and the same image rotated about its centre by linear resampling."""
+    f = ndimage.zoom(data.camera().astype(np.float32) / 255, n / 512, order=1)
+    t = np.deg2rad(degrees)
+    yy, xx = np.mgrid[:n, :n].astype(np.float64) - (n - 1) / 2
+    coords = [np.cos(t) * yy - np.sin(t) * xx + (n - 1) / 2, np.sin(t) * yy + np.cos(t) * xx + (n - 1) / 2]
+    return f, ndimage.map_coordinates(f, coords, order=1, mode="nearest").astype(np.float32)
+
+
+def test_the_pattern_is_six_f_one_minus_f_of_the_sampling_points():
+    n = 9
+    ident = coarse.normalized_grid((n, n)).flip(-1)[None]  # (1, H, W, 2), x first
+    shift = torch.tensor([0.3, 0.5]) * 2 / (n - 1)  # (x, y) voxels 0.3 and 0.5, normalised
+    var = coarse.interpolation_variance(ident + shift, (n, n))
+    p = matchblur.blur_pattern(var)
+    assert p.shape == (2, 1, 1, n, n)
+    inner = (slice(None), 0, 0, slice(0, n - 1), slice(0, n - 1))  # (the last row / column is clamped)
+    assert torch.allclose(p[inner][0], torch.full((n - 1, n - 1), 6 * 0.5 * 0.5), atol=1e-5)  # y: 0.5
+    assert torch.allclose(p[inner][1], torch.full((n - 1, n - 1), 6 * 0.3 * 0.7), atol=1e-5)  # x: 0.3
+    r = matchblur.patterned_variance(torch.tensor([[0.1, -0.2], [0.2, 1.0]]), p, 0.5)
+    assert torch.allclose(r[inner][0], torch.full((n - 1, n - 1), 0.1 + 0.2 * 1.5), atol=1e-5)
+    assert torch.allclose(r[inner][1], torch.full((n - 1, n - 1), 0.5), atol=1e-5)  # -0.2 + 1.26: bounded
+
+
+def test_a_uniform_variance_field_reads_as_the_plain_matched_blur():
+    """Where the variance is the same everywhere, the patterned similarity is the plain one."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(1, 1, 24, 24, generator=g), torch.rand(1, 1, 24, 24, generator=g)
+    probe = torch.randn(1, 1, 24, 24, generator=g)
+    s = torch.tensor([0.12, -0.07])
+    r = s.reshape(2, 1, 1, 1, 1).expand(2, 1, 1, 24, 24)
+    plain = matchblur.blurred_similarity("ncc", a, b, None, s, (1e-4, 2e-4), probe)
+    field = matchblur.blurred_similarity("ncc", a, b, None, r, (1e-4, 2e-4), probe, per_voxel=True)
+    assert abs(float(plain) - float(field)) < 1e-6
+
+
+def test_off_by_default_and_the_code_before_the_option_bit_for_bit(one_thread):
+    f, m = _rotated()
+    r = napari_nephi.register(f, m, method="nephi", device="cpu", seed=0)
+    assert r.settings["coarse_blur_pattern"] is False
+    assert "coarse_blur_variance" in r.metrics and "coarse_blur_pattern" not in r.metrics  # the blur ran
+    assert _digest(r.transform.displacement(f.shape)) == FROZEN_OFF
+
+
+def test_a_linear_rotation_reads_a_patterned_blur():
+    """On a rotation made by linear resampling, the patterned part carries the blur (1/6 on average)."""
+    f, m = _rotated()
+    r = napari_nephi.register(f, m, method="nephi", device="cpu", seed=0, coarse_blur_pattern=True)
+    assert r.settings["coarse_blur_pattern"] is True
+    parts = np.asarray(r.metrics["coarse_blur_pattern"])  # (direction, uniform / patterned, axis)
+    assert parts.shape == (2, 2, 2)
+    # forward: the fixed image blurred (positive), backward: the warped fixed one (negative)
+    assert np.all(parts[0, 1] > 0.08) and np.all(parts[1, 1] < -0.08), parts
+    assert np.all(np.abs(parts[:, 0]) < np.abs(parts[:, 1])), parts
+    assert np.asarray(r.metrics["coarse_blur_variance"]).shape == (2, 2)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(mode="predict+refine"),
+        dict(levels=1),
+        dict(coarse_iterations=0),
+        dict(coarse_match_blur=False),
+        dict(coarse_match_blur=True),
+        dict(chunked=True),
+    ],
+)
+def test_refused_where_the_matched_blur_is_not_estimated_once(options):
+    f, m = _rotated(n=64)
+    with pytest.raises(InputError, match="coarse_blur_pattern"):
+        napari_nephi.register(f, m, method="nephi", device="cpu", coarse_blur_pattern=True, **options)
+
+
+def test_refused_on_volumes_and_for_a_value_not_boolean():
+    vol = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)
+    with pytest.raises(InputError, match="coarse_blur_pattern"):
+        napari_nephi.register(vol, vol, method="nephi", device="cpu", coarse_blur_pattern=True)
+    f, m = _rotated(n=64)
+    with pytest.raises(InputError, match="coarse_blur_pattern"):
+        napari_nephi.register(f, m, method="nephi", device="cpu", coarse_blur_pattern="yes")
