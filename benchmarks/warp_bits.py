@@ -7,6 +7,8 @@ Run the first form once with ``PYTHONPATH=<base>/src`` (a ``git archive <rev> sr
 once on the working tree, then compare. Cases: 2D 1100x1000 and 3D 96x120x110 (two chunks each at
 the default chunk size), an affine and a smooth displacement transform, an image, labels (uint16)
 and, in 2D, an RGB image. Prints which ``napari_nephi`` was imported, so a wrong path shows.
+``--progress`` (session 46) passes a progress callable that does nothing to every warp (the code
+before it has no such keyword: use it on the new code only, and compare with the base's arrays).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import numpy as np
 import scipy.ndimage as ndi
 
 
-def warps() -> dict[str, np.ndarray]:
+def warps(**kw) -> dict[str, np.ndarray]:
+    """The arrays; ``kw`` (e.g. ``progress``) is passed to every warp."""
     from napari_nephi.core import AffineTransform, DisplacementTransform
 
     out = {}
@@ -35,10 +38,10 @@ def warps() -> dict[str, np.ndarray]:
             [ndi.zoom(ndi.gaussian_filter(rng.normal(0, 40, small), 1), zoom, order=1) for _ in shape]
         ).astype(np.float32)
         for name, t in (("affine", AffineTransform(m, shape=shape)), ("disp", DisplacementTransform(field))):
-            out[f"{d}d_{name}_image"] = t.warp(image)
-            out[f"{d}d_{name}_labels"] = t.warp_labels(labels)
+            out[f"{d}d_{name}_image"] = t.warp(image, **kw)
+            out[f"{d}d_{name}_labels"] = t.warp_labels(labels, **kw)
             if d == 2:
-                out[f"{d}d_{name}_rgb"] = t.warp(np.stack([image, 1 - image, image**2], -1))
+                out[f"{d}d_{name}_rgb"] = t.warp(np.stack([image, 1 - image, image**2], -1), **kw)
     return out
 
 
@@ -46,6 +49,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out", nargs="?")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"))
+    p.add_argument("--progress", action="store_true", help="pass a progress callable to every warp")
     args = p.parse_args()
     if args.compare:
         a, b = (np.load(f) for f in args.compare)
@@ -57,7 +61,7 @@ def main() -> None:
     import napari_nephi
 
     print(napari_nephi.__file__)
-    np.savez(args.out, **warps())
+    np.savez(args.out, **(warps(progress=lambda done, total: None) if args.progress else warps()))
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ def _inputs(shape):
 
 @pytest.fixture
 def slabs(monkeypatch):
-    """The warps work on slabs of at most 64 output voxels (many chunks); counts the slabs handed out."""
-    real = warp_module.iter_slabs
+    """The warps work on slabs of at most 64 output voxels (many chunks; ``slab_count`` agrees); counts
+    the slabs handed out."""
+    real, real_count = warp_module.iter_slabs, warp_module.slab_count
     given = []
 
     def small(shape, chunk_voxels=warp_module.CHUNK_VOXELS):
@@ -44,6 +45,7 @@ def slabs(monkeypatch):
             yield slab
 
     monkeypatch.setattr(warp_module, "iter_slabs", small)
+    monkeypatch.setattr(warp_module, "slab_count", lambda shape, chunk_voxels=0: real_count(shape, 64))
     return given
 
 
@@ -134,3 +136,56 @@ def test_a_cancel_that_is_neither_an_event_nor_callable_is_an_input_error():
         t.warp(image, cancel="yes")
     with pytest.raises(InputError, match="cancel must be a threading.Event"):
         t.warp_labels(labels, cancel=1)
+
+
+# -- progress per chunk (session 46): the Apply's progress bar ------------------------------------
+
+
+@pytest.mark.parametrize("shape", CASES)
+def test_progress_reports_every_chunk_and_leaves_the_arrays_as_they_were(shape, slabs):
+    """``(0, total)`` first, then ``(k, total)`` after chunk ``k``, ending at the total; the arrays are
+    the digests of the code before the option (as ``progress=None``)."""
+    image, labels = _inputs(shape)
+    for name, t in zip(("affine", "displacement"), _transforms(shape), strict=True):
+        for kind in ("image", "labels"):
+            events = []
+            warp = t.warp if kind == "image" else t.warp_labels
+            out = warp(
+                image if kind == "image" else labels, progress=lambda *e, events=events: events.append(e)
+            )
+            total = events[0][1]
+            assert total > 4 and events == [(k, total) for k in range(total + 1)]
+            assert np.array_equal(out, warp(image if kind == "image" else labels))
+            if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+                assert hashlib.sha256(out.tobytes()).hexdigest()[:16] == BEFORE[(len(shape), name, kind)]
+
+
+def test_a_cancel_set_from_the_progress_stops_before_the_next_chunk(slabs):
+    image, labels = _inputs(CASES[0])
+    t = _transforms(CASES[0])[1]
+    for warp, data in ((t.warp, image), (t.warp_labels, labels)):
+        cancel, events = threading.Event(), []
+
+        def report(done, total, events=events, cancel=cancel):
+            events.append(done)
+            if done == 2:
+                cancel.set()
+
+        with pytest.raises(Cancelled):
+            warp(data, cancel=cancel, progress=report)
+        assert events == [0, 1, 2]
+
+
+def test_a_progress_that_is_not_callable_is_an_input_error():
+    image, labels = _inputs(CASES[0])
+    t = _transforms(CASES[0])[0]
+    with pytest.raises(InputError, match=r"progress must be a function taking \(done, total\)"):
+        t.warp(image, progress=5)
+    with pytest.raises(InputError, match="progress must be a function"):
+        t.warp_labels(labels, progress="bar")
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (7, 3, 2), (100, 300), (4097, 256), (3, 1000, 1000)])
+@pytest.mark.parametrize("chunk", [1, 64, 1000, warp_module.CHUNK_VOXELS])
+def test_the_chunk_count_is_the_number_of_slabs(shape, chunk):
+    assert warp_module.slab_count(shape, chunk) == len(list(warp_module.iter_slabs(shape, chunk)))

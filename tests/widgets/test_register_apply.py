@@ -337,6 +337,7 @@ class SlowSlabs:
             return real_grid(*args, **kwargs)
 
         monkeypatch.setattr(warp_module, "iter_slabs", slabs)
+        monkeypatch.setattr(warp_module, "slab_count", lambda shape, chunk_voxels=0: shape[0])
         monkeypatch.setattr(warp_module, "slab_grid", grid)
 
     def go(self) -> None:
@@ -368,3 +369,103 @@ def test_cancel_stops_the_apply_inside_the_warp(make_napari_viewer, qtbot, saved
     expected = t.warp(layer.data, **frame) if name == "image" else t.warp_labels(layer.data, **frame)
     assert slabs.given == 2 * t.shape[0]  # the worker's warp and this one, a row at a time
     np.testing.assert_array_equal(new.data, expected)
+
+
+# -- the Apply's progress bar, a chunk at a time (session 46) --------------------------------------
+
+
+class Bars:
+    """Records ``(n, total)`` at each refresh of the progress bars the widget opens, and whether each
+    bar was closed. The bars are napari's own."""
+
+    def __init__(self, monkeypatch):
+        self.values: list[list[tuple[int, int]]] = []
+        self.bars = []
+        real = rw.napari_progress
+
+        def make(*args, **kwargs):
+            bar = real(*args, **kwargs)
+            values, refresh = [], bar.refresh
+            self.values.append(values)
+            self.bars.append(bar)
+
+            def recorded(*a, **k):
+                values.append((bar.n, bar.total))
+                return refresh(*a, **k)
+
+            bar.refresh = recorded
+            return bar
+
+        monkeypatch.setattr(rw, "napari_progress", make)
+        monkeypatch.setattr(rw, "APPLY_BAR_INTERVAL", 0.0)  # every chunk refreshes the bar
+
+
+@pytest.mark.parametrize("name", ["image", "labels"])
+def test_the_apply_s_bar_counts_the_warp_s_chunks_to_the_total(
+    make_napari_viewer, qtbot, saved, errors, monkeypatch, name
+):
+    """One-row chunks: the bar starts at 0 of the chunks, rises with each, ends at the total and is
+    closed; the layer is the synchronous warp's."""
+    viewer, widget = _viewer(make_napari_viewer)
+    layer = viewer.layers[name]
+    SlowSlabs(monkeypatch)
+    bars = Bars(monkeypatch)
+    new = widget.apply_transform(saved, layer=layer)
+    t = load_transform(saved)
+    frame = {"image_spacing": tuple(layer.scale)}
+    expected = t.warp(layer.data, **frame) if name == "image" else t.warp_labels(layer.data, **frame)
+    np.testing.assert_array_equal(new.data, expected)
+    (values,) = bars.values
+    total = t.shape[0]  # one chunk per row of the output
+    assert values == [(k, total) for k in range(total + 1)]
+    assert widget._apply_bar is None and errors == []
+    _wait_idle(widget, qtbot)
+
+
+def test_the_apply_s_bar_stops_where_an_error_came_and_is_closed(
+    make_napari_viewer, qtbot, saved, errors, monkeypatch
+):
+    viewer, widget = _viewer(make_napari_viewer)
+    SlowSlabs(monkeypatch)
+    from napari_nephi.core import warp as warp_module
+
+    real_grid, calls = warp_module.slab_grid, []
+
+    def fail_at_the_fourth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("disk on fire")
+        return real_grid(*args, **kwargs)
+
+    monkeypatch.setattr(warp_module, "slab_grid", fail_at_the_fourth)
+    bars = Bars(monkeypatch)
+    n = len(viewer.layers)
+    assert widget.apply_transform(saved, layer=viewer.layers["image"]) is None
+    assert errors == ["Applying the transform failed unexpectedly: RuntimeError: disk on fire"]
+    assert bars.values == [[(k, 48) for k in range(4)]]  # three chunks done, the fourth failed
+    assert widget._apply_bar is None and len(viewer.layers) == n
+    _wait_idle(widget, qtbot)
+    assert widget.apply_button.isEnabled()
+
+
+def test_the_apply_s_bar_stops_at_a_cancel_and_is_closed(
+    make_napari_viewer, qtbot, saved, errors, monkeypatch
+):
+    """The bar shows the first chunk of 48 while the worker is held; Cancel stops the warp there."""
+    viewer, widget = _viewer(make_napari_viewer)
+    slabs = SlowSlabs(monkeypatch)
+    slabs.hold = True
+    bars = Bars(monkeypatch)
+    n = len(viewer.layers)
+    widget.apply_transform(saved, layer=viewer.layers["image"], wait=False)
+    assert slabs.first_done.wait(10)
+    qtbot.waitUntil(lambda: bars.values[0][-1:] == [(1, 48)], timeout=WAIT_MS)
+    assert bars.values == [[(0, 48), (1, 48)]] and widget._apply_bar is bars.bars[0]
+    widget.cancel_button.click()
+    with qtbot.waitSignal(widget.apply_done, timeout=WAIT_MS) as done:
+        slabs.go()
+    assert done.args == [None]
+    _wait_idle(widget, qtbot)
+    assert bars.values == [[(0, 48), (1, 48)]] and slabs.mapped == 1
+    assert widget._apply_bar is None and len(viewer.layers) == n and errors == []
+    assert widget.status.text() == "Cancelled; no layers were changed."

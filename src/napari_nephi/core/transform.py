@@ -324,6 +324,7 @@ class Transform:
         image_spacing=None,
         image_world_affine=None,
         cancel=None,
+        progress=None,
     ) -> np.ndarray:
         """Resample a moving image (channels last allowed) onto the fixed grid, linearly.
 
@@ -332,13 +333,17 @@ class Transform:
         ``cancel`` (a ``threading.Event`` or a callable returning True to stop) is checked before
         each chunk of the output; once set, :class:`~napari_nephi.core.errors.Cancelled` is raised
         (anything else: :class:`InputError`). None (the default) leaves the warp as it was.
+        ``progress`` (a callable or None) receives ``(done, total)`` chunks of the output: ``(0,
+        total)`` before the first, then after each one (a GUI's progress bar). None: as before.
         """
         img = np.asarray(image)
         channels = img.shape[-1] if _warp.channels_last(img.shape, self.ndim) else 1
         out_shape = self._out_shape(output_shape, img.shape[: self.ndim], "output_shape")
         check_output_memory(out_shape, channels, 4, "warped image", _WARP_ADVICE, extra=4.0 * img.size)
         t = self.for_moving_image(image_spacing, image_world_affine)
-        return _warp.warp_image(img, t, self.ndim, out_shape, choose_device(device), cancel=cancel)
+        return _warp.warp_image(
+            img, t, self.ndim, out_shape, choose_device(device), cancel=cancel, progress=progress
+        )
 
     def warp_labels(
         self,
@@ -349,10 +354,11 @@ class Transform:
         image_spacing=None,
         image_world_affine=None,
         cancel=None,
+        progress=None,
     ) -> np.ndarray:
         """Resample moving labels onto the fixed grid by nearest neighbour; dtype and values kept.
 
-        ``image_spacing`` / ``image_world_affine`` / ``cancel``: as for :meth:`warp`.
+        ``image_spacing`` / ``image_world_affine`` / ``cancel`` / ``progress``: as for :meth:`warp`.
         """
         lab = np.asarray(labels)
         if lab.ndim != self.ndim:
@@ -363,7 +369,9 @@ class Transform:
         out_shape = self._out_shape(output_shape, lab.shape, "output_shape")
         check_output_memory(out_shape, 1, lab.dtype.itemsize, "warped labels", _WARP_ADVICE)
         t = self.for_moving_image(image_spacing, image_world_affine)
-        return _warp.warp_labels(lab, t, self.ndim, out_shape, choose_device(device), cancel=cancel)
+        return _warp.warp_labels(
+            lab, t, self.ndim, out_shape, choose_device(device), cancel=cancel, progress=progress
+        )
 
     def inverse(self) -> Transform:
         """The inverse map (moving -> fixed coordinates), where it exists."""

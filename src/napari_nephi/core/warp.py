@@ -24,12 +24,21 @@ PointMap = Callable[[torch.Tensor], torch.Tensor]
 CHUNK_VOXELS = 1 << 20
 
 
+def _slab_rows(shape: Sequence[int], chunk_voxels: int) -> int:
+    per_row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    return max(1, chunk_voxels // max(per_row, 1))
+
+
 def iter_slabs(shape: Sequence[int], chunk_voxels: int = CHUNK_VOXELS):
     """Yield ``(start, stop)`` ranges along axis 0 whose slabs hold about ``chunk_voxels``."""
-    per_row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-    rows = max(1, chunk_voxels // max(per_row, 1))
+    rows = _slab_rows(shape, chunk_voxels)
     for start in range(0, shape[0], rows):
         yield start, min(shape[0], start + rows)
+
+
+def slab_count(shape: Sequence[int], chunk_voxels: int = CHUNK_VOXELS) -> int:
+    """How many slabs :func:`iter_slabs` yields (without making them)."""
+    return len(range(0, shape[0], _slab_rows(shape, chunk_voxels)))
 
 
 def slab_grid(shape: Sequence[int], start: int, stop: int, device, dtype=torch.float32):
@@ -85,17 +94,39 @@ def _as_channels(image: np.ndarray, ndim: int) -> tuple[np.ndarray, bool]:
     return image[None], False
 
 
-class _StopFlag:
-    """A warp's ``cancel``, checked when made (an Event, a callable or None; else :class:`InputError`)."""
+#: A warp's ``progress``: called with ``(done, total)`` chunks of the output, first ``(0, total)``.
+ChunkProgress = Callable[[int, int], object]
 
-    def __init__(self, cancel: CancelFlag):
+
+class _StopFlag:
+    """A warp's ``cancel`` and ``progress``, checked when made (``cancel``: an Event, a callable or None;
+    ``progress``: a callable or None; else :class:`InputError`)."""
+
+    def __init__(self, cancel: CancelFlag, progress: ChunkProgress | None = None):
         Progress(cancel=cancel)  # its check of what ``cancel`` is
-        self.cancel = cancel
+        if progress is not None and not callable(progress):
+            raise InputError(
+                "progress must be a function taking (done, total) chunks of the warp (or None), "
+                f"got {type(progress).__name__}."
+            )
+        self.cancel, self.progress = cancel, progress
+        self.total = 0
 
     def check(self) -> None:
         """Raise :class:`Cancelled` once the flag is set (checked before each chunk)."""
         if is_cancelled(self.cancel):
             raise Cancelled("Warp cancelled.")
+
+    def start(self, out_shape: Sequence[int], chunk_voxels: int) -> None:
+        """With a ``progress``: count the chunks and report ``(0, total)``. Without one, nothing."""
+        if self.progress is not None:
+            self.total = slab_count(out_shape, chunk_voxels)
+            self.progress(0, self.total)
+
+    def done(self, chunks: int) -> None:
+        """With a ``progress``: ``chunks`` of the output are written."""
+        if self.progress is not None:
+            self.progress(chunks, self.total)
 
 
 def warp_image(
@@ -107,14 +138,17 @@ def warp_image(
     chunk_voxels: int = CHUNK_VOXELS,
     *,
     cancel: CancelFlag = None,
+    progress: ChunkProgress | None = None,
 ) -> np.ndarray:
     """Linearly resample ``image`` at ``point_map(x)`` for every voxel ``x`` of the output grid.
 
     Channels-last images are warped channel by channel. Values outside are 0. Returns float32.
     ``cancel`` (a ``threading.Event`` or a callable) is checked before each chunk; once it is set,
     :class:`~napari_nephi.core.errors.Cancelled` is raised. Anything else raises :class:`InputError`.
+    ``progress`` (a callable or None) is called with ``(0, total)`` before the first chunk and
+    ``(done, total)`` after each one (:data:`ChunkProgress`); None leaves the warp as it was.
     """
-    stop_flag = _StopFlag(cancel)
+    stop_flag = _StopFlag(cancel, progress)
     img = np.asarray(image)
     if img.dtype == bool:
         img = img.astype(np.float32)
@@ -123,11 +157,13 @@ def warp_image(
     with memory_guard("warp"), torch.no_grad():
         vol = torch.as_tensor(np.ascontiguousarray(chans, dtype=np.float32), device=device)
         out = np.empty((chans.shape[0], *out_shape), dtype=np.float32)
-        for start, stop in iter_slabs(out_shape, chunk_voxels):
+        stop_flag.start(out_shape, chunk_voxels)
+        for k, (start, stop) in enumerate(iter_slabs(out_shape, chunk_voxels), 1):
             stop_flag.check()
             pts = point_map(slab_grid(out_shape, start, stop, device))
             vals = sample(vol, pts)
             out[:, start:stop] = vals.reshape(chans.shape[0], stop - start, *out_shape[1:]).cpu()
+            stop_flag.done(k)
     return np.moveaxis(out, 0, -1) if has_channels else out[0]
 
 
@@ -140,12 +176,13 @@ def warp_labels(
     chunk_voxels: int = CHUNK_VOXELS,
     *,
     cancel: CancelFlag = None,
+    progress: ChunkProgress | None = None,
 ) -> np.ndarray:
     """Nearest-neighbour resampling that keeps dtype and label values exactly; 0 outside.
 
-    ``cancel``: as for :func:`warp_image`.
+    ``cancel``, ``progress``: as for :func:`warp_image`.
     """
-    stop_flag = _StopFlag(cancel)
+    stop_flag = _StopFlag(cancel, progress)
     lab = np.asarray(labels)
     if lab.ndim != ndim:
         raise DimensionMismatchError(
@@ -160,7 +197,8 @@ def warp_labels(
     upper = torch.as_tensor(lab.shape, dtype=torch.int64)
     with memory_guard("label warp"), torch.no_grad():
         out = np.zeros(out_shape, dtype=lab.dtype)
-        for start, stop in iter_slabs(out_shape, chunk_voxels):
+        stop_flag.start(out_shape, chunk_voxels)
+        for k, (start, stop) in enumerate(iter_slabs(out_shape, chunk_voxels), 1):
             stop_flag.check()
             pts = point_map(slab_grid(out_shape, start, stop, device)).cpu()
             idx = torch.floor(pts + 0.5).to(torch.int64)
@@ -170,6 +208,7 @@ def warp_labels(
             ins = inside.numpy()
             slab[ins] = flat[lin.numpy()[ins]]
             out[start:stop] = slab.reshape(stop - start, *out_shape[1:])
+            stop_flag.done(k)
     return out
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from napari.layers import Image, Labels, Layer, Points
 
 from ..core.errors import Cancelled, InputError, RegistrationError
-from ..core.progress import is_cancelled
+from ..core.progress import ProgressEvent, is_cancelled
 from ..core.transform_io import load_transform
 
 #: The layer types a saved transform can be applied to, by napari's layer kind.
@@ -56,22 +56,26 @@ def apply_saved_transform(
     carries its moving frame. Raises :class:`Cancelled` when ``cancel`` is set: between the steps,
     and inside an image's or labels' warp before each of its chunks (about 2^20 output voxels
     each); points are mapped to their end. Raises :class:`RegistrationError` for every failure,
-    with the message the user sees.
+    with the message the user sees. ``progress`` (the runner's) receives a
+    :class:`~napari_nephi.core.progress.ProgressEvent` per chunk of an image's or labels' warp:
+    ``step`` of ``total`` chunks, from 0 (session 46); points are mapped at once.
     """
-    del progress  # the warp reports no steps; the widget shows a busy bar
+    chunks = (
+        None if progress is None else lambda done, total: progress(ProgressEvent(done, total, stage="apply"))
+    )
     try:
         t = load_transform(folder)
         _check(cancel)
         frame = {"image_spacing": tuple(layer_scale[-t.ndim :])} if t.has_moving_frame else {}
         meta = {"name": name, "scale": t.spacing, "visible": False}
         if kind == "labels":
-            warped = t.warp_labels(np.asarray(data), **frame, cancel=cancel)
+            warped = t.warp_labels(np.asarray(data), **frame, cancel=cancel, progress=chunks)
         elif kind == "points":
             # moving world coordinates -> moving voxels -> fixed voxels
             world = np.asarray(data, float) * layer_scale + layer_translate
             warped = t.inverse().map_points(world / np.asarray(t.moving_spacing))
         else:
-            warped = t.warp(np.asarray(data), **frame, cancel=cancel)
+            warped = t.warp(np.asarray(data), **frame, cancel=cancel, progress=chunks)
             meta["rgb"] = rgb
         _check(cancel)
         return Layer.create(warped, meta, kind)  # napari's scan of the data happens here too

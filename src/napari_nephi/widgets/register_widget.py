@@ -46,6 +46,8 @@ torch.optim.SGD([torch.zeros(1, requires_grad=True)])
 
 #: Do not push previews to the canvas more often than this (seconds).
 PREVIEW_INTERVAL = 0.5
+#: The Apply's bar is redrawn at most this often (seconds), and at its first and last chunk.
+APPLY_BAR_INTERVAL = 0.2
 
 #: The worker waits at most this long (seconds) for the GUI to draw a preview it sent.
 PREVIEW_WAIT = 0.5
@@ -107,6 +109,7 @@ class RegisterWidget(QWidget):
         self.last = None  # the last Registration
         self._progress_bar = None  # the registration's
         self._apply_bar = None  # the apply's
+        self._apply_bar_drawn = 0.0  # when it was last redrawn
         self._last_preview = 0.0
         self.preview_layer = None
         self._reused = None  # the previous run's warped layer showing this run's previews, and its state
@@ -126,7 +129,7 @@ class RegisterWidget(QWidget):
             self.runner, *run, progressed=self._on_progress, stopped=self._gc_pause.end, done=self._run_over
         )
         apply = (self._on_applied, self._on_apply_failed, self._on_apply_cancelled)
-        self.state.drive(self.applier, *apply, done=self._apply_over)
+        self.state.drive(self.applier, *apply, progressed=self._on_apply_progress, done=self._apply_over)
         saving = (self._on_saved, self._on_save_failed, lambda: None)
         self.state.drive(self.saver, *saving, done=self._save_over, cancellable=False)  # written to its end
         images = self.moving.layers()
@@ -556,6 +559,21 @@ class RegisterWidget(QWidget):
             self.state.results_in()
 
         self.steps.later(show)
+
+    def _on_apply_progress(self, event) -> None:
+        """A chunk of the apply's warp is written: the bar shows ``step`` of ``total`` chunks (at most
+        every :data:`APPLY_BAR_INTERVAL` seconds, and its first and last)."""
+        bar = self._apply_bar
+        if bar is None or not self.state.is_(RunState.RUNNING):
+            return  # a late event after Cancel
+        now = time.monotonic()
+        if 0 < event.step < event.total and now - self._apply_bar_drawn < APPLY_BAR_INTERVAL:
+            return
+        self._apply_bar_drawn = now
+        if bar.total != event.total:
+            bar.total = event.total
+        bar.n = event.step
+        bar.refresh()
 
     def _on_apply_failed(self, message: str) -> None:
         show_error(message)
