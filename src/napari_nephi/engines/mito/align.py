@@ -104,7 +104,17 @@ TRACK_SHIFT_MIN_PAIRS = 16
 #: keeps the trend ("sections") on undistorted sections, the mitochondria are read against the tissue right
 #: around them (:func:`.organelles.relative_motion`, as under the elastic step) and only that reading's
 #: "both" removes its slope (:func:`_kept_read_locally`).
-KEPT_READINGS = ("local",)
+KEPT_READINGS = ("local", "local-tracks")
+#: Session 46: how each :data:`KEPT_READINGS` value reads (keyword arguments of the local reader,
+#: :func:`.organelles.relative_motion`). ``"local-tracks"``: the sections' borders left out by
+#: :data:`.organelles.MARGIN` (12 px, as the background leaves them; 4 before: on the truth placement a tissue
+#: tile on a section's border reads 1-1.5 px outward, pair after pair) and the se the larger of the blocks'
+#: and the tracks' (each mitochondrion followed through depth is one sample). ``"local"``: as in session 45
+#: (docs/mito.md, session 46).
+KEPT_READ_AS = {
+    "local": {},
+    "local-tracks": {"tracks": True, "border": organelles.MARGIN},
+}
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -1071,24 +1081,28 @@ def _auto_decision(
     if decision == "both":
         return True, np.asarray(motion["slope"], np.float64)
     if decision == "sections" and kept_reading is not None and not distorted:
-        return _kept_read_locally(test, matrices, use, kept)
+        return _kept_read_locally(test, matrices, use, kept, kept_reading)
     return decision == "organelles", None
 
 
-def _kept_read_locally(test: dict, matrices, use, kept) -> tuple[bool, np.ndarray | None]:
+def _kept_read_locally(
+    test: dict, matrices, use, kept, kept_reading="local"
+) -> tuple[bool, np.ndarray | None]:
     """Session 45 (``kept_reading="local"``, opt-in): the background read "sections" (kept) on undistorted
     sections. The mitochondria against the tissue right around them (``kept``:
     :func:`.organelles.relative_motion` on the same placement) are classified against the positions' trend as
     under the elastic step; only "both" changes the decision: ``(True, -v)`` (or the placement's error slope,
     :data:`.organelles.BOTH_SLOPE`). Otherwise, or without the reading (no masks, fewer than
-    :data:`.organelles.MIN_READINGS` readings), the trend is kept. Recorded as ``test["kept_reading"]``."""
+    :data:`.organelles.MIN_READINGS` readings), the trend is kept. Recorded as ``test["kept_reading"]``.
+    ``kept_reading`` (session 46): which reading, :data:`KEPT_READ_AS` (``"local-tracks"``: the sections'
+    borders left out by 12 px and the tracks' se)."""
     if kept is None:
         test["kept_reading"] = {
             "decision": "unread",
             "note": "no local reading (no masks or the elastic step)",
         }
         return False, None
-    local = kept(matrices, use)
+    local = kept(matrices, use, **KEPT_READ_AS[kept_reading])
     test["kept_reading"] = local
     if local["readings"] < MIN_READINGS:
         local["decision"] = "unmeasured"
@@ -1489,7 +1503,11 @@ def align_stack(
         reading's largest error on the engine's placement, cancels in that difference. Only its "both"
         changes the decision: the slope ``-v`` is removed ("detrend-slope"); anything else keeps the trend
         as before. The reading is in ``metrics["drift_correction"]["auto"]["kept_reading"]``
-        (docs/mito.md, session 45).
+        (docs/mito.md, session 45). ``"local-tracks"`` (session 46, opt-in): the same reading with the
+        sections' borders left out by 12 px (4 before: a tissue tile on a section's border reads about 1 px
+        outward, pair after pair) and the se the larger of the blocks' and the tracks' (each mitochondrion,
+        followed through depth, one sample), so that a stage drift alone stays kept (docs/mito.md,
+        session 46).
     spacing
         ``(z, y, x)`` voxel size kept with the transform (default: from the file for a path,
         else 1).
@@ -1699,10 +1717,10 @@ def align_stack(
             return read_section(masks, k)
         return sections._raw_mask(k, sections.work_image(k)[0])
 
-    def local_reading(mats, use, tissue="tile"):  # the mitochondria against the tissue around them
-        return relative_motion(
+    def local_reading(mats, use, tissue="tile", **more):  # the mitochondria against the tissue around them
+        return relative_motion(  # more: session 46's tracks / border (kept_reading, KEPT_READ_AS)
             lambda k: to_uint8(read_section(stack, k), *intensity), mito_of, mats, (h, w), use,
-            workers=workers, tissue=tissue,
+            workers=workers, tissue=tissue, **more,
         )  # fmt: skip
 
     relative = None
@@ -1874,7 +1892,7 @@ def check_kept_reading(kept_reading, use_masks: bool) -> str | None:
         )
     if not use_masks:
         raise InputError(
-            "kept_reading='local' reads the mitochondria against the tissue around them; it needs masks "
+            f"kept_reading={kept_reading!r} reads the mitochondria against the tissue; it needs masks "
             "(give masks, or use detector='mito' / use_masks=True to detect them)."
         )
     return kept_reading.lower()

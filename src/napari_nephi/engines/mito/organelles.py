@@ -136,8 +136,25 @@ def match(b_lab: np.ndarray, mine: np.ndarray, b_area: np.ndarray | None = None)
     return j if under[j] >= MIN_OVERLAP * min(size, int(area[j])) else 0
 
 
+def outline_tiles(mine: np.ndarray, h: int, w: int) -> list[tuple[int, int]]:
+    """Top-left corners ``(y0, x0)`` of the tiles laid along the outline of ``mine`` (0/1): one per half
+    tile of outline, in the order :func:`cv2.findContours` walks it, those whose search box lies inside
+    ``(h, w)`` (session 46: apart from :func:`pair_motion`, for ``benchmarks/mito_local_truth.py``)."""
+    outline, _ = cv2.findContours(mine, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    chosen: list[np.ndarray] = []
+    for p in np.concatenate([c[:, 0, ::-1] for c in outline]):  # (y, x), one per half tile
+        if all(np.abs(p - q).max() >= TILE // 2 for q in chosen):
+            chosen.append(p)
+    out = []
+    for p in chosen:
+        y0, x0 = int(p[0]) - TILE // 2, int(p[1]) - TILE // 2
+        if not (y0 < REACH or x0 < REACH or y0 + TILE + REACH > h or x0 + TILE + REACH > w):
+            out.append((y0, x0))
+    return out
+
+
 def pair_motion(
-    a, a_lab, b, b_lab, valid, tissue_read: str = "tile", parts: bool = False
+    a, a_lab, b, b_lab, valid, tissue_read: str = "tile", parts: bool = False, labels: bool = False
 ) -> list[np.ndarray]:
     """Per mitochondrion read in both sections, the median over its outline's tiles of (its step -
     the tissue's step), (y, x) pixels; with ``parts`` (session 36) a ``(4,)`` array, that and the median
@@ -146,7 +163,9 @@ def pair_motion(
     ``a_lab``, ``b_lab``: their mitochondria's labels there; ``valid``: pixels inside both sections.
     A mitochondrion is read where it and the one of ``b`` that overlaps it most (:func:`match`) both
     have :data:`MIN_AREA` pixels (session 33; before, ``b``'s of the same number). ``tissue_read``:
-    where the tissue's step comes from, ``"tile"`` or ``"grid"`` (:data:`TISSUE_READS`, session 34)."""
+    where the tissue's step comes from, ``"tile"`` or ``"grid"`` (:data:`TISSUE_READS`, session 34).
+    ``labels`` (session 46): each item ``(i, j, value)``, the mitochondrion's label in
+    ``a_lab`` and the one of ``b_lab`` it was matched to, for tracks through depth."""
     if tissue_read not in TISSUE_READS:
         raise InputError(f"tissue_read must be one of {TISSUE_READS}, got {tissue_read!r}.")
     square = np.ones((2 * MARGIN + 1, 2 * MARGIN + 1), np.uint8)
@@ -177,16 +196,8 @@ def pair_motion(
         if j == 0 or int(b_area[j]) < MIN_AREA:
             continue
         weight = (cv2.dilate(mine, np.ones((7, 7), np.uint8)) & valid).astype(np.float32)
-        outline, _ = cv2.findContours(mine, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        chosen: list[np.ndarray] = []
-        for p in np.concatenate([c[:, 0, ::-1] for c in outline]):  # (y, x), one per half tile
-            if all(np.abs(p - q).max() >= TILE // 2 for q in chosen):
-                chosen.append(p)
         steps = []
-        for p in chosen:
-            y0, x0 = int(p[0]) - TILE // 2, int(p[1]) - TILE // 2
-            if y0 < REACH or x0 < REACH or y0 + TILE + REACH > h or x0 + TILE + REACH > w:
-                continue
+        for y0, x0 in outline_tiles(mine, h, w):
             mito = tile_step(a, weight, b, y0, x0)
             if mito is None:
                 continue
@@ -197,7 +208,8 @@ def pair_motion(
             if around is not None:
                 steps.append(np.concatenate([mito - around, mito]))
         if steps:
-            out.append(np.median(np.asarray(steps), axis=0)[: 4 if parts else 2])
+            value = np.median(np.asarray(steps), axis=0)[: 4 if parts else 2]
+            out.append((int(i), int(j), value) if labels else value)
     return out
 
 
@@ -209,6 +221,8 @@ def relative_motion(
     use: np.ndarray,
     workers: int = 1,
     tissue: str = "tile",
+    tracks: bool = False,
+    border: int | None = None,
 ) -> dict:
     """The mitochondria's drift through the tissue around them, px per section (y, x) in the aligned
     frame (see the module doc). ``read(k)``: section ``k`` (uint8); ``mito(k)``: its mitochondria (0/1,
@@ -221,12 +235,24 @@ def relative_motion(
     neighbour pairs with one,
     ``chi2`` the slope's squared length in standard errors, ``drifts`` whether it stands out of 0
     (:data:`AGREE`: about 5 % false alarms, see above); an ``inf`` standard error where fewer than
-    :data:`MIN_READINGS` were read."""
+    :data:`MIN_READINGS` were read.
+
+    ``tracks`` (session 46, ``align_stack(kept_reading="local-tracks")``): the mitochondria are followed
+    through depth (a reading of pair ``(k, k + 1)`` matched label ``j`` of section ``k + 1``, which is label
+    ``i`` of the next pair's reading of it: one track) and the se is the larger, per axis, of the blocks' and
+    the tracks' (:func:`track_se`). Each mitochondrion's readings share what is read around it on every pair;
+    blocks of pairs all hold the same mitochondria and so miss it. Adds ``se_blocks``, ``se_tracks`` and
+    ``tracks`` (their number) to the result. ``border`` (session 46): pixels of the sections' borders left out
+    (None: 4, as before). Each tile's correlation searches :data:`REACH` (8) px of a band-passed section, so
+    with 4 px a tissue tile on a section's border reads the border: 1-1.5 px outward, pair after pair, on the
+    truth placement (docs/mito.md, session 46); ``"local-tracks"`` leaves :data:`MARGIN` (12) out."""
     if tissue not in TISSUE_READS:  # up front, not in a worker once a pair is read (review 2, A1)
         raise InputError(f"tissue must be one of {TISSUE_READS}, got {tissue!r}.")
     use = np.asarray(use, bool)
     h, w = int(shape[0]), int(shape[1])
     ks = np.flatnonzero(use[:-1] & use[1:])
+    # the sections' borders left out: 4 px (before session 46), or ``border`` px (session 46)
+    edge = np.ones((9, 9) if border is None else (2 * int(border) + 1,) * 2, np.uint8)
 
     def prepare(k):
         section = read(k)
@@ -247,14 +273,23 @@ def relative_motion(
                 if j not in ready:
                     ready[j] = prepare(j)
             (a, la, ia), (b, lb, ib) = ready[k], ready[k + 1]
-            valid = cv2.erode(ia & ib, np.ones((9, 9), np.uint8))
-            out.extend((int(k), v) for v in pair_motion(a, la, b, lb, valid, tissue, parts=True))
+            valid = cv2.erode(ia & ib, edge)
+            if tracks:  # (k, (i, j, value)): the labels link the pair's readings to the next pair's
+                out.extend(
+                    (int(k), r) for r in pair_motion(a, la, b, lb, valid, tissue, parts=True, labels=True)
+                )
+            else:
+                out.extend((int(k), v) for v in pair_motion(a, la, b, lb, valid, tissue, parts=True))
             ready.pop(k)
         return out
 
     parts = [p for p in np.array_split(ks, max(1, min(len(ks), 4 * max(1, workers)))) if len(p)]
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mito-organelles") as ex:
         found = [r for part in ex.map(chunk, parts) for r in part]
+    track_of = None
+    if tracks:
+        track_of = _tracks([(k, i, j) for k, (i, j, _) in found])
+        found = [(k, v) for k, (_, _, v) in found]
     result = {"slope": [0.0, 0.0], "se": [math.inf, math.inf], "readings": len(found), "drifts": False}
     result["tissue"] = tissue  # how the tissue's step was read (session 34; review 1 of session 34)
     result["pairs"] = len({k for k, _ in found})
@@ -272,6 +307,11 @@ def relative_motion(
         return values.mean(axis=0), se
 
     slope, se = mean_se(np.ascontiguousarray(both[:, :2]))
+    if track_of is not None:  # session 46: the larger of the blocks' and the tracks' se, per axis
+        by_track = track_se(both[:, :2], track_of)
+        result.update(se_blocks=[float(v) for v in se], se_tracks=[float(v) for v in by_track])
+        result["tracks"] = len(set(track_of.tolist()))
+        se = np.maximum(se, by_track)
     chi2 = float(np.sum((slope / np.maximum(se, 1e-9)) ** 2))
     result.update(
         slope=[float(v) for v in slope], se=[float(v) for v in se], chi2=chi2, drifts=bool(chi2 >= AGREE)
@@ -281,3 +321,45 @@ def relative_motion(
     error, error_se = mean_se(np.ascontiguousarray(both[:, 2:] - both[:, :2]))
     result.update(placement_error=[float(v) for v in error], placement_error_se=[float(v) for v in error_se])
     return result
+
+
+#: Session 46: fewest tracks (mitochondria followed through depth) for :func:`track_se`'s se (else ``inf``).
+MIN_TRACKS = 5
+
+
+def _tracks(readings: list[tuple[int, int, int]]) -> np.ndarray:
+    """Track number per reading ``(k, i, j)`` (pair ``(k, k + 1)``, label ``i`` of section ``k`` matched to
+    label ``j`` of section ``k + 1``): readings ``(k, i, j)`` and ``(k + 1, j, j')`` are one mitochondrion
+    followed through depth. Labels are per section (:func:`cv2.connectedComponents`), so only such links join
+    them."""
+    parent = list(range(len(readings)))
+
+    def root(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    starts = {(k, i): n for n, (k, i, _) in enumerate(readings)}
+    for n, (k, _, j) in enumerate(readings):
+        m = starts.get((k + 1, j))
+        if m is not None:
+            parent[root(m)] = root(n)
+    roots = [root(n) for n in range(len(readings))]
+    numbers = {r: t for t, r in enumerate(dict.fromkeys(roots))}
+    return np.array([numbers[r] for r in roots], dtype=np.int64)
+
+
+def track_se(values: np.ndarray, track_of: np.ndarray) -> np.ndarray:
+    """``(2,)`` standard error of the mean of ``values`` (``(n, 2)``, one per reading) with the readings of
+    one track as one cluster (the cluster-robust se of a mean, with the small-sample factor ``T / (T - 1)``):
+    ``sqrt(T / (T - 1) * sum_t (sum of track t's deviations from the mean)^2) / n``. ``inf`` with fewer than
+    :data:`MIN_TRACKS` tracks."""
+    values = np.asarray(values, np.float64)
+    ids = np.unique(track_of)
+    if len(ids) < MIN_TRACKS:
+        return np.full(values.shape[1], math.inf)
+    dev = values - values.mean(axis=0)
+    sums = np.array([dev[track_of == t].sum(axis=0) for t in ids])
+    t = len(ids)
+    return np.sqrt(t / (t - 1) * (sums**2).sum(axis=0)) / len(values)

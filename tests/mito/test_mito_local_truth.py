@@ -1,0 +1,41 @@
+"""``benchmarks/mito_local_truth.py`` (session 46): the local reading on the truth placement, per
+mitochondrion."""
+
+import json
+
+import numpy as np
+
+from napari_nephi.engines.mito.organelles import relative_motion
+from napari_nephi.synthetic import em_stack
+
+from .._bench import import_benchmark
+
+T = import_benchmark("mito_local_truth")
+
+
+def test_it_reads_what_the_engine_reads_and_names_each_mitochondrion():
+    """Tile by tile, the script's readings are the engine's (``relative_motion`` on the same placement, border
+    4 and 12: the same count and mean to 1e-12); each reading carries the generator's id, and on a stage-drift
+    stack (nothing moves in the truth frame) the mitochondria's own steps follow their centroids within 0.5 px
+    per section on average."""
+    d = em_stack(5, (768, 1024), seed=98, pad=250, placement_trend=0.5)
+    n, h, w = d["stack"].shape
+    for border in (4, 12):
+        got = T.read_stack(d, border)
+        r = relative_motion(lambda k: d["stack"][k], lambda k: d["masks"][k], d["matrices"], (h, w),
+                            np.ones(n, bool), border=None if border == 4 else border)  # fmt: skip
+        assert len(got["reads"]) == r["readings"] > 0
+        np.testing.assert_allclose(got["reads"][:, 2:4].mean(0), r["slope"], atol=1e-12)
+        assert set(got["reads"][:, 1].astype(int)) <= set(np.unique(d["masks"])) - {0}
+    s = T.summary(got, (h, w), 250, (768, 1024))
+    assert np.all(np.abs(np.asarray(s["own"]) - np.asarray(s["centroid"])) < 0.5)
+    assert all(0.0 <= m["near_border"] <= 1.0 for m in s["mitochondria"])
+    assert s["chi2"] <= min(s["chi2_blocks"], s["chi2_tracks"]) + 1e-12
+
+
+def test_the_command_writes_every_row(tmp_path, capsys):
+    out = tmp_path / "lt.json"
+    assert T.main(["98:stage-drift", "--sections", "3", "--border", "12", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())["98:stage-drift"]
+    assert got["border"] == 12 and got["readings"] == sum(m["readings"] for m in got["mitochondria"]) > 0
+    assert "border 12" in capsys.readouterr().out
