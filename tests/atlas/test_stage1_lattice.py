@@ -220,3 +220,46 @@ def test_the_cut_cache_drops_the_cut_used_longest_ago(toy_reference, monkeypatch
     # "a" used again before "c" came: "b" (used longest ago) was dropped, not "a" (made first)
     assert built == ["a", "b", "c", "b"]
     assert list(grid._cuts) == ["a", "b"]
+
+
+def test_rotation_climb_off_by_default_recorded_and_bad_values_refused():
+    assert DEFAULTS["stage1_rotation_climb"] is False
+    assert check_rerank_options({"stage1_rotation_climb": True})["stage1_rotation_climb"] is True
+    for bad in (1, "yes", None):
+        with pytest.raises(InputError, match="stage1_rotation_climb"):
+            check_rerank_options({"stage1_rotation_climb": bad})
+
+
+def test_rotation_climb_turns_further_only_where_the_last_turn_gained(toy, monkeypatch):  # noqa: F811
+    plates, section, order = toy
+    base = PoseSearch(plates).search(section, order, check_rerank_options({}))
+    same = PoseSearch(plates).search(section, order, check_rerank_options({"stage1_rotation_climb": False}))
+    assert _facts(same) == _facts(base)
+    seen: dict[tuple[float, float], float] = {}  # the climb's (plate, turn) -> best score over the scales
+    zero: dict[float, float] = {}  # each plate's rotation-0 best
+    batches = []
+    score = pose_grid.SectionGrid.score
+
+    def spy(self, pairs, n_plates, best_per_cut_z=False):
+        out = score(self, pairs, n_plates, best_per_cut_z)
+        if self.grid_size != DEFAULTS["coarse_size"]:
+            return out
+        if best_per_cut_z and all(r == 0.0 for r, _, _ in pairs):  # a rotation-0 pass
+            zero.update({p.z: p.score for p in out})
+        elif not best_per_cut_z:  # a step of the climb
+            batches.append({r for r, _, _ in pairs})
+            for (r, _, cut), pose in zip(pairs, out, strict=True):
+                seen[(cut.z, r)] = max(seen.get((cut.z, r), -9.0), pose.score)
+        return out
+
+    monkeypatch.setattr(pose_grid.SectionGrid, "score", spy)
+    climb = PoseSearch(plates).search(section, order, check_rerank_options({"stage1_rotation_climb": True}))
+    assert climb.ranking[0][0] == 20
+    assert climb.stage1_pairs < base.stage1_pairs
+    # the climb's batches: the 7.5-degree turns first, then 15 degrees
+    assert {7.5, -7.5} in batches and any(b and b <= {15.0, -15.0} for b in batches)
+    inner = [(z, r) for (z, r) in seen if abs(r) == 7.5]
+    assert inner
+    for z, r in inner:  # 15 degrees on a side exactly where 7.5 scored above rotation 0's best
+        assert ((z, 2 * r) in seen) == (seen[(z, r)] > zero[z])
+    assert any((z, 2 * r) in seen for z, r in inner) and not all((z, 2 * r) in seen for z, r in inner)
