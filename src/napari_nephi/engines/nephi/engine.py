@@ -370,7 +370,9 @@ def register_nephi(
     f)`` per voxel and axis (:mod:`.matchblur`): a moving image resampled linearly through a rotation carries
     a blur that varies over the image as a moire, which one variance per axis cannot follow (docs/nephi.md,
     "Session 46 (B)"). Opt-in. Recorded in ``settings["coarse_blur_pattern"]``;
-    ``metrics["coarse_blur_pattern"]`` gives the parts (direction, uniform / patterned, axis) where it ran.
+    ``metrics["coarse_blur_pattern"]`` gives the parts (direction, uniform / patterned, axis) where it ran;
+    where it did not (a pair not near-rigid under ``"auto"``, an image too large), ``metrics["notes"]`` says
+    so.
 
     ``coarse_match_blur`` (None: ``"auto"`` in optimize mode, the default since session 18, and off
     in predict+refine, measured when its coarse stage saw a pre-warped moving image (before session 28's
@@ -1176,6 +1178,19 @@ def register_nephi(
                 else "it runs only in the coarse stage's steps on the full grid, on images of at most "
                 f"{MATCH_BLUR_MAX_VOXELS} voxels compared on their own grid (its memory cost)"
             )
+        )
+    if (
+        coarse_blur_pattern and "coarse_blur_pattern" not in metrics
+    ):  # asked for, but nothing to shape: say why
+        notes.append(
+            "coarse_blur_pattern=True did not act: the matched blur was not estimated once here ("
+            + (
+                "the coarser levels' map was not near-rigid, coarse_blur_gate_detj_rms over "
+                f"{coarse_module.MATCH_BLUR_NEAR_RIGID}"
+                if coarse_info.get("blur_gate_detj_rms") is not None
+                else f"it runs on images of at most {MATCH_BLUR_MAX_VOXELS} voxels compared on their grid"
+            )
+            + "); the matched blur ran as without it"
         )
     if chunk_info is not None:
         metrics["chunk_iterations"] = chunk_iterations
