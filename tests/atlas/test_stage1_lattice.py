@@ -118,6 +118,12 @@ def test_off_by_default_recorded_and_bad_values_refused():
     for bad in (-0.1, 2.5, "small"):
         with pytest.raises(InputError, match="stage1_lattice_margin"):
             check_rerank_options({"stage1_lattice_margin": bad})
+    # a coarse_size whose stage-1 FFT length is odd (20: a 28-pixel canvas, a 45-pixel FFT) cannot halve it:
+    # refused, not silently searched at every shift (review 1, C3)
+    assert not Correlator((28, 28)).lattice_ok()
+    with pytest.raises(InputError, match="even FFT length.*coarse_size 20 gives 45"):
+        check_rerank_options({"stage1_lattice_margin": 0.01, "coarse_size": 20})
+    assert check_rerank_options({"coarse_size": 20})["stage1_lattice_margin"] is None
 
 
 def _facts(found):

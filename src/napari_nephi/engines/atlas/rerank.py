@@ -412,7 +412,7 @@ import numpy as np
 from ...core.errors import InputError
 from ...core.options import check_bool, check_choice, check_float, check_int, check_known
 from .plates import Plates
-from .pose_grid import CANVAS, OUTSIDE_RING, AtlasGrid, Pose, SectionGrid, cut_zone, extent
+from .pose_grid import CANVAS, OUTSIDE_RING, AtlasGrid, Correlator, Pose, SectionGrid, cut_zone, extent
 from .preprocess import _segment, downsample, to_grey
 from .region_fit import RegionAtlas, SectionSamples, region_ratio
 from .region_fit import refine as refine_pose
@@ -778,6 +778,15 @@ def check_rerank_options(options: dict | None) -> dict:
     if out["stage2_canvas"] is not None:
         out["stage2_canvas"] = check_float("stage2_canvas", out["stage2_canvas"], 1.1, 3.0)
     out["coarse_size"] = check_int("coarse_size", out["coarse_size"], 16, 256)
+    if out["stage1_lattice_margin"] is not None:  # the lattice halves stage 1's FFT length: it must be even
+        side = int(round(CANVAS * out["coarse_size"]))
+        pad = Correlator((side, side)).pad[0]
+        if pad % 2:
+            raise InputError(
+                f"stage1_lattice_margin needs an even FFT length in stage 1, and coarse_size "
+                f"{out['coarse_size']} gives {pad}: choose another coarse_size (e.g. 32, the default) or "
+                "leave stage1_lattice_margin at None"
+            )
     out["work_size"] = check_int("work_size", out["work_size"], 16, 256)
     out["max_rotation"] = check_float("max_rotation", out["max_rotation"], 0.0, 180.0)
     out["rotation_step"] = check_float("rotation_step", out["rotation_step"], 0.5, 90.0)
