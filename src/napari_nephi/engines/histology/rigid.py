@@ -52,7 +52,10 @@ BATCH = 24
 #: A refined map is accepted only if its scale lies within this factor of the searched scales' range;
 #: otherwise its hypothesis is kept unrefined. From a wrong start the refinement (by mutual information
 #: above all) can shrink the map until the whole fixed slide samples a small patch of the moving one,
-#: which the tissue similarity can score above the right map (``math.inf``: no bound).
+#: which the tissue similarity can score above the right map (``math.inf``: no bound). Its limits: the
+#: range follows the searched scales, so when the tissue areas add a second scale (0.5-2) the bound
+#: widens with it (down to 0.33 at 0.5: a collapse to 0.38 would then be kept); and a true scale more
+#: than 1.5x from every searched scale (tissue areas misled by a partial overlap) is refused.
 SCALE_SLACK = 1.5
 
 
