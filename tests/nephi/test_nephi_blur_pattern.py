@@ -1,4 +1,5 @@
-"""Session 46 (B): a matched blur that follows the map's sub-voxel position (opt-in ``coarse_blur_pattern``).
+"""Session 46 (B): a matched blur that follows the map's sub-voxel position (opt-in ``coarse_blur_pattern``),
+and the coarse stage's 2D warp by the cubic B-spline (opt-in ``coarse_spline_warp``, at the end of the file).
 
 A moving image resampled linearly through a map carries the blur ``f (1 - f)`` of its sampling points'
 sub-voxel part, a moire over the image on a rotation. The option estimates a uniform and a patterned part
@@ -14,12 +15,14 @@ import hashlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 from skimage import data
 
 import napari_nephi
 from napari_nephi import InputError
 from napari_nephi.engines.nephi import coarse, matchblur
+from napari_nephi.engines.nephi.cubic import cubic_sample, spline_coefficients
 
 #: sha256 (first 16 hex digits) of the forward displacement of ``_rotated()`` with ``FAST``, read
 #: on the frozen tree 849993e (the option did not exist there), one torch thread.
@@ -121,27 +124,67 @@ def test_on_a_deformation_it_does_not_act_and_says_so():
     assert np.array_equal(base.transform.displacement(f.shape), r.transform.displacement(f.shape))
 
 
+REFUSED = [
+    dict(mode="predict+refine"),
+    dict(levels=1),
+    dict(coarse_iterations=0),
+    dict(chunked=True),
+]
+
+
 @pytest.mark.parametrize(
-    "options",
+    "name, options",
     [
-        dict(mode="predict+refine"),
-        dict(levels=1),
-        dict(coarse_iterations=0),
-        dict(coarse_match_blur=False),
-        dict(coarse_match_blur=True),
-        dict(chunked=True),
-    ],
+        ("coarse_blur_pattern", o)
+        for o in [*REFUSED, dict(coarse_match_blur=False), dict(coarse_match_blur=True)]
+    ]
+    + [("coarse_spline_warp", o) for o in REFUSED],
 )
-def test_refused_where_the_matched_blur_is_not_estimated_once(options):
+def test_refused_where_it_cannot_act(name, options):
+    """coarse_blur_pattern where the blur is not estimated once; both where no 2D coarse stage runs."""
     f, m = _rotated()
-    with pytest.raises(InputError, match="coarse_blur_pattern"):
-        napari_nephi.register(f, m, method="nephi", device="cpu", coarse_blur_pattern=True, **options)
+    with pytest.raises(InputError, match=name):
+        napari_nephi.register(f, m, method="nephi", device="cpu", **{name: True}, **options)
 
 
-def test_refused_on_volumes_and_for_a_value_not_boolean():
+@pytest.mark.parametrize("name", ["coarse_blur_pattern", "coarse_spline_warp"])
+def test_refused_on_volumes_and_for_a_value_not_boolean(name):
     vol = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)
-    with pytest.raises(InputError, match="coarse_blur_pattern"):
-        napari_nephi.register(vol, vol, method="nephi", device="cpu", coarse_blur_pattern=True)
+    with pytest.raises(InputError, match=name):
+        napari_nephi.register(vol, vol, method="nephi", device="cpu", **{name: True})
     f, m = _rotated()
-    with pytest.raises(InputError, match="coarse_blur_pattern"):
-        napari_nephi.register(f, m, method="nephi", device="cpu", coarse_blur_pattern="yes")
+    with pytest.raises(InputError, match=name):
+        napari_nephi.register(f, m, method="nephi", device="cpu", **{name: "yes"})
+
+
+# The coarse stage's 2D warp by the cubic B-spline (opt-in ``coarse_spline_warp``, session 46): grid_sample's
+# bicubic is cubic convolution with a = -0.75, which does not reproduce a linear ramp (at a quarter voxel it
+# reads 0.047 voxel off, an error that follows the sub-voxel position: a moire on a rotation); the prefiltered
+# cubic B-spline (cubic.cubic_sample) reproduces it. Off, the pin above holds for it too.
+
+
+def test_the_bicubic_misreads_a_ramp_and_the_spline_does_not():
+    n = 16
+    ramp = torch.arange(n, dtype=torch.float32).repeat(n, 1)[None, None]  # the value is x
+    xs = torch.tensor([5.1, 5.25, 5.5, 5.75])
+    pts = torch.stack([xs * 2 / (n - 1) - 1, torch.zeros(4)], -1)[None, None]
+    bicubic = F.grid_sample(ramp, pts, mode="bicubic", align_corners=True).flatten()
+    spline = cubic_sample(spline_coefficients(ramp), pts).flatten()
+    assert torch.allclose(spline, xs, atol=1e-3)
+    err = bicubic - xs  # 0.036, 0.047, 0, -0.047 voxel
+    assert err[1] > 0.04 and err[3] < -0.04 and abs(float(err[2])) < 1e-3 and err[0] > 0.03
+
+
+def test_spline_warp_off_by_default_and_on_it_changes_the_map(one_thread):
+    f, m = _rotated()
+    r = napari_nephi.register(f, m, method="nephi", device="cpu", **FAST)
+    off = napari_nephi.register(f, m, method="nephi", device="cpu", coarse_spline_warp=False, **FAST)
+    on = napari_nephi.register(f, m, method="nephi", device="cpu", coarse_spline_warp=True, **FAST)
+    assert r.settings["coarse_spline_warp"] is False and on.settings["coarse_spline_warp"] is True
+    field = r.transform.displacement(f.shape)
+    assert np.array_equal(field, off.transform.displacement(f.shape))
+    changed = np.abs(on.transform.displacement(f.shape) - field).max()
+    assert 1e-4 < changed < 0.5  # another warp, the same registration
+    if torch.backends.cpu.get_cpu_capability() not in PINNED_KERNELS:
+        pytest.skip("the pinned digest was read with torch's AVX2 / AVX512 kernels; others round differently")
+    assert _digest(field) == FROZEN_OFF

@@ -70,6 +70,7 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
 BOOLS = (
     "chunked",
     "coarse_blur_pattern",
+    "coarse_spline_warp",
     "coarse_finer_level",
     "coarse_flat_fill",
     "coarse_flat_noisy",
