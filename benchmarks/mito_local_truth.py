@@ -16,6 +16,10 @@ step):
   each with its chi-square from 0;
 * ``--border B``: the sections' borders left out by ``B`` px (``relative_motion(border=B)``; default 4, the
   engine's before session 46; 12 is ``kept_reading="local-tracks"``).
+* ``--engine`` (review 1 of session 46, A5): also the engine's own reading on the truth placement,
+  ``relative_motion(..., tracks=True, border=B)`` (its tracks linked by overlap, not by the generator's ids):
+  slope, the blocks', the tracks' and the larger se, the tracks' count and the chi-square that
+  ``kept_reading="local-tracks"`` classifies with (``"engine"`` in the JSON).
 
 Session 46 read it this way (docs/mito.md): the mitochondria's own steps follow their centroids (per
 mitochondrion within 0.06 px per section); the error is the tissue's part. A tissue tile on the section's
@@ -26,7 +30,7 @@ not see.
 Usage (``cd /work/main``; one 160-section stack: about 15 CPU s to generate and 45 to read)::
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/mito_local_truth.py 98:stage-drift \\
-        136:stage-drift [--border 12] [--json /tmp/lt.json]
+        136:stage-drift [--border 12] [--engine] [--json /tmp/lt.json]
 
 Not part of the test run (``tests/mito/test_mito_local_truth.py`` runs it on a short stack).
 """
@@ -151,6 +155,17 @@ def summary(got: dict, shape, pad: int, content) -> dict:
     }  # fmt: skip
 
 
+def engine_reading(data: dict, border: int) -> dict:
+    """The engine's reading of ``data`` on its true placement as ``kept_reading="local-tracks"`` reads it
+    (with ``border`` px left out): :func:`.organelles.relative_motion` with ``tracks=True``."""
+    n, h, w = data["stack"].shape
+    r = org.relative_motion(
+        lambda k: data["stack"][k], lambda k: data["masks"][k], data["matrices"], (h, w), np.ones(n, bool),
+        tracks=True, border=border,
+    )  # fmt: skip
+    return {k: r.get(k) for k in ("slope", "se", "se_blocks", "se_tracks", "tracks", "chi2", "readings")}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("rows", nargs="+", help="SEED:CASE (a mito_benchmark.CASES name)")
@@ -161,6 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", type=int, nargs=2, default=(768, 1024))
     ap.add_argument("--pad", type=int, default=250)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--engine", action="store_true", help="also relative_motion(tracks=True, border=B)")
     args = ap.parse_args(argv)
     out = {}
     for row in args.rows:
@@ -170,6 +186,8 @@ def main(argv=None) -> int:
         t0 = time.process_time()
         data = em_stack(args.sections, tuple(args.shape), seed=int(seed), pad=args.pad, **mb.CASES[case])
         got = summary(read_stack(data, args.border), data["stack"].shape[1:], args.pad, args.shape)
+        if args.engine:
+            got["engine"] = engine_reading(data, args.border)
         got.update(border=args.border, cpu_s=time.process_time() - t0)
         out[row] = got
         r, o, c = got["reading"], got["own"], got["centroid"]
@@ -183,6 +201,14 @@ def main(argv=None) -> int:
             "   id readings  reading (y, x)     own (y, x)         centroid (y, x)    tissue (y, x)      "
             "border share  tissue on border"
         )
+        if args.engine:
+            e = got["engine"]
+            v, sb, st = e["slope"], e["se_blocks"], e["se_tracks"]
+            print(
+                f"   engine (relative_motion, tracks by overlap): ({v[0]:+.4f}, {v[1]:+.4f}), se blocks "
+                f"({sb[0]:.4f}, {sb[1]:.4f}), tracks ({st[0]:.4f}, {st[1]:.4f}), {e['tracks']} tracks, "
+                f"chi2 {e['chi2']:.2f}"
+            )
         for m in got["mitochondria"]:
             nb = m["tissue_near_border"]
             cells = [f"({m[k][0]:+.3f}, {m[k][1]:+.3f})" for k in ("reading", "own", "centroid", "tissue")]

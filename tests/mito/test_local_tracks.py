@@ -123,21 +123,22 @@ def test_the_decision_asks_the_reader_for_the_value_s_reading(value, kw):
 
 
 def test_the_engine_records_it_and_refuses_bad_values():
-    """``align_stack(kept_reading="local-tracks")`` is recorded in the settings; at 256 x 256 no mitochondrion
-    is large enough to read ("unmeasured"), so the matrices are the default's, bit for bit. A misspelt value
-    and a run without masks are refused; ``align-em --option`` reaches it."""
+    """``align_stack(kept_reading="local-tracks")`` is recorded in the settings. On session 45's pinned stack
+    (48 sections, the background keeps: "sections") no mitochondrion is large enough to read at 256 x 256
+    ("unmeasured"), so the matrices are the default's, bit for bit. A misspelt value and a run without masks
+    are refused; ``align-em --option`` reaches it."""
     import argparse
 
     from napari_nephi.cli.em import _align_options, add_parser
 
-    d = em_stack(24, (256, 256), seed=3, placement_trend=0.5)
+    d = em_stack(48, (256, 256), seed=3, placement_trend=0.5)
     base = align_stack(d["stack"], masks=d["masks"], warp=False, workers=1)
     reg = align_stack(d["stack"], masks=d["masks"], warp=False, workers=1, kept_reading="Local-Tracks")
     assert reg.settings["kept_reading"] == "local-tracks"
     assert np.array_equal(reg.transform.matrices, base.transform.matrices)
     auto = reg.metrics["drift_correction"]["auto"]
-    if auto["background"]["decision"] == "sections":
-        assert auto["kept_reading"]["decision"] == "unmeasured"
+    assert auto["background"]["decision"] == "sections"
+    assert auto["kept_reading"]["decision"] == "unmeasured"
     with pytest.raises(InputError, match="kept_reading must be None"):
         align_stack(d["stack"], masks=d["masks"], warp=False, workers=1, kept_reading="section")
     with pytest.raises(InputError, match="needs masks"):
