@@ -275,3 +275,31 @@ def test_reduction_matches_the_float64_path_with_at_most_one_float32_copy(ihc, k
     np.testing.assert_allclose(small, want, atol=1e-6)
     # the float64 path held three float64 copies (3 x 8 bytes per value); now at most one float32
     assert peak <= 4 * slide.size + 4 * small.nbytes + 65536
+
+
+def test_a_refinement_that_diverges_keeps_its_start(ihc, monkeypatch):
+    """A start whose refinement diverges (the affine engine's ``InputError``) is kept unrefined and
+    the others still compete: before, the whole pre-alignment raised (session 46, the lead's reading
+    of the IHC od / haematoxylin pair, seed 7, rotation 37, at 512 px: the mutual information's
+    loss became NaN). Every mutual-information refinement diverges here."""
+    from napari_nephi.engines import registry
+    from napari_nephi.engines.histology.stain import stain_channel, tissue_mask
+
+    real, calls = registry.register, {"nmi": 0}
+
+    def diverging(*args, **kwargs):
+        if kwargs.get("similarity") == "nmi":
+            calls["nmi"] += 1
+            raise InputError("The affine optimisation diverged at level 2/2 (the loss is nan).")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "register", diverging)
+    pair = slide_pair(ihc, seed=0, rotation=77.0)
+    f, _ = stain_channel(pair.fixed, "od")
+    m, _ = stain_channel(pair.moving, "hematoxylin")
+    masks = {"fixed_mask": tissue_mask(pair.fixed), "moving_mask": tissue_mask(pair.moving)}
+    result = rigid_prealign(f, m, allow_flip=False, angle_step=10, **masks)
+    assert calls["nmi"] >= 1  # the mutual-information pass ran, and each of its refinements failed
+    assert len(result.candidates) == 2 * calls["nmi"]  # its starts stayed in, unrefined
+    assert np.isfinite(result.matrix).all() and result.score == max(c[2] for c in result.candidates)
+    assert _angle_gap(result.angle, 77.0) < 5.0

@@ -317,22 +317,28 @@ def _refine(fixed: _Image, moving: _Image, matrix: np.ndarray, kind: str, simila
     wc, wm = _warp(moving.channel, moving.mask, matrix, fixed.channel.shape)
     if wm.sum() < 64:
         return matrix
-    reg = register(
-        fixed.channel,
-        wc,
-        method="affine",
-        device="cpu",
-        spacing=tuple(fixed.zoom),  # input pixels: "rigid" is rigid on the slides
-        fixed_mask=fixed.mask,
-        moving_mask=wm,
-        kind=kind,
-        similarity=similarity,
-        init="identity",
-        rotation_search=False,
-        levels=2,
-        iterations=40,
-        samples=REFINE_SAMPLES,
-    )
+    try:
+        reg = register(
+            fixed.channel,
+            wc,
+            method="affine",
+            device="cpu",
+            spacing=tuple(fixed.zoom),  # input pixels: "rigid" is rigid on the slides
+            fixed_mask=fixed.mask,
+            moving_mask=wm,
+            kind=kind,
+            similarity=similarity,
+            init="identity",
+            rotation_search=False,
+            levels=2,
+            iterations=40,
+            samples=REFINE_SAMPLES,
+        )
+    except InputError:
+        # the optimisation diverged from this start (mutual information on unlike stains can step
+        # onto a degenerate map; session 46, IHC od against haematoxylin, seed 7, rotation 37): the
+        # start is kept unrefined, as one with too little overlap is, and the other hypotheses compete
+        return matrix
     return matrix @ reg.transform.matrix
 
 
