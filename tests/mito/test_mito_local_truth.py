@@ -19,7 +19,8 @@ def test_it_reads_what_the_engine_reads_and_names_each_mitochondrion():
     stack (nothing moves in the truth frame) the mitochondria's own steps follow their centroids within 0.5 px
     per section on average. The harness's blocks' se is the engine's. Review 1 of session 46, A3: the reading
     of before (border None, no tracks) pinned where it measures, to the values frozen 849993e printed
-    (``PYTHONPATH=/tmp/f46/src``, /tmp/s46/A/pinlocal.py)."""
+    (``PYTHONPATH=/tmp/f46/src``, /tmp/s46/A/pinlocal.py), to 1e-6 relative: OpenCV's and numpy's
+    sums may differ in the last bits on other CPUs (review 2 of session 46)."""
     d = em_stack(5, (768, 1024), seed=98, pad=250, placement_trend=0.5)
     n, h, w = d["stack"].shape
     for border in (4, 12):
@@ -30,10 +31,12 @@ def test_it_reads_what_the_engine_reads_and_names_each_mitochondrion():
         np.testing.assert_allclose(got["reads"][:, 2:4].mean(0), r["slope"], atol=1e-12)
         assert set(got["reads"][:, 1].astype(int)) <= set(np.unique(d["masks"])) - {0}
         if border == 4:
-            assert r["slope"] == [-0.14306237907730973, -0.06194396920036525]
-            assert r["se"] == [0.13091243843063924, 0.129078369836101]
+            np.testing.assert_allclose(r["slope"], [-0.14306237907730973, -0.06194396920036525], rtol=1e-6)
+            np.testing.assert_allclose(r["se"], [0.13091243843063924, 0.129078369836101], rtol=1e-6)
             assert (r["readings"], r["pairs"]) == (40, 4)
-            assert r["placement_error"] == [0.048673943482572216, -0.003249351680278778]
+            np.testing.assert_allclose(
+                r["placement_error"], [0.048673943482572216, -0.003249351680278778], rtol=1e-6
+            )
             np.testing.assert_allclose(
                 T.summary(got, (h, w), 250, (768, 1024))["se_blocks"], r["se"], rtol=1e-9
             )

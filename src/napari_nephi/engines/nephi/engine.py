@@ -380,7 +380,7 @@ def register_nephi(
     ``grid_sample``'s bicubic, whose cubic convolution (a = -0.75) does not reproduce linear functions: at
     sub-voxel fraction f it shifts the image by up to 0.047 voxel and sharpens it, by amounts that follow f,
     a moire over the image on a rotation (docs/nephi.md, "Session 46 (B)": camera and retina rotations at
-    512 px, EPE 20-53 % lower, det J narrower, CPU about 1.9x). Opt-in. Recorded in
+    512 px, EPE 20-53 % lower, det J narrower, CPU 1.9-2.7x). Opt-in. Recorded in
     ``settings["coarse_spline_warp"]``.
 
     ``coarse_match_blur`` (None: ``"auto"`` in optimize mode, the default since session 18, and off
