@@ -59,6 +59,15 @@ def layer_image(layer):
     return layer.data[0] if layer.multiscale else layer.data
 
 
+def _show_step(bar, event) -> None:
+    """napari's progress ``bar`` at ``event.step`` of ``event.total`` (the registration's and the apply's).
+    Only the count: the stage and loss are in the status line, and ``set_description`` costs ~40 ms."""
+    if bar.total != event.total:
+        bar.total = event.total
+    bar.n = event.step
+    bar.refresh()
+
+
 class RegisterWidget(QWidget):
     """Fixed/moving pickers, options, Run/Cancel, result layers and metrics.
 
@@ -310,10 +319,7 @@ class RegisterWidget(QWidget):
             self._show_preview(event)
         bar = self._progress_bar  # updating it may run the event loop: do it last
         if bar is not None and self.state.is_(RunState.RUNNING):
-            if bar.total != event.total:
-                bar.total = event.total
-            bar.n = event.step  # the stage and loss are in the status line: set_description costs ~40 ms
-            bar.refresh()
+            _show_step(bar, event)
 
     def _add_preview_layer(self, ndim: int) -> None:
         """The (hidden, empty) layer that will show the previews, added before the worker starts.
@@ -570,10 +576,7 @@ class RegisterWidget(QWidget):
         if 0 < event.step < event.total and now - self._apply_bar_drawn < APPLY_BAR_INTERVAL:
             return
         self._apply_bar_drawn = now
-        if bar.total != event.total:
-            bar.total = event.total
-        bar.n = event.step
-        bar.refresh()
+        _show_step(bar, event)
 
     def _on_apply_failed(self, message: str) -> None:
         show_error(message)
