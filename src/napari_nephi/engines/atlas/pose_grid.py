@@ -307,13 +307,16 @@ class Correlator:
         # ``-low`` to index 0: the searched shifts are then one contiguous block at the start of each
         # axis, and only that block is scored (session 30: stage 1 scores 55 x 55 of its 72 x 72
         # correlation, stage 2 37 x 37 of 96 x 96)
+        self.ramp = self._shift_ramp(self.low[0], self.low[1])
+        self._lattice_ramp: torch.Tensor | None = None  # best_lattice's, built on first use
+
+    def _shift_ramp(self, low0: int, low1: int, scale: float = 1.0) -> torch.Tensor:
+        """``scale`` times the phase ramp that, multiplied into a section's spectra, moves the
+        correlation's shift ``(-low0, -low1)`` to index 0 (complex64, the rfft's half spectrum)."""
         k0 = np.fft.fftfreq(self.pad[0]) * self.pad[0]
         k1 = np.arange(self.pad[1] // 2 + 1)
-        phase = (
-            -2 * np.pi * (k0[:, None] * self.low[0] / self.pad[0] + k1[None, :] * self.low[1] / self.pad[1])
-        )
-        self.ramp = torch.from_numpy(np.exp(1j * phase).astype(np.complex64))
-        self._lattice_ramp: torch.Tensor | None = None  # best_lattice's, built on first use
+        phase = -2 * np.pi * (k0[:, None] * low0 / self.pad[0] + k1[None, :] * low1 / self.pad[1])
+        return torch.from_numpy((scale * np.exp(1j * phase)).astype(np.complex64))
 
     def fft(self, stack: np.ndarray) -> torch.Tensor:
         """2D real FFTs of a stack of canvases, zero-padded."""
@@ -441,10 +444,7 @@ class Correlator:
         (l0, n0), (l1, n1) = self._lattice_axes()
         if self._lattice_ramp is None:  # moves the shift -l0, -l1 to index 0; times 1/4: each axis's
             # inverse below divides by half the padded length
-            k0 = np.fft.fftfreq(self.pad[0]) * self.pad[0]
-            k1 = np.arange(self.pad[1] // 2 + 1)
-            phase = -2 * np.pi * (k0[:, None] * l0 / self.pad[0] + k1[None, :] * l1 / self.pad[1])
-            self._lattice_ramp = torch.from_numpy((0.25 * np.exp(1j * phase)).astype(np.complex64))
+            self._lattice_ramp = self._shift_ramp(l0, l1, 0.25)
         ring = outside > 0
         m0, m1 = self.pad[0] // 2, self.pad[1] // 2
         # the products folded along the rows as they are made: row frequency k and k + m0 summed
