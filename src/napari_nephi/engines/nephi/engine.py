@@ -743,37 +743,26 @@ def register_nephi(
             coarse_spacings = level_spacings(fshape, shapes, spacings, finer)
             coarse_schedule = capture_schedule = [capture_steps, *coarse_schedule]
             coarse_label = f"coarse ({len(coarse_spacings)} level(s))"
-    if coarse_finer_gate is not None and not (
-        mode == "optimize" and d == 2 and not use_chunks and shapes and coarse_iterations > 0 and finer
-    ):
+    # the coarse stage's 2D-only options (sessions 43-46) need a 2D optimize, not chunked, with a coarse stage
+    coarse_2d = mode == "optimize" and d == 2 and not use_chunks and bool(shapes) and coarse_iterations > 0
+    if coarse_finer_gate is not None and not (coarse_2d and finer):
         raise InputError(
             "coarse_finer_gate gates the finer-knot level of the coarse stage of 2D images in "
             "mode='optimize' (not chunked) with a coarse stage (levels > 1, coarse_iterations > 0) and "
             "that level (coarse_finer_level=True, coarse_reg_weight > 0); leave it at None here."
         )
-    if coarse_edge_damp is not None and not (
-        mode == "optimize" and d == 2 and not use_chunks and shapes and coarse_iterations > 0
-    ):
+    if coarse_edge_damp is not None and not coarse_2d:
         raise InputError(
             "coarse_edge_damp damps the coarse stage's motion along edges of 2D images in mode='optimize' "
             "(not chunked) with a coarse stage (levels > 1, coarse_iterations > 0); leave it at None here."
         )
-    if coarse_blur_pattern and not (
-        mode == "optimize"
-        and d == 2
-        and not use_chunks
-        and shapes
-        and coarse_iterations > 0
-        and match_blur_mode(coarse_match_blur) in ("auto", "once")
-    ):
+    if coarse_blur_pattern and not (coarse_2d and match_blur_mode(coarse_match_blur) in ("auto", "once")):
         raise InputError(
             "coarse_blur_pattern shapes the matched blur of the coarse stage of 2D images in mode='optimize' "
             "(not chunked) with a coarse stage (levels > 1, coarse_iterations > 0), estimated once "
             "(coarse_match_blur None, 'auto' or 'once'); leave it False here."
         )
-    if coarse_spline_warp and not (
-        mode == "optimize" and d == 2 and not use_chunks and shapes and coarse_iterations > 0
-    ):
+    if coarse_spline_warp and not coarse_2d:
         raise InputError(
             "coarse_spline_warp changes the warp of the coarse stage of 2D images in mode='optimize' (not "
             "chunked) with a coarse stage (levels > 1, coarse_iterations > 0); leave it False here."
