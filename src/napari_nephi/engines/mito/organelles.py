@@ -274,12 +274,9 @@ def relative_motion(
                     ready[j] = prepare(j)
             (a, la, ia), (b, lb, ib) = ready[k], ready[k + 1]
             valid = cv2.erode(ia & ib, edge)
-            if tracks:  # (k, (i, j, value)): the labels link the pair's readings to the next pair's
-                out.extend(
-                    (int(k), r) for r in pair_motion(a, la, b, lb, valid, tissue, parts=True, labels=True)
-                )
-            else:
-                out.extend((int(k), v) for v in pair_motion(a, la, b, lb, valid, tissue, parts=True))
+            # with tracks (k, (i, j, value)): the labels link the pair's readings to the next pair's
+            reads = pair_motion(a, la, b, lb, valid, tissue, parts=True, labels=tracks)
+            out.extend((int(k), r) for r in reads)
             ready.pop(k)
         return out
 
