@@ -806,17 +806,14 @@ def optimize_velocity(
 
     def mask_weights(masks_l, masks_w, u_f, u_b, ident, cmp):
         """Weights of the forward and backward comparisons (None: unweighted)."""
-        (fk_l, mk_l), (fk_w, mk_w) = masks_l, masks_w
-        with torch.no_grad():
-            w_fwd = None if mk_w is None else area(warp(mk_w, u_f, ident, "bilinear"), cmp)
-            w_bwd = None if fk_w is None else area(warp_back(fk_w, u_b, ident, "bilinear"), cmp)
-        w_fwd = fk_l if w_fwd is None else (w_fwd if fk_l is None else w_fwd * fk_l)
-        w_bwd = mk_l if w_bwd is None else (w_bwd if mk_l is None else w_bwd * mk_l)
-        return w_fwd, w_bwd
+        return (
+            direction_weight(masks_l, masks_w, u_f, ident, cmp, True),
+            direction_weight(masks_l, masks_w, u_b, ident, cmp, False),
+        )
 
     def direction_weight(masks_l, masks_w, u, ident, cmp, forward):
-        """:func:`mask_weights`' weight of one direction (``forward``: of the fixed image against the warped
-        moving one, from ``u_f``; else the other, from ``u_b``), the same values."""
+        """The weight of one direction's comparison (``forward``: of the fixed image against the warped
+        moving one, from ``u_f``; else the other, from ``u_b``; None: unweighted)."""
         (fk_l, mk_l), (fk_w, mk_w) = masks_l, masks_w
         own_l, other_w = (fk_l, mk_w) if forward else (mk_l, fk_w)
         with torch.no_grad():
